@@ -1,0 +1,187 @@
+//! Types shared by the XDP program (`router-ebpf`) and the controller (`router-ctl`).
+//!
+//! Every type here crosses the kernel/user boundary as raw bytes, so each one is `#[repr(C)]`,
+//! `Copy`, made of fixed-size integers and byte arrays only, and has no implicit padding: a key
+//! with undefined padding bytes would miss lookups. `layout` tests at the bottom pin the sizes.
+#![no_std]
+
+/// Map names (the kernel keeps at most 15 characters).
+pub mod map_names {
+    /// LPM trie: `RouteKey` → `Route`.
+    pub const ROUTES: &str = "ROUTES";
+    /// Hash: `NeighKey` → `Neigh`.
+    pub const NEIGHS: &str = "NEIGHS";
+    /// Hash: ifindex (u32) → `Iface`, one per `qr-` device of the router.
+    pub const IFACES: &str = "IFACES";
+    /// Devmap hash: ifindex → ifindex, the redirect targets.
+    pub const TX_PORTS: &str = "TX_PORTS";
+    /// Per-CPU array: `Iface::slot` → `Stats`.
+    pub const STATS: &str = "STATS";
+}
+
+/// Name of the XDP program inside the object.
+pub const PROGRAM_NAME: &str = "router";
+
+/// Capacity of the maps. A router has at most `MAX_IFACES` interfaces; slot `MAX_IFACES`
+/// (the last one of `STATS`) counts frames seen on a device the router does not know.
+pub const MAX_IFACES: u32 = 64;
+pub const STATS_SLOTS: u32 = MAX_IFACES + 1;
+pub const UNKNOWN_IFACE_SLOT: u32 = MAX_IFACES;
+pub const MAX_ROUTES: u32 = 1 << 20;
+pub const MAX_NEIGHS: u32 = 1 << 16;
+
+/// The `ROUTES` LPM trie is keyed by aya's `Key<u32>`: the prefix length, then the address as
+/// the four bytes of the packet read as a native-endian `u32` (`u32::from_ne_bytes(octets)`),
+/// which keeps them in network byte order, as the trie requires.
+pub type RouteAddr = u32;
+
+/// What a route does with a packet.
+pub mod route_kind {
+    /// Directly connected subnet: the destination itself is the neighbour.
+    pub const CONNECTED: u32 = 0;
+    /// Extra route: the neighbour is `Route::nexthop`.
+    pub const GATEWAY: u32 = 1;
+    /// One of the router's own addresses, or a subnet broadcast: for the kernel.
+    pub const LOCAL: u32 = 2;
+}
+
+/// Value of the `ROUTES` map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Route {
+    /// Egress device.
+    pub ifindex: u32,
+    /// One of `route_kind`.
+    pub kind: u32,
+    /// Next hop (network byte order); unused for `CONNECTED` and `LOCAL`.
+    pub nexthop: [u8; 4],
+}
+
+/// Key of the `NEIGHS` map: a neighbour is an IPv4 address on one device.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NeighKey {
+    pub ifindex: u32,
+    pub addr: [u8; 4],
+}
+
+/// Value of the `NEIGHS` map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Neigh {
+    pub mac: [u8; 6],
+    pub _pad: [u8; 2],
+}
+
+/// Value of the `IFACES` map: what the fast path needs to know of a `qr-` device.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Iface {
+    pub mac: [u8; 6],
+    pub _pad: [u8; 2],
+    /// Largest IPv4 total length that may leave through this device.
+    pub mtu: u32,
+    /// Index into `STATS`.
+    pub slot: u32,
+}
+
+/// Why a frame was handed to the kernel (XDP_PASS). The values index `Stats::pass`.
+pub mod pass_reason {
+    pub const NOT_IPV4: usize = 0;
+    pub const NOT_OUR_MAC: usize = 1;
+    pub const BCAST_MCAST: usize = 2;
+    pub const LOCAL_DEST: usize = 3;
+    pub const TTL_EXCEEDED: usize = 4;
+    pub const IP_OPTIONS: usize = 5;
+    pub const NO_ROUTE: usize = 6;
+    pub const NO_NEIGH: usize = 7;
+    pub const SAME_IFACE: usize = 8;
+    pub const TOO_BIG: usize = 9;
+    pub const MALFORMED: usize = 10;
+    pub const BAD_CHECKSUM: usize = 11;
+    pub const MARTIAN: usize = 12;
+    pub const UNKNOWN_IFACE: usize = 13;
+    pub const NO_TX_PORT: usize = 14;
+    pub const COUNT: usize = 15;
+
+    /// Names used by the CLI and JSON output, indexed by reason.
+    pub const NAMES: [&str; COUNT] = [
+        "not_ipv4",
+        "not_our_mac",
+        "bcast_mcast",
+        "local_dest",
+        "ttl_exceeded",
+        "ip_options",
+        "no_route",
+        "no_neigh",
+        "same_iface",
+        "too_big",
+        "malformed",
+        "bad_checksum",
+        "martian",
+        "unknown_iface",
+        "no_tx_port",
+    ];
+}
+
+/// Per-device counters, one instance per CPU in the `STATS` per-CPU array.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Stats {
+    pub fwd_packets: u64,
+    pub fwd_bytes: u64,
+    pub drop_packets: u64,
+    pub pass_bytes: u64,
+    pub pass: [u64; pass_reason::COUNT],
+}
+
+impl Stats {
+    pub const ZERO: Stats = Stats {
+        fwd_packets: 0,
+        fwd_bytes: 0,
+        drop_packets: 0,
+        pass_bytes: 0,
+        pass: [0; pass_reason::COUNT],
+    };
+
+    pub fn pass_packets(&self) -> u64 {
+        self.pass.iter().sum()
+    }
+
+    pub fn add(&mut self, other: &Stats) {
+        self.fwd_packets += other.fwd_packets;
+        self.fwd_bytes += other.fwd_bytes;
+        self.drop_packets += other.drop_packets;
+        self.pass_bytes += other.pass_bytes;
+        for (a, b) in self.pass.iter_mut().zip(other.pass.iter()) {
+            *a += *b;
+        }
+    }
+}
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+    // SAFETY: all of these are `#[repr(C)]`, made of integers and byte arrays, with no padding
+    // (checked by the `layout` tests).
+    unsafe impl aya::Pod for Route {}
+    unsafe impl aya::Pod for NeighKey {}
+    unsafe impl aya::Pod for Neigh {}
+    unsafe impl aya::Pod for Iface {}
+    unsafe impl aya::Pod for Stats {}
+}
+
+#[cfg(test)]
+mod layout {
+    use super::*;
+    use core::mem::size_of;
+
+    #[test]
+    fn no_padding() {
+        assert_eq!(size_of::<Route>(), 12);
+        assert_eq!(size_of::<NeighKey>(), 8);
+        assert_eq!(size_of::<Neigh>(), 8);
+        assert_eq!(size_of::<Iface>(), 16);
+        assert_eq!(size_of::<Stats>(), 8 * (4 + pass_reason::COUNT));
+    }
+}

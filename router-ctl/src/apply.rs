@@ -1,0 +1,313 @@
+//! `apply` and `destroy`: turning router definitions into namespaces, devices, addresses, a loaded
+//! program and filled maps, and back.
+//!
+//! Apply adopts what exists and creates what is missing, recording what it created so that
+//! destroy removes only that. A failure part-way undoes what this run created, in reverse order.
+
+use std::{collections::BTreeSet, net::Ipv4Addr};
+
+use anyhow::{bail, Context as _, Result};
+use router_common::{Iface, MAX_IFACES};
+
+use crate::{
+    config::{self, Ipv4Net, Router},
+    datapath,
+    state::{self, IfaceState, Lock, RouteState, RouterState},
+    sys::{self, ip},
+};
+
+/// Something apply did that must be undone if a later step fails.
+#[derive(Debug)]
+enum Undo {
+    DeleteNetns(String),
+    DeleteLink { ns: Option<String>, dev: String },
+    DeleteAddr { ns: String, dev: String, cidr: String },
+    RemoveBpfDir(String),
+}
+
+impl Undo {
+    fn run(self) {
+        let r = match &self {
+            Undo::DeleteNetns(ns) => ip(&["netns", "del", ns]).map(|_| ()),
+            Undo::DeleteLink { ns: Some(ns), dev } => ip(&["-n", ns, "link", "del", dev]).map(|_| ()),
+            Undo::DeleteLink { ns: None, dev } => ip(&["link", "del", dev]).map(|_| ()),
+            Undo::DeleteAddr { ns, dev, cidr } => ip(&["-n", ns, "addr", "del", cidr, "dev", dev]).map(|_| ()),
+            Undo::RemoveBpfDir(id) => remove_bpf_dir(id),
+        };
+        match r {
+            Ok(()) => tracing::info!(undo = ?self, "rolled back"),
+            Err(e) => tracing::warn!(undo = ?self, error = %e, "rollback step failed"),
+        }
+    }
+}
+
+/// What `apply` reports for one router.
+#[derive(Debug, serde::Serialize)]
+pub struct Report {
+    pub id: String,
+    pub name: String,
+    pub namespace: String,
+    pub created: Vec<String>,
+}
+
+/// Checks what can be checked on the system before anything is changed.
+fn precheck(routers: &[Router]) -> Result<()> {
+    let applied = RouterState::all()?;
+    for r in routers {
+        for i in &r.interfaces {
+            if let Some(other) = applied
+                .iter()
+                .find(|s| s.id != r.id && s.interfaces.iter().any(|x| x.device == i.device))
+            {
+                bail!(
+                    "router {}, port {}: device {} already belongs to applied router {} ({}); destroy that router or change the port",
+                    r.id, i.port_id, i.device, other.id, other.name
+                );
+            }
+            let ns = r.namespace();
+            let in_ns = sys::netns_exists(&ns) && sys::link(Some(&ns), &i.device)?.is_some();
+            if !in_ns && sys::link(None, &i.device)?.is_none() {
+                let peer = config::peer_of(&i.port_id);
+                if sys::link(None, &peer)?.is_some() {
+                    bail!(
+                        "router {}, port {}: device {} is missing but {peer}, the name apply gives its veth peer, already exists; delete {peer} or create {} yourself",
+                        r.id, i.port_id, i.device, i.device
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+pub fn apply(routers: &[Router]) -> Result<Vec<Report>> {
+    sys::ensure_bpffs()?;
+    let _lock = Lock::acquire(state::STATE_LOCK)?;
+    precheck(routers)?;
+    let mut reports = Vec::new();
+    for r in routers {
+        let mut undo = Vec::new();
+        match apply_one(r, &mut undo) {
+            Ok(rep) => reports.push(rep),
+            Err(e) => {
+                for u in undo.into_iter().rev() {
+                    u.run();
+                }
+                return Err(e.context(format!("applying router {} ({}); its changes were rolled back", r.id, r.name)));
+            }
+        }
+    }
+    Ok(reports)
+}
+
+fn apply_one(r: &Router, undo: &mut Vec<Undo>) -> Result<Report> {
+    let prev = RouterState::load(&r.id)?;
+    let ns = r.namespace();
+    let mut created = Vec::new();
+    let created_netns = if sys::netns_exists(&ns) {
+        prev.as_ref().is_some_and(|p| p.created_netns)
+    } else {
+        ip(&["netns", "add", &ns])?;
+        undo.push(Undo::DeleteNetns(ns.clone()));
+        created.push(format!("namespace {ns}"));
+        true
+    };
+    ip(&["-n", &ns, "link", "set", "lo", "up"])?;
+    if prev.is_none() {
+        undo.push(Undo::RemoveBpfDir(r.id.clone()));
+    }
+
+    let addrs_before = sys::ipv4_addrs(&ns)?;
+    let mut ifaces: Vec<IfaceState> = Vec::new();
+    let mut used_slots: BTreeSet<u32> = BTreeSet::new();
+    let mut fresh_slots: Vec<u32> = Vec::new();
+    let prev_iface = |port: &str| prev.as_ref().and_then(|p| p.interfaces.iter().find(|i| i.port_id == port).cloned());
+    // Counter slots of interfaces that stay keep their numbers, so counters survive re-applies.
+    let reserved: BTreeSet<u32> = r.interfaces.iter().filter_map(|i| prev_iface(&i.port_id)).map(|b| b.slot).collect();
+    for i in &r.interfaces {
+        let before = prev_iface(&i.port_id);
+        let mut created_device = before.as_ref().is_some_and(|b| b.created_device);
+        let mut peer = before.as_ref().and_then(|b| b.peer.clone());
+        if sys::link(Some(&ns), &i.device)?.is_none() {
+            if sys::link(None, &i.device)?.is_some() {
+                // Plugged by someone else in our namespace: move it where Neutron keeps it.
+                ip(&["link", "set", &i.device, "netns", &ns])?;
+            } else {
+                let p = config::peer_of(&i.port_id);
+                ip(&["link", "add", &i.device, "type", "veth", "peer", "name", &p])?;
+                undo.push(Undo::DeleteLink { ns: None, dev: p.clone() });
+                ip(&["link", "set", &i.device, "netns", &ns])?;
+                ip(&["link", "set", &p, "up"])?;
+                sys::enable_gro(None, &p)?;
+                created.push(format!("device {} (veth, peer {p} in this namespace)", i.device));
+                created_device = true;
+                peer = Some(p);
+            }
+        }
+        ip(&["-n", &ns, "link", "set", &i.device, "up"])?;
+        let has_addr = addrs_before
+            .iter()
+            .any(|(d, a, l)| d == &i.device && *a == i.gateway_ip && *l == i.subnet.len);
+        let mut added_address = before.as_ref().is_some_and(|b| b.added_address);
+        if !has_addr {
+            let cidr = format!("{}/{}", i.gateway_ip, i.subnet.len);
+            ip(&["-n", &ns, "addr", "add", &cidr, "dev", &i.device])?;
+            if !created_device {
+                undo.push(Undo::DeleteAddr { ns: ns.clone(), dev: i.device.clone(), cidr: cidr.clone() });
+            }
+            created.push(format!("address {cidr} on {}", i.device));
+            added_address = true;
+        }
+        let info = sys::link(Some(&ns), &i.device)?
+            .with_context(|| format!("device {} vanished from {ns}", i.device))?;
+        let slot = match before.as_ref().map(|b| b.slot) {
+            Some(s) => s,
+            None => {
+                let s = (0..MAX_IFACES)
+                    .find(|s| !used_slots.contains(s) && !reserved.contains(s))
+                    .context("no free counter slot")?;
+                fresh_slots.push(s);
+                s
+            }
+        };
+        used_slots.insert(slot);
+        ifaces.push(IfaceState {
+            port_id: i.port_id.clone(),
+            device: i.device.clone(),
+            subnet: i.subnet.to_string(),
+            gateway_ip: i.gateway_ip.to_string(),
+            ifindex: info.ifindex,
+            mac: info.address.clone(),
+            mtu: info.mtu,
+            slot,
+            created_device,
+            peer,
+            added_address,
+        });
+    }
+
+    let ip_forward_before = match prev.as_ref().and_then(|p| p.ip_forward_before.clone()) {
+        Some(v) => Some(v),
+        None => {
+            let v = sys::sysctl_get(&ns, "net.ipv4.ip_forward")?;
+            (v != "1").then_some(v)
+        }
+    };
+    sys::sysctl_set(&ns, "net.ipv4.ip_forward", "1")?;
+
+    // Extra routes go into the namespace's kernel table too: the kernel forwards the first
+    // packets (and resolves the nexthop) while the fast path has no neighbour yet.
+    let mut routes = Vec::new();
+    for rt in &r.routes {
+        let via = r.interface_for(rt.nexthop).expect("validated: nexthop on a connected subnet");
+        ip(&["-n", &ns, "route", "replace", &rt.destination.to_string(), "via", &rt.nexthop.to_string(), "dev", &via.device])?;
+        routes.push(RouteState { destination: rt.destination.to_string(), nexthop: rt.nexthop.to_string(), device: via.device.clone() });
+    }
+    if let Some(p) = &prev {
+        for old in &p.routes {
+            if !routes.iter().any(|n| n.destination == old.destination) {
+                let _ = ip(&["-n", &ns, "route", "del", &old.destination]);
+            }
+        }
+        for old in &p.interfaces {
+            if !ifaces.iter().any(|n| n.port_id == old.port_id) {
+                remove_iface(&r.id, &ns, old);
+            }
+        }
+    }
+
+    // The fast path's tables.
+    let ifindex_of = |dev: &str| ifaces.iter().find(|i| i.device == dev).map(|i| i.ifindex).unwrap_or(0);
+    let connected: Vec<(Ipv4Net, u32)> = r.interfaces.iter().map(|i| (i.subnet, ifindex_of(&i.device))).collect();
+    let gateways: Vec<(Ipv4Net, u32, Ipv4Addr)> = r
+        .routes
+        .iter()
+        .map(|rt| (rt.destination, ifindex_of(&r.interface_for(rt.nexthop).unwrap().device), rt.nexthop))
+        .collect();
+    let mut locals: Vec<Ipv4Addr> = sys::ipv4_addrs(&ns)?.into_iter().map(|(_, a, _)| a).collect();
+    locals.extend(r.interfaces.iter().filter_map(|i| i.subnet.broadcast()));
+    locals.sort();
+    locals.dedup();
+    let route_entries = datapath::route_entries(&connected, &gateways, &locals);
+    let mut iface_entries = Vec::new();
+    for i in &ifaces {
+        let mac = sys::parse_mac(&i.mac).with_context(|| format!("device {} has no Ethernet address", i.device))?;
+        iface_entries.push((i.ifindex, Iface { mac, _pad: [0; 2], mtu: i.mtu, slot: i.slot }));
+    }
+    let id = r.id.clone();
+    let attach: Vec<(u32, String)> = ifaces.iter().map(|i| (i.ifindex, i.device.clone())).collect();
+    sys::in_netns(&ns, move || {
+        let mut ebpf = datapath::load_pinned(&id)?;
+        datapath::set_ifaces(&mut ebpf, &iface_entries)?;
+        datapath::set_routes(&mut ebpf, &route_entries)?;
+        for slot in &fresh_slots {
+            datapath::reset_stats(&mut ebpf, *slot)?;
+        }
+        for (ifindex, dev) in &attach {
+            datapath::attach(&mut ebpf, *ifindex, dev, &state::link_pin(&id, dev))?;
+        }
+        Ok(())
+    })?;
+
+    let st = RouterState {
+        id: r.id.clone(),
+        name: r.name.clone(),
+        namespace: ns.clone(),
+        created_netns,
+        ip_forward_before,
+        interfaces: ifaces,
+        routes,
+    };
+    st.save()?;
+    tracing::info!(router = %r.id, name = %r.name, namespace = %ns, "applied");
+    Ok(Report { id: r.id.clone(), name: r.name.clone(), namespace: ns, created })
+}
+
+/// Detaches the program from one device and removes what apply created for it.
+fn remove_iface(router_id: &str, ns: &str, i: &IfaceState) {
+    let _ = std::fs::remove_file(state::link_pin(router_id, &i.device));
+    if i.created_device {
+        let _ = ip(&["-n", ns, "link", "del", &i.device]);
+    } else if i.added_address {
+        let cidr = format!("{}/{}", i.gateway_ip, i.subnet.split('/').nth(1).unwrap_or("32"));
+        let _ = ip(&["-n", ns, "addr", "del", &cidr, "dev", &i.device]);
+    }
+}
+
+fn remove_bpf_dir(router_id: &str) -> Result<()> {
+    let dir = state::bpf_dir(router_id);
+    match std::fs::remove_dir_all(&dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e).with_context(|| format!("cannot remove {}", dir.display())),
+        _ => Ok(()),
+    }
+}
+
+/// Detaches the programs, removes the pins, and removes only what apply created.
+pub fn destroy(key: &str) -> Result<RouterState> {
+    let _lock = Lock::acquire(state::STATE_LOCK)?;
+    let st = RouterState::find(key)?;
+    let ns = &st.namespace;
+    let ns_exists = sys::netns_exists(ns);
+    for i in &st.interfaces {
+        if ns_exists {
+            remove_iface(&st.id, ns, i);
+        } else {
+            let _ = std::fs::remove_file(state::link_pin(&st.id, &i.device));
+        }
+    }
+    if ns_exists && !st.created_netns {
+        for rt in &st.routes {
+            let _ = ip(&["-n", ns, "route", "del", &rt.destination]);
+        }
+        if let Some(v) = &st.ip_forward_before {
+            let _ = sys::sysctl_set(ns, "net.ipv4.ip_forward", v);
+        }
+    }
+    remove_bpf_dir(&st.id)?;
+    if ns_exists && st.created_netns {
+        ip(&["netns", "del", ns]).with_context(|| format!("cannot delete namespace {ns}"))?;
+    }
+    RouterState::remove(&st.id)?;
+    tracing::info!(router = %st.id, name = %st.name, "destroyed");
+    Ok(st)
+}

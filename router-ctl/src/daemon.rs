@@ -1,0 +1,291 @@
+//! `router-ctl run`: keeps every applied router's neighbour map in sync with the kernel's
+//! neighbour table of its namespace (rtnetlink: a dump, then events).
+//!
+//! One watcher thread per router joins the router's namespace and opens its netlink socket
+//! there. The daemon rescans the routers applied every 200 ms (at once on SIGHUP), starts and
+//! stops watchers to match, and exits by itself when no router is left. SIGTERM/SIGINT stop it;
+//! the fast path keeps forwarding with the neighbours it has.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fs::File,
+    net::Ipv4Addr,
+    process::{Command, Stdio},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    thread::JoinHandle,
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result};
+use futures::{StreamExt as _, TryStreamExt as _};
+use rtnetlink::{
+    packet_core::NetlinkPayload,
+    packet_route::{
+        neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState},
+        AddressFamily, RouteNetlinkMessage,
+    },
+    sys::{AsyncSocket as _, SocketAddr},
+    IpVersion,
+};
+
+use crate::{
+    datapath::Neighs,
+    state::{self, Lock, RouterState},
+    sys,
+};
+
+static TERM: AtomicBool = AtomicBool::new(false);
+static HUP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_term(_: libc::c_int) {
+    TERM.store(true, Ordering::SeqCst);
+}
+extern "C" fn on_hup(_: libc::c_int) {
+    HUP.store(true, Ordering::SeqCst);
+}
+
+const RTMGRP_NEIGH: u32 = 4;
+
+struct Watcher {
+    stop: Arc<AtomicBool>,
+    handle: JoinHandle<()>,
+    /// What the watcher was started for; a change restarts it.
+    fingerprint: String,
+}
+
+fn fingerprint(r: &RouterState) -> String {
+    r.interfaces.iter().map(|i| format!("{}:{}", i.device, i.ifindex)).collect::<Vec<_>>().join(",")
+}
+
+pub fn pid_file() -> std::path::PathBuf {
+    state::run_dir().join("daemon.pid")
+}
+
+/// Runs the daemon in the foreground until SIGTERM/SIGINT, or until no router is applied.
+pub fn run(stay: bool) -> Result<()> {
+    // A daemon that is leaving may hold the lock for a moment: wait up to two seconds.
+    let mut daemon_lock = None;
+    for _ in 0..200 {
+        daemon_lock = Lock::try_acquire(state::DAEMON_LOCK)?;
+        if daemon_lock.is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let daemon_lock = daemon_lock
+        .context("another `router-ctl run` is already running (it holds /run/router-xdp/daemon.lock)")?;
+    std::fs::write(pid_file(), std::process::id().to_string()).context("cannot write the pid file")?;
+    // SAFETY: the handlers only store to atomics.
+    unsafe {
+        libc::signal(libc::SIGTERM, on_term as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGINT, on_term as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGHUP, on_hup as *const () as libc::sighandler_t);
+    }
+    tracing::info!(pid = std::process::id(), "router-ctl daemon started");
+    let mut watchers: BTreeMap<String, Watcher> = BTreeMap::new();
+    let mut daemon_lock = Some(daemon_lock);
+    while !TERM.load(Ordering::SeqCst) {
+        let routers = RouterState::all().unwrap_or_default();
+        if routers.is_empty() && !stay {
+            // Exit only under the state lock, so that an apply never sees a daemon that is
+            // about to leave.
+            let _state = Lock::acquire(state::STATE_LOCK)?;
+            if RouterState::all().unwrap_or_default().is_empty() {
+                let _ = std::fs::remove_file(pid_file());
+                drop(daemon_lock.take());
+                break;
+            }
+            continue;
+        }
+        let ids: BTreeSet<&str> = routers.iter().map(|r| r.id.as_str()).collect();
+        let gone: Vec<String> = watchers
+            .iter()
+            .filter(|(id, w)| {
+                !ids.contains(id.as_str())
+                    || routers.iter().any(|r| &r.id == *id && fingerprint(r) != w.fingerprint)
+                    || w.handle.is_finished()
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in gone {
+            if let Some(w) = watchers.remove(&id) {
+                w.stop.store(true, Ordering::SeqCst);
+                let _ = w.handle.join();
+                tracing::info!(router = %id, "neighbour watcher stopped");
+            }
+        }
+        for r in routers {
+            if !watchers.contains_key(&r.id) {
+                let stop = Arc::new(AtomicBool::new(false));
+                let fp = fingerprint(&r);
+                let id = r.id.clone();
+                let s = stop.clone();
+                let handle = std::thread::Builder::new()
+                    .name(format!("neigh-{}", &id[..id.len().min(8)]))
+                    .spawn(move || {
+                        if let Err(e) = watch(&r, &s) {
+                            tracing::error!(router = %r.id, error = format!("{e:#}"), "neighbour watcher failed; retrying");
+                            std::thread::sleep(Duration::from_secs(1));
+                        }
+                    })
+                    .context("cannot spawn a watcher thread")?;
+                watchers.insert(id, Watcher { stop, handle, fingerprint: fp });
+            }
+        }
+        for _ in 0..20 {
+            if TERM.load(Ordering::SeqCst) || HUP.swap(false, Ordering::SeqCst) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    for (_, w) in watchers {
+        w.stop.store(true, Ordering::SeqCst);
+        let _ = w.handle.join();
+    }
+    tracing::info!("router-ctl daemon stopped; the fast path keeps forwarding");
+    Ok(())
+}
+
+/// One router's neighbour sync, on its own thread inside the router's namespace.
+fn watch(r: &RouterState, stop: &AtomicBool) -> Result<()> {
+    let f = File::open(sys::netns_path(&r.namespace)).with_context(|| format!("namespace {} is gone", r.namespace))?;
+    sys::enter_netns(&f)?;
+    let ifindexes: BTreeSet<u32> = r.interfaces.iter().map(|i| i.ifindex).collect();
+    let mut neighs = Neighs::open(&r.id)?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async {
+        let (mut conn, handle, mut events) = rtnetlink::new_connection().context("netlink socket")?;
+        conn.socket_mut()
+            .socket_mut()
+            .bind(&SocketAddr::new(0, RTMGRP_NEIGH))
+            .context("cannot subscribe to neighbour events")?;
+        tokio::spawn(conn);
+        // Subscribe first, then dump: an event racing the dump is applied after it.
+        let mut dump = handle.neighbours().get().set_family(IpVersion::V4).execute();
+        let mut present = BTreeSet::new();
+        while let Some(msg) = dump.try_next().await.context("neighbour dump")? {
+            if let Some((ifindex, ip)) = update(&mut neighs, &ifindexes, &msg, false) {
+                present.insert((ifindex, ip));
+            }
+        }
+        for (k, _) in neighs.all() {
+            let ip = Ipv4Addr::from(k.addr);
+            if !present.contains(&(k.ifindex, ip)) {
+                neighs.remove(k.ifindex, ip);
+            }
+        }
+        tracing::info!(router = %r.id, neighbours = present.len(), "neighbour table synced");
+        loop {
+            tokio::select! {
+                ev = events.next() => {
+                    let Some((msg, _)) = ev else { break };
+                    match msg.payload {
+                        NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewNeighbour(m)) => {
+                            update(&mut neighs, &ifindexes, &m, false);
+                        }
+                        NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelNeighbour(m)) => {
+                            update(&mut neighs, &ifindexes, &m, true);
+                        }
+                        _ => {}
+                    }
+                }
+                _ = tokio::time::sleep(Duration::from_millis(50)) => {
+                    if stop.load(Ordering::SeqCst) { break; }
+                }
+            }
+        }
+        anyhow::Ok(())
+    })
+}
+
+/// Applies one neighbour message; returns the entry when it is now usable by the fast path.
+fn update(neighs: &mut Neighs, ifindexes: &BTreeSet<u32>, m: &NeighbourMessage, deleted: bool) -> Option<(u32, Ipv4Addr)> {
+    if m.header.family != AddressFamily::Inet || !ifindexes.contains(&m.header.ifindex) {
+        return None;
+    }
+    let mut ip = None;
+    let mut mac = None;
+    for a in &m.attributes {
+        match a {
+            NeighbourAttribute::Destination(NeighbourAddress::Inet(v)) => ip = Some(*v),
+            NeighbourAttribute::LinkLocalAddress(l) if l.len() == 6 => {
+                mac = Some([l[0], l[1], l[2], l[3], l[4], l[5]]);
+            }
+            _ => {}
+        }
+    }
+    let ip = ip?;
+    let ifindex = m.header.ifindex;
+    let usable = matches!(
+        m.header.state,
+        NeighbourState::Reachable
+            | NeighbourState::Stale
+            | NeighbourState::Delay
+            | NeighbourState::Probe
+            | NeighbourState::Permanent
+            | NeighbourState::Noarp
+    );
+    match (deleted, usable, mac) {
+        (false, true, Some(mac)) => match neighs.set(ifindex, ip, mac) {
+            Ok(()) => {
+                tracing::debug!(%ip, ifindex, mac = %sys::fmt_mac(&mac), state = ?m.header.state, "neighbour set");
+                Some((ifindex, ip))
+            }
+            Err(e) => {
+                tracing::warn!(error = format!("{e:#}"), "neighbour map update failed");
+                None
+            }
+        },
+        _ => {
+            tracing::debug!(%ip, ifindex, state = ?m.header.state, deleted, "neighbour removed");
+            neighs.remove(ifindex, ip);
+            None
+        }
+    }
+}
+
+/// Starts the daemon in the background unless one is running. Call with the state lock held.
+pub fn ensure_running() -> Result<Option<u32>> {
+    match Lock::try_acquire(state::DAEMON_LOCK)? {
+        None => {
+            // Running: make it rescan now.
+            if let Some(pid) = std::fs::read_to_string(pid_file()).ok().and_then(|s| s.trim().parse::<i32>().ok()) {
+                // SAFETY: plain kill(2).
+                unsafe { libc::kill(pid, libc::SIGHUP) };
+            }
+            Ok(None)
+        }
+        Some(lock) => {
+            drop(lock);
+            let exe = std::env::current_exe().context("cannot find my own executable")?;
+            let log_path = state::run_dir().join("daemon.log");
+            let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path)?;
+            let mut cmd = Command::new(exe);
+            cmd.arg("run").stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
+            use std::os::unix::process::CommandExt as _;
+            // SAFETY: setsid is async-signal-safe; it detaches the daemon from our session.
+            unsafe {
+                cmd.pre_exec(|| {
+                    libc::setsid();
+                    Ok(())
+                });
+            }
+            let child = cmd.spawn().context("cannot start `router-ctl run`")?;
+            tracing::info!(pid = child.id(), log = %log_path.display(), "started the neighbour daemon");
+            // Wait until it has taken its lock (it then writes its pid), so that a second apply
+            // does not start another.
+            let pid = child.id().to_string();
+            for _ in 0..300 {
+                if std::fs::read_to_string(pid_file()).is_ok_and(|s| s.trim() == pid) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Ok(Some(child.id()))
+        }
+    }
+}

@@ -1,0 +1,10 @@
+//! router-ctl: the controller of the XDP router. It turns router definitions into namespaces,
+//! devices, addresses, attached XDP programs and filled BPF maps, and keeps the neighbour maps in
+//! sync with the kernel.
+pub mod apply;
+pub mod config;
+pub mod daemon;
+pub mod datapath;
+pub mod state;
+pub mod sys;
+pub mod table;

@@ -1,0 +1,267 @@
+//! `router-ctl`: the command line of the XDP router.
+
+use std::{net::Ipv4Addr, path::PathBuf, process::ExitCode};
+
+use anyhow::{Context as _, Result};
+use clap::{Parser, Subcommand};
+use router_common::{map_names, pass_reason};
+use serde_json::json;
+
+use router_ctl::{
+    apply, config, daemon, datapath,
+    state::{self, Lock, RouterState},
+    sys::fmt_mac,
+    table::Table,
+};
+
+/// Neutron-style virtual routers with an XDP fast path.
+#[derive(Parser)]
+#[command(name = "router-ctl", version)]
+struct Cli {
+    /// Print JSON instead of tables (like `ip -j`).
+    #[arg(short = 'j', long = "json", global = true)]
+    json: bool,
+    /// More logging (repeat for more); RUST_LOG overrides it.
+    #[arg(short = 'v', long = "verbose", global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Create or update the routers defined in FILE (idempotent).
+    Apply {
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+        /// Do not start the neighbour daemon (`router-ctl run`) in the background.
+        #[arg(long)]
+        no_daemon: bool,
+    },
+    /// Check FILE without changing anything.
+    Validate {
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+    },
+    /// List the applied routers with their devices and routes.
+    Show { router: Option<String> },
+    /// Per-device counters: forwarded, passed to the kernel (per reason), dropped.
+    Stats { router: Option<String> },
+    /// The neighbours the fast path knows.
+    Neigh { router: Option<String> },
+    /// Detach the programs, remove the pins, and remove what apply created.
+    Destroy { router: String },
+    /// Keep the neighbour maps in sync with the kernel (foreground; apply starts it if needed).
+    Run {
+        /// Keep running when no router is applied.
+        #[arg(long)]
+        stay: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let level = match cli.verbose {
+        0 => "warn,router_ctl=info",
+        1 => "info,router_ctl=debug",
+        _ => "debug",
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| level.into()))
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("router-ctl: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn selected(router: &Option<String>) -> Result<Vec<RouterState>> {
+    match router {
+        Some(k) => Ok(vec![RouterState::find(k)?]),
+        None => RouterState::all(),
+    }
+}
+
+fn print_json(v: serde_json::Value) {
+    println!("{}", serde_json::to_string_pretty(&v).expect("JSON"));
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Validate { file } => {
+            let routers = config::load_file(&file)?;
+            if cli.json {
+                print_json(serde_json::to_value(&routers)?);
+            } else {
+                println!("{}: {} router(s), valid", file.display(), routers.len());
+            }
+        }
+        Cmd::Apply { file, no_daemon } => {
+            let routers = config::load_file(&file)?;
+            let reports = apply::apply(&routers)?;
+            if !no_daemon {
+                let _lock = Lock::acquire(state::STATE_LOCK)?;
+                daemon::ensure_running()?;
+            }
+            if cli.json {
+                print_json(serde_json::to_value(&reports)?);
+            } else {
+                for r in &reports {
+                    println!("router {} ({}) applied in namespace {}", r.id, r.name, r.namespace);
+                    for c in &r.created {
+                        println!("  created {c}");
+                    }
+                }
+            }
+        }
+        Cmd::Show { router } => show(&selected(&router)?, cli.json)?,
+        Cmd::Stats { router } => stats(&selected(&router)?, cli.json)?,
+        Cmd::Neigh { router } => neigh(&selected(&router)?, cli.json)?,
+        Cmd::Destroy { router } => {
+            let st = apply::destroy(&router)?;
+            if cli.json {
+                print_json(json!({"id": st.id, "name": st.name, "destroyed": true}));
+            } else {
+                println!("router {} ({}) destroyed", st.id, st.name);
+            }
+        }
+        Cmd::Run { stay } => daemon::run(stay)?,
+    }
+    Ok(())
+}
+
+fn attached(r: &RouterState, dev: &str) -> bool {
+    state::link_pin(&r.id, dev).exists()
+}
+
+fn show(routers: &[RouterState], json_out: bool) -> Result<()> {
+    if json_out {
+        let v: Vec<_> = routers
+            .iter()
+            .map(|r| {
+                json!({
+                    "id": r.id, "name": r.name, "namespace": r.namespace,
+                    "interfaces": r.interfaces.iter().map(|i| json!({
+                        "port_id": i.port_id, "device": i.device, "ifindex": i.ifindex, "mac": i.mac,
+                        "mtu": i.mtu, "subnet": i.subnet, "gateway_ip": i.gateway_ip,
+                        "xdp": if attached(r, &i.device) { "native" } else { "none" },
+                        "created": i.created_device, "peer": i.peer,
+                    })).collect::<Vec<_>>(),
+                    "routes": r.routes.iter().map(|rt| json!({
+                        "destination": rt.destination, "nexthop": rt.nexthop, "device": rt.device,
+                    })).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        print_json(json!(v));
+        return Ok(());
+    }
+    if routers.is_empty() {
+        println!("no routers applied");
+    }
+    for r in routers {
+        println!("router {} ({})  namespace {}", r.id, r.name, r.namespace);
+        let mut t = Table::new(&["DEVICE", "IFINDEX", "MAC", "MTU", "ADDRESS", "SUBNET", "XDP", "PEER"]);
+        for i in &r.interfaces {
+            let len = i.subnet.split('/').nth(1).unwrap_or("32");
+            t.row(vec![
+                i.device.clone(),
+                i.ifindex.to_string(),
+                i.mac.clone(),
+                i.mtu.to_string(),
+                format!("{}/{len}", i.gateway_ip),
+                i.subnet.clone(),
+                if attached(r, &i.device) { "native".into() } else { "none".into() },
+                i.peer.clone().unwrap_or_else(|| "-".into()),
+            ]);
+        }
+        print!("{}", t.render());
+        if !r.routes.is_empty() {
+            let mut t = Table::new(&["DESTINATION", "NEXTHOP", "DEVICE"]);
+            for rt in &r.routes {
+                t.row(vec![rt.destination.clone(), rt.nexthop.clone(), rt.device.clone()]);
+            }
+            print!("{}", t.render());
+        }
+    }
+    Ok(())
+}
+
+fn stats(routers: &[RouterState], json_out: bool) -> Result<()> {
+    let mut rows = Vec::new();
+    for r in routers {
+        let map = datapath::open_pinned(&r.id, map_names::STATS)?;
+        for i in &r.interfaces {
+            let s = datapath::read_stats(&map, i.slot).with_context(|| format!("reading counters of {}", i.device))?;
+            rows.push((r, i, s));
+        }
+    }
+    if json_out {
+        let v: Vec<_> = rows
+            .iter()
+            .map(|(r, i, s)| {
+                let reasons: serde_json::Map<String, serde_json::Value> =
+                    pass_reason::NAMES.iter().zip(s.pass.iter()).map(|(n, c)| (n.to_string(), json!(c))).collect();
+                json!({
+                    "router": r.name, "router_id": r.id, "device": i.device, "ifindex": i.ifindex,
+                    "forwarded": {"packets": s.fwd_packets, "bytes": s.fwd_bytes},
+                    "passed": {"packets": s.pass_packets(), "bytes": s.pass_bytes, "reasons": reasons},
+                    "dropped": {"packets": s.drop_packets},
+                })
+            })
+            .collect();
+        print_json(json!(v));
+        return Ok(());
+    }
+    let mut t = Table::new(&["ROUTER", "DEVICE", "FWD_PKTS", "FWD_BYTES", "PASS_PKTS", "PASS_BYTES", "DROPPED", "PASS_REASONS"]);
+    for (r, i, s) in &rows {
+        let reasons: Vec<String> = pass_reason::NAMES
+            .iter()
+            .zip(s.pass.iter())
+            .filter(|(_, c)| **c > 0)
+            .map(|(n, c)| format!("{n}={c}"))
+            .collect();
+        t.row(vec![
+            r.name.clone(),
+            i.device.clone(),
+            s.fwd_packets.to_string(),
+            s.fwd_bytes.to_string(),
+            s.pass_packets().to_string(),
+            s.pass_bytes.to_string(),
+            s.drop_packets.to_string(),
+            if reasons.is_empty() { "-".into() } else { reasons.join(",") },
+        ]);
+    }
+    print!("{}", t.render());
+    Ok(())
+}
+
+fn neigh(routers: &[RouterState], json_out: bool) -> Result<()> {
+    let mut rows = Vec::new();
+    for r in routers {
+        let n = datapath::Neighs::open(&r.id)?;
+        for (k, v) in n.all() {
+            let dev = r.interfaces.iter().find(|i| i.ifindex == k.ifindex).map(|i| i.device.clone()).unwrap_or_else(|| format!("ifindex {}", k.ifindex));
+            rows.push((r.name.clone(), r.id.clone(), dev, Ipv4Addr::from(k.addr), fmt_mac(&v.mac)));
+        }
+    }
+    if json_out {
+        let v: Vec<_> = rows
+            .iter()
+            .map(|(n, id, d, a, m)| json!({"router": n, "router_id": id, "device": d, "dst": a.to_string(), "lladdr": m}))
+            .collect();
+        print_json(json!(v));
+        return Ok(());
+    }
+    let mut t = Table::new(&["ROUTER", "DEVICE", "ADDRESS", "LLADDR"]);
+    for (n, _, d, a, m) in rows {
+        t.row(vec![n, d, a.to_string(), m]);
+    }
+    print!("{}", t.render());
+    Ok(())
+}

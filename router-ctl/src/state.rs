@@ -1,0 +1,196 @@
+//! What `apply` did, kept on disk so that `destroy`, `show` and the daemon know each router.
+//!
+//! - `/run/router-xdp/routers/<id>.json`: the definition and what apply created or adopted.
+//! - `/sys/fs/bpf/router-xdp/v1/<id>/`: the router's pinned maps and, under `links/`, one pinned
+//!   bpf_link per `qr-` device, so the fast path outlives the process that set it up.
+//! - `/run/router-xdp/state.lock`: serialises apply, destroy and the daemon's start and stop.
+//! - `/run/router-xdp/daemon.lock`: held by the running daemon (`router-ctl run`).
+
+use std::{
+    fs::{self, File, OpenOptions},
+    os::fd::AsRawFd,
+    path::PathBuf,
+};
+
+use anyhow::{Context as _, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::config::Router;
+
+pub const RUN_DIR: &str = "/run/router-xdp";
+/// The layout version is part of the path, so that a later layout can live beside this one.
+pub const BPF_DIR: &str = "/sys/fs/bpf/router-xdp/v1";
+
+pub fn run_dir() -> PathBuf {
+    std::env::var_os("ROUTER_XDP_RUN_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(RUN_DIR))
+}
+
+pub fn bpf_root() -> PathBuf {
+    std::env::var_os("ROUTER_XDP_BPF_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(BPF_DIR))
+}
+
+pub fn routers_dir() -> PathBuf {
+    run_dir().join("routers")
+}
+
+pub fn bpf_dir(router_id: &str) -> PathBuf {
+    bpf_root().join(router_id)
+}
+
+pub fn map_pin(router_id: &str, map: &str) -> PathBuf {
+    bpf_dir(router_id).join(map)
+}
+
+pub fn link_pin(router_id: &str, device: &str) -> PathBuf {
+    bpf_dir(router_id).join("links").join(device)
+}
+
+/// A router as applied.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RouterState {
+    pub id: String,
+    pub name: String,
+    pub namespace: String,
+    /// apply created the namespace (destroy deletes it).
+    pub created_netns: bool,
+    /// The namespace's `net.ipv4.ip_forward` before apply set it, when apply changed it.
+    pub ip_forward_before: Option<String>,
+    pub interfaces: Vec<IfaceState>,
+    pub routes: Vec<RouteState>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct IfaceState {
+    pub port_id: String,
+    pub device: String,
+    pub subnet: String,
+    pub gateway_ip: String,
+    pub ifindex: u32,
+    pub mac: String,
+    pub mtu: u32,
+    /// Index of the device's counters in the STATS map; stable across applies.
+    pub slot: u32,
+    /// apply created this veth pair; `peer` is its other end, left in the caller's namespace.
+    pub created_device: bool,
+    pub peer: Option<String>,
+    /// apply added the gateway address (destroy removes it from an adopted device).
+    pub added_address: bool,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RouteState {
+    pub destination: String,
+    pub nexthop: String,
+    pub device: String,
+}
+
+impl RouterState {
+    pub fn path(id: &str) -> PathBuf {
+        routers_dir().join(format!("{id}.json"))
+    }
+
+    pub fn save(&self) -> Result<()> {
+        let dir = routers_dir();
+        fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let tmp = dir.join(format!(".{}.json.tmp", self.id));
+        fs::write(&tmp, serde_json::to_vec_pretty(self)?).with_context(|| format!("cannot write {}", tmp.display()))?;
+        fs::rename(&tmp, Self::path(&self.id)).context("cannot replace the router state file")?;
+        Ok(())
+    }
+
+    pub fn load(id: &str) -> Result<Option<RouterState>> {
+        let p = Self::path(id);
+        match fs::read(&p) {
+            Ok(b) => Ok(Some(serde_json::from_slice(&b).with_context(|| format!("corrupt state file {}", p.display()))?)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("cannot read {}", p.display())),
+        }
+    }
+
+    pub fn remove(id: &str) -> Result<()> {
+        match fs::remove_file(Self::path(id)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
+            _ => Ok(()),
+        }
+    }
+
+    /// Every applied router, sorted by id.
+    pub fn all() -> Result<Vec<RouterState>> {
+        let mut v = Vec::new();
+        let dir = routers_dir();
+        let entries = match fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(v),
+            Err(e) => return Err(e).with_context(|| format!("cannot read {}", dir.display())),
+        };
+        for e in entries {
+            let name = e?.file_name().to_string_lossy().into_owned();
+            if let Some(id) = name.strip_suffix(".json").filter(|n| !n.starts_with('.')) {
+                if let Some(s) = Self::load(id)? {
+                    v.push(s);
+                }
+            }
+        }
+        v.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(v)
+    }
+
+    /// Finds a router by id or name.
+    pub fn find(key: &str) -> Result<RouterState> {
+        let all = Self::all()?;
+        let found: Vec<_> = all.into_iter().filter(|r| r.id == key || r.name == key).collect();
+        match found.len() {
+            1 => Ok(found.into_iter().next().unwrap()),
+            0 => anyhow::bail!("no router '{key}' is applied; `router-ctl show` lists them"),
+            _ => anyhow::bail!("several routers are named '{key}'; give the router id instead"),
+        }
+    }
+
+    pub fn matches(&self, def: &Router) -> bool {
+        self.id == def.id
+    }
+}
+
+/// An exclusive `flock` held until dropped.
+pub struct Lock(#[allow(dead_code)] File);
+
+impl Lock {
+    fn open(name: &str) -> Result<File> {
+        let dir = run_dir();
+        fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let p = dir.join(name);
+        OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&p)
+            .with_context(|| format!("cannot open lock {}", p.display()))
+    }
+
+    /// Waits for the lock.
+    pub fn acquire(name: &str) -> Result<Lock> {
+        let f = Self::open(name)?;
+        // SAFETY: flock on a valid descriptor.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return Err(std::io::Error::last_os_error()).context("flock");
+        }
+        Ok(Lock(f))
+    }
+
+    /// Takes the lock if nobody holds it.
+    pub fn try_acquire(name: &str) -> Result<Option<Lock>> {
+        let f = Self::open(name)?;
+        // SAFETY: as above.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                return Ok(None);
+            }
+            return Err(e).context("flock");
+        }
+        Ok(Some(Lock(f)))
+    }
+}
+
+pub const STATE_LOCK: &str = "state.lock";
+pub const DAEMON_LOCK: &str = "daemon.lock";

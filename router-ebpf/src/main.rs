@@ -1,0 +1,234 @@
+//! The router's fast path: one XDP program attached to every `qr-` device of a router.
+//!
+//! Ethernet → IPv4 → longest-prefix route → neighbour → MAC rewrite, TTL − 1 with an RFC 1624
+//! checksum update → redirect through a devmap. Everything else goes to the kernel (XDP_PASS)
+//! with a counted reason, so the namespace's kernel keeps doing what Neutron's router does.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    bindings::xdp_action,
+    macros::{map, xdp},
+    maps::{lpm_trie::Key, DevMapHash, HashMap, LpmTrie, PerCpuArray},
+    programs::XdpContext,
+};
+use router_common::{
+    pass_reason as why, route_kind, Iface, Neigh, NeighKey, Route, RouteAddr, Stats, MAX_IFACES,
+    MAX_NEIGHS, MAX_ROUTES, STATS_SLOTS, UNKNOWN_IFACE_SLOT,
+};
+
+#[map(name = "ROUTES")]
+static ROUTES: LpmTrie<RouteAddr, Route> = LpmTrie::with_max_entries(MAX_ROUTES, 0);
+
+#[map(name = "NEIGHS")]
+static NEIGHS: HashMap<NeighKey, Neigh> = HashMap::with_max_entries(MAX_NEIGHS, 0);
+
+#[map(name = "IFACES")]
+static IFACES: HashMap<u32, Iface> = HashMap::with_max_entries(MAX_IFACES, 0);
+
+#[map(name = "TX_PORTS")]
+static TX_PORTS: DevMapHash = DevMapHash::with_max_entries(MAX_IFACES, 0);
+
+#[map(name = "STATS")]
+static STATS: PerCpuArray<Stats> = PerCpuArray::with_max_entries(STATS_SLOTS, 0);
+
+const ETH_LEN: usize = 14;
+const IPV4_LEN: usize = 20;
+const ETH_P_IPV4: u16 = 0x0800;
+
+#[repr(C)]
+struct EthHdr {
+    dst: [u8; 6],
+    src: [u8; 6],
+    ether_type: [u8; 2],
+}
+
+#[repr(C)]
+struct Ipv4Hdr {
+    version_ihl: u8,
+    tos: u8,
+    tot_len: [u8; 2],
+    id: [u8; 2],
+    frag_off: [u8; 2],
+    ttl: u8,
+    protocol: u8,
+    check: [u8; 2],
+    src: [u8; 4],
+    dst: [u8; 4],
+}
+
+/// What the program decided for one frame.
+enum Verdict {
+    /// Redirected to `egress`; the frame was rewritten.
+    Forward,
+    /// Handed to the kernel unchanged, for the reason given (an index into `Stats::pass`).
+    Pass(usize),
+}
+
+#[xdp]
+pub fn router(ctx: XdpContext) -> u32 {
+    let len = (ctx.data_end() - ctx.data()) as u64;
+    let ingress = ctx.ingress_ifindex() as u32;
+    let (slot, verdict) = match unsafe { IFACES.get(&ingress) } {
+        Some(iface) => (iface.slot, forward(&ctx, ingress, iface)),
+        None => (UNKNOWN_IFACE_SLOT, Verdict::Pass(why::UNKNOWN_IFACE)),
+    };
+    let stats = STATS.get_ptr_mut(slot);
+    match verdict {
+        Verdict::Forward => {
+            if let Some(s) = stats {
+                // SAFETY: a per-CPU slot, written only by this CPU.
+                unsafe {
+                    (*s).fwd_packets += 1;
+                    (*s).fwd_bytes += len;
+                }
+            }
+            xdp_action::XDP_REDIRECT
+        }
+        Verdict::Pass(reason) => {
+            if let Some(s) = stats {
+                if let Some(c) = unsafe { (*s).pass.get_mut(reason) } {
+                    *c += 1;
+                }
+                unsafe { (*s).pass_bytes += len };
+            }
+            xdp_action::XDP_PASS
+        }
+    }
+}
+
+/// Bounds-checked pointer to a `T` at `offset` bytes into the frame.
+#[inline(always)]
+fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
+    let start = ctx.data();
+    if start + offset + core::mem::size_of::<T>() > ctx.data_end() {
+        return None;
+    }
+    Some((start + offset) as *mut T)
+}
+
+#[inline(always)]
+fn forward(ctx: &XdpContext, ingress: u32, iface: &Iface) -> Verdict {
+    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
+        return Verdict::Pass(why::MALFORMED);
+    };
+    // SAFETY: `ptr_at` checked that the header lies inside the frame.
+    let eth = unsafe { &mut *eth };
+    if eth.dst[0] & 1 != 0 {
+        return Verdict::Pass(why::BCAST_MCAST);
+    }
+    if eth.dst != iface.mac {
+        return Verdict::Pass(why::NOT_OUR_MAC);
+    }
+    if u16::from_be_bytes(eth.ether_type) != ETH_P_IPV4 {
+        return Verdict::Pass(why::NOT_IPV4);
+    }
+    let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, ETH_LEN) else {
+        return Verdict::Pass(why::MALFORMED);
+    };
+    // SAFETY: as above.
+    let ip = unsafe { &mut *ip };
+    if ip.version_ihl != 0x45 {
+        return Verdict::Pass(if ip.version_ihl >> 4 == 4 && ip.version_ihl & 0xf > 5 {
+            why::IP_OPTIONS
+        } else {
+            why::MALFORMED
+        });
+    }
+    let tot_len = u16::from_be_bytes(ip.tot_len) as usize;
+    if tot_len < IPV4_LEN || ETH_LEN + tot_len > ctx.data_end() - ctx.data() {
+        return Verdict::Pass(why::MALFORMED);
+    }
+    if !header_checksum_ok(ctx) {
+        return Verdict::Pass(why::BAD_CHECKSUM);
+    }
+    let (s0, d0) = (ip.src[0], ip.dst[0]);
+    if d0 >= 224 {
+        // Multicast, limited broadcast and class E.
+        return Verdict::Pass(why::BCAST_MCAST);
+    }
+    if s0 == 0 || s0 == 127 || s0 >= 224 || d0 == 0 || d0 == 127 {
+        return Verdict::Pass(why::MARTIAN);
+    }
+    if ip.ttl <= 1 {
+        return Verdict::Pass(why::TTL_EXCEEDED);
+    }
+
+    let Some(route) = ROUTES.get(Key::new(32, u32::from_ne_bytes(ip.dst))) else {
+        return Verdict::Pass(why::NO_ROUTE);
+    };
+    if route.kind == route_kind::LOCAL {
+        return Verdict::Pass(why::LOCAL_DEST);
+    }
+    let egress_ifindex = route.ifindex;
+    if egress_ifindex == ingress {
+        return Verdict::Pass(why::SAME_IFACE);
+    }
+    let Some(egress) = (unsafe { IFACES.get(&egress_ifindex) }) else {
+        return Verdict::Pass(why::NO_TX_PORT);
+    };
+    if tot_len > egress.mtu as usize {
+        return Verdict::Pass(why::TOO_BIG);
+    }
+    let nexthop = if route.kind == route_kind::GATEWAY {
+        route.nexthop
+    } else {
+        ip.dst
+    };
+    let key = NeighKey {
+        ifindex: egress_ifindex,
+        addr: nexthop,
+    };
+    let Some(neigh) = (unsafe { NEIGHS.get(&key) }) else {
+        return Verdict::Pass(why::NO_NEIGH);
+    };
+    // The redirect only records the target; the frame is sent after the program returns, so it
+    // is safe to rewrite it below. Asking first keeps a failed redirect's frame untouched.
+    if TX_PORTS.redirect(egress_ifindex, 0).is_err() {
+        return Verdict::Pass(why::NO_TX_PORT);
+    }
+    eth.dst = neigh.mac;
+    eth.src = egress.mac;
+    ip.check = decrement_ttl(ip.ttl, ip.protocol, ip.check);
+    ip.ttl -= 1;
+    Verdict::Forward
+}
+
+/// True when the 20-byte IPv4 header at `ETH_LEN` sums to 0xffff in one's complement.
+#[inline(always)]
+fn header_checksum_ok(ctx: &XdpContext) -> bool {
+    let Some(words) = ptr_at::<[u16; IPV4_LEN / 2]>(ctx, ETH_LEN) else {
+        return false;
+    };
+    // SAFETY: bounds checked by `ptr_at`; the words are summed in memory order, which gives
+    // the byte-swapped sum on a little-endian machine, and 0xffff either way.
+    let words = unsafe { core::ptr::read_unaligned(words) };
+    let mut sum: u32 = 0;
+    let mut i = 0;
+    while i < IPV4_LEN / 2 {
+        sum += words[i] as u32;
+        i += 1;
+    }
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum == 0xffff
+}
+
+/// New header checksum after TTL − 1, by RFC 1624 equation 3: HC' = ~(~HC + ~m + m'), where m
+/// is the 16-bit word holding TTL and protocol.
+#[inline(always)]
+fn decrement_ttl(ttl: u8, protocol: u8, check: [u8; 2]) -> [u8; 2] {
+    let hc = u16::from_be_bytes(check) as u32;
+    let m = u16::from_be_bytes([ttl, protocol]) as u32;
+    let m_new = u16::from_be_bytes([ttl.wrapping_sub(1), protocol]) as u32;
+    let mut sum = (!hc & 0xffff) + (!m & 0xffff) + m_new;
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    (!(sum as u16)).to_be_bytes()
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
