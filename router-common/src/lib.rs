@@ -3,7 +3,7 @@
 //! Every type here crosses the kernel/user boundary as raw bytes, so each one is `#[repr(C)]`,
 //! `Copy`, made of fixed-size integers and byte arrays only, and has no implicit padding: a key
 //! with undefined padding bytes would miss lookups. `layout` tests at the bottom pin the sizes.
-#![no_std]
+#![cfg_attr(not(test), no_std)]
 
 /// Map names (the kernel keeps at most 15 characters).
 pub mod map_names {

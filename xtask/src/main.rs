@@ -1,1 +1,229 @@
-fn main(){}
+//! Developer tasks: `cargo xtask setup | build-and-load | test`.
+//!
+//! Everything a fresh machine lacks is installed by `setup`, which the other commands run first;
+//! it is idempotent and takes a few seconds when all is present.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    thread::sleep,
+    time::Duration,
+};
+
+use anyhow::{bail, Context as _, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what building and testing need (idempotent).
+    Setup,
+    /// Build router-ctl, apply the routers (the seed topology by default), ping across, print stats.
+    BuildAndLoad {
+        /// Router definitions to apply instead of the built-in seed example.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Run every test: unit, packet (BPF_PROG_TEST_RUN) and namespace integration tests.
+    Test {
+        /// Extra arguments for the test binaries (e.g. a test name filter).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+}
+
+const BPF_LINKER_VERSION: &str = "0.13.0";
+const APT_PACKAGES: &[(&str, &str)] = &[
+    ("ip", "iproute2"),
+    ("ping", "iputils-ping"),
+    ("ethtool", "ethtool"),
+    ("tcpdump", "tcpdump"),
+    ("nft", "nftables"),
+    ("bpftool", "bpftool"),
+];
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let root = workspace_root();
+    std::env::set_current_dir(&root)?;
+    match cli.cmd {
+        Cmd::Setup => setup(),
+        Cmd::BuildAndLoad { config } => {
+            setup()?;
+            build_and_load(&root, config)
+        }
+        Cmd::Test { args } => {
+            setup()?;
+            test(&root, &args)
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask has a parent").to_path_buf()
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    eprintln!("+ {cmd:?}");
+    let status = cmd.status().with_context(|| format!("cannot run {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed ({status})");
+    }
+    Ok(())
+}
+
+fn output(cmd: &mut Command) -> Option<String> {
+    let out = cmd.output().ok()?;
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+fn have(bin: &str) -> bool {
+    Command::new("sh").args(["-c", &format!("command -v {bin}")]).output().is_ok_and(|o| o.status.success())
+}
+
+fn home() -> PathBuf {
+    std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/root"))
+}
+
+fn setup() -> Result<()> {
+    if !nix_is_root() {
+        bail!("the router needs root (BPF, namespaces, XDP): run as root, e.g. `sudo -E cargo xtask ...`");
+    }
+    // 1. Debian packages the controller, the demo and the tests use.
+    let missing: Vec<&str> = APT_PACKAGES.iter().filter(|(bin, _)| !have(bin)).map(|(_, pkg)| *pkg).collect();
+    if !missing.is_empty() {
+        eprintln!("setup: installing {}", missing.join(" "));
+        run(Command::new("apt-get").arg("update").arg("-q"))?;
+        run(Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    }
+    // 2. The nightly toolchain and its rust-src (build-std for the BPF target).
+    let sysroot = match output(Command::new("rustc").args(["+nightly", "--print", "sysroot"])) {
+        Some(s) => PathBuf::from(s),
+        None => {
+            run(Command::new("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal"]))?;
+            PathBuf::from(output(Command::new("rustc").args(["+nightly", "--print", "sysroot"])).context("nightly sysroot")?)
+        }
+    };
+    if !sysroot.join("lib/rustlib/src/rust/library/core/Cargo.toml").exists() {
+        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+    }
+    // 3. bpf-linker built against the nightly's own LLVM.
+    let llvm = std::fs::read_dir(sysroot.join("lib"))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .find(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("libLLVM.so.")))
+        .context("the nightly toolchain ships no libLLVM.so.*")?;
+    let llvm_major = llvm
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_prefix("libLLVM.so."))
+        .and_then(|v| v.split('.').next())
+        .context("cannot read LLVM's version from its file name")?
+        .to_string();
+    let prefix = home().join(".local/share/router-xdp/llvm");
+    let libdir = prefix.join("lib");
+    std::fs::create_dir_all(&libdir)?;
+    for name in ["libLLVM.so".to_string(), llvm.file_name().unwrap().to_string_lossy().into_owned()] {
+        let link = libdir.join(name);
+        if std::fs::read_link(&link).ok().as_deref() != Some(llvm.as_path()) {
+            let _ = std::fs::remove_file(&link);
+            std::os::unix::fs::symlink(&llvm, &link)?;
+        }
+    }
+    let linker_ok = output(Command::new("rustup").args(["run", "nightly", "bpf-linker", "--version"]))
+        .is_some_and(|v| v.contains(BPF_LINKER_VERSION));
+    if !linker_ok {
+        eprintln!("setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM {llvm_major} (about 2 minutes)");
+        run(Command::new("cargo")
+            .args(["+stable", "install", "--locked", "--force"])
+            .arg(format!("bpf-linker@{BPF_LINKER_VERSION}"))
+            .args(["--no-default-features", "--features", &format!("llvm-{llvm_major}")])
+            .env("LLVM_PREFIX", &prefix))?;
+    }
+    // 4. bpffs for the pinned maps and links; tracefs for debugging drops.
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    if !mounts.lines().any(|l| l.split_whitespace().nth(2) == Some("bpf")) {
+        run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))?;
+    }
+    if !mounts.lines().any(|l| l.split_whitespace().nth(2) == Some("tracefs")) {
+        let _ = Command::new("mount").args(["-t", "tracefs", "nodev", "/sys/kernel/tracing"]).status();
+    }
+    eprintln!("setup: ready (nightly rust-src, bpf-linker {BPF_LINKER_VERSION}, iproute2/ping/ethtool, bpffs)");
+    Ok(())
+}
+
+fn nix_is_root() -> bool {
+    output(Command::new("id").arg("-u")).as_deref() == Some("0")
+}
+
+fn build_release(root: &Path) -> Result<PathBuf> {
+    run(Command::new("cargo").args(["build", "--release", "-p", "router-ctl"]))?;
+    Ok(root.join("target/release/router-ctl"))
+}
+
+/// The demo instances of the seed topology: (namespace, port id of the router port, address, gateway).
+const DEMO_VMS: &[(&str, &str, &str, &str)] = &[
+    ("vm1", "d295b258-4586-4e8a-9c3e-1f2a3b4c5d6e", "172.16.100.3/24", "172.16.100.1"),
+    ("vm3", "2ffdb861-731c-4b1a-8d2e-6f7a8b9c0d1e", "172.16.101.3/24", "172.16.101.1"),
+];
+
+fn ip(args: &[&str]) -> Result<()> {
+    run(Command::new("ip").args(args))
+}
+
+fn build_and_load(root: &Path, config: Option<PathBuf>) -> Result<()> {
+    let ctl = build_release(root)?;
+    let builtin = config.is_none();
+    let config = config.unwrap_or_else(|| root.join("config/seed.toml"));
+    run(Command::new(&ctl).arg("apply").arg("-f").arg(&config))?;
+    if builtin {
+        // Plug the demo instances: apply left each new router port's veth peer (tap...) in this
+        // namespace; move it into the instance's namespace and configure the instance.
+        for (vm, port, addr, gw) in DEMO_VMS {
+            let tap = format!("tap{}", &port[..11]);
+            if !Path::new(&format!("/run/netns/{vm}")).exists() {
+                ip(&["netns", "add", vm])?;
+            }
+            let in_vm = Command::new("ip").args(["-n", vm, "link", "show", &tap]).output()?.status.success();
+            if !in_vm {
+                ip(&["link", "set", &tap, "netns", vm])?;
+            }
+            ip(&["-n", vm, "link", "set", "lo", "up"])?;
+            ip(&["-n", vm, "link", "set", &tap, "up"])?;
+            let _ = Command::new("ip").args(["-n", vm, "addr", "replace", addr, "dev", &tap]).status();
+            ip(&["-n", vm, "route", "replace", "default", "via", gw])?;
+        }
+        sleep(Duration::from_millis(300));
+        run(Command::new("ip").args(["netns", "exec", "vm1", "ping", "-c", "5", "-i", "0.2", "-W", "1", "172.16.101.3"]))?;
+        run(Command::new("ip").args(["netns", "exec", "vm3", "ping", "-c", "5", "-i", "0.2", "-W", "1", "172.16.100.3"]))?;
+    }
+    for what in ["show", "neigh", "stats"] {
+        println!("\n$ router-ctl {what}");
+        run(Command::new(&ctl).arg(what))?;
+    }
+    println!(
+        "\nThe router stays loaded and keeps forwarding; its neighbour daemon (`router-ctl run`) logs to /run/router-xdp/daemon.log.\n\
+         Try: ip netns exec vm1 ping 172.16.101.3   |   {} stats   |   {} destroy router_100_101",
+        ctl.display(),
+        ctl.display()
+    );
+    Ok(())
+}
+
+fn test(root: &Path, args: &[String]) -> Result<()> {
+    let ctl = build_release(root)?;
+    let mut cmd = Command::new("cargo");
+    cmd.args(["test", "--release", "--workspace", "--exclude", "router-ebpf", "--no-fail-fast", "--"])
+        .args(args)
+        .env("ROUTER_CTL", &ctl);
+    run(&mut cmd)
+}

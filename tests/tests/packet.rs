@@ -1,0 +1,317 @@
+//! Packet tests: the real XDP program through BPF_PROG_TEST_RUN, asserting the return code, the
+//! exact output bytes, and the counters.
+//!
+//! Each test moves its thread into a fresh network namespace, where the frame's ingress device
+//! is `lo` (ifindex 1, what the kernel gives a test run) and a veth pair provides real egress
+//! devices for the devmap.
+
+use std::{ffi::CString, net::Ipv4Addr};
+
+use aya::{
+    maps::DevMapHash,
+    programs::{TestRun, TestRunOptions},
+    Ebpf,
+};
+use router_common::{map_names, pass_reason as why, Iface, Stats, STATS_SLOTS, UNKNOWN_IFACE_SLOT};
+use router_ctl::{config::Ipv4Net, datapath};
+use tests::{
+    frame::{ethernet, ipv4_udp, Ipv4},
+    require_root, sh, unshare_netns,
+};
+
+const XDP_PASS: u32 = 2;
+const XDP_REDIRECT: u32 = 4;
+
+const IN_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x01, 0x01];
+const OUT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x02, 0x01];
+const E1_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x03, 0x01];
+const HOST_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x01, 0x05];
+const NB_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x02, 0x05];
+const NH1_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x02, 0xfe];
+const NH2_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x02, 0xfd];
+
+const SRC: [u8; 4] = [10, 1, 0, 5];
+const DST: [u8; 4] = [10, 2, 0, 5];
+
+struct Harness {
+    ebpf: Ebpf,
+    e0: u32,
+    e1: u32,
+}
+
+fn ifindex(name: &str) -> u32 {
+    let c = CString::new(name).unwrap();
+    // SAFETY: valid C string.
+    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    assert_ne!(i, 0, "no device {name}");
+    i
+}
+
+fn net(s: &str) -> Ipv4Net {
+    s.parse().unwrap()
+}
+
+/// Ingress `lo` on 10.1.0.0/24 (slot 0), egress e0 on 10.2.0.0/24 (slot 1), and e1 on
+/// 10.3.0.0/24 (slot 2), known to IFACES but absent from the devmap.
+fn harness() -> Option<Harness> {
+    if !require_root() {
+        return None;
+    }
+    unshare_netns();
+    sh("ip link add e0 type veth peer name e1 && ip link set lo up && ip link set e0 up && ip link set e1 up");
+    let (lo, e0, e1) = (1, ifindex("e0"), ifindex("e1"));
+    let mut ebpf = datapath::load_unpinned().expect("load the XDP program");
+    let iface = |mac, slot| Iface { mac, _pad: [0; 2], mtu: 1500, slot };
+    datapath::set_ifaces(&mut ebpf, &[(lo, iface(IN_MAC, 0)), (e0, iface(OUT_MAC, 1)), (e1, iface(E1_MAC, 2))]).unwrap();
+    DevMapHash::try_from(ebpf.map_mut(map_names::TX_PORTS).unwrap()).unwrap().remove(e1).unwrap();
+    let routes = datapath::route_entries(
+        &[(net("10.1.0.0/24"), lo), (net("10.2.0.0/24"), e0), (net("10.3.0.0/24"), e1)],
+        &[
+            (net("10.9.0.0/16"), e0, Ipv4Addr::new(10, 2, 0, 254)),
+            (net("10.9.9.0/24"), e0, Ipv4Addr::new(10, 2, 0, 253)),
+        ],
+        &[Ipv4Addr::new(10, 1, 0, 1), Ipv4Addr::new(10, 2, 0, 1), Ipv4Addr::new(10, 2, 0, 255)],
+    );
+    datapath::set_routes(&mut ebpf, &routes).unwrap();
+    let mut h = Harness { ebpf, e0, e1 };
+    h.neigh(e0, [10, 2, 0, 5], NB_MAC);
+    h.neigh(e0, [10, 2, 0, 254], NH1_MAC);
+    h.neigh(e0, [10, 2, 0, 253], NH2_MAC);
+    h.neigh(e1, [10, 3, 0, 5], NB_MAC);
+    h.neigh(lo, [10, 1, 0, 9], HOST_MAC);
+    Some(h)
+}
+
+impl Harness {
+    fn neigh(&mut self, ifindex: u32, ip: [u8; 4], mac: [u8; 6]) {
+        use aya::maps::HashMap;
+        let mut m: HashMap<_, router_common::NeighKey, router_common::Neigh> =
+            HashMap::try_from(self.ebpf.map_mut(map_names::NEIGHS).unwrap()).unwrap();
+        m.insert(router_common::NeighKey { ifindex, addr: ip }, router_common::Neigh { mac, _pad: [0; 2] }, 0).unwrap();
+    }
+
+    /// Runs the program once on `frame`: (return code, output bytes).
+    fn run(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
+        let mut out = vec![0u8; frame.len() + 256];
+        let prog = datapath::program(&mut self.ebpf).unwrap();
+        let res = prog
+            .test_run(TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ..Default::default() })
+            .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN on a {}-byte frame: {e}", frame.len()));
+        out.truncate(res.data_size_out as usize);
+        (res.return_value, out)
+    }
+
+    fn stats(&self) -> Vec<Stats> {
+        (0..STATS_SLOTS).map(|s| datapath::stats_of(&self.ebpf, s).unwrap()).collect()
+    }
+}
+
+fn udp_frame(dst_mac: [u8; 6], ip: &Ipv4) -> Vec<u8> {
+    ipv4_udp(dst_mac, HOST_MAC, ip)
+}
+
+/// What the router must emit for `ip` sent to it: new MACs, TTL − 1, checksum from scratch.
+fn forwarded(dst_mac: [u8; 6], ip: &Ipv4) -> Vec<u8> {
+    let mut out = ip.clone();
+    out.ttl -= 1;
+    ipv4_udp(dst_mac, OUT_MAC, &out)
+}
+
+#[test]
+fn forwards_to_a_connected_host_byte_exact() {
+    let Some(mut h) = harness() else { return };
+    let ip = Ipv4::udp(SRC, DST, 64);
+    let input = udp_frame(IN_MAC, &ip);
+    let (rc, out) = h.run(&input);
+    assert_eq!(rc, XDP_REDIRECT);
+    let want = forwarded(NB_MAC, &ip);
+    assert_eq!(out, want, "forwarded frame differs");
+    // Spelled out, so that a failure says which part is wrong.
+    assert_eq!(&out[0..6], &NB_MAC, "destination MAC = the neighbour's");
+    assert_eq!(&out[6..12], &OUT_MAC, "source MAC = the egress device's");
+    assert_eq!(out[14 + 8], 63, "TTL decremented");
+    assert_eq!(tests::frame::checksum(&out[14..34]), 0, "header checksum verifies");
+    assert_eq!(&out[34..], &input[34..], "payload untouched");
+    let s = h.stats();
+    assert_eq!(s[0].fwd_packets, 1);
+    assert_eq!(s[0].fwd_bytes, input.len() as u64);
+    assert_eq!(s[0].pass_packets(), 0);
+}
+
+#[test]
+fn extra_routes_use_the_longest_prefix_and_the_nexthop_mac() {
+    let Some(mut h) = harness() else { return };
+    for (dst, mac) in [([10, 9, 1, 1], NH1_MAC), ([10, 9, 9, 7], NH2_MAC), ([10, 9, 255, 255], NH1_MAC)] {
+        let ip = Ipv4::udp(SRC, dst, 17);
+        let (rc, out) = h.run(&udp_frame(IN_MAC, &ip));
+        assert_eq!(rc, XDP_REDIRECT, "to {dst:?}");
+        assert_eq!(out, forwarded(mac, &ip), "to {dst:?}");
+    }
+}
+
+#[test]
+fn incremental_checksum_equals_recomputation() {
+    let Some(mut h) = harness() else { return };
+    let mut n = 0;
+    for ttl in 2..=255u8 {
+        for (tos, id, frag) in [(0u8, 0u16, 0u16), (0xb8, 0xffff, 0x4000), (0x10, 0x8001, 0x2005), (0xff, 0xfeff, 0xffff)] {
+            let mut ip = Ipv4::udp([10, 1, 0, ttl], [10, 2, 0, 5], ttl);
+            ip.tos = tos;
+            ip.id = id.wrapping_add(ttl as u16 * 257);
+            ip.flags_frag = frag;
+            let (rc, out) = h.run(&udp_frame(IN_MAC, &ip));
+            assert_eq!(rc, XDP_REDIRECT);
+            assert_eq!(out, forwarded(NB_MAC, &ip), "ttl {ttl} tos {tos:#x} id {:#x} frag {frag:#x}", ip.id);
+            n += 1;
+        }
+    }
+    assert_eq!(h.stats()[0].fwd_packets, n);
+}
+
+#[test]
+fn every_pass_reason_is_counted_and_leaves_the_frame_untouched() {
+    let Some(mut h) = harness() else { return };
+    h.set_mtu_of_e0(1400);
+    let ok = Ipv4::udp(SRC, DST, 64);
+    let with = |f: &dyn Fn(&mut Ipv4)| {
+        let mut ip = ok.clone();
+        f(&mut ip);
+        udp_frame(IN_MAC, &ip)
+    };
+    let mut bad_csum = udp_frame(IN_MAC, &ok);
+    bad_csum[24] ^= 0x40;
+    let mut short_total = udp_frame(IN_MAC, &ok);
+    short_total[16..18].copy_from_slice(&19u16.to_be_bytes());
+    let mut long_total = udp_frame(IN_MAC, &ok);
+    let too_long = (long_total.len() - 14 + 1) as u16;
+    long_total[16..18].copy_from_slice(&too_long.to_be_bytes());
+    let mut version6 = udp_frame(IN_MAC, &ok);
+    version6[14] = 0x65;
+    let mut ihl4 = udp_frame(IN_MAC, &ok);
+    ihl4[14] = 0x44;
+    let big = {
+        let payload = vec![0x5a; 1400];
+        let l4 = tests::frame::udp(1, 2, &payload);
+        let mut l3 = ok.header(l4.len());
+        l3.extend_from_slice(&l4);
+        ethernet(IN_MAC, HOST_MAC, 0x0800, &l3)
+    };
+    let cases: Vec<(&str, Vec<u8>, usize)> = vec![
+        ("ARP", ethernet(IN_MAC, HOST_MAC, 0x0806, &[0u8; 28]), why::NOT_IPV4),
+        ("IPv6 ethertype", ethernet(IN_MAC, HOST_MAC, 0x86dd, &[0x60; 60]), why::NOT_IPV4),
+        ("other unicast MAC", udp_frame([0x02, 9, 9, 9, 9, 9], &ok), why::NOT_OUR_MAC),
+        ("broadcast MAC", udp_frame([0xff; 6], &ok), why::BCAST_MCAST),
+        ("multicast MAC", udp_frame([0x01, 0, 0x5e, 0, 0, 5], &ok), why::BCAST_MCAST),
+        ("multicast IP", with(&|ip| ip.dst = [224, 0, 0, 5]), why::BCAST_MCAST),
+        ("limited broadcast IP", with(&|ip| ip.dst = [255, 255, 255, 255]), why::BCAST_MCAST),
+        ("router address", with(&|ip| ip.dst = [10, 2, 0, 1]), why::LOCAL_DEST),
+        ("ingress gateway address", with(&|ip| ip.dst = [10, 1, 0, 1]), why::LOCAL_DEST),
+        ("subnet broadcast", with(&|ip| ip.dst = [10, 2, 0, 255]), why::LOCAL_DEST),
+        ("TTL 1", with(&|ip| ip.ttl = 1), why::TTL_EXCEEDED),
+        ("TTL 0", with(&|ip| ip.ttl = 0), why::TTL_EXCEEDED),
+        ("IP options", with(&|ip| ip.options = vec![1, 1, 1, 0]), why::IP_OPTIONS),
+        ("no route", with(&|ip| ip.dst = [192, 0, 2, 1]), why::NO_ROUTE),
+        ("no neighbour", with(&|ip| ip.dst = [10, 2, 0, 77]), why::NO_NEIGH),
+        ("no neighbour for the nexthop", with(&|ip| ip.dst = [10, 3, 0, 77]), why::NO_NEIGH),
+        ("egress = ingress", with(&|ip| ip.dst = [10, 1, 0, 9]), why::SAME_IFACE),
+        ("larger than the egress MTU", big, why::TOO_BIG),
+        ("total length < 20", short_total, why::MALFORMED),
+        ("total length > frame", long_total, why::MALFORMED),
+        ("version 6 in an IPv4 ethertype", version6, why::MALFORMED),
+        ("IHL 4", ihl4, why::MALFORMED),
+        ("bad header checksum", bad_csum, why::BAD_CHECKSUM),
+        ("source 127.0.0.1", with(&|ip| ip.src = [127, 0, 0, 1]), why::MARTIAN),
+        ("source 0.0.0.0", with(&|ip| ip.src = [0, 0, 0, 0]), why::MARTIAN),
+        ("source multicast", with(&|ip| ip.src = [224, 1, 2, 3]), why::MARTIAN),
+        ("destination 127.0.0.1", with(&|ip| ip.dst = [127, 0, 0, 1]), why::MARTIAN),
+        ("egress not in the devmap", with(&|ip| ip.dst = [10, 3, 0, 5]), why::NO_TX_PORT),
+    ];
+    for (what, frame, reason) in cases {
+        let before = h.stats();
+        let (rc, out) = h.run(&frame);
+        assert_eq!(rc, XDP_PASS, "{what}: must go to the kernel");
+        assert_eq!(out, frame, "{what}: a passed frame must be unchanged");
+        let after = h.stats();
+        for r in 0..why::COUNT {
+            let d = after[0].pass[r] - before[0].pass[r];
+            assert_eq!(d, (r == reason) as u64, "{what}: counter {} moved by {d}", why::NAMES[r]);
+        }
+        assert_eq!(after[0].pass_bytes - before[0].pass_bytes, frame.len() as u64, "{what}: pass bytes");
+        assert_eq!(after[0].fwd_packets, before[0].fwd_packets, "{what}: not forwarded");
+        assert_eq!(&after[1..], &before[1..], "{what}: other devices' counters moved");
+    }
+    let _ = h.e1;
+}
+
+impl Harness {
+    fn set_mtu_of_e0(&mut self, mtu: u32) {
+        use aya::maps::HashMap;
+        let mut m: HashMap<_, u32, Iface> = HashMap::try_from(self.ebpf.map_mut(map_names::IFACES).unwrap()).unwrap();
+        let mut i = m.get(&self.e0, 0).unwrap();
+        i.mtu = mtu;
+        m.insert(self.e0, i, 0).unwrap();
+    }
+}
+
+#[test]
+fn a_frame_of_exactly_the_egress_mtu_is_forwarded() {
+    let Some(mut h) = harness() else { return };
+    h.set_mtu_of_e0(1400);
+    let ip = Ipv4::udp(SRC, DST, 64);
+    let payload = vec![0xa5; 1400 - 20 - 8];
+    let l4 = tests::frame::udp(1, 2, &payload);
+    let mut l3 = ip.header(l4.len());
+    l3.extend_from_slice(&l4);
+    let (rc, out) = h.run(&ethernet(IN_MAC, HOST_MAC, 0x0800, &l3));
+    assert_eq!(rc, XDP_REDIRECT);
+    let mut ip2 = ip.clone();
+    ip2.ttl = 63;
+    let mut l3b = ip2.header(l4.len());
+    l3b.extend_from_slice(&l4);
+    assert_eq!(out, ethernet(NB_MAC, OUT_MAC, 0x0800, &l3b));
+}
+
+#[test]
+fn every_truncation_is_passed_without_reading_past_the_end() {
+    let Some(mut h) = harness() else { return };
+    let full = udp_frame(IN_MAC, &Ipv4::udp(SRC, DST, 64));
+    assert!(full.len() > 54);
+    let mut refused = Vec::new();
+    for len in 0..=54usize {
+        let frame = &full[..len];
+        let before = h.stats();
+        let mut out = vec![0u8; 512];
+        let prog = datapath::program(&mut h.ebpf).unwrap();
+        match prog.test_run(TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ..Default::default() }) {
+            Ok(res) => {
+                assert_eq!(res.return_value, XDP_PASS, "{len}-byte truncation");
+                assert_eq!(&out[..res.data_size_out as usize], frame, "{len}-byte truncation changed");
+                let after = h.stats();
+                let d: u64 = after[0].pass_packets() - before[0].pass_packets();
+                assert_eq!(d, 1, "{len}-byte truncation counted once");
+                assert_eq!(after[0].pass[why::MALFORMED] - before[0].pass[why::MALFORMED], 1, "{len}-byte truncation is malformed");
+            }
+            // The kernel itself refuses test frames shorter than an Ethernet header.
+            Err(_) if len < 14 => refused.push(len),
+            Err(e) => panic!("{len}-byte truncation: {e}"),
+        }
+    }
+    assert!(refused.iter().all(|l| *l < 14));
+}
+
+#[test]
+fn frames_on_an_unknown_device_are_passed_and_counted() {
+    let Some(mut h) = harness() else { return };
+    {
+        use aya::maps::HashMap;
+        let mut m: HashMap<_, u32, Iface> = HashMap::try_from(h.ebpf.map_mut(map_names::IFACES).unwrap()).unwrap();
+        m.remove(&1).unwrap();
+    }
+    let frame = udp_frame(IN_MAC, &Ipv4::udp(SRC, DST, 64));
+    let (rc, out) = h.run(&frame);
+    assert_eq!(rc, XDP_PASS);
+    assert_eq!(out, frame);
+    let s = h.stats();
+    assert_eq!(s[UNKNOWN_IFACE_SLOT as usize].pass[why::UNKNOWN_IFACE], 1);
+    assert_eq!(s[0].pass_packets(), 0);
+}
