@@ -138,7 +138,7 @@ fn apply_one(r: &Router, undo: &mut Vec<Undo>) -> Result<Report> {
                 undo.push(Undo::DeleteLink { ns: None, dev: p.clone() });
                 ip(&["link", "set", &i.device, "netns", &ns])?;
                 ip(&["link", "set", &p, "up"])?;
-                sys::enable_gro(None, &p)?;
+                sys::prepare_veth_peer(None, &p)?;
                 created.push(format!("device {} (veth, peer {p} in this namespace)", i.device));
                 created_device = true;
                 peer = Some(p);

@@ -174,18 +174,22 @@ pub fn sysctl_set(ns: &str, key: &str, value: &str) -> Result<()> {
     ip(&["netns", "exec", ns, "sysctl", "-qw", &format!("{key}={value}")]).map(|_| ())
 }
 
-/// Turns on GRO on `dev` in the caller's namespace. A veth delivers XDP-redirected frames only
-/// when its receiving end has GRO on or an XDP program attached.
-pub fn enable_gro(ns: Option<&str>, dev: &str) -> Result<()> {
+/// Prepares the instance side of a veth whose other end carries the XDP program:
+/// - GRO on: a veth delivers XDP-redirected frames only when its receiving end has GRO on or an
+///   XDP program attached; otherwise the kernel drops them silently.
+/// - TX checksum offload off: a frame sent with a partial checksum (CHECKSUM_PARTIAL) loses that
+///   mark when XDP redirects it, and arrives with a wrong TCP/UDP checksum. Like a real wire, the
+///   instance side must send complete checksums.
+pub fn prepare_veth_peer(ns: Option<&str>, dev: &str) -> Result<()> {
     let mut cmd = match ns {
         Some(ns) => {
             let mut c = Command::new("ip");
-            c.args(["netns", "exec", ns, "ethtool", "-K", dev, "gro", "on"]);
+            c.args(["netns", "exec", ns, "ethtool", "-K", dev, "gro", "on", "tx", "off"]);
             c
         }
         None => {
             let mut c = Command::new("ethtool");
-            c.args(["-K", dev, "gro", "on"]);
+            c.args(["-K", dev, "gro", "on", "tx", "off"]);
             c
         }
     };
@@ -194,7 +198,7 @@ pub fn enable_gro(ns: Option<&str>, dev: &str) -> Result<()> {
         .output()
         .context("cannot run `ethtool`; install it with `cargo xtask setup`")?;
     if !out.status.success() {
-        bail!("`ethtool -K {dev} gro on` failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+        bail!("`ethtool -K {dev} gro on tx off` failed: {}", String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok(())
 }

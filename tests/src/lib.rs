@@ -1,6 +1,7 @@
 //! Helpers shared by the packet tests and the namespace integration tests.
 
 pub mod frame;
+pub mod topo;
 
 
 use std::process::{Command, Output};

@@ -1,0 +1,273 @@
+//! Integration tests on the seed topology in network namespaces, with real traffic, through the
+//! router-ctl binary as a user runs it.
+
+use tests::{
+    ctl, ctl_json, require_root, sh, sh_out,
+    topo::{capture, tcp_transfer, unique_tag, write_config, Ids, Seed},
+};
+
+#[test]
+fn xdp_forwards_ping_and_tcp_with_kernel_forwarding_off() {
+    if !require_root() {
+        return;
+    }
+    let s = Seed::up("");
+    s.prime_neighbours();
+    s.set_forwarding(false);
+    let forw_before = s.forw_datagrams();
+    let fwd_a = s.forwarded(&s.ids.dev_a());
+    assert!(Seed::ping(&s.vm1, "172.16.101.3", 5), "vm1 → vm3 ping failed with kernel forwarding off");
+    assert!(Seed::ping(&s.vm3, "172.16.100.3", 5), "vm3 → vm1 ping failed with kernel forwarding off");
+    let (n, same) = tcp_transfer(&s.vm1, &s.vm3, "172.16.101.3", 10 << 20);
+    assert_eq!(n, 10 << 20, "TCP transfer incomplete");
+    assert!(same, "TCP transfer corrupted");
+    assert_eq!(s.forw_datagrams(), forw_before, "the kernel forwarded packets: the fast path did not");
+    assert!(s.forwarded(&s.ids.dev_a()) >= fwd_a + 10, "fast path counters did not grow");
+    assert!(s.forwarded(&s.ids.dev_b()) >= 10);
+}
+
+#[test]
+fn forwarded_frame_has_ttl_minus_one_and_egress_source_mac() {
+    if !require_root() {
+        return;
+    }
+    let s = Seed::up("");
+    s.prime_neighbours();
+    let qr_b = s.mac_of(&s.ids.dev_b());
+    let vm3_mac = sh(&format!("ip -n {} -j link show {}", s.vm3, s.ids.tap_b()));
+    let vm3_mac: serde_json::Value = serde_json::from_str(&vm3_mac).unwrap();
+    let vm3_mac = vm3_mac[0]["address"].as_str().unwrap().to_string();
+    let fwd_before = s.forwarded(&s.ids.dev_a());
+    // An echo request from vm1 to vm3, ICMP (1), with the pattern we send below.
+    let cap = capture(&s.vm3, &s.ids.tap_b(), |f| {
+        f.len() > 42 && f[12..14] == [8, 0] && f[23] == 1 && f[26..30] == [172, 16, 100, 3] && f[30..34] == [172, 16, 101, 3] && f[34] == 8
+    });
+    assert!(Seed::ping(&s.vm1, "172.16.101.3 -t 57 -p c0ffee", 1));
+    let f = cap.join().unwrap().expect("no echo request reached vm3");
+    assert_eq!(f[22], 56, "TTL must be sent − 1");
+    let mac = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<Vec<_>>().join(":");
+    assert_eq!(mac(&f[6..12]), qr_b, "source MAC must be the egress qr- device's");
+    assert_eq!(mac(&f[0..6]), vm3_mac, "destination MAC must be vm3's");
+    assert_eq!(tests::frame::checksum(&f[14..34]), 0, "IPv4 header checksum");
+    assert!(s.forwarded(&s.ids.dev_a()) > fwd_before, "that frame went through the fast path");
+}
+
+#[test]
+fn ttl_1_gets_time_exceeded_from_the_gateway() {
+    if !require_root() {
+        return;
+    }
+    let s = Seed::up("");
+    s.prime_neighbours();
+    let before = s.passed(&s.ids.dev_a(), "ttl_exceeded");
+    let out = Seed::exec(&s.vm1, "ping -c 1 -t 1 -W 2 172.16.101.3");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("From 172.16.100.1") && text.to_lowercase().contains("time to live exceeded"), "ping said: {text}");
+    assert_eq!(s.passed(&s.ids.dev_a(), "ttl_exceeded"), before + 1);
+}
+
+#[test]
+fn extra_route_through_a_nexthop_instance() {
+    if !require_root() {
+        return;
+    }
+    let mut s = Seed::applied("[[router.route]]\ndestination = \"10.10.0.0/16\"\nnexthop = \"172.16.101.254\"\n");
+    s.plug(&s.vm1, &s.ids.tap_a(), "172.16.100.3/24", "172.16.100.1");
+    // vlan101 as linuxbridge builds it: the router port, vm3 and the nexthop instance on a bridge.
+    let tag = &s.ids.tag;
+    let (br, nh) = (format!("br-{tag}"), format!("nh-{tag}"));
+    s.extra_ns.push(br.clone());
+    s.extra_ns.push(nh.clone());
+    sh(&format!("ip netns add {br} && ip netns add {nh} && ip netns add {vm3} && ip -n {nh} link set lo up && ip -n {vm3} link set lo up", vm3 = s.vm3));
+    sh(&format!(
+        "ip link set {tap} netns {br} && ip -n {br} link add br0 type bridge && ip -n {br} link set br0 up && ip -n {br} link set {tap} master br0 up",
+        tap = s.ids.tap_b()
+    ));
+    for (ns, addr) in [(&s.vm3, "172.16.101.3/24"), (&nh, "172.16.101.254/24")] {
+        sh(&format!(
+            "ip -n {br} link add p-{ns} type veth peer name eth0 netns {ns} && ip -n {br} link set p-{ns} master br0 up && \
+             ip -n {ns} link set eth0 up && ip -n {ns} addr add {addr} dev eth0 && ip -n {ns} route add default via 172.16.101.1 && \
+             ip netns exec {ns} ethtool -K eth0 tx off >/dev/null"
+        ));
+    }
+    sh(&format!("ip -n {nh} addr add 10.10.0.1/32 dev lo"));
+    assert!(Seed::ping(&s.vm1, "172.16.100.1", 1));
+    assert!(Seed::ping(&nh, "172.16.101.1", 1));
+    s.wait_neigh("172.16.100.3");
+    s.wait_neigh("172.16.101.254");
+    s.set_forwarding(false);
+    let forw = s.forw_datagrams();
+    let fwd = s.forwarded(&s.ids.dev_a());
+    assert!(Seed::ping(&s.vm1, "10.10.0.1", 3), "vm1 → 10.10.0.1 through nexthop 172.16.101.254 failed");
+    assert_eq!(s.forw_datagrams(), forw, "the kernel forwarded: the extra route was not in the fast path");
+    assert!(s.forwarded(&s.ids.dev_a()) >= fwd + 3);
+    // The kernel has the route too, for the slow path.
+    let routes = sh(&format!("ip -n {} route show 10.10.0.0/16", s.ns()));
+    assert!(routes.contains("via 172.16.101.254"), "kernel route missing: {routes}");
+}
+
+#[test]
+fn two_routers_side_by_side_do_not_see_each_others_traffic() {
+    if !require_root() {
+        return;
+    }
+    let a = Seed::up("");
+    let b = Seed::up("");
+    a.prime_neighbours();
+    b.prime_neighbours();
+    let fwd = |s: &Seed| s.forwarded(&s.ids.dev_a()) + s.forwarded(&s.ids.dev_b());
+    let (a0, b0) = (fwd(&a), fwd(&b));
+    assert!(Seed::ping(&a.vm1, "172.16.101.3", 5));
+    let (a1, b1) = (fwd(&a), fwd(&b));
+    assert!(a1 >= a0 + 10, "router A forwarded {} packets", a1 - a0);
+    assert_eq!(b1, b0, "router B counted router A's traffic");
+    assert!(Seed::ping(&b.vm3, "172.16.100.3", 5));
+    assert_eq!(fwd(&a), a1, "router A counted router B's traffic");
+    assert!(fwd(&b) >= b1 + 10);
+    // Same addresses, different instances: each router knows only its own.
+    let macs = |s: &Seed| ctl_json(&["neigh", &s.ids.router_id]).as_array().unwrap().iter().map(|n| n["lladdr"].as_str().unwrap().to_string()).collect::<Vec<_>>();
+    let (ma, mb) = (macs(&a), macs(&b));
+    assert!(ma.iter().all(|m| !mb.contains(m)), "neighbour maps are shared: {ma:?} / {mb:?}");
+}
+
+#[test]
+fn apply_is_idempotent_and_destroy_removes_what_it_created() {
+    if !require_root() {
+        return;
+    }
+    let s = Seed::up("");
+    let show = ctl_json(&["show", &s.ids.router_id]);
+    let path = write_config(&format!("{}-again", s.ids.tag), &s.ids.config(""));
+    let out = ctl(&["apply", "-f", &path]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(ctl_json(&["show", &s.ids.router_id]), show, "a second apply changed the router");
+    s.prime_neighbours();
+    assert!(Seed::ping(&s.vm1, "172.16.101.3", 2), "forwarding after a re-apply");
+    let out = ctl(&["destroy", &s.ids.name]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!std::path::Path::new(&format!("/run/netns/{}", s.ns())).exists(), "namespace left behind");
+    assert!(!std::path::Path::new(&format!("/sys/fs/bpf/router-xdp/v1/{}", s.ids.router_id)).exists(), "pins left behind");
+    assert!(!sh_out(&format!("ip -n {} link show {}", s.vm1, s.ids.tap_a())).status.success(), "veth peer left behind");
+    let _ = std::fs::remove_file(&path);
+}
+
+#[test]
+fn adopts_existing_namespace_and_devices_and_leaves_them_on_destroy() {
+    if !require_root() {
+        return;
+    }
+    let tag = unique_tag();
+    let ids = Ids::new(&tag);
+    let ns = ids.ns();
+    let (vm1, vm3) = (format!("vm1-{tag}"), format!("vm3-{tag}"));
+    // What Neutron's agents would have made: the namespace, the plugged qr- devices, one address.
+    sh(&format!("ip netns add {ns} && ip netns add {vm1} && ip netns add {vm3}"));
+    struct Cleanup(Vec<String>);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            for n in &self.0 {
+                let _ = sh_out(&format!("ip netns del {n}"));
+            }
+        }
+    }
+    let _c = Cleanup(vec![ns.clone(), vm1.clone(), vm3.clone()]);
+    for (dev, vm, addr, gw) in [(ids.dev_a(), &vm1, "172.16.100.3/24", "172.16.100.1"), (ids.dev_b(), &vm3, "172.16.101.3/24", "172.16.101.1")] {
+        sh(&format!(
+            "ip -n {ns} link add {dev} type veth peer name eth0 netns {vm} && ip -n {vm} link set eth0 up && ip -n {vm} link set lo up && \
+             ip -n {vm} addr add {addr} dev eth0 && ip -n {vm} route add default via {gw} && ip netns exec {vm} ethtool -K eth0 gro on tx off >/dev/null"
+        ));
+    }
+    sh(&format!("ip -n {ns} addr add 172.16.100.1/24 dev {}", ids.dev_a()));
+    let path = write_config(&tag, &ids.config(""));
+    let out = ctl(&["apply", "-f", &path]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!text.contains("created namespace") && !text.contains("created device"), "apply created what existed: {text}");
+    assert!(text.contains(&format!("created address 172.16.101.1/24 on {}", ids.dev_b())), "{text}");
+    assert!(Seed::ping(&vm1, "172.16.100.1", 1) && Seed::ping(&vm3, "172.16.101.1", 1));
+    assert!(Seed::ping(&vm1, "172.16.101.3", 3));
+    assert!(sh(&format!("ip -n {ns} link show {}", ids.dev_a())).contains("xdp"), "XDP not attached");
+    let out = ctl(&["destroy", &ids.router_id]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let link = sh(&format!("ip -n {ns} link show {}", ids.dev_a()));
+    assert!(!link.contains("xdp"), "XDP still attached after destroy: {link}");
+    let addrs = sh(&format!("ip -n {ns} -4 addr show"));
+    assert!(addrs.contains("172.16.100.1/24"), "destroy removed an address it did not add");
+    assert!(!addrs.contains("172.16.101.1/24"), "destroy left the address it added");
+    let _ = std::fs::remove_file(&path);
+}
+
+#[test]
+fn bad_configs_are_refused_with_nothing_changed() {
+    if !require_root() {
+        return;
+    }
+    let tag = unique_tag();
+    let ids = Ids::new(&tag);
+    let good = ids.config("[[router.route]]\ndestination = \"10.10.0.0/16\"\nnexthop = \"172.16.101.254\"\n");
+    let cases: Vec<(&str, String, &str)> = vec![
+        ("bad TOML", good.replace("[[router.route]]", "[[router.route"), "TOML parse error"),
+        ("unknown key", good.replace("name = ", "colour = \"red\"\nname = "), "unknown field `colour`"),
+        ("gateway outside subnet", good.replace("gateway_ip = \"172.16.101.1\"", "gateway_ip = \"172.16.1.1\""), "gateway_ip' = 172.16.1.1 is outside subnet 172.16.101.0/24"),
+        ("overlapping subnets", good.replace("172.16.101.0/24", "172.16.100.0/23"), "overlaps subnet 172.16.100.0/24"),
+        ("duplicate port id", good.replace(&ids.port_b, &ids.port_a), "duplicate port_id"),
+        ("duplicate device name", good.replace(&ids.port_b, &format!("{}ffff-ffff", &ids.port_a[..11])), "already used by port"),
+        ("nexthop off-link", good.replace("172.16.101.254", "192.168.7.1"), "'nexthop' = 192.168.7.1 is not on a connected subnet"),
+        ("missing field", good.replacen("subnet = \"172.16.100.0/24\"\n", "", 1), "missing field `subnet`"),
+        ("bad prefix", good.replace("10.10.0.0/16", "10.10.0.0/40"), "'destination'"),
+        ("bad router id", good.replace(&ids.router_id, "a b"), "field 'id'"),
+    ];
+    let tap_count = || sh("ip -o link show").lines().filter(|l| l.contains(&format!("tap{tag}"))).count();
+    for (what, text, want) in cases {
+        assert_ne!(text, good, "{what}: the case did not change the file");
+        let path = write_config(&format!("{tag}-bad"), &text);
+        let out = ctl(&["apply", "-f", &path]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{what}: accepted");
+        assert!(err.contains(want), "{what}: message {err:?} lacks {want:?}");
+        assert!(!std::path::Path::new(&format!("/run/netns/{}", ids.ns())).exists(), "{what}: namespace created");
+        assert!(!ctl_json(&["show"]).to_string().contains(&ids.router_id), "{what}: router recorded");
+        assert_eq!(tap_count(), 0, "{what}: devices created");
+        let _ = std::fs::remove_file(&path);
+    }
+    // A missing file is an error too, naming the file.
+    let out = ctl(&["apply", "-f", "/nonexistent/router.toml"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/router.toml"));
+}
+
+#[test]
+fn a_changed_neighbour_mac_is_followed() {
+    if !require_root() {
+        return;
+    }
+    let s = Seed::up("");
+    s.prime_neighbours();
+    let old = s.wait_neigh("172.16.101.3");
+    let new = "02:aa:bb:cc:dd:03";
+    assert_ne!(old, new);
+    // The instance changes its MAC; the router's kernel learns it (here told directly, as an
+    // ARP update would), and the daemon must carry it into the fast path.
+    sh(&format!("ip -n {} link set {} address {new}", s.vm3, s.ids.tap_b()));
+    sh(&format!("ip -n {} neigh replace 172.16.101.3 lladdr {new} dev {} nud reachable", s.ns(), s.ids.dev_b()));
+    let t0 = std::time::Instant::now();
+    while s.wait_neigh("172.16.101.3") != new {
+        assert!(t0.elapsed() < std::time::Duration::from_secs(1), "new MAC not in the fast path within a second");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    s.set_forwarding(false);
+    let forw = s.forw_datagrams();
+    assert!(Seed::ping(&s.vm1, "172.16.101.3", 3), "vm3 unreachable after its MAC changed");
+    assert_eq!(s.forw_datagrams(), forw);
+    // A neighbour the kernel deletes leaves the fast path.
+    sh(&format!("ip -n {} neigh del 172.16.101.3 dev {}", s.ns(), s.ids.dev_b()));
+    let t0 = std::time::Instant::now();
+    loop {
+        let v = ctl_json(&["neigh", &s.ids.router_id]);
+        if !v.as_array().unwrap().iter().any(|n| n["dst"] == "172.16.101.3") {
+            break;
+        }
+        assert!(t0.elapsed() < std::time::Duration::from_secs(1), "deleted neighbour still in the fast path");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
