@@ -373,7 +373,7 @@ nexthop = "172.16.101.254"
     fn refusals_name_the_field() {
         let cases: &[(&str, &str, &str)] = &[
             ("gateway_ip = \"172.16.100.1\"", "gateway_ip = \"172.16.9.1\"", "'gateway_ip' = 172.16.9.1 is outside subnet 172.16.100.0/24"),
-            ("subnet = \"172.16.101.0/24\"", "subnet = \"172.16.100.128/25\"", "overlaps subnet 172.16.100.0/24"),
+            ("subnet = \"172.16.101.0/24\"", "subnet = \"172.16.100.0/23\"", "overlaps subnet 172.16.100.0/24"),
             ("nexthop = \"172.16.101.254\"", "nexthop = \"192.168.1.1\"", "'nexthop' = 192.168.1.1 is not on a connected subnet"),
             ("name = \"router_100_101\"", "name = \"r\"\ncolour = \"blue\"", "unknown field `colour`"),
             ("2ffdb861-731c-4b1a-8d2e-6f7a8b9c0d1e", "d295b258-4586-4e8a-9c3e-1f2a3b4c5d6e", "duplicate port_id"),
