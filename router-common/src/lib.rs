@@ -7,8 +7,12 @@
 
 /// Map names (the kernel keeps at most 15 characters).
 pub mod map_names {
-    /// LPM trie: `RouteKey` → `Route`.
-    pub const ROUTES: &str = "ROUTES";
+    /// The route table, a 16-8-8 multibit trie in three mmap-able arrays (see `fib`).
+    pub const FIB_L1: &str = "FIB_L1";
+    pub const FIB_L2: &str = "FIB_L2";
+    pub const FIB_L3: &str = "FIB_L3";
+    /// Array: nexthop index → `Route`.
+    pub const NEXTHOPS: &str = "NEXTHOPS";
     /// Hash: `NeighKey` → `Neigh`.
     pub const NEIGHS: &str = "NEIGHS";
     /// Hash: ifindex (u32) → `Iface`, one per `qr-` device of the router.
@@ -27,13 +31,26 @@ pub const PROGRAM_NAME: &str = "router";
 pub const MAX_IFACES: u32 = 64;
 pub const STATS_SLOTS: u32 = MAX_IFACES + 1;
 pub const UNKNOWN_IFACE_SLOT: u32 = MAX_IFACES;
-pub const MAX_ROUTES: u32 = 1 << 20;
 pub const MAX_NEIGHS: u32 = 1 << 16;
 
-/// The `ROUTES` LPM trie is keyed by aya's `Key<u32>`: the prefix length, then the address as
-/// the four bytes of the packet read as a native-endian `u32` (`u32::from_ne_bytes(octets)`),
-/// which keeps them in network byte order, as the trie requires.
-pub type RouteAddr = u32;
+/// The route table: longest-prefix match in at most three dependent array reads, whatever the
+/// table's size (a multibit trie with strides 16, 8, 8, in the spirit of DIR-24-8).
+///
+/// - `FIB_L1[dst >> 16]`, 65 536 entries;
+/// - a `GROUP` entry points to 256 entries in `FIB_L2`, indexed by `(dst >> 8) & 0xff`;
+/// - a `GROUP` entry there points to 256 entries in `FIB_L3`, indexed by `dst & 0xff`;
+/// - any other entry is 0 (no route) or a nexthop index + 1 into `NEXTHOPS`.
+///
+/// The controller builds it by prefix expansion and writes it through mmap.
+pub mod fib {
+    pub const GROUP: u32 = 1 << 31;
+    pub const L1_ENTRIES: u32 = 1 << 16;
+    pub const GROUP_SIZE: u32 = 256;
+    /// Capacity a router gets unless told otherwise (set per map at load time).
+    pub const DEFAULT_L2_GROUPS: u32 = 1024;
+    pub const DEFAULT_L3_GROUPS: u32 = 256;
+    pub const DEFAULT_NEXTHOPS: u32 = 1024;
+}
 
 /// What a route does with a packet.
 pub mod route_kind {
@@ -45,7 +62,7 @@ pub mod route_kind {
     pub const LOCAL: u32 = 2;
 }
 
-/// Value of the `ROUTES` map.
+/// A nexthop: value of the `NEXTHOPS` map.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Route {

@@ -229,6 +229,7 @@ fn apply_one(r: &Router, undo: &mut Vec<Undo>) -> Result<Report> {
     locals.sort();
     locals.dedup();
     let route_entries = datapath::route_entries(&connected, &gateways, &locals);
+    let cap = crate::fib::Capacity::for_table(&route_entries);
     let mut iface_entries = Vec::new();
     for i in &ifaces {
         let mac = sys::parse_mac(&i.mac).with_context(|| format!("device {} has no Ethernet address", i.device))?;
@@ -237,7 +238,7 @@ fn apply_one(r: &Router, undo: &mut Vec<Undo>) -> Result<Report> {
     let id = r.id.clone();
     let attach: Vec<(u32, String)> = ifaces.iter().map(|i| (i.ifindex, i.device.clone())).collect();
     sys::in_netns(&ns, move || {
-        let mut ebpf = datapath::load_pinned(&id)?;
+        let mut ebpf = datapath::load_pinned(&id, cap)?;
         datapath::set_ifaces(&mut ebpf, &iface_entries)?;
         datapath::set_routes(&mut ebpf, &route_entries)?;
         for slot in &fresh_slots {

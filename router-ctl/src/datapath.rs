@@ -1,10 +1,14 @@
 //! The kernel side of a router: loading the embedded XDP program, attaching it, and the maps.
 
-use std::{collections::BTreeSet, net::Ipv4Addr, path::Path};
+use std::{
+    net::Ipv4Addr,
+    os::fd::{AsFd as _, AsRawFd as _},
+    path::Path,
+};
 
 use anyhow::{anyhow, Context as _, Result};
 use aya::{
-    maps::{lpm_trie::Key, DevMapHash, HashMap, LpmTrie, Map, MapData, PerCpuArray},
+    maps::{Array, DevMapHash, HashMap, Map, MapData, PerCpuArray},
     programs::{
         links::{FdLink, PinnedLink},
         xdp::XdpLink,
@@ -12,15 +16,25 @@ use aya::{
     },
     Ebpf, EbpfLoader,
 };
-use router_common::{map_names, route_kind, Iface, Neigh, NeighKey, Route, Stats, PROGRAM_NAME};
+use router_common::{fib, map_names, route_kind, Iface, Neigh, NeighKey, Route, Stats, PROGRAM_NAME};
 
-use crate::state;
+use crate::{
+    config::Ipv4Net,
+    fib::{Capacity, Fib},
+    state,
+};
 
 /// The XDP program, built by build.rs and embedded in this binary.
 pub static PROGRAM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/router"));
 
-const ALL_MAPS: [&str; 5] = [
-    map_names::ROUTES,
+/// Benchmark helpers (traffic generator, wire floor); see `router-ebpf/src/bench.rs`.
+pub static BENCH_PROGRAM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bench"));
+
+const ALL_MAPS: [&str; 8] = [
+    map_names::FIB_L1,
+    map_names::FIB_L2,
+    map_names::FIB_L3,
+    map_names::NEXTHOPS,
     map_names::NEIGHS,
     map_names::IFACES,
     map_names::TX_PORTS,
@@ -29,17 +43,33 @@ const ALL_MAPS: [&str; 5] = [
 
 /// Loads the program with private, unpinned maps (packet tests and benchmarks).
 pub fn load_unpinned() -> Result<Ebpf> {
-    let mut ebpf = EbpfLoader::new().load(PROGRAM).context("loading the XDP object")?;
+    load_unpinned_sized(Capacity::default())
+}
+
+/// Sizes the route table's maps.
+fn size_maps(loader: &mut EbpfLoader<'_>, cap: Capacity) {
+    loader.map_max_entries(map_names::FIB_L2, cap.l2_groups);
+    loader.map_max_entries(map_names::FIB_L3, cap.l3_groups);
+    loader.map_max_entries(map_names::NEXTHOPS, cap.nexthops);
+}
+
+/// As `load_unpinned`, with route table maps of the given capacity.
+pub fn load_unpinned_sized(cap: Capacity) -> Result<Ebpf> {
+    let mut loader = EbpfLoader::new();
+    size_maps(&mut loader, cap);
+    let mut ebpf = loader.load(PROGRAM).context("loading the XDP object")?;
     program(&mut ebpf)?.load().context("the kernel refused the XDP program")?;
     Ok(ebpf)
 }
 
-/// Loads the program for `router_id`, reusing the maps pinned for it, or creating and pinning them.
-pub fn load_pinned(router_id: &str) -> Result<Ebpf> {
+/// Loads the program for `router_id`, reusing the maps pinned for it, or creating and pinning them
+/// (with room for `cap`; maps that exist keep their size).
+pub fn load_pinned(router_id: &str, cap: Capacity) -> Result<Ebpf> {
     let dir = state::bpf_dir(router_id);
     std::fs::create_dir_all(dir.join("links")).with_context(|| format!("cannot create {}", dir.display()))?;
     let paths: Vec<_> = ALL_MAPS.iter().map(|m| (*m, dir.join(m))).collect();
     let mut loader = EbpfLoader::new();
+    size_maps(&mut loader, cap);
     for (name, path) in &paths {
         loader.map_pin_path(name, path.as_path());
     }
@@ -93,47 +123,113 @@ pub fn open_pinned(router_id: &str, name: &str) -> Result<MapData> {
     MapData::from_pin(&p).with_context(|| format!("cannot open map {} of router {router_id}", p.display()))
 }
 
-/// The desired content of `ROUTES` for one router.
+/// The routes of one router: connected subnets, extra routes through a nexthop, and the
+/// router's own addresses (for the kernel).
 pub fn route_entries(
-    connected: &[(crate::config::Ipv4Net, u32)],
-    gateways: &[(crate::config::Ipv4Net, u32, Ipv4Addr)],
+    connected: &[(Ipv4Net, u32)],
+    gateways: &[(Ipv4Net, u32, Ipv4Addr)],
     locals: &[Ipv4Addr],
-) -> Vec<(Key<u32>, Route)> {
+) -> Vec<(Ipv4Net, Route)> {
     let mut v = Vec::new();
     for (net, ifindex) in connected {
-        v.push((key(net.addr, net.len), Route { ifindex: *ifindex, kind: route_kind::CONNECTED, nexthop: [0; 4] }));
+        v.push((*net, Route { ifindex: *ifindex, kind: route_kind::CONNECTED, nexthop: [0; 4] }));
     }
     for (net, ifindex, nh) in gateways {
-        v.push((key(net.addr, net.len), Route { ifindex: *ifindex, kind: route_kind::GATEWAY, nexthop: nh.octets() }));
+        v.push((*net, Route { ifindex: *ifindex, kind: route_kind::GATEWAY, nexthop: nh.octets() }));
     }
     for ip in locals {
-        v.push((key(*ip, 32), Route { ifindex: 0, kind: route_kind::LOCAL, nexthop: [0; 4] }));
+        v.push((Ipv4Net { addr: *ip, len: 32 }, Route { ifindex: 0, kind: route_kind::LOCAL, nexthop: [0; 4] }));
     }
     v
-}
-
-pub fn key(addr: Ipv4Addr, len: u8) -> Key<u32> {
-    Key::new(len as u32, u32::from_ne_bytes(addr.octets()))
 }
 
 fn map_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Map> {
     ebpf.map_mut(name).ok_or_else(|| anyhow!("map {name} missing from the object"))
 }
 
-/// Replaces the whole content of `ROUTES`, inserting before deleting (make-before-break).
-pub fn set_routes(ebpf: &mut Ebpf, entries: &[(Key<u32>, Route)]) -> Result<()> {
-    let mut trie: LpmTrie<_, u32, Route> = LpmTrie::try_from(map_mut(ebpf, map_names::ROUTES)?)?;
-    let want: BTreeSet<(u32, u32)> = entries.iter().map(|(k, _)| (k.prefix_len(), k.data())).collect();
-    for (k, r) in entries {
-        trie.insert(k, r, 0).with_context(|| format!("cannot insert route {}/{}", Ipv4Addr::from(k.data().to_ne_bytes()), k.prefix_len()))?;
+/// A shared, writable mapping of a BPF_F_MMAPABLE array of groups (`[u32; 256]` elements), seen
+/// as one flat array of u32 entries.
+struct Mapped {
+    ptr: *mut u32,
+    len: usize,
+}
+
+impl Mapped {
+    fn new(ebpf: &Ebpf, name: &str) -> Result<Mapped> {
+        let Some(Map::Array(data)) = ebpf.map(name) else {
+            anyhow::bail!("map {name} is not an array");
+        };
+        let info = data.info()?;
+        anyhow::ensure!(info.value_size() == fib::GROUP_SIZE * 4, "map {name} does not hold groups of 256 entries");
+        let entries = info.max_entries() as usize * fib::GROUP_SIZE as usize;
+        let fd = data.fd().as_fd().as_raw_fd();
+        let bytes = entries * 4;
+        // SAFETY: maps the whole array, which the kernel allows for BPF_F_MMAPABLE arrays.
+        let ptr = unsafe { libc::mmap(std::ptr::null_mut(), bytes, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, fd, 0) };
+        if ptr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error()).with_context(|| format!("cannot mmap map {name}"));
+        }
+        Ok(Mapped { ptr: ptr as *mut u32, len: entries })
     }
-    let stale: Vec<Key<u32>> = trie
-        .keys()
-        .filter_map(|k| k.ok())
-        .filter(|k| !want.contains(&(k.prefix_len(), k.data())))
-        .collect();
-    for k in stale {
-        trie.remove(&k).context("cannot remove a stale route")?;
+    fn read(&self) -> Vec<u32> {
+        // SAFETY: `len` u32s are mapped.
+        (0..self.len).map(|i| unsafe { std::ptr::read_volatile(self.ptr.add(i)) }).collect()
+    }
+    /// Writes the entries of `new` that differ from `old`, each with one aligned 32-bit store.
+    fn update(&self, old: &[u32], new: &[u32]) {
+        for (i, (o, n)) in old.iter().zip(new.iter()).enumerate().take(self.len) {
+            if o != n {
+                // SAFETY: i < len; aligned u32 in a shared mapping.
+                unsafe { std::ptr::write_volatile(self.ptr.add(i), *n) };
+            }
+        }
+    }
+}
+
+impl Drop for Mapped {
+    fn drop(&mut self) {
+        // SAFETY: unmaps what `new` mapped.
+        unsafe { libc::munmap(self.ptr as *mut libc::c_void, self.len * 4) };
+    }
+}
+
+/// The route table as it is in the maps.
+pub fn read_fib(ebpf: &mut Ebpf) -> Result<Fib> {
+    let l1 = Mapped::new(ebpf, map_names::FIB_L1)?.read();
+    let l2 = Mapped::new(ebpf, map_names::FIB_L2)?.read();
+    let l3 = Mapped::new(ebpf, map_names::FIB_L3)?.read();
+    let nh: Array<_, Route> = Array::try_from(map_mut(ebpf, map_names::NEXTHOPS)?)?;
+    let mut nexthops = Vec::with_capacity(nh.len() as usize);
+    for i in 0..nh.len() {
+        let r = nh.get(&i, 0)?;
+        nexthops.push((r != Route { ifindex: 0, kind: 0, nexthop: [0; 4] }).then_some(r));
+    }
+    Ok(Fib { l1, l2, l3, nexthops })
+}
+
+/// Replaces the route table, make-before-break (see `fib`): new nexthops, then the levels from
+/// the leaves up, then the nexthop slots nothing refers to any more are cleared.
+pub fn set_routes(ebpf: &mut Ebpf, entries: &[(Ipv4Net, Route)]) -> Result<()> {
+    let old = read_fib(ebpf)?;
+    let new = Fib::build(entries, &old)?;
+    {
+        let mut nh: Array<_, Route> = Array::try_from(map_mut(ebpf, map_names::NEXTHOPS)?)?;
+        for (i, (o, n)) in old.nexthops.iter().zip(new.nexthops.iter()).enumerate() {
+            if let Some(r) = n {
+                if o.as_ref() != Some(r) {
+                    nh.set(i as u32, r, 0).context("cannot write a nexthop")?;
+                }
+            }
+        }
+    }
+    Mapped::new(ebpf, map_names::FIB_L3)?.update(&old.l3, &new.l3);
+    Mapped::new(ebpf, map_names::FIB_L2)?.update(&old.l2, &new.l2);
+    Mapped::new(ebpf, map_names::FIB_L1)?.update(&old.l1, &new.l1);
+    let mut nh: Array<_, Route> = Array::try_from(map_mut(ebpf, map_names::NEXTHOPS)?)?;
+    for (i, (o, n)) in old.nexthops.iter().zip(new.nexthops.iter()).enumerate() {
+        if o.is_some() && n.is_none() {
+            nh.set(i as u32, Route { ifindex: 0, kind: 0, nexthop: [0; 4] }, 0)?;
+        }
     }
     Ok(())
 }
@@ -197,7 +293,6 @@ fn clone_map(map: &MapData) -> Result<MapData> {
     Ok(MapData::from_fd(fd)?)
 }
 
-use std::os::fd::AsFd as _;
 
 /// A handle on a router's neighbour map.
 pub struct Neighs(HashMap<MapData, NeighKey, Neigh>);

@@ -5,6 +5,7 @@ pub mod apply;
 pub mod config;
 pub mod daemon;
 pub mod datapath;
+pub mod fib;
 pub mod state;
 pub mod sys;
 pub mod table;

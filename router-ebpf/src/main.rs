@@ -9,16 +9,26 @@
 use aya_ebpf::{
     bindings::xdp_action,
     macros::{map, xdp},
-    maps::{lpm_trie::Key, DevMapHash, HashMap, LpmTrie, PerCpuArray},
+    bindings::BPF_F_MMAPABLE,
+    maps::{Array, DevMapHash, HashMap, PerCpuArray},
     programs::XdpContext,
 };
 use router_common::{
-    pass_reason as why, route_kind, Iface, Neigh, NeighKey, Route, RouteAddr, Stats, MAX_IFACES,
-    MAX_NEIGHS, MAX_ROUTES, STATS_SLOTS, UNKNOWN_IFACE_SLOT,
+    fib, pass_reason as why, route_kind, Iface, Neigh, NeighKey, Route, Stats, MAX_IFACES,
+    MAX_NEIGHS, STATS_SLOTS, UNKNOWN_IFACE_SLOT,
 };
 
-#[map(name = "ROUTES")]
-static ROUTES: LpmTrie<RouteAddr, Route> = LpmTrie::with_max_entries(MAX_ROUTES, 0);
+// The route table (see `router_common::fib`); the controller sizes L2, L3 and NEXTHOPS per router.
+// Each array element is a group of 256 entries: array elements are 8-byte aligned, so single
+// u32 elements would double the memory and break the flat mmap layout.
+#[map(name = "FIB_L1")]
+static FIB_L1: Array<[u32; 256]> = Array::with_max_entries(fib::L1_ENTRIES / 256, BPF_F_MMAPABLE);
+#[map(name = "FIB_L2")]
+static FIB_L2: Array<[u32; 256]> = Array::with_max_entries(fib::DEFAULT_L2_GROUPS, BPF_F_MMAPABLE);
+#[map(name = "FIB_L3")]
+static FIB_L3: Array<[u32; 256]> = Array::with_max_entries(fib::DEFAULT_L3_GROUPS, BPF_F_MMAPABLE);
+#[map(name = "NEXTHOPS")]
+static NEXTHOPS: Array<Route> = Array::with_max_entries(fib::DEFAULT_NEXTHOPS, 0);
 
 #[map(name = "NEIGHS")]
 static NEIGHS: HashMap<NeighKey, Neigh> = HashMap::with_max_entries(MAX_NEIGHS, 0);
@@ -154,7 +164,7 @@ fn forward(ctx: &XdpContext, ingress: u32, iface: &Iface) -> Verdict {
         return Verdict::Pass(why::TTL_EXCEEDED);
     }
 
-    let Some(route) = ROUTES.get(Key::new(32, u32::from_ne_bytes(ip.dst))) else {
+    let Some(route) = fib_lookup(u32::from_be_bytes(ip.dst)) else {
         return Verdict::Pass(why::NO_ROUTE);
     };
     if route.kind == route_kind::LOCAL {
@@ -192,6 +202,22 @@ fn forward(ctx: &XdpContext, ingress: u32, iface: &Iface) -> Verdict {
     ip.check = decrement_ttl(ip.ttl, ip.protocol, ip.check);
     ip.ttl -= 1;
     Verdict::Forward
+}
+
+/// Longest-prefix match: at most three array reads, whatever the size of the table.
+#[inline(always)]
+fn fib_lookup(dst: u32) -> Option<&'static Route> {
+    let mut e = *FIB_L1.get(dst >> 24)?.get(((dst >> 16) & 0xff) as usize)?;
+    if e & fib::GROUP != 0 {
+        e = *FIB_L2.get(e & !fib::GROUP)?.get(((dst >> 8) & 0xff) as usize)?;
+        if e & fib::GROUP != 0 {
+            e = *FIB_L3.get(e & !fib::GROUP)?.get((dst & 0xff) as usize)?;
+        }
+    }
+    if e == 0 {
+        return None;
+    }
+    NEXTHOPS.get(e - 1)
 }
 
 /// True when the 20-byte IPv4 header at `ETH_LEN` sums to 0xffff in one's complement.

@@ -315,3 +315,56 @@ fn frames_on_an_unknown_device_are_passed_and_counted() {
     assert_eq!(s[UNKNOWN_IFACE_SLOT as usize].pass[why::UNKNOWN_IFACE], 1);
     assert_eq!(s[0].pass_packets(), 0);
 }
+
+/// The kernel side of the route table: the real program's choice of nexthop, for random tables
+/// and destinations, equals a simple reference longest-prefix match.
+#[test]
+fn kernel_lookup_equals_a_reference_lpm() {
+    let Some(mut h) = harness() else { return };
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    let mut rnd = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    // Prefixes of every length nested inside 10.64.0.0/10, each through its own nexthop.
+    let mut table: Vec<(Ipv4Net, u16)> = vec![(net("10.64.0.0/10"), 0)];
+    while table.len() < 400 {
+        let len = 10 + (rnd() % 23) as u8;
+        let a = 0x0a40_0000 | (rnd() as u32 & 0x003f_ffff & if rnd() % 2 == 0 { 0x003f_00ff } else { 0x003f_ffff });
+        let n = Ipv4Net { addr: Ipv4Addr::from(a & Ipv4Net::mask(len)), len };
+        if !table.iter().any(|(p, _)| *p == n) {
+            table.push((n, table.len() as u16));
+        }
+    }
+    let nh_ip = |i: u16| Ipv4Addr::new(10, 2, 1 + (i >> 8) as u8, i as u8);
+    let nh_mac = |i: u16| [0x02, 0, 0, 0x77, (i >> 8) as u8, i as u8];
+    let gateways: Vec<_> = table.iter().map(|(n, i)| (*n, h.e0, nh_ip(*i))).collect();
+    let mut routes = datapath::route_entries(&[(net("10.1.0.0/24"), 1), (net("10.2.0.0/16"), h.e0)], &gateways, &[]);
+    routes.sort_by_key(|(n, _)| (n.len, n.addr));
+    datapath::set_routes(&mut h.ebpf, &routes).unwrap();
+    for (_, i) in &table {
+        h.neigh(h.e0, nh_ip(*i).octets(), nh_mac(*i));
+    }
+    for k in 0..3000 {
+        let dst = if k % 2 == 0 {
+            let (n, _) = table[(rnd() % table.len() as u64) as usize];
+            Ipv4Addr::from(n.network() | (rnd() as u32 & !Ipv4Net::mask(n.len)))
+        } else {
+            Ipv4Addr::from(0x0a00_0000 | (rnd() as u32 & 0x00ff_ffff))
+        };
+        let best = table.iter().filter(|(n, _)| n.contains(dst)).max_by_key(|(n, _)| n.len);
+        let ip = Ipv4::udp(SRC, dst.octets(), 64);
+        let (rc, out) = h.run(&udp_frame(IN_MAC, &ip));
+        match best {
+            Some((_, i)) => {
+                assert_eq!(rc, XDP_REDIRECT, "{dst}");
+                assert_eq!(out[0..6], nh_mac(*i), "{dst}: wrong nexthop");
+            }
+            None if net("10.2.0.0/16").contains(dst) || net("10.1.0.0/24").contains(dst) => {}
+            None => assert_eq!(rc, XDP_PASS, "{dst} has no route"),
+        }
+    }
+}
+

@@ -1,0 +1,143 @@
+//! Per-packet cost of the real program, as the kernel reports it (BPF_PROG_TEST_RUN `repeat`),
+//! against the size of the routing table.
+
+use std::{
+    net::Ipv4Addr,
+    os::fd::{AsFd as _, AsRawFd as _},
+    time::Instant,
+};
+
+use anyhow::{ensure, Context as _, Result};
+use aya::{
+    maps::{HashMap, Map},
+    programs::{TestRun, TestRunOptions},
+    Ebpf,
+};
+use router_common::{map_names, Iface, Neigh, NeighKey};
+use router_ctl::{config::Ipv4Net, datapath};
+use tests::frame::{ipv4_udp, Ipv4};
+
+use crate::{
+    stats::{summarize, Rng, Summary},
+    table::{addr_in, random_table},
+};
+
+const IN_MAC: [u8; 6] = [0x02, 0, 0, 0, 1, 1];
+const OUT_MAC: [u8; 6] = [0x02, 0, 0, 0, 2, 1];
+const NEXTHOPS: u8 = 8;
+/// Distinct destinations per run, each hitting a randomly chosen prefix of the table.
+pub const DESTINATIONS: usize = 16384;
+/// Each destination runs once: repeating one frame would keep its lookup path in the cache.
+/// (With more repeats the frame stays forwardable: the neighbours' MAC is the ingress MAC.)
+pub const REPEAT: u32 = 1;
+
+#[derive(Debug, Clone)]
+pub struct PktResult {
+    pub routes: usize,
+    /// The same measurement on a program that returns at once: the test-run timer's own cost,
+    /// subtracted from the figures below.
+    pub floor_ns: Summary,
+    pub forward_ns: Summary,
+    pub pass_ns: Summary,
+    pub install_s: f64,
+    pub routes_memlock: u64,
+}
+
+fn ifindex(name: &str) -> Result<u32> {
+    let c = std::ffi::CString::new(name)?;
+    // SAFETY: valid C string.
+    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    ensure!(i != 0, "no device {name}");
+    Ok(i)
+}
+
+/// The kernel memory of a map, from its fdinfo (`memlock:`).
+pub fn memlock(ebpf: &Ebpf, name: &str) -> Option<u64> {
+    let fd = match ebpf.map(name)? {
+        Map::LpmTrie(d) | Map::HashMap(d) | Map::PerCpuArray(d) | Map::Array(d) | Map::DevMapHash(d) => d.fd().as_fd().as_raw_fd(),
+        _ => return None,
+    };
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).ok()?;
+    info.lines().find_map(|l| l.strip_prefix("memlock:")).and_then(|v| v.trim().parse().ok())
+}
+
+/// Runs in a fresh network namespace on a thread of its own (the devmap needs real devices).
+pub fn measure(routes: usize, runs: usize) -> Result<PktResult> {
+    std::thread::spawn(move || measure_here(routes, runs)).join().map_err(|_| anyhow::anyhow!("bench thread panicked"))?
+}
+
+fn measure_here(routes: usize, runs: usize) -> Result<PktResult> {
+    tests::unshare_netns();
+    tests::sh("ip link add e0 type veth peer name e1 && ip link set lo up && ip link set e0 up && ip link set e1 up");
+    let e0 = ifindex("e0")?;
+        let table = random_table(routes, 0x5eed ^ routes as u64);
+    let nh = |i: usize| Ipv4Addr::new(10, 2, 0, 100 + (i % NEXTHOPS as usize) as u8);
+    let gateways: Vec<(Ipv4Net, u32, Ipv4Addr)> = table.iter().enumerate().map(|(i, n)| (*n, e0, nh(i))).collect();
+    let entries = datapath::route_entries(&[("10.2.0.0/24".parse().unwrap(), e0)], &gateways, &[]);
+    let mut ebpf = datapath::load_unpinned_sized(router_ctl::fib::Capacity::for_table(&entries))?;
+    let iface = |mac, slot| Iface { mac, _pad: [0; 2], mtu: 1500, slot };
+    datapath::set_ifaces(&mut ebpf, &[(1, iface(IN_MAC, 0)), (e0, iface(OUT_MAC, 1))])?;
+    let t = Instant::now();
+    datapath::set_routes(&mut ebpf, &entries)?;
+    let install_s = t.elapsed().as_secs_f64();
+    let routes_memlock = [map_names::FIB_L1, map_names::FIB_L2, map_names::FIB_L3, map_names::NEXTHOPS]
+        .iter()
+        .map(|m| memlock(&ebpf, m).unwrap_or(0))
+        .sum();
+    set_neighbours(&mut ebpf, e0, true)?;
+
+    let mut rng = Rng::new(42);
+    let frames: Vec<Vec<u8>> = (0..DESTINATIONS)
+        .map(|_| {
+            let net = table[rng.below(table.len() as u64) as usize];
+            let dst = addr_in(&net, &mut rng);
+            ipv4_udp(IN_MAC, [0x02, 0, 0, 0, 1, 5], &Ipv4::udp([10, 1, 0, 5], dst.octets(), 255))
+        })
+        .collect();
+    let mut floor_prog = aya::EbpfLoader::new().load(datapath::BENCH_PROGRAM)?;
+    let wire: &mut aya::programs::Xdp = floor_prog.program_mut("bench_wire").context("bench_wire")?.try_into()?;
+    wire.load()?;
+    let (mut fwd, mut pass, mut floor) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..runs {
+        let f = run_frames(wire, &frames, 2)?;
+        floor.push(f);
+        fwd.push(run_frames(datapath::program(&mut ebpf)?, &frames, 4)? - f);
+    }
+    set_neighbours(&mut ebpf, e0, false)?;
+    for _ in 0..runs {
+        let f = run_frames(wire, &frames, 2)?;
+        pass.push(run_frames(datapath::program(&mut ebpf)?, &frames, 2)? - f);
+    }
+    Ok(PktResult {
+        routes,
+        floor_ns: summarize(&floor),
+        forward_ns: summarize(&fwd),
+        pass_ns: summarize(&pass),
+        install_s,
+        routes_memlock,
+    })
+}
+
+fn set_neighbours(ebpf: &mut Ebpf, e0: u32, present: bool) -> Result<()> {
+    let mut m: HashMap<_, NeighKey, Neigh> = HashMap::try_from(ebpf.map_mut(map_names::NEIGHS).context("NEIGHS")?)?;
+    for i in 0..NEXTHOPS {
+        let k = NeighKey { ifindex: e0, addr: [10, 2, 0, 100 + i] };
+        if present {
+            m.insert(k, Neigh { mac: IN_MAC, _pad: [0; 2] }, 0)?;
+        } else {
+            m.remove(&k)?;
+        }
+    }
+    Ok(())
+}
+
+/// Mean ns per packet over all frames, each run `REPEAT` times; checks every return code.
+fn run_frames(prog: &aya::programs::Xdp, frames: &[Vec<u8>], want: u32) -> Result<f64> {
+    let mut total = 0f64;
+    for f in frames {
+        let r = prog.test_run(TestRunOptions { data_in: Some(f), repeat: REPEAT, ..Default::default() })?;
+        ensure!(r.return_value == want, "expected action {want}, got {} (the benchmark would measure the wrong path)", r.return_value);
+        total += r.duration.as_nanos() as f64;
+    }
+    Ok(total / frames.len() as f64)
+}

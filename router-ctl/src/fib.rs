@@ -1,0 +1,377 @@
+//! Building the route table the fast path reads (`router_common::fib`): a 16-8-8 multibit trie
+//! filled by prefix expansion, so that a lookup costs at most three array reads whatever the size
+//! of the table.
+//!
+//! Updates are make-before-break, entry by entry: group and nexthop indices that exist in the
+//! table being replaced keep their numbers, new nexthops and groups go to free slots, and the
+//! arrays are written leaves first (nexthops, L3, L2, then L1). Every 32-bit entry changes
+//! atomically from its old value to its new one, so a lookup racing an update finds either the
+//! old route or the new one, never a half-written group or a recycled nexthop.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::Ipv4Addr,
+};
+
+use anyhow::{bail, Result};
+use router_common::{fib::*, Route};
+
+use crate::config::Ipv4Net;
+
+/// The three levels and the nexthops, as they are (or will be) in the maps.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Fib {
+    pub l1: Vec<u32>,
+    pub l2: Vec<u32>,
+    pub l3: Vec<u32>,
+    pub nexthops: Vec<Option<Route>>,
+}
+
+/// How many groups and nexthops the maps of a router hold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capacity {
+    pub l2_groups: u32,
+    pub l3_groups: u32,
+    pub nexthops: u32,
+}
+
+impl Default for Capacity {
+    fn default() -> Self {
+        Capacity { l2_groups: DEFAULT_L2_GROUPS, l3_groups: DEFAULT_L3_GROUPS, nexthops: DEFAULT_NEXTHOPS }
+    }
+}
+
+impl Capacity {
+    /// Room for `routes` with a quarter to spare (and at least the default): one L2 group per
+    /// /16 block holding a longer prefix, one L3 group per /24 block holding a longer prefix.
+    pub fn for_table(routes: &[(Ipv4Net, Route)]) -> Capacity {
+        let d = Capacity::default();
+        let mut l2 = std::collections::HashSet::new();
+        let mut l3 = std::collections::HashSet::new();
+        for (n, _) in routes {
+            if n.len > 16 {
+                l2.insert(n.network() >> 16);
+            }
+            if n.len > 24 {
+                l3.insert(n.network() >> 8);
+            }
+        }
+        let spare = |n: usize| (n + n / 4) as u32;
+        Capacity {
+            l2_groups: spare(l2.len()).clamp(d.l2_groups, L1_ENTRIES),
+            l3_groups: spare(l3.len()).max(d.l3_groups),
+            nexthops: d.nexthops,
+        }
+    }
+}
+
+impl Fib {
+    pub fn empty(cap: Capacity) -> Fib {
+        Fib {
+            l1: vec![0; L1_ENTRIES as usize],
+            l2: vec![0; (cap.l2_groups * GROUP_SIZE) as usize],
+            l3: vec![0; (cap.l3_groups * GROUP_SIZE) as usize],
+            nexthops: vec![None; cap.nexthops as usize],
+        }
+    }
+
+    pub fn capacity(&self) -> Capacity {
+        Capacity {
+            l2_groups: (self.l2.len() / GROUP_SIZE as usize) as u32,
+            l3_groups: (self.l3.len() / GROUP_SIZE as usize) as u32,
+            nexthops: self.nexthops.len() as u32,
+        }
+    }
+
+    /// The lookup the XDP program does, for tests and tools.
+    pub fn lookup(&self, dst: Ipv4Addr) -> Option<Route> {
+        let a = u32::from(dst);
+        let mut e = self.l1[(a >> 16) as usize];
+        if e & GROUP != 0 {
+            e = self.l2[(((e & !GROUP) << 8) | ((a >> 8) & 0xff)) as usize];
+            if e & GROUP != 0 {
+                e = self.l3[(((e & !GROUP) << 8) | (a & 0xff)) as usize];
+            }
+        }
+        if e == 0 {
+            return None;
+        }
+        self.nexthops[(e - 1) as usize]
+    }
+
+    /// The table for `routes`, reusing the group and nexthop numbers of `old` (the table in the
+    /// maps now) wherever the same prefix block or nexthop is still there.
+    pub fn build(routes: &[(Ipv4Net, Route)], old: &Fib) -> Result<Fib> {
+        let cap = old.capacity();
+        let mut new = Fib::empty(cap);
+
+        // Nexthops: keep the slot of every nexthop that stays; new ones take free slots.
+        let mut nh_index: HashMap<RouteBytes, u32> = HashMap::new();
+        for (i, nh) in old.nexthops.iter().enumerate() {
+            if let Some(r) = nh {
+                nh_index.entry(RouteBytes::of(r)).or_insert(i as u32);
+            }
+        }
+        let mut wanted: Vec<RouteBytes> = routes.iter().map(|(_, r)| RouteBytes::of(r)).collect();
+        wanted.sort();
+        wanted.dedup();
+        let mut used: Vec<bool> = vec![false; cap.nexthops as usize];
+        let mut assigned: HashMap<RouteBytes, u32> = HashMap::new();
+        for w in &wanted {
+            if let Some(&i) = nh_index.get(w) {
+                used[i as usize] = true;
+                assigned.insert(*w, i);
+            }
+        }
+        // Slots the old table still references are not reused in this round.
+        let old_refs: Vec<bool> = old.nexthops.iter().map(|n| n.is_some()).collect();
+        let mut free = (0..cap.nexthops).filter(|i| !used[*i as usize] && !old_refs[*i as usize]);
+        for w in &wanted {
+            if !assigned.contains_key(w) {
+                let Some(i) = free.next() else {
+                    bail!("the route table needs more than {} distinct nexthops", cap.nexthops);
+                };
+                assigned.insert(*w, i);
+            }
+        }
+        for (w, i) in &assigned {
+            new.nexthops[*i as usize] = Some(w.route());
+        }
+
+        // Groups: which /16 and /24 blocks need one, with stable numbers.
+        let mut need_l2: BTreeMap<u32, u32> = BTreeMap::new(); // l1 index → group
+        let mut need_l3: BTreeMap<u32, u32> = BTreeMap::new(); // (dst >> 8) → group
+        for (net, _) in routes {
+            let a = net.network();
+            if net.len > 16 {
+                need_l2.insert(a >> 16, u32::MAX);
+            }
+            if net.len > 24 {
+                need_l3.insert(a >> 8, u32::MAX);
+            }
+        }
+        let old_l2_of = |i: u32| {
+            let e = old.l1[i as usize];
+            (e & GROUP != 0).then_some(e & !GROUP)
+        };
+        let old_l3_of = |b: u32| {
+            let g2 = old_l2_of(b >> 8)?;
+            let e = old.l2[((g2 << 8) | (b & 0xff)) as usize];
+            (e & GROUP != 0).then_some(e & !GROUP)
+        };
+        assign(&mut need_l2, cap.l2_groups, old_l2_of, old.l1.iter().filter(|e| *e & GROUP != 0).map(|e| e & !GROUP), "L2 (/17–/24)")?;
+        let old_l3_refs: Vec<u32> = old.l2.iter().filter(|e| *e & GROUP != 0).map(|e| e & !GROUP).collect();
+        assign(&mut need_l3, cap.l3_groups, old_l3_of, old_l3_refs.into_iter(), "L3 (/25–/32)")?;
+
+        // Prefix expansion, shortest prefixes first, so that longer ones overwrite them.
+        let mut sorted: Vec<&(Ipv4Net, Route)> = routes.iter().collect();
+        sorted.sort_by_key(|(n, _)| n.len);
+        for (net, r) in sorted {
+            let v = assigned[&RouteBytes::of(r)] + 1;
+            let a = net.network();
+            let len = net.len as u32;
+            if len <= 16 {
+                let start = (a >> 16) as usize;
+                new.l1[start..start + (1usize << (16 - len))].fill(v);
+                continue;
+            }
+            let i = a >> 16;
+            let g2 = need_l2[&i];
+            if new.l1[i as usize] & GROUP == 0 {
+                let inherit = new.l1[i as usize];
+                new.l2[(g2 << 8) as usize..((g2 + 1) << 8) as usize].fill(inherit);
+                new.l1[i as usize] = GROUP | g2;
+            }
+            if len <= 24 {
+                let start = ((g2 << 8) | ((a >> 8) & 0xff)) as usize;
+                new.l2[start..start + (1usize << (24 - len))].fill(v);
+                continue;
+            }
+            let b = a >> 8;
+            let g3 = need_l3[&b];
+            let e2 = ((g2 << 8) | (b & 0xff)) as usize;
+            if new.l2[e2] & GROUP == 0 {
+                let inherit = new.l2[e2];
+                new.l3[(g3 << 8) as usize..((g3 + 1) << 8) as usize].fill(inherit);
+                new.l2[e2] = GROUP | g3;
+            }
+            let start = ((g3 << 8) | (a & 0xff)) as usize;
+            new.l3[start..start + (1usize << (32 - len))].fill(v);
+        }
+        Ok(new)
+    }
+}
+
+/// Gives every needed block a group number: its old one when it had one, else a free one that
+/// the old table does not reference.
+fn assign(
+    need: &mut BTreeMap<u32, u32>,
+    capacity: u32,
+    old_of: impl Fn(u32) -> Option<u32>,
+    old_refs: impl Iterator<Item = u32>,
+    level: &str,
+) -> Result<()> {
+    let mut taken = vec![false; capacity as usize];
+    for g in old_refs {
+        if (g as usize) < taken.len() {
+            taken[g as usize] = true;
+        }
+    }
+    let mut mine = vec![false; capacity as usize];
+    for (k, g) in need.iter_mut() {
+        if let Some(o) = old_of(*k).filter(|o| (*o as usize) < mine.len() && !mine[*o as usize]) {
+            *g = o;
+            mine[o as usize] = true;
+        }
+    }
+    let mut next = 0usize;
+    for (_, g) in need.iter_mut() {
+        if *g != u32::MAX {
+            continue;
+        }
+        while next < taken.len() && (taken[next] || mine[next]) {
+            next += 1;
+        }
+        if next == taken.len() {
+            bail!(
+                "the route table needs more {level} groups than the {capacity} this router's maps hold; \
+                 destroy and re-apply the router to size its maps for the table"
+            );
+        }
+        *g = next as u32;
+        mine[next] = true;
+    }
+    Ok(())
+}
+
+/// A `Route` as bytes, hashable and ordered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+struct RouteBytes([u32; 3]);
+
+impl RouteBytes {
+    fn of(r: &Route) -> RouteBytes {
+        RouteBytes([r.ifindex, r.kind, u32::from_ne_bytes(r.nexthop)])
+    }
+    fn route(&self) -> Route {
+        Route { ifindex: self.0[0], kind: self.0[1], nexthop: self.0[2].to_ne_bytes() }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use router_common::route_kind;
+
+    /// The simplest correct longest-prefix match: scan every prefix.
+    fn reference(routes: &[(Ipv4Net, Route)], dst: Ipv4Addr) -> Option<Route> {
+        routes.iter().filter(|(n, _)| n.contains(dst)).max_by_key(|(n, _)| n.len).map(|(_, r)| *r)
+    }
+
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+    }
+
+    fn nh(i: u64) -> Route {
+        Route { ifindex: 2 + (i % 3) as u32, kind: route_kind::GATEWAY, nexthop: [10, 0, (i >> 8) as u8, i as u8] }
+    }
+
+    /// Random tables clustered in a few /8s so that prefixes nest deeply at every level.
+    fn random_routes(rng: &mut Rng, n: usize) -> Vec<(Ipv4Net, Route)> {
+        let mut v: Vec<(Ipv4Net, Route)> = Vec::new();
+        while v.len() < n {
+            let len = (rng.next() % 33) as u8;
+            let a = (((rng.next() % 3) as u32 + 10) << 24) | (rng.next() as u32 & 0x00ff_ffff & if rng.next() % 2 == 0 { 0x0000_ffff } else { 0x00ff_ffff });
+            let net = Ipv4Net { addr: Ipv4Addr::from(a & Ipv4Net::mask(len)), len };
+            if !v.iter().any(|(p, _)| *p == net) {
+                v.push((net, nh(rng.next() % 40)));
+            }
+        }
+        v
+    }
+
+    fn probe(rng: &mut Rng, routes: &[(Ipv4Net, Route)]) -> Ipv4Addr {
+        // Half the probes land inside a random prefix, near its edges or anywhere in it.
+        if rng.next() % 2 == 0 {
+            let (n, _) = routes[(rng.next() % routes.len() as u64) as usize];
+            let host = match rng.next() % 3 {
+                0 => 0,
+                1 => !Ipv4Net::mask(n.len),
+                _ => rng.next() as u32 & !Ipv4Net::mask(n.len),
+            };
+            Ipv4Addr::from(n.network() | host)
+        } else {
+            Ipv4Addr::from((((rng.next() % 4) as u32 + 9) << 24) | (rng.next() as u32 & 0x00ff_ffff))
+        }
+    }
+
+    #[test]
+    fn equals_a_reference_lpm_on_random_tables() {
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        for round in 0..40 {
+            let routes = random_routes(&mut rng, 1 + (round * 37) % 600);
+            let fib = Fib::build(&routes, &Fib::empty(Capacity::for_table(&routes))).unwrap();
+            for _ in 0..5000 {
+                let d = probe(&mut rng, &routes);
+                assert_eq!(fib.lookup(d), reference(&routes, d), "round {round}, {d}");
+            }
+        }
+    }
+
+    #[test]
+    fn updates_keep_numbers_and_stay_exact() {
+        let mut rng = Rng(12345);
+        let mut routes = random_routes(&mut rng, 300);
+        let mut fib = Fib::build(&routes, &Fib::empty(Capacity::default())).unwrap();
+        for step in 0..30 {
+            // Drop a few routes, add a few, change a few nexthops.
+            for _ in 0..10 {
+                let i = (rng.next() % routes.len() as u64) as usize;
+                routes.swap_remove(i);
+            }
+            routes.extend(random_routes(&mut rng, 10).into_iter().filter(|(n, _)| !routes.iter().any(|(p, _)| p == n)).collect::<Vec<_>>());
+            for _ in 0..5 {
+                let i = (rng.next() % routes.len() as u64) as usize;
+                routes[i].1 = nh(rng.next() % 40);
+            }
+            let next = Fib::build(&routes, &fib).unwrap();
+            // A nexthop slot that the old table used holds the same nexthop, or is unused now.
+            for (i, (a, b)) in fib.nexthops.iter().zip(next.nexthops.iter()).enumerate() {
+                if let (Some(a), Some(b)) = (a, b) {
+                    assert_eq!(a, b, "step {step}: nexthop slot {i} was reused for another nexthop");
+                }
+            }
+            for _ in 0..3000 {
+                let d = probe(&mut rng, &routes);
+                assert_eq!(next.lookup(d), reference(&routes, d), "step {step}, {d}");
+            }
+            fib = next;
+        }
+    }
+
+    #[test]
+    fn the_default_route_and_host_routes() {
+        let r = |i| nh(i);
+        let routes = vec![
+            ("0.0.0.0/0".parse().unwrap(), r(1)),
+            ("10.1.2.3/32".parse().unwrap(), r(2)),
+            ("10.1.2.0/24".parse().unwrap(), r(3)),
+            ("10.1.0.0/16".parse().unwrap(), r(4)),
+            ("10.1.2.128/25".parse().unwrap(), r(5)),
+        ];
+        let fib = Fib::build(&routes, &Fib::empty(Capacity::default())).unwrap();
+        let l = |s: &str| fib.lookup(s.parse().unwrap());
+        assert_eq!(l("8.8.8.8"), Some(r(1)));
+        assert_eq!(l("10.1.2.3"), Some(r(2)));
+        assert_eq!(l("10.1.2.4"), Some(r(3)));
+        assert_eq!(l("10.1.2.200"), Some(r(5)));
+        assert_eq!(l("10.1.9.9"), Some(r(4)));
+        let empty = Fib::build(&[], &fib).unwrap();
+        assert_eq!(empty.lookup("10.1.2.3".parse().unwrap()), None);
+    }
+}

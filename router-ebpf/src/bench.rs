@@ -1,0 +1,80 @@
+//! Benchmark helpers, never attached by the router itself:
+//! - `bench_gen`: a traffic generator for BPF_PROG_TEST_RUN with BPF_F_TEST_XDP_LIVE_FRAMES. Live
+//!   frame pages are recycled without being reset, so every run rewrites all header bytes from a
+//!   per-flow template (cycling through `GEN_FLOWS`) and transmits the frame (XDP_TX).
+//! - `bench_wire`: the floor for any XDP router on a path: redirect to a fixed device, no lookup.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    bindings::xdp_action,
+    macros::{map, xdp},
+    maps::{Array, DevMapHash, PerCpuArray},
+    programs::XdpContext,
+};
+
+/// Bytes of Ethernet + IPv4 + UDP headers the generator writes.
+pub const GEN_HDR_LEN: usize = 42;
+pub const GEN_MAX_FLOWS: u32 = 4096;
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct FlowHdr {
+    pub bytes: [u8; 48],
+}
+
+#[map(name = "GEN_FLOWS")]
+static GEN_FLOWS: Array<FlowHdr> = Array::with_max_entries(GEN_MAX_FLOWS, 0);
+
+/// [0] = number of flows in use.
+#[map(name = "GEN_CONF")]
+static GEN_CONF: Array<u32> = Array::with_max_entries(1, 0);
+
+#[map(name = "GEN_SEQ")]
+static GEN_SEQ: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+
+#[map(name = "WIRE_PORT")]
+static WIRE_PORT: DevMapHash = DevMapHash::with_max_entries(1, 0);
+
+#[xdp]
+pub fn bench_gen(ctx: XdpContext) -> u32 {
+    let start = ctx.data();
+    if start + GEN_HDR_LEN > ctx.data_end() {
+        return xdp_action::XDP_ABORTED;
+    }
+    let n = match GEN_CONF.get(0) {
+        Some(n) if *n > 0 => *n,
+        _ => return xdp_action::XDP_ABORTED,
+    };
+    let Some(seq) = GEN_SEQ.get_ptr_mut(0) else {
+        return xdp_action::XDP_ABORTED;
+    };
+    // SAFETY: per-CPU slot.
+    let i = unsafe {
+        let v = *seq;
+        *seq = if v + 1 >= n { 0 } else { v + 1 };
+        v
+    };
+    let Some(flow) = GEN_FLOWS.get(i) else {
+        return xdp_action::XDP_ABORTED;
+    };
+    // SAFETY: GEN_HDR_LEN bytes are inside the frame (checked above) and inside the map value.
+    unsafe {
+        core::ptr::copy_nonoverlapping(flow.bytes.as_ptr(), start as *mut u8, GEN_HDR_LEN);
+    }
+    xdp_action::XDP_TX
+}
+
+#[xdp]
+pub fn bench_wire(_ctx: XdpContext) -> u32 {
+    match WIRE_PORT.redirect(0, 0) {
+        Ok(a) => a,
+        Err(_) => xdp_action::XDP_PASS,
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
