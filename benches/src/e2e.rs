@@ -1,0 +1,220 @@
+//! End-to-end forwarding on the seed topology, on one core: a live-frames generator in vm1 sends
+//! 64-byte UDP frames to the router; an nftables ingress counter at vm3 counts what arrives.
+//! Three data paths, interleaved in one run: the kernel (Neutron's way), this router, and a
+//! "wire" program that redirects qr-a → qr-b with no lookup (the floor for an XDP router here).
+
+use std::{net::Ipv4Addr, time::Instant};
+
+use anyhow::{bail, Context as _, Result};
+use aya::{
+    maps::{Array, DevMapHash},
+    programs::{links::FdLink, TestRun, TestRunAttrs, TestRunOptions, Xdp},
+    EbpfLoader,
+};
+use router_ctl::{datapath, state, sys};
+use tests::{
+    frame::{ethernet, udp, Ipv4},
+    sh,
+    topo::{in_ns, Seed},
+};
+
+use crate::stats::{summarize, Summary};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Kernel,
+    Router,
+    Wire,
+}
+
+impl Mode {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Mode::Kernel => "kernel forwarding",
+            Mode::Router => "this router (XDP)",
+            Mode::Wire => "wire (XDP redirect, no lookup)",
+        }
+    }
+}
+
+pub struct E2eResult {
+    pub flows: usize,
+    /// Mpps per mode, and per-round ratios router/kernel and router/wire.
+    pub mpps: Vec<(Mode, Summary)>,
+    pub router_over_kernel: Summary,
+    pub router_over_wire: Summary,
+}
+
+const FLOW_ROUTES: usize = 1000;
+const PACKETS: u32 = 2_000_000;
+
+fn flow_dst(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(10, 100 + (i / 256) as u8, (i % 256) as u8, 1)
+}
+
+fn link_mac(ns: &str, dev: &str) -> Result<[u8; 6]> {
+    let l = sys::link(Some(ns), dev)?.with_context(|| format!("{dev} in {ns}"))?;
+    l.mac()
+}
+
+/// Sets the XDP program of `dev` (router namespace) to `mode`.
+fn set_mode(s: &Seed, mode: Mode) -> Result<()> {
+    let id = s.ids.router_id.clone();
+    let ns = s.ns();
+    let (dev_a, dev_b) = (s.ids.dev_a(), s.ids.dev_b());
+    let ifindex = |d: &str| -> Result<u32> { Ok(sys::link(Some(&ns), d)?.context("device")?.ifindex) };
+    let (ia, ib) = (ifindex(&dev_a)?, ifindex(&dev_b)?);
+    // Kernel mode: no programs; GRO on qr-a so that its veth takes the generator's frames.
+    for dev in [&dev_a, &dev_b] {
+        let _ = std::fs::remove_file(state::link_pin(&id, dev));
+    }
+    if mode == Mode::Kernel {
+        sh(&format!("ip netns exec {ns} ethtool -K {dev_a} gro on >/dev/null"));
+        return Ok(());
+    }
+    let cap = router_ctl::fib::Capacity::default();
+    sys::in_netns(&ns, move || {
+        let mut ebpf = datapath::load_pinned(&id, cap)?;
+        datapath::attach(&mut ebpf, ib, &dev_b, &state::link_pin(&id, &dev_b))?;
+        if mode == Mode::Router {
+            datapath::attach(&mut ebpf, ia, &dev_a, &state::link_pin(&id, &dev_a))?;
+            return Ok(());
+        }
+        let mut bench = EbpfLoader::new().load(datapath::BENCH_PROGRAM)?;
+        DevMapHash::try_from(bench.map_mut("WIRE_PORT").context("WIRE_PORT")?)?.insert(0, ib, None, 0)?;
+        let wire: &mut Xdp = bench.program_mut("bench_wire").context("bench_wire")?.try_into()?;
+        wire.load()?;
+        let id_link = wire.attach_to_if_index(ia, aya::programs::XdpMode::Driver)?;
+        let link: FdLink = wire.take_link(id_link)?.try_into()?;
+        link.pin(state::link_pin(&id, &dev_a))?;
+        Ok(())
+    })
+}
+
+/// Packets counted by the sink at vm3.
+fn sink_count(vm3: &str) -> Result<u64> {
+    let out = sh(&format!("ip netns exec {vm3} nft -j list table netdev sink"));
+    let v: serde_json::Value = serde_json::from_str(&out)?;
+    for item in v["nftables"].as_array().context("nft JSON")? {
+        if let Some(c) = item.get("rule").and_then(|r| r["expr"].as_array()) {
+            for e in c {
+                if let Some(p) = e.get("counter").and_then(|c| c["packets"].as_u64()) {
+                    return Ok(p);
+                }
+            }
+        }
+    }
+    bail!("no counter in the sink's nftables rule")
+}
+
+fn pin_to_cpu(cpu: usize) -> Result<()> {
+    // SAFETY: a zeroed cpu_set_t with one bit set; affects this thread only.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            return Err(std::io::Error::last_os_error()).context("sched_setaffinity");
+        }
+    }
+    Ok(())
+}
+
+/// Loads the generator with one header template per flow.
+fn load_generator(s: &Seed, flows: usize) -> Result<aya::Ebpf> {
+    let qr_a = link_mac(&s.ns(), &s.ids.dev_a())?;
+    let vm1_mac = link_mac(&s.vm1, &s.ids.tap_a())?;
+    let mut gen = EbpfLoader::new().load(datapath::BENCH_PROGRAM)?;
+    {
+        let mut tpl: Array<_, [u8; 48]> = Array::try_from(gen.map_mut("GEN_FLOWS").context("GEN_FLOWS")?)?;
+        for i in 0..flows {
+            let dst = if flows == 1 { Ipv4Addr::new(172, 16, 101, 3) } else { flow_dst(i) };
+            let l4 = udp(40000 + (i % 1000) as u16, 9, &[0u8; 22]);
+            let mut l3 = Ipv4::udp([172, 16, 100, 3], dst.octets(), 64).header(l4.len());
+            l3.extend_from_slice(&l4);
+            let f = ethernet(qr_a, vm1_mac, 0x0800, &l3);
+            let mut b = [0u8; 48];
+            b[..42].copy_from_slice(&f[..42]);
+            tpl.set(i as u32, b, 0)?;
+        }
+    }
+    Array::<_, u32>::try_from(gen.map_mut("GEN_CONF").context("GEN_CONF")?)?.set(0, flows as u32, 0)?;
+    let p: &mut Xdp = gen.program_mut("bench_gen").context("bench_gen")?.try_into()?;
+    p.load()?;
+    Ok(gen)
+}
+
+pub fn run(rounds: usize) -> Result<Vec<E2eResult>> {
+    let routes: String = (0..FLOW_ROUTES)
+        .map(|i| format!("[[router.route]]\ndestination = \"{}/24\"\nnexthop = \"172.16.101.3\"\n", Ipv4Addr::from(u32::from(flow_dst(i)) & !0xff)))
+        .collect();
+    let s = Seed::up(&routes);
+    s.prime_neighbours();
+    let tap_b = s.ids.tap_b();
+    sh(&format!(
+        "ip netns exec {vm3} nft add table netdev sink && \
+         ip netns exec {vm3} nft add chain netdev sink in '{{ type filter hook ingress device \"{tap_b}\" priority 0; }}' && \
+         ip netns exec {vm3} nft add rule netdev sink in udp dport 9 counter drop",
+        vm3 = s.vm3
+    ));
+    let gen_if = sys::link(Some(&s.vm1), &s.ids.tap_a())?.context("vm1 tap")?.ifindex;
+    let modes = [Mode::Kernel, Mode::Router, Mode::Wire];
+    let mut results = Vec::new();
+    for flows in [1usize, FLOW_ROUTES] {
+        let mut samples: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
+        let (mut rk, mut rw) = (Vec::new(), Vec::new());
+        for round in 0..rounds {
+            let mut this = [0f64; 3];
+            for (k, m) in modes.iter().enumerate() {
+                set_mode(&s, *m)?;
+                let mpps = measure(&s, gen_if, flows)?;
+                if std::env::var_os("BENCH_DEBUG").is_some() { eprintln!("{}", String::from_utf8_lossy(&tests::ctl(&["stats", &s.ids.router_id]).stdout)); }
+                eprintln!("e2e: {flows} flow(s), round {}, {}: {mpps:.3} Mpps", round + 1, m.name());
+                samples[k].push(mpps);
+                this[k] = mpps;
+            }
+            rk.push(this[1] / this[0]);
+            rw.push(this[1] / this[2]);
+        }
+        set_mode(&s, Mode::Router)?;
+        results.push(E2eResult {
+            flows,
+            mpps: modes.iter().zip(samples.iter()).map(|(m, v)| (*m, summarize(v))).collect(),
+            router_over_kernel: summarize(&rk),
+            router_over_wire: summarize(&rw),
+        });
+    }
+    Ok(results)
+}
+
+/// One measurement: Mpps delivered to vm3 while the generator, pinned to CPU 0 in vm1, sends
+/// `PACKETS` frames as if received on vm1's interface (XDP_TX sends them to the router).
+fn measure(s: &Seed, gen_if: u32, flows: usize) -> Result<f64> {
+    let before = sink_count(&s.vm3)?;
+    let gen = load_generator(s, flows)?;
+    let cell = std::sync::Arc::new(std::sync::Mutex::new(Some(gen)));
+    let c2 = cell.clone();
+    let elapsed = in_ns(&s.vm1, move || -> Result<f64> {
+        pin_to_cpu(0)?;
+        let mut gen = c2.lock().unwrap().take().context("generator")?;
+        let prog: &mut Xdp = gen.program_mut("bench_gen").context("bench_gen")?.try_into()?;
+        let frame = [0u8; 64];
+        let mut ctx = [0u8; 24];
+        ctx[4..8].copy_from_slice(&64u32.to_ne_bytes());
+        ctx[12..16].copy_from_slice(&gen_if.to_ne_bytes());
+        let t = Instant::now();
+        prog.test_run(TestRunOptions {
+            data_in: Some(&frame),
+            ctx_in: Some(&ctx),
+            repeat: PACKETS,
+            attrs: TestRunAttrs::new().xdp_live_frames(64),
+            ..Default::default()
+        })
+        .context("live-frames test run")?;
+        Ok(t.elapsed().as_secs_f64())
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("generator thread panicked"))??;
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    let got = sink_count(&s.vm3)? - before;
+    Ok(got as f64 / elapsed / 1e6)
+}
