@@ -143,7 +143,14 @@ fn load_generator(s: &Seed, flows: usize) -> Result<aya::Ebpf> {
     Ok(gen)
 }
 
-pub fn run(rounds: usize) -> Result<Vec<E2eResult>> {
+/// Route table rewrites while 1 000 flows are forwarded.
+pub struct UpdatesUnderTraffic {
+    pub updates_per_s: f64,
+    pub mpps_during: f64,
+    pub mpps_without: f64,
+}
+
+pub fn run(rounds: usize) -> Result<(Vec<E2eResult>, UpdatesUnderTraffic)> {
     let routes: String = (0..FLOW_ROUTES)
         .map(|i| format!("[[router.route]]\ndestination = \"{}/24\"\nnexthop = \"172.16.101.3\"\n", Ipv4Addr::from(u32::from(flow_dst(i)) & !0xff)))
         .collect();
@@ -167,7 +174,6 @@ pub fn run(rounds: usize) -> Result<Vec<E2eResult>> {
             for (k, m) in modes.iter().enumerate() {
                 set_mode(&s, *m)?;
                 let mpps = measure(&s, gen_if, flows)?;
-                if std::env::var_os("BENCH_DEBUG").is_some() { eprintln!("{}", String::from_utf8_lossy(&tests::ctl(&["stats", &s.ids.router_id]).stdout)); }
                 eprintln!("e2e: {flows} flow(s), round {}, {}: {mpps:.3} Mpps", round + 1, m.name());
                 samples[k].push(mpps);
                 this[k] = mpps;
@@ -183,7 +189,15 @@ pub fn run(rounds: usize) -> Result<Vec<E2eResult>> {
             router_over_wire: summarize(&rw),
         });
     }
-    Ok(results)
+    let mpps_without = measure(&s, gen_if, FLOW_ROUTES)?;
+    let (updates_per_s, mpps_during) = std::thread::scope(|sc| -> Result<(f64, f64)> {
+        let traffic = sc.spawn(|| measure(&s, gen_if, FLOW_ROUTES));
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let ups = crate::ctl::route_updates_per_second(&s, 1.0)?;
+        let mpps = traffic.join().map_err(|_| anyhow::anyhow!("traffic thread panicked"))??;
+        Ok((ups, mpps))
+    })?;
+    Ok((results, UpdatesUnderTraffic { updates_per_s, mpps_during, mpps_without }))
 }
 
 /// One measurement: Mpps delivered to vm3 while the generator, pinned to CPU 0 in vm1, sends

@@ -1,11 +1,18 @@
-//! `cargo xtask bench`: the benchmark suite, written to BENCHMARKS.md with a plot.
+//! `cargo xtask bench`: the benchmark suite. Writes BENCHMARKS.md and bench-plot.svg.
+//!
+//! Run as root (BPF, namespaces). Sections: per-packet cost against routing-table size,
+//! end-to-end forwarding beside the kernel, control-plane figures.
 
+mod ctl;
 mod e2e;
 mod pkt;
+mod report;
 mod stats;
 mod table;
 
-use anyhow::Result;
+use std::{path::PathBuf, time::Instant};
+
+use anyhow::{Context as _, Result};
 use clap::Parser;
 
 #[derive(Parser)]
@@ -16,25 +23,37 @@ struct Args {
     /// Route table sizes for the per-packet cost.
     #[arg(long, value_delimiter = ',', default_value = "1,1000,100000,1000000")]
     sizes: Vec<usize>,
-    /// Interleaved rounds of the end-to-end comparison (0 skips it).
-    #[arg(long, default_value_t = 5)]
-    e2e_rounds: usize,
+    /// Skip the end-to-end comparison.
+    #[arg(long)]
+    no_e2e: bool,
+    /// Where to write the report (the plot goes beside it).
+    #[arg(long, default_value = "BENCHMARKS.md")]
+    out: PathBuf,
 }
 
 fn main() -> Result<()> {
     let args = Args::parse();
+    let start = Instant::now();
+    let mut pkt = Vec::new();
     for &n in &args.sizes {
-        let r = pkt::measure(n, args.runs)?;
-        println!("{n:>8} routes: floor {} ns, forward {} ns, pass {} ns, install {:.2} s, ROUTES memlock {:.1} MiB",
-            r.floor_ns.fmt(1), r.forward_ns.fmt(1), r.pass_ns.fmt(1), r.install_s, r.routes_memlock as f64 / 1048576.0);
+        let r = pkt::measure(n, args.runs).with_context(|| format!("per-packet cost with {n} routes"))?;
+        eprintln!(
+            "per-packet, {n} routes: forward {} ns, pass {} ns, warm {} ns, install {:.2} s, {:.1} MiB",
+            r.forward_ns.fmt(1),
+            r.pass_ns.fmt(1),
+            r.forward_warm_ns.fmt(1),
+            r.install_s,
+            r.routes_memlock as f64 / 1048576.0
+        );
+        pkt.push(r);
     }
-    if args.e2e_rounds > 0 {
-        for r in e2e::run(args.e2e_rounds)? {
-            for (m, s) in &r.mpps {
-                println!("{} flow(s) {}: {} Mpps", r.flows, m.name(), s.fmt(3));
-            }
-            println!("  router/kernel {}  router/wire {}", r.router_over_kernel.fmt(2), r.router_over_wire.fmt(2));
-        }
-    }
+    let e2e = if args.no_e2e { None } else { Some(e2e::run(args.runs).context("end-to-end comparison")?) };
+    let neigh = ctl::neighbour_latency(20).context("neighbour latency")?;
+    eprintln!("neighbour latency {} ms", neigh.total_ms.fmt(2));
+    let report = report::Report { runs: args.runs, pkt: &pkt, e2e: e2e.as_ref(), neigh: Some(&neigh), seconds: start.elapsed().as_secs_f64() };
+    std::fs::write(&args.out, report.markdown()).with_context(|| format!("writing {}", args.out.display()))?;
+    let plot = args.out.with_file_name("bench-plot.svg");
+    std::fs::write(&plot, report.svg()).with_context(|| format!("writing {}", plot.display()))?;
+    println!("wrote {} and {} in {:.0} s", args.out.display(), plot.display(), start.elapsed().as_secs_f64());
     Ok(())
 }

@@ -30,6 +30,10 @@ pub const DESTINATIONS: usize = 16384;
 /// Each destination runs once: repeating one frame would keep its lookup path in the cache.
 /// (With more repeats the frame stays forwardable: the neighbours' MAC is the ingress MAC.)
 pub const REPEAT: u32 = 1;
+/// The warm figure: each of `WARM_DESTINATIONS` destinations repeated this many times in a row.
+/// (The kernel waits for an RCU grace period around every test run with repeat > 1, so few.)
+pub const WARM_REPEAT: u32 = 64;
+pub const WARM_DESTINATIONS: usize = 32;
 
 #[derive(Debug, Clone)]
 pub struct PktResult {
@@ -39,7 +43,11 @@ pub struct PktResult {
     pub floor_ns: Summary,
     pub forward_ns: Summary,
     pub pass_ns: Summary,
+    /// Forwarding with each destination repeated `WARM_REPEAT` times (its path cached).
+    pub forward_warm_ns: Summary,
     pub install_s: f64,
+    /// Peak resident memory of the process after building and installing the table.
+    pub peak_rss_mib: f64,
     pub routes_memlock: u64,
 }
 
@@ -80,6 +88,7 @@ fn measure_here(routes: usize, runs: usize) -> Result<PktResult> {
     let t = Instant::now();
     datapath::set_routes(&mut ebpf, &entries)?;
     let install_s = t.elapsed().as_secs_f64();
+    let peak_rss_mib = crate::ctl::peak_rss_mib();
     let routes_memlock = [map_names::FIB_L1, map_names::FIB_L2, map_names::FIB_L3, map_names::NEXTHOPS]
         .iter()
         .map(|m| memlock(&ebpf, m).unwrap_or(0))
@@ -97,23 +106,27 @@ fn measure_here(routes: usize, runs: usize) -> Result<PktResult> {
     let mut floor_prog = aya::EbpfLoader::new().load(datapath::BENCH_PROGRAM)?;
     let wire: &mut aya::programs::Xdp = floor_prog.program_mut("bench_wire").context("bench_wire")?.try_into()?;
     wire.load()?;
-    let (mut fwd, mut pass, mut floor) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut fwd, mut pass, mut floor, mut warm) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for _ in 0..runs {
-        let f = run_frames(wire, &frames, 2)?;
+        let f = run_frames(wire, &frames, 2, REPEAT)?;
         floor.push(f);
-        fwd.push(run_frames(datapath::program(&mut ebpf)?, &frames, 4)? - f);
+        fwd.push(run_frames(datapath::program(&mut ebpf)?, &frames, 4, REPEAT)? - f);
+        let fw = run_frames(wire, &frames[..WARM_DESTINATIONS], 2, WARM_REPEAT)?;
+        warm.push(run_frames(datapath::program(&mut ebpf)?, &frames[..WARM_DESTINATIONS], 4, WARM_REPEAT)? - fw);
     }
     set_neighbours(&mut ebpf, e0, false)?;
     for _ in 0..runs {
-        let f = run_frames(wire, &frames, 2)?;
-        pass.push(run_frames(datapath::program(&mut ebpf)?, &frames, 2)? - f);
+        let f = run_frames(wire, &frames, 2, REPEAT)?;
+        pass.push(run_frames(datapath::program(&mut ebpf)?, &frames, 2, REPEAT)? - f);
     }
     Ok(PktResult {
         routes,
         floor_ns: summarize(&floor),
         forward_ns: summarize(&fwd),
         pass_ns: summarize(&pass),
+        forward_warm_ns: summarize(&warm),
         install_s,
+        peak_rss_mib,
         routes_memlock,
     })
 }
@@ -131,11 +144,11 @@ fn set_neighbours(ebpf: &mut Ebpf, e0: u32, present: bool) -> Result<()> {
     Ok(())
 }
 
-/// Mean ns per packet over all frames, each run `REPEAT` times; checks every return code.
-fn run_frames(prog: &aya::programs::Xdp, frames: &[Vec<u8>], want: u32) -> Result<f64> {
+/// Mean ns per packet over all frames, each run `repeat` times; checks every return code.
+fn run_frames(prog: &aya::programs::Xdp, frames: &[Vec<u8>], want: u32, repeat: u32) -> Result<f64> {
     let mut total = 0f64;
     for f in frames {
-        let r = prog.test_run(TestRunOptions { data_in: Some(f), repeat: REPEAT, ..Default::default() })?;
+        let r = prog.test_run(TestRunOptions { data_in: Some(f), repeat, ..Default::default() })?;
         ensure!(r.return_value == want, "expected action {want}, got {} (the benchmark would measure the wrong path)", r.return_value);
         total += r.duration.as_nanos() as f64;
     }

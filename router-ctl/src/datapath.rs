@@ -310,6 +310,9 @@ impl Neighs {
         self.0.insert(k, Neigh { mac, _pad: [0; 2] }, 0).with_context(|| format!("cannot add neighbour {ip} on ifindex {ifindex}"))?;
         Ok(())
     }
+    pub fn get(&self, ifindex: u32, ip: Ipv4Addr) -> Option<[u8; 6]> {
+        self.0.get(&NeighKey { ifindex, addr: ip.octets() }, 0).ok().map(|n| n.mac)
+    }
     pub fn remove(&mut self, ifindex: u32, ip: Ipv4Addr) {
         let _ = self.0.remove(&NeighKey { ifindex, addr: ip.octets() });
     }

@@ -30,6 +30,12 @@ enum Cmd {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Run the benchmark suite and write BENCHMARKS.md and bench-plot.svg (about 5 minutes).
+    Bench {
+        /// Extra arguments for the benchmark (e.g. `--runs 7`, `--no-e2e`).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
     /// Run every test: unit, packet (BPF_PROG_TEST_RUN) and namespace integration tests.
     Test {
         /// Extra arguments for the test binaries (e.g. a test name filter).
@@ -61,6 +67,14 @@ fn main() -> Result<()> {
         Cmd::Test { args } => {
             setup()?;
             test(&root, &args)
+        }
+        Cmd::Bench { args } => {
+            setup()?;
+            let ctl = build_release(&root)?;
+            run(Command::new("cargo")
+                .args(["run", "--release", "-p", "router-bench", "--"])
+                .args(&args)
+                .env("ROUTER_CTL", &ctl))
         }
     }
 }

@@ -1,0 +1,94 @@
+//! Control-plane figures: route installation, route updates under traffic, neighbour latency,
+//! and the memory it all takes.
+
+use std::{
+    net::Ipv4Addr,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result};
+use router_ctl::{datapath, fib::Capacity, state, sys};
+use tests::{sh, topo::Seed};
+
+use crate::stats::{summarize, Summary};
+
+pub struct NeighLatency {
+    /// From just before `ip neigh replace` starts to the fast path's map holding the new MAC.
+    pub total_ms: Summary,
+    /// What running `ip neigh replace` alone takes (a bound on the share of the figure above
+    /// that is not ours).
+    pub ip_cmd_ms: Summary,
+}
+
+/// Latency from a kernel neighbour change to the map update, `samples` times.
+pub fn neighbour_latency(samples: usize) -> Result<NeighLatency> {
+    let s = Seed::up("");
+    s.prime_neighbours();
+    let ns = s.ns();
+    let dev = s.ids.dev_b();
+    let ifindex = sys::link(Some(&ns), &dev)?.context("qr device")?.ifindex;
+    let neighs = datapath::Neighs::open(&s.ids.router_id)?;
+    let ip = Ipv4Addr::new(172, 16, 101, 3);
+    let (mut total, mut cmd) = (Vec::new(), Vec::new());
+    for i in 0..samples {
+        let mac = [0x02, 0x42, 0, 0, (i >> 8) as u8, i as u8];
+        let t0 = Instant::now();
+        sh(&format!("ip -n {ns} neigh replace {ip} lladdr {} dev {dev} nud reachable", sys::fmt_mac(&mac)));
+        cmd.push(t0.elapsed().as_secs_f64() * 1e3);
+        let deadline = t0 + Duration::from_secs(2);
+        while neighs.get(ifindex, ip) != Some(mac) {
+            anyhow::ensure!(Instant::now() < deadline, "neighbour change never reached the map");
+            std::hint::spin_loop();
+        }
+        total.push(t0.elapsed().as_secs_f64() * 1e3);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(NeighLatency { total_ms: summarize(&total), ip_cmd_ms: summarize(&cmd) })
+}
+
+/// Route table rewrites per second on a live router's pinned maps: each update moves one /24
+/// between two nexthops (the whole 1 000-route table is rebuilt and the changed entries written).
+pub fn route_updates_per_second(s: &Seed, seconds: f64) -> Result<f64> {
+    let id = s.ids.router_id.clone();
+    let ns = s.ns();
+    let st = state::RouterState::load(&id)?.context("router state")?;
+    let b = st.interfaces.iter().find(|i| i.device == s.ids.dev_b()).context("qr-b")?.ifindex;
+    let a = st.interfaces.iter().find(|i| i.device == s.ids.dev_a()).context("qr-a")?.ifindex;
+    sys::in_netns(&ns, move || {
+        let mut ebpf = datapath::load_pinned(&id, Capacity::default())?;
+        let base: Vec<_> = st
+            .routes
+            .iter()
+            .map(|r| (r.destination.parse().unwrap(), b, r.nexthop.parse().unwrap()))
+            .collect();
+        let connected = [("172.16.100.0/24".parse().unwrap(), a), ("172.16.101.0/24".parse().unwrap(), b)];
+        let locals = [Ipv4Addr::new(172, 16, 100, 1), Ipv4Addr::new(172, 16, 101, 1)];
+        let tables: Vec<_> = [Ipv4Addr::new(172, 16, 101, 3), Ipv4Addr::new(172, 16, 101, 4)]
+            .iter()
+            .map(|alt| {
+                let mut g = base.clone();
+                g[0].2 = *alt;
+                datapath::route_entries(&connected, &g, &locals)
+            })
+            .collect();
+        let t = Instant::now();
+        let mut n = 0u64;
+        while t.elapsed().as_secs_f64() < seconds {
+            datapath::set_routes(&mut ebpf, &tables[(n % 2) as usize])?;
+            n += 1;
+        }
+        // Leave the table as apply made it.
+        datapath::set_routes(&mut ebpf, &tables[0])?;
+        Ok(n as f64 / t.elapsed().as_secs_f64())
+    })
+}
+
+/// Peak resident memory of this process so far (VmHWM), in MiB.
+pub fn peak_rss_mib() -> f64 {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}

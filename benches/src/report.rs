@@ -1,0 +1,146 @@
+//! BENCHMARKS.md and its plot.
+
+use std::fmt::Write as _;
+
+use crate::{ctl::NeighLatency, e2e, pkt::PktResult};
+
+pub struct Report<'a> {
+    pub runs: usize,
+    pub pkt: &'a [PktResult],
+    pub e2e: Option<&'a (Vec<e2e::E2eResult>, e2e::UpdatesUnderTraffic)>,
+    pub neigh: Option<&'a NeighLatency>,
+    pub seconds: f64,
+}
+
+fn machine() -> Vec<(String, String)> {
+    let sh = |c: &str| {
+        std::process::Command::new("sh").arg("-c").arg(c).output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default()
+    };
+    vec![
+        ("date".into(), sh("date -u '+%Y-%m-%d %H:%M UTC'")),
+        ("kernel".into(), sh("uname -sr")),
+        ("CPU".into(), sh("grep -m1 'model name' /proc/cpuinfo | cut -d: -f2-")),
+        ("cores".into(), sh("nproc")),
+        ("memory".into(), sh("free -g | awk '/Mem:/ {print $2 \" GiB\"}'")),
+        ("virtualisation".into(), sh("systemd-detect-virt 2>/dev/null || (grep -q hypervisor /proc/cpuinfo && echo 'a hypervisor' || echo none)")),
+    ]
+}
+
+fn verdict(ok: bool) -> &'static str {
+    if ok {
+        "met"
+    } else {
+        "**missed**"
+    }
+}
+
+impl Report<'_> {
+    pub fn markdown(&self) -> String {
+        let mut m = String::new();
+        let _ = writeln!(m, "# Benchmarks\n\nWritten by `cargo xtask bench` ({:.0} s); every figure is the median of {} runs, with min–max in brackets. Numbers in this repository are only ever quoted from this file.\n", self.seconds, self.runs);
+        let _ = writeln!(m, "| machine | |\n|---|---|");
+        for (k, v) in machine() {
+            let _ = writeln!(m, "| {k} | {v} |");
+        }
+
+        // Targets first.
+        let one = self.pkt.iter().find(|p| p.routes == 1);
+        let big = self.pkt.iter().max_by_key(|p| p.routes).filter(|p| p.routes >= 1_000_000);
+        let _ = writeln!(m, "\n## Targets\n\n| figure | target | measured | |\n|---|---|---|---|");
+        if let Some((res, _)) = self.e2e {
+            for r in res {
+                let rk = r.router_over_kernel.median;
+                let rw = r.router_over_wire.median;
+                let _ = writeln!(m, "| end-to-end, this router ÷ kernel forwarding, {} flow(s) | ≥ 1.5 | {} | {} |", r.flows, r.router_over_kernel.fmt(2), verdict(rk >= 1.5));
+                let _ = writeln!(m, "| end-to-end, this router ÷ wire floor, {} flow(s) | ≥ 0.9 | {} | {} |", r.flows, r.router_over_wire.fmt(2), verdict(rw >= 0.9));
+            }
+        }
+        if let (Some(a), Some(b)) = (one, big) {
+            let cold = b.forward_ns.median / a.forward_ns.median;
+            let warm = b.forward_warm_ns.median / a.forward_warm_ns.median;
+            let _ = writeln!(m, "| per-packet cost at {} routes ÷ at 1 route (cold: each destination once) | ≤ 1.25 | {cold:.2} | {} |", b.routes, verdict(cold <= 1.25));
+            let _ = writeln!(m, "| the same, warm (each destination {} times in a row) | ≤ 1.25 | {warm:.2} | {} |", crate::pkt::WARM_REPEAT, verdict(warm <= 1.25));
+            let _ = writeln!(m, "| install {} routes | ≤ 5 s | {:.2} s | {} |", b.routes, b.install_s, verdict(b.install_s <= 5.0));
+            let mib = b.routes_memlock as f64 / 1048576.0;
+            let _ = writeln!(m, "| map memory at {} IPv4 routes (fdinfo memlock of the route maps) | ≤ 128 MiB | {mib:.1} MiB | {} |", b.routes, verdict(mib <= 128.0));
+        }
+        if let Some(n) = self.neigh {
+            let _ = writeln!(m, "| neighbour change → fast path map | ≤ 10 ms median | {} ms | {} |", n.total_ms.fmt(2), verdict(n.total_ms.median <= 10.0));
+        }
+
+        let _ = writeln!(m, "\n## Per-packet cost of the program\n\nBPF_PROG_TEST_RUN on the real program, ns per packet as the kernel reports it, with the test-run timer's own cost (a program that returns at once, measured on the same frames) subtracted. {} destinations, each in a randomly chosen prefix of the table; *cold*: each destination runs once, so nothing of its lookup path is left in the cache by the previous packet; *warm*: {} of them, each run {} times in a row. Tables are random, shaped like an Internet table (60 % /24, 20 % /22–/23, 17 % /16–/21, 1.5 % /8–/15, 1.5 % /25–/32) plus a default route; routes are installed by the controller's own code path.\n", crate::pkt::DESTINATIONS, crate::pkt::WARM_DESTINATIONS, crate::pkt::WARM_REPEAT);
+        let _ = writeln!(m, "| routes | forwarded, cold (ns) | passed to the kernel, cold (ns) | forwarded, warm (ns) | timer cost subtracted (ns) | install (s) | route map memory (MiB) | peak RSS of the installing process (MiB) |\n|---:|---|---|---|---|---:|---:|---:|");
+        for p in self.pkt {
+            let _ = writeln!(
+                m,
+                "| {} | {} | {} | {} | {} | {:.2} | {:.1} | {:.0} |",
+                p.routes,
+                p.forward_ns.fmt(1),
+                p.pass_ns.fmt(1),
+                p.forward_warm_ns.fmt(1),
+                p.floor_ns.fmt(1),
+                p.install_s,
+                p.routes_memlock as f64 / 1048576.0,
+                p.peak_rss_mib
+            );
+        }
+        let _ = writeln!(m, "\n![per-packet cost against routing-table size](bench-plot.svg)\n");
+        if let Some(a) = one {
+            let _ = writeln!(m, "Ratios to 1 route (cold forward / warm forward): {}", self.pkt.iter().map(|p| format!("{} routes {:.2} / {:.2}", p.routes, p.forward_ns.median / a.forward_ns.median, p.forward_warm_ns.median / a.forward_warm_ns.median)).collect::<Vec<_>>().join("; "));
+        }
+
+        if let Some((res, upd)) = self.e2e {
+            let _ = writeln!(m, "\n## End-to-end forwarding, one core\n\nSeed topology in namespaces (vm1 — qr-a | router | qr-b — vm3, veth pairs). A generator XDP program runs with BPF_F_TEST_XDP_LIVE_FRAMES in vm1, pinned to CPU 0, rewriting every header byte of each 64-byte UDP frame and transmitting it (XDP_TX) into the router; an nftables ingress rule at vm3 counts and drops what arrives. Mpps = frames counted at vm3 ÷ generator time; generation, forwarding and delivery all run on that one core. The three data paths run in turn within each round: the kernel forwarding in the router namespace (no XDP on the `qr-` devices, GRO on), this router, and a wire program redirecting qr-a → qr-b with no lookup and no rewrite. With 1 000 flows the destinations are spread over 1 000 /24 prefixes that extra routes send to vm3 as the nexthop.\n");
+            let _ = writeln!(m, "| flows | kernel (Mpps) | this router (Mpps) | wire (Mpps) | router ÷ kernel | router ÷ wire |\n|---:|---|---|---|---|---|");
+            for r in res {
+                let g = |k: usize| r.mpps[k].1.fmt(3);
+                let _ = writeln!(m, "| {} | {} | {} | {} | {} | {} |", r.flows, g(0), g(1), g(2), r.router_over_kernel.fmt(2), r.router_over_wire.fmt(2));
+            }
+            let _ = writeln!(m, "\nRoute updates under traffic (1 000 flows forwarded meanwhile): {:.0} table rewrites per second, each moving one /24 to another nexthop (the whole table is rebuilt and only the changed entries are written); forwarding meanwhile {:.3} Mpps against {:.3} Mpps without updates.", upd.updates_per_s, upd.mpps_during, upd.mpps_without);
+        }
+        if let Some(n) = self.neigh {
+            let _ = writeln!(m, "\n## Neighbour latency\n\nFrom just before `ip neigh replace` (new MAC) runs in the router namespace to the fast path's neighbour map holding the new MAC, polled through the map: {} ms. Running the `ip` command alone takes {} ms of that.", n.total_ms.fmt(2), n.ip_cmd_ms.fmt(2));
+        }
+        m
+    }
+
+    /// Per-packet cost against routing-table size (log scale), as SVG.
+    pub fn svg(&self) -> String {
+        let (w, h, l, r, t, b) = (640.0, 400.0, 70.0, 20.0, 40.0, 60.0);
+        let maxy = self.pkt.iter().flat_map(|p| [p.forward_ns.max, p.pass_ns.max, p.forward_warm_ns.max]).fold(1.0f64, f64::max) * 1.1;
+        let x = |routes: usize| l + ((routes.max(1) as f64).log10() / 6.0) * (w - l - r);
+        let y = |ns: f64| t + (1.0 - ns / maxy) * (h - t - b);
+        let mut s = format!("<svg xmlns='http://www.w3.org/2000/svg' width='{w}' height='{h}' font-family='sans-serif' font-size='12'>\n<rect width='100%' height='100%' fill='white'/>\n");
+        let _ = writeln!(s, "<text x='{}' y='22' text-anchor='middle' font-size='14'>Per-packet cost against routing-table size (median, min–max)</text>", w / 2.0);
+        let _ = writeln!(s, "<line x1='{l}' y1='{}' x2='{}' y2='{}' stroke='black'/><line x1='{l}' y1='{t}' x2='{l}' y2='{}' stroke='black'/>", h - b, w - r, h - b, h - b);
+        for e in 0..=6 {
+            let xv = x(10usize.pow(e));
+            let _ = writeln!(s, "<line x1='{xv}' y1='{}' x2='{xv}' y2='{}' stroke='black'/><text x='{xv}' y='{}' text-anchor='middle'>10^{e}</text>", h - b, h - b + 5.0, h - b + 20.0);
+        }
+        let step = if maxy > 1000.0 { 200.0 } else if maxy > 400.0 { 100.0 } else { 50.0 };
+        let mut v = 0.0;
+        while v <= maxy {
+            let _ = writeln!(s, "<line x1='{}' y1='{}' x2='{}' y2='{}' stroke='#ddd'/><text x='{}' y='{}' text-anchor='end'>{v:.0}</text>", l, y(v), w - r, y(v), l - 6.0, y(v) + 4.0);
+            v += step;
+        }
+        let _ = writeln!(s, "<text x='{}' y='{}' text-anchor='middle'>routes installed</text><text x='18' y='{}' transform='rotate(-90 18 {})' text-anchor='middle'>ns per packet</text>", (l + w - r) / 2.0, h - 15.0, (t + h - b) / 2.0, (t + h - b) / 2.0);
+        type Pick = fn(&PktResult) -> &crate::stats::Summary;
+        let series: [(&str, &str, Pick); 3] = [
+            ("forwarded, cold", "#c0392b", |p| &p.forward_ns),
+            ("passed to the kernel, cold", "#2471a3", |p| &p.pass_ns),
+            ("forwarded, warm", "#27ae60", |p| &p.forward_warm_ns),
+        ];
+        for (k, (name, color, pick)) in series.iter().enumerate() {
+            let pts: Vec<String> = self.pkt.iter().map(|p| format!("{:.1},{:.1}", x(p.routes), y(pick(p).median))).collect();
+            let _ = writeln!(s, "<polyline fill='none' stroke='{color}' stroke-width='2' points='{}'/>", pts.join(" "));
+            for p in self.pkt {
+                let su = pick(p);
+                let _ = writeln!(s, "<line x1='{0}' y1='{1}' x2='{0}' y2='{2}' stroke='{color}'/><circle cx='{0}' cy='{3}' r='3' fill='{color}'/>", x(p.routes), y(su.min), y(su.max), y(su.median));
+            }
+            let ly = t + 10.0 + 16.0 * k as f64;
+            let _ = writeln!(s, "<line x1='{}' y1='{ly}' x2='{}' y2='{ly}' stroke='{color}' stroke-width='2'/><text x='{}' y='{}'>{name}</text>", l + 10.0, l + 30.0, l + 36.0, ly + 4.0);
+        }
+        s.push_str("</svg>\n");
+        s
+    }
+}
