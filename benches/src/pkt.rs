@@ -81,10 +81,11 @@ fn measure_here(routes: usize, runs: usize) -> Result<PktResult> {
         let table = random_table(routes, 0x5eed ^ routes as u64);
     let nh = |i: usize| Ipv4Addr::new(10, 2, 0, 100 + (i % NEXTHOPS as usize) as u8);
     let gateways: Vec<(Ipv4Net, u32, Ipv4Addr)> = table.iter().enumerate().map(|(i, n)| (*n, e0, nh(i))).collect();
-    let entries = datapath::route_entries(&[("10.2.0.0/24".parse().unwrap(), e0)], &gateways, &[]);
-    let mut ebpf = datapath::load_unpinned_sized(router_ctl::fib::Capacity::for_table(&entries))?;
     let iface = |mac, slot| Iface { mac, _pad: [0; 2], mtu: 1500, slot };
-    datapath::set_ifaces(&mut ebpf, &[(1, iface(IN_MAC, 0)), (e0, iface(OUT_MAC, 1))])?;
+    let ifaces = [(1, iface(IN_MAC, 0)), (e0, iface(OUT_MAC, 1))];
+    let entries = datapath::route_entries(&ifaces, &[("10.2.0.0/24".parse().unwrap(), e0)], &gateways, &[]);
+    let mut ebpf = datapath::load_unpinned_sized(router_ctl::fib::Capacity::for_table(&entries))?;
+    datapath::set_ifaces(&mut ebpf, &ifaces)?;
     let t = Instant::now();
     datapath::set_routes(&mut ebpf, &entries)?;
     let install_s = t.elapsed().as_secs_f64();

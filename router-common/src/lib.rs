@@ -62,9 +62,10 @@ pub mod route_kind {
     pub const LOCAL: u32 = 2;
 }
 
-/// A nexthop: value of the `NEXTHOPS` map.
+/// A nexthop: value of the `NEXTHOPS` map. It carries what the fast path needs of the egress
+/// device too (its MAC and MTU), so that forwarding costs no second device lookup.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Route {
     /// Egress device.
     pub ifindex: u32,
@@ -72,6 +73,16 @@ pub struct Route {
     pub kind: u32,
     /// Next hop (network byte order); unused for `CONNECTED` and `LOCAL`.
     pub nexthop: [u8; 4],
+    /// The egress device's MAC: the source MAC of forwarded frames.
+    pub src_mac: [u8; 6],
+    pub _pad: [u8; 2],
+    /// The egress device's MTU: the largest IPv4 total length forwarded.
+    pub mtu: u32,
+}
+
+impl Route {
+    /// An unused `NEXTHOPS` slot.
+    pub const NONE: Route = Route { ifindex: 0, kind: 0, nexthop: [0; 4], src_mac: [0; 6], _pad: [0; 2], mtu: 0 };
 }
 
 /// Key of the `NEIGHS` map: a neighbour is an IPv4 address on one device.
@@ -195,7 +206,7 @@ mod layout {
 
     #[test]
     fn no_padding() {
-        assert_eq!(size_of::<Route>(), 12);
+        assert_eq!(size_of::<Route>(), 24);
         assert_eq!(size_of::<NeighKey>(), 8);
         assert_eq!(size_of::<Neigh>(), 8);
         assert_eq!(size_of::<Iface>(), 16);

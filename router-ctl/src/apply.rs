@@ -228,13 +228,13 @@ fn apply_one(r: &Router, undo: &mut Vec<Undo>) -> Result<Report> {
     locals.extend(r.interfaces.iter().filter_map(|i| i.subnet.broadcast()));
     locals.sort();
     locals.dedup();
-    let route_entries = datapath::route_entries(&connected, &gateways, &locals);
-    let cap = crate::fib::Capacity::for_table(&route_entries);
     let mut iface_entries = Vec::new();
     for i in &ifaces {
         let mac = sys::parse_mac(&i.mac).with_context(|| format!("device {} has no Ethernet address", i.device))?;
         iface_entries.push((i.ifindex, Iface { mac, _pad: [0; 2], mtu: i.mtu, slot: i.slot }));
     }
+    let route_entries = datapath::route_entries(&iface_entries, &connected, &gateways, &locals);
+    let cap = crate::fib::Capacity::for_table(&route_entries);
     let id = r.id.clone();
     let attach: Vec<(u32, String)> = ifaces.iter().map(|i| (i.ifindex, i.device.clone())).collect();
     sys::in_netns(&ns, move || {

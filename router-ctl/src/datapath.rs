@@ -67,6 +67,7 @@ pub fn load_unpinned_sized(cap: Capacity) -> Result<Ebpf> {
 pub fn load_pinned(router_id: &str, cap: Capacity) -> Result<Ebpf> {
     let dir = state::bpf_dir(router_id);
     std::fs::create_dir_all(dir.join("links")).with_context(|| format!("cannot create {}", dir.display()))?;
+    check_pinned_layout(router_id)?;
     let paths: Vec<_> = ALL_MAPS.iter().map(|m| (*m, dir.join(m))).collect();
     let mut loader = EbpfLoader::new();
     size_maps(&mut loader, cap);
@@ -78,6 +79,38 @@ pub fn load_pinned(router_id: &str, cap: Capacity) -> Result<Ebpf> {
         .with_context(|| format!("loading the XDP object for router {router_id} (maps in {})", dir.display()))?;
     program(&mut ebpf)?.load().context("the kernel refused the XDP program")?;
     Ok(ebpf)
+}
+
+/// Refuses maps pinned by a build whose map layout differs from this one's: the program would
+/// read them wrongly (the verifier refuses it at best).
+fn check_pinned_layout(router_id: &str) -> Result<()> {
+    let expected: [(&str, usize); 8] = [
+        (map_names::FIB_L1, 4 * fib::GROUP_SIZE as usize),
+        (map_names::FIB_L2, 4 * fib::GROUP_SIZE as usize),
+        (map_names::FIB_L3, 4 * fib::GROUP_SIZE as usize),
+        (map_names::NEXTHOPS, std::mem::size_of::<Route>()),
+        (map_names::NEIGHS, std::mem::size_of::<Neigh>()),
+        (map_names::IFACES, std::mem::size_of::<Iface>()),
+        (map_names::TX_PORTS, 8),
+        (map_names::STATS, std::mem::size_of::<Stats>()),
+    ];
+    for (name, size) in expected {
+        let p = state::map_pin(router_id, name);
+        if !p.exists() {
+            continue;
+        }
+        let found = MapData::from_pin(&p)
+            .with_context(|| format!("cannot open {}", p.display()))?
+            .info()?
+            .value_size() as usize;
+        if found != size {
+            anyhow::bail!(
+                "map {name} pinned at {} has {found}-byte values but this build uses {size}: the router was set up by an incompatible build; run `router-ctl destroy {router_id}` and apply again",
+                p.display()
+            );
+        }
+    }
+    Ok(())
 }
 
 pub fn program(ebpf: &mut Ebpf) -> Result<&mut Xdp> {
@@ -124,21 +157,34 @@ pub fn open_pinned(router_id: &str, name: &str) -> Result<MapData> {
 }
 
 /// The routes of one router: connected subnets, extra routes through a nexthop, and the
-/// router's own addresses (for the kernel).
+/// router's own addresses (for the kernel). `ifaces` gives each egress device's MAC and MTU.
 pub fn route_entries(
+    ifaces: &[(u32, Iface)],
     connected: &[(Ipv4Net, u32)],
     gateways: &[(Ipv4Net, u32, Ipv4Addr)],
     locals: &[Ipv4Addr],
 ) -> Vec<(Ipv4Net, Route)> {
+    let via = |ifindex: u32, kind: u32, nexthop: [u8; 4]| {
+        let dev = ifaces.iter().find(|(i, _)| *i == ifindex).map(|(_, d)| *d);
+        Route {
+            ifindex,
+            kind,
+            nexthop,
+            src_mac: dev.map(|d| d.mac).unwrap_or([0; 6]),
+            _pad: [0; 2],
+            // A device we do not know forwards nothing: every frame is larger than 0.
+            mtu: dev.map(|d| d.mtu).unwrap_or(0),
+        }
+    };
     let mut v = Vec::new();
     for (net, ifindex) in connected {
-        v.push((*net, Route { ifindex: *ifindex, kind: route_kind::CONNECTED, nexthop: [0; 4] }));
+        v.push((*net, via(*ifindex, route_kind::CONNECTED, [0; 4])));
     }
     for (net, ifindex, nh) in gateways {
-        v.push((*net, Route { ifindex: *ifindex, kind: route_kind::GATEWAY, nexthop: nh.octets() }));
+        v.push((*net, via(*ifindex, route_kind::GATEWAY, nh.octets())));
     }
     for ip in locals {
-        v.push((Ipv4Net { addr: *ip, len: 32 }, Route { ifindex: 0, kind: route_kind::LOCAL, nexthop: [0; 4] }));
+        v.push((Ipv4Net { addr: *ip, len: 32 }, Route { kind: route_kind::LOCAL, ..Route::NONE }));
     }
     v
 }
@@ -202,7 +248,7 @@ pub fn read_fib(ebpf: &mut Ebpf) -> Result<Fib> {
     let mut nexthops = Vec::with_capacity(nh.len() as usize);
     for i in 0..nh.len() {
         let r = nh.get(&i, 0)?;
-        nexthops.push((r != Route { ifindex: 0, kind: 0, nexthop: [0; 4] }).then_some(r));
+        nexthops.push((r != Route::NONE).then_some(r));
     }
     Ok(Fib { l1, l2, l3, nexthops })
 }
@@ -228,7 +274,7 @@ pub fn set_routes(ebpf: &mut Ebpf, entries: &[(Ipv4Net, Route)]) -> Result<()> {
     let mut nh: Array<_, Route> = Array::try_from(map_mut(ebpf, map_names::NEXTHOPS)?)?;
     for (i, (o, n)) in old.nexthops.iter().zip(new.nexthops.iter()).enumerate() {
         if o.is_some() && n.is_none() {
-            nh.set(i as u32, Route { ifindex: 0, kind: 0, nexthop: [0; 4] }, 0)?;
+            nh.set(i as u32, Route::NONE, 0)?;
         }
     }
     Ok(())

@@ -106,17 +106,17 @@ impl Fib {
         let mut new = Fib::empty(cap);
 
         // Nexthops: keep the slot of every nexthop that stays; new ones take free slots.
-        let mut nh_index: HashMap<RouteBytes, u32> = HashMap::new();
+        let mut nh_index: HashMap<Route, u32> = HashMap::new();
         for (i, nh) in old.nexthops.iter().enumerate() {
             if let Some(r) = nh {
-                nh_index.entry(RouteBytes::of(r)).or_insert(i as u32);
+                nh_index.entry(*r).or_insert(i as u32);
             }
         }
-        let mut wanted: Vec<RouteBytes> = routes.iter().map(|(_, r)| RouteBytes::of(r)).collect();
+        let mut wanted: Vec<Route> = routes.iter().map(|(_, r)| *r).collect();
         wanted.sort();
         wanted.dedup();
         let mut used: Vec<bool> = vec![false; cap.nexthops as usize];
-        let mut assigned: HashMap<RouteBytes, u32> = HashMap::new();
+        let mut assigned: HashMap<Route, u32> = HashMap::new();
         for w in &wanted {
             if let Some(&i) = nh_index.get(w) {
                 used[i as usize] = true;
@@ -135,7 +135,7 @@ impl Fib {
             }
         }
         for (w, i) in &assigned {
-            new.nexthops[*i as usize] = Some(w.route());
+            new.nexthops[*i as usize] = Some(*w);
         }
 
         // Groups: which /16 and /24 blocks need one, with stable numbers.
@@ -167,7 +167,7 @@ impl Fib {
         let mut sorted: Vec<&(Ipv4Net, Route)> = routes.iter().collect();
         sorted.sort_by_key(|(n, _)| n.len);
         for (net, r) in sorted {
-            let v = assigned[&RouteBytes::of(r)] + 1;
+            let v = assigned[r] + 1;
             let a = net.network();
             let len = net.len as u32;
             if len <= 16 {
@@ -244,19 +244,6 @@ fn assign(
     Ok(())
 }
 
-/// A `Route` as bytes, hashable and ordered.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-struct RouteBytes([u32; 3]);
-
-impl RouteBytes {
-    fn of(r: &Route) -> RouteBytes {
-        RouteBytes([r.ifindex, r.kind, u32::from_ne_bytes(r.nexthop)])
-    }
-    fn route(&self) -> Route {
-        Route { ifindex: self.0[0], kind: self.0[1], nexthop: self.0[2].to_ne_bytes() }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -278,7 +265,7 @@ mod tests {
     }
 
     fn nh(i: u64) -> Route {
-        Route { ifindex: 2 + (i % 3) as u32, kind: route_kind::GATEWAY, nexthop: [10, 0, (i >> 8) as u8, i as u8] }
+        Route { ifindex: 2 + (i % 3) as u32, kind: route_kind::GATEWAY, nexthop: [10, 0, (i >> 8) as u8, i as u8], ..Route::NONE }
     }
 
     /// Random tables clustered in a few /8s so that prefixes nest deeply at every level.

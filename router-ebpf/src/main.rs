@@ -127,7 +127,7 @@ fn forward(ctx: &XdpContext, ingress: u32, iface: &Iface) -> Verdict {
     if eth.dst[0] & 1 != 0 {
         return Verdict::Pass(why::BCAST_MCAST);
     }
-    if eth.dst != iface.mac {
+    if !same_mac(&eth.dst, &iface.mac) {
         return Verdict::Pass(why::NOT_OUR_MAC);
     }
     if u16::from_be_bytes(eth.ether_type) != ETH_P_IPV4 {
@@ -174,10 +174,7 @@ fn forward(ctx: &XdpContext, ingress: u32, iface: &Iface) -> Verdict {
     if egress_ifindex == ingress {
         return Verdict::Pass(why::SAME_IFACE);
     }
-    let Some(egress) = (unsafe { IFACES.get(&egress_ifindex) }) else {
-        return Verdict::Pass(why::NO_TX_PORT);
-    };
-    if tot_len > egress.mtu as usize {
+    if tot_len > route.mtu as usize {
         return Verdict::Pass(why::TOO_BIG);
     }
     let nexthop = if route.kind == route_kind::GATEWAY {
@@ -197,11 +194,34 @@ fn forward(ctx: &XdpContext, ingress: u32, iface: &Iface) -> Verdict {
     if TX_PORTS.redirect(egress_ifindex, 0).is_err() {
         return Verdict::Pass(why::NO_TX_PORT);
     }
-    eth.dst = neigh.mac;
-    eth.src = egress.mac;
+    copy_mac(&mut eth.dst, &neigh.mac);
+    copy_mac(&mut eth.src, &route.src_mac);
     ip.check = decrement_ttl(ip.ttl, ip.protocol, ip.check);
     ip.ttl -= 1;
     Verdict::Forward
+}
+
+/// MACs are compared and copied as one u32 and one u16 rather than through memcmp/memmove,
+/// which the BPF target compiles to byte loops in called subprograms.
+#[inline(always)]
+fn same_mac(a: &[u8; 6], b: &[u8; 6]) -> bool {
+    // SAFETY: both point to 6 readable bytes; unaligned reads.
+    unsafe {
+        let (a, b) = (a.as_ptr(), b.as_ptr());
+        core::ptr::read_unaligned(a as *const u32) == core::ptr::read_unaligned(b as *const u32)
+            && core::ptr::read_unaligned(a.add(4) as *const u16)
+                == core::ptr::read_unaligned(b.add(4) as *const u16)
+    }
+}
+
+#[inline(always)]
+fn copy_mac(dst: &mut [u8; 6], src: &[u8; 6]) {
+    // SAFETY: both point to 6 bytes; unaligned accesses.
+    unsafe {
+        let (d, s) = (dst.as_mut_ptr(), src.as_ptr());
+        core::ptr::write_unaligned(d as *mut u32, core::ptr::read_unaligned(s as *const u32));
+        core::ptr::write_unaligned(d.add(4) as *mut u16, core::ptr::read_unaligned(s.add(4) as *const u16));
+    }
 }
 
 /// Longest-prefix match: at most three array reads, whatever the size of the table.

@@ -37,6 +37,7 @@ struct Harness {
     ebpf: Ebpf,
     e0: u32,
     e1: u32,
+    ifaces: Vec<(u32, Iface)>,
 }
 
 fn ifindex(name: &str) -> u32 {
@@ -62,18 +63,11 @@ fn harness() -> Option<Harness> {
     let (lo, e0, e1) = (1, ifindex("e0"), ifindex("e1"));
     let mut ebpf = datapath::load_unpinned().expect("load the XDP program");
     let iface = |mac, slot| Iface { mac, _pad: [0; 2], mtu: 1500, slot };
-    datapath::set_ifaces(&mut ebpf, &[(lo, iface(IN_MAC, 0)), (e0, iface(OUT_MAC, 1)), (e1, iface(E1_MAC, 2))]).unwrap();
+    let ifaces = vec![(lo, iface(IN_MAC, 0)), (e0, iface(OUT_MAC, 1)), (e1, iface(E1_MAC, 2))];
+    datapath::set_ifaces(&mut ebpf, &ifaces).unwrap();
     DevMapHash::try_from(ebpf.map_mut(map_names::TX_PORTS).unwrap()).unwrap().remove(e1).unwrap();
-    let routes = datapath::route_entries(
-        &[(net("10.1.0.0/24"), lo), (net("10.2.0.0/24"), e0), (net("10.3.0.0/24"), e1)],
-        &[
-            (net("10.9.0.0/16"), e0, Ipv4Addr::new(10, 2, 0, 254)),
-            (net("10.9.9.0/24"), e0, Ipv4Addr::new(10, 2, 0, 253)),
-        ],
-        &[Ipv4Addr::new(10, 1, 0, 1), Ipv4Addr::new(10, 2, 0, 1), Ipv4Addr::new(10, 2, 0, 255)],
-    );
-    datapath::set_routes(&mut ebpf, &routes).unwrap();
-    let mut h = Harness { ebpf, e0, e1 };
+    let mut h = Harness { ebpf, e0, e1, ifaces };
+    h.install_routes();
     h.neigh(e0, [10, 2, 0, 5], NB_MAC);
     h.neigh(e0, [10, 2, 0, 254], NH1_MAC);
     h.neigh(e0, [10, 2, 0, 253], NH2_MAC);
@@ -244,12 +238,29 @@ fn every_pass_reason_is_counted_and_leaves_the_frame_untouched() {
 }
 
 impl Harness {
+    /// The egress MTU lives in the device entry and in every nexthop through the device.
     fn set_mtu_of_e0(&mut self, mtu: u32) {
-        use aya::maps::HashMap;
-        let mut m: HashMap<_, u32, Iface> = HashMap::try_from(self.ebpf.map_mut(map_names::IFACES).unwrap()).unwrap();
-        let mut i = m.get(&self.e0, 0).unwrap();
-        i.mtu = mtu;
-        m.insert(self.e0, i, 0).unwrap();
+        let e0 = self.e0;
+        self.ifaces.iter_mut().filter(|(i, _)| *i == e0).for_each(|(_, d)| d.mtu = mtu);
+        datapath::set_ifaces(&mut self.ebpf, &self.ifaces).unwrap();
+        DevMapHash::try_from(self.ebpf.map_mut(map_names::TX_PORTS).unwrap()).unwrap().remove(self.e1).unwrap();
+        self.install_routes();
+    }
+
+    /// lo: 10.1.0.0/24, e0: 10.2.0.0/24, e1: 10.3.0.0/24; 10.9.0.0/16 and 10.9.9.0/24 via
+    /// nexthops on e0; the router's own addresses.
+    fn install_routes(&mut self) {
+        let (lo, e0, e1) = (1, self.e0, self.e1);
+        let routes = datapath::route_entries(
+            &self.ifaces,
+            &[(net("10.1.0.0/24"), lo), (net("10.2.0.0/24"), e0), (net("10.3.0.0/24"), e1)],
+            &[
+                (net("10.9.0.0/16"), e0, Ipv4Addr::new(10, 2, 0, 254)),
+                (net("10.9.9.0/24"), e0, Ipv4Addr::new(10, 2, 0, 253)),
+            ],
+            &[Ipv4Addr::new(10, 1, 0, 1), Ipv4Addr::new(10, 2, 0, 1), Ipv4Addr::new(10, 2, 0, 255)],
+        );
+        datapath::set_routes(&mut self.ebpf, &routes).unwrap();
     }
 }
 
@@ -341,7 +352,7 @@ fn kernel_lookup_equals_a_reference_lpm() {
     let nh_ip = |i: u16| Ipv4Addr::new(10, 2, 1 + (i >> 8) as u8, i as u8);
     let nh_mac = |i: u16| [0x02, 0, 0, 0x77, (i >> 8) as u8, i as u8];
     let gateways: Vec<_> = table.iter().map(|(n, i)| (*n, h.e0, nh_ip(*i))).collect();
-    let mut routes = datapath::route_entries(&[(net("10.1.0.0/24"), 1), (net("10.2.0.0/16"), h.e0)], &gateways, &[]);
+    let mut routes = datapath::route_entries(&h.ifaces, &[(net("10.1.0.0/24"), 1), (net("10.2.0.0/16"), h.e0)], &gateways, &[]);
     routes.sort_by_key(|(n, _)| (n.len, n.addr));
     datapath::set_routes(&mut h.ebpf, &routes).unwrap();
     for (_, i) in &table {
