@@ -143,18 +143,27 @@ fn load_generator(s: &Seed, flows: usize) -> Result<aya::Ebpf> {
     Ok(gen)
 }
 
-/// Route table rewrites while 1 000 flows are forwarded.
+/// Route table rewrites while 1 000 flows are forwarded, and the effect of table size.
 pub struct UpdatesUnderTraffic {
     pub updates_per_s: f64,
     pub mpps_during: f64,
     pub mpps_without: f64,
+    /// This router with 1 000 flows: with the seed's table, with `BIG_TABLE` routes more,
+    /// and per round big ÷ small.
+    pub small_table: Summary,
+    pub big_table: Summary,
+    pub big_over_small: Summary,
+    pub small_routes: usize,
+    pub big_routes: usize,
 }
+
+pub const BIG_TABLE: usize = 1_000_000;
 
 pub fn run(rounds: usize) -> Result<(Vec<E2eResult>, UpdatesUnderTraffic)> {
     let routes: String = (0..FLOW_ROUTES)
         .map(|i| format!("[[router.route]]\ndestination = \"{}/24\"\nnexthop = \"172.16.101.3\"\n", Ipv4Addr::from(u32::from(flow_dst(i)) & !0xff)))
         .collect();
-    let s = Seed::up(&routes);
+    let s = Seed::up_with(&format!("max_routes = {}", BIG_TABLE + 4096), &routes);
     s.prime_neighbours();
     let tap_b = s.ids.tap_b();
     sh(&format!(
@@ -197,7 +206,67 @@ pub fn run(rounds: usize) -> Result<(Vec<E2eResult>, UpdatesUnderTraffic)> {
         let mpps = traffic.join().map_err(|_| anyhow::anyhow!("traffic thread panicked"))??;
         Ok((ups, mpps))
     })?;
-    Ok((results, UpdatesUnderTraffic { updates_per_s, mpps_during, mpps_without }))
+    // The same 1 000 flows with a full-size table behind them: every random prefix also leads
+    // to vm3, so whichever one a destination matches, the frame is delivered and counted.
+    let (small, big) = tables(&s)?;
+    let (mut sm, mut bg, mut ratio) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..rounds {
+        install(&s, &small)?;
+        let a = measure(&s, gen_if, FLOW_ROUTES)?;
+        install(&s, &big)?;
+        let b = measure(&s, gen_if, FLOW_ROUTES)?;
+        eprintln!("e2e: table size, round {}: {a:.3} Mpps with {} routes, {b:.3} Mpps with {} routes", round + 1, small.len(), big.len());
+        sm.push(a);
+        bg.push(b);
+        ratio.push(b / a);
+    }
+    install(&s, &small)?;
+    Ok((
+        results,
+        UpdatesUnderTraffic {
+            updates_per_s,
+            mpps_during,
+            mpps_without,
+            small_table: summarize(&sm),
+            big_table: summarize(&bg),
+            big_over_small: summarize(&ratio),
+            small_routes: small.len(),
+            big_routes: big.len(),
+        },
+    ))
+}
+
+type Entries = Vec<(router_ctl::config::Ipv4Net, router_common::Route)>;
+
+/// The router's own table (as apply made it) and the same plus `BIG_TABLE` random routes via vm3.
+fn tables(s: &Seed) -> Result<(Entries, Entries)> {
+    let st = state::RouterState::load(&s.ids.router_id)?.context("router state")?;
+    let ifaces: Vec<(u32, router_common::Iface)> = st
+        .interfaces
+        .iter()
+        .map(|i| (i.ifindex, router_common::Iface { mac: sys::parse_mac(&i.mac).unwrap_or([0; 6]), _pad: [0; 2], mtu: i.mtu, slot: i.slot }))
+        .collect();
+    let dev = |d: &str| st.interfaces.iter().find(|i| i.device == d).map(|i| i.ifindex).unwrap_or(0);
+    let (a, b) = (dev(&s.ids.dev_a()), dev(&s.ids.dev_b()));
+    let vm3 = Ipv4Addr::new(172, 16, 101, 3);
+    let net = |t: &str| -> router_ctl::config::Ipv4Net { t.parse().expect("prefix") };
+    let connected = [(net("172.16.100.0/24"), a), (net("172.16.101.0/24"), b)];
+    let locals = [Ipv4Addr::new(172, 16, 100, 1), Ipv4Addr::new(172, 16, 101, 1), Ipv4Addr::new(172, 16, 100, 255), Ipv4Addr::new(172, 16, 101, 255)];
+    let mut gw: Vec<_> = st.routes.iter().map(|r| (r.destination.parse().unwrap(), b, vm3)).collect();
+    let small = datapath::route_entries(&ifaces, &connected, &gw, &locals);
+    let flows: std::collections::HashSet<_> = gw.iter().map(|(n, _, _): &(router_ctl::config::Ipv4Net, u32, Ipv4Addr)| *n).collect();
+    gw.extend(crate::table::random_table(BIG_TABLE, 7).into_iter().filter(|n| !flows.contains(n)).map(|n| (n, b, vm3)));
+    let big = datapath::route_entries(&ifaces, &connected, &gw, &locals);
+    Ok((small, big))
+}
+
+fn install(s: &Seed, entries: &Entries) -> Result<()> {
+    let id = s.ids.router_id.clone();
+    let e = entries.clone();
+    sys::in_netns(&s.ns(), move || {
+        let mut ebpf = datapath::load_pinned(&id, router_ctl::fib::Capacity::default())?;
+        datapath::set_routes(&mut ebpf, &e)
+    })
 }
 
 /// One measurement: Mpps delivered to vm3 while the generator, pinned to CPU 0 in vm1, sends

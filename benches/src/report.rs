@@ -60,6 +60,10 @@ impl Report<'_> {
             let warm = b.forward_warm_ns.median / a.forward_warm_ns.median;
             let _ = writeln!(m, "| per-packet cost at {} routes ÷ at 1 route (cold: each destination once) | ≤ 1.25 | {cold:.2} | {} |", b.routes, verdict(cold <= 1.25));
             let _ = writeln!(m, "| the same, warm (each destination {} times in a row) | ≤ 1.25 | {warm:.2} | {} |", crate::pkt::WARM_REPEAT, verdict(warm <= 1.25));
+            if let Some((_, upd)) = self.e2e {
+                let r = upd.big_over_small.median;
+                let _ = writeln!(m, "| per-packet cost in live forwarding, 1 000 flows, {} ÷ {} routes (inverse of the Mpps ratio) | ≤ 1.25 | {:.2} | {} |", upd.big_routes, upd.small_routes, 1.0 / r, verdict(1.0 / r <= 1.25));
+            }
             let _ = writeln!(m, "| install {} routes | ≤ 5 s | {:.2} s | {} |", b.routes, b.install_s, verdict(b.install_s <= 5.0));
             let mib = b.routes_memlock as f64 / 1048576.0;
             let _ = writeln!(m, "| map memory at {} IPv4 routes (fdinfo memlock of the route maps) | ≤ 128 MiB | {mib:.1} MiB | {} |", b.routes, verdict(mib <= 128.0));
@@ -96,6 +100,7 @@ impl Report<'_> {
                 let g = |k: usize| r.mpps[k].1.fmt(3);
                 let _ = writeln!(m, "| {} | {} | {} | {} | {} | {} |", r.flows, g(0), g(1), g(2), r.router_over_kernel.fmt(2), r.router_over_wire.fmt(2));
             }
+            let _ = writeln!(m, "\nTable size under live traffic: the 1 000 flows through this router with the seed's table ({} entries: connected, local, the 1 000 flow routes) and with {} entries (plus {} random routes of the shape above, all via vm3), alternating within each round: {} Mpps against {} Mpps, ratio big ÷ small {}.", upd.small_routes, upd.big_routes, e2e::BIG_TABLE, upd.big_table.fmt(3), upd.small_table.fmt(3), upd.big_over_small.fmt(2));
             let _ = writeln!(m, "\nRoute updates under traffic (1 000 flows forwarded meanwhile): {:.0} table rewrites per second, each moving one /24 to another nexthop (the whole table is rebuilt and only the changed entries are written); forwarding meanwhile {:.3} Mpps against {:.3} Mpps without updates.", upd.updates_per_s, upd.mpps_during, upd.mpps_without);
         }
         if let Some(n) = self.neigh {

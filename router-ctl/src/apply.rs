@@ -234,7 +234,10 @@ fn apply_one(r: &Router, undo: &mut Vec<Undo>) -> Result<Report> {
         iface_entries.push((i.ifindex, Iface { mac, _pad: [0; 2], mtu: i.mtu, slot: i.slot }));
     }
     let route_entries = datapath::route_entries(&iface_entries, &connected, &gateways, &locals);
-    let cap = crate::fib::Capacity::for_table(&route_entries);
+    let mut cap = crate::fib::Capacity::for_table(&route_entries);
+    if let Some(n) = r.max_routes {
+        cap = cap.max(crate::fib::Capacity::for_max_routes(n));
+    }
     let id = r.id.clone();
     let attach: Vec<(u32, String)> = ifaces.iter().map(|i| (i.ifindex, i.device.clone())).collect();
     sys::in_netns(&ns, move || {

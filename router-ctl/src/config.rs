@@ -9,6 +9,9 @@ use serde::{Deserialize, Serialize};
 
 use router_common::MAX_IFACES;
 
+/// The largest route table a router may ask for.
+pub const MAX_ROUTES_LIMIT: u64 = 4_000_000;
+
 /// Longest Linux device name (IFNAMSIZ − 1).
 pub const IFNAMSIZ_MAX: usize = 15;
 
@@ -106,6 +109,7 @@ struct RawFile {
 struct RawRouter {
     id: String,
     name: Option<String>,
+    max_routes: Option<u64>,
     #[serde(default)]
     interface: Vec<RawInterface>,
     #[serde(default)]
@@ -132,6 +136,9 @@ struct RawRoute {
 pub struct Router {
     pub id: String,
     pub name: String,
+    /// How many routes the fast path's table is sized for when the router is first applied
+    /// (its maps cannot grow later); None: room for the routes defined, with a quarter to spare.
+    pub max_routes: Option<u32>,
     pub interfaces: Vec<Interface>,
     pub routes: Vec<ExtraRoute>,
 }
@@ -304,7 +311,12 @@ fn validate_router(index: usize, r: RawRouter) -> Result<Router, String> {
         }
         routes.push(ExtraRoute { destination, nexthop });
     }
-    Ok(Router { id: r.id, name: rname, interfaces, routes })
+    let max_routes = match r.max_routes {
+        None => None,
+        Some(n) if (1..=MAX_ROUTES_LIMIT).contains(&n) => Some(n as u32),
+        Some(n) => return Err(format!("{who}: field 'max_routes' = {n} must be from 1 to {MAX_ROUTES_LIMIT}")),
+    };
+    Ok(Router { id: r.id, name: rname, max_routes, interfaces, routes })
 }
 
 fn validate_across(routers: &[Router]) -> Result<(), String> {

@@ -42,6 +42,22 @@ impl Default for Capacity {
 }
 
 impl Capacity {
+    /// Room for a table of `n` routes shaped like an Internet table: an L2 group per route up to
+    /// every /16, and L3 groups for one route in 48 being longer than /24.
+    pub fn for_max_routes(n: u32) -> Capacity {
+        let d = Capacity::default();
+        Capacity { l2_groups: n.clamp(d.l2_groups, L1_ENTRIES), l3_groups: (n / 48).max(d.l3_groups), nexthops: d.nexthops }
+    }
+
+    /// The larger of two capacities, field by field.
+    pub fn max(self, o: Capacity) -> Capacity {
+        Capacity {
+            l2_groups: self.l2_groups.max(o.l2_groups),
+            l3_groups: self.l3_groups.max(o.l3_groups),
+            nexthops: self.nexthops.max(o.nexthops),
+        }
+    }
+
     /// Room for `routes` with a quarter to spare (and at least the default): one L2 group per
     /// /16 block holding a longer prefix, one L3 group per /24 block holding a longer prefix.
     pub fn for_table(routes: &[(Ipv4Net, Route)]) -> Capacity {

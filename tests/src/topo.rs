@@ -55,10 +55,16 @@ impl Ids {
 
     /// The seed router's definition (172.16.100.0/24 and 172.16.101.0/24) plus `extra` TOML.
     pub fn config(&self, extra: &str) -> String {
+        self.config_with("", extra)
+    }
+
+    /// As `config`, with `router_fields` (TOML keys of the router table itself) too.
+    pub fn config_with(&self, router_fields: &str, extra: &str) -> String {
         format!(
             r#"[[router]]
 id = "{}"
 name = "{}"
+{router_fields}
 [[router.interface]]
 port_id = "{}"
 subnet = "172.16.100.0/24"
@@ -98,12 +104,24 @@ impl Seed {
         s
     }
 
+    /// As `up`, with `router_fields` in the router's table (e.g. `max_routes = 1000000`).
+    pub fn up_with(router_fields: &str, extra: &str) -> Seed {
+        let s = Seed::applied_with(router_fields, extra);
+        s.plug(&s.vm1, &s.ids.tap_a(), "172.16.100.3/24", "172.16.100.1");
+        s.plug(&s.vm3, &s.ids.tap_b(), "172.16.101.3/24", "172.16.101.1");
+        s
+    }
+
     /// Applies the router only; the caller plugs the instances.
     pub fn applied(extra: &str) -> Seed {
+        Seed::applied_with("", extra)
+    }
+
+    pub fn applied_with(router_fields: &str, extra: &str) -> Seed {
         let tag = unique_tag();
         let ids = Ids::new(&tag);
         let seed = Seed { vm1: format!("vm1-{tag}"), vm3: format!("vm3-{tag}"), ids, extra_ns: Vec::new() };
-        let path = write_config(&tag, &seed.ids.config(extra));
+        let path = write_config(&tag, &seed.ids.config_with(router_fields, extra));
         let out = ctl(&["apply", "-f", &path]);
         assert!(out.status.success(), "apply failed: {}", String::from_utf8_lossy(&out.stderr));
         seed
