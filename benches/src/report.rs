@@ -104,7 +104,7 @@ impl Report<'_> {
             let _ = writeln!(m, "\nRoute updates under traffic (1 000 flows forwarded meanwhile): {:.0} table rewrites per second, each moving one /24 to another nexthop (the whole table is rebuilt and only the changed entries are written); forwarding meanwhile {:.3} Mpps against {:.3} Mpps without updates.", upd.updates_per_s, upd.mpps_during, upd.mpps_without);
         }
         if let Some(n) = self.neigh {
-            let _ = writeln!(m, "\n## Neighbour latency\n\nFrom just before `ip neigh replace` (new MAC) runs in the router namespace to the fast path's neighbour map holding the new MAC, polled through the map: {} ms. Running the `ip` command alone takes {} ms of that.", n.total_ms.fmt(2), n.ip_cmd_ms.fmt(2));
+            let _ = writeln!(m, "\n## Neighbour latency\n\nA neighbour's MAC is changed over rtnetlink (RTM_NEWNEIGH, replace) from a thread in the router namespace, 20 times; the fast path's neighbour map is polled meanwhile. From sending the change to the map holding the new MAC (the daemon `router-ctl run` receives the kernel's event and updates the map): {} ms; the kernel's acknowledgement of the change alone arrives after {} ms.", n.total_ms.fmt(3), n.kernel_ack_ms.fmt(3));
         }
         m
     }

@@ -394,6 +394,7 @@ nexthop = "172.16.101.254"
             ("subnet = \"172.16.100.0/24\"", "subnet = \"172.16.100.1/24\"", "host bits set"),
             ("destination = \"10.10.0.0/16\"", "destination = \"10.10.0.0/33\"", "'destination'"),
             ("[[router.route]]", "[[router.route", "expected"),
+            ("name = \"router_100_101\"", "name = \"r\"\nmax_routes = 0", "'max_routes' = 0 must be from 1"),
         ];
         for (from, to, want) in cases {
             let text = SEED.replacen(from, to, 1);

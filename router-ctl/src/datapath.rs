@@ -1,6 +1,7 @@
 //! The kernel side of a router: loading the embedded XDP program, attaching it, and the maps.
 
 use std::{
+    collections::BTreeSet,
     net::Ipv4Addr,
     os::fd::{AsFd as _, AsRawFd as _},
     path::Path,
@@ -20,7 +21,7 @@ use router_common::{fib, map_names, route_kind, Iface, Neigh, NeighKey, Route, S
 
 use crate::{
     config::Ipv4Net,
-    fib::{Capacity, Fib},
+    fib::{self as fib_build, Capacity, Fib},
     state,
 };
 
@@ -217,16 +218,32 @@ impl Mapped {
         }
         Ok(Mapped { ptr: ptr as *mut u32, len: entries })
     }
-    fn read(&self) -> Vec<u32> {
-        // SAFETY: `len` u32s are mapped.
-        (0..self.len).map(|i| unsafe { std::ptr::read_volatile(self.ptr.add(i)) }).collect()
+    /// The whole array, with only `groups` read from the map (the rest left zero): what the
+    /// table does not reference is never read, so the cost follows the table, not the capacity.
+    fn read_groups(&self, groups: impl IntoIterator<Item = u32>) -> Vec<u32> {
+        let mut v = vec![0u32; self.len];
+        for g in groups {
+            let start = g as usize * fib::GROUP_SIZE as usize;
+            for i in start..(start + fib::GROUP_SIZE as usize).min(self.len) {
+                // SAFETY: i < len, within the mapping.
+                v[i] = unsafe { std::ptr::read_volatile(self.ptr.add(i)) };
+            }
+        }
+        v
     }
-    /// Writes the entries of `new` that differ from `old`, each with one aligned 32-bit store.
-    fn update(&self, old: &[u32], new: &[u32]) {
-        for (i, (o, n)) in old.iter().zip(new.iter()).enumerate().take(self.len) {
-            if o != n {
-                // SAFETY: i < len; aligned u32 in a shared mapping.
-                unsafe { std::ptr::write_volatile(self.ptr.add(i), *n) };
+
+    /// Writes `new`'s groups `in_new`: a group the old table used too gets only its changed
+    /// entries, a group it did not use is written whole (its stale content is not known).
+    /// Each entry is one aligned 32-bit store.
+    fn update_groups(&self, old: &[u32], new: &[u32], in_old: &BTreeSet<u32>, in_new: &BTreeSet<u32>) {
+        for g in in_new {
+            let start = *g as usize * fib::GROUP_SIZE as usize;
+            let fresh = !in_old.contains(g);
+            for i in start..(start + fib::GROUP_SIZE as usize).min(self.len) {
+                if fresh || old[i] != new[i] {
+                    // SAFETY: i < len; aligned u32 in a shared mapping.
+                    unsafe { std::ptr::write_volatile(self.ptr.add(i), new[i]) };
+                }
             }
         }
     }
@@ -241,9 +258,10 @@ impl Drop for Mapped {
 
 /// The route table as it is in the maps.
 pub fn read_fib(ebpf: &mut Ebpf) -> Result<Fib> {
-    let l1 = Mapped::new(ebpf, map_names::FIB_L1)?.read();
-    let l2 = Mapped::new(ebpf, map_names::FIB_L2)?.read();
-    let l3 = Mapped::new(ebpf, map_names::FIB_L3)?.read();
+    let l1m = Mapped::new(ebpf, map_names::FIB_L1)?;
+    let l1 = l1m.read_groups(0..l1m.len as u32 / fib::GROUP_SIZE);
+    let l2 = Mapped::new(ebpf, map_names::FIB_L2)?.read_groups(fib_build::groups_used(&l1));
+    let l3 = Mapped::new(ebpf, map_names::FIB_L3)?.read_groups(fib_build::groups_used_in(&l2, &fib_build::groups_used(&l1)));
     let nh: Array<_, Route> = Array::try_from(map_mut(ebpf, map_names::NEXTHOPS)?)?;
     let mut nexthops = Vec::with_capacity(nh.len() as usize);
     for i in 0..nh.len() {
@@ -268,9 +286,13 @@ pub fn set_routes(ebpf: &mut Ebpf, entries: &[(Ipv4Net, Route)]) -> Result<()> {
             }
         }
     }
-    Mapped::new(ebpf, map_names::FIB_L3)?.update(&old.l3, &new.l3);
-    Mapped::new(ebpf, map_names::FIB_L2)?.update(&old.l2, &new.l2);
-    Mapped::new(ebpf, map_names::FIB_L1)?.update(&old.l1, &new.l1);
+    let (old2, new2) = (fib_build::groups_used(&old.l1), fib_build::groups_used(&new.l1));
+    let (old3, new3) = (fib_build::groups_used_in(&old.l2, &old2), fib_build::groups_used_in(&new.l2, &new2));
+    Mapped::new(ebpf, map_names::FIB_L3)?.update_groups(&old.l3, &new.l3, &old3, &new3);
+    Mapped::new(ebpf, map_names::FIB_L2)?.update_groups(&old.l2, &new.l2, &old2, &new2);
+    let l1m = Mapped::new(ebpf, map_names::FIB_L1)?;
+    let all: BTreeSet<u32> = (0..l1m.len as u32 / fib::GROUP_SIZE).collect();
+    l1m.update_groups(&old.l1, &new.l1, &all, &all);
     let mut nh: Array<_, Route> = Array::try_from(map_mut(ebpf, map_names::NEXTHOPS)?)?;
     for (i, (o, n)) in old.nexthops.iter().zip(new.nexthops.iter()).enumerate() {
         if o.is_some() && n.is_none() {

@@ -9,7 +9,7 @@
 //! old route or the new one, never a half-written group or a recycled nexthop.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::Ipv4Addr,
 };
 
@@ -176,7 +176,7 @@ impl Fib {
             (e & GROUP != 0).then_some(e & !GROUP)
         };
         assign(&mut need_l2, cap.l2_groups, old_l2_of, old.l1.iter().filter(|e| *e & GROUP != 0).map(|e| e & !GROUP), "L2 (/17–/24)")?;
-        let old_l3_refs: Vec<u32> = old.l2.iter().filter(|e| *e & GROUP != 0).map(|e| e & !GROUP).collect();
+        let old_l3_refs = groups_used_in(&old.l2, &groups_used(&old.l1));
         assign(&mut need_l3, cap.l3_groups, old_l3_of, old_l3_refs.into_iter(), "L3 (/25–/32)")?;
 
         // Prefix expansion, shortest prefixes first, so that longer ones overwrite them.
@@ -216,6 +216,22 @@ impl Fib {
         }
         Ok(new)
     }
+}
+
+/// The groups of the next level that any entry of `level` points to.
+pub fn groups_used(level: &[u32]) -> BTreeSet<u32> {
+    level.iter().filter(|e| *e & GROUP != 0).map(|e| e & !GROUP).collect()
+}
+
+/// The groups of the next level that the entries of groups `groups` of `level` point to.
+pub fn groups_used_in(level: &[u32], groups: &BTreeSet<u32>) -> BTreeSet<u32> {
+    let n = GROUP_SIZE as usize;
+    groups
+        .iter()
+        .flat_map(|g| level[*g as usize * n..(*g as usize + 1) * n].iter())
+        .filter(|e| *e & GROUP != 0)
+        .map(|e| e & !GROUP)
+        .collect()
 }
 
 /// Gives every needed block a group number: its old one when it had one, else a free one that

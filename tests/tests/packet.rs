@@ -339,43 +339,94 @@ fn kernel_lookup_equals_a_reference_lpm() {
         seed ^= seed << 17;
         seed
     };
-    // Prefixes of every length nested inside 10.64.0.0/10, each through its own nexthop.
-    let mut table: Vec<(Ipv4Net, u16)> = vec![(net("10.64.0.0/10"), 0)];
-    while table.len() < 400 {
-        let len = 10 + (rnd() % 23) as u8;
-        let a = 0x0a40_0000 | (rnd() as u32 & 0x003f_ffff & if rnd() % 2 == 0 { 0x003f_00ff } else { 0x003f_ffff });
-        let n = Ipv4Net { addr: Ipv4Addr::from(a & Ipv4Net::mask(len)), len };
-        if !table.iter().any(|(p, _)| *p == n) {
-            table.push((n, table.len() as u16));
-        }
-    }
+    // Prefixes of every length nested inside 10.64.0.0/10, each through its own nexthop. The
+    // table then changes twice (a third of it replaced, nexthops moved), so that the writer's
+    // reuse of groups and nexthop slots is checked in the kernel too.
     let nh_ip = |i: u16| Ipv4Addr::new(10, 2, 1 + (i >> 8) as u8, i as u8);
     let nh_mac = |i: u16| [0x02, 0, 0, 0x77, (i >> 8) as u8, i as u8];
-    let gateways: Vec<_> = table.iter().map(|(n, i)| (*n, h.e0, nh_ip(*i))).collect();
-    let mut routes = datapath::route_entries(&h.ifaces, &[(net("10.1.0.0/24"), 1), (net("10.2.0.0/16"), h.e0)], &gateways, &[]);
-    routes.sort_by_key(|(n, _)| (n.len, n.addr));
-    datapath::set_routes(&mut h.ebpf, &routes).unwrap();
-    for (_, i) in &table {
-        h.neigh(h.e0, nh_ip(*i).octets(), nh_mac(*i));
+    for i in 0..600u16 {
+        h.neigh(h.e0, nh_ip(i).octets(), nh_mac(i));
     }
-    for k in 0..3000 {
-        let dst = if k % 2 == 0 {
-            let (n, _) = table[(rnd() % table.len() as u64) as usize];
-            Ipv4Addr::from(n.network() | (rnd() as u32 & !Ipv4Net::mask(n.len)))
-        } else {
-            Ipv4Addr::from(0x0a00_0000 | (rnd() as u32 & 0x00ff_ffff))
-        };
-        let best = table.iter().filter(|(n, _)| n.contains(dst)).max_by_key(|(n, _)| n.len);
-        let ip = Ipv4::udp(SRC, dst.octets(), 64);
-        let (rc, out) = h.run(&udp_frame(IN_MAC, &ip));
-        match best {
-            Some((_, i)) => {
-                assert_eq!(rc, XDP_REDIRECT, "{dst}");
-                assert_eq!(out[0..6], nh_mac(*i), "{dst}: wrong nexthop");
+    let mut table: Vec<(Ipv4Net, u16)> = vec![(net("10.64.0.0/10"), 0)];
+    for step in 0..3 {
+        if step > 0 {
+            let keep = table.len() * 2 / 3;
+            table.truncate(keep);
+            for (_, i) in table.iter_mut().skip(1).step_by(5) {
+                *i = (*i + 300) % 600;
             }
-            None if net("10.2.0.0/16").contains(dst) || net("10.1.0.0/24").contains(dst) => {}
-            None => assert_eq!(rc, XDP_PASS, "{dst} has no route"),
+            if step == 2 {
+                // Without the covering /10, blocks have holes: entries that must read "no route".
+                table.remove(0);
+            }
+        }
+        while table.len() < 400 {
+            let len = 10 + (rnd() % 23) as u8;
+            let a = 0x0a40_0000 | (rnd() as u32 & 0x003f_ffff & if rnd() % 2 == 0 { 0x003f_00ff } else { 0x003f_ffff });
+            let n = Ipv4Net { addr: Ipv4Addr::from(a & Ipv4Net::mask(len)), len };
+            if !table.iter().any(|(p, _)| *p == n) {
+                table.push((n, (rnd() % 600) as u16));
+            }
+        }
+        let gateways: Vec<_> = table.iter().map(|(n, i)| (*n, h.e0, nh_ip(*i))).collect();
+        let routes = datapath::route_entries(&h.ifaces, &[(net("10.1.0.0/24"), 1), (net("10.2.0.0/16"), h.e0)], &gateways, &[]);
+        datapath::set_routes(&mut h.ebpf, &routes).unwrap();
+        for k in 0..2000 {
+            let dst = if k % 2 == 0 {
+                let (n, _) = table[(rnd() % table.len() as u64) as usize];
+                Ipv4Addr::from(n.network() | (rnd() as u32 & !Ipv4Net::mask(n.len)))
+            } else {
+                Ipv4Addr::from(0x0a00_0000 | (rnd() as u32 & 0x00ff_ffff))
+            };
+            let best = table.iter().filter(|(n, _)| n.contains(dst)).max_by_key(|(n, _)| n.len);
+            let ip = Ipv4::udp(SRC, dst.octets(), 64);
+            let no_route_before = h.stats()[0].pass[why::NO_ROUTE];
+            let mut no_route = no_route_before;
+            let (rc, out) = h.run(&udp_frame(IN_MAC, &ip));
+            match best {
+                Some((_, i)) => {
+                    assert_eq!(rc, XDP_REDIRECT, "step {step}: {dst}");
+                    assert_eq!(out[0..6], nh_mac(*i), "step {step}: {dst}: wrong nexthop");
+                }
+                None if net("10.2.0.0/16").contains(dst) || net("10.1.0.0/24").contains(dst) => {}
+                None => {
+                    assert_eq!(rc, XDP_PASS, "step {step}: {dst} has no route");
+                    let s = h.stats()[0].pass[why::NO_ROUTE];
+                    assert_eq!(s, no_route + 1, "step {step}: {dst} must be passed as no_route");
+                    no_route = s;
+                }
+            }
         }
     }
 }
 
+
+/// A group freed by one update and reused by a later one must not keep entries of its old life:
+/// entries the new table leaves empty must read "no route".
+#[test]
+fn a_reused_group_holds_nothing_of_its_old_table() {
+    let Some(mut h) = harness() else { return };
+    let (e0, ifaces) = (h.e0, h.ifaces.clone());
+    let install = |h: &mut Harness, gw: &[(&str, [u8; 4])]| {
+        let g: Vec<_> = gw.iter().map(|(n, nh)| (net(n), e0, Ipv4Addr::from(*nh))).collect();
+        let r = datapath::route_entries(&ifaces, &[(net("10.1.0.0/24"), 1), (net("10.2.0.0/24"), e0)], &g, &[]);
+        datapath::set_routes(&mut h.ebpf, &r).unwrap();
+    };
+    h.neigh(e0, [10, 2, 0, 41], [2, 0, 0, 0, 0, 41]);
+    h.neigh(e0, [10, 2, 0, 42], [2, 0, 0, 0, 0, 42]);
+    install(&mut h, &[("10.64.0.0/10", [10, 2, 0, 41]), ("10.70.1.0/24", [10, 2, 0, 42])]);
+    install(&mut h, &[]);
+    // Five blocks need groups now: the lowest free numbers, among them the one 10.70 had, whose
+    // entries all pointed at the /10's nexthop.
+    let five = [("10.90.1.0/24", [10, 2, 0, 42]), ("10.91.1.0/24", [10, 2, 0, 42]), ("10.92.1.0/24", [10, 2, 0, 42]), ("10.93.1.0/24", [10, 2, 0, 42]), ("10.94.1.0/24", [10, 2, 0, 42])];
+    install(&mut h, &five);
+    let (rc, out) = h.run(&udp_frame(IN_MAC, &Ipv4::udp(SRC, [10, 90, 1, 7], 64)));
+    assert_eq!((rc, &out[0..6]), (XDP_REDIRECT, &[2u8, 0, 0, 0, 0, 42][..]));
+    let holes = (90..=94u8).flat_map(|b| [[10, b, 2, 7], [10, b, 200, 1]]);
+    for dst in holes.chain([[10, 70, 1, 1], [10, 64, 0, 1]]) {
+        let before = h.stats()[0].pass[why::NO_ROUTE];
+        let (rc, _) = h.run(&udp_frame(IN_MAC, &Ipv4::udp(SRC, dst, 64)));
+        assert_eq!(rc, XDP_PASS, "{dst:?} has no route");
+        assert_eq!(h.stats()[0].pass[why::NO_ROUTE], before + 1, "{dst:?} must pass as no_route");
+    }
+}
