@@ -256,50 +256,78 @@ impl Drop for Mapped {
     }
 }
 
-/// The route table as it is in the maps.
-pub fn read_fib(ebpf: &mut Ebpf) -> Result<Fib> {
-    let l1m = Mapped::new(ebpf, map_names::FIB_L1)?;
-    let l1 = l1m.read_groups(0..l1m.len as u32 / fib::GROUP_SIZE);
-    let l2 = Mapped::new(ebpf, map_names::FIB_L2)?.read_groups(fib_build::groups_used(&l1));
-    let l3 = Mapped::new(ebpf, map_names::FIB_L3)?.read_groups(fib_build::groups_used_in(&l2, &fib_build::groups_used(&l1)));
-    let nh: Array<_, Route> = Array::try_from(map_mut(ebpf, map_names::NEXTHOPS)?)?;
-    let mut nexthops = Vec::with_capacity(nh.len() as usize);
-    for i in 0..nh.len() {
-        let r = nh.get(&i, 0)?;
-        nexthops.push((r != Route::NONE).then_some(r));
-    }
-    Ok(Fib { l1, l2, l3, nexthops })
+/// Open handles on a router's route table maps. Mapping the big arrays costs time in proportion
+/// to their size, so a caller making many updates keeps one of these.
+pub struct RouteTable {
+    l1: Mapped,
+    l2: Mapped,
+    l3: Mapped,
+    nexthops: Array<MapData, Route>,
 }
 
-/// Replaces the route table, make-before-break (see `fib`): new nexthops, then the levels from
-/// the leaves up, then the nexthop slots nothing refers to any more are cleared.
-pub fn set_routes(ebpf: &mut Ebpf, entries: &[(Ipv4Net, Route)]) -> Result<()> {
-    let old = read_fib(ebpf)?;
-    let new = Fib::build(entries, &old)?;
-    {
-        let mut nh: Array<_, Route> = Array::try_from(map_mut(ebpf, map_names::NEXTHOPS)?)?;
+impl RouteTable {
+    pub fn open(ebpf: &mut Ebpf) -> Result<RouteTable> {
+        let nh = match ebpf.map(map_names::NEXTHOPS) {
+            Some(Map::Array(d)) => clone_map(d)?,
+            _ => anyhow::bail!("map {} is not an array", map_names::NEXTHOPS),
+        };
+        Ok(RouteTable {
+            l1: Mapped::new(ebpf, map_names::FIB_L1)?,
+            l2: Mapped::new(ebpf, map_names::FIB_L2)?,
+            l3: Mapped::new(ebpf, map_names::FIB_L3)?,
+            nexthops: Array::try_from(Map::Array(nh))?,
+        })
+    }
+
+    /// The route table as it is in the maps (groups the table does not use read as zero).
+    pub fn read(&self) -> Result<Fib> {
+        let l1 = self.l1.read_groups(0..self.l1.len as u32 / fib::GROUP_SIZE);
+        let used2 = fib_build::groups_used(&l1);
+        let l2 = self.l2.read_groups(used2.iter().copied());
+        let l3 = self.l3.read_groups(fib_build::groups_used_in(&l2, &used2));
+        let mut nexthops = Vec::with_capacity(self.nexthops.len() as usize);
+        for i in 0..self.nexthops.len() {
+            let r = self.nexthops.get(&i, 0)?;
+            nexthops.push((r != Route::NONE).then_some(r));
+        }
+        Ok(Fib { l1, l2, l3, nexthops })
+    }
+
+    /// Replaces the route table, make-before-break (see `fib`): new nexthops, then the levels
+    /// from the leaves up, then the nexthop slots nothing refers to any more are cleared.
+    pub fn set(&mut self, entries: &[(Ipv4Net, Route)]) -> Result<()> {
+        let old = self.read()?;
+        let new = Fib::build(entries, &old)?;
         for (i, (o, n)) in old.nexthops.iter().zip(new.nexthops.iter()).enumerate() {
             if let Some(r) = n {
                 if o.as_ref() != Some(r) {
-                    nh.set(i as u32, r, 0).context("cannot write a nexthop")?;
+                    self.nexthops.set(i as u32, r, 0).context("cannot write a nexthop")?;
                 }
             }
         }
-    }
-    let (old2, new2) = (fib_build::groups_used(&old.l1), fib_build::groups_used(&new.l1));
-    let (old3, new3) = (fib_build::groups_used_in(&old.l2, &old2), fib_build::groups_used_in(&new.l2, &new2));
-    Mapped::new(ebpf, map_names::FIB_L3)?.update_groups(&old.l3, &new.l3, &old3, &new3);
-    Mapped::new(ebpf, map_names::FIB_L2)?.update_groups(&old.l2, &new.l2, &old2, &new2);
-    let l1m = Mapped::new(ebpf, map_names::FIB_L1)?;
-    let all: BTreeSet<u32> = (0..l1m.len as u32 / fib::GROUP_SIZE).collect();
-    l1m.update_groups(&old.l1, &new.l1, &all, &all);
-    let mut nh: Array<_, Route> = Array::try_from(map_mut(ebpf, map_names::NEXTHOPS)?)?;
-    for (i, (o, n)) in old.nexthops.iter().zip(new.nexthops.iter()).enumerate() {
-        if o.is_some() && n.is_none() {
-            nh.set(i as u32, Route::NONE, 0)?;
+        let (old2, new2) = (fib_build::groups_used(&old.l1), fib_build::groups_used(&new.l1));
+        let (old3, new3) = (fib_build::groups_used_in(&old.l2, &old2), fib_build::groups_used_in(&new.l2, &new2));
+        self.l3.update_groups(&old.l3, &new.l3, &old3, &new3);
+        self.l2.update_groups(&old.l2, &new.l2, &old2, &new2);
+        let all: BTreeSet<u32> = (0..self.l1.len as u32 / fib::GROUP_SIZE).collect();
+        self.l1.update_groups(&old.l1, &new.l1, &all, &all);
+        for (i, (o, n)) in old.nexthops.iter().zip(new.nexthops.iter()).enumerate() {
+            if o.is_some() && n.is_none() {
+                self.nexthops.set(i as u32, Route::NONE, 0)?;
+            }
         }
+        Ok(())
     }
-    Ok(())
+}
+
+/// The route table as it is in the maps.
+pub fn read_fib(ebpf: &mut Ebpf) -> Result<Fib> {
+    RouteTable::open(ebpf)?.read()
+}
+
+/// Replaces the route table (see `RouteTable::set`).
+pub fn set_routes(ebpf: &mut Ebpf, entries: &[(Ipv4Net, Route)]) -> Result<()> {
+    RouteTable::open(ebpf)?.set(entries)
 }
 
 /// Replaces `IFACES` and `TX_PORTS`. Must run inside the router's namespace: the kernel resolves
