@@ -79,11 +79,7 @@ pub fn route_updates_per_second(s: &Seed, seconds: f64) -> Result<f64> {
             .iter()
             .map(|r| (r.destination.parse().unwrap(), b, r.nexthop.parse().unwrap()))
             .collect();
-        let ifaces: Vec<(u32, router_common::Iface)> = st
-            .interfaces
-            .iter()
-            .map(|i| (i.ifindex, router_common::Iface { mac: sys::parse_mac(&i.mac).unwrap_or([0; 6]), _pad: [0; 2], mtu: i.mtu, slot: i.slot }))
-            .collect();
+        let ifaces = st.iface_entries()?;
         let connected = [("172.16.100.0/24".parse().unwrap(), a), ("172.16.101.0/24".parse().unwrap(), b)];
         let locals = [Ipv4Addr::new(172, 16, 100, 1), Ipv4Addr::new(172, 16, 101, 1)];
         let tables: Vec<_> = [Ipv4Addr::new(172, 16, 101, 3), Ipv4Addr::new(172, 16, 101, 4)]

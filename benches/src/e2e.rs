@@ -241,11 +241,7 @@ type Entries = Vec<(router_ctl::config::Ipv4Net, router_common::Route)>;
 /// The router's own table (as apply made it) and the same plus `BIG_TABLE` random routes via vm3.
 fn tables(s: &Seed) -> Result<(Entries, Entries)> {
     let st = state::RouterState::load(&s.ids.router_id)?.context("router state")?;
-    let ifaces: Vec<(u32, router_common::Iface)> = st
-        .interfaces
-        .iter()
-        .map(|i| (i.ifindex, router_common::Iface { mac: sys::parse_mac(&i.mac).unwrap_or([0; 6]), _pad: [0; 2], mtu: i.mtu, slot: i.slot }))
-        .collect();
+    let ifaces = st.iface_entries()?;
     let dev = |d: &str| st.interfaces.iter().find(|i| i.device == d).map(|i| i.ifindex).unwrap_or(0);
     let (a, b) = (dev(&s.ids.dev_a()), dev(&s.ids.dev_b()));
     let vm3 = Ipv4Addr::new(172, 16, 101, 3);

@@ -18,7 +18,7 @@ use clap::Parser;
 #[derive(Parser)]
 struct Args {
     /// Runs per figure (the median of them is reported).
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 7)]
     runs: usize,
     /// Route table sizes for the per-packet cost.
     #[arg(long, value_delimiter = ',', default_value = "1,1000,100000,1000000")]

@@ -7,7 +7,7 @@
 use std::{collections::BTreeSet, net::Ipv4Addr};
 
 use anyhow::{bail, Context as _, Result};
-use router_common::{Iface, MAX_IFACES};
+use router_common::MAX_IFACES;
 
 use crate::{
     config::{self, Ipv4Net, Router},
@@ -228,11 +228,7 @@ fn apply_one(r: &Router, undo: &mut Vec<Undo>) -> Result<Report> {
     locals.extend(r.interfaces.iter().filter_map(|i| i.subnet.broadcast()));
     locals.sort();
     locals.dedup();
-    let mut iface_entries = Vec::new();
-    for i in &ifaces {
-        let mac = sys::parse_mac(&i.mac).with_context(|| format!("device {} has no Ethernet address", i.device))?;
-        iface_entries.push((i.ifindex, Iface { mac, _pad: [0; 2], mtu: i.mtu, slot: i.slot }));
-    }
+    let iface_entries = ifaces.iter().map(IfaceState::entry).collect::<Result<Vec<_>>>()?;
     let route_entries = datapath::route_entries(&iface_entries, &connected, &gateways, &locals);
     let mut cap = crate::fib::Capacity::for_table(&route_entries);
     if let Some(n) = r.max_routes {

@@ -84,7 +84,20 @@ pub struct RouteState {
     pub device: String,
 }
 
+impl IfaceState {
+    /// The device as the fast path's maps know it: (ifindex, `Iface`).
+    pub fn entry(&self) -> Result<(u32, router_common::Iface)> {
+        let mac = crate::sys::parse_mac(&self.mac).with_context(|| format!("device {} has no Ethernet address ('{}')", self.device, self.mac))?;
+        Ok((self.ifindex, router_common::Iface { mac, _pad: [0; 2], mtu: self.mtu, slot: self.slot }))
+    }
+}
+
 impl RouterState {
+    /// Every device of the router as the fast path's maps know it.
+    pub fn iface_entries(&self) -> Result<Vec<(u32, router_common::Iface)>> {
+        self.interfaces.iter().map(IfaceState::entry).collect()
+    }
+
     pub fn path(id: &str) -> PathBuf {
         routers_dir().join(format!("{id}.json"))
     }
