@@ -17,7 +17,7 @@ pub mod map_names {
     pub const NEIGHS: &str = "NEIGHS";
     /// Hash: ifindex (u32) → `Iface`, one per `qr-` device of the router.
     pub const IFACES: &str = "IFACES";
-    /// Devmap hash: ifindex → ifindex, the redirect targets.
+    /// Devmap (array): `Iface::slot` → ifindex, the redirect targets.
     pub const TX_PORTS: &str = "TX_PORTS";
     /// Per-CPU array: `Iface::slot` → `Stats`.
     pub const STATS: &str = "STATS";
@@ -78,11 +78,14 @@ pub struct Route {
     pub _pad: [u8; 2],
     /// The egress device's MTU: the largest IPv4 total length forwarded.
     pub mtu: u32,
+    /// The egress device's index in `TX_PORTS` (its `Iface::slot`).
+    pub tx_port: u32,
 }
 
 impl Route {
     /// An unused `NEXTHOPS` slot.
-    pub const NONE: Route = Route { ifindex: 0, kind: 0, nexthop: [0; 4], src_mac: [0; 6], _pad: [0; 2], mtu: 0 };
+    pub const NONE: Route =
+        Route { ifindex: 0, kind: 0, nexthop: [0; 4], src_mac: [0; 6], _pad: [0; 2], mtu: 0, tx_port: 0 };
 }
 
 /// Key of the `NEIGHS` map: a neighbour is an IPv4 address on one device.
@@ -206,7 +209,7 @@ mod layout {
 
     #[test]
     fn no_padding() {
-        assert_eq!(size_of::<Route>(), 24);
+        assert_eq!(size_of::<Route>(), 28);
         assert_eq!(size_of::<NeighKey>(), 8);
         assert_eq!(size_of::<Neigh>(), 8);
         assert_eq!(size_of::<Iface>(), 16);

@@ -9,7 +9,7 @@ use std::{
 
 use anyhow::{anyhow, Context as _, Result};
 use aya::{
-    maps::{Array, DevMapHash, HashMap, Map, MapData, PerCpuArray},
+    maps::{Array, DevMap, HashMap, Map, MapData, PerCpuArray},
     programs::{
         links::{FdLink, PinnedLink},
         xdp::XdpLink,
@@ -100,13 +100,12 @@ fn check_pinned_layout(router_id: &str) -> Result<()> {
         if !p.exists() {
             continue;
         }
-        let found = MapData::from_pin(&p)
-            .with_context(|| format!("cannot open {}", p.display()))?
-            .info()?
-            .value_size() as usize;
-        if found != size {
+        let info = MapData::from_pin(&p).with_context(|| format!("cannot open {}", p.display()))?.info()?;
+        let found = info.value_size() as usize;
+        let wrong_type = name == map_names::TX_PORTS && !matches!(info.map_type(), Ok(aya::maps::MapType::DevMap));
+        if found != size || wrong_type {
             anyhow::bail!(
-                "map {name} pinned at {} has {found}-byte values but this build uses {size}: the router was set up by an incompatible build; run `router-ctl destroy {router_id}` and apply again",
+                "map {name} pinned at {} has {found}-byte values or another type than this build uses ({size}-byte values): the router was set up by an incompatible build; run `router-ctl destroy {router_id}` and apply again",
                 p.display()
             );
         }
@@ -175,6 +174,7 @@ pub fn route_entries(
             _pad: [0; 2],
             // A device we do not know forwards nothing: every frame is larger than 0.
             mtu: dev.map(|d| d.mtu).unwrap_or(0),
+            tx_port: dev.map(|d| d.slot).unwrap_or(router_common::MAX_IFACES),
         }
     };
     let mut v = Vec::new();
@@ -334,14 +334,15 @@ pub fn set_routes(ebpf: &mut Ebpf, entries: &[(Ipv4Net, Route)]) -> Result<()> {
 /// devmap ifindexes in the namespace of the thread that updates the map.
 pub fn set_ifaces(ebpf: &mut Ebpf, ifaces: &[(u32, Iface)]) -> Result<()> {
     {
-        let mut tx: DevMapHash<_> = DevMapHash::try_from(map_mut(ebpf, map_names::TX_PORTS)?)?;
-        for (ifindex, _) in ifaces {
-            tx.insert(*ifindex, *ifindex, None, 0)
+        let mut tx: DevMap<_> = DevMap::try_from(map_mut(ebpf, map_names::TX_PORTS)?)?;
+        for (ifindex, iface) in ifaces {
+            tx.set(iface.slot, *ifindex, None, 0)
                 .with_context(|| format!("cannot add ifindex {ifindex} to the devmap"))?;
         }
-        let stale: Vec<u32> = tx.keys().filter_map(|k| k.ok()).filter(|k| !ifaces.iter().any(|(i, _)| i == k)).collect();
-        for k in stale {
-            tx.remove(k)?;
+    }
+    for slot in 0..router_common::MAX_IFACES {
+        if !ifaces.iter().any(|(_, i)| i.slot == slot) {
+            remove_tx_port(ebpf, slot)?;
         }
     }
     let mut map: HashMap<_, u32, Iface> = HashMap::try_from(map_mut(ebpf, map_names::IFACES)?)?;
@@ -360,6 +361,33 @@ pub fn reset_stats(ebpf: &mut Ebpf, slot: u32) -> Result<()> {
     let mut arr: PerCpuArray<_, Stats> = PerCpuArray::try_from(map_mut(ebpf, map_names::STATS)?)?;
     let n = aya::util::nr_cpus().map_err(|(_, e)| e).context("counting CPUs")?;
     arr.set(slot, aya::maps::PerCpuValues::try_from(vec![Stats::ZERO; n])?, 0)?;
+    Ok(())
+}
+
+/// Empties slot `slot` of the devmap (aya has no delete for array devmaps: BPF_MAP_DELETE_ELEM).
+pub fn remove_tx_port(ebpf: &mut Ebpf, slot: u32) -> Result<()> {
+    let Some(Map::DevMap(data)) = ebpf.map(map_names::TX_PORTS) else {
+        anyhow::bail!("map {} is not a devmap", map_names::TX_PORTS);
+    };
+    #[repr(C)]
+    struct ElemAttr {
+        map_fd: u32,
+        _pad: u32,
+        key: u64,
+        value: u64,
+        flags: u64,
+    }
+    let key = slot;
+    let attr = ElemAttr { map_fd: data.fd().as_fd().as_raw_fd() as u32, _pad: 0, key: &key as *const u32 as u64, value: 0, flags: 0 };
+    const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
+    // SAFETY: a BPF_MAP_DELETE_ELEM call with a valid descriptor and key pointer.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_MAP_DELETE_ELEM, &attr as *const ElemAttr, std::mem::size_of::<ElemAttr>()) };
+    if rc != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::ENOENT) {
+            return Err(e).context("cannot empty a devmap slot");
+        }
+    }
     Ok(())
 }
 

@@ -10,7 +10,7 @@ use aya_ebpf::{
     bindings::xdp_action,
     macros::{map, xdp},
     bindings::BPF_F_MMAPABLE,
-    maps::{Array, DevMapHash, HashMap, PerCpuArray},
+    maps::{Array, DevMap, HashMap, PerCpuArray},
     programs::XdpContext,
 };
 use router_common::{
@@ -37,7 +37,7 @@ static NEIGHS: HashMap<NeighKey, Neigh> = HashMap::with_max_entries(MAX_NEIGHS, 
 static IFACES: HashMap<u32, Iface> = HashMap::with_max_entries(MAX_IFACES, 0);
 
 #[map(name = "TX_PORTS")]
-static TX_PORTS: DevMapHash = DevMapHash::with_max_entries(MAX_IFACES, 0);
+static TX_PORTS: DevMap = DevMap::with_max_entries(MAX_IFACES, 0);
 
 #[map(name = "STATS")]
 static STATS: PerCpuArray<Stats> = PerCpuArray::with_max_entries(STATS_SLOTS, 0);
@@ -191,7 +191,7 @@ fn forward(ctx: &XdpContext, ingress: u32, iface: &Iface) -> Verdict {
     };
     // The redirect only records the target; the frame is sent after the program returns, so it
     // is safe to rewrite it below. Asking first keeps a failed redirect's frame untouched.
-    if TX_PORTS.redirect(egress_ifindex, 0).is_err() {
+    if TX_PORTS.redirect(route.tx_port, 0).is_err() {
         return Verdict::Pass(why::NO_TX_PORT);
     }
     copy_mac(&mut eth.dst, &neigh.mac);

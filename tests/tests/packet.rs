@@ -8,7 +8,6 @@
 use std::{ffi::CString, net::Ipv4Addr};
 
 use aya::{
-    maps::DevMapHash,
     programs::{TestRun, TestRunOptions},
     Ebpf,
 };
@@ -65,7 +64,7 @@ fn harness() -> Option<Harness> {
     let iface = |mac, slot| Iface { mac, _pad: [0; 2], mtu: 1500, slot };
     let ifaces = vec![(lo, iface(IN_MAC, 0)), (e0, iface(OUT_MAC, 1)), (e1, iface(E1_MAC, 2))];
     datapath::set_ifaces(&mut ebpf, &ifaces).unwrap();
-    DevMapHash::try_from(ebpf.map_mut(map_names::TX_PORTS).unwrap()).unwrap().remove(e1).unwrap();
+    datapath::remove_tx_port(&mut ebpf, 2).unwrap();
     let mut h = Harness { ebpf, e0, e1, ifaces };
     h.install_routes();
     h.neigh(e0, [10, 2, 0, 5], NB_MAC);
@@ -243,7 +242,7 @@ impl Harness {
         let e0 = self.e0;
         self.ifaces.iter_mut().filter(|(i, _)| *i == e0).for_each(|(_, d)| d.mtu = mtu);
         datapath::set_ifaces(&mut self.ebpf, &self.ifaces).unwrap();
-        DevMapHash::try_from(self.ebpf.map_mut(map_names::TX_PORTS).unwrap()).unwrap().remove(self.e1).unwrap();
+        datapath::remove_tx_port(&mut self.ebpf, 2).unwrap();
         self.install_routes();
     }
 
