@@ -233,11 +233,40 @@ fn build_and_load(root: &Path, config: Option<PathBuf>) -> Result<()> {
     Ok(())
 }
 
+/// Runs every test binary and closes with one line adding up all of them.
 fn test(root: &Path, args: &[String]) -> Result<()> {
+    use std::io::{BufRead as _, BufReader};
     let ctl = build_release(root)?;
     let mut cmd = Command::new("cargo");
     cmd.args(["test", "--release", "--workspace", "--exclude", "router-ebpf", "--no-fail-fast", "--"])
         .args(args)
-        .env("ROUTER_CTL", &ctl);
-    run(&mut cmd)
+        .env("ROUTER_CTL", &ctl)
+        .stdout(std::process::Stdio::piped());
+    eprintln!("+ {cmd:?}");
+    let mut child = cmd.spawn().context("cannot run cargo test")?;
+    let (mut passed, mut failed) = (0u64, 0u64);
+    for line in BufReader::new(child.stdout.take().context("stdout")?).lines() {
+        let line = line?;
+        println!("{line}");
+        // "test result: ok. 9 passed; 0 failed; 0 ignored; ..."
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            let num = |word: &str| {
+                rest.split(';')
+                    .find_map(|p| p.trim().trim_start_matches("ok. ").trim_start_matches("FAILED. ").strip_suffix(word))
+                    .and_then(|n| n.trim().parse::<u64>().ok())
+                    .unwrap_or(0)
+            };
+            passed += num(" passed");
+            failed += num(" failed");
+        }
+    }
+    let status = child.wait()?;
+    println!("tests: {passed} passed, {failed} failed");
+    if !status.success() || failed > 0 {
+        bail!("tests failed ({status})");
+    }
+    if passed == 0 {
+        bail!("no test ran");
+    }
+    Ok(())
 }
