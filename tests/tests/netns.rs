@@ -271,3 +271,60 @@ fn a_changed_neighbour_mac_is_followed() {
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
 }
+
+/// Runs `ping` at 1 000 packets per second for `count` packets from `ns` to `dst`, calling
+/// `during` half a second in; returns (transmitted, received).
+fn steady_ping(ns: &str, dst: &str, count: u32, during: impl FnOnce()) -> (u32, u32) {
+    let cmd = format!("ip netns exec {ns} ping -q -i 0.001 -W 2 -c {count} {dst}");
+    let child = std::process::Command::new("sh").arg("-c").arg(&cmd).stdout(std::process::Stdio::piped()).spawn().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    during();
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().find(|l| l.contains("packets transmitted")).unwrap_or_else(|| panic!("ping said: {text}"));
+    let n: Vec<u32> = line.split(',').map(|p| p.split_whitespace().next().unwrap_or("0").parse().unwrap_or(0)).collect();
+    (n[0], n[1])
+}
+
+#[test]
+fn a_killed_and_restarted_daemon_loses_no_packet() {
+    if !require_root() {
+        return;
+    }
+    let s = Seed::up("");
+    s.prime_neighbours();
+    let (sent, got) = steady_ping(&s.vm1, "172.16.101.3", 2000, || {
+        // kill -9 every router-ctl daemon, then start one again, as systemd would.
+        sh("pkill -9 -f 'router-ct[l] run' || true");
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let _ = std::process::Command::new(tests::router_ctl())
+            .arg("run")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn();
+    });
+    assert_eq!((sent, got), (2000, 2000), "packets lost across a daemon kill -9 and restart");
+    // The restarted daemon adopted the router: a new neighbour still reaches the fast path.
+    sh(&format!("ip -n {} neigh replace 172.16.101.77 lladdr 02:00:00:00:00:77 dev {} nud reachable", s.ns(), s.ids.dev_b()));
+    s.wait_neigh("172.16.101.77");
+}
+
+#[test]
+fn re_applying_swaps_the_program_without_losing_a_packet() {
+    if !require_root() {
+        return;
+    }
+    let s = Seed::up("");
+    s.prime_neighbours();
+    let path = write_config(&format!("{}-up", s.ids.tag), &s.ids.config(""));
+    let prog_id = || sh(&format!("ip -n {} -j link show {}", s.ns(), s.ids.dev_a()));
+    let before = prog_id();
+    let (sent, got) = steady_ping(&s.vm1, "172.16.101.3", 2000, || {
+        let out = ctl(&["apply", "-f", &path]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    });
+    assert_eq!((sent, got), (2000, 2000), "packets lost while the program was replaced");
+    assert_ne!(prog_id(), before, "the program attached to the device was not replaced");
+    let _ = std::fs::remove_file(&path);
+}
