@@ -66,6 +66,30 @@ fn ttl_1_gets_time_exceeded_from_the_gateway() {
     assert_eq!(s.passed(&s.ids.dev_a(), "ttl_exceeded"), before + 1);
 }
 
+/// vlan101 as linuxbridge builds it: the router port's peer, vm3 and further instances
+/// (namespace, address; each also holds 10.10.0.1) on a bridge in a namespace of its own.
+fn bridge_vlan101(s: &mut Seed, instances: &[(&str, &str)]) {
+    let br = format!("br-{}", s.ids.tag);
+    s.extra_ns.push(br.clone());
+    sh(&format!("ip netns add {br} && ip netns add {vm3} && ip -n {vm3} link set lo up", vm3 = s.vm3));
+    sh(&format!(
+        "ip link set {tap} netns {br} && ip -n {br} link add br0 type bridge && ip -n {br} link set br0 up && ip -n {br} link set {tap} master br0 up",
+        tap = s.ids.tap_b()
+    ));
+    let vm3 = s.vm3.clone();
+    for (ns, addr) in std::iter::once((vm3.as_str(), "172.16.101.3/24")).chain(instances.iter().copied()) {
+        if ns != vm3 {
+            s.extra_ns.push(ns.to_string());
+            sh(&format!("ip netns add {ns} && ip -n {ns} link set lo up && ip -n {ns} addr add 10.10.0.1/32 dev lo"));
+        }
+        sh(&format!(
+            "ip -n {br} link add p-{ns} type veth peer name eth0 netns {ns} && ip -n {br} link set p-{ns} master br0 up && \
+             ip -n {ns} link set eth0 up && ip -n {ns} addr add {addr} dev eth0 && ip -n {ns} route add default via 172.16.101.1 && \
+             ip netns exec {ns} ethtool -K eth0 tx off >/dev/null"
+        ));
+    }
+}
+
 #[test]
 fn extra_route_through_a_nexthop_instance() {
     if !require_root() {
@@ -73,24 +97,8 @@ fn extra_route_through_a_nexthop_instance() {
     }
     let mut s = Seed::applied("[[router.route]]\ndestination = \"10.10.0.0/16\"\nnexthop = \"172.16.101.254\"\n");
     s.plug(&s.vm1, &s.ids.tap_a(), "172.16.100.3/24", "172.16.100.1");
-    // vlan101 as linuxbridge builds it: the router port, vm3 and the nexthop instance on a bridge.
-    let tag = &s.ids.tag;
-    let (br, nh) = (format!("br-{tag}"), format!("nh-{tag}"));
-    s.extra_ns.push(br.clone());
-    s.extra_ns.push(nh.clone());
-    sh(&format!("ip netns add {br} && ip netns add {nh} && ip netns add {vm3} && ip -n {nh} link set lo up && ip -n {vm3} link set lo up", vm3 = s.vm3));
-    sh(&format!(
-        "ip link set {tap} netns {br} && ip -n {br} link add br0 type bridge && ip -n {br} link set br0 up && ip -n {br} link set {tap} master br0 up",
-        tap = s.ids.tap_b()
-    ));
-    for (ns, addr) in [(&s.vm3, "172.16.101.3/24"), (&nh, "172.16.101.254/24")] {
-        sh(&format!(
-            "ip -n {br} link add p-{ns} type veth peer name eth0 netns {ns} && ip -n {br} link set p-{ns} master br0 up && \
-             ip -n {ns} link set eth0 up && ip -n {ns} addr add {addr} dev eth0 && ip -n {ns} route add default via 172.16.101.1 && \
-             ip netns exec {ns} ethtool -K eth0 tx off >/dev/null"
-        ));
-    }
-    sh(&format!("ip -n {nh} addr add 10.10.0.1/32 dev lo"));
+    let nh = format!("nh-{}", s.ids.tag);
+    bridge_vlan101(&mut s, &[(&nh, "172.16.101.254/24")]);
     assert!(Seed::ping(&s.vm1, "172.16.100.1", 1));
     assert!(Seed::ping(&nh, "172.16.101.1", 1));
     s.wait_neigh("172.16.100.3");
@@ -326,5 +334,43 @@ fn re_applying_swaps_the_program_without_losing_a_packet() {
     });
     assert_eq!((sent, got), (2000, 2000), "packets lost while the program was replaced");
     assert_ne!(prog_id(), before, "the program attached to the device was not replaced");
+    let _ = std::fs::remove_file(&path);
+}
+
+#[test]
+fn changing_an_extra_routes_nexthop_loses_and_misroutes_nothing() {
+    if !require_root() {
+        return;
+    }
+    let route = |nh: &str| format!("[[router.route]]\ndestination = \"10.10.0.0/16\"\nnexthop = \"{nh}\"\n");
+    let mut s = Seed::applied(&route("172.16.101.254"));
+    s.plug(&s.vm1, &s.ids.tap_a(), "172.16.100.3/24", "172.16.100.1");
+    let (nh1, nh2) = (format!("nh1-{}", s.ids.tag), format!("nh2-{}", s.ids.tag));
+    bridge_vlan101(&mut s, &[(&nh1, "172.16.101.254/24"), (&nh2, "172.16.101.253/24")]);
+    // Each nexthop instance counts the echo requests for 10.10.0.1 it receives.
+    for ns in [&nh1, &nh2] {
+        sh(&format!(
+            "ip netns exec {ns} nft add table inet c && ip netns exec {ns} nft add chain inet c in '{{ type filter hook input priority 0; }}' && \
+             ip netns exec {ns} nft add rule inet c in ip daddr 10.10.0.1 icmp type echo-request counter"
+        ));
+    }
+    assert!(Seed::ping(&s.vm1, "172.16.100.1", 1));
+    assert!(Seed::ping(&nh1, "172.16.101.1", 1) && Seed::ping(&nh2, "172.16.101.1", 1));
+    s.wait_neigh("172.16.101.254");
+    s.wait_neigh("172.16.101.253");
+    let path = write_config(&format!("{}-nh2", s.ids.tag), &s.ids.config(&route("172.16.101.253")));
+    let (sent, got) = steady_ping(&s.vm1, "10.10.0.1", 2000, || {
+        let out = ctl(&["apply", "-f", &path]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    });
+    let count = |ns: &str| -> u64 {
+        let v: serde_json::Value = serde_json::from_str(&sh(&format!("ip netns exec {ns} nft -j list table inet c"))).unwrap();
+        v["nftables"].as_array().unwrap().iter().filter_map(|i| i.get("rule")).flat_map(|r| r["expr"].as_array().unwrap().clone()).find_map(|e| e.get("counter").map(|c| c["packets"].as_u64().unwrap())).unwrap()
+    };
+    let (a, b) = (count(&nh1), count(&nh2));
+    assert_eq!((sent, got), (2000, 2000), "echo requests or replies lost while the nexthop changed ({a} at nh1, {b} at nh2)");
+    assert_eq!(a + b, 2000, "requests reached neither nexthop, or both: {a} at nh1, {b} at nh2");
+    assert!(a > 0 && b > 0, "the change did not happen under traffic: {a} at nh1, {b} at nh2");
+    eprintln!("nexthop change under traffic: {a} requests at nh1, then {b} at nh2");
     let _ = std::fs::remove_file(&path);
 }
