@@ -6,6 +6,7 @@ pub mod config;
 pub mod daemon;
 pub mod datapath;
 pub mod fib;
+pub mod metrics;
 pub mod state;
 pub mod sys;
 pub mod table;

@@ -56,6 +56,9 @@ enum Cmd {
         /// Keep running when no router is applied.
         #[arg(long)]
         stay: bool,
+        /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9417), at /metrics.
+        #[arg(long, value_name = "ADDR")]
+        metrics: Option<String>,
     },
 }
 
@@ -130,7 +133,12 @@ fn run(cli: Cli) -> Result<()> {
                 println!("router {} ({}) destroyed", st.id, st.name);
             }
         }
-        Cmd::Run { stay } => daemon::run(stay)?,
+        Cmd::Run { stay, metrics } => {
+            if let Some(addr) = &metrics {
+                router_ctl::metrics::serve(addr)?;
+            }
+            daemon::run(stay)?
+        }
     }
     Ok(())
 }

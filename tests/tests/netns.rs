@@ -294,23 +294,32 @@ fn steady_ping(ns: &str, dst: &str, count: u32, during: impl FnOnce()) -> (u32, 
     (n[0], n[1])
 }
 
+/// Tests that replace the shared daemon take turns.
+static DAEMON: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Kills every `router-ctl run` and starts one with `args`, as systemd would restart it.
+fn restart_daemon(args: &[&str]) {
+    sh("pkill -9 -f 'router-ct[l] run' || true");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let _ = std::process::Command::new(tests::router_ctl())
+        .arg("run")
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn();
+}
+
 #[test]
 fn a_killed_and_restarted_daemon_loses_no_packet() {
     if !require_root() {
         return;
     }
+    let _turn = DAEMON.lock().unwrap_or_else(|e| e.into_inner());
     let s = Seed::up("");
     s.prime_neighbours();
     let (sent, got) = steady_ping(&s.vm1, "172.16.101.3", 2000, || {
-        // kill -9 every router-ctl daemon, then start one again, as systemd would.
-        sh("pkill -9 -f 'router-ct[l] run' || true");
-        std::thread::sleep(std::time::Duration::from_millis(300));
-        let _ = std::process::Command::new(tests::router_ctl())
-            .arg("run")
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn();
+        restart_daemon(&[]);
     });
     assert_eq!((sent, got), (2000, 2000), "packets lost across a daemon kill -9 and restart");
     // The restarted daemon adopted the router: a new neighbour still reaches the fast path.
@@ -373,4 +382,50 @@ fn changing_an_extra_routes_nexthop_loses_and_misroutes_nothing() {
     assert!(a > 0 && b > 0, "the change did not happen under traffic: {a} at nh1, {b} at nh2");
     eprintln!("nexthop change under traffic: {a} requests at nh1, then {b} at nh2");
     let _ = std::fs::remove_file(&path);
+}
+
+#[test]
+fn metrics_count_the_traffic_sent() {
+    if !require_root() {
+        return;
+    }
+    let _turn = DAEMON.lock().unwrap_or_else(|e| e.into_inner());
+    let s = Seed::up("");
+    s.prime_neighbours();
+    let addr = format!("127.0.0.1:{}", 20000 + std::process::id() % 20000);
+    restart_daemon(&["--metrics", &addr]);
+    let scrape = || -> Option<String> {
+        use std::io::{Read, Write};
+        let mut c = std::net::TcpStream::connect(&addr).ok()?;
+        c.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").ok()?;
+        let mut out = String::new();
+        c.read_to_string(&mut out).ok()?;
+        Some(out)
+    };
+    let t0 = std::time::Instant::now();
+    while scrape().is_none() {
+        assert!(t0.elapsed() < std::time::Duration::from_secs(3), "no metrics on {addr}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let value = |text: &str, metric: &str, dev: &str, reason: Option<&str>| -> u64 {
+        text.lines()
+            .filter(|l| l.starts_with(&format!("{metric}{{")))
+            .filter(|l| l.contains(&format!("router_id=\"{}\"", s.ids.router_id)) && l.contains(&format!("device=\"{dev}\"")))
+            .find(|l| reason.is_none_or(|r| l.contains(&format!("reason=\"{r}\""))))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or_else(|| panic!("{metric} for {dev} missing:\n{text}"))
+    };
+    let before = scrape().unwrap();
+    assert!(before.starts_with("HTTP/1.1 200"), "{before}");
+    let (a0, b0) = (value(&before, "router_xdp_forwarded_packets_total", &s.ids.dev_a(), None), value(&before, "router_xdp_forwarded_packets_total", &s.ids.dev_b(), None));
+    let ttl0 = value(&before, "router_xdp_passed_packets_total", &s.ids.dev_a(), Some("ttl_exceeded"));
+    assert!(Seed::ping(&s.vm1, "172.16.101.3", 20));
+    let _ = Seed::exec(&s.vm1, "ping -c 3 -i 0.2 -t 1 -W 1 172.16.101.3");
+    let after = scrape().unwrap();
+    assert_eq!(value(&after, "router_xdp_forwarded_packets_total", &s.ids.dev_a(), None), a0 + 20, "echo requests forwarded from vm1");
+    assert_eq!(value(&after, "router_xdp_forwarded_packets_total", &s.ids.dev_b(), None), b0 + 20, "echo replies forwarded from vm3");
+    assert_eq!(value(&after, "router_xdp_passed_packets_total", &s.ids.dev_a(), Some("ttl_exceeded")), ttl0 + 3, "TTL-1 pings passed to the kernel");
+    // What the metrics say is what `router-ctl stats` says.
+    assert_eq!(s.forwarded(&s.ids.dev_a()), a0 + 20);
+    let _ = scrape().map(|t| assert!(t.contains("# EOF")));
 }

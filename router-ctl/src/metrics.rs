@@ -1,0 +1,83 @@
+//! Prometheus metrics (`router-ctl run --metrics ADDR`): the fast path's per-router, per-device
+//! counters, read from the maps at each scrape and served as OpenMetrics text on GET /metrics.
+
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    net::{TcpListener, TcpStream},
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result};
+use prometheus_client::{
+    encoding::text::encode,
+    metrics::{counter::Counter, family::Family},
+    registry::Registry,
+};
+use router_common::{map_names, pass_reason};
+
+use crate::{datapath, state::RouterState};
+
+type Labels = Vec<(String, String)>;
+
+/// The metrics text for every applied router, as of now.
+pub fn render() -> Result<String> {
+    let fwd_pkts = Family::<Labels, Counter>::default();
+    let fwd_bytes = Family::<Labels, Counter>::default();
+    let pass_pkts = Family::<Labels, Counter>::default();
+    let pass_bytes = Family::<Labels, Counter>::default();
+    let drops = Family::<Labels, Counter>::default();
+    for r in RouterState::all()? {
+        let Ok(map) = datapath::open_pinned(&r.id, map_names::STATS) else { continue };
+        for i in &r.interfaces {
+            let s = datapath::read_stats(&map, i.slot)?;
+            let l: Labels = vec![("router".into(), r.name.clone()), ("router_id".into(), r.id.clone()), ("device".into(), i.device.clone())];
+            fwd_pkts.get_or_create(&l).inc_by(s.fwd_packets);
+            fwd_bytes.get_or_create(&l).inc_by(s.fwd_bytes);
+            pass_bytes.get_or_create(&l).inc_by(s.pass_bytes);
+            drops.get_or_create(&l).inc_by(s.drop_packets);
+            for (name, n) in pass_reason::NAMES.iter().zip(s.pass.iter()) {
+                let mut lr = l.clone();
+                lr.push(("reason".into(), name.to_string()));
+                pass_pkts.get_or_create(&lr).inc_by(*n);
+            }
+        }
+    }
+    let mut reg = Registry::with_prefix("router_xdp");
+    reg.register("forwarded_packets", "Frames forwarded by the XDP fast path, by ingress device", fwd_pkts);
+    reg.register("forwarded_bytes", "Bytes forwarded by the XDP fast path, by ingress device", fwd_bytes);
+    reg.register("passed_packets", "Frames handed to the kernel, by ingress device and reason", pass_pkts);
+    reg.register("passed_bytes", "Bytes handed to the kernel, by ingress device", pass_bytes);
+    reg.register("dropped_packets", "Frames dropped by the fast path", drops);
+    let mut out = String::new();
+    encode(&mut out, &reg).context("encoding metrics")?;
+    Ok(out)
+}
+
+/// Serves /metrics on `addr` from a thread of its own.
+pub fn serve(addr: &str) -> Result<()> {
+    let listener = TcpListener::bind(addr).with_context(|| format!("cannot listen on {addr} for metrics"))?;
+    tracing::info!(%addr, "serving metrics on /metrics");
+    std::thread::Builder::new().name("metrics".into()).spawn(move || {
+        for conn in listener.incoming().flatten() {
+            if let Err(e) = answer(conn) {
+                tracing::debug!(error = %e, "metrics request failed");
+            }
+        }
+    })?;
+    Ok(())
+}
+
+fn answer(mut conn: TcpStream) -> Result<()> {
+    conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut line = String::new();
+    BufReader::new(&conn).read_line(&mut line)?;
+    let (status, ctype, body) = match line.split_whitespace().take(2).collect::<Vec<_>>()[..] {
+        ["GET", "/metrics"] => match render() {
+            Ok(b) => ("200 OK", "application/openmetrics-text; version=1.0.0; charset=utf-8", b),
+            Err(e) => ("500 Internal Server Error", "text/plain", format!("{e:#}\n")),
+        },
+        _ => ("404 Not Found", "text/plain", "try GET /metrics\n".to_string()),
+    };
+    write!(conn, "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len())?;
+    Ok(())
+}
