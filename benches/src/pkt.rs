@@ -85,7 +85,7 @@ fn measure_here(routes: usize, runs: usize) -> Result<PktResult> {
     let ifaces = [(1, iface(IN_MAC, 0)), (e0, iface(OUT_MAC, 1))];
     let entries = datapath::route_entries(&ifaces, &[("10.2.0.0/24".parse().unwrap(), e0)], &gateways, &[]);
     let mut ebpf = datapath::load_unpinned_sized(router_ctl::fib::Capacity::for_table(&entries))?;
-    datapath::set_ifaces(&mut ebpf, &ifaces)?;
+    datapath::set_ifaces(&mut ebpf, &ifaces, &[])?;
     let t = Instant::now();
     datapath::set_routes(&mut ebpf, &entries)?;
     let install_s = t.elapsed().as_secs_f64();

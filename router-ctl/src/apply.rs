@@ -216,29 +216,27 @@ fn apply_one(r: &Router, undo: &mut Vec<Undo>) -> Result<Report> {
         }
     }
 
+    let st = RouterState {
+        id: r.id.clone(),
+        name: r.name.clone(),
+        namespace: ns.clone(),
+        created_netns,
+        ip_forward_before,
+        interfaces: ifaces,
+        routes,
+    };
+
     // The fast path's tables.
-    let ifindex_of = |dev: &str| ifaces.iter().find(|i| i.device == dev).map(|i| i.ifindex).unwrap_or(0);
-    let connected: Vec<(Ipv4Net, u32)> = r.interfaces.iter().map(|i| (i.subnet, ifindex_of(&i.device))).collect();
-    let gateways: Vec<(Ipv4Net, u32, Ipv4Addr)> = r
-        .routes
-        .iter()
-        .map(|rt| (rt.destination, ifindex_of(&r.interface_for(rt.nexthop).unwrap().device), rt.nexthop))
-        .collect();
-    let mut locals: Vec<Ipv4Addr> = sys::ipv4_addrs(&ns)?.into_iter().map(|(_, a, _)| a).collect();
-    locals.extend(r.interfaces.iter().filter_map(|i| i.subnet.broadcast()));
-    locals.sort();
-    locals.dedup();
-    let iface_entries = ifaces.iter().map(IfaceState::entry).collect::<Result<Vec<_>>>()?;
-    let route_entries = datapath::route_entries(&iface_entries, &connected, &gateways, &locals);
+    let (iface_entries, route_entries, down) = tables_of(&st)?;
     let mut cap = crate::fib::Capacity::for_table(&route_entries);
     if let Some(n) = r.max_routes {
         cap = cap.max(crate::fib::Capacity::for_max_routes(n));
     }
     let id = r.id.clone();
-    let attach: Vec<(u32, String)> = ifaces.iter().map(|i| (i.ifindex, i.device.clone())).collect();
+    let attach: Vec<(u32, String)> = st.interfaces.iter().map(|i| (i.ifindex, i.device.clone())).collect();
     sys::in_netns(&ns, move || {
         let mut ebpf = datapath::load_pinned(&id, cap)?;
-        datapath::set_ifaces(&mut ebpf, &iface_entries)?;
+        datapath::set_ifaces(&mut ebpf, &iface_entries, &down)?;
         datapath::set_routes(&mut ebpf, &route_entries)?;
         for slot in &fresh_slots {
             datapath::reset_stats(&mut ebpf, *slot)?;
@@ -249,18 +247,74 @@ fn apply_one(r: &Router, undo: &mut Vec<Undo>) -> Result<Report> {
         Ok(())
     })?;
 
-    let st = RouterState {
-        id: r.id.clone(),
-        name: r.name.clone(),
-        namespace: ns.clone(),
-        created_netns,
-        ip_forward_before,
-        interfaces: ifaces,
-        routes,
-    };
     st.save()?;
     tracing::info!(router = %r.id, name = %r.name, namespace = %ns, "applied");
     Ok(Report { id: r.id.clone(), name: r.name.clone(), namespace: ns, created })
+}
+
+type Tables = (Vec<(u32, router_common::Iface)>, Vec<(Ipv4Net, router_common::Route)>, Vec<u32>);
+
+/// What the fast path's maps must hold for a router as the kernel has it now: its devices,
+/// its routes (connected subnets, extra routes, every address of the namespace and the subnet
+/// broadcasts as local), and the devices that are down (no redirect to them: the kernel decides).
+fn tables_of(st: &RouterState) -> Result<Tables> {
+    let ns = &st.namespace;
+    let ifindex_of = |dev: &str| st.interfaces.iter().find(|i| i.device == dev).map(|i| i.ifindex).unwrap_or(0);
+    let net = |s: &str| s.parse::<Ipv4Net>().map_err(|e| anyhow::anyhow!("router {}: {e}", st.id));
+    let mut connected = Vec::new();
+    let mut locals: Vec<Ipv4Addr> = sys::ipv4_addrs(ns)?.into_iter().map(|(_, a, _)| a).collect();
+    let mut down = Vec::new();
+    for i in &st.interfaces {
+        let subnet = net(&i.subnet)?;
+        connected.push((subnet, i.ifindex));
+        locals.extend(subnet.broadcast());
+        let up = sys::link(Some(ns), &i.device)?.is_some_and(|l| l.is_up() && l.flags.iter().any(|f| f == "LOWER_UP"));
+        if !up {
+            down.push(i.ifindex);
+        }
+    }
+    let mut gateways = Vec::new();
+    for rt in &st.routes {
+        let nh: Ipv4Addr = rt.nexthop.parse().with_context(|| format!("router {}: nexthop {}", st.id, rt.nexthop))?;
+        gateways.push((net(&rt.destination)?, ifindex_of(&rt.device), nh));
+    }
+    locals.sort();
+    locals.dedup();
+    let iface_entries = st.interfaces.iter().map(IfaceState::entry).collect::<Result<Vec<_>>>()?;
+    let route_entries = datapath::route_entries(&iface_entries, &connected, &gateways, &locals);
+    Ok((iface_entries, route_entries, down))
+}
+
+/// Brings a router's fast path in line with its namespace after a device went up or down,
+/// changed MTU or MAC, or an address changed (the daemon calls it on rtnetlink events).
+pub fn resync(router_id: &str) -> Result<()> {
+    let _lock = Lock::acquire(state::STATE_LOCK)?;
+    let Some(mut st) = RouterState::load(router_id)? else { return Ok(()) };
+    if !sys::netns_exists(&st.namespace) {
+        return Ok(());
+    }
+    let mut changed = false;
+    for i in st.interfaces.iter_mut() {
+        if let Some(info) = sys::link(Some(&st.namespace), &i.device)? {
+            if info.ifindex == i.ifindex && (info.address != i.mac || info.mtu != i.mtu) {
+                tracing::info!(router = %st.id, device = %i.device, mac = %info.address, mtu = info.mtu, "device changed");
+                i.mac = info.address.clone();
+                i.mtu = info.mtu;
+                changed = true;
+            }
+        }
+    }
+    let (iface_entries, route_entries, down) = tables_of(&st)?;
+    let id = st.id.clone();
+    sys::in_netns(&st.namespace, move || {
+        let mut ebpf = datapath::load_pinned(&id, crate::fib::Capacity::default())?;
+        datapath::set_ifaces(&mut ebpf, &iface_entries, &down)?;
+        datapath::set_routes(&mut ebpf, &route_entries)
+    })?;
+    if changed {
+        st.save()?;
+    }
+    Ok(())
 }
 
 /// Detaches the program from one device and removes what apply created for it.

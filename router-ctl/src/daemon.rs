@@ -47,7 +47,9 @@ extern "C" fn on_hup(_: libc::c_int) {
     HUP.store(true, Ordering::SeqCst);
 }
 
+const RTMGRP_LINK: u32 = 1;
 const RTMGRP_NEIGH: u32 = 4;
+const RTMGRP_IPV4_IFADDR: u32 = 0x10;
 
 struct Watcher {
     stop: Arc<AtomicBool>,
@@ -161,8 +163,8 @@ fn watch(r: &RouterState, stop: &AtomicBool) -> Result<()> {
         let (mut conn, handle, mut events) = rtnetlink::new_connection().context("netlink socket")?;
         conn.socket_mut()
             .socket_mut()
-            .bind(&SocketAddr::new(0, RTMGRP_NEIGH))
-            .context("cannot subscribe to neighbour events")?;
+            .bind(&SocketAddr::new(0, RTMGRP_NEIGH | RTMGRP_LINK | RTMGRP_IPV4_IFADDR))
+            .context("cannot subscribe to neighbour, link and address events")?;
         tokio::spawn(conn);
         // Subscribe first, then dump: an event racing the dump is applied after it.
         let mut dump = handle.neighbours().get().set_family(IpVersion::V4).execute();
@@ -179,6 +181,9 @@ fn watch(r: &RouterState, stop: &AtomicBool) -> Result<()> {
             }
         }
         tracing::info!(router = %r.id, neighbours = present.len(), "neighbour table synced");
+        // Devices may have changed while no daemon ran; then on every link or address event.
+        let mut dirty = true;
+        let mut tick = tokio::time::interval(Duration::from_millis(20));
         loop {
             tokio::select! {
                 ev = events.next() => {
@@ -190,11 +195,23 @@ fn watch(r: &RouterState, stop: &AtomicBool) -> Result<()> {
                         NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelNeighbour(m)) => {
                             update(&mut neighs, &ifindexes, &m, true);
                         }
+                        NetlinkPayload::InnerMessage(
+                            RouteNetlinkMessage::NewLink(_)
+                            | RouteNetlinkMessage::DelLink(_)
+                            | RouteNetlinkMessage::NewAddress(_)
+                            | RouteNetlinkMessage::DelAddress(_),
+                        ) => dirty = true,
                         _ => {}
                     }
                 }
-                _ = tokio::time::sleep(Duration::from_millis(50)) => {
+                _ = tick.tick() => {
                     if stop.load(Ordering::SeqCst) { break; }
+                    if dirty {
+                        dirty = false;
+                        if let Err(e) = crate::apply::resync(&r.id) {
+                            tracing::warn!(router = %r.id, error = format!("{e:#}"), "cannot bring the fast path in line with the devices");
+                        }
+                    }
                 }
             }
         }

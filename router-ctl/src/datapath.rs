@@ -330,18 +330,19 @@ pub fn set_routes(ebpf: &mut Ebpf, entries: &[(Ipv4Net, Route)]) -> Result<()> {
     RouteTable::open(ebpf)?.set(entries)
 }
 
-/// Replaces `IFACES` and `TX_PORTS`. Must run inside the router's namespace: the kernel resolves
-/// devmap ifindexes in the namespace of the thread that updates the map.
-pub fn set_ifaces(ebpf: &mut Ebpf, ifaces: &[(u32, Iface)]) -> Result<()> {
+/// Replaces `IFACES` and `TX_PORTS`; devices in `down` get no redirect slot, so frames routed to
+/// them go to the kernel. Must run inside the router's namespace: the kernel resolves devmap
+/// ifindexes in the namespace of the thread that updates the map.
+pub fn set_ifaces(ebpf: &mut Ebpf, ifaces: &[(u32, Iface)], down: &[u32]) -> Result<()> {
     {
         let mut tx: DevMap<_> = DevMap::try_from(map_mut(ebpf, map_names::TX_PORTS)?)?;
-        for (ifindex, iface) in ifaces {
+        for (ifindex, iface) in ifaces.iter().filter(|(i, _)| !down.contains(i)) {
             tx.set(iface.slot, *ifindex, None, 0)
                 .with_context(|| format!("cannot add ifindex {ifindex} to the devmap"))?;
         }
     }
     for slot in 0..router_common::MAX_IFACES {
-        if !ifaces.iter().any(|(_, i)| i.slot == slot) {
+        if !ifaces.iter().any(|(ifindex, i)| i.slot == slot && !down.contains(ifindex)) {
             remove_tx_port(ebpf, slot)?;
         }
     }

@@ -429,3 +429,47 @@ fn metrics_count_the_traffic_sent() {
     assert_eq!(s.forwarded(&s.ids.dev_a()), a0 + 20);
     let _ = scrape().map(|t| assert!(t.contains("# EOF")));
 }
+
+#[test]
+fn a_device_going_down_or_changing_mtu_leaves_the_fast_path_in_line() {
+    if !require_root() {
+        return;
+    }
+    let s = Seed::up("");
+    s.prime_neighbours();
+    let (ns, dev_b) = (s.ns(), s.ids.dev_b());
+    let wait_for = |what: &str, f: &dyn Fn() -> bool| {
+        let t0 = std::time::Instant::now();
+        while !f() {
+            assert!(t0.elapsed() < std::time::Duration::from_secs(3), "{what}");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    };
+    // qr-b down: frames routed to it go to the kernel (no redirect slot; the kernel also
+    // flushes its neighbours), not into a dead device.
+    sh(&format!("ip -n {ns} link set {dev_b} down"));
+    let kernel = || s.passed(&s.ids.dev_a(), "no_tx_port") + s.passed(&s.ids.dev_a(), "no_neigh");
+    let before = kernel();
+    wait_for("frames to a down device are still redirected", &|| {
+        let _ = Seed::exec(&s.vm1, "ping -c 1 -W 0.2 172.16.101.3");
+        kernel() > before
+    });
+    // Once the daemon has seen the event (tens of milliseconds), nothing is redirected there.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let fwd_down = s.forwarded(&s.ids.dev_a());
+    let _ = Seed::exec(&s.vm1, "ping -c 3 -i 0.1 -W 0.2 172.16.101.3");
+    assert_eq!(s.forwarded(&s.ids.dev_a()), fwd_down, "frames were redirected into a down device");
+    // Up again: forwarded in XDP again.
+    sh(&format!("ip -n {ns} link set {dev_b} up"));
+    let fwd = s.forwarded(&s.ids.dev_a());
+    wait_for("forwarding did not resume after the device came back", &|| Seed::ping(&s.vm1, "172.16.101.3", 1) && s.forwarded(&s.ids.dev_a()) > fwd);
+    // A smaller MTU on qr-b: a DF packet larger than it gets "fragmentation needed" from the
+    // router's kernel instead of vanishing in the veth.
+    sh(&format!("ip -n {ns} link set {dev_b} mtu 1000"));
+    wait_for("the fast path did not learn the new MTU", &|| {
+        let text = String::from_utf8_lossy(&Seed::exec(&s.vm1, "ping -c 1 -W 1 -M do -s 1200 172.16.101.3").stdout).to_string();
+        text.contains("mtu = 1000")
+    });
+    assert!(s.passed(&s.ids.dev_a(), "too_big") > 0);
+    assert!(Seed::ping(&s.vm1, "172.16.101.3 -s 900", 1), "packets under the new MTU still pass");
+}

@@ -52,7 +52,7 @@ fn net(s: &str) -> Ipv4Net {
 }
 
 /// Ingress `lo` on 10.1.0.0/24 (slot 0), egress e0 on 10.2.0.0/24 (slot 1), and e1 on
-/// 10.3.0.0/24 (slot 2), known to IFACES but absent from the devmap.
+/// 10.3.0.0/24 (slot 2), known to IFACES but down: absent from the devmap.
 fn harness() -> Option<Harness> {
     if !require_root() {
         return None;
@@ -63,8 +63,7 @@ fn harness() -> Option<Harness> {
     let mut ebpf = datapath::load_unpinned().expect("load the XDP program");
     let iface = |mac, slot| Iface { mac, _pad: [0; 2], mtu: 1500, slot };
     let ifaces = vec![(lo, iface(IN_MAC, 0)), (e0, iface(OUT_MAC, 1)), (e1, iface(E1_MAC, 2))];
-    datapath::set_ifaces(&mut ebpf, &ifaces).unwrap();
-    datapath::remove_tx_port(&mut ebpf, 2).unwrap();
+    datapath::set_ifaces(&mut ebpf, &ifaces, &[e1]).unwrap();
     let mut h = Harness { ebpf, e0, e1, ifaces };
     h.install_routes();
     h.neigh(e0, [10, 2, 0, 5], NB_MAC);
@@ -241,8 +240,7 @@ impl Harness {
     fn set_mtu_of_e0(&mut self, mtu: u32) {
         let e0 = self.e0;
         self.ifaces.iter_mut().filter(|(i, _)| *i == e0).for_each(|(_, d)| d.mtu = mtu);
-        datapath::set_ifaces(&mut self.ebpf, &self.ifaces).unwrap();
-        datapath::remove_tx_port(&mut self.ebpf, 2).unwrap();
+        datapath::set_ifaces(&mut self.ebpf, &self.ifaces, &[self.e1]).unwrap();
         self.install_routes();
     }
 
