@@ -66,8 +66,42 @@ pub fn pid_file() -> std::path::PathBuf {
     state::run_dir().join("daemon.pid")
 }
 
-/// Runs the daemon in the foreground until SIGTERM/SIGINT, or until no router is applied.
-pub fn run(stay: bool) -> Result<()> {
+/// Router definitions the daemon owns (`run -f FILE`): applied at start, and again, difference
+/// only, on SIGHUP or when the file changes; routers that leave the file are destroyed.
+struct Definitions {
+    path: std::path::PathBuf,
+    mtime: Option<std::time::SystemTime>,
+    /// Ids applied from the file by the last successful load.
+    owned: BTreeSet<String>,
+}
+
+impl Definitions {
+    fn mtime(&self) -> Option<std::time::SystemTime> {
+        std::fs::metadata(&self.path).and_then(|m| m.modified()).ok()
+    }
+
+    /// Loads and applies the file. A file that does not validate changes nothing.
+    fn load(&mut self) -> Result<()> {
+        self.mtime = self.mtime();
+        let routers = crate::config::load_file(&self.path)?;
+        crate::apply::apply(&routers)?;
+        let now: BTreeSet<String> = routers.iter().map(|r| r.id.clone()).collect();
+        for gone in self.owned.difference(&now) {
+            match crate::apply::destroy(gone) {
+                Ok(_) => tracing::info!(router = %gone, "destroyed: no longer in the definitions"),
+                Err(e) => tracing::warn!(router = %gone, error = format!("{e:#}"), "cannot destroy a router that left the definitions"),
+            }
+        }
+        self.owned = now;
+        tracing::info!(file = %self.path.display(), routers = self.owned.len(), "definitions applied");
+        Ok(())
+    }
+}
+
+/// Runs the daemon in the foreground until SIGTERM/SIGINT, or until no router is applied
+/// (unless `stay`, or definitions are given with `file`).
+pub fn run(stay: bool, file: Option<std::path::PathBuf>) -> Result<()> {
+    let stay = stay || file.is_some();
     // A daemon that is leaving may hold the lock for a moment: wait up to two seconds.
     let mut daemon_lock = None;
     for _ in 0..200 {
@@ -87,9 +121,21 @@ pub fn run(stay: bool) -> Result<()> {
         libc::signal(libc::SIGHUP, on_hup as *const () as libc::sighandler_t);
     }
     tracing::info!(pid = std::process::id(), "router-ctl daemon started");
+    let mut defs = file.map(|path| Definitions { path, mtime: None, owned: BTreeSet::new() });
+    if let Some(d) = defs.as_mut() {
+        d.load().with_context(|| format!("applying {}", d.path.display()))?;
+    }
     let mut watchers: BTreeMap<String, Watcher> = BTreeMap::new();
     let mut daemon_lock = Some(daemon_lock);
     while !TERM.load(Ordering::SeqCst) {
+        if let Some(d) = defs.as_mut() {
+            if HUP.swap(false, Ordering::SeqCst) || d.mtime() != d.mtime {
+                if let Err(e) = d.load() {
+                    // Keep what runs; the operator fixes the file and signals again.
+                    tracing::error!(file = %d.path.display(), error = format!("{e:#}"), "definitions not applied; the routers keep their previous state");
+                }
+            }
+        }
         let routers = RouterState::all().unwrap_or_default();
         if routers.is_empty() && !stay {
             // Exit only under the state lock, so that an apply never sees a daemon that is
@@ -138,7 +184,7 @@ pub fn run(stay: bool) -> Result<()> {
             }
         }
         for _ in 0..20 {
-            if TERM.load(Ordering::SeqCst) || HUP.swap(false, Ordering::SeqCst) {
+            if TERM.load(Ordering::SeqCst) || HUP.load(Ordering::SeqCst) {
                 break;
             }
             std::thread::sleep(Duration::from_millis(10));

@@ -59,6 +59,10 @@ enum Cmd {
         /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9417), at /metrics.
         #[arg(long, value_name = "ADDR")]
         metrics: Option<String>,
+        /// Router definitions to own: applied at start and again (difference only) on SIGHUP or
+        /// when the file changes; routers that leave the file are destroyed. Implies --stay.
+        #[arg(short = 'f', long = "file")]
+        file: Option<PathBuf>,
     },
 }
 
@@ -133,11 +137,11 @@ fn run(cli: Cli) -> Result<()> {
                 println!("router {} ({}) destroyed", st.id, st.name);
             }
         }
-        Cmd::Run { stay, metrics } => {
+        Cmd::Run { stay, metrics, file } => {
             if let Some(addr) = &metrics {
                 router_ctl::metrics::serve(addr)?;
             }
-            daemon::run(stay)?
+            daemon::run(stay, file)?
         }
     }
     Ok(())

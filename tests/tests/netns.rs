@@ -473,3 +473,55 @@ fn a_device_going_down_or_changing_mtu_leaves_the_fast_path_in_line() {
     assert!(s.passed(&s.ids.dev_a(), "too_big") > 0);
     assert!(Seed::ping(&s.vm1, "172.16.101.3 -s 900", 1), "packets under the new MTU still pass");
 }
+
+#[test]
+fn the_daemon_applies_its_definitions_on_sighup_and_on_file_change() {
+    if !require_root() {
+        return;
+    }
+    let _turn = DAEMON.lock().unwrap_or_else(|e| e.into_inner());
+    let tag = unique_tag();
+    let ids = Ids::new(&tag);
+    struct Cleanup(String, String);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            // Back to a daemon that owns no file, then remove what the test made.
+            restart_daemon(&[]);
+            let _ = ctl(&["destroy", &self.0]);
+            let _ = std::fs::remove_file(&self.1);
+        }
+    }
+    let path = std::env::temp_dir().join(format!("router-test-{tag}-owned.toml")).to_string_lossy().into_owned();
+    let _c = Cleanup(ids.router_id.clone(), path.clone());
+    let route = "[[router.route]]\ndestination = \"10.10.0.0/16\"\nnexthop = \"172.16.101.254\"\n";
+    std::fs::write(&path, ids.config("")).unwrap();
+    restart_daemon(&["-f", &path]);
+    let routes = || -> Option<Vec<String>> {
+        let v = ctl_json(&["show"]);
+        let r = v.as_array()?.iter().find(|r| r["id"] == ids.router_id.as_str())?.clone();
+        Some(r["routes"].as_array()?.iter().map(|x| x["destination"].as_str().unwrap().to_string()).collect())
+    };
+    let wait_for = |what: &str, f: &dyn Fn() -> bool| {
+        let t0 = std::time::Instant::now();
+        while !f() {
+            assert!(t0.elapsed() < std::time::Duration::from_secs(5), "{what}");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    };
+    wait_for("the daemon did not apply its file at start", &|| routes().is_some());
+    // An edit followed by SIGHUP.
+    std::fs::write(&path, ids.config(route)).unwrap();
+    sh("pkill -HUP -f 'router-ct[l] run'");
+    wait_for("SIGHUP did not apply the new route", &|| routes().is_some_and(|r| r == ["10.10.0.0/16"]));
+    // A broken file changes nothing.
+    std::fs::write(&path, ids.config(route).replace("nexthop", "nexthp")).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(600));
+    assert_eq!(routes(), Some(vec!["10.10.0.0/16".to_string()]), "a refused file changed the router");
+    // An edit alone (no signal): the daemon sees the file change.
+    std::fs::write(&path, ids.config("")).unwrap();
+    wait_for("a changed file was not applied", &|| routes().is_some_and(|r| r.is_empty()));
+    // A router that leaves the file is destroyed.
+    std::fs::write(&path, "").unwrap();
+    wait_for("a router removed from the file is still there", &|| routes().is_none());
+    assert!(!std::path::Path::new(&format!("/run/netns/{}", ids.ns())).exists());
+}
