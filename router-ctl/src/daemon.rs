@@ -66,6 +66,14 @@ pub fn pid_file() -> std::path::PathBuf {
     state::run_dir().join("daemon.pid")
 }
 
+/// The pid of the daemon that wrote the pid file, and whether apply started it.
+fn running_daemon() -> Option<(i32, bool)> {
+    let s = std::fs::read_to_string(pid_file()).ok()?;
+    let mut w = s.split_whitespace();
+    let pid = w.next()?.parse().ok()?;
+    Some((pid, w.next() == Some("auto")))
+}
+
 /// Router definitions the daemon owns (`run -f FILE`): applied at start, and again, difference
 /// only, on SIGHUP or when the file changes; routers that leave the file are destroyed.
 struct Definitions {
@@ -100,7 +108,10 @@ impl Definitions {
 
 /// Runs the daemon in the foreground until SIGTERM/SIGINT, or until no router is applied
 /// (unless `stay`, or definitions are given with `file`).
-pub fn run(stay: bool, file: Option<std::path::PathBuf>) -> Result<()> {
+///
+/// `auto` marks a daemon that `apply` started; a daemon started any other way (by hand, by
+/// systemd) takes over from an `auto` one.
+pub fn run(stay: bool, file: Option<std::path::PathBuf>, metrics: Option<String>, auto: bool) -> Result<()> {
     let stay = stay || file.is_some();
     // A daemon that is leaving may hold the lock for a moment: wait up to two seconds.
     let mut daemon_lock = None;
@@ -109,11 +120,22 @@ pub fn run(stay: bool, file: Option<std::path::PathBuf>) -> Result<()> {
         if daemon_lock.is_some() {
             break;
         }
+        if !auto {
+            if let Some((pid, true)) = running_daemon() {
+                tracing::info!(pid, "taking over from the daemon that apply started");
+                // SAFETY: plain kill(2).
+                unsafe { libc::kill(pid, libc::SIGTERM) };
+            }
+        }
         std::thread::sleep(Duration::from_millis(10));
     }
     let daemon_lock = daemon_lock
         .context("another `router-ctl run` is already running (it holds /run/router-xdp/daemon.lock)")?;
-    std::fs::write(pid_file(), std::process::id().to_string()).context("cannot write the pid file")?;
+    std::fs::write(pid_file(), format!("{}{}", std::process::id(), if auto { " auto" } else { "" }))
+        .context("cannot write the pid file")?;
+    if let Some(addr) = &metrics {
+        crate::metrics::serve(addr)?;
+    }
     // SAFETY: the handlers only store to atomics.
     unsafe {
         libc::signal(libc::SIGTERM, on_term as *const () as libc::sighandler_t);
@@ -316,7 +338,7 @@ pub fn ensure_running() -> Result<Option<u32>> {
     match Lock::try_acquire(state::DAEMON_LOCK)? {
         None => {
             // Running: make it rescan now.
-            if let Some(pid) = std::fs::read_to_string(pid_file()).ok().and_then(|s| s.trim().parse::<i32>().ok()) {
+            if let Some((pid, _)) = running_daemon() {
                 // SAFETY: plain kill(2).
                 unsafe { libc::kill(pid, libc::SIGHUP) };
             }
@@ -328,7 +350,7 @@ pub fn ensure_running() -> Result<Option<u32>> {
             let log_path = state::run_dir().join("daemon.log");
             let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path)?;
             let mut cmd = Command::new(exe);
-            cmd.arg("run").stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
+            cmd.args(["run", "--auto"]).stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
             use std::os::unix::process::CommandExt as _;
             // SAFETY: setsid is async-signal-safe; it detaches the daemon from our session.
             unsafe {
@@ -341,9 +363,9 @@ pub fn ensure_running() -> Result<Option<u32>> {
             tracing::info!(pid = child.id(), log = %log_path.display(), "started the neighbour daemon");
             // Wait until it has taken its lock (it then writes its pid), so that a second apply
             // does not start another.
-            let pid = child.id().to_string();
+            let pid = child.id() as i32;
             for _ in 0..300 {
-                if std::fs::read_to_string(pid_file()).is_ok_and(|s| s.trim() == pid) {
+                if running_daemon().is_some_and(|(p, _)| p == pid) {
                     break;
                 }
                 std::thread::sleep(Duration::from_millis(10));

@@ -63,6 +63,9 @@ enum Cmd {
         /// when the file changes; routers that leave the file are destroyed. Implies --stay.
         #[arg(short = 'f', long = "file")]
         file: Option<PathBuf>,
+        /// Started by apply: gives way to a daemon started any other way.
+        #[arg(long, hide = true)]
+        auto: bool,
     },
 }
 
@@ -137,12 +140,7 @@ fn run(cli: Cli) -> Result<()> {
                 println!("router {} ({}) destroyed", st.id, st.name);
             }
         }
-        Cmd::Run { stay, metrics, file } => {
-            if let Some(addr) = &metrics {
-                router_ctl::metrics::serve(addr)?;
-            }
-            daemon::run(stay, file)?
-        }
+        Cmd::Run { stay, metrics, file, auto } => daemon::run(stay, file, metrics, auto)?,
     }
     Ok(())
 }

@@ -300,7 +300,6 @@ static DAEMON: std::sync::Mutex<()> = std::sync::Mutex::new(());
 /// Kills every `router-ctl run` and starts one with `args`, as systemd would restart it.
 fn restart_daemon(args: &[&str]) {
     sh("pkill -9 -f 'router-ct[l] run' || true");
-    std::thread::sleep(std::time::Duration::from_millis(300));
     let _ = std::process::Command::new(tests::router_ctl())
         .arg("run")
         .args(args)
