@@ -13,6 +13,8 @@ pub mod map_names {
     pub const FIB_L3: &str = "FIB_L3";
     /// Array: nexthop index → `Route`.
     pub const NEXTHOPS: &str = "NEXTHOPS";
+    /// Array: ECMP group index → `NhGroup`.
+    pub const NH_GROUPS: &str = "NH_GROUPS";
     /// Hash: `NeighKey` → `Neigh`.
     pub const NEIGHS: &str = "NEIGHS";
     /// Hash: ifindex (u32) → `Iface`, one per `qr-` device of the router.
@@ -50,6 +52,9 @@ pub mod fib {
     pub const DEFAULT_L2_GROUPS: u32 = 1024;
     pub const DEFAULT_L3_GROUPS: u32 = 256;
     pub const DEFAULT_NEXTHOPS: u32 = 1024;
+    pub const NH_GROUPS: u32 = 256;
+    /// Most nexthops of one ECMP route.
+    pub const MAX_PATHS: usize = 8;
 }
 
 /// What a route does with a packet.
@@ -60,6 +65,17 @@ pub mod route_kind {
     pub const GATEWAY: u32 = 1;
     /// One of the router's own addresses, or a subnet broadcast: for the kernel.
     pub const LOCAL: u32 = 2;
+    /// Several extra routes to one destination (ECMP): `Route::tx_port` is an index into
+    /// `NH_GROUPS`; a hash of the flow's 5-tuple picks the member.
+    pub const ECMP: u32 = 3;
+}
+
+/// An ECMP group: value of the `NH_GROUPS` map. `members[..count]` are `NEXTHOPS` indexes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NhGroup {
+    pub count: u32,
+    pub members: [u32; fib::MAX_PATHS],
 }
 
 /// A nexthop: value of the `NEXTHOPS` map. It carries what the fast path needs of the egress
@@ -196,6 +212,7 @@ mod user {
     // SAFETY: all of these are `#[repr(C)]`, made of integers and byte arrays, with no padding
     // (checked by the `layout` tests).
     unsafe impl aya::Pod for Route {}
+    unsafe impl aya::Pod for NhGroup {}
     unsafe impl aya::Pod for NeighKey {}
     unsafe impl aya::Pod for Neigh {}
     unsafe impl aya::Pod for Iface {}
@@ -210,6 +227,7 @@ mod layout {
     #[test]
     fn no_padding() {
         assert_eq!(size_of::<Route>(), 28);
+        assert_eq!(size_of::<NhGroup>(), 36);
         assert_eq!(size_of::<NeighKey>(), 8);
         assert_eq!(size_of::<Neigh>(), 8);
         assert_eq!(size_of::<Iface>(), 16);

@@ -198,10 +198,24 @@ fn apply_one(r: &Router, undo: &mut Vec<Undo>) -> Result<Report> {
     // Extra routes go into the namespace's kernel table too: the kernel forwards the first
     // packets (and resolves the nexthop) while the fast path has no neighbour yet.
     let mut routes = Vec::new();
+    // Several nexthops for one destination make one multipath (ECMP) kernel route.
+    let mut by_dest: std::collections::BTreeMap<Ipv4Net, Vec<(Ipv4Addr, String)>> = Default::default();
     for rt in &r.routes {
         let via = r.interface_for(rt.nexthop).expect("validated: nexthop on a connected subnet");
-        ip(&["-n", &ns, "route", "replace", &rt.destination.to_string(), "via", &rt.nexthop.to_string(), "dev", &via.device])?;
+        by_dest.entry(rt.destination).or_default().push((rt.nexthop, via.device.clone()));
         routes.push(RouteState { destination: rt.destination.to_string(), nexthop: rt.nexthop.to_string(), device: via.device.clone() });
+    }
+    for (dest, hops) in &by_dest {
+        let dest = dest.to_string();
+        let mut args: Vec<String> = ["-n", &ns, "route", "replace", &dest].iter().map(|s| s.to_string()).collect();
+        if let [(nh, dev)] = &hops[..] {
+            args.extend(["via".into(), nh.to_string(), "dev".into(), dev.clone()]);
+        } else {
+            for (nh, dev) in hops {
+                args.extend(["nexthop".into(), "via".into(), nh.to_string(), "dev".into(), dev.clone()]);
+            }
+        }
+        ip(&args.iter().map(String::as_str).collect::<Vec<_>>())?;
     }
     if let Some(p) = &prev {
         for old in &p.routes {

@@ -303,10 +303,14 @@ fn validate_router(index: usize, r: RawRouter) -> Result<Router, String> {
                 i.port_id
             ));
         }
-        if let Some(prev) = routes.iter().find(|p| p.destination == destination) {
+        if routes.iter().any(|p| p.destination == destination && p.nexthop == nexthop) {
+            return Err(format!("{at}: route to {destination} via {nexthop} is defined twice"));
+        }
+        let paths = routes.iter().filter(|p| p.destination == destination).count();
+        if paths >= router_common::fib::MAX_PATHS {
             return Err(format!(
-                "{at}: destination {destination} is already routed via {}; several nexthops for one destination (ECMP) are not supported yet",
-                prev.nexthop
+                "{at}: destination {destination} has more than {} nexthops (ECMP paths)",
+                router_common::fib::MAX_PATHS
             ));
         }
         routes.push(ExtraRoute { destination, nexthop });
@@ -395,6 +399,7 @@ nexthop = "172.16.101.254"
             ("destination = \"10.10.0.0/16\"", "destination = \"10.10.0.0/33\"", "'destination'"),
             ("[[router.route]]", "[[router.route", "expected"),
             ("name = \"router_100_101\"", "name = \"r\"\nmax_routes = 0", "'max_routes' = 0 must be from 1"),
+            ("nexthop = \"172.16.101.254\"\n", "nexthop = \"172.16.101.254\"\n[[router.route]]\ndestination = \"10.10.0.0/16\"\nnexthop = \"172.16.101.254\"\n", "is defined twice"),
         ];
         for (from, to, want) in cases {
             let text = SEED.replacen(from, to, 1);
@@ -402,6 +407,17 @@ nexthop = "172.16.101.254"
             let got = err(&text);
             assert!(got.contains(want), "for {to:?}: got {got:?}, want {want:?}");
         }
+    }
+
+    #[test]
+    fn several_nexthops_for_one_destination_are_ecmp() {
+        let text = SEED.replace(
+            "nexthop = \"172.16.101.254\"\n",
+            "nexthop = \"172.16.101.254\"\n[[router.route]]\ndestination = \"10.10.0.0/16\"\nnexthop = \"172.16.100.254\"\n",
+        );
+        let r = parse(&text).unwrap();
+        assert_eq!(r[0].routes.len(), 2);
+        assert!(r[0].routes.iter().all(|x| x.destination.to_string() == "10.10.0.0/16"));
     }
 
     #[test]

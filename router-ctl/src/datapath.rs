@@ -17,7 +17,7 @@ use aya::{
     },
     Ebpf, EbpfLoader,
 };
-use router_common::{fib, map_names, route_kind, Iface, Neigh, NeighKey, Route, Stats, PROGRAM_NAME};
+use router_common::{fib, map_names, route_kind, Iface, Neigh, NeighKey, NhGroup, Route, Stats, PROGRAM_NAME};
 
 use crate::{
     config::Ipv4Net,
@@ -31,7 +31,8 @@ pub static PROGRAM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 /// Benchmark helpers (traffic generator, wire floor); see `router-ebpf/src/bench.rs`.
 pub static BENCH_PROGRAM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bench"));
 
-const ALL_MAPS: [&str; 8] = [
+const ALL_MAPS: [&str; 9] = [
+    map_names::NH_GROUPS,
     map_names::FIB_L1,
     map_names::FIB_L2,
     map_names::FIB_L3,
@@ -85,7 +86,8 @@ pub fn load_pinned(router_id: &str, cap: Capacity) -> Result<Ebpf> {
 /// Refuses maps pinned by a build whose map layout differs from this one's: the program would
 /// read them wrongly (the verifier refuses it at best).
 fn check_pinned_layout(router_id: &str) -> Result<()> {
-    let expected: [(&str, usize); 8] = [
+    let expected: [(&str, usize); 9] = [
+        (map_names::NH_GROUPS, std::mem::size_of::<NhGroup>()),
         (map_names::FIB_L1, 4 * fib::GROUP_SIZE as usize),
         (map_names::FIB_L2, 4 * fib::GROUP_SIZE as usize),
         (map_names::FIB_L3, 4 * fib::GROUP_SIZE as usize),
@@ -263,19 +265,23 @@ pub struct RouteTable {
     l2: Mapped,
     l3: Mapped,
     nexthops: Array<MapData, Route>,
+    groups: Array<MapData, NhGroup>,
 }
 
 impl RouteTable {
     pub fn open(ebpf: &mut Ebpf) -> Result<RouteTable> {
-        let nh = match ebpf.map(map_names::NEXTHOPS) {
-            Some(Map::Array(d)) => clone_map(d)?,
-            _ => anyhow::bail!("map {} is not an array", map_names::NEXTHOPS),
+        let array = |name: &str| match ebpf.map(name) {
+            Some(Map::Array(d)) => clone_map(d),
+            _ => Err(anyhow!("map {name} is not an array")),
         };
+        let nh = array(map_names::NEXTHOPS)?;
+        let groups = array(map_names::NH_GROUPS)?;
         Ok(RouteTable {
             l1: Mapped::new(ebpf, map_names::FIB_L1)?,
             l2: Mapped::new(ebpf, map_names::FIB_L2)?,
             l3: Mapped::new(ebpf, map_names::FIB_L3)?,
             nexthops: Array::try_from(Map::Array(nh))?,
+            groups: Array::try_from(Map::Array(groups))?,
         })
     }
 
@@ -290,7 +296,12 @@ impl RouteTable {
             let r = self.nexthops.get(&i, 0)?;
             nexthops.push((r != Route::NONE).then_some(r));
         }
-        Ok(Fib { l1, l2, l3, nexthops })
+        let mut groups = Vec::with_capacity(self.groups.len() as usize);
+        for i in 0..self.groups.len() {
+            let g = self.groups.get(&i, 0)?;
+            groups.push((g.count != 0).then_some(g));
+        }
+        Ok(Fib { l1, l2, l3, nexthops, groups })
     }
 
     /// Replaces the route table, make-before-break (see `fib`): new nexthops, then the levels
@@ -305,6 +316,13 @@ impl RouteTable {
                 }
             }
         }
+        for (i, (o, n)) in old.groups.iter().zip(new.groups.iter()).enumerate() {
+            if let Some(g) = n {
+                if o.as_ref() != Some(g) {
+                    self.groups.set(i as u32, g, 0).context("cannot write an ECMP group")?;
+                }
+            }
+        }
         let (old2, new2) = (fib_build::groups_used(&old.l1), fib_build::groups_used(&new.l1));
         let (old3, new3) = (fib_build::groups_used_in(&old.l2, &old2), fib_build::groups_used_in(&new.l2, &new2));
         self.l3.update_groups(&old.l3, &new.l3, &old3, &new3);
@@ -314,6 +332,11 @@ impl RouteTable {
         for (i, (o, n)) in old.nexthops.iter().zip(new.nexthops.iter()).enumerate() {
             if o.is_some() && n.is_none() {
                 self.nexthops.set(i as u32, Route::NONE, 0)?;
+            }
+        }
+        for (i, (o, n)) in old.groups.iter().zip(new.groups.iter()).enumerate() {
+            if o.is_some() && n.is_none() {
+                self.groups.set(i as u32, NhGroup { count: 0, members: [0; fib::MAX_PATHS] }, 0)?;
             }
         }
         Ok(())

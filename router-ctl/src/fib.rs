@@ -14,7 +14,7 @@ use std::{
 };
 
 use anyhow::{bail, Result};
-use router_common::{fib::*, Route};
+use router_common::{fib::*, NhGroup, Route};
 
 use crate::config::Ipv4Net;
 
@@ -25,6 +25,7 @@ pub struct Fib {
     pub l2: Vec<u32>,
     pub l3: Vec<u32>,
     pub nexthops: Vec<Option<Route>>,
+    pub groups: Vec<Option<NhGroup>>,
 }
 
 /// How many groups and nexthops the maps of a router hold.
@@ -88,6 +89,7 @@ impl Fib {
             l2: vec![0; (cap.l2_groups * GROUP_SIZE) as usize],
             l3: vec![0; (cap.l3_groups * GROUP_SIZE) as usize],
             nexthops: vec![None; cap.nexthops as usize],
+            groups: vec![None; NH_GROUPS as usize],
         }
     }
 
@@ -121,48 +123,52 @@ impl Fib {
         let cap = old.capacity();
         let mut new = Fib::empty(cap);
 
-        // Nexthops: keep the slot of every nexthop that stays; new ones take free slots.
-        let mut nh_index: HashMap<Route, u32> = HashMap::new();
-        for (i, nh) in old.nexthops.iter().enumerate() {
-            if let Some(r) = nh {
-                nh_index.entry(*r).or_insert(i as u32);
+        // One route per prefix is itself; several (Neutron's way of saying ECMP) make a group.
+        let mut by_prefix: BTreeMap<(u8, u32), Vec<Route>> = BTreeMap::new();
+        for (net, r) in routes {
+            by_prefix.entry((net.len, net.network())).or_default().push(*r);
+        }
+        for (k, v) in by_prefix.iter_mut() {
+            v.sort();
+            v.dedup();
+            if v.len() > MAX_PATHS {
+                bail!("{}/{} has {} nexthops; at most {MAX_PATHS} are supported", Ipv4Addr::from(k.1), k.0, v.len());
             }
         }
-        let mut wanted: Vec<Route> = routes.iter().map(|(_, r)| *r).collect();
-        wanted.sort();
-        wanted.dedup();
-        let mut used: Vec<bool> = vec![false; cap.nexthops as usize];
-        let mut assigned: HashMap<Route, u32> = HashMap::new();
-        for w in &wanted {
-            if let Some(&i) = nh_index.get(w) {
-                used[i as usize] = true;
-                assigned.insert(*w, i);
+        // Nexthop slots and group numbers: a nexthop or group that stays keeps its number; new
+        // ones take numbers the old table does not use.
+        let mut slots = Numbering::new(&old.nexthops);
+        for v in by_prefix.values() {
+            for r in v {
+                slots.assign(*r, "distinct nexthops")?;
             }
         }
-        // Slots the old table still references are not reused in this round.
-        let old_refs: Vec<bool> = old.nexthops.iter().map(|n| n.is_some()).collect();
-        let mut free = (0..cap.nexthops).filter(|i| !used[*i as usize] && !old_refs[*i as usize]);
-        for w in &wanted {
-            if !assigned.contains_key(w) {
-                let Some(i) = free.next() else {
-                    bail!("the route table needs more than {} distinct nexthops", cap.nexthops);
-                };
-                assigned.insert(*w, i);
-            }
+        let mut groups = Numbering::new(&old.groups);
+        let mut value: BTreeMap<(u8, u32), u32> = BTreeMap::new();
+        for (k, v) in &by_prefix {
+            let slot = if v.len() == 1 {
+                slots.assign(v[0], "distinct nexthops")?
+            } else {
+                let mut members = [0u32; MAX_PATHS];
+                for (m, r) in members.iter_mut().zip(v.iter()) {
+                    *m = slots.assign(*r, "distinct nexthops")?;
+                }
+                let g = groups.assign(NhGroup { count: v.len() as u32, members }, "ECMP groups")?;
+                slots.assign(Route { kind: router_common::route_kind::ECMP, tx_port: g, ..Route::NONE }, "distinct nexthops")?
+            };
+            value.insert(*k, slot + 1);
         }
-        for (w, i) in &assigned {
-            new.nexthops[*i as usize] = Some(*w);
-        }
+        new.nexthops = slots.into_table();
+        new.groups = groups.into_table();
 
         // Groups: which /16 and /24 blocks need one, with stable numbers.
         let mut need_l2: BTreeMap<u32, u32> = BTreeMap::new(); // l1 index → group
         let mut need_l3: BTreeMap<u32, u32> = BTreeMap::new(); // (dst >> 8) → group
-        for (net, _) in routes {
-            let a = net.network();
-            if net.len > 16 {
+        for &(len, a) in value.keys() {
+            if len > 16 {
                 need_l2.insert(a >> 16, u32::MAX);
             }
-            if net.len > 24 {
+            if len > 24 {
                 need_l3.insert(a >> 8, u32::MAX);
             }
         }
@@ -180,12 +186,8 @@ impl Fib {
         assign(&mut need_l3, cap.l3_groups, old_l3_of, old_l3_refs.into_iter(), "L3 (/25–/32)")?;
 
         // Prefix expansion, shortest prefixes first, so that longer ones overwrite them.
-        let mut sorted: Vec<&(Ipv4Net, Route)> = routes.iter().collect();
-        sorted.sort_by_key(|(n, _)| n.len);
-        for (net, r) in sorted {
-            let v = assigned[r] + 1;
-            let a = net.network();
-            let len = net.len as u32;
+        for (&(len, a), &v) in &value {
+            let len = len as u32;
             if len <= 16 {
                 let start = (a >> 16) as usize;
                 new.l1[start..start + (1usize << (16 - len))].fill(v);
@@ -232,6 +234,52 @@ pub fn groups_used_in(level: &[u32], groups: &BTreeSet<u32>) -> BTreeSet<u32> {
         .filter(|e| *e & GROUP != 0)
         .map(|e| e & !GROUP)
         .collect()
+}
+
+/// Numbers for nexthops or ECMP groups, stable across tables: a value the old table holds keeps
+/// its number; a new value gets the lowest number the old table leaves empty (a number it uses
+/// is not recycled in the same update, so no lookup can find a changed value behind it).
+struct Numbering<T> {
+    old: HashMap<T, u32>,
+    old_used: Vec<bool>,
+    taken: Vec<bool>,
+    assigned: HashMap<T, u32>,
+}
+
+impl<T: Copy + Eq + std::hash::Hash> Numbering<T> {
+    fn new(old: &[Option<T>]) -> Numbering<T> {
+        let mut o = HashMap::new();
+        for (i, v) in old.iter().enumerate() {
+            if let Some(v) = v {
+                o.entry(*v).or_insert(i as u32);
+            }
+        }
+        Numbering { old: o, old_used: old.iter().map(Option::is_some).collect(), taken: vec![false; old.len()], assigned: HashMap::new() }
+    }
+
+    fn assign(&mut self, v: T, what: &str) -> Result<u32> {
+        if let Some(i) = self.assigned.get(&v) {
+            return Ok(*i);
+        }
+        let i = match self.old.get(&v) {
+            Some(&i) if !self.taken[i as usize] => i,
+            _ => match (0..self.taken.len()).find(|i| !self.taken[*i] && !self.old_used[*i]) {
+                Some(i) => i as u32,
+                None => bail!("the route table needs more than {} {what}", self.taken.len()),
+            },
+        };
+        self.taken[i as usize] = true;
+        self.assigned.insert(v, i);
+        Ok(i)
+    }
+
+    fn into_table(self) -> Vec<Option<T>> {
+        let mut t = vec![None; self.taken.len()];
+        for (v, i) in self.assigned {
+            t[i as usize] = Some(v);
+        }
+        t
+    }
 }
 
 /// Gives every needed block a group number: its old one when it had one, else a free one that

@@ -14,7 +14,7 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use router_common::{
-    fib, pass_reason as why, route_kind, Iface, Neigh, NeighKey, Route, Stats, MAX_IFACES,
+    fib, pass_reason as why, route_kind, Iface, Neigh, NeighKey, NhGroup, Route, Stats, MAX_IFACES,
     MAX_NEIGHS, STATS_SLOTS, UNKNOWN_IFACE_SLOT,
 };
 
@@ -29,6 +29,8 @@ static FIB_L2: Array<[u32; 256]> = Array::with_max_entries(fib::DEFAULT_L2_GROUP
 static FIB_L3: Array<[u32; 256]> = Array::with_max_entries(fib::DEFAULT_L3_GROUPS, BPF_F_MMAPABLE);
 #[map(name = "NEXTHOPS")]
 static NEXTHOPS: Array<Route> = Array::with_max_entries(fib::DEFAULT_NEXTHOPS, 0);
+#[map(name = "NH_GROUPS")]
+static NH_GROUPS: Array<NhGroup> = Array::with_max_entries(fib::NH_GROUPS, 0);
 
 #[map(name = "NEIGHS")]
 static NEIGHS: HashMap<NeighKey, Neigh> = HashMap::with_max_entries(MAX_NEIGHS, 0);
@@ -164,9 +166,15 @@ fn forward(ctx: &XdpContext, ingress: u32, iface: &Iface) -> Verdict {
         return Verdict::Pass(why::TTL_EXCEEDED);
     }
 
-    let Some(route) = fib_lookup(u32::from_be_bytes(ip.dst)) else {
+    let Some(mut route) = fib_lookup(u32::from_be_bytes(ip.dst)) else {
         return Verdict::Pass(why::NO_ROUTE);
     };
+    if route.kind == route_kind::ECMP {
+        let Some(member) = ecmp_member(ctx, ip, route.tx_port) else {
+            return Verdict::Pass(why::NO_ROUTE);
+        };
+        route = member;
+    }
     if route.kind == route_kind::LOCAL {
         return Verdict::Pass(why::LOCAL_DEST);
     }
@@ -199,6 +207,31 @@ fn forward(ctx: &XdpContext, ingress: u32, iface: &Iface) -> Verdict {
     ip.check = decrement_ttl(ip.ttl, ip.protocol, ip.check);
     ip.ttl -= 1;
     Verdict::Forward
+}
+
+/// The member of ECMP group `group` for this packet's flow: a hash of addresses, protocol and,
+/// for unfragmented TCP and UDP, ports, so that every packet of a flow takes the same nexthop.
+#[inline(always)]
+fn ecmp_member(ctx: &XdpContext, ip: &Ipv4Hdr, group: u32) -> Option<&'static Route> {
+    let g = NH_GROUPS.get(group)?;
+    let n = g.count;
+    if n == 0 {
+        return None;
+    }
+    let mut h = u32::from_ne_bytes(ip.src) ^ u32::from_ne_bytes(ip.dst).rotate_left(16) ^ ((ip.protocol as u32) << 8);
+    let unfragmented = u16::from_be_bytes(ip.frag_off) & 0x3fff == 0;
+    if unfragmented && (ip.protocol == 6 || ip.protocol == 17) {
+        if let Some(ports) = ptr_at::<[u8; 4]>(ctx, ETH_LEN + IPV4_LEN) {
+            // SAFETY: bounds checked by `ptr_at`.
+            h ^= u32::from_ne_bytes(unsafe { *ports }).rotate_left(7);
+        }
+    }
+    h = h.wrapping_mul(0x9e37_79b1);
+    h ^= h >> 16;
+    // `get` bounds the index for the verifier, which does not follow the bounds of a remainder
+    // (so n is deliberately not checked against MAX_PATHS: the compiler would drop this check).
+    let idx = *g.members.get((h % n) as usize)?;
+    NEXTHOPS.get(idx)
 }
 
 /// MACs are compared and copied as one u32 and one u16 rather than through memcmp/memmove,

@@ -427,3 +427,39 @@ fn a_reused_group_holds_nothing_of_its_old_table() {
         assert_eq!(h.stats()[0].pass[why::NO_ROUTE], before + 1, "{dst:?} must pass as no_route");
     }
 }
+
+/// Several nexthops for one destination (ECMP): flows spread over both, each flow stays on one,
+/// and every forwarded frame is byte-exact for the nexthop it took.
+#[test]
+fn ecmp_spreads_flows_and_keeps_each_on_one_nexthop() {
+    let Some(mut h) = harness() else { return };
+    let (e0, ifaces) = (h.e0, h.ifaces.clone());
+    let (a, b) = ([10, 2, 0, 241], [10, 2, 0, 242]);
+    let mac = |ip: [u8; 4]| [0x02, 0, 0, 0, 0x0e, ip[3]];
+    h.neigh(e0, a, mac(a));
+    h.neigh(e0, b, mac(b));
+    let gw = [(net("10.20.0.0/16"), e0, Ipv4Addr::from(a)), (net("10.20.0.0/16"), e0, Ipv4Addr::from(b))];
+    let routes = datapath::route_entries(&ifaces, &[(net("10.1.0.0/24"), 1), (net("10.2.0.0/24"), e0)], &gw, &[]);
+    datapath::set_routes(&mut h.ebpf, &routes).unwrap();
+    let frame = |sport: u16, ttl: u8, dst_mac: [u8; 6], src_mac: [u8; 6]| {
+        let l4 = tests::frame::udp(sport, 53, &[7u8; 32]);
+        let mut l3 = Ipv4::udp(SRC, [10, 20, 3, 4], ttl).header(l4.len());
+        l3.extend_from_slice(&l4);
+        ethernet(dst_mac, src_mac, 0x0800, &l3)
+    };
+    let mut per_nexthop = [0u32; 2];
+    for sport in 1000..1256u16 {
+        let mut chosen = None;
+        for _ in 0..3 {
+            let (rc, out) = h.run(&frame(sport, 64, IN_MAC, HOST_MAC));
+            assert_eq!(rc, XDP_REDIRECT, "flow {sport}");
+            let m: [u8; 6] = out[0..6].try_into().unwrap();
+            assert!(m == mac(a) || m == mac(b), "flow {sport} went to {m:02x?}");
+            assert_eq!(out, frame(sport, 63, m, OUT_MAC), "flow {sport}: forwarded frame differs");
+            assert!(chosen.is_none_or(|c| c == m), "flow {sport} changed nexthop");
+            chosen = Some(m);
+        }
+        per_nexthop[(chosen.unwrap() == mac(b)) as usize] += 1;
+    }
+    assert!(per_nexthop.iter().all(|n| *n > 64), "flows are not spread: {per_nexthop:?}");
+}
