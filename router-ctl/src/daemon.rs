@@ -66,6 +66,19 @@ pub fn pid_file() -> std::path::PathBuf {
     state::run_dir().join("daemon.pid")
 }
 
+/// This process's binary, without the " (deleted)" the kernel adds once it was replaced.
+fn current_binary() -> Option<std::path::PathBuf> {
+    let p = std::fs::read_link("/proc/self/exe").ok()?;
+    let s = p.to_string_lossy();
+    Some(std::path::PathBuf::from(s.strip_suffix(" (deleted)").unwrap_or(&s).to_string()))
+}
+
+/// True when the file this process runs from was replaced (a new build installed over it).
+fn binary_replaced() -> bool {
+    std::fs::read_link("/proc/self/exe").is_ok_and(|p| p.to_string_lossy().ends_with(" (deleted)"))
+        && current_binary().is_some_and(|p| p.exists())
+}
+
 /// The pid of the daemon that wrote the pid file, and whether apply started it.
 fn running_daemon() -> Option<(i32, bool)> {
     let s = std::fs::read_to_string(pid_file()).ok()?;
@@ -149,7 +162,15 @@ pub fn run(stay: bool, file: Option<std::path::PathBuf>, metrics: Option<String>
     }
     let mut watchers: BTreeMap<String, Watcher> = BTreeMap::new();
     let mut daemon_lock = Some(daemon_lock);
+    let mut upgrade = false;
     while !TERM.load(Ordering::SeqCst) {
+        if binary_replaced() {
+            // A new build was installed over this one: hand over to it, so that one daemon
+            // never writes the maps with an older build's logic.
+            tracing::info!("router-ctl was replaced on disk; restarting into the new build");
+            upgrade = true;
+            break;
+        }
         if let Some(d) = defs.as_mut() {
             if HUP.swap(false, Ordering::SeqCst) || d.mtime() != d.mtime {
                 if let Err(e) = d.load() {
@@ -215,6 +236,13 @@ pub fn run(stay: bool, file: Option<std::path::PathBuf>, metrics: Option<String>
     for (_, w) in watchers {
         w.stop.store(true, Ordering::SeqCst);
         let _ = w.handle.join();
+    }
+    if upgrade {
+        drop(daemon_lock.take());
+        let exe = current_binary().context("cannot find the new router-ctl")?;
+        use std::os::unix::process::CommandExt as _;
+        let err = Command::new(&exe).args(std::env::args_os().skip(1)).exec();
+        return Err(err).with_context(|| format!("cannot start {}", exe.display()));
     }
     tracing::info!("router-ctl daemon stopped; the fast path keeps forwarding");
     Ok(())

@@ -422,6 +422,23 @@ mod tests {
     }
 
     #[test]
+    fn several_routes_to_one_prefix_make_an_ecmp_group() {
+        let routes = vec![("10.10.0.0/16".parse().unwrap(), nh(1)), ("10.10.0.0/16".parse().unwrap(), nh(2)), ("10.1.0.0/24".parse().unwrap(), nh(3))];
+        let fib = Fib::build(&routes, &Fib::empty(Capacity::default())).unwrap();
+        let r = fib.lookup("10.10.3.4".parse().unwrap()).unwrap();
+        assert_eq!(r.kind, route_kind::ECMP);
+        let g = fib.groups[r.tx_port as usize].unwrap();
+        assert_eq!(g.count, 2);
+        let mut m: Vec<Route> = g.members[..2].iter().map(|i| fib.nexthops[*i as usize].unwrap()).collect();
+        m.sort();
+        let mut want = vec![nh(1), nh(2)];
+        want.sort();
+        assert_eq!(m, want);
+        // Built again over itself, nothing moves.
+        assert_eq!(Fib::build(&routes, &fib).unwrap(), fib);
+    }
+
+    #[test]
     fn the_default_route_and_host_routes() {
         let r = |i| nh(i);
         let routes = vec![

@@ -524,3 +524,45 @@ fn the_daemon_applies_its_definitions_on_sighup_and_on_file_change() {
     wait_for("a router removed from the file is still there", &|| routes().is_none());
     assert!(!std::path::Path::new(&format!("/run/netns/{}", ids.ns())).exists());
 }
+
+#[test]
+fn ecmp_extra_routes_spread_flows_over_both_nexthops() {
+    if !require_root() {
+        return;
+    }
+    let routes = "[[router.route]]\ndestination = \"10.10.0.0/16\"\nnexthop = \"172.16.101.254\"\n\
+                  [[router.route]]\ndestination = \"10.10.0.0/16\"\nnexthop = \"172.16.101.253\"\n";
+    let mut s = Seed::applied(routes);
+    s.plug(&s.vm1, &s.ids.tap_a(), "172.16.100.3/24", "172.16.100.1");
+    let (nh1, nh2) = (format!("nh1-{}", s.ids.tag), format!("nh2-{}", s.ids.tag));
+    bridge_vlan101(&mut s, &[(&nh1, "172.16.101.254/24"), (&nh2, "172.16.101.253/24")]);
+    for ns in [&nh1, &nh2] {
+        // The whole /16 is local to each instance; each counts the echo requests it receives.
+        sh(&format!(
+            "ip -n {ns} addr add 10.10.0.2/16 dev lo && ip netns exec {ns} nft add table inet c && \\
+             ip netns exec {ns} nft add chain inet c in '{{ type filter hook input priority 0; }}' && \\
+             ip netns exec {ns} nft add rule inet c in ip daddr 10.10.0.0/16 icmp type echo-request counter"
+        ));
+    }
+    let kernel_route = sh(&format!("ip -n {} route show 10.10.0.0/16", s.ns()));
+    assert!(kernel_route.contains("nexthop via 172.16.101.254") && kernel_route.contains("nexthop via 172.16.101.253"), "{kernel_route}");
+    assert!(Seed::ping(&s.vm1, "172.16.100.1", 1));
+    assert!(Seed::ping(&nh1, "172.16.101.1", 1) && Seed::ping(&nh2, "172.16.101.1", 1));
+    s.wait_neigh("172.16.101.254");
+    s.wait_neigh("172.16.101.253");
+    s.set_forwarding(false);
+    let forw = s.forw_datagrams();
+    // 64 flows (destinations), two echo requests each, all through the fast path.
+    for i in 0..64 {
+        assert!(Seed::ping(&s.vm1, &format!("10.10.{i}.1 -i 0.05"), 2), "flow to 10.10.{i}.1 failed");
+    }
+    assert_eq!(s.forw_datagrams(), forw, "the kernel forwarded: ECMP was not in the fast path");
+    let count = |ns: &str| -> u64 {
+        let v: serde_json::Value = serde_json::from_str(&sh(&format!("ip netns exec {ns} nft -j list table inet c"))).unwrap();
+        v["nftables"].as_array().unwrap().iter().filter_map(|i| i.get("rule")).flat_map(|r| r["expr"].as_array().unwrap().clone()).find_map(|e| e.get("counter").map(|c| c["packets"].as_u64().unwrap())).unwrap()
+    };
+    let (a, b) = (count(&nh1), count(&nh2));
+    assert_eq!(a + b, 128, "requests lost or duplicated: {a} + {b}");
+    assert!(a >= 16 && b >= 16, "flows not spread over both nexthops: {a} / {b}");
+    assert!(a % 2 == 0 && b % 2 == 0, "a flow was split between nexthops: {a} / {b}");
+}

@@ -462,4 +462,15 @@ fn ecmp_spreads_flows_and_keeps_each_on_one_nexthop() {
         per_nexthop[(chosen.unwrap() == mac(b)) as usize] += 1;
     }
     assert!(per_nexthop.iter().all(|n| *n > 64), "flows are not spread: {per_nexthop:?}");
+    // Without ports (ICMP), flows are told apart by their addresses.
+    let mut per_nexthop = [0u32; 2];
+    for i in 0..64u8 {
+        let mut ip = Ipv4::udp([172, 16, 100, 3], [10, 20, i, 1], 64);
+        ip.protocol = 1;
+        let l3 = { let mut h = ip.header(8); h.extend_from_slice(&[8, 0, 0, 0, 0, 1, 0, 1]); h };
+        let (rc, out) = h.run(&ethernet(IN_MAC, HOST_MAC, 0x0800, &l3));
+        assert_eq!(rc, XDP_REDIRECT);
+        per_nexthop[(out[0..6] == mac(b)) as usize] += 1;
+    }
+    assert!(per_nexthop.iter().all(|n| *n > 12), "ICMP flows are not spread: {per_nexthop:?}");
 }
