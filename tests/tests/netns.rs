@@ -294,6 +294,29 @@ fn steady_ping(ns: &str, dst: &str, count: u32, during: impl FnOnce()) -> (u32, 
     (n[0], n[1])
 }
 
+/// Echo requests counted by the `inet c` nftables table of instance namespace `ns`.
+fn echo_counter(ns: &str) -> u64 {
+    let v: serde_json::Value = serde_json::from_str(&sh(&format!("ip netns exec {ns} nft -j list table inet c"))).unwrap();
+    v["nftables"].as_array().unwrap().iter().filter_map(|i| i.get("rule")).flat_map(|r| r["expr"].as_array().unwrap().clone()).find_map(|e| e.get("counter").map(|c| c["packets"].as_u64().unwrap())).unwrap()
+}
+
+/// Adds a counter of echo requests to 10.10.0.0/16 in instance namespace `ns`.
+fn count_echo_requests(ns: &str) {
+    sh(&format!(
+        "ip netns exec {ns} nft add table inet c && ip netns exec {ns} nft add chain inet c in '{{ type filter hook input priority 0; }}' && \
+         ip netns exec {ns} nft add rule inet c in ip daddr 10.10.0.0/16 icmp type echo-request counter"
+    ));
+}
+
+/// Polls `f` until it holds, failing with `what` after five seconds.
+fn wait_for(what: &str, f: &dyn Fn() -> bool) {
+    let t0 = std::time::Instant::now();
+    while !f() {
+        assert!(t0.elapsed() < std::time::Duration::from_secs(5), "{what}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
 /// Tests that replace the shared daemon take turns.
 static DAEMON: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
@@ -355,13 +378,9 @@ fn changing_an_extra_routes_nexthop_loses_and_misroutes_nothing() {
     s.plug(&s.vm1, &s.ids.tap_a(), "172.16.100.3/24", "172.16.100.1");
     let (nh1, nh2) = (format!("nh1-{}", s.ids.tag), format!("nh2-{}", s.ids.tag));
     bridge_vlan101(&mut s, &[(&nh1, "172.16.101.254/24"), (&nh2, "172.16.101.253/24")]);
-    // Each nexthop instance counts the echo requests for 10.10.0.1 it receives.
-    for ns in [&nh1, &nh2] {
-        sh(&format!(
-            "ip netns exec {ns} nft add table inet c && ip netns exec {ns} nft add chain inet c in '{{ type filter hook input priority 0; }}' && \
-             ip netns exec {ns} nft add rule inet c in ip daddr 10.10.0.1 icmp type echo-request counter"
-        ));
-    }
+    // Each nexthop instance counts the echo requests it receives.
+    count_echo_requests(&nh1);
+    count_echo_requests(&nh2);
     assert!(Seed::ping(&s.vm1, "172.16.100.1", 1));
     assert!(Seed::ping(&nh1, "172.16.101.1", 1) && Seed::ping(&nh2, "172.16.101.1", 1));
     s.wait_neigh("172.16.101.254");
@@ -371,11 +390,7 @@ fn changing_an_extra_routes_nexthop_loses_and_misroutes_nothing() {
         let out = ctl(&["apply", "-f", &path]);
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     });
-    let count = |ns: &str| -> u64 {
-        let v: serde_json::Value = serde_json::from_str(&sh(&format!("ip netns exec {ns} nft -j list table inet c"))).unwrap();
-        v["nftables"].as_array().unwrap().iter().filter_map(|i| i.get("rule")).flat_map(|r| r["expr"].as_array().unwrap().clone()).find_map(|e| e.get("counter").map(|c| c["packets"].as_u64().unwrap())).unwrap()
-    };
-    let (a, b) = (count(&nh1), count(&nh2));
+    let (a, b) = (echo_counter(&nh1), echo_counter(&nh2));
     assert_eq!((sent, got), (2000, 2000), "echo requests or replies lost while the nexthop changed ({a} at nh1, {b} at nh2)");
     assert_eq!(a + b, 2000, "requests reached neither nexthop, or both: {a} at nh1, {b} at nh2");
     assert!(a > 0 && b > 0, "the change did not happen under traffic: {a} at nh1, {b} at nh2");
@@ -437,13 +452,6 @@ fn a_device_going_down_or_changing_mtu_leaves_the_fast_path_in_line() {
     let s = Seed::up("");
     s.prime_neighbours();
     let (ns, dev_b) = (s.ns(), s.ids.dev_b());
-    let wait_for = |what: &str, f: &dyn Fn() -> bool| {
-        let t0 = std::time::Instant::now();
-        while !f() {
-            assert!(t0.elapsed() < std::time::Duration::from_secs(3), "{what}");
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
-    };
     // qr-b down: frames routed to it go to the kernel (no redirect slot; the kernel also
     // flushes its neighbours), not into a dead device.
     sh(&format!("ip -n {ns} link set {dev_b} down"));
@@ -500,13 +508,6 @@ fn the_daemon_applies_its_definitions_on_sighup_and_on_file_change() {
         let r = v.as_array()?.iter().find(|r| r["id"] == ids.router_id.as_str())?.clone();
         Some(r["routes"].as_array()?.iter().map(|x| x["destination"].as_str().unwrap().to_string()).collect())
     };
-    let wait_for = |what: &str, f: &dyn Fn() -> bool| {
-        let t0 = std::time::Instant::now();
-        while !f() {
-            assert!(t0.elapsed() < std::time::Duration::from_secs(5), "{what}");
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
-    };
     wait_for("the daemon did not apply its file at start", &|| routes().is_some());
     // An edit followed by SIGHUP.
     std::fs::write(&path, ids.config(route)).unwrap();
@@ -557,11 +558,7 @@ fn ecmp_extra_routes_spread_flows_over_both_nexthops() {
         assert!(Seed::ping(&s.vm1, &format!("10.10.{i}.1 -i 0.05"), 2), "flow to 10.10.{i}.1 failed");
     }
     assert_eq!(s.forw_datagrams(), forw, "the kernel forwarded: ECMP was not in the fast path");
-    let count = |ns: &str| -> u64 {
-        let v: serde_json::Value = serde_json::from_str(&sh(&format!("ip netns exec {ns} nft -j list table inet c"))).unwrap();
-        v["nftables"].as_array().unwrap().iter().filter_map(|i| i.get("rule")).flat_map(|r| r["expr"].as_array().unwrap().clone()).find_map(|e| e.get("counter").map(|c| c["packets"].as_u64().unwrap())).unwrap()
-    };
-    let (a, b) = (count(&nh1), count(&nh2));
+    let (a, b) = (echo_counter(&nh1), echo_counter(&nh2));
     assert_eq!(a + b, 128, "requests lost or duplicated: {a} + {b}");
     assert!(a >= 16 && b >= 16, "flows not spread over both nexthops: {a} / {b}");
     assert!(a % 2 == 0 && b % 2 == 0, "a flow was split between nexthops: {a} / {b}");
