@@ -238,6 +238,7 @@ fn apply_one(r: &Router, undo: &mut Vec<Undo>) -> Result<Report> {
         ip_forward_before,
         interfaces: ifaces,
         routes,
+        max_routes: r.max_routes,
     };
 
     // The fast path's tables.

@@ -9,4 +9,5 @@ pub mod fib;
 pub mod metrics;
 pub mod state;
 pub mod sys;
+pub mod verbs;
 pub mod table;

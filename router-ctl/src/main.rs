@@ -51,6 +51,11 @@ enum Cmd {
     Neigh { router: Option<String> },
     /// Detach the programs, remove the pins, and remove what apply created.
     Destroy { router: String },
+    /// openstack-style verbs: `router create|delete|list|show`, `router add|remove subnet|route`.
+    Router {
+        #[command(subcommand)]
+        cmd: RouterCmd,
+    },
     /// Keep the neighbour maps in sync with the kernel (foreground; apply starts it if needed).
     Run {
         /// Keep running when no router is applied.
@@ -69,8 +74,92 @@ enum Cmd {
     },
 }
 
+#[derive(Subcommand)]
+enum RouterCmd {
+    /// Create a router (its namespace) with no interface yet.
+    Create {
+        name: String,
+        /// The router's UUID (default: a new one).
+        #[arg(long)]
+        id: Option<String>,
+        #[arg(short = 'f', long = "format", default_value = "table")]
+        format: Format,
+    },
+    /// Delete a router (as `router-ctl destroy`).
+    Delete { router: String },
+    /// List the routers.
+    List {
+        #[arg(short = 'f', long = "format", default_value = "table")]
+        format: Format,
+    },
+    /// Show one router.
+    Show {
+        router: String,
+        #[arg(short = 'f', long = "format", default_value = "table")]
+        format: Format,
+    },
+    /// Add an interface on a subnet, or an extra route.
+    Add {
+        #[command(subcommand)]
+        what: AddCmd,
+    },
+    /// Remove an interface, or an extra route.
+    Remove {
+        #[command(subcommand)]
+        what: RemoveCmd,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Format {
+    Table,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum AddCmd {
+    /// Add an interface on SUBNET with the gateway address (device qr-<port id[:11]>).
+    Subnet {
+        router: String,
+        #[arg(long)]
+        subnet: String,
+        #[arg(long)]
+        gateway: String,
+        /// The Neutron port id (default: a new UUID).
+        #[arg(long)]
+        port_id: Option<String>,
+    },
+    /// Add an extra route: --route destination=CIDR,gateway=IP.
+    Route {
+        router: String,
+        #[arg(long)]
+        route: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum RemoveCmd {
+    /// Remove the interface on SUBNET.
+    Subnet {
+        router: String,
+        #[arg(long)]
+        subnet: String,
+    },
+    /// Remove an extra route: --route destination=CIDR,gateway=IP.
+    Route {
+        router: String,
+        #[arg(long)]
+        route: String,
+    },
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if !matches!(cli.cmd, Cmd::Run { .. }) {
+        // Like iproute2: a closed pipe (`router-ctl show | head`) ends the command quietly.
+        // SAFETY: restores the default disposition before any output.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     let level = match cli.verbose {
         0 => "warn,router_ctl=info",
         1 => "info,router_ctl=debug",
@@ -141,7 +230,73 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Cmd::Run { stay, metrics, file, auto } => daemon::run(stay, file, metrics, auto)?,
+        Cmd::Router { cmd } => router_verb(cmd, cli.json)?,
     }
+    Ok(())
+}
+
+/// The verbs serialise with apply and destroy through the state lock; each one ends by making
+/// sure the neighbour daemon runs.
+fn router_verb(cmd: RouterCmd, json_flag: bool) -> Result<()> {
+    use router_ctl::verbs;
+    let json_of = |f: Format| json_flag || matches!(f, Format::Json);
+    let after = |r: &router_ctl::config::Router, f: Format| -> Result<()> {
+        {
+            let _lock = Lock::acquire(state::STATE_LOCK)?;
+            daemon::ensure_running()?;
+        }
+        router_table(&RouterState::find(&r.id)?, json_of(f))
+    };
+    match cmd {
+        RouterCmd::Create { name, id, format } => after(&verbs::create(&name, id)?, format),
+        RouterCmd::Delete { router } => {
+            let st = apply::destroy(&router)?;
+            println!("router {} ({}) deleted", st.name, st.id);
+            Ok(())
+        }
+        RouterCmd::List { format } => {
+            let all = RouterState::all()?;
+            if json_of(format) {
+                print_json(json!(all.iter().map(|r| json!({"id": r.id, "name": r.name, "status": "ACTIVE", "interfaces": r.interfaces.len(), "routes": r.routes.len()})).collect::<Vec<_>>()));
+            } else {
+                let mut t = Table::new(&["ID", "Name", "Status", "Interfaces", "Routes"]);
+                for r in &all {
+                    t.row(vec![r.id.clone(), r.name.clone(), "ACTIVE".into(), r.interfaces.len().to_string(), r.routes.len().to_string()]);
+                }
+                print!("{}", t.render());
+            }
+            Ok(())
+        }
+        RouterCmd::Show { router, format } => router_table(&RouterState::find(&router)?, json_of(format)),
+        RouterCmd::Add { what: AddCmd::Subnet { router, subnet, gateway, port_id } } => {
+            after(&verbs::add_subnet(&router, &subnet, &gateway, port_id)?, Format::Table)
+        }
+        RouterCmd::Add { what: AddCmd::Route { router, route } } => after(&verbs::add_route(&router, &route)?, Format::Table),
+        RouterCmd::Remove { what: RemoveCmd::Subnet { router, subnet } } => after(&verbs::remove_subnet(&router, &subnet)?, Format::Table),
+        RouterCmd::Remove { what: RemoveCmd::Route { router, route } } => after(&verbs::remove_route(&router, &route)?, Format::Table),
+    }
+}
+
+/// `openstack router show` style: a Field | Value table.
+fn router_table(r: &RouterState, json_out: bool) -> Result<()> {
+    let interfaces: Vec<String> = r.interfaces.iter().map(|i| format!("{} {} {} {}", i.port_id, i.device, i.subnet, i.gateway_ip)).collect();
+    let routes: Vec<String> = r.routes.iter().map(|x| format!("destination='{}', gateway='{}'", x.destination, x.nexthop)).collect();
+    if json_out {
+        print_json(json!({
+            "id": r.id, "name": r.name, "status": "ACTIVE", "namespace": r.namespace,
+            "interfaces_info": r.interfaces.iter().map(|i| json!({"port_id": i.port_id, "device": i.device, "subnet": i.subnet, "ip_address": i.gateway_ip})).collect::<Vec<_>>(),
+            "routes": r.routes.iter().map(|x| json!({"destination": x.destination, "nexthop": x.nexthop})).collect::<Vec<_>>(),
+        }));
+        return Ok(());
+    }
+    let mut t = Table::new(&["Field", "Value"]);
+    t.row(vec!["id".into(), r.id.clone()]);
+    t.row(vec!["name".into(), r.name.clone()]);
+    t.row(vec!["status".into(), "ACTIVE".into()]);
+    t.row(vec!["namespace".into(), r.namespace.clone()]);
+    t.row(vec!["interfaces_info".into(), interfaces.join("; ")]);
+    t.row(vec!["routes".into(), routes.join("; ")]);
+    print!("{}", t.render());
     Ok(())
 }
 

@@ -57,6 +57,9 @@ pub struct RouterState {
     pub ip_forward_before: Option<String>,
     pub interfaces: Vec<IfaceState>,
     pub routes: Vec<RouteState>,
+    /// The definition's `max_routes`, if it had one.
+    #[serde(default)]
+    pub max_routes: Option<u32>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

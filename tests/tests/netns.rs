@@ -563,3 +563,58 @@ fn ecmp_extra_routes_spread_flows_over_both_nexthops() {
     assert!(a >= 16 && b >= 16, "flows not spread over both nexthops: {a} / {b}");
     assert!(a % 2 == 0 && b % 2 == 0, "a flow was split between nexthops: {a} / {b}");
 }
+
+#[test]
+fn openstack_style_verbs_build_a_router_that_forwards() {
+    if !require_root() {
+        return;
+    }
+    let tag = unique_tag();
+    let name = format!("verbs_{tag}");
+    let (vm1, vm3) = (format!("vm1-{tag}"), format!("vm3-{tag}"));
+    struct Cleanup(String, Vec<String>);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = ctl(&["router", "delete", &self.0]);
+            for n in &self.1 {
+                let _ = sh_out(&format!("ip netns del {n}"));
+            }
+        }
+    }
+    let _c = Cleanup(name.clone(), vec![vm1.clone(), vm3.clone()]);
+    let ok = |args: &[&str]| {
+        let out = ctl(args);
+        assert!(out.status.success(), "router-ctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    let (pa, pb) = (format!("{tag}0a-aaaa-4aaa-8aaa-aaaaaaaaaaaa"), format!("{tag}0b-bbbb-4bbb-8bbb-bbbbbbbbbbbb"));
+    ok(&["router", "create", &name]);
+    ok(&["router", "add", "subnet", &name, "--subnet", "172.16.100.0/24", "--gateway", "172.16.100.1", "--port-id", &pa]);
+    ok(&["router", "add", "subnet", &name, "--subnet", "172.16.101.0/24", "--gateway", "172.16.101.1", "--port-id", &pb]);
+    let show = ctl_json(&["router", "show", &name]);
+    assert_eq!(show["interfaces_info"].as_array().unwrap().len(), 2, "{show}");
+    let ns = show["namespace"].as_str().unwrap().to_string();
+    for (vm, port, addr, gw) in [(&vm1, &pa, "172.16.100.3/24", "172.16.100.1"), (&vm3, &pb, "172.16.101.3/24", "172.16.101.1")] {
+        sh(&format!(
+            "ip netns add {vm} && ip link set tap{p} netns {vm} && ip -n {vm} link set tap{p} up && ip -n {vm} addr add {addr} dev tap{p} && ip -n {vm} route add default via {gw}",
+            p = &port[..11]
+        ));
+    }
+    assert!(Seed::ping(&vm1, "172.16.100.1", 1) && Seed::ping(&vm3, "172.16.101.1", 1));
+    assert!(Seed::ping(&vm1, "172.16.101.3", 3), "the router built with the verbs does not forward");
+    // A route whose gateway is not on a connected subnet is refused and changes nothing.
+    let before = ctl_json(&["router", "show", &name]);
+    let out = ctl(&["router", "add", "route", &name, "--route", "destination=10.60.0.0/16,gateway=192.168.9.9"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("'nexthop' = 192.168.9.9 is not on a connected subnet"));
+    assert_eq!(ctl_json(&["router", "show", &name]), before);
+    ok(&["router", "add", "route", &name, "--route", "destination=10.50.0.0/16,gateway=172.16.101.9"]);
+    assert!(sh(&format!("ip -n {ns} route show 10.50.0.0/16")).contains("via 172.16.101.9"));
+    let list = ctl_json(&["router", "list"]);
+    assert!(list.as_array().unwrap().iter().any(|r| r["name"] == name.as_str() && r["routes"] == 1), "{list}");
+    ok(&["router", "remove", "route", &name, "--route", "destination=10.50.0.0/16,gateway=172.16.101.9"]);
+    assert!(sh(&format!("ip -n {ns} route show 10.50.0.0/16")).is_empty());
+    ok(&["router", "remove", "subnet", &name, "--subnet", "172.16.101.0/24"]);
+    assert!(!sh_out(&format!("ip -n {ns} link show qr-{}", &pb[..11])).status.success(), "removed interface still there");
+    ok(&["router", "delete", &name]);
+    assert!(!std::path::Path::new(&format!("/run/netns/{ns}")).exists());
+}
