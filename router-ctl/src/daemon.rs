@@ -149,6 +149,7 @@ pub fn run(stay: bool, file: Option<std::path::PathBuf>, metrics: Option<String>
     if let Some(addr) = &metrics {
         crate::metrics::serve(addr)?;
     }
+    crate::api::serve()?;
     // SAFETY: the handlers only store to atomics.
     unsafe {
         libc::signal(libc::SIGTERM, on_term as *const () as libc::sighandler_t);

@@ -161,7 +161,7 @@ fn main() -> ExitCode {
         unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     }
     let level = match cli.verbose {
-        0 => "warn,router_ctl=info",
+        0 => "warn,router_ctl=info,netlink_packet_route=error",
         1 => "info,router_ctl=debug",
         _ => "debug",
     };
@@ -240,18 +240,26 @@ fn run(cli: Cli) -> Result<()> {
 fn router_verb(cmd: RouterCmd, json_flag: bool) -> Result<()> {
     use router_ctl::verbs;
     let json_of = |f: Format| json_flag || matches!(f, Format::Json);
-    let after = |r: &router_ctl::config::Router, f: Format| -> Result<()> {
+    use router_ctl::api::{self, Request};
+    // Through the daemon when one runs, else here.
+    let change = |req: Request| -> Result<String> {
+        match api::call(&req) {
+            Some(r) => r,
+            None => api::execute(req),
+        }
+    };
+    let after = |id: String, f: Format| -> Result<()> {
         {
             let _lock = Lock::acquire(state::STATE_LOCK)?;
             daemon::ensure_running()?;
         }
-        router_table(&RouterState::find(&r.id)?, json_of(f))
+        router_table(&RouterState::find(&id)?, json_of(f))
     };
     match cmd {
-        RouterCmd::Create { name, id, format } => after(&verbs::create(&name, id)?, format),
+        RouterCmd::Create { name, id, format } => after(change(Request::Create { name, id })?, format),
         RouterCmd::Delete { router } => {
-            let st = apply::destroy(&router)?;
-            println!("router {} ({}) deleted", st.name, st.id);
+            let id = change(Request::Delete { router: router.clone() })?;
+            println!("router {router} ({id}) deleted");
             Ok(())
         }
         RouterCmd::List { format } => {
@@ -269,11 +277,17 @@ fn router_verb(cmd: RouterCmd, json_flag: bool) -> Result<()> {
         }
         RouterCmd::Show { router, format } => router_table(&RouterState::find(&router)?, json_of(format)),
         RouterCmd::Add { what: AddCmd::Subnet { router, subnet, gateway, port_id } } => {
-            after(&verbs::add_subnet(&router, &subnet, &gateway, port_id)?, Format::Table)
+            after(change(Request::AddSubnet { router, subnet, gateway, port_id })?, Format::Table)
         }
-        RouterCmd::Add { what: AddCmd::Route { router, route } } => after(&verbs::add_route(&router, &route)?, Format::Table),
-        RouterCmd::Remove { what: RemoveCmd::Subnet { router, subnet } } => after(&verbs::remove_subnet(&router, &subnet)?, Format::Table),
-        RouterCmd::Remove { what: RemoveCmd::Route { router, route } } => after(&verbs::remove_route(&router, &route)?, Format::Table),
+        RouterCmd::Add { what: AddCmd::Route { router, route } } => {
+            verbs::parse_route(&route)?;
+            after(change(Request::AddRoute { router, route })?, Format::Table)
+        }
+        RouterCmd::Remove { what: RemoveCmd::Subnet { router, subnet } } => after(change(Request::RemoveSubnet { router, subnet })?, Format::Table),
+        RouterCmd::Remove { what: RemoveCmd::Route { router, route } } => {
+            verbs::parse_route(&route)?;
+            after(change(Request::RemoveRoute { router, route })?, Format::Table)
+        }
     }
 }
 

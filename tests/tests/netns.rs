@@ -405,9 +405,10 @@ fn metrics_count_the_traffic_sent() {
     }
     let _turn = DAEMON.lock().unwrap_or_else(|e| e.into_inner());
     let s = Seed::up("");
-    s.prime_neighbours();
     let addr = format!("127.0.0.1:{}", 20000 + std::process::id() % 20000);
     restart_daemon(&["--metrics", &addr]);
+    // Neighbours known to the restarted daemon's maps before counting.
+    s.prime_neighbours();
     let scrape = || -> Option<String> {
         use std::io::{Read, Write};
         let mut c = std::net::TcpStream::connect(&addr).ok()?;
@@ -436,7 +437,12 @@ fn metrics_count_the_traffic_sent() {
     assert!(Seed::ping(&s.vm1, "172.16.101.3", 20));
     let _ = Seed::exec(&s.vm1, "ping -c 3 -i 0.2 -t 1 -W 1 172.16.101.3");
     let after = scrape().unwrap();
-    assert_eq!(value(&after, "router_xdp_forwarded_packets_total", &s.ids.dev_a(), None), a0 + 20, "echo requests forwarded from vm1");
+    assert_eq!(
+        value(&after, "router_xdp_forwarded_packets_total", &s.ids.dev_a(), None),
+        a0 + 20,
+        "echo requests forwarded from vm1; passed: {:?}",
+        after.lines().filter(|l| l.contains("passed_packets_total") && !l.ends_with(" 0")).collect::<Vec<_>>()
+    );
     assert_eq!(value(&after, "router_xdp_forwarded_packets_total", &s.ids.dev_b(), None), b0 + 20, "echo replies forwarded from vm3");
     assert_eq!(value(&after, "router_xdp_passed_packets_total", &s.ids.dev_a(), Some("ttl_exceeded")), ttl0 + 3, "TTL-1 pings passed to the kernel");
     // What the metrics say is what `router-ctl stats` says.
@@ -569,6 +575,8 @@ fn openstack_style_verbs_build_a_router_that_forwards() {
     if !require_root() {
         return;
     }
+    // The verbs go through the daemon's API: no other test may restart it meanwhile.
+    let _turn = DAEMON.lock().unwrap_or_else(|e| e.into_inner());
     let tag = unique_tag();
     let name = format!("verbs_{tag}");
     let (vm1, vm3) = (format!("vm1-{tag}"), format!("vm3-{tag}"));
@@ -617,4 +625,64 @@ fn openstack_style_verbs_build_a_router_that_forwards() {
     assert!(!sh_out(&format!("ip -n {ns} link show qr-{}", &pb[..11])).status.success(), "removed interface still there");
     ok(&["router", "delete", &name]);
     assert!(!std::path::Path::new(&format!("/run/netns/{ns}")).exists());
+}
+
+#[test]
+fn malformed_api_requests_get_errors_and_never_stop_the_daemon() {
+    if !require_root() {
+        return;
+    }
+    let _turn = DAEMON.lock().unwrap_or_else(|e| e.into_inner());
+    let s = Seed::up("");
+    restart_daemon(&[]);
+    let sock = "/run/router-xdp/ctl.sock";
+    let send = |bytes: &[u8], close_write: bool| -> String {
+        use std::io::{Read, Write};
+        let t0 = std::time::Instant::now();
+        let mut c = loop {
+            match std::os::unix::net::UnixStream::connect(sock) {
+                Ok(c) => break c,
+                Err(e) => {
+                    assert!(t0.elapsed() < std::time::Duration::from_secs(3), "no daemon on {sock}: {e}");
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+            }
+        };
+        let _ = c.write_all(bytes);
+        if close_write {
+            let _ = c.shutdown(std::net::Shutdown::Write);
+        }
+        let mut out = String::new();
+        let _ = c.read_to_string(&mut out);
+        out
+    };
+    // Wait until the restarted daemon answers (the one it replaces may still hold the socket).
+    let t0 = std::time::Instant::now();
+    while !send(b"{\"op\": \"delete\", \"router\": \"no-such-router\"}\n", false).contains("\"ok\"") {
+        assert!(t0.elapsed() < std::time::Duration::from_secs(5), "the daemon does not answer on {sock}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let mode = std::fs::metadata(sock).map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o777).unwrap();
+    assert_eq!(mode, 0o600, "the API socket must be root-only");
+    let big = vec![b'x'; 70 * 1024];
+    let cases: Vec<(&str, Vec<u8>, bool, &str)> = vec![
+        ("garbage", b"garbage\n".to_vec(), false, "malformed request"),
+        ("truncated", b"{\"op\": \"create\", \"name\": \"x\"".to_vec(), true, "truncated request"),
+        ("oversized", big, true, "longer than"),
+        ("unknown op", b"{\"op\": \"explode\"}\n".to_vec(), false, "malformed request"),
+        ("unknown field", b"{\"op\": \"delete\", \"router\": \"x\", \"force\": true}\n".to_vec(), false, "malformed request"),
+        ("unknown router", b"{\"op\": \"add_route\", \"router\": \"no-such-router\", \"route\": \"destination=10.1.0.0/16,gateway=1.1.1.1\"}\n".to_vec(), false, "no router 'no-such-router'"),
+        ("empty", Vec::new(), true, "truncated request"),
+    ];
+    for (what, bytes, close, want) in cases {
+        let answer = send(&bytes, close);
+        let v: serde_json::Value = serde_json::from_str(answer.trim()).unwrap_or_else(|_| panic!("{what}: answer {answer:?}"));
+        assert_eq!(v["ok"], false, "{what}: {answer}");
+        assert!(v["error"].as_str().unwrap().contains(want), "{what}: {answer}");
+    }
+    // Still there, and still doing its job.
+    let req = format!("{{\"op\": \"add_route\", \"router\": \"{}\", \"route\": \"destination=10.70.0.0/16,gateway=172.16.101.9\"}}\n", s.ids.router_id);
+    let v: serde_json::Value = serde_json::from_str(send(req.as_bytes(), false).trim()).unwrap();
+    assert_eq!(v["ok"], true, "{v}");
+    assert!(sh(&format!("ip -n {} route show 10.70.0.0/16", s.ns())).contains("via 172.16.101.9"));
 }

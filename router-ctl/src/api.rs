@@ -1,0 +1,113 @@
+//! The daemon's API: a unix socket (root only, mode 0600) taking one JSON request per line and
+//! answering one JSON line. The CLI's changing verbs go through it when a daemon runs, so that
+//! changes are made by one process; without a daemon they act on the pinned state directly.
+//! A malformed, truncated or oversized request gets an error answer and never stops the daemon.
+
+use std::{
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    os::unix::{fs::PermissionsExt as _, net::{UnixListener, UnixStream}},
+    path::PathBuf,
+    time::Duration,
+};
+
+use anyhow::{anyhow, Context as _, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::{state, verbs};
+
+/// Longest request line accepted.
+const MAX_REQUEST: u64 = 64 * 1024;
+
+pub fn socket_path() -> PathBuf {
+    state::run_dir().join("ctl.sock")
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    Create { name: String, id: Option<String> },
+    Delete { router: String },
+    AddSubnet { router: String, subnet: String, gateway: String, port_id: Option<String> },
+    RemoveSubnet { router: String, subnet: String },
+    AddRoute { router: String, route: String },
+    RemoveRoute { router: String, route: String },
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Response {
+    pub ok: bool,
+    #[serde(default)]
+    pub router_id: Option<String>,
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+/// Carries out a request in this process.
+pub fn execute(req: Request) -> Result<String> {
+    Ok(match req {
+        Request::Create { name, id } => verbs::create(&name, id)?.id,
+        Request::Delete { router } => crate::apply::destroy(&router)?.id,
+        Request::AddSubnet { router, subnet, gateway, port_id } => verbs::add_subnet(&router, &subnet, &gateway, port_id)?.id,
+        Request::RemoveSubnet { router, subnet } => verbs::remove_subnet(&router, &subnet)?.id,
+        Request::AddRoute { router, route } => verbs::add_route(&router, &route)?.id,
+        Request::RemoveRoute { router, route } => verbs::remove_route(&router, &route)?.id,
+    })
+}
+
+/// Serves the socket from a thread of its own.
+pub fn serve() -> Result<()> {
+    let path = socket_path();
+    let _ = std::fs::remove_file(&path);
+    let listener = UnixListener::bind(&path).with_context(|| format!("cannot listen on {}", path.display()))?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    tracing::info!(socket = %path.display(), "API listening");
+    std::thread::Builder::new().name("api".into()).spawn(move || {
+        for conn in listener.incoming().flatten() {
+            // One request at a time: changes are serialised here (and by the state lock).
+            let answer = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handle(&conn)));
+            let resp = match answer {
+                Ok(Ok(id)) => Response { ok: true, router_id: Some(id), error: None },
+                Ok(Err(e)) => Response { ok: false, router_id: None, error: Some(format!("{e:#}")) },
+                Err(_) => Response { ok: false, router_id: None, error: Some("internal error".into()) },
+            };
+            let mut conn = conn;
+            let _ = writeln!(conn, "{}", serde_json::to_string(&resp).unwrap_or_default());
+        }
+    })?;
+    Ok(())
+}
+
+fn handle(conn: &UnixStream) -> Result<String> {
+    conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut line = String::new();
+    let n = BufReader::new(conn.take(MAX_REQUEST + 1)).read_line(&mut line).context("reading the request")?;
+    if n as u64 > MAX_REQUEST {
+        return Err(anyhow!("request longer than {MAX_REQUEST} bytes"));
+    }
+    if !line.ends_with('\n') {
+        return Err(anyhow!("truncated request: a request is one JSON object ending with a newline"));
+    }
+    let req: Request = serde_json::from_str(&line).context("malformed request")?;
+    tracing::info!(?req, "API request");
+    execute(req)
+}
+
+/// Sends a request to the running daemon; None when no daemon listens.
+pub fn call(req: &Request) -> Option<Result<String>> {
+    let mut s = UnixStream::connect(socket_path()).ok()?;
+    let mut run = || -> Result<String> {
+        s.set_read_timeout(Some(Duration::from_secs(120)))?;
+        writeln!(s, "{}", serde_json::to_string(req)?)?;
+        let mut line = String::new();
+        BufReader::new(&s).read_line(&mut line)?;
+        if line.is_empty() {
+            return Err(anyhow!("the daemon closed the connection without answering (it was stopping?); check `router-ctl router show` and run the command again"));
+        }
+        let resp: Response = serde_json::from_str(&line).context("the daemon's answer")?;
+        match (resp.ok, resp.router_id, resp.error) {
+            (true, Some(id), _) => Ok(id),
+            (_, _, e) => Err(anyhow!(e.unwrap_or_else(|| "the daemon refused the request".into()))),
+        }
+    };
+    Some(run())
+}
