@@ -32,7 +32,9 @@ pub fn neighbour_latency(samples: usize) -> Result<NeighLatency> {
     let (total, ack) = sys::in_netns(&ns, move || {
         let neighs = datapath::Neighs::open(&id)?;
         let ip = Ipv4Addr::new(172, 16, 101, 3);
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
         rt.block_on(async {
             let (conn, handle, _) = rtnetlink::new_connection()?;
             tokio::spawn(conn);
@@ -52,7 +54,10 @@ pub fn neighbour_latency(samples: usize) -> Result<NeighLatency> {
                 ack.push(t0.elapsed().as_secs_f64() * 1e3);
                 let deadline = t0 + Duration::from_secs(2);
                 while neighs.get(ifindex, ip) != Some(mac) {
-                    anyhow::ensure!(Instant::now() < deadline, "neighbour change never reached the map");
+                    anyhow::ensure!(
+                        Instant::now() < deadline,
+                        "neighbour change never reached the map"
+                    );
                     std::hint::spin_loop();
                 }
                 total.push(t0.elapsed().as_secs_f64() * 1e3);
@@ -61,7 +66,10 @@ pub fn neighbour_latency(samples: usize) -> Result<NeighLatency> {
             anyhow::Ok((total, ack))
         })
     })?;
-    Ok(NeighLatency { total_ms: summarize(&total), kernel_ack_ms: summarize(&ack) })
+    Ok(NeighLatency {
+        total_ms: summarize(&total),
+        kernel_ack_ms: summarize(&ack),
+    })
 }
 
 /// Route table rewrites per second on a live router's pinned maps: each update moves one /24
@@ -70,26 +78,51 @@ pub fn route_updates_per_second(s: &Seed, seconds: f64) -> Result<f64> {
     let id = s.ids.router_id.clone();
     let ns = s.ns();
     let st = state::RouterState::load(&id)?.context("router state")?;
-    let b = st.interfaces.iter().find(|i| i.device == s.ids.dev_b()).context("qr-b")?.ifindex;
-    let a = st.interfaces.iter().find(|i| i.device == s.ids.dev_a()).context("qr-a")?.ifindex;
+    let b = st
+        .interfaces
+        .iter()
+        .find(|i| i.device == s.ids.dev_b())
+        .context("qr-b")?
+        .ifindex;
+    let a = st
+        .interfaces
+        .iter()
+        .find(|i| i.device == s.ids.dev_a())
+        .context("qr-a")?
+        .ifindex;
     sys::in_netns(&ns, move || {
         let mut ebpf = datapath::load_pinned(&id, Capacity::default())?;
         let base: Vec<_> = st
             .routes
             .iter()
-            .map(|r| (r.destination.parse().unwrap(), b, r.nexthop.parse().unwrap()))
-            .collect();
-        let ifaces = st.iface_entries()?;
-        let connected = [("172.16.100.0/24".parse().unwrap(), a), ("172.16.101.0/24".parse().unwrap(), b)];
-        let locals = [Ipv4Addr::new(172, 16, 100, 1), Ipv4Addr::new(172, 16, 101, 1)];
-        let tables: Vec<_> = [Ipv4Addr::new(172, 16, 101, 3), Ipv4Addr::new(172, 16, 101, 4)]
-            .iter()
-            .map(|alt| {
-                let mut g = base.clone();
-                g[0].2 = *alt;
-                datapath::route_entries(&ifaces, &connected, &g, &locals)
+            .map(|r| {
+                (
+                    r.destination.parse().unwrap(),
+                    b,
+                    r.nexthop.parse().unwrap(),
+                )
             })
             .collect();
+        let ifaces = st.iface_entries()?;
+        let connected = [
+            ("172.16.100.0/24".parse().unwrap(), a),
+            ("172.16.101.0/24".parse().unwrap(), b),
+        ];
+        let locals = [
+            Ipv4Addr::new(172, 16, 100, 1),
+            Ipv4Addr::new(172, 16, 101, 1),
+        ];
+        let tables: Vec<_> = [
+            Ipv4Addr::new(172, 16, 101, 3),
+            Ipv4Addr::new(172, 16, 101, 4),
+        ]
+        .iter()
+        .map(|alt| {
+            let mut g = base.clone();
+            g[0].2 = *alt;
+            datapath::route_entries(&ifaces, &connected, &g, &locals)
+        })
+        .collect();
         let mut table = datapath::RouteTable::open(&mut ebpf)?;
         let t = Instant::now();
         let mut n = 0u64;

@@ -62,14 +62,17 @@ fn set_mode(s: &Seed, mode: Mode) -> Result<()> {
     let id = s.ids.router_id.clone();
     let ns = s.ns();
     let (dev_a, dev_b) = (s.ids.dev_a(), s.ids.dev_b());
-    let ifindex = |d: &str| -> Result<u32> { Ok(sys::link(Some(&ns), d)?.context("device")?.ifindex) };
+    let ifindex =
+        |d: &str| -> Result<u32> { Ok(sys::link(Some(&ns), d)?.context("device")?.ifindex) };
     let (ia, ib) = (ifindex(&dev_a)?, ifindex(&dev_b)?);
     // Kernel mode: no programs; GRO on qr-a so that its veth takes the generator's frames.
     for dev in [&dev_a, &dev_b] {
         let _ = std::fs::remove_file(state::link_pin(&id, dev));
     }
     if mode == Mode::Kernel {
-        sh(&format!("ip netns exec {ns} ethtool -K {dev_a} gro on >/dev/null"));
+        sh(&format!(
+            "ip netns exec {ns} ethtool -K {dev_a} gro on >/dev/null"
+        ));
         return Ok(());
     }
     let cap = router_ctl::fib::Capacity::default();
@@ -81,8 +84,12 @@ fn set_mode(s: &Seed, mode: Mode) -> Result<()> {
             return Ok(());
         }
         let mut bench = EbpfLoader::new().load(datapath::BENCH_PROGRAM)?;
-        DevMapHash::try_from(bench.map_mut("WIRE_PORT").context("WIRE_PORT")?)?.insert(0, ib, None, 0)?;
-        let wire: &mut Xdp = bench.program_mut("bench_wire").context("bench_wire")?.try_into()?;
+        DevMapHash::try_from(bench.map_mut("WIRE_PORT").context("WIRE_PORT")?)?
+            .insert(0, ib, None, 0)?;
+        let wire: &mut Xdp = bench
+            .program_mut("bench_wire")
+            .context("bench_wire")?
+            .try_into()?;
         wire.load()?;
         let id_link = wire.attach_to_if_index(ia, aya::programs::XdpMode::Driver)?;
         let link: FdLink = wire.take_link(id_link)?.try_into()?;
@@ -93,7 +100,9 @@ fn set_mode(s: &Seed, mode: Mode) -> Result<()> {
 
 /// Packets counted by the sink at vm3.
 fn sink_count(vm3: &str) -> Result<u64> {
-    let out = sh(&format!("ip netns exec {vm3} nft -j list table netdev sink"));
+    let out = sh(&format!(
+        "ip netns exec {vm3} nft -j list table netdev sink"
+    ));
     let v: serde_json::Value = serde_json::from_str(&out)?;
     for item in v["nftables"].as_array().context("nft JSON")? {
         if let Some(c) = item.get("rule").and_then(|r| r["expr"].as_array()) {
@@ -125,9 +134,14 @@ fn load_generator(s: &Seed, flows: usize) -> Result<aya::Ebpf> {
     let vm1_mac = link_mac(&s.vm1, &s.ids.tap_a())?;
     let mut gen = EbpfLoader::new().load(datapath::BENCH_PROGRAM)?;
     {
-        let mut tpl: Array<_, [u8; 48]> = Array::try_from(gen.map_mut("GEN_FLOWS").context("GEN_FLOWS")?)?;
+        let mut tpl: Array<_, [u8; 48]> =
+            Array::try_from(gen.map_mut("GEN_FLOWS").context("GEN_FLOWS")?)?;
         for i in 0..flows {
-            let dst = if flows == 1 { Ipv4Addr::new(172, 16, 101, 3) } else { flow_dst(i) };
+            let dst = if flows == 1 {
+                Ipv4Addr::new(172, 16, 101, 3)
+            } else {
+                flow_dst(i)
+            };
             let l4 = udp(40000 + (i % 1000) as u16, 9, &[0u8; 22]);
             let mut l3 = Ipv4::udp([172, 16, 100, 3], dst.octets(), 64).header(l4.len());
             l3.extend_from_slice(&l4);
@@ -137,8 +151,15 @@ fn load_generator(s: &Seed, flows: usize) -> Result<aya::Ebpf> {
             tpl.set(i as u32, b, 0)?;
         }
     }
-    Array::<_, u32>::try_from(gen.map_mut("GEN_CONF").context("GEN_CONF")?)?.set(0, flows as u32, 0)?;
-    let p: &mut Xdp = gen.program_mut("bench_gen").context("bench_gen")?.try_into()?;
+    Array::<_, u32>::try_from(gen.map_mut("GEN_CONF").context("GEN_CONF")?)?.set(
+        0,
+        flows as u32,
+        0,
+    )?;
+    let p: &mut Xdp = gen
+        .program_mut("bench_gen")
+        .context("bench_gen")?
+        .try_into()?;
     p.load()?;
     Ok(gen)
 }
@@ -161,7 +182,12 @@ pub const BIG_TABLE: usize = 1_000_000;
 
 pub fn run(rounds: usize) -> Result<(Vec<E2eResult>, UpdatesUnderTraffic)> {
     let routes: String = (0..FLOW_ROUTES)
-        .map(|i| format!("[[router.route]]\ndestination = \"{}/24\"\nnexthop = \"172.16.101.3\"\n", Ipv4Addr::from(u32::from(flow_dst(i)) & !0xff)))
+        .map(|i| {
+            format!(
+                "[[router.route]]\ndestination = \"{}/24\"\nnexthop = \"172.16.101.3\"\n",
+                Ipv4Addr::from(u32::from(flow_dst(i)) & !0xff)
+            )
+        })
         .collect();
     let s = Seed::up_with(&format!("max_routes = {}", BIG_TABLE + 4096), &routes);
     s.prime_neighbours();
@@ -172,7 +198,9 @@ pub fn run(rounds: usize) -> Result<(Vec<E2eResult>, UpdatesUnderTraffic)> {
          ip netns exec {vm3} nft add rule netdev sink in udp dport 9 counter drop",
         vm3 = s.vm3
     ));
-    let gen_if = sys::link(Some(&s.vm1), &s.ids.tap_a())?.context("vm1 tap")?.ifindex;
+    let gen_if = sys::link(Some(&s.vm1), &s.ids.tap_a())?
+        .context("vm1 tap")?
+        .ifindex;
     let modes = [Mode::Kernel, Mode::Router, Mode::Wire];
     let mut results = Vec::new();
     for flows in [1usize, FLOW_ROUTES] {
@@ -183,7 +211,11 @@ pub fn run(rounds: usize) -> Result<(Vec<E2eResult>, UpdatesUnderTraffic)> {
             for (k, m) in modes.iter().enumerate() {
                 set_mode(&s, *m)?;
                 let mpps = measure(&s, gen_if, flows)?;
-                eprintln!("e2e: {flows} flow(s), round {}, {}: {mpps:.3} Mpps", round + 1, m.name());
+                eprintln!(
+                    "e2e: {flows} flow(s), round {}, {}: {mpps:.3} Mpps",
+                    round + 1,
+                    m.name()
+                );
                 samples[k].push(mpps);
                 this[k] = mpps;
             }
@@ -193,7 +225,11 @@ pub fn run(rounds: usize) -> Result<(Vec<E2eResult>, UpdatesUnderTraffic)> {
         set_mode(&s, Mode::Router)?;
         results.push(E2eResult {
             flows,
-            mpps: modes.iter().zip(samples.iter()).map(|(m, v)| (*m, summarize(v))).collect(),
+            mpps: modes
+                .iter()
+                .zip(samples.iter())
+                .map(|(m, v)| (*m, summarize(v)))
+                .collect(),
             router_over_kernel: summarize(&rk),
             router_over_wire: summarize(&rw),
         });
@@ -203,7 +239,9 @@ pub fn run(rounds: usize) -> Result<(Vec<E2eResult>, UpdatesUnderTraffic)> {
         let traffic = sc.spawn(|| measure(&s, gen_if, FLOW_ROUTES));
         std::thread::sleep(std::time::Duration::from_millis(100));
         let ups = crate::ctl::route_updates_per_second(&s, 1.0)?;
-        let mpps = traffic.join().map_err(|_| anyhow::anyhow!("traffic thread panicked"))??;
+        let mpps = traffic
+            .join()
+            .map_err(|_| anyhow::anyhow!("traffic thread panicked"))??;
         Ok((ups, mpps))
     })?;
     // The same 1 000 flows with a full-size table behind them: every random prefix also leads
@@ -215,7 +253,12 @@ pub fn run(rounds: usize) -> Result<(Vec<E2eResult>, UpdatesUnderTraffic)> {
         let a = measure(&s, gen_if, FLOW_ROUTES)?;
         install(&s, &big)?;
         let b = measure(&s, gen_if, FLOW_ROUTES)?;
-        eprintln!("e2e: table size, round {}: {a:.3} Mpps with {} routes, {b:.3} Mpps with {} routes", round + 1, small.len(), big.len());
+        eprintln!(
+            "e2e: table size, round {}: {a:.3} Mpps with {} routes, {b:.3} Mpps with {} routes",
+            round + 1,
+            small.len(),
+            big.len()
+        );
         sm.push(a);
         bg.push(b);
         ratio.push(b / a);
@@ -242,16 +285,39 @@ type Entries = Vec<(router_ctl::config::Ipv4Net, router_common::Route)>;
 fn tables(s: &Seed) -> Result<(Entries, Entries)> {
     let st = state::RouterState::load(&s.ids.router_id)?.context("router state")?;
     let ifaces = st.iface_entries()?;
-    let dev = |d: &str| st.interfaces.iter().find(|i| i.device == d).map(|i| i.ifindex).unwrap_or(0);
+    let dev = |d: &str| {
+        st.interfaces
+            .iter()
+            .find(|i| i.device == d)
+            .map(|i| i.ifindex)
+            .unwrap_or(0)
+    };
     let (a, b) = (dev(&s.ids.dev_a()), dev(&s.ids.dev_b()));
     let vm3 = Ipv4Addr::new(172, 16, 101, 3);
     let net = |t: &str| -> router_ctl::config::Ipv4Net { t.parse().expect("prefix") };
     let connected = [(net("172.16.100.0/24"), a), (net("172.16.101.0/24"), b)];
-    let locals = [Ipv4Addr::new(172, 16, 100, 1), Ipv4Addr::new(172, 16, 101, 1), Ipv4Addr::new(172, 16, 100, 255), Ipv4Addr::new(172, 16, 101, 255)];
-    let mut gw: Vec<_> = st.routes.iter().map(|r| (r.destination.parse().unwrap(), b, vm3)).collect();
+    let locals = [
+        Ipv4Addr::new(172, 16, 100, 1),
+        Ipv4Addr::new(172, 16, 101, 1),
+        Ipv4Addr::new(172, 16, 100, 255),
+        Ipv4Addr::new(172, 16, 101, 255),
+    ];
+    let mut gw: Vec<_> = st
+        .routes
+        .iter()
+        .map(|r| (r.destination.parse().unwrap(), b, vm3))
+        .collect();
     let small = datapath::route_entries(&ifaces, &connected, &gw, &locals);
-    let flows: std::collections::HashSet<_> = gw.iter().map(|(n, _, _): &(router_ctl::config::Ipv4Net, u32, Ipv4Addr)| *n).collect();
-    gw.extend(crate::table::random_table(BIG_TABLE, 7).into_iter().filter(|n| !flows.contains(n)).map(|n| (n, b, vm3)));
+    let flows: std::collections::HashSet<_> = gw
+        .iter()
+        .map(|(n, _, _): &(router_ctl::config::Ipv4Net, u32, Ipv4Addr)| *n)
+        .collect();
+    gw.extend(
+        crate::table::random_table(BIG_TABLE, 7)
+            .into_iter()
+            .filter(|n| !flows.contains(n))
+            .map(|n| (n, b, vm3)),
+    );
     let big = datapath::route_entries(&ifaces, &connected, &gw, &locals);
     Ok((small, big))
 }
@@ -275,7 +341,10 @@ fn measure(s: &Seed, gen_if: u32, flows: usize) -> Result<f64> {
     let elapsed = in_ns(&s.vm1, move || -> Result<f64> {
         pin_to_cpu(0)?;
         let mut gen = c2.lock().unwrap().take().context("generator")?;
-        let prog: &mut Xdp = gen.program_mut("bench_gen").context("bench_gen")?.try_into()?;
+        let prog: &mut Xdp = gen
+            .program_mut("bench_gen")
+            .context("bench_gen")?
+            .try_into()?;
         let frame = [0u8; 64];
         let mut ctx = [0u8; 24];
         ctx[4..8].copy_from_slice(&64u32.to_ne_bytes());

@@ -36,7 +36,8 @@ fn main() -> Result<()> {
     let start = Instant::now();
     let mut pkt = Vec::new();
     for &n in &args.sizes {
-        let r = pkt::measure(n, args.runs).with_context(|| format!("per-packet cost with {n} routes"))?;
+        let r = pkt::measure(n, args.runs)
+            .with_context(|| format!("per-packet cost with {n} routes"))?;
         eprintln!(
             "per-packet, {n} routes: forward {} ns, pass {} ns, warm {} ns, install {:.2} s, {:.1} MiB",
             r.forward_ns.fmt(1),
@@ -47,13 +48,29 @@ fn main() -> Result<()> {
         );
         pkt.push(r);
     }
-    let e2e = if args.no_e2e { None } else { Some(e2e::run(args.runs).context("end-to-end comparison")?) };
+    let e2e = if args.no_e2e {
+        None
+    } else {
+        Some(e2e::run(args.runs).context("end-to-end comparison")?)
+    };
     let neigh = ctl::neighbour_latency(20).context("neighbour latency")?;
     eprintln!("neighbour latency {} ms", neigh.total_ms.fmt(2));
-    let report = report::Report { runs: args.runs, pkt: &pkt, e2e: e2e.as_ref(), neigh: Some(&neigh), seconds: start.elapsed().as_secs_f64() };
-    std::fs::write(&args.out, report.markdown()).with_context(|| format!("writing {}", args.out.display()))?;
+    let report = report::Report {
+        runs: args.runs,
+        pkt: &pkt,
+        e2e: e2e.as_ref(),
+        neigh: Some(&neigh),
+        seconds: start.elapsed().as_secs_f64(),
+    };
+    std::fs::write(&args.out, report.markdown())
+        .with_context(|| format!("writing {}", args.out.display()))?;
     let plot = args.out.with_file_name("bench-plot.svg");
     std::fs::write(&plot, report.svg()).with_context(|| format!("writing {}", plot.display()))?;
-    println!("wrote {} and {} in {:.0} s", args.out.display(), plot.display(), start.elapsed().as_secs_f64());
+    println!(
+        "wrote {} and {} in {:.0} s",
+        args.out.display(),
+        plot.display(),
+        start.elapsed().as_secs_f64()
+    );
     Ok(())
 }

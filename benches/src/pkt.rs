@@ -62,38 +62,65 @@ fn ifindex(name: &str) -> Result<u32> {
 /// The kernel memory of a map, from its fdinfo (`memlock:`).
 pub fn memlock(ebpf: &Ebpf, name: &str) -> Option<u64> {
     let fd = match ebpf.map(name)? {
-        Map::LpmTrie(d) | Map::HashMap(d) | Map::PerCpuArray(d) | Map::Array(d) | Map::DevMapHash(d) => d.fd().as_fd().as_raw_fd(),
+        Map::LpmTrie(d)
+        | Map::HashMap(d)
+        | Map::PerCpuArray(d)
+        | Map::Array(d)
+        | Map::DevMapHash(d) => d.fd().as_fd().as_raw_fd(),
         _ => return None,
     };
     let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).ok()?;
-    info.lines().find_map(|l| l.strip_prefix("memlock:")).and_then(|v| v.trim().parse().ok())
+    info.lines()
+        .find_map(|l| l.strip_prefix("memlock:"))
+        .and_then(|v| v.trim().parse().ok())
 }
 
 /// Runs in a fresh network namespace on a thread of its own (the devmap needs real devices).
 pub fn measure(routes: usize, runs: usize) -> Result<PktResult> {
-    std::thread::spawn(move || measure_here(routes, runs)).join().map_err(|_| anyhow::anyhow!("bench thread panicked"))?
+    std::thread::spawn(move || measure_here(routes, runs))
+        .join()
+        .map_err(|_| anyhow::anyhow!("bench thread panicked"))?
 }
 
 fn measure_here(routes: usize, runs: usize) -> Result<PktResult> {
     tests::unshare_netns();
     tests::sh("ip link add e0 type veth peer name e1 && ip link set lo up && ip link set e0 up && ip link set e1 up");
     let e0 = ifindex("e0")?;
-        let table = random_table(routes, 0x5eed ^ routes as u64);
+    let table = random_table(routes, 0x5eed ^ routes as u64);
     let nh = |i: usize| Ipv4Addr::new(10, 2, 0, 100 + (i % NEXTHOPS as usize) as u8);
-    let gateways: Vec<(Ipv4Net, u32, Ipv4Addr)> = table.iter().enumerate().map(|(i, n)| (*n, e0, nh(i))).collect();
-    let iface = |mac, slot| Iface { mac, _pad: [0; 2], mtu: 1500, slot };
+    let gateways: Vec<(Ipv4Net, u32, Ipv4Addr)> = table
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (*n, e0, nh(i)))
+        .collect();
+    let iface = |mac, slot| Iface {
+        mac,
+        _pad: [0; 2],
+        mtu: 1500,
+        slot,
+    };
     let ifaces = [(1, iface(IN_MAC, 0)), (e0, iface(OUT_MAC, 1))];
-    let entries = datapath::route_entries(&ifaces, &[("10.2.0.0/24".parse().unwrap(), e0)], &gateways, &[]);
+    let entries = datapath::route_entries(
+        &ifaces,
+        &[("10.2.0.0/24".parse().unwrap(), e0)],
+        &gateways,
+        &[],
+    );
     let mut ebpf = datapath::load_unpinned_sized(router_ctl::fib::Capacity::for_table(&entries))?;
     datapath::set_ifaces(&mut ebpf, &ifaces, &[])?;
     let t = Instant::now();
     datapath::set_routes(&mut ebpf, &entries)?;
     let install_s = t.elapsed().as_secs_f64();
     let peak_rss_mib = crate::ctl::peak_rss_mib();
-    let routes_memlock = [map_names::FIB_L1, map_names::FIB_L2, map_names::FIB_L3, map_names::NEXTHOPS]
-        .iter()
-        .map(|m| memlock(&ebpf, m).unwrap_or(0))
-        .sum();
+    let routes_memlock = [
+        map_names::FIB_L1,
+        map_names::FIB_L2,
+        map_names::FIB_L3,
+        map_names::NEXTHOPS,
+    ]
+    .iter()
+    .map(|m| memlock(&ebpf, m).unwrap_or(0))
+    .sum();
     set_neighbours(&mut ebpf, e0, true)?;
 
     let mut rng = Rng::new(42);
@@ -101,11 +128,18 @@ fn measure_here(routes: usize, runs: usize) -> Result<PktResult> {
         .map(|_| {
             let net = table[rng.below(table.len() as u64) as usize];
             let dst = addr_in(&net, &mut rng);
-            ipv4_udp(IN_MAC, [0x02, 0, 0, 0, 1, 5], &Ipv4::udp([10, 1, 0, 5], dst.octets(), 255))
+            ipv4_udp(
+                IN_MAC,
+                [0x02, 0, 0, 0, 1, 5],
+                &Ipv4::udp([10, 1, 0, 5], dst.octets(), 255),
+            )
         })
         .collect();
     let mut floor_prog = aya::EbpfLoader::new().load(datapath::BENCH_PROGRAM)?;
-    let wire: &mut aya::programs::Xdp = floor_prog.program_mut("bench_wire").context("bench_wire")?.try_into()?;
+    let wire: &mut aya::programs::Xdp = floor_prog
+        .program_mut("bench_wire")
+        .context("bench_wire")?
+        .try_into()?;
     wire.load()?;
     let (mut fwd, mut pass, mut floor, mut warm) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for _ in 0..runs {
@@ -113,7 +147,14 @@ fn measure_here(routes: usize, runs: usize) -> Result<PktResult> {
         floor.push(f);
         fwd.push(run_frames(datapath::program(&mut ebpf)?, &frames, 4, REPEAT)? - f);
         let fw = run_frames(wire, &frames[..WARM_DESTINATIONS], 2, WARM_REPEAT)?;
-        warm.push(run_frames(datapath::program(&mut ebpf)?, &frames[..WARM_DESTINATIONS], 4, WARM_REPEAT)? - fw);
+        warm.push(
+            run_frames(
+                datapath::program(&mut ebpf)?,
+                &frames[..WARM_DESTINATIONS],
+                4,
+                WARM_REPEAT,
+            )? - fw,
+        );
     }
     set_neighbours(&mut ebpf, e0, false)?;
     for _ in 0..runs {
@@ -133,11 +174,22 @@ fn measure_here(routes: usize, runs: usize) -> Result<PktResult> {
 }
 
 fn set_neighbours(ebpf: &mut Ebpf, e0: u32, present: bool) -> Result<()> {
-    let mut m: HashMap<_, NeighKey, Neigh> = HashMap::try_from(ebpf.map_mut(map_names::NEIGHS).context("NEIGHS")?)?;
+    let mut m: HashMap<_, NeighKey, Neigh> =
+        HashMap::try_from(ebpf.map_mut(map_names::NEIGHS).context("NEIGHS")?)?;
     for i in 0..NEXTHOPS {
-        let k = NeighKey { ifindex: e0, addr: [10, 2, 0, 100 + i] };
+        let k = NeighKey {
+            ifindex: e0,
+            addr: [10, 2, 0, 100 + i],
+        };
         if present {
-            m.insert(k, Neigh { mac: IN_MAC, _pad: [0; 2] }, 0)?;
+            m.insert(
+                k,
+                Neigh {
+                    mac: IN_MAC,
+                    _pad: [0; 2],
+                },
+                0,
+            )?;
         } else {
             m.remove(&k)?;
         }
@@ -146,11 +198,24 @@ fn set_neighbours(ebpf: &mut Ebpf, e0: u32, present: bool) -> Result<()> {
 }
 
 /// Mean ns per packet over all frames, each run `repeat` times; checks every return code.
-fn run_frames(prog: &aya::programs::Xdp, frames: &[Vec<u8>], want: u32, repeat: u32) -> Result<f64> {
+fn run_frames(
+    prog: &aya::programs::Xdp,
+    frames: &[Vec<u8>],
+    want: u32,
+    repeat: u32,
+) -> Result<f64> {
     let mut total = 0f64;
     for f in frames {
-        let r = prog.test_run(TestRunOptions { data_in: Some(f), repeat, ..Default::default() })?;
-        ensure!(r.return_value == want, "expected action {want}, got {} (the benchmark would measure the wrong path)", r.return_value);
+        let r = prog.test_run(TestRunOptions {
+            data_in: Some(f),
+            repeat,
+            ..Default::default()
+        })?;
+        ensure!(
+            r.return_value == want,
+            "expected action {want}, got {} (the benchmark would measure the wrong path)",
+            r.return_value
+        );
         total += r.duration.as_nanos() as f64;
     }
     Ok(total / frames.len() as f64)

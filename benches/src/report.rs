@@ -14,7 +14,12 @@ pub struct Report<'a> {
 
 fn machine() -> Vec<(String, String)> {
     let sh = |c: &str| {
-        std::process::Command::new("sh").arg("-c").arg(c).output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default()
+        std::process::Command::new("sh")
+            .arg("-c")
+            .arg(c)
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_default()
     };
     vec![
         ("date".into(), sh("date -u '+%Y-%m-%d %H:%M UTC'")),
@@ -45,31 +50,66 @@ impl Report<'_> {
 
         // Targets first.
         let one = self.pkt.iter().find(|p| p.routes == 1);
-        let big = self.pkt.iter().max_by_key(|p| p.routes).filter(|p| p.routes >= 1_000_000);
-        let _ = writeln!(m, "\n## Targets\n\n| figure | target | measured | |\n|---|---|---|---|");
+        let big = self
+            .pkt
+            .iter()
+            .max_by_key(|p| p.routes)
+            .filter(|p| p.routes >= 1_000_000);
+        let _ = writeln!(
+            m,
+            "\n## Targets\n\n| figure | target | measured | |\n|---|---|---|---|"
+        );
         if let Some((res, _)) = self.e2e {
             for r in res {
                 let rk = r.router_over_kernel.median;
                 let rw = r.router_over_wire.median;
-                let _ = writeln!(m, "| end-to-end, this router ÷ kernel forwarding, {} flow(s) | ≥ 1.5 | {} | {} |", r.flows, r.router_over_kernel.fmt(2), verdict(rk >= 1.5));
-                let _ = writeln!(m, "| end-to-end, this router ÷ wire floor, {} flow(s) | ≥ 0.9 | {} | {} |", r.flows, r.router_over_wire.fmt(2), verdict(rw >= 0.9));
+                let _ = writeln!(
+                    m,
+                    "| end-to-end, this router ÷ kernel forwarding, {} flow(s) | ≥ 1.5 | {} | {} |",
+                    r.flows,
+                    r.router_over_kernel.fmt(2),
+                    verdict(rk >= 1.5)
+                );
+                let _ = writeln!(
+                    m,
+                    "| end-to-end, this router ÷ wire floor, {} flow(s) | ≥ 0.9 | {} | {} |",
+                    r.flows,
+                    r.router_over_wire.fmt(2),
+                    verdict(rw >= 0.9)
+                );
             }
         }
         if let (Some(a), Some(b)) = (one, big) {
             let cold = b.forward_ns.median / a.forward_ns.median;
             let warm = b.forward_warm_ns.median / a.forward_warm_ns.median;
             let _ = writeln!(m, "| per-packet cost at {} routes ÷ at 1 route (cold: each destination once) | ≤ 1.25 | {cold:.2} | {} |", b.routes, verdict(cold <= 1.25));
-            let _ = writeln!(m, "| the same, warm (each destination {} times in a row) | ≤ 1.25 | {warm:.2} | {} |", crate::pkt::WARM_REPEAT, verdict(warm <= 1.25));
+            let _ = writeln!(
+                m,
+                "| the same, warm (each destination {} times in a row) | ≤ 1.25 | {warm:.2} | {} |",
+                crate::pkt::WARM_REPEAT,
+                verdict(warm <= 1.25)
+            );
             if let Some((_, upd)) = self.e2e {
                 let r = upd.big_over_small.median;
                 let _ = writeln!(m, "| per-packet cost in live forwarding, 1 000 flows, {} ÷ {} routes (inverse of the Mpps ratio) | ≤ 1.25 | {:.2} | {} |", upd.big_routes, upd.small_routes, 1.0 / r, verdict(1.0 / r <= 1.25));
             }
-            let _ = writeln!(m, "| install {} routes | ≤ 5 s | {:.2} s | {} |", b.routes, b.install_s, verdict(b.install_s <= 5.0));
+            let _ = writeln!(
+                m,
+                "| install {} routes | ≤ 5 s | {:.2} s | {} |",
+                b.routes,
+                b.install_s,
+                verdict(b.install_s <= 5.0)
+            );
             let mib = b.routes_memlock as f64 / 1048576.0;
             let _ = writeln!(m, "| map memory at {} IPv4 routes (fdinfo memlock of the route maps) | ≤ 128 MiB | {mib:.1} MiB | {} |", b.routes, verdict(mib <= 128.0));
         }
         if let Some(n) = self.neigh {
-            let _ = writeln!(m, "| neighbour change → fast path map | ≤ 10 ms median | {} ms | {} |", n.total_ms.fmt(2), verdict(n.total_ms.median <= 10.0));
+            let _ = writeln!(
+                m,
+                "| neighbour change → fast path map | ≤ 10 ms median | {} ms | {} |",
+                n.total_ms.fmt(2),
+                verdict(n.total_ms.median <= 10.0)
+            );
         }
 
         let _ = writeln!(m, "\n## Per-packet cost of the program\n\nBPF_PROG_TEST_RUN on the real program, ns per packet as the kernel reports it, with the test-run timer's own cost (a program that returns at once, measured on the same frames) subtracted. {} destinations, each in a randomly chosen prefix of the table; *cold*: each destination runs once, so nothing of its lookup path is left in the cache by the previous packet; *warm*: {} of them, each run {} times in a row. Tables are random, shaped like an Internet table (60 % /24, 20 % /22–/23, 17 % /16–/21, 1.5 % /8–/15, 1.5 % /25–/32) plus a default route; routes are installed by the controller's own code path.\n", crate::pkt::DESTINATIONS, crate::pkt::WARM_DESTINATIONS, crate::pkt::WARM_REPEAT);
@@ -88,9 +128,25 @@ impl Report<'_> {
                 p.peak_rss_mib
             );
         }
-        let _ = writeln!(m, "\n![per-packet cost against routing-table size](bench-plot.svg)\n");
+        let _ = writeln!(
+            m,
+            "\n![per-packet cost against routing-table size](bench-plot.svg)\n"
+        );
         if let Some(a) = one {
-            let _ = writeln!(m, "Ratios to 1 route (cold forward / warm forward): {}", self.pkt.iter().map(|p| format!("{} routes {:.2} / {:.2}", p.routes, p.forward_ns.median / a.forward_ns.median, p.forward_warm_ns.median / a.forward_warm_ns.median)).collect::<Vec<_>>().join("; "));
+            let _ = writeln!(
+                m,
+                "Ratios to 1 route (cold forward / warm forward): {}",
+                self.pkt
+                    .iter()
+                    .map(|p| format!(
+                        "{} routes {:.2} / {:.2}",
+                        p.routes,
+                        p.forward_ns.median / a.forward_ns.median,
+                        p.forward_warm_ns.median / a.forward_warm_ns.median
+                    ))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            );
         }
 
         if let Some((res, upd)) = self.e2e {
@@ -98,7 +154,16 @@ impl Report<'_> {
             let _ = writeln!(m, "| flows | kernel (Mpps) | this router (Mpps) | wire (Mpps) | router ÷ kernel | router ÷ wire |\n|---:|---|---|---|---|---|");
             for r in res {
                 let g = |k: usize| r.mpps[k].1.fmt(3);
-                let _ = writeln!(m, "| {} | {} | {} | {} | {} | {} |", r.flows, g(0), g(1), g(2), r.router_over_kernel.fmt(2), r.router_over_wire.fmt(2));
+                let _ = writeln!(
+                    m,
+                    "| {} | {} | {} | {} | {} | {} |",
+                    r.flows,
+                    g(0),
+                    g(1),
+                    g(2),
+                    r.router_over_kernel.fmt(2),
+                    r.router_over_wire.fmt(2)
+                );
             }
             let _ = writeln!(m, "\nTable size under live traffic: the 1 000 flows through this router with the seed's table ({} entries: connected, local, the 1 000 flow routes) and with {} entries (plus {} random routes of the shape above, all via vm3), alternating within each round: {} Mpps against {} Mpps, ratio big ÷ small {}.", upd.small_routes, upd.big_routes, e2e::BIG_TABLE, upd.big_table.fmt(3), upd.small_table.fmt(3), upd.big_over_small.fmt(2));
             let _ = writeln!(m, "\nRoute updates under traffic (1 000 flows forwarded meanwhile): {:.0} table rewrites per second on the router of the end-to-end test (1 006 routes, maps sized for a million), each moving one /24 to another nexthop: the table is rebuilt in memory and only the changed entries are written; forwarding meanwhile {:.3} Mpps against {:.3} Mpps without updates.", upd.updates_per_s, upd.mpps_during, upd.mpps_without);
@@ -112,7 +177,12 @@ impl Report<'_> {
     /// Per-packet cost against routing-table size (log scale), as SVG.
     pub fn svg(&self) -> String {
         let (w, h, l, r, t, b) = (640.0, 400.0, 70.0, 20.0, 40.0, 60.0);
-        let maxy = self.pkt.iter().flat_map(|p| [p.forward_ns.max, p.pass_ns.max, p.forward_warm_ns.max]).fold(1.0f64, f64::max) * 1.1;
+        let maxy = self
+            .pkt
+            .iter()
+            .flat_map(|p| [p.forward_ns.max, p.pass_ns.max, p.forward_warm_ns.max])
+            .fold(1.0f64, f64::max)
+            * 1.1;
         let x = |routes: usize| l + ((routes.max(1) as f64).log10() / 6.0) * (w - l - r);
         let y = |ns: f64| t + (1.0 - ns / maxy) * (h - t - b);
         let mut s = format!("<svg xmlns='http://www.w3.org/2000/svg' width='{w}' height='{h}' font-family='sans-serif' font-size='12'>\n<rect width='100%' height='100%' fill='white'/>\n");
@@ -122,7 +192,13 @@ impl Report<'_> {
             let xv = x(10usize.pow(e));
             let _ = writeln!(s, "<line x1='{xv}' y1='{}' x2='{xv}' y2='{}' stroke='black'/><text x='{xv}' y='{}' text-anchor='middle'>10^{e}</text>", h - b, h - b + 5.0, h - b + 20.0);
         }
-        let step = if maxy > 1000.0 { 200.0 } else if maxy > 400.0 { 100.0 } else { 50.0 };
+        let step = if maxy > 1000.0 {
+            200.0
+        } else if maxy > 400.0 {
+            100.0
+        } else {
+            50.0
+        };
         let mut v = 0.0;
         while v <= maxy {
             let _ = writeln!(s, "<line x1='{}' y1='{}' x2='{}' y2='{}' stroke='#ddd'/><text x='{}' y='{}' text-anchor='end'>{v:.0}</text>", l, y(v), w - r, y(v), l - 6.0, y(v) + 4.0);
@@ -136,8 +212,16 @@ impl Report<'_> {
             ("forwarded, warm", "#27ae60", |p| &p.forward_warm_ns),
         ];
         for (k, (name, color, pick)) in series.iter().enumerate() {
-            let pts: Vec<String> = self.pkt.iter().map(|p| format!("{:.1},{:.1}", x(p.routes), y(pick(p).median))).collect();
-            let _ = writeln!(s, "<polyline fill='none' stroke='{color}' stroke-width='2' points='{}'/>", pts.join(" "));
+            let pts: Vec<String> = self
+                .pkt
+                .iter()
+                .map(|p| format!("{:.1},{:.1}", x(p.routes), y(pick(p).median)))
+                .collect();
+            let _ = writeln!(
+                s,
+                "<polyline fill='none' stroke='{color}' stroke-width='2' points='{}'/>",
+                pts.join(" ")
+            );
             for p in self.pkt {
                 let su = pick(p);
                 let _ = writeln!(s, "<line x1='{0}' y1='{1}' x2='{0}' y2='{2}' stroke='{color}'/><circle cx='{0}' cy='{3}' r='3' fill='{color}'/>", x(p.routes), y(su.min), y(su.max), y(su.median));

@@ -15,14 +15,29 @@ pub fn summarize(v: &[f64]) -> Summary {
     if n == 0 {
         return Summary::default();
     }
-    let median = if n % 2 == 1 { s[n / 2] } else { (s[n / 2 - 1] + s[n / 2]) / 2.0 };
-    Summary { median, min: s[0], max: s[n - 1], n }
+    let median = if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        (s[n / 2 - 1] + s[n / 2]) / 2.0
+    };
+    Summary {
+        median,
+        min: s[0],
+        max: s[n - 1],
+        n,
+    }
 }
 
 impl Summary {
     /// "median (min–max)" with `prec` decimals.
     pub fn fmt(&self, prec: usize) -> String {
-        format!("{:.p$} ({:.p$}–{:.p$})", self.median, self.min, self.max, p = prec)
+        format!(
+            "{:.p$} ({:.p$}–{:.p$})",
+            self.median,
+            self.min,
+            self.max,
+            p = prec
+        )
     }
 }
 

@@ -12,7 +12,10 @@ pub fn random_table(n: usize, seed: u64) -> Vec<Ipv4Net> {
     let mut rng = Rng::new(seed);
     let mut seen = HashSet::with_capacity(n);
     let mut v = Vec::with_capacity(n);
-    v.push(Ipv4Net { addr: Ipv4Addr::UNSPECIFIED, len: 0 });
+    v.push(Ipv4Net {
+        addr: Ipv4Addr::UNSPECIFIED,
+        len: 0,
+    });
     seen.insert((0u32, 0u8));
     while v.len() < n {
         let len = match rng.below(1000) {
@@ -31,7 +34,10 @@ pub fn random_table(n: usize, seed: u64) -> Vec<Ipv4Net> {
         let addr = (first << 24) | (rng.next() as u32 & 0x00ff_ffff);
         let net = addr & Ipv4Net::mask(len);
         if seen.insert((net, len)) {
-            v.push(Ipv4Net { addr: Ipv4Addr::from(net), len });
+            v.push(Ipv4Net {
+                addr: Ipv4Addr::from(net),
+                len,
+            });
         }
     }
     v

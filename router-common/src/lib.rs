@@ -100,8 +100,15 @@ pub struct Route {
 
 impl Route {
     /// An unused `NEXTHOPS` slot.
-    pub const NONE: Route =
-        Route { ifindex: 0, kind: 0, nexthop: [0; 4], src_mac: [0; 6], _pad: [0; 2], mtu: 0, tx_port: 0 };
+    pub const NONE: Route = Route {
+        ifindex: 0,
+        kind: 0,
+        nexthop: [0; 4],
+        src_mac: [0; 6],
+        _pad: [0; 2],
+        mtu: 0,
+        tx_port: 0,
+    };
 }
 
 /// Key of the `NEIGHS` map: a neighbour is an IPv4 address on one device.

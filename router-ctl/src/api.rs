@@ -5,7 +5,10 @@
 
 use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
-    os::unix::{fs::PermissionsExt as _, net::{UnixListener, UnixStream}},
+    os::unix::{
+        fs::PermissionsExt as _,
+        net::{UnixListener, UnixStream},
+    },
     path::PathBuf,
     time::Duration,
 };
@@ -25,12 +28,31 @@ pub fn socket_path() -> PathBuf {
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {
-    Create { name: String, id: Option<String> },
-    Delete { router: String },
-    AddSubnet { router: String, subnet: String, gateway: String, port_id: Option<String> },
-    RemoveSubnet { router: String, subnet: String },
-    AddRoute { router: String, route: String },
-    RemoveRoute { router: String, route: String },
+    Create {
+        name: String,
+        id: Option<String>,
+    },
+    Delete {
+        router: String,
+    },
+    AddSubnet {
+        router: String,
+        subnet: String,
+        gateway: String,
+        port_id: Option<String>,
+    },
+    RemoveSubnet {
+        router: String,
+        subnet: String,
+    },
+    AddRoute {
+        router: String,
+        route: String,
+    },
+    RemoveRoute {
+        router: String,
+        route: String,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -47,7 +69,12 @@ pub fn execute(req: Request) -> Result<String> {
     Ok(match req {
         Request::Create { name, id } => verbs::create(&name, id)?.id,
         Request::Delete { router } => crate::apply::destroy(&router)?.id,
-        Request::AddSubnet { router, subnet, gateway, port_id } => verbs::add_subnet(&router, &subnet, &gateway, port_id)?.id,
+        Request::AddSubnet {
+            router,
+            subnet,
+            gateway,
+            port_id,
+        } => verbs::add_subnet(&router, &subnet, &gateway, port_id)?.id,
         Request::RemoveSubnet { router, subnet } => verbs::remove_subnet(&router, &subnet)?.id,
         Request::AddRoute { router, route } => verbs::add_route(&router, &route)?.id,
         Request::RemoveRoute { router, route } => verbs::remove_route(&router, &route)?.id,
@@ -58,34 +85,54 @@ pub fn execute(req: Request) -> Result<String> {
 pub fn serve() -> Result<()> {
     let path = socket_path();
     let _ = std::fs::remove_file(&path);
-    let listener = UnixListener::bind(&path).with_context(|| format!("cannot listen on {}", path.display()))?;
+    let listener = UnixListener::bind(&path)
+        .with_context(|| format!("cannot listen on {}", path.display()))?;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
     tracing::info!(socket = %path.display(), "API listening");
-    std::thread::Builder::new().name("api".into()).spawn(move || {
-        for conn in listener.incoming().flatten() {
-            // One request at a time: changes are serialised here (and by the state lock).
-            let answer = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handle(&conn)));
-            let resp = match answer {
-                Ok(Ok(id)) => Response { ok: true, router_id: Some(id), error: None },
-                Ok(Err(e)) => Response { ok: false, router_id: None, error: Some(format!("{e:#}")) },
-                Err(_) => Response { ok: false, router_id: None, error: Some("internal error".into()) },
-            };
-            let mut conn = conn;
-            let _ = writeln!(conn, "{}", serde_json::to_string(&resp).unwrap_or_default());
-        }
-    })?;
+    std::thread::Builder::new()
+        .name("api".into())
+        .spawn(move || {
+            for conn in listener.incoming().flatten() {
+                // One request at a time: changes are serialised here (and by the state lock).
+                let answer =
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handle(&conn)));
+                let resp = match answer {
+                    Ok(Ok(id)) => Response {
+                        ok: true,
+                        router_id: Some(id),
+                        error: None,
+                    },
+                    Ok(Err(e)) => Response {
+                        ok: false,
+                        router_id: None,
+                        error: Some(format!("{e:#}")),
+                    },
+                    Err(_) => Response {
+                        ok: false,
+                        router_id: None,
+                        error: Some("internal error".into()),
+                    },
+                };
+                let mut conn = conn;
+                let _ = writeln!(conn, "{}", serde_json::to_string(&resp).unwrap_or_default());
+            }
+        })?;
     Ok(())
 }
 
 fn handle(conn: &UnixStream) -> Result<String> {
     conn.set_read_timeout(Some(Duration::from_secs(5)))?;
     let mut line = String::new();
-    let n = BufReader::new(conn.take(MAX_REQUEST + 1)).read_line(&mut line).context("reading the request")?;
+    let n = BufReader::new(conn.take(MAX_REQUEST + 1))
+        .read_line(&mut line)
+        .context("reading the request")?;
     if n as u64 > MAX_REQUEST {
         return Err(anyhow!("request longer than {MAX_REQUEST} bytes"));
     }
     if !line.ends_with('\n') {
-        return Err(anyhow!("truncated request: a request is one JSON object ending with a newline"));
+        return Err(anyhow!(
+            "truncated request: a request is one JSON object ending with a newline"
+        ));
     }
     let req: Request = serde_json::from_str(&line).context("malformed request")?;
     tracing::info!(?req, "API request");
@@ -106,7 +153,9 @@ pub fn call(req: &Request) -> Option<Result<String>> {
         let resp: Response = serde_json::from_str(&line).context("the daemon's answer")?;
         match (resp.ok, resp.router_id, resp.error) {
             (true, Some(id), _) => Ok(id),
-            (_, _, e) => Err(anyhow!(e.unwrap_or_else(|| "the daemon refused the request".into()))),
+            (_, _, e) => Err(anyhow!(
+                e.unwrap_or_else(|| "the daemon refused the request".into())
+            )),
         }
     };
     Some(run())

@@ -20,8 +20,15 @@ use crate::{
 #[derive(Debug)]
 enum Undo {
     DeleteNetns(String),
-    DeleteLink { ns: Option<String>, dev: String },
-    DeleteAddr { ns: String, dev: String, cidr: String },
+    DeleteLink {
+        ns: Option<String>,
+        dev: String,
+    },
+    DeleteAddr {
+        ns: String,
+        dev: String,
+        cidr: String,
+    },
     RemoveBpfDir(String),
 }
 
@@ -29,9 +36,13 @@ impl Undo {
     fn run(self) {
         let r = match &self {
             Undo::DeleteNetns(ns) => ip(&["netns", "del", ns]).map(|_| ()),
-            Undo::DeleteLink { ns: Some(ns), dev } => ip(&["-n", ns, "link", "del", dev]).map(|_| ()),
+            Undo::DeleteLink { ns: Some(ns), dev } => {
+                ip(&["-n", ns, "link", "del", dev]).map(|_| ())
+            }
             Undo::DeleteLink { ns: None, dev } => ip(&["link", "del", dev]).map(|_| ()),
-            Undo::DeleteAddr { ns, dev, cidr } => ip(&["-n", ns, "addr", "del", cidr, "dev", dev]).map(|_| ()),
+            Undo::DeleteAddr { ns, dev, cidr } => {
+                ip(&["-n", ns, "addr", "del", cidr, "dev", dev]).map(|_| ())
+            }
             Undo::RemoveBpfDir(id) => remove_bpf_dir(id),
         };
         match r {
@@ -93,7 +104,10 @@ pub fn apply(routers: &[Router]) -> Result<Vec<Report>> {
                 for u in undo.into_iter().rev() {
                     u.run();
                 }
-                return Err(e.context(format!("applying router {} ({}); its changes were rolled back", r.id, r.name)));
+                return Err(e.context(format!(
+                    "applying router {} ({}); its changes were rolled back",
+                    r.id, r.name
+                )));
             }
         }
     }
@@ -121,9 +135,17 @@ fn apply_one(r: &Router, undo: &mut Vec<Undo>) -> Result<Report> {
     let mut ifaces: Vec<IfaceState> = Vec::new();
     let mut used_slots: BTreeSet<u32> = BTreeSet::new();
     let mut fresh_slots: Vec<u32> = Vec::new();
-    let prev_iface = |port: &str| prev.as_ref().and_then(|p| p.interfaces.iter().find(|i| i.port_id == port).cloned());
+    let prev_iface = |port: &str| {
+        prev.as_ref()
+            .and_then(|p| p.interfaces.iter().find(|i| i.port_id == port).cloned())
+    };
     // Counter slots of interfaces that stay keep their numbers, so counters survive re-applies.
-    let reserved: BTreeSet<u32> = r.interfaces.iter().filter_map(|i| prev_iface(&i.port_id)).map(|b| b.slot).collect();
+    let reserved: BTreeSet<u32> = r
+        .interfaces
+        .iter()
+        .filter_map(|i| prev_iface(&i.port_id))
+        .map(|b| b.slot)
+        .collect();
     for i in &r.interfaces {
         let before = prev_iface(&i.port_id);
         let mut created_device = before.as_ref().is_some_and(|b| b.created_device);
@@ -135,11 +157,17 @@ fn apply_one(r: &Router, undo: &mut Vec<Undo>) -> Result<Report> {
             } else {
                 let p = config::peer_of(&i.port_id);
                 ip(&["link", "add", &i.device, "type", "veth", "peer", "name", &p])?;
-                undo.push(Undo::DeleteLink { ns: None, dev: p.clone() });
+                undo.push(Undo::DeleteLink {
+                    ns: None,
+                    dev: p.clone(),
+                });
                 ip(&["link", "set", &i.device, "netns", &ns])?;
                 ip(&["link", "set", &p, "up"])?;
                 sys::prepare_veth_peer(None, &p)?;
-                created.push(format!("device {} (veth, peer {p} in this namespace)", i.device));
+                created.push(format!(
+                    "device {} (veth, peer {p} in this namespace)",
+                    i.device
+                ));
                 created_device = true;
                 peer = Some(p);
             }
@@ -153,7 +181,11 @@ fn apply_one(r: &Router, undo: &mut Vec<Undo>) -> Result<Report> {
             let cidr = format!("{}/{}", i.gateway_ip, i.subnet.len);
             ip(&["-n", &ns, "addr", "add", &cidr, "dev", &i.device])?;
             if !created_device {
-                undo.push(Undo::DeleteAddr { ns: ns.clone(), dev: i.device.clone(), cidr: cidr.clone() });
+                undo.push(Undo::DeleteAddr {
+                    ns: ns.clone(),
+                    dev: i.device.clone(),
+                    cidr: cidr.clone(),
+                });
             }
             created.push(format!("address {cidr} on {}", i.device));
             added_address = true;
@@ -199,20 +231,39 @@ fn apply_one(r: &Router, undo: &mut Vec<Undo>) -> Result<Report> {
     // packets (and resolves the nexthop) while the fast path has no neighbour yet.
     let mut routes = Vec::new();
     // Several nexthops for one destination make one multipath (ECMP) kernel route.
-    let mut by_dest: std::collections::BTreeMap<Ipv4Net, Vec<(Ipv4Addr, String)>> = Default::default();
+    let mut by_dest: std::collections::BTreeMap<Ipv4Net, Vec<(Ipv4Addr, String)>> =
+        Default::default();
     for rt in &r.routes {
-        let via = r.interface_for(rt.nexthop).expect("validated: nexthop on a connected subnet");
-        by_dest.entry(rt.destination).or_default().push((rt.nexthop, via.device.clone()));
-        routes.push(RouteState { destination: rt.destination.to_string(), nexthop: rt.nexthop.to_string(), device: via.device.clone() });
+        let via = r
+            .interface_for(rt.nexthop)
+            .expect("validated: nexthop on a connected subnet");
+        by_dest
+            .entry(rt.destination)
+            .or_default()
+            .push((rt.nexthop, via.device.clone()));
+        routes.push(RouteState {
+            destination: rt.destination.to_string(),
+            nexthop: rt.nexthop.to_string(),
+            device: via.device.clone(),
+        });
     }
     for (dest, hops) in &by_dest {
         let dest = dest.to_string();
-        let mut args: Vec<String> = ["-n", &ns, "route", "replace", &dest].iter().map(|s| s.to_string()).collect();
+        let mut args: Vec<String> = ["-n", &ns, "route", "replace", &dest]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
         if let [(nh, dev)] = &hops[..] {
             args.extend(["via".into(), nh.to_string(), "dev".into(), dev.clone()]);
         } else {
             for (nh, dev) in hops {
-                args.extend(["nexthop".into(), "via".into(), nh.to_string(), "dev".into(), dev.clone()]);
+                args.extend([
+                    "nexthop".into(),
+                    "via".into(),
+                    nh.to_string(),
+                    "dev".into(),
+                    dev.clone(),
+                ]);
             }
         }
         ip(&args.iter().map(String::as_str).collect::<Vec<_>>())?;
@@ -248,7 +299,11 @@ fn apply_one(r: &Router, undo: &mut Vec<Undo>) -> Result<Report> {
         cap = cap.max(crate::fib::Capacity::for_max_routes(n));
     }
     let id = r.id.clone();
-    let attach: Vec<(u32, String)> = st.interfaces.iter().map(|i| (i.ifindex, i.device.clone())).collect();
+    let attach: Vec<(u32, String)> = st
+        .interfaces
+        .iter()
+        .map(|i| (i.ifindex, i.device.clone()))
+        .collect();
     sys::in_netns(&ns, move || {
         let mut ebpf = datapath::load_pinned(&id, cap)?;
         datapath::set_ifaces(&mut ebpf, &iface_entries, &down)?;
@@ -264,38 +319,67 @@ fn apply_one(r: &Router, undo: &mut Vec<Undo>) -> Result<Report> {
 
     st.save()?;
     tracing::info!(router = %r.id, name = %r.name, namespace = %ns, "applied");
-    Ok(Report { id: r.id.clone(), name: r.name.clone(), namespace: ns, created })
+    Ok(Report {
+        id: r.id.clone(),
+        name: r.name.clone(),
+        namespace: ns,
+        created,
+    })
 }
 
-type Tables = (Vec<(u32, router_common::Iface)>, Vec<(Ipv4Net, router_common::Route)>, Vec<u32>);
+type Tables = (
+    Vec<(u32, router_common::Iface)>,
+    Vec<(Ipv4Net, router_common::Route)>,
+    Vec<u32>,
+);
 
 /// What the fast path's maps must hold for a router as the kernel has it now: its devices,
 /// its routes (connected subnets, extra routes, every address of the namespace and the subnet
 /// broadcasts as local), and the devices that are down (no redirect to them: the kernel decides).
 fn tables_of(st: &RouterState) -> Result<Tables> {
     let ns = &st.namespace;
-    let ifindex_of = |dev: &str| st.interfaces.iter().find(|i| i.device == dev).map(|i| i.ifindex).unwrap_or(0);
-    let net = |s: &str| s.parse::<Ipv4Net>().map_err(|e| anyhow::anyhow!("router {}: {e}", st.id));
+    let ifindex_of = |dev: &str| {
+        st.interfaces
+            .iter()
+            .find(|i| i.device == dev)
+            .map(|i| i.ifindex)
+            .unwrap_or(0)
+    };
+    let net = |s: &str| {
+        s.parse::<Ipv4Net>()
+            .map_err(|e| anyhow::anyhow!("router {}: {e}", st.id))
+    };
     let mut connected = Vec::new();
-    let mut locals: Vec<Ipv4Addr> = sys::ipv4_addrs(ns)?.into_iter().map(|(_, a, _)| a).collect();
+    let mut locals: Vec<Ipv4Addr> = sys::ipv4_addrs(ns)?
+        .into_iter()
+        .map(|(_, a, _)| a)
+        .collect();
     let mut down = Vec::new();
     for i in &st.interfaces {
         let subnet = net(&i.subnet)?;
         connected.push((subnet, i.ifindex));
         locals.extend(subnet.broadcast());
-        let up = sys::link(Some(ns), &i.device)?.is_some_and(|l| l.is_up() && l.flags.iter().any(|f| f == "LOWER_UP"));
+        let up = sys::link(Some(ns), &i.device)?
+            .is_some_and(|l| l.is_up() && l.flags.iter().any(|f| f == "LOWER_UP"));
         if !up {
             down.push(i.ifindex);
         }
     }
     let mut gateways = Vec::new();
     for rt in &st.routes {
-        let nh: Ipv4Addr = rt.nexthop.parse().with_context(|| format!("router {}: nexthop {}", st.id, rt.nexthop))?;
+        let nh: Ipv4Addr = rt
+            .nexthop
+            .parse()
+            .with_context(|| format!("router {}: nexthop {}", st.id, rt.nexthop))?;
         gateways.push((net(&rt.destination)?, ifindex_of(&rt.device), nh));
     }
     locals.sort();
     locals.dedup();
-    let iface_entries = st.interfaces.iter().map(IfaceState::entry).collect::<Result<Vec<_>>>()?;
+    let iface_entries = st
+        .interfaces
+        .iter()
+        .map(IfaceState::entry)
+        .collect::<Result<Vec<_>>>()?;
     let route_entries = datapath::route_entries(&iface_entries, &connected, &gateways, &locals);
     Ok((iface_entries, route_entries, down))
 }
@@ -304,7 +388,9 @@ fn tables_of(st: &RouterState) -> Result<Tables> {
 /// changed MTU or MAC, or an address changed (the daemon calls it on rtnetlink events).
 pub fn resync(router_id: &str) -> Result<()> {
     let _lock = Lock::acquire(state::STATE_LOCK)?;
-    let Some(mut st) = RouterState::load(router_id)? else { return Ok(()) };
+    let Some(mut st) = RouterState::load(router_id)? else {
+        return Ok(());
+    };
     if !sys::netns_exists(&st.namespace) {
         return Ok(());
     }
@@ -338,7 +424,11 @@ fn remove_iface(router_id: &str, ns: &str, i: &IfaceState) {
     if i.created_device {
         let _ = ip(&["-n", ns, "link", "del", &i.device]);
     } else if i.added_address {
-        let cidr = format!("{}/{}", i.gateway_ip, i.subnet.split('/').nth(1).unwrap_or("32"));
+        let cidr = format!(
+            "{}/{}",
+            i.gateway_ip,
+            i.subnet.split('/').nth(1).unwrap_or("32")
+        );
         let _ = ip(&["-n", ns, "addr", "del", &cidr, "dev", &i.device]);
     }
 }
@@ -346,7 +436,9 @@ fn remove_iface(router_id: &str, ns: &str, i: &IfaceState) {
 fn remove_bpf_dir(router_id: &str) -> Result<()> {
     let dir = state::bpf_dir(router_id);
     match std::fs::remove_dir_all(&dir) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e).with_context(|| format!("cannot remove {}", dir.display())),
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(e).with_context(|| format!("cannot remove {}", dir.display()))
+        }
         _ => Ok(()),
     }
 }

@@ -68,9 +68,9 @@ impl fmt::Display for Ipv4Net {
 impl FromStr for Ipv4Net {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let (a, l) = s
-            .split_once('/')
-            .ok_or_else(|| format!("'{s}' is not a prefix: expected ADDRESS/LENGTH, e.g. 172.16.100.0/24"))?;
+        let (a, l) = s.split_once('/').ok_or_else(|| {
+            format!("'{s}' is not a prefix: expected ADDRESS/LENGTH, e.g. 172.16.100.0/24")
+        })?;
         let addr: Ipv4Addr = a
             .parse()
             .map_err(|_| format!("'{a}' in '{s}' is not an IPv4 address"))?;
@@ -182,7 +182,10 @@ pub fn peer_of(port_id: &str) -> String {
 }
 
 fn valid_id(s: &str) -> bool {
-    !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 pub fn load_file(path: &Path) -> Result<Vec<Router>, ConfigError> {
@@ -238,16 +241,25 @@ fn validate_router(index: usize, r: RawRouter) -> Result<Router, String> {
                 "{at}: field 'port_id' must be a Neutron port UUID (at least 11 letters, digits or '-')"
             ));
         }
-        let subnet: Ipv4Net = i.subnet.parse().map_err(|e| format!("{at}: field 'subnet': {e}"))?;
-        let gateway_ip: Ipv4Addr = i
-            .gateway_ip
+        let subnet: Ipv4Net = i
+            .subnet
             .parse()
-            .map_err(|_| format!("{at}: field 'gateway_ip' = '{}' is not an IPv4 address", i.gateway_ip))?;
+            .map_err(|e| format!("{at}: field 'subnet': {e}"))?;
+        let gateway_ip: Ipv4Addr = i.gateway_ip.parse().map_err(|_| {
+            format!(
+                "{at}: field 'gateway_ip' = '{}' is not an IPv4 address",
+                i.gateway_ip
+            )
+        })?;
         if subnet.len > 30 && subnet.len != 31 {
-            return Err(format!("{at}: field 'subnet' = {subnet} leaves no room for a gateway and hosts"));
+            return Err(format!(
+                "{at}: field 'subnet' = {subnet} leaves no room for a gateway and hosts"
+            ));
         }
         if !subnet.contains(gateway_ip) {
-            return Err(format!("{at}: field 'gateway_ip' = {gateway_ip} is outside subnet {subnet}"));
+            return Err(format!(
+                "{at}: field 'gateway_ip' = {gateway_ip} is outside subnet {subnet}"
+            ));
         }
         if subnet.len <= 30
             && (u32::from(gateway_ip) == subnet.network() || Some(gateway_ip) == subnet.broadcast())
@@ -259,7 +271,9 @@ fn validate_router(index: usize, r: RawRouter) -> Result<Router, String> {
         let device = device_of(&i.port_id);
         for prev in &interfaces {
             if prev.port_id == i.port_id {
-                return Err(format!("{at}: duplicate port_id, already used by another interface of this router"));
+                return Err(format!(
+                    "{at}: duplicate port_id, already used by another interface of this router"
+                ));
             }
             if prev.device == device {
                 return Err(format!(
@@ -274,7 +288,12 @@ fn validate_router(index: usize, r: RawRouter) -> Result<Router, String> {
                 ));
             }
         }
-        interfaces.push(Interface { port_id: i.port_id, device, subnet, gateway_ip });
+        interfaces.push(Interface {
+            port_id: i.port_id,
+            device,
+            subnet,
+            gateway_ip,
+        });
     }
     let mut routes: Vec<ExtraRoute> = Vec::new();
     for (k, rt) in r.route.into_iter().enumerate() {
@@ -283,10 +302,12 @@ fn validate_router(index: usize, r: RawRouter) -> Result<Router, String> {
             .destination
             .parse()
             .map_err(|e| format!("{at}: field 'destination': {e}"))?;
-        let nexthop: Ipv4Addr = rt
-            .nexthop
-            .parse()
-            .map_err(|_| format!("{at}: field 'nexthop' = '{}' is not an IPv4 address", rt.nexthop))?;
+        let nexthop: Ipv4Addr = rt.nexthop.parse().map_err(|_| {
+            format!(
+                "{at}: field 'nexthop' = '{}' is not an IPv4 address",
+                rt.nexthop
+            )
+        })?;
         let Some(via) = interfaces.iter().find(|i| i.subnet.contains(nexthop)) else {
             let connected: Vec<String> = interfaces.iter().map(|i| i.subnet.to_string()).collect();
             return Err(format!(
@@ -295,7 +316,10 @@ fn validate_router(index: usize, r: RawRouter) -> Result<Router, String> {
             ));
         };
         if nexthop == via.gateway_ip {
-            return Err(format!("{at}: field 'nexthop' = {nexthop} is the router's own address on {}", via.device));
+            return Err(format!(
+                "{at}: field 'nexthop' = {nexthop} is the router's own address on {}",
+                via.device
+            ));
         }
         if let Some(i) = interfaces.iter().find(|i| i.subnet == destination) {
             return Err(format!(
@@ -303,24 +327,45 @@ fn validate_router(index: usize, r: RawRouter) -> Result<Router, String> {
                 i.port_id
             ));
         }
-        if routes.iter().any(|p| p.destination == destination && p.nexthop == nexthop) {
-            return Err(format!("{at}: route to {destination} via {nexthop} is defined twice"));
+        if routes
+            .iter()
+            .any(|p| p.destination == destination && p.nexthop == nexthop)
+        {
+            return Err(format!(
+                "{at}: route to {destination} via {nexthop} is defined twice"
+            ));
         }
-        let paths = routes.iter().filter(|p| p.destination == destination).count();
+        let paths = routes
+            .iter()
+            .filter(|p| p.destination == destination)
+            .count();
         if paths >= router_common::fib::MAX_PATHS {
             return Err(format!(
                 "{at}: destination {destination} has more than {} nexthops (ECMP paths)",
                 router_common::fib::MAX_PATHS
             ));
         }
-        routes.push(ExtraRoute { destination, nexthop });
+        routes.push(ExtraRoute {
+            destination,
+            nexthop,
+        });
     }
     let max_routes = match r.max_routes {
         None => None,
         Some(n) if (1..=MAX_ROUTES_LIMIT).contains(&n) => Some(n as u32),
-        Some(n) => return Err(format!("{who}: field 'max_routes' = {n} must be from 1 to {MAX_ROUTES_LIMIT}")),
+        Some(n) => {
+            return Err(format!(
+                "{who}: field 'max_routes' = {n} must be from 1 to {MAX_ROUTES_LIMIT}"
+            ))
+        }
     };
-    Ok(Router { id: r.id, name: rname, max_routes, interfaces, routes })
+    Ok(Router {
+        id: r.id,
+        name: rname,
+        max_routes,
+        interfaces,
+        routes,
+    })
 }
 
 fn validate_across(routers: &[Router]) -> Result<(), String> {
@@ -374,7 +419,10 @@ nexthop = "172.16.101.254"
     fn seed_parses() {
         let r = parse(SEED).unwrap();
         assert_eq!(r.len(), 1);
-        assert_eq!(r[0].namespace(), "qrouter-a81cc110-16f4-4d6c-89d2-8af91cec9714");
+        assert_eq!(
+            r[0].namespace(),
+            "qrouter-a81cc110-16f4-4d6c-89d2-8af91cec9714"
+        );
         assert_eq!(r[0].interfaces[0].device, "qr-d295b258-45");
         assert_eq!(r[0].interfaces[1].device, "qr-2ffdb861-73");
         assert_eq!(r[0].routes[0].nexthop, Ipv4Addr::new(172, 16, 101, 254));
@@ -417,7 +465,10 @@ nexthop = "172.16.101.254"
         );
         let r = parse(&text).unwrap();
         assert_eq!(r[0].routes.len(), 2);
-        assert!(r[0].routes.iter().all(|x| x.destination.to_string() == "10.10.0.0/16"));
+        assert!(r[0]
+            .routes
+            .iter()
+            .all(|x| x.destination.to_string() == "10.10.0.0/16"));
     }
 
     #[test]

@@ -59,7 +59,11 @@ struct Watcher {
 }
 
 fn fingerprint(r: &RouterState) -> String {
-    r.interfaces.iter().map(|i| format!("{}:{}", i.device, i.ifindex)).collect::<Vec<_>>().join(",")
+    r.interfaces
+        .iter()
+        .map(|i| format!("{}:{}", i.device, i.ifindex))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 pub fn pid_file() -> std::path::PathBuf {
@@ -70,7 +74,9 @@ pub fn pid_file() -> std::path::PathBuf {
 fn current_binary() -> Option<std::path::PathBuf> {
     let p = std::fs::read_link("/proc/self/exe").ok()?;
     let s = p.to_string_lossy();
-    Some(std::path::PathBuf::from(s.strip_suffix(" (deleted)").unwrap_or(&s).to_string()))
+    Some(std::path::PathBuf::from(
+        s.strip_suffix(" (deleted)").unwrap_or(&s).to_string(),
+    ))
 }
 
 /// True when the file this process runs from was replaced (a new build installed over it).
@@ -98,7 +104,9 @@ struct Definitions {
 
 impl Definitions {
     fn mtime(&self) -> Option<std::time::SystemTime> {
-        std::fs::metadata(&self.path).and_then(|m| m.modified()).ok()
+        std::fs::metadata(&self.path)
+            .and_then(|m| m.modified())
+            .ok()
     }
 
     /// Loads and applies the file. A file that does not validate changes nothing.
@@ -110,7 +118,9 @@ impl Definitions {
         for gone in self.owned.difference(&now) {
             match crate::apply::destroy(gone) {
                 Ok(_) => tracing::info!(router = %gone, "destroyed: no longer in the definitions"),
-                Err(e) => tracing::warn!(router = %gone, error = format!("{e:#}"), "cannot destroy a router that left the definitions"),
+                Err(e) => {
+                    tracing::warn!(router = %gone, error = format!("{e:#}"), "cannot destroy a router that left the definitions")
+                }
             }
         }
         self.owned = now;
@@ -124,7 +134,12 @@ impl Definitions {
 ///
 /// `auto` marks a daemon that `apply` started; a daemon started any other way (by hand, by
 /// systemd) takes over from an `auto` one.
-pub fn run(stay: bool, file: Option<std::path::PathBuf>, metrics: Option<String>, auto: bool) -> Result<()> {
+pub fn run(
+    stay: bool,
+    file: Option<std::path::PathBuf>,
+    metrics: Option<String>,
+    auto: bool,
+) -> Result<()> {
     let stay = stay || file.is_some();
     // A daemon that is leaving may hold the lock for a moment: wait up to two seconds.
     let mut daemon_lock = None;
@@ -142,10 +157,14 @@ pub fn run(stay: bool, file: Option<std::path::PathBuf>, metrics: Option<String>
         }
         std::thread::sleep(Duration::from_millis(10));
     }
-    let daemon_lock = daemon_lock
-        .context("another `router-ctl run` is already running (it holds /run/router-xdp/daemon.lock)")?;
-    std::fs::write(pid_file(), format!("{}{}", std::process::id(), if auto { " auto" } else { "" }))
-        .context("cannot write the pid file")?;
+    let daemon_lock = daemon_lock.context(
+        "another `router-ctl run` is already running (it holds /run/router-xdp/daemon.lock)",
+    )?;
+    std::fs::write(
+        pid_file(),
+        format!("{}{}", std::process::id(), if auto { " auto" } else { "" }),
+    )
+    .context("cannot write the pid file")?;
     if let Some(addr) = &metrics {
         crate::metrics::serve(addr)?;
     }
@@ -157,9 +176,14 @@ pub fn run(stay: bool, file: Option<std::path::PathBuf>, metrics: Option<String>
         libc::signal(libc::SIGHUP, on_hup as *const () as libc::sighandler_t);
     }
     tracing::info!(pid = std::process::id(), "router-ctl daemon started");
-    let mut defs = file.map(|path| Definitions { path, mtime: None, owned: BTreeSet::new() });
+    let mut defs = file.map(|path| Definitions {
+        path,
+        mtime: None,
+        owned: BTreeSet::new(),
+    });
     if let Some(d) = defs.as_mut() {
-        d.load().with_context(|| format!("applying {}", d.path.display()))?;
+        d.load()
+            .with_context(|| format!("applying {}", d.path.display()))?;
     }
     let mut watchers: BTreeMap<String, Watcher> = BTreeMap::new();
     let mut daemon_lock = Some(daemon_lock);
@@ -197,7 +221,9 @@ pub fn run(stay: bool, file: Option<std::path::PathBuf>, metrics: Option<String>
             .iter()
             .filter(|(id, w)| {
                 !ids.contains(id.as_str())
-                    || routers.iter().any(|r| &r.id == *id && fingerprint(r) != w.fingerprint)
+                    || routers
+                        .iter()
+                        .any(|r| &r.id == *id && fingerprint(r) != w.fingerprint)
                     || w.handle.is_finished()
             })
             .map(|(id, _)| id.clone())
@@ -224,7 +250,14 @@ pub fn run(stay: bool, file: Option<std::path::PathBuf>, metrics: Option<String>
                         }
                     })
                     .context("cannot spawn a watcher thread")?;
-                watchers.insert(id, Watcher { stop, handle, fingerprint: fp });
+                watchers.insert(
+                    id,
+                    Watcher {
+                        stop,
+                        handle,
+                        fingerprint: fp,
+                    },
+                );
             }
         }
         for _ in 0..20 {
@@ -251,11 +284,14 @@ pub fn run(stay: bool, file: Option<std::path::PathBuf>, metrics: Option<String>
 
 /// One router's neighbour sync, on its own thread inside the router's namespace.
 fn watch(r: &RouterState, stop: &AtomicBool) -> Result<()> {
-    let f = File::open(sys::netns_path(&r.namespace)).with_context(|| format!("namespace {} is gone", r.namespace))?;
+    let f = File::open(sys::netns_path(&r.namespace))
+        .with_context(|| format!("namespace {} is gone", r.namespace))?;
     sys::enter_netns(&f)?;
     let ifindexes: BTreeSet<u32> = r.interfaces.iter().map(|i| i.ifindex).collect();
     let mut neighs = Neighs::open(&r.id)?;
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(async {
         let (mut conn, handle, mut events) = rtnetlink::new_connection().context("netlink socket")?;
         conn.socket_mut()
@@ -317,7 +353,12 @@ fn watch(r: &RouterState, stop: &AtomicBool) -> Result<()> {
 }
 
 /// Applies one neighbour message; returns the entry when it is now usable by the fast path.
-fn update(neighs: &mut Neighs, ifindexes: &BTreeSet<u32>, m: &NeighbourMessage, deleted: bool) -> Option<(u32, Ipv4Addr)> {
+fn update(
+    neighs: &mut Neighs,
+    ifindexes: &BTreeSet<u32>,
+    m: &NeighbourMessage,
+    deleted: bool,
+) -> Option<(u32, Ipv4Addr)> {
     if m.header.family != AddressFamily::Inet || !ifindexes.contains(&m.header.ifindex) {
         return None;
     }
@@ -377,9 +418,15 @@ pub fn ensure_running() -> Result<Option<u32>> {
             drop(lock);
             let exe = std::env::current_exe().context("cannot find my own executable")?;
             let log_path = state::run_dir().join("daemon.log");
-            let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path)?;
+            let log = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&log_path)?;
             let mut cmd = Command::new(exe);
-            cmd.args(["run", "--auto"]).stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
+            cmd.args(["run", "--auto"])
+                .stdin(Stdio::null())
+                .stdout(log.try_clone()?)
+                .stderr(log);
             use std::os::unix::process::CommandExt as _;
             // SAFETY: setsid is async-signal-safe; it detaches the daemon from our session.
             unsafe {

@@ -17,7 +17,9 @@ use aya::{
     },
     Ebpf, EbpfLoader,
 };
-use router_common::{fib, map_names, route_kind, Iface, Neigh, NeighKey, NhGroup, Route, Stats, PROGRAM_NAME};
+use router_common::{
+    fib, map_names, route_kind, Iface, Neigh, NeighKey, NhGroup, Route, Stats, PROGRAM_NAME,
+};
 
 use crate::{
     config::Ipv4Net,
@@ -60,7 +62,9 @@ pub fn load_unpinned_sized(cap: Capacity) -> Result<Ebpf> {
     let mut loader = EbpfLoader::new();
     size_maps(&mut loader, cap);
     let mut ebpf = loader.load(PROGRAM).context("loading the XDP object")?;
-    program(&mut ebpf)?.load().context("the kernel refused the XDP program")?;
+    program(&mut ebpf)?
+        .load()
+        .context("the kernel refused the XDP program")?;
     Ok(ebpf)
 }
 
@@ -68,7 +72,8 @@ pub fn load_unpinned_sized(cap: Capacity) -> Result<Ebpf> {
 /// (with room for `cap`; maps that exist keep their size).
 pub fn load_pinned(router_id: &str, cap: Capacity) -> Result<Ebpf> {
     let dir = state::bpf_dir(router_id);
-    std::fs::create_dir_all(dir.join("links")).with_context(|| format!("cannot create {}", dir.display()))?;
+    std::fs::create_dir_all(dir.join("links"))
+        .with_context(|| format!("cannot create {}", dir.display()))?;
     check_pinned_layout(router_id)?;
     let paths: Vec<_> = ALL_MAPS.iter().map(|m| (*m, dir.join(m))).collect();
     let mut loader = EbpfLoader::new();
@@ -76,10 +81,15 @@ pub fn load_pinned(router_id: &str, cap: Capacity) -> Result<Ebpf> {
     for (name, path) in &paths {
         loader.map_pin_path(name, path.as_path());
     }
-    let mut ebpf = loader
-        .load(PROGRAM)
-        .with_context(|| format!("loading the XDP object for router {router_id} (maps in {})", dir.display()))?;
-    program(&mut ebpf)?.load().context("the kernel refused the XDP program")?;
+    let mut ebpf = loader.load(PROGRAM).with_context(|| {
+        format!(
+            "loading the XDP object for router {router_id} (maps in {})",
+            dir.display()
+        )
+    })?;
+    program(&mut ebpf)?
+        .load()
+        .context("the kernel refused the XDP program")?;
     Ok(ebpf)
 }
 
@@ -102,9 +112,12 @@ fn check_pinned_layout(router_id: &str) -> Result<()> {
         if !p.exists() {
             continue;
         }
-        let info = MapData::from_pin(&p).with_context(|| format!("cannot open {}", p.display()))?.info()?;
+        let info = MapData::from_pin(&p)
+            .with_context(|| format!("cannot open {}", p.display()))?
+            .info()?;
         let found = info.value_size() as usize;
-        let wrong_type = name == map_names::TX_PORTS && !matches!(info.map_type(), Ok(aya::maps::MapType::DevMap));
+        let wrong_type = name == map_names::TX_PORTS
+            && !matches!(info.map_type(), Ok(aya::maps::MapType::DevMap));
         if found != size || wrong_type {
             anyhow::bail!(
                 "map {name} pinned at {} has {found}-byte values or another type than this build uses ({size}-byte values): the router was set up by an incompatible build; run `router-ctl destroy {router_id}` and apply again",
@@ -129,13 +142,16 @@ pub fn attach(ebpf: &mut Ebpf, ifindex: u32, device: &str, pin: &Path) -> Result
     let prog = program(ebpf)?;
     let mut id = None;
     if pin.exists() {
-        let pinned = PinnedLink::from_pin(pin).with_context(|| format!("cannot open pinned link {}", pin.display()))?;
+        let pinned = PinnedLink::from_pin(pin)
+            .with_context(|| format!("cannot open pinned link {}", pin.display()))?;
         let fd: FdLink = pinned.into();
         // A link whose device went away is defunct: updating it fails, and we attach anew.
         match XdpLink::try_from(fd) {
             Ok(link) => match prog.attach_to_link(link) {
                 Ok(link_id) => id = Some(link_id),
-                Err(e) => tracing::warn!(device, error = %e, "pinned link is stale; attaching anew"),
+                Err(e) => {
+                    tracing::warn!(device, error = %e, "pinned link is stale; attaching anew")
+                }
             },
             Err(_) => tracing::warn!(device, "pinned object is not an XDP link; attaching anew"),
         }
@@ -147,15 +163,20 @@ pub fn attach(ebpf: &mut Ebpf, ifindex: u32, device: &str, pin: &Path) -> Result
             format!("cannot attach XDP in native mode to {device} (ifindex {ifindex}); is another XDP program attached? `ip link show {device}` tells")
         })?,
     };
-    let link: FdLink = prog.take_link(id)?.try_into().context("XDP link is not a bpf_link")?;
-    link.pin(pin).with_context(|| format!("cannot pin the XDP link at {}", pin.display()))?;
+    let link: FdLink = prog
+        .take_link(id)?
+        .try_into()
+        .context("XDP link is not a bpf_link")?;
+    link.pin(pin)
+        .with_context(|| format!("cannot pin the XDP link at {}", pin.display()))?;
     Ok(())
 }
 
 /// Opens a map pinned for `router_id`.
 pub fn open_pinned(router_id: &str, name: &str) -> Result<MapData> {
     let p = state::map_pin(router_id, name);
-    MapData::from_pin(&p).with_context(|| format!("cannot open map {} of router {router_id}", p.display()))
+    MapData::from_pin(&p)
+        .with_context(|| format!("cannot open map {} of router {router_id}", p.display()))
 }
 
 /// The routes of one router: connected subnets, extra routes through a nexthop, and the
@@ -187,13 +208,20 @@ pub fn route_entries(
         v.push((*net, via(*ifindex, route_kind::GATEWAY, nh.octets())));
     }
     for ip in locals {
-        v.push((Ipv4Net { addr: *ip, len: 32 }, Route { kind: route_kind::LOCAL, ..Route::NONE }));
+        v.push((
+            Ipv4Net { addr: *ip, len: 32 },
+            Route {
+                kind: route_kind::LOCAL,
+                ..Route::NONE
+            },
+        ));
     }
     v
 }
 
 fn map_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Map> {
-    ebpf.map_mut(name).ok_or_else(|| anyhow!("map {name} missing from the object"))
+    ebpf.map_mut(name)
+        .ok_or_else(|| anyhow!("map {name} missing from the object"))
 }
 
 /// A shared, writable mapping of a BPF_F_MMAPABLE array of groups (`[u32; 256]` elements), seen
@@ -209,16 +237,32 @@ impl Mapped {
             anyhow::bail!("map {name} is not an array");
         };
         let info = data.info()?;
-        anyhow::ensure!(info.value_size() == fib::GROUP_SIZE * 4, "map {name} does not hold groups of 256 entries");
+        anyhow::ensure!(
+            info.value_size() == fib::GROUP_SIZE * 4,
+            "map {name} does not hold groups of 256 entries"
+        );
         let entries = info.max_entries() as usize * fib::GROUP_SIZE as usize;
         let fd = data.fd().as_fd().as_raw_fd();
         let bytes = entries * 4;
         // SAFETY: maps the whole array, which the kernel allows for BPF_F_MMAPABLE arrays.
-        let ptr = unsafe { libc::mmap(std::ptr::null_mut(), bytes, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, fd, 0) };
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd,
+                0,
+            )
+        };
         if ptr == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error()).with_context(|| format!("cannot mmap map {name}"));
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("cannot mmap map {name}"));
         }
-        Ok(Mapped { ptr: ptr as *mut u32, len: entries })
+        Ok(Mapped {
+            ptr: ptr as *mut u32,
+            len: entries,
+        })
     }
     /// The whole array, with only `groups` read from the map (the rest left zero): what the
     /// table does not reference is never read, so the cost follows the table, not the capacity.
@@ -237,7 +281,13 @@ impl Mapped {
     /// Writes `new`'s groups `in_new`: a group the old table used too gets only its changed
     /// entries, a group it did not use is written whole (its stale content is not known).
     /// Each entry is one aligned 32-bit store.
-    fn update_groups(&self, old: &[u32], new: &[u32], in_old: &BTreeSet<u32>, in_new: &BTreeSet<u32>) {
+    fn update_groups(
+        &self,
+        old: &[u32],
+        new: &[u32],
+        in_old: &BTreeSet<u32>,
+        in_new: &BTreeSet<u32>,
+    ) {
         for g in in_new {
             let start = *g as usize * fib::GROUP_SIZE as usize;
             let fresh = !in_old.contains(g);
@@ -301,7 +351,13 @@ impl RouteTable {
             let g = self.groups.get(&i, 0)?;
             groups.push((g.count != 0).then_some(g));
         }
-        Ok(Fib { l1, l2, l3, nexthops, groups })
+        Ok(Fib {
+            l1,
+            l2,
+            l3,
+            nexthops,
+            groups,
+        })
     }
 
     /// Replaces the route table, make-before-break (see `fib`): new nexthops, then the levels
@@ -312,19 +368,29 @@ impl RouteTable {
         for (i, (o, n)) in old.nexthops.iter().zip(new.nexthops.iter()).enumerate() {
             if let Some(r) = n {
                 if o.as_ref() != Some(r) {
-                    self.nexthops.set(i as u32, r, 0).context("cannot write a nexthop")?;
+                    self.nexthops
+                        .set(i as u32, r, 0)
+                        .context("cannot write a nexthop")?;
                 }
             }
         }
         for (i, (o, n)) in old.groups.iter().zip(new.groups.iter()).enumerate() {
             if let Some(g) = n {
                 if o.as_ref() != Some(g) {
-                    self.groups.set(i as u32, g, 0).context("cannot write an ECMP group")?;
+                    self.groups
+                        .set(i as u32, g, 0)
+                        .context("cannot write an ECMP group")?;
                 }
             }
         }
-        let (old2, new2) = (fib_build::groups_used(&old.l1), fib_build::groups_used(&new.l1));
-        let (old3, new3) = (fib_build::groups_used_in(&old.l2, &old2), fib_build::groups_used_in(&new.l2, &new2));
+        let (old2, new2) = (
+            fib_build::groups_used(&old.l1),
+            fib_build::groups_used(&new.l1),
+        );
+        let (old3, new3) = (
+            fib_build::groups_used_in(&old.l2, &old2),
+            fib_build::groups_used_in(&new.l2, &new2),
+        );
         self.l3.update_groups(&old.l3, &new.l3, &old3, &new3);
         self.l2.update_groups(&old.l2, &new.l2, &old2, &new2);
         let all: BTreeSet<u32> = (0..self.l1.len as u32 / fib::GROUP_SIZE).collect();
@@ -336,7 +402,14 @@ impl RouteTable {
         }
         for (i, (o, n)) in old.groups.iter().zip(new.groups.iter()).enumerate() {
             if o.is_some() && n.is_none() {
-                self.groups.set(i as u32, NhGroup { count: 0, members: [0; fib::MAX_PATHS] }, 0)?;
+                self.groups.set(
+                    i as u32,
+                    NhGroup {
+                        count: 0,
+                        members: [0; fib::MAX_PATHS],
+                    },
+                    0,
+                )?;
             }
         }
         Ok(())
@@ -365,7 +438,10 @@ pub fn set_ifaces(ebpf: &mut Ebpf, ifaces: &[(u32, Iface)], down: &[u32]) -> Res
         }
     }
     for slot in 0..router_common::MAX_IFACES {
-        if !ifaces.iter().any(|(ifindex, i)| i.slot == slot && !down.contains(ifindex)) {
+        if !ifaces
+            .iter()
+            .any(|(ifindex, i)| i.slot == slot && !down.contains(ifindex))
+        {
             remove_tx_port(ebpf, slot)?;
         }
     }
@@ -373,7 +449,11 @@ pub fn set_ifaces(ebpf: &mut Ebpf, ifaces: &[(u32, Iface)], down: &[u32]) -> Res
     for (ifindex, iface) in ifaces {
         map.insert(ifindex, iface, 0)?;
     }
-    let stale: Vec<u32> = map.keys().filter_map(|k| k.ok()).filter(|k| !ifaces.iter().any(|(i, _)| i == k)).collect();
+    let stale: Vec<u32> = map
+        .keys()
+        .filter_map(|k| k.ok())
+        .filter(|k| !ifaces.iter().any(|(i, _)| i == k))
+        .collect();
     for k in stale {
         map.remove(&k)?;
     }
@@ -383,8 +463,14 @@ pub fn set_ifaces(ebpf: &mut Ebpf, ifaces: &[(u32, Iface)], down: &[u32]) -> Res
 /// Zeroes the counters of `slot` (a slot handed to a new device).
 pub fn reset_stats(ebpf: &mut Ebpf, slot: u32) -> Result<()> {
     let mut arr: PerCpuArray<_, Stats> = PerCpuArray::try_from(map_mut(ebpf, map_names::STATS)?)?;
-    let n = aya::util::nr_cpus().map_err(|(_, e)| e).context("counting CPUs")?;
-    arr.set(slot, aya::maps::PerCpuValues::try_from(vec![Stats::ZERO; n])?, 0)?;
+    let n = aya::util::nr_cpus()
+        .map_err(|(_, e)| e)
+        .context("counting CPUs")?;
+    arr.set(
+        slot,
+        aya::maps::PerCpuValues::try_from(vec![Stats::ZERO; n])?,
+        0,
+    )?;
     Ok(())
 }
 
@@ -402,10 +488,23 @@ pub fn remove_tx_port(ebpf: &mut Ebpf, slot: u32) -> Result<()> {
         flags: u64,
     }
     let key = slot;
-    let attr = ElemAttr { map_fd: data.fd().as_fd().as_raw_fd() as u32, _pad: 0, key: &key as *const u32 as u64, value: 0, flags: 0 };
+    let attr = ElemAttr {
+        map_fd: data.fd().as_fd().as_raw_fd() as u32,
+        _pad: 0,
+        key: &key as *const u32 as u64,
+        value: 0,
+        flags: 0,
+    };
     const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
     // SAFETY: a BPF_MAP_DELETE_ELEM call with a valid descriptor and key pointer.
-    let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_MAP_DELETE_ELEM, &attr as *const ElemAttr, std::mem::size_of::<ElemAttr>()) };
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_DELETE_ELEM,
+            &attr as *const ElemAttr,
+            std::mem::size_of::<ElemAttr>(),
+        )
+    };
     if rc != 0 {
         let e = std::io::Error::last_os_error();
         if e.raw_os_error() != Some(libc::ENOENT) {
@@ -427,8 +526,10 @@ pub fn read_stats(map: &MapData, slot: u32) -> Result<Stats> {
 
 /// Counters of every slot of a loaded (unpinned) program; for tests and benchmarks.
 pub fn stats_of(ebpf: &Ebpf, slot: u32) -> Result<Stats> {
-    let arr: PerCpuArray<_, Stats> =
-        PerCpuArray::try_from(ebpf.map(map_names::STATS).ok_or_else(|| anyhow!("no STATS map"))?)?;
+    let arr: PerCpuArray<_, Stats> = PerCpuArray::try_from(
+        ebpf.map(map_names::STATS)
+            .ok_or_else(|| anyhow!("no STATS map"))?,
+    )?;
     let mut total = Stats::ZERO;
     for s in arr.get(&slot, 0)?.iter() {
         total.add(s);
@@ -441,28 +542,49 @@ fn clone_map(map: &MapData) -> Result<MapData> {
     Ok(MapData::from_fd(fd)?)
 }
 
-
 /// A handle on a router's neighbour map.
 pub struct Neighs(HashMap<MapData, NeighKey, Neigh>);
 
 impl Neighs {
     pub fn open(router_id: &str) -> Result<Neighs> {
-        Ok(Neighs(HashMap::try_from(Map::HashMap(open_pinned(router_id, map_names::NEIGHS)?))?))
+        Ok(Neighs(HashMap::try_from(Map::HashMap(open_pinned(
+            router_id,
+            map_names::NEIGHS,
+        )?))?))
     }
     pub fn from_ebpf(ebpf: &mut Ebpf) -> Result<Neighs> {
-        let m = ebpf.take_map(map_names::NEIGHS).ok_or_else(|| anyhow!("no NEIGHS map"))?;
+        let m = ebpf
+            .take_map(map_names::NEIGHS)
+            .ok_or_else(|| anyhow!("no NEIGHS map"))?;
         Ok(Neighs(HashMap::try_from(m)?))
     }
     pub fn set(&mut self, ifindex: u32, ip: Ipv4Addr, mac: [u8; 6]) -> Result<()> {
-        let k = NeighKey { ifindex, addr: ip.octets() };
-        self.0.insert(k, Neigh { mac, _pad: [0; 2] }, 0).with_context(|| format!("cannot add neighbour {ip} on ifindex {ifindex}"))?;
+        let k = NeighKey {
+            ifindex,
+            addr: ip.octets(),
+        };
+        self.0
+            .insert(k, Neigh { mac, _pad: [0; 2] }, 0)
+            .with_context(|| format!("cannot add neighbour {ip} on ifindex {ifindex}"))?;
         Ok(())
     }
     pub fn get(&self, ifindex: u32, ip: Ipv4Addr) -> Option<[u8; 6]> {
-        self.0.get(&NeighKey { ifindex, addr: ip.octets() }, 0).ok().map(|n| n.mac)
+        self.0
+            .get(
+                &NeighKey {
+                    ifindex,
+                    addr: ip.octets(),
+                },
+                0,
+            )
+            .ok()
+            .map(|n| n.mac)
     }
     pub fn remove(&mut self, ifindex: u32, ip: Ipv4Addr) {
-        let _ = self.0.remove(&NeighKey { ifindex, addr: ip.octets() });
+        let _ = self.0.remove(&NeighKey {
+            ifindex,
+            addr: ip.octets(),
+        });
     }
     pub fn all(&self) -> Vec<(NeighKey, Neigh)> {
         let mut v: Vec<_> = self.0.iter().filter_map(|r| r.ok()).collect();

@@ -38,7 +38,11 @@ pub struct Capacity {
 
 impl Default for Capacity {
     fn default() -> Self {
-        Capacity { l2_groups: DEFAULT_L2_GROUPS, l3_groups: DEFAULT_L3_GROUPS, nexthops: DEFAULT_NEXTHOPS }
+        Capacity {
+            l2_groups: DEFAULT_L2_GROUPS,
+            l3_groups: DEFAULT_L3_GROUPS,
+            nexthops: DEFAULT_NEXTHOPS,
+        }
     }
 }
 
@@ -47,7 +51,11 @@ impl Capacity {
     /// every /16, and L3 groups for one route in 48 being longer than /24.
     pub fn for_max_routes(n: u32) -> Capacity {
         let d = Capacity::default();
-        Capacity { l2_groups: n.clamp(d.l2_groups, L1_ENTRIES), l3_groups: (n / 48).max(d.l3_groups), nexthops: d.nexthops }
+        Capacity {
+            l2_groups: n.clamp(d.l2_groups, L1_ENTRIES),
+            l3_groups: (n / 48).max(d.l3_groups),
+            nexthops: d.nexthops,
+        }
     }
 
     /// The larger of two capacities, field by field.
@@ -126,13 +134,21 @@ impl Fib {
         // One route per prefix is itself; several (Neutron's way of saying ECMP) make a group.
         let mut by_prefix: BTreeMap<(u8, u32), Vec<Route>> = BTreeMap::new();
         for (net, r) in routes {
-            by_prefix.entry((net.len, net.network())).or_default().push(*r);
+            by_prefix
+                .entry((net.len, net.network()))
+                .or_default()
+                .push(*r);
         }
         for (k, v) in by_prefix.iter_mut() {
             v.sort();
             v.dedup();
             if v.len() > MAX_PATHS {
-                bail!("{}/{} has {} nexthops; at most {MAX_PATHS} are supported", Ipv4Addr::from(k.1), k.0, v.len());
+                bail!(
+                    "{}/{} has {} nexthops; at most {MAX_PATHS} are supported",
+                    Ipv4Addr::from(k.1),
+                    k.0,
+                    v.len()
+                );
             }
         }
         // Nexthop slots and group numbers: a nexthop or group that stays keeps its number; new
@@ -153,8 +169,21 @@ impl Fib {
                 for (m, r) in members.iter_mut().zip(v.iter()) {
                     *m = slots.assign(*r, "distinct nexthops")?;
                 }
-                let g = groups.assign(NhGroup { count: v.len() as u32, members }, "ECMP groups")?;
-                slots.assign(Route { kind: router_common::route_kind::ECMP, tx_port: g, ..Route::NONE }, "distinct nexthops")?
+                let g = groups.assign(
+                    NhGroup {
+                        count: v.len() as u32,
+                        members,
+                    },
+                    "ECMP groups",
+                )?;
+                slots.assign(
+                    Route {
+                        kind: router_common::route_kind::ECMP,
+                        tx_port: g,
+                        ..Route::NONE
+                    },
+                    "distinct nexthops",
+                )?
             };
             value.insert(*k, slot + 1);
         }
@@ -181,9 +210,24 @@ impl Fib {
             let e = old.l2[((g2 << 8) | (b & 0xff)) as usize];
             (e & GROUP != 0).then_some(e & !GROUP)
         };
-        assign(&mut need_l2, cap.l2_groups, old_l2_of, old.l1.iter().filter(|e| *e & GROUP != 0).map(|e| e & !GROUP), "L2 (/17–/24)")?;
+        assign(
+            &mut need_l2,
+            cap.l2_groups,
+            old_l2_of,
+            old.l1
+                .iter()
+                .filter(|e| *e & GROUP != 0)
+                .map(|e| e & !GROUP),
+            "L2 (/17–/24)",
+        )?;
         let old_l3_refs = groups_used_in(&old.l2, &groups_used(&old.l1));
-        assign(&mut need_l3, cap.l3_groups, old_l3_of, old_l3_refs.into_iter(), "L3 (/25–/32)")?;
+        assign(
+            &mut need_l3,
+            cap.l3_groups,
+            old_l3_of,
+            old_l3_refs.into_iter(),
+            "L3 (/25–/32)",
+        )?;
 
         // Prefix expansion, shortest prefixes first, so that longer ones overwrite them.
         for (&(len, a), &v) in &value {
@@ -222,7 +266,11 @@ impl Fib {
 
 /// The groups of the next level that any entry of `level` points to.
 pub fn groups_used(level: &[u32]) -> BTreeSet<u32> {
-    level.iter().filter(|e| *e & GROUP != 0).map(|e| e & !GROUP).collect()
+    level
+        .iter()
+        .filter(|e| *e & GROUP != 0)
+        .map(|e| e & !GROUP)
+        .collect()
 }
 
 /// The groups of the next level that the entries of groups `groups` of `level` point to.
@@ -254,7 +302,12 @@ impl<T: Copy + Eq + std::hash::Hash> Numbering<T> {
                 o.entry(*v).or_insert(i as u32);
             }
         }
-        Numbering { old: o, old_used: old.iter().map(Option::is_some).collect(), taken: vec![false; old.len()], assigned: HashMap::new() }
+        Numbering {
+            old: o,
+            old_used: old.iter().map(Option::is_some).collect(),
+            taken: vec![false; old.len()],
+            assigned: HashMap::new(),
+        }
     }
 
     fn assign(&mut self, v: T, what: &str) -> Result<u32> {
@@ -265,7 +318,10 @@ impl<T: Copy + Eq + std::hash::Hash> Numbering<T> {
             Some(&i) if !self.taken[i as usize] => i,
             _ => match (0..self.taken.len()).find(|i| !self.taken[*i] && !self.old_used[*i]) {
                 Some(i) => i as u32,
-                None => bail!("the route table needs more than {} {what}", self.taken.len()),
+                None => bail!(
+                    "the route table needs more than {} {what}",
+                    self.taken.len()
+                ),
             },
         };
         self.taken[i as usize] = true;
@@ -331,7 +387,11 @@ mod tests {
 
     /// The simplest correct longest-prefix match: scan every prefix.
     fn reference(routes: &[(Ipv4Net, Route)], dst: Ipv4Addr) -> Option<Route> {
-        routes.iter().filter(|(n, _)| n.contains(dst)).max_by_key(|(n, _)| n.len).map(|(_, r)| *r)
+        routes
+            .iter()
+            .filter(|(n, _)| n.contains(dst))
+            .max_by_key(|(n, _)| n.len)
+            .map(|(_, r)| *r)
     }
 
     struct Rng(u64);
@@ -345,7 +405,12 @@ mod tests {
     }
 
     fn nh(i: u64) -> Route {
-        Route { ifindex: 2 + (i % 3) as u32, kind: route_kind::GATEWAY, nexthop: [10, 0, (i >> 8) as u8, i as u8], ..Route::NONE }
+        Route {
+            ifindex: 2 + (i % 3) as u32,
+            kind: route_kind::GATEWAY,
+            nexthop: [10, 0, (i >> 8) as u8, i as u8],
+            ..Route::NONE
+        }
     }
 
     /// Random tables clustered in a few /8s so that prefixes nest deeply at every level.
@@ -353,8 +418,18 @@ mod tests {
         let mut v: Vec<(Ipv4Net, Route)> = Vec::new();
         while v.len() < n {
             let len = (rng.next() % 33) as u8;
-            let a = (((rng.next() % 3) as u32 + 10) << 24) | (rng.next() as u32 & 0x00ff_ffff & if rng.next() % 2 == 0 { 0x0000_ffff } else { 0x00ff_ffff });
-            let net = Ipv4Net { addr: Ipv4Addr::from(a & Ipv4Net::mask(len)), len };
+            let a = (((rng.next() % 3) as u32 + 10) << 24)
+                | (rng.next() as u32
+                    & 0x00ff_ffff
+                    & if rng.next() % 2 == 0 {
+                        0x0000_ffff
+                    } else {
+                        0x00ff_ffff
+                    });
+            let net = Ipv4Net {
+                addr: Ipv4Addr::from(a & Ipv4Net::mask(len)),
+                len,
+            };
             if !v.iter().any(|(p, _)| *p == net) {
                 v.push((net, nh(rng.next() % 40)));
             }
@@ -373,7 +448,9 @@ mod tests {
             };
             Ipv4Addr::from(n.network() | host)
         } else {
-            Ipv4Addr::from((((rng.next() % 4) as u32 + 9) << 24) | (rng.next() as u32 & 0x00ff_ffff))
+            Ipv4Addr::from(
+                (((rng.next() % 4) as u32 + 9) << 24) | (rng.next() as u32 & 0x00ff_ffff),
+            )
         }
     }
 
@@ -401,7 +478,12 @@ mod tests {
                 let i = (rng.next() % routes.len() as u64) as usize;
                 routes.swap_remove(i);
             }
-            routes.extend(random_routes(&mut rng, 10).into_iter().filter(|(n, _)| !routes.iter().any(|(p, _)| p == n)).collect::<Vec<_>>());
+            routes.extend(
+                random_routes(&mut rng, 10)
+                    .into_iter()
+                    .filter(|(n, _)| !routes.iter().any(|(p, _)| p == n))
+                    .collect::<Vec<_>>(),
+            );
             for _ in 0..5 {
                 let i = (rng.next() % routes.len() as u64) as usize;
                 routes[i].1 = nh(rng.next() % 40);
@@ -410,7 +492,10 @@ mod tests {
             // A nexthop slot that the old table used holds the same nexthop, or is unused now.
             for (i, (a, b)) in fib.nexthops.iter().zip(next.nexthops.iter()).enumerate() {
                 if let (Some(a), Some(b)) = (a, b) {
-                    assert_eq!(a, b, "step {step}: nexthop slot {i} was reused for another nexthop");
+                    assert_eq!(
+                        a, b,
+                        "step {step}: nexthop slot {i} was reused for another nexthop"
+                    );
                 }
             }
             for _ in 0..3000 {
@@ -423,13 +508,20 @@ mod tests {
 
     #[test]
     fn several_routes_to_one_prefix_make_an_ecmp_group() {
-        let routes = vec![("10.10.0.0/16".parse().unwrap(), nh(1)), ("10.10.0.0/16".parse().unwrap(), nh(2)), ("10.1.0.0/24".parse().unwrap(), nh(3))];
+        let routes = vec![
+            ("10.10.0.0/16".parse().unwrap(), nh(1)),
+            ("10.10.0.0/16".parse().unwrap(), nh(2)),
+            ("10.1.0.0/24".parse().unwrap(), nh(3)),
+        ];
         let fib = Fib::build(&routes, &Fib::empty(Capacity::default())).unwrap();
         let r = fib.lookup("10.10.3.4".parse().unwrap()).unwrap();
         assert_eq!(r.kind, route_kind::ECMP);
         let g = fib.groups[r.tx_port as usize].unwrap();
         assert_eq!(g.count, 2);
-        let mut m: Vec<Route> = g.members[..2].iter().map(|i| fib.nexthops[*i as usize].unwrap()).collect();
+        let mut m: Vec<Route> = g.members[..2]
+            .iter()
+            .map(|i| fib.nexthops[*i as usize].unwrap())
+            .collect();
         m.sort();
         let mut want = vec![nh(1), nh(2)];
         want.sort();

@@ -10,5 +10,5 @@ pub mod fib;
 pub mod metrics;
 pub mod state;
 pub mod sys;
-pub mod verbs;
 pub mod table;
+pub mod verbs;

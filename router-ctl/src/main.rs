@@ -166,7 +166,9 @@ fn main() -> ExitCode {
         _ => "debug",
     };
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| level.into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| level.into()),
+        )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
@@ -211,7 +213,10 @@ fn run(cli: Cli) -> Result<()> {
                 print_json(serde_json::to_value(&reports)?);
             } else {
                 for r in &reports {
-                    println!("router {} ({}) applied in namespace {}", r.id, r.name, r.namespace);
+                    println!(
+                        "router {} ({}) applied in namespace {}",
+                        r.id, r.name, r.namespace
+                    );
                     for c in &r.created {
                         println!("  created {c}");
                     }
@@ -229,7 +234,12 @@ fn run(cli: Cli) -> Result<()> {
                 println!("router {} ({}) destroyed", st.id, st.name);
             }
         }
-        Cmd::Run { stay, metrics, file, auto } => daemon::run(stay, file, metrics, auto)?,
+        Cmd::Run {
+            stay,
+            metrics,
+            file,
+            auto,
+        } => daemon::run(stay, file, metrics, auto)?,
         Cmd::Router { cmd } => router_verb(cmd, cli.json)?,
     }
     Ok(())
@@ -256,9 +266,13 @@ fn router_verb(cmd: RouterCmd, json_flag: bool) -> Result<()> {
         router_table(&RouterState::find(&id)?, json_of(f))
     };
     match cmd {
-        RouterCmd::Create { name, id, format } => after(change(Request::Create { name, id })?, format),
+        RouterCmd::Create { name, id, format } => {
+            after(change(Request::Create { name, id })?, format)
+        }
         RouterCmd::Delete { router } => {
-            let id = change(Request::Delete { router: router.clone() })?;
+            let id = change(Request::Delete {
+                router: router.clone(),
+            })?;
             println!("router {router} ({id}) deleted");
             Ok(())
         }
@@ -269,32 +283,74 @@ fn router_verb(cmd: RouterCmd, json_flag: bool) -> Result<()> {
             } else {
                 let mut t = Table::new(&["ID", "Name", "Status", "Interfaces", "Routes"]);
                 for r in &all {
-                    t.row(vec![r.id.clone(), r.name.clone(), "ACTIVE".into(), r.interfaces.len().to_string(), r.routes.len().to_string()]);
+                    t.row(vec![
+                        r.id.clone(),
+                        r.name.clone(),
+                        "ACTIVE".into(),
+                        r.interfaces.len().to_string(),
+                        r.routes.len().to_string(),
+                    ]);
                 }
                 print!("{}", t.render());
             }
             Ok(())
         }
-        RouterCmd::Show { router, format } => router_table(&RouterState::find(&router)?, json_of(format)),
-        RouterCmd::Add { what: AddCmd::Subnet { router, subnet, gateway, port_id } } => {
-            after(change(Request::AddSubnet { router, subnet, gateway, port_id })?, Format::Table)
+        RouterCmd::Show { router, format } => {
+            router_table(&RouterState::find(&router)?, json_of(format))
         }
-        RouterCmd::Add { what: AddCmd::Route { router, route } } => {
+        RouterCmd::Add {
+            what:
+                AddCmd::Subnet {
+                    router,
+                    subnet,
+                    gateway,
+                    port_id,
+                },
+        } => after(
+            change(Request::AddSubnet {
+                router,
+                subnet,
+                gateway,
+                port_id,
+            })?,
+            Format::Table,
+        ),
+        RouterCmd::Add {
+            what: AddCmd::Route { router, route },
+        } => {
             verbs::parse_route(&route)?;
             after(change(Request::AddRoute { router, route })?, Format::Table)
         }
-        RouterCmd::Remove { what: RemoveCmd::Subnet { router, subnet } } => after(change(Request::RemoveSubnet { router, subnet })?, Format::Table),
-        RouterCmd::Remove { what: RemoveCmd::Route { router, route } } => {
+        RouterCmd::Remove {
+            what: RemoveCmd::Subnet { router, subnet },
+        } => after(
+            change(Request::RemoveSubnet { router, subnet })?,
+            Format::Table,
+        ),
+        RouterCmd::Remove {
+            what: RemoveCmd::Route { router, route },
+        } => {
             verbs::parse_route(&route)?;
-            after(change(Request::RemoveRoute { router, route })?, Format::Table)
+            after(
+                change(Request::RemoveRoute { router, route })?,
+                Format::Table,
+            )
         }
     }
 }
 
 /// `openstack router show` style: a Field | Value table.
 fn router_table(r: &RouterState, json_out: bool) -> Result<()> {
-    let interfaces: Vec<String> = r.interfaces.iter().map(|i| format!("{} {} {} {}", i.port_id, i.device, i.subnet, i.gateway_ip)).collect();
-    let routes: Vec<String> = r.routes.iter().map(|x| format!("destination='{}', gateway='{}'", x.destination, x.nexthop)).collect();
+    let interfaces: Vec<String> = r
+        .interfaces
+        .iter()
+        .map(|i| format!("{} {} {} {}", i.port_id, i.device, i.subnet, i.gateway_ip))
+        .collect();
+    let routes: Vec<String> = r
+        .routes
+        .iter()
+        .map(|x| format!("destination='{}', gateway='{}'", x.destination, x.nexthop))
+        .collect();
     if json_out {
         print_json(json!({
             "id": r.id, "name": r.name, "status": "ACTIVE", "namespace": r.namespace,
@@ -345,7 +401,9 @@ fn show(routers: &[RouterState], json_out: bool) -> Result<()> {
     }
     for r in routers {
         println!("router {} ({})  namespace {}", r.id, r.name, r.namespace);
-        let mut t = Table::new(&["DEVICE", "IFINDEX", "MAC", "MTU", "ADDRESS", "SUBNET", "XDP", "PEER"]);
+        let mut t = Table::new(&[
+            "DEVICE", "IFINDEX", "MAC", "MTU", "ADDRESS", "SUBNET", "XDP", "PEER",
+        ]);
         for i in &r.interfaces {
             let len = i.subnet.split('/').nth(1).unwrap_or("32");
             t.row(vec![
@@ -355,7 +413,11 @@ fn show(routers: &[RouterState], json_out: bool) -> Result<()> {
                 i.mtu.to_string(),
                 format!("{}/{len}", i.gateway_ip),
                 i.subnet.clone(),
-                if attached(r, &i.device) { "native".into() } else { "none".into() },
+                if attached(r, &i.device) {
+                    "native".into()
+                } else {
+                    "none".into()
+                },
                 i.peer.clone().unwrap_or_else(|| "-".into()),
             ]);
         }
@@ -363,7 +425,11 @@ fn show(routers: &[RouterState], json_out: bool) -> Result<()> {
         if !r.routes.is_empty() {
             let mut t = Table::new(&["DESTINATION", "NEXTHOP", "DEVICE"]);
             for rt in &r.routes {
-                t.row(vec![rt.destination.clone(), rt.nexthop.clone(), rt.device.clone()]);
+                t.row(vec![
+                    rt.destination.clone(),
+                    rt.nexthop.clone(),
+                    rt.device.clone(),
+                ]);
             }
             print!("{}", t.render());
         }
@@ -376,7 +442,8 @@ fn stats(routers: &[RouterState], json_out: bool) -> Result<()> {
     for r in routers {
         let map = datapath::open_pinned(&r.id, map_names::STATS)?;
         for i in &r.interfaces {
-            let s = datapath::read_stats(&map, i.slot).with_context(|| format!("reading counters of {}", i.device))?;
+            let s = datapath::read_stats(&map, i.slot)
+                .with_context(|| format!("reading counters of {}", i.device))?;
             rows.push((r, i, s));
         }
     }
@@ -397,7 +464,16 @@ fn stats(routers: &[RouterState], json_out: bool) -> Result<()> {
         print_json(json!(v));
         return Ok(());
     }
-    let mut t = Table::new(&["ROUTER", "DEVICE", "FWD_PKTS", "FWD_BYTES", "PASS_PKTS", "PASS_BYTES", "DROPPED", "PASS_REASONS"]);
+    let mut t = Table::new(&[
+        "ROUTER",
+        "DEVICE",
+        "FWD_PKTS",
+        "FWD_BYTES",
+        "PASS_PKTS",
+        "PASS_BYTES",
+        "DROPPED",
+        "PASS_REASONS",
+    ]);
     for (r, i, s) in &rows {
         let reasons: Vec<String> = pass_reason::NAMES
             .iter()
@@ -413,7 +489,11 @@ fn stats(routers: &[RouterState], json_out: bool) -> Result<()> {
             s.pass_packets().to_string(),
             s.pass_bytes.to_string(),
             s.drop_packets.to_string(),
-            if reasons.is_empty() { "-".into() } else { reasons.join(",") },
+            if reasons.is_empty() {
+                "-".into()
+            } else {
+                reasons.join(",")
+            },
         ]);
     }
     print!("{}", t.render());
@@ -425,8 +505,19 @@ fn neigh(routers: &[RouterState], json_out: bool) -> Result<()> {
     for r in routers {
         let n = datapath::Neighs::open(&r.id)?;
         for (k, v) in n.all() {
-            let dev = r.interfaces.iter().find(|i| i.ifindex == k.ifindex).map(|i| i.device.clone()).unwrap_or_else(|| format!("ifindex {}", k.ifindex));
-            rows.push((r.name.clone(), r.id.clone(), dev, Ipv4Addr::from(k.addr), fmt_mac(&v.mac)));
+            let dev = r
+                .interfaces
+                .iter()
+                .find(|i| i.ifindex == k.ifindex)
+                .map(|i| i.device.clone())
+                .unwrap_or_else(|| format!("ifindex {}", k.ifindex));
+            rows.push((
+                r.name.clone(),
+                r.id.clone(),
+                dev,
+                Ipv4Addr::from(k.addr),
+                fmt_mac(&v.mac),
+            ));
         }
     }
     if json_out {

@@ -27,10 +27,16 @@ pub fn render() -> Result<String> {
     let pass_bytes = Family::<Labels, Counter>::default();
     let drops = Family::<Labels, Counter>::default();
     for r in RouterState::all()? {
-        let Ok(map) = datapath::open_pinned(&r.id, map_names::STATS) else { continue };
+        let Ok(map) = datapath::open_pinned(&r.id, map_names::STATS) else {
+            continue;
+        };
         for i in &r.interfaces {
             let s = datapath::read_stats(&map, i.slot)?;
-            let l: Labels = vec![("router".into(), r.name.clone()), ("router_id".into(), r.id.clone()), ("device".into(), i.device.clone())];
+            let l: Labels = vec![
+                ("router".into(), r.name.clone()),
+                ("router_id".into(), r.id.clone()),
+                ("device".into(), i.device.clone()),
+            ];
             fwd_pkts.get_or_create(&l).inc_by(s.fwd_packets);
             fwd_bytes.get_or_create(&l).inc_by(s.fwd_bytes);
             pass_bytes.get_or_create(&l).inc_by(s.pass_bytes);
@@ -43,10 +49,26 @@ pub fn render() -> Result<String> {
         }
     }
     let mut reg = Registry::with_prefix("router_xdp");
-    reg.register("forwarded_packets", "Frames forwarded by the XDP fast path, by ingress device", fwd_pkts);
-    reg.register("forwarded_bytes", "Bytes forwarded by the XDP fast path, by ingress device", fwd_bytes);
-    reg.register("passed_packets", "Frames handed to the kernel, by ingress device and reason", pass_pkts);
-    reg.register("passed_bytes", "Bytes handed to the kernel, by ingress device", pass_bytes);
+    reg.register(
+        "forwarded_packets",
+        "Frames forwarded by the XDP fast path, by ingress device",
+        fwd_pkts,
+    );
+    reg.register(
+        "forwarded_bytes",
+        "Bytes forwarded by the XDP fast path, by ingress device",
+        fwd_bytes,
+    );
+    reg.register(
+        "passed_packets",
+        "Frames handed to the kernel, by ingress device and reason",
+        pass_pkts,
+    );
+    reg.register(
+        "passed_bytes",
+        "Bytes handed to the kernel, by ingress device",
+        pass_bytes,
+    );
     reg.register("dropped_packets", "Frames dropped by the fast path", drops);
     let mut out = String::new();
     encode(&mut out, &reg).context("encoding metrics")?;
@@ -55,15 +77,18 @@ pub fn render() -> Result<String> {
 
 /// Serves /metrics on `addr` from a thread of its own.
 pub fn serve(addr: &str) -> Result<()> {
-    let listener = TcpListener::bind(addr).with_context(|| format!("cannot listen on {addr} for metrics"))?;
+    let listener =
+        TcpListener::bind(addr).with_context(|| format!("cannot listen on {addr} for metrics"))?;
     tracing::info!(%addr, "serving metrics on /metrics");
-    std::thread::Builder::new().name("metrics".into()).spawn(move || {
-        for conn in listener.incoming().flatten() {
-            if let Err(e) = answer(conn) {
-                tracing::debug!(error = %e, "metrics request failed");
+    std::thread::Builder::new()
+        .name("metrics".into())
+        .spawn(move || {
+            for conn in listener.incoming().flatten() {
+                if let Err(e) = answer(conn) {
+                    tracing::debug!(error = %e, "metrics request failed");
+                }
             }
-        }
-    })?;
+        })?;
     Ok(())
 }
 
@@ -73,10 +98,22 @@ fn answer(mut conn: TcpStream) -> Result<()> {
     BufReader::new(&conn).read_line(&mut line)?;
     let (status, ctype, body) = match line.split_whitespace().take(2).collect::<Vec<_>>()[..] {
         ["GET", "/metrics"] => match render() {
-            Ok(b) => ("200 OK", "application/openmetrics-text; version=1.0.0; charset=utf-8", b),
-            Err(e) => ("500 Internal Server Error", "text/plain", format!("{e:#}\n")),
+            Ok(b) => (
+                "200 OK",
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                b,
+            ),
+            Err(e) => (
+                "500 Internal Server Error",
+                "text/plain",
+                format!("{e:#}\n"),
+            ),
         },
-        _ => ("404 Not Found", "text/plain", "try GET /metrics\n".to_string()),
+        _ => (
+            "404 Not Found",
+            "text/plain",
+            "try GET /metrics\n".to_string(),
+        ),
     };
     write!(conn, "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len())?;
     Ok(())

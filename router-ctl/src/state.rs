@@ -22,11 +22,15 @@ pub const RUN_DIR: &str = "/run/router-xdp";
 pub const BPF_DIR: &str = "/sys/fs/bpf/router-xdp/v1";
 
 pub fn run_dir() -> PathBuf {
-    std::env::var_os("ROUTER_XDP_RUN_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(RUN_DIR))
+    std::env::var_os("ROUTER_XDP_RUN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(RUN_DIR))
 }
 
 pub fn bpf_root() -> PathBuf {
-    std::env::var_os("ROUTER_XDP_BPF_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(BPF_DIR))
+    std::env::var_os("ROUTER_XDP_BPF_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(BPF_DIR))
 }
 
 pub fn routers_dir() -> PathBuf {
@@ -90,8 +94,21 @@ pub struct RouteState {
 impl IfaceState {
     /// The device as the fast path's maps know it: (ifindex, `Iface`).
     pub fn entry(&self) -> Result<(u32, router_common::Iface)> {
-        let mac = crate::sys::parse_mac(&self.mac).with_context(|| format!("device {} has no Ethernet address ('{}')", self.device, self.mac))?;
-        Ok((self.ifindex, router_common::Iface { mac, _pad: [0; 2], mtu: self.mtu, slot: self.slot }))
+        let mac = crate::sys::parse_mac(&self.mac).with_context(|| {
+            format!(
+                "device {} has no Ethernet address ('{}')",
+                self.device, self.mac
+            )
+        })?;
+        Ok((
+            self.ifindex,
+            router_common::Iface {
+                mac,
+                _pad: [0; 2],
+                mtu: self.mtu,
+                slot: self.slot,
+            },
+        ))
     }
 }
 
@@ -109,7 +126,8 @@ impl RouterState {
         let dir = routers_dir();
         fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
         let tmp = dir.join(format!(".{}.json.tmp", self.id));
-        fs::write(&tmp, serde_json::to_vec_pretty(self)?).with_context(|| format!("cannot write {}", tmp.display()))?;
+        fs::write(&tmp, serde_json::to_vec_pretty(self)?)
+            .with_context(|| format!("cannot write {}", tmp.display()))?;
         fs::rename(&tmp, Self::path(&self.id)).context("cannot replace the router state file")?;
         Ok(())
     }
@@ -117,7 +135,11 @@ impl RouterState {
     pub fn load(id: &str) -> Result<Option<RouterState>> {
         let p = Self::path(id);
         match fs::read(&p) {
-            Ok(b) => Ok(Some(serde_json::from_slice(&b).with_context(|| format!("corrupt state file {}", p.display()))?)),
+            Ok(b) => {
+                Ok(Some(serde_json::from_slice(&b).with_context(|| {
+                    format!("corrupt state file {}", p.display())
+                })?))
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e).with_context(|| format!("cannot read {}", p.display())),
         }
@@ -154,7 +176,10 @@ impl RouterState {
     /// Finds a router by id or name.
     pub fn find(key: &str) -> Result<RouterState> {
         let all = Self::all()?;
-        let found: Vec<_> = all.into_iter().filter(|r| r.id == key || r.name == key).collect();
+        let found: Vec<_> = all
+            .into_iter()
+            .filter(|r| r.id == key || r.name == key)
+            .collect();
         match found.len() {
             1 => Ok(found.into_iter().next().unwrap()),
             0 => anyhow::bail!("no router '{key}' is applied; `router-ctl show` lists them"),

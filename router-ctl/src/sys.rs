@@ -46,12 +46,14 @@ pub fn in_netns<T: Send + 'static>(
     ns: &str,
     f: impl FnOnce() -> Result<T> + Send + 'static,
 ) -> Result<T> {
-    let file = File::open(netns_path(ns)).with_context(|| format!("cannot open network namespace {ns}"))?;
+    let file = File::open(netns_path(ns))
+        .with_context(|| format!("cannot open network namespace {ns}"))?;
     let ns_name = ns.to_string();
     std::thread::Builder::new()
         .name(format!("netns-{}", &ns[..ns.len().min(8)]))
         .spawn(move || {
-            enter_netns(&file).with_context(|| format!("cannot enter network namespace {ns_name}"))?;
+            enter_netns(&file)
+                .with_context(|| format!("cannot enter network namespace {ns_name}"))?;
             f()
         })
         .context("cannot spawn a thread")?
@@ -84,7 +86,13 @@ pub struct LinkInfo {
 
 impl LinkInfo {
     pub fn mac(&self) -> Result<[u8; 6]> {
-        parse_mac(&self.address).ok_or_else(|| anyhow!("device {} has no Ethernet address ('{}')", self.ifname, self.address))
+        parse_mac(&self.address).ok_or_else(|| {
+            anyhow!(
+                "device {} has no Ethernet address ('{}')",
+                self.ifname,
+                self.address
+            )
+        })
     }
     pub fn is_up(&self) -> bool {
         self.flags.iter().any(|f| f == "UP")
@@ -101,7 +109,10 @@ pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
 }
 
 pub fn fmt_mac(mac: &[u8; 6]) -> String {
-    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 fn ns_args<'a>(ns: Option<&'a str>, rest: &[&'a str]) -> Vec<&'a str> {
@@ -123,7 +134,8 @@ pub fn link(ns: Option<&str>, name: &str) -> Result<Option<LinkInfo>> {
     if !out.status.success() {
         return Ok(None);
     }
-    let mut v: Vec<LinkInfo> = serde_json::from_slice(&out.stdout).context("parsing `ip -j link` output")?;
+    let mut v: Vec<LinkInfo> =
+        serde_json::from_slice(&out.stdout).context("parsing `ip -j link` output")?;
     Ok(v.pop())
 }
 
@@ -165,13 +177,24 @@ pub fn sysctl_get(ns: &str, key: &str) -> Result<String> {
         .output()
         .context("cannot run `ip netns exec ... sysctl`")?;
     if !out.status.success() {
-        bail!("cannot read {key} in {ns}: {}", String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "cannot read {key} in {ns}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
 pub fn sysctl_set(ns: &str, key: &str, value: &str) -> Result<()> {
-    ip(&["netns", "exec", ns, "sysctl", "-qw", &format!("{key}={value}")]).map(|_| ())
+    ip(&[
+        "netns",
+        "exec",
+        ns,
+        "sysctl",
+        "-qw",
+        &format!("{key}={value}"),
+    ])
+    .map(|_| ())
 }
 
 /// Prepares the instance side of a veth whose other end carries the XDP program:
@@ -184,7 +207,9 @@ pub fn prepare_veth_peer(ns: Option<&str>, dev: &str) -> Result<()> {
     let mut cmd = match ns {
         Some(ns) => {
             let mut c = Command::new("ip");
-            c.args(["netns", "exec", ns, "ethtool", "-K", dev, "gro", "on", "tx", "off"]);
+            c.args([
+                "netns", "exec", ns, "ethtool", "-K", dev, "gro", "on", "tx", "off",
+            ]);
             c
         }
         None => {
@@ -198,7 +223,10 @@ pub fn prepare_veth_peer(ns: Option<&str>, dev: &str) -> Result<()> {
         .output()
         .context("cannot run `ethtool`; install it with `cargo xtask setup`")?;
     if !out.status.success() {
-        bail!("`ethtool -K {dev} gro on tx off` failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "`ethtool -K {dev} gro on tx off` failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(())
 }
@@ -206,7 +234,10 @@ pub fn prepare_veth_peer(ns: Option<&str>, dev: &str) -> Result<()> {
 /// Mounts bpffs at /sys/fs/bpf unless it is there already.
 pub fn ensure_bpffs() -> Result<()> {
     let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-    if mounts.lines().any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf") && l.contains(" bpf ")) {
+    if mounts
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf") && l.contains(" bpf "))
+    {
         return Ok(());
     }
     let status = Command::new("mount")

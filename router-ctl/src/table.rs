@@ -7,7 +7,10 @@ pub struct Table {
 
 impl Table {
     pub fn new(header: &[&str]) -> Table {
-        Table { header: header.iter().map(|s| s.to_string()).collect(), rows: Vec::new() }
+        Table {
+            header: header.iter().map(|s| s.to_string()).collect(),
+            rows: Vec::new(),
+        }
     }
     pub fn row(&mut self, cells: Vec<String>) {
         self.rows.push(cells);
@@ -26,7 +29,11 @@ impl Table {
         }
         let mut out = String::new();
         for r in std::iter::once(&self.header).chain(self.rows.iter()) {
-            let line: Vec<String> = r.iter().enumerate().map(|(i, c)| format!("{c:<width$}", width = w.get(i).copied().unwrap_or(0))).collect();
+            let line: Vec<String> = r
+                .iter()
+                .enumerate()
+                .map(|(i, c)| format!("{c:<width$}", width = w.get(i).copied().unwrap_or(0)))
+                .collect();
             out.push_str(line.join("  ").trim_end());
             out.push('\n');
         }

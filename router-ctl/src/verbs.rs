@@ -20,7 +20,14 @@ pub fn new_uuid() -> Result<String> {
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
     let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    Ok(format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32]))
+    Ok(format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    ))
 }
 
 /// The definition of an applied router, as a file would state it.
@@ -30,10 +37,16 @@ pub fn definition_of(st: &RouterState) -> String {
         t += &format!("max_routes = {n}\n");
     }
     for i in &st.interfaces {
-        t += &format!("[[router.interface]]\nport_id = \"{}\"\nsubnet = \"{}\"\ngateway_ip = \"{}\"\n", i.port_id, i.subnet, i.gateway_ip);
+        t += &format!(
+            "[[router.interface]]\nport_id = \"{}\"\nsubnet = \"{}\"\ngateway_ip = \"{}\"\n",
+            i.port_id, i.subnet, i.gateway_ip
+        );
     }
     for r in &st.routes {
-        t += &format!("[[router.route]]\ndestination = \"{}\"\nnexthop = \"{}\"\n", r.destination, r.nexthop);
+        t += &format!(
+            "[[router.route]]\ndestination = \"{}\"\nnexthop = \"{}\"\n",
+            r.destination, r.nexthop
+        );
     }
     t
 }
@@ -65,7 +78,10 @@ pub fn parse_route(arg: &str) -> Result<(String, String)> {
             _ => bail!("--route '{arg}': expected destination=CIDR,gateway=IP"),
         }
     }
-    Ok((d.ok_or_else(|| anyhow!("--route '{arg}': destination= is missing"))?, g.ok_or_else(|| anyhow!("--route '{arg}': gateway= is missing"))?))
+    Ok((
+        d.ok_or_else(|| anyhow!("--route '{arg}': destination= is missing"))?,
+        g.ok_or_else(|| anyhow!("--route '{arg}': gateway= is missing"))?,
+    ))
 }
 
 /// Applies `change` to the text of the router's current definition.
@@ -76,7 +92,12 @@ fn change(router: &str, f: impl FnOnce(&RouterState, &mut String) -> Result<()>)
     apply_text(&text)
 }
 
-pub fn add_subnet(router: &str, subnet: &str, gateway: &str, port_id: Option<String>) -> Result<Router> {
+pub fn add_subnet(
+    router: &str,
+    subnet: &str,
+    gateway: &str,
+    port_id: Option<String>,
+) -> Result<Router> {
     let port = match port_id {
         Some(p) => p,
         None => new_uuid()?,
@@ -113,7 +134,8 @@ pub fn remove_route(router: &str, route: &str) -> Result<Router> {
     change(router, |st, t| {
         let mut st = st.clone();
         let before = st.routes.len();
-        st.routes.retain(|r| !(r.destination == d && r.nexthop == g));
+        st.routes
+            .retain(|r| !(r.destination == d && r.nexthop == g));
         if st.routes.len() == before {
             bail!("router {}: no route to {d} via {g}", st.name);
         }

@@ -8,8 +8,8 @@
 
 use aya_ebpf::{
     bindings::xdp_action,
-    macros::{map, xdp},
     bindings::BPF_F_MMAPABLE,
+    macros::{map, xdp},
     maps::{Array, DevMap, HashMap, PerCpuArray},
     programs::XdpContext,
 };
@@ -218,7 +218,9 @@ fn ecmp_member(ctx: &XdpContext, ip: &Ipv4Hdr, group: u32) -> Option<&'static Ro
     if n == 0 {
         return None;
     }
-    let mut h = u32::from_ne_bytes(ip.src) ^ u32::from_ne_bytes(ip.dst).rotate_left(16) ^ ((ip.protocol as u32) << 8);
+    let mut h = u32::from_ne_bytes(ip.src)
+        ^ u32::from_ne_bytes(ip.dst).rotate_left(16)
+        ^ ((ip.protocol as u32) << 8);
     let unfragmented = u16::from_be_bytes(ip.frag_off) & 0x3fff == 0;
     if unfragmented && (ip.protocol == 6 || ip.protocol == 17) {
         if let Some(ports) = ptr_at::<[u8; 4]>(ctx, ETH_LEN + IPV4_LEN) {
@@ -253,7 +255,10 @@ fn copy_mac(dst: &mut [u8; 6], src: &[u8; 6]) {
     unsafe {
         let (d, s) = (dst.as_mut_ptr(), src.as_ptr());
         core::ptr::write_unaligned(d as *mut u32, core::ptr::read_unaligned(s as *const u32));
-        core::ptr::write_unaligned(d.add(4) as *mut u16, core::ptr::read_unaligned(s.add(4) as *const u16));
+        core::ptr::write_unaligned(
+            d.add(4) as *mut u16,
+            core::ptr::read_unaligned(s.add(4) as *const u16),
+        );
     }
 }
 
@@ -262,7 +267,9 @@ fn copy_mac(dst: &mut [u8; 6], src: &[u8; 6]) {
 fn fib_lookup(dst: u32) -> Option<&'static Route> {
     let mut e = *FIB_L1.get(dst >> 24)?.get(((dst >> 16) & 0xff) as usize)?;
     if e & fib::GROUP != 0 {
-        e = *FIB_L2.get(e & !fib::GROUP)?.get(((dst >> 8) & 0xff) as usize)?;
+        e = *FIB_L2
+            .get(e & !fib::GROUP)?
+            .get(((dst >> 8) & 0xff) as usize)?;
         if e & fib::GROUP != 0 {
             e = *FIB_L3.get(e & !fib::GROUP)?.get((dst & 0xff) as usize)?;
         }

@@ -7,7 +7,11 @@ pub const ETH_P_IP: u16 = 0x0800;
 pub fn checksum(bytes: &[u8]) -> u16 {
     let mut sum: u32 = 0;
     for c in bytes.chunks(2) {
-        let w = if c.len() == 2 { u16::from_be_bytes([c[0], c[1]]) } else { u16::from_be_bytes([c[0], 0]) };
+        let w = if c.len() == 2 {
+            u16::from_be_bytes([c[0], c[1]])
+        } else {
+            u16::from_be_bytes([c[0], 0])
+        };
         sum += w as u32;
     }
     while sum > 0xffff {
@@ -31,7 +35,16 @@ pub struct Ipv4 {
 
 impl Ipv4 {
     pub fn udp(src: [u8; 4], dst: [u8; 4], ttl: u8) -> Ipv4 {
-        Ipv4 { tos: 0, id: 0x1234, flags_frag: 0x4000, ttl, protocol: 17, src, dst, options: Vec::new() }
+        Ipv4 {
+            tos: 0,
+            id: 0x1234,
+            flags_frag: 0x4000,
+            ttl,
+            protocol: 17,
+            src,
+            dst,
+            options: Vec::new(),
+        }
     }
 
     /// The header with a from-scratch checksum, for a payload of `payload_len` bytes.
@@ -74,7 +87,9 @@ pub fn ethernet(dst: [u8; 6], src: [u8; 6], ether_type: u16, payload: &[u8]) -> 
 
 /// Ethernet + IPv4 + UDP with a 64-byte patterned payload.
 pub fn ipv4_udp(dst_mac: [u8; 6], src_mac: [u8; 6], ip: &Ipv4) -> Vec<u8> {
-    let payload: Vec<u8> = (0..64u8).map(|i| i.wrapping_mul(7).wrapping_add(3)).collect();
+    let payload: Vec<u8> = (0..64u8)
+        .map(|i| i.wrapping_mul(7).wrapping_add(3))
+        .collect();
     let l4 = udp(40000, 5201, &payload);
     let mut l3 = ip.header(l4.len());
     l3.extend_from_slice(&l4);

@@ -3,7 +3,6 @@
 pub mod frame;
 pub mod topo;
 
-
 use std::process::{Command, Output};
 
 /// Tests need root (BPF, namespaces). Returns false, after saying why, when the test must skip.
@@ -20,7 +19,12 @@ pub fn require_root() -> bool {
 pub fn unshare_netns() {
     // SAFETY: affects only the calling thread.
     let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
-    assert_eq!(rc, 0, "unshare(CLONE_NEWNET): {}", std::io::Error::last_os_error());
+    assert_eq!(
+        rc,
+        0,
+        "unshare(CLONE_NEWNET): {}",
+        std::io::Error::last_os_error()
+    );
 }
 
 /// Runs a command, panicking with its output when it fails.
@@ -55,7 +59,10 @@ pub fn router_ctl() -> String {
 
 /// Runs `router-ctl ARGS`.
 pub fn ctl(args: &[&str]) -> Output {
-    Command::new(router_ctl()).args(args).output().expect("router-ctl")
+    Command::new(router_ctl())
+        .args(args)
+        .output()
+        .expect("router-ctl")
 }
 
 /// Runs `router-ctl ARGS -j` and parses its JSON, panicking when it fails.
@@ -63,6 +70,10 @@ pub fn ctl_json(args: &[&str]) -> serde_json::Value {
     let mut a = args.to_vec();
     a.push("-j");
     let out = ctl(&a);
-    assert!(out.status.success(), "router-ctl {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "router-ctl {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     serde_json::from_slice(&out.stdout).expect("router-ctl JSON")
 }

@@ -2,8 +2,8 @@
 //! down on drop (also when the test fails).
 
 use std::{
-    net::{TcpListener, TcpStream},
     io::{Read, Write},
+    net::{TcpListener, TcpStream},
     sync::atomic::{AtomicU32, Ordering},
     time::{Duration, Instant},
 };
@@ -120,10 +120,19 @@ impl Seed {
     pub fn applied_with(router_fields: &str, extra: &str) -> Seed {
         let tag = unique_tag();
         let ids = Ids::new(&tag);
-        let seed = Seed { vm1: format!("vm1-{tag}"), vm3: format!("vm3-{tag}"), ids, extra_ns: Vec::new() };
+        let seed = Seed {
+            vm1: format!("vm1-{tag}"),
+            vm3: format!("vm3-{tag}"),
+            ids,
+            extra_ns: Vec::new(),
+        };
         let path = write_config(&tag, &seed.ids.config_with(router_fields, extra));
         let out = ctl(&["apply", "-f", &path]);
-        assert!(out.status.success(), "apply failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "apply failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         seed
     }
 
@@ -147,13 +156,21 @@ impl Seed {
     }
 
     pub fn ping(ns: &str, dst: &str, count: u32) -> bool {
-        Self::exec(ns, &format!("ping -c {count} -i 0.2 -W 2 {dst}")).status.success()
+        Self::exec(ns, &format!("ping -c {count} -i 0.2 -W 2 {dst}"))
+            .status
+            .success()
     }
 
     /// vm1 and vm3 talk to their gateways, so that the router learns both (ARP).
     pub fn prime_neighbours(&self) {
-        assert!(Self::ping(&self.vm1, "172.16.100.1", 1), "vm1 cannot reach its gateway");
-        assert!(Self::ping(&self.vm3, "172.16.101.1", 1), "vm3 cannot reach its gateway");
+        assert!(
+            Self::ping(&self.vm1, "172.16.100.1", 1),
+            "vm1 cannot reach its gateway"
+        );
+        assert!(
+            Self::ping(&self.vm3, "172.16.101.1", 1),
+            "vm3 cannot reach its gateway"
+        );
         self.wait_neigh("172.16.100.3");
         self.wait_neigh("172.16.101.3");
     }
@@ -166,13 +183,20 @@ impl Seed {
             if let Some(n) = v.as_array().unwrap().iter().find(|n| n["dst"] == ip) {
                 return n["lladdr"].as_str().unwrap().to_string();
             }
-            assert!(Instant::now() < deadline, "neighbour {ip} never reached the fast path: {v}");
+            assert!(
+                Instant::now() < deadline,
+                "neighbour {ip} never reached the fast path: {v}"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
 
     pub fn set_forwarding(&self, on: bool) {
-        sh(&format!("ip netns exec {} sysctl -qw net.ipv4.ip_forward={}", self.ns(), on as u8));
+        sh(&format!(
+            "ip netns exec {} sysctl -qw net.ipv4.ip_forward={}",
+            self.ns(),
+            on as u8
+        ));
     }
 
     /// The router namespace's kernel ForwDatagrams counter (/proc/net/snmp).
@@ -181,26 +205,50 @@ impl Seed {
         let mut lines = snmp.lines().filter(|l| l.starts_with("Ip:"));
         let names: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
         let values: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
-        let i = names.iter().position(|n| *n == "ForwDatagrams").expect("ForwDatagrams");
+        let i = names
+            .iter()
+            .position(|n| *n == "ForwDatagrams")
+            .expect("ForwDatagrams");
         values[i].parse().unwrap()
     }
 
     /// `router-ctl stats ROUTER -j` as (device → JSON).
     pub fn stats(&self) -> Vec<serde_json::Value> {
-        ctl_json(&["stats", &self.ids.router_id]).as_array().unwrap().clone()
+        ctl_json(&["stats", &self.ids.router_id])
+            .as_array()
+            .unwrap()
+            .clone()
     }
 
     pub fn forwarded(&self, dev: &str) -> u64 {
-        self.stats().iter().find(|s| s["device"] == dev).expect("device in stats")["forwarded"]["packets"].as_u64().unwrap()
+        self.stats()
+            .iter()
+            .find(|s| s["device"] == dev)
+            .expect("device in stats")["forwarded"]["packets"]
+            .as_u64()
+            .unwrap()
     }
 
     pub fn passed(&self, dev: &str, reason: &str) -> u64 {
-        self.stats().iter().find(|s| s["device"] == dev).expect("device in stats")["passed"]["reasons"][reason].as_u64().unwrap()
+        self.stats()
+            .iter()
+            .find(|s| s["device"] == dev)
+            .expect("device in stats")["passed"]["reasons"][reason]
+            .as_u64()
+            .unwrap()
     }
 
     pub fn mac_of(&self, dev: &str) -> String {
         let v = ctl_json(&["show", &self.ids.router_id]);
-        v[0]["interfaces"].as_array().unwrap().iter().find(|i| i["device"] == dev).unwrap()["mac"].as_str().unwrap().to_string()
+        v[0]["interfaces"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["device"] == dev)
+            .unwrap()["mac"]
+            .as_str()
+            .unwrap()
+            .to_string()
     }
 }
 
@@ -208,17 +256,29 @@ impl Drop for Seed {
     fn drop(&mut self) {
         let out = ctl(&["destroy", &self.ids.router_id]);
         if !out.status.success() {
-            eprintln!("cleanup: destroy {}: {}", self.ids.router_id, String::from_utf8_lossy(&out.stderr));
+            eprintln!(
+                "cleanup: destroy {}: {}",
+                self.ids.router_id,
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
-        for ns in [&self.vm1, &self.vm3].into_iter().chain(self.extra_ns.iter()) {
+        for ns in [&self.vm1, &self.vm3]
+            .into_iter()
+            .chain(self.extra_ns.iter())
+        {
             let _ = sh_out(&format!("ip netns del {ns}"));
         }
-        let _ = std::fs::remove_file(std::env::temp_dir().join(format!("router-test-{}.toml", self.ids.tag)));
+        let _ = std::fs::remove_file(
+            std::env::temp_dir().join(format!("router-test-{}.toml", self.ids.tag)),
+        );
     }
 }
 
 /// Runs `f` on a thread inside namespace `ns`.
-pub fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> std::thread::JoinHandle<T> {
+pub fn in_ns<T: Send + 'static>(
+    ns: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::thread::JoinHandle<T> {
     let file = std::fs::File::open(format!("/run/netns/{ns}")).expect("namespace");
     std::thread::spawn(move || {
         router_ctl::sys::enter_netns(&file).expect("setns");
@@ -240,11 +300,17 @@ pub fn tcp_transfer(from: &str, to: &str, to_ip: &str, len: usize) -> (usize, bo
         s.read_to_end(&mut got).expect("read");
         got
     });
-    ready_rx.recv_timeout(Duration::from_secs(5)).expect("server ready");
+    ready_rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("server ready");
     let to_ip = to_ip.to_string();
     let client = in_ns(from, move || {
         let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
-        let mut s = TcpStream::connect_timeout(&format!("{to_ip}:5001").parse().unwrap(), Duration::from_secs(5)).expect("connect");
+        let mut s = TcpStream::connect_timeout(
+            &format!("{to_ip}:5001").parse().unwrap(),
+            Duration::from_secs(5),
+        )
+        .expect("connect");
         s.set_write_timeout(Some(Duration::from_secs(30))).unwrap();
         s.write_all(&data).expect("write");
         s.shutdown(std::net::Shutdown::Write).unwrap();
@@ -256,22 +322,47 @@ pub fn tcp_transfer(from: &str, to: &str, to_ip: &str, len: usize) -> (usize, bo
 }
 
 /// Captures frames on `dev` in namespace `ns` until `pred` accepts one (or 5 s pass).
-pub fn capture(ns: &str, dev: &str, pred: impl Fn(&[u8]) -> bool + Send + 'static) -> std::thread::JoinHandle<Option<Vec<u8>>> {
+pub fn capture(
+    ns: &str,
+    dev: &str,
+    pred: impl Fn(&[u8]) -> bool + Send + 'static,
+) -> std::thread::JoinHandle<Option<Vec<u8>>> {
     let dev = std::ffi::CString::new(dev).unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     let h = in_ns(ns, move || {
         // SAFETY: plain socket calls with checked results.
         unsafe {
-            let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, (libc::ETH_P_ALL as u16).to_be() as i32);
-            assert!(fd >= 0, "AF_PACKET socket: {}", std::io::Error::last_os_error());
+            let fd = libc::socket(
+                libc::AF_PACKET,
+                libc::SOCK_RAW,
+                (libc::ETH_P_ALL as u16).to_be() as i32,
+            );
+            assert!(
+                fd >= 0,
+                "AF_PACKET socket: {}",
+                std::io::Error::last_os_error()
+            );
             let mut sll: libc::sockaddr_ll = std::mem::zeroed();
             sll.sll_family = libc::AF_PACKET as u16;
             sll.sll_protocol = (libc::ETH_P_ALL as u16).to_be();
             sll.sll_ifindex = libc::if_nametoindex(dev.as_ptr()) as i32;
-            let rc = libc::bind(fd, &sll as *const _ as *const libc::sockaddr, std::mem::size_of::<libc::sockaddr_ll>() as u32);
+            let rc = libc::bind(
+                fd,
+                &sll as *const _ as *const libc::sockaddr,
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            );
             assert_eq!(rc, 0, "bind: {}", std::io::Error::last_os_error());
-            let tv = libc::timeval { tv_sec: 0, tv_usec: 200_000 };
-            libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVTIMEO, &tv as *const _ as *const libc::c_void, std::mem::size_of::<libc::timeval>() as u32);
+            let tv = libc::timeval {
+                tv_sec: 0,
+                tv_usec: 200_000,
+            };
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                &tv as *const _ as *const libc::c_void,
+                std::mem::size_of::<libc::timeval>() as u32,
+            );
             tx.send(()).unwrap();
             let deadline = Instant::now() + Duration::from_secs(5);
             let mut buf = vec![0u8; 65536];
@@ -279,9 +370,19 @@ pub fn capture(ns: &str, dev: &str, pred: impl Fn(&[u8]) -> bool + Send + 'stati
             while Instant::now() < deadline {
                 let mut from: libc::sockaddr_ll = std::mem::zeroed();
                 let mut flen = std::mem::size_of::<libc::sockaddr_ll>() as u32;
-                let n = libc::recvfrom(fd, buf.as_mut_ptr() as *mut libc::c_void, buf.len(), 0, &mut from as *mut _ as *mut libc::sockaddr, &mut flen);
+                let n = libc::recvfrom(
+                    fd,
+                    buf.as_mut_ptr() as *mut libc::c_void,
+                    buf.len(),
+                    0,
+                    &mut from as *mut _ as *mut libc::sockaddr,
+                    &mut flen,
+                );
                 // Only frames arriving at this device, not the ones it sends.
-                if n > 0 && from.sll_pkttype != libc::PACKET_OUTGOING as u8 && pred(&buf[..n as usize]) {
+                if n > 0
+                    && from.sll_pkttype != libc::PACKET_OUTGOING as u8
+                    && pred(&buf[..n as usize])
+                {
                     found = Some(buf[..n as usize].to_vec());
                     break;
                 }
@@ -290,6 +391,7 @@ pub fn capture(ns: &str, dev: &str, pred: impl Fn(&[u8]) -> bool + Send + 'stati
             found
         }
     });
-    rx.recv_timeout(Duration::from_secs(5)).expect("capture ready");
+    rx.recv_timeout(Duration::from_secs(5))
+        .expect("capture ready");
     h
 }

@@ -16,13 +16,26 @@ fn xdp_forwards_ping_and_tcp_with_kernel_forwarding_off() {
     s.set_forwarding(false);
     let forw_before = s.forw_datagrams();
     let fwd_a = s.forwarded(&s.ids.dev_a());
-    assert!(Seed::ping(&s.vm1, "172.16.101.3", 5), "vm1 → vm3 ping failed with kernel forwarding off");
-    assert!(Seed::ping(&s.vm3, "172.16.100.3", 5), "vm3 → vm1 ping failed with kernel forwarding off");
+    assert!(
+        Seed::ping(&s.vm1, "172.16.101.3", 5),
+        "vm1 → vm3 ping failed with kernel forwarding off"
+    );
+    assert!(
+        Seed::ping(&s.vm3, "172.16.100.3", 5),
+        "vm3 → vm1 ping failed with kernel forwarding off"
+    );
     let (n, same) = tcp_transfer(&s.vm1, &s.vm3, "172.16.101.3", 10 << 20);
     assert_eq!(n, 10 << 20, "TCP transfer incomplete");
     assert!(same, "TCP transfer corrupted");
-    assert_eq!(s.forw_datagrams(), forw_before, "the kernel forwarded packets: the fast path did not");
-    assert!(s.forwarded(&s.ids.dev_a()) >= fwd_a + 10, "fast path counters did not grow");
+    assert_eq!(
+        s.forw_datagrams(),
+        forw_before,
+        "the kernel forwarded packets: the fast path did not"
+    );
+    assert!(
+        s.forwarded(&s.ids.dev_a()) >= fwd_a + 10,
+        "fast path counters did not grow"
+    );
     assert!(s.forwarded(&s.ids.dev_b()) >= 10);
 }
 
@@ -40,16 +53,37 @@ fn forwarded_frame_has_ttl_minus_one_and_egress_source_mac() {
     let fwd_before = s.forwarded(&s.ids.dev_a());
     // An echo request from vm1 to vm3, ICMP (1), with the pattern we send below.
     let cap = capture(&s.vm3, &s.ids.tap_b(), |f| {
-        f.len() > 42 && f[12..14] == [8, 0] && f[23] == 1 && f[26..30] == [172, 16, 100, 3] && f[30..34] == [172, 16, 101, 3] && f[34] == 8
+        f.len() > 42
+            && f[12..14] == [8, 0]
+            && f[23] == 1
+            && f[26..30] == [172, 16, 100, 3]
+            && f[30..34] == [172, 16, 101, 3]
+            && f[34] == 8
     });
     assert!(Seed::ping(&s.vm1, "172.16.101.3 -t 57 -p c0ffee", 1));
     let f = cap.join().unwrap().expect("no echo request reached vm3");
     assert_eq!(f[22], 56, "TTL must be sent − 1");
-    let mac = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<Vec<_>>().join(":");
-    assert_eq!(mac(&f[6..12]), qr_b, "source MAC must be the egress qr- device's");
+    let mac = |b: &[u8]| {
+        b.iter()
+            .map(|x| format!("{x:02x}"))
+            .collect::<Vec<_>>()
+            .join(":")
+    };
+    assert_eq!(
+        mac(&f[6..12]),
+        qr_b,
+        "source MAC must be the egress qr- device's"
+    );
     assert_eq!(mac(&f[0..6]), vm3_mac, "destination MAC must be vm3's");
-    assert_eq!(tests::frame::checksum(&f[14..34]), 0, "IPv4 header checksum");
-    assert!(s.forwarded(&s.ids.dev_a()) > fwd_before, "that frame went through the fast path");
+    assert_eq!(
+        tests::frame::checksum(&f[14..34]),
+        0,
+        "IPv4 header checksum"
+    );
+    assert!(
+        s.forwarded(&s.ids.dev_a()) > fwd_before,
+        "that frame went through the fast path"
+    );
 }
 
 #[test]
@@ -62,7 +96,10 @@ fn ttl_1_gets_time_exceeded_from_the_gateway() {
     let before = s.passed(&s.ids.dev_a(), "ttl_exceeded");
     let out = Seed::exec(&s.vm1, "ping -c 1 -t 1 -W 2 172.16.101.3");
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("From 172.16.100.1") && text.to_lowercase().contains("time to live exceeded"), "ping said: {text}");
+    assert!(
+        text.contains("From 172.16.100.1") && text.to_lowercase().contains("time to live exceeded"),
+        "ping said: {text}"
+    );
     assert_eq!(s.passed(&s.ids.dev_a(), "ttl_exceeded"), before + 1);
 }
 
@@ -71,13 +108,18 @@ fn ttl_1_gets_time_exceeded_from_the_gateway() {
 fn bridge_vlan101(s: &mut Seed, instances: &[(&str, &str)]) {
     let br = format!("br-{}", s.ids.tag);
     s.extra_ns.push(br.clone());
-    sh(&format!("ip netns add {br} && ip netns add {vm3} && ip -n {vm3} link set lo up", vm3 = s.vm3));
+    sh(&format!(
+        "ip netns add {br} && ip netns add {vm3} && ip -n {vm3} link set lo up",
+        vm3 = s.vm3
+    ));
     sh(&format!(
         "ip link set {tap} netns {br} && ip -n {br} link add br0 type bridge && ip -n {br} link set br0 up && ip -n {br} link set {tap} master br0 up",
         tap = s.ids.tap_b()
     ));
     let vm3 = s.vm3.clone();
-    for (ns, addr) in std::iter::once((vm3.as_str(), "172.16.101.3/24")).chain(instances.iter().copied()) {
+    for (ns, addr) in
+        std::iter::once((vm3.as_str(), "172.16.101.3/24")).chain(instances.iter().copied())
+    {
         if ns != vm3 {
             s.extra_ns.push(ns.to_string());
             sh(&format!("ip netns add {ns} && ip -n {ns} link set lo up && ip -n {ns} addr add 10.10.0.1/32 dev lo"));
@@ -95,7 +137,9 @@ fn extra_route_through_a_nexthop_instance() {
     if !require_root() {
         return;
     }
-    let mut s = Seed::applied("[[router.route]]\ndestination = \"10.10.0.0/16\"\nnexthop = \"172.16.101.254\"\n");
+    let mut s = Seed::applied(
+        "[[router.route]]\ndestination = \"10.10.0.0/16\"\nnexthop = \"172.16.101.254\"\n",
+    );
     s.plug(&s.vm1, &s.ids.tap_a(), "172.16.100.3/24", "172.16.100.1");
     let nh = format!("nh-{}", s.ids.tag);
     bridge_vlan101(&mut s, &[(&nh, "172.16.101.254/24")]);
@@ -106,12 +150,22 @@ fn extra_route_through_a_nexthop_instance() {
     s.set_forwarding(false);
     let forw = s.forw_datagrams();
     let fwd = s.forwarded(&s.ids.dev_a());
-    assert!(Seed::ping(&s.vm1, "10.10.0.1", 3), "vm1 → 10.10.0.1 through nexthop 172.16.101.254 failed");
-    assert_eq!(s.forw_datagrams(), forw, "the kernel forwarded: the extra route was not in the fast path");
+    assert!(
+        Seed::ping(&s.vm1, "10.10.0.1", 3),
+        "vm1 → 10.10.0.1 through nexthop 172.16.101.254 failed"
+    );
+    assert_eq!(
+        s.forw_datagrams(),
+        forw,
+        "the kernel forwarded: the extra route was not in the fast path"
+    );
     assert!(s.forwarded(&s.ids.dev_a()) >= fwd + 3);
     // The kernel has the route too, for the slow path.
     let routes = sh(&format!("ip -n {} route show 10.10.0.0/16", s.ns()));
-    assert!(routes.contains("via 172.16.101.254"), "kernel route missing: {routes}");
+    assert!(
+        routes.contains("via 172.16.101.254"),
+        "kernel route missing: {routes}"
+    );
 }
 
 #[test]
@@ -133,9 +187,19 @@ fn two_routers_side_by_side_do_not_see_each_others_traffic() {
     assert_eq!(fwd(&a), a1, "router A counted router B's traffic");
     assert!(fwd(&b) >= b1 + 10);
     // Same addresses, different instances: each router knows only its own.
-    let macs = |s: &Seed| ctl_json(&["neigh", &s.ids.router_id]).as_array().unwrap().iter().map(|n| n["lladdr"].as_str().unwrap().to_string()).collect::<Vec<_>>();
+    let macs = |s: &Seed| {
+        ctl_json(&["neigh", &s.ids.router_id])
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n["lladdr"].as_str().unwrap().to_string())
+            .collect::<Vec<_>>()
+    };
     let (ma, mb) = (macs(&a), macs(&b));
-    assert!(ma.iter().all(|m| !mb.contains(m)), "neighbour maps are shared: {ma:?} / {mb:?}");
+    assert!(
+        ma.iter().all(|m| !mb.contains(m)),
+        "neighbour maps are shared: {ma:?} / {mb:?}"
+    );
 }
 
 #[test]
@@ -147,15 +211,41 @@ fn apply_is_idempotent_and_destroy_removes_what_it_created() {
     let show = ctl_json(&["show", &s.ids.router_id]);
     let path = write_config(&format!("{}-again", s.ids.tag), &s.ids.config(""));
     let out = ctl(&["apply", "-f", &path]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(ctl_json(&["show", &s.ids.router_id]), show, "a second apply changed the router");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        ctl_json(&["show", &s.ids.router_id]),
+        show,
+        "a second apply changed the router"
+    );
     s.prime_neighbours();
-    assert!(Seed::ping(&s.vm1, "172.16.101.3", 2), "forwarding after a re-apply");
+    assert!(
+        Seed::ping(&s.vm1, "172.16.101.3", 2),
+        "forwarding after a re-apply"
+    );
     let out = ctl(&["destroy", &s.ids.name]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(!std::path::Path::new(&format!("/run/netns/{}", s.ns())).exists(), "namespace left behind");
-    assert!(!std::path::Path::new(&format!("/sys/fs/bpf/router-xdp/v1/{}", s.ids.router_id)).exists(), "pins left behind");
-    assert!(!sh_out(&format!("ip -n {} link show {}", s.vm1, s.ids.tap_a())).status.success(), "veth peer left behind");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !std::path::Path::new(&format!("/run/netns/{}", s.ns())).exists(),
+        "namespace left behind"
+    );
+    assert!(
+        !std::path::Path::new(&format!("/sys/fs/bpf/router-xdp/v1/{}", s.ids.router_id)).exists(),
+        "pins left behind"
+    );
+    assert!(
+        !sh_out(&format!("ip -n {} link show {}", s.vm1, s.ids.tap_a()))
+            .status
+            .success(),
+        "veth peer left behind"
+    );
     let _ = std::fs::remove_file(&path);
 }
 
@@ -169,7 +259,9 @@ fn adopts_existing_namespace_and_devices_and_leaves_them_on_destroy() {
     let ns = ids.ns();
     let (vm1, vm3) = (format!("vm1-{tag}"), format!("vm3-{tag}"));
     // What Neutron's agents would have made: the namespace, the plugged qr- devices, one address.
-    sh(&format!("ip netns add {ns} && ip netns add {vm1} && ip netns add {vm3}"));
+    sh(&format!(
+        "ip netns add {ns} && ip netns add {vm1} && ip netns add {vm3}"
+    ));
     struct Cleanup(Vec<String>);
     impl Drop for Cleanup {
         fn drop(&mut self) {
@@ -179,29 +271,64 @@ fn adopts_existing_namespace_and_devices_and_leaves_them_on_destroy() {
         }
     }
     let _c = Cleanup(vec![ns.clone(), vm1.clone(), vm3.clone()]);
-    for (dev, vm, addr, gw) in [(ids.dev_a(), &vm1, "172.16.100.3/24", "172.16.100.1"), (ids.dev_b(), &vm3, "172.16.101.3/24", "172.16.101.1")] {
+    for (dev, vm, addr, gw) in [
+        (ids.dev_a(), &vm1, "172.16.100.3/24", "172.16.100.1"),
+        (ids.dev_b(), &vm3, "172.16.101.3/24", "172.16.101.1"),
+    ] {
         sh(&format!(
             "ip -n {ns} link add {dev} type veth peer name eth0 netns {vm} && ip -n {vm} link set eth0 up && ip -n {vm} link set lo up && \
              ip -n {vm} addr add {addr} dev eth0 && ip -n {vm} route add default via {gw} && ip netns exec {vm} ethtool -K eth0 gro on tx off >/dev/null"
         ));
     }
-    sh(&format!("ip -n {ns} addr add 172.16.100.1/24 dev {}", ids.dev_a()));
+    sh(&format!(
+        "ip -n {ns} addr add 172.16.100.1/24 dev {}",
+        ids.dev_a()
+    ));
     let path = write_config(&tag, &ids.config(""));
     let out = ctl(&["apply", "-f", &path]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(!text.contains("created namespace") && !text.contains("created device"), "apply created what existed: {text}");
-    assert!(text.contains(&format!("created address 172.16.101.1/24 on {}", ids.dev_b())), "{text}");
+    assert!(
+        !text.contains("created namespace") && !text.contains("created device"),
+        "apply created what existed: {text}"
+    );
+    assert!(
+        text.contains(&format!(
+            "created address 172.16.101.1/24 on {}",
+            ids.dev_b()
+        )),
+        "{text}"
+    );
     assert!(Seed::ping(&vm1, "172.16.100.1", 1) && Seed::ping(&vm3, "172.16.101.1", 1));
     assert!(Seed::ping(&vm1, "172.16.101.3", 3));
-    assert!(sh(&format!("ip -n {ns} link show {}", ids.dev_a())).contains("xdp"), "XDP not attached");
+    assert!(
+        sh(&format!("ip -n {ns} link show {}", ids.dev_a())).contains("xdp"),
+        "XDP not attached"
+    );
     let out = ctl(&["destroy", &ids.router_id]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let link = sh(&format!("ip -n {ns} link show {}", ids.dev_a()));
-    assert!(!link.contains("xdp"), "XDP still attached after destroy: {link}");
+    assert!(
+        !link.contains("xdp"),
+        "XDP still attached after destroy: {link}"
+    );
     let addrs = sh(&format!("ip -n {ns} -4 addr show"));
-    assert!(addrs.contains("172.16.100.1/24"), "destroy removed an address it did not add");
-    assert!(!addrs.contains("172.16.101.1/24"), "destroy left the address it added");
+    assert!(
+        addrs.contains("172.16.100.1/24"),
+        "destroy removed an address it did not add"
+    );
+    assert!(
+        !addrs.contains("172.16.101.1/24"),
+        "destroy left the address it added"
+    );
     let _ = std::fs::remove_file(&path);
 }
 
@@ -212,20 +339,69 @@ fn bad_configs_are_refused_with_nothing_changed() {
     }
     let tag = unique_tag();
     let ids = Ids::new(&tag);
-    let good = ids.config("[[router.route]]\ndestination = \"10.10.0.0/16\"\nnexthop = \"172.16.101.254\"\n");
+    let good = ids
+        .config("[[router.route]]\ndestination = \"10.10.0.0/16\"\nnexthop = \"172.16.101.254\"\n");
     let cases: Vec<(&str, String, &str)> = vec![
-        ("bad TOML", good.replace("[[router.route]]", "[[router.route"), "TOML parse error"),
-        ("unknown key", good.replace("name = ", "colour = \"red\"\nname = "), "unknown field `colour`"),
-        ("gateway outside subnet", good.replace("gateway_ip = \"172.16.101.1\"", "gateway_ip = \"172.16.1.1\""), "gateway_ip' = 172.16.1.1 is outside subnet 172.16.101.0/24"),
-        ("overlapping subnets", good.replace("172.16.101.0/24", "172.16.100.0/23"), "overlaps subnet 172.16.100.0/24"),
-        ("duplicate port id", good.replace(&ids.port_b, &ids.port_a), "duplicate port_id"),
-        ("duplicate device name", good.replace(&ids.port_b, &format!("{}ffff-ffff", &ids.port_a[..11])), "already used by port"),
-        ("nexthop off-link", good.replace("172.16.101.254", "192.168.7.1"), "'nexthop' = 192.168.7.1 is not on a connected subnet"),
-        ("missing field", good.replacen("subnet = \"172.16.100.0/24\"\n", "", 1), "missing field `subnet`"),
-        ("bad prefix", good.replace("10.10.0.0/16", "10.10.0.0/40"), "'destination'"),
-        ("bad router id", good.replace(&ids.router_id, "a b"), "field 'id'"),
+        (
+            "bad TOML",
+            good.replace("[[router.route]]", "[[router.route"),
+            "TOML parse error",
+        ),
+        (
+            "unknown key",
+            good.replace("name = ", "colour = \"red\"\nname = "),
+            "unknown field `colour`",
+        ),
+        (
+            "gateway outside subnet",
+            good.replace(
+                "gateway_ip = \"172.16.101.1\"",
+                "gateway_ip = \"172.16.1.1\"",
+            ),
+            "gateway_ip' = 172.16.1.1 is outside subnet 172.16.101.0/24",
+        ),
+        (
+            "overlapping subnets",
+            good.replace("172.16.101.0/24", "172.16.100.0/23"),
+            "overlaps subnet 172.16.100.0/24",
+        ),
+        (
+            "duplicate port id",
+            good.replace(&ids.port_b, &ids.port_a),
+            "duplicate port_id",
+        ),
+        (
+            "duplicate device name",
+            good.replace(&ids.port_b, &format!("{}ffff-ffff", &ids.port_a[..11])),
+            "already used by port",
+        ),
+        (
+            "nexthop off-link",
+            good.replace("172.16.101.254", "192.168.7.1"),
+            "'nexthop' = 192.168.7.1 is not on a connected subnet",
+        ),
+        (
+            "missing field",
+            good.replacen("subnet = \"172.16.100.0/24\"\n", "", 1),
+            "missing field `subnet`",
+        ),
+        (
+            "bad prefix",
+            good.replace("10.10.0.0/16", "10.10.0.0/40"),
+            "'destination'",
+        ),
+        (
+            "bad router id",
+            good.replace(&ids.router_id, "a b"),
+            "field 'id'",
+        ),
     ];
-    let tap_count = || sh("ip -o link show").lines().filter(|l| l.contains(&format!("tap{tag}"))).count();
+    let tap_count = || {
+        sh("ip -o link show")
+            .lines()
+            .filter(|l| l.contains(&format!("tap{tag}")))
+            .count()
+    };
     for (what, text, want) in cases {
         assert_ne!(text, good, "{what}: the case did not change the file");
         let path = write_config(&format!("{tag}-bad"), &text);
@@ -233,8 +409,14 @@ fn bad_configs_are_refused_with_nothing_changed() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{what}: accepted");
         assert!(err.contains(want), "{what}: message {err:?} lacks {want:?}");
-        assert!(!std::path::Path::new(&format!("/run/netns/{}", ids.ns())).exists(), "{what}: namespace created");
-        assert!(!ctl_json(&["show"]).to_string().contains(&ids.router_id), "{what}: router recorded");
+        assert!(
+            !std::path::Path::new(&format!("/run/netns/{}", ids.ns())).exists(),
+            "{what}: namespace created"
+        );
+        assert!(
+            !ctl_json(&["show"]).to_string().contains(&ids.router_id),
+            "{what}: router recorded"
+        );
         assert_eq!(tap_count(), 0, "{what}: devices created");
         let _ = std::fs::remove_file(&path);
     }
@@ -256,26 +438,52 @@ fn a_changed_neighbour_mac_is_followed() {
     assert_ne!(old, new);
     // The instance changes its MAC; the router's kernel learns it (here told directly, as an
     // ARP update would), and the daemon must carry it into the fast path.
-    sh(&format!("ip -n {} link set {} address {new}", s.vm3, s.ids.tap_b()));
-    sh(&format!("ip -n {} neigh replace 172.16.101.3 lladdr {new} dev {} nud reachable", s.ns(), s.ids.dev_b()));
+    sh(&format!(
+        "ip -n {} link set {} address {new}",
+        s.vm3,
+        s.ids.tap_b()
+    ));
+    sh(&format!(
+        "ip -n {} neigh replace 172.16.101.3 lladdr {new} dev {} nud reachable",
+        s.ns(),
+        s.ids.dev_b()
+    ));
     let t0 = std::time::Instant::now();
     while s.wait_neigh("172.16.101.3") != new {
-        assert!(t0.elapsed() < std::time::Duration::from_secs(1), "new MAC not in the fast path within a second");
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(1),
+            "new MAC not in the fast path within a second"
+        );
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
     s.set_forwarding(false);
     let forw = s.forw_datagrams();
-    assert!(Seed::ping(&s.vm1, "172.16.101.3", 3), "vm3 unreachable after its MAC changed");
+    assert!(
+        Seed::ping(&s.vm1, "172.16.101.3", 3),
+        "vm3 unreachable after its MAC changed"
+    );
     assert_eq!(s.forw_datagrams(), forw);
     // A neighbour the kernel deletes leaves the fast path.
-    sh(&format!("ip -n {} neigh del 172.16.101.3 dev {}", s.ns(), s.ids.dev_b()));
+    sh(&format!(
+        "ip -n {} neigh del 172.16.101.3 dev {}",
+        s.ns(),
+        s.ids.dev_b()
+    ));
     let t0 = std::time::Instant::now();
     loop {
         let v = ctl_json(&["neigh", &s.ids.router_id]);
-        if !v.as_array().unwrap().iter().any(|n| n["dst"] == "172.16.101.3") {
+        if !v
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n["dst"] == "172.16.101.3")
+        {
             break;
         }
-        assert!(t0.elapsed() < std::time::Duration::from_secs(1), "deleted neighbour still in the fast path");
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(1),
+            "deleted neighbour still in the fast path"
+        );
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
 }
@@ -284,20 +492,45 @@ fn a_changed_neighbour_mac_is_followed() {
 /// `during` half a second in; returns (transmitted, received).
 fn steady_ping(ns: &str, dst: &str, count: u32, during: impl FnOnce()) -> (u32, u32) {
     let cmd = format!("ip netns exec {ns} ping -q -i 0.001 -W 2 -c {count} {dst}");
-    let child = std::process::Command::new("sh").arg("-c").arg(&cmd).stdout(std::process::Stdio::piped()).spawn().unwrap();
+    let child = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(&cmd)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
     std::thread::sleep(std::time::Duration::from_millis(500));
     during();
     let out = child.wait_with_output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    let line = text.lines().find(|l| l.contains("packets transmitted")).unwrap_or_else(|| panic!("ping said: {text}"));
-    let n: Vec<u32> = line.split(',').map(|p| p.split_whitespace().next().unwrap_or("0").parse().unwrap_or(0)).collect();
+    let line = text
+        .lines()
+        .find(|l| l.contains("packets transmitted"))
+        .unwrap_or_else(|| panic!("ping said: {text}"));
+    let n: Vec<u32> = line
+        .split(',')
+        .map(|p| {
+            p.split_whitespace()
+                .next()
+                .unwrap_or("0")
+                .parse()
+                .unwrap_or(0)
+        })
+        .collect();
     (n[0], n[1])
 }
 
 /// Echo requests counted by the `inet c` nftables table of instance namespace `ns`.
 fn echo_counter(ns: &str) -> u64 {
-    let v: serde_json::Value = serde_json::from_str(&sh(&format!("ip netns exec {ns} nft -j list table inet c"))).unwrap();
-    v["nftables"].as_array().unwrap().iter().filter_map(|i| i.get("rule")).flat_map(|r| r["expr"].as_array().unwrap().clone()).find_map(|e| e.get("counter").map(|c| c["packets"].as_u64().unwrap())).unwrap()
+    let v: serde_json::Value =
+        serde_json::from_str(&sh(&format!("ip netns exec {ns} nft -j list table inet c"))).unwrap();
+    v["nftables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|i| i.get("rule"))
+        .flat_map(|r| r["expr"].as_array().unwrap().clone())
+        .find_map(|e| e.get("counter").map(|c| c["packets"].as_u64().unwrap()))
+        .unwrap()
 }
 
 /// Adds a counter of echo requests to 10.10.0.0/16 in instance namespace `ns`.
@@ -343,9 +576,17 @@ fn a_killed_and_restarted_daemon_loses_no_packet() {
     let (sent, got) = steady_ping(&s.vm1, "172.16.101.3", 2000, || {
         restart_daemon(&[]);
     });
-    assert_eq!((sent, got), (2000, 2000), "packets lost across a daemon kill -9 and restart");
+    assert_eq!(
+        (sent, got),
+        (2000, 2000),
+        "packets lost across a daemon kill -9 and restart"
+    );
     // The restarted daemon adopted the router: a new neighbour still reaches the fast path.
-    sh(&format!("ip -n {} neigh replace 172.16.101.77 lladdr 02:00:00:00:00:77 dev {} nud reachable", s.ns(), s.ids.dev_b()));
+    sh(&format!(
+        "ip -n {} neigh replace 172.16.101.77 lladdr 02:00:00:00:00:77 dev {} nud reachable",
+        s.ns(),
+        s.ids.dev_b()
+    ));
     s.wait_neigh("172.16.101.77");
 }
 
@@ -361,10 +602,22 @@ fn re_applying_swaps_the_program_without_losing_a_packet() {
     let before = prog_id();
     let (sent, got) = steady_ping(&s.vm1, "172.16.101.3", 2000, || {
         let out = ctl(&["apply", "-f", &path]);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     });
-    assert_eq!((sent, got), (2000, 2000), "packets lost while the program was replaced");
-    assert_ne!(prog_id(), before, "the program attached to the device was not replaced");
+    assert_eq!(
+        (sent, got),
+        (2000, 2000),
+        "packets lost while the program was replaced"
+    );
+    assert_ne!(
+        prog_id(),
+        before,
+        "the program attached to the device was not replaced"
+    );
     let _ = std::fs::remove_file(&path);
 }
 
@@ -373,11 +626,16 @@ fn changing_an_extra_routes_nexthop_loses_and_misroutes_nothing() {
     if !require_root() {
         return;
     }
-    let route = |nh: &str| format!("[[router.route]]\ndestination = \"10.10.0.0/16\"\nnexthop = \"{nh}\"\n");
+    let route = |nh: &str| {
+        format!("[[router.route]]\ndestination = \"10.10.0.0/16\"\nnexthop = \"{nh}\"\n")
+    };
     let mut s = Seed::applied(&route("172.16.101.254"));
     s.plug(&s.vm1, &s.ids.tap_a(), "172.16.100.3/24", "172.16.100.1");
     let (nh1, nh2) = (format!("nh1-{}", s.ids.tag), format!("nh2-{}", s.ids.tag));
-    bridge_vlan101(&mut s, &[(&nh1, "172.16.101.254/24"), (&nh2, "172.16.101.253/24")]);
+    bridge_vlan101(
+        &mut s,
+        &[(&nh1, "172.16.101.254/24"), (&nh2, "172.16.101.253/24")],
+    );
     // Each nexthop instance counts the echo requests it receives.
     count_echo_requests(&nh1);
     count_echo_requests(&nh2);
@@ -385,15 +643,33 @@ fn changing_an_extra_routes_nexthop_loses_and_misroutes_nothing() {
     assert!(Seed::ping(&nh1, "172.16.101.1", 1) && Seed::ping(&nh2, "172.16.101.1", 1));
     s.wait_neigh("172.16.101.254");
     s.wait_neigh("172.16.101.253");
-    let path = write_config(&format!("{}-nh2", s.ids.tag), &s.ids.config(&route("172.16.101.253")));
+    let path = write_config(
+        &format!("{}-nh2", s.ids.tag),
+        &s.ids.config(&route("172.16.101.253")),
+    );
     let (sent, got) = steady_ping(&s.vm1, "10.10.0.1", 2000, || {
         let out = ctl(&["apply", "-f", &path]);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     });
     let (a, b) = (echo_counter(&nh1), echo_counter(&nh2));
-    assert_eq!((sent, got), (2000, 2000), "echo requests or replies lost while the nexthop changed ({a} at nh1, {b} at nh2)");
-    assert_eq!(a + b, 2000, "requests reached neither nexthop, or both: {a} at nh1, {b} at nh2");
-    assert!(a > 0 && b > 0, "the change did not happen under traffic: {a} at nh1, {b} at nh2");
+    assert_eq!(
+        (sent, got),
+        (2000, 2000),
+        "echo requests or replies lost while the nexthop changed ({a} at nh1, {b} at nh2)"
+    );
+    assert_eq!(
+        a + b,
+        2000,
+        "requests reached neither nexthop, or both: {a} at nh1, {b} at nh2"
+    );
+    assert!(
+        a > 0 && b > 0,
+        "the change did not happen under traffic: {a} at nh1, {b} at nh2"
+    );
     eprintln!("nexthop change under traffic: {a} requests at nh1, then {b} at nh2");
     let _ = std::fs::remove_file(&path);
 }
@@ -412,39 +688,90 @@ fn metrics_count_the_traffic_sent() {
     let scrape = || -> Option<String> {
         use std::io::{Read, Write};
         let mut c = std::net::TcpStream::connect(&addr).ok()?;
-        c.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").ok()?;
+        c.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .ok()?;
         let mut out = String::new();
         c.read_to_string(&mut out).ok()?;
         Some(out)
     };
     let t0 = std::time::Instant::now();
     while scrape().is_none() {
-        assert!(t0.elapsed() < std::time::Duration::from_secs(3), "no metrics on {addr}");
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(3),
+            "no metrics on {addr}"
+        );
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
     let value = |text: &str, metric: &str, dev: &str, reason: Option<&str>| -> u64 {
         text.lines()
             .filter(|l| l.starts_with(&format!("{metric}{{")))
-            .filter(|l| l.contains(&format!("router_id=\"{}\"", s.ids.router_id)) && l.contains(&format!("device=\"{dev}\"")))
+            .filter(|l| {
+                l.contains(&format!("router_id=\"{}\"", s.ids.router_id))
+                    && l.contains(&format!("device=\"{dev}\""))
+            })
             .find(|l| reason.is_none_or(|r| l.contains(&format!("reason=\"{r}\""))))
             .and_then(|l| l.rsplit(' ').next()?.parse().ok())
             .unwrap_or_else(|| panic!("{metric} for {dev} missing:\n{text}"))
     };
     let before = scrape().unwrap();
     assert!(before.starts_with("HTTP/1.1 200"), "{before}");
-    let (a0, b0) = (value(&before, "router_xdp_forwarded_packets_total", &s.ids.dev_a(), None), value(&before, "router_xdp_forwarded_packets_total", &s.ids.dev_b(), None));
-    let ttl0 = value(&before, "router_xdp_passed_packets_total", &s.ids.dev_a(), Some("ttl_exceeded"));
+    let (a0, b0) = (
+        value(
+            &before,
+            "router_xdp_forwarded_packets_total",
+            &s.ids.dev_a(),
+            None,
+        ),
+        value(
+            &before,
+            "router_xdp_forwarded_packets_total",
+            &s.ids.dev_b(),
+            None,
+        ),
+    );
+    let ttl0 = value(
+        &before,
+        "router_xdp_passed_packets_total",
+        &s.ids.dev_a(),
+        Some("ttl_exceeded"),
+    );
     assert!(Seed::ping(&s.vm1, "172.16.101.3", 20));
     let _ = Seed::exec(&s.vm1, "ping -c 3 -i 0.2 -t 1 -W 1 172.16.101.3");
     let after = scrape().unwrap();
     assert_eq!(
-        value(&after, "router_xdp_forwarded_packets_total", &s.ids.dev_a(), None),
+        value(
+            &after,
+            "router_xdp_forwarded_packets_total",
+            &s.ids.dev_a(),
+            None
+        ),
         a0 + 20,
         "echo requests forwarded from vm1; passed: {:?}",
-        after.lines().filter(|l| l.contains("passed_packets_total") && !l.ends_with(" 0")).collect::<Vec<_>>()
+        after
+            .lines()
+            .filter(|l| l.contains("passed_packets_total") && !l.ends_with(" 0"))
+            .collect::<Vec<_>>()
     );
-    assert_eq!(value(&after, "router_xdp_forwarded_packets_total", &s.ids.dev_b(), None), b0 + 20, "echo replies forwarded from vm3");
-    assert_eq!(value(&after, "router_xdp_passed_packets_total", &s.ids.dev_a(), Some("ttl_exceeded")), ttl0 + 3, "TTL-1 pings passed to the kernel");
+    assert_eq!(
+        value(
+            &after,
+            "router_xdp_forwarded_packets_total",
+            &s.ids.dev_b(),
+            None
+        ),
+        b0 + 20,
+        "echo replies forwarded from vm3"
+    );
+    assert_eq!(
+        value(
+            &after,
+            "router_xdp_passed_packets_total",
+            &s.ids.dev_a(),
+            Some("ttl_exceeded")
+        ),
+        ttl0 + 3,
+        "TTL-1 pings passed to the kernel"
+    );
     // What the metrics say is what `router-ctl stats` says.
     assert_eq!(s.forwarded(&s.ids.dev_a()), a0 + 20);
     let _ = scrape().map(|t| assert!(t.contains("# EOF")));
@@ -471,20 +798,33 @@ fn a_device_going_down_or_changing_mtu_leaves_the_fast_path_in_line() {
     std::thread::sleep(std::time::Duration::from_millis(300));
     let fwd_down = s.forwarded(&s.ids.dev_a());
     let _ = Seed::exec(&s.vm1, "ping -c 3 -i 0.1 -W 0.2 172.16.101.3");
-    assert_eq!(s.forwarded(&s.ids.dev_a()), fwd_down, "frames were redirected into a down device");
+    assert_eq!(
+        s.forwarded(&s.ids.dev_a()),
+        fwd_down,
+        "frames were redirected into a down device"
+    );
     // Up again: forwarded in XDP again.
     sh(&format!("ip -n {ns} link set {dev_b} up"));
     let fwd = s.forwarded(&s.ids.dev_a());
-    wait_for("forwarding did not resume after the device came back", &|| Seed::ping(&s.vm1, "172.16.101.3", 1) && s.forwarded(&s.ids.dev_a()) > fwd);
+    wait_for(
+        "forwarding did not resume after the device came back",
+        &|| Seed::ping(&s.vm1, "172.16.101.3", 1) && s.forwarded(&s.ids.dev_a()) > fwd,
+    );
     // A smaller MTU on qr-b: a DF packet larger than it gets "fragmentation needed" from the
     // router's kernel instead of vanishing in the veth.
     sh(&format!("ip -n {ns} link set {dev_b} mtu 1000"));
     wait_for("the fast path did not learn the new MTU", &|| {
-        let text = String::from_utf8_lossy(&Seed::exec(&s.vm1, "ping -c 1 -W 1 -M do -s 1200 172.16.101.3").stdout).to_string();
+        let text = String::from_utf8_lossy(
+            &Seed::exec(&s.vm1, "ping -c 1 -W 1 -M do -s 1200 172.16.101.3").stdout,
+        )
+        .to_string();
         text.contains("mtu = 1000")
     });
     assert!(s.passed(&s.ids.dev_a(), "too_big") > 0);
-    assert!(Seed::ping(&s.vm1, "172.16.101.3 -s 900", 1), "packets under the new MTU still pass");
+    assert!(
+        Seed::ping(&s.vm1, "172.16.101.3 -s 900", 1),
+        "packets under the new MTU still pass"
+    );
 }
 
 #[test]
@@ -504,31 +844,56 @@ fn the_daemon_applies_its_definitions_on_sighup_and_on_file_change() {
             let _ = std::fs::remove_file(&self.1);
         }
     }
-    let path = std::env::temp_dir().join(format!("router-test-{tag}-owned.toml")).to_string_lossy().into_owned();
+    let path = std::env::temp_dir()
+        .join(format!("router-test-{tag}-owned.toml"))
+        .to_string_lossy()
+        .into_owned();
     let _c = Cleanup(ids.router_id.clone(), path.clone());
     let route = "[[router.route]]\ndestination = \"10.10.0.0/16\"\nnexthop = \"172.16.101.254\"\n";
     std::fs::write(&path, ids.config("")).unwrap();
     restart_daemon(&["-f", &path]);
     let routes = || -> Option<Vec<String>> {
         let v = ctl_json(&["show"]);
-        let r = v.as_array()?.iter().find(|r| r["id"] == ids.router_id.as_str())?.clone();
-        Some(r["routes"].as_array()?.iter().map(|x| x["destination"].as_str().unwrap().to_string()).collect())
+        let r = v
+            .as_array()?
+            .iter()
+            .find(|r| r["id"] == ids.router_id.as_str())?
+            .clone();
+        Some(
+            r["routes"]
+                .as_array()?
+                .iter()
+                .map(|x| x["destination"].as_str().unwrap().to_string())
+                .collect(),
+        )
     };
-    wait_for("the daemon did not apply its file at start", &|| routes().is_some());
+    wait_for("the daemon did not apply its file at start", &|| {
+        routes().is_some()
+    });
     // An edit followed by SIGHUP.
     std::fs::write(&path, ids.config(route)).unwrap();
     sh("pkill -HUP -f 'router-ct[l] run'");
-    wait_for("SIGHUP did not apply the new route", &|| routes().is_some_and(|r| r == ["10.10.0.0/16"]));
+    wait_for("SIGHUP did not apply the new route", &|| {
+        routes().is_some_and(|r| r == ["10.10.0.0/16"])
+    });
     // A broken file changes nothing.
     std::fs::write(&path, ids.config(route).replace("nexthop", "nexthp")).unwrap();
     std::thread::sleep(std::time::Duration::from_millis(600));
-    assert_eq!(routes(), Some(vec!["10.10.0.0/16".to_string()]), "a refused file changed the router");
+    assert_eq!(
+        routes(),
+        Some(vec!["10.10.0.0/16".to_string()]),
+        "a refused file changed the router"
+    );
     // An edit alone (no signal): the daemon sees the file change.
     std::fs::write(&path, ids.config("")).unwrap();
-    wait_for("a changed file was not applied", &|| routes().is_some_and(|r| r.is_empty()));
+    wait_for("a changed file was not applied", &|| {
+        routes().is_some_and(|r| r.is_empty())
+    });
     // A router that leaves the file is destroyed.
     std::fs::write(&path, "").unwrap();
-    wait_for("a router removed from the file is still there", &|| routes().is_none());
+    wait_for("a router removed from the file is still there", &|| {
+        routes().is_none()
+    });
     assert!(!std::path::Path::new(&format!("/run/netns/{}", ids.ns())).exists());
 }
 
@@ -542,7 +907,10 @@ fn ecmp_extra_routes_spread_flows_over_both_nexthops() {
     let mut s = Seed::applied(routes);
     s.plug(&s.vm1, &s.ids.tap_a(), "172.16.100.3/24", "172.16.100.1");
     let (nh1, nh2) = (format!("nh1-{}", s.ids.tag), format!("nh2-{}", s.ids.tag));
-    bridge_vlan101(&mut s, &[(&nh1, "172.16.101.254/24"), (&nh2, "172.16.101.253/24")]);
+    bridge_vlan101(
+        &mut s,
+        &[(&nh1, "172.16.101.254/24"), (&nh2, "172.16.101.253/24")],
+    );
     for ns in [&nh1, &nh2] {
         // The whole /16 is local to each instance; each counts the echo requests it receives.
         sh(&format!(
@@ -552,7 +920,11 @@ fn ecmp_extra_routes_spread_flows_over_both_nexthops() {
         ));
     }
     let kernel_route = sh(&format!("ip -n {} route show 10.10.0.0/16", s.ns()));
-    assert!(kernel_route.contains("nexthop via 172.16.101.254") && kernel_route.contains("nexthop via 172.16.101.253"), "{kernel_route}");
+    assert!(
+        kernel_route.contains("nexthop via 172.16.101.254")
+            && kernel_route.contains("nexthop via 172.16.101.253"),
+        "{kernel_route}"
+    );
     assert!(Seed::ping(&s.vm1, "172.16.100.1", 1));
     assert!(Seed::ping(&nh1, "172.16.101.1", 1) && Seed::ping(&nh2, "172.16.101.1", 1));
     s.wait_neigh("172.16.101.254");
@@ -561,13 +933,26 @@ fn ecmp_extra_routes_spread_flows_over_both_nexthops() {
     let forw = s.forw_datagrams();
     // 64 flows (destinations), two echo requests each, all through the fast path.
     for i in 0..64 {
-        assert!(Seed::ping(&s.vm1, &format!("10.10.{i}.1 -i 0.05"), 2), "flow to 10.10.{i}.1 failed");
+        assert!(
+            Seed::ping(&s.vm1, &format!("10.10.{i}.1 -i 0.05"), 2),
+            "flow to 10.10.{i}.1 failed"
+        );
     }
-    assert_eq!(s.forw_datagrams(), forw, "the kernel forwarded: ECMP was not in the fast path");
+    assert_eq!(
+        s.forw_datagrams(),
+        forw,
+        "the kernel forwarded: ECMP was not in the fast path"
+    );
     let (a, b) = (echo_counter(&nh1), echo_counter(&nh2));
     assert_eq!(a + b, 128, "requests lost or duplicated: {a} + {b}");
-    assert!(a >= 16 && b >= 16, "flows not spread over both nexthops: {a} / {b}");
-    assert!(a % 2 == 0 && b % 2 == 0, "a flow was split between nexthops: {a} / {b}");
+    assert!(
+        a >= 16 && b >= 16,
+        "flows not spread over both nexthops: {a} / {b}"
+    );
+    assert!(
+        a % 2 == 0 && b % 2 == 0,
+        "a flow was split between nexthops: {a} / {b}"
+    );
 }
 
 #[test]
@@ -592,37 +977,116 @@ fn openstack_style_verbs_build_a_router_that_forwards() {
     let _c = Cleanup(name.clone(), vec![vm1.clone(), vm3.clone()]);
     let ok = |args: &[&str]| {
         let out = ctl(args);
-        assert!(out.status.success(), "router-ctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "router-ctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     };
-    let (pa, pb) = (format!("{tag}0a-aaaa-4aaa-8aaa-aaaaaaaaaaaa"), format!("{tag}0b-bbbb-4bbb-8bbb-bbbbbbbbbbbb"));
+    let (pa, pb) = (
+        format!("{tag}0a-aaaa-4aaa-8aaa-aaaaaaaaaaaa"),
+        format!("{tag}0b-bbbb-4bbb-8bbb-bbbbbbbbbbbb"),
+    );
     ok(&["router", "create", &name]);
-    ok(&["router", "add", "subnet", &name, "--subnet", "172.16.100.0/24", "--gateway", "172.16.100.1", "--port-id", &pa]);
-    ok(&["router", "add", "subnet", &name, "--subnet", "172.16.101.0/24", "--gateway", "172.16.101.1", "--port-id", &pb]);
+    ok(&[
+        "router",
+        "add",
+        "subnet",
+        &name,
+        "--subnet",
+        "172.16.100.0/24",
+        "--gateway",
+        "172.16.100.1",
+        "--port-id",
+        &pa,
+    ]);
+    ok(&[
+        "router",
+        "add",
+        "subnet",
+        &name,
+        "--subnet",
+        "172.16.101.0/24",
+        "--gateway",
+        "172.16.101.1",
+        "--port-id",
+        &pb,
+    ]);
     let show = ctl_json(&["router", "show", &name]);
-    assert_eq!(show["interfaces_info"].as_array().unwrap().len(), 2, "{show}");
+    assert_eq!(
+        show["interfaces_info"].as_array().unwrap().len(),
+        2,
+        "{show}"
+    );
     let ns = show["namespace"].as_str().unwrap().to_string();
-    for (vm, port, addr, gw) in [(&vm1, &pa, "172.16.100.3/24", "172.16.100.1"), (&vm3, &pb, "172.16.101.3/24", "172.16.101.1")] {
+    for (vm, port, addr, gw) in [
+        (&vm1, &pa, "172.16.100.3/24", "172.16.100.1"),
+        (&vm3, &pb, "172.16.101.3/24", "172.16.101.1"),
+    ] {
         sh(&format!(
             "ip netns add {vm} && ip link set tap{p} netns {vm} && ip -n {vm} link set tap{p} up && ip -n {vm} addr add {addr} dev tap{p} && ip -n {vm} route add default via {gw}",
             p = &port[..11]
         ));
     }
     assert!(Seed::ping(&vm1, "172.16.100.1", 1) && Seed::ping(&vm3, "172.16.101.1", 1));
-    assert!(Seed::ping(&vm1, "172.16.101.3", 3), "the router built with the verbs does not forward");
+    assert!(
+        Seed::ping(&vm1, "172.16.101.3", 3),
+        "the router built with the verbs does not forward"
+    );
     // A route whose gateway is not on a connected subnet is refused and changes nothing.
     let before = ctl_json(&["router", "show", &name]);
-    let out = ctl(&["router", "add", "route", &name, "--route", "destination=10.60.0.0/16,gateway=192.168.9.9"]);
+    let out = ctl(&[
+        "router",
+        "add",
+        "route",
+        &name,
+        "--route",
+        "destination=10.60.0.0/16,gateway=192.168.9.9",
+    ]);
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("'nexthop' = 192.168.9.9 is not on a connected subnet"));
+    assert!(String::from_utf8_lossy(&out.stderr)
+        .contains("'nexthop' = 192.168.9.9 is not on a connected subnet"));
     assert_eq!(ctl_json(&["router", "show", &name]), before);
-    ok(&["router", "add", "route", &name, "--route", "destination=10.50.0.0/16,gateway=172.16.101.9"]);
+    ok(&[
+        "router",
+        "add",
+        "route",
+        &name,
+        "--route",
+        "destination=10.50.0.0/16,gateway=172.16.101.9",
+    ]);
     assert!(sh(&format!("ip -n {ns} route show 10.50.0.0/16")).contains("via 172.16.101.9"));
     let list = ctl_json(&["router", "list"]);
-    assert!(list.as_array().unwrap().iter().any(|r| r["name"] == name.as_str() && r["routes"] == 1), "{list}");
-    ok(&["router", "remove", "route", &name, "--route", "destination=10.50.0.0/16,gateway=172.16.101.9"]);
+    assert!(
+        list.as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["name"] == name.as_str() && r["routes"] == 1),
+        "{list}"
+    );
+    ok(&[
+        "router",
+        "remove",
+        "route",
+        &name,
+        "--route",
+        "destination=10.50.0.0/16,gateway=172.16.101.9",
+    ]);
     assert!(sh(&format!("ip -n {ns} route show 10.50.0.0/16")).is_empty());
-    ok(&["router", "remove", "subnet", &name, "--subnet", "172.16.101.0/24"]);
-    assert!(!sh_out(&format!("ip -n {ns} link show qr-{}", &pb[..11])).status.success(), "removed interface still there");
+    ok(&[
+        "router",
+        "remove",
+        "subnet",
+        &name,
+        "--subnet",
+        "172.16.101.0/24",
+    ]);
+    assert!(
+        !sh_out(&format!("ip -n {ns} link show qr-{}", &pb[..11]))
+            .status
+            .success(),
+        "removed interface still there"
+    );
     ok(&["router", "delete", &name]);
     assert!(!std::path::Path::new(&format!("/run/netns/{ns}")).exists());
 }
@@ -643,7 +1107,10 @@ fn malformed_api_requests_get_errors_and_never_stop_the_daemon() {
             match std::os::unix::net::UnixStream::connect(sock) {
                 Ok(c) => break c,
                 Err(e) => {
-                    assert!(t0.elapsed() < std::time::Duration::from_secs(3), "no daemon on {sock}: {e}");
+                    assert!(
+                        t0.elapsed() < std::time::Duration::from_secs(3),
+                        "no daemon on {sock}: {e}"
+                    );
                     std::thread::sleep(std::time::Duration::from_millis(50));
                 }
             }
@@ -658,11 +1125,21 @@ fn malformed_api_requests_get_errors_and_never_stop_the_daemon() {
     };
     // Wait until the restarted daemon answers (the one it replaces may still hold the socket).
     let t0 = std::time::Instant::now();
-    while !send(b"{\"op\": \"delete\", \"router\": \"no-such-router\"}\n", false).contains("\"ok\"") {
-        assert!(t0.elapsed() < std::time::Duration::from_secs(5), "the daemon does not answer on {sock}");
+    while !send(
+        b"{\"op\": \"delete\", \"router\": \"no-such-router\"}\n",
+        false,
+    )
+    .contains("\"ok\"")
+    {
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(5),
+            "the daemon does not answer on {sock}"
+        );
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
-    let mode = std::fs::metadata(sock).map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o777).unwrap();
+    let mode = std::fs::metadata(sock)
+        .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o777)
+        .unwrap();
     assert_eq!(mode, 0o600, "the API socket must be root-only");
     let big = vec![b'x'; 70 * 1024];
     let cases: Vec<(&str, Vec<u8>, bool, &str)> = vec![
@@ -676,9 +1153,13 @@ fn malformed_api_requests_get_errors_and_never_stop_the_daemon() {
     ];
     for (what, bytes, close, want) in cases {
         let answer = send(&bytes, close);
-        let v: serde_json::Value = serde_json::from_str(answer.trim()).unwrap_or_else(|_| panic!("{what}: answer {answer:?}"));
+        let v: serde_json::Value = serde_json::from_str(answer.trim())
+            .unwrap_or_else(|_| panic!("{what}: answer {answer:?}"));
         assert_eq!(v["ok"], false, "{what}: {answer}");
-        assert!(v["error"].as_str().unwrap().contains(want), "{what}: {answer}");
+        assert!(
+            v["error"].as_str().unwrap().contains(want),
+            "{what}: {answer}"
+        );
     }
     // Still there, and still doing its job.
     let req = format!("{{\"op\": \"add_route\", \"router\": \"{}\", \"route\": \"destination=10.70.0.0/16,gateway=172.16.101.9\"}}\n", s.ids.router_id);

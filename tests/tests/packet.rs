@@ -61,10 +61,24 @@ fn harness() -> Option<Harness> {
     sh("ip link add e0 type veth peer name e1 && ip link set lo up && ip link set e0 up && ip link set e1 up");
     let (lo, e0, e1) = (1, ifindex("e0"), ifindex("e1"));
     let mut ebpf = datapath::load_unpinned().expect("load the XDP program");
-    let iface = |mac, slot| Iface { mac, _pad: [0; 2], mtu: 1500, slot };
-    let ifaces = vec![(lo, iface(IN_MAC, 0)), (e0, iface(OUT_MAC, 1)), (e1, iface(E1_MAC, 2))];
+    let iface = |mac, slot| Iface {
+        mac,
+        _pad: [0; 2],
+        mtu: 1500,
+        slot,
+    };
+    let ifaces = vec![
+        (lo, iface(IN_MAC, 0)),
+        (e0, iface(OUT_MAC, 1)),
+        (e1, iface(E1_MAC, 2)),
+    ];
     datapath::set_ifaces(&mut ebpf, &ifaces, &[e1]).unwrap();
-    let mut h = Harness { ebpf, e0, e1, ifaces };
+    let mut h = Harness {
+        ebpf,
+        e0,
+        e1,
+        ifaces,
+    };
     h.install_routes();
     h.neigh(e0, [10, 2, 0, 5], NB_MAC);
     h.neigh(e0, [10, 2, 0, 254], NH1_MAC);
@@ -79,7 +93,12 @@ impl Harness {
         use aya::maps::HashMap;
         let mut m: HashMap<_, router_common::NeighKey, router_common::Neigh> =
             HashMap::try_from(self.ebpf.map_mut(map_names::NEIGHS).unwrap()).unwrap();
-        m.insert(router_common::NeighKey { ifindex, addr: ip }, router_common::Neigh { mac, _pad: [0; 2] }, 0).unwrap();
+        m.insert(
+            router_common::NeighKey { ifindex, addr: ip },
+            router_common::Neigh { mac, _pad: [0; 2] },
+            0,
+        )
+        .unwrap();
     }
 
     /// Runs the program once on `frame`: (return code, output bytes).
@@ -87,14 +106,20 @@ impl Harness {
         let mut out = vec![0u8; frame.len() + 256];
         let prog = datapath::program(&mut self.ebpf).unwrap();
         let res = prog
-            .test_run(TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ..Default::default() })
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ..Default::default()
+            })
             .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN on a {}-byte frame: {e}", frame.len()));
         out.truncate(res.data_size_out as usize);
         (res.return_value, out)
     }
 
     fn stats(&self) -> Vec<Stats> {
-        (0..STATS_SLOTS).map(|s| datapath::stats_of(&self.ebpf, s).unwrap()).collect()
+        (0..STATS_SLOTS)
+            .map(|s| datapath::stats_of(&self.ebpf, s).unwrap())
+            .collect()
     }
 }
 
@@ -122,7 +147,11 @@ fn forwards_to_a_connected_host_byte_exact() {
     assert_eq!(&out[0..6], &NB_MAC, "destination MAC = the neighbour's");
     assert_eq!(&out[6..12], &OUT_MAC, "source MAC = the egress device's");
     assert_eq!(out[14 + 8], 63, "TTL decremented");
-    assert_eq!(tests::frame::checksum(&out[14..34]), 0, "header checksum verifies");
+    assert_eq!(
+        tests::frame::checksum(&out[14..34]),
+        0,
+        "header checksum verifies"
+    );
     assert_eq!(&out[34..], &input[34..], "payload untouched");
     let s = h.stats();
     assert_eq!(s[0].fwd_packets, 1);
@@ -133,7 +162,11 @@ fn forwards_to_a_connected_host_byte_exact() {
 #[test]
 fn extra_routes_use_the_longest_prefix_and_the_nexthop_mac() {
     let Some(mut h) = harness() else { return };
-    for (dst, mac) in [([10, 9, 1, 1], NH1_MAC), ([10, 9, 9, 7], NH2_MAC), ([10, 9, 255, 255], NH1_MAC)] {
+    for (dst, mac) in [
+        ([10, 9, 1, 1], NH1_MAC),
+        ([10, 9, 9, 7], NH2_MAC),
+        ([10, 9, 255, 255], NH1_MAC),
+    ] {
         let ip = Ipv4::udp(SRC, dst, 17);
         let (rc, out) = h.run(&udp_frame(IN_MAC, &ip));
         assert_eq!(rc, XDP_REDIRECT, "to {dst:?}");
@@ -146,14 +179,24 @@ fn incremental_checksum_equals_recomputation() {
     let Some(mut h) = harness() else { return };
     let mut n = 0;
     for ttl in 2..=255u8 {
-        for (tos, id, frag) in [(0u8, 0u16, 0u16), (0xb8, 0xffff, 0x4000), (0x10, 0x8001, 0x2005), (0xff, 0xfeff, 0xffff)] {
+        for (tos, id, frag) in [
+            (0u8, 0u16, 0u16),
+            (0xb8, 0xffff, 0x4000),
+            (0x10, 0x8001, 0x2005),
+            (0xff, 0xfeff, 0xffff),
+        ] {
             let mut ip = Ipv4::udp([10, 1, 0, ttl], [10, 2, 0, 5], ttl);
             ip.tos = tos;
             ip.id = id.wrapping_add(ttl as u16 * 257);
             ip.flags_frag = frag;
             let (rc, out) = h.run(&udp_frame(IN_MAC, &ip));
             assert_eq!(rc, XDP_REDIRECT);
-            assert_eq!(out, forwarded(NB_MAC, &ip), "ttl {ttl} tos {tos:#x} id {:#x} frag {frag:#x}", ip.id);
+            assert_eq!(
+                out,
+                forwarded(NB_MAC, &ip),
+                "ttl {ttl} tos {tos:#x} id {:#x} frag {frag:#x}",
+                ip.id
+            );
             n += 1;
         }
     }
@@ -189,34 +232,110 @@ fn every_pass_reason_is_counted_and_leaves_the_frame_untouched() {
         ethernet(IN_MAC, HOST_MAC, 0x0800, &l3)
     };
     let cases: Vec<(&str, Vec<u8>, usize)> = vec![
-        ("ARP", ethernet(IN_MAC, HOST_MAC, 0x0806, &[0u8; 28]), why::NOT_IPV4),
-        ("IPv6 ethertype", ethernet(IN_MAC, HOST_MAC, 0x86dd, &[0x60; 60]), why::NOT_IPV4),
-        ("other unicast MAC", udp_frame([0x02, 9, 9, 9, 9, 9], &ok), why::NOT_OUR_MAC),
+        (
+            "ARP",
+            ethernet(IN_MAC, HOST_MAC, 0x0806, &[0u8; 28]),
+            why::NOT_IPV4,
+        ),
+        (
+            "IPv6 ethertype",
+            ethernet(IN_MAC, HOST_MAC, 0x86dd, &[0x60; 60]),
+            why::NOT_IPV4,
+        ),
+        (
+            "other unicast MAC",
+            udp_frame([0x02, 9, 9, 9, 9, 9], &ok),
+            why::NOT_OUR_MAC,
+        ),
         ("broadcast MAC", udp_frame([0xff; 6], &ok), why::BCAST_MCAST),
-        ("multicast MAC", udp_frame([0x01, 0, 0x5e, 0, 0, 5], &ok), why::BCAST_MCAST),
-        ("multicast IP", with(&|ip| ip.dst = [224, 0, 0, 5]), why::BCAST_MCAST),
-        ("limited broadcast IP", with(&|ip| ip.dst = [255, 255, 255, 255]), why::BCAST_MCAST),
-        ("router address", with(&|ip| ip.dst = [10, 2, 0, 1]), why::LOCAL_DEST),
-        ("ingress gateway address", with(&|ip| ip.dst = [10, 1, 0, 1]), why::LOCAL_DEST),
-        ("subnet broadcast", with(&|ip| ip.dst = [10, 2, 0, 255]), why::LOCAL_DEST),
+        (
+            "multicast MAC",
+            udp_frame([0x01, 0, 0x5e, 0, 0, 5], &ok),
+            why::BCAST_MCAST,
+        ),
+        (
+            "multicast IP",
+            with(&|ip| ip.dst = [224, 0, 0, 5]),
+            why::BCAST_MCAST,
+        ),
+        (
+            "limited broadcast IP",
+            with(&|ip| ip.dst = [255, 255, 255, 255]),
+            why::BCAST_MCAST,
+        ),
+        (
+            "router address",
+            with(&|ip| ip.dst = [10, 2, 0, 1]),
+            why::LOCAL_DEST,
+        ),
+        (
+            "ingress gateway address",
+            with(&|ip| ip.dst = [10, 1, 0, 1]),
+            why::LOCAL_DEST,
+        ),
+        (
+            "subnet broadcast",
+            with(&|ip| ip.dst = [10, 2, 0, 255]),
+            why::LOCAL_DEST,
+        ),
         ("TTL 1", with(&|ip| ip.ttl = 1), why::TTL_EXCEEDED),
         ("TTL 0", with(&|ip| ip.ttl = 0), why::TTL_EXCEEDED),
-        ("IP options", with(&|ip| ip.options = vec![1, 1, 1, 0]), why::IP_OPTIONS),
-        ("no route", with(&|ip| ip.dst = [192, 0, 2, 1]), why::NO_ROUTE),
-        ("no neighbour", with(&|ip| ip.dst = [10, 2, 0, 77]), why::NO_NEIGH),
-        ("no neighbour for the nexthop", with(&|ip| ip.dst = [10, 3, 0, 77]), why::NO_NEIGH),
-        ("egress = ingress", with(&|ip| ip.dst = [10, 1, 0, 9]), why::SAME_IFACE),
+        (
+            "IP options",
+            with(&|ip| ip.options = vec![1, 1, 1, 0]),
+            why::IP_OPTIONS,
+        ),
+        (
+            "no route",
+            with(&|ip| ip.dst = [192, 0, 2, 1]),
+            why::NO_ROUTE,
+        ),
+        (
+            "no neighbour",
+            with(&|ip| ip.dst = [10, 2, 0, 77]),
+            why::NO_NEIGH,
+        ),
+        (
+            "no neighbour for the nexthop",
+            with(&|ip| ip.dst = [10, 3, 0, 77]),
+            why::NO_NEIGH,
+        ),
+        (
+            "egress = ingress",
+            with(&|ip| ip.dst = [10, 1, 0, 9]),
+            why::SAME_IFACE,
+        ),
         ("larger than the egress MTU", big, why::TOO_BIG),
         ("total length < 20", short_total, why::MALFORMED),
         ("total length > frame", long_total, why::MALFORMED),
         ("version 6 in an IPv4 ethertype", version6, why::MALFORMED),
         ("IHL 4", ihl4, why::MALFORMED),
         ("bad header checksum", bad_csum, why::BAD_CHECKSUM),
-        ("source 127.0.0.1", with(&|ip| ip.src = [127, 0, 0, 1]), why::MARTIAN),
-        ("source 0.0.0.0", with(&|ip| ip.src = [0, 0, 0, 0]), why::MARTIAN),
-        ("source multicast", with(&|ip| ip.src = [224, 1, 2, 3]), why::MARTIAN),
-        ("destination 127.0.0.1", with(&|ip| ip.dst = [127, 0, 0, 1]), why::MARTIAN),
-        ("egress not in the devmap", with(&|ip| ip.dst = [10, 3, 0, 5]), why::NO_TX_PORT),
+        (
+            "source 127.0.0.1",
+            with(&|ip| ip.src = [127, 0, 0, 1]),
+            why::MARTIAN,
+        ),
+        (
+            "source 0.0.0.0",
+            with(&|ip| ip.src = [0, 0, 0, 0]),
+            why::MARTIAN,
+        ),
+        (
+            "source multicast",
+            with(&|ip| ip.src = [224, 1, 2, 3]),
+            why::MARTIAN,
+        ),
+        (
+            "destination 127.0.0.1",
+            with(&|ip| ip.dst = [127, 0, 0, 1]),
+            why::MARTIAN,
+        ),
+        (
+            "egress not in the devmap",
+            with(&|ip| ip.dst = [10, 3, 0, 5]),
+            why::NO_TX_PORT,
+        ),
     ];
     for (what, frame, reason) in cases {
         let before = h.stats();
@@ -226,11 +345,27 @@ fn every_pass_reason_is_counted_and_leaves_the_frame_untouched() {
         let after = h.stats();
         for r in 0..why::COUNT {
             let d = after[0].pass[r] - before[0].pass[r];
-            assert_eq!(d, (r == reason) as u64, "{what}: counter {} moved by {d}", why::NAMES[r]);
+            assert_eq!(
+                d,
+                (r == reason) as u64,
+                "{what}: counter {} moved by {d}",
+                why::NAMES[r]
+            );
         }
-        assert_eq!(after[0].pass_bytes - before[0].pass_bytes, frame.len() as u64, "{what}: pass bytes");
-        assert_eq!(after[0].fwd_packets, before[0].fwd_packets, "{what}: not forwarded");
-        assert_eq!(&after[1..], &before[1..], "{what}: other devices' counters moved");
+        assert_eq!(
+            after[0].pass_bytes - before[0].pass_bytes,
+            frame.len() as u64,
+            "{what}: pass bytes"
+        );
+        assert_eq!(
+            after[0].fwd_packets, before[0].fwd_packets,
+            "{what}: not forwarded"
+        );
+        assert_eq!(
+            &after[1..],
+            &before[1..],
+            "{what}: other devices' counters moved"
+        );
     }
     let _ = h.e1;
 }
@@ -239,7 +374,10 @@ impl Harness {
     /// The egress MTU lives in the device entry and in every nexthop through the device.
     fn set_mtu_of_e0(&mut self, mtu: u32) {
         let e0 = self.e0;
-        self.ifaces.iter_mut().filter(|(i, _)| *i == e0).for_each(|(_, d)| d.mtu = mtu);
+        self.ifaces
+            .iter_mut()
+            .filter(|(i, _)| *i == e0)
+            .for_each(|(_, d)| d.mtu = mtu);
         datapath::set_ifaces(&mut self.ebpf, &self.ifaces, &[self.e1]).unwrap();
         self.install_routes();
     }
@@ -250,12 +388,20 @@ impl Harness {
         let (lo, e0, e1) = (1, self.e0, self.e1);
         let routes = datapath::route_entries(
             &self.ifaces,
-            &[(net("10.1.0.0/24"), lo), (net("10.2.0.0/24"), e0), (net("10.3.0.0/24"), e1)],
+            &[
+                (net("10.1.0.0/24"), lo),
+                (net("10.2.0.0/24"), e0),
+                (net("10.3.0.0/24"), e1),
+            ],
             &[
                 (net("10.9.0.0/16"), e0, Ipv4Addr::new(10, 2, 0, 254)),
                 (net("10.9.9.0/24"), e0, Ipv4Addr::new(10, 2, 0, 253)),
             ],
-            &[Ipv4Addr::new(10, 1, 0, 1), Ipv4Addr::new(10, 2, 0, 1), Ipv4Addr::new(10, 2, 0, 255)],
+            &[
+                Ipv4Addr::new(10, 1, 0, 1),
+                Ipv4Addr::new(10, 2, 0, 1),
+                Ipv4Addr::new(10, 2, 0, 255),
+            ],
         );
         datapath::set_routes(&mut self.ebpf, &routes).unwrap();
     }
@@ -290,14 +436,26 @@ fn every_truncation_is_passed_without_reading_past_the_end() {
         let before = h.stats();
         let mut out = vec![0u8; 512];
         let prog = datapath::program(&mut h.ebpf).unwrap();
-        match prog.test_run(TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ..Default::default() }) {
+        match prog.test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ..Default::default()
+        }) {
             Ok(res) => {
                 assert_eq!(res.return_value, XDP_PASS, "{len}-byte truncation");
-                assert_eq!(&out[..res.data_size_out as usize], frame, "{len}-byte truncation changed");
+                assert_eq!(
+                    &out[..res.data_size_out as usize],
+                    frame,
+                    "{len}-byte truncation changed"
+                );
                 let after = h.stats();
                 let d: u64 = after[0].pass_packets() - before[0].pass_packets();
                 assert_eq!(d, 1, "{len}-byte truncation counted once");
-                assert_eq!(after[0].pass[why::MALFORMED] - before[0].pass[why::MALFORMED], 1, "{len}-byte truncation is malformed");
+                assert_eq!(
+                    after[0].pass[why::MALFORMED] - before[0].pass[why::MALFORMED],
+                    1,
+                    "{len}-byte truncation is malformed"
+                );
             }
             // The kernel itself refuses test frames shorter than an Ethernet header.
             Err(_) if len < 14 => refused.push(len),
@@ -312,7 +470,8 @@ fn frames_on_an_unknown_device_are_passed_and_counted() {
     let Some(mut h) = harness() else { return };
     {
         use aya::maps::HashMap;
-        let mut m: HashMap<_, u32, Iface> = HashMap::try_from(h.ebpf.map_mut(map_names::IFACES).unwrap()).unwrap();
+        let mut m: HashMap<_, u32, Iface> =
+            HashMap::try_from(h.ebpf.map_mut(map_names::IFACES).unwrap()).unwrap();
         m.remove(&1).unwrap();
     }
     let frame = udp_frame(IN_MAC, &Ipv4::udp(SRC, DST, 64));
@@ -359,14 +518,29 @@ fn kernel_lookup_equals_a_reference_lpm() {
         }
         while table.len() < 400 {
             let len = 10 + (rnd() % 23) as u8;
-            let a = 0x0a40_0000 | (rnd() as u32 & 0x003f_ffff & if rnd() % 2 == 0 { 0x003f_00ff } else { 0x003f_ffff });
-            let n = Ipv4Net { addr: Ipv4Addr::from(a & Ipv4Net::mask(len)), len };
+            let a = 0x0a40_0000
+                | (rnd() as u32
+                    & 0x003f_ffff
+                    & if rnd() % 2 == 0 {
+                        0x003f_00ff
+                    } else {
+                        0x003f_ffff
+                    });
+            let n = Ipv4Net {
+                addr: Ipv4Addr::from(a & Ipv4Net::mask(len)),
+                len,
+            };
             if !table.iter().any(|(p, _)| *p == n) {
                 table.push((n, (rnd() % 600) as u16));
             }
         }
         let gateways: Vec<_> = table.iter().map(|(n, i)| (*n, h.e0, nh_ip(*i))).collect();
-        let routes = datapath::route_entries(&h.ifaces, &[(net("10.1.0.0/24"), 1), (net("10.2.0.0/16"), h.e0)], &gateways, &[]);
+        let routes = datapath::route_entries(
+            &h.ifaces,
+            &[(net("10.1.0.0/24"), 1), (net("10.2.0.0/16"), h.e0)],
+            &gateways,
+            &[],
+        );
         datapath::set_routes(&mut h.ebpf, &routes).unwrap();
         for k in 0..2000 {
             let dst = if k % 2 == 0 {
@@ -375,7 +549,10 @@ fn kernel_lookup_equals_a_reference_lpm() {
             } else {
                 Ipv4Addr::from(0x0a00_0000 | (rnd() as u32 & 0x00ff_ffff))
             };
-            let best = table.iter().filter(|(n, _)| n.contains(dst)).max_by_key(|(n, _)| n.len);
+            let best = table
+                .iter()
+                .filter(|(n, _)| n.contains(dst))
+                .max_by_key(|(n, _)| n.len);
             let ip = Ipv4::udp(SRC, dst.octets(), 64);
             let no_route_before = h.stats()[0].pass[why::NO_ROUTE];
             let mut no_route = no_route_before;
@@ -389,14 +566,17 @@ fn kernel_lookup_equals_a_reference_lpm() {
                 None => {
                     assert_eq!(rc, XDP_PASS, "step {step}: {dst} has no route");
                     let s = h.stats()[0].pass[why::NO_ROUTE];
-                    assert_eq!(s, no_route + 1, "step {step}: {dst} must be passed as no_route");
+                    assert_eq!(
+                        s,
+                        no_route + 1,
+                        "step {step}: {dst} must be passed as no_route"
+                    );
                     no_route = s;
                 }
             }
         }
     }
 }
-
 
 /// A group freed by one update and reused by a later one must not keep entries of its old life:
 /// entries the new table leaves empty must read "no route".
@@ -405,17 +585,37 @@ fn a_reused_group_holds_nothing_of_its_old_table() {
     let Some(mut h) = harness() else { return };
     let (e0, ifaces) = (h.e0, h.ifaces.clone());
     let install = |h: &mut Harness, gw: &[(&str, [u8; 4])]| {
-        let g: Vec<_> = gw.iter().map(|(n, nh)| (net(n), e0, Ipv4Addr::from(*nh))).collect();
-        let r = datapath::route_entries(&ifaces, &[(net("10.1.0.0/24"), 1), (net("10.2.0.0/24"), e0)], &g, &[]);
+        let g: Vec<_> = gw
+            .iter()
+            .map(|(n, nh)| (net(n), e0, Ipv4Addr::from(*nh)))
+            .collect();
+        let r = datapath::route_entries(
+            &ifaces,
+            &[(net("10.1.0.0/24"), 1), (net("10.2.0.0/24"), e0)],
+            &g,
+            &[],
+        );
         datapath::set_routes(&mut h.ebpf, &r).unwrap();
     };
     h.neigh(e0, [10, 2, 0, 41], [2, 0, 0, 0, 0, 41]);
     h.neigh(e0, [10, 2, 0, 42], [2, 0, 0, 0, 0, 42]);
-    install(&mut h, &[("10.64.0.0/10", [10, 2, 0, 41]), ("10.70.1.0/24", [10, 2, 0, 42])]);
+    install(
+        &mut h,
+        &[
+            ("10.64.0.0/10", [10, 2, 0, 41]),
+            ("10.70.1.0/24", [10, 2, 0, 42]),
+        ],
+    );
     install(&mut h, &[]);
     // Five blocks need groups now: the lowest free numbers, among them the one 10.70 had, whose
     // entries all pointed at the /10's nexthop.
-    let five = [("10.90.1.0/24", [10, 2, 0, 42]), ("10.91.1.0/24", [10, 2, 0, 42]), ("10.92.1.0/24", [10, 2, 0, 42]), ("10.93.1.0/24", [10, 2, 0, 42]), ("10.94.1.0/24", [10, 2, 0, 42])];
+    let five = [
+        ("10.90.1.0/24", [10, 2, 0, 42]),
+        ("10.91.1.0/24", [10, 2, 0, 42]),
+        ("10.92.1.0/24", [10, 2, 0, 42]),
+        ("10.93.1.0/24", [10, 2, 0, 42]),
+        ("10.94.1.0/24", [10, 2, 0, 42]),
+    ];
     install(&mut h, &five);
     let (rc, out) = h.run(&udp_frame(IN_MAC, &Ipv4::udp(SRC, [10, 90, 1, 7], 64)));
     assert_eq!((rc, &out[0..6]), (XDP_REDIRECT, &[2u8, 0, 0, 0, 0, 42][..]));
@@ -424,7 +624,11 @@ fn a_reused_group_holds_nothing_of_its_old_table() {
         let before = h.stats()[0].pass[why::NO_ROUTE];
         let (rc, _) = h.run(&udp_frame(IN_MAC, &Ipv4::udp(SRC, dst, 64)));
         assert_eq!(rc, XDP_PASS, "{dst:?} has no route");
-        assert_eq!(h.stats()[0].pass[why::NO_ROUTE], before + 1, "{dst:?} must pass as no_route");
+        assert_eq!(
+            h.stats()[0].pass[why::NO_ROUTE],
+            before + 1,
+            "{dst:?} must pass as no_route"
+        );
     }
 }
 
@@ -438,8 +642,16 @@ fn ecmp_spreads_flows_and_keeps_each_on_one_nexthop() {
     let mac = |ip: [u8; 4]| [0x02, 0, 0, 0, 0x0e, ip[3]];
     h.neigh(e0, a, mac(a));
     h.neigh(e0, b, mac(b));
-    let gw = [(net("10.20.0.0/16"), e0, Ipv4Addr::from(a)), (net("10.20.0.0/16"), e0, Ipv4Addr::from(b))];
-    let routes = datapath::route_entries(&ifaces, &[(net("10.1.0.0/24"), 1), (net("10.2.0.0/24"), e0)], &gw, &[]);
+    let gw = [
+        (net("10.20.0.0/16"), e0, Ipv4Addr::from(a)),
+        (net("10.20.0.0/16"), e0, Ipv4Addr::from(b)),
+    ];
+    let routes = datapath::route_entries(
+        &ifaces,
+        &[(net("10.1.0.0/24"), 1), (net("10.2.0.0/24"), e0)],
+        &gw,
+        &[],
+    );
     datapath::set_routes(&mut h.ebpf, &routes).unwrap();
     let frame = |sport: u16, ttl: u8, dst_mac: [u8; 6], src_mac: [u8; 6]| {
         let l4 = tests::frame::udp(sport, 53, &[7u8; 32]);
@@ -455,22 +667,39 @@ fn ecmp_spreads_flows_and_keeps_each_on_one_nexthop() {
             assert_eq!(rc, XDP_REDIRECT, "flow {sport}");
             let m: [u8; 6] = out[0..6].try_into().unwrap();
             assert!(m == mac(a) || m == mac(b), "flow {sport} went to {m:02x?}");
-            assert_eq!(out, frame(sport, 63, m, OUT_MAC), "flow {sport}: forwarded frame differs");
-            assert!(chosen.is_none_or(|c| c == m), "flow {sport} changed nexthop");
+            assert_eq!(
+                out,
+                frame(sport, 63, m, OUT_MAC),
+                "flow {sport}: forwarded frame differs"
+            );
+            assert!(
+                chosen.is_none_or(|c| c == m),
+                "flow {sport} changed nexthop"
+            );
             chosen = Some(m);
         }
         per_nexthop[(chosen.unwrap() == mac(b)) as usize] += 1;
     }
-    assert!(per_nexthop.iter().all(|n| *n > 64), "flows are not spread: {per_nexthop:?}");
+    assert!(
+        per_nexthop.iter().all(|n| *n > 64),
+        "flows are not spread: {per_nexthop:?}"
+    );
     // Without ports (ICMP), flows are told apart by their addresses.
     let mut per_nexthop = [0u32; 2];
     for i in 0..64u8 {
         let mut ip = Ipv4::udp([172, 16, 100, 3], [10, 20, i, 1], 64);
         ip.protocol = 1;
-        let l3 = { let mut h = ip.header(8); h.extend_from_slice(&[8, 0, 0, 0, 0, 1, 0, 1]); h };
+        let l3 = {
+            let mut h = ip.header(8);
+            h.extend_from_slice(&[8, 0, 0, 0, 0, 1, 0, 1]);
+            h
+        };
         let (rc, out) = h.run(&ethernet(IN_MAC, HOST_MAC, 0x0800, &l3));
         assert_eq!(rc, XDP_REDIRECT);
         per_nexthop[(out[0..6] == mac(b)) as usize] += 1;
     }
-    assert!(per_nexthop.iter().all(|n| *n > 12), "ICMP flows are not spread: {per_nexthop:?}");
+    assert!(
+        per_nexthop.iter().all(|n| *n > 12),
+        "ICMP flows are not spread: {per_nexthop:?}"
+    );
 }

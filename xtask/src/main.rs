@@ -80,12 +80,17 @@ fn main() -> Result<()> {
 }
 
 fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask has a parent").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask has a parent")
+        .to_path_buf()
 }
 
 fn run(cmd: &mut Command) -> Result<()> {
     eprintln!("+ {cmd:?}");
-    let status = cmd.status().with_context(|| format!("cannot run {cmd:?}"))?;
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot run {cmd:?}"))?;
     if !status.success() {
         bail!("{cmd:?} failed ({status})");
     }
@@ -94,15 +99,22 @@ fn run(cmd: &mut Command) -> Result<()> {
 
 fn output(cmd: &mut Command) -> Option<String> {
     let out = cmd.output().ok()?;
-    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
 fn have(bin: &str) -> bool {
-    Command::new("sh").args(["-c", &format!("command -v {bin}")]).output().is_ok_and(|o| o.status.success())
+    Command::new("sh")
+        .args(["-c", &format!("command -v {bin}")])
+        .output()
+        .is_ok_and(|o| o.status.success())
 }
 
 fn home() -> PathBuf {
-    std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/root"))
+    std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/root"))
 }
 
 fn setup() -> Result<()> {
@@ -110,7 +122,11 @@ fn setup() -> Result<()> {
         bail!("the router needs root (BPF, namespaces, XDP): run as root, e.g. `sudo -E cargo xtask ...`");
     }
     // 1. Debian packages the controller, the demo and the tests use.
-    let missing: Vec<&str> = APT_PACKAGES.iter().filter(|(bin, _)| !have(bin)).map(|(_, pkg)| *pkg).collect();
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .filter(|(bin, _)| !have(bin))
+        .map(|(_, pkg)| *pkg)
+        .collect();
     if !missing.is_empty() {
         eprintln!("setup: installing {}", missing.join(" "));
         run(Command::new("apt-get").arg("update").arg("-q"))?;
@@ -123,18 +139,40 @@ fn setup() -> Result<()> {
     let sysroot = match output(Command::new("rustc").args(["+nightly", "--print", "sysroot"])) {
         Some(s) => PathBuf::from(s),
         None => {
-            run(Command::new("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal"]))?;
-            PathBuf::from(output(Command::new("rustc").args(["+nightly", "--print", "sysroot"])).context("nightly sysroot")?)
+            run(Command::new("rustup").args([
+                "toolchain",
+                "install",
+                "nightly",
+                "--profile",
+                "minimal",
+            ]))?;
+            PathBuf::from(
+                output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))
+                    .context("nightly sysroot")?,
+            )
         }
     };
-    if !sysroot.join("lib/rustlib/src/rust/library/core/Cargo.toml").exists() {
-        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+    if !sysroot
+        .join("lib/rustlib/src/rust/library/core/Cargo.toml")
+        .exists()
+    {
+        run(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
     }
     // 3. bpf-linker built against the nightly's own LLVM.
     let llvm = std::fs::read_dir(sysroot.join("lib"))?
         .filter_map(|e| e.ok())
         .map(|e| e.path())
-        .find(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("libLLVM.so.")))
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("libLLVM.so."))
+        })
         .context("the nightly toolchain ships no libLLVM.so.*")?;
     let llvm_major = llvm
         .file_name()
@@ -146,30 +184,46 @@ fn setup() -> Result<()> {
     let prefix = home().join(".local/share/router-xdp/llvm");
     let libdir = prefix.join("lib");
     std::fs::create_dir_all(&libdir)?;
-    for name in ["libLLVM.so".to_string(), llvm.file_name().unwrap().to_string_lossy().into_owned()] {
+    for name in [
+        "libLLVM.so".to_string(),
+        llvm.file_name().unwrap().to_string_lossy().into_owned(),
+    ] {
         let link = libdir.join(name);
         if std::fs::read_link(&link).ok().as_deref() != Some(llvm.as_path()) {
             let _ = std::fs::remove_file(&link);
             std::os::unix::fs::symlink(&llvm, &link)?;
         }
     }
-    let linker_ok = output(Command::new("rustup").args(["run", "nightly", "bpf-linker", "--version"]))
-        .is_some_and(|v| v.contains(BPF_LINKER_VERSION));
+    let linker_ok =
+        output(Command::new("rustup").args(["run", "nightly", "bpf-linker", "--version"]))
+            .is_some_and(|v| v.contains(BPF_LINKER_VERSION));
     if !linker_ok {
         eprintln!("setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM {llvm_major} (about 2 minutes)");
         run(Command::new("cargo")
             .args(["+stable", "install", "--locked", "--force"])
             .arg(format!("bpf-linker@{BPF_LINKER_VERSION}"))
-            .args(["--no-default-features", "--features", &format!("llvm-{llvm_major}")])
+            .args([
+                "--no-default-features",
+                "--features",
+                &format!("llvm-{llvm_major}"),
+            ])
             .env("LLVM_PREFIX", &prefix))?;
     }
     // 4. bpffs for the pinned maps and links; tracefs for debugging drops.
     let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-    if !mounts.lines().any(|l| l.split_whitespace().nth(2) == Some("bpf")) {
+    if !mounts
+        .lines()
+        .any(|l| l.split_whitespace().nth(2) == Some("bpf"))
+    {
         run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))?;
     }
-    if !mounts.lines().any(|l| l.split_whitespace().nth(2) == Some("tracefs")) {
-        let _ = Command::new("mount").args(["-t", "tracefs", "nodev", "/sys/kernel/tracing"]).status();
+    if !mounts
+        .lines()
+        .any(|l| l.split_whitespace().nth(2) == Some("tracefs"))
+    {
+        let _ = Command::new("mount")
+            .args(["-t", "tracefs", "nodev", "/sys/kernel/tracing"])
+            .status();
     }
     eprintln!("setup: ready (nightly rust-src, bpf-linker {BPF_LINKER_VERSION}, iproute2/ping/ethtool, bpffs)");
     Ok(())
@@ -186,8 +240,18 @@ fn build_release(root: &Path) -> Result<PathBuf> {
 
 /// The demo instances of the seed topology: (namespace, port id of the router port, address, gateway).
 const DEMO_VMS: &[(&str, &str, &str, &str)] = &[
-    ("vm1", "d295b258-4586-4e8a-9c3e-1f2a3b4c5d6e", "172.16.100.3/24", "172.16.100.1"),
-    ("vm3", "2ffdb861-731c-4b1a-8d2e-6f7a8b9c0d1e", "172.16.101.3/24", "172.16.101.1"),
+    (
+        "vm1",
+        "d295b258-4586-4e8a-9c3e-1f2a3b4c5d6e",
+        "172.16.100.3/24",
+        "172.16.100.1",
+    ),
+    (
+        "vm3",
+        "2ffdb861-731c-4b1a-8d2e-6f7a8b9c0d1e",
+        "172.16.101.3/24",
+        "172.16.101.1",
+    ),
 ];
 
 fn ip(args: &[&str]) -> Result<()> {
@@ -207,18 +271,48 @@ fn build_and_load(root: &Path, config: Option<PathBuf>) -> Result<()> {
             if !Path::new(&format!("/run/netns/{vm}")).exists() {
                 ip(&["netns", "add", vm])?;
             }
-            let in_vm = Command::new("ip").args(["-n", vm, "link", "show", &tap]).output()?.status.success();
+            let in_vm = Command::new("ip")
+                .args(["-n", vm, "link", "show", &tap])
+                .output()?
+                .status
+                .success();
             if !in_vm {
                 ip(&["link", "set", &tap, "netns", vm])?;
             }
             ip(&["-n", vm, "link", "set", "lo", "up"])?;
             ip(&["-n", vm, "link", "set", &tap, "up"])?;
-            let _ = Command::new("ip").args(["-n", vm, "addr", "replace", addr, "dev", &tap]).status();
+            let _ = Command::new("ip")
+                .args(["-n", vm, "addr", "replace", addr, "dev", &tap])
+                .status();
             ip(&["-n", vm, "route", "replace", "default", "via", gw])?;
         }
         sleep(Duration::from_millis(300));
-        run(Command::new("ip").args(["netns", "exec", "vm1", "ping", "-c", "5", "-i", "0.2", "-W", "1", "172.16.101.3"]))?;
-        run(Command::new("ip").args(["netns", "exec", "vm3", "ping", "-c", "5", "-i", "0.2", "-W", "1", "172.16.100.3"]))?;
+        run(Command::new("ip").args([
+            "netns",
+            "exec",
+            "vm1",
+            "ping",
+            "-c",
+            "5",
+            "-i",
+            "0.2",
+            "-W",
+            "1",
+            "172.16.101.3",
+        ]))?;
+        run(Command::new("ip").args([
+            "netns",
+            "exec",
+            "vm3",
+            "ping",
+            "-c",
+            "5",
+            "-i",
+            "0.2",
+            "-W",
+            "1",
+            "172.16.100.3",
+        ]))?;
     }
     for what in ["show", "neigh", "stats"] {
         println!("\n$ router-ctl {what}");
@@ -238,10 +332,18 @@ fn test(root: &Path, args: &[String]) -> Result<()> {
     use std::io::{BufRead as _, BufReader};
     let ctl = build_release(root)?;
     let mut cmd = Command::new("cargo");
-    cmd.args(["test", "--release", "--workspace", "--exclude", "router-ebpf", "--no-fail-fast", "--"])
-        .args(args)
-        .env("ROUTER_CTL", &ctl)
-        .stdout(std::process::Stdio::piped());
+    cmd.args([
+        "test",
+        "--release",
+        "--workspace",
+        "--exclude",
+        "router-ebpf",
+        "--no-fail-fast",
+        "--",
+    ])
+    .args(args)
+    .env("ROUTER_CTL", &ctl)
+    .stdout(std::process::Stdio::piped());
     eprintln!("+ {cmd:?}");
     let mut child = cmd.spawn().context("cannot run cargo test")?;
     let (mut passed, mut failed) = (0u64, 0u64);
@@ -252,7 +354,12 @@ fn test(root: &Path, args: &[String]) -> Result<()> {
         if let Some(rest) = line.strip_prefix("test result: ") {
             let num = |word: &str| {
                 rest.split(';')
-                    .find_map(|p| p.trim().trim_start_matches("ok. ").trim_start_matches("FAILED. ").strip_suffix(word))
+                    .find_map(|p| {
+                        p.trim()
+                            .trim_start_matches("ok. ")
+                            .trim_start_matches("FAILED. ")
+                            .strip_suffix(word)
+                    })
                     .and_then(|n| n.trim().parse::<u64>().ok())
                     .unwrap_or(0)
             };
