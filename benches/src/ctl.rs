@@ -78,51 +78,15 @@ pub fn route_updates_per_second(s: &Seed, seconds: f64) -> Result<f64> {
     let id = s.ids.router_id.clone();
     let ns = s.ns();
     let st = state::RouterState::load(&id)?.context("router state")?;
-    let b = st
-        .interfaces
-        .iter()
-        .find(|i| i.device == s.ids.dev_b())
-        .context("qr-b")?
-        .ifindex;
-    let a = st
-        .interfaces
-        .iter()
-        .find(|i| i.device == s.ids.dev_a())
-        .context("qr-a")?
-        .ifindex;
+    // The router's own table, and the same with its first extra route through another nexthop.
+    let mut moved = st.clone();
+    moved.routes[0].nexthop = "172.16.101.4".into();
+    let tables = [
+        router_ctl::apply::tables_of(&st)?.1,
+        router_ctl::apply::tables_of(&moved)?.1,
+    ];
     sys::in_netns(&ns, move || {
         let mut ebpf = datapath::load_pinned(&id, Capacity::default())?;
-        let base: Vec<_> = st
-            .routes
-            .iter()
-            .map(|r| {
-                (
-                    r.destination.parse().unwrap(),
-                    b,
-                    r.nexthop.parse().unwrap(),
-                )
-            })
-            .collect();
-        let ifaces = st.iface_entries()?;
-        let connected = [
-            ("172.16.100.0/24".parse().unwrap(), a),
-            ("172.16.101.0/24".parse().unwrap(), b),
-        ];
-        let locals = [
-            Ipv4Addr::new(172, 16, 100, 1),
-            Ipv4Addr::new(172, 16, 101, 1),
-        ];
-        let tables: Vec<_> = [
-            Ipv4Addr::new(172, 16, 101, 3),
-            Ipv4Addr::new(172, 16, 101, 4),
-        ]
-        .iter()
-        .map(|alt| {
-            let mut g = base.clone();
-            g[0].2 = *alt;
-            datapath::route_entries(&ifaces, &connected, &g, &locals)
-        })
-        .collect();
         let mut table = datapath::RouteTable::open(&mut ebpf)?;
         let t = Instant::now();
         let mut n = 0u64;

@@ -284,41 +284,22 @@ type Entries = Vec<(router_ctl::config::Ipv4Net, router_common::Route)>;
 /// The router's own table (as apply made it) and the same plus `BIG_TABLE` random routes via vm3.
 fn tables(s: &Seed) -> Result<(Entries, Entries)> {
     let st = state::RouterState::load(&s.ids.router_id)?.context("router state")?;
-    let ifaces = st.iface_entries()?;
-    let dev = |d: &str| {
-        st.interfaces
-            .iter()
-            .find(|i| i.device == d)
-            .map(|i| i.ifindex)
-            .unwrap_or(0)
-    };
-    let (a, b) = (dev(&s.ids.dev_a()), dev(&s.ids.dev_b()));
+    let (ifaces, small, _) = router_ctl::apply::tables_of(&st)?;
+    let b = st
+        .interfaces
+        .iter()
+        .find(|i| i.device == s.ids.dev_b())
+        .context("qr-b")?
+        .ifindex;
     let vm3 = Ipv4Addr::new(172, 16, 101, 3);
-    let net = |t: &str| -> router_ctl::config::Ipv4Net { t.parse().expect("prefix") };
-    let connected = [(net("172.16.100.0/24"), a), (net("172.16.101.0/24"), b)];
-    let locals = [
-        Ipv4Addr::new(172, 16, 100, 1),
-        Ipv4Addr::new(172, 16, 101, 1),
-        Ipv4Addr::new(172, 16, 100, 255),
-        Ipv4Addr::new(172, 16, 101, 255),
-    ];
-    let mut gw: Vec<_> = st
-        .routes
-        .iter()
-        .map(|r| (r.destination.parse().unwrap(), b, vm3))
+    let flows: std::collections::HashSet<_> = small.iter().map(|(n, _)| *n).collect();
+    let random: Vec<_> = crate::table::random_table(BIG_TABLE, 7)
+        .into_iter()
+        .filter(|n| !flows.contains(n))
+        .map(|n| (n, b, vm3))
         .collect();
-    let small = datapath::route_entries(&ifaces, &connected, &gw, &locals);
-    let flows: std::collections::HashSet<_> = gw
-        .iter()
-        .map(|(n, _, _): &(router_ctl::config::Ipv4Net, u32, Ipv4Addr)| *n)
-        .collect();
-    gw.extend(
-        crate::table::random_table(BIG_TABLE, 7)
-            .into_iter()
-            .filter(|n| !flows.contains(n))
-            .map(|n| (n, b, vm3)),
-    );
-    let big = datapath::route_entries(&ifaces, &connected, &gw, &locals);
+    let mut big = small.clone();
+    big.extend(datapath::route_entries(&ifaces, &[], &random, &[]));
     Ok((small, big))
 }
 

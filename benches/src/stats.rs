@@ -5,7 +5,6 @@ pub struct Summary {
     pub median: f64,
     pub min: f64,
     pub max: f64,
-    pub n: usize,
 }
 
 pub fn summarize(v: &[f64]) -> Summary {
@@ -24,7 +23,6 @@ pub fn summarize(v: &[f64]) -> Summary {
         median,
         min: s[0],
         max: s[n - 1],
-        n,
     }
 }
 

@@ -327,7 +327,7 @@ fn apply_one(r: &Router, undo: &mut Vec<Undo>) -> Result<Report> {
     })
 }
 
-type Tables = (
+pub type Tables = (
     Vec<(u32, router_common::Iface)>,
     Vec<(Ipv4Net, router_common::Route)>,
     Vec<u32>,
@@ -336,7 +336,7 @@ type Tables = (
 /// What the fast path's maps must hold for a router as the kernel has it now: its devices,
 /// its routes (connected subnets, extra routes, every address of the namespace and the subnet
 /// broadcasts as local), and the devices that are down (no redirect to them: the kernel decides).
-fn tables_of(st: &RouterState) -> Result<Tables> {
+pub fn tables_of(st: &RouterState) -> Result<Tables> {
     let ns = &st.namespace;
     let ifindex_of = |dev: &str| {
         st.interfaces

@@ -15,8 +15,6 @@ use std::{
 use anyhow::{Context as _, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::config::Router;
-
 pub const RUN_DIR: &str = "/run/router-xdp";
 /// The layout version is part of the path, so that a later layout can live beside this one.
 pub const BPF_DIR: &str = "/sys/fs/bpf/router-xdp/v1";
@@ -185,10 +183,6 @@ impl RouterState {
             0 => anyhow::bail!("no router '{key}' is applied; `router-ctl show` lists them"),
             _ => anyhow::bail!("several routers are named '{key}'; give the router id instead"),
         }
-    }
-
-    pub fn matches(&self, def: &Router) -> bool {
-        self.id == def.id
     }
 }
 

@@ -80,8 +80,6 @@ pub struct LinkInfo {
     pub mtu: u32,
     #[serde(default)]
     pub flags: Vec<String>,
-    #[serde(default)]
-    pub link_type: String,
 }
 
 impl LinkInfo {
