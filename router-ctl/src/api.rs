@@ -18,6 +18,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::{state, verbs};
 
+/// Held while a request is carried out and answered. A daemon that stops or restarts takes it
+/// first and keeps it, so a connection closed without an answer was never acted on, and the
+/// client may safely act on its own.
+pub static BUSY: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Longest request line accepted.
 const MAX_REQUEST: u64 = 64 * 1024;
 
@@ -139,24 +144,29 @@ fn handle(conn: &UnixStream) -> Result<String> {
     execute(req)
 }
 
-/// Sends a request to the running daemon; None when no daemon listens.
+/// Sends a request to the running daemon; None when no daemon listens, or when it stopped
+/// without acting on the request (see `BUSY`).
 pub fn call(req: &Request) -> Option<Result<String>> {
     let mut s = UnixStream::connect(socket_path()).ok()?;
-    let mut run = || -> Result<String> {
+    let mut run = || -> Result<Option<String>> {
         s.set_read_timeout(Some(Duration::from_secs(120)))?;
         writeln!(s, "{}", serde_json::to_string(req)?)?;
         let mut line = String::new();
-        BufReader::new(&s).read_line(&mut line)?;
+        match BufReader::new(&s).read_line(&mut line) {
+            // Closed while queued (the daemon was stopping): not acted on.
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return Ok(None),
+            r => r?,
+        };
         if line.is_empty() {
-            return Err(anyhow!("the daemon closed the connection without answering (it was stopping?); check `router-ctl router show` and run the command again"));
+            return Ok(None);
         }
         let resp: Response = serde_json::from_str(&line).context("the daemon's answer")?;
         match (resp.ok, resp.router_id, resp.error) {
-            (true, Some(id), _) => Ok(id),
+            (true, Some(id), _) => Ok(Some(id)),
             (_, _, e) => Err(anyhow!(
                 e.unwrap_or_else(|| "the daemon refused the request".into())
             )),
         }
     };
-    Some(run())
+    run().transpose()
 }

@@ -267,6 +267,8 @@ pub fn run(
             std::thread::sleep(Duration::from_millis(10));
         }
     }
+    // No API request is acted on from here on; one under way is finished and answered first.
+    let _api = crate::api::BUSY.lock().unwrap_or_else(|e| e.into_inner());
     for (_, w) in watchers {
         w.stop.store(true, Ordering::SeqCst);
         let _ = w.handle.join();

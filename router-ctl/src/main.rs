@@ -155,8 +155,10 @@ enum RemoveCmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if !matches!(cli.cmd, Cmd::Run { .. }) {
+    if !matches!(cli.cmd, Cmd::Run { .. } | Cmd::Router { .. }) {
         // Like iproute2: a closed pipe (`router-ctl show | head`) ends the command quietly.
+        // Not for the daemon, nor for verbs that write to its socket (a daemon going away
+        // must give them an error, not a signal).
         // SAFETY: restores the default disposition before any output.
         unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     }
