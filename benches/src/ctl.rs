@@ -53,7 +53,7 @@ pub fn neighbour_latency(samples: usize) -> Result<NeighLatency> {
                     .context("RTM_NEWNEIGH")?;
                 ack.push(t0.elapsed().as_secs_f64() * 1e3);
                 let deadline = t0 + Duration::from_secs(2);
-                while neighs.get(ifindex, ip) != Some(mac) {
+                while neighs.get(ifindex, ip.into()) != Some(mac) {
                     anyhow::ensure!(
                         Instant::now() < deadline,
                         "neighbour change never reached the map"

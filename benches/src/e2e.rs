@@ -279,7 +279,7 @@ pub fn run(rounds: usize) -> Result<(Vec<E2eResult>, UpdatesUnderTraffic)> {
     ))
 }
 
-type Entries = Vec<(router_ctl::config::Ipv4Net, router_common::Route)>;
+type Entries = Vec<(router_ctl::config::IpNet, router_common::Route)>;
 
 /// The router's own table (as apply made it) and the same plus `BIG_TABLE` random routes via vm3.
 fn tables(s: &Seed) -> Result<(Entries, Entries)> {
@@ -295,8 +295,9 @@ fn tables(s: &Seed) -> Result<(Entries, Entries)> {
     let flows: std::collections::HashSet<_> = small.iter().map(|(n, _)| *n).collect();
     let random: Vec<_> = crate::table::random_table(BIG_TABLE, 7)
         .into_iter()
+        .map(router_ctl::config::IpNet::from)
         .filter(|n| !flows.contains(n))
-        .map(|n| (n, b, vm3))
+        .map(|n| (n, b, vm3.into()))
         .collect();
     let mut big = small.clone();
     big.extend(datapath::route_entries(&ifaces, &[], &random, &[]));

@@ -2,7 +2,7 @@
 //! against the size of the routing table.
 
 use std::{
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
     os::fd::{AsFd as _, AsRawFd as _},
     time::Instant,
 };
@@ -14,7 +14,7 @@ use aya::{
     Ebpf,
 };
 use router_common::{map_names, Iface, Neigh, NeighKey};
-use router_ctl::{config::Ipv4Net, datapath};
+use router_ctl::{config::IpNet, datapath};
 use tests::frame::{ipv4_udp, Ipv4};
 
 use crate::{
@@ -88,10 +88,10 @@ fn measure_here(routes: usize, runs: usize) -> Result<PktResult> {
     let e0 = ifindex("e0")?;
     let table = random_table(routes, 0x5eed ^ routes as u64);
     let nh = |i: usize| Ipv4Addr::new(10, 2, 0, 100 + (i % NEXTHOPS as usize) as u8);
-    let gateways: Vec<(Ipv4Net, u32, Ipv4Addr)> = table
+    let gateways: Vec<(IpNet, u32, IpAddr)> = table
         .iter()
         .enumerate()
-        .map(|(i, n)| (*n, e0, nh(i)))
+        .map(|(i, n)| ((*n).into(), e0, nh(i).into()))
         .collect();
     let iface = |mac, slot| Iface {
         mac,

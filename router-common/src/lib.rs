@@ -15,8 +15,13 @@ pub mod map_names {
     pub const NEXTHOPS: &str = "NEXTHOPS";
     /// Array: ECMP group index → `NhGroup`.
     pub const NH_GROUPS: &str = "NH_GROUPS";
-    /// Hash: `NeighKey` → `Neigh`.
+    /// Hash: `NeighKey` → `Neigh` (IPv4 neighbours, from the kernel's ARP table).
     pub const NEIGHS: &str = "NEIGHS";
+    /// LPM trie: (prefix length, IPv6 address) → nexthop index + 1 into `NEXTHOPS` (the IPv6
+    /// route table; IPv4 routes live in FIB_L1..3).
+    pub const FIB6: &str = "FIB6";
+    /// Hash: `Neigh6Key` → `Neigh` (IPv6 neighbours, from the kernel's ND table).
+    pub const NEIGHS6: &str = "NEIGHS6";
     /// Hash: ifindex (u32) → `Iface`, one per `qr-` device of the router.
     pub const IFACES: &str = "IFACES";
     /// Devmap (array): `Iface::slot` → ifindex, the redirect targets.
@@ -55,6 +60,9 @@ pub mod fib {
     pub const NH_GROUPS: u32 = 256;
     /// Most nexthops of one ECMP route.
     pub const MAX_PATHS: usize = 8;
+    /// Capacity of the IPv6 route table (an LPM trie allocated per entry, so room costs nothing
+    /// until used).
+    pub const MAX_ROUTES6: u32 = 1 << 20;
 }
 
 /// What a route does with a packet.
@@ -87,12 +95,13 @@ pub struct Route {
     pub ifindex: u32,
     /// One of `route_kind`.
     pub kind: u32,
-    /// Next hop (network byte order); unused for `CONNECTED` and `LOCAL`.
-    pub nexthop: [u8; 4],
+    /// Next hop (network byte order): an IPv4 address in the first 4 bytes (the rest zero) for
+    /// IPv4 routes, an IPv6 address for IPv6 routes; unused for `CONNECTED` and `LOCAL`.
+    pub nexthop: [u8; 16],
     /// The egress device's MAC: the source MAC of forwarded frames.
     pub src_mac: [u8; 6],
     pub _pad: [u8; 2],
-    /// The egress device's MTU: the largest IPv4 total length forwarded.
+    /// The egress device's MTU: the largest IPv4 total length (IPv6: header + payload) forwarded.
     pub mtu: u32,
     /// The egress device's index in `TX_PORTS` (its `Iface::slot`).
     pub tx_port: u32,
@@ -103,7 +112,7 @@ impl Route {
     pub const NONE: Route = Route {
         ifindex: 0,
         kind: 0,
-        nexthop: [0; 4],
+        nexthop: [0; 16],
         src_mac: [0; 6],
         _pad: [0; 2],
         mtu: 0,
@@ -119,7 +128,15 @@ pub struct NeighKey {
     pub addr: [u8; 4],
 }
 
-/// Value of the `NEIGHS` map.
+/// Key of the `NEIGHS6` map: a neighbour is an IPv6 address on one device.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Neigh6Key {
+    pub ifindex: u32,
+    pub addr: [u8; 16],
+}
+
+/// Value of the `NEIGHS` and `NEIGHS6` maps.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Neigh {
@@ -133,34 +150,46 @@ pub struct Neigh {
 pub struct Iface {
     pub mac: [u8; 6],
     pub _pad: [u8; 2],
-    /// Largest IPv4 total length that may leave through this device.
+    /// The device's MTU.
     pub mtu: u32,
     /// Index into `STATS`.
     pub slot: u32,
 }
 
-/// Why a frame was handed to the kernel (XDP_PASS). The values index `Stats::pass`.
+/// Why a frame was handed to the kernel (XDP_PASS). The values index `Stats::pass`; each reason
+/// counts both families unless its name says otherwise.
 pub mod pass_reason {
-    pub const NOT_IPV4: usize = 0;
+    /// Neither IPv4 nor IPv6 (ARP, VLAN-tagged, anything else).
+    pub const NOT_IP: usize = 0;
     pub const NOT_OUR_MAC: usize = 1;
+    /// Broadcast or multicast MAC, or an IP multicast/broadcast destination.
     pub const BCAST_MCAST: usize = 2;
+    /// Addressed to the router itself (one of its addresses, a subnet broadcast, IPv6
+    /// subnet-router anycast).
     pub const LOCAL_DEST: usize = 3;
+    /// TTL or hop limit ≤ 1: the kernel sends time exceeded.
     pub const TTL_EXCEEDED: usize = 4;
+    /// IPv4 options or an IPv6 hop-by-hop options header.
     pub const IP_OPTIONS: usize = 5;
     pub const NO_ROUTE: usize = 6;
     pub const NO_NEIGH: usize = 7;
     pub const SAME_IFACE: usize = 8;
     pub const TOO_BIG: usize = 9;
+    /// Truncated or inconsistent headers (the kernel drops these).
     pub const MALFORMED: usize = 10;
     pub const BAD_CHECKSUM: usize = 11;
+    /// Source or destination the kernel does not forward (0/8, 127/8, class D/E sources;
+    /// IPv6 ::/64, multicast sources).
     pub const MARTIAN: usize = 12;
     pub const UNKNOWN_IFACE: usize = 13;
     pub const NO_TX_PORT: usize = 14;
-    pub const COUNT: usize = 15;
+    /// IPv6 link-local (fe80::/10) source or destination: never routed.
+    pub const LINK_LOCAL: usize = 15;
+    pub const COUNT: usize = 16;
 
     /// Names used by the CLI and JSON output, indexed by reason.
     pub const NAMES: [&str; COUNT] = [
-        "not_ipv4",
+        "not_ip",
         "not_our_mac",
         "bcast_mcast",
         "local_dest",
@@ -175,6 +204,7 @@ pub mod pass_reason {
         "martian",
         "unknown_iface",
         "no_tx_port",
+        "link_local",
     ];
 }
 
@@ -182,8 +212,12 @@ pub mod pass_reason {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Stats {
+    /// Forwarded, both families.
     pub fwd_packets: u64,
     pub fwd_bytes: u64,
+    /// The IPv6 part of the forwarded counts.
+    pub fwd6_packets: u64,
+    pub fwd6_bytes: u64,
     pub drop_packets: u64,
     pub pass_bytes: u64,
     pub pass: [u64; pass_reason::COUNT],
@@ -193,6 +227,8 @@ impl Stats {
     pub const ZERO: Stats = Stats {
         fwd_packets: 0,
         fwd_bytes: 0,
+        fwd6_packets: 0,
+        fwd6_bytes: 0,
         drop_packets: 0,
         pass_bytes: 0,
         pass: [0; pass_reason::COUNT],
@@ -205,6 +241,8 @@ impl Stats {
     pub fn add(&mut self, other: &Stats) {
         self.fwd_packets += other.fwd_packets;
         self.fwd_bytes += other.fwd_bytes;
+        self.fwd6_packets += other.fwd6_packets;
+        self.fwd6_bytes += other.fwd6_bytes;
         self.drop_packets += other.drop_packets;
         self.pass_bytes += other.pass_bytes;
         for (a, b) in self.pass.iter_mut().zip(other.pass.iter()) {
@@ -221,6 +259,7 @@ mod user {
     unsafe impl aya::Pod for Route {}
     unsafe impl aya::Pod for NhGroup {}
     unsafe impl aya::Pod for NeighKey {}
+    unsafe impl aya::Pod for Neigh6Key {}
     unsafe impl aya::Pod for Neigh {}
     unsafe impl aya::Pod for Iface {}
     unsafe impl aya::Pod for Stats {}
@@ -233,11 +272,12 @@ mod layout {
 
     #[test]
     fn no_padding() {
-        assert_eq!(size_of::<Route>(), 28);
+        assert_eq!(size_of::<Route>(), 40);
         assert_eq!(size_of::<NhGroup>(), 36);
         assert_eq!(size_of::<NeighKey>(), 8);
+        assert_eq!(size_of::<Neigh6Key>(), 20);
         assert_eq!(size_of::<Neigh>(), 8);
         assert_eq!(size_of::<Iface>(), 16);
-        assert_eq!(size_of::<Stats>(), 8 * (4 + pass_reason::COUNT));
+        assert_eq!(size_of::<Stats>(), 8 * (6 + pass_reason::COUNT));
     }
 }

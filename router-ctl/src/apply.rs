@@ -4,15 +4,18 @@
 //! Apply adopts what exists and creates what is missing, recording what it created so that
 //! destroy removes only that. A failure part-way undoes what this run created, in reverse order.
 
-use std::{collections::BTreeSet, net::Ipv4Addr};
+use std::{
+    collections::BTreeSet,
+    net::{IpAddr, Ipv6Addr},
+};
 
 use anyhow::{bail, Context as _, Result};
 use router_common::MAX_IFACES;
 
 use crate::{
-    config::{self, Ipv4Net, Router},
+    config::{self, IpNet, Router},
     datapath,
-    state::{self, IfaceState, Lock, RouteState, RouterState},
+    state::{self, AddrState, IfaceState, Lock, RouteState, RouterState},
     sys::{self, ip},
 };
 
@@ -131,7 +134,7 @@ fn apply_one(r: &Router, undo: &mut Vec<Undo>) -> Result<Report> {
         undo.push(Undo::RemoveBpfDir(r.id.clone()));
     }
 
-    let addrs_before = sys::ipv4_addrs(&ns)?;
+    let addrs_before = sys::ip_addrs(&ns)?;
     let mut ifaces: Vec<IfaceState> = Vec::new();
     let mut used_slots: BTreeSet<u32> = BTreeSet::new();
     let mut fresh_slots: Vec<u32> = Vec::new();
@@ -173,22 +176,46 @@ fn apply_one(r: &Router, undo: &mut Vec<Undo>) -> Result<Report> {
             }
         }
         ip(&["-n", &ns, "link", "set", &i.device, "up"])?;
-        let has_addr = addrs_before
-            .iter()
-            .any(|(d, a, l)| d == &i.device && *a == i.gateway_ip && *l == i.subnet.len);
-        let mut added_address = before.as_ref().is_some_and(|b| b.added_address);
-        if !has_addr {
-            let cidr = format!("{}/{}", i.gateway_ip, i.subnet.len);
-            ip(&["-n", &ns, "addr", "add", &cidr, "dev", &i.device])?;
-            if !created_device {
-                undo.push(Undo::DeleteAddr {
-                    ns: ns.clone(),
-                    dev: i.device.clone(),
-                    cidr: cidr.clone(),
-                });
+        let mut fixed_ips = Vec::new();
+        for f in &i.fixed_ips {
+            let cidr = format!("{}/{}", f.gateway_ip, f.subnet.len());
+            let has_addr = addrs_before
+                .iter()
+                .any(|(d, a, l)| d == &i.device && *a == f.gateway_ip && *l == f.subnet.len());
+            let mut added = before.as_ref().is_some_and(|b| {
+                b.fixed_ips
+                    .iter()
+                    .any(|x| x.added && x.gateway_ip == f.gateway_ip.to_string())
+            });
+            if !has_addr {
+                // IPv6: no duplicate address detection, as for any router address Neutron
+                // plugs (the address would stay tentative, unusable, for a second or more).
+                let mut args = vec!["-n", &ns, "addr", "add", &cidr, "dev", &i.device];
+                if f.gateway_ip.is_ipv6() {
+                    args.push("nodad");
+                }
+                ip(&args)?;
+                if !created_device {
+                    undo.push(Undo::DeleteAddr {
+                        ns: ns.clone(),
+                        dev: i.device.clone(),
+                        cidr: cidr.clone(),
+                    });
+                }
+                created.push(format!("address {cidr} on {}", i.device));
+                added = true;
             }
-            created.push(format!("address {cidr} on {}", i.device));
-            added_address = true;
+            fixed_ips.push(AddrState {
+                subnet: f.subnet.to_string(),
+                gateway_ip: f.gateway_ip.to_string(),
+                added,
+            });
+        }
+        // Addresses apply added earlier that the definition no longer has.
+        for old in before.iter().flat_map(|b| b.fixed_ips.iter()) {
+            if old.added && !fixed_ips.iter().any(|n| n.gateway_ip == old.gateway_ip) {
+                let _ = ip(&["-n", &ns, "addr", "del", &old.cidr(), "dev", &i.device]);
+            }
         }
         let info = sys::link(Some(&ns), &i.device)?
             .with_context(|| format!("device {} vanished from {ns}", i.device))?;
@@ -203,19 +230,14 @@ fn apply_one(r: &Router, undo: &mut Vec<Undo>) -> Result<Report> {
             }
         };
         used_slots.insert(slot);
-        ifaces.push(IfaceState {
-            port_id: i.port_id.clone(),
-            device: i.device.clone(),
-            subnet: i.subnet.to_string(),
-            gateway_ip: i.gateway_ip.to_string(),
-            ifindex: info.ifindex,
-            mac: info.address.clone(),
-            mtu: info.mtu,
-            slot,
-            created_device,
-            peer,
-            added_address,
-        });
+        let mut st = IfaceState::new(i.port_id.clone(), i.device.clone(), fixed_ips);
+        st.ifindex = info.ifindex;
+        st.mac = info.address.clone();
+        st.mtu = info.mtu;
+        st.slot = slot;
+        st.created_device = created_device;
+        st.peer = peer;
+        ifaces.push(st);
     }
 
     let ip_forward_before = match prev.as_ref().and_then(|p| p.ip_forward_before.clone()) {
@@ -226,13 +248,21 @@ fn apply_one(r: &Router, undo: &mut Vec<Undo>) -> Result<Report> {
         }
     };
     sys::sysctl_set(&ns, "net.ipv4.ip_forward", "1")?;
+    let ipv6_forwarding_before = match prev.as_ref().and_then(|p| p.ipv6_forwarding_before.clone())
+    {
+        Some(v) => Some(v),
+        None => {
+            let v = sys::sysctl_get(&ns, "net.ipv6.conf.all.forwarding")?;
+            (v != "1").then_some(v)
+        }
+    };
+    sys::sysctl_set(&ns, "net.ipv6.conf.all.forwarding", "1")?;
 
     // Extra routes go into the namespace's kernel table too: the kernel forwards the first
     // packets (and resolves the nexthop) while the fast path has no neighbour yet.
     let mut routes = Vec::new();
     // Several nexthops for one destination make one multipath (ECMP) kernel route.
-    let mut by_dest: std::collections::BTreeMap<Ipv4Net, Vec<(Ipv4Addr, String)>> =
-        Default::default();
+    let mut by_dest: std::collections::BTreeMap<IpNet, Vec<(IpAddr, String)>> = Default::default();
     for rt in &r.routes {
         let via = r
             .interface_for(rt.nexthop)
@@ -287,6 +317,7 @@ fn apply_one(r: &Router, undo: &mut Vec<Undo>) -> Result<Report> {
         namespace: ns.clone(),
         created_netns,
         ip_forward_before,
+        ipv6_forwarding_before,
         interfaces: ifaces,
         routes,
         max_routes: r.max_routes,
@@ -329,7 +360,7 @@ fn apply_one(r: &Router, undo: &mut Vec<Undo>) -> Result<Report> {
 
 pub type Tables = (
     Vec<(u32, router_common::Iface)>,
-    Vec<(Ipv4Net, router_common::Route)>,
+    Vec<(IpNet, router_common::Route)>,
     Vec<u32>,
 );
 
@@ -346,19 +377,28 @@ pub fn tables_of(st: &RouterState) -> Result<Tables> {
             .unwrap_or(0)
     };
     let net = |s: &str| {
-        s.parse::<Ipv4Net>()
+        s.parse::<IpNet>()
             .map_err(|e| anyhow::anyhow!("router {}: {e}", st.id))
     };
     let mut connected = Vec::new();
-    let mut locals: Vec<Ipv4Addr> = sys::ipv4_addrs(ns)?
+    // Every address of the namespace but IPv6 link-local ones (the fast path never routes those).
+    let mut locals: Vec<IpAddr> = sys::ip_addrs(ns)?
         .into_iter()
         .map(|(_, a, _)| a)
+        .filter(|a| !matches!(a, IpAddr::V6(v) if v.segments()[0] & 0xffc0 == 0xfe80))
         .collect();
     let mut down = Vec::new();
     for i in &st.interfaces {
-        let subnet = net(&i.subnet)?;
-        connected.push((subnet, i.ifindex));
-        locals.extend(subnet.broadcast());
+        for f in &i.fixed_ips {
+            let subnet = net(&f.subnet)?;
+            connected.push((subnet, i.ifindex));
+            match subnet {
+                IpNet::V4(n) => locals.extend(n.broadcast().map(IpAddr::V4)),
+                // The subnet-router anycast address: a forwarding kernel answers it.
+                IpNet::V6(n) if n.len < 127 => locals.push(IpAddr::V6(Ipv6Addr::from(n.network()))),
+                IpNet::V6(_) => {}
+            }
+        }
         let up = sys::link(Some(ns), &i.device)?
             .is_some_and(|l| l.is_up() && l.flags.iter().any(|f| f == "LOWER_UP"));
         if !up {
@@ -367,7 +407,7 @@ pub fn tables_of(st: &RouterState) -> Result<Tables> {
     }
     let mut gateways = Vec::new();
     for rt in &st.routes {
-        let nh: Ipv4Addr = rt
+        let nh: IpAddr = rt
             .nexthop
             .parse()
             .with_context(|| format!("router {}: nexthop {}", st.id, rt.nexthop))?;
@@ -423,13 +463,10 @@ fn remove_iface(router_id: &str, ns: &str, i: &IfaceState) {
     let _ = std::fs::remove_file(state::link_pin(router_id, &i.device));
     if i.created_device {
         let _ = ip(&["-n", ns, "link", "del", &i.device]);
-    } else if i.added_address {
-        let cidr = format!(
-            "{}/{}",
-            i.gateway_ip,
-            i.subnet.split('/').nth(1).unwrap_or("32")
-        );
-        let _ = ip(&["-n", ns, "addr", "del", &cidr, "dev", &i.device]);
+    } else {
+        for a in i.fixed_ips.iter().filter(|a| a.added) {
+            let _ = ip(&["-n", ns, "addr", "del", &a.cidr(), "dev", &i.device]);
+        }
     }
 }
 
@@ -462,6 +499,9 @@ pub fn destroy(key: &str) -> Result<RouterState> {
         }
         if let Some(v) = &st.ip_forward_before {
             let _ = sys::sysctl_set(ns, "net.ipv4.ip_forward", v);
+        }
+        if let Some(v) = &st.ipv6_forwarding_before {
+            let _ = sys::sysctl_set(ns, "net.ipv6.conf.all.forwarding", v);
         }
     }
     remove_bpf_dir(&st.id)?;

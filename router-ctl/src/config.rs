@@ -3,7 +3,13 @@
 //! Everything here is pure: a file is parsed and checked completely before `apply` touches the
 //! system, and every error names the router, the port or route, and the field.
 
-use std::{collections::BTreeMap, fmt, net::Ipv4Addr, path::Path, str::FromStr};
+use std::{
+    collections::BTreeMap,
+    fmt,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::Path,
+    str::FromStr,
+};
 
 use serde::{Deserialize, Serialize};
 
@@ -96,6 +102,152 @@ impl Serialize for Ipv4Net {
     }
 }
 
+/// An IPv6 prefix such as 2001:db8:100::/64.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Ipv6Net {
+    pub addr: Ipv6Addr,
+    pub len: u8,
+}
+
+impl Ipv6Net {
+    pub fn mask(len: u8) -> u128 {
+        if len == 0 {
+            0
+        } else {
+            u128::MAX << (128 - len as u32)
+        }
+    }
+    pub fn network(&self) -> u128 {
+        u128::from(self.addr) & Self::mask(self.len)
+    }
+    pub fn contains(&self, ip: Ipv6Addr) -> bool {
+        u128::from(ip) & Self::mask(self.len) == self.network()
+    }
+    pub fn overlaps(&self, other: &Ipv6Net) -> bool {
+        let len = self.len.min(other.len);
+        u128::from(self.addr) & Self::mask(len) == u128::from(other.addr) & Self::mask(len)
+    }
+}
+
+impl fmt::Display for Ipv6Net {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
+impl FromStr for Ipv6Net {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (a, l) = s.split_once('/').ok_or_else(|| {
+            format!("'{s}' is not a prefix: expected ADDRESS/LENGTH, e.g. 2001:db8:100::/64")
+        })?;
+        let addr: Ipv6Addr = a
+            .parse()
+            .map_err(|_| format!("'{a}' in '{s}' is not an IPv6 address"))?;
+        let len: u8 = l
+            .parse()
+            .ok()
+            .filter(|l| *l <= 128)
+            .ok_or_else(|| format!("'{l}' in '{s}' is not a prefix length from 0 to 128"))?;
+        let net = Ipv6Net { addr, len };
+        if u128::from(addr) != net.network() {
+            return Err(format!(
+                "'{s}' has host bits set; the prefix is {}/{len}",
+                Ipv6Addr::from(net.network())
+            ));
+        }
+        Ok(net)
+    }
+}
+
+/// An IPv4 or IPv6 prefix.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum IpNet {
+    V4(Ipv4Net),
+    V6(Ipv6Net),
+}
+
+impl IpNet {
+    pub fn len(&self) -> u8 {
+        match self {
+            IpNet::V4(n) => n.len,
+            IpNet::V6(n) => n.len,
+        }
+    }
+    pub fn is_ipv6(&self) -> bool {
+        matches!(self, IpNet::V6(_))
+    }
+    pub fn family(&self) -> &'static str {
+        if self.is_ipv6() {
+            "IPv6"
+        } else {
+            "IPv4"
+        }
+    }
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self, ip) {
+            (IpNet::V4(n), IpAddr::V4(a)) => n.contains(a),
+            (IpNet::V6(n), IpAddr::V6(a)) => n.contains(a),
+            _ => false,
+        }
+    }
+    pub fn overlaps(&self, other: &IpNet) -> bool {
+        match (self, other) {
+            (IpNet::V4(a), IpNet::V4(b)) => a.overlaps(b),
+            (IpNet::V6(a), IpNet::V6(b)) => a.overlaps(b),
+            _ => false,
+        }
+    }
+    /// The prefix of one address: /32 or /128.
+    pub fn host(ip: IpAddr) -> IpNet {
+        match ip {
+            IpAddr::V4(addr) => IpNet::V4(Ipv4Net { addr, len: 32 }),
+            IpAddr::V6(addr) => IpNet::V6(Ipv6Net { addr, len: 128 }),
+        }
+    }
+}
+
+impl From<Ipv4Net> for IpNet {
+    fn from(n: Ipv4Net) -> IpNet {
+        IpNet::V4(n)
+    }
+}
+
+impl From<Ipv6Net> for IpNet {
+    fn from(n: Ipv6Net) -> IpNet {
+        IpNet::V6(n)
+    }
+}
+
+impl fmt::Display for IpNet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            IpNet::V4(n) => n.fmt(f),
+            IpNet::V6(n) => n.fmt(f),
+        }
+    }
+}
+
+impl FromStr for IpNet {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s.contains(':') {
+            s.parse().map(IpNet::V6)
+        } else {
+            s.parse().map(IpNet::V4)
+        }
+    }
+}
+
+impl Serialize for IpNet {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// Most addresses on one router interface.
+pub const MAX_FIXED_IPS: usize = 16;
+
 /// The file as written: `[[router]]` tables.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -120,8 +272,18 @@ struct RawRouter {
 #[serde(deny_unknown_fields)]
 struct RawInterface {
     port_id: String,
+    /// The single-subnet form: `subnet` and `gateway_ip`.
+    subnet: Option<String>,
+    gateway_ip: Option<String>,
+    /// Neutron's form: one entry per subnet of the port (dual-stack: one IPv4, one IPv6).
+    fixed_ips: Option<Vec<RawFixedIp>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFixedIp {
     subnet: String,
-    gateway_ip: String,
+    ip_address: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -148,23 +310,31 @@ pub struct Interface {
     pub port_id: String,
     /// `qr-` + the first 11 characters of the port id.
     pub device: String,
-    pub subnet: Ipv4Net,
-    pub gateway_ip: Ipv4Addr,
+    /// The port's subnets and the router's address on each (its gateway IP), in file order.
+    pub fixed_ips: Vec<FixedIp>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct FixedIp {
+    pub subnet: IpNet,
+    pub gateway_ip: IpAddr,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct ExtraRoute {
-    pub destination: Ipv4Net,
-    pub nexthop: Ipv4Addr,
+    pub destination: IpNet,
+    pub nexthop: IpAddr,
 }
 
 impl Router {
     pub fn namespace(&self) -> String {
         namespace_of(&self.id)
     }
-    /// The interface whose subnet holds `ip`.
-    pub fn interface_for(&self, ip: Ipv4Addr) -> Option<&Interface> {
-        self.interfaces.iter().find(|i| i.subnet.contains(ip))
+    /// The interface with a subnet holding `ip`.
+    pub fn interface_for(&self, ip: IpAddr) -> Option<&Interface> {
+        self.interfaces
+            .iter()
+            .find(|i| i.fixed_ips.iter().any(|f| f.subnet.contains(ip)))
     }
 }
 
@@ -241,34 +411,69 @@ fn validate_router(index: usize, r: RawRouter) -> Result<Router, String> {
                 "{at}: field 'port_id' must be a Neutron port UUID (at least 11 letters, digits or '-')"
             ));
         }
-        let subnet: Ipv4Net = i
-            .subnet
-            .parse()
-            .map_err(|e| format!("{at}: field 'subnet': {e}"))?;
-        let gateway_ip: Ipv4Addr = i.gateway_ip.parse().map_err(|_| {
-            format!(
-                "{at}: field 'gateway_ip' = '{}' is not an IPv4 address",
-                i.gateway_ip
-            )
-        })?;
-        if subnet.len > 30 && subnet.len != 31 {
+        let pairs: Vec<(String, String, String)> = match (i.subnet, i.gateway_ip, i.fixed_ips) {
+            (Some(s), Some(g), None) => vec![(s, g, "gateway_ip".into())],
+            (None, None, Some(f)) if !f.is_empty() => f
+                .into_iter()
+                .enumerate()
+                .map(|(n, f)| (f.subnet, f.ip_address, format!("fixed_ips[{n}].ip_address")))
+                .collect(),
+            (None, None, Some(_)) => {
+                return Err(format!(
+                    "{at}: field 'fixed_ips' is empty; give at least one {{ subnet, ip_address }}"
+                ))
+            }
+            (Some(_), None, None) => {
+                return Err(format!(
+                    "{at}: missing field `gateway_ip` (the router's address on 'subnet')"
+                ))
+            }
+            (None, Some(_), None) => {
+                return Err(format!(
+                    "{at}: missing field `subnet` (the subnet 'gateway_ip' belongs to)"
+                ))
+            }
+            (None, None, None) => {
+                return Err(format!(
+                    "{at}: missing field `fixed_ips` (or `subnet` and `gateway_ip`)"
+                ))
+            }
+            _ => {
+                return Err(format!(
+                    "{at}: give either 'subnet' and 'gateway_ip' or 'fixed_ips', not both"
+                ))
+            }
+        };
+        if pairs.len() > MAX_FIXED_IPS {
             return Err(format!(
-                "{at}: field 'subnet' = {subnet} leaves no room for a gateway and hosts"
-            ));
-        }
-        if !subnet.contains(gateway_ip) {
-            return Err(format!(
-                "{at}: field 'gateway_ip' = {gateway_ip} is outside subnet {subnet}"
-            ));
-        }
-        if subnet.len <= 30
-            && (u32::from(gateway_ip) == subnet.network() || Some(gateway_ip) == subnet.broadcast())
-        {
-            return Err(format!(
-                "{at}: field 'gateway_ip' = {gateway_ip} is the network or broadcast address of {subnet}"
+                "{at}: field 'fixed_ips' has {} entries, at most {MAX_FIXED_IPS} are supported",
+                pairs.len()
             ));
         }
         let device = device_of(&i.port_id);
+        let mut fixed_ips: Vec<FixedIp> = Vec::new();
+        for (subnet, gateway, field) in pairs {
+            let sfield = field
+                .replace("ip_address", "subnet")
+                .replace("gateway_ip", "subnet");
+            let f = fixed_ip(&subnet, &gateway).map_err(|(which, e)| {
+                format!("{at}: field '{}'{e}", if which { &field } else { &sfield })
+            })?;
+            let clash = fixed_ips.iter().map(|x| (x, i.port_id.as_str())).chain(
+                interfaces
+                    .iter()
+                    .flat_map(|p| p.fixed_ips.iter().map(move |x| (x, p.port_id.as_str()))),
+            );
+            for (prev, port) in clash {
+                if prev.subnet.overlaps(&f.subnet) {
+                    return Err(format!(
+                        "{at}: field '{sfield}' = {} overlaps subnet {} of port {port}",
+                        f.subnet, prev.subnet
+                    ));
+                }
+            }
+            fixed_ips.push(f);
+        }
         for prev in &interfaces {
             if prev.port_id == i.port_id {
                 return Err(format!(
@@ -281,47 +486,56 @@ fn validate_router(index: usize, r: RawRouter) -> Result<Router, String> {
                     prev.port_id
                 ));
             }
-            if prev.subnet.overlaps(&subnet) {
-                return Err(format!(
-                    "{at}: field 'subnet' = {subnet} overlaps subnet {} of port {}",
-                    prev.subnet, prev.port_id
-                ));
-            }
         }
         interfaces.push(Interface {
             port_id: i.port_id,
             device,
-            subnet,
-            gateway_ip,
+            fixed_ips,
         });
     }
     let mut routes: Vec<ExtraRoute> = Vec::new();
     for (k, rt) in r.route.into_iter().enumerate() {
         let at = format!("{who}, route #{} (destination '{}')", k + 1, rt.destination);
-        let destination: Ipv4Net = rt
+        let destination: IpNet = rt
             .destination
             .parse()
             .map_err(|e| format!("{at}: field 'destination': {e}"))?;
-        let nexthop: Ipv4Addr = rt.nexthop.parse().map_err(|_| {
+        let nexthop: IpAddr = rt.nexthop.parse().map_err(|_| {
             format!(
-                "{at}: field 'nexthop' = '{}' is not an IPv4 address",
+                "{at}: field 'nexthop' = '{}' is not an IP address",
                 rt.nexthop
             )
         })?;
-        let Some(via) = interfaces.iter().find(|i| i.subnet.contains(nexthop)) else {
-            let connected: Vec<String> = interfaces.iter().map(|i| i.subnet.to_string()).collect();
+        if nexthop.is_ipv6() != destination.is_ipv6() {
             return Err(format!(
-                "{at}: field 'nexthop' = {nexthop} is not on a connected subnet of this router ({})",
+                "{at}: field 'nexthop' = {nexthop} is not an {} address like destination {destination}",
+                destination.family()
+            ));
+        }
+        let on = |f: &FixedIp| f.subnet.contains(nexthop);
+        let Some(via) = interfaces.iter().find(|i| i.fixed_ips.iter().any(on)) else {
+            let connected: Vec<String> = interfaces
+                .iter()
+                .flat_map(|i| i.fixed_ips.iter())
+                .filter(|f| f.subnet.is_ipv6() == nexthop.is_ipv6())
+                .map(|f| f.subnet.to_string())
+                .collect();
+            return Err(format!(
+                "{at}: field 'nexthop' = {nexthop} is not on a connected {} subnet of this router ({})",
+                destination.family(),
                 if connected.is_empty() { "it has none".to_string() } else { connected.join(", ") }
             ));
         };
-        if nexthop == via.gateway_ip {
+        if via.fixed_ips.iter().any(|f| f.gateway_ip == nexthop) {
             return Err(format!(
                 "{at}: field 'nexthop' = {nexthop} is the router's own address on {}",
                 via.device
             ));
         }
-        if let Some(i) = interfaces.iter().find(|i| i.subnet == destination) {
+        if let Some(i) = interfaces
+            .iter()
+            .find(|i| i.fixed_ips.iter().any(|f| f.subnet == destination))
+        {
             return Err(format!(
                 "{at}: field 'destination' = {destination} is the connected subnet of port {}",
                 i.port_id
@@ -365,6 +579,72 @@ fn validate_router(index: usize, r: RawRouter) -> Result<Router, String> {
         max_routes,
         interfaces,
         routes,
+    })
+}
+
+/// One validated (subnet, router address) pair; the error says whether the address (true) or
+/// the subnet (false) is at fault.
+fn fixed_ip(subnet: &str, gateway: &str) -> Result<FixedIp, (bool, String)> {
+    let net: IpNet = subnet.parse().map_err(|e| (false, format!(": {e}")))?;
+    let ip: IpAddr = gateway
+        .parse()
+        .map_err(|_| (true, format!(" = '{gateway}' is not an IP address")))?;
+    if ip.is_ipv6() != net.is_ipv6() {
+        return Err((
+            true,
+            format!(
+                " = {ip} is not an {} address like subnet {net}",
+                net.family()
+            ),
+        ));
+    }
+    match (net, ip) {
+        (IpNet::V4(n), IpAddr::V4(g)) => {
+            if n.len > 30 && n.len != 31 {
+                return Err((
+                    false,
+                    format!(" = {n} leaves no room for a gateway and hosts"),
+                ));
+            }
+            if !n.contains(g) {
+                return Err((true, format!(" = {g} is outside subnet {n}")));
+            }
+            if n.len <= 30 && (u32::from(g) == n.network() || Some(g) == n.broadcast()) {
+                return Err((
+                    true,
+                    format!(" = {g} is the network or broadcast address of {n}"),
+                ));
+            }
+        }
+        (IpNet::V6(n), IpAddr::V6(g)) => {
+            if n.len > 127 {
+                return Err((
+                    false,
+                    format!(" = {n} leaves no room for a gateway and hosts"),
+                ));
+            }
+            let top = u128::from(n.addr) >> 120;
+            if top == 0xff || (u128::from(n.addr) >> 118) == 0x3fa || n.network() >> 64 == 0 {
+                return Err((
+                    false,
+                    format!(" = {n} is not a unicast subnet a router forwards (multicast, link-local or ::/64)"),
+                ));
+            }
+            if !n.contains(g) {
+                return Err((true, format!(" = {g} is outside subnet {n}")));
+            }
+            if n.len < 127 && u128::from(g) == n.network() {
+                return Err((
+                    true,
+                    format!(" = {g} is the subnet-router anycast address of {n}"),
+                ));
+            }
+        }
+        _ => unreachable!("families checked above"),
+    }
+    Ok(FixedIp {
+        subnet: net,
+        gateway_ip: ip,
     })
 }
 
@@ -425,7 +705,10 @@ nexthop = "172.16.101.254"
         );
         assert_eq!(r[0].interfaces[0].device, "qr-d295b258-45");
         assert_eq!(r[0].interfaces[1].device, "qr-2ffdb861-73");
-        assert_eq!(r[0].routes[0].nexthop, Ipv4Addr::new(172, 16, 101, 254));
+        assert_eq!(
+            r[0].routes[0].nexthop,
+            IpAddr::V4(Ipv4Addr::new(172, 16, 101, 254))
+        );
         assert_eq!(peer_of("d295b258-4586-4e8a"), "tapd295b258-45");
     }
 
@@ -438,7 +721,7 @@ nexthop = "172.16.101.254"
         let cases: &[(&str, &str, &str)] = &[
             ("gateway_ip = \"172.16.100.1\"", "gateway_ip = \"172.16.9.1\"", "'gateway_ip' = 172.16.9.1 is outside subnet 172.16.100.0/24"),
             ("subnet = \"172.16.101.0/24\"", "subnet = \"172.16.100.0/23\"", "overlaps subnet 172.16.100.0/24"),
-            ("nexthop = \"172.16.101.254\"", "nexthop = \"192.168.1.1\"", "'nexthop' = 192.168.1.1 is not on a connected subnet"),
+            ("nexthop = \"172.16.101.254\"", "nexthop = \"192.168.1.1\"", "'nexthop' = 192.168.1.1 is not on a connected IPv4 subnet"),
             ("name = \"router_100_101\"", "name = \"r\"\ncolour = \"blue\"", "unknown field `colour`"),
             ("2ffdb861-731c-4b1a-8d2e-6f7a8b9c0d1e", "d295b258-4586-4e8a-9c3e-1f2a3b4c5d6e", "duplicate port_id"),
             ("2ffdb861-731c-4b1a-8d2e-6f7a8b9c0d1e", "d295b258-45ff-4e8a-9c3e-1f2a3b4c5d6e", "device name qr-d295b258-45 is already used"),
@@ -452,6 +735,67 @@ nexthop = "172.16.101.254"
         for (from, to, want) in cases {
             let text = SEED.replacen(from, to, 1);
             assert_ne!(text, SEED, "case {from} did not apply");
+            let got = err(&text);
+            assert!(got.contains(want), "for {to:?}: got {got:?}, want {want:?}");
+        }
+    }
+
+    const DUAL: &str = r#"
+[[router]]
+id = "r6"
+[[router.interface]]
+port_id = "d295b258-4586-4e8a-9c3e-1f2a3b4c5d6e"
+fixed_ips = [
+  { subnet = "172.16.100.0/24", ip_address = "172.16.100.1" },
+  { subnet = "2001:db8:100::/64", ip_address = "2001:db8:100::1" },
+]
+[[router.interface]]
+port_id = "2ffdb861-731c-4b1a-8d2e-6f7a8b9c0d1e"
+subnet = "2001:db8:101::/64"
+gateway_ip = "2001:db8:101::1"
+[[router.route]]
+destination = "2001:db8:aaaa::/48"
+nexthop = "2001:db8:101::fe"
+"#;
+
+    #[test]
+    fn dual_stack_ports_and_ipv6_routes_parse() {
+        let r = parse(DUAL).unwrap();
+        let i = &r[0].interfaces;
+        assert_eq!(i[0].fixed_ips.len(), 2);
+        assert_eq!(i[0].fixed_ips[1].subnet.to_string(), "2001:db8:100::/64");
+        assert_eq!(i[1].fixed_ips[0].gateway_ip.to_string(), "2001:db8:101::1");
+        assert_eq!(r[0].routes[0].destination.to_string(), "2001:db8:aaaa::/48");
+        assert_eq!(
+            r[0].interface_for("2001:db8:101::fe".parse().unwrap())
+                .unwrap()
+                .device,
+            "qr-2ffdb861-73"
+        );
+    }
+
+    #[test]
+    fn ipv6_refusals_name_the_field() {
+        let cases: &[(&str, &str, &str)] = &[
+            ("ip_address = \"2001:db8:100::1\"", "ip_address = \"2001:db8:999::1\"", "'fixed_ips[1].ip_address' = 2001:db8:999::1 is outside subnet 2001:db8:100::/64"),
+            ("ip_address = \"2001:db8:100::1\"", "ip_address = \"172.16.100.9\"", "'fixed_ips[1].ip_address' = 172.16.100.9 is not an IPv6 address like subnet"),
+            ("ip_address = \"2001:db8:100::1\"", "ip_address = \"2001:db8:100::\"", "subnet-router anycast"),
+            ("subnet = \"2001:db8:101::/64\"\ngateway_ip = \"2001:db8:101::1\"", "subnet = \"2001:db8:100::/56\"\ngateway_ip = \"2001:db8:100::fe\"", "overlaps subnet 2001:db8:100::/64 of port d295b258"),
+            ("subnet = \"2001:db8:100::/64\"", "subnet = \"2001:db8:100::/129\"", "'fixed_ips[1].subnet': '129'"),
+            ("{ subnet = \"2001:db8:100::/64\", ip_address = \"2001:db8:100::1\" }", "{ subnet = \"fe80::/64\", ip_address = \"fe80::1\" }", "not a unicast subnet"),
+            ("{ subnet = \"2001:db8:100::/64\", ip_address = \"2001:db8:100::1\" }", "{ subnet = \"2001:db8:100::1/128\", ip_address = \"2001:db8:100::1\" }", "leaves no room"),
+            ("nexthop = \"2001:db8:101::fe\"", "nexthop = \"172.16.100.254\"", "'nexthop' = 172.16.100.254 is not an IPv6 address like destination"),
+            ("nexthop = \"2001:db8:101::fe\"", "nexthop = \"2001:db8:5::1\"", "not on a connected IPv6 subnet of this router (2001:db8:100::/64, 2001:db8:101::/64)"),
+            ("nexthop = \"2001:db8:101::fe\"", "nexthop = \"2001:db8:101::1\"", "the router's own address on qr-2ffdb861-73"),
+            ("destination = \"2001:db8:aaaa::/48\"", "destination = \"2001:db8:101::/64\"", "is the connected subnet of port"),
+            ("gateway_ip = \"2001:db8:101::1\"", "gateway_ip = \"2001:db8:101::1\"\nfixed_ips = []", "either 'subnet' and 'gateway_ip' or 'fixed_ips'"),
+            ("fixed_ips = [", "fixed_ips = []\nx = [", "unknown field `x`"),
+            ("  { subnet = \"172.16.100.0/24\", ip_address = \"172.16.100.1\" },\n  { subnet = \"2001:db8:100::/64\", ip_address = \"2001:db8:100::1\" },\n", "", "'fixed_ips' is empty"),
+            ("gateway_ip = \"2001:db8:101::1\"\n", "", "missing field `gateway_ip`"),
+        ];
+        for (from, to, want) in cases {
+            let text = DUAL.replacen(from, to, 1);
+            assert_ne!(text, DUAL, "case {from} did not apply");
             let got = err(&text);
             assert!(got.contains(want), "for {to:?}: got {got:?}, want {want:?}");
         }

@@ -9,7 +9,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fs::File,
-    net::Ipv4Addr,
+    net::IpAddr,
     process::{Command, Stdio},
     sync::{
         atomic::{AtomicBool, Ordering},
@@ -50,6 +50,7 @@ extern "C" fn on_hup(_: libc::c_int) {
 const RTMGRP_LINK: u32 = 1;
 const RTMGRP_NEIGH: u32 = 4;
 const RTMGRP_IPV4_IFADDR: u32 = 0x10;
+const RTMGRP_IPV6_IFADDR: u32 = 0x100;
 
 struct Watcher {
     stop: Arc<AtomicBool>,
@@ -298,21 +299,25 @@ fn watch(r: &RouterState, stop: &AtomicBool) -> Result<()> {
         let (mut conn, handle, mut events) = rtnetlink::new_connection().context("netlink socket")?;
         conn.socket_mut()
             .socket_mut()
-            .bind(&SocketAddr::new(0, RTMGRP_NEIGH | RTMGRP_LINK | RTMGRP_IPV4_IFADDR))
+            .bind(&SocketAddr::new(
+                0,
+                RTMGRP_NEIGH | RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR,
+            ))
             .context("cannot subscribe to neighbour, link and address events")?;
         tokio::spawn(conn);
         // Subscribe first, then dump: an event racing the dump is applied after it.
-        let mut dump = handle.neighbours().get().set_family(IpVersion::V4).execute();
         let mut present = BTreeSet::new();
-        while let Some(msg) = dump.try_next().await.context("neighbour dump")? {
-            if let Some((ifindex, ip)) = update(&mut neighs, &ifindexes, &msg, false) {
-                present.insert((ifindex, ip));
+        for family in [IpVersion::V4, IpVersion::V6] {
+            let mut dump = handle.neighbours().get().set_family(family).execute();
+            while let Some(msg) = dump.try_next().await.context("neighbour dump")? {
+                if let Some((ifindex, ip)) = update(&mut neighs, &ifindexes, &msg, false) {
+                    present.insert((ifindex, ip));
+                }
             }
         }
-        for (k, _) in neighs.all() {
-            let ip = Ipv4Addr::from(k.addr);
-            if !present.contains(&(k.ifindex, ip)) {
-                neighs.remove(k.ifindex, ip);
+        for (ifindex, ip, _) in neighs.all() {
+            if !present.contains(&(ifindex, ip)) {
+                neighs.remove(ifindex, ip);
             }
         }
         tracing::info!(router = %r.id, neighbours = present.len(), "neighbour table synced");
@@ -360,15 +365,20 @@ fn update(
     ifindexes: &BTreeSet<u32>,
     m: &NeighbourMessage,
     deleted: bool,
-) -> Option<(u32, Ipv4Addr)> {
-    if m.header.family != AddressFamily::Inet || !ifindexes.contains(&m.header.ifindex) {
+) -> Option<(u32, IpAddr)> {
+    if !matches!(m.header.family, AddressFamily::Inet | AddressFamily::Inet6)
+        || !ifindexes.contains(&m.header.ifindex)
+    {
         return None;
     }
     let mut ip = None;
     let mut mac = None;
     for a in &m.attributes {
         match a {
-            NeighbourAttribute::Destination(NeighbourAddress::Inet(v)) => ip = Some(*v),
+            NeighbourAttribute::Destination(NeighbourAddress::Inet(v)) => ip = Some(IpAddr::V4(*v)),
+            NeighbourAttribute::Destination(NeighbourAddress::Inet6(v)) => {
+                ip = Some(IpAddr::V6(*v))
+            }
             NeighbourAttribute::LinkLocalAddress(l) if l.len() == 6 => {
                 mac = Some([l[0], l[1], l[2], l[3], l[4], l[5]]);
             }

@@ -2,14 +2,14 @@
 
 use std::{
     collections::BTreeSet,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     os::fd::{AsFd as _, AsRawFd as _},
     path::Path,
 };
 
 use anyhow::{anyhow, Context as _, Result};
 use aya::{
-    maps::{Array, DevMap, HashMap, Map, MapData, PerCpuArray},
+    maps::{lpm_trie::Key, Array, DevMap, HashMap, LpmTrie, Map, MapData, PerCpuArray},
     programs::{
         links::{FdLink, PinnedLink},
         xdp::XdpLink,
@@ -18,11 +18,12 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use router_common::{
-    fib, map_names, route_kind, Iface, Neigh, NeighKey, NhGroup, Route, Stats, PROGRAM_NAME,
+    fib, map_names, route_kind, Iface, Neigh, Neigh6Key, NeighKey, NhGroup, Route, Stats,
+    PROGRAM_NAME,
 };
 
 use crate::{
-    config::Ipv4Net,
+    config::IpNet,
     fib::{self as fib_build, Capacity, Fib},
     state,
 };
@@ -33,8 +34,10 @@ pub static PROGRAM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 /// Benchmark helpers (traffic generator, wire floor); see `router-ebpf/src/bench.rs`.
 pub static BENCH_PROGRAM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bench"));
 
-const ALL_MAPS: [&str; 9] = [
+const ALL_MAPS: [&str; 11] = [
     map_names::NH_GROUPS,
+    map_names::FIB6,
+    map_names::NEIGHS6,
     map_names::FIB_L1,
     map_names::FIB_L2,
     map_names::FIB_L3,
@@ -96,8 +99,10 @@ pub fn load_pinned(router_id: &str, cap: Capacity) -> Result<Ebpf> {
 /// Refuses maps pinned by a build whose map layout differs from this one's: the program would
 /// read them wrongly (the verifier refuses it at best).
 fn check_pinned_layout(router_id: &str) -> Result<()> {
-    let expected: [(&str, usize); 9] = [
+    let expected: [(&str, usize); 11] = [
         (map_names::NH_GROUPS, std::mem::size_of::<NhGroup>()),
+        (map_names::FIB6, 4),
+        (map_names::NEIGHS6, std::mem::size_of::<Neigh>()),
         (map_names::FIB_L1, 4 * fib::GROUP_SIZE as usize),
         (map_names::FIB_L2, 4 * fib::GROUP_SIZE as usize),
         (map_names::FIB_L3, 4 * fib::GROUP_SIZE as usize),
@@ -180,14 +185,15 @@ pub fn open_pinned(router_id: &str, name: &str) -> Result<MapData> {
 }
 
 /// The routes of one router: connected subnets, extra routes through a nexthop, and the
-/// router's own addresses (for the kernel). `ifaces` gives each egress device's MAC and MTU.
+/// router's own addresses (for the kernel), both families. `ifaces` gives each egress device's
+/// MAC and MTU.
 pub fn route_entries(
     ifaces: &[(u32, Iface)],
-    connected: &[(Ipv4Net, u32)],
-    gateways: &[(Ipv4Net, u32, Ipv4Addr)],
-    locals: &[Ipv4Addr],
-) -> Vec<(Ipv4Net, Route)> {
-    let via = |ifindex: u32, kind: u32, nexthop: [u8; 4]| {
+    connected: &[(IpNet, u32)],
+    gateways: &[(IpNet, u32, IpAddr)],
+    locals: &[IpAddr],
+) -> Vec<(IpNet, Route)> {
+    let via = |ifindex: u32, kind: u32, nexthop: [u8; 16]| {
         let dev = ifaces.iter().find(|(i, _)| *i == ifindex).map(|(_, d)| *d);
         Route {
             ifindex,
@@ -202,14 +208,14 @@ pub fn route_entries(
     };
     let mut v = Vec::new();
     for (net, ifindex) in connected {
-        v.push((*net, via(*ifindex, route_kind::CONNECTED, [0; 4])));
+        v.push((*net, via(*ifindex, route_kind::CONNECTED, [0; 16])));
     }
     for (net, ifindex, nh) in gateways {
-        v.push((*net, via(*ifindex, route_kind::GATEWAY, nh.octets())));
+        v.push((*net, via(*ifindex, route_kind::GATEWAY, nexthop_bytes(*nh))));
     }
     for ip in locals {
         v.push((
-            Ipv4Net { addr: *ip, len: 32 },
+            IpNet::host(*ip),
             Route {
                 kind: route_kind::LOCAL,
                 ..Route::NONE
@@ -217,6 +223,32 @@ pub fn route_entries(
         ));
     }
     v
+}
+
+/// `Route::nexthop` of an address: IPv4 in the first 4 bytes.
+pub fn nexthop_bytes(ip: IpAddr) -> [u8; 16] {
+    match ip {
+        IpAddr::V4(a) => {
+            let mut b = [0; 16];
+            b[..4].copy_from_slice(&a.octets());
+            b
+        }
+        IpAddr::V6(a) => a.octets(),
+    }
+}
+
+/// The address in `Route::nexthop`, read as the family of the route it belongs to.
+pub fn nexthop_addr(r: &Route, ipv6: bool) -> IpAddr {
+    if ipv6 {
+        IpAddr::V6(Ipv6Addr::from(r.nexthop))
+    } else {
+        IpAddr::V4(Ipv4Addr::new(
+            r.nexthop[0],
+            r.nexthop[1],
+            r.nexthop[2],
+            r.nexthop[3],
+        ))
+    }
 }
 
 fn map_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Map> {
@@ -316,6 +348,7 @@ pub struct RouteTable {
     l3: Mapped,
     nexthops: Array<MapData, Route>,
     groups: Array<MapData, NhGroup>,
+    fib6: LpmTrie<MapData, [u8; 16], u32>,
 }
 
 impl RouteTable {
@@ -326,7 +359,12 @@ impl RouteTable {
         };
         let nh = array(map_names::NEXTHOPS)?;
         let groups = array(map_names::NH_GROUPS)?;
+        let fib6 = match ebpf.map(map_names::FIB6) {
+            Some(Map::LpmTrie(d)) => clone_map(d)?,
+            _ => anyhow::bail!("map {} is not an LPM trie", map_names::FIB6),
+        };
         Ok(RouteTable {
+            fib6: LpmTrie::try_from(Map::LpmTrie(fib6))?,
             l1: Mapped::new(ebpf, map_names::FIB_L1)?,
             l2: Mapped::new(ebpf, map_names::FIB_L2)?,
             l3: Mapped::new(ebpf, map_names::FIB_L3)?,
@@ -351,18 +389,24 @@ impl RouteTable {
             let g = self.groups.get(&i, 0)?;
             groups.push((g.count != 0).then_some(g));
         }
+        let mut v6 = std::collections::BTreeMap::new();
+        for kv in self.fib6.iter() {
+            let (k, v) = kv.context("reading the IPv6 route table")?;
+            v6.insert((k.prefix_len() as u8, u128::from_be_bytes(k.data())), v);
+        }
         Ok(Fib {
             l1,
             l2,
             l3,
             nexthops,
             groups,
+            v6,
         })
     }
 
     /// Replaces the route table, make-before-break (see `fib`): new nexthops, then the levels
     /// from the leaves up, then the nexthop slots nothing refers to any more are cleared.
-    pub fn set(&mut self, entries: &[(Ipv4Net, Route)]) -> Result<()> {
+    pub fn set(&mut self, entries: &[(IpNet, Route)]) -> Result<()> {
         let old = self.read()?;
         let new = Fib::build(entries, &old)?;
         for (i, (o, n)) in old.nexthops.iter().zip(new.nexthops.iter()).enumerate() {
@@ -395,6 +439,19 @@ impl RouteTable {
         self.l2.update_groups(&old.l2, &new.l2, &old2, &new2);
         let all: BTreeSet<u32> = (0..self.l1.len as u32 / fib::GROUP_SIZE).collect();
         self.l1.update_groups(&old.l1, &new.l1, &all, &all);
+        let key6 = |(len, a): &(u8, u128)| Key::new(*len as u32, a.to_be_bytes());
+        for (k, v) in &new.v6 {
+            if old.v6.get(k) != Some(v) {
+                self.fib6
+                    .insert(&key6(k), v, 0)
+                    .context("cannot write an IPv6 route")?;
+            }
+        }
+        for k in old.v6.keys().filter(|k| !new.v6.contains_key(k)) {
+            self.fib6
+                .remove(&key6(k))
+                .context("cannot remove an IPv6 route")?;
+        }
         for (i, (o, n)) in old.nexthops.iter().zip(new.nexthops.iter()).enumerate() {
             if o.is_some() && n.is_none() {
                 self.nexthops.set(i as u32, Route::NONE, 0)?;
@@ -422,7 +479,7 @@ pub fn read_fib(ebpf: &mut Ebpf) -> Result<Fib> {
 }
 
 /// Replaces the route table (see `RouteTable::set`).
-pub fn set_routes(ebpf: &mut Ebpf, entries: &[(Ipv4Net, Route)]) -> Result<()> {
+pub fn set_routes(ebpf: &mut Ebpf, entries: &[(IpNet, Route)]) -> Result<()> {
     RouteTable::open(ebpf)?.set(entries)
 }
 
@@ -542,53 +599,95 @@ fn clone_map(map: &MapData) -> Result<MapData> {
     Ok(MapData::from_fd(fd)?)
 }
 
-/// A handle on a router's neighbour map.
-pub struct Neighs(HashMap<MapData, NeighKey, Neigh>);
+/// A handle on a router's neighbour maps (IPv4 and IPv6).
+pub struct Neighs {
+    v4: HashMap<MapData, NeighKey, Neigh>,
+    v6: HashMap<MapData, Neigh6Key, Neigh>,
+}
 
 impl Neighs {
     pub fn open(router_id: &str) -> Result<Neighs> {
-        Ok(Neighs(HashMap::try_from(Map::HashMap(open_pinned(
-            router_id,
-            map_names::NEIGHS,
-        )?))?))
+        Ok(Neighs {
+            v4: HashMap::try_from(Map::HashMap(open_pinned(router_id, map_names::NEIGHS)?))?,
+            v6: HashMap::try_from(Map::HashMap(open_pinned(router_id, map_names::NEIGHS6)?))?,
+        })
     }
     pub fn from_ebpf(ebpf: &mut Ebpf) -> Result<Neighs> {
-        let m = ebpf
-            .take_map(map_names::NEIGHS)
-            .ok_or_else(|| anyhow!("no NEIGHS map"))?;
-        Ok(Neighs(HashMap::try_from(m)?))
+        let mut take = |name: &str| ebpf.take_map(name).ok_or_else(|| anyhow!("no {name} map"));
+        Ok(Neighs {
+            v4: HashMap::try_from(take(map_names::NEIGHS)?)?,
+            v6: HashMap::try_from(take(map_names::NEIGHS6)?)?,
+        })
     }
-    pub fn set(&mut self, ifindex: u32, ip: Ipv4Addr, mac: [u8; 6]) -> Result<()> {
-        let k = NeighKey {
-            ifindex,
-            addr: ip.octets(),
-        };
-        self.0
-            .insert(k, Neigh { mac, _pad: [0; 2] }, 0)
-            .with_context(|| format!("cannot add neighbour {ip} on ifindex {ifindex}"))?;
-        Ok(())
+    pub fn set(&mut self, ifindex: u32, ip: IpAddr, mac: [u8; 6]) -> Result<()> {
+        let n = Neigh { mac, _pad: [0; 2] };
+        match ip {
+            IpAddr::V4(a) => self.v4.insert(
+                NeighKey {
+                    ifindex,
+                    addr: a.octets(),
+                },
+                n,
+                0,
+            ),
+            IpAddr::V6(a) => self.v6.insert(
+                Neigh6Key {
+                    ifindex,
+                    addr: a.octets(),
+                },
+                n,
+                0,
+            ),
+        }
+        .with_context(|| format!("cannot add neighbour {ip} on ifindex {ifindex}"))
     }
-    pub fn get(&self, ifindex: u32, ip: Ipv4Addr) -> Option<[u8; 6]> {
-        self.0
-            .get(
+    pub fn get(&self, ifindex: u32, ip: IpAddr) -> Option<[u8; 6]> {
+        match ip {
+            IpAddr::V4(a) => self.v4.get(
                 &NeighKey {
                     ifindex,
-                    addr: ip.octets(),
+                    addr: a.octets(),
                 },
                 0,
+            ),
+            IpAddr::V6(a) => self.v6.get(
+                &Neigh6Key {
+                    ifindex,
+                    addr: a.octets(),
+                },
+                0,
+            ),
+        }
+        .ok()
+        .map(|n| n.mac)
+    }
+    pub fn remove(&mut self, ifindex: u32, ip: IpAddr) {
+        let _ = match ip {
+            IpAddr::V4(a) => self.v4.remove(&NeighKey {
+                ifindex,
+                addr: a.octets(),
+            }),
+            IpAddr::V6(a) => self.v6.remove(&Neigh6Key {
+                ifindex,
+                addr: a.octets(),
+            }),
+        };
+    }
+    /// Every entry, IPv4 first, sorted: (ifindex, address, MAC).
+    pub fn all(&self) -> Vec<(u32, IpAddr, [u8; 6])> {
+        let mut v: Vec<(u32, IpAddr, [u8; 6])> = self
+            .v4
+            .iter()
+            .filter_map(|r| r.ok())
+            .map(|(k, n)| (k.ifindex, IpAddr::V4(Ipv4Addr::from(k.addr)), n.mac))
+            .chain(
+                self.v6
+                    .iter()
+                    .filter_map(|r| r.ok())
+                    .map(|(k, n)| (k.ifindex, IpAddr::V6(Ipv6Addr::from(k.addr)), n.mac)),
             )
-            .ok()
-            .map(|n| n.mac)
-    }
-    pub fn remove(&mut self, ifindex: u32, ip: Ipv4Addr) {
-        let _ = self.0.remove(&NeighKey {
-            ifindex,
-            addr: ip.octets(),
-        });
-    }
-    pub fn all(&self) -> Vec<(NeighKey, Neigh)> {
-        let mut v: Vec<_> = self.0.iter().filter_map(|r| r.ok()).collect();
-        v.sort_by_key(|(k, _)| *k);
+            .collect();
+        v.sort_by_key(|(i, a, _)| (a.is_ipv6(), *i, *a));
         v
     }
 }

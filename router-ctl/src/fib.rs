@@ -1,6 +1,7 @@
-//! Building the route table the fast path reads (`router_common::fib`): a 16-8-8 multibit trie
-//! filled by prefix expansion, so that a lookup costs at most three array reads whatever the size
-//! of the table.
+//! Building the route table the fast path reads (`router_common::fib`): for IPv4, a 16-8-8
+//! multibit trie filled by prefix expansion, so that a lookup costs at most three array reads
+//! whatever the size of the table; for IPv6, the entries of the kernel's LPM trie. Both families
+//! share the nexthops and ECMP groups.
 //!
 //! Updates are make-before-break, entry by entry: group and nexthop indices that exist in the
 //! table being replaced keep their numbers, new nexthops and groups go to free slots, and the
@@ -10,13 +11,13 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
 };
 
 use anyhow::{bail, Result};
 use router_common::{fib::*, NhGroup, Route};
 
-use crate::config::Ipv4Net;
+use crate::config::{IpNet, Ipv6Net};
 
 /// The three levels and the nexthops, as they are (or will be) in the maps.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -26,6 +27,8 @@ pub struct Fib {
     pub l3: Vec<u32>,
     pub nexthops: Vec<Option<Route>>,
     pub groups: Vec<Option<NhGroup>>,
+    /// The IPv6 table: (prefix length, network) → nexthop index + 1.
+    pub v6: BTreeMap<(u8, u128), u32>,
 }
 
 /// How many groups and nexthops the maps of a router hold.
@@ -69,11 +72,14 @@ impl Capacity {
 
     /// Room for `routes` with a quarter to spare (and at least the default): one L2 group per
     /// /16 block holding a longer prefix, one L3 group per /24 block holding a longer prefix.
-    pub fn for_table(routes: &[(Ipv4Net, Route)]) -> Capacity {
+    pub fn for_table(routes: &[(IpNet, Route)]) -> Capacity {
         let d = Capacity::default();
         let mut l2 = std::collections::HashSet::new();
         let mut l3 = std::collections::HashSet::new();
-        for (n, _) in routes {
+        for n in routes.iter().filter_map(|(n, _)| match n {
+            IpNet::V4(n) => Some(n),
+            IpNet::V6(_) => None,
+        }) {
             if n.len > 16 {
                 l2.insert(n.network() >> 16);
             }
@@ -98,6 +104,7 @@ impl Fib {
             l3: vec![0; (cap.l3_groups * GROUP_SIZE) as usize],
             nexthops: vec![None; cap.nexthops as usize],
             groups: vec![None; NH_GROUPS as usize],
+            v6: BTreeMap::new(),
         }
     }
 
@@ -125,28 +132,43 @@ impl Fib {
         self.nexthops[(e - 1) as usize]
     }
 
+    /// The IPv6 lookup the XDP program does (through the kernel's LPM trie), for tests and tools.
+    pub fn lookup6(&self, dst: Ipv6Addr) -> Option<Route> {
+        let a = u128::from(dst);
+        (0..=128u8).rev().find_map(|len| {
+            let e = self.v6.get(&(len, a & Ipv6Net::mask(len)))?;
+            self.nexthops[(*e - 1) as usize]
+        })
+    }
+
     /// The table for `routes`, reusing the group and nexthop numbers of `old` (the table in the
     /// maps now) wherever the same prefix block or nexthop is still there.
-    pub fn build(routes: &[(Ipv4Net, Route)], old: &Fib) -> Result<Fib> {
+    pub fn build(routes: &[(IpNet, Route)], old: &Fib) -> Result<Fib> {
         let cap = old.capacity();
         let mut new = Fib::empty(cap);
 
         // One route per prefix is itself; several (Neutron's way of saying ECMP) make a group.
-        let mut by_prefix: BTreeMap<(u8, u32), Vec<Route>> = BTreeMap::new();
+        // The key is (family, length, network); IPv4 networks sit in the low 32 bits.
+        let mut by_prefix: BTreeMap<(bool, u8, u128), Vec<Route>> = BTreeMap::new();
         for (net, r) in routes {
-            by_prefix
-                .entry((net.len, net.network()))
-                .or_default()
-                .push(*r);
+            let k = match net {
+                IpNet::V4(n) => (false, n.len, n.network() as u128),
+                IpNet::V6(n) => (true, n.len, n.network()),
+            };
+            by_prefix.entry(k).or_default().push(*r);
         }
         for (k, v) in by_prefix.iter_mut() {
             v.sort();
             v.dedup();
             if v.len() > MAX_PATHS {
+                let net = if k.0 {
+                    Ipv6Addr::from(k.2).to_string()
+                } else {
+                    Ipv4Addr::from(k.2 as u32).to_string()
+                };
                 bail!(
-                    "{}/{} has {} nexthops; at most {MAX_PATHS} are supported",
-                    Ipv4Addr::from(k.1),
-                    k.0,
+                    "{net}/{} has {} nexthops; at most {MAX_PATHS} are supported",
+                    k.1,
                     v.len()
                 );
             }
@@ -161,7 +183,7 @@ impl Fib {
         }
         let mut groups = Numbering::new(&old.groups);
         let mut value: BTreeMap<(u8, u32), u32> = BTreeMap::new();
-        for (k, v) in &by_prefix {
+        for (&(v6, len, a), v) in &by_prefix {
             let slot = if v.len() == 1 {
                 slots.assign(v[0], "distinct nexthops")?
             } else {
@@ -185,7 +207,11 @@ impl Fib {
                     "distinct nexthops",
                 )?
             };
-            value.insert(*k, slot + 1);
+            if v6 {
+                new.v6.insert((len, a), slot + 1);
+            } else {
+                value.insert((len, a as u32), slot + 1);
+            }
         }
         new.nexthops = slots.into_table();
         new.groups = groups.into_table();
@@ -383,7 +409,12 @@ fn assign(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Ipv4Net;
     use router_common::route_kind;
+
+    fn v4(routes: &[(Ipv4Net, Route)]) -> Vec<(IpNet, Route)> {
+        routes.iter().map(|(n, r)| ((*n).into(), *r)).collect()
+    }
 
     /// The simplest correct longest-prefix match: scan every prefix.
     fn reference(routes: &[(Ipv4Net, Route)], dst: Ipv4Addr) -> Option<Route> {
@@ -408,7 +439,24 @@ mod tests {
         Route {
             ifindex: 2 + (i % 3) as u32,
             kind: route_kind::GATEWAY,
-            nexthop: [10, 0, (i >> 8) as u8, i as u8],
+            nexthop: [
+                10,
+                0,
+                (i >> 8) as u8,
+                i as u8,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+            ],
             ..Route::NONE
         }
     }
@@ -459,7 +507,8 @@ mod tests {
         let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
         for round in 0..40 {
             let routes = random_routes(&mut rng, 1 + (round * 37) % 600);
-            let fib = Fib::build(&routes, &Fib::empty(Capacity::for_table(&routes))).unwrap();
+            let fib =
+                Fib::build(&v4(&routes), &Fib::empty(Capacity::for_table(&v4(&routes)))).unwrap();
             for _ in 0..5000 {
                 let d = probe(&mut rng, &routes);
                 assert_eq!(fib.lookup(d), reference(&routes, d), "round {round}, {d}");
@@ -471,7 +520,7 @@ mod tests {
     fn updates_keep_numbers_and_stay_exact() {
         let mut rng = Rng(12345);
         let mut routes = random_routes(&mut rng, 300);
-        let mut fib = Fib::build(&routes, &Fib::empty(Capacity::default())).unwrap();
+        let mut fib = Fib::build(&v4(&routes), &Fib::empty(Capacity::default())).unwrap();
         for step in 0..30 {
             // Drop a few routes, add a few, change a few nexthops.
             for _ in 0..10 {
@@ -488,7 +537,7 @@ mod tests {
                 let i = (rng.next() % routes.len() as u64) as usize;
                 routes[i].1 = nh(rng.next() % 40);
             }
-            let next = Fib::build(&routes, &fib).unwrap();
+            let next = Fib::build(&v4(&routes), &fib).unwrap();
             // A nexthop slot that the old table used holds the same nexthop, or is unused now.
             for (i, (a, b)) in fib.nexthops.iter().zip(next.nexthops.iter()).enumerate() {
                 if let (Some(a), Some(b)) = (a, b) {
@@ -507,8 +556,45 @@ mod tests {
     }
 
     #[test]
+    fn ipv6_routes_match_a_reference_and_share_nexthops_with_ipv4() {
+        let mut rng = Rng(777);
+        let mut routes: Vec<(IpNet, Route)> = Vec::new();
+        let mut six: Vec<(Ipv6Net, Route)> = Vec::new();
+        while six.len() < 300 {
+            let len = (rng.next() % 129) as u8;
+            let a = (0x2001_0db8u128 << 96)
+                | ((rng.next() as u128 & 0xff) << 88)
+                | ((rng.next() as u128) << 24);
+            let n = Ipv6Net {
+                addr: Ipv6Addr::from(a & Ipv6Net::mask(len)),
+                len,
+            };
+            if !six.iter().any(|(p, _)| *p == n) {
+                six.push((n, nh(rng.next() % 40)));
+            }
+        }
+        routes.extend(six.iter().map(|(n, r)| ((*n).into(), *r)));
+        routes.extend(v4(&random_routes(&mut rng, 100)));
+        let fib = Fib::build(&routes, &Fib::empty(Capacity::default())).unwrap();
+        // 40 distinct nexthops at most, whatever the family that uses them.
+        assert!(fib.nexthops.iter().flatten().count() <= 40);
+        for _ in 0..5000 {
+            let (n, _) = six[(rng.next() % six.len() as u64) as usize];
+            let host = (((rng.next() as u128) << 64) | rng.next() as u128) & !Ipv6Net::mask(n.len);
+            let d = Ipv6Addr::from(n.network() | host);
+            let want = six
+                .iter()
+                .filter(|(p, _)| p.contains(d))
+                .max_by_key(|(p, _)| p.len)
+                .map(|(_, r)| *r);
+            assert_eq!(fib.lookup6(d), want, "{d}");
+        }
+        assert_eq!(Fib::build(&routes, &fib).unwrap(), fib);
+    }
+
+    #[test]
     fn several_routes_to_one_prefix_make_an_ecmp_group() {
-        let routes = vec![
+        let routes: Vec<(IpNet, Route)> = vec![
             ("10.10.0.0/16".parse().unwrap(), nh(1)),
             ("10.10.0.0/16".parse().unwrap(), nh(2)),
             ("10.1.0.0/24".parse().unwrap(), nh(3)),
@@ -533,7 +619,7 @@ mod tests {
     #[test]
     fn the_default_route_and_host_routes() {
         let r = |i| nh(i);
-        let routes = vec![
+        let routes: Vec<(IpNet, Route)> = vec![
             ("0.0.0.0/0".parse().unwrap(), r(1)),
             ("10.1.2.3/32".parse().unwrap(), r(2)),
             ("10.1.2.0/24".parse().unwrap(), r(3)),

@@ -1,6 +1,6 @@
 //! `router-ctl`: the command line of the XDP router.
 
-use std::{net::Ipv4Addr, path::PathBuf, process::ExitCode};
+use std::{path::PathBuf, process::ExitCode};
 
 use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand};
@@ -346,7 +346,11 @@ fn router_table(r: &RouterState, json_out: bool) -> Result<()> {
     let interfaces: Vec<String> = r
         .interfaces
         .iter()
-        .map(|i| format!("{} {} {} {}", i.port_id, i.device, i.subnet, i.gateway_ip))
+        .flat_map(|i| {
+            i.fixed_ips
+                .iter()
+                .map(|f| format!("{} {} {} {}", i.port_id, i.device, f.subnet, f.gateway_ip))
+        })
         .collect();
     let routes: Vec<String> = r
         .routes
@@ -356,7 +360,7 @@ fn router_table(r: &RouterState, json_out: bool) -> Result<()> {
     if json_out {
         print_json(json!({
             "id": r.id, "name": r.name, "status": "ACTIVE", "namespace": r.namespace,
-            "interfaces_info": r.interfaces.iter().map(|i| json!({"port_id": i.port_id, "device": i.device, "subnet": i.subnet, "ip_address": i.gateway_ip})).collect::<Vec<_>>(),
+            "interfaces_info": r.interfaces.iter().flat_map(|i| i.fixed_ips.iter().map(|f| json!({"port_id": i.port_id, "device": i.device, "subnet": f.subnet, "ip_address": f.gateway_ip}))).collect::<Vec<_>>(),
             "routes": r.routes.iter().map(|x| json!({"destination": x.destination, "nexthop": x.nexthop})).collect::<Vec<_>>(),
         }));
         return Ok(());
@@ -385,7 +389,8 @@ fn show(routers: &[RouterState], json_out: bool) -> Result<()> {
                     "id": r.id, "name": r.name, "namespace": r.namespace,
                     "interfaces": r.interfaces.iter().map(|i| json!({
                         "port_id": i.port_id, "device": i.device, "ifindex": i.ifindex, "mac": i.mac,
-                        "mtu": i.mtu, "subnet": i.subnet, "gateway_ip": i.gateway_ip,
+                        "mtu": i.mtu,
+                        "fixed_ips": i.fixed_ips.iter().map(|f| json!({"subnet": f.subnet, "ip_address": f.gateway_ip})).collect::<Vec<_>>(),
                         "xdp": if attached(r, &i.device) { "native" } else { "none" },
                         "created": i.created_device, "peer": i.peer,
                     })).collect::<Vec<_>>(),
@@ -407,14 +412,16 @@ fn show(routers: &[RouterState], json_out: bool) -> Result<()> {
             "DEVICE", "IFINDEX", "MAC", "MTU", "ADDRESS", "SUBNET", "XDP", "PEER",
         ]);
         for i in &r.interfaces {
-            let len = i.subnet.split('/').nth(1).unwrap_or("32");
+            let all = |f: fn(&state::AddrState) -> String| {
+                i.fixed_ips.iter().map(f).collect::<Vec<_>>().join(",")
+            };
             t.row(vec![
                 i.device.clone(),
                 i.ifindex.to_string(),
                 i.mac.clone(),
                 i.mtu.to_string(),
-                format!("{}/{len}", i.gateway_ip),
-                i.subnet.clone(),
+                all(|f| f.cidr()),
+                all(|f| f.subnet.clone()),
                 if attached(r, &i.device) {
                     "native".into()
                 } else {
@@ -457,7 +464,11 @@ fn stats(routers: &[RouterState], json_out: bool) -> Result<()> {
                     pass_reason::NAMES.iter().zip(s.pass.iter()).map(|(n, c)| (n.to_string(), json!(c))).collect();
                 json!({
                     "router": r.name, "router_id": r.id, "device": i.device, "ifindex": i.ifindex,
-                    "forwarded": {"packets": s.fwd_packets, "bytes": s.fwd_bytes},
+                    "forwarded": {
+                        "packets": s.fwd_packets, "bytes": s.fwd_bytes,
+                        "ipv4": {"packets": s.fwd_packets - s.fwd6_packets, "bytes": s.fwd_bytes - s.fwd6_bytes},
+                        "ipv6": {"packets": s.fwd6_packets, "bytes": s.fwd6_bytes},
+                    },
                     "passed": {"packets": s.pass_packets(), "bytes": s.pass_bytes, "reasons": reasons},
                     "dropped": {"packets": s.drop_packets},
                 })
@@ -470,6 +481,8 @@ fn stats(routers: &[RouterState], json_out: bool) -> Result<()> {
         "ROUTER",
         "DEVICE",
         "FWD_PKTS",
+        "FWD4_PKTS",
+        "FWD6_PKTS",
         "FWD_BYTES",
         "PASS_PKTS",
         "PASS_BYTES",
@@ -487,6 +500,8 @@ fn stats(routers: &[RouterState], json_out: bool) -> Result<()> {
             r.name.clone(),
             i.device.clone(),
             s.fwd_packets.to_string(),
+            (s.fwd_packets - s.fwd6_packets).to_string(),
+            s.fwd6_packets.to_string(),
             s.fwd_bytes.to_string(),
             s.pass_packets().to_string(),
             s.pass_bytes.to_string(),
@@ -506,20 +521,14 @@ fn neigh(routers: &[RouterState], json_out: bool) -> Result<()> {
     let mut rows = Vec::new();
     for r in routers {
         let n = datapath::Neighs::open(&r.id)?;
-        for (k, v) in n.all() {
+        for (ifindex, addr, mac) in n.all() {
             let dev = r
                 .interfaces
                 .iter()
-                .find(|i| i.ifindex == k.ifindex)
+                .find(|i| i.ifindex == ifindex)
                 .map(|i| i.device.clone())
-                .unwrap_or_else(|| format!("ifindex {}", k.ifindex));
-            rows.push((
-                r.name.clone(),
-                r.id.clone(),
-                dev,
-                Ipv4Addr::from(k.addr),
-                fmt_mac(&v.mac),
-            ));
+                .unwrap_or_else(|| format!("ifindex {ifindex}"));
+            rows.push((r.name.clone(), r.id.clone(), dev, addr, fmt_mac(&mac)));
         }
     }
     if json_out {

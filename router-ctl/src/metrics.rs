@@ -37,8 +37,19 @@ pub fn render() -> Result<String> {
                 ("router_id".into(), r.id.clone()),
                 ("device".into(), i.device.clone()),
             ];
-            fwd_pkts.get_or_create(&l).inc_by(s.fwd_packets);
-            fwd_bytes.get_or_create(&l).inc_by(s.fwd_bytes);
+            for (family, p, b) in [
+                (
+                    "ipv4",
+                    s.fwd_packets - s.fwd6_packets,
+                    s.fwd_bytes - s.fwd6_bytes,
+                ),
+                ("ipv6", s.fwd6_packets, s.fwd6_bytes),
+            ] {
+                let mut lf = l.clone();
+                lf.push(("family".into(), family.into()));
+                fwd_pkts.get_or_create(&lf).inc_by(p);
+                fwd_bytes.get_or_create(&lf).inc_by(b);
+            }
             pass_bytes.get_or_create(&l).inc_by(s.pass_bytes);
             drops.get_or_create(&l).inc_by(s.drop_packets);
             for (name, n) in pass_reason::NAMES.iter().zip(s.pass.iter()) {
@@ -51,12 +62,12 @@ pub fn render() -> Result<String> {
     let mut reg = Registry::with_prefix("router_xdp");
     reg.register(
         "forwarded_packets",
-        "Frames forwarded by the XDP fast path, by ingress device",
+        "Frames forwarded by the XDP fast path, by ingress device and IP family",
         fwd_pkts,
     );
     reg.register(
         "forwarded_bytes",
-        "Bytes forwarded by the XDP fast path, by ingress device",
+        "Bytes forwarded by the XDP fast path, by ingress device and IP family",
         fwd_bytes,
     );
     reg.register(

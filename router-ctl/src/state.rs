@@ -57,6 +57,9 @@ pub struct RouterState {
     pub created_netns: bool,
     /// The namespace's `net.ipv4.ip_forward` before apply set it, when apply changed it.
     pub ip_forward_before: Option<String>,
+    /// The same for `net.ipv6.conf.all.forwarding`.
+    #[serde(default)]
+    pub ipv6_forwarding_before: Option<String>,
     pub interfaces: Vec<IfaceState>,
     pub routes: Vec<RouteState>,
     /// The definition's `max_routes`, if it had one.
@@ -68,8 +71,9 @@ pub struct RouterState {
 pub struct IfaceState {
     pub port_id: String,
     pub device: String,
-    pub subnet: String,
-    pub gateway_ip: String,
+    /// The port's subnets and the router's address on each.
+    #[serde(default)]
+    pub fixed_ips: Vec<AddrState>,
     pub ifindex: u32,
     pub mac: String,
     pub mtu: u32,
@@ -78,8 +82,33 @@ pub struct IfaceState {
     /// apply created this veth pair; `peer` is its other end, left in the caller's namespace.
     pub created_device: bool,
     pub peer: Option<String>,
-    /// apply added the gateway address (destroy removes it from an adopted device).
-    pub added_address: bool,
+    /// State files written before dual-stack had one subnet per interface; read into
+    /// `fixed_ips` on load.
+    #[serde(default, skip_serializing)]
+    subnet: Option<String>,
+    #[serde(default, skip_serializing)]
+    gateway_ip: Option<String>,
+    #[serde(default, skip_serializing)]
+    added_address: bool,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AddrState {
+    pub subnet: String,
+    pub gateway_ip: String,
+    /// apply added this address (destroy removes it from an adopted device).
+    pub added: bool,
+}
+
+impl AddrState {
+    /// `ADDRESS/LENGTH`, as iproute2 takes it.
+    pub fn cidr(&self) -> String {
+        format!(
+            "{}/{}",
+            self.gateway_ip,
+            self.subnet.split('/').nth(1).unwrap_or("32")
+        )
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -90,6 +119,23 @@ pub struct RouteState {
 }
 
 impl IfaceState {
+    pub fn new(port_id: String, device: String, fixed_ips: Vec<AddrState>) -> IfaceState {
+        IfaceState {
+            port_id,
+            device,
+            fixed_ips,
+            ifindex: 0,
+            mac: String::new(),
+            mtu: 0,
+            slot: 0,
+            created_device: false,
+            peer: None,
+            subnet: None,
+            gateway_ip: None,
+            added_address: false,
+        }
+    }
+
     /// The device as the fast path's maps know it: (ifindex, `Iface`).
     pub fn entry(&self) -> Result<(u32, router_common::Iface)> {
         let mac = crate::sys::parse_mac(&self.mac).with_context(|| {
@@ -134,9 +180,19 @@ impl RouterState {
         let p = Self::path(id);
         match fs::read(&p) {
             Ok(b) => {
-                Ok(Some(serde_json::from_slice(&b).with_context(|| {
-                    format!("corrupt state file {}", p.display())
-                })?))
+                let mut st: RouterState = serde_json::from_slice(&b)
+                    .with_context(|| format!("corrupt state file {}", p.display()))?;
+                for i in st.interfaces.iter_mut() {
+                    if let (Some(subnet), Some(gateway_ip)) = (i.subnet.take(), i.gateway_ip.take())
+                    {
+                        i.fixed_ips.push(AddrState {
+                            subnet,
+                            gateway_ip,
+                            added: i.added_address,
+                        });
+                    }
+                }
+                Ok(Some(st))
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e).with_context(|| format!("cannot read {}", p.display())),

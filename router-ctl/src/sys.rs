@@ -7,7 +7,7 @@
 
 use std::{
     fs::File,
-    net::Ipv4Addr,
+    net::IpAddr,
     os::fd::AsRawFd,
     process::{Command, Stdio},
 };
@@ -151,14 +151,14 @@ struct AddrInfo {
     prefixlen: u8,
 }
 
-/// IPv4 addresses with prefix length, per device, in namespace `ns`.
-pub fn ipv4_addrs(ns: &str) -> Result<Vec<(String, Ipv4Addr, u8)>> {
+/// IPv4 and IPv6 addresses with prefix length, per device, in namespace `ns`.
+pub fn ip_addrs(ns: &str) -> Result<Vec<(String, IpAddr, u8)>> {
     let out = ip(&["-n", ns, "-j", "addr", "show"])?;
     let dump: Vec<AddrDump> = serde_json::from_str(&out).context("parsing `ip -j addr` output")?;
     let mut v = Vec::new();
     for d in dump {
         for a in d.addr_info {
-            if a.family == "inet" {
+            if a.family == "inet" || a.family == "inet6" {
                 if let Ok(ip) = a.local.parse() {
                     v.push((d.ifname.clone(), ip, a.prefixlen));
                 }

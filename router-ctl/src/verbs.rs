@@ -5,10 +5,12 @@
 
 use anyhow::{anyhow, bail, Context as _, Result};
 
+use std::net::IpAddr;
+
 use crate::{
     apply,
-    config::{self, Router},
-    state::RouterState,
+    config::{self, IpNet, Router},
+    state::{AddrState, RouterState},
 };
 
 /// A random UUID (version 4), as Neutron gives routers and ports.
@@ -37,10 +39,25 @@ pub fn definition_of(st: &RouterState) -> String {
         t += &format!("max_routes = {n}\n");
     }
     for i in &st.interfaces {
-        t += &format!(
-            "[[router.interface]]\nport_id = \"{}\"\nsubnet = \"{}\"\ngateway_ip = \"{}\"\n",
-            i.port_id, i.subnet, i.gateway_ip
-        );
+        t += &format!("[[router.interface]]\nport_id = \"{}\"\n", i.port_id);
+        if let [f] = &i.fixed_ips[..] {
+            t += &format!(
+                "subnet = \"{}\"\ngateway_ip = \"{}\"\n",
+                f.subnet, f.gateway_ip
+            );
+        } else {
+            let f: Vec<String> = i
+                .fixed_ips
+                .iter()
+                .map(|f| {
+                    format!(
+                        "{{ subnet = \"{}\", ip_address = \"{}\" }}",
+                        f.subnet, f.gateway_ip
+                    )
+                })
+                .collect();
+            t += &format!("fixed_ips = [{}]\n", f.join(", "));
+        }
     }
     for r in &st.routes {
         t += &format!(
@@ -102,18 +119,49 @@ pub fn add_subnet(
         Some(p) => p,
         None => new_uuid()?,
     };
-    change(router, |_, t| {
-        *t += &format!("[[router.interface]]\nport_id = \"{port}\"\nsubnet = \"{subnet}\"\ngateway_ip = \"{gateway}\"\n");
+    change(router, |st, t| {
+        // A port the router has already gets one more fixed IP (a dual-stack port).
+        if st.interfaces.iter().any(|i| i.port_id == port) {
+            let mut st = st.clone();
+            for i in st.interfaces.iter_mut().filter(|i| i.port_id == port) {
+                i.fixed_ips.push(AddrState {
+                    subnet: subnet.to_string(),
+                    gateway_ip: gateway.to_string(),
+                    added: false,
+                });
+            }
+            *t = definition_of(&st);
+        } else {
+            *t += &format!("[[router.interface]]\nport_id = \"{port}\"\nsubnet = \"{subnet}\"\ngateway_ip = \"{gateway}\"\n");
+        }
         Ok(())
     })
+}
+
+/// The canonical spelling of a prefix or address (IPv6 has several), or the text as given.
+fn canonical(s: &str) -> String {
+    if s.contains('/') {
+        s.parse::<IpNet>().map(|n| n.to_string())
+    } else {
+        s.parse::<IpAddr>()
+            .map(|a| a.to_string())
+            .map_err(|e| e.to_string())
+    }
+    .unwrap_or_else(|_| s.to_string())
 }
 
 pub fn remove_subnet(router: &str, subnet: &str) -> Result<Router> {
     change(router, |st, t| {
         let mut st = st.clone();
-        let before = st.interfaces.len();
-        st.interfaces.retain(|i| i.subnet != subnet);
-        if st.interfaces.len() == before {
+        let subnet = canonical(subnet);
+        let before: usize = st.interfaces.iter().map(|i| i.fixed_ips.len()).sum();
+        for i in st.interfaces.iter_mut() {
+            i.fixed_ips.retain(|f| f.subnet != subnet);
+        }
+        // A port left without any subnet goes, as Neutron's router port does.
+        st.interfaces.retain(|i| !i.fixed_ips.is_empty());
+        let after: usize = st.interfaces.iter().map(|i| i.fixed_ips.len()).sum();
+        if after == before {
             bail!("router {}: no interface on subnet {subnet}", st.name);
         }
         *t = definition_of(&st);
@@ -131,6 +179,7 @@ pub fn add_route(router: &str, route: &str) -> Result<Router> {
 
 pub fn remove_route(router: &str, route: &str) -> Result<Router> {
     let (d, g) = parse_route(route)?;
+    let (d, g) = (canonical(&d), canonical(&g));
     change(router, |st, t| {
         let mut st = st.clone();
         let before = st.routes.len();

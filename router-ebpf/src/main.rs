@@ -1,8 +1,9 @@
 //! The router's fast path: one XDP program attached to every `qr-` device of a router.
 //!
-//! Ethernet → IPv4 → longest-prefix route → neighbour → MAC rewrite, TTL − 1 with an RFC 1624
-//! checksum update → redirect through a devmap. Everything else goes to the kernel (XDP_PASS)
-//! with a counted reason, so the namespace's kernel keeps doing what Neutron's router does.
+//! Ethernet → IPv4 or IPv6 → longest-prefix route → neighbour → MAC rewrite, TTL − 1 with an
+//! RFC 1624 checksum update (IPv6: hop limit − 1, no header checksum) → redirect through a
+//! devmap. Everything else goes to the kernel (XDP_PASS) with a counted reason, so the
+//! namespace's kernel keeps doing what Neutron's router does.
 #![no_std]
 #![no_main]
 
@@ -10,12 +11,12 @@ use aya_ebpf::{
     bindings::xdp_action,
     bindings::BPF_F_MMAPABLE,
     macros::{map, xdp},
-    maps::{Array, DevMap, HashMap, PerCpuArray},
+    maps::{lpm_trie::Key, Array, DevMap, HashMap, LpmTrie, PerCpuArray},
     programs::XdpContext,
 };
 use router_common::{
-    fib, pass_reason as why, route_kind, Iface, Neigh, NeighKey, NhGroup, Route, Stats, MAX_IFACES,
-    MAX_NEIGHS, STATS_SLOTS, UNKNOWN_IFACE_SLOT,
+    fib, pass_reason as why, route_kind, Iface, Neigh, Neigh6Key, NeighKey, NhGroup, Route, Stats,
+    MAX_IFACES, MAX_NEIGHS, STATS_SLOTS, UNKNOWN_IFACE_SLOT,
 };
 
 // The route table (see `router_common::fib`); the controller sizes L2, L3 and NEXTHOPS per router.
@@ -35,6 +36,12 @@ static NH_GROUPS: Array<NhGroup> = Array::with_max_entries(fib::NH_GROUPS, 0);
 #[map(name = "NEIGHS")]
 static NEIGHS: HashMap<NeighKey, Neigh> = HashMap::with_max_entries(MAX_NEIGHS, 0);
 
+// IPv6 routes: the kernel's LPM trie, value = nexthop index + 1 (the same `NEXTHOPS` as IPv4).
+#[map(name = "FIB6")]
+static FIB6: LpmTrie<[u8; 16], u32> = LpmTrie::with_max_entries(fib::MAX_ROUTES6, 0);
+#[map(name = "NEIGHS6")]
+static NEIGHS6: HashMap<Neigh6Key, Neigh> = HashMap::with_max_entries(MAX_NEIGHS, 0);
+
 #[map(name = "IFACES")]
 static IFACES: HashMap<u32, Iface> = HashMap::with_max_entries(MAX_IFACES, 0);
 
@@ -46,7 +53,10 @@ static STATS: PerCpuArray<Stats> = PerCpuArray::with_max_entries(STATS_SLOTS, 0)
 
 const ETH_LEN: usize = 14;
 const IPV4_LEN: usize = 20;
+const IPV6_LEN: usize = 40;
 const ETH_P_IPV4: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const NEXTHDR_HOP: u8 = 0;
 
 #[repr(C)]
 struct EthHdr {
@@ -69,10 +79,22 @@ struct Ipv4Hdr {
     dst: [u8; 4],
 }
 
+#[repr(C)]
+struct Ipv6Hdr {
+    vtc_flow: [u8; 4],
+    payload_len: [u8; 2],
+    next_header: u8,
+    hop_limit: u8,
+    src: [u8; 16],
+    dst: [u8; 16],
+}
+
 /// What the program decided for one frame.
 enum Verdict {
-    /// Redirected to `egress`; the frame was rewritten.
+    /// Redirected; the frame was rewritten.
     Forward,
+    /// An IPv6 packet redirected (counted apart too).
+    Forward6,
     /// Handed to the kernel unchanged, for the reason given (an index into `Stats::pass`).
     Pass(usize),
 }
@@ -93,6 +115,18 @@ pub fn router(ctx: XdpContext) -> u32 {
                 unsafe {
                     (*s).fwd_packets += 1;
                     (*s).fwd_bytes += len;
+                }
+            }
+            xdp_action::XDP_REDIRECT
+        }
+        Verdict::Forward6 => {
+            if let Some(s) = stats {
+                // SAFETY: as above.
+                unsafe {
+                    (*s).fwd_packets += 1;
+                    (*s).fwd_bytes += len;
+                    (*s).fwd6_packets += 1;
+                    (*s).fwd6_bytes += len;
                 }
             }
             xdp_action::XDP_REDIRECT
@@ -132,9 +166,15 @@ fn forward(ctx: &XdpContext, ingress: u32, iface: &Iface) -> Verdict {
     if !same_mac(&eth.dst, &iface.mac) {
         return Verdict::Pass(why::NOT_OUR_MAC);
     }
-    if u16::from_be_bytes(eth.ether_type) != ETH_P_IPV4 {
-        return Verdict::Pass(why::NOT_IPV4);
+    match u16::from_be_bytes(eth.ether_type) {
+        ETH_P_IPV4 => forward4(ctx, ingress, eth),
+        ETH_P_IPV6 => forward6(ctx, ingress, eth),
+        _ => Verdict::Pass(why::NOT_IP),
     }
+}
+
+#[inline(always)]
+fn forward4(ctx: &XdpContext, ingress: u32, eth: &mut EthHdr) -> Verdict {
     let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, ETH_LEN) else {
         return Verdict::Pass(why::MALFORMED);
     };
@@ -186,7 +226,12 @@ fn forward(ctx: &XdpContext, ingress: u32, iface: &Iface) -> Verdict {
         return Verdict::Pass(why::TOO_BIG);
     }
     let nexthop = if route.kind == route_kind::GATEWAY {
-        route.nexthop
+        [
+            route.nexthop[0],
+            route.nexthop[1],
+            route.nexthop[2],
+            route.nexthop[3],
+        ]
     } else {
         ip.dst
     };
@@ -207,6 +252,121 @@ fn forward(ctx: &XdpContext, ingress: u32, iface: &Iface) -> Verdict {
     ip.check = decrement_ttl(ip.ttl, ip.protocol, ip.check);
     ip.ttl -= 1;
     Verdict::Forward
+}
+
+#[inline(always)]
+fn forward6(ctx: &XdpContext, ingress: u32, eth: &mut EthHdr) -> Verdict {
+    let Some(ip) = ptr_at::<Ipv6Hdr>(ctx, ETH_LEN) else {
+        return Verdict::Pass(why::MALFORMED);
+    };
+    // SAFETY: `ptr_at` checked that the header lies inside the frame.
+    let ip = unsafe { &mut *ip };
+    if ip.vtc_flow[0] >> 4 != 6 {
+        return Verdict::Pass(why::MALFORMED);
+    }
+    // Before the length check: a jumbogram says payload length 0 and carries its length here.
+    if ip.next_header == NEXTHDR_HOP {
+        return Verdict::Pass(why::IP_OPTIONS);
+    }
+    let ip_len = IPV6_LEN + u16::from_be_bytes(ip.payload_len) as usize;
+    if ETH_LEN + ip_len > ctx.data_end() - ctx.data() {
+        return Verdict::Pass(why::MALFORMED);
+    }
+    if ip.dst[0] == 0xff {
+        return Verdict::Pass(why::BCAST_MCAST);
+    }
+    // Multicast sources, and ::/64 either way (unspecified, loopback, IPv4-mapped and
+    // -compatible addresses): the kernel drops or answers these; it is never ours to forward.
+    if ip.src[0] == 0xff || first_half_zero(&ip.src) || first_half_zero(&ip.dst) {
+        return Verdict::Pass(why::MARTIAN);
+    }
+    if link_local(&ip.src) || link_local(&ip.dst) {
+        return Verdict::Pass(why::LINK_LOCAL);
+    }
+    if ip.hop_limit <= 1 {
+        return Verdict::Pass(why::TTL_EXCEEDED);
+    }
+
+    let Some(e) = FIB6.get(Key::new(128, ip.dst)) else {
+        return Verdict::Pass(why::NO_ROUTE);
+    };
+    let Some(mut route) = NEXTHOPS.get(e.wrapping_sub(1)) else {
+        return Verdict::Pass(why::NO_ROUTE);
+    };
+    if route.kind == route_kind::ECMP {
+        let Some(member) = ecmp_member6(ctx, ip, route.tx_port) else {
+            return Verdict::Pass(why::NO_ROUTE);
+        };
+        route = member;
+    }
+    if route.kind == route_kind::LOCAL {
+        return Verdict::Pass(why::LOCAL_DEST);
+    }
+    let egress_ifindex = route.ifindex;
+    if egress_ifindex == ingress {
+        return Verdict::Pass(why::SAME_IFACE);
+    }
+    if ip_len > route.mtu as usize {
+        return Verdict::Pass(why::TOO_BIG);
+    }
+    let key = Neigh6Key {
+        ifindex: egress_ifindex,
+        addr: if route.kind == route_kind::GATEWAY {
+            route.nexthop
+        } else {
+            ip.dst
+        },
+    };
+    let Some(neigh) = (unsafe { NEIGHS6.get(&key) }) else {
+        return Verdict::Pass(why::NO_NEIGH);
+    };
+    if TX_PORTS.redirect(route.tx_port, 0).is_err() {
+        return Verdict::Pass(why::NO_TX_PORT);
+    }
+    copy_mac(&mut eth.dst, &neigh.mac);
+    copy_mac(&mut eth.src, &route.src_mac);
+    ip.hop_limit -= 1;
+    Verdict::Forward6
+}
+
+#[inline(always)]
+fn first_half_zero(a: &[u8; 16]) -> bool {
+    // SAFETY: 8 readable bytes; unaligned read.
+    unsafe { core::ptr::read_unaligned(a.as_ptr() as *const u64) == 0 }
+}
+
+/// fe80::/10.
+#[inline(always)]
+fn link_local(a: &[u8; 16]) -> bool {
+    a[0] == 0xfe && a[1] & 0xc0 == 0x80
+}
+
+/// The IPv6 counterpart of `ecmp_member`: addresses folded to 32 bits, next header, and the
+/// ports of TCP and UDP when they follow the fixed header directly.
+#[inline(always)]
+fn ecmp_member6(ctx: &XdpContext, ip: &Ipv6Hdr, group: u32) -> Option<&'static Route> {
+    let g = NH_GROUPS.get(group)?;
+    let n = g.count;
+    if n == 0 {
+        return None;
+    }
+    let fold = |a: &[u8; 16]| {
+        // SAFETY: 16 readable bytes; unaligned reads.
+        let w = unsafe { core::ptr::read_unaligned(a.as_ptr() as *const [u32; 4]) };
+        w[0] ^ w[1] ^ w[2] ^ w[3]
+    };
+    let mut h = fold(&ip.src) ^ fold(&ip.dst).rotate_left(16) ^ ((ip.next_header as u32) << 8);
+    if ip.next_header == 6 || ip.next_header == 17 {
+        if let Some(ports) = ptr_at::<[u8; 4]>(ctx, ETH_LEN + IPV6_LEN) {
+            // SAFETY: bounds checked by `ptr_at`.
+            h ^= u32::from_ne_bytes(unsafe { *ports }).rotate_left(7);
+        }
+    }
+    h = h.wrapping_mul(0x9e37_79b1);
+    h ^= h >> 16;
+    // See `ecmp_member` for why n is not checked against MAX_PATHS.
+    let idx = *g.members.get((h % n) as usize)?;
+    NEXTHOPS.get(idx)
 }
 
 /// The member of ECMP group `group` for this packet's flow: a hash of addresses, protocol and,

@@ -702,14 +702,19 @@ fn metrics_count_the_traffic_sent() {
         );
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
-    let value = |text: &str, metric: &str, dev: &str, reason: Option<&str>| -> u64 {
+    // `label`: the reason of a passed_packets line, the family of a forwarded_packets one.
+    let value = |text: &str, metric: &str, dev: &str, label: Option<&str>| -> u64 {
         text.lines()
             .filter(|l| l.starts_with(&format!("{metric}{{")))
             .filter(|l| {
                 l.contains(&format!("router_id=\"{}\"", s.ids.router_id))
                     && l.contains(&format!("device=\"{dev}\""))
             })
-            .find(|l| reason.is_none_or(|r| l.contains(&format!("reason=\"{r}\""))))
+            .find(|l| {
+                label.is_none_or(|r| {
+                    l.contains(&format!("reason=\"{r}\"")) || l.contains(&format!("family=\"{r}\""))
+                })
+            })
             .and_then(|l| l.rsplit(' ').next()?.parse().ok())
             .unwrap_or_else(|| panic!("{metric} for {dev} missing:\n{text}"))
     };
@@ -720,13 +725,13 @@ fn metrics_count_the_traffic_sent() {
             &before,
             "router_xdp_forwarded_packets_total",
             &s.ids.dev_a(),
-            None,
+            Some("ipv4"),
         ),
         value(
             &before,
             "router_xdp_forwarded_packets_total",
             &s.ids.dev_b(),
-            None,
+            Some("ipv4"),
         ),
     );
     let ttl0 = value(
@@ -743,7 +748,7 @@ fn metrics_count_the_traffic_sent() {
             &after,
             "router_xdp_forwarded_packets_total",
             &s.ids.dev_a(),
-            None
+            Some("ipv4")
         ),
         a0 + 20,
         "echo requests forwarded from vm1; passed: {:?}",
@@ -757,7 +762,7 @@ fn metrics_count_the_traffic_sent() {
             &after,
             "router_xdp_forwarded_packets_total",
             &s.ids.dev_b(),
-            None
+            Some("ipv4")
         ),
         b0 + 20,
         "echo replies forwarded from vm3"

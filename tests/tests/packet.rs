@@ -5,16 +5,22 @@
 //! is `lo` (ifindex 1, what the kernel gives a test run) and a veth pair provides real egress
 //! devices for the devmap.
 
-use std::{ffi::CString, net::Ipv4Addr};
+use std::{
+    ffi::CString,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
 
 use aya::{
     programs::{TestRun, TestRunOptions},
     Ebpf,
 };
 use router_common::{map_names, pass_reason as why, Iface, Stats, STATS_SLOTS, UNKNOWN_IFACE_SLOT};
-use router_ctl::{config::Ipv4Net, datapath};
+use router_ctl::{
+    config::{IpNet, Ipv4Net, Ipv6Net},
+    datapath,
+};
 use tests::{
-    frame::{ethernet, ipv4_udp, Ipv4},
+    frame::{ethernet, ipv4_udp, ipv6_udp, v6, Ipv4, Ipv6},
     require_root, sh, unshare_netns,
 };
 
@@ -51,8 +57,22 @@ fn net(s: &str) -> Ipv4Net {
     s.parse().unwrap()
 }
 
-/// Ingress `lo` on 10.1.0.0/24 (slot 0), egress e0 on 10.2.0.0/24 (slot 1), and e1 on
-/// 10.3.0.0/24 (slot 2), known to IFACES but down: absent from the devmap.
+/// A prefix of either family.
+fn pfx(s: &str) -> IpNet {
+    s.parse().unwrap()
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+// IPv6: lo on 2001:db8:1::/64, e0 on 2001:db8:2::/64, e1 on 2001:db8:3::/64.
+const SRC6: [u16; 8] = [0x2001, 0xdb8, 1, 0, 0, 0, 0, 5];
+const DST6: [u16; 8] = [0x2001, 0xdb8, 2, 0, 0, 0, 0, 5];
+
+/// Ingress `lo` on 10.1.0.0/24 and 2001:db8:1::/64 (slot 0), egress e0 on 10.2.0.0/24 and
+/// 2001:db8:2::/64 (slot 1), and e1 on 10.3.0.0/24 and 2001:db8:3::/64 (slot 2), known to
+/// IFACES but down: absent from the devmap.
 fn harness() -> Option<Harness> {
     if !require_root() {
         return None;
@@ -85,6 +105,11 @@ fn harness() -> Option<Harness> {
     h.neigh(e0, [10, 2, 0, 253], NH2_MAC);
     h.neigh(e1, [10, 3, 0, 5], NB_MAC);
     h.neigh(lo, [10, 1, 0, 9], HOST_MAC);
+    h.neigh6(e0, v6(DST6), NB_MAC);
+    h.neigh6(e0, v6([0x2001, 0xdb8, 2, 0, 0, 0, 0, 0xfe]), NH1_MAC);
+    h.neigh6(e0, v6([0x2001, 0xdb8, 2, 0, 0, 0, 0, 0xfd]), NH2_MAC);
+    h.neigh6(e1, v6([0x2001, 0xdb8, 3, 0, 0, 0, 0, 5]), NB_MAC);
+    h.neigh6(lo, v6([0x2001, 0xdb8, 1, 0, 0, 0, 0, 9]), HOST_MAC);
     Some(h)
 }
 
@@ -95,6 +120,18 @@ impl Harness {
             HashMap::try_from(self.ebpf.map_mut(map_names::NEIGHS).unwrap()).unwrap();
         m.insert(
             router_common::NeighKey { ifindex, addr: ip },
+            router_common::Neigh { mac, _pad: [0; 2] },
+            0,
+        )
+        .unwrap();
+    }
+
+    fn neigh6(&mut self, ifindex: u32, ip: [u8; 16], mac: [u8; 6]) {
+        use aya::maps::HashMap;
+        let mut m: HashMap<_, router_common::Neigh6Key, router_common::Neigh> =
+            HashMap::try_from(self.ebpf.map_mut(map_names::NEIGHS6).unwrap()).unwrap();
+        m.insert(
+            router_common::Neigh6Key { ifindex, addr: ip },
             router_common::Neigh { mac, _pad: [0; 2] },
             0,
         )
@@ -235,12 +272,12 @@ fn every_pass_reason_is_counted_and_leaves_the_frame_untouched() {
         (
             "ARP",
             ethernet(IN_MAC, HOST_MAC, 0x0806, &[0u8; 28]),
-            why::NOT_IPV4,
+            why::NOT_IP,
         ),
         (
-            "IPv6 ethertype",
-            ethernet(IN_MAC, HOST_MAC, 0x86dd, &[0x60; 60]),
-            why::NOT_IPV4,
+            "802.1Q-tagged",
+            ethernet(IN_MAC, HOST_MAC, 0x8100, &[0x60; 60]),
+            why::NOT_IP,
         ),
         (
             "other unicast MAC",
@@ -383,24 +420,33 @@ impl Harness {
     }
 
     /// lo: 10.1.0.0/24, e0: 10.2.0.0/24, e1: 10.3.0.0/24; 10.9.0.0/16 and 10.9.9.0/24 via
-    /// nexthops on e0; the router's own addresses.
+    /// nexthops on e0; the router's own addresses. The same in IPv6: 2001:db8:1..3::/64,
+    /// 2001:db8:9::/48 and 2001:db8:9:9::/64 via nexthops on e0.
     fn install_routes(&mut self) {
         let (lo, e0, e1) = (1, self.e0, self.e1);
         let routes = datapath::route_entries(
             &self.ifaces,
             &[
-                (net("10.1.0.0/24"), lo),
-                (net("10.2.0.0/24"), e0),
-                (net("10.3.0.0/24"), e1),
+                (pfx("10.1.0.0/24"), lo),
+                (pfx("10.2.0.0/24"), e0),
+                (pfx("10.3.0.0/24"), e1),
+                (pfx("2001:db8:1::/64"), lo),
+                (pfx("2001:db8:2::/64"), e0),
+                (pfx("2001:db8:3::/64"), e1),
             ],
             &[
-                (net("10.9.0.0/16"), e0, Ipv4Addr::new(10, 2, 0, 254)),
-                (net("10.9.9.0/24"), e0, Ipv4Addr::new(10, 2, 0, 253)),
+                (pfx("10.9.0.0/16"), e0, ip("10.2.0.254")),
+                (pfx("10.9.9.0/24"), e0, ip("10.2.0.253")),
+                (pfx("2001:db8:9::/48"), e0, ip("2001:db8:2::fe")),
+                (pfx("2001:db8:9:9::/64"), e0, ip("2001:db8:2::fd")),
             ],
             &[
-                Ipv4Addr::new(10, 1, 0, 1),
-                Ipv4Addr::new(10, 2, 0, 1),
-                Ipv4Addr::new(10, 2, 0, 255),
+                ip("10.1.0.1"),
+                ip("10.2.0.1"),
+                ip("10.2.0.255"),
+                ip("2001:db8:1::1"),
+                ip("2001:db8:2::1"),
+                ip("2001:db8:2::"),
             ],
         );
         datapath::set_routes(&mut self.ebpf, &routes).unwrap();
@@ -534,10 +580,13 @@ fn kernel_lookup_equals_a_reference_lpm() {
                 table.push((n, (rnd() % 600) as u16));
             }
         }
-        let gateways: Vec<_> = table.iter().map(|(n, i)| (*n, h.e0, nh_ip(*i))).collect();
+        let gateways: Vec<_> = table
+            .iter()
+            .map(|(n, i)| ((*n).into(), h.e0, nh_ip(*i).into()))
+            .collect();
         let routes = datapath::route_entries(
             &h.ifaces,
-            &[(net("10.1.0.0/24"), 1), (net("10.2.0.0/16"), h.e0)],
+            &[(pfx("10.1.0.0/24"), 1), (pfx("10.2.0.0/16"), h.e0)],
             &gateways,
             &[],
         );
@@ -554,8 +603,7 @@ fn kernel_lookup_equals_a_reference_lpm() {
                 .filter(|(n, _)| n.contains(dst))
                 .max_by_key(|(n, _)| n.len);
             let ip = Ipv4::udp(SRC, dst.octets(), 64);
-            let no_route_before = h.stats()[0].pass[why::NO_ROUTE];
-            let mut no_route = no_route_before;
+            let no_route = h.stats()[0].pass[why::NO_ROUTE];
             let (rc, out) = h.run(&udp_frame(IN_MAC, &ip));
             match best {
                 Some((_, i)) => {
@@ -571,7 +619,6 @@ fn kernel_lookup_equals_a_reference_lpm() {
                         no_route + 1,
                         "step {step}: {dst} must be passed as no_route"
                     );
-                    no_route = s;
                 }
             }
         }
@@ -587,11 +634,11 @@ fn a_reused_group_holds_nothing_of_its_old_table() {
     let install = |h: &mut Harness, gw: &[(&str, [u8; 4])]| {
         let g: Vec<_> = gw
             .iter()
-            .map(|(n, nh)| (net(n), e0, Ipv4Addr::from(*nh)))
+            .map(|(n, nh)| (pfx(n), e0, IpAddr::from(*nh)))
             .collect();
         let r = datapath::route_entries(
             &ifaces,
-            &[(net("10.1.0.0/24"), 1), (net("10.2.0.0/24"), e0)],
+            &[(pfx("10.1.0.0/24"), 1), (pfx("10.2.0.0/24"), e0)],
             &g,
             &[],
         );
@@ -643,12 +690,12 @@ fn ecmp_spreads_flows_and_keeps_each_on_one_nexthop() {
     h.neigh(e0, a, mac(a));
     h.neigh(e0, b, mac(b));
     let gw = [
-        (net("10.20.0.0/16"), e0, Ipv4Addr::from(a)),
-        (net("10.20.0.0/16"), e0, Ipv4Addr::from(b)),
+        (pfx("10.20.0.0/16"), e0, IpAddr::from(a)),
+        (pfx("10.20.0.0/16"), e0, IpAddr::from(b)),
     ];
     let routes = datapath::route_entries(
         &ifaces,
-        &[(net("10.1.0.0/24"), 1), (net("10.2.0.0/24"), e0)],
+        &[(pfx("10.1.0.0/24"), 1), (pfx("10.2.0.0/24"), e0)],
         &gw,
         &[],
     );
@@ -702,4 +749,400 @@ fn ecmp_spreads_flows_and_keeps_each_on_one_nexthop() {
         per_nexthop.iter().all(|n| *n > 12),
         "ICMP flows are not spread: {per_nexthop:?}"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// IPv6: the same properties as IPv4 above.
+
+fn udp6_frame(dst_mac: [u8; 6], ip: &Ipv6) -> Vec<u8> {
+    ipv6_udp(dst_mac, HOST_MAC, ip)
+}
+
+/// What the router must emit for `ip` sent to it: new MACs, hop limit − 1, nothing else.
+fn forwarded6(dst_mac: [u8; 6], ip: &Ipv6) -> Vec<u8> {
+    let mut out = ip.clone();
+    out.hop_limit -= 1;
+    ipv6_udp(dst_mac, OUT_MAC, &out)
+}
+
+#[test]
+fn forwards_ipv6_to_a_connected_host_byte_exact() {
+    let Some(mut h) = harness() else { return };
+    let ip = Ipv6::udp(v6(SRC6), v6(DST6), 64);
+    let input = udp6_frame(IN_MAC, &ip);
+    let (rc, out) = h.run(&input);
+    assert_eq!(rc, XDP_REDIRECT);
+    assert_eq!(out, forwarded6(NB_MAC, &ip), "forwarded frame differs");
+    assert_eq!(&out[0..6], &NB_MAC, "destination MAC = the neighbour's");
+    assert_eq!(&out[6..12], &OUT_MAC, "source MAC = the egress device's");
+    assert_eq!(out[14 + 7], 63, "hop limit decremented");
+    assert_eq!(
+        &out[12..21],
+        &input[12..21],
+        "ethertype, version, class, flow, length"
+    );
+    assert_eq!(&out[22..], &input[22..], "addresses and payload untouched");
+    let s = h.stats();
+    assert_eq!((s[0].fwd_packets, s[0].fwd6_packets), (1, 1));
+    assert_eq!(s[0].fwd6_bytes, input.len() as u64);
+    assert_eq!(s[0].pass_packets(), 0);
+    // IPv4 forwarded right after counts in the total only.
+    let (rc, _) = h.run(&udp_frame(IN_MAC, &Ipv4::udp(SRC, DST, 64)));
+    assert_eq!(rc, XDP_REDIRECT);
+    let s = h.stats();
+    assert_eq!((s[0].fwd_packets, s[0].fwd6_packets), (2, 1));
+}
+
+#[test]
+fn ipv6_extra_routes_use_the_longest_prefix_and_the_nexthop_mac() {
+    let Some(mut h) = harness() else { return };
+    for (dst, mac) in [
+        ([0x2001, 0xdb8, 9, 1, 0, 0, 0, 1], NH1_MAC),
+        ([0x2001, 0xdb8, 9, 9, 0, 0, 0, 7], NH2_MAC),
+        (
+            [0x2001, 0xdb8, 9, 9, 0xffff, 0xffff, 0xffff, 0xffff],
+            NH2_MAC,
+        ),
+        (
+            [0x2001, 0xdb8, 9, 0xffff, 0xffff, 0xffff, 0xffff, 0xffff],
+            NH1_MAC,
+        ),
+    ] {
+        let ip = Ipv6::udp(v6(SRC6), v6(dst), 17);
+        let (rc, out) = h.run(&udp6_frame(IN_MAC, &ip));
+        assert_eq!(rc, XDP_REDIRECT, "to {dst:x?}");
+        assert_eq!(out, forwarded6(mac, &ip), "to {dst:x?}");
+    }
+}
+
+#[test]
+fn every_ipv6_hop_limit_class_and_flow_is_forwarded_byte_exact() {
+    let Some(mut h) = harness() else { return };
+    let mut n = 0;
+    for hop in 2..=255u8 {
+        for (tc, flow) in [(0u8, 0u32), (0xb8, 0xfffff), (0xff, 0x12345)] {
+            let mut ip = Ipv6::udp(v6(SRC6), v6(DST6), hop);
+            ip.traffic_class = tc;
+            ip.flow_label = flow ^ hop as u32;
+            let (rc, out) = h.run(&udp6_frame(IN_MAC, &ip));
+            assert_eq!(rc, XDP_REDIRECT);
+            assert_eq!(out, forwarded6(NB_MAC, &ip), "hop {hop} tc {tc:#x}");
+            n += 1;
+        }
+    }
+    assert_eq!(h.stats()[0].fwd6_packets, n);
+}
+
+#[test]
+fn every_ipv6_pass_reason_is_counted_and_leaves_the_frame_untouched() {
+    let Some(mut h) = harness() else { return };
+    h.set_mtu_of_e0(1400);
+    let ok = Ipv6::udp(v6(SRC6), v6(DST6), 64);
+    let with = |f: &dyn Fn(&mut Ipv6)| {
+        let mut ip = ok.clone();
+        f(&mut ip);
+        udp6_frame(IN_MAC, &ip)
+    };
+    let a = |g: [u16; 8]| v6(g);
+    let mut long_payload = udp6_frame(IN_MAC, &ok);
+    let too_long = (long_payload.len() - 14 - 40 + 1) as u16;
+    long_payload[18..20].copy_from_slice(&too_long.to_be_bytes());
+    let mut version4 = udp6_frame(IN_MAC, &ok);
+    version4[14] = 0x45;
+    // One byte over: 1400 − 40 − 8 = 1352 bytes of UDP payload fit exactly.
+    let big = {
+        let l4 = tests::frame::udp6(&ok.src, &ok.dst, 1, 2, &[0x5a; 1353]);
+        let mut l3 = ok.header(l4.len());
+        l3.extend_from_slice(&l4);
+        ethernet(IN_MAC, HOST_MAC, 0x86dd, &l3)
+    };
+    let hop_by_hop = with(&|ip| {
+        ip.next_header = 0;
+        // Next header UDP, length 0 (8 bytes), router alert option, PadN.
+        ip.ext = vec![17, 0, 5, 2, 0, 0, 1, 0];
+    });
+    let cases: Vec<(&str, Vec<u8>, usize)> = vec![
+        (
+            "other unicast MAC",
+            ipv6_udp([0x02, 9, 9, 9, 9, 9], HOST_MAC, &ok),
+            why::NOT_OUR_MAC,
+        ),
+        (
+            "multicast MAC",
+            ipv6_udp([0x33, 0x33, 0, 0, 0, 1], HOST_MAC, &ok),
+            why::BCAST_MCAST,
+        ),
+        (
+            "multicast destination",
+            with(&|ip| ip.dst = a([0xff02, 0, 0, 0, 0, 0, 0, 1])),
+            why::BCAST_MCAST,
+        ),
+        (
+            "global multicast destination",
+            with(&|ip| ip.dst = a([0xff0e, 0, 0, 0, 0, 0, 0, 0x101])),
+            why::BCAST_MCAST,
+        ),
+        (
+            "router address",
+            with(&|ip| ip.dst = a([0x2001, 0xdb8, 2, 0, 0, 0, 0, 1])),
+            why::LOCAL_DEST,
+        ),
+        (
+            "ingress router address",
+            with(&|ip| ip.dst = a([0x2001, 0xdb8, 1, 0, 0, 0, 0, 1])),
+            why::LOCAL_DEST,
+        ),
+        (
+            "subnet-router anycast",
+            with(&|ip| ip.dst = a([0x2001, 0xdb8, 2, 0, 0, 0, 0, 0])),
+            why::LOCAL_DEST,
+        ),
+        (
+            "hop limit 1",
+            with(&|ip| ip.hop_limit = 1),
+            why::TTL_EXCEEDED,
+        ),
+        (
+            "hop limit 0",
+            with(&|ip| ip.hop_limit = 0),
+            why::TTL_EXCEEDED,
+        ),
+        ("hop-by-hop options", hop_by_hop, why::IP_OPTIONS),
+        (
+            "link-local source",
+            with(&|ip| ip.src = a([0xfe80, 0, 0, 0, 0, 0, 0, 5])),
+            why::LINK_LOCAL,
+        ),
+        (
+            "link-local destination",
+            with(&|ip| ip.dst = a([0xfe80, 0, 0, 0, 0, 0, 0, 5])),
+            why::LINK_LOCAL,
+        ),
+        (
+            "link-local destination fe bf",
+            with(&|ip| ip.dst = a([0xfebf, 0, 0, 0, 0, 0, 0, 5])),
+            why::LINK_LOCAL,
+        ),
+        (
+            "multicast source",
+            with(&|ip| ip.src = a([0xff02, 0, 0, 0, 0, 0, 0, 1])),
+            why::MARTIAN,
+        ),
+        (
+            "unspecified source",
+            with(&|ip| ip.src = [0; 16]),
+            why::MARTIAN,
+        ),
+        (
+            "loopback destination",
+            with(&|ip| ip.dst = a([0, 0, 0, 0, 0, 0, 0, 1])),
+            why::MARTIAN,
+        ),
+        (
+            "IPv4-mapped destination",
+            with(&|ip| ip.dst = a([0, 0, 0, 0, 0, 0xffff, 0x0a02, 5])),
+            why::MARTIAN,
+        ),
+        (
+            "no route",
+            with(&|ip| ip.dst = a([0x2001, 0xdb9, 0, 0, 0, 0, 0, 1])),
+            why::NO_ROUTE,
+        ),
+        (
+            "no neighbour",
+            with(&|ip| ip.dst = a([0x2001, 0xdb8, 2, 0, 0, 0, 0, 0x77])),
+            why::NO_NEIGH,
+        ),
+        (
+            "egress = ingress",
+            with(&|ip| ip.dst = a([0x2001, 0xdb8, 1, 0, 0, 0, 0, 9])),
+            why::SAME_IFACE,
+        ),
+        ("larger than the egress MTU", big, why::TOO_BIG),
+        ("payload length > frame", long_payload, why::MALFORMED),
+        ("version 4 in an IPv6 ethertype", version4, why::MALFORMED),
+        (
+            "egress not in the devmap",
+            with(&|ip| ip.dst = a([0x2001, 0xdb8, 3, 0, 0, 0, 0, 5])),
+            why::NO_TX_PORT,
+        ),
+    ];
+    for (what, frame, reason) in cases {
+        let before = h.stats();
+        let (rc, out) = h.run(&frame);
+        assert_eq!(rc, XDP_PASS, "{what}: must go to the kernel");
+        assert_eq!(out, frame, "{what}: a passed frame must be unchanged");
+        let after = h.stats();
+        for r in 0..why::COUNT {
+            let d = after[0].pass[r] - before[0].pass[r];
+            assert_eq!(
+                d,
+                (r == reason) as u64,
+                "{what}: counter {} moved by {d}",
+                why::NAMES[r]
+            );
+        }
+        assert_eq!(
+            after[0].pass_bytes - before[0].pass_bytes,
+            frame.len() as u64,
+            "{what}"
+        );
+        assert_eq!(
+            after[0].fwd_packets, before[0].fwd_packets,
+            "{what}: not forwarded"
+        );
+        assert_eq!(
+            &after[1..],
+            &before[1..],
+            "{what}: other devices' counters moved"
+        );
+    }
+    // Exactly the MTU goes through.
+    let l4 = tests::frame::udp6(&ok.src, &ok.dst, 1, 2, &[0x5a; 1352]);
+    let mut l3 = ok.header(l4.len());
+    l3.extend_from_slice(&l4);
+    let (rc, out) = h.run(&ethernet(IN_MAC, HOST_MAC, 0x86dd, &l3));
+    assert_eq!(rc, XDP_REDIRECT, "an IPv6 packet of exactly the MTU");
+    assert_eq!(out[14 + 7], 63);
+}
+
+#[test]
+fn every_ipv6_truncation_is_passed_without_reading_past_the_end() {
+    let Some(mut h) = harness() else { return };
+    let full = udp6_frame(IN_MAC, &Ipv6::udp(v6(SRC6), v6(DST6), 64));
+    for len in 14..full.len() {
+        let frame = &full[..len];
+        let before = h.stats()[0];
+        let (rc, out) = h.run(frame);
+        assert_eq!(rc, XDP_PASS, "{len}-byte truncation");
+        assert_eq!(out, frame, "{len}-byte truncation changed");
+        let after = h.stats()[0];
+        assert_eq!(after.pass_packets() - before.pass_packets(), 1);
+        assert_eq!(
+            after.pass[why::MALFORMED] - before.pass[why::MALFORMED],
+            1,
+            "{len}-byte truncation is malformed"
+        );
+    }
+}
+
+#[test]
+fn ipv6_ecmp_spreads_flows_and_keeps_each_on_one_nexthop() {
+    let Some(mut h) = harness() else { return };
+    let (e0, ifaces) = (h.e0, h.ifaces.clone());
+    let nh = |i: u16| [0x2001, 0xdb8, 2, 0, 0, 0, 0, 0xf0 + i];
+    let mac = |i: u16| [0x02, 0, 0, 0, 0x0e, i as u8];
+    for i in 0..3 {
+        h.neigh6(e0, v6(nh(i)), mac(i));
+    }
+    let gw: Vec<_> = (0..3)
+        .map(|i| {
+            (
+                pfx("2001:db8:20::/48"),
+                e0,
+                IpAddr::from(Ipv6Addr::from(v6(nh(i)))),
+            )
+        })
+        .collect();
+    let routes = datapath::route_entries(
+        &ifaces,
+        &[(pfx("2001:db8:1::/64"), 1), (pfx("2001:db8:2::/64"), e0)],
+        &gw,
+        &[],
+    );
+    datapath::set_routes(&mut h.ebpf, &routes).unwrap();
+    let mut per = [0u32; 3];
+    for sport in 2000..2300u16 {
+        let ip = Ipv6::udp(v6(SRC6), v6([0x2001, 0xdb8, 0x20, 1, 0, 0, 0, 1]), 64);
+        let frame = |hop: u8, dst: [u8; 6], src: [u8; 6]| {
+            let mut ip = ip.clone();
+            ip.hop_limit = hop;
+            let l4 = tests::frame::udp6(&ip.src, &ip.dst, sport, 443, &[1u8; 16]);
+            let mut l3 = ip.header(l4.len());
+            l3.extend_from_slice(&l4);
+            ethernet(dst, src, 0x86dd, &l3)
+        };
+        let mut chosen = None;
+        for _ in 0..2 {
+            let (rc, out) = h.run(&frame(64, IN_MAC, HOST_MAC));
+            assert_eq!(rc, XDP_REDIRECT, "flow {sport}");
+            let m: [u8; 6] = out[0..6].try_into().unwrap();
+            let i = (0..3).find(|i| mac(*i) == m).expect("a member's MAC");
+            assert_eq!(out, frame(63, m, OUT_MAC), "flow {sport}");
+            assert!(
+                chosen.is_none_or(|c| c == i),
+                "flow {sport} changed nexthop"
+            );
+            chosen = Some(i);
+        }
+        per[chosen.unwrap() as usize] += 1;
+    }
+    assert!(per.iter().all(|n| *n > 50), "flows are not spread: {per:?}");
+}
+
+/// The IPv6 table in the kernel's LPM trie, after changes, against a reference LPM.
+#[test]
+fn kernel_ipv6_lookup_equals_a_reference_lpm() {
+    let Some(mut h) = harness() else { return };
+    let mut seed = 0x1234_5678_9abc_def1u64;
+    let mut rnd = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let nh = |i: u16| Ipv6Addr::from(v6([0x2001, 0xdb8, 2, 0, 0, 0, 1, i]));
+    let nh_mac = |i: u16| [0x02, 0, 0, 0x66, (i >> 8) as u8, i as u8];
+    for i in 0..200u16 {
+        h.neigh6(h.e0, nh(i).octets(), nh_mac(i));
+    }
+    let mut table: Vec<(Ipv6Net, u16)> = Vec::new();
+    for step in 0..3 {
+        table.truncate(table.len() * 2 / 3);
+        while table.len() < 300 {
+            let len = 16 + (rnd() % 113) as u8;
+            let a = (0x2001_0db8_0100u128 << 80)
+                | ((rnd() as u128 & 0xffff_ffff) << 64)
+                | ((rnd() as u128) & 0xff00_0000_0000_00ff);
+            let n = Ipv6Net {
+                addr: Ipv6Addr::from(a & Ipv6Net::mask(len)),
+                len,
+            };
+            if !table.iter().any(|(p, _)| *p == n) {
+                table.push((n, (rnd() % 200) as u16));
+            }
+        }
+        let gateways: Vec<_> = table
+            .iter()
+            .map(|(n, i)| ((*n).into(), h.e0, IpAddr::from(nh(*i))))
+            .collect();
+        let routes = datapath::route_entries(
+            &h.ifaces,
+            &[(pfx("2001:db8:1::/64"), 1), (pfx("2001:db8:2::/64"), h.e0)],
+            &gateways,
+            &[],
+        );
+        datapath::set_routes(&mut h.ebpf, &routes).unwrap();
+        for k in 0..1500 {
+            let d = if k % 2 == 0 {
+                let (n, _) = table[(rnd() % table.len() as u64) as usize];
+                let host = (((rnd() as u128) << 64) | rnd() as u128) & !Ipv6Net::mask(n.len);
+                Ipv6Addr::from(n.network() | host)
+            } else {
+                Ipv6Addr::from((0x2001_0db8_0100u128 << 80) | ((rnd() as u128) << 64))
+            };
+            let best = table
+                .iter()
+                .filter(|(n, _)| n.contains(d))
+                .max_by_key(|(n, _)| n.len);
+            let (rc, out) = h.run(&udp6_frame(IN_MAC, &Ipv6::udp(v6(SRC6), d.octets(), 64)));
+            match best {
+                Some((_, i)) => {
+                    assert_eq!(rc, XDP_REDIRECT, "step {step}: {d}");
+                    assert_eq!(out[0..6], nh_mac(*i), "step {step}: {d}: wrong nexthop");
+                }
+                None => assert_eq!(rc, XDP_PASS, "step {step}: {d} has no route"),
+            }
+        }
+    }
 }
