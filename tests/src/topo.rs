@@ -79,6 +79,32 @@ gateway_ip = "172.16.101.1"
     }
 }
 
+impl Ids {
+    /// The seed router with dual-stack ports: 172.16.100.0/24 + 2001:db8:100::/64 on port a,
+    /// 172.16.101.0/24 + 2001:db8:101::/64 on port b, plus `extra` TOML.
+    pub fn config_dual(&self, extra: &str) -> String {
+        format!(
+            r#"[[router]]
+id = "{}"
+name = "{}"
+[[router.interface]]
+port_id = "{}"
+fixed_ips = [
+  {{ subnet = "172.16.100.0/24", ip_address = "172.16.100.1" }},
+  {{ subnet = "2001:db8:100::/64", ip_address = "2001:db8:100::1" }},
+]
+[[router.interface]]
+port_id = "{}"
+fixed_ips = [
+  {{ subnet = "172.16.101.0/24", ip_address = "172.16.101.1" }},
+  {{ subnet = "2001:db8:101::/64", ip_address = "2001:db8:101::1" }},
+]
+{extra}"#,
+            self.router_id, self.name, self.port_a, self.port_b
+        )
+    }
+}
+
 pub fn write_config(tag: &str, text: &str) -> String {
     let path = std::env::temp_dir().join(format!("router-test-{tag}.toml"));
     std::fs::write(&path, text).unwrap();
@@ -110,6 +136,89 @@ impl Seed {
         s.plug(&s.vm1, &s.ids.tap_a(), "172.16.100.3/24", "172.16.100.1");
         s.plug(&s.vm3, &s.ids.tap_b(), "172.16.101.3/24", "172.16.101.1");
         s
+    }
+
+    /// The dual-stack seed (`Ids::config_dual`): vm1 is also 2001:db8:100::3, vm3
+    /// 2001:db8:101::3, each with its gateway as IPv6 default route.
+    pub fn up_dual(extra: &str) -> Seed {
+        let tag = unique_tag();
+        let s = Seed {
+            vm1: format!("vm1-{tag}"),
+            vm3: format!("vm3-{tag}"),
+            ids: Ids::new(&tag),
+            extra_ns: Vec::new(),
+        };
+        let path = write_config(&tag, &s.ids.config_dual(extra));
+        let out = ctl(&["apply", "-f", &path]);
+        assert!(
+            out.status.success(),
+            "apply failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        s.plug(&s.vm1, &s.ids.tap_a(), "172.16.100.3/24", "172.16.100.1");
+        s.plug(&s.vm3, &s.ids.tap_b(), "172.16.101.3/24", "172.16.101.1");
+        for (ns, dev, addr, gw) in [
+            (
+                &s.vm1,
+                s.ids.tap_a(),
+                "2001:db8:100::3/64",
+                "2001:db8:100::1",
+            ),
+            (
+                &s.vm3,
+                s.ids.tap_b(),
+                "2001:db8:101::3/64",
+                "2001:db8:101::1",
+            ),
+        ] {
+            sh(&format!(
+                "ip -n {ns} addr add {addr} dev {dev} nodad && ip -n {ns} -6 route add default via {gw}"
+            ));
+        }
+        s
+    }
+
+    /// vm1 and vm3 talk to their IPv6 gateways, so that the router learns both (ND).
+    pub fn prime_neighbours6(&self) {
+        assert!(
+            Self::ping(&self.vm1, "2001:db8:100::1", 1),
+            "vm1 cannot reach its IPv6 gateway"
+        );
+        assert!(
+            Self::ping(&self.vm3, "2001:db8:101::1", 1),
+            "vm3 cannot reach its IPv6 gateway"
+        );
+        self.wait_neigh("2001:db8:100::3");
+        self.wait_neigh("2001:db8:101::3");
+    }
+
+    pub fn set_forwarding6(&self, on: bool) {
+        sh(&format!(
+            "ip netns exec {} sysctl -qw net.ipv6.conf.all.forwarding={}",
+            self.ns(),
+            on as u8
+        ));
+    }
+
+    /// The router namespace's kernel Ip6OutForwDatagrams counter (/proc/net/snmp6).
+    pub fn forw6_datagrams(&self) -> u64 {
+        let snmp = sh(&format!("ip netns exec {} cat /proc/net/snmp6", self.ns()));
+        snmp.lines()
+            .find_map(|l| l.strip_prefix("Ip6OutForwDatagrams"))
+            .expect("Ip6OutForwDatagrams")
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    /// Packets forwarded by the fast path from `dev`, of one family ("ipv4" or "ipv6").
+    pub fn forwarded_family(&self, dev: &str, family: &str) -> u64 {
+        self.stats()
+            .iter()
+            .find(|s| s["device"] == dev)
+            .expect("device in stats")["forwarded"][family]["packets"]
+            .as_u64()
+            .unwrap()
     }
 
     /// Applies the router only; the caller plugs the instances.
@@ -289,6 +398,11 @@ pub fn in_ns<T: Send + 'static>(
 /// Sends `len` patterned bytes over TCP from namespace `from` to `to_ip` in namespace `to`;
 /// returns (bytes received, whether they equal what was sent).
 pub fn tcp_transfer(from: &str, to: &str, to_ip: &str, len: usize) -> (usize, bool) {
+    let to_ip = if to_ip.contains(':') {
+        format!("[{to_ip}]")
+    } else {
+        to_ip.to_string()
+    };
     let addr = format!("{to_ip}:5001");
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let server = in_ns(to, move || {
@@ -303,7 +417,6 @@ pub fn tcp_transfer(from: &str, to: &str, to_ip: &str, len: usize) -> (usize, bo
     ready_rx
         .recv_timeout(Duration::from_secs(5))
         .expect("server ready");
-    let to_ip = to_ip.to_string();
     let client = in_ns(from, move || {
         let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
         let mut s = TcpStream::connect_timeout(

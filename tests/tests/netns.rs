@@ -103,6 +103,182 @@ fn ttl_1_gets_time_exceeded_from_the_gateway() {
     assert_eq!(s.passed(&s.ids.dev_a(), "ttl_exceeded"), before + 1);
 }
 
+#[test]
+fn xdp_forwards_ipv6_ping_and_tcp_with_kernel_forwarding_off() {
+    if !require_root() {
+        return;
+    }
+    let s = Seed::up_dual("");
+    s.prime_neighbours6();
+    s.set_forwarding6(false);
+    let forw_before = s.forw6_datagrams();
+    let fwd_a = s.forwarded_family(&s.ids.dev_a(), "ipv6");
+    assert!(
+        Seed::ping(&s.vm1, "2001:db8:101::3", 5),
+        "vm1 → vm3 ping -6 failed with kernel IPv6 forwarding off"
+    );
+    assert!(
+        Seed::ping(&s.vm3, "2001:db8:100::3", 5),
+        "vm3 → vm1 ping -6 failed with kernel IPv6 forwarding off"
+    );
+    let (n, same) = tcp_transfer(&s.vm1, &s.vm3, "2001:db8:101::3", 10 << 20);
+    assert_eq!(n, 10 << 20, "TCP transfer over IPv6 incomplete");
+    assert!(same, "TCP transfer over IPv6 corrupted");
+    assert_eq!(
+        s.forw6_datagrams(),
+        forw_before,
+        "the kernel forwarded IPv6 packets: the fast path did not"
+    );
+    assert!(
+        s.forwarded_family(&s.ids.dev_a(), "ipv6") >= fwd_a + 10,
+        "IPv6 fast path counters did not grow"
+    );
+    // Hop limit 1, with the kernel forwarding again: ICMPv6 time exceeded from the gateway.
+    s.set_forwarding6(true);
+    let before = s.passed(&s.ids.dev_a(), "ttl_exceeded");
+    let out = Seed::exec(&s.vm1, "ping -c 1 -t 1 -W 2 2001:db8:101::3");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("From 2001:db8:100::1") && text.to_lowercase().contains("time exceeded"),
+        "ping said: {text}"
+    );
+    assert_eq!(s.passed(&s.ids.dev_a(), "ttl_exceeded"), before + 1);
+    // The CLI shows both families.
+    let show = ctl_json(&["show", &s.ids.router_id]);
+    let fixed = &show[0]["interfaces"][0]["fixed_ips"];
+    assert_eq!(fixed.as_array().map(Vec::len), Some(2), "{show}");
+    assert_eq!(fixed[1]["ip_address"], "2001:db8:100::1", "{show}");
+    let text = String::from_utf8_lossy(&ctl(&["show", &s.ids.router_id]).stdout).into_owned();
+    assert!(
+        text.contains("172.16.100.1/24,2001:db8:100::1/64"),
+        "{text}"
+    );
+}
+
+#[test]
+fn dual_stack_ports_forward_both_families_at_once() {
+    if !require_root() {
+        return;
+    }
+    let s = Seed::up_dual("");
+    s.prime_neighbours();
+    s.prime_neighbours6();
+    s.set_forwarding(false);
+    s.set_forwarding6(false);
+    let (forw4, forw6) = (s.forw_datagrams(), s.forw6_datagrams());
+    let dev_a = s.ids.dev_a();
+    let (v4, v6) = (
+        s.forwarded_family(&dev_a, "ipv4"),
+        s.forwarded_family(&dev_a, "ipv6"),
+    );
+    // An IPv6 echo request from vm1 to vm3, as it arrives at vm3.
+    let cap = capture(&s.vm3, &s.ids.tap_b(), |f| {
+        f.len() > 62 && f[12..14] == [0x86, 0xdd] && f[20] == 58 && f[54] == 128
+    });
+    let (vm1, vm3) = (s.vm1.clone(), s.vm3.clone());
+    let pings: Vec<_> = [
+        (vm1.clone(), "172.16.101.3"),
+        (vm1, "2001:db8:101::3 -t 61"),
+        (vm3.clone(), "172.16.100.3"),
+        (vm3, "2001:db8:100::3"),
+    ]
+    .into_iter()
+    .map(|(ns, dst)| std::thread::spawn(move || Seed::ping(&ns, dst, 10)))
+    .collect();
+    for p in pings {
+        assert!(
+            p.join().unwrap(),
+            "a ping failed with both families at once"
+        );
+    }
+    let f = cap
+        .join()
+        .unwrap()
+        .expect("no IPv6 echo request reached vm3");
+    assert_eq!(f[21], 60, "hop limit must be sent − 1");
+    let mac = |b: &[u8]| {
+        b.iter()
+            .map(|x| format!("{x:02x}"))
+            .collect::<Vec<_>>()
+            .join(":")
+    };
+    assert_eq!(
+        mac(&f[6..12]),
+        s.mac_of(&s.ids.dev_b()),
+        "source MAC = qr- device's"
+    );
+    // From vm1: its 10 echo requests and its 10 replies to vm3, per family.
+    assert_eq!(s.forwarded_family(&dev_a, "ipv4"), v4 + 20);
+    assert_eq!(s.forwarded_family(&dev_a, "ipv6"), v6 + 20);
+    assert_eq!((s.forw_datagrams(), s.forw6_datagrams()), (forw4, forw6));
+    let neigh = ctl_json(&["neigh", &s.ids.router_id]);
+    for ip in ["172.16.101.3", "2001:db8:101::3"] {
+        assert!(
+            neigh.as_array().unwrap().iter().any(|n| n["dst"] == ip),
+            "{ip} missing from {neigh}"
+        );
+    }
+}
+
+#[test]
+fn ipv6_extra_route_and_packet_too_big() {
+    if !require_root() {
+        return;
+    }
+    let s = Seed::up_dual(
+        "[[router.route]]\ndestination = \"2001:db8:aaaa::/48\"\nnexthop = \"2001:db8:101::3\"\n",
+    );
+    sh(&format!(
+        "ip -n {} addr add 2001:db8:aaaa::1/128 dev lo",
+        s.vm3
+    ));
+    s.prime_neighbours6();
+    s.set_forwarding6(false);
+    let forw = s.forw6_datagrams();
+    assert!(
+        Seed::ping(&s.vm1, "2001:db8:aaaa::1", 5),
+        "vm1 → 2001:db8:aaaa::1 through the nexthop vm3 failed with kernel forwarding off"
+    );
+    assert_eq!(
+        s.forw6_datagrams(),
+        forw,
+        "the kernel forwarded: the fast path did not"
+    );
+    // A smaller egress MTU: the fast path hands large packets to the kernel, which answers
+    // Packet Too Big (routers do not fragment IPv6).
+    s.set_forwarding6(true);
+    sh(&format!(
+        "ip -n {} link set {} mtu 1400",
+        s.ns(),
+        s.ids.dev_b()
+    ));
+    let dev_a = s.ids.dev_a();
+    wait_for("the new MTU in the fast path", &|| {
+        let before = s.passed(&dev_a, "too_big");
+        let _ = Seed::exec(&s.vm1, "ping -c 1 -W 1 -s 1400 -M do 2001:db8:101::3");
+        s.passed(&dev_a, "too_big") > before
+    });
+    let out = Seed::exec(&s.vm1, "ping -c 2 -i 0.3 -W 1 -s 1400 -M do 2001:db8:101::3; ping -c 2 -i 0.3 -W 1 -s 1400 -M do 2001:db8:101::3");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+    .to_lowercase();
+    // The kernel's Packet Too Big reached vm1: either ping reports it, or vm1 has learnt the
+    // path MTU and refuses to send the packet at all.
+    assert!(
+        ["mtu = 1400", "mtu=1400", "mtu: 1400", "packet too big"]
+            .iter()
+            .any(|m| text.contains(m)),
+        "ping said: {text}"
+    );
+    assert!(
+        Seed::ping(&s.vm1, "2001:db8:101::3 -s 1300", 2),
+        "smaller packets still pass"
+    );
+}
+
 /// vlan101 as linuxbridge builds it: the router port's peer, vm3 and further instances
 /// (namespace, address; each also holds 10.10.0.1) on a bridge in a namespace of its own.
 fn bridge_vlan101(s: &mut Seed, instances: &[(&str, &str)]) {
@@ -378,7 +554,7 @@ fn bad_configs_are_refused_with_nothing_changed() {
         (
             "nexthop off-link",
             good.replace("172.16.101.254", "192.168.7.1"),
-            "'nexthop' = 192.168.7.1 is not on a connected subnet",
+            "'nexthop' = 192.168.7.1 is not on a connected IPv4 subnet",
         ),
         (
             "missing field",
@@ -1050,7 +1226,7 @@ fn openstack_style_verbs_build_a_router_that_forwards() {
     ]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr)
-        .contains("'nexthop' = 192.168.9.9 is not on a connected subnet"));
+        .contains("'nexthop' = 192.168.9.9 is not on a connected IPv4 subnet"));
     assert_eq!(ctl_json(&["router", "show", &name]), before);
     ok(&[
         "router",
@@ -1078,6 +1254,67 @@ fn openstack_style_verbs_build_a_router_that_forwards() {
         "destination=10.50.0.0/16,gateway=172.16.101.9",
     ]);
     assert!(sh(&format!("ip -n {ns} route show 10.50.0.0/16")).is_empty());
+    // IPv6 subnets on the same ports make them dual-stack; the devices stay.
+    for (port, subnet, gw) in [
+        (&pa, "2001:db8:100::/64", "2001:db8:100::1"),
+        (&pb, "2001:db8:101:0::/64", "2001:db8:101::1"),
+    ] {
+        ok(&[
+            "router",
+            "add",
+            "subnet",
+            &name,
+            "--subnet",
+            subnet,
+            "--gateway",
+            gw,
+            "--port-id",
+            port,
+        ]);
+    }
+    let show = ctl_json(&["router", "show", &name]);
+    assert_eq!(
+        show["interfaces_info"].as_array().unwrap().len(),
+        4,
+        "{show}"
+    );
+    for (vm, port, addr, gw) in [
+        (&vm1, &pa, "2001:db8:100::3/64", "2001:db8:100::1"),
+        (&vm3, &pb, "2001:db8:101::3/64", "2001:db8:101::1"),
+    ] {
+        sh(&format!(
+            "ip -n {vm} addr add {addr} dev tap{p} nodad && ip -n {vm} -6 route add default via {gw}",
+            p = &port[..11]
+        ));
+    }
+    assert!(
+        Seed::ping(&vm1, "2001:db8:101::3", 3),
+        "no IPv6 through the verbs' router"
+    );
+    assert!(
+        Seed::ping(&vm1, "172.16.101.3", 1),
+        "IPv4 lost when IPv6 came"
+    );
+    // Removing the IPv6 subnet (spelt otherwise) leaves the port with its IPv4 one.
+    ok(&[
+        "router",
+        "remove",
+        "subnet",
+        &name,
+        "--subnet",
+        "2001:db8:101:0:0::/64",
+    ]);
+    let show = ctl_json(&["router", "show", &name]);
+    assert_eq!(
+        show["interfaces_info"].as_array().unwrap().len(),
+        3,
+        "{show}"
+    );
+    assert!(!sh(&format!("ip -n {ns} addr show qr-{}", &pb[..11])).contains("2001:db8:101::1"));
+    assert!(
+        Seed::ping(&vm1, "172.16.101.3", 1),
+        "IPv4 lost with the IPv6 subnet"
+    );
     ok(&[
         "router",
         "remove",
