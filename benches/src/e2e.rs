@@ -3,7 +3,10 @@
 //! Three data paths, interleaved in one run: the kernel (Neutron's way), this router, and a
 //! "wire" program that redirects qr-a → qr-b with no lookup (the floor for an XDP router here).
 
-use std::{net::Ipv4Addr, time::Instant};
+use std::{
+    net::{Ipv4Addr, Ipv6Addr},
+    time::Instant,
+};
 
 use anyhow::{bail, Context as _, Result};
 use aya::{
@@ -13,7 +16,7 @@ use aya::{
 };
 use router_ctl::{datapath, state, sys};
 use tests::{
-    frame::{ethernet, udp, Ipv4},
+    frame::{ethernet, udp, udp6, Ipv4, Ipv6},
     sh,
     topo::{in_ns, Seed},
 };
@@ -38,6 +41,7 @@ impl Mode {
 }
 
 pub struct E2eResult {
+    pub ipv6: bool,
     pub flows: usize,
     /// Mpps per mode, and per-round ratios router/kernel and router/wire.
     pub mpps: Vec<(Mode, Summary)>,
@@ -50,6 +54,11 @@ const PACKETS: u32 = 2_000_000;
 
 fn flow_dst(i: usize) -> Ipv4Addr {
     Ipv4Addr::new(10, 100 + (i / 256) as u8, (i % 256) as u8, 1)
+}
+
+/// The IPv6 flows: one /64 each, 2001:db8:1000::/64 onwards.
+fn flow_dst6(i: usize) -> Ipv6Addr {
+    Ipv6Addr::new(0x2001, 0xdb8, 0x1000 + i as u16, 0, 0, 0, 0, 1)
 }
 
 fn link_mac(ns: &str, dev: &str) -> Result<[u8; 6]> {
@@ -129,25 +138,38 @@ fn pin_to_cpu(cpu: usize) -> Result<()> {
 }
 
 /// Loads the generator with one header template per flow.
-fn load_generator(s: &Seed, flows: usize) -> Result<aya::Ebpf> {
+fn load_generator(s: &Seed, flows: usize, ipv6: bool) -> Result<aya::Ebpf> {
     let qr_a = link_mac(&s.ns(), &s.ids.dev_a())?;
     let vm1_mac = link_mac(&s.vm1, &s.ids.tap_a())?;
     let mut gen = EbpfLoader::new().load(datapath::BENCH_PROGRAM)?;
     {
-        let mut tpl: Array<_, [u8; 48]> =
+        let mut tpl: Array<_, [u8; 64]> =
             Array::try_from(gen.map_mut("GEN_FLOWS").context("GEN_FLOWS")?)?;
         for i in 0..flows {
-            let dst = if flows == 1 {
-                Ipv4Addr::new(172, 16, 101, 3)
+            let sport = 40000 + (i % 1000) as u16;
+            let f = if ipv6 {
+                let dst = if flows == 1 {
+                    Ipv6Addr::new(0x2001, 0xdb8, 0x101, 0, 0, 0, 0, 3)
+                } else {
+                    flow_dst6(i)
+                };
+                let src = Ipv6Addr::new(0x2001, 0xdb8, 0x100, 0, 0, 0, 0, 3).octets();
+                let l4 = udp6(&src, &dst.octets(), sport, 9, &[0u8; 2]);
+                let mut l3 = Ipv6::udp(src, dst.octets(), 64).header(l4.len());
+                l3.extend_from_slice(&l4);
+                ethernet(qr_a, vm1_mac, 0x86dd, &l3)
             } else {
-                flow_dst(i)
+                let dst = if flows == 1 {
+                    Ipv4Addr::new(172, 16, 101, 3)
+                } else {
+                    flow_dst(i)
+                };
+                let l4 = udp(sport, 9, &[0u8; 22]);
+                let mut l3 = Ipv4::udp([172, 16, 100, 3], dst.octets(), 64).header(l4.len());
+                l3.extend_from_slice(&l4);
+                ethernet(qr_a, vm1_mac, 0x0800, &l3)
             };
-            let l4 = udp(40000 + (i % 1000) as u16, 9, &[0u8; 22]);
-            let mut l3 = Ipv4::udp([172, 16, 100, 3], dst.octets(), 64).header(l4.len());
-            l3.extend_from_slice(&l4);
-            let f = ethernet(qr_a, vm1_mac, 0x0800, &l3);
-            let mut b = [0u8; 48];
-            b[..42].copy_from_slice(&f[..42]);
+            let b: [u8; 64] = f[..].try_into().context("a 64-byte template")?;
             tpl.set(i as u32, b, 0)?;
         }
     }
@@ -181,7 +203,7 @@ pub struct UpdatesUnderTraffic {
 pub const BIG_TABLE: usize = 1_000_000;
 
 pub fn run(rounds: usize) -> Result<(Vec<E2eResult>, UpdatesUnderTraffic)> {
-    let routes: String = (0..FLOW_ROUTES)
+    let mut routes: String = (0..FLOW_ROUTES)
         .map(|i| {
             format!(
                 "[[router.route]]\ndestination = \"{}/24\"\nnexthop = \"172.16.101.3\"\n",
@@ -189,8 +211,15 @@ pub fn run(rounds: usize) -> Result<(Vec<E2eResult>, UpdatesUnderTraffic)> {
             )
         })
         .collect();
-    let s = Seed::up_with(&format!("max_routes = {}", BIG_TABLE + 4096), &routes);
+    routes.extend((0..FLOW_ROUTES).map(|i| {
+        format!(
+            "[[router.route]]\ndestination = \"{}/64\"\nnexthop = \"2001:db8:101::3\"\n",
+            Ipv6Addr::from(u128::from(flow_dst6(i)) & !0xffff_ffff_ffff_ffff)
+        )
+    }));
+    let s = Seed::up_dual_with(&format!("max_routes = {}", BIG_TABLE + 4096), &routes);
     s.prime_neighbours();
+    s.prime_neighbours6();
     let tap_b = s.ids.tap_b();
     sh(&format!(
         "ip netns exec {vm3} nft add table netdev sink && \
@@ -203,16 +232,22 @@ pub fn run(rounds: usize) -> Result<(Vec<E2eResult>, UpdatesUnderTraffic)> {
         .ifindex;
     let modes = [Mode::Kernel, Mode::Router, Mode::Wire];
     let mut results = Vec::new();
-    for flows in [1usize, FLOW_ROUTES] {
+    for (ipv6, flows) in [
+        (false, 1usize),
+        (false, FLOW_ROUTES),
+        (true, 1),
+        (true, FLOW_ROUTES),
+    ] {
         let mut samples: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
         let (mut rk, mut rw) = (Vec::new(), Vec::new());
         for round in 0..rounds {
             let mut this = [0f64; 3];
             for (k, m) in modes.iter().enumerate() {
                 set_mode(&s, *m)?;
-                let mpps = measure(&s, gen_if, flows)?;
+                let mpps = measure_family(&s, gen_if, flows, ipv6)?;
                 eprintln!(
-                    "e2e: {flows} flow(s), round {}, {}: {mpps:.3} Mpps",
+                    "e2e: {} {flows} flow(s), round {}, {}: {mpps:.3} Mpps",
+                    if ipv6 { "IPv6" } else { "IPv4" },
                     round + 1,
                     m.name()
                 );
@@ -224,6 +259,7 @@ pub fn run(rounds: usize) -> Result<(Vec<E2eResult>, UpdatesUnderTraffic)> {
         }
         set_mode(&s, Mode::Router)?;
         results.push(E2eResult {
+            ipv6,
             flows,
             mpps: modes
                 .iter()
@@ -316,8 +352,12 @@ fn install(s: &Seed, entries: &Entries) -> Result<()> {
 /// One measurement: Mpps delivered to vm3 while the generator, pinned to CPU 0 in vm1, sends
 /// `PACKETS` frames as if received on vm1's interface (XDP_TX sends them to the router).
 fn measure(s: &Seed, gen_if: u32, flows: usize) -> Result<f64> {
+    measure_family(s, gen_if, flows, false)
+}
+
+fn measure_family(s: &Seed, gen_if: u32, flows: usize, ipv6: bool) -> Result<f64> {
     let before = sink_count(&s.vm3)?;
-    let gen = load_generator(s, flows)?;
+    let gen = load_generator(s, flows, ipv6)?;
     let cell = std::sync::Arc::new(std::sync::Mutex::new(Some(gen)));
     let c2 = cell.clone();
     let elapsed = in_ns(&s.vm1, move || -> Result<f64> {

@@ -23,6 +23,9 @@ struct Args {
     /// Route table sizes for the per-packet cost.
     #[arg(long, value_delimiter = ',', default_value = "1,1000,100000,1000000")]
     sizes: Vec<usize>,
+    /// IPv6 route table sizes for the per-packet cost.
+    #[arg(long, value_delimiter = ',', default_value = "1,1000,100000,1000000")]
+    sizes6: Vec<usize>,
     /// Skip the end-to-end comparison.
     #[arg(long)]
     no_e2e: bool,
@@ -35,11 +38,13 @@ fn main() -> Result<()> {
     let args = Args::parse();
     let start = Instant::now();
     let mut pkt = Vec::new();
-    for &n in &args.sizes {
-        let r = pkt::measure(n, args.runs)
-            .with_context(|| format!("per-packet cost with {n} routes"))?;
+    let sizes = args.sizes.iter().map(|n| (*n, false));
+    for (n, ipv6) in sizes.chain(args.sizes6.iter().map(|n| (*n, true))) {
+        let fam = if ipv6 { "IPv6" } else { "IPv4" };
+        let r = pkt::measure(n, args.runs, ipv6)
+            .with_context(|| format!("per-packet cost with {n} {fam} routes"))?;
         eprintln!(
-            "per-packet, {n} routes: forward {} ns, pass {} ns, warm {} ns, install {:.2} s, {:.1} MiB",
+            "per-packet, {n} {fam} routes: forward {} ns, pass {} ns, warm {} ns, install {:.2} s, {:.1} MiB",
             r.forward_ns.fmt(1),
             r.pass_ns.fmt(1),
             r.forward_warm_ns.fmt(1),

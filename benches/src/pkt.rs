@@ -2,7 +2,7 @@
 //! against the size of the routing table.
 
 use std::{
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     os::fd::{AsFd as _, AsRawFd as _},
     time::Instant,
 };
@@ -13,13 +13,13 @@ use aya::{
     programs::{TestRun, TestRunOptions},
     Ebpf,
 };
-use router_common::{map_names, Iface, Neigh, NeighKey};
+use router_common::{map_names, Iface, Neigh, Neigh6Key, NeighKey};
 use router_ctl::{config::IpNet, datapath};
-use tests::frame::{ipv4_udp, Ipv4};
+use tests::frame::{ipv4_udp, ipv6_udp, Ipv4, Ipv6};
 
 use crate::{
     stats::{summarize, Rng, Summary},
-    table::{addr_in, random_table},
+    table::{addr_in, addr_in6, random_table, random_table6},
 };
 
 const IN_MAC: [u8; 6] = [0x02, 0, 0, 0, 1, 1];
@@ -38,6 +38,8 @@ pub const WARM_DESTINATIONS: usize = 32;
 #[derive(Debug, Clone)]
 pub struct PktResult {
     pub routes: usize,
+    /// IPv6 (the LPM trie) rather than IPv4 (the 16-8-8 trie).
+    pub ipv6: bool,
     /// The same measurement on a program that returns at once: the test-run timer's own cost,
     /// subtracted from the figures below.
     pub floor_ns: Summary,
@@ -76,22 +78,41 @@ pub fn memlock(ebpf: &Ebpf, name: &str) -> Option<u64> {
 }
 
 /// Runs in a fresh network namespace on a thread of its own (the devmap needs real devices).
-pub fn measure(routes: usize, runs: usize) -> Result<PktResult> {
-    std::thread::spawn(move || measure_here(routes, runs))
+pub fn measure(routes: usize, runs: usize, ipv6: bool) -> Result<PktResult> {
+    std::thread::spawn(move || measure_here(routes, runs, ipv6))
         .join()
         .map_err(|_| anyhow::anyhow!("bench thread panicked"))?
 }
 
-fn measure_here(routes: usize, runs: usize) -> Result<PktResult> {
+fn nexthop(i: usize, ipv6: bool) -> IpAddr {
+    let i = (i % NEXTHOPS as usize) as u16;
+    if ipv6 {
+        IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 2, 0, 0, 0, 0, 0x100 + i))
+    } else {
+        IpAddr::V4(Ipv4Addr::new(10, 2, 0, 100 + i as u8))
+    }
+}
+
+fn measure_here(routes: usize, runs: usize, ipv6: bool) -> Result<PktResult> {
     tests::unshare_netns();
     tests::sh("ip link add e0 type veth peer name e1 && ip link set lo up && ip link set e0 up && ip link set e1 up");
     let e0 = ifindex("e0")?;
-    let table = random_table(routes, 0x5eed ^ routes as u64);
-    let nh = |i: usize| Ipv4Addr::new(10, 2, 0, 100 + (i % NEXTHOPS as usize) as u8);
+    let seed = 0x5eed ^ routes as u64;
+    let table: Vec<IpNet> = if ipv6 {
+        random_table6(routes, seed)
+            .into_iter()
+            .map(IpNet::from)
+            .collect()
+    } else {
+        random_table(routes, seed)
+            .into_iter()
+            .map(IpNet::from)
+            .collect()
+    };
     let gateways: Vec<(IpNet, u32, IpAddr)> = table
         .iter()
         .enumerate()
-        .map(|(i, n)| ((*n).into(), e0, nh(i).into()))
+        .map(|(i, n)| (*n, e0, nexthop(i, ipv6)))
         .collect();
     let iface = |mac, slot| Iface {
         mac,
@@ -102,7 +123,16 @@ fn measure_here(routes: usize, runs: usize) -> Result<PktResult> {
     let ifaces = [(1, iface(IN_MAC, 0)), (e0, iface(OUT_MAC, 1))];
     let entries = datapath::route_entries(
         &ifaces,
-        &[("10.2.0.0/24".parse().unwrap(), e0)],
+        &[(
+            if ipv6 {
+                "2001:db8:2::/64"
+            } else {
+                "10.2.0.0/24"
+            }
+            .parse()
+            .unwrap(),
+            e0,
+        )],
         &gateways,
         &[],
     );
@@ -113,6 +143,7 @@ fn measure_here(routes: usize, runs: usize) -> Result<PktResult> {
     let install_s = t.elapsed().as_secs_f64();
     let peak_rss_mib = crate::ctl::peak_rss_mib();
     let routes_memlock = [
+        map_names::FIB6,
         map_names::FIB_L1,
         map_names::FIB_L2,
         map_names::FIB_L3,
@@ -121,18 +152,28 @@ fn measure_here(routes: usize, runs: usize) -> Result<PktResult> {
     .iter()
     .map(|m| memlock(&ebpf, m).unwrap_or(0))
     .sum();
-    set_neighbours(&mut ebpf, e0, true)?;
+    set_neighbours(&mut ebpf, e0, true, ipv6)?;
 
     let mut rng = Rng::new(42);
     let frames: Vec<Vec<u8>> = (0..DESTINATIONS)
         .map(|_| {
-            let net = table[rng.below(table.len() as u64) as usize];
-            let dst = addr_in(&net, &mut rng);
-            ipv4_udp(
-                IN_MAC,
-                [0x02, 0, 0, 0, 1, 5],
-                &Ipv4::udp([10, 1, 0, 5], dst.octets(), 255),
-            )
+            let src_mac = [0x02, 0, 0, 0, 1, 5];
+            match table[rng.below(table.len() as u64) as usize] {
+                IpNet::V4(net) => ipv4_udp(
+                    IN_MAC,
+                    src_mac,
+                    &Ipv4::udp([10, 1, 0, 5], addr_in(&net, &mut rng).octets(), 255),
+                ),
+                IpNet::V6(net) => ipv6_udp(
+                    IN_MAC,
+                    src_mac,
+                    &Ipv6::udp(
+                        Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 5).octets(),
+                        addr_in6(&net, &mut rng).octets(),
+                        255,
+                    ),
+                ),
+            }
         })
         .collect();
     let mut floor_prog = aya::EbpfLoader::new().load(datapath::BENCH_PROGRAM)?;
@@ -156,13 +197,14 @@ fn measure_here(routes: usize, runs: usize) -> Result<PktResult> {
             )? - fw,
         );
     }
-    set_neighbours(&mut ebpf, e0, false)?;
+    set_neighbours(&mut ebpf, e0, false, ipv6)?;
     for _ in 0..runs {
         let f = run_frames(wire, &frames, 2, REPEAT)?;
         pass.push(run_frames(datapath::program(&mut ebpf)?, &frames, 2, REPEAT)? - f);
     }
     Ok(PktResult {
         routes,
+        ipv6,
         floor_ns: summarize(&floor),
         forward_ns: summarize(&fwd),
         pass_ns: summarize(&pass),
@@ -173,7 +215,30 @@ fn measure_here(routes: usize, runs: usize) -> Result<PktResult> {
     })
 }
 
-fn set_neighbours(ebpf: &mut Ebpf, e0: u32, present: bool) -> Result<()> {
+fn set_neighbours(ebpf: &mut Ebpf, e0: u32, present: bool, ipv6: bool) -> Result<()> {
+    let n = Neigh {
+        mac: IN_MAC,
+        _pad: [0; 2],
+    };
+    if ipv6 {
+        let mut m: HashMap<_, Neigh6Key, Neigh> =
+            HashMap::try_from(ebpf.map_mut(map_names::NEIGHS6).context("NEIGHS6")?)?;
+        for i in 0..NEXTHOPS as usize {
+            let IpAddr::V6(a) = nexthop(i, true) else {
+                unreachable!()
+            };
+            let k = Neigh6Key {
+                ifindex: e0,
+                addr: a.octets(),
+            };
+            if present {
+                m.insert(k, n, 0)?;
+            } else {
+                m.remove(&k)?;
+            }
+        }
+        return Ok(());
+    }
     let mut m: HashMap<_, NeighKey, Neigh> =
         HashMap::try_from(ebpf.map_mut(map_names::NEIGHS).context("NEIGHS")?)?;
     for i in 0..NEXTHOPS {
@@ -182,14 +247,7 @@ fn set_neighbours(ebpf: &mut Ebpf, e0: u32, present: bool) -> Result<()> {
             addr: [10, 2, 0, 100 + i],
         };
         if present {
-            m.insert(
-                k,
-                Neigh {
-                    mac: IN_MAC,
-                    _pad: [0; 2],
-                },
-                0,
-            )?;
+            m.insert(k, n, 0)?;
         } else {
             m.remove(&k)?;
         }

@@ -48,11 +48,13 @@ impl Report<'_> {
             let _ = writeln!(m, "| {k} | {v} |");
         }
 
-        // Targets first.
-        let one = self.pkt.iter().find(|p| p.routes == 1);
-        let big = self
-            .pkt
+        // Targets first (set for IPv4; IPv6 is reported beside them).
+        let v4: Vec<&PktResult> = self.pkt.iter().filter(|p| !p.ipv6).collect();
+        let v6: Vec<&PktResult> = self.pkt.iter().filter(|p| p.ipv6).collect();
+        let one = v4.iter().copied().find(|p| p.routes == 1);
+        let big = v4
             .iter()
+            .copied()
             .max_by_key(|p| p.routes)
             .filter(|p| p.routes >= 1_000_000);
         let _ = writeln!(
@@ -63,16 +65,17 @@ impl Report<'_> {
             for r in res {
                 let rk = r.router_over_kernel.median;
                 let rw = r.router_over_wire.median;
+                let fam = if r.ipv6 { "IPv6" } else { "IPv4" };
                 let _ = writeln!(
                     m,
-                    "| end-to-end, this router ÷ kernel forwarding, {} flow(s) | ≥ 1.5 | {} | {} |",
+                    "| end-to-end {fam}, this router ÷ kernel forwarding, {} flow(s) | ≥ 1.5 | {} | {} |",
                     r.flows,
                     r.router_over_kernel.fmt(2),
                     verdict(rk >= 1.5)
                 );
                 let _ = writeln!(
                     m,
-                    "| end-to-end, this router ÷ wire floor, {} flow(s) | ≥ 0.9 | {} | {} |",
+                    "| end-to-end {fam}, this router ÷ wire floor, {} flow(s) | ≥ 0.9 | {} | {} |",
                     r.flows,
                     r.router_over_wire.fmt(2),
                     verdict(rw >= 0.9)
@@ -113,50 +116,65 @@ impl Report<'_> {
         }
 
         let _ = writeln!(m, "\n## Per-packet cost of the program\n\nBPF_PROG_TEST_RUN on the real program, ns per packet as the kernel reports it, with the test-run timer's own cost (a program that returns at once, measured on the same frames) subtracted. {} destinations, each in a randomly chosen prefix of the table; *cold*: each destination runs once, so nothing of its lookup path is left in the cache by the previous packet; *warm*: {} of them, each run {} times in a row. Tables are random, shaped like an Internet table (60 % /24, 20 % /22–/23, 17 % /16–/21, 1.5 % /8–/15, 1.5 % /25–/32) plus a default route; routes are installed by the controller's own code path.\n", crate::pkt::DESTINATIONS, crate::pkt::WARM_DESTINATIONS, crate::pkt::WARM_REPEAT);
-        let _ = writeln!(m, "| routes | forwarded, cold (ns) | passed to the kernel, cold (ns) | forwarded, warm (ns) | timer cost subtracted (ns) | install (s) | route map memory (MiB) | peak RSS of the installing process (MiB) |\n|---:|---|---|---|---|---:|---:|---:|");
-        for p in self.pkt {
-            let _ = writeln!(
-                m,
-                "| {} | {} | {} | {} | {} | {:.2} | {:.1} | {:.0} |",
-                p.routes,
-                p.forward_ns.fmt(1),
-                p.pass_ns.fmt(1),
-                p.forward_warm_ns.fmt(1),
-                p.floor_ns.fmt(1),
-                p.install_s,
-                p.routes_memlock as f64 / 1048576.0,
-                p.peak_rss_mib
-            );
+        for (fam, rows) in [
+            ("IPv4 (16-8-8 trie)", &v4),
+            ("IPv6 (the kernel's LPM trie)", &v6),
+        ] {
+            if rows.is_empty() {
+                continue;
+            }
+            let _ = writeln!(m, "\n### {fam}\n\n| routes | forwarded, cold (ns) | passed to the kernel, cold (ns) | forwarded, warm (ns) | timer cost subtracted (ns) | install (s) | route map memory (MiB) | peak RSS of the installing process (MiB) |\n|---:|---|---|---|---|---:|---:|---:|");
+            for p in rows.iter() {
+                let _ = writeln!(
+                    m,
+                    "| {} | {} | {} | {} | {} | {:.2} | {:.1} | {:.0} |",
+                    p.routes,
+                    p.forward_ns.fmt(1),
+                    p.pass_ns.fmt(1),
+                    p.forward_warm_ns.fmt(1),
+                    p.floor_ns.fmt(1),
+                    p.install_s,
+                    p.routes_memlock as f64 / 1048576.0,
+                    p.peak_rss_mib
+                );
+            }
+            if let Some(a) = rows.iter().find(|p| p.routes == 1) {
+                let _ = writeln!(
+                    m,
+                    "\nRatios to 1 route (cold forward / warm forward): {}",
+                    rows.iter()
+                        .map(|p| format!(
+                            "{} routes {:.2} / {:.2}",
+                            p.routes,
+                            p.forward_ns.median / a.forward_ns.median,
+                            p.forward_warm_ns.median / a.forward_warm_ns.median
+                        ))
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                );
+            }
+        }
+        if !v6.is_empty() {
+            let _ = writeln!(m, "\nIPv6 tables are random too: a default route, 50 % /48, 30 % /29–/47, 17 % /49–/64, 3 % /65–/128, all in 2000::/3. IPv6 ÷ IPv4 forwarding cost at the same size (cold / warm): {}.", v6.iter().filter_map(|p6| {
+                let p4 = v4.iter().find(|p| p.routes == p6.routes)?;
+                Some(format!("{} routes {:.2} / {:.2}", p6.routes, p6.forward_ns.median / p4.forward_ns.median, p6.forward_warm_ns.median / p4.forward_warm_ns.median))
+            }).collect::<Vec<_>>().join("; "));
         }
         let _ = writeln!(
             m,
             "\n![per-packet cost against routing-table size](bench-plot.svg)\n"
         );
-        if let Some(a) = one {
-            let _ = writeln!(
-                m,
-                "Ratios to 1 route (cold forward / warm forward): {}",
-                self.pkt
-                    .iter()
-                    .map(|p| format!(
-                        "{} routes {:.2} / {:.2}",
-                        p.routes,
-                        p.forward_ns.median / a.forward_ns.median,
-                        p.forward_warm_ns.median / a.forward_warm_ns.median
-                    ))
-                    .collect::<Vec<_>>()
-                    .join("; ")
-            );
-        }
 
         if let Some((res, upd)) = self.e2e {
             let _ = writeln!(m, "\n## End-to-end forwarding, one core\n\nSeed topology in namespaces (vm1 — qr-a | router | qr-b — vm3, veth pairs). A generator XDP program runs with BPF_F_TEST_XDP_LIVE_FRAMES in vm1, pinned to CPU 0, rewriting every header byte of each 64-byte UDP frame and transmitting it (XDP_TX) into the router; an nftables ingress rule at vm3 counts and drops what arrives. Mpps = frames counted at vm3 ÷ generator time; generation, forwarding and delivery all run on that one core. The three data paths run in turn within each round: the kernel forwarding in the router namespace (no XDP on the `qr-` devices, GRO on), this router, and a wire program redirecting qr-a → qr-b with no lookup and no rewrite. With 1 000 flows the destinations are spread over 1 000 /24 prefixes that extra routes send to vm3 as the nexthop.\n");
-            let _ = writeln!(m, "| flows | kernel (Mpps) | this router (Mpps) | wire (Mpps) | router ÷ kernel | router ÷ wire |\n|---:|---|---|---|---|---|");
+            let _ = writeln!(m, "IPv6 runs the same way on the same (dual-stack) ports: 64-byte UDP frames over IPv6 (a 2-byte payload), 1 000 flows over 1 000 /64 prefixes routed to vm3's IPv6 address.\n");
+            let _ = writeln!(m, "| family | flows | kernel (Mpps) | this router (Mpps) | wire (Mpps) | router ÷ kernel | router ÷ wire |\n|---|---:|---|---|---|---|---|");
             for r in res {
                 let g = |k: usize| r.mpps[k].1.fmt(3);
                 let _ = writeln!(
                     m,
-                    "| {} | {} | {} | {} | {} | {} |",
+                    "| {} | {} | {} | {} | {} | {} | {} |",
+                    if r.ipv6 { "IPv6" } else { "IPv4" },
                     r.flows,
                     g(0),
                     g(1),
@@ -206,28 +224,40 @@ impl Report<'_> {
         }
         let _ = writeln!(s, "<text x='{}' y='{}' text-anchor='middle'>routes installed</text><text x='18' y='{}' transform='rotate(-90 18 {})' text-anchor='middle'>ns per packet</text>", (l + w - r) / 2.0, h - 15.0, (t + h - b) / 2.0, (t + h - b) / 2.0);
         type Pick = fn(&PktResult) -> &crate::stats::Summary;
-        let series: [(&str, &str, Pick); 3] = [
-            ("forwarded, cold", "#c0392b", |p| &p.forward_ns),
-            ("passed to the kernel, cold", "#2471a3", |p| &p.pass_ns),
-            ("forwarded, warm", "#27ae60", |p| &p.forward_warm_ns),
+        let series: [(&str, &str, bool, Pick); 5] = [
+            ("IPv4 forwarded, cold", "#c0392b", false, |p| &p.forward_ns),
+            ("IPv4 passed to the kernel, cold", "#2471a3", false, |p| {
+                &p.pass_ns
+            }),
+            ("IPv4 forwarded, warm", "#27ae60", false, |p| {
+                &p.forward_warm_ns
+            }),
+            ("IPv6 forwarded, cold", "#8e44ad", true, |p| &p.forward_ns),
+            ("IPv6 forwarded, warm", "#d68910", true, |p| {
+                &p.forward_warm_ns
+            }),
         ];
-        for (k, (name, color, pick)) in series.iter().enumerate() {
-            let pts: Vec<String> = self
-                .pkt
+        for (k, (name, color, ipv6, pick)) in series.iter().enumerate() {
+            let rows: Vec<&PktResult> = self.pkt.iter().filter(|p| p.ipv6 == *ipv6).collect();
+            if rows.is_empty() {
+                continue;
+            }
+            let dash = if *ipv6 { " stroke-dasharray='6 3'" } else { "" };
+            let pts: Vec<String> = rows
                 .iter()
                 .map(|p| format!("{:.1},{:.1}", x(p.routes), y(pick(p).median)))
                 .collect();
             let _ = writeln!(
                 s,
-                "<polyline fill='none' stroke='{color}' stroke-width='2' points='{}'/>",
+                "<polyline fill='none' stroke='{color}' stroke-width='2'{dash} points='{}'/>",
                 pts.join(" ")
             );
-            for p in self.pkt {
+            for p in rows {
                 let su = pick(p);
                 let _ = writeln!(s, "<line x1='{0}' y1='{1}' x2='{0}' y2='{2}' stroke='{color}'/><circle cx='{0}' cy='{3}' r='3' fill='{color}'/>", x(p.routes), y(su.min), y(su.max), y(su.median));
             }
             let ly = t + 10.0 + 16.0 * k as f64;
-            let _ = writeln!(s, "<line x1='{}' y1='{ly}' x2='{}' y2='{ly}' stroke='{color}' stroke-width='2'/><text x='{}' y='{}'>{name}</text>", l + 10.0, l + 30.0, l + 36.0, ly + 4.0);
+            let _ = writeln!(s, "<line x1='{}' y1='{ly}' x2='{}' y2='{ly}' stroke='{color}' stroke-width='2'{dash}/><text x='{}' y='{}'>{name}</text>", l + 10.0, l + 30.0, l + 36.0, ly + 4.0);
         }
         s.push_str("</svg>\n");
         s

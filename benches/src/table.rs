@@ -1,8 +1,11 @@
 //! Random routing tables shaped like a real one: mostly /24, the rest spread from /8 to /32.
 
-use std::{collections::HashSet, net::Ipv4Addr};
+use std::{
+    collections::HashSet,
+    net::{Ipv4Addr, Ipv6Addr},
+};
 
-use router_ctl::config::Ipv4Net;
+use router_ctl::config::{Ipv4Net, Ipv6Net};
 
 use crate::stats::Rng;
 
@@ -52,4 +55,44 @@ pub fn addr_in(net: &Ipv4Net, rng: &mut Rng) -> Ipv4Addr {
         a = (a & 0x00ff_ffff) | ((1 + (rng.below(126) as u32)) << 24);
     }
     Ipv4Addr::from(a)
+}
+
+/// `n` distinct IPv6 prefixes shaped like the IPv6 Internet table: ::/0 first (in 2000::/3 for
+/// the destinations drawn from it), then mostly /48, the rest /29 to /64 and a few longer.
+pub fn random_table6(n: usize, seed: u64) -> Vec<Ipv6Net> {
+    let mut rng = Rng::new(seed);
+    let mut seen = HashSet::with_capacity(n);
+    let mut v = Vec::with_capacity(n);
+    v.push(Ipv6Net {
+        addr: Ipv6Addr::UNSPECIFIED,
+        len: 0,
+    });
+    seen.insert((0u128, 0u8));
+    while v.len() < n {
+        let len = match rng.below(1000) {
+            0..=499 => 48,
+            500..=799 => 29 + rng.below(19) as u8,
+            800..=969 => 49 + rng.below(16) as u8,
+            _ => 65 + rng.below(64) as u8,
+        };
+        let a = (0x2u128 << 125) | ((rng.next() as u128) << 64 | rng.next() as u128) >> 3;
+        let net = a & Ipv6Net::mask(len);
+        if seen.insert((net, len)) {
+            v.push(Ipv6Net {
+                addr: Ipv6Addr::from(net),
+                len,
+            });
+        }
+    }
+    v
+}
+
+/// A random address inside `net`, in 2000::/3 for the default route.
+pub fn addr_in6(net: &Ipv6Net, rng: &mut Rng) -> Ipv6Addr {
+    let r = (rng.next() as u128) << 64 | rng.next() as u128;
+    let mut a = net.network() | (r & !Ipv6Net::mask(net.len));
+    if net.len == 0 {
+        a = (0x2u128 << 125) | (a >> 3);
+    }
+    Ipv6Addr::from(a)
 }

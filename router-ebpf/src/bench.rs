@@ -2,6 +2,7 @@
 //! - `bench_gen`: a traffic generator for BPF_PROG_TEST_RUN with BPF_F_TEST_XDP_LIVE_FRAMES. Live
 //!   frame pages are recycled without being reset, so every run rewrites all header bytes from a
 //!   per-flow template (cycling through `GEN_FLOWS`) and transmits the frame (XDP_TX).
+//!   The template is the whole 64-byte frame, so IPv4 and IPv6 are generated alike.
 //! - `bench_wire`: the floor for any XDP router on a path: redirect to a fixed device, no lookup.
 #![no_std]
 #![no_main]
@@ -13,14 +14,14 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 
-/// Bytes of Ethernet + IPv4 + UDP headers the generator writes.
-pub const GEN_HDR_LEN: usize = 42;
+/// Bytes the generator writes: a whole 64-byte frame (Ethernet + IPv4 or IPv6 + UDP + payload).
+pub const GEN_HDR_LEN: usize = 64;
 pub const GEN_MAX_FLOWS: u32 = 4096;
 
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct FlowHdr {
-    pub bytes: [u8; 48],
+    pub bytes: [u8; 64],
 }
 
 #[map(name = "GEN_FLOWS")]

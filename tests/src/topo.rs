@@ -83,10 +83,15 @@ impl Ids {
     /// The seed router with dual-stack ports: 172.16.100.0/24 + 2001:db8:100::/64 on port a,
     /// 172.16.101.0/24 + 2001:db8:101::/64 on port b, plus `extra` TOML.
     pub fn config_dual(&self, extra: &str) -> String {
+        self.config_dual_with("", extra)
+    }
+
+    pub fn config_dual_with(&self, router_fields: &str, extra: &str) -> String {
         format!(
             r#"[[router]]
 id = "{}"
 name = "{}"
+{router_fields}
 [[router.interface]]
 port_id = "{}"
 fixed_ips = [
@@ -141,6 +146,11 @@ impl Seed {
     /// The dual-stack seed (`Ids::config_dual`): vm1 is also 2001:db8:100::3, vm3
     /// 2001:db8:101::3, each with its gateway as IPv6 default route.
     pub fn up_dual(extra: &str) -> Seed {
+        Seed::up_dual_with("", extra)
+    }
+
+    /// As `up_dual`, with `router_fields` in the router's table.
+    pub fn up_dual_with(router_fields: &str, extra: &str) -> Seed {
         let tag = unique_tag();
         let s = Seed {
             vm1: format!("vm1-{tag}"),
@@ -148,7 +158,7 @@ impl Seed {
             ids: Ids::new(&tag),
             extra_ns: Vec::new(),
         };
-        let path = write_config(&tag, &s.ids.config_dual(extra));
+        let path = write_config(&tag, &s.ids.config_dual_with(router_fields, extra));
         let out = ctl(&["apply", "-f", &path]);
         assert!(
             out.status.success(),

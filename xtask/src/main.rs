@@ -260,10 +260,12 @@ fn ip(args: &[&str]) -> Result<()> {
 
 fn build_and_load(root: &Path, config: Option<PathBuf>) -> Result<()> {
     let ctl = build_release(root)?;
-    let builtin = config.is_none();
     let config = config.unwrap_or_else(|| root.join("config/seed.toml"));
     run(Command::new(&ctl).arg("apply").arg("-f").arg(&config))?;
-    if builtin {
+    // The demo instances go with the seed router (config/seed.toml, config/dual-stack.toml).
+    let text = std::fs::read_to_string(&config).unwrap_or_default();
+    let dual = text.contains("2001:db8:100::1");
+    if text.contains("a81cc110-16f4-4d6c-89d2-8af91cec9714") {
         // Plug the demo instances: apply left each new router port's veth peer (tap...) in this
         // namespace; move it into the instance's namespace and configure the instance.
         for (vm, port, addr, gw) in DEMO_VMS {
@@ -285,6 +287,17 @@ fn build_and_load(root: &Path, config: Option<PathBuf>) -> Result<()> {
                 .args(["-n", vm, "addr", "replace", addr, "dev", &tap])
                 .status();
             ip(&["-n", vm, "route", "replace", "default", "via", gw])?;
+            if dual {
+                let (addr6, gw6) = if *vm == "vm1" {
+                    ("2001:db8:100::3/64", "2001:db8:100::1")
+                } else {
+                    ("2001:db8:101::3/64", "2001:db8:101::1")
+                };
+                let _ = Command::new("ip")
+                    .args(["-n", vm, "addr", "replace", addr6, "dev", &tap, "nodad"])
+                    .status();
+                ip(&["-n", vm, "-6", "route", "replace", "default", "via", gw6])?;
+            }
         }
         sleep(Duration::from_millis(300));
         run(Command::new("ip").args([
@@ -313,6 +326,21 @@ fn build_and_load(root: &Path, config: Option<PathBuf>) -> Result<()> {
             "1",
             "172.16.100.3",
         ]))?;
+        if dual {
+            run(Command::new("ip").args([
+                "netns",
+                "exec",
+                "vm1",
+                "ping",
+                "-c",
+                "5",
+                "-i",
+                "0.2",
+                "-W",
+                "1",
+                "2001:db8:101::3",
+            ]))?;
+        }
     }
     for what in ["show", "neigh", "stats"] {
         println!("\n$ router-ctl {what}");
