@@ -320,7 +320,7 @@ type Entries = Vec<(router_ctl::config::IpNet, router_common::Route)>;
 /// The router's own table (as apply made it) and the same plus `BIG_TABLE` random routes via vm3.
 fn tables(s: &Seed) -> Result<(Entries, Entries)> {
     let st = state::RouterState::load(&s.ids.router_id)?.context("router state")?;
-    let (ifaces, small, _) = router_ctl::apply::tables_of(&st)?;
+    let (ifaces, small, _, _) = router_ctl::apply::tables_of(&st)?;
     let b = st
         .interfaces
         .iter()

@@ -26,6 +26,12 @@ pub mod map_names {
     pub const IFACES: &str = "IFACES";
     /// Devmap (array): `Iface::slot` → ifindex, the redirect targets.
     pub const TX_PORTS: &str = "TX_PORTS";
+    /// Array of one `[u64; 1024]`: bit `a & 0xffff` set when some IPv4 address `a` of the router
+    /// ends in those 16 bits; a cheap filter before `LOCAL4`.
+    pub const LOCAL_BITS: &str = "LOCAL_BITS";
+    /// Hash: IPv4 address (host order u32) → 1, the router's own addresses. A packet from one of
+    /// them is a martian the kernel drops.
+    pub const LOCAL4: &str = "LOCAL4";
     /// Per-CPU array: `Iface::slot` → `Stats`.
     pub const STATS: &str = "STATS";
 }
@@ -39,6 +45,8 @@ pub const MAX_IFACES: u32 = 64;
 pub const STATS_SLOTS: u32 = MAX_IFACES + 1;
 pub const UNKNOWN_IFACE_SLOT: u32 = MAX_IFACES;
 pub const MAX_NEIGHS: u32 = 1 << 16;
+/// Most IPv4 addresses of a router's namespace the fast path knows as its own.
+pub const MAX_LOCAL4: u32 = 4096;
 
 /// The route table: longest-prefix match in at most three dependent array reads, whatever the
 /// table's size (a multibit trie with strides 16, 8, 8, in the spirit of DIR-24-8).

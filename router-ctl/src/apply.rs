@@ -324,7 +324,7 @@ fn apply_one(r: &Router, undo: &mut Vec<Undo>) -> Result<Report> {
     };
 
     // The fast path's tables.
-    let (iface_entries, route_entries, down) = tables_of(&st)?;
+    let (iface_entries, route_entries, down, own) = tables_of(&st)?;
     let mut cap = crate::fib::Capacity::for_table(&route_entries);
     if let Some(n) = r.max_routes {
         cap = cap.max(crate::fib::Capacity::for_max_routes(n));
@@ -339,6 +339,7 @@ fn apply_one(r: &Router, undo: &mut Vec<Undo>) -> Result<Report> {
         let mut ebpf = datapath::load_pinned(&id, cap)?;
         datapath::set_ifaces(&mut ebpf, &iface_entries, &down)?;
         datapath::set_routes(&mut ebpf, &route_entries)?;
+        datapath::set_local_addrs(&mut ebpf, &own)?;
         for slot in &fresh_slots {
             datapath::reset_stats(&mut ebpf, *slot)?;
         }
@@ -358,10 +359,12 @@ fn apply_one(r: &Router, undo: &mut Vec<Undo>) -> Result<Report> {
     })
 }
 
+/// (devices, routes, devices that are down, the router's own IPv4 addresses).
 pub type Tables = (
     Vec<(u32, router_common::Iface)>,
     Vec<(IpNet, router_common::Route)>,
     Vec<u32>,
+    Vec<std::net::Ipv4Addr>,
 );
 
 /// What the fast path's maps must hold for a router as the kernel has it now: its devices,
@@ -386,6 +389,13 @@ pub fn tables_of(st: &RouterState) -> Result<Tables> {
         .into_iter()
         .map(|(_, a, _)| a)
         .filter(|a| !matches!(a, IpAddr::V6(v) if v.segments()[0] & 0xffc0 == 0xfe80))
+        .collect();
+    let own: Vec<std::net::Ipv4Addr> = locals
+        .iter()
+        .filter_map(|a| match a {
+            IpAddr::V4(v) => Some(*v),
+            IpAddr::V6(_) => None,
+        })
         .collect();
     let mut down = Vec::new();
     for i in &st.interfaces {
@@ -421,7 +431,7 @@ pub fn tables_of(st: &RouterState) -> Result<Tables> {
         .map(IfaceState::entry)
         .collect::<Result<Vec<_>>>()?;
     let route_entries = datapath::route_entries(&iface_entries, &connected, &gateways, &locals);
-    Ok((iface_entries, route_entries, down))
+    Ok((iface_entries, route_entries, down, own))
 }
 
 /// Brings a router's fast path in line with its namespace after a device went up or down,
@@ -445,12 +455,13 @@ pub fn resync(router_id: &str) -> Result<()> {
             }
         }
     }
-    let (iface_entries, route_entries, down) = tables_of(&st)?;
+    let (iface_entries, route_entries, down, own) = tables_of(&st)?;
     let id = st.id.clone();
     sys::in_netns(&st.namespace, move || {
         let mut ebpf = datapath::load_pinned(&id, crate::fib::Capacity::default())?;
         datapath::set_ifaces(&mut ebpf, &iface_entries, &down)?;
-        datapath::set_routes(&mut ebpf, &route_entries)
+        datapath::set_routes(&mut ebpf, &route_entries)?;
+        datapath::set_local_addrs(&mut ebpf, &own)
     })?;
     if changed {
         st.save()?;

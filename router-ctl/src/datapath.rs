@@ -34,8 +34,10 @@ pub static PROGRAM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 /// Benchmark helpers (traffic generator, wire floor); see `router-ebpf/src/bench.rs`.
 pub static BENCH_PROGRAM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bench"));
 
-const ALL_MAPS: [&str; 11] = [
+const ALL_MAPS: [&str; 13] = [
     map_names::NH_GROUPS,
+    map_names::LOCAL_BITS,
+    map_names::LOCAL4,
     map_names::FIB6,
     map_names::NEIGHS6,
     map_names::FIB_L1,
@@ -99,8 +101,10 @@ pub fn load_pinned(router_id: &str, cap: Capacity) -> Result<Ebpf> {
 /// Refuses maps pinned by a build whose map layout differs from this one's: the program would
 /// read them wrongly (the verifier refuses it at best).
 fn check_pinned_layout(router_id: &str) -> Result<()> {
-    let expected: [(&str, usize); 11] = [
+    let expected: [(&str, usize); 13] = [
         (map_names::NH_GROUPS, std::mem::size_of::<NhGroup>()),
+        (map_names::LOCAL_BITS, 8 * 1024),
+        (map_names::LOCAL4, 4),
         (map_names::FIB6, 4),
         (map_names::NEIGHS6, std::mem::size_of::<Neigh>()),
         (map_names::FIB_L1, 4 * fib::GROUP_SIZE as usize),
@@ -513,6 +517,39 @@ pub fn set_ifaces(ebpf: &mut Ebpf, ifaces: &[(u32, Iface)], down: &[u32]) -> Res
         .collect();
     for k in stale {
         map.remove(&k)?;
+    }
+    Ok(())
+}
+
+/// Replaces the router's own IPv4 addresses (`LOCAL4` and its filter `LOCAL_BITS`): packets
+/// from them are martians. New addresses are added before the filter, stale ones removed after.
+pub fn set_local_addrs(ebpf: &mut Ebpf, addrs: &[Ipv4Addr]) -> Result<()> {
+    anyhow::ensure!(
+        addrs.len() <= router_common::MAX_LOCAL4 as usize,
+        "{} IPv4 addresses in the router's namespace, at most {} are supported",
+        addrs.len(),
+        router_common::MAX_LOCAL4
+    );
+    let mut bits = [0u64; 1024];
+    for a in addrs {
+        let k = u32::from(*a) & 0xffff;
+        bits[(k >> 6) as usize] |= 1 << (k & 63);
+    }
+    let mut set: HashMap<_, u32, u32> = HashMap::try_from(map_mut(ebpf, map_names::LOCAL4)?)?;
+    for a in addrs {
+        set.insert(u32::from(*a), 1, 0)
+            .with_context(|| format!("cannot record local address {a}"))?;
+    }
+    let stale: Vec<u32> = set
+        .keys()
+        .filter_map(|k| k.ok())
+        .filter(|k| !addrs.iter().any(|a| u32::from(*a) == *k))
+        .collect();
+    let mut filter: Array<_, [u64; 1024]> = Array::try_from(map_mut(ebpf, map_names::LOCAL_BITS)?)?;
+    filter.set(0, bits, 0).context("cannot write LOCAL_BITS")?;
+    let mut set: HashMap<_, u32, u32> = HashMap::try_from(map_mut(ebpf, map_names::LOCAL4)?)?;
+    for k in stale {
+        set.remove(&k)?;
     }
     Ok(())
 }

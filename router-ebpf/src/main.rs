@@ -16,7 +16,7 @@ use aya_ebpf::{
 };
 use router_common::{
     fib, pass_reason as why, route_kind, Iface, Neigh, Neigh6Key, NeighKey, NhGroup, Route, Stats,
-    MAX_IFACES, MAX_NEIGHS, STATS_SLOTS, UNKNOWN_IFACE_SLOT,
+    MAX_IFACES, MAX_LOCAL4, MAX_NEIGHS, STATS_SLOTS, UNKNOWN_IFACE_SLOT,
 };
 
 // The route table (see `router_common::fib`); the controller sizes L2, L3 and NEXTHOPS per router.
@@ -47,6 +47,12 @@ static IFACES: HashMap<u32, Iface> = HashMap::with_max_entries(MAX_IFACES, 0);
 
 #[map(name = "TX_PORTS")]
 static TX_PORTS: DevMap = DevMap::with_max_entries(MAX_IFACES, 0);
+
+// The router's own IPv4 addresses (see `router_common::map_names::LOCAL_BITS`).
+#[map(name = "LOCAL_BITS")]
+static LOCAL_BITS: Array<[u64; 1024]> = Array::with_max_entries(1, 0);
+#[map(name = "LOCAL4")]
+static LOCAL4: HashMap<u32, u32> = HashMap::with_max_entries(MAX_LOCAL4, 0);
 
 #[map(name = "STATS")]
 static STATS: PerCpuArray<Stats> = PerCpuArray::with_max_entries(STATS_SLOTS, 0);
@@ -167,14 +173,14 @@ fn forward(ctx: &XdpContext, ingress: u32, iface: &Iface) -> Verdict {
         return Verdict::Pass(why::NOT_OUR_MAC);
     }
     match u16::from_be_bytes(eth.ether_type) {
-        ETH_P_IPV4 => forward4(ctx, ingress, eth),
-        ETH_P_IPV6 => forward6(ctx, ingress, eth),
+        ETH_P_IPV4 => forward4(ctx, ingress),
+        ETH_P_IPV6 => forward6(ctx, ingress),
         _ => Verdict::Pass(why::NOT_IP),
     }
 }
 
 #[inline(always)]
-fn forward4(ctx: &XdpContext, ingress: u32, eth: &mut EthHdr) -> Verdict {
+fn forward4(ctx: &XdpContext, ingress: u32) -> Verdict {
     let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, ETH_LEN) else {
         return Verdict::Pass(why::MALFORMED);
     };
@@ -200,6 +206,10 @@ fn forward4(ctx: &XdpContext, ingress: u32, eth: &mut EthHdr) -> Verdict {
         return Verdict::Pass(why::BCAST_MCAST);
     }
     if s0 == 0 || s0 == 127 || s0 >= 224 || d0 == 0 || d0 == 127 {
+        return Verdict::Pass(why::MARTIAN);
+    }
+    // From one of the router's own addresses: the kernel drops it as a martian source.
+    if is_local4(u32::from_be_bytes(ip.src)) {
         return Verdict::Pass(why::MARTIAN);
     }
     if ip.ttl <= 1 {
@@ -243,19 +253,22 @@ fn forward4(ctx: &XdpContext, ingress: u32, eth: &mut EthHdr) -> Verdict {
         return Verdict::Pass(why::NO_NEIGH);
     };
     // The redirect only records the target; the frame is sent after the program returns, so it
-    // is safe to rewrite it below. Asking first keeps a failed redirect's frame untouched.
+    // is safe to trim and rewrite it below. Asking first keeps a failed redirect's frame untouched.
     if TX_PORTS.redirect(route.tx_port, 0).is_err() {
         return Verdict::Pass(why::NO_TX_PORT);
     }
+    let Some((eth, ip)) = trimmed::<Ipv4Hdr>(ctx, ETH_LEN + tot_len) else {
+        return Verdict::Pass(why::MALFORMED);
+    };
     copy_mac(&mut eth.dst, &neigh.mac);
     copy_mac(&mut eth.src, &route.src_mac);
-    ip.check = decrement_ttl(ip.ttl, ip.protocol, ip.check);
+    ip.check = decrement_ttl(ip.check);
     ip.ttl -= 1;
     Verdict::Forward
 }
 
 #[inline(always)]
-fn forward6(ctx: &XdpContext, ingress: u32, eth: &mut EthHdr) -> Verdict {
+fn forward6(ctx: &XdpContext, ingress: u32) -> Verdict {
     let Some(ip) = ptr_at::<Ipv6Hdr>(ctx, ETH_LEN) else {
         return Verdict::Pass(why::MALFORMED);
     };
@@ -323,10 +336,44 @@ fn forward6(ctx: &XdpContext, ingress: u32, eth: &mut EthHdr) -> Verdict {
     if TX_PORTS.redirect(route.tx_port, 0).is_err() {
         return Verdict::Pass(why::NO_TX_PORT);
     }
+    let Some((eth, ip)) = trimmed::<Ipv6Hdr>(ctx, ETH_LEN + ip_len) else {
+        return Verdict::Pass(why::MALFORMED);
+    };
     copy_mac(&mut eth.dst, &neigh.mac);
     copy_mac(&mut eth.src, &route.src_mac);
     ip.hop_limit -= 1;
     Verdict::Forward6
+}
+
+/// The frame cut to `len` bytes, as the kernel trims Ethernet padding (bytes past the IP
+/// packet) before forwarding, and its headers again (resizing invalidates earlier pointers).
+#[inline(always)]
+fn trimmed<T>(ctx: &XdpContext, len: usize) -> Option<(&'static mut EthHdr, &'static mut T)> {
+    let have = ctx.data_end() - ctx.data();
+    if have > len {
+        // SAFETY: shrinking the frame's tail by a positive amount smaller than the frame.
+        let rc =
+            unsafe { aya_ebpf::helpers::bpf_xdp_adjust_tail(ctx.ctx, len as i32 - have as i32) };
+        if rc != 0 {
+            return None;
+        }
+    }
+    let eth = ptr_at::<EthHdr>(ctx, 0)?;
+    let ip = ptr_at::<T>(ctx, ETH_LEN)?;
+    // SAFETY: both checked inside the (new) frame by `ptr_at`.
+    Some(unsafe { (&mut *eth, &mut *ip) })
+}
+
+/// One of the router's own IPv4 addresses: a bit test, then an exact lookup on a hit.
+#[inline(always)]
+fn is_local4(a: u32) -> bool {
+    let Some(bits) = LOCAL_BITS.get(0) else {
+        return false;
+    };
+    let Some(w) = bits.get(((a & 0xffff) >> 6) as usize) else {
+        return false;
+    };
+    (*w >> (a & 63)) & 1 != 0 && unsafe { LOCAL4.get(&a) }.is_some()
 }
 
 #[inline(always)]
@@ -460,17 +507,14 @@ fn header_checksum_ok(ctx: &XdpContext) -> bool {
     sum == 0xffff
 }
 
-/// New header checksum after TTL − 1, by RFC 1624 equation 3: HC' = ~(~HC + ~m + m'), where m
-/// is the 16-bit word holding TTL and protocol.
+/// New header checksum after TTL − 1, computed exactly as the kernel's `ip_decrease_ttl` does
+/// (so forwarded bytes equal the kernel's): TTL is the high byte of its 16-bit word, so the
+/// checksum grows by 0x0100, with the end-around carry folded in. On this little-endian target
+/// the stored word read natively is byte-swapped, which makes 0x0100 the native value 1.
 #[inline(always)]
-fn decrement_ttl(ttl: u8, protocol: u8, check: [u8; 2]) -> [u8; 2] {
-    let hc = u16::from_be_bytes(check) as u32;
-    let m = u16::from_be_bytes([ttl, protocol]) as u32;
-    let m_new = u16::from_be_bytes([ttl.wrapping_sub(1), protocol]) as u32;
-    let mut sum = (!hc & 0xffff) + (!m & 0xffff) + m_new;
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    (!(sum as u16)).to_be_bytes()
+fn decrement_ttl(check: [u8; 2]) -> [u8; 2] {
+    let c = u16::from_ne_bytes(check) as u32 + u16::from_ne_bytes([1, 0]) as u32;
+    ((c + (c >= 0xffff) as u32) as u16).to_ne_bytes()
 }
 
 #[cfg(not(test))]

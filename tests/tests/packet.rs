@@ -100,6 +100,11 @@ fn harness() -> Option<Harness> {
         ifaces,
     };
     h.install_routes();
+    datapath::set_local_addrs(
+        &mut h.ebpf,
+        &[Ipv4Addr::new(10, 1, 0, 1), Ipv4Addr::new(10, 2, 0, 1)],
+    )
+    .unwrap();
     h.neigh(e0, [10, 2, 0, 5], NB_MAC);
     h.neigh(e0, [10, 2, 0, 254], NH1_MAC);
     h.neigh(e0, [10, 2, 0, 253], NH2_MAC);
@@ -366,6 +371,16 @@ fn every_pass_reason_is_counted_and_leaves_the_frame_untouched() {
         (
             "destination 127.0.0.1",
             with(&|ip| ip.dst = [127, 0, 0, 1]),
+            why::MARTIAN,
+        ),
+        (
+            "source = the router's address on the egress subnet",
+            with(&|ip| ip.src = [10, 2, 0, 1]),
+            why::MARTIAN,
+        ),
+        (
+            "source = the router's address on the ingress subnet",
+            with(&|ip| ip.src = [10, 1, 0, 1]),
             why::MARTIAN,
         ),
         (
@@ -1145,4 +1160,335 @@ fn kernel_ipv6_lookup_equals_a_reference_lpm() {
             }
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fuzzing: random and mutated frames through the real program, against properties and a model
+// of what the kernel's forwarding would do with each frame. Bounded by ROUTER_FUZZ_SECONDS
+// (default 15); run longer by hand, e.g. ROUTER_FUZZ_SECONDS=600 cargo xtask test fuzz.
+
+/// The neighbour MAC the fast path may forward `f` to in the harness, written from the kernel's
+/// rules (ip_rcv_core, ip_route_input, ip_forward; ipv6_rcv, ip6_forward) independently of the
+/// program: None when the kernel would drop, answer or keep the packet, or when forwarding it
+/// needs the kernel's slow path (no neighbour yet, the ingress device, a device that is down).
+fn kernel_forwards(f: &[u8]) -> Option<[u8; 6]> {
+    if f.len() < 14 || f[0..6] != IN_MAC {
+        return None;
+    }
+    let lpm4 = |d: u32| -> Option<[u8; 6]> {
+        let routes: [(u32, u8, Option<[u8; 6]>); 5] = [
+            (0x0a01_0000, 24, None), // ingress subnet: hairpin, not forwarded by XDP
+            (0x0a02_0000, 24, Some([0; 6])),
+            (0x0a03_0000, 24, None), // e1 is down
+            (0x0a09_0000, 16, Some(NH1_MAC)),
+            (0x0a09_0900, 24, Some(NH2_MAC)),
+        ];
+        let best = routes
+            .iter()
+            .filter(|(n, l, _)| d & Ipv4Net::mask(*l) == *n)
+            .max_by_key(|(_, l, _)| *l)?;
+        match best.2 {
+            // On the connected subnet: the harness's neighbours there.
+            Some([0, 0, 0, 0, 0, 0]) => match d {
+                0x0a02_0005 => Some(NB_MAC),
+                0x0a02_00fe => Some(NH1_MAC),
+                0x0a02_00fd => Some(NH2_MAC),
+                _ => None,
+            },
+            m => m,
+        }
+    };
+    match u16::from_be_bytes([f[12], f[13]]) {
+        0x0800 => {
+            let ip = f.get(14..34)?;
+            let tot = u16::from_be_bytes([ip[2], ip[3]]) as usize;
+            let ihl = (ip[0] & 0xf) as usize * 4;
+            if ip[0] >> 4 != 4 || ihl < 20 || tot < ihl || 14 + tot > f.len() {
+                return None;
+            }
+            if tests::frame::checksum(f.get(14..14 + ihl)?) != 0 {
+                return None;
+            }
+            let (s, d) = (
+                u32::from_be_bytes([ip[12], ip[13], ip[14], ip[15]]),
+                u32::from_be_bytes([ip[16], ip[17], ip[18], ip[19]]),
+            );
+            let martian = |a: u32| a >> 24 == 0 || a >> 24 == 127;
+            if martian(s) || s >> 28 >= 0xe || martian(d) || d >> 28 >= 0xe {
+                return None;
+            }
+            if [0x0a01_0001, 0x0a02_0001].contains(&s)
+                || [0x0a01_0001, 0x0a02_0001, 0x0a02_00ff, 0x0a01_00ff].contains(&d)
+            {
+                return None;
+            }
+            if ip[8] <= 1 {
+                return None;
+            }
+            lpm4(d)
+        }
+        0x86dd => {
+            let ip = f.get(14..54)?;
+            let pl = u16::from_be_bytes([ip[4], ip[5]]) as usize;
+            if ip[0] >> 4 != 6 || 54 + pl > f.len() || ip[6] == 0 {
+                return None;
+            }
+            let (s, d) = (&ip[8..24], &ip[24..40]);
+            let low = |a: &[u8]| a[..8].iter().all(|b| *b == 0);
+            let ll = |a: &[u8]| a[0] == 0xfe && a[1] & 0xc0 == 0x80;
+            if d[0] == 0xff || s[0] == 0xff || low(s) || low(d) || ll(s) || ll(d) || ip[7] <= 1 {
+                return None;
+            }
+            let d = u128::from_be_bytes(d.try_into().unwrap());
+            let net = |g: [u16; 8]| u128::from_be_bytes(v6(g));
+            if [
+                net([0x2001, 0xdb8, 1, 0, 0, 0, 0, 1]),
+                net([0x2001, 0xdb8, 2, 0, 0, 0, 0, 1]),
+                net([0x2001, 0xdb8, 2, 0, 0, 0, 0, 0]),
+            ]
+            .contains(&d)
+            {
+                return None;
+            }
+            let routes: [(u128, u8, Option<[u8; 6]>); 5] = [
+                (net([0x2001, 0xdb8, 1, 0, 0, 0, 0, 0]), 64, None),
+                (net([0x2001, 0xdb8, 2, 0, 0, 0, 0, 0]), 64, Some([0; 6])),
+                (net([0x2001, 0xdb8, 3, 0, 0, 0, 0, 0]), 64, None),
+                (net([0x2001, 0xdb8, 9, 0, 0, 0, 0, 0]), 48, Some(NH1_MAC)),
+                (net([0x2001, 0xdb8, 9, 9, 0, 0, 0, 0]), 64, Some(NH2_MAC)),
+            ];
+            let best = routes
+                .iter()
+                .filter(|(n, l, _)| d & Ipv6Net::mask(*l) == *n)
+                .max_by_key(|(_, l, _)| *l)?;
+            match best.2 {
+                Some([0, 0, 0, 0, 0, 0]) => [
+                    (DST6, NB_MAC),
+                    ([0x2001, 0xdb8, 2, 0, 0, 0, 0, 0xfe], NH1_MAC),
+                    ([0x2001, 0xdb8, 2, 0, 0, 0, 0, 0xfd], NH2_MAC),
+                ]
+                .iter()
+                .find(|(a, _)| u128::from_be_bytes(v6(*a)) == d)
+                .map(|(_, m)| *m),
+                m => m,
+            }
+        }
+        _ => None,
+    }
+}
+
+struct Fuzz(u64);
+impl Fuzz {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+    fn pick<T: Copy>(&mut self, v: &[T]) -> T {
+        v[self.below(v.len() as u64) as usize]
+    }
+
+    /// A frame that is valid, or nearly: the seeds the mutations start from.
+    fn seed_frame(&mut self) -> Vec<u8> {
+        let payload: Vec<u8> = (0..self.below(80)).map(|_| self.next() as u8).collect();
+        let dst_mac = self.pick(&[IN_MAC, IN_MAC, IN_MAC, [0xff; 6], OUT_MAC]);
+        if self.below(2) == 0 {
+            let dst = self.pick(&[
+                [10, 2, 0, 5],
+                [10, 2, 0, 6],
+                [10, 9, 1, 2],
+                [10, 9, 9, 9],
+                [10, 1, 0, 9],
+                [10, 3, 0, 5],
+                [10, 2, 0, 1],
+                [10, 2, 0, 255],
+                [192, 0, 2, 1],
+                [224, 0, 0, 1],
+                [127, 0, 0, 1],
+            ]);
+            let src = self.pick(&[SRC, SRC, SRC, [10, 1, 0, 1], [0, 1, 2, 3], [240, 0, 0, 1]]);
+            let mut ip = Ipv4::udp(src, dst, self.pick(&[0, 1, 2, 64, 255]));
+            ip.tos = self.next() as u8;
+            ip.id = self.next() as u16;
+            ip.flags_frag = self.pick(&[0, 0x4000, 0x2000, 0x2001, 0x0001]);
+            ip.protocol = self.pick(&[1, 6, 17, 47, 255]);
+            if self.below(8) == 0 {
+                ip.options = vec![1, 1, 1, 0];
+            }
+            let l4 = tests::frame::udp(self.next() as u16, self.next() as u16, &payload);
+            let mut l3 = ip.header(l4.len());
+            l3.extend_from_slice(&l4);
+            ethernet(dst_mac, HOST_MAC, 0x0800, &l3)
+        } else {
+            let g = |a: u16, b: u16| [0x2001, 0xdb8, a, b, 0, 0, 0, 5];
+            let dst = self.pick(&[
+                DST6,
+                g(2, 0),
+                g(9, 1),
+                g(9, 9),
+                g(1, 0),
+                g(3, 0),
+                [0x2001, 0xdb8, 2, 0, 0, 0, 0, 1],
+                [0x2001, 0xdb9, 0, 0, 0, 0, 0, 1],
+                [0xff02, 0, 0, 0, 0, 0, 0, 1],
+                [0xfe80, 0, 0, 0, 0, 0, 0, 1],
+            ]);
+            let mut ip = Ipv6::udp(v6(SRC6), v6(dst), self.pick(&[0, 1, 2, 64, 255]));
+            ip.traffic_class = self.next() as u8;
+            ip.flow_label = self.next() as u32;
+            ip.next_header = self.pick(&[17, 17, 6, 58, 0, 43, 44, 60]);
+            if ip.next_header != 17 {
+                ip.ext = vec![17, 0, 1, 4, 0, 0, 0, 0];
+            }
+            let l4 = tests::frame::udp6(&ip.src, &ip.dst, 1, 2, &payload);
+            let mut l3 = ip.header(l4.len());
+            l3.extend_from_slice(&l4);
+            ethernet(dst_mac, HOST_MAC, 0x86dd, &l3)
+        }
+    }
+
+    /// The seed, mutated: bytes set or flipped in the headers, the frame cut or padded, and
+    /// sometimes the IPv4 header checksum fixed up so that the mutation gets past it.
+    fn frame(&mut self) -> Vec<u8> {
+        let mut f = self.seed_frame();
+        for _ in 0..self.below(4) {
+            let i = self.below(f.len().min(80) as u64) as usize;
+            match self.below(3) {
+                0 => f[i] ^= 1 << self.below(8),
+                1 => f[i] = self.next() as u8,
+                _ => f[i] = self.pick(&[0, 1, 0x45, 0x60, 0xff, 0x80]),
+            }
+        }
+        match self.below(6) {
+            0 => {
+                let n = self.below(f.len() as u64 + 1) as usize;
+                f.truncate(n.max(14));
+            }
+            1 => f.extend((0..self.below(40)).map(|_| self.next() as u8)),
+            _ => {}
+        }
+        if self.below(2) == 0 && f.len() >= 34 && f[12..14] == [8, 0] {
+            let ihl = ((f[14] & 0xf) as usize * 4).max(20);
+            if f.len() >= 14 + ihl {
+                f[24..26].fill(0);
+                let c = tests::frame::checksum(&f[14..14 + ihl]);
+                f[24..26].copy_from_slice(&c.to_be_bytes());
+            }
+        }
+        f
+    }
+}
+
+#[test]
+fn fuzzed_frames_keep_every_property() {
+    let Some(mut h) = harness() else { return };
+    let secs: u64 = std::env::var("ROUTER_FUZZ_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(15);
+    let seed = std::env::var("ROUTER_FUZZ_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0x0bad_5eed_u64);
+    let mut fz = Fuzz(seed);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    let total = |h: &Harness| -> u64 {
+        h.stats()
+            .iter()
+            .map(|s| s.fwd_packets + s.pass_packets() + s.drop_packets)
+            .sum()
+    };
+    let (mut runs, mut forwarded) = (0u64, 0u64);
+    while std::time::Instant::now() < deadline {
+        let f = fz.frame();
+        let (rc, out) = h.run(&f);
+        runs += 1;
+        let what = || format!("frame #{runs} (seed {seed}): {f:02x?}");
+        assert!(
+            rc == XDP_PASS || rc == XDP_REDIRECT,
+            "action {rc} for {}",
+            what()
+        );
+        let Some(mac) = kernel_forwards(&f) else {
+            assert_eq!(
+                rc,
+                XDP_PASS,
+                "forwarded what the kernel would not: {}",
+                what()
+            );
+            assert_eq!(out, f, "a passed frame changed: {}", what());
+            continue;
+        };
+        if rc == XDP_PASS {
+            assert_eq!(out, f, "a passed frame changed: {}", what());
+            continue;
+        }
+        forwarded += 1;
+        assert_eq!(&out[0..6], &mac, "destination MAC: {}", what());
+        assert_eq!(&out[6..12], &OUT_MAC, "source MAC: {}", what());
+        if f[12..14] == [8, 0] {
+            let tot = u16::from_be_bytes([f[16], f[17]]) as usize;
+            assert_eq!(out.len(), 14 + tot, "padding trimmed: {}", what());
+            assert_eq!(out[22], f[22] - 1, "TTL − 1: {}", what());
+            assert_eq!(
+                tests::frame::checksum(&out[14..34]),
+                0,
+                "checksum: {}",
+                what()
+            );
+            assert_eq!(&out[12..22], &f[12..22], "{}", what());
+            assert_eq!(out[23], f[23], "{}", what());
+            assert_eq!(
+                &out[26..],
+                &f[26..14 + tot],
+                "addresses, payload: {}",
+                what()
+            );
+        } else {
+            let len = 54 + u16::from_be_bytes([f[18], f[19]]) as usize;
+            assert_eq!(out.len(), len, "padding trimmed: {}", what());
+            assert_eq!(out[21], f[21] - 1, "hop limit − 1: {}", what());
+            assert_eq!(&out[12..21], &f[12..21], "{}", what());
+            assert_eq!(&out[22..], &f[22..len], "addresses, payload: {}", what());
+        }
+        if runs % 4096 == 0 {
+            assert_eq!(
+                total(&h),
+                runs,
+                "counters: frames seen ≠ forwarded + passed + dropped"
+            );
+        }
+    }
+    assert_eq!(
+        total(&h),
+        runs,
+        "counters: frames seen ≠ forwarded + passed + dropped"
+    );
+    eprintln!("fuzz: {runs} frames in {secs} s, {forwarded} forwarded, seed {seed}");
+    assert!(
+        runs > 1000 && forwarded > runs / 50,
+        "the fuzzer exercised too little: {runs} / {forwarded}"
+    );
+}
+
+/// Padding after the IP packet is trimmed from a forwarded frame, as the kernel does.
+#[test]
+fn ethernet_padding_is_trimmed_when_forwarding() {
+    let Some(mut h) = harness() else { return };
+    let ip = Ipv4::udp(SRC, DST, 64);
+    let mut input = udp_frame(IN_MAC, &ip);
+    input.extend_from_slice(&[0xee; 13]);
+    let (rc, out) = h.run(&input);
+    assert_eq!(rc, XDP_REDIRECT);
+    assert_eq!(out, forwarded(NB_MAC, &ip));
+    let ip6 = Ipv6::udp(v6(SRC6), v6(DST6), 64);
+    let mut input = udp6_frame(IN_MAC, &ip6);
+    input.extend_from_slice(&[0xee; 7]);
+    let (rc, out) = h.run(&input);
+    assert_eq!(rc, XDP_REDIRECT);
+    assert_eq!(out, forwarded6(NB_MAC, &ip6));
 }
