@@ -371,8 +371,68 @@ impl Seed {
     }
 }
 
+impl Seed {
+    /// Frames the kernel ran XDP on, per `qr-` device (the veth's own per-queue counters),
+    /// against the fast path's counters: forwarded + passed + dropped. Err says where they differ.
+    pub fn counters_add_up(&self) -> Result<(), String> {
+        let ns = self.ns();
+        let xdp_seen = |dev: &str| -> Option<u64> {
+            let out = sh_out(&format!("ip netns exec {ns} ethtool -S {dev}"));
+            out.status.success().then(|| {
+                String::from_utf8_lossy(&out.stdout)
+                    .lines()
+                    .filter_map(|l| l.trim().split_once(": "))
+                    .filter(|(k, _)| k.starts_with("rx_queue_") && k.ends_with("_xdp_packets"))
+                    .filter_map(|(_, v)| v.trim().parse::<u64>().ok())
+                    .sum()
+            })
+        };
+        let ours = |dev: &str| -> Option<u64> {
+            // None when the test destroyed the router itself.
+            let out = ctl(&["stats", "-j", &self.ids.router_id]);
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+            let d = v.as_array()?.iter().find(|s| s["device"] == dev)?.clone();
+            Some(
+                d["forwarded"]["packets"].as_u64()?
+                    + d["passed"]["packets"].as_u64()?
+                    + d["dropped"]["packets"].as_u64()?,
+            )
+        };
+        for dev in [self.ids.dev_a(), self.ids.dev_b()] {
+            // Traffic may still be arriving: agree on a moment when neither count moves.
+            let mut last = None;
+            for _ in 0..20 {
+                let (a, k, b) = (ours(&dev), xdp_seen(&dev), ours(&dev));
+                if a.is_none() || k.is_none() {
+                    last = None;
+                    break;
+                }
+                if a == b && a == k {
+                    last = None;
+                    break;
+                }
+                last = Some((a, k));
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            if let Some((a, k)) = last {
+                return Err(format!(
+                    "{dev}: XDP ran on {k:?} frames, the fast path counted {a:?} (forwarded + passed + dropped)"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 impl Drop for Seed {
     fn drop(&mut self) {
+        // After any test that passed: the counters add up.
+        if !std::thread::panicking() {
+            if let Err(e) = self.counters_add_up() {
+                let _ = ctl(&["destroy", &self.ids.router_id]);
+                panic!("counters do not add up: {e}");
+            }
+        }
         let out = ctl(&["destroy", &self.ids.router_id]);
         if !out.status.success() {
             eprintln!(
