@@ -118,7 +118,9 @@ enum Format {
 
 #[derive(Subcommand)]
 enum AddCmd {
-    /// Add an interface on SUBNET with the gateway address (device qr-<port id[:11]>).
+    /// Add an interface on SUBNET (IPv4 or IPv6) with the gateway address (device
+    /// qr-<port id[:11]>); with the id of a port the router has, that port gets one more subnet
+    /// (dual-stack).
     Subnet {
         router: String,
         #[arg(long)]
@@ -139,7 +141,7 @@ enum AddCmd {
 
 #[derive(Subcommand)]
 enum RemoveCmd {
-    /// Remove the interface on SUBNET.
+    /// Remove SUBNET from the router; its port goes when no subnet is left on it.
     Subnet {
         router: String,
         #[arg(long)]

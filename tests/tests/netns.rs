@@ -1409,3 +1409,289 @@ fn malformed_api_requests_get_errors_and_never_stop_the_daemon() {
     assert_eq!(v["ok"], true, "{v}");
     assert!(sh(&format!("ip -n {} route show 10.70.0.0/16", s.ns())).contains("via 172.16.101.9"));
 }
+
+/// Everything a refused input must leave as it was: what router-ctl reports and what the
+/// kernel holds for the router (devices, addresses, routes, pinned objects, the state file).
+fn snapshot(s: &Seed) -> String {
+    let ns = s.ns();
+    let mut out = String::new();
+    for args in [
+        vec!["show", "-j"],
+        vec!["router", "list", "-j"],
+        vec!["show", "-j", s.ids.router_id.as_str()],
+    ] {
+        let o = ctl(&args);
+        out += &String::from_utf8_lossy(&o.stdout);
+        out += &String::from_utf8_lossy(&o.stderr);
+    }
+    for cmd in [
+        format!("ip -n {ns} -j -d link show"),
+        format!("ip -n {ns} -j addr show"),
+        format!("ip -n {ns} -j -4 route show table all"),
+        format!("ip -n {ns} -j -6 route show table all"),
+        format!("ip netns list | grep {} || true", s.ids.tag),
+        format!("ls -R /sys/fs/bpf/router-xdp/v1/{}", s.ids.router_id),
+        format!("cat /run/router-xdp/routers/{}.json", s.ids.router_id),
+        format!("ip netns exec {ns} sysctl net.ipv4.ip_forward net.ipv6.conf.all.forwarding"),
+    ] {
+        out += &cmd;
+        out += "\n";
+        out += &sh(&cmd);
+    }
+    out
+}
+
+#[test]
+fn invalid_definitions_and_arguments_leave_the_system_byte_identical() {
+    if !require_root() {
+        return;
+    }
+    // The verbs go through the daemon's API: no other test may restart it meanwhile.
+    let _turn = DAEMON.lock().unwrap_or_else(|e| e.into_inner());
+    let route = "[[router.route]]\ndestination = \"10.10.0.0/16\"\nnexthop = \"172.16.101.254\"\n[[router.route]]\ndestination = \"2001:db8:aaaa::/48\"\nnexthop = \"2001:db8:101::fe\"\n";
+    let s = Seed::up_dual(route);
+    let ids = &s.ids;
+    let good = ids.config_dual(route);
+    // The kernel's own changes first: link-local addresses finishing duplicate detection.
+    wait_for("no tentative address", &|| {
+        sh(&format!("ip -n {} -6 addr show tentative", s.ns()))
+            .trim()
+            .is_empty()
+    });
+    let before = snapshot(&s);
+    let same = |after: String, what: &str| {
+        if let Some((a, b)) = before.lines().zip(after.lines()).find(|(a, b)| a != b) {
+            panic!("{what}: the system changed:\nbefore: {a}\nafter:  {b}");
+        }
+        assert_eq!(after, before, "{what}: the system changed");
+    };
+    let second = |t: &str| {
+        format!(
+            "{good}\n[[router]]\nid = \"{}\"\n[[router.interface]]\nport_id = \"{}\"\nsubnet = \"10.77.0.0/24\"\ngateway_ip = \"10.77.0.1\"\n",
+            t, "eeeeeeee-eeee-4eee-8eee-eeeeeeeeeeee"
+        )
+    };
+    let many_paths: String = (0..9)
+        .map(|k| {
+            format!(
+                "[[router.route]]\ndestination = \"10.20.0.0/16\"\nnexthop = \"172.16.101.{}\"\n",
+                10 + k
+            )
+        })
+        .collect();
+    let many_ifaces: String = (0..64)
+        .map(|k| format!("[[router.interface]]\nport_id = \"{k:08x}-1111-4111-8111-111111111111\"\nsubnet = \"10.{k}.0.0/24\"\ngateway_ip = \"10.{k}.0.1\"\n"))
+        .collect();
+    let many_ips: String = {
+        let f: Vec<String> = (0..17)
+            .map(|k| format!("{{ subnet = \"10.{k}.0.0/24\", ip_address = \"10.{k}.0.1\" }}"))
+            .collect();
+        format!("[[router.interface]]\nport_id = \"ffffffff-1111-4111-8111-111111111111\"\nfixed_ips = [{}]\n", f.join(", "))
+    };
+    // One definition per rule: (what, file text, what the message must say).
+    let cases: Vec<(&str, String, &str)> = vec![
+        ("gateway outside subnet", good.replacen("ip_address = \"172.16.100.1\"", "ip_address = \"172.16.9.1\"", 1), "'fixed_ips[0].ip_address' = 172.16.9.1 is outside subnet 172.16.100.0/24"),
+        ("gateway = network", good.replacen("ip_address = \"172.16.100.1\"", "ip_address = \"172.16.100.0\"", 1), "network or broadcast address"),
+        ("gateway = broadcast", good.replacen("ip_address = \"172.16.100.1\"", "ip_address = \"172.16.100.255\"", 1), "network or broadcast address"),
+        ("IPv6 gateway = anycast", good.replacen("ip_address = \"2001:db8:100::1\"", "ip_address = \"2001:db8:100::\"", 1), "subnet-router anycast"),
+        ("host bits", good.replacen("subnet = \"172.16.100.0/24\"", "subnet = \"172.16.100.1/24\"", 1), "'fixed_ips[0].subnet': '172.16.100.1/24' has host bits set"),
+        ("prefix length", good.replacen("subnet = \"2001:db8:100::/64\"", "subnet = \"2001:db8:100::/129\"", 1), "'fixed_ips[1].subnet': '129'"),
+        ("overlap IPv4", good.replacen("subnet = \"172.16.101.0/24\", ip_address = \"172.16.101.1\"", "subnet = \"172.16.100.0/23\", ip_address = \"172.16.101.1\"", 1), "overlaps subnet 172.16.100.0/24"),
+        ("overlap IPv6", good.replacen("subnet = \"2001:db8:101::/64\", ip_address = \"2001:db8:101::1\"", "subnet = \"2001:db8:100::/56\", ip_address = \"2001:db8:100::fe\"", 1), "overlaps subnet 2001:db8:100::/64"),
+        ("family", good.replacen("ip_address = \"2001:db8:100::1\"", "ip_address = \"172.16.100.9\"", 1), "is not an IPv6 address like subnet"),
+        ("link-local subnet", good.replacen("subnet = \"2001:db8:100::/64\", ip_address = \"2001:db8:100::1\"", "subnet = \"fe80::/64\", ip_address = \"fe80::1\"", 1), "not a unicast subnet"),
+        ("empty fixed_ips", good.replacen("fixed_ips = [\n  { subnet = \"172.16.100.0/24\", ip_address = \"172.16.100.1\" },\n  { subnet = \"2001:db8:100::/64\", ip_address = \"2001:db8:100::1\" },\n]", "fixed_ips = []", 1), "'fixed_ips' is empty"),
+        ("both forms", good.replacen("fixed_ips = [\n  { subnet = \"172.16.100.0/24\"", "subnet = \"10.1.1.0/24\"\nfixed_ips = [\n  { subnet = \"172.16.100.0/24\"", 1), "not both"),
+        ("too many fixed IPs", format!("{good}{many_ips}"), "at most 16"),
+        ("unknown field", good.replacen("name = ", "colour = \"blue\"\nname = ", 1), "unknown field `colour`"),
+        ("missing field", good.replacen(&format!("port_id = \"{}\"\n", ids.port_b), "", 1), "missing field `port_id`"),
+        ("bad TOML", good.replacen("[[router.route]]", "[[router.route", 1), "expected"),
+        ("duplicate port", good.replacen(&ids.port_b, &ids.port_a, 1), "duplicate port_id"),
+        ("device name clash", good.replacen(&ids.port_b, &format!("{}ff-4000-8000-000000000000", &ids.port_a[..11]), 1), "is already used by port"),
+        ("short port id", good.replacen(&ids.port_b, "abc", 1), "field 'port_id' must be a Neutron port UUID"),
+        ("nexthop off-link", good.replacen("nexthop = \"172.16.101.254\"", "nexthop = \"192.168.7.1\"", 1), "'nexthop' = 192.168.7.1 is not on a connected IPv4 subnet"),
+        ("IPv6 nexthop off-link", good.replacen("nexthop = \"2001:db8:101::fe\"", "nexthop = \"2001:db8:7::1\"", 1), "is not on a connected IPv6 subnet"),
+        ("nexthop family", good.replacen("nexthop = \"2001:db8:101::fe\"", "nexthop = \"172.16.101.254\"", 1), "is not an IPv6 address like destination"),
+        ("nexthop = router", good.replacen("nexthop = \"172.16.101.254\"", "nexthop = \"172.16.101.1\"", 1), "the router's own address"),
+        ("destination = connected", good.replacen("destination = \"10.10.0.0/16\"", "destination = \"172.16.100.0/24\"", 1), "is the connected subnet of port"),
+        ("route twice", format!("{good}[[router.route]]\ndestination = \"10.10.0.0/16\"\nnexthop = \"172.16.101.254\"\n"), "is defined twice"),
+        ("more than 8 paths", format!("{good}{many_paths}"), "more than 8 nexthops"),
+        ("more than 64 interfaces", format!("{good}{many_ifaces}"), "at most 64 are supported"),
+        ("max_routes", good.replacen("name = ", "max_routes = 0\nname = ", 1), "'max_routes' = 0 must be from 1"),
+        ("router id", good.replacen(&format!("id = \"{}\"", ids.router_id), "id = \"a b\"", 1), "field 'id'"),
+        ("router defined twice", second(&ids.router_id), "defined twice (field 'id')"),
+        ("port of another router", second("other-router").replacen("eeeeeeee-eeee-4eee-8eee-eeeeeeeeeeee", &ids.port_a, 1), "is also used by router"),
+    ];
+    let tag = &ids.tag;
+    for (what, text, want) in &cases {
+        assert_ne!(text, &good, "{what}: the case did not change the file");
+        let path = write_config(&format!("{tag}-bad"), text);
+        let out = ctl(&["apply", "-f", &path]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{what}: accepted");
+        assert!(err.contains(want), "{what}: message {err:?} lacks {want:?}");
+        same(snapshot(&s), what);
+        let _ = std::fs::remove_file(&path);
+    }
+    // Arguments: each refused, nothing changed.
+    let r = ids.name.as_str();
+    let args: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec![
+                "router",
+                "add",
+                "subnet",
+                r,
+                "--subnet",
+                "10.0.0.0/33",
+                "--gateway",
+                "10.0.0.1",
+            ],
+            "'10.0.0.0/33'",
+        ),
+        (
+            vec![
+                "router",
+                "add",
+                "subnet",
+                r,
+                "--subnet",
+                "172.16.100.0/25",
+                "--gateway",
+                "172.16.100.2",
+            ],
+            "overlaps subnet 172.16.100.0/24",
+        ),
+        (
+            vec![
+                "router",
+                "add",
+                "subnet",
+                r,
+                "--subnet",
+                "2001:db8:100::/64",
+                "--gateway",
+                "2001:db8:100::9",
+            ],
+            "overlaps",
+        ),
+        (
+            vec![
+                "router",
+                "add",
+                "subnet",
+                r,
+                "--subnet",
+                "10.9.0.0/24",
+                "--gateway",
+                "2001:db8::1",
+            ],
+            "is not an IPv4 address",
+        ),
+        (
+            vec![
+                "router",
+                "add",
+                "subnet",
+                r,
+                "--subnet",
+                "10.9.0.0/24",
+                "--gateway",
+                "10.9.0.1",
+                "--port-id",
+                "x",
+            ],
+            "port_id",
+        ),
+        (
+            vec!["router", "add", "subnet", r, "--subnet", "10.9.0.0/24"],
+            "--gateway",
+        ),
+        (
+            vec![
+                "router",
+                "add",
+                "route",
+                r,
+                "--route",
+                "destination=10.60.0.0/16,gateway=192.168.9.9",
+            ],
+            "is not on a connected IPv4 subnet",
+        ),
+        (
+            vec![
+                "router",
+                "add",
+                "route",
+                r,
+                "--route",
+                "destination=2001:db8:5::/48,gateway=172.16.101.9",
+            ],
+            "is not an IPv6 address like destination",
+        ),
+        (
+            vec![
+                "router",
+                "add",
+                "route",
+                r,
+                "--route",
+                "destination=10.60.0.0/16",
+            ],
+            "gateway= is missing",
+        ),
+        (
+            vec!["router", "add", "route", r, "--route", "garbage"],
+            "expected destination=CIDR,gateway=IP",
+        ),
+        (
+            vec![
+                "router",
+                "remove",
+                "route",
+                r,
+                "--route",
+                "destination=10.99.0.0/16,gateway=172.16.101.9",
+            ],
+            "no route to 10.99.0.0/16",
+        ),
+        (
+            vec!["router", "remove", "subnet", r, "--subnet", "10.99.0.0/24"],
+            "no interface on subnet",
+        ),
+        (vec!["router", "create", r], "exists already"),
+        (
+            vec!["router", "show", "no-such-router"],
+            "no router 'no-such-router'",
+        ),
+        (
+            vec!["router", "delete", "no-such-router"],
+            "no router 'no-such-router'",
+        ),
+        (
+            vec!["destroy", "no-such-router"],
+            "no router 'no-such-router'",
+        ),
+        (
+            vec!["stats", "no-such-router"],
+            "no router 'no-such-router'",
+        ),
+        (vec!["apply"], "--file"),
+        (
+            vec!["apply", "-f", "/nonexistent/router.toml"],
+            "/nonexistent/router.toml",
+        ),
+        (vec!["frobnicate"], "unrecognized subcommand"),
+        (vec!["router", "add", "subnet"], "required"),
+    ];
+    for (a, want) in &args {
+        let out = ctl(a);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "router-ctl {a:?}: accepted");
+        assert!(
+            err.contains(want),
+            "router-ctl {a:?}: message {err:?} lacks {want:?}"
+        );
+        same(snapshot(&s), &format!("router-ctl {a:?}"));
+    }
+}
