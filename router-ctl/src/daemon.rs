@@ -386,6 +386,14 @@ fn update(
         }
     }
     let ip = ip?;
+    // Only neighbours the fast path can forward to: never multicast, never IPv6 link-local.
+    let unusable = match ip {
+        IpAddr::V4(a) => a.is_multicast() || a.is_broadcast(),
+        IpAddr::V6(a) => a.is_multicast() || a.segments()[0] & 0xffc0 == 0xfe80,
+    };
+    if unusable {
+        return None;
+    }
     let ifindex = m.header.ifindex;
     let usable = matches!(
         m.header.state,
