@@ -252,7 +252,7 @@ fn frames_reach_their_nexthops_or_the_kernel_under_churn() {
             .as_array()
             .unwrap()
             .iter()
-            .filter(|n| n["device"] == dev_b.as_str())
+            .filter(|n| n["device"] == dev_b.as_str() && n["dst"].as_str().unwrap().contains('.'))
             .map(|n| {
                 format!(
                     "{} {}",
@@ -268,7 +268,15 @@ fn frames_reach_their_nexthops_or_the_kernel_under_churn() {
         .as_array()
         .unwrap()
         .iter()
-        .filter(|n| n.get("lladdr").is_some())
+        // The IPv4 entries the daemon treats as usable (IPv6 ones here are the kernel's own
+        // multicast and link-local entries, which the fast path never uses).
+        .filter(|n| {
+            n.get("lladdr").is_some()
+                && n["dst"].as_str().is_some_and(|d| d.contains('.'))
+                && !n["state"]
+                    .as_array()
+                    .is_some_and(|st| st.iter().any(|x| x == "FAILED" || x == "INCOMPLETE"))
+        })
         .map(|n| {
             format!(
                 "{} {}",
