@@ -178,10 +178,10 @@ fn apply_one(r: &Router, undo: &mut Vec<Undo>) -> Result<Report> {
         ip(&["-n", &ns, "link", "set", &i.device, "up"])?;
         let mut fixed_ips = Vec::new();
         for f in &i.fixed_ips {
-            let cidr = format!("{}/{}", f.gateway_ip, f.subnet.len());
-            let has_addr = addrs_before
-                .iter()
-                .any(|(d, a, l)| d == &i.device && *a == f.gateway_ip && *l == f.subnet.len());
+            let cidr = format!("{}/{}", f.gateway_ip, f.subnet.prefix_len());
+            let has_addr = addrs_before.iter().any(|(d, a, l)| {
+                d == &i.device && *a == f.gateway_ip && *l == f.subnet.prefix_len()
+            });
             let mut added = before.as_ref().is_some_and(|b| {
                 b.fixed_ips
                     .iter()

@@ -168,7 +168,7 @@ pub enum IpNet {
 }
 
 impl IpNet {
-    pub fn len(&self) -> u8 {
+    pub fn prefix_len(&self) -> u8 {
         match self {
             IpNet::V4(n) => n.len,
             IpNet::V6(n) => n.len,
