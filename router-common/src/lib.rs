@@ -24,6 +24,10 @@ pub mod map_names {
     pub const NEIGHS6: &str = "NEIGHS6";
     /// Hash: ifindex (u32) → `Iface`, one per `qr-` device of the router.
     pub const IFACES: &str = "IFACES";
+    /// Array of `IFACE_INDEX_SLOTS` `IfaceAt`, indexed by `ifindex % IFACE_INDEX_SLOTS`: the
+    /// same devices as `IFACES`, found without hashing; a device whose index collides with
+    /// another's is found in `IFACES`.
+    pub const IFACE_INDEX: &str = "IFACE_INDEX";
     /// Devmap (array): `Iface::slot` → ifindex, the redirect targets.
     pub const TX_PORTS: &str = "TX_PORTS";
     /// Array of one `[u64; 1024]`: bit `a & 0xffff` set when some IPv4 address `a` of the router
@@ -45,6 +49,8 @@ pub const MAX_IFACES: u32 = 64;
 pub const STATS_SLOTS: u32 = MAX_IFACES + 1;
 pub const UNKNOWN_IFACE_SLOT: u32 = MAX_IFACES;
 pub const MAX_NEIGHS: u32 = 1 << 16;
+/// Size of `IFACE_INDEX` (a power of two).
+pub const IFACE_INDEX_SLOTS: u32 = 4096;
 /// Most IPv4 addresses of a router's namespace the fast path knows as its own.
 pub const MAX_LOCAL4: u32 = 4096;
 
@@ -164,6 +170,14 @@ pub struct Iface {
     pub slot: u32,
 }
 
+/// Value of the `IFACE_INDEX` array: a device and its ifindex (0: empty).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IfaceAt {
+    pub ifindex: u32,
+    pub iface: Iface,
+}
+
 /// Why a frame was handed to the kernel (XDP_PASS). The values index `Stats::pass`; each reason
 /// counts both families unless its name says otherwise.
 pub mod pass_reason {
@@ -270,6 +284,7 @@ mod user {
     unsafe impl aya::Pod for Neigh6Key {}
     unsafe impl aya::Pod for Neigh {}
     unsafe impl aya::Pod for Iface {}
+    unsafe impl aya::Pod for IfaceAt {}
     unsafe impl aya::Pod for Stats {}
 }
 
@@ -286,6 +301,7 @@ mod layout {
         assert_eq!(size_of::<Neigh6Key>(), 20);
         assert_eq!(size_of::<Neigh>(), 8);
         assert_eq!(size_of::<Iface>(), 16);
+        assert_eq!(size_of::<IfaceAt>(), 20);
         assert_eq!(size_of::<Stats>(), 8 * (6 + pass_reason::COUNT));
     }
 }

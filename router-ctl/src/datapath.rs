@@ -34,8 +34,9 @@ pub static PROGRAM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 /// Benchmark helpers (traffic generator, wire floor); see `router-ebpf/src/bench.rs`.
 pub static BENCH_PROGRAM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bench"));
 
-const ALL_MAPS: [&str; 13] = [
+const ALL_MAPS: [&str; 14] = [
     map_names::NH_GROUPS,
+    map_names::IFACE_INDEX,
     map_names::LOCAL_BITS,
     map_names::LOCAL4,
     map_names::FIB6,
@@ -101,8 +102,12 @@ pub fn load_pinned(router_id: &str, cap: Capacity) -> Result<Ebpf> {
 /// Refuses maps pinned by a build whose map layout differs from this one's: the program would
 /// read them wrongly (the verifier refuses it at best).
 fn check_pinned_layout(router_id: &str) -> Result<()> {
-    let expected: [(&str, usize); 13] = [
+    let expected: [(&str, usize); 14] = [
         (map_names::NH_GROUPS, std::mem::size_of::<NhGroup>()),
+        (
+            map_names::IFACE_INDEX,
+            std::mem::size_of::<router_common::IfaceAt>(),
+        ),
         (map_names::LOCAL_BITS, 8 * 1024),
         (map_names::LOCAL4, 4),
         (map_names::FIB6, 4),
@@ -504,6 +509,36 @@ pub fn set_ifaces(ebpf: &mut Ebpf, ifaces: &[(u32, Iface)], down: &[u32]) -> Res
             .any(|(ifindex, i)| i.slot == slot && !down.contains(ifindex))
         {
             remove_tx_port(ebpf, slot)?;
+        }
+    }
+    // The index array: each device in its slot, unless another device of the router took it
+    // (that one is found through the hash map); slots of devices gone are emptied.
+    {
+        let n = router_common::IFACE_INDEX_SLOTS;
+        let mut index: Array<_, router_common::IfaceAt> =
+            Array::try_from(map_mut(ebpf, map_names::IFACE_INDEX)?)?;
+        let mut want: std::collections::BTreeMap<u32, router_common::IfaceAt> = Default::default();
+        for (ifindex, iface) in ifaces {
+            want.entry(ifindex & (n - 1))
+                .or_insert(router_common::IfaceAt {
+                    ifindex: *ifindex,
+                    iface: *iface,
+                });
+        }
+        for i in 0..n {
+            let now = index.get(&i, 0)?;
+            let new = want.get(&i).copied().unwrap_or(router_common::IfaceAt {
+                ifindex: 0,
+                iface: Iface {
+                    mac: [0; 6],
+                    _pad: [0; 2],
+                    mtu: 0,
+                    slot: 0,
+                },
+            });
+            if now != new {
+                index.set(i, new, 0)?;
+            }
         }
     }
     let mut map: HashMap<_, u32, Iface> = HashMap::try_from(map_mut(ebpf, map_names::IFACES)?)?;

@@ -15,8 +15,9 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use router_common::{
-    fib, pass_reason as why, route_kind, Iface, Neigh, Neigh6Key, NeighKey, NhGroup, Route, Stats,
-    MAX_IFACES, MAX_LOCAL4, MAX_NEIGHS, STATS_SLOTS, UNKNOWN_IFACE_SLOT,
+    fib, pass_reason as why, route_kind, Iface, IfaceAt, Neigh, Neigh6Key, NeighKey, NhGroup,
+    Route, Stats, IFACE_INDEX_SLOTS, MAX_IFACES, MAX_LOCAL4, MAX_NEIGHS, STATS_SLOTS,
+    UNKNOWN_IFACE_SLOT,
 };
 
 // The route table (see `router_common::fib`); the controller sizes L2, L3 and NEXTHOPS per router.
@@ -44,6 +45,8 @@ static NEIGHS6: HashMap<Neigh6Key, Neigh> = HashMap::with_max_entries(MAX_NEIGHS
 
 #[map(name = "IFACES")]
 static IFACES: HashMap<u32, Iface> = HashMap::with_max_entries(MAX_IFACES, 0);
+#[map(name = "IFACE_INDEX")]
+static IFACE_INDEX: Array<IfaceAt> = Array::with_max_entries(IFACE_INDEX_SLOTS, 0);
 
 #[map(name = "TX_PORTS")]
 static TX_PORTS: DevMap = DevMap::with_max_entries(MAX_IFACES, 0);
@@ -109,7 +112,7 @@ enum Verdict {
 pub fn router(ctx: XdpContext) -> u32 {
     let len = (ctx.data_end() - ctx.data()) as u64;
     let ingress = ctx.ingress_ifindex() as u32;
-    let (slot, verdict) = match unsafe { IFACES.get(&ingress) } {
+    let (slot, verdict) = match iface_of(ingress) {
         Some(iface) => (iface.slot, forward(&ctx, ingress, iface)),
         None => (UNKNOWN_IFACE_SLOT, Verdict::Pass(why::UNKNOWN_IFACE)),
     };
@@ -147,6 +150,18 @@ pub fn router(ctx: XdpContext) -> u32 {
             xdp_action::XDP_PASS
         }
     }
+}
+
+/// The ingress device: an array read, or a hash lookup when its index slot holds another device.
+#[inline(always)]
+fn iface_of(ifindex: u32) -> Option<&'static Iface> {
+    if let Some(at) = IFACE_INDEX.get(ifindex & (IFACE_INDEX_SLOTS - 1)) {
+        if at.ifindex == ifindex {
+            return Some(&at.iface);
+        }
+    }
+    // SAFETY: a map lookup; the value is read while the program runs.
+    unsafe { IFACES.get(&ifindex) }
 }
 
 /// Bounds-checked pointer to a `T` at `offset` bytes into the frame.

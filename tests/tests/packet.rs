@@ -529,12 +529,10 @@ fn every_truncation_is_passed_without_reading_past_the_end() {
 #[test]
 fn frames_on_an_unknown_device_are_passed_and_counted() {
     let Some(mut h) = harness() else { return };
-    {
-        use aya::maps::HashMap;
-        let mut m: HashMap<_, u32, Iface> =
-            HashMap::try_from(h.ebpf.map_mut(map_names::IFACES).unwrap()).unwrap();
-        m.remove(&1).unwrap();
-    }
+    // The ingress device leaves the router (as the controller removes it: both the index
+    // array and the hash map).
+    let rest: Vec<_> = h.ifaces.iter().filter(|(i, _)| *i != 1).copied().collect();
+    datapath::set_ifaces(&mut h.ebpf, &rest, &[h.e1]).unwrap();
     let frame = udp_frame(IN_MAC, &Ipv4::udp(SRC, DST, 64));
     let (rc, out) = h.run(&frame);
     assert_eq!(rc, XDP_PASS);
@@ -542,6 +540,32 @@ fn frames_on_an_unknown_device_are_passed_and_counted() {
     let s = h.stats();
     assert_eq!(s[UNKNOWN_IFACE_SLOT as usize].pass[why::UNKNOWN_IFACE], 1);
     assert_eq!(s[0].pass_packets(), 0);
+}
+
+/// A device whose ifindex shares its index slot with another device's is found through the
+/// hash map: here ifindex 4097 takes slot 1 first, and lo (ifindex 1) still forwards.
+#[test]
+fn a_device_sharing_an_index_slot_is_still_found() {
+    let Some(mut h) = harness() else { return };
+    let other = Iface {
+        mac: [0x02, 0, 0, 0, 0x09, 0x09],
+        _pad: [0; 2],
+        mtu: 1500,
+        slot: 3,
+    };
+    let mut ifaces = vec![(1 + router_common::IFACE_INDEX_SLOTS, other)];
+    ifaces.extend(h.ifaces.iter().copied());
+    datapath::set_ifaces(
+        &mut h.ebpf,
+        &ifaces,
+        &[h.e1, 1 + router_common::IFACE_INDEX_SLOTS],
+    )
+    .unwrap();
+    let ip = Ipv4::udp(SRC, DST, 64);
+    let (rc, out) = h.run(&udp_frame(IN_MAC, &ip));
+    assert_eq!(rc, XDP_REDIRECT);
+    assert_eq!(out, forwarded(NB_MAC, &ip));
+    assert_eq!(h.stats()[0].fwd_packets, 1, "counted on lo's slot");
 }
 
 /// The kernel side of the route table: the real program's choice of nexthop, for random tables
