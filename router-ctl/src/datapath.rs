@@ -130,11 +130,19 @@ fn check_pinned_layout(router_id: &str) -> Result<()> {
             .with_context(|| format!("cannot open {}", p.display()))?
             .info()?;
         let found = info.value_size() as usize;
-        let wrong_type = name == map_names::TX_PORTS
-            && !matches!(info.map_type(), Ok(aya::maps::MapType::DevMap));
+        const BPF_F_NO_PREALLOC: u32 = 1;
+        let hash = [
+            map_names::NEIGHS,
+            map_names::NEIGHS6,
+            map_names::IFACES,
+            map_names::LOCAL4,
+        ];
+        let wrong_type = (name == map_names::TX_PORTS
+            && !matches!(info.map_type(), Ok(aya::maps::MapType::DevMap)))
+            || (hash.contains(&name) && info.map_flags() & BPF_F_NO_PREALLOC == 0);
         if found != size || wrong_type {
             anyhow::bail!(
-                "map {name} pinned at {} has {found}-byte values or another type than this build uses ({size}-byte values): the router was set up by an incompatible build; run `router-ctl destroy {router_id}` and apply again",
+                "map {name} pinned at {} has {found}-byte values or another type or flags than this build uses ({size}-byte values): the router was set up by an incompatible build; run `router-ctl destroy {router_id}` and apply again",
                 p.display()
             );
         }

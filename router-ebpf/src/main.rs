@@ -9,7 +9,7 @@
 
 use aya_ebpf::{
     bindings::xdp_action,
-    bindings::BPF_F_MMAPABLE,
+    bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC},
     macros::{map, xdp},
     maps::{lpm_trie::Key, Array, DevMap, HashMap, LpmTrie, PerCpuArray},
     programs::XdpContext,
@@ -34,17 +34,21 @@ static NEXTHOPS: Array<Route> = Array::with_max_entries(fib::DEFAULT_NEXTHOPS, 0
 #[map(name = "NH_GROUPS")]
 static NH_GROUPS: Array<NhGroup> = Array::with_max_entries(fib::NH_GROUPS, 0);
 
+// Hash maps the controller updates while the program reads them are not preallocated: a
+// preallocated map recycles a replaced or deleted element at once, possibly for another key,
+// while a program may still hold it; these are freed after an RCU grace period instead.
 #[map(name = "NEIGHS")]
-static NEIGHS: HashMap<NeighKey, Neigh> = HashMap::with_max_entries(MAX_NEIGHS, 0);
+static NEIGHS: HashMap<NeighKey, Neigh> = HashMap::with_max_entries(MAX_NEIGHS, BPF_F_NO_PREALLOC);
 
 // IPv6 routes: the kernel's LPM trie, value = nexthop index + 1 (the same `NEXTHOPS` as IPv4).
 #[map(name = "FIB6")]
 static FIB6: LpmTrie<[u8; 16], u32> = LpmTrie::with_max_entries(fib::MAX_ROUTES6, 0);
 #[map(name = "NEIGHS6")]
-static NEIGHS6: HashMap<Neigh6Key, Neigh> = HashMap::with_max_entries(MAX_NEIGHS, 0);
+static NEIGHS6: HashMap<Neigh6Key, Neigh> =
+    HashMap::with_max_entries(MAX_NEIGHS, BPF_F_NO_PREALLOC);
 
 #[map(name = "IFACES")]
-static IFACES: HashMap<u32, Iface> = HashMap::with_max_entries(MAX_IFACES, 0);
+static IFACES: HashMap<u32, Iface> = HashMap::with_max_entries(MAX_IFACES, BPF_F_NO_PREALLOC);
 #[map(name = "IFACE_INDEX")]
 static IFACE_INDEX: Array<IfaceAt> = Array::with_max_entries(IFACE_INDEX_SLOTS, 0);
 
@@ -55,7 +59,7 @@ static TX_PORTS: DevMap = DevMap::with_max_entries(MAX_IFACES, 0);
 #[map(name = "LOCAL_BITS")]
 static LOCAL_BITS: Array<[u64; 1024]> = Array::with_max_entries(1, 0);
 #[map(name = "LOCAL4")]
-static LOCAL4: HashMap<u32, u32> = HashMap::with_max_entries(MAX_LOCAL4, 0);
+static LOCAL4: HashMap<u32, u32> = HashMap::with_max_entries(MAX_LOCAL4, BPF_F_NO_PREALLOC);
 
 #[map(name = "STATS")]
 static STATS: PerCpuArray<Stats> = PerCpuArray::with_max_entries(STATS_SLOTS, 0);
