@@ -435,13 +435,13 @@ impl Seed {
 
 impl Drop for Seed {
     fn drop(&mut self) {
-        // After any test that passed: the counters add up.
-        if self.check_counters && !std::thread::panicking() {
-            if let Err(e) = self.counters_add_up() {
-                let _ = ctl(&["destroy", &self.ids.router_id]);
-                panic!("counters do not add up: {e}");
-            }
-        }
+        // After any test that passed: the counters add up (checked before the teardown, the
+        // failure raised after it, so that nothing is left behind).
+        let counters = if self.check_counters && !std::thread::panicking() {
+            self.counters_add_up().err()
+        } else {
+            None
+        };
         let out = ctl(&["destroy", &self.ids.router_id]);
         if !out.status.success() {
             eprintln!(
@@ -459,6 +459,9 @@ impl Drop for Seed {
         let _ = std::fs::remove_file(
             std::env::temp_dir().join(format!("router-test-{}.toml", self.ids.tag)),
         );
+        if let Some(e) = counters {
+            panic!("counters do not add up: {e}");
+        }
     }
 }
 
