@@ -519,8 +519,14 @@ pub fn set_ifaces(ebpf: &mut Ebpf, ifaces: &[(u32, Iface)], down: &[u32]) -> Res
             remove_tx_port(ebpf, slot)?;
         }
     }
+    // The devices the maps hold now: the index array holds some of them, never others.
+    let before: Vec<u32> = HashMap::<_, u32, Iface>::try_from(map_mut(ebpf, map_names::IFACES)?)?
+        .keys()
+        .filter_map(|k| k.ok())
+        .collect();
     // The index array: each device in its slot, unless another device of the router took it
-    // (that one is found through the hash map); slots of devices gone are emptied.
+    // (that one is found through the hash map); slots of devices gone are emptied. Only the
+    // slots of devices old and new are touched.
     {
         let n = router_common::IFACE_INDEX_SLOTS;
         let mut index: Array<_, router_common::IfaceAt> =
@@ -533,18 +539,23 @@ pub fn set_ifaces(ebpf: &mut Ebpf, ifaces: &[(u32, Iface)], down: &[u32]) -> Res
                     iface: *iface,
                 });
         }
-        for i in 0..n {
-            let now = index.get(&i, 0)?;
-            let new = want.get(&i).copied().unwrap_or(router_common::IfaceAt {
-                ifindex: 0,
-                iface: Iface {
-                    mac: [0; 6],
-                    _pad: [0; 2],
-                    mtu: 0,
-                    slot: 0,
-                },
-            });
-            if now != new {
+        let empty = router_common::IfaceAt {
+            ifindex: 0,
+            iface: Iface {
+                mac: [0; 6],
+                _pad: [0; 2],
+                mtu: 0,
+                slot: 0,
+            },
+        };
+        let slots: BTreeSet<u32> = want
+            .keys()
+            .copied()
+            .chain(before.iter().map(|i| i & (n - 1)))
+            .collect();
+        for i in slots {
+            let new = want.get(&i).copied().unwrap_or(empty);
+            if index.get(&i, 0)? != new {
                 index.set(i, new, 0)?;
             }
         }
@@ -553,9 +564,8 @@ pub fn set_ifaces(ebpf: &mut Ebpf, ifaces: &[(u32, Iface)], down: &[u32]) -> Res
     for (ifindex, iface) in ifaces {
         map.insert(ifindex, iface, 0)?;
     }
-    let stale: Vec<u32> = map
-        .keys()
-        .filter_map(|k| k.ok())
+    let stale: Vec<u32> = before
+        .into_iter()
         .filter(|k| !ifaces.iter().any(|(i, _)| i == k))
         .collect();
     for k in stale {

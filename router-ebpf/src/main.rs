@@ -104,10 +104,8 @@ struct Ipv6Hdr {
 
 /// What the program decided for one frame.
 enum Verdict {
-    /// Redirected; the frame was rewritten.
-    Forward,
-    /// An IPv6 packet redirected (counted apart too).
-    Forward6,
+    /// Redirected; the frame was rewritten. IPv6 is counted apart too.
+    Forward { ipv6: bool },
     /// Handed to the kernel unchanged, for the reason given (an index into `Stats::pass`).
     Pass(usize),
 }
@@ -122,24 +120,15 @@ pub fn router(ctx: XdpContext) -> u32 {
     };
     let stats = STATS.get_ptr_mut(slot);
     match verdict {
-        Verdict::Forward => {
+        Verdict::Forward { ipv6 } => {
             if let Some(s) = stats {
+                let v6 = ipv6 as u64;
                 // SAFETY: a per-CPU slot, written only by this CPU.
                 unsafe {
                     (*s).fwd_packets += 1;
                     (*s).fwd_bytes += len;
-                }
-            }
-            xdp_action::XDP_REDIRECT
-        }
-        Verdict::Forward6 => {
-            if let Some(s) = stats {
-                // SAFETY: as above.
-                unsafe {
-                    (*s).fwd_packets += 1;
-                    (*s).fwd_bytes += len;
-                    (*s).fwd6_packets += 1;
-                    (*s).fwd6_bytes += len;
+                    (*s).fwd6_packets += v6;
+                    (*s).fwd6_bytes += v6 * len;
                 }
             }
             xdp_action::XDP_REDIRECT
@@ -235,25 +224,13 @@ fn forward4(ctx: &XdpContext, ingress: u32) -> Verdict {
         return Verdict::Pass(why::TTL_EXCEEDED);
     }
 
-    let Some(mut route) = fib_lookup(u32::from_be_bytes(ip.dst)) else {
+    let Some(route) = fib_lookup(u32::from_be_bytes(ip.dst)) else {
         return Verdict::Pass(why::NO_ROUTE);
     };
-    if route.kind == route_kind::ECMP {
-        let Some(member) = ecmp_member(ctx, ip, route.tx_port) else {
-            return Verdict::Pass(why::NO_ROUTE);
-        };
-        route = member;
-    }
-    if route.kind == route_kind::LOCAL {
-        return Verdict::Pass(why::LOCAL_DEST);
-    }
-    let egress_ifindex = route.ifindex;
-    if egress_ifindex == ingress {
-        return Verdict::Pass(why::SAME_IFACE);
-    }
-    if tot_len > route.mtu as usize {
-        return Verdict::Pass(why::TOO_BIG);
-    }
+    let route = match egress(route, ingress, tot_len, |g| ecmp_member(ctx, ip, g)) {
+        Ok(r) => r,
+        Err(reason) => return Verdict::Pass(reason),
+    };
     let nexthop = if route.kind == route_kind::GATEWAY {
         [
             route.nexthop[0],
@@ -265,25 +242,20 @@ fn forward4(ctx: &XdpContext, ingress: u32) -> Verdict {
         ip.dst
     };
     let key = NeighKey {
-        ifindex: egress_ifindex,
+        ifindex: route.ifindex,
         addr: nexthop,
     };
     let Some(neigh) = (unsafe { NEIGHS.get(&key) }) else {
         return Verdict::Pass(why::NO_NEIGH);
     };
-    // The redirect only records the target; the frame is sent after the program returns, so it
-    // is safe to trim and rewrite it below. Asking first keeps a failed redirect's frame untouched.
-    if TX_PORTS.redirect(route.tx_port, 0).is_err() {
-        return Verdict::Pass(why::NO_TX_PORT);
+    match send::<Ipv4Hdr>(ctx, route, neigh, ETH_LEN + tot_len) {
+        Ok(ip) => {
+            ip.check = decrement_ttl(ip.check);
+            ip.ttl -= 1;
+            Verdict::Forward { ipv6: false }
+        }
+        Err(reason) => Verdict::Pass(reason),
     }
-    let Some((eth, ip)) = trimmed::<Ipv4Hdr>(ctx, ETH_LEN + tot_len) else {
-        return Verdict::Pass(why::MALFORMED);
-    };
-    copy_mac(&mut eth.dst, &neigh.mac);
-    copy_mac(&mut eth.src, &route.src_mac);
-    ip.check = decrement_ttl(ip.check);
-    ip.ttl -= 1;
-    Verdict::Forward
 }
 
 #[inline(always)]
@@ -322,27 +294,15 @@ fn forward6(ctx: &XdpContext, ingress: u32) -> Verdict {
     let Some(e) = FIB6.get(Key::new(128, ip.dst)) else {
         return Verdict::Pass(why::NO_ROUTE);
     };
-    let Some(mut route) = NEXTHOPS.get(e.wrapping_sub(1)) else {
+    let Some(route) = NEXTHOPS.get(e.wrapping_sub(1)) else {
         return Verdict::Pass(why::NO_ROUTE);
     };
-    if route.kind == route_kind::ECMP {
-        let Some(member) = ecmp_member6(ctx, ip, route.tx_port) else {
-            return Verdict::Pass(why::NO_ROUTE);
-        };
-        route = member;
-    }
-    if route.kind == route_kind::LOCAL {
-        return Verdict::Pass(why::LOCAL_DEST);
-    }
-    let egress_ifindex = route.ifindex;
-    if egress_ifindex == ingress {
-        return Verdict::Pass(why::SAME_IFACE);
-    }
-    if ip_len > route.mtu as usize {
-        return Verdict::Pass(why::TOO_BIG);
-    }
+    let route = match egress(route, ingress, ip_len, |g| ecmp_member6(ctx, ip, g)) {
+        Ok(r) => r,
+        Err(reason) => return Verdict::Pass(reason),
+    };
     let key = Neigh6Key {
-        ifindex: egress_ifindex,
+        ifindex: route.ifindex,
         addr: if route.kind == route_kind::GATEWAY {
             route.nexthop
         } else {
@@ -352,16 +312,59 @@ fn forward6(ctx: &XdpContext, ingress: u32) -> Verdict {
     let Some(neigh) = (unsafe { NEIGHS6.get(&key) }) else {
         return Verdict::Pass(why::NO_NEIGH);
     };
-    if TX_PORTS.redirect(route.tx_port, 0).is_err() {
-        return Verdict::Pass(why::NO_TX_PORT);
+    match send::<Ipv6Hdr>(ctx, route, neigh, ETH_LEN + ip_len) {
+        Ok(ip) => {
+            ip.hop_limit -= 1;
+            Verdict::Forward { ipv6: true }
+        }
+        Err(reason) => Verdict::Pass(reason),
     }
-    let Some((eth, ip)) = trimmed::<Ipv6Hdr>(ctx, ETH_LEN + ip_len) else {
-        return Verdict::Pass(why::MALFORMED);
+}
+
+/// The nexthop a packet of `ip_len` bytes leaves through, both families: an ECMP route becomes
+/// its member for this flow (`member` hashes the flow), or the reason to pass the packet.
+#[inline(always)]
+fn egress(
+    route: &'static Route,
+    ingress: u32,
+    ip_len: usize,
+    member: impl FnOnce(u32) -> Option<&'static Route>,
+) -> Result<&'static Route, usize> {
+    let route = if route.kind == route_kind::ECMP {
+        member(route.tx_port).ok_or(why::NO_ROUTE)?
+    } else {
+        route
     };
+    if route.kind == route_kind::LOCAL {
+        return Err(why::LOCAL_DEST);
+    }
+    if route.ifindex == ingress {
+        return Err(why::SAME_IFACE);
+    }
+    if ip_len > route.mtu as usize {
+        return Err(why::TOO_BIG);
+    }
+    Ok(route)
+}
+
+/// Redirects the frame to `route`'s device, trims it to `len` bytes and rewrites its MACs;
+/// returns its IP header for the TTL or hop limit. The redirect only records the target (the
+/// frame is sent after the program returns), so asking first keeps a failed redirect's frame
+/// untouched for the kernel.
+#[inline(always)]
+fn send<T>(
+    ctx: &XdpContext,
+    route: &Route,
+    neigh: &Neigh,
+    len: usize,
+) -> Result<&'static mut T, usize> {
+    if TX_PORTS.redirect(route.tx_port, 0).is_err() {
+        return Err(why::NO_TX_PORT);
+    }
+    let (eth, ip) = trimmed::<T>(ctx, len).ok_or(why::MALFORMED)?;
     copy_mac(&mut eth.dst, &neigh.mac);
     copy_mac(&mut eth.src, &route.src_mac);
-    ip.hop_limit -= 1;
-    Verdict::Forward6
+    Ok(ip)
 }
 
 /// The frame cut to `len` bytes, as the kernel trims Ethernet padding (bytes past the IP
@@ -411,11 +414,6 @@ fn link_local(a: &[u8; 16]) -> bool {
 /// ports of TCP and UDP when they follow the fixed header directly.
 #[inline(always)]
 fn ecmp_member6(ctx: &XdpContext, ip: &Ipv6Hdr, group: u32) -> Option<&'static Route> {
-    let g = NH_GROUPS.get(group)?;
-    let n = g.count;
-    if n == 0 {
-        return None;
-    }
     let fold = |a: &[u8; 16]| {
         // SAFETY: 16 readable bytes; unaligned reads.
         let w = unsafe { core::ptr::read_unaligned(a.as_ptr() as *const [u32; 4]) };
@@ -423,36 +421,42 @@ fn ecmp_member6(ctx: &XdpContext, ip: &Ipv6Hdr, group: u32) -> Option<&'static R
     };
     let mut h = fold(&ip.src) ^ fold(&ip.dst).rotate_left(16) ^ ((ip.next_header as u32) << 8);
     if ip.next_header == 6 || ip.next_header == 17 {
-        if let Some(ports) = ptr_at::<[u8; 4]>(ctx, ETH_LEN + IPV6_LEN) {
-            // SAFETY: bounds checked by `ptr_at`.
-            h ^= u32::from_ne_bytes(unsafe { *ports }).rotate_left(7);
-        }
+        h ^= ports(ctx, ETH_LEN + IPV6_LEN);
     }
-    h = h.wrapping_mul(0x9e37_79b1);
-    h ^= h >> 16;
-    // See `ecmp_member` for why n is not checked against MAX_PATHS.
-    let idx = *g.members.get((h % n) as usize)?;
-    NEXTHOPS.get(idx)
+    ecmp_pick(group, h)
 }
 
 /// The member of ECMP group `group` for this packet's flow: a hash of addresses, protocol and,
 /// for unfragmented TCP and UDP, ports, so that every packet of a flow takes the same nexthop.
 #[inline(always)]
 fn ecmp_member(ctx: &XdpContext, ip: &Ipv4Hdr, group: u32) -> Option<&'static Route> {
-    let g = NH_GROUPS.get(group)?;
-    let n = g.count;
-    if n == 0 {
-        return None;
-    }
     let mut h = u32::from_ne_bytes(ip.src)
         ^ u32::from_ne_bytes(ip.dst).rotate_left(16)
         ^ ((ip.protocol as u32) << 8);
     let unfragmented = u16::from_be_bytes(ip.frag_off) & 0x3fff == 0;
     if unfragmented && (ip.protocol == 6 || ip.protocol == 17) {
-        if let Some(ports) = ptr_at::<[u8; 4]>(ctx, ETH_LEN + IPV4_LEN) {
-            // SAFETY: bounds checked by `ptr_at`.
-            h ^= u32::from_ne_bytes(unsafe { *ports }).rotate_left(7);
-        }
+        h ^= ports(ctx, ETH_LEN + IPV4_LEN);
+    }
+    ecmp_pick(group, h)
+}
+
+/// The TCP/UDP ports at `offset`, mixed for the flow hash (0 when the frame ends before them).
+#[inline(always)]
+fn ports(ctx: &XdpContext, offset: usize) -> u32 {
+    match ptr_at::<[u8; 4]>(ctx, offset) {
+        // SAFETY: bounds checked by `ptr_at`.
+        Some(p) => u32::from_ne_bytes(unsafe { *p }).rotate_left(7),
+        None => 0,
+    }
+}
+
+/// The member of ECMP group `group` that flow hash `h` picks.
+#[inline(always)]
+fn ecmp_pick(group: u32, mut h: u32) -> Option<&'static Route> {
+    let g = NH_GROUPS.get(group)?;
+    let n = g.count;
+    if n == 0 {
+        return None;
     }
     h = h.wrapping_mul(0x9e37_79b1);
     h ^= h >> 16;

@@ -7,7 +7,7 @@
 //! that made the kernel resolve one would get its answer seconds later, outside the window in
 //! which its effects are recorded.
 
-use crate::frame::{checksum, ethernet, udp, udp6, v6, Ipv4, Ipv6};
+use crate::frame::{checksum, ethernet, fix_ipv4_checksum, udp, udp6, v6, Ipv4, Ipv6};
 
 pub const VM1_4: [u8; 4] = [172, 16, 100, 3];
 pub const VM3_4: [u8; 4] = [172, 16, 101, 3];
@@ -209,10 +209,7 @@ pub fn corpus(qr_a: [u8; 6], vm1: [u8; 6]) -> Vec<(&'static str, Vec<u8>)> {
             let l = l4(&mut rng, proto, &VM1_4, &VM3_4);
             let mut f = ipv4_frame(qr_a, vm1, &ip, &l);
             f[14] = 0x40 | ihl;
-            let hl = (ihl as usize * 4).max(20);
-            f[24..26].fill(0);
-            let s = checksum(&f[14..14 + hl]);
-            f[24..26].copy_from_slice(&s.to_be_bytes());
+            fix_ipv4_checksum(&mut f);
             c.push(("ihl", f));
         }
     }
@@ -598,13 +595,8 @@ pub fn corpus(qr_a: [u8; 6], vm1: [u8; 6]) -> Vec<(&'static str, Vec<u8>)> {
                 _ => f[i] = rng.pick(&[0u8, 1, 0x40, 0x45, 0x60, 0xff]),
             }
         }
-        if rng.below(2) == 0 && f.len() >= 34 && f[12..14] == [8, 0] {
-            let hl = ((f[14] & 0xf) as usize * 4).max(20);
-            if f.len() >= 14 + hl {
-                f[24..26].fill(0);
-                let s = checksum(&f[14..14 + hl]);
-                f[24..26].copy_from_slice(&s.to_be_bytes());
-            }
+        if rng.below(2) == 0 {
+            fix_ipv4_checksum(&mut f);
         }
         c.push(("mutated", f));
     }
@@ -635,10 +627,8 @@ pub fn settle(f: &mut [u8]) -> bool {
                     changed = true;
                 }
             }
-            if changed && valid && f.len() >= 14 + hl {
-                f[24..26].fill(0);
-                let s = checksum(&f[14..14 + hl]);
-                f[24..26].copy_from_slice(&s.to_be_bytes());
+            if changed && valid {
+                fix_ipv4_checksum(f);
             }
             true
         }

@@ -173,3 +173,17 @@ pub fn ipv6_udp(dst_mac: [u8; 6], src_mac: [u8; 6], ip: &Ipv6) -> Vec<u8> {
     l3.extend_from_slice(&l4);
     ethernet(dst_mac, src_mac, ETH_P_IPV6, &l3)
 }
+
+/// Sets the IPv4 header checksum of Ethernet frame `f` to what its IHL covers (at least 20
+/// bytes), when the frame holds that much of a header; other frames are left as they are.
+pub fn fix_ipv4_checksum(f: &mut [u8]) {
+    if f.len() < 34 || f[12..14] != [8, 0] {
+        return;
+    }
+    let hl = ((f[14] & 0xf) as usize * 4).max(20);
+    if f.len() >= 14 + hl {
+        f[24..26].fill(0);
+        let c = checksum(&f[14..14 + hl]);
+        f[24..26].copy_from_slice(&c.to_be_bytes());
+    }
+}

@@ -60,26 +60,14 @@ impl Ids {
 
     /// As `config`, with `router_fields` (TOML keys of the router table itself) too.
     pub fn config_with(&self, router_fields: &str, extra: &str) -> String {
-        format!(
-            r#"[[router]]
-id = "{}"
-name = "{}"
-{router_fields}
-[[router.interface]]
-port_id = "{}"
-subnet = "172.16.100.0/24"
-gateway_ip = "172.16.100.1"
-[[router.interface]]
-port_id = "{}"
-subnet = "172.16.101.0/24"
-gateway_ip = "172.16.101.1"
-{extra}"#,
-            self.router_id, self.name, self.port_a, self.port_b
+        self.router_toml(
+            router_fields,
+            "subnet = \"172.16.100.0/24\"\ngateway_ip = \"172.16.100.1\"",
+            "subnet = \"172.16.101.0/24\"\ngateway_ip = \"172.16.101.1\"",
+            extra,
         )
     }
-}
 
-impl Ids {
     /// The seed router with dual-stack ports: 172.16.100.0/24 + 2001:db8:100::/64 on port a,
     /// 172.16.101.0/24 + 2001:db8:101::/64 on port b, plus `extra` TOML.
     pub fn config_dual(&self, extra: &str) -> String {
@@ -87,24 +75,18 @@ impl Ids {
     }
 
     pub fn config_dual_with(&self, router_fields: &str, extra: &str) -> String {
+        let fixed = |n: u32| {
+            format!(
+                "fixed_ips = [\n  {{ subnet = \"172.16.{n}.0/24\", ip_address = \"172.16.{n}.1\" }},\n  {{ subnet = \"2001:db8:{n}::/64\", ip_address = \"2001:db8:{n}::1\" }},\n]"
+            )
+        };
+        self.router_toml(router_fields, &fixed(100), &fixed(101), extra)
+    }
+
+    /// This router with ports a and b, each with the addressing given.
+    fn router_toml(&self, router_fields: &str, a: &str, b: &str, extra: &str) -> String {
         format!(
-            r#"[[router]]
-id = "{}"
-name = "{}"
-{router_fields}
-[[router.interface]]
-port_id = "{}"
-fixed_ips = [
-  {{ subnet = "172.16.100.0/24", ip_address = "172.16.100.1" }},
-  {{ subnet = "2001:db8:100::/64", ip_address = "2001:db8:100::1" }},
-]
-[[router.interface]]
-port_id = "{}"
-fixed_ips = [
-  {{ subnet = "172.16.101.0/24", ip_address = "172.16.101.1" }},
-  {{ subnet = "2001:db8:101::/64", ip_address = "2001:db8:101::1" }},
-]
-{extra}"#,
+            "[[router]]\nid = \"{}\"\nname = \"{}\"\n{router_fields}\n[[router.interface]]\nport_id = \"{}\"\n{a}\n[[router.interface]]\nport_id = \"{}\"\n{b}\n{extra}",
             self.router_id, self.name, self.port_a, self.port_b
         )
     }
@@ -156,22 +138,7 @@ impl Seed {
 
     /// As `up_dual`, with `router_fields` in the router's table.
     pub fn up_dual_with(router_fields: &str, extra: &str) -> Seed {
-        let tag = unique_tag();
-        let s = Seed {
-            vm1: format!("vm1-{tag}"),
-            vm3: format!("vm3-{tag}"),
-            ids: Ids::new(&tag),
-            extra_ns: Vec::new(),
-            injected_a: 0,
-            check_counters: true,
-        };
-        let path = write_config(&tag, &s.ids.config_dual_with(router_fields, extra));
-        let out = ctl(&["apply", "-f", &path]);
-        assert!(
-            out.status.success(),
-            "apply failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let s = Seed::apply_new(|ids| ids.config_dual_with(router_fields, extra));
         s.plug(&s.vm1, &s.ids.tap_a(), "172.16.100.3/24", "172.16.100.1");
         s.plug(&s.vm3, &s.ids.tap_b(), "172.16.101.3/24", "172.16.101.1");
         for (ns, dev, addr, gw) in [
@@ -244,17 +211,21 @@ impl Seed {
     }
 
     pub fn applied_with(router_fields: &str, extra: &str) -> Seed {
+        Seed::apply_new(|ids| ids.config_with(router_fields, extra))
+    }
+
+    /// A router with fresh ids, applied from the definition `text` gives for them.
+    fn apply_new(text: impl FnOnce(&Ids) -> String) -> Seed {
         let tag = unique_tag();
-        let ids = Ids::new(&tag);
         let seed = Seed {
             vm1: format!("vm1-{tag}"),
             vm3: format!("vm3-{tag}"),
-            ids,
+            ids: Ids::new(&tag),
             extra_ns: Vec::new(),
             injected_a: 0,
             check_counters: true,
         };
-        let path = write_config(&tag, &seed.ids.config_with(router_fields, extra));
+        let path = write_config(&tag, &text(&seed.ids));
         let out = ctl(&["apply", "-f", &path]);
         assert!(
             out.status.success(),
@@ -385,17 +356,7 @@ impl Seed {
     /// against the fast path's counters: forwarded + passed + dropped. Err says where they differ.
     pub fn counters_add_up(&self) -> Result<(), String> {
         let ns = self.ns();
-        let xdp_seen = |dev: &str| -> Option<u64> {
-            let out = sh_out(&format!("ip netns exec {ns} ethtool -S {dev}"));
-            out.status.success().then(|| {
-                String::from_utf8_lossy(&out.stdout)
-                    .lines()
-                    .filter_map(|l| l.trim().split_once(": "))
-                    .filter(|(k, _)| k.starts_with("rx_queue_") && k.ends_with("_xdp_packets"))
-                    .filter_map(|(_, v)| v.trim().parse::<u64>().ok())
-                    .sum()
-            })
-        };
+        let xdp_seen = |dev: &str| veth_xdp_count(&ns, dev, "_xdp_packets");
         let ours = |dev: &str| -> Option<u64> {
             // None when the test destroyed the router itself.
             let out = ctl(&["stats", "-j", &self.ids.router_id]);
@@ -463,6 +424,28 @@ impl Drop for Seed {
             panic!("counters do not add up: {e}");
         }
     }
+}
+
+/// Sum of a veth's per-queue XDP counters (`ethtool -S`) whose name ends in `suffix`, e.g.
+/// `_xdp_packets` (frames XDP ran on) or `_xdp_redirect`; None when ethtool cannot tell.
+pub fn veth_xdp_count(ns: &str, dev: &str, suffix: &str) -> Option<u64> {
+    let out = sh_out(&format!("ip netns exec {ns} ethtool -S {dev}"));
+    out.status.success().then(|| {
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.trim().split_once(": "))
+            .filter(|(k, _)| k.starts_with("rx_queue_") && k.ends_with(suffix))
+            .filter_map(|(_, v)| v.trim().parse::<u64>().ok())
+            .sum()
+    })
+}
+
+/// The MAC address of `dev` in namespace `ns`, as iproute2 prints it.
+pub fn link_mac(ns: &str, dev: &str) -> String {
+    router_ctl::sys::link(Some(ns), dev)
+        .expect("ip link")
+        .unwrap_or_else(|| panic!("no {dev} in {ns}"))
+        .address
 }
 
 /// Runs `f` on a thread inside namespace `ns`.

@@ -44,12 +44,6 @@ fn pair(i: usize) -> [usize; 2] {
 fn fmt_ip(a: [u8; 4]) -> String {
     format!("{}.{}.{}.{}", a[0], a[1], a[2], a[3])
 }
-fn fmt_mac(m: [u8; 6]) -> String {
-    m.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
-}
 
 #[test]
 fn frames_reach_their_nexthops_or_the_kernel_under_churn() {
@@ -74,7 +68,7 @@ fn frames_reach_their_nexthops_or_the_kernel_under_churn() {
         sh(&format!(
             "ip -n {ns} neigh replace {} lladdr {} dev {dev_b} nud permanent",
             fmt_ip(nexthop(k)),
-            fmt_mac(nh_mac(k))
+            sys::fmt_mac(&nh_mac(k))
         ));
     }
     s.wait_neigh(&fmt_ip(nexthop(NEXTHOPS - 1)));
@@ -109,7 +103,7 @@ fn frames_reach_their_nexthops_or_the_kernel_under_churn() {
                     1 => format!(
                         "neigh replace {} lladdr {} dev {dev_b} nud permanent\n",
                         fmt_ip(nexthop(k)),
-                        fmt_mac(nh_mac(k))
+                        sys::fmt_mac(&nh_mac(k))
                     ),
                     2 => format!(
                         "neigh replace 172.16.101.{other} lladdr 02:00:00:00:99:{other:02x} dev {dev_b} nud reachable\n"
@@ -128,7 +122,7 @@ fn frames_reach_their_nexthops_or_the_kernel_under_churn() {
                     w,
                     "neigh replace {} lladdr {} dev {dev_b} nud permanent",
                     fmt_ip(nexthop(k)),
-                    fmt_mac(nh_mac(k))
+                    sys::fmt_mac(&nh_mac(k))
                 );
             }
             drop(w);
@@ -207,9 +201,9 @@ fn frames_reach_their_nexthops_or_the_kernel_under_churn() {
                     anyhow::ensure!(
                         pair(i).iter().any(|k| nh_mac(*k) == m),
                         "frame {n} (flow {i}) went to {} instead of {} or {}",
-                        fmt_mac(m),
-                        fmt_mac(nh_mac(pair(i)[0])),
-                        fmt_mac(nh_mac(pair(i)[1]))
+                        sys::fmt_mac(&m),
+                        sys::fmt_mac(&nh_mac(pair(i)[0])),
+                        sys::fmt_mac(&nh_mac(pair(i)[1]))
                     );
                     anyhow::ensure!(o[6..12] == qr_b, "frame {n}: not out of qr-b");
                     anyhow::ensure!(

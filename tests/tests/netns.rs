@@ -196,14 +196,9 @@ fn dual_stack_ports_forward_both_families_at_once() {
         .unwrap()
         .expect("no IPv6 echo request reached vm3");
     assert_eq!(f[21], 60, "hop limit must be sent − 1");
-    let mac = |b: &[u8]| {
-        b.iter()
-            .map(|x| format!("{x:02x}"))
-            .collect::<Vec<_>>()
-            .join(":")
-    };
+    let src_mac: [u8; 6] = f[6..12].try_into().unwrap();
     assert_eq!(
-        mac(&f[6..12]),
+        router_ctl::sys::fmt_mac(&src_mac),
         s.mac_of(&s.ids.dev_b()),
         "source MAC = qr- device's"
     );

@@ -20,6 +20,7 @@ use router_ctl::{
     datapath,
 };
 use tests::{
+    corpus::Rng,
     frame::{ethernet, ipv4_udp, ipv6_udp, v6, Ipv4, Ipv6},
     require_root, sh, unshare_netns,
 };
@@ -389,40 +390,46 @@ fn every_pass_reason_is_counted_and_leaves_the_frame_untouched() {
             why::NO_TX_PORT,
         ),
     ];
-    for (what, frame, reason) in cases {
-        let before = h.stats();
-        let (rc, out) = h.run(&frame);
-        assert_eq!(rc, XDP_PASS, "{what}: must go to the kernel");
-        assert_eq!(out, frame, "{what}: a passed frame must be unchanged");
-        let after = h.stats();
-        for r in 0..why::COUNT {
-            let d = after[0].pass[r] - before[0].pass[r];
-            assert_eq!(
-                d,
-                (r == reason) as u64,
-                "{what}: counter {} moved by {d}",
-                why::NAMES[r]
-            );
-        }
-        assert_eq!(
-            after[0].pass_bytes - before[0].pass_bytes,
-            frame.len() as u64,
-            "{what}: pass bytes"
-        );
-        assert_eq!(
-            after[0].fwd_packets, before[0].fwd_packets,
-            "{what}: not forwarded"
-        );
-        assert_eq!(
-            &after[1..],
-            &before[1..],
-            "{what}: other devices' counters moved"
-        );
-    }
+    h.assert_each_passed(cases);
     let _ = h.e1;
 }
 
 impl Harness {
+    /// Each (what, frame, reason): XDP_PASS, the frame unchanged, exactly its own reason counted
+    /// once on the ingress device with the frame's bytes, nothing else moved.
+    fn assert_each_passed(&mut self, cases: Vec<(&str, Vec<u8>, usize)>) {
+        for (what, frame, reason) in cases {
+            let before = self.stats();
+            let (rc, out) = self.run(&frame);
+            assert_eq!(rc, XDP_PASS, "{what}: must go to the kernel");
+            assert_eq!(out, frame, "{what}: a passed frame must be unchanged");
+            let after = self.stats();
+            for r in 0..why::COUNT {
+                let d = after[0].pass[r] - before[0].pass[r];
+                assert_eq!(
+                    d,
+                    (r == reason) as u64,
+                    "{what}: counter {} moved by {d}",
+                    why::NAMES[r]
+                );
+            }
+            assert_eq!(
+                after[0].pass_bytes - before[0].pass_bytes,
+                frame.len() as u64,
+                "{what}: pass bytes"
+            );
+            assert_eq!(
+                after[0].fwd_packets, before[0].fwd_packets,
+                "{what}: not forwarded"
+            );
+            assert_eq!(
+                &after[1..],
+                &before[1..],
+                "{what}: other devices' counters moved"
+            );
+        }
+    }
+
     /// The egress MTU lives in the device entry and in every nexthop through the device.
     fn set_mtu_of_e0(&mut self, mtu: u32) {
         let e0 = self.e0;
@@ -1006,36 +1013,7 @@ fn every_ipv6_pass_reason_is_counted_and_leaves_the_frame_untouched() {
             why::NO_TX_PORT,
         ),
     ];
-    for (what, frame, reason) in cases {
-        let before = h.stats();
-        let (rc, out) = h.run(&frame);
-        assert_eq!(rc, XDP_PASS, "{what}: must go to the kernel");
-        assert_eq!(out, frame, "{what}: a passed frame must be unchanged");
-        let after = h.stats();
-        for r in 0..why::COUNT {
-            let d = after[0].pass[r] - before[0].pass[r];
-            assert_eq!(
-                d,
-                (r == reason) as u64,
-                "{what}: counter {} moved by {d}",
-                why::NAMES[r]
-            );
-        }
-        assert_eq!(
-            after[0].pass_bytes - before[0].pass_bytes,
-            frame.len() as u64,
-            "{what}"
-        );
-        assert_eq!(
-            after[0].fwd_packets, before[0].fwd_packets,
-            "{what}: not forwarded"
-        );
-        assert_eq!(
-            &after[1..],
-            &before[1..],
-            "{what}: other devices' counters moved"
-        );
-    }
+    h.assert_each_passed(cases);
     // Exactly the MTU goes through.
     let l4 = tests::frame::udp6(&ok.src, &ok.dst, 1, 2, &[0x5a; 1352]);
     let mut l3 = ok.header(l4.len());
@@ -1123,13 +1101,8 @@ fn ipv6_ecmp_spreads_flows_and_keeps_each_on_one_nexthop() {
 #[test]
 fn kernel_ipv6_lookup_equals_a_reference_lpm() {
     let Some(mut h) = harness() else { return };
-    let mut seed = 0x1234_5678_9abc_def1u64;
-    let mut rnd = move || {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        seed
-    };
+    let mut rng = Rng(0x1234_5678_9abc_def1);
+    let mut rnd = move || rng.next();
     let nh = |i: u16| Ipv6Addr::from(v6([0x2001, 0xdb8, 2, 0, 0, 0, 1, i]));
     let nh_mac = |i: u16| [0x02, 0, 0, 0x66, (i >> 8) as u8, i as u8];
     for i in 0..200u16 {
@@ -1301,110 +1274,89 @@ fn kernel_forwards(f: &[u8]) -> Option<[u8; 6]> {
     }
 }
 
-struct Fuzz(u64);
-impl Fuzz {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
+/// A frame that is valid, or nearly: the seeds the mutations start from.
+fn seed_frame(rng: &mut Rng) -> Vec<u8> {
+    let payload: Vec<u8> = (0..rng.below(80)).map(|_| rng.next() as u8).collect();
+    let dst_mac = rng.pick(&[IN_MAC, IN_MAC, IN_MAC, [0xff; 6], OUT_MAC]);
+    if rng.below(2) == 0 {
+        let dst = rng.pick(&[
+            [10, 2, 0, 5],
+            [10, 2, 0, 6],
+            [10, 9, 1, 2],
+            [10, 9, 9, 9],
+            [10, 1, 0, 9],
+            [10, 3, 0, 5],
+            [10, 2, 0, 1],
+            [10, 2, 0, 255],
+            [192, 0, 2, 1],
+            [224, 0, 0, 1],
+            [127, 0, 0, 1],
+        ]);
+        let src = rng.pick(&[SRC, SRC, SRC, [10, 1, 0, 1], [0, 1, 2, 3], [240, 0, 0, 1]]);
+        let mut ip = Ipv4::udp(src, dst, rng.pick(&[0, 1, 2, 64, 255]));
+        ip.tos = rng.next() as u8;
+        ip.id = rng.next() as u16;
+        ip.flags_frag = rng.pick(&[0, 0x4000, 0x2000, 0x2001, 0x0001]);
+        ip.protocol = rng.pick(&[1, 6, 17, 47, 255]);
+        if rng.below(8) == 0 {
+            ip.options = vec![1, 1, 1, 0];
+        }
+        let l4 = tests::frame::udp(rng.next() as u16, rng.next() as u16, &payload);
+        let mut l3 = ip.header(l4.len());
+        l3.extend_from_slice(&l4);
+        ethernet(dst_mac, HOST_MAC, 0x0800, &l3)
+    } else {
+        let g = |a: u16, b: u16| [0x2001, 0xdb8, a, b, 0, 0, 0, 5];
+        let dst = rng.pick(&[
+            DST6,
+            g(2, 0),
+            g(9, 1),
+            g(9, 9),
+            g(1, 0),
+            g(3, 0),
+            [0x2001, 0xdb8, 2, 0, 0, 0, 0, 1],
+            [0x2001, 0xdb9, 0, 0, 0, 0, 0, 1],
+            [0xff02, 0, 0, 0, 0, 0, 0, 1],
+            [0xfe80, 0, 0, 0, 0, 0, 0, 1],
+        ]);
+        let mut ip = Ipv6::udp(v6(SRC6), v6(dst), rng.pick(&[0, 1, 2, 64, 255]));
+        ip.traffic_class = rng.next() as u8;
+        ip.flow_label = rng.next() as u32;
+        ip.next_header = rng.pick(&[17, 17, 6, 58, 0, 43, 44, 60]);
+        if ip.next_header != 17 {
+            ip.ext = vec![17, 0, 1, 4, 0, 0, 0, 0];
+        }
+        let l4 = tests::frame::udp6(&ip.src, &ip.dst, 1, 2, &payload);
+        let mut l3 = ip.header(l4.len());
+        l3.extend_from_slice(&l4);
+        ethernet(dst_mac, HOST_MAC, 0x86dd, &l3)
     }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    fn pick<T: Copy>(&mut self, v: &[T]) -> T {
-        v[self.below(v.len() as u64) as usize]
-    }
+}
 
-    /// A frame that is valid, or nearly: the seeds the mutations start from.
-    fn seed_frame(&mut self) -> Vec<u8> {
-        let payload: Vec<u8> = (0..self.below(80)).map(|_| self.next() as u8).collect();
-        let dst_mac = self.pick(&[IN_MAC, IN_MAC, IN_MAC, [0xff; 6], OUT_MAC]);
-        if self.below(2) == 0 {
-            let dst = self.pick(&[
-                [10, 2, 0, 5],
-                [10, 2, 0, 6],
-                [10, 9, 1, 2],
-                [10, 9, 9, 9],
-                [10, 1, 0, 9],
-                [10, 3, 0, 5],
-                [10, 2, 0, 1],
-                [10, 2, 0, 255],
-                [192, 0, 2, 1],
-                [224, 0, 0, 1],
-                [127, 0, 0, 1],
-            ]);
-            let src = self.pick(&[SRC, SRC, SRC, [10, 1, 0, 1], [0, 1, 2, 3], [240, 0, 0, 1]]);
-            let mut ip = Ipv4::udp(src, dst, self.pick(&[0, 1, 2, 64, 255]));
-            ip.tos = self.next() as u8;
-            ip.id = self.next() as u16;
-            ip.flags_frag = self.pick(&[0, 0x4000, 0x2000, 0x2001, 0x0001]);
-            ip.protocol = self.pick(&[1, 6, 17, 47, 255]);
-            if self.below(8) == 0 {
-                ip.options = vec![1, 1, 1, 0];
-            }
-            let l4 = tests::frame::udp(self.next() as u16, self.next() as u16, &payload);
-            let mut l3 = ip.header(l4.len());
-            l3.extend_from_slice(&l4);
-            ethernet(dst_mac, HOST_MAC, 0x0800, &l3)
-        } else {
-            let g = |a: u16, b: u16| [0x2001, 0xdb8, a, b, 0, 0, 0, 5];
-            let dst = self.pick(&[
-                DST6,
-                g(2, 0),
-                g(9, 1),
-                g(9, 9),
-                g(1, 0),
-                g(3, 0),
-                [0x2001, 0xdb8, 2, 0, 0, 0, 0, 1],
-                [0x2001, 0xdb9, 0, 0, 0, 0, 0, 1],
-                [0xff02, 0, 0, 0, 0, 0, 0, 1],
-                [0xfe80, 0, 0, 0, 0, 0, 0, 1],
-            ]);
-            let mut ip = Ipv6::udp(v6(SRC6), v6(dst), self.pick(&[0, 1, 2, 64, 255]));
-            ip.traffic_class = self.next() as u8;
-            ip.flow_label = self.next() as u32;
-            ip.next_header = self.pick(&[17, 17, 6, 58, 0, 43, 44, 60]);
-            if ip.next_header != 17 {
-                ip.ext = vec![17, 0, 1, 4, 0, 0, 0, 0];
-            }
-            let l4 = tests::frame::udp6(&ip.src, &ip.dst, 1, 2, &payload);
-            let mut l3 = ip.header(l4.len());
-            l3.extend_from_slice(&l4);
-            ethernet(dst_mac, HOST_MAC, 0x86dd, &l3)
+/// The seed, mutated: bytes set or flipped in the headers, the frame cut or padded, and
+/// sometimes the IPv4 header checksum fixed up so that the mutation gets past it.
+fn fuzz_frame(rng: &mut Rng) -> Vec<u8> {
+    let mut f = seed_frame(rng);
+    for _ in 0..rng.below(4) {
+        let i = rng.below(f.len().min(80) as u64) as usize;
+        match rng.below(3) {
+            0 => f[i] ^= 1 << rng.below(8),
+            1 => f[i] = rng.next() as u8,
+            _ => f[i] = rng.pick(&[0, 1, 0x45, 0x60, 0xff, 0x80]),
         }
     }
-
-    /// The seed, mutated: bytes set or flipped in the headers, the frame cut or padded, and
-    /// sometimes the IPv4 header checksum fixed up so that the mutation gets past it.
-    fn frame(&mut self) -> Vec<u8> {
-        let mut f = self.seed_frame();
-        for _ in 0..self.below(4) {
-            let i = self.below(f.len().min(80) as u64) as usize;
-            match self.below(3) {
-                0 => f[i] ^= 1 << self.below(8),
-                1 => f[i] = self.next() as u8,
-                _ => f[i] = self.pick(&[0, 1, 0x45, 0x60, 0xff, 0x80]),
-            }
+    match rng.below(6) {
+        0 => {
+            let n = rng.below(f.len() as u64 + 1) as usize;
+            f.truncate(n.max(14));
         }
-        match self.below(6) {
-            0 => {
-                let n = self.below(f.len() as u64 + 1) as usize;
-                f.truncate(n.max(14));
-            }
-            1 => f.extend((0..self.below(40)).map(|_| self.next() as u8)),
-            _ => {}
-        }
-        if self.below(2) == 0 && f.len() >= 34 && f[12..14] == [8, 0] {
-            let ihl = ((f[14] & 0xf) as usize * 4).max(20);
-            if f.len() >= 14 + ihl {
-                f[24..26].fill(0);
-                let c = tests::frame::checksum(&f[14..14 + ihl]);
-                f[24..26].copy_from_slice(&c.to_be_bytes());
-            }
-        }
-        f
+        1 => f.extend((0..rng.below(40)).map(|_| rng.next() as u8)),
+        _ => {}
     }
+    if rng.below(2) == 0 {
+        tests::frame::fix_ipv4_checksum(&mut f);
+    }
+    f
 }
 
 #[test]
@@ -1418,7 +1370,7 @@ fn fuzzed_frames_keep_every_property() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(0x0bad_5eed_u64);
-    let mut fz = Fuzz(seed);
+    let mut rng = Rng(seed);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
     let total = |h: &Harness| -> u64 {
         h.stats()
@@ -1428,7 +1380,7 @@ fn fuzzed_frames_keep_every_property() {
     };
     let (mut runs, mut forwarded) = (0u64, 0u64);
     while std::time::Instant::now() < deadline {
-        let f = fz.frame();
+        let f = fuzz_frame(&mut rng);
         let (rc, out) = h.run(&f);
         runs += 1;
         let what = || format!("frame #{runs} (seed {seed}): {f:02x?}");

@@ -19,7 +19,7 @@ use std::{
 use tests::{
     corpus::{self, GW_A4, MARK_ID, MARK_PORT, VM1_4, VM3_4},
     ctl_json, require_root, sh,
-    topo::{in_ns, Seed},
+    topo::{in_ns, link_mac, veth_xdp_count, Seed},
 };
 
 /// An AF_PACKET socket bound to one device of one namespace, non-blocking.
@@ -235,16 +235,6 @@ fn mac(s: &str) -> [u8; 6] {
     router_ctl::sys::parse_mac(s).expect("a MAC")
 }
 
-/// Sum of a veth's per-queue XDP counters (`ethtool -S`) whose name ends in `suffix`.
-fn veth_xdp(ns: &str, dev: &str, suffix: &str) -> u64 {
-    sh(&format!("ip netns exec {ns} ethtool -S {dev}"))
-        .lines()
-        .filter_map(|l| l.trim().split_once(": "))
-        .filter(|(k, _)| k.starts_with("rx_queue_") && k.ends_with(suffix))
-        .map(|(_, v)| v.trim().parse::<u64>().unwrap())
-        .sum()
-}
-
 /// Sets a global sysctl for the test's duration and restores it after (also on failure).
 struct GlobalSysctl(&'static str, String);
 
@@ -272,11 +262,6 @@ fn the_fast_path_delivers_what_the_kernel_delivers() {
     let _cost = GlobalSysctl::set("net.ipv4.route.error_cost", "0");
     let s = Seed::up_dual("");
     let (ns, dev_a, dev_b) = (s.ns(), s.ids.dev_a(), s.ids.dev_b());
-    let link_mac = |ns: &str, dev: &str| {
-        let v: serde_json::Value =
-            serde_json::from_str(&sh(&format!("ip -n {ns} -j link show {dev}"))).unwrap();
-        v[0]["address"].as_str().unwrap().to_string()
-    };
     let vm1_mac = link_mac(&s.vm1, &s.ids.tap_a());
     let vm3_mac = link_mac(&s.vm3, &s.ids.tap_b());
     let qr_a = mac(&s.mac_of(&dev_a));
@@ -344,7 +329,7 @@ fn the_fast_path_delivers_what_the_kernel_delivers() {
     std::thread::sleep(Duration::from_millis(300));
     while vm1.recv().is_some() || vm3.recv().is_some() {}
 
-    let seen0 = veth_xdp(&ns, &dev_a, "_xdp_packets");
+    let seen0 = veth_xdp_count(&ns, &dev_a, "_xdp_packets").unwrap();
     let fast = run_corpus(&corpus, &vm1, &vm3, qr_a, mac(&vm1_mac));
     // Counters add up: every frame XDP saw on qr-a (the kernel's count) is forwarded, passed
     // or dropped in the fast path's own counters.
@@ -356,7 +341,7 @@ fn the_fast_path_delivers_what_the_kernel_delivers() {
     let ours = st["forwarded"]["packets"].as_u64().unwrap()
         + st["passed"]["packets"].as_u64().unwrap()
         + st["dropped"]["packets"].as_u64().unwrap();
-    let seen = veth_xdp(&ns, &dev_a, "_xdp_packets");
+    let seen = veth_xdp_count(&ns, &dev_a, "_xdp_packets").unwrap();
     let sent = fast.iter().filter(|e| e.sent.is_ok()).count() as u64 + 2 * corpus.len() as u64;
     assert_eq!(
         seen - seen0,
@@ -369,7 +354,7 @@ fn the_fast_path_delivers_what_the_kernel_delivers() {
     );
     assert_eq!(
         st["forwarded"]["packets"].as_u64().unwrap(),
-        veth_xdp(&ns, &dev_a, "_xdp_redirect"),
+        veth_xdp_count(&ns, &dev_a, "_xdp_redirect").unwrap(),
         "forwarded ≠ the kernel's XDP redirect count"
     );
     let forwarded_corpus = st["forwarded"]["packets"].as_u64().unwrap() - corpus.len() as u64;

@@ -254,6 +254,13 @@ const DEMO_VMS: &[(&str, &str, &str, &str)] = &[
     ),
 ];
 
+/// Five pings from demo instance `vm` to `dst`; fails if any is lost.
+fn ping(vm: &str, dst: &str) -> Result<()> {
+    run(Command::new("ip").args([
+        "netns", "exec", vm, "ping", "-c", "5", "-i", "0.2", "-W", "1", dst,
+    ]))
+}
+
 fn ip(args: &[&str]) -> Result<()> {
     run(Command::new("ip").args(args))
 }
@@ -300,46 +307,10 @@ fn build_and_load(root: &Path, config: Option<PathBuf>) -> Result<()> {
             }
         }
         sleep(Duration::from_millis(300));
-        run(Command::new("ip").args([
-            "netns",
-            "exec",
-            "vm1",
-            "ping",
-            "-c",
-            "5",
-            "-i",
-            "0.2",
-            "-W",
-            "1",
-            "172.16.101.3",
-        ]))?;
-        run(Command::new("ip").args([
-            "netns",
-            "exec",
-            "vm3",
-            "ping",
-            "-c",
-            "5",
-            "-i",
-            "0.2",
-            "-W",
-            "1",
-            "172.16.100.3",
-        ]))?;
+        ping("vm1", "172.16.101.3")?;
+        ping("vm3", "172.16.100.3")?;
         if dual {
-            run(Command::new("ip").args([
-                "netns",
-                "exec",
-                "vm1",
-                "ping",
-                "-c",
-                "5",
-                "-i",
-                "0.2",
-                "-W",
-                "1",
-                "2001:db8:101::3",
-            ]))?;
+            ping("vm1", "2001:db8:101::3")?;
         }
     }
     for what in ["show", "neigh", "stats"] {
