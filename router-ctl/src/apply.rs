@@ -411,7 +411,7 @@ pub fn tables_of(st: &RouterState) -> Result<Tables> {
         }
         let up = sys::link(Some(ns), &i.device)?
             .is_some_and(|l| l.is_up() && l.flags.iter().any(|f| f == "LOWER_UP"));
-        if !up {
+        if !up && !cfg!(mutant = "down_keeps_tx_slot") {
             down.push(i.ifindex);
         }
     }

@@ -292,6 +292,17 @@ fn watch(r: &RouterState, stop: &AtomicBool) -> Result<()> {
     sys::enter_netns(&f)?;
     let ifindexes: BTreeSet<u32> = r.interfaces.iter().map(|i| i.ifindex).collect();
     let mut neighs = Neighs::open(&r.id)?;
+    #[cfg(mutant = "empty_maps_on_restart")]
+    {
+        // The fault: a (re)started daemon empties the neighbour and device maps and fills them
+        // only a second later.
+        for (ifindex, ip, _) in neighs.all() {
+            neighs.remove(ifindex, ip);
+        }
+        let mut ebpf = crate::datapath::load_pinned(&r.id, crate::fib::Capacity::default())?;
+        crate::datapath::set_ifaces(&mut ebpf, &[], &[])?;
+        std::thread::sleep(Duration::from_secs(1));
+    }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;

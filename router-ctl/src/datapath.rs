@@ -337,6 +337,17 @@ impl Mapped {
         in_old: &BTreeSet<u32>,
         in_new: &BTreeSet<u32>,
     ) {
+        #[cfg(mutant = "break_before_make")]
+        for g in in_new {
+            // The fault: every entry that changes is emptied before it is written.
+            let start = *g as usize * fib::GROUP_SIZE as usize;
+            for i in start..(start + fib::GROUP_SIZE as usize).min(self.len) {
+                if old[i] != new[i] {
+                    // SAFETY: as below.
+                    unsafe { std::ptr::write_volatile(self.ptr.add(i), 0) };
+                }
+            }
+        }
         for g in in_new {
             let start = *g as usize * fib::GROUP_SIZE as usize;
             let fresh = !in_old.contains(g);
@@ -349,6 +360,10 @@ impl Mapped {
         }
     }
 }
+
+// SAFETY: the mapping belongs to this value alone and lives until it is dropped; the kernel's
+// shared memory may be written from any thread.
+unsafe impl Send for Mapped {}
 
 impl Drop for Mapped {
     fn drop(&mut self) {
@@ -459,6 +474,9 @@ impl RouteTable {
         let key6 = |(len, a): &(u8, u128)| Key::new(*len as u32, a.to_be_bytes());
         for (k, v) in &new.v6 {
             if old.v6.get(k) != Some(v) {
+                if cfg!(mutant = "break_before_make") && old.v6.contains_key(k) {
+                    self.fib6.remove(&key6(k))?;
+                }
                 self.fib6
                     .insert(&key6(k), v, 0)
                     .context("cannot write an IPv6 route")?;
@@ -659,6 +677,20 @@ pub fn remove_tx_port(ebpf: &mut Ebpf, slot: u32) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The redirect target of each slot of a router's `TX_PORTS` (None: empty, nothing is
+/// redirected through that slot).
+pub fn tx_ports(router_id: &str) -> Result<Vec<Option<u32>>> {
+    let map: DevMap<MapData> =
+        DevMap::try_from(Map::DevMap(open_pinned(router_id, map_names::TX_PORTS)?))?;
+    (0..map.len())
+        .map(|i| match map.get(i, 0) {
+            Ok(v) => Ok(Some(v.if_index)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("reading slot {i} of TX_PORTS")),
+        })
+        .collect()
 }
 
 /// Per-device counters summed over CPUs, by slot.

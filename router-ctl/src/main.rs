@@ -382,16 +382,28 @@ fn attached(r: &RouterState, dev: &str) -> bool {
     state::link_pin(&r.id, dev).exists()
 }
 
+/// Whether frames can be redirected to each device of `r` now (its slot in TX_PORTS holds
+/// it): a device that is down, or that cannot take redirected frames, has none.
+fn redirects(r: &RouterState) -> Result<Vec<bool>> {
+    let slots = datapath::tx_ports(&r.id)?;
+    Ok(r.interfaces
+        .iter()
+        .map(|i| slots.get(i.slot as usize).copied().flatten() == Some(i.ifindex))
+        .collect())
+}
+
 fn show(routers: &[RouterState], json_out: bool) -> Result<()> {
+    let redirect: Vec<Vec<bool>> = routers.iter().map(redirects).collect::<Result<_>>()?;
     if json_out {
         let v: Vec<_> = routers
             .iter()
-            .map(|r| {
+            .zip(&redirect)
+            .map(|(r, redirect)| {
                 json!({
                     "id": r.id, "name": r.name, "namespace": r.namespace,
-                    "interfaces": r.interfaces.iter().map(|i| json!({
+                    "interfaces": r.interfaces.iter().zip(redirect).map(|(i, redirect)| json!({
                         "port_id": i.port_id, "device": i.device, "ifindex": i.ifindex, "mac": i.mac,
-                        "mtu": i.mtu,
+                        "mtu": i.mtu, "redirect": redirect,
                         "fixed_ips": i.fixed_ips.iter().map(|f| json!({"subnet": f.subnet, "ip_address": f.gateway_ip})).collect::<Vec<_>>(),
                         "xdp": if attached(r, &i.device) { "native" } else { "none" },
                         "created": i.created_device, "peer": i.peer,
@@ -408,12 +420,12 @@ fn show(routers: &[RouterState], json_out: bool) -> Result<()> {
     if routers.is_empty() {
         println!("no routers applied");
     }
-    for r in routers {
+    for (r, redirect) in routers.iter().zip(&redirect) {
         println!("router {} ({})  namespace {}", r.id, r.name, r.namespace);
         let mut t = Table::new(&[
-            "DEVICE", "IFINDEX", "MAC", "MTU", "ADDRESS", "SUBNET", "XDP", "PEER",
+            "DEVICE", "IFINDEX", "MAC", "MTU", "ADDRESS", "SUBNET", "XDP", "REDIRECT", "PEER",
         ]);
-        for i in &r.interfaces {
+        for (i, redirect) in r.interfaces.iter().zip(redirect) {
             let all = |f: fn(&state::AddrState) -> String| {
                 i.fixed_ips.iter().map(f).collect::<Vec<_>>().join(",")
             };
@@ -429,6 +441,7 @@ fn show(routers: &[RouterState], json_out: bool) -> Result<()> {
                 } else {
                     "none".into()
                 },
+                if *redirect { "yes" } else { "no" }.into(),
                 i.peer.clone().unwrap_or_else(|| "-".into()),
             ]);
         }

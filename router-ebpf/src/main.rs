@@ -131,7 +131,11 @@ pub fn router(ctx: XdpContext) -> u32 {
                     (*s).fwd6_bytes += v6 * len;
                 }
             }
-            xdp_action::XDP_REDIRECT
+            if cfg!(mutant = "pass_all") {
+                xdp_action::XDP_PASS
+            } else {
+                xdp_action::XDP_REDIRECT
+            }
         }
         Verdict::Pass(reason) => {
             if let Some(s) = stats {
@@ -208,23 +212,26 @@ fn forward4(ctx: &XdpContext, ingress: u32) -> Verdict {
     if !header_checksum_ok(ctx) {
         return Verdict::Pass(why::BAD_CHECKSUM);
     }
+    // The kernel's rules (ip_route_input_slow): multicast and limited broadcast destinations
+    // are not routed; class E (240/4) is routed like any unicast address. Sources in 0/8,
+    // 127/8, multicast or the limited broadcast, and destinations in 0/8 or 127/8, are martians.
     let (s0, d0) = (ip.src[0], ip.dst[0]);
-    if d0 >= 224 {
-        // Multicast, limited broadcast and class E.
+    let (src, dst) = (u32::from_be_bytes(ip.src), u32::from_be_bytes(ip.dst));
+    if d0 & 0xf0 == 0xe0 || dst == u32::MAX {
         return Verdict::Pass(why::BCAST_MCAST);
     }
-    if s0 == 0 || s0 == 127 || s0 >= 224 || d0 == 0 || d0 == 127 {
+    if s0 == 0 || s0 == 127 || s0 & 0xf0 == 0xe0 || src == u32::MAX || d0 == 0 || d0 == 127 {
         return Verdict::Pass(why::MARTIAN);
     }
     // From one of the router's own addresses: the kernel drops it as a martian source.
-    if is_local4(u32::from_be_bytes(ip.src)) {
+    if is_local4(src) {
         return Verdict::Pass(why::MARTIAN);
     }
     if ip.ttl <= 1 {
         return Verdict::Pass(why::TTL_EXCEEDED);
     }
 
-    let Some(route) = fib_lookup(u32::from_be_bytes(ip.dst)) else {
+    let Some(route) = fib_lookup(dst) else {
         return Verdict::Pass(why::NO_ROUTE);
     };
     let route = match egress(route, ingress, tot_len, |g| ecmp_member(ctx, ip, g)) {
@@ -246,12 +253,18 @@ fn forward4(ctx: &XdpContext, ingress: u32) -> Verdict {
         addr: nexthop,
     };
     let Some(neigh) = (unsafe { NEIGHS.get(&key) }) else {
-        return Verdict::Pass(why::NO_NEIGH);
+        return Verdict::Pass(if cfg!(mutant = "wrong_pass_reason") {
+            why::NO_ROUTE
+        } else {
+            why::NO_NEIGH
+        });
     };
     match send::<Ipv4Hdr>(ctx, route, neigh, ETH_LEN + tot_len) {
         Ok(ip) => {
-            ip.check = decrement_ttl(ip.check);
-            ip.ttl -= 1;
+            if !cfg!(mutant = "no_ttl_decrement") {
+                ip.check = decrement_ttl(ip.check);
+                ip.ttl -= 1;
+            }
             Verdict::Forward { ipv6: false }
         }
         Err(reason) => Verdict::Pass(reason),
@@ -314,7 +327,9 @@ fn forward6(ctx: &XdpContext, ingress: u32) -> Verdict {
     };
     match send::<Ipv6Hdr>(ctx, route, neigh, ETH_LEN + ip_len) {
         Ok(ip) => {
-            ip.hop_limit -= 1;
+            if !cfg!(mutant = "no_ttl_decrement") {
+                ip.hop_limit -= 1;
+            }
             Verdict::Forward { ipv6: true }
         }
         Err(reason) => Verdict::Pass(reason),
@@ -363,7 +378,9 @@ fn send<T>(
     }
     let (eth, ip) = trimmed::<T>(ctx, len).ok_or(why::MALFORMED)?;
     copy_mac(&mut eth.dst, &neigh.mac);
-    copy_mac(&mut eth.src, &route.src_mac);
+    if !cfg!(mutant = "src_mac_unchanged") {
+        copy_mac(&mut eth.src, &route.src_mac);
+    }
     Ok(ip)
 }
 
@@ -372,7 +389,7 @@ fn send<T>(
 #[inline(always)]
 fn trimmed<T>(ctx: &XdpContext, len: usize) -> Option<(&'static mut EthHdr, &'static mut T)> {
     let have = ctx.data_end() - ctx.data();
-    if have > len {
+    if have > len && !cfg!(mutant = "no_padding_trim") {
         // SAFETY: shrinking the frame's tail by a positive amount smaller than the frame.
         let rc =
             unsafe { aya_ebpf::helpers::bpf_xdp_adjust_tail(ctx.ctx, len as i32 - have as i32) };
@@ -443,6 +460,9 @@ fn ecmp_member(ctx: &XdpContext, ip: &Ipv4Hdr, group: u32) -> Option<&'static Ro
 /// The TCP/UDP ports at `offset`, mixed for the flow hash (0 when the frame ends before them).
 #[inline(always)]
 fn ports(ctx: &XdpContext, offset: usize) -> u32 {
+    if cfg!(mutant = "ecmp_ignores_ports") {
+        return 0;
+    }
     match ptr_at::<[u8; 4]>(ctx, offset) {
         // SAFETY: bounds checked by `ptr_at`.
         Some(p) => u32::from_ne_bytes(unsafe { *p }).rotate_left(7),
@@ -537,7 +557,12 @@ fn header_checksum_ok(ctx: &XdpContext) -> bool {
 #[inline(always)]
 fn decrement_ttl(check: [u8; 2]) -> [u8; 2] {
     let c = u16::from_ne_bytes(check) as u32 + u16::from_ne_bytes([1, 0]) as u32;
-    ((c + (c >= 0xffff) as u32) as u16).to_ne_bytes()
+    let c = (c + (c >= 0xffff) as u32) as u16;
+    if cfg!(mutant = "checksum_byte_order") {
+        c.to_be_bytes()
+    } else {
+        c.to_ne_bytes()
+    }
 }
 
 #[cfg(not(test))]

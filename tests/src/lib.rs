@@ -2,18 +2,18 @@
 
 pub mod corpus;
 pub mod frame;
+pub mod model;
 pub mod topo;
 
 use std::process::{Command, Output};
 
-/// Tests need root (BPF, namespaces). Returns false, after saying why, when the test must skip.
-pub fn require_root() -> bool {
+/// Tests need root (BPF, namespaces). A test that cannot run fails: it must never report a
+/// pass it did not earn.
+pub fn require_root() {
     // SAFETY: getuid has no preconditions.
     if unsafe { libc::getuid() } != 0 {
-        eprintln!("skipped: needs root (BPF_PROG_TEST_RUN, network namespaces); run `cargo xtask test` as root");
-        return false;
+        panic!("run as root: cargo xtask test (this test needs BPF_PROG_TEST_RUN and network namespaces)");
     }
-    true
 }
 
 /// Moves the calling thread into a new, empty network namespace of its own.

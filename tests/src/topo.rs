@@ -195,6 +195,76 @@ impl Seed {
             .unwrap()
     }
 
+    /// What the fast path has forwarded, per `qr-` device, by its own counters and by the
+    /// kernel's count of the device's redirects: compare two with `assert_fast_path`.
+    pub fn fast_path(&self) -> FastPath {
+        let stats = self.stats();
+        let ns = self.ns();
+        FastPath(
+            [self.ids.dev_a(), self.ids.dev_b()]
+                .into_iter()
+                .map(|dev| {
+                    let d = stats
+                        .iter()
+                        .find(|s| s["device"] == dev.as_str())
+                        .unwrap_or_else(|| panic!("{dev} missing from stats"));
+                    let n = |k: &str| d["forwarded"][k]["packets"].as_u64().unwrap();
+                    let redirects = veth_xdp_count(&ns, &dev, "_xdp_redirect")
+                        .unwrap_or_else(|e| panic!("{e}"));
+                    (
+                        dev,
+                        Forwarded {
+                            ipv4: n("ipv4"),
+                            ipv6: n("ipv6"),
+                            bytes: d["forwarded"]["bytes"].as_u64().unwrap(),
+                            redirects,
+                        },
+                    )
+                })
+                .collect(),
+        )
+    }
+
+    /// Asserts that, since `before`, the fast path of each device in `want` forwarded exactly
+    /// (ipv4, ipv6) packets, and that the kernel's redirect count agrees: proof that the traffic
+    /// took the fast path and not the kernel's forwarding.
+    pub fn assert_fast_path(&self, before: &FastPath, want: &[(&str, u64, u64)]) {
+        let now = self.fast_path();
+        for (dev, v4, v6) in want {
+            let (b, a) = (before.get(dev), now.get(dev));
+            assert_eq!(
+                (a.ipv4 - b.ipv4, a.ipv6 - b.ipv6),
+                (*v4, *v6),
+                "{dev}: the fast path forwarded (IPv4, IPv6) packets other than expected"
+            );
+            assert_eq!(
+                a.redirects - b.redirects,
+                v4 + v6,
+                "{dev}: the kernel's XDP redirect count differs from the fast path's"
+            );
+        }
+    }
+
+    /// Asserts that, since `before`, the fast path of each device in `want` forwarded at least
+    /// the bytes given, and that the kernel's redirect count equals the packets it forwarded
+    /// (for traffic whose packet count is not known in advance, such as TCP).
+    pub fn assert_fast_path_carried(&self, before: &FastPath, want: &[(&str, u64)]) {
+        let now = self.fast_path();
+        for (dev, bytes) in want {
+            let (b, a) = (before.get(dev), now.get(dev));
+            assert!(
+                a.bytes - b.bytes >= *bytes,
+                "{dev}: the fast path forwarded {} bytes, at least {bytes} were expected",
+                a.bytes - b.bytes
+            );
+            assert_eq!(
+                a.redirects - b.redirects,
+                a.ipv4 + a.ipv6 - b.ipv4 - b.ipv6,
+                "{dev}: the kernel's XDP redirect count differs from the fast path's"
+            );
+        }
+    }
+
     /// Packets forwarded by the fast path from `dev`, of one family ("ipv4" or "ipv6").
     pub fn forwarded_family(&self, dev: &str, family: &str) -> u64 {
         self.stats()
@@ -254,10 +324,23 @@ impl Seed {
         sh_out(&format!("ip netns exec {ns} sh -c '{cmd}'"))
     }
 
+    /// `count` pings from `ns` to `dst` (which may carry more ping options); true only when
+    /// every ping sent was answered.
     pub fn ping(ns: &str, dst: &str, count: u32) -> bool {
-        Self::exec(ns, &format!("ping -c {count} -i 0.2 -W 2 {dst}"))
-            .status
-            .success()
+        let (sent, got) = Self::ping_counts(ns, dst, count);
+        got >= count && sent == got
+    }
+
+    /// (transmitted, received) of pings from `ns` to `dst`, 0.2 s apart, until `count` replies
+    /// arrived or a deadline passed (without a deadline, ping succeeds on a single reply; with
+    /// one, it sends until `count` replies came, so a slow first reply is not a loss).
+    pub fn ping_counts(ns: &str, dst: &str, count: u32) -> (u32, u32) {
+        let deadline = 3 + count / 5;
+        let out = Self::exec(
+            ns,
+            &format!("ping -c {count} -i 0.2 -W 2 -w {deadline} {dst}"),
+        );
+        ping_summary(&String::from_utf8_lossy(&out.stdout))
     }
 
     /// vm1 and vm3 talk to their gateways, so that the router learns both (ARP).
@@ -351,32 +434,84 @@ impl Seed {
     }
 }
 
+/// Per device: what the fast path forwarded (`Seed::fast_path`).
+#[derive(Clone, Debug)]
+pub struct FastPath(Vec<(String, Forwarded)>);
+
+#[derive(Clone, Copy, Debug)]
+pub struct Forwarded {
+    pub ipv4: u64,
+    pub ipv6: u64,
+    pub bytes: u64,
+    /// The kernel's own count of frames XDP redirected from the device.
+    pub redirects: u64,
+}
+
+impl FastPath {
+    pub fn get(&self, dev: &str) -> Forwarded {
+        self.0
+            .iter()
+            .find(|(d, _)| d == dev)
+            .map(|(_, f)| *f)
+            .unwrap_or_else(|| panic!("no device {dev}"))
+    }
+}
+
+/// (transmitted, received) from ping's summary line; (0, 0) when it printed none.
+pub fn ping_summary(text: &str) -> (u32, u32) {
+    let Some(line) = text.lines().find(|l| l.contains("packets transmitted")) else {
+        return (0, 0);
+    };
+    let n: Vec<u32> = line
+        .split(',')
+        .map(|p| {
+            p.split_whitespace()
+                .next()
+                .and_then(|w| w.parse().ok())
+                .unwrap_or(0)
+        })
+        .collect();
+    (n[0], n.get(1).copied().unwrap_or(0))
+}
+
 impl Seed {
+    /// The test destroyed the router itself: there are no counters left to check on teardown.
+    pub fn destroyed(&mut self) {
+        self.check_counters = false;
+    }
+
     /// Frames the kernel ran XDP on, per `qr-` device (the veth's own per-queue counters),
-    /// against the fast path's counters: forwarded + passed + dropped. Err says where they differ.
+    /// against the fast path's counters: forwarded + passed + dropped. Err says where they
+    /// differ, or what could not be read (a check that cannot read its inputs fails).
     pub fn counters_add_up(&self) -> Result<(), String> {
         let ns = self.ns();
-        let xdp_seen = |dev: &str| veth_xdp_count(&ns, dev, "_xdp_packets");
-        let ours = |dev: &str| -> Option<u64> {
-            // None when the test destroyed the router itself.
+        let ours = |dev: &str| -> Result<u64, String> {
             let out = ctl(&["stats", "-j", &self.ids.router_id]);
-            let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-            let d = v.as_array()?.iter().find(|s| s["device"] == dev)?.clone();
-            Some(
-                d["forwarded"]["packets"].as_u64()?
-                    + d["passed"]["packets"].as_u64()?
-                    + d["dropped"]["packets"].as_u64()?,
-            )
+            if !out.status.success() {
+                return Err(format!(
+                    "router-ctl stats {}: {}",
+                    self.ids.router_id,
+                    String::from_utf8_lossy(&out.stderr)
+                ));
+            }
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+                .map_err(|e| format!("router-ctl stats -j: {e}"))?;
+            let d = v
+                .as_array()
+                .and_then(|a| a.iter().find(|s| s["device"] == dev))
+                .ok_or_else(|| format!("{dev} missing from router-ctl stats: {v}"))?;
+            let n = |a: &str, b: &str| d[a][b].as_u64().ok_or_else(|| format!("{a}.{b}: {d}"));
+            Ok(n("forwarded", "packets")? + n("passed", "packets")? + n("dropped", "packets")?)
         };
         for (dev, injected) in [(self.ids.dev_a(), self.injected_a), (self.ids.dev_b(), 0)] {
             // Traffic may still be arriving: agree on a moment when neither count moves.
             let mut last = None;
             for _ in 0..20 {
-                let (a, k, b) = (ours(&dev), xdp_seen(&dev).map(|k| k + injected), ours(&dev));
-                if a.is_none() || k.is_none() {
-                    last = None;
-                    break;
-                }
+                let (a, k, b) = (
+                    ours(&dev)?,
+                    veth_xdp_count(&ns, &dev, "_xdp_packets")? + injected,
+                    ours(&dev)?,
+                );
                 if a == b && a == k {
                     last = None;
                     break;
@@ -386,7 +521,7 @@ impl Seed {
             }
             if let Some((a, k)) = last {
                 return Err(format!(
-                    "{dev}: XDP ran on {k:?} frames, the fast path counted {a:?} (forwarded + passed + dropped)"
+                    "{dev}: XDP ran on {k} frames, the fast path counted {a} (forwarded + passed + dropped)"
                 ));
             }
         }
@@ -427,17 +562,31 @@ impl Drop for Seed {
 }
 
 /// Sum of a veth's per-queue XDP counters (`ethtool -S`) whose name ends in `suffix`, e.g.
-/// `_xdp_packets` (frames XDP ran on) or `_xdp_redirect`; None when ethtool cannot tell.
-pub fn veth_xdp_count(ns: &str, dev: &str, suffix: &str) -> Option<u64> {
+/// `_xdp_packets` (frames XDP ran on) or `_xdp_redirect`; Err when ethtool cannot tell.
+pub fn veth_xdp_count(ns: &str, dev: &str, suffix: &str) -> Result<u64, String> {
     let out = sh_out(&format!("ip netns exec {ns} ethtool -S {dev}"));
-    out.status.success().then(|| {
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter_map(|l| l.trim().split_once(": "))
-            .filter(|(k, _)| k.starts_with("rx_queue_") && k.ends_with(suffix))
-            .filter_map(|(_, v)| v.trim().parse::<u64>().ok())
-            .sum()
-    })
+    if !out.status.success() {
+        return Err(format!(
+            "ethtool -S {dev} in {ns}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    let counts: Vec<u64> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.trim().split_once(": "))
+        .filter(|(k, _)| k.starts_with("rx_queue_") && k.ends_with(suffix))
+        .map(|(k, v)| {
+            v.trim()
+                .parse::<u64>()
+                .map_err(|e| format!("ethtool -S {dev}: {k}: {e}"))
+        })
+        .collect::<Result<_, _>>()?;
+    if counts.is_empty() {
+        return Err(format!(
+            "ethtool -S {dev} in {ns} has no rx_queue_*{suffix} counter"
+        ));
+    }
+    Ok(counts.iter().sum())
 }
 
 /// The MAC address of `dev` in namespace `ns`, as iproute2 prints it.
@@ -508,68 +657,230 @@ pub fn capture(
     let dev = std::ffi::CString::new(dev).unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     let h = in_ns(ns, move || {
-        // SAFETY: plain socket calls with checked results.
-        unsafe {
-            let fd = libc::socket(
-                libc::AF_PACKET,
-                libc::SOCK_RAW,
-                (libc::ETH_P_ALL as u16).to_be() as i32,
-            );
-            assert!(
-                fd >= 0,
-                "AF_PACKET socket: {}",
-                std::io::Error::last_os_error()
-            );
-            let mut sll: libc::sockaddr_ll = std::mem::zeroed();
-            sll.sll_family = libc::AF_PACKET as u16;
-            sll.sll_protocol = (libc::ETH_P_ALL as u16).to_be();
-            sll.sll_ifindex = libc::if_nametoindex(dev.as_ptr()) as i32;
-            let rc = libc::bind(
-                fd,
-                &sll as *const _ as *const libc::sockaddr,
-                std::mem::size_of::<libc::sockaddr_ll>() as u32,
-            );
-            assert_eq!(rc, 0, "bind: {}", std::io::Error::last_os_error());
-            let tv = libc::timeval {
-                tv_sec: 0,
-                tv_usec: 200_000,
-            };
-            libc::setsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                &tv as *const _ as *const libc::c_void,
-                std::mem::size_of::<libc::timeval>() as u32,
-            );
-            tx.send(()).unwrap();
-            let deadline = Instant::now() + Duration::from_secs(5);
-            let mut buf = vec![0u8; 65536];
-            let mut found = None;
-            while Instant::now() < deadline {
-                let mut from: libc::sockaddr_ll = std::mem::zeroed();
-                let mut flen = std::mem::size_of::<libc::sockaddr_ll>() as u32;
-                let n = libc::recvfrom(
-                    fd,
-                    buf.as_mut_ptr() as *mut libc::c_void,
-                    buf.len(),
-                    0,
-                    &mut from as *mut _ as *mut libc::sockaddr,
-                    &mut flen,
-                );
-                // Only frames arriving at this device, not the ones it sends.
-                if n > 0
-                    && from.sll_pkttype != libc::PACKET_OUTGOING as u8
-                    && pred(&buf[..n as usize])
-                {
-                    found = Some(buf[..n as usize].to_vec());
-                    break;
-                }
-            }
-            libc::close(fd);
-            found
+        let fd = packet_socket(&dev);
+        tx.send(()).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut buf = vec![0u8; 65536];
+        let mut found = None;
+        while found.is_none() && Instant::now() < deadline {
+            found = recv_incoming(fd, &mut buf)
+                .filter(|f| pred(f))
+                .map(|f| f.to_vec());
         }
+        // SAFETY: our descriptor.
+        unsafe { libc::close(fd) };
+        found
     });
     rx.recv_timeout(Duration::from_secs(5))
         .expect("capture ready");
     h
+}
+
+/// The pids of the running `router-ctl run` daemons (zombies excluded: they are dead).
+pub fn daemon_pids() -> Vec<u32> {
+    let mut v = Vec::new();
+    for e in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
+        let is_daemon = args.len() > 1 && args[0].ends_with(b"router-ctl") && args[1] == b"run";
+        if is_daemon && process_alive(pid) {
+            v.push(pid);
+        }
+    }
+    v
+}
+
+/// True while `pid` runs (a zombie has exited).
+pub fn process_alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(')').map(|(_, r)| r.trim_start().to_string()))
+        .is_some_and(|r| !r.starts_with('Z') && !r.starts_with('X'))
+}
+
+/// Kills every `router-ctl run` with SIGKILL, as a crash would, and asserts that each one is
+/// gone; then starts `router-ctl run ARGS` as systemd would, logging to `log`, and returns its
+/// pid once it holds the daemon lock (it has written the pid file).
+pub fn restart_daemon(args: &[&str], log: &std::path::Path) -> u32 {
+    let old = daemon_pids();
+    for pid in &old {
+        // SAFETY: plain kill(2).
+        unsafe { libc::kill(*pid as i32, libc::SIGKILL) };
+    }
+    let t0 = Instant::now();
+    while old.iter().any(|p| process_alive(*p)) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "daemons {old:?} survived SIGKILL"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let out = std::fs::File::create(log).expect("daemon log");
+    let mut child = std::process::Command::new(crate::router_ctl())
+        .arg("run")
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .spawn()
+        .expect("router-ctl run");
+    let pid = child.id();
+    // Reaped when it exits, so that it never lingers as a zombie.
+    std::thread::spawn(move || child.wait());
+    assert!(!old.contains(&pid));
+    let t0 = Instant::now();
+    loop {
+        let owner = std::fs::read_to_string("/run/router-xdp/daemon.pid").unwrap_or_default();
+        if owner.split_whitespace().next() == Some(pid.to_string().as_str()) {
+            return pid;
+        }
+        assert!(
+            process_alive(pid) && t0.elapsed() < Duration::from_secs(5),
+            "the restarted daemon (pid {pid}) did not take over: {}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Waits (up to 5 s) until `log` holds `needle` at least `n` times.
+pub fn wait_log(log: &std::path::Path, needle: &str, n: usize) {
+    let t0 = Instant::now();
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if text.matches(needle).count() >= n {
+            return;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "{needle:?} did not appear {n} times in {}:\n{text}",
+            log.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Records the frames arriving at `dev` in namespace `ns` that `pred` accepts, until `stop`.
+pub struct Recorder {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    handle: std::thread::JoinHandle<Vec<Vec<u8>>>,
+}
+
+impl Recorder {
+    pub fn start(ns: &str, dev: &str, pred: impl Fn(&[u8]) -> bool + Send + 'static) -> Recorder {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let dev = std::ffi::CString::new(dev).unwrap();
+        let s = stop.clone();
+        let handle = in_ns(ns, move || {
+            let fd = packet_socket(&dev);
+            tx.send(()).unwrap();
+            let mut frames = Vec::new();
+            let mut buf = vec![0u8; 65536];
+            while !s.load(Ordering::SeqCst) {
+                if let Some(f) = recv_incoming(fd, &mut buf) {
+                    if pred(f) {
+                        frames.push(f.to_vec());
+                    }
+                }
+            }
+            // Drain what is queued.
+            while let Some(f) = recv_incoming(fd, &mut buf) {
+                if pred(f) {
+                    frames.push(f.to_vec());
+                }
+            }
+            // SAFETY: our descriptor.
+            unsafe { libc::close(fd) };
+            frames
+        });
+        rx.recv_timeout(Duration::from_secs(5))
+            .expect("recorder ready");
+        Recorder { stop, handle }
+    }
+
+    pub fn stop(self) -> Vec<Vec<u8>> {
+        self.stop.store(true, Ordering::SeqCst);
+        self.handle.join().expect("recorder")
+    }
+}
+
+/// An AF_PACKET socket on `dev` of the calling thread's namespace, with a 100 ms receive
+/// timeout.
+fn packet_socket(dev: &std::ffi::CStr) -> i32 {
+    // SAFETY: plain socket calls with checked results.
+    unsafe {
+        let fd = libc::socket(
+            libc::AF_PACKET,
+            libc::SOCK_RAW,
+            (libc::ETH_P_ALL as u16).to_be() as i32,
+        );
+        assert!(
+            fd >= 0,
+            "AF_PACKET socket: {}",
+            std::io::Error::last_os_error()
+        );
+        let mut sll: libc::sockaddr_ll = std::mem::zeroed();
+        sll.sll_family = libc::AF_PACKET as u16;
+        sll.sll_protocol = (libc::ETH_P_ALL as u16).to_be();
+        sll.sll_ifindex = libc::if_nametoindex(dev.as_ptr()) as i32;
+        assert!(sll.sll_ifindex > 0, "no device {dev:?}");
+        let rc = libc::bind(
+            fd,
+            &sll as *const _ as *const libc::sockaddr,
+            std::mem::size_of::<libc::sockaddr_ll>() as u32,
+        );
+        assert_eq!(rc, 0, "bind: {}", std::io::Error::last_os_error());
+        let big: libc::c_int = 16 << 20;
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            &big as *const _ as *const libc::c_void,
+            4,
+        );
+        let tv = libc::timeval {
+            tv_sec: 0,
+            tv_usec: 100_000,
+        };
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            &tv as *const _ as *const libc::c_void,
+            std::mem::size_of::<libc::timeval>() as u32,
+        );
+        fd
+    }
+}
+
+/// The next frame that arrived at the socket's device (not one it sent), or None on timeout.
+fn recv_incoming(fd: i32, buf: &mut [u8]) -> Option<&[u8]> {
+    loop {
+        // SAFETY: receives into buf; `from` is a sockaddr_ll of the given length.
+        let (n, pkttype) = unsafe {
+            let mut from: libc::sockaddr_ll = std::mem::zeroed();
+            let mut flen = std::mem::size_of::<libc::sockaddr_ll>() as u32;
+            let n = libc::recvfrom(
+                fd,
+                buf.as_mut_ptr() as *mut libc::c_void,
+                buf.len(),
+                0,
+                &mut from as *mut _ as *mut libc::sockaddr,
+                &mut flen,
+            );
+            (n, from.sll_pkttype)
+        };
+        if n <= 0 {
+            return None;
+        }
+        if pkttype != libc::PACKET_OUTGOING as u8 {
+            return Some(&buf[..n as usize]);
+        }
+    }
 }

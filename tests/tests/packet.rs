@@ -22,6 +22,7 @@ use router_ctl::{
 use tests::{
     corpus::Rng,
     frame::{ethernet, ipv4_udp, ipv6_udp, v6, Ipv4, Ipv6},
+    model::{self, Model, Verdict, Via},
     require_root, sh, unshare_netns,
 };
 
@@ -74,10 +75,8 @@ const DST6: [u16; 8] = [0x2001, 0xdb8, 2, 0, 0, 0, 0, 5];
 /// Ingress `lo` on 10.1.0.0/24 and 2001:db8:1::/64 (slot 0), egress e0 on 10.2.0.0/24 and
 /// 2001:db8:2::/64 (slot 1), and e1 on 10.3.0.0/24 and 2001:db8:3::/64 (slot 2), known to
 /// IFACES but down: absent from the devmap.
-fn harness() -> Option<Harness> {
-    if !require_root() {
-        return None;
-    }
+fn harness() -> Harness {
+    require_root();
     unshare_netns();
     sh("ip link add e0 type veth peer name e1 && ip link set lo up && ip link set e0 up && ip link set e1 up");
     let (lo, e0, e1) = (1, ifindex("e0"), ifindex("e1"));
@@ -116,7 +115,7 @@ fn harness() -> Option<Harness> {
     h.neigh6(e0, v6([0x2001, 0xdb8, 2, 0, 0, 0, 0, 0xfd]), NH2_MAC);
     h.neigh6(e1, v6([0x2001, 0xdb8, 3, 0, 0, 0, 0, 5]), NB_MAC);
     h.neigh6(lo, v6([0x2001, 0xdb8, 1, 0, 0, 0, 0, 9]), HOST_MAC);
-    Some(h)
+    h
 }
 
 impl Harness {
@@ -179,7 +178,7 @@ fn forwarded(dst_mac: [u8; 6], ip: &Ipv4) -> Vec<u8> {
 
 #[test]
 fn forwards_to_a_connected_host_byte_exact() {
-    let Some(mut h) = harness() else { return };
+    let mut h = harness();
     let ip = Ipv4::udp(SRC, DST, 64);
     let input = udp_frame(IN_MAC, &ip);
     let (rc, out) = h.run(&input);
@@ -204,7 +203,7 @@ fn forwards_to_a_connected_host_byte_exact() {
 
 #[test]
 fn extra_routes_use_the_longest_prefix_and_the_nexthop_mac() {
-    let Some(mut h) = harness() else { return };
+    let mut h = harness();
     for (dst, mac) in [
         ([10, 9, 1, 1], NH1_MAC),
         ([10, 9, 9, 7], NH2_MAC),
@@ -219,7 +218,7 @@ fn extra_routes_use_the_longest_prefix_and_the_nexthop_mac() {
 
 #[test]
 fn incremental_checksum_equals_recomputation() {
-    let Some(mut h) = harness() else { return };
+    let mut h = harness();
     let mut n = 0;
     for ttl in 2..=255u8 {
         for (tos, id, frag) in [
@@ -248,7 +247,7 @@ fn incremental_checksum_equals_recomputation() {
 
 #[test]
 fn every_pass_reason_is_counted_and_leaves_the_frame_untouched() {
-    let Some(mut h) = harness() else { return };
+    let mut h = harness();
     h.set_mtu_of_e0(1400);
     let ok = Ipv4::udp(SRC, DST, 64);
     let with = |f: &dyn Fn(&mut Ipv4)| {
@@ -477,7 +476,7 @@ impl Harness {
 
 #[test]
 fn a_frame_of_exactly_the_egress_mtu_is_forwarded() {
-    let Some(mut h) = harness() else { return };
+    let mut h = harness();
     h.set_mtu_of_e0(1400);
     let ip = Ipv4::udp(SRC, DST, 64);
     let payload = vec![0xa5; 1400 - 20 - 8];
@@ -495,7 +494,7 @@ fn a_frame_of_exactly_the_egress_mtu_is_forwarded() {
 
 #[test]
 fn every_truncation_is_passed_without_reading_past_the_end() {
-    let Some(mut h) = harness() else { return };
+    let mut h = harness();
     let full = udp_frame(IN_MAC, &Ipv4::udp(SRC, DST, 64));
     assert!(full.len() > 54);
     let mut refused = Vec::new();
@@ -535,7 +534,7 @@ fn every_truncation_is_passed_without_reading_past_the_end() {
 
 #[test]
 fn frames_on_an_unknown_device_are_passed_and_counted() {
-    let Some(mut h) = harness() else { return };
+    let mut h = harness();
     // The ingress device leaves the router (as the controller removes it: both the index
     // array and the hash map).
     let rest: Vec<_> = h.ifaces.iter().filter(|(i, _)| *i != 1).copied().collect();
@@ -553,7 +552,7 @@ fn frames_on_an_unknown_device_are_passed_and_counted() {
 /// hash map: here ifindex 4097 takes slot 1 first, and lo (ifindex 1) still forwards.
 #[test]
 fn a_device_sharing_an_index_slot_is_still_found() {
-    let Some(mut h) = harness() else { return };
+    let mut h = harness();
     let other = Iface {
         mac: [0x02, 0, 0, 0, 0x09, 0x09],
         _pad: [0; 2],
@@ -579,7 +578,7 @@ fn a_device_sharing_an_index_slot_is_still_found() {
 /// and destinations, equals a simple reference longest-prefix match.
 #[test]
 fn kernel_lookup_equals_a_reference_lpm() {
-    let Some(mut h) = harness() else { return };
+    let mut h = harness();
     let mut seed = 0x2545_f491_4f6c_dd1du64;
     let mut rnd = move || {
         seed ^= seed << 13;
@@ -675,7 +674,7 @@ fn kernel_lookup_equals_a_reference_lpm() {
 /// entries the new table leaves empty must read "no route".
 #[test]
 fn a_reused_group_holds_nothing_of_its_old_table() {
-    let Some(mut h) = harness() else { return };
+    let mut h = harness();
     let (e0, ifaces) = (h.e0, h.ifaces.clone());
     let install = |h: &mut Harness, gw: &[(&str, [u8; 4])]| {
         let g: Vec<_> = gw
@@ -729,7 +728,7 @@ fn a_reused_group_holds_nothing_of_its_old_table() {
 /// and every forwarded frame is byte-exact for the nexthop it took.
 #[test]
 fn ecmp_spreads_flows_and_keeps_each_on_one_nexthop() {
-    let Some(mut h) = harness() else { return };
+    let mut h = harness();
     let (e0, ifaces) = (h.e0, h.ifaces.clone());
     let (a, b) = ([10, 2, 0, 241], [10, 2, 0, 242]);
     let mac = |ip: [u8; 4]| [0x02, 0, 0, 0, 0x0e, ip[3]];
@@ -813,7 +812,7 @@ fn forwarded6(dst_mac: [u8; 6], ip: &Ipv6) -> Vec<u8> {
 
 #[test]
 fn forwards_ipv6_to_a_connected_host_byte_exact() {
-    let Some(mut h) = harness() else { return };
+    let mut h = harness();
     let ip = Ipv6::udp(v6(SRC6), v6(DST6), 64);
     let input = udp6_frame(IN_MAC, &ip);
     let (rc, out) = h.run(&input);
@@ -841,7 +840,7 @@ fn forwards_ipv6_to_a_connected_host_byte_exact() {
 
 #[test]
 fn ipv6_extra_routes_use_the_longest_prefix_and_the_nexthop_mac() {
-    let Some(mut h) = harness() else { return };
+    let mut h = harness();
     for (dst, mac) in [
         ([0x2001, 0xdb8, 9, 1, 0, 0, 0, 1], NH1_MAC),
         ([0x2001, 0xdb8, 9, 9, 0, 0, 0, 7], NH2_MAC),
@@ -863,7 +862,7 @@ fn ipv6_extra_routes_use_the_longest_prefix_and_the_nexthop_mac() {
 
 #[test]
 fn every_ipv6_hop_limit_class_and_flow_is_forwarded_byte_exact() {
-    let Some(mut h) = harness() else { return };
+    let mut h = harness();
     let mut n = 0;
     for hop in 2..=255u8 {
         for (tc, flow) in [(0u8, 0u32), (0xb8, 0xfffff), (0xff, 0x12345)] {
@@ -881,7 +880,7 @@ fn every_ipv6_hop_limit_class_and_flow_is_forwarded_byte_exact() {
 
 #[test]
 fn every_ipv6_pass_reason_is_counted_and_leaves_the_frame_untouched() {
-    let Some(mut h) = harness() else { return };
+    let mut h = harness();
     h.set_mtu_of_e0(1400);
     let ok = Ipv6::udp(v6(SRC6), v6(DST6), 64);
     let with = |f: &dyn Fn(&mut Ipv6)| {
@@ -1025,7 +1024,7 @@ fn every_ipv6_pass_reason_is_counted_and_leaves_the_frame_untouched() {
 
 #[test]
 fn every_ipv6_truncation_is_passed_without_reading_past_the_end() {
-    let Some(mut h) = harness() else { return };
+    let mut h = harness();
     let full = udp6_frame(IN_MAC, &Ipv6::udp(v6(SRC6), v6(DST6), 64));
     for len in 14..full.len() {
         let frame = &full[..len];
@@ -1045,7 +1044,7 @@ fn every_ipv6_truncation_is_passed_without_reading_past_the_end() {
 
 #[test]
 fn ipv6_ecmp_spreads_flows_and_keeps_each_on_one_nexthop() {
-    let Some(mut h) = harness() else { return };
+    let mut h = harness();
     let (e0, ifaces) = (h.e0, h.ifaces.clone());
     let nh = |i: u16| [0x2001, 0xdb8, 2, 0, 0, 0, 0, 0xf0 + i];
     let mac = |i: u16| [0x02, 0, 0, 0, 0x0e, i as u8];
@@ -1100,7 +1099,7 @@ fn ipv6_ecmp_spreads_flows_and_keeps_each_on_one_nexthop() {
 /// The IPv6 table in the kernel's LPM trie, after changes, against a reference LPM.
 #[test]
 fn kernel_ipv6_lookup_equals_a_reference_lpm() {
-    let Some(mut h) = harness() else { return };
+    let mut h = harness();
     let mut rng = Rng(0x1234_5678_9abc_def1);
     let mut rnd = move || rng.next();
     let nh = |i: u16| Ipv6Addr::from(v6([0x2001, 0xdb8, 2, 0, 0, 0, 1, i]));
@@ -1164,114 +1163,52 @@ fn kernel_ipv6_lookup_equals_a_reference_lpm() {
 // of what the kernel's forwarding would do with each frame. Bounded by ROUTER_FUZZ_SECONDS
 // (default 15); run longer by hand, e.g. ROUTER_FUZZ_SECONDS=600 cargo xtask test fuzz.
 
-/// The neighbour MAC the fast path may forward `f` to in the harness, written from the kernel's
-/// rules (ip_rcv_core, ip_route_input, ip_forward; ipv6_rcv, ip6_forward) independently of the
-/// program: None when the kernel would drop, answer or keep the packet, or when forwarding it
-/// needs the kernel's slow path (no neighbour yet, the ingress device, a device that is down).
-fn kernel_forwards(f: &[u8]) -> Option<[u8; 6]> {
-    if f.len() < 14 || f[0..6] != IN_MAC {
-        return None;
-    }
-    let lpm4 = |d: u32| -> Option<[u8; 6]> {
-        let routes: [(u32, u8, Option<[u8; 6]>); 5] = [
-            (0x0a01_0000, 24, None), // ingress subnet: hairpin, not forwarded by XDP
-            (0x0a02_0000, 24, Some([0; 6])),
-            (0x0a03_0000, 24, None), // e1 is down
-            (0x0a09_0000, 16, Some(NH1_MAC)),
-            (0x0a09_0900, 24, Some(NH2_MAC)),
-        ];
-        let best = routes
-            .iter()
-            .filter(|(n, l, _)| d & Ipv4Net::mask(*l) == *n)
-            .max_by_key(|(_, l, _)| *l)?;
-        match best.2 {
-            // On the connected subnet: the harness's neighbours there.
-            Some([0, 0, 0, 0, 0, 0]) => match d {
-                0x0a02_0005 => Some(NB_MAC),
-                0x0a02_00fe => Some(NH1_MAC),
-                0x0a02_00fd => Some(NH2_MAC),
-                _ => None,
-            },
-            m => m,
-        }
+/// The harness as the reference model sees it (`tests::model`): lo (ingress), e0, and e1 (down,
+/// no redirect slot), with the routes of `install_routes` and the neighbours of `harness`.
+fn harness_model(h: &Harness) -> Model {
+    let dev = |mac, mtu, redirect| model::Dev { mac, mtu, redirect };
+    let mtu = |i: u32| h.ifaces.iter().find(|(x, _)| *x == i).unwrap().1.mtu;
+    let mut m = Model {
+        devs: vec![
+            dev(IN_MAC, 1500, true),
+            dev(OUT_MAC, mtu(h.e0), true),
+            dev(E1_MAC, mtu(h.e1), false),
+        ],
+        own4: vec![[10, 1, 0, 1], [10, 2, 0, 1]],
+        ..Model::default()
     };
-    match u16::from_be_bytes([f[12], f[13]]) {
-        0x0800 => {
-            let ip = f.get(14..34)?;
-            let tot = u16::from_be_bytes([ip[2], ip[3]]) as usize;
-            let ihl = (ip[0] & 0xf) as usize * 4;
-            if ip[0] >> 4 != 4 || ihl < 20 || tot < ihl || 14 + tot > f.len() {
-                return None;
-            }
-            if tests::frame::checksum(f.get(14..14 + ihl)?) != 0 {
-                return None;
-            }
-            let (s, d) = (
-                u32::from_be_bytes([ip[12], ip[13], ip[14], ip[15]]),
-                u32::from_be_bytes([ip[16], ip[17], ip[18], ip[19]]),
-            );
-            let martian = |a: u32| a >> 24 == 0 || a >> 24 == 127;
-            if martian(s) || s >> 28 >= 0xe || martian(d) || d >> 28 >= 0xe {
-                return None;
-            }
-            if [0x0a01_0001, 0x0a02_0001].contains(&s)
-                || [0x0a01_0001, 0x0a02_0001, 0x0a02_00ff, 0x0a01_00ff].contains(&d)
-            {
-                return None;
-            }
-            if ip[8] <= 1 {
-                return None;
-            }
-            lpm4(d)
-        }
-        0x86dd => {
-            let ip = f.get(14..54)?;
-            let pl = u16::from_be_bytes([ip[4], ip[5]]) as usize;
-            if ip[0] >> 4 != 6 || 54 + pl > f.len() || ip[6] == 0 {
-                return None;
-            }
-            let (s, d) = (&ip[8..24], &ip[24..40]);
-            let low = |a: &[u8]| a[..8].iter().all(|b| *b == 0);
-            let ll = |a: &[u8]| a[0] == 0xfe && a[1] & 0xc0 == 0x80;
-            if d[0] == 0xff || s[0] == 0xff || low(s) || low(d) || ll(s) || ll(d) || ip[7] <= 1 {
-                return None;
-            }
-            let d = u128::from_be_bytes(d.try_into().unwrap());
-            let net = |g: [u16; 8]| u128::from_be_bytes(v6(g));
-            if [
-                net([0x2001, 0xdb8, 1, 0, 0, 0, 0, 1]),
-                net([0x2001, 0xdb8, 2, 0, 0, 0, 0, 1]),
-                net([0x2001, 0xdb8, 2, 0, 0, 0, 0, 0]),
-            ]
-            .contains(&d)
-            {
-                return None;
-            }
-            let routes: [(u128, u8, Option<[u8; 6]>); 5] = [
-                (net([0x2001, 0xdb8, 1, 0, 0, 0, 0, 0]), 64, None),
-                (net([0x2001, 0xdb8, 2, 0, 0, 0, 0, 0]), 64, Some([0; 6])),
-                (net([0x2001, 0xdb8, 3, 0, 0, 0, 0, 0]), 64, None),
-                (net([0x2001, 0xdb8, 9, 0, 0, 0, 0, 0]), 48, Some(NH1_MAC)),
-                (net([0x2001, 0xdb8, 9, 9, 0, 0, 0, 0]), 64, Some(NH2_MAC)),
-            ];
-            let best = routes
-                .iter()
-                .filter(|(n, l, _)| d & Ipv6Net::mask(*l) == *n)
-                .max_by_key(|(_, l, _)| *l)?;
-            match best.2 {
-                Some([0, 0, 0, 0, 0, 0]) => [
-                    (DST6, NB_MAC),
-                    ([0x2001, 0xdb8, 2, 0, 0, 0, 0, 0xfe], NH1_MAC),
-                    ([0x2001, 0xdb8, 2, 0, 0, 0, 0, 0xfd], NH2_MAC),
-                ]
-                .iter()
-                .find(|(a, _)| u128::from_be_bytes(v6(*a)) == d)
-                .map(|(_, m)| *m),
-                m => m,
-            }
-        }
-        _ => None,
+    let gw = |d: usize, a: &str| Via::Gateway(d, model::Addr::parse(a));
+    m.route("10.1.0.0/24", Via::Connected(0))
+        .route("10.2.0.0/24", Via::Connected(1))
+        .route("10.3.0.0/24", Via::Connected(2))
+        .route("2001:db8:1::/64", Via::Connected(0))
+        .route("2001:db8:2::/64", Via::Connected(1))
+        .route("2001:db8:3::/64", Via::Connected(2))
+        .route("10.9.0.0/16", gw(1, "10.2.0.254"))
+        .route("10.9.9.0/24", gw(1, "10.2.0.253"))
+        .route("2001:db8:9::/48", gw(1, "2001:db8:2::fe"))
+        .route("2001:db8:9:9::/64", gw(1, "2001:db8:2::fd"));
+    for local in [
+        "10.1.0.1/32",
+        "10.2.0.1/32",
+        "10.2.0.255/32",
+        "2001:db8:1::1/128",
+        "2001:db8:2::1/128",
+        "2001:db8:2::/128",
+    ] {
+        m.route(local, Via::Local);
     }
+    m.neigh(1, "10.2.0.5", NB_MAC)
+        .neigh(1, "10.2.0.254", NH1_MAC)
+        .neigh(1, "10.2.0.253", NH2_MAC)
+        .neigh(2, "10.3.0.5", NB_MAC)
+        .neigh(0, "10.1.0.9", HOST_MAC)
+        .neigh(1, "2001:db8:2::5", NB_MAC)
+        .neigh(1, "2001:db8:2::fe", NH1_MAC)
+        .neigh(1, "2001:db8:2::fd", NH2_MAC)
+        .neigh(2, "2001:db8:3::5", NB_MAC)
+        .neigh(0, "2001:db8:1::9", HOST_MAC);
+    m
 }
 
 /// A frame that is valid, or nearly: the seeds the mutations start from.
@@ -1291,8 +1228,19 @@ fn seed_frame(rng: &mut Rng) -> Vec<u8> {
             [192, 0, 2, 1],
             [224, 0, 0, 1],
             [127, 0, 0, 1],
+            [240, 1, 2, 3],
+            [255, 255, 255, 255],
         ]);
-        let src = rng.pick(&[SRC, SRC, SRC, [10, 1, 0, 1], [0, 1, 2, 3], [240, 0, 0, 1]]);
+        let src = rng.pick(&[
+            SRC,
+            SRC,
+            SRC,
+            [10, 1, 0, 1],
+            [0, 1, 2, 3],
+            [240, 0, 0, 1],
+            [255, 255, 255, 255],
+            [224, 0, 0, 9],
+        ]);
         let mut ip = Ipv4::udp(src, dst, rng.pick(&[0, 1, 2, 64, 255]));
         ip.tos = rng.next() as u8;
         ip.id = rng.next() as u16;
@@ -1361,7 +1309,10 @@ fn fuzz_frame(rng: &mut Rng) -> Vec<u8> {
 
 #[test]
 fn fuzzed_frames_keep_every_property() {
-    let Some(mut h) = harness() else { return };
+    let mut h = harness();
+    // A small egress MTU, so that the MTU rule decides for some of the fuzzed frames.
+    h.set_mtu_of_e0(100);
+    let model = harness_model(&h);
     let secs: u64 = std::env::var("ROUTER_FUZZ_SECONDS")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -1372,89 +1323,84 @@ fn fuzzed_frames_keep_every_property() {
         .unwrap_or(0x0bad_5eed_u64);
     let mut rng = Rng(seed);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
-    let total = |h: &Harness| -> u64 {
-        h.stats()
-            .iter()
-            .map(|s| s.fwd_packets + s.pass_packets() + s.drop_packets)
-            .sum()
+    // What the counters of the ingress device must say, frame by frame, from the model.
+    let mut want = Stats::ZERO;
+    let base = h.stats();
+    let check_counters = |h: &Harness, want: &Stats| {
+        let s = h.stats();
+        let mut got = s[0];
+        got.pass_bytes -= base[0].pass_bytes;
+        got.fwd_bytes -= base[0].fwd_bytes;
+        got.fwd_packets -= base[0].fwd_packets;
+        got.fwd6_packets -= base[0].fwd6_packets;
+        got.fwd6_bytes -= base[0].fwd6_bytes;
+        for (g, b) in got.pass.iter_mut().zip(base[0].pass) {
+            *g -= b;
+        }
+        assert_eq!(&got, want, "the ingress counters differ from the model's");
+        assert_eq!(&s[1..], &base[1..], "other devices' counters moved");
     };
     let (mut runs, mut forwarded) = (0u64, 0u64);
+    let mut reasons = [0u64; why::COUNT];
     while std::time::Instant::now() < deadline {
         let f = fuzz_frame(&mut rng);
         let (rc, out) = h.run(&f);
         runs += 1;
         let what = || format!("frame #{runs} (seed {seed}): {f:02x?}");
-        assert!(
-            rc == XDP_PASS || rc == XDP_REDIRECT,
-            "action {rc} for {}",
-            what()
-        );
-        let Some(mac) = kernel_forwards(&f) else {
-            assert_eq!(
-                rc,
-                XDP_PASS,
-                "forwarded what the kernel would not: {}",
-                what()
-            );
-            assert_eq!(out, f, "a passed frame changed: {}", what());
-            continue;
-        };
-        if rc == XDP_PASS {
-            assert_eq!(out, f, "a passed frame changed: {}", what());
-            continue;
-        }
-        forwarded += 1;
-        assert_eq!(&out[0..6], &mac, "destination MAC: {}", what());
-        assert_eq!(&out[6..12], &OUT_MAC, "source MAC: {}", what());
-        if f[12..14] == [8, 0] {
-            let tot = u16::from_be_bytes([f[16], f[17]]) as usize;
-            assert_eq!(out.len(), 14 + tot, "padding trimmed: {}", what());
-            assert_eq!(out[22], f[22] - 1, "TTL − 1: {}", what());
-            assert_eq!(
-                tests::frame::checksum(&out[14..34]),
-                0,
-                "checksum: {}",
-                what()
-            );
-            assert_eq!(&out[12..22], &f[12..22], "{}", what());
-            assert_eq!(out[23], f[23], "{}", what());
-            assert_eq!(
-                &out[26..],
-                &f[26..14 + tot],
-                "addresses, payload: {}",
-                what()
-            );
-        } else {
-            let len = 54 + u16::from_be_bytes([f[18], f[19]]) as usize;
-            assert_eq!(out.len(), len, "padding trimmed: {}", what());
-            assert_eq!(out[21], f[21] - 1, "hop limit − 1: {}", what());
-            assert_eq!(&out[12..21], &f[12..21], "{}", what());
-            assert_eq!(&out[22..], &f[22..len], "addresses, payload: {}", what());
+        let len = f.len() as u64;
+        match model.verdict(0, &f) {
+            Verdict::Forward { dev, mac } => {
+                assert_eq!(rc, XDP_REDIRECT, "the model forwards it: {}", what());
+                let want_out = tests::model::forwarded(&f, mac, model.devs[dev].mac);
+                assert_eq!(out, want_out, "forwarded bytes: {}", what());
+                forwarded += 1;
+                let v6 = (f[12..14] == [0x86, 0xdd]) as u64;
+                want.fwd_packets += 1;
+                want.fwd_bytes += len;
+                want.fwd6_packets += v6;
+                want.fwd6_bytes += v6 * len;
+            }
+            Verdict::Pass(reason) => {
+                assert_eq!(
+                    rc,
+                    XDP_PASS,
+                    "the model passes it ({}): {}",
+                    why::NAMES[reason],
+                    what()
+                );
+                assert_eq!(out, f, "a passed frame changed: {}", what());
+                want.pass[reason] += 1;
+                want.pass_bytes += len;
+                reasons[reason] += 1;
+            }
         }
         if runs % 4096 == 0 {
-            assert_eq!(
-                total(&h),
-                runs,
-                "counters: frames seen ≠ forwarded + passed + dropped"
-            );
+            check_counters(&h, &want);
         }
     }
-    assert_eq!(
-        total(&h),
-        runs,
-        "counters: frames seen ≠ forwarded + passed + dropped"
+    check_counters(&h, &want);
+    let spread: Vec<String> = why::NAMES
+        .iter()
+        .zip(reasons)
+        .filter(|(_, n)| *n > 0)
+        .map(|(r, n)| format!("{r}={n}"))
+        .collect();
+    eprintln!(
+        "fuzz: {runs} frames in {secs} s, seed {seed}: {forwarded} forwarded, passed {}",
+        spread.join(" ")
     );
-    eprintln!("fuzz: {runs} frames in {secs} s, {forwarded} forwarded, seed {seed}");
+    // The run reached both verdicts and most reasons.
+    assert!(runs > 1000 && forwarded > runs / 50, "{runs} / {forwarded}");
     assert!(
-        runs > 1000 && forwarded > runs / 50,
-        "the fuzzer exercised too little: {runs} / {forwarded}"
+        spread.len() >= 14,
+        "too few pass reasons reached: {spread:?}"
     );
 }
 
 /// Padding after the IP packet is trimmed from a forwarded frame, as the kernel does.
 #[test]
 fn ethernet_padding_is_trimmed_when_forwarding() {
-    let Some(mut h) = harness() else { return };
+    let mut h = harness();
     let ip = Ipv4::udp(SRC, DST, 64);
     let mut input = udp_frame(IN_MAC, &ip);
     input.extend_from_slice(&[0xee; 13]);
@@ -1467,4 +1413,104 @@ fn ethernet_padding_is_trimmed_when_forwarding() {
     let (rc, out) = h.run(&input);
     assert_eq!(rc, XDP_REDIRECT);
     assert_eq!(out, forwarded6(NB_MAC, &ip6));
+}
+
+/// Make-before-break: a route table change is never seen half-done. Three tables that route the
+/// same destinations differently (a /16 through one nexthop; the /16 through the other with
+/// /24s carved out, so that second-level groups come and go; an ECMP pair) are written in turn
+/// as fast as the writer can, IPv4 and IPv6, while this thread runs frames through the program:
+/// every frame must be forwarded to one of the nexthops, byte-exact; none may be passed for want
+/// of a route, a nexthop or a group.
+#[test]
+fn route_changes_are_never_seen_half_done() {
+    let mut h = harness();
+    let (e0, ifaces) = (h.e0, h.ifaces.clone());
+    let connected = [
+        (pfx("10.1.0.0/24"), 1),
+        (pfx("10.2.0.0/24"), e0),
+        (pfx("2001:db8:1::/64"), 1),
+        (pfx("2001:db8:2::/64"), e0),
+    ];
+    let (nh1, nh2) = (ip("10.2.0.254"), ip("10.2.0.253"));
+    let (nh1_6, nh2_6) = (ip("2001:db8:2::fe"), ip("2001:db8:2::fd"));
+    let table =
+        |gw: Vec<(IpNet, u32, IpAddr)>| datapath::route_entries(&ifaces, &connected, &gw, &[]);
+    let carved: Vec<(IpNet, u32, IpAddr)> = (0..256u32)
+        .step_by(3)
+        .flat_map(|x| {
+            [
+                (pfx(&format!("10.9.{x}.0/24")), e0, nh1),
+                (pfx(&format!("2001:db8:9:{x:x}::/64")), e0, nh1_6),
+            ]
+        })
+        .chain([
+            (pfx("10.9.0.0/16"), e0, nh2),
+            (pfx("2001:db8:9::/48"), e0, nh2_6),
+        ])
+        .collect();
+    let tables = vec![
+        table(vec![
+            (pfx("10.9.0.0/16"), e0, nh1),
+            (pfx("2001:db8:9::/48"), e0, nh1_6),
+        ]),
+        table(carved),
+        table(vec![
+            (pfx("10.9.0.0/16"), e0, nh1),
+            (pfx("10.9.0.0/16"), e0, nh2),
+            (pfx("2001:db8:9::/48"), e0, nh1_6),
+            (pfx("2001:db8:9::/48"), e0, nh2_6),
+        ]),
+    ];
+    datapath::set_routes(&mut h.ebpf, &tables[0]).unwrap();
+    let mut writer = datapath::RouteTable::open(&mut h.ebpf).unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let s = stop.clone();
+    let writes = std::thread::spawn(move || {
+        let mut n = 0usize;
+        while !s.load(std::sync::atomic::Ordering::SeqCst) {
+            writer.set(&tables[n % tables.len()]).unwrap();
+            n += 1;
+        }
+        n
+    });
+    let frames: Vec<Vec<u8>> = (0..256u16)
+        .flat_map(|x| {
+            let ip4 = Ipv4::udp(SRC, [10, 9, x as u8, 7], 64);
+            let ip6 = Ipv6::udp(v6(SRC6), v6([0x2001, 0xdb8, 9, x, 0, 0, 0, 7]), 64);
+            [udp_frame(IN_MAC, &ip4), udp6_frame(IN_MAC, &ip6)]
+        })
+        .collect();
+    let t0 = std::time::Instant::now();
+    let mut runs = 0usize;
+    let mut failure = None;
+    while t0.elapsed() < std::time::Duration::from_secs(3) && failure.is_none() {
+        for f in &frames {
+            let (rc, out) = h.run(f);
+            runs += 1;
+            let ok = rc == XDP_REDIRECT
+                && [NH1_MAC, NH2_MAC]
+                    .iter()
+                    .any(|m| out == tests::model::forwarded(f, *m, OUT_MAC));
+            if !ok {
+                let s = h.stats()[0];
+                let reasons: Vec<_> = why::NAMES
+                    .iter()
+                    .zip(s.pass)
+                    .filter(|(_, n)| *n > 0)
+                    .collect();
+                failure = Some(format!(
+                    "frame {runs} to {:02x?}: action {rc}, passed so far {reasons:?}",
+                    &f[30..34]
+                ));
+                break;
+            }
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let writes = writes.join().unwrap();
+    if let Some(f) = failure {
+        panic!("a lookup saw a table half-written ({writes} tables written): {f}");
+    }
+    eprintln!("make-before-break: {runs} frames, {writes} tables written, all forwarded");
+    assert!(writes >= 30, "only {writes} tables written");
 }

@@ -13,6 +13,8 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 use clap::{Parser, Subcommand};
 
+mod mutants;
+
 #[derive(Parser)]
 #[command(name = "xtask")]
 struct Cli {
@@ -42,6 +44,15 @@ enum Cmd {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
+    /// Build the project with one deliberate fault at a time and run the tests that must catch
+    /// it; the last line says `mutants: N killed, M survived`.
+    Mutants {
+        /// Run every listed test of a mutant, not only up to the first that kills it.
+        #[arg(long)]
+        all_tests: bool,
+        /// Only these mutants (default: all).
+        names: Vec<String>,
+    },
 }
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -67,6 +78,13 @@ fn main() -> Result<()> {
         Cmd::Test { args } => {
             setup()?;
             test(&root, &args)
+        }
+        Cmd::Mutants { all_tests, names } => {
+            setup()?;
+            if !mutants::run(&root, &names, all_tests)? {
+                std::process::exit(1);
+            }
+            Ok(())
         }
         Cmd::Bench { args } => {
             setup()?;

@@ -1,0 +1,253 @@
+//! `cargo xtask mutants`: proves that the suite bites. Each mutant is one deliberate fault,
+//! built into the program or the controller by `router-ctl/build.rs` when ROUTER_XDP_MUTANT
+//! names it, and only under the `mutants` profile (`target/mutants/`); a release build refuses
+//! the variable. For each mutant the tests that must catch the fault are run against the
+//! faulty build: the mutant is killed when one of them fails, and survives when all pass.
+//!
+//! First the same tests run on an unmutated build of the same profile: they must pass there,
+//! or a kill would prove nothing.
+
+use std::{
+    path::Path,
+    process::{Command, Stdio},
+    time::Instant,
+};
+
+use anyhow::{bail, Context as _, Result};
+
+/// A deliberate fault and the tests (test binary, name filter) that must catch it.
+pub struct Mutant {
+    pub name: &'static str,
+    pub fault: &'static str,
+    pub tests: &'static [(&'static str, &'static str)],
+}
+
+pub const MUTANTS: &[Mutant] = &[
+    Mutant {
+        name: "pass_all",
+        fault: "the program returns PASS for everything",
+        tests: &[
+            ("packet", "forwards_to_a_connected_host_byte_exact"),
+            (
+                "netns",
+                "xdp_forwards_ping_and_tcp_with_kernel_forwarding_off",
+            ),
+        ],
+    },
+    Mutant {
+        name: "no_ttl_decrement",
+        fault: "TTL and hop limit are not decremented",
+        tests: &[
+            ("packet", "forwards_to_a_connected_host_byte_exact"),
+            ("packet", "forwards_ipv6_to_a_connected_host_byte_exact"),
+        ],
+    },
+    Mutant {
+        name: "checksum_byte_order",
+        fault: "the IPv4 checksum update is written in the wrong byte order",
+        tests: &[("packet", "incremental_checksum_equals_recomputation")],
+    },
+    Mutant {
+        name: "src_mac_unchanged",
+        fault: "the source MAC is left unchanged",
+        tests: &[
+            ("packet", "forwards_to_a_connected_host_byte_exact"),
+            (
+                "netns",
+                "forwarded_frame_has_ttl_minus_one_and_egress_source_mac",
+            ),
+        ],
+    },
+    Mutant {
+        name: "empty_maps_on_restart",
+        fault:
+            "a restarted daemon starts with empty neighbour and device maps, filled a second later",
+        tests: &[("netns", "a_killed_and_restarted_daemon_loses_no_packet")],
+    },
+    Mutant {
+        name: "down_keeps_tx_slot",
+        fault: "a device that is down keeps its redirect slot",
+        tests: &[(
+            "netns",
+            "a_device_going_down_or_changing_mtu_leaves_the_fast_path_in_line",
+        )],
+    },
+    Mutant {
+        name: "break_before_make",
+        fault: "route table entries are emptied before they are rewritten (break-before-make)",
+        tests: &[
+            ("packet", "route_changes_are_never_seen_half_done"),
+            (
+                "churn",
+                "frames_reach_their_nexthops_or_the_kernel_under_churn",
+            ),
+        ],
+    },
+    Mutant {
+        name: "ecmp_ignores_ports",
+        fault: "the ECMP hash ignores ports",
+        tests: &[("packet", "ecmp_spreads_flows_and_keeps_each_on_one_nexthop")],
+    },
+    Mutant {
+        name: "wrong_pass_reason",
+        fault: "a frame without a neighbour is counted as no_route",
+        tests: &[
+            (
+                "packet",
+                "every_pass_reason_is_counted_and_leaves_the_frame_untouched",
+            ),
+            ("packet", "fuzzed_frames_keep_every_property"),
+        ],
+    },
+    Mutant {
+        name: "no_padding_trim",
+        fault: "Ethernet padding is not trimmed from forwarded frames",
+        tests: &[
+            ("packet", "ethernet_padding_is_trimmed_when_forwarding"),
+            ("parity", "the_fast_path_delivers_what_the_kernel_delivers"),
+        ],
+    },
+];
+
+/// Builds router-ctl and the test binaries in the `mutants` profile with `mutant` (None: the
+/// unmutated build); returns the router-ctl binary.
+fn build(root: &Path, mutant: Option<&str>) -> Result<std::path::PathBuf> {
+    let mut cmd = Command::new("cargo");
+    cmd.args(["build", "--profile", "mutants", "-p", "router-ctl"]);
+    cmd.args(["-p", "tests", "--bins", "--tests"]);
+    match mutant {
+        Some(m) => cmd.env("ROUTER_XDP_MUTANT", m),
+        None => cmd.env_remove("ROUTER_XDP_MUTANT"),
+    };
+    let out = cmd.output().context("cannot run cargo build")?;
+    if !out.status.success() {
+        bail!(
+            "building mutant {mutant:?} failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(root.join("target/mutants/router-ctl"))
+}
+
+/// Runs one test of one test binary against the build; true when it passed.
+fn passes(
+    ctl: &Path,
+    mutant: Option<&str>,
+    binary: &str,
+    filter: &str,
+    log: &Path,
+) -> Result<bool> {
+    // A daemon of the previous build must not serve this one's routers.
+    let _ = Command::new("pkill")
+        .args(["-9", "-f", "router-ct[l] run"])
+        .status();
+    let mut cmd = Command::new("cargo");
+    cmd.args([
+        "test",
+        "--profile",
+        "mutants",
+        "-p",
+        "tests",
+        "--test",
+        binary,
+    ])
+    .args(["--", filter, "--exact", "--test-threads", "1"])
+    .env("ROUTER_CTL", ctl)
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    match mutant {
+        Some(m) => cmd.env("ROUTER_XDP_MUTANT", m),
+        None => cmd.env_remove("ROUTER_XDP_MUTANT"),
+    };
+    let out = cmd.output().context("cannot run cargo test")?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::write(log, &text)?;
+    if out.status.success() && !text.contains("running 1 test") {
+        bail!("`{binary} {filter}` selected no single test: fix the mutant's test list");
+    }
+    Ok(out.status.success())
+}
+
+/// Runs the mutants (all, or those named in `only`); true when every one was killed. The last
+/// line printed is `mutants: N killed, M survived`.
+pub fn run(root: &Path, only: &[String], all_tests: bool) -> Result<bool> {
+    let t0 = Instant::now();
+    let chosen: Vec<&Mutant> = MUTANTS
+        .iter()
+        .filter(|m| only.is_empty() || only.iter().any(|o| o == m.name))
+        .collect();
+    if chosen.is_empty() {
+        let names: Vec<_> = MUTANTS.iter().map(|m| m.name).collect();
+        bail!(
+            "no mutant named {only:?}; the mutants are {}",
+            names.join(", ")
+        );
+    }
+    let logs = root.join("target/mutants/logs");
+    std::fs::create_dir_all(&logs)?;
+
+    eprintln!("mutants: the unmutated build must pass every test the mutants use");
+    let ctl = build(root, None)?;
+    let mut tests: Vec<(&str, &str)> = chosen
+        .iter()
+        .flat_map(|m| m.tests.iter().copied())
+        .collect();
+    tests.sort();
+    tests.dedup();
+    for (binary, filter) in &tests {
+        let log = logs.join(format!("baseline-{binary}-{filter}.log"));
+        if !passes(&ctl, None, binary, filter, &log)? {
+            bail!(
+                "`{binary} {filter}` fails without any mutant (see {}): fix that first",
+                log.display()
+            );
+        }
+    }
+
+    let (mut killed, mut survived) = (Vec::new(), Vec::new());
+    for m in &chosen {
+        let tm = Instant::now();
+        let ctl = build(root, Some(m.name))?;
+        let mut by = Vec::new();
+        for (binary, filter) in m.tests {
+            let log = logs.join(format!("{}-{binary}-{filter}.log", m.name));
+            if !passes(&ctl, Some(m.name), binary, filter, &log)? {
+                by.push(format!("{binary}::{filter}"));
+                if !all_tests {
+                    break;
+                }
+            }
+        }
+        let secs = tm.elapsed().as_secs();
+        if by.is_empty() {
+            println!("SURVIVED {:<22} {} ({secs} s)", m.name, m.fault);
+            survived.push(m.name);
+        } else {
+            println!(
+                "killed   {:<22} {} — by {} ({secs} s)",
+                m.name,
+                m.fault,
+                by.join(", ")
+            );
+            killed.push(m.name);
+        }
+    }
+    let _ = Command::new("pkill")
+        .args(["-9", "-f", "router-ct[l] run"])
+        .status();
+    eprintln!(
+        "mutants: took {} s; logs in {}",
+        t0.elapsed().as_secs(),
+        logs.display()
+    );
+    println!(
+        "mutants: {} killed, {} survived",
+        killed.len(),
+        survived.len()
+    );
+    Ok(survived.is_empty())
+}
