@@ -30,6 +30,7 @@ const CTL_MUTANTS: &[&str] = &[
     "empty_maps_on_restart",
     "down_keeps_tx_slot",
     "break_before_make",
+    "neigh_change_ignored",
 ];
 
 fn main() -> Result<()> {

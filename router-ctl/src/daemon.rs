@@ -416,6 +416,12 @@ fn update(
             | NeighbourState::Noarp
     );
     match (deleted, usable, mac) {
+        // The fault: a neighbour the map holds keeps its old MAC.
+        (false, true, Some(_))
+            if cfg!(mutant = "neigh_change_ignored") && neighs.get(ifindex, ip).is_some() =>
+        {
+            Some((ifindex, ip))
+        }
         (false, true, Some(mac)) => match neighs.set(ifindex, ip, mac) {
             Ok(()) => {
                 tracing::debug!(%ip, ifindex, mac = %sys::fmt_mac(&mac), state = ?m.header.state, "neighbour set");

@@ -1,32 +1,44 @@
 //! Churn: 1 000 000 frames over 1 000 flows through the router's real program and live maps
 //! (BPF_PROG_TEST_RUN in the router's namespace, ingress qr-a) while the kernel's neighbours
-//! are deleted and added 100 times a second (the daemon following them) and the routes of the
-//! flows move between two nexthops. Every frame must be forwarded to one of its flow's two
-//! nexthops, out of qr-b, byte-exact, or handed to the kernel unchanged: never to another MAC.
+//! change 100 times a second (the daemon following them) and the routes of the flows move
+//! between two nexthops.
+//!
+//! Every nexthop's MAC changes each time its entry is touched (a new "generation"), so that an
+//! entry the fast path failed to update is caught: a frame must carry one of its flow's two
+//! nexthops' MACs, of the current generation or the one before (the daemon may be a moment
+//! behind the kernel). Frames may be handed to the kernel only for want of a neighbour, never for
+//! want of a route (a route change must never be seen half-written).
+//!
+//! BPF_PROG_TEST_RUN does not transmit, so a share of the frames is also sent as live frames
+//! (BPF_F_TEST_XDP_LIVE_FRAMES): those are really redirected, and vm3, behind qr-b, must receive
+//! exactly the ones the fast path forwarded, and vm1, behind qr-a, none of them.
 
 use std::{
     io::Write as _,
     process::{Command, Stdio},
     sync::{
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU32, Ordering},
         Arc,
     },
     time::{Duration, Instant},
 };
 
-use aya::programs::{TestRun, TestRunOptions};
+use aya::programs::{TestRun, TestRunAttrs, TestRunOptions};
+use router_common::{map_names, pass_reason as why, Stats};
 use router_ctl::{apply, datapath, fib::Capacity, state::RouterState, sys};
 use tests::{
     corpus::{ipv4_frame, VM1_4},
     ctl_json,
     frame::{checksum, udp, Ipv4},
     require_root, sh,
-    topo::Seed,
+    topo::{Recorder, Seed},
 };
 
 const FLOWS: usize = 1000;
 const NEXTHOPS: usize = 32;
 const FRAMES: usize = 1_000_000;
+/// Every this many frames, one is sent live.
+const LIVE_EVERY: usize = 50;
 
 fn flow_net(i: usize) -> [u8; 3] {
     [10, 100 + (i / 256) as u8, (i % 256) as u8]
@@ -34,8 +46,25 @@ fn flow_net(i: usize) -> [u8; 3] {
 fn nexthop(k: usize) -> [u8; 4] {
     [172, 16, 101, 10 + k as u8]
 }
-fn nh_mac(k: usize) -> [u8; 6] {
-    [0x02, 0, 0, 0, 0x65, 10 + k as u8]
+/// Nexthop `k`'s MAC in generation `g`.
+fn nh_mac(k: usize, g: u32) -> [u8; 6] {
+    [
+        0x02,
+        (g >> 16) as u8,
+        (g >> 8) as u8,
+        g as u8,
+        0x65,
+        10 + k as u8,
+    ]
+}
+/// (nexthop, generation) of a MAC made by `nh_mac`.
+fn of_mac(m: &[u8]) -> Option<(usize, u32)> {
+    (m[0] == 0x02 && m[4] == 0x65 && (10..10 + NEXTHOPS as u8).contains(&m[5])).then(|| {
+        (
+            (m[5] - 10) as usize,
+            u32::from_be_bytes([0, m[1], m[2], m[3]]),
+        )
+    })
 }
 /// The flow's two nexthops (indexes): where its route starts and where churn moves it.
 fn pair(i: usize) -> [usize; 2] {
@@ -43,6 +72,34 @@ fn pair(i: usize) -> [usize; 2] {
 }
 fn fmt_ip(a: [u8; 4]) -> String {
     format!("{}.{}.{}.{}", a[0], a[1], a[2], a[3])
+}
+/// The flow a frame to 10.100-103.x.7 belongs to.
+fn flow_of(f: &[u8]) -> Option<usize> {
+    (f.len() >= 34 && f[12..14] == [8, 0] && f[26..30] == VM1_4 && f[30] == 10 && f[33] == 7)
+        .then(|| (f[31] as usize - 100) * 256 + f[32] as usize)
+        .filter(|i| *i < FLOWS)
+}
+
+/// A forwarded frame's MAC is acceptable for flow `i`: one of its nexthops, of the current
+/// generation or the one before it. Err says what is wrong.
+fn check_mac(m: &[u8], i: usize, gens: &[AtomicU32], gen_before: &[u32]) -> Result<(), String> {
+    let Some((k, g)) = of_mac(m) else {
+        return Err(format!("flow {i} went to {m:02x?}, no nexthop's MAC"));
+    };
+    if !pair(i).contains(&k) {
+        return Err(format!(
+            "flow {i} went to nexthop {k}, not to {:?}",
+            pair(i)
+        ));
+    }
+    let now = gens[k].load(Ordering::SeqCst);
+    if g + 1 < gen_before[k] || g > now {
+        return Err(format!(
+            "flow {i} went to nexthop {k}'s MAC of generation {g}; the current one was {} (stale entry)",
+            gen_before[k]
+        ));
+    }
+    Ok(())
 }
 
 #[test]
@@ -61,25 +118,30 @@ fn frames_reach_their_nexthops_or_the_kernel_under_churn() {
         })
         .collect();
     let mut s = Seed::up(&routes);
-    let (ns, dev_a, dev_b) = (s.ns(), s.ids.dev_a(), s.ids.dev_b());
+    let (ns, dev_b) = (s.ns(), s.ids.dev_b());
     for k in 0..NEXTHOPS {
         sh(&format!(
             "ip -n {ns} neigh replace {} lladdr {} dev {dev_b} nud permanent",
             fmt_ip(nexthop(k)),
-            sys::fmt_mac(&nh_mac(k))
+            sys::fmt_mac(&nh_mac(k, 0))
         ));
     }
     s.wait_neigh(&fmt_ip(nexthop(NEXTHOPS - 1)));
+    // What the fast path passes, the kernel must not forward: vm3 then receives exactly the
+    // live frames the fast path forwarded.
+    s.set_forwarding(false);
     let st = RouterState::load(&s.ids.router_id).unwrap().unwrap();
-    let qr_a = router_ctl::sys::parse_mac(&st.interfaces[0].mac).unwrap();
-    let qr_b = router_ctl::sys::parse_mac(&st.interfaces[1].mac).unwrap();
-    let ifindex_a = st.interfaces[0].ifindex;
+    let qr_a = sys::parse_mac(&st.interfaces[0].mac).unwrap();
+    let qr_b = sys::parse_mac(&st.interfaces[1].mac).unwrap();
+    let (ifindex_a, slot_a) = (st.interfaces[0].ifindex, st.interfaces[0].slot);
+    let gens: Arc<Vec<AtomicU32>> = Arc::new((0..NEXTHOPS).map(|_| AtomicU32::new(0)).collect());
 
     let stop = Arc::new(AtomicBool::new(false));
-    // Neighbour churn, 100 changes a second: a nexthop's entry deleted, then added back with
-    // its MAC; and unrelated neighbours coming and going.
+    // Neighbour churn, 100 changes a second, cycling through: a nexthop's MAC changed in place;
+    // another nexthop deleted, then added back with a new MAC; an unrelated neighbour added,
+    // then deleted. Each new MAC is a new generation, announced before the kernel sees it.
     let churn = {
-        let (stop, ns, dev_b) = (stop.clone(), ns.clone(), dev_b.clone());
+        let (stop, ns, dev_b, gens) = (stop.clone(), ns.clone(), dev_b.clone(), gens.clone());
         std::thread::spawn(move || {
             let mut ip = Command::new("ip")
                 .args(["-n", &ns, "-batch", "-"])
@@ -89,21 +151,26 @@ fn frames_reach_their_nexthops_or_the_kernel_under_churn() {
                 .spawn()
                 .unwrap();
             let mut w = ip.stdin.take().unwrap();
+            let new_mac = |k: usize| nh_mac(k, gens[k].fetch_add(1, Ordering::SeqCst) + 1);
             let mut n = 0usize;
             let t0 = Instant::now();
             while !stop.load(Ordering::SeqCst) {
-                // Each step of four: delete a nexthop, add it back, add an unrelated neighbour,
-                // delete it; every command acts on an entry in the state it expects.
-                let k = (n / 4 * 7) % NEXTHOPS;
-                let other = 100 + (n / 4) % 100;
-                let line = match n % 4 {
-                    0 => format!("neigh del {} dev {dev_b}\n", fmt_ip(nexthop(k))),
-                    1 => format!(
+                let step = n / 5;
+                let (k, j) = ((step * 7) % NEXTHOPS, (step * 11 + 3) % NEXTHOPS);
+                let other = 100 + step % 100;
+                let line = match n % 5 {
+                    0 => format!(
                         "neigh replace {} lladdr {} dev {dev_b} nud permanent\n",
                         fmt_ip(nexthop(k)),
-                        sys::fmt_mac(&nh_mac(k))
+                        sys::fmt_mac(&new_mac(k))
                     ),
+                    1 => format!("neigh del {} dev {dev_b}\n", fmt_ip(nexthop(j))),
                     2 => format!(
+                        "neigh replace {} lladdr {} dev {dev_b} nud permanent\n",
+                        fmt_ip(nexthop(j)),
+                        sys::fmt_mac(&new_mac(j))
+                    ),
+                    3 => format!(
                         "neigh replace 172.16.101.{other} lladdr 02:00:00:00:99:{other:02x} dev {dev_b} nud reachable\n"
                     ),
                     _ => format!("neigh del 172.16.101.{other} dev {dev_b}\n"),
@@ -114,21 +181,12 @@ fn frames_reach_their_nexthops_or_the_kernel_under_churn() {
                 let next = t0 + Duration::from_millis(10 * n as u64);
                 std::thread::sleep(next.saturating_duration_since(Instant::now()));
             }
-            // Leave every nexthop in place.
-            for k in 0..NEXTHOPS {
-                let _ = writeln!(
-                    w,
-                    "neigh replace {} lladdr {} dev {dev_b} nud permanent",
-                    fmt_ip(nexthop(k)),
-                    sys::fmt_mac(&nh_mac(k))
-                );
-            }
             drop(w);
             ip.wait().unwrap();
             n as f64 / t0.elapsed().as_secs_f64()
         })
     };
-    // Route churn: the flows' routes move between their two nexthops, a tenth of them at a time.
+    // Route churn: the flows' routes move between their two nexthops, a share at a time.
     let routes_thread = {
         let (stop, ns, id) = (stop.clone(), ns.clone(), s.ids.router_id.clone());
         let st = st.clone();
@@ -159,8 +217,15 @@ fn frames_reach_their_nexthops_or_the_kernel_under_churn() {
         })
     };
 
+    // What arrives at vm3 (behind qr-b) and at vm1 (behind qr-a) of the flows' frames.
+    let at_vm3 = Recorder::start(&s.vm3, &s.ids.tap_b(), |f| flow_of(f).is_some());
+    let at_vm1 = Recorder::start(&s.vm1, &s.ids.tap_a(), |f| flow_of(f).is_some());
+    let counters = datapath::open_pinned(&s.ids.router_id, map_names::STATS).unwrap();
+    let before: Stats = datapath::read_stats(&counters, slot_a).unwrap();
+
     // The frames, from the router's namespace, through its real program and pinned maps.
     let id = s.ids.router_id.clone();
+    let g = gens.clone();
     let result = sys::in_netns(&ns, move || {
         let mut ebpf = datapath::load_pinned(&id, Capacity::default())?;
         let prog = datapath::program(&mut ebpf)?;
@@ -179,12 +244,23 @@ fn frames_reach_their_nexthops_or_the_kernel_under_churn() {
             .collect();
         let mut ctx = [0u8; 24];
         ctx[12..16].copy_from_slice(&ifindex_a.to_ne_bytes());
-        let (mut fwd, mut passed) = (0usize, 0usize);
+        let (mut fwd, mut passed, mut live) = (0usize, 0usize, 0usize);
         let mut out = vec![0u8; 256];
         for n in 0..FRAMES {
             let i = (n * 7919) % FLOWS;
             let f = &frames[i];
             ctx[4..8].copy_from_slice(&(f.len() as u32).to_ne_bytes());
+            if n % LIVE_EVERY == 0 {
+                prog.test_run(TestRunOptions {
+                    data_in: Some(f),
+                    ctx_in: Some(&ctx),
+                    attrs: TestRunAttrs::new().xdp_live_frames(1),
+                    ..Default::default()
+                })?;
+                live += 1;
+                continue;
+            }
+            let gen_before: Vec<u32> = g.iter().map(|x| x.load(Ordering::SeqCst)).collect();
             let r = prog.test_run(TestRunOptions {
                 data_in: Some(f),
                 data_out: Some(&mut out),
@@ -195,14 +271,8 @@ fn frames_reach_their_nexthops_or_the_kernel_under_churn() {
             match r.return_value {
                 4 => {
                     fwd += 1;
-                    let m: [u8; 6] = o[0..6].try_into().unwrap();
-                    anyhow::ensure!(
-                        pair(i).iter().any(|k| nh_mac(*k) == m),
-                        "frame {n} (flow {i}) went to {} instead of {} or {}",
-                        sys::fmt_mac(&m),
-                        sys::fmt_mac(&nh_mac(pair(i)[0])),
-                        sys::fmt_mac(&nh_mac(pair(i)[1]))
-                    );
+                    check_mac(&o[0..6], i, &g, &gen_before)
+                        .map_err(|e| anyhow::anyhow!("frame {n}: {e}"))?;
                     anyhow::ensure!(o[6..12] == qr_b, "frame {n}: not out of qr-b");
                     anyhow::ensure!(
                         o[22] == 63 && checksum(&o[14..34]) == 0,
@@ -223,21 +293,74 @@ fn frames_reach_their_nexthops_or_the_kernel_under_churn() {
                 rc => anyhow::bail!("frame {n}: action {rc}"),
             }
         }
-        Ok((fwd, passed))
+        Ok((fwd, passed, live))
     });
     stop.store(true, Ordering::SeqCst);
     let rate = churn.join().unwrap();
     let route_changes = routes_thread.join().unwrap();
-    let (fwd, passed) = result.unwrap();
+    let (fwd, passed, live) = result.unwrap();
     s.injected_a = FRAMES as u64;
+    let after = datapath::read_stats(&counters, slot_a).unwrap();
+    let gen_end: Vec<u32> = gens.iter().map(|x| x.load(Ordering::SeqCst)).collect();
     eprintln!(
-        "churn: {FRAMES} frames over {FLOWS} flows: {fwd} forwarded, {passed} to the kernel; {rate:.0} neighbour changes/s, {route_changes} route table changes"
+        "churn: {FRAMES} frames over {FLOWS} flows ({live} live): {fwd} forwarded, {passed} to the kernel; {rate:.0} neighbour changes/s (MACs up to generation {}), {route_changes} route table changes",
+        gen_end.iter().max().unwrap()
     );
-    assert_eq!(fwd + passed, FRAMES);
+    assert_eq!(fwd + passed + live, FRAMES);
     assert!(rate >= 90.0, "neighbour churn ran at {rate:.0}/s");
     assert!(route_changes >= 10, "{route_changes} route table changes");
     assert!(fwd > FRAMES / 2, "too little forwarded: {fwd}");
-    // Afterwards the fast path's neighbours are the kernel's again.
+    assert!(
+        *gen_end.iter().min().unwrap() >= 2,
+        "some nexthop's MAC never changed twice: {gen_end:?}"
+    );
+    // Passed only for want of a neighbour: never for want of a route. (vm1's own multicast and
+    // ARP, not_ip and bcast_mcast, arrive on qr-a meanwhile; the flows' frames are unicast IPv4.)
+    for r in 0..why::COUNT {
+        if ![why::NO_NEIGH, why::NOT_IP, why::BCAST_MCAST].contains(&r) {
+            assert_eq!(
+                after.pass[r] - before.pass[r],
+                0,
+                "frames passed as {}",
+                why::NAMES[r]
+            );
+        }
+    }
+    let live_fwd = (after.fwd_packets - before.fwd_packets) as usize - fwd;
+    let live_passed = (after.pass[why::NO_NEIGH] - before.pass[why::NO_NEIGH]) as usize;
+    assert!(
+        live_passed <= passed + live && live_fwd <= live,
+        "live frames miscounted: {live_fwd} forwarded of {live}"
+    );
+    // The live frames the fast path forwarded all went out of qr-b: each one arrived at vm3,
+    // to one of its flow's nexthops' MACs; none came back out of qr-a to vm1.
+    std::thread::sleep(Duration::from_millis(200));
+    let (got3, got1) = (at_vm3.stop(), at_vm1.stop());
+    assert!(
+        got1.is_empty(),
+        "{} frames of the flows reached vm1",
+        got1.len()
+    );
+    assert_eq!(
+        got3.len(),
+        live_fwd,
+        "vm3 received other than the live frames the fast path forwarded"
+    );
+    for f in &got3 {
+        let i = flow_of(f).unwrap();
+        let (k, _) =
+            of_mac(&f[0..6]).unwrap_or_else(|| panic!("a frame reached vm3 to {:02x?}", &f[0..6]));
+        assert!(
+            pair(i).contains(&k),
+            "flow {i} reached vm3 through nexthop {k}"
+        );
+        assert_eq!(f[6..12], qr_b, "a frame reached vm3 not from qr-b's MAC");
+    }
+    assert!(
+        live_fwd > live / 2,
+        "too few live frames forwarded: {live_fwd} of {live}"
+    );
+    // Afterwards the fast path's neighbours are the kernel's again, MACs included.
     let deadline = Instant::now() + Duration::from_secs(3);
     loop {
         let ours: Vec<String> = ctl_json(&["neigh", &s.ids.router_id])
@@ -289,5 +412,4 @@ fn frames_reach_their_nexthops_or_the_kernel_under_churn() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    let _ = dev_a;
 }

@@ -16,9 +16,13 @@ use std::{
     time::{Duration, Instant},
 };
 
+use router_common::{map_names, pass_reason as why, Stats};
+use router_ctl::{datapath, state::RouterState};
 use tests::{
     corpus::{self, GW_A4, MARK_ID, MARK_PORT, VM1_4, VM3_4},
-    ctl_json, require_root, sh,
+    ctl_json,
+    model::{self, Model, Verdict, Via},
+    require_root, sh,
     topo::{in_ns, link_mac, veth_xdp_count, Seed},
 };
 
@@ -135,6 +139,29 @@ struct Effect {
     at_vm1: Vec<Vec<u8>>,
 }
 
+/// The fast path's counters of qr-a, read from its pinned map.
+struct Counters {
+    map: aya::maps::MapData,
+    slot: u32,
+}
+
+impl Counters {
+    fn read(&self) -> Stats {
+        datapath::read_stats(&self.map, self.slot).expect("reading the fast path's counters")
+    }
+}
+
+/// What the counters moved by between two readings.
+fn delta(a: &Stats, b: &Stats) -> Stats {
+    let mut d = Stats::ZERO;
+    d.fwd_packets = b.fwd_packets - a.fwd_packets;
+    d.fwd6_packets = b.fwd6_packets - a.fwd6_packets;
+    for r in 0..why::COUNT {
+        d.pass[r] = b.pass[r] - a.pass[r];
+    }
+    d
+}
+
 fn gw_marker(qr_a: [u8; 6], vm1: [u8; 6], i: u16) -> Vec<u8> {
     let mut ip = tests::frame::Ipv4::udp(VM1_4, GW_A4, 64);
     ip.protocol = 1;
@@ -185,16 +212,21 @@ fn normalize(mut f: Vec<u8>) -> Option<Vec<u8>> {
     Some(f)
 }
 
+/// Sends the corpus; returns each frame's effect and, with `counters`, what the fast path's
+/// counters moved by while the frame and its two markers went through.
 fn run_corpus(
     corpus: &[(&'static str, Vec<u8>)],
     vm1: &Port,
     vm3: &Port,
     qr_a: [u8; 6],
     vm1_mac: [u8; 6],
-) -> Vec<Effect> {
+    counters: Option<&Counters>,
+) -> (Vec<Effect>, Vec<Stats>) {
     let mut effects = Vec::with_capacity(corpus.len());
+    let mut moved = Vec::new();
     for (i, (what, f)) in corpus.iter().enumerate() {
         let i16 = i as u16;
+        let c0 = counters.map(Counters::read);
         let sent = vm1.send(f);
         vm1.send(&gw_marker(qr_a, vm1_mac, i16)).unwrap();
         vm1.send(&vm3_marker(qr_a, vm1_mac, i16)).unwrap();
@@ -227,8 +259,11 @@ fn run_corpus(
             }
         }
         effects.push(e);
+        if let (Some(c), Some(c0)) = (counters, c0) {
+            moved.push(delta(&c0, &c.read()));
+        }
     }
-    effects
+    (effects, moved)
 }
 
 fn mac(s: &str) -> [u8; 6] {
@@ -328,7 +363,14 @@ fn the_fast_path_delivers_what_the_kernel_delivers() {
     while vm1.recv().is_some() || vm3.recv().is_some() {}
 
     let seen0 = veth_xdp_count(&ns, &dev_a, "_xdp_packets").unwrap();
-    let fast = run_corpus(&corpus, &vm1, &vm3, qr_a, mac(&vm1_mac));
+    let redirects0 = veth_xdp_count(&ns, &dev_a, "_xdp_redirect").unwrap();
+    let st0 = RouterState::load(&s.ids.router_id).unwrap().unwrap();
+    let counters = Counters {
+        map: datapath::open_pinned(&s.ids.router_id, map_names::STATS).unwrap(),
+        slot: st0.interfaces[0].slot,
+    };
+    let fwd0 = counters.read().fwd_packets;
+    let (fast, moved) = run_corpus(&corpus, &vm1, &vm3, qr_a, mac(&vm1_mac), Some(&counters));
     // Counters add up: every frame XDP saw on qr-a (the kernel's count) is forwarded, passed
     // or dropped in the fast path's own counters.
     let st = s
@@ -350,12 +392,67 @@ fn the_fast_path_delivers_what_the_kernel_delivers() {
         ours, seen,
         "frames seen by XDP on {dev_a} ≠ forwarded + passed + dropped: {st}"
     );
+    let forwarded = counters
+        .read()
+        .fwd_packets
+        .checked_sub(fwd0)
+        .expect("the forwarded counter went back");
     assert_eq!(
-        st["forwarded"]["packets"].as_u64().unwrap(),
-        veth_xdp_count(&ns, &dev_a, "_xdp_redirect").unwrap(),
+        forwarded,
+        veth_xdp_count(&ns, &dev_a, "_xdp_redirect").unwrap() - redirects0,
         "forwarded ≠ the kernel's XDP redirect count"
     );
-    let forwarded_corpus = st["forwarded"]["packets"].as_u64().unwrap() - corpus.len() as u64;
+    // Frame by frame, the fast path did what the model says: forwarded what it must forward,
+    // and passed the rest under the model's reason (each frame's window also holds its two
+    // markers: the echo to the gateway is local_dest, the datagram to vm3 is forwarded).
+    let model = parity_model(qr_a, mac(&s.mac_of(&dev_b)), mac(&vm1_mac), mac(&vm3_mac));
+    let mut must_forward = 0u64;
+    let mut wrong = Vec::new();
+    for (i, ((what, f), (e, d))) in corpus.iter().zip(fast.iter().zip(&moved)).enumerate() {
+        let mut want = Stats::ZERO;
+        want.fwd_packets = 1;
+        want.pass[why::LOCAL_DEST] = 1;
+        if e.sent.is_ok() {
+            match model.verdict(0, f) {
+                Verdict::Forward { .. } => {
+                    must_forward += 1;
+                    want.fwd_packets += 1;
+                    want.fwd6_packets += (f[12..14] == [0x86, 0xdd]) as u64;
+                }
+                Verdict::Pass(r) => want.pass[r] += 1,
+            }
+        }
+        if *d != want {
+            let name = |s: &Stats| {
+                let mut v = vec![format!(
+                    "forwarded {} (IPv6 {})",
+                    s.fwd_packets, s.fwd6_packets
+                )];
+                v.extend(
+                    (0..why::COUNT)
+                        .filter(|r| s.pass[*r] > 0)
+                        .map(|r| format!("{} {}", why::NAMES[r], s.pass[r])),
+                );
+                v.join(", ")
+            };
+            wrong.push(format!(
+                "#{i} {what}: the fast path: {}; the model: {}\n  {f:02x?}",
+                name(d),
+                name(&want)
+            ));
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "{} of {} frames went otherwise than the model says; the first ones:\n{}",
+        wrong.len(),
+        corpus.len(),
+        wrong.iter().take(8).cloned().collect::<Vec<_>>().join("\n")
+    );
+    let forwarded_corpus = forwarded
+        .checked_sub(corpus.len() as u64)
+        .expect("fewer frames forwarded than markers sent");
+    assert_eq!(forwarded_corpus, must_forward);
 
     // The same corpus with only the kernel: the programs detached (their links unpinned).
     for dev in [&dev_a, &dev_b] {
@@ -364,7 +461,7 @@ fn the_fast_path_delivers_what_the_kernel_delivers() {
     assert!(!sh(&format!("ip -n {ns} link show {dev_a}")).contains("xdp"));
     std::thread::sleep(Duration::from_millis(100));
     while vm1.recv().is_some() || vm3.recv().is_some() {}
-    let kernel = run_corpus(&corpus, &vm1, &vm3, qr_a, mac(&vm1_mac));
+    let (kernel, _) = run_corpus(&corpus, &vm1, &vm3, qr_a, mac(&vm1_mac), None);
 
     let mut diffs = Vec::new();
     for (i, ((what, f), (a, b))) in corpus
@@ -394,4 +491,45 @@ fn the_fast_path_delivers_what_the_kernel_delivers() {
     );
     // The corpus exercised both paths.
     assert!(delivered > 2000 && answered > 200 && forwarded_corpus > 2000);
+}
+
+/// The dual-stack seed router of this test as the reference model sees it: qr-a (vm1's side,
+/// MTU 1500) and qr-b (vm3's side, MTU 1400), their subnets, the router's own addresses, and
+/// vm1 and vm3 as its only neighbours.
+fn parity_model(qr_a: [u8; 6], qr_b: [u8; 6], vm1: [u8; 6], vm3: [u8; 6]) -> Model {
+    let dev = |mac, mtu| model::Dev {
+        mac,
+        mtu,
+        redirect: true,
+    };
+    let mut m = Model {
+        devs: vec![dev(qr_a, 1500), dev(qr_b, 1400)],
+        own4: vec![GW_A4, tests::corpus::GW_B4, [127, 0, 0, 1]],
+        ..Model::default()
+    };
+    m.route("172.16.100.0/24", Via::Connected(0))
+        .route("172.16.101.0/24", Via::Connected(1))
+        .route("2001:db8:100::/64", Via::Connected(0))
+        .route("2001:db8:101::/64", Via::Connected(1));
+    // Every address of the namespace (link-local ones aside), the IPv4 subnet broadcasts and
+    // the IPv6 subnet-router anycast addresses.
+    for local in [
+        "172.16.100.1/32",
+        "172.16.101.1/32",
+        "172.16.100.255/32",
+        "172.16.101.255/32",
+        "127.0.0.1/32",
+        "2001:db8:100::1/128",
+        "2001:db8:101::1/128",
+        "2001:db8:100::/128",
+        "2001:db8:101::/128",
+        "::1/128",
+    ] {
+        m.route(local, Via::Local);
+    }
+    m.neigh(0, "172.16.100.3", vm1)
+        .neigh(0, "2001:db8:100::3", vm1)
+        .neigh(1, "172.16.101.3", vm3)
+        .neigh(1, "2001:db8:101::3", vm3);
+    m
 }

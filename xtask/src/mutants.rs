@@ -84,6 +84,17 @@ pub const MUTANTS: &[Mutant] = &[
         ],
     },
     Mutant {
+        name: "neigh_change_ignored",
+        fault: "the daemon keeps the old MAC of a neighbour whose MAC changed",
+        tests: &[
+            (
+                "churn",
+                "frames_reach_their_nexthops_or_the_kernel_under_churn",
+            ),
+            ("netns", "a_changed_neighbour_mac_is_followed"),
+        ],
+    },
+    Mutant {
         name: "ecmp_ignores_ports",
         fault: "the ECMP hash ignores ports",
         tests: &[("packet", "ecmp_spreads_flows_and_keeps_each_on_one_nexthop")],
