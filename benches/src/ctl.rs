@@ -7,7 +7,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
-use router_ctl::{datapath, fib::Capacity, state, sys};
+use router_ctl::{datapath, state, sys};
 use tests::topo::Seed;
 
 use crate::stats::{summarize, Summary};
@@ -82,11 +82,11 @@ pub fn route_updates_per_second(s: &Seed, seconds: f64) -> Result<f64> {
     let mut moved = st.clone();
     moved.routes[0].nexthop = "172.16.101.4".into();
     let tables = [
-        router_ctl::apply::tables_of(&st)?.1,
-        router_ctl::apply::tables_of(&moved)?.1,
+        router_ctl::apply::tables_of(&st)?.routes,
+        router_ctl::apply::tables_of(&moved)?.routes,
     ];
     sys::in_netns(&ns, move || {
-        let mut ebpf = datapath::load_pinned(&id, Capacity::default())?;
+        let mut ebpf = datapath::open_maps(&id)?;
         let mut table = datapath::RouteTable::open(&mut ebpf)?;
         let t = Instant::now();
         let mut n = 0u64;

@@ -77,6 +77,7 @@ fn set_mode(s: &Seed, mode: Mode) -> Result<()> {
     // Kernel mode: no programs; GRO on qr-a so that its veth takes the generator's frames.
     for dev in [&dev_a, &dev_b] {
         let _ = std::fs::remove_file(state::link_pin(&id, dev));
+        let _ = std::fs::remove_file(state::tc_link_pin(&id, dev));
     }
     if mode == Mode::Kernel {
         sh(&format!(
@@ -87,9 +88,9 @@ fn set_mode(s: &Seed, mode: Mode) -> Result<()> {
     let cap = router_ctl::fib::Capacity::default();
     sys::in_netns(&ns, move || {
         let mut ebpf = datapath::load_pinned(&id, cap)?;
-        datapath::attach(&mut ebpf, ib, &dev_b, &state::link_pin(&id, &dev_b))?;
+        datapath::attach_xdp(&mut ebpf, ib, &dev_b, &state::link_pin(&id, &dev_b))?;
         if mode == Mode::Router {
-            datapath::attach(&mut ebpf, ia, &dev_a, &state::link_pin(&id, &dev_a))?;
+            datapath::attach_xdp(&mut ebpf, ia, &dev_a, &state::link_pin(&id, &dev_a))?;
             return Ok(());
         }
         let mut bench = EbpfLoader::new().load(datapath::BENCH_PROGRAM)?;
@@ -322,7 +323,11 @@ type Entries = Vec<(router_ctl::config::IpNet, router_common::Route)>;
 /// The router's own table (as apply made it) and the same plus `BIG_TABLE` random routes via vm3.
 fn tables(s: &Seed) -> Result<(Entries, Entries)> {
     let st = state::RouterState::load(&s.ids.router_id)?.context("router state")?;
-    let (ifaces, small, _, _) = router_ctl::apply::tables_of(&st)?;
+    let router_ctl::apply::Tables {
+        ifaces,
+        routes: small,
+        ..
+    } = router_ctl::apply::tables_of(&st)?;
     let b = st
         .interfaces
         .iter()
@@ -346,7 +351,7 @@ fn install(s: &Seed, entries: &Entries) -> Result<()> {
     let id = s.ids.router_id.clone();
     let e = entries.clone();
     sys::in_netns(&s.ns(), move || {
-        let mut ebpf = datapath::load_pinned(&id, router_ctl::fib::Capacity::default())?;
+        let mut ebpf = datapath::open_maps(&id)?;
         datapath::set_routes(&mut ebpf, &e)
     })
 }

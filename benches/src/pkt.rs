@@ -116,7 +116,7 @@ fn measure_here(routes: usize, runs: usize, ipv6: bool) -> Result<PktResult> {
         .collect();
     let iface = |mac, slot| Iface {
         mac,
-        _pad: [0; 2],
+        flags: 0,
         mtu: 1500,
         slot,
     };
@@ -137,7 +137,7 @@ fn measure_here(routes: usize, runs: usize, ipv6: bool) -> Result<PktResult> {
         &[],
     );
     let mut ebpf = datapath::load_unpinned_sized(router_ctl::fib::Capacity::for_table(&entries))?;
-    datapath::set_ifaces(&mut ebpf, &ifaces, &[])?;
+    datapath::set_ifaces(&mut ebpf, &ifaces, &[], &[])?;
     let t = Instant::now();
     datapath::set_routes(&mut ebpf, &entries)?;
     let install_s = t.elapsed().as_secs_f64();

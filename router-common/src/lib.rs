@@ -28,8 +28,12 @@ pub mod map_names {
     /// same devices as `IFACES`, found without hashing; a device whose index collides with
     /// another's is found in `IFACES`.
     pub const IFACE_INDEX: &str = "IFACE_INDEX";
-    /// Devmap (array): `Iface::slot` → ifindex, the redirect targets.
+    /// Devmap (array): `Iface::slot` → ifindex, the targets of XDP redirects: the devices that
+    /// are up and can take XDP-redirected frames now (NDO_XMIT).
     pub const TX_PORTS: &str = "TX_PORTS";
+    /// Array: `Iface::slot` → ifindex of the device when it is up (0: down), the targets of the
+    /// tc program's redirects (an skb needs no NDO_XMIT).
+    pub const TC_PORTS: &str = "TC_PORTS";
     /// Array of one `[u64; 1024]`: bit `a & 0xffff` set when some IPv4 address `a` of the router
     /// ends in those 16 bits; a cheap filter before `LOCAL4`.
     pub const LOCAL_BITS: &str = "LOCAL_BITS";
@@ -42,6 +46,9 @@ pub mod map_names {
 
 /// Name of the XDP program inside the object.
 pub const PROGRAM_NAME: &str = "router";
+/// Name of the tc (tcx ingress) program inside the same object: the same per-packet logic on
+/// skbs, sharing the maps.
+pub const TC_PROGRAM_NAME: &str = "router_tc";
 
 /// Capacity of the maps. A router has at most `MAX_IFACES` interfaces; slot `MAX_IFACES`
 /// (the last one of `STATS`) counts frames seen on a device the router does not know.
@@ -158,12 +165,22 @@ pub struct Neigh {
     pub _pad: [u8; 2],
 }
 
+/// Bits of `Iface::flags`.
+pub mod iface_flags {
+    /// Frames arriving on this device through XDP may carry a partial TCP/UDP checksum (the
+    /// device is fed by a local stack's skbs, as a veth or a tap is): the XDP program verifies
+    /// TCP and UDP checksums and hands a frame whose checksum does not verify to the kernel,
+    /// which keeps the skb's checksum state. Never set for the tc program, which keeps it too.
+    pub const VERIFY_L4: u16 = 1;
+}
+
 /// Value of the `IFACES` map: what the fast path needs to know of a `qr-` device.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Iface {
     pub mac: [u8; 6],
-    pub _pad: [u8; 2],
+    /// `iface_flags`.
+    pub flags: u16,
     /// The device's MTU.
     pub mtu: u32,
     /// Index into `STATS`.
@@ -207,7 +224,14 @@ pub mod pass_reason {
     pub const NO_TX_PORT: usize = 14;
     /// IPv6 link-local (fe80::/10) source or destination: never routed.
     pub const LINK_LOCAL: usize = 15;
-    pub const COUNT: usize = 16;
+    /// The egress device is up but cannot take XDP-redirected frames now (a veth whose peer has
+    /// neither GRO nor an XDP program; a device without XDP transmit): XDP hands the frame to
+    /// the kernel.
+    pub const NO_XDP_XMIT: usize = 16;
+    /// A TCP or UDP checksum that does not verify, on a device where XDP may see partial
+    /// checksums (`iface_flags::VERIFY_L4`): the kernel keeps the skb's checksum state.
+    pub const L4_CHECKSUM: usize = 17;
+    pub const COUNT: usize = 18;
 
     /// Names used by the CLI and JSON output, indexed by reason.
     pub const NAMES: [&str; COUNT] = [
@@ -227,6 +251,8 @@ pub mod pass_reason {
         "unknown_iface",
         "no_tx_port",
         "link_local",
+        "no_xdp_xmit",
+        "l4_checksum",
     ];
 }
 

@@ -13,7 +13,7 @@ use anyhow::{bail, Context as _, Result};
 use router_common::MAX_IFACES;
 
 use crate::{
-    config::{self, IpNet, Router},
+    config::{self, Hook, IpNet, Router},
     datapath,
     state::{self, AddrState, IfaceState, Lock, RouteState, RouterState},
     sys::{self, ip},
@@ -94,14 +94,20 @@ fn precheck(routers: &[Router]) -> Result<()> {
     Ok(())
 }
 
+/// Applies `routers`. The programs are loaded and swapped in only where the attached ones come
+/// from another build, a device is new or changes hook, or `reload` asks for it.
 pub fn apply(routers: &[Router]) -> Result<Vec<Report>> {
+    apply_with(routers, false)
+}
+
+pub fn apply_with(routers: &[Router], reload: bool) -> Result<Vec<Report>> {
     sys::ensure_bpffs()?;
     let _lock = Lock::acquire(state::STATE_LOCK)?;
     precheck(routers)?;
     let mut reports = Vec::new();
     for r in routers {
         let mut undo = Vec::new();
-        match apply_one(r, &mut undo) {
+        match apply_one(r, &mut undo, reload) {
             Ok(rep) => reports.push(rep),
             Err(e) => {
                 for u in undo.into_iter().rev() {
@@ -117,7 +123,7 @@ pub fn apply(routers: &[Router]) -> Result<Vec<Report>> {
     Ok(reports)
 }
 
-fn apply_one(r: &Router, undo: &mut Vec<Undo>) -> Result<Report> {
+fn apply_one(r: &Router, undo: &mut Vec<Undo>, reload: bool) -> Result<Report> {
     let prev = RouterState::load(&r.id)?;
     let ns = r.namespace();
     let mut created = Vec::new();
@@ -166,7 +172,6 @@ fn apply_one(r: &Router, undo: &mut Vec<Undo>) -> Result<Report> {
                 });
                 ip(&["link", "set", &i.device, "netns", &ns])?;
                 ip(&["link", "set", &p, "up"])?;
-                sys::prepare_veth_peer(None, &p)?;
                 created.push(format!(
                     "device {} (veth, peer {p} in this namespace)",
                     i.device
@@ -237,7 +242,21 @@ fn apply_one(r: &Router, undo: &mut Vec<Undo>) -> Result<Report> {
         st.slot = slot;
         st.created_device = created_device;
         st.peer = peer;
+        st.hook = i.hook;
+        st.kind = info.kind();
         ifaces.push(st);
+    }
+    // Each device's hook, from what the device is and what its driver can do.
+    let features = sys::xdp_features(&ns)?;
+    for st in ifaces.iter_mut() {
+        let f = features.get(&st.ifindex).copied().unwrap_or_default();
+        let (hook, why) = choose_hook(st.hook, &st.device, st.kind.as_deref(), f)
+            .with_context(|| format!("router {}, port {}", r.id, st.port_id))?;
+        if hook == Hook::Xdp && st.kind.is_some() {
+            tracing::warn!(router = %r.id, device = %st.device, kind = ?st.kind, "XDP forced on a device fed by skbs: GSO is lost there (TCP is slower than through tc), and TCP/UDP segments whose checksum does not verify (partial checksums) go to the kernel");
+        }
+        st.active_hook = Some(hook);
+        st.hook_reason = why;
     }
 
     let ip_forward_before = match prev.as_ref().and_then(|p| p.ip_forward_before.clone()) {
@@ -321,30 +340,68 @@ fn apply_one(r: &Router, undo: &mut Vec<Undo>) -> Result<Report> {
         interfaces: ifaces,
         routes,
         max_routes: r.max_routes,
+        program: Some(datapath::program_fingerprint()),
     };
+    // The programs stay when they are this build's and every device keeps its hook.
+    let keep_programs = !reload
+        && prev.as_ref().is_some_and(|p| {
+            p.program == st.program
+                && st.interfaces.iter().all(|i| {
+                    p.interfaces.iter().any(|o| {
+                        o.device == i.device
+                            && o.ifindex == i.ifindex
+                            && o.active_hook == i.active_hook
+                    }) && match i.active_hook {
+                        Some(Hook::Xdp) => state::link_pin(&r.id, &i.device).exists(),
+                        _ => state::tc_link_pin(&r.id, &i.device).exists(),
+                    }
+                })
+        });
 
     // The fast path's tables.
-    let (iface_entries, route_entries, down, own) = tables_of(&st)?;
+    let Tables {
+        ifaces: iface_entries,
+        routes: route_entries,
+        down,
+        no_xmit,
+        own,
+    } = tables_of(&st)?;
     let mut cap = crate::fib::Capacity::for_table(&route_entries);
     if let Some(n) = r.max_routes {
         cap = cap.max(crate::fib::Capacity::for_max_routes(n));
     }
     let id = r.id.clone();
-    let attach: Vec<(u32, String)> = st
+    let attach: Vec<(u32, String, Option<Hook>)> = st
         .interfaces
         .iter()
-        .map(|i| (i.ifindex, i.device.clone()))
+        .map(|i| (i.ifindex, i.device.clone(), i.active_hook))
         .collect();
     sys::in_netns(&ns, move || {
-        let mut ebpf = datapath::load_pinned(&id, cap)?;
-        datapath::set_ifaces(&mut ebpf, &iface_entries, &down)?;
+        let mut ebpf = if keep_programs {
+            datapath::open_pinned_object_sized(&id, cap)?
+        } else {
+            datapath::load_pinned(&id, cap)?
+        };
+        datapath::set_ifaces(&mut ebpf, &iface_entries, &down, &no_xmit)?;
         datapath::set_routes(&mut ebpf, &route_entries)?;
         datapath::set_local_addrs(&mut ebpf, &own)?;
         for slot in &fresh_slots {
             datapath::reset_stats(&mut ebpf, *slot)?;
         }
-        for (ifindex, dev) in &attach {
-            datapath::attach(&mut ebpf, *ifindex, dev, &state::link_pin(&id, dev))?;
+        if keep_programs {
+            return Ok(());
+        }
+        // The new hook is attached before the other is detached: a device switching hooks
+        // never goes without the fast path (a frame XDP passes meets the tc program).
+        for (ifindex, dev, hook) in &attach {
+            let (xdp_pin, tc_pin) = (state::link_pin(&id, dev), state::tc_link_pin(&id, dev));
+            if *hook == Some(Hook::Xdp) {
+                datapath::attach_xdp(&mut ebpf, *ifindex, dev, &xdp_pin)?;
+                datapath::detach(&tc_pin)?;
+            } else {
+                datapath::attach_tc(&mut ebpf, dev, &tc_pin)?;
+                datapath::detach(&xdp_pin)?;
+            }
         }
         Ok(())
     })?;
@@ -359,13 +416,52 @@ fn apply_one(r: &Router, undo: &mut Vec<Undo>) -> Result<Report> {
     })
 }
 
-/// (devices, routes, devices that are down, the router's own IPv4 addresses).
-pub type Tables = (
-    Vec<(u32, router_common::Iface)>,
-    Vec<(IpNet, router_common::Route)>,
-    Vec<u32>,
-    Vec<std::net::Ipv4Addr>,
-);
+/// Which hook the fast path uses on `device` (of kind `kind`, None for a NIC, with XDP
+/// features `f`) when the definition asks for `want`, and why.
+///
+/// The rule for `auto`, measured on this project's topology (see the README): traffic on a
+/// virtual device (veth, tap, macvlan, an Open vSwitch internal port) comes from a local
+/// stack as skbs, with GSO packets and partial checksums: XDP would have to turn each into a
+/// frame (and a veth with an XDP program stops taking GSO from its peer), tc keeps it whole.
+/// Frames from a NIC's driver are frames: XDP meets them first, before any skb is built.
+pub fn choose_hook(
+    want: Hook,
+    device: &str,
+    kind: Option<&str>,
+    f: crate::netdev::XdpFeatures,
+) -> Result<(Hook, String)> {
+    let native = f.native();
+    Ok(match (want, kind) {
+        (Hook::Tc, _) => (Hook::Tc, "tc: set in the definition".into()),
+        (Hook::Xdp, _) if !native => bail!(
+            "device {device}{} has no native XDP: set hook = \"tc\" or \"auto\" for it",
+            kind.map(|k| format!(" ({k})")).unwrap_or_default()
+        ),
+        (Hook::Xdp, None) => (Hook::Xdp, "xdp: set in the definition".into()),
+        (Hook::Xdp, Some(k)) => (
+            Hook::Xdp,
+            format!("xdp: set in the definition; {k} traffic arrives as skbs: GSO lost, TCP/UDP checksums verified"),
+        ),
+        (Hook::Auto, Some(k)) => (
+            Hook::Tc,
+            format!("tc: {k} traffic arrives as skbs (GSO and checksum offload kept)"),
+        ),
+        (Hook::Auto, None) if !native => (Hook::Tc, "tc: the driver has no native XDP".into()),
+        (Hook::Auto, None) => (Hook::Xdp, "xdp: native XDP in the driver".into()),
+    })
+}
+
+/// What the fast path's maps must hold for a router (see `tables_of`).
+pub struct Tables {
+    pub ifaces: Vec<(u32, router_common::Iface)>,
+    pub routes: Vec<(IpNet, router_common::Route)>,
+    /// Devices that are down: no redirect to them, the kernel decides.
+    pub down: Vec<u32>,
+    /// Devices that are up but cannot take XDP-redirected frames now (no NDO_XMIT).
+    pub no_xmit: Vec<u32>,
+    /// The router's own IPv4 addresses.
+    pub own: Vec<std::net::Ipv4Addr>,
+}
 
 /// What the fast path's maps must hold for a router as the kernel has it now: its devices,
 /// its routes (connected subnets, extra routes, every address of the namespace and the subnet
@@ -398,6 +494,13 @@ pub fn tables_of(st: &RouterState) -> Result<Tables> {
         })
         .collect();
     let mut down = Vec::new();
+    let features = sys::xdp_features(ns)?;
+    let no_xmit: Vec<u32> = st
+        .interfaces
+        .iter()
+        .filter(|i| !features.get(&i.ifindex).is_some_and(|f| f.ndo_xmit()))
+        .map(|i| i.ifindex)
+        .collect();
     for i in &st.interfaces {
         for f in &i.fixed_ips {
             let subnet = net(&f.subnet)?;
@@ -430,8 +533,14 @@ pub fn tables_of(st: &RouterState) -> Result<Tables> {
         .iter()
         .map(IfaceState::entry)
         .collect::<Result<Vec<_>>>()?;
-    let route_entries = datapath::route_entries(&iface_entries, &connected, &gateways, &locals);
-    Ok((iface_entries, route_entries, down, own))
+    let routes = datapath::route_entries(&iface_entries, &connected, &gateways, &locals);
+    Ok(Tables {
+        ifaces: iface_entries,
+        routes,
+        down,
+        no_xmit,
+        own,
+    })
 }
 
 /// Brings a router's fast path in line with its namespace after a device went up or down,
@@ -455,13 +564,13 @@ pub fn resync(router_id: &str) -> Result<()> {
             }
         }
     }
-    let (iface_entries, route_entries, down, own) = tables_of(&st)?;
+    let t = tables_of(&st)?;
     let id = st.id.clone();
     sys::in_netns(&st.namespace, move || {
-        let mut ebpf = datapath::load_pinned(&id, crate::fib::Capacity::default())?;
-        datapath::set_ifaces(&mut ebpf, &iface_entries, &down)?;
-        datapath::set_routes(&mut ebpf, &route_entries)?;
-        datapath::set_local_addrs(&mut ebpf, &own)
+        let mut ebpf = datapath::open_maps(&id)?;
+        datapath::set_ifaces(&mut ebpf, &t.ifaces, &t.down, &t.no_xmit)?;
+        datapath::set_routes(&mut ebpf, &t.routes)?;
+        datapath::set_local_addrs(&mut ebpf, &t.own)
     })?;
     if changed {
         st.save()?;
@@ -472,6 +581,7 @@ pub fn resync(router_id: &str) -> Result<()> {
 /// Detaches the program from one device and removes what apply created for it.
 fn remove_iface(router_id: &str, ns: &str, i: &IfaceState) {
     let _ = std::fs::remove_file(state::link_pin(router_id, &i.device));
+    let _ = std::fs::remove_file(state::tc_link_pin(router_id, &i.device));
     if i.created_device {
         let _ = ip(&["-n", ns, "link", "del", &i.device]);
     } else {
@@ -502,6 +612,7 @@ pub fn destroy(key: &str) -> Result<RouterState> {
             remove_iface(&st.id, ns, i);
         } else {
             let _ = std::fs::remove_file(state::link_pin(&st.id, &i.device));
+            let _ = std::fs::remove_file(state::tc_link_pin(&st.id, &i.device));
         }
     }
     if ns_exists && !st.created_netns {

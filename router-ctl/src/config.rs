@@ -277,6 +277,8 @@ struct RawInterface {
     gateway_ip: Option<String>,
     /// Neutron's form: one entry per subnet of the port (dual-stack: one IPv4, one IPv6).
     fixed_ips: Option<Vec<RawFixedIp>>,
+    /// Where the fast path runs on this device: "auto" (default), "xdp" or "tc".
+    hook: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -291,6 +293,43 @@ struct RawFixedIp {
 struct RawRoute {
     destination: String,
     nexthop: String,
+}
+
+/// Where the fast path runs on a device.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Hook {
+    /// The hook that is correct for the device and fastest for the traffic it carries: tc for
+    /// devices whose traffic arrives as skbs (veth, tap, Open vSwitch internal ports, any
+    /// virtual device, any device without native XDP), XDP for a NIC with native XDP.
+    #[default]
+    Auto,
+    /// XDP in native mode (refused on a device without native XDP).
+    Xdp,
+    /// tc, at tcx ingress.
+    Tc,
+}
+
+impl FromStr for Hook {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Hook, String> {
+        match s {
+            "auto" => Ok(Hook::Auto),
+            "xdp" => Ok(Hook::Xdp),
+            "tc" => Ok(Hook::Tc),
+            _ => Err(format!("= '{s}' must be \"auto\", \"xdp\" or \"tc\"")),
+        }
+    }
+}
+
+impl fmt::Display for Hook {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Hook::Auto => "auto",
+            Hook::Xdp => "xdp",
+            Hook::Tc => "tc",
+        })
+    }
 }
 
 /// A validated router definition.
@@ -312,6 +351,8 @@ pub struct Interface {
     pub device: String,
     /// The port's subnets and the router's address on each (its gateway IP), in file order.
     pub fixed_ips: Vec<FixedIp>,
+    /// Where the fast path runs on the device.
+    pub hook: Hook,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -487,10 +528,15 @@ fn validate_router(index: usize, r: RawRouter) -> Result<Router, String> {
                 ));
             }
         }
+        let hook = match i.hook.as_deref() {
+            None => Hook::Auto,
+            Some(h) => h.parse().map_err(|e| format!("{at}: field 'hook' {e}"))?,
+        };
         interfaces.push(Interface {
             port_id: i.port_id,
             device,
             fixed_ips,
+            hook,
         });
     }
     let mut routes: Vec<ExtraRoute> = Vec::new();

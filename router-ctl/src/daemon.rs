@@ -299,7 +299,7 @@ fn watch(r: &RouterState, stop: &AtomicBool) -> Result<()> {
         for (ifindex, ip, _) in neighs.all() {
             neighs.remove(ifindex, ip);
         }
-        let mut ebpf = crate::datapath::load_pinned(&r.id, crate::fib::Capacity::default())?;
+        let mut ebpf = crate::datapath::open_maps(&r.id)?;
         crate::datapath::set_ifaces(&mut ebpf, &[], &[])?;
         std::thread::sleep(Duration::from_secs(1));
     }
@@ -332,8 +332,45 @@ fn watch(r: &RouterState, stop: &AtomicBool) -> Result<()> {
             }
         }
         tracing::info!(router = %r.id, neighbours = present.len(), "neighbour table synced");
-        // Devices may have changed while no daemon ran; then on every link or address event.
-        let mut dirty = true;
+        // Devices may have changed while no daemon ran; then on every link, address or XDP
+        // feature event. Resyncs run on a thread of their own (they wait for the state lock,
+        // which an apply of another router may hold for a while): neighbour events are never
+        // held up behind them.
+        let dirty = Arc::new(AtomicBool::new(true));
+        let resyncer = {
+            let (dirty, id) = (dirty.clone(), r.id.clone());
+            let stop = Arc::new(AtomicBool::new(false));
+            let s = stop.clone();
+            let h = std::thread::Builder::new()
+                .name(format!("resync-{}", &id[..id.len().min(7)]))
+                .spawn(move || {
+                    while !s.load(Ordering::SeqCst) {
+                        if dirty.swap(false, Ordering::SeqCst) {
+                            if let Err(e) = crate::apply::resync(&id) {
+                                tracing::warn!(router = %id, error = format!("{e:#}"), "cannot bring the fast path in line with the devices");
+                            }
+                        }
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                })
+                .context("cannot spawn a resync thread")?;
+            (stop, h)
+        };
+        // The kernel's XDP feature notifications (a veth's NDO_XMIT follows its peer's GRO).
+        let mut netdev = crate::netdev::Netdev::open()
+            .and_then(|mut n| {
+                n.subscribe()?;
+                // SAFETY: the socket is owned by the value registered, and lives as long.
+                unsafe {
+                    tokio::io::unix::AsyncFd::register_with_interest(
+                        n,
+                        tokio::io::Interest::READABLE,
+                    )
+                }
+                .map_err(|e| anyhow::anyhow!("{e}"))
+            })
+            .map_err(|e| tracing::warn!(router = %r.id, error = format!("{e:#}"), "no XDP feature notifications; devices are checked on link events only"))
+            .ok();
         let mut tick = tokio::time::interval(Duration::from_millis(20));
         loop {
             tokio::select! {
@@ -351,21 +388,27 @@ fn watch(r: &RouterState, stop: &AtomicBool) -> Result<()> {
                             | RouteNetlinkMessage::DelLink(_)
                             | RouteNetlinkMessage::NewAddress(_)
                             | RouteNetlinkMessage::DelAddress(_),
-                        ) => dirty = true,
+                        ) => dirty.store(true, Ordering::SeqCst),
                         _ => {}
+                    }
+                }
+                ready = async { netdev.as_mut().unwrap().readable_mut().await }, if netdev.is_some() => {
+                    if let Ok(mut guard) = ready {
+                        // Any change (or an overrun socket) makes the devices be read again.
+                        let changes = guard.get_inner_mut().changes();
+                        guard.clear_ready();
+                        if changes.map_or(true, |c| c.iter().any(|(i, _)| ifindexes.contains(i))) {
+                            dirty.store(true, Ordering::SeqCst);
+                        }
                     }
                 }
                 _ = tick.tick() => {
                     if stop.load(Ordering::SeqCst) { break; }
-                    if dirty {
-                        dirty = false;
-                        if let Err(e) = crate::apply::resync(&r.id) {
-                            tracing::warn!(router = %r.id, error = format!("{e:#}"), "cannot bring the fast path in line with the devices");
-                        }
-                    }
                 }
             }
         }
+        resyncer.0.store(true, Ordering::SeqCst);
+        let _ = resyncer.1.join();
         anyhow::Ok(())
     })
 }

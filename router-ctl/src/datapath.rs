@@ -11,15 +11,16 @@ use anyhow::{anyhow, Context as _, Result};
 use aya::{
     maps::{lpm_trie::Key, Array, DevMap, HashMap, LpmTrie, Map, MapData, PerCpuArray},
     programs::{
-        links::{FdLink, PinnedLink},
+        links::{FdLink, LinkOrder, PinnedLink},
+        tc::{SchedClassifierLink, TcAttachOptions, TcAttachType},
         xdp::XdpLink,
-        Xdp, XdpMode,
+        SchedClassifier, Xdp, XdpMode,
     },
     Ebpf, EbpfLoader,
 };
 use router_common::{
     fib, map_names, route_kind, Iface, Neigh, Neigh6Key, NeighKey, NhGroup, Route, Stats,
-    PROGRAM_NAME,
+    PROGRAM_NAME, TC_PROGRAM_NAME,
 };
 
 use crate::{
@@ -34,7 +35,8 @@ pub static PROGRAM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 /// Benchmark helpers (traffic generator, wire floor); see `router-ebpf/src/bench.rs`.
 pub static BENCH_PROGRAM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bench"));
 
-const ALL_MAPS: [&str; 14] = [
+const ALL_MAPS: [&str; 15] = [
+    map_names::TC_PORTS,
     map_names::NH_GROUPS,
     map_names::IFACE_INDEX,
     map_names::LOCAL_BITS,
@@ -67,16 +69,40 @@ fn size_maps(loader: &mut EbpfLoader<'_>, cap: Capacity) {
 pub fn load_unpinned_sized(cap: Capacity) -> Result<Ebpf> {
     let mut loader = EbpfLoader::new();
     size_maps(&mut loader, cap);
-    let mut ebpf = loader.load(PROGRAM).context("loading the XDP object")?;
-    program(&mut ebpf)?
-        .load()
-        .context("the kernel refused the XDP program")?;
+    let mut ebpf = loader.load(PROGRAM).context("loading the eBPF object")?;
+    load_programs(&mut ebpf)?;
     Ok(ebpf)
 }
 
-/// Loads the program for `router_id`, reusing the maps pinned for it, or creating and pinning them
-/// (with room for `cap`; maps that exist keep their size).
+/// A short fingerprint of the embedded eBPF object: a router whose attached programs were
+/// loaded from an object with the same fingerprint needs no reload.
+pub fn program_fingerprint() -> String {
+    // FNV-1a, 64 bits: enough to tell builds apart.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in PROGRAM {
+        h = (h ^ *b as u64).wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
+/// Loads the programs for `router_id`, reusing the maps pinned for it, or creating and pinning
+/// them (with room for `cap`; maps that exist keep their size).
 pub fn load_pinned(router_id: &str, cap: Capacity) -> Result<Ebpf> {
+    open_pinned_object(router_id, cap, true)
+}
+
+/// The router's pinned maps, through the object, without handing the programs to the
+/// verifier: for map updates when the attached programs stay.
+pub fn open_maps(router_id: &str) -> Result<Ebpf> {
+    open_pinned_object(router_id, Capacity::default(), false)
+}
+
+/// As `open_maps`, creating missing maps with room for `cap`.
+pub fn open_pinned_object_sized(router_id: &str, cap: Capacity) -> Result<Ebpf> {
+    open_pinned_object(router_id, cap, false)
+}
+
+fn open_pinned_object(router_id: &str, cap: Capacity, programs: bool) -> Result<Ebpf> {
     let dir = state::bpf_dir(router_id);
     std::fs::create_dir_all(dir.join("links"))
         .with_context(|| format!("cannot create {}", dir.display()))?;
@@ -89,20 +115,21 @@ pub fn load_pinned(router_id: &str, cap: Capacity) -> Result<Ebpf> {
     }
     let mut ebpf = loader.load(PROGRAM).with_context(|| {
         format!(
-            "loading the XDP object for router {router_id} (maps in {})",
+            "loading the eBPF object for router {router_id} (maps in {})",
             dir.display()
         )
     })?;
-    program(&mut ebpf)?
-        .load()
-        .context("the kernel refused the XDP program")?;
+    if programs {
+        load_programs(&mut ebpf)?;
+    }
     Ok(ebpf)
 }
 
 /// Refuses maps pinned by a build whose map layout differs from this one's: the program would
 /// read them wrongly (the verifier refuses it at best).
 fn check_pinned_layout(router_id: &str) -> Result<()> {
-    let expected: [(&str, usize); 14] = [
+    let expected: [(&str, usize); 15] = [
+        (map_names::TC_PORTS, 4),
         (map_names::NH_GROUPS, std::mem::size_of::<NhGroup>()),
         (
             map_names::IFACE_INDEX,
@@ -150,6 +177,18 @@ fn check_pinned_layout(router_id: &str) -> Result<()> {
     Ok(())
 }
 
+/// Hands both programs (the XDP one and the tc one) to the kernel's verifier.
+fn load_programs(ebpf: &mut Ebpf) -> Result<()> {
+    program(ebpf)?
+        .load()
+        .context("the kernel refused the XDP program")?;
+    tc_program(ebpf)?
+        .load()
+        .context("the kernel refused the tc program")?;
+    Ok(())
+}
+
+/// The XDP program.
 pub fn program(ebpf: &mut Ebpf) -> Result<&mut Xdp> {
     ebpf.program_mut(PROGRAM_NAME)
         .ok_or_else(|| anyhow!("program '{PROGRAM_NAME}' missing from the object"))?
@@ -157,10 +196,77 @@ pub fn program(ebpf: &mut Ebpf) -> Result<&mut Xdp> {
         .context("program is not XDP")
 }
 
-/// Attaches the program to `ifindex` in native mode through a bpf_link pinned at `pin`; when a
-/// link is pinned there already, the program is swapped in atomically (bpf_link_update), so the
-/// device never goes without a program. Must run inside the device's namespace.
-pub fn attach(ebpf: &mut Ebpf, ifindex: u32, device: &str, pin: &Path) -> Result<()> {
+/// The tc program: the same per-packet logic on skbs, at tcx ingress.
+pub fn tc_program(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier> {
+    ebpf.program_mut(TC_PROGRAM_NAME)
+        .ok_or_else(|| anyhow!("program '{TC_PROGRAM_NAME}' missing from the object"))?
+        .try_into()
+        .context("program is not a tc classifier")
+}
+
+/// Attaches the tc program at `device`'s tcx ingress (after any program there) through a
+/// bpf_link pinned at `pin`; when a link is pinned there already, the program is swapped in
+/// atomically, as for XDP. Must run inside the device's namespace.
+pub fn attach_tc(ebpf: &mut Ebpf, device: &str, pin: &Path) -> Result<()> {
+    let prog = tc_program(ebpf)?;
+    let mut id = None;
+    if pin.exists() {
+        let pinned = PinnedLink::from_pin(pin)
+            .with_context(|| format!("cannot open pinned link {}", pin.display()))?;
+        let fd: FdLink = pinned.into();
+        match SchedClassifierLink::try_from(fd) {
+            Ok(link) => match prog.attach_to_link(link) {
+                Ok(link_id) => id = Some(link_id),
+                Err(e) => {
+                    tracing::warn!(device, error = %e, "pinned tc link is stale; attaching anew")
+                }
+            },
+            Err(_) => tracing::warn!(device, "pinned object is not a tcx link; attaching anew"),
+        }
+        std::fs::remove_file(pin).with_context(|| format!("cannot remove {}", pin.display()))?;
+    }
+    let id = match id {
+        Some(id) => id,
+        None => prog
+            .attach_with_options(
+                device,
+                TcAttachType::Ingress,
+                TcAttachOptions::TcxOrder(LinkOrder::default()),
+            )
+            .with_context(|| format!("cannot attach the tc program at tcx ingress of {device} (needs Linux 6.6 or later)"))?,
+    };
+    let link: FdLink = prog
+        .take_link(id)?
+        .try_into()
+        .context("tc link is not a bpf_link")?;
+    if let Some(dir) = pin.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    link.pin(pin)
+        .with_context(|| format!("cannot pin the tc link at {}", pin.display()))?;
+    Ok(())
+}
+
+/// The id of the program a pinned link at `pin` runs (None when nothing is pinned there).
+pub fn linked_program(pin: &Path) -> Option<u32> {
+    let link: FdLink = PinnedLink::from_pin(pin).ok()?.into();
+    link.info().ok().map(|i| i.program_id())
+}
+
+/// Detaches whatever program a pinned link at `pin` holds (the pin is its last reference).
+pub fn detach(pin: &Path) -> Result<()> {
+    match std::fs::remove_file(pin) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(e).with_context(|| format!("cannot remove {}", pin.display()))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Attaches the XDP program to `ifindex` in native mode through a bpf_link pinned at `pin`; when
+/// a link is pinned there already, the program is swapped in atomically (bpf_link_update), so
+/// the device never goes without a program. Must run inside the device's namespace.
+pub fn attach_xdp(ebpf: &mut Ebpf, ifindex: u32, device: &str, pin: &Path) -> Result<()> {
     let prog = program(ebpf)?;
     let mut id = None;
     if pin.exists() {
@@ -518,23 +624,46 @@ pub fn set_routes(ebpf: &mut Ebpf, entries: &[(IpNet, Route)]) -> Result<()> {
     RouteTable::open(ebpf)?.set(entries)
 }
 
-/// Replaces `IFACES` and `TX_PORTS`; devices in `down` get no redirect slot, so frames routed to
-/// them go to the kernel. Must run inside the router's namespace: the kernel resolves devmap
-/// ifindexes in the namespace of the thread that updates the map.
-pub fn set_ifaces(ebpf: &mut Ebpf, ifaces: &[(u32, Iface)], down: &[u32]) -> Result<()> {
+/// Replaces `IFACES` and the redirect targets. A device in `down` gets no redirect slot in
+/// either hook, so frames routed to it go to the kernel; a device in `no_xmit` (up, but unable
+/// to take XDP-redirected frames now) keeps its tc slot and gets no XDP slot. Must run inside
+/// the router's namespace: the kernel resolves devmap ifindexes in the namespace of the thread
+/// that updates the map.
+pub fn set_ifaces(
+    ebpf: &mut Ebpf,
+    ifaces: &[(u32, Iface)],
+    down: &[u32],
+    no_xmit: &[u32],
+) -> Result<()> {
     {
         let mut tx: DevMap<_> = DevMap::try_from(map_mut(ebpf, map_names::TX_PORTS)?)?;
-        for (ifindex, iface) in ifaces.iter().filter(|(i, _)| !down.contains(i)) {
+        for (ifindex, iface) in ifaces
+            .iter()
+            .filter(|(i, _)| !down.contains(i) && !no_xmit.contains(i))
+        {
             tx.set(iface.slot, *ifindex, None, 0)
                 .with_context(|| format!("cannot add ifindex {ifindex} to the devmap"))?;
         }
     }
     for slot in 0..router_common::MAX_IFACES {
-        if !ifaces
-            .iter()
-            .any(|(ifindex, i)| i.slot == slot && !down.contains(ifindex))
-        {
+        if !ifaces.iter().any(|(ifindex, i)| {
+            i.slot == slot && !down.contains(ifindex) && !no_xmit.contains(ifindex)
+        }) {
             remove_tx_port(ebpf, slot)?;
+        }
+    }
+    {
+        let mut tc: Array<_, u32> = Array::try_from(map_mut(ebpf, map_names::TC_PORTS)?)?;
+        for slot in 0..router_common::MAX_IFACES {
+            let want = ifaces
+                .iter()
+                .find(|(ifindex, i)| i.slot == slot && !down.contains(ifindex))
+                .map(|(ifindex, _)| *ifindex)
+                .unwrap_or(0);
+            if tc.get(&slot, 0)? != want {
+                tc.set(slot, want, 0)
+                    .with_context(|| format!("cannot write slot {slot} of TC_PORTS"))?;
+            }
         }
     }
     // The devices the maps hold now: the index array holds some of them, never others.
@@ -561,7 +690,7 @@ pub fn set_ifaces(ebpf: &mut Ebpf, ifaces: &[(u32, Iface)], down: &[u32]) -> Res
             ifindex: 0,
             iface: Iface {
                 mac: [0; 6],
-                _pad: [0; 2],
+                flags: 0,
                 mtu: 0,
                 slot: 0,
             },
@@ -677,6 +806,15 @@ pub fn remove_tx_port(ebpf: &mut Ebpf, slot: u32) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The ifindex in each slot of a router's `TC_PORTS` (0: nothing is redirected through it).
+pub fn tc_ports(router_id: &str) -> Result<Vec<u32>> {
+    let map: Array<MapData, u32> =
+        Array::try_from(Map::Array(open_pinned(router_id, map_names::TC_PORTS)?))?;
+    (0..map.len())
+        .map(|i| map.get(&i, 0).context("reading TC_PORTS"))
+        .collect()
 }
 
 /// The redirect target of each slot of a router's `TX_PORTS` (None: empty, nothing is

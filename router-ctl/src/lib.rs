@@ -8,6 +8,7 @@ pub mod daemon;
 pub mod datapath;
 pub mod fib;
 pub mod metrics;
+pub mod netdev;
 pub mod state;
 pub mod sys;
 pub mod table;

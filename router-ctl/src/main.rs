@@ -37,6 +37,10 @@ enum Cmd {
         /// Do not start the neighbour daemon (`router-ctl run`) in the background.
         #[arg(long)]
         no_daemon: bool,
+        /// Load the programs again and swap them in (atomically), even where the attached ones
+        /// are this build's.
+        #[arg(long)]
+        reload: bool,
     },
     /// Check FILE without changing anything.
     Validate {
@@ -206,9 +210,13 @@ fn run(cli: Cli) -> Result<()> {
                 println!("{}: {} router(s), valid", file.display(), routers.len());
             }
         }
-        Cmd::Apply { file, no_daemon } => {
+        Cmd::Apply {
+            file,
+            no_daemon,
+            reload,
+        } => {
             let routers = config::load_file(&file)?;
-            let reports = apply::apply(&routers)?;
+            let reports = apply::apply_with(&routers, reload)?;
             if !no_daemon {
                 let _lock = Lock::acquire(state::STATE_LOCK)?;
                 daemon::ensure_running()?;
@@ -378,22 +386,33 @@ fn router_table(r: &RouterState, json_out: bool) -> Result<()> {
     Ok(())
 }
 
-fn attached(r: &RouterState, dev: &str) -> bool {
-    state::link_pin(&r.id, dev).exists()
-}
-
-/// Whether frames can be redirected to each device of `r` now (its slot in TX_PORTS holds
-/// it): a device that is down, or that cannot take redirected frames, has none.
-fn redirects(r: &RouterState) -> Result<Vec<bool>> {
-    let slots = datapath::tx_ports(&r.id)?;
+/// Whether packets can be redirected to each device of `r` now, by the tc program (skbs: the
+/// device is up) and by the XDP program (frames: up, and able to take XDP-redirected frames).
+fn redirects(r: &RouterState) -> Result<Vec<(bool, bool)>> {
+    let xdp = datapath::tx_ports(&r.id)?;
+    let tc = datapath::tc_ports(&r.id)?;
     Ok(r.interfaces
         .iter()
-        .map(|i| slots.get(i.slot as usize).copied().flatten() == Some(i.ifindex))
+        .map(|i| {
+            (
+                tc.get(i.slot as usize) == Some(&i.ifindex),
+                xdp.get(i.slot as usize).copied().flatten() == Some(i.ifindex),
+            )
+        })
         .collect())
 }
 
+/// "tc" or "xdp": the hook the fast path runs in on a device ("none" when not attached).
+fn hook_of(r: &RouterState, i: &state::IfaceState) -> &'static str {
+    match i.active_hook {
+        Some(config::Hook::Xdp) if state::link_pin(&r.id, &i.device).exists() => "xdp",
+        Some(config::Hook::Tc) if state::tc_link_pin(&r.id, &i.device).exists() => "tc",
+        _ => "none",
+    }
+}
+
 fn show(routers: &[RouterState], json_out: bool) -> Result<()> {
-    let redirect: Vec<Vec<bool>> = routers.iter().map(redirects).collect::<Result<_>>()?;
+    let redirect: Vec<Vec<(bool, bool)>> = routers.iter().map(redirects).collect::<Result<_>>()?;
     if json_out {
         let v: Vec<_> = routers
             .iter()
@@ -403,9 +422,12 @@ fn show(routers: &[RouterState], json_out: bool) -> Result<()> {
                     "id": r.id, "name": r.name, "namespace": r.namespace,
                     "interfaces": r.interfaces.iter().zip(redirect).map(|(i, redirect)| json!({
                         "port_id": i.port_id, "device": i.device, "ifindex": i.ifindex, "mac": i.mac,
-                        "mtu": i.mtu, "redirect": redirect,
+                        "mtu": i.mtu, "kind": i.kind,
+                        "hook": hook_of(r, i), "hook_wanted": i.hook, "hook_reason": i.hook_reason,
+                        "prog_id": datapath::linked_program(&state::link_pin(&r.id, &i.device))
+                            .or_else(|| datapath::linked_program(&state::tc_link_pin(&r.id, &i.device))),
+                        "redirect": {"tc": redirect.0, "xdp": redirect.1},
                         "fixed_ips": i.fixed_ips.iter().map(|f| json!({"subnet": f.subnet, "ip_address": f.gateway_ip})).collect::<Vec<_>>(),
-                        "xdp": if attached(r, &i.device) { "native" } else { "none" },
                         "created": i.created_device, "peer": i.peer,
                     })).collect::<Vec<_>>(),
                     "routes": r.routes.iter().map(|rt| json!({
@@ -423,7 +445,7 @@ fn show(routers: &[RouterState], json_out: bool) -> Result<()> {
     for (r, redirect) in routers.iter().zip(&redirect) {
         println!("router {} ({})  namespace {}", r.id, r.name, r.namespace);
         let mut t = Table::new(&[
-            "DEVICE", "IFINDEX", "MAC", "MTU", "ADDRESS", "SUBNET", "XDP", "REDIRECT", "PEER",
+            "DEVICE", "IFINDEX", "MAC", "MTU", "ADDRESS", "SUBNET", "HOOK", "REDIRECT", "PEER",
         ]);
         for (i, redirect) in r.interfaces.iter().zip(redirect) {
             let all = |f: fn(&state::AddrState) -> String| {
@@ -436,16 +458,21 @@ fn show(routers: &[RouterState], json_out: bool) -> Result<()> {
                 i.mtu.to_string(),
                 all(|f| f.cidr()),
                 all(|f| f.subnet.clone()),
-                if attached(r, &i.device) {
-                    "native".into()
-                } else {
-                    "none".into()
-                },
-                if *redirect { "yes" } else { "no" }.into(),
+                hook_of(r, i).into(),
+                match redirect {
+                    (true, true) => "tc,xdp",
+                    (true, false) => "tc",
+                    (false, true) => "xdp",
+                    (false, false) => "none",
+                }
+                .into(),
                 i.peer.clone().unwrap_or_else(|| "-".into()),
             ]);
         }
         print!("{}", t.render());
+        for i in &r.interfaces {
+            println!("  {}: {}", i.device, i.hook_reason);
+        }
         if !r.routes.is_empty() {
             let mut t = Table::new(&["DESTINATION", "NEXTHOP", "DEVICE"]);
             for rt in &r.routes {

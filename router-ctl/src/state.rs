@@ -43,8 +43,14 @@ pub fn map_pin(router_id: &str, map: &str) -> PathBuf {
     bpf_dir(router_id).join(map)
 }
 
+/// The pinned bpf_link of the XDP program on `device`.
 pub fn link_pin(router_id: &str, device: &str) -> PathBuf {
     bpf_dir(router_id).join("links").join(device)
+}
+
+/// The pinned bpf_link of the tc program at `device`'s tcx ingress.
+pub fn tc_link_pin(router_id: &str, device: &str) -> PathBuf {
+    bpf_dir(router_id).join("tc-links").join(device)
 }
 
 /// A router as applied.
@@ -65,6 +71,9 @@ pub struct RouterState {
     /// The definition's `max_routes`, if it had one.
     #[serde(default)]
     pub max_routes: Option<u32>,
+    /// The fingerprint of the object the attached programs were loaded from.
+    #[serde(default)]
+    pub program: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -82,6 +91,17 @@ pub struct IfaceState {
     /// apply created this veth pair; `peer` is its other end, left in the caller's namespace.
     pub created_device: bool,
     pub peer: Option<String>,
+    /// The hook the definition asks for.
+    #[serde(default)]
+    pub hook: crate::config::Hook,
+    /// The hook the fast path runs in on this device (`Xdp` or `Tc`), and why.
+    #[serde(default)]
+    pub active_hook: Option<crate::config::Hook>,
+    #[serde(default)]
+    pub hook_reason: String,
+    /// The device's kind (veth, macvlan, …; None for a NIC).
+    #[serde(default)]
+    pub kind: Option<String>,
     /// State files written before dual-stack had one subnet per interface; read into
     /// `fixed_ips` on load.
     #[serde(default, skip_serializing)]
@@ -119,6 +139,12 @@ pub struct RouteState {
 }
 
 impl IfaceState {
+    /// XDP runs on a device fed by a local stack's skbs (any virtual device): frames may carry
+    /// partial checksums that XDP cannot see, so the program verifies TCP and UDP checksums.
+    pub fn verify_l4(&self) -> bool {
+        self.active_hook == Some(crate::config::Hook::Xdp) && self.kind.is_some()
+    }
+
     pub fn new(port_id: String, device: String, fixed_ips: Vec<AddrState>) -> IfaceState {
         IfaceState {
             port_id,
@@ -130,6 +156,10 @@ impl IfaceState {
             slot: 0,
             created_device: false,
             peer: None,
+            hook: crate::config::Hook::Auto,
+            active_hook: None,
+            hook_reason: String::new(),
+            kind: None,
             subnet: None,
             gateway_ip: None,
             added_address: false,
@@ -148,7 +178,11 @@ impl IfaceState {
             self.ifindex,
             router_common::Iface {
                 mac,
-                _pad: [0; 2],
+                flags: if self.verify_l4() {
+                    router_common::iface_flags::VERIFY_L4
+                } else {
+                    0
+                },
                 mtu: self.mtu,
                 slot: self.slot,
             },

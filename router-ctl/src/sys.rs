@@ -80,6 +80,14 @@ pub struct LinkInfo {
     pub mtu: u32,
     #[serde(default)]
     pub flags: Vec<String>,
+    #[serde(default)]
+    pub linkinfo: Option<LinkKind>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct LinkKind {
+    #[serde(default)]
+    pub info_kind: Option<String>,
 }
 
 impl LinkInfo {
@@ -94,6 +102,10 @@ impl LinkInfo {
     }
     pub fn is_up(&self) -> bool {
         self.flags.iter().any(|f| f == "UP")
+    }
+    /// The device's kind (veth, macvlan, openvswitch, …); None for a NIC.
+    pub fn kind(&self) -> Option<String> {
+        self.linkinfo.as_ref().and_then(|l| l.info_kind.clone())
     }
 }
 
@@ -125,7 +137,7 @@ fn ns_args<'a>(ns: Option<&'a str>, rest: &[&'a str]) -> Vec<&'a str> {
 /// The device `name` in namespace `ns` (None: the caller's), if it exists.
 pub fn link(ns: Option<&str>, name: &str) -> Result<Option<LinkInfo>> {
     let out = Command::new("ip")
-        .args(ns_args(ns, &["-j", "link", "show", "dev", name]))
+        .args(ns_args(ns, &["-j", "-d", "link", "show", "dev", name]))
         .stdin(Stdio::null())
         .output()
         .context("cannot run `ip`")?;
@@ -195,38 +207,11 @@ pub fn sysctl_set(ns: &str, key: &str, value: &str) -> Result<()> {
     .map(|_| ())
 }
 
-/// Prepares the instance side of a veth whose other end carries the XDP program:
-/// - GRO on: a veth delivers XDP-redirected frames only when its receiving end has GRO on or an
-///   XDP program attached; otherwise the kernel drops them silently.
-/// - TX checksum offload off: a frame sent with a partial checksum (CHECKSUM_PARTIAL) loses that
-///   mark when XDP redirects it, and arrives with a wrong TCP/UDP checksum. Like a real wire, the
-///   instance side must send complete checksums.
-pub fn prepare_veth_peer(ns: Option<&str>, dev: &str) -> Result<()> {
-    let mut cmd = match ns {
-        Some(ns) => {
-            let mut c = Command::new("ip");
-            c.args([
-                "netns", "exec", ns, "ethtool", "-K", dev, "gro", "on", "tx", "off",
-            ]);
-            c
-        }
-        None => {
-            let mut c = Command::new("ethtool");
-            c.args(["-K", dev, "gro", "on", "tx", "off"]);
-            c
-        }
-    };
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .context("cannot run `ethtool`; install it with `cargo xtask setup`")?;
-    if !out.status.success() {
-        bail!(
-            "`ethtool -K {dev} gro on tx off` failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
+/// The XDP features of every device of namespace `ns` (the kernel's `netdev` family).
+pub fn xdp_features(
+    ns: &str,
+) -> Result<std::collections::BTreeMap<u32, crate::netdev::XdpFeatures>> {
+    in_netns(ns, || crate::netdev::Netdev::open()?.dump())
 }
 
 /// Mounts bpffs at /sys/fs/bpf unless it is there already.

@@ -40,6 +40,9 @@ pub fn definition_of(st: &RouterState) -> String {
     }
     for i in &st.interfaces {
         t += &format!("[[router.interface]]\nport_id = \"{}\"\n", i.port_id);
+        if i.hook != config::Hook::Auto {
+            t += &format!("hook = \"{}\"\n", i.hook);
+        }
         if let [f] = &i.fixed_ips[..] {
             t += &format!(
                 "subnet = \"{}\"\ngateway_ip = \"{}\"\n",

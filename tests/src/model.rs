@@ -36,6 +36,7 @@
 //! | egress = ingress device | forwarded with a redirect | `same_iface` |
 //! | larger than the egress MTU (IPv4 total length, IPv6 header + payload) | fragmented, or ICMP too big | `too_big` |
 //! | no neighbour for the nexthop | resolved first | `no_neigh` |
+//! | XDP on a device fed by skbs (forced): an unfragmented TCP or UDP segment of at least 8 bytes whose checksum does not verify (a partial checksum; an IPv4 UDP checksum of 0 means none), or IPv6 routing/destination-options/SCTP | keeps the skb's checksum state | `l4_checksum` |
 //! | egress device without a redirect slot (down, or unable to take redirected frames) | the kernel decides | `no_tx_port` |
 //! | otherwise | forwarded: MACs rewritten, TTL − 1 (checksum as `ip_decrease_ttl`), padding trimmed | forward |
 
@@ -48,6 +49,9 @@ pub struct Dev {
     pub mtu: u32,
     /// The device has a redirect slot (it is up and can take redirected frames).
     pub redirect: bool,
+    /// The fast path verifies TCP/UDP checksums of frames arriving here (XDP on a device fed
+    /// by a local stack's skbs).
+    pub verify_l4: bool,
 }
 
 /// Where a route leads.
@@ -187,6 +191,9 @@ impl Model {
         else {
             return Pass(why::NO_NEIGH);
         };
+        if self.devs[ingress].verify_l4 && !l4_complete(l3, dst.v6) {
+            return Pass(why::L4_CHECKSUM);
+        }
         if !self.devs[dev].redirect {
             return Pass(why::NO_TX_PORT);
         }
@@ -231,6 +238,49 @@ impl Model {
         }
         Ok((Addr::v4(d), tot))
     }
+}
+
+/// Whether a frame's transport checksum is complete, as far as the fast path can tell on a
+/// device that may carry partial checksums: an unfragmented IPv4 TCP or UDP segment (UDP with
+/// checksum 0: none) or an IPv6 one right after the fixed header verifies against its
+/// pseudo-header; IPv6 routing or destination-options headers and SCTP are never trusted;
+/// everything else is.
+fn l4_complete(ip: &[u8], v6: bool) -> bool {
+    let (proto, hdr, len, pseudo): (u8, usize, usize, Vec<u8>) = if v6 {
+        let len = u16::from_be_bytes([ip[4], ip[5]]) as usize;
+        let mut p = ip[8..40].to_vec();
+        p.extend_from_slice(&(len as u32).to_be_bytes());
+        p.extend_from_slice(&[0, 0, 0, ip[6]]);
+        (ip[6], 40, len, p)
+    } else {
+        if u16::from_be_bytes([ip[6], ip[7]]) & 0x3fff != 0 {
+            return true;
+        }
+        let len = u16::from_be_bytes([ip[2], ip[3]]) as usize - 20;
+        let mut p = ip[12..20].to_vec();
+        p.extend_from_slice(&[0, ip[9]]);
+        p.extend_from_slice(&(len as u16).to_be_bytes());
+        (ip[9], 20, len, p)
+    };
+    match proto {
+        6 | 17 => {}
+        43 | 60 | 132 if v6 => return false,
+        _ => return true,
+    }
+    let seg = &ip[hdr..hdr + len];
+    // Shorter than a UDP header: no partial checksum possible, nothing to verify.
+    if seg.len() < 8 {
+        return true;
+    }
+    if !v6 && proto == 17 && seg[6..8] == [0, 0] {
+        return true;
+    }
+    if seg.len() > 8192 {
+        return false;
+    }
+    let mut all = pseudo;
+    all.extend_from_slice(seg);
+    crate::frame::checksum(&all) == 0
 }
 
 /// IPv6 header checks: (destination, header + payload length) or the reason to pass.

@@ -111,23 +111,20 @@ pub struct Seed {
     pub injected_a: u64,
     /// Off for users that swap other programs onto the devices (the benchmark's wire floor).
     pub check_counters: bool,
+    /// For devices in tc: packets the device received minus packets the fast path counted,
+    /// once the router was applied (see `counters_add_up`).
+    rx_offset: Vec<(String, i64)>,
 }
 
 impl Seed {
     /// Applies the seed router (plus `extra` TOML) and plugs vm1 and vm3 directly.
     pub fn up(extra: &str) -> Seed {
-        let s = Seed::applied(extra);
-        s.plug(&s.vm1, &s.ids.tap_a(), "172.16.100.3/24", "172.16.100.1");
-        s.plug(&s.vm3, &s.ids.tap_b(), "172.16.101.3/24", "172.16.101.1");
-        s
+        Seed::up_with("", extra)
     }
 
     /// As `up`, with `router_fields` in the router's table (e.g. `max_routes = 1000000`).
     pub fn up_with(router_fields: &str, extra: &str) -> Seed {
-        let s = Seed::applied_with(router_fields, extra);
-        s.plug(&s.vm1, &s.ids.tap_a(), "172.16.100.3/24", "172.16.100.1");
-        s.plug(&s.vm3, &s.ids.tap_b(), "172.16.101.3/24", "172.16.101.1");
-        s
+        Seed::plugged_then_applied(|ids| ids.config_with(router_fields, extra))
     }
 
     /// The dual-stack seed (`Ids::config_dual`): vm1 is also 2001:db8:100::3, vm3
@@ -138,9 +135,7 @@ impl Seed {
 
     /// As `up_dual`, with `router_fields` in the router's table.
     pub fn up_dual_with(router_fields: &str, extra: &str) -> Seed {
-        let s = Seed::apply_new(|ids| ids.config_dual_with(router_fields, extra));
-        s.plug(&s.vm1, &s.ids.tap_a(), "172.16.100.3/24", "172.16.100.1");
-        s.plug(&s.vm3, &s.ids.tap_b(), "172.16.101.3/24", "172.16.101.1");
+        let s = Seed::plugged_then_applied(|ids| ids.config_dual_with(router_fields, extra));
         for (ns, dev, addr, gw) in [
             (
                 &s.vm1,
@@ -200,29 +195,49 @@ impl Seed {
     pub fn fast_path(&self) -> FastPath {
         let stats = self.stats();
         let ns = self.ns();
-        FastPath(
-            [self.ids.dev_a(), self.ids.dev_b()]
-                .into_iter()
-                .map(|dev| {
-                    let d = stats
-                        .iter()
-                        .find(|s| s["device"] == dev.as_str())
-                        .unwrap_or_else(|| panic!("{dev} missing from stats"));
-                    let n = |k: &str| d["forwarded"][k]["packets"].as_u64().unwrap();
-                    let redirects = veth_xdp_count(&ns, &dev, "_xdp_redirect")
-                        .unwrap_or_else(|e| panic!("{e}"));
-                    (
-                        dev,
-                        Forwarded {
-                            ipv4: n("ipv4"),
-                            ipv6: n("ipv6"),
-                            bytes: d["forwarded"]["bytes"].as_u64().unwrap(),
-                            redirects,
-                        },
-                    )
-                })
-                .collect(),
-        )
+        let hooks = self.hooks();
+        let devs = [self.ids.dev_a(), self.ids.dev_b()]
+            .into_iter()
+            .map(|dev| {
+                let d = stats
+                    .iter()
+                    .find(|s| s["device"] == dev.as_str())
+                    .unwrap_or_else(|| panic!("{dev} missing from stats"));
+                let n = |k: &str| d["forwarded"][k]["packets"].as_u64().unwrap();
+                // The kernel counts XDP's redirects on a veth; tc's it does not count apart.
+                let redirects = (hooks.iter().any(|(d, h)| *d == dev && h == "xdp")).then(|| {
+                    veth_xdp_count(&ns, &dev, "_xdp_redirect").unwrap_or_else(|e| panic!("{e}"))
+                });
+                (
+                    dev,
+                    Forwarded {
+                        ipv4: n("ipv4"),
+                        ipv6: n("ipv6"),
+                        bytes: d["forwarded"]["bytes"].as_u64().unwrap(),
+                        redirects,
+                    },
+                )
+            })
+            .collect();
+        FastPath {
+            devs,
+            kernel: (self.forw_datagrams(), self.forw6_datagrams()),
+        }
+    }
+
+    /// (device, hook) of each device of the router: "xdp", "tc" or "none".
+    pub fn hooks(&self) -> Vec<(String, String)> {
+        ctl_json(&["show", &self.ids.router_id])[0]["interfaces"]
+            .as_array()
+            .expect("interfaces")
+            .iter()
+            .map(|i| {
+                (
+                    i["device"].as_str().unwrap().to_string(),
+                    i["hook"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect()
     }
 
     /// Asserts that, since `before`, the fast path of each device in `want` forwarded exactly
@@ -237,12 +252,15 @@ impl Seed {
                 (*v4, *v6),
                 "{dev}: the fast path forwarded (IPv4, IPv6) packets other than expected"
             );
-            assert_eq!(
-                a.redirects - b.redirects,
-                v4 + v6,
-                "{dev}: the kernel's XDP redirect count differs from the fast path's"
-            );
+            if let (Some(x), Some(y)) = (a.redirects, b.redirects) {
+                assert_eq!(
+                    x - y,
+                    v4 + v6,
+                    "{dev}: the kernel's XDP redirect count differs from the fast path's"
+                );
+            }
         }
+        now.assert_kernel_forwarded_none(before);
     }
 
     /// Asserts that, since `before`, the fast path of each device in `want` forwarded at least
@@ -257,12 +275,15 @@ impl Seed {
                 "{dev}: the fast path forwarded {} bytes, at least {bytes} were expected",
                 a.bytes - b.bytes
             );
-            assert_eq!(
-                a.redirects - b.redirects,
-                a.ipv4 + a.ipv6 - b.ipv4 - b.ipv6,
-                "{dev}: the kernel's XDP redirect count differs from the fast path's"
-            );
+            if let (Some(x), Some(y)) = (a.redirects, b.redirects) {
+                assert_eq!(
+                    x - y,
+                    a.ipv4 + a.ipv6 - b.ipv4 - b.ipv6,
+                    "{dev}: the kernel's XDP redirect count differs from the fast path's"
+                );
+            }
         }
+        now.assert_kernel_forwarded_none(before);
     }
 
     /// Packets forwarded by the fast path from `dev`, of one family ("ipv4" or "ipv6").
@@ -284,25 +305,78 @@ impl Seed {
         Seed::apply_new(|ids| ids.config_with(router_fields, extra))
     }
 
-    /// A router with fresh ids, applied from the definition `text` gives for them.
+    /// A router with fresh ids, applied from the definition `text` gives for them; apply
+    /// creates its namespace and devices.
     fn apply_new(text: impl FnOnce(&Ids) -> String) -> Seed {
+        let mut seed = Seed::new();
+        seed.apply(&text(&seed.ids));
+        seed
+    }
+
+    fn new() -> Seed {
         let tag = unique_tag();
-        let seed = Seed {
+        Seed {
             vm1: format!("vm1-{tag}"),
             vm3: format!("vm3-{tag}"),
             ids: Ids::new(&tag),
             extra_ns: Vec::new(),
             injected_a: 0,
             check_counters: true,
-        };
-        let path = write_config(&tag, &text(&seed.ids));
+            rx_offset: Vec::new(),
+        }
+    }
+
+    fn apply(&mut self, text: &str) {
+        let path = write_config(&self.ids.tag, text);
         let out = ctl(&["apply", "-f", &path]);
         assert!(
             out.status.success(),
             "apply failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        seed
+        self.rx_offset = self.rx_offsets();
+    }
+
+    /// `plugged_then_applied` with the whole definition from `text`.
+    pub fn up_text(text: impl FnOnce(&Ids) -> String) -> Seed {
+        Seed::plugged_then_applied(text)
+    }
+
+    /// The seed as Neutron's agents build it: the L2 agent plugs the router's `qr-` devices
+    /// (veths, instance ends in vm1 and vm3, every device at kernel defaults) and the
+    /// instances come up; then the router is applied, adopting the namespace and devices.
+    fn plugged_then_applied(text: impl FnOnce(&Ids) -> String) -> Seed {
+        let mut s = Seed::new();
+        let ns = s.ns();
+        // The namespace is adopted: destroy leaves it, the teardown deletes it.
+        s.extra_ns.push(ns.clone());
+        sh(&format!("ip netns add {ns}"));
+        for (vm, dev, tap, addr, gw) in [
+            (
+                s.vm1.clone(),
+                s.ids.dev_a(),
+                s.ids.tap_a(),
+                "172.16.100.3/24",
+                "172.16.100.1",
+            ),
+            (
+                s.vm3.clone(),
+                s.ids.dev_b(),
+                s.ids.tap_b(),
+                "172.16.101.3/24",
+                "172.16.101.1",
+            ),
+        ] {
+            sh(&format!(
+                "ip netns add {vm} && ip -n {vm} link set lo up && \
+                 ip -n {ns} link add {dev} type veth peer name {tap} netns {vm} && \
+                 ip -n {vm} link set {tap} up && ip -n {vm} addr add {addr} dev {tap} && \
+                 ip -n {vm} route add default via {gw}"
+            ));
+        }
+        let text = text(&s.ids);
+        s.apply(&text);
+        s
     }
 
     /// Moves `dev` (in the caller's namespace) into instance namespace `ns` and configures it.
@@ -434,26 +508,39 @@ impl Seed {
     }
 }
 
-/// Per device: what the fast path forwarded (`Seed::fast_path`).
+/// Per device: what the fast path forwarded (`Seed::fast_path`); and what the kernel itself
+/// forwarded in the router namespace (IPv4, IPv6).
 #[derive(Clone, Debug)]
-pub struct FastPath(Vec<(String, Forwarded)>);
+pub struct FastPath {
+    devs: Vec<(String, Forwarded)>,
+    kernel: (u64, u64),
+}
 
 #[derive(Clone, Copy, Debug)]
 pub struct Forwarded {
     pub ipv4: u64,
     pub ipv6: u64,
     pub bytes: u64,
-    /// The kernel's own count of frames XDP redirected from the device.
-    pub redirects: u64,
+    /// The kernel's own count of frames XDP redirected from the device (XDP only).
+    pub redirects: Option<u64>,
 }
 
 impl FastPath {
     pub fn get(&self, dev: &str) -> Forwarded {
-        self.0
+        self.devs
             .iter()
             .find(|(d, _)| d == dev)
             .map(|(_, f)| *f)
             .unwrap_or_else(|| panic!("no device {dev}"))
+    }
+
+    /// The kernel's own forwarding counters did not move since `before` (with forwarding on, the
+    /// kernel would have carried what the fast path dropped or passed).
+    pub fn assert_kernel_forwarded_none(&self, before: &FastPath) {
+        assert_eq!(
+            self.kernel, before.kernel,
+            "the kernel forwarded packets itself (ForwDatagrams, Ip6OutForwDatagrams)"
+        );
     }
 }
 
@@ -480,37 +567,93 @@ impl Seed {
         self.check_counters = false;
     }
 
-    /// Frames the kernel ran XDP on, per `qr-` device (the veth's own per-queue counters),
-    /// against the fast path's counters: forwarded + passed + dropped. Err says where they
-    /// differ, or what could not be read (a check that cannot read its inputs fails).
-    pub fn counters_add_up(&self) -> Result<(), String> {
+    /// Packets the fast path counted on `dev`: forwarded + passed + dropped.
+    fn ours(&self, dev: &str) -> Result<u64, String> {
+        let out = ctl(&["stats", "-j", &self.ids.router_id]);
+        if !out.status.success() {
+            return Err(format!(
+                "router-ctl stats {}: {}",
+                self.ids.router_id,
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        let v: serde_json::Value =
+            serde_json::from_slice(&out.stdout).map_err(|e| format!("router-ctl stats -j: {e}"))?;
+        let d = v
+            .as_array()
+            .and_then(|a| a.iter().find(|s| s["device"] == dev))
+            .ok_or_else(|| format!("{dev} missing from router-ctl stats: {v}"))?;
+        let n = |a: &str, b: &str| d[a][b].as_u64().ok_or_else(|| format!("{a}.{b}: {d}"));
+        Ok(n("forwarded", "packets")? + n("passed", "packets")? + n("dropped", "packets")?)
+    }
+
+    /// What the kernel saw arrive on `dev` for the hook the fast path runs in there: frames XDP
+    /// ran on (the veth's own counters), or every packet received (tc runs on each).
+    fn kernel_seen(&self, dev: &str, hook: &str) -> Result<u64, String> {
         let ns = self.ns();
-        let ours = |dev: &str| -> Result<u64, String> {
-            let out = ctl(&["stats", "-j", &self.ids.router_id]);
-            if !out.status.success() {
-                return Err(format!(
-                    "router-ctl stats {}: {}",
-                    self.ids.router_id,
-                    String::from_utf8_lossy(&out.stderr)
-                ));
+        if hook == "xdp" {
+            return veth_xdp_count(&ns, dev, "_xdp_packets");
+        }
+        let v: serde_json::Value =
+            serde_json::from_str(&sh(&format!("ip -n {ns} -j -s link show dev {dev}")))
+                .map_err(|e| format!("ip -s link: {e}"))?;
+        v[0]["stats64"]["rx"]["packets"]
+            .as_u64()
+            .ok_or_else(|| format!("no rx packets for {dev}: {v}"))
+    }
+
+    /// For each device in tc: received minus counted, at a moment when neither moves.
+    fn rx_offsets(&self) -> Vec<(String, i64)> {
+        let mut v = Vec::new();
+        for (dev, hook) in self.hooks() {
+            if hook != "tc" {
+                continue;
             }
-            let v: serde_json::Value = serde_json::from_slice(&out.stdout)
-                .map_err(|e| format!("router-ctl stats -j: {e}"))?;
-            let d = v
-                .as_array()
-                .and_then(|a| a.iter().find(|s| s["device"] == dev))
-                .ok_or_else(|| format!("{dev} missing from router-ctl stats: {v}"))?;
-            let n = |a: &str, b: &str| d[a][b].as_u64().ok_or_else(|| format!("{a}.{b}: {d}"));
-            Ok(n("forwarded", "packets")? + n("passed", "packets")? + n("dropped", "packets")?)
-        };
-        for (dev, injected) in [(self.ids.dev_a(), self.injected_a), (self.ids.dev_b(), 0)] {
+            let mut last = None;
+            for _ in 0..40 {
+                let (a, k, b) = (
+                    self.ours(&dev).unwrap(),
+                    self.kernel_seen(&dev, &hook).unwrap(),
+                    self.ours(&dev).unwrap(),
+                );
+                if a == b && last == Some(k as i64 - a as i64) {
+                    break;
+                }
+                last = Some(k as i64 - a as i64);
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            v.push((dev, last.unwrap()));
+        }
+        v
+    }
+
+    /// Per `qr-` device, what the kernel saw arrive against the fast path's counters
+    /// (forwarded + passed + dropped): with XDP, the frames XDP ran on (the veth's own
+    /// counters); with tc, the packets received since the router was applied. Err says where
+    /// they differ, or what could not be read (a check that cannot read its inputs fails).
+    pub fn counters_add_up(&self) -> Result<(), String> {
+        for (dev, hook) in self.hooks() {
+            let injected = if dev == self.ids.dev_a() {
+                self.injected_a
+            } else {
+                0
+            };
+            let offset = if hook == "tc" {
+                self.rx_offset
+                    .iter()
+                    .find(|(d, _)| *d == dev)
+                    .map(|(_, o)| *o)
+                    .ok_or_else(|| format!("{dev}: no baseline (tc since when?)"))?
+            } else {
+                0
+            };
             // Traffic may still be arriving: agree on a moment when neither count moves.
             let mut last = None;
             for _ in 0..20 {
                 let (a, k, b) = (
-                    ours(&dev)?,
-                    veth_xdp_count(&ns, &dev, "_xdp_packets")? + injected,
-                    ours(&dev)?,
+                    self.ours(&dev)? as i64 - injected as i64,
+                    self.kernel_seen(&dev, &hook)? as i64 - offset,
+                    self.ours(&dev)? as i64 - injected as i64,
                 );
                 if a == b && a == k {
                     last = None;
@@ -521,7 +664,7 @@ impl Seed {
             }
             if let Some((a, k)) = last {
                 return Err(format!(
-                    "{dev}: XDP ran on {k} frames, the fast path counted {a} (forwarded + passed + dropped)"
+                    "{dev} ({hook}): the kernel saw {k} packets arrive, the fast path counted {a} (forwarded + passed + dropped)"
                 ));
             }
         }

@@ -117,8 +117,34 @@ fn frames_reach_their_nexthops_or_the_kernel_under_churn() {
             )
         })
         .collect();
-    let mut s = Seed::up(&routes);
+    // XDP forced on both ports, the instance side tuned so that qr-b takes XDP-redirected
+    // frames (GRO on at vm3's end): the live frames below need the XDP redirect.
+    let mut s = Seed::up_text(|ids| {
+        ids.config(&routes)
+            .replace(
+                &format!("port_id = \"{}\"\n", ids.port_a),
+                &format!("port_id = \"{}\"\nhook = \"xdp\"\n", ids.port_a),
+            )
+            .replace(
+                &format!("port_id = \"{}\"\n", ids.port_b),
+                &format!("port_id = \"{}\"\nhook = \"xdp\"\n", ids.port_b),
+            )
+    });
     let (ns, dev_b) = (s.ns(), s.ids.dev_b());
+    sh(&format!(
+        "ip netns exec {} ethtool -K {} gro on",
+        s.vm3,
+        s.ids.tap_b()
+    ));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while ctl_json(&["show", &s.ids.router_id])[0]["interfaces"][1]["redirect"]["xdp"] != true {
+        assert!(
+            Instant::now() < deadline,
+            "qr-b never took XDP-redirected frames"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(s.hooks().iter().filter(|(_, h)| h == "xdp").count(), 2);
     for k in 0..NEXTHOPS {
         sh(&format!(
             "ip -n {ns} neigh replace {} lladdr {} dev {dev_b} nud permanent",
@@ -199,11 +225,11 @@ fn frames_reach_their_nexthops_or_the_kernel_under_churn() {
                             r.nexthop = fmt_ip(nexthop(pair(i)[1]));
                         }
                     }
-                    apply::tables_of(&moved).unwrap().1
+                    apply::tables_of(&moved).unwrap().routes
                 })
                 .collect();
             sys::in_netns(&ns, move || {
-                let mut ebpf = datapath::load_pinned(&id, Capacity::default())?;
+                let mut ebpf = datapath::open_maps(&id)?;
                 let mut table = datapath::RouteTable::open(&mut ebpf)?;
                 let mut n = 0usize;
                 while !stop.load(Ordering::SeqCst) {
@@ -228,6 +254,12 @@ fn frames_reach_their_nexthops_or_the_kernel_under_churn() {
     let g = gens.clone();
     let result = sys::in_netns(&ns, move || {
         let mut ebpf = datapath::load_pinned(&id, Capacity::default())?;
+        // The frames alternate between the XDP program and the tc program (same maps).
+        let mut tc_ctx = [0u8; 192];
+        tc_ctx[36..40].copy_from_slice(&ifindex_a.to_ne_bytes());
+        tc_ctx[40..44].copy_from_slice(&ifindex_a.to_ne_bytes());
+        let mut ebpf_tc = datapath::load_pinned(&id, Capacity::default())?;
+        let tc = datapath::tc_program(&mut ebpf_tc)?;
         let prog = datapath::program(&mut ebpf)?;
         let frames: Vec<Vec<u8>> = (0..FLOWS)
             .map(|i| {
@@ -261,14 +293,30 @@ fn frames_reach_their_nexthops_or_the_kernel_under_churn() {
                 continue;
             }
             let gen_before: Vec<u32> = g.iter().map(|x| x.load(Ordering::SeqCst)).collect();
-            let r = prog.test_run(TestRunOptions {
-                data_in: Some(f),
-                data_out: Some(&mut out),
-                ctx_in: Some(&ctx),
-                ..Default::default()
-            })?;
+            let via_tc = n % 2 == 1;
+            let r = if via_tc {
+                tc.test_run(TestRunOptions {
+                    data_in: Some(f),
+                    data_out: Some(&mut out),
+                    ctx_in: Some(&tc_ctx),
+                    ..Default::default()
+                })?
+            } else {
+                prog.test_run(TestRunOptions {
+                    data_in: Some(f),
+                    data_out: Some(&mut out),
+                    ctx_in: Some(&ctx),
+                    ..Default::default()
+                })?
+            };
             let o = &out[..r.data_size_out as usize];
-            match r.return_value {
+            // tc's actions as XDP's: redirect 7 → 4, pass (tcx next, -1) → 2.
+            let rc = match (via_tc, r.return_value as i32) {
+                (true, 7) => 4,
+                (true, -1) => 2,
+                (_, rc) => rc as u32,
+            };
+            match rc {
                 4 => {
                     fwd += 1;
                     check_mac(&o[0..6], i, &g, &gen_before)

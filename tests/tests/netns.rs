@@ -255,8 +255,7 @@ fn bridge_vlan101(s: &mut Seed, instances: &[(&str, &str)]) {
         }
         sh(&format!(
             "ip -n {br} link add p-{ns} type veth peer name eth0 netns {ns} && ip -n {br} link set p-{ns} master br0 up && \
-             ip -n {ns} link set eth0 up && ip -n {ns} addr add {addr} dev eth0 && ip -n {ns} route add default via 172.16.101.1 && \
-             ip netns exec {ns} ethtool -K eth0 tx off >/dev/null"
+             ip -n {ns} link set eth0 up && ip -n {ns} addr add {addr} dev eth0 && ip -n {ns} route add default via 172.16.101.1"
         ));
     }
 }
@@ -324,7 +323,10 @@ fn two_routers_side_by_side_do_not_see_each_others_traffic() {
 #[test]
 fn apply_is_idempotent_and_destroy_removes_what_it_created() {
     require_root();
-    let mut s = Seed::up("");
+    // apply creates the devices here (the instances are plugged into the peers it leaves).
+    let mut s = Seed::applied("");
+    s.plug(&s.vm1, &s.ids.tap_a(), "172.16.100.3/24", "172.16.100.1");
+    s.plug(&s.vm3, &s.ids.tap_b(), "172.16.101.3/24", "172.16.101.1");
     let show = ctl_json(&["show", &s.ids.router_id]);
     let path = write_config(&format!("{}-again", s.ids.tag), &s.ids.config(""));
     let out = ctl(&["apply", "-f", &path]);
@@ -393,7 +395,7 @@ fn adopts_existing_namespace_and_devices_and_leaves_them_on_destroy() {
     ] {
         sh(&format!(
             "ip -n {ns} link add {dev} type veth peer name eth0 netns {vm} && ip -n {vm} link set eth0 up && ip -n {vm} link set lo up && \
-             ip -n {vm} addr add {addr} dev eth0 && ip -n {vm} route add default via {gw} && ip netns exec {vm} ethtool -K eth0 gro on tx off >/dev/null"
+             ip -n {vm} addr add {addr} dev eth0 && ip -n {vm} route add default via {gw}"
         ));
     }
     sh(&format!(
@@ -421,9 +423,21 @@ fn adopts_existing_namespace_and_devices_and_leaves_them_on_destroy() {
     );
     assert!(Seed::ping(&vm1, "172.16.100.1", 1) && Seed::ping(&vm3, "172.16.101.1", 1));
     assert!(Seed::ping(&vm1, "172.16.101.3", 3));
+    // The kernel's own list of bpf_links: the program attached to qr-a, and its link.
+    let prog = ctl_json(&["show", &ids.router_id])[0]["interfaces"][0]["prog_id"]
+        .as_u64()
+        .expect("qr-a has a program attached");
+    let attached = || {
+        let links: serde_json::Value = serde_json::from_str(&sh("bpftool -j link show")).unwrap();
+        links
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|l| l["prog_id"].as_u64() == Some(prog))
+    };
     assert!(
-        sh(&format!("ip -n {ns} link show {}", ids.dev_a())).contains("xdp"),
-        "XDP not attached"
+        attached(),
+        "no bpf_link holds the fast path's program {prog}"
     );
     let out = ctl(&["destroy", &ids.router_id]);
     assert!(
@@ -431,11 +445,7 @@ fn adopts_existing_namespace_and_devices_and_leaves_them_on_destroy() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let link = sh(&format!("ip -n {ns} link show {}", ids.dev_a()));
-    assert!(
-        !link.contains("xdp"),
-        "XDP still attached after destroy: {link}"
-    );
+    assert!(!attached(), "the fast path is still attached after destroy");
     let addrs = sh(&format!("ip -n {ns} -4 addr show"));
     assert!(
         addrs.contains("172.16.100.1/24"),
@@ -733,7 +743,7 @@ fn re_applying_swaps_the_program_without_losing_a_packet() {
     s.prime_neighbours();
     let (a, b) = (s.ids.dev_a(), s.ids.dev_b());
     let path = write_config(&format!("{}-up", s.ids.tag), &s.ids.config(""));
-    let prog_id = || sh(&format!("ip -n {} -j link show {}", s.ns(), a));
+    let prog_id = || ctl_json(&["show", &s.ids.router_id])[0]["interfaces"][0]["prog_id"].clone();
     let before_prog = prog_id();
     // Apply sets ip_forward=1, so the kernel could carry what a detached program dropped: every
     // packet must be the fast path's, and the kernel must forward none.
@@ -746,7 +756,7 @@ fn re_applying_swaps_the_program_without_losing_a_packet() {
         2000,
         &|| s.forwarded(&a) >= fwd0 + 100,
         || {
-            let out = ctl(&["apply", "-f", &path]);
+            let out = ctl(&["apply", "--reload", "-f", &path]);
             assert!(
                 out.status.success(),
                 "{}",
@@ -973,7 +983,7 @@ fn a_device_going_down_or_changing_mtu_leaves_the_fast_path_in_line() {
             .unwrap()
             .iter()
             .find(|i| i["device"] == dev_b.as_str())
-            .unwrap()["redirect"]
+            .unwrap()["redirect"]["tc"]
             .as_bool()
             .unwrap()
     };

@@ -40,11 +40,47 @@ const NH2_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x02, 0xfd];
 const SRC: [u8; 4] = [10, 1, 0, 5];
 const DST: [u8; 4] = [10, 2, 0, 5];
 
+/// Which of the two programs a harness runs frames through.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Prog {
+    Xdp,
+    Tc,
+}
+
 struct Harness {
     ebpf: Ebpf,
+    prog: Prog,
     e0: u32,
     e1: u32,
     ifaces: Vec<(u32, Iface)>,
+}
+
+/// A harness for each program in turn: every packet test runs against both (each in a
+/// namespace of its own); the tc program's actions are given as their XDP equivalents.
+fn both() -> impl Iterator<Item = Harness> {
+    [Prog::Xdp, Prog::Tc].into_iter().map(|p| {
+        eprintln!("--- program: {p:?}");
+        let mut h = harness();
+        h.prog = p;
+        h
+    })
+}
+
+/// Frames the kernel refuses to run an skb program on (BPF_PROG_TEST_RUN checks that the
+/// network header is there): the tc program's code for them is the XDP program's, tested there.
+fn tc_refuses(f: &[u8]) -> bool {
+    let et = f.get(12..14).map(|e| u16::from_be_bytes([e[0], e[1]]));
+    f.len() <= 14 || (et == Some(0x0800) && f.len() < 34) || (et == Some(0x86dd) && f.len() < 54)
+}
+
+/// tcx's and tc's actions as the XDP action of the same meaning.
+fn normalize(prog: Prog, rc: u32) -> u32 {
+    match (prog, rc as i32) {
+        (Prog::Xdp, _) => rc,
+        (Prog::Tc, -1) => XDP_PASS,
+        (Prog::Tc, 7) => XDP_REDIRECT,
+        (Prog::Tc, other) => 1000 + other as u32,
+    }
 }
 
 fn ifindex(name: &str) -> u32 {
@@ -83,7 +119,7 @@ fn harness() -> Harness {
     let mut ebpf = datapath::load_unpinned().expect("load the XDP program");
     let iface = |mac, slot| Iface {
         mac,
-        _pad: [0; 2],
+        flags: 0,
         mtu: 1500,
         slot,
     };
@@ -92,9 +128,10 @@ fn harness() -> Harness {
         (e0, iface(OUT_MAC, 1)),
         (e1, iface(E1_MAC, 2)),
     ];
-    datapath::set_ifaces(&mut ebpf, &ifaces, &[e1]).unwrap();
+    datapath::set_ifaces(&mut ebpf, &ifaces, &[e1], &[]).unwrap();
     let mut h = Harness {
         ebpf,
+        prog: Prog::Xdp,
         e0,
         e1,
         ifaces,
@@ -145,17 +182,50 @@ impl Harness {
 
     /// Runs the program once on `frame`: (return code, output bytes).
     fn run(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
+        self.try_run(frame)
+            .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN on a {}-byte frame: {e}", frame.len()))
+    }
+
+    /// As `run`, with a GSO size for the tc program (0: not GSO).
+    fn try_run_gso(
+        &mut self,
+        frame: &[u8],
+        gso_size: u32,
+    ) -> Result<(u32, Vec<u8>), aya::programs::ProgramError> {
         let mut out = vec![0u8; frame.len() + 256];
-        let prog = datapath::program(&mut self.ebpf).unwrap();
-        let res = prog
-            .test_run(TestRunOptions {
-                data_in: Some(frame),
-                data_out: Some(&mut out),
-                ..Default::default()
-            })
-            .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN on a {}-byte frame: {e}", frame.len()));
+        let res = match self.prog {
+            Prog::Xdp => datapath::program(&mut self.ebpf)
+                .unwrap()
+                .test_run(TestRunOptions {
+                    data_in: Some(frame),
+                    data_out: Some(&mut out),
+                    ..Default::default()
+                })?,
+            Prog::Tc => {
+                // A __sk_buff: received on lo (ingress_ifindex, ifindex 1), and a GSO size.
+                let mut ctx = [0u8; 192];
+                ctx[36..40].copy_from_slice(&1u32.to_ne_bytes());
+                ctx[40..44].copy_from_slice(&1u32.to_ne_bytes());
+                if gso_size > 0 {
+                    ctx[164..168].copy_from_slice(&2u32.to_ne_bytes());
+                    ctx[176..180].copy_from_slice(&gso_size.to_ne_bytes());
+                }
+                datapath::tc_program(&mut self.ebpf)
+                    .unwrap()
+                    .test_run(TestRunOptions {
+                        data_in: Some(frame),
+                        data_out: Some(&mut out),
+                        ctx_in: Some(&ctx),
+                        ..Default::default()
+                    })?
+            }
+        };
         out.truncate(res.data_size_out as usize);
-        (res.return_value, out)
+        Ok((normalize(self.prog, res.return_value), out))
+    }
+
+    fn try_run(&mut self, frame: &[u8]) -> Result<(u32, Vec<u8>), aya::programs::ProgramError> {
+        self.try_run_gso(frame, 0)
     }
 
     fn stats(&self) -> Vec<Stats> {
@@ -178,219 +248,223 @@ fn forwarded(dst_mac: [u8; 6], ip: &Ipv4) -> Vec<u8> {
 
 #[test]
 fn forwards_to_a_connected_host_byte_exact() {
-    let mut h = harness();
-    let ip = Ipv4::udp(SRC, DST, 64);
-    let input = udp_frame(IN_MAC, &ip);
-    let (rc, out) = h.run(&input);
-    assert_eq!(rc, XDP_REDIRECT);
-    let want = forwarded(NB_MAC, &ip);
-    assert_eq!(out, want, "forwarded frame differs");
-    // Spelled out, so that a failure says which part is wrong.
-    assert_eq!(&out[0..6], &NB_MAC, "destination MAC = the neighbour's");
-    assert_eq!(&out[6..12], &OUT_MAC, "source MAC = the egress device's");
-    assert_eq!(out[14 + 8], 63, "TTL decremented");
-    assert_eq!(
-        tests::frame::checksum(&out[14..34]),
-        0,
-        "header checksum verifies"
-    );
-    assert_eq!(&out[34..], &input[34..], "payload untouched");
-    let s = h.stats();
-    assert_eq!(s[0].fwd_packets, 1);
-    assert_eq!(s[0].fwd_bytes, input.len() as u64);
-    assert_eq!(s[0].pass_packets(), 0);
+    for mut h in both() {
+        let ip = Ipv4::udp(SRC, DST, 64);
+        let input = udp_frame(IN_MAC, &ip);
+        let (rc, out) = h.run(&input);
+        assert_eq!(rc, XDP_REDIRECT);
+        let want = forwarded(NB_MAC, &ip);
+        assert_eq!(out, want, "forwarded frame differs");
+        // Spelled out, so that a failure says which part is wrong.
+        assert_eq!(&out[0..6], &NB_MAC, "destination MAC = the neighbour's");
+        assert_eq!(&out[6..12], &OUT_MAC, "source MAC = the egress device's");
+        assert_eq!(out[14 + 8], 63, "TTL decremented");
+        assert_eq!(
+            tests::frame::checksum(&out[14..34]),
+            0,
+            "header checksum verifies"
+        );
+        assert_eq!(&out[34..], &input[34..], "payload untouched");
+        let s = h.stats();
+        assert_eq!(s[0].fwd_packets, 1);
+        assert_eq!(s[0].fwd_bytes, input.len() as u64);
+        assert_eq!(s[0].pass_packets(), 0);
+    }
 }
 
 #[test]
 fn extra_routes_use_the_longest_prefix_and_the_nexthop_mac() {
-    let mut h = harness();
-    for (dst, mac) in [
-        ([10, 9, 1, 1], NH1_MAC),
-        ([10, 9, 9, 7], NH2_MAC),
-        ([10, 9, 255, 255], NH1_MAC),
-    ] {
-        let ip = Ipv4::udp(SRC, dst, 17);
-        let (rc, out) = h.run(&udp_frame(IN_MAC, &ip));
-        assert_eq!(rc, XDP_REDIRECT, "to {dst:?}");
-        assert_eq!(out, forwarded(mac, &ip), "to {dst:?}");
+    for mut h in both() {
+        for (dst, mac) in [
+            ([10, 9, 1, 1], NH1_MAC),
+            ([10, 9, 9, 7], NH2_MAC),
+            ([10, 9, 255, 255], NH1_MAC),
+        ] {
+            let ip = Ipv4::udp(SRC, dst, 17);
+            let (rc, out) = h.run(&udp_frame(IN_MAC, &ip));
+            assert_eq!(rc, XDP_REDIRECT, "to {dst:?}");
+            assert_eq!(out, forwarded(mac, &ip), "to {dst:?}");
+        }
     }
 }
 
 #[test]
 fn incremental_checksum_equals_recomputation() {
-    let mut h = harness();
-    let mut n = 0;
-    for ttl in 2..=255u8 {
-        for (tos, id, frag) in [
-            (0u8, 0u16, 0u16),
-            (0xb8, 0xffff, 0x4000),
-            (0x10, 0x8001, 0x2005),
-            (0xff, 0xfeff, 0xffff),
-        ] {
-            let mut ip = Ipv4::udp([10, 1, 0, ttl], [10, 2, 0, 5], ttl);
-            ip.tos = tos;
-            ip.id = id.wrapping_add(ttl as u16 * 257);
-            ip.flags_frag = frag;
-            let (rc, out) = h.run(&udp_frame(IN_MAC, &ip));
-            assert_eq!(rc, XDP_REDIRECT);
-            assert_eq!(
-                out,
-                forwarded(NB_MAC, &ip),
-                "ttl {ttl} tos {tos:#x} id {:#x} frag {frag:#x}",
-                ip.id
-            );
-            n += 1;
+    for mut h in both() {
+        let mut n = 0;
+        for ttl in 2..=255u8 {
+            for (tos, id, frag) in [
+                (0u8, 0u16, 0u16),
+                (0xb8, 0xffff, 0x4000),
+                (0x10, 0x8001, 0x2005),
+                (0xff, 0xfeff, 0xffff),
+            ] {
+                let mut ip = Ipv4::udp([10, 1, 0, ttl], [10, 2, 0, 5], ttl);
+                ip.tos = tos;
+                ip.id = id.wrapping_add(ttl as u16 * 257);
+                ip.flags_frag = frag;
+                let (rc, out) = h.run(&udp_frame(IN_MAC, &ip));
+                assert_eq!(rc, XDP_REDIRECT);
+                assert_eq!(
+                    out,
+                    forwarded(NB_MAC, &ip),
+                    "ttl {ttl} tos {tos:#x} id {:#x} frag {frag:#x}",
+                    ip.id
+                );
+                n += 1;
+            }
         }
+        assert_eq!(h.stats()[0].fwd_packets, n);
     }
-    assert_eq!(h.stats()[0].fwd_packets, n);
 }
 
 #[test]
 fn every_pass_reason_is_counted_and_leaves_the_frame_untouched() {
-    let mut h = harness();
-    h.set_mtu_of_e0(1400);
-    let ok = Ipv4::udp(SRC, DST, 64);
-    let with = |f: &dyn Fn(&mut Ipv4)| {
-        let mut ip = ok.clone();
-        f(&mut ip);
-        udp_frame(IN_MAC, &ip)
-    };
-    let mut bad_csum = udp_frame(IN_MAC, &ok);
-    bad_csum[24] ^= 0x40;
-    let mut short_total = udp_frame(IN_MAC, &ok);
-    short_total[16..18].copy_from_slice(&19u16.to_be_bytes());
-    let mut long_total = udp_frame(IN_MAC, &ok);
-    let too_long = (long_total.len() - 14 + 1) as u16;
-    long_total[16..18].copy_from_slice(&too_long.to_be_bytes());
-    let mut version6 = udp_frame(IN_MAC, &ok);
-    version6[14] = 0x65;
-    let mut ihl4 = udp_frame(IN_MAC, &ok);
-    ihl4[14] = 0x44;
-    let big = {
-        let payload = vec![0x5a; 1400];
-        let l4 = tests::frame::udp(1, 2, &payload);
-        let mut l3 = ok.header(l4.len());
-        l3.extend_from_slice(&l4);
-        ethernet(IN_MAC, HOST_MAC, 0x0800, &l3)
-    };
-    let cases: Vec<(&str, Vec<u8>, usize)> = vec![
-        (
-            "ARP",
-            ethernet(IN_MAC, HOST_MAC, 0x0806, &[0u8; 28]),
-            why::NOT_IP,
-        ),
-        (
-            "802.1Q-tagged",
-            ethernet(IN_MAC, HOST_MAC, 0x8100, &[0x60; 60]),
-            why::NOT_IP,
-        ),
-        (
-            "other unicast MAC",
-            udp_frame([0x02, 9, 9, 9, 9, 9], &ok),
-            why::NOT_OUR_MAC,
-        ),
-        ("broadcast MAC", udp_frame([0xff; 6], &ok), why::BCAST_MCAST),
-        (
-            "multicast MAC",
-            udp_frame([0x01, 0, 0x5e, 0, 0, 5], &ok),
-            why::BCAST_MCAST,
-        ),
-        (
-            "multicast IP",
-            with(&|ip| ip.dst = [224, 0, 0, 5]),
-            why::BCAST_MCAST,
-        ),
-        (
-            "limited broadcast IP",
-            with(&|ip| ip.dst = [255, 255, 255, 255]),
-            why::BCAST_MCAST,
-        ),
-        (
-            "router address",
-            with(&|ip| ip.dst = [10, 2, 0, 1]),
-            why::LOCAL_DEST,
-        ),
-        (
-            "ingress gateway address",
-            with(&|ip| ip.dst = [10, 1, 0, 1]),
-            why::LOCAL_DEST,
-        ),
-        (
-            "subnet broadcast",
-            with(&|ip| ip.dst = [10, 2, 0, 255]),
-            why::LOCAL_DEST,
-        ),
-        ("TTL 1", with(&|ip| ip.ttl = 1), why::TTL_EXCEEDED),
-        ("TTL 0", with(&|ip| ip.ttl = 0), why::TTL_EXCEEDED),
-        (
-            "IP options",
-            with(&|ip| ip.options = vec![1, 1, 1, 0]),
-            why::IP_OPTIONS,
-        ),
-        (
-            "no route",
-            with(&|ip| ip.dst = [192, 0, 2, 1]),
-            why::NO_ROUTE,
-        ),
-        (
-            "no neighbour",
-            with(&|ip| ip.dst = [10, 2, 0, 77]),
-            why::NO_NEIGH,
-        ),
-        (
-            "no neighbour for the nexthop",
-            with(&|ip| ip.dst = [10, 3, 0, 77]),
-            why::NO_NEIGH,
-        ),
-        (
-            "egress = ingress",
-            with(&|ip| ip.dst = [10, 1, 0, 9]),
-            why::SAME_IFACE,
-        ),
-        ("larger than the egress MTU", big, why::TOO_BIG),
-        ("total length < 20", short_total, why::MALFORMED),
-        ("total length > frame", long_total, why::MALFORMED),
-        ("version 6 in an IPv4 ethertype", version6, why::MALFORMED),
-        ("IHL 4", ihl4, why::MALFORMED),
-        ("bad header checksum", bad_csum, why::BAD_CHECKSUM),
-        (
-            "source 127.0.0.1",
-            with(&|ip| ip.src = [127, 0, 0, 1]),
-            why::MARTIAN,
-        ),
-        (
-            "source 0.0.0.0",
-            with(&|ip| ip.src = [0, 0, 0, 0]),
-            why::MARTIAN,
-        ),
-        (
-            "source multicast",
-            with(&|ip| ip.src = [224, 1, 2, 3]),
-            why::MARTIAN,
-        ),
-        (
-            "destination 127.0.0.1",
-            with(&|ip| ip.dst = [127, 0, 0, 1]),
-            why::MARTIAN,
-        ),
-        (
-            "source = the router's address on the egress subnet",
-            with(&|ip| ip.src = [10, 2, 0, 1]),
-            why::MARTIAN,
-        ),
-        (
-            "source = the router's address on the ingress subnet",
-            with(&|ip| ip.src = [10, 1, 0, 1]),
-            why::MARTIAN,
-        ),
-        (
-            "egress not in the devmap",
-            with(&|ip| ip.dst = [10, 3, 0, 5]),
-            why::NO_TX_PORT,
-        ),
-    ];
-    h.assert_each_passed(cases);
-    let _ = h.e1;
+    for mut h in both() {
+        h.set_mtu_of_e0(1400);
+        let ok = Ipv4::udp(SRC, DST, 64);
+        let with = |f: &dyn Fn(&mut Ipv4)| {
+            let mut ip = ok.clone();
+            f(&mut ip);
+            udp_frame(IN_MAC, &ip)
+        };
+        let mut bad_csum = udp_frame(IN_MAC, &ok);
+        bad_csum[24] ^= 0x40;
+        let mut short_total = udp_frame(IN_MAC, &ok);
+        short_total[16..18].copy_from_slice(&19u16.to_be_bytes());
+        let mut long_total = udp_frame(IN_MAC, &ok);
+        let too_long = (long_total.len() - 14 + 1) as u16;
+        long_total[16..18].copy_from_slice(&too_long.to_be_bytes());
+        let mut version6 = udp_frame(IN_MAC, &ok);
+        version6[14] = 0x65;
+        let mut ihl4 = udp_frame(IN_MAC, &ok);
+        ihl4[14] = 0x44;
+        let big = {
+            let payload = vec![0x5a; 1400];
+            let l4 = tests::frame::udp(1, 2, &payload);
+            let mut l3 = ok.header(l4.len());
+            l3.extend_from_slice(&l4);
+            ethernet(IN_MAC, HOST_MAC, 0x0800, &l3)
+        };
+        let cases: Vec<(&str, Vec<u8>, usize)> = vec![
+            (
+                "ARP",
+                ethernet(IN_MAC, HOST_MAC, 0x0806, &[0u8; 28]),
+                why::NOT_IP,
+            ),
+            (
+                "802.1Q-tagged",
+                ethernet(IN_MAC, HOST_MAC, 0x8100, &[0x60; 60]),
+                why::NOT_IP,
+            ),
+            (
+                "other unicast MAC",
+                udp_frame([0x02, 9, 9, 9, 9, 9], &ok),
+                why::NOT_OUR_MAC,
+            ),
+            ("broadcast MAC", udp_frame([0xff; 6], &ok), why::BCAST_MCAST),
+            (
+                "multicast MAC",
+                udp_frame([0x01, 0, 0x5e, 0, 0, 5], &ok),
+                why::BCAST_MCAST,
+            ),
+            (
+                "multicast IP",
+                with(&|ip| ip.dst = [224, 0, 0, 5]),
+                why::BCAST_MCAST,
+            ),
+            (
+                "limited broadcast IP",
+                with(&|ip| ip.dst = [255, 255, 255, 255]),
+                why::BCAST_MCAST,
+            ),
+            (
+                "router address",
+                with(&|ip| ip.dst = [10, 2, 0, 1]),
+                why::LOCAL_DEST,
+            ),
+            (
+                "ingress gateway address",
+                with(&|ip| ip.dst = [10, 1, 0, 1]),
+                why::LOCAL_DEST,
+            ),
+            (
+                "subnet broadcast",
+                with(&|ip| ip.dst = [10, 2, 0, 255]),
+                why::LOCAL_DEST,
+            ),
+            ("TTL 1", with(&|ip| ip.ttl = 1), why::TTL_EXCEEDED),
+            ("TTL 0", with(&|ip| ip.ttl = 0), why::TTL_EXCEEDED),
+            (
+                "IP options",
+                with(&|ip| ip.options = vec![1, 1, 1, 0]),
+                why::IP_OPTIONS,
+            ),
+            (
+                "no route",
+                with(&|ip| ip.dst = [192, 0, 2, 1]),
+                why::NO_ROUTE,
+            ),
+            (
+                "no neighbour",
+                with(&|ip| ip.dst = [10, 2, 0, 77]),
+                why::NO_NEIGH,
+            ),
+            (
+                "no neighbour for the nexthop",
+                with(&|ip| ip.dst = [10, 3, 0, 77]),
+                why::NO_NEIGH,
+            ),
+            (
+                "egress = ingress",
+                with(&|ip| ip.dst = [10, 1, 0, 9]),
+                why::SAME_IFACE,
+            ),
+            ("larger than the egress MTU", big, why::TOO_BIG),
+            ("total length < 20", short_total, why::MALFORMED),
+            ("total length > frame", long_total, why::MALFORMED),
+            ("version 6 in an IPv4 ethertype", version6, why::MALFORMED),
+            ("IHL 4", ihl4, why::MALFORMED),
+            ("bad header checksum", bad_csum, why::BAD_CHECKSUM),
+            (
+                "source 127.0.0.1",
+                with(&|ip| ip.src = [127, 0, 0, 1]),
+                why::MARTIAN,
+            ),
+            (
+                "source 0.0.0.0",
+                with(&|ip| ip.src = [0, 0, 0, 0]),
+                why::MARTIAN,
+            ),
+            (
+                "source multicast",
+                with(&|ip| ip.src = [224, 1, 2, 3]),
+                why::MARTIAN,
+            ),
+            (
+                "destination 127.0.0.1",
+                with(&|ip| ip.dst = [127, 0, 0, 1]),
+                why::MARTIAN,
+            ),
+            (
+                "source = the router's address on the egress subnet",
+                with(&|ip| ip.src = [10, 2, 0, 1]),
+                why::MARTIAN,
+            ),
+            (
+                "source = the router's address on the ingress subnet",
+                with(&|ip| ip.src = [10, 1, 0, 1]),
+                why::MARTIAN,
+            ),
+            (
+                "egress not in the devmap",
+                with(&|ip| ip.dst = [10, 3, 0, 5]),
+                why::NO_TX_PORT,
+            ),
+        ];
+        h.assert_each_passed(cases);
+        let _ = h.e1;
+    }
 }
 
 impl Harness {
@@ -436,7 +510,7 @@ impl Harness {
             .iter_mut()
             .filter(|(i, _)| *i == e0)
             .for_each(|(_, d)| d.mtu = mtu);
-        datapath::set_ifaces(&mut self.ebpf, &self.ifaces, &[self.e1]).unwrap();
+        datapath::set_ifaces(&mut self.ebpf, &self.ifaces, &[self.e1], &[]).unwrap();
         self.install_routes();
     }
 
@@ -476,194 +550,196 @@ impl Harness {
 
 #[test]
 fn a_frame_of_exactly_the_egress_mtu_is_forwarded() {
-    let mut h = harness();
-    h.set_mtu_of_e0(1400);
-    let ip = Ipv4::udp(SRC, DST, 64);
-    let payload = vec![0xa5; 1400 - 20 - 8];
-    let l4 = tests::frame::udp(1, 2, &payload);
-    let mut l3 = ip.header(l4.len());
-    l3.extend_from_slice(&l4);
-    let (rc, out) = h.run(&ethernet(IN_MAC, HOST_MAC, 0x0800, &l3));
-    assert_eq!(rc, XDP_REDIRECT);
-    let mut ip2 = ip.clone();
-    ip2.ttl = 63;
-    let mut l3b = ip2.header(l4.len());
-    l3b.extend_from_slice(&l4);
-    assert_eq!(out, ethernet(NB_MAC, OUT_MAC, 0x0800, &l3b));
+    for mut h in both() {
+        h.set_mtu_of_e0(1400);
+        let ip = Ipv4::udp(SRC, DST, 64);
+        let payload = vec![0xa5; 1400 - 20 - 8];
+        let l4 = tests::frame::udp(1, 2, &payload);
+        let mut l3 = ip.header(l4.len());
+        l3.extend_from_slice(&l4);
+        let (rc, out) = h.run(&ethernet(IN_MAC, HOST_MAC, 0x0800, &l3));
+        assert_eq!(rc, XDP_REDIRECT);
+        let mut ip2 = ip.clone();
+        ip2.ttl = 63;
+        let mut l3b = ip2.header(l4.len());
+        l3b.extend_from_slice(&l4);
+        assert_eq!(out, ethernet(NB_MAC, OUT_MAC, 0x0800, &l3b));
+    }
 }
 
 #[test]
 fn every_truncation_is_passed_without_reading_past_the_end() {
-    let mut h = harness();
-    let full = udp_frame(IN_MAC, &Ipv4::udp(SRC, DST, 64));
-    assert!(full.len() > 54);
-    let mut refused = Vec::new();
-    for len in 0..=54usize {
-        let frame = &full[..len];
-        let before = h.stats();
-        let mut out = vec![0u8; 512];
-        let prog = datapath::program(&mut h.ebpf).unwrap();
-        match prog.test_run(TestRunOptions {
-            data_in: Some(frame),
-            data_out: Some(&mut out),
-            ..Default::default()
-        }) {
-            Ok(res) => {
-                assert_eq!(res.return_value, XDP_PASS, "{len}-byte truncation");
-                assert_eq!(
-                    &out[..res.data_size_out as usize],
-                    frame,
-                    "{len}-byte truncation changed"
-                );
-                let after = h.stats();
-                let d: u64 = after[0].pass_packets() - before[0].pass_packets();
-                assert_eq!(d, 1, "{len}-byte truncation counted once");
-                assert_eq!(
-                    after[0].pass[why::MALFORMED] - before[0].pass[why::MALFORMED],
-                    1,
-                    "{len}-byte truncation is malformed"
-                );
+    for mut h in both() {
+        let full = udp_frame(IN_MAC, &Ipv4::udp(SRC, DST, 64));
+        assert!(full.len() > 54);
+        let mut refused = Vec::new();
+        for len in 0..=54usize {
+            let frame = &full[..len];
+            let before = h.stats();
+            match h.try_run(frame) {
+                Ok((rc, out)) => {
+                    assert_eq!(rc, XDP_PASS, "{len}-byte truncation");
+                    assert_eq!(&out[..], frame, "{len}-byte truncation changed");
+                    let after = h.stats();
+                    let d: u64 = after[0].pass_packets() - before[0].pass_packets();
+                    assert_eq!(d, 1, "{len}-byte truncation counted once");
+                    assert_eq!(
+                        after[0].pass[why::MALFORMED] - before[0].pass[why::MALFORMED],
+                        1,
+                        "{len}-byte truncation is malformed"
+                    );
+                }
+                // The kernel itself refuses test frames shorter than an Ethernet header, and
+                // skbs without their network header.
+                Err(_) if len < 14 || (h.prog == Prog::Tc && tc_refuses(frame)) => {
+                    refused.push(len)
+                }
+                Err(e) => panic!("{len}-byte truncation: {e:?}"),
             }
-            // The kernel itself refuses test frames shorter than an Ethernet header.
-            Err(_) if len < 14 => refused.push(len),
-            Err(e) => panic!("{len}-byte truncation: {e}"),
         }
+        assert!(refused
+            .iter()
+            .all(|l| *l < 14 || (h.prog == Prog::Tc && *l < 34)));
     }
-    assert!(refused.iter().all(|l| *l < 14));
 }
 
 #[test]
 fn frames_on_an_unknown_device_are_passed_and_counted() {
-    let mut h = harness();
-    // The ingress device leaves the router (as the controller removes it: both the index
-    // array and the hash map).
-    let rest: Vec<_> = h.ifaces.iter().filter(|(i, _)| *i != 1).copied().collect();
-    datapath::set_ifaces(&mut h.ebpf, &rest, &[h.e1]).unwrap();
-    let frame = udp_frame(IN_MAC, &Ipv4::udp(SRC, DST, 64));
-    let (rc, out) = h.run(&frame);
-    assert_eq!(rc, XDP_PASS);
-    assert_eq!(out, frame);
-    let s = h.stats();
-    assert_eq!(s[UNKNOWN_IFACE_SLOT as usize].pass[why::UNKNOWN_IFACE], 1);
-    assert_eq!(s[0].pass_packets(), 0);
+    for mut h in both() {
+        // The ingress device leaves the router (as the controller removes it: both the index
+        // array and the hash map).
+        let rest: Vec<_> = h.ifaces.iter().filter(|(i, _)| *i != 1).copied().collect();
+        datapath::set_ifaces(&mut h.ebpf, &rest, &[h.e1], &[]).unwrap();
+        let frame = udp_frame(IN_MAC, &Ipv4::udp(SRC, DST, 64));
+        let (rc, out) = h.run(&frame);
+        assert_eq!(rc, XDP_PASS);
+        assert_eq!(out, frame);
+        let s = h.stats();
+        assert_eq!(s[UNKNOWN_IFACE_SLOT as usize].pass[why::UNKNOWN_IFACE], 1);
+        assert_eq!(s[0].pass_packets(), 0);
+    }
 }
 
 /// A device whose ifindex shares its index slot with another device's is found through the
 /// hash map: here ifindex 4097 takes slot 1 first, and lo (ifindex 1) still forwards.
 #[test]
 fn a_device_sharing_an_index_slot_is_still_found() {
-    let mut h = harness();
-    let other = Iface {
-        mac: [0x02, 0, 0, 0, 0x09, 0x09],
-        _pad: [0; 2],
-        mtu: 1500,
-        slot: 3,
-    };
-    let mut ifaces = vec![(1 + router_common::IFACE_INDEX_SLOTS, other)];
-    ifaces.extend(h.ifaces.iter().copied());
-    datapath::set_ifaces(
-        &mut h.ebpf,
-        &ifaces,
-        &[h.e1, 1 + router_common::IFACE_INDEX_SLOTS],
-    )
-    .unwrap();
-    let ip = Ipv4::udp(SRC, DST, 64);
-    let (rc, out) = h.run(&udp_frame(IN_MAC, &ip));
-    assert_eq!(rc, XDP_REDIRECT);
-    assert_eq!(out, forwarded(NB_MAC, &ip));
-    assert_eq!(h.stats()[0].fwd_packets, 1, "counted on lo's slot");
+    for mut h in both() {
+        let other = Iface {
+            mac: [0x02, 0, 0, 0, 0x09, 0x09],
+            flags: 0,
+            mtu: 1500,
+            slot: 3,
+        };
+        let mut ifaces = vec![(1 + router_common::IFACE_INDEX_SLOTS, other)];
+        ifaces.extend(h.ifaces.iter().copied());
+        datapath::set_ifaces(
+            &mut h.ebpf,
+            &ifaces,
+            &[h.e1, 1 + router_common::IFACE_INDEX_SLOTS],
+            &[],
+        )
+        .unwrap();
+        let ip = Ipv4::udp(SRC, DST, 64);
+        let (rc, out) = h.run(&udp_frame(IN_MAC, &ip));
+        assert_eq!(rc, XDP_REDIRECT);
+        assert_eq!(out, forwarded(NB_MAC, &ip));
+        assert_eq!(h.stats()[0].fwd_packets, 1, "counted on lo's slot");
+    }
 }
 
 /// The kernel side of the route table: the real program's choice of nexthop, for random tables
 /// and destinations, equals a simple reference longest-prefix match.
 #[test]
 fn kernel_lookup_equals_a_reference_lpm() {
-    let mut h = harness();
-    let mut seed = 0x2545_f491_4f6c_dd1du64;
-    let mut rnd = move || {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        seed
-    };
-    // Prefixes of every length nested inside 10.64.0.0/10, each through its own nexthop. The
-    // table then changes twice (a third of it replaced, nexthops moved), so that the writer's
-    // reuse of groups and nexthop slots is checked in the kernel too.
-    let nh_ip = |i: u16| Ipv4Addr::new(10, 2, 1 + (i >> 8) as u8, i as u8);
-    let nh_mac = |i: u16| [0x02, 0, 0, 0x77, (i >> 8) as u8, i as u8];
-    for i in 0..600u16 {
-        h.neigh(h.e0, nh_ip(i).octets(), nh_mac(i));
-    }
-    let mut table: Vec<(Ipv4Net, u16)> = vec![(net("10.64.0.0/10"), 0)];
-    for step in 0..3 {
-        if step > 0 {
-            let keep = table.len() * 2 / 3;
-            table.truncate(keep);
-            for (_, i) in table.iter_mut().skip(1).step_by(5) {
-                *i = (*i + 300) % 600;
-            }
-            if step == 2 {
-                // Without the covering /10, blocks have holes: entries that must read "no route".
-                table.remove(0);
-            }
+    for mut h in both() {
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut rnd = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        // Prefixes of every length nested inside 10.64.0.0/10, each through its own nexthop. The
+        // table then changes twice (a third of it replaced, nexthops moved), so that the writer's
+        // reuse of groups and nexthop slots is checked in the kernel too.
+        let nh_ip = |i: u16| Ipv4Addr::new(10, 2, 1 + (i >> 8) as u8, i as u8);
+        let nh_mac = |i: u16| [0x02, 0, 0, 0x77, (i >> 8) as u8, i as u8];
+        for i in 0..600u16 {
+            h.neigh(h.e0, nh_ip(i).octets(), nh_mac(i));
         }
-        while table.len() < 400 {
-            let len = 10 + (rnd() % 23) as u8;
-            let a = 0x0a40_0000
-                | (rnd() as u32
-                    & 0x003f_ffff
-                    & if rnd() % 2 == 0 {
-                        0x003f_00ff
-                    } else {
-                        0x003f_ffff
-                    });
-            let n = Ipv4Net {
-                addr: Ipv4Addr::from(a & Ipv4Net::mask(len)),
-                len,
-            };
-            if !table.iter().any(|(p, _)| *p == n) {
-                table.push((n, (rnd() % 600) as u16));
-            }
-        }
-        let gateways: Vec<_> = table
-            .iter()
-            .map(|(n, i)| ((*n).into(), h.e0, nh_ip(*i).into()))
-            .collect();
-        let routes = datapath::route_entries(
-            &h.ifaces,
-            &[(pfx("10.1.0.0/24"), 1), (pfx("10.2.0.0/16"), h.e0)],
-            &gateways,
-            &[],
-        );
-        datapath::set_routes(&mut h.ebpf, &routes).unwrap();
-        for k in 0..2000 {
-            let dst = if k % 2 == 0 {
-                let (n, _) = table[(rnd() % table.len() as u64) as usize];
-                Ipv4Addr::from(n.network() | (rnd() as u32 & !Ipv4Net::mask(n.len)))
-            } else {
-                Ipv4Addr::from(0x0a00_0000 | (rnd() as u32 & 0x00ff_ffff))
-            };
-            let best = table
-                .iter()
-                .filter(|(n, _)| n.contains(dst))
-                .max_by_key(|(n, _)| n.len);
-            let ip = Ipv4::udp(SRC, dst.octets(), 64);
-            let no_route = h.stats()[0].pass[why::NO_ROUTE];
-            let (rc, out) = h.run(&udp_frame(IN_MAC, &ip));
-            match best {
-                Some((_, i)) => {
-                    assert_eq!(rc, XDP_REDIRECT, "step {step}: {dst}");
-                    assert_eq!(out[0..6], nh_mac(*i), "step {step}: {dst}: wrong nexthop");
+        let mut table: Vec<(Ipv4Net, u16)> = vec![(net("10.64.0.0/10"), 0)];
+        for step in 0..3 {
+            if step > 0 {
+                let keep = table.len() * 2 / 3;
+                table.truncate(keep);
+                for (_, i) in table.iter_mut().skip(1).step_by(5) {
+                    *i = (*i + 300) % 600;
                 }
-                None if net("10.2.0.0/16").contains(dst) || net("10.1.0.0/24").contains(dst) => {}
-                None => {
-                    assert_eq!(rc, XDP_PASS, "step {step}: {dst} has no route");
-                    let s = h.stats()[0].pass[why::NO_ROUTE];
-                    assert_eq!(
-                        s,
-                        no_route + 1,
-                        "step {step}: {dst} must be passed as no_route"
-                    );
+                if step == 2 {
+                    // Without the covering /10, blocks have holes: entries that must read "no route".
+                    table.remove(0);
+                }
+            }
+            while table.len() < 400 {
+                let len = 10 + (rnd() % 23) as u8;
+                let a = 0x0a40_0000
+                    | (rnd() as u32
+                        & 0x003f_ffff
+                        & if rnd() % 2 == 0 {
+                            0x003f_00ff
+                        } else {
+                            0x003f_ffff
+                        });
+                let n = Ipv4Net {
+                    addr: Ipv4Addr::from(a & Ipv4Net::mask(len)),
+                    len,
+                };
+                if !table.iter().any(|(p, _)| *p == n) {
+                    table.push((n, (rnd() % 600) as u16));
+                }
+            }
+            let gateways: Vec<_> = table
+                .iter()
+                .map(|(n, i)| ((*n).into(), h.e0, nh_ip(*i).into()))
+                .collect();
+            let routes = datapath::route_entries(
+                &h.ifaces,
+                &[(pfx("10.1.0.0/24"), 1), (pfx("10.2.0.0/16"), h.e0)],
+                &gateways,
+                &[],
+            );
+            datapath::set_routes(&mut h.ebpf, &routes).unwrap();
+            for k in 0..2000 {
+                let dst = if k % 2 == 0 {
+                    let (n, _) = table[(rnd() % table.len() as u64) as usize];
+                    Ipv4Addr::from(n.network() | (rnd() as u32 & !Ipv4Net::mask(n.len)))
+                } else {
+                    Ipv4Addr::from(0x0a00_0000 | (rnd() as u32 & 0x00ff_ffff))
+                };
+                let best = table
+                    .iter()
+                    .filter(|(n, _)| n.contains(dst))
+                    .max_by_key(|(n, _)| n.len);
+                let ip = Ipv4::udp(SRC, dst.octets(), 64);
+                let no_route = h.stats()[0].pass[why::NO_ROUTE];
+                let (rc, out) = h.run(&udp_frame(IN_MAC, &ip));
+                match best {
+                    Some((_, i)) => {
+                        assert_eq!(rc, XDP_REDIRECT, "step {step}: {dst}");
+                        assert_eq!(out[0..6], nh_mac(*i), "step {step}: {dst}: wrong nexthop");
+                    }
+                    None if net("10.2.0.0/16").contains(dst)
+                        || net("10.1.0.0/24").contains(dst) => {}
+                    None => {
+                        assert_eq!(rc, XDP_PASS, "step {step}: {dst} has no route");
+                        let s = h.stats()[0].pass[why::NO_ROUTE];
+                        assert_eq!(
+                            s,
+                            no_route + 1,
+                            "step {step}: {dst} must be passed as no_route"
+                        );
+                    }
                 }
             }
         }
@@ -674,53 +750,54 @@ fn kernel_lookup_equals_a_reference_lpm() {
 /// entries the new table leaves empty must read "no route".
 #[test]
 fn a_reused_group_holds_nothing_of_its_old_table() {
-    let mut h = harness();
-    let (e0, ifaces) = (h.e0, h.ifaces.clone());
-    let install = |h: &mut Harness, gw: &[(&str, [u8; 4])]| {
-        let g: Vec<_> = gw
-            .iter()
-            .map(|(n, nh)| (pfx(n), e0, IpAddr::from(*nh)))
-            .collect();
-        let r = datapath::route_entries(
-            &ifaces,
-            &[(pfx("10.1.0.0/24"), 1), (pfx("10.2.0.0/24"), e0)],
-            &g,
-            &[],
+    for mut h in both() {
+        let (e0, ifaces) = (h.e0, h.ifaces.clone());
+        let install = |h: &mut Harness, gw: &[(&str, [u8; 4])]| {
+            let g: Vec<_> = gw
+                .iter()
+                .map(|(n, nh)| (pfx(n), e0, IpAddr::from(*nh)))
+                .collect();
+            let r = datapath::route_entries(
+                &ifaces,
+                &[(pfx("10.1.0.0/24"), 1), (pfx("10.2.0.0/24"), e0)],
+                &g,
+                &[],
+            );
+            datapath::set_routes(&mut h.ebpf, &r).unwrap();
+        };
+        h.neigh(e0, [10, 2, 0, 41], [2, 0, 0, 0, 0, 41]);
+        h.neigh(e0, [10, 2, 0, 42], [2, 0, 0, 0, 0, 42]);
+        install(
+            &mut h,
+            &[
+                ("10.64.0.0/10", [10, 2, 0, 41]),
+                ("10.70.1.0/24", [10, 2, 0, 42]),
+            ],
         );
-        datapath::set_routes(&mut h.ebpf, &r).unwrap();
-    };
-    h.neigh(e0, [10, 2, 0, 41], [2, 0, 0, 0, 0, 41]);
-    h.neigh(e0, [10, 2, 0, 42], [2, 0, 0, 0, 0, 42]);
-    install(
-        &mut h,
-        &[
-            ("10.64.0.0/10", [10, 2, 0, 41]),
-            ("10.70.1.0/24", [10, 2, 0, 42]),
-        ],
-    );
-    install(&mut h, &[]);
-    // Five blocks need groups now: the lowest free numbers, among them the one 10.70 had, whose
-    // entries all pointed at the /10's nexthop.
-    let five = [
-        ("10.90.1.0/24", [10, 2, 0, 42]),
-        ("10.91.1.0/24", [10, 2, 0, 42]),
-        ("10.92.1.0/24", [10, 2, 0, 42]),
-        ("10.93.1.0/24", [10, 2, 0, 42]),
-        ("10.94.1.0/24", [10, 2, 0, 42]),
-    ];
-    install(&mut h, &five);
-    let (rc, out) = h.run(&udp_frame(IN_MAC, &Ipv4::udp(SRC, [10, 90, 1, 7], 64)));
-    assert_eq!((rc, &out[0..6]), (XDP_REDIRECT, &[2u8, 0, 0, 0, 0, 42][..]));
-    let holes = (90..=94u8).flat_map(|b| [[10, b, 2, 7], [10, b, 200, 1]]);
-    for dst in holes.chain([[10, 70, 1, 1], [10, 64, 0, 1]]) {
-        let before = h.stats()[0].pass[why::NO_ROUTE];
-        let (rc, _) = h.run(&udp_frame(IN_MAC, &Ipv4::udp(SRC, dst, 64)));
-        assert_eq!(rc, XDP_PASS, "{dst:?} has no route");
-        assert_eq!(
-            h.stats()[0].pass[why::NO_ROUTE],
-            before + 1,
-            "{dst:?} must pass as no_route"
-        );
+        install(&mut h, &[]);
+        // Five blocks need groups now: the lowest free numbers, among them the one 10.70 had, whose
+        // entries all pointed at the /10's nexthop.
+        let five = [
+            ("10.90.1.0/24", [10, 2, 0, 42]),
+            ("10.91.1.0/24", [10, 2, 0, 42]),
+            ("10.92.1.0/24", [10, 2, 0, 42]),
+            ("10.93.1.0/24", [10, 2, 0, 42]),
+            ("10.94.1.0/24", [10, 2, 0, 42]),
+        ];
+        install(&mut h, &five);
+        let (rc, out) = h.run(&udp_frame(IN_MAC, &Ipv4::udp(SRC, [10, 90, 1, 7], 64)));
+        assert_eq!((rc, &out[0..6]), (XDP_REDIRECT, &[2u8, 0, 0, 0, 0, 42][..]));
+        let holes = (90..=94u8).flat_map(|b| [[10, b, 2, 7], [10, b, 200, 1]]);
+        for dst in holes.chain([[10, 70, 1, 1], [10, 64, 0, 1]]) {
+            let before = h.stats()[0].pass[why::NO_ROUTE];
+            let (rc, _) = h.run(&udp_frame(IN_MAC, &Ipv4::udp(SRC, dst, 64)));
+            assert_eq!(rc, XDP_PASS, "{dst:?} has no route");
+            assert_eq!(
+                h.stats()[0].pass[why::NO_ROUTE],
+                before + 1,
+                "{dst:?} must pass as no_route"
+            );
+        }
     }
 }
 
@@ -728,72 +805,73 @@ fn a_reused_group_holds_nothing_of_its_old_table() {
 /// and every forwarded frame is byte-exact for the nexthop it took.
 #[test]
 fn ecmp_spreads_flows_and_keeps_each_on_one_nexthop() {
-    let mut h = harness();
-    let (e0, ifaces) = (h.e0, h.ifaces.clone());
-    let (a, b) = ([10, 2, 0, 241], [10, 2, 0, 242]);
-    let mac = |ip: [u8; 4]| [0x02, 0, 0, 0, 0x0e, ip[3]];
-    h.neigh(e0, a, mac(a));
-    h.neigh(e0, b, mac(b));
-    let gw = [
-        (pfx("10.20.0.0/16"), e0, IpAddr::from(a)),
-        (pfx("10.20.0.0/16"), e0, IpAddr::from(b)),
-    ];
-    let routes = datapath::route_entries(
-        &ifaces,
-        &[(pfx("10.1.0.0/24"), 1), (pfx("10.2.0.0/24"), e0)],
-        &gw,
-        &[],
-    );
-    datapath::set_routes(&mut h.ebpf, &routes).unwrap();
-    let frame = |sport: u16, ttl: u8, dst_mac: [u8; 6], src_mac: [u8; 6]| {
-        let l4 = tests::frame::udp(sport, 53, &[7u8; 32]);
-        let mut l3 = Ipv4::udp(SRC, [10, 20, 3, 4], ttl).header(l4.len());
-        l3.extend_from_slice(&l4);
-        ethernet(dst_mac, src_mac, 0x0800, &l3)
-    };
-    let mut per_nexthop = [0u32; 2];
-    for sport in 1000..1256u16 {
-        let mut chosen = None;
-        for _ in 0..3 {
-            let (rc, out) = h.run(&frame(sport, 64, IN_MAC, HOST_MAC));
-            assert_eq!(rc, XDP_REDIRECT, "flow {sport}");
-            let m: [u8; 6] = out[0..6].try_into().unwrap();
-            assert!(m == mac(a) || m == mac(b), "flow {sport} went to {m:02x?}");
-            assert_eq!(
-                out,
-                frame(sport, 63, m, OUT_MAC),
-                "flow {sport}: forwarded frame differs"
-            );
-            assert!(
-                chosen.is_none_or(|c| c == m),
-                "flow {sport} changed nexthop"
-            );
-            chosen = Some(m);
-        }
-        per_nexthop[(chosen.unwrap() == mac(b)) as usize] += 1;
-    }
-    assert!(
-        per_nexthop.iter().all(|n| *n > 64),
-        "flows are not spread: {per_nexthop:?}"
-    );
-    // Without ports (ICMP), flows are told apart by their addresses.
-    let mut per_nexthop = [0u32; 2];
-    for i in 0..64u8 {
-        let mut ip = Ipv4::udp([172, 16, 100, 3], [10, 20, i, 1], 64);
-        ip.protocol = 1;
-        let l3 = {
-            let mut h = ip.header(8);
-            h.extend_from_slice(&[8, 0, 0, 0, 0, 1, 0, 1]);
-            h
+    for mut h in both() {
+        let (e0, ifaces) = (h.e0, h.ifaces.clone());
+        let (a, b) = ([10, 2, 0, 241], [10, 2, 0, 242]);
+        let mac = |ip: [u8; 4]| [0x02, 0, 0, 0, 0x0e, ip[3]];
+        h.neigh(e0, a, mac(a));
+        h.neigh(e0, b, mac(b));
+        let gw = [
+            (pfx("10.20.0.0/16"), e0, IpAddr::from(a)),
+            (pfx("10.20.0.0/16"), e0, IpAddr::from(b)),
+        ];
+        let routes = datapath::route_entries(
+            &ifaces,
+            &[(pfx("10.1.0.0/24"), 1), (pfx("10.2.0.0/24"), e0)],
+            &gw,
+            &[],
+        );
+        datapath::set_routes(&mut h.ebpf, &routes).unwrap();
+        let frame = |sport: u16, ttl: u8, dst_mac: [u8; 6], src_mac: [u8; 6]| {
+            let l4 = tests::frame::udp(sport, 53, &[7u8; 32]);
+            let mut l3 = Ipv4::udp(SRC, [10, 20, 3, 4], ttl).header(l4.len());
+            l3.extend_from_slice(&l4);
+            ethernet(dst_mac, src_mac, 0x0800, &l3)
         };
-        let (rc, out) = h.run(&ethernet(IN_MAC, HOST_MAC, 0x0800, &l3));
-        assert_eq!(rc, XDP_REDIRECT);
-        per_nexthop[(out[0..6] == mac(b)) as usize] += 1;
+        let mut per_nexthop = [0u32; 2];
+        for sport in 1000..1256u16 {
+            let mut chosen = None;
+            for _ in 0..3 {
+                let (rc, out) = h.run(&frame(sport, 64, IN_MAC, HOST_MAC));
+                assert_eq!(rc, XDP_REDIRECT, "flow {sport}");
+                let m: [u8; 6] = out[0..6].try_into().unwrap();
+                assert!(m == mac(a) || m == mac(b), "flow {sport} went to {m:02x?}");
+                assert_eq!(
+                    out,
+                    frame(sport, 63, m, OUT_MAC),
+                    "flow {sport}: forwarded frame differs"
+                );
+                assert!(
+                    chosen.is_none_or(|c| c == m),
+                    "flow {sport} changed nexthop"
+                );
+                chosen = Some(m);
+            }
+            per_nexthop[(chosen.unwrap() == mac(b)) as usize] += 1;
+        }
+        assert!(
+            per_nexthop.iter().all(|n| *n > 64),
+            "flows are not spread: {per_nexthop:?}"
+        );
+        // Without ports (ICMP), flows are told apart by their addresses.
+        let mut per_nexthop = [0u32; 2];
+        for i in 0..64u8 {
+            let mut ip = Ipv4::udp([172, 16, 100, 3], [10, 20, i, 1], 64);
+            ip.protocol = 1;
+            let l3 = {
+                let mut h = ip.header(8);
+                h.extend_from_slice(&[8, 0, 0, 0, 0, 1, 0, 1]);
+                h
+            };
+            let (rc, out) = h.run(&ethernet(IN_MAC, HOST_MAC, 0x0800, &l3));
+            assert_eq!(rc, XDP_REDIRECT);
+            per_nexthop[(out[0..6] == mac(b)) as usize] += 1;
+        }
+        assert!(
+            per_nexthop.iter().all(|n| *n > 12),
+            "ICMP flows are not spread: {per_nexthop:?}"
+        );
     }
-    assert!(
-        per_nexthop.iter().all(|n| *n > 12),
-        "ICMP flows are not spread: {per_nexthop:?}"
-    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -812,347 +890,356 @@ fn forwarded6(dst_mac: [u8; 6], ip: &Ipv6) -> Vec<u8> {
 
 #[test]
 fn forwards_ipv6_to_a_connected_host_byte_exact() {
-    let mut h = harness();
-    let ip = Ipv6::udp(v6(SRC6), v6(DST6), 64);
-    let input = udp6_frame(IN_MAC, &ip);
-    let (rc, out) = h.run(&input);
-    assert_eq!(rc, XDP_REDIRECT);
-    assert_eq!(out, forwarded6(NB_MAC, &ip), "forwarded frame differs");
-    assert_eq!(&out[0..6], &NB_MAC, "destination MAC = the neighbour's");
-    assert_eq!(&out[6..12], &OUT_MAC, "source MAC = the egress device's");
-    assert_eq!(out[14 + 7], 63, "hop limit decremented");
-    assert_eq!(
-        &out[12..21],
-        &input[12..21],
-        "ethertype, version, class, flow, length"
-    );
-    assert_eq!(&out[22..], &input[22..], "addresses and payload untouched");
-    let s = h.stats();
-    assert_eq!((s[0].fwd_packets, s[0].fwd6_packets), (1, 1));
-    assert_eq!(s[0].fwd6_bytes, input.len() as u64);
-    assert_eq!(s[0].pass_packets(), 0);
-    // IPv4 forwarded right after counts in the total only.
-    let (rc, _) = h.run(&udp_frame(IN_MAC, &Ipv4::udp(SRC, DST, 64)));
-    assert_eq!(rc, XDP_REDIRECT);
-    let s = h.stats();
-    assert_eq!((s[0].fwd_packets, s[0].fwd6_packets), (2, 1));
+    for mut h in both() {
+        let ip = Ipv6::udp(v6(SRC6), v6(DST6), 64);
+        let input = udp6_frame(IN_MAC, &ip);
+        let (rc, out) = h.run(&input);
+        assert_eq!(rc, XDP_REDIRECT);
+        assert_eq!(out, forwarded6(NB_MAC, &ip), "forwarded frame differs");
+        assert_eq!(&out[0..6], &NB_MAC, "destination MAC = the neighbour's");
+        assert_eq!(&out[6..12], &OUT_MAC, "source MAC = the egress device's");
+        assert_eq!(out[14 + 7], 63, "hop limit decremented");
+        assert_eq!(
+            &out[12..21],
+            &input[12..21],
+            "ethertype, version, class, flow, length"
+        );
+        assert_eq!(&out[22..], &input[22..], "addresses and payload untouched");
+        let s = h.stats();
+        assert_eq!((s[0].fwd_packets, s[0].fwd6_packets), (1, 1));
+        assert_eq!(s[0].fwd6_bytes, input.len() as u64);
+        assert_eq!(s[0].pass_packets(), 0);
+        // IPv4 forwarded right after counts in the total only.
+        let (rc, _) = h.run(&udp_frame(IN_MAC, &Ipv4::udp(SRC, DST, 64)));
+        assert_eq!(rc, XDP_REDIRECT);
+        let s = h.stats();
+        assert_eq!((s[0].fwd_packets, s[0].fwd6_packets), (2, 1));
+    }
 }
 
 #[test]
 fn ipv6_extra_routes_use_the_longest_prefix_and_the_nexthop_mac() {
-    let mut h = harness();
-    for (dst, mac) in [
-        ([0x2001, 0xdb8, 9, 1, 0, 0, 0, 1], NH1_MAC),
-        ([0x2001, 0xdb8, 9, 9, 0, 0, 0, 7], NH2_MAC),
-        (
-            [0x2001, 0xdb8, 9, 9, 0xffff, 0xffff, 0xffff, 0xffff],
-            NH2_MAC,
-        ),
-        (
-            [0x2001, 0xdb8, 9, 0xffff, 0xffff, 0xffff, 0xffff, 0xffff],
-            NH1_MAC,
-        ),
-    ] {
-        let ip = Ipv6::udp(v6(SRC6), v6(dst), 17);
-        let (rc, out) = h.run(&udp6_frame(IN_MAC, &ip));
-        assert_eq!(rc, XDP_REDIRECT, "to {dst:x?}");
-        assert_eq!(out, forwarded6(mac, &ip), "to {dst:x?}");
+    for mut h in both() {
+        for (dst, mac) in [
+            ([0x2001, 0xdb8, 9, 1, 0, 0, 0, 1], NH1_MAC),
+            ([0x2001, 0xdb8, 9, 9, 0, 0, 0, 7], NH2_MAC),
+            (
+                [0x2001, 0xdb8, 9, 9, 0xffff, 0xffff, 0xffff, 0xffff],
+                NH2_MAC,
+            ),
+            (
+                [0x2001, 0xdb8, 9, 0xffff, 0xffff, 0xffff, 0xffff, 0xffff],
+                NH1_MAC,
+            ),
+        ] {
+            let ip = Ipv6::udp(v6(SRC6), v6(dst), 17);
+            let (rc, out) = h.run(&udp6_frame(IN_MAC, &ip));
+            assert_eq!(rc, XDP_REDIRECT, "to {dst:x?}");
+            assert_eq!(out, forwarded6(mac, &ip), "to {dst:x?}");
+        }
     }
 }
 
 #[test]
 fn every_ipv6_hop_limit_class_and_flow_is_forwarded_byte_exact() {
-    let mut h = harness();
-    let mut n = 0;
-    for hop in 2..=255u8 {
-        for (tc, flow) in [(0u8, 0u32), (0xb8, 0xfffff), (0xff, 0x12345)] {
-            let mut ip = Ipv6::udp(v6(SRC6), v6(DST6), hop);
-            ip.traffic_class = tc;
-            ip.flow_label = flow ^ hop as u32;
-            let (rc, out) = h.run(&udp6_frame(IN_MAC, &ip));
-            assert_eq!(rc, XDP_REDIRECT);
-            assert_eq!(out, forwarded6(NB_MAC, &ip), "hop {hop} tc {tc:#x}");
-            n += 1;
+    for mut h in both() {
+        let mut n = 0;
+        for hop in 2..=255u8 {
+            for (tc, flow) in [(0u8, 0u32), (0xb8, 0xfffff), (0xff, 0x12345)] {
+                let mut ip = Ipv6::udp(v6(SRC6), v6(DST6), hop);
+                ip.traffic_class = tc;
+                ip.flow_label = flow ^ hop as u32;
+                let (rc, out) = h.run(&udp6_frame(IN_MAC, &ip));
+                assert_eq!(rc, XDP_REDIRECT);
+                assert_eq!(out, forwarded6(NB_MAC, &ip), "hop {hop} tc {tc:#x}");
+                n += 1;
+            }
         }
+        assert_eq!(h.stats()[0].fwd6_packets, n);
     }
-    assert_eq!(h.stats()[0].fwd6_packets, n);
 }
 
 #[test]
 fn every_ipv6_pass_reason_is_counted_and_leaves_the_frame_untouched() {
-    let mut h = harness();
-    h.set_mtu_of_e0(1400);
-    let ok = Ipv6::udp(v6(SRC6), v6(DST6), 64);
-    let with = |f: &dyn Fn(&mut Ipv6)| {
-        let mut ip = ok.clone();
-        f(&mut ip);
-        udp6_frame(IN_MAC, &ip)
-    };
-    let a = |g: [u16; 8]| v6(g);
-    let mut long_payload = udp6_frame(IN_MAC, &ok);
-    let too_long = (long_payload.len() - 14 - 40 + 1) as u16;
-    long_payload[18..20].copy_from_slice(&too_long.to_be_bytes());
-    let mut version4 = udp6_frame(IN_MAC, &ok);
-    version4[14] = 0x45;
-    // One byte over: 1400 − 40 − 8 = 1352 bytes of UDP payload fit exactly.
-    let big = {
-        let l4 = tests::frame::udp6(&ok.src, &ok.dst, 1, 2, &[0x5a; 1353]);
+    for mut h in both() {
+        h.set_mtu_of_e0(1400);
+        let ok = Ipv6::udp(v6(SRC6), v6(DST6), 64);
+        let with = |f: &dyn Fn(&mut Ipv6)| {
+            let mut ip = ok.clone();
+            f(&mut ip);
+            udp6_frame(IN_MAC, &ip)
+        };
+        let a = |g: [u16; 8]| v6(g);
+        let mut long_payload = udp6_frame(IN_MAC, &ok);
+        let too_long = (long_payload.len() - 14 - 40 + 1) as u16;
+        long_payload[18..20].copy_from_slice(&too_long.to_be_bytes());
+        let mut version4 = udp6_frame(IN_MAC, &ok);
+        version4[14] = 0x45;
+        // One byte over: 1400 − 40 − 8 = 1352 bytes of UDP payload fit exactly.
+        let big = {
+            let l4 = tests::frame::udp6(&ok.src, &ok.dst, 1, 2, &[0x5a; 1353]);
+            let mut l3 = ok.header(l4.len());
+            l3.extend_from_slice(&l4);
+            ethernet(IN_MAC, HOST_MAC, 0x86dd, &l3)
+        };
+        let hop_by_hop = with(&|ip| {
+            ip.next_header = 0;
+            // Next header UDP, length 0 (8 bytes), router alert option, PadN.
+            ip.ext = vec![17, 0, 5, 2, 0, 0, 1, 0];
+        });
+        let cases: Vec<(&str, Vec<u8>, usize)> = vec![
+            (
+                "other unicast MAC",
+                ipv6_udp([0x02, 9, 9, 9, 9, 9], HOST_MAC, &ok),
+                why::NOT_OUR_MAC,
+            ),
+            (
+                "multicast MAC",
+                ipv6_udp([0x33, 0x33, 0, 0, 0, 1], HOST_MAC, &ok),
+                why::BCAST_MCAST,
+            ),
+            (
+                "multicast destination",
+                with(&|ip| ip.dst = a([0xff02, 0, 0, 0, 0, 0, 0, 1])),
+                why::BCAST_MCAST,
+            ),
+            (
+                "global multicast destination",
+                with(&|ip| ip.dst = a([0xff0e, 0, 0, 0, 0, 0, 0, 0x101])),
+                why::BCAST_MCAST,
+            ),
+            (
+                "router address",
+                with(&|ip| ip.dst = a([0x2001, 0xdb8, 2, 0, 0, 0, 0, 1])),
+                why::LOCAL_DEST,
+            ),
+            (
+                "ingress router address",
+                with(&|ip| ip.dst = a([0x2001, 0xdb8, 1, 0, 0, 0, 0, 1])),
+                why::LOCAL_DEST,
+            ),
+            (
+                "subnet-router anycast",
+                with(&|ip| ip.dst = a([0x2001, 0xdb8, 2, 0, 0, 0, 0, 0])),
+                why::LOCAL_DEST,
+            ),
+            (
+                "hop limit 1",
+                with(&|ip| ip.hop_limit = 1),
+                why::TTL_EXCEEDED,
+            ),
+            (
+                "hop limit 0",
+                with(&|ip| ip.hop_limit = 0),
+                why::TTL_EXCEEDED,
+            ),
+            ("hop-by-hop options", hop_by_hop, why::IP_OPTIONS),
+            (
+                "link-local source",
+                with(&|ip| ip.src = a([0xfe80, 0, 0, 0, 0, 0, 0, 5])),
+                why::LINK_LOCAL,
+            ),
+            (
+                "link-local destination",
+                with(&|ip| ip.dst = a([0xfe80, 0, 0, 0, 0, 0, 0, 5])),
+                why::LINK_LOCAL,
+            ),
+            (
+                "link-local destination fe bf",
+                with(&|ip| ip.dst = a([0xfebf, 0, 0, 0, 0, 0, 0, 5])),
+                why::LINK_LOCAL,
+            ),
+            (
+                "multicast source",
+                with(&|ip| ip.src = a([0xff02, 0, 0, 0, 0, 0, 0, 1])),
+                why::MARTIAN,
+            ),
+            (
+                "unspecified source",
+                with(&|ip| ip.src = [0; 16]),
+                why::MARTIAN,
+            ),
+            (
+                "loopback destination",
+                with(&|ip| ip.dst = a([0, 0, 0, 0, 0, 0, 0, 1])),
+                why::MARTIAN,
+            ),
+            (
+                "IPv4-mapped destination",
+                with(&|ip| ip.dst = a([0, 0, 0, 0, 0, 0xffff, 0x0a02, 5])),
+                why::MARTIAN,
+            ),
+            (
+                "no route",
+                with(&|ip| ip.dst = a([0x2001, 0xdb9, 0, 0, 0, 0, 0, 1])),
+                why::NO_ROUTE,
+            ),
+            (
+                "no neighbour",
+                with(&|ip| ip.dst = a([0x2001, 0xdb8, 2, 0, 0, 0, 0, 0x77])),
+                why::NO_NEIGH,
+            ),
+            (
+                "egress = ingress",
+                with(&|ip| ip.dst = a([0x2001, 0xdb8, 1, 0, 0, 0, 0, 9])),
+                why::SAME_IFACE,
+            ),
+            ("larger than the egress MTU", big, why::TOO_BIG),
+            ("payload length > frame", long_payload, why::MALFORMED),
+            ("version 4 in an IPv6 ethertype", version4, why::MALFORMED),
+            (
+                "egress not in the devmap",
+                with(&|ip| ip.dst = a([0x2001, 0xdb8, 3, 0, 0, 0, 0, 5])),
+                why::NO_TX_PORT,
+            ),
+        ];
+        h.assert_each_passed(cases);
+        // Exactly the MTU goes through.
+        let l4 = tests::frame::udp6(&ok.src, &ok.dst, 1, 2, &[0x5a; 1352]);
         let mut l3 = ok.header(l4.len());
         l3.extend_from_slice(&l4);
-        ethernet(IN_MAC, HOST_MAC, 0x86dd, &l3)
-    };
-    let hop_by_hop = with(&|ip| {
-        ip.next_header = 0;
-        // Next header UDP, length 0 (8 bytes), router alert option, PadN.
-        ip.ext = vec![17, 0, 5, 2, 0, 0, 1, 0];
-    });
-    let cases: Vec<(&str, Vec<u8>, usize)> = vec![
-        (
-            "other unicast MAC",
-            ipv6_udp([0x02, 9, 9, 9, 9, 9], HOST_MAC, &ok),
-            why::NOT_OUR_MAC,
-        ),
-        (
-            "multicast MAC",
-            ipv6_udp([0x33, 0x33, 0, 0, 0, 1], HOST_MAC, &ok),
-            why::BCAST_MCAST,
-        ),
-        (
-            "multicast destination",
-            with(&|ip| ip.dst = a([0xff02, 0, 0, 0, 0, 0, 0, 1])),
-            why::BCAST_MCAST,
-        ),
-        (
-            "global multicast destination",
-            with(&|ip| ip.dst = a([0xff0e, 0, 0, 0, 0, 0, 0, 0x101])),
-            why::BCAST_MCAST,
-        ),
-        (
-            "router address",
-            with(&|ip| ip.dst = a([0x2001, 0xdb8, 2, 0, 0, 0, 0, 1])),
-            why::LOCAL_DEST,
-        ),
-        (
-            "ingress router address",
-            with(&|ip| ip.dst = a([0x2001, 0xdb8, 1, 0, 0, 0, 0, 1])),
-            why::LOCAL_DEST,
-        ),
-        (
-            "subnet-router anycast",
-            with(&|ip| ip.dst = a([0x2001, 0xdb8, 2, 0, 0, 0, 0, 0])),
-            why::LOCAL_DEST,
-        ),
-        (
-            "hop limit 1",
-            with(&|ip| ip.hop_limit = 1),
-            why::TTL_EXCEEDED,
-        ),
-        (
-            "hop limit 0",
-            with(&|ip| ip.hop_limit = 0),
-            why::TTL_EXCEEDED,
-        ),
-        ("hop-by-hop options", hop_by_hop, why::IP_OPTIONS),
-        (
-            "link-local source",
-            with(&|ip| ip.src = a([0xfe80, 0, 0, 0, 0, 0, 0, 5])),
-            why::LINK_LOCAL,
-        ),
-        (
-            "link-local destination",
-            with(&|ip| ip.dst = a([0xfe80, 0, 0, 0, 0, 0, 0, 5])),
-            why::LINK_LOCAL,
-        ),
-        (
-            "link-local destination fe bf",
-            with(&|ip| ip.dst = a([0xfebf, 0, 0, 0, 0, 0, 0, 5])),
-            why::LINK_LOCAL,
-        ),
-        (
-            "multicast source",
-            with(&|ip| ip.src = a([0xff02, 0, 0, 0, 0, 0, 0, 1])),
-            why::MARTIAN,
-        ),
-        (
-            "unspecified source",
-            with(&|ip| ip.src = [0; 16]),
-            why::MARTIAN,
-        ),
-        (
-            "loopback destination",
-            with(&|ip| ip.dst = a([0, 0, 0, 0, 0, 0, 0, 1])),
-            why::MARTIAN,
-        ),
-        (
-            "IPv4-mapped destination",
-            with(&|ip| ip.dst = a([0, 0, 0, 0, 0, 0xffff, 0x0a02, 5])),
-            why::MARTIAN,
-        ),
-        (
-            "no route",
-            with(&|ip| ip.dst = a([0x2001, 0xdb9, 0, 0, 0, 0, 0, 1])),
-            why::NO_ROUTE,
-        ),
-        (
-            "no neighbour",
-            with(&|ip| ip.dst = a([0x2001, 0xdb8, 2, 0, 0, 0, 0, 0x77])),
-            why::NO_NEIGH,
-        ),
-        (
-            "egress = ingress",
-            with(&|ip| ip.dst = a([0x2001, 0xdb8, 1, 0, 0, 0, 0, 9])),
-            why::SAME_IFACE,
-        ),
-        ("larger than the egress MTU", big, why::TOO_BIG),
-        ("payload length > frame", long_payload, why::MALFORMED),
-        ("version 4 in an IPv6 ethertype", version4, why::MALFORMED),
-        (
-            "egress not in the devmap",
-            with(&|ip| ip.dst = a([0x2001, 0xdb8, 3, 0, 0, 0, 0, 5])),
-            why::NO_TX_PORT,
-        ),
-    ];
-    h.assert_each_passed(cases);
-    // Exactly the MTU goes through.
-    let l4 = tests::frame::udp6(&ok.src, &ok.dst, 1, 2, &[0x5a; 1352]);
-    let mut l3 = ok.header(l4.len());
-    l3.extend_from_slice(&l4);
-    let (rc, out) = h.run(&ethernet(IN_MAC, HOST_MAC, 0x86dd, &l3));
-    assert_eq!(rc, XDP_REDIRECT, "an IPv6 packet of exactly the MTU");
-    assert_eq!(out[14 + 7], 63);
+        let (rc, out) = h.run(&ethernet(IN_MAC, HOST_MAC, 0x86dd, &l3));
+        assert_eq!(rc, XDP_REDIRECT, "an IPv6 packet of exactly the MTU");
+        assert_eq!(out[14 + 7], 63);
+    }
 }
 
 #[test]
 fn every_ipv6_truncation_is_passed_without_reading_past_the_end() {
-    let mut h = harness();
-    let full = udp6_frame(IN_MAC, &Ipv6::udp(v6(SRC6), v6(DST6), 64));
-    for len in 14..full.len() {
-        let frame = &full[..len];
-        let before = h.stats()[0];
-        let (rc, out) = h.run(frame);
-        assert_eq!(rc, XDP_PASS, "{len}-byte truncation");
-        assert_eq!(out, frame, "{len}-byte truncation changed");
-        let after = h.stats()[0];
-        assert_eq!(after.pass_packets() - before.pass_packets(), 1);
-        assert_eq!(
-            after.pass[why::MALFORMED] - before.pass[why::MALFORMED],
-            1,
-            "{len}-byte truncation is malformed"
-        );
+    for mut h in both() {
+        let full = udp6_frame(IN_MAC, &Ipv6::udp(v6(SRC6), v6(DST6), 64));
+        // (An skb test run needs the whole network header.)
+        let shortest = if h.prog == Prog::Tc { 54 } else { 14 };
+        for len in shortest..full.len() {
+            let frame = &full[..len];
+            let before = h.stats()[0];
+            let (rc, out) = h.run(frame);
+            assert_eq!(rc, XDP_PASS, "{len}-byte truncation");
+            assert_eq!(out, frame, "{len}-byte truncation changed");
+            let after = h.stats()[0];
+            assert_eq!(after.pass_packets() - before.pass_packets(), 1);
+            assert_eq!(
+                after.pass[why::MALFORMED] - before.pass[why::MALFORMED],
+                1,
+                "{len}-byte truncation is malformed"
+            );
+        }
     }
 }
 
 #[test]
 fn ipv6_ecmp_spreads_flows_and_keeps_each_on_one_nexthop() {
-    let mut h = harness();
-    let (e0, ifaces) = (h.e0, h.ifaces.clone());
-    let nh = |i: u16| [0x2001, 0xdb8, 2, 0, 0, 0, 0, 0xf0 + i];
-    let mac = |i: u16| [0x02, 0, 0, 0, 0x0e, i as u8];
-    for i in 0..3 {
-        h.neigh6(e0, v6(nh(i)), mac(i));
-    }
-    let gw: Vec<_> = (0..3)
-        .map(|i| {
-            (
-                pfx("2001:db8:20::/48"),
-                e0,
-                IpAddr::from(Ipv6Addr::from(v6(nh(i)))),
-            )
-        })
-        .collect();
-    let routes = datapath::route_entries(
-        &ifaces,
-        &[(pfx("2001:db8:1::/64"), 1), (pfx("2001:db8:2::/64"), e0)],
-        &gw,
-        &[],
-    );
-    datapath::set_routes(&mut h.ebpf, &routes).unwrap();
-    let mut per = [0u32; 3];
-    for sport in 2000..2300u16 {
-        let ip = Ipv6::udp(v6(SRC6), v6([0x2001, 0xdb8, 0x20, 1, 0, 0, 0, 1]), 64);
-        let frame = |hop: u8, dst: [u8; 6], src: [u8; 6]| {
-            let mut ip = ip.clone();
-            ip.hop_limit = hop;
-            let l4 = tests::frame::udp6(&ip.src, &ip.dst, sport, 443, &[1u8; 16]);
-            let mut l3 = ip.header(l4.len());
-            l3.extend_from_slice(&l4);
-            ethernet(dst, src, 0x86dd, &l3)
-        };
-        let mut chosen = None;
-        for _ in 0..2 {
-            let (rc, out) = h.run(&frame(64, IN_MAC, HOST_MAC));
-            assert_eq!(rc, XDP_REDIRECT, "flow {sport}");
-            let m: [u8; 6] = out[0..6].try_into().unwrap();
-            let i = (0..3).find(|i| mac(*i) == m).expect("a member's MAC");
-            assert_eq!(out, frame(63, m, OUT_MAC), "flow {sport}");
-            assert!(
-                chosen.is_none_or(|c| c == i),
-                "flow {sport} changed nexthop"
-            );
-            chosen = Some(i);
+    for mut h in both() {
+        let (e0, ifaces) = (h.e0, h.ifaces.clone());
+        let nh = |i: u16| [0x2001, 0xdb8, 2, 0, 0, 0, 0, 0xf0 + i];
+        let mac = |i: u16| [0x02, 0, 0, 0, 0x0e, i as u8];
+        for i in 0..3 {
+            h.neigh6(e0, v6(nh(i)), mac(i));
         }
-        per[chosen.unwrap() as usize] += 1;
+        let gw: Vec<_> = (0..3)
+            .map(|i| {
+                (
+                    pfx("2001:db8:20::/48"),
+                    e0,
+                    IpAddr::from(Ipv6Addr::from(v6(nh(i)))),
+                )
+            })
+            .collect();
+        let routes = datapath::route_entries(
+            &ifaces,
+            &[(pfx("2001:db8:1::/64"), 1), (pfx("2001:db8:2::/64"), e0)],
+            &gw,
+            &[],
+        );
+        datapath::set_routes(&mut h.ebpf, &routes).unwrap();
+        let mut per = [0u32; 3];
+        for sport in 2000..2300u16 {
+            let ip = Ipv6::udp(v6(SRC6), v6([0x2001, 0xdb8, 0x20, 1, 0, 0, 0, 1]), 64);
+            let frame = |hop: u8, dst: [u8; 6], src: [u8; 6]| {
+                let mut ip = ip.clone();
+                ip.hop_limit = hop;
+                let l4 = tests::frame::udp6(&ip.src, &ip.dst, sport, 443, &[1u8; 16]);
+                let mut l3 = ip.header(l4.len());
+                l3.extend_from_slice(&l4);
+                ethernet(dst, src, 0x86dd, &l3)
+            };
+            let mut chosen = None;
+            for _ in 0..2 {
+                let (rc, out) = h.run(&frame(64, IN_MAC, HOST_MAC));
+                assert_eq!(rc, XDP_REDIRECT, "flow {sport}");
+                let m: [u8; 6] = out[0..6].try_into().unwrap();
+                let i = (0..3).find(|i| mac(*i) == m).expect("a member's MAC");
+                assert_eq!(out, frame(63, m, OUT_MAC), "flow {sport}");
+                assert!(
+                    chosen.is_none_or(|c| c == i),
+                    "flow {sport} changed nexthop"
+                );
+                chosen = Some(i);
+            }
+            per[chosen.unwrap() as usize] += 1;
+        }
+        assert!(per.iter().all(|n| *n > 50), "flows are not spread: {per:?}");
     }
-    assert!(per.iter().all(|n| *n > 50), "flows are not spread: {per:?}");
 }
 
 /// The IPv6 table in the kernel's LPM trie, after changes, against a reference LPM.
 #[test]
 fn kernel_ipv6_lookup_equals_a_reference_lpm() {
-    let mut h = harness();
-    let mut rng = Rng(0x1234_5678_9abc_def1);
-    let mut rnd = move || rng.next();
-    let nh = |i: u16| Ipv6Addr::from(v6([0x2001, 0xdb8, 2, 0, 0, 0, 1, i]));
-    let nh_mac = |i: u16| [0x02, 0, 0, 0x66, (i >> 8) as u8, i as u8];
-    for i in 0..200u16 {
-        h.neigh6(h.e0, nh(i).octets(), nh_mac(i));
-    }
-    let mut table: Vec<(Ipv6Net, u16)> = Vec::new();
-    for step in 0..3 {
-        table.truncate(table.len() * 2 / 3);
-        while table.len() < 300 {
-            let len = 16 + (rnd() % 113) as u8;
-            let a = (0x2001_0db8_0100u128 << 80)
-                | ((rnd() as u128 & 0xffff_ffff) << 64)
-                | ((rnd() as u128) & 0xff00_0000_0000_00ff);
-            let n = Ipv6Net {
-                addr: Ipv6Addr::from(a & Ipv6Net::mask(len)),
-                len,
-            };
-            if !table.iter().any(|(p, _)| *p == n) {
-                table.push((n, (rnd() % 200) as u16));
-            }
+    for mut h in both() {
+        let mut rng = Rng(0x1234_5678_9abc_def1);
+        let mut rnd = move || rng.next();
+        let nh = |i: u16| Ipv6Addr::from(v6([0x2001, 0xdb8, 2, 0, 0, 0, 1, i]));
+        let nh_mac = |i: u16| [0x02, 0, 0, 0x66, (i >> 8) as u8, i as u8];
+        for i in 0..200u16 {
+            h.neigh6(h.e0, nh(i).octets(), nh_mac(i));
         }
-        let gateways: Vec<_> = table
-            .iter()
-            .map(|(n, i)| ((*n).into(), h.e0, IpAddr::from(nh(*i))))
-            .collect();
-        let routes = datapath::route_entries(
-            &h.ifaces,
-            &[(pfx("2001:db8:1::/64"), 1), (pfx("2001:db8:2::/64"), h.e0)],
-            &gateways,
-            &[],
-        );
-        datapath::set_routes(&mut h.ebpf, &routes).unwrap();
-        for k in 0..1500 {
-            let d = if k % 2 == 0 {
-                let (n, _) = table[(rnd() % table.len() as u64) as usize];
-                let host = (((rnd() as u128) << 64) | rnd() as u128) & !Ipv6Net::mask(n.len);
-                Ipv6Addr::from(n.network() | host)
-            } else {
-                Ipv6Addr::from((0x2001_0db8_0100u128 << 80) | ((rnd() as u128) << 64))
-            };
-            let best = table
-                .iter()
-                .filter(|(n, _)| n.contains(d))
-                .max_by_key(|(n, _)| n.len);
-            let (rc, out) = h.run(&udp6_frame(IN_MAC, &Ipv6::udp(v6(SRC6), d.octets(), 64)));
-            match best {
-                Some((_, i)) => {
-                    assert_eq!(rc, XDP_REDIRECT, "step {step}: {d}");
-                    assert_eq!(out[0..6], nh_mac(*i), "step {step}: {d}: wrong nexthop");
+        let mut table: Vec<(Ipv6Net, u16)> = Vec::new();
+        for step in 0..3 {
+            table.truncate(table.len() * 2 / 3);
+            while table.len() < 300 {
+                let len = 16 + (rnd() % 113) as u8;
+                let a = (0x2001_0db8_0100u128 << 80)
+                    | ((rnd() as u128 & 0xffff_ffff) << 64)
+                    | ((rnd() as u128) & 0xff00_0000_0000_00ff);
+                let n = Ipv6Net {
+                    addr: Ipv6Addr::from(a & Ipv6Net::mask(len)),
+                    len,
+                };
+                if !table.iter().any(|(p, _)| *p == n) {
+                    table.push((n, (rnd() % 200) as u16));
                 }
-                None => assert_eq!(rc, XDP_PASS, "step {step}: {d} has no route"),
+            }
+            let gateways: Vec<_> = table
+                .iter()
+                .map(|(n, i)| ((*n).into(), h.e0, IpAddr::from(nh(*i))))
+                .collect();
+            let routes = datapath::route_entries(
+                &h.ifaces,
+                &[(pfx("2001:db8:1::/64"), 1), (pfx("2001:db8:2::/64"), h.e0)],
+                &gateways,
+                &[],
+            );
+            datapath::set_routes(&mut h.ebpf, &routes).unwrap();
+            for k in 0..1500 {
+                let d = if k % 2 == 0 {
+                    let (n, _) = table[(rnd() % table.len() as u64) as usize];
+                    let host = (((rnd() as u128) << 64) | rnd() as u128) & !Ipv6Net::mask(n.len);
+                    Ipv6Addr::from(n.network() | host)
+                } else {
+                    Ipv6Addr::from((0x2001_0db8_0100u128 << 80) | ((rnd() as u128) << 64))
+                };
+                let best = table
+                    .iter()
+                    .filter(|(n, _)| n.contains(d))
+                    .max_by_key(|(n, _)| n.len);
+                let (rc, out) = h.run(&udp6_frame(IN_MAC, &Ipv6::udp(v6(SRC6), d.octets(), 64)));
+                match best {
+                    Some((_, i)) => {
+                        assert_eq!(rc, XDP_REDIRECT, "step {step}: {d}");
+                        assert_eq!(out[0..6], nh_mac(*i), "step {step}: {d}: wrong nexthop");
+                    }
+                    None => assert_eq!(rc, XDP_PASS, "step {step}: {d} has no route"),
+                }
             }
         }
     }
@@ -1166,13 +1253,25 @@ fn kernel_ipv6_lookup_equals_a_reference_lpm() {
 /// The harness as the reference model sees it (`tests::model`): lo (ingress), e0, and e1 (down,
 /// no redirect slot), with the routes of `install_routes` and the neighbours of `harness`.
 fn harness_model(h: &Harness) -> Model {
-    let dev = |mac, mtu, redirect| model::Dev { mac, mtu, redirect };
+    let dev = |mac, mtu, redirect, verify_l4| model::Dev {
+        mac,
+        mtu,
+        redirect,
+        verify_l4,
+    };
     let mtu = |i: u32| h.ifaces.iter().find(|(x, _)| *x == i).unwrap().1.mtu;
+    // The checksum rule is XDP's only (the tc program keeps the skb's checksum state).
+    let verify = |i: u32| {
+        h.prog == Prog::Xdp
+            && h.ifaces.iter().find(|(x, _)| *x == i).unwrap().1.flags
+                & router_common::iface_flags::VERIFY_L4
+                != 0
+    };
     let mut m = Model {
         devs: vec![
-            dev(IN_MAC, 1500, true),
-            dev(OUT_MAC, mtu(h.e0), true),
-            dev(E1_MAC, mtu(h.e1), false),
+            dev(IN_MAC, 1500, true, verify(1)),
+            dev(OUT_MAC, mtu(h.e0), true, false),
+            dev(E1_MAC, mtu(h.e1), false, false),
         ],
         own4: vec![[10, 1, 0, 1], [10, 2, 0, 1]],
         ..Model::default()
@@ -1309,110 +1408,118 @@ fn fuzz_frame(rng: &mut Rng) -> Vec<u8> {
 
 #[test]
 fn fuzzed_frames_keep_every_property() {
-    let mut h = harness();
-    // A small egress MTU, so that the MTU rule decides for some of the fuzzed frames.
-    h.set_mtu_of_e0(100);
-    let model = harness_model(&h);
-    let secs: u64 = std::env::var("ROUTER_FUZZ_SECONDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(15);
-    let seed = std::env::var("ROUTER_FUZZ_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0x0bad_5eed_u64);
-    let mut rng = Rng(seed);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
-    // What the counters of the ingress device must say, frame by frame, from the model.
-    let mut want = Stats::ZERO;
-    let base = h.stats();
-    let check_counters = |h: &Harness, want: &Stats| {
-        let s = h.stats();
-        let mut got = s[0];
-        got.pass_bytes -= base[0].pass_bytes;
-        got.fwd_bytes -= base[0].fwd_bytes;
-        got.fwd_packets -= base[0].fwd_packets;
-        got.fwd6_packets -= base[0].fwd6_packets;
-        got.fwd6_bytes -= base[0].fwd6_bytes;
-        for (g, b) in got.pass.iter_mut().zip(base[0].pass) {
-            *g -= b;
-        }
-        assert_eq!(&got, want, "the ingress counters differ from the model's");
-        assert_eq!(&s[1..], &base[1..], "other devices' counters moved");
-    };
-    let (mut runs, mut forwarded) = (0u64, 0u64);
-    let mut reasons = [0u64; why::COUNT];
-    while std::time::Instant::now() < deadline {
-        let f = fuzz_frame(&mut rng);
-        let (rc, out) = h.run(&f);
-        runs += 1;
-        let what = || format!("frame #{runs} (seed {seed}): {f:02x?}");
-        let len = f.len() as u64;
-        match model.verdict(0, &f) {
-            Verdict::Forward { dev, mac } => {
-                assert_eq!(rc, XDP_REDIRECT, "the model forwards it: {}", what());
-                let want_out = tests::model::forwarded(&f, mac, model.devs[dev].mac);
-                assert_eq!(out, want_out, "forwarded bytes: {}", what());
-                forwarded += 1;
-                let v6 = (f[12..14] == [0x86, 0xdd]) as u64;
-                want.fwd_packets += 1;
-                want.fwd_bytes += len;
-                want.fwd6_packets += v6;
-                want.fwd6_bytes += v6 * len;
+    for mut h in both() {
+        // A small egress MTU, so that the MTU rule decides for some of the fuzzed frames; and
+        // lo treated as a device fed by skbs, so that XDP verifies TCP and UDP checksums.
+        h.set_mtu_of_e0(100);
+        h.ifaces[0].1.flags = router_common::iface_flags::VERIFY_L4;
+        datapath::set_ifaces(&mut h.ebpf, &h.ifaces, &[h.e1], &[]).unwrap();
+        let model = harness_model(&h);
+        let secs: u64 = std::env::var("ROUTER_FUZZ_SECONDS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(10);
+        let seed = std::env::var("ROUTER_FUZZ_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0x0bad_5eed_u64);
+        let mut rng = Rng(seed);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+        // What the counters of the ingress device must say, frame by frame, from the model.
+        let mut want = Stats::ZERO;
+        let base = h.stats();
+        let check_counters = |h: &Harness, want: &Stats| {
+            let s = h.stats();
+            let mut got = s[0];
+            got.pass_bytes -= base[0].pass_bytes;
+            got.fwd_bytes -= base[0].fwd_bytes;
+            got.fwd_packets -= base[0].fwd_packets;
+            got.fwd6_packets -= base[0].fwd6_packets;
+            got.fwd6_bytes -= base[0].fwd6_bytes;
+            for (g, b) in got.pass.iter_mut().zip(base[0].pass) {
+                *g -= b;
             }
-            Verdict::Pass(reason) => {
-                assert_eq!(
-                    rc,
-                    XDP_PASS,
-                    "the model passes it ({}): {}",
-                    why::NAMES[reason],
-                    what()
-                );
-                assert_eq!(out, f, "a passed frame changed: {}", what());
-                want.pass[reason] += 1;
-                want.pass_bytes += len;
-                reasons[reason] += 1;
+            assert_eq!(&got, want, "the ingress counters differ from the model's");
+            assert_eq!(&s[1..], &base[1..], "other devices' counters moved");
+        };
+        let (mut runs, mut forwarded) = (0u64, 0u64);
+        let mut reasons = [0u64; why::COUNT];
+        while std::time::Instant::now() < deadline {
+            let f = fuzz_frame(&mut rng);
+            if h.prog == Prog::Tc && tc_refuses(&f) {
+                continue;
+            }
+            let (rc, out) = h.run(&f);
+            runs += 1;
+            let what = || format!("frame #{runs} (seed {seed}): {f:02x?}");
+            let len = f.len() as u64;
+            match model.verdict(0, &f) {
+                Verdict::Forward { dev, mac } => {
+                    assert_eq!(rc, XDP_REDIRECT, "the model forwards it: {}", what());
+                    let want_out = tests::model::forwarded(&f, mac, model.devs[dev].mac);
+                    assert_eq!(out, want_out, "forwarded bytes: {}", what());
+                    forwarded += 1;
+                    let v6 = (f[12..14] == [0x86, 0xdd]) as u64;
+                    want.fwd_packets += 1;
+                    want.fwd_bytes += len;
+                    want.fwd6_packets += v6;
+                    want.fwd6_bytes += v6 * len;
+                }
+                Verdict::Pass(reason) => {
+                    assert_eq!(
+                        rc,
+                        XDP_PASS,
+                        "the model passes it ({}): {}",
+                        why::NAMES[reason],
+                        what()
+                    );
+                    assert_eq!(out, f, "a passed frame changed: {}", what());
+                    want.pass[reason] += 1;
+                    want.pass_bytes += len;
+                    reasons[reason] += 1;
+                }
+            }
+            if runs % 4096 == 0 {
+                check_counters(&h, &want);
             }
         }
-        if runs % 4096 == 0 {
-            check_counters(&h, &want);
-        }
+        check_counters(&h, &want);
+        let spread: Vec<String> = why::NAMES
+            .iter()
+            .zip(reasons)
+            .filter(|(_, n)| *n > 0)
+            .map(|(r, n)| format!("{r}={n}"))
+            .collect();
+        eprintln!(
+            "fuzz: {runs} frames in {secs} s, seed {seed}: {forwarded} forwarded, passed {}",
+            spread.join(" ")
+        );
+        // The run reached both verdicts and most reasons.
+        assert!(runs > 1000 && forwarded > runs / 50, "{runs} / {forwarded}");
+        assert!(
+            spread.len() >= 14,
+            "too few pass reasons reached: {spread:?}"
+        );
     }
-    check_counters(&h, &want);
-    let spread: Vec<String> = why::NAMES
-        .iter()
-        .zip(reasons)
-        .filter(|(_, n)| *n > 0)
-        .map(|(r, n)| format!("{r}={n}"))
-        .collect();
-    eprintln!(
-        "fuzz: {runs} frames in {secs} s, seed {seed}: {forwarded} forwarded, passed {}",
-        spread.join(" ")
-    );
-    // The run reached both verdicts and most reasons.
-    assert!(runs > 1000 && forwarded > runs / 50, "{runs} / {forwarded}");
-    assert!(
-        spread.len() >= 14,
-        "too few pass reasons reached: {spread:?}"
-    );
 }
 
 /// Padding after the IP packet is trimmed from a forwarded frame, as the kernel does.
 #[test]
 fn ethernet_padding_is_trimmed_when_forwarding() {
-    let mut h = harness();
-    let ip = Ipv4::udp(SRC, DST, 64);
-    let mut input = udp_frame(IN_MAC, &ip);
-    input.extend_from_slice(&[0xee; 13]);
-    let (rc, out) = h.run(&input);
-    assert_eq!(rc, XDP_REDIRECT);
-    assert_eq!(out, forwarded(NB_MAC, &ip));
-    let ip6 = Ipv6::udp(v6(SRC6), v6(DST6), 64);
-    let mut input = udp6_frame(IN_MAC, &ip6);
-    input.extend_from_slice(&[0xee; 7]);
-    let (rc, out) = h.run(&input);
-    assert_eq!(rc, XDP_REDIRECT);
-    assert_eq!(out, forwarded6(NB_MAC, &ip6));
+    for mut h in both() {
+        let ip = Ipv4::udp(SRC, DST, 64);
+        let mut input = udp_frame(IN_MAC, &ip);
+        input.extend_from_slice(&[0xee; 13]);
+        let (rc, out) = h.run(&input);
+        assert_eq!(rc, XDP_REDIRECT);
+        assert_eq!(out, forwarded(NB_MAC, &ip));
+        let ip6 = Ipv6::udp(v6(SRC6), v6(DST6), 64);
+        let mut input = udp6_frame(IN_MAC, &ip6);
+        input.extend_from_slice(&[0xee; 7]);
+        let (rc, out) = h.run(&input);
+        assert_eq!(rc, XDP_REDIRECT);
+        assert_eq!(out, forwarded6(NB_MAC, &ip6));
+    }
 }
 
 /// Make-before-break: a route table change is never seen half-done. Three tables that route the
@@ -1423,94 +1530,151 @@ fn ethernet_padding_is_trimmed_when_forwarding() {
 /// of a route, a nexthop or a group.
 #[test]
 fn route_changes_are_never_seen_half_done() {
-    let mut h = harness();
-    let (e0, ifaces) = (h.e0, h.ifaces.clone());
-    let connected = [
-        (pfx("10.1.0.0/24"), 1),
-        (pfx("10.2.0.0/24"), e0),
-        (pfx("2001:db8:1::/64"), 1),
-        (pfx("2001:db8:2::/64"), e0),
-    ];
-    let (nh1, nh2) = (ip("10.2.0.254"), ip("10.2.0.253"));
-    let (nh1_6, nh2_6) = (ip("2001:db8:2::fe"), ip("2001:db8:2::fd"));
-    let table =
-        |gw: Vec<(IpNet, u32, IpAddr)>| datapath::route_entries(&ifaces, &connected, &gw, &[]);
-    let carved: Vec<(IpNet, u32, IpAddr)> = (0..256u32)
-        .step_by(3)
-        .flat_map(|x| {
-            [
-                (pfx(&format!("10.9.{x}.0/24")), e0, nh1),
-                (pfx(&format!("2001:db8:9:{x:x}::/64")), e0, nh1_6),
-            ]
-        })
-        .chain([
-            (pfx("10.9.0.0/16"), e0, nh2),
-            (pfx("2001:db8:9::/48"), e0, nh2_6),
-        ])
-        .collect();
-    let tables = vec![
-        table(vec![
-            (pfx("10.9.0.0/16"), e0, nh1),
-            (pfx("2001:db8:9::/48"), e0, nh1_6),
-        ]),
-        table(carved),
-        table(vec![
-            (pfx("10.9.0.0/16"), e0, nh1),
-            (pfx("10.9.0.0/16"), e0, nh2),
-            (pfx("2001:db8:9::/48"), e0, nh1_6),
-            (pfx("2001:db8:9::/48"), e0, nh2_6),
-        ]),
-    ];
-    datapath::set_routes(&mut h.ebpf, &tables[0]).unwrap();
-    let mut writer = datapath::RouteTable::open(&mut h.ebpf).unwrap();
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let s = stop.clone();
-    let writes = std::thread::spawn(move || {
-        let mut n = 0usize;
-        while !s.load(std::sync::atomic::Ordering::SeqCst) {
-            writer.set(&tables[n % tables.len()]).unwrap();
-            n += 1;
-        }
-        n
-    });
-    let frames: Vec<Vec<u8>> = (0..256u16)
-        .flat_map(|x| {
-            let ip4 = Ipv4::udp(SRC, [10, 9, x as u8, 7], 64);
-            let ip6 = Ipv6::udp(v6(SRC6), v6([0x2001, 0xdb8, 9, x, 0, 0, 0, 7]), 64);
-            [udp_frame(IN_MAC, &ip4), udp6_frame(IN_MAC, &ip6)]
-        })
-        .collect();
-    let t0 = std::time::Instant::now();
-    let mut runs = 0usize;
-    let mut failure = None;
-    while t0.elapsed() < std::time::Duration::from_secs(3) && failure.is_none() {
-        for f in &frames {
-            let (rc, out) = h.run(f);
-            runs += 1;
-            let ok = rc == XDP_REDIRECT
-                && [NH1_MAC, NH2_MAC]
-                    .iter()
-                    .any(|m| out == tests::model::forwarded(f, *m, OUT_MAC));
-            if !ok {
-                let s = h.stats()[0];
-                let reasons: Vec<_> = why::NAMES
-                    .iter()
-                    .zip(s.pass)
-                    .filter(|(_, n)| *n > 0)
-                    .collect();
-                failure = Some(format!(
-                    "frame {runs} to {:02x?}: action {rc}, passed so far {reasons:?}",
-                    &f[30..34]
-                ));
-                break;
+    for mut h in both() {
+        let (e0, ifaces) = (h.e0, h.ifaces.clone());
+        let connected = [
+            (pfx("10.1.0.0/24"), 1),
+            (pfx("10.2.0.0/24"), e0),
+            (pfx("2001:db8:1::/64"), 1),
+            (pfx("2001:db8:2::/64"), e0),
+        ];
+        let (nh1, nh2) = (ip("10.2.0.254"), ip("10.2.0.253"));
+        let (nh1_6, nh2_6) = (ip("2001:db8:2::fe"), ip("2001:db8:2::fd"));
+        let table =
+            |gw: Vec<(IpNet, u32, IpAddr)>| datapath::route_entries(&ifaces, &connected, &gw, &[]);
+        let carved: Vec<(IpNet, u32, IpAddr)> = (0..256u32)
+            .step_by(3)
+            .flat_map(|x| {
+                [
+                    (pfx(&format!("10.9.{x}.0/24")), e0, nh1),
+                    (pfx(&format!("2001:db8:9:{x:x}::/64")), e0, nh1_6),
+                ]
+            })
+            .chain([
+                (pfx("10.9.0.0/16"), e0, nh2),
+                (pfx("2001:db8:9::/48"), e0, nh2_6),
+            ])
+            .collect();
+        let tables = vec![
+            table(vec![
+                (pfx("10.9.0.0/16"), e0, nh1),
+                (pfx("2001:db8:9::/48"), e0, nh1_6),
+            ]),
+            table(carved),
+            table(vec![
+                (pfx("10.9.0.0/16"), e0, nh1),
+                (pfx("10.9.0.0/16"), e0, nh2),
+                (pfx("2001:db8:9::/48"), e0, nh1_6),
+                (pfx("2001:db8:9::/48"), e0, nh2_6),
+            ]),
+        ];
+        datapath::set_routes(&mut h.ebpf, &tables[0]).unwrap();
+        let mut writer = datapath::RouteTable::open(&mut h.ebpf).unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s = stop.clone();
+        let writes = std::thread::spawn(move || {
+            let mut n = 0usize;
+            while !s.load(std::sync::atomic::Ordering::SeqCst) {
+                writer.set(&tables[n % tables.len()]).unwrap();
+                n += 1;
+            }
+            n
+        });
+        let frames: Vec<Vec<u8>> = (0..256u16)
+            .flat_map(|x| {
+                let ip4 = Ipv4::udp(SRC, [10, 9, x as u8, 7], 64);
+                let ip6 = Ipv6::udp(v6(SRC6), v6([0x2001, 0xdb8, 9, x, 0, 0, 0, 7]), 64);
+                [udp_frame(IN_MAC, &ip4), udp6_frame(IN_MAC, &ip6)]
+            })
+            .collect();
+        let t0 = std::time::Instant::now();
+        let mut runs = 0usize;
+        let mut failure = None;
+        while t0.elapsed() < std::time::Duration::from_secs(3) && failure.is_none() {
+            for f in &frames {
+                let (rc, out) = h.run(f);
+                runs += 1;
+                let ok = rc == XDP_REDIRECT
+                    && [NH1_MAC, NH2_MAC]
+                        .iter()
+                        .any(|m| out == tests::model::forwarded(f, *m, OUT_MAC));
+                if !ok {
+                    let s = h.stats()[0];
+                    let reasons: Vec<_> = why::NAMES
+                        .iter()
+                        .zip(s.pass)
+                        .filter(|(_, n)| *n > 0)
+                        .collect();
+                    failure = Some(format!(
+                        "frame {runs} to {:02x?}: action {rc}, passed so far {reasons:?}",
+                        &f[30..34]
+                    ));
+                    break;
+                }
             }
         }
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let writes = writes.join().unwrap();
+        if let Some(f) = failure {
+            panic!("a lookup saw a table half-written ({writes} tables written): {f}");
+        }
+        eprintln!("make-before-break: {runs} frames, {writes} tables written, all forwarded");
+        assert!(writes >= 30, "only {writes} tables written");
     }
-    stop.store(true, std::sync::atomic::Ordering::SeqCst);
-    let writes = writes.join().unwrap();
-    if let Some(f) = failure {
-        panic!("a lookup saw a table half-written ({writes} tables written): {f}");
+}
+
+/// A GSO packet is measured by its segments against the egress MTU (as the kernel's
+/// skb_gso_validate_network_len does), never by its whole length: a 3 000-byte TCP super-packet
+/// whose segments fit 1 500 bytes is forwarded whole by the tc program; one whose segments do
+/// not is the kernel's. XDP never sees GSO packets: the same frame is too big there.
+#[test]
+fn gso_packets_are_measured_by_their_segments() {
+    for mut h in both() {
+        let payload = vec![0x5a; 2960];
+        let mut ip = Ipv4::udp(SRC, DST, 64);
+        ip.protocol = 6;
+        let tcp = tests::corpus::tcp(&SRC, &DST, 40000, 80, 1, 1, 0x10, &payload);
+        let mut l3 = ip.header(tcp.len());
+        l3.extend_from_slice(&tcp);
+        let frame = ethernet(IN_MAC, HOST_MAC, 0x0800, &l3);
+        let mut out_ip = ip.clone();
+        out_ip.ttl -= 1;
+        let mut want = out_ip.header(tcp.len());
+        want.extend_from_slice(&tcp);
+        let want = ethernet(NB_MAC, OUT_MAC, 0x0800, &want);
+        for (gso, fits) in [(1460, true), (1448, true), (1461, false), (0, false)] {
+            let before = h.stats()[0];
+            let (rc, out) = h.try_run_gso(&frame, gso).unwrap();
+            let forwards = fits && h.prog == Prog::Tc;
+            if forwards {
+                assert_eq!(rc, XDP_REDIRECT, "segments of {gso} bytes fit");
+                assert_eq!(out, want, "the super-packet forwarded whole");
+            } else {
+                assert_eq!(rc, XDP_PASS, "gso_size {gso}");
+                assert_eq!(out, frame);
+                assert_eq!(
+                    h.stats()[0].pass[why::TOO_BIG] - before.pass[why::TOO_BIG],
+                    1
+                );
+            }
+        }
+        // An IPv6 super-packet likewise.
+        let ip6 = Ipv6 {
+            next_header: 6,
+            ..Ipv6::udp(v6(SRC6), v6(DST6), 64)
+        };
+        let tcp6 = tests::corpus::tcp(&ip6.src, &ip6.dst, 40000, 80, 1, 1, 0x10, &payload);
+        let mut l3 = ip6.header(tcp6.len());
+        l3.extend_from_slice(&tcp6);
+        let frame = ethernet(IN_MAC, HOST_MAC, 0x86dd, &l3);
+        for (gso, fits) in [(1440, true), (1441, false)] {
+            let (rc, _) = h.try_run_gso(&frame, gso).unwrap();
+            let forwards = fits && h.prog == Prog::Tc;
+            assert_eq!(
+                rc,
+                if forwards { XDP_REDIRECT } else { XDP_PASS },
+                "IPv6 gso_size {gso}"
+            );
+        }
     }
-    eprintln!("make-before-break: {runs} frames, {writes} tables written, all forwarded");
-    assert!(writes >= 30, "only {writes} tables written");
 }

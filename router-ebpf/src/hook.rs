@@ -1,0 +1,280 @@
+//! The two hooks the per-packet logic runs in, behind one trait: XDP (frames, in the driver)
+//! and tc (skbs, at tcx ingress). Everything a hook does differently lives here: how long the
+//! packet is, how a redirect is asked for, how the frame is cut, what a GSO packet's segments
+//! measure, and what the checksum state needs.
+
+use aya_ebpf::{
+    bindings::{xdp_action, TC_ACT_REDIRECT},
+    helpers::{
+        bpf_csum_diff, bpf_csum_update, bpf_redirect, bpf_skb_change_tail, bpf_xdp_adjust_tail,
+    },
+    programs::{TcContext, XdpContext},
+    EbpfContext as _,
+};
+use router_common::{iface_flags, pass_reason as why, Iface, Route};
+
+use crate::{
+    maps::{TC_PORTS, TX_PORTS},
+    parse::{l4_header_len, ptr_at, ETH_LEN},
+};
+
+/// tcx: hand the packet on (to the next program of the chain, then the stack).
+const TCX_NEXT: i32 = -1;
+/// Bytes the headers need in an skb's directly readable part: Ethernet, IPv6, and the TCP
+/// header's first 20 bytes (ports for ECMP, data offset for GSO).
+const HEADERS: u32 = (ETH_LEN + 40 + 20) as u32;
+
+pub trait Hook {
+    /// The action for a packet redirected to its egress device.
+    const FORWARD: i32;
+    /// The action for a packet handed to the kernel.
+    const PASS: i32;
+
+    fn data(&self) -> usize;
+    fn data_end(&self) -> usize;
+    /// The whole packet's length (an skb may hold more than its directly readable part).
+    fn len(&self) -> usize;
+    fn ingress(&self) -> u32;
+    /// Checks and preparation before any header is read.
+    fn prepare(&self) -> Result<(), usize>;
+    /// The length the egress MTU is compared with: the IP packet's (`ip_len`), or for a GSO
+    /// packet one segment's (None: cannot tell, the kernel decides). `l4` is the transport
+    /// header's offset in the frame.
+    fn segment_len(&self, ip_len: usize, l4: usize, proto: u8) -> Option<usize>;
+    /// Asks for the packet to leave through `route`'s device. Called before the packet is
+    /// changed: a refusal leaves it untouched for the kernel.
+    fn redirect(&self, route: &Route) -> Result<(), usize>;
+    /// Cuts the frame to `len` bytes (the kernel trims Ethernet padding before forwarding).
+    fn trim(&self, len: usize) -> bool;
+    /// False when the transport checksum must be left to the kernel (see `iface_flags`).
+    fn l4_complete(&self, iface: &Iface, l4: usize, end: usize, pseudo: u64, proto: u8) -> bool;
+    /// The IPv6 hop limit went from `old` to `new` (the 32-bit word holding it).
+    fn hop_limit_changed(&self, old: u32, new: u32);
+}
+
+pub struct Xdp(pub XdpContext);
+
+impl Hook for Xdp {
+    const FORWARD: i32 = xdp_action::XDP_REDIRECT as i32;
+    const PASS: i32 = xdp_action::XDP_PASS as i32;
+
+    #[inline(always)]
+    fn data(&self) -> usize {
+        self.0.data()
+    }
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        self.0.data_end()
+    }
+    #[inline(always)]
+    fn len(&self) -> usize {
+        self.0.data_end() - self.0.data()
+    }
+    #[inline(always)]
+    fn ingress(&self) -> u32 {
+        self.0.ingress_ifindex() as u32
+    }
+    #[inline(always)]
+    fn prepare(&self) -> Result<(), usize> {
+        Ok(())
+    }
+    #[inline(always)]
+    fn segment_len(&self, ip_len: usize, _l4: usize, _proto: u8) -> Option<usize> {
+        Some(ip_len)
+    }
+    #[inline(always)]
+    fn redirect(&self, route: &Route) -> Result<(), usize> {
+        if TX_PORTS.redirect(route.tx_port, 0).is_ok() {
+            return Ok(());
+        }
+        // No XDP slot: the device is down, or it is up but cannot take XDP frames now.
+        match TC_PORTS.get(route.tx_port) {
+            Some(i) if *i != 0 => Err(why::NO_XDP_XMIT),
+            _ => Err(why::NO_TX_PORT),
+        }
+    }
+    #[inline(always)]
+    fn trim(&self, len: usize) -> bool {
+        let have = self.len();
+        if have <= len || cfg!(mutant = "no_padding_trim") {
+            return true;
+        }
+        // SAFETY: shrinking the frame's tail by a positive amount smaller than the frame.
+        unsafe { bpf_xdp_adjust_tail(self.0.as_ptr() as *mut _, len as i32 - have as i32) == 0 }
+    }
+    #[inline(always)]
+    fn l4_complete(&self, iface: &Iface, l4: usize, end: usize, pseudo: u64, proto: u8) -> bool {
+        if iface.flags & iface_flags::VERIFY_L4 == 0 {
+            return true;
+        }
+        checksum_verifies(self, l4, end, pseudo, proto)
+    }
+    #[inline(always)]
+    fn hop_limit_changed(&self, _old: u32, _new: u32) {}
+}
+
+pub struct Tc(pub TcContext);
+
+impl Tc {
+    #[inline(always)]
+    fn skb(&self) -> &aya_ebpf::bindings::__sk_buff {
+        // SAFETY: the context the kernel passed, valid while the program runs.
+        unsafe { &*self.0.skb.skb }
+    }
+}
+
+impl Hook for Tc {
+    const FORWARD: i32 = TC_ACT_REDIRECT as i32;
+    const PASS: i32 = TCX_NEXT;
+
+    #[inline(always)]
+    fn data(&self) -> usize {
+        self.0.data()
+    }
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        self.0.data_end()
+    }
+    #[inline(always)]
+    fn len(&self) -> usize {
+        self.0.len() as usize
+    }
+    #[inline(always)]
+    fn ingress(&self) -> u32 {
+        self.skb().ingress_ifindex
+    }
+    #[inline(always)]
+    fn prepare(&self) -> Result<(), usize> {
+        // A tag the driver or a veth took out of the frame: the kernel hands the packet to a
+        // VLAN device, or drops it; it is never routed as it stands.
+        if self.skb().vlan_present != 0 {
+            return Err(why::NOT_IP);
+        }
+        // The headers in the directly readable part (they are, unless a driver split them).
+        let linear = self.data_end() - self.data();
+        let want = (self.len() as u32).min(HEADERS);
+        if (linear as u32) < want && self.0.pull_data(want).is_err() {
+            return Err(why::MALFORMED);
+        }
+        Ok(())
+    }
+    #[inline(always)]
+    fn segment_len(&self, ip_len: usize, l4: usize, proto: u8) -> Option<usize> {
+        let gso = self.skb().gso_size as usize;
+        if gso == 0 {
+            return Some(ip_len);
+        }
+        // One segment: the network and transport headers, and gso_size bytes of payload (as
+        // the kernel's skb_gso_validate_network_len counts it).
+        Some(l4 - ETH_LEN + l4_header_len(self, l4, proto)? + gso)
+    }
+    #[inline(always)]
+    fn redirect(&self, route: &Route) -> Result<(), usize> {
+        match TC_PORTS.get(route.tx_port) {
+            Some(i) if *i != 0 => {
+                // SAFETY: a helper call; the redirect happens when the program returns.
+                unsafe { bpf_redirect(*i, 0) };
+                Ok(())
+            }
+            _ => Err(why::NO_TX_PORT),
+        }
+    }
+    #[inline(always)]
+    fn trim(&self, len: usize) -> bool {
+        if self.len() <= len || cfg!(mutant = "no_padding_trim") {
+            return true;
+        }
+        // SAFETY: shrinking the packet to `len` bytes, fewer than it has.
+        unsafe { bpf_skb_change_tail(self.0.skb.skb, len as u32, 0) == 0 }
+    }
+    #[inline(always)]
+    fn l4_complete(&self, _: &Iface, _: usize, _: usize, _: u64, _: u8) -> bool {
+        // The skb keeps its checksum state (partial or complete) through the redirect.
+        true
+    }
+    #[inline(always)]
+    fn hop_limit_changed(&self, old: u32, new: u32) {
+        // A CHECKSUM_COMPLETE skb carries the one's-complement sum of its bytes: keep it right
+        // (the helper does nothing for other checksum states).
+        let (mut o, mut n) = (old, new);
+        // SAFETY: two 4-byte values on the stack.
+        unsafe {
+            let diff = bpf_csum_diff(&mut o as *mut u32, 4, &mut n as *mut u32, 4, 0);
+            if diff >= 0 {
+                bpf_csum_update(self.0.skb.skb, diff as u32);
+            }
+        }
+    }
+}
+
+/// True when the TCP or UDP segment in `[l4, end)` (at least 8 bytes) verifies against the
+/// pseudo-header sum
+/// `pseudo` (memory-order 16-bit words). Segments longer than 8 KiB are not verified (false:
+/// the kernel decides). The sum is taken by the kernel's checksum helper in 512-byte chunks,
+/// then in pieces of 256, 128, … 4 bytes, then the last 0 to 3 bytes: no long loop for the
+/// verifier to walk.
+#[inline(always)]
+fn checksum_verifies(h: &impl Hook, l4: usize, end: usize, pseudo: u64, _proto: u8) -> bool {
+    const CHUNK: usize = 512;
+    if end > h.data_end() - h.data() || end < l4 + 8 || end - l4 > 16 * CHUNK {
+        return false;
+    }
+    let len = end - l4;
+    let mut sum = pseudo;
+    let mut off = l4;
+    let whole = len / CHUNK;
+    for i in 0..16 {
+        if i >= whole {
+            break;
+        }
+        match csum_at::<CHUNK>(h, off) {
+            Some(s) => sum += s,
+            None => return false,
+        }
+        off += CHUNK;
+    }
+    let rest = len % CHUNK;
+    macro_rules! piece {
+        ($n:literal) => {
+            if rest & $n != 0 {
+                match csum_at::<$n>(h, off) {
+                    Some(s) => sum += s,
+                    None => return false,
+                }
+                off += $n;
+            }
+        };
+    }
+    piece!(256);
+    piece!(128);
+    piece!(64);
+    piece!(32);
+    piece!(16);
+    piece!(8);
+    piece!(4);
+    let mut tail = [0u8; 4];
+    for (i, t) in tail.iter_mut().enumerate().take(rest & 3) {
+        let Some(p) = ptr_at::<u8>(h, off + i) else {
+            return false;
+        };
+        // SAFETY: bounds checked by `ptr_at`.
+        *t = unsafe { *p };
+    }
+    sum += u32::from_ne_bytes(tail) as u64;
+    // Fold to 16 bits (a fixed number of steps, for the verifier): the sum stays below 2^40.
+    sum = (sum & 0xffff_ffff) + (sum >> 32);
+    sum = (sum & 0xffff_ffff) + (sum >> 32);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum == 0xffff
+}
+
+/// The one's-complement sum (32-bit, unfolded) of the `N` bytes at `off`.
+#[inline(always)]
+fn csum_at<const N: usize>(h: &impl Hook, off: usize) -> Option<u64> {
+    let p = ptr_at::<[u8; N]>(h, off)?;
+    // SAFETY: N readable bytes, bounds checked by `ptr_at`; N is a multiple of 4.
+    let s = unsafe { bpf_csum_diff(core::ptr::null_mut(), 0, p as *mut u32, N as u32, 0) };
+    (s >= 0).then_some(s as u32 as u64)
+}

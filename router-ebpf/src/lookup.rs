@@ -1,0 +1,73 @@
+//! Lookups: the ingress device, the router's own addresses, the route tables, ECMP members.
+
+use aya_ebpf::maps::lpm_trie::Key;
+use router_common::{fib, Iface, Route, IFACE_INDEX_SLOTS};
+
+use crate::maps::{
+    FIB6, FIB_L1, FIB_L2, FIB_L3, IFACES, IFACE_INDEX, LOCAL4, LOCAL_BITS, NEXTHOPS, NH_GROUPS,
+};
+
+/// The ingress device: an array read, or a hash lookup when its index slot holds another device.
+#[inline(always)]
+pub fn iface_of(ifindex: u32) -> Option<&'static Iface> {
+    if let Some(at) = IFACE_INDEX.get(ifindex & (IFACE_INDEX_SLOTS - 1)) {
+        if at.ifindex == ifindex {
+            return Some(&at.iface);
+        }
+    }
+    // SAFETY: a map lookup; the value is read while the program runs.
+    unsafe { IFACES.get(&ifindex) }
+}
+
+/// One of the router's own IPv4 addresses: a bit test, then an exact lookup on a hit.
+#[inline(always)]
+pub fn is_local4(a: u32) -> bool {
+    let Some(bits) = LOCAL_BITS.get(0) else {
+        return false;
+    };
+    let Some(w) = bits.get(((a & 0xffff) >> 6) as usize) else {
+        return false;
+    };
+    (*w >> (a & 63)) & 1 != 0 && unsafe { LOCAL4.get(&a) }.is_some()
+}
+
+/// IPv4 longest-prefix match: at most three array reads, whatever the size of the table.
+#[inline(always)]
+pub fn fib_lookup(dst: u32) -> Option<&'static Route> {
+    let mut e = *FIB_L1.get(dst >> 24)?.get(((dst >> 16) & 0xff) as usize)?;
+    if e & fib::GROUP != 0 {
+        e = *FIB_L2
+            .get(e & !fib::GROUP)?
+            .get(((dst >> 8) & 0xff) as usize)?;
+        if e & fib::GROUP != 0 {
+            e = *FIB_L3.get(e & !fib::GROUP)?.get((dst & 0xff) as usize)?;
+        }
+    }
+    if e == 0 {
+        return None;
+    }
+    NEXTHOPS.get(e - 1)
+}
+
+/// IPv6 longest-prefix match in the kernel's LPM trie.
+#[inline(always)]
+pub fn fib6_lookup(dst: [u8; 16]) -> Option<&'static Route> {
+    let e = FIB6.get(Key::new(128, dst))?;
+    NEXTHOPS.get(e.wrapping_sub(1))
+}
+
+/// The member of ECMP group `group` that flow hash `h` picks.
+#[inline(always)]
+pub fn ecmp_pick(group: u32, mut h: u32) -> Option<&'static Route> {
+    let g = NH_GROUPS.get(group)?;
+    let n = g.count;
+    if n == 0 {
+        return None;
+    }
+    h = h.wrapping_mul(0x9e37_79b1);
+    h ^= h >> 16;
+    // `get` bounds the index for the verifier, which does not follow the bounds of a remainder
+    // (so n is deliberately not checked against MAX_PATHS: the compiler would drop this check).
+    let idx = *g.members.get((h % n) as usize)?;
+    NEXTHOPS.get(idx)
+}

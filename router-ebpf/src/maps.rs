@@ -1,0 +1,63 @@
+//! The maps, shared by both hooks (one object, one set of maps per router).
+
+use aya_ebpf::{
+    bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC},
+    macros::map,
+    maps::{Array, DevMap, HashMap, LpmTrie, PerCpuArray},
+};
+use router_common::{
+    fib, Iface, IfaceAt, Neigh, Neigh6Key, NeighKey, NhGroup, Route, Stats, IFACE_INDEX_SLOTS,
+    MAX_IFACES, MAX_LOCAL4, MAX_NEIGHS, STATS_SLOTS,
+};
+
+// The route table (see `router_common::fib`); the controller sizes L2, L3 and NEXTHOPS per router.
+// Each array element is a group of 256 entries: array elements are 8-byte aligned, so single
+// u32 elements would double the memory and break the flat mmap layout.
+#[map(name = "FIB_L1")]
+pub static FIB_L1: Array<[u32; 256]> =
+    Array::with_max_entries(fib::L1_ENTRIES / 256, BPF_F_MMAPABLE);
+#[map(name = "FIB_L2")]
+pub static FIB_L2: Array<[u32; 256]> =
+    Array::with_max_entries(fib::DEFAULT_L2_GROUPS, BPF_F_MMAPABLE);
+#[map(name = "FIB_L3")]
+pub static FIB_L3: Array<[u32; 256]> =
+    Array::with_max_entries(fib::DEFAULT_L3_GROUPS, BPF_F_MMAPABLE);
+#[map(name = "NEXTHOPS")]
+pub static NEXTHOPS: Array<Route> = Array::with_max_entries(fib::DEFAULT_NEXTHOPS, 0);
+#[map(name = "NH_GROUPS")]
+pub static NH_GROUPS: Array<NhGroup> = Array::with_max_entries(fib::NH_GROUPS, 0);
+
+// Hash maps the controller updates while the program reads them are not preallocated: a
+// preallocated map recycles a replaced or deleted element at once, possibly for another key,
+// while a program may still hold it; these are freed after an RCU grace period instead.
+#[map(name = "NEIGHS")]
+pub static NEIGHS: HashMap<NeighKey, Neigh> =
+    HashMap::with_max_entries(MAX_NEIGHS, BPF_F_NO_PREALLOC);
+
+// IPv6 routes: the kernel's LPM trie, value = nexthop index + 1 (the same `NEXTHOPS` as IPv4).
+#[map(name = "FIB6")]
+pub static FIB6: LpmTrie<[u8; 16], u32> = LpmTrie::with_max_entries(fib::MAX_ROUTES6, 0);
+#[map(name = "NEIGHS6")]
+pub static NEIGHS6: HashMap<Neigh6Key, Neigh> =
+    HashMap::with_max_entries(MAX_NEIGHS, BPF_F_NO_PREALLOC);
+
+#[map(name = "IFACES")]
+pub static IFACES: HashMap<u32, Iface> = HashMap::with_max_entries(MAX_IFACES, BPF_F_NO_PREALLOC);
+#[map(name = "IFACE_INDEX")]
+pub static IFACE_INDEX: Array<IfaceAt> = Array::with_max_entries(IFACE_INDEX_SLOTS, 0);
+
+/// XDP redirect targets: devices that are up and can take XDP frames (see `map_names`).
+#[map(name = "TX_PORTS")]
+pub static TX_PORTS: DevMap = DevMap::with_max_entries(MAX_IFACES, 0);
+/// tc redirect targets: the ifindex of each device that is up, 0 otherwise.
+#[map(name = "TC_PORTS")]
+pub static TC_PORTS: Array<u32> = Array::with_max_entries(MAX_IFACES, 0);
+
+// The router's own IPv4 addresses (see `router_common::map_names::LOCAL_BITS`).
+#[map(name = "LOCAL_BITS")]
+pub static LOCAL_BITS: Array<[u64; 1024]> = Array::with_max_entries(1, 0);
+#[map(name = "LOCAL4")]
+pub static LOCAL4: HashMap<u32, u32> = HashMap::with_max_entries(MAX_LOCAL4, BPF_F_NO_PREALLOC);
+
+#[map(name = "STATS")]
+pub static STATS: PerCpuArray<Stats> = PerCpuArray::with_max_entries(STATS_SLOTS, 0);
