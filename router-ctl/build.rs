@@ -24,6 +24,8 @@ const EBPF_MUTANTS: &[&str] = &[
     "ecmp_ignores_ports",
     "wrong_pass_reason",
     "no_padding_trim",
+    "gso_whole_length",
+    "l4_unverified",
 ];
 /// Faults in the controller (router-ctl).
 const CTL_MUTANTS: &[&str] = &[
@@ -31,6 +33,9 @@ const CTL_MUTANTS: &[&str] = &[
     "down_keeps_tx_slot",
     "break_before_make",
     "neigh_change_ignored",
+    "auto_picks_xdp_on_veth",
+    "ndo_xmit_ignored",
+    "late_xmit_removal",
 ];
 
 fn main() -> Result<()> {

@@ -32,6 +32,11 @@ enum Undo {
         dev: String,
         cidr: String,
     },
+    /// An adopted device apply brought up goes back down.
+    SetDown {
+        ns: String,
+        dev: String,
+    },
     RemoveBpfDir(String),
 }
 
@@ -46,6 +51,7 @@ impl Undo {
             Undo::DeleteAddr { ns, dev, cidr } => {
                 ip(&["-n", ns, "addr", "del", cidr, "dev", dev]).map(|_| ())
             }
+            Undo::SetDown { ns, dev } => ip(&["-n", ns, "link", "set", dev, "down"]).map(|_| ()),
             Undo::RemoveBpfDir(id) => remove_bpf_dir(id),
         };
         match r {
@@ -135,7 +141,13 @@ fn apply_one(r: &Router, undo: &mut Vec<Undo>, reload: bool) -> Result<Report> {
         created.push(format!("namespace {ns}"));
         true
     };
-    ip(&["-n", &ns, "link", "set", "lo", "up"])?;
+    if !sys::link(Some(&ns), "lo")?.is_some_and(|l| l.is_up()) {
+        ip(&["-n", &ns, "link", "set", "lo", "up"])?;
+        undo.push(Undo::SetDown {
+            ns: ns.clone(),
+            dev: "lo".into(),
+        });
+    }
     if prev.is_none() {
         undo.push(Undo::RemoveBpfDir(r.id.clone()));
     }
@@ -180,7 +192,15 @@ fn apply_one(r: &Router, undo: &mut Vec<Undo>, reload: bool) -> Result<Report> {
                 peer = Some(p);
             }
         }
-        ip(&["-n", &ns, "link", "set", &i.device, "up"])?;
+        if !sys::link(Some(&ns), &i.device)?.is_some_and(|l| l.is_up()) {
+            ip(&["-n", &ns, "link", "set", &i.device, "up"])?;
+            if !created_device {
+                undo.push(Undo::SetDown {
+                    ns: ns.clone(),
+                    dev: i.device.clone(),
+                });
+            }
+        }
         let mut fixed_ips = Vec::new();
         for f in &i.fixed_ips {
             let cidr = format!("{}/{}", f.gateway_ip, f.subnet.prefix_len());
@@ -442,6 +462,9 @@ pub fn choose_hook(
             Hook::Xdp,
             format!("xdp: set in the definition; {k} traffic arrives as skbs: GSO lost, TCP/UDP checksums verified"),
         ),
+        (Hook::Auto, Some(_)) if cfg!(mutant = "auto_picks_xdp_on_veth") && native => {
+            (Hook::Xdp, "xdp: the fault".into())
+        }
         (Hook::Auto, Some(k)) => (
             Hook::Tc,
             format!("tc: {k} traffic arrives as skbs (GSO and checksum offload kept)"),
@@ -499,6 +522,7 @@ pub fn tables_of(st: &RouterState) -> Result<Tables> {
         .interfaces
         .iter()
         .filter(|i| !features.get(&i.ifindex).is_some_and(|f| f.ndo_xmit()))
+        .filter(|_| !cfg!(mutant = "ndo_xmit_ignored"))
         .map(|i| i.ifindex)
         .collect();
     for i in &st.interfaces {

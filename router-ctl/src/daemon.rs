@@ -394,9 +394,21 @@ fn watch(r: &RouterState, stop: &AtomicBool) -> Result<()> {
                 }
                 ready = async { netdev.as_mut().unwrap().readable_mut().await }, if netdev.is_some() => {
                     if let Ok(mut guard) = ready {
-                        // Any change (or an overrun socket) makes the devices be read again.
                         let changes = guard.get_inner_mut().changes();
                         guard.clear_ready();
+                        // A device that can no longer take XDP-redirected frames leaves the
+                        // devmap now, before the resync (frames XDP redirects into it are lost
+                        // until then); any change (or an overrun socket) makes the devices be
+                        // read again.
+                        for (ifindex, f) in changes.as_deref().unwrap_or_default() {
+                            if f.is_none_or(|f| !f.ndo_xmit()) && !cfg!(mutant = "late_xmit_removal") {
+                                if let Some(i) = r.interfaces.iter().find(|i| i.ifindex == *ifindex) {
+                                    if let Err(e) = crate::datapath::remove_tx_port_pinned(&r.id, i.slot) {
+                                        tracing::warn!(router = %r.id, device = %i.device, error = format!("{e:#}"), "cannot remove an XDP redirect slot");
+                                    }
+                                }
+                            }
+                        }
                         if changes.map_or(true, |c| c.iter().any(|(i, _)| ifindexes.contains(i))) {
                             dirty.store(true, Ordering::SeqCst);
                         }

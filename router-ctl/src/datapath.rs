@@ -773,6 +773,16 @@ pub fn remove_tx_port(ebpf: &mut Ebpf, slot: u32) -> Result<()> {
     let Some(Map::DevMap(data)) = ebpf.map(map_names::TX_PORTS) else {
         anyhow::bail!("map {} is not a devmap", map_names::TX_PORTS);
     };
+    delete_slot(data, slot)
+}
+
+/// Empties slot `slot` of a router's pinned `TX_PORTS` at once: a device that stops taking
+/// XDP-redirected frames must leave the devmap before more frames are sent into it.
+pub fn remove_tx_port_pinned(router_id: &str, slot: u32) -> Result<()> {
+    delete_slot(&open_pinned(router_id, map_names::TX_PORTS)?, slot)
+}
+
+fn delete_slot(data: &MapData, slot: u32) -> Result<()> {
     #[repr(C)]
     struct ElemAttr {
         map_fd: u32,

@@ -214,6 +214,7 @@ impl Seed {
                         ipv4: n("ipv4"),
                         ipv6: n("ipv6"),
                         bytes: d["forwarded"]["bytes"].as_u64().unwrap(),
+                        passed: d["passed"]["reasons"].clone(),
                         redirects,
                     },
                 )
@@ -250,7 +251,8 @@ impl Seed {
             assert_eq!(
                 (a.ipv4 - b.ipv4, a.ipv6 - b.ipv6),
                 (*v4, *v6),
-                "{dev}: the fast path forwarded (IPv4, IPv6) packets other than expected"
+                "{dev}: the fast path forwarded (IPv4, IPv6) packets other than expected; it passed to the kernel: {}",
+                now.passed_since(before, dev)
             );
             if let (Some(x), Some(y)) = (a.redirects, b.redirects) {
                 assert_eq!(
@@ -516,11 +518,13 @@ pub struct FastPath {
     kernel: (u64, u64),
 }
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Forwarded {
     pub ipv4: u64,
     pub ipv6: u64,
     pub bytes: u64,
+    /// Passed to the kernel, per reason.
+    pub passed: serde_json::Value,
     /// The kernel's own count of frames XDP redirected from the device (XDP only).
     pub redirects: Option<u64>,
 }
@@ -530,8 +534,27 @@ impl FastPath {
         self.devs
             .iter()
             .find(|(d, _)| d == dev)
-            .map(|(_, f)| *f)
+            .map(|(_, f)| f.clone())
             .unwrap_or_else(|| panic!("no device {dev}"))
+    }
+
+    /// The pass reasons that moved on `dev` since `before`, as "reason=count".
+    pub fn passed_since(&self, before: &FastPath, dev: &str) -> String {
+        let (a, b) = (self.get(dev).passed, before.get(dev).passed);
+        let moved: Vec<String> = a
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter_map(|(k, v)| {
+                let d = v.as_u64()? - b[k].as_u64().unwrap_or(0);
+                (d > 0).then(|| format!("{k}={d}"))
+            })
+            .collect();
+        if moved.is_empty() {
+            "nothing".into()
+        } else {
+            moved.join(", ")
+        }
     }
 
     /// The kernel's own forwarding counters did not move since `before` (with forwarding on, the
@@ -633,6 +656,9 @@ impl Seed {
     /// they differ, or what could not be read (a check that cannot read its inputs fails).
     pub fn counters_add_up(&self) -> Result<(), String> {
         for (dev, hook) in self.hooks() {
+            if hook == "none" {
+                return Err(format!("{dev}: no program attached"));
+            }
             let injected = if dev == self.ids.dev_a() {
                 self.injected_a
             } else {
@@ -766,7 +792,7 @@ pub fn tcp_transfer(from: &str, to: &str, to_ip: &str, len: usize) -> (usize, bo
         let l = TcpListener::bind(&addr).expect("bind");
         ready_tx.send(()).unwrap();
         let (mut s, _) = l.accept().expect("accept");
-        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
         let mut got = Vec::with_capacity(len);
         s.read_to_end(&mut got).expect("read");
         got
@@ -781,7 +807,7 @@ pub fn tcp_transfer(from: &str, to: &str, to_ip: &str, len: usize) -> (usize, bo
             Duration::from_secs(5),
         )
         .expect("connect");
-        s.set_write_timeout(Some(Duration::from_secs(30))).unwrap();
+        s.set_write_timeout(Some(Duration::from_secs(15))).unwrap();
         s.write_all(&data).expect("write");
         s.shutdown(std::net::Shutdown::Write).unwrap();
         data

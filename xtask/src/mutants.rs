@@ -118,6 +118,52 @@ pub const MUTANTS: &[Mutant] = &[
             ("parity", "the_fast_path_delivers_what_the_kernel_delivers"),
         ],
     },
+    Mutant {
+        name: "gso_whole_length",
+        fault: "tc measures a GSO packet by its whole length against the MTU, not by its segments",
+        tests: &[
+            ("packet", "gso_packets_are_measured_by_their_segments"),
+            (
+                "netns",
+                "at_kernel_defaults_ping_and_tcp_cross_in_the_fast_path_both_ways",
+            ),
+        ],
+    },
+    Mutant {
+        name: "l4_unverified",
+        fault: "forced XDP on a device fed by skbs does not verify TCP/UDP checksums",
+        tests: &[
+            (
+                "netns",
+                "forced_xdp_on_veths_is_never_worse_than_the_kernel",
+            ),
+            ("packet", "fuzzed_frames_keep_every_property"),
+        ],
+    },
+    Mutant {
+        name: "auto_picks_xdp_on_veth",
+        fault: "auto picks XDP for veths",
+        tests: &[(
+            "netns",
+            "at_kernel_defaults_ping_and_tcp_cross_in_the_fast_path_both_ways",
+        )],
+    },
+    Mutant {
+        name: "ndo_xmit_ignored",
+        fault: "a device that cannot take XDP-redirected frames keeps its XDP slot",
+        tests: &[(
+            "netns",
+            "forced_xdp_on_veths_is_never_worse_than_the_kernel",
+        )],
+    },
+    Mutant {
+        name: "late_xmit_removal",
+        fault: "a device that stops taking XDP frames leaves the devmap only at the next resync",
+        tests: &[(
+            "netns",
+            "forced_xdp_on_veths_is_never_worse_than_the_kernel",
+        )],
+    },
 ];
 
 /// Builds router-ctl and the test binaries in the `mutants` profile with `mutant` (None: the
