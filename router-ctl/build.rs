@@ -36,6 +36,7 @@ const CTL_MUTANTS: &[&str] = &[
     "auto_picks_xdp_on_veth",
     "ndo_xmit_ignored",
     "late_xmit_removal",
+    "keeps_deleted_namespace",
 ];
 
 fn main() -> Result<()> {

@@ -130,8 +130,17 @@ pub fn apply_with(routers: &[Router], reload: bool) -> Result<Vec<Report>> {
 }
 
 fn apply_one(r: &Router, undo: &mut Vec<Undo>, reload: bool) -> Result<Report> {
-    let prev = RouterState::load(&r.id)?;
+    let mut prev = RouterState::load(&r.id)?;
     let ns = r.namespace();
+    // A router whose namespace went away without destroy starts clean: nothing of the old
+    // namespace (links, counters, created devices) carries over.
+    if let Some(p) = &prev {
+        if let Some(why) = p.lost.clone().or_else(|| p.namespace_gone()) {
+            tracing::info!(router = %r.id, reason = %why, "starting clean");
+            remove_bpf_dir(&r.id)?;
+            prev = None;
+        }
+    }
     let mut created = Vec::new();
     let created_netns = if sys::netns_exists(&ns) {
         prev.as_ref().is_some_and(|p| p.created_netns)
@@ -361,6 +370,8 @@ fn apply_one(r: &Router, undo: &mut Vec<Undo>, reload: bool) -> Result<Report> {
         routes,
         max_routes: r.max_routes,
         program: Some(datapath::program_fingerprint()),
+        netns_inode: sys::netns_inode(&ns),
+        lost: None,
     };
     // The programs stay when they are this build's and every device keeps its hook.
     let keep_programs = !reload
@@ -567,6 +578,27 @@ pub fn tables_of(st: &RouterState) -> Result<Tables> {
     })
 }
 
+/// When the namespace of an applied router went away without destroy (an operator's `ip netns
+/// del`, an agent's clean-up): removes its pinned programs and maps, which nothing can use any
+/// more, and records why, so that `show` reports it and the next apply starts clean. Returns
+/// the reason when it did so.
+pub fn forget_lost(router_id: &str) -> Result<Option<String>> {
+    let _lock = Lock::acquire(state::STATE_LOCK)?;
+    let Some(mut st) = RouterState::load(router_id)? else {
+        return Ok(None);
+    };
+    if st.lost.is_some() {
+        return Ok(None);
+    }
+    let Some(why) = st.namespace_gone() else {
+        return Ok(None);
+    };
+    remove_bpf_dir(&st.id)?;
+    st.lost = Some(format!("{why}; apply the router again to recreate it"));
+    st.save()?;
+    Ok(Some(why))
+}
+
 /// Brings a router's fast path in line with its namespace after a device went up or down,
 /// changed MTU or MAC, or an address changed (the daemon calls it on rtnetlink events).
 pub fn resync(router_id: &str) -> Result<()> {
@@ -574,7 +606,7 @@ pub fn resync(router_id: &str) -> Result<()> {
     let Some(mut st) = RouterState::load(router_id)? else {
         return Ok(());
     };
-    if !sys::netns_exists(&st.namespace) {
+    if st.lost.is_some() || st.namespace_gone().is_some() {
         return Ok(());
     }
     let mut changed = false;

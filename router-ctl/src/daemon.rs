@@ -176,6 +176,16 @@ pub fn run(
         libc::signal(libc::SIGINT, on_term as *const () as libc::sighandler_t);
         libc::signal(libc::SIGHUP, on_hup as *const () as libc::sighandler_t);
     }
+    // tokio creates a process-wide socket pair (its signal receiver) with the first runtime
+    // that drives I/O, in the network namespace of the thread doing so. Created by a watcher,
+    // inside a router's namespace, it would keep that namespace (and its devices) alive after
+    // `ip netns del`: create it here, in the daemon's own namespace, first.
+    drop(
+        tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .build()
+            .context("cannot start an I/O runtime")?,
+    );
     tracing::info!(pid = std::process::id(), "router-ctl daemon started");
     let mut defs = file.map(|path| Definitions {
         path,
@@ -205,8 +215,36 @@ pub fn run(
                 }
             }
         }
-        let routers = RouterState::all().unwrap_or_default();
-        if routers.is_empty() && !stay {
+        let mut routers = RouterState::all().unwrap_or_default();
+        // A namespace deleted without destroy: its watcher lets go of it (or the namespace, its
+        // devices and the instances' carrier would live on, nameless), and its pinned objects
+        // go; the router is reported lost until it is applied again or destroyed.
+        for r in routers.iter().filter(|r| r.lost.is_none()) {
+            if r.namespace_gone().is_some() && !cfg!(mutant = "keeps_deleted_namespace") {
+                match crate::apply::forget_lost(&r.id) {
+                    Ok(Some(why)) => {
+                        tracing::warn!(router = %r.id, name = %r.name, "{why}: the router's fast path is gone; apply it again to recreate it, or destroy it")
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::warn!(router = %r.id, error = format!("{e:#}"), "cannot clean up after a deleted namespace")
+                    }
+                }
+            }
+        }
+        if routers
+            .iter()
+            .any(|r| r.lost.is_none() && r.namespace_gone().is_some())
+        {
+            routers = RouterState::all().unwrap_or_default();
+        }
+        let lost: BTreeSet<String> = routers
+            .iter()
+            .filter(|r| r.lost.is_some())
+            .map(|r| r.id.clone())
+            .collect();
+        routers.retain(|r| r.lost.is_none());
+        if routers.is_empty() && lost.is_empty() && !stay {
             // Exit only under the state lock, so that an apply never sees a daemon that is
             // about to leave.
             let _state = Lock::acquire(state::STATE_LOCK)?;
@@ -290,6 +328,8 @@ fn watch(r: &RouterState, stop: &AtomicBool) -> Result<()> {
     let f = File::open(sys::netns_path(&r.namespace))
         .with_context(|| format!("namespace {} is gone", r.namespace))?;
     sys::enter_netns(&f)?;
+    drop(f);
+    let my_netns = sys::current_netns_inode();
     let ifindexes: BTreeSet<u32> = r.interfaces.iter().map(|i| i.ifindex).collect();
     let mut neighs = Neighs::open(&r.id)?;
     #[cfg(mutant = "empty_maps_on_restart")]
@@ -304,7 +344,8 @@ fn watch(r: &RouterState, stop: &AtomicBool) -> Result<()> {
         std::thread::sleep(Duration::from_secs(1));
     }
     let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
+        .enable_io()
+        .enable_time()
         .build()?;
     rt.block_on(async {
         let (mut conn, handle, mut events) = rtnetlink::new_connection().context("netlink socket")?;
@@ -416,6 +457,11 @@ fn watch(r: &RouterState, stop: &AtomicBool) -> Result<()> {
                 }
                 _ = tick.tick() => {
                     if stop.load(Ordering::SeqCst) { break; }
+                    // The namespace was deleted (or replaced): let go of it at once.
+                    if sys::netns_inode(&r.namespace) != my_netns && !cfg!(mutant = "keeps_deleted_namespace") {
+                        tracing::info!(router = %r.id, namespace = %r.namespace, "namespace gone; neighbour watcher leaves it");
+                        break;
+                    }
                 }
             }
         }

@@ -196,6 +196,18 @@ fn selected(router: &Option<String>) -> Result<Vec<RouterState>> {
     }
 }
 
+/// As `selected`, for readers of a router's maps: a lost router has none (an error when it
+/// was asked for by name, left out of a listing).
+fn selected_live(router: &Option<String>) -> Result<Vec<RouterState>> {
+    let all = selected(router)?;
+    if let (Some(k), [r]) = (router, &all[..]) {
+        if let Some(why) = &r.lost {
+            anyhow::bail!("router {k} has no fast path: {why}");
+        }
+    }
+    Ok(all.into_iter().filter(|r| r.lost.is_none()).collect())
+}
+
 fn print_json(v: serde_json::Value) {
     println!("{}", serde_json::to_string_pretty(&v).expect("JSON"));
 }
@@ -236,8 +248,8 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Cmd::Show { router } => show(&selected(&router)?, cli.json)?,
-        Cmd::Stats { router } => stats(&selected(&router)?, cli.json)?,
-        Cmd::Neigh { router } => neigh(&selected(&router)?, cli.json)?,
+        Cmd::Stats { router } => stats(&selected_live(&router)?, cli.json)?,
+        Cmd::Neigh { router } => neigh(&selected_live(&router)?, cli.json)?,
         Cmd::Destroy { router } => {
             let st = apply::destroy(&router)?;
             if cli.json {
@@ -291,14 +303,14 @@ fn router_verb(cmd: RouterCmd, json_flag: bool) -> Result<()> {
         RouterCmd::List { format } => {
             let all = RouterState::all()?;
             if json_of(format) {
-                print_json(json!(all.iter().map(|r| json!({"id": r.id, "name": r.name, "status": "ACTIVE", "interfaces": r.interfaces.len(), "routes": r.routes.len()})).collect::<Vec<_>>()));
+                print_json(json!(all.iter().map(|r| json!({"id": r.id, "name": r.name, "status": health(r).0, "interfaces": r.interfaces.len(), "routes": r.routes.len()})).collect::<Vec<_>>()));
             } else {
                 let mut t = Table::new(&["ID", "Name", "Status", "Interfaces", "Routes"]);
                 for r in &all {
                     t.row(vec![
                         r.id.clone(),
                         r.name.clone(),
-                        "ACTIVE".into(),
+                        health(r).0.into(),
                         r.interfaces.len().to_string(),
                         r.routes.len().to_string(),
                     ]);
@@ -369,7 +381,7 @@ fn router_table(r: &RouterState, json_out: bool) -> Result<()> {
         .collect();
     if json_out {
         print_json(json!({
-            "id": r.id, "name": r.name, "status": "ACTIVE", "namespace": r.namespace,
+            "id": r.id, "name": r.name, "status": health(r).0, "problems": health(r).1, "namespace": r.namespace,
             "interfaces_info": r.interfaces.iter().flat_map(|i| i.fixed_ips.iter().map(|f| json!({"port_id": i.port_id, "device": i.device, "subnet": f.subnet, "ip_address": f.gateway_ip}))).collect::<Vec<_>>(),
             "routes": r.routes.iter().map(|x| json!({"destination": x.destination, "nexthop": x.nexthop})).collect::<Vec<_>>(),
         }));
@@ -378,7 +390,11 @@ fn router_table(r: &RouterState, json_out: bool) -> Result<()> {
     let mut t = Table::new(&["Field", "Value"]);
     t.row(vec!["id".into(), r.id.clone()]);
     t.row(vec!["name".into(), r.name.clone()]);
-    t.row(vec!["status".into(), "ACTIVE".into()]);
+    let (status, problems) = health(r);
+    t.row(vec!["status".into(), status.into()]);
+    if !problems.is_empty() {
+        t.row(vec!["problems".into(), problems.join("; ")]);
+    }
     t.row(vec!["namespace".into(), r.namespace.clone()]);
     t.row(vec!["interfaces_info".into(), interfaces.join("; ")]);
     t.row(vec!["routes".into(), routes.join("; ")]);
@@ -386,9 +402,44 @@ fn router_table(r: &RouterState, json_out: bool) -> Result<()> {
     Ok(())
 }
 
+/// ACTIVE (forwarding as defined), DEGRADED (its namespace is there, but a device is gone or
+/// has no program attached) or LOST (its namespace went away without destroy), and why.
+fn health(r: &RouterState) -> (&'static str, Vec<String>) {
+    if let Some(why) = r.lost.clone().or_else(|| r.namespace_gone()) {
+        return ("LOST", vec![why]);
+    }
+    let mut problems = Vec::new();
+    for i in &r.interfaces {
+        match router_ctl::sys::link(Some(&r.namespace), &i.device) {
+            Ok(Some(l)) if l.ifindex == i.ifindex => {
+                if hook_of(r, i) == "none" {
+                    problems.push(format!("{}: no program attached", i.device));
+                }
+            }
+            Ok(Some(_)) => problems.push(format!(
+                "{}: another device of that name replaced it; apply again",
+                i.device
+            )),
+            Ok(None) => problems.push(format!(
+                "{}: gone from {}; plug it back and apply again",
+                i.device, r.namespace
+            )),
+            Err(e) => problems.push(format!("{}: {e:#}", i.device)),
+        }
+    }
+    if problems.is_empty() {
+        ("ACTIVE", problems)
+    } else {
+        ("DEGRADED", problems)
+    }
+}
+
 /// Whether packets can be redirected to each device of `r` now, by the tc program (skbs: the
 /// device is up) and by the XDP program (frames: up, and able to take XDP-redirected frames).
 fn redirects(r: &RouterState) -> Result<Vec<(bool, bool)>> {
+    if r.lost.is_some() {
+        return Ok(vec![(false, false); r.interfaces.len()]);
+    }
     let xdp = datapath::tx_ports(&r.id)?;
     let tc = datapath::tc_ports(&r.id)?;
     Ok(r.interfaces
@@ -418,8 +469,10 @@ fn show(routers: &[RouterState], json_out: bool) -> Result<()> {
             .iter()
             .zip(&redirect)
             .map(|(r, redirect)| {
+                let (status, problems) = health(r);
                 json!({
                     "id": r.id, "name": r.name, "namespace": r.namespace,
+                    "status": status, "problems": problems,
                     "interfaces": r.interfaces.iter().zip(redirect).map(|(i, redirect)| json!({
                         "port_id": i.port_id, "device": i.device, "ifindex": i.ifindex, "mac": i.mac,
                         "mtu": i.mtu, "kind": i.kind,
@@ -443,7 +496,14 @@ fn show(routers: &[RouterState], json_out: bool) -> Result<()> {
         println!("no routers applied");
     }
     for (r, redirect) in routers.iter().zip(&redirect) {
-        println!("router {} ({})  namespace {}", r.id, r.name, r.namespace);
+        let (status, problems) = health(r);
+        println!(
+            "router {} ({})  namespace {}  {status}",
+            r.id, r.name, r.namespace
+        );
+        for p in &problems {
+            println!("  problem: {p}");
+        }
         let mut t = Table::new(&[
             "DEVICE", "IFINDEX", "MAC", "MTU", "ADDRESS", "SUBNET", "HOOK", "REDIRECT", "PEER",
         ]);

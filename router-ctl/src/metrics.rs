@@ -26,7 +26,7 @@ pub fn render() -> Result<String> {
     let pass_pkts = Family::<Labels, Counter>::default();
     let pass_bytes = Family::<Labels, Counter>::default();
     let drops = Family::<Labels, Counter>::default();
-    for r in RouterState::all()? {
+    for r in RouterState::all()?.into_iter().filter(|r| r.lost.is_none()) {
         let Ok(map) = datapath::open_pinned(&r.id, map_names::STATS) else {
             continue;
         };

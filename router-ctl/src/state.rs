@@ -74,6 +74,13 @@ pub struct RouterState {
     /// The fingerprint of the object the attached programs were loaded from.
     #[serde(default)]
     pub program: Option<String>,
+    /// The identity (nsfs inode) of the namespace apply configured.
+    #[serde(default)]
+    pub netns_inode: Option<u64>,
+    /// Why the router no longer forwards, when its namespace went away without `destroy`
+    /// (the daemon noticed, released it and removed the pinned programs and maps).
+    #[serde(default)]
+    pub lost: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -191,6 +198,19 @@ impl IfaceState {
 }
 
 impl RouterState {
+    /// Why the namespace this router was applied to is not there any more (deleted, or
+    /// replaced by another of the same name), if it is not.
+    pub fn namespace_gone(&self) -> Option<String> {
+        match crate::sys::netns_inode(&self.namespace) {
+            None => Some(format!("namespace {} was deleted", self.namespace)),
+            Some(i) if self.netns_inode.is_some_and(|was| was != i) => Some(format!(
+                "namespace {} was deleted and created again",
+                self.namespace
+            )),
+            _ => None,
+        }
+    }
+
     /// Every device of the router as the fast path's maps know it.
     pub fn iface_entries(&self) -> Result<Vec<(u32, router_common::Iface)>> {
         self.interfaces.iter().map(IfaceState::entry).collect()

@@ -41,6 +41,21 @@ pub fn netns_exists(ns: &str) -> bool {
     std::path::Path::new(&netns_path(ns)).exists()
 }
 
+/// The identity (nsfs inode) of the namespace named `ns`, None when there is none: a namespace
+/// deleted and created again under the same name is another one.
+pub fn netns_inode(ns: &str) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata(netns_path(ns)).ok().map(|m| m.ino())
+}
+
+/// The identity of the namespace the calling thread is in.
+pub fn current_netns_inode() -> Option<u64> {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata("/proc/thread-self/ns/net")
+        .ok()
+        .map(|m| m.ino())
+}
+
 /// Runs `f` on a new thread that has joined network namespace `ns`, and returns its result.
 pub fn in_netns<T: Send + 'static>(
     ns: &str,

@@ -328,15 +328,14 @@ impl Seed {
         }
     }
 
-    fn apply(&mut self, text: &str) {
+    /// Applies the definition `text` (asserting success); returns what apply wrote to stderr.
+    pub fn apply(&mut self, text: &str) -> String {
         let path = write_config(&self.ids.tag, text);
         let out = ctl(&["apply", "-f", &path]);
-        assert!(
-            out.status.success(),
-            "apply failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "apply failed: {err}");
         self.rx_offset = self.rx_offsets();
+        err
     }
 
     /// `plugged_then_applied` with the whole definition from `text`.

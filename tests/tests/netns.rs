@@ -2070,3 +2070,83 @@ fn devices_without_native_xdp_get_tc_and_refuse_forced_xdp() {
     let (n, same) = tcp_transfer(&vm1, &vm3, "172.16.101.3", 4 << 20);
     assert!(n == 4 << 20 && same, "TCP over macvlans");
 }
+
+/// A router namespace deleted without destroy (an operator's `ip netns del`): the daemon lets
+/// go of it, so that it really goes (the instances' veths lose their other end), `show`
+/// reports the router LOST and why, its pinned objects are removed, and the next apply starts
+/// clean (no stale-link warnings, counters from zero) and forwards again. A device deleted
+/// from a live router makes it DEGRADED, naming the device.
+#[test]
+fn a_deleted_namespace_is_released_and_the_next_apply_starts_clean() {
+    require_root();
+    let _turn = DAEMON.lock().unwrap_or_else(|e| e.into_inner());
+    let mut s = Seed::up("");
+    s.prime_neighbours();
+    assert!(Seed::ping(&s.vm1, "172.16.101.3", 2));
+    let id = s.ids.router_id.clone();
+    let status = || ctl_json(&["show", &id])[0]["status"].clone();
+    assert_eq!(status(), "ACTIVE");
+    // A device gone from a live router.
+    sh(&format!("ip -n {} link del {}", s.ns(), s.ids.dev_b()));
+    assert_eq!(status(), "DEGRADED");
+    let show = ctl_json(&["show", &s.ids.router_id]);
+    assert!(
+        show[0]["problems"].to_string().contains(&s.ids.dev_b()),
+        "{show}"
+    );
+    // The namespace deleted: released (vm1's veth goes with its other end), reported, cleaned.
+    sh(&format!("ip netns del {}", s.ns()));
+    wait_for("the daemon kept the deleted namespace alive", &|| {
+        !sh_out(&format!("ip -n {} link show {}", s.vm1, s.ids.tap_a()))
+            .status
+            .success()
+    });
+    assert_eq!(status(), "LOST");
+    let pins = format!("/sys/fs/bpf/router-xdp/v1/{}", s.ids.router_id);
+    wait_for("the lost router's pins stayed", &|| {
+        !std::path::Path::new(&pins).exists()
+    });
+    let out = ctl(&["stats", &s.ids.router_id]);
+    assert!(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("was deleted"),
+        "stats of a lost router: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Plugged again by the agents, applied again: a clean start that forwards.
+    sh(&format!("ip netns add {}", s.ns()));
+    for (vm, dev, tap, addr, gw) in [
+        (
+            &s.vm1,
+            s.ids.dev_a(),
+            s.ids.tap_a(),
+            "172.16.100.3/24",
+            "172.16.100.1",
+        ),
+        (
+            &s.vm3,
+            s.ids.dev_b(),
+            s.ids.tap_b(),
+            "172.16.101.3/24",
+            "172.16.101.1",
+        ),
+    ] {
+        let _ = sh_out(&format!("ip -n {vm} link del {tap}"));
+        sh(&format!(
+            "ip -n {ns} link add {dev} type veth peer name {tap} netns {vm} && ip -n {vm} link set {tap} up && \
+             ip -n {vm} addr add {addr} dev {tap} && ip -n {vm} route replace default via {gw}",
+            ns = s.ns()
+        ));
+    }
+    let text = s.ids.config("");
+    let err = s.apply(&text);
+    assert!(!err.contains("WARN") && !err.contains("stale"), "{err}");
+    assert_eq!(status(), "ACTIVE");
+    for d in s.stats() {
+        assert_eq!(d["forwarded"]["packets"], 0, "counters carried over: {d}");
+    }
+    s.prime_neighbours();
+    s.set_forwarding(false);
+    let before = s.fast_path();
+    assert!(Seed::ping(&s.vm1, "172.16.101.3", 3));
+    s.assert_fast_path(&before, &[(&s.ids.dev_a(), 3, 0), (&s.ids.dev_b(), 3, 0)]);
+}

@@ -164,6 +164,15 @@ pub const MUTANTS: &[Mutant] = &[
             "forced_xdp_on_veths_is_never_worse_than_the_kernel",
         )],
     },
+    Mutant {
+        name: "keeps_deleted_namespace",
+        fault:
+            "the daemon keeps holding (and reporting) a router namespace deleted without destroy",
+        tests: &[(
+            "netns",
+            "a_deleted_namespace_is_released_and_the_next_apply_starts_clean",
+        )],
+    },
 ];
 
 /// Builds router-ctl and the test binaries in the `mutants` profile with `mutant` (None: the
