@@ -7,7 +7,11 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
-use router_ctl::{datapath, state, sys};
+use router_ctl::{
+    datapath,
+    kernel::{link_in, netns},
+    state,
+};
 use tests::topo::Seed;
 
 use crate::stats::{summarize, Summary};
@@ -27,9 +31,9 @@ pub fn neighbour_latency(samples: usize) -> Result<NeighLatency> {
     s.prime_neighbours();
     let ns = s.ns();
     let dev = s.ids.dev_b();
-    let ifindex = sys::link(Some(&ns), &dev)?.context("qr device")?.ifindex;
+    let ifindex = link_in(Some(&ns), &dev)?.context("qr device")?.index;
     let id = s.ids.router_id.clone();
-    let (total, ack) = sys::in_netns(&ns, move || {
+    let (total, ack) = netns::run_in(&ns, move || {
         let neighs = datapath::Neighs::open(&id)?;
         let ip = Ipv4Addr::new(172, 16, 101, 3);
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -85,7 +89,7 @@ pub fn route_updates_per_second(s: &Seed, seconds: f64) -> Result<f64> {
         router_ctl::apply::tables_of(&st)?.routes,
         router_ctl::apply::tables_of(&moved)?.routes,
     ];
-    sys::in_netns(&ns, move || {
+    netns::run_in(&ns, move || {
         let mut ebpf = datapath::open_maps(&id)?;
         let mut table = datapath::RouteTable::open(&mut ebpf)?;
         let t = Instant::now();

@@ -14,7 +14,11 @@ use aya::{
     programs::{links::FdLink, TestRun, TestRunAttrs, TestRunOptions, Xdp},
     EbpfLoader,
 };
-use router_ctl::{datapath, state, sys};
+use router_ctl::{
+    datapath,
+    kernel::{link_in, netns},
+    state,
+};
 use tests::{
     frame::{ethernet, udp, udp6, Ipv4, Ipv6},
     sh,
@@ -62,7 +66,7 @@ fn flow_dst6(i: usize) -> Ipv6Addr {
 }
 
 fn link_mac(ns: &str, dev: &str) -> Result<[u8; 6]> {
-    let l = sys::link(Some(ns), dev)?.with_context(|| format!("{dev} in {ns}"))?;
+    let l = link_in(Some(ns), dev)?.with_context(|| format!("{dev} in {ns}"))?;
     l.mac()
 }
 
@@ -71,8 +75,7 @@ fn set_mode(s: &Seed, mode: Mode) -> Result<()> {
     let id = s.ids.router_id.clone();
     let ns = s.ns();
     let (dev_a, dev_b) = (s.ids.dev_a(), s.ids.dev_b());
-    let ifindex =
-        |d: &str| -> Result<u32> { Ok(sys::link(Some(&ns), d)?.context("device")?.ifindex) };
+    let ifindex = |d: &str| -> Result<u32> { Ok(link_in(Some(&ns), d)?.context("device")?.index) };
     let (ia, ib) = (ifindex(&dev_a)?, ifindex(&dev_b)?);
     // Kernel mode: no programs; GRO on qr-a so that its veth takes the generator's frames.
     for dev in [&dev_a, &dev_b] {
@@ -86,7 +89,7 @@ fn set_mode(s: &Seed, mode: Mode) -> Result<()> {
         return Ok(());
     }
     let cap = router_ctl::fib::Capacity::default();
-    sys::in_netns(&ns, move || {
+    netns::run_in(&ns, move || {
         let mut ebpf = datapath::load_pinned(&id, cap)?;
         datapath::attach_xdp(&mut ebpf, ib, &dev_b, &state::link_pin(&id, &dev_b))?;
         if mode == Mode::Router {
@@ -230,9 +233,9 @@ pub fn run(rounds: usize) -> Result<(Vec<E2eResult>, UpdatesUnderTraffic)> {
          ip netns exec {vm3} nft add rule netdev sink in udp dport 9 counter drop",
         vm3 = s.vm3
     ));
-    let gen_if = sys::link(Some(&s.vm1), &s.ids.tap_a())?
+    let gen_if = link_in(Some(&s.vm1), &s.ids.tap_a())?
         .context("vm1 tap")?
-        .ifindex;
+        .index;
     let modes = [Mode::Kernel, Mode::Router, Mode::Wire];
     let mut results = Vec::new();
     for (ipv6, flows) in [
@@ -350,7 +353,7 @@ fn tables(s: &Seed) -> Result<(Entries, Entries)> {
 fn install(s: &Seed, entries: &Entries) -> Result<()> {
     let id = s.ids.router_id.clone();
     let e = entries.clone();
-    sys::in_netns(&s.ns(), move || {
+    netns::run_in(&s.ns(), move || {
         let mut ebpf = datapath::open_maps(&id)?;
         datapath::set_routes(&mut ebpf, &e)
     })

@@ -2,11 +2,15 @@
 //! program and filled maps, and back.
 //!
 //! Apply adopts what exists and creates what is missing, recording what it created so that
-//! destroy removes only that. A failure part-way undoes what this run created, in reverse order.
+//! destroy removes only that. Each step records how to undo what it changed; a failure part-way
+//! undoes what this run changed, in reverse order. The kernel is driven through netlink and
+//! `/proc/sys` (`crate::kernel`), never through subprocesses: a router's namespace work runs on
+//! one thread inside the namespace.
 
 use std::{
-    collections::BTreeSet,
-    net::{IpAddr, Ipv6Addr},
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    os::fd::AsFd as _,
 };
 
 use anyhow::{bail, Context as _, Result};
@@ -15,14 +19,20 @@ use router_common::MAX_IFACES;
 use crate::{
     config::{self, Hook, IpNet, Router},
     datapath,
+    kernel::{
+        netdev::{Netdev, XdpFeatures},
+        netns,
+        rtnl::{Addr, Link, Rtnl},
+        sysctl,
+    },
     state::{self, AddrState, IfaceState, Lock, RouteState, RouterState},
-    sys::{self, ip},
 };
 
-/// Something apply did that must be undone if a later step fails.
+/// Something apply changed, and how to change it back if a later step fails.
 #[derive(Debug)]
 enum Undo {
     DeleteNetns(String),
+    /// A device apply created, in namespace `ns` (None: the caller's).
     DeleteLink {
         ns: Option<String>,
         dev: String,
@@ -30,7 +40,8 @@ enum Undo {
     DeleteAddr {
         ns: String,
         dev: String,
-        cidr: String,
+        ip: IpAddr,
+        prefix_len: u8,
     },
     /// An adopted device apply brought up goes back down.
     SetDown {
@@ -42,22 +53,56 @@ enum Undo {
 
 impl Undo {
     fn run(self) {
+        let in_ns = |ns: &str, f: Box<dyn FnOnce(&Rtnl) -> Result<()> + Send>| {
+            netns::run_in(ns, move || f(&Rtnl::new()?))
+        };
         let r = match &self {
-            Undo::DeleteNetns(ns) => ip(&["netns", "del", ns]).map(|_| ()),
+            Undo::DeleteNetns(ns) => netns::delete(ns),
+            Undo::DeleteLink { ns: None, dev } => Rtnl::new().and_then(|rt| delete_link(&rt, dev)),
             Undo::DeleteLink { ns: Some(ns), dev } => {
-                ip(&["-n", ns, "link", "del", dev]).map(|_| ())
+                let dev = dev.clone();
+                in_ns(ns, Box::new(move |rt| delete_link(rt, &dev)))
             }
-            Undo::DeleteLink { ns: None, dev } => ip(&["link", "del", dev]).map(|_| ()),
-            Undo::DeleteAddr { ns, dev, cidr } => {
-                ip(&["-n", ns, "addr", "del", cidr, "dev", dev]).map(|_| ())
+            Undo::DeleteAddr {
+                ns,
+                dev,
+                ip,
+                prefix_len,
+            } => {
+                let (dev, ip, len) = (dev.clone(), *ip, *prefix_len);
+                in_ns(
+                    ns,
+                    Box::new(move |rt| match rt.link(&dev)? {
+                        Some(l) => rt.addr_del(l.index, &dev, ip, len),
+                        None => Ok(()),
+                    }),
+                )
             }
-            Undo::SetDown { ns, dev } => ip(&["-n", ns, "link", "set", dev, "down"]).map(|_| ()),
+            Undo::SetDown { ns, dev } => {
+                let dev = dev.clone();
+                in_ns(
+                    ns,
+                    Box::new(move |rt| match rt.link(&dev)? {
+                        Some(l) => rt.set_down(l.index, &dev),
+                        None => Ok(()),
+                    }),
+                )
+            }
             Undo::RemoveBpfDir(id) => remove_bpf_dir(id),
         };
         match r {
             Ok(()) => tracing::info!(undo = ?self, "rolled back"),
-            Err(e) => tracing::warn!(undo = ?self, error = %e, "rollback step failed"),
+            Err(e) => {
+                tracing::warn!(undo = ?self, error = format!("{e:#}"), "rollback step failed")
+            }
         }
+    }
+}
+
+fn delete_link(rt: &Rtnl, dev: &str) -> Result<()> {
+    match rt.link(dev)? {
+        Some(l) => rt.link_del(l.index, dev),
+        None => Ok(()),
     }
 }
 
@@ -73,7 +118,15 @@ pub struct Report {
 /// Checks what can be checked on the system before anything is changed.
 fn precheck(routers: &[Router]) -> Result<()> {
     let applied = RouterState::all()?;
+    let here = Rtnl::new()?.links()?;
+    let here = |name: &str| here.iter().any(|l| l.name == name);
     for r in routers {
+        let ns = r.namespace();
+        let in_ns: Vec<Link> = if netns::exists(&ns) {
+            netns::run_in(&ns, || Rtnl::new()?.links())?
+        } else {
+            Vec::new()
+        };
         for i in &r.interfaces {
             if let Some(other) = applied
                 .iter()
@@ -84,11 +137,9 @@ fn precheck(routers: &[Router]) -> Result<()> {
                     r.id, i.port_id, i.device, other.id, other.name
                 );
             }
-            let ns = r.namespace();
-            let in_ns = sys::netns_exists(&ns) && sys::link(Some(&ns), &i.device)?.is_some();
-            if !in_ns && sys::link(None, &i.device)?.is_none() {
+            if !in_ns.iter().any(|l| l.name == i.device) && !here(&i.device) {
                 let peer = config::peer_of(&i.port_id);
-                if sys::link(None, &peer)?.is_some() {
+                if here(&peer) {
                     bail!(
                         "router {}, port {}: device {} is missing but {peer}, the name apply gives its veth peer, already exists; delete {peer} or create {} yourself",
                         r.id, i.port_id, i.device, i.device
@@ -107,7 +158,7 @@ pub fn apply(routers: &[Router]) -> Result<Vec<Report>> {
 }
 
 pub fn apply_with(routers: &[Router], reload: bool) -> Result<Vec<Report>> {
-    sys::ensure_bpffs()?;
+    crate::kernel::ensure_bpffs()?;
     let _lock = Lock::acquire(state::STATE_LOCK)?;
     precheck(routers)?;
     let mut reports = Vec::new();
@@ -129,314 +180,51 @@ pub fn apply_with(routers: &[Router], reload: bool) -> Result<Vec<Report>> {
     Ok(reports)
 }
 
-fn apply_one(r: &Router, undo: &mut Vec<Undo>, reload: bool) -> Result<Report> {
-    let mut prev = RouterState::load(&r.id)?;
-    let ns = r.namespace();
-    // A router whose namespace went away without destroy starts clean: nothing of the old
-    // namespace (links, counters, created devices) carries over.
+/// The router's previous state, unless its namespace went away since: then it starts clean.
+fn previous(r: &Router) -> Result<Option<RouterState>> {
+    let prev = RouterState::load(&r.id)?;
     if let Some(p) = &prev {
         if let Some(why) = p.lost.clone().or_else(|| p.namespace_gone()) {
             tracing::info!(router = %r.id, reason = %why, "starting clean");
             remove_bpf_dir(&r.id)?;
-            prev = None;
+            return Ok(None);
         }
     }
+    Ok(prev)
+}
+
+/// Where each port's device came from: (apply created it, its veth peer).
+type Plugged = BTreeMap<String, (bool, Option<String>)>;
+
+fn apply_one(r: &Router, undo: &mut Vec<Undo>, reload: bool) -> Result<Report> {
+    let prev = previous(r)?;
+    let ns = r.namespace();
     let mut created = Vec::new();
-    let created_netns = if sys::netns_exists(&ns) {
+    // The namespace: adopted, or created.
+    let created_netns = if netns::exists(&ns) {
         prev.as_ref().is_some_and(|p| p.created_netns)
     } else {
-        ip(&["netns", "add", &ns])?;
+        netns::create(&ns)?;
         undo.push(Undo::DeleteNetns(ns.clone()));
         created.push(format!("namespace {ns}"));
         true
     };
-    if !sys::link(Some(&ns), "lo")?.is_some_and(|l| l.is_up()) {
-        ip(&["-n", &ns, "link", "set", "lo", "up"])?;
-        undo.push(Undo::SetDown {
-            ns: ns.clone(),
-            dev: "lo".into(),
-        });
-    }
     if prev.is_none() {
         undo.push(Undo::RemoveBpfDir(r.id.clone()));
     }
-
-    let addrs_before = sys::ip_addrs(&ns)?;
-    let mut ifaces: Vec<IfaceState> = Vec::new();
-    let mut used_slots: BTreeSet<u32> = BTreeSet::new();
-    let mut fresh_slots: Vec<u32> = Vec::new();
-    let prev_iface = |port: &str| {
-        prev.as_ref()
-            .and_then(|p| p.interfaces.iter().find(|i| i.port_id == port).cloned())
-    };
-    // Counter slots of interfaces that stay keep their numbers, so counters survive re-applies.
-    let reserved: BTreeSet<u32> = r
-        .interfaces
-        .iter()
-        .filter_map(|i| prev_iface(&i.port_id))
-        .map(|b| b.slot)
-        .collect();
-    for i in &r.interfaces {
-        let before = prev_iface(&i.port_id);
-        let mut created_device = before.as_ref().is_some_and(|b| b.created_device);
-        let mut peer = before.as_ref().and_then(|b| b.peer.clone());
-        if sys::link(Some(&ns), &i.device)?.is_none() {
-            if sys::link(None, &i.device)?.is_some() {
-                // Plugged by someone else in our namespace: move it where Neutron keeps it.
-                ip(&["link", "set", &i.device, "netns", &ns])?;
-            } else {
-                let p = config::peer_of(&i.port_id);
-                ip(&["link", "add", &i.device, "type", "veth", "peer", "name", &p])?;
-                undo.push(Undo::DeleteLink {
-                    ns: None,
-                    dev: p.clone(),
-                });
-                ip(&["link", "set", &i.device, "netns", &ns])?;
-                ip(&["link", "set", &p, "up"])?;
-                created.push(format!(
-                    "device {} (veth, peer {p} in this namespace)",
-                    i.device
-                ));
-                created_device = true;
-                peer = Some(p);
-            }
-        }
-        if !sys::link(Some(&ns), &i.device)?.is_some_and(|l| l.is_up()) {
-            ip(&["-n", &ns, "link", "set", &i.device, "up"])?;
-            if !created_device {
-                undo.push(Undo::SetDown {
-                    ns: ns.clone(),
-                    dev: i.device.clone(),
-                });
-            }
-        }
-        let mut fixed_ips = Vec::new();
-        for f in &i.fixed_ips {
-            let cidr = format!("{}/{}", f.gateway_ip, f.subnet.prefix_len());
-            let has_addr = addrs_before.iter().any(|(d, a, l)| {
-                d == &i.device && *a == f.gateway_ip && *l == f.subnet.prefix_len()
-            });
-            let mut added = before.as_ref().is_some_and(|b| {
-                b.fixed_ips
-                    .iter()
-                    .any(|x| x.added && x.gateway_ip == f.gateway_ip.to_string())
-            });
-            if !has_addr {
-                // IPv6: no duplicate address detection, as for any router address Neutron
-                // plugs (the address would stay tentative, unusable, for a second or more).
-                let mut args = vec!["-n", &ns, "addr", "add", &cidr, "dev", &i.device];
-                if f.gateway_ip.is_ipv6() {
-                    args.push("nodad");
-                }
-                ip(&args)?;
-                if !created_device {
-                    undo.push(Undo::DeleteAddr {
-                        ns: ns.clone(),
-                        dev: i.device.clone(),
-                        cidr: cidr.clone(),
-                    });
-                }
-                created.push(format!("address {cidr} on {}", i.device));
-                added = true;
-            }
-            fixed_ips.push(AddrState {
-                subnet: f.subnet.to_string(),
-                gateway_ip: f.gateway_ip.to_string(),
-                added,
-            });
-        }
-        // Addresses apply added earlier that the definition no longer has.
-        for old in before.iter().flat_map(|b| b.fixed_ips.iter()) {
-            if old.added && !fixed_ips.iter().any(|n| n.gateway_ip == old.gateway_ip) {
-                let _ = ip(&["-n", &ns, "addr", "del", &old.cidr(), "dev", &i.device]);
-            }
-        }
-        let info = sys::link(Some(&ns), &i.device)?
-            .with_context(|| format!("device {} vanished from {ns}", i.device))?;
-        let slot = match before.as_ref().map(|b| b.slot) {
-            Some(s) => s,
-            None => {
-                let s = (0..MAX_IFACES)
-                    .find(|s| !used_slots.contains(s) && !reserved.contains(s))
-                    .context("no free counter slot")?;
-                fresh_slots.push(s);
-                s
-            }
-        };
-        used_slots.insert(slot);
-        let mut st = IfaceState::new(i.port_id.clone(), i.device.clone(), fixed_ips);
-        st.ifindex = info.ifindex;
-        st.mac = info.address.clone();
-        st.mtu = info.mtu;
-        st.slot = slot;
-        st.created_device = created_device;
-        st.peer = peer;
-        st.hook = i.hook;
-        st.kind = info.kind();
-        ifaces.push(st);
-    }
-    // Each device's hook, from what the device is and what its driver can do.
-    let features = sys::xdp_features(&ns)?;
-    for st in ifaces.iter_mut() {
-        let f = features.get(&st.ifindex).copied().unwrap_or_default();
-        let (hook, why) = choose_hook(st.hook, &st.device, st.kind.as_deref(), f)
-            .with_context(|| format!("router {}, port {}", r.id, st.port_id))?;
-        if hook == Hook::Xdp && st.kind.is_some() {
-            tracing::warn!(router = %r.id, device = %st.device, kind = ?st.kind, "XDP forced on a device fed by skbs: GSO is lost there (TCP is slower than through tc), and TCP/UDP segments whose checksum does not verify (partial checksums) go to the kernel");
-        }
-        st.active_hook = Some(hook);
-        st.hook_reason = why;
-    }
-
-    let ip_forward_before = match prev.as_ref().and_then(|p| p.ip_forward_before.clone()) {
-        Some(v) => Some(v),
-        None => {
-            let v = sys::sysctl_get(&ns, "net.ipv4.ip_forward")?;
-            (v != "1").then_some(v)
-        }
-    };
-    sys::sysctl_set(&ns, "net.ipv4.ip_forward", "1")?;
-    let ipv6_forwarding_before = match prev.as_ref().and_then(|p| p.ipv6_forwarding_before.clone())
-    {
-        Some(v) => Some(v),
-        None => {
-            let v = sys::sysctl_get(&ns, "net.ipv6.conf.all.forwarding")?;
-            (v != "1").then_some(v)
-        }
-    };
-    sys::sysctl_set(&ns, "net.ipv6.conf.all.forwarding", "1")?;
-
-    // Extra routes go into the namespace's kernel table too: the kernel forwards the first
-    // packets (and resolves the nexthop) while the fast path has no neighbour yet.
-    let mut routes = Vec::new();
-    // Several nexthops for one destination make one multipath (ECMP) kernel route.
-    let mut by_dest: std::collections::BTreeMap<IpNet, Vec<(IpAddr, String)>> = Default::default();
-    for rt in &r.routes {
-        let via = r
-            .interface_for(rt.nexthop)
-            .expect("validated: nexthop on a connected subnet");
-        by_dest
-            .entry(rt.destination)
-            .or_default()
-            .push((rt.nexthop, via.device.clone()));
-        routes.push(RouteState {
-            destination: rt.destination.to_string(),
-            nexthop: rt.nexthop.to_string(),
-            device: via.device.clone(),
-        });
-    }
-    for (dest, hops) in &by_dest {
-        let dest = dest.to_string();
-        let mut args: Vec<String> = ["-n", &ns, "route", "replace", &dest]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-        if let [(nh, dev)] = &hops[..] {
-            args.extend(["via".into(), nh.to_string(), "dev".into(), dev.clone()]);
-        } else {
-            for (nh, dev) in hops {
-                args.extend([
-                    "nexthop".into(),
-                    "via".into(),
-                    nh.to_string(),
-                    "dev".into(),
-                    dev.clone(),
-                ]);
-            }
-        }
-        ip(&args.iter().map(String::as_str).collect::<Vec<_>>())?;
-    }
-    if let Some(p) = &prev {
-        for old in &p.routes {
-            if !routes.iter().any(|n| n.destination == old.destination) {
-                let _ = ip(&["-n", &ns, "route", "del", &old.destination]);
-            }
-        }
-        for old in &p.interfaces {
-            if !ifaces.iter().any(|n| n.port_id == old.port_id) {
-                remove_iface(&r.id, &ns, old);
-            }
-        }
-    }
-
-    let st = RouterState {
-        id: r.id.clone(),
-        name: r.name.clone(),
-        namespace: ns.clone(),
+    let plugged = bring_devices(r, &prev, &ns, undo, &mut created)?;
+    // Everything else happens inside the namespace, on one thread.
+    let job = Job {
+        router: r.clone(),
+        prev,
+        plugged,
         created_netns,
-        ip_forward_before,
-        ipv6_forwarding_before,
-        interfaces: ifaces,
-        routes,
-        max_routes: r.max_routes,
-        program: Some(datapath::program_fingerprint()),
-        netns_inode: sys::netns_inode(&ns),
-        lost: None,
+        reload,
     };
-    // The programs stay when they are this build's and every device keeps its hook.
-    let keep_programs = !reload
-        && prev.as_ref().is_some_and(|p| {
-            p.program == st.program
-                && st.interfaces.iter().all(|i| {
-                    p.interfaces.iter().any(|o| {
-                        o.device == i.device
-                            && o.ifindex == i.ifindex
-                            && o.active_hook == i.active_hook
-                    }) && match i.active_hook {
-                        Some(Hook::Xdp) => state::link_pin(&r.id, &i.device).exists(),
-                        _ => state::tc_link_pin(&r.id, &i.device).exists(),
-                    }
-                })
-        });
-
-    // The fast path's tables.
-    let Tables {
-        ifaces: iface_entries,
-        routes: route_entries,
-        down,
-        no_xmit,
-        own,
-    } = tables_of(&st)?;
-    let mut cap = crate::fib::Capacity::for_table(&route_entries);
-    if let Some(n) = r.max_routes {
-        cap = cap.max(crate::fib::Capacity::for_max_routes(n));
-    }
-    let id = r.id.clone();
-    let attach: Vec<(u32, String, Option<Hook>)> = st
-        .interfaces
-        .iter()
-        .map(|i| (i.ifindex, i.device.clone(), i.active_hook))
-        .collect();
-    sys::in_netns(&ns, move || {
-        let mut ebpf = if keep_programs {
-            datapath::open_pinned_object_sized(&id, cap)?
-        } else {
-            datapath::load_pinned(&id, cap)?
-        };
-        datapath::set_ifaces(&mut ebpf, &iface_entries, &down, &no_xmit)?;
-        datapath::set_routes(&mut ebpf, &route_entries)?;
-        datapath::set_local_addrs(&mut ebpf, &own)?;
-        for slot in &fresh_slots {
-            datapath::reset_stats(&mut ebpf, *slot)?;
-        }
-        if keep_programs {
-            return Ok(());
-        }
-        // The new hook is attached before the other is detached: a device switching hooks
-        // never goes without the fast path (a frame XDP passes meets the tc program).
-        for (ifindex, dev, hook) in &attach {
-            let (xdp_pin, tc_pin) = (state::link_pin(&id, dev), state::tc_link_pin(&id, dev));
-            if *hook == Some(Hook::Xdp) {
-                datapath::attach_xdp(&mut ebpf, *ifindex, dev, &xdp_pin)?;
-                datapath::detach(&tc_pin)?;
-            } else {
-                datapath::attach_tc(&mut ebpf, dev, &tc_pin)?;
-                datapath::detach(&xdp_pin)?;
-            }
-        }
-        Ok(())
-    })?;
-
+    let (done, result) = netns::run_in(&ns, move || Ok(job.run()))?;
+    undo.extend(done);
+    let (st, more) = result?;
+    created.extend(more);
     st.save()?;
     tracing::info!(router = %r.id, name = %r.name, namespace = %ns, "applied");
     Ok(Report {
@@ -445,6 +233,356 @@ fn apply_one(r: &Router, undo: &mut Vec<Undo>, reload: bool) -> Result<Report> {
         namespace: ns,
         created,
     })
+}
+
+/// Puts each port's device into the router's namespace: a device the L2 agent plugged in the
+/// caller's namespace is moved there (where Neutron keeps it); a missing one is created as a
+/// veth pair whose other end (`tap<port[:11]>`) stays in the caller's namespace, at kernel
+/// defaults.
+fn bring_devices(
+    r: &Router,
+    prev: &Option<RouterState>,
+    ns: &str,
+    undo: &mut Vec<Undo>,
+    created: &mut Vec<String>,
+) -> Result<Plugged> {
+    let in_ns: Vec<Link> = netns::run_in(ns, || Rtnl::new()?.links())?;
+    let rt = Rtnl::new()?;
+    let target = netns::open(ns)?;
+    let mut plugged = Plugged::new();
+    for i in &r.interfaces {
+        let before = prev
+            .as_ref()
+            .and_then(|p| p.interfaces.iter().find(|x| x.port_id == i.port_id));
+        let mut origin = (
+            before.is_some_and(|b| b.created_device),
+            before.and_then(|b| b.peer.clone()),
+        );
+        if !in_ns.iter().any(|l| l.name == i.device) {
+            if let Some(l) = rt.link(&i.device)? {
+                rt.set_netns(l.index, &i.device, target.as_fd())?;
+            } else {
+                let p = config::peer_of(&i.port_id);
+                rt.veth_add(&i.device, &p)?;
+                undo.push(Undo::DeleteLink {
+                    ns: None,
+                    dev: p.clone(),
+                });
+                let dev = rt
+                    .link(&i.device)?
+                    .with_context(|| format!("{} vanished once created", i.device))?;
+                rt.set_netns(dev.index, &i.device, target.as_fd())?;
+                rt.set_up_by_name(&p)?;
+                created.push(format!(
+                    "device {} (veth, peer {p} in this namespace)",
+                    i.device
+                ));
+                origin = (true, Some(p));
+            }
+        }
+        plugged.insert(i.port_id.clone(), origin);
+    }
+    Ok(plugged)
+}
+
+/// A router's apply inside its namespace.
+struct Job {
+    router: Router,
+    prev: Option<RouterState>,
+    plugged: Plugged,
+    created_netns: bool,
+    reload: bool,
+}
+
+impl Job {
+    /// Runs the steps; returns what to undo (whatever happened) and the router's new state and
+    /// report lines.
+    fn run(self) -> (Vec<Undo>, Result<(RouterState, Vec<String>)>) {
+        let mut undo = Vec::new();
+        let mut created = Vec::new();
+        let r = self.steps(&mut undo, &mut created);
+        (undo, r.map(|st| (st, created)))
+    }
+
+    fn steps(&self, undo: &mut Vec<Undo>, created: &mut Vec<String>) -> Result<RouterState> {
+        let r = &self.router;
+        let ns = r.namespace();
+        let rt = Rtnl::new()?;
+        up(&rt, &ns, "lo", true, undo)?;
+        let (mut ifaces, fresh_slots) = self.interfaces(&rt, undo, created)?;
+        let ip_forward_before =
+            self.forwarding("net.ipv4.ip_forward", |p| p.ip_forward_before.clone())?;
+        let ipv6_forwarding_before = self.forwarding("net.ipv6.conf.all.forwarding", |p| {
+            p.ipv6_forwarding_before.clone()
+        })?;
+        let routes = self.routes(&rt, &ifaces)?;
+        if let Some(p) = &self.prev {
+            for old in &p.interfaces {
+                if !ifaces.iter().any(|n| n.port_id == old.port_id) {
+                    remove_iface(&rt, &r.id, old);
+                }
+            }
+        }
+        // Each device's hook, from what the device is and what its driver can do.
+        let features = Netdev::open()?.dump()?;
+        for st in ifaces.iter_mut() {
+            let f = features.get(&st.ifindex).copied().unwrap_or_default();
+            let (hook, why) = choose_hook(st.hook, &st.device, st.kind.as_deref(), f)
+                .with_context(|| format!("router {}, port {}", r.id, st.port_id))?;
+            if hook == Hook::Xdp && st.kind.is_some() {
+                tracing::warn!(router = %r.id, device = %st.device, kind = ?st.kind, "XDP forced on a device fed by skbs: GSO is lost there (TCP is slower than through tc), and TCP/UDP segments whose checksum does not verify (partial checksums) go to the kernel");
+            }
+            st.active_hook = Some(hook);
+            st.hook_reason = why;
+        }
+        let st = RouterState {
+            id: r.id.clone(),
+            name: r.name.clone(),
+            namespace: ns.clone(),
+            created_netns: self.created_netns,
+            ip_forward_before,
+            ipv6_forwarding_before,
+            interfaces: ifaces,
+            routes,
+            max_routes: r.max_routes,
+            program: Some(datapath::program_fingerprint()),
+            netns_inode: netns::current_inode(),
+            lost: None,
+        };
+        self.datapath(&st, &rt.links()?, &rt.addrs()?, &features, &fresh_slots)?;
+        Ok(st)
+    }
+
+    /// Each port's device: up, its addresses, a counter slot. Returns the devices' state and
+    /// the slots handed out afresh.
+    fn interfaces(
+        &self,
+        rt: &Rtnl,
+        undo: &mut Vec<Undo>,
+        created: &mut Vec<String>,
+    ) -> Result<(Vec<IfaceState>, Vec<u32>)> {
+        let r = &self.router;
+        let ns = r.namespace();
+        let addrs_before = rt.addrs()?;
+        let prev_iface = |port: &str| {
+            self.prev
+                .as_ref()
+                .and_then(|p| p.interfaces.iter().find(|i| i.port_id == port).cloned())
+        };
+        // Counter slots of interfaces that stay keep their numbers, so counters survive.
+        let reserved: BTreeSet<u32> = r
+            .interfaces
+            .iter()
+            .filter_map(|i| prev_iface(&i.port_id))
+            .map(|b| b.slot)
+            .collect();
+        let mut used_slots = BTreeSet::new();
+        let (mut ifaces, mut fresh_slots) = (Vec::new(), Vec::new());
+        for i in &r.interfaces {
+            let before = prev_iface(&i.port_id);
+            let (created_device, peer) = self.plugged[&i.port_id].clone();
+            up(rt, &ns, &i.device, !created_device, undo)?;
+            let link = rt
+                .link(&i.device)?
+                .with_context(|| format!("device {} vanished from {ns}", i.device))?;
+            let mut fixed_ips = Vec::new();
+            for f in &i.fixed_ips {
+                let len = f.subnet.prefix_len();
+                let has = addrs_before
+                    .iter()
+                    .any(|a| a.index == link.index && a.ip == f.gateway_ip && a.prefix_len == len);
+                let mut added = before.as_ref().is_some_and(|b| {
+                    b.fixed_ips
+                        .iter()
+                        .any(|x| x.added && x.gateway_ip == f.gateway_ip.to_string())
+                });
+                if !has {
+                    rt.addr_add(link.index, &i.device, f.gateway_ip, len)?;
+                    if !created_device {
+                        undo.push(Undo::DeleteAddr {
+                            ns: ns.clone(),
+                            dev: i.device.clone(),
+                            ip: f.gateway_ip,
+                            prefix_len: len,
+                        });
+                    }
+                    created.push(format!("address {}/{len} on {}", f.gateway_ip, i.device));
+                    added = true;
+                }
+                fixed_ips.push(AddrState {
+                    subnet: f.subnet.to_string(),
+                    gateway_ip: f.gateway_ip.to_string(),
+                    added,
+                });
+            }
+            // Addresses apply added earlier that the definition no longer has.
+            for old in before.iter().flat_map(|b| b.fixed_ips.iter()) {
+                if old.added && !fixed_ips.iter().any(|n| n.gateway_ip == old.gateway_ip) {
+                    if let Some((ip, len)) = old.addr() {
+                        let _ = rt.addr_del(link.index, &i.device, ip, len);
+                    }
+                }
+            }
+            let slot = match before.as_ref().map(|b| b.slot) {
+                Some(s) => s,
+                None => {
+                    let s = (0..MAX_IFACES)
+                        .find(|s| !used_slots.contains(s) && !reserved.contains(s))
+                        .context("no free counter slot")?;
+                    fresh_slots.push(s);
+                    s
+                }
+            };
+            used_slots.insert(slot);
+            let mut st = IfaceState::new(i.port_id.clone(), i.device.clone(), fixed_ips);
+            st.ifindex = link.index;
+            st.mac = config::fmt_mac(&link.mac()?);
+            st.mtu = link.mtu;
+            st.slot = slot;
+            st.created_device = created_device;
+            st.peer = peer;
+            st.hook = i.hook;
+            st.kind = link.kind.clone();
+            ifaces.push(st);
+        }
+        Ok((ifaces, fresh_slots))
+    }
+
+    /// Turns forwarding on for one family; returns the value to restore on destroy (of an
+    /// adopted namespace), when apply changed it.
+    fn forwarding(
+        &self,
+        key: &str,
+        recorded: impl Fn(&RouterState) -> Option<String>,
+    ) -> Result<Option<String>> {
+        let before = match self.prev.as_ref().and_then(recorded) {
+            Some(v) => Some(v),
+            None => {
+                let v = sysctl::get(key)?;
+                (v != "1").then_some(v)
+            }
+        };
+        sysctl::set(key, "1")?;
+        Ok(before)
+    }
+
+    /// Extra routes go into the namespace's kernel table too: the kernel forwards the first
+    /// packets (and resolves the nexthop) while the fast path has no neighbour yet. Several
+    /// nexthops for one destination make one multipath (ECMP) kernel route.
+    fn routes(&self, rt: &Rtnl, ifaces: &[IfaceState]) -> Result<Vec<RouteState>> {
+        let r = &self.router;
+        let mut routes = Vec::new();
+        let mut by_dest: BTreeMap<IpNet, Vec<(IpAddr, u32)>> = BTreeMap::new();
+        for x in &r.routes {
+            let via = r
+                .interface_for(x.nexthop)
+                .expect("validated: nexthop on a connected subnet");
+            let ifindex = ifaces
+                .iter()
+                .find(|i| i.device == via.device)
+                .map(|i| i.ifindex)
+                .expect("the device of every interface");
+            by_dest
+                .entry(x.destination)
+                .or_default()
+                .push((x.nexthop, ifindex));
+            routes.push(RouteState {
+                destination: x.destination.to_string(),
+                nexthop: x.nexthop.to_string(),
+                device: via.device.clone(),
+            });
+        }
+        for (dest, hops) in &by_dest {
+            rt.route_replace(*dest, hops)?;
+        }
+        for old in self.prev.iter().flat_map(|p| p.routes.iter()) {
+            if !routes.iter().any(|n| n.destination == old.destination) {
+                if let Ok(dest) = old.destination.parse() {
+                    let _ = rt.route_del(dest);
+                }
+            }
+        }
+        Ok(routes)
+    }
+
+    /// The fast path's maps and programs. The programs stay when they are this build's and
+    /// every device keeps its hook; otherwise they are loaded and swapped in.
+    fn datapath(
+        &self,
+        st: &RouterState,
+        links: &[Link],
+        addrs: &[Addr],
+        features: &BTreeMap<u32, XdpFeatures>,
+        fresh_slots: &[u32],
+    ) -> Result<()> {
+        let id = &st.id;
+        let keep_programs = !self.reload
+            && self.prev.as_ref().is_some_and(|p| {
+                p.program == st.program
+                    && st.interfaces.iter().all(|i| {
+                        p.interfaces.iter().any(|o| {
+                            o.device == i.device
+                                && o.ifindex == i.ifindex
+                                && o.active_hook == i.active_hook
+                        }) && match i.active_hook {
+                            Some(Hook::Xdp) => state::link_pin(id, &i.device).exists(),
+                            _ => state::tc_link_pin(id, &i.device).exists(),
+                        }
+                    })
+            });
+        let t = tables_in(st, links, addrs, features)?;
+        let mut cap = crate::fib::Capacity::for_table(&t.routes);
+        if let Some(n) = st.max_routes {
+            cap = cap.max(crate::fib::Capacity::for_max_routes(n));
+        }
+        let mut ebpf = if keep_programs {
+            datapath::open_pinned_object_sized(id, cap)?
+        } else {
+            datapath::load_pinned(id, cap)?
+        };
+        datapath::set_ifaces(&mut ebpf, &t.ifaces, &t.down, &t.no_xmit)?;
+        datapath::set_routes(&mut ebpf, &t.routes)?;
+        datapath::set_local_addrs(&mut ebpf, &t.own)?;
+        for slot in fresh_slots {
+            datapath::reset_stats(&mut ebpf, *slot)?;
+        }
+        if keep_programs {
+            return Ok(());
+        }
+        // The new hook is attached before the other is detached: a device switching hooks
+        // never goes without the fast path (a frame XDP passes meets the tc program).
+        for i in &st.interfaces {
+            let (xdp_pin, tc_pin) = (
+                state::link_pin(id, &i.device),
+                state::tc_link_pin(id, &i.device),
+            );
+            if i.active_hook == Some(Hook::Xdp) {
+                datapath::attach_xdp(&mut ebpf, i.ifindex, &i.device, &xdp_pin)?;
+                datapath::detach(&tc_pin)?;
+            } else {
+                datapath::attach_tc(&mut ebpf, &i.device, &tc_pin)?;
+                datapath::detach(&xdp_pin)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Brings `dev` up when it is not; when `adopted`, records that rollback puts it back down.
+fn up(rt: &Rtnl, ns: &str, dev: &str, adopted: bool, undo: &mut Vec<Undo>) -> Result<()> {
+    let l = rt
+        .link(dev)?
+        .with_context(|| format!("no device {dev} in {ns}"))?;
+    if !l.up {
+        rt.set_up(l.index, dev)?;
+        if adopted {
+            undo.push(Undo::SetDown {
+                ns: ns.to_string(),
+                dev: dev.to_string(),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Which hook the fast path uses on `device` (of kind `kind`, None for a NIC, with XDP
@@ -459,7 +597,7 @@ pub fn choose_hook(
     want: Hook,
     device: &str,
     kind: Option<&str>,
-    f: crate::netdev::XdpFeatures,
+    f: XdpFeatures,
 ) -> Result<(Hook, String)> {
     let native = f.native();
     Ok(match (want, kind) {
@@ -494,14 +632,28 @@ pub struct Tables {
     /// Devices that are up but cannot take XDP-redirected frames now (no NDO_XMIT).
     pub no_xmit: Vec<u32>,
     /// The router's own IPv4 addresses.
-    pub own: Vec<std::net::Ipv4Addr>,
+    pub own: Vec<Ipv4Addr>,
 }
 
-/// What the fast path's maps must hold for a router as the kernel has it now: its devices,
-/// its routes (connected subnets, extra routes, every address of the namespace and the subnet
-/// broadcasts as local), and the devices that are down (no redirect to them: the kernel decides).
+/// What the fast path's maps must hold for a router as the kernel has it now (read inside its
+/// namespace).
 pub fn tables_of(st: &RouterState) -> Result<Tables> {
-    let ns = &st.namespace;
+    let s = st.clone();
+    netns::run_in(&st.namespace, move || {
+        let rt = Rtnl::new()?;
+        tables_in(&s, &rt.links()?, &rt.addrs()?, &Netdev::open()?.dump()?)
+    })
+}
+
+/// The tables from the namespace's devices, addresses and XDP features: the router's devices,
+/// its routes (connected subnets, extra routes, every address of the namespace and the subnet
+/// broadcasts as local), the devices that are down and those that cannot take XDP frames.
+pub fn tables_in(
+    st: &RouterState,
+    links: &[Link],
+    addrs: &[Addr],
+    features: &BTreeMap<u32, XdpFeatures>,
+) -> Result<Tables> {
     let ifindex_of = |dev: &str| {
         st.interfaces
             .iter()
@@ -513,29 +665,21 @@ pub fn tables_of(st: &RouterState) -> Result<Tables> {
         s.parse::<IpNet>()
             .map_err(|e| anyhow::anyhow!("router {}: {e}", st.id))
     };
-    let mut connected = Vec::new();
     // Every address of the namespace but IPv6 link-local ones (the fast path never routes those).
-    let mut locals: Vec<IpAddr> = sys::ip_addrs(ns)?
-        .into_iter()
-        .map(|(_, a, _)| a)
+    let mut locals: Vec<IpAddr> = addrs
+        .iter()
+        .map(|a| a.ip)
         .filter(|a| !matches!(a, IpAddr::V6(v) if v.segments()[0] & 0xffc0 == 0xfe80))
         .collect();
-    let own: Vec<std::net::Ipv4Addr> = locals
+    let own: Vec<Ipv4Addr> = locals
         .iter()
         .filter_map(|a| match a {
             IpAddr::V4(v) => Some(*v),
             IpAddr::V6(_) => None,
         })
         .collect();
+    let mut connected = Vec::new();
     let mut down = Vec::new();
-    let features = sys::xdp_features(ns)?;
-    let no_xmit: Vec<u32> = st
-        .interfaces
-        .iter()
-        .filter(|i| !features.get(&i.ifindex).is_some_and(|f| f.ndo_xmit()))
-        .filter(|_| !cfg!(mutant = "ndo_xmit_ignored"))
-        .map(|i| i.ifindex)
-        .collect();
     for i in &st.interfaces {
         for f in &i.fixed_ips {
             let subnet = net(&f.subnet)?;
@@ -547,30 +691,38 @@ pub fn tables_of(st: &RouterState) -> Result<Tables> {
                 IpNet::V6(_) => {}
             }
         }
-        let up = sys::link(Some(ns), &i.device)?
-            .is_some_and(|l| l.is_up() && l.flags.iter().any(|f| f == "LOWER_UP"));
-        if !up && !cfg!(mutant = "down_keeps_tx_slot") {
+        let running = links
+            .iter()
+            .any(|l| l.index == i.ifindex && l.name == i.device && l.running());
+        if !running && !cfg!(mutant = "down_keeps_tx_slot") {
             down.push(i.ifindex);
         }
     }
+    let no_xmit: Vec<u32> = st
+        .interfaces
+        .iter()
+        .filter(|i| !features.get(&i.ifindex).is_some_and(|f| f.ndo_xmit()))
+        .filter(|_| !cfg!(mutant = "ndo_xmit_ignored"))
+        .map(|i| i.ifindex)
+        .collect();
     let mut gateways = Vec::new();
-    for rt in &st.routes {
-        let nh: IpAddr = rt
+    for x in &st.routes {
+        let nh: IpAddr = x
             .nexthop
             .parse()
-            .with_context(|| format!("router {}: nexthop {}", st.id, rt.nexthop))?;
-        gateways.push((net(&rt.destination)?, ifindex_of(&rt.device), nh));
+            .with_context(|| format!("router {}: nexthop {}", st.id, x.nexthop))?;
+        gateways.push((net(&x.destination)?, ifindex_of(&x.device), nh));
     }
     locals.sort();
     locals.dedup();
-    let iface_entries = st
+    let ifaces = st
         .interfaces
         .iter()
         .map(IfaceState::entry)
         .collect::<Result<Vec<_>>>()?;
-    let routes = datapath::route_entries(&iface_entries, &connected, &gateways, &locals);
+    let routes = datapath::route_entries(&ifaces, &connected, &gateways, &locals);
     Ok(Tables {
-        ifaces: iface_entries,
+        ifaces,
         routes,
         down,
         no_xmit,
@@ -600,33 +752,42 @@ pub fn forget_lost(router_id: &str) -> Result<Option<String>> {
 }
 
 /// Brings a router's fast path in line with its namespace after a device went up or down,
-/// changed MTU or MAC, or an address changed (the daemon calls it on rtnetlink events).
+/// changed MTU or MAC, or an address or a device's XDP features changed (the daemon calls it
+/// on rtnetlink and netdev events).
 pub fn resync(router_id: &str) -> Result<()> {
     let _lock = Lock::acquire(state::STATE_LOCK)?;
-    let Some(mut st) = RouterState::load(router_id)? else {
+    let Some(st) = RouterState::load(router_id)? else {
         return Ok(());
     };
     if st.lost.is_some() || st.namespace_gone().is_some() {
         return Ok(());
     }
-    let mut changed = false;
-    for i in st.interfaces.iter_mut() {
-        if let Some(info) = sys::link(Some(&st.namespace), &i.device)? {
-            if info.ifindex == i.ifindex && (info.address != i.mac || info.mtu != i.mtu) {
-                tracing::info!(router = %st.id, device = %i.device, mac = %info.address, mtu = info.mtu, "device changed");
-                i.mac = info.address.clone();
-                i.mtu = info.mtu;
-                changed = true;
+    let ns = st.namespace.clone();
+    let (st, changed) = netns::run_in(&ns, move || {
+        let mut st = st;
+        let rt = Rtnl::new()?;
+        let links = rt.links()?;
+        let mut changed = false;
+        for i in st.interfaces.iter_mut() {
+            if let Some(l) = links
+                .iter()
+                .find(|l| l.index == i.ifindex && l.name == i.device)
+            {
+                let mac = l.mac.map(|m| config::fmt_mac(&m)).unwrap_or_default();
+                if mac != i.mac || l.mtu != i.mtu {
+                    tracing::info!(router = %st.id, device = %i.device, mac = %mac, mtu = l.mtu, "device changed");
+                    i.mac = mac;
+                    i.mtu = l.mtu;
+                    changed = true;
+                }
             }
         }
-    }
-    let t = tables_of(&st)?;
-    let id = st.id.clone();
-    sys::in_netns(&st.namespace, move || {
-        let mut ebpf = datapath::open_maps(&id)?;
+        let t = tables_in(&st, &links, &rt.addrs()?, &Netdev::open()?.dump()?)?;
+        let mut ebpf = datapath::open_maps(&st.id)?;
         datapath::set_ifaces(&mut ebpf, &t.ifaces, &t.down, &t.no_xmit)?;
         datapath::set_routes(&mut ebpf, &t.routes)?;
-        datapath::set_local_addrs(&mut ebpf, &t.own)
+        datapath::set_local_addrs(&mut ebpf, &t.own)?;
+        Ok((st, changed))
     })?;
     if changed {
         st.save()?;
@@ -634,15 +795,24 @@ pub fn resync(router_id: &str) -> Result<()> {
     Ok(())
 }
 
-/// Detaches the program from one device and removes what apply created for it.
-fn remove_iface(router_id: &str, ns: &str, i: &IfaceState) {
+/// Detaches the programs from one device and removes what apply created for it (inside the
+/// router's namespace).
+fn remove_iface(rt: &Rtnl, router_id: &str, i: &IfaceState) {
     let _ = std::fs::remove_file(state::link_pin(router_id, &i.device));
     let _ = std::fs::remove_file(state::tc_link_pin(router_id, &i.device));
+    let Ok(Some(l)) = rt.link(&i.device) else {
+        return;
+    };
     if i.created_device {
-        let _ = ip(&["-n", ns, "link", "del", &i.device]);
+        let _ = rt.link_del(l.index, &i.device);
     } else {
-        for a in i.fixed_ips.iter().filter(|a| a.added) {
-            let _ = ip(&["-n", ns, "addr", "del", &a.cidr(), "dev", &i.device]);
+        for (ip, len) in i
+            .fixed_ips
+            .iter()
+            .filter(|a| a.added)
+            .filter_map(|a| a.addr())
+        {
+            let _ = rt.addr_del(l.index, &i.device, ip, len);
         }
     }
 }
@@ -661,30 +831,39 @@ fn remove_bpf_dir(router_id: &str) -> Result<()> {
 pub fn destroy(key: &str) -> Result<RouterState> {
     let _lock = Lock::acquire(state::STATE_LOCK)?;
     let st = RouterState::find(key)?;
-    let ns = &st.namespace;
-    let ns_exists = sys::netns_exists(ns);
-    for i in &st.interfaces {
-        if ns_exists {
-            remove_iface(&st.id, ns, i);
-        } else {
+    let ns = st.namespace.clone();
+    let live = st.lost.is_none() && st.namespace_gone().is_none();
+    if live {
+        let s = st.clone();
+        netns::run_in(&ns, move || {
+            let rt = Rtnl::new()?;
+            for i in &s.interfaces {
+                remove_iface(&rt, &s.id, i);
+            }
+            if !s.created_netns {
+                for x in &s.routes {
+                    if let Ok(dest) = x.destination.parse() {
+                        let _ = rt.route_del(dest);
+                    }
+                }
+                if let Some(v) = &s.ip_forward_before {
+                    let _ = sysctl::set("net.ipv4.ip_forward", v);
+                }
+                if let Some(v) = &s.ipv6_forwarding_before {
+                    let _ = sysctl::set("net.ipv6.conf.all.forwarding", v);
+                }
+            }
+            Ok(())
+        })?;
+    } else {
+        for i in &st.interfaces {
             let _ = std::fs::remove_file(state::link_pin(&st.id, &i.device));
             let _ = std::fs::remove_file(state::tc_link_pin(&st.id, &i.device));
         }
     }
-    if ns_exists && !st.created_netns {
-        for rt in &st.routes {
-            let _ = ip(&["-n", ns, "route", "del", &rt.destination]);
-        }
-        if let Some(v) = &st.ip_forward_before {
-            let _ = sys::sysctl_set(ns, "net.ipv4.ip_forward", v);
-        }
-        if let Some(v) = &st.ipv6_forwarding_before {
-            let _ = sys::sysctl_set(ns, "net.ipv6.conf.all.forwarding", v);
-        }
-    }
     remove_bpf_dir(&st.id)?;
-    if ns_exists && st.created_netns {
-        ip(&["netns", "del", ns]).with_context(|| format!("cannot delete namespace {ns}"))?;
+    if live && st.created_netns {
+        netns::delete(&ns).with_context(|| format!("cannot delete namespace {ns}"))?;
     }
     RouterState::remove(&st.id)?;
     tracing::info!(router = %st.id, name = %st.name, "destroyed");

@@ -245,6 +245,24 @@ impl Serialize for IpNet {
     }
 }
 
+/// A MAC address from its usual notation (`02:00:5e:10:00:01`).
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in mac.iter_mut() {
+        *b = u8::from_str_radix(parts.next()?, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
+/// A MAC address in its usual notation.
+pub fn fmt_mac(mac: &[u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
 /// Most addresses on one router interface.
 pub const MAX_FIXED_IPS: usize = 16;
 

@@ -8,7 +8,6 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    fs::File,
     net::IpAddr,
     process::{Command, Stdio},
     sync::{
@@ -33,8 +32,8 @@ use rtnetlink::{
 
 use crate::{
     datapath::Neighs,
+    kernel::netns,
     state::{self, Lock, RouterState},
-    sys,
 };
 
 static TERM: AtomicBool = AtomicBool::new(false);
@@ -176,16 +175,7 @@ pub fn run(
         libc::signal(libc::SIGINT, on_term as *const () as libc::sighandler_t);
         libc::signal(libc::SIGHUP, on_hup as *const () as libc::sighandler_t);
     }
-    // tokio creates a process-wide socket pair (its signal receiver) with the first runtime
-    // that drives I/O, in the network namespace of the thread doing so. Created by a watcher,
-    // inside a router's namespace, it would keep that namespace (and its devices) alive after
-    // `ip netns del`: create it here, in the daemon's own namespace, first.
-    drop(
-        tokio::runtime::Builder::new_current_thread()
-            .enable_io()
-            .build()
-            .context("cannot start an I/O runtime")?,
-    );
+    crate::kernel::init_io_runtime()?;
     tracing::info!(pid = std::process::id(), "router-ctl daemon started");
     let mut defs = file.map(|path| Definitions {
         path,
@@ -325,11 +315,11 @@ pub fn run(
 
 /// One router's neighbour sync, on its own thread inside the router's namespace.
 fn watch(r: &RouterState, stop: &AtomicBool) -> Result<()> {
-    let f = File::open(sys::netns_path(&r.namespace))
-        .with_context(|| format!("namespace {} is gone", r.namespace))?;
-    sys::enter_netns(&f)?;
+    let f =
+        netns::open(&r.namespace).with_context(|| format!("namespace {} is gone", r.namespace))?;
+    netns::enter(&f)?;
     drop(f);
-    let my_netns = sys::current_netns_inode();
+    let my_netns = netns::current_inode();
     let ifindexes: BTreeSet<u32> = r.interfaces.iter().map(|i| i.ifindex).collect();
     let mut neighs = Neighs::open(&r.id)?;
     #[cfg(mutant = "empty_maps_on_restart")]
@@ -398,7 +388,7 @@ fn watch(r: &RouterState, stop: &AtomicBool) -> Result<()> {
             (stop, h)
         };
         // The kernel's XDP feature notifications (a veth's NDO_XMIT follows its peer's GRO).
-        let mut netdev = crate::netdev::Netdev::open()
+        let mut netdev = crate::kernel::netdev::Netdev::open()
             .and_then(|mut n| {
                 n.subscribe()?;
                 // SAFETY: the socket is owned by the value registered, and lives as long.
@@ -458,7 +448,7 @@ fn watch(r: &RouterState, stop: &AtomicBool) -> Result<()> {
                 _ = tick.tick() => {
                     if stop.load(Ordering::SeqCst) { break; }
                     // The namespace was deleted (or replaced): let go of it at once.
-                    if sys::netns_inode(&r.namespace) != my_netns && !cfg!(mutant = "keeps_deleted_namespace") {
+                    if netns::inode(&r.namespace) != my_netns && !cfg!(mutant = "keeps_deleted_namespace") {
                         tracing::info!(router = %r.id, namespace = %r.namespace, "namespace gone; neighbour watcher leaves it");
                         break;
                     }
@@ -525,7 +515,7 @@ fn update(
         }
         (false, true, Some(mac)) => match neighs.set(ifindex, ip, mac) {
             Ok(()) => {
-                tracing::debug!(%ip, ifindex, mac = %sys::fmt_mac(&mac), state = ?m.header.state, "neighbour set");
+                tracing::debug!(%ip, ifindex, mac = %crate::config::fmt_mac(&mac), state = ?m.header.state, "neighbour set");
                 Some((ifindex, ip))
             }
             Err(e) => {

@@ -8,9 +8,10 @@ use router_common::{map_names, pass_reason};
 use serde_json::json;
 
 use router_ctl::{
-    apply, config, daemon, datapath,
+    apply, config,
+    config::fmt_mac,
+    daemon, datapath,
     state::{self, Lock, RouterState},
-    sys::fmt_mac,
     table::Table,
 };
 
@@ -161,6 +162,8 @@ enum RemoveCmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Before any thread enters a router's namespace (see kernel::init_io_runtime).
+    let _ = router_ctl::kernel::init_io_runtime();
     if !matches!(cli.cmd, Cmd::Run { .. } | Cmd::Router { .. }) {
         // Like iproute2: a closed pipe (`router-ctl show | head`) ends the command quietly.
         // Not for the daemon, nor for verbs that write to its socket (a daemon going away
@@ -409,22 +412,28 @@ fn health(r: &RouterState) -> (&'static str, Vec<String>) {
         return ("LOST", vec![why]);
     }
     let mut problems = Vec::new();
+    let ns = r.namespace.clone();
+    let links = match router_ctl::kernel::netns::run_in(&ns, || {
+        router_ctl::kernel::rtnl::Rtnl::new()?.links()
+    }) {
+        Ok(l) => l,
+        Err(e) => return ("DEGRADED", vec![format!("{e:#}")]),
+    };
     for i in &r.interfaces {
-        match router_ctl::sys::link(Some(&r.namespace), &i.device) {
-            Ok(Some(l)) if l.ifindex == i.ifindex => {
+        match links.iter().find(|l| l.name == i.device) {
+            Some(l) if l.index == i.ifindex => {
                 if hook_of(r, i) == "none" {
                     problems.push(format!("{}: no program attached", i.device));
                 }
             }
-            Ok(Some(_)) => problems.push(format!(
+            Some(_) => problems.push(format!(
                 "{}: another device of that name replaced it; apply again",
                 i.device
             )),
-            Ok(None) => problems.push(format!(
+            None => problems.push(format!(
                 "{}: gone from {}; plug it back and apply again",
                 i.device, r.namespace
             )),
-            Err(e) => problems.push(format!("{}: {e:#}", i.device)),
         }
     }
     if problems.is_empty() {

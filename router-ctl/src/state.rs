@@ -128,6 +128,13 @@ pub struct AddrState {
 }
 
 impl AddrState {
+    /// The address and its prefix length.
+    pub fn addr(&self) -> Option<(std::net::IpAddr, u8)> {
+        let ip = self.gateway_ip.parse().ok()?;
+        let len = self.subnet.split('/').nth(1)?.parse().ok()?;
+        Some((ip, len))
+    }
+
     /// `ADDRESS/LENGTH`, as iproute2 takes it.
     pub fn cidr(&self) -> String {
         format!(
@@ -175,7 +182,7 @@ impl IfaceState {
 
     /// The device as the fast path's maps know it: (ifindex, `Iface`).
     pub fn entry(&self) -> Result<(u32, router_common::Iface)> {
-        let mac = crate::sys::parse_mac(&self.mac).with_context(|| {
+        let mac = crate::config::parse_mac(&self.mac).with_context(|| {
             format!(
                 "device {} has no Ethernet address ('{}')",
                 self.device, self.mac
@@ -201,7 +208,7 @@ impl RouterState {
     /// Why the namespace this router was applied to is not there any more (deleted, or
     /// replaced by another of the same name), if it is not.
     pub fn namespace_gone(&self) -> Option<String> {
-        match crate::sys::netns_inode(&self.namespace) {
+        match crate::kernel::netns::inode(&self.namespace) {
             None => Some(format!("namespace {} was deleted", self.namespace)),
             Some(i) if self.netns_inode.is_some_and(|was| was != i) => Some(format!(
                 "namespace {} was deleted and created again",

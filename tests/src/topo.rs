@@ -226,6 +226,26 @@ impl Seed {
         }
     }
 
+    /// Waits (up to 5 s) until the fast path can redirect to every device of the router (the
+    /// daemon has followed the devices coming up).
+    pub fn wait_settled(&self) {
+        let t0 = Instant::now();
+        loop {
+            let v = ctl_json(&["show", &self.ids.router_id]);
+            let ready = v[0]["interfaces"]
+                .as_array()
+                .is_some_and(|a| a.iter().all(|i| i["redirect"]["tc"] == true));
+            if ready {
+                return;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(5),
+                "the router's devices never all took redirects: {v}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// (device, hook) of each device of the router: "xdp", "tc" or "none".
     pub fn hooks(&self) -> Vec<(String, String)> {
         ctl_json(&["show", &self.ids.router_id])[0]["interfaces"]
@@ -759,10 +779,10 @@ pub fn veth_xdp_count(ns: &str, dev: &str, suffix: &str) -> Result<u64, String> 
 
 /// The MAC address of `dev` in namespace `ns`, as iproute2 prints it.
 pub fn link_mac(ns: &str, dev: &str) -> String {
-    router_ctl::sys::link(Some(ns), dev)
-        .expect("ip link")
-        .unwrap_or_else(|| panic!("no {dev} in {ns}"))
-        .address
+    let l = router_ctl::kernel::link_in(Some(ns), dev)
+        .expect("rtnetlink")
+        .unwrap_or_else(|| panic!("no {dev} in {ns}"));
+    router_ctl::config::fmt_mac(&l.mac().expect("an Ethernet device"))
 }
 
 /// Runs `f` on a thread inside namespace `ns`.
@@ -772,7 +792,7 @@ pub fn in_ns<T: Send + 'static>(
 ) -> std::thread::JoinHandle<T> {
     let file = std::fs::File::open(format!("/run/netns/{ns}")).expect("namespace");
     std::thread::spawn(move || {
-        router_ctl::sys::enter_netns(&file).expect("setns");
+        router_ctl::kernel::netns::enter(&file).expect("setns");
         f()
     })
 }

@@ -25,7 +25,7 @@ use std::{
 
 use aya::programs::{TestRun, TestRunAttrs, TestRunOptions};
 use router_common::{map_names, pass_reason as why, Stats};
-use router_ctl::{apply, datapath, fib::Capacity, state::RouterState, sys};
+use router_ctl::{apply, config, datapath, fib::Capacity, kernel::netns, state::RouterState};
 use tests::{
     corpus::{ipv4_frame, VM1_4},
     ctl_json,
@@ -149,7 +149,7 @@ fn frames_reach_their_nexthops_or_the_kernel_under_churn() {
         sh(&format!(
             "ip -n {ns} neigh replace {} lladdr {} dev {dev_b} nud permanent",
             fmt_ip(nexthop(k)),
-            sys::fmt_mac(&nh_mac(k, 0))
+            config::fmt_mac(&nh_mac(k, 0))
         ));
     }
     s.wait_neigh(&fmt_ip(nexthop(NEXTHOPS - 1)));
@@ -157,8 +157,8 @@ fn frames_reach_their_nexthops_or_the_kernel_under_churn() {
     // live frames the fast path forwarded.
     s.set_forwarding(false);
     let st = RouterState::load(&s.ids.router_id).unwrap().unwrap();
-    let qr_a = sys::parse_mac(&st.interfaces[0].mac).unwrap();
-    let qr_b = sys::parse_mac(&st.interfaces[1].mac).unwrap();
+    let qr_a = config::parse_mac(&st.interfaces[0].mac).unwrap();
+    let qr_b = config::parse_mac(&st.interfaces[1].mac).unwrap();
     let (ifindex_a, slot_a) = (st.interfaces[0].ifindex, st.interfaces[0].slot);
     let gens: Arc<Vec<AtomicU32>> = Arc::new((0..NEXTHOPS).map(|_| AtomicU32::new(0)).collect());
 
@@ -188,13 +188,13 @@ fn frames_reach_their_nexthops_or_the_kernel_under_churn() {
                     0 => format!(
                         "neigh replace {} lladdr {} dev {dev_b} nud permanent\n",
                         fmt_ip(nexthop(k)),
-                        sys::fmt_mac(&new_mac(k))
+                        config::fmt_mac(&new_mac(k))
                     ),
                     1 => format!("neigh del {} dev {dev_b}\n", fmt_ip(nexthop(j))),
                     2 => format!(
                         "neigh replace {} lladdr {} dev {dev_b} nud permanent\n",
                         fmt_ip(nexthop(j)),
-                        sys::fmt_mac(&new_mac(j))
+                        config::fmt_mac(&new_mac(j))
                     ),
                     3 => format!(
                         "neigh replace 172.16.101.{other} lladdr 02:00:00:00:99:{other:02x} dev {dev_b} nud reachable\n"
@@ -228,7 +228,7 @@ fn frames_reach_their_nexthops_or_the_kernel_under_churn() {
                     apply::tables_of(&moved).unwrap().routes
                 })
                 .collect();
-            sys::in_netns(&ns, move || {
+            netns::run_in(&ns, move || {
                 let mut ebpf = datapath::open_maps(&id)?;
                 let mut table = datapath::RouteTable::open(&mut ebpf)?;
                 let mut n = 0usize;
@@ -252,7 +252,7 @@ fn frames_reach_their_nexthops_or_the_kernel_under_churn() {
     // The frames, from the router's namespace, through its real program and pinned maps.
     let id = s.ids.router_id.clone();
     let g = gens.clone();
-    let result = sys::in_netns(&ns, move || {
+    let result = netns::run_in(&ns, move || {
         let mut ebpf = datapath::load_pinned(&id, Capacity::default())?;
         // The frames alternate between the XDP program and the tc program (same maps).
         let mut tc_ctx = [0u8; 192];

@@ -52,7 +52,7 @@ fn forwarded_frame_has_ttl_minus_one_and_egress_source_mac() {
     assert!(Seed::ping(&s.vm1, "172.16.101.3 -t 57 -p c0ffee", 1));
     let f = cap.join().unwrap().expect("no echo request reached vm3");
     assert_eq!(f[22], 56, "TTL must be sent − 1");
-    let mac = |b: &[u8]| router_ctl::sys::fmt_mac(b.try_into().unwrap());
+    let mac = |b: &[u8]| router_ctl::config::fmt_mac(b.try_into().unwrap());
     assert_eq!(
         mac(&f[6..12]),
         qr_b,
@@ -164,7 +164,7 @@ fn dual_stack_ports_forward_both_families_at_once() {
     assert_eq!(f[21], 60, "hop limit must be sent − 1");
     let src_mac: [u8; 6] = f[6..12].try_into().unwrap();
     assert_eq!(
-        router_ctl::sys::fmt_mac(&src_mac),
+        router_ctl::config::fmt_mac(&src_mac),
         s.mac_of(&dev_b),
         "source MAC = qr- device's"
     );
@@ -327,6 +327,7 @@ fn apply_is_idempotent_and_destroy_removes_what_it_created() {
     let mut s = Seed::applied("");
     s.plug(&s.vm1, &s.ids.tap_a(), "172.16.100.3/24", "172.16.100.1");
     s.plug(&s.vm3, &s.ids.tap_b(), "172.16.101.3/24", "172.16.101.1");
+    s.wait_settled();
     let show = ctl_json(&["show", &s.ids.router_id]);
     let path = write_config(&format!("{}-again", s.ids.tag), &s.ids.config(""));
     let out = ctl(&["apply", "-f", &path]);

@@ -267,7 +267,7 @@ fn run_corpus(
 }
 
 fn mac(s: &str) -> [u8; 6] {
-    router_ctl::sys::parse_mac(s).expect("a MAC")
+    router_ctl::config::parse_mac(s).expect("a MAC")
 }
 
 /// Sets a global sysctl for the test's duration and restores it after (also on failure).

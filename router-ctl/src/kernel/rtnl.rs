@@ -1,0 +1,361 @@
+//! A blocking rtnetlink client for the calling thread's network namespace: devices, addresses
+//! and routes, as apply, destroy and the daemon need them.
+
+use std::{
+    net::IpAddr,
+    os::fd::{AsRawFd as _, BorrowedFd},
+};
+
+use anyhow::{anyhow, Context as _, Result};
+use futures::TryStreamExt as _;
+use rtnetlink::{
+    packet_route::{
+        address::{AddressAttribute, AddressFlags, AddressHeaderFlags, AddressMessage},
+        link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage},
+        route::{RouteAttribute, RouteMessage},
+        AddressFamily,
+    },
+    Handle, LinkUnspec, LinkVeth, RouteMessageBuilder, RouteNextHopBuilder,
+};
+
+use crate::config::IpNet;
+
+/// A device as the kernel reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Link {
+    pub index: u32,
+    pub name: String,
+    pub mac: Option<[u8; 6]>,
+    pub mtu: u32,
+    /// Administratively up.
+    pub up: bool,
+    /// Has carrier (a veth: its peer is up).
+    pub lower_up: bool,
+    /// veth, macvlan, openvswitch, …; None for a NIC.
+    pub kind: Option<String>,
+}
+
+impl Link {
+    /// Up with carrier: frames can leave through it.
+    pub fn running(&self) -> bool {
+        self.up && self.lower_up
+    }
+
+    pub fn mac(&self) -> Result<[u8; 6]> {
+        self.mac
+            .ok_or_else(|| anyhow!("device {} has no Ethernet address", self.name))
+    }
+}
+
+/// An address on a device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Addr {
+    pub index: u32,
+    pub ip: IpAddr,
+    pub prefix_len: u8,
+}
+
+/// An rtnetlink connection in the namespace of the thread that made it.
+pub struct Rtnl {
+    rt: tokio::runtime::Runtime,
+    handle: Handle,
+}
+
+/// An rtnetlink error as the OS error it carries (EEXIST, ENODEV, …) when it carries one.
+fn os_error(e: rtnetlink::Error) -> anyhow::Error {
+    match e {
+        rtnetlink::Error::NetlinkError(m) => match m.code {
+            Some(c) => anyhow::Error::new(std::io::Error::from_raw_os_error(-c.get())),
+            None => anyhow!("netlink error"),
+        },
+        other => anyhow::Error::new(other),
+    }
+}
+
+/// The errno of an error made by `os_error`.
+fn errno(e: &anyhow::Error) -> Option<i32> {
+    e.downcast_ref::<std::io::Error>()
+        .and_then(|e| e.raw_os_error())
+}
+
+impl Rtnl {
+    pub fn new() -> Result<Rtnl> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .build()
+            .context("cannot start an I/O runtime")?;
+        let (conn, handle) = rt.block_on(async {
+            let (conn, handle, _) =
+                rtnetlink::new_connection().context("cannot open an rtnetlink socket")?;
+            anyhow::Ok((conn, handle))
+        })?;
+        rt.spawn(conn);
+        Ok(Rtnl { rt, handle })
+    }
+
+    /// Every device of the namespace.
+    pub fn links(&self) -> Result<Vec<Link>> {
+        self.rt
+            .block_on(async {
+                let mut s = self.handle.link().get().execute();
+                let mut v = Vec::new();
+                while let Some(m) = s.try_next().await.map_err(os_error)? {
+                    v.push(link_of(&m));
+                }
+                anyhow::Ok(v)
+            })
+            .context("cannot list the devices")
+    }
+
+    /// The device named `name`, if there is one.
+    pub fn link(&self, name: &str) -> Result<Option<Link>> {
+        let got = self.rt.block_on(async {
+            let mut s = self
+                .handle
+                .link()
+                .get()
+                .match_name(name.to_string())
+                .execute();
+            s.try_next().await.map_err(os_error)
+        });
+        match got {
+            Ok(m) => Ok(m.map(|m| link_of(&m))),
+            Err(e) if errno(&e) == Some(libc::ENODEV) => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("cannot look up device {name}")),
+        }
+    }
+
+    /// Creates a veth pair `name` ↔ `peer` in this namespace.
+    pub fn veth_add(&self, name: &str, peer: &str) -> Result<()> {
+        self.rt
+            .block_on(
+                self.handle
+                    .link()
+                    .add(LinkVeth::new(name, peer).build())
+                    .execute(),
+            )
+            .map_err(os_error)
+            .with_context(|| format!("cannot create veth pair {name} / {peer}"))
+    }
+
+    fn set(&self, msg: LinkMessage, what: impl FnOnce() -> String) -> Result<()> {
+        self.rt
+            .block_on(self.handle.link().set(msg).execute())
+            .map_err(os_error)
+            .with_context(what)
+    }
+
+    pub fn set_up(&self, index: u32, name: &str) -> Result<()> {
+        self.set(LinkUnspec::new_with_index(index).up().build(), || {
+            format!("cannot set {name} up")
+        })
+    }
+
+    pub fn set_down(&self, index: u32, name: &str) -> Result<()> {
+        self.set(LinkUnspec::new_with_index(index).down().build(), || {
+            format!("cannot set {name} down")
+        })
+    }
+
+    pub fn set_up_by_name(&self, name: &str) -> Result<()> {
+        let l = self
+            .link(name)?
+            .ok_or_else(|| anyhow!("no device {name}"))?;
+        self.set_up(l.index, name)
+    }
+
+    /// Moves device `index` into the namespace open as `ns`.
+    pub fn set_netns(&self, index: u32, name: &str, ns: BorrowedFd<'_>) -> Result<()> {
+        self.set(
+            LinkUnspec::new_with_index(index)
+                .setns_by_fd(ns.as_raw_fd())
+                .build(),
+            || format!("cannot move {name} to another namespace"),
+        )
+    }
+
+    pub fn link_del(&self, index: u32, name: &str) -> Result<()> {
+        let h = self.handle.clone();
+        match self
+            .rt
+            .block_on(h.link().del(index).execute())
+            .map_err(os_error)
+        {
+            Err(e) if errno(&e) == Some(libc::ENODEV) => Ok(()),
+            r => r.with_context(|| format!("cannot delete device {name}")),
+        }
+    }
+
+    /// Every IPv4 and IPv6 address of the namespace.
+    pub fn addrs(&self) -> Result<Vec<Addr>> {
+        self.rt
+            .block_on(async {
+                let mut s = self.handle.address().get().execute();
+                let mut v = Vec::new();
+                while let Some(m) = s.try_next().await.map_err(os_error)? {
+                    let ip = m.attributes.iter().find_map(|a| match a {
+                        AddressAttribute::Local(ip) => Some(*ip),
+                        _ => None,
+                    });
+                    let ip = ip.or_else(|| {
+                        m.attributes.iter().find_map(|a| match a {
+                            AddressAttribute::Address(ip) => Some(*ip),
+                            _ => None,
+                        })
+                    });
+                    if let Some(ip) = ip {
+                        v.push(Addr {
+                            index: m.header.index,
+                            ip,
+                            prefix_len: m.header.prefix_len,
+                        });
+                    }
+                }
+                anyhow::Ok(v)
+            })
+            .context("cannot list the addresses")
+    }
+
+    /// Adds `ip/prefix_len` to device `index`; IPv6 without duplicate address detection (a
+    /// router's address never sits tentative).
+    pub fn addr_add(&self, index: u32, dev: &str, ip: IpAddr, prefix_len: u8) -> Result<()> {
+        let mut req = self.handle.address().add(index, ip, prefix_len);
+        if ip.is_ipv6() {
+            let m = req.message_mut();
+            m.header.flags |= AddressHeaderFlags::Nodad;
+            m.attributes
+                .push(AddressAttribute::Flags(AddressFlags::Nodad));
+        }
+        self.rt
+            .block_on(req.execute())
+            .map_err(os_error)
+            .with_context(|| format!("cannot add address {ip}/{prefix_len} to {dev}"))
+    }
+
+    pub fn addr_del(&self, index: u32, dev: &str, ip: IpAddr, prefix_len: u8) -> Result<()> {
+        let mut m = AddressMessage::default();
+        m.header.family = if ip.is_ipv6() {
+            AddressFamily::Inet6
+        } else {
+            AddressFamily::Inet
+        };
+        m.header.prefix_len = prefix_len;
+        m.header.index = index;
+        m.attributes.push(AddressAttribute::Local(ip));
+        if ip.is_ipv6() {
+            m.attributes = vec![AddressAttribute::Address(ip)];
+        } else {
+            m.attributes.push(AddressAttribute::Address(ip));
+        }
+        match self
+            .rt
+            .block_on(self.handle.address().del(m).execute())
+            .map_err(os_error)
+        {
+            Err(e) if errno(&e) == Some(libc::EADDRNOTAVAIL) => Ok(()),
+            r => r.with_context(|| format!("cannot delete address {ip}/{prefix_len} from {dev}")),
+        }
+    }
+
+    /// Adds or replaces the route to `dest` through `hops` (nexthop, device index): one hop is a
+    /// plain route, several a multipath route.
+    pub fn route_replace(&self, dest: IpNet, hops: &[(IpAddr, u32)]) -> Result<()> {
+        let msg = route_message(dest, hops)?;
+        self.rt
+            .block_on(self.handle.route().add(msg).replace().execute())
+            .map_err(os_error)
+            .with_context(|| format!("cannot add the route to {dest}"))
+    }
+
+    /// Deletes the route to `dest` (nothing to do when there is none).
+    pub fn route_del(&self, dest: IpNet) -> Result<()> {
+        let msg = route_message(dest, &[])?;
+        match self
+            .rt
+            .block_on(self.handle.route().del(msg).execute())
+            .map_err(os_error)
+        {
+            Err(e) if errno(&e) == Some(libc::ESRCH) => Ok(()),
+            r => r.with_context(|| format!("cannot delete the route to {dest}")),
+        }
+    }
+}
+
+fn route_message(dest: IpNet, hops: &[(IpAddr, u32)]) -> Result<RouteMessage> {
+    let (addr, len) = match dest {
+        IpNet::V4(n) => (IpAddr::V4(n.addr), n.len),
+        IpNet::V6(n) => (IpAddr::V6(n.addr), n.len),
+    };
+    let mut b = RouteMessageBuilder::<IpAddr>::new()
+        .destination_prefix(addr, len)
+        .map_err(|e| anyhow!("route to {dest}: {e}"))?;
+    match hops {
+        [] => {}
+        [(via, dev)] => {
+            b = b
+                .gateway(*via)
+                .map_err(|e| anyhow!("route to {dest}: {e}"))?
+                .output_interface(*dev);
+        }
+        _ => {
+            let family = if dest.is_ipv6() {
+                AddressFamily::Inet6
+            } else {
+                AddressFamily::Inet
+            };
+            let mut nexthops = Vec::new();
+            for (via, dev) in hops {
+                nexthops.push(
+                    RouteNextHopBuilder::new(family)
+                        .interface(*dev)
+                        .via(*via)
+                        .map_err(|e| anyhow!("route to {dest}: {e}"))?
+                        .build(),
+                );
+            }
+            b = b.multipath(nexthops);
+        }
+    }
+    let mut m = b.build();
+    // Without a table attribute the kernel takes the main table, as `ip route` does.
+    m.attributes
+        .retain(|a| !matches!(a, RouteAttribute::Table(_)));
+    Ok(m)
+}
+
+fn link_of(m: &LinkMessage) -> Link {
+    let mut l = Link {
+        index: m.header.index,
+        name: String::new(),
+        mac: None,
+        mtu: 0,
+        up: m.header.flags.contains(LinkFlags::Up),
+        lower_up: m.header.flags.contains(LinkFlags::LowerUp),
+        kind: None,
+    };
+    for a in &m.attributes {
+        match a {
+            LinkAttribute::IfName(n) => l.name = n.clone(),
+            LinkAttribute::Mtu(v) => l.mtu = *v,
+            LinkAttribute::Address(a) if a.len() == 6 => {
+                l.mac = Some([a[0], a[1], a[2], a[3], a[4], a[5]])
+            }
+            LinkAttribute::LinkInfo(infos) => {
+                for i in infos {
+                    if let LinkInfo::Kind(k) = i {
+                        l.kind = Some(kind_name(k));
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    l
+}
+
+fn kind_name(k: &InfoKind) -> String {
+    match k {
+        InfoKind::Other(s) => s.clone(),
+        k => format!("{k}").to_lowercase(),
+    }
+}
