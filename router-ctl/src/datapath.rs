@@ -53,6 +53,14 @@ const ALL_MAPS: [&str; 15] = [
     map_names::STATS,
 ];
 
+/// A loader for the embedded object. The programs use no CO-RE relocations, so the kernel's
+/// BTF is not read (parsing /sys/kernel/btf/vmlinux costs several milliseconds per load).
+fn loader<'a>() -> EbpfLoader<'a> {
+    let mut l = EbpfLoader::new();
+    l.btf(None);
+    l
+}
+
 /// Loads the program with private, unpinned maps (packet tests and benchmarks).
 pub fn load_unpinned() -> Result<Ebpf> {
     load_unpinned_sized(Capacity::default())
@@ -67,7 +75,7 @@ fn size_maps(loader: &mut EbpfLoader<'_>, cap: Capacity) {
 
 /// As `load_unpinned`, with route table maps of the given capacity.
 pub fn load_unpinned_sized(cap: Capacity) -> Result<Ebpf> {
-    let mut loader = EbpfLoader::new();
+    let mut loader = loader();
     size_maps(&mut loader, cap);
     let mut ebpf = loader.load(PROGRAM).context("loading the eBPF object")?;
     load_programs(&mut ebpf)?;
@@ -107,11 +115,14 @@ fn open_pinned_object(router_id: &str, cap: Capacity, programs: bool) -> Result<
     std::fs::create_dir_all(dir.join("links"))
         .with_context(|| format!("cannot create {}", dir.display()))?;
     check_pinned_layout(router_id)?;
-    let paths: Vec<_> = ALL_MAPS.iter().map(|m| (*m, dir.join(m))).collect();
-    let mut loader = EbpfLoader::new();
-    size_maps(&mut loader, cap);
-    for (name, path) in &paths {
-        loader.map_pin_path(name, path.as_path());
+    // One loader per process (its creation parses the kernel's BTF): every use below sets the
+    // size and pin path of every map it pins, so nothing carries over from a previous router.
+    static PINNED: std::sync::Mutex<Option<EbpfLoader<'static>>> = std::sync::Mutex::new(None);
+    let mut guard = PINNED.lock().unwrap_or_else(|e| e.into_inner());
+    let loader = guard.get_or_insert_with(loader);
+    size_maps(loader, cap);
+    for name in ALL_MAPS {
+        loader.map_pin_path(name, dir.join(name));
     }
     let mut ebpf = loader.load(PROGRAM).with_context(|| {
         format!(

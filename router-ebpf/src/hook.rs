@@ -7,6 +7,7 @@ use aya_ebpf::{
     bindings::{xdp_action, TC_ACT_REDIRECT},
     helpers::{
         bpf_csum_diff, bpf_csum_update, bpf_redirect, bpf_skb_change_tail, bpf_xdp_adjust_tail,
+        bpf_xdp_load_bytes,
     },
     programs::{TcContext, XdpContext},
     EbpfContext as _,
@@ -14,8 +15,8 @@ use aya_ebpf::{
 use router_common::{iface_flags, pass_reason as why, Iface, Route};
 
 use crate::{
-    maps::{TC_PORTS, TX_PORTS},
-    parse::{l4_header_len, ptr_at, ETH_LEN},
+    maps::{SCRATCH, TC_PORTS, TX_PORTS},
+    parse::{l4_header_len, ETH_LEN},
 };
 
 /// tcx: hand the packet on (to the next program of the chain, then the stack).
@@ -208,59 +209,72 @@ impl Hook for Tc {
 }
 
 /// True when the TCP or UDP segment in `[l4, end)` (at least 8 bytes) verifies against the
-/// pseudo-header sum
-/// `pseudo` (memory-order 16-bit words). Segments longer than 8 KiB are not verified (false:
-/// the kernel decides). The sum is taken by the kernel's checksum helper in 512-byte chunks,
-/// then in pieces of 256, 128, … 4 bytes, then the last 0 to 3 bytes: no long loop for the
-/// verifier to walk.
+/// pseudo-header sum `pseudo` (memory-order 16-bit words). Segments longer than 8 KiB are not
+/// verified (false: the kernel decides).
+///
+/// The segment is copied in chunks of up to 512 bytes into a per-CPU scratch buffer
+/// (`bpf_xdp_load_bytes` checks the bounds when it runs) and summed there by the kernel's
+/// checksum helper: the verifier tracks no packet range through the loop, which keeps loading
+/// the program cheap.
 #[inline(always)]
-fn checksum_verifies(h: &impl Hook, l4: usize, end: usize, pseudo: u64, _proto: u8) -> bool {
-    const CHUNK: usize = 512;
-    if end > h.data_end() - h.data() || end < l4 + 8 || end - l4 > 16 * CHUNK {
+fn checksum_verifies(h: &Xdp, l4: usize, end: usize, pseudo: u64, _proto: u8) -> bool {
+    const CHUNK: u32 = 512;
+    if end < l4 + 8 || end - l4 > 16 * CHUNK as usize {
         return false;
     }
-    let len = end - l4;
+    let Some(buf) = SCRATCH.get_ptr_mut(0) else {
+        return false;
+    };
     let mut sum = pseudo;
-    let mut off = l4;
-    let whole = len / CHUNK;
-    for i in 0..16 {
-        if i >= whole {
+    let mut off = l4 as u32;
+    let mut left = (end - l4) as u32;
+    for _ in 0..16 {
+        if left == 0 {
             break;
         }
-        match csum_at::<CHUNK>(h, off) {
-            Some(s) => sum += s,
-            None => return false,
-        }
-        off += CHUNK;
-    }
-    let rest = len % CHUNK;
-    macro_rules! piece {
-        ($n:literal) => {
-            if rest & $n != 0 {
-                match csum_at::<$n>(h, off) {
-                    Some(s) => sum += s,
-                    None => return false,
-                }
-                off += $n;
-            }
+        let n = if left > CHUNK { CHUNK } else { left };
+        // 1..=512 as the verifier sees it too (n is never 0 here: left > 0).
+        let n = ((n.wrapping_sub(1)) & (CHUNK - 1)) + 1;
+        // SAFETY: the helper copies n (1..=512) bytes at `off` of the frame into the 516-byte
+        // buffer, or fails when the frame is shorter.
+        let rc = unsafe {
+            bpf_xdp_load_bytes(
+                h.0.as_ptr() as *mut _,
+                off,
+                buf as *mut core::ffi::c_void,
+                n,
+            )
         };
-    }
-    piece!(256);
-    piece!(128);
-    piece!(64);
-    piece!(32);
-    piece!(16);
-    piece!(8);
-    piece!(4);
-    let mut tail = [0u8; 4];
-    for (i, t) in tail.iter_mut().enumerate().take(rest & 3) {
-        let Some(p) = ptr_at::<u8>(h, off + i) else {
+        if rc != 0 {
             return false;
+        }
+        // The last chunk may end inside a 32-bit word: zeros complete it.
+        let words = (n + 3) & !3;
+        // SAFETY: n <= 512 and the buffer has 516 bytes: bytes n..n+3 lie inside it.
+        unsafe {
+            let b = &mut *buf;
+            let i = n as usize;
+            if let Some(x) = b.get_mut(i) {
+                *x = 0;
+            }
+            if let Some(x) = b.get_mut(i + 1) {
+                *x = 0;
+            }
+            if let Some(x) = b.get_mut(i + 2) {
+                *x = 0;
+            }
+        }
+        // SAFETY: `words` (4..=512, a multiple of 4) bytes of the buffer.
+        let s = unsafe {
+            bpf_csum_diff(core::ptr::null_mut(), 0, buf as *mut u32, words, 0)
         };
-        // SAFETY: bounds checked by `ptr_at`.
-        *t = unsafe { *p };
+        if s < 0 {
+            return false;
+        }
+        sum += s as u32 as u64;
+        off += n;
+        left -= n;
     }
-    sum += u32::from_ne_bytes(tail) as u64;
     // Fold to 16 bits (a fixed number of steps, for the verifier): the sum stays below 2^40.
     sum = (sum & 0xffff_ffff) + (sum >> 32);
     sum = (sum & 0xffff_ffff) + (sum >> 32);
@@ -268,13 +282,4 @@ fn checksum_verifies(h: &impl Hook, l4: usize, end: usize, pseudo: u64, _proto: 
     sum = (sum & 0xffff) + (sum >> 16);
     sum = (sum & 0xffff) + (sum >> 16);
     sum == 0xffff
-}
-
-/// The one's-complement sum (32-bit, unfolded) of the `N` bytes at `off`.
-#[inline(always)]
-fn csum_at<const N: usize>(h: &impl Hook, off: usize) -> Option<u64> {
-    let p = ptr_at::<[u8; N]>(h, off)?;
-    // SAFETY: N readable bytes, bounds checked by `ptr_at`; N is a multiple of 4.
-    let s = unsafe { bpf_csum_diff(core::ptr::null_mut(), 0, p as *mut u32, N as u32, 0) };
-    (s >= 0).then_some(s as u32 as u64)
 }

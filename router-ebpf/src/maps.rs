@@ -59,5 +59,10 @@ pub static LOCAL_BITS: Array<[u64; 1024]> = Array::with_max_entries(1, 0);
 #[map(name = "LOCAL4")]
 pub static LOCAL4: HashMap<u32, u32> = HashMap::with_max_entries(MAX_LOCAL4, BPF_F_NO_PREALLOC);
 
+/// A per-CPU scratch buffer: the XDP program copies TCP/UDP segments there to verify their
+/// checksums (see `hook::checksum_verifies`).
+#[map(name = "SCRATCH")]
+pub static SCRATCH: PerCpuArray<[u8; 516]> = PerCpuArray::with_max_entries(1, 0);
+
 #[map(name = "STATS")]
 pub static STATS: PerCpuArray<Stats> = PerCpuArray::with_max_entries(STATS_SLOTS, 0);
