@@ -90,7 +90,7 @@ fn set_mode(s: &Seed, mode: Mode) -> Result<()> {
     }
     let cap = router_ctl::fib::Capacity::default();
     netns::run_in(&ns, move || {
-        let mut ebpf = datapath::load_pinned(&id, cap)?;
+        let mut ebpf = datapath::load_pinned(&id, cap, datapath::Programs::BOTH)?;
         datapath::attach_xdp(&mut ebpf, ib, &dev_b, &state::link_pin(&id, &dev_b))?;
         if mode == Mode::Router {
             datapath::attach_xdp(&mut ebpf, ia, &dev_a, &state::link_pin(&id, &dev_a))?;

@@ -151,6 +151,9 @@ fn precheck(routers: &[Router]) -> Result<()> {
     Ok(())
 }
 
+/// At most this many routers are applied at once.
+const APPLY_WORKERS: usize = 16;
+
 /// Applies `routers`. The programs are loaded and swapped in only where the attached ones come
 /// from another build, a device is new or changes hook, or `reload` asks for it.
 pub fn apply(routers: &[Router]) -> Result<Vec<Report>> {
@@ -161,23 +164,68 @@ pub fn apply_with(routers: &[Router], reload: bool) -> Result<Vec<Report>> {
     crate::kernel::ensure_bpffs()?;
     let _lock = Lock::acquire(state::STATE_LOCK)?;
     precheck(routers)?;
+    // Routers are independent (their own namespace, devices, pins and state file), and most of
+    // an apply is spent waiting in the kernel (moving a device between namespaces, attaching a
+    // link, loading a program each wait for RCU grace periods): routers are applied by a pool
+    // of workers, so the waits overlap. Each router is applied whole or rolled back whole.
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let results: Vec<std::sync::Mutex<Option<Result<Report>>>> = routers
+        .iter()
+        .map(|_| std::sync::Mutex::new(None))
+        .collect();
+    let workers = routers.len().clamp(1, APPLY_WORKERS);
+    std::thread::scope(|s| {
+        for _ in 0..workers {
+            s.spawn(|| loop {
+                let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(r) = routers.get(k) else { break };
+                let mut undo = Vec::new();
+                let res = apply_one(r, &mut undo, reload).map_err(|e| {
+                    for u in undo.into_iter().rev() {
+                        u.run();
+                    }
+                    e.context(format!(
+                        "applying router {} ({}); its changes were rolled back",
+                        r.id, r.name
+                    ))
+                });
+                *results[k].lock().unwrap_or_else(|e| e.into_inner()) = Some(res);
+            });
+        }
+    });
     let mut reports = Vec::new();
-    for r in routers {
-        let mut undo = Vec::new();
-        match apply_one(r, &mut undo, reload) {
-            Ok(rep) => reports.push(rep),
-            Err(e) => {
-                for u in undo.into_iter().rev() {
-                    u.run();
-                }
-                return Err(e.context(format!(
-                    "applying router {} ({}); its changes were rolled back",
-                    r.id, r.name
-                )));
-            }
+    let mut failed = Vec::new();
+    for res in results {
+        match res.into_inner().unwrap_or_else(|e| e.into_inner()) {
+            Some(Ok(rep)) => reports.push(rep),
+            Some(Err(e)) => failed.push(e),
+            None => bail!("an apply worker stopped before its router was done"),
         }
     }
-    Ok(reports)
+    if failed.is_empty() {
+        return Ok(reports);
+    }
+    let first = failed.remove(0);
+    let mut msg = String::new();
+    for e in &failed {
+        msg.push_str(&format!("\nalso failed: {e:#}"));
+    }
+    if !reports.is_empty() {
+        msg.push_str(&format!(
+            "\n{} other router(s) were applied: {}",
+            reports.len(),
+            reports
+                .iter()
+                .map(|r| r.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
+    Err(if msg.is_empty() {
+        first
+    } else {
+        anyhow::anyhow!("{first:#}{msg}")
+    })
 }
 
 /// The router's previous state, unless its namespace went away since: then it starts clean.
@@ -263,15 +311,11 @@ fn bring_devices(
                 rt.set_netns(l.index, &i.device, target.as_fd())?;
             } else {
                 let p = config::peer_of(&i.port_id);
-                rt.veth_add(&i.device, &p)?;
+                rt.veth_add_in(&i.device, &p, target.as_fd())?;
                 undo.push(Undo::DeleteLink {
                     ns: None,
                     dev: p.clone(),
                 });
-                let dev = rt
-                    .link(&i.device)?
-                    .with_context(|| format!("{} vanished once created", i.device))?;
-                rt.set_netns(dev.index, &i.device, target.as_fd())?;
                 rt.set_up_by_name(&p)?;
                 created.push(format!(
                     "device {} (veth, peer {p} in this namespace)",
@@ -538,7 +582,12 @@ impl Job {
         let mut ebpf = if keep_programs {
             datapath::open_pinned_object_sized(id, cap)?
         } else {
-            datapath::load_pinned(id, cap)?
+            let uses = |h| st.interfaces.iter().any(|i| i.active_hook == Some(h));
+            let progs = datapath::Programs {
+                xdp: uses(Hook::Xdp),
+                tc: uses(Hook::Tc),
+            };
+            datapath::load_pinned(id, cap, progs)?
         };
         datapath::set_ifaces(&mut ebpf, &t.ifaces, &t.down, &t.no_xmit)?;
         datapath::set_routes(&mut ebpf, &t.routes)?;

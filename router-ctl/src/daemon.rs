@@ -2,9 +2,11 @@
 //! neighbour table of its namespace (rtnetlink: a dump, then events).
 //!
 //! One watcher thread per router joins the router's namespace and opens its netlink socket
-//! there. The daemon rescans the routers applied every 200 ms (at once on SIGHUP), starts and
-//! stops watchers to match, and exits by itself when no router is left. SIGTERM/SIGINT stop it;
-//! the fast path keeps forwarding with the neighbours it has.
+//! there; it sleeps until the kernel has news (no polling), and hands device changes to a
+//! resync thread of its own. The daemon rescans the routers applied when their state changes
+//! (checked every 200 ms, at once on SIGHUP) and every second (a deleted namespace shows no
+//! event), starts and stops watchers to match, and exits by itself when no router is left.
+//! SIGTERM/SIGINT stop it; the fast path keeps forwarding with the neighbours it has.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -52,10 +54,59 @@ const RTMGRP_IPV4_IFADDR: u32 = 0x10;
 const RTMGRP_IPV6_IFADDR: u32 = 0x100;
 
 struct Watcher {
-    stop: Arc<AtomicBool>,
+    stop: Arc<Stop>,
     handle: JoinHandle<()>,
     /// What the watcher was started for; a change restarts it.
     fingerprint: String,
+}
+
+/// Tells a watcher to stop, waking it at once.
+#[derive(Default)]
+struct Stop {
+    flag: AtomicBool,
+    wake: tokio::sync::Notify,
+}
+
+impl Stop {
+    fn set(&self) {
+        self.flag.store(true, Ordering::SeqCst);
+        self.wake.notify_one();
+    }
+    fn is_set(&self) -> bool {
+        self.flag.load(Ordering::SeqCst)
+    }
+}
+
+/// Work for a router's resync thread: set by the watcher, waited for (without polling) by the
+/// resync thread.
+#[derive(Default)]
+struct Pending {
+    state: std::sync::Mutex<(bool, bool)>,
+    cv: std::sync::Condvar,
+}
+
+impl Pending {
+    fn dirty(&self) {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).0 = true;
+        self.cv.notify_one();
+    }
+    fn stop(&self) {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).1 = true;
+        self.cv.notify_one();
+    }
+    /// Waits for work; false once stopped.
+    fn wait(&self) -> bool {
+        let mut g = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if g.1 {
+                return false;
+            }
+            if std::mem::take(&mut g.0) {
+                return true;
+            }
+            g = self.cv.wait(g).unwrap_or_else(|e| e.into_inner());
+        }
+    }
 }
 
 fn fingerprint(r: &RouterState) -> String {
@@ -189,6 +240,8 @@ pub fn run(
     let mut watchers: BTreeMap<String, Watcher> = BTreeMap::new();
     let mut daemon_lock = Some(daemon_lock);
     let mut upgrade = false;
+    let mut known: Option<(Option<std::time::SystemTime>, Vec<RouterState>)> = None;
+    let mut passes = 0u64;
     while !TERM.load(Ordering::SeqCst) {
         if binary_replaced() {
             // A new build was installed over this one: hand over to it, so that one daemon
@@ -197,15 +250,42 @@ pub fn run(
             upgrade = true;
             break;
         }
+        let hup = HUP.swap(false, Ordering::SeqCst);
         if let Some(d) = defs.as_mut() {
-            if HUP.swap(false, Ordering::SeqCst) || d.mtime() != d.mtime {
+            if hup || d.mtime() != d.mtime {
                 if let Err(e) = d.load() {
                     // Keep what runs; the operator fixes the file and signals again.
                     tracing::error!(file = %d.path.display(), error = format!("{e:#}"), "definitions not applied; the routers keep their previous state");
                 }
             }
         }
-        let mut routers = RouterState::all().unwrap_or_default();
+        // The state files are read again only when one changed (a save renames a file into
+        // the directory, which changes its mtime): with many routers, parsing them all on
+        // every pass would cost more than everything else the daemon does.
+        let mtime = std::fs::metadata(state::routers_dir())
+            .and_then(|m| m.modified())
+            .ok();
+        // Nothing changed since the last full pass (and a watcher that stopped, say for a
+        // deleted namespace, counts as a change): wait, with a full pass every second anyway.
+        passes += 1;
+        let quiet = !hup
+            && !passes.is_multiple_of(5)
+            && known
+                .as_ref()
+                .is_some_and(|(t, _)| mtime.is_some() && *t == mtime)
+            && !watchers.values().any(|w| w.handle.is_finished());
+        if quiet {
+            nap();
+            continue;
+        }
+        let mut routers = match &known {
+            Some((t, v)) if mtime.is_some() && *t == mtime => v.clone(),
+            _ => {
+                let v = RouterState::all().unwrap_or_default();
+                known = Some((mtime, v.clone()));
+                v
+            }
+        };
         // A namespace deleted without destroy: its watcher lets go of it (or the namespace, its
         // devices and the instances' carrier would live on, nameless), and its pinned objects
         // go; the router is reported lost until it is applied again or destroyed.
@@ -259,14 +339,14 @@ pub fn run(
             .collect();
         for id in gone {
             if let Some(w) = watchers.remove(&id) {
-                w.stop.store(true, Ordering::SeqCst);
+                w.stop.set();
                 let _ = w.handle.join();
                 tracing::info!(router = %id, "neighbour watcher stopped");
             }
         }
         for r in routers {
             if !watchers.contains_key(&r.id) {
-                let stop = Arc::new(AtomicBool::new(false));
+                let stop = Arc::new(Stop::default());
                 let fp = fingerprint(&r);
                 let id = r.id.clone();
                 let s = stop.clone();
@@ -289,17 +369,14 @@ pub fn run(
                 );
             }
         }
-        for _ in 0..20 {
-            if TERM.load(Ordering::SeqCst) || HUP.load(Ordering::SeqCst) {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        nap();
     }
     // No API request is acted on from here on; one under way is finished and answered first.
     let _api = crate::api::BUSY.lock().unwrap_or_else(|e| e.into_inner());
+    for w in watchers.values() {
+        w.stop.set();
+    }
     for (_, w) in watchers {
-        w.stop.store(true, Ordering::SeqCst);
         let _ = w.handle.join();
     }
     if upgrade {
@@ -313,13 +390,22 @@ pub fn run(
     Ok(())
 }
 
+/// The main loop's pause between passes: 200 ms, cut short by a signal.
+fn nap() {
+    for _ in 0..20 {
+        if TERM.load(Ordering::SeqCst) || HUP.load(Ordering::SeqCst) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// One router's neighbour sync, on its own thread inside the router's namespace.
-fn watch(r: &RouterState, stop: &AtomicBool) -> Result<()> {
+fn watch(r: &RouterState, stop: &Stop) -> Result<()> {
     let f =
         netns::open(&r.namespace).with_context(|| format!("namespace {} is gone", r.namespace))?;
     netns::enter(&f)?;
     drop(f);
-    let my_netns = netns::current_inode();
     let ifindexes: BTreeSet<u32> = r.interfaces.iter().map(|i| i.ifindex).collect();
     let mut neighs = Neighs::open(&r.id)?;
     #[cfg(mutant = "empty_maps_on_restart")]
@@ -367,25 +453,20 @@ fn watch(r: &RouterState, stop: &AtomicBool) -> Result<()> {
         // feature event. Resyncs run on a thread of their own (they wait for the state lock,
         // which an apply of another router may hold for a while): neighbour events are never
         // held up behind them.
-        let dirty = Arc::new(AtomicBool::new(true));
+        let pending = Arc::new(Pending::default());
+        pending.dirty();
         let resyncer = {
-            let (dirty, id) = (dirty.clone(), r.id.clone());
-            let stop = Arc::new(AtomicBool::new(false));
-            let s = stop.clone();
-            let h = std::thread::Builder::new()
+            let (pending, id) = (pending.clone(), r.id.clone());
+            std::thread::Builder::new()
                 .name(format!("resync-{}", &id[..id.len().min(7)]))
                 .spawn(move || {
-                    while !s.load(Ordering::SeqCst) {
-                        if dirty.swap(false, Ordering::SeqCst) {
-                            if let Err(e) = crate::apply::resync(&id) {
-                                tracing::warn!(router = %id, error = format!("{e:#}"), "cannot bring the fast path in line with the devices");
-                            }
+                    while pending.wait() {
+                        if let Err(e) = crate::apply::resync(&id) {
+                            tracing::warn!(router = %id, error = format!("{e:#}"), "cannot bring the fast path in line with the devices");
                         }
-                        std::thread::sleep(Duration::from_millis(10));
                     }
                 })
-                .context("cannot spawn a resync thread")?;
-            (stop, h)
+                .context("cannot spawn a resync thread")?
         };
         // The kernel's XDP feature notifications (a veth's NDO_XMIT follows its peer's GRO).
         let mut netdev = crate::kernel::netdev::Netdev::open()
@@ -402,7 +483,6 @@ fn watch(r: &RouterState, stop: &AtomicBool) -> Result<()> {
             })
             .map_err(|e| tracing::warn!(router = %r.id, error = format!("{e:#}"), "no XDP feature notifications; devices are checked on link events only"))
             .ok();
-        let mut tick = tokio::time::interval(Duration::from_millis(20));
         loop {
             tokio::select! {
                 ev = events.next() => {
@@ -419,7 +499,7 @@ fn watch(r: &RouterState, stop: &AtomicBool) -> Result<()> {
                             | RouteNetlinkMessage::DelLink(_)
                             | RouteNetlinkMessage::NewAddress(_)
                             | RouteNetlinkMessage::DelAddress(_),
-                        ) => dirty.store(true, Ordering::SeqCst),
+                        ) => pending.dirty(),
                         _ => {}
                     }
                 }
@@ -441,22 +521,17 @@ fn watch(r: &RouterState, stop: &AtomicBool) -> Result<()> {
                             }
                         }
                         if changes.map_or(true, |c| c.iter().any(|(i, _)| ifindexes.contains(i))) {
-                            dirty.store(true, Ordering::SeqCst);
+                            pending.dirty();
                         }
                     }
                 }
-                _ = tick.tick() => {
-                    if stop.load(Ordering::SeqCst) { break; }
-                    // The namespace was deleted (or replaced): let go of it at once.
-                    if netns::inode(&r.namespace) != my_netns && !cfg!(mutant = "keeps_deleted_namespace") {
-                        tracing::info!(router = %r.id, namespace = %r.namespace, "namespace gone; neighbour watcher leaves it");
-                        break;
-                    }
+                _ = stop.wake.notified() => {
+                    if stop.is_set() { break; }
                 }
             }
         }
-        resyncer.0.store(true, Ordering::SeqCst);
-        let _ = resyncer.1.join();
+        pending.stop();
+        let _ = resyncer.join();
         anyhow::Ok(())
     })
 }

@@ -78,39 +78,63 @@ pub fn load_unpinned_sized(cap: Capacity) -> Result<Ebpf> {
     let mut loader = loader();
     size_maps(&mut loader, cap);
     let mut ebpf = loader.load(PROGRAM).context("loading the eBPF object")?;
-    load_programs(&mut ebpf)?;
+    load_programs(&mut ebpf, Programs::BOTH)?;
     Ok(ebpf)
 }
 
 /// A short fingerprint of the embedded eBPF object: a router whose attached programs were
 /// loaded from an object with the same fingerprint needs no reload.
 pub fn program_fingerprint() -> String {
-    // FNV-1a, 64 bits: enough to tell builds apart.
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in PROGRAM {
-        h = (h ^ *b as u64).wrapping_mul(0x0100_0000_01b3);
-    }
-    format!("{h:016x}")
+    static FINGERPRINT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    FINGERPRINT
+        .get_or_init(|| {
+            // FNV-1a, 64 bits: enough to tell builds apart.
+            let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+            for b in PROGRAM {
+                h = (h ^ *b as u64).wrapping_mul(0x0100_0000_01b3);
+            }
+            format!("{h:016x}")
+        })
+        .clone()
 }
 
-/// Loads the programs for `router_id`, reusing the maps pinned for it, or creating and pinning
-/// them (with room for `cap`; maps that exist keep their size).
-pub fn load_pinned(router_id: &str, cap: Capacity) -> Result<Ebpf> {
-    open_pinned_object(router_id, cap, true)
+/// Which of the two programs to hand to the verifier.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Programs {
+    pub xdp: bool,
+    pub tc: bool,
+}
+
+impl Programs {
+    pub const BOTH: Programs = Programs {
+        xdp: true,
+        tc: true,
+    };
+    const NONE: Programs = Programs {
+        xdp: false,
+        tc: false,
+    };
+}
+
+/// Loads the programs `progs` for `router_id`, reusing the maps pinned for it, or creating and
+/// pinning them (with room for `cap`; maps that exist keep their size). Only the programs a
+/// router's devices use are loaded: the verifier's time is most of a router's apply.
+pub fn load_pinned(router_id: &str, cap: Capacity, progs: Programs) -> Result<Ebpf> {
+    open_pinned_object(router_id, cap, progs)
 }
 
 /// The router's pinned maps, through the object, without handing the programs to the
 /// verifier: for map updates when the attached programs stay.
 pub fn open_maps(router_id: &str) -> Result<Ebpf> {
-    open_pinned_object(router_id, Capacity::default(), false)
+    open_pinned_object(router_id, Capacity::default(), Programs::NONE)
 }
 
 /// As `open_maps`, creating missing maps with room for `cap`.
 pub fn open_pinned_object_sized(router_id: &str, cap: Capacity) -> Result<Ebpf> {
-    open_pinned_object(router_id, cap, false)
+    open_pinned_object(router_id, cap, Programs::NONE)
 }
 
-fn open_pinned_object(router_id: &str, cap: Capacity, programs: bool) -> Result<Ebpf> {
+fn open_pinned_object(router_id: &str, cap: Capacity, progs: Programs) -> Result<Ebpf> {
     let dir = state::bpf_dir(router_id);
     std::fs::create_dir_all(dir.join("links"))
         .with_context(|| format!("cannot create {}", dir.display()))?;
@@ -130,9 +154,8 @@ fn open_pinned_object(router_id: &str, cap: Capacity, programs: bool) -> Result<
             dir.display()
         )
     })?;
-    if programs {
-        load_programs(&mut ebpf)?;
-    }
+    drop(guard);
+    load_programs(&mut ebpf, progs)?;
     Ok(ebpf)
 }
 
@@ -188,14 +211,18 @@ fn check_pinned_layout(router_id: &str) -> Result<()> {
     Ok(())
 }
 
-/// Hands both programs (the XDP one and the tc one) to the kernel's verifier.
-fn load_programs(ebpf: &mut Ebpf) -> Result<()> {
-    program(ebpf)?
-        .load()
-        .context("the kernel refused the XDP program")?;
-    tc_program(ebpf)?
-        .load()
-        .context("the kernel refused the tc program")?;
+/// Hands the programs `progs` (the XDP one, the tc one) to the kernel's verifier.
+fn load_programs(ebpf: &mut Ebpf, progs: Programs) -> Result<()> {
+    if progs.xdp {
+        program(ebpf)?
+            .load()
+            .context("the kernel refused the XDP program")?;
+    }
+    if progs.tc {
+        tc_program(ebpf)?
+            .load()
+            .context("the kernel refused the tc program")?;
+    }
     Ok(())
 }
 
@@ -238,13 +265,16 @@ pub fn attach_tc(ebpf: &mut Ebpf, device: &str, pin: &Path) -> Result<()> {
     }
     let id = match id {
         Some(id) => id,
-        None => prog
-            .attach_with_options(
+        None => {
+            // A new tcx link waits for an RCU grace period with the RTNL held.
+            let _rtnl = crate::kernel::rtnl_section();
+            prog.attach_with_options(
                 device,
                 TcAttachType::Ingress,
                 TcAttachOptions::TcxOrder(LinkOrder::default()),
             )
-            .with_context(|| format!("cannot attach the tc program at tcx ingress of {device} (needs Linux 6.6 or later)"))?,
+            .with_context(|| format!("cannot attach the tc program at tcx ingress of {device} (needs Linux 6.6 or later)"))?
+        }
     };
     let link: FdLink = prog
         .take_link(id)?
@@ -498,6 +528,63 @@ pub struct RouteTable {
     nexthops: Array<MapData, Route>,
     groups: Array<MapData, NhGroup>,
     fib6: LpmTrie<MapData, [u8; 16], u32>,
+    /// The descriptors `nexthops` and `groups` hold, for batched reads.
+    nexthops_fd: std::os::fd::RawFd,
+    groups_fd: std::os::fd::RawFd,
+}
+
+/// Every value of the array map `fd` (`n` entries of `T`) in one BPF_MAP_LOOKUP_BATCH call
+/// instead of one system call per entry.
+fn read_array<T: aya::Pod>(fd: std::os::fd::RawFd, n: u32) -> Result<Vec<T>> {
+    #[repr(C)]
+    #[derive(Default)]
+    struct Batch {
+        in_batch: u64,
+        out_batch: u64,
+        keys: u64,
+        values: u64,
+        count: u32,
+        map_fd: u32,
+        elem_flags: u64,
+        flags: u64,
+    }
+    const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+    let mut keys = vec![0u32; n as usize];
+    let mut values: Vec<std::mem::MaybeUninit<T>> = Vec::with_capacity(n as usize);
+    let mut next = 0u32;
+    let mut attr = Batch {
+        out_batch: &mut next as *mut u32 as u64,
+        keys: keys.as_mut_ptr() as u64,
+        values: values.as_mut_ptr() as u64,
+        count: n,
+        map_fd: fd as u32,
+        ..Default::default()
+    };
+    // SAFETY: the kernel writes at most `count` keys and values into buffers of that size.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_LOOKUP_BATCH,
+            &mut attr as *mut Batch,
+            std::mem::size_of::<Batch>(),
+        )
+    };
+    let err = std::io::Error::last_os_error();
+    // ENOENT: the batch reached the array's end, which is how reading it whole ends.
+    if rc != 0 && err.raw_os_error() != Some(libc::ENOENT) {
+        return Err(err).context("cannot read an array map in one batch");
+    }
+    anyhow::ensure!(
+        attr.count == n,
+        "batched read returned {} of {n} entries",
+        attr.count
+    );
+    // SAFETY: the kernel filled all n values (checked above).
+    unsafe { values.set_len(n as usize) };
+    Ok(values
+        .into_iter()
+        .map(|v| unsafe { v.assume_init() })
+        .collect())
 }
 
 impl RouteTable {
@@ -508,6 +595,8 @@ impl RouteTable {
         };
         let nh = array(map_names::NEXTHOPS)?;
         let groups = array(map_names::NH_GROUPS)?;
+        let (nexthops_fd, groups_fd) =
+            (nh.fd().as_fd().as_raw_fd(), groups.fd().as_fd().as_raw_fd());
         let fib6 = match ebpf.map(map_names::FIB6) {
             Some(Map::LpmTrie(d)) => clone_map(d)?,
             _ => anyhow::bail!("map {} is not an LPM trie", map_names::FIB6),
@@ -519,6 +608,8 @@ impl RouteTable {
             l3: Mapped::new(ebpf, map_names::FIB_L3)?,
             nexthops: Array::try_from(Map::Array(nh))?,
             groups: Array::try_from(Map::Array(groups))?,
+            nexthops_fd,
+            groups_fd,
         })
     }
 
@@ -528,16 +619,14 @@ impl RouteTable {
         let used2 = fib_build::groups_used(&l1);
         let l2 = self.l2.read_groups(used2.iter().copied());
         let l3 = self.l3.read_groups(fib_build::groups_used_in(&l2, &used2));
-        let mut nexthops = Vec::with_capacity(self.nexthops.len() as usize);
-        for i in 0..self.nexthops.len() {
-            let r = self.nexthops.get(&i, 0)?;
-            nexthops.push((r != Route::NONE).then_some(r));
-        }
-        let mut groups = Vec::with_capacity(self.groups.len() as usize);
-        for i in 0..self.groups.len() {
-            let g = self.groups.get(&i, 0)?;
-            groups.push((g.count != 0).then_some(g));
-        }
+        let nexthops = read_array::<Route>(self.nexthops_fd, self.nexthops.len())?
+            .into_iter()
+            .map(|r| (r != Route::NONE).then_some(r))
+            .collect();
+        let groups = read_array::<NhGroup>(self.groups_fd, self.groups.len())?
+            .into_iter()
+            .map(|g| (g.count != 0).then_some(g))
+            .collect();
         let mut v6 = std::collections::BTreeMap::new();
         for kv in self.fib6.iter() {
             let (k, v) = kv.context("reading the IPv6 route table")?;

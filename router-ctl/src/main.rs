@@ -231,11 +231,17 @@ fn run(cli: Cli) -> Result<()> {
             reload,
         } => {
             let routers = config::load_file(&file)?;
-            let reports = apply::apply_with(&routers, reload)?;
-            if !no_daemon {
+            let applied = apply::apply_with(&routers, reload);
+            let reports = if !no_daemon {
+                // Also when some routers failed: the others were applied and need the daemon.
                 let _lock = Lock::acquire(state::STATE_LOCK)?;
-                daemon::ensure_running()?;
-            }
+                let running = daemon::ensure_running();
+                let reports = applied?;
+                running?;
+                reports
+            } else {
+                applied?
+            };
             if cli.json {
                 print_json(serde_json::to_value(&reports)?);
             } else {

@@ -265,9 +265,7 @@ fn checksum_verifies(h: &Xdp, l4: usize, end: usize, pseudo: u64, _proto: u8) ->
             }
         }
         // SAFETY: `words` (4..=512, a multiple of 4) bytes of the buffer.
-        let s = unsafe {
-            bpf_csum_diff(core::ptr::null_mut(), 0, buf as *mut u32, words, 0)
-        };
+        let s = unsafe { bpf_csum_diff(core::ptr::null_mut(), 0, buf as *mut u32, words, 0) };
         if s < 0 {
             return false;
         }

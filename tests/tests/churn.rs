@@ -253,12 +253,13 @@ fn frames_reach_their_nexthops_or_the_kernel_under_churn() {
     let id = s.ids.router_id.clone();
     let g = gens.clone();
     let result = netns::run_in(&ns, move || {
-        let mut ebpf = datapath::load_pinned(&id, Capacity::default())?;
+        let mut ebpf = datapath::load_pinned(&id, Capacity::default(), datapath::Programs::BOTH)?;
         // The frames alternate between the XDP program and the tc program (same maps).
         let mut tc_ctx = [0u8; 192];
         tc_ctx[36..40].copy_from_slice(&ifindex_a.to_ne_bytes());
         tc_ctx[40..44].copy_from_slice(&ifindex_a.to_ne_bytes());
-        let mut ebpf_tc = datapath::load_pinned(&id, Capacity::default())?;
+        let mut ebpf_tc =
+            datapath::load_pinned(&id, Capacity::default(), datapath::Programs::BOTH)?;
         let tc = datapath::tc_program(&mut ebpf_tc)?;
         let prog = datapath::program(&mut ebpf)?;
         let frames: Vec<Vec<u8>> = (0..FLOWS)

@@ -12,6 +12,15 @@ pub mod sysctl;
 
 use anyhow::{bail, Context as _, Result};
 
+/// Serialises this process's kernel calls that hold the RTNL for long (a tcx attach waits for an
+/// RCU grace period with it held) with those that spin while another holds it (writing a
+/// forwarding sysctl retries the system call until it gets the lock). Without it, routers
+/// applied in parallel burn a CPU spinning against each other.
+pub fn rtnl_section() -> std::sync::MutexGuard<'static, ()> {
+    static RTNL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    RTNL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// The device named `name` in namespace `ns` (None: the caller's), if there is one.
 pub fn link_in(ns: Option<&str>, name: &str) -> Result<Option<rtnl::Link>> {
     let name = name.to_string();

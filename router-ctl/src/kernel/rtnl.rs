@@ -126,12 +126,19 @@ impl Rtnl {
     }
 
     /// Creates a veth pair `name` ↔ `peer` in this namespace.
-    pub fn veth_add(&self, name: &str, peer: &str) -> Result<()> {
+    /// Creates the veth pair `name` / `peer`, `name` straight in the namespace open as `ns` and
+    /// `peer` in this one: no device has to move between namespaces afterwards (a move waits
+    /// for an RCU grace period with the RTNL held).
+    pub fn veth_add_in(&self, name: &str, peer: &str, ns: BorrowedFd<'_>) -> Result<()> {
         self.rt
             .block_on(
                 self.handle
                     .link()
-                    .add(LinkVeth::new(name, peer).build())
+                    .add(
+                        LinkVeth::new(name, peer)
+                            .setns_by_fd(ns.as_raw_fd())
+                            .build(),
+                    )
                     .execute(),
             )
             .map_err(os_error)

@@ -14,5 +14,6 @@ pub fn get(key: &str) -> Result<String> {
 }
 
 pub fn set(key: &str, value: &str) -> Result<()> {
+    let _rtnl = super::rtnl_section();
     std::fs::write(path(key), value).with_context(|| format!("cannot set sysctl {key}={value}"))
 }
