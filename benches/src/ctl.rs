@@ -113,3 +113,103 @@ pub fn peak_rss_mib() -> f64 {
         .map(|kb| kb / 1024.0)
         .unwrap_or(0.0)
 }
+
+/// `router-ctl apply` at scale, as an operator runs it (the binary, a definitions file, the
+/// daemon started or signalled as usual). Each router has two subnets on veths that apply
+/// creates, so the hook is tc (a tcx link per device).
+pub struct ApplyScale {
+    pub one: Summary,
+    pub hundred: Summary,
+    pub reapply_hundred: Summary,
+    pub destroy_hundred: Summary,
+    /// (routers, first apply seconds, unchanged re-apply seconds)
+    pub big: Option<(usize, f64, f64)>,
+}
+
+fn definitions(n: usize) -> String {
+    let mut t = String::new();
+    for i in 0..n {
+        let _ = std::fmt::Write::write_fmt(
+            &mut t,
+            format_args!(
+                "[[router]]\nid = \"c{i:06x}-0000-4000-8000-000000000000\"\nname = \"bench-apply-{i}\"\n\
+                 [[router.interface]]\nport_id = \"b{i:05x}0-0000-4000-8000-000000000000\"\nsubnet = \"10.{a}.{b}.0/24\"\ngateway_ip = \"10.{a}.{b}.1\"\n\
+                 [[router.interface]]\nport_id = \"b{i:05x}1-0000-4000-8000-000000000000\"\nsubnet = \"10.{c}.{b}.0/24\"\ngateway_ip = \"10.{c}.{b}.1\"\n",
+                a = 200 + (i >> 8),
+                b = i & 255,
+                c = 220 + (i >> 8),
+            ),
+        );
+    }
+    t
+}
+
+/// Runs `router-ctl ARGS`; its wall time in seconds.
+fn timed(args: &[&str]) -> Result<f64> {
+    let t = Instant::now();
+    let out = std::process::Command::new(tests::router_ctl())
+        .args(args)
+        .output()
+        .context("router-ctl")?;
+    let secs = t.elapsed().as_secs_f64();
+    anyhow::ensure!(
+        out.status.success(),
+        "router-ctl {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(secs)
+}
+
+fn apply_and_destroy(n: usize, reapply: bool) -> Result<(f64, Option<f64>, f64)> {
+    let path = format!("/tmp/router-bench-apply-{n}.toml");
+    std::fs::write(&path, definitions(n))?;
+    let first = timed(&["apply", "-f", &path])?;
+    let again = if reapply {
+        // The daemon starts its watchers after the first apply; let it settle first.
+        std::thread::sleep(Duration::from_secs(2));
+        Some(timed(&["apply", "-f", &path])?)
+    } else {
+        None
+    };
+    let names: Vec<String> = (0..n).map(|i| format!("bench-apply-{i}")).collect();
+    let mut args = vec!["destroy"];
+    args.extend(names.iter().map(|s| s.as_str()));
+    let destroy = timed(&args)?;
+    let _ = std::fs::remove_file(&path);
+    Ok((first, again, destroy))
+}
+
+pub fn apply_scale(runs: usize, big: Option<usize>) -> Result<ApplyScale> {
+    let (mut one, mut hundred, mut re, mut de) = (vec![], vec![], vec![], vec![]);
+    for round in 0..runs {
+        one.push(apply_and_destroy(1, false)?.0);
+        let (a, r, d) = apply_and_destroy(100, true)?;
+        eprintln!(
+            "apply: round {}: 1 router {:.3} s; 100 routers {a:.2} s, unchanged again {:.3} s, destroyed in {d:.2} s",
+            round + 1,
+            one[round],
+            r.unwrap_or(0.0)
+        );
+        hundred.push(a);
+        re.extend(r);
+        de.push(d);
+    }
+    let big = match big {
+        Some(n) => {
+            let (a, r, d) = apply_and_destroy(n, true)?;
+            let r = r.unwrap_or(0.0);
+            eprintln!(
+                "apply: {n} routers {a:.1} s, unchanged again {r:.2} s, destroyed in {d:.1} s"
+            );
+            Some((n, a, r))
+        }
+        None => None,
+    };
+    Ok(ApplyScale {
+        one: summarize(&one),
+        hundred: summarize(&hundred),
+        reapply_hundred: summarize(&re),
+        destroy_hundred: summarize(&de),
+        big,
+    })
+}

@@ -129,7 +129,7 @@ fn sink_count(vm3: &str) -> Result<u64> {
     bail!("no counter in the sink's nftables rule")
 }
 
-fn pin_to_cpu(cpu: usize) -> Result<()> {
+pub(crate) fn pin_to_cpu(cpu: usize) -> Result<()> {
     // SAFETY: a zeroed cpu_set_t with one bit set; affects this thread only.
     unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
@@ -227,6 +227,12 @@ pub fn run(rounds: usize) -> Result<(Vec<E2eResult>, UpdatesUnderTraffic)> {
     s.prime_neighbours();
     s.prime_neighbours6();
     let tap_b = s.ids.tap_b();
+    // XDP redirects into qr-b need its peer (vm3's veth) to take XDP frames: GRO on there, the
+    // one tuning this section makes (the fixture leaves every veth at kernel defaults).
+    sh(&format!(
+        "ip netns exec {} ethtool -K {tap_b} gro on >/dev/null",
+        s.vm3
+    ));
     sh(&format!(
         "ip netns exec {vm3} nft add table netdev sink && \
          ip netns exec {vm3} nft add chain netdev sink in '{{ type filter hook ingress device \"{tap_b}\" priority 0; }}' && \

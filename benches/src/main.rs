@@ -7,6 +7,7 @@ mod ctl;
 mod e2e;
 mod pkt;
 mod report;
+mod skb;
 mod stats;
 mod table;
 
@@ -29,6 +30,15 @@ struct Args {
     /// Skip the end-to-end comparison.
     #[arg(long)]
     no_e2e: bool,
+    /// Skip the skb traffic (iperf3 TCP, small UDP from an AF_PACKET sender).
+    #[arg(long)]
+    no_skb: bool,
+    /// Skip `router-ctl apply` at scale.
+    #[arg(long)]
+    no_apply: bool,
+    /// Routers in the large apply (0: none).
+    #[arg(long, default_value_t = 1000)]
+    apply_big: usize,
     /// Where to write the report (the plot goes beside it).
     #[arg(long, default_value = "BENCHMARKS.md")]
     out: PathBuf,
@@ -58,6 +68,25 @@ fn main() -> Result<()> {
     } else {
         Some(e2e::run(args.runs).context("end-to-end comparison")?)
     };
+    let (tcp, small) = if args.no_skb {
+        (None, None)
+    } else {
+        (
+            Some(skb::tcp(args.runs).context("bulk TCP")?),
+            Some(skb::small_udp(args.runs).context("small UDP from an skb sender")?),
+        )
+    };
+    let apply = if args.no_apply {
+        None
+    } else {
+        Some(
+            ctl::apply_scale(
+                args.runs.min(5),
+                (args.apply_big > 0).then_some(args.apply_big),
+            )
+            .context("apply at scale")?,
+        )
+    };
     let neigh = ctl::neighbour_latency(20).context("neighbour latency")?;
     eprintln!("neighbour latency {} ms", neigh.total_ms.fmt(2));
     let report = report::Report {
@@ -65,6 +94,9 @@ fn main() -> Result<()> {
         pkt: &pkt,
         e2e: e2e.as_ref(),
         neigh: Some(&neigh),
+        tcp: tcp.as_deref(),
+        small: small.as_deref(),
+        apply: apply.as_ref(),
         seconds: start.elapsed().as_secs_f64(),
     };
     std::fs::write(&args.out, report.markdown())

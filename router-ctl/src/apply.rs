@@ -165,41 +165,27 @@ pub fn apply_with(routers: &[Router], reload: bool) -> Result<Vec<Report>> {
     let _lock = Lock::acquire(state::STATE_LOCK)?;
     precheck(routers)?;
     // Routers are independent (their own namespace, devices, pins and state file), and most of
-    // an apply is spent waiting in the kernel (moving a device between namespaces, attaching a
-    // link, loading a program each wait for RCU grace periods): routers are applied by a pool
-    // of workers, so the waits overlap. Each router is applied whole or rolled back whole.
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    let results: Vec<std::sync::Mutex<Option<Result<Report>>>> = routers
-        .iter()
-        .map(|_| std::sync::Mutex::new(None))
-        .collect();
-    let workers = routers.len().clamp(1, APPLY_WORKERS);
-    std::thread::scope(|s| {
-        for _ in 0..workers {
-            s.spawn(|| loop {
-                let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let Some(r) = routers.get(k) else { break };
-                let mut undo = Vec::new();
-                let res = apply_one(r, &mut undo, reload).map_err(|e| {
-                    for u in undo.into_iter().rev() {
-                        u.run();
-                    }
-                    e.context(format!(
-                        "applying router {} ({}); its changes were rolled back",
-                        r.id, r.name
-                    ))
-                });
-                *results[k].lock().unwrap_or_else(|e| e.into_inner()) = Some(res);
-            });
-        }
+    // an apply is spent waiting in the kernel (device changes and tcx attaches wait for RCU
+    // grace periods): routers are applied by a pool of workers, so that the waits overlap
+    // where the kernel lets them. Each router is applied whole or rolled back whole.
+    let results = in_parallel(routers, |r| {
+        let mut undo = Vec::new();
+        apply_one(r, &mut undo, reload).map_err(|e| {
+            for u in undo.into_iter().rev() {
+                u.run();
+            }
+            e.context(format!(
+                "applying router {} ({}); its changes were rolled back",
+                r.id, r.name
+            ))
+        })
     });
     let mut reports = Vec::new();
     let mut failed = Vec::new();
     for res in results {
-        match res.into_inner().unwrap_or_else(|e| e.into_inner()) {
-            Some(Ok(rep)) => reports.push(rep),
-            Some(Err(e)) => failed.push(e),
-            None => bail!("an apply worker stopped before its router was done"),
+        match res {
+            Ok(rep) => reports.push(rep),
+            Err(e) => failed.push(e),
         }
     }
     if failed.is_empty() {
@@ -879,7 +865,48 @@ fn remove_bpf_dir(router_id: &str) -> Result<()> {
 /// Detaches the programs, removes the pins, and removes only what apply created.
 pub fn destroy(key: &str) -> Result<RouterState> {
     let _lock = Lock::acquire(state::STATE_LOCK)?;
+    destroy_locked(key)
+}
+
+/// Destroys each router of `keys` (ids or names), several at once (as apply does): one
+/// result per key, in order; a failure leaves the others to go on.
+pub fn destroy_many(keys: &[String]) -> Result<Vec<Result<RouterState>>> {
+    let _lock = Lock::acquire(state::STATE_LOCK)?;
+    Ok(in_parallel(keys, |k| destroy_locked(k)))
+}
+
+/// Runs `f` on every item on a pool of `APPLY_WORKERS` threads; the results in order.
+fn in_parallel<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let results: Vec<std::sync::Mutex<Option<R>>> =
+        items.iter().map(|_| std::sync::Mutex::new(None)).collect();
+    std::thread::scope(|s| {
+        for _ in 0..items.len().clamp(1, APPLY_WORKERS) {
+            s.spawn(|| loop {
+                let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(item) = items.get(k) else { break };
+                let r = f(item);
+                *results[k].lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
+            });
+        }
+    });
+    results
+        .into_iter()
+        .map(|r| {
+            r.into_inner()
+                .unwrap_or_else(|e| e.into_inner())
+                .expect("every item is done once the pool has ended")
+        })
+        .collect()
+}
+
+fn destroy_locked(key: &str) -> Result<RouterState> {
     let st = RouterState::find(key)?;
+    let (id, name) = (st.id.clone(), st.name.clone());
+    destroy_found(st).with_context(|| format!("destroying router {id} ({name})"))
+}
+
+fn destroy_found(st: RouterState) -> Result<RouterState> {
     let ns = st.namespace.clone();
     let live = st.lost.is_none() && st.namespace_gone().is_none();
     if live {

@@ -54,8 +54,11 @@ enum Cmd {
     Stats { router: Option<String> },
     /// The neighbours the fast path knows.
     Neigh { router: Option<String> },
-    /// Detach the programs, remove the pins, and remove what apply created.
-    Destroy { router: String },
+    /// Detach the programs, remove the pins, and remove what apply created (of each ROUTER).
+    Destroy {
+        #[arg(required = true)]
+        routers: Vec<String>,
+    },
     /// openstack-style verbs: `router create|delete|list|show`, `router add|remove subnet|route`.
     Router {
         #[command(subcommand)]
@@ -259,12 +262,25 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Show { router } => show(&selected(&router)?, cli.json)?,
         Cmd::Stats { router } => stats(&selected_live(&router)?, cli.json)?,
         Cmd::Neigh { router } => neigh(&selected_live(&router)?, cli.json)?,
-        Cmd::Destroy { router } => {
-            let st = apply::destroy(&router)?;
+        Cmd::Destroy { routers } => {
+            let mut done = Vec::new();
+            let mut failed = Vec::new();
+            for r in apply::destroy_many(&routers)? {
+                match r {
+                    Ok(st) => {
+                        if !cli.json {
+                            println!("router {} ({}) destroyed", st.id, st.name);
+                        }
+                        done.push(json!({"id": st.id, "name": st.name, "destroyed": true}));
+                    }
+                    Err(e) => failed.push(format!("{e:#}")),
+                }
+            }
             if cli.json {
-                print_json(json!({"id": st.id, "name": st.name, "destroyed": true}));
-            } else {
-                println!("router {} ({}) destroyed", st.id, st.name);
+                print_json(json!(done));
+            }
+            if !failed.is_empty() {
+                anyhow::bail!("{}", failed.join("\n"));
             }
         }
         Cmd::Run {

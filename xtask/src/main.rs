@@ -65,6 +65,9 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("bpftool", "bpftool"),
 ];
 
+/// What `cargo xtask bench` uses besides: bulk TCP through the router.
+const BENCH_PACKAGES: &[(&str, &str)] = &[("iperf3", "iperf3")];
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     let root = workspace_root();
@@ -88,6 +91,7 @@ fn main() -> Result<()> {
         }
         Cmd::Bench { args } => {
             setup()?;
+            install_missing(BENCH_PACKAGES)?;
             let ctl = build_release(&root)?;
             run(Command::new("cargo")
                 .args(["run", "--release", "-p", "router-bench", "--"])
@@ -135,12 +139,9 @@ fn home() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("/root"))
 }
 
-fn setup() -> Result<()> {
-    if !nix_is_root() {
-        bail!("the router needs root (BPF, namespaces, XDP): run as root, e.g. `sudo -E cargo xtask ...`");
-    }
-    // 1. Debian packages the controller, the demo and the tests use.
-    let missing: Vec<&str> = APT_PACKAGES
+/// Installs the Debian packages of `pkgs` whose command is missing (idempotent).
+fn install_missing(pkgs: &[(&str, &str)]) -> Result<()> {
+    let missing: Vec<&str> = pkgs
         .iter()
         .filter(|(bin, _)| !have(bin))
         .map(|(_, pkg)| *pkg)
@@ -153,6 +154,15 @@ fn setup() -> Result<()> {
             .args(&missing)
             .env("DEBIAN_FRONTEND", "noninteractive"))?;
     }
+    Ok(())
+}
+
+fn setup() -> Result<()> {
+    if !nix_is_root() {
+        bail!("the router needs root (BPF, namespaces, XDP): run as root, e.g. `sudo -E cargo xtask ...`");
+    }
+    // 1. Debian packages the controller, the demo and the tests use.
+    install_missing(APT_PACKAGES)?;
     // 2. The nightly toolchain and its rust-src (build-std for the BPF target).
     let sysroot = match output(Command::new("rustc").args(["+nightly", "--print", "sysroot"])) {
         Some(s) => PathBuf::from(s),
