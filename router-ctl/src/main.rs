@@ -174,14 +174,23 @@ fn main() -> ExitCode {
         // SAFETY: restores the default disposition before any output.
         unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     }
-    let level = match cli.verbose {
-        0 => "warn,router_ctl=info,netlink_packet_route=error",
-        1 => "info,router_ctl=debug",
-        _ => "debug",
-    };
+    let mut filter = std::env::var("RUST_LOG").unwrap_or_else(|_| {
+        match cli.verbose {
+            0 => "warn,router_ctl=info",
+            1 => "info,router_ctl=debug",
+            _ => "debug",
+        }
+        .to_string()
+    });
+    // netlink-packet-route warns on every link dump that this kernel's IPv6 device
+    // configuration has more fields than it knows: noise, unless asked for by name.
+    if !filter.contains("netlink_packet_route") {
+        filter.push_str(",netlink_packet_route=error");
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| level.into()),
+            tracing_subscriber::EnvFilter::try_new(&filter)
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,router_ctl=info")),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
