@@ -78,6 +78,9 @@ fn forwarded_a(s: &Seed) -> u64 {
     s.forwarded(&s.ids.dev_a())
 }
 
+/// Seconds per iperf3 run.
+const SECONDS: u32 = 5;
+
 pub struct Tcp {
     pub streams: usize,
     pub kernel: Summary,
@@ -132,23 +135,36 @@ pub fn tcp(runs: usize) -> Result<Vec<Tcp>> {
             let (mut k, mut r, mut ratio) = (Vec::new(), Vec::new(), Vec::new());
             let (mut x, mut xratio) = (Vec::new(), Vec::new());
             for round in 0..runs {
-                set_path(&mut s, Path::Kernel)?;
-                let f0 = s.forw_datagrams();
-                let gk = iperf(&s, streams, 4)?;
-                anyhow::ensure!(s.forw_datagrams() > f0, "the kernel did not forward");
-                set_path(&mut s, Path::Tc)?;
-                let (p0, f0) = (forwarded_a(&s), s.forw_datagrams());
-                let gr = iperf(&s, streams, 4)?;
-                let carried = forwarded_a(&s) - p0;
-                let by_kernel = s.forw_datagrams() - f0;
+                // Kernel and tc take turns going first, so neither always runs on a machine
+                // warmed (or tired) by the other.
+                let mut gk = 0.0;
+                let mut gr = 0.0;
+                for first in [round % 2 == 0, round % 2 == 1] {
+                    if first {
+                        set_path(&mut s, Path::Kernel)?;
+                        let f0 = s.forw_datagrams();
+                        gk = iperf(&s, streams, SECONDS)?;
+                        anyhow::ensure!(s.forw_datagrams() > f0, "the kernel did not forward");
+                    } else {
+                        set_path(&mut s, Path::Tc)?;
+                        let (p0, f0) = (forwarded_a(&s), s.forw_datagrams());
+                        gr = iperf(&s, streams, SECONDS)?;
+                        let carried = forwarded_a(&s) - p0;
+                        let by_kernel = s.forw_datagrams() - f0;
+                        anyhow::ensure!(carried > 0, "the fast path carried nothing");
+                        eprintln!(
+                            "tcp: {streams} stream(s), round {}: this router {gr:.2} Gbit/s ({carried} packets in the fast path, {by_kernel} forwarded by the kernel)",
+                            round + 1
+                        );
+                    }
+                }
                 eprintln!(
-                    "tcp: {streams} stream(s), round {}: kernel {gk:.2} Gbit/s, this router {gr:.2} Gbit/s ({carried} packets in the fast path, {by_kernel} forwarded by the kernel)",
+                    "tcp: {streams} stream(s), round {}: kernel {gk:.2} Gbit/s",
                     round + 1
                 );
-                anyhow::ensure!(carried > 0, "the fast path carried nothing");
                 set_path(&mut s, Path::Xdp)?;
                 let p0 = forwarded_a(&s);
-                let gx = iperf(&s, streams, 4)?;
+                let gx = iperf(&s, streams, SECONDS)?;
                 eprintln!(
                     "tcp: {streams} stream(s), round {}: forced XDP {gx:.2} Gbit/s ({} packets in the fast path)",
                     round + 1,
