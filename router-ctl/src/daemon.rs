@@ -416,7 +416,7 @@ fn watch(r: &RouterState, stop: &Stop) -> Result<()> {
             neighs.remove(ifindex, ip);
         }
         let mut ebpf = crate::datapath::open_maps(&r.id)?;
-        crate::datapath::set_ifaces(&mut ebpf, &[], &[])?;
+        crate::datapath::set_ifaces(&mut ebpf, &[], &[], &[])?;
         std::thread::sleep(Duration::from_secs(1));
     }
     let rt = tokio::runtime::Builder::new_current_thread()

@@ -1890,8 +1890,10 @@ fn forced_xdp_on_veths_is_never_worse_than_the_kernel() {
     let (n, same) = tcp_transfer(&s.vm1, &s.vm3, "172.16.101.3", 10 << 20);
     assert!(n == 10 << 20 && same, "TCP through forced XDP, tuned");
     s.assert_fast_path_carried(&before, &[(&a, 10 << 20), (&b, 1)]);
-    // vm3's GRO goes off under 1 000 pps: qr-b leaves the devmap at once (the daemon follows
-    // the kernel's XDP feature notification) and the kernel forwards the rest.
+    // vm3's GRO goes off under 1 000 pps while the controller's state lock is held for a second
+    // (as an apply of many other routers holds it): qr-b leaves the devmap at once anyway (the
+    // daemon follows the kernel's XDP feature notification, without waiting for the lock its
+    // resync needs) and the kernel forwards the rest.
     s.set_forwarding(true);
     let fwd0 = s.forwarded(&a);
     let (sent, got) = steady_ping(
@@ -1900,16 +1902,19 @@ fn forced_xdp_on_veths_is_never_worse_than_the_kernel() {
         2000,
         &|| s.forwarded(&a) >= fwd0 + 100,
         || {
+            let _busy = router_ctl::state::Lock::acquire(router_ctl::state::STATE_LOCK)
+                .expect("state lock");
             sh(&format!(
                 "ip netns exec {} ethtool -K {} gro off",
                 s.vm3,
                 s.ids.tap_b()
             ));
+            std::thread::sleep(std::time::Duration::from_secs(1));
         },
     );
     // The kernel drops a frame XDP already queued for a veth whose peer just turned GRO off
     // (NDO_XMIT went away under it): at most the one in flight. A daemon that waited for its
-    // next resync to drop the slot lost about four at this rate. (tc: none, see
+    // resync to drop the slot lost every frame until the lock was free. (tc: none, see
     // a_peers_gro_changing_under_traffic_loses_nothing.)
     assert!(
         sent == 2000 && got >= 1999,
