@@ -26,6 +26,9 @@ const EBPF_MUTANTS: &[&str] = &[
     "no_padding_trim",
     "gso_whole_length",
     "l4_unverified",
+    "nat_ignored",
+    "nat_untranslated_out",
+    "nat_udp_zero_updated",
 ];
 /// Faults in the controller (router-ctl).
 const CTL_MUTANTS: &[&str] = &[
@@ -37,6 +40,7 @@ const CTL_MUTANTS: &[&str] = &[
     "ndo_xmit_ignored",
     "late_xmit_removal",
     "keeps_deleted_namespace",
+    "nat_conf_off",
 ];
 
 fn main() -> Result<()> {

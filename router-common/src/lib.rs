@@ -40,6 +40,10 @@ pub mod map_names {
     /// Hash: IPv4 address (host order u32) → 1, the router's own addresses. A packet from one of
     /// them is a martian the kernel drops.
     pub const LOCAL4: &str = "LOCAL4";
+    /// NAT flows the kernel's conntrack decided (`NatKey` → `NatFlow`), both directions.
+    pub const NAT_FLOWS: &str = "NAT_FLOWS";
+    /// One u32 of `nat_conf` bits.
+    pub const NAT_CONF: &str = "NAT_CONF";
     /// Per-CPU array: `Iface::slot` → `Stats`.
     pub const STATS: &str = "STATS";
 }
@@ -172,6 +176,57 @@ pub mod iface_flags {
     /// TCP and UDP checksums and hands a frame whose checksum does not verify to the kernel,
     /// which keeps the skb's checksum state. Never set for the tc program, which keeps it too.
     pub const VERIFY_L4: u16 = 1;
+    /// The external gateway's device (`qg-`): with NAT on, nothing leaves through it
+    /// untranslated from the fast path.
+    pub const EXTERNAL: u16 = 2;
+}
+
+/// Bits of the `NAT_CONF` value.
+pub mod nat_conf {
+    /// The router translates (a gateway with SNAT or floating IPs): packets are looked up in
+    /// `NAT_FLOWS`, and those routed to an `EXTERNAL` device without a flow go to the kernel.
+    pub const ON: u32 = 1;
+}
+
+/// Most NAT flow entries per router (two per connection).
+pub const MAX_NAT_FLOWS: u32 = 1 << 18;
+
+/// Key of `NAT_FLOWS`: one direction of a flow as its packets arrive at the router, before
+/// translation (network byte order). ICMP echo: `sport` is the identifier, `dport` 0.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NatKey {
+    pub src: [u8; 4],
+    pub dst: [u8; 4],
+    pub sport: [u8; 2],
+    pub dport: [u8; 2],
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Bits of `NatFlow::flags`.
+pub mod nat_flags {
+    /// The source changes (SNAT, a floating IP's outbound side, a reply un-DNATed).
+    pub const SRC: u32 = 1;
+    /// The destination changes (a floating IP's inbound side, a reply un-SNATed).
+    pub const DST: u32 = 2;
+}
+
+/// Value of `NAT_FLOWS`: the packet's addresses and ports after translation, as the kernel's
+/// conntrack chose them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NatFlow {
+    pub src: [u8; 4],
+    pub dst: [u8; 4],
+    pub sport: [u8; 2],
+    pub dport: [u8; 2],
+    /// `nat_flags`.
+    pub flags: u32,
+    /// When the fast path last carried a packet of this direction (CLOCK_MONOTONIC ns,
+    /// coarse; updated at most once a second): the controller refreshes the kernel's
+    /// timeout of flows in use.
+    pub used: u64,
 }
 
 /// Value of the `IFACES` map: what the fast path needs to know of a `qr-` device.
@@ -231,7 +286,14 @@ pub mod pass_reason {
     /// A TCP or UDP checksum that does not verify, on a device where XDP may see partial
     /// checksums (`iface_flags::VERIFY_L4`): the kernel keeps the skb's checksum state.
     pub const L4_CHECKSUM: usize = 17;
-    pub const COUNT: usize = 18;
+    /// NAT is on and the packet would leave through the gateway untranslated: no flow for it
+    /// yet (the kernel NATs it and conntrack decides the mapping).
+    pub const NAT_NO_FLOW: usize = 18;
+    /// TCP SYN, FIN or RST of a NAT flow: the kernel's conntrack must see it.
+    pub const NAT_TCP_CONTROL: usize = 19;
+    /// An IPv4 fragment that would leave through the gateway (no ports to translate by).
+    pub const NAT_FRAGMENT: usize = 20;
+    pub const COUNT: usize = 21;
 
     /// Names used by the CLI and JSON output, indexed by reason.
     pub const NAMES: [&str; COUNT] = [
@@ -253,6 +315,9 @@ pub mod pass_reason {
         "link_local",
         "no_xdp_xmit",
         "l4_checksum",
+        "nat_no_flow",
+        "nat_tcp_control",
+        "nat_fragment",
     ];
 }
 
@@ -268,6 +333,10 @@ pub struct Stats {
     pub fwd6_bytes: u64,
     pub drop_packets: u64,
     pub pass_bytes: u64,
+    /// Forwarded packets whose source (SNAT) or destination (DNAT) the fast path translated
+    /// (a hairpin counts in both).
+    pub nat_src_packets: u64,
+    pub nat_dst_packets: u64,
     pub pass: [u64; pass_reason::COUNT],
 }
 
@@ -279,6 +348,8 @@ impl Stats {
         fwd6_bytes: 0,
         drop_packets: 0,
         pass_bytes: 0,
+        nat_src_packets: 0,
+        nat_dst_packets: 0,
         pass: [0; pass_reason::COUNT],
     };
 
@@ -293,6 +364,8 @@ impl Stats {
         self.fwd6_bytes += other.fwd6_bytes;
         self.drop_packets += other.drop_packets;
         self.pass_bytes += other.pass_bytes;
+        self.nat_src_packets += other.nat_src_packets;
+        self.nat_dst_packets += other.nat_dst_packets;
         for (a, b) in self.pass.iter_mut().zip(other.pass.iter()) {
             *a += *b;
         }
@@ -312,6 +385,8 @@ mod user {
     unsafe impl aya::Pod for Iface {}
     unsafe impl aya::Pod for IfaceAt {}
     unsafe impl aya::Pod for Stats {}
+    unsafe impl aya::Pod for NatKey {}
+    unsafe impl aya::Pod for NatFlow {}
 }
 
 #[cfg(test)]
@@ -328,6 +403,8 @@ mod layout {
         assert_eq!(size_of::<Neigh>(), 8);
         assert_eq!(size_of::<Iface>(), 16);
         assert_eq!(size_of::<IfaceAt>(), 20);
-        assert_eq!(size_of::<Stats>(), 8 * (6 + pass_reason::COUNT));
+        assert_eq!(size_of::<Stats>(), 8 * (8 + pass_reason::COUNT));
+        assert_eq!(size_of::<NatKey>(), 16);
+        assert_eq!(size_of::<NatFlow>(), 24);
     }
 }

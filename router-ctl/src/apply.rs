@@ -20,12 +20,15 @@ use crate::{
     config::{self, Hook, IpNet, Router},
     datapath,
     kernel::{
+        conntrack::Conntrack,
         netdev::{Netdev, XdpFeatures},
-        netns,
+        netns, nft,
         rtnl::{Addr, Link, Rtnl},
         sysctl,
     },
-    state::{self, AddrState, IfaceState, Lock, RouteState, RouterState},
+    state::{
+        self, AddrState, FloatingIpState, GatewayState, IfaceState, Lock, RouteState, RouterState,
+    },
 };
 
 /// Something apply changed, and how to change it back if a later step fails.
@@ -49,6 +52,17 @@ enum Undo {
         dev: String,
     },
     RemoveBpfDir(String),
+    /// The NAT table goes back to what it was (None: removed).
+    RestoreNat {
+        ns: String,
+        to: Option<nft::Nat>,
+    },
+    /// A namespace sysctl goes back to `value`.
+    Sysctl {
+        ns: String,
+        key: String,
+        value: String,
+    },
 }
 
 impl Undo {
@@ -89,6 +103,17 @@ impl Undo {
                 )
             }
             Undo::RemoveBpfDir(id) => remove_bpf_dir(id),
+            Undo::RestoreNat { ns, to } => {
+                let to = to.clone();
+                netns::run_in(ns, move || match &to {
+                    Some(n) => nft::replace(n),
+                    None => nft::remove(),
+                })
+            }
+            Undo::Sysctl { ns, key, value } => {
+                let (k, v) = (key.clone(), value.clone());
+                netns::run_in(ns, move || sysctl::set(&k, &v))
+            }
         };
         match r {
             Ok(()) => tracing::info!(undo = ?self, "rolled back"),
@@ -346,6 +371,7 @@ impl Job {
             p.ipv6_forwarding_before.clone()
         })?;
         let routes = self.routes(&rt, &ifaces)?;
+        let gateway = self.gateway(&rt, &ifaces, undo, created)?;
         if let Some(p) = &self.prev {
             for old in &p.interfaces {
                 if !ifaces.iter().any(|n| n.port_id == old.port_id) {
@@ -378,6 +404,7 @@ impl Job {
             program: Some(datapath::program_fingerprint()),
             netns_inode: netns::current_inode(),
             lost: None,
+            gateway,
         };
         self.datapath(&st, &rt.links()?, &rt.addrs()?, &features, &fresh_slots)?;
         Ok(st)
@@ -473,6 +500,7 @@ impl Job {
             st.peer = peer;
             st.hook = i.hook;
             st.kind = link.kind.clone();
+            st.external = i.external;
             ifaces.push(st);
         }
         Ok((ifaces, fresh_slots))
@@ -520,7 +548,32 @@ impl Job {
                 destination: x.destination.to_string(),
                 nexthop: x.nexthop.to_string(),
                 device: via.device.clone(),
+                gateway: false,
             });
+        }
+        // The external gateway's default route per family, through an on-link host route
+        // first when the upstream router is outside its subnet.
+        if let (Some(g), Some(qg)) = (&r.gateway, ifaces.iter().find(|i| i.external)) {
+            for u in &g.upstreams {
+                if u.onlink() {
+                    rt.route_onlink(IpNet::host(u.gateway_ip), qg.ifindex)?;
+                }
+                let default: IpNet = if u.gateway_ip.is_ipv6() {
+                    "::/0".parse().expect("a prefix")
+                } else {
+                    "0.0.0.0/0".parse().expect("a prefix")
+                };
+                by_dest
+                    .entry(default)
+                    .or_default()
+                    .push((u.gateway_ip, qg.ifindex));
+                routes.push(RouteState {
+                    destination: default.to_string(),
+                    nexthop: u.gateway_ip.to_string(),
+                    device: qg.device.clone(),
+                    gateway: true,
+                });
+            }
         }
         for (dest, hops) in &by_dest {
             rt.route_replace(*dest, hops)?;
@@ -533,6 +586,118 @@ impl Job {
             }
         }
         Ok(routes)
+    }
+
+    /// The external gateway's namespace state: floating IPs as /32s on `qg-`, the NAT table,
+    /// the agent's sysctls; what a previous apply set up and the definition no longer has is
+    /// removed (a floating IP removed or moved loses its conntrack entries).
+    fn gateway(
+        &self,
+        rt: &Rtnl,
+        ifaces: &[IfaceState],
+        undo: &mut Vec<Undo>,
+        created: &mut Vec<String>,
+    ) -> Result<Option<GatewayState>> {
+        let r = &self.router;
+        let ns = r.namespace();
+        let prev = self.prev.as_ref().and_then(|p| p.gateway.clone());
+        let prev_nat = self.prev.as_ref().and_then(nat_of);
+        let Some(g) = &r.gateway else {
+            if let Some(p) = prev {
+                undo.push(Undo::RestoreNat { ns, to: prev_nat });
+                remove_gateway(rt, &p, true);
+            }
+            return Ok(None);
+        };
+        let qg = ifaces
+            .iter()
+            .find(|i| i.external)
+            .expect("validated: the gateway's port is an interface");
+        let addrs = rt.addrs()?;
+        let mut fips = Vec::new();
+        for f in &r.floating_ips {
+            let ip = IpAddr::V4(f.floating_ip_address);
+            let was = prev.iter().flat_map(|p| p.floating_ips.iter()).find(|x| {
+                x.floating_ip_address == f.floating_ip_address.to_string()
+            });
+            let mut added = was.is_some_and(|w| w.added);
+            if !addrs.iter().any(|a| a.index == qg.ifindex && a.ip == ip && a.prefix_len == 32) {
+                rt.addr_add(qg.ifindex, &qg.device, ip, 32)?;
+                undo.push(Undo::DeleteAddr {
+                    ns: ns.clone(),
+                    dev: qg.device.clone(),
+                    ip,
+                    prefix_len: 32,
+                });
+                created.push(format!("floating IP {ip}/32 on {}", qg.device));
+                added = true;
+            }
+            fips.push(FloatingIpState {
+                floating_ip_address: f.floating_ip_address.to_string(),
+                fixed_ip_address: f.fixed_ip_address.to_string(),
+                added,
+            });
+        }
+        let st = GatewayState {
+            port_id: g.port_id.clone(),
+            device: qg.device.clone(),
+            network_id: g.network_id.clone(),
+            enable_snat: g.enable_snat,
+            upstreams: g.upstreams.iter().map(|u| u.gateway_ip.to_string()).collect(),
+            onlink: g
+                .upstreams
+                .iter()
+                .filter(|u| u.onlink())
+                .map(|u| u.gateway_ip.to_string())
+                .collect(),
+            floating_ips: fips,
+            sysctls_before: Vec::new(),
+        };
+        let nat = nat_of_parts(&qg.device, &qg.fixed_ips, &st);
+        nft::replace(&nat)?;
+        undo.push(Undo::RestoreNat { ns: ns.clone(), to: prev_nat.clone() });
+        // The agent's sysctls (conntrack's exist once the NAT table made the namespace use it).
+        let mut before = prev.as_ref().map(|p| p.sysctls_before.clone()).unwrap_or_default();
+        for (key, want) in GATEWAY_SYSCTLS {
+            let now = sysctl::get(key)?;
+            if now != want {
+                if !before.iter().any(|(k, _)| k == key) {
+                    before.push((key.to_string(), now.clone()));
+                }
+                sysctl::set(key, want)?;
+                undo.push(Undo::Sysctl { ns: ns.clone(), key: key.to_string(), value: now });
+            }
+        }
+        // Floating IPs gone or moved: their address, and the kernel's flows through them.
+        let mut flush = Vec::new();
+        for old in prev.iter().flat_map(|p| p.floating_ips.iter()) {
+            let now = st.floating_ips.iter().find(|n| n.floating_ip_address == old.floating_ip_address);
+            if now.is_none() && old.added {
+                if let Ok(ip) = old.floating_ip_address.parse::<IpAddr>() {
+                    rt.addr_del(qg.ifindex, &qg.device, ip, 32)?;
+                }
+            }
+            if now.is_none_or(|n| n.fixed_ip_address != old.fixed_ip_address) {
+                flush.extend(old.floating_ip_address.parse::<Ipv4Addr>().ok());
+            }
+        }
+        if let Some(p) = &prev {
+            for o in &p.onlink {
+                if !st.onlink.contains(o) {
+                    if let Ok(ip) = o.parse() {
+                        let _ = rt.route_del(IpNet::host(ip));
+                    }
+                }
+            }
+        }
+        if !flush.is_empty() {
+            let mut ct = Conntrack::open(0)?;
+            for f in flush {
+                let n = ct.flush_address(f)?;
+                tracing::info!(router = %r.id, floating_ip = %f, flows = n, "flushed the conntrack entries of a removed or moved floating IP");
+            }
+        }
+        Ok(Some(GatewayState { sysctls_before: before, ..st }))
     }
 
     /// The fast path's maps and programs. The programs stay when they are this build's and
@@ -578,6 +743,7 @@ impl Job {
         datapath::set_ifaces(&mut ebpf, &t.ifaces, &t.down, &t.no_xmit)?;
         datapath::set_routes(&mut ebpf, &t.routes)?;
         datapath::set_local_addrs(&mut ebpf, &t.own)?;
+        datapath::set_nat_conf(&mut ebpf, t.nat_conf)?;
         for slot in fresh_slots {
             datapath::reset_stats(&mut ebpf, *slot)?;
         }
@@ -618,6 +784,60 @@ fn up(rt: &Rtnl, ns: &str, dev: &str, adopted: bool, undo: &mut Vec<Undo>) -> Re
         }
     }
     Ok(())
+}
+
+/// The namespace sysctls Neutron's agent sets on a router with a gateway.
+const GATEWAY_SYSCTLS: [(&str, &str); 3] = [
+    ("net.netfilter.nf_conntrack_tcp_be_liberal", "1"),
+    ("net.ipv4.conf.all.arp_ignore", "1"),
+    ("net.ipv4.conf.all.arp_announce", "2"),
+];
+
+/// The NAT table of an applied router, if it has a gateway.
+fn nat_of(st: &RouterState) -> Option<nft::Nat> {
+    let g = st.gateway.as_ref()?;
+    let qg = st.interfaces.iter().find(|i| i.external)?;
+    Some(nat_of_parts(&qg.device, &qg.fixed_ips, g))
+}
+
+fn nat_of_parts(device: &str, fixed: &[AddrState], g: &GatewayState) -> nft::Nat {
+    nft::Nat {
+        device: device.to_string(),
+        gateway_ip: fixed.iter().find_map(|a| a.gateway_ip.parse::<Ipv4Addr>().ok()),
+        enable_snat: g.enable_snat,
+        floating_ips: g
+            .floating_ips
+            .iter()
+            .filter_map(|f| Some((f.floating_ip_address.parse().ok()?, f.fixed_ip_address.parse().ok()?)))
+            .collect(),
+    }
+}
+
+/// Removes what apply set up for a gateway (inside the router's namespace): the NAT table, the
+/// sysctls it changed, on-link routes, the floating IPs' addresses it added (when the device
+/// stays) and their conntrack entries. Best effort: each step is tried.
+fn remove_gateway(rt: &Rtnl, g: &GatewayState, device_stays: bool) {
+    if let Err(e) = nft::remove() {
+        tracing::warn!(error = format!("{e:#}"), "cannot remove the NAT table");
+    }
+    for (k, v) in &g.sysctls_before {
+        let _ = sysctl::set(k, v);
+    }
+    for o in &g.onlink {
+        if let Ok(ip) = o.parse() {
+            let _ = rt.route_del(IpNet::host(ip));
+        }
+    }
+    let link = rt.link(&g.device).ok().flatten();
+    for f in &g.floating_ips {
+        let Ok(ip) = f.floating_ip_address.parse::<Ipv4Addr>() else { continue };
+        if let (true, true, Some(l)) = (device_stays, f.added, &link) {
+            let _ = rt.addr_del(l.index, &g.device, IpAddr::V4(ip), 32);
+        }
+        if let Ok(mut ct) = Conntrack::open(0) {
+            let _ = ct.flush_address(ip);
+        }
+    }
 }
 
 /// Which hook the fast path uses on `device` (of kind `kind`, None for a NIC, with XDP
@@ -668,6 +888,8 @@ pub struct Tables {
     pub no_xmit: Vec<u32>,
     /// The router's own IPv4 addresses.
     pub own: Vec<Ipv4Addr>,
+    /// `router_common::nat_conf` bits.
+    pub nat_conf: u32,
 }
 
 /// What the fast path's maps must hold for a router as the kernel has it now (read inside its
@@ -714,6 +936,14 @@ pub fn tables_in(
         })
         .collect();
     let mut connected = Vec::new();
+    // An upstream router outside its subnet is reached on-link through the gateway's device.
+    if let (Some(g), Some(qg)) = (&st.gateway, st.interfaces.iter().find(|i| i.external)) {
+        for o in &g.onlink {
+            if let Ok(ip) = o.parse::<IpAddr>() {
+                connected.push((IpNet::host(ip), qg.ifindex));
+            }
+        }
+    }
     let mut down = Vec::new();
     for i in &st.interfaces {
         for f in &i.fixed_ips {
@@ -762,6 +992,11 @@ pub fn tables_in(
         down,
         no_xmit,
         own,
+        nat_conf: if st.nat_on() && !cfg!(mutant = "nat_conf_off") {
+            router_common::nat_conf::ON
+        } else {
+            0
+        },
     })
 }
 
@@ -822,6 +1057,7 @@ pub fn resync(router_id: &str) -> Result<()> {
         datapath::set_ifaces(&mut ebpf, &t.ifaces, &t.down, &t.no_xmit)?;
         datapath::set_routes(&mut ebpf, &t.routes)?;
         datapath::set_local_addrs(&mut ebpf, &t.own)?;
+        datapath::set_nat_conf(&mut ebpf, t.nat_conf)?;
         Ok((st, changed))
     })?;
     if changed {
@@ -917,6 +1153,10 @@ fn destroy_found(st: RouterState) -> Result<RouterState> {
                 remove_iface(&rt, &s.id, i);
             }
             if !s.created_netns {
+                if let Some(g) = &s.gateway {
+                    let stays = s.interfaces.iter().any(|i| i.external && !i.created_device);
+                    remove_gateway(&rt, g, stays);
+                }
                 for x in &s.routes {
                     if let Ok(dest) = x.destination.parse() {
                         let _ = rt.route_del(dest);

@@ -284,6 +284,38 @@ struct RawRouter {
     interface: Vec<RawInterface>,
     #[serde(default)]
     route: Vec<RawRoute>,
+    external_gateway: Option<RawGateway>,
+    #[serde(default)]
+    floating_ip: Vec<RawFloatingIp>,
+}
+
+/// `[router.external_gateway]`: the router's port on the external network (Neutron's
+/// `external_gateway_info`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGateway {
+    port_id: String,
+    network_id: Option<String>,
+    enable_snat: Option<bool>,
+    #[serde(default)]
+    external_fixed_ips: Vec<RawExternalIp>,
+    hook: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawExternalIp {
+    subnet: String,
+    ip_address: String,
+    /// The external subnet's gateway (the upstream router): the router's default route.
+    gateway_ip: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFloatingIp {
+    floating_ip_address: String,
+    fixed_ip_address: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -360,6 +392,44 @@ pub struct Router {
     pub max_routes: Option<u32>,
     pub interfaces: Vec<Interface>,
     pub routes: Vec<ExtraRoute>,
+    /// The external gateway: its port is also in `interfaces` (marked `external`).
+    pub gateway: Option<Gateway>,
+    pub floating_ips: Vec<FloatingIp>,
+}
+
+/// What the router does on its external network besides addressing its `qg-` port.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Gateway {
+    pub port_id: String,
+    pub network_id: Option<String>,
+    /// Instances without a floating IP leave with the gateway address as source (Neutron's
+    /// default), or untranslated when false.
+    pub enable_snat: bool,
+    /// The upstream router of each external subnet that names one: (its address, the
+    /// router's own address on that subnet, the subnet). One per family becomes the default
+    /// route.
+    pub upstreams: Vec<Upstream>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Upstream {
+    pub gateway_ip: IpAddr,
+    pub ip_address: IpAddr,
+    pub subnet: IpNet,
+}
+
+impl Upstream {
+    /// The upstream router lies outside its subnet: it is reached through an on-link route.
+    pub fn onlink(&self) -> bool {
+        !self.subnet.contains(self.gateway_ip)
+    }
+}
+
+/// A floating IP: 1:1 NAT between an external address and an instance's fixed address.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct FloatingIp {
+    pub floating_ip_address: Ipv4Addr,
+    pub fixed_ip_address: Ipv4Addr,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -371,6 +441,8 @@ pub struct Interface {
     pub fixed_ips: Vec<FixedIp>,
     /// Where the fast path runs on the device.
     pub hook: Hook,
+    /// The external gateway's port (`qg-`), not a tenant subnet's.
+    pub external: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -403,6 +475,11 @@ pub fn namespace_of(router_id: &str) -> String {
 
 pub fn device_of(port_id: &str) -> String {
     format!("qr-{}", &port_id[..port_id.len().min(11)])
+}
+
+/// The external gateway port's device: `qg-` + the first 11 characters of the port id.
+pub fn gateway_device_of(port_id: &str) -> String {
+    format!("qg-{}", &port_id[..port_id.len().min(11)])
 }
 
 /// The veth peer that `apply` creates for a missing `qr-` device (linuxbridge's tap naming).
@@ -555,8 +632,13 @@ fn validate_router(index: usize, r: RawRouter) -> Result<Router, String> {
             device,
             fixed_ips,
             hook,
+            external: false,
         });
     }
+    let gateway = match r.external_gateway {
+        Some(g) => Some(validate_gateway(&who, g, &mut interfaces)?),
+        None => None,
+    };
     let mut routes: Vec<ExtraRoute> = Vec::new();
     for (k, rt) in r.route.into_iter().enumerate() {
         let at = format!("{who}, route #{} (destination '{}')", k + 1, rt.destination);
@@ -623,11 +705,20 @@ fn validate_router(index: usize, r: RawRouter) -> Result<Router, String> {
                 router_common::fib::MAX_PATHS
             ));
         }
+        if destination.prefix_len() == 0 {
+            if let Some(u) = gateway.iter().flat_map(|g| g.upstreams.iter()).find(|u| u.gateway_ip.is_ipv6() == destination.is_ipv6()) {
+                return Err(format!(
+                    "{at}: field 'destination' = {destination} is the external gateway's default route (via {}); remove this route or the gateway's gateway_ip",
+                    u.gateway_ip
+                ));
+            }
+        }
         routes.push(ExtraRoute {
             destination,
             nexthop,
         });
     }
+    let floating_ips = validate_floating_ips(&who, r.floating_ip, &gateway, &interfaces)?;
     let max_routes = match r.max_routes {
         None => None,
         Some(n) if (1..=MAX_ROUTES_LIMIT).contains(&n) => Some(n as u32),
@@ -643,7 +734,216 @@ fn validate_router(index: usize, r: RawRouter) -> Result<Router, String> {
         max_routes,
         interfaces,
         routes,
+        gateway,
+        floating_ips,
     })
+}
+
+/// `[router.external_gateway]`: its port joins `interfaces` (as `external`).
+fn validate_gateway(
+    who: &str,
+    g: RawGateway,
+    interfaces: &mut Vec<Interface>,
+) -> Result<Gateway, String> {
+    let at = format!("{who}, external_gateway (port_id '{}')", g.port_id);
+    if g.port_id.len() < 11 || !valid_id(&g.port_id) {
+        return Err(format!(
+            "{at}: field 'port_id' must be a Neutron port UUID (at least 11 letters, digits or '-')"
+        ));
+    }
+    if let Some(n) = &g.network_id {
+        if !valid_id(n) {
+            return Err(format!(
+                "{at}: field 'network_id' = '{n}' must be 1 to 64 letters, digits, '-' or '_'"
+            ));
+        }
+    }
+    if interfaces.iter().any(|i| i.port_id == g.port_id) {
+        return Err(format!(
+            "{at}: field 'port_id' is also the port of one of the router's interfaces"
+        ));
+    }
+    if interfaces.len() + 1 > MAX_IFACES as usize {
+        return Err(format!(
+            "{at}: the router has {} interfaces and a gateway, at most {MAX_IFACES} devices are supported",
+            interfaces.len()
+        ));
+    }
+    if g.external_fixed_ips.is_empty() {
+        return Err(format!(
+            "{at}: field 'external_fixed_ips' is missing or empty; give at least one {{ subnet, ip_address, gateway_ip }}"
+        ));
+    }
+    if g.external_fixed_ips.len() > MAX_FIXED_IPS {
+        return Err(format!(
+            "{at}: field 'external_fixed_ips' has {} entries, at most {MAX_FIXED_IPS} are supported",
+            g.external_fixed_ips.len()
+        ));
+    }
+    let mut fixed_ips: Vec<FixedIp> = Vec::new();
+    let mut upstreams: Vec<Upstream> = Vec::new();
+    for (n, x) in g.external_fixed_ips.into_iter().enumerate() {
+        let field = format!("external_fixed_ips[{n}]");
+        let f = fixed_ip(&x.subnet, &x.ip_address).map_err(|(which, e)| {
+            format!(
+                "{at}: field '{field}.{}'{e}",
+                if which { "ip_address" } else { "subnet" }
+            )
+        })?;
+        for (prev, port) in fixed_ips
+            .iter()
+            .map(|p| (p, g.port_id.as_str()))
+            .chain(interfaces.iter().flat_map(|i| i.fixed_ips.iter().map(move |p| (p, i.port_id.as_str()))))
+        {
+            if prev.subnet.overlaps(&f.subnet) {
+                return Err(format!(
+                    "{at}: field '{field}.subnet' = {} overlaps subnet {} of port {port}",
+                    f.subnet, prev.subnet
+                ));
+            }
+        }
+        if let Some(gw) = x.gateway_ip {
+            let ip: IpAddr = gw.parse().map_err(|_| {
+                format!("{at}: field '{field}.gateway_ip' = '{gw}' is not an IP address")
+            })?;
+            if ip.is_ipv6() != f.subnet.is_ipv6() {
+                return Err(format!(
+                    "{at}: field '{field}.gateway_ip' = {ip} is not an {} address like subnet {}",
+                    f.subnet.family(),
+                    f.subnet
+                ));
+            }
+            if ip == f.gateway_ip {
+                return Err(format!(
+                    "{at}: field '{field}.gateway_ip' = {ip} is the router's own external address (ip_address); give the external subnet's gateway"
+                ));
+            }
+            if upstreams.iter().any(|u| u.gateway_ip.is_ipv6() == ip.is_ipv6()) {
+                return Err(format!(
+                    "{at}: field '{field}.gateway_ip' = {ip}: another {} external subnet already gives the default route's gateway",
+                    f.subnet.family()
+                ));
+            }
+            upstreams.push(Upstream {
+                gateway_ip: ip,
+                ip_address: f.gateway_ip,
+                subnet: f.subnet,
+            });
+        }
+        fixed_ips.push(f);
+    }
+    let hook = match g.hook.as_deref() {
+        None => Hook::Auto,
+        Some(h) => h.parse().map_err(|e| format!("{at}: field 'hook' {e}"))?,
+    };
+    let device = gateway_device_of(&g.port_id);
+    interfaces.push(Interface {
+        port_id: g.port_id.clone(),
+        device,
+        fixed_ips,
+        hook,
+        external: true,
+    });
+    Ok(Gateway {
+        port_id: g.port_id,
+        network_id: g.network_id,
+        enable_snat: g.enable_snat.unwrap_or(true),
+        upstreams,
+    })
+}
+
+/// `[[router.floating_ip]]`: IPv4 only (IPv6 external subnets are routed, as in Neutron).
+fn validate_floating_ips(
+    who: &str,
+    raw: Vec<RawFloatingIp>,
+    gateway: &Option<Gateway>,
+    interfaces: &[Interface],
+) -> Result<Vec<FloatingIp>, String> {
+    let mut out: Vec<FloatingIp> = Vec::new();
+    for (k, f) in raw.into_iter().enumerate() {
+        let at = format!(
+            "{who}, floating_ip #{} (floating_ip_address '{}')",
+            k + 1,
+            f.floating_ip_address
+        );
+        if gateway.is_none() {
+            return Err(format!(
+                "{at}: the router has no external gateway; add [router.external_gateway] first"
+            ));
+        }
+        let fip: Ipv4Addr = f.floating_ip_address.parse().map_err(|_| {
+            format!(
+                "{at}: field 'floating_ip_address' = '{}' is not an IPv4 address (floating IPs are IPv4)",
+                f.floating_ip_address
+            )
+        })?;
+        let fixed: Ipv4Addr = f.fixed_ip_address.parse().map_err(|_| {
+            format!(
+                "{at}: field 'fixed_ip_address' = '{}' is not an IPv4 address",
+                f.fixed_ip_address
+            )
+        })?;
+        let ext = interfaces.iter().filter(|i| i.external).flat_map(|i| i.fixed_ips.iter());
+        let Some(on) = ext.clone().find(|x| x.subnet.contains(IpAddr::V4(fip))) else {
+            let subnets: Vec<String> = ext.filter(|x| !x.subnet.is_ipv6()).map(|x| x.subnet.to_string()).collect();
+            return Err(format!(
+                "{at}: field 'floating_ip_address' = {fip} is outside every external subnet ({})",
+                if subnets.is_empty() { "the gateway has no IPv4 subnet".into() } else { subnets.join(", ") }
+            ));
+        };
+        if let IpNet::V4(n) = on.subnet {
+            if u32::from(fip) == n.network() || Some(fip) == n.broadcast() {
+                return Err(format!(
+                    "{at}: field 'floating_ip_address' = {fip} is the network or broadcast address of {n}"
+                ));
+            }
+        }
+        let own = interfaces
+            .iter()
+            .flat_map(|i| i.fixed_ips.iter())
+            .any(|x| x.gateway_ip == IpAddr::V4(fip));
+        let upstream = gateway
+            .iter()
+            .flat_map(|g| g.upstreams.iter())
+            .any(|u| u.gateway_ip == IpAddr::V4(fip));
+        if own || upstream {
+            return Err(format!(
+                "{at}: field 'floating_ip_address' = {fip} is {} address",
+                if own { "one of the router's own" } else { "the external subnet's gateway" }
+            ));
+        }
+        if out.iter().any(|o| o.floating_ip_address == fip) {
+            return Err(format!(
+                "{at}: field 'floating_ip_address' = {fip} is used twice"
+            ));
+        }
+        let tenant = interfaces
+            .iter()
+            .filter(|i| !i.external)
+            .find(|i| i.fixed_ips.iter().any(|x| x.subnet.contains(IpAddr::V4(fixed))));
+        let Some(tenant) = tenant else {
+            return Err(format!(
+                "{at}: field 'fixed_ip_address' = {fixed} is not on one of the router's tenant subnets"
+            ));
+        };
+        if tenant.fixed_ips.iter().any(|x| x.gateway_ip == IpAddr::V4(fixed)) {
+            return Err(format!(
+                "{at}: field 'fixed_ip_address' = {fixed} is the router's own address on {}",
+                tenant.device
+            ));
+        }
+        if let Some(o) = out.iter().find(|o| o.fixed_ip_address == fixed) {
+            return Err(format!(
+                "{at}: field 'fixed_ip_address' = {fixed} already has floating IP {}",
+                o.floating_ip_address
+            ));
+        }
+        out.push(FloatingIp {
+            floating_ip_address: fip,
+            fixed_ip_address: fixed,
+        });
+    }
+    Ok(out)
 }
 
 /// One validated (subnet, router address) pair; the error says whether the address (true) or
@@ -877,6 +1177,82 @@ nexthop = "2001:db8:101::fe"
             .routes
             .iter()
             .all(|x| x.destination.to_string() == "10.10.0.0/16"));
+    }
+
+    const NAT: &str = r#"
+[[router]]
+id = "a81cc110-16f4-4d6c-89d2-8af91cec9714"
+[[router.interface]]
+port_id = "d295b258-4586-4e8a-9c3e-1f2a3b4c5d6e"
+subnet = "172.16.100.0/24"
+gateway_ip = "172.16.100.1"
+[[router.interface]]
+port_id = "2ffdb861-731c-4b1a-8d2e-6f7a8b9c0d1e"
+subnet = "172.16.101.0/24"
+gateway_ip = "172.16.101.1"
+[router.external_gateway]
+port_id = "e1a2b3c4-5d6e-4f70-8a9b-0c1d2e3f4a5b"
+network_id = "public"
+external_fixed_ips = [
+  { subnet = "192.168.1.0/24", ip_address = "192.168.1.10", gateway_ip = "192.168.1.1" },
+]
+[[router.floating_ip]]
+floating_ip_address = "192.168.1.20"
+fixed_ip_address = "172.16.101.3"
+"#;
+
+    #[test]
+    fn external_gateway_and_floating_ips_parse() {
+        let r = &parse(NAT).unwrap()[0];
+        let g = r.gateway.as_ref().unwrap();
+        assert!(g.enable_snat, "Neutron's default");
+        assert_eq!(g.network_id.as_deref(), Some("public"));
+        assert_eq!(g.upstreams[0].gateway_ip.to_string(), "192.168.1.1");
+        assert!(!g.upstreams[0].onlink());
+        let qg = r.interfaces.iter().find(|i| i.external).unwrap();
+        assert_eq!(qg.device, "qg-e1a2b3c4-5d");
+        assert_eq!(qg.fixed_ips[0].gateway_ip.to_string(), "192.168.1.10");
+        assert_eq!(r.interfaces.iter().filter(|i| i.external).count(), 1);
+        assert_eq!(r.floating_ips[0].fixed_ip_address.to_string(), "172.16.101.3");
+        // A route via the upstream router is accepted (its subnet is connected).
+        let t = NAT.replace(
+            "[[router.floating_ip]]",
+            "[[router.route]]\ndestination = \"10.9.0.0/16\"\nnexthop = \"192.168.1.254\"\n[[router.floating_ip]]",
+        );
+        assert_eq!(parse(&t).unwrap()[0].routes.len(), 1);
+        let off = NAT.replace("network_id = \"public\"", "enable_snat = false");
+        assert!(!parse(&off).unwrap()[0].gateway.as_ref().unwrap().enable_snat);
+        let far = NAT.replace("gateway_ip = \"192.168.1.1\"", "gateway_ip = \"10.0.0.1\"");
+        assert!(parse(&far).unwrap()[0].gateway.as_ref().unwrap().upstreams[0].onlink());
+    }
+
+    #[test]
+    fn nat_refusals_name_the_field() {
+        let fip2 = "[[router.floating_ip]]\nfloating_ip_address = \"192.168.1.21\"\nfixed_ip_address = \"172.16.101.3\"\n";
+        let cases: &[(&str, &str, &str)] = &[
+            ("floating_ip_address = \"192.168.1.20\"", "floating_ip_address = \"10.1.1.1\"", "'floating_ip_address' = 10.1.1.1 is outside every external subnet (192.168.1.0/24)"),
+            ("floating_ip_address = \"192.168.1.20\"", "floating_ip_address = \"192.168.1.10\"", "is one of the router's own address"),
+            ("floating_ip_address = \"192.168.1.20\"", "floating_ip_address = \"192.168.1.1\"", "is the external subnet's gateway address"),
+            ("floating_ip_address = \"192.168.1.20\"", "floating_ip_address = \"192.168.1.255\"", "network or broadcast"),
+            ("fixed_ip_address = \"172.16.101.3\"\n", "fixed_ip_address = \"172.16.101.3\"\n[[router.floating_ip]]\nfloating_ip_address = \"192.168.1.20\"\nfixed_ip_address = \"172.16.100.3\"\n", "'floating_ip_address' = 192.168.1.20 is used twice"),
+            ("fixed_ip_address = \"172.16.101.3\"\n", &format!("fixed_ip_address = \"172.16.101.3\"\n{fip2}"), "'fixed_ip_address' = 172.16.101.3 already has floating IP 192.168.1.20"),
+            ("fixed_ip_address = \"172.16.101.3\"", "fixed_ip_address = \"192.168.1.30\"", "'fixed_ip_address' = 192.168.1.30 is not on one of the router's tenant subnets"),
+            ("fixed_ip_address = \"172.16.101.3\"", "fixed_ip_address = \"172.16.101.1\"", "is the router's own address on qr-2ffdb861-73"),
+            ("subnet = \"192.168.1.0/24\", ip_address = \"192.168.1.10\"", "subnet = \"172.16.0.0/16\", ip_address = \"172.16.1.10\"", "'external_fixed_ips[0].subnet' = 172.16.0.0/16 overlaps subnet 172.16.100.0/24"),
+            ("gateway_ip = \"192.168.1.1\"", "gateway_ip = \"192.168.1.10\"", "'external_fixed_ips[0].gateway_ip' = 192.168.1.10 is the router's own external address"),
+            ("ip_address = \"192.168.1.10\"", "ip_address = \"192.168.2.10\"", "'external_fixed_ips[0].ip_address' = 192.168.2.10 is outside subnet 192.168.1.0/24"),
+            ("port_id = \"e1a2b3c4-5d6e-4f70-8a9b-0c1d2e3f4a5b\"", "port_id = \"2ffdb861-731c-4b1a-8d2e-6f7a8b9c0d1e\"", "also the port of one of the router's interfaces"),
+            ("network_id = \"public\"", "network_id = \"public\"\nsnat = true", "unknown field `snat`"),
+            ("[router.external_gateway]\nport_id = \"e1a2b3c4-5d6e-4f70-8a9b-0c1d2e3f4a5b\"\nnetwork_id = \"public\"\nexternal_fixed_ips = [\n  { subnet = \"192.168.1.0/24\", ip_address = \"192.168.1.10\", gateway_ip = \"192.168.1.1\" },\n]\n", "", "the router has no external gateway"),
+            ("  { subnet = \"192.168.1.0/24\", ip_address = \"192.168.1.10\", gateway_ip = \"192.168.1.1\" },\n", "", "'external_fixed_ips' is missing or empty"),
+            ("[[router.floating_ip]]", "[[router.route]]\ndestination = \"0.0.0.0/0\"\nnexthop = \"172.16.100.9\"\n[[router.floating_ip]]", "is the external gateway's default route (via 192.168.1.1)"),
+        ];
+        for (from, to, want) in cases {
+            let text = NAT.replacen(from, to, 1);
+            assert_ne!(text, NAT, "case {from} did not apply");
+            let got = err(&text);
+            assert!(got.contains(want), "for {to:?}: got {got:?}, want {want:?}");
+        }
     }
 
     #[test]

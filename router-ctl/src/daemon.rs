@@ -400,8 +400,49 @@ fn nap() {
     }
 }
 
-/// One router's neighbour sync, on its own thread inside the router's namespace.
+/// One router's sync with its namespace: neighbours, devices and (with a gateway) the
+/// kernel's NAT flows, each on a thread inside the namespace.
 fn watch(r: &RouterState, stop: &Stop) -> Result<()> {
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let nat = r
+        .nat_on()
+        .then(|| {
+            let (r, done) = (r.clone(), done.clone());
+            std::thread::Builder::new()
+                .name(format!("nat-{}", &r.id[..r.id.len().min(8)]))
+                .spawn(move || follow_nat(&r, &done))
+        })
+        .transpose()
+        .context("cannot spawn the NAT flow thread")?;
+    let res = watch_neighbours(r, stop);
+    done.store(true, Ordering::SeqCst);
+    if let Some(h) = nat {
+        let _ = h.join();
+    }
+    res
+}
+
+/// Copies the kernel's NAT flows into the fast path until `done` (see `crate::nat`).
+fn follow_nat(r: &RouterState, done: &std::sync::atomic::AtomicBool) {
+    let run = || -> Result<()> {
+        let f = netns::open(&r.namespace)?;
+        netns::enter(&f)?;
+        let mut sync = crate::nat::NatSync::open(&r.id)?;
+        while !done.load(Ordering::SeqCst) {
+            sync.step(200)?;
+        }
+        Ok(())
+    };
+    while !done.load(Ordering::SeqCst) {
+        if let Err(e) = run() {
+            tracing::warn!(router = %r.id, error = format!("{e:#}"), "NAT flow sync failed; the kernel carries new NAT flows meanwhile; retrying");
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    }
+}
+
+/// One router's neighbour sync, on its own thread inside the router's namespace.
+fn watch_neighbours(r: &RouterState, stop: &Stop) -> Result<()> {
     let f =
         netns::open(&r.namespace).with_context(|| format!("namespace {} is gone", r.namespace))?;
     netns::enter(&f)?;

@@ -35,7 +35,9 @@ pub static PROGRAM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 /// Benchmark helpers (traffic generator, wire floor); see `router-ebpf/src/bench.rs`.
 pub static BENCH_PROGRAM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bench"));
 
-const ALL_MAPS: [&str; 15] = [
+const ALL_MAPS: [&str; 17] = [
+    map_names::NAT_FLOWS,
+    map_names::NAT_CONF,
     map_names::TC_PORTS,
     map_names::NH_GROUPS,
     map_names::IFACE_INDEX,
@@ -162,7 +164,9 @@ fn open_pinned_object(router_id: &str, cap: Capacity, progs: Programs) -> Result
 /// Refuses maps pinned by a build whose map layout differs from this one's: the program would
 /// read them wrongly (the verifier refuses it at best).
 fn check_pinned_layout(router_id: &str) -> Result<()> {
-    let expected: [(&str, usize); 15] = [
+    let expected: [(&str, usize); 17] = [
+        (map_names::NAT_FLOWS, std::mem::size_of::<router_common::NatFlow>()),
+        (map_names::NAT_CONF, 4),
         (map_names::TC_PORTS, 4),
         (map_names::NH_GROUPS, std::mem::size_of::<NhGroup>()),
         (
@@ -193,6 +197,7 @@ fn check_pinned_layout(router_id: &str) -> Result<()> {
         let found = info.value_size() as usize;
         const BPF_F_NO_PREALLOC: u32 = 1;
         let hash = [
+            map_names::NAT_FLOWS,
             map_names::NEIGHS,
             map_names::NEIGHS6,
             map_names::IFACES,
@@ -855,6 +860,13 @@ pub fn set_local_addrs(ebpf: &mut Ebpf, addrs: &[Ipv4Addr]) -> Result<()> {
 }
 
 /// Zeroes the counters of `slot` (a slot handed to a new device).
+/// Sets the router's `nat_conf` bits.
+pub fn set_nat_conf(ebpf: &mut Ebpf, bits: u32) -> Result<()> {
+    let mut a: Array<_, u32> = Array::try_from(map_mut(ebpf, map_names::NAT_CONF)?)?;
+    a.set(0, bits, 0).context("writing NAT_CONF")?;
+    Ok(())
+}
+
 pub fn reset_stats(ebpf: &mut Ebpf, slot: u32) -> Result<()> {
     let mut arr: PerCpuArray<_, Stats> = PerCpuArray::try_from(map_mut(ebpf, map_names::STATS)?)?;
     let n = aya::util::nr_cpus()

@@ -9,6 +9,7 @@ pub mod datapath;
 pub mod fib;
 pub mod kernel;
 pub mod metrics;
+pub mod nat;
 pub mod state;
 pub mod table;
 pub mod verbs;

@@ -613,6 +613,7 @@ fn stats(routers: &[RouterState], json_out: bool) -> Result<()> {
                     },
                     "passed": {"packets": s.pass_packets(), "bytes": s.pass_bytes, "reasons": reasons},
                     "dropped": {"packets": s.drop_packets},
+                    "nat": {"source_translated": s.nat_src_packets, "destination_translated": s.nat_dst_packets},
                 })
             })
             .collect();
@@ -629,6 +630,8 @@ fn stats(routers: &[RouterState], json_out: bool) -> Result<()> {
         "PASS_PKTS",
         "PASS_BYTES",
         "DROPPED",
+        "SNAT_PKTS",
+        "DNAT_PKTS",
         "PASS_REASONS",
     ]);
     for (r, i, s) in &rows {
@@ -648,6 +651,8 @@ fn stats(routers: &[RouterState], json_out: bool) -> Result<()> {
             s.pass_packets().to_string(),
             s.pass_bytes.to_string(),
             s.drop_packets.to_string(),
+            s.nat_src_packets.to_string(),
+            s.nat_dst_packets.to_string(),
             if reasons.is_empty() {
                 "-".into()
             } else {

@@ -26,6 +26,7 @@ pub fn render() -> Result<String> {
     let pass_pkts = Family::<Labels, Counter>::default();
     let pass_bytes = Family::<Labels, Counter>::default();
     let drops = Family::<Labels, Counter>::default();
+    let nat = Family::<Labels, Counter>::default();
     for r in RouterState::all()?.into_iter().filter(|r| r.lost.is_none()) {
         let Ok(map) = datapath::open_pinned(&r.id, map_names::STATS) else {
             continue;
@@ -52,6 +53,11 @@ pub fn render() -> Result<String> {
             }
             pass_bytes.get_or_create(&l).inc_by(s.pass_bytes);
             drops.get_or_create(&l).inc_by(s.drop_packets);
+            for (dir, n) in [("source", s.nat_src_packets), ("destination", s.nat_dst_packets)] {
+                let mut ld = l.clone();
+                ld.push(("translated".into(), dir.into()));
+                nat.get_or_create(&ld).inc_by(n);
+            }
             for (name, n) in pass_reason::NAMES.iter().zip(s.pass.iter()) {
                 let mut lr = l.clone();
                 lr.push(("reason".into(), name.to_string()));
@@ -81,6 +87,11 @@ pub fn render() -> Result<String> {
         pass_bytes,
     );
     reg.register("dropped_packets", "Frames dropped by the fast path", drops);
+    reg.register(
+        "nat_packets",
+        "Packets the fast path forwarded with their source (SNAT) or destination (DNAT) translated, by ingress device",
+        nat,
+    );
     let mut out = String::new();
     encode(&mut out, &reg).context("encoding metrics")?;
     Ok(out)

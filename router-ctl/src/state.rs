@@ -81,6 +81,36 @@ pub struct RouterState {
     /// (the daemon noticed, released it and removed the pinned programs and maps).
     #[serde(default)]
     pub lost: Option<String>,
+    /// The external gateway, when the router has one (its port is in `interfaces` too).
+    #[serde(default)]
+    pub gateway: Option<GatewayState>,
+}
+
+/// The external gateway as applied: what `destroy` and the next apply must know of it.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct GatewayState {
+    pub port_id: String,
+    pub device: String,
+    pub network_id: Option<String>,
+    pub enable_snat: bool,
+    /// The upstream routers (one per family at most): the default routes' nexthops.
+    pub upstreams: Vec<String>,
+    /// Upstream routers outside their subnet, reached through an on-link host route.
+    #[serde(default)]
+    pub onlink: Vec<String>,
+    pub floating_ips: Vec<FloatingIpState>,
+    /// Namespace sysctls apply changed, with their values before (restored on destroy of an
+    /// adopted namespace).
+    #[serde(default)]
+    pub sysctls_before: Vec<(String, String)>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FloatingIpState {
+    pub floating_ip_address: String,
+    pub fixed_ip_address: String,
+    /// apply added the /32 to the `qg-` device.
+    pub added: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -109,6 +139,9 @@ pub struct IfaceState {
     /// The device's kind (veth, macvlan, …; None for a NIC).
     #[serde(default)]
     pub kind: Option<String>,
+    /// The external gateway's port (`qg-`).
+    #[serde(default)]
+    pub external: bool,
     /// State files written before dual-stack had one subnet per interface; read into
     /// `fixed_ips` on load.
     #[serde(default, skip_serializing)]
@@ -150,6 +183,9 @@ pub struct RouteState {
     pub destination: String,
     pub nexthop: String,
     pub device: String,
+    /// The external gateway's default route, not an extra route of the definition.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub gateway: bool,
 }
 
 impl IfaceState {
@@ -174,6 +210,7 @@ impl IfaceState {
             active_hook: None,
             hook_reason: String::new(),
             kind: None,
+            external: false,
             subnet: None,
             gateway_ip: None,
             added_address: false,
@@ -196,6 +233,10 @@ impl IfaceState {
                     router_common::iface_flags::VERIFY_L4
                 } else {
                     0
+                } | if self.external {
+                    router_common::iface_flags::EXTERNAL
+                } else {
+                    0
                 },
                 mtu: self.mtu,
                 slot: self.slot,
@@ -205,6 +246,13 @@ impl IfaceState {
 }
 
 impl RouterState {
+    /// The fast path translates: a gateway with SNAT, or floating IPs.
+    pub fn nat_on(&self) -> bool {
+        self.gateway
+            .as_ref()
+            .is_some_and(|g| g.enable_snat || !g.floating_ips.is_empty())
+    }
+
     /// Why the namespace this router was applied to is not there any more (deleted, or
     /// replaced by another of the same name), if it is not.
     pub fn namespace_gone(&self) -> Option<String> {

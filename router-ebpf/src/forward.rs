@@ -3,13 +3,15 @@
 //! else goes to the kernel with a counted reason.
 
 use router_common::{
-    pass_reason as why, route_kind, Iface, Neigh6Key, NeighKey, Route, UNKNOWN_IFACE_SLOT,
+    iface_flags, nat_flags, pass_reason as why, route_kind, Iface, Neigh6Key, NeighKey, Route,
+    UNKNOWN_IFACE_SLOT,
 };
 
 use crate::{
     hook::Hook,
     lookup::{ecmp_pick, fib6_lookup, fib_lookup, iface_of, is_local4},
     maps::{NEIGHS, NEIGHS6, STATS},
+    nat,
     parse::{
         first_half_zero, header_checksum_ok, link_local, ports, ptr_at, same_mac, EthHdr, Ipv4Hdr,
         Ipv6Hdr, ETH_LEN, ETH_P_IPV4, ETH_P_IPV6, IPPROTO_TCP, IPPROTO_UDP, IPV4_LEN, IPV6_LEN,
@@ -20,10 +22,13 @@ use crate::{
 
 /// What the program decided for one packet.
 enum Verdict {
-    /// Redirected; the packet was rewritten. IPv6 is counted apart too.
-    Forward { ipv6: bool },
+    /// Redirected; the packet was rewritten. IPv6 is counted apart too, and IPv4 NAT by the
+    /// `nat_flags` of its flow (0: none).
+    Forward { ipv6: bool, nat: u32 },
     /// Handed to the kernel unchanged, for the reason given (an index into `Stats::pass`).
     Pass(usize),
+    /// Dropped: changed already and impossible to finish (counted in `drop_packets`).
+    Drop,
 }
 
 /// Runs the fast path on one packet and counts it; returns the hook's action.
@@ -43,7 +48,7 @@ pub fn run<H: Hook>(h: &H) -> i32 {
     };
     let stats = STATS.get_ptr_mut(slot);
     match verdict {
-        Verdict::Forward { ipv6 } => {
+        Verdict::Forward { ipv6, nat } => {
             if let Some(s) = stats {
                 let v6 = ipv6 as u64;
                 // SAFETY: a per-CPU slot, written only by this CPU.
@@ -52,6 +57,8 @@ pub fn run<H: Hook>(h: &H) -> i32 {
                     (*s).fwd_bytes += len;
                     (*s).fwd6_packets += v6;
                     (*s).fwd6_bytes += v6 * len;
+                    (*s).nat_src_packets += (nat & nat_flags::SRC != 0) as u64;
+                    (*s).nat_dst_packets += (nat & nat_flags::DST != 0) as u64;
                 }
             }
             if cfg!(mutant = "pass_all") {
@@ -59,6 +66,13 @@ pub fn run<H: Hook>(h: &H) -> i32 {
             } else {
                 H::FORWARD
             }
+        }
+        Verdict::Drop => {
+            if let Some(s) = stats {
+                // SAFETY: as above.
+                unsafe { (*s).drop_packets += 1 };
+            }
+            H::DROP
         }
         Verdict::Pass(reason) => {
             if let Some(s) = stats {
@@ -132,6 +146,22 @@ fn forward4(h: &impl Hook, ingress: u32, iface: &Iface) -> Verdict {
         return Verdict::Pass(why::TTL_EXCEEDED);
     }
 
+    // NAT: the flow's translation, if conntrack gave it one; it is written only once the
+    // packet is sure to leave through the fast path. Routing follows the new destination.
+    let unfragmented = u16::from_be_bytes(ip.frag_off) & 0x3fff == 0;
+    let nat_on = nat::on();
+    let mut flow = None;
+    if nat_on && unfragmented && !cfg!(mutant = "nat_ignored") {
+        flow = match nat::lookup(h, ip, tot_len) {
+            Ok(f) => f,
+            Err(reason) => return Verdict::Pass(reason),
+        };
+    }
+    let (dst, dst_bytes) = match &flow {
+        Some((_, f)) => (u32::from_be_bytes(f.dst), f.dst),
+        None => (dst, ip.dst),
+    };
+
     let Some(route) = fib_lookup(dst) else {
         return Verdict::Pass(why::NO_ROUTE);
     };
@@ -143,6 +173,19 @@ fn forward4(h: &impl Hook, ingress: u32, iface: &Iface) -> Verdict {
         Ok(r) => r,
         Err(reason) => return Verdict::Pass(reason),
     };
+    // Nothing leaves through the gateway untranslated while NAT is on: without a flow, the
+    // kernel NATs it (and conntrack decides the mapping the fast path then copies).
+    if nat_on && flow.is_none() && !cfg!(mutant = "nat_untranslated_out") {
+        if let Some(out) = iface_of(route.ifindex) {
+            if out.flags & iface_flags::EXTERNAL != 0 {
+                return Verdict::Pass(if unfragmented {
+                    why::NAT_NO_FLOW
+                } else {
+                    why::NAT_FRAGMENT
+                });
+            }
+        }
+    }
     let nexthop = if route.kind == route_kind::GATEWAY {
         [
             route.nexthop[0],
@@ -151,7 +194,7 @@ fn forward4(h: &impl Hook, ingress: u32, iface: &Iface) -> Verdict {
             route.nexthop[3],
         ]
     } else {
-        ip.dst
+        dst_bytes
     };
     let key = NeighKey {
         ifindex: route.ifindex,
@@ -166,7 +209,6 @@ fn forward4(h: &impl Hook, ingress: u32, iface: &Iface) -> Verdict {
     };
     // A TCP or UDP segment with at least a UDP header's worth of bytes (a partial checksum
     // needs a header), not a fragment (a stack finishes checksums before fragmenting).
-    let unfragmented = u16::from_be_bytes(ip.frag_off) & 0x3fff == 0;
     let whole_header = tot_len >= IPV4_LEN + 8;
     if unfragmented && whole_header && (ip.protocol == IPPROTO_TCP || ip.protocol == IPPROTO_UDP) {
         let pseudo = pseudo4(ip, tot_len - IPV4_LEN);
@@ -181,7 +223,16 @@ fn forward4(h: &impl Hook, ingress: u32, iface: &Iface) -> Verdict {
                 ip.check = decrement_ttl(ip.check);
                 ip.ttl -= 1;
             }
-            Verdict::Forward { ipv6: false }
+            let mut nat = 0;
+            if let Some((key, f)) = flow {
+                nat::touch(f);
+                // Redirected already: a packet that cannot be translated must not leave.
+                if !h.nat_rewrite(&key, f) {
+                    return Verdict::Drop;
+                }
+                nat = f.flags;
+            }
+            Verdict::Forward { ipv6: false, nat }
         }
         Err(reason) => Verdict::Pass(reason),
     }
@@ -265,7 +316,7 @@ fn forward6(h: &impl Hook, ingress: u32, iface: &Iface) -> Verdict {
                 ip.hop_limit -= 1;
                 h.hop_limit_changed(old, *word);
             }
-            Verdict::Forward { ipv6: true }
+            Verdict::Forward { ipv6: true, nat: 0 }
         }
         Err(reason) => Verdict::Pass(reason),
     }

@@ -6,17 +6,18 @@
 use aya_ebpf::{
     bindings::{xdp_action, TC_ACT_REDIRECT},
     helpers::{
-        bpf_csum_diff, bpf_csum_update, bpf_redirect, bpf_skb_change_tail, bpf_xdp_adjust_tail,
-        bpf_xdp_load_bytes,
+        bpf_csum_diff, bpf_csum_update, bpf_l3_csum_replace, bpf_l4_csum_replace, bpf_redirect,
+        bpf_skb_change_tail, bpf_skb_store_bytes, bpf_xdp_adjust_tail, bpf_xdp_load_bytes,
     },
     programs::{TcContext, XdpContext},
     EbpfContext as _,
 };
-use router_common::{iface_flags, pass_reason as why, Iface, Route};
+use router_common::{iface_flags, pass_reason as why, Iface, NatFlow, NatKey, Route};
 
 use crate::{
     maps::{SCRATCH, TC_PORTS, TX_PORTS},
-    parse::{l4_header_len, ETH_LEN},
+    nat,
+    parse::{l4_header_len, ETH_LEN, IPPROTO_TCP, IPPROTO_UDP, IPV4_LEN},
 };
 
 /// tcx: hand the packet on (to the next program of the chain, then the stack).
@@ -30,6 +31,7 @@ pub trait Hook {
     const FORWARD: i32;
     /// The action for a packet handed to the kernel.
     const PASS: i32;
+    const DROP: i32;
 
     fn data(&self) -> usize;
     fn data_end(&self) -> usize;
@@ -51,6 +53,10 @@ pub trait Hook {
     fn l4_complete(&self, iface: &Iface, l4: usize, end: usize, pseudo: u64, proto: u8) -> bool;
     /// The IPv6 hop limit went from `old` to `new` (the 32-bit word holding it).
     fn hop_limit_changed(&self, old: u32, new: u32);
+    /// Rewrites the IPv4 packet `key` describes into `flow`'s addresses and ports, with every
+    /// checksum kept right; false if it could not (the packet is dropped then: it was already
+    /// redirected and changed).
+    fn nat_rewrite(&self, key: &NatKey, flow: &NatFlow) -> bool;
 }
 
 pub struct Xdp(pub XdpContext);
@@ -58,6 +64,7 @@ pub struct Xdp(pub XdpContext);
 impl Hook for Xdp {
     const FORWARD: i32 = xdp_action::XDP_REDIRECT as i32;
     const PASS: i32 = xdp_action::XDP_PASS as i32;
+    const DROP: i32 = xdp_action::XDP_DROP as i32;
 
     #[inline(always)]
     fn data(&self) -> usize {
@@ -112,6 +119,10 @@ impl Hook for Xdp {
     }
     #[inline(always)]
     fn hop_limit_changed(&self, _old: u32, _new: u32) {}
+    #[inline(always)]
+    fn nat_rewrite(&self, key: &NatKey, flow: &NatFlow) -> bool {
+        nat::rewrite_frame(self, key, flow)
+    }
 }
 
 pub struct Tc(pub TcContext);
@@ -127,6 +138,7 @@ impl Tc {
 impl Hook for Tc {
     const FORWARD: i32 = TC_ACT_REDIRECT as i32;
     const PASS: i32 = TCX_NEXT;
+    const DROP: i32 = aya_ebpf::bindings::TC_ACT_SHOT as i32;
 
     #[inline(always)]
     fn data(&self) -> usize {
@@ -205,6 +217,61 @@ impl Hook for Tc {
                 bpf_csum_update(self.0.skb.skb, diff as u32);
             }
         }
+    }
+    #[inline(always)]
+    fn nat_rewrite(&self, key: &NatKey, flow: &NatFlow) -> bool {
+        // The kernel's checksum helpers: they know the skb's checksum state (a partial
+        // checksum holds the pseudo-header's sum, a complete one the packet's), and mark a
+        // UDP checksum of 0 as "none". Each may move the packet's data: values are written
+        // with bpf_skb_store_bytes, never through pointers.
+        const F_PSEUDO_HDR: u64 = 1 << 4;
+        const F_MARK_MANGLED_0: u64 = 1 << 5;
+        let skb = self.0.skb.skb;
+        let l4 = (ETH_LEN + IPV4_LEN) as u32;
+        let ip_check = ETH_LEN as u32 + 10;
+        let (l4_check, l4_flags) = match key.proto {
+            IPPROTO_TCP => (l4 + 16, 0),
+            IPPROTO_UDP => (l4 + 6, F_MARK_MANGLED_0),
+            _ => (l4 + 2, 0),
+        };
+        let icmp = key.proto == nat::IPPROTO_ICMP;
+        let mut ok = true;
+        let addrs = [
+            (ETH_LEN as u32 + 12, key.src, flow.src),
+            (ETH_LEN as u32 + 16, key.dst, flow.dst),
+        ];
+        for (off, old, new) in addrs {
+            if old == new {
+                continue;
+            }
+            let (o, n) = (u32::from_ne_bytes(old) as u64, u32::from_ne_bytes(new) as u64);
+            // SAFETY: helper calls on this skb with offsets inside its headers (checked when
+            // the headers were read); `new` lives on the stack.
+            unsafe {
+                if !icmp {
+                    ok &= bpf_l4_csum_replace(skb, l4_check, o, n, F_PSEUDO_HDR | l4_flags | 4) == 0;
+                }
+                ok &= bpf_l3_csum_replace(skb, ip_check, o, n, 4) == 0;
+                ok &= bpf_skb_store_bytes(skb, off, new.as_ptr() as *const _, 4, 0) == 0;
+            }
+        }
+        let ports = if icmp {
+            [(l4 + 4, key.sport, flow.sport), (0, [0; 2], [0; 2])]
+        } else {
+            [(l4, key.sport, flow.sport), (l4 + 2, key.dport, flow.dport)]
+        };
+        for (off, old, new) in ports {
+            if old == new {
+                continue;
+            }
+            let (o, n) = (u16::from_ne_bytes(old) as u64, u16::from_ne_bytes(new) as u64);
+            // SAFETY: as above.
+            unsafe {
+                ok &= bpf_l4_csum_replace(skb, l4_check, o, n, l4_flags | 2) == 0;
+                ok &= bpf_skb_store_bytes(skb, off, new.as_ptr() as *const _, 2, 0) == 0;
+            }
+        }
+        ok
     }
 }
 

@@ -15,6 +15,7 @@ mod forward;
 mod hook;
 mod lookup;
 mod maps;
+mod nat;
 mod parse;
 mod rewrite;
 

@@ -6,8 +6,8 @@ use aya_ebpf::{
     maps::{Array, DevMap, HashMap, LpmTrie, PerCpuArray},
 };
 use router_common::{
-    fib, Iface, IfaceAt, Neigh, Neigh6Key, NeighKey, NhGroup, Route, Stats, IFACE_INDEX_SLOTS,
-    MAX_IFACES, MAX_LOCAL4, MAX_NEIGHS, STATS_SLOTS,
+    fib, Iface, IfaceAt, NatFlow, NatKey, Neigh, Neigh6Key, NeighKey, NhGroup, Route, Stats,
+    IFACE_INDEX_SLOTS, MAX_IFACES, MAX_LOCAL4, MAX_NAT_FLOWS, MAX_NEIGHS, STATS_SLOTS,
 };
 
 // The route table (see `router_common::fib`); the controller sizes L2, L3 and NEXTHOPS per router.
@@ -58,6 +58,14 @@ pub static TC_PORTS: Array<u32> = Array::with_max_entries(MAX_IFACES, 0);
 pub static LOCAL_BITS: Array<[u64; 1024]> = Array::with_max_entries(1, 0);
 #[map(name = "LOCAL4")]
 pub static LOCAL4: HashMap<u32, u32> = HashMap::with_max_entries(MAX_LOCAL4, BPF_F_NO_PREALLOC);
+
+/// NAT flows, filled by the controller from the kernel's conntrack (see `nat`).
+#[map(name = "NAT_FLOWS")]
+pub static NAT_FLOWS: HashMap<NatKey, NatFlow> =
+    HashMap::with_max_entries(MAX_NAT_FLOWS, BPF_F_NO_PREALLOC);
+/// `router_common::nat_conf` bits.
+#[map(name = "NAT_CONF")]
+pub static NAT_CONF: Array<u32> = Array::with_max_entries(1, 0);
 
 /// A per-CPU scratch buffer: the XDP program copies TCP/UDP segments there to verify their
 /// checksums (see `hook::checksum_verifies`).

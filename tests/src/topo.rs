@@ -25,6 +25,8 @@ pub struct Ids {
     pub name: String,
     pub port_a: String,
     pub port_b: String,
+    /// The external gateway's port (NAT tests).
+    pub port_g: String,
 }
 
 impl Ids {
@@ -35,6 +37,7 @@ impl Ids {
             name: format!("router_{tag}"),
             port_a: format!("{tag}0a-4586-4e8a-9c3e-1f2a3b4c5d6e"),
             port_b: format!("{tag}0b-731c-4b1a-8d2e-6f7a8b9c0d1e"),
+            port_g: format!("{tag}0c-5d6e-4f70-8a9b-0c1d2e3f4a5b"),
         }
     }
     pub fn ns(&self) -> String {
@@ -45,6 +48,18 @@ impl Ids {
     }
     pub fn dev_b(&self) -> String {
         format!("qr-{}", &self.port_b[..11])
+    }
+    pub fn dev_g(&self) -> String {
+        format!("qg-{}", &self.port_g[..11])
+    }
+    /// The seed router with an external gateway on 192.168.1.0/24 (its address .10, the
+    /// upstream router .1; `snat` is the `enable_snat` line or empty), then `extra` TOML
+    /// (floating IPs).
+    pub fn config_nat(&self, snat: &str, extra: &str) -> String {
+        self.config(&format!(
+            "[router.external_gateway]\nport_id = \"{}\"\nnetwork_id = \"public\"\n{snat}\nexternal_fixed_ips = [\n  {{ subnet = \"192.168.1.0/24\", ip_address = \"192.168.1.10\", gateway_ip = \"192.168.1.1\" }},\n]\n{extra}",
+            self.port_g
+        ))
     }
     pub fn tap_a(&self) -> String {
         format!("tap{}", &self.port_a[..11])
@@ -398,6 +413,44 @@ impl Seed {
         let text = text(&s.ids);
         s.apply(&text);
         s
+    }
+
+    /// The seed plus an external network, plugged before apply at kernel defaults: the router's
+    /// `qg-` device is a veth whose other end is in `ext-<tag>`, the upstream router
+    /// (192.168.1.1/24, forwarding, no route to the tenant subnets), which also routes to
+    /// `out-<tag>`, an outside host at 203.0.113.5/24. Then `text` is applied.
+    pub fn up_nat(text: impl FnOnce(&Ids) -> String) -> Seed {
+        Seed::plugged_then_applied(|ids| {
+            let tag = &ids.tag;
+            let (ns, ext, out, qg) = (ids.ns(), format!("ext-{tag}"), format!("out-{tag}"), ids.dev_g());
+            sh(&format!(
+                "ip netns add {ext} && ip netns add {out} && \
+                 ip -n {ext} link set lo up && ip -n {out} link set lo up && \
+                 ip -n {ns} link add {qg} type veth peer name up0 netns {ext} && \
+                 ip -n {ext} link set up0 up && ip -n {ext} addr add 192.168.1.1/24 dev up0 && \
+                 ip -n {ext} link add o0 type veth peer name e0 netns {out} && \
+                 ip -n {ext} link set o0 up && ip -n {ext} addr add 203.0.113.1/24 dev o0 && \
+                 ip -n {out} link set e0 up && ip -n {out} addr add 203.0.113.5/24 dev e0 && \
+                 ip -n {out} route add default via 203.0.113.1 && \
+                 ip netns exec {ext} sysctl -qw net.ipv4.ip_forward=1"
+            ));
+            text(ids)
+        })
+        .with_extra(["ext", "out"])
+    }
+
+    fn with_extra<const N: usize>(mut self, prefixes: [&str; N]) -> Seed {
+        for p in prefixes {
+            self.extra_ns.push(format!("{p}-{}", self.ids.tag));
+        }
+        self
+    }
+
+    pub fn ext(&self) -> String {
+        format!("ext-{}", self.ids.tag)
+    }
+    pub fn out(&self) -> String {
+        format!("out-{}", self.ids.tag)
     }
 
     /// Moves `dev` (in the caller's namespace) into instance namespace `ns` and configures it.
@@ -800,21 +853,36 @@ pub fn in_ns<T: Send + 'static>(
 /// Sends `len` patterned bytes over TCP from namespace `from` to `to_ip` in namespace `to`;
 /// returns (bytes received, whether they equal what was sent).
 pub fn tcp_transfer(from: &str, to: &str, to_ip: &str, len: usize) -> (usize, bool) {
-    let to_ip = if to_ip.contains(':') {
-        format!("[{to_ip}]")
-    } else {
-        to_ip.to_string()
+    let (n, same, _) = tcp_transfer_via(from, to, to_ip, to_ip, len);
+    (n, same)
+}
+
+/// As `tcp_transfer`, with the client connecting to `connect_ip` (a floating IP, say) while the
+/// server listens on `bind_ip`; also returns the client address the server saw.
+pub fn tcp_transfer_via(
+    from: &str,
+    to: &str,
+    connect_ip: &str,
+    bind_ip: &str,
+    len: usize,
+) -> (usize, bool, String) {
+    let br = |ip: &str| {
+        if ip.contains(':') {
+            format!("[{ip}]")
+        } else {
+            ip.to_string()
+        }
     };
-    let addr = format!("{to_ip}:5001");
+    let (connect_ip, addr) = (br(connect_ip), format!("{}:5001", br(bind_ip)));
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let server = in_ns(to, move || {
         let l = TcpListener::bind(&addr).expect("bind");
         ready_tx.send(()).unwrap();
-        let (mut s, _) = l.accept().expect("accept");
+        let (mut s, peer) = l.accept().expect("accept");
         s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
         let mut got = Vec::with_capacity(len);
         s.read_to_end(&mut got).expect("read");
-        got
+        (got, peer.ip().to_string())
     });
     ready_rx
         .recv_timeout(Duration::from_secs(5))
@@ -822,7 +890,7 @@ pub fn tcp_transfer(from: &str, to: &str, to_ip: &str, len: usize) -> (usize, bo
     let client = in_ns(from, move || {
         let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
         let mut s = TcpStream::connect_timeout(
-            &format!("{to_ip}:5001").parse().unwrap(),
+            &format!("{connect_ip}:5001").parse().unwrap(),
             Duration::from_secs(5),
         )
         .expect("connect");
@@ -832,8 +900,8 @@ pub fn tcp_transfer(from: &str, to: &str, to_ip: &str, len: usize) -> (usize, bo
         data
     });
     let sent = client.join().expect("client");
-    let got = server.join().expect("server");
-    (got.len(), got == sent)
+    let (got, peer) = server.join().expect("server");
+    (got.len(), got == sent, peer)
 }
 
 /// Captures frames on `dev` in namespace `ns` until `pred` accepts one (or 5 s pass).

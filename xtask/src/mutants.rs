@@ -24,6 +24,32 @@ pub struct Mutant {
 
 pub const MUTANTS: &[Mutant] = &[
     Mutant {
+        name: "nat_ignored",
+        fault: "the fast path never looks NAT flows up (the kernel carries all NAT'd traffic)",
+        tests: &[
+            ("packet", "nat_flows_are_translated_byte_exact_and_the_rest_is_the_kernels"),
+            ("nat", "snat_floating_ip_hairpin_and_tenant_traffic_follow_the_agents_rules"),
+        ],
+    },
+    Mutant {
+        name: "nat_untranslated_out",
+        fault: "packets without a NAT flow leave through the gateway untranslated",
+        tests: &[
+            ("packet", "nat_flows_are_translated_byte_exact_and_the_rest_is_the_kernels"),
+            ("nat", "snat_floating_ip_hairpin_and_tenant_traffic_follow_the_agents_rules"),
+        ],
+    },
+    Mutant {
+        name: "nat_udp_zero_updated",
+        fault: "a UDP checksum of 0 (none) is updated by NAT as if it were one",
+        tests: &[("packet", "nat_flows_are_translated_byte_exact_and_the_rest_is_the_kernels")],
+    },
+    Mutant {
+        name: "nat_conf_off",
+        fault: "the controller never turns NAT on in the fast path",
+        tests: &[("nat", "snat_floating_ip_hairpin_and_tenant_traffic_follow_the_agents_rules")],
+    },
+    Mutant {
         name: "pass_all",
         fault: "the program returns PASS for everything",
         tests: &[

@@ -272,7 +272,7 @@ impl Netdev {
 }
 
 /// (message type, payload) of each netlink message in `buf`.
-fn messages(buf: &[u8]) -> Vec<(u16, &[u8])> {
+pub(crate) fn messages(buf: &[u8]) -> Vec<(u16, &[u8])> {
     let mut v = Vec::new();
     let mut off = 0;
     while off + 16 <= buf.len() {
@@ -293,7 +293,7 @@ fn attrs_of(payload: &[u8]) -> Vec<(u16, &[u8])> {
 }
 
 /// The attributes in `b` (a nested attribute's value).
-fn attrs_in(mut b: &[u8]) -> Vec<(u16, &[u8])> {
+pub(crate) fn attrs_in(mut b: &[u8]) -> Vec<(u16, &[u8])> {
     let mut v = Vec::new();
     while b.len() >= 4 {
         let len = u16::from_ne_bytes([b[0], b[1]]) as usize;
@@ -307,7 +307,7 @@ fn attrs_in(mut b: &[u8]) -> Vec<(u16, &[u8])> {
     v
 }
 
-fn put_attr(out: &mut Vec<u8>, ty: u16, val: &[u8]) {
+pub(crate) fn put_attr(out: &mut Vec<u8>, ty: u16, val: &[u8]) {
     let len = 4 + val.len();
     out.extend_from_slice(&(len as u16).to_ne_bytes());
     out.extend_from_slice(&ty.to_ne_bytes());

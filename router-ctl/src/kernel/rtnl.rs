@@ -274,6 +274,19 @@ impl Rtnl {
             .with_context(|| format!("cannot add the route to {dest}"))
     }
 
+    /// Adds or replaces an on-link route to `dest` through device `dev` (no gateway, link
+    /// scope): how an upstream router outside its subnet is reached.
+    pub fn route_onlink(&self, dest: IpNet, dev: u32) -> Result<()> {
+        let mut msg = route_message(dest, &[])?;
+        msg.header.scope = rtnetlink::packet_route::route::RouteScope::Link;
+        msg.attributes
+            .push(rtnetlink::packet_route::route::RouteAttribute::Oif(dev));
+        self.rt
+            .block_on(self.handle.route().add(msg).replace().execute())
+            .map_err(os_error)
+            .with_context(|| format!("cannot add the on-link route to {dest}"))
+    }
+
     /// Deletes the route to `dest` (nothing to do when there is none).
     pub fn route_del(&self, dest: IpNet) -> Result<()> {
         let msg = route_message(dest, &[])?;

@@ -1,0 +1,414 @@
+//! The kernel's connection tracking through ctnetlink (`NETLINK_NETFILTER`): dump the table,
+//! follow its events, delete flows and refresh their timeouts. The kernel's conntrack is the
+//! authority for every NAT mapping: the fast path only copies what it decided.
+//!
+//! IPv4 only (floating IPs and SNAT are IPv4, as in Neutron). A socket works in the network
+//! namespace of the thread that opens it.
+
+use std::{
+    io,
+    net::Ipv4Addr,
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+};
+
+use anyhow::{Context as _, Result};
+
+use super::netdev::{attrs_in, messages, put_attr};
+
+const NETLINK_NETFILTER: i32 = 12;
+const NFNL_SUBSYS_CTNETLINK: u16 = 1;
+const IPCTNL_MSG_CT_NEW: u16 = 0;
+const IPCTNL_MSG_CT_GET: u16 = 1;
+const IPCTNL_MSG_CT_DELETE: u16 = 2;
+const NLM_F_REQUEST: u16 = 1;
+const NLM_F_ACK: u16 = 4;
+const NLM_F_CREATE: u16 = 0x400;
+const NLM_F_DUMP: u16 = 0x300;
+const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
+const NLA_F_NESTED: u16 = 0x8000;
+
+const CTA_TUPLE_ORIG: u16 = 1;
+const CTA_TUPLE_REPLY: u16 = 2;
+const CTA_STATUS: u16 = 3;
+const CTA_TIMEOUT: u16 = 7;
+const CTA_TUPLE_IP: u16 = 1;
+const CTA_TUPLE_PROTO: u16 = 2;
+const CTA_IP_V4_SRC: u16 = 1;
+const CTA_IP_V4_DST: u16 = 2;
+const CTA_PROTO_NUM: u16 = 1;
+const CTA_PROTO_SRC_PORT: u16 = 2;
+const CTA_PROTO_DST_PORT: u16 = 3;
+const CTA_PROTO_ICMP_ID: u16 = 4;
+const CTA_PROTO_ICMP_TYPE: u16 = 5;
+const CTA_PROTO_ICMP_CODE: u16 = 6;
+
+/// Event groups (bits of `nl_groups`): a flow confirmed, changed, destroyed.
+pub const GROUP_NEW: u32 = 1;
+pub const GROUP_UPDATE: u32 = 2;
+pub const GROUP_DESTROY: u32 = 4;
+
+/// `enum ip_conntrack_status` bits.
+pub mod status {
+    pub const SEEN_REPLY: u32 = 1 << 1;
+    pub const ASSURED: u32 = 1 << 2;
+    pub const CONFIRMED: u32 = 1 << 3;
+    pub const SRC_NAT: u32 = 1 << 4;
+    pub const DST_NAT: u32 = 1 << 5;
+    pub const DYING: u32 = 1 << 9;
+}
+
+pub const IPPROTO_ICMP: u8 = 1;
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+
+/// One direction of a flow as conntrack writes it. For ICMP, `sport` is the echo identifier
+/// and `dport` holds type << 8 | code.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Tuple {
+    pub src: Ipv4Addr,
+    pub dst: Ipv4Addr,
+    pub proto: u8,
+    pub sport: u16,
+    pub dport: u16,
+}
+
+/// A conntrack entry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Flow {
+    pub orig: Tuple,
+    pub reply: Tuple,
+    pub status: u32,
+    /// Seconds left, when the message says.
+    pub timeout: Option<u32>,
+}
+
+impl Flow {
+    pub fn nat(&self) -> bool {
+        self.status & (status::SRC_NAT | status::DST_NAT) != 0
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    New(Flow),
+    Update(Flow),
+    Destroy(Flow),
+}
+
+pub struct Conntrack {
+    fd: OwnedFd,
+    seq: u32,
+}
+
+impl AsRawFd for Conntrack {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
+impl Conntrack {
+    /// A socket in the calling thread's namespace, subscribed to `groups` (0: none).
+    pub fn open(groups: u32) -> Result<Conntrack> {
+        // SAFETY: plain socket(2).
+        let raw = unsafe {
+            libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                NETLINK_NETFILTER,
+            )
+        };
+        if raw < 0 {
+            return Err(io::Error::last_os_error()).context("ctnetlink socket");
+        }
+        // SAFETY: a descriptor we own from here on.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        // SAFETY: a zeroed sockaddr_nl is valid; bind(2) with its size.
+        unsafe {
+            let mut sa: libc::sockaddr_nl = std::mem::zeroed();
+            sa.nl_family = libc::AF_NETLINK as u16;
+            sa.nl_groups = groups;
+            if libc::bind(
+                fd.as_raw_fd(),
+                &sa as *const _ as *const libc::sockaddr,
+                std::mem::size_of::<libc::sockaddr_nl>() as u32,
+            ) < 0
+            {
+                return Err(io::Error::last_os_error()).context("binding a ctnetlink socket");
+            }
+            // A busy router sends many events: a large buffer, and ENOBUFS reported as such.
+            let size: libc::c_int = 8 << 20;
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUFFORCE,
+                &size as *const _ as *const libc::c_void,
+                4,
+            );
+        }
+        Ok(Conntrack { fd, seq: 0 })
+    }
+
+    /// Every IPv4 flow of the namespace.
+    pub fn dump(&mut self) -> Result<Vec<Flow>> {
+        let replies = self.request(IPCTNL_MSG_CT_GET, NLM_F_REQUEST | NLM_F_DUMP, &[])?;
+        Ok(replies.iter().filter_map(|m| flow_of(m)).collect())
+    }
+
+    /// Deletes the flow whose original direction is `orig` (gone already: fine).
+    pub fn delete(&mut self, orig: &Tuple) -> Result<()> {
+        let mut attrs = Vec::new();
+        put_tuple(&mut attrs, CTA_TUPLE_ORIG, orig);
+        match self.request(IPCTNL_MSG_CT_DELETE, NLM_F_REQUEST | NLM_F_ACK, &attrs) {
+            Err(e) if is_errno(&e, libc::ENOENT) => Ok(()),
+            r => r.map(|_| ()),
+        }
+    }
+
+    /// Sets the flow's timeout to `secs` (the kernel's own refresh, as if a packet passed).
+    pub fn set_timeout(&mut self, orig: &Tuple, secs: u32) -> Result<()> {
+        let mut attrs = Vec::new();
+        put_tuple(&mut attrs, CTA_TUPLE_ORIG, orig);
+        put_attr(&mut attrs, CTA_TIMEOUT, &secs.to_be_bytes());
+        match self.request(IPCTNL_MSG_CT_NEW, NLM_F_REQUEST | NLM_F_ACK, &attrs) {
+            Err(e) if is_errno(&e, libc::ENOENT) => Ok(()),
+            r => r.map(|_| ()),
+        }
+    }
+
+    /// Deletes every flow with `addr` as a destination of either direction (`conntrack -D -d
+    /// F` and `-D -q F`); returns how many.
+    pub fn flush_address(&mut self, addr: Ipv4Addr) -> Result<usize> {
+        let mut n = 0;
+        for f in self.dump()? {
+            if f.orig.dst == addr || f.reply.dst == addr {
+                self.delete(&f.orig)?;
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    /// The events waiting on the socket (blocks until at least one message arrives, or for
+    /// `timeout_ms`). Err with ENOBUFS when events were lost: the caller dumps again.
+    pub fn events(&mut self, timeout_ms: i32) -> Result<Vec<Event>> {
+        let mut pfd = libc::pollfd {
+            fd: self.fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one pollfd.
+        let r = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
+        if r <= 0 {
+            return Ok(Vec::new());
+        }
+        let mut out = Vec::new();
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            // SAFETY: receives into buf, without blocking.
+            let n = unsafe {
+                libc::recv(
+                    self.fd.as_raw_fd(),
+                    buf.as_mut_ptr() as *mut libc::c_void,
+                    buf.len(),
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::WouldBlock {
+                    return Ok(out);
+                }
+                return Err(e).context("reading conntrack events");
+            }
+            for (ty, flags, payload) in messages_with_flags(&buf[..n as usize]) {
+                if ty >> 8 != NFNL_SUBSYS_CTNETLINK {
+                    continue;
+                }
+                let Some(f) = flow_of(payload) else { continue };
+                out.push(match ty & 0xff {
+                    IPCTNL_MSG_CT_DELETE => Event::Destroy(f),
+                    _ if flags & NLM_F_CREATE != 0 => Event::New(f),
+                    _ => Event::Update(f),
+                });
+            }
+        }
+    }
+
+    fn request(&mut self, msg: u16, flags: u16, attrs: &[u8]) -> Result<Vec<Vec<u8>>> {
+        self.seq += 1;
+        let ty = (NFNL_SUBSYS_CTNETLINK << 8) | msg;
+        let len = 16 + 4 + attrs.len();
+        let mut m = Vec::with_capacity(len);
+        m.extend_from_slice(&(len as u32).to_ne_bytes());
+        m.extend_from_slice(&ty.to_ne_bytes());
+        m.extend_from_slice(&flags.to_ne_bytes());
+        m.extend_from_slice(&self.seq.to_ne_bytes());
+        m.extend_from_slice(&0u32.to_ne_bytes());
+        m.extend_from_slice(&[libc::AF_INET as u8, 0, 0, 0]);
+        m.extend_from_slice(attrs);
+        // SAFETY: sends m.len() bytes of m to the kernel.
+        if unsafe { libc::send(self.fd.as_raw_fd(), m.as_ptr() as *const _, m.len(), 0) } < 0 {
+            return Err(io::Error::last_os_error()).context("sending a ctnetlink request");
+        }
+        let mut out = Vec::new();
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            // SAFETY: receives into buf.
+            let n = unsafe {
+                libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr() as *mut _, buf.len(), 0)
+            };
+            if n < 0 {
+                return Err(io::Error::last_os_error()).context("reading a ctnetlink reply");
+            }
+            for (t, payload) in messages(&buf[..n as usize]) {
+                match t {
+                    NLMSG_DONE => return Ok(out),
+                    NLMSG_ERROR => {
+                        let code = payload
+                            .get(0..4)
+                            .map(|b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
+                            .unwrap_or(-1);
+                        if code != 0 {
+                            return Err(io::Error::from_raw_os_error(-code))
+                                .context("the kernel refused a ctnetlink request");
+                        }
+                        return Ok(out);
+                    }
+                    t if t == ty || t >> 8 == NFNL_SUBSYS_CTNETLINK => out.push(payload.to_vec()),
+                    _ => {}
+                }
+            }
+        }
+    }
+}
+
+fn is_errno(e: &anyhow::Error, code: i32) -> bool {
+    e.downcast_ref::<io::Error>()
+        .and_then(|e| e.raw_os_error())
+        == Some(code)
+}
+
+/// (type, flags, payload) of each message in `buf`.
+fn messages_with_flags(buf: &[u8]) -> Vec<(u16, u16, &[u8])> {
+    let mut v = Vec::new();
+    let mut off = 0;
+    while off + 16 <= buf.len() {
+        let len = u32::from_ne_bytes(buf[off..off + 4].try_into().unwrap()) as usize;
+        let ty = u16::from_ne_bytes([buf[off + 4], buf[off + 5]]);
+        let flags = u16::from_ne_bytes([buf[off + 6], buf[off + 7]]);
+        if len < 16 || off + len > buf.len() {
+            break;
+        }
+        v.push((ty, flags, &buf[off + 16..off + len]));
+        off += (len + 3) & !3;
+    }
+    v
+}
+
+fn put_tuple(out: &mut Vec<u8>, which: u16, t: &Tuple) {
+    let mut ip = Vec::new();
+    put_attr(&mut ip, CTA_IP_V4_SRC, &t.src.octets());
+    put_attr(&mut ip, CTA_IP_V4_DST, &t.dst.octets());
+    let mut proto = Vec::new();
+    put_attr(&mut proto, CTA_PROTO_NUM, &[t.proto]);
+    if t.proto == IPPROTO_ICMP {
+        put_attr(&mut proto, CTA_PROTO_ICMP_ID, &t.sport.to_be_bytes());
+        put_attr(&mut proto, CTA_PROTO_ICMP_TYPE, &[(t.dport >> 8) as u8]);
+        put_attr(&mut proto, CTA_PROTO_ICMP_CODE, &[t.dport as u8]);
+    } else {
+        put_attr(&mut proto, CTA_PROTO_SRC_PORT, &t.sport.to_be_bytes());
+        put_attr(&mut proto, CTA_PROTO_DST_PORT, &t.dport.to_be_bytes());
+    }
+    let mut tuple = Vec::new();
+    put_attr(&mut tuple, CTA_TUPLE_IP | NLA_F_NESTED, &ip);
+    put_attr(&mut tuple, CTA_TUPLE_PROTO | NLA_F_NESTED, &proto);
+    put_attr(out, which | NLA_F_NESTED, &tuple);
+}
+
+fn tuple_of(b: &[u8]) -> Option<Tuple> {
+    let (mut src, mut dst, mut proto) = (None, None, None);
+    let (mut sport, mut dport, mut ty, mut code) = (0u16, 0u16, 0u8, 0u8);
+    let be16 = |v: &[u8]| v.get(..2).map(|v| u16::from_be_bytes([v[0], v[1]]));
+    let v4 = |v: &[u8]| v.get(..4).map(|v| Ipv4Addr::new(v[0], v[1], v[2], v[3]));
+    for (t, v) in attrs_in(b) {
+        match t {
+            CTA_TUPLE_IP => {
+                for (t, v) in attrs_in(v) {
+                    match t {
+                        CTA_IP_V4_SRC => src = v4(v),
+                        CTA_IP_V4_DST => dst = v4(v),
+                        _ => {}
+                    }
+                }
+            }
+            CTA_TUPLE_PROTO => {
+                for (t, v) in attrs_in(v) {
+                    match t {
+                        CTA_PROTO_NUM => proto = v.first().copied(),
+                        CTA_PROTO_SRC_PORT | CTA_PROTO_ICMP_ID => sport = be16(v)?,
+                        CTA_PROTO_DST_PORT => dport = be16(v)?,
+                        CTA_PROTO_ICMP_TYPE => ty = *v.first()?,
+                        CTA_PROTO_ICMP_CODE => code = *v.first()?,
+                        _ => {}
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    let proto = proto?;
+    if proto == IPPROTO_ICMP {
+        dport = (ty as u16) << 8 | code as u16;
+    }
+    Some(Tuple {
+        src: src?,
+        dst: dst?,
+        proto,
+        sport,
+        dport,
+    })
+}
+
+/// The flow in a ctnetlink message's payload (after the 4-byte nfgenmsg); None for IPv6 and
+/// anything incomplete.
+fn flow_of(payload: &[u8]) -> Option<Flow> {
+    if payload.first() != Some(&(libc::AF_INET as u8)) {
+        return None;
+    }
+    let (mut orig, mut reply, mut st, mut timeout) = (None, None, 0u32, None);
+    for (t, v) in attrs_in(payload.get(4..)?) {
+        match t {
+            CTA_TUPLE_ORIG => orig = tuple_of(v),
+            CTA_TUPLE_REPLY => reply = tuple_of(v),
+            CTA_STATUS => st = u32::from_be_bytes(v.get(..4)?.try_into().ok()?),
+            CTA_TIMEOUT => timeout = Some(u32::from_be_bytes(v.get(..4)?.try_into().ok()?)),
+            _ => {}
+        }
+    }
+    Some(Flow {
+        orig: orig?,
+        reply: reply?,
+        status: st,
+        timeout,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tuples_round_trip() {
+        for t in [
+            Tuple { src: Ipv4Addr::new(172, 16, 100, 3), dst: Ipv4Addr::new(192, 168, 1, 2), proto: IPPROTO_UDP, sport: 40000, dport: 53 },
+            Tuple { src: Ipv4Addr::new(10, 0, 0, 1), dst: Ipv4Addr::new(10, 0, 0, 2), proto: IPPROTO_ICMP, sport: 77, dport: 8 << 8 },
+        ] {
+            let mut b = Vec::new();
+            put_tuple(&mut b, CTA_TUPLE_ORIG, &t);
+            let (ty, v) = attrs_in(&b)[0];
+            assert_eq!(ty, CTA_TUPLE_ORIG);
+            assert_eq!(tuple_of(v), Some(t));
+        }
+    }
+}

@@ -1,0 +1,126 @@
+//! The router's NAT rules for the kernel path, in nftables: one table per router namespace,
+//! owned by this project and replaced atomically (one `nft -f` transaction). The rules are
+//! Neutron's L3 agent's (legacy router, iptables) in nftables form; see `ruleset`.
+//!
+//! nftables' netlink protocol has no maintained Rust client: the `nft` binary is run, from the
+//! calling thread (a forked child keeps the thread's network namespace).
+
+use std::{io::Write as _, net::Ipv4Addr, process::Stdio};
+
+use anyhow::{bail, Context as _, Result};
+
+/// The table's name in every router namespace.
+pub const TABLE: &str = "router_nat";
+
+/// What the rules need to know.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Nat {
+    /// The `qg-` device.
+    pub device: String,
+    /// The router's external IPv4 address (SNAT target); None when it has none.
+    pub gateway_ip: Option<Ipv4Addr>,
+    pub enable_snat: bool,
+    /// (floating IP, fixed IP).
+    pub floating_ips: Vec<(Ipv4Addr, Ipv4Addr)>,
+}
+
+/// The table, as `nft -f` takes it:
+/// - mangle: packets entering through `qg-` get mark 0x2/0xffff (Neutron's external mark);
+/// - floating IPs: DNAT F → X in prerouting and output (the router's own traffic), SNAT X → F;
+/// - never NAT between tenant subnets: leaving through another device than `qg-` and not
+///   DNATed, accept; floating IPs' SNAT comes before the gateway's;
+/// - with `enable_snat`: SNAT to the gateway IP through `qg-` (fully random ports), and the
+///   hairpin: DNATed traffic that did not enter through `qg-` is SNATed to the gateway IP.
+pub fn ruleset(n: &Nat) -> String {
+    let dev = &n.device;
+    let mut t = format!("table ip {TABLE} {{\n");
+    t += "  chain mangle_prerouting {\n    type filter hook prerouting priority mangle; policy accept;\n";
+    t += &format!("    iifname \"{dev}\" meta mark set meta mark & 0xffff0000 | 0x2\n  }}\n");
+    t += "  chain prerouting {\n    type nat hook prerouting priority dstnat; policy accept;\n";
+    for (f, x) in &n.floating_ips {
+        t += &format!("    ip daddr {f} dnat to {x}\n");
+    }
+    t += "  }\n  chain output {\n    type nat hook output priority -100; policy accept;\n";
+    for (f, x) in &n.floating_ips {
+        t += &format!("    ip daddr {f} dnat to {x}\n");
+    }
+    t += "  }\n  chain postrouting {\n    type nat hook postrouting priority srcnat; policy accept;\n";
+    t += &format!("    oifname != \"{dev}\" ct status & dnat == 0 accept\n");
+    for (f, x) in &n.floating_ips {
+        t += &format!("    ip saddr {x} snat to {f}\n");
+    }
+    if let (true, Some(g)) = (n.enable_snat, n.gateway_ip) {
+        t += &format!("    oifname \"{dev}\" snat to {g} fully-random\n");
+        t += &format!("    meta mark & 0xffff != 0x2 ct status dnat snat to {g} fully-random\n");
+    }
+    t += "  }\n}\n";
+    t
+}
+
+fn run(script: &str) -> Result<()> {
+    let mut child = std::process::Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("cannot run `nft` (install nftables: `cargo xtask setup`)")?;
+    child
+        .stdin
+        .take()
+        .expect("piped")
+        .write_all(script.as_bytes())
+        .context("writing to nft")?;
+    let out = child.wait_with_output().context("waiting for nft")?;
+    if !out.status.success() {
+        bail!(
+            "nft refused the NAT table: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// Replaces the table with `n`'s rules in one transaction (in the calling thread's namespace).
+pub fn replace(n: &Nat) -> Result<()> {
+    run(&format!(
+        "table ip {TABLE} {{}}\ndelete table ip {TABLE}\n{}",
+        ruleset(n)
+    ))
+}
+
+/// Removes the table, if there is one.
+pub fn remove() -> Result<()> {
+    run(&format!("table ip {TABLE} {{}}\ndelete table ip {TABLE}\n"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rules_follow_the_agent() {
+        let n = Nat {
+            device: "qg-e1a2b3c4-5d".into(),
+            gateway_ip: Some(Ipv4Addr::new(192, 168, 1, 10)),
+            enable_snat: true,
+            floating_ips: vec![(Ipv4Addr::new(192, 168, 1, 20), Ipv4Addr::new(172, 16, 101, 3))],
+        };
+        let r = ruleset(&n);
+        let post = r.split("chain postrouting").nth(1).unwrap();
+        let order: Vec<usize> = [
+            "ct status & dnat == 0 accept",
+            "ip saddr 172.16.101.3 snat to 192.168.1.20",
+            "oifname \"qg-e1a2b3c4-5d\" snat to 192.168.1.10 fully-random",
+            "ct status dnat snat to 192.168.1.10",
+        ]
+        .iter()
+        .map(|x| post.find(x).unwrap_or_else(|| panic!("{x} missing in {post}")))
+        .collect();
+        assert!(order.windows(2).all(|w| w[0] < w[1]), "{post}");
+        assert_eq!(r.matches("ip daddr 192.168.1.20 dnat to 172.16.101.3").count(), 2);
+        let off = ruleset(&Nat { enable_snat: false, ..n });
+        assert!(!off.contains("snat to 192.168.1.10"));
+        assert!(off.contains("snat to 192.168.1.20"));
+    }
+}
