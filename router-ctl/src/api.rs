@@ -58,6 +58,31 @@ pub enum Request {
         router: String,
         route: String,
     },
+    SetGateway {
+        router: String,
+        network: String,
+        port_id: Option<String>,
+        fixed_ips: Vec<String>,
+        enable_snat: Option<bool>,
+    },
+    UnsetGateway {
+        router: String,
+    },
+    CreateFloatingIp {
+        router: String,
+        floating_ip_address: String,
+        fixed_ip_address: Option<String>,
+    },
+    /// Associates (Some) or disassociates (None) a floating IP.
+    SetFloatingIp {
+        floating_ip_address: String,
+        router: Option<String>,
+        fixed_ip_address: Option<String>,
+    },
+    DeleteFloatingIp {
+        floating_ip_address: String,
+        router: Option<String>,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -83,6 +108,38 @@ pub fn execute(req: Request) -> Result<String> {
         Request::RemoveSubnet { router, subnet } => verbs::remove_subnet(&router, &subnet)?.id,
         Request::AddRoute { router, route } => verbs::add_route(&router, &route)?.id,
         Request::RemoveRoute { router, route } => verbs::remove_route(&router, &route)?.id,
+        Request::SetGateway {
+            router,
+            network,
+            port_id,
+            fixed_ips,
+            enable_snat,
+        } => verbs::set_gateway(&router, &network, port_id, &fixed_ips, enable_snat)?.id,
+        Request::UnsetGateway { router } => verbs::unset_gateway(&router)?.id,
+        Request::CreateFloatingIp {
+            router,
+            floating_ip_address,
+            fixed_ip_address,
+        } => {
+            verbs::create_floating_ip(&router, &floating_ip_address, fixed_ip_address.as_deref())?
+                .id
+        }
+        Request::SetFloatingIp {
+            floating_ip_address,
+            router,
+            fixed_ip_address,
+        } => {
+            verbs::associate_floating_ip(
+                &floating_ip_address,
+                router.as_deref(),
+                fixed_ip_address.as_deref(),
+            )?
+            .id
+        }
+        Request::DeleteFloatingIp {
+            floating_ip_address,
+            router,
+        } => verbs::delete_floating_ip(&floating_ip_address, router.as_deref())?.id,
     })
 }
 

@@ -621,7 +621,8 @@ impl Job {
                 x.floating_ip_address == f.floating_ip_address.to_string()
             });
             let mut added = was.is_some_and(|w| w.added);
-            if !addrs.iter().any(|a| a.index == qg.ifindex && a.ip == ip && a.prefix_len == 32) {
+            let has = addrs.iter().any(|a| a.index == qg.ifindex && a.ip == ip && a.prefix_len == 32);
+            if f.fixed_ip_address.is_some() && !has {
                 rt.addr_add(qg.ifindex, &qg.device, ip, 32)?;
                 undo.push(Undo::DeleteAddr {
                     ns: ns.clone(),
@@ -632,9 +633,14 @@ impl Job {
                 created.push(format!("floating IP {ip}/32 on {}", qg.device));
                 added = true;
             }
+            if f.fixed_ip_address.is_none() && has && added {
+                // Disassociated: its address goes (an unassociated floating IP answers nothing).
+                rt.addr_del(qg.ifindex, &qg.device, ip, 32)?;
+                added = false;
+            }
             fips.push(FloatingIpState {
                 floating_ip_address: f.floating_ip_address.to_string(),
-                fixed_ip_address: f.fixed_ip_address.to_string(),
+                fixed_ip_address: f.fixed_ip_address.map(|x| x.to_string()),
                 added,
             });
         }
@@ -808,7 +814,12 @@ fn nat_of_parts(device: &str, fixed: &[AddrState], g: &GatewayState) -> nft::Nat
         floating_ips: g
             .floating_ips
             .iter()
-            .filter_map(|f| Some((f.floating_ip_address.parse().ok()?, f.fixed_ip_address.parse().ok()?)))
+            .filter_map(|f| {
+                Some((
+                    f.floating_ip_address.parse().ok()?,
+                    f.fixed_ip_address.as_deref()?.parse().ok()?,
+                ))
+            })
             .collect(),
     }
 }

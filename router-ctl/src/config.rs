@@ -315,7 +315,8 @@ struct RawExternalIp {
 #[serde(deny_unknown_fields)]
 struct RawFloatingIp {
     floating_ip_address: String,
-    fixed_ip_address: String,
+    /// None: allocated to the router but associated with no instance (nothing is configured).
+    fixed_ip_address: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -429,7 +430,8 @@ impl Upstream {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct FloatingIp {
     pub floating_ip_address: Ipv4Addr,
-    pub fixed_ip_address: Ipv4Addr,
+    /// None: not associated (`floating ip unset`): recorded, not configured.
+    pub fixed_ip_address: Option<Ipv4Addr>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -877,12 +879,12 @@ fn validate_floating_ips(
                 f.floating_ip_address
             )
         })?;
-        let fixed: Ipv4Addr = f.fixed_ip_address.parse().map_err(|_| {
-            format!(
-                "{at}: field 'fixed_ip_address' = '{}' is not an IPv4 address",
-                f.fixed_ip_address
-            )
-        })?;
+        let fixed: Option<Ipv4Addr> = match &f.fixed_ip_address {
+            None => None,
+            Some(x) => Some(x.parse().map_err(|_| {
+                format!("{at}: field 'fixed_ip_address' = '{x}' is not an IPv4 address")
+            })?),
+        };
         let ext = interfaces.iter().filter(|i| i.external).flat_map(|i| i.fixed_ips.iter());
         let Some(on) = ext.clone().find(|x| x.subnet.contains(IpAddr::V4(fip))) else {
             let subnets: Vec<String> = ext.filter(|x| !x.subnet.is_ipv6()).map(|x| x.subnet.to_string()).collect();
@@ -917,26 +919,28 @@ fn validate_floating_ips(
                 "{at}: field 'floating_ip_address' = {fip} is used twice"
             ));
         }
-        let tenant = interfaces
-            .iter()
-            .filter(|i| !i.external)
-            .find(|i| i.fixed_ips.iter().any(|x| x.subnet.contains(IpAddr::V4(fixed))));
-        let Some(tenant) = tenant else {
-            return Err(format!(
-                "{at}: field 'fixed_ip_address' = {fixed} is not on one of the router's tenant subnets"
-            ));
-        };
-        if tenant.fixed_ips.iter().any(|x| x.gateway_ip == IpAddr::V4(fixed)) {
-            return Err(format!(
-                "{at}: field 'fixed_ip_address' = {fixed} is the router's own address on {}",
-                tenant.device
-            ));
-        }
-        if let Some(o) = out.iter().find(|o| o.fixed_ip_address == fixed) {
-            return Err(format!(
-                "{at}: field 'fixed_ip_address' = {fixed} already has floating IP {}",
-                o.floating_ip_address
-            ));
+        if let Some(fixed) = fixed {
+            let tenant = interfaces
+                .iter()
+                .filter(|i| !i.external)
+                .find(|i| i.fixed_ips.iter().any(|x| x.subnet.contains(IpAddr::V4(fixed))));
+            let Some(tenant) = tenant else {
+                return Err(format!(
+                    "{at}: field 'fixed_ip_address' = {fixed} is not on one of the router's tenant subnets"
+                ));
+            };
+            if tenant.fixed_ips.iter().any(|x| x.gateway_ip == IpAddr::V4(fixed)) {
+                return Err(format!(
+                    "{at}: field 'fixed_ip_address' = {fixed} is the router's own address on {}",
+                    tenant.device
+                ));
+            }
+            if let Some(o) = out.iter().find(|o| o.fixed_ip_address == Some(fixed)) {
+                return Err(format!(
+                    "{at}: field 'fixed_ip_address' = {fixed} already has floating IP {}",
+                    o.floating_ip_address
+                ));
+            }
         }
         out.push(FloatingIp {
             floating_ip_address: fip,
@@ -1213,7 +1217,9 @@ fixed_ip_address = "172.16.101.3"
         assert_eq!(qg.device, "qg-e1a2b3c4-5d");
         assert_eq!(qg.fixed_ips[0].gateway_ip.to_string(), "192.168.1.10");
         assert_eq!(r.interfaces.iter().filter(|i| i.external).count(), 1);
-        assert_eq!(r.floating_ips[0].fixed_ip_address.to_string(), "172.16.101.3");
+        assert_eq!(r.floating_ips[0].fixed_ip_address.unwrap().to_string(), "172.16.101.3");
+        let unassociated = NAT.replace("fixed_ip_address = \"172.16.101.3\"\n", "");
+        assert_eq!(parse(&unassociated).unwrap()[0].floating_ips[0].fixed_ip_address, None);
         // A route via the upstream router is accepted (its subnet is connected).
         let t = NAT.replace(
             "[[router.floating_ip]]",

@@ -59,10 +59,16 @@ enum Cmd {
         #[arg(required = true)]
         routers: Vec<String>,
     },
-    /// openstack-style verbs: `router create|delete|list|show`, `router add|remove subnet|route`.
+    /// openstack-style verbs: `router create|delete|list|show`, `router add|remove subnet|route`,
+    /// `router set|unset --external-gateway`.
     Router {
         #[command(subcommand)]
         cmd: RouterCmd,
+    },
+    /// openstack-style verbs: `floating ip create|set|unset|delete|list|show`.
+    Floating {
+        #[command(subcommand)]
+        cmd: FloatingCmd,
     },
     /// Keep the neighbour maps in sync with the kernel (foreground; apply starts it if needed).
     Run {
@@ -116,6 +122,95 @@ enum RouterCmd {
         #[command(subcommand)]
         what: RemoveCmd,
     },
+    /// Set the external gateway (`--external-gateway NET`), creating or changing it.
+    Set {
+        router: String,
+        /// The external network's name or id.
+        #[arg(long = "external-gateway", value_name = "NETWORK")]
+        external_gateway: String,
+        /// The gateway port's id (default: the current one, or a new UUID): device qg-<id[:11]>.
+        #[arg(long)]
+        port_id: Option<String>,
+        /// subnet=CIDR,ip-address=IP[,gateway=IP] (repeatable): the router's address on an
+        /// external subnet, and that subnet's gateway (the default route).
+        #[arg(long = "fixed-ip")]
+        fixed_ip: Vec<String>,
+        #[arg(long, conflicts_with = "disable_snat")]
+        enable_snat: bool,
+        #[arg(long)]
+        disable_snat: bool,
+        #[arg(short = 'f', long = "format", default_value = "table")]
+        format: Format,
+    },
+    /// Remove the external gateway (`--external-gateway`).
+    Unset {
+        router: String,
+        #[arg(long = "external-gateway", required = true)]
+        external_gateway: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum FloatingCmd {
+    /// Floating IPs: create|set|unset|delete|list|show.
+    Ip {
+        #[command(subcommand)]
+        cmd: FipCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum FipCmd {
+    /// Allocate a floating IP on a router's external network, associated with an instance's
+    /// fixed address when --fixed-ip-address is given.
+    Create {
+        #[arg(long)]
+        router: String,
+        #[arg(long)]
+        floating_ip_address: String,
+        #[arg(long)]
+        fixed_ip_address: Option<String>,
+        #[arg(short = 'f', long = "format", default_value = "table")]
+        format: Format,
+    },
+    /// Associate a floating IP with a fixed address (or move it to another).
+    Set {
+        floating_ip: String,
+        /// The router holding it (when routers of several external networks use the address).
+        #[arg(long)]
+        router: Option<String>,
+        #[arg(long)]
+        fixed_ip_address: String,
+        #[arg(short = 'f', long = "format", default_value = "table")]
+        format: Format,
+    },
+    /// Disassociate a floating IP (it stays allocated to its router).
+    Unset {
+        floating_ip: String,
+        /// The router holding it (when routers of several external networks use the address).
+        #[arg(long)]
+        router: Option<String>,
+        #[arg(short = 'f', long = "format", default_value = "table")]
+        format: Format,
+    },
+    /// Delete a floating IP.
+    Delete {
+        floating_ip: String,
+        #[arg(long)]
+        router: Option<String>,
+    },
+    List {
+        #[arg(short = 'f', long = "format", default_value = "table")]
+        format: Format,
+    },
+    Show {
+        floating_ip: String,
+        /// The router holding it (when routers of several external networks use the address).
+        #[arg(long)]
+        router: Option<String>,
+        #[arg(short = 'f', long = "format", default_value = "table")]
+        format: Format,
+    },
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -167,7 +262,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // Before any thread enters a router's namespace (see kernel::init_io_runtime).
     let _ = router_ctl::kernel::init_io_runtime();
-    if !matches!(cli.cmd, Cmd::Run { .. } | Cmd::Router { .. }) {
+    if !matches!(cli.cmd, Cmd::Run { .. } | Cmd::Router { .. } | Cmd::Floating { .. }) {
         // Like iproute2: a closed pipe (`router-ctl show | head`) ends the command quietly.
         // Not for the daemon, nor for verbs that write to its socket (a daemon going away
         // must give them an error, not a signal).
@@ -299,8 +394,102 @@ fn run(cli: Cli) -> Result<()> {
             auto,
         } => daemon::run(stay, file, metrics, auto)?,
         Cmd::Router { cmd } => router_verb(cmd, cli.json)?,
+        Cmd::Floating { cmd: FloatingCmd::Ip { cmd } } => floating_verb(cmd, cli.json)?,
     }
     Ok(())
+}
+
+/// Through the daemon when one runs, else here; then the daemon is made sure of.
+fn change_applied(req: router_ctl::api::Request) -> Result<String> {
+    use router_ctl::api;
+    let id = match api::call(&req) {
+        Some(r) => r,
+        None => api::execute(req),
+    }?;
+    let _lock = Lock::acquire(state::STATE_LOCK)?;
+    daemon::ensure_running()?;
+    Ok(id)
+}
+
+fn floating_verb(cmd: FipCmd, json_flag: bool) -> Result<()> {
+    use router_ctl::api::Request;
+    let json_of = |f: Format| json_flag || matches!(f, Format::Json);
+    let show_one = |fip: &str, router: Option<&str>, f: Format| -> Result<()> {
+        let (st, _) = router_ctl::verbs::find_floating_ip(fip, router)?;
+        let fip = fip.parse::<std::net::IpAddr>().map(|a| a.to_string()).unwrap_or(fip.to_string());
+        let v = floating_ips_json(&st)
+            .into_iter()
+            .find(|v| v["floating_ip_address"] == fip.as_str())
+            .expect("found above");
+        if json_of(f) {
+            print_json(v);
+        } else {
+            let mut t = Table::new(&["Field", "Value"]);
+            for k in ["floating_ip_address", "fixed_ip_address", "router_id", "router", "status"] {
+                t.row(vec![k.into(), v[k].as_str().unwrap_or("None").to_string()]);
+            }
+            print!("{}", t.render());
+        }
+        Ok(())
+    };
+    match cmd {
+        FipCmd::Create { router, floating_ip_address, fixed_ip_address, format } => {
+            let id = change_applied(Request::CreateFloatingIp {
+                router,
+                floating_ip_address: floating_ip_address.clone(),
+                fixed_ip_address,
+            })?;
+            show_one(&floating_ip_address, Some(&id), format)
+        }
+        FipCmd::Set { floating_ip, router, fixed_ip_address, format } => {
+            let id = change_applied(Request::SetFloatingIp {
+                floating_ip_address: floating_ip.clone(),
+                router,
+                fixed_ip_address: Some(fixed_ip_address),
+            })?;
+            show_one(&floating_ip, Some(&id), format)
+        }
+        FipCmd::Unset { floating_ip, router, format } => {
+            let id = change_applied(Request::SetFloatingIp {
+                floating_ip_address: floating_ip.clone(),
+                router,
+                fixed_ip_address: None,
+            })?;
+            show_one(&floating_ip, Some(&id), format)
+        }
+        FipCmd::Delete { floating_ip, router } => {
+            change_applied(Request::DeleteFloatingIp {
+                floating_ip_address: floating_ip.clone(),
+                router,
+            })?;
+            if json_flag {
+                print_json(json!({"floating_ip_address": floating_ip, "deleted": true}));
+            } else {
+                println!("floating IP {floating_ip} deleted");
+            }
+            Ok(())
+        }
+        FipCmd::Show { floating_ip, router, format } => show_one(&floating_ip, router.as_deref(), format),
+        FipCmd::List { format } => {
+            let all: Vec<serde_json::Value> =
+                RouterState::all()?.iter().flat_map(floating_ips_json).collect();
+            if json_of(format) {
+                print_json(json!(all));
+            } else {
+                let mut t = Table::new(&["Floating IP Address", "Fixed IP Address", "Router", "Status"]);
+                for v in &all {
+                    t.row(vec![
+                        v["floating_ip_address"].as_str().unwrap_or("").into(),
+                        v["fixed_ip_address"].as_str().unwrap_or("None").into(),
+                        v["router"].as_str().unwrap_or("").into(),
+                        v["status"].as_str().unwrap_or("").into(),
+                    ]);
+                }
+                print!("{}", t.render());
+            }
+            Ok(())
+        }
+    }
 }
 
 /// The verbs serialise with apply and destroy through the state lock; each one ends by making
@@ -385,6 +574,37 @@ fn router_verb(cmd: RouterCmd, json_flag: bool) -> Result<()> {
             change(Request::RemoveSubnet { router, subnet })?,
             Format::Table,
         ),
+        RouterCmd::Set {
+            router,
+            external_gateway,
+            port_id,
+            fixed_ip,
+            enable_snat,
+            disable_snat,
+            format,
+        } => {
+            for f in &fixed_ip {
+                verbs::parse_fixed_ip(f)?;
+            }
+            let snat = match (enable_snat, disable_snat) {
+                (true, _) => Some(true),
+                (_, true) => Some(false),
+                _ => None,
+            };
+            after(
+                change(Request::SetGateway {
+                    router,
+                    network: external_gateway,
+                    port_id,
+                    fixed_ips: fixed_ip,
+                    enable_snat: snat,
+                })?,
+                format,
+            )
+        }
+        RouterCmd::Unset { router, .. } => {
+            after(change(Request::UnsetGateway { router })?, Format::Table)
+        }
         RouterCmd::Remove {
             what: RemoveCmd::Route { router, route },
         } => {
@@ -395,6 +615,32 @@ fn router_verb(cmd: RouterCmd, json_flag: bool) -> Result<()> {
             )
         }
     }
+}
+
+fn gateway_json(r: &RouterState) -> serde_json::Value {
+    match &r.gateway {
+        None => serde_json::Value::Null,
+        Some(g) => {
+            let qg = r.interfaces.iter().find(|i| i.external);
+            json!({
+                "network_id": g.network_id, "port_id": g.port_id, "device": g.device,
+                "enable_snat": g.enable_snat, "upstreams": g.upstreams,
+                "external_fixed_ips": qg.map(|i| i.fixed_ips.iter().map(|f| json!({"subnet": f.subnet, "ip_address": f.gateway_ip})).collect::<Vec<_>>()),
+            })
+        }
+    }
+}
+
+fn floating_ips_json(r: &RouterState) -> Vec<serde_json::Value> {
+    r.gateway
+        .iter()
+        .flat_map(|g| g.floating_ips.iter())
+        .map(|f| json!({
+            "floating_ip_address": f.floating_ip_address, "fixed_ip_address": f.fixed_ip_address,
+            "router_id": r.id, "router": r.name,
+            "status": if f.fixed_ip_address.is_some() { "ACTIVE" } else { "DOWN" },
+        }))
+        .collect()
 }
 
 /// `openstack router show` style: a Field | Value table.
@@ -417,7 +663,9 @@ fn router_table(r: &RouterState, json_out: bool) -> Result<()> {
         print_json(json!({
             "id": r.id, "name": r.name, "status": health(r).0, "problems": health(r).1, "namespace": r.namespace,
             "interfaces_info": r.interfaces.iter().flat_map(|i| i.fixed_ips.iter().map(|f| json!({"port_id": i.port_id, "device": i.device, "subnet": f.subnet, "ip_address": f.gateway_ip}))).collect::<Vec<_>>(),
-            "routes": r.routes.iter().map(|x| json!({"destination": x.destination, "nexthop": x.nexthop})).collect::<Vec<_>>(),
+            "routes": r.routes.iter().filter(|x| !x.gateway).map(|x| json!({"destination": x.destination, "nexthop": x.nexthop})).collect::<Vec<_>>(),
+            "external_gateway_info": gateway_json(r),
+            "floating_ips": floating_ips_json(r),
         }));
         return Ok(());
     }
@@ -432,6 +680,30 @@ fn router_table(r: &RouterState, json_out: bool) -> Result<()> {
     t.row(vec!["namespace".into(), r.namespace.clone()]);
     t.row(vec!["interfaces_info".into(), interfaces.join("; ")]);
     t.row(vec!["routes".into(), routes.join("; ")]);
+    if let Some(g) = &r.gateway {
+        let ips: Vec<String> = r
+            .interfaces
+            .iter()
+            .filter(|i| i.external)
+            .flat_map(|i| i.fixed_ips.iter().map(|f| format!("subnet='{}', ip_address='{}'", f.subnet, f.gateway_ip)))
+            .collect();
+        t.row(vec![
+            "external_gateway_info".into(),
+            format!(
+                "network_id='{}', port_id='{}', enable_snat='{}', external_fixed_ips=[{}]",
+                g.network_id.as_deref().unwrap_or(""),
+                g.port_id,
+                g.enable_snat,
+                ips.join("; ")
+            ),
+        ]);
+        let f: Vec<String> = g
+            .floating_ips
+            .iter()
+            .map(|f| format!("{} → {}", f.floating_ip_address, f.fixed_ip_address.as_deref().unwrap_or("-")))
+            .collect();
+        t.row(vec!["floating_ips".into(), f.join("; ")]);
+    }
     print!("{}", t.render());
     Ok(())
 }
@@ -525,7 +797,10 @@ fn show(routers: &[RouterState], json_out: bool) -> Result<()> {
                     })).collect::<Vec<_>>(),
                     "routes": r.routes.iter().map(|rt| json!({
                         "destination": rt.destination, "nexthop": rt.nexthop, "device": rt.device,
+                        "external_gateway": rt.gateway,
                     })).collect::<Vec<_>>(),
+                    "external_gateway": gateway_json(r),
+                    "floating_ips": floating_ips_json(r),
                 })
             })
             .collect();
@@ -572,6 +847,23 @@ fn show(routers: &[RouterState], json_out: bool) -> Result<()> {
         print!("{}", t.render());
         for i in &r.interfaces {
             println!("  {}: {}", i.device, i.hook_reason);
+        }
+        if let Some(g) = &r.gateway {
+            println!(
+                "  external gateway: port {} ({}) network {} snat {}  upstream {}",
+                g.port_id,
+                g.device,
+                g.network_id.as_deref().unwrap_or("-"),
+                if g.enable_snat { "on" } else { "off" },
+                if g.upstreams.is_empty() { "-".to_string() } else { g.upstreams.join(",") }
+            );
+            for f in &g.floating_ips {
+                println!(
+                    "  floating IP {} → {}",
+                    f.floating_ip_address,
+                    f.fixed_ip_address.as_deref().unwrap_or("(not associated)")
+                );
+            }
         }
         if !r.routes.is_empty() {
             let mut t = Table::new(&["DESTINATION", "NEXTHOP", "DEVICE"]);

@@ -108,7 +108,8 @@ pub struct GatewayState {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct FloatingIpState {
     pub floating_ip_address: String,
-    pub fixed_ip_address: String,
+    /// None: not associated (nothing configured for it).
+    pub fixed_ip_address: Option<String>,
     /// apply added the /32 to the `qg-` device.
     pub added: bool,
 }
@@ -250,7 +251,7 @@ impl RouterState {
     pub fn nat_on(&self) -> bool {
         self.gateway
             .as_ref()
-            .is_some_and(|g| g.enable_snat || !g.floating_ips.is_empty())
+            .is_some_and(|g| g.enable_snat || g.floating_ips.iter().any(|f| f.fixed_ip_address.is_some()))
     }
 
     /// Why the namespace this router was applied to is not there any more (deleted, or

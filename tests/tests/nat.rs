@@ -197,3 +197,77 @@ fn snat_off_and_a_floating_ip_moved_then_removed() {
     assert!(!tables.contains("router_nat"), "{tables}");
     assert_eq!(sh(&format!("ip netns exec {ns} sysctl -n net.ipv4.conf.all.arp_ignore")).trim(), "0");
 }
+
+fn ctl_ok(args: &[&str]) -> String {
+    let out = tests::ctl(args);
+    assert!(
+        out.status.success(),
+        "router-ctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn ctl_err(args: &[&str]) -> String {
+    let out = tests::ctl(args);
+    assert!(!out.status.success(), "router-ctl {args:?} should fail");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// The openstack-style verbs, through the daemon's API: a gateway set on a router plugged
+/// beforehand, a floating IP created, moved, disassociated and deleted, the gateway unset;
+/// each change applied like a file, and bad arguments refused with the field named.
+#[test]
+fn gateway_and_floating_ip_verbs_change_what_forwards() {
+    require_root();
+    let s = Seed::up_nat(|ids| ids.config(""));
+    // A network of its own: tests running side by side use the same addresses.
+    let net = format!("public-{}", s.ids.tag);
+    let (ns, out, g, id) = (s.ns(), s.out(), s.ids.dev_g(), s.ids.router_id.clone());
+    s.prime_neighbours();
+    count_sources(&out, &["192.168.1.10"]);
+    let v: serde_json::Value = serde_json::from_str(&ctl_ok(&[
+        "router", "set", &id, "--external-gateway", &net, "--port-id", &s.ids.port_g,
+        "--fixed-ip", "subnet=192.168.1.0/24,ip-address=192.168.1.10,gateway=192.168.1.1",
+        "-f", "json",
+    ]))
+    .unwrap();
+    assert_eq!(v["external_gateway_info"]["enable_snat"], true, "{v}");
+    assert_eq!(v["external_gateway_info"]["device"], g.as_str(), "{v}");
+    all_answered(&s.vm1, OUT, 3);
+    assert_eq!(from(&out, "192.168.1.10"), 3);
+    // Refusals name the field and change nothing.
+    let e = ctl_err(&["floating", "ip", "create", "--router", &id, "--floating-ip-address", "10.9.9.9", "--fixed-ip-address", "172.16.101.3"]);
+    assert!(e.contains("'floating_ip_address' = 10.9.9.9 is outside every external subnet"), "{e}");
+    let e = ctl_err(&["router", "set", &id, "--external-gateway", "public", "--fixed-ip", "subnet=192.168.1.0/24"]);
+    assert!(e.contains("ip-address= is missing"), "{e}");
+
+    let v: serde_json::Value = serde_json::from_str(&ctl_ok(&[
+        "floating", "ip", "create", "--router", &id, "--floating-ip-address", "192.168.1.20",
+        "--fixed-ip-address", "172.16.101.3", "-f", "json",
+    ]))
+    .unwrap();
+    assert_eq!((v["status"].as_str(), v["fixed_ip_address"].as_str()), (Some("ACTIVE"), Some("172.16.101.3")));
+    count_sources(&s.vm3, &[OUT]);
+    count_sources(&s.vm1, &[OUT]);
+    all_answered(&out, "192.168.1.20", 3);
+    assert_eq!(from(&s.vm3, OUT), 3);
+    ctl_ok(&["floating", "ip", "set", "192.168.1.20", "--router", &id, "--fixed-ip-address", "172.16.100.3"]);
+    all_answered(&out, "192.168.1.20", 3);
+    assert_eq!((from(&s.vm1, OUT), from(&s.vm3, OUT)), (3, 3), "moved to vm1");
+    let v: serde_json::Value =
+        serde_json::from_str(&ctl_ok(&["floating", "ip", "unset", "192.168.1.20", "--router", &id, "-f", "json"])).unwrap();
+    assert_eq!((v["status"].as_str(), v["fixed_ip_address"].is_null()), (Some("DOWN"), true), "{v}");
+    assert_eq!(Seed::ping_counts(&out, "192.168.1.20", 2).1, 0, "a disassociated floating IP answers nothing");
+    let list: serde_json::Value = serde_json::from_str(&ctl_ok(&["floating", "ip", "list", "-f", "json"])).unwrap();
+    assert!(list.as_array().unwrap().iter().any(|f| f["floating_ip_address"] == "192.168.1.20"), "{list}");
+    let e = ctl_err(&["router", "unset", &id, "--external-gateway"]);
+    assert!(e.contains("floating IPs 192.168.1.20 need the external gateway"), "{e}");
+    ctl_ok(&["floating", "ip", "delete", "192.168.1.20", "--router", &id]);
+    ctl_ok(&["router", "unset", &id, "--external-gateway"]);
+    let v: serde_json::Value = serde_json::from_str(&ctl_ok(&["router", "show", &id, "-f", "json"])).unwrap();
+    assert!(v["external_gateway_info"].is_null(), "{v}");
+    assert!(!sh(&format!("ip -n {ns} -4 -o addr show dev {g}")).contains("192.168.1.10"));
+    assert!(!sh(&format!("ip netns exec {ns} nft list tables")).contains("router_nat"));
+    assert!(!sh(&format!("ip -n {ns} route")).contains("default"));
+}
