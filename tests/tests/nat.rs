@@ -271,3 +271,226 @@ fn gateway_and_floating_ip_verbs_change_what_forwards() {
     assert!(!sh(&format!("ip netns exec {ns} nft list tables")).contains("router_nat"));
     assert!(!sh(&format!("ip -n {ns} route")).contains("default"));
 }
+
+/// A paced TCP stream from `from` to `to_ip`:5002 in `to` for `secs` seconds (32 KiB every
+/// 10 ms), checked byte by byte: (bytes sent, bytes received intact, peer address seen).
+fn paced_stream(
+    from: &str,
+    to: &str,
+    to_ip: &str,
+    secs: u64,
+) -> (std::thread::JoinHandle<usize>, std::thread::JoinHandle<(usize, bool, String)>) {
+    use std::io::{Read, Write};
+    let addr = format!("{to_ip}:5002");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let bind = addr.clone();
+    let server = in_ns(to, move || {
+        let l = std::net::TcpListener::bind(&bind).unwrap();
+        tx.send(()).unwrap();
+        let (mut c, peer) = l.accept().unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let (mut n, mut ok) = (0usize, true);
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            match c.read(&mut buf) {
+                Ok(0) => break,
+                Ok(k) => {
+                    ok &= buf[..k].iter().enumerate().all(|(i, b)| *b == ((n + i) % 251) as u8);
+                    n += k;
+                }
+                Err(_) => {
+                    ok = false;
+                    break;
+                }
+            }
+        }
+        (n, ok, peer.ip().to_string())
+    });
+    rx.recv_timeout(Duration::from_secs(5)).unwrap();
+    let client = in_ns(from, move || {
+        let mut c = std::net::TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_secs(5)).unwrap();
+        c.set_write_timeout(Some(Duration::from_secs(20))).unwrap();
+        let t0 = std::time::Instant::now();
+        let mut n = 0usize;
+        while t0.elapsed() < Duration::from_secs(secs) {
+            let chunk: Vec<u8> = (0..32768).map(|i| ((n + i) % 251) as u8).collect();
+            c.write_all(&chunk).unwrap();
+            n += chunk.len();
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        n
+    });
+    (client, server)
+}
+
+static DAEMON: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// A TCP connection through SNAT keeps going, intact and with the
+/// same mapping, while the daemon is killed (-9) and restarted and the program is swapped
+/// (`apply --reload`, as an upgrade does): conntrack keeps the mapping, the restarted daemon
+/// copies it back, and the fast path carries the flows again afterwards.
+#[test]
+fn nat_connections_survive_a_daemon_restart_and_a_program_swap() {
+    require_root();
+    let _turn = DAEMON.lock().unwrap_or_else(|e| e.into_inner());
+    let s = Seed::up_nat(|ids| ids.config_nat("", FIP_VM3));
+    let (out, a) = (s.out(), s.ids.dev_a());
+    s.prime_neighbours();
+    all_answered(&s.vm1, OUT, 2);
+    let path = tests::topo::write_config(&format!("{}-nat", s.ids.tag), &s.ids.config_nat("", FIP_VM3));
+    let (c1, s1) = paced_stream(&s.vm1, &out, OUT, 8);
+    let a0 = nat_counts(&s, &a).0;
+    std::thread::sleep(Duration::from_secs(2));
+    let a1 = nat_counts(&s, &a).0;
+    assert!(a1 > a0, "the fast path carries the SNAT flow before the restart");
+    tests::topo::restart_daemon(&[], &std::env::temp_dir().join(format!("router-test-{}-nat-daemon.log", s.ids.tag)));
+    std::thread::sleep(Duration::from_secs(2));
+    let outp = tests::ctl(&["apply", "--reload", "-f", &path]);
+    assert!(outp.status.success(), "{}", String::from_utf8_lossy(&outp.stderr));
+    std::thread::sleep(Duration::from_secs(1));
+    let a2 = nat_counts(&s, &a).0;
+    let sent = c1.join().unwrap();
+    let (got, intact, peer) = s1.join().unwrap();
+    assert_eq!((got, intact, peer.as_str()), (sent, true, "192.168.1.10"), "the SNAT connection");
+    let a3 = nat_counts(&s, &a).0;
+    assert!(a3 > a2, "the fast path carries the flow again after the restart and the swap ({a2} → {a3})");
+}
+
+/// 2 000 concurrent UDP flows from vm1 through SNAT, two datagrams each (the second after all
+/// first ones, when the fast path has most flows): every flow keeps one gateway port for both,
+/// and no two flows share one.
+#[test]
+fn thousands_of_concurrent_snat_flows_get_distinct_stable_ports() {
+    require_root();
+    const FLOWS: u32 = 2000;
+    let s = Seed::up_nat(|ids| ids.config_nat("", ""));
+    let (out, a) = (s.out(), s.ids.dev_a());
+    s.prime_neighbours();
+    all_answered(&s.vm1, OUT, 2);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let server = in_ns(&out, move || {
+        let u = std::net::UdpSocket::bind("203.0.113.5:9").unwrap();
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&u);
+        let size: libc::c_int = 8 << 20;
+        // SAFETY: setsockopt with an int.
+        unsafe { libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, &size as *const _ as *const libc::c_void, 4) };
+        u.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        tx.send(()).unwrap();
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 16];
+        while let Ok((n, peer)) = u.recv_from(&mut buf) {
+            if n == 5 {
+                seen.push((u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]), buf[4], peer));
+            }
+        }
+        seen
+    });
+    rx.recv().unwrap();
+    let before = nat_counts(&s, &a).0;
+    in_ns(&s.vm1, move || {
+        let socks: Vec<std::net::UdpSocket> =
+            (0..FLOWS).map(|_| std::net::UdpSocket::bind("0.0.0.0:0").unwrap()).collect();
+        for round in 0..2u8 {
+            for (i, u) in socks.iter().enumerate() {
+                let mut m = (i as u32).to_be_bytes().to_vec();
+                m.push(round);
+                u.send_to(&m, "203.0.113.5:9").unwrap();
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    })
+    .join()
+    .unwrap();
+    let seen = server.join().unwrap();
+    let mut port_of = std::collections::BTreeMap::new();
+    for (flow, round, peer) in &seen {
+        assert_eq!(peer.ip().to_string(), "192.168.1.10", "flow {flow} left with another source");
+        let p = port_of.entry(*flow).or_insert(peer.port());
+        assert_eq!(*p, peer.port(), "flow {flow} changed its port in round {round}");
+    }
+    assert_eq!(seen.len(), 2 * FLOWS as usize, "datagrams lost");
+    let ports: std::collections::BTreeSet<u16> = port_of.values().copied().collect();
+    assert_eq!(ports.len(), FLOWS as usize, "two flows share a gateway port");
+    let carried = nat_counts(&s, &a).0 - before;
+    eprintln!("{carried} of {} datagrams translated by the fast path", 2 * FLOWS);
+    assert!(carried >= FLOWS as u64 * 9 / 10, "the second datagrams should be the fast path's: {carried}");
+}
+
+/// A connected UDP socket in `ns` sends to `dst` (a closed port) and waits for the ICMP port
+/// unreachable that answers it: true when it arrived (as ECONNREFUSED).
+fn refused(ns: &str, dst: &str) -> bool {
+    let dst = dst.to_string();
+    in_ns(ns, move || {
+        let u = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        u.connect(&dst).unwrap();
+        u.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let mut buf = [0u8; 8];
+        for _ in 0..3 {
+            let _ = u.send(b"knock");
+            if let Err(e) = u.recv(&mut buf) {
+                if e.kind() == std::io::ErrorKind::ConnectionRefused {
+                    return true;
+                }
+            }
+        }
+        false
+    })
+    .join()
+    .unwrap()
+}
+
+/// ICMP errors both ways through SNAT and through a floating IP, PMTU discovery through a
+/// smaller MTU beyond the upstream router (TCP completes), and UDP datagrams without a
+/// checksum (0) delivered through SNAT by the fast path with their checksum still 0.
+#[test]
+fn icmp_errors_pmtu_and_udp_without_checksum_cross_the_nat() {
+    require_root();
+    let s = Seed::up_nat(|ids| ids.config_nat("", FIP_VM3));
+    let (out, ext, a) = (s.out(), s.ext(), s.ids.dev_a());
+    s.prime_neighbours();
+    all_answered(&s.vm1, OUT, 2);
+    // ICMP errors: from outside back through SNAT, from vm3 out through its floating IP.
+    assert!(refused(&s.vm1, "203.0.113.5:7777"), "port unreachable through SNAT");
+    assert!(refused(&out, "192.168.1.20:7777"), "port unreachable from vm3 through its floating IP");
+    // PMTU: the link beyond the upstream router takes 1280 bytes; vm1 and vm3 send bulk TCP
+    // with DF, and the upstream router's fragmentation-needed errors must reach them.
+    sh(&format!("ip -n {ext} link set o0 mtu 1280 && ip -n {out} link set e0 mtu 1280"));
+    let (n, same, peer) = tcp_transfer_via(&s.vm1, &out, OUT, OUT, 4 << 20);
+    assert_eq!((n, same, peer.as_str()), (4 << 20, true, "192.168.1.10"), "PMTU through SNAT");
+    let (n, same, peer) = tcp_transfer_via(&s.vm3, &out, OUT, OUT, 4 << 20);
+    assert_eq!((n, same, peer.as_str()), (4 << 20, true, "192.168.1.20"), "PMTU through the floating IP");
+    // UDP without a checksum: sent with SO_NO_CHECK, received intact at the outside host (a
+    // wrong checksum would be dropped there), most of them translated by the fast path.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let server = in_ns(&out, move || {
+        let u = std::net::UdpSocket::bind("203.0.113.5:5003").unwrap();
+        u.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        tx.send(()).unwrap();
+        let mut got = 0;
+        let mut buf = [0u8; 64];
+        while let Ok((n, peer)) = u.recv_from(&mut buf) {
+            if n == 32 && buf[..32].iter().all(|b| *b == 0x5a) && peer.ip().to_string() == "192.168.1.10" {
+                got += 1;
+            }
+        }
+        got
+    });
+    rx.recv().unwrap();
+    let before = nat_counts(&s, &a).0;
+    in_ns(&s.vm1, || {
+        let u = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        let one: libc::c_int = 1;
+        // SAFETY: SO_NO_CHECK (11) with an int: the kernel sends checksum 0.
+        let rc = unsafe { libc::setsockopt(std::os::fd::AsRawFd::as_raw_fd(&u), libc::SOL_SOCKET, 11, &one as *const _ as *const libc::c_void, 4) };
+        assert_eq!(rc, 0);
+        for _ in 0..200 {
+            u.send_to(&[0x5a; 32], "203.0.113.5:5003").unwrap();
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    })
+    .join()
+    .unwrap();
+    assert_eq!(server.join().unwrap(), 200, "UDP datagrams without checksum lost or altered");
+    assert!(nat_counts(&s, &a).0 - before >= 180, "checksum-less UDP should be the fast path's");
+}
