@@ -41,6 +41,7 @@ const CTL_MUTANTS: &[&str] = &[
     "late_xmit_removal",
     "keeps_deleted_namespace",
     "nat_conf_off",
+    "nat_no_refresh",
 ];
 
 fn main() -> Result<()> {

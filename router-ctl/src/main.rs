@@ -54,6 +54,8 @@ enum Cmd {
     Stats { router: Option<String> },
     /// The neighbours the fast path knows.
     Neigh { router: Option<String> },
+    /// The NAT flows the fast path translates (copied from the kernel's conntrack).
+    Nat { router: Option<String> },
     /// Detach the programs, remove the pins, and remove what apply created (of each ROUTER).
     Destroy {
         #[arg(required = true)]
@@ -366,6 +368,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Show { router } => show(&selected(&router)?, cli.json)?,
         Cmd::Stats { router } => stats(&selected_live(&router)?, cli.json)?,
         Cmd::Neigh { router } => neigh(&selected_live(&router)?, cli.json)?,
+        Cmd::Nat { router } => nat_flows(&selected_live(&router)?, cli.json)?,
         Cmd::Destroy { routers } => {
             let mut done = Vec::new();
             let mut failed = Vec::new();
@@ -877,6 +880,35 @@ fn show(routers: &[RouterState], json_out: bool) -> Result<()> {
             print!("{}", t.render());
         }
     }
+    Ok(())
+}
+
+fn nat_flows(routers: &[RouterState], json_out: bool) -> Result<()> {
+    let mut rows = Vec::new();
+    for r in routers.iter().filter(|r| r.gateway.is_some()) {
+        for f in router_ctl::nat::list(&r.id)? {
+            rows.push((r, f));
+        }
+    }
+    if json_out {
+        print_json(json!(rows
+            .iter()
+            .map(|(r, f)| json!({"router": r.name, "router_id": r.id, "proto": f.proto, "from": f.from, "to": f.to, "translated": f.translated, "idle_s": f.idle_s}))
+            .collect::<Vec<_>>()));
+        return Ok(());
+    }
+    let mut t = Table::new(&["ROUTER", "PROTO", "FROM", "TO", "TRANSLATED", "IDLE"]);
+    for (r, f) in &rows {
+        t.row(vec![
+            r.name.clone(),
+            f.proto.into(),
+            f.from.clone(),
+            f.to.clone(),
+            f.translated.into(),
+            f.idle_s.map(|s| format!("{s}s")).unwrap_or_else(|| "-".into()),
+        ]);
+    }
+    print!("{}", t.render());
     Ok(())
 }
 

@@ -30,8 +30,52 @@ use crate::{
     kernel::conntrack::{self, status, Conntrack, Event, Flow, Tuple, IPPROTO_ICMP, IPPROTO_TCP},
 };
 
-/// How often the kernel's timeouts of flows in use are refreshed, and what counts as in use.
+/// At most how long between two refreshes of the kernel's timeouts of flows in use (shorter
+/// when the namespace's shortest timeout is short: a third of it, at least a second).
 pub const REFRESH_EVERY: Duration = Duration::from_secs(5);
+
+/// The namespace's conntrack timeouts (seconds) for the flows the fast path carries: what a
+/// packet passing through the kernel would set.
+#[derive(Clone, Copy, Debug)]
+pub struct Timeouts {
+    pub tcp_established: u32,
+    pub udp: u32,
+    pub udp_stream: u32,
+    pub icmp: u32,
+}
+
+impl Timeouts {
+    /// Read in the calling thread's namespace (the kernel's defaults where unreadable).
+    pub fn read() -> Timeouts {
+        let get = |k: &str, d: u32| {
+            crate::kernel::sysctl::get(&format!("net.netfilter.nf_conntrack_{k}"))
+                .ok()
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(d)
+        };
+        Timeouts {
+            tcp_established: get("tcp_timeout_established", 432_000),
+            udp: get("udp_timeout", 30),
+            udp_stream: get("udp_timeout_stream", 120),
+            icmp: get("icmp_timeout", 30),
+        }
+    }
+
+    fn of(&self, f: &Flow) -> u32 {
+        match f.orig.proto {
+            IPPROTO_TCP => self.tcp_established,
+            conntrack::IPPROTO_UDP if f.status & status::SEEN_REPLY != 0 => self.udp_stream,
+            conntrack::IPPROTO_UDP => self.udp,
+            _ => self.icmp,
+        }
+    }
+
+    /// How often to refresh.
+    pub fn every(&self) -> Duration {
+        let shortest = self.udp.min(self.icmp).min(self.udp_stream).min(self.tcp_established);
+        Duration::from_secs((shortest / 3).max(1) as u64).min(REFRESH_EVERY)
+    }
+}
 
 /// The fast path's key for one direction of a flow as conntrack writes it.
 fn key_of(t: &Tuple) -> NatKey {
@@ -94,16 +138,6 @@ pub fn entries(f: &Flow) -> Option<[(NatKey, NatFlow); 2]> {
     ])
 }
 
-/// The kernel's default timeout for a flow the fast path carries (seconds): what a packet
-/// passing through the kernel would have set.
-fn timeout_of(f: &Flow) -> u32 {
-    match f.orig.proto {
-        IPPROTO_TCP => 432_000,
-        conntrack::IPPROTO_UDP if f.status & status::SEEN_REPLY != 0 => 120,
-        _ => 30,
-    }
-}
-
 /// A router's flow map and what was written to it.
 pub struct NatSync {
     pub router: String,
@@ -111,6 +145,8 @@ pub struct NatSync {
     map: HashMap<MapData, NatKey, NatFlow>,
     installed: StdHashMap<Tuple, (Flow, [NatKey; 2])>,
     last_refresh: Instant,
+    timeouts: Timeouts,
+    timeouts_read: Instant,
 }
 
 fn monotonic_ns() -> u64 {
@@ -137,6 +173,8 @@ impl NatSync {
             map,
             installed: StdHashMap::new(),
             last_refresh: Instant::now(),
+            timeouts: Timeouts::read(),
+            timeouts_read: Instant::now(),
         };
         s.resync()?;
         Ok(s)
@@ -207,7 +245,12 @@ impl NatSync {
             }
             Err(e) => return Err(e),
         }
-        if self.last_refresh.elapsed() >= REFRESH_EVERY {
+        // The namespace's timeouts may be tuned at any time: read again every second.
+        if self.timeouts_read.elapsed() >= Duration::from_secs(1) {
+            self.timeouts = Timeouts::read();
+            self.timeouts_read = Instant::now();
+        }
+        if self.last_refresh.elapsed() >= self.timeouts.every() && !cfg!(mutant = "nat_no_refresh") {
             self.refresh()?;
             self.last_refresh = Instant::now();
         }
@@ -218,12 +261,12 @@ impl NatSync {
     /// again, as its packets would have in the kernel path.
     pub fn refresh(&mut self) -> Result<usize> {
         let now = monotonic_ns();
-        let recent = 2 * REFRESH_EVERY.as_nanos() as u64;
+        let recent = 2 * self.timeouts.every().as_nanos() as u64;
         let mut due = Vec::new();
         for (orig, (f, keys)) in &self.installed {
             let used = keys.iter().filter_map(|k| self.map.get(k, 0).ok()).map(|v| v.used).max().unwrap_or(0);
             if used != 0 && now.saturating_sub(used) < recent {
-                due.push((*orig, timeout_of(f)));
+                due.push((*orig, self.timeouts.of(f)));
             }
         }
         for (orig, secs) in &due {
@@ -235,6 +278,53 @@ impl NatSync {
     pub fn flows(&self) -> usize {
         self.installed.len()
     }
+}
+
+/// One entry of a router's flow map, for `router-ctl nat`.
+#[derive(Debug, serde::Serialize)]
+pub struct FlowEntry {
+    pub proto: &'static str,
+    pub from: String,
+    pub to: String,
+    pub translated: &'static str,
+    /// Seconds since the fast path last carried a packet of it (None: never).
+    pub idle_s: Option<u64>,
+}
+
+/// The flows in a router's map, both directions.
+pub fn list(router: &str) -> Result<Vec<FlowEntry>> {
+    let map: HashMap<MapData, NatKey, NatFlow> =
+        HashMap::try_from(Map::HashMap(datapath::open_pinned(router, map_names::NAT_FLOWS)?))?;
+    let now = monotonic_ns();
+    let ep = |a: [u8; 4], p: [u8; 2], proto: u8| {
+        if proto == IPPROTO_ICMP {
+            format!("{} id {}", Ipv4Addr::from(a), u16::from_be_bytes(p))
+        } else {
+            format!("{}:{}", Ipv4Addr::from(a), u16::from_be_bytes(p))
+        }
+    };
+    let mut v = Vec::new();
+    for e in map.iter() {
+        let (k, f) = e?;
+        v.push(FlowEntry {
+            proto: match k.proto {
+                IPPROTO_TCP => "tcp",
+                conntrack::IPPROTO_UDP => "udp",
+                _ => "icmp",
+            },
+            from: format!("{} → {}", ep(k.src, k.sport, k.proto), ep(k.dst, k.dport, k.proto).replace(" id 0", "")),
+            to: format!("{} → {}", ep(f.src, f.sport, k.proto), ep(f.dst, f.dport, k.proto).replace(" id 0", "")),
+            translated: match (f.flags & nat_flags::SRC != 0, f.flags & nat_flags::DST != 0) {
+                (true, true) => "source,destination",
+                (true, false) => "source",
+                (false, true) => "destination",
+                _ => "-",
+            },
+            idle_s: (f.used != 0).then(|| now.saturating_sub(f.used) / 1_000_000_000),
+        });
+    }
+    v.sort_by(|a, b| (a.proto, &a.from).cmp(&(b.proto, &b.from)));
+    Ok(v)
 }
 
 /// Deletes the kernel's flows through `addr` (a floating IP removed or moved).

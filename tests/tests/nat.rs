@@ -494,3 +494,65 @@ fn icmp_errors_pmtu_and_udp_without_checksum_cross_the_nat() {
     assert_eq!(server.join().unwrap(), 200, "UDP datagrams without checksum lost or altered");
     assert!(nat_counts(&s, &a).0 - before >= 180, "checksum-less UDP should be the fast path's");
 }
+
+/// The kernel's conntrack stays in charge of a flow's life: a one-way UDP flow the fast path
+/// carries for longer than the namespace's UDP timeout keeps its kernel entry, hence its
+/// gateway port, throughout; once it stops, the kernel expires it and the fast path forgets it.
+/// (The test shortens the namespace's UDP timeout to 3 s so as not to wait 30.)
+#[test]
+fn flows_in_use_stay_alive_in_the_kernel_and_idle_ones_are_forgotten() {
+    require_root();
+    let s = Seed::up_nat(|ids| ids.config_nat("", ""));
+    let (ns, out, a, id) = (s.ns(), s.out(), s.ids.dev_a(), s.ids.router_id.clone());
+    sh(&format!("ip netns exec {ns} sysctl -qw net.netfilter.nf_conntrack_udp_timeout=3"));
+    s.prime_neighbours();
+    all_answered(&s.vm1, OUT, 2);
+    std::thread::sleep(Duration::from_millis(1500));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let server = in_ns(&out, move || {
+        let u = std::net::UdpSocket::bind("203.0.113.5:5004").unwrap();
+        u.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        tx.send(()).unwrap();
+        let mut ports = std::collections::BTreeSet::new();
+        let mut n = 0;
+        let mut buf = [0u8; 16];
+        while let Ok((_, peer)) = u.recv_from(&mut buf) {
+            ports.insert(peer.port());
+            n += 1;
+        }
+        (n, ports)
+    });
+    rx.recv().unwrap();
+    let before = nat_counts(&s, &a).0;
+    let sender = in_ns(&s.vm1, || {
+        let u = std::net::UdpSocket::bind("0.0.0.0:40404").unwrap();
+        for _ in 0..400 {
+            u.send_to(b"tick", "203.0.113.5:5004").unwrap();
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    });
+    std::thread::sleep(Duration::from_secs(4));
+    let flows = ctl_json(&["nat", &id]);
+    assert!(
+        flows.as_array().unwrap().iter().any(|f| f["from"] == "172.16.100.3:40404 → 203.0.113.5:5004"),
+        "the fast path has the flow: {flows}"
+    );
+    sender.join().unwrap();
+    let (n, ports) = server.join().unwrap();
+    assert_eq!(n, 400, "datagrams lost");
+    assert_eq!(ports.len(), 1, "the flow's gateway port changed: the kernel expired it under traffic ({ports:?})");
+    assert!(nat_counts(&s, &a).0 - before >= 390, "the fast path carried the flow");
+    // Idle: the kernel expires it (3 s) and the fast path's copy goes with it.
+    let t0 = std::time::Instant::now();
+    let waited = || t0.elapsed();
+    loop {
+        let flows = ctl_json(&["nat", &id]);
+        if !flows.as_array().unwrap().iter().any(|f| f["from"].as_str().unwrap_or("").contains(":40404")) {
+            break;
+        }
+        // The kernel reaps expired entries from a periodic worker: allow it time.
+        assert!(t0.elapsed() < Duration::from_secs(40), "an expired flow stayed in the fast path: {flows}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    eprintln!("the idle flow left the fast path {:.1} s after its last packet", waited().as_secs_f64());
+}

@@ -45,6 +45,11 @@ pub const MUTANTS: &[Mutant] = &[
         tests: &[("packet", "nat_flows_are_translated_byte_exact_and_the_rest_is_the_kernels")],
     },
     Mutant {
+        name: "nat_no_refresh",
+        fault: "the daemon never refreshes the kernel's timeouts of flows the fast path carries",
+        tests: &[("nat", "flows_in_use_stay_alive_in_the_kernel_and_idle_ones_are_forgotten")],
+    },
+    Mutant {
         name: "nat_conf_off",
         fault: "the controller never turns NAT on in the fast path",
         tests: &[("nat", "snat_floating_ip_hairpin_and_tenant_traffic_follow_the_agents_rules")],
