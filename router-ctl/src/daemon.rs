@@ -490,6 +490,19 @@ fn watch_neighbours(r: &RouterState, stop: &Stop) -> Result<()> {
             }
         }
         tracing::info!(router = %r.id, neighbours = present.len(), "neighbour table synced");
+        // The external device's IPv4 addresses (gateway IP, floating IPs) are announced when
+        // the router is taken up, and each new one when it appears.
+        let qg = r.interfaces.iter().find(|i| i.external).and_then(|i| {
+            Some((i.ifindex, crate::config::parse_mac(&i.mac)?))
+        });
+        if let Some((ifindex, mac)) = qg {
+            let mut dump = handle.address().get().set_link_index_filter(ifindex).execute();
+            let mut ips = Vec::new();
+            while let Some(m) = dump.try_next().await.context("address dump")? {
+                ips.extend(ipv4_of(&m));
+            }
+            announce(&r.id, ifindex, mac, ips);
+        }
         // Devices may have changed while no daemon ran; then on every link, address or XDP
         // feature event. Resyncs run on a thread of their own (they wait for the state lock,
         // which an apply of another router may hold for a while): neighbour events are never
@@ -535,10 +548,15 @@ fn watch_neighbours(r: &RouterState, stop: &Stop) -> Result<()> {
                         NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelNeighbour(m)) => {
                             update(&mut neighs, &ifindexes, &m, true);
                         }
+                        NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewAddress(m)) => {
+                            if let Some((ifindex, mac)) = qg.filter(|(i, _)| *i == m.header.index) {
+                                announce(&r.id, ifindex, mac, ipv4_of(&m).into_iter().collect());
+                            }
+                            pending.dirty()
+                        }
                         NetlinkPayload::InnerMessage(
                             RouteNetlinkMessage::NewLink(_)
                             | RouteNetlinkMessage::DelLink(_)
-                            | RouteNetlinkMessage::NewAddress(_)
                             | RouteNetlinkMessage::DelAddress(_),
                         ) => pending.dirty(),
                         _ => {}
@@ -575,6 +593,43 @@ fn watch_neighbours(r: &RouterState, stop: &Stop) -> Result<()> {
         let _ = resyncer.join();
         anyhow::Ok(())
     })
+}
+
+/// The IPv4 address of an address message.
+fn ipv4_of(m: &rtnetlink::packet_route::address::AddressMessage) -> Option<std::net::Ipv4Addr> {
+    use rtnetlink::packet_route::address::AddressAttribute;
+    m.attributes.iter().find_map(|a| match a {
+        AddressAttribute::Address(IpAddr::V4(v)) => Some(*v),
+        _ => None,
+    })
+}
+
+/// Gratuitous ARPs for `ips` out of `ifindex`: 3 rounds, 2 s apart, from a thread of their
+/// own (it starts in the caller's namespace).
+fn announce(router: &str, ifindex: u32, mac: [u8; 6], ips: Vec<std::net::Ipv4Addr>) {
+    if ips.is_empty() {
+        return;
+    }
+    let router = router.to_string();
+    let spawned = std::thread::Builder::new()
+        .name("garp".into())
+        .spawn(move || {
+            use crate::kernel::arp;
+            for round in 0..arp::ROUNDS {
+                if round > 0 {
+                    std::thread::sleep(arp::INTERVAL);
+                }
+                for ip in &ips {
+                    if let Err(e) = arp::announce(ifindex, mac, *ip) {
+                        tracing::warn!(router = %router, error = format!("{e:#}"), "gratuitous ARP not sent");
+                    }
+                }
+            }
+            tracing::debug!(router = %router, addresses = ?ips, "announced with gratuitous ARPs");
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "cannot start the gratuitous ARP thread");
+    }
 }
 
 /// Applies one neighbour message; returns the entry when it is now usable by the fast path.

@@ -242,12 +242,17 @@ fn gateway_and_floating_ip_verbs_change_what_forwards() {
     let e = ctl_err(&["router", "set", &id, "--external-gateway", "public", "--fixed-ip", "subnet=192.168.1.0/24"]);
     assert!(e.contains("ip-address= is missing"), "{e}");
 
+    // The new floating IP is announced to the external network (gratuitous ARP).
+    let garp = tests::topo::capture(&s.ext(), "up0", |f| {
+        f.len() >= 42 && f[12..14] == [8, 6] && f[28..32] == [192, 168, 1, 20] && f[38..42] == [192, 168, 1, 20]
+    });
     let v: serde_json::Value = serde_json::from_str(&ctl_ok(&[
         "floating", "ip", "create", "--router", &id, "--floating-ip-address", "192.168.1.20",
         "--fixed-ip-address", "172.16.101.3", "-f", "json",
     ]))
     .unwrap();
     assert_eq!((v["status"].as_str(), v["fixed_ip_address"].as_str()), (Some("ACTIVE"), Some("172.16.101.3")));
+    assert!(garp.join().unwrap().is_some(), "no gratuitous ARP for the new floating IP");
     count_sources(&s.vm3, &[OUT]);
     count_sources(&s.vm1, &[OUT]);
     all_answered(&out, "192.168.1.20", 3);

@@ -5,6 +5,7 @@
 //! them, and setns()/unshare() move only the calling thread: work for a router's namespace runs
 //! on a thread that joined it (`netns::run_in`), with clients opened there.
 
+pub mod arp;
 pub mod conntrack;
 pub mod netdev;
 pub mod nft;
