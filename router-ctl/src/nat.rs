@@ -102,12 +102,15 @@ fn flow_to(other: &Tuple, from: &Tuple) -> NatFlow {
     } else {
         (other.dport.to_be_bytes(), other.sport.to_be_bytes())
     };
+    // What the counters call a source or destination translation: the address or port on that
+    // side changed. An ICMP echo identifier belongs to neither side: it follows the addresses.
     let mut flags = 0;
     let from_key = key_of(from);
-    if src.octets() != from_key.src || sport != from_key.sport {
+    let icmp = other.proto == IPPROTO_ICMP;
+    if src.octets() != from_key.src || (!icmp && sport != from_key.sport) {
         flags |= nat_flags::SRC;
     }
-    if dst.octets() != from_key.dst || dport != from_key.dport {
+    if dst.octets() != from_key.dst || (!icmp && dport != from_key.dport) {
         flags |= nat_flags::DST;
     }
     NatFlow {

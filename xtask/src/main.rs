@@ -340,14 +340,42 @@ fn build_and_load(root: &Path, config: Option<PathBuf>) -> Result<()> {
         if dual {
             ping("vm1", "2001:db8:101::3")?;
         }
+        // config/nat.toml: the external network is namespace `public`, the upstream router
+        // (192.168.1.1, with an outside address 203.0.113.5 on its loopback).
+        let gw_port = "e1a2b3c4-5d6e-4f70-8a9b-0c1d2e3f4a5b";
+        if text.contains(gw_port) {
+            let tap = format!("tap{}", &gw_port[..11]);
+            if !Path::new("/run/netns/public").exists() {
+                ip(&["netns", "add", "public"])?;
+            }
+            let in_ns = Command::new("ip")
+                .args(["-n", "public", "link", "show", &tap])
+                .output()?
+                .status
+                .success();
+            if !in_ns {
+                ip(&["link", "set", &tap, "netns", "public"])?;
+            }
+            ip(&["-n", "public", "link", "set", "lo", "up"])?;
+            ip(&["-n", "public", "link", "set", &tap, "up"])?;
+            for (a, dev) in [("192.168.1.1/24", tap.as_str()), ("203.0.113.5/32", "lo")] {
+                let _ = Command::new("ip")
+                    .args(["-n", "public", "addr", "replace", a, "dev", dev])
+                    .status();
+            }
+            sleep(Duration::from_millis(300));
+            ping("vm1", "203.0.113.5")?;
+            ping("public", "192.168.1.20")?;
+        }
     }
-    for what in ["show", "neigh", "stats"] {
+    for what in ["show", "neigh", "stats", "nat"] {
         println!("\n$ router-ctl {what}");
         run(Command::new(&ctl).arg(what))?;
     }
     println!(
         "\nThe router stays loaded and keeps forwarding; its neighbour daemon (`router-ctl run`) logs to /run/router-xdp/daemon.log.\n\
-         Try: ip netns exec vm1 ping 172.16.101.3   |   {} stats   |   {} destroy router_100_101",
+         Try: ip netns exec vm1 ping 172.16.101.3   |   {} stats   |   {} destroy router_100_101\n\
+         With --config config/nat.toml: ip netns exec vm1 ping 203.0.113.5 (SNAT)   |   ip netns exec public ping 192.168.1.20 (vm3's floating IP)   |   router-ctl nat",
         ctl.display(),
         ctl.display()
     );
