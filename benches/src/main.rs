@@ -5,6 +5,7 @@
 
 mod ctl;
 mod e2e;
+mod nat;
 mod pkt;
 mod report;
 mod skb;
@@ -33,6 +34,9 @@ struct Args {
     /// Skip the skb traffic (iperf3 TCP, small UDP from an AF_PACKET sender).
     #[arg(long)]
     no_skb: bool,
+    /// Skip the NAT comparison.
+    #[arg(long)]
+    no_nat: bool,
     /// Skip `router-ctl apply` at scale.
     #[arg(long)]
     no_apply: bool,
@@ -76,6 +80,11 @@ fn main() -> Result<()> {
             Some(skb::small_udp(args.runs).context("small UDP from an skb sender")?),
         )
     };
+    let nat = if args.no_nat {
+        None
+    } else {
+        Some(nat::run(args.runs).context("NAT beside the kernel's NAT")?)
+    };
     let apply = if args.no_apply {
         None
     } else {
@@ -97,6 +106,7 @@ fn main() -> Result<()> {
         tcp: tcp.as_deref(),
         small: small.as_deref(),
         apply: apply.as_ref(),
+        nat: nat.as_ref(),
         seconds: start.elapsed().as_secs_f64(),
     };
     std::fs::write(&args.out, report.markdown())

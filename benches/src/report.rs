@@ -17,6 +17,7 @@ pub struct Report<'a> {
     pub tcp: Option<&'a [Tcp]>,
     pub small: Option<&'a [Small]>,
     pub apply: Option<&'a ApplyScale>,
+    pub nat: Option<&'a crate::nat::NatBench>,
     pub seconds: f64,
 }
 
@@ -37,6 +38,13 @@ fn machine() -> Vec<(String, String)> {
         ("memory".into(), sh("free -g | awk '/Mem:/ {print $2 \" GiB\"}'")),
         ("virtualisation".into(), sh("systemd-detect-virt 2>/dev/null || (grep -q hypervisor /proc/cpuinfo && echo 'a hypervisor' || echo none)")),
     ]
+}
+
+fn dir_name(d: crate::nat::Dir) -> &'static str {
+    match d {
+        crate::nat::Dir::Snat => "vm1 → outside through SNAT",
+        crate::nat::Dir::FloatingIp => "outside → vm3's floating IP",
+    }
 }
 
 fn verdict(ok: bool) -> &'static str {
@@ -103,6 +111,13 @@ impl Report<'_> {
             if let Some((_, g)) = sm.gain.iter().find(|(p, _)| *p == Path::Tc) {
                 let _ = writeln!(m, "| small UDP from an skb sender, router-side CPU per packet, the kernel ÷ tc | ≥ 1.3 | {} | {} |", g.fmt(2), verdict(g.median >= 1.3));
             }
+        }
+        if let Some(n) = self.nat {
+            for f in &n.frames {
+                let _ = writeln!(m, "| NAT, established flows, 64-byte frames, {}, {} flow(s): this router (XDP) ÷ the kernel's NAT | ≥ 1.5 | {} | {} |", dir_name(f.dir), f.flows, f.xdp_over_kernel.fmt(2), verdict(f.xdp_over_kernel.median >= 1.5));
+            }
+            let _ = writeln!(m, "| NAT, bulk TCP through SNAT at kernel defaults: this router (`auto`: tc) ÷ the kernel's NAT | ≥ 1.0 | {} | {} |", n.tcp_ratio.fmt(2), verdict(n.tcp_ratio.median >= 1.0));
+            let _ = writeln!(m, "| NAT, new TCP connections per second through SNAT: this router ÷ the kernel's NAT | ≥ 0.9 | {} | {} |", n.conn_ratio.fmt(2), verdict(n.conn_ratio.median >= 0.9));
         }
         if let Some(a) = self.apply {
             let _ = writeln!(
@@ -267,6 +282,18 @@ impl Report<'_> {
                 );
             }
             let _ = writeln!(m, "\nXDP on a veth fed by skbs converts every skb into an XDP buffer first, and at defaults its redirects into qr-b are impossible (vm3's veth has neither GRO nor XDP), so it hands every frame to the kernel (counted as `no_xdp_xmit`): never worse than the kernel, never better.");
+        }
+        if let Some(n) = self.nat {
+            let _ = writeln!(m, "\n## NAT: SNAT and floating IPs beside the kernel's NAT\n\nThe seed plus an external network (`ext`, the upstream router 192.168.1.1; `out`, an outside host 203.0.113.5), the router with a gateway (192.168.1.10, SNAT on) and a floating IP 192.168.1.20 for vm3. Small frames: the XDP live-frames generator of the end-to-end section sends 64-byte UDP frames ({} per run) from vm1 to the outside host (through SNAT; counted and dropped by an nftables ingress rule on the upstream router's port) or from the upstream router's port to the floating IP (counted at vm3), after a warm-up of 20 000 frames that starts the flows (their first packets go through the kernel, whose conntrack decides the mapping the fast path then copies). Four data paths in turn in every round: the kernel's NAT (the router's programs detached; the nftables rules Neutron's agent would install), the same with an nftables flowtable (the kernel's own fast path for established flows), this router at tc (the generator's frames reach it as skbs) and in XDP. The devices frames are sent into have GRO on (what an XDP generator and XDP redirects into veths need; the same for every path). \"Translated\" is the share of the delivered frames the fast path translated (its counters).\n\n| direction | flows | kernel NAT (Mpps) | kernel + flowtable (Mpps) | tc (Mpps) | XDP (Mpps) | XDP ÷ kernel | tc ÷ kernel | XDP ÷ flowtable | translated by the fast path (XDP) |\n|---|---:|---|---|---|---|---|---|---|---|", crate::nat::PACKETS_PER_RUN);
+            for f in &n.frames {
+                let g = |mode| f.mpps.iter().find(|(x, _)| *x == mode).map(|(_, s)| s.fmt(3)).unwrap_or_else(|| "n/a".into());
+                use crate::nat::Mode;
+                let _ = writeln!(m, "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.1} % |", dir_name(f.dir), f.flows, g(Mode::Kernel), g(Mode::Flowtable), g(Mode::Tc), g(Mode::Xdp), f.xdp_over_kernel.fmt(2), f.tc_over_kernel.fmt(2), f.xdp_over_flowtable.as_ref().map(|x| x.fmt(2)).unwrap_or_else(|| "n/a".into()), f.fast_share * 100.0);
+            }
+            if let Some(why) = &n.flowtable_missing {
+                let _ = writeln!(m, "\nThe flowtable anchor is missing: this kernel refused an nftables flowtable (`{why}`: it is built without `nf_flow_table`, and this machine loads no modules).");
+            }
+            let _ = writeln!(m, "\nBulk TCP through SNAT at kernel defaults (every device as plugged; `auto` chose tc), iperf3 vm1 → the outside host for 5 s, one stream, the kernel's NAT and this router taking turns going first: kernel {} Gbit/s, this router {} Gbit/s, ratio {}.\n\nNew TCP connections through SNAT: 1 000 connections from vm1 to the outside host one after the other (connect, accept, close with a reset), connections per second: kernel {}, this router {}, ratio {}. A new connection's handshake and its reset go through the kernel on both paths (the fast path hands SYN, FIN and RST to the kernel, whose conntrack decides the mapping): the fast path adds a flow-map miss per packet and the daemon's work per flow, off the packet path.", n.tcp_kernel.fmt(2), n.tcp_router.fmt(2), n.tcp_ratio.fmt(2), n.conn_kernel.fmt(0), n.conn_router.fmt(0), n.conn_ratio.fmt(2));
         }
         if let Some(a) = self.apply {
             let _ = writeln!(m, "\n## `router-ctl apply` at scale\n\nThe `router-ctl` binary on a definitions file of N routers with two subnets each; apply creates each router's namespace and veth pairs, loads the tc program, attaches it to both devices and fills the maps; the daemon is started (or signalled) as usual. The unchanged re-apply runs 2 s after the first apply. Destroy removes them all with one `router-ctl destroy` call.\n\n| routers | first apply (s) | unchanged re-apply (s) | destroy (s) |\n|---:|---|---|---|\n| 1 | {} | | |\n| 100 | {} | {} | {} |", a.one.fmt(3), a.hundred.fmt(2), a.reapply_hundred.fmt(3), a.destroy_hundred.fmt(2));

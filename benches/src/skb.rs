@@ -334,7 +334,7 @@ fn send(s: &Seed, frame: Vec<u8>) -> Result<u64> {
     Ok(sender + ksoftirqd_ns().saturating_sub(k0))
 }
 
-fn nft_sink(ns: &str, table: &str, dev: &str, action: &str) {
+pub(crate) fn nft_sink(ns: &str, table: &str, dev: &str, action: &str) {
     sh(&format!(
         "ip netns exec {ns} nft add table netdev {table} && \
          ip netns exec {ns} nft add chain netdev {table} in '{{ type filter hook ingress device \"{dev}\" priority 0; }}' && \
@@ -342,7 +342,7 @@ fn nft_sink(ns: &str, table: &str, dev: &str, action: &str) {
     ));
 }
 
-fn nft_count(ns: &str, table: &str) -> Result<u64> {
+pub(crate) fn nft_count(ns: &str, table: &str) -> Result<u64> {
     let out = sh(&format!(
         "ip netns exec {ns} nft -j list table netdev {table}"
     ));
