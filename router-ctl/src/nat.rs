@@ -183,8 +183,9 @@ impl NatSync {
         Ok(s)
     }
 
-    /// Rewrites the map from a dump of the kernel's table.
-    pub fn resync(&mut self) -> Result<()> {
+    /// Rewrites the map from a dump of the kernel's table: every entry the map holds when
+    /// `whole` (a daemon starting on a pinned map), else the flows this process installed.
+    pub fn resync_with(&mut self, whole: bool) -> Result<()> {
         let mut dumper = Conntrack::open(0)?;
         let flows = dumper.dump().context("dumping conntrack")?;
         let mut keep = std::collections::HashSet::new();
@@ -195,13 +196,21 @@ impl NatSync {
                 keep.insert(e[1].0);
             }
         }
-        let stale: Vec<NatKey> = self.map.keys().filter_map(|k| k.ok()).filter(|k| !keep.contains(k)).collect();
+        let stale: Vec<NatKey> = if whole {
+            self.map.keys().filter_map(|k| k.ok()).filter(|k| !keep.contains(k)).collect()
+        } else {
+            self.installed.values().flat_map(|(_, k)| *k).filter(|k| !keep.contains(k)).collect()
+        };
         for k in &stale {
             let _ = self.map.remove(k);
         }
         self.installed.retain(|_, (_, keys)| keep.contains(&keys[0]));
-        tracing::info!(router = %self.router, flows = self.installed.len(), removed = stale.len(), "NAT flows synced with conntrack");
+        tracing::debug!(router = %self.router, flows = self.installed.len(), removed = stale.len(), "NAT flows synced with conntrack");
         Ok(())
+    }
+
+    pub fn resync(&mut self) -> Result<()> {
+        self.resync_with(true)
     }
 
     fn install(&mut self, f: &Flow, e: [(NatKey, NatFlow); 2]) {
@@ -255,6 +264,10 @@ impl NatSync {
         }
         if self.last_refresh.elapsed() >= self.timeouts.every() && !cfg!(mutant = "nat_no_refresh") {
             self.refresh()?;
+            // The kernel reaps expired entries lazily (and only then says so): a dump reaps
+            // them at once, and the map is brought in line with what is left. A flow that
+            // went idle thus leaves the fast path within a refresh period of its expiry.
+            self.resync_with(false)?;
             self.last_refresh = Instant::now();
         }
         Ok(())
@@ -275,6 +288,8 @@ impl NatSync {
         for (orig, secs) in &due {
             self.ct.set_timeout(orig, *secs).with_context(|| format!("refreshing the conntrack timeout of {orig:?}"))?;
         }
+        // Gone from the kernel (expired, flushed): the fast path must not carry it on with a
+        // mapping the kernel no longer reserves. (`resync` finds them; see `step`.)
         Ok(due.len())
     }
 

@@ -536,7 +536,20 @@ fn flows_in_use_stay_alive_in_the_kernel_and_idle_ones_are_forgotten() {
             std::thread::sleep(Duration::from_millis(20));
         }
     });
-    std::thread::sleep(Duration::from_secs(4));
+    // The kernel's entry stays alive throughout (a dump also reaps expired entries at once,
+    // so an entry left to expire would be gone from it, and its flow from the fast path).
+    let t0 = std::time::Instant::now();
+    while t0.elapsed() < Duration::from_secs(7) {
+        let flows = in_ns(&ns, || router_ctl::kernel::conntrack::Conntrack::open(0).unwrap().dump().unwrap())
+            .join()
+            .unwrap();
+        assert!(
+            flows.iter().any(|f| f.orig.sport == 40404 && f.orig.proto == 17),
+            "the kernel's entry of a flow in use expired after {:.1} s",
+            t0.elapsed().as_secs_f64()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
     let flows = ctl_json(&["nat", &id]);
     assert!(
         flows.as_array().unwrap().iter().any(|f| f["from"] == "172.16.100.3:40404 → 203.0.113.5:5004"),
