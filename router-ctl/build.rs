@@ -29,6 +29,7 @@ const EBPF_MUTANTS: &[&str] = &[
     "nat_ignored",
     "nat_untranslated_out",
     "nat_udp_zero_updated",
+    "nat_icmp_errors_to_kernel",
 ];
 /// Faults in the controller (router-ctl).
 const CTL_MUTANTS: &[&str] = &[

@@ -151,16 +151,25 @@ fn forward4(h: &impl Hook, ingress: u32, iface: &Iface) -> Verdict {
     let unfragmented = u16::from_be_bytes(ip.frag_off) & 0x3fff == 0;
     let nat_on = nat::on();
     let mut flow = None;
+    // An ICMP error about a NAT flow: the flow, and the outer addresses it gets.
+    let mut icmp_err = None;
     if nat_on && unfragmented && !cfg!(mutant = "nat_ignored") {
         flow = match nat::lookup(h, ip, tot_len) {
             Ok(f) => f,
             Err(reason) => return Verdict::Pass(reason),
         };
+        if flow.is_none() && ip.protocol == nat::IPPROTO_ICMP && !cfg!(mutant = "nat_icmp_errors_to_kernel") {
+            if let Some(f) = nat::lookup_icmp_error(h, tot_len) {
+                icmp_err = nat::icmp_error_outer(ip, h, f).map(|outer| (f, outer));
+            }
+        }
     }
-    let (dst, dst_bytes) = match &flow {
-        Some((_, f)) => (u32::from_be_bytes(f.dst), f.dst),
-        None => (dst, ip.dst),
+    let (dst, dst_bytes) = match (&flow, &icmp_err) {
+        (Some((_, f)), _) => (u32::from_be_bytes(f.dst), f.dst),
+        (None, Some((_, outer))) => (u32::from_be_bytes(outer.1), outer.1),
+        (None, None) => (dst, ip.dst),
     };
+    let (src_before, dst_before) = (ip.src, ip.dst);
 
     let Some(route) = fib_lookup(dst) else {
         return Verdict::Pass(why::NO_ROUTE);
@@ -175,7 +184,7 @@ fn forward4(h: &impl Hook, ingress: u32, iface: &Iface) -> Verdict {
     };
     // Nothing leaves through the gateway untranslated while NAT is on: without a flow, the
     // kernel NATs it (and conntrack decides the mapping the fast path then copies).
-    if nat_on && flow.is_none() && !cfg!(mutant = "nat_untranslated_out") {
+    if nat_on && flow.is_none() && icmp_err.is_none() && !cfg!(mutant = "nat_untranslated_out") {
         if let Some(out) = iface_of(route.ifindex) {
             if out.flags & iface_flags::EXTERNAL != 0 {
                 return Verdict::Pass(if unfragmented {
@@ -231,6 +240,13 @@ fn forward4(h: &impl Hook, ingress: u32, iface: &Iface) -> Verdict {
                     return Verdict::Drop;
                 }
                 nat = f.flags;
+            }
+            if let Some((f, outer)) = icmp_err {
+                if !nat::rewrite_icmp_error(h, f, outer, tot_len) {
+                    return Verdict::Drop;
+                }
+                nat = if outer.0 != src_before { nat_flags::SRC } else { 0 }
+                    | if outer.1 != dst_before { nat_flags::DST } else { 0 };
             }
             Verdict::Forward { ipv6: false, nat }
         }

@@ -181,3 +181,150 @@ fn set_ports(t: &mut [u8; 8], f: &NatFlow) {
     [t[0], t[1]] = f.sport;
     [t[2], t[3]] = f.dport;
 }
+
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_SOURCE_QUENCH: u8 = 4;
+const ICMP_TIME_EXCEEDED: u8 = 11;
+const ICMP_PARAMETERPROB: u8 = 12;
+
+/// An ICMP error (destination unreachable, source quench, time exceeded, parameter problem)
+/// about a packet of a NAT flow: the flow of the direction opposite to the quoted packet (the
+/// quoted packet went out, the error comes back the way a reply would), or None when the
+/// message is not an error, quotes something this cannot translate (IPv4 options, a fragment,
+/// another protocol, fewer than 8 bytes of its transport header) or no flow.
+#[inline(always)]
+pub fn lookup_icmp_error(h: &impl Hook, tot_len: usize) -> Option<&'static mut NatFlow> {
+    let l4 = ETH_LEN + IPV4_LEN;
+    // ICMP header, quoted IPv4 header, 8 bytes of the quoted transport header.
+    if tot_len < IPV4_LEN + 8 + IPV4_LEN + 8 {
+        return None;
+    }
+    let t = ptr_at::<[u8; 8]>(h, l4)?;
+    let inner = ptr_at::<Ipv4Hdr>(h, l4 + 8)?;
+    let q = ptr_at::<[u8; 8]>(h, l4 + 8 + IPV4_LEN)?;
+    // SAFETY: bounds checked by `ptr_at`.
+    let (t, inner, q) = unsafe { (&*t, &*inner, &*q) };
+    if !matches!(
+        t[0],
+        ICMP_DEST_UNREACH | ICMP_SOURCE_QUENCH | ICMP_TIME_EXCEEDED | ICMP_PARAMETERPROB
+    ) || inner.version_ihl != 0x45
+        || u16::from_be_bytes(inner.frag_off) & 0x1fff != 0
+    {
+        return None;
+    }
+    let (sport, dport) = match inner.protocol {
+        IPPROTO_TCP | IPPROTO_UDP => ([q[2], q[3]], [q[0], q[1]]),
+        IPPROTO_ICMP if q[0] == ICMP_ECHO || q[0] == ICMP_ECHO_REPLY => ([q[4], q[5]], [0, 0]),
+        _ => return None,
+    };
+    let key = NatKey {
+        src: inner.dst,
+        dst: inner.src,
+        sport,
+        dport,
+        proto: inner.protocol,
+        _pad: [0; 3],
+    };
+    // SAFETY: a map value, valid while the program runs (see `find`).
+    NAT_FLOWS.get_ptr_mut(&key).map(|f| unsafe { &mut *f })
+}
+
+/// The outer addresses an ICMP error about flow `f` gets: the quoted packet's source (where
+/// the error goes) and destination (when that host itself sent the error) become their
+/// translations; an address of a router on the way stays.
+#[inline(always)]
+pub fn icmp_error_outer(ip: &Ipv4Hdr, h: &impl Hook, f: &NatFlow) -> Option<([u8; 4], [u8; 4])> {
+    let inner = ptr_at::<Ipv4Hdr>(h, ETH_LEN + IPV4_LEN + 8)?;
+    // SAFETY: bounds checked by `ptr_at`.
+    let inner = unsafe { &*inner };
+    let src = if ip.src == inner.dst { f.src } else { ip.src };
+    let dst = if ip.dst == inner.src { f.dst } else { ip.dst };
+    Some((src, dst))
+}
+
+/// Rewrites an ICMP error about flow `f` (see `lookup_icmp_error`), checksums complete (both
+/// hooks: an ICMP error never carries a partial checksum, and every change below is
+/// compensated by a checksum change, so an skb's complete checksum stays right): the outer
+/// addresses (`outer`, with the header checksum), the quoted packet translated back (its
+/// addresses with its header checksum; its ports or echo identifier with its UDP checksum
+/// unless 0, its TCP checksum when the whole TCP header is quoted, as the kernel does, or its
+/// ICMP checksum), and the ICMP checksum for every quoted word that changed.
+#[inline(always)]
+pub fn rewrite_icmp_error(h: &impl Hook, f: &NatFlow, outer: ([u8; 4], [u8; 4]), tot_len: usize) -> bool {
+    let l4 = ETH_LEN + IPV4_LEN;
+    let ql4 = l4 + 8 + IPV4_LEN;
+    let (Some(ip), Some(t), Some(inner), Some(q)) = (
+        ptr_at::<Ipv4Hdr>(h, ETH_LEN),
+        ptr_at::<[u8; 8]>(h, l4),
+        ptr_at::<Ipv4Hdr>(h, l4 + 8),
+        ptr_at::<[u8; 8]>(h, ql4),
+    ) else {
+        return false;
+    };
+    // SAFETY: bounds checked by `ptr_at`.
+    let (ip, t, inner, q) = unsafe { (&mut *ip, &mut *t, &mut *inner, &mut *q) };
+    let w = |b: [u8; 4]| u32::from_ne_bytes(b);
+    let h16 = |b: [u8; 2]| u16::from_ne_bytes(b);
+    // Outer header.
+    let c = h16(ip.check);
+    ip.check = csum_replace(csum_replace(c, w(ip.src), w(outer.0)), w(ip.dst), w(outer.1)).to_ne_bytes();
+    ip.src = outer.0;
+    ip.dst = outer.1;
+    // The quoted packet: it travelled opposite to the flow's key direction, so its
+    // translation is the flow's, reversed.
+    let (nsrc, ndst) = (f.dst, f.src);
+    let mut icmp = h16([t[2], t[3]]);
+    let ic_old = h16(inner.check);
+    let ic_new = csum_replace(csum_replace(ic_old, w(inner.src), w(nsrc)), w(inner.dst), w(ndst));
+    icmp = csum_replace(icmp, w(inner.src), w(nsrc));
+    icmp = csum_replace(icmp, w(inner.dst), w(ndst));
+    icmp = csum_replace2(icmp, ic_old, ic_new);
+    let (osrc, odst) = (inner.src, inner.dst);
+    inner.check = ic_new.to_ne_bytes();
+    inner.src = nsrc;
+    inner.dst = ndst;
+    match inner.protocol {
+        IPPROTO_TCP | IPPROTO_UDP => {
+            let ports_old = w([q[0], q[1], q[2], q[3]]);
+            let ports_new = w([f.dport[0], f.dport[1], f.sport[0], f.sport[1]]);
+            icmp = csum_replace(icmp, ports_old, ports_new);
+            let upd = |c: u16| {
+                let x = csum_replace(csum_replace(c, w(osrc), w(nsrc)), w(odst), w(ndst));
+                csum_replace(x, ports_old, ports_new)
+            };
+            if inner.protocol == IPPROTO_UDP {
+                let c = h16([q[6], q[7]]);
+                if c != 0 {
+                    let mut n = upd(c);
+                    if n == 0 {
+                        n = 0xffff;
+                    }
+                    icmp = csum_replace2(icmp, c, n);
+                    [q[6], q[7]] = n.to_ne_bytes();
+                }
+            } else if tot_len >= IPV4_LEN + 8 + IPV4_LEN + 20 {
+                if let Some(tc) = ptr_at::<[u8; 2]>(h, ql4 + 16) {
+                    // SAFETY: bounds checked by `ptr_at`.
+                    let tc = unsafe { &mut *tc };
+                    let (c, n) = (h16(*tc), upd(h16(*tc)));
+                    icmp = csum_replace2(icmp, c, n);
+                    *tc = n.to_ne_bytes();
+                }
+            }
+            [q[0], q[1]] = f.dport;
+            [q[2], q[3]] = f.sport;
+        }
+        _ => {
+            // A quoted echo: its identifier, and its own checksum.
+            let (oid, nid) = (h16([q[4], q[5]]), h16(f.sport));
+            let c = h16([q[2], q[3]]);
+            let n = csum_replace2(c, oid, nid);
+            icmp = csum_replace2(icmp, oid, nid);
+            icmp = csum_replace2(icmp, c, n);
+            [q[2], q[3]] = n.to_ne_bytes();
+            [q[4], q[5]] = f.sport;
+        }
+    }
+    [t[2], t[3]] = icmp.to_ne_bytes();
+    true
+}

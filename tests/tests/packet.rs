@@ -1837,3 +1837,63 @@ fn nat_flows_are_translated_byte_exact_and_the_rest_is_the_kernels() {
         }
     }
 }
+
+/// An ICMP error frame from `src` to `dst` (TTL 64) quoting `quoted` (an IPv4 packet, whole),
+/// every checksum from scratch.
+fn icmp_error_frame(dst_mac: [u8; 6], src_mac: [u8; 6], src: [u8; 4], dst: [u8; 4], ttl: u8, ty: u8, code: u8, quoted: &[u8]) -> Vec<u8> {
+    let mut icmp = vec![ty, code, 0, 0, 0, 0, 0x05, 0xdc];
+    icmp.extend_from_slice(quoted);
+    let c = tests::frame::checksum(&icmp);
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    let ip = Ipv4 { protocol: 1, ..Ipv4::udp(src, dst, ttl) };
+    let mut l3 = ip.header(icmp.len());
+    l3.extend_from_slice(&icmp);
+    ethernet(dst_mac, src_mac, 0x0800, &l3)
+}
+
+/// The IPv4 packet (no Ethernet header) of `l4_frame`.
+fn packet(ip: &Ipv4, l4: &[u8], udp_zero: bool) -> Vec<u8> {
+    l4_frame([0; 6], [0; 6], ip, l4, udp_zero)[14..].to_vec()
+}
+
+/// ICMP errors about NAT flows, translated in the fast path as the kernel's conntrack would:
+/// a port unreachable from the instance behind a floating IP (outer source and the quoted
+/// destination become the floating IP), a time exceeded from a router on the way about an echo
+/// (only the quoted packet changes), and a fragmentation needed about a whole TCP header (its
+/// checksum updated too); every checksum equal to a from-scratch one.
+#[test]
+fn icmp_errors_about_nat_flows_are_translated_byte_exact() {
+    use router_common::nat_flags as nf;
+    const FIP: [u8; 4] = [10, 2, 0, 20];
+    const ROUTER: [u8; 4] = [10, 1, 0, 9];
+    for mut h in both() {
+        // Flows that came in through the floating IP (DNAT to SRC); these are their reply
+        // directions, SRC → DST, whose source the fast path turns back into the floating IP.
+        h.nat(&[
+            (nat_key(SRC, 7777, DST, 5201, 17), nat_flow(FIP, 7777, DST, 5201, nf::SRC)),
+            (nat_key(SRC, 0x99, DST, 0, 1), nat_flow(FIP, 0x99, DST, 0, nf::SRC)),
+            (nat_key(SRC, 8080, DST, 443, 6), nat_flow(FIP, 8080, DST, 443, nf::SRC)),
+        ]);
+        let udp_in = |d| packet(&Ipv4 { protocol: 17, ..Ipv4::udp(DST, d, 63) }, &l4_of(17, 5201, 7777, 0), false);
+        let echo = |d: [u8; 4]| {
+            let mut l4 = l4_of(1, 0x99, 0, 0);
+            l4[0] = 8;
+            packet(&Ipv4 { protocol: 1, ..Ipv4::udp(DST, d, 1) }, &l4, false)
+        };
+        let tcp_in = |d| packet(&Ipv4 { protocol: 6, ..Ipv4::udp(DST, d, 63) }, &l4_of(6, 443, 8080, 0x10)[..20], false);
+        let cases: [(&str, [u8; 4], u8, u8, Vec<u8>, Vec<u8>, [u8; 4], u64); 3] = [
+            ("port unreachable from the instance", SRC, 3, 3, udp_in(SRC), udp_in(FIP), FIP, 1),
+            ("time exceeded from a router on the way", ROUTER, 11, 0, echo(SRC), echo(FIP), ROUTER, 0),
+            ("fragmentation needed about a whole TCP header", ROUTER, 3, 4, tcp_in(SRC), tcp_in(FIP), ROUTER, 0),
+        ];
+        for (what, from, ty, code, quoted, quoted_out, from_out, src_translated) in cases {
+            let input = icmp_error_frame(IN_MAC, HOST_MAC, from, DST, 64, ty, code, &quoted);
+            let before = h.stats()[0];
+            let (rc, out) = h.run(&input);
+            assert_eq!(rc, XDP_REDIRECT, "{:?}: {what}", h.prog);
+            let want = icmp_error_frame(NB_MAC, OUT_MAC, from_out, DST, 63, ty, code, &quoted_out);
+            assert_eq!(out, want, "{:?}: {what} translated", h.prog);
+            assert_eq!(h.stats()[0].nat_src_packets - before.nat_src_packets, src_translated, "{what}");
+        }
+    }
+}

@@ -50,6 +50,11 @@ pub const MUTANTS: &[Mutant] = &[
         tests: &[("nat", "flows_in_use_stay_alive_in_the_kernel_and_idle_ones_are_forgotten")],
     },
     Mutant {
+        name: "nat_icmp_errors_to_kernel",
+        fault: "ICMP errors about NAT flows are left to the kernel instead of translated",
+        tests: &[("packet", "icmp_errors_about_nat_flows_are_translated_byte_exact")],
+    },
+    Mutant {
         name: "nat_conf_off",
         fault: "the controller never turns NAT on in the fast path",
         tests: &[("nat", "snat_floating_ip_hairpin_and_tenant_traffic_follow_the_agents_rules")],
