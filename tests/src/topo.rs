@@ -1068,7 +1068,7 @@ impl Recorder {
 
 /// An AF_PACKET socket on `dev` of the calling thread's namespace, with a 100 ms receive
 /// timeout.
-fn packet_socket(dev: &std::ffi::CStr) -> i32 {
+pub fn packet_socket(dev: &std::ffi::CStr) -> i32 {
     // SAFETY: plain socket calls with checked results.
     unsafe {
         let fd = libc::socket(
@@ -1116,7 +1116,7 @@ fn packet_socket(dev: &std::ffi::CStr) -> i32 {
 }
 
 /// The next frame that arrived at the socket's device (not one it sent), or None on timeout.
-fn recv_incoming(fd: i32, buf: &mut [u8]) -> Option<&[u8]> {
+pub fn recv_incoming(fd: i32, buf: &mut [u8]) -> Option<&[u8]> {
     loop {
         // SAFETY: receives into buf; `from` is a sockaddr_ll of the given length.
         let (n, pkttype) = unsafe {

@@ -574,3 +574,194 @@ fn flows_in_use_stay_alive_in_the_kernel_and_idle_ones_are_forgotten() {
     }
     eprintln!("the idle flow left the fast path {:.1} s after its last packet", waited().as_secs_f64());
 }
+
+/// Where a differential frame is sent from.
+#[derive(Clone, Copy, Debug)]
+enum Side {
+    /// The upstream router's port (the external network).
+    Ext,
+    /// vm3's port (behind the floating IP).
+    Vm3,
+}
+
+fn ipv4_frame(dst_mac: [u8; 6], src_mac: [u8; 6], ip: &tests::frame::Ipv4, l4: &[u8]) -> Vec<u8> {
+    let mut l3 = ip.header(l4.len());
+    l3.extend_from_slice(l4);
+    tests::frame::ethernet(dst_mac, src_mac, 0x0800, &l3)
+}
+
+/// A UDP datagram with a checksum computed from scratch (or 0 when `zero`).
+fn udp_dgram(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, payload: &[u8], zero: bool) -> Vec<u8> {
+    let mut u = tests::frame::udp(sport, dport, payload);
+    if !zero {
+        let mut p = Vec::new();
+        p.extend_from_slice(&src);
+        p.extend_from_slice(&dst);
+        p.extend_from_slice(&[0, 17]);
+        p.extend_from_slice(&(u.len() as u16).to_be_bytes());
+        p.extend_from_slice(&u);
+        let c = tests::frame::checksum(&p);
+        u[6..8].copy_from_slice(&(if c == 0 { 0xffff } else { c }).to_be_bytes());
+    }
+    u
+}
+
+fn icmp_msg(ty: u8, code: u8, rest: [u8; 4], body: &[u8]) -> Vec<u8> {
+    let mut m = vec![ty, code, 0, 0];
+    m.extend_from_slice(&rest);
+    m.extend_from_slice(body);
+    let c = tests::frame::checksum(&m);
+    m[2..4].copy_from_slice(&c.to_be_bytes());
+    m
+}
+
+fn mac_of(ns: &str, dev: &str) -> [u8; 6] {
+    router_ctl::config::parse_mac(&tests::topo::link_mac(ns, dev)).unwrap()
+}
+
+/// Sends `frames` (each from its side, 3 ms apart) and records the IPv4 frames arriving at vm3's
+/// and at the upstream router's port, in order.
+fn exchange(s: &Seed, frames: &[(Side, Vec<u8>)]) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
+    let open = |ns: &str, dev: &str| {
+        let dev = std::ffi::CString::new(dev).unwrap();
+        in_ns(ns, move || tests::topo::packet_socket(&dev)).join().unwrap()
+    };
+    let (ext, vm3) = (open(&s.ext(), "up0"), open(&s.vm3, &s.ids.tap_b()));
+    for (side, f) in frames {
+        let fd = match side {
+            Side::Ext => ext,
+            Side::Vm3 => vm3,
+        };
+        // SAFETY: sends f on a bound packet socket.
+        let n = unsafe { libc::send(fd, f.as_ptr() as *const libc::c_void, f.len(), 0) };
+        assert_eq!(n, f.len() as isize, "send: {}", std::io::Error::last_os_error());
+        std::thread::sleep(Duration::from_millis(3));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let drain = |fd: i32| {
+        let mut v = Vec::new();
+        let mut buf = vec![0u8; 9000];
+        while let Some(f) = tests::topo::recv_incoming(fd, &mut buf) {
+            if f.len() > 14 && f[12..14] == [8, 0] {
+                v.push(f.to_vec());
+            }
+        }
+        // SAFETY: our descriptor.
+        unsafe { libc::close(fd) };
+        v
+    };
+    (drain(vm3), drain(ext))
+}
+
+/// Deletes every conntrack entry of the router's namespace.
+fn flush_conntrack(ns: &str) {
+    in_ns(ns, || {
+        let mut ct = router_ctl::kernel::conntrack::Conntrack::open(0).unwrap();
+        for f in ct.dump().unwrap() {
+            ct.delete(&f.orig).unwrap();
+        }
+    })
+    .join()
+    .unwrap();
+}
+
+/// Differential test against the kernel's NAT: the same frames through a floating IP, both ways
+/// (UDP with and without checksum, TTL 2, ICMP echo both ways, an ICMP error from the instance
+/// and one from a router beyond the gateway about the flows), once with the router's programs
+/// detached (the kernel NATs everything) and once with the fast path carrying the flows; what
+/// arrives on each side must be the same, byte for byte. (Floating IPs only: the kernel picks
+/// SNAT ports at random, so two runs of SNAT never agree on them.)
+#[test]
+fn the_fast_path_translates_what_the_kernels_nat_translates() {
+    require_root();
+    let mut s = Seed::up_nat(|ids| ids.config_nat("", FIP_VM3));
+    // The programs come and go between the runs: the teardown's counter check does not apply.
+    s.check_counters = false;
+    let (ns, ext, g, b) = (s.ns(), s.ext(), s.ids.dev_g(), s.ids.dev_b());
+    s.prime_neighbours();
+    all_answered(&ext, "192.168.1.20", 1);
+    // Neighbours fixed, and neither end's kernel answers anything: every frame recorded is the
+    // router's doing.
+    let (qg, qrb, up0, tapb) = (mac_of(&ns, &g), mac_of(&ns, &b), mac_of(&ext, "up0"), mac_of(&s.vm3, &s.ids.tap_b()));
+    let fmt = router_ctl::config::fmt_mac;
+    sh(&format!(
+        "ip -n {ns} neigh replace 172.16.101.3 lladdr {} nud permanent dev {b} && ip -n {ns} neigh replace 192.168.1.1 lladdr {} nud permanent dev {g}",
+        fmt(&tapb),
+        fmt(&up0)
+    ));
+    for (n, dev) in [(ext.clone(), "up0".to_string()), (s.vm3.clone(), s.ids.tap_b())] {
+        sh(&format!(
+            "ip netns exec {n} nft add table netdev deaf && ip netns exec {n} nft add chain netdev deaf in '{{ type filter hook ingress device \"{dev}\" priority 0; policy drop; }}'"
+        ));
+    }
+    let (out, fip, x, up) = ([203, 0, 113, 5], [192, 168, 1, 20], [172, 16, 101, 3], [192, 168, 1, 1]);
+    let ip = |src, dst, proto, ttl| tests::frame::Ipv4 { protocol: proto, ..tests::frame::Ipv4::udp(src, dst, ttl) };
+    let from_ext = |i: &tests::frame::Ipv4, l4: &[u8]| (Side::Ext, ipv4_frame(qg, up0, i, l4));
+    let from_vm3 = |i: &tests::frame::Ipv4, l4: &[u8]| (Side::Vm3, ipv4_frame(qrb, tapb, i, l4));
+    let pay = [0x42u8; 24];
+    let echo = |ty: u8, seq: u8| icmp_msg(ty, 0, [0x12, 0x34, 0, seq], &pay);
+    // The quoted packets, as their senders sent them.
+    let quoted_in = {
+        let u = udp_dgram(out, x, 5001, 6001, &pay, true);
+        let mut p = ip(out, x, 17, 63).header(u.len());
+        p.extend_from_slice(&u);
+        p
+    };
+    let quoted_out = {
+        let u = udp_dgram(fip, out, 6000, 5000, &pay, false);
+        let mut p = ip(fip, out, 17, 63).header(u.len());
+        p.extend_from_slice(&u);
+        p
+    };
+    let primers = vec![
+        from_ext(&ip(out, fip, 17, 64), &udp_dgram(out, fip, 5000, 6000, &pay, false)),
+        from_ext(&ip(out, fip, 17, 64), &udp_dgram(out, fip, 5001, 6001, &pay, true)),
+        from_ext(&ip(out, fip, 1, 64), &echo(8, 1)),
+    ];
+    let frames = vec![
+        from_ext(&ip(out, fip, 17, 64), &udp_dgram(out, fip, 5000, 6000, &pay, false)),
+        from_ext(&ip(out, fip, 17, 2), &udp_dgram(out, fip, 5000, 6000, &pay, false)),
+        from_ext(&ip(out, fip, 17, 64), &udp_dgram(out, fip, 5001, 6001, &pay, true)),
+        from_ext(&ip(out, fip, 1, 64), &echo(8, 2)),
+        from_vm3(&ip(x, out, 17, 64), &udp_dgram(x, out, 6000, 5000, &pay, false)),
+        from_vm3(&ip(x, out, 17, 64), &udp_dgram(x, out, 6001, 5001, &pay, true)),
+        from_vm3(&ip(x, out, 1, 64), &echo(0, 2)),
+        from_vm3(&ip(x, out, 1, 64), &icmp_msg(3, 3, [0; 4], &quoted_in)),
+        from_ext(&ip(up, fip, 1, 64), &icmp_msg(3, 4, [0, 0, 0x05, 0x00], &quoted_out)),
+    ];
+    let id = s.ids.router_id.clone();
+    let mut runs = Vec::new();
+    for fast in [false, true] {
+        if fast {
+            let t = s.ids.config_nat("", FIP_VM3);
+            let out = tests::ctl(&["apply", "--reload", "-f", &tests::topo::write_config(&format!("{}-diff", s.ids.tag), &t)]);
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        } else {
+            for d in [s.ids.dev_a(), s.ids.dev_b(), s.ids.dev_g()] {
+                let _ = std::fs::remove_file(router_ctl::state::link_pin(&id, &d));
+                let _ = std::fs::remove_file(router_ctl::state::tc_link_pin(&id, &d));
+            }
+        }
+        flush_conntrack(&ns);
+        std::thread::sleep(Duration::from_millis(300));
+        let _ = exchange(&s, &primers);
+        // The daemon copies the flows conntrack just confirmed.
+        std::thread::sleep(Duration::from_millis(300));
+        let t0: u64 = s.stats().iter().map(|d| d["nat"]["source_translated"].as_u64().unwrap() + d["nat"]["destination_translated"].as_u64().unwrap()).sum();
+        let got = exchange(&s, &frames);
+        let t1: u64 = s.stats().iter().map(|d| d["nat"]["source_translated"].as_u64().unwrap() + d["nat"]["destination_translated"].as_u64().unwrap()).sum();
+        if fast {
+            assert!(t1 - t0 >= frames.len() as u64, "the fast path translated {} of {} frames", t1 - t0, frames.len());
+        }
+        runs.push(got);
+    }
+    let (kernel, fast) = (&runs[0], &runs[1]);
+    assert_eq!(kernel.0.len(), 5, "the kernel delivered to vm3: {:02x?}", kernel.0);
+    assert_eq!(kernel.1.len(), 4, "the kernel delivered outside: {:02x?}", kernel.1);
+    for (side, k, f) in [("vm3", &kernel.0, &fast.0), ("outside", &kernel.1, &fast.1)] {
+        assert_eq!(k.len(), f.len(), "frames arriving {side}");
+        for (i, (a, b)) in k.iter().zip(f.iter()).enumerate() {
+            assert_eq!(a, b, "frame {i} arriving {side}: the kernel's NAT made {a:02x?}, the fast path {b:02x?}");
+        }
+    }
+}

@@ -42,7 +42,10 @@ pub const MUTANTS: &[Mutant] = &[
     Mutant {
         name: "nat_udp_zero_updated",
         fault: "a UDP checksum of 0 (none) is updated by NAT as if it were one",
-        tests: &[("packet", "nat_flows_are_translated_byte_exact_and_the_rest_is_the_kernels")],
+        tests: &[
+            ("packet", "nat_flows_are_translated_byte_exact_and_the_rest_is_the_kernels"),
+            ("nat", "the_fast_path_translates_what_the_kernels_nat_translates"),
+        ],
     },
     Mutant {
         name: "nat_no_refresh",
@@ -52,7 +55,10 @@ pub const MUTANTS: &[Mutant] = &[
     Mutant {
         name: "nat_icmp_errors_to_kernel",
         fault: "ICMP errors about NAT flows are left to the kernel instead of translated",
-        tests: &[("packet", "icmp_errors_about_nat_flows_are_translated_byte_exact")],
+        tests: &[
+            ("packet", "icmp_errors_about_nat_flows_are_translated_byte_exact"),
+            ("nat", "the_fast_path_translates_what_the_kernels_nat_translates"),
+        ],
     },
     Mutant {
         name: "nat_conf_off",
