@@ -700,7 +700,8 @@ impl Job {
             let mut ct = Conntrack::open(0)?;
             for f in flush {
                 let n = ct.flush_address(f)?;
-                tracing::info!(router = %r.id, floating_ip = %f, flows = n, "flushed the conntrack entries of a removed or moved floating IP");
+                let m = crate::nat::purge_address(&r.id, f)?;
+                tracing::info!(router = %r.id, floating_ip = %f, flows = n, fast_path_entries = m, "flushed the flows of a removed or moved floating IP");
             }
         }
         Ok(Some(GatewayState { sysctls_before: before, ..st }))

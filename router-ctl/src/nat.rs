@@ -350,6 +350,28 @@ pub fn flush_address(addr: Ipv4Addr) -> Result<usize> {
     Conntrack::open(0)?.flush_address(addr)
 }
 
+/// Removes from a router's flow map every entry through `addr` (before or after translation),
+/// as soon as its kernel flows are flushed: the fast path must not carry on with a floating
+/// IP's old mapping until the daemon hears of the flush. Returns how many; none when the
+/// router has no map yet.
+pub fn purge_address(router: &str, addr: Ipv4Addr) -> Result<usize> {
+    let Ok(data) = datapath::open_pinned(router, map_names::NAT_FLOWS) else {
+        return Ok(0);
+    };
+    let mut map: HashMap<MapData, NatKey, NatFlow> = HashMap::try_from(Map::HashMap(data))?;
+    let a = addr.octets();
+    let gone: Vec<NatKey> = map
+        .iter()
+        .filter_map(|e| e.ok())
+        .filter(|(k, f)| k.src == a || k.dst == a || f.src == a || f.dst == a)
+        .map(|(k, _)| k)
+        .collect();
+    for k in &gone {
+        let _ = map.remove(k);
+    }
+    Ok(gone.len())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

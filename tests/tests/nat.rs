@@ -765,3 +765,38 @@ fn the_fast_path_translates_what_the_kernels_nat_translates() {
         }
     }
 }
+
+/// A floating IP moved, then removed, while the outside pings it every 20 ms: after the move no
+/// echo request reaches the old instance (beyond one in flight) and the new one answers; after
+/// the removal none reaches either.
+#[test]
+fn a_floating_ip_moved_and_removed_under_traffic() {
+    require_root();
+    let mut s = Seed::up_nat(|ids| ids.config_nat("", FIP_VM3));
+    let out = s.out();
+    s.prime_neighbours();
+    all_answered(&out, "192.168.1.20", 2);
+    count_sources(&s.vm1, &[OUT]);
+    count_sources(&s.vm3, &[OUT]);
+    let o = out.clone();
+    let pinger = std::thread::spawn(move || {
+        let r = sh_out(&format!("ip netns exec {o} ping -i 0.02 -c 200 -W 1 -w 15 192.168.1.20"));
+        tests::topo::ping_summary(&String::from_utf8_lossy(&r.stdout))
+    });
+    std::thread::sleep(Duration::from_millis(1000));
+    let moved = s.ids.config_nat("", FIP_VM1);
+    s.apply(&moved);
+    let at_vm3 = from(&s.vm3, OUT);
+    assert!(at_vm3 >= 30, "vm3 answered before the move: {at_vm3}");
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(from(&s.vm3, OUT) <= at_vm3 + 1, "echo requests still reached vm3 after the move");
+    let at_vm1 = from(&s.vm1, OUT);
+    assert!(at_vm1 >= 50, "vm1 got {at_vm1} requests after the move");
+    let none = s.ids.config_nat("", "");
+    s.apply(&none);
+    let (a1, a3) = (from(&s.vm1, OUT), from(&s.vm3, OUT));
+    let (sent, got) = pinger.join().unwrap();
+    assert!(sent >= 150, "{sent} sent");
+    assert!(got as u64 >= at_vm1 + at_vm3 - 2, "answered {got} of {} that arrived", at_vm1 + at_vm3);
+    assert_eq!((from(&s.vm1, OUT), from(&s.vm3, OUT)), (a1, a3), "requests reached an instance after the removal");
+}
