@@ -403,33 +403,43 @@ fn nap() {
 /// One router's sync with its namespace: neighbours, devices and (with a gateway) the
 /// kernel's NAT flows, each on a thread inside the namespace.
 fn watch(r: &RouterState, stop: &Stop) -> Result<()> {
+    use std::os::fd::{AsRawFd as _, FromRawFd as _};
     let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // SAFETY: eventfd(2); the descriptor is owned from here on.
+    let wake = unsafe {
+        std::os::fd::OwnedFd::from_raw_fd(libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK))
+    };
     let nat = r
         .nat_on()
         .then(|| {
             let (r, done) = (r.clone(), done.clone());
+            let wake = wake.as_raw_fd();
             std::thread::Builder::new()
                 .name(format!("nat-{}", &r.id[..r.id.len().min(8)]))
-                .spawn(move || follow_nat(&r, &done))
+                .spawn(move || follow_nat(&r, &done, wake))
         })
         .transpose()
         .context("cannot spawn the NAT flow thread")?;
     let res = watch_neighbours(r, stop);
     done.store(true, Ordering::SeqCst);
+    let one = 1u64;
+    // SAFETY: an 8-byte write to our eventfd.
+    unsafe { libc::write(wake.as_raw_fd(), &one as *const u64 as *const libc::c_void, 8) };
     if let Some(h) = nat {
         let _ = h.join();
     }
     res
 }
 
-/// Copies the kernel's NAT flows into the fast path until `done` (see `crate::nat`).
-fn follow_nat(r: &RouterState, done: &std::sync::atomic::AtomicBool) {
+/// Copies the kernel's NAT flows into the fast path until `done` (see `crate::nat`); `wake`
+/// becomes readable when it is set.
+fn follow_nat(r: &RouterState, done: &std::sync::atomic::AtomicBool, wake: std::os::fd::RawFd) {
     let run = || -> Result<()> {
         let f = netns::open(&r.namespace)?;
         netns::enter(&f)?;
         let mut sync = crate::nat::NatSync::open(&r.id)?;
         while !done.load(Ordering::SeqCst) {
-            sync.step(200)?;
+            sync.step_or_wake(60_000, wake)?;
         }
         Ok(())
     };

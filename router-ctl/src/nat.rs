@@ -238,7 +238,16 @@ impl NatSync {
     /// Waits up to `timeout_ms` for conntrack events and applies them; refreshes timeouts when
     /// due. Lost events (a socket overrun) lead to a full resync.
     pub fn step(&mut self, timeout_ms: i32) -> Result<()> {
-        match self.ct.events(timeout_ms) {
+        self.step_or_wake(timeout_ms, -1)
+    }
+
+    /// As `step`, waiting at most until the next refresh is due, and returning as soon as
+    /// `wake` becomes readable: a router's flows cost one wake-up per refresh period when
+    /// nothing happens.
+    pub fn step_or_wake(&mut self, timeout_ms: i32, wake: std::os::fd::RawFd) -> Result<()> {
+        let due = self.timeouts.every().saturating_sub(self.last_refresh.elapsed());
+        let timeout_ms = timeout_ms.min(due.as_millis() as i32 + 1);
+        match self.ct.events_or_wake(timeout_ms, wake) {
             Ok(events) => {
                 for ev in events {
                     match ev {

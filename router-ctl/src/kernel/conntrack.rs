@@ -192,14 +192,27 @@ impl Conntrack {
     /// The events waiting on the socket (blocks until at least one message arrives, or for
     /// `timeout_ms`). Err with ENOBUFS when events were lost: the caller dumps again.
     pub fn events(&mut self, timeout_ms: i32) -> Result<Vec<Event>> {
-        let mut pfd = libc::pollfd {
-            fd: self.fd.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one pollfd.
-        let r = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
-        if r <= 0 {
+        self.events_or_wake(timeout_ms, -1)
+    }
+
+    /// As `events`, also returning (with no events) as soon as `wake` (a descriptor, -1 for
+    /// none) becomes readable.
+    pub fn events_or_wake(&mut self, timeout_ms: i32, wake: std::os::fd::RawFd) -> Result<Vec<Event>> {
+        let mut pfd = [
+            libc::pollfd {
+                fd: self.fd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: wake,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: two pollfds (a negative fd is ignored by poll).
+        let r = unsafe { libc::poll(pfd.as_mut_ptr(), 2, timeout_ms) };
+        if r <= 0 || pfd[0].revents == 0 {
             return Ok(Vec::new());
         }
         let mut out = Vec::new();
