@@ -1084,6 +1084,17 @@ nexthop = "172.16.101.254"
         parse(text).unwrap_err().to_string()
     }
 
+    /// Each case changes `base` once (`from` → `to`): the result must be refused with an error
+    /// containing `want`.
+    fn refused(base: &str, cases: &[(&str, &str, &str)]) {
+        for (from, to, want) in cases {
+            let text = base.replacen(from, to, 1);
+            assert_ne!(text, base, "case {from} did not apply");
+            let got = err(&text);
+            assert!(got.contains(want), "for {to:?}: got {got:?}, want {want:?}");
+        }
+    }
+
     #[test]
     fn refusals_name_the_field() {
         let cases: &[(&str, &str, &str)] = &[
@@ -1100,12 +1111,7 @@ nexthop = "172.16.101.254"
             ("name = \"router_100_101\"", "name = \"r\"\nmax_routes = 0", "'max_routes' = 0 must be from 1"),
             ("nexthop = \"172.16.101.254\"\n", "nexthop = \"172.16.101.254\"\n[[router.route]]\ndestination = \"10.10.0.0/16\"\nnexthop = \"172.16.101.254\"\n", "is defined twice"),
         ];
-        for (from, to, want) in cases {
-            let text = SEED.replacen(from, to, 1);
-            assert_ne!(text, SEED, "case {from} did not apply");
-            let got = err(&text);
-            assert!(got.contains(want), "for {to:?}: got {got:?}, want {want:?}");
-        }
+        refused(SEED, cases);
     }
 
     const DUAL: &str = r#"
@@ -1161,12 +1167,7 @@ nexthop = "2001:db8:101::fe"
             ("  { subnet = \"172.16.100.0/24\", ip_address = \"172.16.100.1\" },\n  { subnet = \"2001:db8:100::/64\", ip_address = \"2001:db8:100::1\" },\n", "", "'fixed_ips' is empty"),
             ("gateway_ip = \"2001:db8:101::1\"\n", "", "missing field `gateway_ip`"),
         ];
-        for (from, to, want) in cases {
-            let text = DUAL.replacen(from, to, 1);
-            assert_ne!(text, DUAL, "case {from} did not apply");
-            let got = err(&text);
-            assert!(got.contains(want), "for {to:?}: got {got:?}, want {want:?}");
-        }
+        refused(DUAL, cases);
     }
 
     #[test]
@@ -1253,12 +1254,7 @@ fixed_ip_address = "172.16.101.3"
             ("  { subnet = \"192.168.1.0/24\", ip_address = \"192.168.1.10\", gateway_ip = \"192.168.1.1\" },\n", "", "'external_fixed_ips' is missing or empty"),
             ("[[router.floating_ip]]", "[[router.route]]\ndestination = \"0.0.0.0/0\"\nnexthop = \"172.16.100.9\"\n[[router.floating_ip]]", "is the external gateway's default route (via 192.168.1.1)"),
         ];
-        for (from, to, want) in cases {
-            let text = NAT.replacen(from, to, 1);
-            assert_ne!(text, NAT, "case {from} did not apply");
-            let got = err(&text);
-            assert!(got.contains(want), "for {to:?}: got {got:?}, want {want:?}");
-        }
+        refused(NAT, cases);
     }
 
     #[test]

@@ -13,7 +13,7 @@ use std::{
 
 use anyhow::{Context as _, Result};
 
-use super::netdev::{attrs_in, messages, put_attr};
+use super::netdev::{attrs_in, drain, put_attr, request};
 
 const NETLINK_NETFILTER: i32 = 12;
 const NFNL_SUBSYS_CTNETLINK: u16 = 1;
@@ -24,8 +24,6 @@ const NLM_F_REQUEST: u16 = 1;
 const NLM_F_ACK: u16 = 4;
 const NLM_F_CREATE: u16 = 0x400;
 const NLM_F_DUMP: u16 = 0x300;
-const NLMSG_ERROR: u16 = 2;
-const NLMSG_DONE: u16 = 3;
 const NLA_F_NESTED: u16 = 0x8000;
 
 const CTA_TUPLE_ORIG: u16 = 1;
@@ -216,25 +214,8 @@ impl Conntrack {
             return Ok(Vec::new());
         }
         let mut out = Vec::new();
-        let mut buf = vec![0u8; 1 << 16];
-        loop {
-            // SAFETY: receives into buf, without blocking.
-            let n = unsafe {
-                libc::recv(
-                    self.fd.as_raw_fd(),
-                    buf.as_mut_ptr() as *mut libc::c_void,
-                    buf.len(),
-                    libc::MSG_DONTWAIT,
-                )
-            };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::WouldBlock {
-                    return Ok(out);
-                }
-                return Err(e).context("reading conntrack events");
-            }
-            for (ty, flags, payload) in messages_with_flags(&buf[..n as usize]) {
+        drain(self.fd.as_raw_fd(), |buf| {
+            for (ty, flags, payload) in messages_with_flags(buf) {
                 if ty >> 8 != NFNL_SUBSYS_CTNETLINK {
                     continue;
                 }
@@ -245,54 +226,18 @@ impl Conntrack {
                     _ => Event::Update(f),
                 });
             }
-        }
+        })
+        .context("reading conntrack events")?;
+        Ok(out)
     }
 
     fn request(&mut self, msg: u16, flags: u16, attrs: &[u8]) -> Result<Vec<Vec<u8>>> {
         self.seq += 1;
         let ty = (NFNL_SUBSYS_CTNETLINK << 8) | msg;
-        let len = 16 + 4 + attrs.len();
-        let mut m = Vec::with_capacity(len);
-        m.extend_from_slice(&(len as u32).to_ne_bytes());
-        m.extend_from_slice(&ty.to_ne_bytes());
-        m.extend_from_slice(&flags.to_ne_bytes());
-        m.extend_from_slice(&self.seq.to_ne_bytes());
-        m.extend_from_slice(&0u32.to_ne_bytes());
-        m.extend_from_slice(&[libc::AF_INET as u8, 0, 0, 0]);
-        m.extend_from_slice(attrs);
-        // SAFETY: sends m.len() bytes of m to the kernel.
-        if unsafe { libc::send(self.fd.as_raw_fd(), m.as_ptr() as *const _, m.len(), 0) } < 0 {
-            return Err(io::Error::last_os_error()).context("sending a ctnetlink request");
-        }
-        let mut out = Vec::new();
-        let mut buf = vec![0u8; 1 << 16];
-        loop {
-            // SAFETY: receives into buf.
-            let n = unsafe {
-                libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr() as *mut _, buf.len(), 0)
-            };
-            if n < 0 {
-                return Err(io::Error::last_os_error()).context("reading a ctnetlink reply");
-            }
-            for (t, payload) in messages(&buf[..n as usize]) {
-                match t {
-                    NLMSG_DONE => return Ok(out),
-                    NLMSG_ERROR => {
-                        let code = payload
-                            .get(0..4)
-                            .map(|b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
-                            .unwrap_or(-1);
-                        if code != 0 {
-                            return Err(io::Error::from_raw_os_error(-code))
-                                .context("the kernel refused a ctnetlink request");
-                        }
-                        return Ok(out);
-                    }
-                    t if t == ty || t >> 8 == NFNL_SUBSYS_CTNETLINK => out.push(payload.to_vec()),
-                    _ => {}
-                }
-            }
-        }
+        let hdr = [libc::AF_INET as u8, 0, 0, 0];
+        request(self.fd.as_raw_fd(), self.seq, ty, flags, hdr, attrs, |t| {
+            t >> 8 == NFNL_SUBSYS_CTNETLINK
+        })
     }
 }
 

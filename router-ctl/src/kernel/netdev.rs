@@ -179,93 +179,99 @@ impl Netdev {
     /// The notifications queued on the socket (non-blocking).
     pub fn changes(&mut self) -> Result<Vec<Change>> {
         let mut out = Vec::new();
-        let mut buf = vec![0u8; 65536];
-        loop {
-            // SAFETY: receives into buf.
-            let n = unsafe {
-                libc::recv(
-                    self.fd.as_raw_fd(),
-                    buf.as_mut_ptr() as *mut libc::c_void,
-                    buf.len(),
-                    libc::MSG_DONTWAIT,
-                )
-            };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::WouldBlock {
-                    return Ok(out);
-                }
-                // The socket overran (ENOBUFS): the caller dumps everything again.
-                return Err(e).context("reading netdev notifications");
-            }
-            for (ty, msg) in messages(&buf[..n as usize]) {
-                if ty == self.family && msg.len() >= 4 {
+        let family = self.family;
+        // The socket overran (ENOBUFS): the caller dumps everything again.
+        drain(self.fd.as_raw_fd(), |buf| {
+            for (ty, msg) in messages(buf) {
+                if ty == family && msg.len() >= 4 {
                     let cmd = msg[0];
                     if let Some((ifindex, f)) = device_of(msg) {
                         out.push((ifindex, (cmd != NETDEV_CMD_DEV_DEL_NTF).then_some(f)));
                     }
                 }
             }
-        }
+        })
+        .context("reading netdev notifications")?;
+        Ok(out)
     }
 
     /// Sends one request and collects the replies' generic-netlink payloads (header included)
     /// until the end of a dump or the acknowledgement.
     fn request(&mut self, ty: u16, cmd: u8, flags: u16, attrs: &[u8]) -> Result<Vec<Vec<u8>>> {
         self.seq += 1;
-        let len = 16 + 4 + attrs.len();
-        let mut m = Vec::with_capacity(len);
-        m.extend_from_slice(&(len as u32).to_ne_bytes());
-        m.extend_from_slice(&ty.to_ne_bytes());
-        m.extend_from_slice(&flags.to_ne_bytes());
-        m.extend_from_slice(&self.seq.to_ne_bytes());
-        m.extend_from_slice(&0u32.to_ne_bytes());
-        m.extend_from_slice(&[cmd, 1, 0, 0]);
-        m.extend_from_slice(attrs);
-        // SAFETY: sends m.len() bytes of m to the kernel (the default destination).
-        let rc = unsafe {
-            libc::send(
-                self.fd.as_raw_fd(),
-                m.as_ptr() as *const libc::c_void,
-                m.len(),
-                0,
-            )
+        request(self.fd.as_raw_fd(), self.seq, ty, flags, [cmd, 1, 0, 0], attrs, |t| t == ty)
+    }
+}
+
+/// Hands each datagram queued on the netlink socket `fd` to `each`, without blocking, until none
+/// is left; an error (ENOBUFS: messages were lost) is returned as it is.
+pub(crate) fn drain(fd: std::os::fd::RawFd, mut each: impl FnMut(&[u8])) -> io::Result<()> {
+    let mut buf = vec![0u8; 65536];
+    loop {
+        // SAFETY: receives into buf, without blocking.
+        let n = unsafe {
+            libc::recv(fd, buf.as_mut_ptr() as *mut libc::c_void, buf.len(), libc::MSG_DONTWAIT)
         };
-        if rc < 0 {
-            return Err(io::Error::last_os_error()).context("sending a netlink request");
-        }
-        let mut out = Vec::new();
-        let mut buf = vec![0u8; 65536];
-        loop {
-            // SAFETY: receives into buf.
-            let n = unsafe {
-                libc::recv(
-                    self.fd.as_raw_fd(),
-                    buf.as_mut_ptr() as *mut libc::c_void,
-                    buf.len(),
-                    0,
-                )
-            };
-            if n < 0 {
-                return Err(io::Error::last_os_error()).context("reading a netlink reply");
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::WouldBlock {
+                return Ok(());
             }
-            for (t, payload) in messages(&buf[..n as usize]) {
-                match t {
-                    NLMSG_DONE => return Ok(out),
-                    NLMSG_ERROR => {
-                        let code = payload
-                            .get(0..4)
-                            .map(|b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
-                            .unwrap_or(-1);
-                        if code != 0 {
-                            return Err(io::Error::from_raw_os_error(-code))
-                                .context("the kernel refused a netlink request");
-                        }
-                        return Ok(out);
+            return Err(e);
+        }
+        each(&buf[..n as usize]);
+    }
+}
+
+/// Sends one netlink request (header, the family's 4-byte header `family_hdr`, attributes) on
+/// `fd` and collects the payloads of the replies whose type `keep` accepts, until the end of a
+/// dump or the acknowledgement; a refusal is the kernel's errno.
+pub(crate) fn request(
+    fd: std::os::fd::RawFd,
+    seq: u32,
+    ty: u16,
+    flags: u16,
+    family_hdr: [u8; 4],
+    attrs: &[u8],
+    keep: impl Fn(u16) -> bool,
+) -> Result<Vec<Vec<u8>>> {
+    let len = 16 + 4 + attrs.len();
+    let mut m = Vec::with_capacity(len);
+    m.extend_from_slice(&(len as u32).to_ne_bytes());
+    m.extend_from_slice(&ty.to_ne_bytes());
+    m.extend_from_slice(&flags.to_ne_bytes());
+    m.extend_from_slice(&seq.to_ne_bytes());
+    m.extend_from_slice(&0u32.to_ne_bytes());
+    m.extend_from_slice(&family_hdr);
+    m.extend_from_slice(attrs);
+    // SAFETY: sends m.len() bytes of m to the kernel (the default destination).
+    if unsafe { libc::send(fd, m.as_ptr() as *const libc::c_void, m.len(), 0) } < 0 {
+        return Err(io::Error::last_os_error()).context("sending a netlink request");
+    }
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 65536];
+    loop {
+        // SAFETY: receives into buf.
+        let n = unsafe { libc::recv(fd, buf.as_mut_ptr() as *mut libc::c_void, buf.len(), 0) };
+        if n < 0 {
+            return Err(io::Error::last_os_error()).context("reading a netlink reply");
+        }
+        for (t, payload) in messages(&buf[..n as usize]) {
+            match t {
+                NLMSG_DONE => return Ok(out),
+                NLMSG_ERROR => {
+                    let code = payload
+                        .get(0..4)
+                        .map(|b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
+                        .unwrap_or(-1);
+                    if code != 0 {
+                        return Err(io::Error::from_raw_os_error(-code))
+                            .context("the kernel refused a netlink request");
                     }
-                    t if t == ty => out.push(payload.to_vec()),
-                    _ => {}
+                    return Ok(out);
                 }
+                t if keep(t) => out.push(payload.to_vec()),
+                _ => {}
             }
         }
     }
