@@ -106,6 +106,9 @@ fn set_mode(s: &mut Seed, mode: Mode) -> Result<()> {
     let _ = sh_out(&format!("ip netns exec {ns} nft delete table inet bench_ft 2>/dev/null"));
     match mode {
         Mode::Kernel | Mode::Flowtable => {
+            // Neutron's router as it is: no program, and no daemon listening to conntrack
+            // (a listener makes the kernel build an event for every flow it is told about).
+            stop_daemon();
             for d in [s.ids.dev_a(), s.ids.dev_b(), s.ids.dev_g()] {
                 let _ = std::fs::remove_file(state::link_pin(&s.ids.router_id, &d));
                 let _ = std::fs::remove_file(state::tc_link_pin(&s.ids.router_id, &d));
@@ -125,6 +128,21 @@ fn set_mode(s: &mut Seed, mode: Mode) -> Result<()> {
     }
     std::thread::sleep(Duration::from_millis(300));
     Ok(())
+}
+
+/// Stops the running `router-ctl run` (SIGTERM) and waits until it is gone; the next apply
+/// starts one again.
+fn stop_daemon() {
+    let pid = std::fs::read_to_string("/run/router-xdp/daemon.pid").unwrap_or_default();
+    let Some(pid) = pid.split_whitespace().next().and_then(|p| p.parse::<i32>().ok()) else {
+        return;
+    };
+    // SAFETY: plain kill(2).
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let t0 = Instant::now();
+    while std::path::Path::new(&format!("/proc/{pid}")).exists() && t0.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// The nftables flowtable over the router's three devices (the kernel's software fast path for
@@ -327,13 +345,20 @@ fn tcp_and_connections(runs: usize) -> Result<Six> {
     let (vm1, out) = (s.vm1.clone(), s.out());
     sh(&format!("ip netns exec {vm1} ping -c 2 -i 0.2 203.0.113.5 >/dev/null"));
     sh(&format!("ip netns exec {out} iperf3 -s -D -I /tmp/router-bench-nat-iperf3.pid"));
-    // Accepts exactly the connections the rounds make, then ends (and leaves the namespace).
-    let total = runs * 2 * 1000;
+    // Accepts until told to stop (a connection reset before it was accepted never shows up),
+    // then ends and leaves the namespace.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let halt = stop.clone();
     let server = in_ns(&out, move || {
         let l = std::net::TcpListener::bind("203.0.113.5:5005").unwrap();
-        for _ in 0..total {
-            if l.accept().is_err() {
-                break;
+        l.set_nonblocking(true).unwrap();
+        while !halt.load(std::sync::atomic::Ordering::SeqCst) {
+            match l.accept() {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_micros(200))
+                }
+                Err(_) => {}
             }
         }
     });
@@ -368,8 +393,7 @@ fn tcp_and_connections(runs: usize) -> Result<Six> {
         Ok((summarize(&tk), summarize(&tr), summarize(&tq), summarize(&ck), summarize(&cr), summarize(&cq)))
     })();
     let _ = sh_out("kill $(cat /tmp/router-bench-nat-iperf3.pid) 2>/dev/null");
-    if res.is_ok() {
-        let _ = server.join();
-    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let _ = server.join();
     res
 }

@@ -34,6 +34,9 @@ use crate::{
 /// when the namespace's shortest timeout is short: a third of it, at least a second).
 pub const REFRESH_EVERY: Duration = Duration::from_secs(5);
 
+/// How long the daemon gathers conntrack events after the first one of a burst.
+pub const BATCH: Duration = Duration::from_millis(2);
+
 /// The namespace's conntrack timeouts (seconds) for the flows the fast path carries: what a
 /// packet passing through the kernel would set.
 #[derive(Clone, Copy, Debug)]
@@ -247,7 +250,13 @@ impl NatSync {
     pub fn step_or_wake(&mut self, timeout_ms: i32, wake: std::os::fd::RawFd) -> Result<()> {
         let due = self.timeouts.every().saturating_sub(self.last_refresh.elapsed());
         let timeout_ms = timeout_ms.min(due.as_millis() as i32 + 1);
-        match self.ct.events_or_wake(timeout_ms, wake) {
+        if self.ct.wait_or_wake(timeout_ms, wake) {
+            // Events come in bursts when connections come quickly: gather them for a moment,
+            // so that one wake-up handles many (a new flow reaches the fast path 2 ms later
+            // at most; its packets take the kernel path meanwhile).
+            std::thread::sleep(BATCH);
+        }
+        match self.ct.events_or_wake(0, wake) {
             Ok(events) => {
                 for ev in events {
                     match ev {

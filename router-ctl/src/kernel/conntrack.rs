@@ -193,9 +193,9 @@ impl Conntrack {
         self.events_or_wake(timeout_ms, -1)
     }
 
-    /// As `events`, also returning (with no events) as soon as `wake` (a descriptor, -1 for
-    /// none) becomes readable.
-    pub fn events_or_wake(&mut self, timeout_ms: i32, wake: std::os::fd::RawFd) -> Result<Vec<Event>> {
+    /// Waits up to `timeout_ms` for events or for `wake` (-1: none) to become readable; true
+    /// when events are waiting.
+    pub fn wait_or_wake(&self, timeout_ms: i32, wake: std::os::fd::RawFd) -> bool {
         let mut pfd = [
             libc::pollfd {
                 fd: self.fd.as_raw_fd(),
@@ -210,7 +210,13 @@ impl Conntrack {
         ];
         // SAFETY: two pollfds (a negative fd is ignored by poll).
         let r = unsafe { libc::poll(pfd.as_mut_ptr(), 2, timeout_ms) };
-        if r <= 0 || pfd[0].revents == 0 {
+        r > 0 && pfd[0].revents != 0
+    }
+
+    /// As `events`, also returning (with no events) as soon as `wake` (a descriptor, -1 for
+    /// none) becomes readable.
+    pub fn events_or_wake(&mut self, timeout_ms: i32, wake: std::os::fd::RawFd) -> Result<Vec<Event>> {
+        if !self.wait_or_wake(timeout_ms, wake) {
             return Ok(Vec::new());
         }
         let mut out = Vec::new();
