@@ -37,6 +37,10 @@ pub const REFRESH_EVERY: Duration = Duration::from_secs(5);
 /// How long the daemon gathers conntrack events after the first one of a burst.
 pub const BATCH: Duration = Duration::from_millis(2);
 
+/// How long an established TCP flow waits before it is copied: connections that end sooner
+/// (most of a busy server's) never cost a map write.
+pub const TCP_DELAY: Duration = Duration::from_millis(20);
+
 /// The namespace's conntrack timeouts (seconds) for the flows the fast path carries: what a
 /// packet passing through the kernel would set.
 #[derive(Clone, Copy, Debug)]
@@ -150,6 +154,8 @@ pub struct NatSync {
     ct: Conntrack,
     map: HashMap<MapData, NatKey, NatFlow>,
     installed: StdHashMap<Tuple, (Flow, [NatKey; 2])>,
+    /// Established TCP flows waiting out `TCP_DELAY`, by when they are due.
+    pending: StdHashMap<Tuple, (Instant, Flow)>,
     last_refresh: Instant,
     timeouts: Timeouts,
     timeouts_read: Instant,
@@ -178,6 +184,7 @@ impl NatSync {
             ct,
             map,
             installed: StdHashMap::new(),
+            pending: StdHashMap::new(),
             last_refresh: Instant::now(),
             timeouts: Timeouts::read(),
             timeouts_read: Instant::now(),
@@ -248,7 +255,10 @@ impl NatSync {
     /// `wake` becomes readable: a router's flows cost one wake-up per refresh period when
     /// nothing happens.
     pub fn step_or_wake(&mut self, timeout_ms: i32, wake: std::os::fd::RawFd) -> Result<()> {
-        let due = self.timeouts.every().saturating_sub(self.last_refresh.elapsed());
+        let mut due = self.timeouts.every().saturating_sub(self.last_refresh.elapsed());
+        if let Some(first) = self.pending.values().map(|(t, _)| *t).min() {
+            due = due.min(first.saturating_duration_since(Instant::now()));
+        }
         let timeout_ms = timeout_ms.min(due.as_millis() as i32 + 1);
         if self.ct.wait_or_wake(timeout_ms, wake) {
             // Events come in bursts when connections come quickly: gather them for a moment,
@@ -260,12 +270,20 @@ impl NatSync {
             Ok(events) => {
                 for ev in events {
                     match ev {
+                        Event::New(f) | Event::Update(f) if f.orig.proto == IPPROTO_TCP => {
+                            if entries(&f).is_some() && !self.installed.contains_key(&f.orig) {
+                                self.pending.entry(f.orig).or_insert((Instant::now() + TCP_DELAY, f));
+                            }
+                        }
                         Event::New(f) | Event::Update(f) => {
                             if let Some(e) = entries(&f) {
                                 self.install(&f, e);
                             }
                         }
-                        Event::Destroy(f) => self.forget(&f.orig),
+                        Event::Destroy(f) => {
+                            self.pending.remove(&f.orig);
+                            self.forget(&f.orig);
+                        }
                     }
                 }
             }
@@ -274,6 +292,15 @@ impl NatSync {
                 self.resync()?;
             }
             Err(e) => return Err(e),
+        }
+        let now = Instant::now();
+        let ready: Vec<Tuple> = self.pending.iter().filter(|(_, (t, _))| *t <= now).map(|(k, _)| *k).collect();
+        for k in ready {
+            if let Some((_, f)) = self.pending.remove(&k) {
+                if let Some(e) = entries(&f) {
+                    self.install(&f, e);
+                }
+            }
         }
         // The namespace's timeouts may be tuned at any time: read again every second.
         if self.timeouts_read.elapsed() >= Duration::from_secs(1) {
