@@ -103,7 +103,9 @@ fn definition(ids: &Ids, hook: &str) -> String {
 
 fn set_mode(s: &mut Seed, mode: Mode) -> Result<()> {
     let ns = s.ns();
-    let _ = sh_out(&format!("ip netns exec {ns} nft delete table inet bench_ft 2>/dev/null"));
+    let _ = sh_out(&format!(
+        "ip netns exec {ns} nft delete table inet bench_ft 2>/dev/null"
+    ));
     match mode {
         Mode::Kernel | Mode::Flowtable => {
             // Neutron's router as it is: no program, and no daemon listening to conntrack
@@ -134,13 +136,19 @@ fn set_mode(s: &mut Seed, mode: Mode) -> Result<()> {
 /// starts one again.
 fn stop_daemon() {
     let pid = std::fs::read_to_string("/run/router-xdp/daemon.pid").unwrap_or_default();
-    let Some(pid) = pid.split_whitespace().next().and_then(|p| p.parse::<i32>().ok()) else {
+    let Some(pid) = pid
+        .split_whitespace()
+        .next()
+        .and_then(|p| p.parse::<i32>().ok())
+    else {
         return;
     };
     // SAFETY: plain kill(2).
     unsafe { libc::kill(pid, libc::SIGTERM) };
     let t0 = Instant::now();
-    while std::path::Path::new(&format!("/proc/{pid}")).exists() && t0.elapsed() < Duration::from_secs(5) {
+    while std::path::Path::new(&format!("/proc/{pid}")).exists()
+        && t0.elapsed() < Duration::from_secs(5)
+    {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -154,35 +162,71 @@ fn flowtable(ns: &str, s: &Seed) -> Result<()> {
         s.ids.dev_b(),
         s.ids.dev_g()
     ));
-    anyhow::ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr).lines().next().unwrap_or("").trim());
+    anyhow::ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+            .lines()
+            .next()
+            .unwrap_or("")
+            .trim()
+    );
     Ok(())
 }
 
 fn mac(ns: &str, dev: &str) -> Result<[u8; 6]> {
-    link_in(Some(ns), dev)?.with_context(|| format!("{dev} in {ns}"))?.mac()
+    link_in(Some(ns), dev)?
+        .with_context(|| format!("{dev} in {ns}"))?
+        .mac()
 }
 
 /// The generator for `dir` with `flows` flows (source ports 40000 onwards), and the namespace
 /// and device it runs on.
 fn generator(s: &Seed, dir: Dir, flows: usize) -> Result<(aya::Ebpf, String, u32)> {
     let (ns, dev, peer_ns, peer, src, dst) = match dir {
-        Dir::Snat => (s.vm1.clone(), s.ids.tap_a(), s.ns(), s.ids.dev_a(), [172, 16, 100, 3], [203, 0, 113, 5]),
-        Dir::FloatingIp => (s.ext(), "up0".to_string(), s.ns(), s.ids.dev_g(), [203, 0, 113, 5], [192, 168, 1, 20]),
+        Dir::Snat => (
+            s.vm1.clone(),
+            s.ids.tap_a(),
+            s.ns(),
+            s.ids.dev_a(),
+            [172, 16, 100, 3],
+            [203, 0, 113, 5],
+        ),
+        Dir::FloatingIp => (
+            s.ext(),
+            "up0".to_string(),
+            s.ns(),
+            s.ids.dev_g(),
+            [203, 0, 113, 5],
+            [192, 168, 1, 20],
+        ),
     };
     let (to, from) = (mac(&peer_ns, &peer)?, mac(&ns, &dev)?);
     let mut gen = EbpfLoader::new().load(datapath::BENCH_PROGRAM)?;
     {
-        let mut tpl: Array<_, [u8; 64]> = Array::try_from(gen.map_mut("GEN_FLOWS").context("GEN_FLOWS")?)?;
+        let mut tpl: Array<_, [u8; 64]> =
+            Array::try_from(gen.map_mut("GEN_FLOWS").context("GEN_FLOWS")?)?;
         for i in 0..flows {
             let l4 = udp(40000 + i as u16, 9, &[0u8; 22]);
             let mut l3 = Ipv4::udp(src, dst, 64).header(l4.len());
             l3.extend_from_slice(&l4);
             let f = ethernet(to, from, 0x0800, &l3);
-            tpl.set(i as u32, <[u8; 64]>::try_from(&f[..]).context("64 bytes")?, 0)?;
+            tpl.set(
+                i as u32,
+                <[u8; 64]>::try_from(&f[..]).context("64 bytes")?,
+                0,
+            )?;
         }
     }
-    Array::<_, u32>::try_from(gen.map_mut("GEN_CONF").context("GEN_CONF")?)?.set(0, flows as u32, 0)?;
-    let p: &mut Xdp = gen.program_mut("bench_gen").context("bench_gen")?.try_into()?;
+    Array::<_, u32>::try_from(gen.map_mut("GEN_CONF").context("GEN_CONF")?)?.set(
+        0,
+        flows as u32,
+        0,
+    )?;
+    let p: &mut Xdp = gen
+        .program_mut("bench_gen")
+        .context("bench_gen")?
+        .try_into()?;
     p.load()?;
     let ifindex = link_in(Some(&ns), &dev)?.context("generator device")?.index;
     Ok((gen, ns, ifindex))
@@ -195,7 +239,10 @@ fn send(gen: aya::Ebpf, ns: &str, ifindex: u32, n: u32) -> Result<(aya::Ebpf, f6
     let secs = in_ns(ns, move || -> Result<f64> {
         crate::e2e::pin_to_cpu(0)?;
         let mut g = c2.lock().unwrap().take().context("generator")?;
-        let prog: &mut Xdp = g.program_mut("bench_gen").context("bench_gen")?.try_into()?;
+        let prog: &mut Xdp = g
+            .program_mut("bench_gen")
+            .context("bench_gen")?
+            .try_into()?;
         let mut ctx = [0u8; 24];
         ctx[4..8].copy_from_slice(&64u32.to_ne_bytes());
         ctx[12..16].copy_from_slice(&ifindex.to_ne_bytes());
@@ -222,7 +269,10 @@ fn send(gen: aya::Ebpf, ns: &str, ifindex: u32, n: u32) -> Result<(aya::Ebpf, f6
 fn translated(s: &Seed) -> u64 {
     s.stats()
         .iter()
-        .map(|d| d["nat"]["source_translated"].as_u64().unwrap_or(0) + d["nat"]["destination_translated"].as_u64().unwrap_or(0))
+        .map(|d| {
+            d["nat"]["source_translated"].as_u64().unwrap_or(0)
+                + d["nat"]["destination_translated"].as_u64().unwrap_or(0)
+        })
         .sum()
 }
 
@@ -246,7 +296,8 @@ fn measure(s: &Seed, dir: Dir, flows: usize) -> Result<(f64, f64)> {
 }
 
 pub fn run(runs: usize) -> Result<NatBench> {
-    let (tcp_kernel, tcp_router, tcp_ratio, conn_kernel, conn_router, conn_ratio) = tcp_and_connections(runs)?;
+    let (tcp_kernel, tcp_router, tcp_ratio, conn_kernel, conn_router, conn_ratio) =
+        tcp_and_connections(runs)?;
     let mut s = Seed::up_nat(|ids| definition(ids, "auto"));
     s.check_counters = false;
     s.prime_neighbours();
@@ -262,10 +313,21 @@ pub fn run(runs: usize) -> Result<NatBench> {
     nft_sink(&ext, "natsink", "up0", "drop");
     nft_sink(&vm3, "natsink", &tap_b, "drop");
     let flowtable_missing = flowtable(&ns, &s).err().map(|e| format!("{e:#}"));
-    let _ = sh_out(&format!("ip netns exec {ns} nft delete table inet bench_ft 2>/dev/null"));
-    let modes: Vec<Mode> = MODES.iter().copied().filter(|m| *m != Mode::Flowtable || flowtable_missing.is_none()).collect();
+    let _ = sh_out(&format!(
+        "ip netns exec {ns} nft delete table inet bench_ft 2>/dev/null"
+    ));
+    let modes: Vec<Mode> = MODES
+        .iter()
+        .copied()
+        .filter(|m| *m != Mode::Flowtable || flowtable_missing.is_none())
+        .collect();
     let mut frames = Vec::new();
-    for (dir, flows) in [(Dir::Snat, 1usize), (Dir::Snat, 1000), (Dir::FloatingIp, 1), (Dir::FloatingIp, 1000)] {
+    for (dir, flows) in [
+        (Dir::Snat, 1usize),
+        (Dir::Snat, 1000),
+        (Dir::FloatingIp, 1),
+        (Dir::FloatingIp, 1000),
+    ] {
         let mut samples: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
         let (mut xk, mut tk, mut xf, mut share) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for round in 0..runs {
@@ -277,7 +339,11 @@ pub fn run(runs: usize) -> Result<NatBench> {
                     "nat: {dir:?} {flows} flow(s), round {}, {}: {mpps:.3} Mpps{}",
                     round + 1,
                     m.name(),
-                    if *m == Mode::Xdp || *m == Mode::Tc { format!(" ({:.1} % translated by the fast path)", sh * 100.0) } else { String::new() }
+                    if *m == Mode::Xdp || *m == Mode::Tc {
+                        format!(" ({:.1} % translated by the fast path)", sh * 100.0)
+                    } else {
+                        String::new()
+                    }
                 );
                 if *m == Mode::Xdp {
                     share.push(sh);
@@ -295,7 +361,11 @@ pub fn run(runs: usize) -> Result<NatBench> {
         frames.push(Frames {
             dir,
             flows,
-            mpps: modes.iter().zip(&samples).map(|(m, v)| (*m, summarize(v))).collect(),
+            mpps: modes
+                .iter()
+                .zip(&samples)
+                .map(|(m, v)| (*m, summarize(v)))
+                .collect(),
             xdp_over_kernel: summarize(&xk),
             tc_over_kernel: summarize(&tk),
             xdp_over_flowtable: (!xf.is_empty()).then(|| summarize(&xf)),
@@ -303,15 +373,33 @@ pub fn run(runs: usize) -> Result<NatBench> {
         });
     }
     set_mode(&mut s, Mode::Tc)?;
-    Ok(NatBench { frames, tcp_kernel, tcp_router, tcp_ratio, conn_kernel, conn_router, conn_ratio, flowtable_missing })
+    Ok(NatBench {
+        frames,
+        tcp_kernel,
+        tcp_router,
+        tcp_ratio,
+        conn_kernel,
+        conn_router,
+        conn_ratio,
+        flowtable_missing,
+    })
 }
 
 /// iperf3 vm1 → outside through SNAT for 5 s; Gbit/s.
 fn iperf(vm1: &str) -> Result<f64> {
-    let out = sh_out(&format!("ip netns exec {vm1} iperf3 -c 203.0.113.5 -t 5 -J"));
-    anyhow::ensure!(out.status.success(), "iperf3: {}", String::from_utf8_lossy(&out.stdout));
+    let out = sh_out(&format!(
+        "ip netns exec {vm1} iperf3 -c 203.0.113.5 -t 5 -J"
+    ));
+    anyhow::ensure!(
+        out.status.success(),
+        "iperf3: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-    v["end"]["sum_received"]["bits_per_second"].as_f64().map(|b| b / 1e9).context("iperf3 JSON")
+    v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .map(|b| b / 1e9)
+        .context("iperf3 JSON")
 }
 
 /// `n` TCP connections from vm1 to the outside host, one after the other (connect, then close
@@ -321,11 +409,25 @@ fn connections(s: &Seed, n: usize) -> Result<f64> {
     let t = in_ns(&vm1, move || -> Result<f64> {
         let t0 = Instant::now();
         for _ in 0..n {
-            let c = std::net::TcpStream::connect_timeout(&"203.0.113.5:5005".parse().unwrap(), Duration::from_secs(2))?;
+            let c = std::net::TcpStream::connect_timeout(
+                &"203.0.113.5:5005".parse().unwrap(),
+                Duration::from_secs(2),
+            )?;
             let fd = std::os::fd::AsRawFd::as_raw_fd(&c);
-            let l = libc::linger { l_onoff: 1, l_linger: 0 };
+            let l = libc::linger {
+                l_onoff: 1,
+                l_linger: 0,
+            };
             // SAFETY: SO_LINGER with a linger struct on our socket.
-            unsafe { libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_LINGER, &l as *const _ as *const libc::c_void, std::mem::size_of::<libc::linger>() as u32) };
+            unsafe {
+                libc::setsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    libc::SO_LINGER,
+                    &l as *const _ as *const libc::c_void,
+                    std::mem::size_of::<libc::linger>() as u32,
+                )
+            };
         }
         Ok(n as f64 / t0.elapsed().as_secs_f64())
     })
@@ -343,8 +445,12 @@ fn tcp_and_connections(runs: usize) -> Result<Six> {
     s.check_counters = false;
     s.prime_neighbours();
     let (vm1, out) = (s.vm1.clone(), s.out());
-    sh(&format!("ip netns exec {vm1} ping -c 2 -i 0.2 203.0.113.5 >/dev/null"));
-    sh(&format!("ip netns exec {out} iperf3 -s -D -I /tmp/router-bench-nat-iperf3.pid"));
+    sh(&format!(
+        "ip netns exec {vm1} ping -c 2 -i 0.2 203.0.113.5 >/dev/null"
+    ));
+    sh(&format!(
+        "ip netns exec {out} iperf3 -s -D -I /tmp/router-bench-nat-iperf3.pid"
+    ));
     // Accepts until told to stop (a connection reset before it was accepted never shows up),
     // then ends and leaves the namespace.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -364,7 +470,8 @@ fn tcp_and_connections(runs: usize) -> Result<Six> {
     });
     std::thread::sleep(Duration::from_millis(300));
     let res = (|| -> Result<Six> {
-        let (mut tk, mut tr, mut tq, mut ck, mut cr, mut cq) = (vec![], vec![], vec![], vec![], vec![], vec![]);
+        let (mut tk, mut tr, mut tq, mut ck, mut cr, mut cq) =
+            (vec![], vec![], vec![], vec![], vec![], vec![]);
         for round in 0..runs {
             let (mut gk, mut gr, mut nk, mut nr) = (0.0, 0.0, 0.0, 0.0);
             for kernel_first in [round % 2 == 0, round % 2 == 1] {
@@ -390,7 +497,14 @@ fn tcp_and_connections(runs: usize) -> Result<Six> {
             cr.push(nr);
             cq.push(nr / nk);
         }
-        Ok((summarize(&tk), summarize(&tr), summarize(&tq), summarize(&ck), summarize(&cr), summarize(&cq)))
+        Ok((
+            summarize(&tk),
+            summarize(&tr),
+            summarize(&tq),
+            summarize(&ck),
+            summarize(&cr),
+            summarize(&cq),
+        ))
     })();
     let _ = sh_out("kill $(cat /tmp/router-bench-nat-iperf3.pid) 2>/dev/null");
     stop.store(true, std::sync::atomic::Ordering::SeqCst);

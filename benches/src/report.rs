@@ -286,9 +286,31 @@ impl Report<'_> {
         if let Some(n) = self.nat {
             let _ = writeln!(m, "\n## NAT: SNAT and floating IPs beside the kernel's NAT\n\nThe seed plus an external network (`ext`, the upstream router 192.168.1.1; `out`, an outside host 203.0.113.5), the router with a gateway (192.168.1.10, SNAT on) and a floating IP 192.168.1.20 for vm3. Small frames: the XDP live-frames generator of the end-to-end section sends 64-byte UDP frames ({} per run) from vm1 to the outside host (through SNAT; counted and dropped by an nftables ingress rule on the upstream router's port) or from the upstream router's port to the floating IP (counted at vm3), after a warm-up of 20 000 frames that starts the flows (their first packets go through the kernel, whose conntrack decides the mapping the fast path then copies). Four data paths in turn in every round: the kernel's NAT (the router's programs detached; the nftables rules Neutron's agent would install), the same with an nftables flowtable (the kernel's own fast path for established flows), this router at tc (the generator's frames reach it as skbs) and in XDP. The devices frames are sent into have GRO on (what an XDP generator and XDP redirects into veths need; the same for every path). \"Translated\" is the share of the delivered frames the fast path translated (its counters).\n\n| direction | flows | kernel NAT (Mpps) | kernel + flowtable (Mpps) | tc (Mpps) | XDP (Mpps) | XDP ÷ kernel | tc ÷ kernel | XDP ÷ flowtable | translated by the fast path (XDP) |\n|---|---:|---|---|---|---|---|---|---|---|", crate::nat::PACKETS_PER_RUN);
             for f in &n.frames {
-                let g = |mode| f.mpps.iter().find(|(x, _)| *x == mode).map(|(_, s)| s.fmt(3)).unwrap_or_else(|| "n/a".into());
+                let g = |mode| {
+                    f.mpps
+                        .iter()
+                        .find(|(x, _)| *x == mode)
+                        .map(|(_, s)| s.fmt(3))
+                        .unwrap_or_else(|| "n/a".into())
+                };
                 use crate::nat::Mode;
-                let _ = writeln!(m, "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.1} % |", dir_name(f.dir), f.flows, g(Mode::Kernel), g(Mode::Flowtable), g(Mode::Tc), g(Mode::Xdp), f.xdp_over_kernel.fmt(2), f.tc_over_kernel.fmt(2), f.xdp_over_flowtable.as_ref().map(|x| x.fmt(2)).unwrap_or_else(|| "n/a".into()), f.fast_share * 100.0);
+                let _ = writeln!(
+                    m,
+                    "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.1} % |",
+                    dir_name(f.dir),
+                    f.flows,
+                    g(Mode::Kernel),
+                    g(Mode::Flowtable),
+                    g(Mode::Tc),
+                    g(Mode::Xdp),
+                    f.xdp_over_kernel.fmt(2),
+                    f.tc_over_kernel.fmt(2),
+                    f.xdp_over_flowtable
+                        .as_ref()
+                        .map(|x| x.fmt(2))
+                        .unwrap_or_else(|| "n/a".into()),
+                    f.fast_share * 100.0
+                );
             }
             if let Some(why) = &n.flowtable_missing {
                 let _ = writeln!(m, "\nThe flowtable anchor is missing: this kernel refused an nftables flowtable (`{why}`: it is built without `nf_flow_table`, and this machine loads no modules).");

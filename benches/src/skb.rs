@@ -7,10 +7,7 @@
 //! veths). The data path is switched between runs by attaching or detaching the router's own
 //! programs on both `qr-` devices.
 
-use std::{
-    net::Ipv4Addr,
-    time::Duration,
-};
+use std::{net::Ipv4Addr, time::Duration};
 
 use anyhow::{bail, Context as _, Result};
 use router_ctl::{kernel::link_in, state};

@@ -617,11 +617,14 @@ impl Job {
         let mut fips = Vec::new();
         for f in &r.floating_ips {
             let ip = IpAddr::V4(f.floating_ip_address);
-            let was = prev.iter().flat_map(|p| p.floating_ips.iter()).find(|x| {
-                x.floating_ip_address == f.floating_ip_address.to_string()
-            });
+            let was = prev
+                .iter()
+                .flat_map(|p| p.floating_ips.iter())
+                .find(|x| x.floating_ip_address == f.floating_ip_address.to_string());
             let mut added = was.is_some_and(|w| w.added);
-            let has = addrs.iter().any(|a| a.index == qg.ifindex && a.ip == ip && a.prefix_len == 32);
+            let has = addrs
+                .iter()
+                .any(|a| a.index == qg.ifindex && a.ip == ip && a.prefix_len == 32);
             if f.fixed_ip_address.is_some() && !has {
                 rt.addr_add(qg.ifindex, &qg.device, ip, 32)?;
                 undo.push(Undo::DeleteAddr {
@@ -649,7 +652,11 @@ impl Job {
             device: qg.device.clone(),
             network_id: g.network_id.clone(),
             enable_snat: g.enable_snat,
-            upstreams: g.upstreams.iter().map(|u| u.gateway_ip.to_string()).collect(),
+            upstreams: g
+                .upstreams
+                .iter()
+                .map(|u| u.gateway_ip.to_string())
+                .collect(),
             onlink: g
                 .upstreams
                 .iter()
@@ -661,9 +668,15 @@ impl Job {
         };
         let nat = nat_of_parts(&qg.device, &qg.fixed_ips, &st);
         nft::replace(&nat)?;
-        undo.push(Undo::RestoreNat { ns: ns.clone(), to: prev_nat.clone() });
+        undo.push(Undo::RestoreNat {
+            ns: ns.clone(),
+            to: prev_nat.clone(),
+        });
         // The agent's sysctls (conntrack's exist once the NAT table made the namespace use it).
-        let mut before = prev.as_ref().map(|p| p.sysctls_before.clone()).unwrap_or_default();
+        let mut before = prev
+            .as_ref()
+            .map(|p| p.sysctls_before.clone())
+            .unwrap_or_default();
         for (key, want) in GATEWAY_SYSCTLS {
             let now = sysctl::get(key)?;
             if now != want {
@@ -671,13 +684,20 @@ impl Job {
                     before.push((key.to_string(), now.clone()));
                 }
                 sysctl::set(key, want)?;
-                undo.push(Undo::Sysctl { ns: ns.clone(), key: key.to_string(), value: now });
+                undo.push(Undo::Sysctl {
+                    ns: ns.clone(),
+                    key: key.to_string(),
+                    value: now,
+                });
             }
         }
         // Floating IPs gone or moved: their address, and the kernel's flows through them.
         let mut flush = Vec::new();
         for old in prev.iter().flat_map(|p| p.floating_ips.iter()) {
-            let now = st.floating_ips.iter().find(|n| n.floating_ip_address == old.floating_ip_address);
+            let now = st
+                .floating_ips
+                .iter()
+                .find(|n| n.floating_ip_address == old.floating_ip_address);
             if now.is_none() && old.added {
                 if let Ok(ip) = old.floating_ip_address.parse::<IpAddr>() {
                     rt.addr_del(qg.ifindex, &qg.device, ip, 32)?;
@@ -704,7 +724,10 @@ impl Job {
                 tracing::info!(router = %r.id, floating_ip = %f, flows = n, fast_path_entries = m, "flushed the flows of a removed or moved floating IP");
             }
         }
-        Ok(Some(GatewayState { sysctls_before: before, ..st }))
+        Ok(Some(GatewayState {
+            sysctls_before: before,
+            ..st
+        }))
     }
 
     /// The fast path's maps and programs. The programs stay when they are this build's and
@@ -810,7 +833,9 @@ fn nat_of(st: &RouterState) -> Option<nft::Nat> {
 fn nat_of_parts(device: &str, fixed: &[AddrState], g: &GatewayState) -> nft::Nat {
     nft::Nat {
         device: device.to_string(),
-        gateway_ip: fixed.iter().find_map(|a| a.gateway_ip.parse::<Ipv4Addr>().ok()),
+        gateway_ip: fixed
+            .iter()
+            .find_map(|a| a.gateway_ip.parse::<Ipv4Addr>().ok()),
         enable_snat: g.enable_snat,
         floating_ips: g
             .floating_ips
@@ -842,7 +867,9 @@ fn remove_gateway(rt: &Rtnl, g: &GatewayState, device_stays: bool) {
     }
     let link = rt.link(&g.device).ok().flatten();
     for f in &g.floating_ips {
-        let Ok(ip) = f.floating_ip_address.parse::<Ipv4Addr>() else { continue };
+        let Ok(ip) = f.floating_ip_address.parse::<Ipv4Addr>() else {
+            continue;
+        };
         if let (true, true, Some(l)) = (device_stays, f.added, &link) {
             let _ = rt.addr_del(l.index, &g.device, IpAddr::V4(ip), 32);
         }

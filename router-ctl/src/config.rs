@@ -708,7 +708,11 @@ fn validate_router(index: usize, r: RawRouter) -> Result<Router, String> {
             ));
         }
         if destination.prefix_len() == 0 {
-            if let Some(u) = gateway.iter().flat_map(|g| g.upstreams.iter()).find(|u| u.gateway_ip.is_ipv6() == destination.is_ipv6()) {
+            if let Some(u) = gateway
+                .iter()
+                .flat_map(|g| g.upstreams.iter())
+                .find(|u| u.gateway_ip.is_ipv6() == destination.is_ipv6())
+            {
                 return Err(format!(
                     "{at}: field 'destination' = {destination} is the external gateway's default route (via {}); remove this route or the gateway's gateway_ip",
                     u.gateway_ip
@@ -792,11 +796,11 @@ fn validate_gateway(
                 if which { "ip_address" } else { "subnet" }
             )
         })?;
-        for (prev, port) in fixed_ips
-            .iter()
-            .map(|p| (p, g.port_id.as_str()))
-            .chain(interfaces.iter().flat_map(|i| i.fixed_ips.iter().map(move |p| (p, i.port_id.as_str()))))
-        {
+        for (prev, port) in fixed_ips.iter().map(|p| (p, g.port_id.as_str())).chain(
+            interfaces
+                .iter()
+                .flat_map(|i| i.fixed_ips.iter().map(move |p| (p, i.port_id.as_str()))),
+        ) {
             if prev.subnet.overlaps(&f.subnet) {
                 return Err(format!(
                     "{at}: field '{field}.subnet' = {} overlaps subnet {} of port {port}",
@@ -820,7 +824,10 @@ fn validate_gateway(
                     "{at}: field '{field}.gateway_ip' = {ip} is the router's own external address (ip_address); give the external subnet's gateway"
                 ));
             }
-            if upstreams.iter().any(|u| u.gateway_ip.is_ipv6() == ip.is_ipv6()) {
+            if upstreams
+                .iter()
+                .any(|u| u.gateway_ip.is_ipv6() == ip.is_ipv6())
+            {
                 return Err(format!(
                     "{at}: field '{field}.gateway_ip' = {ip}: another {} external subnet already gives the default route's gateway",
                     f.subnet.family()
@@ -885,12 +892,22 @@ fn validate_floating_ips(
                 format!("{at}: field 'fixed_ip_address' = '{x}' is not an IPv4 address")
             })?),
         };
-        let ext = interfaces.iter().filter(|i| i.external).flat_map(|i| i.fixed_ips.iter());
+        let ext = interfaces
+            .iter()
+            .filter(|i| i.external)
+            .flat_map(|i| i.fixed_ips.iter());
         let Some(on) = ext.clone().find(|x| x.subnet.contains(IpAddr::V4(fip))) else {
-            let subnets: Vec<String> = ext.filter(|x| !x.subnet.is_ipv6()).map(|x| x.subnet.to_string()).collect();
+            let subnets: Vec<String> = ext
+                .filter(|x| !x.subnet.is_ipv6())
+                .map(|x| x.subnet.to_string())
+                .collect();
             return Err(format!(
                 "{at}: field 'floating_ip_address' = {fip} is outside every external subnet ({})",
-                if subnets.is_empty() { "the gateway has no IPv4 subnet".into() } else { subnets.join(", ") }
+                if subnets.is_empty() {
+                    "the gateway has no IPv4 subnet".into()
+                } else {
+                    subnets.join(", ")
+                }
             ));
         };
         if let IpNet::V4(n) = on.subnet {
@@ -911,7 +928,11 @@ fn validate_floating_ips(
         if own || upstream {
             return Err(format!(
                 "{at}: field 'floating_ip_address' = {fip} is {} address",
-                if own { "one of the router's own" } else { "the external subnet's gateway" }
+                if own {
+                    "one of the router's own"
+                } else {
+                    "the external subnet's gateway"
+                }
             ));
         }
         if out.iter().any(|o| o.floating_ip_address == fip) {
@@ -920,16 +941,21 @@ fn validate_floating_ips(
             ));
         }
         if let Some(fixed) = fixed {
-            let tenant = interfaces
-                .iter()
-                .filter(|i| !i.external)
-                .find(|i| i.fixed_ips.iter().any(|x| x.subnet.contains(IpAddr::V4(fixed))));
+            let tenant = interfaces.iter().filter(|i| !i.external).find(|i| {
+                i.fixed_ips
+                    .iter()
+                    .any(|x| x.subnet.contains(IpAddr::V4(fixed)))
+            });
             let Some(tenant) = tenant else {
                 return Err(format!(
                     "{at}: field 'fixed_ip_address' = {fixed} is not on one of the router's tenant subnets"
                 ));
             };
-            if tenant.fixed_ips.iter().any(|x| x.gateway_ip == IpAddr::V4(fixed)) {
+            if tenant
+                .fixed_ips
+                .iter()
+                .any(|x| x.gateway_ip == IpAddr::V4(fixed))
+            {
                 return Err(format!(
                     "{at}: field 'fixed_ip_address' = {fixed} is the router's own address on {}",
                     tenant.device
@@ -1218,9 +1244,15 @@ fixed_ip_address = "172.16.101.3"
         assert_eq!(qg.device, "qg-e1a2b3c4-5d");
         assert_eq!(qg.fixed_ips[0].gateway_ip.to_string(), "192.168.1.10");
         assert_eq!(r.interfaces.iter().filter(|i| i.external).count(), 1);
-        assert_eq!(r.floating_ips[0].fixed_ip_address.unwrap().to_string(), "172.16.101.3");
+        assert_eq!(
+            r.floating_ips[0].fixed_ip_address.unwrap().to_string(),
+            "172.16.101.3"
+        );
         let unassociated = NAT.replace("fixed_ip_address = \"172.16.101.3\"\n", "");
-        assert_eq!(parse(&unassociated).unwrap()[0].floating_ips[0].fixed_ip_address, None);
+        assert_eq!(
+            parse(&unassociated).unwrap()[0].floating_ips[0].fixed_ip_address,
+            None
+        );
         // A route via the upstream router is accepted (its subnet is connected).
         let t = NAT.replace(
             "[[router.floating_ip]]",
@@ -1228,7 +1260,13 @@ fixed_ip_address = "172.16.101.3"
         );
         assert_eq!(parse(&t).unwrap()[0].routes.len(), 1);
         let off = NAT.replace("network_id = \"public\"", "enable_snat = false");
-        assert!(!parse(&off).unwrap()[0].gateway.as_ref().unwrap().enable_snat);
+        assert!(
+            !parse(&off).unwrap()[0]
+                .gateway
+                .as_ref()
+                .unwrap()
+                .enable_snat
+        );
         let far = NAT.replace("gateway_ip = \"192.168.1.1\"", "gateway_ip = \"10.0.0.1\"");
         assert!(parse(&far).unwrap()[0].gateway.as_ref().unwrap().upstreams[0].onlink());
     }

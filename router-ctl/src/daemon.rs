@@ -424,7 +424,13 @@ fn watch(r: &RouterState, stop: &Stop) -> Result<()> {
     done.store(true, Ordering::SeqCst);
     let one = 1u64;
     // SAFETY: an 8-byte write to our eventfd.
-    unsafe { libc::write(wake.as_raw_fd(), &one as *const u64 as *const libc::c_void, 8) };
+    unsafe {
+        libc::write(
+            wake.as_raw_fd(),
+            &one as *const u64 as *const libc::c_void,
+            8,
+        )
+    };
     if let Some(h) = nat {
         let _ = h.join();
     }

@@ -165,7 +165,10 @@ fn open_pinned_object(router_id: &str, cap: Capacity, progs: Programs) -> Result
 /// read them wrongly (the verifier refuses it at best).
 fn check_pinned_layout(router_id: &str) -> Result<()> {
     let expected: [(&str, usize); 17] = [
-        (map_names::NAT_FLOWS, std::mem::size_of::<router_common::NatFlow>()),
+        (
+            map_names::NAT_FLOWS,
+            std::mem::size_of::<router_common::NatFlow>(),
+        ),
         (map_names::NAT_CONF, 4),
         (map_names::TC_PORTS, 4),
         (map_names::NH_GROUPS, std::mem::size_of::<NhGroup>()),

@@ -264,7 +264,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // Before any thread enters a router's namespace (see kernel::init_io_runtime).
     let _ = router_ctl::kernel::init_io_runtime();
-    if !matches!(cli.cmd, Cmd::Run { .. } | Cmd::Router { .. } | Cmd::Floating { .. }) {
+    if !matches!(
+        cli.cmd,
+        Cmd::Run { .. } | Cmd::Router { .. } | Cmd::Floating { .. }
+    ) {
         // Like iproute2: a closed pipe (`router-ctl show | head`) ends the command quietly.
         // Not for the daemon, nor for verbs that write to its socket (a daemon going away
         // must give them an error, not a signal).
@@ -397,7 +400,9 @@ fn run(cli: Cli) -> Result<()> {
             auto,
         } => daemon::run(stay, file, metrics, auto)?,
         Cmd::Router { cmd } => router_verb(cmd, cli.json)?,
-        Cmd::Floating { cmd: FloatingCmd::Ip { cmd } } => floating_verb(cmd, cli.json)?,
+        Cmd::Floating {
+            cmd: FloatingCmd::Ip { cmd },
+        } => floating_verb(cmd, cli.json)?,
     }
     Ok(())
 }
@@ -419,7 +424,10 @@ fn floating_verb(cmd: FipCmd, json_flag: bool) -> Result<()> {
     let json_of = |f: Format| json_flag || matches!(f, Format::Json);
     let show_one = |fip: &str, router: Option<&str>, f: Format| -> Result<()> {
         let (st, _) = router_ctl::verbs::find_floating_ip(fip, router)?;
-        let fip = fip.parse::<std::net::IpAddr>().map(|a| a.to_string()).unwrap_or(fip.to_string());
+        let fip = fip
+            .parse::<std::net::IpAddr>()
+            .map(|a| a.to_string())
+            .unwrap_or(fip.to_string());
         let v = floating_ips_json(&st)
             .into_iter()
             .find(|v| v["floating_ip_address"] == fip.as_str())
@@ -428,7 +436,13 @@ fn floating_verb(cmd: FipCmd, json_flag: bool) -> Result<()> {
             print_json(v);
         } else {
             let mut t = Table::new(&["Field", "Value"]);
-            for k in ["floating_ip_address", "fixed_ip_address", "router_id", "router", "status"] {
+            for k in [
+                "floating_ip_address",
+                "fixed_ip_address",
+                "router_id",
+                "router",
+                "status",
+            ] {
                 t.row(vec![k.into(), v[k].as_str().unwrap_or("None").to_string()]);
             }
             print!("{}", t.render());
@@ -436,7 +450,12 @@ fn floating_verb(cmd: FipCmd, json_flag: bool) -> Result<()> {
         Ok(())
     };
     match cmd {
-        FipCmd::Create { router, floating_ip_address, fixed_ip_address, format } => {
+        FipCmd::Create {
+            router,
+            floating_ip_address,
+            fixed_ip_address,
+            format,
+        } => {
             let id = change_applied(Request::CreateFloatingIp {
                 router,
                 floating_ip_address: floating_ip_address.clone(),
@@ -444,7 +463,12 @@ fn floating_verb(cmd: FipCmd, json_flag: bool) -> Result<()> {
             })?;
             show_one(&floating_ip_address, Some(&id), format)
         }
-        FipCmd::Set { floating_ip, router, fixed_ip_address, format } => {
+        FipCmd::Set {
+            floating_ip,
+            router,
+            fixed_ip_address,
+            format,
+        } => {
             let id = change_applied(Request::SetFloatingIp {
                 floating_ip_address: floating_ip.clone(),
                 router,
@@ -452,7 +476,11 @@ fn floating_verb(cmd: FipCmd, json_flag: bool) -> Result<()> {
             })?;
             show_one(&floating_ip, Some(&id), format)
         }
-        FipCmd::Unset { floating_ip, router, format } => {
+        FipCmd::Unset {
+            floating_ip,
+            router,
+            format,
+        } => {
             let id = change_applied(Request::SetFloatingIp {
                 floating_ip_address: floating_ip.clone(),
                 router,
@@ -460,7 +488,10 @@ fn floating_verb(cmd: FipCmd, json_flag: bool) -> Result<()> {
             })?;
             show_one(&floating_ip, Some(&id), format)
         }
-        FipCmd::Delete { floating_ip, router } => {
+        FipCmd::Delete {
+            floating_ip,
+            router,
+        } => {
             change_applied(Request::DeleteFloatingIp {
                 floating_ip_address: floating_ip.clone(),
                 router,
@@ -472,14 +503,25 @@ fn floating_verb(cmd: FipCmd, json_flag: bool) -> Result<()> {
             }
             Ok(())
         }
-        FipCmd::Show { floating_ip, router, format } => show_one(&floating_ip, router.as_deref(), format),
+        FipCmd::Show {
+            floating_ip,
+            router,
+            format,
+        } => show_one(&floating_ip, router.as_deref(), format),
         FipCmd::List { format } => {
-            let all: Vec<serde_json::Value> =
-                RouterState::all()?.iter().flat_map(floating_ips_json).collect();
+            let all: Vec<serde_json::Value> = RouterState::all()?
+                .iter()
+                .flat_map(floating_ips_json)
+                .collect();
             if json_of(format) {
                 print_json(json!(all));
             } else {
-                let mut t = Table::new(&["Floating IP Address", "Fixed IP Address", "Router", "Status"]);
+                let mut t = Table::new(&[
+                    "Floating IP Address",
+                    "Fixed IP Address",
+                    "Router",
+                    "Status",
+                ]);
                 for v in &all {
                     t.row(vec![
                         v["floating_ip_address"].as_str().unwrap_or("").into(),
@@ -688,7 +730,11 @@ fn router_table(r: &RouterState, json_out: bool) -> Result<()> {
             .interfaces
             .iter()
             .filter(|i| i.external)
-            .flat_map(|i| i.fixed_ips.iter().map(|f| format!("subnet='{}', ip_address='{}'", f.subnet, f.gateway_ip)))
+            .flat_map(|i| {
+                i.fixed_ips
+                    .iter()
+                    .map(|f| format!("subnet='{}', ip_address='{}'", f.subnet, f.gateway_ip))
+            })
             .collect();
         t.row(vec![
             "external_gateway_info".into(),
@@ -703,7 +749,13 @@ fn router_table(r: &RouterState, json_out: bool) -> Result<()> {
         let f: Vec<String> = g
             .floating_ips
             .iter()
-            .map(|f| format!("{} → {}", f.floating_ip_address, f.fixed_ip_address.as_deref().unwrap_or("-")))
+            .map(|f| {
+                format!(
+                    "{} → {}",
+                    f.floating_ip_address,
+                    f.fixed_ip_address.as_deref().unwrap_or("-")
+                )
+            })
             .collect();
         t.row(vec!["floating_ips".into(), f.join("; ")]);
     }
@@ -858,7 +910,11 @@ fn show(routers: &[RouterState], json_out: bool) -> Result<()> {
                 g.device,
                 g.network_id.as_deref().unwrap_or("-"),
                 if g.enable_snat { "on" } else { "off" },
-                if g.upstreams.is_empty() { "-".to_string() } else { g.upstreams.join(",") }
+                if g.upstreams.is_empty() {
+                    "-".to_string()
+                } else {
+                    g.upstreams.join(",")
+                }
             );
             for f in &g.floating_ips {
                 println!(
@@ -905,7 +961,9 @@ fn nat_flows(routers: &[RouterState], json_out: bool) -> Result<()> {
             f.from.clone(),
             f.to.clone(),
             f.translated.into(),
-            f.idle_s.map(|s| format!("{s}s")).unwrap_or_else(|| "-".into()),
+            f.idle_s
+                .map(|s| format!("{s}s"))
+                .unwrap_or_else(|| "-".into()),
         ]);
     }
     print!("{}", t.render());

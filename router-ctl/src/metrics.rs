@@ -53,7 +53,10 @@ pub fn render() -> Result<String> {
             }
             pass_bytes.get_or_create(&l).inc_by(s.pass_bytes);
             drops.get_or_create(&l).inc_by(s.drop_packets);
-            for (dir, n) in [("source", s.nat_src_packets), ("destination", s.nat_dst_packets)] {
+            for (dir, n) in [
+                ("source", s.nat_src_packets),
+                ("destination", s.nat_dst_packets),
+            ] {
                 let mut ld = l.clone();
                 ld.push(("translated".into(), dir.into()));
                 nat.get_or_create(&ld).inc_by(n);

@@ -79,7 +79,11 @@ impl Timeouts {
 
     /// How often to refresh.
     pub fn every(&self) -> Duration {
-        let shortest = self.udp.min(self.icmp).min(self.udp_stream).min(self.tcp_established);
+        let shortest = self
+            .udp
+            .min(self.icmp)
+            .min(self.udp_stream)
+            .min(self.tcp_established);
         Duration::from_secs((shortest / 3).max(1) as u64).min(REFRESH_EVERY)
     }
 }
@@ -162,7 +166,10 @@ pub struct NatSync {
 }
 
 fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: one timespec. The coarse clock is the one bpf_ktime_get_coarse_ns reads.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
@@ -207,14 +214,23 @@ impl NatSync {
             }
         }
         let stale: Vec<NatKey> = if whole {
-            self.map.keys().filter_map(|k| k.ok()).filter(|k| !keep.contains(k)).collect()
+            self.map
+                .keys()
+                .filter_map(|k| k.ok())
+                .filter(|k| !keep.contains(k))
+                .collect()
         } else {
-            self.installed.values().flat_map(|(_, k)| *k).filter(|k| !keep.contains(k)).collect()
+            self.installed
+                .values()
+                .flat_map(|(_, k)| *k)
+                .filter(|k| !keep.contains(k))
+                .collect()
         };
         for k in &stale {
             let _ = self.map.remove(k);
         }
-        self.installed.retain(|_, (_, keys)| keep.contains(&keys[0]));
+        self.installed
+            .retain(|_, (_, keys)| keep.contains(&keys[0]));
         tracing::debug!(router = %self.router, flows = self.installed.len(), removed = stale.len(), "NAT flows synced with conntrack");
         Ok(())
     }
@@ -255,7 +271,10 @@ impl NatSync {
     /// `wake` becomes readable: a router's flows cost one wake-up per refresh period when
     /// nothing happens.
     pub fn step_or_wake(&mut self, timeout_ms: i32, wake: std::os::fd::RawFd) -> Result<()> {
-        let mut due = self.timeouts.every().saturating_sub(self.last_refresh.elapsed());
+        let mut due = self
+            .timeouts
+            .every()
+            .saturating_sub(self.last_refresh.elapsed());
         if let Some(first) = self.pending.values().map(|(t, _)| *t).min() {
             due = due.min(first.saturating_duration_since(Instant::now()));
         }
@@ -272,7 +291,9 @@ impl NatSync {
                     match ev {
                         Event::New(f) | Event::Update(f) if f.orig.proto == IPPROTO_TCP => {
                             if entries(&f).is_some() && !self.installed.contains_key(&f.orig) {
-                                self.pending.entry(f.orig).or_insert((Instant::now() + TCP_DELAY, f));
+                                self.pending
+                                    .entry(f.orig)
+                                    .or_insert((Instant::now() + TCP_DELAY, f));
                             }
                         }
                         Event::New(f) | Event::Update(f) => {
@@ -287,14 +308,23 @@ impl NatSync {
                     }
                 }
             }
-            Err(e) if e.downcast_ref::<std::io::Error>().and_then(|e| e.raw_os_error()) == Some(libc::ENOBUFS) => {
+            Err(e)
+                if e.downcast_ref::<std::io::Error>()
+                    .and_then(|e| e.raw_os_error())
+                    == Some(libc::ENOBUFS) =>
+            {
                 tracing::warn!(router = %self.router, "conntrack events were lost; reading the table again");
                 self.resync()?;
             }
             Err(e) => return Err(e),
         }
         let now = Instant::now();
-        let ready: Vec<Tuple> = self.pending.iter().filter(|(_, (t, _))| *t <= now).map(|(k, _)| *k).collect();
+        let ready: Vec<Tuple> = self
+            .pending
+            .iter()
+            .filter(|(_, (t, _))| *t <= now)
+            .map(|(k, _)| *k)
+            .collect();
         for k in ready {
             if let Some((_, f)) = self.pending.remove(&k) {
                 if let Some(e) = entries(&f) {
@@ -307,7 +337,8 @@ impl NatSync {
             self.timeouts = Timeouts::read();
             self.timeouts_read = Instant::now();
         }
-        if self.last_refresh.elapsed() >= self.timeouts.every() && !cfg!(mutant = "nat_no_refresh") {
+        if self.last_refresh.elapsed() >= self.timeouts.every() && !cfg!(mutant = "nat_no_refresh")
+        {
             self.refresh()?;
             // The kernel reaps expired entries lazily (and only then says so): a dump reaps
             // them at once, and the map is brought in line with what is left. A flow that
@@ -325,13 +356,20 @@ impl NatSync {
         let recent = 2 * self.timeouts.every().as_nanos() as u64;
         let mut due = Vec::new();
         for (orig, (f, keys)) in &self.installed {
-            let used = keys.iter().filter_map(|k| self.map.get(k, 0).ok()).map(|v| v.used).max().unwrap_or(0);
+            let used = keys
+                .iter()
+                .filter_map(|k| self.map.get(k, 0).ok())
+                .map(|v| v.used)
+                .max()
+                .unwrap_or(0);
             if used != 0 && now.saturating_sub(used) < recent {
                 due.push((*orig, self.timeouts.of(f)));
             }
         }
         for (orig, secs) in &due {
-            self.ct.set_timeout(orig, *secs).with_context(|| format!("refreshing the conntrack timeout of {orig:?}"))?;
+            self.ct
+                .set_timeout(orig, *secs)
+                .with_context(|| format!("refreshing the conntrack timeout of {orig:?}"))?;
         }
         // Gone from the kernel (expired, flushed): the fast path must not carry it on with a
         // mapping the kernel no longer reserves. (`resync` finds them; see `step`.)
@@ -356,8 +394,9 @@ pub struct FlowEntry {
 
 /// The flows in a router's map, both directions.
 pub fn list(router: &str) -> Result<Vec<FlowEntry>> {
-    let map: HashMap<MapData, NatKey, NatFlow> =
-        HashMap::try_from(Map::HashMap(datapath::open_pinned(router, map_names::NAT_FLOWS)?))?;
+    let map: HashMap<MapData, NatKey, NatFlow> = HashMap::try_from(Map::HashMap(
+        datapath::open_pinned(router, map_names::NAT_FLOWS)?,
+    ))?;
     let now = monotonic_ns();
     let ep = |a: [u8; 4], p: [u8; 2], proto: u8| {
         if proto == IPPROTO_ICMP {
@@ -375,8 +414,16 @@ pub fn list(router: &str) -> Result<Vec<FlowEntry>> {
                 conntrack::IPPROTO_UDP => "udp",
                 _ => "icmp",
             },
-            from: format!("{} → {}", ep(k.src, k.sport, k.proto), ep(k.dst, k.dport, k.proto).replace(" id 0", "")),
-            to: format!("{} → {}", ep(f.src, f.sport, k.proto), ep(f.dst, f.dport, k.proto).replace(" id 0", "")),
+            from: format!(
+                "{} → {}",
+                ep(k.src, k.sport, k.proto),
+                ep(k.dst, k.dport, k.proto).replace(" id 0", "")
+            ),
+            to: format!(
+                "{} → {}",
+                ep(f.src, f.sport, k.proto),
+                ep(f.dst, f.dport, k.proto).replace(" id 0", "")
+            ),
             translated: match (f.flags & nat_flags::SRC != 0, f.flags & nat_flags::DST != 0) {
                 (true, true) => "source,destination",
                 (true, false) => "source",
@@ -422,7 +469,13 @@ mod tests {
     use super::*;
 
     fn t(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, proto: u8) -> Tuple {
-        Tuple { src: src.into(), dst: dst.into(), proto, sport, dport }
+        Tuple {
+            src: src.into(),
+            dst: dst.into(),
+            proto,
+            sport,
+            dport,
+        }
     }
 
     #[test]
@@ -435,17 +488,49 @@ mod tests {
             timeout: Some(30),
         };
         let [(k0, v0), (k1, v1)] = entries(&f).unwrap();
-        assert_eq!((k0.src, k0.sport), ([172, 16, 100, 3], 40000u16.to_be_bytes()));
-        assert_eq!((v0.src, v0.sport, v0.dst, v0.dport), ([192, 168, 1, 10], 61000u16.to_be_bytes(), [203, 0, 113, 5], 53u16.to_be_bytes()));
+        assert_eq!(
+            (k0.src, k0.sport),
+            ([172, 16, 100, 3], 40000u16.to_be_bytes())
+        );
+        assert_eq!(
+            (v0.src, v0.sport, v0.dst, v0.dport),
+            (
+                [192, 168, 1, 10],
+                61000u16.to_be_bytes(),
+                [203, 0, 113, 5],
+                53u16.to_be_bytes()
+            )
+        );
         assert_eq!(v0.flags, nat_flags::SRC);
-        assert_eq!((k1.dst, k1.dport), ([192, 168, 1, 10], 61000u16.to_be_bytes()));
-        assert_eq!((v1.dst, v1.dport, v1.src), ([172, 16, 100, 3], 40000u16.to_be_bytes(), [203, 0, 113, 5]));
+        assert_eq!(
+            (k1.dst, k1.dport),
+            ([192, 168, 1, 10], 61000u16.to_be_bytes())
+        );
+        assert_eq!(
+            (v1.dst, v1.dport, v1.src),
+            ([172, 16, 100, 3], 40000u16.to_be_bytes(), [203, 0, 113, 5])
+        );
         assert_eq!(v1.flags, nat_flags::DST);
         // TCP waits for ESTABLISHED; no NAT, or ICMP other than echo: the kernel's.
-        let tcp = Flow { orig: Tuple { proto: 6, ..f.orig }, reply: Tuple { proto: 6, ..f.reply }, ..f.clone() };
+        let tcp = Flow {
+            orig: Tuple { proto: 6, ..f.orig },
+            reply: Tuple {
+                proto: 6,
+                ..f.reply
+            },
+            ..f.clone()
+        };
         assert!(entries(&tcp).is_none());
-        assert!(entries(&Flow { status: tcp.status | status::ASSURED, ..tcp }).is_some());
-        assert!(entries(&Flow { status: status::CONFIRMED, ..f.clone() }).is_none());
+        assert!(entries(&Flow {
+            status: tcp.status | status::ASSURED,
+            ..tcp
+        })
+        .is_some());
+        assert!(entries(&Flow {
+            status: status::CONFIRMED,
+            ..f.clone()
+        })
+        .is_none());
     }
 
     #[test]
@@ -457,10 +542,25 @@ mod tests {
             timeout: None,
         };
         let [(k0, v0), (k1, v1)] = entries(&f).unwrap();
-        assert_eq!((k0.dst, k0.sport, k0.dport), ([192, 168, 1, 20], 7u16.to_be_bytes(), [0, 0]));
-        assert_eq!((v0.dst, v0.sport, v0.flags), ([172, 16, 101, 3], 7u16.to_be_bytes(), nat_flags::DST));
-        assert_eq!((k1.src, v1.src, v1.flags), ([172, 16, 101, 3], [192, 168, 1, 20], nat_flags::SRC));
-        let unreachable = Flow { orig: Tuple { dport: 13 << 8, ..f.orig }, ..f };
+        assert_eq!(
+            (k0.dst, k0.sport, k0.dport),
+            ([192, 168, 1, 20], 7u16.to_be_bytes(), [0, 0])
+        );
+        assert_eq!(
+            (v0.dst, v0.sport, v0.flags),
+            ([172, 16, 101, 3], 7u16.to_be_bytes(), nat_flags::DST)
+        );
+        assert_eq!(
+            (k1.src, v1.src, v1.flags),
+            ([172, 16, 101, 3], [192, 168, 1, 20], nat_flags::SRC)
+        );
+        let unreachable = Flow {
+            orig: Tuple {
+                dport: 13 << 8,
+                ..f.orig
+            },
+            ..f
+        };
         assert!(entries(&unreachable).is_none());
     }
 }

@@ -249,9 +249,9 @@ impl IfaceState {
 impl RouterState {
     /// The fast path translates: a gateway with SNAT, or floating IPs.
     pub fn nat_on(&self) -> bool {
-        self.gateway
-            .as_ref()
-            .is_some_and(|g| g.enable_snat || g.floating_ips.iter().any(|f| f.fixed_ip_address.is_some()))
+        self.gateway.as_ref().is_some_and(|g| {
+            g.enable_snat || g.floating_ips.iter().any(|f| f.fixed_ip_address.is_some())
+        })
     }
 
     /// Why the namespace this router was applied to is not there any more (deleted, or

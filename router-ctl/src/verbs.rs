@@ -172,7 +172,10 @@ pub fn set_gateway(
     fixed_ips: &[String],
     snat: Option<bool>,
 ) -> Result<Router> {
-    let fixed: Vec<String> = fixed_ips.iter().map(|f| parse_fixed_ip(f)).collect::<Result<_>>()?;
+    let fixed: Vec<String> = fixed_ips
+        .iter()
+        .map(|f| parse_fixed_ip(f))
+        .collect::<Result<_>>()?;
     let st = RouterState::find(router)?;
     let old = st.gateway.clone();
     let qg = st.interfaces.iter().find(|i| i.external).cloned();
@@ -190,7 +193,8 @@ pub fn set_gateway(
         enable_snat: snat.or(old.as_ref().map(|g| g.enable_snat)).unwrap_or(true),
         ..old.clone().unwrap_or_default()
     };
-    let qg = qg.unwrap_or_else(|| crate::state::IfaceState::new(String::new(), String::new(), Vec::new()));
+    let qg = qg
+        .unwrap_or_else(|| crate::state::IfaceState::new(String::new(), String::new(), Vec::new()));
     let mut text = without_gateway(&st);
     text += &gateway_text(&g, &qg, None, (!fixed.is_empty()).then_some(&fixed[..]));
     text += &floating_ips_text(&g.floating_ips);
@@ -244,7 +248,10 @@ pub fn find_floating_ip(fip: &str, router: Option<&str>) -> Result<(RouterState,
 }
 
 /// Rewrites the floating IPs of `st` with `f` and applies.
-fn with_floating_ips(st: &RouterState, f: impl FnOnce(&mut Vec<FloatingIpState>)) -> Result<Router> {
+fn with_floating_ips(
+    st: &RouterState,
+    f: impl FnOnce(&mut Vec<FloatingIpState>),
+) -> Result<Router> {
     let mut st = st.clone();
     let Some(g) = st.gateway.as_mut() else {
         bail!("router {} has no external gateway; `router-ctl router set {} --external-gateway NET --fixed-ip …` first", st.name, st.name);
@@ -277,11 +284,18 @@ pub fn create_floating_ip(router: &str, fip: &str, fixed: Option<&str>) -> Resul
 }
 
 /// `floating ip set F --fixed-ip-address X` (Some) or `floating ip unset F` (None).
-pub fn associate_floating_ip(fip: &str, router: Option<&str>, fixed: Option<&str>) -> Result<Router> {
+pub fn associate_floating_ip(
+    fip: &str,
+    router: Option<&str>,
+    fixed: Option<&str>,
+) -> Result<Router> {
     let (st, f) = find_floating_ip(fip, router)?;
     let fixed = fixed.map(canonical);
     with_floating_ips(&st, |v| {
-        for x in v.iter_mut().filter(|x| x.floating_ip_address == f.floating_ip_address) {
+        for x in v
+            .iter_mut()
+            .filter(|x| x.floating_ip_address == f.floating_ip_address)
+        {
             x.fixed_ip_address = fixed.clone();
         }
     })
@@ -289,7 +303,9 @@ pub fn associate_floating_ip(fip: &str, router: Option<&str>, fixed: Option<&str
 
 pub fn delete_floating_ip(fip: &str, router: Option<&str>) -> Result<Router> {
     let (st, f) = find_floating_ip(fip, router)?;
-    with_floating_ips(&st, |v| v.retain(|x| x.floating_ip_address != f.floating_ip_address))
+    with_floating_ips(&st, |v| {
+        v.retain(|x| x.floating_ip_address != f.floating_ip_address)
+    })
 }
 
 fn apply_text(text: &str) -> Result<Router> {

@@ -158,7 +158,10 @@ fn forward4(h: &impl Hook, ingress: u32, iface: &Iface) -> Verdict {
             Ok(f) => f,
             Err(reason) => return Verdict::Pass(reason),
         };
-        if flow.is_none() && ip.protocol == nat::IPPROTO_ICMP && !cfg!(mutant = "nat_icmp_errors_to_kernel") {
+        if flow.is_none()
+            && ip.protocol == nat::IPPROTO_ICMP
+            && !cfg!(mutant = "nat_icmp_errors_to_kernel")
+        {
             if let Some(f) = nat::lookup_icmp_error(h, tot_len) {
                 icmp_err = nat::icmp_error_outer(ip, h, f).map(|outer| (f, outer));
             }
@@ -245,8 +248,15 @@ fn forward4(h: &impl Hook, ingress: u32, iface: &Iface) -> Verdict {
                 if !nat::rewrite_icmp_error(h, f, outer, tot_len) {
                     return Verdict::Drop;
                 }
-                nat = if outer.0 != src_before { nat_flags::SRC } else { 0 }
-                    | if outer.1 != dst_before { nat_flags::DST } else { 0 };
+                nat = if outer.0 != src_before {
+                    nat_flags::SRC
+                } else {
+                    0
+                } | if outer.1 != dst_before {
+                    nat_flags::DST
+                } else {
+                    0
+                };
             }
             Verdict::Forward { ipv6: false, nat }
         }

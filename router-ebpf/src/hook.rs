@@ -244,12 +244,16 @@ impl Hook for Tc {
             if old == new {
                 continue;
             }
-            let (o, n) = (u32::from_ne_bytes(old) as u64, u32::from_ne_bytes(new) as u64);
+            let (o, n) = (
+                u32::from_ne_bytes(old) as u64,
+                u32::from_ne_bytes(new) as u64,
+            );
             // SAFETY: helper calls on this skb with offsets inside its headers (checked when
             // the headers were read); `new` lives on the stack.
             unsafe {
                 if !icmp {
-                    ok &= bpf_l4_csum_replace(skb, l4_check, o, n, F_PSEUDO_HDR | l4_flags | 4) == 0;
+                    ok &=
+                        bpf_l4_csum_replace(skb, l4_check, o, n, F_PSEUDO_HDR | l4_flags | 4) == 0;
                 }
                 ok &= bpf_l3_csum_replace(skb, ip_check, o, n, 4) == 0;
                 ok &= bpf_skb_store_bytes(skb, off, new.as_ptr() as *const _, 4, 0) == 0;
@@ -264,7 +268,10 @@ impl Hook for Tc {
             if old == new {
                 continue;
             }
-            let (o, n) = (u16::from_ne_bytes(old) as u64, u16::from_ne_bytes(new) as u64);
+            let (o, n) = (
+                u16::from_ne_bytes(old) as u64,
+                u16::from_ne_bytes(new) as u64,
+            );
             // SAFETY: as above.
             unsafe {
                 ok &= bpf_l4_csum_replace(skb, l4_check, o, n, l4_flags | 2) == 0;

@@ -250,7 +250,12 @@ pub fn icmp_error_outer(ip: &Ipv4Hdr, h: &impl Hook, f: &NatFlow) -> Option<([u8
 /// unless 0, its TCP checksum when the whole TCP header is quoted, as the kernel does, or its
 /// ICMP checksum), and the ICMP checksum for every quoted word that changed.
 #[inline(always)]
-pub fn rewrite_icmp_error(h: &impl Hook, f: &NatFlow, outer: ([u8; 4], [u8; 4]), tot_len: usize) -> bool {
+pub fn rewrite_icmp_error(
+    h: &impl Hook,
+    f: &NatFlow,
+    outer: ([u8; 4], [u8; 4]),
+    tot_len: usize,
+) -> bool {
     let l4 = ETH_LEN + IPV4_LEN;
     let ql4 = l4 + 8 + IPV4_LEN;
     let (Some(ip), Some(t), Some(inner), Some(q)) = (
@@ -267,7 +272,12 @@ pub fn rewrite_icmp_error(h: &impl Hook, f: &NatFlow, outer: ([u8; 4], [u8; 4]),
     let h16 = |b: [u8; 2]| u16::from_ne_bytes(b);
     // Outer header.
     let c = h16(ip.check);
-    ip.check = csum_replace(csum_replace(c, w(ip.src), w(outer.0)), w(ip.dst), w(outer.1)).to_ne_bytes();
+    ip.check = csum_replace(
+        csum_replace(c, w(ip.src), w(outer.0)),
+        w(ip.dst),
+        w(outer.1),
+    )
+    .to_ne_bytes();
     ip.src = outer.0;
     ip.dst = outer.1;
     // The quoted packet: it travelled opposite to the flow's key direction, so its
@@ -275,7 +285,11 @@ pub fn rewrite_icmp_error(h: &impl Hook, f: &NatFlow, outer: ([u8; 4], [u8; 4]),
     let (nsrc, ndst) = (f.dst, f.src);
     let mut icmp = h16([t[2], t[3]]);
     let ic_old = h16(inner.check);
-    let ic_new = csum_replace(csum_replace(ic_old, w(inner.src), w(nsrc)), w(inner.dst), w(ndst));
+    let ic_new = csum_replace(
+        csum_replace(ic_old, w(inner.src), w(nsrc)),
+        w(inner.dst),
+        w(ndst),
+    );
     icmp = csum_replace(icmp, w(inner.src), w(nsrc));
     icmp = csum_replace(icmp, w(inner.dst), w(ndst));
     icmp = csum_replace2(icmp, ic_old, ic_new);

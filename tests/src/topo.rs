@@ -422,7 +422,12 @@ impl Seed {
     pub fn up_nat(text: impl FnOnce(&Ids) -> String) -> Seed {
         Seed::plugged_then_applied(|ids| {
             let tag = &ids.tag;
-            let (ns, ext, out, qg) = (ids.ns(), format!("ext-{tag}"), format!("out-{tag}"), ids.dev_g());
+            let (ns, ext, out, qg) = (
+                ids.ns(),
+                format!("ext-{tag}"),
+                format!("out-{tag}"),
+                ids.dev_g(),
+            );
             sh(&format!(
                 "ip netns add {ext} && ip netns add {out} && \
                  ip -n {ext} link set lo up && ip -n {out} link set lo up && \

@@ -29,7 +29,9 @@ fn count_sources(ns: &str, srcs: &[&str]) {
 
 /// Packets counted from `src` in `ns` so far.
 fn from(ns: &str, src: &str) -> u64 {
-    let out = sh(&format!("ip netns exec {ns} nft list chain ip srccount input"));
+    let out = sh(&format!(
+        "ip netns exec {ns} nft list chain ip srccount input"
+    ));
     out.lines()
         .find(|l| l.contains(&format!("ip saddr {src} counter")))
         .and_then(|l| l.split("packets ").nth(1))
@@ -84,27 +86,60 @@ fn snat_floating_ip_hairpin_and_tenant_traffic_follow_the_agents_rules() {
         ("net.ipv4.conf.all.arp_ignore", "1"),
         ("net.ipv4.conf.all.arp_announce", "2"),
     ] {
-        assert_eq!(sh(&format!("ip netns exec {ns} sysctl -n {key}")).trim(), want, "{key}");
+        assert_eq!(
+            sh(&format!("ip netns exec {ns} sysctl -n {key}")).trim(),
+            want,
+            "{key}"
+        );
     }
     let addrs = sh(&format!("ip -n {ns} -4 -o addr show dev {g}"));
-    assert!(addrs.contains("192.168.1.10/24") && addrs.contains("192.168.1.20/32"), "{addrs}");
-    assert!(sh(&format!("ip -n {ns} route show default")).contains(&format!("via 192.168.1.1 dev {g}")));
+    assert!(
+        addrs.contains("192.168.1.10/24") && addrs.contains("192.168.1.20/32"),
+        "{addrs}"
+    );
+    assert!(
+        sh(&format!("ip -n {ns} route show default")).contains(&format!("via 192.168.1.1 dev {g}"))
+    );
     s.prime_neighbours();
-    count_sources(&out, &["192.168.1.10", "192.168.1.20", "172.16.100.3", "172.16.101.3"]);
-    count_sources(&s.vm3, &[OUT, "192.168.1.10", "172.16.100.3", "172.16.101.1"]);
+    count_sources(
+        &out,
+        &[
+            "192.168.1.10",
+            "192.168.1.20",
+            "172.16.100.3",
+            "172.16.101.3",
+        ],
+    );
+    count_sources(
+        &s.vm3,
+        &[OUT, "192.168.1.10", "172.16.100.3", "172.16.101.1"],
+    );
 
     // vm1 has no floating IP: it leaves with the gateway address.
     all_answered(&s.vm1, OUT, 5);
-    assert_eq!((from(&out, "192.168.1.10"), from(&out, "172.16.100.3")), (5, 0));
+    assert_eq!(
+        (from(&out, "192.168.1.10"), from(&out, "172.16.100.3")),
+        (5, 0)
+    );
     // vm3 leaves with its floating IP.
     all_answered(&s.vm3, OUT, 5);
-    assert_eq!((from(&out, "192.168.1.20"), from(&out, "172.16.101.3")), (5, 0));
+    assert_eq!(
+        (from(&out, "192.168.1.20"), from(&out, "172.16.101.3")),
+        (5, 0)
+    );
     // The outside reaches vm3 at its floating IP, and vm3 sees the real source.
     all_answered(&out, "192.168.1.20", 5);
-    assert_eq!(from(&s.vm3, OUT), 5 + 5, "5 requests, and the replies to vm3's 5 pings");
+    assert_eq!(
+        from(&s.vm3, OUT),
+        5 + 5,
+        "5 requests, and the replies to vm3's 5 pings"
+    );
     // Hairpin: vm1 → vm3's floating IP arrives SNATed to the gateway address.
     all_answered(&s.vm1, "192.168.1.20", 5);
-    assert_eq!((from(&s.vm3, "192.168.1.10"), from(&s.vm3, "172.16.100.3")), (5, 0));
+    assert_eq!(
+        (from(&s.vm3, "192.168.1.10"), from(&s.vm3, "172.16.100.3")),
+        (5, 0)
+    );
     // The router's own traffic to a floating IP: DNAT in output, then the hairpin SNAT.
     all_answered(&ns, "192.168.1.20", 3);
     assert_eq!(from(&s.vm3, "192.168.1.10"), 8);
@@ -116,16 +151,30 @@ fn snat_floating_ip_hairpin_and_tenant_traffic_follow_the_agents_rules() {
 
     // TCP both ways, through SNAT and through the floating IP.
     let (n, same, peer) = tcp_transfer_via(&s.vm1, &out, OUT, OUT, 8 << 20);
-    assert_eq!((n, same, peer.as_str()), (8 << 20, true, "192.168.1.10"), "vm1 → outside");
+    assert_eq!(
+        (n, same, peer.as_str()),
+        (8 << 20, true, "192.168.1.10"),
+        "vm1 → outside"
+    );
     let (n, same, peer) = tcp_transfer_via(&out, &s.vm3, "192.168.1.20", "0.0.0.0", 8 << 20);
-    assert_eq!((n, same, peer.as_str()), (8 << 20, true, OUT), "outside → vm3's floating IP");
+    assert_eq!(
+        (n, same, peer.as_str()),
+        (8 << 20, true, OUT),
+        "outside → vm3's floating IP"
+    );
     let (n, same, peer) = tcp_transfer_via(&s.vm3, &out, OUT, OUT, 8 << 20);
-    assert_eq!((n, same, peer.as_str()), (8 << 20, true, "192.168.1.20"), "vm3 → outside");
+    assert_eq!(
+        (n, same, peer.as_str()),
+        (8 << 20, true, "192.168.1.20"),
+        "vm3 → outside"
+    );
 
     // The fast path carries established NAT flows: a ping flood to the floating IP, and a
     // UDP flow through SNAT, at least 90 % each by its own counters.
     let (g0, b0, a0) = (nat_counts(&s, &g), nat_counts(&s, &b), nat_counts(&s, &a));
-    let flood = sh_out(&format!("ip netns exec {out} ping -f -c 2000 -w 20 192.168.1.20"));
+    let flood = sh_out(&format!(
+        "ip netns exec {out} ping -f -c 2000 -w 20 192.168.1.20"
+    ));
     let text = String::from_utf8_lossy(&flood.stdout);
     assert!(text.contains("2000 received"), "flood lost replies: {text}");
     let (g1, b1) = (nat_counts(&s, &g), nat_counts(&s, &b));
@@ -134,19 +183,47 @@ fn snat_floating_ip_hairpin_and_tenant_traffic_follow_the_agents_rules() {
         g1.1 - g0.1,
         b1.0 - b0.0
     );
-    assert!(g1.1 - g0.1 >= 1800, "floating IP inbound: {} of 2000 in the fast path", g1.1 - g0.1);
-    assert!(b1.0 - b0.0 >= 1800, "floating IP outbound: {} of 2000 in the fast path", b1.0 - b0.0);
+    assert!(
+        g1.1 - g0.1 >= 1800,
+        "floating IP inbound: {} of 2000 in the fast path",
+        g1.1 - g0.1
+    );
+    assert!(
+        b1.0 - b0.0 >= 1800,
+        "floating IP outbound: {} of 2000 in the fast path",
+        b1.0 - b0.0
+    );
     let before = from(&out, "192.168.1.10");
     udp_flow(&s.vm1, OUT, 2000);
     std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(from(&out, "192.168.1.10") - before, 2000, "UDP through SNAT");
+    assert_eq!(
+        from(&out, "192.168.1.10") - before,
+        2000,
+        "UDP through SNAT"
+    );
     let a1 = nat_counts(&s, &a);
-    eprintln!("UDP through SNAT: {} of 2000 translated by the fast path", a1.0 - a0.0);
-    assert!(a1.0 - a0.0 >= 1800, "SNAT UDP: {} of 2000 in the fast path", a1.0 - a0.0);
+    eprintln!(
+        "UDP through SNAT: {} of 2000 translated by the fast path",
+        a1.0 - a0.0
+    );
+    assert!(
+        a1.0 - a0.0 >= 1800,
+        "SNAT UDP: {} of 2000 in the fast path",
+        a1.0 - a0.0
+    );
     // What the kernel got instead is counted by reason.
     let v = ctl_json(&["stats", &s.ids.router_id]);
-    let passed_a = v.as_array().unwrap().iter().find(|d| d["device"] == a.as_str()).unwrap()["passed"]["reasons"].clone();
-    assert!(passed_a["nat_no_flow"].as_u64().unwrap() >= 1, "a new flow's first packet goes to the kernel: {passed_a}");
+    let passed_a = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["device"] == a.as_str())
+        .unwrap()["passed"]["reasons"]
+        .clone();
+    assert!(
+        passed_a["nat_no_flow"].as_u64().unwrap() >= 1,
+        "a new flow's first packet goes to the kernel: {passed_a}"
+    );
 }
 
 #[test]
@@ -159,7 +236,10 @@ fn snat_off_and_a_floating_ip_moved_then_removed() {
     // Without SNAT, vm1 leaves untranslated (and the upstream router cannot answer it).
     let (sent, got) = Seed::ping_counts(&s.vm1, OUT, 3);
     assert_eq!((sent > 0, got), (true, 0));
-    assert_eq!((from(&out, "172.16.100.3"), from(&out, "192.168.1.10")), (sent as u64, 0));
+    assert_eq!(
+        (from(&out, "172.16.100.3"), from(&out, "192.168.1.10")),
+        (sent as u64, 0)
+    );
     // The floating IP still translates.
     all_answered(&s.vm3, OUT, 3);
     assert_eq!(from(&out, "192.168.1.20"), 3);
@@ -169,14 +249,22 @@ fn snat_off_and_a_floating_ip_moved_then_removed() {
     let moved = ids.config_nat("enable_snat = false", FIP_VM1);
     let through_fip = |ns: &str| {
         let f: std::net::Ipv4Addr = "192.168.1.20".parse().unwrap();
-        in_ns(ns, || router_ctl::kernel::conntrack::Conntrack::open(0).unwrap().dump().unwrap())
-            .join()
-            .unwrap()
-            .into_iter()
-            .filter(|x| x.orig.dst == f || x.reply.dst == f)
-            .count()
+        in_ns(ns, || {
+            router_ctl::kernel::conntrack::Conntrack::open(0)
+                .unwrap()
+                .dump()
+                .unwrap()
+        })
+        .join()
+        .unwrap()
+        .into_iter()
+        .filter(|x| x.orig.dst == f || x.reply.dst == f)
+        .count()
     };
-    assert!(through_fip(&ns) >= 2, "the kernel tracks flows through the floating IP before the move");
+    assert!(
+        through_fip(&ns) >= 2,
+        "the kernel tracks flows through the floating IP before the move"
+    );
     s.apply(&moved);
     assert_eq!(through_fip(&ns), 0, "flows of the moved floating IP remain");
     count_sources(&s.vm1, &[OUT]);
@@ -190,11 +278,21 @@ fn snat_off_and_a_floating_ip_moved_then_removed() {
     assert_eq!(got, 0);
     // Destroy removes the NAT table and the agent's sysctls from the adopted namespace.
     let out = tests::ctl(&["destroy", &s.ids.router_id]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     s.destroyed();
     let tables = sh(&format!("ip netns exec {ns} nft list tables"));
     assert!(!tables.contains("router_nat"), "{tables}");
-    assert_eq!(sh(&format!("ip netns exec {ns} sysctl -n net.ipv4.conf.all.arp_ignore")).trim(), "0");
+    assert_eq!(
+        sh(&format!(
+            "ip netns exec {ns} sysctl -n net.ipv4.conf.all.arp_ignore"
+        ))
+        .trim(),
+        "0"
+    );
 }
 
 fn ctl_ok(args: &[&str]) -> String {
@@ -226,9 +324,17 @@ fn gateway_and_floating_ip_verbs_change_what_forwards() {
     s.prime_neighbours();
     count_sources(&out, &["192.168.1.10"]);
     let v: serde_json::Value = serde_json::from_str(&ctl_ok(&[
-        "router", "set", &id, "--external-gateway", &net, "--port-id", &s.ids.port_g,
-        "--fixed-ip", "subnet=192.168.1.0/24,ip-address=192.168.1.10,gateway=192.168.1.1",
-        "-f", "json",
+        "router",
+        "set",
+        &id,
+        "--external-gateway",
+        &net,
+        "--port-id",
+        &s.ids.port_g,
+        "--fixed-ip",
+        "subnet=192.168.1.0/24,ip-address=192.168.1.10,gateway=192.168.1.1",
+        "-f",
+        "json",
     ]))
     .unwrap();
     assert_eq!(v["external_gateway_info"]["enable_snat"], true, "{v}");
@@ -236,40 +342,120 @@ fn gateway_and_floating_ip_verbs_change_what_forwards() {
     all_answered(&s.vm1, OUT, 3);
     assert_eq!(from(&out, "192.168.1.10"), 3);
     // Refusals name the field and change nothing.
-    let e = ctl_err(&["floating", "ip", "create", "--router", &id, "--floating-ip-address", "10.9.9.9", "--fixed-ip-address", "172.16.101.3"]);
-    assert!(e.contains("'floating_ip_address' = 10.9.9.9 is outside every external subnet"), "{e}");
-    let e = ctl_err(&["router", "set", &id, "--external-gateway", "public", "--fixed-ip", "subnet=192.168.1.0/24"]);
+    let e = ctl_err(&[
+        "floating",
+        "ip",
+        "create",
+        "--router",
+        &id,
+        "--floating-ip-address",
+        "10.9.9.9",
+        "--fixed-ip-address",
+        "172.16.101.3",
+    ]);
+    assert!(
+        e.contains("'floating_ip_address' = 10.9.9.9 is outside every external subnet"),
+        "{e}"
+    );
+    let e = ctl_err(&[
+        "router",
+        "set",
+        &id,
+        "--external-gateway",
+        "public",
+        "--fixed-ip",
+        "subnet=192.168.1.0/24",
+    ]);
     assert!(e.contains("ip-address= is missing"), "{e}");
 
     // The new floating IP is announced to the external network (gratuitous ARP).
     let garp = tests::topo::capture(&s.ext(), "up0", |f| {
-        f.len() >= 42 && f[12..14] == [8, 6] && f[28..32] == [192, 168, 1, 20] && f[38..42] == [192, 168, 1, 20]
+        f.len() >= 42
+            && f[12..14] == [8, 6]
+            && f[28..32] == [192, 168, 1, 20]
+            && f[38..42] == [192, 168, 1, 20]
     });
     let v: serde_json::Value = serde_json::from_str(&ctl_ok(&[
-        "floating", "ip", "create", "--router", &id, "--floating-ip-address", "192.168.1.20",
-        "--fixed-ip-address", "172.16.101.3", "-f", "json",
+        "floating",
+        "ip",
+        "create",
+        "--router",
+        &id,
+        "--floating-ip-address",
+        "192.168.1.20",
+        "--fixed-ip-address",
+        "172.16.101.3",
+        "-f",
+        "json",
     ]))
     .unwrap();
-    assert_eq!((v["status"].as_str(), v["fixed_ip_address"].as_str()), (Some("ACTIVE"), Some("172.16.101.3")));
-    assert!(garp.join().unwrap().is_some(), "no gratuitous ARP for the new floating IP");
+    assert_eq!(
+        (v["status"].as_str(), v["fixed_ip_address"].as_str()),
+        (Some("ACTIVE"), Some("172.16.101.3"))
+    );
+    assert!(
+        garp.join().unwrap().is_some(),
+        "no gratuitous ARP for the new floating IP"
+    );
     count_sources(&s.vm3, &[OUT]);
     count_sources(&s.vm1, &[OUT]);
     all_answered(&out, "192.168.1.20", 3);
     assert_eq!(from(&s.vm3, OUT), 3);
-    ctl_ok(&["floating", "ip", "set", "192.168.1.20", "--router", &id, "--fixed-ip-address", "172.16.100.3"]);
+    ctl_ok(&[
+        "floating",
+        "ip",
+        "set",
+        "192.168.1.20",
+        "--router",
+        &id,
+        "--fixed-ip-address",
+        "172.16.100.3",
+    ]);
     all_answered(&out, "192.168.1.20", 3);
-    assert_eq!((from(&s.vm1, OUT), from(&s.vm3, OUT)), (3, 3), "moved to vm1");
-    let v: serde_json::Value =
-        serde_json::from_str(&ctl_ok(&["floating", "ip", "unset", "192.168.1.20", "--router", &id, "-f", "json"])).unwrap();
-    assert_eq!((v["status"].as_str(), v["fixed_ip_address"].is_null()), (Some("DOWN"), true), "{v}");
-    assert_eq!(Seed::ping_counts(&out, "192.168.1.20", 2).1, 0, "a disassociated floating IP answers nothing");
-    let list: serde_json::Value = serde_json::from_str(&ctl_ok(&["floating", "ip", "list", "-f", "json"])).unwrap();
-    assert!(list.as_array().unwrap().iter().any(|f| f["floating_ip_address"] == "192.168.1.20"), "{list}");
+    assert_eq!(
+        (from(&s.vm1, OUT), from(&s.vm3, OUT)),
+        (3, 3),
+        "moved to vm1"
+    );
+    let v: serde_json::Value = serde_json::from_str(&ctl_ok(&[
+        "floating",
+        "ip",
+        "unset",
+        "192.168.1.20",
+        "--router",
+        &id,
+        "-f",
+        "json",
+    ]))
+    .unwrap();
+    assert_eq!(
+        (v["status"].as_str(), v["fixed_ip_address"].is_null()),
+        (Some("DOWN"), true),
+        "{v}"
+    );
+    assert_eq!(
+        Seed::ping_counts(&out, "192.168.1.20", 2).1,
+        0,
+        "a disassociated floating IP answers nothing"
+    );
+    let list: serde_json::Value =
+        serde_json::from_str(&ctl_ok(&["floating", "ip", "list", "-f", "json"])).unwrap();
+    assert!(
+        list.as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f["floating_ip_address"] == "192.168.1.20"),
+        "{list}"
+    );
     let e = ctl_err(&["router", "unset", &id, "--external-gateway"]);
-    assert!(e.contains("floating IPs 192.168.1.20 need the external gateway"), "{e}");
+    assert!(
+        e.contains("floating IPs 192.168.1.20 need the external gateway"),
+        "{e}"
+    );
     ctl_ok(&["floating", "ip", "delete", "192.168.1.20", "--router", &id]);
     ctl_ok(&["router", "unset", &id, "--external-gateway"]);
-    let v: serde_json::Value = serde_json::from_str(&ctl_ok(&["router", "show", &id, "-f", "json"])).unwrap();
+    let v: serde_json::Value =
+        serde_json::from_str(&ctl_ok(&["router", "show", &id, "-f", "json"])).unwrap();
     assert!(v["external_gateway_info"].is_null(), "{v}");
     assert!(!sh(&format!("ip -n {ns} -4 -o addr show dev {g}")).contains("192.168.1.10"));
     assert!(!sh(&format!("ip netns exec {ns} nft list tables")).contains("router_nat"));
@@ -283,7 +469,10 @@ fn paced_stream(
     to: &str,
     to_ip: &str,
     secs: u64,
-) -> (std::thread::JoinHandle<usize>, std::thread::JoinHandle<(usize, bool, String)>) {
+) -> (
+    std::thread::JoinHandle<usize>,
+    std::thread::JoinHandle<(usize, bool, String)>,
+) {
     use std::io::{Read, Write};
     let addr = format!("{to_ip}:5002");
     let (tx, rx) = std::sync::mpsc::channel();
@@ -299,7 +488,10 @@ fn paced_stream(
             match c.read(&mut buf) {
                 Ok(0) => break,
                 Ok(k) => {
-                    ok &= buf[..k].iter().enumerate().all(|(i, b)| *b == ((n + i) % 251) as u8);
+                    ok &= buf[..k]
+                        .iter()
+                        .enumerate()
+                        .all(|(i, b)| *b == ((n + i) % 251) as u8);
                     n += k;
                 }
                 Err(_) => {
@@ -312,7 +504,9 @@ fn paced_stream(
     });
     rx.recv_timeout(Duration::from_secs(5)).unwrap();
     let client = in_ns(from, move || {
-        let mut c = std::net::TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_secs(5)).unwrap();
+        let mut c =
+            std::net::TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_secs(5))
+                .unwrap();
         c.set_write_timeout(Some(Duration::from_secs(20))).unwrap();
         let t0 = std::time::Instant::now();
         let mut n = 0usize;
@@ -341,27 +535,56 @@ fn nat_connections_survive_a_daemon_restart_and_a_program_swap() {
     let (out, a) = (s.out(), s.ids.dev_a());
     s.prime_neighbours();
     all_answered(&s.vm1, OUT, 2);
-    let path = tests::topo::write_config(&format!("{}-nat", s.ids.tag), &s.ids.config_nat("", FIP_VM3));
+    let path = tests::topo::write_config(
+        &format!("{}-nat", s.ids.tag),
+        &s.ids.config_nat("", FIP_VM3),
+    );
     let (c1, s1) = paced_stream(&s.vm1, &out, OUT, 8);
     let a0 = nat_counts(&s, &a).0;
     std::thread::sleep(Duration::from_secs(2));
     let a1 = nat_counts(&s, &a).0;
-    assert!(a1 > a0, "the fast path carries the SNAT flow before the restart");
-    tests::topo::restart_daemon(&[], &std::env::temp_dir().join(format!("router-test-{}-nat-daemon.log", s.ids.tag)));
+    assert!(
+        a1 > a0,
+        "the fast path carries the SNAT flow before the restart"
+    );
+    tests::topo::restart_daemon(
+        &[],
+        &std::env::temp_dir().join(format!("router-test-{}-nat-daemon.log", s.ids.tag)),
+    );
     std::thread::sleep(Duration::from_secs(2));
     let outp = tests::ctl(&["apply", "--reload", "-f", &path]);
-    assert!(outp.status.success(), "{}", String::from_utf8_lossy(&outp.stderr));
+    assert!(
+        outp.status.success(),
+        "{}",
+        String::from_utf8_lossy(&outp.stderr)
+    );
     std::thread::sleep(Duration::from_secs(1));
     let a2 = nat_counts(&s, &a).0;
     let sent = c1.join().unwrap();
     let (got, intact, peer) = s1.join().unwrap();
-    assert_eq!((got, intact, peer.as_str()), (sent, true, "192.168.1.10"), "the SNAT connection");
+    assert_eq!(
+        (got, intact, peer.as_str()),
+        (sent, true, "192.168.1.10"),
+        "the SNAT connection"
+    );
     let a3 = nat_counts(&s, &a).0;
-    assert!(a3 > a2, "the fast path carries the flow again after the restart and the swap ({a2} → {a3})");
+    assert!(
+        a3 > a2,
+        "the fast path carries the flow again after the restart and the swap ({a2} → {a3})"
+    );
     // The connection's FIN, a flow the fast path knows, went to the kernel, counted.
     let v = ctl_json(&["stats", &s.ids.router_id]);
-    let passed_a = v.as_array().unwrap().iter().find(|d| d["device"] == a.as_str()).unwrap()["passed"]["reasons"].clone();
-    assert!(passed_a["nat_tcp_control"].as_u64().unwrap() >= 1, "FIN goes to the kernel: {passed_a}");
+    let passed_a = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["device"] == a.as_str())
+        .unwrap()["passed"]["reasons"]
+        .clone();
+    assert!(
+        passed_a["nat_tcp_control"].as_u64().unwrap() >= 1,
+        "FIN goes to the kernel: {passed_a}"
+    );
 }
 
 /// 2 000 concurrent UDP flows from vm1 through SNAT, two datagrams each (the second after all
@@ -381,14 +604,26 @@ fn thousands_of_concurrent_snat_flows_get_distinct_stable_ports() {
         let fd = std::os::fd::AsRawFd::as_raw_fd(&u);
         let size: libc::c_int = 8 << 20;
         // SAFETY: setsockopt with an int.
-        unsafe { libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, &size as *const _ as *const libc::c_void, 4) };
+        unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUFFORCE,
+                &size as *const _ as *const libc::c_void,
+                4,
+            )
+        };
         u.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
         tx.send(()).unwrap();
         let mut seen = Vec::new();
         let mut buf = [0u8; 16];
         while let Ok((n, peer)) = u.recv_from(&mut buf) {
             if n == 5 {
-                seen.push((u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]), buf[4], peer));
+                seen.push((
+                    u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]),
+                    buf[4],
+                    peer,
+                ));
             }
         }
         seen
@@ -396,8 +631,9 @@ fn thousands_of_concurrent_snat_flows_get_distinct_stable_ports() {
     rx.recv().unwrap();
     let before = nat_counts(&s, &a).0;
     in_ns(&s.vm1, move || {
-        let socks: Vec<std::net::UdpSocket> =
-            (0..FLOWS).map(|_| std::net::UdpSocket::bind("0.0.0.0:0").unwrap()).collect();
+        let socks: Vec<std::net::UdpSocket> = (0..FLOWS)
+            .map(|_| std::net::UdpSocket::bind("0.0.0.0:0").unwrap())
+            .collect();
         for round in 0..2u8 {
             for (i, u) in socks.iter().enumerate() {
                 let mut m = (i as u32).to_be_bytes().to_vec();
@@ -413,16 +649,34 @@ fn thousands_of_concurrent_snat_flows_get_distinct_stable_ports() {
     let seen = server.join().unwrap();
     let mut port_of = std::collections::BTreeMap::new();
     for (flow, round, peer) in &seen {
-        assert_eq!(peer.ip().to_string(), "192.168.1.10", "flow {flow} left with another source");
+        assert_eq!(
+            peer.ip().to_string(),
+            "192.168.1.10",
+            "flow {flow} left with another source"
+        );
         let p = port_of.entry(*flow).or_insert(peer.port());
-        assert_eq!(*p, peer.port(), "flow {flow} changed its port in round {round}");
+        assert_eq!(
+            *p,
+            peer.port(),
+            "flow {flow} changed its port in round {round}"
+        );
     }
     assert_eq!(seen.len(), 2 * FLOWS as usize, "datagrams lost");
     let ports: std::collections::BTreeSet<u16> = port_of.values().copied().collect();
-    assert_eq!(ports.len(), FLOWS as usize, "two flows share a gateway port");
+    assert_eq!(
+        ports.len(),
+        FLOWS as usize,
+        "two flows share a gateway port"
+    );
     let carried = nat_counts(&s, &a).0 - before;
-    eprintln!("{carried} of {} datagrams translated by the fast path", 2 * FLOWS);
-    assert!(carried >= FLOWS as u64 * 9 / 10, "the second datagrams should be the fast path's: {carried}");
+    eprintln!(
+        "{carried} of {} datagrams translated by the fast path",
+        2 * FLOWS
+    );
+    assert!(
+        carried >= FLOWS as u64 * 9 / 10,
+        "the second datagrams should be the fast path's: {carried}"
+    );
 }
 
 /// A connected UDP socket in `ns` sends to `dst` (a closed port) and waits for the ICMP port
@@ -459,15 +713,31 @@ fn icmp_errors_pmtu_and_udp_without_checksum_cross_the_nat() {
     s.prime_neighbours();
     all_answered(&s.vm1, OUT, 2);
     // ICMP errors: from outside back through SNAT, from vm3 out through its floating IP.
-    assert!(refused(&s.vm1, "203.0.113.5:7777"), "port unreachable through SNAT");
-    assert!(refused(&out, "192.168.1.20:7777"), "port unreachable from vm3 through its floating IP");
+    assert!(
+        refused(&s.vm1, "203.0.113.5:7777"),
+        "port unreachable through SNAT"
+    );
+    assert!(
+        refused(&out, "192.168.1.20:7777"),
+        "port unreachable from vm3 through its floating IP"
+    );
     // PMTU: the link beyond the upstream router takes 1280 bytes; vm1 and vm3 send bulk TCP
     // with DF, and the upstream router's fragmentation-needed errors must reach them.
-    sh(&format!("ip -n {ext} link set o0 mtu 1280 && ip -n {out} link set e0 mtu 1280"));
+    sh(&format!(
+        "ip -n {ext} link set o0 mtu 1280 && ip -n {out} link set e0 mtu 1280"
+    ));
     let (n, same, peer) = tcp_transfer_via(&s.vm1, &out, OUT, OUT, 4 << 20);
-    assert_eq!((n, same, peer.as_str()), (4 << 20, true, "192.168.1.10"), "PMTU through SNAT");
+    assert_eq!(
+        (n, same, peer.as_str()),
+        (4 << 20, true, "192.168.1.10"),
+        "PMTU through SNAT"
+    );
     let (n, same, peer) = tcp_transfer_via(&s.vm3, &out, OUT, OUT, 4 << 20);
-    assert_eq!((n, same, peer.as_str()), (4 << 20, true, "192.168.1.20"), "PMTU through the floating IP");
+    assert_eq!(
+        (n, same, peer.as_str()),
+        (4 << 20, true, "192.168.1.20"),
+        "PMTU through the floating IP"
+    );
     // UDP without a checksum: sent with SO_NO_CHECK, received intact at the outside host (a
     // wrong checksum would be dropped there), most of them translated by the fast path.
     let (tx, rx) = std::sync::mpsc::channel();
@@ -478,7 +748,10 @@ fn icmp_errors_pmtu_and_udp_without_checksum_cross_the_nat() {
         let mut got = 0;
         let mut buf = [0u8; 64];
         while let Ok((n, peer)) = u.recv_from(&mut buf) {
-            if n == 32 && buf[..32].iter().all(|b| *b == 0x5a) && peer.ip().to_string() == "192.168.1.10" {
+            if n == 32
+                && buf[..32].iter().all(|b| *b == 0x5a)
+                && peer.ip().to_string() == "192.168.1.10"
+            {
                 got += 1;
             }
         }
@@ -490,7 +763,15 @@ fn icmp_errors_pmtu_and_udp_without_checksum_cross_the_nat() {
         let u = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
         let one: libc::c_int = 1;
         // SAFETY: SO_NO_CHECK (11) with an int: the kernel sends checksum 0.
-        let rc = unsafe { libc::setsockopt(std::os::fd::AsRawFd::as_raw_fd(&u), libc::SOL_SOCKET, 11, &one as *const _ as *const libc::c_void, 4) };
+        let rc = unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&u),
+                libc::SOL_SOCKET,
+                11,
+                &one as *const _ as *const libc::c_void,
+                4,
+            )
+        };
         assert_eq!(rc, 0);
         for _ in 0..200 {
             u.send_to(&[0x5a; 32], "203.0.113.5:5003").unwrap();
@@ -499,8 +780,15 @@ fn icmp_errors_pmtu_and_udp_without_checksum_cross_the_nat() {
     })
     .join()
     .unwrap();
-    assert_eq!(server.join().unwrap(), 200, "UDP datagrams without checksum lost or altered");
-    assert!(nat_counts(&s, &a).0 - before >= 180, "checksum-less UDP should be the fast path's");
+    assert_eq!(
+        server.join().unwrap(),
+        200,
+        "UDP datagrams without checksum lost or altered"
+    );
+    assert!(
+        nat_counts(&s, &a).0 - before >= 180,
+        "checksum-less UDP should be the fast path's"
+    );
 }
 
 /// The kernel's conntrack stays in charge of a flow's life: a one-way UDP flow the fast path
@@ -512,7 +800,9 @@ fn flows_in_use_stay_alive_in_the_kernel_and_idle_ones_are_forgotten() {
     require_root();
     let s = Seed::up_nat(|ids| ids.config_nat("", ""));
     let (ns, out, a, id) = (s.ns(), s.out(), s.ids.dev_a(), s.ids.router_id.clone());
-    sh(&format!("ip netns exec {ns} sysctl -qw net.netfilter.nf_conntrack_udp_timeout=3"));
+    sh(&format!(
+        "ip netns exec {ns} sysctl -qw net.netfilter.nf_conntrack_udp_timeout=3"
+    ));
     s.prime_neighbours();
     all_answered(&s.vm1, OUT, 2);
     std::thread::sleep(Duration::from_millis(1500));
@@ -543,11 +833,18 @@ fn flows_in_use_stay_alive_in_the_kernel_and_idle_ones_are_forgotten() {
     // so an entry left to expire would be gone from it, and its flow from the fast path).
     let t0 = std::time::Instant::now();
     while t0.elapsed() < Duration::from_secs(7) {
-        let flows = in_ns(&ns, || router_ctl::kernel::conntrack::Conntrack::open(0).unwrap().dump().unwrap())
-            .join()
-            .unwrap();
+        let flows = in_ns(&ns, || {
+            router_ctl::kernel::conntrack::Conntrack::open(0)
+                .unwrap()
+                .dump()
+                .unwrap()
+        })
+        .join()
+        .unwrap();
         assert!(
-            flows.iter().any(|f| f.orig.sport == 40404 && f.orig.proto == 17),
+            flows
+                .iter()
+                .any(|f| f.orig.sport == 40404 && f.orig.proto == 17),
             "the kernel's entry of a flow in use expired after {:.1} s",
             t0.elapsed().as_secs_f64()
         );
@@ -555,27 +852,49 @@ fn flows_in_use_stay_alive_in_the_kernel_and_idle_ones_are_forgotten() {
     }
     let flows = ctl_json(&["nat", &id]);
     assert!(
-        flows.as_array().unwrap().iter().any(|f| f["from"] == "172.16.100.3:40404 → 203.0.113.5:5004"),
+        flows
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f["from"] == "172.16.100.3:40404 → 203.0.113.5:5004"),
         "the fast path has the flow: {flows}"
     );
     sender.join().unwrap();
     let (n, ports) = server.join().unwrap();
     assert_eq!(n, 400, "datagrams lost");
-    assert_eq!(ports.len(), 1, "the flow's gateway port changed: the kernel expired it under traffic ({ports:?})");
-    assert!(nat_counts(&s, &a).0 - before >= 390, "the fast path carried the flow");
+    assert_eq!(
+        ports.len(),
+        1,
+        "the flow's gateway port changed: the kernel expired it under traffic ({ports:?})"
+    );
+    assert!(
+        nat_counts(&s, &a).0 - before >= 390,
+        "the fast path carried the flow"
+    );
     // Idle: the kernel expires it (3 s) and the fast path's copy goes with it.
     let t0 = std::time::Instant::now();
     let waited = || t0.elapsed();
     loop {
         let flows = ctl_json(&["nat", &id]);
-        if !flows.as_array().unwrap().iter().any(|f| f["from"].as_str().unwrap_or("").contains(":40404")) {
+        if !flows
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f["from"].as_str().unwrap_or("").contains(":40404"))
+        {
             break;
         }
         // The kernel reaps expired entries from a periodic worker: allow it time.
-        assert!(t0.elapsed() < Duration::from_secs(40), "an expired flow stayed in the fast path: {flows}");
+        assert!(
+            t0.elapsed() < Duration::from_secs(40),
+            "an expired flow stayed in the fast path: {flows}"
+        );
         std::thread::sleep(Duration::from_millis(250));
     }
-    eprintln!("the idle flow left the fast path {:.1} s after its last packet", waited().as_secs_f64());
+    eprintln!(
+        "the idle flow left the fast path {:.1} s after its last packet",
+        waited().as_secs_f64()
+    );
 }
 
 /// Where a differential frame is sent from.
@@ -594,7 +913,14 @@ fn ipv4_frame(dst_mac: [u8; 6], src_mac: [u8; 6], ip: &tests::frame::Ipv4, l4: &
 }
 
 /// A UDP datagram with a checksum computed from scratch (or 0 when `zero`).
-fn udp_dgram(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, payload: &[u8], zero: bool) -> Vec<u8> {
+fn udp_dgram(
+    src: [u8; 4],
+    dst: [u8; 4],
+    sport: u16,
+    dport: u16,
+    payload: &[u8],
+    zero: bool,
+) -> Vec<u8> {
     let mut u = tests::frame::udp(sport, dport, payload);
     if !zero {
         let mut p = Vec::new();
@@ -627,7 +953,9 @@ fn mac_of(ns: &str, dev: &str) -> [u8; 6] {
 fn exchange(s: &Seed, frames: &[(Side, Vec<u8>)]) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
     let open = |ns: &str, dev: &str| {
         let dev = std::ffi::CString::new(dev).unwrap();
-        in_ns(ns, move || tests::topo::packet_socket(&dev)).join().unwrap()
+        in_ns(ns, move || tests::topo::packet_socket(&dev))
+            .join()
+            .unwrap()
     };
     let (ext, vm3) = (open(&s.ext(), "up0"), open(&s.vm3, &s.ids.tap_b()));
     for (side, f) in frames {
@@ -637,7 +965,12 @@ fn exchange(s: &Seed, frames: &[(Side, Vec<u8>)]) -> (Vec<Vec<u8>>, Vec<Vec<u8>>
         };
         // SAFETY: sends f on a bound packet socket.
         let n = unsafe { libc::send(fd, f.as_ptr() as *const libc::c_void, f.len(), 0) };
-        assert_eq!(n, f.len() as isize, "send: {}", std::io::Error::last_os_error());
+        assert_eq!(
+            n,
+            f.len() as isize,
+            "send: {}",
+            std::io::Error::last_os_error()
+        );
         std::thread::sleep(Duration::from_millis(3));
     }
     std::thread::sleep(Duration::from_millis(200));
@@ -685,20 +1018,36 @@ fn the_fast_path_translates_what_the_kernels_nat_translates() {
     all_answered(&ext, "192.168.1.20", 1);
     // Neighbours fixed, and neither end's kernel answers anything: every frame recorded is the
     // router's doing.
-    let (qg, qrb, up0, tapb) = (mac_of(&ns, &g), mac_of(&ns, &b), mac_of(&ext, "up0"), mac_of(&s.vm3, &s.ids.tap_b()));
+    let (qg, qrb, up0, tapb) = (
+        mac_of(&ns, &g),
+        mac_of(&ns, &b),
+        mac_of(&ext, "up0"),
+        mac_of(&s.vm3, &s.ids.tap_b()),
+    );
     let fmt = router_ctl::config::fmt_mac;
     sh(&format!(
         "ip -n {ns} neigh replace 172.16.101.3 lladdr {} nud permanent dev {b} && ip -n {ns} neigh replace 192.168.1.1 lladdr {} nud permanent dev {g}",
         fmt(&tapb),
         fmt(&up0)
     ));
-    for (n, dev) in [(ext.clone(), "up0".to_string()), (s.vm3.clone(), s.ids.tap_b())] {
+    for (n, dev) in [
+        (ext.clone(), "up0".to_string()),
+        (s.vm3.clone(), s.ids.tap_b()),
+    ] {
         sh(&format!(
             "ip netns exec {n} nft add table netdev deaf && ip netns exec {n} nft add chain netdev deaf in '{{ type filter hook ingress device \"{dev}\" priority 0; policy drop; }}'"
         ));
     }
-    let (out, fip, x, up) = ([203, 0, 113, 5], [192, 168, 1, 20], [172, 16, 101, 3], [192, 168, 1, 1]);
-    let ip = |src, dst, proto, ttl| tests::frame::Ipv4 { protocol: proto, ..tests::frame::Ipv4::udp(src, dst, ttl) };
+    let (out, fip, x, up) = (
+        [203, 0, 113, 5],
+        [192, 168, 1, 20],
+        [172, 16, 101, 3],
+        [192, 168, 1, 1],
+    );
+    let ip = |src, dst, proto, ttl| tests::frame::Ipv4 {
+        protocol: proto,
+        ..tests::frame::Ipv4::udp(src, dst, ttl)
+    };
     let from_ext = |i: &tests::frame::Ipv4, l4: &[u8]| (Side::Ext, ipv4_frame(qg, up0, i, l4));
     let from_vm3 = |i: &tests::frame::Ipv4, l4: &[u8]| (Side::Vm3, ipv4_frame(qrb, tapb, i, l4));
     let pay = [0x42u8; 24];
@@ -717,28 +1066,61 @@ fn the_fast_path_translates_what_the_kernels_nat_translates() {
         p
     };
     let primers = vec![
-        from_ext(&ip(out, fip, 17, 64), &udp_dgram(out, fip, 5000, 6000, &pay, false)),
-        from_ext(&ip(out, fip, 17, 64), &udp_dgram(out, fip, 5001, 6001, &pay, true)),
+        from_ext(
+            &ip(out, fip, 17, 64),
+            &udp_dgram(out, fip, 5000, 6000, &pay, false),
+        ),
+        from_ext(
+            &ip(out, fip, 17, 64),
+            &udp_dgram(out, fip, 5001, 6001, &pay, true),
+        ),
         from_ext(&ip(out, fip, 1, 64), &echo(8, 1)),
     ];
     let frames = vec![
-        from_ext(&ip(out, fip, 17, 64), &udp_dgram(out, fip, 5000, 6000, &pay, false)),
-        from_ext(&ip(out, fip, 17, 2), &udp_dgram(out, fip, 5000, 6000, &pay, false)),
-        from_ext(&ip(out, fip, 17, 64), &udp_dgram(out, fip, 5001, 6001, &pay, true)),
+        from_ext(
+            &ip(out, fip, 17, 64),
+            &udp_dgram(out, fip, 5000, 6000, &pay, false),
+        ),
+        from_ext(
+            &ip(out, fip, 17, 2),
+            &udp_dgram(out, fip, 5000, 6000, &pay, false),
+        ),
+        from_ext(
+            &ip(out, fip, 17, 64),
+            &udp_dgram(out, fip, 5001, 6001, &pay, true),
+        ),
         from_ext(&ip(out, fip, 1, 64), &echo(8, 2)),
-        from_vm3(&ip(x, out, 17, 64), &udp_dgram(x, out, 6000, 5000, &pay, false)),
-        from_vm3(&ip(x, out, 17, 64), &udp_dgram(x, out, 6001, 5001, &pay, true)),
+        from_vm3(
+            &ip(x, out, 17, 64),
+            &udp_dgram(x, out, 6000, 5000, &pay, false),
+        ),
+        from_vm3(
+            &ip(x, out, 17, 64),
+            &udp_dgram(x, out, 6001, 5001, &pay, true),
+        ),
         from_vm3(&ip(x, out, 1, 64), &echo(0, 2)),
         from_vm3(&ip(x, out, 1, 64), &icmp_msg(3, 3, [0; 4], &quoted_in)),
-        from_ext(&ip(up, fip, 1, 64), &icmp_msg(3, 4, [0, 0, 0x05, 0x00], &quoted_out)),
+        from_ext(
+            &ip(up, fip, 1, 64),
+            &icmp_msg(3, 4, [0, 0, 0x05, 0x00], &quoted_out),
+        ),
     ];
     let id = s.ids.router_id.clone();
     let mut runs = Vec::new();
     for fast in [false, true] {
         if fast {
             let t = s.ids.config_nat("", FIP_VM3);
-            let out = tests::ctl(&["apply", "--reload", "-f", &tests::topo::write_config(&format!("{}-diff", s.ids.tag), &t)]);
-            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            let out = tests::ctl(&[
+                "apply",
+                "--reload",
+                "-f",
+                &tests::topo::write_config(&format!("{}-diff", s.ids.tag), &t),
+            ]);
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         } else {
             for d in [s.ids.dev_a(), s.ids.dev_b(), s.ids.dev_g()] {
                 let _ = std::fs::remove_file(router_ctl::state::link_pin(&id, &d));
@@ -750,21 +1132,53 @@ fn the_fast_path_translates_what_the_kernels_nat_translates() {
         let _ = exchange(&s, &primers);
         // The daemon copies the flows conntrack just confirmed.
         std::thread::sleep(Duration::from_millis(300));
-        let t0: u64 = s.stats().iter().map(|d| d["nat"]["source_translated"].as_u64().unwrap() + d["nat"]["destination_translated"].as_u64().unwrap()).sum();
+        let t0: u64 = s
+            .stats()
+            .iter()
+            .map(|d| {
+                d["nat"]["source_translated"].as_u64().unwrap()
+                    + d["nat"]["destination_translated"].as_u64().unwrap()
+            })
+            .sum();
         let got = exchange(&s, &frames);
-        let t1: u64 = s.stats().iter().map(|d| d["nat"]["source_translated"].as_u64().unwrap() + d["nat"]["destination_translated"].as_u64().unwrap()).sum();
+        let t1: u64 = s
+            .stats()
+            .iter()
+            .map(|d| {
+                d["nat"]["source_translated"].as_u64().unwrap()
+                    + d["nat"]["destination_translated"].as_u64().unwrap()
+            })
+            .sum();
         if fast {
-            assert!(t1 - t0 >= frames.len() as u64, "the fast path translated {} of {} frames", t1 - t0, frames.len());
+            assert!(
+                t1 - t0 >= frames.len() as u64,
+                "the fast path translated {} of {} frames",
+                t1 - t0,
+                frames.len()
+            );
         }
         runs.push(got);
     }
     let (kernel, fast) = (&runs[0], &runs[1]);
-    assert_eq!(kernel.0.len(), 5, "the kernel delivered to vm3: {:02x?}", kernel.0);
-    assert_eq!(kernel.1.len(), 4, "the kernel delivered outside: {:02x?}", kernel.1);
+    assert_eq!(
+        kernel.0.len(),
+        5,
+        "the kernel delivered to vm3: {:02x?}",
+        kernel.0
+    );
+    assert_eq!(
+        kernel.1.len(),
+        4,
+        "the kernel delivered outside: {:02x?}",
+        kernel.1
+    );
     for (side, k, f) in [("vm3", &kernel.0, &fast.0), ("outside", &kernel.1, &fast.1)] {
         assert_eq!(k.len(), f.len(), "frames arriving {side}");
         for (i, (a, b)) in k.iter().zip(f.iter()).enumerate() {
-            assert_eq!(a, b, "frame {i} arriving {side}: the kernel's NAT made {a:02x?}, the fast path {b:02x?}");
+            assert_eq!(
+                a, b,
+                "frame {i} arriving {side}: the kernel's NAT made {a:02x?}, the fast path {b:02x?}"
+            );
         }
     }
 }
@@ -783,7 +1197,9 @@ fn a_floating_ip_moved_and_removed_under_traffic() {
     count_sources(&s.vm3, &[OUT]);
     let o = out.clone();
     let pinger = std::thread::spawn(move || {
-        let r = sh_out(&format!("ip netns exec {o} ping -i 0.02 -c 200 -W 1 -w 15 192.168.1.20"));
+        let r = sh_out(&format!(
+            "ip netns exec {o} ping -i 0.02 -c 200 -W 1 -w 15 192.168.1.20"
+        ));
         tests::topo::ping_summary(&String::from_utf8_lossy(&r.stdout))
     });
     std::thread::sleep(Duration::from_millis(1000));
@@ -792,7 +1208,10 @@ fn a_floating_ip_moved_and_removed_under_traffic() {
     let at_vm3 = from(&s.vm3, OUT);
     assert!(at_vm3 >= 30, "vm3 answered before the move: {at_vm3}");
     std::thread::sleep(Duration::from_millis(1500));
-    assert!(from(&s.vm3, OUT) <= at_vm3 + 1, "echo requests still reached vm3 after the move");
+    assert!(
+        from(&s.vm3, OUT) <= at_vm3 + 1,
+        "echo requests still reached vm3 after the move"
+    );
     let at_vm1 = from(&s.vm1, OUT);
     assert!(at_vm1 >= 50, "vm1 got {at_vm1} requests after the move");
     let none = s.ids.config_nat("", "");
@@ -800,6 +1219,14 @@ fn a_floating_ip_moved_and_removed_under_traffic() {
     let (a1, a3) = (from(&s.vm1, OUT), from(&s.vm3, OUT));
     let (sent, got) = pinger.join().unwrap();
     assert!(sent >= 150, "{sent} sent");
-    assert!(got as u64 >= at_vm1 + at_vm3 - 2, "answered {got} of {} that arrived", at_vm1 + at_vm3);
-    assert_eq!((from(&s.vm1, OUT), from(&s.vm3, OUT)), (a1, a3), "requests reached an instance after the removal");
+    assert!(
+        got as u64 >= at_vm1 + at_vm3 - 2,
+        "answered {got} of {} that arrived",
+        at_vm1 + at_vm3
+    );
+    assert_eq!(
+        (from(&s.vm1, OUT), from(&s.vm3, OUT)),
+        (a1, a3),
+        "requests reached an instance after the removal"
+    );
 }

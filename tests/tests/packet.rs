@@ -1716,7 +1716,9 @@ fn l4_frame(dst_mac: [u8; 6], src_mac: [u8; 6], ip: &Ipv4, l4: &[u8], udp_zero: 
 
 /// A transport header + 32-byte payload: TCP (flags `tcp_flags`), UDP or ICMP echo request.
 fn l4_of(proto: u8, sport: u16, dport: u16, tcp_flags: u8) -> Vec<u8> {
-    let payload: Vec<u8> = (0..32u8).map(|i| i.wrapping_mul(13).wrapping_add(1)).collect();
+    let payload: Vec<u8> = (0..32u8)
+        .map(|i| i.wrapping_mul(13).wrapping_add(1))
+        .collect();
     let mut l4 = match proto {
         6 => {
             let mut t = Vec::new();
@@ -1769,7 +1771,13 @@ fn nat_key(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, proto: u8) -> rou
     }
 }
 
-fn nat_flow(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, flags: u32) -> router_common::NatFlow {
+fn nat_flow(
+    src: [u8; 4],
+    sport: u16,
+    dst: [u8; 4],
+    dport: u16,
+    flags: u32,
+) -> router_common::NatFlow {
     router_common::NatFlow {
         src,
         dst,
@@ -1791,10 +1799,19 @@ fn nat_flows_are_translated_byte_exact_and_the_rest_is_the_kernels() {
     const FIP: [u8; 4] = [10, 2, 0, 20];
     for mut h in both() {
         h.nat(&[
-            (nat_key(SRC, 40000, DST, 5201, 17), nat_flow(EXT, 61000, DST, 5201, nf::SRC)),
-            (nat_key(SRC, 40001, DST, 443, 6), nat_flow(EXT, 61001, DST, 443, nf::SRC)),
+            (
+                nat_key(SRC, 40000, DST, 5201, 17),
+                nat_flow(EXT, 61000, DST, 5201, nf::SRC),
+            ),
+            (
+                nat_key(SRC, 40001, DST, 443, 6),
+                nat_flow(EXT, 61001, DST, 443, nf::SRC),
+            ),
             // ICMP echo: the identifier is the "source port", the "destination port" 0.
-            (nat_key(SRC, 0x77, FIP, 0, 1), nat_flow(SRC, 0x4242, DST, 0, nf::DST | nf::SRC)),
+            (
+                nat_key(SRC, 0x77, FIP, 0, 1),
+                nat_flow(SRC, 0x4242, DST, 0, nf::DST | nf::SRC),
+            ),
         ]);
         let cases: [(u8, u16, u16, u8, bool, [u8; 4], u16, [u8; 4], u16, u32); 4] = [
             (17, 40000, 5201, 0, false, EXT, 61000, DST, 5201, nf::SRC),
@@ -1804,27 +1821,64 @@ fn nat_flows_are_translated_byte_exact_and_the_rest_is_the_kernels() {
         ];
         for (proto, sp, dp, fl, zero, nsrc, nsp, ndst, ndp, flags) in cases {
             let dst_in = if proto == 1 { FIP } else { DST };
-            let ip_in = Ipv4 { protocol: proto, ..Ipv4::udp(SRC, dst_in, 64) };
+            let ip_in = Ipv4 {
+                protocol: proto,
+                ..Ipv4::udp(SRC, dst_in, 64)
+            };
             let input = l4_frame(IN_MAC, HOST_MAC, &ip_in, &l4_of(proto, sp, dp, fl), zero);
             let before = h.stats()[0];
             let (rc, out) = h.run(&input);
             assert_eq!(rc, XDP_REDIRECT, "{proto}/{sp} zero={zero}");
-            let ip_out = Ipv4 { protocol: proto, ..Ipv4::udp(nsrc, ndst, 63) };
+            let ip_out = Ipv4 {
+                protocol: proto,
+                ..Ipv4::udp(nsrc, ndst, 63)
+            };
             let want = l4_frame(NB_MAC, OUT_MAC, &ip_out, &l4_of(proto, nsp, ndp, fl), zero);
-            assert_eq!(out, want, "{:?}: {proto}/{sp} zero={zero} translated", h.prog);
+            assert_eq!(
+                out, want,
+                "{:?}: {proto}/{sp} zero={zero} translated",
+                h.prog
+            );
             if zero {
                 assert_eq!(&out[40..42], &[0, 0], "a UDP checksum of 0 stays 0");
             }
             let s = h.stats()[0];
-            assert_eq!(s.nat_src_packets - before.nat_src_packets, (flags & nf::SRC != 0) as u64);
-            assert_eq!(s.nat_dst_packets - before.nat_dst_packets, (flags & nf::DST != 0) as u64);
+            assert_eq!(
+                s.nat_src_packets - before.nat_src_packets,
+                (flags & nf::SRC != 0) as u64
+            );
+            assert_eq!(
+                s.nat_dst_packets - before.nat_dst_packets,
+                (flags & nf::DST != 0) as u64
+            );
         }
         // To the kernel, untouched: a FIN of a known flow, a flow the kernel has not
         // decided yet (it would leave through the external device), a fragment towards it.
-        let tcp = Ipv4 { protocol: 6, ..Ipv4::udp(SRC, DST, 64) };
+        let tcp = Ipv4 {
+            protocol: 6,
+            ..Ipv4::udp(SRC, DST, 64)
+        };
         let fin = l4_frame(IN_MAC, HOST_MAC, &tcp, &l4_of(6, 40001, 443, 0x11), false);
-        let unknown = l4_frame(IN_MAC, HOST_MAC, &Ipv4 { protocol: 17, ..Ipv4::udp(SRC, DST, 64) }, &l4_of(17, 40009, 53, 0), false);
-        let frag = l4_frame(IN_MAC, HOST_MAC, &Ipv4 { flags_frag: 0x2000, ..Ipv4::udp(SRC, DST, 64) }, &l4_of(17, 40000, 5201, 0), false);
+        let unknown = l4_frame(
+            IN_MAC,
+            HOST_MAC,
+            &Ipv4 {
+                protocol: 17,
+                ..Ipv4::udp(SRC, DST, 64)
+            },
+            &l4_of(17, 40009, 53, 0),
+            false,
+        );
+        let frag = l4_frame(
+            IN_MAC,
+            HOST_MAC,
+            &Ipv4 {
+                flags_frag: 0x2000,
+                ..Ipv4::udp(SRC, DST, 64)
+            },
+            &l4_of(17, 40000, 5201, 0),
+            false,
+        );
         for (frame, reason) in [
             (fin, why::NAT_TCP_CONTROL),
             (unknown, why::NAT_NO_FLOW),
@@ -1832,20 +1886,43 @@ fn nat_flows_are_translated_byte_exact_and_the_rest_is_the_kernels() {
         ] {
             let before = h.stats()[0];
             let (rc, out) = h.run(&frame);
-            assert_eq!((rc, &out), (XDP_PASS, &frame), "{:?}: {}", h.prog, why::NAMES[reason]);
-            assert_eq!(h.stats()[0].pass[reason] - before.pass[reason], 1, "{}", why::NAMES[reason]);
+            assert_eq!(
+                (rc, &out),
+                (XDP_PASS, &frame),
+                "{:?}: {}",
+                h.prog,
+                why::NAMES[reason]
+            );
+            assert_eq!(
+                h.stats()[0].pass[reason] - before.pass[reason],
+                1,
+                "{}",
+                why::NAMES[reason]
+            );
         }
     }
 }
 
 /// An ICMP error frame from `src` to `dst` (TTL 64) quoting `quoted` (an IPv4 packet, whole),
 /// every checksum from scratch.
-fn icmp_error_frame(dst_mac: [u8; 6], src_mac: [u8; 6], src: [u8; 4], dst: [u8; 4], ttl: u8, ty: u8, code: u8, quoted: &[u8]) -> Vec<u8> {
+fn icmp_error_frame(
+    dst_mac: [u8; 6],
+    src_mac: [u8; 6],
+    src: [u8; 4],
+    dst: [u8; 4],
+    ttl: u8,
+    ty: u8,
+    code: u8,
+    quoted: &[u8],
+) -> Vec<u8> {
     let mut icmp = vec![ty, code, 0, 0, 0, 0, 0x05, 0xdc];
     icmp.extend_from_slice(quoted);
     let c = tests::frame::checksum(&icmp);
     icmp[2..4].copy_from_slice(&c.to_be_bytes());
-    let ip = Ipv4 { protocol: 1, ..Ipv4::udp(src, dst, ttl) };
+    let ip = Ipv4 {
+        protocol: 1,
+        ..Ipv4::udp(src, dst, ttl)
+    };
     let mut l3 = ip.header(icmp.len());
     l3.extend_from_slice(&icmp);
     ethernet(dst_mac, src_mac, 0x0800, &l3)
@@ -1870,21 +1947,82 @@ fn icmp_errors_about_nat_flows_are_translated_byte_exact() {
         // Flows that came in through the floating IP (DNAT to SRC); these are their reply
         // directions, SRC → DST, whose source the fast path turns back into the floating IP.
         h.nat(&[
-            (nat_key(SRC, 7777, DST, 5201, 17), nat_flow(FIP, 7777, DST, 5201, nf::SRC)),
-            (nat_key(SRC, 0x99, DST, 0, 1), nat_flow(FIP, 0x99, DST, 0, nf::SRC)),
-            (nat_key(SRC, 8080, DST, 443, 6), nat_flow(FIP, 8080, DST, 443, nf::SRC)),
+            (
+                nat_key(SRC, 7777, DST, 5201, 17),
+                nat_flow(FIP, 7777, DST, 5201, nf::SRC),
+            ),
+            (
+                nat_key(SRC, 0x99, DST, 0, 1),
+                nat_flow(FIP, 0x99, DST, 0, nf::SRC),
+            ),
+            (
+                nat_key(SRC, 8080, DST, 443, 6),
+                nat_flow(FIP, 8080, DST, 443, nf::SRC),
+            ),
         ]);
-        let udp_in = |d| packet(&Ipv4 { protocol: 17, ..Ipv4::udp(DST, d, 63) }, &l4_of(17, 5201, 7777, 0), false);
+        let udp_in = |d| {
+            packet(
+                &Ipv4 {
+                    protocol: 17,
+                    ..Ipv4::udp(DST, d, 63)
+                },
+                &l4_of(17, 5201, 7777, 0),
+                false,
+            )
+        };
         let echo = |d: [u8; 4]| {
             let mut l4 = l4_of(1, 0x99, 0, 0);
             l4[0] = 8;
-            packet(&Ipv4 { protocol: 1, ..Ipv4::udp(DST, d, 1) }, &l4, false)
+            packet(
+                &Ipv4 {
+                    protocol: 1,
+                    ..Ipv4::udp(DST, d, 1)
+                },
+                &l4,
+                false,
+            )
         };
-        let tcp_in = |d| packet(&Ipv4 { protocol: 6, ..Ipv4::udp(DST, d, 63) }, &l4_of(6, 443, 8080, 0x10)[..20], false);
+        let tcp_in = |d| {
+            packet(
+                &Ipv4 {
+                    protocol: 6,
+                    ..Ipv4::udp(DST, d, 63)
+                },
+                &l4_of(6, 443, 8080, 0x10)[..20],
+                false,
+            )
+        };
         let cases: [(&str, [u8; 4], u8, u8, Vec<u8>, Vec<u8>, [u8; 4], u64); 3] = [
-            ("port unreachable from the instance", SRC, 3, 3, udp_in(SRC), udp_in(FIP), FIP, 1),
-            ("time exceeded from a router on the way", ROUTER, 11, 0, echo(SRC), echo(FIP), ROUTER, 0),
-            ("fragmentation needed about a whole TCP header", ROUTER, 3, 4, tcp_in(SRC), tcp_in(FIP), ROUTER, 0),
+            (
+                "port unreachable from the instance",
+                SRC,
+                3,
+                3,
+                udp_in(SRC),
+                udp_in(FIP),
+                FIP,
+                1,
+            ),
+            (
+                "time exceeded from a router on the way",
+                ROUTER,
+                11,
+                0,
+                echo(SRC),
+                echo(FIP),
+                ROUTER,
+                0,
+            ),
+            (
+                "fragmentation needed about a whole TCP header",
+                ROUTER,
+                3,
+                4,
+                tcp_in(SRC),
+                tcp_in(FIP),
+                ROUTER,
+                0,
+            ),
         ];
         for (what, from, ty, code, quoted, quoted_out, from_out, src_translated) in cases {
             let input = icmp_error_frame(IN_MAC, HOST_MAC, from, DST, 64, ty, code, &quoted);
@@ -1893,7 +2031,11 @@ fn icmp_errors_about_nat_flows_are_translated_byte_exact() {
             assert_eq!(rc, XDP_REDIRECT, "{:?}: {what}", h.prog);
             let want = icmp_error_frame(NB_MAC, OUT_MAC, from_out, DST, 63, ty, code, &quoted_out);
             assert_eq!(out, want, "{:?}: {what} translated", h.prog);
-            assert_eq!(h.stats()[0].nat_src_packets - before.nat_src_packets, src_translated, "{what}");
+            assert_eq!(
+                h.stats()[0].nat_src_packets - before.nat_src_packets,
+                src_translated,
+                "{what}"
+            );
         }
     }
 }

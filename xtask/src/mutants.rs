@@ -27,43 +27,73 @@ pub const MUTANTS: &[Mutant] = &[
         name: "nat_ignored",
         fault: "the fast path never looks NAT flows up (the kernel carries all NAT'd traffic)",
         tests: &[
-            ("packet", "nat_flows_are_translated_byte_exact_and_the_rest_is_the_kernels"),
-            ("nat", "snat_floating_ip_hairpin_and_tenant_traffic_follow_the_agents_rules"),
+            (
+                "packet",
+                "nat_flows_are_translated_byte_exact_and_the_rest_is_the_kernels",
+            ),
+            (
+                "nat",
+                "snat_floating_ip_hairpin_and_tenant_traffic_follow_the_agents_rules",
+            ),
         ],
     },
     Mutant {
         name: "nat_untranslated_out",
         fault: "packets without a NAT flow leave through the gateway untranslated",
         tests: &[
-            ("packet", "nat_flows_are_translated_byte_exact_and_the_rest_is_the_kernels"),
-            ("nat", "snat_floating_ip_hairpin_and_tenant_traffic_follow_the_agents_rules"),
+            (
+                "packet",
+                "nat_flows_are_translated_byte_exact_and_the_rest_is_the_kernels",
+            ),
+            (
+                "nat",
+                "snat_floating_ip_hairpin_and_tenant_traffic_follow_the_agents_rules",
+            ),
         ],
     },
     Mutant {
         name: "nat_udp_zero_updated",
         fault: "a UDP checksum of 0 (none) is updated by NAT as if it were one",
         tests: &[
-            ("packet", "nat_flows_are_translated_byte_exact_and_the_rest_is_the_kernels"),
-            ("nat", "the_fast_path_translates_what_the_kernels_nat_translates"),
+            (
+                "packet",
+                "nat_flows_are_translated_byte_exact_and_the_rest_is_the_kernels",
+            ),
+            (
+                "nat",
+                "the_fast_path_translates_what_the_kernels_nat_translates",
+            ),
         ],
     },
     Mutant {
         name: "nat_no_refresh",
         fault: "the daemon never refreshes the kernel's timeouts of flows the fast path carries",
-        tests: &[("nat", "flows_in_use_stay_alive_in_the_kernel_and_idle_ones_are_forgotten")],
+        tests: &[(
+            "nat",
+            "flows_in_use_stay_alive_in_the_kernel_and_idle_ones_are_forgotten",
+        )],
     },
     Mutant {
         name: "nat_icmp_errors_to_kernel",
         fault: "ICMP errors about NAT flows are left to the kernel instead of translated",
         tests: &[
-            ("packet", "icmp_errors_about_nat_flows_are_translated_byte_exact"),
-            ("nat", "the_fast_path_translates_what_the_kernels_nat_translates"),
+            (
+                "packet",
+                "icmp_errors_about_nat_flows_are_translated_byte_exact",
+            ),
+            (
+                "nat",
+                "the_fast_path_translates_what_the_kernels_nat_translates",
+            ),
         ],
     },
     Mutant {
         name: "nat_conf_off",
         fault: "the controller never turns NAT on in the fast path",
-        tests: &[("nat", "snat_floating_ip_hairpin_and_tenant_traffic_follow_the_agents_rules")],
+        tests: &[(
+            "nat",
+            "snat_floating_ip_hairpin_and_tenant_traffic_follow_the_agents_rules",
+        )],
     },
     Mutant {
         name: "pass_all",

@@ -215,7 +215,11 @@ impl Conntrack {
 
     /// As `events`, also returning (with no events) as soon as `wake` (a descriptor, -1 for
     /// none) becomes readable.
-    pub fn events_or_wake(&mut self, timeout_ms: i32, wake: std::os::fd::RawFd) -> Result<Vec<Event>> {
+    pub fn events_or_wake(
+        &mut self,
+        timeout_ms: i32,
+        wake: std::os::fd::RawFd,
+    ) -> Result<Vec<Event>> {
         if !self.wait_or_wake(timeout_ms, wake) {
             return Ok(Vec::new());
         }
@@ -248,9 +252,7 @@ impl Conntrack {
 }
 
 fn is_errno(e: &anyhow::Error, code: i32) -> bool {
-    e.downcast_ref::<io::Error>()
-        .and_then(|e| e.raw_os_error())
-        == Some(code)
+    e.downcast_ref::<io::Error>().and_then(|e| e.raw_os_error()) == Some(code)
 }
 
 /// (type, flags, payload) of each message in `buf`.
@@ -365,8 +367,20 @@ mod tests {
     #[test]
     fn tuples_round_trip() {
         for t in [
-            Tuple { src: Ipv4Addr::new(172, 16, 100, 3), dst: Ipv4Addr::new(192, 168, 1, 2), proto: IPPROTO_UDP, sport: 40000, dport: 53 },
-            Tuple { src: Ipv4Addr::new(10, 0, 0, 1), dst: Ipv4Addr::new(10, 0, 0, 2), proto: IPPROTO_ICMP, sport: 77, dport: 8 << 8 },
+            Tuple {
+                src: Ipv4Addr::new(172, 16, 100, 3),
+                dst: Ipv4Addr::new(192, 168, 1, 2),
+                proto: IPPROTO_UDP,
+                sport: 40000,
+                dport: 53,
+            },
+            Tuple {
+                src: Ipv4Addr::new(10, 0, 0, 1),
+                dst: Ipv4Addr::new(10, 0, 0, 2),
+                proto: IPPROTO_ICMP,
+                sport: 77,
+                dport: 8 << 8,
+            },
         ] {
             let mut b = Vec::new();
             put_tuple(&mut b, CTA_TUPLE_ORIG, &t);

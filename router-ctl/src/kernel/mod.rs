@@ -8,8 +8,8 @@
 pub mod arp;
 pub mod conntrack;
 pub mod netdev;
-pub mod nft;
 pub mod netns;
+pub mod nft;
 pub mod rtnl;
 pub mod sysctl;
 

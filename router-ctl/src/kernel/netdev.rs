@@ -199,7 +199,15 @@ impl Netdev {
     /// until the end of a dump or the acknowledgement.
     fn request(&mut self, ty: u16, cmd: u8, flags: u16, attrs: &[u8]) -> Result<Vec<Vec<u8>>> {
         self.seq += 1;
-        request(self.fd.as_raw_fd(), self.seq, ty, flags, [cmd, 1, 0, 0], attrs, |t| t == ty)
+        request(
+            self.fd.as_raw_fd(),
+            self.seq,
+            ty,
+            flags,
+            [cmd, 1, 0, 0],
+            attrs,
+            |t| t == ty,
+        )
     }
 }
 
@@ -210,7 +218,12 @@ pub(crate) fn drain(fd: std::os::fd::RawFd, mut each: impl FnMut(&[u8])) -> io::
     loop {
         // SAFETY: receives into buf, without blocking.
         let n = unsafe {
-            libc::recv(fd, buf.as_mut_ptr() as *mut libc::c_void, buf.len(), libc::MSG_DONTWAIT)
+            libc::recv(
+                fd,
+                buf.as_mut_ptr() as *mut libc::c_void,
+                buf.len(),
+                libc::MSG_DONTWAIT,
+            )
         };
         if n < 0 {
             let e = io::Error::last_os_error();

@@ -112,7 +112,10 @@ mod tests {
             device: "qg-e1a2b3c4-5d".into(),
             gateway_ip: Some(Ipv4Addr::new(192, 168, 1, 10)),
             enable_snat: true,
-            floating_ips: vec![(Ipv4Addr::new(192, 168, 1, 20), Ipv4Addr::new(172, 16, 101, 3))],
+            floating_ips: vec![(
+                Ipv4Addr::new(192, 168, 1, 20),
+                Ipv4Addr::new(172, 16, 101, 3),
+            )],
         };
         let r = ruleset(&n);
         let post = r.split("chain postrouting").nth(1).unwrap();
@@ -123,11 +126,21 @@ mod tests {
             "ct status dnat snat to 192.168.1.10",
         ]
         .iter()
-        .map(|x| post.find(x).unwrap_or_else(|| panic!("{x} missing in {post}")))
+        .map(|x| {
+            post.find(x)
+                .unwrap_or_else(|| panic!("{x} missing in {post}"))
+        })
         .collect();
         assert!(order.windows(2).all(|w| w[0] < w[1]), "{post}");
-        assert_eq!(r.matches("ip daddr 192.168.1.20 dnat to 172.16.101.3").count(), 2);
-        let off = ruleset(&Nat { enable_snat: false, ..n });
+        assert_eq!(
+            r.matches("ip daddr 192.168.1.20 dnat to 172.16.101.3")
+                .count(),
+            2
+        );
+        let off = ruleset(&Nat {
+            enable_snat: false,
+            ..n
+        });
         assert!(!off.contains("snat to 192.168.1.10"));
         assert!(off.contains("snat to 192.168.1.20"));
     }
