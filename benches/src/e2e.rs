@@ -8,7 +8,7 @@ use std::{
     time::Instant,
 };
 
-use anyhow::{bail, Context as _, Result};
+use anyhow::{Context as _, Result};
 use aya::{
     maps::{Array, DevMapHash},
     programs::{links::FdLink, TestRun, TestRunAttrs, TestRunOptions, Xdp},
@@ -113,20 +113,7 @@ fn set_mode(s: &Seed, mode: Mode) -> Result<()> {
 
 /// Packets counted by the sink at vm3.
 fn sink_count(vm3: &str) -> Result<u64> {
-    let out = sh(&format!(
-        "ip netns exec {vm3} nft -j list table netdev sink"
-    ));
-    let v: serde_json::Value = serde_json::from_str(&out)?;
-    for item in v["nftables"].as_array().context("nft JSON")? {
-        if let Some(c) = item.get("rule").and_then(|r| r["expr"].as_array()) {
-            for e in c {
-                if let Some(p) = e.get("counter").and_then(|c| c["packets"].as_u64()) {
-                    return Ok(p);
-                }
-            }
-        }
-    }
-    bail!("no counter in the sink's nftables rule")
+    crate::skb::nft_count(vm3, "sink")
 }
 
 pub(crate) fn pin_to_cpu(cpu: usize) -> Result<()> {

@@ -261,14 +261,9 @@ impl NatSync {
         }
     }
 
-    /// Waits up to `timeout_ms` for conntrack events and applies them; refreshes timeouts when
-    /// due. Lost events (a socket overrun) lead to a full resync.
-    pub fn step(&mut self, timeout_ms: i32) -> Result<()> {
-        self.step_or_wake(timeout_ms, -1)
-    }
-
-    /// As `step`, waiting at most until the next refresh is due, and returning as soon as
-    /// `wake` becomes readable: a router's flows cost one wake-up per refresh period when
+    /// Waits for conntrack events (at most `timeout_ms`, and at most until the next refresh is
+    /// due) and applies them, refreshing timeouts when due; returns as soon as `wake` becomes
+    /// readable. Lost events (a socket overrun) lead to a full resync: a router's flows cost one wake-up per refresh period when
     /// nothing happens.
     pub fn step_or_wake(&mut self, timeout_ms: i32, wake: std::os::fd::RawFd) -> Result<()> {
         let mut due = self
@@ -375,10 +370,6 @@ impl NatSync {
         // mapping the kernel no longer reserves. (`resync` finds them; see `step`.)
         Ok(due.len())
     }
-
-    pub fn flows(&self) -> usize {
-        self.installed.len()
-    }
 }
 
 /// One entry of a router's flow map, for `router-ctl nat`.
@@ -435,11 +426,6 @@ pub fn list(router: &str) -> Result<Vec<FlowEntry>> {
     }
     v.sort_by(|a, b| (a.proto, &a.from).cmp(&(b.proto, &b.from)));
     Ok(v)
-}
-
-/// Deletes the kernel's flows through `addr` (a floating IP removed or moved).
-pub fn flush_address(addr: Ipv4Addr) -> Result<usize> {
-    Conntrack::open(0)?.flush_address(addr)
 }
 
 /// Removes from a router's flow map every entry through `addr` (before or after translation),

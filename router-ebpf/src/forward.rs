@@ -162,9 +162,7 @@ fn forward4(h: &impl Hook, ingress: u32, iface: &Iface) -> Verdict {
             && ip.protocol == nat::IPPROTO_ICMP
             && !cfg!(mutant = "nat_icmp_errors_to_kernel")
         {
-            if let Some(f) = nat::lookup_icmp_error(h, tot_len) {
-                icmp_err = nat::icmp_error_outer(ip, h, f).map(|outer| (f, outer));
-            }
+            icmp_err = nat::lookup_icmp_error(h, ip, tot_len);
         }
     }
     let (dst, dst_bytes) = match (&flow, &icmp_err) {

@@ -192,8 +192,16 @@ const ICMP_PARAMETERPROB: u8 = 12;
 /// quoted packet went out, the error comes back the way a reply would), or None when the
 /// message is not an error, quotes something this cannot translate (IPv4 options, a fragment,
 /// another protocol, fewer than 8 bytes of its transport header) or no flow.
+///
+/// Also returns the outer addresses the error gets: the quoted packet's source (where the
+/// error goes) and destination (when that host itself sent the error) become their
+/// translations; an address of a router on the way stays.
 #[inline(always)]
-pub fn lookup_icmp_error(h: &impl Hook, tot_len: usize) -> Option<&'static mut NatFlow> {
+pub fn lookup_icmp_error(
+    h: &impl Hook,
+    ip: &Ipv4Hdr,
+    tot_len: usize,
+) -> Option<(&'static mut NatFlow, ([u8; 4], [u8; 4]))> {
     let l4 = ETH_LEN + IPV4_LEN;
     // ICMP header, quoted IPv4 header, 8 bytes of the quoted transport header.
     if tot_len < IPV4_LEN + 8 + IPV4_LEN + 8 {
@@ -226,20 +234,10 @@ pub fn lookup_icmp_error(h: &impl Hook, tot_len: usize) -> Option<&'static mut N
         _pad: [0; 3],
     };
     // SAFETY: a map value, valid while the program runs (see `find`).
-    NAT_FLOWS.get_ptr_mut(&key).map(|f| unsafe { &mut *f })
-}
-
-/// The outer addresses an ICMP error about flow `f` gets: the quoted packet's source (where
-/// the error goes) and destination (when that host itself sent the error) become their
-/// translations; an address of a router on the way stays.
-#[inline(always)]
-pub fn icmp_error_outer(ip: &Ipv4Hdr, h: &impl Hook, f: &NatFlow) -> Option<([u8; 4], [u8; 4])> {
-    let inner = ptr_at::<Ipv4Hdr>(h, ETH_LEN + IPV4_LEN + 8)?;
-    // SAFETY: bounds checked by `ptr_at`.
-    let inner = unsafe { &*inner };
+    let f = unsafe { &mut *NAT_FLOWS.get_ptr_mut(&key)? };
     let src = if ip.src == inner.dst { f.src } else { ip.src };
     let dst = if ip.dst == inner.src { f.dst } else { ip.dst };
-    Some((src, dst))
+    Some((f, (src, dst)))
 }
 
 /// Rewrites an ICMP error about flow `f` (see `lookup_icmp_error`), checksums complete (both

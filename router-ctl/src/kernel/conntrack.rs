@@ -187,12 +187,6 @@ impl Conntrack {
         Ok(n)
     }
 
-    /// The events waiting on the socket (blocks until at least one message arrives, or for
-    /// `timeout_ms`). Err with ENOBUFS when events were lost: the caller dumps again.
-    pub fn events(&mut self, timeout_ms: i32) -> Result<Vec<Event>> {
-        self.events_or_wake(timeout_ms, -1)
-    }
-
     /// Waits up to `timeout_ms` for events or for `wake` (-1: none) to become readable; true
     /// when events are waiting.
     pub fn wait_or_wake(&self, timeout_ms: i32, wake: std::os::fd::RawFd) -> bool {
@@ -213,8 +207,9 @@ impl Conntrack {
         r > 0 && pfd[0].revents != 0
     }
 
-    /// As `events`, also returning (with no events) as soon as `wake` (a descriptor, -1 for
-    /// none) becomes readable.
+    /// The events waiting on the socket, after waiting up to `timeout_ms` for one; none as
+    /// soon as `wake` (a descriptor, -1 for none) becomes readable. Err with ENOBUFS when
+    /// events were lost: the caller dumps again.
     pub fn events_or_wake(
         &mut self,
         timeout_ms: i32,
