@@ -176,7 +176,10 @@ fn snat_floating_ip_hairpin_and_tenant_traffic_follow_the_agents_rules() {
         "ip netns exec {out} ping -f -c 10000 -w 30 192.168.1.20"
     ));
     let text = String::from_utf8_lossy(&flood.stdout);
-    assert!(text.contains("10000 received"), "flood lost replies: {text}");
+    assert!(
+        text.contains("10000 received"),
+        "flood lost replies: {text}"
+    );
     let (g1, b1) = (nat_counts(&s, &g), nat_counts(&s, &b));
     eprintln!(
         "ping flood to the floating IP: {} of 10000 requests and {} of 10000 replies translated by the fast path",
