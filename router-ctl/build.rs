@@ -43,6 +43,8 @@ const CTL_MUTANTS: &[&str] = &[
     "keeps_deleted_namespace",
     "nat_conf_off",
     "nat_no_refresh",
+    "ha_no_track",
+    "fence_never",
 ];
 
 fn main() -> Result<()> {

@@ -98,7 +98,10 @@ pub struct Response {
 pub fn execute(req: Request) -> Result<String> {
     Ok(match req {
         Request::Create { name, id } => verbs::create(&name, id)?.id,
-        Request::Delete { router } => crate::apply::destroy(&router)?.id,
+        Request::Delete { router } => match crate::agent::store::remote() {
+            Some(s) => s.delete(&router)?,
+            None => crate::apply::destroy(&router)?.id,
+        },
         Request::AddSubnet {
             router,
             subnet,

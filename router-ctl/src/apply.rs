@@ -124,6 +124,28 @@ impl Undo {
     }
 }
 
+/// HA routers this host holds as a standby (set by the etcd agent): apply readies the
+/// namespace, devices and fast path but gives the router none of its addresses (and no kernel
+/// routes through them), so only the active host answers for them.
+static STANDBY: std::sync::Mutex<BTreeSet<String>> = std::sync::Mutex::new(BTreeSet::new());
+
+/// Marks router `id` as a standby here (true) or not.
+pub fn set_standby(id: &str, standby: bool) {
+    let mut s = STANDBY.lock().unwrap_or_else(|e| e.into_inner());
+    if standby {
+        s.insert(id.to_string());
+    } else {
+        s.remove(id);
+    }
+}
+
+pub fn is_standby(id: &str) -> bool {
+    STANDBY
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .contains(id)
+}
+
 fn delete_link(rt: &Rtnl, dev: &str) -> Result<()> {
     match rt.link(dev)? {
         Some(l) => rt.link_del(l.index, dev),
@@ -405,6 +427,7 @@ impl Job {
             netns_inode: netns::current_inode(),
             lost: None,
             gateway,
+            ha: r.ha,
         };
         self.datapath(&st, &rt.links()?, &rt.addrs()?, &features, &fresh_slots)?;
         Ok(st)
@@ -435,6 +458,7 @@ impl Job {
             .collect();
         let mut used_slots = BTreeSet::new();
         let (mut ifaces, mut fresh_slots) = (Vec::new(), Vec::new());
+        let standby = is_standby(&r.id);
         for i in &r.interfaces {
             let before = prev_iface(&i.port_id);
             let (created_device, peer) = self.plugged[&i.port_id].clone();
@@ -453,7 +477,13 @@ impl Job {
                         .iter()
                         .any(|x| x.added && x.gateway_ip == f.gateway_ip.to_string())
                 });
-                if !has {
+                if standby {
+                    // A standby holds none of the router's addresses.
+                    if has {
+                        rt.addr_del(link.index, &i.device, f.gateway_ip, len)?;
+                    }
+                    added = true;
+                } else if !has {
                     rt.addr_add(link.index, &i.device, f.gateway_ip, len)?;
                     if !created_device {
                         undo.push(Undo::DeleteAddr {
@@ -555,7 +585,7 @@ impl Job {
         // first when the upstream router is outside its subnet.
         if let (Some(g), Some(qg)) = (&r.gateway, ifaces.iter().find(|i| i.external)) {
             for u in &g.upstreams {
-                if u.onlink() {
+                if u.onlink() && !is_standby(&r.id) {
                     rt.route_onlink(IpNet::host(u.gateway_ip), qg.ifindex)?;
                 }
                 let default: IpNet = if u.gateway_ip.is_ipv6() {
@@ -575,7 +605,9 @@ impl Job {
                 });
             }
         }
-        for (dest, hops) in &by_dest {
+        // A standby has no addresses, so no nexthop is reachable in its kernel: its routes
+        // come with the addresses when it becomes active (apply runs again then).
+        for (dest, hops) in by_dest.iter().filter(|_| !is_standby(&r.id)) {
             rt.route_replace(*dest, hops)?;
         }
         for old in self.prev.iter().flat_map(|p| p.routes.iter()) {
@@ -625,7 +657,13 @@ impl Job {
             let has = addrs
                 .iter()
                 .any(|a| a.index == qg.ifindex && a.ip == ip && a.prefix_len == 32);
-            if f.fixed_ip_address.is_some() && !has {
+            let standby = is_standby(&r.id);
+            if standby && has {
+                rt.addr_del(qg.ifindex, &qg.device, ip, 32)?;
+                added = true;
+            } else if standby {
+                added = f.fixed_ip_address.is_some();
+            } else if f.fixed_ip_address.is_some() && !has {
                 rt.addr_add(qg.ifindex, &qg.device, ip, 32)?;
                 undo.push(Undo::DeleteAddr {
                     ns: ns.clone(),

@@ -280,6 +280,9 @@ struct RawRouter {
     id: String,
     name: Option<String>,
     max_routes: Option<u64>,
+    /// L3 HA: an active host and standbys (only where an etcd agent schedules the router).
+    #[serde(default)]
+    ha: bool,
     #[serde(default)]
     interface: Vec<RawInterface>,
     #[serde(default)]
@@ -391,6 +394,10 @@ pub struct Router {
     /// How many routes the fast path's table is sized for when the router is first applied
     /// (its maps cannot grow later); None: room for the routes defined, with a quarter to spare.
     pub max_routes: Option<u32>,
+    /// L3 HA (Neutron's `ha`): scheduled by the etcd agents on an active host and a standby;
+    /// the standby holds the namespace, devices and maps ready without the router's addresses.
+    /// A file applied on one host ignores it.
+    pub ha: bool,
     pub interfaces: Vec<Interface>,
     pub routes: Vec<ExtraRoute>,
     /// The external gateway: its port is also in `interfaces` (marked `external`).
@@ -471,8 +478,14 @@ impl Router {
     }
 }
 
+/// `qrouter-<id>`; an agent run with `--instance NAME` uses `qrouter-NAME-<id>`
+/// (`ROUTER_XDP_NS_PREFIX`), so that several agents can share one machine.
 pub fn namespace_of(router_id: &str) -> String {
-    format!("qrouter-{router_id}")
+    static PREFIX: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let p = PREFIX.get_or_init(|| {
+        std::env::var("ROUTER_XDP_NS_PREFIX").unwrap_or_else(|_| "qrouter-".into())
+    });
+    format!("{p}{router_id}")
 }
 
 pub fn device_of(port_id: &str) -> String {
@@ -738,6 +751,7 @@ fn validate_router(index: usize, r: RawRouter) -> Result<Router, String> {
         id: r.id,
         name: rname,
         max_routes,
+        ha: r.ha,
         interfaces,
         routes,
         gateway,

@@ -190,8 +190,9 @@ pub fn run(
     file: Option<std::path::PathBuf>,
     metrics: Option<String>,
     auto: bool,
+    agent: Option<crate::agent::run::Options>,
 ) -> Result<()> {
-    let stay = stay || file.is_some();
+    let stay = stay || file.is_some() || agent.is_some();
     // A daemon that is leaving may hold the lock for a moment: wait up to two seconds.
     let mut daemon_lock = None;
     for _ in 0..200 {
@@ -228,6 +229,13 @@ pub fn run(
     }
     crate::kernel::init_io_runtime()?;
     tracing::info!(pid = std::process::id(), "router-ctl daemon started");
+    let agent = match agent {
+        Some(o) => {
+            tracing::info!(host = %o.host, etcd = %o.endpoints.join(","), "agent: definitions come from etcd");
+            Some(crate::agent::run::start(o)?)
+        }
+        None => None,
+    };
     let mut defs = file.map(|path| Definitions {
         path,
         mtime: None,
@@ -370,6 +378,13 @@ pub fn run(
             }
         }
         nap();
+    }
+    if let Some(a) = agent {
+        a.stop(if upgrade {
+            crate::agent::run::Stop::Keep
+        } else {
+            crate::agent::run::Stop::Resign
+        });
     }
     // No API request is acted on from here on; one under way is finished and answered first.
     let _api = crate::api::BUSY.lock().unwrap_or_else(|e| e.into_inner());

@@ -1,6 +1,7 @@
 //! router-ctl: the controller of the XDP router. It turns router definitions into namespaces,
 //! devices, addresses, attached XDP programs and filled BPF maps, and keeps the neighbour maps in
 //! sync with the kernel.
+pub mod agent;
 pub mod api;
 pub mod apply;
 pub mod config;

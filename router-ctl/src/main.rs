@@ -25,6 +25,14 @@ struct Cli {
     /// More logging (repeat for more); RUST_LOG overrides it.
     #[arg(short = 'v', long = "verbose", global = true, action = clap::ArgAction::Count)]
     verbose: u8,
+    /// etcd endpoints (URL[,URL…]): the verbs write the desired state there, `router list/show`
+    /// and `agent list` read it, `run` becomes an agent.
+    #[arg(long, global = true, env = "ROUTER_XDP_ETCD", value_name = "URLS")]
+    etcd: Option<String>,
+    /// An agent's own state and pin directories, API socket and namespace prefix
+    /// (`qrouter-NAME-<id>`), for several agents on one machine.
+    #[arg(long, global = true, value_name = "NAME")]
+    instance: Option<String>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -87,6 +95,33 @@ enum Cmd {
         /// Started by apply: gives way to a daemon started any other way.
         #[arg(long, hide = true)]
         auto: bool,
+        /// With --etcd: this host's name among the agents (default: the hostname).
+        #[arg(long)]
+        host: Option<String>,
+        /// With --etcd: the host lease's time to live, seconds (a dead host's HA roles move
+        /// after at most this long).
+        #[arg(long, default_value_t = 2)]
+        lease_ttl: u64,
+        /// With --etcd: how long a host may be down before its routers are scheduled
+        /// elsewhere, seconds (Neutron's agent_down_time).
+        #[arg(long, default_value_t = 20)]
+        agent_down_time: u64,
+    },
+    /// The agents registered in etcd (`--etcd`): liveness and routers per host.
+    Agent {
+        #[command(subcommand)]
+        cmd: AgentCmd,
+    },
+    /// The fencer of an agent (started by `run --etcd`).
+    #[command(hide = true)]
+    Fence,
+}
+
+#[derive(Subcommand)]
+enum AgentCmd {
+    List {
+        #[arg(short = 'f', long = "format", default_value = "table")]
+        format: Format,
     },
 }
 
@@ -98,6 +133,9 @@ enum RouterCmd {
         /// The router's UUID (default: a new one).
         #[arg(long)]
         id: Option<String>,
+        /// L3 HA: an active host and a standby (with --etcd).
+        #[arg(long)]
+        ha: bool,
         #[arg(short = 'f', long = "format", default_value = "table")]
         format: Format,
     },
@@ -262,6 +300,12 @@ enum RemoveCmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(i) = &cli.instance {
+        if let Err(e) = router_ctl::agent::use_instance(i) {
+            eprintln!("router-ctl: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    }
     // Before any thread enters a router's namespace (see kernel::init_io_runtime).
     let _ = router_ctl::kernel::init_io_runtime();
     if !matches!(
@@ -398,11 +442,60 @@ fn run(cli: Cli) -> Result<()> {
             metrics,
             file,
             auto,
-        } => daemon::run(stay, file, metrics, auto)?,
-        Cmd::Router { cmd } => router_verb(cmd, cli.json)?,
+            host,
+            lease_ttl,
+            agent_down_time,
+        } => {
+            let agent = match &cli.etcd {
+                None => None,
+                Some(urls) => {
+                    if file.is_some() {
+                        anyhow::bail!("run: give either -f FILE or --etcd URLS (the definitions come from one place)");
+                    }
+                    if !(2..=60).contains(&lease_ttl) {
+                        anyhow::bail!("--lease-ttl {lease_ttl}: use 2 to 60 seconds (etcd's shortest lease is about 1.5 s)");
+                    }
+                    let host = match host {
+                        Some(h) => h,
+                        None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+                            .context("cannot read the hostname; give --host NAME")?
+                            .trim()
+                            .to_string(),
+                    };
+                    if host.is_empty() || host.contains('/') {
+                        anyhow::bail!("--host '{host}': a host name must be non-empty without '/'");
+                    }
+                    Some(router_ctl::agent::run::Options {
+                        endpoints: urls.split(',').map(|u| u.trim().to_string()).collect(),
+                        host,
+                        ttl: std::time::Duration::from_secs(lease_ttl),
+                        down_time: std::time::Duration::from_secs(agent_down_time),
+                    })
+                }
+            };
+            daemon::run(stay, file, metrics, auto, agent)?
+        }
+        Cmd::Fence => router_ctl::agent::fence::run_fencer()?,
+        Cmd::Agent {
+            cmd: AgentCmd::List { format },
+        } => agent_list(
+            cli.etcd.as_deref(),
+            cli.json || matches!(format, Format::Json),
+        )?,
+        Cmd::Router { cmd } => {
+            if let Some(urls) = &cli.etcd {
+                router_ctl::agent::store::connect(urls)?;
+            }
+            router_verb(cmd, cli.json)?
+        }
         Cmd::Floating {
             cmd: FloatingCmd::Ip { cmd },
-        } => floating_verb(cmd, cli.json)?,
+        } => {
+            if let Some(urls) = &cli.etcd {
+                router_ctl::agent::store::connect(urls)?;
+            }
+            floating_verb(cmd, cli.json)?
+        }
     }
     Ok(())
 }
@@ -410,6 +503,9 @@ fn run(cli: Cli) -> Result<()> {
 /// Through the daemon when one runs, else here; then the daemon is made sure of.
 fn change_applied(req: router_ctl::api::Request) -> Result<String> {
     use router_ctl::api;
+    if router_ctl::agent::store::remote().is_some() {
+        return api::execute(req);
+    }
     let id = match api::call(&req) {
         Some(r) => r,
         None => api::execute(req),
@@ -509,7 +605,7 @@ fn floating_verb(cmd: FipCmd, json_flag: bool) -> Result<()> {
             format,
         } => show_one(&floating_ip, router.as_deref(), format),
         FipCmd::List { format } => {
-            let all: Vec<serde_json::Value> = RouterState::all()?
+            let all: Vec<serde_json::Value> = router_ctl::verbs::all()?
                 .iter()
                 .flat_map(floating_ips_json)
                 .collect();
@@ -544,13 +640,17 @@ fn router_verb(cmd: RouterCmd, json_flag: bool) -> Result<()> {
     let json_of = |f: Format| json_flag || matches!(f, Format::Json);
     use router_ctl::api::{self, Request};
     // Through the daemon when one runs, else here.
+    let remote = router_ctl::agent::store::remote();
     let change = |req: Request| -> Result<String> {
-        match api::call(&req) {
-            Some(r) => r,
-            None => api::execute(req),
+        match (remote, api::call(&req)) {
+            (None, Some(r)) => r,
+            _ => api::execute(req),
         }
     };
     let after = |id: String, f: Format| -> Result<()> {
+        if let Some(s) = remote {
+            return remote_router_table(s, &id, json_of(f));
+        }
         {
             let _lock = Lock::acquire(state::STATE_LOCK)?;
             daemon::ensure_running()?;
@@ -558,8 +658,27 @@ fn router_verb(cmd: RouterCmd, json_flag: bool) -> Result<()> {
         router_table(&RouterState::find(&id)?, json_of(f))
     };
     match cmd {
-        RouterCmd::Create { name, id, format } => {
-            after(change(Request::Create { name, id })?, format)
+        RouterCmd::Create {
+            name,
+            id,
+            ha,
+            format,
+        } => {
+            if ha && remote.is_none() {
+                anyhow::bail!("router create --ha: HA routers are scheduled by the etcd agents; give --etcd URLS");
+            }
+            let id = if ha {
+                verbs::create_ha(&name, id, true)?.id
+            } else {
+                change(Request::Create { name, id })?
+            };
+            after(id, format)
+        }
+        RouterCmd::List { format } if remote.is_some() => {
+            remote_router_list(remote.expect("remote"), json_of(format))
+        }
+        RouterCmd::Show { router, format } if remote.is_some() => {
+            remote_router_table(remote.expect("remote"), &router, json_of(format))
         }
         RouterCmd::Delete { router } => {
             let id = change(Request::Delete {
@@ -1071,6 +1190,206 @@ fn neigh(routers: &[RouterState], json_out: bool) -> Result<()> {
     let mut t = Table::new(&["ROUTER", "DEVICE", "ADDRESS", "LLADDR"]);
     for (n, _, d, a, m) in rows {
         t.row(vec![n, d, a.to_string(), m]);
+    }
+    print!("{}", t.render());
+    Ok(())
+}
+
+/// Per host of a router in etcd: (host, alive, role, generation applied, error).
+fn placements(
+    o: &router_ctl::agent::store::Overview,
+    id: &str,
+) -> Vec<(String, bool, String, i64, Option<String>)> {
+    let hosts = o
+        .schedule
+        .get(id)
+        .map(|s| s.hosts.clone())
+        .unwrap_or_default();
+    hosts
+        .into_iter()
+        .map(|h| {
+            let st = o.status.get(&(id.to_string(), h.clone()));
+            let alive = o.agents.contains_key(&h);
+            let role = match st {
+                Some(s) => s.role.to_string(),
+                None if alive => "pending".into(),
+                None => "down".into(),
+            };
+            (
+                h,
+                alive,
+                role,
+                st.map(|s| s.generation).unwrap_or(0),
+                st.and_then(|s| s.error.clone()),
+            )
+        })
+        .collect()
+}
+
+/// A router's overall status from etcd: ACTIVE when every host applied the current
+/// definition (and an HA router has an active host), BUILD while one has not yet, ERROR when a
+/// host could not, DOWN when none runs it.
+fn remote_status(
+    o: &router_ctl::agent::store::Overview,
+    id: &str,
+    rev: i64,
+    ha: bool,
+) -> &'static str {
+    let p = placements(o, id);
+    if p.iter().any(|x| x.2 == "error") {
+        "ERROR"
+    } else if p.iter().all(|x| !x.1) {
+        "DOWN"
+    } else if p.iter().filter(|x| x.1).any(|x| x.3 != rev) || (ha && !o.active.contains_key(id)) {
+        "BUILD"
+    } else {
+        "ACTIVE"
+    }
+}
+
+fn remote_router_list(s: &router_ctl::agent::store::Store, json_out: bool) -> Result<()> {
+    let o = s.overview()?;
+    if json_out {
+        print_json(json!(o.routers.iter().map(|(r, rev)| json!({
+            "id": r.id, "name": r.name, "ha": r.ha, "generation": rev,
+            "status": remote_status(&o, &r.id, *rev, r.ha),
+            "hosts": placements(&o, &r.id).iter().map(|(h, alive, role, g, e)| json!({"host": h, "alive": alive, "role": role, "generation": g, "error": e})).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>()));
+        return Ok(());
+    }
+    let mut t = Table::new(&["ID", "Name", "Status", "HA", "Hosts"]);
+    for (r, rev) in &o.routers {
+        let hosts: Vec<String> = placements(&o, &r.id)
+            .iter()
+            .map(|(h, _, role, _, _)| format!("{h} ({role})"))
+            .collect();
+        t.row(vec![
+            r.id.clone(),
+            r.name.clone(),
+            remote_status(&o, &r.id, *rev, r.ha).into(),
+            if r.ha { "True" } else { "False" }.into(),
+            hosts.join(", "),
+        ]);
+    }
+    print!("{}", t.render());
+    Ok(())
+}
+
+fn remote_router_table(
+    s: &router_ctl::agent::store::Store,
+    key: &str,
+    json_out: bool,
+) -> Result<()> {
+    let st = s.find(key)?;
+    let o = s.overview()?;
+    let rev = o
+        .routers
+        .iter()
+        .find(|(r, _)| r.id == st.id)
+        .map(|x| x.1)
+        .unwrap_or(0);
+    let p = placements(&o, &st.id);
+    if json_out {
+        print_json(json!({
+            "id": st.id, "name": st.name, "ha": st.ha, "generation": rev,
+            "status": remote_status(&o, &st.id, rev, st.ha),
+            "active_host": o.active.get(&st.id),
+            "hosts": p.iter().map(|(h, alive, role, g, e)| json!({"host": h, "alive": alive, "role": role, "generation": g, "error": e})).collect::<Vec<_>>(),
+            "interfaces_info": st.interfaces.iter().flat_map(|i| i.fixed_ips.iter().map(|f| json!({"port_id": i.port_id, "device": i.device, "subnet": f.subnet, "ip_address": f.gateway_ip}))).collect::<Vec<_>>(),
+            "routes": st.routes.iter().map(|x| json!({"destination": x.destination, "nexthop": x.nexthop})).collect::<Vec<_>>(),
+            "external_gateway_info": gateway_json(&st),
+            "floating_ips": floating_ips_json(&st),
+        }));
+        return Ok(());
+    }
+    let mut t = Table::new(&["Field", "Value"]);
+    t.row(vec!["id".into(), st.id.clone()]);
+    t.row(vec!["name".into(), st.name.clone()]);
+    t.row(vec![
+        "status".into(),
+        remote_status(&o, &st.id, rev, st.ha).into(),
+    ]);
+    t.row(vec![
+        "ha".into(),
+        if st.ha { "True" } else { "False" }.into(),
+    ]);
+    t.row(vec!["generation".into(), rev.to_string()]);
+    let hosts: Vec<String> = p
+        .iter()
+        .map(|(h, alive, role, g, e)| {
+            format!(
+                "{h}: {role}{}, generation {g}{}",
+                if *alive { "" } else { " (agent down)" },
+                e.as_ref()
+                    .map(|e| format!(", error: {e}"))
+                    .unwrap_or_default()
+            )
+        })
+        .collect();
+    t.row(vec!["hosts".into(), hosts.join("; ")]);
+    let interfaces: Vec<String> = st
+        .interfaces
+        .iter()
+        .flat_map(|i| {
+            i.fixed_ips
+                .iter()
+                .map(|f| format!("{} {} {} {}", i.port_id, i.device, f.subnet, f.gateway_ip))
+        })
+        .collect();
+    t.row(vec!["interfaces_info".into(), interfaces.join("; ")]);
+    let routes: Vec<String> = st
+        .routes
+        .iter()
+        .map(|x| format!("destination='{}', gateway='{}'", x.destination, x.nexthop))
+        .collect();
+    t.row(vec!["routes".into(), routes.join("; ")]);
+    print!("{}", t.render());
+    Ok(())
+}
+
+/// `agent list`: like `openstack network agent list` (host, alive, routers).
+fn agent_list(etcd: Option<&str>, json_out: bool) -> Result<()> {
+    let urls = etcd.context("agent list reads etcd: give --etcd URLS (or set ROUTER_XDP_ETCD)")?;
+    router_ctl::agent::store::connect(urls)?;
+    let s = router_ctl::agent::store::remote().expect("connected");
+    let o = s.overview()?;
+    let mut hosts = o.hosts.clone();
+    hosts.extend(o.agents.keys().cloned());
+    let rows: Vec<(String, bool, usize, usize, Option<u32>)> = hosts
+        .iter()
+        .map(|h| {
+            let n = o.schedule.values().filter(|s| s.hosts.contains(h)).count();
+            let active = o.active.values().filter(|a| *a == h).count();
+            (
+                h.clone(),
+                o.agents.contains_key(h),
+                n,
+                active,
+                o.agents.get(h).map(|a| a.pid),
+            )
+        })
+        .collect();
+    if json_out {
+        print_json(json!(rows.iter().map(|(h, alive, n, a, pid)| json!({"host": h, "agent_type": "L3 agent", "alive": alive, "routers": n, "ha_active": a, "pid": pid})).collect::<Vec<_>>()));
+        return Ok(());
+    }
+    let mut t = Table::new(&[
+        "Agent Type",
+        "Host",
+        "Alive",
+        "State",
+        "Routers",
+        "HA Active",
+    ]);
+    for (h, alive, n, a, _) in &rows {
+        t.row(vec![
+            "L3 agent".into(),
+            h.clone(),
+            if *alive { ":-)" } else { "XXX" }.into(),
+            "UP".into(),
+            n.to_string(),
+            a.to_string(),
+        ]);
     }
     print!("{}", t.render());
     Ok(())

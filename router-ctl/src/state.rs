@@ -84,6 +84,9 @@ pub struct RouterState {
     /// The external gateway, when the router has one (its port is in `interfaces` too).
     #[serde(default)]
     pub gateway: Option<GatewayState>,
+    /// The definition asks for L3 HA.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub ha: bool,
 }
 
 /// The external gateway as applied: what `destroy` and the next apply must know of it.

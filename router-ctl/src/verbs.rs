@@ -38,6 +38,9 @@ pub fn definition_of(st: &RouterState) -> String {
     if let Some(n) = st.max_routes {
         t += &format!("max_routes = {n}\n");
     }
+    if st.ha {
+        t += "ha = true\n";
+    }
     for i in st.interfaces.iter().filter(|i| !i.external) {
         t += &format!("[[router.interface]]\nport_id = \"{}\"\n", i.port_id);
         if i.hook != config::Hook::Auto {
@@ -176,7 +179,7 @@ pub fn set_gateway(
         .iter()
         .map(|f| parse_fixed_ip(f))
         .collect::<Result<_>>()?;
-    let st = RouterState::find(router)?;
+    let st = find(router)?;
     let old = st.gateway.clone();
     let qg = st.interfaces.iter().find(|i| i.external).cloned();
     let port = match (port_id, &old) {
@@ -203,7 +206,7 @@ pub fn set_gateway(
 
 /// `router unset R --external-gateway`; refused while floating IPs need it (as Neutron does).
 pub fn unset_gateway(router: &str) -> Result<Router> {
-    let st = RouterState::find(router)?;
+    let st = find(router)?;
     let Some(g) = &st.gateway else {
         bail!("router {} has no external gateway", st.name);
     };
@@ -223,8 +226,8 @@ pub fn find_floating_ip(fip: &str, router: Option<&str>) -> Result<(RouterState,
     let fip = canonical(fip);
     let mut found = Vec::new();
     let candidates = match router {
-        Some(r) => vec![RouterState::find(r)?],
-        None => RouterState::all()?,
+        Some(r) => vec![find(r)?],
+        None => all()?,
     };
     for st in candidates {
         if let Some(f) = st
@@ -261,10 +264,10 @@ fn with_floating_ips(
 }
 
 pub fn create_floating_ip(router: &str, fip: &str, fixed: Option<&str>) -> Result<Router> {
-    let st = RouterState::find(router)?;
+    let st = find(router)?;
     let (fip, fixed) = (canonical(fip), fixed.map(canonical));
     let network = st.gateway.as_ref().and_then(|g| g.network_id.clone());
-    for other in RouterState::all()? {
+    for other in all()? {
         let Some(g) = &other.gateway else { continue };
         if g.network_id == network && g.floating_ips.iter().any(|f| f.floating_ip_address == fip) {
             bail!(
@@ -308,14 +311,52 @@ pub fn delete_floating_ip(fip: &str, router: Option<&str>) -> Result<Router> {
     })
 }
 
+/// The router `key` (id or name): applied here, or defined in etcd when the CLI works
+/// against etcd.
+pub fn find(key: &str) -> Result<RouterState> {
+    match crate::agent::store::remote() {
+        Some(s) => s.find(key),
+        None => RouterState::find(key),
+    }
+}
+
+pub fn all() -> Result<Vec<RouterState>> {
+    match crate::agent::store::remote() {
+        Some(s) => s.all(),
+        None => RouterState::all(),
+    }
+}
+
+/// Validates and applies one router's new definition (or writes it to etcd, whose agents
+/// apply it).
 fn apply_text(text: &str) -> Result<Router> {
+    if let Some(s) = crate::agent::store::remote() {
+        return s.put(text);
+    }
     let routers = config::parse(text)?;
     apply::apply(&routers)?;
     Ok(routers.into_iter().next().expect("one router"))
 }
 
+/// `router create NAME [--ha]`.
+pub fn create_ha(name: &str, id: Option<String>, ha: bool) -> Result<Router> {
+    if !ha {
+        return create(name, id);
+    }
+    if all()?.iter().any(|r| r.name == name) {
+        bail!("a router named '{name}' exists already; `router-ctl router list` shows it");
+    }
+    let id = match id {
+        Some(i) => i,
+        None => new_uuid()?,
+    };
+    apply_text(&format!(
+        "[[router]]\nid = \"{id}\"\nname = \"{name}\"\nha = true\n"
+    ))
+}
+
 pub fn create(name: &str, id: Option<String>) -> Result<Router> {
-    if RouterState::all()?.iter().any(|r| r.name == name) {
+    if all()?.iter().any(|r| r.name == name) {
         bail!("a router named '{name}' exists already; `router-ctl router list` shows it");
     }
     let id = match id {
@@ -343,7 +384,7 @@ pub fn parse_route(arg: &str) -> Result<(String, String)> {
 
 /// Applies `change` to the text of the router's current definition.
 fn change(router: &str, f: impl FnOnce(&RouterState, &mut String) -> Result<()>) -> Result<Router> {
-    let st = RouterState::find(router)?;
+    let st = find(router)?;
     let mut text = definition_of(&st);
     f(&st, &mut text)?;
     apply_text(&text)

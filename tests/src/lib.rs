@@ -1,5 +1,6 @@
 //! Helpers shared by the packet tests and the namespace integration tests.
 
+pub mod cluster;
 pub mod corpus;
 pub mod frame;
 pub mod model;

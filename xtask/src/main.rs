@@ -63,6 +63,12 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("tcpdump", "tcpdump"),
     ("nft", "nftables"),
     ("bpftool", "bpftool"),
+    // The etcd agent: protoc builds its client (etcd-client's gRPC code), the tests start
+    // their own etcd server and read it with etcdctl.
+    ("protoc", "protobuf-compiler"),
+    ("etcd", "etcd-server"),
+    ("etcdctl", "etcd-client"),
+    ("nsenter", "util-linux"),
 ];
 
 /// What `cargo xtask bench` uses besides: bulk TCP through the router.

@@ -27,26 +27,31 @@ pub fn frame(mac: [u8; 6], ip: Ipv4Addr) -> Vec<u8> {
 /// Sends one gratuitous ARP for `ip` out of device `ifindex` (in the calling thread's
 /// namespace).
 pub fn announce(ifindex: u32, mac: [u8; 6], ip: Ipv4Addr) -> Result<()> {
+    send_frame(ifindex, ETH_P_ARP, &frame(mac, ip), [0xff; 6])
+        .with_context(|| format!("sending a gratuitous ARP for {ip}"))
+}
+
+/// Sends one whole Ethernet frame of `proto` out of device `ifindex` to `dst`.
+pub fn send_frame(ifindex: u32, proto: u16, f: &[u8], dst: [u8; 6]) -> Result<()> {
     // SAFETY: plain socket(2); closed below.
     let fd = unsafe {
         libc::socket(
             libc::AF_PACKET,
             libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-            (ETH_P_ARP).to_be() as i32,
+            proto.to_be() as i32,
         )
     };
     if fd < 0 {
-        return Err(io::Error::last_os_error()).context("packet socket for gratuitous ARP");
+        return Err(io::Error::last_os_error()).context("packet socket");
     }
-    let f = frame(mac, ip);
     // SAFETY: a zeroed sockaddr_ll is valid; sendto(2) with its size; fd is ours.
     let rc = unsafe {
         let mut sa: libc::sockaddr_ll = std::mem::zeroed();
         sa.sll_family = libc::AF_PACKET as u16;
-        sa.sll_protocol = ETH_P_ARP.to_be();
+        sa.sll_protocol = proto.to_be();
         sa.sll_ifindex = ifindex as i32;
         sa.sll_halen = 6;
-        sa.sll_addr[..6].copy_from_slice(&[0xff; 6]);
+        sa.sll_addr[..6].copy_from_slice(&dst);
         let rc = libc::sendto(
             fd,
             f.as_ptr() as *const libc::c_void,
@@ -63,7 +68,7 @@ pub fn announce(ifindex: u32, mac: [u8; 6], ip: Ipv4Addr) -> Result<()> {
             Ok(())
         }
     };
-    rc.with_context(|| format!("sending a gratuitous ARP for {ip}"))
+    Ok(rc?)
 }
 
 #[cfg(test)]

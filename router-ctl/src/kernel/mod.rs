@@ -7,6 +7,7 @@
 
 pub mod arp;
 pub mod conntrack;
+pub mod ndisc;
 pub mod netdev;
 pub mod netns;
 pub mod nft;

@@ -1,0 +1,332 @@
+//! The agent's hands: applies the routers scheduled to this host with the same code as a file
+//! (`apply::apply`), destroys those that left, and turns HA roles into addresses. It runs on a
+//! thread of its own, so that applying never delays the lease renewals.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+    sync::{Arc, Condvar, Mutex},
+    time::Duration,
+};
+
+use anyhow::Result;
+
+use super::{Role, Status};
+use crate::{
+    apply,
+    config::Router,
+    kernel::{arp, ndisc, netns, rtnl::Rtnl},
+    state::RouterState,
+};
+
+/// What etcd wants of this host.
+#[derive(Clone, Debug, Default)]
+pub struct Want {
+    /// The routers scheduled here, with their definition's revision.
+    pub routers: BTreeMap<String, (Router, i64)>,
+    /// The HA routers this host leads.
+    pub active: BTreeSet<String>,
+    /// Set once the agent has read etcd: before that nothing is touched (a restarted agent,
+    /// or one that cannot reach etcd, leaves what is applied as it is).
+    pub synced: bool,
+}
+
+/// What the applier tells the agent.
+#[derive(Debug)]
+pub enum Report {
+    Status {
+        id: String,
+        status: Status,
+    },
+    /// An HA router here can (true) or cannot (false) be active: applied, every device up with
+    /// carrier.
+    Ready {
+        id: String,
+        ready: bool,
+    },
+    /// This host gave up being active for the router (a tracked link went down); its
+    /// addresses are gone.
+    Resigned {
+        id: String,
+    },
+    /// The router was destroyed here.
+    Removed {
+        id: String,
+    },
+}
+
+#[derive(Default)]
+pub struct Shared {
+    state: Mutex<(Want, u64, bool)>,
+    cv: Condvar,
+}
+
+impl Shared {
+    pub fn set(&self, want: Want) {
+        let mut g = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        g.0 = want;
+        g.1 += 1;
+        self.cv.notify_one();
+    }
+    pub fn stop(&self) {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).2 = true;
+        self.cv.notify_one();
+    }
+    /// The wanted state when it changed, or after `tick` anyway; None once stopped.
+    fn wait(&self, seen: &mut u64, tick: Duration) -> Option<Want> {
+        let mut g = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if g.1 == *seen && !g.2 {
+            g = self
+                .cv
+                .wait_timeout(g, tick)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        if g.2 {
+            return None;
+        }
+        *seen = g.1;
+        Some(g.0.clone())
+    }
+}
+
+/// Removes every address of the router from its namespace (qr- gateway IPs, qg- external IPs
+/// and floating IPs): what a standby holds, and what fencing and resigning do.
+pub fn release(st: &RouterState) -> Result<()> {
+    let st = st.clone();
+    netns::run_in(&st.namespace.clone(), move || {
+        let rt = Rtnl::new()?;
+        let have = rt.addrs()?;
+        let mut failed = Vec::new();
+        for (index, ip, len) in addresses(&st) {
+            if have
+                .iter()
+                .any(|a| a.index == index && a.ip == ip && a.prefix_len == len)
+            {
+                if let Err(e) = rt.addr_del(index, &format!("ifindex {index}"), ip, len) {
+                    failed.push(format!("{e:#}"));
+                }
+            }
+        }
+        match failed.is_empty() {
+            true => Ok(()),
+            false => anyhow::bail!("{}", failed.join("; ")),
+        }
+    })
+}
+
+/// (ifindex, address, prefix length) of every address the router holds when active.
+fn addresses(st: &RouterState) -> Vec<(u32, IpAddr, u8)> {
+    let mut v = Vec::new();
+    for i in &st.interfaces {
+        for f in &i.fixed_ips {
+            if let Some((ip, len)) = f.addr() {
+                v.push((i.ifindex, ip, len));
+            }
+        }
+    }
+    if let (Some(g), Some(qg)) = (&st.gateway, st.interfaces.iter().find(|i| i.external)) {
+        for f in g
+            .floating_ips
+            .iter()
+            .filter(|f| f.fixed_ip_address.is_some())
+        {
+            if let Ok(ip) = f.floating_ip_address.parse() {
+                v.push((qg.ifindex, ip, 32));
+            }
+        }
+    }
+    v
+}
+
+/// Gratuitous ARPs and unsolicited neighbour advertisements for every address of the router,
+/// 3 rounds 2 s apart (as keepalived and Neutron's agent do), from a thread of their own.
+pub fn announce(st: &RouterState) {
+    let st = st.clone();
+    let _ = std::thread::Builder::new().name("announce".into()).spawn(move || {
+        let ns = st.namespace.clone();
+        let r = netns::run_in(&ns, move || {
+            for round in 0..arp::ROUNDS {
+                if round > 0 {
+                    std::thread::sleep(arp::INTERVAL);
+                }
+                for i in &st.interfaces {
+                    let Some(mac) = crate::config::parse_mac(&i.mac) else { continue };
+                    let mut ips: Vec<IpAddr> =
+                        i.fixed_ips.iter().filter_map(|f| f.addr()).map(|a| a.0).collect();
+                    if i.external {
+                        ips.extend(st.gateway.iter().flat_map(|g| g.floating_ips.iter()).filter(|f| f.fixed_ip_address.is_some()).filter_map(|f| f.floating_ip_address.parse::<IpAddr>().ok()));
+                    }
+                    for ip in ips {
+                        let sent = match ip {
+                            IpAddr::V4(a) => arp::announce(i.ifindex, mac, a),
+                            IpAddr::V6(a) => ndisc::announce(i.ifindex, mac, a),
+                        };
+                        if let Err(e) = sent {
+                            tracing::debug!(router = %st.id, error = format!("{e:#}"), "announcement not sent");
+                        }
+                    }
+                }
+            }
+            Ok(())
+        });
+        if let Err(e) = r {
+            tracing::warn!(error = format!("{e:#}"), "cannot announce the router's addresses");
+        }
+    });
+}
+
+/// Every device of the router is up with carrier (keepalived's `track_interface`).
+fn links_running(st: &RouterState) -> bool {
+    let devs: Vec<String> = st.interfaces.iter().map(|i| i.device.clone()).collect();
+    netns::run_in(&st.namespace, move || {
+        let links = Rtnl::new()?.links()?;
+        Ok(devs
+            .iter()
+            .all(|d| links.iter().any(|l| &l.name == d && l.running())))
+    })
+    .unwrap_or(false)
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Done {
+    generation: i64,
+    role: Role,
+}
+
+/// The applier's loop: until `shared` is stopped.
+pub fn run(shared: Arc<Shared>, report: impl Fn(Report)) {
+    let mut seen = 0;
+    let mut done: BTreeMap<String, Done> = BTreeMap::new();
+    let mut ready: BTreeMap<String, bool> = BTreeMap::new();
+    let mut fired = std::fs::read_to_string(super::fence::fired_path()).unwrap_or_default();
+    while let Some(want) = shared.wait(&mut seen, Duration::from_millis(200)) {
+        if !want.synced {
+            continue;
+        }
+        // Routers no longer scheduled here (or deleted) go.
+        for st in RouterState::all().unwrap_or_default() {
+            if !want.routers.contains_key(&st.id) {
+                match apply::destroy(&st.id) {
+                    Ok(_) => {
+                        tracing::info!(router = %st.id, "destroyed: no longer scheduled on this host")
+                    }
+                    Err(e) => {
+                        tracing::warn!(router = %st.id, error = format!("{e:#}"), "cannot destroy a router no longer scheduled here")
+                    }
+                }
+                done.remove(&st.id);
+                ready.remove(&st.id);
+                apply::set_standby(&st.id, false);
+                report(Report::Removed { id: st.id });
+            }
+        }
+        // The fencer acted: routers this host still leads get their addresses back (its lease
+        // outlived the outage, so no other host took them).
+        // Only once the lease was renewed after that (a new deadline ahead): until then the
+        // addresses stay away, whatever else happens.
+        let now_fired = std::fs::read_to_string(super::fence::fired_path()).unwrap_or_default();
+        if now_fired != fired
+            && super::fence::read().is_some_and(|f| f.deadline_ns > super::fence::monotonic_ns())
+        {
+            fired = now_fired;
+            done.retain(|_, d| d.role != Role::Active);
+        }
+        let mut batch = Vec::new();
+        for (id, (r, rev)) in &want.routers {
+            // Leading, unless a tracked device is down here (then it resigned).
+            let leads = want.active.contains(id) && ready.get(id) != Some(&false);
+            let role = match (r.ha, leads) {
+                (false, _) => Role::Single,
+                (true, true) => Role::Active,
+                (true, false) => Role::Standby,
+            };
+            let d = Done {
+                generation: *rev,
+                role: role.clone(),
+            };
+            if done.get(id) != Some(&d) {
+                apply::set_standby(id, role == Role::Standby);
+                batch.push((r.clone(), d));
+            }
+        }
+        if !batch.is_empty() {
+            let routers: Vec<Router> = batch.iter().map(|(r, _)| r.clone()).collect();
+            let t = std::time::Instant::now();
+            let results: Vec<Result<()>> = match apply::apply(&routers) {
+                Ok(_) => routers.iter().map(|_| Ok(())).collect(),
+                // Which ones failed: each alone (a failed router was rolled back whole).
+                Err(_) => routers
+                    .iter()
+                    .map(|r| apply::apply(std::slice::from_ref(r)).map(|_| ()))
+                    .collect(),
+            };
+            tracing::info!(
+                routers = routers.len(),
+                ms = t.elapsed().as_millis() as u64,
+                "applied"
+            );
+            for ((r, d), res) in batch.into_iter().zip(results) {
+                let status = match res {
+                    Ok(()) => {
+                        if d.role == Role::Active
+                            && done.get(&r.id).is_none_or(|x| x.role != Role::Active)
+                        {
+                            if let Ok(Some(st)) = RouterState::load(&r.id) {
+                                announce(&st);
+                            }
+                            tracing::info!(router = %r.id, name = %r.name, "active here: addresses taken");
+                        }
+                        done.insert(r.id.clone(), d.clone());
+                        Status {
+                            generation: d.generation,
+                            role: d.role,
+                            error: None,
+                            updated_ms: super::now_ms(),
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(router = %r.id, error = format!("{e:#}"), "cannot apply the router's definition");
+                        done.remove(&r.id);
+                        Status {
+                            generation: d.generation,
+                            role: Role::Error,
+                            error: Some(format!("{e:#}")),
+                            updated_ms: super::now_ms(),
+                        }
+                    }
+                };
+                report(Report::Status {
+                    id: r.id.clone(),
+                    status,
+                });
+            }
+        }
+        // HA routers: can this host be active (devices up with carrier)?
+        for (id, (r, _)) in &want.routers {
+            if !r.ha || !done.contains_key(id) {
+                continue;
+            }
+            let Ok(Some(st)) = RouterState::load(id) else {
+                continue;
+            };
+            let ok = links_running(&st);
+            if ready.get(id) != Some(&ok) {
+                ready.insert(id.clone(), ok);
+                report(Report::Ready {
+                    id: id.clone(),
+                    ready: ok,
+                });
+            }
+            if !ok && want.active.contains(id) && !cfg!(mutant = "ha_no_track") {
+                tracing::warn!(router = %id, "a device of the router lost its link: resigning");
+                apply::set_standby(id, true);
+                let _ = release(&st);
+                if let Some(d) = done.get_mut(id) {
+                    d.role = Role::Standby;
+                }
+                report(Report::Resigned { id: id.clone() });
+            }
+        }
+    }
+}

@@ -1,0 +1,160 @@
+//! Fencing: a host that cannot renew its lease in time removes the addresses of the HA routers
+//! it holds active before the lease can expire on the server, so that no two hosts ever answer
+//! for one address.
+//!
+//! The agent writes a deadline after each renewal it got an answer to: the time it sent that
+//! renewal plus the lease's TTL, minus a margin. A separate process, the fencer (`router-ctl
+//! fence`, started by the agent, outliving it), removes the addresses when the deadline
+//! passes. It is a process of its own because the agent itself may be what failed (killed,
+//! stuck): a restarted agent that renews the same lease in time writes a new deadline and
+//! nothing happens (no failover); one that does not leaves the fencer to act, and the lease
+//! expires on the server only after that.
+
+use std::{path::PathBuf, time::Duration};
+
+use anyhow::{Context as _, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::state::{self, RouterState};
+
+/// What the agent tells the fencer.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Fence {
+    /// CLOCK_MONOTONIC nanoseconds after which the addresses must be gone.
+    pub deadline_ns: u64,
+    /// The HA routers whose addresses this host holds.
+    pub routers: Vec<String>,
+}
+
+pub fn path() -> PathBuf {
+    state::run_dir().join("fence.json")
+}
+
+/// Written by the fencer each time it acts (the agent re-asserts the addresses of routers it
+/// still leads afterwards, if its lease turns out to have survived).
+pub fn fired_path() -> PathBuf {
+    state::run_dir().join("fence.fired")
+}
+
+fn pid_path() -> PathBuf {
+    state::run_dir().join("fencer.pid")
+}
+
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime with a valid timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// The deadline for a renewal sent at `sent_ns` with lease time to live `ttl`. The server
+/// received that renewal after it was sent, so the lease cannot expire before `sent + ttl`;
+/// the margin covers the fencer's 10 ms polling, the removal itself (milliseconds) and clock
+/// rate differences: a tenth of the TTL plus 150 ms (350 ms for 2 s).
+pub fn deadline(sent_ns: u64, ttl: Duration) -> u64 {
+    let margin = ttl / 10 + Duration::from_millis(150);
+    sent_ns + ttl.saturating_sub(margin).as_nanos() as u64
+}
+
+pub fn write(f: &Fence) -> Result<()> {
+    let p = path();
+    let tmp = p.with_extension("tmp");
+    std::fs::write(&tmp, serde_json::to_vec(f)?)
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, &p).with_context(|| format!("cannot write {}", p.display()))
+}
+
+pub fn read() -> Option<Fence> {
+    serde_json::from_slice(&std::fs::read(path()).ok()?).ok()
+}
+
+/// The agent stops cleanly (it released the addresses itself): the fencer exits.
+pub fn stop() {
+    let _ = std::fs::remove_file(path());
+}
+
+fn alive(pid: i32) -> bool {
+    // SAFETY: kill with signal 0 only checks.
+    pid > 0 && unsafe { libc::kill(pid, 0) } == 0
+}
+
+/// Starts the fencer unless one runs for this instance.
+pub fn ensure_fencer() -> Result<()> {
+    if let Some(pid) = std::fs::read_to_string(pid_path())
+        .ok()
+        .and_then(|s| s.trim().parse::<i32>().ok())
+    {
+        let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        if alive(pid) && cmd.split(|b| *b == 0).any(|a| a == b"fence") {
+            return Ok(());
+        }
+    }
+    let exe = std::env::current_exe().context("cannot find my own executable")?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(state::run_dir().join("fencer.log"))?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.arg("fence")
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    use std::os::unix::process::CommandExt as _;
+    // SAFETY: setsid is async-signal-safe: the fencer leaves the agent's session, so that a
+    // signal to the agent's process group does not reach it.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().context("cannot start the fencer")?;
+    std::fs::write(pid_path(), child.id().to_string())?;
+    tracing::info!(pid = child.id(), "fencer started");
+    Ok(())
+}
+
+/// The fencer's loop (`router-ctl fence`): every 10 ms, until the agent removes the file.
+pub fn run_fencer() -> Result<()> {
+    let mut fired_for = 0u64;
+    let mut missing = 0;
+    let mut seen = false;
+    loop {
+        std::thread::sleep(Duration::from_millis(10));
+        let Some(f) = read() else {
+            // Gone for 200 ms in a row after it existed (not a rename in progress): the agent
+            // stopped cleanly.
+            missing += 1;
+            if seen && missing > 20 {
+                tracing::info!("fence file removed: fencer exits");
+                return Ok(());
+            }
+            continue;
+        };
+        missing = 0;
+        seen = true;
+        if f.routers.is_empty()
+            || monotonic_ns() < f.deadline_ns
+            || fired_for == f.deadline_ns
+            || cfg!(mutant = "fence_never")
+        {
+            continue;
+        }
+        fired_for = f.deadline_ns;
+        tracing::warn!(routers = ?f.routers, "lease not renewed in time: removing the addresses of the HA routers held here");
+        for id in &f.routers {
+            match RouterState::load(id) {
+                Ok(Some(st)) => {
+                    if let Err(e) = super::applier::release(&st) {
+                        tracing::error!(router = %id, error = format!("{e:#}"), "cannot remove the router's addresses");
+                    }
+                }
+                _ => tracing::warn!(router = %id, "no state for a router to fence"),
+            }
+        }
+        let _ = std::fs::write(fired_path(), fired_for.to_string());
+    }
+}

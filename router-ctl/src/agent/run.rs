@@ -1,0 +1,762 @@
+//! The agent's etcd side (`router-ctl run --etcd URL --host NAME`): the host lease and its
+//! renewals, the watch on the whole prefix (resumed from the last revision; a full read when
+//! etcd compacted past it), the elections (scheduler, each HA router's active host) and the
+//! write-back of what was applied. It hands the wanted state to the applier thread and never
+//! touches the kernel itself.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, VecDeque},
+    sync::{
+        atomic::{AtomicU8, Ordering},
+        Arc,
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use anyhow::{anyhow, bail, Context as _, Result};
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, Txn, TxnOp,
+    WatchOptions,
+};
+use tokio::sync::mpsc;
+
+use super::{
+    applier::{self, Report, Shared, Want},
+    fence, schedule, AgentInfo, Role, Schedule, Status, PREFIX,
+};
+use crate::{config::Router, state};
+
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub endpoints: Vec<String>,
+    pub host: String,
+    pub ttl: Duration,
+    pub down_time: Duration,
+}
+
+/// How the agent stops.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// Release every role (addresses first, then the lease): a sub-second switchover.
+    Resign = 1,
+    /// Keep the lease and the roles (a new build takes over at once, within the lease).
+    Keep = 2,
+}
+
+pub struct Agent {
+    stop: Arc<AtomicU8>,
+    shared: Arc<Shared>,
+    etcd: JoinHandle<()>,
+    applier: JoinHandle<()>,
+}
+
+impl Agent {
+    pub fn stop(self, how: Stop) {
+        self.stop.store(how as u8, Ordering::SeqCst);
+        let _ = self.etcd.join();
+        self.shared.stop();
+        let _ = self.applier.join();
+    }
+}
+
+pub fn start(opts: Options) -> Result<Agent> {
+    std::fs::create_dir_all(state::run_dir())?;
+    fence::ensure_fencer()?;
+    let shared = Arc::new(Shared::default());
+    let (tx, rx) = mpsc::unbounded_channel();
+    let s = shared.clone();
+    let applier = std::thread::Builder::new()
+        .name("agent-apply".into())
+        .spawn(move || applier::run(s, move |r| drop(tx.send(r))))?;
+    let stop = Arc::new(AtomicU8::new(0));
+    let (st, sh) = (stop.clone(), shared.clone());
+    let etcd = std::thread::Builder::new()
+        .name("agent-etcd".into())
+        .spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime");
+            rt.block_on(agent(opts, sh, rx, st));
+        })?;
+    Ok(Agent {
+        stop,
+        shared,
+        etcd,
+        applier,
+    })
+}
+
+/// What the agent knows of etcd's prefix.
+#[derive(Default)]
+struct Cache {
+    rev: i64,
+    /// id → (definition text, revision, the definition when it validates).
+    routers: BTreeMap<String, (String, i64, Option<Router>)>,
+    schedule: BTreeMap<String, Schedule>,
+    agents: BTreeSet<String>,
+    /// id → (active host, its lease).
+    active: BTreeMap<String, (String, i64)>,
+    scheduler: Option<String>,
+}
+
+impl Cache {
+    fn put(&mut self, key: &str, value: &str, rev: i64, lease: i64) {
+        let Some(rest) = key.strip_prefix(PREFIX) else {
+            return;
+        };
+        match rest.split_once('/') {
+            Some(("routers", id)) => {
+                let parsed = crate::config::parse(value)
+                    .ok()
+                    .and_then(|v| v.into_iter().next())
+                    .filter(|r| r.id == id);
+                self.routers.insert(id.into(), (value.into(), rev, parsed));
+            }
+            Some(("schedule", id)) => {
+                if let Ok(s) = serde_json::from_str(value) {
+                    self.schedule.insert(id.into(), s);
+                }
+            }
+            Some(("agents", h)) => {
+                self.agents.insert(h.into());
+            }
+            Some(("active", id)) => {
+                self.active.insert(id.into(), (value.into(), lease));
+            }
+            None if rest == "scheduler" => self.scheduler = Some(value.into()),
+            _ => {}
+        }
+    }
+    fn delete(&mut self, key: &str) {
+        let Some(rest) = key.strip_prefix(PREFIX) else {
+            return;
+        };
+        match rest.split_once('/') {
+            Some(("routers", id)) => drop(self.routers.remove(id)),
+            Some(("schedule", id)) => drop(self.schedule.remove(id)),
+            Some(("agents", h)) => drop(self.agents.remove(h)),
+            Some(("active", id)) => drop(self.active.remove(id)),
+            None if rest == "scheduler" => self.scheduler = None,
+            _ => {}
+        }
+    }
+    fn scheduled_here<'a>(&'a self, host: &'a str) -> impl Iterator<Item = &'a String> + 'a {
+        self.routers.keys().filter(move |id| {
+            self.schedule
+                .get(*id)
+                .is_some_and(|s| s.hosts.iter().any(|h| h == host))
+        })
+    }
+}
+
+/// The agent's own memory across sessions (reconnections).
+struct Agent0 {
+    o: Options,
+    cache: Cache,
+    lease: Option<i64>,
+    ready: BTreeMap<String, bool>,
+    statuses: BTreeMap<String, Status>,
+    /// Definitions that do not validate, reported once per revision.
+    bad: BTreeMap<String, i64>,
+    down_since: BTreeMap<String, Instant>,
+    last_pass: Option<Instant>,
+    /// Send times of renewals not answered yet, and of the last one answered.
+    pending: VecDeque<u64>,
+    renewed: u64,
+    written: Option<(u64, Vec<String>)>,
+}
+
+fn lease_file() -> std::path::PathBuf {
+    state::run_dir().join("agent-lease")
+}
+
+async fn agent(
+    o: Options,
+    shared: Arc<Shared>,
+    mut reports: mpsc::UnboundedReceiver<Report>,
+    stop: Arc<AtomicU8>,
+) {
+    let lease = std::fs::read_to_string(lease_file()).ok().and_then(|s| {
+        let (h, l) = s.trim().split_once(' ')?;
+        (h == o.host).then(|| l.parse().ok()).flatten()
+    });
+    let mut a = Agent0 {
+        o,
+        cache: Cache::default(),
+        lease,
+        ready: BTreeMap::new(),
+        statuses: BTreeMap::new(),
+        bad: BTreeMap::new(),
+        down_since: BTreeMap::new(),
+        last_pass: None,
+        pending: VecDeque::new(),
+        renewed: 0,
+        written: None,
+    };
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let r = a.session(&shared, &mut reports, &stop).await;
+        let how = stop.load(Ordering::SeqCst);
+        if how != 0 {
+            a.leave(&shared, how == Stop::Resign as u8).await;
+            return;
+        }
+        if let Err(e) = r {
+            tracing::warn!(
+                error = format!("{e:#}"),
+                "etcd session ended; reconnecting (what is applied keeps forwarding)"
+            );
+        }
+        let t = Instant::now();
+        while t.elapsed() < backoff && stop.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Short: etcd restarting must not outlast the fencing deadline because of us.
+        backoff = (backoff * 2).min(Duration::from_millis(200));
+    }
+}
+
+enum Ev {
+    Tick,
+    Renewed(Result<Option<etcd_client::LeaseKeepAliveResponse>, etcd_client::Error>),
+    Watch(Result<Option<etcd_client::WatchResponse>, etcd_client::Error>),
+    Report(Option<Report>),
+}
+
+async fn timed<T>(
+    f: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
+) -> Result<T> {
+    match tokio::time::timeout(Duration::from_secs(2), f).await {
+        Ok(r) => Ok(r?),
+        Err(_) => bail!("etcd did not answer within 2 s"),
+    }
+}
+
+impl Agent0 {
+    async fn connect(&self) -> Result<Client> {
+        let opts = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_millis(500))
+            .with_keep_alive(Duration::from_millis(500), Duration::from_millis(500));
+        match tokio::time::timeout(
+            Duration::from_secs(2),
+            Client::connect(&self.o.endpoints, Some(opts)),
+        )
+        .await
+        {
+            Ok(r) => {
+                r.with_context(|| format!("cannot reach etcd at {}", self.o.endpoints.join(",")))
+            }
+            Err(_) => bail!(
+                "cannot reach etcd at {} within 2 s",
+                self.o.endpoints.join(",")
+            ),
+        }
+    }
+
+    /// The routers this host runs now, and the HA routers it leads.
+    fn want(&mut self) -> (Want, Vec<(String, Status)>) {
+        let host = self.o.host.clone();
+        let mut want = Want {
+            synced: true,
+            ..Default::default()
+        };
+        let mut errors = Vec::new();
+        let ids: Vec<String> = self.cache.scheduled_here(&host).cloned().collect();
+        for id in ids {
+            let (text, rev, parsed) = &self.cache.routers[&id];
+            match parsed {
+                Some(r) => {
+                    want.routers.insert(id.clone(), (r.clone(), *rev));
+                }
+                None => {
+                    if self.bad.get(&id) != Some(rev) {
+                        self.bad.insert(id.clone(), *rev);
+                        let e = crate::config::parse(text)
+                            .err()
+                            .map(|e| e.to_string())
+                            .unwrap_or_else(|| format!("the definition's id is not {id}"));
+                        errors.push((
+                            id.clone(),
+                            Status {
+                                generation: *rev,
+                                role: Role::Error,
+                                error: Some(e),
+                                updated_ms: super::now_ms(),
+                            },
+                        ));
+                    }
+                }
+            }
+        }
+        want.active = self.mine();
+        (want, errors)
+    }
+
+    /// The HA routers whose election this host's lease holds.
+    fn mine(&self) -> BTreeSet<String> {
+        self.cache
+            .active
+            .iter()
+            .filter(|(_, (h, l))| *h == self.o.host && Some(*l) == self.lease)
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
+    /// Tells the fencer the deadline of the last renewal answered and the routers held.
+    fn write_fence(&mut self) {
+        // Until etcd was read, the routers the last fence named stay named.
+        let routers: Vec<String> = if self.cache.rev == 0 {
+            fence::read().map(|f| f.routers).unwrap_or_default()
+        } else {
+            self.mine().into_iter().collect()
+        };
+        let deadline = fence::deadline(self.renewed, self.o.ttl);
+        if self.written.as_ref() == Some(&(deadline, routers.clone())) {
+            return;
+        }
+        if let Err(e) = fence::write(&fence::Fence {
+            deadline_ns: deadline,
+            routers: routers.clone(),
+        }) {
+            tracing::error!(error = format!("{e:#}"), "cannot write the fence file");
+        }
+        self.written = Some((deadline, routers));
+    }
+
+    /// A watch response's events into the cache.
+    fn absorb(&mut self, m: &etcd_client::WatchResponse) {
+        for e in m.events() {
+            let Some(kv) = e.kv() else { continue };
+            let key = kv.key_str().unwrap_or("");
+            match e.event_type() {
+                EventType::Put => self.cache.put(
+                    key,
+                    kv.value_str().unwrap_or(""),
+                    kv.mod_revision(),
+                    kv.lease(),
+                ),
+                EventType::Delete => self.cache.delete(key),
+            }
+            self.cache.rev = self.cache.rev.max(kv.mod_revision());
+        }
+    }
+
+    async fn full_read(&mut self, c: &mut Client) -> Result<()> {
+        let r = timed(c.get(PREFIX, Some(GetOptions::new().with_prefix()))).await?;
+        let mut cache = Cache {
+            rev: r.header().map(|h| h.revision()).unwrap_or(0),
+            ..Default::default()
+        };
+        for kv in r.kvs() {
+            cache.put(
+                kv.key_str().unwrap_or(""),
+                kv.value_str().unwrap_or(""),
+                kv.mod_revision(),
+                kv.lease(),
+            );
+        }
+        tracing::info!(
+            revision = cache.rev,
+            routers = cache.routers.len(),
+            "read the desired state from etcd"
+        );
+        self.cache = cache;
+        Ok(())
+    }
+
+    async fn put_status(&mut self, c: &mut Client, id: &str, s: &Status) -> Result<()> {
+        let Some(lease) = self.lease else {
+            return Ok(());
+        };
+        let key = super::status_key(id, &self.o.host);
+        let val = serde_json::to_string(s)?;
+        let put = TxnOp::put(key, val, Some(PutOptions::new().with_lease(lease)));
+        // The active role is recorded only while this host holds the election.
+        let txn = if s.role == Role::Active {
+            Txn::new()
+                .when(vec![Compare::value(
+                    super::active_key(id),
+                    CompareOp::Equal,
+                    self.o.host.clone(),
+                )])
+                .and_then(vec![put])
+        } else {
+            Txn::new().and_then(vec![put])
+        };
+        timed(c.txn(txn)).await?;
+        Ok(())
+    }
+
+    /// Elections: the scheduler, and each HA router scheduled here that is ready.
+    async fn campaign(&mut self, c: &mut Client) -> Result<bool> {
+        let Some(lease) = self.lease else {
+            return Ok(false);
+        };
+        let host = self.o.host.clone();
+        let mut won = false;
+        let mut keys: Vec<(String, Option<String>)> = Vec::new();
+        if self.cache.scheduler.is_none() {
+            keys.push((super::scheduler_key(), None));
+        }
+        for id in self.cache.scheduled_here(&host) {
+            let ha = self.cache.routers[id].2.as_ref().is_some_and(|r| r.ha);
+            if ha && self.ready.get(id) == Some(&true) && !self.cache.active.contains_key(id) {
+                keys.push((super::active_key(id), Some(id.clone())));
+            }
+        }
+        for (key, id) in keys {
+            let txn = Txn::new()
+                .when(vec![Compare::create_revision(
+                    key.clone(),
+                    CompareOp::Equal,
+                    0,
+                )])
+                .and_then(vec![TxnOp::put(
+                    key.clone(),
+                    host.clone(),
+                    Some(PutOptions::new().with_lease(lease)),
+                )]);
+            if timed(c.txn(txn)).await?.succeeded() {
+                match &id {
+                    Some(id) => {
+                        tracing::info!(router = %id, "won the election: becoming active");
+                        self.cache.active.insert(id.clone(), (host.clone(), lease));
+                        won = true;
+                    }
+                    None => {
+                        tracing::info!("elected to run the scheduler");
+                        self.cache.scheduler = Some(host.clone());
+                    }
+                }
+            }
+        }
+        // Elections held for routers no longer scheduled here go.
+        let stale: Vec<String> = self
+            .mine()
+            .into_iter()
+            .filter(|id| !self.cache.scheduled_here(&host).any(|x| x == id))
+            .collect();
+        for id in stale {
+            self.resign(c, &id).await?;
+        }
+        Ok(won)
+    }
+
+    async fn resign(&mut self, c: &mut Client, id: &str) -> Result<()> {
+        let key = super::active_key(id);
+        let txn = Txn::new()
+            .when(vec![Compare::value(
+                key.clone(),
+                CompareOp::Equal,
+                self.o.host.clone(),
+            )])
+            .and_then(vec![TxnOp::delete(key, None)]);
+        timed(c.txn(txn)).await?;
+        self.cache.active.remove(id);
+        Ok(())
+    }
+
+    /// The scheduler's pass, when this host runs it.
+    async fn schedule(&mut self, c: &mut Client, force: bool) -> Result<()> {
+        if self.cache.scheduler.as_deref() != Some(self.o.host.as_str()) {
+            self.down_since.clear();
+            return Ok(());
+        }
+        let now = Instant::now();
+        if !force
+            && self
+                .last_pass
+                .is_some_and(|t| now - t < Duration::from_secs(1))
+        {
+            return Ok(());
+        }
+        self.last_pass = Some(now);
+        let scheduled: BTreeSet<String> = self
+            .cache
+            .schedule
+            .values()
+            .flat_map(|s| s.hosts.iter().cloned())
+            .collect();
+        let agents = self.cache.agents.clone();
+        self.down_since.retain(|h, _| !agents.contains(h));
+        for h in scheduled.iter().filter(|h| !agents.contains(*h)) {
+            self.down_since.entry(h.clone()).or_insert(now);
+        }
+        let expired: BTreeSet<String> = self
+            .down_since
+            .iter()
+            .filter(|(_, t)| now - **t >= self.o.down_time)
+            .map(|(h, _)| h.clone())
+            .collect();
+        let routers: BTreeMap<String, bool> = self
+            .cache
+            .routers
+            .iter()
+            .map(|(id, (_, _, r))| (id.clone(), r.as_ref().is_some_and(|r| r.ha)))
+            .collect();
+        let plan = schedule::plan(&routers, &self.cache.schedule, &agents, &expired);
+        let guard = || {
+            Compare::value(
+                super::scheduler_key(),
+                CompareOp::Equal,
+                self.o.host.clone(),
+            )
+        };
+        let mut ops: Vec<TxnOp> = Vec::new();
+        for (id, s) in &plan.put {
+            tracing::info!(router = %id, hosts = ?s.hosts, "scheduled");
+            ops.push(TxnOp::put(
+                super::schedule_key(id),
+                serde_json::to_string(s)?,
+                None,
+            ));
+        }
+        for id in &plan.delete {
+            ops.push(TxnOp::delete(super::schedule_key(id), None));
+        }
+        // etcd takes at most 128 operations per transaction.
+        for chunk in ops.chunks(100) {
+            let txn = Txn::new().when(vec![guard()]).and_then(chunk.to_vec());
+            if !timed(c.txn(txn)).await?.succeeded() {
+                bail!("lost the scheduler's election while scheduling");
+            }
+        }
+        Ok(())
+    }
+
+    fn push(&mut self, shared: &Shared) -> Vec<(String, Status)> {
+        let (want, errors) = self.want();
+        // The fence file lists a router before the applier gives it its addresses.
+        self.write_fence();
+        shared.set(want);
+        errors
+    }
+
+    async fn session(
+        &mut self,
+        shared: &Shared,
+        reports: &mut mpsc::UnboundedReceiver<Report>,
+        stop: &AtomicU8,
+    ) -> Result<()> {
+        let mut c = self.connect().await?;
+        // The lease: the one this host had, if it is still alive (a restart within the lease
+        // keeps every role), or a new one.
+        if let Some(l) = self.lease {
+            let ttl = timed(c.lease_time_to_live(l, None)).await?.ttl();
+            if ttl <= 0 {
+                tracing::warn!(
+                    lease = format!("{l:x}"),
+                    "the host's lease expired: its roles are gone"
+                );
+                self.lease = None;
+            } else {
+                tracing::info!(lease = format!("{l:x}"), ttl, "kept the host's lease");
+            }
+        }
+        if self.lease.is_none() {
+            let secs = self.o.ttl.as_secs().max(1) as i64;
+            let l = timed(c.lease_grant(secs, None)).await?.id();
+            std::fs::write(lease_file(), format!("{} {l}", self.o.host))?;
+            tracing::info!(lease = format!("{l:x}"), ttl = secs, "new host lease");
+            self.lease = Some(l);
+        }
+        let lease = self.lease.expect("a lease");
+        self.pending.clear();
+        // Renew at once: a restarted agent has little time left before its fencer acts.
+        let (mut keeper, mut renewals) = timed(c.lease_keep_alive(lease)).await?;
+        let sent = fence::monotonic_ns();
+        timed(keeper.keep_alive()).await?;
+        let first = tokio::time::timeout(Duration::from_secs(2), renewals.message())
+            .await
+            .map_err(|_| anyhow!("etcd did not renew the lease within 2 s"))??
+            .ok_or_else(|| anyhow!("etcd closed the lease renewals"))?;
+        if first.ttl() <= 0 {
+            self.lease = None;
+            bail!("the host's lease expired");
+        }
+        self.renewed = sent;
+        self.write_fence();
+        let info = AgentInfo {
+            host: self.o.host.clone(),
+            pid: std::process::id(),
+            started: super::now_ms() / 1000,
+        };
+        timed(c.put(
+            super::agent_key(&self.o.host),
+            serde_json::to_string(&info)?,
+            Some(PutOptions::new().with_lease(lease)),
+        ))
+        .await?;
+        let hk = super::host_key(&self.o.host);
+        timed(
+            c.txn(
+                Txn::new()
+                    .when(vec![Compare::create_revision(
+                        hk.clone(),
+                        CompareOp::Equal,
+                        0,
+                    )])
+                    .and_then(vec![TxnOp::put(hk, serde_json::to_string(&info)?, None)]),
+            ),
+        )
+        .await?;
+        // The watch: resumed after the last revision seen, or from a full read. When etcd has
+        // compacted past it, the watch is cancelled with the compaction revision (handled
+        // below): the next session reads everything again.
+        if self.cache.rev == 0 {
+            self.full_read(&mut c).await?;
+        }
+        let (_watcher, mut watch) = timed(
+            c.watch(
+                PREFIX,
+                Some(
+                    WatchOptions::new()
+                        .with_prefix()
+                        .with_start_revision(self.cache.rev + 1),
+                ),
+            ),
+        )
+        .await?;
+        tracing::info!(from = self.cache.rev + 1, "watching etcd");
+        for (id, s) in self.push(shared) {
+            self.put_status(&mut c, &id, &s).await?;
+        }
+        let statuses: Vec<(String, Status)> = self
+            .statuses
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        for (id, s) in statuses {
+            self.put_status(&mut c, &id, &s).await?;
+        }
+        let period = (self.o.ttl / 8).max(Duration::from_millis(100));
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let ev = tokio::select! {
+                _ = tick.tick() => Ev::Tick,
+                m = renewals.message() => Ev::Renewed(m),
+                m = watch.message() => Ev::Watch(m),
+                r = reports.recv() => Ev::Report(r),
+            };
+            let mut changed = false;
+            match ev {
+                Ev::Tick => {
+                    if stop.load(Ordering::SeqCst) != 0 {
+                        return Ok(());
+                    }
+                    if self.pending.len() > 8 {
+                        bail!("etcd answers no lease renewal");
+                    }
+                    self.pending.push_back(fence::monotonic_ns());
+                    timed(keeper.keep_alive()).await?;
+                }
+                Ev::Renewed(m) => {
+                    let m = m?.ok_or_else(|| anyhow!("etcd closed the lease renewals"))?;
+                    if m.ttl() <= 0 {
+                        self.lease = None;
+                        let _ = std::fs::remove_file(lease_file());
+                        bail!("the host's lease expired");
+                    }
+                    if let Some(t) = self.pending.pop_front() {
+                        self.renewed = t;
+                    }
+                    self.write_fence();
+                }
+                Ev::Watch(m) => {
+                    let m = m?.ok_or_else(|| anyhow!("etcd closed the watch"))?;
+                    if m.canceled() || m.compact_revision() > 0 {
+                        if m.compact_revision() > 0 {
+                            tracing::warn!(
+                                revision = self.cache.rev,
+                                compacted = m.compact_revision(),
+                                "etcd compacted past the last revision seen: full resync"
+                            );
+                            self.cache.rev = 0;
+                        }
+                        bail!("etcd cancelled the watch: {}", m.cancel_reason());
+                    }
+                    self.absorb(&m);
+                    changed = true;
+                }
+                Ev::Report(None) => bail!("the applier stopped"),
+                Ev::Report(Some(r)) => match r {
+                    Report::Status { id, status } => {
+                        self.put_status(&mut c, &id, &status).await?;
+                        self.statuses.insert(id, status);
+                    }
+                    Report::Ready { id, ready } => {
+                        self.ready.insert(id, ready);
+                    }
+                    Report::Resigned { id } => {
+                        self.ready.insert(id.clone(), false);
+                        self.resign(&mut c, &id).await?;
+                        if let Some(mut s) = self.statuses.get(&id).cloned() {
+                            s.role = Role::Standby;
+                            s.updated_ms = super::now_ms();
+                            self.put_status(&mut c, &id, &s).await?;
+                            self.statuses.insert(id, s);
+                        }
+                        changed = true;
+                    }
+                    Report::Removed { id } => {
+                        self.statuses.remove(&id);
+                        self.ready.remove(&id);
+                        timed(c.delete(super::status_key(&id, &self.o.host), None)).await?;
+                    }
+                },
+            }
+            if self.campaign(&mut c).await? {
+                changed = true;
+            }
+            self.schedule(&mut c, changed).await?;
+            if changed {
+                for (id, s) in self.push(shared) {
+                    self.put_status(&mut c, &id, &s).await?;
+                }
+            }
+        }
+    }
+
+    /// Stopping: with `resign`, the addresses go first, then the lease (and with it every
+    /// election this host held), so a standby takes over at once.
+    async fn leave(&mut self, shared: &Shared, resign: bool) {
+        if !resign {
+            tracing::info!(
+                "agent stops keeping its lease: a restart within the lease keeps every role"
+            );
+            return;
+        }
+        let mine = self.mine();
+        // The applier must not give the addresses back while we leave.
+        shared.set(Want::default());
+        for id in &mine {
+            apply_standby_now(id);
+        }
+        fence::stop();
+        if let Some(l) = self.lease.take() {
+            if let Ok(mut c) = self.connect().await {
+                match timed(c.lease_revoke(l)).await {
+                    Ok(_) => tracing::info!(routers = ?mine, "resigned: lease revoked"),
+                    Err(e) => tracing::warn!(
+                        error = format!("{e:#}"),
+                        "cannot revoke the lease; it expires by itself"
+                    ),
+                }
+            }
+        }
+        let _ = std::fs::remove_file(lease_file());
+    }
+}
+
+/// Removes the addresses of an HA router this host leads, at once.
+fn apply_standby_now(id: &str) {
+    crate::apply::set_standby(id, true);
+    if let Ok(Some(st)) = state::RouterState::load(id) {
+        if let Err(e) = applier::release(&st) {
+            tracing::warn!(router = %id, error = format!("{e:#}"), "cannot remove the router's addresses");
+        }
+    }
+}

@@ -1,0 +1,285 @@
+//! The CLI against etcd (`--etcd URL` or `ROUTER_XDP_ETCD`): the verbs read a router's
+//! definition from etcd and write the new one back in a transaction that fails if anyone
+//! changed it meanwhile; `router list/show` and `agent list` read hosts, roles and status.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::OnceLock,
+    time::Duration,
+};
+
+use anyhow::{anyhow, bail, Context as _, Result};
+use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, Txn, TxnOp};
+
+use super::{AgentInfo, Schedule, Status, PREFIX};
+use crate::{
+    config::{self, Router},
+    state::{AddrState, FloatingIpState, GatewayState, IfaceState, RouteState, RouterState},
+};
+
+pub struct Store {
+    rt: tokio::runtime::Runtime,
+    client: std::sync::Mutex<Client>,
+    endpoints: String,
+    /// The revision of each definition read, for the write that follows.
+    read: std::sync::Mutex<BTreeMap<String, i64>>,
+}
+
+static REMOTE: OnceLock<Store> = OnceLock::new();
+
+/// Makes the verbs act on etcd at `endpoints` (comma-separated URLs).
+pub fn connect(endpoints: &str) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let eps: Vec<String> = endpoints.split(',').map(|s| s.trim().to_string()).collect();
+    let client = rt
+        .block_on(async {
+            tokio::time::timeout(
+                Duration::from_secs(3),
+                Client::connect(
+                    &eps,
+                    Some(ConnectOptions::new().with_connect_timeout(Duration::from_secs(2))),
+                ),
+            )
+            .await
+        })
+        .map_err(|_| anyhow!("etcd at {endpoints} did not answer within 3 s; is it running?"))?
+        .with_context(|| format!("cannot reach etcd at {endpoints}"))?;
+    let _ = REMOTE.set(Store {
+        rt,
+        client: std::sync::Mutex::new(client),
+        endpoints: endpoints.to_string(),
+        read: Default::default(),
+    });
+    Ok(())
+}
+
+pub fn remote() -> Option<&'static Store> {
+    REMOTE.get()
+}
+
+/// Everything the CLI shows about routers and agents.
+#[derive(Debug, Default)]
+pub struct Overview {
+    pub routers: Vec<(Router, i64)>,
+    pub schedule: BTreeMap<String, Schedule>,
+    pub active: BTreeMap<String, String>,
+    /// (router, host) → status.
+    pub status: BTreeMap<(String, String), Status>,
+    pub agents: BTreeMap<String, AgentInfo>,
+    pub hosts: BTreeSet<String>,
+}
+
+impl Store {
+    fn block<T>(
+        &self,
+        f: impl AsyncFnOnce(&mut Client) -> Result<T, etcd_client::Error>,
+    ) -> Result<T> {
+        let mut c = self.client.lock().unwrap_or_else(|e| e.into_inner());
+        self.rt
+            .block_on(async { tokio::time::timeout(Duration::from_secs(5), f(&mut c)).await })
+            .map_err(|_| anyhow!("etcd at {} did not answer within 5 s", self.endpoints))?
+            .with_context(|| format!("etcd at {}", self.endpoints))
+    }
+
+    pub fn overview(&self) -> Result<Overview> {
+        let r = self.block(async |c| c.get(PREFIX, Some(GetOptions::new().with_prefix())).await)?;
+        let mut o = Overview::default();
+        for kv in r.kvs() {
+            let (Ok(key), Ok(val)) = (kv.key_str(), kv.value_str()) else {
+                continue;
+            };
+            let Some(rest) = key.strip_prefix(PREFIX) else {
+                continue;
+            };
+            match rest.split_once('/') {
+                Some(("routers", id)) => match config::parse(val) {
+                    Ok(mut v) if v.len() == 1 && v[0].id == id => {
+                        o.routers.push((v.remove(0), kv.mod_revision()))
+                    }
+                    _ => tracing::warn!(router = %id, "a definition in etcd does not validate"),
+                },
+                Some(("schedule", id)) => {
+                    if let Ok(s) = serde_json::from_str(val) {
+                        o.schedule.insert(id.into(), s);
+                    }
+                }
+                Some(("active", id)) => {
+                    o.active.insert(id.into(), val.into());
+                }
+                Some(("status", rest)) => {
+                    if let (Some((id, host)), Ok(s)) =
+                        (rest.split_once('/'), serde_json::from_str(val))
+                    {
+                        o.status.insert((id.into(), host.into()), s);
+                    }
+                }
+                Some(("agents", h)) => {
+                    if let Ok(a) = serde_json::from_str(val) {
+                        o.agents.insert(h.into(), a);
+                    }
+                }
+                Some(("hosts", h)) => {
+                    o.hosts.insert(h.into());
+                }
+                _ => {}
+            }
+        }
+        Ok(o)
+    }
+
+    /// Every router's definition, as the verbs see routers.
+    pub fn all(&self) -> Result<Vec<RouterState>> {
+        let o = self.overview()?;
+        let mut read = self.read.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(o.routers
+            .iter()
+            .map(|(r, rev)| {
+                read.insert(r.id.clone(), *rev);
+                planned(r)
+            })
+            .collect())
+    }
+
+    /// A router by id or name.
+    pub fn find(&self, key: &str) -> Result<RouterState> {
+        let all = self.all()?;
+        let mut m: Vec<RouterState> = all
+            .into_iter()
+            .filter(|r| r.id == key || r.name == key)
+            .collect();
+        match m.len() {
+            0 => bail!(
+                "no router '{key}' in etcd at {}; `router-ctl --etcd {} router list` lists them",
+                self.endpoints,
+                self.endpoints
+            ),
+            1 => Ok(m.remove(0)),
+            _ => bail!("several routers are named '{key}'; use the id"),
+        }
+    }
+
+    /// Writes one router's definition (validated first): created if new, else replaced only if
+    /// nobody changed it since it was read.
+    pub fn put(&self, text: &str) -> Result<Router> {
+        let r = config::parse(text)?
+            .into_iter()
+            .next()
+            .context("no router in the definition")?;
+        let key = super::router_key(&r.id);
+        let rev = self
+            .read
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&r.id)
+            .copied();
+        let cmp = match rev {
+            Some(rev) => Compare::mod_revision(key.clone(), CompareOp::Equal, rev),
+            None => Compare::create_revision(key.clone(), CompareOp::Equal, 0),
+        };
+        let txn = Txn::new()
+            .when(vec![cmp])
+            .and_then(vec![TxnOp::put(key, text, None)]);
+        let ok = self.block(async |c| c.txn(txn).await)?.succeeded();
+        if !ok {
+            bail!(
+                "router {} was changed (or created) in etcd by someone else meanwhile; nothing written, run the command again",
+                r.name
+            );
+        }
+        Ok(r)
+    }
+
+    /// Deletes a router's definition; its hosts destroy it.
+    pub fn delete(&self, key: &str) -> Result<String> {
+        let st = self.find(key)?;
+        let rev = self.read.lock().unwrap_or_else(|e| e.into_inner())[&st.id];
+        let k = super::router_key(&st.id);
+        let txn = Txn::new()
+            .when(vec![Compare::mod_revision(
+                k.clone(),
+                CompareOp::Equal,
+                rev,
+            )])
+            .and_then(vec![TxnOp::delete(k, None)]);
+        if !self.block(async |c| c.txn(txn).await)?.succeeded() {
+            bail!("router {key} was changed in etcd meanwhile; nothing deleted, run the command again");
+        }
+        Ok(st.id)
+    }
+}
+
+/// A definition seen as the verbs see an applied router (nothing applied: no devices).
+pub fn planned(r: &Router) -> RouterState {
+    let addr = |f: &config::FixedIp| AddrState {
+        subnet: f.subnet.to_string(),
+        gateway_ip: f.gateway_ip.to_string(),
+        added: false,
+    };
+    let interfaces = r
+        .interfaces
+        .iter()
+        .map(|i| {
+            let mut s = IfaceState::new(
+                i.port_id.clone(),
+                i.device.clone(),
+                i.fixed_ips.iter().map(addr).collect(),
+            );
+            s.hook = i.hook;
+            s.external = i.external;
+            s
+        })
+        .collect();
+    let routes = r
+        .routes
+        .iter()
+        .map(|x| RouteState {
+            destination: x.destination.to_string(),
+            nexthop: x.nexthop.to_string(),
+            device: r
+                .interface_for(x.nexthop)
+                .map(|i| i.device.clone())
+                .unwrap_or_default(),
+            gateway: false,
+        })
+        .collect();
+    let gateway = r.gateway.as_ref().map(|g| GatewayState {
+        port_id: g.port_id.clone(),
+        device: config::gateway_device_of(&g.port_id),
+        network_id: g.network_id.clone(),
+        enable_snat: g.enable_snat,
+        upstreams: g
+            .upstreams
+            .iter()
+            .map(|u| u.gateway_ip.to_string())
+            .collect(),
+        onlink: Vec::new(),
+        floating_ips: r
+            .floating_ips
+            .iter()
+            .map(|f| FloatingIpState {
+                floating_ip_address: f.floating_ip_address.to_string(),
+                fixed_ip_address: f.fixed_ip_address.map(|x| x.to_string()),
+                added: false,
+            })
+            .collect(),
+        sysctls_before: Vec::new(),
+    });
+    RouterState {
+        id: r.id.clone(),
+        name: r.name.clone(),
+        namespace: r.namespace(),
+        created_netns: false,
+        ip_forward_before: None,
+        ipv6_forwarding_before: None,
+        interfaces,
+        routes,
+        max_routes: r.max_routes,
+        program: None,
+        netns_inode: None,
+        lost: None,
+        gateway,
+        ha: r.ha,
+    }
+}

@@ -1,0 +1,319 @@
+//! The etcd agent on several hosts (namespaces on one machine): routers defined through the CLI
+//! against etcd run on the hosts the scheduler picks, and HA routers fail over with no split
+//! brain. A client pings through the router every 10 ms and a probe asks every 10 ms which MAC
+//! has the router's address: never two at once.
+
+use std::time::{Duration, Instant};
+
+use tests::cluster::{
+    answering, first_answer, longest_silence, ArpWatch, Cluster, Pinger, ROUTER_ID,
+};
+
+/// Two agents, an HA router defined and converged, traffic flowing; returns the active host.
+fn ha_pair() -> (Cluster, usize) {
+    ha_pair_with(&[])
+}
+
+fn ha_pair_with(agent_args: &[&str]) -> (Cluster, usize) {
+    let mut c = Cluster::new(2);
+    c.start_agent_with(0, agent_args);
+    c.start_agent_with(1, agent_args);
+    c.define_router(true);
+    let t = Instant::now();
+    while c.show()["hosts"].as_array().map_or(0, |h| h.len()) < 2 {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "not scheduled on two hosts: {}",
+            c.show()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let active = c.wait_converged(Duration::from_secs(20));
+    c.wait_ping(Duration::from_secs(10));
+    let standby = 1 - active;
+    assert_eq!(c.role(standby).as_deref(), Some("standby"));
+    assert!(
+        c.addresses(active).contains("172.16.100.1/24"),
+        "the active host holds the address"
+    );
+    assert!(
+        !c.addresses(standby).contains("172.16.100.1"),
+        "a standby holds no address: {}",
+        c.addresses(standby)
+    );
+    (c, active)
+}
+
+/// Waits until host `i` is the active one.
+fn wait_active(c: &Cluster, i: usize, within: Duration) {
+    let t = Instant::now();
+    while c.show()["active_host"] != c.hosts[i].name.as_str()
+        || !c.addresses(i).contains("172.16.100.1/24")
+    {
+        assert!(
+            t.elapsed() < within,
+            "{} did not become active: {}",
+            c.hosts[i].name,
+            c.show()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn the_standby_takes_over_when_the_active_agent_is_killed() {
+    let (mut c, active) = ha_pair();
+    let standby = 1 - active;
+    let (ping, arp) = (Pinger::start(&c), ArpWatch::start(&c));
+    std::thread::sleep(Duration::from_millis(500));
+    let killed = Instant::now();
+    c.kill_agent(active);
+    wait_active(&c, standby, Duration::from_secs(10));
+    c.wait_ping(Duration::from_secs(10));
+    std::thread::sleep(Duration::from_millis(500));
+    let (sent, got) = ping.stop();
+    let rounds = arp.stop();
+    let macs = answering(&rounds);
+    let took = first_answer(&rounds, &c.hosts[standby].mac1, killed).expect("the standby answered");
+    eprintln!(
+        "failover: the standby answered {took:?} after the kill (nobody for {:?}); {} of {sent} pings lost; MACs {macs:?}",
+        longest_silence(&rounds),
+        sent - got
+    );
+    let lost_ms = (sent - got) * 10;
+    assert_eq!(
+        macs,
+        vec![c.hosts[active].mac1.clone(), c.hosts[standby].mac1.clone()],
+        "the address moved once, from the old active host to the standby"
+    );
+    // The killed agent's fencer removed its addresses.
+    assert!(
+        !c.addresses(active).contains("172.16.100.1"),
+        "{}",
+        c.addresses(active)
+    );
+    assert!(lost_ms < 6000, "{lost_ms} ms of pings lost");
+    assert!(took < Duration::from_secs(6), "failover took {took:?}");
+}
+
+#[test]
+fn a_restart_within_the_lease_causes_no_failover() {
+    let (mut c, active) = ha_pair();
+    let (ping, arp) = (Pinger::start(&c), ArpWatch::start(&c));
+    std::thread::sleep(Duration::from_millis(300));
+    c.kill_agent(active);
+    c.start_agent(active);
+    std::thread::sleep(Duration::from_secs(4));
+    let (sent, got) = ping.stop();
+    let macs = answering(&arp.stop());
+    assert_eq!(
+        macs,
+        vec![c.hosts[active].mac1.clone()],
+        "no other host answered"
+    );
+    assert_eq!(c.show()["active_host"], c.hosts[active].name.as_str());
+    assert_eq!(sent, got, "no ping lost");
+}
+
+#[test]
+fn an_etcd_restart_changes_no_role_and_the_watches_resume() {
+    // An etcd outage longer than the fencing deadline (TTL minus 350 ms) fences HA routers by
+    // design; etcd restarting under the parallel suite takes up to ~2 s here, so this cluster
+    // runs with a 4 s lease (the operator's trade: tolerance to etcd restarts vs failover time).
+    let (mut c, active) = ha_pair_with(&["--lease-ttl", "4"]);
+    let (ping, arp) = (Pinger::start(&c), ArpWatch::start(&c));
+    c.kill_etcd();
+    c.start_etcd();
+    std::thread::sleep(Duration::from_secs(3));
+    // The watches resumed: a change made now reaches both hosts.
+    c.ctl_ok(&[
+        "router",
+        "add",
+        "route",
+        "r1",
+        "--route",
+        "destination=10.10.0.0/16,gateway=172.16.101.254",
+    ]);
+    let t = Instant::now();
+    for i in [active, 1 - active] {
+        let ns = c.hosts[i].router_ns(ROUTER_ID);
+        loop {
+            let gen = c.show()["generation"].as_i64().unwrap();
+            let h = c.show()["hosts"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|h| h["host"] == c.hosts[i].name.as_str())
+                .cloned()
+                .unwrap();
+            if h["generation"].as_i64() == Some(gen) {
+                break;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "{} did not apply the change: {h}",
+                c.hosts[i].name
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if i == active {
+            let routes = tests::sh(&format!("ip -n {ns} route"));
+            assert!(routes.contains("10.10.0.0/16"), "{routes}");
+        }
+    }
+    let (sent, got) = ping.stop();
+    let macs = answering(&arp.stop());
+    assert_eq!(macs, vec![c.hosts[active].mac1.clone()], "no role changed");
+    assert_eq!(c.show()["active_host"], c.hosts[active].name.as_str());
+    assert_eq!(sent, got, "no ping lost");
+}
+
+#[test]
+fn a_host_cut_off_from_etcd_is_fenced_and_returns_as_standby() {
+    let (c, active) = ha_pair();
+    let standby = 1 - active;
+    let (ping, arp) = (Pinger::start(&c), ArpWatch::start(&c));
+    std::thread::sleep(Duration::from_millis(300));
+    tests::sh(&format!("ip -n {} link set xm{active} down", c.fabric));
+    wait_active(&c, standby, Duration::from_secs(10));
+    c.wait_ping(Duration::from_secs(10));
+    std::thread::sleep(Duration::from_millis(500));
+    tests::sh(&format!("ip -n {} link set xm{active} up", c.fabric));
+    let t = Instant::now();
+    while c.role(active).as_deref() != Some("standby") {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the old active did not return as standby: {}",
+            c.show()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let (sent, got) = ping.stop();
+    let macs = answering(&arp.stop());
+    eprintln!(
+        "cut off: {} of {sent} pings lost; MACs {macs:?}",
+        sent - got
+    );
+    assert_eq!(
+        macs,
+        vec![c.hosts[active].mac1.clone(), c.hosts[standby].mac1.clone()]
+    );
+    assert!(
+        !c.addresses(active).contains("172.16.100.1"),
+        "{}",
+        c.addresses(active)
+    );
+    assert_eq!(c.show()["active_host"], c.hosts[standby].name.as_str());
+}
+
+#[test]
+fn the_active_resigns_when_its_provider_link_goes_down() {
+    let (c, active) = ha_pair();
+    let standby = 1 - active;
+    let (ping, arp) = (Pinger::start(&c), ArpWatch::start(&c));
+    std::thread::sleep(Duration::from_millis(300));
+    tests::sh(&format!("ip -n {} link set xb{active} down", c.fabric));
+    wait_active(&c, standby, Duration::from_secs(10));
+    c.wait_ping(Duration::from_secs(10));
+    let (sent, got) = ping.stop();
+    let macs = answering(&arp.stop());
+    eprintln!(
+        "link down: {} of {sent} pings lost; MACs {macs:?}",
+        sent - got
+    );
+    assert_eq!(
+        macs,
+        vec![c.hosts[active].mac1.clone(), c.hosts[standby].mac1.clone()]
+    );
+    assert!(!c.addresses(active).contains("172.16.100.1"));
+}
+
+#[test]
+fn a_graceful_stop_switches_over_within_a_second() {
+    let (mut c, active) = ha_pair();
+    let standby = 1 - active;
+    let (ping, arp) = (Pinger::start(&c), ArpWatch::start(&c));
+    std::thread::sleep(Duration::from_millis(300));
+    let t = Instant::now();
+    c.stop_agent(active);
+    wait_active(&c, standby, Duration::from_secs(5));
+    let took = t.elapsed();
+    c.wait_ping(Duration::from_secs(10));
+    let (sent, got) = ping.stop();
+    let macs = answering(&arp.stop());
+    eprintln!(
+        "graceful: switched in {took:?}, {} of {sent} pings lost",
+        sent - got
+    );
+    assert!(took < Duration::from_secs(1), "switchover took {took:?}");
+    assert_eq!(
+        macs,
+        vec![c.hosts[active].mac1.clone(), c.hosts[standby].mac1.clone()]
+    );
+}
+
+#[test]
+fn a_cli_change_reaches_the_host_the_router_is_scheduled_on() {
+    let mut c = Cluster::new(2);
+    c.start_agent(0);
+    c.start_agent(1);
+    c.define_router(false);
+    let host = c.wait_converged(Duration::from_secs(20));
+    let other = 1 - host;
+    c.wait_ping(Duration::from_secs(10));
+    assert!(
+        tests::sh_out(&format!(
+            "ip netns pids {}",
+            c.hosts[other].router_ns(ROUTER_ID)
+        ))
+        .status
+        .code()
+            != Some(0)
+            || !tests::sh("ip netns list").contains(&c.hosts[other].router_ns(ROUTER_ID)),
+        "the router runs only where it is scheduled"
+    );
+    let t = Instant::now();
+    c.ctl_ok(&[
+        "router",
+        "add",
+        "route",
+        "r1",
+        "--route",
+        "destination=10.10.0.0/16,gateway=172.16.101.254",
+    ]);
+    let ns = c.hosts[host].router_ns(ROUTER_ID);
+    while !tests::sh(&format!("ip -n {ns} route")).contains("10.10.0.0/16") {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "the route did not reach {}",
+            c.hosts[host].name
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    eprintln!(
+        "CLI change → kernel route on {}: {:?}",
+        c.hosts[host].name,
+        t.elapsed()
+    );
+    let agents = c.ctl_json(&["agent", "list"]);
+    let rows = agents.as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    assert!(rows.iter().all(|r| r["alive"] == true));
+    assert_eq!(
+        rows.iter()
+            .map(|r| r["routers"].as_u64().unwrap())
+            .sum::<u64>(),
+        1
+    );
+    // Deleted through the CLI: destroyed on its host.
+    c.ctl_ok(&["router", "delete", "r1"]);
+    let t = Instant::now();
+    while tests::sh("ip netns list").contains(&ns) {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the router was not destroyed on its host"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
