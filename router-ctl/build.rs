@@ -45,6 +45,7 @@ const CTL_MUTANTS: &[&str] = &[
     "nat_no_refresh",
     "ha_no_track",
     "fence_never",
+    "standby_keeps_addresses",
 ];
 
 fn main() -> Result<()> {

@@ -5,6 +5,7 @@
 
 mod ctl;
 mod e2e;
+mod ha;
 mod nat;
 mod pkt;
 mod report;
@@ -46,11 +47,50 @@ struct Args {
     /// Where to write the report (the plot goes beside it).
     #[arg(long, default_value = "BENCHMARKS.md")]
     out: PathBuf,
+    /// Skip the multi-host agent (etcd) figures.
+    #[arg(long)]
+    no_ha: bool,
+    /// Only the multi-host agent figures: their section of the report is replaced in place.
+    #[arg(long)]
+    only_ha: bool,
+    /// Routers in the multi-host convergence figure.
+    #[arg(long, default_value_t = 1000)]
+    ha_routers: usize,
+    /// Agents in the multi-host convergence figure.
+    #[arg(long, default_value_t = 10)]
+    ha_agents: usize,
+}
+
+fn ha_section(args: &Args) -> Result<String> {
+    let f = ha::run(args.runs.min(5), args.ha_routers, args.ha_agents)
+        .context("the multi-host agent")?;
+    let date = std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    Ok(ha::markdown(&f, &date))
 }
 
 fn main() -> Result<()> {
     let args = Args::parse();
     let start = Instant::now();
+    if args.only_ha {
+        let section = ha_section(&args)?;
+        let old = std::fs::read_to_string(&args.out).unwrap_or_default();
+        let new = match (old.find("<!-- ha -->"), old.find("<!-- /ha -->")) {
+            (Some(a), Some(b)) => format!(
+                "{}{}{}",
+                &old[..a],
+                section,
+                &old[b + "<!-- /ha -->\n".len().min(old.len() - b)..]
+            ),
+            _ => format!("{old}\n{section}"),
+        };
+        std::fs::write(&args.out, new)?;
+        println!("wrote the multi-host section of {}", args.out.display());
+        return Ok(());
+    }
     let mut pkt = Vec::new();
     let sizes = args.sizes.iter().map(|n| (*n, false));
     for (n, ipv6) in sizes.chain(args.sizes6.iter().map(|n| (*n, true))) {
@@ -109,8 +149,12 @@ fn main() -> Result<()> {
         nat: nat.as_ref(),
         seconds: start.elapsed().as_secs_f64(),
     };
-    std::fs::write(&args.out, report.markdown())
-        .with_context(|| format!("writing {}", args.out.display()))?;
+    let mut md = report.markdown();
+    if !args.no_ha {
+        md += "\n";
+        md += &ha_section(&args)?;
+    }
+    std::fs::write(&args.out, md).with_context(|| format!("writing {}", args.out.display()))?;
     let plot = args.out.with_file_name("bench-plot.svg");
     std::fs::write(&plot, report.svg()).with_context(|| format!("writing {}", plot.display()))?;
     println!(

@@ -458,7 +458,7 @@ impl Job {
             .collect();
         let mut used_slots = BTreeSet::new();
         let (mut ifaces, mut fresh_slots) = (Vec::new(), Vec::new());
-        let standby = is_standby(&r.id);
+        let standby = is_standby(&r.id) && !cfg!(mutant = "standby_keeps_addresses");
         for i in &r.interfaces {
             let before = prev_iface(&i.port_id);
             let (created_device, peer) = self.plugged[&i.port_id].clone();

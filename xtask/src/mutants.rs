@@ -74,6 +74,30 @@ pub const MUTANTS: &[Mutant] = &[
         )],
     },
     Mutant {
+        name: "fence_never",
+        fault: "the fencer never removes the addresses of a host that lost its lease",
+        tests: &[
+            (
+                "ha",
+                "a_host_cut_off_from_etcd_is_fenced_and_returns_as_standby",
+            ),
+            (
+                "ha",
+                "the_standby_takes_over_when_the_active_agent_is_killed",
+            ),
+        ],
+    },
+    Mutant {
+        name: "ha_no_track",
+        fault: "the active host keeps an HA router when one of its devices loses its link",
+        tests: &[("ha", "the_active_resigns_when_its_provider_link_goes_down")],
+    },
+    Mutant {
+        name: "standby_keeps_addresses",
+        fault: "apply gives a standby the router's addresses",
+        tests: &[("ha", "a_restart_within_the_lease_causes_no_failover")],
+    },
+    Mutant {
         name: "nat_icmp_errors_to_kernel",
         fault: "ICMP errors about NAT flows are left to the kernel instead of translated",
         tests: &[
