@@ -376,6 +376,14 @@ impl Drop for Cluster {
             let _ = sh_out(&format!("ip netns del {ns}"));
         }
         let _ = std::fs::remove_dir_all(&self.data);
+        // The agents' logs stay for a failed test to read.
+        if !std::thread::panicking() {
+            for h in &self.hosts {
+                let _ = std::fs::remove_file(
+                    std::env::temp_dir().join(format!("router-agent-{}.log", h.instance)),
+                );
+            }
+        }
     }
 }
 

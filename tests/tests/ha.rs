@@ -317,3 +317,140 @@ fn a_cli_change_reaches_the_host_the_router_is_scheduled_on() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+#[test]
+fn a_dead_host_is_replaced_after_the_agent_down_time() {
+    let mut c = Cluster::new(3);
+    for i in 0..3 {
+        c.start_agent_with(i, &["--agent-down-time", "3"]);
+    }
+    c.define_router(true);
+    let t = Instant::now();
+    while c.show()["hosts"].as_array().map_or(0, |h| h.len()) < 2 {
+        assert!(t.elapsed() < Duration::from_secs(20), "{}", c.show());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let active = c.wait_converged(Duration::from_secs(20));
+    let hosts: Vec<String> = c.show()["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["host"].as_str().unwrap().to_string())
+        .collect();
+    let standby = hosts
+        .iter()
+        .map(|h| c.index(h))
+        .find(|i| *i != active)
+        .unwrap();
+    let spare = (0..3)
+        .find(|i| !hosts.contains(&c.hosts[*i].name))
+        .expect("a third host");
+    c.kill_agent(standby);
+    // Within the grace period nothing moves.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(c.show()["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|h| h["host"] == c.hosts[standby].name.as_str()));
+    let t = Instant::now();
+    while c.role(spare).as_deref() != Some("standby") {
+        assert!(
+            t.elapsed() < Duration::from_secs(15),
+            "the spare host did not become the standby: {}",
+            c.show()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let now: Vec<String> = c.show()["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["host"].as_str().unwrap().to_string())
+        .collect();
+    assert!(
+        !now.contains(&c.hosts[standby].name),
+        "the dead host left the schedule: {now:?}"
+    );
+    assert_eq!(
+        c.show()["active_host"],
+        c.hosts[active].name.as_str(),
+        "the active host stayed"
+    );
+    // The returning host destroys its copy.
+    c.start_agent(standby);
+    let ns = c.hosts[standby].router_ns(ROUTER_ID);
+    let t = Instant::now();
+    while tests::sh("ip netns list").contains(&ns) {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the returning host kept a router no longer scheduled there"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn an_agent_that_missed_a_compaction_reads_everything_again() {
+    let mut c = Cluster::new(1);
+    c.start_agent(0);
+    c.define_router(false);
+    c.wait_converged(Duration::from_secs(20));
+    let ns = c.hosts[0].router_ns(ROUTER_ID);
+    let log = std::env::temp_dir().join(format!("router-agent-{}.log", c.hosts[0].instance));
+    tests::sh(&format!("ip -n {} link set xm0 down", c.fabric));
+    // Until the agent has given its session up.
+    let t = Instant::now();
+    while !std::fs::read_to_string(&log)
+        .unwrap()
+        .contains("etcd session ended")
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the agent did not notice"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    c.ctl_ok(&[
+        "router",
+        "add",
+        "route",
+        "r1",
+        "--route",
+        "destination=10.20.0.0/16,gateway=172.16.101.254",
+    ]);
+    c.ctl_ok(&[
+        "router",
+        "add",
+        "route",
+        "r1",
+        "--route",
+        "destination=10.30.0.0/16,gateway=172.16.101.254",
+    ]);
+    let rev = tests::sh(&format!(
+        "ip netns exec {} etcdctl --endpoints {} endpoint status -w json",
+        c.fabric,
+        tests::cluster::ETCD
+    ));
+    let rev: serde_json::Value = serde_json::from_str(&rev).unwrap();
+    let rev = rev[0]["Status"]["header"]["revision"].as_i64().unwrap();
+    tests::sh(&format!(
+        "ip netns exec {} etcdctl --endpoints {} compact {rev}",
+        c.fabric,
+        tests::cluster::ETCD
+    ));
+    tests::sh(&format!("ip -n {} link set xm0 up", c.fabric));
+    let t = Instant::now();
+    while !tests::sh(&format!("ip -n {ns} route")).contains("10.30.0.0/16") {
+        assert!(
+            t.elapsed() < Duration::from_secs(15),
+            "the agent did not catch up after the compaction"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let log = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        log.contains("compacted past the last revision seen"),
+        "no full resync in the log"
+    );
+}

@@ -196,6 +196,12 @@ struct Done {
 
 /// The applier's loop: until `shared` is stopped.
 pub fn run(shared: Arc<Shared>, report: impl Fn(Report)) {
+    // Applying is bulk work; renewing the lease is not: this thread (and the apply workers it
+    // starts, which inherit it) yields the CPU to the lease renewals under load.
+    // SAFETY: setpriority on this thread's own id.
+    unsafe {
+        libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 10);
+    }
     let mut seen = 0;
     let mut done: BTreeMap<String, Done> = BTreeMap::new();
     let mut ready: BTreeMap<String, bool> = BTreeMap::new();

@@ -523,6 +523,13 @@ impl Agent0 {
                 bail!("lost the scheduler's election while scheduling");
             }
         }
+        // Known now, not only when the watch echoes it: the next pass plans from it.
+        for (id, s) in plan.put {
+            self.cache.schedule.insert(id, s);
+        }
+        for id in plan.delete {
+            self.cache.schedule.remove(&id);
+        }
         Ok(())
     }
 
@@ -684,8 +691,10 @@ impl Agent0 {
                 Ev::Report(None) => bail!("the applier stopped"),
                 Ev::Report(Some(r)) => match r {
                     Report::Status { id, status } => {
+                        // Kept first: a put that fails (lease gone, etcd away) is made again by
+                        // the next session.
+                        self.statuses.insert(id.clone(), status.clone());
                         self.put_status(&mut c, &id, &status).await?;
-                        self.statuses.insert(id, status);
                     }
                     Report::Ready { id, ready } => {
                         self.ready.insert(id, ready);
@@ -696,8 +705,8 @@ impl Agent0 {
                         if let Some(mut s) = self.statuses.get(&id).cloned() {
                             s.role = Role::Standby;
                             s.updated_ms = super::now_ms();
+                            self.statuses.insert(id.clone(), s.clone());
                             self.put_status(&mut c, &id, &s).await?;
-                            self.statuses.insert(id, s);
                         }
                         changed = true;
                     }
