@@ -366,7 +366,7 @@ fn the_fast_path_delivers_what_the_kernel_delivers() {
     assert!(s.hooks().iter().all(|(_, h)| h == "tc"), "{:?}", s.hooks());
     let model = parity_model(qr_a, qr_b, vm1_m, mac(&vm3_mac), Hook::Tc);
     let (tc, tc_forwarded) = fast_pass(&s, &corpus, &vm1, &vm3, qr_a, vm1_m, &model, "tc");
-    // Then with XDP forced on both ports, vm3's end tuned to take XDP-redirected frames.
+    // Then with XDP forced on both ports, everything at kernel defaults.
     let text = s.ids.config_dual("");
     let text = [s.ids.port_a.clone(), s.ids.port_b.clone()]
         .iter()
@@ -383,18 +383,16 @@ fn the_fast_path_delivers_what_the_kernel_delivers() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    sh(&format!(
-        "ip netns exec {} ethtool -K {} gro on",
-        s.vm3,
-        s.ids.tap_b()
-    ));
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while ctl_json(&["show", &s.ids.router_id])[0]["interfaces"][1]["redirect"]["xdp"] != true {
-        assert!(
-            Instant::now() < deadline,
-            "qr-b never took XDP-redirected frames"
+    // At kernel defaults neither veth peer can take XDP-redirected frames (no GRO, no XDP at
+    // the instances' ends): the router gives neither device a redirect slot, so every frame
+    // XDP routes goes to the kernel (`no_xdp_xmit`), which must then deliver exactly what it
+    // delivers alone. (XDP's own rewrites are checked byte for byte in packet.rs.)
+    for i in 0..2 {
+        assert_eq!(
+            ctl_json(&["show", &s.ids.router_id])[0]["interfaces"][i]["redirect"]["xdp"],
+            false,
+            "a veth at kernel defaults got an XDP redirect slot"
         );
-        std::thread::sleep(Duration::from_millis(50));
     }
     assert!(s.hooks().iter().all(|(_, h)| h == "xdp"), "{:?}", s.hooks());
     let model = parity_model(qr_a, qr_b, vm1_m, mac(&vm3_mac), Hook::Xdp);
@@ -456,8 +454,13 @@ fn compare(
         corpus.len(),
         diffs.iter().take(8).cloned().collect::<Vec<_>>().join("\n")
     );
-    // The corpus exercised both paths.
-    assert!(delivered > 2000 && answered > 200 && forwarded_corpus > 2000);
+    // The corpus exercised both paths (the fast path's own forwarding where it can redirect:
+    // not with XDP into veths at kernel defaults).
+    assert!(delivered > 2000 && answered > 200);
+    assert!(
+        hook == "xdp" || forwarded_corpus > 2000,
+        "{hook}: {forwarded_corpus} forwarded"
+    );
 }
 
 /// Sends the corpus through the router with the fast path in `hook` (already attached) and
@@ -523,12 +526,19 @@ fn fast_pass(
     // Frame by frame, the fast path did what the model says: forwarded what it must forward,
     // and passed the rest under the model's reason (each frame's window also holds its two
     // markers: the echo to the gateway is local_dest, the datagram to vm3 is forwarded).
+    let markers_forwarded = hook != "xdp";
     let mut must_forward = 0u64;
     let mut trim_refused = 0u64;
     let mut wrong = Vec::new();
     for (i, ((what, f), (e, d))) in corpus.iter().zip(fast.iter().zip(&moved)).enumerate() {
         let mut want = Stats::ZERO;
-        want.fwd_packets = 1;
+        // XDP at kernel defaults has no device to redirect into: the marker to vm3 too goes to
+        // the kernel.
+        if markers_forwarded {
+            want.fwd_packets = 1;
+        } else {
+            want.pass[why::NO_XDP_XMIT] = 1;
+        }
         want.pass[why::LOCAL_DEST] = 1;
         if e.sent.is_ok() {
             match model.verdict(0, f) {
@@ -547,6 +557,10 @@ fn fast_pass(
                     must_forward += 1;
                     want.fwd_packets += 1;
                     want.fwd6_packets += (f[12..14] == [0x86, 0xdd]) as u64;
+                }
+                // Every device is up here: a missing redirect slot is XDP's missing NDO_XMIT.
+                Verdict::Pass(r) if hook == "xdp" && r == why::NO_TX_PORT => {
+                    want.pass[why::NO_XDP_XMIT] += 1
                 }
                 Verdict::Pass(r) => want.pass[r] += 1,
             }
@@ -578,8 +592,9 @@ fn fast_pass(
         corpus.len(),
         wrong.iter().take(8).cloned().collect::<Vec<_>>().join("\n")
     );
+    let markers = if markers_forwarded { corpus.len() } else { 0 };
     let forwarded_corpus = forwarded
-        .checked_sub(corpus.len() as u64)
+        .checked_sub(markers as u64)
         .expect("fewer frames forwarded than markers sent");
     assert_eq!(forwarded_corpus, must_forward, "{hook}");
     assert!(
@@ -607,9 +622,9 @@ fn padded(f: &[u8]) -> bool {
 
 /// The dual-stack seed router of this test as the reference model sees it: qr-a (vm1's side,
 /// MTU 1500) and qr-b (vm3's side, MTU 1400), their subnets, the router's own addresses, and
-/// vm1 and vm3 as its only neighbours. With XDP forced on these veths, qr-a cannot take
-/// XDP-redirected frames (vm1's end has neither GRO nor XDP) and TCP/UDP checksums are
-/// verified.
+/// vm1 and vm3 as its only neighbours. With XDP forced on these veths, neither device can take
+/// XDP-redirected frames (the instances' ends have neither GRO nor XDP) and TCP/UDP checksums
+/// are verified.
 fn parity_model(qr_a: [u8; 6], qr_b: [u8; 6], vm1: [u8; 6], vm3: [u8; 6], hook: Hook) -> Model {
     let xdp = hook == Hook::Xdp;
     let dev = |mac, mtu, redirect| model::Dev {
@@ -619,7 +634,7 @@ fn parity_model(qr_a: [u8; 6], qr_b: [u8; 6], vm1: [u8; 6], vm3: [u8; 6], hook: 
         verify_l4: xdp,
     };
     let mut m = Model {
-        devs: vec![dev(qr_a, 1500, !xdp), dev(qr_b, 1400, true)],
+        devs: vec![dev(qr_a, 1500, !xdp), dev(qr_b, 1400, !xdp)],
         own4: vec![GW_A4, tests::corpus::GW_B4, [127, 0, 0, 1]],
         ..Model::default()
     };
