@@ -124,6 +124,75 @@ pub struct ApplyScale {
     pub destroy_hundred: Summary,
     /// (routers, first apply seconds, unchanged re-apply seconds)
     pub big: Option<(usize, f64, f64)>,
+    /// One router with a large table through the real binary (issue 14's controller memory).
+    pub table: Option<BigTable>,
+}
+
+/// `router-ctl apply` of the seed router with `routes` extra routes (distinct /24s): wall time
+/// and the process's peak RSS (wait4's rusage), first apply and re-apply with one route changed.
+pub struct BigTable {
+    pub routes: usize,
+    pub first_s: f64,
+    pub first_rss_mib: f64,
+    pub again_s: f64,
+    pub again_rss_mib: f64,
+}
+
+/// Runs `router-ctl ARGS` as a child of its own: (wall seconds, peak RSS in MiB).
+fn timed_rss(args: &[&str]) -> Result<(f64, f64)> {
+    let t = Instant::now();
+    let child = std::process::Command::new(tests::router_ctl())
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .context("router-ctl")?;
+    let (mut status, mut ru) = (0i32, unsafe { std::mem::zeroed::<libc::rusage>() });
+    // SAFETY: wait4 on our own child with valid out-pointers.
+    let rc = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut ru) };
+    anyhow::ensure!(
+        rc > 0 && status == 0,
+        "router-ctl {args:?} failed ({status})"
+    );
+    Ok((t.elapsed().as_secs_f64(), ru.ru_maxrss as f64 / 1024.0))
+}
+
+pub fn big_table(routes: usize) -> Result<BigTable> {
+    let id = "bbbbbbbb-16f4-4d6c-89d2-8af91cec9714";
+    let seed = format!(
+        "[[router]]\nid = \"{id}\"\nname = \"bench-table\"\n\
+         [[router.interface]]\nport_id = \"e295b258-4586-4e8a-9c3e-1f2a3b4c5d6e\"\nsubnet = \"172.16.100.0/24\"\ngateway_ip = \"172.16.100.1\"\n\
+         [[router.interface]]\nport_id = \"3ffdb861-731c-4b1a-8d2e-6f7a8b9c0d1e\"\nsubnet = \"172.16.101.0/24\"\ngateway_ip = \"172.16.101.1\"\n"
+    );
+    let write = |first_len: u8| -> Result<String> {
+        let mut t = seed.clone();
+        t.reserve(routes * 80);
+        for i in 0..routes {
+            let (a, b, c) = (1 + (i >> 16), (i >> 8) & 255, i & 255);
+            let len = if i == 0 { first_len } else { 24 };
+            let _ = std::fmt::Write::write_fmt(
+                &mut t,
+                format_args!("[[router.route]]\ndestination = \"{a}.{b}.{c}.0/{len}\"\nnexthop = \"172.16.101.254\"\n"),
+            );
+        }
+        let path = format!("/tmp/router-bench-table-{routes}.toml");
+        std::fs::write(&path, t)?;
+        Ok(path)
+    };
+    let path = write(24)?;
+    let (first_s, first_rss_mib) = timed_rss(&["apply", "--no-daemon", "-f", &path])?;
+    let path = write(23)?;
+    let (again_s, again_rss_mib) = timed_rss(&["apply", "--no-daemon", "-f", &path])?;
+    timed(&["destroy", id])?;
+    let _ = std::fs::remove_file(&path);
+    eprintln!("apply: {routes} routes: {first_s:.1} s, {first_rss_mib:.0} MiB; one changed: {again_s:.1} s, {again_rss_mib:.0} MiB");
+    Ok(BigTable {
+        routes,
+        first_s,
+        first_rss_mib,
+        again_s,
+        again_rss_mib,
+    })
 }
 
 fn definitions(n: usize) -> String {
@@ -211,5 +280,6 @@ pub fn apply_scale(runs: usize, big: Option<usize>) -> Result<ApplyScale> {
         reapply_hundred: summarize(&re),
         destroy_hundred: summarize(&de),
         big,
+        table: big.map(|_| big_table(1_000_000)).transpose()?,
     })
 }

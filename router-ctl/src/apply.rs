@@ -610,8 +610,10 @@ impl Job {
         for (dest, hops) in by_dest.iter().filter(|_| !is_standby(&r.id)) {
             rt.route_replace(*dest, hops)?;
         }
+        let now: std::collections::HashSet<&str> =
+            routes.iter().map(|n| n.destination.as_str()).collect();
         for old in self.prev.iter().flat_map(|p| p.routes.iter()) {
-            if !routes.iter().any(|n| n.destination == old.destination) {
+            if !now.contains(old.destination.as_str()) {
                 if let Ok(dest) = old.destination.parse() {
                     let _ = rt.route_del(dest);
                 }

@@ -654,7 +654,11 @@ fn validate_router(index: usize, r: RawRouter) -> Result<Router, String> {
         Some(g) => Some(validate_gateway(&who, g, &mut interfaces)?),
         None => None,
     };
-    let mut routes: Vec<ExtraRoute> = Vec::new();
+    let mut routes: Vec<ExtraRoute> = Vec::with_capacity(r.route.len());
+    // The nexthops of each destination so far: the duplicate and ECMP checks in constant time
+    // (a table of a million routes must not cost a million scans of itself).
+    let mut paths_of: std::collections::HashMap<IpNet, Vec<IpAddr>> =
+        std::collections::HashMap::with_capacity(r.route.len());
     for (k, rt) in r.route.into_iter().enumerate() {
         let at = format!("{who}, route #{} (destination '{}')", k + 1, rt.destination);
         let destination: IpNet = rt
@@ -702,19 +706,13 @@ fn validate_router(index: usize, r: RawRouter) -> Result<Router, String> {
                 i.port_id
             ));
         }
-        if routes
-            .iter()
-            .any(|p| p.destination == destination && p.nexthop == nexthop)
-        {
+        let paths = paths_of.entry(destination).or_default();
+        if paths.contains(&nexthop) {
             return Err(format!(
                 "{at}: route to {destination} via {nexthop} is defined twice"
             ));
         }
-        let paths = routes
-            .iter()
-            .filter(|p| p.destination == destination)
-            .count();
-        if paths >= router_common::fib::MAX_PATHS {
+        if paths.len() >= router_common::fib::MAX_PATHS {
             return Err(format!(
                 "{at}: destination {destination} has more than {} nexthops (ECMP paths)",
                 router_common::fib::MAX_PATHS
@@ -732,6 +730,7 @@ fn validate_router(index: usize, r: RawRouter) -> Result<Router, String> {
                 ));
             }
         }
+        paths.push(nexthop);
         routes.push(ExtraRoute {
             destination,
             nexthop,
