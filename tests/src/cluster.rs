@@ -283,6 +283,47 @@ impl Cluster {
         }
     }
 
+    /// Makes the router dual-stack through the CLI: 2001:db8:100::/64 on port 1 and
+    /// 2001:db8:101::/64 on port 2 (gateways ::1), vm1 2001:db8:100::3 and vm3
+    /// 2001:db8:101::3 with their gateways as default routes.
+    pub fn add_ipv6(&self) {
+        for (subnet, gw, port) in [
+            ("2001:db8:100::/64", "2001:db8:100::1", PORT_1),
+            ("2001:db8:101::/64", "2001:db8:101::1", PORT_2),
+        ] {
+            self.ctl_ok(&[
+                "router",
+                "add",
+                "subnet",
+                "r1",
+                "--subnet",
+                subnet,
+                "--gateway",
+                gw,
+                "--port-id",
+                port,
+            ]);
+        }
+        for (ns, addr, gw) in [
+            (&self.vm1, "2001:db8:100::3/64", "2001:db8:100::1"),
+            (&self.vm3, "2001:db8:101::3/64", "2001:db8:101::1"),
+        ] {
+            sh(&format!(
+                "ip -n {ns} addr add {addr} dev eth0 nodad && ip -n {ns} -6 route add default via {gw}"
+            ));
+        }
+    }
+
+    /// vm1 reaches vm3 over IPv6 through the router.
+    pub fn ping6_once(&self) -> bool {
+        sh_out(&format!(
+            "ip netns exec {} ping -6 -c 1 -W 1 2001:db8:101::3",
+            self.vm1
+        ))
+        .status
+        .success()
+    }
+
     /// `router show r1 -j`.
     pub fn show(&self) -> serde_json::Value {
         self.ctl_json(&["router", "show", "r1"])

@@ -296,6 +296,37 @@ fn a_cli_change_reaches_the_host_the_router_is_scheduled_on() {
         c.hosts[host].name,
         t.elapsed()
     );
+    // A definition that does not validate here (written around the CLI, or by a newer one)
+    // leaves the router as it was and is reported against the host.
+    let etcdctl = |args: &str| {
+        tests::sh(&format!(
+            "ip netns exec {} etcdctl --endpoints {} {args}",
+            c.fabric,
+            tests::cluster::ETCD
+        ))
+    };
+    let key = format!("/router-xdp/v1/routers/{ROUTER_ID}");
+    let good = etcdctl(&format!("get --print-value-only {key}"));
+    etcdctl(&format!(
+        "put {key} '[[router]]\nid = \"{ROUTER_ID}\"\nname = \"r1\"\ncolour = \"red\"\n'"
+    ));
+    let t = Instant::now();
+    let status = || {
+        etcdctl(&format!(
+            "get --print-value-only --prefix /router-xdp/v1/status/{ROUTER_ID}/"
+        ))
+    };
+    while !status().contains("not applied") {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "no error reported: {}",
+            status()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(tests::sh(&format!("ip -n {ns} route")).contains("10.10.0.0/16"));
+    assert!(c.ping_once(), "the router stopped forwarding");
+    etcdctl(&format!("put {key} '{}'", good.trim_end()));
     let agents = c.ctl_json(&["agent", "list"]);
     let rows = agents.as_array().unwrap();
     assert_eq!(rows.len(), 2);
@@ -453,4 +484,63 @@ fn an_agent_that_missed_a_compaction_reads_everything_again() {
         log.contains("compacted past the last revision seen"),
         "no full resync in the log"
     );
+}
+
+#[test]
+fn a_dual_stack_router_fails_over_with_neighbour_advertisements() {
+    let mut c = Cluster::new(2);
+    c.start_agent(0);
+    c.start_agent(1);
+    c.define_router(true);
+    c.add_ipv6();
+    let t = Instant::now();
+    while c.show()["hosts"].as_array().map_or(0, |h| h.len()) < 2 {
+        assert!(t.elapsed() < Duration::from_secs(20), "{}", c.show());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let active = c.wait_converged(Duration::from_secs(20));
+    let standby = 1 - active;
+    let t = Instant::now();
+    while !c.ping6_once() {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "no IPv6 through the router"
+        );
+    }
+    let ns = c.hosts[standby].router_ns(ROUTER_ID);
+    let v6 = tests::sh(&format!("ip -n {ns} -6 addr show scope global"));
+    assert!(
+        !v6.contains("2001:db8:100::1"),
+        "a standby holds no IPv6 address: {v6}"
+    );
+    // What the probe hears on the tenant network: the new active's unsolicited advertisement.
+    let capture = tests::topo::Recorder::start(&c.probe, "eth0", |f| {
+        f.len() >= 78 && f[12..14] == [0x86, 0xdd] && f[20] == 58 && f[54] == 136
+    });
+    c.kill_agent(active);
+    wait_active(&c, standby, Duration::from_secs(10));
+    std::thread::sleep(Duration::from_millis(300));
+    let nas = capture.stop();
+    let standby_mac: Vec<u8> = c.hosts[standby]
+        .mac1
+        .split(':')
+        .map(|x| u8::from_str_radix(x, 16).unwrap())
+        .collect();
+    let target: std::net::Ipv6Addr = "2001:db8:100::1".parse().unwrap();
+    assert!(
+        nas.iter().any(|f| f[6..12] == standby_mac[..]
+            && f[62..78] == target.octets()
+            && f[58] & 0x20 != 0
+            && f[21] == 255),
+        "no unsolicited neighbour advertisement for 2001:db8:100::1 from the new active ({} NAs seen)",
+        nas.len()
+    );
+    let t = Instant::now();
+    while !c.ping6_once() {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "no IPv6 through the new active host"
+        );
+    }
+    assert!(tests::sh(&format!("ip -n {ns} -6 addr show scope global")).contains("2001:db8:100::1"));
 }

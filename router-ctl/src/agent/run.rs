@@ -92,13 +92,23 @@ pub fn start(opts: Options) -> Result<Agent> {
 #[derive(Default)]
 struct Cache {
     rev: i64,
-    /// id → (definition text, revision, the definition when it validates).
-    routers: BTreeMap<String, (String, i64, Option<Router>)>,
+    routers: BTreeMap<String, Def>,
     schedule: BTreeMap<String, Schedule>,
     agents: BTreeSet<String>,
     /// id → (active host, its lease).
     active: BTreeMap<String, (String, i64)>,
     scheduler: Option<String>,
+}
+
+/// A router's definition as etcd holds it.
+struct Def {
+    text: String,
+    rev: i64,
+    /// The text validates here.
+    valid: bool,
+    /// The last definition that validated, and its revision: what stays applied when a newer
+    /// one does not (written by hand, or by a newer CLI with fields this agent does not know).
+    good: Option<(Router, i64)>,
 }
 
 impl Cache {
@@ -112,7 +122,20 @@ impl Cache {
                     .ok()
                     .and_then(|v| v.into_iter().next())
                     .filter(|r| r.id == id);
-                self.routers.insert(id.into(), (value.into(), rev, parsed));
+                let valid = parsed.is_some();
+                let good = match parsed {
+                    Some(r) => Some((r, rev)),
+                    None => self.routers.get(id).and_then(|d| d.good.clone()),
+                };
+                self.routers.insert(
+                    id.into(),
+                    Def {
+                        text: value.into(),
+                        rev,
+                        valid,
+                        good,
+                    },
+                );
             }
             Some(("schedule", id)) => {
                 if let Ok(s) = serde_json::from_str(value) {
@@ -158,8 +181,8 @@ struct Agent0 {
     lease: Option<i64>,
     ready: BTreeMap<String, bool>,
     statuses: BTreeMap<String, Status>,
-    /// Definitions that do not validate, reported once per revision.
-    bad: BTreeMap<String, i64>,
+    /// Definitions that do not validate, reported once per revision: (revision, why).
+    bad: BTreeMap<String, (i64, String)>,
     down_since: BTreeMap<String, Instant>,
     last_pass: Option<Instant>,
     /// Send times of renewals not answered yet, and of the last one answered.
@@ -265,29 +288,37 @@ impl Agent0 {
         let mut errors = Vec::new();
         let ids: Vec<String> = self.cache.scheduled_here(&host).cloned().collect();
         for id in ids {
-            let (text, rev, parsed) = &self.cache.routers[&id];
-            match parsed {
-                Some(r) => {
-                    want.routers.insert(id.clone(), (r.clone(), *rev));
-                }
-                None => {
-                    if self.bad.get(&id) != Some(rev) {
-                        self.bad.insert(id.clone(), *rev);
-                        let e = crate::config::parse(text)
-                            .err()
-                            .map(|e| e.to_string())
-                            .unwrap_or_else(|| format!("the definition's id is not {id}"));
-                        errors.push((
-                            id.clone(),
-                            Status {
-                                generation: *rev,
-                                role: Role::Error,
-                                error: Some(e),
-                                updated_ms: super::now_ms(),
-                            },
-                        ));
-                    }
-                }
+            let d = &self.cache.routers[&id];
+            if let Some((r, rev)) = &d.good {
+                want.routers.insert(id.clone(), (r.clone(), *rev));
+            }
+            if !d.valid && self.bad.get(&id).map(|b| b.0) != Some(d.rev) {
+                let e = crate::config::parse(&d.text)
+                    .err()
+                    .map(|e| e.to_string())
+                    .unwrap_or_else(|| format!("the definition's id is not {id}"));
+                let e = match &d.good {
+                    Some((_, g)) => format!(
+                        "revision {} not applied ({e}); revision {g} stays applied",
+                        d.rev
+                    ),
+                    None => format!("revision {} not applied ({e})", d.rev),
+                };
+                self.bad.insert(id.clone(), (d.rev, e.clone()));
+                let generation = d.good.as_ref().map(|g| g.1).unwrap_or(0);
+                let role = match self.statuses.get(&id) {
+                    Some(s) if d.good.is_some() => s.role.clone(),
+                    _ => Role::Error,
+                };
+                errors.push((
+                    id.clone(),
+                    Status {
+                        generation,
+                        role,
+                        error: Some(e),
+                        updated_ms: super::now_ms(),
+                    },
+                ));
             }
         }
         want.active = self.mine();
@@ -401,7 +432,7 @@ impl Agent0 {
             keys.push((super::scheduler_key(), None));
         }
         for id in self.cache.scheduled_here(&host) {
-            let ha = self.cache.routers[id].2.as_ref().is_some_and(|r| r.ha);
+            let ha = self.cache.routers[id].good.as_ref().is_some_and(|r| r.0.ha);
             if ha && self.ready.get(id) == Some(&true) && !self.cache.active.contains_key(id) {
                 keys.push((super::active_key(id), Some(id.clone())));
             }
@@ -494,7 +525,7 @@ impl Agent0 {
             .cache
             .routers
             .iter()
-            .map(|(id, (_, _, r))| (id.clone(), r.as_ref().is_some_and(|r| r.ha)))
+            .map(|(id, d)| (id.clone(), d.good.as_ref().is_some_and(|r| r.0.ha)))
             .collect();
         let plan = schedule::plan(&routers, &self.cache.schedule, &agents, &expired);
         let guard = || {
@@ -690,7 +721,13 @@ impl Agent0 {
                 }
                 Ev::Report(None) => bail!("the applier stopped"),
                 Ev::Report(Some(r)) => match r {
-                    Report::Status { id, status } => {
+                    Report::Status { id, mut status } => {
+                        // A newer definition that does not validate stays reported.
+                        if let Some((rev, why)) = self.bad.get(&id) {
+                            if *rev > status.generation && status.error.is_none() {
+                                status.error = Some(why.clone());
+                            }
+                        }
                         // Kept first: a put that fails (lease gone, etcd away) is made again by
                         // the next session.
                         self.statuses.insert(id.clone(), status.clone());
