@@ -1250,12 +1250,20 @@ fn remote_status(
 fn remote_router_list(s: &router_ctl::agent::store::Store, json_out: bool) -> Result<()> {
     let o = s.overview()?;
     if json_out {
-        print_json(json!(o.routers.iter().map(|(r, rev)| json!({
+        let mut v: Vec<serde_json::Value> = o.routers.iter().map(|(r, rev)| json!({
             "id": r.id, "name": r.name, "ha": r.ha, "generation": rev,
             "status": remote_status(&o, &r.id, *rev, r.ha),
             "hosts": placements(&o, &r.id).iter().map(|(h, alive, role, g, e)| json!({"host": h, "alive": alive, "role": role, "generation": g, "error": e})).collect::<Vec<_>>(),
-        })).collect::<Vec<_>>()));
+        })).collect();
+        v.extend(o.invalid.iter().map(|(id, rev, why)| json!({
+            "id": id, "generation": rev, "status": "ERROR", "error": format!("the definition does not validate: {why}"),
+            "hosts": placements(&o, id).iter().map(|(h, alive, role, g, e)| json!({"host": h, "alive": alive, "role": role, "generation": g, "error": e})).collect::<Vec<_>>(),
+        })));
+        print_json(json!(v));
         return Ok(());
+    }
+    for (id, rev, why) in &o.invalid {
+        eprintln!("router {id}: the definition at revision {rev} does not validate ({why}); its hosts keep the last good one; write a valid one (e.g. with etcdctl) to fix it");
     }
     let mut t = Table::new(&["ID", "Name", "Status", "HA", "Hosts"]);
     for (r, rev) in &o.routers {
@@ -1268,6 +1276,19 @@ fn remote_router_list(s: &router_ctl::agent::store::Store, json_out: bool) -> Re
             r.name.clone(),
             remote_status(&o, &r.id, *rev, r.ha).into(),
             if r.ha { "True" } else { "False" }.into(),
+            hosts.join(", "),
+        ]);
+    }
+    for (id, _, _) in &o.invalid {
+        let hosts: Vec<String> = placements(&o, id)
+            .iter()
+            .map(|(h, _, role, _, _)| format!("{h} ({role})"))
+            .collect();
+        t.row(vec![
+            id.clone(),
+            "?".into(),
+            "ERROR".into(),
+            "?".into(),
             hosts.join(", "),
         ]);
     }

@@ -326,6 +326,15 @@ fn a_cli_change_reaches_the_host_the_router_is_scheduled_on() {
     }
     assert!(tests::sh(&format!("ip -n {ns} route")).contains("10.10.0.0/16"));
     assert!(c.ping_once(), "the router stopped forwarding");
+    let listed = c.ctl_json(&["router", "list"]);
+    assert!(
+        listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["id"] == ROUTER_ID && r["status"] == "ERROR"),
+        "router list does not show the invalid definition: {listed}"
+    );
     etcdctl(&format!("put {key} '{}'", good.trim_end()));
     let agents = c.ctl_json(&["agent", "list"]);
     let rows = agents.as_array().unwrap();

@@ -69,6 +69,9 @@ pub struct Overview {
     pub status: BTreeMap<(String, String), Status>,
     pub agents: BTreeMap<String, AgentInfo>,
     pub hosts: BTreeSet<String>,
+    /// Definitions that do not validate here: (id, revision, why). Their hosts keep the last
+    /// good one applied.
+    pub invalid: Vec<(String, i64, String)>,
 }
 
 impl Store {
@@ -98,7 +101,14 @@ impl Store {
                     Ok(mut v) if v.len() == 1 && v[0].id == id => {
                         o.routers.push((v.remove(0), kv.mod_revision()))
                     }
-                    _ => tracing::warn!(router = %id, "a definition in etcd does not validate"),
+                    Ok(_) => o.invalid.push((
+                        id.into(),
+                        kv.mod_revision(),
+                        "the definition is not one router with this id".into(),
+                    )),
+                    Err(e) => o
+                        .invalid
+                        .push((id.into(), kv.mod_revision(), e.to_string())),
                 },
                 Some(("schedule", id)) => {
                     if let Ok(s) = serde_json::from_str(val) {
