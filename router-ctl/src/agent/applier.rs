@@ -115,6 +115,18 @@ pub fn release(st: &RouterState) -> Result<()> {
     })
 }
 
+/// Fences the router (see `nft::fence`): what the fencer does when the lease was not renewed
+/// in time. Unlike `release`, the addresses and routes stay, so traffic still sent to this
+/// host's MAC keeps being forwarded until the clients move to the new active host.
+pub fn fence(st: &RouterState) -> Result<()> {
+    netns::run_in(&st.namespace, crate::kernel::nft::fence)
+}
+
+/// Takes the fence down: before this host holds the router again, or as a standby.
+pub fn unfence(st: &RouterState) -> Result<()> {
+    netns::run_in(&st.namespace, crate::kernel::nft::unfence)
+}
+
 /// (ifindex, address, prefix length) of every address the router holds when active.
 fn addresses(st: &RouterState) -> Vec<(u32, IpAddr, u8)> {
     let mut v = Vec::new();
@@ -206,6 +218,10 @@ pub fn run(shared: Arc<Shared>, report: impl Fn(Report)) {
     let mut done: BTreeMap<String, Done> = BTreeMap::new();
     let mut ready: BTreeMap<String, bool> = BTreeMap::new();
     let mut fired = std::fs::read_to_string(super::fence::fired_path()).unwrap_or_default();
+    // HA routers that may carry a fence: all of them when this agent starts, all again each
+    // time the fencer acts; each loses it at its next successful apply.
+    let mut fenced: Option<BTreeSet<String>> = None;
+    let mut fired_seen = fired.clone();
     while let Some(want) = shared.wait(&mut seen, Duration::from_millis(200)) {
         if !want.synced {
             continue;
@@ -227,11 +243,22 @@ pub fn run(shared: Arc<Shared>, report: impl Fn(Report)) {
                 report(Report::Removed { id: st.id });
             }
         }
-        // The fencer acted: routers this host still leads get their addresses back (its lease
-        // outlived the outage, so no other host took them).
-        // Only once the lease was renewed after that (a new deadline ahead): until then the
-        // addresses stay away, whatever else happens.
+        // The fencer acted: routers this host still leads are applied again, which takes the
+        // fence down (its lease outlived the outage, so no other host took them) — only once
+        // the lease was renewed after that (a new deadline ahead): until then the fence stays
+        // up, whatever else happens.
         let now_fired = std::fs::read_to_string(super::fence::fired_path()).unwrap_or_default();
+        if now_fired != fired_seen {
+            fired_seen = now_fired.clone();
+            fenced = None;
+        }
+        let fenced = fenced.get_or_insert_with(|| {
+            want.routers
+                .iter()
+                .filter(|(_, (r, _))| r.ha)
+                .map(|(id, _)| id.clone())
+                .collect()
+        });
         if now_fired != fired
             && super::fence::read().is_some_and(|f| f.deadline_ns > super::fence::monotonic_ns())
         {
@@ -275,6 +302,13 @@ pub fn run(shared: Arc<Shared>, report: impl Fn(Report)) {
             for ((r, d), res) in batch.into_iter().zip(results) {
                 let status = match res {
                     Ok(()) => {
+                        if fenced.remove(&r.id) {
+                            if let Ok(Some(st)) = RouterState::load(&r.id) {
+                                if let Err(e) = unfence(&st) {
+                                    tracing::warn!(router = %r.id, error = format!("{e:#}"), "cannot take the fence down");
+                                }
+                            }
+                        }
                         if d.role == Role::Active
                             && done.get(&r.id).is_none_or(|x| x.role != Role::Active)
                         {

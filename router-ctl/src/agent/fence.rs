@@ -1,6 +1,7 @@
-//! Fencing: a host that cannot renew its lease in time removes the addresses of the HA routers
-//! it holds active before the lease can expire on the server, so that no two hosts ever answer
-//! for one address.
+//! Fencing: a host that cannot renew its lease in time stops answering for the addresses of
+//! the HA routers it holds active (nothing of their namespaces' ARP and neighbour discovery
+//! leaves: `nft::fence`) before the lease can expire on the server, so that no two hosts ever
+//! answer for one address; what clients still send to its MAC is forwarded meanwhile.
 //!
 //! The agent writes a deadline after each renewal it got an answer to: the time it sent that
 //! renewal plus the lease's TTL, minus a margin. A separate process, the fencer (`router-ctl
@@ -144,12 +145,16 @@ pub fn run_fencer() -> Result<()> {
             continue;
         }
         fired_for = f.deadline_ns;
-        tracing::warn!(routers = ?f.routers, "lease not renewed in time: removing the addresses of the HA routers held here");
+        tracing::warn!(routers = ?f.routers, "lease not renewed in time: fencing the HA routers held here (no ARP or neighbour discovery leaves them)");
         for id in &f.routers {
             match RouterState::load(id) {
                 Ok(Some(st)) => {
-                    if let Err(e) = super::applier::release(&st) {
-                        tracing::error!(router = %id, error = format!("{e:#}"), "cannot remove the router's addresses");
+                    if let Err(e) = super::applier::fence(&st) {
+                        // The fence needs nft; without it, the addresses go.
+                        tracing::error!(router = %id, error = format!("{e:#}"), "cannot fence the router: removing its addresses");
+                        if let Err(e) = super::applier::release(&st) {
+                            tracing::error!(router = %id, error = format!("{e:#}"), "cannot remove the router's addresses");
+                        }
                     }
                 }
                 _ => tracing::warn!(router = %id, "no state for a router to fence"),

@@ -102,6 +102,35 @@ pub fn remove() -> Result<()> {
     run(&format!("table ip {TABLE} {{}}\ndelete table ip {TABLE}\n"))
 }
 
+/// The fence of an HA router whose host lost its lease: nothing of the namespace's own ARP
+/// and neighbour discovery leaves (no answer for the router's addresses, no request that
+/// would teach a neighbour its MAC again), while forwarding goes on with the neighbours the
+/// fast path has, until the clients follow the new active's announcements.
+pub const FENCE: &str = "router_fence";
+
+pub fn fence_ruleset() -> String {
+    format!(
+        "table arp {FENCE} {{\n  chain output {{\n    type filter hook output priority 0; policy drop;\n  }}\n}}\n\
+         table ip6 {FENCE} {{\n  chain output {{\n    type filter hook output priority 0; policy accept;\n    icmpv6 type {{ nd-neighbor-solicit, nd-neighbor-advert }} drop\n  }}\n}}\n"
+    )
+}
+
+/// Puts the fence up (in the calling thread's namespace).
+pub fn fence() -> Result<()> {
+    run(&format!("{}{}", unfence_text(), fence_ruleset()))
+}
+
+fn unfence_text() -> String {
+    format!(
+        "table arp {FENCE} {{}}\ndelete table arp {FENCE}\ntable ip6 {FENCE} {{}}\ndelete table ip6 {FENCE}\n"
+    )
+}
+
+/// Takes the fence down, if there is one.
+pub fn unfence() -> Result<()> {
+    run(&unfence_text())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
