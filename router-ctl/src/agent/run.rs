@@ -5,7 +5,7 @@
 //! touches the kernel itself.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, VecDeque},
+    collections::{BTreeMap, BTreeSet},
     sync::{
         atomic::{AtomicU8, Ordering},
         Arc,
@@ -185,11 +185,88 @@ struct Agent0 {
     bad: BTreeMap<String, (i64, String)>,
     down_since: BTreeMap<String, Instant>,
     last_pass: Option<Instant>,
-    /// Send times of renewals not answered yet, and of the last one answered.
-    pending: VecDeque<u64>,
-    renewed: u64,
-    written: Option<(u64, Vec<String>)>,
+    fencing: Arc<Fencing>,
 }
+
+/// What the fencer is told, shared by the session and its renewal task: the send time of the
+/// last renewal answered, and the HA routers held.
+struct Fencing {
+    ttl: Duration,
+    renewed: std::sync::atomic::AtomicU64,
+    state: std::sync::Mutex<(Vec<String>, Option<(u64, Vec<String>)>)>,
+}
+
+impl Fencing {
+    fn set_routers(&self, routers: Vec<String>) {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).0 = routers;
+        self.write();
+    }
+    fn renewed(&self, sent: u64) {
+        self.renewed.store(sent, Ordering::SeqCst);
+        self.write();
+    }
+    /// Writes the fence file when what it says changed.
+    fn write(&self) {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let deadline = fence::deadline(self.renewed.load(Ordering::SeqCst), self.ttl);
+        let routers = st.0.clone();
+        if st.1.as_ref() == Some(&(deadline, routers.clone())) {
+            return;
+        }
+        if let Err(e) = fence::write(&fence::Fence {
+            deadline_ns: deadline,
+            routers: routers.clone(),
+        }) {
+            tracing::error!(error = format!("{e:#}"), "cannot write the fence file");
+        }
+        st.1 = Some((deadline, routers));
+    }
+}
+
+/// The renewal task of a session, cancelled with it.
+struct Renewals(tokio::task::JoinHandle<Result<()>>);
+
+impl Drop for Renewals {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Renews the lease every `period`, on a task of its own so that nothing the session waits
+/// for (a slow write under load) delays a renewal; each answer moves the fencing deadline.
+async fn renew(
+    mut keeper: etcd_client::LeaseKeeper,
+    mut renewals: etcd_client::LeaseKeepAliveStream,
+    period: Duration,
+    fencing: Arc<Fencing>,
+) -> Result<()> {
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let sent = fence::monotonic_ns();
+        timed(keeper.keep_alive()).await?;
+        let m = tokio::time::timeout(Duration::from_secs(2), renewals.message())
+            .await
+            .map_err(|_| anyhow!("etcd answered no lease renewal within 2 s"))??
+            .ok_or_else(|| anyhow!("etcd closed the lease renewals"))?;
+        if m.ttl() <= 0 {
+            bail!(LeaseExpired);
+        }
+        fencing.renewed(sent);
+    }
+}
+
+#[derive(Debug)]
+struct LeaseExpired;
+
+impl std::fmt::Display for LeaseExpired {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the host's lease expired")
+    }
+}
+
+impl std::error::Error for LeaseExpired {}
 
 fn lease_file() -> std::path::PathBuf {
     state::run_dir().join("agent-lease")
@@ -205,6 +282,7 @@ async fn agent(
         let (h, l) = s.trim().split_once(' ')?;
         (h == o.host).then(|| l.parse().ok()).flatten()
     });
+    let o_ttl = o.ttl;
     let mut a = Agent0 {
         o,
         cache: Cache::default(),
@@ -214,9 +292,11 @@ async fn agent(
         bad: BTreeMap::new(),
         down_since: BTreeMap::new(),
         last_pass: None,
-        pending: VecDeque::new(),
-        renewed: 0,
-        written: None,
+        fencing: Arc::new(Fencing {
+            ttl: o_ttl,
+            renewed: std::sync::atomic::AtomicU64::new(0),
+            state: Default::default(),
+        }),
     };
     let mut backoff = Duration::from_millis(100);
     loop {
@@ -243,7 +323,7 @@ async fn agent(
 
 enum Ev {
     Tick,
-    Renewed(Result<Option<etcd_client::LeaseKeepAliveResponse>, etcd_client::Error>),
+    Renewed(Result<Result<()>, tokio::task::JoinError>),
     Watch(Result<Option<etcd_client::WatchResponse>, etcd_client::Error>),
     Report(Option<Report>),
 }
@@ -343,17 +423,7 @@ impl Agent0 {
         } else {
             self.mine().into_iter().collect()
         };
-        let deadline = fence::deadline(self.renewed, self.o.ttl);
-        if self.written.as_ref() == Some(&(deadline, routers.clone())) {
-            return;
-        }
-        if let Err(e) = fence::write(&fence::Fence {
-            deadline_ns: deadline,
-            routers: routers.clone(),
-        }) {
-            tracing::error!(error = format!("{e:#}"), "cannot write the fence file");
-        }
-        self.written = Some((deadline, routers));
+        self.fencing.set_routers(routers);
     }
 
     /// A watch response's events into the cache.
@@ -601,7 +671,6 @@ impl Agent0 {
             self.lease = Some(l);
         }
         let lease = self.lease.expect("a lease");
-        self.pending.clear();
         // Renew at once: a restarted agent has little time left before its fencer acts.
         let (mut keeper, mut renewals) = timed(c.lease_keep_alive(lease)).await?;
         let sent = fence::monotonic_ns();
@@ -614,8 +683,15 @@ impl Agent0 {
             self.lease = None;
             bail!("the host's lease expired");
         }
-        self.renewed = sent;
+        self.fencing.renewed(sent);
         self.write_fence();
+        let period = (self.o.ttl / 8).max(Duration::from_millis(100));
+        let mut renewing = Renewals(tokio::spawn(renew(
+            keeper,
+            renewals,
+            period,
+            self.fencing.clone(),
+        )));
         let info = AgentInfo {
             host: self.o.host.clone(),
             pid: std::process::id(),
@@ -669,13 +745,12 @@ impl Agent0 {
         for (id, s) in statuses {
             self.put_status(&mut c, &id, &s).await?;
         }
-        let period = (self.o.ttl / 8).max(Duration::from_millis(100));
-        let mut tick = tokio::time::interval(period);
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let ev = tokio::select! {
                 _ = tick.tick() => Ev::Tick,
-                m = renewals.message() => Ev::Renewed(m),
+                r = &mut renewing.0 => Ev::Renewed(r),
                 m = watch.message() => Ev::Watch(m),
                 r = reports.recv() => Ev::Report(r),
             };
@@ -685,23 +760,19 @@ impl Agent0 {
                     if stop.load(Ordering::SeqCst) != 0 {
                         return Ok(());
                     }
-                    if self.pending.len() > 8 {
-                        bail!("etcd answers no lease renewal");
-                    }
-                    self.pending.push_back(fence::monotonic_ns());
-                    timed(keeper.keep_alive()).await?;
                 }
-                Ev::Renewed(m) => {
-                    let m = m?.ok_or_else(|| anyhow!("etcd closed the lease renewals"))?;
-                    if m.ttl() <= 0 {
+                Ev::Renewed(r) => {
+                    // The renewal task ended: the lease expired, or etcd stopped answering.
+                    let e = match r {
+                        Ok(Ok(())) => anyhow!("the lease renewals stopped"),
+                        Ok(Err(e)) => e,
+                        Err(e) => anyhow!("the lease renewal task failed: {e}"),
+                    };
+                    if e.downcast_ref::<LeaseExpired>().is_some() {
                         self.lease = None;
                         let _ = std::fs::remove_file(lease_file());
-                        bail!("the host's lease expired");
                     }
-                    if let Some(t) = self.pending.pop_front() {
-                        self.renewed = t;
-                    }
-                    self.write_fence();
+                    return Err(e);
                 }
                 Ev::Watch(m) => {
                     let m = m?.ok_or_else(|| anyhow!("etcd closed the watch"))?;
