@@ -42,9 +42,7 @@ pub fn run(runs: usize, routers: usize, agents: usize) -> Result<Figures> {
     c.start_agent(0);
     c.start_agent(1);
     c.define_router(true);
-    wait_until(Duration::from_secs(20), || {
-        c.show()["hosts"].as_array().map_or(0, |h| h.len()) == 2
-    })?;
+    c.wait_scheduled(2, Duration::from_secs(20));
     c.wait_converged(Duration::from_secs(20));
     c.wait_ping(Duration::from_secs(10));
     let (mut failover, mut graceful, mut cli) = (Vec::new(), Vec::new(), Vec::new());

@@ -268,18 +268,36 @@ impl Cluster {
             ("172.16.100.0/24", "172.16.100.1", PORT_1),
             ("172.16.101.0/24", "172.16.101.1", PORT_2),
         ] {
-            self.ctl_ok(&[
-                "router",
-                "add",
-                "subnet",
-                "r1",
-                "--subnet",
-                subnet,
-                "--gateway",
-                gw,
-                "--port-id",
-                port,
-            ]);
+            self.add_subnet(subnet, gw, port);
+        }
+    }
+
+    /// `router add subnet r1 --subnet SUBNET --gateway GW --port-id PORT`.
+    fn add_subnet(&self, subnet: &str, gw: &str, port: &str) {
+        self.ctl_ok(&[
+            "router",
+            "add",
+            "subnet",
+            "r1",
+            "--subnet",
+            subnet,
+            "--gateway",
+            gw,
+            "--port-id",
+            port,
+        ]);
+    }
+
+    /// Waits until the router is scheduled on `n` hosts.
+    pub fn wait_scheduled(&self, n: usize, within: Duration) {
+        let t = Instant::now();
+        while self.show()["hosts"].as_array().map_or(0, |h| h.len()) < n {
+            assert!(
+                t.elapsed() < within,
+                "not scheduled on {n} hosts: {}",
+                self.show()
+            );
+            std::thread::sleep(Duration::from_millis(50));
         }
     }
 
@@ -291,18 +309,7 @@ impl Cluster {
             ("2001:db8:100::/64", "2001:db8:100::1", PORT_1),
             ("2001:db8:101::/64", "2001:db8:101::1", PORT_2),
         ] {
-            self.ctl_ok(&[
-                "router",
-                "add",
-                "subnet",
-                "r1",
-                "--subnet",
-                subnet,
-                "--gateway",
-                gw,
-                "--port-id",
-                port,
-            ]);
+            self.add_subnet(subnet, gw, port);
         }
         for (ns, addr, gw) in [
             (&self.vm1, "2001:db8:100::3/64", "2001:db8:100::1"),

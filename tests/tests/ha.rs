@@ -19,15 +19,7 @@ fn ha_pair_with(agent_args: &[&str]) -> (Cluster, usize) {
     c.start_agent_with(0, agent_args);
     c.start_agent_with(1, agent_args);
     c.define_router(true);
-    let t = Instant::now();
-    while c.show()["hosts"].as_array().map_or(0, |h| h.len()) < 2 {
-        assert!(
-            t.elapsed() < Duration::from_secs(20),
-            "not scheduled on two hosts: {}",
-            c.show()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    c.wait_scheduled(2, Duration::from_secs(20));
     let active = c.wait_converged(Duration::from_secs(20));
     c.wait_ping(Duration::from_secs(10));
     let standby = 1 - active;
@@ -368,11 +360,7 @@ fn a_dead_host_is_replaced_after_the_agent_down_time() {
         c.start_agent_with(i, &["--agent-down-time", "3"]);
     }
     c.define_router(true);
-    let t = Instant::now();
-    while c.show()["hosts"].as_array().map_or(0, |h| h.len()) < 2 {
-        assert!(t.elapsed() < Duration::from_secs(20), "{}", c.show());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    c.wait_scheduled(2, Duration::from_secs(20));
     let active = c.wait_converged(Duration::from_secs(20));
     let hosts: Vec<String> = c.show()["hosts"]
         .as_array()
@@ -505,11 +493,7 @@ fn a_dual_stack_router_fails_over_with_neighbour_advertisements() {
     c.start_agent(1);
     c.define_router(true);
     c.add_ipv6();
-    let t = Instant::now();
-    while c.show()["hosts"].as_array().map_or(0, |h| h.len()) < 2 {
-        assert!(t.elapsed() < Duration::from_secs(20), "{}", c.show());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    c.wait_scheduled(2, Duration::from_secs(20));
     let active = c.wait_converged(Duration::from_secs(20));
     let standby = 1 - active;
     let t = Instant::now();

@@ -93,26 +93,9 @@ pub fn ensure_fencer() -> Result<()> {
             return Ok(());
         }
     }
-    let exe = std::env::current_exe().context("cannot find my own executable")?;
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(state::run_dir().join("fencer.log"))?;
-    let mut cmd = std::process::Command::new(exe);
-    cmd.arg("fence")
-        .stdin(std::process::Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log);
-    use std::os::unix::process::CommandExt as _;
-    // SAFETY: setsid is async-signal-safe: the fencer leaves the agent's session, so that a
-    // signal to the agent's process group does not reach it.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::setsid();
-            Ok(())
-        });
-    }
-    let child = cmd.spawn().context("cannot start the fencer")?;
+    // In a session of its own, so that a signal to the agent's process group misses it.
+    let child = crate::daemon::spawn_detached(&["fence"], &state::run_dir().join("fencer.log"))
+        .context("cannot start the fencer")?;
     std::fs::write(pid_path(), child.id().to_string())?;
     tracing::info!(pid = child.id(), "fencer started");
     Ok(())
