@@ -46,6 +46,9 @@ const CTL_MUTANTS: &[&str] = &[
     "ha_no_track",
     "fence_never",
     "standby_keeps_addresses",
+    "wrong_level_order",
+    "no_quarantine",
+    "stale_table_kept",
 ];
 
 fn main() -> Result<()> {

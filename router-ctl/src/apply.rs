@@ -811,7 +811,7 @@ impl Job {
             datapath::load_pinned(id, cap, progs)?
         };
         datapath::set_ifaces(&mut ebpf, &t.ifaces, &t.down, &t.no_xmit)?;
-        datapath::set_routes(&mut ebpf, &t.routes)?;
+        datapath::set_router_routes(&st.id, &mut ebpf, &t.routes)?;
         datapath::set_local_addrs(&mut ebpf, &t.own)?;
         datapath::set_nat_conf(&mut ebpf, t.nat_conf)?;
         for slot in fresh_slots {
@@ -1057,6 +1057,16 @@ pub fn tables_in(
             .with_context(|| format!("router {}: nexthop {}", st.id, x.nexthop))?;
         gateways.push((net(&x.destination)?, ifindex_of(&x.device), nh));
     }
+    // Dynamic routes (`routes`), but none shadowing a route of the definition.
+    let dynamic = crate::routes::load(&st.id)?;
+    if !dynamic.is_empty() {
+        let own: std::collections::HashSet<IpNet> = gateways.iter().map(|g| g.0).collect();
+        for (n, nh) in dynamic {
+            if let Some(dev) = crate::routes::device_for(st, nh).filter(|_| !own.contains(&n)) {
+                gateways.push((n, dev, nh));
+            }
+        }
+    }
     locals.sort();
     locals.dedup();
     let ifaces = st
@@ -1134,7 +1144,7 @@ pub fn resync(router_id: &str) -> Result<()> {
         let t = tables_in(&st, &links, &rt.addrs()?, &Netdev::open()?.dump()?)?;
         let mut ebpf = datapath::open_maps(&st.id)?;
         datapath::set_ifaces(&mut ebpf, &t.ifaces, &t.down, &t.no_xmit)?;
-        datapath::set_routes(&mut ebpf, &t.routes)?;
+        datapath::set_router_routes(&st.id, &mut ebpf, &t.routes)?;
         datapath::set_local_addrs(&mut ebpf, &t.own)?;
         datapath::set_nat_conf(&mut ebpf, t.nat_conf)?;
         Ok((st, changed))
@@ -1168,6 +1178,8 @@ fn remove_iface(rt: &Rtnl, router_id: &str, i: &IfaceState) {
 }
 
 fn remove_bpf_dir(router_id: &str) -> Result<()> {
+    datapath::forget_router_table(router_id);
+    crate::routes::forget(router_id);
     let dir = state::bpf_dir(router_id);
     match std::fs::remove_dir_all(&dir) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => {

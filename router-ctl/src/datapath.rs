@@ -25,7 +25,7 @@ use router_common::{
 
 use crate::{
     config::IpNet,
-    fib::{self as fib_build, Capacity, Fib},
+    fib::{self as fib_build, Capacity, Fib, Live},
     state,
 };
 
@@ -539,6 +539,8 @@ pub struct RouteTable {
     /// The descriptors `nexthops` and `groups` hold, for batched reads.
     nexthops_fd: std::os::fd::RawFd,
     groups_fd: std::os::fd::RawFd,
+    /// The table as this process last wrote it (see `fib::Live`).
+    live: Option<Live>,
 }
 
 /// Every value of the array map `fd` (`n` entries of `T`) in one BPF_MAP_LOOKUP_BATCH call
@@ -618,6 +620,7 @@ impl RouteTable {
             groups: Array::try_from(Map::Array(groups))?,
             nexthops_fd,
             groups_fd,
+            live: None,
         })
     }
 
@@ -650,11 +653,117 @@ impl RouteTable {
         })
     }
 
-    /// Replaces the route table, make-before-break (see `fib`): new nexthops, then the levels
-    /// from the leaves up, then the nexthop slots nothing refers to any more are cleared.
+    /// Replaces the route table, make-before-break (see `fib`). With the table kept in memory
+    /// from an earlier call, only the prefixes that differ are changed; otherwise the maps are
+    /// read back and the table built over them, new nexthops first, then the levels from the
+    /// leaves up.
     pub fn set(&mut self, entries: &[(IpNet, Route)]) -> Result<()> {
+        if let Some(live) = self.live.as_mut() {
+            let r = live.replace_all(entries);
+            if r.is_err() {
+                self.live = None;
+            }
+            r?;
+            return self.commit();
+        }
         let old = self.read()?;
-        let new = Fib::build(entries, &old)?;
+        let mut live = Live::build(entries, &old)?;
+        self.write_over(&old, &live.fib)?;
+        live.forget_writes();
+        self.live = Some(live);
+        if self.live.as_ref().is_some_and(Live::has_quarantine) {
+            // Nexthops the old table used and this one does not: cleared once no lookup can
+            // hold them, so that a process reading the maps back finds them free.
+            fib_build::wait_for_lookups();
+            if let Some(l) = self.live.as_mut() {
+                l.release_quarantine();
+            }
+            self.commit()?;
+        }
+        Ok(())
+    }
+
+    /// Changes single prefixes of the table `set` wrote: `Some(routes)` adds or replaces the
+    /// prefix, `None` removes it. All or nothing: on an error nothing is written (and the table
+    /// is read back from the maps next time).
+    pub fn change(&mut self, changes: &[(IpNet, Option<Vec<Route>>)]) -> Result<()> {
+        let Some(live) = self.live.as_mut() else {
+            anyhow::bail!("the route table was not set in this process yet");
+        };
+        let r = changes.iter().try_for_each(|(net, rs)| match rs {
+            Some(rs) => live.set(*net, rs),
+            None => live.remove(*net).map(|_| ()),
+        });
+        if r.is_err() {
+            self.live = None;
+        }
+        r?;
+        self.commit()
+    }
+
+    /// The table as this process last wrote it, if it keeps one.
+    pub fn live(&self) -> Option<&Live> {
+        self.live.as_ref()
+    }
+
+    /// Writes what the table in memory changed since the last commit, leaves first.
+    fn commit(&mut self) -> Result<()> {
+        let Some(live) = self.live.as_mut() else {
+            return Ok(());
+        };
+        let w = live.take_writes();
+        for (i, r) in &w.nexthops {
+            self.nexthops
+                .set(*i, r, 0)
+                .context("cannot write a nexthop")?;
+        }
+        for (i, g) in &w.groups {
+            self.groups
+                .set(*i, g, 0)
+                .context("cannot write an ECMP group")?;
+        }
+        #[cfg(mutant = "break_before_make")]
+        for (level, entries) in [(&self.l3, &w.l3), (&self.l2, &w.l2), (&self.l1, &w.l1)] {
+            for (i, _) in entries {
+                // SAFETY: as below.
+                unsafe { std::ptr::write_volatile(level.ptr.add(*i as usize), 0) };
+            }
+        }
+        #[cfg(not(mutant = "wrong_level_order"))]
+        let order = [(&self.l3, &w.l3), (&self.l2, &w.l2), (&self.l1, &w.l1)];
+        #[cfg(mutant = "wrong_level_order")]
+        let order = [(&self.l1, &w.l1), (&self.l2, &w.l2), (&self.l3, &w.l3)];
+        for (level, entries) in order {
+            for (i, e) in entries {
+                anyhow::ensure!(
+                    (*i as usize) < level.len,
+                    "route table entry out of the map"
+                );
+                // SAFETY: i < len; an aligned u32 in the shared mapping.
+                unsafe { std::ptr::write_volatile(level.ptr.add(*i as usize), *e) };
+            }
+        }
+        let key6 = |(len, a): &(u8, u128)| Key::new(*len as u32, a.to_be_bytes());
+        for (k, v) in &w.v6_set {
+            if cfg!(mutant = "break_before_make") {
+                let _ = self.fib6.remove(&key6(k));
+            }
+            self.fib6
+                .insert(&key6(k), v, 0)
+                .context("cannot write an IPv6 route")?;
+        }
+        for k in &w.v6_del {
+            match self.fib6.remove(&key6(k)) {
+                Err(aya::maps::MapError::KeyNotFound) | Ok(()) => {}
+                Err(e) => return Err(e).context("cannot remove an IPv6 route"),
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes `new` over `old` (the maps' content): new and changed nexthops and groups, then
+    /// the levels from the leaves up, then the IPv6 prefixes.
+    fn write_over(&mut self, old: &Fib, new: &Fib) -> Result<()> {
         for (i, (o, n)) in old.nexthops.iter().zip(new.nexthops.iter()).enumerate() {
             if let Some(r) = n {
                 if o.as_ref() != Some(r) {
@@ -701,25 +810,96 @@ impl RouteTable {
                 .remove(&key6(k))
                 .context("cannot remove an IPv6 route")?;
         }
-        for (i, (o, n)) in old.nexthops.iter().zip(new.nexthops.iter()).enumerate() {
-            if o.is_some() && n.is_none() {
-                self.nexthops.set(i as u32, Route::NONE, 0)?;
-            }
-        }
-        for (i, (o, n)) in old.groups.iter().zip(new.groups.iter()).enumerate() {
-            if o.is_some() && n.is_none() {
-                self.groups.set(
-                    i as u32,
-                    NhGroup {
-                        count: 0,
-                        members: [0; fib::MAX_PATHS],
-                    },
-                    0,
-                )?;
-            }
-        }
         Ok(())
     }
+}
+
+/// Tables of at least this many prefixes stay in memory between the writes of one process
+/// (the daemon, an agent), so that a change costs what it changes and never a read of the maps;
+/// smaller ones are read back (a few milliseconds) and cost no memory between writes.
+pub const KEEP_FROM_ROUTES: usize = 4096;
+
+/// A router's table as this process last wrote it, with the token it left (see `token_path`).
+struct Kept {
+    map_id: u32,
+    token: String,
+    table: RouteTable,
+}
+
+static KEPT: std::sync::Mutex<std::collections::BTreeMap<String, Kept>> =
+    std::sync::Mutex::new(std::collections::BTreeMap::new());
+static TOKENS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Every process that writes a router's route table leaves a token of its own here: a table
+/// kept in memory is used again only while the token is still the one its process left, that
+/// is when no other process (a CLI without a daemon) wrote the maps since.
+fn token_path(router_id: &str) -> std::path::PathBuf {
+    crate::state::run_dir().join("tables").join(router_id)
+}
+
+/// Runs `f` on router `router_id`'s route table: the one kept in memory when it is still what
+/// the maps hold, else one opened on `ebpf`'s maps (read back on its first write). The table
+/// is kept afterwards when it is large (`KEEP_FROM_ROUTES`) and `f` succeeded.
+pub fn with_router_table<T>(
+    router_id: &str,
+    ebpf: &mut Ebpf,
+    f: impl FnOnce(&mut RouteTable) -> Result<T>,
+) -> Result<T> {
+    let map_id = match ebpf.map(map_names::FIB_L1) {
+        Some(Map::Array(d)) => d.info()?.id(),
+        _ => anyhow::bail!("map {} is not an array", map_names::FIB_L1),
+    };
+    let path = token_path(router_id);
+    let token = std::fs::read_to_string(&path).unwrap_or_default();
+    let kept = KEPT
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .remove(router_id);
+    let mut table = match kept {
+        Some(k) if k.map_id == map_id && k.token == token && !cfg!(mutant = "stale_table_kept") => {
+            k.table
+        }
+        Some(k) if cfg!(mutant = "stale_table_kept") && k.map_id == map_id => k.table,
+        _ => RouteTable::open(ebpf)?,
+    };
+    let out = f(&mut table)?;
+    let token = format!(
+        "{}.{}",
+        std::process::id(),
+        TOKENS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    );
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    std::fs::write(&path, &token).with_context(|| format!("cannot write {}", path.display()))?;
+    if table.live().is_some_and(|l| l.len() >= KEEP_FROM_ROUTES) {
+        KEPT.lock().unwrap_or_else(|e| e.into_inner()).insert(
+            router_id.to_string(),
+            Kept {
+                map_id,
+                token,
+                table,
+            },
+        );
+    }
+    Ok(out)
+}
+
+/// Forgets a router's kept table and token (the router is destroyed).
+pub fn forget_router_table(router_id: &str) {
+    KEPT.lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .remove(router_id);
+    let _ = std::fs::remove_file(token_path(router_id));
+}
+
+/// Replaces router `router_id`'s route table (see `with_router_table`, `RouteTable::set`).
+pub fn set_router_routes(
+    router_id: &str,
+    ebpf: &mut Ebpf,
+    entries: &[(IpNet, Route)],
+) -> Result<()> {
+    with_router_table(router_id, ebpf, |t| t.set(entries))
 }
 
 /// The route table as it is in the maps.

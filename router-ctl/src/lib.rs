@@ -11,6 +11,7 @@ pub mod fib;
 pub mod kernel;
 pub mod metrics;
 pub mod nat;
+pub mod routes;
 pub mod state;
 pub mod table;
 pub mod verbs;

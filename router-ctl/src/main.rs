@@ -115,6 +115,25 @@ enum Cmd {
     /// The fencer of an agent (started by `run --etcd`).
     #[command(hide = true)]
     Fence,
+    /// Dynamic routes (from a routing daemon or a route server), beside the definition's.
+    Route {
+        #[command(subcommand)]
+        cmd: RouteCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum RouteCmd {
+    /// Apply a batch of route changes to a router, as `ip -batch` reads them: one
+    /// `add|replace DEST via NEXTHOP` or `del DEST` per line, `#` comments. The whole batch is
+    /// checked first; the kernel, then the fast path change only the routes named.
+    Batch {
+        router: String,
+        /// The batch file, `-` for standard input.
+        file: PathBuf,
+        #[arg(short = 'f', long = "format", default_value = "table")]
+        format: Format,
+    },
 }
 
 #[derive(Subcommand)]
@@ -482,6 +501,14 @@ fn run(cli: Cli) -> Result<()> {
             cli.etcd.as_deref(),
             cli.json || matches!(format, Format::Json),
         )?,
+        Cmd::Route {
+            cmd:
+                RouteCmd::Batch {
+                    router,
+                    file,
+                    format,
+                },
+        } => route_batch(router, &file, cli.json || matches!(format, Format::Json))?,
         Cmd::Router { cmd } => {
             if let Some(urls) = &cli.etcd {
                 router_ctl::agent::store::connect(urls)?;
@@ -496,6 +523,45 @@ fn run(cli: Cli) -> Result<()> {
             }
             floating_verb(cmd, cli.json)?
         }
+    }
+    Ok(())
+}
+
+/// `route batch`: through the daemon when one runs (it keeps large tables in memory), else here.
+fn route_batch(router: String, file: &std::path::Path, json: bool) -> Result<()> {
+    use router_ctl::api::{self, Request};
+    // Standard input is copied to a file the daemon can read.
+    let stdin_copy = state::run_dir().join(format!("batch-{}", std::process::id()));
+    let path = if file == std::path::Path::new("-") {
+        std::fs::create_dir_all(state::run_dir())?;
+        let mut f = std::fs::File::create(&stdin_copy)
+            .with_context(|| format!("cannot write {}", stdin_copy.display()))?;
+        std::io::copy(&mut std::io::stdin().lock(), &mut f)?;
+        stdin_copy.clone()
+    } else {
+        std::fs::canonicalize(file).with_context(|| format!("cannot open {}", file.display()))?
+    };
+    let req = Request::RouteBatch {
+        router,
+        file: path.display().to_string(),
+    };
+    let out = match api::call(&req) {
+        Some(r) => r,
+        None => api::execute(req),
+    };
+    let _ = std::fs::remove_file(&stdin_copy);
+    let v: serde_json::Value = serde_json::from_str(&out?)?;
+    if json {
+        println!("{v}");
+    } else {
+        let mut t = Table::new(&["Field", "Value"]);
+        for k in ["router", "set", "deleted", "prefixes"] {
+            t.row(vec![
+                k.to_string(),
+                v[k].to_string().trim_matches('"').to_string(),
+            ]);
+        }
+        print!("{}", t.render());
     }
     Ok(())
 }

@@ -2156,3 +2156,127 @@ fn a_deleted_namespace_is_released_and_the_next_apply_starts_clean() {
     assert!(Seed::ping(&s.vm1, "172.16.101.3", 3));
     s.assert_fast_path(&before, &[(&s.ids.dev_a(), 3, 0), (&s.ids.dev_b(), 3, 0)]);
 }
+
+/// Dynamic routes: a batch of 5 000 routes (enough for the daemon to keep the table in memory)
+/// reaches the kernel and the fast path; single-route batches then replace a nexthop and delete
+/// a route, changing only those; a bad batch changes nothing; apply keeps the dynamic routes.
+#[test]
+fn route_batches_change_the_kernel_and_the_fast_path_route_by_route() {
+    require_root();
+    let mut s = Seed::applied("");
+    s.plug(&s.vm1, &s.ids.tap_a(), "172.16.100.3/24", "172.16.100.1");
+    let (nh1, nh2) = (format!("nh1-{}", s.ids.tag), format!("nh2-{}", s.ids.tag));
+    bridge_vlan101(
+        &mut s,
+        &[(&nh1, "172.16.101.254/24"), (&nh2, "172.16.101.253/24")],
+    );
+    sh(&format!("ip -n {nh2} addr add 10.20.0.1/32 dev lo"));
+    assert!(Seed::ping(&s.vm1, "172.16.100.1", 1));
+    assert!(Seed::ping(&nh1, "172.16.101.1", 1) && Seed::ping(&nh2, "172.16.101.1", 1));
+    s.wait_neigh("172.16.101.254");
+    s.wait_neigh("172.16.101.253");
+    let router = s.ids.router_id.clone();
+    let batch = |tag: &str, text: &str| -> std::process::Output {
+        let path = format!("/tmp/batch-{}-{tag}", s.ids.tag);
+        std::fs::write(&path, text).unwrap();
+        let out = ctl(&["-j", "route", "batch", &router, &path]);
+        let _ = std::fs::remove_file(&path);
+        out
+    };
+    let mut bulk = String::from("# a routing daemon's table\nadd 10.10.0.0/16 via 172.16.101.254\nadd 10.20.0.0/16 via 172.16.101.254\n");
+    for i in 0..5000u32 {
+        bulk += &format!(
+            "add 10.{}.{}.0/24 via 172.16.101.254\n",
+            30 + i / 256,
+            i % 256
+        );
+    }
+    let out = batch("bulk", &bulk);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["set"], 5002);
+    assert!(v["prefixes"].as_u64().unwrap() > 5002, "{v}");
+    let kernel = |dest: &str| sh(&format!("ip -n {} route show {dest}", s.ns()));
+    assert!(kernel("10.10.0.0/16").contains("via 172.16.101.254"));
+    assert!(kernel("10.49.135.0/24").contains("via 172.16.101.254"));
+
+    // Only the fast path carries it.
+    s.set_forwarding(false);
+    let (a, b) = (s.ids.dev_a(), s.ids.dev_b());
+    let before = s.fast_path();
+    assert!(
+        Seed::ping(&s.vm1, "10.10.0.1", 3),
+        "vm1 → 10.10.0.1 via the batch's route"
+    );
+    s.assert_fast_path(&before, &[(&a, 3, 0), (&b, 3, 0)]);
+    // 10.20.0.1 lives behind nh2 only: through nh1 it is lost until the route moves.
+    assert!(!Seed::ping(&s.vm1, "10.20.0.1", 1));
+    let out = batch("move", "replace 10.20.0.0/16 via 172.16.101.253\n");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let before = s.fast_path();
+    assert!(
+        Seed::ping(&s.vm1, "10.20.0.1", 3),
+        "the replaced route's new nexthop"
+    );
+    s.assert_fast_path(&before, &[(&a, 3, 0), (&b, 3, 0)]);
+    assert!(kernel("10.20.0.0/16").contains("via 172.16.101.253"));
+
+    // A bad batch is refused whole, naming the line; nothing of it is applied.
+    let kernel_before = sh(&format!("ip -n {} route show", s.ns()));
+    for (text, says) in [
+        (
+            "del 10.10.0.0/16\nadd 10.11.0.0/16 via 192.0.2.1\n",
+            "192.0.2.1",
+        ),
+        (
+            "del 10.10.0.0/16\nadd 10.11.0.1/16 via 172.16.101.254\n",
+            "line 2",
+        ),
+        ("del 10.10.0.0/16\ndel 10.99.0.0/16\n", "10.99.0.0/16"),
+        (
+            "add 172.16.100.0/24 via 172.16.101.254\n",
+            "one of its own routes",
+        ),
+    ] {
+        let out = batch("bad", text);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(says), "{text}: {err}");
+    }
+    assert_eq!(sh(&format!("ip -n {} route show", s.ns())), kernel_before);
+    assert!(
+        Seed::ping(&s.vm1, "10.10.0.1", 1),
+        "a refused batch removed a route"
+    );
+
+    // Delete: gone from both (the kernel answers unreachable, nothing is forwarded).
+    let out = batch("del", "del 10.10.0.0/16\n");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(kernel("10.10.0.0/16").trim(), "");
+    s.set_forwarding(true);
+    let before = s.fast_path();
+    assert!(!Seed::ping(&s.vm1, "10.10.0.1", 1));
+    s.assert_fast_path(&before, &[(&a, 0, 0), (&b, 0, 0)]);
+    s.set_forwarding(false);
+
+    // Re-applying the definition keeps the dynamic routes (from the router's journal).
+    let text = s.ids.config("");
+    s.apply(&text);
+    let before = s.fast_path();
+    assert!(
+        Seed::ping(&s.vm1, "10.20.0.1", 2),
+        "dynamic route lost by apply"
+    );
+    s.assert_fast_path(&before, &[(&a, 2, 0), (&b, 2, 0)]);
+}

@@ -301,6 +301,64 @@ impl Rtnl {
     }
 }
 
+impl Rtnl {
+    /// Many route changes at once: `Some((nexthop, device))` adds or replaces the route to the
+    /// prefix, `None` deletes it (a route already gone is fine). Up to 256 requests are in
+    /// flight on the socket, as `ip -batch` would not wait for each answer either; changes to
+    /// one prefix are never in flight together, so they land in order. The first error is
+    /// returned after every request was answered.
+    pub fn routes_change(&self, changes: &[(IpNet, Option<(IpAddr, u32)>)]) -> Result<()> {
+        use futures::StreamExt as _;
+        let mut seen = std::collections::HashSet::new();
+        // Runs of changes with distinct prefixes: a repeated prefix starts a new run.
+        let mut runs: Vec<&[(IpNet, Option<(IpAddr, u32)>)]> = Vec::new();
+        let mut start = 0;
+        for (i, (net, _)) in changes.iter().enumerate() {
+            if !seen.insert(*net) {
+                runs.push(&changes[start..i]);
+                seen.clear();
+                seen.insert(*net);
+                start = i;
+            }
+        }
+        runs.push(&changes[start..]);
+        for run in runs {
+            let results: Vec<Result<()>> = self.rt.block_on(
+                futures::stream::iter(run.iter().map(|(dest, hop)| {
+                    let h = self.handle.clone();
+                    async move {
+                        match hop {
+                            Some(hop) => {
+                                let msg = route_message(*dest, &[*hop])?;
+                                h.route()
+                                    .add(msg)
+                                    .replace()
+                                    .execute()
+                                    .await
+                                    .map_err(os_error)
+                                    .with_context(|| format!("cannot add the route to {dest}"))
+                            }
+                            None => {
+                                let msg = route_message(*dest, &[])?;
+                                match h.route().del(msg).execute().await.map_err(os_error) {
+                                    Err(e) if errno(&e) == Some(libc::ESRCH) => Ok(()),
+                                    r => r.with_context(|| {
+                                        format!("cannot delete the route to {dest}")
+                                    }),
+                                }
+                            }
+                        }
+                    }
+                }))
+                .buffer_unordered(256)
+                .collect(),
+            );
+            results.into_iter().collect::<Result<()>>()?;
+        }
+        Ok(())
+    }
+}
+
 fn route_message(dest: IpNet, hops: &[(IpAddr, u32)]) -> Result<RouteMessage> {
     let (addr, len) = match dest {
         IpNet::V4(n) => (IpAddr::V4(n.addr), n.len),

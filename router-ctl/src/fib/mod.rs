@@ -7,17 +7,21 @@
 //! table being replaced keep their numbers, new nexthops and groups go to free slots, and the
 //! arrays are written leaves first (nexthops, L3, L2, then L1). Every 32-bit entry changes
 //! atomically from its old value to its new one, so a lookup racing an update finds either the
-//! old route or the new one, never a half-written group or a recycled nexthop.
+//! old route or the new one, never a half-written group or a recycled nexthop. `Live` keeps the
+//! table in memory and changes it one route at a time.
+
+mod live;
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet},
     net::{Ipv4Addr, Ipv6Addr},
 };
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use router_common::{fib::*, NhGroup, Route};
 
 use crate::config::{IpNet, Ipv6Net};
+pub use live::{wait_for_lookups, Live, Writes};
 
 /// The three levels and the nexthops, as they are (or will be) in the maps.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -142,151 +146,9 @@ impl Fib {
     }
 
     /// The table for `routes`, reusing the group and nexthop numbers of `old` (the table in the
-    /// maps now) wherever the same prefix block or nexthop is still there.
+    /// maps now) wherever the same prefix block or nexthop is still there (see `Live::build`).
     pub fn build(routes: &[(IpNet, Route)], old: &Fib) -> Result<Fib> {
-        let cap = old.capacity();
-        let mut new = Fib::empty(cap);
-
-        // One route per prefix is itself; several (Neutron's way of saying ECMP) make a group.
-        // The key is (family, length, network); IPv4 networks sit in the low 32 bits.
-        let mut by_prefix: BTreeMap<(bool, u8, u128), Vec<Route>> = BTreeMap::new();
-        for (net, r) in routes {
-            let k = match net {
-                IpNet::V4(n) => (false, n.len, n.network() as u128),
-                IpNet::V6(n) => (true, n.len, n.network()),
-            };
-            by_prefix.entry(k).or_default().push(*r);
-        }
-        for (k, v) in by_prefix.iter_mut() {
-            v.sort();
-            v.dedup();
-            if v.len() > MAX_PATHS {
-                let net = if k.0 {
-                    Ipv6Addr::from(k.2).to_string()
-                } else {
-                    Ipv4Addr::from(k.2 as u32).to_string()
-                };
-                bail!(
-                    "{net}/{} has {} nexthops; at most {MAX_PATHS} are supported",
-                    k.1,
-                    v.len()
-                );
-            }
-        }
-        // Nexthop slots and group numbers: a nexthop or group that stays keeps its number; new
-        // ones take numbers the old table does not use.
-        let mut slots = Numbering::new(&old.nexthops);
-        for v in by_prefix.values() {
-            for r in v {
-                slots.assign(*r, "distinct nexthops")?;
-            }
-        }
-        let mut groups = Numbering::new(&old.groups);
-        let mut value: BTreeMap<(u8, u32), u32> = BTreeMap::new();
-        for (&(v6, len, a), v) in &by_prefix {
-            let slot = if v.len() == 1 {
-                slots.assign(v[0], "distinct nexthops")?
-            } else {
-                let mut members = [0u32; MAX_PATHS];
-                for (m, r) in members.iter_mut().zip(v.iter()) {
-                    *m = slots.assign(*r, "distinct nexthops")?;
-                }
-                let g = groups.assign(
-                    NhGroup {
-                        count: v.len() as u32,
-                        members,
-                    },
-                    "ECMP groups",
-                )?;
-                slots.assign(
-                    Route {
-                        kind: router_common::route_kind::ECMP,
-                        tx_port: g,
-                        ..Route::NONE
-                    },
-                    "distinct nexthops",
-                )?
-            };
-            if v6 {
-                new.v6.insert((len, a), slot + 1);
-            } else {
-                value.insert((len, a as u32), slot + 1);
-            }
-        }
-        new.nexthops = slots.into_table();
-        new.groups = groups.into_table();
-
-        // Groups: which /16 and /24 blocks need one, with stable numbers.
-        let mut need_l2: BTreeMap<u32, u32> = BTreeMap::new(); // l1 index → group
-        let mut need_l3: BTreeMap<u32, u32> = BTreeMap::new(); // (dst >> 8) → group
-        for &(len, a) in value.keys() {
-            if len > 16 {
-                need_l2.insert(a >> 16, u32::MAX);
-            }
-            if len > 24 {
-                need_l3.insert(a >> 8, u32::MAX);
-            }
-        }
-        let old_l2_of = |i: u32| {
-            let e = old.l1[i as usize];
-            (e & GROUP != 0).then_some(e & !GROUP)
-        };
-        let old_l3_of = |b: u32| {
-            let g2 = old_l2_of(b >> 8)?;
-            let e = old.l2[((g2 << 8) | (b & 0xff)) as usize];
-            (e & GROUP != 0).then_some(e & !GROUP)
-        };
-        assign(
-            &mut need_l2,
-            cap.l2_groups,
-            old_l2_of,
-            old.l1
-                .iter()
-                .filter(|e| *e & GROUP != 0)
-                .map(|e| e & !GROUP),
-            "L2 (/17–/24)",
-        )?;
-        let old_l3_refs = groups_used_in(&old.l2, &groups_used(&old.l1));
-        assign(
-            &mut need_l3,
-            cap.l3_groups,
-            old_l3_of,
-            old_l3_refs.into_iter(),
-            "L3 (/25–/32)",
-        )?;
-
-        // Prefix expansion, shortest prefixes first, so that longer ones overwrite them.
-        for (&(len, a), &v) in &value {
-            let len = len as u32;
-            if len <= 16 {
-                let start = (a >> 16) as usize;
-                new.l1[start..start + (1usize << (16 - len))].fill(v);
-                continue;
-            }
-            let i = a >> 16;
-            let g2 = need_l2[&i];
-            if new.l1[i as usize] & GROUP == 0 {
-                let inherit = new.l1[i as usize];
-                new.l2[(g2 << 8) as usize..((g2 + 1) << 8) as usize].fill(inherit);
-                new.l1[i as usize] = GROUP | g2;
-            }
-            if len <= 24 {
-                let start = ((g2 << 8) | ((a >> 8) & 0xff)) as usize;
-                new.l2[start..start + (1usize << (24 - len))].fill(v);
-                continue;
-            }
-            let b = a >> 8;
-            let g3 = need_l3[&b];
-            let e2 = ((g2 << 8) | (b & 0xff)) as usize;
-            if new.l2[e2] & GROUP == 0 {
-                let inherit = new.l2[e2];
-                new.l3[(g3 << 8) as usize..((g3 + 1) << 8) as usize].fill(inherit);
-                new.l2[e2] = GROUP | g3;
-            }
-            let start = ((g3 << 8) | (a & 0xff)) as usize;
-            new.l3[start..start + (1usize << (32 - len))].fill(v);
-        }
-        Ok(new)
+        Ok(Live::build(routes, old)?.fib)
     }
 }
 
@@ -308,102 +170,6 @@ pub fn groups_used_in(level: &[u32], groups: &BTreeSet<u32>) -> BTreeSet<u32> {
         .filter(|e| *e & GROUP != 0)
         .map(|e| e & !GROUP)
         .collect()
-}
-
-/// Numbers for nexthops or ECMP groups, stable across tables: a value the old table holds keeps
-/// its number; a new value gets the lowest number the old table leaves empty (a number it uses
-/// is not recycled in the same update, so no lookup can find a changed value behind it).
-struct Numbering<T> {
-    old: HashMap<T, u32>,
-    old_used: Vec<bool>,
-    taken: Vec<bool>,
-    assigned: HashMap<T, u32>,
-}
-
-impl<T: Copy + Eq + std::hash::Hash> Numbering<T> {
-    fn new(old: &[Option<T>]) -> Numbering<T> {
-        let mut o = HashMap::new();
-        for (i, v) in old.iter().enumerate() {
-            if let Some(v) = v {
-                o.entry(*v).or_insert(i as u32);
-            }
-        }
-        Numbering {
-            old: o,
-            old_used: old.iter().map(Option::is_some).collect(),
-            taken: vec![false; old.len()],
-            assigned: HashMap::new(),
-        }
-    }
-
-    fn assign(&mut self, v: T, what: &str) -> Result<u32> {
-        if let Some(i) = self.assigned.get(&v) {
-            return Ok(*i);
-        }
-        let i = match self.old.get(&v) {
-            Some(&i) if !self.taken[i as usize] => i,
-            _ => match (0..self.taken.len()).find(|i| !self.taken[*i] && !self.old_used[*i]) {
-                Some(i) => i as u32,
-                None => bail!(
-                    "the route table needs more than {} {what}",
-                    self.taken.len()
-                ),
-            },
-        };
-        self.taken[i as usize] = true;
-        self.assigned.insert(v, i);
-        Ok(i)
-    }
-
-    fn into_table(self) -> Vec<Option<T>> {
-        let mut t = vec![None; self.taken.len()];
-        for (v, i) in self.assigned {
-            t[i as usize] = Some(v);
-        }
-        t
-    }
-}
-
-/// Gives every needed block a group number: its old one when it had one, else a free one that
-/// the old table does not reference.
-fn assign(
-    need: &mut BTreeMap<u32, u32>,
-    capacity: u32,
-    old_of: impl Fn(u32) -> Option<u32>,
-    old_refs: impl Iterator<Item = u32>,
-    level: &str,
-) -> Result<()> {
-    let mut taken = vec![false; capacity as usize];
-    for g in old_refs {
-        if (g as usize) < taken.len() {
-            taken[g as usize] = true;
-        }
-    }
-    let mut mine = vec![false; capacity as usize];
-    for (k, g) in need.iter_mut() {
-        if let Some(o) = old_of(*k).filter(|o| (*o as usize) < mine.len() && !mine[*o as usize]) {
-            *g = o;
-            mine[o as usize] = true;
-        }
-    }
-    let mut next = 0usize;
-    for (_, g) in need.iter_mut() {
-        if *g != u32::MAX {
-            continue;
-        }
-        while next < taken.len() && (taken[next] || mine[next]) {
-            next += 1;
-        }
-        if next == taken.len() {
-            bail!(
-                "the route table needs more {level} groups than the {capacity} this router's maps hold; \
-                 destroy and re-apply the router to size its maps for the table"
-            );
-        }
-        *g = next as u32;
-        mine[next] = true;
-    }
-    Ok(())
 }
 
 #[cfg(test)]
