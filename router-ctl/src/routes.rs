@@ -54,21 +54,9 @@ pub fn parse(r: impl BufRead, what: &str) -> Result<Vec<Op>> {
             .unwrap_or("")
             .split_whitespace()
             .collect();
+        // The parser refuses host bits, as iproute2 does.
         let prefix = |s: &str| -> Result<IpNet> {
-            let n: IpNet = s
-                .parse()
-                .map_err(|e| anyhow::anyhow!("{}: {s}: {e}", at()))?;
-            let canonical = match n {
-                IpNet::V4(v) => v.network() as u128 != u32::from(v.addr) as u128,
-                IpNet::V6(v) => v.network() != u128::from(v.addr),
-            };
-            if canonical {
-                bail!(
-                    "{}: {s} has host bits set (write the network address)",
-                    at()
-                );
-            }
-            Ok(n)
+            s.parse().map_err(|e| anyhow::anyhow!("{}: {s}: {e}", at()))
         };
         match words.as_slice() {
             [] => {}
@@ -295,7 +283,7 @@ mod tests {
         let err = |s: &str| parse(s.as_bytes(), "f").unwrap_err().to_string();
         assert!(
             err("add 10.1.0.0/16 via 10.0.0.1\nadd 10.1.0.1/16 via 10.0.0.1")
-                .contains("f, line 2: 10.1.0.1/16 has host bits set")
+                .contains("f, line 2: 10.1.0.1/16: '10.1.0.1/16' has host bits set")
         );
         assert!(err("add 10.1.0.0/16 10.0.0.1").contains("line 1: expected"));
         assert!(err("add 10.1.0.0/16 via 2001:db8::1").contains("two families"));

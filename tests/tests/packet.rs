@@ -1626,6 +1626,115 @@ fn route_changes_are_never_seen_half_done() {
     }
 }
 
+/// Single routes added, replaced (also by an ECMP pair) and removed one batch at a time, as a
+/// routing daemon feeds them, while this thread runs frames through the program: /24s and /25s
+/// carved out of 10.9.0.0/16 and /64s out of 2001:db8:9::/48 come and go, so that second- and
+/// third-level groups are created, emptied and freed. Every frame must be forwarded to one of
+/// the nexthops, byte-exact; none may be passed for want of a route, a nexthop or a group.
+#[test]
+fn single_route_changes_are_never_seen_half_done() {
+    for mut h in both() {
+        let (e0, ifaces) = (h.e0, h.ifaces.clone());
+        let connected = [
+            (pfx("10.1.0.0/24"), 1),
+            (pfx("10.2.0.0/24"), e0),
+            (pfx("2001:db8:1::/64"), 1),
+            (pfx("2001:db8:2::/64"), e0),
+        ];
+        let (nh1, nh2) = (ip("10.2.0.254"), ip("10.2.0.253"));
+        let (nh1_6, nh2_6) = (ip("2001:db8:2::fe"), ip("2001:db8:2::fd"));
+        let route = |net: &str, via: IpAddr| {
+            datapath::route_entries(&ifaces, &[], &[(pfx(net), e0, via)], &[])[0].1
+        };
+        let base = datapath::route_entries(
+            &ifaces,
+            &connected,
+            &[
+                (pfx("10.9.0.0/16"), e0, nh1),
+                (pfx("2001:db8:9::/48"), e0, nh1_6),
+            ],
+            &[],
+        );
+        // The changes, in rounds: add, replace (a pair in one round in four), remove.
+        let mut changes: Vec<Vec<(IpNet, Option<Vec<router_common::Route>>)>> = Vec::new();
+        for round in 0..4u32 {
+            for x in (round..256).step_by(5) {
+                let (n24, n25) = (format!("10.9.{x}.0/24"), format!("10.9.{x}.128/25"));
+                let n64 = format!("2001:db8:9:{x:x}::/64");
+                let pair = |a, b| Some(vec![route(&n24, a), route(&n24, b)]);
+                changes.push(vec![(pfx(&n24), Some(vec![route(&n24, nh2)]))]);
+                changes.push(vec![(pfx(&n25), Some(vec![route(&n25, nh1)]))]);
+                changes.push(vec![(pfx(&n64), Some(vec![route(&n64, nh2_6)]))]);
+                changes.push(vec![(
+                    pfx(&n24),
+                    if round == 3 {
+                        pair(nh1, nh2)
+                    } else {
+                        Some(vec![route(&n24, nh1)])
+                    },
+                )]);
+            }
+            for x in (round..256).step_by(5) {
+                let (n24, n25) = (format!("10.9.{x}.0/24"), format!("10.9.{x}.128/25"));
+                let n64 = format!("2001:db8:9:{x:x}::/64");
+                // A batch of two: the /25 (its group goes) and the /64.
+                changes.push(vec![(pfx(&n25), None), (pfx(&n64), None)]);
+                changes.push(vec![(pfx(&n24), None)]);
+            }
+        }
+        datapath::set_routes(&mut h.ebpf, &base).unwrap();
+        let mut writer = datapath::RouteTable::open(&mut h.ebpf).unwrap();
+        writer.set(&base).unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s = stop.clone();
+        let writes = std::thread::spawn(move || {
+            let mut n = 0usize;
+            let t = std::time::Instant::now();
+            while !s.load(std::sync::atomic::Ordering::SeqCst) {
+                writer.change(&changes[n % changes.len()]).unwrap();
+                n += 1;
+            }
+            (n, n as f64 / t.elapsed().as_secs_f64())
+        });
+        let frames: Vec<Vec<u8>> = (0..256u16)
+            .flat_map(|x| {
+                let ip4 = Ipv4::udp(SRC, [10, 9, x as u8, 7], 64);
+                let ip4b = Ipv4::udp(SRC, [10, 9, x as u8, 200], 64);
+                let ip6 = Ipv6::udp(v6(SRC6), v6([0x2001, 0xdb8, 9, x, 0, 0, 0, 7]), 64);
+                [
+                    udp_frame(IN_MAC, &ip4),
+                    udp_frame(IN_MAC, &ip4b),
+                    udp6_frame(IN_MAC, &ip6),
+                ]
+            })
+            .collect();
+        let t0 = std::time::Instant::now();
+        let mut runs = 0usize;
+        let mut failure = None;
+        while t0.elapsed() < std::time::Duration::from_secs(3) && failure.is_none() {
+            for f in &frames {
+                let (rc, out) = h.run(f);
+                runs += 1;
+                let ok = rc == XDP_REDIRECT
+                    && [NH1_MAC, NH2_MAC]
+                        .iter()
+                        .any(|m| out == tests::model::forwarded(f, *m, OUT_MAC));
+                if !ok {
+                    failure = Some(format!("frame {runs}: action {rc}, {:02x?}", &f[30..34]));
+                    break;
+                }
+            }
+        }
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let (writes, rate) = writes.join().unwrap();
+        if let Some(f) = failure {
+            panic!("a lookup saw a change half-written ({writes} changes written): {f}");
+        }
+        eprintln!("single changes: {runs} frames, {writes} batches at {rate:.0}/s, all forwarded");
+        assert!(writes >= 1000, "only {writes} batches written");
+    }
+}
+
 /// A GSO packet is measured by its segments against the egress MTU (as the kernel's
 /// skb_gso_validate_network_len does), never by its whole length: a 3 000-byte TCP super-packet
 /// whose segments fit 1 500 bytes is forwarded whole by the tc program; one whose segments do
