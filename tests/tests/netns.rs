@@ -2175,9 +2175,9 @@ fn route_batches_change_the_kernel_and_the_fast_path_route_by_route() {
     assert!(Seed::ping(&nh1, "172.16.101.1", 1) && Seed::ping(&nh2, "172.16.101.1", 1));
     s.wait_neigh("172.16.101.254");
     s.wait_neigh("172.16.101.253");
-    let router = s.ids.router_id.clone();
+    let (router, test_tag) = (s.ids.router_id.clone(), s.ids.tag.clone());
     let batch = |tag: &str, text: &str| -> std::process::Output {
-        let path = format!("/tmp/batch-{}-{tag}", s.ids.tag);
+        let path = format!("/tmp/batch-{test_tag}-{tag}");
         std::fs::write(&path, text).unwrap();
         let out = ctl(&["-j", "route", "batch", &router, &path]);
         let _ = std::fs::remove_file(&path);
@@ -2200,7 +2200,8 @@ fn route_batches_change_the_kernel_and_the_fast_path_route_by_route() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["set"], 5002);
     assert!(v["prefixes"].as_u64().unwrap() > 5002, "{v}");
-    let kernel = |dest: &str| sh(&format!("ip -n {} route show {dest}", s.ns()));
+    let router_ns = s.ns();
+    let kernel = |dest: &str| sh(&format!("ip -n {router_ns} route show {dest}"));
     assert!(kernel("10.10.0.0/16").contains("via 172.16.101.254"));
     assert!(kernel("10.49.135.0/24").contains("via 172.16.101.254"));
 
@@ -2228,6 +2229,27 @@ fn route_batches_change_the_kernel_and_the_fast_path_route_by_route() {
     );
     s.assert_fast_path(&before, &[(&a, 3, 0), (&b, 3, 0)]);
     assert!(kernel("10.20.0.0/16").contains("via 172.16.101.253"));
+
+    // Another process (apply, no daemon involved) rewrites the maps with an extra route inside
+    // a dynamic /24; the daemon's next batch must start from what the maps hold now, not from
+    // the table it kept: deleting the /24 leaves the extra /25 in the fast path.
+    sh(&format!("ip -n {nh2} addr add 10.30.0.200/32 dev lo"));
+    let extra =
+        "[[router.route]]\ndestination = \"10.30.0.128/25\"\nnexthop = \"172.16.101.253\"\n";
+    let text = s.ids.config(extra);
+    s.apply(&text);
+    let out = batch("under", "del 10.30.0.0/24\n");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let before = s.fast_path();
+    assert!(
+        Seed::ping(&s.vm1, "10.30.0.200", 2),
+        "the extra route written by another process was lost by the daemon's batch"
+    );
+    s.assert_fast_path(&before, &[(&a, 2, 0), (&b, 2, 0)]);
 
     // A bad batch is refused whole, naming the line; nothing of it is applied.
     let kernel_before = sh(&format!("ip -n {} route show", s.ns()));

@@ -98,6 +98,29 @@ pub const MUTANTS: &[Mutant] = &[
         tests: &[("ha", "a_restart_within_the_lease_causes_no_failover")],
     },
     Mutant {
+        name: "no_quarantine",
+        fault: "a route table group or nexthop freed by a change is reused at once, before the \
+                lookups that may hold it are done",
+        tests: &[(
+            "lib",
+            "fib::live::tests::mixed_changes_share_nexthops_across_families",
+        )],
+    },
+    Mutant {
+        name: "wrong_level_order",
+        fault: "a route change writes the first level before the groups below it",
+        tests: &[("packet", "single_route_changes_are_never_seen_half_done")],
+    },
+    Mutant {
+        name: "stale_table_kept",
+        fault: "the daemon changes the route table it keeps in memory even after another \
+                process rewrote the maps",
+        tests: &[(
+            "netns",
+            "route_batches_change_the_kernel_and_the_fast_path_route_by_route",
+        )],
+    },
+    Mutant {
         name: "nat_icmp_errors_to_kernel",
         fault: "ICMP errors about NAT flows are left to the kernel instead of translated",
         tests: &[
@@ -304,19 +327,24 @@ fn passes(
         .args(["-9", "-f", "router-ct[l] run"])
         .status();
     let mut cmd = Command::new("cargo");
-    cmd.args([
-        "test",
-        "--profile",
-        "mutants",
-        "-p",
-        "tests",
-        "--test",
-        binary,
-    ])
-    .args(["--", filter, "--exact", "--test-threads", "1"])
-    .env("ROUTER_CTL", ctl)
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped());
+    // "lib": router-ctl's own unit tests.
+    if binary == "lib" {
+        cmd.args(["test", "--profile", "mutants", "-p", "router-ctl", "--lib"]);
+    } else {
+        cmd.args([
+            "test",
+            "--profile",
+            "mutants",
+            "-p",
+            "tests",
+            "--test",
+            binary,
+        ]);
+    }
+    cmd.args(["--", filter, "--exact", "--test-threads", "1"])
+        .env("ROUTER_CTL", ctl)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     match mutant {
         Some(m) => cmd.env("ROUTER_XDP_MUTANT", m),
         None => cmd.env_remove("ROUTER_XDP_MUTANT"),
