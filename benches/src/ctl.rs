@@ -139,7 +139,7 @@ pub struct BigTable {
 }
 
 /// Runs `router-ctl ARGS` as a child of its own: (wall seconds, peak RSS in MiB).
-fn timed_rss(args: &[&str]) -> Result<(f64, f64)> {
+pub fn timed_rss(args: &[&str]) -> Result<(f64, f64)> {
     let t = Instant::now();
     let child = std::process::Command::new(tests::router_ctl())
         .args(args)

@@ -12,6 +12,7 @@ mod report;
 mod skb;
 mod stats;
 mod table;
+mod updates;
 
 use std::{path::PathBuf, time::Instant};
 
@@ -59,6 +60,25 @@ struct Args {
     /// Agents in the multi-host convergence figure.
     #[arg(long, default_value_t = 10)]
     ha_agents: usize,
+    /// Routes installed for the single-route change figures.
+    #[arg(long, default_value_t = 1_000_000)]
+    update_routes: usize,
+    /// Only the single-route change figures, printed (no report written).
+    #[arg(long)]
+    only_updates: bool,
+}
+
+/// Single-route changes under traffic for both families, and the real binary's `route batch`.
+fn update_figures(args: &Args) -> Result<(Vec<updates::UpdateRate>, updates::BatchFigures)> {
+    let mut rates = Vec::new();
+    for ipv6 in [false, true] {
+        rates.push(
+            updates::update_rate(args.update_routes, ipv6, args.runs.min(5), 2.0)
+                .context("single-route changes under traffic")?,
+        );
+    }
+    let batch = updates::batch_figures(args.update_routes, 100_000).context("route batch")?;
+    Ok((rates, batch))
 }
 
 fn ha_section(args: &Args) -> Result<String> {
@@ -89,6 +109,10 @@ fn main() -> Result<()> {
         };
         std::fs::write(&args.out, new)?;
         println!("wrote the multi-host section of {}", args.out.display());
+        return Ok(());
+    }
+    if args.only_updates {
+        update_figures(&args)?;
         return Ok(());
     }
     let mut pkt = Vec::new();

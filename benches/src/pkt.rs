@@ -53,7 +53,7 @@ pub struct PktResult {
     pub routes_memlock: u64,
 }
 
-fn ifindex(name: &str) -> Result<u32> {
+pub fn ifindex(name: &str) -> Result<u32> {
     let c = std::ffi::CString::new(name)?;
     // SAFETY: valid C string.
     let i = unsafe { libc::if_nametoindex(c.as_ptr()) };

@@ -468,14 +468,23 @@ impl Mapped {
             len: entries,
         })
     }
-    /// The whole array, with only `groups` read from the map (the rest left zero): what the
-    /// table does not reference is never read, so the cost follows the table, not the capacity.
+    /// The array up to the highest of `groups`, with only `groups` read from the map (the rest
+    /// left zero): what the table does not reference is never read, so the cost and the memory
+    /// follow the table, not the capacity.
     fn read_groups(&self, groups: impl IntoIterator<Item = u32>) -> Vec<u32> {
-        let mut v = vec![0u32; self.len];
+        let groups: Vec<u32> = groups.into_iter().collect();
+        let n = fib::GROUP_SIZE as usize;
+        let end = groups
+            .iter()
+            .map(|g| (*g as usize + 1) * n)
+            .max()
+            .unwrap_or(0)
+            .min(self.len);
+        let mut v = vec![0u32; end];
         for g in groups {
             let start = g as usize * fib::GROUP_SIZE as usize;
-            for i in start..(start + fib::GROUP_SIZE as usize).min(self.len) {
-                // SAFETY: i < len, within the mapping.
+            for i in start..(start + fib::GROUP_SIZE as usize).min(end) {
+                // SAFETY: i < end <= len, within the mapping.
                 v[i] = unsafe { std::ptr::read_volatile(self.ptr.add(i)) };
             }
         }
@@ -667,7 +676,12 @@ impl RouteTable {
             return self.commit();
         }
         let old = self.read()?;
-        let mut live = Live::build(entries, &old)?;
+        let cap = Capacity {
+            l2_groups: (self.l2.len / fib::GROUP_SIZE as usize) as u32,
+            l3_groups: (self.l3.len / fib::GROUP_SIZE as usize) as u32,
+            nexthops: self.nexthops.len(),
+        };
+        let mut live = Live::build(entries, &old, cap)?;
         self.write_over(&old, &live.fib)?;
         live.forget_writes();
         self.live = Some(live);

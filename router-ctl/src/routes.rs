@@ -162,6 +162,11 @@ pub fn device_for(st: &RouterState, nh: IpAddr) -> Option<u32> {
     })
 }
 
+/// Lines carried to the kernel and the fast path at a time. A batch that fails in the kernel
+/// after its checks (out of memory, a device gone meanwhile) keeps its earlier chunks, in the
+/// kernel, the fast path and the journal alike.
+const CHUNK: usize = 65536;
+
 /// What a batch did.
 #[derive(Debug, Default, Serialize)]
 pub struct Summary {
@@ -193,8 +198,8 @@ pub fn batch(router: &str, file: &Path) -> Result<Summary> {
             .filter_map(|r| r.destination.parse::<IpNet>().ok()),
     );
     let ifaces = st.iface_entries()?;
-    let mut kernel = Vec::with_capacity(ops.len());
-    let mut fast = Vec::with_capacity(ops.len());
+    // Every line checked first; each set's device found once.
+    let mut devs: Vec<u32> = Vec::with_capacity(ops.len());
     for op in &ops {
         let net = op.net();
         if own.contains(&net) {
@@ -204,22 +209,14 @@ pub fn batch(router: &str, file: &Path) -> Result<Summary> {
                 st.name
             );
         }
-        match *op {
-            Op::Set(net, nh) => {
-                let Some(dev) = device_for(&st, nh) else {
-                    bail!(
-                        "router {}: nexthop {nh} of {net} is in none of its subnets",
-                        st.name
-                    );
-                };
-                let r = datapath::route_entries(&ifaces, &[], &[(net, dev, nh)], &[]);
-                kernel.push((net, Some((nh, dev))));
-                fast.push((net, Some(vec![r[0].1])));
-            }
-            Op::Del(net) => {
-                kernel.push((net, None));
-                fast.push((net, None));
-            }
+        if let Op::Set(net, nh) = *op {
+            let Some(dev) = device_for(&st, nh) else {
+                bail!(
+                    "router {}: nexthop {nh} of {net} is in none of its subnets",
+                    st.name
+                );
+            };
+            devs.push(dev);
         }
     }
     let mut ebpf = datapath::open_maps(&st.id)?;
@@ -227,27 +224,54 @@ pub fn batch(router: &str, file: &Path) -> Result<Summary> {
         if t.live().is_none() {
             t.set(&apply::tables_of(&st)?.routes)?;
         }
-        // A prefix deleted must be there when its turn comes.
+        // A prefix deleted must be there when its turn comes (only deleted prefixes are
+        // followed through the batch, so a bulk load costs no memory for this).
         let live = t.live().expect("set above");
+        let deleted: HashSet<IpNet> = ops
+            .iter()
+            .filter_map(|o| match o {
+                Op::Del(n) => Some(*n),
+                Op::Set(..) => None,
+            })
+            .collect();
         let mut present: HashMap<IpNet, bool> = HashMap::new();
-        for (net, rs) in &fast {
+        for op in ops.iter().filter(|o| deleted.contains(&o.net())) {
+            let net = op.net();
             let here = *present
-                .entry(*net)
-                .or_insert_with(|| live.routes_of(*net).is_some());
-            if rs.is_none() && !here {
+                .entry(net)
+                .or_insert_with(|| live.routes_of(net).is_some());
+            if matches!(op, Op::Del(_)) && !here {
                 bail!("router {}: no dynamic route to {net} to delete", st.name);
             }
-            present.insert(*net, rs.is_some());
+            present.insert(net, matches!(op, Op::Set(..)));
         }
-        // The kernel first: a frame the fast path hands over finds the route there already.
-        let ns = st.namespace.clone();
-        let k = std::mem::take(&mut kernel);
-        netns::run_in(&ns, move || Rtnl::new()?.routes_change(&k))
-            .with_context(|| format!("router {}: the kernel refused a route", st.name))?;
-        t.change(&fast)?;
+        // In chunks, so that a million lines never exist three times over: the kernel first
+        // (a frame the fast path hands over finds the route there already), then the fast path.
+        let mut devs = devs.iter();
+        for chunk in ops.chunks(CHUNK) {
+            let mut kernel = Vec::with_capacity(chunk.len());
+            let mut fast = Vec::with_capacity(chunk.len());
+            for op in chunk {
+                match *op {
+                    Op::Set(net, nh) => {
+                        let dev = *devs.next().expect("a device per set");
+                        let r = datapath::route_entries(&ifaces, &[], &[(net, dev, nh)], &[]);
+                        kernel.push((net, Some((nh, dev))));
+                        fast.push((net, Some(vec![r[0].1])));
+                    }
+                    Op::Del(net) => {
+                        kernel.push((net, None));
+                        fast.push((net, None));
+                    }
+                }
+            }
+            netns::run_in(&st.namespace, move || Rtnl::new()?.routes_change(&kernel))
+                .with_context(|| format!("router {}: the kernel refused a route", st.name))?;
+            t.change(&fast)?;
+            append(&st.id, chunk)?;
+        }
         Ok(t.live().map(|l| l.len()).unwrap_or(0))
     })?;
-    append(&st.id, &ops)?;
     let deleted = ops.iter().filter(|o| matches!(o, Op::Del(_))).count();
     Ok(Summary {
         router: st.name.clone(),

@@ -30,6 +30,7 @@ use std::collections::{BTreeSet, HashMap};
 use anyhow::{bail, Result};
 use router_common::{fib::*, route_kind, NhGroup, Route};
 
+use super::Capacity;
 use super::Fib;
 use crate::config::{IpNet, Ipv4Net, Ipv6Net};
 
@@ -233,6 +234,7 @@ impl Writes {
 /// A route table in memory, changed incrementally (see the module's documentation).
 pub struct Live {
     pub fib: Fib,
+    cap: Capacity,
     tag1: Vec<u8>,
     tag2: Vec<u8>,
     tag3: Vec<u8>,
@@ -260,8 +262,10 @@ impl Live {
     /// the maps now): a block, nexthop or ECMP group that stays keeps its number, and new ones
     /// take numbers `old` does not use. The writes it reports are every entry it set; a caller
     /// writing over `old` compares with it instead.
-    pub fn build(routes: &[(IpNet, Route)], old: &Fib) -> Result<Live> {
-        let cap = old.capacity();
+    ///
+    /// `cap` is what the maps hold; the second and third levels are kept only up to the highest
+    /// group in use (groups are numbered lowest first), so memory follows the table.
+    pub fn build(routes: &[(IpNet, Route)], old: &Fib, cap: Capacity) -> Result<Live> {
         let n = GROUP_SIZE as usize;
         let used2 = super::groups_used(&old.l1);
         let used3 = super::groups_used_in(&old.l2, &used2);
@@ -271,7 +275,9 @@ impl Live {
                 let g2 = e & !GROUP;
                 hints.l2.insert(i as u32, g2);
                 for j in 0..n {
-                    let e2 = old.l2[g2 as usize * n + j];
+                    let Some(&e2) = old.l2.get(g2 as usize * n + j) else {
+                        break;
+                    };
                     if e2 & GROUP != 0 {
                         hints.l3.insert(((i as u32) << 8) | j as u32, e2 & !GROUP);
                     }
@@ -295,11 +301,18 @@ impl Live {
                 .map(|(i, _)| i as u32)
                 .collect()
         }
+        let mut fib = Fib::empty(Capacity {
+            l2_groups: 0,
+            l3_groups: 0,
+            ..cap
+        });
+        fib.nexthops = vec![None; cap.nexthops as usize];
         let mut live = Live {
-            fib: Fib::empty(cap),
+            fib,
+            cap,
             tag1: vec![0; L1_ENTRIES as usize],
-            tag2: vec![0; cap.l2_groups as usize * n],
-            tag3: vec![0; cap.l3_groups as usize * n],
+            tag2: Vec::new(),
+            tag3: Vec::new(),
             v4: HashMap::new(),
             refs: vec![0; cap.nexthops as usize],
             slot_of: HashMap::new(),
@@ -312,8 +325,8 @@ impl Live {
             l3: Pool::new(cap.l3_groups, used3),
             dirty: [
                 Dirty::new(L1_ENTRIES as usize),
-                Dirty::new(cap.l2_groups as usize * n),
-                Dirty::new(cap.l3_groups as usize * n),
+                Dirty::new(0),
+                Dirty::new(0),
             ],
             dirty_nh: BTreeSet::new(),
             dirty_groups: BTreeSet::new(),
@@ -794,10 +807,11 @@ impl Live {
         let hint = self.hints.as_ref().and_then(|h| h.l2.get(&i).copied());
         let g = match self.l2.take_hint(hint) {
             Some(g) => g,
-            None => self.alloc(2, "L2 (/17–/24) groups", self.fib.l2.len() / 256)?,
+            None => self.alloc(2, "L2 (/17–/24) groups", self.cap.l2_groups as usize)?,
         };
         let t = self.tag1[i as usize];
         let n = GROUP_SIZE as usize;
+        grow(&mut self.fib.l2, &mut self.tag2, &mut self.dirty[1], g);
         for j in g as usize * n..(g as usize + 1) * n {
             self.tag2[j] = t;
             self.fib.l2[j] = e;
@@ -819,9 +833,10 @@ impl Live {
         let hint = self.hints.as_ref().and_then(|h| h.l3.get(&b).copied());
         let g = match self.l3.take_hint(hint) {
             Some(g) => g,
-            None => self.alloc(3, "L3 (/25–/32) groups", self.fib.l3.len() / 256)?,
+            None => self.alloc(3, "L3 (/25–/32) groups", self.cap.l3_groups as usize)?,
         };
         let t = self.tag2[e2];
+        grow(&mut self.fib.l3, &mut self.tag3, &mut self.dirty[2], g);
         for j in g as usize * n..(g as usize + 1) * n {
             self.tag3[j] = t;
             self.fib.l3[j] = e;
@@ -856,6 +871,19 @@ impl Live {
     }
 }
 
+/// Room in a level for group `g`, growing by half at a time.
+fn grow(level: &mut Vec<u32>, tags: &mut Vec<u8>, dirty: &mut Dirty, g: u32) {
+    let n = GROUP_SIZE as usize;
+    let need = (g as usize + 1) * n;
+    if level.len() >= need {
+        return;
+    }
+    let len = need.max(level.len() + level.len() / 2).div_ceil(n) * n;
+    level.resize(len, 0);
+    tags.resize(len, 0);
+    dirty.bits.resize(len.div_ceil(64), 0);
+}
+
 const EMPTY_GROUP: NhGroup = NhGroup {
     count: 0,
     members: [0; MAX_PATHS],
@@ -883,7 +911,6 @@ mod tests {
     };
 
     use super::*;
-    use crate::fib::Capacity;
 
     struct Rng(u64);
     impl Rng {
@@ -979,8 +1006,13 @@ mod tests {
             Write::Nexthop(i, r) => m.nexthops[*i as usize] = (*r != Route::NONE).then_some(*r),
             Write::Group(i, g) => m.groups[*i as usize] = (g.count != 0).then_some(*g),
             Write::Level(1, i, e) => m.l1[*i as usize] = *e,
-            Write::Level(2, i, e) => m.l2[*i as usize] = *e,
-            Write::Level(_, i, e) => m.l3[*i as usize] = *e,
+            Write::Level(level, i, e) => {
+                let l = if *level == 2 { &mut m.l2 } else { &mut m.l3 };
+                if l.len() <= *i as usize {
+                    l.resize((*i as usize / 256 + 1) * 256, 0);
+                }
+                l[*i as usize] = *e;
+            }
             Write::Set6(k, e) => {
                 m.v6.insert(*k, *e);
             }
@@ -1070,7 +1102,7 @@ mod tests {
             initial.push((net, rs[0]));
             reference.0.insert(net, rs);
         }
-        let mut live = Live::build(&initial, &Fib::empty(cap)).unwrap();
+        let mut live = Live::build(&initial, &Fib::empty(cap), cap).unwrap();
         let mut maps = live.fib.clone();
         live.forget_writes();
         let mut full_checks = 0;
@@ -1117,7 +1149,7 @@ mod tests {
                     .iter()
                     .flat_map(|(n, rs)| rs.iter().map(|r| (*n, *r)))
                     .collect();
-                live = Live::build(&all, &maps).unwrap();
+                live = Live::build(&all, &maps, cap).unwrap();
                 maps = live.fib.clone();
                 live.forget_writes();
                 continue;
@@ -1207,7 +1239,12 @@ mod tests {
             ("10.1.2.128/25".parse().unwrap(), nh(3)),
             ("2001:db8::/32".parse().unwrap(), nh(4)),
         ];
-        let mut live = Live::build(&routes, &Fib::empty(Capacity::default())).unwrap();
+        let mut live = Live::build(
+            &routes,
+            &Fib::empty(Capacity::default()),
+            Capacity::default(),
+        )
+        .unwrap();
         live.forget_writes();
         live.replace_all(&routes).unwrap();
         assert!(live.take_writes().is_empty());

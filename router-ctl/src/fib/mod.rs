@@ -148,7 +148,19 @@ impl Fib {
     /// The table for `routes`, reusing the group and nexthop numbers of `old` (the table in the
     /// maps now) wherever the same prefix block or nexthop is still there (see `Live::build`).
     pub fn build(routes: &[(IpNet, Route)], old: &Fib) -> Result<Fib> {
-        Ok(Live::build(routes, old)?.fib)
+        let cap = Capacity::default().max(old.capacity());
+        let mut fib = Live::build(routes, old, cap)?.fib;
+        // The levels end with the last group in use (whatever the order they grew in).
+        let used2 = groups_used(&fib.l1);
+        let end2 = used2
+            .last()
+            .map_or(0, |g| (*g as usize + 1) * GROUP_SIZE as usize);
+        fib.l2.truncate(end2);
+        let end3 = groups_used_in(&fib.l2, &used2)
+            .last()
+            .map_or(0, |g| (*g as usize + 1) * GROUP_SIZE as usize);
+        fib.l3.truncate(end3);
+        Ok(fib)
     }
 }
 

@@ -1,0 +1,376 @@
+//! Single-route changes on a table of a million routes while frames are forwarded (issue 14):
+//! the in-memory table (`fib::Live`) writing only what each change covers, and the real
+//! binary's `route batch` (kernel, fast path, journal), with its memory.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::Instant,
+};
+
+use anyhow::{ensure, Context as _, Result};
+use aya::programs::TestRun as _;
+use router_common::{map_names, Iface, Neigh, Neigh6Key, NeighKey, Route};
+use router_ctl::{
+    config::{IpNet, Ipv4Net},
+    datapath,
+};
+use tests::frame::{ipv4_udp, ipv6_udp, Ipv4, Ipv6};
+
+use crate::{
+    stats::{summarize, Rng, Summary},
+    table::{addr_in, addr_in6, random_table, random_table6},
+};
+
+const IN_MAC: [u8; 6] = [0x02, 0, 0, 0, 1, 1];
+const OUT_MAC: [u8; 6] = [0x02, 0, 0, 0, 2, 1];
+const NEXTHOPS: usize = 16;
+
+pub struct UpdateRate {
+    pub routes: usize,
+    pub ipv6: bool,
+    /// Single-route changes (each its own batch and commit) per second, traffic running.
+    pub changes_per_s: Summary,
+    /// Frames the traffic thread forwarded per second with the changes running, and without.
+    pub fwd_mpps_with: Summary,
+    pub fwd_mpps_without: Summary,
+}
+
+fn nexthop(i: usize, ipv6: bool) -> IpAddr {
+    let i = (i % NEXTHOPS) as u16;
+    if ipv6 {
+        IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 2, 0, 0, 0, 0, 0x100 + i))
+    } else {
+        IpAddr::V4(Ipv4Addr::new(10, 2, 0, 100 + i as u8))
+    }
+}
+
+/// `runs` rounds of `seconds` each: changes racing frames, then frames alone.
+pub fn update_rate(routes: usize, ipv6: bool, runs: usize, seconds: f64) -> Result<UpdateRate> {
+    std::thread::spawn(move || update_rate_here(routes, ipv6, runs, seconds))
+        .join()
+        .map_err(|_| anyhow::anyhow!("bench thread panicked"))?
+}
+
+fn update_rate_here(routes: usize, ipv6: bool, runs: usize, seconds: f64) -> Result<UpdateRate> {
+    tests::unshare_netns();
+    tests::sh("ip link add e0 type veth peer name e1 && ip link set lo up && ip link set e0 up && ip link set e1 up");
+    let e0 = crate::pkt::ifindex("e0")?;
+    let seed = 0x0bd ^ routes as u64;
+    let table: Vec<IpNet> = if ipv6 {
+        random_table6(routes, seed)
+            .into_iter()
+            .map(IpNet::from)
+            .collect()
+    } else {
+        random_table(routes, seed)
+            .into_iter()
+            .map(IpNet::from)
+            .collect()
+    };
+    let iface = |mac, slot| Iface {
+        mac,
+        flags: 0,
+        mtu: 1500,
+        slot,
+    };
+    let ifaces = [(1, iface(IN_MAC, 0)), (e0, iface(OUT_MAC, 1))];
+    let gateways: Vec<(IpNet, u32, IpAddr)> = table
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (*n, e0, nexthop(i, ipv6)))
+        .collect();
+    let connected: IpNet = if ipv6 {
+        "2001:db8:2::/64"
+    } else {
+        "10.2.0.0/24"
+    }
+    .parse()
+    .expect("prefix");
+    let entries = datapath::route_entries(&ifaces, &[(connected, e0)], &gateways, &[]);
+    let mut ebpf = datapath::load_unpinned_sized(router_ctl::fib::Capacity::for_table(&entries))?;
+    datapath::set_ifaces(&mut ebpf, &ifaces, &[], &[])?;
+    let mut writer = datapath::RouteTable::open(&mut ebpf)?;
+    writer.set(&entries)?;
+    drop(entries);
+    set_neighbours(&mut ebpf, e0, ipv6)?;
+
+    // The changes: new prefixes added, replaced and removed again, and existing ones moved to
+    // another nexthop and back; the table's size stays about the same.
+    let mut rng = Rng::new(7);
+    let route_to = |net: IpNet, i: usize| {
+        datapath::route_entries(&ifaces, &[], &[(net, e0, nexthop(i, ipv6))], &[])[0].1
+    };
+    let extra: Vec<IpNet> = if ipv6 {
+        random_table6(20_001, 0xadd6)[1..]
+            .iter()
+            .map(|n| IpNet::from(*n))
+            .collect()
+    } else {
+        random_table(20_001, 0xadd4)[1..]
+            .iter()
+            .map(|n| IpNet::from(*n))
+            .collect()
+    };
+    let extra: Vec<IpNet> = {
+        let have: std::collections::HashSet<IpNet> = table.iter().copied().collect();
+        extra.into_iter().filter(|n| !have.contains(n)).collect()
+    };
+    let mut changes: Vec<(IpNet, Option<Vec<Route>>)> = Vec::new();
+    for (k, n) in extra.iter().enumerate() {
+        changes.push((*n, Some(vec![route_to(*n, k)])));
+        let t = table[1 + rng.below(table.len() as u64 - 1) as usize];
+        changes.push((t, Some(vec![route_to(t, k + 1)])));
+        changes.push((*n, Some(vec![route_to(*n, k + 2)])));
+    }
+    for (k, n) in extra.iter().enumerate() {
+        changes.push((*n, None));
+        let t = table[1 + rng.below(table.len() as u64 - 1) as usize];
+        changes.push((t, Some(vec![route_to(t, k)])));
+    }
+
+    // Traffic: frames to destinations inside the table, run through the program meanwhile.
+    let frames: Vec<Vec<u8>> = (0..4096)
+        .map(|_| {
+            let src_mac = [0x02, 0, 0, 0, 1, 5];
+            match table[rng.below(table.len() as u64) as usize] {
+                IpNet::V4(net) => ipv4_udp(
+                    IN_MAC,
+                    src_mac,
+                    &Ipv4::udp([10, 1, 0, 5], addr_in(&net, &mut rng).octets(), 255),
+                ),
+                IpNet::V6(net) => ipv6_udp(
+                    IN_MAC,
+                    src_mac,
+                    &Ipv6::udp(
+                        Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 5).octets(),
+                        addr_in6(&net, &mut rng).octets(),
+                        255,
+                    ),
+                ),
+            }
+        })
+        .collect();
+    let writer = Arc::new(std::sync::Mutex::new(writer));
+    let changes = Arc::new(changes);
+    let mut next = 0usize;
+    let (mut rate, mut with, mut without) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..runs {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (s, w, c) = (stop.clone(), writer.clone(), changes.clone());
+        let start_at = next;
+        let changer = std::thread::spawn(move || -> Result<usize> {
+            let mut w = w.lock().expect("writer");
+            let mut n = 0usize;
+            while !s.load(Ordering::Relaxed) {
+                let ch = &c[(start_at + n) % c.len()];
+                w.change(std::slice::from_ref(ch))?;
+                n += 1;
+            }
+            Ok(n)
+        });
+        let t = Instant::now();
+        let sent = run_for(&mut ebpf, &frames, seconds)?;
+        stop.store(true, Ordering::Relaxed);
+        let n = changer.join().map_err(|_| anyhow::anyhow!("changer"))??;
+        let secs = t.elapsed().as_secs_f64();
+        // The writes go in whole rounds: the table ends where a round of changes ends.
+        next = start_at + n;
+        rate.push(n as f64 / secs);
+        with.push(sent as f64 / secs / 1e6);
+        let t = Instant::now();
+        let sent = run_for(&mut ebpf, &frames, seconds)?;
+        without.push(sent as f64 / t.elapsed().as_secs_f64() / 1e6);
+    }
+    eprintln!(
+        "updates: {routes} {} routes: {} changes/s; forwarding {} Mpps with, {} without",
+        if ipv6 { "IPv6" } else { "IPv4" },
+        summarize(&rate).fmt(0),
+        summarize(&with).fmt(3),
+        summarize(&without).fmt(3)
+    );
+    Ok(UpdateRate {
+        routes,
+        ipv6,
+        changes_per_s: summarize(&rate),
+        fwd_mpps_with: summarize(&with),
+        fwd_mpps_without: summarize(&without),
+    })
+}
+
+/// Runs the frames through the XDP program for `seconds`; every one must be redirected.
+fn run_for(ebpf: &mut aya::Ebpf, frames: &[Vec<u8>], seconds: f64) -> Result<u64> {
+    let prog = datapath::program(ebpf)?;
+    let t = Instant::now();
+    let mut n = 0u64;
+    while t.elapsed().as_secs_f64() < seconds {
+        for f in frames.iter().take(256) {
+            let r = prog.test_run(aya::programs::TestRunOptions {
+                data_in: Some(f),
+                repeat: 1,
+                ..Default::default()
+            })?;
+            ensure!(
+                r.return_value == 4,
+                "a frame was not forwarded during the changes (action {})",
+                r.return_value
+            );
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+fn set_neighbours(ebpf: &mut aya::Ebpf, e0: u32, ipv6: bool) -> Result<()> {
+    use aya::maps::HashMap;
+    let n = Neigh {
+        mac: IN_MAC,
+        _pad: [0; 2],
+    };
+    for i in 0..NEXTHOPS {
+        match nexthop(i, ipv6) {
+            IpAddr::V6(a) => {
+                let mut m: HashMap<_, Neigh6Key, Neigh> =
+                    HashMap::try_from(ebpf.map_mut(map_names::NEIGHS6).context("NEIGHS6")?)?;
+                m.insert(
+                    Neigh6Key {
+                        ifindex: e0,
+                        addr: a.octets(),
+                    },
+                    n,
+                    0,
+                )?;
+            }
+            IpAddr::V4(a) => {
+                let mut m: HashMap<_, NeighKey, Neigh> =
+                    HashMap::try_from(ebpf.map_mut(map_names::NEIGHS).context("NEIGHS")?)?;
+                m.insert(
+                    NeighKey {
+                        ifindex: e0,
+                        addr: a.octets(),
+                    },
+                    n,
+                    0,
+                )?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The real binary's `route batch` on a router sized for a million routes: one batch adding
+/// `routes` routes with no daemon (wall time, peak RSS of the process), then through the daemon
+/// a batch of `changes` single-route replacements, and single-line batches from the CLI.
+pub struct BatchFigures {
+    pub routes: usize,
+    pub bulk_s: f64,
+    pub bulk_rss_mib: f64,
+    pub changes: usize,
+    /// Through the daemon, its table kept: routes changed per second in one batch (kernel, fast
+    /// path, journal).
+    pub changes_per_s: f64,
+    /// A one-line batch from the CLI (a process started per change), milliseconds.
+    pub one_line_ms: Summary,
+    /// The daemon's peak RSS (VmHWM) afterwards.
+    pub daemon_rss_mib: f64,
+}
+
+pub fn batch_figures(routes: usize, changes: usize) -> Result<BatchFigures> {
+    let id = "bbbbbbbb-16f4-4d6c-89d2-8af91cec9715";
+    let def = format!(
+        "[[router]]\nid = \"{id}\"\nname = \"bench-batch\"\nmax_routes = {}\n\
+         [[router.interface]]\nport_id = \"e295b258-4586-4e8a-9c3e-1f2a3b4c5d6f\"\nsubnet = \"172.16.100.0/24\"\ngateway_ip = \"172.16.100.1\"\n\
+         [[router.interface]]\nport_id = \"3ffdb861-731c-4b1a-8d2e-6f7a8b9c0d1f\"\nsubnet = \"172.16.101.0/24\"\ngateway_ip = \"172.16.101.1\"\n",
+        routes + 1000
+    );
+    let def_path = "/tmp/router-bench-batch.toml";
+    std::fs::write(def_path, def)?;
+    let _ = std::process::Command::new(tests::router_ctl())
+        .args(["destroy", id])
+        .output();
+    let _ = std::process::Command::new("pkill")
+        .args(["-f", "router-ct[l] run"])
+        .status();
+    crate::ctl::timed_rss(&["apply", "--no-daemon", "-f", def_path])?;
+    let table = random_table(routes + 1, 0xba7c);
+    let mut text = String::with_capacity(routes * 40);
+    for n in &table[1..] {
+        let _ = std::fmt::Write::write_fmt(
+            &mut text,
+            format_args!("add {} via 172.16.101.254\n", IpNet::from(*n)),
+        );
+    }
+    let bulk_path = "/tmp/router-bench-batch-bulk";
+    std::fs::write(bulk_path, &text)?;
+    drop(text);
+    let (bulk_s, bulk_rss_mib) = crate::ctl::timed_rss(&["route", "batch", id, bulk_path])?;
+    eprintln!("route batch: {routes} routes in {bulk_s:.1} s, peak RSS {bulk_rss_mib:.0} MiB");
+    // The daemon, and a first batch that has it read the table once.
+    crate::ctl::timed_rss(&["apply", "-f", def_path])?;
+    let one = "/tmp/router-bench-batch-one";
+    let mut ms = Vec::new();
+    for i in 0..41 {
+        let n: Ipv4Net = table[1 + i].clone();
+        std::fs::write(
+            one,
+            format!(
+                "replace {} via 172.16.101.{}\n",
+                IpNet::from(n),
+                250 + i % 4
+            ),
+        )?;
+        let t = Instant::now();
+        crate::ctl::timed_rss(&["route", "batch", id, one])?;
+        if i > 0 {
+            ms.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    let mut text = String::new();
+    for (k, n) in table[1..].iter().take(changes).enumerate() {
+        let _ = std::fmt::Write::write_fmt(
+            &mut text,
+            format_args!(
+                "replace {} via 172.16.101.{}\n",
+                IpNet::from(*n),
+                250 + k % 4
+            ),
+        );
+    }
+    let change_path = "/tmp/router-bench-batch-changes";
+    std::fs::write(change_path, text)?;
+    let (change_s, _) = crate::ctl::timed_rss(&["route", "batch", id, change_path])?;
+    let pid = std::fs::read_to_string(router_ctl::daemon::pid_file())
+        .ok()
+        .and_then(|s| s.trim().parse::<u32>().ok());
+    let daemon_rss_mib = pid
+        .and_then(|p| std::fs::read_to_string(format!("/proc/{p}/status")).ok())
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        })
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0);
+    crate::ctl::timed_rss(&["destroy", id])?;
+    for p in [def_path, bulk_path, one, change_path] {
+        let _ = std::fs::remove_file(p);
+    }
+    let one_line_ms = summarize(&ms);
+    eprintln!(
+        "route batch: {changes} changes through the daemon {:.0}/s; one-line batches {} ms; daemon peak RSS {daemon_rss_mib:.0} MiB",
+        changes as f64 / change_s,
+        one_line_ms.fmt(1)
+    );
+    Ok(BatchFigures {
+        routes,
+        bulk_s,
+        bulk_rss_mib,
+        changes,
+        changes_per_s: changes as f64 / change_s,
+        one_line_ms,
+        daemon_rss_mib,
+    })
+}
