@@ -66,6 +66,9 @@ struct Args {
     /// Only the single-route change figures, printed (no report written).
     #[arg(long)]
     only_updates: bool,
+    /// Skip the single-route change figures.
+    #[arg(long)]
+    no_updates: bool,
 }
 
 /// Single-route changes under traffic for both families, and the real binary's `route batch`.
@@ -160,6 +163,11 @@ fn main() -> Result<()> {
             .context("apply at scale")?,
         )
     };
+    let updates = if args.no_updates {
+        None
+    } else {
+        Some(update_figures(&args)?)
+    };
     let neigh = ctl::neighbour_latency(20).context("neighbour latency")?;
     eprintln!("neighbour latency {} ms", neigh.total_ms.fmt(2));
     let report = report::Report {
@@ -171,6 +179,7 @@ fn main() -> Result<()> {
         small: small.as_deref(),
         apply: apply.as_ref(),
         nat: nat.as_ref(),
+        updates: updates.as_ref(),
         seconds: start.elapsed().as_secs_f64(),
     };
     let mut md = report.markdown();

@@ -322,10 +322,9 @@ pub fn batch_figures(routes: usize, changes: usize) -> Result<BatchFigures> {
                 250 + i % 4
             ),
         )?;
-        let t = Instant::now();
-        crate::ctl::timed_rss(&["route", "batch", id, one])?;
+        let secs = crate::ctl::timed(&["route", "batch", id, one])?;
         if i > 0 {
-            ms.push(t.elapsed().as_secs_f64() * 1e3);
+            ms.push(secs * 1e3);
         }
     }
     let mut text = String::new();
@@ -341,10 +340,10 @@ pub fn batch_figures(routes: usize, changes: usize) -> Result<BatchFigures> {
     }
     let change_path = "/tmp/router-bench-batch-changes";
     std::fs::write(change_path, text)?;
-    let (change_s, _) = crate::ctl::timed_rss(&["route", "batch", id, change_path])?;
+    let change_s = crate::ctl::timed(&["route", "batch", id, change_path])?;
     let pid = std::fs::read_to_string(router_ctl::daemon::pid_file())
         .ok()
-        .and_then(|s| s.trim().parse::<u32>().ok());
+        .and_then(|s| s.split_whitespace().next()?.parse::<u32>().ok());
     let daemon_rss_mib = pid
         .and_then(|p| std::fs::read_to_string(format!("/proc/{p}/status")).ok())
         .and_then(|s| {

@@ -429,10 +429,17 @@ fn map_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Map> {
 }
 
 /// A shared, writable mapping of a BPF_F_MMAPABLE array of groups (`[u32; 256]` elements), seen
-/// as one flat array of u32 entries.
+/// as one flat array of u32 entries. Only the part up to the highest entry used is mapped (it
+/// grows in steps of 1 MiB): the mapped pages of a map count in the process's RSS, and groups are
+/// numbered lowest first, so what is mapped follows the table, not the capacity.
 struct Mapped {
     ptr: *mut u32,
+    /// Entries in the map.
     len: usize,
+    /// Entries mapped now.
+    mapped: usize,
+    fd: std::os::fd::OwnedFd,
+    name: String,
 }
 
 impl Mapped {
@@ -445,33 +452,55 @@ impl Mapped {
             info.value_size() == fib::GROUP_SIZE * 4,
             "map {name} does not hold groups of 256 entries"
         );
-        let entries = info.max_entries() as usize * fib::GROUP_SIZE as usize;
-        let fd = data.fd().as_fd().as_raw_fd();
-        let bytes = entries * 4;
-        // SAFETY: maps the whole array, which the kernel allows for BPF_F_MMAPABLE arrays.
+        Ok(Mapped {
+            ptr: std::ptr::null_mut(),
+            len: info.max_entries() as usize * fib::GROUP_SIZE as usize,
+            mapped: 0,
+            fd: data.fd().as_fd().try_clone_to_owned()?,
+            name: name.to_string(),
+        })
+    }
+
+    /// Maps at least the first `end` entries.
+    fn reach(&mut self, end: usize) -> Result<()> {
+        let end = end.min(self.len);
+        if end <= self.mapped {
+            return Ok(());
+        }
+        let step = 1 << 18; // entries: 1 MiB
+        let want = end.div_ceil(step).saturating_mul(step).min(self.len);
+        // The old mapping goes first: both at once would count twice in the RSS.
+        if !self.ptr.is_null() {
+            // SAFETY: unmaps the previous mapping, of `mapped` entries.
+            unsafe { libc::munmap(self.ptr as *mut libc::c_void, self.mapped * 4) };
+            self.ptr = std::ptr::null_mut();
+            self.mapped = 0;
+        }
+        // SAFETY: maps the array's first `want` entries, which the kernel allows for
+        // BPF_F_MMAPABLE arrays.
         let ptr = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
-                bytes,
+                want * 4,
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_SHARED,
-                fd,
+                self.fd.as_raw_fd(),
                 0,
             )
         };
         if ptr == libc::MAP_FAILED {
             return Err(std::io::Error::last_os_error())
-                .with_context(|| format!("cannot mmap map {name}"));
+                .with_context(|| format!("cannot mmap map {}", self.name));
         }
-        Ok(Mapped {
-            ptr: ptr as *mut u32,
-            len: entries,
-        })
+        self.ptr = ptr as *mut u32;
+        self.mapped = want;
+        Ok(())
     }
+
     /// The array up to the highest of `groups`, with only `groups` read from the map (the rest
     /// left zero): what the table does not reference is never read, so the cost and the memory
     /// follow the table, not the capacity.
-    fn read_groups(&self, groups: impl IntoIterator<Item = u32>) -> Vec<u32> {
+    fn read_groups(&mut self, groups: impl IntoIterator<Item = u32>) -> Result<Vec<u32>> {
         let groups: Vec<u32> = groups.into_iter().collect();
         let n = fib::GROUP_SIZE as usize;
         let end = groups
@@ -480,6 +509,7 @@ impl Mapped {
             .max()
             .unwrap_or(0)
             .min(self.len);
+        self.reach(end)?;
         let mut v = vec![0u32; end];
         for g in groups {
             let start = g as usize * fib::GROUP_SIZE as usize;
@@ -488,24 +518,26 @@ impl Mapped {
                 v[i] = unsafe { std::ptr::read_volatile(self.ptr.add(i)) };
             }
         }
-        v
+        Ok(v)
     }
 
     /// Writes `new`'s groups `in_new`: a group the old table used too gets only its changed
     /// entries, a group it did not use is written whole (its stale content is not known).
     /// Each entry is one aligned 32-bit store.
     fn update_groups(
-        &self,
+        &mut self,
         old: &[u32],
         new: &[u32],
         in_old: &BTreeSet<u32>,
         in_new: &BTreeSet<u32>,
-    ) {
+    ) -> Result<()> {
+        let n = fib::GROUP_SIZE as usize;
+        self.reach(in_new.last().map_or(0, |g| (*g as usize + 1) * n))?;
         #[cfg(mutant = "break_before_make")]
         for g in in_new {
             // The fault: every entry that changes is emptied before it is written.
             let start = *g as usize * fib::GROUP_SIZE as usize;
-            for i in start..(start + fib::GROUP_SIZE as usize).min(self.len) {
+            for i in start..(start + fib::GROUP_SIZE as usize).min(self.mapped) {
                 if old[i] != new[i] {
                     // SAFETY: as below.
                     unsafe { std::ptr::write_volatile(self.ptr.add(i), 0) };
@@ -515,13 +547,36 @@ impl Mapped {
         for g in in_new {
             let start = *g as usize * fib::GROUP_SIZE as usize;
             let fresh = !in_old.contains(g);
-            for i in start..(start + fib::GROUP_SIZE as usize).min(self.len) {
+            for i in start..(start + fib::GROUP_SIZE as usize).min(self.mapped) {
                 if fresh || old[i] != new[i] {
-                    // SAFETY: i < len; aligned u32 in a shared mapping.
+                    // SAFETY: i < mapped; aligned u32 in a shared mapping.
                     unsafe { std::ptr::write_volatile(self.ptr.add(i), new[i]) };
                 }
             }
         }
+        Ok(())
+    }
+
+    /// Writes entries (index, value) given by `each`, one aligned 32-bit store each.
+    fn write_each(
+        &mut self,
+        end: usize,
+        each: impl FnOnce(&mut dyn FnMut(u32, u32)),
+    ) -> Result<()> {
+        anyhow::ensure!(
+            end <= self.len,
+            "route table entry out of map {}",
+            self.name
+        );
+        self.reach(end)?;
+        let (ptr, mapped) = (self.ptr, self.mapped);
+        each(&mut |i, v| {
+            if (i as usize) < mapped {
+                // SAFETY: i < mapped; an aligned u32 in the shared mapping.
+                unsafe { std::ptr::write_volatile(ptr.add(i as usize), v) };
+            }
+        });
+        Ok(())
     }
 }
 
@@ -531,8 +586,10 @@ unsafe impl Send for Mapped {}
 
 impl Drop for Mapped {
     fn drop(&mut self) {
-        // SAFETY: unmaps what `new` mapped.
-        unsafe { libc::munmap(self.ptr as *mut libc::c_void, self.len * 4) };
+        if !self.ptr.is_null() {
+            // SAFETY: unmaps what `reach` mapped.
+            unsafe { libc::munmap(self.ptr as *mut libc::c_void, self.mapped * 4) };
+        }
     }
 }
 
@@ -634,11 +691,15 @@ impl RouteTable {
     }
 
     /// The route table as it is in the maps (groups the table does not use read as zero).
-    pub fn read(&self) -> Result<Fib> {
-        let l1 = self.l1.read_groups(0..self.l1.len as u32 / fib::GROUP_SIZE);
+    pub fn read(&mut self) -> Result<Fib> {
+        let l1 = self
+            .l1
+            .read_groups(0..self.l1.len as u32 / fib::GROUP_SIZE)?;
         let used2 = fib_build::groups_used(&l1);
-        let l2 = self.l2.read_groups(used2.iter().copied());
-        let l3 = self.l3.read_groups(fib_build::groups_used_in(&l2, &used2));
+        let l2 = self.l2.read_groups(used2.iter().copied())?;
+        let l3 = self
+            .l3
+            .read_groups(fib_build::groups_used_in(&l2, &used2))?;
         let nexthops = read_array::<Route>(self.nexthops_fd, self.nexthops.len())?
             .into_iter()
             .map(|r| (r != Route::NONE).then_some(r))
@@ -720,6 +781,10 @@ impl RouteTable {
         self.live.as_ref()
     }
 
+    pub fn live_mut(&mut self) -> Option<&mut Live> {
+        self.live.as_mut()
+    }
+
     /// Writes what the table in memory changed since the last commit, leaves first.
     fn commit(&mut self) -> Result<()> {
         let Some(live) = self.live.as_mut() else {
@@ -736,26 +801,29 @@ impl RouteTable {
                 .set(*i, g, 0)
                 .context("cannot write an ECMP group")?;
         }
+        let fib = &live.fib;
         #[cfg(mutant = "break_before_make")]
-        for (level, entries) in [(&self.l3, &w.l3), (&self.l2, &w.l2), (&self.l1, &w.l1)] {
-            for (i, _) in entries {
-                // SAFETY: as below.
-                unsafe { std::ptr::write_volatile(level.ptr.add(*i as usize), 0) };
-            }
+        for (level, entries, values) in [
+            (&mut self.l3, &w.l3, &fib.l3),
+            (&mut self.l2, &w.l2, &fib.l2),
+            (&mut self.l1, &w.l1, &fib.l1),
+        ] {
+            level.write_each(entries.end(), |f| entries.each(values, |i, _| f(i, 0)))?;
         }
         #[cfg(not(mutant = "wrong_level_order"))]
-        let order = [(&self.l3, &w.l3), (&self.l2, &w.l2), (&self.l1, &w.l1)];
+        let order = [
+            (&mut self.l3, &w.l3, &fib.l3),
+            (&mut self.l2, &w.l2, &fib.l2),
+            (&mut self.l1, &w.l1, &fib.l1),
+        ];
         #[cfg(mutant = "wrong_level_order")]
-        let order = [(&self.l1, &w.l1), (&self.l2, &w.l2), (&self.l3, &w.l3)];
-        for (level, entries) in order {
-            for (i, e) in entries {
-                anyhow::ensure!(
-                    (*i as usize) < level.len,
-                    "route table entry out of the map"
-                );
-                // SAFETY: i < len; an aligned u32 in the shared mapping.
-                unsafe { std::ptr::write_volatile(level.ptr.add(*i as usize), *e) };
-            }
+        let order = [
+            (&mut self.l1, &w.l1, &fib.l1),
+            (&mut self.l2, &w.l2, &fib.l2),
+            (&mut self.l3, &w.l3, &fib.l3),
+        ];
+        for (level, entries, values) in order {
+            level.write_each(entries.end(), |f| entries.each(values, f))?;
         }
         let key6 = |(len, a): &(u8, u128)| Key::new(*len as u32, a.to_be_bytes());
         for (k, v) in &w.v6_set {
@@ -804,10 +872,10 @@ impl RouteTable {
             fib_build::groups_used_in(&old.l2, &old2),
             fib_build::groups_used_in(&new.l2, &new2),
         );
-        self.l3.update_groups(&old.l3, &new.l3, &old3, &new3);
-        self.l2.update_groups(&old.l2, &new.l2, &old2, &new2);
+        self.l3.update_groups(&old.l3, &new.l3, &old3, &new3)?;
+        self.l2.update_groups(&old.l2, &new.l2, &old2, &new2)?;
         let all: BTreeSet<u32> = (0..self.l1.len as u32 / fib::GROUP_SIZE).collect();
-        self.l1.update_groups(&old.l1, &new.l1, &all, &all);
+        self.l1.update_groups(&old.l1, &new.l1, &all, &all)?;
         let key6 = |(len, a): &(u8, u128)| Key::new(*len as u32, a.to_be_bytes());
         for (k, v) in &new.v6 {
             if old.v6.get(k) != Some(v) {

@@ -165,7 +165,7 @@ pub fn device_for(st: &RouterState, nh: IpAddr) -> Option<u32> {
 /// Lines carried to the kernel and the fast path at a time. A batch that fails in the kernel
 /// after its checks (out of memory, a device gone meanwhile) keeps its earlier chunks, in the
 /// kernel, the fast path and the journal alike.
-const CHUNK: usize = 65536;
+const CHUNK: usize = 16384;
 
 /// What a batch did.
 #[derive(Debug, Default, Serialize)]
@@ -182,6 +182,10 @@ pub fn batch(router: &str, file: &Path) -> Result<Summary> {
     let what = file.display().to_string();
     let f = std::fs::File::open(file).with_context(|| format!("cannot open {what}"))?;
     let ops = parse(BufReader::new(f), &what)?;
+    let (total, deletes) = (
+        ops.len(),
+        ops.iter().filter(|o| matches!(o, Op::Del(_))).count(),
+    );
     let _lock = Lock::acquire(state::STATE_LOCK)?;
     let st = RouterState::find(router)?;
     // The router's own routes (subnets, extra routes, the gateway's default) are its
@@ -247,8 +251,16 @@ pub fn batch(router: &str, file: &Path) -> Result<Summary> {
         }
         // In chunks, so that a million lines never exist three times over: the kernel first
         // (a frame the fast path hands over finds the route there already), then the fast path.
+        // Each chunk's lines are dropped once applied: the table grows as the batch shrinks.
         let mut devs = devs.iter();
-        for chunk in ops.chunks(CHUNK) {
+        if let Some(l) = t.live_mut() {
+            l.reserve(total - deletes);
+        }
+        let mut chunks: Vec<Vec<Op>> = ops.chunks(CHUNK).map(<[Op]>::to_vec).collect();
+        drop(ops);
+        chunks.reverse();
+        while let Some(chunk) = chunks.pop() {
+            let chunk = chunk.as_slice();
             let mut kernel = Vec::with_capacity(chunk.len());
             let mut fast = Vec::with_capacity(chunk.len());
             for op in chunk {
@@ -272,11 +284,10 @@ pub fn batch(router: &str, file: &Path) -> Result<Summary> {
         }
         Ok(t.live().map(|l| l.len()).unwrap_or(0))
     })?;
-    let deleted = ops.iter().filter(|o| matches!(o, Op::Del(_))).count();
     Ok(Summary {
         router: st.name.clone(),
-        set: ops.len() - deleted,
-        deleted,
+        set: total - deletes,
+        deleted: deletes,
         prefixes,
     })
 }

@@ -145,11 +145,14 @@ pub fn wait_for_lookups() {
     }
 }
 
-/// Entries of one level written since the last `take_writes`.
+/// Entries of one level written since the last `take_writes`: whole groups (new ones, filled
+/// at once) and single entries.
 #[derive(Clone, Debug, Default)]
 struct Dirty {
     bits: Vec<u64>,
     list: Vec<u32>,
+    fresh: Vec<u64>,
+    groups: Vec<u32>,
 }
 
 impl Dirty {
@@ -157,21 +160,84 @@ impl Dirty {
         Dirty {
             bits: vec![0; n.div_ceil(64)],
             list: Vec::new(),
+            fresh: vec![0; (n / GROUP_SIZE as usize).div_ceil(64)],
+            groups: Vec::new(),
         }
     }
     fn mark(&mut self, i: usize) {
+        let g = i / GROUP_SIZE as usize;
+        if self
+            .fresh
+            .get(g / 64)
+            .is_some_and(|w| w & (1u64 << (g % 64)) != 0)
+        {
+            return;
+        }
         let (w, b) = (i / 64, 1u64 << (i % 64));
         if self.bits[w] & b == 0 {
             self.bits[w] |= b;
             self.list.push(i as u32);
         }
     }
-    fn take(&mut self) -> Vec<u32> {
+    fn mark_group(&mut self, g: u32) {
+        let (w, b) = (g as usize / 64, 1u64 << (g % 64));
+        if self.fresh[w] & b == 0 {
+            self.fresh[w] |= b;
+            self.groups.push(g);
+        }
+    }
+    fn resize(&mut self, entries: usize) {
+        self.bits.resize(entries.div_ceil(64), 0);
+        self.fresh
+            .resize((entries / GROUP_SIZE as usize).div_ceil(64), 0);
+    }
+    fn take(&mut self) -> (Vec<u32>, Vec<u32>) {
         let l = std::mem::take(&mut self.list);
         for i in &l {
             self.bits[*i as usize / 64] = 0;
         }
-        l
+        let g = std::mem::take(&mut self.groups);
+        for x in &g {
+            self.fresh[*x as usize / 64] = 0;
+        }
+        (g, l)
+    }
+}
+
+/// What to write of one level: whole groups (their entries as the table holds them) and single
+/// entries.
+#[derive(Debug, Default)]
+pub struct LevelWrites {
+    pub groups: Vec<u32>,
+    pub entries: Vec<(u32, u32)>,
+}
+
+impl LevelWrites {
+    pub fn len(&self) -> usize {
+        self.groups.len() * GROUP_SIZE as usize + self.entries.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// One past the highest index written.
+    pub fn end(&self) -> usize {
+        let n = GROUP_SIZE as usize;
+        let g = self.groups.iter().map(|g| (*g as usize + 1) * n).max();
+        let e = self.entries.iter().map(|(i, _)| *i as usize + 1).max();
+        g.max(e).unwrap_or(0)
+    }
+
+    /// Every (index, value) to write, the groups' values read from `level`.
+    pub fn each(&self, level: &[u32], f: &mut dyn FnMut(u32, u32)) {
+        let n = GROUP_SIZE as usize;
+        for g in &self.groups {
+            for i in *g as usize * n..(*g as usize + 1) * n {
+                f(i as u32, level[i]);
+            }
+        }
+        for (i, v) in &self.entries {
+            f(*i, *v);
+        }
     }
 }
 
@@ -207,9 +273,9 @@ impl Cond {
 pub struct Writes {
     pub nexthops: Vec<(u32, Route)>,
     pub groups: Vec<(u32, NhGroup)>,
-    pub l3: Vec<(u32, u32)>,
-    pub l2: Vec<(u32, u32)>,
-    pub l1: Vec<(u32, u32)>,
+    pub l3: LevelWrites,
+    pub l2: LevelWrites,
+    pub l1: LevelWrites,
     /// IPv6 prefixes to insert or replace (value = nexthop index + 1), longest first, and to
     /// delete, shortest first, after the inserts.
     pub v6_set: Vec<((u8, u128), u32)>,
@@ -364,6 +430,11 @@ impl Live {
             self.remove(net)?;
         }
         Ok(())
+    }
+
+    /// Room for `more` prefixes beyond those held (a large batch coming).
+    pub fn reserve(&mut self, more: usize) {
+        self.v4.reserve(more);
     }
 
     /// Every prefix in the table.
@@ -533,16 +604,23 @@ impl Live {
         // Entries of a group this batch let go keep their old content: a lookup that still
         // follows the old pointer to it must find the old route, not what the batch painted
         // there on its way.
-        let level = |d: &mut Dirty, v: &[u32], pool: Option<&Pool>| -> Vec<(u32, u32)> {
-            let mut l = d.take();
+        let level = |d: &mut Dirty, v: &[u32], pool: Option<&Pool>| -> LevelWrites {
+            let kept = |g: u32| {
+                pool.is_none_or(|p| p.state[g as usize] != PENDING)
+                    || cfg!(mutant = "no_quarantine")
+            };
+            let (mut groups, mut l) = d.take();
+            groups.retain(|g| kept(*g));
+            groups.sort_unstable();
             l.sort_unstable();
-            l.into_iter()
-                .filter(|i| {
-                    pool.is_none_or(|p| p.state[(*i / GROUP_SIZE) as usize] != PENDING)
-                        || cfg!(mutant = "no_quarantine")
-                })
-                .map(|i| (i, v[i as usize]))
-                .collect()
+            LevelWrites {
+                groups,
+                entries: l
+                    .into_iter()
+                    .filter(|i| kept(*i / GROUP_SIZE))
+                    .map(|i| (i, v[i as usize]))
+                    .collect(),
+            }
         };
         let w = Writes {
             nexthops: std::mem::take(&mut self.dirty_nh)
@@ -811,12 +889,18 @@ impl Live {
         };
         let t = self.tag1[i as usize];
         let n = GROUP_SIZE as usize;
-        grow(&mut self.fib.l2, &mut self.tag2, &mut self.dirty[1], g);
+        grow(
+            &mut self.fib.l2,
+            &mut self.tag2,
+            &mut self.dirty[1],
+            g,
+            self.cap.l2_groups,
+        );
         for j in g as usize * n..(g as usize + 1) * n {
             self.tag2[j] = t;
             self.fib.l2[j] = e;
-            self.dirty[1].mark(j);
         }
+        self.dirty[1].mark_group(g);
         self.set1(i as usize, GROUP | g, 0);
         Ok(())
     }
@@ -836,12 +920,18 @@ impl Live {
             None => self.alloc(3, "L3 (/25–/32) groups", self.cap.l3_groups as usize)?,
         };
         let t = self.tag2[e2];
-        grow(&mut self.fib.l3, &mut self.tag3, &mut self.dirty[2], g);
+        grow(
+            &mut self.fib.l3,
+            &mut self.tag3,
+            &mut self.dirty[2],
+            g,
+            self.cap.l3_groups,
+        );
         for j in g as usize * n..(g as usize + 1) * n {
             self.tag3[j] = t;
             self.fib.l3[j] = e;
-            self.dirty[2].mark(j);
         }
+        self.dirty[2].mark_group(g);
         self.set2(e2, GROUP | g, 0);
         Ok(())
     }
@@ -872,16 +962,20 @@ impl Live {
 }
 
 /// Room in a level for group `g`, growing by half at a time.
-fn grow(level: &mut Vec<u32>, tags: &mut Vec<u8>, dirty: &mut Dirty, g: u32) {
+fn grow(level: &mut Vec<u32>, tags: &mut Vec<u8>, dirty: &mut Dirty, g: u32, groups: u32) {
     let n = GROUP_SIZE as usize;
     let need = (g as usize + 1) * n;
     if level.len() >= need {
         return;
     }
-    let len = need.max(level.len() + level.len() / 2).div_ceil(n) * n;
+    // In steps of 1 024 groups (1 MiB): a reallocation of this size moves no data (mremap),
+    // and the level never holds much more than the table uses.
+    let step = 1024 * n;
+    let len = need.div_ceil(step).max(1) * step;
+    let len = len.min(groups as usize * n).max(need);
     level.resize(len, 0);
     tags.resize(len, 0);
-    dirty.bits.resize(len.div_ceil(64), 0);
+    dirty.resize(len);
 }
 
 const EMPTY_GROUP: NhGroup = NhGroup {
@@ -989,12 +1083,16 @@ mod tests {
     }
 
     /// The writes of `w` one by one, in the order the maps take them.
-    fn flatten(w: &Writes) -> Vec<Write> {
+    fn flatten(w: &Writes, fib: &Fib) -> Vec<Write> {
         let mut v: Vec<Write> = Vec::new();
         v.extend(w.nexthops.iter().map(|(i, r)| Write::Nexthop(*i, *r)));
         v.extend(w.groups.iter().map(|(i, g)| Write::Group(*i, *g)));
-        for (level, l) in [(3, &w.l3), (2, &w.l2), (1, &w.l1)] {
-            v.extend(l.iter().map(|(i, e)| Write::Level(level, *i, *e)));
+        for (level, l, values) in [
+            (3, &w.l3, &fib.l3),
+            (2, &w.l2, &fib.l2),
+            (1, &w.l1, &fib.l1),
+        ] {
+            l.each(values, &mut |i, e| v.push(Write::Level(level, i, e)));
         }
         v.extend(w.v6_set.iter().map(|(k, e)| Write::Set6(*k, *e)));
         v.extend(w.v6_del.iter().map(|k| Write::Del6(*k)));
@@ -1174,7 +1272,8 @@ mod tests {
                 .iter()
                 .map(|(d, v6)| (before.lookup(*d, *v6), reference.lookup(*d, *v6)))
                 .collect();
-            let w = flatten(&live.take_writes());
+            let writes = live.take_writes();
+            let w = flatten(&writes, &live.fib);
             for (k, one) in w.iter().enumerate() {
                 write_one(&mut maps, one);
                 for ((d, v6), (was, now)) in probes.iter().zip(&expect) {
@@ -1254,7 +1353,7 @@ mod tests {
         let w = live.take_writes();
         // The new nexthop, and the half of the /24's third-level group that the /25 leaves it.
         assert_eq!(w.nexthops.len(), 1);
-        assert_eq!(w.l3.len(), 128);
+        assert_eq!(w.l3.entries.len(), 128);
         assert!(w.l1.is_empty() && w.l2.is_empty() && w.v6_set.is_empty());
         assert_eq!(
             live.routes_of("10.1.2.0/24".parse().unwrap()),
