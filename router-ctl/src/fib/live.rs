@@ -408,23 +408,36 @@ impl Live {
     /// Makes the table hold exactly `routes` (several routes to one prefix: ECMP), changing
     /// only the prefixes that differ.
     pub fn replace_all(&mut self, routes: &[(IpNet, Route)]) -> Result<()> {
-        let mut want: HashMap<IpNet, Vec<Route>> = HashMap::with_capacity(routes.len());
-        for (net, r) in routes {
-            want.entry(canonical(*net)).or_default().push(*r);
-        }
-        for rs in want.values_mut() {
+        // The routes in prefix order (shortest first, so that a longer prefix then finds its
+        // range painted once), as indices: a million routes are not copied.
+        let key = |i: u32| {
+            let n = canonical(routes[i as usize].0);
+            (n.is_ipv6(), n.prefix_len(), n)
+        };
+        let mut order: Vec<u32> = (0..routes.len() as u32).collect();
+        order.sort_unstable_by_key(|i| key(*i));
+        let gone: Vec<IpNet> = self
+            .prefixes()
+            .filter(|p| {
+                order
+                    .binary_search_by_key(&(p.is_ipv6(), p.prefix_len(), *p), |i| key(*i))
+                    .is_err()
+            })
+            .collect();
+        let mut rs: Vec<Route> = Vec::new();
+        let mut k = 0;
+        while k < order.len() {
+            let net = key(order[k]).2;
+            rs.clear();
+            while k < order.len() && key(order[k]).2 == net {
+                rs.push(routes[order[k] as usize].1);
+                k += 1;
+            }
             rs.sort();
             rs.dedup();
-        }
-        want.retain(|net, rs| self.routes_of(*net).as_ref() != Some(rs));
-        let kept: std::collections::HashSet<IpNet> =
-            routes.iter().map(|(n, _)| canonical(*n)).collect();
-        let gone: Vec<IpNet> = self.prefixes().filter(|p| !kept.contains(p)).collect();
-        // Shortest prefixes first: a longer one then finds its range painted once.
-        let mut sets: Vec<(IpNet, Vec<Route>)> = want.into_iter().collect();
-        sets.sort_unstable_by_key(|(n, _)| (n.is_ipv6(), n.prefix_len()));
-        for (net, rs) in sets {
-            self.set(net, &rs)?;
+            if self.routes_of(net).as_deref() != Some(&rs[..]) {
+                self.set(net, &rs)?;
+            }
         }
         for net in gone {
             self.remove(net)?;
