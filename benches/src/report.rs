@@ -208,9 +208,20 @@ impl Report<'_> {
         if let (Some(a), Some(b)) = (one6, big6) {
             let cold = b.forward_ns.median / a.forward_ns.median;
             let _ = writeln!(m, "| IPv6 per-packet cost at {} routes ÷ at 1 route, cold (issue 14) | ≤ 1.5 | {cold:.2} | {} |", b.routes, verdict(cold <= 1.5));
-            let _ = writeln!(m, "| install {} IPv6 routes (issue 14) | ≤ 3 s | {:.2} s | {} |", b.routes, b.install_s, verdict(b.install_s <= 3.0));
+            let _ = writeln!(
+                m,
+                "| install {} IPv6 routes (issue 14) | ≤ 3 s | {:.2} s | {} |",
+                b.routes,
+                b.install_s,
+                verdict(b.install_s <= 3.0)
+            );
             let mib = b.routes_memlock as f64 / 1048576.0;
-            let _ = writeln!(m, "| map memory at {} IPv6 routes (issue 14) | ≤ 256 MiB | {mib:.1} MiB | {} |", b.routes, verdict(mib <= 256.0));
+            let _ = writeln!(
+                m,
+                "| map memory at {} IPv6 routes (issue 14) | ≤ 256 MiB | {mib:.1} MiB | {} |",
+                b.routes,
+                verdict(mib <= 256.0)
+            );
         }
         if let Some(n) = self.neigh {
             let _ = writeln!(

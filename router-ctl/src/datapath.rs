@@ -808,7 +808,7 @@ impl RouteTable {
             (&mut self.l2, &w.l2, &fib.l2),
             (&mut self.l1, &w.l1, &fib.l1),
         ] {
-            level.write_each(entries.end(), |f| entries.each(values, |i, _| f(i, 0)))?;
+            level.write_each(entries.end(), |f| entries.each(values, &mut |i, _| f(i, 0)))?;
         }
         #[cfg(not(mutant = "wrong_level_order"))]
         let order = [

@@ -231,6 +231,19 @@ pub fn batch(router: &str, file: &Path) -> Result<Summary> {
         // A prefix deleted must be there when its turn comes (only deleted prefixes are
         // followed through the batch, so a bulk load costs no memory for this).
         let live = t.live().expect("set above");
+        // Nor one of its addresses, broadcasts or on-link hosts (local and connected entries).
+        for op in &ops {
+            let net = op.net();
+            if live.routes_of(net).is_some_and(|rs| {
+                rs.iter()
+                    .any(|r| r.kind != router_common::route_kind::GATEWAY)
+            }) {
+                bail!(
+                    "router {}: {net} is one of its own addresses or connected routes",
+                    st.name
+                );
+            }
+        }
         let deleted: HashSet<IpNet> = ops
             .iter()
             .filter_map(|o| match o {

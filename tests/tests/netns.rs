@@ -2267,6 +2267,7 @@ fn route_batches_change_the_kernel_and_the_fast_path_route_by_route() {
             "add 172.16.100.0/24 via 172.16.101.254\n",
             "one of its own routes",
         ),
+        ("add 172.16.101.1/32 via 172.16.101.254\n", "own addresses"),
     ] {
         let out = batch("bad", text);
         let err = String::from_utf8_lossy(&out.stderr);
