@@ -933,10 +933,12 @@ pub fn with_router_table<T>(
     };
     let path = token_path(router_id);
     let token = std::fs::read_to_string(&path).unwrap_or_default();
-    let kept = KEPT
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .remove(router_id);
+    let kept = {
+        let mut all = KEPT.lock().unwrap_or_else(|e| e.into_inner());
+        // Tables of routers destroyed by another process (which removed their token) go.
+        all.retain(|id, _| id == router_id || token_path(id).exists());
+        all.remove(router_id)
+    };
     let mut table = match kept {
         Some(k) if k.map_id == map_id && k.token == token && !cfg!(mutant = "stale_table_kept") => {
             k.table
