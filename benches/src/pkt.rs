@@ -22,8 +22,8 @@ use crate::{
     table::{addr_in, addr_in6, random_table, random_table6},
 };
 
-const IN_MAC: [u8; 6] = [0x02, 0, 0, 0, 1, 1];
-const OUT_MAC: [u8; 6] = [0x02, 0, 0, 0, 2, 1];
+pub const IN_MAC: [u8; 6] = [0x02, 0, 0, 0, 1, 1];
+pub const OUT_MAC: [u8; 6] = [0x02, 0, 0, 0, 2, 1];
 const NEXTHOPS: u8 = 8;
 /// Distinct destinations per run, each hitting a randomly chosen prefix of the table.
 pub const DESTINATIONS: usize = 16384;
@@ -84,7 +84,7 @@ pub fn measure(routes: usize, runs: usize, ipv6: bool) -> Result<PktResult> {
         .map_err(|_| anyhow::anyhow!("bench thread panicked"))?
 }
 
-fn nexthop(i: usize, ipv6: bool) -> IpAddr {
+pub fn nexthop(i: usize, ipv6: bool) -> IpAddr {
     let i = (i % NEXTHOPS as usize) as u16;
     if ipv6 {
         IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 2, 0, 0, 0, 0, 0x100 + i))
@@ -155,27 +155,7 @@ fn measure_here(routes: usize, runs: usize, ipv6: bool) -> Result<PktResult> {
     set_neighbours(&mut ebpf, e0, true, ipv6)?;
 
     let mut rng = Rng::new(42);
-    let frames: Vec<Vec<u8>> = (0..DESTINATIONS)
-        .map(|_| {
-            let src_mac = [0x02, 0, 0, 0, 1, 5];
-            match table[rng.below(table.len() as u64) as usize] {
-                IpNet::V4(net) => ipv4_udp(
-                    IN_MAC,
-                    src_mac,
-                    &Ipv4::udp([10, 1, 0, 5], addr_in(&net, &mut rng).octets(), 255),
-                ),
-                IpNet::V6(net) => ipv6_udp(
-                    IN_MAC,
-                    src_mac,
-                    &Ipv6::udp(
-                        Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 5).octets(),
-                        addr_in6(&net, &mut rng).octets(),
-                        255,
-                    ),
-                ),
-            }
-        })
-        .collect();
+    let frames = frames_into(&table, DESTINATIONS, &mut rng);
     let mut floor_prog = aya::EbpfLoader::new().load(datapath::BENCH_PROGRAM)?;
     let wire: &mut aya::programs::Xdp = floor_prog
         .program_mut("bench_wire")
@@ -215,7 +195,32 @@ fn measure_here(routes: usize, runs: usize, ipv6: bool) -> Result<PktResult> {
     })
 }
 
-fn set_neighbours(ebpf: &mut Ebpf, e0: u32, present: bool, ipv6: bool) -> Result<()> {
+/// `n` UDP frames from the ingress side, each to a random address in a random prefix of `table`.
+pub fn frames_into(table: &[IpNet], n: usize, rng: &mut Rng) -> Vec<Vec<u8>> {
+    (0..n)
+        .map(|_| {
+            let src_mac = [0x02, 0, 0, 0, 1, 5];
+            match table[rng.below(table.len() as u64) as usize] {
+                IpNet::V4(net) => ipv4_udp(
+                    IN_MAC,
+                    src_mac,
+                    &Ipv4::udp([10, 1, 0, 5], addr_in(&net, rng).octets(), 255),
+                ),
+                IpNet::V6(net) => ipv6_udp(
+                    IN_MAC,
+                    src_mac,
+                    &Ipv6::udp(
+                        Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 5).octets(),
+                        addr_in6(&net, rng).octets(),
+                        255,
+                    ),
+                ),
+            }
+        })
+        .collect()
+}
+
+pub fn set_neighbours(ebpf: &mut Ebpf, e0: u32, present: bool, ipv6: bool) -> Result<()> {
     let n = Neigh {
         mac: IN_MAC,
         _pad: [0; 2],

@@ -3,7 +3,7 @@
 //! binary's `route batch` (kernel, fast path, journal), with its memory.
 
 use std::{
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    net::IpAddr,
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc,
@@ -11,23 +11,19 @@ use std::{
     time::Instant,
 };
 
-use anyhow::{ensure, Context as _, Result};
+use anyhow::{ensure, Result};
 use aya::programs::TestRun as _;
-use router_common::{map_names, Iface, Neigh, Neigh6Key, NeighKey, Route};
+use router_common::{Iface, Route};
 use router_ctl::{
     config::{IpNet, Ipv4Net},
     datapath,
 };
-use tests::frame::{ipv4_udp, ipv6_udp, Ipv4, Ipv6};
 
 use crate::{
+    pkt::{nexthop, IN_MAC, OUT_MAC},
     stats::{summarize, Rng, Summary},
-    table::{addr_in, addr_in6, random_table, random_table6},
+    table::{random_table, random_table6},
 };
-
-const IN_MAC: [u8; 6] = [0x02, 0, 0, 0, 1, 1];
-const OUT_MAC: [u8; 6] = [0x02, 0, 0, 0, 2, 1];
-const NEXTHOPS: usize = 16;
 
 pub struct UpdateRate {
     pub routes: usize,
@@ -37,15 +33,6 @@ pub struct UpdateRate {
     /// Frames the traffic thread forwarded per second with the changes running, and without.
     pub fwd_mpps_with: Summary,
     pub fwd_mpps_without: Summary,
-}
-
-fn nexthop(i: usize, ipv6: bool) -> IpAddr {
-    let i = (i % NEXTHOPS) as u16;
-    if ipv6 {
-        IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 2, 0, 0, 0, 0, 0x100 + i))
-    } else {
-        IpAddr::V4(Ipv4Addr::new(10, 2, 0, 100 + i as u8))
-    }
 }
 
 /// `runs` rounds of `seconds` each: changes racing frames, then frames alone.
@@ -96,7 +83,7 @@ fn update_rate_here(routes: usize, ipv6: bool, runs: usize, seconds: f64) -> Res
     let mut writer = datapath::RouteTable::open(&mut ebpf)?;
     writer.set(&entries)?;
     drop(entries);
-    set_neighbours(&mut ebpf, e0, ipv6)?;
+    crate::pkt::set_neighbours(&mut ebpf, e0, true, ipv6)?;
 
     // The changes: new prefixes added, replaced and removed again, and existing ones moved to
     // another nexthop and back; the table's size stays about the same.
@@ -133,27 +120,7 @@ fn update_rate_here(routes: usize, ipv6: bool, runs: usize, seconds: f64) -> Res
     }
 
     // Traffic: frames to destinations inside the table, run through the program meanwhile.
-    let frames: Vec<Vec<u8>> = (0..4096)
-        .map(|_| {
-            let src_mac = [0x02, 0, 0, 0, 1, 5];
-            match table[rng.below(table.len() as u64) as usize] {
-                IpNet::V4(net) => ipv4_udp(
-                    IN_MAC,
-                    src_mac,
-                    &Ipv4::udp([10, 1, 0, 5], addr_in(&net, &mut rng).octets(), 255),
-                ),
-                IpNet::V6(net) => ipv6_udp(
-                    IN_MAC,
-                    src_mac,
-                    &Ipv6::udp(
-                        Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 5).octets(),
-                        addr_in6(&net, &mut rng).octets(),
-                        255,
-                    ),
-                ),
-            }
-        })
-        .collect();
+    let frames = crate::pkt::frames_into(&table, 4096, &mut rng);
     let writer = Arc::new(std::sync::Mutex::new(writer));
     let changes = Arc::new(changes);
     let mut next = 0usize;
@@ -222,43 +189,6 @@ fn run_for(ebpf: &mut aya::Ebpf, frames: &[Vec<u8>], seconds: f64) -> Result<u64
         }
     }
     Ok(n)
-}
-
-fn set_neighbours(ebpf: &mut aya::Ebpf, e0: u32, ipv6: bool) -> Result<()> {
-    use aya::maps::HashMap;
-    let n = Neigh {
-        mac: IN_MAC,
-        _pad: [0; 2],
-    };
-    for i in 0..NEXTHOPS {
-        match nexthop(i, ipv6) {
-            IpAddr::V6(a) => {
-                let mut m: HashMap<_, Neigh6Key, Neigh> =
-                    HashMap::try_from(ebpf.map_mut(map_names::NEIGHS6).context("NEIGHS6")?)?;
-                m.insert(
-                    Neigh6Key {
-                        ifindex: e0,
-                        addr: a.octets(),
-                    },
-                    n,
-                    0,
-                )?;
-            }
-            IpAddr::V4(a) => {
-                let mut m: HashMap<_, NeighKey, Neigh> =
-                    HashMap::try_from(ebpf.map_mut(map_names::NEIGHS).context("NEIGHS")?)?;
-                m.insert(
-                    NeighKey {
-                        ifindex: e0,
-                        addr: a.octets(),
-                    },
-                    n,
-                    0,
-                )?;
-            }
-        }
-    }
-    Ok(())
 }
 
 /// The real binary's `route batch` on a router sized for a million routes: one batch adding
