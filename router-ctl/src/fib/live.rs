@@ -1018,30 +1018,7 @@ mod tests {
     };
 
     use super::*;
-
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0
-        }
-        fn below(&mut self, n: u64) -> u64 {
-            self.next() % n
-        }
-    }
-
-    fn nh(i: u64) -> Route {
-        let mut nexthop = [0u8; 16];
-        nexthop[..4].copy_from_slice(&[10, 0, (i >> 8) as u8, i as u8]);
-        Route {
-            ifindex: 2 + (i % 3) as u32,
-            kind: route_kind::GATEWAY,
-            nexthop,
-            ..Route::NONE
-        }
-    }
+    use crate::fib::tests::{nh, Rng};
 
     /// The reference: every prefix with its routes, matched by scanning the lengths.
     #[derive(Clone, Default)]

@@ -203,38 +203,27 @@ mod tests {
             .map(|(_, r)| *r)
     }
 
-    struct Rng(u64);
+    /// Shared with `live`'s tests.
+    pub(super) struct Rng(pub(super) u64);
     impl Rng {
-        fn next(&mut self) -> u64 {
+        pub(super) fn next(&mut self) -> u64 {
             self.0 ^= self.0 << 13;
             self.0 ^= self.0 >> 7;
             self.0 ^= self.0 << 17;
             self.0
         }
+        pub(super) fn below(&mut self, n: u64) -> u64 {
+            self.next() % n
+        }
     }
 
-    fn nh(i: u64) -> Route {
+    pub(super) fn nh(i: u64) -> Route {
+        let mut nexthop = [0u8; 16];
+        nexthop[..4].copy_from_slice(&[10, 0, (i >> 8) as u8, i as u8]);
         Route {
             ifindex: 2 + (i % 3) as u32,
             kind: route_kind::GATEWAY,
-            nexthop: [
-                10,
-                0,
-                (i >> 8) as u8,
-                i as u8,
-                0,
-                0,
-                0,
-                0,
-                0,
-                0,
-                0,
-                0,
-                0,
-                0,
-                0,
-                0,
-            ],
+            nexthop,
             ..Route::NONE
         }
     }
