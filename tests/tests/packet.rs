@@ -1590,32 +1590,7 @@ fn route_changes_are_never_seen_half_done() {
                 [udp_frame(IN_MAC, &ip4), udp6_frame(IN_MAC, &ip6)]
             })
             .collect();
-        let t0 = std::time::Instant::now();
-        let mut runs = 0usize;
-        let mut failure = None;
-        while t0.elapsed() < std::time::Duration::from_secs(3) && failure.is_none() {
-            for f in &frames {
-                let (rc, out) = h.run(f);
-                runs += 1;
-                let ok = rc == XDP_REDIRECT
-                    && [NH1_MAC, NH2_MAC]
-                        .iter()
-                        .any(|m| out == tests::model::forwarded(f, *m, OUT_MAC));
-                if !ok {
-                    let s = h.stats()[0];
-                    let reasons: Vec<_> = why::NAMES
-                        .iter()
-                        .zip(s.pass)
-                        .filter(|(_, n)| *n > 0)
-                        .collect();
-                    failure = Some(format!(
-                        "frame {runs} to {:02x?}: action {rc}, passed so far {reasons:?}",
-                        &f[30..34]
-                    ));
-                    break;
-                }
-            }
-        }
+        let (runs, failure) = forward_to_nh1_or_nh2(&mut h, &frames);
         stop.store(true, std::sync::atomic::Ordering::SeqCst);
         let writes = writes.join().unwrap();
         if let Some(f) = failure {
@@ -1624,6 +1599,39 @@ fn route_changes_are_never_seen_half_done() {
         eprintln!("make-before-break: {runs} frames, {writes} tables written, all forwarded");
         assert!(writes >= 30, "only {writes} tables written");
     }
+}
+
+/// Runs `frames` through the program for 3 s (while another thread changes routes): how many
+/// ran, and the first that was not forwarded byte-exact to NH1 or NH2.
+fn forward_to_nh1_or_nh2(h: &mut Harness, frames: &[Vec<u8>]) -> (usize, Option<String>) {
+    let t0 = std::time::Instant::now();
+    let mut runs = 0usize;
+    while t0.elapsed() < std::time::Duration::from_secs(3) {
+        for f in frames {
+            let (rc, out) = h.run(f);
+            runs += 1;
+            let ok = rc == XDP_REDIRECT
+                && [NH1_MAC, NH2_MAC]
+                    .iter()
+                    .any(|m| out == tests::model::forwarded(f, *m, OUT_MAC));
+            if !ok {
+                let s = h.stats()[0];
+                let reasons: Vec<_> = why::NAMES
+                    .iter()
+                    .zip(s.pass)
+                    .filter(|(_, n)| *n > 0)
+                    .collect();
+                return (
+                    runs,
+                    Some(format!(
+                        "frame {runs} to {:02x?}: action {rc}, passed so far {reasons:?}",
+                        &f[30..34]
+                    )),
+                );
+            }
+        }
+    }
+    (runs, None)
 }
 
 /// Single routes added, replaced (also by an ECMP pair) and removed one batch at a time, as a
@@ -1710,23 +1718,7 @@ fn single_route_changes_are_never_seen_half_done() {
                 ]
             })
             .collect();
-        let t0 = std::time::Instant::now();
-        let mut runs = 0usize;
-        let mut failure = None;
-        while t0.elapsed() < std::time::Duration::from_secs(3) && failure.is_none() {
-            for f in &frames {
-                let (rc, out) = h.run(f);
-                runs += 1;
-                let ok = rc == XDP_REDIRECT
-                    && [NH1_MAC, NH2_MAC]
-                        .iter()
-                        .any(|m| out == tests::model::forwarded(f, *m, OUT_MAC));
-                if !ok {
-                    failure = Some(format!("frame {runs}: action {rc}, {:02x?}", &f[30..34]));
-                    break;
-                }
-            }
-        }
+        let (runs, failure) = forward_to_nh1_or_nh2(&mut h, &frames);
         stop.store(true, std::sync::atomic::Ordering::SeqCst);
         let (writes, rate) = writes.join().unwrap();
         if let Some(f) = failure {
