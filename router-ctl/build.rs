@@ -36,6 +36,7 @@ const CTL_MUTANTS: &[&str] = &[
     "empty_maps_on_restart",
     "down_keeps_tx_slot",
     "break_before_make",
+    "block_in_place",
     "neigh_change_ignored",
     "auto_picks_xdp_on_veth",
     "ndo_xmit_ignored",

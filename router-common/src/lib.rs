@@ -17,8 +17,16 @@ pub mod map_names {
     pub const NH_GROUPS: &str = "NH_GROUPS";
     /// Hash: `NeighKey` → `Neigh` (IPv4 neighbours, from the kernel's ARP table).
     pub const NEIGHS: &str = "NEIGHS";
-    /// LPM trie: (prefix length, IPv6 address) → nexthop index + 1 into `NEXTHOPS` (the IPv6
-    /// route table; IPv4 routes live in FIB_L1..3).
+    /// The IPv6 route table for prefixes up to /64 (see `fib6`): a first level of 65 536
+    /// entries, groups of 256 entries below it, and blocks of ranges.
+    pub const FIB6_L1: &str = "FIB6_L1";
+    pub const FIB6_NODES: &str = "FIB6_NODES";
+    pub const FIB6_BLOCKS: &str = "FIB6_BLOCKS";
+    /// Array of `Pfx6`: the IPv6 prefixes up to /64 themselves, for the controller to read the
+    /// table back (the fast path never reads it).
+    pub const FIB6_PFX: &str = "FIB6_PFX";
+    /// LPM trie: (prefix length, IPv6 address) → nexthop index + 1 into `NEXTHOPS`, for the
+    /// IPv6 prefixes longer than /64 only (looked up when `fib6::LONG` says one may match).
     pub const FIB6: &str = "FIB6";
     /// Hash: `Neigh6Key` → `Neigh` (IPv6 neighbours, from the kernel's ND table).
     pub const NEIGHS6: &str = "NEIGHS6";
@@ -85,9 +93,60 @@ pub mod fib {
     pub const NH_GROUPS: u32 = 256;
     /// Most nexthops of one ECMP route.
     pub const MAX_PATHS: usize = 8;
-    /// Capacity of the IPv6 route table (an LPM trie allocated per entry, so room costs nothing
-    /// until used).
+    /// Capacity of the LPM trie of IPv6 prefixes longer than /64 (allocated per entry, so room
+    /// costs nothing until used).
     pub const MAX_ROUTES6: u32 = 1 << 20;
+}
+
+/// The IPv6 route table: longest-prefix match on the upper 64 bits of the destination in at
+/// most eight dependent reads (usually three), whatever the size of the table, with prefixes
+/// longer than /64 in the kernel's LPM trie.
+///
+/// The upper 64 bits of the address space are cut into ranges of constant route (each prefix
+/// up to /64 starts one and ends one). A chunk of that space, the 2^48 addresses under one of
+/// `FIB6_L1`'s 65 536 entries or the 2^(64-b) under an entry of a group at depth b, is held by
+/// its entry as:
+/// - a value (nexthop index + 1, 0 for no route) when the whole chunk has one route;
+/// - `BLOCK | i`: block `i` of `FIB6_BLOCKS`, the chunk's at most `RANGES` ranges as sorted
+///   starts and values (three comparisons find the range);
+/// - `NODE | g`: group `g` of `FIB6_NODES`, 256 entries for the next 8 bits (the chunk had more
+///   ranges than a block holds).
+///
+/// A value with `LONG` set: some prefix longer than /64 lies in this /64; look the address up
+/// in `FIB6` first, and take the value (without `LONG`) when it misses.
+pub mod fib6 {
+    pub const NODE: u32 = 1 << 31;
+    pub const BLOCK: u32 = 1 << 30;
+    pub const LONG: u32 = 1 << 29;
+    /// The index or value bits of an entry.
+    pub const INDEX: u32 = LONG - 1;
+    /// Ranges in a block.
+    pub const RANGES: usize = 8;
+    /// Group levels below `FIB6_L1` (bits 16–64, 8 at a time).
+    pub const DEPTH: u32 = 6;
+    /// Capacity a router gets unless its table needs more (set per map at load time).
+    pub const DEFAULT_NODES: u32 = 256;
+    pub const DEFAULT_BLOCKS: u32 = 4096;
+    pub const DEFAULT_PREFIXES: u32 = 4096;
+}
+
+/// A block of `FIB6_BLOCKS`: the ranges of one chunk, `starts` ascending (the first is the
+/// chunk's first address; unused ones `u64::MAX`, with the last value repeated).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Block6 {
+    pub starts: [u64; fib6::RANGES],
+    pub vals: [u32; fib6::RANGES],
+}
+
+/// An element of `FIB6_PFX`: one IPv6 prefix up to /64 and its value (`len_1` = length + 1;
+/// 0: an unused element).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Pfx6 {
+    pub addr: u64,
+    pub len_1: u32,
+    pub val: u32,
 }
 
 /// What a route does with a packet.
@@ -387,6 +446,8 @@ mod user {
     unsafe impl aya::Pod for Stats {}
     unsafe impl aya::Pod for NatKey {}
     unsafe impl aya::Pod for NatFlow {}
+    unsafe impl aya::Pod for Block6 {}
+    unsafe impl aya::Pod for Pfx6 {}
 }
 
 #[cfg(test)]
@@ -406,5 +467,7 @@ mod layout {
         assert_eq!(size_of::<Stats>(), 8 * (8 + pass_reason::COUNT));
         assert_eq!(size_of::<NatKey>(), 16);
         assert_eq!(size_of::<NatFlow>(), 24);
+        assert_eq!(size_of::<Block6>(), 96);
+        assert_eq!(size_of::<Pfx6>(), 16);
     }
 }

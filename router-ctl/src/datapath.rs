@@ -25,7 +25,7 @@ use router_common::{
 
 use crate::{
     config::IpNet,
-    fib::{self as fib_build, Capacity, Fib, Live},
+    fib::{self as fib_build, Capacity, Fib, Live, Table6},
     state,
 };
 
@@ -35,7 +35,11 @@ pub static PROGRAM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 /// Benchmark helpers (traffic generator, wire floor); see `router-ebpf/src/bench.rs`.
 pub static BENCH_PROGRAM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bench"));
 
-const ALL_MAPS: [&str; 17] = [
+const ALL_MAPS: [&str; 21] = [
+    map_names::FIB6_L1,
+    map_names::FIB6_NODES,
+    map_names::FIB6_BLOCKS,
+    map_names::FIB6_PFX,
     map_names::NAT_FLOWS,
     map_names::NAT_CONF,
     map_names::TC_PORTS,
@@ -73,6 +77,9 @@ fn size_maps(loader: &mut EbpfLoader<'_>, cap: Capacity) {
     loader.map_max_entries(map_names::FIB_L2, cap.l2_groups);
     loader.map_max_entries(map_names::FIB_L3, cap.l3_groups);
     loader.map_max_entries(map_names::NEXTHOPS, cap.nexthops);
+    loader.map_max_entries(map_names::FIB6_NODES, cap.v6_nodes);
+    loader.map_max_entries(map_names::FIB6_BLOCKS, cap.v6_blocks);
+    loader.map_max_entries(map_names::FIB6_PFX, cap.v6_prefixes);
 }
 
 /// As `load_unpinned`, with route table maps of the given capacity.
@@ -164,7 +171,17 @@ fn open_pinned_object(router_id: &str, cap: Capacity, progs: Programs) -> Result
 /// Refuses maps pinned by a build whose map layout differs from this one's: the program would
 /// read them wrongly (the verifier refuses it at best).
 fn check_pinned_layout(router_id: &str) -> Result<()> {
-    let expected: [(&str, usize); 17] = [
+    let expected: [(&str, usize); 21] = [
+        (map_names::FIB6_L1, 4 * fib::GROUP_SIZE as usize),
+        (map_names::FIB6_NODES, 4 * fib::GROUP_SIZE as usize),
+        (
+            map_names::FIB6_BLOCKS,
+            std::mem::size_of::<router_common::Block6>(),
+        ),
+        (
+            map_names::FIB6_PFX,
+            std::mem::size_of::<router_common::Pfx6>(),
+        ),
         (
             map_names::NAT_FLOWS,
             std::mem::size_of::<router_common::NatFlow>(),
@@ -428,8 +445,8 @@ fn map_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Map> {
         .ok_or_else(|| anyhow!("map {name} missing from the object"))
 }
 
-/// A shared, writable mapping of a BPF_F_MMAPABLE array of groups (`[u32; 256]` elements), seen
-/// as one flat array of u32 entries. Only the part up to the highest entry used is mapped (it
+/// A shared, writable mapping of a BPF_F_MMAPABLE array (of groups, `[u32; 256]` elements, or
+/// of other values made of u32 words), seen as one flat array of u32 entries. Only the part up to the highest entry used is mapped (it
 /// grows in steps of 1 MiB): the mapped pages of a map count in the process's RSS, and groups are
 /// numbered lowest first, so what is mapped follows the table, not the capacity.
 struct Mapped {
@@ -443,18 +460,18 @@ struct Mapped {
 }
 
 impl Mapped {
-    fn new(ebpf: &Ebpf, name: &str) -> Result<Mapped> {
+    fn new(ebpf: &Ebpf, name: &str, words: u32) -> Result<Mapped> {
         let Some(Map::Array(data)) = ebpf.map(name) else {
             anyhow::bail!("map {name} is not an array");
         };
         let info = data.info()?;
         anyhow::ensure!(
-            info.value_size() == fib::GROUP_SIZE * 4,
-            "map {name} does not hold groups of 256 entries"
+            info.value_size() == words * 4,
+            "map {name} does not hold values of {words} 32-bit words"
         );
         Ok(Mapped {
             ptr: std::ptr::null_mut(),
-            len: info.max_entries() as usize * fib::GROUP_SIZE as usize,
+            len: info.max_entries() as usize * words as usize,
             mapped: 0,
             fd: data.fd().as_fd().try_clone_to_owned()?,
             name: name.to_string(),
@@ -578,7 +595,51 @@ impl Mapped {
         });
         Ok(())
     }
+
+    /// Elements `at` (each `words` u32 words) read from the map, in a vector up to the highest
+    /// of them (the rest zero).
+    fn read_elements(&mut self, words: usize, at: &[u32]) -> Result<Vec<u32>> {
+        let end = at
+            .iter()
+            .map(|i| (*i as usize + 1) * words)
+            .max()
+            .unwrap_or(0)
+            .min(self.len);
+        self.reach(end)?;
+        let mut v = vec![0u32; end];
+        for i in at {
+            for w in *i as usize * words..((*i as usize + 1) * words).min(end) {
+                // SAFETY: w < end <= mapped.
+                v[w] = unsafe { std::ptr::read_volatile(self.ptr.add(w)) };
+            }
+        }
+        Ok(v)
+    }
+
+    /// Writes element `i` of `words.len()` words, one aligned 32-bit store each.
+    fn write_element(&mut self, i: u32, words: &[u32]) -> Result<()> {
+        let start = i as usize * words.len();
+        let end = start + words.len();
+        self.write_each(end, |f| {
+            for (k, w) in words.iter().enumerate() {
+                f((start + k) as u32, *w);
+            }
+        })
+    }
 }
+
+fn block_words(b: &router_common::Block6) -> [u32; 24] {
+    // SAFETY: Block6 is repr(C), 96 bytes of integers without padding (its layout test).
+    unsafe { std::mem::transmute::<router_common::Block6, [u32; 24]>(*b) }
+}
+
+fn pfx_words(p: &router_common::Pfx6) -> [u32; 4] {
+    // SAFETY: Pfx6 is repr(C), 16 bytes of integers without padding (its layout test).
+    unsafe { std::mem::transmute::<router_common::Pfx6, [u32; 4]>(*p) }
+}
+
+const BLOCK_WORDS: usize = 24;
+const PFX_WORDS: usize = 4;
 
 // SAFETY: the mapping belongs to this value alone and lives until it is dropped; the kernel's
 // shared memory may be written from any thread.
@@ -599,6 +660,10 @@ pub struct RouteTable {
     l1: Mapped,
     l2: Mapped,
     l3: Mapped,
+    l1_6: Mapped,
+    nodes6: Mapped,
+    blocks6: Mapped,
+    pfx6: Mapped,
     nexthops: Array<MapData, Route>,
     groups: Array<MapData, NhGroup>,
     fib6: LpmTrie<MapData, [u8; 16], u32>,
@@ -679,9 +744,13 @@ impl RouteTable {
         };
         Ok(RouteTable {
             fib6: LpmTrie::try_from(Map::LpmTrie(fib6))?,
-            l1: Mapped::new(ebpf, map_names::FIB_L1)?,
-            l2: Mapped::new(ebpf, map_names::FIB_L2)?,
-            l3: Mapped::new(ebpf, map_names::FIB_L3)?,
+            l1: Mapped::new(ebpf, map_names::FIB_L1, fib::GROUP_SIZE)?,
+            l2: Mapped::new(ebpf, map_names::FIB_L2, fib::GROUP_SIZE)?,
+            l3: Mapped::new(ebpf, map_names::FIB_L3, fib::GROUP_SIZE)?,
+            l1_6: Mapped::new(ebpf, map_names::FIB6_L1, fib::GROUP_SIZE)?,
+            nodes6: Mapped::new(ebpf, map_names::FIB6_NODES, fib::GROUP_SIZE)?,
+            blocks6: Mapped::new(ebpf, map_names::FIB6_BLOCKS, BLOCK_WORDS as u32)?,
+            pfx6: Mapped::new(ebpf, map_names::FIB6_PFX, PFX_WORDS as u32)?,
             nexthops: Array::try_from(Map::Array(nh))?,
             groups: Array::try_from(Map::Array(groups))?,
             nexthops_fd,
@@ -713,6 +782,10 @@ impl RouteTable {
             let (k, v) = kv.context("reading the IPv6 route table")?;
             v6.insert((k.prefix_len() as u8, u128::from_be_bytes(k.data())), v);
         }
+        let t6 = self.read6()?;
+        for p in t6.pfx.iter().filter(|p| p.len_1 != 0) {
+            v6.insert(((p.len_1 - 1) as u8, (p.addr as u128) << 64), p.val);
+        }
         Ok(Fib {
             l1,
             l2,
@@ -720,6 +793,76 @@ impl RouteTable {
             nexthops,
             groups,
             v6,
+            t6,
+        })
+    }
+
+    /// The IPv6 table up to /64 as the maps hold it: the first level, the groups and blocks it
+    /// references (the others read as zero), the prefix elements.
+    fn read6(&mut self) -> Result<Table6> {
+        use router_common::fib6::{BLOCK, INDEX, NODE};
+        let l1 = self
+            .l1_6
+            .read_groups(0..self.l1_6.len as u32 / fib::GROUP_SIZE)?;
+        let mut nodes: Vec<u32> = Vec::new();
+        let mut node_ids: BTreeSet<u32> = BTreeSet::new();
+        let mut block_ids: Vec<u32> = Vec::new();
+        let mut level: Vec<u32> = l1.clone();
+        loop {
+            let mut next: BTreeSet<u32> = BTreeSet::new();
+            for e in &level {
+                if e & NODE != 0 && !node_ids.contains(&(e & INDEX)) {
+                    next.insert(e & INDEX);
+                } else if e & (NODE | BLOCK) == BLOCK {
+                    block_ids.push(e & INDEX);
+                }
+            }
+            if next.is_empty() {
+                break;
+            }
+            node_ids.extend(next.iter().copied());
+            nodes = self.nodes6.read_groups(node_ids.iter().copied())?;
+            let n = fib::GROUP_SIZE as usize;
+            level = next
+                .iter()
+                .flat_map(|g| {
+                    nodes[*g as usize * n..(*g as usize + 1) * n]
+                        .iter()
+                        .copied()
+                })
+                .collect();
+        }
+        block_ids.sort_unstable();
+        block_ids.dedup();
+        let words = self.blocks6.read_elements(BLOCK_WORDS, &block_ids)?;
+        let blocks = words
+            .chunks_exact(BLOCK_WORDS)
+            .map(|c| {
+                let mut a = [0u32; BLOCK_WORDS];
+                a.copy_from_slice(c);
+                // SAFETY: as in block_words, the other way.
+                unsafe { std::mem::transmute::<[u32; 24], router_common::Block6>(a) }
+            })
+            .collect();
+        let all: Vec<u32> = (0..(self.pfx6.len / PFX_WORDS) as u32).collect();
+        let words = self.pfx6.read_elements(PFX_WORDS, &all)?;
+        let mut pfx: Vec<router_common::Pfx6> = words
+            .chunks_exact(PFX_WORDS)
+            .map(|c| {
+                // SAFETY: as in pfx_words, the other way.
+                unsafe {
+                    std::mem::transmute::<[u32; 4], router_common::Pfx6>([c[0], c[1], c[2], c[3]])
+                }
+            })
+            .collect();
+        while pfx.last().is_some_and(|p| p.len_1 == 0) {
+            pfx.pop();
+        }
+        Ok(Table6 {
+            l1,
+            nodes,
+            blocks,
+            pfx,
         })
     }
 
@@ -741,9 +884,12 @@ impl RouteTable {
             l2_groups: (self.l2.len / fib::GROUP_SIZE as usize) as u32,
             l3_groups: (self.l3.len / fib::GROUP_SIZE as usize) as u32,
             nexthops: self.nexthops.len(),
+            v6_nodes: (self.nodes6.len / fib::GROUP_SIZE as usize) as u32,
+            v6_blocks: (self.blocks6.len / BLOCK_WORDS) as u32,
+            v6_prefixes: (self.pfx6.len / PFX_WORDS) as u32,
         };
         let mut live = Live::build(entries, &old, cap)?;
-        self.write_over(&old, &live.fib)?;
+        self.write_over(&old, &live.fib, live.table6())?;
         live.forget_writes();
         self.live = Some(live);
         if self.live.as_ref().is_some_and(Live::has_quarantine) {
@@ -790,7 +936,13 @@ impl RouteTable {
         let Some(live) = self.live.as_mut() else {
             return Ok(());
         };
-        let w = live.take_writes();
+        let w = match live.take_writes() {
+            Ok(w) => w,
+            Err(e) => {
+                self.live = None;
+                return Err(e);
+            }
+        };
         for (i, r) in &w.nexthops {
             self.nexthops
                 .set(*i, r, 0)
@@ -800,6 +952,15 @@ impl RouteTable {
             self.groups
                 .set(*i, g, 0)
                 .context("cannot write an ECMP group")?;
+        }
+        let key6 = |(len, a): &(u8, u128)| Key::new(*len as u32, a.to_be_bytes());
+        for (k, v) in &w.v6_set {
+            if cfg!(mutant = "break_before_make") {
+                let _ = self.fib6.remove(&key6(k));
+            }
+            self.fib6
+                .insert(&key6(k), v, 0)
+                .context("cannot write an IPv6 route")?;
         }
         let fib = &live.fib;
         #[cfg(mutant = "break_before_make")]
@@ -825,27 +986,47 @@ impl RouteTable {
         for (level, entries, values) in order {
             level.write_each(entries.end(), |f| entries.each(values, f))?;
         }
-        let key6 = |(len, a): &(u8, u128)| Key::new(*len as u32, a.to_be_bytes());
-        for (k, v) in &w.v6_set {
-            if cfg!(mutant = "break_before_make") {
-                let _ = self.fib6.remove(&key6(k));
-            }
-            self.fib6
-                .insert(&key6(k), v, 0)
-                .context("cannot write an IPv6 route")?;
+        // IPv6: fresh blocks and groups whole, then the entries that switch to them.
+        let t6 = live.table6();
+        let s = &w.six;
+        for b in &s.blocks {
+            self.blocks6
+                .write_element(*b, &block_words(&t6.blocks[*b as usize]))?;
         }
+        let n = fib::GROUP_SIZE as usize;
+        for g in &s.nodes {
+            let g = *g as usize;
+            self.nodes6
+                .write_element(g as u32, &t6.nodes[g * n..(g + 1) * n])?;
+        }
+        let end = s.node_entries.last().map_or(0, |i| *i as usize + 1);
+        self.nodes6.write_each(end, |f| {
+            for i in &s.node_entries {
+                f(*i, t6.nodes[*i as usize]);
+            }
+        })?;
+        let end = s.l1.last().map_or(0, |i| *i as usize + 1);
+        self.l1_6.write_each(end, |f| {
+            for i in &s.l1 {
+                f(*i, t6.l1[*i as usize]);
+            }
+        })?;
         for k in &w.v6_del {
             match self.fib6.remove(&key6(k)) {
                 Err(aya::maps::MapError::KeyNotFound) | Ok(()) => {}
                 Err(e) => return Err(e).context("cannot remove an IPv6 route"),
             }
         }
+        for p in &s.pfx {
+            self.pfx6
+                .write_element(*p, &pfx_words(&t6.pfx[*p as usize]))?;
+        }
         Ok(())
     }
 
     /// Writes `new` over `old` (the maps' content): new and changed nexthops and groups, then
     /// the levels from the leaves up, then the IPv6 prefixes.
-    fn write_over(&mut self, old: &Fib, new: &Fib) -> Result<()> {
+    fn write_over(&mut self, old: &Fib, new: &Fib, new6: &Table6) -> Result<()> {
         for (i, (o, n)) in old.nexthops.iter().zip(new.nexthops.iter()).enumerate() {
             if let Some(r) = n {
                 if o.as_ref() != Some(r) {
@@ -875,9 +1056,9 @@ impl RouteTable {
         self.l3.update_groups(&old.l3, &new.l3, &old3, &new3)?;
         self.l2.update_groups(&old.l2, &new.l2, &old2, &new2)?;
         let all: BTreeSet<u32> = (0..self.l1.len as u32 / fib::GROUP_SIZE).collect();
-        self.l1.update_groups(&old.l1, &new.l1, &all, &all)?;
         let key6 = |(len, a): &(u8, u128)| Key::new(*len as u32, a.to_be_bytes());
-        for (k, v) in &new.v6 {
+        // IPv6 longer than /64 first (nothing points to them before the table below does).
+        for (k, v) in new.v6.iter().filter(|(k, _)| k.0 > 64) {
             if old.v6.get(k) != Some(v) {
                 if cfg!(mutant = "break_before_make") && old.v6.contains_key(k) {
                     self.fib6.remove(&key6(k))?;
@@ -887,10 +1068,51 @@ impl RouteTable {
                     .context("cannot write an IPv6 route")?;
             }
         }
-        for k in old.v6.keys().filter(|k| !new.v6.contains_key(k)) {
+        self.l1.update_groups(&old.l1, &new.l1, &all, &all)?;
+        // IPv6 up to /64: blocks not in the old table (a block in both is the same), groups
+        // (new ones whole, kept ones entry by entry), the first level.
+        let (old_nodes, old_blocks) = old.t6.used();
+        let (new_nodes, new_blocks) = new6.used();
+        for b in &new_blocks {
+            if old_blocks.binary_search(b).is_err()
+                || old.t6.blocks.get(*b as usize) != Some(&new6.blocks[*b as usize])
+            {
+                self.blocks6
+                    .write_element(*b, &block_words(&new6.blocks[*b as usize]))?;
+            }
+        }
+        let n = fib::GROUP_SIZE as usize;
+        let (old_nodes, new_nodes): (BTreeSet<u32>, BTreeSet<u32>) = (
+            old_nodes.into_iter().collect(),
+            new_nodes.into_iter().collect(),
+        );
+        let mut old_flat = old.t6.nodes.clone();
+        old_flat.resize(old_flat.len().max(new6.nodes.len()), 0);
+        let mut new_flat = new6.nodes.clone();
+        new_flat.resize(new_flat.len().max(old_flat.len()).max(n), 0);
+        old_flat.resize(new_flat.len(), 0);
+        self.nodes6
+            .update_groups(&old_flat, &new_flat, &old_nodes, &new_nodes)?;
+        self.l1_6.update_groups(&old.t6.l1, &new6.l1, &all, &all)?;
+        for k in old
+            .v6
+            .keys()
+            .filter(|k| k.0 > 64 && !new.v6.contains_key(k))
+        {
             self.fib6
                 .remove(&key6(k))
                 .context("cannot remove an IPv6 route")?;
+        }
+        let end = old.t6.pfx.len().max(new6.pfx.len());
+        let none = router_common::Pfx6::default();
+        for i in 0..end {
+            let (o, n) = (
+                old.t6.pfx.get(i).unwrap_or(&none),
+                new6.pfx.get(i).unwrap_or(&none),
+            );
+            if o != n {
+                self.pfx6.write_element(i as u32, &pfx_words(n))?;
+            }
         }
         Ok(())
     }

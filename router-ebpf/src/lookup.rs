@@ -1,10 +1,11 @@
 //! Lookups: the ingress device, the router's own addresses, the route tables, ECMP members.
 
 use aya_ebpf::maps::lpm_trie::Key;
-use router_common::{fib, Iface, Route, IFACE_INDEX_SLOTS};
+use router_common::{fib, fib6, Iface, Route, IFACE_INDEX_SLOTS};
 
 use crate::maps::{
-    FIB6, FIB_L1, FIB_L2, FIB_L3, IFACES, IFACE_INDEX, LOCAL4, LOCAL_BITS, NEXTHOPS, NH_GROUPS,
+    FIB6, FIB6_BLOCKS, FIB6_L1, FIB6_NODES, FIB_L1, FIB_L2, FIB_L3, IFACES, IFACE_INDEX, LOCAL4,
+    LOCAL_BITS, NEXTHOPS, NH_GROUPS,
 };
 
 /// The ingress device: an array read, or a hash lookup when its index slot holds another device.
@@ -49,11 +50,49 @@ pub fn fib_lookup(dst: u32) -> Option<&'static Route> {
     NEXTHOPS.get(e - 1)
 }
 
-/// IPv6 longest-prefix match in the kernel's LPM trie.
+/// IPv6 longest-prefix match (see `router_common::fib6`): the first level, the groups below it
+/// while the entry points to one, the range in a block, and the LPM trie only for addresses in
+/// a /64 that holds longer prefixes.
 #[inline(always)]
 pub fn fib6_lookup(dst: [u8; 16]) -> Option<&'static Route> {
-    let e = FIB6.get(Key::new(128, dst))?;
-    NEXTHOPS.get(e.wrapping_sub(1))
+    let hi = u64::from_be_bytes([
+        dst[0], dst[1], dst[2], dst[3], dst[4], dst[5], dst[6], dst[7],
+    ]);
+    let mut e = *FIB6_L1
+        .get((hi >> 56) as u32)?
+        .get(((hi >> 48) & 0xff) as usize)?;
+    let mut shift = 40u32;
+    for _ in 0..fib6::DEPTH {
+        if e & fib6::NODE == 0 {
+            break;
+        }
+        e = *FIB6_NODES
+            .get(e & fib6::INDEX)?
+            .get(((hi >> shift) & 0xff) as usize)?;
+        shift = shift.wrapping_sub(8);
+    }
+    if e & fib6::BLOCK != 0 {
+        let b = FIB6_BLOCKS.get(e & fib6::INDEX)?;
+        // The last start at or below `hi`, in three steps (starts[0] is the chunk's first).
+        let mut i = 0usize;
+        if *b.starts.get(4)? <= hi {
+            i = 4;
+        }
+        if *b.starts.get(i + 2)? <= hi {
+            i += 2;
+        }
+        if *b.starts.get(i + 1)? <= hi {
+            i += 1;
+        }
+        e = *b.vals.get(i)?;
+    }
+    if e & fib6::LONG != 0 {
+        e = match FIB6.get(Key::new(128, dst)) {
+            Some(v) => *v,
+            None => e & fib6::INDEX,
+        };
+    }
+    NEXTHOPS.get((e & fib6::INDEX).wrapping_sub(1))
 }
 
 /// The member of ECMP group `group` that flow hash `h` picks.

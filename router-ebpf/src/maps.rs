@@ -6,8 +6,9 @@ use aya_ebpf::{
     maps::{Array, DevMap, HashMap, LpmTrie, PerCpuArray},
 };
 use router_common::{
-    fib, Iface, IfaceAt, NatFlow, NatKey, Neigh, Neigh6Key, NeighKey, NhGroup, Route, Stats,
-    IFACE_INDEX_SLOTS, MAX_IFACES, MAX_LOCAL4, MAX_NAT_FLOWS, MAX_NEIGHS, STATS_SLOTS,
+    fib, fib6, Block6, Iface, IfaceAt, NatFlow, NatKey, Neigh, Neigh6Key, NeighKey, NhGroup, Pfx6,
+    Route, Stats, IFACE_INDEX_SLOTS, MAX_IFACES, MAX_LOCAL4, MAX_NAT_FLOWS, MAX_NEIGHS,
+    STATS_SLOTS,
 };
 
 // The route table (see `router_common::fib`); the controller sizes L2, L3 and NEXTHOPS per router.
@@ -34,7 +35,20 @@ pub static NH_GROUPS: Array<NhGroup> = Array::with_max_entries(fib::NH_GROUPS, 0
 pub static NEIGHS: HashMap<NeighKey, Neigh> =
     HashMap::with_max_entries(MAX_NEIGHS, BPF_F_NO_PREALLOC);
 
-// IPv6 routes: the kernel's LPM trie, value = nexthop index + 1 (the same `NEXTHOPS` as IPv4).
+// IPv6 routes up to /64 (see `router_common::fib6`); the controller sizes NODES, BLOCKS and PFX.
+#[map(name = "FIB6_L1")]
+pub static FIB6_L1: Array<[u32; 256]> =
+    Array::with_max_entries(fib::L1_ENTRIES / 256, BPF_F_MMAPABLE);
+#[map(name = "FIB6_NODES")]
+pub static FIB6_NODES: Array<[u32; 256]> =
+    Array::with_max_entries(fib6::DEFAULT_NODES, BPF_F_MMAPABLE);
+#[map(name = "FIB6_BLOCKS")]
+pub static FIB6_BLOCKS: Array<Block6> =
+    Array::with_max_entries(fib6::DEFAULT_BLOCKS, BPF_F_MMAPABLE);
+#[map(name = "FIB6_PFX")]
+pub static FIB6_PFX: Array<Pfx6> = Array::with_max_entries(fib6::DEFAULT_PREFIXES, BPF_F_MMAPABLE);
+// IPv6 prefixes longer than /64: the kernel's LPM trie, value = nexthop index + 1 (the same
+// `NEXTHOPS` as IPv4).
 #[map(name = "FIB6")]
 pub static FIB6: LpmTrie<[u8; 16], u32> = LpmTrie::with_max_entries(fib::MAX_ROUTES6, 0);
 #[map(name = "NEIGHS6")]

@@ -107,6 +107,15 @@ pub const MUTANTS: &[Mutant] = &[
         )],
     },
     Mutant {
+        name: "block_in_place",
+        fault: "an IPv6 route change rewrites a block of ranges where lookups read it instead \
+                of writing a fresh block and switching the entry to it",
+        tests: &[(
+            "lib",
+            "fib::live::tests::single_ipv6_changes_match_a_reference_at_every_write",
+        )],
+    },
+    Mutant {
         name: "wrong_level_order",
         fault: "a route change writes the first level before the groups below it",
         tests: &[("packet", "single_route_changes_are_never_seen_half_done")],

@@ -30,6 +30,7 @@ use std::collections::{BTreeSet, HashMap};
 use anyhow::{bail, Result};
 use router_common::{fib::*, route_kind, NhGroup, Route};
 
+use super::six::{Six, Writes6};
 use super::Capacity;
 use super::Fib;
 use crate::config::{IpNet, Ipv4Net, Ipv6Net};
@@ -37,13 +38,13 @@ use crate::config::{IpNet, Ipv4Net, Ipv6Net};
 const FREE: u8 = 0;
 const USED: u8 = 1;
 /// Unreferenced by this batch, still referenced by what the maps hold.
-const PENDING: u8 = 2;
+pub(super) const PENDING: u8 = 2;
 /// Unreferenced in the maps, maybe still held by a lookup in flight.
 const QUARANTINE: u8 = 3;
 
 /// Numbers of one kind (nexthop slots, ECMP groups, L2 groups, L3 groups).
 #[derive(Clone, Debug)]
-struct Pool {
+pub(super) struct Pool {
     state: Vec<u8>,
     free: Vec<u32>,
     pending: Vec<u32>,
@@ -53,7 +54,7 @@ struct Pool {
 impl Pool {
     /// `n` numbers, of which those in `old_used` are quarantined (the table in the maps
     /// references them).
-    fn new(n: u32, old_used: impl IntoIterator<Item = u32>) -> Pool {
+    pub(super) fn new(n: u32, old_used: impl IntoIterator<Item = u32>) -> Pool {
         let mut state = vec![FREE; n as usize];
         let mut quarantine = Vec::new();
         for u in old_used {
@@ -75,7 +76,7 @@ impl Pool {
     }
 
     /// Takes `hint` when the old table used it for the same thing and nobody took it since.
-    fn take_hint(&mut self, hint: Option<u32>) -> Option<u32> {
+    pub(super) fn take_hint(&mut self, hint: Option<u32>) -> Option<u32> {
         let h = hint?;
         (self.state.get(h as usize) == Some(&QUARANTINE)).then(|| {
             self.state[h as usize] = USED;
@@ -83,7 +84,7 @@ impl Pool {
         })
     }
 
-    fn alloc(&mut self) -> Option<u32> {
+    pub(super) fn alloc(&mut self) -> Option<u32> {
         while let Some(x) = self.free.pop() {
             if self.state[x as usize] == FREE {
                 self.state[x as usize] = USED;
@@ -93,7 +94,7 @@ impl Pool {
         None
     }
 
-    fn release(&mut self, x: u32) {
+    pub(super) fn release(&mut self, x: u32) {
         if cfg!(mutant = "no_quarantine") {
             // The fault: a number nothing references in memory is reused at once.
             self.state[x as usize] = FREE;
@@ -105,7 +106,7 @@ impl Pool {
     }
 
     /// The batch that unreferenced the pending numbers is in the maps now.
-    fn committed(&mut self) {
+    pub(super) fn committed(&mut self) {
         for x in std::mem::take(&mut self.pending) {
             if self.state[x as usize] == PENDING {
                 self.state[x as usize] = QUARANTINE;
@@ -114,14 +115,18 @@ impl Pool {
         }
     }
 
-    fn waiting(&self) -> bool {
+    pub(super) fn waiting(&self) -> bool {
         self.quarantine
             .iter()
             .any(|x| self.state[*x as usize] == QUARANTINE)
     }
 
+    pub(super) fn state_of(&self, x: u32) -> u8 {
+        self.state[x as usize]
+    }
+
     /// A grace period passed: quarantined numbers are free. Returns them.
-    fn promote(&mut self) -> Vec<u32> {
+    pub(super) fn promote(&mut self) -> Vec<u32> {
         let mut out = Vec::new();
         for x in std::mem::take(&mut self.quarantine) {
             if self.state[x as usize] == QUARANTINE {
@@ -276,10 +281,13 @@ pub struct Writes {
     pub l3: LevelWrites,
     pub l2: LevelWrites,
     pub l1: LevelWrites,
-    /// IPv6 prefixes to insert or replace (value = nexthop index + 1), longest first, and to
-    /// delete, shortest first, after the inserts.
+    /// IPv6 prefixes longer than /64 to insert or replace in the LPM trie (value = nexthop
+    /// index + 1), longest first, before anything else points to them, and to delete, shortest
+    /// first, after everything else.
     pub v6_set: Vec<((u8, u128), u32)>,
     pub v6_del: Vec<(u8, u128)>,
+    /// The IPv6 table up to /64 (see `six`), after the IPv4 levels.
+    pub six: Writes6,
 }
 
 impl Writes {
@@ -291,6 +299,7 @@ impl Writes {
             + self.l1.len()
             + self.v6_set.len()
             + self.v6_del.len()
+            + self.six.len()
     }
     pub fn is_empty(&self) -> bool {
         self.len() == 0
@@ -318,7 +327,9 @@ pub struct Live {
     dirty: [Dirty; 3],
     dirty_nh: BTreeSet<u32>,
     dirty_groups: BTreeSet<u32>,
+    /// Changed IPv6 prefixes longer than /64 (the LPM trie's).
     dirty6: BTreeSet<(u8, u128)>,
+    six: Six,
     hints: Option<Hints>,
     poisoned: bool,
 }
@@ -397,10 +408,13 @@ impl Live {
             dirty_nh: BTreeSet::new(),
             dirty_groups: BTreeSet::new(),
             dirty6: BTreeSet::new(),
+            six: Six::new(cap.six(), Some(&old.t6)),
             hints: Some(hints),
             poisoned: false,
         };
         live.replace_all(routes)?;
+        live.six.settle()?;
+        live.six.end_hints();
         live.hints = None;
         Ok(live)
     }
@@ -530,15 +544,18 @@ impl Live {
         match net {
             IpNet::V6(n) => {
                 let k = (n.len, n.network());
-                match self.fib.v6.insert(k, val) {
-                    Some(o) if o == val => self.release(o - 1),
-                    Some(o) => {
-                        self.release(o - 1);
-                        self.dirty6.insert(k);
+                let top = (k.1 >> 64) as u64;
+                let old = self.fib.v6.insert(k, val);
+                if n.len <= 64 {
+                    self.six.set(top, n.len, val)?;
+                } else if old != Some(val) {
+                    if old.is_none() {
+                        self.six.long(top, true);
                     }
-                    None => {
-                        self.dirty6.insert(k);
-                    }
+                    self.dirty6.insert(k);
+                }
+                if let Some(o) = old {
+                    self.release(o - 1);
                 }
             }
             IpNet::V4(n) => {
@@ -571,8 +588,14 @@ impl Live {
                 let Some(o) = self.fib.v6.remove(&k) else {
                     return Ok(false);
                 };
+                let top = (k.1 >> 64) as u64;
+                if n.len <= 64 {
+                    self.six.remove(top, n.len);
+                } else {
+                    self.six.long(top, false);
+                    self.dirty6.insert(k);
+                }
                 self.release(o - 1);
-                self.dirty6.insert(k);
             }
             IpNet::V4(n) => {
                 let (len, a) = (n.len, n.network());
@@ -612,8 +635,12 @@ impl Live {
     /// Everything written since the last call, in the order the maps must take it. The
     /// numbers unreferenced meanwhile start their quarantine: the caller writes these before
     /// asking for more.
-    pub fn take_writes(&mut self) -> Writes {
+    pub fn take_writes(&mut self) -> Result<Writes> {
         assert!(!self.poisoned, "a poisoned table is never written");
+        if let Err(e) = self.six.settle() {
+            self.poisoned = true;
+            return Err(e);
+        }
         // Entries of a group this batch let go keep their old content: a lookup that still
         // follows the old pointer to it must find the old route, not what the batch painted
         // there on its way.
@@ -662,12 +689,18 @@ impl Live {
                 .filter(|k| !self.fib.v6.contains_key(k))
                 .copied()
                 .collect(),
+            six: self.six.take(),
         };
         self.dirty6.clear();
         for p in [&mut self.nh, &mut self.ecmp, &mut self.l2, &mut self.l3] {
             p.committed();
         }
-        w
+        Ok(w)
+    }
+
+    /// The IPv6 table up to /64 as the maps hold it after the last `take_writes`.
+    pub fn table6(&self) -> &super::six::Table6 {
+        &self.six.t
     }
 
     /// Forgets what was written so far (a caller that wrote the whole table by comparing it with
@@ -679,6 +712,7 @@ impl Live {
         self.dirty_nh.clear();
         self.dirty_groups.clear();
         self.dirty6.clear();
+        self.six.forget();
         for p in [&mut self.nh, &mut self.ecmp, &mut self.l2, &mut self.l3] {
             p.committed();
         }
@@ -703,6 +737,7 @@ impl Live {
         }
         self.l2.promote();
         self.l3.promote();
+        self.six.promote();
     }
 
     /// A free number from `pool`, waiting for a grace period when only quarantined ones are left.
@@ -1019,6 +1054,8 @@ mod tests {
 
     use super::*;
     use crate::fib::tests::{nh, Rng};
+    use crate::fib::Table6;
+    use router_common::{Block6, Pfx6};
 
     /// The reference: every prefix with its routes, matched by scanning the lengths.
     #[derive(Clone, Default)]
@@ -1070,13 +1107,19 @@ mod tests {
         Level(usize, u32, u32),
         Set6((u8, u128), u32),
         Del6((u8, u128)),
+        /// Block, word of the block (starts as two words each, then values), word.
+        Block6(u32, usize, u32),
+        Node6(u32, u32),
+        L1_6(u32, u32),
+        Pfx6(u32, Pfx6),
     }
 
-    /// The writes of `w` one by one, in the order the maps take them.
-    fn flatten(w: &Writes, fib: &Fib) -> Vec<Write> {
+    /// The writes of `w` one by one, in the order the maps take them (a block word by word).
+    fn flatten(w: &Writes, fib: &Fib, t6: &Table6) -> Vec<Write> {
         let mut v: Vec<Write> = Vec::new();
         v.extend(w.nexthops.iter().map(|(i, r)| Write::Nexthop(*i, *r)));
         v.extend(w.groups.iter().map(|(i, g)| Write::Group(*i, *g)));
+        v.extend(w.v6_set.iter().map(|(k, e)| Write::Set6(*k, *e)));
         for (level, l, values) in [
             (3, &w.l3, &fib.l3),
             (2, &w.l2, &fib.l2),
@@ -1084,8 +1127,30 @@ mod tests {
         ] {
             l.each(values, &mut |i, e| v.push(Write::Level(level, i, e)));
         }
-        v.extend(w.v6_set.iter().map(|(k, e)| Write::Set6(*k, *e)));
+        let s = &w.six;
+        for b in &s.blocks {
+            let blk = &t6.blocks[*b as usize];
+            for (k, x) in blk.starts.iter().enumerate() {
+                v.push(Write::Block6(*b, 2 * k, *x as u32));
+                v.push(Write::Block6(*b, 2 * k + 1, (*x >> 32) as u32));
+            }
+            for (k, x) in blk.vals.iter().enumerate() {
+                v.push(Write::Block6(*b, 16 + k, *x));
+            }
+        }
+        for g in &s.nodes {
+            for i in *g << 8..(*g + 1) << 8 {
+                v.push(Write::Node6(i, t6.nodes[i as usize]));
+            }
+        }
+        v.extend(
+            s.node_entries
+                .iter()
+                .map(|i| Write::Node6(*i, t6.nodes[*i as usize])),
+        );
+        v.extend(s.l1.iter().map(|i| Write::L1_6(*i, t6.l1[*i as usize])));
         v.extend(w.v6_del.iter().map(|k| Write::Del6(*k)));
+        v.extend(s.pfx.iter().map(|i| Write::Pfx6(*i, t6.pfx[*i as usize])));
         v
     }
 
@@ -1106,6 +1171,53 @@ mod tests {
             }
             Write::Del6(k) => {
                 m.v6.remove(k);
+            }
+            Write::Block6(b, k, x) => {
+                let b = *b as usize;
+                if m.t6.blocks.len() <= b {
+                    m.t6.blocks.resize(
+                        b + 1,
+                        Block6 {
+                            starts: [0; 8],
+                            vals: [0; 8],
+                        },
+                    );
+                }
+                let blk = &mut m.t6.blocks[b];
+                if *k < 16 {
+                    let s = &mut blk.starts[k / 2];
+                    *s = if k % 2 == 0 {
+                        (*s & !0xffff_ffff) | *x as u64
+                    } else {
+                        (*s & 0xffff_ffff) | (*x as u64) << 32
+                    };
+                } else {
+                    blk.vals[k - 16] = *x;
+                }
+            }
+            Write::Node6(i, e) => {
+                let i = *i as usize;
+                if m.t6.nodes.len() <= i {
+                    m.t6.nodes.resize((i / 256 + 1) * 256, 0);
+                }
+                m.t6.nodes[i] = *e;
+            }
+            Write::L1_6(i, e) => m.t6.l1[*i as usize] = *e,
+            Write::Pfx6(i, p) => {
+                let i = *i as usize;
+                if m.t6.pfx.len() <= i {
+                    m.t6.pfx.resize(i + 1, Pfx6::default());
+                }
+                // The maps' prefixes are the elements' and the LPM trie's.
+                let key = |p: &Pfx6| ((p.len_1 - 1) as u8, (p.addr as u128) << 64);
+                let o = m.t6.pfx[i];
+                if o.len_1 != 0 {
+                    m.v6.remove(&key(&o));
+                }
+                if p.len_1 != 0 {
+                    m.v6.insert(key(p), p.val);
+                }
+                m.t6.pfx[i] = *p;
             }
         }
     }
@@ -1177,6 +1289,9 @@ mod tests {
             l2_groups: 12,
             l3_groups: 10,
             nexthops: 96,
+            v6_nodes: 30,
+            v6_blocks: 70,
+            v6_prefixes: 100,
         };
         let mut reference = Reference::default();
         let mut initial = Vec::new();
@@ -1192,6 +1307,7 @@ mod tests {
         }
         let mut live = Live::build(&initial, &Fib::empty(cap), cap).unwrap();
         let mut maps = live.fib.clone();
+        maps.t6 = live.table6().clone();
         live.forget_writes();
         let mut full_checks = 0;
         for step in 0..1500 {
@@ -1230,6 +1346,18 @@ mod tests {
                     }
                 }
             }
+            // The IPv6 table is recomputed when the writes are taken: a full map refuses there.
+            let mut writes = None;
+            if !refused {
+                match live.take_writes() {
+                    Ok(w) => writes = Some(w),
+                    Err(e) => {
+                        assert!(e.to_string().contains("maps hold"), "{e}");
+                        assert!(live.is_poisoned());
+                        refused = true;
+                    }
+                }
+            }
             if refused {
                 reference = before;
                 let all: Vec<(IpNet, Route)> = reference
@@ -1239,6 +1367,7 @@ mod tests {
                     .collect();
                 live = Live::build(&all, &maps, cap).unwrap();
                 maps = live.fib.clone();
+                maps.t6 = live.table6().clone();
                 live.forget_writes();
                 continue;
             }
@@ -1262,8 +1391,8 @@ mod tests {
                 .iter()
                 .map(|(d, v6)| (before.lookup(*d, *v6), reference.lookup(*d, *v6)))
                 .collect();
-            let writes = live.take_writes();
-            let w = flatten(&writes, &live.fib);
+            let writes = writes.expect("taken above");
+            let w = flatten(&writes, &live.fib, live.table6());
             for (k, one) in w.iter().enumerate() {
                 write_one(&mut maps, one);
                 for ((d, v6), (was, now)) in probes.iter().zip(&expect) {
@@ -1293,6 +1422,13 @@ mod tests {
                 // Apart from entries of unused groups, the maps hold the table in memory.
                 assert_eq!(maps.l1, live.fib.l1, "step {step}");
                 assert_eq!(maps.v6, live.fib.v6, "step {step}");
+                assert_eq!(maps.t6.l1, live.table6().l1, "step {step}");
+                let used = |p: &[Pfx6]| -> Vec<Pfx6> {
+                    let mut v: Vec<Pfx6> = p.iter().copied().filter(|p| p.len_1 != 0).collect();
+                    v.sort_by_key(|p| (p.addr, p.len_1));
+                    v
+                };
+                assert_eq!(used(&maps.t6.pfx), used(&live.table6().pfx), "step {step}");
                 for g in super::super::groups_used(&live.fib.l1) {
                     let r = g as usize * 256..(g as usize + 1) * 256;
                     assert_eq!(maps.l2[r.clone()], live.fib.l2[r], "step {step}");
@@ -1336,11 +1472,11 @@ mod tests {
         .unwrap();
         live.forget_writes();
         live.replace_all(&routes).unwrap();
-        assert!(live.take_writes().is_empty());
+        assert!(live.take_writes().unwrap().is_empty());
         let mut moved = routes.clone();
         moved[1].1 = nh(5);
         live.replace_all(&moved).unwrap();
-        let w = live.take_writes();
+        let w = live.take_writes().unwrap();
         // The new nexthop, and the half of the /24's third-level group that the /25 leaves it.
         assert_eq!(w.nexthops.len(), 1);
         assert_eq!(w.l3.entries.len(), 128);

@@ -1,7 +1,8 @@
 //! Building the route table the fast path reads (`router_common::fib`): for IPv4, a 16-8-8
 //! multibit trie filled by prefix expansion, so that a lookup costs at most three array reads
-//! whatever the size of the table; for IPv6, the entries of the kernel's LPM trie. Both families
-//! share the nexthops and ECMP groups.
+//! whatever the size of the table; for IPv6, ranges of the upper 64 bits under a 16-8-…-8 trie
+//! (`six`), with the prefixes longer than /64 in the kernel's LPM trie. Both families share the
+//! nexthops and ECMP groups.
 //!
 //! Updates are make-before-break, entry by entry: group and nexthop indices that exist in the
 //! table being replaced keep their numbers, new nexthops and groups go to free slots, and the
@@ -11,6 +12,7 @@
 //! table in memory and changes it one route at a time.
 
 mod live;
+mod six;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -22,6 +24,7 @@ use router_common::{fib::*, NhGroup, Route};
 
 use crate::config::{IpNet, Ipv6Net};
 pub use live::{wait_for_lookups, Live, Writes};
+pub use six::{Cap6, Table6, Writes6};
 
 /// The three levels and the nexthops, as they are (or will be) in the maps.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -31,8 +34,11 @@ pub struct Fib {
     pub l3: Vec<u32>,
     pub nexthops: Vec<Option<Route>>,
     pub groups: Vec<Option<NhGroup>>,
-    /// The IPv6 table: (prefix length, network) → nexthop index + 1.
+    /// The IPv6 prefixes: (prefix length, network) → nexthop index + 1.
     pub v6: BTreeMap<(u8, u128), u32>,
+    /// The IPv6 table the fast path reads (prefixes up to /64; longer ones are `v6`'s entries
+    /// in the LPM trie).
+    pub t6: Table6,
 }
 
 /// How many groups and nexthops the maps of a router hold.
@@ -41,6 +47,9 @@ pub struct Capacity {
     pub l2_groups: u32,
     pub l3_groups: u32,
     pub nexthops: u32,
+    pub v6_nodes: u32,
+    pub v6_blocks: u32,
+    pub v6_prefixes: u32,
 }
 
 impl Default for Capacity {
@@ -49,6 +58,9 @@ impl Default for Capacity {
             l2_groups: DEFAULT_L2_GROUPS,
             l3_groups: DEFAULT_L3_GROUPS,
             nexthops: DEFAULT_NEXTHOPS,
+            v6_nodes: router_common::fib6::DEFAULT_NODES,
+            v6_blocks: router_common::fib6::DEFAULT_BLOCKS,
+            v6_prefixes: router_common::fib6::DEFAULT_PREFIXES,
         }
     }
 }
@@ -62,6 +74,19 @@ impl Capacity {
             l2_groups: n.clamp(d.l2_groups, L1_ENTRIES),
             l3_groups: (n / 48).max(d.l3_groups),
             nexthops: d.nexthops,
+            // IPv6: a block per prefix, a group per 64 (random /48s need one per 80).
+            v6_nodes: (n / 64).max(d.v6_nodes),
+            v6_blocks: n.max(d.v6_blocks),
+            v6_prefixes: n.max(d.v6_prefixes),
+        }
+    }
+
+    /// The IPv6 part.
+    pub fn six(&self) -> Cap6 {
+        Cap6 {
+            nodes: self.v6_nodes,
+            blocks: self.v6_blocks,
+            prefixes: self.v6_prefixes,
         }
     }
 
@@ -71,6 +96,9 @@ impl Capacity {
             l2_groups: self.l2_groups.max(o.l2_groups),
             l3_groups: self.l3_groups.max(o.l3_groups),
             nexthops: self.nexthops.max(o.nexthops),
+            v6_nodes: self.v6_nodes.max(o.v6_nodes),
+            v6_blocks: self.v6_blocks.max(o.v6_blocks),
+            v6_prefixes: self.v6_prefixes.max(o.v6_prefixes),
         }
     }
 
@@ -92,10 +120,57 @@ impl Capacity {
             }
         }
         let spare = |n: usize| (n + n / 4) as u32;
+        let six = Capacity::shape6(routes);
         Capacity {
             l2_groups: spare(l2.len()).clamp(d.l2_groups, L1_ENTRIES),
             l3_groups: spare(l3.len()).max(d.l3_groups),
             nexthops: d.nexthops,
+            v6_nodes: spare(six.nodes as usize).max(d.v6_nodes),
+            v6_blocks: spare(six.blocks as usize).max(d.v6_blocks),
+            v6_prefixes: spare(six.prefixes as usize).max(d.v6_prefixes),
+        }
+    }
+
+    /// The groups, blocks and prefix elements the IPv6 routes of `routes` take, found by
+    /// building their table (each prefix with a value of its own: the most blocks).
+    fn shape6(routes: &[(IpNet, Route)]) -> Cap6 {
+        let six: Vec<&Ipv6Net> = routes
+            .iter()
+            .filter_map(|(n, _)| match n {
+                IpNet::V6(n) => Some(n),
+                IpNet::V4(_) => None,
+            })
+            .collect();
+        let n = six.len() as u32 + 1;
+        // Upper bounds: a block holds a prefix edge at least, a group 8 of them per level.
+        let mut t = six::Six::new(
+            Cap6 {
+                nodes: n * 3 / 2 + 16,
+                blocks: 2 * n + 16,
+                prefixes: n,
+            },
+            None,
+        );
+        for (i, p) in six.iter().enumerate() {
+            let top = (p.network() >> 64) as u64;
+            if p.len <= 64 {
+                let _ = t.set(top, p.len, i as u32 + 1);
+            } else {
+                t.long(top, true);
+            }
+        }
+        if t.settle().is_err() {
+            return Cap6 {
+                nodes: n,
+                blocks: 2 * n,
+                prefixes: n,
+            };
+        }
+        let (nodes, blocks) = t.t.used();
+        Cap6 {
+            nodes: nodes.last().map_or(0, |g| g + 1),
+            blocks: blocks.last().map_or(0, |b| b + 1),
+            prefixes: t.len() as u32,
         }
     }
 }
@@ -109,6 +184,7 @@ impl Fib {
             nexthops: vec![None; cap.nexthops as usize],
             groups: vec![None; NH_GROUPS as usize],
             v6: BTreeMap::new(),
+            t6: Table6::empty(),
         }
     }
 
@@ -117,6 +193,9 @@ impl Fib {
             l2_groups: (self.l2.len() / GROUP_SIZE as usize) as u32,
             l3_groups: (self.l3.len() / GROUP_SIZE as usize) as u32,
             nexthops: self.nexthops.len() as u32,
+            v6_nodes: (self.t6.nodes.len() / GROUP_SIZE as usize) as u32,
+            v6_blocks: self.t6.blocks.len() as u32,
+            v6_prefixes: self.t6.pfx.len() as u32,
         }
     }
 
@@ -136,20 +215,39 @@ impl Fib {
         self.nexthops[(e - 1) as usize]
     }
 
-    /// The IPv6 lookup the XDP program does (through the kernel's LPM trie), for tests and tools.
+    /// The IPv6 lookup the XDP program does, for tests and tools.
     pub fn lookup6(&self, dst: Ipv6Addr) -> Option<Route> {
+        self.lookup6_in(&self.t6, dst)
+    }
+
+    /// The IPv6 lookup in table `t6` (with this table's long prefixes and nexthops).
+    pub fn lookup6_in(&self, t6: &Table6, dst: Ipv6Addr) -> Option<Route> {
+        use router_common::fib6::{INDEX, LONG};
         let a = u128::from(dst);
-        (0..=128u8).rev().find_map(|len| {
-            let e = self.v6.get(&(len, a & Ipv6Net::mask(len)))?;
-            self.nexthops[(*e - 1) as usize]
-        })
+        let mut e = t6.lookup((a >> 64) as u64);
+        if e & LONG != 0 {
+            e = (65..=128u8)
+                .rev()
+                .find_map(|len| self.v6.get(&(len, a & Ipv6Net::mask(len))).copied())
+                .unwrap_or(e & INDEX);
+        }
+        if e == 0 {
+            return None;
+        }
+        self.nexthops[(e - 1) as usize]
     }
 
     /// The table for `routes`, reusing the group and nexthop numbers of `old` (the table in the
     /// maps now) wherever the same prefix block or nexthop is still there (see `Live::build`).
     pub fn build(routes: &[(IpNet, Route)], old: &Fib) -> Result<Fib> {
-        let cap = Capacity::default().max(old.capacity());
-        let mut fib = Live::build(routes, old, cap)?.fib;
+        let cap = Capacity::default()
+            .max(old.capacity())
+            .max(Capacity::for_table(routes));
+        let mut live = Live::build(routes, old, cap)?;
+        live.take_writes()?;
+        let t6 = live.table6().clone();
+        let mut fib = live.fib;
+        fib.t6 = t6;
         // The levels end with the last group in use (whatever the order they grew in).
         let used2 = groups_used(&fib.l1);
         let end2 = used2
