@@ -144,6 +144,10 @@ fn measure_here(routes: usize, runs: usize, ipv6: bool) -> Result<PktResult> {
     let peak_rss_mib = crate::ctl::peak_rss_mib();
     let routes_memlock = [
         map_names::FIB6,
+        map_names::FIB6_L1,
+        map_names::FIB6_NODES,
+        map_names::FIB6_BLOCKS,
+        map_names::FIB6_PFX,
         map_names::FIB_L1,
         map_names::FIB_L2,
         map_names::FIB_L3,

@@ -616,6 +616,16 @@ impl Mapped {
         Ok(v)
     }
 
+    /// Words `start..end` (within the map) read from the map.
+    fn read_range(&mut self, start: usize, end: usize) -> Result<Vec<u32>> {
+        let end = end.min(self.len);
+        self.reach(end)?;
+        Ok((start.min(end)..end)
+            // SAFETY: w < end <= mapped.
+            .map(|w| unsafe { std::ptr::read_volatile(self.ptr.add(w)) })
+            .collect())
+    }
+
     /// Writes element `i` of `words.len()` words, one aligned 32-bit store each.
     fn write_element(&mut self, i: u32, words: &[u32]) -> Result<()> {
         let start = i as usize * words.len();
@@ -844,19 +854,23 @@ impl RouteTable {
                 unsafe { std::mem::transmute::<[u32; 24], router_common::Block6>(a) }
             })
             .collect();
-        let all: Vec<u32> = (0..(self.pfx6.len / PFX_WORDS) as u32).collect();
-        let words = self.pfx6.read_elements(PFX_WORDS, &all)?;
-        let mut pfx: Vec<router_common::Pfx6> = words
-            .chunks_exact(PFX_WORDS)
-            .map(|c| {
+        // The elements in use come first: read in steps of 64 Ki until an unused one.
+        let mut pfx: Vec<router_common::Pfx6> = Vec::new();
+        let step = 65536 * PFX_WORDS;
+        let mut at = 0;
+        'read: while at < self.pfx6.len {
+            let words = self.pfx6.read_range(at, at + step)?;
+            for c in words.chunks_exact(PFX_WORDS) {
                 // SAFETY: as in pfx_words, the other way.
-                unsafe {
+                let p = unsafe {
                     std::mem::transmute::<[u32; 4], router_common::Pfx6>([c[0], c[1], c[2], c[3]])
+                };
+                if p.len_1 == 0 {
+                    break 'read;
                 }
-            })
-            .collect();
-        while pfx.last().is_some_and(|p| p.len_1 == 0) {
-            pfx.pop();
+                pfx.push(p);
+            }
+            at += step;
         }
         Ok(Table6 {
             l1,

@@ -45,31 +45,36 @@ const QUARANTINE: u8 = 3;
 /// Numbers of one kind (nexthop slots, ECMP groups, L2 groups, L3 groups).
 #[derive(Clone, Debug)]
 pub(super) struct Pool {
+    /// States of the numbers below `state.len()`; those above are free.
     state: Vec<u8>,
+    /// Numbers given back; numbers from `fresh` to `n` were never handed out.
     free: Vec<u32>,
+    fresh: u32,
+    n: u32,
     pending: Vec<u32>,
     quarantine: Vec<u32>,
 }
 
 impl Pool {
     /// `n` numbers, of which those in `old_used` are quarantined (the table in the maps
-    /// references them).
+    /// references them). Memory follows the numbers in use, not `n`.
     pub(super) fn new(n: u32, old_used: impl IntoIterator<Item = u32>) -> Pool {
-        let mut state = vec![FREE; n as usize];
+        let mut state = Vec::new();
         let mut quarantine = Vec::new();
-        for u in old_used {
-            if (u as usize) < state.len() && state[u as usize] == FREE {
+        for u in old_used.into_iter().filter(|u| *u < n) {
+            if state.len() <= u as usize {
+                state.resize(u as usize + 1, FREE);
+            }
+            if state[u as usize] == FREE {
                 state[u as usize] = QUARANTINE;
                 quarantine.push(u);
             }
         }
-        let free = (0..n)
-            .rev()
-            .filter(|i| state[*i as usize] == FREE)
-            .collect();
         Pool {
             state,
-            free,
+            free: Vec::new(),
+            fresh: 0,
+            n,
             pending: Vec::new(),
             quarantine,
         }
@@ -84,8 +89,20 @@ impl Pool {
         })
     }
 
+    /// A free number: one given back, else the lowest never handed out.
     pub(super) fn alloc(&mut self) -> Option<u32> {
         while let Some(x) = self.free.pop() {
+            if self.state[x as usize] == FREE {
+                self.state[x as usize] = USED;
+                return Some(x);
+            }
+        }
+        while self.fresh < self.n {
+            let x = self.fresh;
+            self.fresh += 1;
+            if self.state.len() <= x as usize {
+                self.state.resize(x as usize + 1, FREE);
+            }
             if self.state[x as usize] == FREE {
                 self.state[x as usize] = USED;
                 return Some(x);
@@ -122,7 +139,7 @@ impl Pool {
     }
 
     pub(super) fn state_of(&self, x: u32) -> u8 {
-        self.state[x as usize]
+        self.state.get(x as usize).copied().unwrap_or(FREE)
     }
 
     /// A grace period passed: quarantined numbers are free. Returns them.
@@ -1208,16 +1225,13 @@ mod tests {
                 if m.t6.pfx.len() <= i {
                     m.t6.pfx.resize(i + 1, Pfx6::default());
                 }
-                // The maps' prefixes are the elements' and the LPM trie's.
-                let key = |p: &Pfx6| ((p.len_1 - 1) as u8, (p.addr as u128) << 64);
-                let o = m.t6.pfx[i];
-                if o.len_1 != 0 {
-                    m.v6.remove(&key(&o));
-                }
-                if p.len_1 != 0 {
-                    m.v6.insert(key(p), p.val);
-                }
                 m.t6.pfx[i] = *p;
+                // The maps' prefixes are the elements' (up to the first unused one, as a
+                // reader finds them) and the LPM trie's.
+                m.v6.retain(|k, _| k.0 > 64);
+                for p in m.t6.pfx.iter().take_while(|p| p.len_1 != 0) {
+                    m.v6.insert(((p.len_1 - 1) as u8, (p.addr as u128) << 64), p.val);
+                }
             }
         }
     }

@@ -67,17 +67,18 @@ impl Default for Capacity {
 
 impl Capacity {
     /// Room for a table of `n` routes shaped like an Internet table: an L2 group per route up to
-    /// every /16, and L3 groups for one route in 48 being longer than /24.
+    /// every /16, and L3 groups for one route in 48 being longer than /24; IPv6 room for n / 4.
     pub fn for_max_routes(n: u32) -> Capacity {
         let d = Capacity::default();
         Capacity {
             l2_groups: n.clamp(d.l2_groups, L1_ENTRIES),
             l3_groups: (n / 48).max(d.l3_groups),
             nexthops: d.nexthops,
-            // IPv6: a block per prefix, a group per 64 (random /48s need one per 80).
-            v6_nodes: (n / 64).max(d.v6_nodes),
-            v6_blocks: n.max(d.v6_blocks),
-            v6_prefixes: n.max(d.v6_prefixes),
+            // IPv6, for a quarter as many prefixes (the Internet's IPv6 table is a fifth of its
+            // IPv4 one): a block per prefix, a group per 64 (random /48s need one per 80).
+            v6_nodes: (n / 256).max(d.v6_nodes),
+            v6_blocks: (n / 4).max(d.v6_blocks),
+            v6_prefixes: (n / 4).max(d.v6_prefixes),
         }
     }
 

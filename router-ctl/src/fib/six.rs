@@ -17,7 +17,7 @@
 //! Prefixes longer than /64 stay in the kernel's LPM trie; the /64 holding one is a range of
 //! its own, its value marked `LONG`.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 use anyhow::{bail, Result};
 use router_common::{
@@ -132,7 +132,6 @@ impl Writes6 {
 /// The old table's arrays, while a table is built over it (to keep its numbers).
 struct Hints6 {
     old: Table6,
-    pfx: HashMap<(u64, u8), u32>,
 }
 
 /// The IPv6 table in memory (see the module's documentation).
@@ -146,7 +145,9 @@ pub struct Six {
     lens: [u32; 65],
     nodes: Pool,
     blocks: Pool,
-    pfx_free: Vec<u32>,
+    /// Prefix elements in use: the first `n_pfx` (kept dense, so that a reader stops at the
+    /// first unused one).
+    n_pfx: u32,
     /// The settle pass that built each group and block (not revisited in the same pass).
     node_pass: Vec<u32>,
     block_pass: Vec<u32>,
@@ -174,24 +175,7 @@ impl Six {
     /// given: its groups, blocks and prefix elements keep their numbers where they stay.
     pub fn new(cap: Cap6, old: Option<&Table6>) -> Six {
         let (used_nodes, used_blocks) = old.map(Table6::used).unwrap_or_default();
-        let hints = old.map(|o| Hints6 {
-            old: o.clone(),
-            pfx: o
-                .pfx
-                .iter()
-                .enumerate()
-                .filter(|(_, p)| p.len_1 != 0)
-                .map(|(i, p)| ((p.addr, (p.len_1 - 1) as u8), i as u32))
-                .collect(),
-        });
-        let mut pfx_used = vec![false; cap.prefixes as usize];
-        if let Some(h) = &hints {
-            for i in h.pfx.values() {
-                if let Some(u) = pfx_used.get_mut(*i as usize) {
-                    *u = true;
-                }
-            }
-        }
+        let hints = old.map(|o| Hints6 { old: o.clone() });
         Six {
             t: Table6::empty(),
             cap,
@@ -199,10 +183,7 @@ impl Six {
             lens: [0; 65],
             nodes: Pool::new(cap.nodes, used_nodes),
             blocks: Pool::new(cap.blocks, used_blocks),
-            pfx_free: (0..cap.prefixes)
-                .rev()
-                .filter(|i| !pfx_used[*i as usize])
-                .collect(),
+            n_pfx: 0,
             node_pass: Vec::new(),
             block_pass: Vec::new(),
             pass: 0,
@@ -213,19 +194,9 @@ impl Six {
     }
 
     /// The build over the old table is done: its numbers not taken are free after a grace
-    /// period, its prefix elements not taken are cleared by the caller's write.
+    /// period.
     pub fn end_hints(&mut self) {
-        if let Some(h) = self.hints.take() {
-            let mut stale: Vec<u32> = h
-                .pfx
-                .values()
-                .copied()
-                .filter(|i| (*i as usize) < self.t.pfx.len().max(self.cap.prefixes as usize))
-                .filter(|i| self.t.pfx.get(*i as usize).is_none_or(|p| p.len_1 == 0))
-                .collect();
-            stale.sort_unstable();
-            self.pfx_free.extend(stale.iter().rev());
-        }
+        self.hints = None;
     }
 
     /// Prefixes up to /64 held.
@@ -239,21 +210,16 @@ impl Six {
             Some(&(v, _)) if v == val => return Ok(()),
             Some(&(_, s)) => s,
             None => {
-                let hint = self
-                    .hints
-                    .as_ref()
-                    .and_then(|h| h.pfx.get(&(a, len)).copied());
-                let s = match hint {
-                    Some(s) => s,
-                    None => self.pfx_free.pop().ok_or_else(|| {
-                        anyhow::anyhow!(
-                            "the route table needs room for more IPv6 prefixes than the {} this \
-                             router's maps hold; destroy and re-apply the router to size its maps \
-                             for the table",
-                            self.cap.prefixes
-                        )
-                    })?,
-                };
+                if self.n_pfx >= self.cap.prefixes {
+                    bail!(
+                        "the route table needs room for more IPv6 prefixes than the {} this \
+                         router's maps hold; destroy and re-apply the router to size its maps \
+                         for the table",
+                        self.cap.prefixes
+                    );
+                }
+                let s = self.n_pfx;
+                self.n_pfx += 1;
                 self.lens[len as usize] += 1;
                 s
             }
@@ -277,10 +243,17 @@ impl Six {
             return false;
         };
         self.lens[len as usize] -= 1;
-        self.put_pfx(slot, Pfx6::default());
-        if self.hints.is_none() {
-            self.pfx_free.push(slot);
+        // The last element moves into the one freed.
+        self.n_pfx -= 1;
+        let end = self.n_pfx;
+        if slot != end {
+            let moved = self.t.pfx[end as usize];
+            self.put_pfx(slot, moved);
+            if let Some(e) = self.idx.get_mut(&(moved.addr, (moved.len_1 - 1) as u8)) {
+                e.1 = slot;
+            }
         }
+        self.put_pfx(end, Pfx6::default());
         self.dirty.push((a, last(a, len)));
         true
     }
@@ -641,8 +614,18 @@ impl Six {
         w.node_entries.dedup();
         w.l1.sort_unstable();
         w.l1.dedup();
+        // Elements filled in ascending order, then those emptied from the last down: a reader
+        // of the maps at any moment finds the elements in use first, then unused ones.
         w.pfx.sort_unstable();
         w.pfx.dedup();
+        let pfx = &self.t.pfx;
+        w.pfx.sort_by_key(|i| {
+            if pfx[*i as usize].len_1 != 0 {
+                (0, *i as i64)
+            } else {
+                (1, -(*i as i64))
+            }
+        });
         self.nodes.committed();
         self.blocks.committed();
         w
