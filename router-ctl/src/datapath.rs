@@ -1105,8 +1105,14 @@ impl RouteTable {
         let mut new_flat = new6.nodes.clone();
         new_flat.resize(new_flat.len().max(old_flat.len()).max(n), 0);
         old_flat.resize(new_flat.len(), 0);
+        // New groups whole first: only entries of kept groups (which stay where they were)
+        // and of the first level point to them.
+        let fresh: BTreeSet<u32> = new_nodes.difference(&old_nodes).copied().collect();
+        let kept: BTreeSet<u32> = new_nodes.intersection(&old_nodes).copied().collect();
         self.nodes6
-            .update_groups(&old_flat, &new_flat, &old_nodes, &new_nodes)?;
+            .update_groups(&old_flat, &new_flat, &old_nodes, &fresh)?;
+        self.nodes6
+            .update_groups(&old_flat, &new_flat, &old_nodes, &kept)?;
         self.l1_6.update_groups(&old.t6.l1, &new6.l1, &all, &all)?;
         for k in old
             .v6

@@ -56,18 +56,19 @@ pub(super) struct Pool {
 }
 
 impl Pool {
-    /// `n` numbers, of which those in `old_used` are quarantined (the table in the maps
-    /// references them). Memory follows the numbers in use, not `n`.
+    /// `n` numbers, of which those in `old_used` are pending (the table in the maps references
+    /// them: not reusable before the new table is written and a grace period has passed).
+    /// Memory follows the numbers in use, not `n`.
     pub(super) fn new(n: u32, old_used: impl IntoIterator<Item = u32>) -> Pool {
         let mut state = Vec::new();
-        let mut quarantine = Vec::new();
+        let mut pending = Vec::new();
         for u in old_used.into_iter().filter(|u| *u < n) {
             if state.len() <= u as usize {
                 state.resize(u as usize + 1, FREE);
             }
             if state[u as usize] == FREE {
-                state[u as usize] = QUARANTINE;
-                quarantine.push(u);
+                state[u as usize] = PENDING;
+                pending.push(u);
             }
         }
         Pool {
@@ -75,15 +76,16 @@ impl Pool {
             free: Vec::new(),
             fresh: 0,
             n,
-            pending: Vec::new(),
-            quarantine,
+            pending,
+            quarantine: Vec::new(),
         }
     }
 
     /// Takes `hint` when the old table used it for the same thing and nobody took it since.
     pub(super) fn take_hint(&mut self, hint: Option<u32>) -> Option<u32> {
         let h = hint?;
-        (self.state.get(h as usize) == Some(&QUARANTINE)).then(|| {
+        let s = self.state.get(h as usize);
+        (s == Some(&QUARANTINE) || s == Some(&PENDING)).then(|| {
             self.state[h as usize] = USED;
             h
         })
