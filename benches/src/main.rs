@@ -8,6 +8,7 @@ mod e2e;
 mod ha;
 mod nat;
 mod pkt;
+mod probe;
 mod report;
 mod skb;
 mod stats;
@@ -18,6 +19,9 @@ use std::{path::PathBuf, time::Instant};
 
 use anyhow::{Context as _, Result};
 use clap::Parser;
+
+/// Group counts of the cold-read probe (1 KiB each).
+const PROBE_GROUPS: [u32; 5] = [1, 256, 1024, 16384, 65536];
 
 #[derive(Parser)]
 struct Args {
@@ -69,6 +73,9 @@ struct Args {
     /// Skip the single-route change figures.
     #[arg(long)]
     no_updates: bool,
+    /// Only the page-size probe (array against hash, printed).
+    #[arg(long)]
+    only_probe: bool,
 }
 
 /// Single-route changes under traffic for both families, and the real binary's `route batch`.
@@ -112,6 +119,10 @@ fn main() -> Result<()> {
         };
         std::fs::write(&args.out, new)?;
         println!("wrote the multi-host section of {}", args.out.display());
+        return Ok(());
+    }
+    if args.only_probe {
+        probe::run(&PROBE_GROUPS, args.runs)?;
         return Ok(());
     }
     if args.only_updates {
@@ -168,6 +179,7 @@ fn main() -> Result<()> {
     } else {
         Some(update_figures(&args)?)
     };
+    let probe = probe::run(&PROBE_GROUPS, args.runs).context("cold read probe")?;
     let neigh = ctl::neighbour_latency(20).context("neighbour latency")?;
     eprintln!("neighbour latency {} ms", neigh.total_ms.fmt(2));
     let report = report::Report {
@@ -180,6 +192,7 @@ fn main() -> Result<()> {
         apply: apply.as_ref(),
         nat: nat.as_ref(),
         updates: updates.as_ref(),
+        probe: Some(&probe),
         seconds: start.elapsed().as_secs_f64(),
     };
     let mut md = report.markdown();

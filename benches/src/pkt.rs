@@ -38,7 +38,7 @@ pub const WARM_DESTINATIONS: usize = 32;
 #[derive(Debug, Clone)]
 pub struct PktResult {
     pub routes: usize,
-    /// IPv6 (the LPM trie) rather than IPv4 (the 16-8-8 trie).
+    /// IPv6 (the range table) rather than IPv4 (the 16-8-8 trie).
     pub ipv6: bool,
     /// The same measurement on a program that returns at once: the test-run timer's own cost,
     /// subtracted from the figures below.
@@ -265,7 +265,7 @@ pub fn set_neighbours(ebpf: &mut Ebpf, e0: u32, present: bool, ipv6: bool) -> Re
 }
 
 /// Mean ns per packet over all frames, each run `repeat` times; checks every return code.
-fn run_frames(
+pub fn run_frames(
     prog: &aya::programs::Xdp,
     frames: &[Vec<u8>],
     want: u32,

@@ -4,13 +4,17 @@
 //!   per-flow template (cycling through `GEN_FLOWS`) and transmits the frame (XDP_TX).
 //!   The template is the whole 64-byte frame, so IPv4 and IPv6 are generated alike.
 //! - `bench_wire`: the floor for any XDP router on a path: redirect to a fixed device, no lookup.
+//! - `bench_probe_array`, `bench_probe_hash`: one read of a random 1 KiB group, in a BPF array
+//!   (vmalloc'd: 4 KiB pages) or in a hash map without preallocation (elements kmalloc'd, in the
+//!   kernel's direct map), to measure what the page size of a table's memory costs a cold lookup.
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{
     bindings::xdp_action,
+    bindings::BPF_F_NO_PREALLOC,
     macros::{map, xdp},
-    maps::{Array, DevMapHash, PerCpuArray},
+    maps::{Array, DevMapHash, HashMap, PerCpuArray},
     programs::XdpContext,
 };
 
@@ -64,6 +68,61 @@ pub fn bench_gen(ctx: XdpContext) -> u32 {
         core::ptr::copy_nonoverlapping(flow.bytes.as_ptr(), start as *mut u8, GEN_HDR_LEN);
     }
     xdp_action::XDP_TX
+}
+
+#[map(name = "PROBE_ARRAY")]
+static PROBE_ARRAY: Array<[u32; 256]> = Array::with_max_entries(1, 0);
+
+#[map(name = "PROBE_HASH")]
+static PROBE_HASH: HashMap<u32, [u32; 256]> = HashMap::with_max_entries(1, BPF_F_NO_PREALLOC);
+
+/// The probe's key: 4 bytes at offset 30 of the frame (an IPv4 destination), group in the high
+/// 16 bits, entry in the next 8.
+#[inline(always)]
+fn probe_key(ctx: &XdpContext) -> Option<u32> {
+    let start = ctx.data();
+    if start + 34 > ctx.data_end() {
+        return None;
+    }
+    // SAFETY: bytes 30..34 are inside the frame (checked above).
+    Some(u32::from_be(unsafe {
+        core::ptr::read_unaligned((start + 30) as *const u32)
+    }))
+}
+
+#[xdp]
+pub fn bench_probe_array(ctx: XdpContext) -> u32 {
+    let Some(k) = probe_key(&ctx) else {
+        return xdp_action::XDP_ABORTED;
+    };
+    let n = match GEN_CONF.get(0) {
+        Some(n) if *n > 0 => *n,
+        _ => return xdp_action::XDP_ABORTED,
+    };
+    match PROBE_ARRAY
+        .get((k >> 16) % n)
+        .and_then(|g| g.get(((k >> 8) & 0xff) as usize))
+    {
+        Some(v) if *v != 0 => xdp_action::XDP_DROP,
+        _ => xdp_action::XDP_PASS,
+    }
+}
+
+#[xdp]
+pub fn bench_probe_hash(ctx: XdpContext) -> u32 {
+    let Some(k) = probe_key(&ctx) else {
+        return xdp_action::XDP_ABORTED;
+    };
+    let n = match GEN_CONF.get(0) {
+        Some(n) if *n > 0 => *n,
+        _ => return xdp_action::XDP_ABORTED,
+    };
+    let key = (k >> 16) % n;
+    // SAFETY: a map lookup; the value is read while the program runs.
+    match unsafe { PROBE_HASH.get(&key) }.and_then(|g| g.get(((k >> 8) & 0xff) as usize)) {
+        Some(v) if *v != 0 => xdp_action::XDP_DROP,
+        _ => xdp_action::XDP_PASS,
+    }
 }
 
 #[xdp]
