@@ -682,6 +682,9 @@ pub struct RouteTable {
     groups_fd: std::os::fd::RawFd,
     /// The table as this process last wrote it (see `fib::Live`).
     live: Option<Live>,
+    /// Prefixes up to /64 found in the LPM trie by the last read: left by a build that kept
+    /// every IPv6 prefix there; removed once the range table holds them.
+    legacy6: Vec<(u8, u128)>,
 }
 
 /// Every value of the array map `fd` (`n` entries of `T`) in one BPF_MAP_LOOKUP_BATCH call
@@ -766,6 +769,7 @@ impl RouteTable {
             nexthops_fd,
             groups_fd,
             live: None,
+            legacy6: Vec::new(),
         })
     }
 
@@ -788,9 +792,14 @@ impl RouteTable {
             .map(|g| (g.count != 0).then_some(g))
             .collect();
         let mut v6 = std::collections::BTreeMap::new();
+        self.legacy6.clear();
         for kv in self.fib6.iter() {
             let (k, v) = kv.context("reading the IPv6 route table")?;
-            v6.insert((k.prefix_len() as u8, u128::from_be_bytes(k.data())), v);
+            let key = (k.prefix_len() as u8, u128::from_be_bytes(k.data()));
+            if key.0 <= 64 {
+                self.legacy6.push(key);
+            }
+            v6.insert(key, v);
         }
         let t6 = self.read6()?;
         for p in t6.pfx.iter().filter(|p| p.len_1 != 0) {
@@ -1122,6 +1131,12 @@ impl RouteTable {
             self.fib6
                 .remove(&key6(k))
                 .context("cannot remove an IPv6 route")?;
+        }
+        for k in std::mem::take(&mut self.legacy6) {
+            match self.fib6.remove(&key6(&k)) {
+                Err(aya::maps::MapError::KeyNotFound) | Ok(()) => {}
+                Err(e) => return Err(e).context("cannot remove an IPv6 route"),
+            }
         }
         let end = old.t6.pfx.len().max(new6.pfx.len());
         let none = router_common::Pfx6::default();
