@@ -940,6 +940,55 @@ fn ipv6_extra_routes_use_the_longest_prefix_and_the_nexthop_mac() {
     }
 }
 
+/// A prefix up to /64 that an earlier build left in the LPM trie (which then held every IPv6
+/// prefix) is removed once the range table holds the table: the trie is looked up in a /64
+/// holding a longer prefix, where a stale shorter entry would answer instead of the table.
+#[test]
+fn ipv6_prefixes_an_earlier_build_left_in_the_lpm_trie_are_removed() {
+    use aya::maps::lpm_trie::{Key, LpmTrie};
+    for mut h in both() {
+        let stale = Key::new(48, v6([0x2001, 0xdb8, 7, 0, 0, 0, 0, 0]));
+        {
+            let mut t: LpmTrie<_, [u8; 16], u32> =
+                LpmTrie::try_from(h.ebpf.map_mut(map_names::FIB6).unwrap()).unwrap();
+            t.insert(&stale, 1, 0).unwrap();
+        }
+        let (lo, e0) = (1, h.e0);
+        let routes = datapath::route_entries(
+            &h.ifaces,
+            &[(pfx("2001:db8:1::/64"), lo), (pfx("2001:db8:2::/64"), e0)],
+            &[(pfx("2001:db8:7:0:8000::/65"), e0, ip("2001:db8:2::fe"))],
+            &[ip("2001:db8:2::1")],
+        );
+        datapath::set_routes(&mut h.ebpf, &routes).unwrap();
+        let t: LpmTrie<_, [u8; 16], u32> =
+            LpmTrie::try_from(h.ebpf.map(map_names::FIB6).unwrap()).unwrap();
+        let mut keys: Vec<u32> = t.keys().map(|k| k.unwrap().prefix_len()).collect();
+        keys.sort();
+        assert_eq!(
+            keys,
+            vec![65, 128],
+            "the LPM trie holds the /65 and the /128 local address"
+        );
+        let long = Ipv6::udp(v6(SRC6), v6([0x2001, 0xdb8, 7, 0, 0x8000, 0, 0, 7]), 64);
+        let (rc, out) = h.run(&udp6_frame(IN_MAC, &long));
+        assert_eq!(rc, XDP_REDIRECT);
+        assert_eq!(out, forwarded6(NH1_MAC, &long));
+        let before = h.stats()[0].pass[why::NO_ROUTE];
+        let other = udp6_frame(
+            IN_MAC,
+            &Ipv6::udp(v6(SRC6), v6([0x2001, 0xdb8, 7, 0, 0, 0, 0, 7]), 64),
+        );
+        let (rc, out) = h.run(&other);
+        assert_eq!(
+            (rc, &out),
+            (XDP_PASS, &other),
+            "the /64 beside the /65 has no route"
+        );
+        assert_eq!(h.stats()[0].pass[why::NO_ROUTE], before + 1);
+    }
+}
+
 #[test]
 fn every_ipv6_hop_limit_class_and_flow_is_forwarded_byte_exact() {
     for mut h in both() {
