@@ -37,6 +37,7 @@ const CTL_MUTANTS: &[&str] = &[
     "down_keeps_tx_slot",
     "break_before_make",
     "block_in_place",
+    "long_always_lpm",
     "neigh_change_ignored",
     "auto_picks_xdp_on_veth",
     "ndo_xmit_ignored",

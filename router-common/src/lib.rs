@@ -112,8 +112,9 @@ pub mod fib {
 /// - `NODE | g`: group `g` of `FIB6_NODES`, 256 entries for the next 8 bits (the chunk had more
 ///   ranges than a block holds).
 ///
-/// A value with `LONG` set: some prefix longer than /64 lies in this /64; look the address up
-/// in `FIB6` first, and take the value (without `LONG`) when it misses.
+/// A value with `LONG` set: some prefix longer than /64 lies in this /64. `LONG | BLOCK | i`:
+/// block `i` holds the ranges of the lower 64 bits; `LONG | v`: look the address up in `FIB6`
+/// first, and take `v` when it misses.
 pub mod fib6 {
     pub const NODE: u32 = 1 << 31;
     pub const BLOCK: u32 = 1 << 30;

@@ -819,7 +819,7 @@ impl RouteTable {
     /// The IPv6 table up to /64 as the maps hold it: the first level, the groups and blocks it
     /// references (the others read as zero), the prefix elements.
     fn read6(&mut self) -> Result<Table6> {
-        use router_common::fib6::{BLOCK, INDEX, NODE};
+        use router_common::fib6::{BLOCK, INDEX, LONG, NODE};
         let l1 = self
             .l1_6
             .read_groups(0..self.l1_6.len as u32 / fib::GROUP_SIZE)?;
@@ -832,7 +832,7 @@ impl RouteTable {
             for e in &level {
                 if e & NODE != 0 && !node_ids.contains(&(e & INDEX)) {
                     next.insert(e & INDEX);
-                } else if e & (NODE | BLOCK) == BLOCK {
+                } else if e & BLOCK != 0 {
                     block_ids.push(e & INDEX);
                 }
             }
@@ -851,18 +851,29 @@ impl RouteTable {
                 })
                 .collect();
         }
-        block_ids.sort_unstable();
-        block_ids.dedup();
-        let words = self.blocks6.read_elements(BLOCK_WORDS, &block_ids)?;
-        let blocks = words
-            .chunks_exact(BLOCK_WORDS)
-            .map(|c| {
-                let mut a = [0u32; BLOCK_WORDS];
-                a.copy_from_slice(c);
-                // SAFETY: as in block_words, the other way.
-                unsafe { std::mem::transmute::<[u32; 24], router_common::Block6>(a) }
-            })
-            .collect();
+        // The blocks the levels point to, then the blocks of lower 64 bits their ranges point to.
+        let mut blocks: Vec<router_common::Block6> = Vec::new();
+        for _ in 0..2 {
+            block_ids.sort_unstable();
+            block_ids.dedup();
+            let words = self.blocks6.read_elements(BLOCK_WORDS, &block_ids)?;
+            blocks = words
+                .chunks_exact(BLOCK_WORDS)
+                .map(|c| {
+                    let mut a = [0u32; BLOCK_WORDS];
+                    a.copy_from_slice(c);
+                    // SAFETY: as in block_words, the other way.
+                    unsafe { std::mem::transmute::<[u32; 24], router_common::Block6>(a) }
+                })
+                .collect();
+            let low: Vec<u32> = block_ids
+                .iter()
+                .flat_map(|b| blocks[*b as usize].vals)
+                .filter(|v| v & (BLOCK | LONG) == BLOCK | LONG)
+                .map(|v| v & INDEX)
+                .collect();
+            block_ids.extend(low);
+        }
         // The elements in use come first: read in steps of 64 Ki until an unused one.
         let mut pfx: Vec<router_common::Pfx6> = Vec::new();
         let step = 65536 * PFX_WORDS;

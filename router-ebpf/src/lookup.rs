@@ -51,8 +51,8 @@ pub fn fib_lookup(dst: u32) -> Option<&'static Route> {
 }
 
 /// IPv6 longest-prefix match (see `router_common::fib6`): the first level, the groups below it
-/// while the entry points to one, the range in a block, and the LPM trie only for addresses in
-/// a /64 that holds longer prefixes.
+/// while the entry points to one, the range in a block, for a /64 holding longer prefixes the
+/// range of its lower 64 bits (or the LPM trie when they do not fit in a block).
 #[inline(always)]
 pub fn fib6_lookup(dst: [u8; 16]) -> Option<&'static Route> {
     let hi = u64::from_be_bytes([
@@ -71,28 +71,40 @@ pub fn fib6_lookup(dst: [u8; 16]) -> Option<&'static Route> {
             .get(((hi >> shift) & 0xff) as usize)?;
         shift = shift.wrapping_sub(8);
     }
-    if e & fib6::BLOCK != 0 {
-        let b = FIB6_BLOCKS.get(e & fib6::INDEX)?;
-        // The last start at or below `hi`, in three steps (starts[0] is the chunk's first).
-        let mut i = 0usize;
-        if *b.starts.get(4)? <= hi {
-            i = 4;
-        }
-        if *b.starts.get(i + 2)? <= hi {
-            i += 2;
-        }
-        if *b.starts.get(i + 1)? <= hi {
-            i += 1;
-        }
-        e = *b.vals.get(i)?;
+    if e & (fib6::BLOCK | fib6::LONG) == fib6::BLOCK {
+        e = block6_search(e, hi)?;
     }
-    if e & fib6::LONG != 0 {
+    if e & (fib6::BLOCK | fib6::LONG) == fib6::BLOCK | fib6::LONG {
+        // A /64 holding longer prefixes: the ranges of the lower 64 bits.
+        let lo = u64::from_be_bytes([
+            dst[8], dst[9], dst[10], dst[11], dst[12], dst[13], dst[14], dst[15],
+        ]);
+        e = block6_search(e, lo)?;
+    } else if e & fib6::LONG != 0 {
         e = match FIB6.get(Key::new(128, dst)) {
             Some(v) => *v,
             None => e & fib6::INDEX,
         };
     }
     NEXTHOPS.get((e & fib6::INDEX).wrapping_sub(1))
+}
+
+/// The value of the range of block `e` holding `key`: the last start at or below it, in three
+/// steps (starts[0] is the chunk's first address).
+#[inline(always)]
+fn block6_search(e: u32, key: u64) -> Option<u32> {
+    let b = FIB6_BLOCKS.get(e & fib6::INDEX)?;
+    let mut i = 0usize;
+    if *b.starts.get(4)? <= key {
+        i = 4;
+    }
+    if *b.starts.get(i + 2)? <= key {
+        i += 2;
+    }
+    if *b.starts.get(i + 1)? <= key {
+        i += 1;
+    }
+    b.vals.get(i).copied()
 }
 
 /// The member of ECMP group `group` that flow hash `h` picks.

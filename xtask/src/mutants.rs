@@ -116,6 +116,15 @@ pub const MUTANTS: &[Mutant] = &[
         )],
     },
     Mutant {
+        name: "long_always_lpm",
+        fault: "every IPv6 /64 holding a longer prefix (a router's own address in its subnet) \
+                sends its lookups to the LPM trie instead of a block of the lower 64 bits",
+        tests: &[(
+            "lib",
+            "fib::six::tests::longer_prefixes_in_a_64_take_a_block_of_the_lower_bits",
+        )],
+    },
+    Mutant {
         name: "wrong_level_order",
         fault: "a route change writes the first level before the groups below it",
         tests: &[("packet", "single_route_changes_are_never_seen_half_done")],

@@ -157,7 +157,7 @@ impl Capacity {
             if p.len <= 64 {
                 let _ = t.set(top, p.len, i as u32 + 1);
             } else {
-                t.long(top, true);
+                t.long_set(top, p.network() as u64, p.len, i as u32 + 1);
             }
         }
         if t.settle().is_err() {
@@ -225,7 +225,7 @@ impl Fib {
     pub fn lookup6_in(&self, t6: &Table6, dst: Ipv6Addr) -> Option<Route> {
         use router_common::fib6::{INDEX, LONG};
         let a = u128::from(dst);
-        let mut e = t6.lookup((a >> 64) as u64);
+        let mut e = t6.lookup((a >> 64) as u64, a as u64);
         if e & LONG != 0 {
             e = (65..=128u8)
                 .rev()

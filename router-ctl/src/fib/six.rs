@@ -14,8 +14,10 @@
 //! block and the groups let go wait in quarantine like the IPv4 groups (see `live`). A group
 //! whose chunk fits in a block again collapses into one.
 //!
-//! Prefixes longer than /64 stay in the kernel's LPM trie; the /64 holding one is a range of
-//! its own, its value marked `LONG`.
+//! Prefixes longer than /64 are kept in the kernel's LPM trie; the /64 holding one is a range
+//! of its own, marked `LONG`: its value is a block of ranges of the lower 64 bits when they make
+//! at most `RANGES` ranges (the router's own addresses, /128s inside its subnets, make three),
+//! else the route of the /64 around them, with the LPM trie looked up first.
 
 use std::collections::BTreeMap;
 
@@ -51,25 +53,39 @@ impl Table6 {
         }
     }
 
-    /// The value the fast path finds for the upper 64 bits `hi` (`LONG` possibly set).
-    pub fn lookup(&self, hi: u64) -> u32 {
+    /// The value the fast path finds for the address (`hi`, `lo`): with `LONG` set, the LPM
+    /// trie decides first.
+    pub fn lookup(&self, hi: u64, lo: u64) -> u32 {
+        let mut e = self.upper(hi);
+        if e & (BLOCK | LONG) == BLOCK | LONG {
+            e = self.search(e, lo);
+        }
+        e
+    }
+
+    /// The value of the range of the upper 64 bits holding `hi`.
+    fn upper(&self, hi: u64) -> u32 {
         let mut e = self.l1[(hi >> 48) as usize];
         let mut shift = 40;
         while e & NODE != 0 {
             e = self.nodes[((e & INDEX) as usize) << 8 | ((hi >> shift) & 0xff) as usize];
             shift -= 8;
         }
-        if e & BLOCK != 0 {
-            let b = &self.blocks[(e & INDEX) as usize];
-            let mut i = 0;
-            for step in [4, 2, 1] {
-                if b.starts[i + step] <= hi {
-                    i += step;
-                }
-            }
-            e = b.vals[i];
+        if e & (BLOCK | LONG) == BLOCK {
+            e = self.search(e, hi);
         }
         e
+    }
+
+    fn search(&self, e: u32, key: u64) -> u32 {
+        let b = &self.blocks[(e & INDEX) as usize];
+        let mut i = 0;
+        for step in [4, 2, 1] {
+            if b.starts[i + step] <= key {
+                i += step;
+            }
+        }
+        b.vals[i]
     }
 
     /// The groups and blocks the table references (walking from the first level).
@@ -85,6 +101,16 @@ impl Table6 {
             let i = e & INDEX;
             if e & BLOCK != 0 {
                 blocks.push(i);
+                if e & LONG == 0 {
+                    if let Some(b) = self.blocks.get(i as usize) {
+                        todo.extend(
+                            b.vals
+                                .iter()
+                                .copied()
+                                .filter(|v| v & (BLOCK | LONG) == BLOCK | LONG),
+                        );
+                    }
+                }
             } else if e & NODE != 0 {
                 nodes.push(i);
                 if let Some(g) = self.nodes.get((i as usize) << 8..((i as usize) + 1) << 8) {
@@ -94,6 +120,7 @@ impl Table6 {
         }
         nodes.sort_unstable();
         blocks.sort_unstable();
+        blocks.dedup();
         (nodes, blocks)
     }
 }
@@ -141,6 +168,8 @@ pub struct Six {
     /// Prefixes up to /64: (upper 64 bits, length) → (value, element of `FIB6_PFX`). Length 65
     /// marks a /64 holding longer prefixes: → (how many, 0).
     idx: BTreeMap<(u64, u8), (u32, u32)>,
+    /// Prefixes longer than /64: (upper 64 bits, lower 64 bits, length) → value.
+    long: BTreeMap<(u64, u64, u8), u32>,
     /// Prefixes per length (0..=64), so that the covering prefix is probed at used lengths only.
     lens: [u32; 65],
     nodes: Pool,
@@ -170,6 +199,54 @@ fn last(a: u64, len: u8) -> u64 {
     a | !mask(len)
 }
 
+/// Groups holding at most this many prefixes are checked at each change for fitting in a block.
+const COLLAPSE_CHECK: usize = 64;
+
+/// A range before it is placed: first address, value, and for a /64 whose longer prefixes fit
+/// in a block, that block's content (the value is then `LONG | BLOCK`).
+type Range = (u64, u32, Option<Block6>);
+
+/// The ranges of [`lo`, `hi`] given the value `base` around everything and the prefixes inside
+/// it, sorted by (first address, length): (first, last, value), a value of None for a /64 with
+/// longer prefixes (a range of its own, `LONG` | the value around it).
+fn sweep(
+    lo: u64,
+    hi: u64,
+    base: u32,
+    inner: impl Iterator<Item = (u64, u64, Option<u32>)>,
+) -> Vec<(u64, u32)> {
+    let mut out: Vec<(u64, u32)> = vec![(lo, base)];
+    fn emit(out: &mut Vec<(u64, u32)>, s: u64, v: u32) {
+        let n = out.len();
+        if out[n - 1].0 == s {
+            out[n - 1].1 = v;
+            if n >= 2 && out[n - 2].1 == v {
+                out.pop();
+            }
+        } else if out[n - 1].1 != v {
+            out.push((s, v));
+        }
+    }
+    // Open prefixes: (last address, value); the whole span at the bottom.
+    let mut open: Vec<(u64, u32)> = vec![(hi, base)];
+    for (a, end, v) in inner {
+        while open.len() > 1 && open[open.len() - 1].0 < a {
+            let (end, _) = open.pop().expect("open prefix");
+            emit(&mut out, end + 1, open[open.len() - 1].1);
+        }
+        let val = v.unwrap_or(open[open.len() - 1].1 | LONG);
+        emit(&mut out, a, val);
+        open.push((end, val));
+    }
+    while open.len() > 1 {
+        let (end, _) = open.pop().expect("open prefix");
+        if end < hi {
+            emit(&mut out, end + 1, open[open.len() - 1].1);
+        }
+    }
+    out
+}
+
 impl Six {
     /// An empty table in maps of capacity `cap`, built over `old` (the maps' table now) when
     /// given: its groups, blocks and prefix elements keep their numbers where they stay.
@@ -180,6 +257,7 @@ impl Six {
             t: Table6::empty(),
             cap,
             idx: BTreeMap::new(),
+            long: BTreeMap::new(),
             lens: [0; 65],
             nodes: Pool::new(cap.nodes, used_nodes),
             blocks: Pool::new(cap.blocks, used_blocks),
@@ -258,19 +336,22 @@ impl Six {
         true
     }
 
-    /// One more (`add`) or one fewer prefix longer than /64 in the /64 `a`.
-    pub fn long(&mut self, a: u64, add: bool) {
-        let e = self.idx.entry((a, 65)).or_insert((0, 0));
-        if add {
-            e.0 += 1;
-            if e.0 > 1 {
-                return;
-            }
-        } else {
-            e.0 -= 1;
-            if e.0 > 0 {
-                return;
-            }
+    /// Sets prefix (`a`, `low`, `len`), `len` above 64, to `val`.
+    pub fn long_set(&mut self, a: u64, low: u64, len: u8, val: u32) {
+        if self.long.insert((a, low, len), val).is_none() {
+            self.idx.entry((a, 65)).or_insert((0, 0)).0 += 1;
+        }
+        self.dirty.push((a, a));
+    }
+
+    /// Removes prefix (`a`, `low`, `len`), `len` above 64.
+    pub fn long_remove(&mut self, a: u64, low: u64, len: u8) {
+        if self.long.remove(&(a, low, len)).is_none() {
+            return;
+        }
+        let e = self.idx.get_mut(&(a, 65)).expect("a counted /64");
+        e.0 -= 1;
+        if e.0 == 0 {
             self.idx.remove(&(a, 65));
         }
         self.dirty.push((a, a));
@@ -300,44 +381,111 @@ impl Six {
     }
 
     /// The ranges of chunk [`lo`, `hi`] (the addresses under a prefix of length `b`): (first
-    /// address, value), ascending, neighbours with different values.
+    /// address, value), ascending, neighbours with different values; a /64 holding longer
+    /// prefixes is a range of its own, `LONG` | the route around it.
     fn ranges(&self, lo: u64, hi: u64, b: u8) -> Vec<(u64, u32)> {
-        let base = self.covering(lo, b);
-        let mut out: Vec<(u64, u32)> = vec![(lo, base)];
-        fn emit(out: &mut Vec<(u64, u32)>, s: u64, v: u32) {
-            let n = out.len();
-            if out[n - 1].0 == s {
-                out[n - 1].1 = v;
-                if n >= 2 && out[n - 2].1 == v {
-                    out.pop();
+        let inner = self
+            .idx
+            .range((lo, b + 1)..=(hi, 65))
+            .map(|(&(a, len), &(v, _))| {
+                if len == 65 {
+                    (a, a, None)
+                } else {
+                    (a, last(a, len), Some(v))
                 }
-            } else if out[n - 1].1 != v {
-                out.push((s, v));
-            }
+            });
+        sweep(lo, hi, self.covering(lo, b), inner)
+    }
+
+    /// `rs` with each `LONG` range's lower 64 bits resolved: the content of its low block, or
+    /// the LPM trie's fallback when they make more ranges than a block holds.
+    fn resolve(&self, rs: Vec<(u64, u32)>) -> Vec<Range> {
+        rs.into_iter()
+            .map(|(s, v)| {
+                if v & LONG == 0 {
+                    return (s, v, None);
+                }
+                let inner = self
+                    .long
+                    .range((s, 0, 0)..=(s, u64::MAX, u8::MAX))
+                    .map(|(&(_, a, len), &v)| (a, last(a, len - 64), Some(v)));
+                let low = sweep(0, u64::MAX, v & INDEX, inner);
+                if low.len() <= RANGES && !cfg!(mutant = "long_always_lpm") {
+                    (s, LONG | BLOCK, Some(Six::block_of(&low)))
+                } else {
+                    (s, v, None)
+                }
+            })
+            .collect()
+    }
+
+    /// An entry's value as `resolve` gives it (a low block by its content).
+    fn canon(&self, v: u32) -> (u32, Option<Block6>) {
+        if v & (BLOCK | LONG) == BLOCK | LONG {
+            (BLOCK | LONG, Some(self.t.blocks[(v & INDEX) as usize]))
+        } else {
+            (v, None)
         }
-        // Open prefixes: (last address, value); the chunk itself at the bottom.
-        let mut open: Vec<(u64, u32)> = vec![(hi, base)];
-        for (&(a, len), &(v, _)) in self.idx.range((lo, b + 1)..=(hi, 65)) {
-            while open.len() > 1 && open[open.len() - 1].0 < a {
-                let (end, _) = open.pop().expect("open prefix");
-                emit(&mut out, end + 1, open[open.len() - 1].1);
-            }
-            let top = open[open.len() - 1].1;
-            let (end, val) = if len == 65 {
-                (a, top | LONG)
-            } else {
-                (last(a, len), v)
-            };
-            emit(&mut out, a, val);
-            open.push((end, val));
+    }
+
+    /// Whether entry `e` holds ranges `rc` already.
+    fn same(&self, e: u32, rc: &[Range]) -> bool {
+        if e & NODE != 0 {
+            return false;
         }
-        while open.len() > 1 {
-            let (end, _) = open.pop().expect("open prefix");
-            if end < hi {
-                emit(&mut out, end + 1, open[open.len() - 1].1);
-            }
+        if e & (BLOCK | LONG) == BLOCK {
+            let b = &self.t.blocks[(e & INDEX) as usize];
+            return rc.len() >= 2
+                && rc.len() <= RANGES
+                && b.starts[rc.len()..].iter().all(|s| *s == u64::MAX)
+                && rc
+                    .iter()
+                    .enumerate()
+                    .all(|(i, r)| b.starts[i] == r.0 && self.canon(b.vals[i]) == (r.1, r.2));
         }
-        out
+        rc.len() == 1 && self.canon(e) == (rc[0].1, rc[0].2)
+    }
+
+    /// The value for range `r`: its low block written to a fresh block when it has one (or
+    /// kept where the old table had the same for this /64).
+    fn value_of(&mut self, r: &Range) -> Result<u32> {
+        match r.2 {
+            Some(low) => {
+                let reuse = self.hints.as_ref().and_then(|h| {
+                    let v = h.old.upper(r.0);
+                    (v & (BLOCK | LONG) == BLOCK | LONG
+                        && h.old.blocks.get((v & INDEX) as usize) == Some(&low))
+                    .then_some(v & INDEX)
+                });
+                Ok(LONG | BLOCK | self.new_block(low, reuse)?)
+            }
+            None => Ok(r.1),
+        }
+    }
+
+    /// A block holding `blk`: `reuse` (the old table's at the same place, with the same
+    /// content) or a fresh one.
+    fn new_block(&mut self, blk: Block6, reuse: Option<u32>) -> Result<u32> {
+        let i = match self.blocks.take_hint(reuse) {
+            Some(i) => i,
+            None => {
+                let i = self.alloc(false)?;
+                self.w.blocks.push(i);
+                i
+            }
+        };
+        let n = i as usize + 1;
+        if self.t.blocks.len() < n {
+            let len = n.div_ceil(4096) * 4096;
+            self.t.blocks.resize(
+                len.min(self.cap.blocks as usize).max(n),
+                Six::block_of(&[(u64::MAX, 0)]),
+            );
+            self.block_pass.resize(self.t.blocks.len(), 0);
+        }
+        self.t.blocks[i as usize] = blk;
+        self.block_pass[i as usize] = self.pass;
+        Ok(i)
     }
 
     /// The entry the old table had for the chunk at `lo` under a prefix of length `b`.
@@ -405,15 +553,19 @@ impl Six {
 
     /// The entry for chunk [`lo`, `hi`] (length `b`) holding ranges `rs`: a value, a new block
     /// or a new group (with everything below it).
-    fn place(&mut self, rs: &[(u64, u32)], lo: u64, b: u8) -> Result<u32> {
+    fn place(&mut self, rs: &[Range], lo: u64, b: u8) -> Result<u32> {
         if rs.len() == 1 {
-            return Ok(rs[0].1);
+            return self.value_of(&rs[0]);
         }
         if rs.len() <= RANGES {
-            let blk = Six::block_of(rs);
+            let mut vals = Vec::with_capacity(rs.len());
+            for r in rs {
+                vals.push((r.0, self.value_of(r)?));
+            }
+            let blk = Six::block_of(&vals);
             let hint = self
                 .hint_at(lo, b)
-                .filter(|e| e & (BLOCK | NODE) == BLOCK)
+                .filter(|e| e & (BLOCK | NODE | LONG) == BLOCK)
                 .map(|e| e & INDEX);
             let reuse = hint.filter(|h| {
                 self.hints
@@ -421,26 +573,7 @@ impl Six {
                     .and_then(|x| x.old.blocks.get(*h as usize))
                     == Some(&blk)
             });
-            let i = match self.blocks.take_hint(reuse) {
-                Some(i) => i,
-                None => {
-                    let i = self.alloc(false)?;
-                    self.w.blocks.push(i);
-                    i
-                }
-            };
-            let n = i as usize + 1;
-            if self.t.blocks.len() < n {
-                let len = n.div_ceil(4096) * 4096;
-                self.t.blocks.resize(
-                    len.min(self.cap.blocks as usize).max(n),
-                    Six::block_of(&[(u64::MAX, 0)]),
-                );
-                self.block_pass.resize(self.t.blocks.len(), 0);
-            }
-            self.t.blocks[i as usize] = blk;
-            self.block_pass[i as usize] = self.pass;
-            return Ok(BLOCK | i);
+            return Ok(BLOCK | self.new_block(blk, reuse)?);
         }
         debug_assert!(b < 64, "a /64 is one range");
         let hint = self
@@ -469,20 +602,14 @@ impl Six {
         }
         self.node_pass[g as usize] = self.pass;
         let step = 1u64 << (56 - b as u32);
-        let mut sub: Vec<(u64, u32)> = Vec::new();
         for j in 0..GROUP_SIZE as u64 {
             let (clo, chi) = (lo + j * step, lo + j * step + (step - 1));
             let first = rs.partition_point(|r| r.0 <= clo) - 1;
             let end = rs.partition_point(|r| r.0 <= chi);
-            sub.clear();
-            sub.push((clo, rs[first].1));
+            let mut sub: Vec<Range> = Vec::with_capacity(end - first);
+            sub.push((clo, rs[first].1, rs[first].2));
             sub.extend_from_slice(&rs[first + 1..end]);
-            let e = if sub.len() == 1 {
-                sub[0].1
-            } else {
-                let s = sub.clone();
-                self.place(&s, clo, b + 8)?
-            };
+            let e = self.place(&sub, clo, b + 8)?;
             self.t.nodes[(g as usize) << 8 | j as usize] = e;
         }
         Ok(NODE | g)
@@ -492,6 +619,15 @@ impl Six {
     fn release(&mut self, e: u32) {
         let i = e & INDEX;
         if e & BLOCK != 0 {
+            if e & LONG == 0 {
+                // The low blocks of its ranges (the last range's value repeats in the padding).
+                let vals = self.t.blocks[i as usize].vals;
+                for (k, v) in vals.iter().enumerate() {
+                    if v & (BLOCK | LONG) == BLOCK | LONG && (k == 0 || vals[k - 1] != *v) {
+                        self.blocks.release(v & INDEX);
+                    }
+                }
+            }
             self.blocks.release(i);
         } else if e & NODE != 0 {
             for j in 0..GROUP_SIZE as usize {
@@ -510,17 +646,20 @@ impl Six {
             if self.node_pass[g as usize] == self.pass {
                 return Ok(e);
             }
-            // Few prefixes left inside: maybe a block holds the chunk again.
+            // Few prefixes left inside: maybe a block holds the chunk again (as a table built
+            // afresh would have it, so that a build over this one keeps its numbers). Beyond
+            // COLLAPSE_CHECK prefixes inside, the ranges are not counted at every change.
             if self
                 .idx
                 .range((lo, b + 1)..=(hi, 65))
-                .take(RANGES + 1)
+                .take(COLLAPSE_CHECK + 1)
                 .count()
-                <= RANGES
+                <= COLLAPSE_CHECK
             {
                 let rs = self.ranges(lo, hi, b);
                 if rs.len() <= RANGES {
-                    let ne = self.place(&rs, lo, b)?;
+                    let rc = self.resolve(rs);
+                    let ne = self.place(&rc, lo, b)?;
                     self.release(e);
                     return Ok(ne);
                 }
@@ -543,26 +682,25 @@ impl Six {
         if e & BLOCK != 0 && self.block_pass[(e & INDEX) as usize] == self.pass {
             return Ok(e);
         }
-        let rs = self.ranges(lo, hi, b);
-        if rs.len() == 1 && rs[0].1 == e {
+        let rc = self.resolve(self.ranges(lo, hi, b));
+        if self.same(e, &rc) && !cfg!(mutant = "block_in_place") {
             return Ok(e);
         }
-        if e & BLOCK != 0
-            && rs.len() <= RANGES
-            && self.t.blocks[(e & INDEX) as usize] == Six::block_of(&rs)
-            && !cfg!(mutant = "block_in_place")
+        if cfg!(mutant = "block_in_place")
+            && e & (BLOCK | LONG) == BLOCK
+            && rc.len() > 1
+            && rc.len() <= RANGES
+            && rc.iter().all(|r| r.2.is_none())
         {
-            return Ok(e);
-        }
-        if cfg!(mutant = "block_in_place") && e & BLOCK != 0 && rs.len() > 1 && rs.len() <= RANGES {
             // The fault: a block in use is rewritten where lookups read it.
             let i = e & INDEX;
-            self.t.blocks[i as usize] = Six::block_of(&rs);
+            let vals: Vec<(u64, u32)> = rc.iter().map(|r| (r.0, r.1)).collect();
+            self.t.blocks[i as usize] = Six::block_of(&vals);
             self.block_pass[i as usize] = self.pass;
             self.w.blocks.push(i);
             return Ok(e);
         }
-        let ne = self.place(&rs, lo, b)?;
+        let ne = self.place(&rc, lo, b)?;
         self.release(e);
         Ok(ne)
     }
@@ -639,5 +777,64 @@ impl Six {
     pub fn promote(&mut self) {
         self.nodes.promote();
         self.blocks.promote();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cap() -> Cap6 {
+        Cap6 {
+            nodes: 64,
+            blocks: 256,
+            prefixes: 256,
+        }
+    }
+
+    /// The router's own address inside its subnet (a /128 in a /64) costs the lookup a block of
+    /// the lower 64 bits, not the LPM trie; nine longer prefixes in one /64 (more ranges than a
+    /// block holds) fall back to the trie, the /64's route kept as the value when it misses.
+    #[test]
+    fn longer_prefixes_in_a_64_take_a_block_of_the_lower_bits() {
+        let mut t = Six::new(cap(), None);
+        let subnet = 0x2001_0db8_0001_0000u64;
+        t.set(subnet, 64, 7).unwrap();
+        t.long_set(subnet, 1, 128, 9);
+        t.settle().unwrap();
+        t.take();
+        let e = t.t.lookup(subnet, 1);
+        assert_eq!(e, 9, "the address itself");
+        assert_eq!(t.t.lookup(subnet, 2), 7, "a host of the subnet");
+        assert_eq!(t.t.lookup(subnet, u64::MAX), 7);
+        assert_eq!(t.t.lookup(subnet + 1, 2), 0, "the next /64");
+        // The /64's value points to a block of the lower bits, not to the trie.
+        let mut v = t.t.l1[(subnet >> 48) as usize];
+        let mut shift = 40;
+        while v & NODE != 0 {
+            v = t.t.nodes[((v & INDEX) as usize) << 8 | ((subnet >> shift) & 0xff) as usize];
+            shift -= 8;
+        }
+        if v & (BLOCK | LONG) == BLOCK {
+            let b = &t.t.blocks[(v & INDEX) as usize];
+            let i = b.starts.iter().rposition(|s| *s <= subnet).unwrap();
+            v = b.vals[i];
+        }
+        assert_eq!(v & (BLOCK | LONG), BLOCK | LONG, "{v:#x}");
+        // Nine /128s: 19 ranges, the LPM trie's.
+        for k in 2..11u64 {
+            t.long_set(subnet, k * 16, 128, 9);
+        }
+        t.settle().unwrap();
+        t.take();
+        assert_eq!(t.t.lookup(subnet, 1), LONG | 7);
+        // Back to one: a block again, the others' blocks let go.
+        for k in 2..11u64 {
+            t.long_remove(subnet, k * 16, 128);
+        }
+        t.settle().unwrap();
+        t.take();
+        assert_eq!(t.t.lookup(subnet, 1), 9);
+        assert_eq!(t.t.lookup(subnet, 32), 7);
     }
 }
