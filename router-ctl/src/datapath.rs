@@ -519,23 +519,7 @@ impl Mapped {
     /// follow the table, not the capacity.
     fn read_groups(&mut self, groups: impl IntoIterator<Item = u32>) -> Result<Vec<u32>> {
         let groups: Vec<u32> = groups.into_iter().collect();
-        let n = fib::GROUP_SIZE as usize;
-        let end = groups
-            .iter()
-            .map(|g| (*g as usize + 1) * n)
-            .max()
-            .unwrap_or(0)
-            .min(self.len);
-        self.reach(end)?;
-        let mut v = vec![0u32; end];
-        for g in groups {
-            let start = g as usize * fib::GROUP_SIZE as usize;
-            for i in start..(start + fib::GROUP_SIZE as usize).min(end) {
-                // SAFETY: i < end <= len, within the mapping.
-                v[i] = unsafe { std::ptr::read_volatile(self.ptr.add(i)) };
-            }
-        }
-        Ok(v)
+        self.read_elements(fib::GROUP_SIZE as usize, &groups)
     }
 
     /// Writes `new`'s groups `in_new`: a group the old table used too gets only its changed

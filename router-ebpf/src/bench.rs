@@ -76,33 +76,30 @@ static PROBE_ARRAY: Array<[u32; 256]> = Array::with_max_entries(1, 0);
 #[map(name = "PROBE_HASH")]
 static PROBE_HASH: HashMap<u32, [u32; 256]> = HashMap::with_max_entries(1, BPF_F_NO_PREALLOC);
 
-/// The probe's key: 4 bytes at offset 30 of the frame (an IPv4 destination), group in the high
-/// 16 bits, entry in the next 8.
+/// The probe's group and entry: from the 4 bytes at offset 30 of the frame (an IPv4
+/// destination), the group from the high 16 bits modulo the groups in use (`GEN_CONF[0]`), the
+/// entry from the next 8.
 #[inline(always)]
-fn probe_key(ctx: &XdpContext) -> Option<u32> {
+fn probe_at(ctx: &XdpContext) -> Option<(u32, usize)> {
     let start = ctx.data();
     if start + 34 > ctx.data_end() {
         return None;
     }
     // SAFETY: bytes 30..34 are inside the frame (checked above).
-    Some(u32::from_be(unsafe {
-        core::ptr::read_unaligned((start + 30) as *const u32)
-    }))
+    let k = u32::from_be(unsafe { core::ptr::read_unaligned((start + 30) as *const u32) });
+    let n = *GEN_CONF.get(0)?;
+    if n == 0 {
+        return None;
+    }
+    Some(((k >> 16) % n, ((k >> 8) & 0xff) as usize))
 }
 
 #[xdp]
 pub fn bench_probe_array(ctx: XdpContext) -> u32 {
-    let Some(k) = probe_key(&ctx) else {
+    let Some((g, i)) = probe_at(&ctx) else {
         return xdp_action::XDP_ABORTED;
     };
-    let n = match GEN_CONF.get(0) {
-        Some(n) if *n > 0 => *n,
-        _ => return xdp_action::XDP_ABORTED,
-    };
-    match PROBE_ARRAY
-        .get((k >> 16) % n)
-        .and_then(|g| g.get(((k >> 8) & 0xff) as usize))
-    {
+    match PROBE_ARRAY.get(g).and_then(|g| g.get(i)) {
         Some(v) if *v != 0 => xdp_action::XDP_DROP,
         _ => xdp_action::XDP_PASS,
     }
@@ -110,16 +107,11 @@ pub fn bench_probe_array(ctx: XdpContext) -> u32 {
 
 #[xdp]
 pub fn bench_probe_hash(ctx: XdpContext) -> u32 {
-    let Some(k) = probe_key(&ctx) else {
+    let Some((g, i)) = probe_at(&ctx) else {
         return xdp_action::XDP_ABORTED;
     };
-    let n = match GEN_CONF.get(0) {
-        Some(n) if *n > 0 => *n,
-        _ => return xdp_action::XDP_ABORTED,
-    };
-    let key = (k >> 16) % n;
     // SAFETY: a map lookup; the value is read while the program runs.
-    match unsafe { PROBE_HASH.get(&key) }.and_then(|g| g.get(((k >> 8) & 0xff) as usize)) {
+    match unsafe { PROBE_HASH.get(&g) }.and_then(|g| g.get(i)) {
         Some(v) if *v != 0 => xdp_action::XDP_DROP,
         _ => xdp_action::XDP_PASS,
     }

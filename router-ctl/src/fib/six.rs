@@ -506,25 +506,22 @@ impl Six {
         Some(e)
     }
 
-    fn alloc(&mut self, node: bool) -> Result<u32> {
-        let pool = if node {
+    fn pool(&mut self, node: bool) -> &mut Pool {
+        if node {
             &mut self.nodes
         } else {
             &mut self.blocks
-        };
-        if let Some(x) = pool.alloc() {
+        }
+    }
+
+    fn alloc(&mut self, node: bool) -> Result<u32> {
+        if let Some(x) = self.pool(node).alloc() {
             return Ok(x);
         }
-        if pool.waiting() {
+        if self.pool(node).waiting() {
             wait_for_lookups();
-            self.nodes.promote();
-            self.blocks.promote();
-            let pool = if node {
-                &mut self.nodes
-            } else {
-                &mut self.blocks
-            };
-            if let Some(x) = pool.alloc() {
+            self.promote();
+            if let Some(x) = self.pool(node).alloc() {
                 return Ok(x);
             }
         }
