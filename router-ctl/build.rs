@@ -30,6 +30,8 @@ const EBPF_MUTANTS: &[&str] = &[
     "nat_untranslated_out",
     "nat_udp_zero_updated",
     "nat_icmp_errors_to_kernel",
+    "nat_no_retire",
+    "nat_stale_used",
 ];
 /// Faults in the controller (router-ctl).
 const CTL_MUTANTS: &[&str] = &[

@@ -52,6 +52,16 @@ pub mod map_names {
     pub const NAT_FLOWS: &str = "NAT_FLOWS";
     /// One u32 of `nat_conf` bits.
     pub const NAT_CONF: &str = "NAT_CONF";
+    /// Array of `nat::GEN_SLOTS` u32: a flow's generation, by `nat::gen_slot` of its original
+    /// direction's key. The fast path moves a slot on at every connection start and end it
+    /// sees; a `NatFlow` copied under another generation is never used (see `NatFlow::gen`).
+    pub const NAT_GEN: &str = "NAT_GEN";
+    /// Array of `nat::SEEN_SLOTS` u32: how many packets of a flow (by `nat::seen_slot`) the
+    /// kernel path got in the current second (`nat::seen`).
+    pub const NAT_SEEN: &str = "NAT_SEEN";
+    /// Ring buffer of `NatKey`s: flows the kernel path carried `nat::COPY_AFTER` times, for the
+    /// controller to copy from conntrack.
+    pub const NAT_MISSES: &str = "NAT_MISSES";
     /// Per-CPU array: `Iface::slot` → `Stats`.
     pub const STATS: &str = "STATS";
 }
@@ -251,6 +261,74 @@ pub mod nat_conf {
 /// Most NAT flow entries per router (two per connection).
 pub const MAX_NAT_FLOWS: u32 = 1 << 18;
 
+/// How NAT flows reach the fast path, and how the fast path stops using them.
+///
+/// The kernel's conntrack decides every mapping; the fast path holds copies. A copy is made on
+/// demand: the fast path counts, per flow hash, the packets it hands to the kernel for want of
+/// one (`NAT_SEEN`), and reports the flow each time the count reaches `COPY_AFTER` (TCP:
+/// `COPY_AFTER_TCP`), counting again from 0 (`NAT_MISSES`). Flows sharing a slot add up, so
+/// a report names whichever flow's packet completed the count; at most `SEEN_REPORTS` reports
+/// per slot until its packets pause for `SEEN_IDLE`, so a flow the controller does not copy
+/// (not NAT, say) costs it little however fast it comes. The controller then asks conntrack
+/// for that tuple and copies it when it is a NAT flow the fast path may carry. A short
+/// connection never gets that far and costs nothing but the kernel's own work.
+///
+/// A copy is used only while it is valid, which the program checks on every packet:
+/// - its generation (`NatFlow::gen`) equals `NAT_GEN[NatFlow::slot]`: the program moves that
+///   slot on when a TCP connection starts (a SYN, which may make conntrack replace a closed
+///   connection's entry with a new mapping) and when a known flow's FIN or RST goes by (and
+///   then deletes both directions' copies). The controller reads the slot before it asks
+///   conntrack, so a copy taken before such a packet carries an old generation: no timing
+///   of the controller can bring back a mapping the kernel replaced;
+/// - the time (`NatFlow::until`) is before the kernel's entry can have expired: the
+///   controller sets it from the entry's remaining timeout, and extends it only after giving
+///   the kernel's entry a new timeout.
+pub mod nat {
+    use super::NatKey;
+
+    /// Slots of `NAT_GEN` (a power of two).
+    pub const GEN_SLOTS: u32 = 1 << 14;
+    /// Slots of `NAT_SEEN` (a power of two).
+    pub const SEEN_SLOTS: u32 = 1 << 14;
+    /// Packets a UDP or ICMP echo flow passes to the kernel before it is reported (a power of
+    /// two).
+    pub const COPY_AFTER: u32 = 2;
+    /// The same for TCP (control segments not counted): a request and its answer stay below.
+    pub const COPY_AFTER_TCP: u32 = 8;
+    /// Bytes of `NAT_MISSES`.
+    pub const MISSES_BYTES: u32 = 16 * 1024;
+    /// `NAT_SEEN` entries: the time of the slot's last packet in the upper 16 bits (units of
+    /// 2^`SEEN_TIME_SHIFT` ns of CLOCK_MONOTONIC, about 16.8 ms), the reports made since its
+    /// last pause in the next 8, the count in the low 8.
+    pub const SEEN_TIME_SHIFT: u32 = 24;
+    /// A pause longer than this many time units (about a second) starts over.
+    pub const SEEN_IDLE: u32 = 64;
+    /// Reports per slot between pauses.
+    pub const SEEN_REPORTS: u32 = 8;
+
+    #[inline(always)]
+    fn hash(k: &NatKey) -> u32 {
+        let w = |b: [u8; 4]| u32::from_ne_bytes(b);
+        let x = w(k.src)
+            ^ w(k.dst).rotate_left(11)
+            ^ w([k.sport[0], k.sport[1], k.dport[0], k.dport[1]]).rotate_left(22)
+            ^ k.proto as u32;
+        x.wrapping_mul(0x9e37_79b1)
+    }
+
+    /// The `NAT_GEN` slot of a flow whose original direction has key `k`.
+    #[inline(always)]
+    pub fn gen_slot(k: &NatKey) -> u32 {
+        hash(k) >> (32 - GEN_SLOTS.trailing_zeros())
+    }
+
+    /// The `NAT_SEEN` slot of key `k`.
+    #[inline(always)]
+    pub fn seen_slot(k: &NatKey) -> u32 {
+        hash(k) >> (32 - SEEN_SLOTS.trailing_zeros())
+    }
+}
+
 /// Key of `NAT_FLOWS`: one direction of a flow as its packets arrive at the router, before
 /// translation (network byte order). ICMP echo: `sport` is the identifier, `dport` 0.
 #[repr(C)]
@@ -283,10 +361,19 @@ pub struct NatFlow {
     pub dport: [u8; 2],
     /// `nat_flags`.
     pub flags: u32,
+    /// The flow's `NAT_GEN` slot (`nat::gen_slot` of its original direction's key), the same
+    /// in both directions' entries.
+    pub slot: u32,
+    /// `NAT_GEN[slot]` when the controller read the flow from conntrack: the entry is valid
+    /// while the slot still holds it.
+    pub gen: u32,
     /// When the fast path last carried a packet of this direction (CLOCK_MONOTONIC ns,
     /// coarse; updated at most once a second): the controller refreshes the kernel's
     /// timeout of flows in use.
     pub used: u64,
+    /// CLOCK_MONOTONIC ns before which the kernel's entry cannot have expired: the entry is
+    /// not used from then on.
+    pub until: u64,
 }
 
 /// Value of the `IFACES` map: what the fast path needs to know of a `qr-` device.
@@ -467,7 +554,7 @@ mod layout {
         assert_eq!(size_of::<IfaceAt>(), 20);
         assert_eq!(size_of::<Stats>(), 8 * (8 + pass_reason::COUNT));
         assert_eq!(size_of::<NatKey>(), 16);
-        assert_eq!(size_of::<NatFlow>(), 24);
+        assert_eq!(size_of::<NatFlow>(), 40);
         assert_eq!(size_of::<Block6>(), 96);
         assert_eq!(size_of::<Pfx6>(), 16);
     }

@@ -1,45 +1,55 @@
-//! NAT flows for the fast path, copied from the kernel's conntrack.
+//! NAT flows for the fast path, copied from the kernel's conntrack on demand.
 //!
 //! The kernel decides every mapping: a flow's first packets go through the kernel path, whose
 //! nftables rules (`kernel::nft`) SNAT or DNAT them and whose conntrack records the result.
-//! The daemon follows conntrack's events (ctnetlink) in each router namespace with a gateway
-//! and writes both directions of every NAT flow into the router's `NAT_FLOWS` map; the fast
-//! path then translates the flow's packets itself. The kernel's entry stays the authority:
+//! The fast path reports a flow whose packets keep coming to the kernel for want of a copy
+//! (`NAT_MISSES`, see `router_common::nat`); the daemon asks conntrack for that one tuple and
+//! writes both directions of the flow into the router's `NAT_FLOWS` map when it is a NAT flow
+//! the fast path may carry (UDP, ICMP echo, TCP once established). The kernel's entry stays the
+//! authority, and no event is asked of conntrack: a short connection costs the kernel nothing
+//! it would not spend without this router.
 //!
-//! - UDP and ICMP echo flows are copied when conntrack confirms them; TCP flows once they are
-//!   ESTABLISHED (ASSURED), so that the kernel saw the whole handshake, and the fast path
-//!   hands SYN, FIN and RST to the kernel: conntrack's TCP state stays true;
-//! - flows the fast path carries have their kernel timeout refreshed (`refresh`), so the
-//!   kernel never expires a flow in use; when it expires or deletes one (idle, closed,
-//!   flushed), the event removes it from the map;
-//! - the map is pinned: a restarted or upgraded daemon dumps conntrack and rewrites the map,
-//!   and the kernel path carries every flow while no fast path runs, with the same mapping.
+//! - every copy carries the generation of its flow's `NAT_GEN` slot, read before conntrack
+//!   was asked, and a time before which the kernel's entry cannot have expired; the fast path
+//!   uses a copy only while both hold, and moves the generation on when a TCP connection
+//!   starts or a known one ends (so a reused client port never meets a closed connection's
+//!   mapping, however late this daemon writes);
+//! - flows the fast path carries have their kernel timeout refreshed (`refresh`), and only
+//!   then their copies' time extended; a flow the kernel no longer has (flushed, deleted)
+//!   loses its copies at the next refresh, within `REFRESH_EVERY`;
+//! - the map is pinned: a restarted or upgraded daemon keeps the copies conntrack still
+//!   holds, and the kernel path carries every flow while no fast path runs, with the same
+//!   mapping.
 
 use std::{
-    collections::HashMap as StdHashMap,
+    collections::{HashMap as StdHashMap, HashSet},
     net::Ipv4Addr,
+    os::fd::AsRawFd as _,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result};
-use aya::maps::{HashMap, Map, MapData};
-use router_common::{map_names, nat_flags, NatFlow, NatKey};
+use aya::maps::{Array, HashMap, Map, MapData, RingBuf};
+use router_common::{map_names, nat::gen_slot, nat_flags, NatFlow, NatKey};
 
 use crate::{
     datapath,
-    kernel::conntrack::{self, status, Conntrack, Event, Flow, Tuple, IPPROTO_ICMP, IPPROTO_TCP},
+    kernel::conntrack::{
+        self, status, Conntrack, Flow, Tuple, IPPROTO_ICMP, IPPROTO_TCP,
+        TCP_CONNTRACK_ESTABLISHED,
+    },
 };
 
 /// At most how long between two refreshes of the kernel's timeouts of flows in use (shorter
 /// when the namespace's shortest timeout is short: a third of it, at least a second).
 pub const REFRESH_EVERY: Duration = Duration::from_secs(5);
 
-/// How long the daemon gathers conntrack events after the first one of a burst.
-pub const BATCH: Duration = Duration::from_millis(2);
+/// How long before the kernel's entry could expire a copy stops being used (the coarse clocks
+/// of the program and the daemon, and the time between reading and writing).
+const MARGIN_NS: u64 = 1_000_000_000;
 
-/// How long an established TCP flow waits before it is copied: connections that end sooner
-/// (most of a busy server's) never cost a map write.
-pub const TCP_DELAY: Duration = Duration::from_millis(20);
+/// `BPF_EXIST`: update an element only if it is there (the fast path may have retired it).
+const BPF_EXIST: u64 = 2;
 
 /// The namespace's conntrack timeouts (seconds) for the flows the fast path carries: what a
 /// packet passing through the kernel would set.
@@ -89,7 +99,7 @@ impl Timeouts {
 }
 
 /// The fast path's key for one direction of a flow as conntrack writes it.
-fn key_of(t: &Tuple) -> NatKey {
+pub fn key_of(t: &Tuple) -> NatKey {
     let (sport, dport) = if t.proto == IPPROTO_ICMP {
         (t.sport.to_be_bytes(), [0, 0])
     } else {
@@ -102,6 +112,24 @@ fn key_of(t: &Tuple) -> NatKey {
         dport,
         proto: t.proto,
         _pad: [0; 3],
+    }
+}
+
+/// The conntrack tuple of a packet with key `k`: as its flow's original direction (an ICMP
+/// echo request) or as the reply direction (an echo reply).
+fn tuple_of(k: &NatKey, reply: bool) -> Tuple {
+    let (sport, dport) = if k.proto == IPPROTO_ICMP {
+        // Type << 8 | code: echo request (8) one way, echo reply (0) the other.
+        (u16::from_be_bytes(k.sport), if reply { 0 } else { 8 << 8 })
+    } else {
+        (u16::from_be_bytes(k.sport), u16::from_be_bytes(k.dport))
+    };
+    Tuple {
+        src: Ipv4Addr::from(k.src),
+        dst: Ipv4Addr::from(k.dst),
+        proto: k.proto,
+        sport,
+        dport,
     }
 }
 
@@ -130,42 +158,58 @@ fn flow_to(other: &Tuple, from: &Tuple) -> NatFlow {
         sport,
         dport,
         flags,
+        // Set by `entries` and `NatSync::copy`.
+        slot: 0,
+        gen: 0,
         used: 0,
+        until: 0,
     }
 }
 
-/// The two map entries of a NAT flow the fast path may carry (None: it is the kernel's:
-/// no NAT, another protocol, ICMP other than echo, TCP not yet established, dying).
+/// The two map entries of a NAT flow the fast path may carry, their generation slot that of
+/// the original direction (None: it is the kernel's: no NAT, another protocol, ICMP other
+/// than echo, TCP not established, dying).
 pub fn entries(f: &Flow) -> Option<[(NatKey, NatFlow); 2]> {
     if !f.nat() || f.status & status::DYING != 0 {
         return None;
     }
     match f.orig.proto {
-        IPPROTO_TCP if f.status & status::ASSURED == 0 => return None,
+        IPPROTO_TCP if f.tcp_state != Some(TCP_CONNTRACK_ESTABLISHED) => return None,
         IPPROTO_TCP | conntrack::IPPROTO_UDP => {}
         IPPROTO_ICMP if f.orig.dport >> 8 == 8 => {}
         _ => return None,
     }
-    Some([
+    let slot = gen_slot(&key_of(&f.orig));
+    let mut e = [
         (key_of(&f.orig), flow_to(&f.reply, &f.orig)),
         (key_of(&f.reply), flow_to(&f.orig, &f.reply)),
-    ])
+    ];
+    for (_, v) in &mut e {
+        v.slot = slot;
+    }
+    Some(e)
 }
 
-/// A router's flow map and what was written to it.
+/// A flow this daemon copied.
+struct Copied {
+    flow: Flow,
+    keys: [NatKey; 2],
+}
+
+/// A router's flow map, its reports, and what was written to the map.
 pub struct NatSync {
     pub router: String,
     ct: Conntrack,
     map: HashMap<MapData, NatKey, NatFlow>,
-    installed: StdHashMap<Tuple, (Flow, [NatKey; 2])>,
-    /// Established TCP flows waiting out `TCP_DELAY`, by when they are due.
-    pending: StdHashMap<Tuple, (Instant, Flow)>,
+    gens: Array<MapData, u32>,
+    misses: RingBuf<MapData>,
+    installed: StdHashMap<Tuple, Copied>,
     last_refresh: Instant,
     timeouts: Timeouts,
     timeouts_read: Instant,
 }
 
-fn monotonic_ns() -> u64 {
+pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
@@ -176,198 +220,227 @@ fn monotonic_ns() -> u64 {
 }
 
 impl NatSync {
-    /// Subscribes to conntrack's events in the calling thread's namespace, then copies every
-    /// NAT flow the table has (subscribe first: an event racing the dump is applied after it).
+    /// Opens the router's maps and a conntrack socket in the calling thread's namespace, and
+    /// keeps the copies a previous daemon left that conntrack still holds, with their mapping
+    /// (the others are deleted).
     pub fn open(router: &str) -> Result<NatSync> {
-        let ct = Conntrack::open(
-            conntrack::GROUP_NEW | conntrack::GROUP_UPDATE | conntrack::GROUP_DESTROY,
-        )?;
-        let map = HashMap::try_from(Map::HashMap(datapath::open_pinned(
-            router,
-            map_names::NAT_FLOWS,
-        )?))?;
+        let pinned = |name| datapath::open_pinned(router, name);
         let mut s = NatSync {
             router: router.to_string(),
-            ct,
-            map,
+            ct: Conntrack::open(0)?,
+            map: HashMap::try_from(Map::HashMap(pinned(map_names::NAT_FLOWS)?))?,
+            gens: Array::try_from(Map::Array(pinned(map_names::NAT_GEN)?))?,
+            misses: RingBuf::try_from(Map::RingBuf(pinned(map_names::NAT_MISSES)?))?,
             installed: StdHashMap::new(),
-            pending: StdHashMap::new(),
             last_refresh: Instant::now(),
             timeouts: Timeouts::read(),
             timeouts_read: Instant::now(),
         };
-        s.resync()?;
+        s.adopt()?;
         Ok(s)
     }
 
-    /// Rewrites the map from a dump of the kernel's table: every entry the map holds when
-    /// `whole` (a daemon starting on a pinned map), else the flows this process installed.
-    pub fn resync_with(&mut self, whole: bool) -> Result<()> {
-        let mut dumper = Conntrack::open(0)?;
-        let flows = dumper.dump().context("dumping conntrack")?;
-        let mut keep = std::collections::HashSet::new();
+    /// Keeps the map's copies of flows conntrack holds with the same mapping, deletes the rest.
+    fn adopt(&mut self) -> Result<()> {
+        let flows = self.ct.dump().context("dumping conntrack")?;
+        let mut keep = HashSet::new();
         for f in &flows {
-            if let Some(e) = entries(f) {
-                self.install(f, e);
+            let Some(e) = entries(f) else { continue };
+            let same = e.iter().all(|(k, want)| {
+                self.map.get(k, 0).is_ok_and(|v| {
+                    (v.src, v.dst, v.sport, v.dport, v.slot)
+                        == (want.src, want.dst, want.sport, want.dport, want.slot)
+                })
+            });
+            if same {
                 keep.insert(e[0].0);
                 keep.insert(e[1].0);
+                self.installed.insert(
+                    f.orig,
+                    Copied {
+                        flow: f.clone(),
+                        keys: [e[0].0, e[1].0],
+                    },
+                );
             }
         }
-        let stale: Vec<NatKey> = if whole {
-            self.map
-                .keys()
-                .filter_map(|k| k.ok())
-                .filter(|k| !keep.contains(k))
-                .collect()
-        } else {
-            self.installed
-                .values()
-                .flat_map(|(_, k)| *k)
-                .filter(|k| !keep.contains(k))
-                .collect()
-        };
+        let stale: Vec<NatKey> = self
+            .map
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| !keep.contains(k))
+            .collect();
         for k in &stale {
             let _ = self.map.remove(k);
         }
-        self.installed
-            .retain(|_, (_, keys)| keep.contains(&keys[0]));
-        tracing::debug!(router = %self.router, flows = self.installed.len(), removed = stale.len(), "NAT flows synced with conntrack");
+        tracing::debug!(router = %self.router, kept = self.installed.len(), removed = stale.len(), "NAT flows checked against conntrack");
         Ok(())
     }
 
-    pub fn resync(&mut self) -> Result<()> {
-        self.resync_with(true)
+    fn gen(&self, slot: u32) -> u32 {
+        self.gens.get(&slot, 0).unwrap_or(0)
     }
 
-    fn install(&mut self, f: &Flow, e: [(NatKey, NatFlow); 2]) {
-        if self.installed.contains_key(&f.orig) {
-            return;
+    /// Copies the flow of a packet with key `k` (reported by the fast path) when conntrack has
+    /// it and the fast path may carry it. The generation is read before conntrack is asked.
+    pub fn copy(&mut self, k: &NatKey) -> Result<bool> {
+        let mut gen = self.gen(gen_slot(k));
+        let mut asked = monotonic_ns();
+        let flow = match self.ct.get(&tuple_of(k, false), false)? {
+            Some(f) => f,
+            None => {
+                // The reply direction: the generation is the original direction's, read before
+                // conntrack is asked again.
+                let Some(f) = self.ct.get(&tuple_of(k, true), true)? else {
+                    return Ok(false);
+                };
+                gen = self.gen(gen_slot(&key_of(&f.orig)));
+                asked = monotonic_ns();
+                match self.ct.get(&f.orig, false)? {
+                    Some(f) => f,
+                    None => return Ok(false),
+                }
+            }
+        };
+        let (Some(mut e), Some(secs)) = (entries(&flow), flow.timeout) else {
+            return Ok(false);
+        };
+        let Some(until) = (asked + secs as u64 * 1_000_000_000).checked_sub(MARGIN_NS) else {
+            return Ok(false);
+        };
+        if until <= monotonic_ns() {
+            return Ok(false);
         }
-        for (k, v) in &e {
-            if let Err(err) = self.map.insert(k, v, 0) {
+        for (key, v) in &mut e {
+            v.gen = gen;
+            v.until = until;
+            if let Err(err) = self.map.insert(*key, *v, 0) {
                 tracing::warn!(router = %self.router, error = %err, "NAT flow map full or unwritable; the kernel keeps carrying the flow");
                 let _ = self.map.remove(&e[0].0);
-                return;
+                return Ok(false);
             }
         }
-        self.installed.insert(f.orig, (f.clone(), [e[0].0, e[1].0]));
+        self.installed.insert(
+            flow.orig,
+            Copied {
+                flow,
+                keys: [e[0].0, e[1].0],
+            },
+        );
+        Ok(true)
     }
 
     fn forget(&mut self, orig: &Tuple) {
-        if let Some((_, keys)) = self.installed.remove(orig) {
-            for k in &keys {
+        if let Some(c) = self.installed.remove(orig) {
+            for k in &c.keys {
                 let _ = self.map.remove(k);
             }
         }
     }
 
-    /// Waits for conntrack events (at most `timeout_ms`, and at most until the next refresh is
-    /// due) and applies them, refreshing timeouts when due; returns as soon as `wake` becomes
-    /// readable. Lost events (a socket overrun) lead to a full resync: a router's flows cost one wake-up per refresh period when
-    /// nothing happens.
+    /// Waits for the fast path's reports (at most `timeout_ms`, and at most until the next
+    /// refresh is due), copies the flows reported, and refreshes when due; returns as soon as
+    /// `wake` becomes readable.
     pub fn step_or_wake(&mut self, timeout_ms: i32, wake: std::os::fd::RawFd) -> Result<()> {
-        let mut due = self
+        let due = self
             .timeouts
             .every()
             .saturating_sub(self.last_refresh.elapsed());
-        if let Some(first) = self.pending.values().map(|(t, _)| *t).min() {
-            due = due.min(first.saturating_duration_since(Instant::now()));
-        }
         let timeout_ms = timeout_ms.min(due.as_millis() as i32 + 1);
-        if self.ct.wait_or_wake(timeout_ms, wake) {
-            // Events come in bursts when connections come quickly: gather them for a moment,
-            // so that one wake-up handles many (a new flow reaches the fast path 2 ms later
-            // at most; its packets take the kernel path meanwhile).
-            std::thread::sleep(BATCH);
+        let mut pfd = [
+            libc::pollfd {
+                fd: self.misses.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: wake,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: two pollfds (a negative fd is ignored by poll).
+        unsafe { libc::poll(pfd.as_mut_ptr(), 2, timeout_ms) };
+        let mut reported = Vec::new();
+        while let Some(item) = self.misses.next() {
+            if item.len() >= std::mem::size_of::<NatKey>() {
+                // SAFETY: the program writes whole `NatKey`s; read unaligned.
+                let k = unsafe { std::ptr::read_unaligned(item.as_ptr() as *const NatKey) };
+                reported.push(k);
+            }
         }
-        match self.ct.events_or_wake(0, wake) {
-            Ok(events) => {
-                for ev in events {
-                    match ev {
-                        Event::New(f) | Event::Update(f) if f.orig.proto == IPPROTO_TCP => {
-                            if entries(&f).is_some() && !self.installed.contains_key(&f.orig) {
-                                self.pending
-                                    .entry(f.orig)
-                                    .or_insert((Instant::now() + TCP_DELAY, f));
-                            }
-                        }
-                        Event::New(f) | Event::Update(f) => {
-                            if let Some(e) = entries(&f) {
-                                self.install(&f, e);
-                            }
-                        }
-                        Event::Destroy(f) => {
-                            self.pending.remove(&f.orig);
-                            self.forget(&f.orig);
-                        }
-                    }
-                }
-            }
-            Err(e)
-                if e.downcast_ref::<std::io::Error>()
-                    .and_then(|e| e.raw_os_error())
-                    == Some(libc::ENOBUFS) =>
-            {
-                tracing::warn!(router = %self.router, "conntrack events were lost; reading the table again");
-                self.resync()?;
-            }
-            Err(e) => return Err(e),
-        }
-        let now = Instant::now();
-        let ready: Vec<Tuple> = self
-            .pending
-            .iter()
-            .filter(|(_, (t, _))| *t <= now)
-            .map(|(k, _)| *k)
-            .collect();
-        for k in ready {
-            if let Some((_, f)) = self.pending.remove(&k) {
-                if let Some(e) = entries(&f) {
-                    self.install(&f, e);
-                }
-            }
+        reported.sort();
+        reported.dedup();
+        for k in &reported {
+            self.copy(k)
+                .with_context(|| format!("copying the NAT flow of {k:?} from conntrack"))?;
         }
         // The namespace's timeouts may be tuned at any time: read again every second.
         if self.timeouts_read.elapsed() >= Duration::from_secs(1) {
             self.timeouts = Timeouts::read();
             self.timeouts_read = Instant::now();
         }
-        if self.last_refresh.elapsed() >= self.timeouts.every() && !cfg!(mutant = "nat_no_refresh")
-        {
+        if self.last_refresh.elapsed() >= self.timeouts.every() {
             self.refresh()?;
-            // The kernel reaps expired entries lazily (and only then says so): a dump reaps
-            // them at once, and the map is brought in line with what is left. A flow that
-            // went idle thus leaves the fast path within a refresh period of its expiry.
-            self.resync_with(false)?;
             self.last_refresh = Instant::now();
         }
         Ok(())
     }
 
     /// Gives the kernel's entry of every flow the fast path carried lately its full timeout
-    /// again, as its packets would have in the kernel path.
+    /// again, as its packets would have in the kernel path, and then extends its copies' time;
+    /// forgets copies the fast path retired or can no longer use, and flows the kernel no
+    /// longer has. Returns how many flows were refreshed.
     pub fn refresh(&mut self) -> Result<usize> {
         let now = monotonic_ns();
         let recent = 2 * self.timeouts.every().as_nanos() as u64;
-        let mut due = Vec::new();
-        for (orig, (f, keys)) in &self.installed {
-            let used = keys
+        let (mut due, mut gone) = (Vec::new(), Vec::new());
+        for (orig, c) in &self.installed {
+            let vals: Vec<NatFlow> = c
+                .keys
                 .iter()
                 .filter_map(|k| self.map.get(k, 0).ok())
-                .map(|v| v.used)
-                .max()
-                .unwrap_or(0);
-            if used != 0 && now.saturating_sub(used) < recent {
-                due.push((*orig, self.timeouts.of(f)));
+                .collect();
+            let usable = vals.len() == 2
+                && vals
+                    .iter()
+                    .all(|v| v.until > now && self.gen(v.slot) == v.gen);
+            if !usable {
+                gone.push(*orig);
+                continue;
+            }
+            let used = vals.iter().map(|v| v.used).max().unwrap_or(0);
+            if used != 0 && now.saturating_sub(used) < recent && !cfg!(mutant = "nat_no_refresh")
+            {
+                due.push((*orig, self.timeouts.of(&c.flow)));
             }
         }
+        for orig in &gone {
+            self.forget(orig);
+        }
         for (orig, secs) in &due {
-            self.ct
+            let asked = monotonic_ns();
+            let held = self
+                .ct
                 .set_timeout(orig, *secs)
                 .with_context(|| format!("refreshing the conntrack timeout of {orig:?}"))?;
+            if !held {
+                // Flushed or deleted: the fast path must not go on with a mapping the kernel
+                // no longer reserves.
+                self.forget(orig);
+                continue;
+            }
+            let until = (asked + *secs as u64 * 1_000_000_000).saturating_sub(MARGIN_NS);
+            if let Some(c) = self.installed.get(orig) {
+                for k in &c.keys {
+                    if let Ok(mut v) = self.map.get(k, 0) {
+                        v.until = until;
+                        // Only if the fast path has not retired it meanwhile.
+                        let _ = self.map.insert(*k, v, BPF_EXIST);
+                    }
+                }
+            }
         }
-        // Gone from the kernel (expired, flushed): the fast path must not carry it on with a
-        // mapping the kernel no longer reserves. (`resync` finds them; see `step`.)
         Ok(due.len())
     }
 }
@@ -383,11 +456,15 @@ pub struct FlowEntry {
     pub idle_s: Option<u64>,
 }
 
-/// The flows in a router's map, both directions.
+/// The flows in a router's map the fast path may use (valid copies), both directions.
 pub fn list(router: &str) -> Result<Vec<FlowEntry>> {
     let map: HashMap<MapData, NatKey, NatFlow> = HashMap::try_from(Map::HashMap(
         datapath::open_pinned(router, map_names::NAT_FLOWS)?,
     ))?;
+    // A router set up before generations existed has none: every copy counts as valid then.
+    let gens: Option<Array<MapData, u32>> = datapath::open_pinned(router, map_names::NAT_GEN)
+        .ok()
+        .and_then(|m| Array::try_from(Map::Array(m)).ok());
     let now = monotonic_ns();
     let ep = |a: [u8; 4], p: [u8; 2], proto: u8| {
         if proto == IPPROTO_ICMP {
@@ -399,6 +476,12 @@ pub fn list(router: &str) -> Result<Vec<FlowEntry>> {
     let mut v = Vec::new();
     for e in map.iter() {
         let (k, f) = e?;
+        let current = gens
+            .as_ref()
+            .is_none_or(|g| g.get(&f.slot, 0).is_ok_and(|g| g == f.gen));
+        if !current || f.until <= now {
+            continue;
+        }
         v.push(FlowEntry {
             proto: match k.proto {
                 IPPROTO_TCP => "tcp",
@@ -472,6 +555,7 @@ mod tests {
             reply: t([203, 0, 113, 5], 53, [192, 168, 1, 10], 61000, 17),
             status: status::SRC_NAT | status::CONFIRMED,
             timeout: Some(30),
+            tcp_state: None,
         };
         let [(k0, v0), (k1, v1)] = entries(&f).unwrap();
         assert_eq!(
@@ -497,7 +581,11 @@ mod tests {
             ([172, 16, 100, 3], 40000u16.to_be_bytes(), [203, 0, 113, 5])
         );
         assert_eq!(v1.flags, nat_flags::DST);
-        // TCP waits for ESTABLISHED; no NAT, or ICMP other than echo: the kernel's.
+        // Both directions share the original direction's generation slot.
+        assert_eq!(v0.slot, gen_slot(&k0));
+        assert_eq!(v1.slot, v0.slot);
+        // TCP waits for ESTABLISHED (a closing connection is never copied); no NAT, or ICMP
+        // other than echo: the kernel's.
         let tcp = Flow {
             orig: Tuple { proto: 6, ..f.orig },
             reply: Tuple {
@@ -507,11 +595,13 @@ mod tests {
             ..f.clone()
         };
         assert!(entries(&tcp).is_none());
-        assert!(entries(&Flow {
-            status: tcp.status | status::ASSURED,
-            ..tcp
-        })
-        .is_some());
+        for (state, copied) in [(2, false), (3, true), (4, false), (7, false)] {
+            let t = Flow {
+                tcp_state: Some(state),
+                ..tcp.clone()
+            };
+            assert_eq!(entries(&t).is_some(), copied, "TCP state {state}");
+        }
         assert!(entries(&Flow {
             status: status::CONFIRMED,
             ..f.clone()
@@ -526,6 +616,7 @@ mod tests {
             reply: t([172, 16, 101, 3], 7, [203, 0, 113, 5], 0, 1),
             status: status::DST_NAT,
             timeout: None,
+            tcp_state: None,
         };
         let [(k0, v0), (k1, v1)] = entries(&f).unwrap();
         assert_eq!(
@@ -548,5 +639,31 @@ mod tests {
             ..f
         };
         assert!(entries(&unreachable).is_none());
+    }
+
+    #[test]
+    fn reported_keys_ask_conntrack_for_either_direction() {
+        // An echo request is the original direction (type 8), an echo reply the reply (0).
+        let k = NatKey {
+            src: [172, 16, 101, 3],
+            dst: [203, 0, 113, 5],
+            sport: 7u16.to_be_bytes(),
+            dport: [0, 0],
+            proto: 1,
+            _pad: [0; 3],
+        };
+        assert_eq!(tuple_of(&k, false).dport, 8 << 8);
+        assert_eq!(tuple_of(&k, true).dport, 0);
+        assert_eq!(key_of(&tuple_of(&k, false)), k);
+        let u = NatKey {
+            proto: 17,
+            dport: 53u16.to_be_bytes(),
+            ..k
+        };
+        assert_eq!(
+            (tuple_of(&u, true).sport, tuple_of(&u, true).dport),
+            (7, 53)
+        );
+        assert_eq!(key_of(&tuple_of(&u, false)), u);
     }
 }

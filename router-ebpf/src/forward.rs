@@ -151,13 +151,18 @@ fn forward4(h: &impl Hook, ingress: u32, iface: &Iface) -> Verdict {
     let unfragmented = u16::from_be_bytes(ip.frag_off) & 0x3fff == 0;
     let nat_on = nat::on();
     let mut flow = None;
+    // A packet NAT could translate, without a copy of its flow: reported when it goes to the
+    // kernel for NAT (see `nat::missed`).
+    let mut miss = None;
     // An ICMP error about a NAT flow: the flow, and the outer addresses it gets.
     let mut icmp_err = None;
     if nat_on && unfragmented && !cfg!(mutant = "nat_ignored") {
-        flow = match nat::lookup(h, ip, tot_len) {
-            Ok(f) => f,
+        match nat::lookup(h, ip, tot_len) {
+            Ok(nat::Lookup::Flow(key, f)) => flow = Some((key, f)),
+            Ok(nat::Lookup::Miss(m)) => miss = Some(m),
+            Ok(nat::Lookup::Other) => {}
             Err(reason) => return Verdict::Pass(reason),
-        };
+        }
         if flow.is_none()
             && ip.protocol == nat::IPPROTO_ICMP
             && !cfg!(mutant = "nat_icmp_errors_to_kernel")
@@ -181,13 +186,25 @@ fn forward4(h: &impl Hook, ingress: u32, iface: &Iface) -> Verdict {
     };
     let route = match egress(route, ingress, seg_len, |g| ecmp_member(h, ip, g)) {
         Ok(r) => r,
-        Err(reason) => return Verdict::Pass(reason),
+        Err(reason) => {
+            // To one of the router's addresses: the gateway's or a floating IP's, the way
+            // the replies of SNAT flows and new flows to floating IPs come in.
+            if reason == why::LOCAL_DEST {
+                if let Some(m) = &miss {
+                    nat::missed(m);
+                }
+            }
+            return Verdict::Pass(reason);
+        }
     };
     // Nothing leaves through the gateway untranslated while NAT is on: without a flow, the
     // kernel NATs it (and conntrack decides the mapping the fast path then copies).
     if nat_on && flow.is_none() && icmp_err.is_none() && !cfg!(mutant = "nat_untranslated_out") {
         if let Some(out) = iface_of(route.ifindex) {
             if out.flags & iface_flags::EXTERNAL != 0 {
+                if let Some(m) = &miss {
+                    nat::missed(m);
+                }
                 return Verdict::Pass(if unfragmented {
                     why::NAT_NO_FLOW
                 } else {

@@ -3,10 +3,10 @@
 use aya_ebpf::{
     bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC},
     macros::map,
-    maps::{Array, DevMap, HashMap, LpmTrie, PerCpuArray},
+    maps::{Array, DevMap, HashMap, LpmTrie, PerCpuArray, RingBuf},
 };
 use router_common::{
-    fib, fib6, Block6, Iface, IfaceAt, NatFlow, NatKey, Neigh, Neigh6Key, NeighKey, NhGroup, Pfx6,
+    fib, fib6, nat, Block6, Iface, IfaceAt, NatFlow, NatKey, Neigh, Neigh6Key, NeighKey, NhGroup, Pfx6,
     Route, Stats, IFACE_INDEX_SLOTS, MAX_IFACES, MAX_LOCAL4, MAX_NAT_FLOWS, MAX_NEIGHS,
     STATS_SLOTS,
 };
@@ -77,6 +77,15 @@ pub static LOCAL4: HashMap<u32, u32> = HashMap::with_max_entries(MAX_LOCAL4, BPF
 #[map(name = "NAT_FLOWS")]
 pub static NAT_FLOWS: HashMap<NatKey, NatFlow> =
     HashMap::with_max_entries(MAX_NAT_FLOWS, BPF_F_NO_PREALLOC);
+/// Flow generations (see `router_common::nat`).
+#[map(name = "NAT_GEN")]
+pub static NAT_GEN: Array<u32> = Array::with_max_entries(nat::GEN_SLOTS, 0);
+/// Packets of flows without a copy that the kernel path got this second, by flow hash.
+#[map(name = "NAT_SEEN")]
+pub static NAT_SEEN: Array<u32> = Array::with_max_entries(nat::SEEN_SLOTS, 0);
+/// Flows for the controller to copy (`NatKey`s).
+#[map(name = "NAT_MISSES")]
+pub static NAT_MISSES: RingBuf = RingBuf::with_byte_size(nat::MISSES_BYTES, 0);
 /// `router_common::nat_conf` bits.
 #[map(name = "NAT_CONF")]
 pub static NAT_CONF: Array<u32> = Array::with_max_entries(1, 0);

@@ -5,11 +5,16 @@
 //! the fast path never picks a port.
 
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
-use router_common::{nat_conf, pass_reason as why, NatFlow, NatKey};
+use router_common::{
+    nat::{
+        gen_slot, seen_slot, COPY_AFTER, COPY_AFTER_TCP, SEEN_IDLE, SEEN_REPORTS, SEEN_TIME_SHIFT,
+    },
+    nat_conf, pass_reason as why, NatFlow, NatKey,
+};
 
 use crate::{
     hook::Hook,
-    maps::{NAT_CONF, NAT_FLOWS},
+    maps::{NAT_CONF, NAT_FLOWS, NAT_GEN, NAT_MISSES, NAT_SEEN},
     parse::{ptr_at, Ipv4Hdr, ETH_LEN, IPPROTO_TCP, IPPROTO_UDP, IPV4_LEN},
 };
 
@@ -19,6 +24,7 @@ const ICMP_ECHO: u8 = 8;
 const TCP_FIN: u8 = 0x01;
 const TCP_SYN: u8 = 0x02;
 const TCP_RST: u8 = 0x04;
+const TCP_ACK: u8 = 0x10;
 
 /// The router translates at all (one array read; false for routers without a gateway).
 #[inline(always)]
@@ -26,66 +32,186 @@ pub fn on() -> bool {
     matches!(NAT_CONF.get(0), Some(c) if *c & nat_conf::ON != 0)
 }
 
-/// The translation for this unfragmented IPv4 packet (20-byte header at `ETH_LEN`, `tot_len`
-/// bytes long): its key and flow, None when it has none (or is too short to hold the header
-/// the translation rewrites), or the reason to hand it to the kernel.
-#[inline(always)]
-pub fn lookup(
-    h: &impl Hook,
-    ip: &Ipv4Hdr,
-    tot_len: usize,
-) -> Result<Option<(NatKey, &'static mut NatFlow)>, usize> {
-    let l4 = ETH_LEN + IPV4_LEN;
-    if ip.protocol != IPPROTO_TCP {
-        if tot_len < IPV4_LEN + 8 {
-            return Ok(None);
-        }
-        return match ptr_at::<[u8; 8]>(h, l4) {
-            // SAFETY: bounds checked by `ptr_at`.
-            Some(p) => find(ip, unsafe { &*p }),
-            None => Ok(None),
-        };
-    }
-    if tot_len < IPV4_LEN + 20 {
-        return Ok(None);
-    }
-    let Some(p) = ptr_at::<[u8; 20]>(h, l4) else {
-        return Ok(None);
-    };
-    // SAFETY: bounds checked by `ptr_at`.
-    let b = unsafe { &*p };
-    if ip.protocol == IPPROTO_TCP && b[13] & (TCP_SYN | TCP_FIN | TCP_RST) != 0 {
-        // Whether or not a flow exists: a SYN starts one (the kernel NATs it), FIN and RST end
-        // one; either way conntrack must see it. (A TCP packet without a flow goes to the
-        // kernel anyway when it leaves through the gateway.)
-        return match find(ip, &[b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]])? {
-            Some(_) => Err(why::NAT_TCP_CONTROL),
-            None => Ok(None),
-        };
-    }
-    find(ip, &[b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]])
+/// A packet NAT could translate by its tuple, without a valid copy of its flow.
+pub struct Miss {
+    pub key: NatKey,
+    /// TCP SYN, FIN or RST: not counted towards a copy.
+    pub control: bool,
+    /// TCP SYN without ACK: a connection starts (conntrack may replace a closed one's entry).
+    pub syn: bool,
 }
 
+/// What NAT makes of one unfragmented IPv4 packet.
+pub enum Lookup {
+    /// Nothing NAT translates by tuple (another protocol, ICMP other than echo, too short).
+    Other,
+    /// No valid copy of its flow: the kernel translates it, if it needs translating.
+    Miss(Miss),
+    /// The flow's valid copy, under this key.
+    Flow(NatKey, &'static mut NatFlow),
+}
+
+/// The translation for this unfragmented IPv4 packet (20-byte header at `ETH_LEN`, `tot_len`
+/// bytes long), or the reason to hand it to the kernel: a TCP SYN, FIN or RST of a flow the
+/// fast path has retires the flow's copies (both directions) and goes to the kernel, whose
+/// conntrack must see it; a copy that is no longer valid is deleted and not used.
 #[inline(always)]
-fn find(ip: &Ipv4Hdr, l4: &[u8; 8]) -> Result<Option<(NatKey, &'static mut NatFlow)>, usize> {
+pub fn lookup(h: &impl Hook, ip: &Ipv4Hdr, tot_len: usize) -> Result<Lookup, usize> {
+    let l4 = ETH_LEN + IPV4_LEN;
+    let (key, flags) = if ip.protocol == IPPROTO_TCP {
+        if tot_len < IPV4_LEN + 20 {
+            return Ok(Lookup::Other);
+        }
+        let Some(p) = ptr_at::<[u8; 20]>(h, l4) else {
+            return Ok(Lookup::Other);
+        };
+        // SAFETY: bounds checked by `ptr_at`.
+        let b = unsafe { &*p };
+        (
+            key_of(ip, &[b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]),
+            b[13],
+        )
+    } else {
+        if tot_len < IPV4_LEN + 8 {
+            return Ok(Lookup::Other);
+        }
+        let Some(p) = ptr_at::<[u8; 8]>(h, l4) else {
+            return Ok(Lookup::Other);
+        };
+        // SAFETY: bounds checked by `ptr_at`.
+        (key_of(ip, unsafe { &*p }), 0)
+    };
+    let Some(key) = key else {
+        return Ok(Lookup::Other);
+    };
+    let control = flags & (TCP_SYN | TCP_FIN | TCP_RST) != 0;
+    let miss = Miss {
+        key,
+        control,
+        syn: flags & (TCP_SYN | TCP_ACK) == TCP_SYN,
+    };
+    let Some(f) = NAT_FLOWS.get_ptr_mut(&key) else {
+        return Ok(Lookup::Miss(miss));
+    };
+    // SAFETY: a map value, valid while the program runs (the map is not preallocated: a
+    // deleted element is freed after an RCU grace period).
+    let f = unsafe { &mut *f };
+    if control {
+        // A connection starts or ends: the copy may be of a connection conntrack is about to
+        // replace or forget. Whether or not it is, conntrack must see this packet.
+        if !cfg!(mutant = "nat_no_retire") {
+            retire(&key, f);
+        }
+        return Err(why::NAT_TCP_CONTROL);
+    }
+    if !valid(f) {
+        let _ = NAT_FLOWS.remove(&key);
+        return Ok(Lookup::Miss(miss));
+    }
+    Ok(Lookup::Flow(key, f))
+}
+
+/// The lookup key of a TCP, UDP or ICMP echo packet whose first 8 transport bytes are `l4`.
+#[inline(always)]
+fn key_of(ip: &Ipv4Hdr, l4: &[u8; 8]) -> Option<NatKey> {
     let (sport, dport) = match ip.protocol {
         IPPROTO_TCP | IPPROTO_UDP => ([l4[0], l4[1]], [l4[2], l4[3]]),
         IPPROTO_ICMP if l4[0] == ICMP_ECHO || l4[0] == ICMP_ECHO_REPLY => ([l4[4], l4[5]], [0, 0]),
-        _ => return Ok(None),
+        _ => return None,
     };
-    let key = NatKey {
+    Some(NatKey {
         src: ip.src,
         dst: ip.dst,
         sport,
         dport,
         proto: ip.protocol,
         _pad: [0; 3],
+    })
+}
+
+#[inline(always)]
+fn now() -> u64 {
+    // SAFETY: a helper without arguments.
+    unsafe { bpf_ktime_get_coarse_ns() }
+}
+
+/// The copy is of the flow conntrack holds now (see `router_common::nat`).
+#[inline(always)]
+fn valid(f: &NatFlow) -> bool {
+    if cfg!(mutant = "nat_stale_used") {
+        return true;
+    }
+    matches!(NAT_GEN.get(f.slot), Some(g) if *g == f.gen) && now() < f.until
+}
+
+/// Moves generation `slot` on: copies taken under the old one are never used again.
+#[inline(always)]
+fn bump(slot: u32) {
+    if let Some(g) = NAT_GEN.get_ptr_mut(slot) {
+        // SAFETY: an array element. Two CPUs bumping at once may both write the same value:
+        // it differs from the old one either way, which is all a generation needs.
+        unsafe { *g = (*g).wrapping_add(1) };
+    }
+}
+
+/// Ends the fast path's use of flow `f` (found under `key`): its generation moves on, and
+/// both directions' copies are deleted.
+#[inline(always)]
+fn retire(key: &NatKey, f: &NatFlow) {
+    let icmp = key.proto == IPPROTO_ICMP;
+    // The other direction arrives as this one leaves, reversed.
+    let other = NatKey {
+        src: f.dst,
+        dst: f.src,
+        sport: if icmp { f.sport } else { f.dport },
+        dport: if icmp { [0, 0] } else { f.sport },
+        proto: key.proto,
+        _pad: [0; 3],
     };
-    match NAT_FLOWS.get_ptr_mut(&key) {
-        // SAFETY: a map value, valid while the program runs (the map is not preallocated:
-        // a deleted element is freed after an RCU grace period).
-        Some(f) => Ok(Some((key, unsafe { &mut *f }))),
-        None => Ok(None),
+    bump(f.slot);
+    let _ = NAT_FLOWS.remove(key);
+    let _ = NAT_FLOWS.remove(&other);
+}
+
+/// A packet of `m` went to the kernel because it had no copy: a connection start moves its
+/// flow's generation on (a copy being taken now may be of the connection conntrack replaces);
+/// other packets count towards reporting the flow for a copy.
+#[inline(always)]
+pub fn missed(m: &Miss) {
+    if m.syn && !cfg!(mutant = "nat_no_retire") {
+        bump(gen_slot(&m.key));
+    }
+    if m.control {
+        return;
+    }
+    let Some(c) = NAT_SEEN.get_ptr_mut(seen_slot(&m.key)) else {
+        return;
+    };
+    let t = (now() >> SEEN_TIME_SHIFT) as u32 & 0xffff;
+    // SAFETY: an array element; a count lost to a race between CPUs delays a report only.
+    let v = unsafe { *c };
+    let (mut reports, mut count) = ((v >> 8) & 0xff, v & 0xff);
+    if t.wrapping_sub(v >> 16) & 0xffff > SEEN_IDLE {
+        (reports, count) = (0, 0);
+    }
+    count += 1;
+    let want = if m.key.proto == IPPROTO_TCP {
+        COPY_AFTER_TCP
+    } else {
+        COPY_AFTER
+    };
+    let report = count >= want && reports < SEEN_REPORTS;
+    if count >= want {
+        count = 0;
+    }
+    if report {
+        reports += 1;
+    }
+    // SAFETY: as above.
+    unsafe { *c = (t << 16) | (reports << 8) | count };
+    if report {
+        // A full ring (no controller reading it) loses the report: the kernel goes on.
+        let _ = NAT_MISSES.output::<NatKey>(&m.key, 0);
     }
 }
 
@@ -93,8 +219,7 @@ fn find(ip: &Ipv4Hdr, l4: &[u8; 8]) -> Result<Option<(NatKey, &'static mut NatFl
 /// line between CPUs).
 #[inline(always)]
 pub fn touch(f: &mut NatFlow) {
-    // SAFETY: a helper without arguments.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let now = now();
     if now.wrapping_sub(f.used) > 1_000_000_000 {
         f.used = now;
     }
@@ -233,8 +358,11 @@ pub fn lookup_icmp_error(
         proto: inner.protocol,
         _pad: [0; 3],
     };
-    // SAFETY: a map value, valid while the program runs (see `find`).
+    // SAFETY: a map value, valid while the program runs (see `lookup`).
     let f = unsafe { &mut *NAT_FLOWS.get_ptr_mut(&key)? };
+    if !valid(f) {
+        return None;
+    }
     let src = if ip.src == inner.dst { f.src } else { ip.src };
     let dst = if ip.dst == inner.src { f.dst } else { ip.dst };
     Some((f, (src, dst)))

@@ -1910,6 +1910,34 @@ impl Harness {
             m.insert(k, v, 0).unwrap();
         }
     }
+
+    /// The copy of `k` in NAT_FLOWS, if any.
+    fn nat_copy(&mut self, k: &router_common::NatKey) -> Option<router_common::NatFlow> {
+        let m: aya::maps::HashMap<_, router_common::NatKey, router_common::NatFlow> =
+            aya::maps::HashMap::try_from(self.ebpf.map(map_names::NAT_FLOWS).unwrap()).unwrap();
+        m.get(k, 0).ok()
+    }
+
+    /// NAT_GEN[slot].
+    fn nat_gen(&mut self, slot: u32) -> u32 {
+        let a: aya::maps::Array<_, u32> =
+            aya::maps::Array::try_from(self.ebpf.map(map_names::NAT_GEN).unwrap()).unwrap();
+        a.get(&slot, 0).unwrap()
+    }
+
+    /// The keys the program reported for a copy since the last call.
+    fn nat_reports(&mut self) -> Vec<router_common::NatKey> {
+        let mut r =
+            aya::maps::RingBuf::try_from(self.ebpf.map_mut(map_names::NAT_MISSES).unwrap())
+                .unwrap();
+        let mut v = Vec::new();
+        while let Some(item) = r.next() {
+            assert_eq!(item.len(), 16, "a report is one NatKey");
+            // SAFETY: 16 bytes, read unaligned.
+            v.push(unsafe { std::ptr::read_unaligned(item.as_ptr() as *const router_common::NatKey) });
+        }
+        v
+    }
 }
 
 fn nat_key(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, proto: u8) -> router_common::NatKey {
@@ -1936,7 +1964,10 @@ fn nat_flow(
         sport: sport.to_be_bytes(),
         dport: dport.to_be_bytes(),
         flags,
+        slot: 0,
+        gen: 0,
         used: 0,
+        until: u64::MAX,
     }
 }
 
@@ -2051,6 +2082,157 @@ fn nat_flows_are_translated_byte_exact_and_the_rest_is_the_kernels() {
                 "{}",
                 why::NAMES[reason]
             );
+        }
+    }
+}
+
+/// A connection's start or end retires its flow's copies in the program itself, and a copy
+/// the program cannot trust is never used: a SYN of a known flow goes to the kernel, deletes
+/// both directions' copies and moves the flow's generation on, so the next segment of that
+/// tuple (a new connection from a reused client port, whose mapping conntrack picks anew) goes
+/// to the kernel untranslated instead of leaving with the closed connection's port; a copy
+/// written late, under the old generation, is deleted unused; a FIN from the other side
+/// retires both copies too; a copy past its time is not used; a SYN without a copy moves its
+/// slot's generation (a copy being taken then is void). Flows without a copy are reported
+/// once they passed `COPY_AFTER` (UDP) or `COPY_AFTER_TCP` (TCP, control segments not
+/// counted) packets in a second, once.
+#[test]
+fn nat_copies_are_retired_by_the_packets_that_end_them() {
+    use router_common::{
+        nat::{gen_slot, COPY_AFTER, COPY_AFTER_TCP, SEEN_REPORTS},
+        nat_flags as nf, NatFlow,
+    };
+    const EXT: [u8; 4] = [10, 2, 0, 1];
+    let tcp = |src, dst| Ipv4 {
+        protocol: 6,
+        ..Ipv4::udp(src, dst, 64)
+    };
+    let udp = |src, dst| Ipv4 {
+        protocol: 17,
+        ..Ipv4::udp(src, dst, 64)
+    };
+    for mut h in both() {
+        let k = nat_key(SRC, 40001, DST, 443, 6);
+        let back = nat_key(DST, 443, EXT, 61001, 6);
+        let slot = gen_slot(&k);
+        let out = NatFlow {
+            slot,
+            ..nat_flow(EXT, 61001, DST, 443, nf::SRC)
+        };
+        let ret = NatFlow {
+            slot,
+            ..nat_flow(DST, 443, SRC, 40001, nf::DST)
+        };
+        h.nat(&[(k, out), (back, ret)]);
+        let seg = |flags: u8| {
+            l4_frame(IN_MAC, HOST_MAC, &tcp(SRC, DST), &l4_of(6, 40001, 443, flags), false)
+        };
+        let ack = seg(0x10);
+        let translated = l4_frame(
+            NB_MAC,
+            OUT_MAC,
+            &Ipv4 {
+                protocol: 6,
+                ..Ipv4::udp(EXT, DST, 63)
+            },
+            &l4_of(6, 61001, 443, 0x10),
+            false,
+        );
+        let expect = |h: &mut Harness, frame: &[u8], rc: u32, want: &[u8], what: &str| {
+            let (got_rc, got) = h.run(frame);
+            assert_eq!((got_rc, got.as_slice()), (rc, want), "{:?}: {what}", h.prog);
+        };
+        let passed = |h: &mut Harness, frame: &[u8], reason: usize, what: &str| {
+            let before = h.stats()[0].pass[reason];
+            expect(h, frame, XDP_PASS, frame, what);
+            assert_eq!(
+                h.stats()[0].pass[reason] - before,
+                1,
+                "{:?}: {what}: counted as {}",
+                h.prog,
+                why::NAMES[reason]
+            );
+        };
+        expect(&mut h, &ack, XDP_REDIRECT, &translated, "an ACK of a copied flow");
+        // A new connection from the same client port: its SYN retires the copies.
+        passed(&mut h, &seg(0x02), why::NAT_TCP_CONTROL, "a SYN of a copied flow");
+        assert_eq!(h.nat_copy(&k), None, "{:?}: the copy is retired", h.prog);
+        assert_eq!(h.nat_copy(&back), None, "{:?}: the other direction too", h.prog);
+        assert_eq!(h.nat_gen(slot), 1, "{:?}: the generation moved on", h.prog);
+        passed(&mut h, &ack, why::NAT_NO_FLOW, "the new connection's ACK");
+        // A copy taken before the SYN and written after it: never used, and deleted.
+        h.nat(&[(k, out), (back, ret)]);
+        passed(&mut h, &ack, why::NAT_NO_FLOW, "a copy of the old generation");
+        assert_eq!(h.nat_copy(&k), None, "{:?}: the stale copy is deleted", h.prog);
+        // A copy of the current generation is used; the server's FIN retires both.
+        let (out1, ret1) = (NatFlow { gen: 1, ..out }, NatFlow { gen: 1, ..ret });
+        h.nat(&[(k, out1), (back, ret1)]);
+        expect(&mut h, &ack, XDP_REDIRECT, &translated, "a copy of the current generation");
+        // (The harness's frames all arrive on one device; which one does not matter here.)
+        let fin_back = l4_frame(
+            IN_MAC,
+            NB_MAC,
+            &tcp(DST, EXT),
+            &l4_of(6, 443, 61001, 0x11),
+            false,
+        );
+        passed(&mut h, &fin_back, why::NAT_TCP_CONTROL, "the server's FIN");
+        assert_eq!(
+            (h.nat_copy(&k), h.nat_copy(&back)),
+            (None, None),
+            "{:?}: a FIN retires both directions",
+            h.prog
+        );
+        assert_eq!(h.nat_gen(slot), 2);
+        // A copy past its time (the kernel's entry may be gone): not used.
+        let u = nat_key(SRC, 40000, DST, 5201, 17);
+        let expired = NatFlow {
+            slot: gen_slot(&u),
+            until: 1,
+            ..nat_flow(EXT, 61000, DST, 5201, nf::SRC)
+        };
+        h.nat(&[(u, expired)]);
+        let dgram = l4_frame(IN_MAC, HOST_MAC, &udp(SRC, DST), &l4_of(17, 40000, 5201, 0), false);
+        passed(&mut h, &dgram, why::NAT_NO_FLOW, "an expired copy");
+        // A SYN without a copy moves its slot's generation; a SYN-ACK does not.
+        let k2 = nat_key(SRC, 40002, DST, 443, 6);
+        let g2 = h.nat_gen(gen_slot(&k2));
+        let syn2 = l4_frame(IN_MAC, HOST_MAC, &tcp(SRC, DST), &l4_of(6, 40002, 443, 0x02), false);
+        passed(&mut h, &syn2, why::NAT_NO_FLOW, "a SYN without a copy");
+        assert_eq!(h.nat_gen(gen_slot(&k2)), g2.wrapping_add(1), "{:?}", h.prog);
+        let synack2 =
+            l4_frame(IN_MAC, HOST_MAC, &tcp(SRC, DST), &l4_of(6, 40002, 443, 0x12), false);
+        passed(&mut h, &synack2, why::NAT_NO_FLOW, "a SYN-ACK without a copy");
+        assert_eq!(h.nat_gen(gen_slot(&k2)), g2.wrapping_add(1), "{:?}", h.prog);
+
+        // Reports: each time a flow passed COPY_AFTER more packets (TCP: COPY_AFTER_TCP,
+        // control segments not counted), at most SEEN_REPORTS times while it goes on passing.
+        let _ = h.nat_reports();
+        for (proto, flags, want) in [(17u8, 0u8, COPY_AFTER), (6, 0x10, COPY_AFTER_TCP)] {
+            let sport = 41000 + proto as u16;
+            let ip = Ipv4 {
+                protocol: proto,
+                ..Ipv4::udp(SRC, DST, 64)
+            };
+            let key = nat_key(SRC, sport, DST, 80, proto);
+            let f = l4_frame(IN_MAC, HOST_MAC, &ip, &l4_of(proto, sport, 80, flags), false);
+            if proto == 6 {
+                let syn = l4_frame(IN_MAC, HOST_MAC, &ip, &l4_of(proto, sport, 80, 0x02), false);
+                for _ in 0..2 * want {
+                    h.run(&syn);
+                }
+                assert_eq!(h.nat_reports(), vec![], "{:?}: SYNs are not counted", h.prog);
+            }
+            let mut at = Vec::new();
+            for i in 1..=(SEEN_REPORTS + 2) * want {
+                h.run(&f);
+                for r in h.nat_reports() {
+                    assert_eq!(r, key, "{:?}: the report names the flow", h.prog);
+                    at.push(i);
+                }
+            }
+            let expected: Vec<u32> = (1..=SEEN_REPORTS).map(|r| r * want).collect();
+            assert_eq!(at, expected, "{:?}: proto {proto}: reported after", h.prog);
         }
     }
 }

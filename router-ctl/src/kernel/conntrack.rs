@@ -1,5 +1,5 @@
 //! The kernel's connection tracking through ctnetlink (`NETLINK_NETFILTER`): dump the table,
-//! follow its events, delete flows and refresh their timeouts. The kernel's conntrack is the
+//! read one flow, delete flows and refresh their timeouts. The kernel's conntrack is the
 //! authority for every NAT mapping: the fast path only copies what it decided.
 //!
 //! IPv4 only (floating IPs and SNAT are IPv4, as in Neutron). A socket works in the network
@@ -13,7 +13,7 @@ use std::{
 
 use anyhow::{Context as _, Result};
 
-use super::netdev::{attrs_in, drain, put_attr, request};
+use super::netdev::{attrs_in, put_attr, request};
 
 const NETLINK_NETFILTER: i32 = 12;
 const NFNL_SUBSYS_CTNETLINK: u16 = 1;
@@ -22,14 +22,18 @@ const IPCTNL_MSG_CT_GET: u16 = 1;
 const IPCTNL_MSG_CT_DELETE: u16 = 2;
 const NLM_F_REQUEST: u16 = 1;
 const NLM_F_ACK: u16 = 4;
-const NLM_F_CREATE: u16 = 0x400;
 const NLM_F_DUMP: u16 = 0x300;
 const NLA_F_NESTED: u16 = 0x8000;
 
 const CTA_TUPLE_ORIG: u16 = 1;
 const CTA_TUPLE_REPLY: u16 = 2;
 const CTA_STATUS: u16 = 3;
+const CTA_PROTOINFO: u16 = 4;
 const CTA_TIMEOUT: u16 = 7;
+const CTA_PROTOINFO_TCP: u16 = 1;
+const CTA_PROTOINFO_TCP_STATE: u16 = 1;
+/// `enum tcp_conntrack`: the connection is established.
+pub const TCP_CONNTRACK_ESTABLISHED: u8 = 3;
 const CTA_TUPLE_IP: u16 = 1;
 const CTA_TUPLE_PROTO: u16 = 2;
 const CTA_IP_V4_SRC: u16 = 1;
@@ -40,11 +44,6 @@ const CTA_PROTO_DST_PORT: u16 = 3;
 const CTA_PROTO_ICMP_ID: u16 = 4;
 const CTA_PROTO_ICMP_TYPE: u16 = 5;
 const CTA_PROTO_ICMP_CODE: u16 = 6;
-
-/// Event groups (bits of `nl_groups`): a flow confirmed, changed, destroyed.
-pub const GROUP_NEW: u32 = 1;
-pub const GROUP_UPDATE: u32 = 2;
-pub const GROUP_DESTROY: u32 = 4;
 
 /// `enum ip_conntrack_status` bits.
 pub mod status {
@@ -79,19 +78,14 @@ pub struct Flow {
     pub status: u32,
     /// Seconds left, when the message says.
     pub timeout: Option<u32>,
+    /// TCP: conntrack's state of the connection (`enum tcp_conntrack`), when the message says.
+    pub tcp_state: Option<u8>,
 }
 
 impl Flow {
     pub fn nat(&self) -> bool {
         self.status & (status::SRC_NAT | status::DST_NAT) != 0
     }
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Event {
-    New(Flow),
-    Update(Flow),
-    Destroy(Flow),
 }
 
 pub struct Conntrack {
@@ -163,14 +157,30 @@ impl Conntrack {
         }
     }
 
-    /// Sets the flow's timeout to `secs` (the kernel's own refresh, as if a packet passed).
-    pub fn set_timeout(&mut self, orig: &Tuple, secs: u32) -> Result<()> {
+    /// Sets the flow's timeout to `secs` (the kernel's own refresh, as if a packet passed);
+    /// false when the kernel has no such flow (any more).
+    pub fn set_timeout(&mut self, orig: &Tuple, secs: u32) -> Result<bool> {
         let mut attrs = Vec::new();
         put_tuple(&mut attrs, CTA_TUPLE_ORIG, orig);
         put_attr(&mut attrs, CTA_TIMEOUT, &secs.to_be_bytes());
         match self.request(IPCTNL_MSG_CT_NEW, NLM_F_REQUEST | NLM_F_ACK, &attrs) {
-            Err(e) if is_errno(&e, libc::ENOENT) => Ok(()),
-            r => r.map(|_| ()),
+            Err(e) if is_errno(&e, libc::ENOENT) => Ok(false),
+            r => r.map(|_| true),
+        }
+    }
+
+    /// The flow one of whose directions is `t` (`reply`: the reply direction's tuple), if the
+    /// kernel has one.
+    pub fn get(&mut self, t: &Tuple, reply: bool) -> Result<Option<Flow>> {
+        let mut attrs = Vec::new();
+        put_tuple(
+            &mut attrs,
+            if reply { CTA_TUPLE_REPLY } else { CTA_TUPLE_ORIG },
+            t,
+        );
+        match self.request(IPCTNL_MSG_CT_GET, NLM_F_REQUEST | NLM_F_ACK, &attrs) {
+            Err(e) if is_errno(&e, libc::ENOENT) => Ok(None),
+            r => Ok(r?.iter().find_map(|m| flow_of(m))),
         }
     }
 
@@ -187,55 +197,6 @@ impl Conntrack {
         Ok(n)
     }
 
-    /// Waits up to `timeout_ms` for events or for `wake` (-1: none) to become readable; true
-    /// when events are waiting.
-    pub fn wait_or_wake(&self, timeout_ms: i32, wake: std::os::fd::RawFd) -> bool {
-        let mut pfd = [
-            libc::pollfd {
-                fd: self.fd.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: wake,
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
-        // SAFETY: two pollfds (a negative fd is ignored by poll).
-        let r = unsafe { libc::poll(pfd.as_mut_ptr(), 2, timeout_ms) };
-        r > 0 && pfd[0].revents != 0
-    }
-
-    /// The events waiting on the socket, after waiting up to `timeout_ms` for one; none as
-    /// soon as `wake` (a descriptor, -1 for none) becomes readable. Err with ENOBUFS when
-    /// events were lost: the caller dumps again.
-    pub fn events_or_wake(
-        &mut self,
-        timeout_ms: i32,
-        wake: std::os::fd::RawFd,
-    ) -> Result<Vec<Event>> {
-        if !self.wait_or_wake(timeout_ms, wake) {
-            return Ok(Vec::new());
-        }
-        let mut out = Vec::new();
-        drain(self.fd.as_raw_fd(), |buf| {
-            for (ty, flags, payload) in messages_with_flags(buf) {
-                if ty >> 8 != NFNL_SUBSYS_CTNETLINK {
-                    continue;
-                }
-                let Some(f) = flow_of(payload) else { continue };
-                out.push(match ty & 0xff {
-                    IPCTNL_MSG_CT_DELETE => Event::Destroy(f),
-                    _ if flags & NLM_F_CREATE != 0 => Event::New(f),
-                    _ => Event::Update(f),
-                });
-            }
-        })
-        .context("reading conntrack events")?;
-        Ok(out)
-    }
-
     fn request(&mut self, msg: u16, flags: u16, attrs: &[u8]) -> Result<Vec<Vec<u8>>> {
         self.seq += 1;
         let ty = (NFNL_SUBSYS_CTNETLINK << 8) | msg;
@@ -248,23 +209,6 @@ impl Conntrack {
 
 fn is_errno(e: &anyhow::Error, code: i32) -> bool {
     e.downcast_ref::<io::Error>().and_then(|e| e.raw_os_error()) == Some(code)
-}
-
-/// (type, flags, payload) of each message in `buf`.
-fn messages_with_flags(buf: &[u8]) -> Vec<(u16, u16, &[u8])> {
-    let mut v = Vec::new();
-    let mut off = 0;
-    while off + 16 <= buf.len() {
-        let len = u32::from_ne_bytes(buf[off..off + 4].try_into().unwrap()) as usize;
-        let ty = u16::from_ne_bytes([buf[off + 4], buf[off + 5]]);
-        let flags = u16::from_ne_bytes([buf[off + 6], buf[off + 7]]);
-        if len < 16 || off + len > buf.len() {
-            break;
-        }
-        v.push((ty, flags, &buf[off + 16..off + len]));
-        off += (len + 3) & !3;
-    }
-    v
 }
 
 fn put_tuple(out: &mut Vec<u8>, which: u16, t: &Tuple) {
@@ -338,12 +282,25 @@ fn flow_of(payload: &[u8]) -> Option<Flow> {
         return None;
     }
     let (mut orig, mut reply, mut st, mut timeout) = (None, None, 0u32, None);
+    let mut tcp_state = None;
     for (t, v) in attrs_in(payload.get(4..)?) {
         match t {
             CTA_TUPLE_ORIG => orig = tuple_of(v),
             CTA_TUPLE_REPLY => reply = tuple_of(v),
             CTA_STATUS => st = u32::from_be_bytes(v.get(..4)?.try_into().ok()?),
             CTA_TIMEOUT => timeout = Some(u32::from_be_bytes(v.get(..4)?.try_into().ok()?)),
+            CTA_PROTOINFO => {
+                for (t, v) in attrs_in(v) {
+                    if t != CTA_PROTOINFO_TCP {
+                        continue;
+                    }
+                    for (t, v) in attrs_in(v) {
+                        if t == CTA_PROTOINFO_TCP_STATE {
+                            tcp_state = v.first().copied();
+                        }
+                    }
+                }
+            }
             _ => {}
         }
     }
@@ -352,6 +309,7 @@ fn flow_of(payload: &[u8]) -> Option<Flow> {
         reply: reply?,
         status: st,
         timeout,
+        tcp_state,
     })
 }
 

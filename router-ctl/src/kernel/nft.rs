@@ -53,15 +53,7 @@ pub fn ruleset(n: &Nat) -> String {
         t += &format!("    oifname \"{dev}\" snat to {g} fully-random\n");
         t += &format!("    meta mark & 0xffff != 0x2 ct status dnat snat to {g} fully-random\n");
     }
-    t += "  }\n";
-    // Conntrack events for the daemon (ctnetlink): only the ones it uses, and only for NAT'd
-    // flows. Each event costs the kernel in the packet's path; without this every TCP state
-    // change of every flow of the namespace would be built and sent.
-    t += "  chain ct_events {\n    type filter hook postrouting priority srcnat + 1; policy accept;\n";
-    // (TCP flows are copied once established: their "new" event is of no use.)
-    t += "    ct state new ct status & (snat | dnat) != 0 meta l4proto tcp ct event set assured,destroy\n";
-    t += "    ct state new ct status & (snat | dnat) != 0 meta l4proto != tcp ct event set new,destroy\n";
-    t += "    ct state new ct status & (snat | dnat) == 0 ct event set 0\n  }\n}\n";
+    t += "  }\n}\n";
     t
 }
 
