@@ -38,6 +38,25 @@ pub const MUTANTS: &[Mutant] = &[
         ],
     },
     Mutant {
+        name: "nat_no_retire",
+        fault: "a TCP SYN, FIN or RST of a copied NAT flow goes to the kernel but leaves the copy in use, and a SYN without a copy moves no generation (a reused client port meets a closed connection's mapping)",
+        tests: &[
+            ("packet", "nat_copies_are_retired_by_the_packets_that_end_them"),
+            ("nat_reuse", ""),
+        ],
+    },
+    Mutant {
+        name: "nat_stale_used",
+        fault: "the fast path uses a NAT copy whatever its generation and time (a copy taken before a connection's start or end, or past the kernel entry's timeout)",
+        tests: &[
+            ("packet", "nat_copies_are_retired_by_the_packets_that_end_them"),
+            (
+                "nat_expiry",
+                "a_copy_is_not_used_after_the_kernel_may_have_dropped_its_entry",
+            ),
+        ],
+    },
+    Mutant {
         name: "nat_untranslated_out",
         fault: "packets without a NAT flow leave through the gateway untranslated",
         tests: &[
