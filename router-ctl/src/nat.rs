@@ -44,9 +44,11 @@ use crate::{
 /// when the namespace's shortest timeout is short: a third of it, at least a second).
 pub const REFRESH_EVERY: Duration = Duration::from_secs(5);
 
-/// How long before the kernel's entry could expire a copy stops being used (the coarse clocks
-/// of the program and the daemon, and the time between reading and writing).
-const MARGIN_NS: u64 = 1_000_000_000;
+/// How long before the kernel's entry could expire a copy stops being used. The kernel's
+/// deadline is at least the time before conntrack was asked plus the whole seconds it said
+/// were left (it rounds down); the program and the daemon read the same coarse monotonic clock,
+/// and the kernel counts in jiffies: a few ticks cover both.
+const MARGIN_NS: u64 = 50_000_000;
 
 /// `BPF_EXIST`: update an element only if it is there (the fast path may have retired it).
 const BPF_EXIST: u64 = 2;
