@@ -3,6 +3,7 @@
 //! Run as root (BPF, namespaces). Sections: per-packet cost against routing-table size,
 //! end-to-end forwarding beside the kernel, control-plane figures.
 
+mod conns;
 mod ctl;
 mod e2e;
 mod ha;
@@ -43,6 +44,24 @@ struct Args {
     /// Skip the NAT comparison.
     #[arg(long)]
     no_nat: bool,
+    /// Skip the request-shaped connections (short HTTP-like TCP connections through the plain
+    /// route, SNAT and a floating IP).
+    #[arg(long)]
+    no_conns: bool,
+    /// Only the request-shaped connections: their section is printed, and replaced in place in
+    /// the report (`--out`), or appended to it.
+    #[arg(long)]
+    only_conns: bool,
+    /// Seconds of each timed run of the request-shaped connections (after the warm-up).
+    #[arg(long, default_value_t = 2.0)]
+    conns_secs: f64,
+    /// Seconds of warm-up before each timed run of the request-shaped connections.
+    #[arg(long, default_value_t = 0.5)]
+    conns_warmup: f64,
+    /// Size of the clients' ephemeral port range for the request-shaped connections (0: the
+    /// kernel's default range).
+    #[arg(long, default_value_t = 1024)]
+    conns_ports: u16,
     /// Skip `router-ctl apply` at scale.
     #[arg(long)]
     no_apply: bool,
@@ -102,6 +121,30 @@ fn ha_section(args: &Args) -> Result<String> {
     Ok(ha::markdown(&f, &date))
 }
 
+fn conns_figures(args: &Args) -> Result<conns::ConnBench> {
+    conns::run(
+        args.runs,
+        args.conns_warmup,
+        args.conns_secs,
+        args.conns_ports,
+    )
+    .context("request-shaped connections")
+}
+
+/// Replaces the section between `<!-- NAME -->` and `<!-- /NAME -->` of the report at `out`
+/// with `section` (which carries the markers), or appends it.
+fn replace_section(out: &std::path::Path, name: &str, section: &str) -> Result<()> {
+    let old = std::fs::read_to_string(out).unwrap_or_default();
+    let (open, close) = (format!("<!-- {name} -->"), format!("<!-- /{name} -->\n"));
+    let new = match (old.find(&open), old.find(&close)) {
+        (Some(a), Some(b)) if a < b => {
+            format!("{}{}{}", &old[..a], section, &old[b + close.len()..])
+        }
+        _ => format!("{old}\n{section}"),
+    };
+    std::fs::write(out, new).with_context(|| format!("writing {}", out.display()))
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
     let start = Instant::now();
@@ -119,6 +162,18 @@ fn main() -> Result<()> {
         };
         std::fs::write(&args.out, new)?;
         println!("wrote the multi-host section of {}", args.out.display());
+        return Ok(());
+    }
+    if args.only_conns {
+        let c = conns_figures(&args)?;
+        let section = report::conns_section(&c);
+        print!("{section}");
+        replace_section(&args.out, "conns", &section)?;
+        println!(
+            "wrote the request-shaped connections section of {} in {:.0} s",
+            args.out.display(),
+            start.elapsed().as_secs_f64()
+        );
         return Ok(());
     }
     if args.only_probe {
@@ -163,6 +218,11 @@ fn main() -> Result<()> {
     } else {
         Some(nat::run(args.runs).context("NAT beside the kernel's NAT")?)
     };
+    let conns = if args.no_conns {
+        None
+    } else {
+        Some(conns_figures(&args)?)
+    };
     let apply = if args.no_apply {
         None
     } else {
@@ -191,6 +251,7 @@ fn main() -> Result<()> {
         small: small.as_deref(),
         apply: apply.as_ref(),
         nat: nat.as_ref(),
+        conns: conns.as_ref(),
         updates: updates.as_ref(),
         probe: Some(&probe),
         seconds: start.elapsed().as_secs_f64(),

@@ -24,7 +24,7 @@ use crate::{
     stats::{summarize, Summary},
 };
 
-const FIP: &str = "[[router.floating_ip]]\nfloating_ip_address = \"192.168.1.20\"\nfixed_ip_address = \"172.16.101.3\"\n";
+pub(crate) const FIP: &str = "[[router.floating_ip]]\nfloating_ip_address = \"192.168.1.20\"\nfixed_ip_address = \"172.16.101.3\"\n";
 const PACKETS: u32 = 2_000_000;
 pub const PACKETS_PER_RUN: u32 = PACKETS;
 
@@ -101,7 +101,7 @@ fn definition(ids: &Ids, hook: &str) -> String {
     t
 }
 
-fn set_mode(s: &mut Seed, mode: Mode) -> Result<()> {
+pub(crate) fn set_mode(s: &mut Seed, mode: Mode) -> Result<()> {
     let ns = s.ns();
     let _ = sh_out(&format!(
         "ip netns exec {ns} nft delete table inet bench_ft 2>/dev/null"

@@ -18,6 +18,7 @@ pub struct Report<'a> {
     pub small: Option<&'a [Small]>,
     pub apply: Option<&'a ApplyScale>,
     pub nat: Option<&'a crate::nat::NatBench>,
+    pub conns: Option<&'a crate::conns::ConnBench>,
     pub updates: Option<&'a (
         Vec<crate::updates::UpdateRate>,
         crate::updates::BatchFigures,
@@ -394,6 +395,10 @@ impl Report<'_> {
             }
             let _ = writeln!(m, "\nBulk TCP through SNAT at kernel defaults (every device as plugged; `auto` chose tc), iperf3 vm1 → the outside host for 5 s, one stream, the kernel's NAT and this router taking turns going first: kernel {} Gbit/s, this router {} Gbit/s, ratio {}.\n\nNew TCP connections through SNAT: 1 000 connections from vm1 to the outside host one after the other (connect, accept, close with a reset), connections per second: kernel {}, this router {}, ratio {}. A new connection's handshake and its reset go through the kernel on both paths (the fast path hands SYN, FIN and RST to the kernel, whose conntrack decides the mapping). What this router adds per connection: a flow-map miss per packet, and the price of copying conntrack's decisions: the kernel builds and sends two conntrack events per NAT'd TCP connection (established, destroyed) in the packets' path, and the daemon, on the other core of this two-core machine, writes and later deletes the flow's two map entries. The kernel's NAT runs without any listener. Measured while building this: 0.72–0.79 with every conntrack event sent to the daemon; 0.85 once the NAT table asked for only the events the daemon uses and the daemon batched them; about 0.9 once TCP flows are copied only after living 20 ms (a connection that ends sooner costs no map write, but still its two events). What is left is the events' price, in rounds that vary from 0.67 to 1.02 on this machine; kfuncs (bpf_ct_*) would remove it, and aya 0.14 cannot call them.", n.tcp_kernel.fmt(2), n.tcp_router.fmt(2), n.tcp_ratio.fmt(2), n.conn_kernel.fmt(0), n.conn_router.fmt(0), n.conn_ratio.fmt(2));
         }
+        if let Some(c) = self.conns {
+            m += "\n";
+            m += &conns_section(c);
+        }
         if let Some(a) = self.apply {
             let _ = writeln!(m, "\n## `router-ctl apply` at scale\n\nThe `router-ctl` binary on a definitions file of N routers with two subnets each; apply creates each router's namespace and veth pairs, loads the tc program, attaches it to both devices and fills the maps; the daemon is started (or signalled) as usual. The unchanged re-apply runs 2 s after the first apply. Destroy removes them all with one `router-ctl destroy` call.\n\n| routers | first apply (s) | unchanged re-apply (s) | destroy (s) |\n|---:|---|---|---|\n| 1 | {} | | |\n| 100 | {} | {} | {} |", a.one.fmt(3), a.hundred.fmt(2), a.reapply_hundred.fmt(3), a.destroy_hundred.fmt(2));
             if let Some((n, first, again)) = a.big {
@@ -496,4 +501,67 @@ One router with {} extra routes (distinct /24s via one nexthop, `[[router.route]
         s.push_str("</svg>\n");
         s
     }
+}
+
+/// The request-shaped connections' section, between `<!-- conns -->` markers (so that
+/// `--only-conns` can replace it in place).
+pub fn conns_section(c: &crate::conns::ConnBench) -> String {
+    let mut m = String::new();
+    let ports = match c.port_range {
+        Some((lo, hi)) => { let n = hi as u32 - lo as u32 + 1; format!("The clients' namespaces use an ephemeral range of {n} ports ({lo}–{hi}, `net.ipv4.ip_local_port_range`), so that a port comes back within a fraction of a second, as it does at the default range for any client opening more than about 120 connections a second to one server (`connect()` takes the ports of one parity first, 14 116 of the default 28 232, and conntrack keeps a TIME_WAIT 120 s); before the first round every port has had a connection ({} per path through the kernel, 8 at a time).", 2 * n) }
+        None => "The clients' namespaces keep the kernel's default ephemeral range, so whether a port comes back while its previous connection is still in conntrack depends on how many connections the run made to that destination before.".to_string(),
+    };
+    let hooks = c
+        .hooks
+        .iter()
+        .map(|(d, h)| format!("{d} {h}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let _ = writeln!(m, "<!-- conns -->\n## Request-shaped connections: short TCP connections through the plain route, SNAT and a floating IP\n\nThe NAT seed (the gateway 192.168.1.10 with SNAT, fully random ports as Neutron sets it; vm3's floating IP 192.168.1.20; the outside host 203.0.113.5), every device at kernel defaults. Many short TCP connections, an HTTP-like client and server in the benchmark itself: the client connects from a port the kernel chooses, sends a GET of 100 bytes, the server (80 threads per listener, on port 8080 in vm3 and on the outside host) answers {} bytes and closes first, the client reads to EOF and closes. The server keeps the TIME_WAIT (60 s), the client none, so the client's ports come back while the router's conntrack still holds their previous connection (TIME_WAIT, 120 s), as for every busy client. {ports} Paths: vm1 → vm3 (routed, no NAT), vm1 → the outside host (SNAT), the outside host → 192.168.1.20 (DNAT to vm3). Concurrency 1 or 64: that many client threads, each making connection after connection. Each run: {:.1} s of warm-up, then {:.1} s timed; connections per second count the connections completed (whole response, EOF) in the timed window; the other figures count the connections that ended after the warm-up (a connection still under way at the window's end is waited for: it is in them, not in the rate): latency connect to EOF (p50 and p99 of each run, then the median over rounds with min–max), *stalled* when it took over 1 s, *failed* when it erred or timed out (3 s to connect, 3 s per read or write), counted, never stopping the run; totals over the rounds. Two modes take turns in every round, which one goes first alternating: the kernel alone (the router's programs detached and the daemon stopped, as in the NAT section; NAT by nftables and conntrack) and this router applied as Neutron gives it (hooks `auto`: {hooks}). {} round(s).\n", crate::conns::RESPONSE_BYTES, c.warmup, c.secs, c.rounds);
+    let _ = writeln!(m, "| path | concurrency | kernel (conn/s) | this router (conn/s) | router ÷ kernel | per round | kernel p50 / p99 (ms) | router p50 / p99 (ms) | stalled / failed of counted: kernel | this router | SYNs refused by the server's TIME_WAIT / resent by clients: kernel | this router | fast path per connection: forwarded, translated (share of packets received) |\n|---|---:|---|---|---|---|---|---|---|---|---|---|---|");
+    let lat = |x: &crate::conns::Side| {
+        if x.has_latency {
+            format!("{} / {}", x.p50_ms.fmt(2), x.p99_ms.fmt(2))
+        } else {
+            "none completed".into()
+        }
+    };
+    for f in &c.figures {
+        let per_round = f
+            .ratios
+            .iter()
+            .map(|r| {
+                if r.is_finite() {
+                    format!("{r:.2}")
+                } else {
+                    "n/a".into()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        let side =
+            |x: &crate::conns::Side| format!("{} / {} of {}", x.stalled, x.failed, x.counted);
+        let tcp = |x: &crate::conns::Side| format!("{} / {}", x.paws_tw, x.syn_retrans);
+        let _ = writeln!(
+            m,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.1}, {:.1} ({:.1} %) |",
+            f.path.name(),
+            f.concurrency,
+            f.kernel.conn_s.fmt(0),
+            f.router.conn_s.fmt(0),
+            f.ratio.fmt(2),
+            per_round,
+            lat(&f.kernel),
+            lat(&f.router),
+            side(&f.kernel),
+            side(&f.router),
+            tcp(&f.kernel),
+            tcp(&f.router),
+            f.fwd_per_conn,
+            f.translated_per_conn,
+            f.fwd_share * 100.0
+        );
+    }
+    let _ = writeln!(m, "\nThe fast path's columns come from its own counters (`router-ctl stats`), read before and after each of this router's runs (warm-up included) and divided by the connections made: packets it forwarded and packets it translated (source or destination) per connection, and the share of the packets the router's devices received that it forwarded. A connection is about ten packets. The TCP columns are the kernel's counters (TcpExtPAWSTimewait in the server's namespace, TcpExtTCPSynRetrans in the clients'), over whole runs. Through SNAT the kernel alone stalls too: fully random ports put a new connection on a gateway port whose last connection, from another client port, the server still holds in TIME_WAIT; this kernel gives every connection its own timestamp offset, so the new SYN's timestamp is as often older as newer than the one the TIME_WAIT remembers, and an older one is refused (PAWS): the client resets the TIME_WAIT's answer and sends its SYN again a second later.\n<!-- /conns -->");
+    m
 }
