@@ -266,10 +266,10 @@ pub const MAX_NAT_FLOWS: u32 = 1 << 18;
 /// The kernel's conntrack decides every mapping; the fast path holds copies. A copy is made on
 /// demand: the fast path counts, per flow hash, the packets it hands to the kernel for want of
 /// one (`NAT_SEEN`), and reports the flow each time the count reaches `COPY_AFTER` (TCP:
-/// `COPY_AFTER_TCP`), counting again from 0 (`NAT_MISSES`). Flows sharing a slot add up, so
-/// a report names whichever flow's packet completed the count; at most `SEEN_REPORTS` reports
-/// per slot until its packets pause for `SEEN_IDLE`, so a flow the controller does not copy
-/// (not NAT, say) costs it little however fast it comes. The controller then asks conntrack
+/// `COPY_AFTER_TCP`), counting again from 0 (`NAT_MISSES`); a pause longer than `SEEN_IDLE`
+/// starts the count again. Flows sharing a slot add up, so a report names whichever flow's
+/// packet completed the count; at most `SEEN_REPORTS` reports per slot and second, so traffic
+/// the controller does not copy (not NAT, say) costs it little however fast it comes. The controller then asks conntrack
 /// for that tuple and copies it when it is a NAT flow the fast path may carry. A short
 /// connection never gets that far and costs nothing but the kernel's own work.
 ///
@@ -298,12 +298,14 @@ pub mod nat {
     /// Bytes of `NAT_MISSES`.
     pub const MISSES_BYTES: u32 = 16 * 1024;
     /// `NAT_SEEN` entries: the time of the slot's last packet in the upper 16 bits (units of
-    /// 2^`SEEN_TIME_SHIFT` ns of CLOCK_MONOTONIC, about 16.8 ms), the reports made since its
-    /// last pause in the next 8, the count in the low 8.
+    /// 2^`SEEN_TIME_SHIFT` ns of CLOCK_MONOTONIC, about 16.8 ms), the reports made in the
+    /// second (2^30 ns) of that packet in the next 8, the count in the low 8.
     pub const SEEN_TIME_SHIFT: u32 = 24;
-    /// A pause longer than this many time units (about a second) starts over.
+    /// A pause longer than this many time units (about a second) starts the count over.
     pub const SEEN_IDLE: u32 = 64;
-    /// Reports per slot between pauses.
+    /// Time units per second (2^30 ns): reports are counted per second.
+    pub const SEEN_SECOND_SHIFT: u32 = 6;
+    /// Reports per slot and second.
     pub const SEEN_REPORTS: u32 = 8;
 
     #[inline(always)]

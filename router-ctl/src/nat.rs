@@ -50,6 +50,11 @@ pub const REFRESH_EVERY: Duration = Duration::from_secs(5);
 /// and the kernel counts in jiffies: a few ticks cover both.
 const MARGIN_NS: u64 = 50_000_000;
 
+/// Most reports a router's sync asks conntrack about in a second: a flood of traffic the
+/// fast path reports but cannot have copied (to the router's own addresses, say) must not take
+/// a processor; reports beyond are dropped (the fast path reports a flow again).
+pub const ASKS_PER_SECOND: u32 = 20_000;
+
 /// `BPF_EXIST`: update an element only if it is there (the fast path may have retired it).
 const BPF_EXIST: u64 = 2;
 
@@ -206,6 +211,10 @@ pub struct NatSync {
     gens: Array<MapData, u32>,
     misses: RingBuf<MapData>,
     installed: StdHashMap<Tuple, Copied>,
+    /// Asks left in the current second, and when it started.
+    asks: (u32, Instant),
+    /// Reports dropped for want of asks (logged once a second at most).
+    dropped: u64,
     last_refresh: Instant,
     timeouts: Timeouts,
     timeouts_read: Instant,
@@ -234,6 +243,8 @@ impl NatSync {
             gens: Array::try_from(Map::Array(pinned(map_names::NAT_GEN)?))?,
             misses: RingBuf::try_from(Map::RingBuf(pinned(map_names::NAT_MISSES)?))?,
             installed: StdHashMap::new(),
+            asks: (ASKS_PER_SECOND, Instant::now()),
+            dropped: 0,
             last_refresh: Instant::now(),
             timeouts: Timeouts::read(),
             timeouts_read: Instant::now(),
@@ -373,7 +384,19 @@ impl NatSync {
         }
         reported.sort();
         reported.dedup();
+        if self.asks.1.elapsed() >= Duration::from_secs(1) {
+            if self.dropped > 0 {
+                tracing::info!(router = %self.router, dropped = self.dropped, "more NAT flows reported than conntrack is asked about in a second; the kernel carries the rest until they are reported again");
+            }
+            self.asks = (ASKS_PER_SECOND, Instant::now());
+            self.dropped = 0;
+        }
         for k in &reported {
+            if self.asks.0 == 0 {
+                self.dropped += 1;
+                continue;
+            }
+            self.asks.0 -= 1;
             self.copy(k)
                 .with_context(|| format!("copying the NAT flow of {k:?} from conntrack"))?;
         }

@@ -8,7 +8,8 @@
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use router_common::{
     nat::{
-        gen_slot, seen_slot, COPY_AFTER, COPY_AFTER_TCP, SEEN_IDLE, SEEN_REPORTS, SEEN_TIME_SHIFT,
+        gen_slot, seen_slot, COPY_AFTER, COPY_AFTER_TCP, SEEN_IDLE, SEEN_REPORTS,
+        SEEN_SECOND_SHIFT, SEEN_TIME_SHIFT,
     },
     nat_conf, pass_reason as why, NatFlow, NatKey,
 };
@@ -192,8 +193,11 @@ pub fn missed(m: &Miss) {
     // SAFETY: an array element; a count lost to a race between CPUs delays a report only.
     let v = unsafe { *c };
     let (mut reports, mut count) = ((v >> 8) & 0xff, v & 0xff);
-    if t.wrapping_sub(v >> 16) & 0xffff > SEEN_IDLE {
+    let last = v >> 16;
+    if t.wrapping_sub(last) & 0xffff > SEEN_IDLE {
         (reports, count) = (0, 0);
+    } else if t >> SEEN_SECOND_SHIFT != last >> SEEN_SECOND_SHIFT {
+        reports = 0;
     }
     count += 1;
     let want = if m.key.proto == IPPROTO_TCP {
