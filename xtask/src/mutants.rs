@@ -42,6 +42,7 @@ pub const MUTANTS: &[Mutant] = &[
         fault: "a TCP SYN, FIN or RST of a copied NAT flow goes to the kernel but leaves the copy in use, and a SYN without a copy moves no generation (a reused client port meets a closed connection's mapping)",
         tests: &[
             ("packet", "nat_copies_are_retired_by_the_packets_that_end_them"),
+            ("nat_reuse", "snat_client_port_reused_after_the_client_resets"),
             (
                 "nat_reuse",
                 "snat_client_port_reused_while_the_server_closes_first",
