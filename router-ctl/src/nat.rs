@@ -35,8 +35,7 @@ use router_common::{map_names, nat::gen_slot, nat_flags, NatFlow, NatKey};
 use crate::{
     datapath,
     kernel::conntrack::{
-        self, status, Conntrack, Flow, Tuple, IPPROTO_ICMP, IPPROTO_TCP,
-        TCP_CONNTRACK_ESTABLISHED,
+        self, status, Conntrack, Flow, Tuple, IPPROTO_ICMP, IPPROTO_TCP, TCP_CONNTRACK_ESTABLISHED,
     },
 };
 
@@ -435,8 +434,7 @@ impl NatSync {
                 continue;
             }
             let used = vals.iter().map(|v| v.used).max().unwrap_or(0);
-            if used != 0 && now.saturating_sub(used) < recent && !cfg!(mutant = "nat_no_refresh")
-            {
+            if used != 0 && now.saturating_sub(used) < recent && !cfg!(mutant = "nat_no_refresh") {
                 due.push((*orig, self.timeouts.of(&c.flow)));
             }
         }

@@ -6,8 +6,8 @@ use aya_ebpf::{
     maps::{Array, DevMap, HashMap, LpmTrie, PerCpuArray, RingBuf},
 };
 use router_common::{
-    fib, fib6, nat, Block6, Iface, IfaceAt, NatFlow, NatKey, Neigh, Neigh6Key, NeighKey, NhGroup, Pfx6,
-    Route, Stats, IFACE_INDEX_SLOTS, MAX_IFACES, MAX_LOCAL4, MAX_NAT_FLOWS, MAX_NEIGHS,
+    fib, fib6, nat, Block6, Iface, IfaceAt, NatFlow, NatKey, Neigh, Neigh6Key, NeighKey, NhGroup,
+    Pfx6, Route, Stats, IFACE_INDEX_SLOTS, MAX_IFACES, MAX_LOCAL4, MAX_NAT_FLOWS, MAX_NEIGHS,
     STATS_SLOTS,
 };
 

@@ -564,6 +564,20 @@ impl Seed {
             .unwrap()
     }
 
+    /// (source translated, destination translated): packets the fast path forwarded from `dev`
+    /// with their source or destination translated (NAT).
+    pub fn nat_counts(&self, dev: &str) -> (u64, u64) {
+        let v = self.stats();
+        let d = v
+            .iter()
+            .find(|d| d["device"] == dev)
+            .unwrap_or_else(|| panic!("no stats for {dev}: {v:?}"));
+        (
+            d["nat"]["source_translated"].as_u64().unwrap(),
+            d["nat"]["destination_translated"].as_u64().unwrap(),
+        )
+    }
+
     pub fn passed(&self, dev: &str, reason: &str) -> u64 {
         self.stats()
             .iter()
@@ -935,6 +949,18 @@ pub fn capture(
     rx.recv_timeout(Duration::from_secs(5))
         .expect("capture ready");
     h
+}
+
+/// Every IPv4 conntrack entry of namespace `ns`.
+pub fn conntrack_flows(ns: &str) -> Vec<router_ctl::kernel::conntrack::Flow> {
+    in_ns(ns, || {
+        router_ctl::kernel::conntrack::Conntrack::open(0)
+            .unwrap()
+            .dump()
+            .unwrap()
+    })
+    .join()
+    .unwrap()
 }
 
 /// The pids of the running `router-ctl run` daemons (zombies excluded: they are dead).

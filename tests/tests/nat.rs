@@ -42,17 +42,7 @@ fn from(ns: &str, src: &str) -> u64 {
 
 /// (source translated, destination translated) by the fast path on `dev`.
 fn nat_counts(s: &Seed, dev: &str) -> (u64, u64) {
-    let v = ctl_json(&["stats", &s.ids.router_id]);
-    let d = v
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|d| d["device"] == dev)
-        .unwrap_or_else(|| panic!("no stats for {dev}: {v}"));
-    (
-        d["nat"]["source_translated"].as_u64().unwrap(),
-        d["nat"]["destination_translated"].as_u64().unwrap(),
-    )
+    s.nat_counts(dev)
 }
 
 fn all_answered(ns: &str, dst: &str, n: u32) {
@@ -252,17 +242,10 @@ fn snat_off_and_a_floating_ip_moved_then_removed() {
     let moved = ids.config_nat("enable_snat = false", FIP_VM1);
     let through_fip = |ns: &str| {
         let f: std::net::Ipv4Addr = "192.168.1.20".parse().unwrap();
-        in_ns(ns, || {
-            router_ctl::kernel::conntrack::Conntrack::open(0)
-                .unwrap()
-                .dump()
-                .unwrap()
-        })
-        .join()
-        .unwrap()
-        .into_iter()
-        .filter(|x| x.orig.dst == f || x.reply.dst == f)
-        .count()
+        tests::topo::conntrack_flows(ns)
+            .into_iter()
+            .filter(|x| x.orig.dst == f || x.reply.dst == f)
+            .count()
     };
     assert!(
         through_fip(&ns) >= 2,
@@ -839,14 +822,7 @@ fn flows_in_use_stay_alive_in_the_kernel_and_idle_ones_are_forgotten() {
     // so an entry left to expire would be gone from it, and its flow from the fast path).
     let t0 = std::time::Instant::now();
     while t0.elapsed() < Duration::from_secs(7) {
-        let flows = in_ns(&ns, || {
-            router_ctl::kernel::conntrack::Conntrack::open(0)
-                .unwrap()
-                .dump()
-                .unwrap()
-        })
-        .join()
-        .unwrap();
+        let flows = tests::topo::conntrack_flows(&ns);
         assert!(
             flows
                 .iter()

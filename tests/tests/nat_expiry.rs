@@ -44,7 +44,10 @@ fn a_copy_is_not_used_after_the_kernel_may_have_dropped_its_entry() {
             let Ok((4, peer)) = u.recv_from(&mut buf) else {
                 break;
             };
-            seen.push((u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]), peer.port()));
+            seen.push((
+                u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]),
+                peer.port(),
+            ));
         }
         seen
     });
@@ -69,23 +72,19 @@ fn a_copy_is_not_used_after_the_kernel_may_have_dropped_its_entry() {
     }
     let t0 = Instant::now();
     while pids.iter().any(|p| tests::topo::process_alive(*p)) {
-        assert!(t0.elapsed() < Duration::from_secs(5), "the daemon survived SIGKILL");
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "the daemon survived SIGKILL"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
     // Past the kernel's timeout: its entry is gone. The same tuple again.
     std::thread::sleep(Duration::from_secs(5));
     datagrams(&s.vm1, 20, 20);
     let seen = server.join().unwrap();
-    let held = in_ns(&ns, || {
-        router_ctl::kernel::conntrack::Conntrack::open(0)
-            .unwrap()
-            .dump()
-            .unwrap()
-    })
-    .join()
-    .unwrap()
-    .into_iter()
-    .find(|f| f.orig.proto == 17 && f.orig.sport == 40500);
+    let held = tests::topo::conntrack_flows(&ns)
+        .into_iter()
+        .find(|f| f.orig.proto == 17 && f.orig.sport == 40500);
     tests::topo::restart_daemon(
         &[],
         &std::env::temp_dir().join(format!("router-test-{}-expiry-daemon.log", s.ids.tag)),

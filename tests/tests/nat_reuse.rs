@@ -170,22 +170,7 @@ impl Outcome {
     }
 }
 
-/// (source translated, destination translated) by the fast path on `dev`.
-fn nat_counts(s: &Seed, dev: &str) -> (u64, u64) {
-    let v = ctl_json(&["stats", &s.ids.router_id]);
-    let d = v
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|d| d["device"] == dev)
-        .unwrap_or_else(|| panic!("no stats for {dev}: {v}"));
-    (
-        d["nat"]["source_translated"].as_u64().unwrap(),
-        d["nat"]["destination_translated"].as_u64().unwrap(),
-    )
-}
-
-/// Which of the two counters of `nat_counts`.
+/// Which of the two counters of `Seed::nat_counts`.
 #[derive(Clone, Copy)]
 enum Side {
     Source,
@@ -197,7 +182,7 @@ fn translated(s: &Seed, which: &[(String, Side)]) -> Vec<u64> {
     which
         .iter()
         .map(|(dev, side)| {
-            let (src, dst) = nat_counts(s, dev);
+            let (src, dst) = s.nat_counts(dev);
             match side {
                 Side::Source => src,
                 Side::Destination => dst,
@@ -231,6 +216,15 @@ fn assert_fast_path_translated(
             a - b
         );
     }
+}
+
+/// Runs `r`, asserts that every connection got its own answers without a stall (`label`
+/// says which), and that the fast path translated at least the carried connections' second
+/// halves (`carried` connections) on each (device, side) of `which`.
+fn run_checked(s: &Seed, r: &Run, label: &str, which: &[(String, Side)], carried: usize) {
+    let before = translated(s, which);
+    run(r).assert_clean(label);
+    assert_fast_path_translated(s, label, which, &before, (carried * ROUNDS_FAST) as u64);
 }
 
 /// Every `router-ctl run` on the machine is the build under test (waiting up to 3 s for one
@@ -959,29 +953,26 @@ fn snat_client_port_reused_while_the_server_closes_first() {
         (s.ids.dev_a(), Side::Source),
         (s.ids.dev_g(), Side::Destination),
     ];
-    let before = translated(&s, &which);
     let (short, carried) = (20, 10);
-    run(&Run {
-        what: "snat-server-closes",
-        router: s.ids.router_id.clone(),
-        client_ns: s.vm1.clone(),
-        server_ns: s.out(),
-        connect: addr(OUT, 5101),
-        listen: addr(OUT, 5101),
-        ports: vec![40001],
-        kinds: sequence(short, carried),
-        close: Close::ServerFirst,
-        copied: Copied::Listed,
-        peer_ip: GATEWAY,
-        gap: Duration::ZERO,
-    })
-    .assert_clean("SNAT, one client port reused, the server closing first");
-    assert_fast_path_translated(
+    run_checked(
         &s,
-        "SNAT reuse",
+        &Run {
+            what: "snat-server-closes",
+            router: s.ids.router_id.clone(),
+            client_ns: s.vm1.clone(),
+            server_ns: s.out(),
+            connect: addr(OUT, 5101),
+            listen: addr(OUT, 5101),
+            ports: vec![40001],
+            kinds: sequence(short, carried),
+            close: Close::ServerFirst,
+            copied: Copied::Listed,
+            peer_ip: GATEWAY,
+            gap: Duration::ZERO,
+        },
+        "SNAT, one client port reused, the server closing first",
         &which,
-        &before,
-        (carried * ROUNDS_FAST) as u64,
+        carried,
     );
 }
 
@@ -998,29 +989,26 @@ fn snat_client_port_reused_while_the_client_closes_first() {
         (s.ids.dev_a(), Side::Source),
         (s.ids.dev_g(), Side::Destination),
     ];
-    let before = translated(&s, &which);
     let (short, carried) = if gap.is_zero() { (20, 10) } else { (5, 3) };
-    run(&Run {
-        what: "snat-client-closes",
-        router: s.ids.router_id.clone(),
-        client_ns: s.vm1.clone(),
-        server_ns: s.out(),
-        connect: addr(OUT, 5102),
-        listen: addr(OUT, 5102),
-        ports: vec![40002],
-        kinds: sequence(short, carried),
-        close: Close::ClientFirst,
-        copied: Copied::Listed,
-        peer_ip: GATEWAY,
-        gap,
-    })
-    .assert_clean("SNAT, one client port reused, the client closing first");
-    assert_fast_path_translated(
+    run_checked(
         &s,
-        "SNAT reuse",
+        &Run {
+            what: "snat-client-closes",
+            router: s.ids.router_id.clone(),
+            client_ns: s.vm1.clone(),
+            server_ns: s.out(),
+            connect: addr(OUT, 5102),
+            listen: addr(OUT, 5102),
+            ports: vec![40002],
+            kinds: sequence(short, carried),
+            close: Close::ClientFirst,
+            copied: Copied::Listed,
+            peer_ip: GATEWAY,
+            gap,
+        },
+        "SNAT, one client port reused, the client closing first",
         &which,
-        &before,
-        (carried * ROUNDS_FAST) as u64,
+        carried,
     );
 }
 
@@ -1039,29 +1027,26 @@ fn snat_client_port_reused_after_the_client_resets() {
         (s.ids.dev_a(), Side::Source),
         (s.ids.dev_g(), Side::Destination),
     ];
-    let before = translated(&s, &which);
     let carried = 30;
-    run(&Run {
-        what: "snat-client-resets",
-        router: s.ids.router_id.clone(),
-        client_ns: s.vm1.clone(),
-        server_ns: s.out(),
-        connect: addr(OUT, 5107),
-        listen: addr(OUT, 5107),
-        ports: vec![40007],
-        kinds: sequence(0, carried),
-        close: Close::ClientAborts,
-        copied: Copied::Listed,
-        peer_ip: GATEWAY,
-        gap: Duration::ZERO,
-    })
-    .assert_clean("SNAT, one client port reused, the client resetting each connection");
-    assert_fast_path_translated(
+    run_checked(
         &s,
-        "SNAT reuse after resets",
+        &Run {
+            what: "snat-client-resets",
+            router: s.ids.router_id.clone(),
+            client_ns: s.vm1.clone(),
+            server_ns: s.out(),
+            connect: addr(OUT, 5107),
+            listen: addr(OUT, 5107),
+            ports: vec![40007],
+            kinds: sequence(0, carried),
+            close: Close::ClientAborts,
+            copied: Copied::Listed,
+            peer_ip: GATEWAY,
+            gap: Duration::ZERO,
+        },
+        "SNAT, one client port reused, the client resetting each connection",
         &which,
-        &before,
-        (carried * ROUNDS_FAST) as u64,
+        carried,
     );
 }
 
@@ -1091,59 +1076,49 @@ fn floating_ip_client_ports_reused_from_outside_and_through_the_hairpin() {
             Duration::ZERO
         };
         let (short, carried) = if gap.is_zero() { (20, 10) } else { (5, 3) };
-        let before = translated(&s, &inbound);
-        run(&Run {
-            what,
-            router: s.ids.router_id.clone(),
-            client_ns: s.out(),
-            server_ns: s.vm3.clone(),
-            connect: addr(FIP, listen),
-            listen: addr(VM3, listen),
-            ports: vec![port],
-            kinds: sequence(short, carried),
-            close,
-            copied: Copied::Listed,
-            peer_ip: OUT,
-            gap,
-        })
-        .assert_clean(&format!(
-            "the outside to the floating IP, one client port reused, {close:?}"
-        ));
-        assert_fast_path_translated(
+        run_checked(
             &s,
-            "floating IP reuse",
+            &Run {
+                what,
+                router: s.ids.router_id.clone(),
+                client_ns: s.out(),
+                server_ns: s.vm3.clone(),
+                connect: addr(FIP, listen),
+                listen: addr(VM3, listen),
+                ports: vec![port],
+                kinds: sequence(short, carried),
+                close,
+                copied: Copied::Listed,
+                peer_ip: OUT,
+                gap,
+            },
+            &format!("the outside to the floating IP, one client port reused, {close:?}"),
             &inbound,
-            &before,
-            (carried * ROUNDS_FAST) as u64,
+            carried,
         );
     }
     // The hairpin: vm1 → the floating IP.
     let hairpin = [(a, Side::Destination), (b, Side::Source)];
-    let before = translated(&s, &hairpin);
     let (short, carried) = (20, 10);
-    run(&Run {
-        what: "hairpin-server-closes",
-        router: s.ids.router_id.clone(),
-        client_ns: s.vm1.clone(),
-        server_ns: s.vm3.clone(),
-        connect: addr(FIP, 5105),
-        listen: addr(VM3, 5105),
-        ports: vec![40005],
-        kinds: sequence(short, carried),
-        close: Close::ServerFirst,
-        copied: Copied::Listed,
-        peer_ip: GATEWAY,
-        gap: Duration::ZERO,
-    })
-    .assert_clean(
-        "vm1 to the floating IP (hairpin), one client port reused, the server closing first",
-    );
-    assert_fast_path_translated(
+    run_checked(
         &s,
-        "hairpin reuse",
+        &Run {
+            what: "hairpin-server-closes",
+            router: s.ids.router_id.clone(),
+            client_ns: s.vm1.clone(),
+            server_ns: s.vm3.clone(),
+            connect: addr(FIP, 5105),
+            listen: addr(VM3, 5105),
+            ports: vec![40005],
+            kinds: sequence(short, carried),
+            close: Close::ServerFirst,
+            copied: Copied::Listed,
+            peer_ip: GATEWAY,
+            gap: Duration::ZERO,
+        },
+        "vm1 to the floating IP (hairpin), one client port reused, the server closing first",
         &hairpin,
-        &before,
-        (carried * ROUNDS_FAST) as u64,
+        carried,
     );
 }
 

@@ -1927,14 +1927,15 @@ impl Harness {
 
     /// The keys the program reported for a copy since the last call.
     fn nat_reports(&mut self) -> Vec<router_common::NatKey> {
-        let mut r =
-            aya::maps::RingBuf::try_from(self.ebpf.map_mut(map_names::NAT_MISSES).unwrap())
-                .unwrap();
+        let mut r = aya::maps::RingBuf::try_from(self.ebpf.map_mut(map_names::NAT_MISSES).unwrap())
+            .unwrap();
         let mut v = Vec::new();
         while let Some(item) = r.next() {
             assert_eq!(item.len(), 16, "a report is one NatKey");
             // SAFETY: 16 bytes, read unaligned.
-            v.push(unsafe { std::ptr::read_unaligned(item.as_ptr() as *const router_common::NatKey) });
+            v.push(unsafe {
+                std::ptr::read_unaligned(item.as_ptr() as *const router_common::NatKey)
+            });
         }
         v
     }
@@ -2125,7 +2126,13 @@ fn nat_copies_are_retired_by_the_packets_that_end_them() {
         };
         h.nat(&[(k, out), (back, ret)]);
         let seg = |flags: u8| {
-            l4_frame(IN_MAC, HOST_MAC, &tcp(SRC, DST), &l4_of(6, 40001, 443, flags), false)
+            l4_frame(
+                IN_MAC,
+                HOST_MAC,
+                &tcp(SRC, DST),
+                &l4_of(6, 40001, 443, flags),
+                false,
+            )
         };
         let ack = seg(0x10);
         let translated = l4_frame(
@@ -2153,21 +2160,53 @@ fn nat_copies_are_retired_by_the_packets_that_end_them() {
                 why::NAMES[reason]
             );
         };
-        expect(&mut h, &ack, XDP_REDIRECT, &translated, "an ACK of a copied flow");
+        expect(
+            &mut h,
+            &ack,
+            XDP_REDIRECT,
+            &translated,
+            "an ACK of a copied flow",
+        );
         // A new connection from the same client port: its SYN retires the copies.
-        passed(&mut h, &seg(0x02), why::NAT_TCP_CONTROL, "a SYN of a copied flow");
+        passed(
+            &mut h,
+            &seg(0x02),
+            why::NAT_TCP_CONTROL,
+            "a SYN of a copied flow",
+        );
         assert_eq!(h.nat_copy(&k), None, "{:?}: the copy is retired", h.prog);
-        assert_eq!(h.nat_copy(&back), None, "{:?}: the other direction too", h.prog);
+        assert_eq!(
+            h.nat_copy(&back),
+            None,
+            "{:?}: the other direction too",
+            h.prog
+        );
         assert_eq!(h.nat_gen(slot), 1, "{:?}: the generation moved on", h.prog);
         passed(&mut h, &ack, why::NAT_NO_FLOW, "the new connection's ACK");
         // A copy taken before the SYN and written after it: never used, and deleted.
         h.nat(&[(k, out), (back, ret)]);
-        passed(&mut h, &ack, why::NAT_NO_FLOW, "a copy of the old generation");
-        assert_eq!(h.nat_copy(&k), None, "{:?}: the stale copy is deleted", h.prog);
+        passed(
+            &mut h,
+            &ack,
+            why::NAT_NO_FLOW,
+            "a copy of the old generation",
+        );
+        assert_eq!(
+            h.nat_copy(&k),
+            None,
+            "{:?}: the stale copy is deleted",
+            h.prog
+        );
         // A copy of the current generation is used; the server's FIN retires both.
         let (out1, ret1) = (NatFlow { gen: 1, ..out }, NatFlow { gen: 1, ..ret });
         h.nat(&[(k, out1), (back, ret1)]);
-        expect(&mut h, &ack, XDP_REDIRECT, &translated, "a copy of the current generation");
+        expect(
+            &mut h,
+            &ack,
+            XDP_REDIRECT,
+            &translated,
+            "a copy of the current generation",
+        );
         // (The harness's frames all arrive on one device; which one does not matter here.)
         let fin_back = l4_frame(
             IN_MAC,
@@ -2192,17 +2231,39 @@ fn nat_copies_are_retired_by_the_packets_that_end_them() {
             ..nat_flow(EXT, 61000, DST, 5201, nf::SRC)
         };
         h.nat(&[(u, expired)]);
-        let dgram = l4_frame(IN_MAC, HOST_MAC, &udp(SRC, DST), &l4_of(17, 40000, 5201, 0), false);
+        let dgram = l4_frame(
+            IN_MAC,
+            HOST_MAC,
+            &udp(SRC, DST),
+            &l4_of(17, 40000, 5201, 0),
+            false,
+        );
         passed(&mut h, &dgram, why::NAT_NO_FLOW, "an expired copy");
         // A SYN without a copy moves its slot's generation; a SYN-ACK does not.
         let k2 = nat_key(SRC, 40002, DST, 443, 6);
         let g2 = h.nat_gen(gen_slot(&k2));
-        let syn2 = l4_frame(IN_MAC, HOST_MAC, &tcp(SRC, DST), &l4_of(6, 40002, 443, 0x02), false);
+        let syn2 = l4_frame(
+            IN_MAC,
+            HOST_MAC,
+            &tcp(SRC, DST),
+            &l4_of(6, 40002, 443, 0x02),
+            false,
+        );
         passed(&mut h, &syn2, why::NAT_NO_FLOW, "a SYN without a copy");
         assert_eq!(h.nat_gen(gen_slot(&k2)), g2.wrapping_add(1), "{:?}", h.prog);
-        let synack2 =
-            l4_frame(IN_MAC, HOST_MAC, &tcp(SRC, DST), &l4_of(6, 40002, 443, 0x12), false);
-        passed(&mut h, &synack2, why::NAT_NO_FLOW, "a SYN-ACK without a copy");
+        let synack2 = l4_frame(
+            IN_MAC,
+            HOST_MAC,
+            &tcp(SRC, DST),
+            &l4_of(6, 40002, 443, 0x12),
+            false,
+        );
+        passed(
+            &mut h,
+            &synack2,
+            why::NAT_NO_FLOW,
+            "a SYN-ACK without a copy",
+        );
         assert_eq!(h.nat_gen(gen_slot(&k2)), g2.wrapping_add(1), "{:?}", h.prog);
 
         // Reports: each time a flow passed COPY_AFTER more packets (TCP: COPY_AFTER_TCP,
@@ -2219,7 +2280,13 @@ fn nat_copies_are_retired_by_the_packets_that_end_them() {
                     ..Ipv4::udp(SRC, DST, 64)
                 };
                 let key = nat_key(SRC, sport, DST, 80, proto);
-                let f = l4_frame(IN_MAC, HOST_MAC, &ip, &l4_of(proto, sport, 80, flags), false);
+                let f = l4_frame(
+                    IN_MAC,
+                    HOST_MAC,
+                    &ip,
+                    &l4_of(proto, sport, 80, flags),
+                    false,
+                );
                 let t0 = second();
                 if proto == 6 {
                     let syn =
@@ -2227,7 +2294,12 @@ fn nat_copies_are_retired_by_the_packets_that_end_them() {
                     for _ in 0..2 * want {
                         h.run(&syn);
                     }
-                    assert_eq!(h.nat_reports(), vec![], "{:?}: SYNs are not counted", h.prog);
+                    assert_eq!(
+                        h.nat_reports(),
+                        vec![],
+                        "{:?}: SYNs are not counted",
+                        h.prog
+                    );
                 }
                 let mut at = Vec::new();
                 for i in 1..=(SEEN_REPORTS + 2) * want {

@@ -175,7 +175,11 @@ impl Conntrack {
         let mut attrs = Vec::new();
         put_tuple(
             &mut attrs,
-            if reply { CTA_TUPLE_REPLY } else { CTA_TUPLE_ORIG },
+            if reply {
+                CTA_TUPLE_REPLY
+            } else {
+                CTA_TUPLE_ORIG
+            },
             t,
         );
         match self.request(IPCTNL_MSG_CT_GET, NLM_F_REQUEST | NLM_F_ACK, &attrs) {
