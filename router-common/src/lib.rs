@@ -56,8 +56,8 @@ pub mod map_names {
     /// direction's key. The fast path moves a slot on at every connection start and end it
     /// sees; a `NatFlow` copied under another generation is never used (see `NatFlow::gen`).
     pub const NAT_GEN: &str = "NAT_GEN";
-    /// Array of `nat::SEEN_SLOTS` u32: how many packets of a flow (by `nat::seen_slot`) the
-    /// kernel path got in the current second (`nat::seen`).
+    /// Array of `nat::SEEN_SLOTS` u64: flows (by a fingerprint, in one of two slots each, see
+    /// `nat::seen_slots`) the kernel path got packets of for want of a copy, and how many.
     pub const NAT_SEEN: &str = "NAT_SEEN";
     /// Ring buffer of `NatKey`s: flows the kernel path carried `nat::COPY_AFTER` times, for the
     /// controller to copy from conntrack.
@@ -264,14 +264,15 @@ pub const MAX_NAT_FLOWS: u32 = 1 << 18;
 /// How NAT flows reach the fast path, and how the fast path stops using them.
 ///
 /// The kernel's conntrack decides every mapping; the fast path holds copies. A copy is made on
-/// demand: the fast path counts, per flow hash, the packets it hands to the kernel for want of
-/// one (`NAT_SEEN`), and reports the flow each time the count reaches `COPY_AFTER` (TCP:
-/// `COPY_AFTER_TCP`), counting again from 0 (`NAT_MISSES`); a pause longer than `SEEN_IDLE`
-/// starts the count again. Flows sharing a slot add up, so a report names whichever flow's
-/// packet completed the count; at most `SEEN_REPORTS` reports per slot and second, so traffic
-/// the controller does not copy (not NAT, say) costs it little however fast it comes. The controller then asks conntrack
-/// for that tuple and copies it when it is a NAT flow the fast path may carry. A short
-/// connection never gets that far and costs nothing but the kernel's own work.
+/// demand: the fast path counts the packets it hands to the kernel for want of one, per flow
+/// (`NAT_SEEN`: a fingerprint of the flow's key in one of two slots), and reports the flow each
+/// time the count reaches `COPY_AFTER` (TCP: `COPY_AFTER_TCP`), counting again from 0
+/// (`NAT_MISSES`). A TCP SYN, FIN or RST starts the count again (a connection starts or ends:
+/// a client reusing its port does not add its connections up), and so does a pause longer than
+/// `SEEN_IDLE`; at most `SEEN_REPORTS` reports per flow and second, so traffic the controller
+/// does not copy (not NAT, say) costs it little however fast it comes. The controller then asks
+/// conntrack for that tuple and copies it when it is a NAT flow the fast path may carry. A
+/// short connection never gets that far and costs nothing but the kernel's own work.
 ///
 /// A copy is used only while it is valid, which the program checks on every packet:
 /// - its generation (`NatFlow::gen`) equals `NAT_GEN[NatFlow::slot]`: the program moves that
@@ -293,41 +294,44 @@ pub mod nat {
     /// Packets a UDP or ICMP echo flow passes to the kernel before it is reported (a power of
     /// two).
     pub const COPY_AFTER: u32 = 2;
-    /// The same for TCP (control segments not counted): a request and its answer stay below.
+    /// The same for TCP, between two control segments: a request and its answer stay below.
     pub const COPY_AFTER_TCP: u32 = 8;
     /// Bytes of `NAT_MISSES`.
     pub const MISSES_BYTES: u32 = 16 * 1024;
-    /// `NAT_SEEN` entries: the time of the slot's last packet in the upper 16 bits (units of
-    /// 2^`SEEN_TIME_SHIFT` ns of CLOCK_MONOTONIC, about 16.8 ms), the reports made in the
-    /// second (2^30 ns) of that packet in the next 8, the count in the low 8.
+    /// `NAT_SEEN` entries: the flow's fingerprint in bits 48–63, the time of its last packet
+    /// in bits 32–47 (units of 2^`SEEN_TIME_SHIFT` ns of CLOCK_MONOTONIC, about 16.8 ms), the
+    /// reports made in the second (2^30 ns) of that packet in bits 8–15, the count in bits 0–7.
     pub const SEEN_TIME_SHIFT: u32 = 24;
-    /// A pause longer than this many time units (about a second) starts the count over.
-    pub const SEEN_IDLE: u32 = 64;
+    /// A pause longer than this many time units (about a second) starts over.
+    pub const SEEN_IDLE: u64 = 64;
     /// Time units per second (2^30 ns): reports are counted per second.
     pub const SEEN_SECOND_SHIFT: u32 = 6;
-    /// Reports per slot and second.
-    pub const SEEN_REPORTS: u32 = 8;
+    /// Reports per flow and second.
+    pub const SEEN_REPORTS: u64 = 8;
 
+    /// The key's 32 bits, mixed.
     #[inline(always)]
-    fn hash(k: &NatKey) -> u32 {
+    fn mix(k: &NatKey) -> u32 {
         let w = |b: [u8; 4]| u32::from_ne_bytes(b);
-        let x = w(k.src)
+        w(k.src)
             ^ w(k.dst).rotate_left(11)
             ^ w([k.sport[0], k.sport[1], k.dport[0], k.dport[1]]).rotate_left(22)
-            ^ k.proto as u32;
-        x.wrapping_mul(0x9e37_79b1)
+            ^ k.proto as u32
     }
 
     /// The `NAT_GEN` slot of a flow whose original direction has key `k`.
     #[inline(always)]
     pub fn gen_slot(k: &NatKey) -> u32 {
-        hash(k) >> (32 - GEN_SLOTS.trailing_zeros())
+        mix(k).wrapping_mul(0x9e37_79b1) >> (32 - GEN_SLOTS.trailing_zeros())
     }
 
-    /// The `NAT_SEEN` slot of key `k`.
+    /// The two `NAT_SEEN` slots key `k` may have, and its fingerprint there.
     #[inline(always)]
-    pub fn seen_slot(k: &NatKey) -> u32 {
-        hash(k) >> (32 - SEEN_SLOTS.trailing_zeros())
+    pub fn seen_slots(k: &NatKey) -> (u32, u32, u64) {
+        let x = mix(k);
+        let (a, b) = (x.wrapping_mul(0x85eb_ca6b), x.wrapping_mul(0xc2b2_ae35));
+        let bits = SEEN_SLOTS.trailing_zeros();
+        (a >> (32 - bits), b >> (32 - bits), (a & 0xffff) as u64)
     }
 }
 

@@ -191,7 +191,7 @@ fn check_pinned_layout(router_id: &str) -> Result<()> {
         ),
         (map_names::NAT_CONF, 4),
         (map_names::NAT_GEN, 4),
-        (map_names::NAT_SEEN, 4),
+        (map_names::NAT_SEEN, 8),
         (map_names::TC_PORTS, 4),
         (map_names::NH_GROUPS, std::mem::size_of::<NhGroup>()),
         (

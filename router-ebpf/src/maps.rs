@@ -80,9 +80,10 @@ pub static NAT_FLOWS: HashMap<NatKey, NatFlow> =
 /// Flow generations (see `router_common::nat`).
 #[map(name = "NAT_GEN")]
 pub static NAT_GEN: Array<u32> = Array::with_max_entries(nat::GEN_SLOTS, 0);
-/// Packets of flows without a copy that the kernel path got this second, by flow hash.
+/// Flows without a copy whose packets the kernel path got, and how many (see
+/// `router_common::nat`).
 #[map(name = "NAT_SEEN")]
-pub static NAT_SEEN: Array<u32> = Array::with_max_entries(nat::SEEN_SLOTS, 0);
+pub static NAT_SEEN: Array<u64> = Array::with_max_entries(nat::SEEN_SLOTS, 0);
 /// Flows for the controller to copy (`NatKey`s).
 #[map(name = "NAT_MISSES")]
 pub static NAT_MISSES: RingBuf = RingBuf::with_byte_size(nat::MISSES_BYTES, 0);

@@ -8,7 +8,7 @@
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use router_common::{
     nat::{
-        gen_slot, seen_slot, COPY_AFTER, COPY_AFTER_TCP, SEEN_IDLE, SEEN_REPORTS,
+        gen_slot, seen_slots, COPY_AFTER, COPY_AFTER_TCP, SEEN_IDLE, SEEN_REPORTS,
         SEEN_SECOND_SHIFT, SEEN_TIME_SHIFT,
     },
     nat_conf, pass_reason as why, NatFlow, NatKey,
@@ -177,34 +177,45 @@ fn retire(key: &NatKey, f: &NatFlow) {
 
 /// A packet of `m` went to the kernel because it had no copy: a connection start moves its
 /// flow's generation on (a copy being taken now may be of the connection conntrack replaces);
-/// other packets count towards reporting the flow for a copy.
+/// the packet counts towards reporting the flow for a copy (control segments start the count
+/// again).
 #[inline(always)]
 pub fn missed(m: &Miss) {
     if m.syn && !cfg!(mutant = "nat_no_retire") {
         bump(gen_slot(&m.key));
     }
-    if m.control {
-        return;
-    }
-    let Some(c) = NAT_SEEN.get_ptr_mut(seen_slot(&m.key)) else {
+    let (i1, i2, fp) = seen_slots(&m.key);
+    let (Some(p1), Some(p2)) = (NAT_SEEN.get_ptr_mut(i1), NAT_SEEN.get_ptr_mut(i2)) else {
         return;
     };
-    let t = (now() >> SEEN_TIME_SHIFT) as u32 & 0xffff;
-    // SAFETY: an array element; a count lost to a race between CPUs delays a report only.
-    let v = unsafe { *c };
-    let (mut reports, mut count) = ((v >> 8) & 0xff, v & 0xff);
-    let last = v >> 16;
-    if t.wrapping_sub(last) & 0xffff > SEEN_IDLE {
-        (reports, count) = (0, 0);
-    } else if t >> SEEN_SECOND_SHIFT != last >> SEEN_SECOND_SHIFT {
+    let t = (now() >> SEEN_TIME_SHIFT) & 0xffff;
+    // SAFETY: array elements; a count lost to a race between CPUs delays a report only.
+    let (e1, e2) = unsafe { (*p1, *p2) };
+    let live = |e: u64| t.wrapping_sub(e >> 32) & 0xffff <= SEEN_IDLE;
+    let (p, e) = if e1 >> 48 == fp && live(e1) {
+        (p1, e1)
+    } else if e2 >> 48 == fp && live(e2) {
+        (p2, e2)
+    } else {
+        // A flow of its own from now on: in a slot whose flow paused, else in the one whose
+        // flow counted less.
+        let p = if !live(e1) || (live(e2) && e1 & 0xff <= e2 & 0xff) {
+            p1
+        } else {
+            p2
+        };
+        (p, t << 32)
+    };
+    let mut reports = (e >> 8) & 0xff;
+    if t >> SEEN_SECOND_SHIFT != ((e >> 32) & 0xffff) >> SEEN_SECOND_SHIFT {
         reports = 0;
     }
-    count += 1;
     let want = if m.key.proto == IPPROTO_TCP {
         COPY_AFTER_TCP
     } else {
         COPY_AFTER
-    };
+    } as u64;
+    let mut count = if m.control { 0 } else { (e & 0xff) + 1 };
     let report = count >= want && reports < SEEN_REPORTS;
     if count >= want {
         count = 0;
@@ -213,7 +224,7 @@ pub fn missed(m: &Miss) {
         reports += 1;
     }
     // SAFETY: as above.
-    unsafe { *c = (t << 16) | (reports << 8) | count };
+    unsafe { *p = (fp << 48) | (t << 32) | (reports << 8) | count };
     if report {
         // A full ring (no controller reading it) loses the report: the kernel goes on.
         let _ = NAT_MISSES.output::<NatKey>(&m.key, 0);

@@ -920,6 +920,36 @@ fn udp_dgram(
     u
 }
 
+/// A TCP segment (20-byte header, window 64 KiB) with its checksum computed from scratch.
+#[allow(clippy::too_many_arguments)]
+fn tcp_seg(
+    src: [u8; 4],
+    dst: [u8; 4],
+    sport: u16,
+    dport: u16,
+    seq: u32,
+    ack: u32,
+    flags: u8,
+    payload: &[u8],
+) -> Vec<u8> {
+    let mut t = Vec::new();
+    t.extend_from_slice(&sport.to_be_bytes());
+    t.extend_from_slice(&dport.to_be_bytes());
+    t.extend_from_slice(&seq.to_be_bytes());
+    t.extend_from_slice(&ack.to_be_bytes());
+    t.extend_from_slice(&[0x50, flags, 0xff, 0xff, 0, 0, 0, 0]);
+    t.extend_from_slice(payload);
+    let mut p = Vec::new();
+    p.extend_from_slice(&src);
+    p.extend_from_slice(&dst);
+    p.extend_from_slice(&[0, 6]);
+    p.extend_from_slice(&(t.len() as u16).to_be_bytes());
+    p.extend_from_slice(&t);
+    let c = tests::frame::checksum(&p);
+    t[16..18].copy_from_slice(&c.to_be_bytes());
+    t
+}
+
 fn icmp_msg(ty: u8, code: u8, rest: [u8; 4], body: &[u8]) -> Vec<u8> {
     let mut m = vec![ty, code, 0, 0];
     m.extend_from_slice(&rest);
@@ -988,10 +1018,12 @@ fn flush_conntrack(ns: &str) {
 
 /// Differential test against the kernel's NAT: the same frames through a floating IP, both ways
 /// (UDP with and without checksum, TTL 2, ICMP echo both ways, an ICMP error from the instance
-/// and one from a router beyond the gateway about the flows), once with the router's programs
-/// detached (the kernel NATs everything) and once with the fast path carrying the flows; what
-/// arrives on each side must be the same, byte for byte. (Floating IPs only: the kernel picks
-/// SNAT ports at random, so two runs of SNAT never agree on them.)
+/// and one from a router beyond the gateway about the flows, then two TCP connections from
+/// one client port, the second reusing it as soon as the server closed the first, which the
+/// fast path carried), once with the router's programs detached (the kernel NATs everything)
+/// and once with the fast path carrying the flows; what arrives on each side must be the same,
+/// byte for byte. (Floating IPs only: the kernel picks SNAT ports at random, so two runs of
+/// SNAT never agree on them.)
 #[test]
 fn the_fast_path_translates_what_the_kernels_nat_translates() {
     require_root();
@@ -1090,8 +1122,42 @@ fn the_fast_path_translates_what_the_kernels_nat_translates() {
             &icmp_msg(3, 4, [0, 0, 0x05, 0x00], &quoted_out),
         ),
     ];
+    // Two TCP connections from one client port of the outside host to vm3's floating IP, one
+    // after the other: the first long enough to be copied into the fast path (16 segments each
+    // way after the handshake), the server closing it (its FIN retires the copy, the kernel
+    // sees the rest of the close), then the port reused at once by a second one (conntrack
+    // replaces the closed connection's entry).
+    let (cport, sport) = (7000u16, 80u16);
+    let data = [0x5au8; 24];
+    let mut conns = Vec::new();
+    for (c_isn, s_isn, segments) in [(1_000u32, 50_000u32, 16u32), (900_000, 70_000, 3)] {
+        let (mut c, mut sv) = (c_isn, s_isn);
+        let ext_seg = |seq: u32, ack: u32, fl: u8, pay: &[u8]| {
+            from_ext(&ip(out, fip, 6, 64), &tcp_seg(out, fip, cport, sport, seq, ack, fl, pay))
+        };
+        let vm3_seg = |seq: u32, ack: u32, fl: u8, pay: &[u8]| {
+            from_vm3(&ip(x, out, 6, 64), &tcp_seg(x, out, sport, cport, seq, ack, fl, pay))
+        };
+        conns.push(ext_seg(c, 0, 0x02, &[]));
+        c += 1;
+        conns.push(vm3_seg(sv, c, 0x12, &[]));
+        sv += 1;
+        conns.push(ext_seg(c, sv, 0x10, &[]));
+        for _ in 0..segments {
+            conns.push(ext_seg(c, sv, 0x18, &data));
+            c += data.len() as u32;
+            conns.push(vm3_seg(sv, c, 0x18, &data));
+            sv += data.len() as u32;
+        }
+        conns.push(vm3_seg(sv, c, 0x11, &[]));
+        sv += 1;
+        conns.push(ext_seg(c, sv, 0x10, &[]));
+        conns.push(ext_seg(c, sv, 0x11, &[]));
+        c += 1;
+        conns.push(vm3_seg(sv, c, 0x10, &[]));
+    }
     let id = s.ids.router_id.clone();
-    let mut runs = Vec::new();
+    let (mut runs, mut tcp_runs) = (Vec::new(), Vec::new());
     for fast in [false, true] {
         if fast {
             let t = s.ids.config_nat("", FIP_VM3);
@@ -1144,7 +1210,44 @@ fn the_fast_path_translates_what_the_kernels_nat_translates() {
                 frames.len()
             );
         }
+        let tcp = exchange(&s, &conns);
+        let t2: u64 = s
+            .stats()
+            .iter()
+            .map(|d| {
+                d["nat"]["source_translated"].as_u64().unwrap()
+                    + d["nat"]["destination_translated"].as_u64().unwrap()
+            })
+            .sum();
+        if fast {
+            // The first connection's segments after it was reported (8 from the outside) and
+            // copied, both ways, up to the server's FIN.
+            assert!(
+                t2 - t1 >= 12,
+                "the fast path translated {} of the TCP connections' {} segments",
+                t2 - t1,
+                conns.len()
+            );
+        }
         runs.push(got);
+        tcp_runs.push(tcp);
+    }
+    let (kernel, fast) = (&tcp_runs[0], &tcp_runs[1]);
+    // From the outside: SYN, ACK, the data, ACK and FIN; from vm3: SYN-ACK, the data, FIN and
+    // the last ACK; for 16 and 3 data segments.
+    assert_eq!(
+        (kernel.0.len(), kernel.1.len()),
+        (4 + 16 + 4 + 3, 3 + 16 + 3 + 3),
+        "the kernel delivered every segment of both connections (to vm3, outside)"
+    );
+    for (side, k, f) in [("vm3", &kernel.0, &fast.0), ("outside", &kernel.1, &fast.1)] {
+        assert_eq!(k.len(), f.len(), "TCP segments arriving {side}");
+        for (i, (a, b)) in k.iter().zip(f.iter()).enumerate() {
+            assert_eq!(
+                a, b,
+                "TCP segment {i} arriving {side}: the kernel's NAT made {a:02x?}, the fast path {b:02x?}"
+            );
+        }
     }
     let (kernel, fast) = (&runs[0], &runs[1]);
     assert_eq!(
