@@ -59,6 +59,11 @@ pub mod map_names {
     /// Array of `nat::SEEN_SLOTS` u64: flows (by a fingerprint, in one of two slots each, see
     /// `nat::seen_slots`) the kernel path got packets of for want of a copy, and how many.
     pub const NAT_SEEN: &str = "NAT_SEEN";
+    /// Array of `nat::HINT_WORDS` u64: bit `nat::hint_bit` of every key `NAT_FLOWS` holds is
+    /// set (the controller sets it before it writes the entry, and clears only bits of keys it
+    /// holds no entry for): the program looks a key up only when its bit is set, which spares
+    /// the packets that go to the kernel a read of the hash map's buckets.
+    pub const NAT_HINT: &str = "NAT_HINT";
     /// Ring buffer of `NatKey`s: flows the kernel path carried `nat::COPY_AFTER` times, for the
     /// controller to copy from conntrack.
     pub const NAT_MISSES: &str = "NAT_MISSES";
@@ -296,6 +301,8 @@ pub mod nat {
     pub const COPY_AFTER: u32 = 2;
     /// The same for TCP, between two control segments: a request and its answer stay below.
     pub const COPY_AFTER_TCP: u32 = 8;
+    /// Words of `NAT_HINT` (a power of two; 64 bits each).
+    pub const HINT_WORDS: u32 = 1 << 10;
     /// Bytes of `NAT_MISSES`.
     pub const MISSES_BYTES: u32 = 16 * 1024;
     /// `NAT_SEEN` entries: the flow's fingerprint in bits 48–63, the time of its last packet
@@ -323,6 +330,13 @@ pub mod nat {
     #[inline(always)]
     pub fn gen_slot(k: &NatKey) -> u32 {
         mix(k).wrapping_mul(0x9e37_79b1) >> (32 - GEN_SLOTS.trailing_zeros())
+    }
+
+    /// The `NAT_HINT` word and bit of key `k`.
+    #[inline(always)]
+    pub fn hint_bit(k: &NatKey) -> (u32, u64) {
+        let h = mix(k).wrapping_mul(0x27d4_eb2f) >> (32 - HINT_WORDS.trailing_zeros() - 6);
+        (h >> 6, 1 << (h & 63))
     }
 
     /// The two `NAT_SEEN` slots key `k` may have, and its fingerprint there.

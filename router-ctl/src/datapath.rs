@@ -35,7 +35,7 @@ pub static PROGRAM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 /// Benchmark helpers (traffic generator, wire floor); see `router-ebpf/src/bench.rs`.
 pub static BENCH_PROGRAM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bench"));
 
-const ALL_MAPS: [&str; 24] = [
+const ALL_MAPS: [&str; 25] = [
     map_names::FIB6_L1,
     map_names::FIB6_NODES,
     map_names::FIB6_BLOCKS,
@@ -44,6 +44,7 @@ const ALL_MAPS: [&str; 24] = [
     map_names::NAT_CONF,
     map_names::NAT_GEN,
     map_names::NAT_SEEN,
+    map_names::NAT_HINT,
     map_names::NAT_MISSES,
     map_names::TC_PORTS,
     map_names::NH_GROUPS,
@@ -174,7 +175,7 @@ fn open_pinned_object(router_id: &str, cap: Capacity, progs: Programs) -> Result
 /// Refuses maps pinned by a build whose map layout differs from this one's: the program would
 /// read them wrongly (the verifier refuses it at best).
 fn check_pinned_layout(router_id: &str) -> Result<()> {
-    let expected: [(&str, usize); 23] = [
+    let expected: [(&str, usize); 24] = [
         (map_names::FIB6_L1, 4 * fib::GROUP_SIZE as usize),
         (map_names::FIB6_NODES, 4 * fib::GROUP_SIZE as usize),
         (
@@ -192,6 +193,7 @@ fn check_pinned_layout(router_id: &str) -> Result<()> {
         (map_names::NAT_CONF, 4),
         (map_names::NAT_GEN, 4),
         (map_names::NAT_SEEN, 8),
+        (map_names::NAT_HINT, 8),
         (map_names::TC_PORTS, 4),
         (map_names::NH_GROUPS, std::mem::size_of::<NhGroup>()),
         (

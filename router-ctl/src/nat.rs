@@ -30,7 +30,11 @@ use std::{
 
 use anyhow::{Context as _, Result};
 use aya::maps::{Array, HashMap, Map, MapData, RingBuf};
-use router_common::{map_names, nat::gen_slot, nat_flags, NatFlow, NatKey};
+use router_common::{
+    map_names,
+    nat::{gen_slot, hint_bit, HINT_WORDS},
+    nat_flags, NatFlow, NatKey,
+};
 
 use crate::{
     datapath,
@@ -208,6 +212,7 @@ pub struct NatSync {
     ct: Conntrack,
     map: HashMap<MapData, NatKey, NatFlow>,
     gens: Array<MapData, u32>,
+    hints: Array<MapData, u64>,
     misses: RingBuf<MapData>,
     installed: StdHashMap<Tuple, Copied>,
     /// Asks left in the current second, and when it started.
@@ -240,6 +245,7 @@ impl NatSync {
             ct: Conntrack::open(0)?,
             map: HashMap::try_from(Map::HashMap(pinned(map_names::NAT_FLOWS)?))?,
             gens: Array::try_from(Map::Array(pinned(map_names::NAT_GEN)?))?,
+            hints: Array::try_from(Map::Array(pinned(map_names::NAT_HINT)?))?,
             misses: RingBuf::try_from(Map::RingBuf(pinned(map_names::NAT_MISSES)?))?,
             installed: StdHashMap::new(),
             asks: (ASKS_PER_SECOND, Instant::now()),
@@ -285,7 +291,43 @@ impl NatSync {
         for k in &stale {
             let _ = self.map.remove(k);
         }
+        self.write_hints()?;
         tracing::debug!(router = %self.router, kept = self.installed.len(), removed = stale.len(), "NAT flows checked against conntrack");
+        Ok(())
+    }
+
+    /// Sets the hint bits of `keys` (before their entries are written: the program looks up
+    /// only keys whose bit is set).
+    fn hint(&mut self, keys: &[NatKey]) -> Result<()> {
+        for k in keys {
+            let (w, bit) = hint_bit(k);
+            let old = self.hints.get(&w, 0).unwrap_or(0);
+            if old & bit == 0 {
+                self.hints
+                    .set(w, old | bit, 0)
+                    .context("setting a NAT hint bit")?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Rewrites the hint bits from the copies this daemon keeps, clearing the bits of keys no
+    /// longer held (the only writer of `NAT_FLOWS` entries is this thread: none can be written
+    /// meanwhile).
+    fn write_hints(&mut self) -> Result<()> {
+        let mut words = vec![0u64; HINT_WORDS as usize];
+        for c in self.installed.values() {
+            for k in &c.keys {
+                let (w, bit) = hint_bit(k);
+                words[w as usize] |= bit;
+            }
+        }
+        for (i, w) in words.iter().enumerate() {
+            let i = i as u32;
+            if self.hints.get(&i, 0).unwrap_or(0) != *w {
+                self.hints.set(i, *w, 0).context("writing the NAT hints")?;
+            }
+        }
         Ok(())
     }
 
@@ -323,6 +365,7 @@ impl NatSync {
         if until <= monotonic_ns() {
             return Ok(false);
         }
+        self.hint(&[e[0].0, e[1].0])?;
         for (key, v) in &mut e {
             v.gen = gen;
             v.until = until;
@@ -440,6 +483,9 @@ impl NatSync {
         }
         for orig in &gone {
             self.forget(orig);
+        }
+        if !gone.is_empty() {
+            self.write_hints()?;
         }
         for (orig, secs) in &due {
             let asked = monotonic_ns();

@@ -84,6 +84,9 @@ pub static NAT_GEN: Array<u32> = Array::with_max_entries(nat::GEN_SLOTS, 0);
 /// `router_common::nat`).
 #[map(name = "NAT_SEEN")]
 pub static NAT_SEEN: Array<u64> = Array::with_max_entries(nat::SEEN_SLOTS, 0);
+/// Which keys `NAT_FLOWS` may hold (see `router_common::map_names::NAT_HINT`).
+#[map(name = "NAT_HINT")]
+pub static NAT_HINT: Array<u64> = Array::with_max_entries(nat::HINT_WORDS, 0);
 /// Flows for the controller to copy (`NatKey`s).
 #[map(name = "NAT_MISSES")]
 pub static NAT_MISSES: RingBuf = RingBuf::with_byte_size(nat::MISSES_BYTES, 0);

@@ -8,7 +8,7 @@
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use router_common::{
     nat::{
-        gen_slot, seen_slots, COPY_AFTER, COPY_AFTER_TCP, SEEN_IDLE, SEEN_REPORTS,
+        gen_slot, hint_bit, seen_slots, COPY_AFTER, COPY_AFTER_TCP, SEEN_IDLE, SEEN_REPORTS,
         SEEN_SECOND_SHIFT, SEEN_TIME_SHIFT,
     },
     nat_conf, pass_reason as why, NatFlow, NatKey,
@@ -16,7 +16,7 @@ use router_common::{
 
 use crate::{
     hook::Hook,
-    maps::{NAT_CONF, NAT_FLOWS, NAT_GEN, NAT_MISSES, NAT_SEEN},
+    maps::{NAT_CONF, NAT_FLOWS, NAT_GEN, NAT_HINT, NAT_MISSES, NAT_SEEN},
     parse::{ptr_at, Ipv4Hdr, ETH_LEN, IPPROTO_TCP, IPPROTO_UDP, IPV4_LEN},
 };
 
@@ -92,7 +92,7 @@ pub fn lookup(h: &impl Hook, ip: &Ipv4Hdr, tot_len: usize) -> Result<Lookup, usi
         control,
         syn: flags & (TCP_SYN | TCP_ACK) == TCP_SYN,
     };
-    let Some(f) = NAT_FLOWS.get_ptr_mut(&key) else {
+    let Some(f) = flow_of(&key) else {
         return Ok(Lookup::Miss(miss));
     };
     // SAFETY: a map value, valid while the program runs (the map is not preallocated: a
@@ -111,6 +111,16 @@ pub fn lookup(h: &impl Hook, ip: &Ipv4Hdr, tot_len: usize) -> Result<Lookup, usi
         return Ok(Lookup::Miss(miss));
     }
     Ok(Lookup::Flow(key, f))
+}
+
+/// The entry `NAT_FLOWS` holds for `key`, if any; looked up only when the key's hint bit is set.
+#[inline(always)]
+fn flow_of(key: &NatKey) -> Option<*mut NatFlow> {
+    let (word, bit) = hint_bit(key);
+    match NAT_HINT.get(word) {
+        Some(w) if *w & bit != 0 => NAT_FLOWS.get_ptr_mut(key),
+        _ => None,
+    }
 }
 
 /// The lookup key of a TCP, UDP or ICMP echo packet whose first 8 transport bytes are `l4`.
@@ -375,7 +385,7 @@ pub fn lookup_icmp_error(
         _pad: [0; 3],
     };
     // SAFETY: a map value, valid while the program runs (see `lookup`).
-    let f = unsafe { &mut *NAT_FLOWS.get_ptr_mut(&key)? };
+    let f = unsafe { &mut *flow_of(&key)? };
     if !valid(f) {
         return None;
     }

@@ -1909,6 +1909,14 @@ impl Harness {
         for (k, v) in flows {
             m.insert(k, v, 0).unwrap();
         }
+        // The hint bits the controller sets for every key it writes.
+        let mut hints: aya::maps::Array<_, u64> =
+            aya::maps::Array::try_from(self.ebpf.map_mut(map_names::NAT_HINT).unwrap()).unwrap();
+        for (k, _) in flows {
+            let (w, bit) = router_common::nat::hint_bit(k);
+            let old = hints.get(&w, 0).unwrap();
+            hints.set(w, old | bit, 0).unwrap();
+        }
     }
 
     /// The copy of `k` in NAT_FLOWS, if any.
