@@ -920,36 +920,6 @@ fn udp_dgram(
     u
 }
 
-/// A TCP segment (20-byte header, window 64 KiB) with its checksum computed from scratch.
-#[allow(clippy::too_many_arguments)]
-fn tcp_seg(
-    src: [u8; 4],
-    dst: [u8; 4],
-    sport: u16,
-    dport: u16,
-    seq: u32,
-    ack: u32,
-    flags: u8,
-    payload: &[u8],
-) -> Vec<u8> {
-    let mut t = Vec::new();
-    t.extend_from_slice(&sport.to_be_bytes());
-    t.extend_from_slice(&dport.to_be_bytes());
-    t.extend_from_slice(&seq.to_be_bytes());
-    t.extend_from_slice(&ack.to_be_bytes());
-    t.extend_from_slice(&[0x50, flags, 0xff, 0xff, 0, 0, 0, 0]);
-    t.extend_from_slice(payload);
-    let mut p = Vec::new();
-    p.extend_from_slice(&src);
-    p.extend_from_slice(&dst);
-    p.extend_from_slice(&[0, 6]);
-    p.extend_from_slice(&(t.len() as u16).to_be_bytes());
-    p.extend_from_slice(&t);
-    let c = tests::frame::checksum(&p);
-    t[16..18].copy_from_slice(&c.to_be_bytes());
-    t
-}
-
 fn icmp_msg(ty: u8, code: u8, rest: [u8; 4], body: &[u8]) -> Vec<u8> {
     let mut m = vec![ty, code, 0, 0];
     m.extend_from_slice(&rest);
@@ -1002,6 +972,17 @@ fn exchange(s: &Seed, frames: &[(Side, Vec<u8>)]) -> (Vec<Vec<u8>>, Vec<Vec<u8>>
         v
     };
     (drain(vm3), drain(ext))
+}
+
+/// Packets the fast path translated so far, source or destination, on every device.
+fn translated_total(s: &Seed) -> u64 {
+    s.stats()
+        .iter()
+        .map(|d| {
+            d["nat"]["source_translated"].as_u64().unwrap()
+                + d["nat"]["destination_translated"].as_u64().unwrap()
+        })
+        .sum()
 }
 
 /// Deletes every conntrack entry of the router's namespace.
@@ -1133,10 +1114,16 @@ fn the_fast_path_translates_what_the_kernels_nat_translates() {
     for (c_isn, s_isn, segments) in [(1_000u32, 50_000u32, 16u32), (900_000, 70_000, 3)] {
         let (mut c, mut sv) = (c_isn, s_isn);
         let ext_seg = |seq: u32, ack: u32, fl: u8, pay: &[u8]| {
-            from_ext(&ip(out, fip, 6, 64), &tcp_seg(out, fip, cport, sport, seq, ack, fl, pay))
+            from_ext(
+                &ip(out, fip, 6, 64),
+                &tests::corpus::tcp(&out, &fip, cport, sport, seq, ack, fl, pay),
+            )
         };
         let vm3_seg = |seq: u32, ack: u32, fl: u8, pay: &[u8]| {
-            from_vm3(&ip(x, out, 6, 64), &tcp_seg(x, out, sport, cport, seq, ack, fl, pay))
+            from_vm3(
+                &ip(x, out, 6, 64),
+                &tests::corpus::tcp(&x, &out, sport, cport, seq, ack, fl, pay),
+            )
         };
         conns.push(ext_seg(c, 0, 0x02, &[]));
         c += 1;
@@ -1185,23 +1172,9 @@ fn the_fast_path_translates_what_the_kernels_nat_translates() {
         let _ = exchange(&s, &primers);
         // The daemon copies the flows the fast path reported.
         std::thread::sleep(Duration::from_millis(300));
-        let t0: u64 = s
-            .stats()
-            .iter()
-            .map(|d| {
-                d["nat"]["source_translated"].as_u64().unwrap()
-                    + d["nat"]["destination_translated"].as_u64().unwrap()
-            })
-            .sum();
+        let t0 = translated_total(&s);
         let got = exchange(&s, &frames);
-        let t1: u64 = s
-            .stats()
-            .iter()
-            .map(|d| {
-                d["nat"]["source_translated"].as_u64().unwrap()
-                    + d["nat"]["destination_translated"].as_u64().unwrap()
-            })
-            .sum();
+        let t1 = translated_total(&s);
         if fast {
             assert!(
                 t1 - t0 >= frames.len() as u64,
@@ -1211,14 +1184,7 @@ fn the_fast_path_translates_what_the_kernels_nat_translates() {
             );
         }
         let tcp = exchange(&s, &conns);
-        let t2: u64 = s
-            .stats()
-            .iter()
-            .map(|d| {
-                d["nat"]["source_translated"].as_u64().unwrap()
-                    + d["nat"]["destination_translated"].as_u64().unwrap()
-            })
-            .sum();
+        let t2 = translated_total(&s);
         if fast {
             // The first connection's segments after it was reported (8 from the outside) and
             // copied, both ways, up to the server's FIN.

@@ -2290,9 +2290,8 @@ fn nat_copies_are_retired_by_the_packets_that_end_them() {
                     ..Ipv4::udp(SRC, DST, 64)
                 };
                 let key = nat_key(SRC, sport, DST, 80, proto);
-                let seg = |fl: u8| {
-                    l4_frame(IN_MAC, HOST_MAC, &ip, &l4_of(proto, sport, 80, fl), false)
-                };
+                let seg =
+                    |fl: u8| l4_frame(IN_MAC, HOST_MAC, &ip, &l4_of(proto, sport, 80, fl), false);
                 let f = seg(flags);
                 let t0 = second();
                 if proto == 6 {
