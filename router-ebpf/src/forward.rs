@@ -158,7 +158,7 @@ fn forward4(h: &impl Hook, ingress: u32, iface: &Iface) -> Verdict {
     let mut icmp_err = None;
     if nat_on && unfragmented && !cfg!(mutant = "nat_ignored") {
         match nat::lookup(h, ip, tot_len) {
-            Ok(nat::Lookup::Flow(key, f)) => flow = Some((key, f)),
+            Ok(nat::Lookup::Flow(key, f, now)) => flow = Some((key, f, now)),
             Ok(nat::Lookup::Miss(m)) => miss = Some(m),
             Ok(nat::Lookup::Other) => {}
             Err(reason) => return Verdict::Pass(reason),
@@ -171,7 +171,7 @@ fn forward4(h: &impl Hook, ingress: u32, iface: &Iface) -> Verdict {
         }
     }
     let (dst, dst_bytes) = match (&flow, &icmp_err) {
-        (Some((_, f)), _) => (u32::from_be_bytes(f.dst), f.dst),
+        (Some((_, f, _)), _) => (u32::from_be_bytes(f.dst), f.dst),
         (None, Some((_, outer))) => (u32::from_be_bytes(outer.1), outer.1),
         (None, None) => (dst, ip.dst),
     };
@@ -251,8 +251,8 @@ fn forward4(h: &impl Hook, ingress: u32, iface: &Iface) -> Verdict {
                 ip.ttl -= 1;
             }
             let mut nat = 0;
-            if let Some((key, f)) = flow {
-                nat::touch(f);
+            if let Some((key, f, now)) = flow {
+                nat::touch(f, now);
                 // Redirected already: a packet that cannot be translated must not leave.
                 if !h.nat_rewrite(&key, f) {
                     return Verdict::Drop;

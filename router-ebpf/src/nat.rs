@@ -49,8 +49,8 @@ pub enum Lookup {
     Other,
     /// No valid copy of its flow: the kernel translates it, if it needs translating.
     Miss(Miss),
-    /// The flow's valid copy, under this key.
-    Flow(NatKey, &'static mut NatFlow),
+    /// The flow's valid copy, under this key, and the time it was found valid at.
+    Flow(NatKey, &'static mut NatFlow, u64),
 }
 
 /// The translation for this unfragmented IPv4 packet (20-byte header at `ETH_LEN`, `tot_len`
@@ -106,11 +106,12 @@ pub fn lookup(h: &impl Hook, ip: &Ipv4Hdr, tot_len: usize) -> Result<Lookup, usi
         }
         return Err(why::NAT_TCP_CONTROL);
     }
-    if !valid(f) {
+    let now = now();
+    if !valid(f, now) {
         let _ = NAT_FLOWS.remove(&key);
         return Ok(Lookup::Miss(miss));
     }
-    Ok(Lookup::Flow(key, f))
+    Ok(Lookup::Flow(key, f, now))
 }
 
 /// The entry `NAT_FLOWS` holds for `key`, if any; looked up only when the key's hint bit is set.
@@ -149,11 +150,11 @@ fn now() -> u64 {
 
 /// The copy is of the flow conntrack holds now (see `router_common::nat`).
 #[inline(always)]
-fn valid(f: &NatFlow) -> bool {
+fn valid(f: &NatFlow, now: u64) -> bool {
     if cfg!(mutant = "nat_stale_used") {
         return true;
     }
-    matches!(NAT_GEN.get(f.slot), Some(g) if *g == f.gen) && now() < f.until
+    matches!(NAT_GEN.get(f.slot), Some(g) if *g == f.gen) && now < f.until
 }
 
 /// Moves generation `slot` on: copies taken under the old one are never used again.
@@ -244,8 +245,7 @@ pub fn missed(m: &Miss) {
 /// Marks the flow used, at most once a second (a write per packet would bounce its cache
 /// line between CPUs).
 #[inline(always)]
-pub fn touch(f: &mut NatFlow) {
-    let now = now();
+pub fn touch(f: &mut NatFlow, now: u64) {
     if now.wrapping_sub(f.used) > 1_000_000_000 {
         f.used = now;
     }
@@ -386,7 +386,7 @@ pub fn lookup_icmp_error(
     };
     // SAFETY: a map value, valid while the program runs (see `lookup`).
     let f = unsafe { &mut *flow_of(&key)? };
-    if !valid(f) {
+    if !valid(f, now()) {
         return None;
     }
     let src = if ip.src == inner.dst { f.src } else { ip.src };
