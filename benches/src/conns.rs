@@ -60,6 +60,14 @@ pub enum ConnPath {
 pub const PATHS: [ConnPath; 3] = [ConnPath::Plain, ConnPath::Snat, ConnPath::FloatingIp];
 
 impl ConnPath {
+    /// The short name `--conns-only` takes (with the concurrency: `snat64`).
+    pub fn key(&self) -> &'static str {
+        match self {
+            ConnPath::Plain => "plain",
+            ConnPath::Snat => "snat",
+            ConnPath::FloatingIp => "fip",
+        }
+    }
     pub fn name(&self) -> &'static str {
         match self {
             ConnPath::Plain => "vm1 → vm3, routed (no NAT)",
@@ -151,6 +159,25 @@ pub struct ConnBench {
     /// The hooks `auto` chose (device, hook).
     pub hooks: Vec<(String, String)>,
     pub figures: Vec<ConnFigure>,
+    /// Nanoseconds the tc program took per run, by path and concurrency (a run of its own
+    /// with BPF statistics on).
+    pub prog_ns: Vec<(ConnPath, usize, f64)>,
+}
+
+/// (run time in ns, runs) summed over the loaded programs named `router_tc`.
+fn tc_prog_stats() -> (u64, u64) {
+    let out = sh_out("bpftool -j prog show");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .filter(|p| p["name"] == "router_tc")
+        .fold((0, 0), |(t, n), p| {
+            (
+                t + p["run_time_ns"].as_u64().unwrap_or(0),
+                n + p["run_cnt"].as_u64().unwrap_or(0),
+            )
+        })
 }
 
 fn request(host: &str) -> Vec<u8> {
@@ -494,7 +521,13 @@ impl Acc {
 
 /// The whole section: `rounds` rounds of every (path, concurrency), each `warmup` + `secs`
 /// seconds per mode. `ports`: the clients' ephemeral range size (0: the kernel's default).
-pub fn run(rounds: usize, warmup: f64, secs: f64, ports: u16) -> Result<ConnBench> {
+pub fn run(
+    rounds: usize,
+    warmup: f64,
+    secs: f64,
+    ports: u16,
+    only: &[String],
+) -> Result<ConnBench> {
     let mut s = Seed::up_nat(|ids| ids.config_nat("", FIP));
     s.check_counters = false;
     s.prime_neighbours();
@@ -547,6 +580,9 @@ pub fn run(rounds: usize, warmup: f64, secs: f64, ports: u16) -> Result<ConnBenc
         let combos: Vec<(ConnPath, usize)> = PATHS
             .iter()
             .flat_map(|p| CONCURRENCY.iter().map(move |c| (*p, *c)))
+            .filter(|(p, c)| {
+                only.is_empty() || only.iter().any(|o| *o == format!("{}{c}", p.key()))
+            })
             .collect();
         let mut acc: Vec<[Acc; 2]> = combos.iter().map(|_| Default::default()).collect();
         let mut ratios: Vec<Vec<f64>> = vec![Vec::new(); combos.len()];
@@ -633,7 +669,26 @@ pub fn run(rounds: usize, warmup: f64, secs: f64, ports: u16) -> Result<ConnBenc
             .collect();
         // Leave the router as applied.
         switch(&mut s, &mut mode, Which::Router)?;
+        // What the tc program costs a packet, measured apart (BPF statistics cost time too).
+        let mut prog_ns = Vec::new();
+        for (path, conc) in combos.iter() {
+            let (ns, addr) = path.client(&s);
+            let before = tc_prog_stats();
+            sh("sysctl -qw kernel.bpf_stats_enabled=1");
+            let r = load(&ns, addr, *conc, 0.0, secs);
+            sh("sysctl -qw kernel.bpf_stats_enabled=0");
+            let after = tc_prog_stats();
+            r?;
+            let (t, n) = (
+                after.0.saturating_sub(before.0),
+                after.1.saturating_sub(before.1),
+            );
+            let per = t as f64 / n.max(1) as f64;
+            eprintln!("conns: {}, concurrency {conc}: the tc program ran {n} times, {per:.0} ns each (BPF statistics on)", path.name());
+            prog_ns.push((*path, *conc, per));
+        }
         Ok(ConnBench {
+            prog_ns,
             rounds,
             secs,
             warmup,

@@ -62,6 +62,10 @@ struct Args {
     /// kernel's default range).
     #[arg(long, default_value_t = 1024)]
     conns_ports: u16,
+    /// Only these runs of the request-shaped connections: path and concurrency, e.g.
+    /// `snat64,fip1` (paths: plain, snat, fip).
+    #[arg(long, value_delimiter = ',')]
+    conns_only: Vec<String>,
     /// Skip `router-ctl apply` at scale.
     #[arg(long)]
     no_apply: bool,
@@ -127,6 +131,7 @@ fn conns_figures(args: &Args) -> Result<conns::ConnBench> {
         args.conns_warmup,
         args.conns_secs,
         args.conns_ports,
+        &args.conns_only,
     )
     .context("request-shaped connections")
 }

@@ -270,10 +270,11 @@ pub const MAX_NAT_FLOWS: u32 = 1 << 18;
 ///
 /// The kernel's conntrack decides every mapping; the fast path holds copies. A copy is made on
 /// demand: the fast path counts the packets it hands to the kernel for want of one, per flow
-/// (`NAT_SEEN`: a fingerprint of the flow's key in one of two slots), and reports the flow each
-/// time the count reaches `COPY_AFTER` (TCP: `COPY_AFTER_TCP`), counting again from 0
-/// (`NAT_MISSES`). A TCP SYN, FIN or RST starts the count again (a connection starts or ends:
-/// a client reusing its port does not add its connections up), and so does a pause longer than
+/// (`NAT_SEEN`: a fingerprint of the flow's key in one of the two slots of its 16-byte bucket,
+/// one cache line), and reports the flow each time the count reaches `COPY_AFTER` (TCP:
+/// `COPY_AFTER_TCP`), counting again from 0 (`NAT_MISSES`). A TCP SYN or SYN-ACK starts the
+/// count again (a connection starts: a client reusing its port does not add its connections
+/// up; FIN and RST leave the slot alone), and so does a pause longer than
 /// `SEEN_IDLE`; at most `SEEN_REPORTS` reports per flow and second, so traffic the controller
 /// does not copy (not NAT, say) costs it little however fast it comes. The controller then asks
 /// conntrack for that tuple and copies it when it is a NAT flow the fast path may carry. A
@@ -339,13 +340,13 @@ pub mod nat {
         (h >> 6, 1 << (h & 63))
     }
 
-    /// The two `NAT_SEEN` slots key `k` may have, and its fingerprint there.
+    /// The two `NAT_SEEN` slots key `k` may have (the two halves of a 16-byte bucket: one
+    /// cache line to read on the kernel's path), and its fingerprint there.
     #[inline(always)]
     pub fn seen_slots(k: &NatKey) -> (u32, u32, u64) {
-        let x = mix(k);
-        let (a, b) = (x.wrapping_mul(0x85eb_ca6b), x.wrapping_mul(0xc2b2_ae35));
-        let bits = SEEN_SLOTS.trailing_zeros();
-        (a >> (32 - bits), b >> (32 - bits), (a & 0xffff) as u64)
+        let a = mix(k).wrapping_mul(0x85eb_ca6b);
+        let i = a >> (32 - SEEN_SLOTS.trailing_zeros());
+        (i, i ^ 1, (a & 0xffff) as u64)
     }
 }
 

@@ -17,14 +17,19 @@ use router_common::{iface_flags, pass_reason as why, Iface, NatFlow, NatKey, Rou
 use crate::{
     maps::{SCRATCH, TC_PORTS, TX_PORTS},
     nat,
-    parse::{l4_header_len, ETH_LEN, IPPROTO_TCP, IPPROTO_UDP, IPV4_LEN},
+    parse::{l4_header_len, ETH_LEN, ETH_P_IPV4, IPPROTO_TCP, IPPROTO_UDP, IPV4_LEN},
 };
 
 /// tcx: hand the packet on (to the next program of the chain, then the stack).
 const TCX_NEXT: i32 = -1;
 /// Bytes the headers need in an skb's directly readable part: Ethernet, IPv6, and the TCP
-/// header's first 20 bytes (ports for ECMP, data offset for GSO).
+/// header's first 20 bytes (ports for ECMP and NAT, flags, data offset for GSO).
 const HEADERS: u32 = (ETH_LEN + 40 + 20) as u32;
+/// The same for IPv4 (a 20-byte header: longer ones go to the kernel). A TCP segment whose
+/// payload lies in pages has just its headers in the readable part, so asking for more would
+/// make the program pull payload into it, which for a clone (every segment a local TCP sender
+/// keeps for retransmission) means a new head and a copy, on packets the kernel forwards too.
+const HEADERS4: u32 = (ETH_LEN + IPV4_LEN + 20) as u32;
 
 pub trait Hook {
     /// The action for a packet redirected to its egress device.
@@ -165,7 +170,8 @@ impl Hook for Tc {
         }
         // The headers in the directly readable part (they are, unless a driver split them).
         let linear = self.data_end() - self.data();
-        let want = (self.len() as u32).min(HEADERS);
+        let ipv4 = self.skb().protocol == (ETH_P_IPV4 as u16).to_be() as u32;
+        let want = (self.len() as u32).min(if ipv4 { HEADERS4 } else { HEADERS });
         if (linear as u32) < want && self.0.pull_data(want).is_err() {
             return Err(why::MALFORMED);
         }
