@@ -267,86 +267,110 @@ pub fn fmt_mac(mac: &[u8; 6]) -> String {
 pub const MAX_FIXED_IPS: usize = 16;
 
 /// The file as written: `[[router]]` tables.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-struct RawFile {
+pub struct RawFile {
     #[serde(default)]
-    router: Vec<RawRouter>,
+    pub router: Vec<RawRouter>,
 }
 
-#[derive(Debug, Deserialize)]
+/// A router's definition as written (a file's `[[router]]`, an etcd value, what the verbs
+/// change): `parse` validates it into a `Router`, `Router::definition` gives it back, and
+/// `to_text` writes it through the TOML serializer (never by formatting text: names chosen by
+/// tenants may hold any character).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-struct RawRouter {
-    id: String,
-    name: Option<String>,
-    max_routes: Option<u64>,
+pub struct RawRouter {
+    pub id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_routes: Option<u64>,
     /// L3 HA: an active host and standbys (only where an etcd agent schedules the router).
-    #[serde(default)]
-    ha: bool,
-    #[serde(default)]
-    interface: Vec<RawInterface>,
-    #[serde(default)]
-    route: Vec<RawRoute>,
-    external_gateway: Option<RawGateway>,
-    #[serde(default)]
-    floating_ip: Vec<RawFloatingIp>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub ha: bool,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub interface: Vec<RawInterface>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub route: Vec<RawRoute>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub external_gateway: Option<RawGateway>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub floating_ip: Vec<RawFloatingIp>,
 }
 
 /// `[router.external_gateway]`: the router's port on the external network (Neutron's
 /// `external_gateway_info`).
-#[derive(Debug, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-struct RawGateway {
-    port_id: String,
-    network_id: Option<String>,
-    enable_snat: Option<bool>,
+pub struct RawGateway {
+    pub port_id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub network_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub enable_snat: Option<bool>,
     #[serde(default)]
-    external_fixed_ips: Vec<RawExternalIp>,
-    hook: Option<String>,
+    pub external_fixed_ips: Vec<RawExternalIp>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hook: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-struct RawExternalIp {
-    subnet: String,
-    ip_address: String,
+pub struct RawExternalIp {
+    pub subnet: String,
+    pub ip_address: String,
     /// The external subnet's gateway (the upstream router): the router's default route.
-    gateway_ip: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gateway_ip: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-struct RawFloatingIp {
-    floating_ip_address: String,
+pub struct RawFloatingIp {
+    pub floating_ip_address: String,
     /// None: allocated to the router but associated with no instance (nothing is configured).
-    fixed_ip_address: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fixed_ip_address: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-struct RawInterface {
-    port_id: String,
+pub struct RawInterface {
+    pub port_id: String,
     /// The single-subnet form: `subnet` and `gateway_ip`.
-    subnet: Option<String>,
-    gateway_ip: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub subnet: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gateway_ip: Option<String>,
     /// Neutron's form: one entry per subnet of the port (dual-stack: one IPv4, one IPv6).
-    fixed_ips: Option<Vec<RawFixedIp>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fixed_ips: Option<Vec<RawFixedIp>>,
     /// Where the fast path runs on this device: "auto" (default), "xdp" or "tc".
-    hook: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hook: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-struct RawFixedIp {
-    subnet: String,
-    ip_address: String,
+pub struct RawFixedIp {
+    pub subnet: String,
+    pub ip_address: String,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-struct RawRoute {
-    destination: String,
-    nexthop: String,
+pub struct RawRoute {
+    pub destination: String,
+    pub nexthop: String,
+}
+
+/// Definitions as a file states them, written by the TOML serializer.
+pub fn to_text(routers: &[RawRouter]) -> String {
+    toml::to_string(&RawFile {
+        router: routers.to_vec(),
+    })
+    .expect("a definition of strings, numbers and booleans always serializes")
 }
 
 /// Where the fast path runs on a device.
@@ -467,6 +491,88 @@ pub struct ExtraRoute {
 }
 
 impl Router {
+    /// The definition this router was validated from, in its written form (the
+    /// single-subnet form for a port with one subnet); `parse` of its text gives this router
+    /// back.
+    pub fn definition(&self) -> RawRouter {
+        let hook = |h: Hook| (h != Hook::Auto).then(|| h.to_string());
+        let interface = self
+            .interfaces
+            .iter()
+            .filter(|i| !i.external)
+            .map(|i| {
+                let single = match &i.fixed_ips[..] {
+                    [f] => Some((f.subnet.to_string(), f.gateway_ip.to_string())),
+                    _ => None,
+                };
+                RawInterface {
+                    port_id: i.port_id.clone(),
+                    subnet: single.as_ref().map(|s| s.0.clone()),
+                    gateway_ip: single.as_ref().map(|s| s.1.clone()),
+                    fixed_ips: single.is_none().then(|| {
+                        i.fixed_ips
+                            .iter()
+                            .map(|f| RawFixedIp {
+                                subnet: f.subnet.to_string(),
+                                ip_address: f.gateway_ip.to_string(),
+                            })
+                            .collect()
+                    }),
+                    hook: hook(i.hook),
+                }
+            })
+            .collect();
+        let route = self
+            .routes
+            .iter()
+            .map(|r| RawRoute {
+                destination: r.destination.to_string(),
+                nexthop: r.nexthop.to_string(),
+            })
+            .collect();
+        let qg = self.interfaces.iter().find(|i| i.external);
+        let external_gateway = self.gateway.as_ref().map(|g| RawGateway {
+            port_id: g.port_id.clone(),
+            network_id: g.network_id.clone(),
+            enable_snat: Some(g.enable_snat),
+            external_fixed_ips: qg
+                .map(|q| {
+                    q.fixed_ips
+                        .iter()
+                        .map(|f| RawExternalIp {
+                            subnet: f.subnet.to_string(),
+                            ip_address: f.gateway_ip.to_string(),
+                            gateway_ip: g
+                                .upstreams
+                                .iter()
+                                .find(|u| u.ip_address == f.gateway_ip && u.subnet == f.subnet)
+                                .map(|u| u.gateway_ip.to_string()),
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
+            hook: qg.and_then(|q| hook(q.hook)),
+        });
+        let floating_ip = self
+            .floating_ips
+            .iter()
+            .map(|f| RawFloatingIp {
+                floating_ip_address: f.floating_ip_address.to_string(),
+                fixed_ip_address: f.fixed_ip_address.map(|x| x.to_string()),
+            })
+            .collect();
+        RawRouter {
+            id: self.id.clone(),
+            name: Some(self.name.clone()),
+            max_routes: self.max_routes.map(u64::from),
+            ha: self.ha,
+            interface,
+            route,
+            external_gateway,
+            floating_ip,
+        }
+    }
+
     pub fn namespace(&self) -> String {
         namespace_of(&self.id)
     }
@@ -530,8 +636,13 @@ pub fn parse(text: &str) -> Result<Vec<Router>, ConfigError> {
         path: "<config>".into(),
         message: e.to_string(),
     })?;
+    validate(raw.router)
+}
+
+/// Validates definitions (each, then across them); the first problem found is returned.
+pub fn validate(raw: Vec<RawRouter>) -> Result<Vec<Router>, ConfigError> {
     let mut routers = Vec::new();
-    for (i, r) in raw.router.into_iter().enumerate() {
+    for (i, r) in raw.into_iter().enumerate() {
         routers.push(validate_router(i, r).map_err(ConfigError::Invalid)?);
     }
     validate_across(&routers).map_err(ConfigError::Invalid)?;
@@ -1316,5 +1427,61 @@ fixed_ip_address = "172.16.101.3"
         assert_eq!(n.broadcast(), Some(Ipv4Addr::new(10, 255, 255, 255)));
         assert!("0.0.0.0/0".parse::<Ipv4Net>().unwrap().overlaps(&n));
         assert!("1.2.3.4/32".parse::<Ipv4Net>().is_ok());
+    }
+
+    /// Every shipped example, and definitions with every optional part: a router's
+    /// definition written back by the serializer parses into the same router.
+    #[test]
+    fn definitions_round_trip_through_their_text() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../config");
+        let mut texts: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap())
+            .collect();
+        texts.push(SEED.to_string());
+        texts.push(
+            r#"
+[[router]]
+id = "r-1"
+max_routes = 5000
+ha = true
+[[router.interface]]
+port_id = "d295b258-4586-4e8a-9c3e-1f2a3b4c5d6e"
+hook = "tc"
+fixed_ips = [{ subnet = "172.16.100.0/24", ip_address = "172.16.100.1" }, { subnet = "2001:db8:100::/64", ip_address = "2001:db8:100::1" }]
+[router.external_gateway]
+port_id = "e1a2b3c4-5d6e-4f70-8a9b-0c1d2e3f4a5b"
+enable_snat = false
+hook = "xdp"
+external_fixed_ips = [{ subnet = "192.168.1.0/24", ip_address = "192.168.1.10" }, { subnet = "2001:db8:1::/64", ip_address = "2001:db8:1::10", gateway_ip = "2001:db8:1::1" }]
+[[router.floating_ip]]
+floating_ip_address = "192.168.1.30"
+"#
+            .to_string(),
+        );
+        assert!(texts.len() >= 5, "the examples in {dir}");
+        for text in texts {
+            let routers = parse(&text).unwrap();
+            let defs: Vec<RawRouter> = routers.iter().map(Router::definition).collect();
+            assert_eq!(parse(&to_text(&defs)).unwrap(), routers, "{text}");
+            assert_eq!(validate(defs).unwrap(), routers, "{text}");
+        }
+    }
+
+    /// A name holds whatever a tenant typed: quotes, newlines, text that looks like more
+    /// fields or routers stay inside the name.
+    #[test]
+    fn names_cannot_inject_fields_or_routers() {
+        let name = "x\"\nha = true\n[[router]]\nid = \"evil\"\n#\\ \u{7f}";
+        let def = RawRouter {
+            id: "r-1".into(),
+            name: Some(name.into()),
+            ..RawRouter::default()
+        };
+        let routers = parse(&to_text(&[def])).unwrap();
+        assert_eq!(routers.len(), 1);
+        assert_eq!(routers[0].name, name);
+        assert_eq!(routers[0].id, "r-1");
+        assert!(!routers[0].ha);
     }
 }

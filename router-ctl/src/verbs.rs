@@ -9,7 +9,10 @@ use std::net::IpAddr;
 
 use crate::{
     apply,
-    config::{self, IpNet, Router},
+    config::{
+        self, IpNet, RawExternalIp, RawFixedIp, RawFloatingIp, RawGateway, RawInterface, RawRoute,
+        RawRouter, Router,
+    },
     state::{AddrState, FloatingIpState, GatewayState, RouterState},
 };
 
@@ -33,114 +36,104 @@ pub fn new_uuid() -> Result<String> {
 }
 
 /// The definition of an applied router, as a file would state it.
-pub fn definition_of(st: &RouterState) -> String {
-    let mut t = format!("[[router]]\nid = \"{}\"\nname = \"{}\"\n", st.id, st.name);
-    if let Some(n) = st.max_routes {
-        t += &format!("max_routes = {n}\n");
-    }
-    if st.ha {
-        t += "ha = true\n";
-    }
-    for i in st.interfaces.iter().filter(|i| !i.external) {
-        t += &format!("[[router.interface]]\nport_id = \"{}\"\n", i.port_id);
-        if i.hook != config::Hook::Auto {
-            t += &format!("hook = \"{}\"\n", i.hook);
-        }
-        if let [f] = &i.fixed_ips[..] {
-            t += &format!(
-                "subnet = \"{}\"\ngateway_ip = \"{}\"\n",
-                f.subnet, f.gateway_ip
-            );
-        } else {
-            let f: Vec<String> = i
-                .fixed_ips
-                .iter()
-                .map(|f| {
-                    format!(
-                        "{{ subnet = \"{}\", ip_address = \"{}\" }}",
-                        f.subnet, f.gateway_ip
-                    )
-                })
-                .collect();
-            t += &format!("fixed_ips = [{}]\n", f.join(", "));
-        }
-    }
-    for r in st.routes.iter().filter(|r| !r.gateway) {
-        t += &format!(
-            "[[router.route]]\ndestination = \"{}\"\nnexthop = \"{}\"\n",
-            r.destination, r.nexthop
-        );
-    }
-    if let (Some(g), Some(qg)) = (&st.gateway, st.interfaces.iter().find(|i| i.external)) {
-        t += &gateway_text(g, qg, None, None);
-        t += &floating_ips_text(&g.floating_ips);
-    }
-    t
-}
-
-/// `[router.external_gateway]` of an applied gateway, with its SNAT or its fixed IPs replaced
-/// when given.
-fn gateway_text(
-    g: &GatewayState,
-    qg: &crate::state::IfaceState,
-    snat: Option<bool>,
-    fixed: Option<&[String]>,
-) -> String {
-    let mut t = format!("[router.external_gateway]\nport_id = \"{}\"\n", g.port_id);
-    if let Some(n) = &g.network_id {
-        t += &format!("network_id = \"{n}\"\n");
-    }
-    t += &format!("enable_snat = {}\n", snat.unwrap_or(g.enable_snat));
-    if qg.hook != config::Hook::Auto {
-        t += &format!("hook = \"{}\"\n", qg.hook);
-    }
-    let ips: Vec<String> = match fixed {
-        Some(f) => f.to_vec(),
-        None => {
-            let mut used: Vec<String> = Vec::new();
-            qg.fixed_ips
-                .iter()
-                .map(|f| {
-                    let v6 = f.subnet.contains(':');
-                    let up = g
-                        .upstreams
+pub fn definition_of(st: &RouterState) -> RawRouter {
+    let hook = |h: config::Hook| (h != config::Hook::Auto).then(|| h.to_string());
+    let interface = st
+        .interfaces
+        .iter()
+        .filter(|i| !i.external)
+        .map(|i| {
+            let single = match &i.fixed_ips[..] {
+                [f] => Some(f),
+                _ => None,
+            };
+            RawInterface {
+                port_id: i.port_id.clone(),
+                subnet: single.map(|f| f.subnet.clone()),
+                gateway_ip: single.map(|f| f.gateway_ip.clone()),
+                fixed_ips: single.is_none().then(|| {
+                    i.fixed_ips
                         .iter()
-                        .find(|u| u.contains(':') == v6 && !used.contains(u));
-                    let gw = match up {
-                        Some(u) => {
-                            used.push(u.clone());
-                            format!(", gateway_ip = \"{u}\"")
-                        }
-                        None => String::new(),
-                    };
-                    format!(
-                        "{{ subnet = \"{}\", ip_address = \"{}\"{gw} }}",
-                        f.subnet, f.gateway_ip
-                    )
-                })
-                .collect()
-        }
+                        .map(|f| RawFixedIp {
+                            subnet: f.subnet.clone(),
+                            ip_address: f.gateway_ip.clone(),
+                        })
+                        .collect()
+                }),
+                hook: hook(i.hook),
+            }
+        })
+        .collect();
+    let route = st
+        .routes
+        .iter()
+        .filter(|r| !r.gateway)
+        .map(|r| RawRoute {
+            destination: r.destination.clone(),
+            nexthop: r.nexthop.clone(),
+        })
+        .collect();
+    let qg = st.interfaces.iter().find(|i| i.external);
+    let (external_gateway, floating_ip) = match (&st.gateway, qg) {
+        (Some(g), Some(qg)) => (
+            Some(RawGateway {
+                port_id: g.port_id.clone(),
+                network_id: g.network_id.clone(),
+                enable_snat: Some(g.enable_snat),
+                external_fixed_ips: external_ips_of(g, qg),
+                hook: hook(qg.hook),
+            }),
+            floating_ips_of(&g.floating_ips),
+        ),
+        _ => (None, Vec::new()),
     };
-    t += &format!("external_fixed_ips = [{}]\n", ips.join(", "));
-    t
+    RawRouter {
+        id: st.id.clone(),
+        name: Some(st.name.clone()),
+        max_routes: st.max_routes.map(u64::from),
+        ha: st.ha,
+        interface,
+        route,
+        external_gateway,
+        floating_ip,
+    }
 }
 
-fn floating_ips_text(fips: &[FloatingIpState]) -> String {
-    let mut t = String::new();
-    for f in fips {
-        t += &format!(
-            "[[router.floating_ip]]\nfloating_ip_address = \"{}\"\n",
-            f.floating_ip_address
-        );
-        if let Some(x) = &f.fixed_ip_address {
-            t += &format!("fixed_ip_address = \"{x}\"\n");
-        }
-    }
-    t
+/// The external fixed IPs of an applied gateway, each with the upstream router of its family
+/// (one per family, the first not taken yet).
+fn external_ips_of(g: &GatewayState, qg: &crate::state::IfaceState) -> Vec<RawExternalIp> {
+    let mut used: Vec<&String> = Vec::new();
+    qg.fixed_ips
+        .iter()
+        .map(|f| {
+            let v6 = f.subnet.contains(':');
+            let up = g
+                .upstreams
+                .iter()
+                .find(|u| u.contains(':') == v6 && !used.contains(u));
+            if let Some(u) = up {
+                used.push(u);
+            }
+            RawExternalIp {
+                subnet: f.subnet.clone(),
+                ip_address: f.gateway_ip.clone(),
+                gateway_ip: up.cloned(),
+            }
+        })
+        .collect()
+}
+
+fn floating_ips_of(fips: &[FloatingIpState]) -> Vec<RawFloatingIp> {
+    fips.iter()
+        .map(|f| RawFloatingIp {
+            floating_ip_address: f.floating_ip_address.clone(),
+            fixed_ip_address: f.fixed_ip_address.clone(),
+        })
+        .collect()
 }
 
 /// A `--fixed-ip subnet=CIDR,ip-address=IP[,gateway=IP]` argument, as the definition's entry.
-pub fn parse_fixed_ip(arg: &str) -> Result<String> {
+pub fn parse_fixed_ip(arg: &str) -> Result<RawExternalIp> {
     let (mut s, mut ip, mut gw) = (None, None, None);
     for kv in arg.split(',') {
         match kv.split_once('=') {
@@ -150,19 +143,20 @@ pub fn parse_fixed_ip(arg: &str) -> Result<String> {
             _ => bail!("--fixed-ip '{arg}': expected subnet=CIDR,ip-address=IP[,gateway=IP]"),
         }
     }
-    let s = s.ok_or_else(|| anyhow!("--fixed-ip '{arg}': subnet= is missing"))?;
-    let ip = ip.ok_or_else(|| anyhow!("--fixed-ip '{arg}': ip-address= is missing"))?;
-    Ok(match gw {
-        Some(g) => format!("{{ subnet = \"{s}\", ip_address = \"{ip}\", gateway_ip = \"{g}\" }}"),
-        None => format!("{{ subnet = \"{s}\", ip_address = \"{ip}\" }}"),
+    Ok(RawExternalIp {
+        subnet: s.ok_or_else(|| anyhow!("--fixed-ip '{arg}': subnet= is missing"))?,
+        ip_address: ip.ok_or_else(|| anyhow!("--fixed-ip '{arg}': ip-address= is missing"))?,
+        gateway_ip: gw,
     })
 }
 
 /// The definition of `st` without its gateway and floating IPs.
-fn without_gateway(st: &RouterState) -> String {
-    let mut st = st.clone();
-    st.gateway = None;
-    definition_of(&st)
+fn without_gateway(st: &RouterState) -> RawRouter {
+    RawRouter {
+        external_gateway: None,
+        floating_ip: Vec::new(),
+        ..definition_of(st)
+    }
 }
 
 /// `router set R --external-gateway NET [--port-id P] [--fixed-ip …]… [--enable-snat|--disable-snat]`:
@@ -175,13 +169,13 @@ pub fn set_gateway(
     fixed_ips: &[String],
     snat: Option<bool>,
 ) -> Result<Router> {
-    let fixed: Vec<String> = fixed_ips
+    let fixed: Vec<RawExternalIp> = fixed_ips
         .iter()
         .map(|f| parse_fixed_ip(f))
         .collect::<Result<_>>()?;
     let st = find(router)?;
     let old = st.gateway.clone();
-    let qg = st.interfaces.iter().find(|i| i.external).cloned();
+    let qg = st.interfaces.iter().find(|i| i.external);
     let port = match (port_id, &old) {
         (Some(p), _) => p,
         (None, Some(g)) => g.port_id.clone(),
@@ -190,18 +184,25 @@ pub fn set_gateway(
     if old.is_none() && fixed.is_empty() {
         bail!("router {}: a new external gateway needs at least one --fixed-ip subnet=CIDR,ip-address=IP,gateway=IP", st.name);
     }
-    let g = GatewayState {
-        port_id: port,
-        network_id: Some(network.to_string()),
-        enable_snat: snat.or(old.as_ref().map(|g| g.enable_snat)).unwrap_or(true),
-        ..old.clone().unwrap_or_default()
+    let old = old.unwrap_or_default();
+    let external_fixed_ips = match (fixed.is_empty(), qg) {
+        (false, _) => fixed,
+        (true, Some(qg)) => external_ips_of(&old, qg),
+        (true, None) => Vec::new(),
     };
-    let qg = qg
-        .unwrap_or_else(|| crate::state::IfaceState::new(String::new(), String::new(), Vec::new()));
-    let mut text = without_gateway(&st);
-    text += &gateway_text(&g, &qg, None, (!fixed.is_empty()).then_some(&fixed[..]));
-    text += &floating_ips_text(&g.floating_ips);
-    apply_text(&text)
+    apply_definition(RawRouter {
+        external_gateway: Some(RawGateway {
+            port_id: port,
+            network_id: Some(network.to_string()),
+            enable_snat: Some(snat.unwrap_or(st.gateway.is_none() || old.enable_snat)),
+            external_fixed_ips,
+            hook: qg
+                .filter(|q| q.hook != config::Hook::Auto)
+                .map(|q| q.hook.to_string()),
+        }),
+        floating_ip: floating_ips_of(&old.floating_ips),
+        ..without_gateway(&st)
+    })
 }
 
 /// `router unset R --external-gateway`; refused while floating IPs need it (as Neutron does).
@@ -217,7 +218,7 @@ pub fn unset_gateway(router: &str) -> Result<Router> {
             g.floating_ips.iter().map(|f| f.floating_ip_address.as_str()).collect::<Vec<_>>().join(", ")
         );
     }
-    apply_text(&without_gateway(&st))
+    apply_definition(without_gateway(&st))
 }
 
 /// The router holding floating IP `fip` (of router `router` when given: the same address
@@ -260,7 +261,7 @@ fn with_floating_ips(
         bail!("router {} has no external gateway; `router-ctl router set {} --external-gateway NET --fixed-ip …` first", st.name, st.name);
     };
     f(&mut g.floating_ips);
-    apply_text(&definition_of(&st))
+    apply_definition(definition_of(&st))
 }
 
 pub fn create_floating_ip(router: &str, fip: &str, fixed: Option<&str>) -> Result<Router> {
@@ -329,20 +330,17 @@ pub fn all() -> Result<Vec<RouterState>> {
 
 /// Validates and applies one router's new definition (or writes it to etcd, whose agents
 /// apply it).
-fn apply_text(text: &str) -> Result<Router> {
+fn apply_definition(def: RawRouter) -> Result<Router> {
     if let Some(s) = crate::agent::store::remote() {
-        return s.put(text);
+        return s.put(&config::to_text(&[def]));
     }
-    let routers = config::parse(text)?;
+    let routers = config::validate(vec![def])?;
     apply::apply(&routers)?;
     Ok(routers.into_iter().next().expect("one router"))
 }
 
 /// `router create NAME [--ha]`.
 pub fn create_ha(name: &str, id: Option<String>, ha: bool) -> Result<Router> {
-    if !ha {
-        return create(name, id);
-    }
     if all()?.iter().any(|r| r.name == name) {
         bail!("a router named '{name}' exists already; `router-ctl router list` shows it");
     }
@@ -350,20 +348,16 @@ pub fn create_ha(name: &str, id: Option<String>, ha: bool) -> Result<Router> {
         Some(i) => i,
         None => new_uuid()?,
     };
-    apply_text(&format!(
-        "[[router]]\nid = \"{id}\"\nname = \"{name}\"\nha = true\n"
-    ))
+    apply_definition(RawRouter {
+        id,
+        name: Some(name.to_string()),
+        ha,
+        ..RawRouter::default()
+    })
 }
 
 pub fn create(name: &str, id: Option<String>) -> Result<Router> {
-    if all()?.iter().any(|r| r.name == name) {
-        bail!("a router named '{name}' exists already; `router-ctl router list` shows it");
-    }
-    let id = match id {
-        Some(i) => i,
-        None => new_uuid()?,
-    };
-    apply_text(&format!("[[router]]\nid = \"{id}\"\nname = \"{name}\"\n"))
+    create_ha(name, id, false)
 }
 
 /// A `--route destination=D,gateway=G` argument.
@@ -382,12 +376,15 @@ pub fn parse_route(arg: &str) -> Result<(String, String)> {
     ))
 }
 
-/// Applies `change` to the text of the router's current definition.
-fn change(router: &str, f: impl FnOnce(&RouterState, &mut String) -> Result<()>) -> Result<Router> {
+/// Applies `change` to the router's current definition.
+fn change(
+    router: &str,
+    f: impl FnOnce(&RouterState, &mut RawRouter) -> Result<()>,
+) -> Result<Router> {
     let st = find(router)?;
-    let mut text = definition_of(&st);
-    f(&st, &mut text)?;
-    apply_text(&text)
+    let mut def = definition_of(&st);
+    f(&st, &mut def)?;
+    apply_definition(def)
 }
 
 pub fn add_subnet(
@@ -400,7 +397,7 @@ pub fn add_subnet(
         Some(p) => p,
         None => new_uuid()?,
     };
-    change(router, |st, t| {
+    change(router, |st, def| {
         // A port the router has already gets one more fixed IP (a dual-stack port).
         if st.interfaces.iter().any(|i| i.port_id == port) {
             let mut st = st.clone();
@@ -411,9 +408,15 @@ pub fn add_subnet(
                     added: false,
                 });
             }
-            *t = definition_of(&st);
+            *def = definition_of(&st);
         } else {
-            *t += &format!("[[router.interface]]\nport_id = \"{port}\"\nsubnet = \"{subnet}\"\ngateway_ip = \"{gateway}\"\n");
+            def.interface.push(RawInterface {
+                port_id: port,
+                subnet: Some(subnet.to_string()),
+                gateway_ip: Some(gateway.to_string()),
+                fixed_ips: None,
+                hook: None,
+            });
         }
         Ok(())
     })
@@ -432,7 +435,7 @@ fn canonical(s: &str) -> String {
 }
 
 pub fn remove_subnet(router: &str, subnet: &str) -> Result<Router> {
-    change(router, |st, t| {
+    change(router, |st, def| {
         let mut st = st.clone();
         let subnet = canonical(subnet);
         let before: usize = st.interfaces.iter().map(|i| i.fixed_ips.len()).sum();
@@ -445,15 +448,18 @@ pub fn remove_subnet(router: &str, subnet: &str) -> Result<Router> {
         if after == before {
             bail!("router {}: no interface on subnet {subnet}", st.name);
         }
-        *t = definition_of(&st);
+        *def = definition_of(&st);
         Ok(())
     })
 }
 
 pub fn add_route(router: &str, route: &str) -> Result<Router> {
     let (d, g) = parse_route(route)?;
-    change(router, |_, t| {
-        *t += &format!("[[router.route]]\ndestination = \"{d}\"\nnexthop = \"{g}\"\n");
+    change(router, |_, def| {
+        def.route.push(RawRoute {
+            destination: d,
+            nexthop: g,
+        });
         Ok(())
     })
 }
@@ -461,7 +467,7 @@ pub fn add_route(router: &str, route: &str) -> Result<Router> {
 pub fn remove_route(router: &str, route: &str) -> Result<Router> {
     let (d, g) = parse_route(route)?;
     let (d, g) = (canonical(&d), canonical(&g));
-    change(router, |st, t| {
+    change(router, |st, def| {
         let mut st = st.clone();
         let before = st.routes.len();
         st.routes
@@ -469,7 +475,28 @@ pub fn remove_route(router: &str, route: &str) -> Result<Router> {
         if st.routes.len() == before {
             bail!("router {}: no route to {d} via {g}", st.name);
         }
-        *t = definition_of(&st);
+        *def = definition_of(&st);
         Ok(())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What the verbs start from (an applied router's state) gives back the router it was
+    /// applied from, for every shipped example: no field is dropped on the way.
+    #[test]
+    fn the_definition_of_an_applied_router_is_the_one_applied() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../config");
+        for e in std::fs::read_dir(dir).unwrap() {
+            let text = std::fs::read_to_string(e.unwrap().path()).unwrap();
+            for r in config::parse(&text).unwrap() {
+                let st = crate::agent::store::planned(&r);
+                let back = config::validate(vec![definition_of(&st)]).unwrap();
+                assert_eq!(back, vec![r.clone()], "{text}");
+                assert_eq!(definition_of(&st), r.definition(), "{text}");
+            }
+        }
+    }
 }
