@@ -53,6 +53,7 @@ const CTL_MUTANTS: &[&str] = &[
     "wrong_level_order",
     "no_quarantine",
     "stale_table_kept",
+    "no_map_renewal",
 ];
 
 fn main() -> Result<()> {

@@ -71,6 +71,289 @@ pub mod map_names {
     pub const STATS: &str = "STATS";
 }
 
+/// Every map of the program, once: what pinning, the controller's layout check and a test
+/// against the built object read (`router-ebpf/src/maps.rs` declares them; the test checks
+/// that it declares exactly these).
+pub mod maps {
+    use super::{
+        fib, fib6, map_names as n, nat, Block6, Iface, IfaceAt, NatFlow, NatKey, Neigh, Neigh6Key,
+        NeighKey, NhGroup, Pfx6, Route, Stats, IFACE_INDEX_SLOTS, MAX_IFACES, MAX_LOCAL4,
+        MAX_NAT_FLOWS, MAX_NEIGHS, STATS_SLOTS,
+    };
+    use core::mem::size_of;
+
+    /// The kernel's map types the program uses (`bpf_map_type` values).
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    #[repr(u32)]
+    pub enum Kind {
+        Hash = 1,
+        Array = 2,
+        PerCpuArray = 6,
+        LpmTrie = 11,
+        DevMap = 14,
+        RingBuf = 27,
+    }
+
+    /// `BPF_F_NO_PREALLOC`: hash maps the controller changes while the program reads them
+    /// (an element is freed after an RCU grace period, never reused under a reader).
+    pub const NO_PREALLOC: u32 = 1;
+    /// `BPF_F_MMAPABLE`: the route table's arrays, written through a mapping.
+    pub const MMAPABLE: u32 = 1 << 10;
+
+    /// How many entries a map has.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum Capacity {
+        Fixed(u32),
+        /// Chosen by the controller when it creates the router's maps (the route table's
+        /// size); the object's value is the default.
+        Sized(u32),
+    }
+
+    impl Capacity {
+        pub const fn entries(self) -> u32 {
+            match self {
+                Capacity::Fixed(n) | Capacity::Sized(n) => n,
+            }
+        }
+    }
+
+    /// What a map is to an upgrade.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum Keep {
+        /// Pinned per router; one pinned by a build with another layout refuses the router
+        /// (its content is state the program and the controller share).
+        Pinned,
+        /// Pinned per router, but one pinned with another layout is replaced by an empty one
+        /// when the programs are loaded again (counters, per-flow counts): the running
+        /// program keeps its map until the new program takes over, so forwarding goes on.
+        Renewable,
+        /// Private to each loaded object (scratch space), never pinned.
+        Private,
+    }
+
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct Spec {
+        pub name: &'static str,
+        pub kind: Kind,
+        pub key_size: u32,
+        pub value_size: u32,
+        pub flags: u32,
+        pub capacity: Capacity,
+        pub keep: Keep,
+    }
+
+    const fn spec(
+        name: &'static str,
+        kind: Kind,
+        key_size: usize,
+        value_size: usize,
+        flags: u32,
+        capacity: Capacity,
+        keep: Keep,
+    ) -> Spec {
+        Spec {
+            name,
+            kind,
+            key_size: key_size as u32,
+            value_size: value_size as u32,
+            flags,
+            capacity,
+            keep,
+        }
+    }
+
+    use Capacity::{Fixed, Sized};
+    use Keep::{Pinned, Private, Renewable};
+    use Kind::*;
+    const GROUP: usize = 4 * fib::GROUP_SIZE as usize;
+
+    pub const ALL: [Spec; 26] = [
+        spec(
+            n::FIB_L1,
+            Array,
+            4,
+            GROUP,
+            MMAPABLE,
+            Fixed(fib::L1_ENTRIES / fib::GROUP_SIZE),
+            Pinned,
+        ),
+        spec(
+            n::FIB_L2,
+            Array,
+            4,
+            GROUP,
+            MMAPABLE,
+            Sized(fib::DEFAULT_L2_GROUPS),
+            Pinned,
+        ),
+        spec(
+            n::FIB_L3,
+            Array,
+            4,
+            GROUP,
+            MMAPABLE,
+            Sized(fib::DEFAULT_L3_GROUPS),
+            Pinned,
+        ),
+        spec(
+            n::NEXTHOPS,
+            Array,
+            4,
+            size_of::<Route>(),
+            0,
+            Sized(fib::DEFAULT_NEXTHOPS),
+            Pinned,
+        ),
+        spec(
+            n::NH_GROUPS,
+            Array,
+            4,
+            size_of::<NhGroup>(),
+            0,
+            Fixed(fib::NH_GROUPS),
+            Pinned,
+        ),
+        spec(
+            n::NEIGHS,
+            Hash,
+            size_of::<NeighKey>(),
+            size_of::<Neigh>(),
+            NO_PREALLOC,
+            Fixed(MAX_NEIGHS),
+            Pinned,
+        ),
+        spec(
+            n::FIB6_L1,
+            Array,
+            4,
+            GROUP,
+            MMAPABLE,
+            Fixed(fib::L1_ENTRIES / fib::GROUP_SIZE),
+            Pinned,
+        ),
+        spec(
+            n::FIB6_NODES,
+            Array,
+            4,
+            GROUP,
+            MMAPABLE,
+            Sized(fib6::DEFAULT_NODES),
+            Pinned,
+        ),
+        spec(
+            n::FIB6_BLOCKS,
+            Array,
+            4,
+            size_of::<Block6>(),
+            MMAPABLE,
+            Sized(fib6::DEFAULT_BLOCKS),
+            Pinned,
+        ),
+        spec(
+            n::FIB6_PFX,
+            Array,
+            4,
+            size_of::<Pfx6>(),
+            MMAPABLE,
+            Sized(fib6::DEFAULT_PREFIXES),
+            Pinned,
+        ),
+        spec(
+            n::FIB6,
+            LpmTrie,
+            4 + 16,
+            4,
+            NO_PREALLOC,
+            Fixed(fib::MAX_ROUTES6),
+            Pinned,
+        ),
+        spec(
+            n::NEIGHS6,
+            Hash,
+            size_of::<Neigh6Key>(),
+            size_of::<Neigh>(),
+            NO_PREALLOC,
+            Fixed(MAX_NEIGHS),
+            Pinned,
+        ),
+        spec(
+            n::IFACES,
+            Hash,
+            4,
+            size_of::<Iface>(),
+            NO_PREALLOC,
+            Fixed(MAX_IFACES),
+            Pinned,
+        ),
+        spec(
+            n::IFACE_INDEX,
+            Array,
+            4,
+            size_of::<IfaceAt>(),
+            0,
+            Fixed(IFACE_INDEX_SLOTS),
+            Pinned,
+        ),
+        spec(n::TX_PORTS, DevMap, 4, 8, 0, Fixed(MAX_IFACES), Pinned),
+        spec(n::TC_PORTS, Array, 4, 4, 0, Fixed(MAX_IFACES), Pinned),
+        spec(n::LOCAL_BITS, Array, 4, 8 * 1024, 0, Fixed(1), Pinned),
+        spec(
+            n::LOCAL4,
+            Hash,
+            4,
+            4,
+            NO_PREALLOC,
+            Fixed(MAX_LOCAL4),
+            Pinned,
+        ),
+        spec(
+            n::NAT_FLOWS,
+            Hash,
+            size_of::<NatKey>(),
+            size_of::<NatFlow>(),
+            NO_PREALLOC,
+            Fixed(MAX_NAT_FLOWS),
+            Pinned,
+        ),
+        spec(n::NAT_GEN, Array, 4, 4, 0, Fixed(nat::GEN_SLOTS), Pinned),
+        spec(
+            n::NAT_SEEN,
+            Array,
+            4,
+            8,
+            0,
+            Fixed(nat::SEEN_SLOTS),
+            Renewable,
+        ),
+        spec(n::NAT_HINT, Array, 4, 8, 0, Fixed(nat::HINT_WORDS), Pinned),
+        spec(
+            n::NAT_MISSES,
+            RingBuf,
+            0,
+            0,
+            0,
+            Fixed(nat::MISSES_BYTES),
+            Renewable,
+        ),
+        spec(n::NAT_CONF, Array, 4, 4, 0, Fixed(1), Pinned),
+        spec("SCRATCH", PerCpuArray, 4, 516, 0, Fixed(1), Private),
+        spec(
+            n::STATS,
+            PerCpuArray,
+            4,
+            size_of::<Stats>(),
+            0,
+            Fixed(STATS_SLOTS),
+            Renewable,
+        ),
+    ];
+
+    /// The map named `name`.
+    pub fn spec_of(name: &str) -> Option<&'static Spec> {
+        ALL.iter().find(|s| s.name == name)
+    }
+}
+
 /// Name of the XDP program inside the object.
 pub const PROGRAM_NAME: &str = "router";
 /// Name of the tc (tcx ingress) program inside the same object: the same per-packet logic on
@@ -505,8 +788,19 @@ pub struct Stats {
     /// (a hairpin counts in both).
     pub nat_src_packets: u64,
     pub nat_dst_packets: u64,
-    pub pass: [u64; pass_reason::COUNT],
+    /// Room for counters a later build adds (each takes the first spare word): the value's
+    /// size, and so the pinned map of a running router, stays as it is.
+    pub spare: [u64; STATS_SPARE],
+    /// By `pass_reason`; the words past `pass_reason::COUNT` are room for reasons a later
+    /// build adds, for the same reason.
+    pub pass: [u64; PASS_SLOTS],
 }
+
+/// Spare counter words in `Stats`.
+pub const STATS_SPARE: usize = 8;
+/// Pass-reason words in `Stats` (at least `pass_reason::COUNT`).
+pub const PASS_SLOTS: usize = 48;
+const _: () = assert!(pass_reason::COUNT <= PASS_SLOTS);
 
 impl Stats {
     pub const ZERO: Stats = Stats {
@@ -518,7 +812,8 @@ impl Stats {
         pass_bytes: 0,
         nat_src_packets: 0,
         nat_dst_packets: 0,
-        pass: [0; pass_reason::COUNT],
+        spare: [0; STATS_SPARE],
+        pass: [0; PASS_SLOTS],
     };
 
     pub fn pass_packets(&self) -> u64 {
@@ -534,6 +829,9 @@ impl Stats {
         self.pass_bytes += other.pass_bytes;
         self.nat_src_packets += other.nat_src_packets;
         self.nat_dst_packets += other.nat_dst_packets;
+        for (a, b) in self.spare.iter_mut().zip(other.spare.iter()) {
+            *a += *b;
+        }
         for (a, b) in self.pass.iter_mut().zip(other.pass.iter()) {
             *a += *b;
         }
@@ -573,7 +871,9 @@ mod layout {
         assert_eq!(size_of::<Neigh>(), 8);
         assert_eq!(size_of::<Iface>(), 16);
         assert_eq!(size_of::<IfaceAt>(), 20);
-        assert_eq!(size_of::<Stats>(), 8 * (8 + pass_reason::COUNT));
+        // Never changes: a new counter takes a spare word, a new pass reason a free slot, so
+        // an upgrade keeps the counters' pinned map (see `maps::ALL`).
+        assert_eq!(size_of::<Stats>(), 512);
         assert_eq!(size_of::<NatKey>(), 16);
         assert_eq!(size_of::<NatFlow>(), 40);
         assert_eq!(size_of::<Block6>(), 96);

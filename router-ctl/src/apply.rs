@@ -781,7 +781,10 @@ impl Job {
         fresh_slots: &[u32],
     ) -> Result<()> {
         let id = &st.id;
+        // Maps pinned by a build with another layout of a renewable map (counters) are
+        // replaced while the programs are loaded again.
         let keep_programs = !self.reload
+            && datapath::layout_current(id)?
             && self.prev.as_ref().is_some_and(|p| {
                 p.program == st.program
                     && st.interfaces.iter().all(|i| {

@@ -19,7 +19,7 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use router_common::{
-    fib, map_names, route_kind, Iface, Neigh, Neigh6Key, NeighKey, NhGroup, Route, Stats,
+    fib, map_names, maps, route_kind, Iface, Neigh, Neigh6Key, NeighKey, NhGroup, Route, Stats,
     PROGRAM_NAME, TC_PROGRAM_NAME,
 };
 
@@ -35,33 +35,10 @@ pub static PROGRAM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 /// Benchmark helpers (traffic generator, wire floor); see `router-ebpf/src/bench.rs`.
 pub static BENCH_PROGRAM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bench"));
 
-const ALL_MAPS: [&str; 25] = [
-    map_names::FIB6_L1,
-    map_names::FIB6_NODES,
-    map_names::FIB6_BLOCKS,
-    map_names::FIB6_PFX,
-    map_names::NAT_FLOWS,
-    map_names::NAT_CONF,
-    map_names::NAT_GEN,
-    map_names::NAT_SEEN,
-    map_names::NAT_HINT,
-    map_names::NAT_MISSES,
-    map_names::TC_PORTS,
-    map_names::NH_GROUPS,
-    map_names::IFACE_INDEX,
-    map_names::LOCAL_BITS,
-    map_names::LOCAL4,
-    map_names::FIB6,
-    map_names::NEIGHS6,
-    map_names::FIB_L1,
-    map_names::FIB_L2,
-    map_names::FIB_L3,
-    map_names::NEXTHOPS,
-    map_names::NEIGHS,
-    map_names::IFACES,
-    map_names::TX_PORTS,
-    map_names::STATS,
-];
+/// The maps pinned per router (see `router_common::maps::ALL`).
+fn pinned_maps() -> impl Iterator<Item = &'static maps::Spec> {
+    maps::ALL.iter().filter(|m| m.keep != maps::Keep::Private)
+}
 
 /// A loader for the embedded object. The programs use no CO-RE relocations, so the kernel's
 /// BTF is not read (parsing /sys/kernel/btf/vmlinux costs several milliseconds per load).
@@ -151,15 +128,15 @@ fn open_pinned_object(router_id: &str, cap: Capacity, progs: Programs) -> Result
     let dir = state::bpf_dir(router_id);
     std::fs::create_dir_all(dir.join("links"))
         .with_context(|| format!("cannot create {}", dir.display()))?;
-    check_pinned_layout(router_id)?;
+    check_pinned_layout(router_id, progs != Programs::NONE)?;
     // One loader per process (its creation parses the kernel's BTF): every use below sets the
     // size and pin path of every map it pins, so nothing carries over from a previous router.
     static PINNED: std::sync::Mutex<Option<EbpfLoader<'static>>> = std::sync::Mutex::new(None);
     let mut guard = PINNED.lock().unwrap_or_else(|e| e.into_inner());
     let loader = guard.get_or_insert_with(loader);
     size_maps(loader, cap);
-    for name in ALL_MAPS {
-        loader.map_pin_path(name, dir.join(name));
+    for m in pinned_maps() {
+        loader.map_pin_path(m.name, dir.join(m.name));
     }
     let mut ebpf = loader.load(PROGRAM).with_context(|| {
         format!(
@@ -172,73 +149,78 @@ fn open_pinned_object(router_id: &str, cap: Capacity, progs: Programs) -> Result
     Ok(ebpf)
 }
 
-/// Refuses maps pinned by a build whose map layout differs from this one's: the program would
-/// read them wrongly (the verifier refuses it at best).
-fn check_pinned_layout(router_id: &str) -> Result<()> {
-    let expected: [(&str, usize); 24] = [
-        (map_names::FIB6_L1, 4 * fib::GROUP_SIZE as usize),
-        (map_names::FIB6_NODES, 4 * fib::GROUP_SIZE as usize),
-        (
-            map_names::FIB6_BLOCKS,
-            std::mem::size_of::<router_common::Block6>(),
-        ),
-        (
-            map_names::FIB6_PFX,
-            std::mem::size_of::<router_common::Pfx6>(),
-        ),
-        (
-            map_names::NAT_FLOWS,
-            std::mem::size_of::<router_common::NatFlow>(),
-        ),
-        (map_names::NAT_CONF, 4),
-        (map_names::NAT_GEN, 4),
-        (map_names::NAT_SEEN, 8),
-        (map_names::NAT_HINT, 8),
-        (map_names::TC_PORTS, 4),
-        (map_names::NH_GROUPS, std::mem::size_of::<NhGroup>()),
-        (
-            map_names::IFACE_INDEX,
-            std::mem::size_of::<router_common::IfaceAt>(),
-        ),
-        (map_names::LOCAL_BITS, 8 * 1024),
-        (map_names::LOCAL4, 4),
-        (map_names::FIB6, 4),
-        (map_names::NEIGHS6, std::mem::size_of::<Neigh>()),
-        (map_names::FIB_L1, 4 * fib::GROUP_SIZE as usize),
-        (map_names::FIB_L2, 4 * fib::GROUP_SIZE as usize),
-        (map_names::FIB_L3, 4 * fib::GROUP_SIZE as usize),
-        (map_names::NEXTHOPS, std::mem::size_of::<Route>()),
-        (map_names::NEIGHS, std::mem::size_of::<Neigh>()),
-        (map_names::IFACES, std::mem::size_of::<Iface>()),
-        (map_names::TX_PORTS, 8),
-        (map_names::STATS, std::mem::size_of::<Stats>()),
-    ];
-    for (name, size) in expected {
-        let p = state::map_pin(router_id, name);
+/// The pinned maps of `router_id` whose layout (type, key and value size, flags, fixed
+/// capacity) differs from this build's: (map, what differs).
+fn layout_differences(router_id: &str) -> Result<Vec<(&'static maps::Spec, String)>> {
+    let mut out = Vec::new();
+    for m in pinned_maps() {
+        let p = state::map_pin(router_id, m.name);
         if !p.exists() {
             continue;
         }
         let info = MapData::from_pin(&p)
             .with_context(|| format!("cannot open {}", p.display()))?
             .info()?;
-        let found = info.value_size() as usize;
-        const BPF_F_NO_PREALLOC: u32 = 1;
-        let hash = [
-            map_names::NAT_FLOWS,
-            map_names::NEIGHS,
-            map_names::NEIGHS6,
-            map_names::IFACES,
-            map_names::LOCAL4,
-        ];
-        let wrong_type = (name == map_names::TX_PORTS
-            && !matches!(info.map_type(), Ok(aya::maps::MapType::DevMap)))
-            || (hash.contains(&name) && info.map_flags() & BPF_F_NO_PREALLOC == 0);
-        if found != size || wrong_type {
-            anyhow::bail!(
-                "map {name} pinned at {} has {found}-byte values or another type or flags than this build uses ({size}-byte values): the router was set up by an incompatible build; run `router-ctl destroy {router_id}` and apply again",
-                p.display()
-            );
+        let mut diff = Vec::new();
+        let ty = info.map_type().map(|t| t as u32).unwrap_or(u32::MAX);
+        if ty != m.kind as u32 {
+            diff.push(format!("type {ty}, not {:?}", m.kind));
         }
+        if info.key_size() != m.key_size || info.value_size() != m.value_size {
+            diff.push(format!(
+                "{}-byte keys and {}-byte values, not {} and {}",
+                info.key_size(),
+                info.value_size(),
+                m.key_size,
+                m.value_size
+            ));
+        }
+        // Flags the kernel adds by itself (e.g. for ring buffers) are not the build's choice.
+        let flags = info.map_flags() & (maps::NO_PREALLOC | maps::MMAPABLE);
+        if flags != m.flags {
+            diff.push(format!("flags {flags:#x}, not {:#x}", m.flags));
+        }
+        if let maps::Capacity::Fixed(n) = m.capacity {
+            if info.max_entries() != n {
+                diff.push(format!("{} entries, not {n}", info.max_entries()));
+            }
+        }
+        if !diff.is_empty() {
+            out.push((m, diff.join(", ")));
+        }
+    }
+    Ok(out)
+}
+
+/// True when every pinned map of `router_id` has this build's layout (the attached programs
+/// can stay).
+pub fn layout_current(router_id: &str) -> Result<bool> {
+    Ok(layout_differences(router_id)?.is_empty())
+}
+
+/// Refuses maps pinned by a build whose map layout differs from this one's: the program would
+/// read them wrongly (the verifier refuses it at best). A renewable map (counters, per-flow
+/// counts) with another layout is unpinned when `renew` (the programs are being loaded again:
+/// the loader creates it anew, and the running program keeps the old one until the new one
+/// replaces it); without `renew` it is refused like the others.
+fn check_pinned_layout(router_id: &str, renew: bool) -> Result<()> {
+    for (m, diff) in layout_differences(router_id)? {
+        let p = state::map_pin(router_id, m.name);
+        if renew && m.keep == maps::Keep::Renewable && !cfg!(mutant = "no_map_renewal") {
+            tracing::info!(router = router_id, map = m.name, differs = %diff, "a map pinned by an earlier build has another layout; replacing it with an empty one (the running program keeps the old one until the new program takes over)");
+            std::fs::remove_file(&p).with_context(|| format!("cannot unpin {}", p.display()))?;
+            continue;
+        }
+        anyhow::bail!(
+            "map {} pinned at {} has {diff}: the router was set up by an incompatible build{}; run `router-ctl destroy {router_id}` and apply again",
+            m.name,
+            p.display(),
+            if m.keep == maps::Keep::Renewable {
+                " (`router-ctl apply` replaces this map)"
+            } else {
+                ""
+            }
+        );
     }
     Ok(())
 }

@@ -89,6 +89,14 @@ pub const MUTANTS: &[Mutant] = &[
         ],
     },
     Mutant {
+        name: "no_map_renewal",
+        fault: "a counters' map pinned by an earlier build with another layout is refused instead of replaced",
+        tests: &[(
+            "upgrade",
+            "an_upgrade_that_changes_the_counters_layout_keeps_forwarding",
+        )],
+    },
+    Mutant {
         name: "nat_no_refresh",
         fault: "the daemon never refreshes the kernel's timeouts of flows the fast path carries",
         tests: &[(
