@@ -116,18 +116,6 @@ fn sink_count(vm3: &str) -> Result<u64> {
     crate::skb::nft_count(vm3, "sink")
 }
 
-pub(crate) fn pin_to_cpu(cpu: usize) -> Result<()> {
-    // SAFETY: a zeroed cpu_set_t with one bit set; affects this thread only.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
-            return Err(std::io::Error::last_os_error()).context("sched_setaffinity");
-        }
-    }
-    Ok(())
-}
-
 /// Loads the generator with one header template per flow.
 fn load_generator(s: &Seed, flows: usize, ipv6: bool) -> Result<aya::Ebpf> {
     let qr_a = link_mac(&s.ns(), &s.ids.dev_a())?;
@@ -364,7 +352,7 @@ fn measure_family(s: &Seed, gen_if: u32, flows: usize, ipv6: bool) -> Result<f64
     let cell = std::sync::Arc::new(std::sync::Mutex::new(Some(gen)));
     let c2 = cell.clone();
     let elapsed = in_ns(&s.vm1, move || -> Result<f64> {
-        pin_to_cpu(0)?;
+        crate::host::pin_to_cpu(0)?;
         let mut gen = c2.lock().unwrap().take().context("generator")?;
         let prog: &mut Xdp = gen
             .program_mut("bench_gen")

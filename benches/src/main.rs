@@ -7,6 +7,7 @@ mod conns;
 mod ctl;
 mod e2e;
 mod ha;
+mod host;
 mod nat;
 mod pkt;
 mod probe;

@@ -237,7 +237,7 @@ fn send(gen: aya::Ebpf, ns: &str, ifindex: u32, n: u32) -> Result<(aya::Ebpf, f6
     let cell = std::sync::Arc::new(std::sync::Mutex::new(Some(gen)));
     let c2 = cell.clone();
     let secs = in_ns(ns, move || -> Result<f64> {
-        crate::e2e::pin_to_cpu(0)?;
+        crate::host::pin_to_cpu(0)?;
         let mut g = c2.lock().unwrap().take().context("generator")?;
         let prog: &mut Xdp = g
             .program_mut("bench_gen")

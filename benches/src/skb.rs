@@ -274,7 +274,7 @@ fn send(s: &Seed, frame: Vec<u8>) -> Result<u64> {
         .index;
     let k0 = ksoftirqd_ns();
     let sender = in_ns(&s.vm1, move || -> Result<u64> {
-        crate::e2e::pin_to_cpu(0)?;
+        crate::host::pin_to_cpu(0)?;
         let t0 = runtime_ns("/proc/thread-self/schedstat");
         // SAFETY: plain socket calls on a descriptor this function owns.
         unsafe {

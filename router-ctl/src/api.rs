@@ -58,7 +58,7 @@ pub enum Request {
         router: String,
         route: String,
     },
-    /// Dynamic route changes (`routes::batch`) from a file the daemon reads; the answer is the
+    /// Dynamic route changes (`verbs::batch`) from a file the daemon reads; the answer is the
     /// summary as JSON.
     RouteBatch {
         router: String,
@@ -117,9 +117,9 @@ pub fn execute(req: Request) -> Result<String> {
         Request::RemoveSubnet { router, subnet } => verbs::remove_subnet(&router, &subnet)?.id,
         Request::AddRoute { router, route } => verbs::add_route(&router, &route)?.id,
         Request::RemoveRoute { router, route } => verbs::remove_route(&router, &route)?.id,
-        Request::RouteBatch { router, file } => {
-            serde_json::to_string(&crate::routes::batch(&router, std::path::Path::new(&file))?)?
-        }
+        Request::RouteBatch { router, file } => serde_json::to_string(
+            &crate::verbs::batch::batch(&router, std::path::Path::new(&file))?,
+        )?,
         Request::SetGateway {
             router,
             network,

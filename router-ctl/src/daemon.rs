@@ -11,7 +11,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::IpAddr,
-    process::{Command, Stdio},
+    process::Command,
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc,
@@ -747,7 +747,7 @@ pub fn ensure_running() -> Result<Option<u32>> {
         Some(lock) => {
             drop(lock);
             let log_path = state::run_dir().join("daemon.log");
-            let child = spawn_detached(&["run", "--auto"], &log_path)
+            let child = crate::kernel::process::spawn_detached(&["run", "--auto"], &log_path)
                 .context("cannot start `router-ctl run`")?;
             tracing::info!(pid = child.id(), log = %log_path.display(), "started the neighbour daemon");
             // Wait until it has taken its lock (it then writes its pid), so that a second apply
@@ -762,29 +762,4 @@ pub fn ensure_running() -> Result<Option<u32>> {
             Ok(Some(child.id()))
         }
     }
-}
-
-/// Starts this binary with `args` in a session of its own (a signal to the caller's process
-/// group does not reach it), stdin closed, stdout and stderr appended to `log`.
-pub fn spawn_detached(args: &[&str], log: &std::path::Path) -> Result<std::process::Child> {
-    let exe = std::env::current_exe().context("cannot find my own executable")?;
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .with_context(|| format!("cannot open {}", log.display()))?;
-    let mut cmd = Command::new(exe);
-    cmd.args(args)
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log);
-    use std::os::unix::process::CommandExt as _;
-    // SAFETY: setsid is async-signal-safe; it only detaches the child from our session.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::setsid();
-            Ok(())
-        });
-    }
-    Ok(cmd.spawn()?)
 }

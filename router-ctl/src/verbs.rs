@@ -480,6 +480,173 @@ pub fn remove_route(router: &str, route: &str) -> Result<Router> {
     })
 }
 
+/// `route batch`: dynamic routes (see `crate::routes`) in bulk.
+pub mod batch {
+    use std::{
+        collections::{HashMap, HashSet},
+        io::BufReader,
+        path::Path,
+    };
+
+    use anyhow::{bail, Context as _, Result};
+    use serde::Serialize;
+
+    use crate::{
+        apply,
+        config::IpNet,
+        datapath,
+        kernel::{netns, rtnl::Rtnl},
+        routes,
+        state::{self, Lock, RouterState},
+    };
+
+    /// Lines carried to the kernel and the fast path at a time. A batch that fails in the kernel
+    /// after its checks (out of memory, a device gone meanwhile) keeps its earlier chunks, in the
+    /// kernel, the fast path and the journal alike.
+    const CHUNK: usize = 16384;
+
+    /// What a batch did.
+    #[derive(Debug, Default, Serialize)]
+    pub struct Summary {
+        pub router: String,
+        pub set: usize,
+        pub deleted: usize,
+        /// Prefixes in the fast path's table afterwards (all of the router's routes).
+        pub prefixes: usize,
+    }
+
+    /// Applies the batch in `file` to router `router` (name or id).
+    pub fn batch(router: &str, file: &Path) -> Result<Summary> {
+        let what = file.display().to_string();
+        let f = std::fs::File::open(file).with_context(|| format!("cannot open {what}"))?;
+        let ops = routes::parse(BufReader::new(f), &what)?;
+        let (total, deletes) = (
+            ops.len(),
+            ops.iter()
+                .filter(|o| matches!(o, routes::Op::Del(_)))
+                .count(),
+        );
+        let _lock = Lock::acquire(state::STATE_LOCK)?;
+        let st = RouterState::find(router)?;
+        // The router's own routes (subnets, extra routes, the gateway's default) are its
+        // definition's; a dynamic route may not shadow one of them.
+        let mut own: HashSet<IpNet> = HashSet::new();
+        for i in &st.interfaces {
+            for f in &i.fixed_ips {
+                own.extend(f.subnet.parse::<IpNet>().ok());
+            }
+        }
+        own.extend(
+            st.routes
+                .iter()
+                .filter_map(|r| r.destination.parse::<IpNet>().ok()),
+        );
+        let ifaces = st.iface_entries()?;
+        // Every line checked first; each set's device found once.
+        let mut devs: Vec<u32> = Vec::with_capacity(ops.len());
+        for op in &ops {
+            let net = op.net();
+            if own.contains(&net) {
+                bail!(
+                    "router {}: {net} is one of its own routes (a subnet or an extra route); \
+                 change those with `router-ctl router add|remove route|subnet`",
+                    st.name
+                );
+            }
+            if let routes::Op::Set(net, nh) = *op {
+                let Some(dev) = routes::device_for(&st, nh) else {
+                    bail!(
+                        "router {}: nexthop {nh} of {net} is in none of its subnets",
+                        st.name
+                    );
+                };
+                devs.push(dev);
+            }
+        }
+        let mut ebpf = datapath::open_maps(&st.id)?;
+        let prefixes = datapath::with_router_table(&st.id, &mut ebpf, |t| {
+            if t.live().is_none() {
+                t.set(&apply::tables_of(&st)?.routes)?;
+            }
+            // A prefix deleted must be there when its turn comes (only deleted prefixes are
+            // followed through the batch, so a bulk load costs no memory for this).
+            let live = t.live().expect("set above");
+            // Nor one of its addresses, broadcasts or on-link hosts (local and connected entries).
+            for op in &ops {
+                let net = op.net();
+                if live.routes_of(net).is_some_and(|rs| {
+                    rs.iter()
+                        .any(|r| r.kind != router_common::route_kind::GATEWAY)
+                }) {
+                    bail!(
+                        "router {}: {net} is one of its own addresses or connected routes",
+                        st.name
+                    );
+                }
+            }
+            let deleted: HashSet<IpNet> = ops
+                .iter()
+                .filter_map(|o| match o {
+                    routes::Op::Del(n) => Some(*n),
+                    routes::Op::Set(..) => None,
+                })
+                .collect();
+            let mut present: HashMap<IpNet, bool> = HashMap::new();
+            for op in ops.iter().filter(|o| deleted.contains(&o.net())) {
+                let net = op.net();
+                let here = *present
+                    .entry(net)
+                    .or_insert_with(|| live.routes_of(net).is_some());
+                if matches!(op, routes::Op::Del(_)) && !here {
+                    bail!("router {}: no dynamic route to {net} to delete", st.name);
+                }
+                present.insert(net, matches!(op, routes::Op::Set(..)));
+            }
+            // In chunks, so that a million lines never exist three times over: the kernel first
+            // (a frame the fast path hands over finds the route there already), then the fast path.
+            // Each chunk's lines are dropped once applied: the table grows as the batch shrinks.
+            let mut devs = devs.iter();
+            if let Some(l) = t.live_mut() {
+                l.reserve(total - deletes);
+            }
+            let mut chunks: Vec<Vec<routes::Op>> =
+                ops.chunks(CHUNK).map(<[routes::Op]>::to_vec).collect();
+            drop(ops);
+            chunks.reverse();
+            while let Some(chunk) = chunks.pop() {
+                let chunk = chunk.as_slice();
+                let mut kernel = Vec::with_capacity(chunk.len());
+                let mut fast = Vec::with_capacity(chunk.len());
+                for op in chunk {
+                    match *op {
+                        routes::Op::Set(net, nh) => {
+                            let dev = *devs.next().expect("a device per set");
+                            let r = datapath::route_entries(&ifaces, &[], &[(net, dev, nh)], &[]);
+                            kernel.push((net, Some((nh, dev))));
+                            fast.push((net, Some(vec![r[0].1])));
+                        }
+                        routes::Op::Del(net) => {
+                            kernel.push((net, None));
+                            fast.push((net, None));
+                        }
+                    }
+                }
+                netns::run_in(&st.namespace, move || Rtnl::new()?.routes_change(&kernel))
+                    .with_context(|| format!("router {}: the kernel refused a route", st.name))?;
+                t.change(&fast)?;
+                routes::append(&st.id, chunk)?;
+            }
+            Ok(t.live().map(|l| l.len()).unwrap_or(0))
+        })?;
+        Ok(Summary {
+            router: st.name.clone(),
+            set: total - deletes,
+            deleted: deletes,
+            prefixes,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -90,67 +90,6 @@ impl Shared {
     }
 }
 
-/// Removes every address of the router from its namespace (qr- gateway IPs, qg- external IPs
-/// and floating IPs): what a standby holds, and what fencing and resigning do.
-pub fn release(st: &RouterState) -> Result<()> {
-    let st = st.clone();
-    netns::run_in(&st.namespace.clone(), move || {
-        let rt = Rtnl::new()?;
-        let have = rt.addrs()?;
-        let mut failed = Vec::new();
-        for (index, ip, len) in addresses(&st) {
-            if have
-                .iter()
-                .any(|a| a.index == index && a.ip == ip && a.prefix_len == len)
-            {
-                if let Err(e) = rt.addr_del(index, &format!("ifindex {index}"), ip, len) {
-                    failed.push(format!("{e:#}"));
-                }
-            }
-        }
-        match failed.is_empty() {
-            true => Ok(()),
-            false => anyhow::bail!("{}", failed.join("; ")),
-        }
-    })
-}
-
-/// Fences the router (see `nft::fence`): what the fencer does when the lease was not renewed
-/// in time. Unlike `release`, the addresses and routes stay, so traffic still sent to this
-/// host's MAC keeps being forwarded until the clients move to the new active host.
-pub fn fence(st: &RouterState) -> Result<()> {
-    netns::run_in(&st.namespace, crate::kernel::nft::fence)
-}
-
-/// Takes the fence down: before this host holds the router again, or as a standby.
-pub fn unfence(st: &RouterState) -> Result<()> {
-    netns::run_in(&st.namespace, crate::kernel::nft::unfence)
-}
-
-/// (ifindex, address, prefix length) of every address the router holds when active.
-fn addresses(st: &RouterState) -> Vec<(u32, IpAddr, u8)> {
-    let mut v = Vec::new();
-    for i in &st.interfaces {
-        for f in &i.fixed_ips {
-            if let Some((ip, len)) = f.addr() {
-                v.push((i.ifindex, ip, len));
-            }
-        }
-    }
-    if let (Some(g), Some(qg)) = (&st.gateway, st.interfaces.iter().find(|i| i.external)) {
-        for f in g
-            .floating_ips
-            .iter()
-            .filter(|f| f.fixed_ip_address.is_some())
-        {
-            if let Ok(ip) = f.floating_ip_address.parse() {
-                v.push((qg.ifindex, ip, 32));
-            }
-        }
-    }
-    v
-}
-
 /// Gratuitous ARPs and unsolicited neighbour advertisements for every address of the router,
 /// 3 rounds 2 s apart (as keepalived and Neutron's agent do), from a thread of their own.
 pub fn announce(st: &RouterState) {
@@ -304,7 +243,7 @@ pub fn run(shared: Arc<Shared>, report: impl Fn(Report)) {
                     Ok(()) => {
                         if fenced.remove(&r.id) {
                             if let Ok(Some(st)) = RouterState::load(&r.id) {
-                                if let Err(e) = unfence(&st) {
+                                if let Err(e) = super::hold::unfence(&st) {
                                     tracing::warn!(router = %r.id, error = format!("{e:#}"), "cannot take the fence down");
                                 }
                             }
@@ -361,7 +300,7 @@ pub fn run(shared: Arc<Shared>, report: impl Fn(Report)) {
             if !ok && want.active.contains(id) && !cfg!(mutant = "ha_no_track") {
                 tracing::warn!(router = %id, "a device of the router lost its link: resigning");
                 apply::set_standby(id, true);
-                let _ = release(&st);
+                let _ = super::hold::release(&st);
                 if let Some(d) = done.get_mut(id) {
                     d.role = Role::Standby;
                 }

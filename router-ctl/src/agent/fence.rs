@@ -94,8 +94,9 @@ pub fn ensure_fencer() -> Result<()> {
         }
     }
     // In a session of its own, so that a signal to the agent's process group misses it.
-    let child = crate::daemon::spawn_detached(&["fence"], &state::run_dir().join("fencer.log"))
-        .context("cannot start the fencer")?;
+    let child =
+        crate::kernel::process::spawn_detached(&["fence"], &state::run_dir().join("fencer.log"))
+            .context("cannot start the fencer")?;
     std::fs::write(pid_path(), child.id().to_string())?;
     tracing::info!(pid = child.id(), "fencer started");
     Ok(())
@@ -132,10 +133,10 @@ pub fn run_fencer() -> Result<()> {
         for id in &f.routers {
             match RouterState::load(id) {
                 Ok(Some(st)) => {
-                    if let Err(e) = super::applier::fence(&st) {
+                    if let Err(e) = super::hold::fence(&st) {
                         // The fence needs nft; without it, the addresses go.
                         tracing::error!(router = %id, error = format!("{e:#}"), "cannot fence the router: removing its addresses");
-                        if let Err(e) = super::applier::release(&st) {
+                        if let Err(e) = super::hold::release(&st) {
                             tracing::error!(router = %id, error = format!("{e:#}"), "cannot remove the router's addresses");
                         }
                     }

@@ -20,6 +20,7 @@
 
 pub mod applier;
 pub mod fence;
+pub mod hold;
 pub mod run;
 pub mod schedule;
 pub mod store;

@@ -879,7 +879,7 @@ impl Agent0 {
 fn apply_standby_now(id: &str) {
     crate::apply::set_standby(id, true);
     if let Ok(Some(st)) = state::RouterState::load(id) {
-        if let Err(e) = applier::release(&st) {
+        if let Err(e) = super::hold::release(&st) {
             tracing::warn!(router = %id, error = format!("{e:#}"), "cannot remove the router's addresses");
         }
     }

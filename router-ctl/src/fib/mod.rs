@@ -12,6 +12,7 @@
 //! table in memory and changes it one route at a time.
 
 mod live;
+mod pool;
 mod six;
 
 use std::{
@@ -23,7 +24,8 @@ use anyhow::Result;
 use router_common::{fib::*, NhGroup, Route};
 
 use crate::config::{IpNet, Ipv6Net};
-pub use live::{wait_for_lookups, Live, Writes};
+pub use live::{Live, Writes};
+pub use pool::wait_for_lookups;
 pub use six::{Cap6, Table6, Writes6};
 
 /// The three levels and the nexthops, as they are (or will be) in the maps.

@@ -28,7 +28,7 @@ use router_common::{
     Block6, Pfx6,
 };
 
-use super::live::{wait_for_lookups, Pool, PENDING};
+use super::pool::{wait_for_lookups, Pool, PENDING};
 
 /// The arrays of the IPv6 table as the maps hold them.
 #[derive(Clone, Debug, PartialEq, Eq)]

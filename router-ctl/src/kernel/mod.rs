@@ -11,6 +11,7 @@ pub mod ndisc;
 pub mod netdev;
 pub mod netns;
 pub mod nft;
+pub mod process;
 pub mod rtnl;
 pub mod sysctl;
 

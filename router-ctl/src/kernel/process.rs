@@ -1,0 +1,30 @@
+//! Processes of this binary: starting one detached from the caller.
+
+use std::process::{Command, Stdio};
+
+use anyhow::{Context as _, Result};
+
+/// Starts this binary with `args` in a session of its own (a signal to the caller's process
+/// group does not reach it), stdin closed, stdout and stderr appended to `log`.
+pub fn spawn_detached(args: &[&str], log: &std::path::Path) -> Result<std::process::Child> {
+    let exe = std::env::current_exe().context("cannot find my own executable")?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .with_context(|| format!("cannot open {}", log.display()))?;
+    let mut cmd = Command::new(exe);
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    use std::os::unix::process::CommandExt as _;
+    // SAFETY: setsid is async-signal-safe; it only detaches the child from our session.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    Ok(cmd.spawn()?)
+}
