@@ -91,7 +91,7 @@ pub fn route_updates_per_second(s: &Seed, seconds: f64) -> Result<f64> {
     ];
     netns::run_in(&ns, move || {
         let mut ebpf = datapath::open_maps(&id)?;
-        let mut table = datapath::RouteTable::open(&mut ebpf)?;
+        let mut table = router_ctl::fib::writer::RouteTable::open(&mut ebpf)?;
         let t = Instant::now();
         let mut n = 0u64;
         while t.elapsed().as_secs_f64() < seconds {
@@ -99,7 +99,7 @@ pub fn route_updates_per_second(s: &Seed, seconds: f64) -> Result<f64> {
             n += 1;
         }
         // Leave the table as apply made it.
-        datapath::set_routes(&mut ebpf, &tables[0])?;
+        router_ctl::fib::writer::set_routes(&mut ebpf, &tables[0])?;
         Ok(n as f64 / t.elapsed().as_secs_f64())
     })
 }

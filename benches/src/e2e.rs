@@ -327,7 +327,12 @@ fn tables(s: &Seed) -> Result<(Entries, Entries)> {
         .map(|n| (n, b, vm3.into()))
         .collect();
     let mut big = small.clone();
-    big.extend(datapath::route_entries(&ifaces, &[], &random, &[]));
+    big.extend(router_ctl::fib::writer::route_entries(
+        &ifaces,
+        &[],
+        &random,
+        &[],
+    ));
     Ok((small, big))
 }
 
@@ -336,7 +341,7 @@ fn install(s: &Seed, entries: &Entries) -> Result<()> {
     let e = entries.clone();
     netns::run_in(&s.ns(), move || {
         let mut ebpf = datapath::open_maps(&id)?;
-        datapath::set_routes(&mut ebpf, &e)
+        router_ctl::fib::writer::set_routes(&mut ebpf, &e)
     })
 }
 

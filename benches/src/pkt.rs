@@ -121,7 +121,7 @@ fn measure_here(routes: usize, runs: usize, ipv6: bool) -> Result<PktResult> {
         slot,
     };
     let ifaces = [(1, iface(IN_MAC, 0)), (e0, iface(OUT_MAC, 1))];
-    let entries = datapath::route_entries(
+    let entries = router_ctl::fib::writer::route_entries(
         &ifaces,
         &[(
             if ipv6 {
@@ -139,7 +139,7 @@ fn measure_here(routes: usize, runs: usize, ipv6: bool) -> Result<PktResult> {
     let mut ebpf = datapath::load_unpinned_sized(router_ctl::fib::Capacity::for_table(&entries))?;
     datapath::set_ifaces(&mut ebpf, &ifaces, &[], &[])?;
     let t = Instant::now();
-    datapath::set_routes(&mut ebpf, &entries)?;
+    router_ctl::fib::writer::set_routes(&mut ebpf, &entries)?;
     let install_s = t.elapsed().as_secs_f64();
     let peak_rss_mib = crate::ctl::peak_rss_mib();
     let routes_memlock = [

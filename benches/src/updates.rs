@@ -77,10 +77,11 @@ fn update_rate_here(routes: usize, ipv6: bool, runs: usize, seconds: f64) -> Res
     }
     .parse()
     .expect("prefix");
-    let entries = datapath::route_entries(&ifaces, &[(connected, e0)], &gateways, &[]);
+    let entries =
+        router_ctl::fib::writer::route_entries(&ifaces, &[(connected, e0)], &gateways, &[]);
     let mut ebpf = datapath::load_unpinned_sized(router_ctl::fib::Capacity::for_table(&entries))?;
     datapath::set_ifaces(&mut ebpf, &ifaces, &[], &[])?;
-    let mut writer = datapath::RouteTable::open(&mut ebpf)?;
+    let mut writer = router_ctl::fib::writer::RouteTable::open(&mut ebpf)?;
     writer.set(&entries)?;
     drop(entries);
     crate::pkt::set_neighbours(&mut ebpf, e0, true, ipv6)?;
@@ -89,7 +90,8 @@ fn update_rate_here(routes: usize, ipv6: bool, runs: usize, seconds: f64) -> Res
     // another nexthop and back; the table's size stays about the same.
     let mut rng = Rng::new(7);
     let route_to = |net: IpNet, i: usize| {
-        datapath::route_entries(&ifaces, &[], &[(net, e0, nexthop(i, ipv6))], &[])[0].1
+        router_ctl::fib::writer::route_entries(&ifaces, &[], &[(net, e0, nexthop(i, ipv6))], &[])[0]
+            .1
     };
     let extra: Vec<IpNet> = if ipv6 {
         random_table6(20_001, 0xadd6)[1..]

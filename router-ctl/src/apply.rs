@@ -814,7 +814,7 @@ impl Job {
             datapath::load_pinned(id, cap, progs)?
         };
         datapath::set_ifaces(&mut ebpf, &t.ifaces, &t.down, &t.no_xmit)?;
-        datapath::set_router_routes(&st.id, &mut ebpf, &t.routes)?;
+        crate::fib::writer::set_router_routes(&st.id, &mut ebpf, &t.routes)?;
         datapath::set_local_addrs(&mut ebpf, &t.own)?;
         datapath::set_nat_conf(&mut ebpf, t.nat_conf)?;
         for slot in fresh_slots {
@@ -1077,7 +1077,7 @@ pub fn tables_in(
         .iter()
         .map(IfaceState::entry)
         .collect::<Result<Vec<_>>>()?;
-    let routes = datapath::route_entries(&ifaces, &connected, &gateways, &locals);
+    let routes = crate::fib::writer::route_entries(&ifaces, &connected, &gateways, &locals);
     Ok(Tables {
         ifaces,
         routes,
@@ -1147,7 +1147,7 @@ pub fn resync(router_id: &str) -> Result<()> {
         let t = tables_in(&st, &links, &rt.addrs()?, &Netdev::open()?.dump()?)?;
         let mut ebpf = datapath::open_maps(&st.id)?;
         datapath::set_ifaces(&mut ebpf, &t.ifaces, &t.down, &t.no_xmit)?;
-        datapath::set_router_routes(&st.id, &mut ebpf, &t.routes)?;
+        crate::fib::writer::set_router_routes(&st.id, &mut ebpf, &t.routes)?;
         datapath::set_local_addrs(&mut ebpf, &t.own)?;
         datapath::set_nat_conf(&mut ebpf, t.nat_conf)?;
         Ok((st, changed))
@@ -1181,7 +1181,7 @@ fn remove_iface(rt: &Rtnl, router_id: &str, i: &IfaceState) {
 }
 
 fn remove_bpf_dir(router_id: &str) -> Result<()> {
-    datapath::forget_router_table(router_id);
+    crate::fib::writer::forget_router_table(router_id);
     crate::routes::forget(router_id);
     let dir = state::bpf_dir(router_id);
     match std::fs::remove_dir_all(&dir) {

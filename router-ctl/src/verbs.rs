@@ -564,7 +564,7 @@ pub mod batch {
             }
         }
         let mut ebpf = datapath::open_maps(&st.id)?;
-        let prefixes = datapath::with_router_table(&st.id, &mut ebpf, |t| {
+        let prefixes = crate::fib::writer::with_router_table(&st.id, &mut ebpf, |t| {
             if t.live().is_none() {
                 t.set(&apply::tables_of(&st)?.routes)?;
             }
@@ -621,7 +621,12 @@ pub mod batch {
                     match *op {
                         routes::Op::Set(net, nh) => {
                             let dev = *devs.next().expect("a device per set");
-                            let r = datapath::route_entries(&ifaces, &[], &[(net, dev, nh)], &[]);
+                            let r = crate::fib::writer::route_entries(
+                                &ifaces,
+                                &[],
+                                &[(net, dev, nh)],
+                                &[],
+                            );
                             kernel.push((net, Some((nh, dev))));
                             fast.push((net, Some(vec![r[0].1])));
                         }

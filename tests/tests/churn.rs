@@ -211,7 +211,7 @@ fn frames_reach_their_nexthops_or_the_kernel_under_churn() {
                 .collect();
             netns::run_in(&ns, move || {
                 let mut ebpf = datapath::open_maps(&id)?;
-                let mut table = datapath::RouteTable::open(&mut ebpf)?;
+                let mut table = router_ctl::fib::writer::RouteTable::open(&mut ebpf)?;
                 let mut n = 0usize;
                 while !stop.load(Ordering::SeqCst) {
                     table.set(&tables[n % tables.len()])?;

@@ -519,7 +519,7 @@ impl Harness {
     /// 2001:db8:9::/48 and 2001:db8:9:9::/64 via nexthops on e0.
     fn install_routes(&mut self) {
         let (lo, e0, e1) = (1, self.e0, self.e1);
-        let routes = datapath::route_entries(
+        let routes = router_ctl::fib::writer::route_entries(
             &self.ifaces,
             &[
                 (pfx("10.1.0.0/24"), lo),
@@ -544,7 +544,7 @@ impl Harness {
                 ip("2001:db8:2::"),
             ],
         );
-        datapath::set_routes(&mut self.ebpf, &routes).unwrap();
+        router_ctl::fib::writer::set_routes(&mut self.ebpf, &routes).unwrap();
     }
 }
 
@@ -703,13 +703,13 @@ fn kernel_lookup_equals_a_reference_lpm() {
                 .iter()
                 .map(|(n, i)| ((*n).into(), h.e0, nh_ip(*i).into()))
                 .collect();
-            let routes = datapath::route_entries(
+            let routes = router_ctl::fib::writer::route_entries(
                 &h.ifaces,
                 &[(pfx("10.1.0.0/24"), 1), (pfx("10.2.0.0/16"), h.e0)],
                 &gateways,
                 &[],
             );
-            datapath::set_routes(&mut h.ebpf, &routes).unwrap();
+            router_ctl::fib::writer::set_routes(&mut h.ebpf, &routes).unwrap();
             for k in 0..2000 {
                 let dst = if k % 2 == 0 {
                     let (n, _) = table[(rnd() % table.len() as u64) as usize];
@@ -757,13 +757,13 @@ fn a_reused_group_holds_nothing_of_its_old_table() {
                 .iter()
                 .map(|(n, nh)| (pfx(n), e0, IpAddr::from(*nh)))
                 .collect();
-            let r = datapath::route_entries(
+            let r = router_ctl::fib::writer::route_entries(
                 &ifaces,
                 &[(pfx("10.1.0.0/24"), 1), (pfx("10.2.0.0/24"), e0)],
                 &g,
                 &[],
             );
-            datapath::set_routes(&mut h.ebpf, &r).unwrap();
+            router_ctl::fib::writer::set_routes(&mut h.ebpf, &r).unwrap();
         };
         h.neigh(e0, [10, 2, 0, 41], [2, 0, 0, 0, 0, 41]);
         h.neigh(e0, [10, 2, 0, 42], [2, 0, 0, 0, 0, 42]);
@@ -815,13 +815,13 @@ fn ecmp_spreads_flows_and_keeps_each_on_one_nexthop() {
             (pfx("10.20.0.0/16"), e0, IpAddr::from(a)),
             (pfx("10.20.0.0/16"), e0, IpAddr::from(b)),
         ];
-        let routes = datapath::route_entries(
+        let routes = router_ctl::fib::writer::route_entries(
             &ifaces,
             &[(pfx("10.1.0.0/24"), 1), (pfx("10.2.0.0/24"), e0)],
             &gw,
             &[],
         );
-        datapath::set_routes(&mut h.ebpf, &routes).unwrap();
+        router_ctl::fib::writer::set_routes(&mut h.ebpf, &routes).unwrap();
         let frame = |sport: u16, ttl: u8, dst_mac: [u8; 6], src_mac: [u8; 6]| {
             let l4 = tests::frame::udp(sport, 53, &[7u8; 32]);
             let mut l3 = Ipv4::udp(SRC, [10, 20, 3, 4], ttl).header(l4.len());
@@ -954,13 +954,13 @@ fn ipv6_prefixes_an_earlier_build_left_in_the_lpm_trie_are_removed() {
             t.insert(&stale, 1, 0).unwrap();
         }
         let (lo, e0) = (1, h.e0);
-        let routes = datapath::route_entries(
+        let routes = router_ctl::fib::writer::route_entries(
             &h.ifaces,
             &[(pfx("2001:db8:1::/64"), lo), (pfx("2001:db8:2::/64"), e0)],
             &[(pfx("2001:db8:7:0:8000::/65"), e0, ip("2001:db8:2::fe"))],
             &[ip("2001:db8:2::1")],
         );
-        datapath::set_routes(&mut h.ebpf, &routes).unwrap();
+        router_ctl::fib::writer::set_routes(&mut h.ebpf, &routes).unwrap();
         let t: LpmTrie<_, [u8; 16], u32> =
             LpmTrie::try_from(h.ebpf.map(map_names::FIB6).unwrap()).unwrap();
         let mut keys: Vec<u32> = t.keys().map(|k| k.unwrap().prefix_len()).collect();
@@ -1194,13 +1194,13 @@ fn ipv6_ecmp_spreads_flows_and_keeps_each_on_one_nexthop() {
                 )
             })
             .collect();
-        let routes = datapath::route_entries(
+        let routes = router_ctl::fib::writer::route_entries(
             &ifaces,
             &[(pfx("2001:db8:1::/64"), 1), (pfx("2001:db8:2::/64"), e0)],
             &gw,
             &[],
         );
-        datapath::set_routes(&mut h.ebpf, &routes).unwrap();
+        router_ctl::fib::writer::set_routes(&mut h.ebpf, &routes).unwrap();
         let mut per = [0u32; 3];
         for sport in 2000..2300u16 {
             let ip = Ipv6::udp(v6(SRC6), v6([0x2001, 0xdb8, 0x20, 1, 0, 0, 0, 1]), 64);
@@ -1262,13 +1262,13 @@ fn kernel_ipv6_lookup_equals_a_reference_lpm() {
                 .iter()
                 .map(|(n, i)| ((*n).into(), h.e0, IpAddr::from(nh(*i))))
                 .collect();
-            let routes = datapath::route_entries(
+            let routes = router_ctl::fib::writer::route_entries(
                 &h.ifaces,
                 &[(pfx("2001:db8:1::/64"), 1), (pfx("2001:db8:2::/64"), h.e0)],
                 &gateways,
                 &[],
             );
-            datapath::set_routes(&mut h.ebpf, &routes).unwrap();
+            router_ctl::fib::writer::set_routes(&mut h.ebpf, &routes).unwrap();
             for k in 0..1500 {
                 let d = if k % 2 == 0 {
                     let (n, _) = table[(rnd() % table.len() as u64) as usize];
@@ -1592,8 +1592,9 @@ fn route_changes_are_never_seen_half_done() {
         ];
         let (nh1, nh2) = (ip("10.2.0.254"), ip("10.2.0.253"));
         let (nh1_6, nh2_6) = (ip("2001:db8:2::fe"), ip("2001:db8:2::fd"));
-        let table =
-            |gw: Vec<(IpNet, u32, IpAddr)>| datapath::route_entries(&ifaces, &connected, &gw, &[]);
+        let table = |gw: Vec<(IpNet, u32, IpAddr)>| {
+            router_ctl::fib::writer::route_entries(&ifaces, &connected, &gw, &[])
+        };
         let carved: Vec<(IpNet, u32, IpAddr)> = (0..256u32)
             .step_by(3)
             .flat_map(|x| {
@@ -1620,8 +1621,8 @@ fn route_changes_are_never_seen_half_done() {
                 (pfx("2001:db8:9::/48"), e0, nh2_6),
             ]),
         ];
-        datapath::set_routes(&mut h.ebpf, &tables[0]).unwrap();
-        let mut writer = datapath::RouteTable::open(&mut h.ebpf).unwrap();
+        router_ctl::fib::writer::set_routes(&mut h.ebpf, &tables[0]).unwrap();
+        let mut writer = router_ctl::fib::writer::RouteTable::open(&mut h.ebpf).unwrap();
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let s = stop.clone();
         let writes = std::thread::spawn(move || {
@@ -1701,9 +1702,9 @@ fn single_route_changes_are_never_seen_half_done() {
         let (nh1, nh2) = (ip("10.2.0.254"), ip("10.2.0.253"));
         let (nh1_6, nh2_6) = (ip("2001:db8:2::fe"), ip("2001:db8:2::fd"));
         let route = |net: &str, via: IpAddr| {
-            datapath::route_entries(&ifaces, &[], &[(pfx(net), e0, via)], &[])[0].1
+            router_ctl::fib::writer::route_entries(&ifaces, &[], &[(pfx(net), e0, via)], &[])[0].1
         };
-        let base = datapath::route_entries(
+        let base = router_ctl::fib::writer::route_entries(
             &ifaces,
             &connected,
             &[
@@ -1741,8 +1742,8 @@ fn single_route_changes_are_never_seen_half_done() {
                 changes.push(vec![(pfx(&n24), None)]);
             }
         }
-        datapath::set_routes(&mut h.ebpf, &base).unwrap();
-        let mut writer = datapath::RouteTable::open(&mut h.ebpf).unwrap();
+        router_ctl::fib::writer::set_routes(&mut h.ebpf, &base).unwrap();
+        let mut writer = router_ctl::fib::writer::RouteTable::open(&mut h.ebpf).unwrap();
         writer.set(&base).unwrap();
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let s = stop.clone();

@@ -14,6 +14,7 @@
 mod live;
 mod pool;
 mod six;
+pub mod writer;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
