@@ -9,6 +9,7 @@ pub mod daemon;
 pub mod datapath;
 pub mod fib;
 pub mod kernel;
+pub mod live;
 pub mod metrics;
 pub mod nat;
 pub mod routes;

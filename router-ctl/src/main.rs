@@ -4,13 +4,12 @@ use std::{path::PathBuf, process::ExitCode};
 
 use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand};
-use router_common::{map_names, pass_reason};
 use serde_json::json;
 
 use router_ctl::{
     apply, config,
     config::fmt_mac,
-    daemon, datapath,
+    daemon, live,
     state::{self, Lock, RouterState},
     table::Table,
 };
@@ -948,93 +947,34 @@ fn router_table(r: &RouterState, json_out: bool) -> Result<()> {
     Ok(())
 }
 
-/// ACTIVE (forwarding as defined), DEGRADED (its namespace is there, but a device is gone or
-/// has no program attached) or LOST (its namespace went away without destroy), and why.
+/// ACTIVE, DEGRADED or LOST (see `live::health`), and why.
 fn health(r: &RouterState) -> (&'static str, Vec<String>) {
-    if let Some(why) = r.lost.clone().or_else(|| r.namespace_gone()) {
-        return ("LOST", vec![why]);
-    }
-    let mut problems = Vec::new();
-    let ns = r.namespace.clone();
-    let links = match router_ctl::kernel::netns::run_in(&ns, || {
-        router_ctl::kernel::rtnl::Rtnl::new()?.links()
-    }) {
-        Ok(l) => l,
-        Err(e) => return ("DEGRADED", vec![format!("{e:#}")]),
-    };
-    for i in &r.interfaces {
-        match links.iter().find(|l| l.name == i.device) {
-            Some(l) if l.index == i.ifindex => {
-                if hook_of(r, i) == "none" {
-                    problems.push(format!("{}: no program attached", i.device));
-                }
-            }
-            Some(_) => problems.push(format!(
-                "{}: another device of that name replaced it; apply again",
-                i.device
-            )),
-            None => problems.push(format!(
-                "{}: gone from {}; plug it back and apply again",
-                i.device, r.namespace
-            )),
-        }
-    }
-    if problems.is_empty() {
-        ("ACTIVE", problems)
-    } else {
-        ("DEGRADED", problems)
-    }
-}
-
-/// Whether packets can be redirected to each device of `r` now, by the tc program (skbs: the
-/// device is up) and by the XDP program (frames: up, and able to take XDP-redirected frames).
-fn redirects(r: &RouterState) -> Result<Vec<(bool, bool)>> {
-    if r.lost.is_some() {
-        return Ok(vec![(false, false); r.interfaces.len()]);
-    }
-    let xdp = datapath::tx_ports(&r.id)?;
-    let tc = datapath::tc_ports(&r.id)?;
-    Ok(r.interfaces
-        .iter()
-        .map(|i| {
-            (
-                tc.get(i.slot as usize) == Some(&i.ifindex),
-                xdp.get(i.slot as usize).copied().flatten() == Some(i.ifindex),
-            )
-        })
-        .collect())
-}
-
-/// "tc" or "xdp": the hook the fast path runs in on a device ("none" when not attached).
-fn hook_of(r: &RouterState, i: &state::IfaceState) -> &'static str {
-    match i.active_hook {
-        Some(config::Hook::Xdp) if state::link_pin(&r.id, &i.device).exists() => "xdp",
-        Some(config::Hook::Tc) if state::tc_link_pin(&r.id, &i.device).exists() => "tc",
-        _ => "none",
-    }
+    let (h, why) = live::health(r);
+    (h.as_str(), why)
 }
 
 fn show(routers: &[RouterState], json_out: bool) -> Result<()> {
-    let redirect: Vec<Vec<(bool, bool)>> = routers.iter().map(redirects).collect::<Result<_>>()?;
+    let views: Vec<live::Router> = routers.iter().map(live::router).collect::<Result<_>>()?;
     if json_out {
-        let v: Vec<_> = routers
+        let v: Vec<_> = views
             .iter()
-            .zip(&redirect)
-            .map(|(r, redirect)| {
-                let (status, problems) = health(r);
+            .map(|v| {
+                let r = &v.state;
                 json!({
                     "id": r.id, "name": r.name, "namespace": r.namespace,
-                    "status": status, "problems": problems,
-                    "interfaces": r.interfaces.iter().zip(redirect).map(|(i, redirect)| json!({
-                        "port_id": i.port_id, "device": i.device, "ifindex": i.ifindex, "mac": i.mac,
-                        "mtu": i.mtu, "kind": i.kind,
-                        "hook": hook_of(r, i), "hook_wanted": i.hook, "hook_reason": i.hook_reason,
-                        "prog_id": datapath::linked_program(&state::link_pin(&r.id, &i.device))
-                            .or_else(|| datapath::linked_program(&state::tc_link_pin(&r.id, &i.device))),
-                        "redirect": {"tc": redirect.0, "xdp": redirect.1},
-                        "fixed_ips": i.fixed_ips.iter().map(|f| json!({"subnet": f.subnet, "ip_address": f.gateway_ip})).collect::<Vec<_>>(),
-                        "created": i.created_device, "peer": i.peer,
-                    })).collect::<Vec<_>>(),
+                    "status": v.health.as_str(), "problems": v.problems,
+                    "interfaces": v.devices.iter().map(|d| {
+                        let i = &d.iface;
+                        json!({
+                            "port_id": i.port_id, "device": i.device, "ifindex": i.ifindex, "mac": i.mac,
+                            "mtu": i.mtu, "kind": i.kind,
+                            "hook": d.hook, "hook_wanted": i.hook, "hook_reason": i.hook_reason,
+                            "prog_id": d.prog_id,
+                            "redirect": {"tc": d.redirect_tc, "xdp": d.redirect_xdp},
+                            "fixed_ips": i.fixed_ips.iter().map(|f| json!({"subnet": f.subnet, "ip_address": f.gateway_ip})).collect::<Vec<_>>(),
+                            "created": i.created_device, "peer": i.peer,
+                        })
+                    }).collect::<Vec<_>>(),
                     "routes": r.routes.iter().map(|rt| json!({
                         "destination": rt.destination, "nexthop": rt.nexthop, "device": rt.device,
                         "external_gateway": rt.gateway,
@@ -1050,19 +990,23 @@ fn show(routers: &[RouterState], json_out: bool) -> Result<()> {
     if routers.is_empty() {
         println!("no routers applied");
     }
-    for (r, redirect) in routers.iter().zip(&redirect) {
-        let (status, problems) = health(r);
+    for v in &views {
+        let r = &v.state;
         println!(
-            "router {} ({})  namespace {}  {status}",
-            r.id, r.name, r.namespace
+            "router {} ({})  namespace {}  {}",
+            r.id,
+            r.name,
+            r.namespace,
+            v.health.as_str()
         );
-        for p in &problems {
+        for p in &v.problems {
             println!("  problem: {p}");
         }
         let mut t = Table::new(&[
             "DEVICE", "IFINDEX", "MAC", "MTU", "ADDRESS", "SUBNET", "HOOK", "REDIRECT", "PEER",
         ]);
-        for (i, redirect) in r.interfaces.iter().zip(redirect) {
+        for d in &v.devices {
+            let i = &d.iface;
             let all = |f: fn(&state::AddrState) -> String| {
                 i.fixed_ips.iter().map(f).collect::<Vec<_>>().join(",")
             };
@@ -1073,8 +1017,8 @@ fn show(routers: &[RouterState], json_out: bool) -> Result<()> {
                 i.mtu.to_string(),
                 all(|f| f.cidr()),
                 all(|f| f.subnet.clone()),
-                hook_of(r, i).into(),
-                match redirect {
+                d.hook.into(),
+                match (d.redirect_tc, d.redirect_xdp) {
                     (true, true) => "tc,xdp",
                     (true, false) => "tc",
                     (false, true) => "xdp",
@@ -1126,8 +1070,8 @@ fn show(routers: &[RouterState], json_out: bool) -> Result<()> {
 
 fn nat_flows(routers: &[RouterState], json_out: bool) -> Result<()> {
     let mut rows = Vec::new();
-    for r in routers.iter().filter(|r| r.gateway.is_some()) {
-        for f in router_ctl::nat::list(&r.id)? {
+    for r in routers {
+        for f in live::nat_flows(r)? {
             rows.push((r, f));
         }
     }
@@ -1158,24 +1102,23 @@ fn nat_flows(routers: &[RouterState], json_out: bool) -> Result<()> {
 fn stats(routers: &[RouterState], json_out: bool) -> Result<()> {
     let mut rows = Vec::new();
     for r in routers {
-        let map = datapath::open_pinned(&r.id, map_names::STATS)?;
-        for i in &r.interfaces {
-            let s = datapath::read_stats(&map, i.slot)
-                .with_context(|| format!("reading counters of {}", i.device))?;
-            rows.push((r, i, s));
+        for c in live::counters(r)? {
+            rows.push((r, c));
         }
     }
     if json_out {
         let v: Vec<_> = rows
             .iter()
-            .map(|(r, i, s)| {
+            .map(|(r, c)| {
+                let s = &c.stats;
                 let reasons: serde_json::Map<String, serde_json::Value> =
-                    pass_reason::NAMES.iter().zip(s.pass.iter()).map(|(n, c)| (n.to_string(), json!(c))).collect();
+                    c.reasons().map(|(n, p)| (n.to_string(), json!(p))).collect();
+                let (p4, b4) = c.ipv4();
                 json!({
-                    "router": r.name, "router_id": r.id, "device": i.device, "ifindex": i.ifindex,
+                    "router": r.name, "router_id": r.id, "device": c.device, "ifindex": c.ifindex,
                     "forwarded": {
                         "packets": s.fwd_packets, "bytes": s.fwd_bytes,
-                        "ipv4": {"packets": s.fwd_packets - s.fwd6_packets, "bytes": s.fwd_bytes - s.fwd6_bytes},
+                        "ipv4": {"packets": p4, "bytes": b4},
                         "ipv6": {"packets": s.fwd6_packets, "bytes": s.fwd6_bytes},
                     },
                     "passed": {"packets": s.pass_packets(), "bytes": s.pass_bytes, "reasons": reasons},
@@ -1201,18 +1144,18 @@ fn stats(routers: &[RouterState], json_out: bool) -> Result<()> {
         "DNAT_PKTS",
         "PASS_REASONS",
     ]);
-    for (r, i, s) in &rows {
-        let reasons: Vec<String> = pass_reason::NAMES
-            .iter()
-            .zip(s.pass.iter())
-            .filter(|(_, c)| **c > 0)
-            .map(|(n, c)| format!("{n}={c}"))
+    for (r, c) in &rows {
+        let s = &c.stats;
+        let reasons: Vec<String> = c
+            .reasons()
+            .filter(|(_, n)| *n > 0)
+            .map(|(n, p)| format!("{n}={p}"))
             .collect();
         t.row(vec![
             r.name.clone(),
-            i.device.clone(),
+            c.device.clone(),
             s.fwd_packets.to_string(),
-            (s.fwd_packets - s.fwd6_packets).to_string(),
+            c.ipv4().0.to_string(),
             s.fwd6_packets.to_string(),
             s.fwd_bytes.to_string(),
             s.pass_packets().to_string(),
@@ -1234,14 +1177,7 @@ fn stats(routers: &[RouterState], json_out: bool) -> Result<()> {
 fn neigh(routers: &[RouterState], json_out: bool) -> Result<()> {
     let mut rows = Vec::new();
     for r in routers {
-        let n = datapath::Neighs::open(&r.id)?;
-        for (ifindex, addr, mac) in n.all() {
-            let dev = r
-                .interfaces
-                .iter()
-                .find(|i| i.ifindex == ifindex)
-                .map(|i| i.device.clone())
-                .unwrap_or_else(|| format!("ifindex {ifindex}"));
+        for (dev, addr, mac) in live::neighbours(r)? {
             rows.push((r.name.clone(), r.id.clone(), dev, addr, fmt_mac(&mac)));
         }
     }

@@ -13,9 +13,8 @@ use prometheus_client::{
     metrics::{counter::Counter, family::Family},
     registry::Registry,
 };
-use router_common::{map_names, pass_reason};
 
-use crate::{datapath, state::RouterState};
+use crate::{live, state::RouterState};
 
 type Labels = Vec<(String, String)>;
 
@@ -28,24 +27,19 @@ pub fn render() -> Result<String> {
     let drops = Family::<Labels, Counter>::default();
     let nat = Family::<Labels, Counter>::default();
     for r in RouterState::all()?.into_iter().filter(|r| r.lost.is_none()) {
-        let Ok(map) = datapath::open_pinned(&r.id, map_names::STATS) else {
+        // A router whose maps cannot be read now (being destroyed) is left out of this scrape.
+        let Ok(counters) = live::counters(&r) else {
             continue;
         };
-        for i in &r.interfaces {
-            let s = datapath::read_stats(&map, i.slot)?;
+        for c in &counters {
+            let s = &c.stats;
             let l: Labels = vec![
                 ("router".into(), r.name.clone()),
                 ("router_id".into(), r.id.clone()),
-                ("device".into(), i.device.clone()),
+                ("device".into(), c.device.clone()),
             ];
-            for (family, p, b) in [
-                (
-                    "ipv4",
-                    s.fwd_packets - s.fwd6_packets,
-                    s.fwd_bytes - s.fwd6_bytes,
-                ),
-                ("ipv6", s.fwd6_packets, s.fwd6_bytes),
-            ] {
+            let (p4, b4) = c.ipv4();
+            for (family, p, b) in [("ipv4", p4, b4), ("ipv6", s.fwd6_packets, s.fwd6_bytes)] {
                 let mut lf = l.clone();
                 lf.push(("family".into(), family.into()));
                 fwd_pkts.get_or_create(&lf).inc_by(p);
@@ -61,10 +55,10 @@ pub fn render() -> Result<String> {
                 ld.push(("translated".into(), dir.into()));
                 nat.get_or_create(&ld).inc_by(n);
             }
-            for (name, n) in pass_reason::NAMES.iter().zip(s.pass.iter()) {
+            for (name, n) in c.reasons() {
                 let mut lr = l.clone();
                 lr.push(("reason".into(), name.to_string()));
-                pass_pkts.get_or_create(&lr).inc_by(*n);
+                pass_pkts.get_or_create(&lr).inc_by(n);
             }
         }
     }
