@@ -100,6 +100,21 @@ pub struct Response {
     pub error: Option<String>,
 }
 
+/// Where every changing command runs, chosen in one place: against etcd (`--etcd`), here (the
+/// verbs write the definitions there, the agents apply them), except dynamic routes, which
+/// live on one host; else through the daemon when one runs (one process makes every change,
+/// and keeps large route tables in memory); else here, on the pinned state directly.
+pub fn dispatch(req: Request) -> Result<String> {
+    let host_local = matches!(req, Request::RouteBatch { .. });
+    if crate::agent::store::remote().is_some() && !host_local {
+        return execute(req);
+    }
+    match call(&req) {
+        Some(r) => r,
+        None => execute(req),
+    }
+}
+
 /// Carries out a request in this process.
 pub fn execute(req: Request) -> Result<String> {
     Ok(match req {
@@ -159,8 +174,13 @@ pub fn execute(req: Request) -> Result<String> {
 pub fn serve() -> Result<()> {
     let path = socket_path();
     let _ = std::fs::remove_file(&path);
-    let listener = UnixListener::bind(&path)
-        .with_context(|| format!("cannot listen on {}", path.display()))?;
+    // Created with mode 0600 from the start (no moment where another user may connect).
+    // SAFETY: umask only changes this process's file creation mask, restored at once.
+    let old_mask = unsafe { libc::umask(0o177) };
+    let bound = UnixListener::bind(&path);
+    // SAFETY: as above.
+    unsafe { libc::umask(old_mask) };
+    let listener = bound.with_context(|| format!("cannot listen on {}", path.display()))?;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
     tracing::info!(socket = %path.display(), "API listening");
     std::thread::Builder::new()
@@ -168,8 +188,13 @@ pub fn serve() -> Result<()> {
         .spawn(move || {
             for conn in listener.incoming().flatten() {
                 // One request at a time: changes are serialised here (and by the state lock).
-                let answer =
-                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handle(&conn)));
+                // A stopping daemon holds BUSY for good: a request accepted then is never
+                // acted on, and its client, answered by the closed connection, acts itself.
+                let _busy = BUSY.lock().unwrap_or_else(|e| e.into_inner());
+                let answer = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    peer_is_root(&conn)?;
+                    handle(&conn)
+                }));
                 let resp = match answer {
                     Ok(Ok(id)) => Response {
                         ok: true,
@@ -191,6 +216,46 @@ pub fn serve() -> Result<()> {
                 let _ = writeln!(conn, "{}", serde_json::to_string(&resp).unwrap_or_default());
             }
         })?;
+    Ok(())
+}
+
+/// Only root may change routers through the socket (its mode says so too; this holds when
+/// the mode was changed by hand).
+fn peer_is_root(conn: &UnixStream) -> Result<()> {
+    use std::os::fd::AsRawFd as _;
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: u32::MAX,
+        gid: u32::MAX,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: SO_PEERCRED fills a ucred of the size given.
+    let rc = unsafe {
+        libc::getsockopt(
+            conn.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            &mut cred as *mut libc::ucred as *mut libc::c_void,
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(anyhow!(
+            "cannot tell who is asking: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    if cred.uid != 0 {
+        tracing::warn!(
+            uid = cred.uid,
+            pid = cred.pid,
+            "API request from a user other than root refused"
+        );
+        return Err(anyhow!(
+            "only root may change routers (uid {} asked)",
+            cred.uid
+        ));
+    }
     Ok(())
 }
 

@@ -544,10 +544,7 @@ fn route_batch(router: String, file: &std::path::Path, json: bool) -> Result<()>
         router,
         file: path.display().to_string(),
     };
-    let out = match api::call(&req) {
-        Some(r) => r,
-        None => api::execute(req),
-    };
+    let out = api::dispatch(req);
     let _ = std::fs::remove_file(&stdin_copy);
     let v: serde_json::Value = serde_json::from_str(&out?)?;
     if json {
@@ -568,13 +565,10 @@ fn route_batch(router: String, file: &std::path::Path, json: bool) -> Result<()>
 /// Through the daemon when one runs, else here; then the daemon is made sure of.
 fn change_applied(req: router_ctl::api::Request) -> Result<String> {
     use router_ctl::api;
+    let id = api::dispatch(req)?;
     if router_ctl::agent::store::remote().is_some() {
-        return api::execute(req);
+        return Ok(id);
     }
-    let id = match api::call(&req) {
-        Some(r) => r,
-        None => api::execute(req),
-    }?;
     let _lock = Lock::acquire(state::STATE_LOCK)?;
     daemon::ensure_running()?;
     Ok(id)
@@ -704,14 +698,8 @@ fn router_verb(cmd: RouterCmd, json_flag: bool) -> Result<()> {
     use router_ctl::verbs;
     let json_of = |f: Format| json_flag || matches!(f, Format::Json);
     use router_ctl::api::{self, Request};
-    // Through the daemon when one runs, else here.
     let remote = router_ctl::agent::store::remote();
-    let change = |req: Request| -> Result<String> {
-        match (remote, api::call(&req)) {
-            (None, Some(r)) => r,
-            _ => api::execute(req),
-        }
-    };
+    let change = api::dispatch;
     let after = |id: String, f: Format| -> Result<()> {
         if let Some(s) = remote {
             return remote_router_table(s, &id, json_of(f));
