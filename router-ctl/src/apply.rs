@@ -428,6 +428,7 @@ impl Job {
             lost: None,
             gateway,
             ha: r.ha,
+            definition: Some(r.definition()),
         };
         self.datapath(&st, &rt.links()?, &rt.addrs()?, &features, &fresh_slots)?;
         Ok(st)

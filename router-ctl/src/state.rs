@@ -87,6 +87,10 @@ pub struct RouterState {
     /// The definition asks for L3 HA.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub ha: bool,
+    /// The definition applied, in its written form: what the verbs change. (None in state
+    /// files of builds before it was kept: the verbs rebuild it from the fields above.)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub definition: Option<crate::config::RawRouter>,
 }
 
 /// The external gateway as applied: what `destroy` and the next apply must know of it.

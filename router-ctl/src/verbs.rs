@@ -13,7 +13,7 @@ use crate::{
         self, IpNet, RawExternalIp, RawFixedIp, RawFloatingIp, RawGateway, RawInterface, RawRoute,
         RawRouter, Router,
     },
-    state::{AddrState, FloatingIpState, GatewayState, RouterState},
+    state::{FloatingIpState, GatewayState, RouterState},
 };
 
 /// A random UUID (version 4), as Neutron gives routers and ports.
@@ -35,8 +35,14 @@ pub fn new_uuid() -> Result<String> {
     ))
 }
 
-/// The definition of an applied router, as a file would state it.
+/// The definition of an applied router, as a file would state it: the one applied, kept in
+/// its state.
 pub fn definition_of(st: &RouterState) -> RawRouter {
+    st.definition.clone().unwrap_or_else(|| rebuilt(st))
+}
+
+/// The definition of a router applied by a build that did not keep it, from its state.
+fn rebuilt(st: &RouterState) -> RawRouter {
     let hook = |h: config::Hook| (h != config::Hook::Auto).then(|| h.to_string());
     let interface = st
         .interfaces
@@ -150,15 +156,6 @@ pub fn parse_fixed_ip(arg: &str) -> Result<RawExternalIp> {
     })
 }
 
-/// The definition of `st` without its gateway and floating IPs.
-fn without_gateway(st: &RouterState) -> RawRouter {
-    RawRouter {
-        external_gateway: None,
-        floating_ip: Vec::new(),
-        ..definition_of(st)
-    }
-}
-
 /// `router set R --external-gateway NET [--port-id P] [--fixed-ip …]… [--enable-snat|--disable-snat]`:
 /// sets or changes the gateway; what is not given stays as it was (a new gateway needs
 /// --fixed-ip; its port id is new unless given).
@@ -173,52 +170,49 @@ pub fn set_gateway(
         .iter()
         .map(|f| parse_fixed_ip(f))
         .collect::<Result<_>>()?;
-    let st = find(router)?;
-    let old = st.gateway.clone();
-    let qg = st.interfaces.iter().find(|i| i.external);
-    let port = match (port_id, &old) {
-        (Some(p), _) => p,
-        (None, Some(g)) => g.port_id.clone(),
-        (None, None) => new_uuid()?,
-    };
-    if old.is_none() && fixed.is_empty() {
-        bail!("router {}: a new external gateway needs at least one --fixed-ip subnet=CIDR,ip-address=IP,gateway=IP", st.name);
-    }
-    let old = old.unwrap_or_default();
-    let external_fixed_ips = match (fixed.is_empty(), qg) {
-        (false, _) => fixed,
-        (true, Some(qg)) => external_ips_of(&old, qg),
-        (true, None) => Vec::new(),
-    };
-    apply_definition(RawRouter {
-        external_gateway: Some(RawGateway {
-            port_id: port,
+    let port = port_id.map(Ok);
+    change(router, |st, def| {
+        let old = def.external_gateway.take();
+        if old.is_none() && fixed.is_empty() {
+            bail!("router {}: a new external gateway needs at least one --fixed-ip subnet=CIDR,ip-address=IP,gateway=IP", st.name);
+        }
+        let port_id = match (port, &old) {
+            (Some(p), _) => p,
+            (None, Some(g)) => Ok(g.port_id.clone()),
+            (None, None) => new_uuid(),
+        }?;
+        let old = old.unwrap_or_default();
+        def.external_gateway = Some(RawGateway {
+            port_id,
             network_id: Some(network.to_string()),
-            enable_snat: Some(snat.unwrap_or(st.gateway.is_none() || old.enable_snat)),
-            external_fixed_ips,
-            hook: qg
-                .filter(|q| q.hook != config::Hook::Auto)
-                .map(|q| q.hook.to_string()),
-        }),
-        floating_ip: floating_ips_of(&old.floating_ips),
-        ..without_gateway(&st)
+            enable_snat: Some(snat.or(old.enable_snat).unwrap_or(true)),
+            external_fixed_ips: if fixed.is_empty() {
+                old.external_fixed_ips
+            } else {
+                fixed
+            },
+            hook: old.hook,
+        });
+        Ok(())
     })
 }
 
 /// `router unset R --external-gateway`; refused while floating IPs need it (as Neutron does).
 pub fn unset_gateway(router: &str) -> Result<Router> {
-    let st = find(router)?;
-    let Some(g) = &st.gateway else {
-        bail!("router {} has no external gateway", st.name);
-    };
-    if !g.floating_ips.is_empty() {
-        bail!(
-            "router {}: floating IPs {} need the external gateway; delete them first (`router-ctl floating ip delete F`)",
-            st.name,
-            g.floating_ips.iter().map(|f| f.floating_ip_address.as_str()).collect::<Vec<_>>().join(", ")
-        );
-    }
-    apply_definition(without_gateway(&st))
+    change(router, |st, def| {
+        if def.external_gateway.is_none() {
+            bail!("router {} has no external gateway", st.name);
+        }
+        if !def.floating_ip.is_empty() {
+            bail!(
+                "router {}: floating IPs {} need the external gateway; delete them first (`router-ctl floating ip delete F`)",
+                st.name,
+                def.floating_ip.iter().map(|f| f.floating_ip_address.as_str()).collect::<Vec<_>>().join(", ")
+            );
+        }
+        def.external_gateway = None;
+        Ok(())
+    })
 }
 
 /// The router holding floating IP `fip` (of router `router` when given: the same address
@@ -251,17 +245,14 @@ pub fn find_floating_ip(fip: &str, router: Option<&str>) -> Result<(RouterState,
     }
 }
 
-/// Rewrites the floating IPs of `st` with `f` and applies.
-fn with_floating_ips(
-    st: &RouterState,
-    f: impl FnOnce(&mut Vec<FloatingIpState>),
-) -> Result<Router> {
-    let mut st = st.clone();
-    let Some(g) = st.gateway.as_mut() else {
+/// Rewrites the floating IPs of `st`'s definition with `f` and applies.
+fn with_floating_ips(st: &RouterState, f: impl FnOnce(&mut Vec<RawFloatingIp>)) -> Result<Router> {
+    let mut def = definition_of(st);
+    if def.external_gateway.is_none() {
         bail!("router {} has no external gateway; `router-ctl router set {} --external-gateway NET --fixed-ip …` first", st.name, st.name);
-    };
-    f(&mut g.floating_ips);
-    apply_definition(definition_of(&st))
+    }
+    f(&mut def.floating_ip);
+    apply_definition(def)
 }
 
 pub fn create_floating_ip(router: &str, fip: &str, fixed: Option<&str>) -> Result<Router> {
@@ -279,10 +270,9 @@ pub fn create_floating_ip(router: &str, fip: &str, fixed: Option<&str>) -> Resul
         }
     }
     with_floating_ips(&st, |v| {
-        v.push(FloatingIpState {
+        v.push(RawFloatingIp {
             floating_ip_address: fip,
             fixed_ip_address: fixed,
-            added: false,
         })
     })
 }
@@ -298,7 +288,7 @@ pub fn associate_floating_ip(
     with_floating_ips(&st, |v| {
         for x in v
             .iter_mut()
-            .filter(|x| x.floating_ip_address == f.floating_ip_address)
+            .filter(|x| canonical(&x.floating_ip_address) == f.floating_ip_address)
         {
             x.fixed_ip_address = fixed.clone();
         }
@@ -308,7 +298,7 @@ pub fn associate_floating_ip(
 pub fn delete_floating_ip(fip: &str, router: Option<&str>) -> Result<Router> {
     let (st, f) = find_floating_ip(fip, router)?;
     with_floating_ips(&st, |v| {
-        v.retain(|x| x.floating_ip_address != f.floating_ip_address)
+        v.retain(|x| canonical(&x.floating_ip_address) != f.floating_ip_address)
     })
 }
 
@@ -397,29 +387,60 @@ pub fn add_subnet(
         Some(p) => p,
         None => new_uuid()?,
     };
-    change(router, |st, def| {
-        // A port the router has already gets one more fixed IP (a dual-stack port).
-        if st.interfaces.iter().any(|i| i.port_id == port) {
-            let mut st = st.clone();
-            for i in st.interfaces.iter_mut().filter(|i| i.port_id == port) {
-                i.fixed_ips.push(AddrState {
-                    subnet: subnet.to_string(),
-                    gateway_ip: gateway.to_string(),
-                    added: false,
-                });
+    change(router, |_, def| {
+        let ip = RawFixedIp {
+            subnet: subnet.to_string(),
+            ip_address: gateway.to_string(),
+        };
+        match def.interface.iter_mut().find(|i| i.port_id == port) {
+            // A port the router has already gets one more fixed IP (a dual-stack port).
+            Some(i) => {
+                let mut ips = fixed_ips_of(i);
+                ips.push(ip);
+                set_fixed_ips(i, ips);
             }
-            *def = definition_of(&st);
-        } else {
-            def.interface.push(RawInterface {
-                port_id: port,
-                subnet: Some(subnet.to_string()),
-                gateway_ip: Some(gateway.to_string()),
-                fixed_ips: None,
-                hook: None,
-            });
+            None => {
+                let mut i = RawInterface {
+                    port_id: port,
+                    subnet: None,
+                    gateway_ip: None,
+                    fixed_ips: None,
+                    hook: None,
+                };
+                set_fixed_ips(&mut i, vec![ip]);
+                def.interface.push(i);
+            }
         }
         Ok(())
     })
+}
+
+/// An interface's fixed IPs, whichever form its definition uses.
+fn fixed_ips_of(i: &RawInterface) -> Vec<RawFixedIp> {
+    match (&i.fixed_ips, &i.subnet, &i.gateway_ip) {
+        (Some(v), _, _) => v.clone(),
+        (None, Some(s), Some(g)) => vec![RawFixedIp {
+            subnet: s.clone(),
+            ip_address: g.clone(),
+        }],
+        _ => Vec::new(),
+    }
+}
+
+/// Sets an interface's fixed IPs, in the single-subnet form when there is one.
+fn set_fixed_ips(i: &mut RawInterface, ips: Vec<RawFixedIp>) {
+    match &ips[..] {
+        [one] => {
+            i.subnet = Some(one.subnet.clone());
+            i.gateway_ip = Some(one.ip_address.clone());
+            i.fixed_ips = None;
+        }
+        _ => {
+            i.subnet = None;
+            i.gateway_ip = None;
+            i.fixed_ips = Some(ips);
+        }
+    }
 }
 
 /// The canonical spelling of a prefix or address (IPv6 has several), or the text as given.
@@ -435,20 +456,21 @@ fn canonical(s: &str) -> String {
 }
 
 pub fn remove_subnet(router: &str, subnet: &str) -> Result<Router> {
+    let subnet = canonical(subnet);
     change(router, |st, def| {
-        let mut st = st.clone();
-        let subnet = canonical(subnet);
-        let before: usize = st.interfaces.iter().map(|i| i.fixed_ips.len()).sum();
-        for i in st.interfaces.iter_mut() {
-            i.fixed_ips.retain(|f| f.subnet != subnet);
+        let mut removed = 0;
+        for i in def.interface.iter_mut() {
+            let mut ips = fixed_ips_of(i);
+            let before = ips.len();
+            ips.retain(|f| canonical(&f.subnet) != subnet);
+            removed += before - ips.len();
+            set_fixed_ips(i, ips);
         }
         // A port left without any subnet goes, as Neutron's router port does.
-        st.interfaces.retain(|i| !i.fixed_ips.is_empty());
-        let after: usize = st.interfaces.iter().map(|i| i.fixed_ips.len()).sum();
-        if after == before {
+        def.interface.retain(|i| !fixed_ips_of(i).is_empty());
+        if removed == 0 {
             bail!("router {}: no interface on subnet {subnet}", st.name);
         }
-        *def = definition_of(&st);
         Ok(())
     })
 }
@@ -468,14 +490,12 @@ pub fn remove_route(router: &str, route: &str) -> Result<Router> {
     let (d, g) = parse_route(route)?;
     let (d, g) = (canonical(&d), canonical(&g));
     change(router, |st, def| {
-        let mut st = st.clone();
-        let before = st.routes.len();
-        st.routes
-            .retain(|r| !(r.destination == d && r.nexthop == g));
-        if st.routes.len() == before {
+        let before = def.route.len();
+        def.route
+            .retain(|r| !(canonical(&r.destination) == d && canonical(&r.nexthop) == g));
+        if def.route.len() == before {
             bail!("router {}: no route to {d} via {g}", st.name);
         }
-        *def = definition_of(&st);
         Ok(())
     })
 }
@@ -656,8 +676,9 @@ pub mod batch {
 mod tests {
     use super::*;
 
-    /// What the verbs start from (an applied router's state) gives back the router it was
-    /// applied from, for every shipped example: no field is dropped on the way.
+    /// What the verbs start from (an applied router's state, with its definition kept or, from
+    /// an older build, without) gives back the router it was applied from, for every shipped
+    /// example: no field is dropped on the way.
     #[test]
     fn the_definition_of_an_applied_router_is_the_one_applied() {
         let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../config");
@@ -665,9 +686,15 @@ mod tests {
             let text = std::fs::read_to_string(e.unwrap().path()).unwrap();
             for r in config::parse(&text).unwrap() {
                 let st = crate::agent::store::planned(&r);
-                let back = config::validate(vec![definition_of(&st)]).unwrap();
-                assert_eq!(back, vec![r.clone()], "{text}");
                 assert_eq!(definition_of(&st), r.definition(), "{text}");
+                // A state file of a build that did not keep the definition.
+                let old = RouterState {
+                    definition: None,
+                    ..st
+                };
+                let back = config::validate(vec![definition_of(&old)]).unwrap();
+                assert_eq!(back, vec![r.clone()], "{text}");
+                assert_eq!(rebuilt(&old), r.definition(), "{text}");
             }
         }
     }

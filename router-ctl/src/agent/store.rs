@@ -291,5 +291,6 @@ pub fn planned(r: &Router) -> RouterState {
         lost: None,
         gateway,
         ha: r.ha,
+        definition: Some(r.definition()),
     }
 }
