@@ -7,7 +7,7 @@ use aya_ebpf::{
     bindings::{xdp_action, TC_ACT_REDIRECT},
     helpers::{
         bpf_csum_diff, bpf_csum_update, bpf_l3_csum_replace, bpf_l4_csum_replace, bpf_redirect,
-        bpf_skb_change_tail, bpf_skb_store_bytes, bpf_xdp_adjust_tail, bpf_xdp_load_bytes,
+        bpf_skb_change_tail, bpf_skb_store_bytes, bpf_xdp_adjust_tail,
     },
     programs::{TcContext, XdpContext},
     EbpfContext as _,
@@ -15,7 +15,8 @@ use aya_ebpf::{
 use router_common::{iface_flags, pass_reason as why, Iface, NatFlow, NatKey, Route};
 
 use crate::{
-    maps::{SCRATCH, TC_PORTS, TX_PORTS},
+    csum,
+    maps::{TC_PORTS, TX_PORTS},
     nat,
     parse::{l4_header_len, ETH_LEN, ETH_P_IPV4, IPPROTO_TCP, IPPROTO_UDP, IPV4_LEN},
 };
@@ -116,11 +117,11 @@ impl Hook for Xdp {
         unsafe { bpf_xdp_adjust_tail(self.0.as_ptr() as *mut _, len as i32 - have as i32) == 0 }
     }
     #[inline(always)]
-    fn l4_complete(&self, iface: &Iface, l4: usize, end: usize, pseudo: u64, proto: u8) -> bool {
+    fn l4_complete(&self, iface: &Iface, l4: usize, end: usize, pseudo: u64, _proto: u8) -> bool {
         if iface.flags & iface_flags::VERIFY_L4 == 0 || cfg!(mutant = "l4_unverified") {
             return true;
         }
-        checksum_verifies(self, l4, end, pseudo, proto)
+        csum::l4_verifies(&self.0, l4, end, pseudo)
     }
     #[inline(always)]
     fn hop_limit_changed(&self, _old: u32, _new: u32) {}
@@ -286,78 +287,4 @@ impl Hook for Tc {
         }
         ok
     }
-}
-
-/// True when the TCP or UDP segment in `[l4, end)` (at least 8 bytes) verifies against the
-/// pseudo-header sum `pseudo` (memory-order 16-bit words). Segments longer than 8 KiB are not
-/// verified (false: the kernel decides).
-///
-/// The segment is copied in chunks of up to 512 bytes into a per-CPU scratch buffer
-/// (`bpf_xdp_load_bytes` checks the bounds when it runs) and summed there by the kernel's
-/// checksum helper: the verifier tracks no packet range through the loop, which keeps loading
-/// the program cheap.
-#[inline(always)]
-fn checksum_verifies(h: &Xdp, l4: usize, end: usize, pseudo: u64, _proto: u8) -> bool {
-    const CHUNK: u32 = 512;
-    if end < l4 + 8 || end - l4 > 16 * CHUNK as usize {
-        return false;
-    }
-    let Some(buf) = SCRATCH.get_ptr_mut(0) else {
-        return false;
-    };
-    let mut sum = pseudo;
-    let mut off = l4 as u32;
-    let mut left = (end - l4) as u32;
-    for _ in 0..16 {
-        if left == 0 {
-            break;
-        }
-        let n = if left > CHUNK { CHUNK } else { left };
-        // 1..=512 as the verifier sees it too (n is never 0 here: left > 0).
-        let n = ((n.wrapping_sub(1)) & (CHUNK - 1)) + 1;
-        // SAFETY: the helper copies n (1..=512) bytes at `off` of the frame into the 516-byte
-        // buffer, or fails when the frame is shorter.
-        let rc = unsafe {
-            bpf_xdp_load_bytes(
-                h.0.as_ptr() as *mut _,
-                off,
-                buf as *mut core::ffi::c_void,
-                n,
-            )
-        };
-        if rc != 0 {
-            return false;
-        }
-        // The last chunk may end inside a 32-bit word: zeros complete it.
-        let words = (n + 3) & !3;
-        // SAFETY: n <= 512 and the buffer has 516 bytes: bytes n..n+3 lie inside it.
-        unsafe {
-            let b = &mut *buf;
-            let i = n as usize;
-            if let Some(x) = b.get_mut(i) {
-                *x = 0;
-            }
-            if let Some(x) = b.get_mut(i + 1) {
-                *x = 0;
-            }
-            if let Some(x) = b.get_mut(i + 2) {
-                *x = 0;
-            }
-        }
-        // SAFETY: `words` (4..=512, a multiple of 4) bytes of the buffer.
-        let s = unsafe { bpf_csum_diff(core::ptr::null_mut(), 0, buf as *mut u32, words, 0) };
-        if s < 0 {
-            return false;
-        }
-        sum += s as u32 as u64;
-        off += n;
-        left -= n;
-    }
-    // Fold to 16 bits (a fixed number of steps, for the verifier): the sum stays below 2^40.
-    sum = (sum & 0xffff_ffff) + (sum >> 32);
-    sum = (sum & 0xffff_ffff) + (sum >> 32);
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum == 0xffff
 }
