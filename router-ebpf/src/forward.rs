@@ -8,16 +8,16 @@ use router_common::{
 };
 
 use crate::{
+    csum::{self, decrement_ttl, pseudo4, pseudo6},
     hook::Hook,
     lookup::{ecmp_pick, fib6_lookup, fib_lookup, iface_of, is_local4},
     maps::{NEIGHS, NEIGHS6, STATS},
     nat,
     parse::{
-        first_half_zero, header_checksum_ok, link_local, ports, ptr_at, same_mac, EthHdr, Ipv4Hdr,
-        Ipv6Hdr, ETH_LEN, ETH_P_IPV4, ETH_P_IPV6, IPPROTO_TCP, IPPROTO_UDP, IPV4_LEN, IPV6_LEN,
-        NEXTHDR_HOP,
+        first_half_zero, link_local, ports, ptr_at, same_mac, EthHdr, Ipv4Hdr, Ipv6Hdr, ETH_LEN,
+        ETH_P_IPV4, ETH_P_IPV6, IPPROTO_TCP, IPPROTO_UDP, IPV4_LEN, IPV6_LEN, NEXTHDR_HOP,
     },
-    rewrite::{copy_mac, decrement_ttl},
+    rewrite::copy_mac,
 };
 
 /// What the program decided for one packet.
@@ -124,7 +124,11 @@ fn forward4(h: &impl Hook, ingress: u32, iface: &Iface) -> Verdict {
     if tot_len < IPV4_LEN || ETH_LEN + tot_len > h.len() {
         return Verdict::Pass(why::MALFORMED);
     }
-    if !header_checksum_ok(h) {
+    let Some(words) = ptr_at::<[u16; IPV4_LEN / 2]>(h, ETH_LEN) else {
+        return Verdict::Pass(why::BAD_CHECKSUM);
+    };
+    // SAFETY: bounds checked by `ptr_at`; an unaligned read.
+    if !csum::ipv4_header_ok(&unsafe { core::ptr::read_unaligned(words) }) {
         return Verdict::Pass(why::BAD_CHECKSUM);
     }
     // The kernel's rules (ip_route_input_slow): multicast and limited broadcast destinations
@@ -254,7 +258,7 @@ fn forward4(h: &impl Hook, ingress: u32, iface: &Iface) -> Verdict {
             if let Some((key, f, now)) = flow {
                 nat::touch(f, now);
                 // Redirected already: a packet that cannot be translated must not leave.
-                if !h.nat_rewrite(&key, f) {
+                if !nat::rewrite(h, &key, f) {
                     return Verdict::Drop;
                 }
                 nat = f.flags;
@@ -445,32 +449,6 @@ fn ecmp_member6(h: &impl Hook, ip: &Ipv6Hdr, group: u32) -> Option<&'static Rout
         x ^= ports(h, ETH_LEN + IPV6_LEN);
     }
     ecmp_pick(group, x)
-}
-
-/// The IPv4 pseudo-header's sum, in memory-order 16-bit words (see `hook::checksum_verifies`).
-#[inline(always)]
-fn pseudo4(ip: &Ipv4Hdr, l4_len: usize) -> u64 {
-    let w = |b: [u8; 2]| u16::from_ne_bytes(b) as u64;
-    w([ip.src[0], ip.src[1]])
-        + w([ip.src[2], ip.src[3]])
-        + w([ip.dst[0], ip.dst[1]])
-        + w([ip.dst[2], ip.dst[3]])
-        + w([0, ip.protocol])
-        + w((l4_len as u16).to_be_bytes())
-}
-
-/// The IPv6 pseudo-header's sum, likewise.
-#[inline(always)]
-fn pseudo6(ip: &Ipv6Hdr, l4_len: usize) -> u64 {
-    let mut s = 0u64;
-    let mut i = 0;
-    while i < 16 {
-        s += u16::from_ne_bytes([ip.src[i], ip.src[i + 1]]) as u64;
-        s += u16::from_ne_bytes([ip.dst[i], ip.dst[i + 1]]) as u64;
-        i += 2;
-    }
-    s + u16::from_ne_bytes((l4_len as u16).to_be_bytes()) as u64
-        + u16::from_ne_bytes([0, ip.next_header]) as u64
 }
 
 /// An IPv4 UDP datagram sent without a checksum (0).

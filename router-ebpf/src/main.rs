@@ -11,6 +11,7 @@
 #![no_std]
 #![no_main]
 
+mod csum;
 mod forward;
 mod hook;
 mod lookup;

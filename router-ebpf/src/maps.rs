@@ -95,7 +95,7 @@ pub static NAT_MISSES: RingBuf = RingBuf::with_byte_size(nat::MISSES_BYTES, 0);
 pub static NAT_CONF: Array<u32> = Array::with_max_entries(1, 0);
 
 /// A per-CPU scratch buffer: the XDP program copies TCP/UDP segments there to verify their
-/// checksums (see `hook::checksum_verifies`).
+/// checksums (see `csum::l4_verifies`).
 #[map(name = "SCRATCH")]
 pub static SCRATCH: PerCpuArray<[u8; 516]> = PerCpuArray::with_max_entries(1, 0);
 

@@ -15,6 +15,7 @@ use router_common::{
 };
 
 use crate::{
+    csum,
     hook::Hook,
     maps::{NAT_CONF, NAT_FLOWS, NAT_GEN, NAT_HINT, NAT_MISSES, NAT_SEEN},
     parse::{ptr_at, Ipv4Hdr, ETH_LEN, IPPROTO_TCP, IPPROTO_UDP, IPV4_LEN},
@@ -259,86 +260,57 @@ pub fn touch(f: &mut NatFlow, now: u64) {
     }
 }
 
-/// One's-complement update of checksum `check` (memory order) for 16-bit words `old` →
-/// `new` (memory order): RFC 1624's HC' = ~(~HC + ~m + m'), as the kernel's csum_replace.
+/// Translates the IPv4 packet `key` describes into flow `f`'s addresses and ports (ICMP echo:
+/// identifier) through the hook's primitives, each change with its checksum updates: an
+/// address in the header checksum and, as part of the pseudo-header, in the TCP or UDP
+/// checksum; a port in the TCP or UDP checksum, an echo identifier in the ICMP checksum. A UDP
+/// checksum of 0 (none) stays 0. Fields that keep their value are not touched. False as soon
+/// as a primitive fails (the packet, redirected and changed already, is dropped then).
 #[inline(always)]
-pub fn csum_replace(check: u16, old: u32, new: u32) -> u16 {
-    let mut s = (!check) as u32
-        + (!(old as u16)) as u32
-        + (!((old >> 16) as u16)) as u32
-        + (new as u16) as u32
-        + (new >> 16) as u32;
-    s = (s & 0xffff) + (s >> 16);
-    s = (s & 0xffff) + (s >> 16);
-    !(s as u16)
-}
-
-/// The translation written straight into a frame whose checksums are complete (XDP): IPv4
-/// header checksum, addresses, ports or ICMP identifier, and the TCP, UDP (unless 0: no
-/// checksum) or ICMP checksum.
-#[inline(always)]
-pub fn rewrite_frame(h: &impl Hook, key: &NatKey, f: &NatFlow) -> bool {
+pub fn rewrite(h: &impl Hook, key: &NatKey, f: &NatFlow) -> bool {
+    let ip_check = ETH_LEN + 10;
     let l4 = ETH_LEN + IPV4_LEN;
-    let (Some(ip), Some(t)) = (ptr_at::<Ipv4Hdr>(h, ETH_LEN), ptr_at::<[u8; 8]>(h, l4)) else {
-        return false;
+    let icmp = key.proto == IPPROTO_ICMP;
+    let (l4_check, l4_flags) = match key.proto {
+        IPPROTO_TCP => (l4 + 16, 0),
+        IPPROTO_UDP if cfg!(mutant = "nat_udp_zero_updated") => (l4 + 6, 0),
+        IPPROTO_UDP => (l4 + 6, csum::F_MARK_MANGLED_0),
+        _ => (l4 + 2, 0),
     };
-    // SAFETY: bounds checked by `ptr_at`.
-    let (ip, t) = unsafe { (&mut *ip, &mut *t) };
-    let w = |b: [u8; 4]| u32::from_ne_bytes(b);
-    let (os, od, ns, nd) = (w(key.src), w(key.dst), w(f.src), w(f.dst));
-    let c = u16::from_ne_bytes(ip.check);
-    ip.check = csum_replace(csum_replace(c, os, ns), od, nd).to_ne_bytes();
-    ip.src = f.src;
-    ip.dst = f.dst;
-    let ports_old = w([key.sport[0], key.sport[1], key.dport[0], key.dport[1]]);
-    let ports_new = w([f.sport[0], f.sport[1], f.dport[0], f.dport[1]]);
-    match key.proto {
-        IPPROTO_TCP => {
-            let Some(c) = ptr_at::<[u8; 2]>(h, l4 + 16) else {
-                return false;
-            };
-            // SAFETY: bounds checked by `ptr_at`.
-            let c = unsafe { &mut *c };
-            let mut x = u16::from_ne_bytes(*c);
-            x = csum_replace(csum_replace(x, os, ns), od, nd);
-            *c = csum_replace(x, ports_old, ports_new).to_ne_bytes();
-            set_ports(t, f);
+    let addrs = [
+        (ETH_LEN + 12, key.src, f.src),
+        (ETH_LEN + 16, key.dst, f.dst),
+    ];
+    for (off, old, new) in addrs {
+        if old == new {
+            continue;
         }
-        IPPROTO_UDP => {
-            let c = u16::from_ne_bytes([t[6], t[7]]);
-            if c != 0 || cfg!(mutant = "nat_udp_zero_updated") {
-                let mut x = csum_replace(csum_replace(c, os, ns), od, nd);
-                x = csum_replace(x, ports_old, ports_new);
-                // 0 means "no checksum" in UDP: a computed 0 is sent as its other form.
-                let x = if x == 0 { 0xffff } else { x };
-                [t[6], t[7]] = x.to_ne_bytes();
-            }
-            set_ports(t, f);
+        let (o, n) = (u32::from_ne_bytes(old), u32::from_ne_bytes(new));
+        if !icmp && !h.l4_csum_replace(l4_check, o, n, csum::F_PSEUDO_HDR | l4_flags | 4) {
+            return false;
         }
-        _ => {
-            // ICMP echo: no pseudo-header; only the identifier changes the checksum.
-            let (oid, nid) = (u16::from_ne_bytes(key.sport), u16::from_ne_bytes(f.sport));
-            let c = u16::from_ne_bytes([t[2], t[3]]);
-            [t[2], t[3]] = csum_replace2(c, oid, nid).to_ne_bytes();
-            [t[4], t[5]] = f.sport;
+        if !h.l3_csum_replace(ip_check, o, n, 4) || !h.store(off, &new) {
+            return false;
+        }
+    }
+    let ports = if icmp {
+        [(l4 + 4, key.sport, f.sport), (0, [0; 2], [0; 2])]
+    } else {
+        [(l4, key.sport, f.sport), (l4 + 2, key.dport, f.dport)]
+    };
+    for (off, old, new) in ports {
+        if old == new {
+            continue;
+        }
+        let (o, n) = (
+            u16::from_ne_bytes(old) as u32,
+            u16::from_ne_bytes(new) as u32,
+        );
+        if !h.l4_csum_replace(l4_check, o, n, l4_flags | 2) || !h.store(off, &new) {
+            return false;
         }
     }
     true
-}
-
-/// As `csum_replace`, for one 16-bit word.
-#[inline(always)]
-pub fn csum_replace2(check: u16, old: u16, new: u16) -> u16 {
-    let mut s = (!check) as u32 + (!old) as u32 + new as u32;
-    s = (s & 0xffff) + (s >> 16);
-    s = (s & 0xffff) + (s >> 16);
-    !(s as u16)
-}
-
-#[inline(always)]
-fn set_ports(t: &mut [u8; 8], f: &NatFlow) {
-    [t[0], t[1]] = f.sport;
-    [t[2], t[3]] = f.dport;
 }
 
 const ICMP_DEST_UNREACH: u8 = 3;
@@ -432,8 +404,8 @@ pub fn rewrite_icmp_error(
     let h16 = |b: [u8; 2]| u16::from_ne_bytes(b);
     // Outer header.
     let c = h16(ip.check);
-    ip.check = csum_replace(
-        csum_replace(c, w(ip.src), w(outer.0)),
+    ip.check = csum::replace4(
+        csum::replace4(c, w(ip.src), w(outer.0)),
         w(ip.dst),
         w(outer.1),
     )
@@ -445,14 +417,14 @@ pub fn rewrite_icmp_error(
     let (nsrc, ndst) = (f.dst, f.src);
     let mut icmp = h16([t[2], t[3]]);
     let ic_old = h16(inner.check);
-    let ic_new = csum_replace(
-        csum_replace(ic_old, w(inner.src), w(nsrc)),
+    let ic_new = csum::replace4(
+        csum::replace4(ic_old, w(inner.src), w(nsrc)),
         w(inner.dst),
         w(ndst),
     );
-    icmp = csum_replace(icmp, w(inner.src), w(nsrc));
-    icmp = csum_replace(icmp, w(inner.dst), w(ndst));
-    icmp = csum_replace2(icmp, ic_old, ic_new);
+    icmp = csum::replace4(icmp, w(inner.src), w(nsrc));
+    icmp = csum::replace4(icmp, w(inner.dst), w(ndst));
+    icmp = csum::replace2(icmp, ic_old, ic_new);
     let (osrc, odst) = (inner.src, inner.dst);
     inner.check = ic_new.to_ne_bytes();
     inner.src = nsrc;
@@ -461,10 +433,10 @@ pub fn rewrite_icmp_error(
         IPPROTO_TCP | IPPROTO_UDP => {
             let ports_old = w([q[0], q[1], q[2], q[3]]);
             let ports_new = w([f.dport[0], f.dport[1], f.sport[0], f.sport[1]]);
-            icmp = csum_replace(icmp, ports_old, ports_new);
+            icmp = csum::replace4(icmp, ports_old, ports_new);
             let upd = |c: u16| {
-                let x = csum_replace(csum_replace(c, w(osrc), w(nsrc)), w(odst), w(ndst));
-                csum_replace(x, ports_old, ports_new)
+                let x = csum::replace4(csum::replace4(c, w(osrc), w(nsrc)), w(odst), w(ndst));
+                csum::replace4(x, ports_old, ports_new)
             };
             if inner.protocol == IPPROTO_UDP {
                 let c = h16([q[6], q[7]]);
@@ -473,7 +445,7 @@ pub fn rewrite_icmp_error(
                     if n == 0 {
                         n = 0xffff;
                     }
-                    icmp = csum_replace2(icmp, c, n);
+                    icmp = csum::replace2(icmp, c, n);
                     [q[6], q[7]] = n.to_ne_bytes();
                 }
             } else if tot_len >= IPV4_LEN + 8 + IPV4_LEN + 20 {
@@ -481,7 +453,7 @@ pub fn rewrite_icmp_error(
                     // SAFETY: bounds checked by `ptr_at`.
                     let tc = unsafe { &mut *tc };
                     let (c, n) = (h16(*tc), upd(h16(*tc)));
-                    icmp = csum_replace2(icmp, c, n);
+                    icmp = csum::replace2(icmp, c, n);
                     *tc = n.to_ne_bytes();
                 }
             }
@@ -492,9 +464,9 @@ pub fn rewrite_icmp_error(
             // A quoted echo: its identifier, and its own checksum.
             let (oid, nid) = (h16([q[4], q[5]]), h16(f.sport));
             let c = h16([q[2], q[3]]);
-            let n = csum_replace2(c, oid, nid);
-            icmp = csum_replace2(icmp, oid, nid);
-            icmp = csum_replace2(icmp, c, n);
+            let n = csum::replace2(c, oid, nid);
+            icmp = csum::replace2(icmp, oid, nid);
+            icmp = csum::replace2(icmp, c, n);
             [q[2], q[3]] = n.to_ne_bytes();
             [q[4], q[5]] = f.sport;
         }

@@ -52,26 +52,6 @@ pub fn ptr_at<T>(h: &impl Hook, offset: usize) -> Option<*mut T> {
     Some((start + offset) as *mut T)
 }
 
-/// True when the 20-byte IPv4 header at `ETH_LEN` sums to 0xffff in one's complement.
-#[inline(always)]
-pub fn header_checksum_ok(h: &impl Hook) -> bool {
-    let Some(words) = ptr_at::<[u16; IPV4_LEN / 2]>(h, ETH_LEN) else {
-        return false;
-    };
-    // SAFETY: bounds checked by `ptr_at`; the words are summed in memory order, which gives
-    // the byte-swapped sum on a little-endian machine, and 0xffff either way.
-    let words = unsafe { core::ptr::read_unaligned(words) };
-    let mut sum: u32 = 0;
-    let mut i = 0;
-    while i < IPV4_LEN / 2 {
-        sum += words[i] as u32;
-        i += 1;
-    }
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum == 0xffff
-}
-
 #[inline(always)]
 pub fn first_half_zero(a: &[u8; 16]) -> bool {
     // SAFETY: 8 readable bytes; unaligned read.
