@@ -264,8 +264,8 @@ pub fn touch(f: &mut NatFlow, now: u64) {
 /// identifier) through the hook's primitives, each change with its checksum updates: an
 /// address in the header checksum and, as part of the pseudo-header, in the TCP or UDP
 /// checksum; a port in the TCP or UDP checksum, an echo identifier in the ICMP checksum. A UDP
-/// checksum of 0 (none) stays 0. Fields that keep their value are not touched. False as soon
-/// as a primitive fails (the packet, redirected and changed already, is dropped then).
+/// checksum of 0 (none) stays 0. Fields that keep their value are not touched. False if a
+/// primitive failed (the packet, redirected and changed already, is dropped then).
 #[inline(always)]
 pub fn rewrite(h: &impl Hook, key: &NatKey, f: &NatFlow) -> bool {
     let ip_check = ETH_LEN + 10;
@@ -277,6 +277,7 @@ pub fn rewrite(h: &impl Hook, key: &NatKey, f: &NatFlow) -> bool {
         IPPROTO_UDP => (l4 + 6, csum::F_MARK_MANGLED_0),
         _ => (l4 + 2, 0),
     };
+    let mut ok = true;
     let addrs = [
         (ETH_LEN + 12, key.src, f.src),
         (ETH_LEN + 16, key.dst, f.dst),
@@ -286,12 +287,11 @@ pub fn rewrite(h: &impl Hook, key: &NatKey, f: &NatFlow) -> bool {
             continue;
         }
         let (o, n) = (u32::from_ne_bytes(old), u32::from_ne_bytes(new));
-        if !icmp && !h.l4_csum_replace(l4_check, o, n, csum::F_PSEUDO_HDR | l4_flags | 4) {
-            return false;
+        if !icmp {
+            ok &= h.l4_csum_replace(l4_check, o, n, csum::F_PSEUDO_HDR | l4_flags | 4);
         }
-        if !h.l3_csum_replace(ip_check, o, n, 4) || !h.store(off, &new) {
-            return false;
-        }
+        ok &= h.l3_csum_replace(ip_check, o, n, 4);
+        ok &= h.store(off, &new);
     }
     let ports = if icmp {
         [(l4 + 4, key.sport, f.sport), (0, [0; 2], [0; 2])]
@@ -306,11 +306,10 @@ pub fn rewrite(h: &impl Hook, key: &NatKey, f: &NatFlow) -> bool {
             u16::from_ne_bytes(old) as u32,
             u16::from_ne_bytes(new) as u32,
         );
-        if !h.l4_csum_replace(l4_check, o, n, l4_flags | 2) || !h.store(off, &new) {
-            return false;
-        }
+        ok &= h.l4_csum_replace(l4_check, o, n, l4_flags | 2);
+        ok &= h.store(off, &new);
     }
-    true
+    ok
 }
 
 const ICMP_DEST_UNREACH: u8 = 3;
