@@ -16,15 +16,6 @@ use crate::{
     parse::{Ipv4Hdr, Ipv6Hdr, IPV4_LEN},
 };
 
-/// The low bits of a checksum replacement's flags: how many bytes changed (2 or 4), as the
-/// kernel's `BPF_F_HDR_FIELD_MASK`.
-pub const F_SIZE: u64 = 0xf;
-/// The changed bytes are part of the transport checksum's pseudo-header (`BPF_F_PSEUDO_HDR`).
-pub const F_PSEUDO_HDR: u64 = 1 << 4;
-/// UDP (`BPF_F_MARK_MANGLED_0`): a checksum of 0 means none and is left alone, and a computed 0
-/// is written as 0xffff.
-pub const F_MARK_MANGLED_0: u64 = 1 << 5;
-
 /// One's-complement update of checksum `check` for 16-bit words `old` → `new` (two words
 /// each): RFC 1624's HC' = ~(~HC + ~m + m'), as the kernel's csum_replace.
 #[inline(always)]
@@ -46,25 +37,6 @@ pub fn replace2(check: u16, old: u16, new: u16) -> u16 {
     s = (s & 0xffff) + (s >> 16);
     s = (s & 0xffff) + (s >> 16);
     !(s as u16)
-}
-
-/// The update of a complete checksum for a replacement described by `flags` (its size, and
-/// `F_MARK_MANGLED_0`; the pseudo-header flag changes nothing for a complete checksum, which
-/// covers the pseudo-header's words like any other): what `bpf_l3_csum_replace` and
-/// `bpf_l4_csum_replace` do to the field of a packet whose checksums are complete. None: the
-/// field is to be left as it is (a UDP checksum of 0).
-#[inline(always)]
-pub fn replace(check: u16, old: u32, new: u32, flags: u64) -> Option<u16> {
-    let mangled_0 = flags & F_MARK_MANGLED_0 != 0;
-    if mangled_0 && check == 0 {
-        return None;
-    }
-    let c = if flags & F_SIZE == 2 {
-        replace2(check, old as u16, new as u16)
-    } else {
-        replace4(check, old, new)
-    };
-    Some(if mangled_0 && c == 0 { 0xffff } else { c })
 }
 
 /// New header checksum after TTL − 1, computed exactly as the kernel's `ip_decrease_ttl` does

@@ -258,7 +258,7 @@ fn forward4(h: &impl Hook, ingress: u32, iface: &Iface) -> Verdict {
             if let Some((key, f, now)) = flow {
                 nat::touch(f, now);
                 // Redirected already: a packet that cannot be translated must not leave.
-                if !nat::rewrite(h, &key, f) {
+                if !h.nat_rewrite(&key, f) {
                     return Verdict::Drop;
                 }
                 nat = f.flags;

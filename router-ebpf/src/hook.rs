@@ -1,11 +1,7 @@
 //! The two hooks the per-packet logic runs in, behind one trait: XDP (frames, in the driver)
 //! and tc (skbs, at tcx ingress). Everything a hook does differently lives here: how long the
 //! packet is, how a redirect is asked for, how the frame is cut, what a GSO packet's segments
-//! measure, and what the checksum state needs. Concerns that change a packet's bytes with
-//! their checksums (NAT) are written once over the primitives `store`, `l3_csum_replace` and
-//! `l4_csum_replace`, which mirror the kernel's skb helpers: at tc they are those helpers,
-//! which keep the skb's checksum state right (partial or complete); at XDP, where checksums
-//! are complete, direct writes with RFC 1624 arithmetic (`csum`).
+//! measure, and what the checksum state needs.
 
 use aya_ebpf::{
     bindings::{xdp_action, TC_ACT_REDIRECT},
@@ -16,12 +12,13 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
     EbpfContext as _,
 };
-use router_common::{iface_flags, pass_reason as why, Iface, Route};
+use router_common::{iface_flags, pass_reason as why, Iface, NatFlow, NatKey, Route};
 
 use crate::{
     csum,
     maps::{TC_PORTS, TX_PORTS},
-    parse::{l4_header_len, ptr_at, ETH_LEN, ETH_P_IPV4, IPV4_LEN},
+    nat,
+    parse::{l4_header_len, ETH_LEN, ETH_P_IPV4, IPPROTO_TCP, IPPROTO_UDP, IPV4_LEN},
 };
 
 /// tcx: hand the packet on (to the next program of the chain, then the stack).
@@ -62,17 +59,10 @@ pub trait Hook {
     fn l4_complete(&self, iface: &Iface, l4: usize, end: usize, pseudo: u64, proto: u8) -> bool;
     /// The IPv6 hop limit went from `old` to `new` (the 32-bit word holding it).
     fn hop_limit_changed(&self, old: u32, new: u32);
-    /// Writes `bytes` at `off` in the packet, as `bpf_skb_store_bytes` (no checksum is
-    /// touched); false if it could not.
-    fn store<const N: usize>(&self, off: usize, bytes: &[u8; N]) -> bool;
-    /// Updates the IPv4 header checksum at `off` for a header field of `flags & csum::F_SIZE`
-    /// bytes (2 or 4) that went from `old` to `new` (memory-order values), as
-    /// `bpf_l3_csum_replace`; false if it could not.
-    fn l3_csum_replace(&self, off: usize, old: u32, new: u32, flags: u64) -> bool;
-    /// Updates the transport checksum at `off` likewise, as `bpf_l4_csum_replace`: with
-    /// `csum::F_PSEUDO_HDR` for a field of the pseudo-header (an address), with
-    /// `csum::F_MARK_MANGLED_0` for UDP (a checksum of 0 stays 0, a computed 0 becomes 0xffff).
-    fn l4_csum_replace(&self, off: usize, old: u32, new: u32, flags: u64) -> bool;
+    /// Rewrites the IPv4 packet `key` describes into `flow`'s addresses and ports, with every
+    /// checksum kept right; false if it could not (the packet is dropped then: it was already
+    /// redirected and changed).
+    fn nat_rewrite(&self, key: &NatKey, flow: &NatFlow) -> bool;
 }
 
 pub struct Xdp(pub XdpContext);
@@ -136,39 +126,9 @@ impl Hook for Xdp {
     #[inline(always)]
     fn hop_limit_changed(&self, _old: u32, _new: u32) {}
     #[inline(always)]
-    fn store<const N: usize>(&self, off: usize, bytes: &[u8; N]) -> bool {
-        match ptr_at::<[u8; N]>(self, off) {
-            Some(p) => {
-                // SAFETY: bounds checked by `ptr_at`.
-                unsafe { *p = *bytes };
-                true
-            }
-            None => false,
-        }
+    fn nat_rewrite(&self, key: &NatKey, flow: &NatFlow) -> bool {
+        nat::rewrite_frame(self, key, flow)
     }
-    #[inline(always)]
-    fn l3_csum_replace(&self, off: usize, old: u32, new: u32, flags: u64) -> bool {
-        replace_in_frame(self, off, old, new, flags & csum::F_SIZE)
-    }
-    #[inline(always)]
-    fn l4_csum_replace(&self, off: usize, old: u32, new: u32, flags: u64) -> bool {
-        replace_in_frame(self, off, old, new, flags)
-    }
-}
-
-/// A frame's checksums are complete: the checksum field at `off` is updated in place with
-/// RFC 1624's arithmetic (see `csum::replace`).
-#[inline(always)]
-fn replace_in_frame(h: &Xdp, off: usize, old: u32, new: u32, flags: u64) -> bool {
-    let Some(p) = ptr_at::<[u8; 2]>(h, off) else {
-        return false;
-    };
-    // SAFETY: bounds checked by `ptr_at`.
-    let p = unsafe { &mut *p };
-    if let Some(c) = csum::replace(u16::from_ne_bytes(*p), old, new, flags) {
-        *p = c.to_ne_bytes();
-    }
-    true
 }
 
 pub struct Tc(pub TcContext);
@@ -265,34 +225,66 @@ impl Hook for Tc {
             }
         }
     }
-    // The kernel's helpers: they know the skb's checksum state (a partial checksum holds the
-    // pseudo-header's sum, a complete one the packet's), and mark a UDP checksum of 0 as
-    // "none". Each may move the packet's data: pointers taken before one are not used after.
     #[inline(always)]
-    fn store<const N: usize>(&self, off: usize, bytes: &[u8; N]) -> bool {
-        // SAFETY: a helper call on this skb; it checks the bounds, and `bytes` is N bytes long.
-        unsafe {
-            bpf_skb_store_bytes(
-                self.0.skb.skb,
-                off as u32,
-                bytes.as_ptr() as *const _,
-                N as u32,
-                0,
-            ) == 0
+    fn nat_rewrite(&self, key: &NatKey, flow: &NatFlow) -> bool {
+        // The kernel's checksum helpers: they know the skb's checksum state (a partial
+        // checksum holds the pseudo-header's sum, a complete one the packet's), and mark a
+        // UDP checksum of 0 as "none". Each may move the packet's data: values are written
+        // with bpf_skb_store_bytes, never through pointers.
+        const F_PSEUDO_HDR: u64 = 1 << 4;
+        const F_MARK_MANGLED_0: u64 = 1 << 5;
+        let skb = self.0.skb.skb;
+        let l4 = (ETH_LEN + IPV4_LEN) as u32;
+        let ip_check = ETH_LEN as u32 + 10;
+        let (l4_check, l4_flags) = match key.proto {
+            IPPROTO_TCP => (l4 + 16, 0),
+            IPPROTO_UDP => (l4 + 6, F_MARK_MANGLED_0),
+            _ => (l4 + 2, 0),
+        };
+        let icmp = key.proto == nat::IPPROTO_ICMP;
+        let mut ok = true;
+        let addrs = [
+            (ETH_LEN as u32 + 12, key.src, flow.src),
+            (ETH_LEN as u32 + 16, key.dst, flow.dst),
+        ];
+        for (off, old, new) in addrs {
+            if old == new {
+                continue;
+            }
+            let (o, n) = (
+                u32::from_ne_bytes(old) as u64,
+                u32::from_ne_bytes(new) as u64,
+            );
+            // SAFETY: helper calls on this skb with offsets inside its headers (checked when
+            // the headers were read); `new` lives on the stack.
+            unsafe {
+                if !icmp {
+                    ok &=
+                        bpf_l4_csum_replace(skb, l4_check, o, n, F_PSEUDO_HDR | l4_flags | 4) == 0;
+                }
+                ok &= bpf_l3_csum_replace(skb, ip_check, o, n, 4) == 0;
+                ok &= bpf_skb_store_bytes(skb, off, new.as_ptr() as *const _, 4, 0) == 0;
+            }
         }
-    }
-    #[inline(always)]
-    fn l3_csum_replace(&self, off: usize, old: u32, new: u32, flags: u64) -> bool {
-        // SAFETY: a helper call on this skb; it checks the bounds.
-        unsafe {
-            bpf_l3_csum_replace(self.0.skb.skb, off as u32, old as u64, new as u64, flags) == 0
+        let ports = if icmp {
+            [(l4 + 4, key.sport, flow.sport), (0, [0; 2], [0; 2])]
+        } else {
+            [(l4, key.sport, flow.sport), (l4 + 2, key.dport, flow.dport)]
+        };
+        for (off, old, new) in ports {
+            if old == new {
+                continue;
+            }
+            let (o, n) = (
+                u16::from_ne_bytes(old) as u64,
+                u16::from_ne_bytes(new) as u64,
+            );
+            // SAFETY: as above.
+            unsafe {
+                ok &= bpf_l4_csum_replace(skb, l4_check, o, n, l4_flags | 2) == 0;
+                ok &= bpf_skb_store_bytes(skb, off, new.as_ptr() as *const _, 2, 0) == 0;
+            }
         }
-    }
-    #[inline(always)]
-    fn l4_csum_replace(&self, off: usize, old: u32, new: u32, flags: u64) -> bool {
-        // SAFETY: as above.
-        unsafe {
-            bpf_l4_csum_replace(self.0.skb.skb, off as u32, old as u64, new as u64, flags) == 0
-        }
+        ok
     }
 }

@@ -260,56 +260,63 @@ pub fn touch(f: &mut NatFlow, now: u64) {
     }
 }
 
-/// Translates the IPv4 packet `key` describes into flow `f`'s addresses and ports (ICMP echo:
-/// identifier) through the hook's primitives, each change with its checksum updates: an
-/// address in the header checksum and, as part of the pseudo-header, in the TCP or UDP
-/// checksum; a port in the TCP or UDP checksum, an echo identifier in the ICMP checksum. A UDP
-/// checksum of 0 (none) stays 0. Fields that keep their value are not touched. False if a
-/// primitive failed (the packet, redirected and changed already, is dropped then).
+/// The translation written straight into a frame whose checksums are complete (XDP): IPv4
+/// header checksum, addresses, ports or ICMP identifier, and the TCP, UDP (unless 0: no
+/// checksum) or ICMP checksum.
 #[inline(always)]
-pub fn rewrite(h: &impl Hook, key: &NatKey, f: &NatFlow) -> bool {
-    let ip_check = ETH_LEN + 10;
+pub fn rewrite_frame(h: &impl Hook, key: &NatKey, f: &NatFlow) -> bool {
     let l4 = ETH_LEN + IPV4_LEN;
-    let icmp = key.proto == IPPROTO_ICMP;
-    let (l4_check, l4_flags) = match key.proto {
-        IPPROTO_TCP => (l4 + 16, 0),
-        IPPROTO_UDP if cfg!(mutant = "nat_udp_zero_updated") => (l4 + 6, 0),
-        IPPROTO_UDP => (l4 + 6, csum::F_MARK_MANGLED_0),
-        _ => (l4 + 2, 0),
+    let (Some(ip), Some(t)) = (ptr_at::<Ipv4Hdr>(h, ETH_LEN), ptr_at::<[u8; 8]>(h, l4)) else {
+        return false;
     };
-    let mut ok = true;
-    let addrs = [
-        (ETH_LEN + 12, key.src, f.src),
-        (ETH_LEN + 16, key.dst, f.dst),
-    ];
-    for (off, old, new) in addrs {
-        if old == new {
-            continue;
+    // SAFETY: bounds checked by `ptr_at`.
+    let (ip, t) = unsafe { (&mut *ip, &mut *t) };
+    let w = |b: [u8; 4]| u32::from_ne_bytes(b);
+    let (os, od, ns, nd) = (w(key.src), w(key.dst), w(f.src), w(f.dst));
+    let c = u16::from_ne_bytes(ip.check);
+    ip.check = csum::replace4(csum::replace4(c, os, ns), od, nd).to_ne_bytes();
+    ip.src = f.src;
+    ip.dst = f.dst;
+    let ports_old = w([key.sport[0], key.sport[1], key.dport[0], key.dport[1]]);
+    let ports_new = w([f.sport[0], f.sport[1], f.dport[0], f.dport[1]]);
+    match key.proto {
+        IPPROTO_TCP => {
+            let Some(c) = ptr_at::<[u8; 2]>(h, l4 + 16) else {
+                return false;
+            };
+            // SAFETY: bounds checked by `ptr_at`.
+            let c = unsafe { &mut *c };
+            let mut x = u16::from_ne_bytes(*c);
+            x = csum::replace4(csum::replace4(x, os, ns), od, nd);
+            *c = csum::replace4(x, ports_old, ports_new).to_ne_bytes();
+            set_ports(t, f);
         }
-        let (o, n) = (u32::from_ne_bytes(old), u32::from_ne_bytes(new));
-        if !icmp {
-            ok &= h.l4_csum_replace(l4_check, o, n, csum::F_PSEUDO_HDR | l4_flags | 4);
+        IPPROTO_UDP => {
+            let c = u16::from_ne_bytes([t[6], t[7]]);
+            if c != 0 || cfg!(mutant = "nat_udp_zero_updated") {
+                let mut x = csum::replace4(csum::replace4(c, os, ns), od, nd);
+                x = csum::replace4(x, ports_old, ports_new);
+                // 0 means "no checksum" in UDP: a computed 0 is sent as its other form.
+                let x = if x == 0 { 0xffff } else { x };
+                [t[6], t[7]] = x.to_ne_bytes();
+            }
+            set_ports(t, f);
         }
-        ok &= h.l3_csum_replace(ip_check, o, n, 4);
-        ok &= h.store(off, &new);
+        _ => {
+            // ICMP echo: no pseudo-header; only the identifier changes the checksum.
+            let (oid, nid) = (u16::from_ne_bytes(key.sport), u16::from_ne_bytes(f.sport));
+            let c = u16::from_ne_bytes([t[2], t[3]]);
+            [t[2], t[3]] = csum::replace2(c, oid, nid).to_ne_bytes();
+            [t[4], t[5]] = f.sport;
+        }
     }
-    let ports = if icmp {
-        [(l4 + 4, key.sport, f.sport), (0, [0; 2], [0; 2])]
-    } else {
-        [(l4, key.sport, f.sport), (l4 + 2, key.dport, f.dport)]
-    };
-    for (off, old, new) in ports {
-        if old == new {
-            continue;
-        }
-        let (o, n) = (
-            u16::from_ne_bytes(old) as u32,
-            u16::from_ne_bytes(new) as u32,
-        );
-        ok &= h.l4_csum_replace(l4_check, o, n, l4_flags | 2);
-        ok &= h.store(off, &new);
-    }
-    ok
+    true
+}
+
+#[inline(always)]
+fn set_ports(t: &mut [u8; 8], f: &NatFlow) {
+    [t[0], t[1]] = f.sport;
+    [t[2], t[3]] = f.dport;
 }
 
 const ICMP_DEST_UNREACH: u8 = 3;
