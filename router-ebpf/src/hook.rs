@@ -17,8 +17,10 @@ use router_common::{iface_flags, pass_reason as why, Iface, NatFlow, NatKey, Rou
 use crate::{
     csum,
     maps::{TC_PORTS, TX_PORTS},
-    nat,
-    parse::{l4_header_len, ETH_LEN, ETH_P_IPV4, IPPROTO_TCP, IPPROTO_UDP, IPV4_LEN},
+    parse::{
+        l4_header_len, ptr_at, Ipv4Hdr, Packet, ETH_LEN, ETH_P_IPV4, IPPROTO_ICMP, IPPROTO_TCP,
+        IPPROTO_UDP, IPV4_LEN,
+    },
 };
 
 /// tcx: hand the packet on (to the next program of the chain, then the stack).
@@ -32,15 +34,13 @@ const HEADERS: u32 = (ETH_LEN + 40 + 20) as u32;
 /// keeps for retransmission) means a new head and a copy, on packets the kernel forwards too.
 const HEADERS4: u32 = (ETH_LEN + IPV4_LEN + 20) as u32;
 
-pub trait Hook {
+pub trait Hook: Packet {
     /// The action for a packet redirected to its egress device.
     const FORWARD: i32;
     /// The action for a packet handed to the kernel.
     const PASS: i32;
     const DROP: i32;
 
-    fn data(&self) -> usize;
-    fn data_end(&self) -> usize;
     /// The whole packet's length (an skb may hold more than its directly readable part).
     fn len(&self) -> usize;
     fn ingress(&self) -> u32;
@@ -67,11 +67,7 @@ pub trait Hook {
 
 pub struct Xdp(pub XdpContext);
 
-impl Hook for Xdp {
-    const FORWARD: i32 = xdp_action::XDP_REDIRECT as i32;
-    const PASS: i32 = xdp_action::XDP_PASS as i32;
-    const DROP: i32 = xdp_action::XDP_DROP as i32;
-
+impl Packet for Xdp {
     #[inline(always)]
     fn data(&self) -> usize {
         self.0.data()
@@ -80,6 +76,13 @@ impl Hook for Xdp {
     fn data_end(&self) -> usize {
         self.0.data_end()
     }
+}
+
+impl Hook for Xdp {
+    const FORWARD: i32 = xdp_action::XDP_REDIRECT as i32;
+    const PASS: i32 = xdp_action::XDP_PASS as i32;
+    const DROP: i32 = xdp_action::XDP_DROP as i32;
+
     #[inline(always)]
     fn len(&self) -> usize {
         self.0.data_end() - self.0.data()
@@ -127,7 +130,7 @@ impl Hook for Xdp {
     fn hop_limit_changed(&self, _old: u32, _new: u32) {}
     #[inline(always)]
     fn nat_rewrite(&self, key: &NatKey, flow: &NatFlow) -> bool {
-        nat::rewrite_frame(self, key, flow)
+        rewrite_frame(self, key, flow)
     }
 }
 
@@ -141,11 +144,7 @@ impl Tc {
     }
 }
 
-impl Hook for Tc {
-    const FORWARD: i32 = TC_ACT_REDIRECT as i32;
-    const PASS: i32 = TCX_NEXT;
-    const DROP: i32 = aya_ebpf::bindings::TC_ACT_SHOT as i32;
-
+impl Packet for Tc {
     #[inline(always)]
     fn data(&self) -> usize {
         self.0.data()
@@ -154,6 +153,13 @@ impl Hook for Tc {
     fn data_end(&self) -> usize {
         self.0.data_end()
     }
+}
+
+impl Hook for Tc {
+    const FORWARD: i32 = TC_ACT_REDIRECT as i32;
+    const PASS: i32 = TCX_NEXT;
+    const DROP: i32 = aya_ebpf::bindings::TC_ACT_SHOT as i32;
+
     #[inline(always)]
     fn len(&self) -> usize {
         self.0.len() as usize
@@ -241,7 +247,7 @@ impl Hook for Tc {
             IPPROTO_UDP => (l4 + 6, F_MARK_MANGLED_0),
             _ => (l4 + 2, 0),
         };
-        let icmp = key.proto == nat::IPPROTO_ICMP;
+        let icmp = key.proto == IPPROTO_ICMP;
         let mut ok = true;
         let addrs = [
             (ETH_LEN as u32 + 12, key.src, flow.src),
@@ -287,4 +293,63 @@ impl Hook for Tc {
         }
         ok
     }
+}
+
+/// The translation written straight into a frame whose checksums are complete (XDP): IPv4
+/// header checksum, addresses, ports or ICMP identifier, and the TCP, UDP (unless 0: no
+/// checksum) or ICMP checksum.
+#[inline(always)]
+fn rewrite_frame(h: &Xdp, key: &NatKey, f: &NatFlow) -> bool {
+    let l4 = ETH_LEN + IPV4_LEN;
+    let (Some(ip), Some(t)) = (ptr_at::<Ipv4Hdr>(h, ETH_LEN), ptr_at::<[u8; 8]>(h, l4)) else {
+        return false;
+    };
+    // SAFETY: bounds checked by `ptr_at`.
+    let (ip, t) = unsafe { (&mut *ip, &mut *t) };
+    let w = |b: [u8; 4]| u32::from_ne_bytes(b);
+    let (os, od, ns, nd) = (w(key.src), w(key.dst), w(f.src), w(f.dst));
+    let c = u16::from_ne_bytes(ip.check);
+    ip.check = csum::replace4(csum::replace4(c, os, ns), od, nd).to_ne_bytes();
+    ip.src = f.src;
+    ip.dst = f.dst;
+    let ports_old = w([key.sport[0], key.sport[1], key.dport[0], key.dport[1]]);
+    let ports_new = w([f.sport[0], f.sport[1], f.dport[0], f.dport[1]]);
+    match key.proto {
+        IPPROTO_TCP => {
+            let Some(c) = ptr_at::<[u8; 2]>(h, l4 + 16) else {
+                return false;
+            };
+            // SAFETY: bounds checked by `ptr_at`.
+            let c = unsafe { &mut *c };
+            let mut x = u16::from_ne_bytes(*c);
+            x = csum::replace4(csum::replace4(x, os, ns), od, nd);
+            *c = csum::replace4(x, ports_old, ports_new).to_ne_bytes();
+            set_ports(t, f);
+        }
+        IPPROTO_UDP => {
+            let c = u16::from_ne_bytes([t[6], t[7]]);
+            if c != 0 || cfg!(mutant = "nat_udp_zero_updated") {
+                let mut x = csum::replace4(csum::replace4(c, os, ns), od, nd);
+                x = csum::replace4(x, ports_old, ports_new);
+                // 0 means "no checksum" in UDP: a computed 0 is sent as its other form.
+                let x = if x == 0 { 0xffff } else { x };
+                [t[6], t[7]] = x.to_ne_bytes();
+            }
+            set_ports(t, f);
+        }
+        _ => {
+            // ICMP echo: no pseudo-header; only the identifier changes the checksum.
+            let (oid, nid) = (u16::from_ne_bytes(key.sport), u16::from_ne_bytes(f.sport));
+            let c = u16::from_ne_bytes([t[2], t[3]]);
+            [t[2], t[3]] = csum::replace2(c, oid, nid).to_ne_bytes();
+            [t[4], t[5]] = f.sport;
+        }
+    }
+    true
+}
+
+#[inline(always)]
+fn set_ports(t: &mut [u8; 8], f: &NatFlow) {
+    [t[0], t[1]] = f.sport;
+    [t[2], t[3]] = f.dport;
 }

@@ -21,7 +21,7 @@ use crate::{
     parse::{ptr_at, Ipv4Hdr, ETH_LEN, IPPROTO_TCP, IPPROTO_UDP, IPV4_LEN},
 };
 
-pub const IPPROTO_ICMP: u8 = 1;
+pub use crate::parse::IPPROTO_ICMP;
 const ICMP_ECHO_REPLY: u8 = 0;
 const ICMP_ECHO: u8 = 8;
 const TCP_FIN: u8 = 0x01;
@@ -258,65 +258,6 @@ pub fn touch(f: &mut NatFlow, now: u64) {
     if now.wrapping_sub(f.used) > 1_000_000_000 {
         f.used = now;
     }
-}
-
-/// The translation written straight into a frame whose checksums are complete (XDP): IPv4
-/// header checksum, addresses, ports or ICMP identifier, and the TCP, UDP (unless 0: no
-/// checksum) or ICMP checksum.
-#[inline(always)]
-pub fn rewrite_frame(h: &impl Hook, key: &NatKey, f: &NatFlow) -> bool {
-    let l4 = ETH_LEN + IPV4_LEN;
-    let (Some(ip), Some(t)) = (ptr_at::<Ipv4Hdr>(h, ETH_LEN), ptr_at::<[u8; 8]>(h, l4)) else {
-        return false;
-    };
-    // SAFETY: bounds checked by `ptr_at`.
-    let (ip, t) = unsafe { (&mut *ip, &mut *t) };
-    let w = |b: [u8; 4]| u32::from_ne_bytes(b);
-    let (os, od, ns, nd) = (w(key.src), w(key.dst), w(f.src), w(f.dst));
-    let c = u16::from_ne_bytes(ip.check);
-    ip.check = csum::replace4(csum::replace4(c, os, ns), od, nd).to_ne_bytes();
-    ip.src = f.src;
-    ip.dst = f.dst;
-    let ports_old = w([key.sport[0], key.sport[1], key.dport[0], key.dport[1]]);
-    let ports_new = w([f.sport[0], f.sport[1], f.dport[0], f.dport[1]]);
-    match key.proto {
-        IPPROTO_TCP => {
-            let Some(c) = ptr_at::<[u8; 2]>(h, l4 + 16) else {
-                return false;
-            };
-            // SAFETY: bounds checked by `ptr_at`.
-            let c = unsafe { &mut *c };
-            let mut x = u16::from_ne_bytes(*c);
-            x = csum::replace4(csum::replace4(x, os, ns), od, nd);
-            *c = csum::replace4(x, ports_old, ports_new).to_ne_bytes();
-            set_ports(t, f);
-        }
-        IPPROTO_UDP => {
-            let c = u16::from_ne_bytes([t[6], t[7]]);
-            if c != 0 || cfg!(mutant = "nat_udp_zero_updated") {
-                let mut x = csum::replace4(csum::replace4(c, os, ns), od, nd);
-                x = csum::replace4(x, ports_old, ports_new);
-                // 0 means "no checksum" in UDP: a computed 0 is sent as its other form.
-                let x = if x == 0 { 0xffff } else { x };
-                [t[6], t[7]] = x.to_ne_bytes();
-            }
-            set_ports(t, f);
-        }
-        _ => {
-            // ICMP echo: no pseudo-header; only the identifier changes the checksum.
-            let (oid, nid) = (u16::from_ne_bytes(key.sport), u16::from_ne_bytes(f.sport));
-            let c = u16::from_ne_bytes([t[2], t[3]]);
-            [t[2], t[3]] = csum::replace2(c, oid, nid).to_ne_bytes();
-            [t[4], t[5]] = f.sport;
-        }
-    }
-    true
-}
-
-#[inline(always)]
-fn set_ports(t: &mut [u8; 8], f: &NatFlow) {
-    [t[0], t[1]] = f.sport;
-    [t[2], t[3]] = f.dport;
 }
 
 const ICMP_DEST_UNREACH: u8 = 3;

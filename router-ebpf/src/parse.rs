@@ -1,6 +1,11 @@
 //! Headers and bounds-checked access to them, whatever the hook.
 
-use crate::hook::Hook;
+/// What bounds-checked access needs of a packet: where its directly readable bytes start and
+/// end (each hook is one, see `hook::Hook`).
+pub trait Packet {
+    fn data(&self) -> usize;
+    fn data_end(&self) -> usize;
+}
 
 pub const ETH_LEN: usize = 14;
 pub const IPV4_LEN: usize = 20;
@@ -8,6 +13,7 @@ pub const IPV6_LEN: usize = 40;
 pub const ETH_P_IPV4: u16 = 0x0800;
 pub const ETH_P_IPV6: u16 = 0x86dd;
 pub const NEXTHDR_HOP: u8 = 0;
+pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 
@@ -44,7 +50,7 @@ pub struct Ipv6Hdr {
 
 /// Bounds-checked pointer to a `T` at `offset` bytes into the frame's directly readable part.
 #[inline(always)]
-pub fn ptr_at<T>(h: &impl Hook, offset: usize) -> Option<*mut T> {
+pub fn ptr_at<T>(h: &impl Packet, offset: usize) -> Option<*mut T> {
     let start = h.data();
     if start + offset + core::mem::size_of::<T>() > h.data_end() {
         return None;
@@ -66,7 +72,7 @@ pub fn link_local(a: &[u8; 16]) -> bool {
 
 /// The TCP/UDP ports at `offset`, mixed for the flow hash (0 when the frame ends before them).
 #[inline(always)]
-pub fn ports(h: &impl Hook, offset: usize) -> u32 {
+pub fn ports(h: &impl Packet, offset: usize) -> u32 {
     if cfg!(mutant = "ecmp_ignores_ports") {
         return 0;
     }
@@ -80,7 +86,7 @@ pub fn ports(h: &impl Hook, offset: usize) -> u32 {
 /// The length of the TCP or UDP header at `offset` (None for other protocols, or when the
 /// frame ends before it).
 #[inline(always)]
-pub fn l4_header_len(h: &impl Hook, offset: usize, proto: u8) -> Option<usize> {
+pub fn l4_header_len(h: &impl Packet, offset: usize, proto: u8) -> Option<usize> {
     match proto {
         IPPROTO_UDP => Some(8),
         IPPROTO_TCP => {
