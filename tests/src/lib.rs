@@ -79,3 +79,32 @@ pub fn ctl_json(args: &[&str]) -> serde_json::Value {
     );
     serde_json::from_slice(&out.stdout).expect("router-ctl JSON")
 }
+
+/// How much a counter grew from `before` to `after`; panics, naming `what`, when it went
+/// backwards (tests build in release, where a plain `after - before` would wrap silently).
+#[track_caller]
+pub fn grew(what: &str, before: u64, after: u64) -> u64 {
+    after
+        .checked_sub(before)
+        .unwrap_or_else(|| panic!("counter {what} went backwards: {before} → {after}"))
+}
+
+/// Polls `f` every 20 ms until it gives `Ok`, for at most `within`; panics naming `what` and
+/// the last `Err` (the state that was waited on) when the time is up.
+#[track_caller]
+pub fn wait_until<T>(
+    what: &str,
+    within: std::time::Duration,
+    mut f: impl FnMut() -> Result<T, String>,
+) -> T {
+    let t0 = std::time::Instant::now();
+    loop {
+        match f() {
+            Ok(v) => return v,
+            Err(e) if t0.elapsed() >= within => {
+                panic!("waited {within:?} for {what}; last: {e}")
+            }
+            Err(_) => std::thread::sleep(std::time::Duration::from_millis(20)),
+        }
+    }
+}

@@ -578,6 +578,19 @@ impl Seed {
         )
     }
 
+    /// Packets the fast path saw arrive on `dev`: forwarded, passed to the kernel or dropped.
+    pub fn seen(&self, dev: &str) -> u64 {
+        let v = self.stats();
+        let d = v
+            .iter()
+            .find(|d| d["device"] == dev)
+            .unwrap_or_else(|| panic!("no stats for {dev}: {v:?}"));
+        ["forwarded", "passed", "dropped"]
+            .iter()
+            .map(|k| d[k]["packets"].as_u64().unwrap())
+            .sum()
+    }
+
     pub fn passed(&self, dev: &str, reason: &str) -> u64 {
         self.stats()
             .iter()
