@@ -190,7 +190,7 @@ pub const MUTANTS: &[Mutant] = &[
             ("packet", "forwards_to_a_connected_host_byte_exact"),
             (
                 "netns",
-                "xdp_forwards_ping_and_tcp_with_kernel_forwarding_off",
+                "tc_forwards_ping_and_tcp_with_kernel_forwarding_off",
             ),
         ],
     },
