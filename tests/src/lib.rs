@@ -108,3 +108,23 @@ pub fn wait_until<T>(
         }
     }
 }
+
+/// Runs a test's set-up: a panic in it is raised again as "set-up failed: …", which the mutant
+/// runner (`cargo xtask mutants`) does not count as a kill (the test never got to its claim).
+#[track_caller]
+pub fn in_setup<T>(f: impl FnOnce() -> T) -> T {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(v) => v,
+        Err(e) => {
+            let msg = e
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            panic!("{SETUP_FAILED} {msg}")
+        }
+    }
+}
+
+/// What a set-up failure's panic message starts with (see `in_setup`).
+pub const SETUP_FAILED: &str = "set-up failed:";

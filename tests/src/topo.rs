@@ -354,7 +354,7 @@ impl Seed {
     /// creates its namespace and devices.
     fn apply_new(text: impl FnOnce(&Ids) -> String) -> Seed {
         let mut seed = Seed::new();
-        seed.apply(&text(&seed.ids));
+        crate::in_setup(|| seed.apply(&text(&seed.ids)));
         seed
     }
 
@@ -419,7 +419,7 @@ impl Seed {
             ));
         }
         let text = text(&s.ids);
-        s.apply(&text);
+        crate::in_setup(|| s.apply(&text));
         s
     }
 
