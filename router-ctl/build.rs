@@ -53,6 +53,7 @@ const CTL_MUTANTS: &[&str] = &[
     "wrong_level_order",
     "no_quarantine",
     "stale_table_kept",
+    "write_over_break_before_make",
 ];
 
 fn main() -> Result<()> {

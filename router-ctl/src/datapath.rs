@@ -541,7 +541,7 @@ impl Mapped {
     ) -> Result<()> {
         let n = fib::GROUP_SIZE as usize;
         self.reach(in_new.last().map_or(0, |g| (*g as usize + 1) * n))?;
-        #[cfg(mutant = "break_before_make")]
+        #[cfg(any(mutant = "break_before_make", mutant = "write_over_break_before_make"))]
         for g in in_new {
             // The fault: every entry that changes is emptied before it is written.
             let start = *g as usize * fib::GROUP_SIZE as usize;
