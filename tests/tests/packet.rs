@@ -1302,7 +1302,8 @@ fn kernel_ipv6_lookup_equals_a_reference_lpm() {
 // ---------------------------------------------------------------------------------------------
 // Fuzzing: random and mutated frames through the real program, against properties and a model
 // of what the kernel's forwarding would do with each frame. Bounded by ROUTER_FUZZ_SECONDS
-// (default 15); run longer by hand, e.g. ROUTER_FUZZ_SECONDS=600 cargo xtask test fuzz.
+// for each of the two programs (default 10: 20 s in all); run longer by hand, e.g.
+// ROUTER_FUZZ_SECONDS=600 cargo xtask test fuzz.
 
 /// The harness as the reference model sees it (`tests::model`): lo (ingress), e0, and e1 (down,
 /// no redirect slot), with the routes of `install_routes` and the neighbours of `harness`.
@@ -1485,13 +1486,15 @@ fn fuzzed_frames_keep_every_property() {
         let check_counters = |h: &Harness, want: &Stats| {
             let s = h.stats();
             let mut got = s[0];
-            got.pass_bytes -= base[0].pass_bytes;
-            got.fwd_bytes -= base[0].fwd_bytes;
-            got.fwd_packets -= base[0].fwd_packets;
-            got.fwd6_packets -= base[0].fwd6_packets;
-            got.fwd6_bytes -= base[0].fwd6_bytes;
-            for (g, b) in got.pass.iter_mut().zip(base[0].pass) {
-                *g -= b;
+            // Checked: a counter that went backwards fails here (release arithmetic wraps).
+            let (b, grew) = (&base[0], tests::grew);
+            got.pass_bytes = grew("pass_bytes", b.pass_bytes, got.pass_bytes);
+            got.fwd_bytes = grew("fwd_bytes", b.fwd_bytes, got.fwd_bytes);
+            got.fwd_packets = grew("fwd_packets", b.fwd_packets, got.fwd_packets);
+            got.fwd6_packets = grew("fwd6_packets", b.fwd6_packets, got.fwd6_packets);
+            got.fwd6_bytes = grew("fwd6_bytes", b.fwd6_bytes, got.fwd6_bytes);
+            for (g, b) in got.pass.iter_mut().zip(b.pass) {
+                *g = grew("a pass reason", b, *g);
             }
             assert_eq!(&got, want, "the ingress counters differ from the model's");
             assert_eq!(&s[1..], &base[1..], "other devices' counters moved");
