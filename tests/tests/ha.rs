@@ -105,9 +105,24 @@ fn a_restart_within_the_lease_causes_no_failover() {
     assert_roles_hold(&c, active);
     let (ping, arp) = (Pinger::start(&c), ArpWatch::start(&c));
     std::thread::sleep(Duration::from_millis(300));
+    let killed = Instant::now();
     c.kill_agent(active);
     c.start_agent(active);
-    std::thread::sleep(Duration::from_secs(4));
+    // Until the restarted agent holds the router again (its lease renewed, the router
+    // converged on it) and the old lease (2 s) would have expired: a failover would have begun.
+    let t = Instant::now();
+    while !(c.agent_alive(active)
+        && c.show()["status"] == "ACTIVE"
+        && c.show()["active_host"] == c.hosts[active].name.as_str()
+        && killed.elapsed() > Duration::from_secs(3))
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the restarted agent did not hold the router again: {}",
+            c.show()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let (sent, got) = ping.stop();
     let macs = answering(&arp.stop());
     assert_eq!(

@@ -191,11 +191,18 @@ fn snat_floating_ip_hairpin_and_tenant_traffic_follow_the_agents_rules() {
     );
     let before = from(&out, "192.168.1.10");
     udp_flow(&s.vm1, OUT, 2000);
-    std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(
-        from(&out, "192.168.1.10") - before,
-        2000,
-        "UDP through SNAT"
+    // Until the last datagram arrived (no more than 2 000 were sent).
+    tests::wait_until(
+        "UDP through SNAT: 2000 datagrams",
+        Duration::from_secs(3),
+        || {
+            let n = tests::grew(
+                "datagrams from the gateway address",
+                before,
+                from(&out, "192.168.1.10"),
+            );
+            (n == 2000).then_some(()).ok_or(format!("{n} arrived"))
+        },
     );
     let a1 = nat_counts(&s, &a);
     eprintln!(
@@ -665,7 +672,7 @@ fn thousands_of_concurrent_snat_flows_get_distinct_stable_ports() {
         FLOWS as usize,
         "two flows share a gateway port"
     );
-    let carried = nat_counts(&s, &a).0 - before;
+    let carried = tests::grew("source_translated", before, nat_counts(&s, &a).0);
     eprintln!(
         "{carried} of {} datagrams translated by the fast path",
         3 * FLOWS
@@ -1231,16 +1238,26 @@ fn the_fast_path_translates_what_the_kernels_nat_translates() {
         // Twice: a flow is reported for a copy once it passed the kernel `COPY_AFTER` times.
         let _ = exchange(&s, &primers);
         let _ = exchange(&s, &primers);
-        // The daemon copies the flows the fast path reported.
-        std::thread::sleep(Duration::from_millis(300));
+        if fast {
+            // The daemon copies the three flows the fast path reported (two UDP, one echo).
+            tests::wait_until(
+                "the daemon to copy the primers' flows",
+                Duration::from_secs(3),
+                || {
+                    let flows = ctl_json(&["nat", &id]);
+                    let n = flows.as_array().map_or(0, Vec::len);
+                    (n >= 3).then_some(()).ok_or(format!("{flows}"))
+                },
+            );
+        }
         let t0 = translated_total(&s);
         let got = exchange(&s, &frames);
         let t1 = translated_total(&s);
         if fast {
+            let n = tests::grew("translated", t0, t1);
             assert!(
-                t1 - t0 >= frames.len() as u64,
-                "the fast path translated {} of {} frames",
-                t1 - t0,
+                n >= frames.len() as u64,
+                "the fast path translated {n} of {} frames",
                 frames.len()
             );
         }
@@ -1249,10 +1266,10 @@ fn the_fast_path_translates_what_the_kernels_nat_translates() {
         if fast {
             // The first connection's segments after it was reported (8 from the outside) and
             // copied, both ways, up to the server's FIN.
+            let n = tests::grew("translated", t1, t2);
             assert!(
-                t2 - t1 >= 12,
-                "the fast path translated {} of the TCP connections' {} segments",
-                t2 - t1,
+                n >= 12,
+                "the fast path translated {n} of the TCP connections' {} segments",
                 conns.len()
             );
         }
