@@ -906,7 +906,9 @@ fn metrics_count_the_traffic_sent() {
             })
             .find(|l| {
                 label.is_none_or(|r| {
-                    l.contains(&format!("reason=\"{r}\"")) || l.contains(&format!("family=\"{r}\""))
+                    l.contains(&format!("reason=\"{r}\""))
+                        || l.contains(&format!("family=\"{r}\""))
+                        || l.contains(&format!("translated=\"{r}\""))
                 })
             })
             .and_then(|l| l.rsplit(' ').next()?.parse().ok())
@@ -934,9 +936,50 @@ fn metrics_count_the_traffic_sent() {
         &s.ids.dev_a(),
         Some("ttl_exceeded"),
     );
+    let (a, b) = (s.ids.dev_a(), s.ids.dev_b());
+    let bytes0: Vec<u64> = [&a, &b]
+        .iter()
+        .map(|d| value(&before, "router_xdp_forwarded_bytes_total", d, Some("ipv4")))
+        .collect();
+    let passed_bytes0 = value(&before, "router_xdp_passed_bytes_total", &a, None);
     assert!(Seed::ping(&s.vm1, "172.16.101.3", 20));
     let _ = Seed::exec(&s.vm1, "ping -c 3 -i 0.2 -t 1 -W 1 172.16.101.3");
     let after = scrape().unwrap();
+    // The byte, drop and NAT series: 20 echoes of 98-byte frames (56 bytes of data) each way,
+    // the 3 TTL-1 requests (98 bytes each) passed, nothing dropped, nothing translated (no
+    // gateway on this router).
+    for (i, d) in [&a, &b].iter().enumerate() {
+        assert_eq!(
+            tests::grew(
+                "forwarded bytes",
+                bytes0[i],
+                value(&after, "router_xdp_forwarded_bytes_total", d, Some("ipv4"))
+            ),
+            20 * 98,
+            "{d}: bytes forwarded"
+        );
+        assert_eq!(
+            value(&after, "router_xdp_dropped_packets_total", d, None),
+            0,
+            "{d}: dropped"
+        );
+        for dir in ["source", "destination"] {
+            assert_eq!(
+                value(&after, "router_xdp_nat_packets_total", d, Some(dir)),
+                0,
+                "{d}: {dir} translated"
+            );
+        }
+    }
+    let passed_bytes = tests::grew(
+        "passed bytes",
+        passed_bytes0,
+        value(&after, "router_xdp_passed_bytes_total", &a, None),
+    );
+    assert!(
+        passed_bytes >= 3 * 98,
+        "{a}: {passed_bytes} bytes passed, the three TTL-1 requests alone are 294"
+    );
     assert_eq!(
         value(
             &after,
