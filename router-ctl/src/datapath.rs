@@ -546,7 +546,7 @@ impl Mapped {
             // The fault: every entry that changes is emptied before it is written.
             let start = *g as usize * fib::GROUP_SIZE as usize;
             for i in start..(start + fib::GROUP_SIZE as usize).min(self.mapped) {
-                if old[i] != new[i] {
+                if old.get(i).is_some_and(|o| *o != new[i]) {
                     // SAFETY: as below.
                     unsafe { std::ptr::write_volatile(self.ptr.add(i), 0) };
                 }
