@@ -1147,13 +1147,6 @@ fn the_daemon_applies_its_definitions_on_sighup_and_on_file_change() {
     wait_for("the daemon did not apply its file at start", &|| {
         routes().is_some()
     });
-    let applied = || {
-        std::fs::read_to_string(&log)
-            .unwrap()
-            .matches("definitions applied")
-            .count()
-    };
-    assert_eq!(applied(), 1, "the file applied once at start");
     // An edit followed by SIGHUP. The daemon also applies the file when its mtime changes:
     // the edit keeps the old mtime (written aside, given the old time, renamed over the file),
     // so that only the signal can apply it.
@@ -1171,13 +1164,8 @@ fn the_daemon_applies_its_definitions_on_sighup_and_on_file_change() {
         std::fs::metadata(&path).unwrap().modified().unwrap(),
         old_mtime
     );
-    // The daemon looks at the file every 200 ms: three looks, and nothing applied.
-    std::thread::sleep(std::time::Duration::from_millis(600));
-    assert_eq!(
-        (applied(), routes()),
-        (1, Some(vec![])),
-        "the daemon applied an edit that kept the file's mtime without a signal"
-    );
+    // (No check that nothing is applied before the signal: every `apply` of another router,
+    // by a test running beside this one, sends the daemon SIGHUP too, to make it rescan.)
     sh("pkill -HUP -f 'router-ct[l] run'");
     wait_for("SIGHUP did not apply the new route", &|| {
         routes().is_some_and(|r| r == ["10.10.0.0/16"])
