@@ -54,6 +54,7 @@ const CTL_MUTANTS: &[&str] = &[
     "no_quarantine",
     "stale_table_kept",
     "no_map_renewal",
+    "write_over_break_before_make",
 ];
 
 fn main() -> Result<()> {

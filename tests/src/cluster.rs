@@ -373,10 +373,29 @@ impl Cluster {
             .and_then(|h| h["role"].as_str().map(str::to_string))
     }
 
-    /// The router's addresses in host i's router namespace.
+    /// The router's addresses in host i's router namespace; panics when `ip` cannot tell (no
+    /// such namespace): "no address" must mean the namespace is there and holds none.
     pub fn addresses(&self, i: usize) -> String {
         let ns = self.hosts[i].router_ns(ROUTER_ID);
-        String::from_utf8_lossy(&sh_out(&format!("ip -n {ns} -4 -br addr")).stdout).into_owned()
+        let out = sh_out(&format!("ip -n {ns} -4 -br addr"));
+        assert!(
+            out.status.success(),
+            "cannot read the addresses in {ns}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Whether `agent list` says host i's agent is alive.
+    pub fn agent_alive(&self, i: usize) -> bool {
+        let v = self.ctl_json(&["agent", "list"]);
+        v.as_array()
+            .expect("agent list")
+            .iter()
+            .find(|a| a["host"] == self.hosts[i].name.as_str())
+            .unwrap_or_else(|| panic!("{} not in agent list: {v}", self.hosts[i].name))["alive"]
+            .as_bool()
+            .expect("alive")
     }
 
     /// vm1 reaches vm3 through the router (and the router learnt both).

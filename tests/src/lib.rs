@@ -79,3 +79,52 @@ pub fn ctl_json(args: &[&str]) -> serde_json::Value {
     );
     serde_json::from_slice(&out.stdout).expect("router-ctl JSON")
 }
+
+/// How much a counter grew from `before` to `after`; panics, naming `what`, when it went
+/// backwards (tests build in release, where a plain `after - before` would wrap silently).
+#[track_caller]
+pub fn grew(what: &str, before: u64, after: u64) -> u64 {
+    after
+        .checked_sub(before)
+        .unwrap_or_else(|| panic!("counter {what} went backwards: {before} → {after}"))
+}
+
+/// Polls `f` every 20 ms until it gives `Ok`, for at most `within`; panics naming `what` and
+/// the last `Err` (the state that was waited on) when the time is up.
+#[track_caller]
+pub fn wait_until<T>(
+    what: &str,
+    within: std::time::Duration,
+    mut f: impl FnMut() -> Result<T, String>,
+) -> T {
+    let t0 = std::time::Instant::now();
+    loop {
+        match f() {
+            Ok(v) => return v,
+            Err(e) if t0.elapsed() >= within => {
+                panic!("waited {within:?} for {what}; last: {e}")
+            }
+            Err(_) => std::thread::sleep(std::time::Duration::from_millis(20)),
+        }
+    }
+}
+
+/// Runs a test's set-up: a panic in it is raised again as "set-up failed: …", which the mutant
+/// runner (`cargo xtask mutants`) does not count as a kill (the test never got to its claim).
+#[track_caller]
+pub fn in_setup<T>(f: impl FnOnce() -> T) -> T {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(v) => v,
+        Err(e) => {
+            let msg = e
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            panic!("{SETUP_FAILED} {msg}")
+        }
+    }
+}
+
+/// What a set-up failure's panic message starts with (see `in_setup`).
+pub const SETUP_FAILED: &str = "set-up failed:";

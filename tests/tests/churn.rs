@@ -138,8 +138,10 @@ fn frames_reach_their_nexthops_or_the_kernel_under_churn() {
     // live frames the fast path forwarded.
     s.set_forwarding(false);
     let st = RouterState::load(&s.ids.router_id).unwrap().unwrap();
-    let qr_a = config::parse_mac(&st.interfaces[0].mac).unwrap();
-    let qr_b = config::parse_mac(&st.interfaces[1].mac).unwrap();
+    assert_eq!(st.interfaces[0].device, s.ids.dev_a());
+    // The egress MACs as the kernel has them, not as the router recorded them.
+    let qr_a = config::parse_mac(&tests::topo::link_mac(&ns, &s.ids.dev_a())).unwrap();
+    let qr_b = config::parse_mac(&tests::topo::link_mac(&ns, &dev_b)).unwrap();
     let (ifindex_a, slot_a) = (st.interfaces[0].ifindex, st.interfaces[0].slot);
     let gens: Arc<Vec<AtomicU32>> = Arc::new((0..NEXTHOPS).map(|_| AtomicU32::new(0)).collect());
 

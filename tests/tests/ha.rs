@@ -14,26 +14,33 @@ fn ha_pair() -> (Cluster, usize) {
     ha_pair_with(&[])
 }
 
+/// (A failure here is a set-up failure, which the mutant runner does not count as a kill: what
+/// a test claims, such as a standby holding no address, is checked in the test.)
 fn ha_pair_with(agent_args: &[&str]) -> (Cluster, usize) {
-    let mut c = Cluster::new(2);
-    c.start_agent_with(0, agent_args);
-    c.start_agent_with(1, agent_args);
-    c.define_router(true);
-    c.wait_scheduled(2, Duration::from_secs(20));
-    let active = c.wait_converged(Duration::from_secs(20));
-    c.wait_ping(Duration::from_secs(10));
-    let standby = 1 - active;
-    assert_eq!(c.role(standby).as_deref(), Some("standby"));
+    tests::in_setup(|| {
+        let mut c = Cluster::new(2);
+        c.start_agent_with(0, agent_args);
+        c.start_agent_with(1, agent_args);
+        c.define_router(true);
+        c.wait_scheduled(2, Duration::from_secs(20));
+        let active = c.wait_converged(Duration::from_secs(20));
+        c.wait_ping(Duration::from_secs(10));
+        assert_eq!(c.role(1 - active).as_deref(), Some("standby"));
+        (c, active)
+    })
+}
+
+/// The active host holds the router's address, the standby (its namespace there) none.
+fn assert_roles_hold(c: &Cluster, active: usize) {
     assert!(
         c.addresses(active).contains("172.16.100.1/24"),
         "the active host holds the address"
     );
+    let standby = c.addresses(1 - active);
     assert!(
-        !c.addresses(standby).contains("172.16.100.1"),
-        "a standby holds no address: {}",
-        c.addresses(standby)
+        !standby.contains("172.16.100.1"),
+        "a standby holds no address: {standby}"
     );
-    (c, active)
 }
 
 /// Waits until host `i` is the active one.
@@ -55,6 +62,7 @@ fn wait_active(c: &Cluster, i: usize, within: Duration) {
 #[test]
 fn the_standby_takes_over_when_the_active_agent_is_killed() {
     let (mut c, active) = ha_pair();
+    assert_roles_hold(&c, active);
     let standby = 1 - active;
     let (ping, arp) = (Pinger::start(&c), ArpWatch::start(&c));
     std::thread::sleep(Duration::from_millis(500));
@@ -94,11 +102,27 @@ fn the_standby_takes_over_when_the_active_agent_is_killed() {
 #[test]
 fn a_restart_within_the_lease_causes_no_failover() {
     let (mut c, active) = ha_pair();
+    assert_roles_hold(&c, active);
     let (ping, arp) = (Pinger::start(&c), ArpWatch::start(&c));
     std::thread::sleep(Duration::from_millis(300));
+    let killed = Instant::now();
     c.kill_agent(active);
     c.start_agent(active);
-    std::thread::sleep(Duration::from_secs(4));
+    // Until the restarted agent holds the router again (its lease renewed, the router
+    // converged on it) and the old lease (2 s) would have expired: a failover would have begun.
+    let t = Instant::now();
+    while !(c.agent_alive(active)
+        && c.show()["status"] == "ACTIVE"
+        && c.show()["active_host"] == c.hosts[active].name.as_str()
+        && killed.elapsed() > Duration::from_secs(3))
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the restarted agent did not hold the router again: {}",
+            c.show()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let (sent, got) = ping.stop();
     let macs = answering(&arp.stop());
     assert_eq!(
@@ -108,6 +132,7 @@ fn a_restart_within_the_lease_causes_no_failover() {
     );
     assert_eq!(c.show()["active_host"], c.hosts[active].name.as_str());
     assert_eq!(sent, got, "no ping lost");
+    assert_roles_hold(&c, active);
 }
 
 #[test]
@@ -116,6 +141,7 @@ fn an_etcd_restart_changes_no_role_and_the_watches_resume() {
     // restarting under the parallel suite can take that long) fences the active host for a
     // moment, which costs no packet: it only stops answering ARP until it renews.
     let (mut c, active) = ha_pair();
+    assert_roles_hold(&c, active);
     let (ping, arp) = (Pinger::start(&c), ArpWatch::start(&c));
     c.kill_etcd();
     c.start_etcd();
@@ -166,6 +192,7 @@ fn an_etcd_restart_changes_no_role_and_the_watches_resume() {
 #[test]
 fn a_host_cut_off_from_etcd_is_fenced_and_returns_as_standby() {
     let (c, active) = ha_pair();
+    assert_roles_hold(&c, active);
     let standby = 1 - active;
     let (ping, arp) = (Pinger::start(&c), ArpWatch::start(&c));
     std::thread::sleep(Duration::from_millis(300));
@@ -205,6 +232,7 @@ fn a_host_cut_off_from_etcd_is_fenced_and_returns_as_standby() {
 #[test]
 fn the_active_resigns_when_its_provider_link_goes_down() {
     let (c, active) = ha_pair();
+    assert_roles_hold(&c, active);
     let standby = 1 - active;
     let (ping, arp) = (Pinger::start(&c), ArpWatch::start(&c));
     std::thread::sleep(Duration::from_millis(300));
@@ -227,6 +255,7 @@ fn the_active_resigns_when_its_provider_link_goes_down() {
 #[test]
 fn a_graceful_stop_switches_over_within_a_second() {
     let (mut c, active) = ha_pair();
+    assert_roles_hold(&c, active);
     let standby = 1 - active;
     let (ping, arp) = (Pinger::start(&c), ArpWatch::start(&c));
     std::thread::sleep(Duration::from_millis(300));
@@ -377,13 +406,43 @@ fn a_dead_host_is_replaced_after_the_agent_down_time() {
         .find(|i| !hosts.contains(&c.hosts[*i].name))
         .expect("a third host");
     c.kill_agent(standby);
-    // Within the grace period nothing moves.
-    std::thread::sleep(Duration::from_millis(1500));
-    assert!(c.show()["hosts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .any(|h| h["host"] == c.hosts[standby].name.as_str()));
+    // The host counts as down once its lease expired (`agent list`); from then on, for the
+    // grace period (3 s), nothing moves, and then the spare takes its place. (The scheduler may
+    // see the lease go up to one of our polls before we do: half a second of slack.)
+    let killed = Instant::now();
+    while c.agent_alive(standby) {
+        assert!(
+            killed.elapsed() < Duration::from_secs(10),
+            "the killed agent is still alive in `agent list`"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let down = Instant::now();
+    eprintln!("agent down {:?} after the kill", down - killed);
+    let scheduled_on = |c: &Cluster, i: usize| {
+        c.show()["hosts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|h| h["host"] == c.hosts[i].name.as_str())
+    };
+    let moved = loop {
+        let moved = !scheduled_on(&c, standby) || scheduled_on(&c, spare);
+        if moved {
+            break down.elapsed();
+        }
+        assert!(
+            down.elapsed() < Duration::from_secs(15),
+            "the dead host's place never moved: {}",
+            c.show()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    eprintln!("the schedule moved {moved:?} after the host went down");
+    assert!(
+        moved >= Duration::from_millis(2500),
+        "the schedule moved {moved:?} after the host went down, within the 3 s grace period"
+    );
     let t = Instant::now();
     while c.role(spare).as_deref() != Some("standby") {
         assert!(

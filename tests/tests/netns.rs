@@ -6,10 +6,13 @@ use tests::{
     topo::{capture, tcp_transfer, unique_tag, write_config, Ids, Recorder, Seed},
 };
 
+/// The fast path at the hook auto picks for veths (tc): ping and TCP cross with the kernel's
+/// forwarding off. (XDP: `forced_xdp_tuned_forwards_both_families_with_kernel_forwarding_off`.)
 #[test]
-fn xdp_forwards_ping_and_tcp_with_kernel_forwarding_off() {
+fn tc_forwards_ping_and_tcp_with_kernel_forwarding_off() {
     require_root();
     let s = Seed::up("");
+    assert!(s.hooks().iter().all(|(_, h)| h == "tc"), "{:?}", s.hooks());
     s.prime_neighbours();
     s.set_forwarding(false);
     let (a, b) = (s.ids.dev_a(), s.ids.dev_b());
@@ -83,10 +86,12 @@ fn ttl_1_gets_time_exceeded_from_the_gateway() {
     assert_eq!(s.passed(&s.ids.dev_a(), "ttl_exceeded"), before + 1);
 }
 
+/// As `tc_forwards_ping_and_tcp_with_kernel_forwarding_off`, over IPv6 (tc, auto on veths).
 #[test]
-fn xdp_forwards_ipv6_ping_and_tcp_with_kernel_forwarding_off() {
+fn tc_forwards_ipv6_ping_and_tcp_with_kernel_forwarding_off() {
     require_root();
     let s = Seed::up_dual("");
+    assert!(s.hooks().iter().all(|(_, h)| h == "tc"), "{:?}", s.hooks());
     s.prime_neighbours6();
     s.set_forwarding6(false);
     let (a, b) = (s.ids.dev_a(), s.ids.dev_b());
@@ -901,7 +906,9 @@ fn metrics_count_the_traffic_sent() {
             })
             .find(|l| {
                 label.is_none_or(|r| {
-                    l.contains(&format!("reason=\"{r}\"")) || l.contains(&format!("family=\"{r}\""))
+                    l.contains(&format!("reason=\"{r}\""))
+                        || l.contains(&format!("family=\"{r}\""))
+                        || l.contains(&format!("translated=\"{r}\""))
                 })
             })
             .and_then(|l| l.rsplit(' ').next()?.parse().ok())
@@ -929,9 +936,50 @@ fn metrics_count_the_traffic_sent() {
         &s.ids.dev_a(),
         Some("ttl_exceeded"),
     );
+    let (a, b) = (s.ids.dev_a(), s.ids.dev_b());
+    let bytes0: Vec<u64> = [&a, &b]
+        .iter()
+        .map(|d| value(&before, "router_xdp_forwarded_bytes_total", d, Some("ipv4")))
+        .collect();
+    let passed_bytes0 = value(&before, "router_xdp_passed_bytes_total", &a, None);
     assert!(Seed::ping(&s.vm1, "172.16.101.3", 20));
     let _ = Seed::exec(&s.vm1, "ping -c 3 -i 0.2 -t 1 -W 1 172.16.101.3");
     let after = scrape().unwrap();
+    // The byte, drop and NAT series: 20 echoes of 98-byte frames (56 bytes of data) each way,
+    // the 3 TTL-1 requests (98 bytes each) passed, nothing dropped, nothing translated (no
+    // gateway on this router).
+    for (i, d) in [&a, &b].iter().enumerate() {
+        assert_eq!(
+            tests::grew(
+                "forwarded bytes",
+                bytes0[i],
+                value(&after, "router_xdp_forwarded_bytes_total", d, Some("ipv4"))
+            ),
+            20 * 98,
+            "{d}: bytes forwarded"
+        );
+        assert_eq!(
+            value(&after, "router_xdp_dropped_packets_total", d, None),
+            0,
+            "{d}: dropped"
+        );
+        for dir in ["source", "destination"] {
+            assert_eq!(
+                value(&after, "router_xdp_nat_packets_total", d, Some(dir)),
+                0,
+                "{d}: {dir} translated"
+            );
+        }
+    }
+    let passed_bytes = tests::grew(
+        "passed bytes",
+        passed_bytes0,
+        value(&after, "router_xdp_passed_bytes_total", &a, None),
+    );
+    assert!(
+        passed_bytes >= 3 * 98,
+        "{a}: {passed_bytes} bytes passed, the three TTL-1 requests alone are 294"
+    );
     assert_eq!(
         value(
             &after,
@@ -1099,8 +1147,25 @@ fn the_daemon_applies_its_definitions_on_sighup_and_on_file_change() {
     wait_for("the daemon did not apply its file at start", &|| {
         routes().is_some()
     });
-    // An edit followed by SIGHUP.
-    std::fs::write(&path, ids.config(route)).unwrap();
+    // An edit followed by SIGHUP. The daemon also applies the file when its mtime changes:
+    // the edit keeps the old mtime (written aside, given the old time, renamed over the file),
+    // so that only the signal can apply it.
+    let old_mtime = std::fs::metadata(&path).unwrap().modified().unwrap();
+    let aside = format!("{path}.new");
+    std::fs::write(&aside, ids.config(route)).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&aside)
+        .unwrap()
+        .set_modified(old_mtime)
+        .unwrap();
+    std::fs::rename(&aside, &path).unwrap();
+    assert_eq!(
+        std::fs::metadata(&path).unwrap().modified().unwrap(),
+        old_mtime
+    );
+    // (No check that nothing is applied before the signal: every `apply` of another router,
+    // by a test running beside this one, sends the daemon SIGHUP too, to make it rescan.)
     sh("pkill -HUP -f 'router-ct[l] run'");
     wait_for("SIGHUP did not apply the new route", &|| {
         routes().is_some_and(|r| r == ["10.10.0.0/16"])
@@ -1266,10 +1331,57 @@ fn openstack_style_verbs_build_a_router_that_forwards() {
         ));
     }
     assert!(Seed::ping(&vm1, "172.16.100.1", 1) && Seed::ping(&vm3, "172.16.101.1", 1));
-    assert!(
-        Seed::ping(&vm1, "172.16.101.3", 3),
+    let id = show["id"].as_str().unwrap().to_string();
+    let (qa, qb) = (format!("qr-{}", &pa[..11]), format!("qr-{}", &pb[..11]));
+    // Forwarded packets by the fast path on each device, IPv4 and IPv6.
+    let fwd = || -> Vec<(u64, u64)> {
+        let v = ctl_json(&["stats", &name]);
+        [&qa, &qb]
+            .iter()
+            .map(|d| {
+                let s = v
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|s| s["device"] == d.as_str())
+                    .unwrap_or_else(|| panic!("no stats for {d}: {v}"));
+                let f = &s["forwarded"];
+                (
+                    f["ipv4"]["packets"].as_u64().unwrap(),
+                    f["ipv6"]["packets"].as_u64().unwrap(),
+                )
+            })
+            .collect()
+    };
+    let grew = |before: &[(u64, u64)], after: &[(u64, u64)], v6: bool| -> Vec<u64> {
+        before
+            .iter()
+            .zip(after)
+            .map(|(b, a)| {
+                let (b, a) = if v6 { (b.1, a.1) } else { (b.0, a.0) };
+                tests::grew("forwarded", b, a)
+            })
+            .collect()
+    };
+    // The fast path forwards, not the kernel: with the namespace's IPv4 forwarding off, every
+    // echo request (on qr-a) and reply (on qr-b) is forwarded by the fast path.
+    sh(&format!(
+        "ip netns exec {ns} sysctl -qw net.ipv4.ip_forward=0"
+    ));
+    let f0 = fwd();
+    assert_eq!(
+        Seed::ping_counts(&vm1, "172.16.101.3", 3),
+        (3, 3),
         "the router built with the verbs does not forward"
     );
+    assert_eq!(
+        grew(&f0, &fwd(), false),
+        [3, 3],
+        "echoes forwarded by the fast path (qr-a, qr-b)"
+    );
+    sh(&format!(
+        "ip netns exec {ns} sysctl -qw net.ipv4.ip_forward=1"
+    ));
     // A route whose gateway is not on a connected subnet is refused and changes nothing.
     let before = ctl_json(&["router", "show", &name]);
     let out = ctl(&[
@@ -1347,9 +1459,16 @@ fn openstack_style_verbs_build_a_router_that_forwards() {
     // as `prime_neighbours6` does for the seed): once failed in a loaded full run, its first
     // echo lost; then three echoes, none lost.
     let _ = Seed::ping_counts(&vm1, "2001:db8:101::3", 1);
-    assert!(
-        Seed::ping(&vm1, "2001:db8:101::3", 3),
+    let f0 = fwd();
+    assert_eq!(
+        Seed::ping_counts(&vm1, "2001:db8:101::3", 3),
+        (3, 3),
         "no IPv6 through the verbs' router"
+    );
+    assert_eq!(
+        grew(&f0, &fwd(), true),
+        [3, 3],
+        "IPv6 echoes forwarded by the fast path (qr-a, qr-b)"
     );
     assert!(
         Seed::ping(&vm1, "172.16.101.3", 1),
@@ -1390,7 +1509,33 @@ fn openstack_style_verbs_build_a_router_that_forwards() {
         "removed interface still there"
     );
     ok(&["router", "delete", &name]);
+    // Nothing of the router is left: namespace, devices (the instances' ends went with their
+    // peers), pinned maps and links, state.
     assert!(!std::path::Path::new(&format!("/run/netns/{ns}")).exists());
+    assert!(
+        !sh_out(&format!("ip -n {vm1} link show tap{}", &pa[..11]))
+            .status
+            .success(),
+        "vm1's device outlived the router"
+    );
+    assert!(
+        !router_ctl::state::bpf_dir(&id).exists(),
+        "pinned maps and links left in {}",
+        router_ctl::state::bpf_dir(&id).display()
+    );
+    assert!(
+        !router_ctl::state::RouterState::path(&id).exists(),
+        "state file left"
+    );
+    let list = ctl_json(&["router", "list"]);
+    assert!(
+        !list
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["name"] == name.as_str() || r["id"] == id.as_str()),
+        "the deleted router is still listed: {list}"
+    );
 }
 
 #[test]
@@ -1930,6 +2075,57 @@ fn forced_xdp_on_veths_is_never_worse_than_the_kernel() {
         s.passed(&a, "no_xdp_xmit") > no_xmit + 3,
         "frames after the change"
     );
+}
+
+/// XDP forced on both qr- devices of the dual-stack seed, with the instance side tuned so that
+/// both take XDP-redirected frames (complete checksums, GRO on both instance ends): ping and TCP
+/// of both families cross in the XDP program with the kernel's forwarding off, and the kernel's
+/// own count of XDP redirects on each device equals the fast path's.
+#[test]
+fn forced_xdp_tuned_forwards_both_families_with_kernel_forwarding_off() {
+    require_root();
+    let s = Seed::up_dual_text(|ids| with_hook(ids, ids.config_dual(""), "xdp"));
+    let (a, b) = (s.ids.dev_a(), s.ids.dev_b());
+    assert_eq!(
+        s.hooks(),
+        vec![
+            (a.clone(), "xdp".to_string()),
+            (b.clone(), "xdp".to_string())
+        ]
+    );
+    for (ns, tap) in [(&s.vm1, s.ids.tap_a()), (&s.vm3, s.ids.tap_b())] {
+        sh(&format!(
+            "ip netns exec {ns} ethtool -K {tap} tx off gro on"
+        ));
+    }
+    wait_xdp_slot(&s, &a, true);
+    wait_xdp_slot(&s, &b, true);
+    s.prime_neighbours();
+    s.prime_neighbours6();
+    s.set_forwarding(false);
+    s.set_forwarding6(false);
+    let before = s.fast_path();
+    for dev in [&a, &b] {
+        assert!(
+            before.get(dev).redirects.is_some(),
+            "{dev}: no kernel count of XDP redirects to check against"
+        );
+    }
+    for (from, to) in [
+        (&s.vm1, "172.16.101.3"),
+        (&s.vm3, "172.16.100.3"),
+        (&s.vm1, "2001:db8:101::3"),
+        (&s.vm3, "2001:db8:100::3"),
+    ] {
+        assert_eq!(Seed::ping_counts(from, to, 5), (5, 5), "{from} → {to}");
+    }
+    s.assert_fast_path(&before, &[(&a, 10, 10), (&b, 10, 10)]);
+    for ip in ["172.16.101.3", "2001:db8:101::3"] {
+        let before = s.fast_path();
+        let (n, same) = tcp_transfer(&s.vm1, &s.vm3, ip, 10 << 20);
+        assert!(n == 10 << 20 && same, "TCP to {ip} through forced XDP");
+        s.assert_fast_path_carried(&before, &[(&a, 10 << 20), (&b, 1)]);
+    }
 }
 
 /// With the tc hook (auto on veths) the peer's GRO is irrelevant: it going off and on under

@@ -112,11 +112,16 @@ const DST6: [u16; 8] = [0x2001, 0xdb8, 2, 0, 0, 0, 0, 5];
 /// 2001:db8:2::/64 (slot 1), and e1 on 10.3.0.0/24 and 2001:db8:3::/64 (slot 2), known to
 /// IFACES but down: absent from the devmap.
 fn harness() -> Harness {
+    harness_with(|| datapath::load_unpinned().expect("load the XDP program"))
+}
+
+/// `harness` with the program and maps `load` gives (in the test's namespace).
+fn harness_with(load: impl FnOnce() -> Ebpf) -> Harness {
     require_root();
     unshare_netns();
     sh("ip link add e0 type veth peer name e1 && ip link set lo up && ip link set e0 up && ip link set e1 up");
     let (lo, e0, e1) = (1, ifindex("e0"), ifindex("e1"));
-    let mut ebpf = datapath::load_unpinned().expect("load the XDP program");
+    let mut ebpf = tests::in_setup(load);
     let iface = |mac, slot| Iface {
         mac,
         flags: 0,
@@ -1297,7 +1302,8 @@ fn kernel_ipv6_lookup_equals_a_reference_lpm() {
 // ---------------------------------------------------------------------------------------------
 // Fuzzing: random and mutated frames through the real program, against properties and a model
 // of what the kernel's forwarding would do with each frame. Bounded by ROUTER_FUZZ_SECONDS
-// (default 15); run longer by hand, e.g. ROUTER_FUZZ_SECONDS=600 cargo xtask test fuzz.
+// for each of the two programs (default 10: 20 s in all); run longer by hand, e.g.
+// ROUTER_FUZZ_SECONDS=600 cargo xtask test fuzz.
 
 /// The harness as the reference model sees it (`tests::model`): lo (ingress), e0, and e1 (down,
 /// no redirect slot), with the routes of `install_routes` and the neighbours of `harness`.
@@ -1480,13 +1486,15 @@ fn fuzzed_frames_keep_every_property() {
         let check_counters = |h: &Harness, want: &Stats| {
             let s = h.stats();
             let mut got = s[0];
-            got.pass_bytes -= base[0].pass_bytes;
-            got.fwd_bytes -= base[0].fwd_bytes;
-            got.fwd_packets -= base[0].fwd_packets;
-            got.fwd6_packets -= base[0].fwd6_packets;
-            got.fwd6_bytes -= base[0].fwd6_bytes;
-            for (g, b) in got.pass.iter_mut().zip(base[0].pass) {
-                *g -= b;
+            // Checked: a counter that went backwards fails here (release arithmetic wraps).
+            let (b, grew) = (&base[0], tests::grew);
+            got.pass_bytes = grew("pass_bytes", b.pass_bytes, got.pass_bytes);
+            got.fwd_bytes = grew("fwd_bytes", b.fwd_bytes, got.fwd_bytes);
+            got.fwd_packets = grew("fwd_packets", b.fwd_packets, got.fwd_packets);
+            got.fwd6_packets = grew("fwd6_packets", b.fwd6_packets, got.fwd6_packets);
+            got.fwd6_bytes = grew("fwd6_bytes", b.fwd6_bytes, got.fwd6_bytes);
+            for (g, b) in got.pass.iter_mut().zip(b.pass) {
+                *g = grew("a pass reason", b, *g);
             }
             assert_eq!(&got, want, "the ingress counters differ from the model's");
             assert_eq!(&s[1..], &base[1..], "other devices' counters moved");
@@ -1682,6 +1690,103 @@ fn forward_to_nh1_or_nh2(h: &mut Harness, frames: &[Vec<u8>]) -> (usize, Option<
         }
     }
     (runs, None)
+}
+
+/// `datapath::set_routes` itself raced against lookups: each write opens the maps afresh,
+/// reads the table back and writes the new one over it in place (`write_over`, what apply and
+/// the daemon use below `KEEP_FROM_ROUTES` prefixes), cycling through the three layouts of
+/// `route_changes_are_never_seen_half_done` from another process's view of the pinned maps.
+/// Every frame must be forwarded to one of the nexthops, byte-exact.
+#[test]
+fn set_routes_rewrites_are_never_seen_half_done() {
+    for prog in [Prog::Xdp, Prog::Tc] {
+        eprintln!("--- program: {prog:?}");
+        let id = format!("packet-race-{}-{prog:?}", std::process::id());
+        struct Unpin(String);
+        impl Drop for Unpin {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_dir_all(router_ctl::state::bpf_dir(&self.0));
+            }
+        }
+        let _unpin = Unpin(id.clone());
+        let mut h = harness_with(|| {
+            datapath::load_pinned(
+                &id,
+                router_ctl::fib::Capacity::default(),
+                datapath::Programs::BOTH,
+            )
+            .expect("load the programs with pinned maps")
+        });
+        h.prog = prog;
+        let (e0, ifaces) = (h.e0, h.ifaces.clone());
+        let connected = [
+            (pfx("10.1.0.0/24"), 1),
+            (pfx("10.2.0.0/24"), e0),
+            (pfx("2001:db8:1::/64"), 1),
+            (pfx("2001:db8:2::/64"), e0),
+        ];
+        let (nh1, nh2) = (ip("10.2.0.254"), ip("10.2.0.253"));
+        let (nh1_6, nh2_6) = (ip("2001:db8:2::fe"), ip("2001:db8:2::fd"));
+        let table =
+            |gw: Vec<(IpNet, u32, IpAddr)>| datapath::route_entries(&ifaces, &connected, &gw, &[]);
+        let carved: Vec<(IpNet, u32, IpAddr)> = (0..256u32)
+            .step_by(3)
+            .flat_map(|x| {
+                [
+                    (pfx(&format!("10.9.{x}.0/24")), e0, nh1),
+                    (pfx(&format!("2001:db8:9:{x:x}::/64")), e0, nh1_6),
+                ]
+            })
+            .chain([
+                (pfx("10.9.0.0/16"), e0, nh2),
+                (pfx("2001:db8:9::/48"), e0, nh2_6),
+            ])
+            .collect();
+        let tables = vec![
+            table(vec![
+                (pfx("10.9.0.0/16"), e0, nh1),
+                (pfx("2001:db8:9::/48"), e0, nh1_6),
+            ]),
+            table(carved),
+            table(vec![
+                (pfx("10.9.0.0/16"), e0, nh1),
+                (pfx("10.9.0.0/16"), e0, nh2),
+                (pfx("2001:db8:9::/48"), e0, nh1_6),
+                (pfx("2001:db8:9::/48"), e0, nh2_6),
+            ]),
+        ];
+        assert!(tables.iter().all(|t| t.len() < datapath::KEEP_FROM_ROUTES));
+        datapath::set_routes(&mut h.ebpf, &tables[0]).unwrap();
+        // The writer's own view of the maps, as another process (apply) opens them.
+        let mut maps = datapath::open_maps(&id).expect("open the pinned maps");
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s = stop.clone();
+        let writes = std::thread::spawn(move || {
+            let mut n = 1usize;
+            while !s.load(std::sync::atomic::Ordering::SeqCst) {
+                datapath::set_routes(&mut maps, &tables[n % tables.len()]).unwrap();
+                n += 1;
+            }
+            n - 1
+        });
+        let frames: Vec<Vec<u8>> = (0..256u16)
+            .flat_map(|x| {
+                let ip4 = Ipv4::udp(SRC, [10, 9, x as u8, 7], 64);
+                let ip6 = Ipv6::udp(v6(SRC6), v6([0x2001, 0xdb8, 9, x, 0, 0, 0, 7]), 64);
+                [udp_frame(IN_MAC, &ip4), udp6_frame(IN_MAC, &ip6)]
+            })
+            .collect();
+        let (runs, failure) = forward_to_nh1_or_nh2(&mut h, &frames);
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let writes = writes.join().unwrap();
+        if let Some(f) = failure {
+            panic!(
+                "a lookup saw a table half-written by set_routes ({writes} tables written): {f}"
+            );
+        }
+        eprintln!("set_routes: {runs} frames, {writes} tables written over, all forwarded");
+        assert!(writes >= 30, "only {writes} tables written");
+    }
 }
 
 /// Single routes added, replaced (also by an ECMP pair) and removed one batch at a time, as a

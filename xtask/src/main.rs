@@ -388,23 +388,58 @@ fn build_and_load(root: &Path, config: Option<PathBuf>) -> Result<()> {
     Ok(())
 }
 
-/// Runs every test binary and closes with one line adding up all of them.
+/// Runs every test binary and closes with one line adding up all of them: router-ctl's own
+/// unit tests in the `checked` profile (release code with debug assertions and overflow checks),
+/// everything else in release against target/release/router-ctl.
 fn test(root: &Path, args: &[String]) -> Result<()> {
-    use std::io::{BufRead as _, BufReader};
     let ctl = build_release(root)?;
-    let mut cmd = Command::new("cargo");
-    cmd.args([
+    let mut checked = Command::new("cargo");
+    checked
+        .args([
+            "test",
+            "--profile",
+            "checked",
+            "-p",
+            "router-ctl",
+            "--no-fail-fast",
+            "--",
+        ])
+        .args(args);
+    let mut rest = Command::new("cargo");
+    rest.args([
         "test",
         "--release",
         "--workspace",
         "--exclude",
         "router-ebpf",
+        "--exclude",
+        "router-ctl",
         "--no-fail-fast",
         "--",
     ])
-    .args(args)
-    .env("ROUTER_CTL", &ctl)
-    .stdout(std::process::Stdio::piped());
+    .args(args);
+    let (mut passed, mut failed, mut ok) = (0u64, 0u64, true);
+    for mut cmd in [checked, rest] {
+        cmd.env("ROUTER_CTL", &ctl);
+        let (p, f, status_ok) = run_tests(cmd)?;
+        passed += p;
+        failed += f;
+        ok &= status_ok;
+    }
+    println!("tests: {passed} passed, {failed} failed");
+    if !ok || failed > 0 {
+        bail!("tests failed");
+    }
+    if passed == 0 {
+        bail!("no test ran");
+    }
+    Ok(())
+}
+
+/// Runs one `cargo test`, echoing its output: (passed, failed, exit status success).
+fn run_tests(mut cmd: Command) -> Result<(u64, u64, bool)> {
+    use std::io::{BufRead as _, BufReader};
+    cmd.stdout(std::process::Stdio::piped());
     eprintln!("+ {cmd:?}");
     let mut child = cmd.spawn().context("cannot run cargo test")?;
     let (mut passed, mut failed) = (0u64, 0u64);
@@ -429,12 +464,5 @@ fn test(root: &Path, args: &[String]) -> Result<()> {
         }
     }
     let status = child.wait()?;
-    println!("tests: {passed} passed, {failed} failed");
-    if !status.success() || failed > 0 {
-        bail!("tests failed ({status})");
-    }
-    if passed == 0 {
-        bail!("no test ran");
-    }
-    Ok(())
+    Ok((passed, failed, status.success()))
 }

@@ -2,7 +2,9 @@
 //! built into the program or the controller by `router-ctl/build.rs` when ROUTER_XDP_MUTANT
 //! names it, and only under the `mutants` profile (`target/mutants/`); a release build refuses
 //! the variable. For each mutant the tests that must catch the fault are run against the
-//! faulty build: the mutant is killed when one of them fails, and survives when all pass.
+//! faulty build: the mutant is killed when one of them fails on its own claim (the test ran,
+//! past its set-up, and reported FAILED); a build or verifier error, a crash or a set-up failure
+//! (`tests::in_setup`) is reported and proves nothing. It survives when none is killed.
 //!
 //! First the same tests run on an unmutated build of the same profile: they must pass there,
 //! or a kill would prove nothing.
@@ -106,7 +108,8 @@ pub const MUTANTS: &[Mutant] = &[
     },
     Mutant {
         name: "fence_never",
-        fault: "the fencer never removes the addresses of a host that lost its lease",
+        fault: "the fencer never fences the HA routers of a host whose lease expired (no ARP/ND \
+                fence, no address removed)",
         tests: &[
             (
                 "ha",
@@ -198,7 +201,7 @@ pub const MUTANTS: &[Mutant] = &[
             ("packet", "forwards_to_a_connected_host_byte_exact"),
             (
                 "netns",
-                "xdp_forwards_ping_and_tcp_with_kernel_forwarding_off",
+                "tc_forwards_ping_and_tcp_with_kernel_forwarding_off",
             ),
         ],
     },
@@ -250,6 +253,13 @@ pub const MUTANTS: &[Mutant] = &[
                 "frames_reach_their_nexthops_or_the_kernel_under_churn",
             ),
         ],
+    },
+    Mutant {
+        name: "write_over_break_before_make",
+        fault: "the in-place writer of a table read back from the maps (`write_over`, what \
+                apply and the daemon use below 4 096 routes) empties the entries it changes \
+                before writing them",
+        tests: &[("packet", "set_routes_rewrites_are_never_seen_half_done")],
     },
     Mutant {
         name: "neigh_change_ignored",
@@ -363,14 +373,62 @@ fn build(root: &Path, mutant: Option<&str>) -> Result<std::path::PathBuf> {
     Ok(root.join("target/mutants/router-ctl"))
 }
 
-/// Runs one test of one test binary against the build; true when it passed.
-fn passes(
+/// How one test ran against a build.
+#[derive(Debug, PartialEq, Eq)]
+enum Outcome {
+    Passed,
+    /// The test itself failed: it ran past its set-up and an assertion of its own failed.
+    Failed,
+    /// The test panicked in its set-up (`tests::in_setup`: a fixture, a program the verifier
+    /// refused at load): it never got to what it claims, so this proves nothing.
+    SetUpFailed,
+    /// The test did not run or did not report (a build error, a crash, a filter that selects
+    /// nothing or more than one test).
+    NotRun,
+    /// The project's own code panicked (router-ctl, router-common): the fault crashed the code
+    /// the test calls rather than showing as the behaviour the test checks.
+    CodePanicked,
+}
+
+/// What the output of `cargo test -- FILTER --exact` says about test FILTER.
+fn outcome(filter: &str, success: bool, text: &str) -> Outcome {
+    let ran_one = text.lines().any(|l| l.trim() == "running 1 test");
+    let line = |verdict: &str| {
+        text.lines()
+            .any(|l| l.trim() == format!("test {filter} ... {verdict}"))
+    };
+    if !ran_one {
+        return Outcome::NotRun;
+    }
+    if line("ok") {
+        return if success {
+            Outcome::Passed
+        } else {
+            Outcome::NotRun
+        };
+    }
+    if !line("FAILED") {
+        return Outcome::NotRun;
+    }
+    if text.contains("set-up failed:") {
+        Outcome::SetUpFailed
+    } else if text.lines().any(|l| {
+        l.contains("panicked at router-ctl/src/") || l.contains("panicked at router-common/src/")
+    }) {
+        Outcome::CodePanicked
+    } else {
+        Outcome::Failed
+    }
+}
+
+/// Runs one test of one test binary against the build.
+fn run_test(
     ctl: &Path,
     mutant: Option<&str>,
     binary: &str,
     filter: &str,
     log: &Path,
-) -> Result<bool> {
+) -> Result<Outcome> {
     // A daemon of the previous build must not serve this one's routers.
     let _ = Command::new("pkill")
         .args(["-9", "-f", "router-ct[l] run"])
@@ -408,7 +466,11 @@ fn passes(
     if out.status.success() && !text.contains("running 1 test") {
         bail!("`{binary} {filter}` selected no single test: fix the mutant's test list");
     }
-    Ok(out.status.success())
+    Ok(match outcome(filter, out.status.success(), &text) {
+        // router-ctl's unit tests live in router-ctl/src: their own assertions panic there.
+        Outcome::CodePanicked if binary == "lib" => Outcome::Failed,
+        o => o,
+    })
 }
 
 /// Runs the mutants (all, or those named in `only`); true when every one was killed. The last
@@ -439,7 +501,7 @@ pub fn run(root: &Path, only: &[String], all_tests: bool) -> Result<bool> {
     tests.dedup();
     for (binary, filter) in &tests {
         let log = logs.join(format!("baseline-{binary}-{filter}.log"));
-        if !passes(&ctl, None, binary, filter, &log)? {
+        if run_test(&ctl, None, binary, filter, &log)? != Outcome::Passed {
             bail!(
                 "`{binary} {filter}` fails without any mutant (see {}): fix that first",
                 log.display()
@@ -451,19 +513,37 @@ pub fn run(root: &Path, only: &[String], all_tests: bool) -> Result<bool> {
     for m in &chosen {
         let tm = Instant::now();
         let ctl = build(root, Some(m.name))?;
-        let mut by = Vec::new();
+        let (mut by, mut void) = (Vec::new(), Vec::new());
         for (binary, filter) in m.tests {
             let log = logs.join(format!("{}-{binary}-{filter}.log", m.name));
-            if !passes(&ctl, Some(m.name), binary, filter, &log)? {
-                by.push(format!("{binary}::{filter}"));
-                if !all_tests {
-                    break;
+            // Only the named test failing on its own claim kills the mutant; a set-up failure
+            // or a test that did not run is reported, and proves nothing.
+            match run_test(&ctl, Some(m.name), binary, filter, &log)? {
+                Outcome::Passed => {}
+                Outcome::Failed => {
+                    by.push(format!("{binary}::{filter}"));
+                    if !all_tests {
+                        break;
+                    }
+                }
+                o => {
+                    eprintln!(
+                        "mutant {}: `{binary} {filter}`: {o:?}, not a kill (see {})",
+                        m.name,
+                        log.display()
+                    );
+                    void.push(format!("{binary}::{filter} ({o:?})"));
                 }
             }
         }
         let secs = tm.elapsed().as_secs();
         if by.is_empty() {
-            println!("SURVIVED {:<22} {} ({secs} s)", m.name, m.fault);
+            let note = if void.is_empty() {
+                String::new()
+            } else {
+                format!("; not counted: {}", void.join(", "))
+            };
+            println!("SURVIVED {:<22} {}{note} ({secs} s)", m.name, m.fault);
             survived.push(m.name);
         } else {
             println!(
@@ -489,4 +569,57 @@ pub fn run(root: &Path, only: &[String], all_tests: bool) -> Result<bool> {
         survived.len()
     );
     Ok(survived.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{outcome, Outcome};
+
+    #[test]
+    fn only_the_named_test_failing_past_its_set_up_is_a_kill() {
+        let head = "running 1 test\n";
+        let f = "t_x";
+        assert_eq!(
+            outcome(f, true, &format!("{head}test t_x ... ok\n")),
+            Outcome::Passed
+        );
+        assert_eq!(
+            outcome(
+                f,
+                false,
+                &format!("{head}test t_x ... FAILED\npanicked at x: boom\n")
+            ),
+            Outcome::Failed
+        );
+        assert_eq!(
+            outcome(
+                f,
+                false,
+                &format!("{head}test t_x ... FAILED\npanicked: set-up failed: apply failed\n")
+            ),
+            Outcome::SetUpFailed
+        );
+        assert_eq!(
+            outcome(
+                f,
+                false,
+                &format!("{head}test t_x ... FAILED\nthread 'w' panicked at router-ctl/src/datapath.rs:549:20:\n")
+            ),
+            Outcome::CodePanicked
+        );
+        // A build error: no test ran.
+        assert_eq!(
+            outcome(f, false, "error[E0425]: cannot find value"),
+            Outcome::NotRun
+        );
+        // Another test's line, or a crash before the verdict.
+        assert_eq!(
+            outcome(f, false, &format!("{head}test t_y ... FAILED\n")),
+            Outcome::NotRun
+        );
+        assert_eq!(
+            outcome(f, false, &format!("{head}error: test failed, SIGSEGV\n")),
+            Outcome::NotRun
+        );
+    }
 }

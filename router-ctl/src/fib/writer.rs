@@ -177,12 +177,12 @@ impl Mapped {
     ) -> Result<()> {
         let n = fib::GROUP_SIZE as usize;
         self.reach(in_new.last().map_or(0, |g| (*g as usize + 1) * n))?;
-        #[cfg(mutant = "break_before_make")]
+        #[cfg(any(mutant = "break_before_make", mutant = "write_over_break_before_make"))]
         for g in in_new {
             // The fault: every entry that changes is emptied before it is written.
             let start = *g as usize * fib::GROUP_SIZE as usize;
             for i in start..(start + fib::GROUP_SIZE as usize).min(self.mapped) {
-                if old[i] != new[i] {
+                if old.get(i).is_some_and(|o| *o != new[i]) {
                     // SAFETY: as below.
                     unsafe { std::ptr::write_volatile(self.ptr.add(i), 0) };
                 }
