@@ -1692,7 +1692,7 @@ fn forward_to_nh1_or_nh2(h: &mut Harness, frames: &[Vec<u8>]) -> (usize, Option<
     (runs, None)
 }
 
-/// `datapath::set_routes` itself raced against lookups: each write opens the maps afresh,
+/// `fib::writer::set_routes` itself raced against lookups: each write opens the maps afresh,
 /// reads the table back and writes the new one over it in place (`write_over`, what apply and
 /// the daemon use below `KEEP_FROM_ROUTES` prefixes), cycling through the three layouts of
 /// `route_changes_are_never_seen_half_done` from another process's view of the pinned maps.
@@ -1727,8 +1727,9 @@ fn set_routes_rewrites_are_never_seen_half_done() {
         ];
         let (nh1, nh2) = (ip("10.2.0.254"), ip("10.2.0.253"));
         let (nh1_6, nh2_6) = (ip("2001:db8:2::fe"), ip("2001:db8:2::fd"));
-        let table =
-            |gw: Vec<(IpNet, u32, IpAddr)>| datapath::route_entries(&ifaces, &connected, &gw, &[]);
+        let table = |gw: Vec<(IpNet, u32, IpAddr)>| {
+            router_ctl::fib::writer::route_entries(&ifaces, &connected, &gw, &[])
+        };
         let carved: Vec<(IpNet, u32, IpAddr)> = (0..256u32)
             .step_by(3)
             .flat_map(|x| {
@@ -1755,8 +1756,10 @@ fn set_routes_rewrites_are_never_seen_half_done() {
                 (pfx("2001:db8:9::/48"), e0, nh2_6),
             ]),
         ];
-        assert!(tables.iter().all(|t| t.len() < datapath::KEEP_FROM_ROUTES));
-        datapath::set_routes(&mut h.ebpf, &tables[0]).unwrap();
+        assert!(tables
+            .iter()
+            .all(|t| t.len() < router_ctl::fib::writer::KEEP_FROM_ROUTES));
+        router_ctl::fib::writer::set_routes(&mut h.ebpf, &tables[0]).unwrap();
         // The writer's own view of the maps, as another process (apply) opens them.
         let mut maps = datapath::open_maps(&id).expect("open the pinned maps");
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -1764,7 +1767,7 @@ fn set_routes_rewrites_are_never_seen_half_done() {
         let writes = std::thread::spawn(move || {
             let mut n = 1usize;
             while !s.load(std::sync::atomic::Ordering::SeqCst) {
-                datapath::set_routes(&mut maps, &tables[n % tables.len()]).unwrap();
+                router_ctl::fib::writer::set_routes(&mut maps, &tables[n % tables.len()]).unwrap();
                 n += 1;
             }
             n - 1
