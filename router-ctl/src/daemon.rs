@@ -4,7 +4,7 @@
 //! One watcher thread per router joins the router's namespace and opens its netlink socket
 //! there; it sleeps until the kernel has news (no polling), and hands device changes to a
 //! resync thread of its own. The daemon rescans the routers applied when their state changes
-//! (checked every 200 ms, at once on SIGHUP) and every second (a deleted namespace shows no
+//! (checked every 200 ms, at once on SIGUSR1, which apply and the verbs send) and every second (a deleted namespace shows no
 //! event), starts and stops watchers to match, and exits by itself when no router is left.
 //! SIGTERM/SIGINT stop it; the fast path keeps forwarding with the neighbours it has.
 
@@ -39,7 +39,11 @@ use crate::{
 };
 
 static TERM: AtomicBool = AtomicBool::new(false);
+/// SIGHUP: the operator's reload (the definitions file again, and a rescan).
 static HUP: AtomicBool = AtomicBool::new(false);
+/// SIGUSR1: a rescan of the routers applied (what `apply` and the verbs ask for); never a
+/// reload of the definitions file, which may be half edited.
+static RESCAN: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn on_term(_: libc::c_int) {
     TERM.store(true, Ordering::SeqCst);
@@ -47,6 +51,13 @@ extern "C" fn on_term(_: libc::c_int) {
 extern "C" fn on_hup(_: libc::c_int) {
     HUP.store(true, Ordering::SeqCst);
 }
+extern "C" fn on_rescan(_: libc::c_int) {
+    RESCAN.store(true, Ordering::SeqCst);
+}
+
+/// The third word of the pid file of a daemon that takes SIGUSR1 as "rescan" (a daemon of an
+/// older build does not: SIGUSR1 would stop it, and its SIGHUP is a rescan too).
+const RESCAN_WORD: &str = "rescan=usr1";
 
 const RTMGRP_LINK: u32 = 1;
 const RTMGRP_NEIGH: u32 = 4;
@@ -137,11 +148,13 @@ fn binary_replaced() -> bool {
 }
 
 /// The pid of the daemon that wrote the pid file, and whether apply started it.
-fn running_daemon() -> Option<(i32, bool)> {
+/// The running daemon: (pid, started by `ensure_running`, takes SIGUSR1 as a rescan).
+fn running_daemon() -> Option<(i32, bool, bool)> {
     let s = std::fs::read_to_string(pid_file()).ok()?;
     let mut w = s.split_whitespace();
     let pid = w.next()?.parse().ok()?;
-    Some((pid, w.next() == Some("auto")))
+    let auto = w.next() == Some("auto");
+    Some((pid, auto, w.next() == Some(RESCAN_WORD)))
 }
 
 /// Router definitions the daemon owns (`run -f FILE`): applied at start, and again, difference
@@ -201,7 +214,7 @@ pub fn run(
             break;
         }
         if !auto {
-            if let Some((pid, true)) = running_daemon() {
+            if let Some((pid, true, _)) = running_daemon() {
                 tracing::info!(pid, "taking over from the daemon that apply started");
                 // SAFETY: plain kill(2).
                 unsafe { libc::kill(pid, libc::SIGTERM) };
@@ -214,7 +227,11 @@ pub fn run(
     )?;
     std::fs::write(
         pid_file(),
-        format!("{}{}", std::process::id(), if auto { " auto" } else { "" }),
+        format!(
+            "{} {} {RESCAN_WORD}",
+            std::process::id(),
+            if auto { "auto" } else { "owned" }
+        ),
     )
     .context("cannot write the pid file")?;
     if let Some(addr) = &metrics {
@@ -226,6 +243,7 @@ pub fn run(
         libc::signal(libc::SIGTERM, on_term as *const () as libc::sighandler_t);
         libc::signal(libc::SIGINT, on_term as *const () as libc::sighandler_t);
         libc::signal(libc::SIGHUP, on_hup as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGUSR1, on_rescan as *const () as libc::sighandler_t);
     }
     crate::kernel::init_io_runtime()?;
     tracing::info!(pid = std::process::id(), "router-ctl daemon started");
@@ -259,6 +277,7 @@ pub fn run(
             break;
         }
         let hup = HUP.swap(false, Ordering::SeqCst);
+        let rescan = RESCAN.swap(false, Ordering::SeqCst) || hup;
         if let Some(d) = defs.as_mut() {
             if hup || d.mtime() != d.mtime {
                 if let Err(e) = d.load() {
@@ -276,7 +295,7 @@ pub fn run(
         // Nothing changed since the last full pass (and a watcher that stopped, say for a
         // deleted namespace, counts as a change): wait, with a full pass every second anyway.
         passes += 1;
-        let quiet = !hup
+        let quiet = !rescan
             && !passes.is_multiple_of(5)
             && known
                 .as_ref()
@@ -737,10 +756,12 @@ fn update(
 pub fn ensure_running() -> Result<Option<u32>> {
     match Lock::try_acquire(state::DAEMON_LOCK)? {
         None => {
-            // Running: make it rescan now.
-            if let Some((pid, _)) = running_daemon() {
+            // Running: make it rescan now (never reload its definitions file: that is the
+            // operator's SIGHUP).
+            if let Some((pid, _, usr1)) = running_daemon() {
+                let sig = if usr1 { libc::SIGUSR1 } else { libc::SIGHUP };
                 // SAFETY: plain kill(2).
-                unsafe { libc::kill(pid, libc::SIGHUP) };
+                unsafe { libc::kill(pid, sig) };
             }
             Ok(None)
         }
@@ -754,7 +775,7 @@ pub fn ensure_running() -> Result<Option<u32>> {
             // does not start another.
             let pid = child.id() as i32;
             for _ in 0..300 {
-                if running_daemon().is_some_and(|(p, _)| p == pid) {
+                if running_daemon().is_some_and(|(p, _, _)| p == pid) {
                     break;
                 }
                 std::thread::sleep(Duration::from_millis(10));

@@ -1164,8 +1164,18 @@ fn the_daemon_applies_its_definitions_on_sighup_and_on_file_change() {
         std::fs::metadata(&path).unwrap().modified().unwrap(),
         old_mtime
     );
-    // (No check that nothing is applied before the signal: every `apply` of another router,
-    // by a test running beside this one, sends the daemon SIGHUP too, to make it rescan.)
+    // A rescan, as every `apply` and verb asks for (SIGUSR1), does not apply the file: an
+    // operator's half-done edit stays unapplied until they signal. Several full passes of the
+    // daemon (one every 200 ms) go by with the rescan asked for each time.
+    for _ in 0..5 {
+        sh("pkill -USR1 -f 'router-ct[l] run'");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert_eq!(
+        routes(),
+        Some(Vec::<String>::new()),
+        "a rescan (what apply sends) applied the daemon's definitions file"
+    );
     sh("pkill -HUP -f 'router-ct[l] run'");
     wait_for("SIGHUP did not apply the new route", &|| {
         routes().is_some_and(|r| r == ["10.10.0.0/16"])
@@ -1331,6 +1341,17 @@ fn openstack_style_verbs_build_a_router_that_forwards() {
         ));
     }
     assert!(Seed::ping(&vm1, "172.16.100.1", 1) && Seed::ping(&vm3, "172.16.101.1", 1));
+    // The instances are neighbours of the router's kernel now; the daemon copies them into the
+    // fast path from its events, which takes a moment: the checks below leave no kernel path.
+    let known = |addr: &str| {
+        ctl_json(&["neigh", &name])
+            .as_array()
+            .is_some_and(|v| v.iter().any(|n| n["dst"] == addr))
+    };
+    wait_for(
+        "the daemon never gave the fast path the instances' MACs",
+        &|| known("172.16.100.3") && known("172.16.101.3"),
+    );
     let id = show["id"].as_str().unwrap().to_string();
     let (qa, qb) = (format!("qr-{}", &pa[..11]), format!("qr-{}", &pb[..11]));
     // Forwarded packets by the fast path on each device, IPv4 and IPv6.
