@@ -1582,6 +1582,49 @@ fn ethernet_padding_is_trimmed_when_forwarding() {
     }
 }
 
+/// The three tables the route-change races switch between (both families): a /16 and a /48
+/// through one nexthop; the same carved into /24s and /64s through it with the rest through
+/// another; both nexthops as ECMP.
+fn race_tables(e0: u32, ifaces: &[(u32, Iface)]) -> Vec<Vec<(IpNet, router_common::Route)>> {
+    let connected = [
+        (pfx("10.1.0.0/24"), 1),
+        (pfx("10.2.0.0/24"), e0),
+        (pfx("2001:db8:1::/64"), 1),
+        (pfx("2001:db8:2::/64"), e0),
+    ];
+    let (nh1, nh2) = (ip("10.2.0.254"), ip("10.2.0.253"));
+    let (nh1_6, nh2_6) = (ip("2001:db8:2::fe"), ip("2001:db8:2::fd"));
+    let table = |gw: Vec<(IpNet, u32, IpAddr)>| {
+        router_ctl::fib::writer::route_entries(ifaces, &connected, &gw, &[])
+    };
+    let carved: Vec<(IpNet, u32, IpAddr)> = (0..256u32)
+        .step_by(3)
+        .flat_map(|x| {
+            [
+                (pfx(&format!("10.9.{x}.0/24")), e0, nh1),
+                (pfx(&format!("2001:db8:9:{x:x}::/64")), e0, nh1_6),
+            ]
+        })
+        .chain([
+            (pfx("10.9.0.0/16"), e0, nh2),
+            (pfx("2001:db8:9::/48"), e0, nh2_6),
+        ])
+        .collect();
+    vec![
+        table(vec![
+            (pfx("10.9.0.0/16"), e0, nh1),
+            (pfx("2001:db8:9::/48"), e0, nh1_6),
+        ]),
+        table(carved),
+        table(vec![
+            (pfx("10.9.0.0/16"), e0, nh1),
+            (pfx("10.9.0.0/16"), e0, nh2),
+            (pfx("2001:db8:9::/48"), e0, nh1_6),
+            (pfx("2001:db8:9::/48"), e0, nh2_6),
+        ]),
+    ]
+}
+
 /// Make-before-break: a route table change is never seen half-done. Three tables that route the
 /// same destinations differently (a /16 through one nexthop; the /16 through the other with
 /// /24s carved out, so that second-level groups come and go; an ECMP pair) are written in turn
@@ -1592,43 +1635,7 @@ fn ethernet_padding_is_trimmed_when_forwarding() {
 fn route_changes_are_never_seen_half_done() {
     for mut h in both() {
         let (e0, ifaces) = (h.e0, h.ifaces.clone());
-        let connected = [
-            (pfx("10.1.0.0/24"), 1),
-            (pfx("10.2.0.0/24"), e0),
-            (pfx("2001:db8:1::/64"), 1),
-            (pfx("2001:db8:2::/64"), e0),
-        ];
-        let (nh1, nh2) = (ip("10.2.0.254"), ip("10.2.0.253"));
-        let (nh1_6, nh2_6) = (ip("2001:db8:2::fe"), ip("2001:db8:2::fd"));
-        let table = |gw: Vec<(IpNet, u32, IpAddr)>| {
-            router_ctl::fib::writer::route_entries(&ifaces, &connected, &gw, &[])
-        };
-        let carved: Vec<(IpNet, u32, IpAddr)> = (0..256u32)
-            .step_by(3)
-            .flat_map(|x| {
-                [
-                    (pfx(&format!("10.9.{x}.0/24")), e0, nh1),
-                    (pfx(&format!("2001:db8:9:{x:x}::/64")), e0, nh1_6),
-                ]
-            })
-            .chain([
-                (pfx("10.9.0.0/16"), e0, nh2),
-                (pfx("2001:db8:9::/48"), e0, nh2_6),
-            ])
-            .collect();
-        let tables = vec![
-            table(vec![
-                (pfx("10.9.0.0/16"), e0, nh1),
-                (pfx("2001:db8:9::/48"), e0, nh1_6),
-            ]),
-            table(carved),
-            table(vec![
-                (pfx("10.9.0.0/16"), e0, nh1),
-                (pfx("10.9.0.0/16"), e0, nh2),
-                (pfx("2001:db8:9::/48"), e0, nh1_6),
-                (pfx("2001:db8:9::/48"), e0, nh2_6),
-            ]),
-        ];
+        let tables = race_tables(e0, &ifaces);
         router_ctl::fib::writer::set_routes(&mut h.ebpf, &tables[0]).unwrap();
         let mut writer = router_ctl::fib::writer::RouteTable::open(&mut h.ebpf).unwrap();
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -1719,43 +1726,7 @@ fn set_routes_rewrites_are_never_seen_half_done() {
         });
         h.prog = prog;
         let (e0, ifaces) = (h.e0, h.ifaces.clone());
-        let connected = [
-            (pfx("10.1.0.0/24"), 1),
-            (pfx("10.2.0.0/24"), e0),
-            (pfx("2001:db8:1::/64"), 1),
-            (pfx("2001:db8:2::/64"), e0),
-        ];
-        let (nh1, nh2) = (ip("10.2.0.254"), ip("10.2.0.253"));
-        let (nh1_6, nh2_6) = (ip("2001:db8:2::fe"), ip("2001:db8:2::fd"));
-        let table = |gw: Vec<(IpNet, u32, IpAddr)>| {
-            router_ctl::fib::writer::route_entries(&ifaces, &connected, &gw, &[])
-        };
-        let carved: Vec<(IpNet, u32, IpAddr)> = (0..256u32)
-            .step_by(3)
-            .flat_map(|x| {
-                [
-                    (pfx(&format!("10.9.{x}.0/24")), e0, nh1),
-                    (pfx(&format!("2001:db8:9:{x:x}::/64")), e0, nh1_6),
-                ]
-            })
-            .chain([
-                (pfx("10.9.0.0/16"), e0, nh2),
-                (pfx("2001:db8:9::/48"), e0, nh2_6),
-            ])
-            .collect();
-        let tables = vec![
-            table(vec![
-                (pfx("10.9.0.0/16"), e0, nh1),
-                (pfx("2001:db8:9::/48"), e0, nh1_6),
-            ]),
-            table(carved),
-            table(vec![
-                (pfx("10.9.0.0/16"), e0, nh1),
-                (pfx("10.9.0.0/16"), e0, nh2),
-                (pfx("2001:db8:9::/48"), e0, nh1_6),
-                (pfx("2001:db8:9::/48"), e0, nh2_6),
-            ]),
-        ];
+        let tables = race_tables(e0, &ifaces);
         assert!(tables
             .iter()
             .all(|t| t.len() < router_ctl::fib::writer::KEEP_FROM_ROUTES));
