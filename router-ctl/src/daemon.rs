@@ -147,7 +147,56 @@ fn binary_replaced() -> bool {
         && current_binary().is_some_and(|p| p.exists())
 }
 
-/// The pid of the daemon that wrote the pid file, and whether apply started it.
+/// A new build seen on disk: its size and mtime, since when they have not changed, and
+/// whether it answered `--version` already.
+struct NewBuild {
+    size: u64,
+    mtime: std::time::SystemTime,
+    since: std::time::Instant,
+    tried: bool,
+}
+
+/// True once the binary installed over this one is whole: unchanged for a second (an
+/// installer may still be writing it), and able to run (`--version` succeeds). Until then the
+/// daemon goes on as it is; a build that cannot run is logged once and never exec'd.
+fn new_build_ready(seen: &mut Option<NewBuild>) -> bool {
+    let Some(path) = current_binary() else {
+        return false;
+    };
+    let Ok(m) = std::fs::metadata(&path) else {
+        return false;
+    };
+    let (size, mtime) = (m.len(), m.modified().unwrap_or(std::time::UNIX_EPOCH));
+    match seen {
+        Some(b) if b.size == size && b.mtime == mtime => {
+            if b.since.elapsed() < Duration::from_secs(1) || b.tried {
+                return false;
+            }
+            b.tried = true;
+            let ok = Command::new(&path)
+                .arg("--version")
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            if !ok {
+                tracing::error!(binary = %path.display(), "the router-ctl installed over this one does not run; this daemon goes on (install a working build)");
+            }
+            ok
+        }
+        _ => {
+            *seen = Some(NewBuild {
+                size,
+                mtime,
+                since: std::time::Instant::now(),
+                tried: false,
+            });
+            false
+        }
+    }
+}
+
 /// The running daemon: (pid, started by `ensure_running`, takes SIGUSR1 as a rescan).
 fn running_daemon() -> Option<(i32, bool, bool)> {
     let s = std::fs::read_to_string(pid_file()).ok()?;
@@ -268,8 +317,9 @@ pub fn run(
     let mut upgrade = false;
     let mut known: Option<(Option<std::time::SystemTime>, Vec<RouterState>)> = None;
     let mut passes = 0u64;
+    let mut new_build: Option<NewBuild> = None;
     while !TERM.load(Ordering::SeqCst) {
-        if binary_replaced() {
+        if binary_replaced() && new_build_ready(&mut new_build) {
             // A new build was installed over this one: hand over to it, so that one daemon
             // never writes the maps with an older build's logic.
             tracing::info!("router-ctl was replaced on disk; restarting into the new build");
@@ -427,7 +477,10 @@ pub fn run(
 /// The main loop's pause between passes: 200 ms, cut short by a signal.
 fn nap() {
     for _ in 0..20 {
-        if TERM.load(Ordering::SeqCst) || HUP.load(Ordering::SeqCst) {
+        if TERM.load(Ordering::SeqCst)
+            || HUP.load(Ordering::SeqCst)
+            || RESCAN.load(Ordering::SeqCst)
+        {
             break;
         }
         std::thread::sleep(Duration::from_millis(10));

@@ -2,7 +2,7 @@
 //! counters, read from the maps at each scrape and served as OpenMetrics text on GET /metrics.
 
 use std::{
-    io::{BufRead as _, BufReader, Write as _},
+    io::{BufRead as _, BufReader, Read as _, Write as _},
     net::{TcpListener, TcpStream},
     time::Duration,
 };
@@ -102,20 +102,53 @@ pub fn serve(addr: &str) -> Result<()> {
     std::thread::Builder::new()
         .name("metrics".into())
         .spawn(move || {
+            // A few scrapes at once, each on a thread of its own with timeouts both ways: a
+            // client that sends nothing, or reads nothing, ties up one of them for 5 s at most.
+            static BUSY: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
             for conn in listener.incoming().flatten() {
-                if let Err(e) = answer(conn) {
-                    tracing::debug!(error = %e, "metrics request failed");
+                if BUSY.fetch_add(1, std::sync::atomic::Ordering::SeqCst) >= MAX_CLIENTS {
+                    BUSY.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                    tracing::debug!("too many metrics clients at once; one refused");
+                    continue;
+                }
+                let spawned = std::thread::Builder::new()
+                    .name("metrics-client".into())
+                    .spawn(move || {
+                        // A panic ends this answer, never the endpoint.
+                        let r =
+                            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| answer(conn)));
+                        match r {
+                            Ok(Err(e)) => tracing::debug!(error = %e, "metrics request failed"),
+                            Err(_) => tracing::error!("metrics answer panicked"),
+                            Ok(Ok(())) => {}
+                        }
+                        BUSY.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                    });
+                if spawned.is_err() {
+                    BUSY.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
                 }
             }
         })?;
     Ok(())
 }
 
+/// Scrapes answered at once.
+const MAX_CLIENTS: usize = 4;
+/// Longest request line read (a GET line is far shorter).
+const MAX_LINE: u64 = 4096;
+
 fn answer(mut conn: TcpStream) -> Result<()> {
     conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+    conn.set_write_timeout(Some(Duration::from_secs(5)))?;
     let mut line = String::new();
-    BufReader::new(&conn).read_line(&mut line)?;
-    let (status, ctype, body) = match line.split_whitespace().take(2).collect::<Vec<_>>()[..] {
+    BufReader::new((&conn).take(MAX_LINE)).read_line(&mut line)?;
+    let whole = line.ends_with('\n');
+    let words: Vec<&str> = if whole {
+        line.split_whitespace().take(2).collect()
+    } else {
+        Vec::new()
+    };
+    let (status, ctype, body) = match words[..] {
         ["GET", "/metrics"] => match render() {
             Ok(b) => (
                 "200 OK",
@@ -128,6 +161,11 @@ fn answer(mut conn: TcpStream) -> Result<()> {
                 format!("{e:#}\n"),
             ),
         },
+        _ if !whole => (
+            "400 Bad Request",
+            "text/plain",
+            format!("a request line of at most {MAX_LINE} bytes\n"),
+        ),
         _ => (
             "404 Not Found",
             "text/plain",
@@ -135,5 +173,11 @@ fn answer(mut conn: TcpStream) -> Result<()> {
         ),
     };
     write!(conn, "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len())?;
+    if !whole {
+        // What the client still sends, a bounded amount, before closing: a close with unread
+        // bytes would reset the connection and lose the answer.
+        let _ = conn.shutdown(std::net::Shutdown::Write);
+        let _ = std::io::copy(&mut (&conn).take(64 * 1024), &mut std::io::sink());
+    }
     Ok(())
 }

@@ -85,16 +85,39 @@ pub fn journal_path(router_id: &str) -> PathBuf {
 /// A router's dynamic routes (replaying its journal; a journal much longer than the table is
 /// rewritten as the table).
 pub fn load(router_id: &str) -> Result<HashMap<IpNet, IpAddr>> {
-    let path = journal_path(router_id);
-    let f = match std::fs::File::open(&path) {
-        Ok(f) => f,
+    load_path(&journal_path(router_id))
+}
+
+/// `load` of the journal at `path`.
+fn load_path(path: &std::path::Path) -> Result<HashMap<IpNet, IpAddr>> {
+    let mut bytes = match std::fs::read(&path) {
+        Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(HashMap::new()),
         Err(e) => return Err(e).with_context(|| format!("cannot open {}", path.display())),
     };
+    // A write cut short (the process killed, the disk full) leaves a last line without its
+    // newline: that line's batch never said it succeeded, so the line goes (logged), and the
+    // journal is cut back to its last whole line so that later lines start clean.
+    if bytes.last().is_some_and(|b| *b != b'\n') {
+        let keep = bytes.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+        tracing::warn!(
+            journal = %path.display(),
+            dropped = %String::from_utf8_lossy(&bytes[keep..]),
+            "the dynamic route journal ends in a torn line (a batch cut short); dropping it: run that batch again"
+        );
+        bytes.truncate(keep);
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("cannot repair {}", path.display()))?;
+        f.set_len(keep as u64)
+            .with_context(|| format!("cannot repair {}", path.display()))?;
+    }
     let what = path.display().to_string();
+    let path = path.to_path_buf();
     let mut routes = HashMap::new();
     let mut lines = 0usize;
-    for op in parse(BufReader::new(f), &what)? {
+    for op in parse(BufReader::new(&bytes[..]), &what)? {
         lines += 1;
         match op {
             Op::Set(n, nh) => {
@@ -161,6 +184,36 @@ pub fn device_for(st: &RouterState, nh: IpAddr) -> Option<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A journal whose last write was cut short loads without that line, and is cut back to
+    /// its whole lines (a later line starts clean); a bad line inside is still an error.
+    #[test]
+    fn a_torn_last_line_of_the_journal_is_dropped_and_cut_off() {
+        let dir = std::env::temp_dir().join(format!("router-journal-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("j");
+        std::fs::write(
+            &p,
+            "add 10.1.0.0/16 via 10.0.0.1\nadd 10.2.0.0/16 via 10.0.0.1\nadd 10.3.0",
+        )
+        .unwrap();
+        let r = load_path(&p).unwrap();
+        assert_eq!(r.len(), 2);
+        assert_eq!(
+            std::fs::read_to_string(&p).unwrap(),
+            "add 10.1.0.0/16 via 10.0.0.1\nadd 10.2.0.0/16 via 10.0.0.1\n"
+        );
+        std::fs::write(
+            &p,
+            "add 10.1.0.0/16 via 10.0.0.1\nadd 10.3.0\nadd 10.2.0.0/16 via 10.0.0.1\n",
+        )
+        .unwrap();
+        assert!(
+            load_path(&p).is_err(),
+            "a bad line inside the journal is not a torn write"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn batches_parse_like_ip_batch_and_name_the_bad_line() {

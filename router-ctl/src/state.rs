@@ -335,8 +335,16 @@ impl RouterState {
         for e in entries {
             let name = e?.file_name().to_string_lossy().into_owned();
             if let Some(id) = name.strip_suffix(".json").filter(|n| !n.starts_with('.')) {
-                if let Some(s) = Self::load(id)? {
-                    v.push(s);
+                // One unreadable file (a torn write, a hand edit) must not stop every other
+                // router's apply, show or sync: it is left out, loudly.
+                match Self::load(id) {
+                    Ok(Some(s)) => v.push(s),
+                    Ok(None) => {}
+                    Err(e) => tracing::error!(
+                        file = %dir.join(&name).display(),
+                        error = format!("{e:#}"),
+                        "a router's state file cannot be read; that router is left out until the file is fixed or removed"
+                    ),
                 }
             }
         }

@@ -896,6 +896,30 @@ fn metrics_count_the_traffic_sent() {
         );
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
+    // Hostile clients: one that connects and says nothing, one that sends a request line
+    // without end. Neither holds the endpoint: a scrape beside them is answered, and the
+    // endless line gets 400 after at most a few KiB.
+    {
+        use std::io::{Read, Write};
+        let _silent = std::net::TcpStream::connect(&addr).unwrap();
+        let mut long = std::net::TcpStream::connect(&addr).unwrap();
+        long.write_all(&[b'A'; 8 * 1024]).unwrap();
+        long.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut out = String::new();
+        let _ = long.read_to_string(&mut out);
+        assert!(
+            out.starts_with("HTTP/1.1 400"),
+            "an endless request line got: {out:.80}"
+        );
+        let t = std::time::Instant::now();
+        let text = scrape().expect("a scrape beside a silent client");
+        assert!(text.starts_with("HTTP/1.1 200"), "{text:.80}");
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(2),
+            "a silent client held the scrape {:?}",
+            t.elapsed()
+        );
+    }
     // `label`: the reason of a passed_packets line, the family of a forwarded_packets one.
     let value = |text: &str, metric: &str, dev: &str, label: Option<&str>| -> u64 {
         text.lines()
