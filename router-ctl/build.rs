@@ -55,6 +55,7 @@ const CTL_MUTANTS: &[&str] = &[
     "stale_table_kept",
     "no_map_renewal",
     "write_over_break_before_make",
+    "no_backoff",
 ];
 
 fn main() -> Result<()> {

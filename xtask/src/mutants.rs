@@ -91,6 +91,11 @@ pub const MUTANTS: &[Mutant] = &[
         ],
     },
     Mutant {
+        name: "no_backoff",
+        fault: "the agent tries a router whose apply failed again on every pass (five times a second)",
+        tests: &[("lib", "agent::applier::tests::failed_applies_back_off")],
+    },
+    Mutant {
         name: "no_map_renewal",
         fault: "a counters' map pinned by an earlier build with another layout is refused instead of replaced",
         tests: &[(

@@ -145,6 +145,38 @@ struct Done {
     role: Role,
 }
 
+/// Routers whose apply failed: the definition and role that failed, when to try again, and the
+/// wait after that (1 s, doubling to a minute), so that a router that cannot be applied is not
+/// rolled back and reported five times a second; a new definition or role is tried at once.
+#[derive(Debug, Default)]
+struct Retries(BTreeMap<String, (Done, std::time::Instant, Duration)>);
+
+impl Retries {
+    /// `d` failed for router `id` lately and its wait is not over.
+    fn waiting(&self, id: &str, d: &Done, now: std::time::Instant) -> bool {
+        if cfg!(mutant = "no_backoff") {
+            return false;
+        }
+        self.0
+            .get(id)
+            .is_some_and(|(f, next, _)| f == d && now < *next)
+    }
+
+    /// `d` failed for `id` at `now`: returns the wait before the next try.
+    fn failed(&mut self, id: &str, d: &Done, now: std::time::Instant) -> Duration {
+        let wait = match self.0.get(id) {
+            Some((f, _, w)) if f == d => (*w * 2).min(Duration::from_secs(60)),
+            _ => Duration::from_secs(1),
+        };
+        self.0.insert(id.to_string(), (d.clone(), now + wait, wait));
+        wait
+    }
+
+    fn succeeded(&mut self, id: &str) {
+        self.0.remove(id);
+    }
+}
+
 /// The applier's loop: until `shared` is stopped.
 pub fn run(shared: Arc<Shared>, report: impl Fn(Report)) {
     // Applying is bulk work; renewing the lease is not: this thread (and the apply workers it
@@ -161,6 +193,7 @@ pub fn run(shared: Arc<Shared>, report: impl Fn(Report)) {
     // time the fencer acts; each loses it at its next successful apply.
     let mut fenced: Option<BTreeSet<String>> = None;
     let mut fired_seen = fired.clone();
+    let mut retries = Retries::default();
     while let Some(want) = shared.wait(&mut seen, Duration::from_millis(200)) {
         if !want.synced {
             continue;
@@ -218,6 +251,9 @@ pub fn run(shared: Arc<Shared>, report: impl Fn(Report)) {
                 role: role.clone(),
             };
             if done.get(id) != Some(&d) {
+                if retries.waiting(id, &d, std::time::Instant::now()) {
+                    continue;
+                }
                 apply::set_standby(id, role == Role::Standby);
                 batch.push((r.clone(), d));
             }
@@ -257,6 +293,7 @@ pub fn run(shared: Arc<Shared>, report: impl Fn(Report)) {
                             tracing::info!(router = %r.id, name = %r.name, "active here: addresses taken");
                         }
                         done.insert(r.id.clone(), d.clone());
+                        retries.succeeded(&r.id);
                         Status {
                             generation: d.generation,
                             role: d.role,
@@ -265,7 +302,8 @@ pub fn run(shared: Arc<Shared>, report: impl Fn(Report)) {
                         }
                     }
                     Err(e) => {
-                        tracing::error!(router = %r.id, error = format!("{e:#}"), "cannot apply the router's definition");
+                        let wait = retries.failed(&r.id, &d, std::time::Instant::now());
+                        tracing::error!(router = %r.id, error = format!("{e:#}"), retry_in_s = wait.as_secs(), "cannot apply the router's definition; trying again later, or at once when it changes");
                         done.remove(&r.id);
                         Status {
                             generation: d.generation,
@@ -307,5 +345,41 @@ pub fn run(shared: Arc<Shared>, report: impl Fn(Report)) {
                 report(Report::Resigned { id: id.clone() });
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A router whose apply keeps failing is tried again after 1, 2, 4 … s, at most a minute
+    /// apart; a new definition (or role) is tried at once, and a success forgets the failures.
+    #[test]
+    fn failed_applies_back_off() {
+        let d = |generation| Done {
+            generation,
+            role: Role::Single,
+        };
+        let mut r = Retries::default();
+        let t0 = std::time::Instant::now();
+        assert!(!r.waiting("a", &d(1), t0));
+        let mut now = t0;
+        let mut waits = Vec::new();
+        for _ in 0..9 {
+            let w = r.failed("a", &d(1), now);
+            waits.push(w.as_secs());
+            assert!(r.waiting("a", &d(1), now + w - Duration::from_millis(1)));
+            now += w;
+            assert!(!r.waiting("a", &d(1), now));
+        }
+        assert_eq!(waits, [1, 2, 4, 8, 16, 32, 60, 60, 60]);
+        assert!(
+            !r.waiting("a", &d(2), t0),
+            "a new definition waits for nothing"
+        );
+        assert!(!r.waiting("b", &d(1), t0));
+        r.succeeded("a");
+        assert!(!r.waiting("a", &d(1), t0));
+        assert_eq!(r.failed("a", &d(1), now), Duration::from_secs(1));
     }
 }
