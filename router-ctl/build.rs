@@ -56,6 +56,7 @@ const CTL_MUTANTS: &[&str] = &[
     "no_map_renewal",
     "write_over_break_before_make",
     "no_backoff",
+    "adopted_devices_stay",
 ];
 
 fn main() -> Result<()> {

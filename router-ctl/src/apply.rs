@@ -46,6 +46,12 @@ enum Undo {
         ip: IpAddr,
         prefix_len: u8,
     },
+    /// An adopted device apply moved from the caller's namespace into `ns` goes back (before
+    /// `ns` is deleted, which would destroy a virtual device in it).
+    MoveBack {
+        ns: String,
+        dev: String,
+    },
     /// An adopted device apply brought up goes back down.
     SetDown {
         ns: String,
@@ -92,6 +98,7 @@ impl Undo {
                     }),
                 )
             }
+            Undo::MoveBack { ns, dev } => move_back(ns, dev),
             Undo::SetDown { ns, dev } => {
                 let dev = dev.clone();
                 in_ns(
@@ -144,6 +151,21 @@ pub fn is_standby(id: &str) -> bool {
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .contains(id)
+}
+
+/// Moves device `dev` from namespace `ns` back into the caller's (where apply found it); a
+/// device no longer in `ns` is left alone.
+fn move_back(ns: &str, dev: &str) -> Result<()> {
+    let home = std::fs::File::open("/proc/thread-self/ns/net")
+        .context("cannot open this thread's network namespace")?;
+    let dev = dev.to_string();
+    netns::run_in(ns, move || {
+        let rt = Rtnl::new()?;
+        match rt.link(&dev)? {
+            Some(l) => rt.set_netns(l.index, &dev, home.as_fd()),
+            None => Ok(()),
+        }
+    })
 }
 
 fn delete_link(rt: &Rtnl, dev: &str) -> Result<()> {
@@ -275,7 +297,9 @@ fn previous(r: &Router) -> Result<Option<RouterState>> {
 }
 
 /// Where each port's device came from: (apply created it, its veth peer).
-type Plugged = BTreeMap<String, (bool, Option<String>)>;
+/// Per port: (apply created its veth pair, the peer's name, apply moved the device in from the
+/// caller's namespace).
+type Plugged = BTreeMap<String, (bool, Option<String>, bool)>;
 
 fn apply_one(r: &Router, undo: &mut Vec<Undo>, reload: bool) -> Result<Report> {
     let prev = previous(r)?;
@@ -338,10 +362,18 @@ fn bring_devices(
         let mut origin = (
             before.is_some_and(|b| b.created_device),
             before.and_then(|b| b.peer.clone()),
+            before.is_some_and(|b| b.moved_in),
         );
         if !in_ns.iter().any(|l| l.name == i.device) {
             if let Some(l) = rt.link(&i.device)? {
                 rt.set_netns(l.index, &i.device, target.as_fd())?;
+                if !cfg!(mutant = "adopted_devices_stay") {
+                    undo.push(Undo::MoveBack {
+                        ns: ns.to_string(),
+                        dev: i.device.clone(),
+                    });
+                }
+                origin.2 = true;
             } else {
                 let p = config::peer_of(&i.port_id);
                 rt.veth_add_in(&i.device, &p, target.as_fd())?;
@@ -354,7 +386,7 @@ fn bring_devices(
                     "device {} (veth, peer {p} in this namespace)",
                     i.device
                 ));
-                origin = (true, Some(p));
+                origin = (true, Some(p), false);
             }
         }
         plugged.insert(i.port_id.clone(), origin);
@@ -462,7 +494,7 @@ impl Job {
         let standby = is_standby(&r.id) && !cfg!(mutant = "standby_keeps_addresses");
         for i in &r.interfaces {
             let before = prev_iface(&i.port_id);
-            let (created_device, peer) = self.plugged[&i.port_id].clone();
+            let (created_device, peer, moved_in) = self.plugged[&i.port_id].clone();
             up(rt, &ns, &i.device, !created_device, undo)?;
             let link = rt
                 .link(&i.device)?
@@ -529,6 +561,7 @@ impl Job {
             st.slot = slot;
             st.created_device = created_device;
             st.peer = peer;
+            st.moved_in = moved_in;
             st.hook = i.hook;
             st.kind = link.kind.clone();
             st.external = i.external;
@@ -1273,6 +1306,30 @@ fn destroy_found(st: RouterState) -> Result<RouterState> {
         }
     }
     remove_bpf_dir(&st.id)?;
+    if live {
+        // Devices apply moved in go back where they came from, before their namespace may go.
+        let mut stuck = Vec::new();
+        for i in st
+            .interfaces
+            .iter()
+            .filter(|i| i.moved_in && !i.created_device)
+        {
+            if cfg!(mutant = "adopted_devices_stay") {
+                break;
+            }
+            if let Err(e) = move_back(&ns, &i.device) {
+                stuck.push(format!("{}: {e:#}", i.device));
+            }
+        }
+        if !stuck.is_empty() {
+            // Deleting the namespace now would destroy them: keep it, and say so.
+            anyhow::bail!(
+                "router {}: cannot move adopted devices back out of {ns} ({}); the namespace stays so that they live on: move them out by hand and destroy again",
+                st.id,
+                stuck.join("; ")
+            );
+        }
+    }
     if live && st.created_netns {
         netns::delete(&ns).with_context(|| format!("cannot delete namespace {ns}"))?;
     }

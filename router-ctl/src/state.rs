@@ -136,6 +136,11 @@ pub struct IfaceState {
     /// apply created this veth pair; `peer` is its other end, left in the caller's namespace.
     pub created_device: bool,
     pub peer: Option<String>,
+    /// apply moved this (adopted) device from the caller's namespace into the router's:
+    /// destroy moves it back before anything else (a namespace apply created and deletes
+    /// would take a virtual device with it).
+    #[serde(default)]
+    pub moved_in: bool,
     /// The hook the definition asks for.
     #[serde(default)]
     pub hook: crate::config::Hook,
@@ -214,6 +219,7 @@ impl IfaceState {
             slot: 0,
             created_device: false,
             peer: None,
+            moved_in: false,
             hook: crate::config::Hook::Auto,
             active_hook: None,
             hook_reason: String::new(),

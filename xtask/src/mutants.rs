@@ -91,6 +91,14 @@ pub const MUTANTS: &[Mutant] = &[
         ],
     },
     Mutant {
+        name: "adopted_devices_stay",
+        fault: "devices apply moved in from the caller's namespace are left in the router's namespace by a rollback and by destroy (and die with a namespace apply created)",
+        tests: &[(
+            "safety",
+            "a_failed_first_apply_and_a_destroy_give_adopted_devices_back",
+        )],
+    },
+    Mutant {
         name: "no_backoff",
         fault: "the agent tries a router whose apply failed again on every pass (five times a second)",
         tests: &[("lib", "agent::applier::tests::failed_applies_back_off")],

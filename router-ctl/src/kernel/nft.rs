@@ -57,20 +57,55 @@ pub fn ruleset(n: &Nat) -> String {
     t
 }
 
+/// Where `nft` is looked for: the distributions' places, never the caller's PATH (a daemon or
+/// fencer started from a shell must not run whatever `nft` that shell would).
+const NFT_PATHS: [&str; 4] = [
+    "/usr/sbin/nft",
+    "/sbin/nft",
+    "/usr/bin/nft",
+    "/usr/local/sbin/nft",
+];
+/// How long one `nft` run may take: the fencer acts within a margin of a few hundred
+/// milliseconds, and a hung `nft` must not hold it (nor an apply) forever.
+const NFT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+fn nft_path() -> Result<&'static str> {
+    NFT_PATHS
+        .iter()
+        .copied()
+        .find(|p| std::path::Path::new(p).exists())
+        .context("cannot find `nft` in /usr/sbin, /sbin, /usr/bin or /usr/local/sbin (install nftables: `cargo xtask setup`)")
+}
+
 fn run(script: &str) -> Result<()> {
-    let mut child = std::process::Command::new("nft")
+    let nft = nft_path()?;
+    let mut child = std::process::Command::new(nft)
         .args(["-f", "-"])
+        .env_clear()
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
-        .context("cannot run `nft` (install nftables: `cargo xtask setup`)")?;
+        .with_context(|| format!("cannot run {nft}"))?;
     child
         .stdin
         .take()
         .expect("piped")
         .write_all(script.as_bytes())
         .context("writing to nft")?;
+    let t0 = std::time::Instant::now();
+    loop {
+        if child.try_wait().context("waiting for nft")?.is_some() {
+            break;
+        }
+        if t0.elapsed() > NFT_TIMEOUT {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("nft did not finish within {NFT_TIMEOUT:?}; killed");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
     let out = child.wait_with_output().context("waiting for nft")?;
     if !out.status.success() {
         bail!(

@@ -1,0 +1,119 @@
+//! The operator's devices outlive every failure of ours: what apply adopted is given back.
+
+use tests::{
+    ctl, require_root, sh, sh_out,
+    topo::{unique_tag, write_config, Ids},
+};
+
+/// `ip -j link show DEV` in namespace `ns` (None: this one): the device's kind, if it is there.
+fn kind(ns: Option<&str>, dev: &str) -> Option<String> {
+    let n = ns.map(|n| format!("-n {n} ")).unwrap_or_default();
+    let out = sh_out(&format!("ip {n}-j -d link show {dev}"));
+    if !out.status.success() {
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    Some(
+        v[0]["linkinfo"]["info_kind"]
+            .as_str()
+            .unwrap_or("")
+            .to_string(),
+    )
+}
+
+/// Devices an L2 agent left in this namespace for a router's ports (a veth whose other end is
+/// in an instance's namespace, and a device without native XDP) are moved into the namespace
+/// apply creates. A first apply that fails after that (the second port asks for XDP, which the
+/// device lacks) rolls back and gives both back, whole; a good apply followed by destroy does
+/// the same. Before this, the rollback and destroy deleted the namespace with the devices in
+/// it, and the kernel destroyed them.
+#[test]
+fn a_failed_first_apply_and_a_destroy_give_adopted_devices_back() {
+    require_root();
+    let tag = unique_tag();
+    let ids = Ids::new(&tag);
+    let (a, b, ns) = (ids.dev_a(), ids.dev_b(), ids.ns());
+    let vm = format!("vm-{tag}");
+    struct Cleanup(Vec<String>);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            for c in &self.0 {
+                let _ = sh_out(c);
+            }
+        }
+    }
+    let _c = Cleanup(vec![
+        format!("ip link del {a}"),
+        format!("ip link del {b}"),
+        format!("ip netns del {vm}"),
+        format!("ip netns del {ns}"),
+    ]);
+    sh(&format!(
+        "ip netns add {vm} && ip link add {a} type veth peer name eth0 netns {vm} && ip link add {b} type dummy"
+    ));
+    let iface = |port: &str, net: u32, hook: &str| {
+        format!(
+            "[[router.interface]]\nport_id = \"{port}\"\nsubnet = \"172.16.{net}.0/24\"\ngateway_ip = \"172.16.{net}.1\"\n{hook}\n"
+        )
+    };
+    let head = format!(
+        "[[router]]\nid = \"{}\"\nname = \"{}\"\n",
+        ids.router_id, ids.name
+    );
+    let bad = write_config(
+        &format!("{tag}-bad"),
+        &format!(
+            "{head}{}{}",
+            iface(&ids.port_a, 100, ""),
+            iface(&ids.port_b, 101, "hook = \"xdp\"")
+        ),
+    );
+    let out = ctl(&["apply", "-f", &bad]);
+    assert!(
+        !out.status.success(),
+        "forced XDP on a dummy device was accepted"
+    );
+    assert!(
+        !std::path::Path::new(&format!("/run/netns/{ns}")).exists(),
+        "the failed apply left its namespace"
+    );
+    assert_eq!(kind(None, &a).as_deref(), Some("veth"), "the veth is gone");
+    assert_eq!(
+        kind(None, &b).as_deref(),
+        Some("dummy"),
+        "the dummy is gone"
+    );
+    assert_eq!(
+        kind(Some(&vm), "eth0").as_deref(),
+        Some("veth"),
+        "the instance lost its end of the veth"
+    );
+
+    let good = write_config(
+        &format!("{tag}-good"),
+        &format!("{head}{}", iface(&ids.port_a, 100, "")),
+    );
+    let out = ctl(&["apply", "-f", &good]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(kind(Some(&ns), &a).as_deref(), Some("veth"));
+    assert_eq!(kind(None, &a), None, "the device was not moved in");
+    let out = ctl(&["destroy", &ids.router_id]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!std::path::Path::new(&format!("/run/netns/{ns}")).exists());
+    assert_eq!(
+        kind(None, &a).as_deref(),
+        Some("veth"),
+        "destroy took the adopted veth with its namespace"
+    );
+    assert_eq!(kind(Some(&vm), "eth0").as_deref(), Some("veth"));
+    let _ = std::fs::remove_file(&bad);
+    let _ = std::fs::remove_file(&good);
+}
