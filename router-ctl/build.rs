@@ -57,6 +57,7 @@ const CTL_MUTANTS: &[&str] = &[
     "write_over_break_before_make",
     "no_backoff",
     "adopted_devices_stay",
+    "fence_write_ignored",
 ];
 
 fn main() -> Result<()> {

@@ -99,6 +99,14 @@ pub const MUTANTS: &[Mutant] = &[
         )],
     },
     Mutant {
+        name: "fence_write_ignored",
+        fault: "the agent goes on renewing its lease when it cannot write the fencer's deadline (a full /run): the fencer fences routers whose lease lives on",
+        tests: &[(
+            "lib",
+            "agent::run::tests::a_fence_file_that_cannot_be_written_stops_the_renewals",
+        )],
+    },
+    Mutant {
         name: "no_backoff",
         fault: "the agent tries a router whose apply failed again on every pass (five times a second)",
         tests: &[("lib", "agent::applier::tests::failed_applies_back_off")],

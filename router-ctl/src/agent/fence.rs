@@ -61,7 +61,12 @@ pub fn deadline(sent_ns: u64, ttl: Duration) -> u64 {
 }
 
 pub fn write(f: &Fence) -> Result<()> {
-    let p = path();
+    write_to(&path(), f)
+}
+
+/// `write` to the fence file at `p`.
+pub fn write_to(p: &std::path::Path, f: &Fence) -> Result<()> {
+    let p = p.to_path_buf();
     let tmp = p.with_extension("tmp");
     std::fs::write(&tmp, serde_json::to_vec(f)?)
         .with_context(|| format!("cannot write {}", tmp.display()))?;

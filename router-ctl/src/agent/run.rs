@@ -198,35 +198,44 @@ struct Agent0 {
 /// What the fencer is told, shared by the session and its renewal task: the send time of the
 /// last renewal answered, and the HA routers held.
 struct Fencing {
+    /// The fence file (`fence::path()`).
+    path: std::path::PathBuf,
     ttl: Duration,
     renewed: std::sync::atomic::AtomicU64,
     state: std::sync::Mutex<(Vec<String>, Option<(u64, Vec<String>)>)>,
 }
 
 impl Fencing {
-    fn set_routers(&self, routers: Vec<String>) {
+    fn set_routers(&self, routers: Vec<String>) -> Result<()> {
         self.state.lock().unwrap_or_else(|e| e.into_inner()).0 = routers;
-        self.write();
+        self.write()
     }
-    fn renewed(&self, sent: u64) {
+    fn renewed(&self, sent: u64) -> Result<()> {
         self.renewed.store(sent, Ordering::SeqCst);
-        self.write();
+        self.write()
     }
-    /// Writes the fence file when what it says changed.
-    fn write(&self) {
+    /// Writes the fence file when what it says changed. A write that fails (a full `/run`)
+    /// leaves the fencer an older deadline: the caller must then stop renewing, so that the
+    /// lease expires when the fencer acts and another host takes the routers.
+    fn write(&self) -> Result<()> {
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let deadline = fence::deadline(self.renewed.load(Ordering::SeqCst), self.ttl);
         let routers = st.0.clone();
         if st.1.as_ref() == Some(&(deadline, routers.clone())) {
-            return;
+            return Ok(());
         }
-        if let Err(e) = fence::write(&fence::Fence {
-            deadline_ns: deadline,
-            routers: routers.clone(),
-        }) {
-            tracing::error!(error = format!("{e:#}"), "cannot write the fence file");
+        let written = fence::write_to(
+            &self.path,
+            &fence::Fence {
+                deadline_ns: deadline,
+                routers: routers.clone(),
+            },
+        );
+        if !cfg!(mutant = "fence_write_ignored") {
+            written?;
         }
         st.1 = Some((deadline, routers));
+        Ok(())
     }
 }
 
@@ -260,7 +269,9 @@ async fn renew(
         if m.ttl() <= 0 {
             bail!(LeaseExpired);
         }
-        fencing.renewed(sent);
+        fencing.renewed(sent).context(
+            "the fence file cannot be written: renewals stop, so that the lease expires when this host's fencer acts and another host takes the routers",
+        )?;
     }
 }
 
@@ -300,6 +311,7 @@ async fn agent(
         down_since: BTreeMap::new(),
         last_pass: None,
         fencing: Arc::new(Fencing {
+            path: fence::path(),
             ttl: o_ttl,
             renewed: std::sync::atomic::AtomicU64::new(0),
             state: Default::default(),
@@ -423,14 +435,14 @@ impl Agent0 {
     }
 
     /// Tells the fencer the deadline of the last renewal answered and the routers held.
-    fn write_fence(&mut self) {
+    fn write_fence(&mut self) -> Result<()> {
         // Until etcd was read, the routers the last fence named stay named.
         let routers: Vec<String> = if self.cache.rev == 0 {
             fence::read().map(|f| f.routers).unwrap_or_default()
         } else {
             self.mine().into_iter().collect()
         };
-        self.fencing.set_routers(routers);
+        self.fencing.set_routers(routers)
     }
 
     /// A watch response's events into the cache.
@@ -643,8 +655,15 @@ impl Agent0 {
 
     fn push(&mut self, shared: &Shared) -> Vec<(String, Status)> {
         let (want, errors) = self.want();
-        // The fence file lists a router before the applier gives it its addresses.
-        self.write_fence();
+        // The fence file lists a router before the applier gives it its addresses: when it
+        // cannot, the applier keeps what it has.
+        if let Err(e) = self.write_fence() {
+            tracing::error!(
+                error = format!("{e:#}"),
+                "cannot write the fence file; role changes wait"
+            );
+            return errors;
+        }
         shared.set(want);
         errors
     }
@@ -690,8 +709,11 @@ impl Agent0 {
             self.lease = None;
             bail!("the host's lease expired");
         }
-        self.fencing.renewed(sent);
-        self.write_fence();
+        self.fencing
+            .renewed(sent)
+            .context("the fence file cannot be written")?;
+        self.write_fence()
+            .context("the fence file cannot be written")?;
         let period = (self.o.ttl / 8).max(Duration::from_millis(100));
         let mut renewing = Renewals(tokio::spawn(renew(
             keeper,
@@ -882,5 +904,38 @@ fn apply_standby_now(id: &str) {
         if let Err(e) = super::hold::release(&st) {
             tracing::warn!(router = %id, error = format!("{e:#}"), "cannot remove the router's addresses");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A fence file that cannot be written is an error for the renewal (which then stops, so
+    /// that the lease expires with the deadline the fencer holds), and is written again, not
+    /// skipped as unchanged, once it can be.
+    #[test]
+    fn a_fence_file_that_cannot_be_written_stops_the_renewals() {
+        let dir = std::env::temp_dir().join(format!("router-fence-{}", std::process::id()));
+        let f = Fencing {
+            path: dir.join("fence.json"),
+            ttl: Duration::from_secs(2),
+            renewed: std::sync::atomic::AtomicU64::new(0),
+            state: Default::default(),
+        };
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(
+            f.renewed(1_000).is_err(),
+            "a renewal whose deadline was not written"
+        );
+        std::fs::create_dir_all(&dir).unwrap();
+        f.renewed(1_000).unwrap();
+        let written: fence::Fence =
+            serde_json::from_slice(&std::fs::read(dir.join("fence.json")).unwrap()).unwrap();
+        assert_eq!(
+            written.deadline_ns,
+            fence::deadline(1_000, Duration::from_secs(2))
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
