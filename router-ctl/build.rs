@@ -58,6 +58,7 @@ const CTL_MUTANTS: &[&str] = &[
     "no_backoff",
     "adopted_devices_stay",
     "fence_write_ignored",
+    "fencer_unsupervised",
 ];
 
 fn main() -> Result<()> {

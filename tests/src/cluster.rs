@@ -56,7 +56,7 @@ impl Host {
     pub fn router_ns(&self, id: &str) -> String {
         format!("qrouter-{}-{id}", self.instance)
     }
-    fn run_dir(&self) -> String {
+    pub fn run_dir(&self) -> String {
         format!("/run/router-xdp/instances/{}", self.instance)
     }
 }

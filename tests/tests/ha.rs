@@ -599,3 +599,34 @@ fn a_dual_stack_router_fails_over_with_neighbour_advertisements() {
     }
     assert!(tests::sh(&format!("ip -n {ns} -6 addr show scope global")).contains("2001:db8:100::1"));
 }
+
+/// The fencer is supervised: killed, it is started again by the agent within a couple of
+/// seconds (a host whose fencer died would keep an expired router's addresses).
+#[test]
+fn a_killed_fencer_is_started_again() {
+    let (c, active) = ha_pair();
+    let pid_file = format!("{}/fencer.pid", c.hosts[active].run_dir());
+    let pid = || -> Option<i32> { std::fs::read_to_string(&pid_file).ok()?.trim().parse().ok() };
+    let alive = |p: i32| std::path::Path::new(&format!("/proc/{p}")).exists();
+    let first = pid().expect("the agent started a fencer");
+    assert!(alive(first));
+    // SAFETY: plain kill(2) of the fencer this test's agent started.
+    unsafe { libc::kill(first, libc::SIGKILL) };
+    let t = Instant::now();
+    loop {
+        if let Some(p) = pid().filter(|p| *p != first && alive(*p)) {
+            let cmd = std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
+            assert!(
+                cmd.split(|b| *b == 0).any(|a| a == b"fence"),
+                "pid {p} is no fencer"
+            );
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(3),
+            "no new fencer within 3 s of the old one's death"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_roles_hold(&c, active);
+}

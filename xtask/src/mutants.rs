@@ -99,6 +99,11 @@ pub const MUTANTS: &[Mutant] = &[
         )],
     },
     Mutant {
+        name: "fencer_unsupervised",
+        fault: "the agent starts the fencer once and never again (a fencer that died stays dead)",
+        tests: &[("ha", "a_killed_fencer_is_started_again")],
+    },
+    Mutant {
         name: "fence_write_ignored",
         fault: "the agent goes on renewing its lease when it cannot write the fencer's deadline (a full /run): the fencer fences routers whose lease lives on",
         tests: &[(

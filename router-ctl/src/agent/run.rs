@@ -776,6 +776,7 @@ impl Agent0 {
         }
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut fencer_checked = Instant::now();
         loop {
             let ev = tokio::select! {
                 _ = tick.tick() => Ev::Tick,
@@ -788,6 +789,19 @@ impl Agent0 {
                 Ev::Tick => {
                     if stop.load(Ordering::SeqCst) != 0 {
                         return Ok(());
+                    }
+                    // The fencer is supervised: one that died (killed, OOM) is started again
+                    // within a second, while this host holds routers it must fence.
+                    if fencer_checked.elapsed() >= Duration::from_secs(1)
+                        && !cfg!(mutant = "fencer_unsupervised")
+                    {
+                        fencer_checked = Instant::now();
+                        if let Err(e) = fence::ensure_fencer() {
+                            tracing::error!(
+                                error = format!("{e:#}"),
+                                "cannot start the fencer again"
+                            );
+                        }
                     }
                 }
                 Ev::Renewed(r) => {
