@@ -117,3 +117,33 @@ fn a_failed_first_apply_and_a_destroy_give_adopted_devices_back() {
     let _ = std::fs::remove_file(&bad);
     let _ = std::fs::remove_file(&good);
 }
+
+/// The service unit shipped in `packaging/` is one systemd accepts (with this build's binary
+/// in place of the installed path).
+#[test]
+fn the_service_unit_is_valid() {
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../packaging/router-ctl.service"
+    ))
+    .unwrap();
+    let ctl = std::env::var("ROUTER_CTL").unwrap_or_else(|_| {
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../target/release/router-ctl").to_string()
+    });
+    let dir = std::env::temp_dir().join(format!("router-unit-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("router-ctl.service");
+    std::fs::write(&path, unit.replace("/usr/local/sbin/router-ctl", &ctl)).unwrap();
+    let out = std::process::Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .expect("systemd-analyze (systemd) is installed");
+    let text =
+        String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        out.status.success() && text.trim().is_empty(),
+        "systemd-analyze: {text}"
+    );
+}

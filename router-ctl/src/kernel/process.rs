@@ -4,10 +4,18 @@ use std::process::{Command, Stdio};
 
 use anyhow::{Context as _, Result};
 
+/// A detached process's log beyond this size is set aside when the process is started again.
+const MAX_LOG_BYTES: u64 = 16 << 20;
+
 /// Starts this binary with `args` in a session of its own (a signal to the caller's process
 /// group does not reach it), stdin closed, stdout and stderr appended to `log`.
 pub fn spawn_detached(args: &[&str], log: &std::path::Path) -> Result<std::process::Child> {
     let exe = std::env::current_exe().context("cannot find my own executable")?;
+    // The log grows by appending, with no logrotate behind it: past a size, the old one is
+    // kept once (`.1`) and a new one started.
+    if std::fs::metadata(log).is_ok_and(|m| m.len() > MAX_LOG_BYTES) {
+        let _ = std::fs::rename(log, log.with_extension("log.1"));
+    }
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
