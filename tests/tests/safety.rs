@@ -49,7 +49,7 @@ fn a_failed_first_apply_and_a_destroy_give_adopted_devices_back() {
         format!("ip netns del {ns}"),
     ]);
     sh(&format!(
-        "ip netns add {vm} && ip link add {a} type veth peer name eth0 netns {vm} && ip link add {b} type dummy"
+        "ip netns add {vm} && ip link add {a} type veth peer name eth0 netns {vm} && ip link add {b} type bridge"
     ));
     let iface = |port: &str, net: u32, hook: &str| {
         format!(
@@ -69,10 +69,7 @@ fn a_failed_first_apply_and_a_destroy_give_adopted_devices_back() {
         ),
     );
     let out = ctl(&["apply", "-f", &bad]);
-    assert!(
-        !out.status.success(),
-        "forced XDP on a dummy device was accepted"
-    );
+    assert!(!out.status.success(), "forced XDP on a bridge was accepted");
     assert!(
         !std::path::Path::new(&format!("/run/netns/{ns}")).exists(),
         "the failed apply left its namespace"
@@ -80,8 +77,8 @@ fn a_failed_first_apply_and_a_destroy_give_adopted_devices_back() {
     assert_eq!(kind(None, &a).as_deref(), Some("veth"), "the veth is gone");
     assert_eq!(
         kind(None, &b).as_deref(),
-        Some("dummy"),
-        "the dummy is gone"
+        Some("bridge"),
+        "the bridge is gone"
     );
     assert_eq!(
         kind(Some(&vm), "eth0").as_deref(),
