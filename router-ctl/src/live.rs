@@ -101,11 +101,20 @@ pub struct Router {
 
 /// The view of router `r`.
 pub fn router(r: &RouterState) -> Result<Router> {
-    let (health, problems) = health(r);
+    let (mut health, mut problems) = health(r);
     let (xdp, tc) = if r.lost.is_some() {
         (Vec::new(), Vec::new())
     } else {
-        (datapath::tx_ports(&r.id)?, datapath::tc_ports(&r.id)?)
+        // A router being applied or destroyed right now may have its state file without its
+        // maps: it is shown with the problem, and the other routers are shown all the same.
+        match (datapath::tx_ports(&r.id), datapath::tc_ports(&r.id)) {
+            (Ok(x), Ok(t)) => (x, t),
+            (Err(e), _) | (_, Err(e)) => {
+                problems.push(format!("redirect maps: {e:#}"));
+                health = Health::Degraded;
+                (Vec::new(), Vec::new())
+            }
+        }
     };
     let devices = r
         .interfaces
