@@ -7,7 +7,7 @@ use tests::{
 };
 
 /// The fast path at the hook auto picks for veths (tc): ping and TCP cross with the kernel's
-/// forwarding off. (XDP: `forced_xdp_tuned_forwards_both_families_with_kernel_forwarding_off`.)
+/// forwarding off. (XDP, tuned: `forced_xdp_on_veths_is_never_worse_than_the_kernel`.)
 #[test]
 fn tc_forwards_ping_and_tcp_with_kernel_forwarding_off() {
     require_root();
@@ -2029,7 +2029,7 @@ fn at_kernel_defaults_ping_and_tcp_cross_in_the_fast_path_both_ways() {
 #[test]
 fn forced_xdp_on_veths_is_never_worse_than_the_kernel() {
     require_root();
-    let s = Seed::up_text(|ids| with_hook(ids, ids.config(""), "xdp"));
+    let s = Seed::up_dual_text(|ids| with_hook(ids, ids.config_dual(""), "xdp"));
     let (a, b) = (s.ids.dev_a(), s.ids.dev_b());
     assert_eq!(
         s.hooks(),
@@ -2075,15 +2075,39 @@ fn forced_xdp_on_veths_is_never_worse_than_the_kernel() {
         s.vm3,
         s.ids.tap_b()
     ));
+    // Ping and TCP of both families, each way, cross in the XDP program with the kernel's
+    // forwarding off, and the kernel's own count of XDP redirects on each device equals the
+    // fast path's.
     wait_xdp_slot(&s, &a, true);
+    s.prime_neighbours6();
     s.set_forwarding(false);
+    s.set_forwarding6(false);
     let before = s.fast_path();
-    assert!(Seed::ping(&s.vm1, "172.16.101.3", 5));
-    s.assert_fast_path(&before, &[(&a, 5, 0), (&b, 5, 0)]);
-    let before = s.fast_path();
-    let (n, same) = tcp_transfer(&s.vm1, &s.vm3, "172.16.101.3", 10 << 20);
-    assert!(n == 10 << 20 && same, "TCP through forced XDP, tuned");
-    s.assert_fast_path_carried(&before, &[(&a, 10 << 20), (&b, 1)]);
+    for dev in [&a, &b] {
+        assert!(
+            before.get(dev).redirects.is_some(),
+            "{dev}: no kernel count of XDP redirects to check against"
+        );
+    }
+    for (from, to) in [
+        (&s.vm1, "172.16.101.3"),
+        (&s.vm3, "172.16.100.3"),
+        (&s.vm1, "2001:db8:101::3"),
+        (&s.vm3, "2001:db8:100::3"),
+    ] {
+        assert_eq!(Seed::ping_counts(from, to, 5), (5, 5), "{from} → {to}");
+    }
+    s.assert_fast_path(&before, &[(&a, 10, 10), (&b, 10, 10)]);
+    for ip in ["172.16.101.3", "2001:db8:101::3"] {
+        let before = s.fast_path();
+        let (n, same) = tcp_transfer(&s.vm1, &s.vm3, ip, 10 << 20);
+        assert!(
+            n == 10 << 20 && same,
+            "TCP to {ip} through forced XDP, tuned"
+        );
+        s.assert_fast_path_carried(&before, &[(&a, 10 << 20), (&b, 1)]);
+    }
+    s.set_forwarding6(true);
     // vm3's GRO goes off under 1 000 pps while the controller's state lock is held for a second
     // (as an apply of many other routers holds it): qr-b leaves the devmap at once anyway (the
     // daemon follows the kernel's XDP feature notification, without waiting for the lock its
@@ -2120,57 +2144,6 @@ fn forced_xdp_on_veths_is_never_worse_than_the_kernel() {
         s.passed(&a, "no_xdp_xmit") > no_xmit + 3,
         "frames after the change"
     );
-}
-
-/// XDP forced on both qr- devices of the dual-stack seed, with the instance side tuned so that
-/// both take XDP-redirected frames (complete checksums, GRO on both instance ends): ping and TCP
-/// of both families cross in the XDP program with the kernel's forwarding off, and the kernel's
-/// own count of XDP redirects on each device equals the fast path's.
-#[test]
-fn forced_xdp_tuned_forwards_both_families_with_kernel_forwarding_off() {
-    require_root();
-    let s = Seed::up_dual_text(|ids| with_hook(ids, ids.config_dual(""), "xdp"));
-    let (a, b) = (s.ids.dev_a(), s.ids.dev_b());
-    assert_eq!(
-        s.hooks(),
-        vec![
-            (a.clone(), "xdp".to_string()),
-            (b.clone(), "xdp".to_string())
-        ]
-    );
-    for (ns, tap) in [(&s.vm1, s.ids.tap_a()), (&s.vm3, s.ids.tap_b())] {
-        sh(&format!(
-            "ip netns exec {ns} ethtool -K {tap} tx off gro on"
-        ));
-    }
-    wait_xdp_slot(&s, &a, true);
-    wait_xdp_slot(&s, &b, true);
-    s.prime_neighbours();
-    s.prime_neighbours6();
-    s.set_forwarding(false);
-    s.set_forwarding6(false);
-    let before = s.fast_path();
-    for dev in [&a, &b] {
-        assert!(
-            before.get(dev).redirects.is_some(),
-            "{dev}: no kernel count of XDP redirects to check against"
-        );
-    }
-    for (from, to) in [
-        (&s.vm1, "172.16.101.3"),
-        (&s.vm3, "172.16.100.3"),
-        (&s.vm1, "2001:db8:101::3"),
-        (&s.vm3, "2001:db8:100::3"),
-    ] {
-        assert_eq!(Seed::ping_counts(from, to, 5), (5, 5), "{from} → {to}");
-    }
-    s.assert_fast_path(&before, &[(&a, 10, 10), (&b, 10, 10)]);
-    for ip in ["172.16.101.3", "2001:db8:101::3"] {
-        let before = s.fast_path();
-        let (n, same) = tcp_transfer(&s.vm1, &s.vm3, ip, 10 << 20);
-        assert!(n == 10 << 20 && same, "TCP to {ip} through forced XDP");
-        s.assert_fast_path_carried(&before, &[(&a, 10 << 20), (&b, 1)]);
-    }
 }
 
 /// With the tc hook (auto on veths) the peer's GRO is irrelevant: it going off and on under
