@@ -365,6 +365,49 @@ pub struct RawRoute {
     pub nexthop: String,
 }
 
+impl RawInterface {
+    /// Port `port_id` with fixed IPs `ips` (the single-subnet form when there is one).
+    pub fn new(port_id: String, ips: Vec<RawFixedIp>, hook: Option<String>) -> RawInterface {
+        let mut i = RawInterface {
+            port_id,
+            subnet: None,
+            gateway_ip: None,
+            fixed_ips: None,
+            hook,
+        };
+        i.set_fixed_ips(ips);
+        i
+    }
+
+    /// The port's fixed IPs, whichever form the definition uses.
+    pub fn fixed_ips(&self) -> Vec<RawFixedIp> {
+        match (&self.fixed_ips, &self.subnet, &self.gateway_ip) {
+            (Some(v), _, _) => v.clone(),
+            (None, Some(s), Some(g)) => vec![RawFixedIp {
+                subnet: s.clone(),
+                ip_address: g.clone(),
+            }],
+            _ => Vec::new(),
+        }
+    }
+
+    /// Sets the port's fixed IPs, in the single-subnet form when there is one.
+    pub fn set_fixed_ips(&mut self, ips: Vec<RawFixedIp>) {
+        match &ips[..] {
+            [one] => {
+                self.subnet = Some(one.subnet.clone());
+                self.gateway_ip = Some(one.ip_address.clone());
+                self.fixed_ips = None;
+            }
+            _ => {
+                self.subnet = None;
+                self.gateway_ip = None;
+                self.fixed_ips = Some(ips);
+            }
+        }
+    }
+}
+
 /// Definitions as a file states them, written by the TOML serializer.
 pub fn to_text(routers: &[RawRouter]) -> String {
     toml::to_string(&RawFile {
@@ -501,25 +544,17 @@ impl Router {
             .iter()
             .filter(|i| !i.external)
             .map(|i| {
-                let single = match &i.fixed_ips[..] {
-                    [f] => Some((f.subnet.to_string(), f.gateway_ip.to_string())),
-                    _ => None,
-                };
-                RawInterface {
-                    port_id: i.port_id.clone(),
-                    subnet: single.as_ref().map(|s| s.0.clone()),
-                    gateway_ip: single.as_ref().map(|s| s.1.clone()),
-                    fixed_ips: single.is_none().then(|| {
-                        i.fixed_ips
-                            .iter()
-                            .map(|f| RawFixedIp {
-                                subnet: f.subnet.to_string(),
-                                ip_address: f.gateway_ip.to_string(),
-                            })
-                            .collect()
-                    }),
-                    hook: hook(i.hook),
-                }
+                RawInterface::new(
+                    i.port_id.clone(),
+                    i.fixed_ips
+                        .iter()
+                        .map(|f| RawFixedIp {
+                            subnet: f.subnet.to_string(),
+                            ip_address: f.gateway_ip.to_string(),
+                        })
+                        .collect(),
+                    hook(i.hook),
+                )
             })
             .collect();
         let route = self

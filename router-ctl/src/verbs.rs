@@ -49,25 +49,17 @@ fn rebuilt(st: &RouterState) -> RawRouter {
         .iter()
         .filter(|i| !i.external)
         .map(|i| {
-            let single = match &i.fixed_ips[..] {
-                [f] => Some(f),
-                _ => None,
-            };
-            RawInterface {
-                port_id: i.port_id.clone(),
-                subnet: single.map(|f| f.subnet.clone()),
-                gateway_ip: single.map(|f| f.gateway_ip.clone()),
-                fixed_ips: single.is_none().then(|| {
-                    i.fixed_ips
-                        .iter()
-                        .map(|f| RawFixedIp {
-                            subnet: f.subnet.clone(),
-                            ip_address: f.gateway_ip.clone(),
-                        })
-                        .collect()
-                }),
-                hook: hook(i.hook),
-            }
+            RawInterface::new(
+                i.port_id.clone(),
+                i.fixed_ips
+                    .iter()
+                    .map(|f| RawFixedIp {
+                        subnet: f.subnet.clone(),
+                        ip_address: f.gateway_ip.clone(),
+                    })
+                    .collect(),
+                hook(i.hook),
+            )
         })
         .collect();
     let route = st
@@ -395,52 +387,14 @@ pub fn add_subnet(
         match def.interface.iter_mut().find(|i| i.port_id == port) {
             // A port the router has already gets one more fixed IP (a dual-stack port).
             Some(i) => {
-                let mut ips = fixed_ips_of(i);
+                let mut ips = i.fixed_ips();
                 ips.push(ip);
-                set_fixed_ips(i, ips);
+                i.set_fixed_ips(ips);
             }
-            None => {
-                let mut i = RawInterface {
-                    port_id: port,
-                    subnet: None,
-                    gateway_ip: None,
-                    fixed_ips: None,
-                    hook: None,
-                };
-                set_fixed_ips(&mut i, vec![ip]);
-                def.interface.push(i);
-            }
+            None => def.interface.push(RawInterface::new(port, vec![ip], None)),
         }
         Ok(())
     })
-}
-
-/// An interface's fixed IPs, whichever form its definition uses.
-fn fixed_ips_of(i: &RawInterface) -> Vec<RawFixedIp> {
-    match (&i.fixed_ips, &i.subnet, &i.gateway_ip) {
-        (Some(v), _, _) => v.clone(),
-        (None, Some(s), Some(g)) => vec![RawFixedIp {
-            subnet: s.clone(),
-            ip_address: g.clone(),
-        }],
-        _ => Vec::new(),
-    }
-}
-
-/// Sets an interface's fixed IPs, in the single-subnet form when there is one.
-fn set_fixed_ips(i: &mut RawInterface, ips: Vec<RawFixedIp>) {
-    match &ips[..] {
-        [one] => {
-            i.subnet = Some(one.subnet.clone());
-            i.gateway_ip = Some(one.ip_address.clone());
-            i.fixed_ips = None;
-        }
-        _ => {
-            i.subnet = None;
-            i.gateway_ip = None;
-            i.fixed_ips = Some(ips);
-        }
-    }
 }
 
 /// The canonical spelling of a prefix or address (IPv6 has several), or the text as given.
@@ -460,14 +414,14 @@ pub fn remove_subnet(router: &str, subnet: &str) -> Result<Router> {
     change(router, |st, def| {
         let mut removed = 0;
         for i in def.interface.iter_mut() {
-            let mut ips = fixed_ips_of(i);
+            let mut ips = i.fixed_ips();
             let before = ips.len();
             ips.retain(|f| canonical(&f.subnet) != subnet);
             removed += before - ips.len();
-            set_fixed_ips(i, ips);
+            i.set_fixed_ips(ips);
         }
         // A port left without any subnet goes, as Neutron's router port does.
-        def.interface.retain(|i| !fixed_ips_of(i).is_empty());
+        def.interface.retain(|i| !i.fixed_ips().is_empty());
         if removed == 0 {
             bail!("router {}: no interface on subnet {subnet}", st.name);
         }
