@@ -59,6 +59,8 @@ const CTL_MUTANTS: &[&str] = &[
     "adopted_devices_stay",
     "fence_write_ignored",
     "fencer_unsupervised",
+    "device_mac_change_ignored",
+    "address_events_ignored",
 ];
 
 fn main() -> Result<()> {

@@ -655,12 +655,17 @@ fn watch_neighbours(r: &RouterState, stop: &Stop) -> Result<()> {
                             if let Some((ifindex, mac)) = qg.filter(|(i, _)| *i == m.header.index) {
                                 announce(&r.id, ifindex, mac, ipv4_of(&m).into_iter().collect());
                             }
-                            pending.dirty()
+                            if !cfg!(mutant = "address_events_ignored") {
+                                pending.dirty()
+                            }
+                        }
+                        NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelAddress(_)) => {
+                            if !cfg!(mutant = "address_events_ignored") {
+                                pending.dirty()
+                            }
                         }
                         NetlinkPayload::InnerMessage(
-                            RouteNetlinkMessage::NewLink(_)
-                            | RouteNetlinkMessage::DelLink(_)
-                            | RouteNetlinkMessage::DelAddress(_),
+                            RouteNetlinkMessage::NewLink(_) | RouteNetlinkMessage::DelLink(_),
                         ) => pending.dirty(),
                         _ => {}
                     }

@@ -1130,6 +1130,109 @@ fn a_device_going_down_or_changing_mtu_leaves_the_fast_path_in_line() {
     );
 }
 
+/// An operator or an agent changes a router device after apply: new MACs on both qr- devices,
+/// then an address added to one and removed again. The daemon follows each change: with the
+/// kernel's forwarding off, only the fast path carries vm1 ↔ vm3, so frames sent to a new MAC
+/// must be recognised as the router's, and what it forwards must leave with the new MAC (as the
+/// kernel reads the device, not as the router recorded it); the added address is the router's
+/// own (handed to the kernel as a local destination), and once removed it no longer is.
+#[test]
+fn a_changed_device_mac_or_address_is_followed() {
+    require_root();
+    let s = Seed::up("");
+    s.prime_neighbours();
+    s.set_forwarding(false);
+    let (ns, a, b) = (s.ns(), s.ids.dev_a(), s.ids.dev_b());
+    let (new_a, new_b) = ("02:5e:00:00:0a:01", "02:5e:00:00:0b:01");
+    sh(&format!("ip -n {ns} link set {a} address {new_a}"));
+    sh(&format!("ip -n {ns} link set {b} address {new_b}"));
+    assert_eq!(s.mac_of(&a), new_a);
+    assert_eq!(s.mac_of(&b), new_b);
+    let recorded = |dev: &str| {
+        ctl_json(&["show", &s.ids.router_id])[0]["interfaces"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["device"] == dev)
+            .map(|i| i["mac"].as_str().unwrap_or_default().to_string())
+            .unwrap_or_default()
+    };
+    wait_for("the daemon did not record qr-a's new MAC", &|| {
+        recorded(&a) == new_a
+    });
+    wait_for("the daemon did not record qr-b's new MAC", &|| {
+        recorded(&b) == new_b
+    });
+    // vm1 and vm3 forget the old MACs (the kernel sends no gratuitous ARP for a new MAC at
+    // its defaults) and resolve their gateways again, before the capture starts.
+    sh(&format!(
+        "ip -n {} neigh flush dev {} && ip -n {} neigh flush dev {}",
+        s.vm1,
+        s.ids.tap_a(),
+        s.vm3,
+        s.ids.tap_b()
+    ));
+    // (The kernel flushed the router's neighbours on both devices with the change of MAC.)
+    s.prime_neighbours();
+    let cap = capture(&s.vm3, &s.ids.tap_b(), |f| {
+        f.len() > 42
+            && f[12..14] == [8, 0]
+            && f[23] == 1
+            && f[26..30] == [172, 16, 100, 3]
+            && f[30..34] == [172, 16, 101, 3]
+            && f[34] == 8
+    });
+    let before = s.fast_path();
+    assert!(
+        Seed::ping(&s.vm1, "172.16.101.3", 3),
+        "vm1 → vm3 through the new MACs with the kernel's forwarding off"
+    );
+    let f = cap.join().unwrap().expect("no echo request reached vm3");
+    assert_eq!(
+        router_ctl::config::fmt_mac(f[6..12].try_into().unwrap()),
+        new_b,
+        "a forwarded frame leaves with the egress device's new MAC"
+    );
+    s.assert_fast_path(&before, &[(&a, 3, 0), (&b, 3, 0)]);
+
+    // An address added to qr-b is the router's: vm1's pings to it go to the kernel as a local
+    // destination (and are answered), not towards a neighbour of that subnet.
+    sh(&format!("ip -n {ns} addr add 172.16.101.77/24 dev {b}"));
+    let (local, no_neigh) = (s.passed(&a, "local_dest"), s.passed(&a, "no_neigh"));
+    let t = std::time::Instant::now();
+    while s.passed(&a, "local_dest") == local {
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(3),
+            "pings to an address added to qr-b never reached the kernel as the router's own"
+        );
+        let _ = Seed::exec(&s.vm1, "ping -c 1 -W 0.2 172.16.101.77");
+    }
+    let (local, no_neigh_after) = (s.passed(&a, "local_dest"), s.passed(&a, "no_neigh"));
+    assert!(
+        Seed::ping(&s.vm1, "172.16.101.77", 3),
+        "the router answers its new address"
+    );
+    assert_eq!(s.passed(&a, "local_dest"), local + 3);
+    assert_eq!(
+        no_neigh_after, no_neigh,
+        "the new address was taken for a neighbour's"
+    );
+    // Removed: no longer the router's own.
+    sh(&format!("ip -n {ns} addr del 172.16.101.77/24 dev {b}"));
+    let t = std::time::Instant::now();
+    loop {
+        let before = s.passed(&a, "local_dest");
+        let _ = Seed::exec(&s.vm1, "ping -c 1 -W 0.2 172.16.101.77");
+        if s.passed(&a, "local_dest") == before {
+            break;
+        }
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(3),
+            "a removed address stayed the router's own in the fast path"
+        );
+    }
+}
+
 #[test]
 fn the_daemon_applies_its_definitions_on_sighup_and_on_file_change() {
     require_root();

@@ -288,6 +288,19 @@ pub const MUTANTS: &[Mutant] = &[
         tests: &[("packet", "set_routes_rewrites_are_never_seen_half_done")],
     },
     Mutant {
+        name: "device_mac_change_ignored",
+        fault: "the daemon keeps the MAC a router device had at apply after the device's MAC \
+                changed (frames to the new MAC go to the kernel, forwarded frames carry the old \
+                one as their source)",
+        tests: &[("netns", "a_changed_device_mac_or_address_is_followed")],
+    },
+    Mutant {
+        name: "address_events_ignored",
+        fault: "the daemon does not follow address events: an address added to a qr- device \
+                after apply is routed as a neighbour's, a removed one stays the router's",
+        tests: &[("netns", "a_changed_device_mac_or_address_is_followed")],
+    },
+    Mutant {
         name: "neigh_change_ignored",
         fault: "the daemon keeps the old MAC of a neighbour whose MAC changed",
         tests: &[
