@@ -61,6 +61,7 @@ const CTL_MUTANTS: &[&str] = &[
     "fencer_unsupervised",
     "device_mac_change_ignored",
     "address_events_ignored",
+    "v6_route_removal_kept",
 ];
 
 fn main() -> Result<()> {

@@ -2478,6 +2478,59 @@ fn a_deleted_namespace_is_released_and_the_next_apply_starts_clean() {
     s.assert_fast_path(&before, &[(&s.ids.dev_a(), 3, 0), (&s.ids.dev_b(), 3, 0)]);
 }
 
+/// Dynamic IPv6 routes end to end: a batch adds a /64 behind vm3 that only the batch routes; with
+/// the kernel's IPv6 forwarding off, vm1 reaches it through the fast path; the route is in the
+/// kernel's table too; deleting it takes it out of both.
+#[test]
+fn an_ipv6_route_batch_reaches_the_kernel_and_the_fast_path() {
+    require_root();
+    let s = Seed::up_dual("");
+    s.prime_neighbours6();
+    sh(&format!(
+        "ip -n {} addr add 2001:db8:99::1/128 dev lo",
+        s.vm3
+    ));
+    let (router, tag) = (s.ids.router_id.clone(), s.ids.tag.clone());
+    let batch = |name: &str, text: &str| {
+        let path = format!("/tmp/batch6-{tag}-{name}");
+        std::fs::write(&path, text).unwrap();
+        let out = ctl(&["-j", "route", "batch", &router, &path]);
+        let _ = std::fs::remove_file(&path);
+        assert!(
+            out.status.success(),
+            "{text}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let kernel = || sh(&format!("ip -n {} -6 route show 2001:db8:99::/64", s.ns()));
+    let v = batch(
+        "add",
+        "add 2001:db8:99::/64 via 2001:db8:101::3\nadd 2001:db8:98::/64 via 2001:db8:101::3\n",
+    );
+    assert_eq!(v["set"], 2, "{v}");
+    assert!(kernel().contains("via 2001:db8:101::3"), "{}", kernel());
+    s.set_forwarding6(false);
+    let (a, b) = (s.ids.dev_a(), s.ids.dev_b());
+    let before = s.fast_path();
+    assert!(
+        Seed::ping(&s.vm1, "2001:db8:99::1", 3),
+        "vm1 → 2001:db8:99::1 through the batch's IPv6 route, kernel forwarding off"
+    );
+    s.assert_fast_path(&before, &[(&a, 0, 3), (&b, 0, 3)]);
+    let v = batch("del", "del 2001:db8:99::/64\n");
+    assert_eq!(v["deleted"], 1, "{v}");
+    assert_eq!(kernel().trim(), "");
+    // Gone from the fast path too: with the kernel forwarding again, it answers unreachable
+    // and nothing is forwarded by the fast path.
+    s.set_forwarding6(true);
+    let before = s.fast_path();
+    assert!(!Seed::ping(&s.vm1, "2001:db8:99::1", 1));
+    s.assert_fast_path(&before, &[(&a, 0, 0), (&b, 0, 0)]);
+    // The other route of the batch stayed.
+    assert!(sh(&format!("ip -n {} -6 route show 2001:db8:98::/64", s.ns())).contains("via"));
+}
+
 /// Dynamic routes: a batch of 5 000 routes (enough for the daemon to keep the table in memory)
 /// reaches the kernel and the fast path; single-route batches then replace a nexthop and delete
 /// a route, changing only those; a bad batch changes nothing; apply keeps the dynamic routes.

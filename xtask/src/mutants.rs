@@ -301,6 +301,14 @@ pub const MUTANTS: &[Mutant] = &[
         tests: &[("netns", "a_changed_device_mac_or_address_is_followed")],
     },
     Mutant {
+        name: "v6_route_removal_kept",
+        fault: "a deleted IPv6 route (route batch, the daemon's table) stays in the fast path",
+        tests: &[(
+            "netns",
+            "an_ipv6_route_batch_reaches_the_kernel_and_the_fast_path",
+        )],
+    },
+    Mutant {
         name: "neigh_change_ignored",
         fault: "the daemon keeps the old MAC of a neighbour whose MAC changed",
         tests: &[

@@ -474,7 +474,9 @@ impl Live {
                     return Ok(false);
                 };
                 let top = (k.1 >> 64) as u64;
-                if n.len <= 64 {
+                if cfg!(mutant = "v6_route_removal_kept") {
+                    // The fault: a deleted IPv6 route stays in the fast path's table.
+                } else if n.len <= 64 {
                     self.six.remove(top, n.len);
                 } else {
                     self.six.long_remove(top, k.1 as u64, n.len);
