@@ -62,6 +62,7 @@ const CTL_MUTANTS: &[&str] = &[
     "device_mac_change_ignored",
     "address_events_ignored",
     "v6_route_removal_kept",
+    "rollback_deletes_previous_namespace",
 ];
 
 fn main() -> Result<()> {

@@ -307,6 +307,10 @@ fn apply_one(r: &Router, undo: &mut Vec<Undo>, reload: bool) -> Result<Report> {
     let mut created = Vec::new();
     // The namespace: adopted, or created.
     let created_netns = if netns::exists(&ns) {
+        if cfg!(mutant = "rollback_deletes_previous_namespace") {
+            // The fault: a failed re-apply deletes the namespace an earlier apply made.
+            undo.push(Undo::DeleteNetns(ns.clone()));
+        }
         prev.as_ref().is_some_and(|p| p.created_netns)
     } else {
         netns::create(&ns)?;

@@ -115,6 +115,130 @@ fn a_failed_first_apply_and_a_destroy_give_adopted_devices_back() {
     let _ = std::fs::remove_file(&good);
 }
 
+/// One apply of several routers: each is applied whole or rolled back whole, and a failure of
+/// one leaves the others applied. Routers A and B are applied; then one apply changes A (a
+/// second subnet) and B (a port on a bridge the operator left here, with XDP forced, which a
+/// bridge lacks). B fails and goes back to what it was: its namespace, its first port and its
+/// state as before, the bridge back in this namespace; A's change is applied; the error names B
+/// and says A was applied.
+#[test]
+fn a_failing_router_rolls_back_alone_in_a_multi_router_apply() {
+    require_root();
+    let (ta, tb) = (unique_tag(), unique_tag());
+    let (ra, rb) = (Ids::new(&ta), Ids::new(&tb));
+    let bridge = rb.dev_b();
+    struct Cleanup(Vec<String>);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            for c in &self.0 {
+                let _ = sh_out(c);
+            }
+        }
+    }
+    let _c = Cleanup(vec![
+        format!("{} destroy {}", tests::router_ctl(), ra.router_id),
+        format!("{} destroy {}", tests::router_ctl(), rb.router_id),
+        format!("ip link del {bridge}"),
+    ]);
+    sh(&format!("ip link add {bridge} type bridge"));
+    let iface = |port: &str, net: u32, hook: &str| {
+        format!(
+            "[[router.interface]]\nport_id = \"{port}\"\nsubnet = \"172.16.{net}.0/24\"\ngateway_ip = \"172.16.{net}.1\"\n{hook}\n"
+        )
+    };
+    let head = |ids: &Ids| {
+        format!(
+            "[[router]]\nid = \"{}\"\nname = \"{}\"\n",
+            ids.router_id, ids.name
+        )
+    };
+    let first = write_config(
+        &format!("{ta}-first"),
+        &format!(
+            "{}{}{}{}",
+            head(&ra),
+            iface(&ra.port_a, 100, ""),
+            head(&rb),
+            iface(&rb.port_a, 100, "")
+        ),
+    );
+    let out = ctl(&["apply", "-f", &first]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let state_b = |ids: &Ids| {
+        std::fs::read_to_string(format!("/run/router-xdp/routers/{}.json", ids.router_id))
+            .unwrap_or_default()
+    };
+    let b_before = state_b(&rb);
+    assert!(!b_before.is_empty(), "no state file for B");
+    let second = write_config(
+        &format!("{ta}-second"),
+        &format!(
+            "{}{}{}{}{}{}",
+            head(&ra),
+            iface(&ra.port_a, 100, ""),
+            iface(&ra.port_b, 101, ""),
+            head(&rb),
+            iface(&rb.port_a, 100, ""),
+            iface(&rb.port_b, 101, "hook = \"xdp\"")
+        ),
+    );
+    let out = ctl(&["apply", "-f", &second]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "forced XDP on a bridge was accepted");
+    assert!(
+        err.contains(&rb.router_id) && err.contains("rolled back"),
+        "the error names the failed router: {err}"
+    );
+    assert!(
+        err.contains("1 other router(s) were applied") && err.contains(&ra.name),
+        "the error says which router was applied: {err}"
+    );
+    // B as it was.
+    assert!(
+        std::path::Path::new(&format!("/run/netns/{}", rb.ns())).exists(),
+        "B's namespace went with its failed re-apply"
+    );
+    assert_eq!(
+        kind(Some(&rb.ns()), &rb.dev_a()).as_deref(),
+        Some("veth"),
+        "B lost its first port"
+    );
+    assert_eq!(
+        kind(None, &bridge).as_deref(),
+        Some("bridge"),
+        "the operator's bridge was not given back"
+    );
+    assert_eq!(
+        state_b(&rb),
+        b_before,
+        "B's state changed with a failed apply"
+    );
+    let show = tests::ctl_json(&["show", &rb.router_id]);
+    assert_eq!(
+        show[0]["interfaces"].as_array().map(Vec::len),
+        Some(1),
+        "{show}"
+    );
+    assert!(
+        show[0]["interfaces"][0]["prog_id"].as_u64().is_some(),
+        "{show}"
+    );
+    // A with its change.
+    let show = tests::ctl_json(&["show", &ra.router_id]);
+    assert_eq!(
+        show[0]["interfaces"].as_array().map(Vec::len),
+        Some(2),
+        "{show}"
+    );
+    assert_eq!(kind(Some(&ra.ns()), &ra.dev_b()).as_deref(), Some("veth"));
+    let _ = std::fs::remove_file(&first);
+    let _ = std::fs::remove_file(&second);
+}
+
 /// The service unit shipped in `packaging/` is one systemd accepts (with this build's binary
 /// in place of the installed path).
 #[test]

@@ -309,6 +309,15 @@ pub const MUTANTS: &[Mutant] = &[
         )],
     },
     Mutant {
+        name: "rollback_deletes_previous_namespace",
+        fault: "a router whose re-apply fails is rolled back past its previous state: the \
+                namespace an earlier apply made is deleted with everything in it",
+        tests: &[(
+            "safety",
+            "a_failing_router_rolls_back_alone_in_a_multi_router_apply",
+        )],
+    },
+    Mutant {
         name: "neigh_change_ignored",
         fault: "the daemon keeps the old MAC of a neighbour whose MAC changed",
         tests: &[
