@@ -225,3 +225,38 @@ fn the_circle_check_finds_circles() {
         .collect();
     assert_eq!(circles(&e), vec![vec!["a", "b", "c"]]);
 }
+
+/// A binary's own modules (`main.rs` with `mod cli;`, and `cli/…` beside the library's files)
+/// are checked like the library's: a circle between two of them is found, and their use of
+/// their parent (`super::Format`) is not one.
+#[test]
+fn the_circle_check_sees_a_binarys_modules() {
+    let dir = std::env::temp_dir().join(format!("layout-bin-{}", std::process::id()));
+    let src = dir.join("src");
+    std::fs::create_dir_all(src.join("cli")).unwrap();
+    for (path, text) in [
+        ("lib.rs", "pub mod store;"),
+        ("store.rs", ""),
+        ("main.rs", "mod cli;\nuse cli::verbs::after;\nfn main() {}"),
+        (
+            "cli/mod.rs",
+            "pub mod show;\npub mod verbs;\npub enum Format {}",
+        ),
+        ("cli/show.rs", "use super::verbs::after;\npub fn show() {}"),
+        (
+            "cli/verbs.rs",
+            "use super::{show::show, Format};\npub fn after() {}",
+        ),
+    ] {
+        std::fs::write(src.join(path), text).unwrap();
+    }
+    let e = edges(&src);
+    std::fs::remove_dir_all(&dir).unwrap();
+    let want: BTreeSet<(String, String)> =
+        [("cli::show", "cli::verbs"), ("cli::verbs", "cli::show")]
+            .iter()
+            .map(|(x, y)| (x.to_string(), y.to_string()))
+            .collect();
+    assert_eq!(e, want);
+    assert_eq!(circles(&e), vec![vec!["cli::show", "cli::verbs"]]);
+}
