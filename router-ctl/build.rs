@@ -63,6 +63,7 @@ const CTL_MUTANTS: &[&str] = &[
     "address_events_ignored",
     "v6_route_removal_kept",
     "rollback_deletes_previous_namespace",
+    "fence_never_lifted",
 ];
 
 fn main() -> Result<()> {

@@ -191,7 +191,7 @@ fn an_etcd_restart_changes_no_role_and_the_watches_resume() {
 
 #[test]
 fn a_host_cut_off_from_etcd_is_fenced_and_returns_as_standby() {
-    let (c, active) = ha_pair();
+    let (mut c, active) = ha_pair();
     assert_roles_hold(&c, active);
     let standby = 1 - active;
     let (ping, arp) = (Pinger::start(&c), ArpWatch::start(&c));
@@ -227,6 +227,24 @@ fn a_host_cut_off_from_etcd_is_fenced_and_returns_as_standby() {
         c.addresses(active)
     );
     assert_eq!(c.show()["active_host"], c.hosts[standby].name.as_str());
+    // The fence comes down at the router's next apply there (as standby): the host can lead
+    // again. The new active stops; the fenced one takes over and answers for the address.
+    let ns = c.hosts[active].router_ns(ROUTER_ID);
+    let fenced = || {
+        tests::sh(&format!("ip netns exec {ns} nft list tables"))
+            .contains(router_ctl::kernel::nft::FENCE)
+    };
+    let t = Instant::now();
+    while fenced() {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "the fence stayed up in {ns} after the router was applied again"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    c.stop_agent(standby);
+    wait_active(&c, active, Duration::from_secs(5));
+    c.wait_ping(Duration::from_secs(5));
 }
 
 #[test]

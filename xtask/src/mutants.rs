@@ -318,6 +318,15 @@ pub const MUTANTS: &[Mutant] = &[
         )],
     },
     Mutant {
+        name: "fence_never_lifted",
+        fault: "a router fenced while its host was cut off keeps the fence after it is applied \
+                again: the host can never answer for its addresses again",
+        tests: &[(
+            "ha",
+            "a_host_cut_off_from_etcd_is_fenced_and_returns_as_standby",
+        )],
+    },
+    Mutant {
         name: "neigh_change_ignored",
         fault: "the daemon keeps the old MAC of a neighbour whose MAC changed",
         tests: &[

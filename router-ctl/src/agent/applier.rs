@@ -277,7 +277,7 @@ pub fn run(shared: Arc<Shared>, report: impl Fn(Report)) {
             for ((r, d), res) in batch.into_iter().zip(results) {
                 let status = match res {
                     Ok(()) => {
-                        if fenced.remove(&r.id) {
+                        if fenced.remove(&r.id) && !cfg!(mutant = "fence_never_lifted") {
                             if let Ok(Some(st)) = RouterState::load(&r.id) {
                                 if let Err(e) = super::hold::unfence(&st) {
                                     tracing::warn!(router = %r.id, error = format!("{e:#}"), "cannot take the fence down");
