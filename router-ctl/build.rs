@@ -64,6 +64,7 @@ const CTL_MUTANTS: &[&str] = &[
     "v6_route_removal_kept",
     "rollback_deletes_previous_namespace",
     "fence_never_lifted",
+    "etcd_client_cert_dropped",
 ];
 
 fn main() -> Result<()> {

@@ -298,7 +298,7 @@ pub fn run(
     tracing::info!(pid = std::process::id(), "router-ctl daemon started");
     let agent = match agent {
         Some(o) => {
-            tracing::info!(host = %o.host, etcd = %o.endpoints.join(","), "agent: definitions come from etcd");
+            tracing::info!(host = %o.host, etcd = %o.access.urls(), "agent: definitions come from etcd");
             Some(crate::agent::run::start(o)?)
         }
         None => None,

@@ -73,6 +73,8 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> Result<()> {
+    // How to reach etcd: checked where a command uses it.
+    let etcd = cli.etcd_access();
     match cli.cmd {
         Cmd::Validate { file } => {
             let routers = config::load_file(&file)?;
@@ -147,9 +149,9 @@ fn run(cli: Cli) -> Result<()> {
             lease_ttl,
             agent_down_time,
         } => {
-            let agent = match &cli.etcd {
+            let agent = match etcd? {
                 None => None,
-                Some(urls) => {
+                Some(access) => {
                     if file.is_some() {
                         anyhow::bail!("run: give either -f FILE or --etcd URLS (the definitions come from one place)");
                     }
@@ -167,7 +169,7 @@ fn run(cli: Cli) -> Result<()> {
                         anyhow::bail!("--host '{host}': a host name must be non-empty without '/'");
                     }
                     Some(router_ctl::agent::run::Options {
-                        endpoints: urls.split(',').map(|u| u.trim().to_string()).collect(),
+                        access,
                         host,
                         ttl: std::time::Duration::from_secs(lease_ttl),
                         down_time: std::time::Duration::from_secs(agent_down_time),
@@ -179,10 +181,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Fence => router_ctl::agent::fence::run_fencer()?,
         Cmd::Agent {
             cmd: AgentCmd::List { format },
-        } => agent_list(
-            cli.etcd.as_deref(),
-            cli.json || matches!(format, Format::Json),
-        )?,
+        } => agent_list(etcd?.as_ref(), cli.json || matches!(format, Format::Json))?,
         Cmd::Route {
             cmd:
                 RouteCmd::Batch {
@@ -192,16 +191,16 @@ fn run(cli: Cli) -> Result<()> {
                 },
         } => route_batch(router, &file, cli.json || matches!(format, Format::Json))?,
         Cmd::Router { cmd } => {
-            if let Some(urls) = &cli.etcd {
-                router_ctl::agent::store::connect(urls)?;
+            if let Some(access) = etcd? {
+                router_ctl::agent::store::connect(&access)?;
             }
             router_verb(cmd, cli.json)?
         }
         Cmd::Floating {
             cmd: FloatingCmd::Ip { cmd },
         } => {
-            if let Some(urls) = &cli.etcd {
-                router_ctl::agent::store::connect(urls)?;
+            if let Some(access) = etcd? {
+                router_ctl::agent::store::connect(&access)?;
             }
             floating_verb(cmd, cli.json)?
         }

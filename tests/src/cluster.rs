@@ -40,6 +40,78 @@ pub struct Cluster {
     pub hosts: Vec<Host>,
     etcd: Option<Child>,
     data: std::path::PathBuf,
+    /// The endpoint agents and the CLI are given (`ETCD`, or its https:// form).
+    pub endpoint: String,
+    /// TLS and users (`Cluster::new_secure`).
+    pub secure: Option<Secure>,
+}
+
+/// A secured etcd: TLS with client certificates (`--client-cert-auth`), and etcd's
+/// authentication on, with the roles the README documents: `cli` (definitions and all) and
+/// `agent` (everything but definitions).
+pub struct Secure {
+    pub dir: std::path::PathBuf,
+}
+
+impl Secure {
+    /// Options for `who` ("cli", "agent" or "root"): its certificate and key, its user and the
+    /// file holding its password.
+    pub fn creds(&self, who: &str) -> Vec<String> {
+        let f = |ext: &str| self.dir.join(format!("{who}.{ext}")).display().to_string();
+        vec![
+            "--etcd-cacert".into(),
+            self.dir.join("ca.crt").display().to_string(),
+            "--etcd-cert".into(),
+            f("crt"),
+            "--etcd-key".into(),
+            f("key"),
+            "--etcd-user".into(),
+            who.into(),
+            "--etcd-password-file".into(),
+            f("pw"),
+        ]
+    }
+
+    /// A CA, a server certificate for etcd's addresses and a client certificate (and a
+    /// password) for each of root, cli and agent, in `dir`.
+    fn make(dir: &std::path::Path) -> Secure {
+        std::fs::create_dir_all(dir).unwrap();
+        let d = dir.display();
+        let key = "-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes";
+        sh(&format!(
+            "cd {d} && openssl req -x509 {key} -keyout ca.key -out ca.crt -days 2 -subj /CN=router-test-ca 2>/dev/null"
+        ));
+        std::fs::write(
+            dir.join("server.ext"),
+            "subjectAltName=IP:10.254.0.1,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
+        )
+        .unwrap();
+        std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
+        for (who, ext) in [
+            ("server", "server.ext"),
+            ("root", "client.ext"),
+            ("cli", "client.ext"),
+            ("agent", "client.ext"),
+        ] {
+            sh(&format!(
+                "cd {d} && openssl req {key} -keyout {who}.key -out {who}.csr -subj /CN={who} 2>/dev/null && openssl x509 -req -in {who}.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out {who}.crt -days 2 -extfile {ext} 2>/dev/null"
+            ));
+            std::fs::write(
+                dir.join(format!("{who}.pw")),
+                format!("pw-{who}-{}\n", std::process::id()),
+            )
+            .unwrap();
+        }
+        Secure {
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    /// etcdctl's TLS options for `who`.
+    fn etcdctl(&self, who: &str) -> String {
+        let d = self.dir.display();
+        format!("--cacert {d}/ca.crt --cert {d}/{who}.crt --key {d}/{who}.key")
+    }
 }
 
 pub struct Host {
@@ -69,6 +141,16 @@ fn mac_of(ns: &str, dev: &str) -> String {
 impl Cluster {
     /// `n` hosts, etcd running, no agent yet.
     pub fn new(n: usize) -> Cluster {
+        Cluster::new_with(n, false)
+    }
+
+    /// As `new`, with etcd secured (`Secure`): the agents are started with the `agent`
+    /// credentials, `ctl` uses the `cli` ones.
+    pub fn new_secure(n: usize) -> Cluster {
+        Cluster::new_with(n, true)
+    }
+
+    fn new_with(n: usize, secure: bool) -> Cluster {
         crate::require_root();
         let tag = unique_tag();
         let fabric = format!("f{tag}");
@@ -80,6 +162,14 @@ impl Cluster {
             hosts: Vec::new(),
             etcd: None,
             data: std::env::temp_dir().join(format!("router-etcd-{tag}")),
+            endpoint: if secure {
+                ETCD.replace("http://", "https://")
+            } else {
+                ETCD.to_string()
+            },
+            secure: secure.then(|| {
+                Secure::make(&std::env::temp_dir().join(format!("router-etcd-pki-{tag}")))
+            }),
             tag: tag.clone(),
         };
         sh(&format!(
@@ -131,14 +221,33 @@ impl Cluster {
     }
 
     pub fn start_etcd(&mut self) {
+        let scheme = if self.secure.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        let mut tls = Vec::new();
+        if let Some(sec) = &self.secure {
+            let f = |n: &str| sec.dir.join(n).display().to_string();
+            tls = vec![
+                "--cert-file".to_string(),
+                f("server.crt"),
+                "--key-file".into(),
+                f("server.key"),
+                "--client-cert-auth".into(),
+                "--trusted-ca-file".into(),
+                f("ca.crt"),
+            ];
+        }
         let mut child = Command::new("ip")
             .args(["netns", "exec", &self.fabric, "etcd", "--data-dir"])
             .arg(&self.data)
+            .args(&tls)
             .args([
                 "--listen-client-urls",
-                "http://10.254.0.1:2379,http://127.0.0.1:2379",
+                &format!("{scheme}://10.254.0.1:2379,{scheme}://127.0.0.1:2379"),
                 "--advertise-client-urls",
-                ETCD,
+                &self.endpoint,
                 "--listen-peer-urls",
                 "http://127.0.0.1:2380",
                 "--initial-advertise-peer-urls",
@@ -161,12 +270,84 @@ impl Cluster {
             std::thread::sleep(Duration::from_millis(20));
         }
         self.etcd = Some(child);
+        if self.secure.is_some() && !self.data.join(".auth-on").exists() {
+            self.enable_auth();
+            std::fs::write(self.data.join(".auth-on"), "").unwrap();
+        }
+    }
+
+    /// etcdctl against this cluster's etcd, as `who` (TLS and user when secured).
+    pub fn etcdctl(&self, who: &str, args: &str) -> std::process::Output {
+        let auth = match &self.secure {
+            Some(sec) => {
+                let pw = std::fs::read_to_string(sec.dir.join(format!("{who}.pw"))).unwrap();
+                format!("{} --user {who}:{}", sec.etcdctl(who), pw.trim())
+            }
+            None => String::new(),
+        };
+        sh_out(&format!(
+            "ip netns exec {} etcdctl --endpoints {} {auth} {args}",
+            self.fabric, self.endpoint
+        ))
+    }
+
+    /// The README's users and roles, then authentication on.
+    fn enable_auth(&self) {
+        let sec = self.secure.as_ref().unwrap();
+        let pw = |who: &str| {
+            std::fs::read_to_string(sec.dir.join(format!("{who}.pw")))
+                .unwrap()
+                .trim()
+                .to_string()
+        };
+        let run = |args: String| {
+            let out = sh_out(&format!(
+                "ip netns exec {} etcdctl --endpoints {} {} {args}",
+                self.fabric,
+                self.endpoint,
+                sec.etcdctl("root")
+            ));
+            assert!(
+                out.status.success(),
+                "etcdctl {args}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let p = "/router-xdp/v1/";
+        for who in ["root", "cli", "agent"] {
+            run(format!("user add {who}:{}", pw(who)));
+        }
+        run("role add cli".into());
+        run(format!(
+            "role grant-permission cli --prefix=true readwrite {p}"
+        ));
+        run("role add agent".into());
+        run(format!(
+            "role grant-permission agent --prefix=true read {p}"
+        ));
+        for sub in ["agents/", "hosts/", "active/", "schedule/", "status/"] {
+            run(format!(
+                "role grant-permission agent --prefix=true readwrite {p}{sub}"
+            ));
+        }
+        run(format!(
+            "role grant-permission agent readwrite {p}scheduler"
+        ));
+        run("user grant-role root root".into());
+        run("user grant-role cli cli".into());
+        run("user grant-role agent agent".into());
+        run("auth enable".into());
     }
 
     pub fn etcd_healthy(&self) -> bool {
+        let tls = self
+            .secure
+            .as_ref()
+            .map(|s| s.etcdctl("root"))
+            .unwrap_or_default();
         sh_out(&format!(
-            "ip netns exec {} etcdctl --endpoints {ETCD} --command-timeout=500ms endpoint health",
-            self.fabric
+            "ip netns exec {} etcdctl --endpoints {} {tls} --command-timeout=500ms endpoint health",
+            self.fabric, self.endpoint
         ))
         .status
         .success()
@@ -200,10 +381,16 @@ impl Cluster {
                 &h.instance,
                 "run",
                 "--etcd",
-                ETCD,
+                &self.endpoint,
                 "--host",
                 &h.name,
             ])
+            .args(
+                self.secure
+                    .as_ref()
+                    .map(|s| s.creds("agent"))
+                    .unwrap_or_default(),
+            )
             .args(extra)
             .env("RUST_LOG", "info")
             .stdout(log.try_clone().expect("log"))
@@ -232,10 +419,22 @@ impl Cluster {
 
     /// `router-ctl --etcd … ARGS` from the fabric namespace (the operator's place).
     pub fn ctl(&self, args: &[&str]) -> std::process::Output {
+        let creds = self
+            .secure
+            .as_ref()
+            .map(|s| s.creds("cli"))
+            .unwrap_or_default();
+        self.ctl_as(&creds, args)
+    }
+
+    /// `router-ctl --etcd … CREDS ARGS` from the fabric namespace, with the etcd options
+    /// `creds` (none: plain).
+    pub fn ctl_as(&self, creds: &[String], args: &[&str]) -> std::process::Output {
         Command::new("nsenter")
             .arg(format!("--net=/run/netns/{}", self.fabric))
             .arg(router_ctl())
-            .args(["--etcd", ETCD])
+            .args(["--etcd", &self.endpoint])
+            .args(creds)
             .args(args)
             .output()
             .expect("router-ctl")
@@ -443,6 +642,9 @@ impl Drop for Cluster {
             let _ = sh_out(&format!("ip netns del {ns}"));
         }
         let _ = std::fs::remove_dir_all(&self.data);
+        if let Some(sec) = &self.secure {
+            let _ = std::fs::remove_dir_all(&sec.dir);
+        }
         // The agents' logs stay for a failed test to read.
         if !std::thread::panicking() {
             for h in &self.hosts {

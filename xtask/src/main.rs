@@ -69,6 +69,8 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("etcd", "etcd-server"),
     ("etcdctl", "etcd-client"),
     ("nsenter", "util-linux"),
+    // The secured etcd of the tests: a CA and certificates made at each start.
+    ("openssl", "openssl"),
 ];
 
 /// What `cargo xtask bench` uses besides: bulk TCP through the router.

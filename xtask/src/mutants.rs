@@ -327,6 +327,15 @@ pub const MUTANTS: &[Mutant] = &[
         )],
     },
     Mutant {
+        name: "etcd_client_cert_dropped",
+        fault: "the client certificate given with --etcd-cert/--etcd-key is not presented: \
+                an etcd with --client-cert-auth refuses agents and the CLI",
+        tests: &[(
+            "etcd_auth",
+            "agents_and_the_cli_work_with_their_credentials_and_nothing_else_does",
+        )],
+    },
+    Mutant {
         name: "neigh_change_ignored",
         fault: "the daemon keeps the old MAC of a neighbour whose MAC changed",
         tests: &[

@@ -18,6 +18,7 @@
 //! (`create_revision == 0`), bound to the candidate's lease, so a host that dies loses every
 //! role it held when its lease expires. Writes made in a role compare the role's key first.
 
+pub mod access;
 pub mod applier;
 pub mod fence;
 pub mod hold;

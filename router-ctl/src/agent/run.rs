@@ -29,7 +29,7 @@ use crate::{config::Router, state};
 
 #[derive(Clone, Debug)]
 pub struct Options {
-    pub endpoints: Vec<String>,
+    pub access: super::access::Access,
     pub host: String,
     pub ttl: Duration,
     pub down_time: Duration,
@@ -318,6 +318,9 @@ async fn agent(
         }),
     };
     let mut backoff = Duration::from_millis(100);
+    // The same failure again and again (etcd away, credentials refused) is logged once, then
+    // once every 30 s with how many times it happened.
+    let mut last: Option<(String, Instant, u64)> = None;
     loop {
         let r = a.session(&shared, &mut reports, &stop).await;
         let how = stop.load(Ordering::SeqCst);
@@ -326,10 +329,29 @@ async fn agent(
             return;
         }
         if let Err(e) = r {
-            tracing::warn!(
-                error = format!("{e:#}"),
-                "etcd session ended; reconnecting (what is applied keeps forwarding)"
-            );
+            let (kind, e) = match e.downcast_ref::<etcd_client::Error>() {
+                Some(etcd) => (
+                    a.o.access.hint(etcd),
+                    format!("{:#}", a.o.access.explain(etcd)),
+                ),
+                None => (format!("{e:#}"), format!("{e:#}")),
+            };
+            match &mut last {
+                Some((k, since, n)) if *k == kind && since.elapsed() < Duration::from_secs(30) => {
+                    *n += 1;
+                }
+                _ => {
+                    let again = last.as_ref().map_or(0, |l| l.2);
+                    tracing::warn!(
+                        error = %e,
+                        repeated = again,
+                        "etcd session ended; reconnecting (what is applied keeps forwarding)"
+                    );
+                    last = Some((kind, Instant::now(), 0));
+                }
+            }
+        } else {
+            last = None;
         }
         let t = Instant::now();
         while t.elapsed() < backoff && stop.load(Ordering::SeqCst) == 0 {
@@ -358,23 +380,15 @@ async fn timed<T>(
 
 impl Agent0 {
     async fn connect(&self) -> Result<Client> {
-        let opts = ConnectOptions::new()
-            .with_connect_timeout(Duration::from_millis(500))
-            .with_keep_alive(Duration::from_millis(500), Duration::from_millis(500));
-        match tokio::time::timeout(
-            Duration::from_secs(2),
-            Client::connect(&self.o.endpoints, Some(opts)),
-        )
-        .await
-        {
-            Ok(r) => {
-                r.with_context(|| format!("cannot reach etcd at {}", self.o.endpoints.join(",")))
-            }
-            Err(_) => bail!(
-                "cannot reach etcd at {} within 2 s",
-                self.o.endpoints.join(",")
-            ),
-        }
+        self.o
+            .access
+            .connect(
+                ConnectOptions::new()
+                    .with_connect_timeout(Duration::from_millis(500))
+                    .with_keep_alive(Duration::from_millis(500), Duration::from_millis(500)),
+                Duration::from_secs(2),
+            )
+            .await
     }
 
     /// The routers this host runs now, and the HA routers it leads.

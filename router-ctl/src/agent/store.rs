@@ -20,36 +20,26 @@ use crate::{
 pub struct Store {
     rt: tokio::runtime::Runtime,
     client: std::sync::Mutex<Client>,
-    endpoints: String,
+    access: super::access::Access,
     /// The revision of each definition read, for the write that follows.
     read: std::sync::Mutex<BTreeMap<String, i64>>,
 }
 
 static REMOTE: OnceLock<Store> = OnceLock::new();
 
-/// Makes the verbs act on etcd at `endpoints` (comma-separated URLs).
-pub fn connect(endpoints: &str) -> Result<()> {
+/// Makes the verbs act on etcd as `access` says.
+pub fn connect(access: &super::access::Access) -> Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let eps: Vec<String> = endpoints.split(',').map(|s| s.trim().to_string()).collect();
-    let client = rt
-        .block_on(async {
-            tokio::time::timeout(
-                Duration::from_secs(3),
-                Client::connect(
-                    &eps,
-                    Some(ConnectOptions::new().with_connect_timeout(Duration::from_secs(2))),
-                ),
-            )
-            .await
-        })
-        .map_err(|_| anyhow!("etcd at {endpoints} did not answer within 3 s; is it running?"))?
-        .with_context(|| format!("cannot reach etcd at {endpoints}"))?;
+    let client = rt.block_on(access.connect(
+        ConnectOptions::new().with_connect_timeout(Duration::from_secs(2)),
+        Duration::from_secs(3),
+    ))?;
     let _ = REMOTE.set(Store {
         rt,
         client: std::sync::Mutex::new(client),
-        endpoints: endpoints.to_string(),
+        access: access.clone(),
         read: Default::default(),
     });
     Ok(())
@@ -82,8 +72,8 @@ impl Store {
         let mut c = self.client.lock().unwrap_or_else(|e| e.into_inner());
         self.rt
             .block_on(async { tokio::time::timeout(Duration::from_secs(5), f(&mut c)).await })
-            .map_err(|_| anyhow!("etcd at {} did not answer within 5 s", self.endpoints))?
-            .with_context(|| format!("etcd at {}", self.endpoints))
+            .map_err(|_| anyhow!("etcd at {} did not answer within 5 s", self.access.urls()))?
+            .map_err(|e| self.access.explain(&e))
     }
 
     pub fn overview(&self) -> Result<Overview> {
@@ -162,8 +152,8 @@ impl Store {
         match m.len() {
             0 => bail!(
                 "no router '{key}' in etcd at {}; `router-ctl --etcd {} router list` lists them",
-                self.endpoints,
-                self.endpoints
+                self.access.urls(),
+                self.access.urls()
             ),
             1 => Ok(m.remove(0)),
             _ => bail!("several routers are named '{key}'; use the id"),

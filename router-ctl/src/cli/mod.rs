@@ -26,12 +26,60 @@ pub struct Cli {
     /// and `agent list` read it, `run` becomes an agent.
     #[arg(long, global = true, env = "ROUTER_XDP_ETCD", value_name = "URLS")]
     pub etcd: Option<String>,
+    /// With --etcd: the CA certificate (PEM) of etcd's server certificates; TLS, verified
+    /// (https:// endpoints).
+    #[arg(
+        long,
+        global = true,
+        env = "ROUTER_XDP_ETCD_CACERT",
+        value_name = "FILE"
+    )]
+    pub etcd_cacert: Option<PathBuf>,
+    /// With --etcd: this host's client certificate (PEM), for an etcd that asks for one.
+    #[arg(long, global = true, env = "ROUTER_XDP_ETCD_CERT", value_name = "FILE")]
+    pub etcd_cert: Option<PathBuf>,
+    /// With --etcd: the client certificate's key (PEM).
+    #[arg(long, global = true, env = "ROUTER_XDP_ETCD_KEY", value_name = "FILE")]
+    pub etcd_key: Option<PathBuf>,
+    /// With --etcd: the etcd user (etcd's authentication); its password comes from
+    /// --etcd-password-file or ROUTER_XDP_ETCD_PASSWORD, never from the command line.
+    #[arg(long, global = true, env = "ROUTER_XDP_ETCD_USER", value_name = "NAME")]
+    pub etcd_user: Option<String>,
+    /// With --etcd-user: a file holding the user's password (one line).
+    #[arg(
+        long,
+        global = true,
+        env = "ROUTER_XDP_ETCD_PASSWORD_FILE",
+        value_name = "FILE"
+    )]
+    pub etcd_password_file: Option<PathBuf>,
     /// An agent's own state and pin directories, API socket and namespace prefix
     /// (`qrouter-NAME-<id>`), for several agents on one machine.
     #[arg(long, global = true, value_name = "NAME")]
     pub instance: Option<String>,
     #[command(subcommand)]
     pub cmd: Cmd,
+}
+
+impl Cli {
+    /// How to reach etcd, when --etcd is given.
+    pub fn etcd_access(&self) -> anyhow::Result<Option<router_ctl::agent::access::Access>> {
+        let Some(urls) = &self.etcd else {
+            if self.etcd_cacert.is_some() || self.etcd_cert.is_some() || self.etcd_user.is_some() {
+                anyhow::bail!("--etcd-cacert, --etcd-cert and --etcd-user need --etcd URLS");
+            }
+            return Ok(None);
+        };
+        router_ctl::agent::access::Access::new(
+            urls,
+            self.etcd_cacert.clone(),
+            self.etcd_cert.clone(),
+            self.etcd_key.clone(),
+            self.etcd_user.clone(),
+            self.etcd_password_file.clone(),
+        )
+        .map(Some)
+    }
 }
 
 #[derive(Subcommand)]

@@ -181,9 +181,10 @@ pub fn remote_router_table(
 }
 
 /// `agent list`: like `openstack network agent list` (host, alive, routers).
-pub fn agent_list(etcd: Option<&str>, json_out: bool) -> Result<()> {
-    let urls = etcd.context("agent list reads etcd: give --etcd URLS (or set ROUTER_XDP_ETCD)")?;
-    router_ctl::agent::store::connect(urls)?;
+pub fn agent_list(etcd: Option<&router_ctl::agent::access::Access>, json_out: bool) -> Result<()> {
+    let access =
+        etcd.context("agent list reads etcd: give --etcd URLS (or set ROUTER_XDP_ETCD)")?;
+    router_ctl::agent::store::connect(access)?;
     let s = router_ctl::agent::store::remote().expect("connected");
     let o = s.overview()?;
     let mut hosts = o.hosts.clone();
