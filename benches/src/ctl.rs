@@ -84,7 +84,7 @@ pub fn route_updates_per_second(s: &Seed, seconds: f64) -> Result<f64> {
     let st = state::RouterState::load(&id)?.context("router state")?;
     // The router's own table, and the same with its first extra route through another nexthop.
     let mut moved = st.clone();
-    moved.routes[0].nexthop = "172.16.101.4".into();
+    moved.routes[0].nexthop = std::net::Ipv4Addr::new(172, 16, 101, 4).into();
     let tables = [
         router_ctl::apply::tables_of(&st)?.routes,
         router_ctl::apply::tables_of(&moved)?.routes,

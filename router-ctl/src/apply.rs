@@ -512,7 +512,7 @@ impl Job {
                 let mut added = before.as_ref().is_some_and(|b| {
                     b.fixed_ips
                         .iter()
-                        .any(|x| x.added && x.gateway_ip == f.gateway_ip.to_string())
+                        .any(|x| x.added && x.gateway_ip == f.gateway_ip)
                 });
                 if standby {
                     // A standby holds none of the router's addresses.
@@ -534,17 +534,16 @@ impl Job {
                     added = true;
                 }
                 fixed_ips.push(AddrState {
-                    subnet: f.subnet.to_string(),
-                    gateway_ip: f.gateway_ip.to_string(),
+                    subnet: f.subnet,
+                    gateway_ip: f.gateway_ip,
                     added,
                 });
             }
             // Addresses apply added earlier that the definition no longer has.
             for old in before.iter().flat_map(|b| b.fixed_ips.iter()) {
                 if old.added && !fixed_ips.iter().any(|n| n.gateway_ip == old.gateway_ip) {
-                    if let Some((ip, len)) = old.addr() {
-                        let _ = rt.addr_del(link.index, &i.device, ip, len);
-                    }
+                    let (ip, len) = old.addr();
+                    let _ = rt.addr_del(link.index, &i.device, ip, len);
                 }
             }
             let slot = match before.as_ref().map(|b| b.slot) {
@@ -560,7 +559,7 @@ impl Job {
             used_slots.insert(slot);
             let mut st = IfaceState::new(i.port_id.clone(), i.device.clone(), fixed_ips);
             st.ifindex = link.index;
-            st.mac = config::fmt_mac(&link.mac()?);
+            st.mac = Some(link.mac()?.into());
             st.mtu = link.mtu;
             st.slot = slot;
             st.created_device = created_device;
@@ -613,8 +612,8 @@ impl Job {
                 .or_default()
                 .push((x.nexthop, ifindex));
             routes.push(RouteState {
-                destination: x.destination.to_string(),
-                nexthop: x.nexthop.to_string(),
+                destination: x.destination,
+                nexthop: x.nexthop,
                 device: via.device.clone(),
                 gateway: false,
             });
@@ -636,8 +635,8 @@ impl Job {
                     .or_default()
                     .push((u.gateway_ip, qg.ifindex));
                 routes.push(RouteState {
-                    destination: default.to_string(),
-                    nexthop: u.gateway_ip.to_string(),
+                    destination: default,
+                    nexthop: u.gateway_ip,
                     device: qg.device.clone(),
                     gateway: true,
                 });
@@ -648,13 +647,10 @@ impl Job {
         for (dest, hops) in by_dest.iter().filter(|_| !is_standby(&r.id)) {
             rt.route_replace(*dest, hops)?;
         }
-        let now: std::collections::HashSet<&str> =
-            routes.iter().map(|n| n.destination.as_str()).collect();
+        let now: std::collections::HashSet<IpNet> = routes.iter().map(|n| n.destination).collect();
         for old in self.prev.iter().flat_map(|p| p.routes.iter()) {
-            if !now.contains(old.destination.as_str()) {
-                if let Ok(dest) = old.destination.parse() {
-                    let _ = rt.route_del(dest);
-                }
+            if !now.contains(&old.destination) {
+                let _ = rt.route_del(old.destination);
             }
         }
         Ok(routes)
@@ -692,7 +688,7 @@ impl Job {
             let was = prev
                 .iter()
                 .flat_map(|p| p.floating_ips.iter())
-                .find(|x| x.floating_ip_address == f.floating_ip_address.to_string());
+                .find(|x| x.floating_ip_address == f.floating_ip_address);
             let mut added = was.is_some_and(|w| w.added);
             let has = addrs
                 .iter()
@@ -720,8 +716,8 @@ impl Job {
                 added = false;
             }
             fips.push(FloatingIpState {
-                floating_ip_address: f.floating_ip_address.to_string(),
-                fixed_ip_address: f.fixed_ip_address.map(|x| x.to_string()),
+                floating_ip_address: f.floating_ip_address,
+                fixed_ip_address: f.fixed_ip_address,
                 added,
             });
         }
@@ -730,16 +726,12 @@ impl Job {
             device: qg.device.clone(),
             network_id: g.network_id.clone(),
             enable_snat: g.enable_snat,
-            upstreams: g
-                .upstreams
-                .iter()
-                .map(|u| u.gateway_ip.to_string())
-                .collect(),
+            upstreams: g.upstreams.iter().map(|u| u.gateway_ip).collect(),
             onlink: g
                 .upstreams
                 .iter()
                 .filter(|u| u.onlink())
-                .map(|u| u.gateway_ip.to_string())
+                .map(|u| u.gateway_ip)
                 .collect(),
             floating_ips: fips,
             sysctls_before: Vec::new(),
@@ -777,20 +769,17 @@ impl Job {
                 .iter()
                 .find(|n| n.floating_ip_address == old.floating_ip_address);
             if now.is_none() && old.added {
-                if let Ok(ip) = old.floating_ip_address.parse::<IpAddr>() {
-                    rt.addr_del(qg.ifindex, &qg.device, ip, 32)?;
-                }
+                let ip = IpAddr::V4(old.floating_ip_address);
+                rt.addr_del(qg.ifindex, &qg.device, ip, 32)?;
             }
             if now.is_none_or(|n| n.fixed_ip_address != old.fixed_ip_address) {
-                flush.extend(old.floating_ip_address.parse::<Ipv4Addr>().ok());
+                flush.push(old.floating_ip_address);
             }
         }
         if let Some(p) = &prev {
             for o in &p.onlink {
                 if !st.onlink.contains(o) {
-                    if let Ok(ip) = o.parse() {
-                        let _ = rt.route_del(IpNet::host(ip));
-                    }
+                    let _ = rt.route_del(IpNet::host(*o));
                 }
             }
         }
@@ -914,19 +903,15 @@ fn nat_of(st: &RouterState) -> Option<nft::Nat> {
 fn nat_of_parts(device: &str, fixed: &[AddrState], g: &GatewayState) -> nft::Nat {
     nft::Nat {
         device: device.to_string(),
-        gateway_ip: fixed
-            .iter()
-            .find_map(|a| a.gateway_ip.parse::<Ipv4Addr>().ok()),
+        gateway_ip: fixed.iter().find_map(|a| match a.gateway_ip {
+            IpAddr::V4(ip) => Some(ip),
+            IpAddr::V6(_) => None,
+        }),
         enable_snat: g.enable_snat,
         floating_ips: g
             .floating_ips
             .iter()
-            .filter_map(|f| {
-                Some((
-                    f.floating_ip_address.parse().ok()?,
-                    f.fixed_ip_address.as_deref()?.parse().ok()?,
-                ))
-            })
+            .filter_map(|f| Some((f.floating_ip_address, f.fixed_ip_address?)))
             .collect(),
     }
 }
@@ -942,15 +927,11 @@ fn remove_gateway(rt: &Rtnl, g: &GatewayState, device_stays: bool) {
         let _ = sysctl::set(k, v);
     }
     for o in &g.onlink {
-        if let Ok(ip) = o.parse() {
-            let _ = rt.route_del(IpNet::host(ip));
-        }
+        let _ = rt.route_del(IpNet::host(*o));
     }
     let link = rt.link(&g.device).ok().flatten();
     for f in &g.floating_ips {
-        let Ok(ip) = f.floating_ip_address.parse::<Ipv4Addr>() else {
-            continue;
-        };
+        let ip = f.floating_ip_address;
         if let (true, true, Some(l)) = (device_stays, f.added, &link) {
             let _ = rt.addr_del(l.index, &g.device, IpAddr::V4(ip), 32);
         }
@@ -1038,10 +1019,6 @@ pub fn tables_in(
             .map(|i| i.ifindex)
             .unwrap_or(0)
     };
-    let net = |s: &str| {
-        s.parse::<IpNet>()
-            .map_err(|e| anyhow::anyhow!("router {}: {e}", st.id))
-    };
     // Every address of the namespace but IPv6 link-local ones (the fast path never routes those).
     let mut locals: Vec<IpAddr> = addrs
         .iter()
@@ -1059,17 +1036,14 @@ pub fn tables_in(
     // An upstream router outside its subnet is reached on-link through the gateway's device.
     if let (Some(g), Some(qg)) = (&st.gateway, st.interfaces.iter().find(|i| i.external)) {
         for o in &g.onlink {
-            if let Ok(ip) = o.parse::<IpAddr>() {
-                connected.push((IpNet::host(ip), qg.ifindex));
-            }
+            connected.push((IpNet::host(*o), qg.ifindex));
         }
     }
     let mut down = Vec::new();
     for i in &st.interfaces {
         for f in &i.fixed_ips {
-            let subnet = net(&f.subnet)?;
-            connected.push((subnet, i.ifindex));
-            match subnet {
+            connected.push((f.subnet, i.ifindex));
+            match f.subnet {
                 IpNet::V4(n) => locals.extend(n.broadcast().map(IpAddr::V4)),
                 // The subnet-router anycast address: a forwarding kernel answers it.
                 IpNet::V6(n) if n.len < 127 => locals.push(IpAddr::V6(Ipv6Addr::from(n.network()))),
@@ -1092,11 +1066,7 @@ pub fn tables_in(
         .collect();
     let mut gateways = Vec::new();
     for x in &st.routes {
-        let nh: IpAddr = x
-            .nexthop
-            .parse()
-            .with_context(|| format!("router {}: nexthop {}", st.id, x.nexthop))?;
-        gateways.push((net(&x.destination)?, ifindex_of(&x.device), nh));
+        gateways.push((x.destination, ifindex_of(&x.device), x.nexthop));
     }
     // Dynamic routes (`routes`), but none shadowing a route of the definition.
     let dynamic = crate::routes::load(&st.id)?;
@@ -1173,11 +1143,11 @@ pub fn resync(router_id: &str) -> Result<()> {
                 .iter()
                 .find(|l| l.index == i.ifindex && l.name == i.device)
             {
-                let mac = l.mac.map(|m| config::fmt_mac(&m)).unwrap_or_default();
+                let mac = l.mac.map(config::Mac);
                 if (mac != i.mac && !cfg!(mutant = "device_mac_change_ignored")) || l.mtu != i.mtu {
-                    tracing::info!(router = %st.id, device = %i.device, mac = %mac, mtu = l.mtu, "device changed");
                     i.mac = mac;
                     i.mtu = l.mtu;
+                    tracing::info!(router = %st.id, device = %i.device, mac = %i.mac_text(), mtu = l.mtu, "device changed");
                     changed = true;
                 }
             }
@@ -1207,12 +1177,7 @@ fn remove_iface(rt: &Rtnl, router_id: &str, i: &IfaceState) {
     if i.created_device {
         let _ = rt.link_del(l.index, &i.device);
     } else {
-        for (ip, len) in i
-            .fixed_ips
-            .iter()
-            .filter(|a| a.added)
-            .filter_map(|a| a.addr())
-        {
+        for (ip, len) in i.fixed_ips.iter().filter(|a| a.added).map(|a| a.addr()) {
             let _ = rt.addr_del(l.index, &i.device, ip, len);
         }
     }
@@ -1290,9 +1255,7 @@ fn destroy_found(st: RouterState) -> Result<RouterState> {
                     remove_gateway(&rt, g, stays);
                 }
                 for x in &s.routes {
-                    if let Ok(dest) = x.destination.parse() {
-                        let _ = rt.route_del(dest);
-                    }
+                    let _ = rt.route_del(x.destination);
                 }
                 if let Some(v) = &s.ip_forward_before {
                     let _ = sysctl::set("net.ipv4.ip_forward", v);

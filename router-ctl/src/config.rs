@@ -245,22 +245,80 @@ impl Serialize for IpNet {
     }
 }
 
+impl<'de> Deserialize<'de> for IpNet {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// An Ethernet (MAC) address, written in its usual notation: `02:00:5e:10:00:01`, lower case
+/// (as a string in JSON and TOML).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Mac(pub [u8; 6]);
+
+impl From<[u8; 6]> for Mac {
+    fn from(b: [u8; 6]) -> Mac {
+        Mac(b)
+    }
+}
+
+impl From<Mac> for [u8; 6] {
+    fn from(m: Mac) -> [u8; 6] {
+        m.0
+    }
+}
+
+impl fmt::Display for Mac {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let [a, b, c, d, e, g] = self.0;
+        write!(f, "{a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{g:02x}")
+    }
+}
+
+impl FromStr for Mac {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Mac, String> {
+        let mut mac = [0u8; 6];
+        let mut parts = s.split(':');
+        for b in mac.iter_mut() {
+            *b = parts
+                .next()
+                .and_then(|p| u8::from_str_radix(p, 16).ok())
+                .ok_or_else(|| format!("'{s}' is not a MAC address (e.g. 02:00:5e:10:00:01)"))?;
+        }
+        match parts.next() {
+            None => Ok(Mac(mac)),
+            Some(_) => Err(format!(
+                "'{s}' is not a MAC address (e.g. 02:00:5e:10:00:01)"
+            )),
+        }
+    }
+}
+
+impl Serialize for Mac {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Mac {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
 /// A MAC address from its usual notation (`02:00:5e:10:00:01`).
 pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
-    let mut mac = [0u8; 6];
-    let mut parts = s.split(':');
-    for b in mac.iter_mut() {
-        *b = u8::from_str_radix(parts.next()?, 16).ok()?;
-    }
-    parts.next().is_none().then_some(mac)
+    s.parse::<Mac>().ok().map(|m| m.0)
 }
 
 /// A MAC address in its usual notation.
 pub fn fmt_mac(mac: &[u8; 6]) -> String {
-    mac.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
+    Mac(*mac).to_string()
 }
 
 /// Most addresses on one router interface.
@@ -1518,5 +1576,34 @@ floating_ip_address = "192.168.1.30"
         assert_eq!(routers[0].name, name);
         assert_eq!(routers[0].id, "r-1");
         assert!(!routers[0].ha);
+    }
+
+    /// A MAC address reads in any case and is written in lower case, as a string; anything
+    /// else is refused.
+    #[test]
+    fn mac_addresses_read_and_write_in_their_usual_notation() {
+        let m: Mac = "02:00:5E:10:0a:01".parse().unwrap();
+        assert_eq!(m, Mac([0x02, 0x00, 0x5e, 0x10, 0x0a, 0x01]));
+        assert_eq!(m.to_string(), "02:00:5e:10:0a:01");
+        assert_eq!(fmt_mac(&m.0), m.to_string());
+        assert_eq!(parse_mac("02:00:5e:10:0a:01"), Some(m.0));
+        assert_eq!(serde_json::to_string(&m).unwrap(), r#""02:00:5e:10:0a:01""#);
+        assert_eq!(
+            serde_json::from_str::<Mac>(r#""02:00:5e:10:0a:01""#).unwrap(),
+            m
+        );
+        for bad in [
+            "",
+            "02:00:5e:10:0a",
+            "02:00:5e:10:0a:01:02",
+            "0.0.0.0",
+            "02:00:5e:10:0a:zz",
+        ] {
+            assert!(bad.parse::<Mac>().is_err(), "{bad:?}");
+            assert_eq!(parse_mac(bad), None, "{bad:?}");
+        }
+        let n: IpNet = serde_json::from_str(r#""2001:db8:100::/64""#).unwrap();
+        assert_eq!(serde_json::to_string(&n).unwrap(), r#""2001:db8:100::/64""#);
+        assert!(serde_json::from_str::<IpNet>(r#""172.16.100.1/24""#).is_err());
     }
 }

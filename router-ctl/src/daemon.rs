@@ -596,7 +596,7 @@ fn watch_neighbours(r: &RouterState, stop: &Stop) -> Result<()> {
         // The external device's IPv4 addresses (gateway IP, floating IPs) are announced when
         // the router is taken up, and each new one when it appears.
         let qg = r.interfaces.iter().find(|i| i.external).and_then(|i| {
-            Some((i.ifindex, crate::config::parse_mac(&i.mac)?))
+            Some((i.ifindex, i.mac?.0))
         });
         if let Some((ifindex, mac)) = qg {
             let mut dump = handle.address().get().set_link_index_filter(ifindex).execute();

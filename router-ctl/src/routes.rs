@@ -175,7 +175,7 @@ pub fn device_for(st: &RouterState, nh: IpAddr) -> Option<u32> {
     st.interfaces.iter().find_map(|i| {
         i.fixed_ips
             .iter()
-            .filter_map(|f| f.subnet.parse::<IpNet>().ok())
+            .map(|f| f.subnet)
             .any(|s| s.contains(nh) && IpNet::host(nh) != s)
             .then_some(i.ifindex)
     })

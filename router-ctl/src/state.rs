@@ -8,12 +8,15 @@
 
 use std::{
     fs::{self, File, OpenOptions},
+    net::{IpAddr, Ipv4Addr},
     os::fd::AsRawFd,
     path::PathBuf,
 };
 
 use anyhow::{Context as _, Result};
 use serde::{Deserialize, Serialize};
+
+use crate::config::{IpNet, Mac};
 
 pub const RUN_DIR: &str = "/run/router-xdp";
 /// The layout version is part of the path, so that a later layout can live beside this one.
@@ -101,10 +104,10 @@ pub struct GatewayState {
     pub network_id: Option<String>,
     pub enable_snat: bool,
     /// The upstream routers (one per family at most): the default routes' nexthops.
-    pub upstreams: Vec<String>,
+    pub upstreams: Vec<IpAddr>,
     /// Upstream routers outside their subnet, reached through an on-link host route.
     #[serde(default)]
-    pub onlink: Vec<String>,
+    pub onlink: Vec<IpAddr>,
     pub floating_ips: Vec<FloatingIpState>,
     /// Namespace sysctls apply changed, with their values before (restored on destroy of an
     /// adopted namespace).
@@ -114,9 +117,9 @@ pub struct GatewayState {
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct FloatingIpState {
-    pub floating_ip_address: String,
+    pub floating_ip_address: Ipv4Addr,
     /// None: not associated (nothing configured for it).
-    pub fixed_ip_address: Option<String>,
+    pub fixed_ip_address: Option<Ipv4Addr>,
     /// apply added the /32 to the `qg-` device.
     pub added: bool,
 }
@@ -129,7 +132,9 @@ pub struct IfaceState {
     #[serde(default)]
     pub fixed_ips: Vec<AddrState>,
     pub ifindex: u32,
-    pub mac: String,
+    /// None: the device has no Ethernet address (written as "").
+    #[serde(with = "mac_or_empty")]
+    pub mac: Option<Mac>,
     pub mtu: u32,
     /// Index of the device's counters in the STATS map; stable across applies.
     pub slot: u32,
@@ -158,43 +163,37 @@ pub struct IfaceState {
     /// State files written before dual-stack had one subnet per interface; read into
     /// `fixed_ips` on load.
     #[serde(default, skip_serializing)]
-    subnet: Option<String>,
+    subnet: Option<IpNet>,
     #[serde(default, skip_serializing)]
-    gateway_ip: Option<String>,
+    gateway_ip: Option<IpAddr>,
     #[serde(default, skip_serializing)]
     added_address: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct AddrState {
-    pub subnet: String,
-    pub gateway_ip: String,
+    pub subnet: IpNet,
+    pub gateway_ip: IpAddr,
     /// apply added this address (destroy removes it from an adopted device).
     pub added: bool,
 }
 
 impl AddrState {
     /// The address and its prefix length.
-    pub fn addr(&self) -> Option<(std::net::IpAddr, u8)> {
-        let ip = self.gateway_ip.parse().ok()?;
-        let len = self.subnet.split('/').nth(1)?.parse().ok()?;
-        Some((ip, len))
+    pub fn addr(&self) -> (IpAddr, u8) {
+        (self.gateway_ip, self.subnet.prefix_len())
     }
 
     /// `ADDRESS/LENGTH`, as iproute2 takes it.
     pub fn cidr(&self) -> String {
-        format!(
-            "{}/{}",
-            self.gateway_ip,
-            self.subnet.split('/').nth(1).unwrap_or("32")
-        )
+        format!("{}/{}", self.gateway_ip, self.subnet.prefix_len())
     }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct RouteState {
-    pub destination: String,
-    pub nexthop: String,
+    pub destination: IpNet,
+    pub nexthop: IpAddr,
     pub device: String,
     /// The external gateway's default route, not an extra route of the definition.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -214,7 +213,7 @@ impl IfaceState {
             device,
             fixed_ips,
             ifindex: 0,
-            mac: String::new(),
+            mac: None,
             mtu: 0,
             slot: 0,
             created_device: false,
@@ -231,18 +230,21 @@ impl IfaceState {
         }
     }
 
+    /// The device's Ethernet address as the state file and `show` write it: "" for none.
+    pub fn mac_text(&self) -> String {
+        self.mac.map(|m| m.to_string()).unwrap_or_default()
+    }
+
     /// The device as the fast path's maps know it: (ifindex, `Iface`).
     pub fn entry(&self) -> Result<(u32, router_common::Iface)> {
-        let mac = crate::config::parse_mac(&self.mac).with_context(|| {
-            format!(
-                "device {} has no Ethernet address ('{}')",
-                self.device, self.mac
-            )
-        })?;
+        // The message as when the address was kept as text (an empty one here).
+        let mac = self
+            .mac
+            .with_context(|| format!("device {} has no Ethernet address ('')", self.device))?;
         Ok((
             self.ifindex,
             router_common::Iface {
-                mac,
+                mac: mac.0,
                 flags: if self.verify_l4() {
                     router_common::iface_flags::VERIFY_L4
                 } else {
@@ -299,24 +301,27 @@ impl RouterState {
         Ok(())
     }
 
+    /// A state file's text, with the fields of older layouts moved into place.
+    fn from_json(b: &[u8]) -> serde_json::Result<RouterState> {
+        let mut st: RouterState = serde_json::from_slice(b)?;
+        for i in st.interfaces.iter_mut() {
+            if let (Some(subnet), Some(gateway_ip)) = (i.subnet.take(), i.gateway_ip.take()) {
+                i.fixed_ips.push(AddrState {
+                    subnet,
+                    gateway_ip,
+                    added: i.added_address,
+                });
+            }
+        }
+        Ok(st)
+    }
+
     pub fn load(id: &str) -> Result<Option<RouterState>> {
         let p = Self::path(id);
         match fs::read(&p) {
-            Ok(b) => {
-                let mut st: RouterState = serde_json::from_slice(&b)
-                    .with_context(|| format!("corrupt state file {}", p.display()))?;
-                for i in st.interfaces.iter_mut() {
-                    if let (Some(subnet), Some(gateway_ip)) = (i.subnet.take(), i.gateway_ip.take())
-                    {
-                        i.fixed_ips.push(AddrState {
-                            subnet,
-                            gateway_ip,
-                            added: i.added_address,
-                        });
-                    }
-                }
-                Ok(Some(st))
-            }
+            Ok(b) => Self::from_json(&b)
+                .map(Some)
+                .with_context(|| format!("corrupt state file {}", p.display())),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e).with_context(|| format!("cannot read {}", p.display())),
         }
@@ -373,6 +378,37 @@ impl RouterState {
     }
 }
 
+/// `IfaceState::mac` in the state file: the address as a string, "" for a device without one.
+mod mac_or_empty {
+    use serde::{Deserialize as _, Deserializer, Serializer};
+
+    use crate::config::Mac;
+
+    pub fn serialize<S: Serializer>(mac: &Option<Mac>, s: S) -> Result<S::Ok, S::Error> {
+        match mac {
+            Some(m) => s.collect_str(m),
+            None => s.serialize_str(""),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Mac>, D::Error> {
+        let text = String::deserialize(d)?;
+        if text.is_empty() {
+            return Ok(None);
+        }
+        match text.parse() {
+            Ok(m) => Ok(Some(m)),
+            // Builds that recorded what `ip -j link` printed may have kept another link-layer
+            // address (a tunnel's); every reader took one that does not parse as no Ethernet
+            // address, and so does this: the router's file stays readable.
+            Err(e) => {
+                tracing::warn!(mac = %text, error = %e, "a device's recorded address is not a MAC address; taken as none");
+                Ok(None)
+            }
+        }
+    }
+}
+
 /// An exclusive `flock` held until dropped.
 pub struct Lock(#[allow(dead_code)] File);
 
@@ -416,3 +452,241 @@ impl Lock {
 
 pub const STATE_LOCK: &str = "state.lock";
 pub const DAEMON_LOCK: &str = "daemon.lock";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A state file as the build that kept addresses as text wrote it: two tenant ports (one
+    /// dual-stack, one on a device without an Ethernet address), the gateway's port, extra
+    /// routes and the gateway's default routes, an on-link upstream, floating IPs associated
+    /// and not.
+    const WRITTEN_AS_TEXT: &str = r#"{
+  "id": "a81cc110-16f4-4d6c-89d2-8af91cec9714",
+  "name": "router_100_101",
+  "namespace": "qrouter-a81cc110-16f4-4d6c-89d2-8af91cec9714",
+  "created_netns": true,
+  "ip_forward_before": null,
+  "ipv6_forwarding_before": "0",
+  "interfaces": [
+    {
+      "port_id": "d295b258-4586-4e8a-9c3e-1f2a3b4c5d6e",
+      "device": "qr-d295b258-45",
+      "fixed_ips": [
+        {
+          "subnet": "172.16.100.0/24",
+          "gateway_ip": "172.16.100.1",
+          "added": true
+        },
+        {
+          "subnet": "2001:db8:100::/64",
+          "gateway_ip": "2001:db8:100::1",
+          "added": true
+        }
+      ],
+      "ifindex": 7,
+      "mac": "02:00:5e:10:00:01",
+      "mtu": 1500,
+      "slot": 0,
+      "created_device": true,
+      "peer": "tapd295b258-45",
+      "moved_in": false,
+      "hook": "auto",
+      "active_hook": "tc",
+      "hook_reason": "tc: veth",
+      "kind": "veth",
+      "external": false
+    },
+    {
+      "port_id": "2ffdb861-731c-4b1a-8d2e-6f7a8b9c0d1e",
+      "device": "qr-2ffdb861-73",
+      "fixed_ips": [
+        {
+          "subnet": "172.16.101.0/24",
+          "gateway_ip": "172.16.101.1",
+          "added": false
+        }
+      ],
+      "ifindex": 9,
+      "mac": "",
+      "mtu": 9000,
+      "slot": 1,
+      "created_device": false,
+      "peer": null,
+      "moved_in": true,
+      "hook": "xdp",
+      "active_hook": null,
+      "hook_reason": "",
+      "kind": null,
+      "external": false
+    },
+    {
+      "port_id": "e1a2b3c4-5d6e-4f70-8a9b-0c1d2e3f4a5b",
+      "device": "qg-e1a2b3c4-5d",
+      "fixed_ips": [
+        {
+          "subnet": "192.168.1.0/24",
+          "gateway_ip": "192.168.1.10",
+          "added": true
+        },
+        {
+          "subnet": "2001:db8:ffff::/64",
+          "gateway_ip": "2001:db8:ffff::10",
+          "added": true
+        }
+      ],
+      "ifindex": 11,
+      "mac": "aa:bb:cc:dd:ee:0f",
+      "mtu": 1500,
+      "slot": 2,
+      "created_device": true,
+      "peer": "tape1a2b3c4-5d",
+      "moved_in": false,
+      "hook": "tc",
+      "active_hook": "tc",
+      "hook_reason": "tc: asked for",
+      "kind": "veth",
+      "external": true
+    }
+  ],
+  "routes": [
+    {
+      "destination": "10.20.0.0/16",
+      "nexthop": "172.16.101.254",
+      "device": "qr-2ffdb861-73"
+    },
+    {
+      "destination": "2001:db8:aaaa::/48",
+      "nexthop": "2001:db8:100::fe",
+      "device": "qr-d295b258-45"
+    },
+    {
+      "destination": "0.0.0.0/0",
+      "nexthop": "192.168.1.1",
+      "device": "qg-e1a2b3c4-5d",
+      "gateway": true
+    },
+    {
+      "destination": "::/0",
+      "nexthop": "2001:db8:eeee::1",
+      "device": "qg-e1a2b3c4-5d",
+      "gateway": true
+    }
+  ],
+  "max_routes": 1000,
+  "program": "sha256:0123abcd",
+  "netns_inode": 4026532283,
+  "lost": null,
+  "gateway": {
+    "port_id": "e1a2b3c4-5d6e-4f70-8a9b-0c1d2e3f4a5b",
+    "device": "qg-e1a2b3c4-5d",
+    "network_id": "public",
+    "enable_snat": true,
+    "upstreams": [
+      "192.168.1.1",
+      "2001:db8:eeee::1"
+    ],
+    "onlink": [
+      "2001:db8:eeee::1"
+    ],
+    "floating_ips": [
+      {
+        "floating_ip_address": "192.168.1.20",
+        "fixed_ip_address": "172.16.101.3",
+        "added": true
+      },
+      {
+        "floating_ip_address": "192.168.1.21",
+        "fixed_ip_address": null,
+        "added": false
+      }
+    ],
+    "sysctls_before": [
+      [
+        "net.ipv4.conf.all.arp_ignore",
+        "0"
+      ]
+    ]
+  },
+  "ha": true
+}"#;
+
+    /// A state file of the build that kept addresses as text loads into typed values and is
+    /// written back as it was: the same JSON, byte for byte.
+    #[test]
+    fn a_state_file_written_as_text_loads_and_is_written_back_the_same() {
+        let st = RouterState::from_json(WRITTEN_AS_TEXT.as_bytes()).unwrap();
+        let (a, b, qg) = (&st.interfaces[0], &st.interfaces[1], &st.interfaces[2]);
+        assert_eq!(a.mac, Some(Mac([0x02, 0x00, 0x5e, 0x10, 0x00, 0x01])));
+        assert_eq!(b.mac, None);
+        assert_eq!(qg.mac_text(), "aa:bb:cc:dd:ee:0f");
+        assert_eq!(a.fixed_ips[1].subnet, "2001:db8:100::/64".parse().unwrap());
+        assert_eq!(
+            a.fixed_ips[1].addr(),
+            ("2001:db8:100::1".parse().unwrap(), 64)
+        );
+        assert_eq!(b.fixed_ips[0].cidr(), "172.16.101.1/24");
+        assert_eq!(st.routes[3].destination, "::/0".parse().unwrap());
+        assert_eq!(
+            st.routes[0].nexthop,
+            IpAddr::V4(Ipv4Addr::new(172, 16, 101, 254))
+        );
+        let g = st.gateway.as_ref().unwrap();
+        assert_eq!(
+            g.onlink,
+            vec!["2001:db8:eeee::1".parse::<IpAddr>().unwrap()]
+        );
+        assert_eq!(
+            g.floating_ips[0].fixed_ip_address,
+            Some(Ipv4Addr::new(172, 16, 101, 3))
+        );
+        assert_eq!(g.floating_ips[1].fixed_ip_address, None);
+        assert!(st.nat_on());
+        assert_eq!(
+            b.entry().unwrap_err().to_string(),
+            "device qr-2ffdb861-73 has no Ethernet address ('')"
+        );
+        assert_eq!(
+            a.entry().unwrap().1.mac,
+            [0x02, 0x00, 0x5e, 0x10, 0x00, 0x01]
+        );
+
+        let written = serde_json::to_string_pretty(&st).unwrap();
+        assert_eq!(
+            serde_json::from_str::<serde_json::Value>(&written).unwrap(),
+            serde_json::from_str::<serde_json::Value>(WRITTEN_AS_TEXT).unwrap()
+        );
+        assert_eq!(written, WRITTEN_AS_TEXT);
+    }
+
+    /// A state file from before dual-stack (one subnet per interface) loads into `fixed_ips`;
+    /// a recorded address that is no MAC address reads as none, as every reader took it.
+    #[test]
+    fn older_layouts_load() {
+        let old = r#"{
+  "id": "r1", "name": "old", "namespace": "qrouter-r1", "created_netns": false,
+  "ip_forward_before": "0",
+  "interfaces": [
+    {"port_id": "d295b258-4586-4e8a-9c3e-1f2a3b4c5d6e", "device": "qr-d295b258-45",
+     "subnet": "2001:db8:100::/64", "gateway_ip": "2001:db8:100::1", "added_address": true,
+     "ifindex": 3, "mac": "0.0.0.0", "mtu": 1480, "slot": 0, "created_device": false,
+     "peer": null}
+  ],
+  "routes": [{"destination": "2001:db8:aaaa::/48", "nexthop": "2001:db8:100::fe", "device": "qr-d295b258-45", "gateway": false}]
+}"#;
+        let st = RouterState::from_json(old.as_bytes()).unwrap();
+        let i = &st.interfaces[0];
+        assert_eq!(i.fixed_ips.len(), 1);
+        assert_eq!(i.fixed_ips[0].cidr(), "2001:db8:100::1/64");
+        assert!(i.fixed_ips[0].added);
+        assert_eq!(i.mac, None);
+        let v = serde_json::to_value(&st).unwrap();
+        assert_eq!(v["interfaces"][0]["mac"], "");
+        assert_eq!(
+            v["interfaces"][0]["fixed_ips"][0]["subnet"],
+            "2001:db8:100::/64"
+        );
+        assert!(v["interfaces"][0].get("subnet").is_none());
+        assert!(v["routes"][0].get("gateway").is_none());
+    }
+}

@@ -5,7 +5,7 @@
 
 use anyhow::{anyhow, bail, Context as _, Result};
 
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use crate::{
     apply,
@@ -54,8 +54,8 @@ fn rebuilt(st: &RouterState) -> RawRouter {
                 i.fixed_ips
                     .iter()
                     .map(|f| RawFixedIp {
-                        subnet: f.subnet.clone(),
-                        ip_address: f.gateway_ip.clone(),
+                        subnet: f.subnet.to_string(),
+                        ip_address: f.gateway_ip.to_string(),
                     })
                     .collect(),
                 hook(i.hook),
@@ -67,8 +67,8 @@ fn rebuilt(st: &RouterState) -> RawRouter {
         .iter()
         .filter(|r| !r.gateway)
         .map(|r| RawRoute {
-            destination: r.destination.clone(),
-            nexthop: r.nexthop.clone(),
+            destination: r.destination.to_string(),
+            nexthop: r.nexthop.to_string(),
         })
         .collect();
     let qg = st.interfaces.iter().find(|i| i.external);
@@ -100,22 +100,22 @@ fn rebuilt(st: &RouterState) -> RawRouter {
 /// The external fixed IPs of an applied gateway, each with the upstream router of its family
 /// (one per family, the first not taken yet).
 fn external_ips_of(g: &GatewayState, qg: &crate::state::IfaceState) -> Vec<RawExternalIp> {
-    let mut used: Vec<&String> = Vec::new();
+    let mut used: Vec<&IpAddr> = Vec::new();
     qg.fixed_ips
         .iter()
         .map(|f| {
-            let v6 = f.subnet.contains(':');
+            let v6 = f.subnet.is_ipv6();
             let up = g
                 .upstreams
                 .iter()
-                .find(|u| u.contains(':') == v6 && !used.contains(u));
+                .find(|u| u.is_ipv6() == v6 && !used.contains(u));
             if let Some(u) = up {
                 used.push(u);
             }
             RawExternalIp {
-                subnet: f.subnet.clone(),
-                ip_address: f.gateway_ip.clone(),
-                gateway_ip: up.cloned(),
+                subnet: f.subnet.to_string(),
+                ip_address: f.gateway_ip.to_string(),
+                gateway_ip: up.map(|u| u.to_string()),
             }
         })
         .collect()
@@ -124,8 +124,8 @@ fn external_ips_of(g: &GatewayState, qg: &crate::state::IfaceState) -> Vec<RawEx
 fn floating_ips_of(fips: &[FloatingIpState]) -> Vec<RawFloatingIp> {
     fips.iter()
         .map(|f| RawFloatingIp {
-            floating_ip_address: f.floating_ip_address.clone(),
-            fixed_ip_address: f.fixed_ip_address.clone(),
+            floating_ip_address: f.floating_ip_address.to_string(),
+            fixed_ip_address: f.fixed_ip_address.map(|x| x.to_string()),
         })
         .collect()
 }
@@ -211,6 +211,7 @@ pub fn unset_gateway(router: &str) -> Result<Router> {
 /// may exist on routers of different external networks), and the floating IP.
 pub fn find_floating_ip(fip: &str, router: Option<&str>) -> Result<(RouterState, FloatingIpState)> {
     let fip = canonical(fip);
+    let addr = fip.parse::<Ipv4Addr>().ok();
     let mut found = Vec::new();
     let candidates = match router {
         Some(r) => vec![find(r)?],
@@ -221,7 +222,7 @@ pub fn find_floating_ip(fip: &str, router: Option<&str>) -> Result<(RouterState,
             .gateway
             .iter()
             .flat_map(|g| g.floating_ips.iter())
-            .find(|f| f.floating_ip_address == fip)
+            .find(|f| Some(f.floating_ip_address) == addr)
         {
             let f = f.clone();
             found.push((st, f));
@@ -250,10 +251,15 @@ fn with_floating_ips(st: &RouterState, f: impl FnOnce(&mut Vec<RawFloatingIp>)) 
 pub fn create_floating_ip(router: &str, fip: &str, fixed: Option<&str>) -> Result<Router> {
     let st = find(router)?;
     let (fip, fixed) = (canonical(fip), fixed.map(canonical));
+    let addr = fip.parse::<Ipv4Addr>().ok();
     let network = st.gateway.as_ref().and_then(|g| g.network_id.clone());
     for other in all()? {
         let Some(g) = &other.gateway else { continue };
-        if g.network_id == network && g.floating_ips.iter().any(|f| f.floating_ip_address == fip) {
+        if g.network_id == network
+            && g.floating_ips
+                .iter()
+                .any(|f| Some(f.floating_ip_address) == addr)
+        {
             bail!(
                 "floating IP {fip} exists already on network {}, on router {}",
                 network.as_deref().unwrap_or("-"),
@@ -280,7 +286,7 @@ pub fn associate_floating_ip(
     with_floating_ips(&st, |v| {
         for x in v
             .iter_mut()
-            .filter(|x| canonical(&x.floating_ip_address) == f.floating_ip_address)
+            .filter(|x| canonical(&x.floating_ip_address) == f.floating_ip_address.to_string())
         {
             x.fixed_ip_address = fixed.clone();
         }
@@ -290,7 +296,7 @@ pub fn associate_floating_ip(
 pub fn delete_floating_ip(fip: &str, router: Option<&str>) -> Result<Router> {
     let (st, f) = find_floating_ip(fip, router)?;
     with_floating_ips(&st, |v| {
-        v.retain(|x| canonical(&x.floating_ip_address) != f.floating_ip_address)
+        v.retain(|x| canonical(&x.floating_ip_address) != f.floating_ip_address.to_string())
     })
 }
 
@@ -506,15 +512,9 @@ pub mod batch {
         // definition's; a dynamic route may not shadow one of them.
         let mut own: HashSet<IpNet> = HashSet::new();
         for i in &st.interfaces {
-            for f in &i.fixed_ips {
-                own.extend(f.subnet.parse::<IpNet>().ok());
-            }
+            own.extend(i.fixed_ips.iter().map(|f| f.subnet));
         }
-        own.extend(
-            st.routes
-                .iter()
-                .filter_map(|r| r.destination.parse::<IpNet>().ok()),
-        );
+        own.extend(st.routes.iter().map(|r| r.destination));
         let ifaces = st.iface_entries()?;
         // Every line checked first; each set's device found once.
         let mut devs: Vec<u32> = Vec::with_capacity(ops.len());

@@ -205,7 +205,7 @@ fn frames_reach_their_nexthops_or_the_kernel_under_churn() {
                     let mut moved = st.clone();
                     for (i, r) in moved.routes.iter_mut().enumerate() {
                         if (i / 100) % 4 == round || (i + round) % 3 == 0 {
-                            r.nexthop = fmt_ip(nexthop(pair(i)[1]));
+                            r.nexthop = std::net::Ipv4Addr::from(nexthop(pair(i)[1])).into();
                         }
                     }
                     apply::tables_of(&moved).unwrap().routes

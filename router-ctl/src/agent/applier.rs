@@ -102,11 +102,10 @@ pub fn announce(st: &RouterState) {
                     std::thread::sleep(arp::INTERVAL);
                 }
                 for i in &st.interfaces {
-                    let Some(mac) = crate::config::parse_mac(&i.mac) else { continue };
-                    let mut ips: Vec<IpAddr> =
-                        i.fixed_ips.iter().filter_map(|f| f.addr()).map(|a| a.0).collect();
+                    let Some(mac) = i.mac.map(<[u8; 6]>::from) else { continue };
+                    let mut ips: Vec<IpAddr> = i.fixed_ips.iter().map(|f| f.gateway_ip).collect();
                     if i.external {
-                        ips.extend(st.gateway.iter().flat_map(|g| g.floating_ips.iter()).filter(|f| f.fixed_ip_address.is_some()).filter_map(|f| f.floating_ip_address.parse::<IpAddr>().ok()));
+                        ips.extend(st.gateway.iter().flat_map(|g| g.floating_ips.iter()).filter(|f| f.fixed_ip_address.is_some()).map(|f| IpAddr::V4(f.floating_ip_address)));
                     }
                     for ip in ips {
                         let sent = match ip {

@@ -52,9 +52,8 @@ pub(super) fn addresses(st: &RouterState) -> Vec<(u32, IpAddr, u8)> {
     let mut v = Vec::new();
     for i in &st.interfaces {
         for f in &i.fixed_ips {
-            if let Some((ip, len)) = f.addr() {
-                v.push((i.ifindex, ip, len));
-            }
+            let (ip, len) = f.addr();
+            v.push((i.ifindex, ip, len));
         }
     }
     if let (Some(g), Some(qg)) = (&st.gateway, st.interfaces.iter().find(|i| i.external)) {
@@ -63,9 +62,7 @@ pub(super) fn addresses(st: &RouterState) -> Vec<(u32, IpAddr, u8)> {
             .iter()
             .filter(|f| f.fixed_ip_address.is_some())
         {
-            if let Ok(ip) = f.floating_ip_address.parse() {
-                v.push((qg.ifindex, ip, 32));
-            }
+            v.push((qg.ifindex, IpAddr::V4(f.floating_ip_address), 32));
         }
     }
     v

@@ -213,8 +213,8 @@ impl Store {
 /// A definition seen as the verbs see an applied router (nothing applied: no devices).
 pub fn planned(r: &Router) -> RouterState {
     let addr = |f: &config::FixedIp| AddrState {
-        subnet: f.subnet.to_string(),
-        gateway_ip: f.gateway_ip.to_string(),
+        subnet: f.subnet,
+        gateway_ip: f.gateway_ip,
         added: false,
     };
     let interfaces = r
@@ -235,8 +235,8 @@ pub fn planned(r: &Router) -> RouterState {
         .routes
         .iter()
         .map(|x| RouteState {
-            destination: x.destination.to_string(),
-            nexthop: x.nexthop.to_string(),
+            destination: x.destination,
+            nexthop: x.nexthop,
             device: r
                 .interface_for(x.nexthop)
                 .map(|i| i.device.clone())
@@ -249,18 +249,14 @@ pub fn planned(r: &Router) -> RouterState {
         device: config::gateway_device_of(&g.port_id),
         network_id: g.network_id.clone(),
         enable_snat: g.enable_snat,
-        upstreams: g
-            .upstreams
-            .iter()
-            .map(|u| u.gateway_ip.to_string())
-            .collect(),
+        upstreams: g.upstreams.iter().map(|u| u.gateway_ip).collect(),
         onlink: Vec::new(),
         floating_ips: r
             .floating_ips
             .iter()
             .map(|f| FloatingIpState {
-                floating_ip_address: f.floating_ip_address.to_string(),
-                fixed_ip_address: f.fixed_ip_address.map(|x| x.to_string()),
+                floating_ip_address: f.floating_ip_address,
+                fixed_ip_address: f.fixed_ip_address,
                 added: false,
             })
             .collect(),

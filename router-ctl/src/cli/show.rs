@@ -97,7 +97,9 @@ pub fn router_table(r: &RouterState, json_out: bool) -> Result<()> {
                 format!(
                     "{} → {}",
                     f.floating_ip_address,
-                    f.fixed_ip_address.as_deref().unwrap_or("-")
+                    f.fixed_ip_address
+                        .map(|x| x.to_string())
+                        .unwrap_or_else(|| "-".into())
                 )
             })
             .collect();
@@ -126,7 +128,7 @@ pub fn show(routers: &[RouterState], json_out: bool) -> Result<()> {
                     "interfaces": v.devices.iter().map(|d| {
                         let i = &d.iface;
                         json!({
-                            "port_id": i.port_id, "device": i.device, "ifindex": i.ifindex, "mac": i.mac,
+                            "port_id": i.port_id, "device": i.device, "ifindex": i.ifindex, "mac": i.mac_text(),
                             "mtu": i.mtu, "kind": i.kind,
                             "hook": d.hook, "hook_wanted": i.hook, "hook_reason": i.hook_reason,
                             "prog_id": d.prog_id,
@@ -173,10 +175,10 @@ pub fn show(routers: &[RouterState], json_out: bool) -> Result<()> {
             t.row(vec![
                 i.device.clone(),
                 i.ifindex.to_string(),
-                i.mac.clone(),
+                i.mac_text(),
                 i.mtu.to_string(),
                 all(|f| f.cidr()),
-                all(|f| f.subnet.clone()),
+                all(|f| f.subnet.to_string()),
                 d.hook.into(),
                 match (d.redirect_tc, d.redirect_xdp) {
                     (true, true) => "tc,xdp",
@@ -202,14 +204,20 @@ pub fn show(routers: &[RouterState], json_out: bool) -> Result<()> {
                 if g.upstreams.is_empty() {
                     "-".to_string()
                 } else {
-                    g.upstreams.join(",")
+                    g.upstreams
+                        .iter()
+                        .map(|u| u.to_string())
+                        .collect::<Vec<_>>()
+                        .join(",")
                 }
             );
             for f in &g.floating_ips {
                 println!(
                     "  floating IP {} → {}",
                     f.floating_ip_address,
-                    f.fixed_ip_address.as_deref().unwrap_or("(not associated)")
+                    f.fixed_ip_address
+                        .map(|x| x.to_string())
+                        .unwrap_or_else(|| "(not associated)".into())
                 );
             }
         }
@@ -217,8 +225,8 @@ pub fn show(routers: &[RouterState], json_out: bool) -> Result<()> {
             let mut t = Table::new(&["DESTINATION", "NEXTHOP", "DEVICE"]);
             for rt in &r.routes {
                 t.row(vec![
-                    rt.destination.clone(),
-                    rt.nexthop.clone(),
+                    rt.destination.to_string(),
+                    rt.nexthop.to_string(),
                     rt.device.clone(),
                 ]);
             }
