@@ -25,6 +25,8 @@ pub static BUSY: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// Longest request line accepted.
 const MAX_REQUEST: u64 = 64 * 1024;
+/// Longest route batch accepted (about 7 million routes).
+pub const MAX_BATCH: u64 = 256 << 20;
 
 pub fn socket_path() -> PathBuf {
     state::run_dir().join("ctl.sock")
@@ -58,11 +60,16 @@ pub enum Request {
         router: String,
         route: String,
     },
-    /// Dynamic route changes (`verbs::batch`) from a file the daemon reads; the answer is the
-    /// summary as JSON.
+    /// Dynamic route changes (`verbs::batch`): the request line gives the length of the batch's
+    /// text, which follows it on the socket (the daemon opens no file a client names); the
+    /// answer is the summary as JSON.
     RouteBatch {
         router: String,
-        file: String,
+        /// What errors call the batch (its file's name): a label, never opened.
+        name: String,
+        len: u64,
+        #[serde(skip)]
+        text: Vec<u8>,
     },
     SetGateway {
         router: String,
@@ -132,9 +139,9 @@ pub fn execute(req: Request) -> Result<String> {
         Request::RemoveSubnet { router, subnet } => verbs::remove_subnet(&router, &subnet)?.id,
         Request::AddRoute { router, route } => verbs::add_route(&router, &route)?.id,
         Request::RemoveRoute { router, route } => verbs::remove_route(&router, &route)?.id,
-        Request::RouteBatch { router, file } => serde_json::to_string(
-            &crate::verbs::batch::batch(&router, std::path::Path::new(&file))?,
-        )?,
+        Request::RouteBatch {
+            router, name, text, ..
+        } => serde_json::to_string(&crate::verbs::batch::batch(&router, &text, &name)?)?,
         Request::SetGateway {
             router,
             network,
@@ -173,6 +180,13 @@ pub fn execute(req: Request) -> Result<String> {
 /// Serves the socket from a thread of its own.
 pub fn serve() -> Result<()> {
     let path = socket_path();
+    // The socket's directory (the run directory: state, journals, the fence) is root's alone,
+    // so the socket cannot be reached by a path through it even with a mode changed by hand.
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("cannot make {} root-only", dir.display()))?;
+    }
     let _ = std::fs::remove_file(&path);
     // Created with mode 0600 from the start (no moment where another user may connect).
     // SAFETY: umask only changes this process's file creation mask, restored at once.
@@ -262,7 +276,10 @@ fn peer_is_root(conn: &UnixStream) -> Result<()> {
 fn handle(conn: &UnixStream) -> Result<String> {
     conn.set_read_timeout(Some(Duration::from_secs(5)))?;
     let mut line = String::new();
-    let n = BufReader::new(conn.take(MAX_REQUEST + 1))
+    let mut reader = BufReader::new(conn);
+    let n = reader
+        .by_ref()
+        .take(MAX_REQUEST + 1)
         .read_line(&mut line)
         .context("reading the request")?;
     if n as u64 > MAX_REQUEST {
@@ -273,7 +290,24 @@ fn handle(conn: &UnixStream) -> Result<String> {
             "truncated request: a request is one JSON object ending with a newline"
         ));
     }
-    let req: Request = serde_json::from_str(&line).context("malformed request")?;
+    let mut req: Request = serde_json::from_str(&line).context("malformed request")?;
+    if let Request::RouteBatch { len, text, .. } = &mut req {
+        if *len > MAX_BATCH {
+            return Err(anyhow!(
+                "a route batch of {len} bytes is over the limit of {MAX_BATCH}"
+            ));
+        }
+        reader
+            .take(*len)
+            .read_to_end(text)
+            .context("reading the route batch")?;
+        if text.len() as u64 != *len {
+            return Err(anyhow!(
+                "truncated route batch: {} of {len} bytes",
+                text.len()
+            ));
+        }
+    }
     tracing::info!(?req, "API request");
     execute(req)
 }
@@ -285,6 +319,9 @@ pub fn call(req: &Request) -> Option<Result<String>> {
     let mut run = || -> Result<Option<String>> {
         s.set_read_timeout(Some(Duration::from_secs(120)))?;
         writeln!(s, "{}", serde_json::to_string(req)?)?;
+        if let Request::RouteBatch { text, .. } = req {
+            s.write_all(text)?;
+        }
         let mut line = String::new();
         match BufReader::new(&s).read_line(&mut line) {
             // Closed while queued (the daemon was stopping): not acted on.

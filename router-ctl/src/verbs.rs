@@ -462,11 +462,7 @@ pub fn remove_route(router: &str, route: &str) -> Result<Router> {
 
 /// `route batch`: dynamic routes (see `crate::routes`) in bulk.
 pub mod batch {
-    use std::{
-        collections::{HashMap, HashSet},
-        io::BufReader,
-        path::Path,
-    };
+    use std::collections::{HashMap, HashSet};
 
     use anyhow::{bail, Context as _, Result};
     use serde::Serialize;
@@ -495,11 +491,9 @@ pub mod batch {
         pub prefixes: usize,
     }
 
-    /// Applies the batch in `file` to router `router` (name or id).
-    pub fn batch(router: &str, file: &Path) -> Result<Summary> {
-        let what = file.display().to_string();
-        let f = std::fs::File::open(file).with_context(|| format!("cannot open {what}"))?;
-        let ops = routes::parse(BufReader::new(f), &what)?;
+    /// Applies the batch `text` (`what` names it in errors) to router `router` (name or id).
+    pub fn batch(router: &str, text: &[u8], what: &str) -> Result<Summary> {
+        let ops = routes::parse(text, what)?;
         let (total, deletes) = (
             ops.len(),
             ops.iter()

@@ -1734,6 +1734,10 @@ fn malformed_api_requests_get_errors_and_never_stop_the_daemon() {
         .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o777)
         .unwrap();
     assert_eq!(mode, 0o600, "the API socket must be root-only");
+    let dir_mode = std::fs::metadata("/run/router-xdp")
+        .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o777)
+        .unwrap();
+    assert_eq!(dir_mode, 0o700, "the socket's directory must be root-only");
     let big = vec![b'x'; 70 * 1024];
     let cases: Vec<(&str, Vec<u8>, bool, &str)> = vec![
         ("garbage", b"garbage\n".to_vec(), false, "malformed request"),
@@ -1743,6 +1747,10 @@ fn malformed_api_requests_get_errors_and_never_stop_the_daemon() {
         ("unknown field", b"{\"op\": \"delete\", \"router\": \"x\", \"force\": true}\n".to_vec(), false, "malformed request"),
         ("unknown router", b"{\"op\": \"add_route\", \"router\": \"no-such-router\", \"route\": \"destination=10.1.0.0/16,gateway=1.1.1.1\"}\n".to_vec(), false, "no router 'no-such-router'"),
         ("empty", Vec::new(), true, "truncated request"),
+        // A route batch is sent over the socket, never named as a file for root to open.
+        ("batch from a file", format!("{{\"op\": \"route_batch\", \"router\": \"{}\", \"name\": \"x\", \"file\": \"/etc/shadow\", \"len\": 0}}\n", s.ids.router_id).into_bytes(), false, "malformed request"),
+        ("batch over the limit", format!("{{\"op\": \"route_batch\", \"router\": \"{}\", \"name\": \"x\", \"len\": {}}}\n", s.ids.router_id, 1u64 << 40).into_bytes(), false, "over the limit"),
+        ("batch cut short", format!("{{\"op\": \"route_batch\", \"router\": \"{}\", \"name\": \"x\", \"len\": 100}}\nadd 10.71.0.0/16 via 172.16.101.9\n", s.ids.router_id).into_bytes(), true, "truncated route batch"),
     ];
     for (what, bytes, close, want) in cases {
         let answer = send(&bytes, close);

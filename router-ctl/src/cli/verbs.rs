@@ -20,23 +20,37 @@ use super::{
 /// `route batch`: through the daemon when one runs (it keeps large tables in memory), else here.
 pub fn route_batch(router: String, file: &std::path::Path, json: bool) -> Result<()> {
     use router_ctl::api::{self, Request};
-    // Standard input is copied to a file the daemon can read.
-    let stdin_copy = state::run_dir().join(format!("batch-{}", std::process::id()));
-    let path = if file == std::path::Path::new("-") {
-        std::fs::create_dir_all(state::run_dir())?;
-        let mut f = std::fs::File::create(&stdin_copy)
-            .with_context(|| format!("cannot write {}", stdin_copy.display()))?;
-        std::io::copy(&mut std::io::stdin().lock(), &mut f)?;
-        stdin_copy.clone()
+    use std::io::Read as _;
+    // The batch's text goes to the daemon over its socket (it opens no file a client names).
+    let (name, mut f): (String, Box<dyn std::io::Read>) = if file == std::path::Path::new("-") {
+        ("standard input".into(), Box::new(std::io::stdin().lock()))
     } else {
-        std::fs::canonicalize(file).with_context(|| format!("cannot open {}", file.display()))?
+        (
+            file.display().to_string(),
+            Box::new(
+                std::fs::File::open(file)
+                    .with_context(|| format!("cannot open {}", file.display()))?,
+            ),
+        )
     };
+    let mut text = Vec::new();
+    (&mut f)
+        .take(api::MAX_BATCH + 1)
+        .read_to_end(&mut text)
+        .with_context(|| format!("cannot read {name}"))?;
+    if text.len() as u64 > api::MAX_BATCH {
+        anyhow::bail!(
+            "{name}: a route batch is at most {} bytes; split it",
+            api::MAX_BATCH
+        );
+    }
     let req = Request::RouteBatch {
         router,
-        file: path.display().to_string(),
+        name,
+        len: text.len() as u64,
+        text,
     };
     let out = api::dispatch(req);
-    let _ = std::fs::remove_file(&stdin_copy);
     let v: serde_json::Value = serde_json::from_str(&out?)?;
     if json {
         println!("{v}");
