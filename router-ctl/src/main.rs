@@ -176,6 +176,9 @@ fn run(cli: Cli) -> Result<()> {
                     })
                 }
             };
+            if let Some(m) = &metrics {
+                router_ctl::metrics::listen_addr(m)?;
+            }
             daemon::run(stay, file, metrics, auto, agent)?
         }
         Cmd::Fence => router_ctl::agent::fence::run_fencer()?,

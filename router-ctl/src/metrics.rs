@@ -94,11 +94,31 @@ pub fn render() -> Result<String> {
     Ok(out)
 }
 
-/// Serves /metrics on `addr` from a thread of its own.
+/// Where `--metrics` serves: a bare port is loopback's (counters and device names are for
+/// the host's own scraper unless the operator says otherwise); an address with its port is
+/// taken as given. Host names are refused (no resolution from a service's option).
+pub fn listen_addr(arg: &str) -> Result<std::net::SocketAddr> {
+    let arg = arg.trim();
+    if let Ok(port) = arg.parse::<u16>() {
+        return Ok((std::net::Ipv4Addr::LOCALHOST, port).into());
+    }
+    arg.parse::<std::net::SocketAddr>().map_err(|_| {
+        anyhow::anyhow!(
+            "--metrics {arg:?}: give a port (served on 127.0.0.1) or ADDRESS:PORT ([IPv6]:PORT)"
+        )
+    })
+}
+
+/// Serves /metrics on `addr` (see `listen_addr`) from a thread of its own.
 pub fn serve(addr: &str) -> Result<()> {
+    let addr = listen_addr(addr)?;
     let listener =
         TcpListener::bind(addr).with_context(|| format!("cannot listen on {addr} for metrics"))?;
-    tracing::info!(%addr, "serving metrics on /metrics");
+    if addr.ip().is_loopback() {
+        tracing::info!(%addr, "serving metrics on /metrics");
+    } else {
+        tracing::warn!(%addr, "serving metrics on /metrics beyond this host (as --metrics asks)");
+    }
     std::thread::Builder::new()
         .name("metrics".into())
         .spawn(move || {
@@ -180,4 +200,23 @@ fn answer(mut conn: TcpStream) -> Result<()> {
         let _ = std::io::copy(&mut (&conn).take(64 * 1024), &mut std::io::sink());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::listen_addr;
+
+    #[test]
+    fn a_bare_port_is_loopback_and_host_names_are_refused() {
+        assert_eq!(listen_addr("9417").unwrap().to_string(), "127.0.0.1:9417");
+        assert_eq!(
+            listen_addr("0.0.0.0:9417").unwrap().to_string(),
+            "0.0.0.0:9417"
+        );
+        assert_eq!(listen_addr("[::1]:9417").unwrap().to_string(), "[::1]:9417");
+        for bad in ["localhost:9417", "", "99999", "1.2.3.4", "x"] {
+            let e = format!("{:#}", listen_addr(bad).unwrap_err());
+            assert!(e.contains("--metrics"), "{bad}: {e}");
+        }
+    }
 }

@@ -130,8 +130,9 @@ pub enum Cmd {
         /// Keep running when no router is applied.
         #[arg(long)]
         stay: bool,
-        /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9417), at /metrics.
-        #[arg(long, value_name = "ADDR")]
+        /// Serve Prometheus metrics at /metrics: on PORT of 127.0.0.1, or on ADDRESS:PORT
+        /// (e.g. 10.0.0.11:9417 for a scraper elsewhere).
+        #[arg(long, value_name = "[ADDRESS:]PORT")]
         metrics: Option<String>,
         /// Router definitions to own: applied at start and again (difference only) on SIGHUP or
         /// when the file changes; routers that leave the file are destroyed. Implies --stay.
