@@ -65,6 +65,8 @@ const CTL_MUTANTS: &[&str] = &[
     "rollback_deletes_previous_namespace",
     "fence_never_lifted",
     "etcd_client_cert_dropped",
+    "interrupted_apply_forgotten",
+    "home_addresses_lost",
 ];
 
 fn main() -> Result<()> {

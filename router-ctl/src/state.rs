@@ -94,6 +94,34 @@ pub struct RouterState {
     /// files of builds before it was kept: the verbs rebuild it from the fields above.)
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub definition: Option<crate::config::RawRouter>,
+    /// The apply that made this state (its undo journal's token, see `apply::undo`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub apply_token: Option<String>,
+}
+
+impl RouterState {
+    /// What `destroy` reports for a router whose only trace was an interrupted first apply
+    /// (rolled back): its id, nothing applied.
+    pub fn interrupted(id: &str) -> RouterState {
+        RouterState {
+            id: id.to_string(),
+            name: "(an interrupted apply, rolled back)".into(),
+            namespace: String::new(),
+            created_netns: false,
+            ip_forward_before: None,
+            ipv6_forwarding_before: None,
+            interfaces: Vec::new(),
+            routes: Vec::new(),
+            max_routes: None,
+            program: None,
+            netns_inode: None,
+            lost: None,
+            gateway: None,
+            ha: false,
+            definition: None,
+            apply_token: None,
+        }
+    }
 }
 
 /// The external gateway as applied: what `destroy` and the next apply must know of it.
@@ -146,6 +174,10 @@ pub struct IfaceState {
     /// would take a virtual device with it).
     #[serde(default)]
     pub moved_in: bool,
+    /// The addresses the device had in the caller's namespace when apply moved it in (the
+    /// kernel drops them on a move): destroy gives them back with it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub home_addrs: Vec<(std::net::IpAddr, u8)>,
     /// The hook the definition asks for.
     #[serde(default)]
     pub hook: crate::config::Hook,
@@ -219,6 +251,7 @@ impl IfaceState {
             created_device: false,
             peer: None,
             moved_in: false,
+            home_addrs: Vec::new(),
             hook: crate::config::Hook::Auto,
             active_hook: None,
             hook_reason: String::new(),

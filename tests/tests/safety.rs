@@ -21,11 +21,11 @@ fn kind(ns: Option<&str>, dev: &str) -> Option<String> {
     )
 }
 
-/// Devices an L2 agent left in this namespace for a router's ports (a veth whose other end is
-/// in an instance's namespace, and a device without native XDP) are moved into the namespace
-/// apply creates. A first apply that fails after that (the second port asks for XDP, which the
-/// device lacks) rolls back and gives both back, whole; a good apply followed by destroy does
-/// the same. Before this, the rollback and destroy deleted the namespace with the devices in
+/// Devices an L2 agent left in this namespace for a router's ports are moved into the namespace
+/// apply creates: a veth whose other end is in an instance's namespace, then a bridge, which
+/// the kernel refuses to move (a bridge stays in the namespace that made it), so the first
+/// apply fails after the veth moved: it rolls back and gives the veth back, whole, and the
+/// bridge stays; a good apply followed by destroy does the same for the veth. Before this, the rollback and destroy deleted the namespace with the devices in
 /// it, and the kernel destroyed them.
 #[test]
 fn a_failed_first_apply_and_a_destroy_give_adopted_devices_back() {
@@ -69,7 +69,10 @@ fn a_failed_first_apply_and_a_destroy_give_adopted_devices_back() {
         ),
     );
     let out = ctl(&["apply", "-f", &bad]);
-    assert!(!out.status.success(), "forced XDP on a bridge was accepted");
+    assert!(
+        !out.status.success(),
+        "a bridge was moved into a router's namespace"
+    );
     assert!(
         !std::path::Path::new(&format!("/run/netns/{ns}")).exists(),
         "the failed apply left its namespace"
@@ -117,8 +120,8 @@ fn a_failed_first_apply_and_a_destroy_give_adopted_devices_back() {
 
 /// One apply of several routers: each is applied whole or rolled back whole, and a failure of
 /// one leaves the others applied. Routers A and B are applied; then one apply changes A (a
-/// second subnet) and B (a port on a bridge the operator left here, with XDP forced, which a
-/// bridge lacks). B fails and goes back to what it was: its namespace, its first port and its
+/// second subnet) and B (a port on a bridge the operator left here, which the kernel will not
+/// move into B's namespace). B fails and goes back to what it was: its namespace, its first port and its
 /// state as before, the bridge back in this namespace; A's change is applied; the error names B
 /// and says A was applied.
 #[test]
@@ -188,7 +191,10 @@ fn a_failing_router_rolls_back_alone_in_a_multi_router_apply() {
     );
     let out = ctl(&["apply", "-f", &second]);
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "forced XDP on a bridge was accepted");
+    assert!(
+        !out.status.success(),
+        "a bridge was moved into a router's namespace"
+    );
     assert!(
         err.contains(&rb.router_id) && err.contains("rolled back"),
         "the error names the failed router: {err}"
@@ -237,6 +243,147 @@ fn a_failing_router_rolls_back_alone_in_a_multi_router_apply() {
     assert_eq!(kind(Some(&ra.ns()), &ra.dev_b()).as_deref(), Some("veth"));
     let _ = std::fs::remove_file(&first);
     let _ = std::fs::remove_file(&second);
+}
+
+/// An apply killed (SIGKILL) at each of its steps in turn, then destroyed or applied again and
+/// destroyed: every time, what was there before is there again, as it was — the devices an L2
+/// agent plugged (veths whose other ends are an instance's; their MAC, MTU, state and an
+/// address one of them had), and nothing of the router's (namespace, created veths, pins). The steps are
+/// recorded before they are made (`apply::undo`), so whatever moment the kill comes at, the
+/// next apply or destroy knows what to take back.
+#[test]
+fn an_apply_killed_at_any_step_is_rolled_back_by_the_next_destroy_or_apply() {
+    use std::os::unix::process::ExitStatusExt as _;
+    require_root();
+    let tag = unique_tag();
+    let ids = Ids::new(&tag);
+    let (a, b, ns) = (ids.dev_a(), ids.dev_b(), ids.ns());
+    let vm = format!("vm-{tag}");
+    let created_peers = [router_ctl::config::peer_of(&ids.port_g)];
+    struct Cleanup(Vec<String>);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            for c in &self.0 {
+                let _ = sh_out(c);
+            }
+        }
+    }
+    let _c = Cleanup(vec![
+        format!("{} destroy {}", tests::router_ctl(), ids.router_id),
+        format!("ip link del {a}"),
+        format!("ip link del {b}"),
+        format!("ip link del {}", created_peers[0]),
+        format!("ip netns del {vm}"),
+        format!("ip netns del {ns}"),
+    ]);
+    sh(&format!(
+        "ip netns add {vm} && ip link add {a} type veth peer name eth0 netns {vm} && ip link set {a} mtu 1400 address 02:aa:00:00:00:01 && ip link add {b} type veth peer name eth1 netns {vm} && ip link set {b} address 02:bb:00:00:00:01 && ip addr add 10.99.0.1/24 dev {b}"
+    ));
+    let text = format!(
+        "[[router]]\nid = \"{}\"\nname = \"{}\"\n\
+         [[router.interface]]\nport_id = \"{}\"\nsubnet = \"172.16.100.0/24\"\ngateway_ip = \"172.16.100.1\"\n\
+         [[router.interface]]\nport_id = \"{}\"\nsubnet = \"172.16.101.0/24\"\ngateway_ip = \"172.16.101.1\"\n\
+         [router.external_gateway]\nport_id = \"{}\"\nnetwork_id = \"public\"\n\
+         external_fixed_ips = [ {{ subnet = \"192.168.1.0/24\", ip_address = \"192.168.1.10\", gateway_ip = \"192.168.1.1\" }} ]\n",
+        ids.router_id, ids.name, ids.port_a, ids.port_b, ids.port_g
+    );
+    let cfg = write_config(&format!("{tag}-kill"), &text);
+    // What an operator sees of the devices and of the router.
+    let snapshot = || -> String {
+        let mut out = String::new();
+        for d in [&a, &b] {
+            let l = sh_out(&format!("ip -j -d link show {d}"));
+            let v: serde_json::Value = serde_json::from_slice(&l.stdout).unwrap_or_default();
+            let l = &v[0];
+            out += &format!(
+                "{d}: kind={} mac={} mtu={} flags={} netns=here addrs={}\n",
+                l["linkinfo"]["info_kind"],
+                l["address"],
+                l["mtu"],
+                l["flags"],
+                sh(&format!("ip -br addr show {d}"))
+                    .split_whitespace()
+                    .skip(2)
+                    .collect::<Vec<_>>()
+                    .join(",")
+            );
+        }
+        out += &format!(
+            "vm's ends: {:?} {:?}\n",
+            kind(Some(&vm), "eth0"),
+            kind(Some(&vm), "eth1")
+        );
+        out += &format!("router namespace: {}\n", sh("ip netns list").contains(&ns));
+        for p in &created_peers {
+            out += &format!("{p}: {:?}\n", kind(None, p));
+        }
+        out += &format!(
+            "pins: {}\n",
+            std::path::Path::new(&format!("/sys/fs/bpf/router-xdp/v1/{}", ids.router_id)).exists()
+        );
+        out
+    };
+    let before = snapshot();
+    let ctl_env = |kill: Option<u64>, args: &[&str]| {
+        let mut c = std::process::Command::new(tests::router_ctl());
+        if let Some(n) = kill {
+            c.env("ROUTER_XDP_TEST_KILL_AT_STEP", n.to_string());
+        }
+        c.args(args).output().unwrap()
+    };
+    let mut n = 1;
+    loop {
+        let out = ctl_env(Some(n), &["apply", "--no-daemon", "-f", &cfg]);
+        if out.status.success() {
+            // Past the last step: the apply completed.
+            assert!(n > 8, "only {n} steps recorded");
+            let out = ctl(&["destroy", &ids.router_id]);
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert_eq!(snapshot(), before, "after a complete apply and destroy");
+            break;
+        }
+        assert_eq!(
+            out.status.signal(),
+            Some(9),
+            "step {n}: the apply failed instead of being killed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let then = if n % 2 == 1 {
+            let out = ctl(&["destroy", &ids.router_id]);
+            assert!(
+                out.status.success(),
+                "destroy after a kill at step {n}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            "destroy"
+        } else {
+            let out = ctl_env(None, &["apply", "--no-daemon", "-f", &cfg]);
+            assert!(
+                out.status.success(),
+                "apply after a kill at step {n}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let out = ctl(&["destroy", &ids.router_id]);
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            "apply and destroy"
+        };
+        assert_eq!(snapshot(), before, "killed at step {n}, then {then}");
+        n += 1;
+        assert!(n < 60, "no end to the steps");
+    }
+    eprintln!(
+        "apply killed at each of {} steps, each time rolled back",
+        n - 1
+    );
+    let _ = std::fs::remove_file(&cfg);
 }
 
 /// The service unit shipped in `packaging/` is one systemd accepts (with this build's binary

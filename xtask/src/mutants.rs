@@ -336,6 +336,24 @@ pub const MUTANTS: &[Mutant] = &[
         )],
     },
     Mutant {
+        name: "interrupted_apply_forgotten",
+        fault: "an apply killed part-way is never rolled back: its undo journal is not read by \
+                the next apply or destroy (what it created leaks, adopted devices stay inside)",
+        tests: &[(
+            "safety",
+            "an_apply_killed_at_any_step_is_rolled_back_by_the_next_destroy_or_apply",
+        )],
+    },
+    Mutant {
+        name: "home_addresses_lost",
+        fault: "an adopted device moved back to the caller's namespace comes back without the \
+                addresses it had there (the kernel drops them on a move)",
+        tests: &[(
+            "safety",
+            "an_apply_killed_at_any_step_is_rolled_back_by_the_next_destroy_or_apply",
+        )],
+    },
+    Mutant {
         name: "neigh_change_ignored",
         fault: "the daemon keeps the old MAC of a neighbour whose MAC changed",
         tests: &[

@@ -278,5 +278,6 @@ pub fn planned(r: &Router) -> RouterState {
         gateway,
         ha: r.ha,
         definition: Some(r.definition()),
+        apply_token: None,
     }
 }

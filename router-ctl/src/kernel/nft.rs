@@ -13,7 +13,7 @@ use anyhow::{bail, Context as _, Result};
 pub const TABLE: &str = "router_nat";
 
 /// What the rules need to know.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Nat {
     /// The `qg-` device.
     pub device: String,

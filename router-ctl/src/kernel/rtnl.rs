@@ -177,7 +177,7 @@ impl Rtnl {
             LinkUnspec::new_with_index(index)
                 .setns_by_fd(ns.as_raw_fd())
                 .build(),
-            || format!("cannot move {name} to another namespace"),
+            || format!("cannot move {name} to another namespace (the kernel keeps some kinds of device, a bridge among them, in the namespace that made them: plug a veth or an Open vSwitch internal port)"),
         )
     }
 

@@ -2,8 +2,10 @@
 //! program and filled maps, and back.
 //!
 //! Apply adopts what exists and creates what is missing, recording what it created so that
-//! destroy removes only that. Each step records how to undo what it changed; a failure part-way
-//! undoes what this run changed, in reverse order. The kernel is driven through netlink and
+//! destroy removes only that. Before each step, how to undo it is recorded in a journal that
+//! outlives the process (`undo`); a failure part-way undoes what this run changed, in reverse
+//! order, and an apply killed part-way is undone by the next apply or destroy of the router.
+//! The kernel is driven through netlink and
 //! `/proc/sys` (`crate::kernel`), never through subprocesses: a router's namespace work runs on
 //! one thread inside the namespace.
 
@@ -15,6 +17,10 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 use router_common::MAX_IFACES;
+
+mod undo;
+
+use undo::{Undo, UndoLog};
 
 use crate::{
     config::{self, Hook, IpNet, Router},
@@ -30,106 +36,6 @@ use crate::{
         self, AddrState, FloatingIpState, GatewayState, IfaceState, Lock, RouteState, RouterState,
     },
 };
-
-/// Something apply changed, and how to change it back if a later step fails.
-#[derive(Debug)]
-enum Undo {
-    DeleteNetns(String),
-    /// A device apply created, in namespace `ns` (None: the caller's).
-    DeleteLink {
-        ns: Option<String>,
-        dev: String,
-    },
-    DeleteAddr {
-        ns: String,
-        dev: String,
-        ip: IpAddr,
-        prefix_len: u8,
-    },
-    /// An adopted device apply moved from the caller's namespace into `ns` goes back (before
-    /// `ns` is deleted, which would destroy a virtual device in it).
-    MoveBack {
-        ns: String,
-        dev: String,
-    },
-    /// An adopted device apply brought up goes back down.
-    SetDown {
-        ns: String,
-        dev: String,
-    },
-    RemoveBpfDir(String),
-    /// The NAT table goes back to what it was (None: removed).
-    RestoreNat {
-        ns: String,
-        to: Option<nft::Nat>,
-    },
-    /// A namespace sysctl goes back to `value`.
-    Sysctl {
-        ns: String,
-        key: String,
-        value: String,
-    },
-}
-
-impl Undo {
-    fn run(self) {
-        let in_ns = |ns: &str, f: Box<dyn FnOnce(&Rtnl) -> Result<()> + Send>| {
-            netns::run_in(ns, move || f(&Rtnl::new()?))
-        };
-        let r = match &self {
-            Undo::DeleteNetns(ns) => netns::delete(ns),
-            Undo::DeleteLink { ns: None, dev } => Rtnl::new().and_then(|rt| delete_link(&rt, dev)),
-            Undo::DeleteLink { ns: Some(ns), dev } => {
-                let dev = dev.clone();
-                in_ns(ns, Box::new(move |rt| delete_link(rt, &dev)))
-            }
-            Undo::DeleteAddr {
-                ns,
-                dev,
-                ip,
-                prefix_len,
-            } => {
-                let (dev, ip, len) = (dev.clone(), *ip, *prefix_len);
-                in_ns(
-                    ns,
-                    Box::new(move |rt| match rt.link(&dev)? {
-                        Some(l) => rt.addr_del(l.index, &dev, ip, len),
-                        None => Ok(()),
-                    }),
-                )
-            }
-            Undo::MoveBack { ns, dev } => move_back(ns, dev),
-            Undo::SetDown { ns, dev } => {
-                let dev = dev.clone();
-                in_ns(
-                    ns,
-                    Box::new(move |rt| match rt.link(&dev)? {
-                        Some(l) => rt.set_down(l.index, &dev),
-                        None => Ok(()),
-                    }),
-                )
-            }
-            Undo::RemoveBpfDir(id) => remove_bpf_dir(id),
-            Undo::RestoreNat { ns, to } => {
-                let to = to.clone();
-                netns::run_in(ns, move || match &to {
-                    Some(n) => nft::replace(n),
-                    None => nft::remove(),
-                })
-            }
-            Undo::Sysctl { ns, key, value } => {
-                let (k, v) = (key.clone(), value.clone());
-                netns::run_in(ns, move || sysctl::set(&k, &v))
-            }
-        };
-        match r {
-            Ok(()) => tracing::info!(undo = ?self, "rolled back"),
-            Err(e) => {
-                tracing::warn!(undo = ?self, error = format!("{e:#}"), "rollback step failed")
-            }
-        }
-    }
-}
 
 /// HA routers this host holds as a standby (set by the etcd agent): apply readies the
 /// namespace, devices and fast path but gives the router none of its addresses (and no kernel
@@ -155,17 +61,35 @@ pub fn is_standby(id: &str) -> bool {
 
 /// Moves device `dev` from namespace `ns` back into the caller's (where apply found it); a
 /// device no longer in `ns` is left alone.
-fn move_back(ns: &str, dev: &str) -> Result<()> {
+fn move_back(ns: &str, dev: &str, addrs: &[(IpAddr, u8)]) -> Result<()> {
     let home = std::fs::File::open("/proc/thread-self/ns/net")
         .context("cannot open this thread's network namespace")?;
-    let dev = dev.to_string();
-    netns::run_in(ns, move || {
+    let name = dev.to_string();
+    let moved = netns::run_in(ns, move || {
         let rt = Rtnl::new()?;
-        match rt.link(&dev)? {
-            Some(l) => rt.set_netns(l.index, &dev, home.as_fd()),
-            None => Ok(()),
+        match rt.link(&name)? {
+            Some(l) => rt.set_netns(l.index, &name, home.as_fd()).map(|_| true),
+            None => Ok(false),
         }
-    })
+    })?;
+    if moved && !addrs.is_empty() && !cfg!(mutant = "home_addresses_lost") {
+        // Its addresses, as it had them here.
+        let rt = Rtnl::new()?;
+        if let Some(l) = rt.link(dev)? {
+            let have: Vec<(IpAddr, u8)> = rt
+                .addrs()?
+                .into_iter()
+                .filter(|a| a.index == l.index)
+                .map(|a| (a.ip, a.prefix_len))
+                .collect();
+            for (ip, len) in addrs {
+                if !have.contains(&(*ip, *len)) {
+                    rt.addr_add(l.index, dev, *ip, *len)?;
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 fn delete_link(rt: &Rtnl, dev: &str) -> Result<()> {
@@ -238,16 +162,23 @@ pub fn apply_with(routers: &[Router], reload: bool) -> Result<Vec<Report>> {
     // grace periods): routers are applied by a pool of workers, so that the waits overlap
     // where the kernel lets them. Each router is applied whole or rolled back whole.
     let results = in_parallel(routers, |r| {
-        let mut undo = Vec::new();
-        apply_one(r, &mut undo, reload).map_err(|e| {
-            for u in undo.into_iter().rev() {
-                u.run();
-            }
-            e.context(format!(
-                "applying router {} ({}); its changes were rolled back",
-                r.id, r.name
-            ))
-        })
+        // An earlier apply of this router that was killed part-way is rolled back first.
+        undo::recover(&r.id)
+            .and_then(|_| UndoLog::begin(&r.id))
+            .with_context(|| format!("applying router {} ({})", r.id, r.name))
+            .and_then(|mut log| match apply_one(r, &mut log, reload) {
+                Ok(rep) => {
+                    log.finish();
+                    Ok(rep)
+                }
+                Err(e) => {
+                    log.roll_back();
+                    Err(e.context(format!(
+                        "applying router {} ({}); its changes were rolled back",
+                        r.id, r.name
+                    )))
+                }
+            })
     });
     let mut reports = Vec::new();
     let mut failed = Vec::new();
@@ -299,9 +230,20 @@ fn previous(r: &Router) -> Result<Option<RouterState>> {
 /// Where each port's device came from: (apply created it, its veth peer).
 /// Per port: (apply created its veth pair, the peer's name, apply moved the device in from the
 /// caller's namespace).
-type Plugged = BTreeMap<String, (bool, Option<String>, bool)>;
+type Plugged = BTreeMap<String, Origin>;
 
-fn apply_one(r: &Router, undo: &mut Vec<Undo>, reload: bool) -> Result<Report> {
+/// Where one port's device came from.
+#[derive(Clone, Default)]
+struct Origin {
+    /// apply created it as a veth pair, `peer` the other end.
+    created: bool,
+    peer: Option<String>,
+    /// apply moved it in from the caller's namespace, where it had `home_addrs`.
+    moved_in: bool,
+    home_addrs: Vec<(IpAddr, u8)>,
+}
+
+fn apply_one(r: &Router, undo: &mut UndoLog, reload: bool) -> Result<Report> {
     let prev = previous(r)?;
     let ns = r.namespace();
     let mut created = Vec::new();
@@ -309,17 +251,16 @@ fn apply_one(r: &Router, undo: &mut Vec<Undo>, reload: bool) -> Result<Report> {
     let created_netns = if netns::exists(&ns) {
         if cfg!(mutant = "rollback_deletes_previous_namespace") {
             // The fault: a failed re-apply deletes the namespace an earlier apply made.
-            undo.push(Undo::DeleteNetns(ns.clone()));
+            undo.push(Undo::DeleteNetns(ns.clone()))?;
         }
         prev.as_ref().is_some_and(|p| p.created_netns)
     } else {
-        netns::create(&ns)?;
-        undo.push(Undo::DeleteNetns(ns.clone()));
+        undo.around(Undo::DeleteNetns(ns.clone()), || netns::create(&ns))?;
         created.push(format!("namespace {ns}"));
         true
     };
     if prev.is_none() {
-        undo.push(Undo::RemoveBpfDir(r.id.clone()));
+        undo.push(Undo::RemoveBpfDir(r.id.clone()))?;
     }
     let plugged = bring_devices(r, &prev, &ns, undo, &mut created)?;
     // Everything else happens inside the namespace, on one thread.
@@ -330,10 +271,12 @@ fn apply_one(r: &Router, undo: &mut Vec<Undo>, reload: bool) -> Result<Report> {
         created_netns,
         reload,
     };
-    let (done, result) = netns::run_in(&ns, move || Ok(job.run()))?;
-    undo.extend(done);
-    let (st, more) = result?;
+    let part = undo.part();
+    let (done, result) = netns::run_in(&ns, move || Ok(job.run(part)))?;
+    undo.absorb(done);
+    let (mut st, more) = result?;
     created.extend(more);
+    st.apply_token = Some(undo.token().to_string());
     st.save()?;
     tracing::info!(router = %r.id, name = %r.name, namespace = %ns, "applied");
     Ok(Report {
@@ -352,7 +295,7 @@ fn bring_devices(
     r: &Router,
     prev: &Option<RouterState>,
     ns: &str,
-    undo: &mut Vec<Undo>,
+    undo: &mut UndoLog,
     created: &mut Vec<String>,
 ) -> Result<Plugged> {
     let in_ns: Vec<Link> = netns::run_in(ns, || Rtnl::new()?.links())?;
@@ -363,34 +306,54 @@ fn bring_devices(
         let before = prev
             .as_ref()
             .and_then(|p| p.interfaces.iter().find(|x| x.port_id == i.port_id));
-        let mut origin = (
-            before.is_some_and(|b| b.created_device),
-            before.and_then(|b| b.peer.clone()),
-            before.is_some_and(|b| b.moved_in),
-        );
+        let mut origin = Origin {
+            created: before.is_some_and(|b| b.created_device),
+            peer: before.and_then(|b| b.peer.clone()),
+            moved_in: before.is_some_and(|b| b.moved_in),
+            home_addrs: before.map(|b| b.home_addrs.clone()).unwrap_or_default(),
+        };
         if !in_ns.iter().any(|l| l.name == i.device) {
             if let Some(l) = rt.link(&i.device)? {
-                rt.set_netns(l.index, &i.device, target.as_fd())?;
-                if !cfg!(mutant = "adopted_devices_stay") {
-                    undo.push(Undo::MoveBack {
-                        ns: ns.to_string(),
-                        dev: i.device.clone(),
-                    });
+                // The kernel drops a device's addresses when it changes namespace: they are
+                // kept, to be given back with it.
+                let home: Vec<(IpAddr, u8)> = rt
+                    .addrs()?
+                    .into_iter()
+                    .filter(|a| a.index == l.index)
+                    .filter(
+                        |a| !matches!(a.ip, IpAddr::V6(v) if v.segments()[0] & 0xffc0 == 0xfe80),
+                    )
+                    .map(|a| (a.ip, a.prefix_len))
+                    .collect();
+                let back = Undo::MoveBack {
+                    ns: ns.to_string(),
+                    dev: i.device.clone(),
+                    addrs: home.clone(),
+                };
+                if cfg!(mutant = "adopted_devices_stay") {
+                    rt.set_netns(l.index, &i.device, target.as_fd())?;
+                } else {
+                    undo.around(back, || rt.set_netns(l.index, &i.device, target.as_fd()))?;
                 }
-                origin.2 = true;
+                origin.moved_in = true;
+                origin.home_addrs = home;
             } else {
                 let p = config::peer_of(&i.port_id);
-                rt.veth_add_in(&i.device, &p, target.as_fd())?;
-                undo.push(Undo::DeleteLink {
+                let gone = Undo::DeleteLink {
                     ns: None,
                     dev: p.clone(),
-                });
+                };
+                undo.around(gone, || rt.veth_add_in(&i.device, &p, target.as_fd()))?;
                 rt.set_up_by_name(&p)?;
                 created.push(format!(
                     "device {} (veth, peer {p} in this namespace)",
                     i.device
                 ));
-                origin = (true, Some(p), false);
+                origin = Origin {
+                    created: true,
+                    peer: Some(p),
+                    ..Origin::default()
+                };
             }
         }
         plugged.insert(i.port_id.clone(), origin);
@@ -410,14 +373,13 @@ struct Job {
 impl Job {
     /// Runs the steps; returns what to undo (whatever happened) and the router's new state and
     /// report lines.
-    fn run(self) -> (Vec<Undo>, Result<(RouterState, Vec<String>)>) {
-        let mut undo = Vec::new();
+    fn run(self, mut undo: UndoLog) -> (UndoLog, Result<(RouterState, Vec<String>)>) {
         let mut created = Vec::new();
         let r = self.steps(&mut undo, &mut created);
         (undo, r.map(|st| (st, created)))
     }
 
-    fn steps(&self, undo: &mut Vec<Undo>, created: &mut Vec<String>) -> Result<RouterState> {
+    fn steps(&self, undo: &mut UndoLog, created: &mut Vec<String>) -> Result<RouterState> {
         let r = &self.router;
         let ns = r.namespace();
         let rt = Rtnl::new()?;
@@ -465,6 +427,7 @@ impl Job {
             gateway,
             ha: r.ha,
             definition: Some(r.definition()),
+            apply_token: None,
         };
         self.datapath(&st, &rt.links()?, &rt.addrs()?, &features, &fresh_slots)?;
         Ok(st)
@@ -475,7 +438,7 @@ impl Job {
     fn interfaces(
         &self,
         rt: &Rtnl,
-        undo: &mut Vec<Undo>,
+        undo: &mut UndoLog,
         created: &mut Vec<String>,
     ) -> Result<(Vec<IfaceState>, Vec<u32>)> {
         let r = &self.router;
@@ -498,7 +461,12 @@ impl Job {
         let standby = is_standby(&r.id) && !cfg!(mutant = "standby_keeps_addresses");
         for i in &r.interfaces {
             let before = prev_iface(&i.port_id);
-            let (created_device, peer, moved_in) = self.plugged[&i.port_id].clone();
+            let Origin {
+                created: created_device,
+                peer,
+                moved_in,
+                home_addrs,
+            } = self.plugged[&i.port_id].clone();
             up(rt, &ns, &i.device, !created_device, undo)?;
             let link = rt
                 .link(&i.device)?
@@ -521,14 +489,17 @@ impl Job {
                     }
                     added = true;
                 } else if !has {
-                    rt.addr_add(link.index, &i.device, f.gateway_ip, len)?;
-                    if !created_device {
-                        undo.push(Undo::DeleteAddr {
+                    let add = || rt.addr_add(link.index, &i.device, f.gateway_ip, len);
+                    if created_device {
+                        add()?;
+                    } else {
+                        let gone = Undo::DeleteAddr {
                             ns: ns.clone(),
                             dev: i.device.clone(),
                             ip: f.gateway_ip,
                             prefix_len: len,
-                        });
+                        };
+                        undo.around(gone, add)?;
                     }
                     created.push(format!("address {}/{len} on {}", f.gateway_ip, i.device));
                     added = true;
@@ -565,6 +536,7 @@ impl Job {
             st.created_device = created_device;
             st.peer = peer;
             st.moved_in = moved_in;
+            st.home_addrs = home_addrs;
             st.hook = i.hook;
             st.kind = link.kind.clone();
             st.external = i.external;
@@ -663,7 +635,7 @@ impl Job {
         &self,
         rt: &Rtnl,
         ifaces: &[IfaceState],
-        undo: &mut Vec<Undo>,
+        undo: &mut UndoLog,
         created: &mut Vec<String>,
     ) -> Result<Option<GatewayState>> {
         let r = &self.router;
@@ -672,7 +644,7 @@ impl Job {
         let prev_nat = self.prev.as_ref().and_then(nat_of);
         let Some(g) = &r.gateway else {
             if let Some(p) = prev {
-                undo.push(Undo::RestoreNat { ns, to: prev_nat });
+                undo.push(Undo::RestoreNat { ns, to: prev_nat })?;
                 remove_gateway(rt, &p, true);
             }
             return Ok(None);
@@ -700,13 +672,13 @@ impl Job {
             } else if standby {
                 added = f.fixed_ip_address.is_some();
             } else if f.fixed_ip_address.is_some() && !has {
-                rt.addr_add(qg.ifindex, &qg.device, ip, 32)?;
-                undo.push(Undo::DeleteAddr {
+                let gone = Undo::DeleteAddr {
                     ns: ns.clone(),
                     dev: qg.device.clone(),
                     ip,
                     prefix_len: 32,
-                });
+                };
+                undo.around(gone, || rt.addr_add(qg.ifindex, &qg.device, ip, 32))?;
                 created.push(format!("floating IP {ip}/32 on {}", qg.device));
                 added = true;
             }
@@ -737,11 +709,11 @@ impl Job {
             sysctls_before: Vec::new(),
         };
         let nat = nat_of_parts(&qg.device, &qg.fixed_ips, &st);
-        nft::replace(&nat)?;
-        undo.push(Undo::RestoreNat {
+        let back = Undo::RestoreNat {
             ns: ns.clone(),
             to: prev_nat.clone(),
-        });
+        };
+        undo.around(back, || nft::replace(&nat))?;
         // The agent's sysctls (conntrack's exist once the NAT table made the namespace use it).
         let mut before = prev
             .as_ref()
@@ -753,12 +725,12 @@ impl Job {
                 if !before.iter().any(|(k, _)| k == key) {
                     before.push((key.to_string(), now.clone()));
                 }
-                sysctl::set(key, want)?;
-                undo.push(Undo::Sysctl {
+                let back = Undo::Sysctl {
                     ns: ns.clone(),
                     key: key.to_string(),
                     value: now,
-                });
+                };
+                undo.around(back, || sysctl::set(key, want))?;
             }
         }
         // Floating IPs gone or moved: their address, and the kernel's flows through them.
@@ -870,17 +842,19 @@ impl Job {
 }
 
 /// Brings `dev` up when it is not; when `adopted`, records that rollback puts it back down.
-fn up(rt: &Rtnl, ns: &str, dev: &str, adopted: bool, undo: &mut Vec<Undo>) -> Result<()> {
+fn up(rt: &Rtnl, ns: &str, dev: &str, adopted: bool, undo: &mut UndoLog) -> Result<()> {
     let l = rt
         .link(dev)?
         .with_context(|| format!("no device {dev} in {ns}"))?;
     if !l.up {
-        rt.set_up(l.index, dev)?;
         if adopted {
-            undo.push(Undo::SetDown {
+            let down = Undo::SetDown {
                 ns: ns.to_string(),
                 dev: dev.to_string(),
-            });
+            };
+            undo.around(down, || rt.set_up(l.index, dev))?;
+        } else {
+            rt.set_up(l.index, dev)?;
         }
     }
     Ok(())
@@ -1234,7 +1208,15 @@ fn in_parallel<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec
 }
 
 fn destroy_locked(key: &str) -> Result<RouterState> {
-    let st = RouterState::find(key)?;
+    // An apply of this router that was killed part-way is rolled back first (a first apply
+    // left no state: it is found by the router's id alone).
+    let interrupted = undo::recover(key)?;
+    let st = match RouterState::find(key) {
+        Ok(st) => st,
+        Err(_) if interrupted => return Ok(RouterState::interrupted(key)),
+        Err(e) => return Err(e),
+    };
+    undo::recover(&st.id)?;
     let (id, name) = (st.id.clone(), st.name.clone());
     destroy_found(st).with_context(|| format!("destroying router {id} ({name})"))
 }
@@ -1284,7 +1266,7 @@ fn destroy_found(st: RouterState) -> Result<RouterState> {
             if cfg!(mutant = "adopted_devices_stay") {
                 break;
             }
-            if let Err(e) = move_back(&ns, &i.device) {
+            if let Err(e) = move_back(&ns, &i.device, &i.home_addrs) {
                 stuck.push(format!("{}: {e:#}", i.device));
             }
         }
