@@ -386,6 +386,139 @@ fn an_apply_killed_at_any_step_is_rolled_back_by_the_next_destroy_or_apply() {
     let _ = std::fs::remove_file(&cfg);
 }
 
+/// The seed's `qr-` ports as Neutron's OVS agent plugs them: internal ports of an Open vSwitch
+/// bridge (a private `ovs-vswitchd`, userspace datapath: tap devices it holds open). A failed
+/// first apply (a third port on a bridge the kernel will not move), an apply killed part-way
+/// and a good apply followed by destroy each leave both ports where OVS made them, as they
+/// were, and still OVS's (a valid OpenFlow port).
+#[test]
+fn open_vswitch_internal_ports_outlive_a_failed_apply_a_killed_apply_and_a_destroy() {
+    use std::os::unix::process::ExitStatusExt as _;
+    require_root();
+    let tag = unique_tag();
+    let ids = Ids::new(&tag);
+    let (a, b, ns) = (ids.dev_a(), ids.dev_b(), ids.ns());
+    // (A third port's device, named as apply names interface ports.)
+    let stuck = format!("qr-{}", &ids.port_g[..11]);
+    let ovs = tests::ovs::Ovs::start(&tag, &format!("bi{tag}"));
+    struct Cleanup(Vec<String>);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            for c in &self.0 {
+                let _ = sh_out(c);
+            }
+        }
+    }
+    let _c = Cleanup(vec![
+        format!("{} destroy {}", tests::router_ctl(), ids.router_id),
+        format!("ip link del {stuck}"),
+        format!("ip netns del {ns}"),
+    ]);
+    ovs.add_internal_port(&a);
+    ovs.add_internal_port(&b);
+    sh(&format!("ip link add {stuck} type bridge"));
+    let iface = |port: &str, net: u32| {
+        format!(
+            "[[router.interface]]\nport_id = \"{port}\"\nsubnet = \"172.16.{net}.0/24\"\ngateway_ip = \"172.16.{net}.1\"\n"
+        )
+    };
+    let head = format!(
+        "[[router]]\nid = \"{}\"\nname = \"{}\"\n",
+        ids.router_id, ids.name
+    );
+    let good = write_config(
+        &format!("{tag}-ovs-good"),
+        &format!(
+            "{head}{}{}",
+            iface(&ids.port_a, 100),
+            iface(&ids.port_b, 101)
+        ),
+    );
+    let bad = write_config(
+        &format!("{tag}-ovs-bad"),
+        &format!(
+            "{head}{}{}{}",
+            iface(&ids.port_a, 100),
+            iface(&ids.port_b, 101),
+            iface(&ids.port_g, 102)
+        ),
+    );
+    let snapshot = || -> String {
+        let mut out = String::new();
+        for d in [&a, &b] {
+            let l = sh_out(&format!("ip -j -d link show {d}"));
+            let v: serde_json::Value = serde_json::from_slice(&l.stdout).unwrap_or_default();
+            out += &format!(
+                "{d}: kind={} mac={} mtu={} ofport_ok={}\n",
+                v[0]["linkinfo"]["info_kind"],
+                v[0]["address"],
+                v[0]["mtu"],
+                ovs.ofport(d) > 0
+            );
+        }
+        out += &format!(
+            "ports: {}\n",
+            ovs.vsctl(&format!("list-ports {}", ovs.bridge)).trim()
+        );
+        out += &format!("router namespace: {}\n", sh("ip netns list").contains(&ns));
+        out
+    };
+    let before = snapshot();
+    assert!(before.contains("kind=\"tun\""), "{before}");
+    assert!(!before.contains("ofport_ok=false"), "{before}");
+
+    let out = ctl(&["apply", "--no-daemon", "-f", &bad]);
+    assert!(
+        !out.status.success(),
+        "a bridge was moved into the router's namespace"
+    );
+    assert_eq!(snapshot(), before, "after a failed first apply");
+
+    let out = std::process::Command::new(tests::router_ctl())
+        .env("ROUTER_XDP_TEST_KILL_AT_STEP", "5")
+        .args(["apply", "--no-daemon", "-f", &good])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.signal(),
+        Some(9),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = ctl(&["destroy", &ids.router_id]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        snapshot(),
+        before,
+        "after an apply killed at its 5th step, and destroy"
+    );
+
+    let out = ctl(&["apply", "--no-daemon", "-f", &good]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        kind(Some(&ns), &a).as_deref(),
+        Some("tun"),
+        "the internal port was adopted"
+    );
+    let out = ctl(&["destroy", &ids.router_id]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(snapshot(), before, "after apply and destroy");
+    let _ = std::fs::remove_file(&good);
+    let _ = std::fs::remove_file(&bad);
+}
+
 /// The service unit shipped in `packaging/` is one systemd accepts (with this build's binary
 /// in place of the installed path).
 #[test]

@@ -71,6 +71,9 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("nsenter", "util-linux"),
     // The secured etcd of the tests: a CA and certificates made at each start.
     ("openssl", "openssl"),
+    // Neutron's OVS agent plugs router ports as Open vSwitch internal ports: the tests run a
+    // private ovs-vswitchd (userspace datapath).
+    ("ovs-vswitchd", "openvswitch-switch"),
 ];
 
 /// What `cargo xtask bench` uses besides: bulk TCP through the router.

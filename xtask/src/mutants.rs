@@ -93,10 +93,16 @@ pub const MUTANTS: &[Mutant] = &[
     Mutant {
         name: "adopted_devices_stay",
         fault: "devices apply moved in from the caller's namespace are left in the router's namespace by a rollback and by destroy (and die with a namespace apply created)",
-        tests: &[(
-            "safety",
-            "a_failed_first_apply_and_a_destroy_give_adopted_devices_back",
-        )],
+        tests: &[
+            (
+                "safety",
+                "a_failed_first_apply_and_a_destroy_give_adopted_devices_back",
+            ),
+            (
+                "safety",
+                "open_vswitch_internal_ports_outlive_a_failed_apply_a_killed_apply_and_a_destroy",
+            ),
+        ],
     },
     Mutant {
         name: "fencer_unsupervised",
