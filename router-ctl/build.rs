@@ -67,6 +67,7 @@ const CTL_MUTANTS: &[&str] = &[
     "etcd_client_cert_dropped",
     "interrupted_apply_forgotten",
     "home_addresses_lost",
+    "renewals_share_the_session_thread",
 ];
 
 fn main() -> Result<()> {

@@ -393,6 +393,8 @@ impl Cluster {
             )
             .args(extra)
             .env("RUST_LOG", "info")
+            // The agents stall their session this long when the test writes `test/stall`.
+            .env("ROUTER_XDP_TEST_SESSION_STALL_MS", "3000")
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
             .spawn()

@@ -59,6 +59,35 @@ fn wait_active(c: &Cluster, i: usize, within: Duration) {
     }
 }
 
+/// Both agents' sessions are held up for 3 s (longer than the 2 s lease), as a full read after
+/// a compaction or a large parse would hold them: the renewals, on a thread of their own,
+/// keep the leases alive, so nothing is fenced, no role moves and no ping is lost.
+#[test]
+fn the_lease_is_renewed_while_the_agent_is_busy() {
+    let (c, active) = ha_pair();
+    assert_roles_hold(&c, active);
+    let (ping, arp) = (Pinger::start(&c), ArpWatch::start(&c));
+    std::thread::sleep(Duration::from_millis(300));
+    let out = tests::sh_out(&format!(
+        "ip netns exec {} etcdctl --endpoints {} put /router-xdp/v1/test/stall 1",
+        c.fabric,
+        tests::cluster::ETCD
+    ));
+    assert!(out.status.success());
+    std::thread::sleep(Duration::from_millis(4000));
+    let (sent, got) = ping.stop();
+    let macs = answering(&arp.stop());
+    for (i, h) in c.hosts.iter().enumerate() {
+        assert!(
+            !std::path::Path::new(&format!("{}/fence.fired", h.run_dir())).exists(),
+            "host {i}'s fencer acted while its agent was only busy"
+        );
+    }
+    assert_eq!(macs, vec![c.hosts[active].mac1.clone()], "a role moved");
+    assert_eq!(c.show()["active_host"], c.hosts[active].name.as_str());
+    assert_eq!(sent, got, "pings lost while the agents were busy");
+}
+
 #[test]
 fn the_standby_takes_over_when_the_active_agent_is_killed() {
     let (mut c, active) = ha_pair();

@@ -360,6 +360,13 @@ pub const MUTANTS: &[Mutant] = &[
         )],
     },
     Mutant {
+        name: "renewals_share_the_session_thread",
+        fault: "the lease renewals run on the session's thread: a session held up longer than \
+                the lease (a full read, a large parse) lets the lease expire and the host is \
+                fenced though alive",
+        tests: &[("ha", "the_lease_is_renewed_while_the_agent_is_busy")],
+    },
+    Mutant {
         name: "neigh_change_ignored",
         fault: "the daemon keeps the old MAC of a neighbour whose MAC changed",
         tests: &[

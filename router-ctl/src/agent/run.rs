@@ -239,12 +239,66 @@ impl Fencing {
     }
 }
 
-/// The renewal task of a session, cancelled with it.
-struct Renewals(tokio::task::JoinHandle<Result<()>>);
+/// The renewals of a session's lease, on a thread of their own with their own runtime and
+/// their own connection to etcd: nothing the session does (a full read after a compaction,
+/// parsing many definitions, a slow write) can hold a renewal up. Stopped with the session;
+/// `done` says why they ended.
+struct Renewals {
+    done: tokio::sync::oneshot::Receiver<Result<()>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
 
 impl Drop for Renewals {
     fn drop(&mut self) {
-        self.0.abort();
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+impl Renewals {
+    fn start(
+        access: super::access::Access,
+        lease: i64,
+        period: Duration,
+        fencing: Arc<Fencing>,
+    ) -> Result<Renewals> {
+        let (tx, done) = tokio::sync::oneshot::channel();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let halt = stop.clone();
+        let work = async move {
+            let mut c = access
+                .connect(
+                    ConnectOptions::new()
+                        .with_connect_timeout(Duration::from_millis(500))
+                        .with_keep_alive(Duration::from_millis(500), Duration::from_millis(500)),
+                    Duration::from_secs(1),
+                )
+                .await?;
+            let (keeper, renewals) = timed(c.lease_keep_alive(lease)).await?;
+            renew(keeper, renewals, period, fencing, &halt).await
+        };
+        if cfg!(mutant = "renewals_share_the_session_thread") {
+            // The fault: the renewals wait for whatever holds the session's thread.
+            tokio::spawn(async move {
+                let _ = tx.send(work.await);
+            });
+            return Ok(Renewals { done, stop });
+        }
+        std::thread::Builder::new()
+            .name("agent-renew".into())
+            .spawn(move || {
+                // Ahead of bulk work, as the session's thread is (when root may say so).
+                // SAFETY: setpriority on this thread's own id.
+                unsafe {
+                    libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, -10);
+                }
+                let r = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(anyhow::Error::from)
+                    .and_then(|rt| rt.block_on(work));
+                let _ = tx.send(r);
+            })?;
+        Ok(Renewals { done, stop })
     }
 }
 
@@ -255,11 +309,15 @@ async fn renew(
     mut renewals: etcd_client::LeaseKeepAliveStream,
     period: Duration,
     fencing: Arc<Fencing>,
+    stop: &std::sync::atomic::AtomicBool,
 ) -> Result<()> {
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
+        if stop.load(Ordering::SeqCst) {
+            return Ok(());
+        }
         let sent = fence::monotonic_ns();
         timed(keeper.keep_alive()).await?;
         let m = tokio::time::timeout(Duration::from_secs(2), renewals.message())
@@ -272,6 +330,26 @@ async fn renew(
         fencing.renewed(sent).context(
             "the fence file cannot be written: renewals stop, so that the lease expires when this host's fencer acts and another host takes the routers",
         )?;
+    }
+}
+
+/// Tests only (`ROUTER_XDP_TEST_SESSION_STALL_MS`): the session's thread blocks that long when
+/// the key `test/stall` changes, as a full read or a large parse would hold it; the lease must
+/// be renewed all the same.
+fn stall_for_tests(m: &etcd_client::WatchResponse) {
+    let Some(ms) = std::env::var("ROUTER_XDP_TEST_SESSION_STALL_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    else {
+        return;
+    };
+    let key = super::key("test/stall");
+    if m.events()
+        .iter()
+        .any(|e| e.kv().is_some_and(|kv| kv.key() == key.as_bytes()))
+    {
+        tracing::warn!(ms, "test: the session stalls");
+        std::thread::sleep(Duration::from_millis(ms));
     }
 }
 
@@ -364,7 +442,7 @@ async fn agent(
 
 enum Ev {
     Tick,
-    Renewed(Result<Result<()>, tokio::task::JoinError>),
+    Renewed(Result<Result<()>, tokio::sync::oneshot::error::RecvError>),
     Watch(Result<Option<etcd_client::WatchResponse>, etcd_client::Error>),
     Report(Option<Report>),
 }
@@ -729,12 +807,10 @@ impl Agent0 {
         self.write_fence()
             .context("the fence file cannot be written")?;
         let period = (self.o.ttl / 8).max(Duration::from_millis(100));
-        let mut renewing = Renewals(tokio::spawn(renew(
-            keeper,
-            renewals,
-            period,
-            self.fencing.clone(),
-        )));
+        // The session's own keeper goes: the renewals' thread has its own.
+        drop((keeper, renewals));
+        let mut renewing =
+            Renewals::start(self.o.access.clone(), lease, period, self.fencing.clone())?;
         let info = AgentInfo {
             host: self.o.host.clone(),
             pid: std::process::id(),
@@ -794,7 +870,7 @@ impl Agent0 {
         loop {
             let ev = tokio::select! {
                 _ = tick.tick() => Ev::Tick,
-                r = &mut renewing.0 => Ev::Renewed(r),
+                r = &mut renewing.done => Ev::Renewed(r),
                 m = watch.message() => Ev::Watch(m),
                 r = reports.recv() => Ev::Report(r),
             };
@@ -823,7 +899,7 @@ impl Agent0 {
                     let e = match r {
                         Ok(Ok(())) => anyhow!("the lease renewals stopped"),
                         Ok(Err(e)) => e,
-                        Err(e) => anyhow!("the lease renewal task failed: {e}"),
+                        Err(e) => anyhow!("the lease renewal thread failed: {e}"),
                     };
                     if e.downcast_ref::<LeaseExpired>().is_some() {
                         self.lease = None;
@@ -833,6 +909,7 @@ impl Agent0 {
                 }
                 Ev::Watch(m) => {
                     let m = m?.ok_or_else(|| anyhow!("etcd closed the watch"))?;
+                    stall_for_tests(&m);
                     if m.canceled() || m.compact_revision() > 0 {
                         if m.compact_revision() > 0 {
                             tracing::warn!(
