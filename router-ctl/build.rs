@@ -68,6 +68,7 @@ const CTL_MUTANTS: &[&str] = &[
     "interrupted_apply_forgotten",
     "home_addresses_lost",
     "renewals_share_the_session_thread",
+    "host_limits_ignored",
 ];
 
 fn main() -> Result<()> {

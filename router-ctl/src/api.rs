@@ -65,11 +65,11 @@ pub enum Request {
     /// answer is the summary as JSON.
     RouteBatch {
         router: String,
-        /// What errors call the batch (its file's name): a label, never opened.
+        /// What errors call the batch (its file's name): a label, never opened by the daemon.
         name: String,
         len: u64,
         #[serde(skip)]
-        text: Vec<u8>,
+        text: BatchText,
     },
     SetGateway {
         router: String,
@@ -96,6 +96,60 @@ pub enum Request {
         floating_ip_address: String,
         router: Option<String>,
     },
+}
+
+/// A route batch's text, where it is: in the client's memory (standard input), in the
+/// client's own file (streamed to the daemon, or parsed here without a daemon), or already
+/// parsed (by the daemon, as it read the socket: a million routes are never held as text).
+#[derive(Default)]
+pub enum BatchText {
+    #[default]
+    None,
+    Bytes(Vec<u8>),
+    File(PathBuf),
+    Ops(Vec<crate::routes::Op>),
+}
+
+impl std::fmt::Debug for BatchText {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the text itself into a log line.
+        match self {
+            BatchText::None => f.write_str("none"),
+            BatchText::Bytes(b) => write!(f, "{} bytes", b.len()),
+            BatchText::File(p) => write!(f, "the client's file {}", p.display()),
+            BatchText::Ops(o) => write!(f, "{} changes", o.len()),
+        }
+    }
+}
+
+impl BatchText {
+    fn ops(self, name: &str) -> Result<Vec<crate::routes::Op>> {
+        Ok(match self {
+            BatchText::None => Vec::new(),
+            BatchText::Bytes(b) => crate::routes::parse(&b[..], name)?,
+            BatchText::File(p) => crate::routes::parse(
+                BufReader::new(
+                    std::fs::File::open(&p).with_context(|| format!("cannot open {name}"))?,
+                ),
+                name,
+            )?,
+            BatchText::Ops(o) => o,
+        })
+    }
+}
+
+/// Counts what passes through a reader.
+struct Counted<R> {
+    inner: R,
+    n: u64,
+}
+
+impl<R: std::io::Read> std::io::Read for Counted<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let k = self.inner.read(buf)?;
+        self.n += k as u64;
+        Ok(k)
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -141,7 +195,7 @@ pub fn execute(req: Request) -> Result<String> {
         Request::RemoveRoute { router, route } => verbs::remove_route(&router, &route)?.id,
         Request::RouteBatch {
             router, name, text, ..
-        } => serde_json::to_string(&crate::verbs::batch::batch(&router, &text, &name)?)?,
+        } => serde_json::to_string(&crate::verbs::batch::batch(&router, text.ops(&name)?)?)?,
         Request::SetGateway {
             router,
             network,
@@ -291,22 +345,25 @@ fn handle(conn: &UnixStream) -> Result<String> {
         ));
     }
     let mut req: Request = serde_json::from_str(&line).context("malformed request")?;
-    if let Request::RouteBatch { len, text, .. } = &mut req {
+    if let Request::RouteBatch {
+        len, text, name, ..
+    } = &mut req
+    {
         if *len > MAX_BATCH {
             return Err(anyhow!(
                 "a route batch of {len} bytes is over the limit of {MAX_BATCH}"
             ));
         }
-        reader
-            .take(*len)
-            .read_to_end(text)
-            .context("reading the route batch")?;
-        if text.len() as u64 != *len {
-            return Err(anyhow!(
-                "truncated route batch: {} of {len} bytes",
-                text.len()
-            ));
+        // Parsed as it arrives: the text itself is never held whole.
+        let mut body = Counted {
+            inner: reader.take(*len),
+            n: 0,
+        };
+        let ops = crate::routes::parse(BufReader::new(&mut body), name);
+        if body.n != *len {
+            return Err(anyhow!("truncated route batch: {} of {len} bytes", body.n));
         }
+        *text = BatchText::Ops(ops?);
     }
     tracing::info!(?req, "API request");
     execute(req)
@@ -319,8 +376,24 @@ pub fn call(req: &Request) -> Option<Result<String>> {
     let mut run = || -> Result<Option<String>> {
         s.set_read_timeout(Some(Duration::from_secs(120)))?;
         writeln!(s, "{}", serde_json::to_string(req)?)?;
-        if let Request::RouteBatch { text, .. } = req {
-            s.write_all(text)?;
+        match req {
+            Request::RouteBatch {
+                text: BatchText::Bytes(b),
+                ..
+            } => s.write_all(b)?,
+            Request::RouteBatch {
+                text: BatchText::File(p),
+                name,
+                len,
+                ..
+            } => {
+                let f = std::fs::File::open(p).with_context(|| format!("cannot open {name}"))?;
+                let sent = std::io::copy(&mut f.take(*len), &mut s)?;
+                if sent != *len {
+                    anyhow::bail!("{name} shrank while it was sent ({sent} of {len} bytes)");
+                }
+            }
+            _ => {}
         }
         let mut line = String::new();
         match BufReader::new(&s).read_line(&mut line) {

@@ -148,6 +148,8 @@ fn run(cli: Cli) -> Result<()> {
             host,
             lease_ttl,
             agent_down_time,
+            max_routers,
+            max_routes,
         } => {
             let agent = match etcd? {
                 None => None,
@@ -170,6 +172,10 @@ fn run(cli: Cli) -> Result<()> {
                     }
                     Some(router_ctl::agent::run::Options {
                         access,
+                        limits: router_ctl::agent::applier::Limits {
+                            max_routers,
+                            max_routes,
+                        },
                         host,
                         ttl: std::time::Duration::from_secs(lease_ttl),
                         down_time: std::time::Duration::from_secs(agent_down_time),

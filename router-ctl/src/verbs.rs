@@ -491,9 +491,8 @@ pub mod batch {
         pub prefixes: usize,
     }
 
-    /// Applies the batch `text` (`what` names it in errors) to router `router` (name or id).
-    pub fn batch(router: &str, text: &[u8], what: &str) -> Result<Summary> {
-        let ops = routes::parse(text, what)?;
+    /// Applies the batch `ops` (parsed with `routes::parse`) to router `router` (name or id).
+    pub fn batch(router: &str, ops: Vec<routes::Op>) -> Result<Summary> {
         let (total, deletes) = (
             ops.len(),
             ops.iter()

@@ -88,6 +88,50 @@ fn the_lease_is_renewed_while_the_agent_is_busy() {
     assert_eq!(sent, got, "pings lost while the agents were busy");
 }
 
+/// A host applies at most `--max-routers` routers: one more scheduled to it gets an error status
+/// naming the limit and is not applied; the first keeps forwarding.
+#[test]
+fn routers_beyond_a_hosts_limit_are_refused_with_a_status() {
+    let mut c = tests::in_setup(|| {
+        let mut c = Cluster::new(1);
+        c.start_agent_with(0, &["--max-routers", "1"]);
+        c
+    });
+    c.define_router(false);
+    c.wait_converged(Duration::from_secs(20));
+    c.wait_ping(Duration::from_secs(10));
+    c.ctl_ok(&[
+        "router",
+        "create",
+        "r2",
+        "--id",
+        "b81cc110-16f4-4d6c-89d2-8af91cec9714",
+    ]);
+    let t = Instant::now();
+    let error = loop {
+        let v = c.ctl_json(&["router", "show", "r2"]);
+        if let Some(e) = v["hosts"][0]["error"].as_str() {
+            break e.to_string();
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "r2 got no status: {v}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(error.contains("--max-routers"), "{error}");
+    assert!(
+        !tests::sh("ip netns list")
+            .contains(&c.hosts[0].router_ns("b81cc110-16f4-4d6c-89d2-8af91cec9714")),
+        "a router beyond the limit was applied"
+    );
+    assert!(
+        c.ping_once(),
+        "the router within the limit stopped forwarding"
+    );
+    c.stop_agent(0);
+}
+
 #[test]
 fn the_standby_takes_over_when_the_active_agent_is_killed() {
     let (mut c, active) = ha_pair();

@@ -367,6 +367,12 @@ pub const MUTANTS: &[Mutant] = &[
         tests: &[("ha", "the_lease_is_renewed_while_the_agent_is_busy")],
     },
     Mutant {
+        name: "host_limits_ignored",
+        fault: "a host applies every router etcd schedules to it, whatever its --max-routers \
+                and --max-routes say",
+        tests: &[("ha", "routers_beyond_a_hosts_limit_are_refused_with_a_status")],
+    },
+    Mutant {
         name: "neigh_change_ignored",
         fault: "the daemon keeps the old MAC of a neighbour whose MAC changed",
         tests: &[

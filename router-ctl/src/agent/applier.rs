@@ -31,6 +31,61 @@ pub struct Want {
     pub synced: bool,
 }
 
+/// What one host takes on, whatever etcd asks: routers beyond are refused with a status
+/// naming the limit, not applied (a definition written by anyone with etcd access must not
+/// exhaust a network node's memory).
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Routers applied here at most.
+    pub max_routers: usize,
+    /// The sum of the routers' route room (`max_routes`, or `DEFAULT_ROOM` for a router
+    /// without it) at most: the fast path's route maps take about 120 bytes per route of room
+    /// (BENCHMARKS.md: 84 MiB for a million IPv4 routes, with IPv6 room for a quarter as many).
+    pub max_routes: u64,
+}
+
+/// The route room a router without `max_routes` gets (the maps' default capacity).
+pub const DEFAULT_ROOM: u64 = 4096;
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_routers: 2000,
+            max_routes: 16 << 20,
+        }
+    }
+}
+
+/// The routers of `want` this host refuses under `limits`, with why. Those applied here already
+/// (`applied`) count first and are kept; the others are taken in id order while they fit.
+pub fn over_limits(
+    want: &BTreeMap<String, (Router, i64)>,
+    applied: &BTreeSet<String>,
+    limits: &Limits,
+) -> BTreeMap<String, String> {
+    let room = |r: &Router| r.max_routes.map_or(DEFAULT_ROOM, u64::from);
+    let (mut n, mut routes) = (0usize, 0u64);
+    for (_, (r, _)) in want.iter().filter(|(id, _)| applied.contains(*id)) {
+        n += 1;
+        routes += room(r);
+    }
+    let mut refused = BTreeMap::new();
+    for (id, (r, _)) in want.iter().filter(|(id, _)| !applied.contains(*id)) {
+        if cfg!(mutant = "host_limits_ignored") {
+            break;
+        }
+        if n + 1 > limits.max_routers {
+            refused.insert(id.clone(), format!("this host's limit of {} routers is reached (router-ctl run --max-routers); schedule it elsewhere or raise the limit", limits.max_routers));
+        } else if routes + room(r) > limits.max_routes {
+            refused.insert(id.clone(), format!("its room for {} routes would take this host past its limit of {} routes of room in all (router-ctl run --max-routes, about 120 bytes of maps each)", room(r), limits.max_routes));
+        } else {
+            n += 1;
+            routes += room(r);
+        }
+    }
+    refused
+}
+
 /// What the applier tells the agent.
 #[derive(Debug)]
 pub enum Report {
@@ -177,7 +232,7 @@ impl Retries {
 }
 
 /// The applier's loop: until `shared` is stopped.
-pub fn run(shared: Arc<Shared>, report: impl Fn(Report)) {
+pub fn run(shared: Arc<Shared>, limits: Limits, report: impl Fn(Report)) {
     // Applying is bulk work; renewing the lease is not: this thread (and the apply workers it
     // starts, which inherit it) yields the CPU to the lease renewals under load.
     // SAFETY: setpriority on this thread's own id.
@@ -193,6 +248,7 @@ pub fn run(shared: Arc<Shared>, report: impl Fn(Report)) {
     let mut fenced: Option<BTreeSet<String>> = None;
     let mut fired_seen = fired.clone();
     let mut retries = Retries::default();
+    let mut reported_refusal: BTreeSet<String> = BTreeSet::new();
     while let Some(want) = shared.wait(&mut seen, Duration::from_millis(200)) {
         if !want.synced {
             continue;
@@ -236,8 +292,33 @@ pub fn run(shared: Arc<Shared>, report: impl Fn(Report)) {
             fired = now_fired;
             done.retain(|_, d| d.role != Role::Active);
         }
+        // Beyond this host's limits: refused, reported, not applied.
+        let applied: BTreeSet<String> = RouterState::all()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|st| st.id)
+            .collect();
+        let refused = over_limits(&want.routers, &applied, &limits);
         let mut batch = Vec::new();
         for (id, (r, rev)) in &want.routers {
+            if let Some(why) = refused.get(id) {
+                let status = Status {
+                    generation: *rev,
+                    role: Role::Error,
+                    error: Some(why.clone()),
+                    updated_ms: super::now_ms(),
+                };
+                if done.remove(id).is_some() || !reported_refusal.contains(id) {
+                    tracing::warn!(router = %id, reason = %why, "not applied");
+                    reported_refusal.insert(id.clone());
+                    report(Report::Status {
+                        id: id.clone(),
+                        status,
+                    });
+                }
+                continue;
+            }
+            reported_refusal.remove(id);
             // Leading, unless a tracked device is down here (then it resigned).
             let leads = want.active.contains(id) && ready.get(id) != Some(&false);
             let role = match (r.ha, leads) {
@@ -353,6 +434,44 @@ mod tests {
 
     /// A router whose apply keeps failing is tried again after 1, 2, 4 … s, at most a minute
     /// apart; a new definition (or role) is tried at once, and a success forgets the failures.
+    #[test]
+    fn routers_beyond_the_host_limits_are_refused_and_applied_ones_kept() {
+        let router = |id: &str, max_routes: Option<u32>| {
+            let text = format!(
+                "[[router]]\nid = \"{id}\"\nname = \"r-{id}\"\n{}",
+                max_routes
+                    .map(|n| format!("max_routes = {n}\n"))
+                    .unwrap_or_default()
+            );
+            let mut v = crate::config::parse(&text).expect("a definition");
+            (id.to_string(), (v.remove(0), 1))
+        };
+        let want: BTreeMap<String, (Router, i64)> = [
+            router("a", None),
+            router("b", Some(1_000_000)),
+            router("c", None),
+            router("d", None),
+        ]
+        .into_iter()
+        .collect();
+        let limits = Limits {
+            max_routers: 4,
+            max_routes: 1_000_000 + 2 * DEFAULT_ROOM,
+        };
+        // d applied already: it stays; a and b fit; c is past the routes' room; then nothing.
+        let applied: BTreeSet<String> = ["d".to_string()].into();
+        let refused = over_limits(&want, &applied, &limits);
+        assert_eq!(refused.keys().collect::<Vec<_>>(), ["c"]);
+        assert!(refused["c"].contains("--max-routes"), "{refused:?}");
+        let limits = Limits {
+            max_routers: 2,
+            ..limits
+        };
+        let refused = over_limits(&want, &applied, &limits);
+        assert_eq!(refused.keys().collect::<Vec<_>>(), ["b", "c"]);
+        assert!(refused["b"].contains("--max-routers"), "{refused:?}");
+    }
+
     #[test]
     fn failed_applies_back_off() {
         let d = |generation| Done {

@@ -30,6 +30,8 @@ use crate::{config::Router, state};
 #[derive(Clone, Debug)]
 pub struct Options {
     pub access: super::access::Access,
+    /// What this host takes on at most.
+    pub limits: applier::Limits,
     pub host: String,
     pub ttl: Duration,
     pub down_time: Duration,
@@ -66,9 +68,10 @@ pub fn start(opts: Options) -> Result<Agent> {
     let shared = Arc::new(Shared::default());
     let (tx, rx) = mpsc::unbounded_channel();
     let s = shared.clone();
+    let limits = opts.limits;
     let applier = std::thread::Builder::new()
         .name("agent-apply".into())
-        .spawn(move || applier::run(s, move |r| drop(tx.send(r))))?;
+        .spawn(move || applier::run(s, limits, move |r| drop(tx.send(r))))?;
     let stop = Arc::new(AtomicU8::new(0));
     let (st, sh) = (stop.clone(), shared.clone());
     let etcd = std::thread::Builder::new()

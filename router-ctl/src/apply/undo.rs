@@ -131,6 +131,9 @@ struct Header {
     apply: String,
 }
 
+/// The journal line that takes back the record before it (its step failed unmade).
+const RETRACT: &str = "\"retract\"";
+
 /// Records written by this process (for `ROUTER_XDP_TEST_KILL_AT_STEP`).
 static RECORDED: AtomicU64 = AtomicU64::new(0);
 
@@ -226,31 +229,21 @@ impl UndoLog {
         step().inspect_err(|_| self.retract())
     }
 
-    /// The step recorded last failed before it changed anything: its record goes (so that a
-    /// rollback does not "undo" what another owns, e.g. a namespace that already existed).
+    /// The step recorded last failed before it changed anything: its record is taken back
+    /// (so that a rollback does not "undo" what another owns, e.g. a namespace that already
+    /// existed). In the file, a `RETRACT` line after it says so.
     pub(super) fn retract(&mut self) {
         self.steps.pop();
-        if let Err(e) = self.rewrite() {
-            tracing::warn!(journal = %self.path.display(), error = format!("{e:#}"), "cannot rewrite the undo journal");
+        let r = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&self.path)
+            .and_then(|mut f| {
+                writeln!(f, "{RETRACT}")?;
+                f.sync_data()
+            });
+        if let Err(e) = r {
+            tracing::warn!(journal = %self.path.display(), error = %e, "cannot write to the undo journal");
         }
-    }
-
-    fn rewrite(&self) -> Result<()> {
-        let tmp = self.path.with_extension("undo.tmp");
-        let mut f = std::fs::File::create(&tmp)?;
-        writeln!(
-            f,
-            "{}",
-            serde_json::to_string(&Header {
-                apply: self.token.clone()
-            })?
-        )?;
-        for u in &self.steps {
-            writeln!(f, "{}", serde_json::to_string(u)?)?;
-        }
-        f.sync_data()?;
-        std::fs::rename(&tmp, &self.path)?;
-        Ok(())
     }
 
     /// Undoes every recorded step, last first, and removes the journal.
@@ -295,10 +288,17 @@ pub(super) fn recover(router_id: &str) -> Result<bool> {
         return Ok(false);
     }
     // A torn last line (killed while writing it) was never followed by its step.
-    let steps: Vec<Undo> = lines
-        .map_while(|l| l.ok())
-        .map_while(|l| serde_json::from_str(&l).ok())
-        .collect();
+    let mut steps: Vec<Undo> = Vec::new();
+    for l in lines.map_while(|l| l.ok()) {
+        if l == RETRACT {
+            steps.pop();
+            continue;
+        }
+        match serde_json::from_str(&l) {
+            Ok(u) => steps.push(u),
+            Err(_) => break,
+        }
+    }
     tracing::warn!(
         router = router_id,
         steps = steps.len(),

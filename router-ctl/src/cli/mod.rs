@@ -152,6 +152,14 @@ pub enum Cmd {
         /// elsewhere, seconds (Neutron's agent_down_time).
         #[arg(long, default_value_t = 20)]
         agent_down_time: u64,
+        /// With --etcd: routers this host applies at most; those beyond get an error status.
+        #[arg(long, default_value_t = 2000)]
+        max_routers: usize,
+        /// With --etcd: the routes of room (each router's max_routes, 4096 without it) this
+        /// host gives its routers in all, about 120 bytes of maps each; routers beyond get an
+        /// error status.
+        #[arg(long, default_value_t = 16 << 20)]
+        max_routes: u64,
     },
     /// The agents registered in etcd (`--etcd`): liveness and routers per host.
     Agent {

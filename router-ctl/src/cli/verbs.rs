@@ -21,24 +21,28 @@ use super::{
 pub fn route_batch(router: String, file: &std::path::Path, json: bool) -> Result<()> {
     use router_ctl::api::{self, Request};
     use std::io::Read as _;
-    // The batch's text goes to the daemon over its socket (it opens no file a client names).
-    let (name, mut f): (String, Box<dyn std::io::Read>) = if file == std::path::Path::new("-") {
-        ("standard input".into(), Box::new(std::io::stdin().lock()))
-    } else {
+    // The batch's text goes to the daemon over its socket (it opens no file a client names);
+    // a file is streamed, standard input first read here.
+    let (name, len, text) = if file == std::path::Path::new("-") {
+        let mut b = Vec::new();
+        std::io::stdin()
+            .lock()
+            .take(api::MAX_BATCH + 1)
+            .read_to_end(&mut b)
+            .context("cannot read standard input")?;
         (
-            file.display().to_string(),
-            Box::new(
-                std::fs::File::open(file)
-                    .with_context(|| format!("cannot open {}", file.display()))?,
-            ),
+            "standard input".to_string(),
+            b.len() as u64,
+            api::BatchText::Bytes(b),
         )
+    } else {
+        let name = file.display().to_string();
+        let len = std::fs::metadata(file)
+            .with_context(|| format!("cannot open {name}"))?
+            .len();
+        (name, len, api::BatchText::File(file.to_path_buf()))
     };
-    let mut text = Vec::new();
-    (&mut f)
-        .take(api::MAX_BATCH + 1)
-        .read_to_end(&mut text)
-        .with_context(|| format!("cannot read {name}"))?;
-    if text.len() as u64 > api::MAX_BATCH {
+    if len > api::MAX_BATCH {
         anyhow::bail!(
             "{name}: a route batch is at most {} bytes; split it",
             api::MAX_BATCH
@@ -47,7 +51,7 @@ pub fn route_batch(router: String, file: &std::path::Path, json: bool) -> Result
     let req = Request::RouteBatch {
         router,
         name,
-        len: text.len() as u64,
+        len,
         text,
     };
     let out = api::dispatch(req);
