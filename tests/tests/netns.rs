@@ -2486,6 +2486,15 @@ fn a_deleted_namespace_is_released_and_the_next_apply_starts_clean() {
     s.assert_fast_path(&before, &[(&s.ids.dev_a(), 3, 0), (&s.ids.dev_b(), 3, 0)]);
 }
 
+/// `router-ctl -j route batch ROUTER FILE` with `text` in a file of its own (named by `tag`).
+fn route_batch(router: &str, tag: &str, text: &str) -> std::process::Output {
+    let path = format!("/tmp/batch-{tag}");
+    std::fs::write(&path, text).unwrap();
+    let out = ctl(&["-j", "route", "batch", router, &path]);
+    let _ = std::fs::remove_file(&path);
+    out
+}
+
 /// Dynamic IPv6 routes end to end: a batch adds a /64 behind vm3 that only the batch routes; with
 /// the kernel's IPv6 forwarding off, vm1 reaches it through the fast path; the route is in the
 /// kernel's table too; deleting it takes it out of both.
@@ -2500,10 +2509,7 @@ fn an_ipv6_route_batch_reaches_the_kernel_and_the_fast_path() {
     ));
     let (router, tag) = (s.ids.router_id.clone(), s.ids.tag.clone());
     let batch = |name: &str, text: &str| {
-        let path = format!("/tmp/batch6-{tag}-{name}");
-        std::fs::write(&path, text).unwrap();
-        let out = ctl(&["-j", "route", "batch", &router, &path]);
-        let _ = std::fs::remove_file(&path);
+        let out = route_batch(&router, &format!("6-{tag}-{name}"), text);
         assert!(
             out.status.success(),
             "{text}: {}",
@@ -2558,13 +2564,7 @@ fn route_batches_change_the_kernel_and_the_fast_path_route_by_route() {
     s.wait_neigh("172.16.101.254");
     s.wait_neigh("172.16.101.253");
     let (router, test_tag) = (s.ids.router_id.clone(), s.ids.tag.clone());
-    let batch = |tag: &str, text: &str| -> std::process::Output {
-        let path = format!("/tmp/batch-{test_tag}-{tag}");
-        std::fs::write(&path, text).unwrap();
-        let out = ctl(&["-j", "route", "batch", &router, &path]);
-        let _ = std::fs::remove_file(&path);
-        out
-    };
+    let batch = |tag: &str, text: &str| route_batch(&router, &format!("{test_tag}-{tag}"), text);
     let mut bulk = String::from("# a routing daemon's table\nadd 10.10.0.0/16 via 172.16.101.254\nadd 10.20.0.0/16 via 172.16.101.254\n");
     for i in 0..5000u32 {
         bulk += &format!(

@@ -21,6 +21,32 @@ fn kind(ns: Option<&str>, dev: &str) -> Option<String> {
     )
 }
 
+/// Commands run when a test ends, however it ends (its clean-up).
+struct Cleanup(Vec<String>);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        for c in &self.0 {
+            let _ = sh_out(c);
+        }
+    }
+}
+
+/// A `[[router]]` header for `ids`.
+fn head(ids: &Ids) -> String {
+    format!(
+        "[[router]]\nid = \"{}\"\nname = \"{}\"\n",
+        ids.router_id, ids.name
+    )
+}
+
+/// A port on 172.16.NET.0/24 (gateway .1), with `extra` lines (a hook).
+fn iface(port: &str, net: u32, extra: &str) -> String {
+    format!(
+        "[[router.interface]]\nport_id = \"{port}\"\nsubnet = \"172.16.{net}.0/24\"\ngateway_ip = \"172.16.{net}.1\"\n{extra}\n"
+    )
+}
+
 /// Devices an L2 agent left in this namespace for a router's ports are moved into the namespace
 /// apply creates: a veth whose other end is in an instance's namespace, then a bridge, which
 /// the kernel refuses to move (a bridge stays in the namespace that made it), so the first
@@ -34,14 +60,6 @@ fn a_failed_first_apply_and_a_destroy_give_adopted_devices_back() {
     let ids = Ids::new(&tag);
     let (a, b, ns) = (ids.dev_a(), ids.dev_b(), ids.ns());
     let vm = format!("vm-{tag}");
-    struct Cleanup(Vec<String>);
-    impl Drop for Cleanup {
-        fn drop(&mut self) {
-            for c in &self.0 {
-                let _ = sh_out(c);
-            }
-        }
-    }
     let _c = Cleanup(vec![
         format!("ip link del {a}"),
         format!("ip link del {b}"),
@@ -51,15 +69,7 @@ fn a_failed_first_apply_and_a_destroy_give_adopted_devices_back() {
     sh(&format!(
         "ip netns add {vm} && ip link add {a} type veth peer name eth0 netns {vm} && ip link add {b} type bridge"
     ));
-    let iface = |port: &str, net: u32, hook: &str| {
-        format!(
-            "[[router.interface]]\nport_id = \"{port}\"\nsubnet = \"172.16.{net}.0/24\"\ngateway_ip = \"172.16.{net}.1\"\n{hook}\n"
-        )
-    };
-    let head = format!(
-        "[[router]]\nid = \"{}\"\nname = \"{}\"\n",
-        ids.router_id, ids.name
-    );
+    let head = head(&ids);
     let bad = write_config(
         &format!("{tag}-bad"),
         &format!(
@@ -130,31 +140,12 @@ fn a_failing_router_rolls_back_alone_in_a_multi_router_apply() {
     let (ta, tb) = (unique_tag(), unique_tag());
     let (ra, rb) = (Ids::new(&ta), Ids::new(&tb));
     let bridge = rb.dev_b();
-    struct Cleanup(Vec<String>);
-    impl Drop for Cleanup {
-        fn drop(&mut self) {
-            for c in &self.0 {
-                let _ = sh_out(c);
-            }
-        }
-    }
     let _c = Cleanup(vec![
         format!("{} destroy {}", tests::router_ctl(), ra.router_id),
         format!("{} destroy {}", tests::router_ctl(), rb.router_id),
         format!("ip link del {bridge}"),
     ]);
     sh(&format!("ip link add {bridge} type bridge"));
-    let iface = |port: &str, net: u32, hook: &str| {
-        format!(
-            "[[router.interface]]\nport_id = \"{port}\"\nsubnet = \"172.16.{net}.0/24\"\ngateway_ip = \"172.16.{net}.1\"\n{hook}\n"
-        )
-    };
-    let head = |ids: &Ids| {
-        format!(
-            "[[router]]\nid = \"{}\"\nname = \"{}\"\n",
-            ids.router_id, ids.name
-        )
-    };
     let first = write_config(
         &format!("{ta}-first"),
         &format!(
@@ -260,14 +251,6 @@ fn an_apply_killed_at_any_step_is_rolled_back_by_the_next_destroy_or_apply() {
     let (a, b, ns) = (ids.dev_a(), ids.dev_b(), ids.ns());
     let vm = format!("vm-{tag}");
     let created_peers = [router_ctl::config::peer_of(&ids.port_g)];
-    struct Cleanup(Vec<String>);
-    impl Drop for Cleanup {
-        fn drop(&mut self) {
-            for c in &self.0 {
-                let _ = sh_out(c);
-            }
-        }
-    }
     let _c = Cleanup(vec![
         format!("{} destroy {}", tests::router_ctl(), ids.router_id),
         format!("ip link del {a}"),
@@ -401,14 +384,6 @@ fn open_vswitch_internal_ports_outlive_a_failed_apply_a_killed_apply_and_a_destr
     // (A third port's device, named as apply names interface ports.)
     let stuck = format!("qr-{}", &ids.port_g[..11]);
     let ovs = tests::ovs::Ovs::start(&tag, &format!("bi{tag}"));
-    struct Cleanup(Vec<String>);
-    impl Drop for Cleanup {
-        fn drop(&mut self) {
-            for c in &self.0 {
-                let _ = sh_out(c);
-            }
-        }
-    }
     let _c = Cleanup(vec![
         format!("{} destroy {}", tests::router_ctl(), ids.router_id),
         format!("ip link del {stuck}"),
@@ -417,30 +392,22 @@ fn open_vswitch_internal_ports_outlive_a_failed_apply_a_killed_apply_and_a_destr
     ovs.add_internal_port(&a);
     ovs.add_internal_port(&b);
     sh(&format!("ip link add {stuck} type bridge"));
-    let iface = |port: &str, net: u32| {
-        format!(
-            "[[router.interface]]\nport_id = \"{port}\"\nsubnet = \"172.16.{net}.0/24\"\ngateway_ip = \"172.16.{net}.1\"\n"
-        )
-    };
-    let head = format!(
-        "[[router]]\nid = \"{}\"\nname = \"{}\"\n",
-        ids.router_id, ids.name
-    );
+    let head = head(&ids);
     let good = write_config(
         &format!("{tag}-ovs-good"),
         &format!(
             "{head}{}{}",
-            iface(&ids.port_a, 100),
-            iface(&ids.port_b, 101)
+            iface(&ids.port_a, 100, ""),
+            iface(&ids.port_b, 101, "")
         ),
     );
     let bad = write_config(
         &format!("{tag}-ovs-bad"),
         &format!(
             "{head}{}{}{}",
-            iface(&ids.port_a, 100),
-            iface(&ids.port_b, 101),
-            iface(&ids.port_g, 102)
+            iface(&ids.port_a, 100, ""),
+            iface(&ids.port_b, 101, ""),
+            iface(&ids.port_g, 102, "")
         ),
     );
     let snapshot = || -> String {
