@@ -105,7 +105,7 @@ impl RouterState {
     pub fn interrupted(id: &str) -> RouterState {
         RouterState {
             id: id.to_string(),
-            name: "(an interrupted apply, rolled back)".into(),
+            name: "an interrupted apply, rolled back".into(),
             namespace: String::new(),
             created_netns: false,
             ip_forward_before: None,

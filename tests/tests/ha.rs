@@ -97,6 +97,14 @@ fn routers_beyond_a_hosts_limit_are_refused_with_a_status() {
         c.start_agent_with(0, &["--max-routers", "1"]);
         c
     });
+    // (Should r2 be applied after all, its namespace goes with the test.)
+    struct Gone(String);
+    impl Drop for Gone {
+        fn drop(&mut self) {
+            let _ = tests::sh_out(&format!("ip netns del {}", self.0));
+        }
+    }
+    let _r2 = Gone(c.hosts[0].router_ns("b81cc110-16f4-4d6c-89d2-8af91cec9714"));
     c.define_router(false);
     c.wait_converged(Duration::from_secs(20));
     c.wait_ping(Duration::from_secs(10));
