@@ -424,6 +424,26 @@ pub struct RawRoute {
 }
 
 impl RawInterface {
+    /// The written form of port `port_id` with its (subnet, gateway address) pairs and hook:
+    /// what `Router::definition` and a definition rebuilt from an old state both write.
+    pub fn of(
+        port_id: &str,
+        fixed: impl IntoIterator<Item = (IpNet, IpAddr)>,
+        hook: Hook,
+    ) -> RawInterface {
+        RawInterface::new(
+            port_id.to_string(),
+            fixed
+                .into_iter()
+                .map(|(subnet, ip)| RawFixedIp {
+                    subnet: subnet.to_string(),
+                    ip_address: ip.to_string(),
+                })
+                .collect(),
+            raw_hook(hook),
+        )
+    }
+
     /// Port `port_id` with fixed IPs `ips` (the single-subnet form when there is one).
     pub fn new(port_id: String, ips: Vec<RawFixedIp>, hook: Option<String>) -> RawInterface {
         let mut i = RawInterface {
@@ -596,32 +616,22 @@ impl Router {
     /// single-subnet form for a port with one subnet); `parse` of its text gives this router
     /// back.
     pub fn definition(&self) -> RawRouter {
-        let hook = |h: Hook| (h != Hook::Auto).then(|| h.to_string());
         let interface = self
             .interfaces
             .iter()
             .filter(|i| !i.external)
             .map(|i| {
-                RawInterface::new(
-                    i.port_id.clone(),
-                    i.fixed_ips
-                        .iter()
-                        .map(|f| RawFixedIp {
-                            subnet: f.subnet.to_string(),
-                            ip_address: f.gateway_ip.to_string(),
-                        })
-                        .collect(),
-                    hook(i.hook),
+                RawInterface::of(
+                    &i.port_id,
+                    i.fixed_ips.iter().map(|f| (f.subnet, f.gateway_ip)),
+                    i.hook,
                 )
             })
             .collect();
         let route = self
             .routes
             .iter()
-            .map(|r| RawRoute {
-                destination: r.destination.to_string(),
-                nexthop: r.nexthop.to_string(),
-            })
+            .map(|r| RawRoute::of(r.destination, r.nexthop))
             .collect();
         let qg = self.interfaces.iter().find(|i| i.external);
         let external_gateway = self.gateway.as_ref().map(|g| RawGateway {
@@ -644,15 +654,12 @@ impl Router {
                         .collect()
                 })
                 .unwrap_or_default(),
-            hook: qg.and_then(|q| hook(q.hook)),
+            hook: qg.and_then(|q| raw_hook(q.hook)),
         });
         let floating_ip = self
             .floating_ips
             .iter()
-            .map(|f| RawFloatingIp {
-                floating_ip_address: f.floating_ip_address.to_string(),
-                fixed_ip_address: f.fixed_ip_address.map(|x| x.to_string()),
-            })
+            .map(|f| RawFloatingIp::of(f.floating_ip_address, f.fixed_ip_address))
             .collect();
         RawRouter {
             id: self.id.clone(),
@@ -674,6 +681,29 @@ impl Router {
         self.interfaces
             .iter()
             .find(|i| i.fixed_ips.iter().any(|f| f.subnet.contains(ip)))
+    }
+}
+
+/// A hook as a definition writes it: nothing for `auto`, the default.
+pub fn raw_hook(h: Hook) -> Option<String> {
+    (h != Hook::Auto).then(|| h.to_string())
+}
+
+impl RawRoute {
+    pub fn of(destination: IpNet, nexthop: IpAddr) -> RawRoute {
+        RawRoute {
+            destination: destination.to_string(),
+            nexthop: nexthop.to_string(),
+        }
+    }
+}
+
+impl RawFloatingIp {
+    pub fn of(floating: Ipv4Addr, fixed: Option<Ipv4Addr>) -> RawFloatingIp {
+        RawFloatingIp {
+            floating_ip_address: floating.to_string(),
+            fixed_ip_address: fixed.map(|x| x.to_string()),
+        }
     }
 }
 

@@ -43,22 +43,15 @@ pub fn definition_of(st: &RouterState) -> RawRouter {
 
 /// The definition of a router applied by a build that did not keep it, from its state.
 fn rebuilt(st: &RouterState) -> RawRouter {
-    let hook = |h: config::Hook| (h != config::Hook::Auto).then(|| h.to_string());
     let interface = st
         .interfaces
         .iter()
         .filter(|i| !i.external)
         .map(|i| {
-            RawInterface::new(
-                i.port_id.clone(),
-                i.fixed_ips
-                    .iter()
-                    .map(|f| RawFixedIp {
-                        subnet: f.subnet.to_string(),
-                        ip_address: f.gateway_ip.to_string(),
-                    })
-                    .collect(),
-                hook(i.hook),
+            RawInterface::of(
+                &i.port_id,
+                i.fixed_ips.iter().map(|f| (f.subnet, f.gateway_ip)),
+                i.hook,
             )
         })
         .collect();
@@ -66,10 +59,7 @@ fn rebuilt(st: &RouterState) -> RawRouter {
         .routes
         .iter()
         .filter(|r| !r.gateway)
-        .map(|r| RawRoute {
-            destination: r.destination.to_string(),
-            nexthop: r.nexthop.to_string(),
-        })
+        .map(|r| RawRoute::of(r.destination, r.nexthop))
         .collect();
     let qg = st.interfaces.iter().find(|i| i.external);
     let (external_gateway, floating_ip) = match (&st.gateway, qg) {
@@ -79,7 +69,7 @@ fn rebuilt(st: &RouterState) -> RawRouter {
                 network_id: g.network_id.clone(),
                 enable_snat: Some(g.enable_snat),
                 external_fixed_ips: external_ips_of(g, qg),
-                hook: hook(qg.hook),
+                hook: config::raw_hook(qg.hook),
             }),
             floating_ips_of(&g.floating_ips),
         ),
@@ -123,10 +113,7 @@ fn external_ips_of(g: &GatewayState, qg: &crate::state::IfaceState) -> Vec<RawEx
 
 fn floating_ips_of(fips: &[FloatingIpState]) -> Vec<RawFloatingIp> {
     fips.iter()
-        .map(|f| RawFloatingIp {
-            floating_ip_address: f.floating_ip_address.to_string(),
-            fixed_ip_address: f.fixed_ip_address.map(|x| x.to_string()),
-        })
+        .map(|f| RawFloatingIp::of(f.floating_ip_address, f.fixed_ip_address))
         .collect()
 }
 
