@@ -32,9 +32,13 @@ const EBPF_MUTANTS: &[&str] = &[
     "nat_icmp_errors_to_kernel",
     "nat_no_retire",
     "nat_stale_used",
+    "guard_ignored",
 ];
 /// Faults in the controller (router-ctl).
 const CTL_MUTANTS: &[&str] = &[
+    "guard_off",
+    "guard_no_evidence",
+    "guard_keeps_copies",
     "empty_maps_on_restart",
     "down_keeps_tx_slot",
     "break_before_make",

@@ -544,6 +544,12 @@ pub mod nat_conf {
     /// The router translates (a gateway with SNAT or floating IPs): packets are looked up in
     /// `NAT_FLOWS`, and those routed to an `EXTERNAL` device without a flow go to the kernel.
     pub const ON: u32 = 1;
+    /// The namespace holds netfilter rules on the forwarding path that are not this project's
+    /// (Neutron's iptables chains, an operator's): the fast path forwards only packets of flows
+    /// the controller copied after the kernel had forwarded both directions under the current
+    /// rules (every IPv4 packet is looked up in `NAT_FLOWS`, with or without translation);
+    /// everything else, IPv6 included, goes to the kernel (`pass_reason::GUARDED`).
+    pub const GUARDED: u32 = 2;
 }
 
 /// Most NAT flow entries per router (two per connection).
@@ -744,7 +750,10 @@ pub mod pass_reason {
     pub const NAT_TCP_CONTROL: usize = 19;
     /// An IPv4 fragment that would leave through the gateway (no ports to translate by).
     pub const NAT_FRAGMENT: usize = 20;
-    pub const COUNT: usize = 21;
+    /// The namespace has netfilter rules on the forwarding path (`nat_conf::GUARDED`) and the
+    /// packet's flow has no copy of the kernel's verdict: the kernel filters it.
+    pub const GUARDED: usize = 21;
+    pub const COUNT: usize = 22;
 
     /// Names used by the CLI and JSON output, indexed by reason.
     pub const NAMES: [&str; COUNT] = [
@@ -769,6 +778,7 @@ pub mod pass_reason {
         "nat_no_flow",
         "nat_tcp_control",
         "nat_fragment",
+        "guarded",
     ];
 }
 

@@ -496,17 +496,15 @@ fn watch(r: &RouterState, stop: &Stop) -> Result<()> {
     let wake = unsafe {
         std::os::fd::OwnedFd::from_raw_fd(libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK))
     };
-    let nat = r
-        .nat_on()
-        .then(|| {
-            let (r, done) = (r.clone(), done.clone());
-            let wake = wake.as_raw_fd();
-            std::thread::Builder::new()
-                .name(format!("nat-{}", &r.id[..r.id.len().min(8)]))
-                .spawn(move || follow_nat(&r, &done, wake))
-        })
-        .transpose()
-        .context("cannot spawn the NAT flow thread")?;
+    // Every router: one without a gateway may still get foreign rules (see `crate::guard`).
+    let nat = Some({
+        let (r, done) = (r.clone(), done.clone());
+        let wake = wake.as_raw_fd();
+        std::thread::Builder::new()
+            .name(format!("nat-{}", &r.id[..r.id.len().min(8)]))
+            .spawn(move || follow_nat(&r, &done, wake))
+            .context("cannot spawn the NAT flow thread")?
+    });
     let res = watch_neighbours(r, stop);
     done.store(true, Ordering::SeqCst);
     let one = 1u64;
@@ -524,13 +522,14 @@ fn watch(r: &RouterState, stop: &Stop) -> Result<()> {
     res
 }
 
-/// Copies the kernel's NAT flows into the fast path until `done` (see `crate::nat`); `wake`
-/// becomes readable when it is set.
+/// Copies the kernel's NAT flows into the fast path, and follows the namespace's foreign
+/// netfilter rules (see `crate::guard`), until `done` (see `crate::nat`); `wake` becomes
+/// readable when it is set.
 fn follow_nat(r: &RouterState, done: &std::sync::atomic::AtomicBool, wake: std::os::fd::RawFd) {
     let run = || -> Result<()> {
         let f = netns::open(&r.namespace)?;
         netns::enter(&f)?;
-        let mut sync = crate::nat::NatSync::open(&r.id)?;
+        let mut sync = crate::nat::NatSync::open(&r.id, r.nat_on())?;
         while !done.load(Ordering::SeqCst) {
             sync.step_or_wake(60_000, wake)?;
         }

@@ -8,6 +8,7 @@ pub mod config;
 pub mod daemon;
 pub mod datapath;
 pub mod fib;
+pub mod guard;
 pub mod kernel;
 pub mod live;
 pub mod metrics;

@@ -97,6 +97,29 @@ pub struct Router {
     pub health: Health,
     pub problems: Vec<String>,
     pub devices: Vec<Device>,
+    /// The namespace's foreign netfilter rules and whether the fast path is guarded by them
+    /// (see `crate::guard`); None for a lost router.
+    pub filter: Option<Filter>,
+}
+
+/// Foreign netfilter rules as the fast path sees them.
+#[derive(Clone, Debug)]
+pub struct Filter {
+    /// The fast path carries only flows the kernel forwarded under the rules.
+    pub guarded: bool,
+    pub rules: crate::kernel::nfrules::Foreign,
+}
+
+/// The filter view of a live router: its `nat_conf` bit, and the rules its namespace holds.
+fn filter(r: &RouterState) -> Result<Filter> {
+    let bits = datapath::nat_conf(&r.id)?;
+    let rules = crate::kernel::netns::run_in(&r.namespace, || {
+        crate::kernel::nfrules::NfRules::open(false)?.foreign()
+    })?;
+    Ok(Filter {
+        guarded: bits & router_common::nat_conf::GUARDED != 0,
+        rules,
+    })
 }
 
 /// The view of router `r`.
@@ -128,11 +151,23 @@ pub fn router(r: &RouterState) -> Result<Router> {
             redirect_xdp: xdp.get(i.slot as usize).copied().flatten() == Some(i.ifindex),
         })
         .collect();
+    let filter = if r.lost.is_some() {
+        None
+    } else {
+        match filter(r) {
+            Ok(f) => Some(f),
+            Err(e) => {
+                problems.push(format!("netfilter rules: {e:#}"));
+                None
+            }
+        }
+    };
     Ok(Router {
         state: r.clone(),
         health,
         problems,
         devices,
+        filter,
     })
 }
 

@@ -38,6 +38,7 @@ use router_common::{
 
 use crate::{
     datapath,
+    guard::{Evidence, Guard},
     kernel::conntrack::{
         self, status, Conntrack, Flow, Tuple, IPPROTO_ICMP, IPPROTO_TCP, TCP_CONNTRACK_ESTABLISHED,
     },
@@ -57,6 +58,10 @@ const MARGIN_NS: u64 = 50_000_000;
 /// fast path reports but cannot have copied (to the router's own addresses, say) must not take
 /// a processor; reports beyond are dropped (the fast path reports a flow again).
 pub const ASKS_PER_SECOND: u32 = 20_000;
+
+/// Longest use of a copy under foreign rules without a refresh (the daemon refreshes every
+/// `REFRESH_EVERY` at most).
+const GUARDED_HOLD: Duration = Duration::from_secs(15);
 
 /// `BPF_EXIST`: update an element only if it is there (the fast path may have retired it).
 const BPF_EXIST: u64 = 2;
@@ -178,9 +183,10 @@ fn flow_to(other: &Tuple, from: &Tuple) -> NatFlow {
 
 /// The two map entries of a NAT flow the fast path may carry, their generation slot that of
 /// the original direction (None: it is the kernel's: no NAT, another protocol, ICMP other
-/// than echo, TCP not established, dying).
-pub fn entries(f: &Flow) -> Option<[(NatKey, NatFlow); 2]> {
-    if !f.nat() || f.status & status::DYING != 0 {
+/// than echo, TCP not established, dying). `any`: flows without translation too (a router
+/// under foreign rules, see `crate::guard`).
+pub fn entries(f: &Flow, any: bool) -> Option<[(NatKey, NatFlow); 2]> {
+    if !(f.nat() || any) || f.status & status::DYING != 0 {
         return None;
     }
     match f.orig.proto {
@@ -210,6 +216,13 @@ struct Copied {
 pub struct NatSync {
     pub router: String,
     ct: Conntrack,
+    /// The namespace's foreign netfilter rules, followed.
+    guard: Guard,
+    /// The flows the kernel forwarded, read at most once per step (None: not yet).
+    evidence: Option<Evidence>,
+    conf: Array<MapData, u32>,
+    /// The router's own `nat_conf` bits (`ON` with a translating gateway).
+    nat_on: bool,
     map: HashMap<MapData, NatKey, NatFlow>,
     gens: Array<MapData, u32>,
     hints: Array<MapData, u64>,
@@ -237,12 +250,17 @@ pub fn monotonic_ns() -> u64 {
 impl NatSync {
     /// Opens the router's maps and a conntrack socket in the calling thread's namespace, and
     /// keeps the copies a previous daemon left that conntrack still holds, with their mapping
-    /// (the others are deleted).
-    pub fn open(router: &str) -> Result<NatSync> {
+    /// (the others are deleted; all of them under foreign rules, which may have changed while
+    /// no daemon followed them).
+    pub fn open(router: &str, nat_on: bool) -> Result<NatSync> {
         let pinned = |name| datapath::open_pinned(router, name);
         let mut s = NatSync {
             router: router.to_string(),
             ct: Conntrack::open(0)?,
+            guard: Guard::open()?,
+            evidence: None,
+            conf: Array::try_from(Map::Array(pinned(map_names::NAT_CONF)?))?,
+            nat_on,
             map: HashMap::try_from(Map::HashMap(pinned(map_names::NAT_FLOWS)?))?,
             gens: Array::try_from(Map::Array(pinned(map_names::NAT_GEN)?))?,
             hints: Array::try_from(Map::Array(pinned(map_names::NAT_HINT)?))?,
@@ -254,8 +272,57 @@ impl NatSync {
             timeouts: Timeouts::read(),
             timeouts_read: Instant::now(),
         };
-        s.adopt()?;
+        s.write_conf()?;
+        if s.guard.guarded() {
+            s.forget_all()?;
+        } else {
+            s.adopt()?;
+        }
         Ok(s)
+    }
+
+    /// Writes the router's `nat_conf` bits as its gateway and its namespace's rules say.
+    fn write_conf(&mut self) -> Result<()> {
+        let bits = crate::guard::conf_bits(self.nat_on, &self.guard.foreign);
+        if self.conf.get(&0, 0).ok() != Some(bits) {
+            self.conf.set(0, bits, 0).context("writing NAT_CONF")?;
+            if self.guard.guarded() {
+                tracing::info!(router = %self.router, rules = %self.guard.foreign.describe(), "foreign netfilter rules on the forwarding path: the fast path carries only flows the kernel forwarded under them");
+            } else {
+                tracing::info!(router = %self.router, "no foreign netfilter rules on the forwarding path any more");
+            }
+        }
+        Ok(())
+    }
+
+    /// The namespace's rules changed: the fast path stops carrying every flow at once (the
+    /// map keeps no copy, and `GUARDED` is set before the rules are read again), the records
+    /// of what the kernel forwarded start empty, and the bits follow the rules now in force.
+    fn rules_changed(&mut self) -> Result<()> {
+        let now = self.conf.get(&0, 0).unwrap_or(0);
+        if now & router_common::nat_conf::GUARDED == 0 {
+            self.conf
+                .set(0, now | router_common::nat_conf::GUARDED, 0)
+                .context("writing NAT_CONF")?;
+        }
+        if !cfg!(mutant = "guard_keeps_copies") {
+            self.forget_all()?;
+        }
+        self.guard.assess()?;
+        self.evidence = None;
+        self.write_conf()?;
+        tracing::info!(router = %self.router, rules = %self.guard.foreign.describe(), "netfilter rules changed; flow copies dropped");
+        Ok(())
+    }
+
+    /// Deletes every copy in the map, this daemon's and any other's.
+    fn forget_all(&mut self) -> Result<()> {
+        let keys: Vec<NatKey> = self.map.keys().filter_map(|k| k.ok()).collect();
+        for k in &keys {
+            let _ = self.map.remove(k);
+        }
+        self.installed.clear();
+        self.write_hints()
     }
 
     /// Keeps the map's copies of flows conntrack holds with the same mapping, deletes the rest.
@@ -263,7 +330,7 @@ impl NatSync {
         let flows = self.ct.dump().context("dumping conntrack")?;
         let mut keep = HashSet::new();
         for f in &flows {
-            let Some(e) = entries(f) else { continue };
+            let Some(e) = entries(f, false) else { continue };
             let same = e.iter().all(|(k, want)| {
                 self.map.get(k, 0).is_ok_and(|v| {
                     (v.src, v.dst, v.sport, v.dport, v.slot)
@@ -331,6 +398,18 @@ impl NatSync {
         Ok(())
     }
 
+    /// How long (ns) a copy may be used after conntrack said `secs` were left: as long as the
+    /// kernel holds the entry, and under foreign rules no longer than `GUARDED_HOLD`, so that a
+    /// copy outlives its daemon (which follows the rules) only briefly.
+    fn hold(&self, secs: u32) -> u64 {
+        let kernel = secs as u64 * 1_000_000_000;
+        if self.guard.guarded() {
+            kernel.min(GUARDED_HOLD.as_nanos() as u64)
+        } else {
+            kernel
+        }
+    }
+
     fn gen(&self, slot: u32) -> u32 {
         self.gens.get(&slot, 0).unwrap_or(0)
     }
@@ -340,26 +419,40 @@ impl NatSync {
     pub fn copy(&mut self, k: &NatKey) -> Result<bool> {
         let mut gen = self.gen(gen_slot(k));
         let mut asked = monotonic_ns();
-        let flow = match self.ct.get(&tuple_of(k, false), false)? {
-            Some(f) => f,
-            None => {
-                // The reply direction: the generation is the original direction's, read before
-                // conntrack is asked again.
-                let Some(f) = self.ct.get(&tuple_of(k, true), true)? else {
-                    return Ok(false);
-                };
-                gen = self.gen(gen_slot(&key_of(&f.orig)));
-                asked = monotonic_ns();
-                match self.ct.get(&f.orig, false)? {
-                    Some(f) => f,
-                    None => return Ok(false),
-                }
-            }
+        let found = match self.ct.get(&tuple_of(k, false), false)? {
+            Some(f) => Some(f),
+            None => self.ct.get(&tuple_of(k, true), true)?,
         };
-        let (Some(mut e), Some(secs)) = (entries(&flow), flow.timeout) else {
+        let Some(mut flow) = found else {
             return Ok(false);
         };
-        let Some(until) = (asked + secs as u64 * 1_000_000_000).checked_sub(MARGIN_NS) else {
+        // conntrack finds a flow by the tuple of either direction (TCP and UDP answer the
+        // first question for a reply too): when `k` is not the original direction, the
+        // generation is the original direction's, read before conntrack is asked again.
+        if key_of(&flow.orig) != *k {
+            gen = self.gen(gen_slot(&key_of(&flow.orig)));
+            asked = monotonic_ns();
+            match self.ct.get(&flow.orig, false)? {
+                Some(f) => flow = f,
+                None => return Ok(false),
+            }
+        }
+        let guarded = self.guard.guarded();
+        let (Some(mut e), Some(secs)) = (entries(&flow, guarded), flow.timeout) else {
+            return Ok(false);
+        };
+        if guarded {
+            if !self.guard.may_copy() {
+                return Ok(false);
+            }
+            if self.evidence.is_none() {
+                self.evidence = Some(self.guard.evidence()?);
+            }
+            if !self.evidence.as_ref().is_some_and(|ev| ev.both_ways(&flow)) {
+                return Ok(false);
+            }
+        }
+        let Some(until) = (asked + self.hold(secs)).checked_sub(MARGIN_NS) else {
             return Ok(false);
         };
         if until <= monotonic_ns() {
@@ -413,9 +506,19 @@ impl NatSync {
                 events: libc::POLLIN,
                 revents: 0,
             },
+            libc::pollfd {
+                fd: self.guard.fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
         ];
-        // SAFETY: two pollfds (a negative fd is ignored by poll).
-        unsafe { libc::poll(pfd.as_mut_ptr(), 2, timeout_ms) };
+        // SAFETY: three pollfds (a negative fd is ignored by poll).
+        unsafe { libc::poll(pfd.as_mut_ptr(), 3, timeout_ms) };
+        // Rules first: no copy is made under rules that are no longer in force.
+        if self.guard.changed() {
+            self.rules_changed()?;
+        }
+        self.evidence = None;
         let mut reported = Vec::new();
         while let Some(item) = self.misses.next() {
             if item.len() >= std::mem::size_of::<NatKey>() {
@@ -499,7 +602,7 @@ impl NatSync {
                 self.forget(orig);
                 continue;
             }
-            let until = (asked + *secs as u64 * 1_000_000_000).saturating_sub(MARGIN_NS);
+            let until = (asked + self.hold(*secs)).saturating_sub(MARGIN_NS);
             if let Some(c) = self.installed.get(orig) {
                 for k in &c.keys {
                     if let Ok(mut v) = self.map.get(k, 0) {
@@ -626,7 +729,7 @@ mod tests {
             timeout: Some(30),
             tcp_state: None,
         };
-        let [(k0, v0), (k1, v1)] = entries(&f).unwrap();
+        let [(k0, v0), (k1, v1)] = entries(&f, false).unwrap();
         assert_eq!(
             (k0.src, k0.sport),
             ([172, 16, 100, 3], 40000u16.to_be_bytes())
@@ -663,19 +766,32 @@ mod tests {
             },
             ..f.clone()
         };
-        assert!(entries(&tcp).is_none());
+        assert!(entries(&tcp, false).is_none());
         for (state, copied) in [(2, false), (3, true), (4, false), (7, false)] {
             let t = Flow {
                 tcp_state: Some(state),
                 ..tcp.clone()
             };
-            assert_eq!(entries(&t).is_some(), copied, "TCP state {state}");
+            assert_eq!(entries(&t, false).is_some(), copied, "TCP state {state}");
         }
-        assert!(entries(&Flow {
+        // vm1:40000 → vm3:53, routed.
+        let plain = Flow {
+            orig: t([172, 16, 100, 3], 40000, [172, 16, 101, 3], 53, 17),
+            reply: t([172, 16, 101, 3], 53, [172, 16, 100, 3], 40000, 17),
             status: status::CONFIRMED,
             ..f.clone()
-        })
-        .is_none());
+        };
+        assert!(entries(&plain, false).is_none());
+        // Under foreign rules a flow without translation is copied too, as it is.
+        let [(k0, v0), (k1, v1)] = entries(&plain, true).unwrap();
+        assert_eq!(
+            (v0.src, v0.dst, v0.sport, v0.dport, v0.flags),
+            (k0.src, k0.dst, k0.sport, k0.dport, 0)
+        );
+        assert_eq!(
+            (v1.src, v1.dst, v1.sport, v1.dport, v1.flags),
+            (k1.src, k1.dst, k1.sport, k1.dport, 0)
+        );
     }
 
     #[test]
@@ -687,7 +803,7 @@ mod tests {
             timeout: None,
             tcp_state: None,
         };
-        let [(k0, v0), (k1, v1)] = entries(&f).unwrap();
+        let [(k0, v0), (k1, v1)] = entries(&f, false).unwrap();
         assert_eq!(
             (k0.dst, k0.sport, k0.dport),
             ([192, 168, 1, 20], 7u16.to_be_bytes(), [0, 0])
@@ -707,7 +823,7 @@ mod tests {
             },
             ..f
         };
-        assert!(entries(&unreachable).is_none());
+        assert!(entries(&unreachable, false).is_none());
     }
 
     #[test]

@@ -3,8 +3,8 @@
 //! else goes to the kernel with a counted reason.
 
 use router_common::{
-    iface_flags, nat_flags, pass_reason as why, route_kind, Iface, Neigh6Key, NeighKey, Route,
-    UNKNOWN_IFACE_SLOT,
+    iface_flags, nat_conf, nat_flags, pass_reason as why, route_kind, Iface, Neigh6Key, NeighKey,
+    Route, UNKNOWN_IFACE_SLOT,
 };
 
 use crate::{
@@ -153,7 +153,10 @@ fn forward4(h: &impl Hook, ingress: u32, iface: &Iface) -> Verdict {
     // NAT: the flow's translation, if conntrack gave it one; it is written only once the
     // packet is sure to leave through the fast path. Routing follows the new destination.
     let unfragmented = u16::from_be_bytes(ip.frag_off) & 0x3fff == 0;
-    let nat_on = nat::on();
+    let conf = nat::conf();
+    // Under foreign netfilter rules every forwarded packet needs its flow's copy.
+    let guarded = conf & nat_conf::GUARDED != 0 && !cfg!(mutant = "guard_ignored");
+    let nat_on = conf & (nat_conf::ON | nat_conf::GUARDED) != 0;
     let mut flow = None;
     // A packet NAT could translate, without a copy of its flow: reported when it goes to the
     // kernel for NAT (see `nat::missed`).
@@ -168,6 +171,7 @@ fn forward4(h: &impl Hook, ingress: u32, iface: &Iface) -> Verdict {
             Err(reason) => return Verdict::Pass(reason),
         }
         if flow.is_none()
+            && !guarded
             && ip.protocol == nat::IPPROTO_ICMP
             && !cfg!(mutant = "nat_icmp_errors_to_kernel")
         {
@@ -216,6 +220,13 @@ fn forward4(h: &impl Hook, ingress: u32, iface: &Iface) -> Verdict {
                 });
             }
         }
+    }
+    // Under foreign rules, only the kernel's verdict on the flow lets a packet through.
+    if guarded && flow.is_none() {
+        if let Some(m) = &miss {
+            nat::missed(m);
+        }
+        return Verdict::Pass(why::GUARDED);
     }
     let nexthop = if route.kind == route_kind::GATEWAY {
         [
@@ -335,6 +346,10 @@ fn forward6(h: &impl Hook, ingress: u32, iface: &Iface) -> Verdict {
             ip.dst
         },
     };
+    // Under foreign rules IPv6 is the kernel's (no IPv6 flow copies).
+    if nat::conf() & nat_conf::GUARDED != 0 && !cfg!(mutant = "guard_ignored") {
+        return Verdict::Pass(why::GUARDED);
+    }
     let Some(neigh) = (unsafe { NEIGHS6.get(&key) }) else {
         return Verdict::Pass(why::NO_NEIGH);
     };

@@ -11,7 +11,7 @@ use router_common::{
         gen_slot, hint_bit, seen_slots, COPY_AFTER, COPY_AFTER_TCP, SEEN_IDLE, SEEN_REPORTS,
         SEEN_SECOND_SHIFT, SEEN_TIME_SHIFT,
     },
-    nat_conf, pass_reason as why, NatFlow, NatKey,
+    pass_reason as why, NatFlow, NatKey,
 };
 
 use crate::{
@@ -29,10 +29,13 @@ const TCP_SYN: u8 = 0x02;
 const TCP_RST: u8 = 0x04;
 const TCP_ACK: u8 = 0x10;
 
-/// The router translates at all (one array read; false for routers without a gateway).
+/// The router's `nat_conf` bits (one array read; 0 for routers without a gateway or rules).
 #[inline(always)]
-pub fn on() -> bool {
-    matches!(NAT_CONF.get(0), Some(c) if *c & nat_conf::ON != 0)
+pub fn conf() -> u32 {
+    match NAT_CONF.get(0) {
+        Some(c) => *c,
+        None => 0,
+    }
 }
 
 /// A packet NAT could translate by its tuple, without a valid copy of its flow.

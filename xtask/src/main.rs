@@ -74,6 +74,9 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     // Neutron's OVS agent plugs router ports as Open vSwitch internal ports: the tests run a
     // private ovs-vswitchd (userspace datapath).
     ("ovs-vswitchd", "openvswitch-switch"),
+    // Neutron's L3 agent writes its rules with iptables (iptables-nft): the tests write
+    // theirs the same way.
+    ("iptables", "iptables"),
 ];
 
 /// What `cargo xtask bench` uses besides: bulk TCP through the router.

@@ -1060,17 +1060,16 @@ pub fn tables_in(
         .map(IfaceState::entry)
         .collect::<Result<Vec<_>>>()?;
     let routes = crate::fib::writer::route_entries(&ifaces, &connected, &gateways, &locals);
+    // Foreign netfilter rules on the forwarding path: the fast path carries only flows the
+    // kernel forwarded under them (see `crate::guard`).
+    let foreign = crate::kernel::nfrules::NfRules::open(false)?.foreign()?;
     Ok(Tables {
         ifaces,
         routes,
         down,
         no_xmit,
         own,
-        nat_conf: if st.nat_on() && !cfg!(mutant = "nat_conf_off") {
-            router_common::nat_conf::ON
-        } else {
-            0
-        },
+        nat_conf: crate::guard::conf_bits(st.nat_on(), &foreign),
     })
 }
 
@@ -1232,6 +1231,10 @@ fn destroy_found(st: RouterState) -> Result<RouterState> {
                 remove_iface(&rt, &s.id, i);
             }
             if !s.created_netns {
+                // The daemon's record of the flows the kernel forwarded (see `crate::guard`).
+                if let Err(e) = crate::guard::remove() {
+                    tracing::warn!(router = %s.id, error = format!("{e:#}"), "cannot remove the table of forwarded flows");
+                }
                 if let Some(g) = &s.gateway {
                     let stays = s.interfaces.iter().any(|i| i.external && !i.created_device);
                     remove_gateway(&rt, g, stays);

@@ -143,6 +143,11 @@ pub fn show(routers: &[RouterState], json_out: bool) -> Result<()> {
                     })).collect::<Vec<_>>(),
                     "external_gateway": gateway_json(r),
                     "floating_ips": floating_ips_json(r),
+                    "filter": v.filter.as_ref().map(|f| json!({
+                        "guarded": f.guarded,
+                        "rules": f.rules.chains,
+                        "legacy_tables": f.rules.legacy,
+                    })),
                 })
             })
             .collect();
@@ -193,6 +198,23 @@ pub fn show(routers: &[RouterState], json_out: bool) -> Result<()> {
         print!("{}", t.render());
         for i in &r.interfaces {
             println!("  {}: {}", i.device, i.hook_reason);
+        }
+        if let Some(f) = &v.filter {
+            match (f.guarded, f.rules.is_empty()) {
+                (true, _) if !f.rules.legacy.is_empty() => println!(
+                    "  filter: guarded, the kernel forwards everything (legacy iptables changes cannot be followed): {}",
+                    f.rules.describe()
+                ),
+                (true, _) => println!(
+                    "  filter: guarded, the fast path carries only flows the kernel forwarded both ways under the rules (IPv4): {}",
+                    f.rules.describe()
+                ),
+                (false, true) => println!("  filter: none on the forwarding path"),
+                (false, false) => println!(
+                    "  filter: rules present but not yet followed (the daemon guards within milliseconds): {}",
+                    f.rules.describe()
+                ),
+            }
         }
         if let Some(g) = &r.gateway {
             println!(

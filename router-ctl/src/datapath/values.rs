@@ -146,7 +146,6 @@ pub fn set_local_addrs(ebpf: &mut Ebpf, addrs: &[Ipv4Addr]) -> Result<()> {
     Ok(())
 }
 
-/// Zeroes the counters of `slot` (a slot handed to a new device).
 /// Sets the router's `nat_conf` bits.
 pub fn set_nat_conf(ebpf: &mut Ebpf, bits: u32) -> Result<()> {
     let mut a: Array<_, u32> = Array::try_from(map_mut(ebpf, map_names::NAT_CONF)?)?;
@@ -154,6 +153,14 @@ pub fn set_nat_conf(ebpf: &mut Ebpf, bits: u32) -> Result<()> {
     Ok(())
 }
 
+/// The router's `nat_conf` bits, from its pinned map.
+pub fn nat_conf(router_id: &str) -> Result<u32> {
+    let a: Array<MapData, u32> =
+        Array::try_from(Map::Array(open_pinned(router_id, map_names::NAT_CONF)?))?;
+    a.get(&0, 0).context("reading NAT_CONF")
+}
+
+/// Zeroes the counters of `slot` (a slot handed to a new device).
 pub fn reset_stats(ebpf: &mut Ebpf, slot: u32) -> Result<()> {
     let mut arr: PerCpuArray<_, Stats> = PerCpuArray::try_from(map_mut(ebpf, map_names::STATS)?)?;
     let n = aya::util::nr_cpus()

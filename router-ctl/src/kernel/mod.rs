@@ -10,6 +10,7 @@ pub mod conntrack;
 pub mod ndisc;
 pub mod netdev;
 pub mod netns;
+pub mod nfrules;
 pub mod nft;
 pub mod process;
 pub mod rtnl;

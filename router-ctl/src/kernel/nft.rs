@@ -109,7 +109,7 @@ fn run(script: &str) -> Result<()> {
     let out = child.wait_with_output().context("waiting for nft")?;
     if !out.status.success() {
         bail!(
-            "nft refused the NAT table: {}",
+            "nft refused the rules: {}",
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
@@ -156,6 +156,57 @@ fn unfence_text() -> String {
 /// Takes the fence down, if there is one.
 pub fn unfence() -> Result<()> {
     run(&unfence_text())
+}
+
+/// The table recording which flows the kernel forwarded, in routers whose namespace holds
+/// foreign rules on the forwarding path (see `crate::guard`).
+pub const GUARD: &str = "router_guard";
+/// Sets of `GUARD`: TCP and UDP flows, ICMP echo flows.
+pub const SEEN: &str = "seen";
+pub const SEEN_ICMP: &str = "seen_icmp";
+/// How long a flow's record outlives the last packet the kernel forwarded.
+const SEEN_TIMEOUT_S: u32 = 10;
+/// Records per set (a full set records no new flow: those stay the kernel's).
+const SEEN_SIZE: u32 = 65536;
+
+/// The evidence table: a chain at the very end of postrouting (after every filter, mangle
+/// and NAT chain, as the packet leaves) that records each direction of an established flow
+/// the kernel forwarded, by its tuple as it leaves (translated). Its `ct` match also turns
+/// conntrack on in a namespace whose rules did not.
+pub fn guard_ruleset() -> String {
+    let set = |name: &str, typeof_: &str| {
+        format!(
+            "  set {name} {{ typeof {typeof_}; flags dynamic,timeout; timeout {SEEN_TIMEOUT_S}s; size {SEEN_SIZE}; }}\n"
+        )
+    };
+    format!(
+        "table ip {GUARD} {{\n{}{}  chain post {{\n    type filter hook postrouting priority 2147483647; policy accept;\n    \
+         ct state established meta l4proto {{ tcp, udp }} update @{SEEN} {{ ip saddr . th sport . ip daddr . th dport . meta l4proto }}\n    \
+         ct state established icmp type {{ echo-request, echo-reply }} update @{SEEN_ICMP} {{ ip saddr . ip daddr . icmp id }}\n  }}\n}}\n",
+        set(SEEN, "ip saddr . th sport . ip daddr . th dport . meta l4proto"),
+        set(SEEN_ICMP, "ip saddr . ip daddr . icmp id"),
+    )
+}
+
+/// Puts the evidence table up, empty (in the calling thread's namespace).
+pub fn guard() -> Result<()> {
+    run(&format!(
+        "table ip {GUARD} {{}}\ndelete table ip {GUARD}\n{}",
+        guard_ruleset()
+    ))
+}
+
+/// Forgets every flow recorded (the rules changed: what they let through before proves
+/// nothing now).
+pub fn guard_flush() -> Result<()> {
+    run(&format!(
+        "flush set ip {GUARD} {SEEN}\nflush set ip {GUARD} {SEEN_ICMP}\n"
+    ))
+}
+
+/// Removes the evidence table, if there is one.
+pub fn unguard() -> Result<()> {
+    run(&format!("table ip {GUARD} {{}}\ndelete table ip {GUARD}\n"))
 }
 
 #[cfg(test)]
