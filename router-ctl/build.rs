@@ -37,6 +37,7 @@ const EBPF_MUTANTS: &[&str] = &[
 /// Faults in the controller (router-ctl).
 const CTL_MUTANTS: &[&str] = &[
     "guard_off",
+    "guard_strict_tcp_copied",
     "guard_no_evidence",
     "guard_keeps_copies",
     "empty_maps_on_restart",

@@ -63,6 +63,8 @@ const RTMGRP_LINK: u32 = 1;
 const RTMGRP_NEIGH: u32 = 4;
 const RTMGRP_IPV4_IFADDR: u32 = 0x10;
 const RTMGRP_IPV6_IFADDR: u32 = 0x100;
+const RTMGRP_IPV4_ROUTE: u32 = 0x40;
+const RTMGRP_IPV6_ROUTE: u32 = 0x400;
 
 struct Watcher {
     stop: Arc<Stop>,
@@ -253,8 +255,9 @@ pub fn run(
     metrics: Option<String>,
     auto: bool,
     agent: Option<crate::agent::run::Options>,
+    follow: Vec<String>,
 ) -> Result<()> {
-    let stay = stay || file.is_some() || agent.is_some();
+    let stay = stay || file.is_some() || agent.is_some() || !follow.is_empty();
     // A daemon that is leaving may hold the lock for a moment: wait up to two seconds.
     let mut daemon_lock = None;
     for _ in 0..200 {
@@ -318,6 +321,11 @@ pub fn run(
     let mut known: Option<(Option<std::time::SystemTime>, Vec<RouterState>)> = None;
     let mut passes = 0u64;
     let mut new_build: Option<NewBuild> = None;
+    // Namespaces that could not be followed, and when they were last tried.
+    let mut follow_failed: BTreeMap<String, std::time::Instant> = BTreeMap::new();
+    if !follow.is_empty() {
+        tracing::info!(patterns = ?follow, "following the routers of the namespaces that match");
+    }
     while !TERM.load(Ordering::SeqCst) {
         if binary_replaced() && new_build_ready(&mut new_build) {
             // A new build was installed over this one: hand over to it, so that one daemon
@@ -327,7 +335,10 @@ pub fn run(
             break;
         }
         let hup = HUP.swap(false, Ordering::SeqCst);
-        let rescan = RESCAN.swap(false, Ordering::SeqCst) || hup;
+        let mut rescan = RESCAN.swap(false, Ordering::SeqCst) || hup;
+        if !follow.is_empty() {
+            rescan |= follow_new(&follow, &mut follow_failed);
+        }
         if let Some(d) = defs.as_mut() {
             if hup || d.mtime() != d.mtime {
                 if let Err(e) = d.load() {
@@ -367,6 +378,16 @@ pub fn run(
         // devices and the instances' carrier would live on, nameless), and its pinned objects
         // go; the router is reported lost until it is applied again or destroyed.
         for r in routers.iter().filter(|r| r.lost.is_none()) {
+            if r.followed && r.namespace_gone().is_some() {
+                // The other control plane deleted it: nothing of ours stays behind.
+                match crate::apply::follow::release(&r.id) {
+                    Ok(()) => tracing::info!(router = %r.id, "namespace gone; no longer followed"),
+                    Err(e) => {
+                        tracing::warn!(router = %r.id, error = format!("{e:#}"), "cannot release a followed router whose namespace went")
+                    }
+                }
+                continue;
+            }
             if r.namespace_gone().is_some() && !cfg!(mutant = "keeps_deleted_namespace") {
                 match crate::apply::forget_lost(&r.id) {
                     Ok(Some(why)) => {
@@ -463,6 +484,19 @@ pub fn run(
     for (_, w) in watchers {
         let _ = w.handle.join();
     }
+    // Stopping follow mode leaves nothing of ours behind in the namespaces it followed (an
+    // upgrade hands them over as they are).
+    if !upgrade {
+        for r in RouterState::all()
+            .unwrap_or_default()
+            .iter()
+            .filter(|r| r.followed)
+        {
+            if let Err(e) = crate::apply::follow::release(&r.id) {
+                tracing::warn!(router = %r.id, error = format!("{e:#}"), "cannot release a followed router");
+            }
+        }
+    }
     if upgrade {
         drop(daemon_lock.take());
         let exe = current_binary().context("cannot find the new router-ctl")?;
@@ -485,6 +519,39 @@ fn nap() {
         }
         std::thread::sleep(Duration::from_millis(10));
     }
+}
+
+/// Follows the namespaces matching `patterns` that are not followed yet (none a defined router
+/// claims); a namespace that fails is tried again 10 s later. True when one was taken.
+fn follow_new(patterns: &[String], failed: &mut BTreeMap<String, std::time::Instant>) -> bool {
+    let mut taken = false;
+    let known: BTreeSet<String> = RouterState::all()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|r| r.lost.is_none())
+        .map(|r| r.namespace)
+        .collect();
+    for ns in crate::apply::follow::candidates(patterns) {
+        if known.contains(&ns)
+            || failed
+                .get(&ns)
+                .is_some_and(|t| t.elapsed() < Duration::from_secs(10))
+        {
+            continue;
+        }
+        match crate::apply::follow::take(&ns) {
+            Ok(st) => {
+                failed.remove(&ns);
+                tracing::info!(router = %st.id, ports = st.interfaces.len(), routes = st.routes.len(), "following namespace");
+                taken = true;
+            }
+            Err(e) => {
+                failed.insert(ns.clone(), std::time::Instant::now());
+                tracing::warn!(namespace = %ns, error = format!("{e:#}"), "cannot follow the namespace; trying again in 10 s");
+            }
+        }
+    }
+    taken
 }
 
 /// One router's sync with its namespace: neighbours, devices and (with a gateway) the
@@ -572,7 +639,15 @@ fn watch_neighbours(r: &RouterState, stop: &Stop) -> Result<()> {
             .socket_mut()
             .bind(&SocketAddr::new(
                 0,
-                RTMGRP_NEIGH | RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR,
+                RTMGRP_NEIGH
+                    | RTMGRP_LINK
+                    | RTMGRP_IPV4_IFADDR
+                    | RTMGRP_IPV6_IFADDR
+                    | if r.followed {
+                        RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE
+                    } else {
+                        0
+                    },
             ))
             .context("cannot subscribe to neighbour, link and address events")?;
         tokio::spawn(conn);
@@ -594,7 +669,7 @@ fn watch_neighbours(r: &RouterState, stop: &Stop) -> Result<()> {
         tracing::info!(router = %r.id, neighbours = present.len(), "neighbour table synced");
         // The external device's IPv4 addresses (gateway IP, floating IPs) are announced when
         // the router is taken up, and each new one when it appears.
-        let qg = r.interfaces.iter().find(|i| i.external).and_then(|i| {
+        let qg = r.interfaces.iter().filter(|_| !r.followed).find(|i| i.external).and_then(|i| {
             Some((i.ifindex, i.mac?.0))
         });
         if let Some((ifindex, mac)) = qg {
@@ -665,6 +740,10 @@ fn watch_neighbours(r: &RouterState, stop: &Stop) -> Result<()> {
                         }
                         NetlinkPayload::InnerMessage(
                             RouteNetlinkMessage::NewLink(_) | RouteNetlinkMessage::DelLink(_),
+                        ) => pending.dirty(),
+                        // Only a followed router subscribes: its routes are the kernel's.
+                        NetlinkPayload::InnerMessage(
+                            RouteNetlinkMessage::NewRoute(_) | RouteNetlinkMessage::DelRoute(_),
                         ) => pending.dirty(),
                         _ => {}
                     }

@@ -145,6 +145,7 @@ fn run(cli: Cli) -> Result<()> {
             metrics,
             file,
             auto,
+            follow,
             host,
             lease_ttl,
             agent_down_time,
@@ -185,7 +186,11 @@ fn run(cli: Cli) -> Result<()> {
             if let Some(m) = &metrics {
                 router_ctl::metrics::listen_addr(m)?;
             }
-            daemon::run(stay, file, metrics, auto, agent)?
+            let follow = follow.unwrap_or_default();
+            if let Some(bad) = follow.iter().find(|p| p.is_empty() || p.contains('/')) {
+                anyhow::bail!("--follow {bad:?}: a pattern names namespaces under /run/netns ('*' for any characters, no '/')");
+            }
+            daemon::run(stay, file, metrics, auto, agent, follow)?
         }
         Cmd::Fence => router_ctl::agent::fence::run_fencer()?,
         Cmd::Agent {

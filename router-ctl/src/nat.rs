@@ -74,6 +74,9 @@ pub struct Timeouts {
     pub udp: u32,
     pub udp_stream: u32,
     pub icmp: u32,
+    /// `nf_conntrack_tcp_be_liberal`: conntrack accepts TCP segments outside the window it
+    /// last saw (those the fast path carried in between did not move it).
+    pub tcp_liberal: bool,
 }
 
 impl Timeouts {
@@ -90,6 +93,7 @@ impl Timeouts {
             udp: get("udp_timeout", 30),
             udp_stream: get("udp_timeout_stream", 120),
             icmp: get("icmp_timeout", 30),
+            tcp_liberal: get("tcp_be_liberal", 0) == 1,
         }
     }
 
@@ -443,6 +447,16 @@ impl NatSync {
         };
         if guarded {
             if !self.guard.may_copy() {
+                return Ok(false);
+            }
+            // Without a liberal conntrack, the segments that come back to the kernel after
+            // the fast path carried a connection's middle (its FIN, a retransmission) fall
+            // outside the window conntrack last saw: marked invalid, they escape the rules and
+            // NAT (and a rule may drop them). TCP stays the kernel's then.
+            if flow.orig.proto == IPPROTO_TCP
+                && !self.timeouts.tcp_liberal
+                && !cfg!(mutant = "guard_strict_tcp_copied")
+            {
                 return Ok(false);
             }
             if self.evidence.is_none() {

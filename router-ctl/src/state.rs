@@ -97,6 +97,11 @@ pub struct RouterState {
     /// The apply that made this state (its undo journal's token, see `apply::undo`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub apply_token: Option<String>,
+    /// Followed (`run --follow`): the namespace, its devices, addresses and routes are another
+    /// control plane's (Neutron's L3 agent); this router is read from them and never writes
+    /// into the namespace but its programs' records (see `apply::follow`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub followed: bool,
 }
 
 impl RouterState {
@@ -120,6 +125,7 @@ impl RouterState {
             ha: false,
             definition: None,
             apply_token: None,
+            followed: false,
         }
     }
 }

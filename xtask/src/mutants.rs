@@ -227,6 +227,38 @@ pub const MUTANTS: &[Mutant] = &[
         )],
     },
     Mutant {
+        name: "guard_ignored",
+        fault: "the program forwards by route whatever the namespace's foreign netfilter rules say (GUARDED ignored)",
+        tests: &[(
+            "guard",
+            "foreign_rules_are_never_bypassed_and_accepted_flows_are_carried",
+        )],
+    },
+    Mutant {
+        name: "guard_off",
+        fault: "the controller never guards a router whose namespace holds foreign netfilter rules",
+        tests: &[(
+            "guard",
+            "foreign_rules_are_never_bypassed_and_accepted_flows_are_carried",
+        )],
+    },
+    Mutant {
+        name: "guard_no_evidence",
+        fault: "under foreign rules a flow conntrack holds is copied whether or not the kernel forwarded it under the rules in force",
+        tests: &[(
+            "guard",
+            "foreign_rules_are_never_bypassed_and_accepted_flows_are_carried",
+        )],
+    },
+    Mutant {
+        name: "guard_keeps_copies",
+        fault: "a change of the namespace's netfilter rules leaves the flow copies in use",
+        tests: &[(
+            "guard",
+            "foreign_rules_are_never_bypassed_and_accepted_flows_are_carried",
+        )],
+    },
+    Mutant {
         name: "pass_all",
         fault: "the program returns PASS for everything",
         tests: &[

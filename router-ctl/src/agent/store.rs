@@ -279,5 +279,6 @@ pub fn planned(r: &Router) -> RouterState {
         ha: r.ha,
         definition: Some(r.definition()),
         apply_token: None,
+        followed: false,
     }
 }

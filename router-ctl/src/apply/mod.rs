@@ -18,6 +18,7 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 use router_common::MAX_IFACES;
 
+pub mod follow;
 mod undo;
 
 use undo::{Undo, UndoLog};
@@ -216,7 +217,19 @@ pub fn apply_with(routers: &[Router], reload: bool) -> Result<Vec<Report>> {
 
 /// The router's previous state, unless its namespace went away since: then it starts clean.
 fn previous(r: &Router) -> Result<Option<RouterState>> {
+    let ns = r.namespace();
+    // A followed router's id is its namespace's name.
+    if let Some(f) = RouterState::load(&ns)?.filter(|s| s.followed && s.namespace == ns) {
+        bail!(
+            "router {}: namespace {ns} is followed (`run --follow`, router {}): a defined and a followed router never share a namespace; stop following it first",
+            r.id,
+            f.id
+        );
+    }
     let prev = RouterState::load(&r.id)?;
+    if prev.as_ref().is_some_and(|p| p.followed) {
+        bail!("router {}: a followed router has this id", r.id);
+    }
     if let Some(p) = &prev {
         if let Some(why) = p.lost.clone().or_else(|| p.namespace_gone()) {
             tracing::info!(router = %r.id, reason = %why, "starting clean");
@@ -428,6 +441,7 @@ impl Job {
             ha: r.ha,
             definition: Some(r.definition()),
             apply_token: None,
+            followed: false,
         };
         self.datapath(&st, &rt.links()?, &rt.addrs()?, &features, &fresh_slots)?;
         Ok(st)
@@ -1105,6 +1119,9 @@ pub fn resync(router_id: &str) -> Result<()> {
     if st.lost.is_some() || st.namespace_gone().is_some() {
         return Ok(());
     }
+    if st.followed {
+        return follow::refresh(st);
+    }
     let ns = st.namespace.clone();
     let (st, changed) = netns::run_in(&ns, move || {
         let mut st = st;
@@ -1215,6 +1232,12 @@ fn destroy_locked(key: &str) -> Result<RouterState> {
         Err(_) if interrupted => return Ok(RouterState::interrupted(key)),
         Err(e) => return Err(e),
     };
+    if st.followed {
+        bail!(
+            "router {}: followed, not defined (`run --follow`); it goes when the namespace goes or follow mode stops",
+            st.id
+        );
+    }
     undo::recover(&st.id)?;
     let (id, name) = (st.id.clone(), st.name.clone());
     destroy_found(st).with_context(|| format!("destroying router {id} ({name})"))
@@ -1239,7 +1262,8 @@ fn destroy_found(st: RouterState) -> Result<RouterState> {
                     let stays = s.interfaces.iter().any(|i| i.external && !i.created_device);
                     remove_gateway(&rt, g, stays);
                 }
-                for x in &s.routes {
+                // A followed router's routes are the other control plane's.
+                for x in s.routes.iter().filter(|_| !s.followed) {
                     let _ = rt.route_del(x.destination);
                 }
                 if let Some(v) = &s.ip_forward_before {

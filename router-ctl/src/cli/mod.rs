@@ -141,6 +141,11 @@ pub enum Cmd {
         /// Started by apply: gives way to a daemon started any other way.
         #[arg(long, hide = true)]
         auto: bool,
+        /// Follow the routers other control planes build (Neutron's L3 agent): every
+        /// namespace matching a PATTERN (`*` for any characters; default qrouter-*) is a router
+        /// read from the kernel, with nothing written into it but the programs. Implies --stay.
+        #[arg(long, value_name = "PATTERN", num_args = 0.., default_missing_value = "qrouter-*")]
+        follow: Option<Vec<String>>,
         /// With --etcd: this host's name among the agents (default: the hostname).
         #[arg(long)]
         host: Option<String>,

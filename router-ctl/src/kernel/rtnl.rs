@@ -359,6 +359,87 @@ impl Rtnl {
     }
 }
 
+/// The unicast routes of the main table that have a gateway, both families: (destination
+/// network address, prefix length, [(gateway, output device)]); several for a multipath
+/// route. Connected routes are left out (the addresses give them).
+pub type GatewayRoute = (IpAddr, u8, Vec<(IpAddr, u32)>);
+
+impl Rtnl {
+    pub fn gateway_routes(&self) -> Result<Vec<GatewayRoute>> {
+        use rtnetlink::packet_route::route::{RouteAddress, RouteType};
+        let ip_of = |a: &RouteAddress| match a {
+            RouteAddress::Inet(v) => Some(IpAddr::V4(*v)),
+            RouteAddress::Inet6(v) => Some(IpAddr::V6(*v)),
+            _ => None,
+        };
+        self.rt
+            .block_on(async {
+                let mut v = Vec::new();
+                for family in [AddressFamily::Inet, AddressFamily::Inet6] {
+                    let mut msg = RouteMessageBuilder::<IpAddr>::new().build();
+                    msg.header.address_family = family;
+                    let mut s = self.handle.route().get(msg).execute();
+                    while let Some(m) = s.try_next().await.map_err(os_error)? {
+                        let table = m
+                            .attributes
+                            .iter()
+                            .find_map(|a| match a {
+                                RouteAttribute::Table(t) => Some(*t),
+                                _ => None,
+                            })
+                            .unwrap_or(m.header.table as u32);
+                        if table != 254 || m.header.kind != RouteType::Unicast {
+                            continue;
+                        }
+                        let dest = m
+                            .attributes
+                            .iter()
+                            .find_map(|a| match a {
+                                RouteAttribute::Destination(d) => ip_of(d),
+                                _ => None,
+                            })
+                            .unwrap_or(if family == AddressFamily::Inet {
+                                IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)
+                            } else {
+                                IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED)
+                            });
+                        let oif = m.attributes.iter().find_map(|a| match a {
+                            RouteAttribute::Oif(i) => Some(*i),
+                            _ => None,
+                        });
+                        let mut hops = Vec::new();
+                        for a in &m.attributes {
+                            match a {
+                                RouteAttribute::Gateway(g) => {
+                                    if let (Some(g), Some(oif)) = (ip_of(g), oif) {
+                                        hops.push((g, oif));
+                                    }
+                                }
+                                RouteAttribute::MultiPath(nhs) => {
+                                    for nh in nhs {
+                                        let g = nh.attributes.iter().find_map(|a| match a {
+                                            RouteAttribute::Gateway(g) => ip_of(g),
+                                            _ => None,
+                                        });
+                                        if let Some(g) = g {
+                                            hops.push((g, nh.interface_index));
+                                        }
+                                    }
+                                }
+                                _ => {}
+                            }
+                        }
+                        if !hops.is_empty() {
+                            v.push((dest, m.header.destination_prefix_length, hops));
+                        }
+                    }
+                }
+                anyhow::Ok(v)
+            })
+            .context("cannot list the routes")
+    }
+}
+
 fn route_message(dest: IpNet, hops: &[(IpAddr, u32)]) -> Result<RouteMessage> {
     let (addr, len) = match dest {
         IpNet::V4(n) => (IpAddr::V4(n.addr), n.len),
