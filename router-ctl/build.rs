@@ -37,6 +37,8 @@ const EBPF_MUTANTS: &[&str] = &[
 /// Faults in the controller (router-ctl).
 const CTL_MUTANTS: &[&str] = &[
     "guard_off",
+    "follow_route_events_ignored",
+    "followed_routes_deleted",
     "guard_strict_tcp_copied",
     "guard_no_evidence",
     "guard_keeps_copies",

@@ -643,7 +643,7 @@ fn watch_neighbours(r: &RouterState, stop: &Stop) -> Result<()> {
                     | RTMGRP_LINK
                     | RTMGRP_IPV4_IFADDR
                     | RTMGRP_IPV6_IFADDR
-                    | if r.followed {
+                    | if r.followed && !cfg!(mutant = "follow_route_events_ignored") {
                         RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE
                     } else {
                         0

@@ -208,7 +208,10 @@ impl Drop for Agent {
             self.ext(),
             self.out(),
         ] {
-            let _ = Command::new("ip").args(["netns", "del", &n]).status();
+            let _ = Command::new("ip")
+                .args(["netns", "del", &n])
+                .stderr(Stdio::null())
+                .status();
         }
     }
 }
@@ -314,22 +317,30 @@ fn a_router_the_l3_agent_built_is_accelerated_with_only_follow() {
         "a denied datagram arrived"
     );
 
-    // A route the agent adds (an extra route of the router) is followed.
+    // A route the agent adds (an extra route of the router) is followed: the router's state
+    // (written once the maps hold it) is polled every half millisecond.
+    let state_file = router_ctl::state::RouterState::path(&ns);
     let t0 = Instant::now();
     sh(&format!(
         "ip -n {ns} route add 10.10.0.0/16 via 172.16.101.254"
     ));
-    let took = wait_until("the extra route followed", Duration::from_secs(2), || {
-        let v = a.show().ok_or("no show")?;
-        if v["routes"].to_string().contains("10.10.0.0/16") {
-            Ok(t0.elapsed())
-        } else {
-            Err(v["routes"].to_string())
-        }
-    });
-    eprintln!(
-        "the agent's extra route reached the fast path's table within {took:?} (show polled)"
+    let took = wait_until(
+        "the extra route followed",
+        Duration::from_secs(2),
+        || loop {
+            let text = std::fs::read_to_string(&state_file).unwrap_or_default();
+            if text.contains("10.10.0.0/16") {
+                return Ok(t0.elapsed());
+            }
+            if t0.elapsed() > Duration::from_millis(500) {
+                return Err(text);
+            }
+            std::thread::sleep(Duration::from_micros(500));
+        },
     );
+    eprintln!("the agent's extra route was in the fast path's table {took:?} after `ip route add` started");
+    let v = a.show().unwrap();
+    assert!(v["routes"].to_string().contains("10.10.0.0/16"), "{v}");
 
     // Stopping follow mode leaves nothing of ours in the namespace, and the kernel goes on.
     a.stop();
@@ -346,9 +357,33 @@ fn a_router_the_l3_agent_built_is_accelerated_with_only_follow() {
     let progs = sh(&format!("ip netns exec {ns} bpftool -j net show"));
     assert!(!progs.contains("tcx"), "programs stayed attached: {progs}");
     assert_eq!(pings(&vm1, "172.16.101.3", 5), (5, 5));
-    // The agent's rules are as it wrote them.
+    // The agent's routes and rules are as it wrote them.
+    let routes = sh(&format!("ip -n {ns} route"));
+    assert!(
+        routes.contains("default via 192.168.1.1")
+            && routes.contains("10.10.0.0/16 via 172.16.101.254"),
+        "{routes}"
+    );
     assert!(sh(&format!(
         "ip netns exec {ns} iptables -w -S neutron-l3-agent-FORWARD"
     ))
     .contains("--dport 7777 -j DROP"));
+
+    // Followed again, then the agent deletes the namespace: the router is released.
+    a.follow();
+    wait_until("followed again", Duration::from_secs(5), || {
+        a.show().ok_or("not yet".to_string())
+    });
+    sh(&format!("ip netns del {ns}"));
+    wait_until(
+        "released after the namespace went",
+        Duration::from_secs(5),
+        || match (
+            a.show(),
+            std::path::Path::new(&format!("/sys/fs/bpf/router-xdp/v1/{ns}")).exists(),
+        ) {
+            (None, false) => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    );
 }

@@ -259,6 +259,30 @@ pub const MUTANTS: &[Mutant] = &[
         )],
     },
     Mutant {
+        name: "guard_strict_tcp_copied",
+        fault: "under foreign rules TCP flows are copied although conntrack is strict (segments coming back to the kernel fall out of its window)",
+        tests: &[(
+            "follow",
+            "a_router_the_l3_agent_built_is_accelerated_with_only_follow",
+        )],
+    },
+    Mutant {
+        name: "follow_route_events_ignored",
+        fault: "a followed router's routes are not read again when the kernel's routes change",
+        tests: &[(
+            "follow",
+            "a_router_the_l3_agent_built_is_accelerated_with_only_follow",
+        )],
+    },
+    Mutant {
+        name: "followed_routes_deleted",
+        fault: "releasing a followed router deletes the routes it read from the namespace (the other control plane's)",
+        tests: &[(
+            "follow",
+            "a_router_the_l3_agent_built_is_accelerated_with_only_follow",
+        )],
+    },
+    Mutant {
         name: "pass_all",
         fault: "the program returns PASS for everything",
         tests: &[
