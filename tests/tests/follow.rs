@@ -237,7 +237,11 @@ fn a_router_the_l3_agent_built_is_accelerated_with_only_follow() {
             other => Err(format!("{other:?}")),
         },
     );
-    assert_eq!(v["filter"]["guarded"], true, "{v}");
+    assert_eq!(
+        (&v["filter"]["guarded"], &v["followed"]),
+        (&serde_json::json!(true), &serde_json::json!(true)),
+        "{v}"
+    );
     let devices: Vec<&str> = v["interfaces"]
         .as_array()
         .unwrap()

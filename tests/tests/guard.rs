@@ -133,6 +133,11 @@ fn foreign_rules_are_never_bypassed_and_accepted_flows_are_carried() {
             &ns,
             "-A neutron-l3-agent-FORWARD -p udp --dport 7777 -j DROP",
         );
+        // As the agent sets it in every router namespace (without it TCP stays the kernel's
+        // under foreign rules, see `follow.rs`).
+        sh(&format!(
+            "ip netns exec {ns} sysctl -qw net.netfilter.nf_conntrack_tcp_be_liberal=1"
+        ));
         ids.config("")
     });
     let (ns, a) = (s.ns(), s.ids.dev_a());

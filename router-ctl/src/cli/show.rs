@@ -125,6 +125,7 @@ pub fn show(routers: &[RouterState], json_out: bool) -> Result<()> {
                 json!({
                     "id": r.id, "name": r.name, "namespace": r.namespace,
                     "status": v.health.as_str(), "problems": v.problems,
+                    "followed": r.followed,
                     "interfaces": v.devices.iter().map(|d| {
                         let i = &d.iface;
                         json!({
@@ -160,11 +161,16 @@ pub fn show(routers: &[RouterState], json_out: bool) -> Result<()> {
     for v in &views {
         let r = &v.state;
         println!(
-            "router {} ({})  namespace {}  {}",
+            "router {} ({})  namespace {}  {}{}",
             r.id,
             r.name,
             r.namespace,
-            v.health.as_str()
+            v.health.as_str(),
+            if r.followed {
+                "  followed (read from the namespace)"
+            } else {
+                ""
+            }
         );
         for p in &v.problems {
             println!("  problem: {p}");
