@@ -38,7 +38,6 @@ const EBPF_MUTANTS: &[&str] = &[
 const CTL_MUTANTS: &[&str] = &[
     "guard_off",
     "follow_route_events_ignored",
-    "followed_routes_deleted",
     "guard_strict_tcp_copied",
     "guard_no_evidence",
     "guard_keeps_copies",

@@ -275,14 +275,6 @@ pub const MUTANTS: &[Mutant] = &[
         )],
     },
     Mutant {
-        name: "followed_routes_deleted",
-        fault: "releasing a followed router deletes the routes it read from the namespace (the other control plane's)",
-        tests: &[(
-            "follow",
-            "a_router_the_l3_agent_built_is_accelerated_with_only_follow",
-        )],
-    },
-    Mutant {
         name: "pass_all",
         fault: "the program returns PASS for everything",
         tests: &[

@@ -1263,11 +1263,7 @@ fn destroy_found(st: RouterState) -> Result<RouterState> {
                     remove_gateway(&rt, g, stays);
                 }
                 // A followed router's routes are the other control plane's.
-                for x in s
-                    .routes
-                    .iter()
-                    .filter(|_| !s.followed || cfg!(mutant = "followed_routes_deleted"))
-                {
+                for x in s.routes.iter().filter(|_| !s.followed) {
                     let _ = rt.route_del(x.destination);
                 }
                 if let Some(v) = &s.ip_forward_before {
