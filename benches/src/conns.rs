@@ -209,7 +209,7 @@ pub struct Server {
 }
 
 impl Server {
-    fn start(ns: &str) -> Result<Server> {
+    pub fn start(ns: &str) -> Result<Server> {
         let listener = in_ns(ns, || TcpListener::bind(("0.0.0.0", PORT)))
             .join()
             .map_err(|_| anyhow::anyhow!("bind panicked"))?
@@ -263,7 +263,7 @@ impl Server {
         })
     }
 
-    fn stop(self) {
+    pub fn stop(self) {
         self.halt.store(true, Ordering::SeqCst);
         // shutdown(2) on a listening socket makes every blocked accept return (EINVAL).
         // SAFETY: shutdown on a socket we own.

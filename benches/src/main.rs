@@ -6,6 +6,7 @@
 mod conns;
 mod ctl;
 mod e2e;
+mod follow;
 mod ha;
 mod host;
 mod nat;
@@ -100,6 +101,22 @@ struct Args {
     /// Only the page-size probe (array against hash, printed).
     #[arg(long)]
     only_probe: bool,
+    /// Skip the router built as Neutron's agent builds it, followed (`run --follow`).
+    #[arg(long)]
+    no_follow: bool,
+    /// Only that: its section of the report is replaced in place.
+    #[arg(long)]
+    only_follow: bool,
+}
+
+fn follow_section(args: &Args) -> Result<String> {
+    let f = follow::run(args.runs.min(5)).context("a followed router beside the kernel")?;
+    let date = std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    Ok(follow::markdown(&f, &date))
 }
 
 /// Single-route changes under traffic for both families, and the real binary's `route batch`.
@@ -180,6 +197,12 @@ fn main() -> Result<()> {
             args.out.display(),
             start.elapsed().as_secs_f64()
         );
+        return Ok(());
+    }
+    if args.only_follow {
+        let section = follow_section(&args)?;
+        print!("{section}");
+        replace_section(&args.out, "follow", &section)?;
         return Ok(());
     }
     if args.only_probe {
@@ -263,6 +286,10 @@ fn main() -> Result<()> {
         seconds: start.elapsed().as_secs_f64(),
     };
     let mut md = report.markdown();
+    if !args.no_follow {
+        md += "\n";
+        md += &follow_section(&args)?;
+    }
     if !args.no_ha {
         md += "\n";
         md += &ha_section(&args)?;

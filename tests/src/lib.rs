@@ -4,6 +4,7 @@ pub mod cluster;
 pub mod corpus;
 pub mod frame;
 pub mod model;
+pub mod neutron;
 pub mod ovs;
 pub mod topo;
 

@@ -9,212 +9,16 @@
 
 use std::{
     net::UdpSocket,
-    process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
 use tests::{
-    ctl_json, grew, require_root, router_ctl, sh,
-    topo::{in_ns, ping_summary, tcp_transfer_via, unique_tag, Seed},
+    grew,
+    neutron::Agent,
+    require_root, sh,
+    topo::{in_ns, ping_summary, tcp_transfer_via, Seed},
     wait_until,
 };
-
-struct Agent {
-    tag: String,
-    ns: String,
-    qr_a: String,
-    qr_b: String,
-    qg: String,
-    daemon: Option<Child>,
-}
-
-impl Agent {
-    fn vm1(&self) -> String {
-        format!("fvm1-{}", self.tag)
-    }
-    fn vm3(&self) -> String {
-        format!("fvm3-{}", self.tag)
-    }
-    fn ext(&self) -> String {
-        format!("fext-{}", self.tag)
-    }
-    fn out(&self) -> String {
-        format!("fout-{}", self.tag)
-    }
-
-    /// The router as the L3 agent builds it (legacy router, SNAT on, one floating IP for vm3).
-    fn build() -> Agent {
-        let tag = unique_tag();
-        let id = format!("{tag}0000-16f4-4d6c-89d2-8af91cec9714");
-        let a = Agent {
-            ns: format!("qrouter-{id}"),
-            qr_a: format!("qr-{tag}00a-45"),
-            qr_b: format!("qr-{tag}00b-73"),
-            qg: format!("qg-{tag}00c-11"),
-            tag,
-            daemon: None,
-        };
-        let (ns, vm1, vm3, ext, out) = (a.ns.clone(), a.vm1(), a.vm3(), a.ext(), a.out());
-        let (qa, qb, qg) = (&a.qr_a, &a.qr_b, &a.qg);
-        sh(&format!(
-            "ip netns add {ns} && ip -n {ns} link set lo up && \
-             ip netns exec {ns} sysctl -qw net.ipv4.ip_forward=1 && \
-             ip netns add {vm1} && ip netns add {vm3} && ip netns add {ext} && ip netns add {out} && \
-             ip -n {ns} link add {qa} type veth peer name t1 netns {vm1} && \
-             ip -n {ns} link add {qb} type veth peer name t3 netns {vm3} && \
-             ip -n {ns} link add {qg} type veth peer name up0 netns {ext} && \
-             ip -n {ns} addr add 172.16.100.1/24 dev {qa} && ip -n {ns} link set {qa} up && \
-             ip -n {ns} addr add 172.16.101.1/24 dev {qb} && ip -n {ns} link set {qb} up && \
-             ip -n {ns} addr add 192.168.1.10/24 dev {qg} && ip -n {ns} addr add 192.168.1.20/32 dev {qg} && \
-             ip -n {ns} link set {qg} up && ip -n {ns} route add default via 192.168.1.1 dev {qg} && \
-             ip -n {vm1} link set lo up && ip -n {vm1} link set t1 up && ip -n {vm1} addr add 172.16.100.3/24 dev t1 && \
-             ip -n {vm1} route add default via 172.16.100.1 && \
-             ip -n {vm3} link set lo up && ip -n {vm3} link set t3 up && ip -n {vm3} addr add 172.16.101.3/24 dev t3 && \
-             ip -n {vm3} route add default via 172.16.101.1 && \
-             ip -n {ext} link set lo up && ip -n {ext} link set up0 up && ip -n {ext} addr add 192.168.1.1/24 dev up0 && \
-             ip -n {ext} link add o0 type veth peer name e0 netns {out} && ip -n {ext} link set o0 up && \
-             ip -n {ext} addr add 203.0.113.1/24 dev o0 && ip netns exec {ext} sysctl -qw net.ipv4.ip_forward=1 && \
-             ip -n {out} link set lo up && ip -n {out} link set e0 up && ip -n {out} addr add 203.0.113.5/24 dev e0 && \
-             ip -n {out} route add default via 203.0.113.1"
-        ));
-        // The agent's rules, replaced wholesale as the agent does.
-        let rules = format!(
-            "*filter\n\
-             :neutron-filter-top - [0:0]\n\
-             :neutron-l3-agent-FORWARD - [0:0]\n\
-             :neutron-l3-agent-INPUT - [0:0]\n\
-             :neutron-l3-agent-local - [0:0]\n\
-             :neutron-l3-agent-scope - [0:0]\n\
-             -A INPUT -j neutron-l3-agent-INPUT\n\
-             -A FORWARD -j neutron-filter-top\n\
-             -A FORWARD -j neutron-l3-agent-FORWARD\n\
-             -A neutron-filter-top -j neutron-l3-agent-local\n\
-             -A neutron-l3-agent-FORWARD -j neutron-l3-agent-scope\n\
-             -A neutron-l3-agent-FORWARD -p udp --dport 7777 -j DROP\n\
-             -A neutron-l3-agent-INPUT -m mark --mark 0x1/0xffff -j ACCEPT\n\
-             COMMIT\n\
-             *mangle\n\
-             :neutron-l3-agent-PREROUTING - [0:0]\n\
-             :neutron-l3-agent-mark - [0:0]\n\
-             :neutron-l3-agent-scope - [0:0]\n\
-             -A PREROUTING -j neutron-l3-agent-PREROUTING\n\
-             -A neutron-l3-agent-PREROUTING -j neutron-l3-agent-mark\n\
-             -A neutron-l3-agent-PREROUTING -j neutron-l3-agent-scope\n\
-             -A neutron-l3-agent-mark -i {qg} -j MARK --set-xmark 0x2/0xffff\n\
-             COMMIT\n\
-             *nat\n\
-             :neutron-l3-agent-OUTPUT - [0:0]\n\
-             :neutron-l3-agent-POSTROUTING - [0:0]\n\
-             :neutron-l3-agent-PREROUTING - [0:0]\n\
-             :neutron-l3-agent-float-snat - [0:0]\n\
-             :neutron-l3-agent-snat - [0:0]\n\
-             :neutron-postrouting-bottom - [0:0]\n\
-             -A PREROUTING -j neutron-l3-agent-PREROUTING\n\
-             -A OUTPUT -j neutron-l3-agent-OUTPUT\n\
-             -A POSTROUTING -j neutron-l3-agent-POSTROUTING\n\
-             -A POSTROUTING -j neutron-postrouting-bottom\n\
-             -A neutron-l3-agent-OUTPUT -d 192.168.1.20/32 -j DNAT --to-destination 172.16.101.3\n\
-             -A neutron-l3-agent-POSTROUTING ! -o {qg} -m conntrack ! --ctstate DNAT -j ACCEPT\n\
-             -A neutron-l3-agent-PREROUTING -d 192.168.1.20/32 -j DNAT --to-destination 172.16.101.3\n\
-             -A neutron-l3-agent-float-snat -s 172.16.101.3/32 -j SNAT --to-source 192.168.1.20 --random-fully\n\
-             -A neutron-l3-agent-snat -j neutron-l3-agent-float-snat\n\
-             -A neutron-l3-agent-snat -o {qg} -j SNAT --to-source 192.168.1.10 --random-fully\n\
-             -A neutron-l3-agent-snat -m mark ! --mark 0x2/0xffff -m conntrack --ctstate DNAT -j SNAT --to-source 192.168.1.10 --random-fully\n\
-             -A neutron-postrouting-bottom -m comment --comment \"Perform source NAT on outgoing traffic.\" -j neutron-l3-agent-snat\n\
-             COMMIT\n"
-        );
-        // The agent's namespace settings (`Namespace.create` in neutron/agent/l3/namespaces.py)
-        // but `nf_conntrack_tcp_be_liberal=1`, which the test sets later: first it shows that a
-        // strict conntrack keeps TCP with the kernel.
-        sh(&format!(
-            "ip netns exec {ns} sysctl -qw net.ipv4.conf.all.arp_ignore=1 net.ipv4.conf.all.arp_announce=2"
-        ));
-        let path = std::env::temp_dir().join(format!("follow-{}.rules", a.tag));
-        std::fs::write(&path, rules).unwrap();
-        sh(&format!(
-            "ip netns exec {ns} iptables-restore -w < {}",
-            path.display()
-        ));
-        let _ = std::fs::remove_file(path);
-        a
-    }
-
-    fn follow(&mut self) {
-        let child = Command::new(router_ctl())
-            .args(["run", "--follow", &self.ns])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("router-ctl run --follow");
-        self.daemon = Some(child);
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut c) = self.daemon.take() {
-            // SAFETY: plain kill(2) of our child.
-            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-            let t0 = Instant::now();
-            while c.try_wait().ok().flatten().is_none() {
-                if t0.elapsed() > Duration::from_secs(10) {
-                    let _ = c.kill();
-                    let _ = c.wait();
-                    panic!("the follow daemon did not stop within 10 s");
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-    }
-
-    fn show(&self) -> Option<serde_json::Value> {
-        let out = tests::ctl(&["show", &self.ns, "-j"]);
-        if !out.status.success() {
-            return None;
-        }
-        serde_json::from_slice::<serde_json::Value>(&out.stdout)
-            .ok()
-            .map(|v| v[0].clone())
-    }
-
-    fn stats(&self, dev: &str) -> serde_json::Value {
-        ctl_json(&["stats", &self.ns])
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|d| d["device"] == dev)
-            .unwrap_or_else(|| panic!("no stats for {dev}"))
-            .clone()
-    }
-
-    fn forwarded(&self, dev: &str) -> u64 {
-        self.stats(dev)["forwarded"]["packets"].as_u64().unwrap()
-    }
-
-    fn translated(&self, dev: &str) -> (u64, u64) {
-        let s = self.stats(dev);
-        (
-            s["nat"]["source_translated"].as_u64().unwrap(),
-            s["nat"]["destination_translated"].as_u64().unwrap(),
-        )
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        self.stop();
-        for n in [
-            self.ns.clone(),
-            self.vm1(),
-            self.vm3(),
-            self.ext(),
-            self.out(),
-        ] {
-            let _ = Command::new("ip")
-                .args(["netns", "del", &n])
-                .stderr(Stdio::null())
-                .status();
-        }
-    }
-}
 
 fn pings(from: &str, to: &str, n: u32) -> (u32, u32) {
     let out = Seed::exec(from, &format!("ping -c {n} -i 0.005 -W 2 {to}"));
@@ -281,9 +85,7 @@ fn a_router_the_l3_agent_built_is_accelerated_with_only_follow() {
     );
     // The agent sets it when it creates a router namespace (namespaces.py): from here on TCP
     // is carried.
-    sh(&format!(
-        "ip netns exec {ns} sysctl -qw net.netfilter.nf_conntrack_tcp_be_liberal=1"
-    ));
+    a.liberal();
     std::thread::sleep(Duration::from_millis(1100));
 
     // SNAT by the agent's rule: the outside sees the gateway address; the fast path

@@ -1,0 +1,194 @@
+//! A router built as Neutron's L3 agent builds it (`tests::neutron`: its iptables chains in
+//! filter, mangle and nat, a liberal conntrack, veths at kernel defaults), forwarded by the
+//! kernel alone and by the same namespace followed (`router-ctl run --follow`), taking turns in
+//! every round: bulk TCP (iperf3, 1 stream) routed, through SNAT and to the floating IP;
+//! request-shaped connections through SNAT (64 clients, ports reused); and a flow the agent's
+//! chain denies (datagrams that arrive: must be 0 either way).
+
+use std::{net::UdpSocket, time::Duration};
+
+use anyhow::{Context as _, Result};
+use tests::{neutron::Agent, sh, sh_out, topo::in_ns, wait_until};
+
+use crate::{
+    conns::{self, Server},
+    stats::{summarize, Summary},
+};
+
+pub struct Row {
+    pub what: &'static str,
+    pub unit: &'static str,
+    pub kernel: Summary,
+    pub router: Summary,
+    pub ratio: Summary,
+}
+
+pub struct FollowFigures {
+    pub rounds: usize,
+    pub rows: Vec<Row>,
+    /// Datagrams of the denied flow that arrived, over all rounds (kernel, followed).
+    pub denied_arrived: (u64, u64),
+    pub denied_sent: u64,
+}
+
+/// iperf3 from `client` to `dst` for `secs`; Gbit/s received.
+fn iperf(client: &str, dst: &str, secs: u32) -> Result<f64> {
+    let out = sh_out(&format!(
+        "ip netns exec {client} iperf3 -c {dst} -t {secs} -J"
+    ));
+    anyhow::ensure!(
+        out.status.success(),
+        "iperf3 {client} → {dst}: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .map(|b| b / 1e9)
+        .context("iperf3 JSON")
+}
+
+/// Datagrams to vm3's port 7777 (the agent's chain drops them) that arrive.
+fn denied(a: &Agent, n: u32) -> u64 {
+    let rx = in_ns(&a.vm3(), || UdpSocket::bind("0.0.0.0:7777").unwrap())
+        .join()
+        .unwrap();
+    rx.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    in_ns(&a.vm1(), move || {
+        let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+        for i in 0..n {
+            let _ = s.send_to(&i.to_be_bytes(), "172.16.101.3:7777");
+        }
+    })
+    .join()
+    .unwrap();
+    let mut got = 0;
+    while rx.recv(&mut [0u8; 16]).is_ok() {
+        got += 1;
+    }
+    got
+}
+
+/// Runs the comparison over `rounds` rounds.
+pub fn run(rounds: usize) -> Result<FollowFigures> {
+    let mut a = Agent::build();
+    a.liberal();
+    let (vm1, vm3, out) = (a.vm1(), a.vm3(), a.out());
+    for ns in [&vm3, &out] {
+        sh(&format!(
+            "ip netns exec {ns} iperf3 -s -D -I /tmp/router-bench-follow-{ns}.pid"
+        ));
+        // As in the connections benchmark: servers keep no TIME_WAIT (see conns.rs).
+        sh(&format!(
+            "ip netns exec {ns} sysctl -qw net.ipv4.tcp_max_tw_buckets=0"
+        ));
+    }
+    sh(&format!(
+        "ip netns exec {vm1} sysctl -qw net.ipv4.ip_local_port_range='40000 41023'"
+    ));
+    let server = Server::start(&out)?;
+    std::thread::sleep(Duration::from_millis(300));
+    let res = (|| -> Result<FollowFigures> {
+        // (kernel, followed) per row and round.
+        let mut vals: Vec<[Vec<f64>; 2]> = vec![Default::default(); 4];
+        let mut ratios: Vec<Vec<f64>> = vec![Vec::new(); 4];
+        let mut denied_arrived = (0, 0);
+        let mut denied_sent = 0;
+        for round in 0..rounds {
+            let order = if round % 2 == 0 { [false, true] } else { [true, false] };
+            let mut got = [[0f64; 4]; 2];
+            for followed in order {
+                if followed {
+                    a.follow();
+                    wait_until("followed", Duration::from_secs(5), || {
+                        match a.show() {
+                            Some(v) if v["filter"]["guarded"] == true => Ok(()),
+                            other => Err(format!("{other:?}")),
+                        }
+                    });
+                }
+                let m = followed as usize;
+                got[m][0] = iperf(&vm1, "172.16.101.3", 3)?;
+                got[m][1] = iperf(&vm1, "203.0.113.5", 3)?;
+                got[m][2] = iperf(&out, "192.168.1.20", 3)?;
+                let addr = "203.0.113.5:8080".parse().expect("an address");
+                let r = conns::load(&vm1, addr, 64, 0.5, 2.0)?;
+                got[m][3] = r.conn_s;
+                let d = denied(&a, 1000);
+                if followed {
+                    denied_arrived.1 += d;
+                    a.stop();
+                } else {
+                    denied_arrived.0 += d;
+                }
+                denied_sent += if followed { 1000 } else { 0 };
+                eprintln!(
+                    "follow round {round} {}: routed {:.2} Gbit/s, SNAT {:.2}, floating IP {:.2}, {:.0} conn/s, {d} denied arrived",
+                    if followed { "followed" } else { "kernel" },
+                    got[m][0], got[m][1], got[m][2], got[m][3]
+                );
+            }
+            for i in 0..4 {
+                vals[i][0].push(got[0][i]);
+                vals[i][1].push(got[1][i]);
+                ratios[i].push(got[1][i] / got[0][i]);
+            }
+        }
+        let what = [
+            ("bulk TCP vm1 → vm3, routed", "Gbit/s"),
+            ("bulk TCP vm1 → outside, SNAT", "Gbit/s"),
+            ("bulk TCP outside → vm3's floating IP", "Gbit/s"),
+            ("new connections vm1 → outside through SNAT, 64 clients", "conn/s"),
+        ];
+        Ok(FollowFigures {
+            rounds,
+            rows: what
+                .iter()
+                .enumerate()
+                .map(|(i, (w, u))| Row {
+                    what: w,
+                    unit: u,
+                    kernel: summarize(&vals[i][0]),
+                    router: summarize(&vals[i][1]),
+                    ratio: summarize(&ratios[i]),
+                })
+                .collect(),
+            denied_arrived,
+            denied_sent,
+        })
+    })();
+    server.stop();
+    for ns in [&vm3, &out] {
+        let _ = sh_out(&format!(
+            "kill $(cat /tmp/router-bench-follow-{ns}.pid) 2>/dev/null"
+        ));
+    }
+    drop(a);
+    res
+}
+
+/// The report's section, between `<!-- follow -->` markers.
+pub fn markdown(f: &FollowFigures, date: &str) -> String {
+    let mut m = String::from("<!-- follow -->\n## A router built by Neutron's L3 agent, followed (`run --follow`)\n\n");
+    m += &format!(
+        "{date}. The namespace as the agent builds a legacy router (`tests/src/neutron.rs`: its iptables chains in filter, mangle and nat loaded with iptables-restore, SNAT to the gateway address, a floating IP for vm3, a chain dropping UDP to port 7777, `nf_conntrack_tcp_be_liberal=1` as the agent sets it, veths at kernel defaults). In each of {} rounds the kernel alone and the same namespace followed by `router-ctl run --follow` (nothing else configured) take turns going first; followed, the fast path carries only flows the kernel forwarded both ways under the agent's rules (the guard). iperf3, one stream, 3 s; connections as in the request-shaped benchmark (1 KiB answers, the server closing first, clients cycling through 1 024 ports), 2 s after 0.5 s of warm-up. Medians (min–max).\n\n| traffic | kernel alone | followed | followed ÷ kernel |\n|---|---|---|---|\n",
+        f.rounds
+    );
+    for r in &f.rows {
+        let p = if r.unit == "conn/s" { 0 } else { 2 };
+        m += &format!(
+            "| {} ({}) | {} | {} | {} |\n",
+            r.what,
+            r.unit,
+            r.kernel.fmt(p),
+            r.router.fmt(p),
+            r.ratio.fmt(2)
+        );
+    }
+    m += &format!(
+        "\nThe denied flow: {} datagrams sent to vm3's port 7777 in the kernel's runs and as many in the followed runs; {} and {} arrived.\n<!-- /follow -->\n",
+        f.denied_sent, f.denied_arrived.0, f.denied_arrived.1
+    );
+    m
+}
