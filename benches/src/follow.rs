@@ -96,16 +96,18 @@ pub fn run(rounds: usize) -> Result<FollowFigures> {
         let mut denied_arrived = (0, 0);
         let mut denied_sent = 0;
         for round in 0..rounds {
-            let order = if round % 2 == 0 { [false, true] } else { [true, false] };
+            let order = if round % 2 == 0 {
+                [false, true]
+            } else {
+                [true, false]
+            };
             let mut got = [[0f64; 4]; 2];
             for followed in order {
                 if followed {
                     a.follow();
-                    wait_until("followed", Duration::from_secs(5), || {
-                        match a.show() {
-                            Some(v) if v["filter"]["guarded"] == true => Ok(()),
-                            other => Err(format!("{other:?}")),
-                        }
+                    wait_until("followed", Duration::from_secs(5), || match a.show() {
+                        Some(v) if v["filter"]["guarded"] == true => Ok(()),
+                        other => Err(format!("{other:?}")),
                     });
                 }
                 let m = followed as usize;
@@ -139,7 +141,10 @@ pub fn run(rounds: usize) -> Result<FollowFigures> {
             ("bulk TCP vm1 → vm3, routed", "Gbit/s"),
             ("bulk TCP vm1 → outside, SNAT", "Gbit/s"),
             ("bulk TCP outside → vm3's floating IP", "Gbit/s"),
-            ("new connections vm1 → outside through SNAT, 64 clients", "conn/s"),
+            (
+                "new connections vm1 → outside through SNAT, 64 clients",
+                "conn/s",
+            ),
         ];
         Ok(FollowFigures {
             rounds,
@@ -170,7 +175,9 @@ pub fn run(rounds: usize) -> Result<FollowFigures> {
 
 /// The report's section, between `<!-- follow -->` markers.
 pub fn markdown(f: &FollowFigures, date: &str) -> String {
-    let mut m = String::from("<!-- follow -->\n## A router built by Neutron's L3 agent, followed (`run --follow`)\n\n");
+    let mut m = String::from(
+        "<!-- follow -->\n## A router built by Neutron's L3 agent, followed (`run --follow`)\n\n",
+    );
     m += &format!(
         "{date}. The namespace as the agent builds a legacy router (`tests/src/neutron.rs`: its iptables chains in filter, mangle and nat loaded with iptables-restore, SNAT to the gateway address, a floating IP for vm3, a chain dropping UDP to port 7777, `nf_conntrack_tcp_be_liberal=1` as the agent sets it, veths at kernel defaults). In each of {} rounds the kernel alone and the same namespace followed by `router-ctl run --follow` (nothing else configured) take turns going first; followed, the fast path carries only flows the kernel forwarded both ways under the agent's rules (the guard). iperf3, one stream, 3 s; connections as in the request-shaped benchmark (1 KiB answers, the server closing first, clients cycling through 1 024 ports), 2 s after 0.5 s of warm-up. Medians (min–max).\n\n| traffic | kernel alone | followed | followed ÷ kernel |\n|---|---|---|---|\n",
         f.rounds

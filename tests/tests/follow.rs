@@ -148,6 +148,52 @@ fn a_router_the_l3_agent_built_is_accelerated_with_only_follow() {
     let v = a.show().unwrap();
     assert!(v["routes"].to_string().contains("10.10.0.0/16"), "{v}");
 
+    // keepalived's move, as an HA router's standby and active see it: the addresses (and the
+    // routes through them) leave the ports (the standby holds the devices without them) and
+    // come back, as keepalived's virtual_ipaddress and virtual_routes. Without them the fast
+    // path forwards nothing (no connected subnet, no route); back, it carries again.
+    let (qa, qb, qg) = (a.qr_a.clone(), a.qr_b.clone(), a.qg.clone());
+    sh(&format!(
+        "ip -n {ns} addr flush dev {qa} && ip -n {ns} addr flush dev {qb} && ip -n {ns} addr flush dev {qg}"
+    ));
+    wait_until(
+        "the ports without addresses",
+        Duration::from_secs(2),
+        || {
+            let v = a.show().ok_or("no show")?;
+            let empty = v["interfaces"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|i| i["fixed_ips"].as_array().is_some_and(|f| f.is_empty()));
+            if empty {
+                Ok(())
+            } else {
+                Err(v["interfaces"].to_string())
+            }
+        },
+    );
+    let f0 = a.forwarded(&a.qr_a);
+    assert_eq!(
+        pings(&vm1, "172.16.101.3", 20).1,
+        0,
+        "answered without addresses"
+    );
+    assert_eq!(a.forwarded(&a.qr_a), f0, "forwarded without addresses");
+    sh(&format!(
+        "ip -n {ns} addr add 172.16.100.1/24 dev {qa} && ip -n {ns} addr add 172.16.101.1/24 dev {qb} && \
+         ip -n {ns} addr add 192.168.1.10/24 dev {qg} && ip -n {ns} addr add 192.168.1.20/32 dev {qg} && \
+         ip -n {ns} route replace default via 192.168.1.1 dev {qg} && \
+         ip -n {ns} route replace 10.10.0.0/16 via 172.16.101.254"
+    ));
+    let f0 = a.forwarded(&a.qr_a);
+    assert_eq!(pings(&vm1, "172.16.101.3", 300), (300, 300));
+    let back = grew("qr-a forwarded", f0, a.forwarded(&a.qr_a));
+    assert!(
+        back >= 250,
+        "after the addresses came back the fast path carried {back} of 300"
+    );
+
     // Stopping follow mode leaves nothing of ours in the namespace, and the kernel goes on.
     a.stop();
     assert!(a.show().is_none(), "the router is still listed");

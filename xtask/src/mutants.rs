@@ -352,7 +352,13 @@ pub const MUTANTS: &[Mutant] = &[
         name: "address_events_ignored",
         fault: "the daemon does not follow address events: an address added to a qr- device \
                 after apply is routed as a neighbour's, a removed one stays the router's",
-        tests: &[("netns", "a_changed_device_mac_or_address_is_followed")],
+        tests: &[
+            ("netns", "a_changed_device_mac_or_address_is_followed"),
+            (
+                "follow",
+                "a_router_the_l3_agent_built_is_accelerated_with_only_follow",
+            ),
+        ],
     },
     Mutant {
         name: "v6_route_removal_kept",
