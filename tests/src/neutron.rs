@@ -23,6 +23,9 @@ pub struct Agent {
     pub qr_b: String,
     pub qg: String,
     daemon: Option<Child>,
+    /// The Open vSwitch whose internal ports are the `qr-` devices (`build_on_ovs`); dropped
+    /// after the namespaces.
+    pub ovs: Option<crate::ovs::Ovs>,
 }
 
 impl Agent {
@@ -39,8 +42,23 @@ impl Agent {
         format!("fout-{}", self.tag)
     }
 
-    /// The router as the L3 agent builds it (legacy router, SNAT on, one floating IP for vm3).
+    /// The router as the L3 agent builds it (legacy router, SNAT on, one floating IP for vm3),
+    /// its `qr-` devices veth pairs (the linuxbridge agent's way).
     pub fn build() -> Agent {
+        Agent::build_with(false)
+    }
+
+    /// The same with the `qr-` devices as the OVS agent plugs them: internal ports of an
+    /// integration bridge (a private Open vSwitch, userspace datapath: taps), tagged per
+    /// network, moved into the namespace; the instances' veths on the bridge with the same
+    /// tags. OVS's userspace datapath hands a veth's partial checksums on unresolved, so the
+    /// instances' veth ends have transmit checksum offload off: the switch's requirement (the
+    /// kernel alone delivers nothing without it), not the router's.
+    pub fn build_on_ovs() -> Agent {
+        Agent::build_with(true)
+    }
+
+    fn build_with(on_ovs: bool) -> Agent {
         let tag = unique_tag();
         let id = format!("{tag}0000-16f4-4d6c-89d2-8af91cec9714");
         let a = Agent {
@@ -48,18 +66,40 @@ impl Agent {
             qr_a: format!("qr-{tag}00a-45"),
             qr_b: format!("qr-{tag}00b-73"),
             qg: format!("qg-{tag}00c-11"),
-            tag,
+            tag: tag.clone(),
             daemon: None,
+            ovs: on_ovs.then(|| crate::ovs::Ovs::start(&tag, &format!("bn{tag}"))),
         };
         let (ns, vm1, vm3, ext, out) = (a.ns.clone(), a.vm1(), a.vm3(), a.ext(), a.out());
         let (qa, qb, qg) = (&a.qr_a, &a.qr_b, &a.qg);
         sh(&format!(
             "ip netns add {ns} && ip -n {ns} link set lo up && \
              ip netns exec {ns} sysctl -qw net.ipv4.ip_forward=1 && \
-             ip netns add {vm1} && ip netns add {vm3} && ip netns add {ext} && ip netns add {out} && \
-             ip -n {ns} link add {qa} type veth peer name t1 netns {vm1} && \
-             ip -n {ns} link add {qb} type veth peer name t3 netns {vm3} && \
-             ip -n {ns} link add {qg} type veth peer name up0 netns {ext} && \
+             ip netns add {vm1} && ip netns add {vm3} && ip netns add {ext} && ip netns add {out}"
+        ));
+        match &a.ovs {
+            None => sh(&format!(
+                "ip -n {ns} link add {qa} type veth peer name t1 netns {vm1} && \
+                 ip -n {ns} link add {qb} type veth peer name t3 netns {vm3}"
+            )),
+            Some(o) => {
+                for (port, vm, inst, tag_no) in [(qa, &vm1, "t1", 1), (qb, &vm3, "t3", 2)] {
+                    o.add_internal_port(port);
+                    o.vsctl(&format!("set port {port} tag={tag_no}"));
+                    sh(&format!("ip link set {port} netns {ns}"));
+                    let side = format!("o{tag_no}{}", a.tag);
+                    sh(&format!(
+                        "ip link add {side} type veth peer name {inst} netns {vm} && ip link set {side} up && \
+                         ip netns exec {vm} ethtool -K {inst} tx off >/dev/null"
+                    ));
+                    o.vsctl(&format!("add-port {} {side} tag={tag_no}", o.bridge));
+                }
+                sh(&format!("ip link set {} up", o.bridge));
+                String::new()
+            }
+        };
+        sh(&format!(
+            "ip -n {ns} link add {qg} type veth peer name up0 netns {ext} && \
              ip -n {ns} addr add 172.16.100.1/24 dev {qa} && ip -n {ns} link set {qa} up && \
              ip -n {ns} addr add 172.16.101.1/24 dev {qb} && ip -n {ns} link set {qb} up && \
              ip -n {ns} addr add 192.168.1.10/24 dev {qg} && ip -n {ns} addr add 192.168.1.20/32 dev {qg} && \

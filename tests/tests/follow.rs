@@ -239,3 +239,60 @@ fn a_router_the_l3_agent_built_is_accelerated_with_only_follow() {
         },
     );
 }
+
+#[test]
+fn a_router_on_open_vswitch_internal_ports_is_accelerated_with_only_follow() {
+    require_root();
+    let mut a = tests::in_setup(Agent::build_on_ovs);
+    a.liberal();
+    let (vm1, vm3) = (a.vm1(), a.vm3());
+    // The kernel alone first: through OVS's userspace datapath, both ways.
+    assert_eq!(
+        tests::in_setup(|| pings(&vm1, "172.16.101.3", 5)),
+        (5, 5),
+        "the set-up does not forward without us"
+    );
+    let (n, same) = tests::topo::tcp_transfer(&vm1, &vm3, "172.16.101.3", 4 << 20);
+    assert_eq!((n, same), (4 << 20, true), "TCP through the kernel alone");
+    a.follow();
+    let v = wait_until(
+        "the namespace followed",
+        Duration::from_secs(5),
+        || match a.show() {
+            Some(v) if v["interfaces"].as_array().map(|i| i.len()) == Some(3) => Ok(v),
+            other => Err(format!("{other:?}")),
+        },
+    );
+    // OVS internal ports are taps here: tc.
+    for i in v["interfaces"].as_array().unwrap() {
+        assert_eq!(i["hook"], "tc", "{i}");
+    }
+    let f0 = a.forwarded(&a.qr_a);
+    assert_eq!(pings(&vm1, "172.16.101.3", 300), (300, 300));
+    let carried = grew("qr-a forwarded", f0, a.forwarded(&a.qr_a));
+    assert!(carried >= 250, "the fast path carried {carried} of 300");
+    let f0 = a.forwarded(&a.qr_a);
+    let (n, same) = tests::topo::tcp_transfer(&vm1, &vm3, "172.16.101.3", 16 << 20);
+    assert_eq!((n, same), (16 << 20, true), "TCP through the fast path");
+    let tcp = grew("qr-a forwarded", f0, a.forwarded(&a.qr_a));
+    assert!(tcp >= 100, "the fast path carried {tcp} TCP segments");
+    // The agent's denying rule holds on OVS ports too.
+    let rx = in_ns(&vm3, || UdpSocket::bind("0.0.0.0:7777").unwrap())
+        .join()
+        .unwrap();
+    rx.set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    in_ns(&vm1, || {
+        let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+        for i in 0u32..200 {
+            s.send_to(&i.to_be_bytes(), "172.16.101.3:7777").unwrap();
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    })
+    .join()
+    .unwrap();
+    assert!(
+        rx.recv(&mut [0u8; 16]).is_err(),
+        "a denied datagram arrived"
+    );
+}
