@@ -114,65 +114,13 @@ impl Agent {
              ip -n {out} link set lo up && ip -n {out} link set e0 up && ip -n {out} addr add 203.0.113.5/24 dev e0 && \
              ip -n {out} route add default via 203.0.113.1"
         ));
-        // The agent's rules, replaced wholesale as the agent does.
-        let rules = format!(
-            "*filter\n\
-             :neutron-filter-top - [0:0]\n\
-             :neutron-l3-agent-FORWARD - [0:0]\n\
-             :neutron-l3-agent-INPUT - [0:0]\n\
-             :neutron-l3-agent-local - [0:0]\n\
-             :neutron-l3-agent-scope - [0:0]\n\
-             -A INPUT -j neutron-l3-agent-INPUT\n\
-             -A FORWARD -j neutron-filter-top\n\
-             -A FORWARD -j neutron-l3-agent-FORWARD\n\
-             -A neutron-filter-top -j neutron-l3-agent-local\n\
-             -A neutron-l3-agent-FORWARD -j neutron-l3-agent-scope\n\
-             -A neutron-l3-agent-FORWARD -p udp --dport 7777 -j DROP\n\
-             -A neutron-l3-agent-INPUT -m mark --mark 0x1/0xffff -j ACCEPT\n\
-             COMMIT\n\
-             *mangle\n\
-             :neutron-l3-agent-PREROUTING - [0:0]\n\
-             :neutron-l3-agent-mark - [0:0]\n\
-             :neutron-l3-agent-scope - [0:0]\n\
-             -A PREROUTING -j neutron-l3-agent-PREROUTING\n\
-             -A neutron-l3-agent-PREROUTING -j neutron-l3-agent-mark\n\
-             -A neutron-l3-agent-PREROUTING -j neutron-l3-agent-scope\n\
-             -A neutron-l3-agent-mark -i {qg} -j MARK --set-xmark 0x2/0xffff\n\
-             COMMIT\n\
-             *nat\n\
-             :neutron-l3-agent-OUTPUT - [0:0]\n\
-             :neutron-l3-agent-POSTROUTING - [0:0]\n\
-             :neutron-l3-agent-PREROUTING - [0:0]\n\
-             :neutron-l3-agent-float-snat - [0:0]\n\
-             :neutron-l3-agent-snat - [0:0]\n\
-             :neutron-postrouting-bottom - [0:0]\n\
-             -A PREROUTING -j neutron-l3-agent-PREROUTING\n\
-             -A OUTPUT -j neutron-l3-agent-OUTPUT\n\
-             -A POSTROUTING -j neutron-l3-agent-POSTROUTING\n\
-             -A POSTROUTING -j neutron-postrouting-bottom\n\
-             -A neutron-l3-agent-OUTPUT -d 192.168.1.20/32 -j DNAT --to-destination 172.16.101.3\n\
-             -A neutron-l3-agent-POSTROUTING ! -o {qg} -m conntrack ! --ctstate DNAT -j ACCEPT\n\
-             -A neutron-l3-agent-PREROUTING -d 192.168.1.20/32 -j DNAT --to-destination 172.16.101.3\n\
-             -A neutron-l3-agent-float-snat -s 172.16.101.3/32 -j SNAT --to-source 192.168.1.20 --random-fully\n\
-             -A neutron-l3-agent-snat -j neutron-l3-agent-float-snat\n\
-             -A neutron-l3-agent-snat -o {qg} -j SNAT --to-source 192.168.1.10 --random-fully\n\
-             -A neutron-l3-agent-snat -m mark ! --mark 0x2/0xffff -m conntrack --ctstate DNAT -j SNAT --to-source 192.168.1.10 --random-fully\n\
-             -A neutron-postrouting-bottom -m comment --comment \"Perform source NAT on outgoing traffic.\" -j neutron-l3-agent-snat\n\
-             COMMIT\n"
-        );
         // The agent's namespace settings (`Namespace.create` in neutron/agent/l3/namespaces.py)
         // but `nf_conntrack_tcp_be_liberal=1`, which the test sets later: first it shows that a
         // strict conntrack keeps TCP with the kernel.
         sh(&format!(
             "ip netns exec {ns} sysctl -qw net.ipv4.conf.all.arp_ignore=1 net.ipv4.conf.all.arp_announce=2"
         ));
-        let path = std::env::temp_dir().join(format!("follow-{}.rules", a.tag));
-        std::fs::write(&path, rules).unwrap();
-        sh(&format!(
-            "ip netns exec {ns} iptables-restore -w < {}",
-            path.display()
-        ));
-        let _ = std::fs::remove_file(path);
+        load_rules(&ns, qg, &a.tag);
         a
     }
 
@@ -260,4 +208,62 @@ impl Drop for Agent {
                 .status();
         }
     }
+}
+
+/// The agent's rules for a legacy router whose gateway port is `qg` (SNAT to 192.168.1.10,
+/// floating IP 192.168.1.20 → 172.16.101.3, UDP to port 7777 dropped), loaded into `ns` with
+/// iptables-restore, replaced wholesale as the agent does.
+pub fn load_rules(ns: &str, qg: &str, tag: &str) {
+    let rules = format!(
+            "*filter\n\
+             :neutron-filter-top - [0:0]\n\
+             :neutron-l3-agent-FORWARD - [0:0]\n\
+             :neutron-l3-agent-INPUT - [0:0]\n\
+             :neutron-l3-agent-local - [0:0]\n\
+             :neutron-l3-agent-scope - [0:0]\n\
+             -A INPUT -j neutron-l3-agent-INPUT\n\
+             -A FORWARD -j neutron-filter-top\n\
+             -A FORWARD -j neutron-l3-agent-FORWARD\n\
+             -A neutron-filter-top -j neutron-l3-agent-local\n\
+             -A neutron-l3-agent-FORWARD -j neutron-l3-agent-scope\n\
+             -A neutron-l3-agent-FORWARD -p udp --dport 7777 -j DROP\n\
+             -A neutron-l3-agent-INPUT -m mark --mark 0x1/0xffff -j ACCEPT\n\
+             COMMIT\n\
+             *mangle\n\
+             :neutron-l3-agent-PREROUTING - [0:0]\n\
+             :neutron-l3-agent-mark - [0:0]\n\
+             :neutron-l3-agent-scope - [0:0]\n\
+             -A PREROUTING -j neutron-l3-agent-PREROUTING\n\
+             -A neutron-l3-agent-PREROUTING -j neutron-l3-agent-mark\n\
+             -A neutron-l3-agent-PREROUTING -j neutron-l3-agent-scope\n\
+             -A neutron-l3-agent-mark -i {qg} -j MARK --set-xmark 0x2/0xffff\n\
+             COMMIT\n\
+             *nat\n\
+             :neutron-l3-agent-OUTPUT - [0:0]\n\
+             :neutron-l3-agent-POSTROUTING - [0:0]\n\
+             :neutron-l3-agent-PREROUTING - [0:0]\n\
+             :neutron-l3-agent-float-snat - [0:0]\n\
+             :neutron-l3-agent-snat - [0:0]\n\
+             :neutron-postrouting-bottom - [0:0]\n\
+             -A PREROUTING -j neutron-l3-agent-PREROUTING\n\
+             -A OUTPUT -j neutron-l3-agent-OUTPUT\n\
+             -A POSTROUTING -j neutron-l3-agent-POSTROUTING\n\
+             -A POSTROUTING -j neutron-postrouting-bottom\n\
+             -A neutron-l3-agent-OUTPUT -d 192.168.1.20/32 -j DNAT --to-destination 172.16.101.3\n\
+             -A neutron-l3-agent-POSTROUTING ! -o {qg} -m conntrack ! --ctstate DNAT -j ACCEPT\n\
+             -A neutron-l3-agent-PREROUTING -d 192.168.1.20/32 -j DNAT --to-destination 172.16.101.3\n\
+             -A neutron-l3-agent-float-snat -s 172.16.101.3/32 -j SNAT --to-source 192.168.1.20 --random-fully\n\
+             -A neutron-l3-agent-snat -j neutron-l3-agent-float-snat\n\
+             -A neutron-l3-agent-snat -o {qg} -j SNAT --to-source 192.168.1.10 --random-fully\n\
+             -A neutron-l3-agent-snat -m mark ! --mark 0x2/0xffff -m conntrack --ctstate DNAT -j SNAT --to-source 192.168.1.10 --random-fully\n\
+             -A neutron-postrouting-bottom -m comment --comment \"Perform source NAT on outgoing traffic.\" -j neutron-l3-agent-snat\n\
+             COMMIT\n"
+        );
+    let path = std::env::temp_dir().join(format!("follow-{tag}-{ns}.rules"));
+    std::fs::write(&path, rules).unwrap();
+    sh(&format!(
+        "ip netns exec {ns} iptables-restore -w < {}",
+        path.display()
+    ));
+    let _ = std::fs::remove_file(path);
 }

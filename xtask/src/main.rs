@@ -77,6 +77,8 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     // Neutron's L3 agent writes its rules with iptables (iptables-nft): the tests write
     // theirs the same way.
     ("iptables", "iptables"),
+    // Neutron's HA routers: keepalived in each host's router namespace.
+    ("keepalived", "keepalived"),
 ];
 
 /// What `cargo xtask bench` uses besides: bulk TCP through the router.
