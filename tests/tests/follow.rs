@@ -20,6 +20,13 @@ use tests::{
     wait_until,
 };
 
+/// One `router-ctl run` at a time (it holds the daemon lock): the tests take turns.
+static DAEMON: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_daemon() -> std::sync::MutexGuard<'static, ()> {
+    DAEMON.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn pings(from: &str, to: &str, n: u32) -> (u32, u32) {
     let out = Seed::exec(from, &format!("ping -c {n} -i 0.005 -W 2 {to}"));
     ping_summary(&String::from_utf8_lossy(&out.stdout))
@@ -28,6 +35,7 @@ fn pings(from: &str, to: &str, n: u32) -> (u32, u32) {
 #[test]
 fn a_router_the_l3_agent_built_is_accelerated_with_only_follow() {
     require_root();
+    let _daemon = one_daemon();
     let mut a = tests::in_setup(Agent::build);
     let (ns, vm1, vm3, out) = (a.ns.clone(), a.vm1(), a.vm3(), a.out());
     // The kernel alone first: the set-up works without us.
@@ -243,6 +251,7 @@ fn a_router_the_l3_agent_built_is_accelerated_with_only_follow() {
 #[test]
 fn a_router_on_open_vswitch_internal_ports_is_accelerated_with_only_follow() {
     require_root();
+    let _daemon = one_daemon();
     let mut a = tests::in_setup(Agent::build_on_ovs);
     a.liberal();
     let (vm1, vm3) = (a.vm1(), a.vm3());
@@ -303,7 +312,10 @@ fn a_router_on_open_vswitch_internal_ports_is_accelerated_with_only_follow() {
 /// keepalived in each as `neutron/agent/linux/keepalived.py` configures it (both BACKUP,
 /// nopreempt, priority 50, advert_int 2, the router's addresses as
 /// `virtual_ipaddress_excluded`, its default route as `virtual_routes`): the standby holds the
-/// devices without addresses. The networks are bridges in a switch namespace.
+/// devices without addresses. As `HaRouterNamespace.create` (ha_router.py) does, the kernel
+/// makes no IPv6 link-local address on the devices (keepalived would hold it on the master
+/// only): a standby's device sending with the shared MAC would pull the switch's forwarding
+/// of that MAC to itself. The networks are bridges in a switch namespace.
 struct HaPair {
     tag: String,
     hosts: [String; 2],
@@ -359,7 +371,8 @@ impl HaPair {
             let n = h + 1;
             sh(&format!(
                 "ip netns add {ns} && ip -n {ns} link set lo up && \
-                 ip netns exec {ns} sysctl -qw net.ipv4.ip_forward=1 net.ipv4.conf.all.arp_ignore=1 net.ipv4.conf.all.arp_announce=2 && \
+                 ip netns exec {ns} sysctl -qw net.ipv4.ip_forward=1 net.ipv4.conf.all.arp_ignore=1 net.ipv4.conf.all.arp_announce=2 \
+                   net.ipv4.ip_nonlocal_bind=1 net.ipv6.conf.all.addr_gen_mode=1 net.ipv6.conf.default.addr_gen_mode=1 && \
                  ip -n {ns} link add {qa} address fa:16:3e:00:00:0a type veth peer name a{n} netns {sw} && \
                  ip -n {ns} link add {qb} address fa:16:3e:00:00:0b type veth peer name b{n} netns {sw} && \
                  ip -n {ns} link add {qg} address fa:16:3e:00:00:0c type veth peer name g{n} netns {sw} && \
@@ -478,6 +491,7 @@ impl Drop for HaPair {
 #[test]
 fn an_ha_router_moved_by_keepalived_is_followed_to_its_new_master() {
     require_root();
+    let _daemon = one_daemon();
     let mut p = tests::in_setup(HaPair::build);
     let (vm1, pattern) = (
         p.ns("vm1"),
