@@ -220,7 +220,7 @@ fn foreign_rules_are_never_bypassed_and_accepted_flows_are_carried() {
         .filter(|t| **t > ruled)
         .map(|t| t.duration_since(ruled))
         .collect();
-    let last = seen.iter().filter(|t| **t > before).last();
+    let last = seen.iter().rev().find(|t| **t > before);
     eprintln!(
         "iptables ran {:?}; the last request arrived {:?} after it started; {} after it returned",
         ruled - before,
