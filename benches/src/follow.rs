@@ -5,13 +5,14 @@
 //! request-shaped connections through SNAT (64 clients, ports reused); and a flow the agent's
 //! chain denies (datagrams that arrive: must be 0 either way).
 
-use std::{net::UdpSocket, time::Duration};
+use std::time::Duration;
 
-use anyhow::{Context as _, Result};
-use tests::{neutron::Agent, sh, sh_out, topo::in_ns, wait_until};
+use anyhow::Result;
+use tests::{neutron::Agent, sh, sh_out, wait_until};
 
 use crate::{
     conns::{self, Server},
+    nat::iperf,
     stats::{summarize, Summary},
 };
 
@@ -29,45 +30,6 @@ pub struct FollowFigures {
     /// Datagrams of the denied flow that arrived, over all rounds (kernel, followed).
     pub denied_arrived: (u64, u64),
     pub denied_sent: u64,
-}
-
-/// iperf3 from `client` to `dst` for `secs`; Gbit/s received.
-fn iperf(client: &str, dst: &str, secs: u32) -> Result<f64> {
-    let out = sh_out(&format!(
-        "ip netns exec {client} iperf3 -c {dst} -t {secs} -J"
-    ));
-    anyhow::ensure!(
-        out.status.success(),
-        "iperf3 {client} → {dst}: {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-    v["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .map(|b| b / 1e9)
-        .context("iperf3 JSON")
-}
-
-/// Datagrams to vm3's port 7777 (the agent's chain drops them) that arrive.
-fn denied(a: &Agent, n: u32) -> u64 {
-    let rx = in_ns(&a.vm3(), || UdpSocket::bind("0.0.0.0:7777").unwrap())
-        .join()
-        .unwrap();
-    rx.set_read_timeout(Some(Duration::from_millis(200)))
-        .unwrap();
-    in_ns(&a.vm1(), move || {
-        let s = UdpSocket::bind("0.0.0.0:0").unwrap();
-        for i in 0..n {
-            let _ = s.send_to(&i.to_be_bytes(), "172.16.101.3:7777");
-        }
-    })
-    .join()
-    .unwrap();
-    let mut got = 0;
-    while rx.recv(&mut [0u8; 16]).is_ok() {
-        got += 1;
-    }
-    got
 }
 
 /// Runs the comparison over `rounds` rounds.
@@ -117,7 +79,7 @@ pub fn run(rounds: usize) -> Result<FollowFigures> {
                 let addr = "203.0.113.5:8080".parse().expect("an address");
                 let r = conns::load(&vm1, addr, 64, 0.5, 2.0)?;
                 got[m][3] = r.conn_s;
-                let d = denied(&a, 1000);
+                let d = tests::neutron::denied_arrived(&vm1, &vm3, 1000) as u64;
                 if followed {
                     denied_arrived.1 += d;
                     a.stop();

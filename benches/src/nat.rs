@@ -385,14 +385,15 @@ pub fn run(runs: usize) -> Result<NatBench> {
     })
 }
 
-/// iperf3 vm1 → outside through SNAT for 5 s; Gbit/s.
-fn iperf(vm1: &str) -> Result<f64> {
+/// iperf3 from namespace `client` to `dst` for `secs` seconds (a server runs there); Gbit/s
+/// received.
+pub fn iperf(client: &str, dst: &str, secs: u32) -> Result<f64> {
     let out = sh_out(&format!(
-        "ip netns exec {vm1} iperf3 -c 203.0.113.5 -t 5 -J"
+        "ip netns exec {client} iperf3 -c {dst} -t {secs} -J"
     ));
     anyhow::ensure!(
         out.status.success(),
-        "iperf3: {}",
+        "iperf3 {client} → {dst}: {}",
         String::from_utf8_lossy(&out.stdout)
     );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
@@ -477,14 +478,14 @@ fn tcp_and_connections(runs: usize) -> Result<Six> {
             for kernel_first in [round % 2 == 0, round % 2 == 1] {
                 if kernel_first {
                     set_mode(&mut s, Mode::Kernel)?;
-                    gk = iperf(&vm1)?;
+                    gk = iperf(&vm1, "203.0.113.5", 5)?;
                     nk = connections(&s, 1000)?;
                 } else {
                     let t = s.ids.config_nat("", "");
                     s.apply(&t);
                     std::thread::sleep(Duration::from_millis(300));
                     let t0 = translated(&s);
-                    gr = iperf(&vm1)?;
+                    gr = iperf(&vm1, "203.0.113.5", 5)?;
                     anyhow::ensure!(translated(&s) > t0, "the fast path translated nothing");
                     nr = connections(&s, 1000)?;
                 }

@@ -103,17 +103,9 @@ impl Agent {
              ip -n {ns} addr add 172.16.100.1/24 dev {qa} && ip -n {ns} link set {qa} up && \
              ip -n {ns} addr add 172.16.101.1/24 dev {qb} && ip -n {ns} link set {qb} up && \
              ip -n {ns} addr add 192.168.1.10/24 dev {qg} && ip -n {ns} addr add 192.168.1.20/32 dev {qg} && \
-             ip -n {ns} link set {qg} up && ip -n {ns} route add default via 192.168.1.1 dev {qg} && \
-             ip -n {vm1} link set lo up && ip -n {vm1} link set t1 up && ip -n {vm1} addr add 172.16.100.3/24 dev t1 && \
-             ip -n {vm1} route add default via 172.16.100.1 && \
-             ip -n {vm3} link set lo up && ip -n {vm3} link set t3 up && ip -n {vm3} addr add 172.16.101.3/24 dev t3 && \
-             ip -n {vm3} route add default via 172.16.101.1 && \
-             ip -n {ext} link set lo up && ip -n {ext} link set up0 up && ip -n {ext} addr add 192.168.1.1/24 dev up0 && \
-             ip -n {ext} link add o0 type veth peer name e0 netns {out} && ip -n {ext} link set o0 up && \
-             ip -n {ext} addr add 203.0.113.1/24 dev o0 && ip netns exec {ext} sysctl -qw net.ipv4.ip_forward=1 && \
-             ip -n {out} link set lo up && ip -n {out} link set e0 up && ip -n {out} addr add 203.0.113.5/24 dev e0 && \
-             ip -n {out} route add default via 203.0.113.1"
+             ip -n {ns} link set {qg} up && ip -n {ns} route add default via 192.168.1.1 dev {qg}"
         ));
+        instances_and_outside(&vm1, &vm3, &ext, &out);
         // The agent's namespace settings (`Namespace.create` in neutron/agent/l3/namespaces.py)
         // but `nf_conntrack_tcp_be_liberal=1`, which the test sets later: first it shows that a
         // strict conntrack keeps TCP with the kernel.
@@ -122,6 +114,18 @@ impl Agent {
         ));
         load_rules(&ns, qg, &a.tag);
         a
+    }
+
+    /// Waits (5 s at most) until `show` lists the router with its three ports; its JSON.
+    pub fn followed(&self) -> serde_json::Value {
+        crate::wait_until(
+            "the namespace followed",
+            Duration::from_secs(5),
+            || match self.show() {
+                Some(v) if v["interfaces"].as_array().map(|i| i.len()) == Some(3) => Ok(v),
+                other => Err(format!("{other:?}")),
+            },
+        )
     }
 
     /// `nf_conntrack_tcp_be_liberal=1`, as the agent sets it in every router namespace.
@@ -266,4 +270,45 @@ pub fn load_rules(ns: &str, qg: &str, tag: &str) {
         path.display()
     ));
     let _ = std::fs::remove_file(path);
+}
+
+/// The instances and the outside, once their devices exist: vm1's `t1` (172.16.100.3, gateway
+/// .1), vm3's `t3` (172.16.101.3), the upstream router `ext` on its `up0` (192.168.1.1,
+/// forwarding), and behind it the outside host `out` (203.0.113.5).
+pub fn instances_and_outside(vm1: &str, vm3: &str, ext: &str, out: &str) {
+    sh(&format!(
+        "ip -n {vm1} link set lo up && ip -n {vm1} link set t1 up && ip -n {vm1} addr add 172.16.100.3/24 dev t1 && \
+         ip -n {vm1} route add default via 172.16.100.1 && \
+         ip -n {vm3} link set lo up && ip -n {vm3} link set t3 up && ip -n {vm3} addr add 172.16.101.3/24 dev t3 && \
+         ip -n {vm3} route add default via 172.16.101.1 && \
+         ip -n {ext} link set lo up && ip -n {ext} link set up0 up && ip -n {ext} addr add 192.168.1.1/24 dev up0 && \
+         ip -n {ext} link add o0 type veth peer name e0 netns {out} && ip -n {ext} link set o0 up && \
+         ip -n {ext} addr add 203.0.113.1/24 dev o0 && ip netns exec {ext} sysctl -qw net.ipv4.ip_forward=1 && \
+         ip -n {out} link set lo up && ip -n {out} link set e0 up && ip -n {out} addr add 203.0.113.5/24 dev e0 && \
+         ip -n {out} route add default via 203.0.113.1"
+    ));
+}
+
+/// Datagrams that arrive in `vm3` of `n` that `vm1` sends to its UDP port 7777 (which the
+/// agent's chain drops), 200 µs apart.
+pub fn denied_arrived(vm1: &str, vm3: &str, n: u32) -> u32 {
+    let rx = crate::topo::in_ns(vm3, || std::net::UdpSocket::bind("0.0.0.0:7777").unwrap())
+        .join()
+        .unwrap();
+    rx.set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    crate::topo::in_ns(vm1, move || {
+        let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        for i in 0..n {
+            s.send_to(&i.to_be_bytes(), "172.16.101.3:7777").unwrap();
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    })
+    .join()
+    .unwrap();
+    let mut got = 0;
+    while rx.recv(&mut [0u8; 16]).is_ok() {
+        got += 1;
+    }
+    got
 }

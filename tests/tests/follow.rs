@@ -7,16 +7,13 @@
 //! floating-IP traffic is carried by the fast path, a denying rule holds, a route the agent
 //! adds is followed, and stopping leaves nothing of ours in the namespace.
 
-use std::{
-    net::UdpSocket,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use tests::{
     grew,
     neutron::Agent,
     require_root, sh,
-    topo::{in_ns, ping_summary, tcp_transfer_via, Seed},
+    topo::{ping_summary, tcp_transfer_via, Seed},
     wait_until,
 };
 
@@ -41,14 +38,7 @@ fn a_router_the_l3_agent_built_is_accelerated_with_only_follow() {
     // The kernel alone first: the set-up works without us.
     assert_eq!(tests::in_setup(|| pings(&vm1, "203.0.113.5", 5)), (5, 5));
     a.follow();
-    let v = wait_until(
-        "the namespace followed",
-        Duration::from_secs(5),
-        || match a.show() {
-            Some(v) if v["interfaces"].as_array().map(|i| i.len()) == Some(3) => Ok(v),
-            other => Err(format!("{other:?}")),
-        },
-    );
+    let v = a.followed();
     assert_eq!(
         (&v["filter"]["guarded"], &v["followed"]),
         (&serde_json::json!(true), &serde_json::json!(true)),
@@ -112,22 +102,9 @@ fn a_router_the_l3_agent_built_is_accelerated_with_only_follow() {
     assert!(dnat >= 100, "the fast path DNATed {dnat} segments");
 
     // The denying rule holds: none of 200 datagrams arrives.
-    let rx = in_ns(&vm3, || UdpSocket::bind("0.0.0.0:7777").unwrap())
-        .join()
-        .unwrap();
-    rx.set_read_timeout(Some(Duration::from_millis(300)))
-        .unwrap();
-    in_ns(&vm1, || {
-        let s = UdpSocket::bind("0.0.0.0:0").unwrap();
-        for i in 0u32..200 {
-            s.send_to(&i.to_be_bytes(), "172.16.101.3:7777").unwrap();
-            std::thread::sleep(Duration::from_micros(200));
-        }
-    })
-    .join()
-    .unwrap();
-    assert!(
-        rx.recv(&mut [0u8; 16]).is_err(),
+    assert_eq!(
+        tests::neutron::denied_arrived(&vm1, &vm3, 200),
+        0,
         "a denied datagram arrived"
     );
 
@@ -264,14 +241,7 @@ fn a_router_on_open_vswitch_internal_ports_is_accelerated_with_only_follow() {
     let (n, same) = tests::topo::tcp_transfer(&vm1, &vm3, "172.16.101.3", 4 << 20);
     assert_eq!((n, same), (4 << 20, true), "TCP through the kernel alone");
     a.follow();
-    let v = wait_until(
-        "the namespace followed",
-        Duration::from_secs(5),
-        || match a.show() {
-            Some(v) if v["interfaces"].as_array().map(|i| i.len()) == Some(3) => Ok(v),
-            other => Err(format!("{other:?}")),
-        },
-    );
+    let v = a.followed();
     // OVS internal ports are taps here: tc.
     for i in v["interfaces"].as_array().unwrap() {
         assert_eq!(i["hook"], "tc", "{i}");
@@ -286,22 +256,9 @@ fn a_router_on_open_vswitch_internal_ports_is_accelerated_with_only_follow() {
     let tcp = grew("qr-a forwarded", f0, a.forwarded(&a.qr_a));
     assert!(tcp >= 100, "the fast path carried {tcp} TCP segments");
     // The agent's denying rule holds on OVS ports too.
-    let rx = in_ns(&vm3, || UdpSocket::bind("0.0.0.0:7777").unwrap())
-        .join()
-        .unwrap();
-    rx.set_read_timeout(Some(Duration::from_millis(300)))
-        .unwrap();
-    in_ns(&vm1, || {
-        let s = UdpSocket::bind("0.0.0.0:0").unwrap();
-        for i in 0u32..200 {
-            s.send_to(&i.to_be_bytes(), "172.16.101.3:7777").unwrap();
-            std::thread::sleep(Duration::from_micros(200));
-        }
-    })
-    .join()
-    .unwrap();
-    assert!(
-        rx.recv(&mut [0u8; 16]).is_err(),
+    assert_eq!(
+        tests::neutron::denied_arrived(&vm1, &vm3, 200),
+        0,
         "a denied datagram arrived"
     );
 }
@@ -355,17 +312,9 @@ impl HaPair {
              for b in bra brb brg brh; do ip -n {sw} link add $b type bridge && ip -n {sw} link set $b up; done && \
              ip -n {vm1} link add t1 type veth peer name pv1 netns {sw} && ip -n {sw} link set pv1 master bra up && \
              ip -n {vm3} link add t3 type veth peer name pv3 netns {sw} && ip -n {sw} link set pv3 master brb up && \
-             ip -n {ext} link add up0 type veth peer name pe netns {sw} && ip -n {sw} link set pe master brg up && \
-             ip -n {vm1} link set lo up && ip -n {vm1} link set t1 up && ip -n {vm1} addr add 172.16.100.3/24 dev t1 && \
-             ip -n {vm1} route add default via 172.16.100.1 && \
-             ip -n {vm3} link set lo up && ip -n {vm3} link set t3 up && ip -n {vm3} addr add 172.16.101.3/24 dev t3 && \
-             ip -n {vm3} route add default via 172.16.101.1 && \
-             ip -n {ext} link set lo up && ip -n {ext} link set up0 up && ip -n {ext} addr add 192.168.1.1/24 dev up0 && \
-             ip -n {ext} link add o0 type veth peer name e0 netns {out} && ip -n {ext} link set o0 up && \
-             ip -n {ext} addr add 203.0.113.1/24 dev o0 && ip netns exec {ext} sysctl -qw net.ipv4.ip_forward=1 && \
-             ip -n {out} link set lo up && ip -n {out} link set e0 up && ip -n {out} addr add 203.0.113.5/24 dev e0 && \
-             ip -n {out} route add default via 203.0.113.1"
+             ip -n {ext} link add up0 type veth peer name pe netns {sw} && ip -n {sw} link set pe master brg up"
         ));
+        tests::neutron::instances_and_outside(&vm1, &vm3, &ext, &out);
         let mut p = p;
         for (h, ns) in p.hosts.clone().iter().enumerate() {
             let n = h + 1;
@@ -531,21 +480,26 @@ fn an_ha_router_moved_by_keepalived_is_followed_to_its_new_master() {
             })
             .unwrap_or(0)
     };
-    wait_until("both hosts followed", Duration::from_secs(5), || {
-        match (show(first), show(standby)) {
-            (Some(m), Some(s)) if addresses(&m) == 2 && addresses(&s) == 0 => Ok(()),
-            other => Err(format!("{other:?}")),
-        }
-    });
-    // The master's fast path carries; the standby's has nothing to route.
-    let (m0, s0) = (p.forwarded(first), p.forwarded(standby));
-    assert_eq!(pings(&vm1, "172.16.101.3", 300), (300, 300));
-    let carried = grew("master's qr-a forwarded", m0, p.forwarded(first));
-    assert!(
-        carried >= 250,
-        "the master's fast path carried {carried} of 300"
-    );
-    assert_eq!(p.forwarded(standby), s0, "the standby forwarded");
+    // The followed routers as keepalived has them: the master's ports with their subnets, the
+    // standby's without; the master's fast path carries, the standby's has nothing to route.
+    let carries = |master: usize, what: &str| {
+        let other = 1 - master;
+        wait_until(what, Duration::from_secs(5), || {
+            match (show(master), show(other)) {
+                (Some(m), Some(s)) if addresses(&m) == 2 && addresses(&s) == 0 => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        });
+        let (m0, s0) = (p.forwarded(master), p.forwarded(other));
+        assert_eq!(pings(&vm1, "172.16.101.3", 300), (300, 300), "{what}");
+        let carried = grew("master's qr-a forwarded", m0, p.forwarded(master));
+        assert!(
+            carried >= 250,
+            "{what}: the master's fast path carried {carried} of 300"
+        );
+        assert_eq!(p.forwarded(other), s0, "{what}: the standby forwarded");
+    };
+    carries(first, "both hosts followed");
 
     // Failover: the master's keepalived stops (its addresses go with it); the standby's takes
     // them. A ping every 10 ms runs across it.
@@ -571,20 +525,5 @@ fn an_ha_router_moved_by_keepalived_is_followed_to_its_new_master() {
     eprintln!("keepalived moved the router in {:?}", t0.elapsed());
     let (sent, got) = during.join().unwrap();
     eprintln!("across the failover: {got} of {sent} pings answered (10 ms apart)");
-    wait_until(
-        "the new master followed",
-        Duration::from_secs(5),
-        || match (show(standby), show(first)) {
-            (Some(n), Some(o)) if addresses(&n) == 2 && addresses(&o) == 0 => Ok(()),
-            other => Err(format!("{other:?}")),
-        },
-    );
-    let (n0, o0) = (p.forwarded(standby), p.forwarded(first));
-    assert_eq!(pings(&vm1, "172.16.101.3", 300), (300, 300));
-    let carried = grew("new master's qr-a forwarded", n0, p.forwarded(standby));
-    assert!(
-        carried >= 250,
-        "the new master's fast path carried {carried} of 300"
-    );
-    assert_eq!(p.forwarded(first), o0, "the old master forwarded");
+    carries(standby, "the new master followed");
 }

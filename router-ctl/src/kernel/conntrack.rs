@@ -8,10 +8,10 @@
 use std::{
     io,
     net::Ipv4Addr,
-    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    os::fd::{AsRawFd, OwnedFd},
 };
 
-use anyhow::{Context as _, Result};
+use anyhow::Result;
 
 use super::netdev::{attrs_in, put_attr, request};
 
@@ -102,42 +102,8 @@ impl AsRawFd for Conntrack {
 impl Conntrack {
     /// A socket in the calling thread's namespace, subscribed to `groups` (0: none).
     pub fn open(groups: u32) -> Result<Conntrack> {
-        // SAFETY: plain socket(2).
-        let raw = unsafe {
-            libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                NETLINK_NETFILTER,
-            )
-        };
-        if raw < 0 {
-            return Err(io::Error::last_os_error()).context("ctnetlink socket");
-        }
-        // SAFETY: a descriptor we own from here on.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        // SAFETY: a zeroed sockaddr_nl is valid; bind(2) with its size.
-        unsafe {
-            let mut sa: libc::sockaddr_nl = std::mem::zeroed();
-            sa.nl_family = libc::AF_NETLINK as u16;
-            sa.nl_groups = groups;
-            if libc::bind(
-                fd.as_raw_fd(),
-                &sa as *const _ as *const libc::sockaddr,
-                std::mem::size_of::<libc::sockaddr_nl>() as u32,
-            ) < 0
-            {
-                return Err(io::Error::last_os_error()).context("binding a ctnetlink socket");
-            }
-            // A busy router sends many events: a large buffer, and ENOBUFS reported as such.
-            let size: libc::c_int = 8 << 20;
-            libc::setsockopt(
-                fd.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVBUFFORCE,
-                &size as *const _ as *const libc::c_void,
-                4,
-            );
-        }
+        // A busy router sends many events: a large buffer, and ENOBUFS reported as such.
+        let fd = super::netdev::socket(NETLINK_NETFILTER, groups, 8 << 20, "ctnetlink")?;
         Ok(Conntrack { fd, seq: 0 })
     }
 

@@ -77,19 +77,7 @@ pub type Change = (u32, Option<XdpFeatures>);
 impl Netdev {
     /// Opens the socket and resolves the family (absent before Linux 6.3).
     pub fn open() -> Result<Netdev> {
-        // SAFETY: plain socket(2).
-        let raw = unsafe {
-            libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                NETLINK_GENERIC,
-            )
-        };
-        if raw < 0 {
-            return Err(io::Error::last_os_error()).context("generic netlink socket");
-        }
-        // SAFETY: a descriptor we own from here on.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let fd = socket(NETLINK_GENERIC, 0, 0, "generic netlink")?;
         let mut s = Netdev {
             fd,
             family: 0,
@@ -209,6 +197,50 @@ impl Netdev {
             |t| t == ty,
         )
     }
+}
+
+/// A netlink socket of `protocol` in the calling thread's namespace, bound to the multicast
+/// `groups` (a bitmask; 0: none) with a receive buffer of `rcvbuf` bytes (0: the default);
+/// `what` names it in errors.
+pub(crate) fn socket(protocol: i32, groups: u32, rcvbuf: i32, what: &str) -> Result<OwnedFd> {
+    // SAFETY: plain socket(2).
+    let raw = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            protocol,
+        )
+    };
+    if raw < 0 {
+        return Err(io::Error::last_os_error()).with_context(|| format!("{what} socket"));
+    }
+    // SAFETY: a descriptor we own from here on.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    // SAFETY: a zeroed sockaddr_nl is valid; bind(2) with its size; setsockopt with an int.
+    unsafe {
+        let mut sa: libc::sockaddr_nl = std::mem::zeroed();
+        sa.nl_family = libc::AF_NETLINK as u16;
+        sa.nl_groups = groups;
+        if libc::bind(
+            fd.as_raw_fd(),
+            &sa as *const _ as *const libc::sockaddr,
+            std::mem::size_of::<libc::sockaddr_nl>() as u32,
+        ) < 0
+        {
+            return Err(io::Error::last_os_error())
+                .with_context(|| format!("binding a {what} socket"));
+        }
+        if rcvbuf > 0 {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUFFORCE,
+                &rcvbuf as *const _ as *const libc::c_void,
+                4,
+            );
+        }
+    }
+    Ok(fd)
 }
 
 /// Hands each datagram queued on the netlink socket `fd` to `each`, without blocking, until none

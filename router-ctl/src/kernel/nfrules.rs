@@ -7,9 +7,8 @@
 
 use std::{
     collections::HashSet,
-    io,
     net::Ipv4Addr,
-    os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
+    os::fd::{AsRawFd, OwnedFd, RawFd},
 };
 
 use anyhow::{Context as _, Result};
@@ -121,47 +120,13 @@ impl AsRawFd for NfRules {
 impl NfRules {
     /// A socket in the calling thread's namespace; `watch`: subscribed to nftables' changes.
     pub fn open(watch: bool) -> Result<NfRules> {
-        // SAFETY: plain socket(2).
-        let raw = unsafe {
-            libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                NETLINK_NETFILTER,
-            )
+        let groups = if watch {
+            1 << (NFNLGRP_NFTABLES - 1)
+        } else {
+            0
         };
-        if raw < 0 {
-            return Err(io::Error::last_os_error()).context("nfnetlink socket");
-        }
-        // SAFETY: a descriptor we own from here on.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        // SAFETY: a zeroed sockaddr_nl is valid; bind(2) with its size.
-        unsafe {
-            let mut sa: libc::sockaddr_nl = std::mem::zeroed();
-            sa.nl_family = libc::AF_NETLINK as u16;
-            sa.nl_groups = if watch {
-                1 << (NFNLGRP_NFTABLES - 1)
-            } else {
-                0
-            };
-            if libc::bind(
-                fd.as_raw_fd(),
-                &sa as *const _ as *const libc::sockaddr,
-                std::mem::size_of::<libc::sockaddr_nl>() as u32,
-            ) < 0
-            {
-                return Err(io::Error::last_os_error())
-                    .context("cannot subscribe to nftables' notifications");
-            }
-            // iptables-restore replaces whole tables: many messages at once.
-            let size: libc::c_int = 4 << 20;
-            libc::setsockopt(
-                fd.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVBUFFORCE,
-                &size as *const _ as *const libc::c_void,
-                4,
-            );
-        }
+        // iptables-restore replaces whole tables: many messages at once.
+        let fd = super::netdev::socket(NETLINK_NETFILTER, groups, 4 << 20, "nfnetlink")?;
         Ok(NfRules { fd, seq: 0 })
     }
 
