@@ -323,6 +323,10 @@ pub fn run(
     let mut new_build: Option<NewBuild> = None;
     // Namespaces that could not be followed, and when they were last tried.
     let mut follow_failed: BTreeMap<String, std::time::Instant> = BTreeMap::new();
+    // /run/netns's modification time when it was last scanned, and when: a namespace added
+    // or deleted changes it; a scan every 5 s anyway retries the namespaces that failed.
+    let mut follow_scanned: (Option<std::time::SystemTime>, Option<std::time::Instant>) =
+        (None, None);
     if !follow.is_empty() {
         tracing::info!(patterns = ?follow, "following the routers of the namespaces that match");
     }
@@ -337,7 +341,17 @@ pub fn run(
         let hup = HUP.swap(false, Ordering::SeqCst);
         let mut rescan = RESCAN.swap(false, Ordering::SeqCst) || hup;
         if !follow.is_empty() {
-            rescan |= follow_new(&follow, &mut follow_failed);
+            let m = std::fs::metadata(netns::NETNS_RUN_DIR)
+                .and_then(|m| m.modified())
+                .ok();
+            if m != follow_scanned.0
+                || follow_scanned
+                    .1
+                    .is_none_or(|t| t.elapsed() >= Duration::from_secs(5))
+            {
+                follow_scanned = (m, Some(std::time::Instant::now()));
+                rescan |= follow_new(&follow, &mut follow_failed);
+            }
         }
         if let Some(d) = defs.as_mut() {
             if hup || d.mtime() != d.mtime {

@@ -56,16 +56,31 @@ pub fn usable_name(ns: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
 }
 
-/// The namespaces under /run/netns that match one of `patterns`.
+/// The namespaces under /run/netns that match one of `patterns` (a file not yet bound to a
+/// namespace, as `ip netns add` leaves it for a moment, is not one).
 pub fn candidates(patterns: &[String]) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(netns::NETNS_RUN_DIR)
         .into_iter()
         .flatten()
         .filter_map(|e| e.ok()?.file_name().into_string().ok())
         .filter(|n| patterns.iter().any(|p| matches(p, n)))
+        .filter(|n| is_namespace(&format!("{}/{n}", netns::NETNS_RUN_DIR)))
         .collect();
     v.sort();
     v
+}
+
+/// `path` is a namespace's binding (nsfs), not a plain file.
+fn is_namespace(path: &str) -> bool {
+    const NSFS_MAGIC: i64 = 0x6e73_6673;
+    let Ok(c) = std::ffi::CString::new(path) else {
+        return false;
+    };
+    // SAFETY: statfs(2) into a zeroed struct, with a valid C string.
+    unsafe {
+        let mut st: libc::statfs = std::mem::zeroed();
+        libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == NSFS_MAGIC
+    }
 }
 
 /// Starts following namespace `ns` (or reads it again when it is followed already): the

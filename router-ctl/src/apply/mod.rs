@@ -1076,7 +1076,14 @@ pub fn tables_in(
     let routes = crate::fib::writer::route_entries(&ifaces, &connected, &gateways, &locals);
     // Foreign netfilter rules on the forwarding path: the fast path carries only flows the
     // kernel forwarded under them (see `crate::guard`).
-    let foreign = crate::kernel::nfrules::NfRules::open(false)?.foreign()?;
+    // Rules that cannot be read are treated as rules that cannot be followed: the kernel
+    // forwards (fail closed).
+    let foreign = crate::kernel::nfrules::NfRules::open(false)
+        .and_then(|mut n| n.foreign())
+        .unwrap_or_else(|e| crate::kernel::nfrules::Foreign {
+            chains: Vec::new(),
+            legacy: vec![format!("(netfilter rules unreadable: {e:#})")],
+        });
     Ok(Tables {
         ifaces,
         routes,
