@@ -105,13 +105,13 @@ pub struct RouterState {
 }
 
 impl RouterState {
-    /// What `destroy` reports for a router whose only trace was an interrupted first apply
-    /// (rolled back): its id, nothing applied.
-    pub fn interrupted(id: &str) -> RouterState {
+    /// A router `id` named `name` in namespace `ns` with nothing applied yet: no devices,
+    /// routes, gateway or programs; what the constructors of the real states start from.
+    pub fn empty(id: &str, name: &str, ns: &str) -> RouterState {
         RouterState {
             id: id.to_string(),
-            name: "an interrupted apply, rolled back".into(),
-            namespace: String::new(),
+            name: name.to_string(),
+            namespace: ns.to_string(),
             created_netns: false,
             ip_forward_before: None,
             ipv6_forwarding_before: None,
@@ -127,6 +127,12 @@ impl RouterState {
             apply_token: None,
             followed: false,
         }
+    }
+
+    /// What `destroy` reports for a router whose only trace was an interrupted first apply
+    /// (rolled back): its id, nothing applied.
+    pub fn interrupted(id: &str) -> RouterState {
+        RouterState::empty(id, "an interrupted apply, rolled back", "")
     }
 }
 

@@ -263,22 +263,12 @@ pub fn planned(r: &Router) -> RouterState {
         sysctls_before: Vec::new(),
     });
     RouterState {
-        id: r.id.clone(),
-        name: r.name.clone(),
-        namespace: r.namespace(),
-        created_netns: false,
-        ip_forward_before: None,
-        ipv6_forwarding_before: None,
         interfaces,
         routes,
         max_routes: r.max_routes,
-        program: None,
-        netns_inode: None,
-        lost: None,
         gateway,
         ha: r.ha,
         definition: Some(r.definition()),
-        apply_token: None,
-        followed: false,
+        ..RouterState::empty(&r.id, &r.name, &r.namespace())
     }
 }

@@ -202,23 +202,13 @@ fn read(ns: &str, prev: Option<RouterState>) -> Result<RouterState> {
             }
         }
         let st = RouterState {
-            id: id.clone(),
-            name: id.clone(),
-            namespace: id.clone(),
-            created_netns: false,
-            ip_forward_before: None,
-            ipv6_forwarding_before: None,
             interfaces: ifaces,
             routes,
             max_routes: Some(FOLLOWED_MAX_ROUTES),
             program: Some(datapath::program_fingerprint()),
             netns_inode: netns::current_inode(),
-            lost: None,
-            gateway: None,
-            ha: false,
-            definition: None,
-            apply_token: None,
             followed: true,
+            ..RouterState::empty(&id, &id, &id)
         };
         let job = Job {
             router: config::Router {

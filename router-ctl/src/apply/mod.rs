@@ -425,9 +425,6 @@ impl Job {
             st.hook_reason = why;
         }
         let st = RouterState {
-            id: r.id.clone(),
-            name: r.name.clone(),
-            namespace: ns.clone(),
             created_netns: self.created_netns,
             ip_forward_before,
             ipv6_forwarding_before,
@@ -436,12 +433,10 @@ impl Job {
             max_routes: r.max_routes,
             program: Some(datapath::program_fingerprint()),
             netns_inode: netns::current_inode(),
-            lost: None,
             gateway,
             ha: r.ha,
             definition: Some(r.definition()),
-            apply_token: None,
-            followed: false,
+            ..RouterState::empty(&r.id, &r.name, &ns)
         };
         self.datapath(&st, &rt.links()?, &rt.addrs()?, &features, &fresh_slots)?;
         Ok(st)
