@@ -1198,7 +1198,7 @@ fn a_changed_device_mac_or_address_is_followed() {
     // An address added to qr-b is the router's: vm1's pings to it go to the kernel as a local
     // destination (and are answered), not towards a neighbour of that subnet.
     sh(&format!("ip -n {ns} addr add 172.16.101.77/24 dev {b}"));
-    let (local, no_neigh) = (s.passed(&a, "local_dest"), s.passed(&a, "no_neigh"));
+    let local = s.passed(&a, "local_dest");
     let t = std::time::Instant::now();
     while s.passed(&a, "local_dest") == local {
         assert!(
@@ -1207,14 +1207,17 @@ fn a_changed_device_mac_or_address_is_followed() {
         );
         let _ = Seed::exec(&s.vm1, "ping -c 1 -W 0.2 172.16.101.77");
     }
-    let (local, no_neigh_after) = (s.passed(&a, "local_dest"), s.passed(&a, "no_neigh"));
+    // A ping that raced the daemon's resync may have met the subnet's neighbour lookup (and
+    // gone to the kernel all the same); from the first local one on, none may.
+    let (local, no_neigh) = (s.passed(&a, "local_dest"), s.passed(&a, "no_neigh"));
     assert!(
         Seed::ping(&s.vm1, "172.16.101.77", 3),
         "the router answers its new address"
     );
     assert_eq!(s.passed(&a, "local_dest"), local + 3);
     assert_eq!(
-        no_neigh_after, no_neigh,
+        s.passed(&a, "no_neigh"),
+        no_neigh,
         "the new address was taken for a neighbour's"
     );
     // Removed: no longer the router's own.
