@@ -33,10 +33,13 @@ const EBPF_MUTANTS: &[&str] = &[
     "nat_no_retire",
     "nat_stale_used",
     "guard_ignored",
+    "kernel_policy_ignored",
 ];
 /// Faults in the controller (router-ctl).
 const CTL_MUTANTS: &[&str] = &[
     "guard_off",
+    "kernel_routes_ignored",
+    "kernel_policy_events_ignored",
     "follow_route_events_ignored",
     "guard_strict_tcp_copied",
     "guard_no_evidence",

@@ -459,6 +459,10 @@ pub mod route_kind {
     /// Several extra routes to one destination (ECMP): `Route::tx_port` is an index into
     /// `NH_GROUPS`; a hash of the flow's 5-tuple picks the member.
     pub const ECMP: u32 = 3;
+    /// A route of the namespace the fast path does not carry (blackhole, unreachable or
+    /// prohibit; through a device that is not one of the router's ports): for the kernel
+    /// (`pass_reason::KERNEL_ROUTE`). Every kind above `LOCAL` but `ECMP` is one.
+    pub const KERNEL: u32 = 4;
 }
 
 /// An ECMP group: value of the `NH_GROUPS` map. `members[..count]` are `NEXTHOPS` indexes.
@@ -537,6 +541,13 @@ pub mod iface_flags {
     /// The external gateway's device (`qg-`): with NAT on, nothing leaves through it
     /// untranslated from the fast path.
     pub const EXTERNAL: u16 = 2;
+    /// The namespace's kernel would not forward IPv4 arriving here as the maps say (forwarding
+    /// off for this device, reverse-path filtering on, policy routing rules): every IPv4
+    /// packet arriving on it goes to the kernel (`pass_reason::KERNEL_POLICY`).
+    pub const KERNEL_V4: u16 = 4;
+    /// The same for IPv6 (`net.ipv6.conf.all.forwarding` off, IPv6 disabled on the device,
+    /// policy routing rules).
+    pub const KERNEL_V6: u16 = 8;
 }
 
 /// Bits of the `NAT_CONF` value.
@@ -753,7 +764,13 @@ pub mod pass_reason {
     /// The namespace has netfilter rules on the forwarding path (`nat_conf::GUARDED`) and the
     /// packet's flow has no copy of the kernel's verdict: the kernel filters it.
     pub const GUARDED: usize = 21;
-    pub const COUNT: usize = 22;
+    /// The ingress device's family is the kernel's to decide (`iface_flags::KERNEL_V4`, `_V6`):
+    /// forwarding off, reverse-path filtering, IPv6 disabled, policy routing rules.
+    pub const KERNEL_POLICY: usize = 22;
+    /// The longest prefix is a route of the namespace the fast path does not carry
+    /// (`route_kind::KERNEL`).
+    pub const KERNEL_ROUTE: usize = 23;
+    pub const COUNT: usize = 24;
 
     /// Names used by the CLI and JSON output, indexed by reason.
     pub const NAMES: [&str; COUNT] = [
@@ -779,6 +796,8 @@ pub mod pass_reason {
         "nat_tcp_control",
         "nat_fragment",
         "guarded",
+        "kernel_policy",
+        "kernel_route",
     ];
 }
 

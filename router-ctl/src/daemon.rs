@@ -728,8 +728,31 @@ fn watch_neighbours(r: &RouterState, stop: &Stop) -> Result<()> {
             })
             .map_err(|e| tracing::warn!(router = %r.id, error = format!("{e:#}"), "no XDP feature notifications; devices are checked on link events only"))
             .ok();
+        // The namespace's forwarding switches and policy rules (`kernel::policy`).
+        let mut policy = crate::kernel::policy::Watch::open()
+            .and_then(|w| {
+                // SAFETY: the socket is owned by the value registered, and lives as long.
+                unsafe {
+                    tokio::io::unix::AsyncFd::register_with_interest(
+                        w,
+                        tokio::io::Interest::READABLE,
+                    )
+                }
+                .map_err(|e| anyhow::anyhow!("{e}"))
+            })
+            .map_err(|e| tracing::warn!(router = %r.id, error = format!("{e:#}"), "no forwarding-setting or rule notifications; they are read on link and address events only"))
+            .ok();
         loop {
             tokio::select! {
+                ready = async { policy.as_mut().unwrap().readable_mut().await }, if policy.is_some() => {
+                    if let Ok(mut guard) = ready {
+                        let changed = guard.get_inner_mut().changed();
+                        guard.clear_ready();
+                        if changed && !cfg!(mutant = "kernel_policy_events_ignored") {
+                            pending.dirty();
+                        }
+                    }
+                }
                 ev = events.next() => {
                     let Some((msg, _)) = ev else { break };
                     match msg.payload {

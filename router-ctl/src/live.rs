@@ -3,7 +3,7 @@
 //! redirect slots, the fast path's counters, neighbours and NAT flows. Nothing here changes
 //! anything.
 
-use std::net::IpAddr;
+use std::{collections::BTreeMap, net::IpAddr};
 
 use anyhow::{Context as _, Result};
 use router_common::{map_names, pass_reason, Stats};
@@ -11,7 +11,7 @@ use router_common::{map_names, pass_reason, Stats};
 use crate::{
     config::Hook,
     datapath,
-    kernel::{netns, rtnl::Rtnl},
+    kernel::{netns, policy::PortPolicy, rtnl::Rtnl},
     state::{self, IfaceState, RouterState},
 };
 
@@ -100,6 +100,9 @@ pub struct Router {
     /// The namespace's foreign netfilter rules and whether the fast path is guarded by them
     /// (see `crate::guard`); None for a lost router.
     pub filter: Option<Filter>,
+    /// Each port's families its namespace's settings leave to the kernel, and why (see
+    /// `kernel::policy`); empty for a lost router.
+    pub policy: BTreeMap<String, PortPolicy>,
 }
 
 /// Foreign netfilter rules as the fast path sees them.
@@ -120,6 +123,22 @@ fn filter(r: &RouterState) -> Result<Filter> {
         guarded: bits & router_common::nat_conf::GUARDED != 0,
         rules,
     })
+}
+
+/// What the namespace's forwarding switches and policy rules leave to the kernel, by port.
+fn policy(r: &RouterState) -> Result<BTreeMap<String, PortPolicy>> {
+    let ports: Vec<(u32, String)> = r
+        .interfaces
+        .iter()
+        .map(|i| (i.ifindex, i.device.clone()))
+        .collect();
+    let by_index = netns::run_in(&r.namespace, move || {
+        crate::kernel::policy::read(&Rtnl::new()?, &ports)
+    })?;
+    Ok(r.interfaces
+        .iter()
+        .filter_map(|i| Some((i.device.clone(), by_index.get(&i.ifindex)?.clone())))
+        .collect())
 }
 
 /// The view of router `r`.
@@ -162,12 +181,21 @@ pub fn router(r: &RouterState) -> Result<Router> {
             }
         }
     };
+    let policy = if r.lost.is_some() {
+        BTreeMap::new()
+    } else {
+        policy(r).unwrap_or_else(|e| {
+            problems.push(format!("forwarding settings: {e:#}"));
+            BTreeMap::new()
+        })
+    };
     Ok(Router {
         state: r.clone(),
         health,
         problems,
         devices,
         filter,
+        policy,
     })
 }
 

@@ -102,6 +102,19 @@ pub struct RouterState {
     /// into the namespace but its programs' records (see `apply::follow`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub followed: bool,
+    /// A followed router's main-table routes the fast path does not carry (blackhole,
+    /// unreachable, prohibit; through a device not one of its ports): their packets go to the
+    /// kernel (`route_kind::KERNEL`), with why.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub kernel_routes: Vec<KernelRoute>,
+}
+
+/// A route the kernel keeps (see `RouterState::kernel_routes`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KernelRoute {
+    pub destination: IpNet,
+    /// What the route does, as `show` says it.
+    pub what: String,
 }
 
 impl RouterState {
@@ -126,6 +139,7 @@ impl RouterState {
             definition: None,
             apply_token: None,
             followed: false,
+            kernel_routes: Vec::new(),
         }
     }
 

@@ -99,9 +99,21 @@ fn forward(h: &impl Hook, ingress: u32, iface: &Iface) -> Verdict {
     if !same_mac(&eth.dst, &iface.mac) {
         return Verdict::Pass(why::NOT_OUR_MAC);
     }
+    // The namespace's own switches first: a family its kernel would not forward from this
+    // device as the maps say is the kernel's.
+    let kernel = iface.flags & (iface_flags::KERNEL_V4 | iface_flags::KERNEL_V6);
     match u16::from_be_bytes(eth.ether_type) {
-        ETH_P_IPV4 => forward4(h, ingress, iface),
-        ETH_P_IPV6 => forward6(h, ingress, iface),
+        ETH_P_IPV4
+            if kernel & iface_flags::KERNEL_V4 == 0 || cfg!(mutant = "kernel_policy_ignored") =>
+        {
+            forward4(h, ingress, iface)
+        }
+        ETH_P_IPV6
+            if kernel & iface_flags::KERNEL_V6 == 0 || cfg!(mutant = "kernel_policy_ignored") =>
+        {
+            forward6(h, ingress, iface)
+        }
+        ETH_P_IPV4 | ETH_P_IPV6 => Verdict::Pass(why::KERNEL_POLICY),
         _ => Verdict::Pass(why::NOT_IP),
     }
 }
@@ -397,8 +409,13 @@ fn egress(
     } else {
         route
     };
-    if route.kind == route_kind::LOCAL {
-        return Err(why::LOCAL_DEST);
+    // LOCAL or KERNEL (an ECMP route's members are gateways): the kernel's.
+    if route.kind >= route_kind::LOCAL {
+        return Err(if route.kind == route_kind::LOCAL {
+            why::LOCAL_DEST
+        } else {
+            why::KERNEL_ROUTE
+        });
     }
     if route.ifindex == ingress {
         return Err(why::SAME_IFACE);

@@ -263,6 +263,159 @@ fn a_router_on_open_vswitch_internal_ports_is_accelerated_with_only_follow() {
     );
 }
 
+/// Datagrams from vm1 to vm3's UDP `port`, one every 200 µs while it runs, each echoed (the
+/// kernel must forward a flow both ways before the guarded fast path carries it), and the
+/// instants they arrived.
+struct Stream {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    seen: std::sync::Arc<std::sync::Mutex<Vec<Instant>>>,
+}
+
+impl Stream {
+    fn start(vm1: &str, vm3: &str, port: u16) -> Stream {
+        use std::sync::{atomic::Ordering, Arc, Mutex};
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let rx = tests::topo::in_ns(vm3, move || {
+            std::net::UdpSocket::bind(("0.0.0.0", port)).unwrap()
+        })
+        .join()
+        .unwrap();
+        rx.set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
+        let (st, sn) = (stop.clone(), seen.clone());
+        std::thread::spawn(move || {
+            while !st.load(Ordering::SeqCst) {
+                let mut buf = [0u8; 16];
+                if let Ok((n, from)) = rx.recv_from(&mut buf) {
+                    sn.lock().unwrap().push(Instant::now());
+                    let _ = rx.send_to(&buf[..n], from);
+                }
+            }
+        });
+        let st = stop.clone();
+        tests::topo::in_ns(vm1, move || {
+            let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+            s.set_nonblocking(true).unwrap();
+            let mut i = 0u32;
+            while !st.load(Ordering::SeqCst) {
+                let _ = s.send_to(&i.to_be_bytes(), ("172.16.101.3", port));
+                while s.recv(&mut [0u8; 16]).is_ok() {}
+                i += 1;
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        });
+        Stream { stop, seen }
+    }
+
+    /// The arrivals after `t`, as delays from it.
+    fn after(&self, t: Instant) -> Vec<Duration> {
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|a| **a > t)
+            .map(|a| a.duration_since(t))
+            .collect()
+    }
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// The namespace's own switches are followed as its rules are: IPv4 forwarding switched off on
+/// a port, a blackhole route, a policy routing rule — each stops what the kernel stops, in the
+/// fast path too, within 10 ms of the command's return (a flow the fast path was carrying),
+/// `show` says why, and when it is undone the fast path carries the flow again.
+#[test]
+fn forwarding_switches_blackholes_and_policy_rules_are_followed() {
+    require_root();
+    let _daemon = one_daemon();
+    let mut a = tests::in_setup(Agent::build);
+    a.liberal();
+    let (ns, vm1, vm3, qa) = (a.ns.clone(), a.vm1(), a.vm3(), a.qr_a.clone());
+    a.follow();
+    a.followed();
+    let stream = Stream::start(&vm1, &vm3, 7100);
+    let carried = |what: &str| {
+        wait_until(what, Duration::from_secs(10), || {
+            let f = a.forwarded(&qa);
+            std::thread::sleep(Duration::from_millis(200));
+            match grew("qr-a forwarded", f, a.forwarded(&qa)) {
+                d if d >= 200 => Ok(()),
+                d => Err(format!("{d} forwarded in 200 ms")),
+            }
+        })
+    };
+    for (what, on, off, reason, shown) in [
+        (
+            "IPv4 forwarding off on qr-a",
+            format!("ip netns exec {ns} sysctl -qw net.ipv4.conf.{qa}.forwarding=0"),
+            format!("ip netns exec {ns} sysctl -qw net.ipv4.conf.{qa}.forwarding=1"),
+            "kernel_policy",
+            "kernel_policy",
+        ),
+        (
+            "a blackhole route to vm3",
+            format!("ip -n {ns} route add blackhole 172.16.101.3/32"),
+            format!("ip -n {ns} route del blackhole 172.16.101.3/32"),
+            "kernel_route",
+            "kernel_routes",
+        ),
+        (
+            "a policy rule prohibiting vm1's subnet",
+            format!("ip -n {ns} rule add from 172.16.100.0/24 prohibit pref 100"),
+            format!("ip -n {ns} rule del pref 100"),
+            "kernel_policy",
+            "kernel_policy",
+        ),
+    ] {
+        carried(&format!("the stream carried before {what}"));
+        let p0 = a.stats(&qa)["passed"]["reasons"][reason]
+            .as_u64()
+            .unwrap_or(0);
+        let before = Instant::now();
+        sh(&on);
+        let done = Instant::now();
+        std::thread::sleep(Duration::from_millis(500));
+        let late = stream.after(done);
+        eprintln!(
+            "{what}: the command ran {:?}; {} datagrams arrived after it returned, the last {:?} after",
+            done - before,
+            late.len(),
+            late.last()
+        );
+        assert!(
+            late.iter().all(|d| *d <= Duration::from_millis(10)),
+            "{what}: datagrams arrived after the kernel stopped forwarding them: {late:?}"
+        );
+        let passed = grew(
+            reason,
+            p0,
+            a.stats(&qa)["passed"]["reasons"][reason]
+                .as_u64()
+                .unwrap_or(0),
+        );
+        assert!(
+            passed >= 500,
+            "{what}: the fast path passed {passed} as {reason}"
+        );
+        let v = a.show().unwrap();
+        assert!(
+            v[shown]
+                .as_object()
+                .map_or(v[shown].as_array().is_some_and(|r| !r.is_empty()), |o| !o
+                    .is_empty()),
+            "{what}: show says nothing: {v}"
+        );
+        sh(&off);
+        carried(&format!("the stream carried again after {what} was undone"));
+    }
+}
+
 /// An HA router as Neutron's agent builds it on two network nodes (here two namespaces,
 /// `qrouter-<id>-h1` and `-h2`, on one machine): the same devices with the same MACs in both,
 /// an `ha-` device on the HA network (169.254.192.0/18), the agent's rules in both, and

@@ -523,6 +523,12 @@ impl Harness {
     /// nexthops on e0; the router's own addresses. The same in IPv6: 2001:db8:1..3::/64,
     /// 2001:db8:9::/48 and 2001:db8:9:9::/64 via nexthops on e0.
     fn install_routes(&mut self) {
+        self.install_routes_with_kernel(&[]);
+    }
+
+    /// `install_routes` and the namespace's routes `kernel`, which the fast path leaves to the
+    /// kernel.
+    fn install_routes_with_kernel(&mut self, kernel: &[IpNet]) {
         let (lo, e0, e1) = (1, self.e0, self.e1);
         let routes = router_ctl::fib::writer::route_entries(
             &self.ifaces,
@@ -549,7 +555,73 @@ impl Harness {
                 ip("2001:db8:2::"),
             ],
         );
+        let routes = router_ctl::fib::writer::with_kernel_routes(routes, kernel);
         router_ctl::fib::writer::set_routes(&mut self.ebpf, &routes).unwrap();
+    }
+
+    /// Sets `flags` (`iface_flags`) on the ingress device, lo.
+    fn set_ingress_flags(&mut self, flags: u16) {
+        self.ifaces[0].1.flags = flags;
+        datapath::set_ifaces(&mut self.ebpf, &self.ifaces, &[self.e1], &[]).unwrap();
+    }
+}
+
+/// What a namespace leaves to its kernel: a route the fast path does not carry
+/// (`route_kind::KERNEL`: a blackhole, a route through another device) and a port's family
+/// its kernel would not forward (`iface_flags::KERNEL_V4`, `_V6`: forwarding off, policy
+/// rules). Both are passed untouched and counted as such; the rest is still forwarded
+/// byte-exact.
+#[test]
+fn what_the_namespace_leaves_to_its_kernel_is_passed_untouched() {
+    use router_common::iface_flags;
+    for mut h in both() {
+        // Inside carried routes: 10.9.9.0/24 in 10.9.0.0/16, 2001:db8:9:9::/64 in ::/48.
+        h.install_routes_with_kernel(&[pfx("10.9.9.0/24"), pfx("2001:db8:9:9::/64")]);
+        let v4 = Ipv4::udp(SRC, DST, 64);
+        let v6_ = Ipv6::udp(v6(SRC6), v6(DST6), 64);
+        h.assert_each_passed(vec![
+            (
+                "to a kernel route",
+                udp_frame(IN_MAC, &Ipv4::udp(SRC, [10, 9, 9, 7], 17)),
+                why::KERNEL_ROUTE,
+            ),
+            (
+                "to an IPv6 kernel route",
+                udp6_frame(
+                    IN_MAC,
+                    &Ipv6::udp(v6(SRC6), v6([0x2001, 0xdb8, 9, 9, 0, 0, 0, 7]), 17),
+                ),
+                why::KERNEL_ROUTE,
+            ),
+        ]);
+        let ip = Ipv4::udp(SRC, [10, 9, 1, 1], 17);
+        assert_eq!(
+            h.run(&udp_frame(IN_MAC, &ip)),
+            (XDP_REDIRECT, forwarded(NH1_MAC, &ip)),
+            "the covering route"
+        );
+        h.set_ingress_flags(iface_flags::KERNEL_V4);
+        h.assert_each_passed(vec![(
+            "IPv4 on a port whose IPv4 is the kernel's",
+            udp_frame(IN_MAC, &v4),
+            why::KERNEL_POLICY,
+        )]);
+        assert_eq!(
+            h.run(&udp6_frame(IN_MAC, &v6_)),
+            (XDP_REDIRECT, forwarded6(NB_MAC, &v6_)),
+            "IPv6 on a port whose IPv4 only is the kernel's"
+        );
+        h.set_ingress_flags(iface_flags::KERNEL_V6);
+        h.assert_each_passed(vec![(
+            "IPv6 on a port whose IPv6 is the kernel's",
+            udp6_frame(IN_MAC, &v6_),
+            why::KERNEL_POLICY,
+        )]);
+        assert_eq!(
+            h.run(&udp_frame(IN_MAC, &v4)),
+            (XDP_REDIRECT, forwarded(NB_MAC, &v4)),
+            "IPv4 on a port whose IPv6 only is the kernel's"
+        );
     }
 }
 

@@ -235,6 +235,36 @@ pub const MUTANTS: &[Mutant] = &[
         )],
     },
     Mutant {
+        name: "kernel_policy_ignored",
+        fault: "the program forwards from a port whose family the namespace leaves to the kernel (forwarding off, policy rules)",
+        tests: &[
+            (
+                "packet",
+                "what_the_namespace_leaves_to_its_kernel_is_passed_untouched",
+            ),
+            (
+                "follow",
+                "forwarding_switches_blackholes_and_policy_rules_are_followed",
+            ),
+        ],
+    },
+    Mutant {
+        name: "kernel_routes_ignored",
+        fault: "a followed namespace's blackhole, unreachable or foreign-device routes never reach the fast path's table",
+        tests: &[(
+            "follow",
+            "forwarding_switches_blackholes_and_policy_rules_are_followed",
+        )],
+    },
+    Mutant {
+        name: "kernel_policy_events_ignored",
+        fault: "the daemon does not read a namespace again when its forwarding sysctls or policy rules change",
+        tests: &[(
+            "follow",
+            "forwarding_switches_blackholes_and_policy_rules_are_followed",
+        )],
+    },
+    Mutant {
         name: "guard_off",
         fault: "the controller never guards a router whose namespace holds foreign netfilter rules",
         tests: &[(

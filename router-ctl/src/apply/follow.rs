@@ -26,8 +26,12 @@ use super::{choose_hook, destroy_found, Job};
 use crate::{
     config::{self, Hook, IpNet, Ipv4Net, Ipv6Net},
     datapath,
-    kernel::{netdev::Netdev, netns, rtnl::Rtnl},
-    state::{self, AddrState, IfaceState, Lock, RouteState, RouterState},
+    kernel::{
+        netdev::Netdev,
+        netns,
+        rtnl::{Rtnl, Via},
+    },
+    state::{self, AddrState, IfaceState, KernelRoute, Lock, RouteState, RouterState},
 };
 
 /// Route room a followed router's table gets (its maps cannot grow later).
@@ -188,17 +192,43 @@ fn read(ns: &str, prev: Option<RouterState>) -> Result<RouterState> {
             ifaces.push(st);
         }
         let by_index: BTreeMap<u32, &IfaceState> = ifaces.iter().map(|i| (i.ifindex, i)).collect();
-        let mut routes = Vec::new();
-        for (dest, len, hops) in rt.gateway_routes()? {
-            for (via, oif) in hops {
-                if let Some(i) = by_index.get(&oif) {
-                    routes.push(RouteState {
-                        destination: network(dest, len),
-                        nexthop: via,
-                        device: i.device.clone(),
-                        gateway: i.external && len == 0,
-                    });
+        let connected: BTreeSet<(IpNet, u32)> = ifaces
+            .iter()
+            .flat_map(|i| i.fixed_ips.iter().map(|f| (f.subnet, i.ifindex)))
+            .collect();
+        let (mut routes, mut kernel_routes) = (Vec::new(), Vec::new());
+        for r in rt.main_routes()? {
+            let destination = network(r.dest, r.len);
+            let to_kernel = |what: String| KernelRoute { destination, what };
+            match r.via {
+                // Through the ports: ours to carry (ECMP included).
+                Via::Gateways(hops) if hops.iter().all(|(_, oif)| by_index.contains_key(oif)) => {
+                    for (via, oif) in hops {
+                        routes.push(RouteState {
+                            destination,
+                            nexthop: via,
+                            device: by_index[&oif].device.clone(),
+                            gateway: by_index[&oif].external && r.len == 0,
+                        });
+                    }
                 }
+                Via::Gateways(hops) => kernel_routes.push(to_kernel(format!(
+                    "via {} (not through the router's ports)",
+                    hops.iter()
+                        .map(|(g, _)| g.to_string())
+                        .collect::<Vec<_>>()
+                        .join(",")
+                ))),
+                // A port's subnet route (the address gives it); any other on-link route, or
+                // one through another device (Neutron's `ha-` port, `lo`), is the kernel's.
+                Via::Device(oif) if connected.contains(&(destination, oif)) => {}
+                // IPv6 link-local and multicast: never forwarded, by the fast path or the kernel.
+                Via::Device(_) if unroutable(destination) => {}
+                Via::Device(oif) => kernel_routes.push(to_kernel(match by_index.get(&oif) {
+                    Some(i) => format!("on-link through {}", i.device),
+                    None => format!("through device {oif}, not a port"),
+                })),
+                Via::Other(what) => kernel_routes.push(to_kernel(what)),
             }
         }
         let st = RouterState {
@@ -208,6 +238,7 @@ fn read(ns: &str, prev: Option<RouterState>) -> Result<RouterState> {
             program: Some(datapath::program_fingerprint()),
             netns_inode: netns::current_inode(),
             followed: true,
+            kernel_routes,
             ..RouterState::empty(&id, &id, &id)
         };
         let job = Job {
@@ -240,6 +271,11 @@ fn read(ns: &str, prev: Option<RouterState>) -> Result<RouterState> {
         }
         Ok(st)
     })
+}
+
+/// fe80::/10 or ff00::/8: routes every IPv6 device gets, for nothing the router forwards.
+fn unroutable(net: IpNet) -> bool {
+    matches!(net, IpNet::V6(n) if n.len >= 8 && (n.addr.segments()[0] & 0xffc0 == 0xfe80 || n.addr.segments()[0] & 0xff00 == 0xff00))
 }
 
 fn link_local(ip: IpAddr) -> bool {

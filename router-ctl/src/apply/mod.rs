@@ -1063,12 +1063,39 @@ pub fn tables_in(
     }
     locals.sort();
     locals.dedup();
-    let ifaces = st
+    let mut ifaces = st
         .interfaces
         .iter()
         .map(IfaceState::entry)
         .collect::<Result<Vec<_>>>()?;
-    let routes = crate::fib::writer::route_entries(&ifaces, &connected, &gateways, &locals);
+    // The namespace's own switches (forwarding, reverse-path filter, policy rules): a port and
+    // family its kernel would not forward as the maps say are left to it.
+    let ports: Vec<(u32, String)> = st
+        .interfaces
+        .iter()
+        .map(|i| (i.ifindex, i.device.clone()))
+        .collect();
+    let policy = crate::kernel::policy::read(&Rtnl::new()?, &ports)?;
+    for (ifindex, iface) in ifaces.iter_mut() {
+        if let Some(p) = policy.get(ifindex) {
+            if !p.v4.is_empty() {
+                iface.flags |= router_common::iface_flags::KERNEL_V4;
+            }
+            if !p.v6.is_empty() {
+                iface.flags |= router_common::iface_flags::KERNEL_V6;
+            }
+        }
+    }
+    let kernel: Vec<IpNet> = st
+        .kernel_routes
+        .iter()
+        .filter(|_| !cfg!(mutant = "kernel_routes_ignored"))
+        .map(|k| k.destination)
+        .collect();
+    let routes = crate::fib::writer::with_kernel_routes(
+        crate::fib::writer::route_entries(&ifaces, &connected, &gateways, &locals),
+        &kernel,
+    );
     // Foreign netfilter rules on the forwarding path: the fast path carries only flows the
     // kernel forwarded under them (see `crate::guard`).
     // Rules that cannot be read are treated as rules that cannot be followed: the kernel

@@ -149,6 +149,13 @@ pub fn show(routers: &[RouterState], json_out: bool) -> Result<()> {
                         "rules": f.rules.chains,
                         "legacy_tables": f.rules.legacy,
                     })),
+                    "kernel_policy": v.policy.iter()
+                        .filter(|(_, p)| !p.v4.is_empty() || !p.v6.is_empty())
+                        .map(|(d, p)| (d.clone(), json!({"ipv4": p.v4, "ipv6": p.v6})))
+                        .collect::<serde_json::Map<_, _>>(),
+                    "kernel_routes": r.kernel_routes.iter().map(|k| json!({
+                        "destination": k.destination, "what": k.what,
+                    })).collect::<Vec<_>>(),
                 })
             })
             .collect();
@@ -221,6 +228,16 @@ pub fn show(routers: &[RouterState], json_out: bool) -> Result<()> {
                     f.rules.describe()
                 ),
             }
+        }
+        for (dev, p) in &v.policy {
+            for (family, why) in [("IPv4", &p.v4), ("IPv6", &p.v6)] {
+                if !why.is_empty() {
+                    println!("  {dev}: {family} left to the kernel: {}", why.join("; "));
+                }
+            }
+        }
+        for k in &r.kernel_routes {
+            println!("  route {} left to the kernel: {}", k.destination, k.what);
         }
         if let Some(g) = &r.gateway {
             println!(

@@ -62,6 +62,27 @@ pub fn route_entries(
     v
 }
 
+/// `entries` with the namespace's routes the fast path does not carry, `kernel`, as routes for
+/// the kernel: each replaces an entry of the same prefix, but a router's own address's.
+pub fn with_kernel_routes(entries: Vec<(IpNet, Route)>, kernel: &[IpNet]) -> Vec<(IpNet, Route)> {
+    let mut v: Vec<(IpNet, Route)> = entries
+        .into_iter()
+        .filter(|(n, r)| r.kind == route_kind::LOCAL || !kernel.contains(n))
+        .collect();
+    for net in kernel {
+        if !v.iter().any(|(n, _)| n == net) {
+            v.push((
+                *net,
+                Route {
+                    kind: route_kind::KERNEL,
+                    ..Route::NONE
+                },
+            ));
+        }
+    }
+    v
+}
+
 /// `Route::nexthop` of an address: IPv4 in the first 4 bytes.
 pub fn nexthop_bytes(ip: IpAddr) -> [u8; 16] {
     match ip {

@@ -12,6 +12,7 @@ pub mod netdev;
 pub mod netns;
 pub mod nfrules;
 pub mod nft;
+pub mod policy;
 pub mod process;
 pub mod rtnl;
 pub mod sysctl;

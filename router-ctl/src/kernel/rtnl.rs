@@ -13,9 +13,10 @@ use rtnetlink::{
         address::{AddressAttribute, AddressFlags, AddressHeaderFlags, AddressMessage},
         link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage},
         route::{RouteAttribute, RouteMessage},
+        rule::RuleMessage,
         AddressFamily,
     },
-    Handle, LinkUnspec, LinkVeth, RouteMessageBuilder, RouteNextHopBuilder,
+    Handle, IpVersion, LinkUnspec, LinkVeth, RouteMessageBuilder, RouteNextHopBuilder,
 };
 
 use crate::config::IpNet;
@@ -359,13 +360,31 @@ impl Rtnl {
     }
 }
 
-/// The unicast routes of the main table that have a gateway, both families: (destination
-/// network address, prefix length, [(gateway, output device)]); several for a multipath
-/// route. Connected routes are left out (the addresses give them).
-pub type GatewayRoute = (IpAddr, u8, Vec<(IpAddr, u32)>);
+/// A route of the main table, both families.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MainRoute {
+    /// Destination network address and prefix length.
+    pub dest: IpAddr,
+    pub len: u8,
+    pub via: Via,
+}
+
+/// Where a main-table route sends packets.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Via {
+    /// Unicast through gateways: [(gateway, output device)], several for a multipath route.
+    Gateways(Vec<(IpAddr, u32)>),
+    /// Unicast on-link through a device (a connected subnet's route, or an operator's).
+    Device(u32),
+    /// Anything else (blackhole, unreachable, prohibit, throw, a nexthop object, a gateway
+    /// without a device): named for `show`.
+    Other(String),
+}
 
 impl Rtnl {
-    pub fn gateway_routes(&self) -> Result<Vec<GatewayRoute>> {
+    /// Every route of the main table (254), both families; the local table's are the
+    /// addresses'.
+    pub fn main_routes(&self) -> Result<Vec<MainRoute>> {
         use rtnetlink::packet_route::route::{RouteAddress, RouteType};
         let ip_of = |a: &RouteAddress| match a {
             RouteAddress::Inet(v) => Some(IpAddr::V4(*v)),
@@ -388,7 +407,7 @@ impl Rtnl {
                                 _ => None,
                             })
                             .unwrap_or(m.header.table as u32);
-                        if table != 254 || m.header.kind != RouteType::Unicast {
+                        if table != 254 {
                             continue;
                         }
                         let dest = m
@@ -408,37 +427,77 @@ impl Rtnl {
                             _ => None,
                         });
                         let mut hops = Vec::new();
+                        let mut whole = true;
                         for a in &m.attributes {
                             match a {
-                                RouteAttribute::Gateway(g) => {
-                                    if let (Some(g), Some(oif)) = (ip_of(g), oif) {
-                                        hops.push((g, oif));
-                                    }
-                                }
+                                RouteAttribute::Gateway(g) => match (ip_of(g), oif) {
+                                    (Some(g), Some(oif)) => hops.push((g, oif)),
+                                    _ => whole = false,
+                                },
+                                // A gateway of the other family, tunnel encapsulation:
+                                // not what the fast path sends by.
+                                RouteAttribute::Via(_) | RouteAttribute::Encap(_) => whole = false,
                                 RouteAttribute::MultiPath(nhs) => {
                                     for nh in nhs {
                                         let g = nh.attributes.iter().find_map(|a| match a {
                                             RouteAttribute::Gateway(g) => ip_of(g),
                                             _ => None,
                                         });
-                                        if let Some(g) = g {
-                                            hops.push((g, nh.interface_index));
+                                        match g {
+                                            Some(g) => hops.push((g, nh.interface_index)),
+                                            None => whole = false,
                                         }
                                     }
+                                }
+                                RouteAttribute::Other(nla)
+                                    if rtnetlink::packet_utils::nla::Nla::kind(nla)
+                                        == RTA_NH_ID =>
+                                {
+                                    whole = false
                                 }
                                 _ => {}
                             }
                         }
-                        if !hops.is_empty() {
-                            v.push((dest, m.header.destination_prefix_length, hops));
-                        }
+                        let via = match (m.header.kind, oif) {
+                            (RouteType::Unicast, _) if !whole => {
+                                Via::Other("a nexthop the fast path cannot read".into())
+                            }
+                            (RouteType::Unicast, _) if !hops.is_empty() => Via::Gateways(hops),
+                            (RouteType::Unicast, Some(oif)) => Via::Device(oif),
+                            (kind, _) => Via::Other(format!("{kind:?}").to_lowercase()),
+                        };
+                        v.push(MainRoute {
+                            dest,
+                            len: m.header.destination_prefix_length,
+                            via,
+                        });
                     }
                 }
                 anyhow::Ok(v)
             })
             .context("cannot list the routes")
     }
+
+    /// The policy routing rules, both families (false: IPv4).
+    pub fn rules(&self) -> Result<Vec<(bool, RuleMessage)>> {
+        self.rt
+            .block_on(async {
+                let mut v = Vec::new();
+                for (ipv6, family) in [(false, IpVersion::V4), (true, IpVersion::V6)] {
+                    let mut s = self.handle.rule().get(family).execute();
+                    while let Some(m) = s.try_next().await.map_err(os_error)? {
+                        v.push((ipv6, m));
+                    }
+                }
+                anyhow::Ok(v)
+            })
+            .context("cannot list the policy routing rules")
+    }
 }
+
+/// RTA_NH_ID: a route through a nexthop object (`ip nexthop`), which the fast path does not
+/// read.
+const RTA_NH_ID: u16 = 30;
 
 fn route_message(dest: IpNet, hops: &[(IpAddr, u32)]) -> Result<RouteMessage> {
     let (addr, len) = match dest {
