@@ -101,7 +101,7 @@ pub struct Router {
     /// (see `crate::guard`); None for a lost router.
     pub filter: Option<Filter>,
     /// Each port's families its namespace's settings leave to the kernel, and why (see
-    /// `kernel::policy`); empty for a lost router.
+    /// `kernel::policy`); empty for a lost router and a defined one.
     pub policy: BTreeMap<String, PortPolicy>,
 }
 
@@ -127,11 +127,7 @@ fn filter(r: &RouterState) -> Result<Filter> {
 
 /// What the namespace's forwarding switches and policy rules leave to the kernel, by port.
 fn policy(r: &RouterState) -> Result<BTreeMap<String, PortPolicy>> {
-    let ports: Vec<(u32, String)> = r
-        .interfaces
-        .iter()
-        .map(|i| (i.ifindex, i.device.clone()))
-        .collect();
+    let ports = r.ports();
     let by_index = netns::run_in(&r.namespace, move || {
         crate::kernel::policy::read(&Rtnl::new()?, &ports)
     })?;
@@ -181,7 +177,7 @@ pub fn router(r: &RouterState) -> Result<Router> {
             }
         }
     };
-    let policy = if r.lost.is_some() {
+    let policy = if r.lost.is_some() || !r.followed {
         BTreeMap::new()
     } else {
         policy(r).unwrap_or_else(|e| {

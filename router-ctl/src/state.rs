@@ -321,6 +321,14 @@ impl IfaceState {
 }
 
 impl RouterState {
+    /// Its ports: (ifindex, device).
+    pub fn ports(&self) -> Vec<(u32, String)> {
+        self.interfaces
+            .iter()
+            .map(|i| (i.ifindex, i.device.clone()))
+            .collect()
+    }
+
     /// The fast path translates: a gateway with SNAT, or floating IPs.
     pub fn nat_on(&self) -> bool {
         self.gateway.as_ref().is_some_and(|g| {

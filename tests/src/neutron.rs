@@ -1,13 +1,15 @@
-//! A router namespace built the way Neutron's L3 agent builds a legacy router: the namespace
-//! with the agent's sysctls (`Namespace.create`, neutron/agent/l3/namespaces.py) but
-//! `nf_conntrack_tcp_be_liberal`, which `Agent::liberal` sets; `qr-`/`qg-` veths at kernel
-//! defaults with the subnets' gateway addresses, the gateway and a floating IP on `qg-`, the
-//! default route; and the agent's iptables chains (`neutron-l3-agent-*` in filter, mangle and
-//! nat, in the shape `neutron/agent/l3/router_info.py` and
-//! `neutron/agent/linux/iptables_manager.py` give them), loaded with iptables-restore as the
-//! agent does. vm1 (172.16.100.3), vm3 (172.16.101.3, floating IP 192.168.1.20), an upstream
-//! router and an outside host (203.0.113.5) as in the NAT seed. `follow` runs
-//! `router-ctl run --follow` on it.
+//! A router namespace built by Neutron's own L3 agent code: `tests/neutron/l3_agent.py` runs
+//! Neutron 29's `L3NATAgentWithStateReport` (installed by `cargo xtask setup` from the Python
+//! registry) with its RPC to neutron-server faked, and hands it the router as the server would
+//! (a legacy router: two subnets, the external gateway with SNAT, a floating IP for vm3). The
+//! agent writes what it writes on a network node: the namespace's sysctls, the ports'
+//! addresses, the default route, the floating IP's address, every iptables and ip6tables rule
+//! of `neutron-l3-agent-*` (iptables-restore), and the metadata proxy's rules. The ports are
+//! plugged here, as the L2 agent's switch would (veths, or Open vSwitch internal ports), and a
+//! firewall group denies UDP to port 7777 in the chains FWaaS v2 hooks into the agent's
+//! FORWARD chain (FWaaS is a package of its own). vm1 (172.16.100.3), vm3 (172.16.101.3,
+//! floating IP 192.168.1.20), an upstream router and an outside host (203.0.113.5) as in the
+//! NAT seed. `follow` runs `router-ctl run --follow` on it.
 
 use std::{
     process::{Child, Command, Stdio},
@@ -63,9 +65,9 @@ impl Agent {
         let id = format!("{tag}0000-16f4-4d6c-89d2-8af91cec9714");
         let a = Agent {
             ns: format!("qrouter-{id}"),
-            qr_a: format!("qr-{tag}00a-45"),
-            qr_b: format!("qr-{tag}00b-73"),
-            qg: format!("qg-{tag}00c-11"),
+            qr_a: format!("qr-{tag}0a-45"),
+            qr_b: format!("qr-{tag}0b-73"),
+            qg: format!("qg-{tag}0c-11"),
             tag: tag.clone(),
             daemon: None,
             ovs: on_ovs.then(|| crate::ovs::Ovs::start(&tag, &format!("bn{tag}"))),
@@ -74,7 +76,6 @@ impl Agent {
         let (qa, qb, qg) = (&a.qr_a, &a.qr_b, &a.qg);
         sh(&format!(
             "ip netns add {ns} && ip -n {ns} link set lo up && \
-             ip netns exec {ns} sysctl -qw net.ipv4.ip_forward=1 && \
              ip netns add {vm1} && ip netns add {vm3} && ip netns add {ext} && ip netns add {out}"
         ));
         match &a.ovs {
@@ -99,20 +100,26 @@ impl Agent {
             }
         };
         sh(&format!(
-            "ip -n {ns} link add {qg} type veth peer name up0 netns {ext} && \
-             ip -n {ns} addr add 172.16.100.1/24 dev {qa} && ip -n {ns} link set {qa} up && \
-             ip -n {ns} addr add 172.16.101.1/24 dev {qb} && ip -n {ns} link set {qb} up && \
-             ip -n {ns} addr add 192.168.1.10/24 dev {qg} && ip -n {ns} addr add 192.168.1.20/32 dev {qg} && \
-             ip -n {ns} link set {qg} up && ip -n {ns} route add default via 192.168.1.1 dev {qg}"
+            "ip -n {ns} link add {qg} type veth peer name up0 netns {ext}"
         ));
         instances_and_outside(&vm1, &vm3, &ext, &out);
-        // The agent's namespace settings (`Namespace.create` in neutron/agent/l3/namespaces.py)
-        // but `nf_conntrack_tcp_be_liberal=1`, which the test sets later: first it shows that a
-        // strict conntrack keeps TCP with the kernel.
+        l3_agent(&serde_json::json!({
+            "namespace": ns,
+            "gateway": {"device": qg, "ip": "192.168.1.10/24", "gateway_ip": "192.168.1.1"},
+            "internal_ports": [
+                {"device": qa, "cidr": "172.16.100.1/24"},
+                {"device": qb, "cidr": "172.16.101.1/24"},
+            ],
+            "floating_ips": [
+                {"fixed_ip_address": "172.16.101.3", "floating_ip_address": "192.168.1.20"},
+            ],
+        }));
+        deny_udp_7777(&ns);
+        // The agent made conntrack liberal (namespaces.py); the tests first show what a strict
+        // one does, then set it back as the agent has it (`Agent::liberal`).
         sh(&format!(
-            "ip netns exec {ns} sysctl -qw net.ipv4.conf.all.arp_ignore=1 net.ipv4.conf.all.arp_announce=2"
+            "ip netns exec {ns} sysctl -qw net.netfilter.nf_conntrack_tcp_be_liberal=0"
         ));
-        load_rules(&ns, qg, &a.tag);
         a
     }
 
@@ -214,9 +221,56 @@ impl Drop for Agent {
     }
 }
 
-/// The agent's rules for a legacy router whose gateway port is `qg` (SNAT to 192.168.1.10,
-/// floating IP 192.168.1.20 → 172.16.101.3, UDP to port 7777 dropped), loaded into `ns` with
-/// iptables-restore, replaced wholesale as the agent does.
+/// Where `cargo xtask setup` installs Neutron (xtask/src/main.rs: NEUTRON_VENV).
+const NEUTRON_VENV: &str = "/opt/router-xdp/neutron-29";
+
+/// Has Neutron's L3 agent build the router `spec` describes (tests/neutron/l3_agent.py: the
+/// namespace, its ports plugged already).
+pub fn l3_agent(spec: &serde_json::Value) {
+    use std::io::Write as _;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/neutron/l3_agent.py");
+    let state = std::env::temp_dir().join(format!("l3-agent-{}", unique_tag()));
+    let mut child = Command::new(format!("{NEUTRON_VENV}/bin/python"))
+        .arg(script)
+        .arg(&state)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!("cannot run Neutron's L3 agent ({NEUTRON_VENV}: `cargo xtask setup` installs it): {e}")
+        });
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(spec.to_string().as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let _ = std::fs::remove_dir_all(&state);
+    assert!(
+        out.status.success(),
+        "Neutron's L3 agent failed to build the router: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A firewall group denying UDP to port 7777, where FWaaS v2's L3 agent extension puts its
+/// rules: a chain of its own for the group, jumped to from the agent's FORWARD chain for
+/// traffic to the router's internal ports.
+pub fn deny_udp_7777(ns: &str) {
+    sh(&format!(
+        "ip netns exec {ns} iptables -w -N neutron-l3-agent-iv4fwg7777 && \
+         ip netns exec {ns} iptables -w -A neutron-l3-agent-iv4fwg7777 -p udp --dport 7777 -j DROP && \
+         ip netns exec {ns} iptables -w -I neutron-l3-agent-FORWARD -o qr-+ -j neutron-l3-agent-iv4fwg7777"
+    ));
+}
+
+/// A legacy router's rules in the shape the agent writes them (router_info.py,
+/// iptables_manager.py), for a gateway port `qg` (SNAT to 192.168.1.10, floating IP
+/// 192.168.1.20 → 172.16.101.3, UDP to port 7777 dropped), loaded into `ns` with
+/// iptables-restore: the HA pair's hosts, which keepalived drives (an HA router is the agent's
+/// code with keepalived and its state-change daemon, not run here).
 pub fn load_rules(ns: &str, qg: &str, tag: &str) {
     let rules = format!(
             "*filter\n\

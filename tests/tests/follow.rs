@@ -1,11 +1,11 @@
-//! `router-ctl run --follow`: a router namespace built the way Neutron's L3 agent builds a
-//! legacy router (the namespace, `qr-`/`qg-` devices at kernel defaults, addresses, the
-//! default route, and the agent's iptables chains — `neutron-l3-agent-*` in filter, nat and
-//! mangle, in the shape `neutron/agent/l3/router_info.py` and
-//! `neutron/agent/linux/iptables_manager.py` give them, loaded with iptables-restore as the
-//! agent does) is accelerated with nothing configured beyond `--follow`: routed, SNAT and
-//! floating-IP traffic is carried by the fast path, a denying rule holds, a route the agent
-//! adds is followed, and stopping leaves nothing of ours in the namespace.
+//! `router-ctl run --follow`: a router namespace built by Neutron 29's own L3 agent code
+//! (`tests/neutron/l3_agent.py`: the agent's addresses, routes, sysctls and its iptables and
+//! ip6tables chains `neutron-l3-agent-*`, written with iptables-restore; the ports plugged as
+//! the L2 agent's switch would, a firewall group's denying rule where FWaaS puts it) is
+//! accelerated with nothing configured beyond `--follow`: routed, SNAT and floating-IP traffic
+//! is carried by the fast path, the denying rule holds, a route the agent adds is followed, the
+//! namespace's own forwarding switches, blackhole routes and policy rules are, and stopping
+//! leaves nothing of ours in the namespace.
 
 use std::time::{Duration, Instant};
 
@@ -202,9 +202,11 @@ fn a_router_the_l3_agent_built_is_accelerated_with_only_follow() {
         "{routes}"
     );
     assert!(sh(&format!(
-        "ip netns exec {ns} iptables -w -S neutron-l3-agent-FORWARD"
+        "ip netns exec {ns} iptables -w -S neutron-l3-agent-iv4fwg7777"
     ))
     .contains("--dport 7777 -j DROP"));
+    assert!(sh(&format!("ip netns exec {ns} iptables -w -t nat -S"))
+        .contains("-j SNAT --to-source 192.168.1.10 --random-fully"));
 
     // Followed again, then the agent deletes the namespace: the router is released.
     a.follow();

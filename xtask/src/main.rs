@@ -269,8 +269,43 @@ fn setup() -> Result<()> {
             .args(["-t", "tracefs", "nodev", "/sys/kernel/tracing"])
             .status();
     }
-    eprintln!("setup: ready (nightly rust-src, bpf-linker {BPF_LINKER_VERSION}, iproute2/ping/ethtool, bpffs)");
+    // 5. Neutron's own L3 agent code, which builds the router namespaces of the follow-mode
+    // tests and benchmark (tests/neutron/l3_agent.py), in a virtualenv of its own.
+    neutron_venv()?;
+    eprintln!("setup: ready (nightly rust-src, bpf-linker {BPF_LINKER_VERSION}, iproute2/ping/ethtool, bpffs, neutron {NEUTRON_VERSION})");
     Ok(())
+}
+
+/// The Neutron release whose L3 agent builds the tests' routers, and where it is installed
+/// (tests/src/neutron.rs names the same place).
+const NEUTRON_VERSION: &str = "29.0.0";
+const NEUTRON_VENV: &str = "/opt/router-xdp/neutron-29";
+
+/// Installs Neutron `NEUTRON_VERSION` from the Python registry into `NEUTRON_VENV`, unless it
+/// is there already.
+fn neutron_venv() -> Result<()> {
+    let python = Path::new(NEUTRON_VENV).join("bin/python");
+    let installed = output(Command::new(&python).args([
+        "-c",
+        "import importlib.metadata as m, neutron.agent.l3.agent; print(m.version('neutron'))",
+    ]));
+    if installed.as_deref() == Some(NEUTRON_VERSION) {
+        return Ok(());
+    }
+    eprintln!("setup: installing neutron {NEUTRON_VERSION} into {NEUTRON_VENV} (about a minute)");
+    let interpreter = ["python3", "python"]
+        .into_iter()
+        .find(|p| have(p))
+        .context("no python3 to make Neutron's virtualenv with")?;
+    run(Command::new(interpreter).args(["-m", "venv", NEUTRON_VENV]))?;
+    run(Command::new(&python).args([
+        "-m",
+        "pip",
+        "install",
+        "-q",
+        "--disable-pip-version-check",
+        &format!("neutron=={NEUTRON_VERSION}"),
+    ]))
 }
 
 fn nix_is_root() -> bool {

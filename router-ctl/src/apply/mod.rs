@@ -1068,14 +1068,15 @@ pub fn tables_in(
         .iter()
         .map(IfaceState::entry)
         .collect::<Result<Vec<_>>>()?;
-    // The namespace's own switches (forwarding, reverse-path filter, policy rules): a port and
-    // family its kernel would not forward as the maps say are left to it.
-    let ports: Vec<(u32, String)> = st
-        .interfaces
-        .iter()
-        .map(|i| (i.ifindex, i.device.clone()))
-        .collect();
-    let policy = crate::kernel::policy::read(&Rtnl::new()?, &ports)?;
+    // A followed namespace's own switches (forwarding, reverse-path filter, policy rules): a
+    // port and family its kernel would not forward as the maps say are left to it. A defined
+    // router's definition is its policy (apply switches forwarding on; the tests switch the
+    // kernel's forwarding off to show what the fast path alone carries).
+    let policy = if st.followed {
+        crate::kernel::policy::read(&Rtnl::new()?, &st.ports())?
+    } else {
+        Default::default()
+    };
     for (ifindex, iface) in ifaces.iter_mut() {
         if let Some(p) = policy.get(ifindex) {
             if !p.v4.is_empty() {
