@@ -1,9 +1,11 @@
-//! A router built as Neutron's L3 agent builds it (`tests::neutron`: its iptables chains in
-//! filter, mangle and nat, a liberal conntrack, veths at kernel defaults), forwarded by the
-//! kernel alone and by the same namespace followed (`router-ctl run --follow`), taking turns in
-//! every round: bulk TCP (iperf3, 1 stream) routed, through SNAT and to the floating IP;
-//! request-shaped connections through SNAT (64 clients, ports reused); and a flow the agent's
-//! chain denies (datagrams that arrive: must be 0 either way).
+//! A router built by Neutron 29's own L3 agent code (`tests::neutron`: the agent's addresses,
+//! routes, sysctls and iptables chains, a liberal conntrack as it sets it, veths at kernel
+//! defaults, a firewall group denying UDP to port 7777), forwarded by the kernel alone and by
+//! the same namespace followed (`router-ctl run --follow`), taking turns in every round: bulk
+//! TCP (iperf3, 1 stream) routed, through SNAT and to the floating IP; request-shaped
+//! connections through SNAT (64 clients, ports reused); established flows of small datagrams
+//! (echoed) on the same three paths; and the denied flow (datagrams that arrive: must be 0
+//! either way).
 
 use std::time::Duration;
 
@@ -53,8 +55,8 @@ pub fn run(rounds: usize) -> Result<FollowFigures> {
     std::thread::sleep(Duration::from_millis(300));
     let res = (|| -> Result<FollowFigures> {
         // (kernel, followed) per row and round.
-        let mut vals: Vec<[Vec<f64>; 2]> = vec![Default::default(); 4];
-        let mut ratios: Vec<Vec<f64>> = vec![Vec::new(); 4];
+        let mut vals: Vec<[Vec<f64>; 2]> = vec![Default::default(); ROWS];
+        let mut ratios: Vec<Vec<f64>> = vec![Vec::new(); ROWS];
         let mut denied_arrived = (0, 0);
         let mut denied_sent = 0;
         for round in 0..rounds {
@@ -63,7 +65,7 @@ pub fn run(rounds: usize) -> Result<FollowFigures> {
             } else {
                 [true, false]
             };
-            let mut got = [[0f64; 4]; 2];
+            let mut got = [[0f64; ROWS]; 2];
             for followed in order {
                 if followed {
                     a.follow();
@@ -79,6 +81,9 @@ pub fn run(rounds: usize) -> Result<FollowFigures> {
                 let addr = "203.0.113.5:8080".parse().expect("an address");
                 let r = conns::load(&vm1, addr, 64, 0.5, 2.0)?;
                 got[m][3] = r.conn_s;
+                got[m][4] = small_udp(&vm1, &vm3, "172.16.101.3")?;
+                got[m][5] = small_udp(&vm1, &out, "203.0.113.5")?;
+                got[m][6] = small_udp(&out, &vm3, "192.168.1.20")?;
                 let d = tests::neutron::denied_arrived(&vm1, &vm3, 1000) as u64;
                 if followed {
                     denied_arrived.1 += d;
@@ -88,12 +93,12 @@ pub fn run(rounds: usize) -> Result<FollowFigures> {
                 }
                 denied_sent += if followed { 1000 } else { 0 };
                 eprintln!(
-                    "follow round {round} {}: routed {:.2} Gbit/s, SNAT {:.2}, floating IP {:.2}, {:.0} conn/s, {d} denied arrived",
+                    "follow round {round} {}: routed {:.2} Gbit/s, SNAT {:.2}, floating IP {:.2}, {:.0} conn/s; small UDP routed {:.0}/s, SNAT {:.0}/s, floating IP {:.0}/s; {d} denied arrived",
                     if followed { "followed" } else { "kernel" },
-                    got[m][0], got[m][1], got[m][2], got[m][3]
+                    got[m][0], got[m][1], got[m][2], got[m][3], got[m][4], got[m][5], got[m][6]
                 );
             }
-            for i in 0..4 {
+            for i in 0..ROWS {
                 vals[i][0].push(got[0][i]);
                 vals[i][1].push(got[1][i]);
                 ratios[i].push(got[1][i] / got[0][i]);
@@ -106,6 +111,18 @@ pub fn run(rounds: usize) -> Result<FollowFigures> {
             (
                 "new connections vm1 → outside through SNAT, 64 clients",
                 "conn/s",
+            ),
+            (
+                "small UDP datagrams vm1 → vm3, routed, echoed",
+                "datagrams/s",
+            ),
+            (
+                "small UDP datagrams vm1 → outside, SNAT, echoed",
+                "datagrams/s",
+            ),
+            (
+                "small UDP datagrams outside → vm3's floating IP, echoed",
+                "datagrams/s",
             ),
         ];
         Ok(FollowFigures {
@@ -135,17 +152,78 @@ pub fn run(rounds: usize) -> Result<FollowFigures> {
     res
 }
 
+/// Rows of the comparison: three bulk TCP, connections, three small-datagram flows.
+const ROWS: usize = 7;
+
+/// An established flow of small datagrams: a client in `from` sends 18-byte datagrams to
+/// `to_ip`:9100 as fast as one socket can, a server in `to` echoes each (the flow runs both
+/// ways, as a guarded fast path needs before it carries it); after 1 s of warm-up, the
+/// datagrams per second that reached the server over 2 s.
+fn small_udp(from: &str, to: &str, to_ip: &str) -> Result<f64> {
+    use std::sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+    };
+    let (stop, count) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicU64::new(0)),
+    );
+    let server = tests::topo::in_ns(to, || std::net::UdpSocket::bind("0.0.0.0:9100"))
+        .join()
+        .expect("bind")?;
+    server.set_read_timeout(Some(Duration::from_millis(100)))?;
+    let echo = {
+        let (stop, count) = (stop.clone(), count.clone());
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 64];
+            while !stop.load(Ordering::SeqCst) {
+                if let Ok((n, from)) = server.recv_from(&mut buf) {
+                    count.fetch_add(1, Ordering::Relaxed);
+                    let _ = server.send_to(&buf[..n], from);
+                }
+            }
+        })
+    };
+    let dst = format!("{to_ip}:9100");
+    let client = {
+        let stop = stop.clone();
+        tests::topo::in_ns(from, move || -> std::io::Result<()> {
+            let s = std::net::UdpSocket::bind("0.0.0.0:0")?;
+            s.connect(&dst)?;
+            s.set_nonblocking(true)?;
+            let (payload, mut buf) = ([0x5au8; 18], [0u8; 64]);
+            while !stop.load(Ordering::SeqCst) {
+                for _ in 0..32 {
+                    let _ = s.send(&payload);
+                }
+                while s.recv(&mut buf).is_ok() {}
+            }
+            Ok(())
+        })
+    };
+    std::thread::sleep(Duration::from_secs(1));
+    let c0 = count.load(Ordering::Relaxed);
+    let t0 = std::time::Instant::now();
+    std::thread::sleep(Duration::from_secs(2));
+    let got = count.load(Ordering::Relaxed) - c0;
+    let secs = t0.elapsed().as_secs_f64();
+    stop.store(true, Ordering::SeqCst);
+    echo.join().expect("echo");
+    client.join().expect("client")?;
+    Ok(got as f64 / secs)
+}
+
 /// The report's section, between `<!-- follow -->` markers.
 pub fn markdown(f: &FollowFigures, date: &str) -> String {
     let mut m = String::from(
         "<!-- follow -->\n## A router built by Neutron's L3 agent, followed (`run --follow`)\n\n",
     );
     m += &format!(
-        "{date}. The namespace as the agent builds a legacy router (`tests/src/neutron.rs`: its iptables chains in filter, mangle and nat loaded with iptables-restore, SNAT to the gateway address, a floating IP for vm3, a chain dropping UDP to port 7777, `nf_conntrack_tcp_be_liberal=1` as the agent sets it, veths at kernel defaults). In each of {} rounds the kernel alone and the same namespace followed by `router-ctl run --follow` (nothing else configured) take turns going first; followed, the fast path carries only flows the kernel forwarded both ways under the agent's rules (the guard). iperf3, one stream, 3 s; connections as in the request-shaped benchmark (1 KiB answers, the server closing first, clients cycling through 1 024 ports), 2 s after 0.5 s of warm-up. Medians (min–max).\n\n| traffic | kernel alone | followed | followed ÷ kernel |\n|---|---|---|---|\n",
+        "{date}. A legacy router built by Neutron 29's own L3 agent code (`tests/neutron/l3_agent.py`, RPC faked: the agent's addresses, default route, floating IP, sysctls — `nf_conntrack_tcp_be_liberal=1` among them — and its iptables and ip6tables chains; SNAT to the gateway address, a floating IP for vm3), a firewall group's rule dropping UDP to port 7777, veths at kernel defaults. In each of {} rounds the kernel alone and the same namespace followed by `router-ctl run --follow` (nothing else configured) take turns going first; followed, the fast path carries only flows the kernel forwarded both ways under the agent's rules (the guard). iperf3, one stream, 3 s; connections as in the request-shaped benchmark (1 KiB answers, the server closing first, clients cycling through 1 024 ports), 2 s after 0.5 s of warm-up; small datagrams: one client socket sending 18-byte datagrams as fast as it can, the server echoing each, datagrams per second reaching the server over 2 s after 1 s of warm-up (on two cores the client, the echo and both routers' work share the CPUs: the figure is what is left for forwarding). Medians (min–max).\n\n| traffic | kernel alone | followed | followed ÷ kernel |\n|---|---|---|---|\n",
         f.rounds
     );
     for r in &f.rows {
-        let p = if r.unit == "conn/s" { 0 } else { 2 };
+        let p = if r.unit == "Gbit/s" { 2 } else { 0 };
         m += &format!(
             "| {} ({}) | {} | {} | {} |\n",
             r.what,

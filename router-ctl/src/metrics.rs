@@ -10,7 +10,7 @@ use std::{
 use anyhow::{Context as _, Result};
 use prometheus_client::{
     encoding::text::encode,
-    metrics::{counter::Counter, family::Family},
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::Registry,
 };
 
@@ -26,7 +26,19 @@ pub fn render() -> Result<String> {
     let pass_bytes = Family::<Labels, Counter>::default();
     let drops = Family::<Labels, Counter>::default();
     let nat = Family::<Labels, Counter>::default();
+    let routers = Family::<Labels, Gauge>::default();
     for r in RouterState::all()?.into_iter().filter(|r| r.lost.is_none()) {
+        routers
+            .get_or_create(&vec![
+                ("router".into(), r.name.clone()),
+                ("router_id".into(), r.id.clone()),
+                ("namespace".into(), r.namespace.clone()),
+                (
+                    "origin".into(),
+                    if r.followed { "followed" } else { "defined" }.into(),
+                ),
+            ])
+            .set(1);
         // A router whose maps cannot be read now (being destroyed) is left out of this scrape.
         let Ok(counters) = live::counters(&r) else {
             continue;
@@ -63,6 +75,11 @@ pub fn render() -> Result<String> {
         }
     }
     let mut reg = Registry::with_prefix("router_xdp");
+    reg.register(
+        "router",
+        "A router with a fast path here: defined (apply, etcd) or followed (run --follow)",
+        routers,
+    );
     reg.register(
         "forwarded_packets",
         "Frames forwarded by the XDP fast path, by ingress device and IP family",

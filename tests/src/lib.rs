@@ -130,3 +130,16 @@ pub fn in_setup<T>(f: impl FnOnce() -> T) -> T {
 
 /// What a set-up failure's panic message starts with (see `in_setup`).
 pub const SETUP_FAILED: &str = "set-up failed:";
+
+/// The body-and-headers answer of a plain HTTP GET of `path` at `addr` (None: no answer).
+pub fn http_get(addr: &str, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(addr).ok()?;
+    c.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .ok()?;
+    c.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .ok()?;
+    let mut out = String::new();
+    c.read_to_string(&mut out).ok()?;
+    Some(out)
+}

@@ -145,8 +145,14 @@ impl Agent {
 
     /// Starts `router-ctl run --follow` on this namespace alone.
     pub fn follow(&mut self) {
+        self.follow_with(&[]);
+    }
+
+    /// `follow` with more arguments for `router-ctl run`.
+    pub fn follow_with(&mut self, args: &[&str]) {
         let child = Command::new(router_ctl())
             .args(["run", "--follow", &self.ns])
+            .args(args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

@@ -339,8 +339,17 @@ fn forwarding_switches_blackholes_and_policy_rules_are_followed() {
     let mut a = tests::in_setup(Agent::build);
     a.liberal();
     let (ns, vm1, vm3, qa) = (a.ns.clone(), a.vm1(), a.vm3(), a.qr_a.clone());
-    a.follow();
+    let port = 9300 + (std::process::id() % 500) as u16;
+    a.follow_with(&["--metrics", &port.to_string()]);
     a.followed();
+    // The metrics list the router as followed.
+    let metrics = wait_until("metrics served", Duration::from_secs(5), || {
+        tests::http_get(&format!("127.0.0.1:{port}"), "/metrics").ok_or("no answer")
+    });
+    let line = format!(
+        "router_xdp_router{{router=\"{ns}\",router_id=\"{ns}\",namespace=\"{ns}\",origin=\"followed\"}} 1"
+    );
+    assert!(metrics.contains(&line), "{line} not in {metrics}");
     let stream = Stream::start(&vm1, &vm3, 7100);
     let carried = |what: &str| {
         wait_until(what, Duration::from_secs(10), || {
@@ -467,16 +476,23 @@ type Arrivals = std::collections::BTreeMap<(&'static str, u16, u16, u32), Vec<u8
 /// out's for the replies.
 fn parity_round(a: &Agent, n: u32) -> Arrivals {
     let (vm1, vm3, out) = (a.vm1(), a.vm3(), a.out());
-    let points = [("vm1", &vm1, "t1"), ("vm3", &vm3, "t3"), ("out", &out, "e0")];
+    let points = [
+        ("vm1", &vm1, "t1"),
+        ("vm3", &vm3, "t3"),
+        ("out", &out, "e0"),
+    ];
     let caps: Vec<(&'static str, Capture)> = points
         .iter()
         .map(|(name, ns, dev)| (*name, Capture::start(ns, dev)))
         .collect();
     let echo = |ns: &str, port: u16| {
-        let s = tests::topo::in_ns(ns, move || std::net::UdpSocket::bind(("0.0.0.0", port)).unwrap())
-            .join()
+        let s = tests::topo::in_ns(ns, move || {
+            std::net::UdpSocket::bind(("0.0.0.0", port)).unwrap()
+        })
+        .join()
+        .unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(500)))
             .unwrap();
-        s.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
         std::thread::spawn(move || {
             let mut buf = [0u8; 64];
             while let Ok((len, from)) = s.recv_from(&mut buf) {
@@ -597,7 +613,10 @@ fn the_fast_path_sends_the_bytes_the_kernel_sends() {
     let mut differ = Vec::new();
     for (k, want) in &kernel {
         if fast.get(k) != Some(want) {
-            differ.push(format!("{k:?}:\n kernel {want:02x?}\n fast   {:02x?}", fast.get(k)));
+            differ.push(format!(
+                "{k:?}:\n kernel {want:02x?}\n fast   {:02x?}",
+                fast.get(k)
+            ));
         }
     }
     assert!(

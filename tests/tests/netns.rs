@@ -879,15 +879,7 @@ fn metrics_count_the_traffic_sent() {
     restart_daemon(&s.ids.tag, &["--metrics", &addr]);
     // Neighbours known to the restarted daemon's maps before counting.
     s.prime_neighbours();
-    let scrape = || -> Option<String> {
-        use std::io::{Read, Write};
-        let mut c = std::net::TcpStream::connect(&addr).ok()?;
-        c.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-            .ok()?;
-        let mut out = String::new();
-        c.read_to_string(&mut out).ok()?;
-        Some(out)
-    };
+    let scrape = || tests::http_get(&addr, "/metrics");
     let t0 = std::time::Instant::now();
     while scrape().is_none() {
         assert!(
