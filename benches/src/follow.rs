@@ -10,7 +10,10 @@
 use std::time::Duration;
 
 use anyhow::Result;
-use tests::{neutron::Agent, sh, sh_out, wait_until};
+use tests::{
+    neutron::{Agent, HaPair},
+    sh, sh_out, wait_until,
+};
 
 use crate::{
     conns::{self, Server},
@@ -32,6 +35,11 @@ pub struct FollowFigures {
     /// Datagrams of the denied flow that arrived, over all rounds (kernel, followed).
     pub denied_arrived: (u64, u64),
     pub denied_sent: u64,
+    /// Across a keepalived failover of an HA pair: pings lost (10 ms apart), and how long
+    /// keepalived took to move the router (s); the kernel alone's, then followed.
+    pub failover_lost: [Summary; 2],
+    pub failover_took: [Summary; 2],
+    pub failover_rounds: usize,
 }
 
 /// Runs the comparison over `rounds` rounds.
@@ -140,6 +148,9 @@ pub fn run(rounds: usize) -> Result<FollowFigures> {
                 .collect(),
             denied_arrived,
             denied_sent,
+            failover_lost: Default::default(),
+            failover_took: Default::default(),
+            failover_rounds: 0,
         })
     })();
     server.stop();
@@ -149,7 +160,61 @@ pub fn run(rounds: usize) -> Result<FollowFigures> {
         ));
     }
     drop(a);
-    res
+    let mut res = res?;
+    let (lost, took) = failovers(rounds.min(3))?;
+    res.failover_rounds = rounds.min(3);
+    res.failover_lost = [summarize(&lost[0]), summarize(&lost[1])];
+    res.failover_took = [summarize(&took[0]), summarize(&took[1])];
+    Ok(res)
+}
+
+/// `rounds` failovers of an HA pair (`tests::neutron::HaPair`, keepalived configured as
+/// Neutron writes it) with the kernel alone and as many followed, taking turns: pings lost and
+/// the seconds keepalived took, (kernel, followed).
+fn failovers(rounds: usize) -> Result<([Vec<f64>; 2], [Vec<f64>; 2])> {
+    let (mut lost, mut took): ([Vec<f64>; 2], [Vec<f64>; 2]) = Default::default();
+    for round in 0..rounds {
+        for followed in if round % 2 == 0 {
+            [false, true]
+        } else {
+            [true, false]
+        } {
+            let mut p = HaPair::build();
+            let master = wait_until("a keepalived master", Duration::from_secs(20), || {
+                p.master().ok_or("none yet".to_string())
+            });
+            if followed {
+                p.follow();
+                // The master's fast path carries before the failover.
+                wait_until(
+                    "the master's fast path carrying",
+                    Duration::from_secs(10),
+                    || {
+                        let f0 = p.forwarded(master);
+                        let out = tests::topo::Seed::exec(
+                            &p.ns("vm1"),
+                            "ping -c 20 -i 0.01 -W 1 172.16.101.3",
+                        );
+                        let (_, got) =
+                            tests::topo::ping_summary(&String::from_utf8_lossy(&out.stdout));
+                        match p.forwarded(master) - f0 {
+                            d if d >= 15 && got == 20 => Ok(()),
+                            d => Err(format!("{d} forwarded, {got} answered")),
+                        }
+                    },
+                );
+            }
+            let (sent, got, t) = p.failover();
+            let m = followed as usize;
+            lost[m].push(sent.saturating_sub(got) as f64);
+            took[m].push(t.as_secs_f64());
+            eprintln!(
+                "failover round {round} {}: {got} of {sent} pings answered, keepalived took {t:?}",
+                if followed { "followed" } else { "kernel" }
+            );
+        }
+    }
+    Ok((lost, took))
 }
 
 /// Rows of the comparison: three bulk TCP, connections, three small-datagram flows.
@@ -234,7 +299,15 @@ pub fn markdown(f: &FollowFigures, date: &str) -> String {
         );
     }
     m += &format!(
-        "\nThe denied flow: {} datagrams sent to vm3's port 7777 in the kernel's runs and as many in the followed runs; {} and {} arrived.\n<!-- /follow -->\n",
+        "| pings lost across a keepalived failover, 10 ms apart (HA pair, {} failovers each) | {} | {} | |\n| seconds keepalived took to move the router | {} | {} | |\n",
+        f.failover_rounds,
+        f.failover_lost[0].fmt(0),
+        f.failover_lost[1].fmt(0),
+        f.failover_took[0].fmt(2),
+        f.failover_took[1].fmt(2),
+    );
+    m += &format!(
+        "\nThe denied flow: {} datagrams sent to vm3's port 7777 in the kernel's runs and as many in the followed runs; {} and {} arrived. The failovers: an HA pair as the agent builds it on two hosts (`tests::neutron::HaPair`: keepalived configured as `neutron/agent/linux/keepalived.py` writes it, both BACKUP, nopreempt, advert_int 2), the master's keepalived stopped while vm1 pings vm3 every 10 ms; followed, both hosts' namespaces by one `run --follow`, the master's fast path carrying before the stop.\n<!-- /follow -->\n",
         f.denied_sent, f.denied_arrived.0, f.denied_arrived.1
     );
     m

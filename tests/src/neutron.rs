@@ -372,3 +372,219 @@ pub fn denied_arrived(vm1: &str, vm3: &str, n: u32) -> u32 {
     }
     got
 }
+
+/// An HA router as Neutron's agent builds it on two network nodes (here two namespaces,
+/// `qrouter-<id>-h1` and `-h2`, on one machine): the same devices with the same MACs in both,
+/// an `ha-` device on the HA network (169.254.192.0/18), the agent's rules in both, and
+/// keepalived in each as `neutron/agent/linux/keepalived.py` configures it (both BACKUP,
+/// nopreempt, priority 50, advert_int 2, the router's addresses as
+/// `virtual_ipaddress_excluded`, its default route as `virtual_routes`): the standby holds the
+/// devices without addresses. As `HaRouterNamespace.create` (ha_router.py) does, the kernel
+/// makes no IPv6 link-local address on the devices (keepalived would hold it on the master
+/// only): a standby's device sending with the shared MAC would pull the switch's forwarding
+/// of that MAC to itself. The networks are bridges in a switch namespace.
+pub struct HaPair {
+    pub tag: String,
+    /// The two hosts' router namespaces.
+    pub hosts: [String; 2],
+    /// Each host's keepalived, host 1's first.
+    pub keepalived: Vec<std::process::Child>,
+    /// `router-ctl run --follow` on both, when started.
+    pub daemon: Option<std::process::Child>,
+}
+
+impl HaPair {
+    pub fn ns(&self, n: &str) -> String {
+        format!("f{n}-{}", self.tag)
+    }
+
+    pub fn build() -> HaPair {
+        let tag = unique_tag();
+        let id = format!("{tag}0000-16f4-4d6c-89d2-8af91cec9714");
+        let p = HaPair {
+            hosts: [format!("qrouter-{id}-h1"), format!("qrouter-{id}-h2")],
+            tag: tag.clone(),
+            keepalived: Vec::new(),
+            daemon: None,
+        };
+        let (sw, vm1, vm3, ext, out) = (
+            p.ns("sw"),
+            p.ns("vm1"),
+            p.ns("vm3"),
+            p.ns("ext"),
+            p.ns("out"),
+        );
+        let (qa, qb, qg, ha) = (
+            format!("qr-{tag}00a-45"),
+            format!("qr-{tag}00b-73"),
+            format!("qg-{tag}00c-11"),
+            format!("ha-{tag}00d-22"),
+        );
+        sh(&format!(
+            "ip netns add {sw} && ip netns add {vm1} && ip netns add {vm3} && ip netns add {ext} && ip netns add {out} && \
+             for b in bra brb brg brh; do ip -n {sw} link add $b type bridge && ip -n {sw} link set $b up; done && \
+             ip -n {vm1} link add t1 type veth peer name pv1 netns {sw} && ip -n {sw} link set pv1 master bra up && \
+             ip -n {vm3} link add t3 type veth peer name pv3 netns {sw} && ip -n {sw} link set pv3 master brb up && \
+             ip -n {ext} link add up0 type veth peer name pe netns {sw} && ip -n {sw} link set pe master brg up"
+        ));
+        instances_and_outside(&vm1, &vm3, &ext, &out);
+        let mut p = p;
+        for (h, ns) in p.hosts.clone().iter().enumerate() {
+            let n = h + 1;
+            sh(&format!(
+                "ip netns add {ns} && ip -n {ns} link set lo up && \
+                 ip netns exec {ns} sysctl -qw net.ipv4.ip_forward=1 net.ipv4.conf.all.arp_ignore=1 net.ipv4.conf.all.arp_announce=2 \
+                   net.ipv4.ip_nonlocal_bind=1 net.ipv6.conf.all.addr_gen_mode=1 net.ipv6.conf.default.addr_gen_mode=1 && \
+                 ip -n {ns} link add {qa} address fa:16:3e:00:00:0a type veth peer name a{n} netns {sw} && \
+                 ip -n {ns} link add {qb} address fa:16:3e:00:00:0b type veth peer name b{n} netns {sw} && \
+                 ip -n {ns} link add {qg} address fa:16:3e:00:00:0c type veth peer name g{n} netns {sw} && \
+                 ip -n {ns} link add {ha} address fa:16:3e:00:00:d{n} type veth peer name h{n} netns {sw} && \
+                 ip -n {sw} link set a{n} master bra up && ip -n {sw} link set b{n} master brb up && \
+                 ip -n {sw} link set g{n} master brg up && ip -n {sw} link set h{n} master brh up && \
+                 for d in {qa} {qb} {qg} {ha}; do ip -n {ns} link set $d up; done && \
+                 ip -n {ns} addr add 169.254.192.{n}/18 dev {ha}"
+            ));
+            load_rules(ns, &qg, &tag);
+            sh(&format!(
+                "ip netns exec {ns} sysctl -qw net.netfilter.nf_conntrack_tcp_be_liberal=1"
+            ));
+            let conf = format!(
+                "global_defs {{\n    notification_email_from neutron@openstack.local\n    router_id neutron\n}}\n\
+                 vrrp_instance VR_1 {{\n    state BACKUP\n    interface {ha}\n    virtual_router_id 1\n    priority 50\n    garp_master_delay 60\n    nopreempt\n    advert_int 2\n\
+                 \x20   track_interface {{\n        {ha}\n    }}\n\
+                 \x20   virtual_ipaddress {{\n        169.254.0.1/24 dev {ha}\n    }}\n\
+                 \x20   virtual_ipaddress_excluded {{\n        172.16.100.1/24 dev {qa} no_track\n        172.16.101.1/24 dev {qb} no_track\n        192.168.1.10/24 dev {qg} no_track\n        192.168.1.20/32 dev {qg} no_track\n    }}\n\
+                 \x20   virtual_routes {{\n        0.0.0.0/0 via 192.168.1.1 dev {qg} no_track protocol static\n    }}\n}}\n"
+            );
+            let dir = std::env::temp_dir().join(format!("follow-ha-{tag}-{n}"));
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join("keepalived.conf"), conf).unwrap();
+            let child = std::process::Command::new("ip")
+                .args([
+                    "netns",
+                    "exec",
+                    ns,
+                    "keepalived",
+                    "--dont-fork",
+                    "--vrrp",
+                    "-f",
+                ])
+                .arg(dir.join("keepalived.conf"))
+                .arg("-p")
+                .arg(dir.join("keepalived.pid"))
+                .arg("-r")
+                .arg(dir.join("vrrp.pid"))
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("keepalived");
+            // Kept in order: host 1's, then host 2's.
+            p.keepalived.push(child);
+        }
+        p
+    }
+
+    /// The host whose namespace holds the router's addresses now (keepalived's master).
+    pub fn master(&self) -> Option<usize> {
+        let holds = |ns: &str| {
+            crate::sh_out(&format!("ip -n {ns} -4 -o addr show"))
+                .stdout
+                .windows(b"172.16.100.1/24".len())
+                .any(|w| w == b"172.16.100.1/24")
+        };
+        match (holds(&self.hosts[0]), holds(&self.hosts[1])) {
+            (true, false) => Some(0),
+            (false, true) => Some(1),
+            _ => None,
+        }
+    }
+
+    pub fn forwarded(&self, host: usize) -> u64 {
+        let qa = format!("qr-{}00a-45", self.tag);
+        crate::ctl_json(&["stats", &self.hosts[host]])
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["device"] == qa)
+            .expect("qr-a in stats")["forwarded"]["packets"]
+            .as_u64()
+            .unwrap()
+    }
+    /// Starts `router-ctl run --follow` on both hosts' namespaces.
+    pub fn follow(&mut self) {
+        let pattern = format!("{}*", &self.hosts[0][..self.hosts[0].len() - 1]);
+        self.daemon = Some(
+            Command::new(router_ctl())
+                .args(["run", "--follow", &pattern])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("router-ctl run --follow"),
+        );
+    }
+
+    /// The master's keepalived stops (SIGTERM: its addresses go with it) while vm1 pings vm3
+    /// every 10 ms, 1 500 times, from 0.5 s before; the other host takes the router. (pings
+    /// sent, answered, how long keepalived took to move the router).
+    pub fn failover(&self) -> (u32, u32, Duration) {
+        let master = self.master().expect("a master");
+        let vm1 = self.ns("vm1");
+        let during = std::thread::spawn(move || {
+            let out = crate::topo::Seed::exec(&vm1, "ping -c 1500 -i 0.01 -W 1 172.16.101.3");
+            crate::topo::ping_summary(&String::from_utf8_lossy(&out.stdout))
+        });
+        std::thread::sleep(Duration::from_millis(500));
+        let t0 = Instant::now();
+        // SAFETY: plain kill(2) of our child (`ip netns exec` has exec'd keepalived).
+        unsafe { libc::kill(self.keepalived[master].id() as i32, libc::SIGTERM) };
+        crate::wait_until(
+            "the standby became master",
+            Duration::from_secs(20),
+            || match self.master() {
+                Some(m) if m != master => Ok(()),
+                other => Err(format!("{other:?}")),
+            },
+        );
+        let took = t0.elapsed();
+        let (sent, got) = during.join().unwrap();
+        (sent, got, took)
+    }
+}
+
+impl Drop for HaPair {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.daemon.take() {
+            // SAFETY: plain kill(2) of our child.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let _ = c.wait();
+        }
+        // SIGTERM: keepalived stops its VRRP child too (a SIGKILL would orphan it).
+        for c in &mut self.keepalived {
+            // SAFETY: plain kill(2) of our child.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        }
+        for c in &mut self.keepalived {
+            let t0 = Instant::now();
+            while c.try_wait().ok().flatten().is_none() && t0.elapsed() < Duration::from_secs(5) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let mut all = self.hosts.to_vec();
+        for n in ["sw", "vm1", "vm3", "ext", "out"] {
+            all.push(self.ns(n));
+        }
+        for n in all {
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "del", &n])
+                .stderr(std::process::Stdio::null())
+                .status();
+        }
+        for n in 1..=2 {
+            let _ = std::fs::remove_dir_all(
+                std::env::temp_dir().join(format!("follow-ha-{}-{n}", self.tag)),
+            );
+        }
+    }
+}

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use tests::{
     grew,
-    neutron::Agent,
+    neutron::{Agent, HaPair},
     require_root, sh,
     topo::{ping_summary, tcp_transfer_via, Seed},
     wait_until,
@@ -344,7 +344,7 @@ fn forwarding_switches_blackholes_and_policy_rules_are_followed() {
     a.followed();
     // The metrics list the router as followed.
     let metrics = wait_until("metrics served", Duration::from_secs(5), || {
-        tests::http_get(&format!("127.0.0.1:{port}"), "/metrics").ok_or("no answer")
+        tests::http_get(&format!("127.0.0.1:{port}"), "/metrics").ok_or("no answer".to_string())
     });
     let line = format!(
         "router_xdp_router{{router=\"{ns}\",router_id=\"{ns}\",namespace=\"{ns}\",origin=\"followed\"}} 1"
@@ -628,203 +628,19 @@ fn the_fast_path_sends_the_bytes_the_kernel_sends() {
     );
 }
 
-/// An HA router as Neutron's agent builds it on two network nodes (here two namespaces,
-/// `qrouter-<id>-h1` and `-h2`, on one machine): the same devices with the same MACs in both,
-/// an `ha-` device on the HA network (169.254.192.0/18), the agent's rules in both, and
-/// keepalived in each as `neutron/agent/linux/keepalived.py` configures it (both BACKUP,
-/// nopreempt, priority 50, advert_int 2, the router's addresses as
-/// `virtual_ipaddress_excluded`, its default route as `virtual_routes`): the standby holds the
-/// devices without addresses. As `HaRouterNamespace.create` (ha_router.py) does, the kernel
-/// makes no IPv6 link-local address on the devices (keepalived would hold it on the master
-/// only): a standby's device sending with the shared MAC would pull the switch's forwarding
-/// of that MAC to itself. The networks are bridges in a switch namespace.
-struct HaPair {
-    tag: String,
-    hosts: [String; 2],
-    keepalived: Vec<std::process::Child>,
-    daemon: Option<std::process::Child>,
-}
-
-impl HaPair {
-    fn ns(&self, n: &str) -> String {
-        format!("f{n}-{}", self.tag)
-    }
-
-    fn build() -> HaPair {
-        let tag = tests::topo::unique_tag();
-        let id = format!("{tag}0000-16f4-4d6c-89d2-8af91cec9714");
-        let p = HaPair {
-            hosts: [format!("qrouter-{id}-h1"), format!("qrouter-{id}-h2")],
-            tag: tag.clone(),
-            keepalived: Vec::new(),
-            daemon: None,
-        };
-        let (sw, vm1, vm3, ext, out) = (
-            p.ns("sw"),
-            p.ns("vm1"),
-            p.ns("vm3"),
-            p.ns("ext"),
-            p.ns("out"),
-        );
-        let (qa, qb, qg, ha) = (
-            format!("qr-{tag}00a-45"),
-            format!("qr-{tag}00b-73"),
-            format!("qg-{tag}00c-11"),
-            format!("ha-{tag}00d-22"),
-        );
-        sh(&format!(
-            "ip netns add {sw} && ip netns add {vm1} && ip netns add {vm3} && ip netns add {ext} && ip netns add {out} && \
-             for b in bra brb brg brh; do ip -n {sw} link add $b type bridge && ip -n {sw} link set $b up; done && \
-             ip -n {vm1} link add t1 type veth peer name pv1 netns {sw} && ip -n {sw} link set pv1 master bra up && \
-             ip -n {vm3} link add t3 type veth peer name pv3 netns {sw} && ip -n {sw} link set pv3 master brb up && \
-             ip -n {ext} link add up0 type veth peer name pe netns {sw} && ip -n {sw} link set pe master brg up"
-        ));
-        tests::neutron::instances_and_outside(&vm1, &vm3, &ext, &out);
-        let mut p = p;
-        for (h, ns) in p.hosts.clone().iter().enumerate() {
-            let n = h + 1;
-            sh(&format!(
-                "ip netns add {ns} && ip -n {ns} link set lo up && \
-                 ip netns exec {ns} sysctl -qw net.ipv4.ip_forward=1 net.ipv4.conf.all.arp_ignore=1 net.ipv4.conf.all.arp_announce=2 \
-                   net.ipv4.ip_nonlocal_bind=1 net.ipv6.conf.all.addr_gen_mode=1 net.ipv6.conf.default.addr_gen_mode=1 && \
-                 ip -n {ns} link add {qa} address fa:16:3e:00:00:0a type veth peer name a{n} netns {sw} && \
-                 ip -n {ns} link add {qb} address fa:16:3e:00:00:0b type veth peer name b{n} netns {sw} && \
-                 ip -n {ns} link add {qg} address fa:16:3e:00:00:0c type veth peer name g{n} netns {sw} && \
-                 ip -n {ns} link add {ha} address fa:16:3e:00:00:d{n} type veth peer name h{n} netns {sw} && \
-                 ip -n {sw} link set a{n} master bra up && ip -n {sw} link set b{n} master brb up && \
-                 ip -n {sw} link set g{n} master brg up && ip -n {sw} link set h{n} master brh up && \
-                 for d in {qa} {qb} {qg} {ha}; do ip -n {ns} link set $d up; done && \
-                 ip -n {ns} addr add 169.254.192.{n}/18 dev {ha}"
-            ));
-            tests::neutron::load_rules(ns, &qg, &tag);
-            sh(&format!(
-                "ip netns exec {ns} sysctl -qw net.netfilter.nf_conntrack_tcp_be_liberal=1"
-            ));
-            let conf = format!(
-                "global_defs {{\n    notification_email_from neutron@openstack.local\n    router_id neutron\n}}\n\
-                 vrrp_instance VR_1 {{\n    state BACKUP\n    interface {ha}\n    virtual_router_id 1\n    priority 50\n    garp_master_delay 60\n    nopreempt\n    advert_int 2\n\
-                 \x20   track_interface {{\n        {ha}\n    }}\n\
-                 \x20   virtual_ipaddress {{\n        169.254.0.1/24 dev {ha}\n    }}\n\
-                 \x20   virtual_ipaddress_excluded {{\n        172.16.100.1/24 dev {qa} no_track\n        172.16.101.1/24 dev {qb} no_track\n        192.168.1.10/24 dev {qg} no_track\n        192.168.1.20/32 dev {qg} no_track\n    }}\n\
-                 \x20   virtual_routes {{\n        0.0.0.0/0 via 192.168.1.1 dev {qg} no_track protocol static\n    }}\n}}\n"
-            );
-            let dir = std::env::temp_dir().join(format!("follow-ha-{tag}-{n}"));
-            std::fs::create_dir_all(&dir).unwrap();
-            std::fs::write(dir.join("keepalived.conf"), conf).unwrap();
-            let child = std::process::Command::new("ip")
-                .args([
-                    "netns",
-                    "exec",
-                    ns,
-                    "keepalived",
-                    "--dont-fork",
-                    "--vrrp",
-                    "-f",
-                ])
-                .arg(dir.join("keepalived.conf"))
-                .arg("-p")
-                .arg(dir.join("keepalived.pid"))
-                .arg("-r")
-                .arg(dir.join("vrrp.pid"))
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .spawn()
-                .expect("keepalived");
-            // Kept in order: host 1's, then host 2's.
-            p.keepalived.push(child);
-        }
-        p
-    }
-
-    /// The host whose namespace holds the router's addresses now (keepalived's master).
-    fn master(&self) -> Option<usize> {
-        let holds = |ns: &str| {
-            tests::sh_out(&format!("ip -n {ns} -4 -o addr show"))
-                .stdout
-                .windows(b"172.16.100.1/24".len())
-                .any(|w| w == b"172.16.100.1/24")
-        };
-        match (holds(&self.hosts[0]), holds(&self.hosts[1])) {
-            (true, false) => Some(0),
-            (false, true) => Some(1),
-            _ => None,
-        }
-    }
-
-    fn forwarded(&self, host: usize) -> u64 {
-        let qa = format!("qr-{}00a-45", self.tag);
-        tests::ctl_json(&["stats", &self.hosts[host]])
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|d| d["device"] == qa)
-            .expect("qr-a in stats")["forwarded"]["packets"]
-            .as_u64()
-            .unwrap()
-    }
-}
-
-impl Drop for HaPair {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.daemon.take() {
-            // SAFETY: plain kill(2) of our child.
-            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-            let _ = c.wait();
-        }
-        // SIGTERM: keepalived stops its VRRP child too (a SIGKILL would orphan it).
-        for c in &mut self.keepalived {
-            // SAFETY: plain kill(2) of our child.
-            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-        }
-        for c in &mut self.keepalived {
-            let t0 = Instant::now();
-            while c.try_wait().ok().flatten().is_none() && t0.elapsed() < Duration::from_secs(5) {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        let mut all = self.hosts.to_vec();
-        for n in ["sw", "vm1", "vm3", "ext", "out"] {
-            all.push(self.ns(n));
-        }
-        for n in all {
-            let _ = std::process::Command::new("ip")
-                .args(["netns", "del", &n])
-                .stderr(std::process::Stdio::null())
-                .status();
-        }
-        for n in 1..=2 {
-            let _ = std::fs::remove_dir_all(
-                std::env::temp_dir().join(format!("follow-ha-{}-{n}", self.tag)),
-            );
-        }
-    }
-}
-
 #[test]
 fn an_ha_router_moved_by_keepalived_is_followed_to_its_new_master() {
     require_root();
     let _daemon = one_daemon();
     let mut p = tests::in_setup(HaPair::build);
-    let (vm1, pattern) = (
-        p.ns("vm1"),
-        format!("{}*", &p.hosts[0][..p.hosts[0].len() - 1]),
-    );
+    let vm1 = p.ns("vm1");
     let first = tests::in_setup(|| {
         wait_until("a keepalived master", Duration::from_secs(20), || {
             p.master().ok_or("none yet".to_string())
         })
     });
     assert_eq!(tests::in_setup(|| pings(&vm1, "172.16.101.3", 5)), (5, 5));
-    p.daemon = Some(
-        std::process::Command::new(tests::router_ctl())
-            .args(["run", "--follow", &pattern])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("router-ctl run --follow"),
-    );
+    p.follow();
     let standby = 1 - first;
     let show = |host: usize| -> Option<serde_json::Value> {
         let out = tests::ctl(&["show", &p.hosts[host], "-j"]);
@@ -868,27 +684,9 @@ fn an_ha_router_moved_by_keepalived_is_followed_to_its_new_master() {
 
     // Failover: the master's keepalived stops (its addresses go with it); the standby's takes
     // them. A ping every 10 ms runs across it.
-    let during = {
-        let vm1 = vm1.clone();
-        std::thread::spawn(move || {
-            let out = Seed::exec(&vm1, "ping -c 1500 -i 0.01 -W 1 172.16.101.3");
-            ping_summary(&String::from_utf8_lossy(&out.stdout))
-        })
-    };
-    std::thread::sleep(Duration::from_millis(500));
-    let t0 = Instant::now();
-    // SAFETY: plain kill(2) of our child (`ip netns exec` has exec'd keepalived).
-    unsafe { libc::kill(p.keepalived[first].id() as i32, libc::SIGTERM) };
-    wait_until(
-        "the standby became master",
-        Duration::from_secs(20),
-        || match p.master() {
-            Some(m) if m == standby => Ok(()),
-            other => Err(format!("{other:?}")),
-        },
-    );
-    eprintln!("keepalived moved the router in {:?}", t0.elapsed());
-    let (sent, got) = during.join().unwrap();
+    let (sent, got, took) = p.failover();
+    assert_eq!(p.master(), Some(standby));
+    eprintln!("keepalived moved the router in {took:?}");
     eprintln!("across the failover: {got} of {sent} pings answered (10 ms apart)");
     carries(standby, "the new master followed");
 }
