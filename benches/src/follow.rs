@@ -185,6 +185,16 @@ fn failovers(rounds: usize) -> Result<([Vec<f64>; 2], [Vec<f64>; 2])> {
             });
             if followed {
                 p.follow();
+                wait_until("both hosts followed", Duration::from_secs(10), || {
+                    match p
+                        .hosts
+                        .iter()
+                        .all(|h| tests::ctl(&["show", h, "-j"]).status.success())
+                    {
+                        true => Ok(()),
+                        false => Err("not yet".to_string()),
+                    }
+                });
                 // The master's fast path carries before the failover.
                 wait_until(
                     "the master's fast path carrying",
@@ -307,7 +317,7 @@ pub fn markdown(f: &FollowFigures, date: &str) -> String {
         f.failover_took[1].fmt(2),
     );
     m += &format!(
-        "\nThe denied flow: {} datagrams sent to vm3's port 7777 in the kernel's runs and as many in the followed runs; {} and {} arrived. The failovers: an HA pair as the agent builds it on two hosts (`tests::neutron::HaPair`: keepalived configured as `neutron/agent/linux/keepalived.py` writes it, both BACKUP, nopreempt, advert_int 2), the master's keepalived stopped while vm1 pings vm3 every 10 ms; followed, both hosts' namespaces by one `run --follow`, the master's fast path carrying before the stop.\n<!-- /follow -->\n",
+        "\nThe denied flow: {} datagrams sent to vm3's port 7777 in the kernel's runs and as many in the followed runs; {} and {} arrived. The failovers: an HA pair in the shape the agent gives it on two hosts (a fixture, `tests::neutron::HaPair`: the agent's rules in their shape, keepalived configured as `neutron/agent/linux/keepalived.py` writes it, both BACKUP, nopreempt, advert_int 2), the master's keepalived stopped while vm1 pings vm3 every 10 ms; followed, both hosts' namespaces by one `run --follow`, the master's fast path carrying before the stop.\n<!-- /follow -->\n",
         f.denied_sent, f.denied_arrived.0, f.denied_arrived.1
     );
     m

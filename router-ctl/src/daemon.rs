@@ -714,34 +714,24 @@ fn watch_neighbours(r: &RouterState, stop: &Stop) -> Result<()> {
                 .context("cannot spawn a resync thread")?
         };
         // The kernel's XDP feature notifications (a veth's NDO_XMIT follows its peer's GRO).
-        let mut netdev = crate::kernel::netdev::Netdev::open()
-            .and_then(|mut n| {
+        let mut netdev = readable(
+            crate::kernel::netdev::Netdev::open().and_then(|mut n| {
                 n.subscribe()?;
-                // SAFETY: the socket is owned by the value registered, and lives as long.
-                unsafe {
-                    tokio::io::unix::AsyncFd::register_with_interest(
-                        n,
-                        tokio::io::Interest::READABLE,
-                    )
-                }
-                .map_err(|e| anyhow::anyhow!("{e}"))
-            })
-            .map_err(|e| tracing::warn!(router = %r.id, error = format!("{e:#}"), "no XDP feature notifications; devices are checked on link events only"))
-            .ok();
-        // The namespace's forwarding switches and policy rules (`kernel::policy`).
-        let mut policy = crate::kernel::policy::Watch::open()
-            .and_then(|w| {
-                // SAFETY: the socket is owned by the value registered, and lives as long.
-                unsafe {
-                    tokio::io::unix::AsyncFd::register_with_interest(
-                        w,
-                        tokio::io::Interest::READABLE,
-                    )
-                }
-                .map_err(|e| anyhow::anyhow!("{e}"))
-            })
-            .map_err(|e| tracing::warn!(router = %r.id, error = format!("{e:#}"), "no forwarding-setting or rule notifications; they are read on link and address events only"))
-            .ok();
+                Ok(n)
+            }),
+            &r.id,
+            "no XDP feature notifications; devices are checked on link events only",
+        );
+        // A followed namespace's forwarding switches and policy rules (`kernel::policy`).
+        let mut policy = if r.followed {
+            readable(
+                crate::kernel::policy::Watch::open(),
+                &r.id,
+                "no forwarding-setting or rule notifications; they are read on link and address events only",
+            )
+        } else {
+            None
+        };
         loop {
             tokio::select! {
                 ready = async { policy.as_mut().unwrap().readable_mut().await }, if policy.is_some() => {
@@ -816,6 +806,24 @@ fn watch_neighbours(r: &RouterState, stop: &Stop) -> Result<()> {
         let _ = resyncer.join();
         anyhow::Ok(())
     })
+}
+
+/// `sock` registered with the runtime for readiness, or None with a warning saying what is
+/// `lost` without it.
+fn readable<T: std::os::fd::AsRawFd>(
+    sock: Result<T>,
+    router: &str,
+    lost: &str,
+) -> Option<tokio::io::unix::AsyncFd<T>> {
+    sock.and_then(|s| {
+        // SAFETY: the socket is owned by the value registered, and lives as long.
+        unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(s, tokio::io::Interest::READABLE)
+        }
+        .map_err(|e| anyhow::anyhow!("{e}"))
+    })
+    .map_err(|e| tracing::warn!(router = %router, error = format!("{e:#}"), "{lost}"))
+    .ok()
 }
 
 /// The IPv4 address of an address message.
