@@ -243,10 +243,7 @@ fn small_udp(from: &str, to: &str, to_ip: &str) -> Result<f64> {
         Arc::new(AtomicBool::new(false)),
         Arc::new(AtomicU64::new(0)),
     );
-    let server = tests::topo::in_ns(to, || std::net::UdpSocket::bind("0.0.0.0:9100"))
-        .join()
-        .expect("bind")?;
-    server.set_read_timeout(Some(Duration::from_millis(100)))?;
+    let server = tests::topo::udp_socket_in(to, 9100, Duration::from_millis(100));
     let echo = {
         let (stop, count) = (stop.clone(), count.clone());
         std::thread::spawn(move || {

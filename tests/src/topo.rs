@@ -937,6 +937,17 @@ pub fn tcp_transfer_via(
     (got.len(), got == sent, peer)
 }
 
+/// A UDP socket bound to `port` (0: any) in namespace `ns`, reads timing out after `timeout`.
+pub fn udp_socket_in(ns: &str, port: u16, timeout: Duration) -> std::net::UdpSocket {
+    let s = in_ns(ns, move || {
+        std::net::UdpSocket::bind(("0.0.0.0", port)).expect("bind")
+    })
+    .join()
+    .unwrap();
+    s.set_read_timeout(Some(timeout)).unwrap();
+    s
+}
+
 /// Captures frames on `dev` in namespace `ns` until `pred` accepts one (or 5 s pass).
 pub fn capture(
     ns: &str,

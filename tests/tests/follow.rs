@@ -278,13 +278,7 @@ impl Stream {
         use std::sync::{atomic::Ordering, Arc, Mutex};
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let seen = Arc::new(Mutex::new(Vec::new()));
-        let rx = tests::topo::in_ns(vm3, move || {
-            std::net::UdpSocket::bind(("0.0.0.0", port)).unwrap()
-        })
-        .join()
-        .unwrap();
-        rx.set_read_timeout(Some(Duration::from_millis(50)))
-            .unwrap();
+        let rx = tests::topo::udp_socket_in(vm3, port, Duration::from_millis(50));
         let (st, sn) = (stop.clone(), seen.clone());
         std::thread::spawn(move || {
             while !st.load(Ordering::SeqCst) {
@@ -486,13 +480,7 @@ fn parity_round(a: &Agent, n: u32) -> Arrivals {
         .map(|(name, ns, dev)| (*name, Capture::start(ns, dev)))
         .collect();
     let echo = |ns: &str, port: u16| {
-        let s = tests::topo::in_ns(ns, move || {
-            std::net::UdpSocket::bind(("0.0.0.0", port)).unwrap()
-        })
-        .join()
-        .unwrap();
-        s.set_read_timeout(Some(Duration::from_millis(500)))
-            .unwrap();
+        let s = tests::topo::udp_socket_in(ns, port, Duration::from_millis(500));
         std::thread::spawn(move || {
             let mut buf = [0u8; 64];
             while let Ok((len, from)) = s.recv_from(&mut buf) {

@@ -148,20 +148,7 @@ impl Netdev {
         let group = self
             .mgmt_group
             .ok_or_else(|| anyhow!("the `netdev` family has no mgmt notification group"))?;
-        // SAFETY: setsockopt with a u32 option value.
-        let rc = unsafe {
-            libc::setsockopt(
-                self.fd.as_raw_fd(),
-                SOL_NETLINK,
-                NETLINK_ADD_MEMBERSHIP,
-                &group as *const u32 as *const libc::c_void,
-                4,
-            )
-        };
-        if rc != 0 {
-            return Err(io::Error::last_os_error()).context("joining the netdev mgmt group");
-        }
-        Ok(())
+        join_group(&self.fd, group).context("joining the netdev mgmt group")
     }
 
     /// The notifications queued on the socket (non-blocking).
@@ -241,6 +228,25 @@ pub(crate) fn socket(protocol: i32, groups: u32, rcvbuf: i32, what: &str) -> Res
         }
     }
     Ok(fd)
+}
+
+/// Joins the netlink socket `fd` to multicast group `group` (a group number, for the groups
+/// past the 32 a bind's bitmask reaches).
+pub(crate) fn join_group(fd: &OwnedFd, group: u32) -> io::Result<()> {
+    // SAFETY: setsockopt with a u32 option value.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            SOL_NETLINK,
+            NETLINK_ADD_MEMBERSHIP,
+            &group as *const u32 as *const libc::c_void,
+            4,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Hands each datagram queued on the netlink socket `fd` to `each`, without blocking, until none

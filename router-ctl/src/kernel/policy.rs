@@ -8,7 +8,6 @@
 
 use std::{
     collections::BTreeMap,
-    io,
     os::fd::{AsRawFd, OwnedFd, RawFd},
 };
 
@@ -187,20 +186,8 @@ impl Watch {
             RTNLGRP_IPV4_NETCONF,
             RTNLGRP_IPV6_NETCONF,
         ] {
-            // SAFETY: setsockopt with a u32 option value.
-            let rc = unsafe {
-                libc::setsockopt(
-                    fd.as_raw_fd(),
-                    libc::SOL_NETLINK,
-                    libc::NETLINK_ADD_MEMBERSHIP,
-                    &group as *const u32 as *const libc::c_void,
-                    4,
-                )
-            };
-            if rc != 0 {
-                return Err(io::Error::last_os_error())
-                    .with_context(|| format!("joining rtnetlink group {group}"));
-            }
+            super::netdev::join_group(&fd, group)
+                .with_context(|| format!("joining rtnetlink group {group}"))?;
         }
         Ok(Watch { fd })
     }
