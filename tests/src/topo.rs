@@ -948,6 +948,66 @@ pub fn udp_socket_in(ns: &str, port: u16, timeout: Duration) -> std::net::UdpSoc
     s
 }
 
+/// A request/response UDP flow from `from` to an echo in `to` at `to_ip`:`port`, one request
+/// every 200 µs while it lives (both directions cross the router, as a flow the guarded fast
+/// path carries must), and the instant each request reached the echo.
+pub struct EchoStream {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    seen: std::sync::Arc<std::sync::Mutex<Vec<Instant>>>,
+}
+
+impl EchoStream {
+    pub fn start(from: &str, to: &str, to_ip: &'static str, port: u16) -> EchoStream {
+        use std::sync::{atomic::Ordering, Arc, Mutex};
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let rx = udp_socket_in(to, port, Duration::from_millis(50));
+        let (st, sn) = (stop.clone(), seen.clone());
+        std::thread::spawn(move || {
+            while !st.load(Ordering::SeqCst) {
+                let mut buf = [0u8; 16];
+                if let Ok((n, from)) = rx.recv_from(&mut buf) {
+                    sn.lock().unwrap().push(Instant::now());
+                    let _ = rx.send_to(&buf[..n], from);
+                }
+            }
+        });
+        let st = stop.clone();
+        in_ns(from, move || {
+            let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+            s.set_nonblocking(true).unwrap();
+            let mut i = 0u32;
+            while !st.load(Ordering::SeqCst) {
+                let _ = s.send_to(&i.to_be_bytes(), (to_ip, port));
+                while s.recv(&mut [0u8; 16]).is_ok() {}
+                i += 1;
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        });
+        EchoStream { stop, seen }
+    }
+
+    /// Every arrival so far.
+    pub fn arrivals(&self) -> Vec<Instant> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    /// The arrivals after `t`, as delays from it.
+    pub fn after(&self, t: Instant) -> Vec<Duration> {
+        self.arrivals()
+            .iter()
+            .filter(|a| **a > t)
+            .map(|a| a.duration_since(t))
+            .collect()
+    }
+}
+
+impl Drop for EchoStream {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 /// Captures frames on `dev` in namespace `ns` until `pred` accepts one (or 5 s pass).
 pub fn capture(
     ns: &str,

@@ -265,63 +265,6 @@ fn a_router_on_open_vswitch_internal_ports_is_accelerated_with_only_follow() {
     );
 }
 
-/// Datagrams from vm1 to vm3's UDP `port`, one every 200 µs while it runs, each echoed (the
-/// kernel must forward a flow both ways before the guarded fast path carries it), and the
-/// instants they arrived.
-struct Stream {
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    seen: std::sync::Arc<std::sync::Mutex<Vec<Instant>>>,
-}
-
-impl Stream {
-    fn start(vm1: &str, vm3: &str, port: u16) -> Stream {
-        use std::sync::{atomic::Ordering, Arc, Mutex};
-        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let rx = tests::topo::udp_socket_in(vm3, port, Duration::from_millis(50));
-        let (st, sn) = (stop.clone(), seen.clone());
-        std::thread::spawn(move || {
-            while !st.load(Ordering::SeqCst) {
-                let mut buf = [0u8; 16];
-                if let Ok((n, from)) = rx.recv_from(&mut buf) {
-                    sn.lock().unwrap().push(Instant::now());
-                    let _ = rx.send_to(&buf[..n], from);
-                }
-            }
-        });
-        let st = stop.clone();
-        tests::topo::in_ns(vm1, move || {
-            let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
-            s.set_nonblocking(true).unwrap();
-            let mut i = 0u32;
-            while !st.load(Ordering::SeqCst) {
-                let _ = s.send_to(&i.to_be_bytes(), ("172.16.101.3", port));
-                while s.recv(&mut [0u8; 16]).is_ok() {}
-                i += 1;
-                std::thread::sleep(Duration::from_micros(200));
-            }
-        });
-        Stream { stop, seen }
-    }
-
-    /// The arrivals after `t`, as delays from it.
-    fn after(&self, t: Instant) -> Vec<Duration> {
-        self.seen
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|a| **a > t)
-            .map(|a| a.duration_since(t))
-            .collect()
-    }
-}
-
-impl Drop for Stream {
-    fn drop(&mut self) {
-        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
-    }
-}
-
 /// The namespace's own switches are followed as its rules are: IPv4 forwarding switched off on
 /// a port, a blackhole route, a policy routing rule — each stops what the kernel stops, in the
 /// fast path too, within 10 ms of the command's return (a flow the fast path was carrying),
@@ -344,7 +287,7 @@ fn forwarding_switches_blackholes_and_policy_rules_are_followed() {
         "router_xdp_router{{router=\"{ns}\",router_id=\"{ns}\",namespace=\"{ns}\",origin=\"followed\"}} 1"
     );
     assert!(metrics.contains(&line), "{line} not in {metrics}");
-    let stream = Stream::start(&vm1, &vm3, 7100);
+    let stream = tests::topo::EchoStream::start(&vm1, &vm3, "172.16.101.3", 7100);
     let carried = |what: &str| {
         wait_until(what, Duration::from_secs(10), || {
             let f = a.forwarded(&qa);

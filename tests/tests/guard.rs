@@ -6,16 +6,12 @@
 
 use std::{
     net::UdpSocket,
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc,
-    },
     time::{Duration, Instant},
 };
 
 use tests::{
     grew, require_root, sh,
-    topo::{in_ns, tcp_transfer, Seed},
+    topo::{in_ns, tcp_transfer, udp_socket_in, EchoStream, Seed},
     wait_until,
 };
 
@@ -40,7 +36,7 @@ fn dropped(ns: &str, port: u16) -> u64 {
 /// Datagrams that reached a socket bound in vm3 on `port` within `wait` after `n` were sent
 /// from vm1, 200 µs apart.
 fn one_way(s: &Seed, port: u16, n: u32) -> u32 {
-    let rx = UdpSocketIn::bind(&s.vm3, port);
+    let rx = udp_socket_in(&s.vm3, port, Duration::from_millis(50));
     let dst = format!("{VM3}:{port}");
     in_ns(&s.vm1, move || {
         let sock = UdpSocket::bind("0.0.0.0:0").unwrap();
@@ -51,68 +47,20 @@ fn one_way(s: &Seed, port: u16, n: u32) -> u32 {
     })
     .join()
     .unwrap();
-    rx.count_for(Duration::from_millis(500))
+    count_for(&rx, Duration::from_millis(500))
 }
 
-/// A UDP socket opened inside a namespace.
-struct UdpSocketIn(UdpSocket);
-
-impl UdpSocketIn {
-    fn bind(ns: &str, port: u16) -> UdpSocketIn {
-        let s = in_ns(ns, move || UdpSocket::bind(("0.0.0.0", port)).unwrap())
-            .join()
-            .unwrap();
-        s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
-        UdpSocketIn(s)
+/// Datagrams `rx` receives until none came for `quiet`.
+fn count_for(rx: &UdpSocket, quiet: Duration) -> u32 {
+    let mut buf = [0u8; 64];
+    let (mut n, mut last) = (0, Instant::now());
+    while last.elapsed() < quiet {
+        if rx.recv(&mut buf).is_ok() {
+            n += 1;
+            last = Instant::now();
+        }
     }
-
-    fn count_for(&self, quiet: Duration) -> u32 {
-        let mut buf = [0u8; 64];
-        let (mut n, mut last) = (0, Instant::now());
-        while last.elapsed() < quiet {
-            if self.0.recv(&mut buf).is_ok() {
-                n += 1;
-                last = Instant::now();
-            }
-        }
-        n
-    }
-}
-
-/// A request/response UDP exchange from vm1 to an echo in vm3 (port `port`), one request
-/// every 200 µs until stopped: both directions go through the router, as a flow the kernel
-/// accepted must. Returns the stop flag and a handle giving the arrival time of every
-/// request the echo got.
-fn udp_exchange(s: &Seed, port: u16) -> (Arc<AtomicBool>, std::thread::JoinHandle<Vec<Instant>>) {
-    let stop = Arc::new(AtomicBool::new(false));
-    let echo = UdpSocketIn::bind(&s.vm3, port).0;
-    let st = stop.clone();
-    let arrivals = std::thread::spawn(move || {
-        let mut seen = Vec::new();
-        let mut buf = [0u8; 64];
-        while !st.load(Ordering::SeqCst) {
-            if let Ok((n, from)) = echo.recv_from(&mut buf) {
-                seen.push(Instant::now());
-                let _ = echo.send_to(&buf[..n], from);
-            }
-        }
-        seen
-    });
-    let dst = format!("{VM3}:{port}");
-    let st = stop.clone();
-    in_ns(&s.vm1, move || {
-        let sock = UdpSocket::bind("0.0.0.0:40123").unwrap();
-        sock.set_nonblocking(true).unwrap();
-        let mut buf = [0u8; 64];
-        let mut i = 0u32;
-        while !st.load(Ordering::SeqCst) {
-            sock.send_to(&i.to_be_bytes(), &dst).unwrap();
-            while sock.recv(&mut buf).is_ok() {}
-            i += 1;
-            std::thread::sleep(Duration::from_micros(200));
-        }
-    });
-    (stop, arrivals)
+    n
 }
 
 /// The router's `show` as JSON.
@@ -191,7 +139,7 @@ fn foreign_rules_are_never_bypassed_and_accepted_flows_are_carried() {
 
     // A rule added while a flow runs in the fast path: no request leaves through the fast
     // path 10 ms after the rule is in.
-    let (stop, arrivals) = udp_exchange(&s, 7000);
+    let stream = EchoStream::start(&s.vm1, &s.vm3, VM3, 7000);
     wait_until(
         "the exchange carried by the fast path",
         Duration::from_secs(5),
@@ -213,8 +161,8 @@ fn foreign_rules_are_never_bypassed_and_accepted_flows_are_carried() {
     );
     let ruled = Instant::now();
     std::thread::sleep(Duration::from_secs(1));
-    stop.store(true, Ordering::SeqCst);
-    let seen = arrivals.join().unwrap();
+    let seen = stream.arrivals();
+    drop(stream);
     let late: Vec<Duration> = seen
         .iter()
         .filter(|t| **t > ruled)

@@ -78,22 +78,14 @@ fn unusual_rules(rules: &[(bool, RuleMessage)], ipv6: bool) -> Vec<String> {
     let mut out = Vec::new();
     let mut main = false;
     for (_, m) in rules.iter().filter(|(v6, _)| *v6 == ipv6) {
-        let prio = m
-            .attributes
-            .iter()
-            .find_map(|a| match a {
-                RuleAttribute::Priority(p) => Some(*p),
-                _ => None,
-            })
-            .unwrap_or(0);
-        let table = m
-            .attributes
-            .iter()
-            .find_map(|a| match a {
-                RuleAttribute::Table(t) => Some(*t),
-                _ => None,
-            })
-            .unwrap_or(m.header.table as u32);
+        let (mut prio, mut table) = (0, m.header.table as u32);
+        for a in &m.attributes {
+            match a {
+                RuleAttribute::Priority(p) => prio = *p,
+                RuleAttribute::Table(t) => table = *t,
+                _ => {}
+            }
+        }
         let plain = m.header.src_len == 0
             && m.header.dst_len == 0
             && m.header.tos == 0
