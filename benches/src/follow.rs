@@ -168,8 +168,8 @@ pub fn run(rounds: usize) -> Result<FollowFigures> {
     Ok(res)
 }
 
-/// `rounds` failovers of an HA pair (`tests::neutron::HaPair`, keepalived configured as
-/// Neutron writes it) with the kernel alone and as many followed, taking turns: pings lost and
+/// `rounds` failovers of an HA pair (`tests::neutron::HaPair`, built by Neutron's agent code,
+/// which starts keepalived) with the kernel alone and as many followed, taking turns: pings lost and
 /// the seconds keepalived took, (kernel, followed).
 fn failovers(rounds: usize) -> Result<([Vec<f64>; 2], [Vec<f64>; 2])> {
     let (mut lost, mut took): ([Vec<f64>; 2], [Vec<f64>; 2]) = Default::default();
@@ -314,7 +314,7 @@ pub fn markdown(f: &FollowFigures, date: &str) -> String {
         f.failover_took[1].fmt(2),
     );
     m += &format!(
-        "\nThe denied flow: {} datagrams sent to vm3's port 7777 in the kernel's runs and as many in the followed runs; {} and {} arrived. The failovers: an HA pair in the shape the agent gives it on two hosts (a fixture, `tests::neutron::HaPair`: the agent's rules in their shape, keepalived configured as `neutron/agent/linux/keepalived.py` writes it, both BACKUP, nopreempt, advert_int 2), the master's keepalived stopped while vm1 pings vm3 every 10 ms; followed, both hosts' namespaces by one `run --follow`, the master's fast path carrying before the stop.\n<!-- /follow -->\n",
+        "\nThe denied flow: {} datagrams sent to vm3's port 7777 in the kernel's runs and as many in the followed runs; {} and {} arrived. The failovers: an HA router built by Neutron's agent code on two hosts (`tests::neutron::HaPair`: an agent per host, which writes keepalived's configuration and starts keepalived and its state-change monitor: both BACKUP, nopreempt, advert_int 2), the master's keepalived stopped while vm1 pings vm3 every 10 ms; followed, both hosts' namespaces by one `run --follow`, the master's fast path carrying before the stop.\n<!-- /follow -->\n",
         f.denied_sent, f.denied_arrived.0, f.denied_arrived.1
     );
     m

@@ -107,6 +107,10 @@ pub struct RouterState {
     /// kernel (`route_kind::KERNEL`), with why.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub kernel_routes: Vec<KernelRoute>,
+    /// A followed router's HA port (`ha-`, Neutron's HA routers: keepalived moves the
+    /// router's addresses between hosts over it), when it has one (see `ha_role`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ha_port: Option<String>,
 }
 
 /// A route the kernel keeps (see `RouterState::kernel_routes`).
@@ -140,7 +144,21 @@ impl RouterState {
             apply_token: None,
             followed: false,
             kernel_routes: Vec::new(),
+            ha_port: None,
         }
+    }
+
+    /// For a followed HA router, the role keepalived gives this host as the namespace shows
+    /// it: "active" where the router's ports hold their addresses (the fast path carries),
+    /// "standby" where they hold none (nothing to forward).
+    pub fn ha_role(&self) -> Option<&'static str> {
+        self.ha_port.as_ref()?;
+        Some(
+            match self.interfaces.iter().any(|i| !i.fixed_ips.is_empty()) {
+                true => "active",
+                false => "standby",
+            },
+        )
     }
 
     /// What `destroy` reports for a router whose only trace was an interrupted first apply

@@ -19,12 +19,23 @@ What is not Neutron's here:
   instead of through privsep's daemon;
 - no haproxy (metadata proxy) is started: only its rules are written.
 
-Usage: python l3_agent.py STATE_DIR < router.json, where router.json is
+An HA router ("ha" in the spec) is Neutron's HaRouter: the agent plugs its
+`ha-` port, writes keepalived's configuration (ha_router.py, keepalived.py)
+and starts keepalived and neutron-keepalived-state-change in the namespace,
+as on a network node. With "serve" the agent then stays up (serving the
+state-change daemon's notifications, its process monitor watching keepalived)
+until its stdin closes, and removes the router as it does on a router's
+deletion (keepalived and the monitor stopped) before it exits.
+
+Usage: python l3_agent.py STATE_DIR < router.json, where router.json is one
+line:
   {"namespace": "qrouter-...",
    "gateway": {"device": "qg-...", "ip": "192.168.1.10/24", "gateway_ip": "192.168.1.1"},
    "internal_ports": [{"device": "qr-...", "cidr": "172.16.100.1/24"}, ...],
    "floating_ips": [{"fixed_ip_address": "172.16.101.3", "floating_ip_address": "192.168.1.20"}],
-   "routes": [{"destination": "10.10.0.0/16", "nexthop": "172.16.101.254"}]}
+   "routes": [{"destination": "10.10.0.0/16", "nexthop": "172.16.101.254"}],
+   "ha": {"device": "ha-...", "cidr": "169.254.192.1/18", "vr_id": 1},
+   "serve": true}
 Device names are `qr-`/`qg-` and the port id's first 11 characters, as
 Neutron names them: the port id is taken from the device name.
 """
@@ -75,6 +86,8 @@ def configure(state_dir):
     l3_agent_main.register_opts(cfg.CONF)
     logging.register_options(cfg.CONF)
     cfg.CONF([], project='neutron', default_config_files=[])
+    # The log in the state directory: stdout says when the router is built.
+    cfg.CONF.set_override('log_file', os.path.join(state_dir, 'agent.log'))
     logging.setup(cfg.CONF, 'neutron-l3-agent')
     os.makedirs(os.path.join(state_dir, 'locks'), exist_ok=True)
     lockutils.set_defaults(lock_path=os.path.join(state_dir, 'locks'))
@@ -82,6 +95,11 @@ def configure(state_dir):
     cfg.CONF.set_override('external_pids', os.path.join(state_dir, 'pids'))
     cfg.CONF.set_override('interface_driver', '__main__.PluggedDriver')
     cfg.CONF.set_override('enable_metadata_proxy', False)
+    # We are root: the processes the agent starts (keepalived, the
+    # state-change monitor) need no root helper; the monitor is the venv's.
+    cfg.CONF.set_override('root_helper', '', 'AGENT')
+    os.environ['PATH'] = '%s:%s' % (os.path.dirname(sys.executable),
+                                    os.environ.get('PATH', ''))
     for name in dir(neutron.privileged):
         ctx = getattr(neutron.privileged, name)
         if isinstance(ctx, priv_context.PrivContext):
@@ -128,10 +146,18 @@ def router_dict(spec):
             'status': lib_const.FLOATINGIP_STATUS_DOWN,
         })
     gw = spec.get('gateway')
-    return {
+    ha_spec = spec.get('ha')
+    extra = {}
+    if ha_spec:
+        ha_port = port(ha_spec['device'], 'ha-', ha_spec['cidr'],
+                       lib_const.DEVICE_OWNER_ROUTER_HA_INTF)
+        ha_port['status'] = lib_const.PORT_STATUS_ACTIVE
+        extra = {lib_const.HA_INTERFACE_KEY: ha_port,
+                 'ha_vr_id': ha_spec['vr_id']}
+    return dict(extra, **{
         'id': router_id,
         'distributed': False,
-        'ha': False,
+        'ha': bool(ha_spec),
         'admin_state_up': True,
         lib_const.INTERFACE_KEY: [
             port(p['device'], namespaces.INTERNAL_DEV_PREFIX, p['cidr'],
@@ -145,12 +171,12 @@ def router_dict(spec):
         'external_gateway_info': {'qos_policy_id': None} if gw else None,
         'enable_snat': spec.get('enable_snat', True),
         '_pf_floatingips': [],
-    }
+    })
 
 
 def main():
     state_dir = sys.argv[1]
-    spec = json.load(sys.stdin)
+    spec = json.loads(sys.stdin.readline())
     configure(state_dir)
     router = router_dict(spec)
     # neutron-server, as Neutron's functional tests fake it.
@@ -158,8 +184,9 @@ def main():
     plugin.return_value.get_host_ha_router_count.return_value = 0
     mock.patch('neutron.agent.rpc.PluginReportStateAPI').start()
     mock.patch('neutron.agent.rpc.create_consumers').start()
-    mock.patch.object(
-        ha.AgentMixin, '_start_keepalived_notifications_server').start()
+    if not spec.get('serve'):
+        mock.patch.object(
+            ha.AgentMixin, '_start_keepalived_notifications_server').start()
     mock.patch.object(namespaces.RouterNamespace, '_get_ns_name',
                       classmethod(lambda cls, _id: spec['namespace'])).start()
     agent = l3_agent.L3NATAgentWithStateReport('router-xdp-tests', cfg.CONF)
@@ -169,6 +196,14 @@ def main():
     proxy = mock.Mock(metadata_port=cfg.CONF.metadata_port,
                       metadata_access_mark=cfg.CONF.metadata_access_mark)
     metadata_driver.apply_metadata_nat_rules(ri, proxy)
+    if spec.get('serve'):
+        ready = {}
+        if router['ha']:
+            ready['keepalived_pid_file'] = (
+                ri.keepalived_manager.get_process().get_pid_file_name())
+        print(json.dumps(ready), flush=True)
+        sys.stdin.read()
+        agent._safe_router_removed(router['id'])
 
 
 if __name__ == '__main__':

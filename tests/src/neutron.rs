@@ -230,35 +230,112 @@ impl Drop for Agent {
 /// Where `cargo xtask setup` installs Neutron (xtask/src/main.rs: NEUTRON_VENV).
 const NEUTRON_VENV: &str = "/opt/router-xdp/neutron-29";
 
-/// Has Neutron's L3 agent build the router `spec` describes (tests/neutron/l3_agent.py: the
-/// namespace, its ports plugged already).
-pub fn l3_agent(spec: &serde_json::Value) {
+/// Neutron's L3 agent (tests/neutron/l3_agent.py) started on the router `spec` describes
+/// (the namespace, its ports plugged already), its state in a directory of its own, its log in
+/// `agent.log` there and its standard error in `stderr`.
+fn start_agent(spec: &serde_json::Value) -> (Child, std::path::PathBuf) {
     use std::io::Write as _;
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/neutron/l3_agent.py");
     let state = std::env::temp_dir().join(format!("l3-agent-{}", unique_tag()));
+    std::fs::create_dir_all(&state).unwrap();
+    let log = std::fs::File::create(state.join("stderr")).unwrap();
     let mut child = Command::new(format!("{NEUTRON_VENV}/bin/python"))
         .arg(script)
         .arg(&state)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        .stderr(log)
         .spawn()
         .unwrap_or_else(|e| {
             panic!("cannot run Neutron's L3 agent ({NEUTRON_VENV}: `cargo xtask setup` installs it): {e}")
         });
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(spec.to_string().as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let stdin = child.stdin.as_mut().unwrap();
+    writeln!(stdin, "{spec}").unwrap();
+    (child, state)
+}
+
+/// The agent's standard error (a traceback) and the end of its log.
+fn agent_log(state: &std::path::Path) -> String {
+    let log = std::fs::read_to_string(state.join("agent.log")).unwrap_or_default();
+    let tail: Vec<&str> = log.lines().rev().take(20).collect();
+    let stderr = std::fs::read_to_string(state.join("stderr")).unwrap_or_default();
+    format!(
+        "{stderr}\n(log) …\n{}",
+        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+    )
+}
+
+/// Has Neutron's L3 agent build the router `spec` describes, and exit.
+pub fn l3_agent(spec: &serde_json::Value) {
+    let (mut child, state) = start_agent(spec);
+    drop(child.stdin.take());
+    let status = child.wait().unwrap();
+    let log = agent_log(&state);
     let _ = std::fs::remove_dir_all(&state);
     assert!(
-        out.status.success(),
-        "Neutron's L3 agent failed to build the router: {}",
-        String::from_utf8_lossy(&out.stderr)
+        status.success(),
+        "Neutron's L3 agent failed to build the router: {log}"
     );
+}
+
+/// Neutron's L3 agent running on one router, as on a network node, until dropped: then it
+/// removes the router as on its deletion (for an HA router: keepalived and the state-change
+/// monitor stopped) and exits.
+pub struct ServedAgent {
+    child: Child,
+    state: std::path::PathBuf,
+    /// What the agent said once the router was built (`keepalived_pid_file` for an HA router).
+    pub ready: serde_json::Value,
+}
+
+impl ServedAgent {
+    pub fn start(spec: &serde_json::Value) -> ServedAgent {
+        use std::io::BufRead as _;
+        let mut spec = spec.clone();
+        spec["serve"] = true.into();
+        let (mut child, state) = start_agent(&spec);
+        let mut line = String::new();
+        let _ = std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line);
+        let ready = serde_json::from_str(&line).unwrap_or_else(|_| {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "Neutron's L3 agent failed to build the router: {line}{}",
+                agent_log(&state)
+            )
+        });
+        ServedAgent {
+            child,
+            state,
+            ready,
+        }
+    }
+
+    /// The pid of the router's keepalived (its parent process), as its pid file has it.
+    pub fn keepalived_pid(&self) -> Option<i32> {
+        let file = self.ready["keepalived_pid_file"].as_str()?;
+        std::fs::read_to_string(file).ok()?.trim().parse().ok()
+    }
+
+    /// Tells the agent to remove the router and exit (`drop` waits for it).
+    pub fn close(&mut self) {
+        drop(self.child.stdin.take());
+    }
+}
+
+impl Drop for ServedAgent {
+    fn drop(&mut self) {
+        self.close();
+        let t0 = Instant::now();
+        while self.child.try_wait().ok().flatten().is_none()
+            && t0.elapsed() < Duration::from_secs(20)
+        {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.state);
+    }
 }
 
 /// A firewall group denying UDP to port 7777, where FWaaS v2's L3 agent extension puts its
@@ -270,66 +347,6 @@ pub fn deny_udp_7777(ns: &str) {
          ip netns exec {ns} iptables -w -A neutron-l3-agent-iv4fwg7777 -p udp --dport 7777 -j DROP && \
          ip netns exec {ns} iptables -w -I neutron-l3-agent-FORWARD -o qr-+ -j neutron-l3-agent-iv4fwg7777"
     ));
-}
-
-/// A legacy router's rules in the shape the agent writes them (router_info.py,
-/// iptables_manager.py), for a gateway port `qg` (SNAT to 192.168.1.10, floating IP
-/// 192.168.1.20 → 172.16.101.3, UDP to port 7777 dropped), loaded into `ns` with
-/// iptables-restore: the HA pair's hosts, which keepalived drives (an HA router is the agent's
-/// code with keepalived and its state-change daemon, not run here).
-pub fn load_rules(ns: &str, qg: &str, tag: &str) {
-    let rules = format!(
-            "*filter\n\
-             :neutron-filter-top - [0:0]\n\
-             :neutron-l3-agent-FORWARD - [0:0]\n\
-             :neutron-l3-agent-INPUT - [0:0]\n\
-             :neutron-l3-agent-local - [0:0]\n\
-             :neutron-l3-agent-scope - [0:0]\n\
-             -A INPUT -j neutron-l3-agent-INPUT\n\
-             -A FORWARD -j neutron-filter-top\n\
-             -A FORWARD -j neutron-l3-agent-FORWARD\n\
-             -A neutron-filter-top -j neutron-l3-agent-local\n\
-             -A neutron-l3-agent-FORWARD -j neutron-l3-agent-scope\n\
-             -A neutron-l3-agent-FORWARD -p udp --dport 7777 -j DROP\n\
-             -A neutron-l3-agent-INPUT -m mark --mark 0x1/0xffff -j ACCEPT\n\
-             COMMIT\n\
-             *mangle\n\
-             :neutron-l3-agent-PREROUTING - [0:0]\n\
-             :neutron-l3-agent-mark - [0:0]\n\
-             :neutron-l3-agent-scope - [0:0]\n\
-             -A PREROUTING -j neutron-l3-agent-PREROUTING\n\
-             -A neutron-l3-agent-PREROUTING -j neutron-l3-agent-mark\n\
-             -A neutron-l3-agent-PREROUTING -j neutron-l3-agent-scope\n\
-             -A neutron-l3-agent-mark -i {qg} -j MARK --set-xmark 0x2/0xffff\n\
-             COMMIT\n\
-             *nat\n\
-             :neutron-l3-agent-OUTPUT - [0:0]\n\
-             :neutron-l3-agent-POSTROUTING - [0:0]\n\
-             :neutron-l3-agent-PREROUTING - [0:0]\n\
-             :neutron-l3-agent-float-snat - [0:0]\n\
-             :neutron-l3-agent-snat - [0:0]\n\
-             :neutron-postrouting-bottom - [0:0]\n\
-             -A PREROUTING -j neutron-l3-agent-PREROUTING\n\
-             -A OUTPUT -j neutron-l3-agent-OUTPUT\n\
-             -A POSTROUTING -j neutron-l3-agent-POSTROUTING\n\
-             -A POSTROUTING -j neutron-postrouting-bottom\n\
-             -A neutron-l3-agent-OUTPUT -d 192.168.1.20/32 -j DNAT --to-destination 172.16.101.3\n\
-             -A neutron-l3-agent-POSTROUTING ! -o {qg} -m conntrack ! --ctstate DNAT -j ACCEPT\n\
-             -A neutron-l3-agent-PREROUTING -d 192.168.1.20/32 -j DNAT --to-destination 172.16.101.3\n\
-             -A neutron-l3-agent-float-snat -s 172.16.101.3/32 -j SNAT --to-source 192.168.1.20 --random-fully\n\
-             -A neutron-l3-agent-snat -j neutron-l3-agent-float-snat\n\
-             -A neutron-l3-agent-snat -o {qg} -j SNAT --to-source 192.168.1.10 --random-fully\n\
-             -A neutron-l3-agent-snat -m mark ! --mark 0x2/0xffff -m conntrack --ctstate DNAT -j SNAT --to-source 192.168.1.10 --random-fully\n\
-             -A neutron-postrouting-bottom -m comment --comment \"Perform source NAT on outgoing traffic.\" -j neutron-l3-agent-snat\n\
-             COMMIT\n"
-        );
-    let path = std::env::temp_dir().join(format!("follow-{tag}-{ns}.rules"));
-    std::fs::write(&path, rules).unwrap();
-    sh(&format!(
-        "ip netns exec {ns} iptables-restore -w < {}",
-        path.display()
-    ));
-    let _ = std::fs::remove_file(path);
 }
 
 /// The instances and the outside, once their devices exist: vm1's `t1` (172.16.100.3, gateway
@@ -373,22 +390,21 @@ pub fn denied_arrived(vm1: &str, vm3: &str, n: u32) -> u32 {
     got
 }
 
-/// An HA router as Neutron's agent builds it on two network nodes (here two namespaces,
-/// `qrouter-<id>-h1` and `-h2`, on one machine): the same devices with the same MACs in both,
-/// an `ha-` device on the HA network (169.254.192.0/18), the agent's rules in both, and
-/// keepalived in each as `neutron/agent/linux/keepalived.py` configures it (both BACKUP,
-/// nopreempt, priority 50, advert_int 2, the router's addresses as
-/// `virtual_ipaddress_excluded`, its default route as `virtual_routes`): the standby holds the
-/// devices without addresses. As `HaRouterNamespace.create` (ha_router.py) does, the kernel
-/// makes no IPv6 link-local address on the devices (keepalived would hold it on the master
-/// only): a standby's device sending with the shared MAC would pull the switch's forwarding
-/// of that MAC to itself. The networks are bridges in a switch namespace.
+/// An HA router built by Neutron's L3 agent on two network nodes (here two namespaces,
+/// `qrouter-<id>-h1` and `-h2`, on one machine, and an agent for each, running until the pair
+/// is dropped): the same devices with the same MACs in both, plugged here as the L2 agent
+/// would, and an `ha-` port on the HA network (169.254.192.0/18). The agent does the rest as on
+/// a network node (ha_router.py): the namespace without IPv6 link-local addresses, the HA
+/// port's address, the router's rules, keepalived's configuration (both BACKUP, nopreempt, the
+/// router's addresses and default route for keepalived to hold) and keepalived and
+/// neutron-keepalived-state-change started in the namespace. The firewall group denying UDP to
+/// port 7777 is added in both. The networks are bridges in a switch namespace.
 pub struct HaPair {
     pub tag: String,
     /// The two hosts' router namespaces.
     pub hosts: [String; 2],
-    /// Each host's keepalived, host 1's first.
-    pub keepalived: Vec<std::process::Child>,
+    /// Each host's L3 agent, host 1's first.
+    pub agents: Vec<ServedAgent>,
     /// `router-ctl run --follow` on both, when started.
     pub daemon: Option<std::process::Child>,
 }
@@ -401,10 +417,10 @@ impl HaPair {
     pub fn build() -> HaPair {
         let tag = unique_tag();
         let id = format!("{tag}0000-16f4-4d6c-89d2-8af91cec9714");
-        let p = HaPair {
+        let mut p = HaPair {
             hosts: [format!("qrouter-{id}-h1"), format!("qrouter-{id}-h2")],
             tag: tag.clone(),
-            keepalived: Vec::new(),
+            agents: Vec::new(),
             daemon: None,
         };
         let (sw, vm1, vm3, ext, out) = (
@@ -415,10 +431,10 @@ impl HaPair {
             p.ns("out"),
         );
         let (qa, qb, qg, ha) = (
-            format!("qr-{tag}00a-45"),
-            format!("qr-{tag}00b-73"),
-            format!("qg-{tag}00c-11"),
-            format!("ha-{tag}00d-22"),
+            format!("qr-{tag}0a-45"),
+            format!("qr-{tag}0b-73"),
+            format!("qg-{tag}0c-11"),
+            format!("ha-{tag}0d-22"),
         );
         sh(&format!(
             "ip netns add {sw} && ip netns add {vm1} && ip netns add {vm3} && ip netns add {ext} && ip netns add {out} && \
@@ -428,58 +444,32 @@ impl HaPair {
              ip -n {ext} link add up0 type veth peer name pe netns {sw} && ip -n {sw} link set pe master brg up"
         ));
         instances_and_outside(&vm1, &vm3, &ext, &out);
-        let mut p = p;
         for (h, ns) in p.hosts.clone().iter().enumerate() {
             let n = h + 1;
+            // The ports as the L2 agent leaves them: in the namespace, down until the agent's
+            // plug brings them up.
             sh(&format!(
-                "ip netns add {ns} && ip -n {ns} link set lo up && \
-                 ip netns exec {ns} sysctl -qw net.ipv4.ip_forward=1 net.ipv4.conf.all.arp_ignore=1 net.ipv4.conf.all.arp_announce=2 \
-                   net.ipv4.ip_nonlocal_bind=1 net.ipv6.conf.all.addr_gen_mode=1 net.ipv6.conf.default.addr_gen_mode=1 && \
+                "ip netns add {ns} && \
                  ip -n {ns} link add {qa} address fa:16:3e:00:00:0a type veth peer name a{n} netns {sw} && \
                  ip -n {ns} link add {qb} address fa:16:3e:00:00:0b type veth peer name b{n} netns {sw} && \
                  ip -n {ns} link add {qg} address fa:16:3e:00:00:0c type veth peer name g{n} netns {sw} && \
                  ip -n {ns} link add {ha} address fa:16:3e:00:00:d{n} type veth peer name h{n} netns {sw} && \
                  ip -n {sw} link set a{n} master bra up && ip -n {sw} link set b{n} master brb up && \
-                 ip -n {sw} link set g{n} master brg up && ip -n {sw} link set h{n} master brh up && \
-                 for d in {qa} {qb} {qg} {ha}; do ip -n {ns} link set $d up; done && \
-                 ip -n {ns} addr add 169.254.192.{n}/18 dev {ha}"
+                 ip -n {sw} link set g{n} master brg up && ip -n {sw} link set h{n} master brh up"
             ));
-            load_rules(ns, &qg, &tag);
-            sh(&format!(
-                "ip netns exec {ns} sysctl -qw net.netfilter.nf_conntrack_tcp_be_liberal=1"
-            ));
-            let conf = format!(
-                "global_defs {{\n    notification_email_from neutron@openstack.local\n    router_id neutron\n}}\n\
-                 vrrp_instance VR_1 {{\n    state BACKUP\n    interface {ha}\n    virtual_router_id 1\n    priority 50\n    garp_master_delay 60\n    nopreempt\n    advert_int 2\n\
-                 \x20   track_interface {{\n        {ha}\n    }}\n\
-                 \x20   virtual_ipaddress {{\n        169.254.0.1/24 dev {ha}\n    }}\n\
-                 \x20   virtual_ipaddress_excluded {{\n        172.16.100.1/24 dev {qa} no_track\n        172.16.101.1/24 dev {qb} no_track\n        192.168.1.10/24 dev {qg} no_track\n        192.168.1.20/32 dev {qg} no_track\n    }}\n\
-                 \x20   virtual_routes {{\n        0.0.0.0/0 via 192.168.1.1 dev {qg} no_track protocol static\n    }}\n}}\n"
-            );
-            let dir = std::env::temp_dir().join(format!("follow-ha-{tag}-{n}"));
-            std::fs::create_dir_all(&dir).unwrap();
-            std::fs::write(dir.join("keepalived.conf"), conf).unwrap();
-            let child = std::process::Command::new("ip")
-                .args([
-                    "netns",
-                    "exec",
-                    ns,
-                    "keepalived",
-                    "--dont-fork",
-                    "--vrrp",
-                    "-f",
-                ])
-                .arg(dir.join("keepalived.conf"))
-                .arg("-p")
-                .arg(dir.join("keepalived.pid"))
-                .arg("-r")
-                .arg(dir.join("vrrp.pid"))
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .spawn()
-                .expect("keepalived");
-            // Kept in order: host 1's, then host 2's.
-            p.keepalived.push(child);
+            p.agents.push(ServedAgent::start(&serde_json::json!({
+                "namespace": ns,
+                "gateway": {"device": qg, "ip": "192.168.1.10/24", "gateway_ip": "192.168.1.1"},
+                "internal_ports": [
+                    {"device": qa, "cidr": "172.16.100.1/24"},
+                    {"device": qb, "cidr": "172.16.101.1/24"},
+                ],
+                "floating_ips": [
+                    {"fixed_ip_address": "172.16.101.3", "floating_ip_address": "192.168.1.20"},
+                ],
+                "ha": {"device": ha, "cidr": format!("169.254.192.{n}/18"), "vr_id": 1},
+            })));
+            deny_udp_7777(ns);
         }
         p
     }
@@ -500,7 +490,7 @@ impl HaPair {
     }
 
     pub fn forwarded(&self, host: usize) -> u64 {
-        let qa = format!("qr-{}00a-45", self.tag);
+        let qa = format!("qr-{}0a-45", self.tag);
         crate::ctl_json(&["stats", &self.hosts[host]])
             .as_array()
             .unwrap()
@@ -535,8 +525,11 @@ impl HaPair {
         });
         std::thread::sleep(Duration::from_millis(500));
         let t0 = Instant::now();
-        // SAFETY: plain kill(2) of our child (`ip netns exec` has exec'd keepalived).
-        unsafe { libc::kill(self.keepalived[master].id() as i32, libc::SIGTERM) };
+        let pid = self.agents[master]
+            .keepalived_pid()
+            .expect("the master's keepalived pid");
+        // SAFETY: plain kill(2) of the keepalived the agent started.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
         crate::wait_until(
             "the standby became master",
             Duration::from_secs(20),
@@ -558,19 +551,11 @@ impl Drop for HaPair {
             unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
             let _ = c.wait();
         }
-        // SIGTERM: keepalived stops its VRRP child too (a SIGKILL would orphan it).
-        for c in &mut self.keepalived {
-            // SAFETY: plain kill(2) of our child.
-            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        // The agents remove the router (keepalived and its monitor stopped), side by side.
+        for a in &mut self.agents {
+            a.close();
         }
-        for c in &mut self.keepalived {
-            let t0 = Instant::now();
-            while c.try_wait().ok().flatten().is_none() && t0.elapsed() < Duration::from_secs(5) {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.agents.clear();
         let mut all = self.hosts.to_vec();
         for n in ["sw", "vm1", "vm3", "ext", "out"] {
             all.push(self.ns(n));
@@ -580,11 +565,6 @@ impl Drop for HaPair {
                 .args(["netns", "del", &n])
                 .stderr(std::process::Stdio::null())
                 .status();
-        }
-        for n in 1..=2 {
-            let _ = std::fs::remove_dir_all(
-                std::env::temp_dir().join(format!("follow-ha-{}-{n}", self.tag)),
-            );
         }
     }
 }

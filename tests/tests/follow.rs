@@ -593,12 +593,20 @@ fn an_ha_router_moved_by_keepalived_is_followed_to_its_new_master() {
             .unwrap_or(0)
     };
     // The followed routers as keepalived has them: the master's ports with their subnets, the
-    // standby's without; the master's fast path carries, the standby's has nothing to route.
+    // standby's without, and `show` says which role each host has; the master's fast path
+    // carries, the standby's has nothing to route.
     let carries = |master: usize, what: &str| {
         let other = 1 - master;
         wait_until(what, Duration::from_secs(5), || {
             match (show(master), show(other)) {
-                (Some(m), Some(s)) if addresses(&m) == 2 && addresses(&s) == 0 => Ok(()),
+                (Some(m), Some(s))
+                    if addresses(&m) == 2
+                        && addresses(&s) == 0
+                        && m["ha_state"] == "active"
+                        && s["ha_state"] == "standby" =>
+                {
+                    Ok(())
+                }
                 other => Err(format!("{other:?}")),
             }
         });

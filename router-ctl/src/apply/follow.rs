@@ -239,6 +239,10 @@ fn read(ns: &str, prev: Option<RouterState>) -> Result<RouterState> {
             netns_inode: netns::current_inode(),
             followed: true,
             kernel_routes,
+            ha_port: links
+                .iter()
+                .find(|l| l.name.starts_with("ha-"))
+                .map(|l| l.name.clone()),
             ..RouterState::empty(&id, &id, &id)
         };
         let job = Job {

@@ -126,6 +126,7 @@ pub fn show(routers: &[RouterState], json_out: bool) -> Result<()> {
                     "id": r.id, "name": r.name, "namespace": r.namespace,
                     "status": v.health.as_str(), "problems": v.problems,
                     "followed": r.followed,
+                    "ha_port": r.ha_port, "ha_state": r.ha_role(),
                     "interfaces": v.devices.iter().map(|d| {
                         let i = &d.iface;
                         json!({
@@ -181,6 +182,15 @@ pub fn show(routers: &[RouterState], json_out: bool) -> Result<()> {
         );
         for p in &v.problems {
             println!("  problem: {p}");
+        }
+        if let (Some(port), Some(role)) = (&r.ha_port, r.ha_role()) {
+            println!(
+                "  HA port {port}: {role} ({})",
+                match role {
+                    "active" => "keepalived holds the router's addresses here",
+                    _ => "the router's addresses are on another host: nothing to forward",
+                }
+            );
         }
         let mut t = Table::new(&[
             "DEVICE", "IFINDEX", "MAC", "MTU", "ADDRESS", "SUBNET", "HOOK", "REDIRECT", "PEER",
