@@ -3,10 +3,12 @@
 //! Run as root (BPF, namespaces). Sections: per-packet cost against routing-table size,
 //! end-to-end forwarding beside the kernel, control-plane figures.
 
+mod attach;
 mod conns;
 mod ctl;
 mod e2e;
 mod follow;
+mod fib;
 mod ha;
 mod host;
 mod nat;
@@ -107,16 +109,79 @@ struct Args {
     /// Only that: its section of the report is replaced in place.
     #[arg(long)]
     only_follow: bool,
+    /// Route table sizes for our lookup against the kernel's FIB (both families).
+    #[arg(long, value_delimiter = ',', default_value = "1,1000000")]
+    fib_sizes: Vec<usize>,
+    /// Skip our lookup against the kernel's FIB.
+    #[arg(long)]
+    no_fib: bool,
+    /// Only that: its section of the report is replaced in place.
+    #[arg(long)]
+    only_fib: bool,
+    /// Devices in the attach-mode figures (0: none).
+    #[arg(long, default_value_t = 100)]
+    attach_devices: usize,
+    /// Only the attach-mode figures: their section of the report is replaced in place.
+    #[arg(long)]
+    only_attach: bool,
+}
+
+fn attach_section(args: &Args) -> Result<String> {
+    let res = attach::measure(args.attach_devices, args.runs.min(5))
+        .context("attach costs per mode")?;
+    for r in &res {
+        eprintln!(
+            "attach {}: {} ms per device, detach {} ms",
+            r.mode,
+            r.attach_ms.fmt(2),
+            r.detach_ms.fmt(2)
+        );
+    }
+    Ok(attach::section(
+        &res,
+        args.attach_devices,
+        args.runs.min(5),
+        &date_utc(),
+    ))
+}
+
+fn fib_section(args: &Args) -> Result<String> {
+    Ok(fib::section(&fib_figures(args)?, args.runs, &date_utc()))
+}
+
+fn fib_figures(args: &Args) -> Result<Vec<fib::FibResult>> {
+    let mut res = Vec::new();
+    for ipv6 in [false, true] {
+        for &n in &args.fib_sizes {
+            let r = fib::measure(n, args.runs, ipv6).with_context(|| {
+                format!("our lookup against the kernel's FIB, {n} routes")
+            })?;
+            eprintln!(
+                "fib {} {n}: ours {} ns (warm {}), kernel FIB {} ns (warm {}); ip -batch {:.1} s",
+                if ipv6 { "IPv6" } else { "IPv4" },
+                r.ours_ns.fmt(1),
+                r.ours_warm_ns.fmt(1),
+                r.kernel_ns.fmt(1),
+                r.kernel_warm_ns.fmt(1),
+                r.kernel_install_s
+            );
+            res.push(r);
+        }
+    }
+    Ok(res)
+}
+
+fn date_utc() -> String {
+    std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
 }
 
 fn follow_section(args: &Args) -> Result<String> {
     let f = follow::run(args.runs.min(5)).context("a followed router beside the kernel")?;
-    let date = std::process::Command::new("date")
-        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_default();
-    Ok(follow::markdown(&f, &date))
+    Ok(follow::markdown(&f, &date_utc()))
 }
 
 /// Single-route changes under traffic for both families, and the real binary's `route batch`.
@@ -205,6 +270,18 @@ fn main() -> Result<()> {
         replace_section(&args.out, "follow", &section)?;
         return Ok(());
     }
+    if args.only_attach {
+        let section = attach_section(&args)?;
+        print!("{section}");
+        replace_section(&args.out, "attach", &section)?;
+        return Ok(());
+    }
+    if args.only_fib {
+        let section = fib_section(&args)?;
+        print!("{section}");
+        replace_section(&args.out, "fib", &section)?;
+        return Ok(());
+    }
     if args.only_probe {
         probe::run(&PROBE_GROUPS, args.runs)?;
         return Ok(());
@@ -268,6 +345,11 @@ fn main() -> Result<()> {
     } else {
         Some(update_figures(&args)?)
     };
+    let fib = if args.no_fib {
+        None
+    } else {
+        Some(fib_figures(&args)?)
+    };
     let probe = probe::run(&PROBE_GROUPS, args.runs).context("cold read probe")?;
     let neigh = ctl::neighbour_latency(20).context("neighbour latency")?;
     eprintln!("neighbour latency {} ms", neigh.total_ms.fmt(2));
@@ -283,9 +365,18 @@ fn main() -> Result<()> {
         conns: conns.as_ref(),
         updates: updates.as_ref(),
         probe: Some(&probe),
+        fib: fib.as_deref(),
         seconds: start.elapsed().as_secs_f64(),
     };
     let mut md = report.markdown();
+    if let Some(f) = &fib {
+        md += "\n";
+        md += &fib::section(f, args.runs, &date_utc());
+    }
+    if args.attach_devices > 0 && !args.no_apply {
+        md += "\n";
+        md += &attach_section(&args)?;
+    }
     if !args.no_follow {
         md += "\n";
         md += &follow_section(&args)?;

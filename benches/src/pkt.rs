@@ -93,69 +93,102 @@ pub fn nexthop(i: usize, ipv6: bool) -> IpAddr {
     }
 }
 
-fn measure_here(routes: usize, runs: usize, ipv6: bool) -> Result<PktResult> {
-    tests::unshare_netns();
-    tests::sh("ip link add e0 type veth peer name e1 && ip link set lo up && ip link set e0 up && ip link set e1 up");
-    let e0 = ifindex("e0")?;
-    let seed = 0x5eed ^ routes as u64;
-    let table: Vec<IpNet> = if ipv6 {
-        random_table6(routes, seed)
-            .into_iter()
-            .map(IpNet::from)
-            .collect()
-    } else {
-        random_table(routes, seed)
-            .into_iter()
-            .map(IpNet::from)
-            .collect()
-    };
-    let gateways: Vec<(IpNet, u32, IpAddr)> = table
+/// The router's program with a random table of `routes` prefixes (IPv4 or IPv6) through
+/// `e0`, in the calling thread's (fresh) namespace: `e0` and its peer `e1`, up.
+pub struct Bed {
+    pub ebpf: Ebpf,
+    pub table: Vec<IpNet>,
+    pub e0: u32,
+    pub install_s: f64,
+    pub peak_rss_mib: f64,
+    pub routes_memlock: u64,
+}
+
+impl Bed {
+    pub fn build(routes: usize, ipv6: bool) -> Result<Bed> {
+        tests::unshare_netns();
+        tests::sh("ip link add e0 type veth peer name e1 && ip link set lo up && ip link set e0 up && ip link set e1 up");
+        let e0 = ifindex("e0")?;
+        let seed = 0x5eed ^ routes as u64;
+        let table: Vec<IpNet> = if ipv6 {
+            random_table6(routes, seed)
+                .into_iter()
+                .map(IpNet::from)
+                .collect()
+        } else {
+            random_table(routes, seed)
+                .into_iter()
+                .map(IpNet::from)
+                .collect()
+        };
+        let gateways: Vec<(IpNet, u32, IpAddr)> = table
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (*n, e0, nexthop(i, ipv6)))
+            .collect();
+        let iface = |mac, slot| Iface {
+            mac,
+            flags: 0,
+            mtu: 1500,
+            slot,
+        };
+        let ifaces = [(1, iface(IN_MAC, 0)), (e0, iface(OUT_MAC, 1))];
+        let entries = router_ctl::fib::writer::route_entries(
+            &ifaces,
+            &[(connected(ipv6).parse().unwrap(), e0)],
+            &gateways,
+            &[],
+        );
+        let mut ebpf =
+            datapath::load_unpinned_sized(router_ctl::fib::Capacity::for_table(&entries))?;
+        datapath::set_ifaces(&mut ebpf, &ifaces, &[], &[])?;
+        let t = Instant::now();
+        router_ctl::fib::writer::set_routes(&mut ebpf, &entries)?;
+        let install_s = t.elapsed().as_secs_f64();
+        let peak_rss_mib = crate::ctl::peak_rss_mib();
+        let routes_memlock = [
+            map_names::FIB6,
+            map_names::FIB6_L1,
+            map_names::FIB6_NODES,
+            map_names::FIB6_BLOCKS,
+            map_names::FIB6_PFX,
+            map_names::FIB_L1,
+            map_names::FIB_L2,
+            map_names::FIB_L3,
+            map_names::NEXTHOPS,
+        ]
         .iter()
-        .enumerate()
-        .map(|(i, n)| (*n, e0, nexthop(i, ipv6)))
-        .collect();
-    let iface = |mac, slot| Iface {
-        mac,
-        flags: 0,
-        mtu: 1500,
-        slot,
-    };
-    let ifaces = [(1, iface(IN_MAC, 0)), (e0, iface(OUT_MAC, 1))];
-    let entries = router_ctl::fib::writer::route_entries(
-        &ifaces,
-        &[(
-            if ipv6 {
-                "2001:db8:2::/64"
-            } else {
-                "10.2.0.0/24"
-            }
-            .parse()
-            .unwrap(),
+        .map(|m| memlock(&ebpf, m).unwrap_or(0))
+        .sum();
+        Ok(Bed {
+            ebpf,
+            table,
             e0,
-        )],
-        &gateways,
-        &[],
-    );
-    let mut ebpf = datapath::load_unpinned_sized(router_ctl::fib::Capacity::for_table(&entries))?;
-    datapath::set_ifaces(&mut ebpf, &ifaces, &[], &[])?;
-    let t = Instant::now();
-    router_ctl::fib::writer::set_routes(&mut ebpf, &entries)?;
-    let install_s = t.elapsed().as_secs_f64();
-    let peak_rss_mib = crate::ctl::peak_rss_mib();
-    let routes_memlock = [
-        map_names::FIB6,
-        map_names::FIB6_L1,
-        map_names::FIB6_NODES,
-        map_names::FIB6_BLOCKS,
-        map_names::FIB6_PFX,
-        map_names::FIB_L1,
-        map_names::FIB_L2,
-        map_names::FIB_L3,
-        map_names::NEXTHOPS,
-    ]
-    .iter()
-    .map(|m| memlock(&ebpf, m).unwrap_or(0))
-    .sum();
+            install_s,
+            peak_rss_mib,
+            routes_memlock,
+        })
+    }
+}
+
+/// The subnet of `e0` the nexthops are in.
+pub fn connected(ipv6: bool) -> &'static str {
+    if ipv6 {
+        "2001:db8:2::/64"
+    } else {
+        "10.2.0.0/24"
+    }
+}
+
+fn measure_here(routes: usize, runs: usize, ipv6: bool) -> Result<PktResult> {
+    let Bed {
+        mut ebpf,
+        table,
+        e0,
+        install_s,
+        peak_rss_mib,
+        routes_memlock,
+    } = Bed::build(routes, ipv6)?;
     set_neighbours(&mut ebpf, e0, true, ipv6)?;
 
     let mut rng = Rng::new(42);

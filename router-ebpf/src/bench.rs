@@ -4,6 +4,10 @@
 //!   per-flow template (cycling through `GEN_FLOWS`) and transmits the frame (XDP_TX).
 //!   The template is the whole 64-byte frame, so IPv4 and IPv6 are generated alike.
 //! - `bench_wire`: the floor for any XDP router on a path: redirect to a fixed device, no lookup.
+//! - `bench_fib`: what an XDP router built on the kernel's own FIB does per packet (the way of
+//!   the kernel's xdp_fwd sample and of xdp-forward): parse, `bpf_fib_lookup` in the
+//!   namespace's main table with its neighbour, MAC rewrite, TTL or hop limit decrement,
+//!   `bpf_redirect`; the yardstick for our own lookup at the same table size.
 //! - `bench_probe_array`, `bench_probe_hash`: one read of a random 1 KiB group, in a BPF array
 //!   (vmalloc'd: 4 KiB pages) or in a hash map without preallocation (elements kmalloc'd, in the
 //!   kernel's direct map), to measure what the page size of a table's memory costs a cold lookup.
@@ -12,7 +16,9 @@
 
 use aya_ebpf::{
     bindings::xdp_action,
+    bindings::{bpf_fib_lookup as FibParams, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_DIRECT},
     bindings::BPF_F_NO_PREALLOC,
+    helpers::{bpf_fib_lookup, bpf_redirect},
     macros::{map, xdp},
     maps::{Array, DevMapHash, HashMap, PerCpuArray},
     programs::XdpContext,
@@ -114,6 +120,81 @@ pub fn bench_probe_hash(ctx: XdpContext) -> u32 {
     match unsafe { PROBE_HASH.get(&g) }.and_then(|g| g.get(i)) {
         Some(v) if *v != 0 => xdp_action::XDP_DROP,
         _ => xdp_action::XDP_PASS,
+    }
+}
+
+/// [0] = the ifindex packets arrive on for `bench_fib` (the namespace its lookups are in).
+#[map(name = "FIB_IN")]
+static FIB_IN: Array<u32> = Array::with_max_entries(1, 0);
+
+const ETH_LEN: usize = 14;
+
+#[xdp]
+pub fn bench_fib(ctx: XdpContext) -> u32 {
+    fib_forward(&ctx).unwrap_or(xdp_action::XDP_PASS)
+}
+
+#[inline(always)]
+fn fib_forward(ctx: &XdpContext) -> Option<u32> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + ETH_LEN + 40 > end {
+        return None;
+    }
+    // SAFETY: every read and write below is inside the first 54 bytes, checked above.
+    unsafe {
+        let proto = u16::from_be(core::ptr::read_unaligned((start + 12) as *const u16));
+        let ip = start + ETH_LEN;
+        // SAFETY: a plain C struct; all zeroes is a valid value.
+        let mut p: FibParams = core::mem::zeroed();
+        p.ifindex = *FIB_IN.get(0)?;
+        match proto {
+            0x0800 => {
+                if *((ip + 8) as *const u8) <= 1 {
+                    return None;
+                }
+                p.family = 2;
+                p.l4_protocol = *((ip + 9) as *const u8);
+                p.__bindgen_anon_1.tot_len =
+                    u16::from_be(core::ptr::read_unaligned((ip + 2) as *const u16));
+                p.__bindgen_anon_3.ipv4_src = core::ptr::read_unaligned((ip + 12) as *const u32);
+                p.__bindgen_anon_4.ipv4_dst = core::ptr::read_unaligned((ip + 16) as *const u32);
+            }
+            0x86dd => {
+                if *((ip + 7) as *const u8) <= 1 {
+                    return None;
+                }
+                p.family = 10;
+                p.l4_protocol = *((ip + 6) as *const u8);
+                p.__bindgen_anon_1.tot_len =
+                    u16::from_be(core::ptr::read_unaligned((ip + 4) as *const u16)) + 40;
+                p.__bindgen_anon_3.ipv6_src = core::ptr::read_unaligned((ip + 8) as *const [u32; 4]);
+                p.__bindgen_anon_4.ipv6_dst =
+                    core::ptr::read_unaligned((ip + 24) as *const [u32; 4]);
+            }
+            _ => return None,
+        }
+        let rc = bpf_fib_lookup(
+            ctx.ctx as *mut _,
+            &mut p,
+            core::mem::size_of::<FibParams>() as i32,
+            BPF_FIB_LOOKUP_DIRECT,
+        );
+        if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
+            return None;
+        }
+        if proto == 0x0800 {
+            // TTL down by one, the header checksum up by 0x0100 (ones' complement).
+            *((ip + 8) as *mut u8) -= 1;
+            let c = (ip + 10) as *mut u16;
+            let sum = u16::from_be(core::ptr::read_unaligned(c)) as u32 + 0x0100;
+            core::ptr::write_unaligned(c, (((sum & 0xffff) + (sum >> 16)) as u16).to_be());
+        } else {
+            *((ip + 7) as *mut u8) -= 1;
+        }
+        core::ptr::write_unaligned(start as *mut [u8; 6], p.dmac);
+        core::ptr::write_unaligned((start + 6) as *mut [u8; 6], p.smac);
+        Some(bpf_redirect(p.ifindex, 0) as u32)
     }
 }
 
