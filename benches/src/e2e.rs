@@ -47,6 +47,10 @@ impl Mode {
 pub struct E2eResult {
     pub ipv6: bool,
     pub flows: usize,
+    /// Cores receiving: one generator per core, each into its own queue of the router's veth.
+    pub cores: usize,
+    /// With two cores: this router's Mpps ÷ its Mpps with one of the two generators, per round.
+    pub router_over_one_core: Option<Summary>,
     /// Mpps per mode, and per-round ratios router/kernel and router/wire.
     pub mpps: Vec<(Mode, Summary)>,
     pub router_over_kernel: Summary,
@@ -181,7 +185,8 @@ pub struct UpdatesUnderTraffic {
 
 pub const BIG_TABLE: usize = 1_000_000;
 
-pub fn run(rounds: usize) -> Result<(Vec<E2eResult>, UpdatesUnderTraffic)> {
+/// The definition's extra routes: each flow's /24 (IPv4) and /64 (IPv6) via vm3.
+fn flow_routes() -> String {
     let mut routes: String = (0..FLOW_ROUTES)
         .map(|i| {
             format!(
@@ -196,27 +201,11 @@ pub fn run(rounds: usize) -> Result<(Vec<E2eResult>, UpdatesUnderTraffic)> {
             Ipv6Addr::from(u128::from(flow_dst6(i)) & !0xffff_ffff_ffff_ffff)
         )
     }));
-    let mut s = Seed::up_dual_with(&format!("max_routes = {}", BIG_TABLE + 4096), &routes);
-    // The wire floor replaces the router's program on qr-a: its counters stop following.
-    s.check_counters = false;
-    s.prime_neighbours();
-    s.prime_neighbours6();
-    let tap_b = s.ids.tap_b();
-    // XDP redirects into qr-b need its peer (vm3's veth) to take XDP frames: GRO on there, the
-    // one tuning this section makes (the fixture leaves every veth at kernel defaults).
-    sh(&format!(
-        "ip netns exec {} ethtool -K {tap_b} gro on >/dev/null",
-        s.vm3
-    ));
-    sh(&format!(
-        "ip netns exec {vm3} nft add table netdev sink && \
-         ip netns exec {vm3} nft add chain netdev sink in '{{ type filter hook ingress device \"{tap_b}\" priority 0; }}' && \
-         ip netns exec {vm3} nft add rule netdev sink in udp dport 9 counter drop",
-        vm3 = s.vm3
-    ));
-    let gen_if = link_in(Some(&s.vm1), &s.ids.tap_a())?
-        .context("vm1 tap")?
-        .index;
+    routes
+}
+
+pub fn run(rounds: usize) -> Result<(Vec<E2eResult>, UpdatesUnderTraffic)> {
+    let (s, gen_if) = bed(&flow_routes())?;
     let modes = [Mode::Kernel, Mode::Router, Mode::Wire];
     let mut results = Vec::new();
     for (ipv6, flows) in [
@@ -248,6 +237,8 @@ pub fn run(rounds: usize) -> Result<(Vec<E2eResult>, UpdatesUnderTraffic)> {
         results.push(E2eResult {
             ipv6,
             flows,
+            cores: 1,
+            router_over_one_core: None,
             mpps: modes
                 .iter()
                 .zip(samples.iter())
@@ -302,6 +293,85 @@ pub fn run(rounds: usize) -> Result<(Vec<E2eResult>, UpdatesUnderTraffic)> {
     ))
 }
 
+/// The seed (dual stack) with the flow routes `routes`, its neighbours known, vm3's sink; and
+/// the generator's interface in vm1.
+fn bed(routes: &str) -> Result<(Seed, u32)> {
+    let mut s = Seed::up_dual_with(&format!("max_routes = {}", BIG_TABLE + 4096), routes);
+    // The wire floor replaces the router's program on qr-a: its counters stop following.
+    s.check_counters = false;
+    s.prime_neighbours();
+    s.prime_neighbours6();
+    let tap_b = s.ids.tap_b();
+    // XDP redirects into qr-b need its peer (vm3's veth) to take XDP frames: GRO on there, the
+    // one tuning this section makes (the fixture leaves every veth at kernel defaults).
+    sh(&format!(
+        "ip netns exec {} ethtool -K {tap_b} gro on >/dev/null",
+        s.vm3
+    ));
+    sh(&format!(
+        "ip netns exec {vm3} nft add table netdev sink && \
+         ip netns exec {vm3} nft add chain netdev sink in '{{ type filter hook ingress device \"{tap_b}\" priority 0; }}' && \
+         ip netns exec {vm3} nft add rule netdev sink in udp dport 9 counter drop",
+        vm3 = s.vm3
+    ));
+    let gen_if = link_in(Some(&s.vm1), &s.ids.tap_a())?
+        .context("vm1 tap")?
+        .index;
+    Ok((s, gen_if))
+}
+
+/// Both cores receiving: the seed with two queues on each instance veth pair (as a NIC's RSS
+/// spreads flows over queues), one generator pinned to each core sending into its own queue
+/// of qr-a, 1 000 flows; the three data paths in turn within each round, and this router with
+/// one of the generators only, for its scaling.
+pub fn two_cores(rounds: usize) -> Result<Vec<E2eResult>> {
+    tests::topo::VETH_QUEUES.store(2, std::sync::atomic::Ordering::Relaxed);
+    let built = bed(&flow_routes());
+    tests::topo::VETH_QUEUES.store(1, std::sync::atomic::Ordering::Relaxed);
+    let (s, gen_if) = built?;
+    let modes = [Mode::Kernel, Mode::Router, Mode::Wire];
+    let mut results = Vec::new();
+    for ipv6 in [false, true] {
+        let mut samples: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
+        let (mut rk, mut rw, mut r1) = (Vec::new(), Vec::new(), Vec::new());
+        for round in 0..rounds {
+            let mut this = [0f64; 3];
+            for (k, m) in modes.iter().enumerate() {
+                set_mode(&s, *m)?;
+                let mpps = measure_on(&s, gen_if, FLOW_ROUTES, ipv6, &[0, 1])?;
+                eprintln!(
+                    "e2e two cores: {} {FLOW_ROUTES} flows, round {}, {}: {mpps:.3} Mpps",
+                    if ipv6 { "IPv6" } else { "IPv4" },
+                    round + 1,
+                    m.name()
+                );
+                samples[k].push(mpps);
+                this[k] = mpps;
+            }
+            set_mode(&s, Mode::Router)?;
+            let one = measure_on(&s, gen_if, FLOW_ROUTES, ipv6, &[0])?;
+            rk.push(this[1] / this[0]);
+            rw.push(this[1] / this[2]);
+            r1.push(this[1] / one);
+        }
+        results.push(E2eResult {
+            ipv6,
+            flows: FLOW_ROUTES,
+            cores: 2,
+            router_over_one_core: Some(summarize(&r1)),
+            mpps: modes
+                .iter()
+                .zip(samples.iter())
+                .map(|(m, v)| (*m, summarize(v)))
+                .collect(),
+            router_over_kernel: summarize(&rk),
+            router_over_wire: summarize(&rw),
+        });
+    }
+    set_mode(&s, Mode::Router)?;
+    Ok(results)
+}
+
 type Entries = Vec<(router_ctl::config::IpNet, router_common::Route)>;
 
 /// The router's own table (as apply made it) and the same plus `BIG_TABLE` random routes via vm3.
@@ -352,34 +422,50 @@ fn measure(s: &Seed, gen_if: u32, flows: usize) -> Result<f64> {
 }
 
 fn measure_family(s: &Seed, gen_if: u32, flows: usize, ipv6: bool) -> Result<f64> {
+    measure_on(s, gen_if, flows, ipv6, &[0])
+}
+
+/// As `measure_family`, with one generator pinned to each of `cpus`, started together; the
+/// time is the slowest generator's.
+fn measure_on(s: &Seed, gen_if: u32, flows: usize, ipv6: bool, cpus: &[usize]) -> Result<f64> {
     let before = sink_count(&s.vm3)?;
-    let gen = load_generator(s, flows, ipv6)?;
-    let cell = std::sync::Arc::new(std::sync::Mutex::new(Some(gen)));
-    let c2 = cell.clone();
-    let elapsed = in_ns(&s.vm1, move || -> Result<f64> {
-        crate::host::pin_to_cpu(0)?;
-        let mut gen = c2.lock().unwrap().take().context("generator")?;
-        let prog: &mut Xdp = gen
-            .program_mut("bench_gen")
-            .context("bench_gen")?
-            .try_into()?;
-        let frame = [0u8; 64];
-        let mut ctx = [0u8; 24];
-        ctx[4..8].copy_from_slice(&64u32.to_ne_bytes());
-        ctx[12..16].copy_from_slice(&gen_if.to_ne_bytes());
-        let t = Instant::now();
-        prog.test_run(TestRunOptions {
-            data_in: Some(&frame),
-            ctx_in: Some(&ctx),
-            repeat: PACKETS,
-            attrs: TestRunAttrs::new().xdp_live_frames(64),
-            ..Default::default()
-        })
-        .context("live-frames test run")?;
-        Ok(t.elapsed().as_secs_f64())
-    })
-    .join()
-    .map_err(|_| anyhow::anyhow!("generator thread panicked"))??;
+    let start = std::sync::Arc::new(std::sync::Barrier::new(cpus.len()));
+    let mut threads = Vec::new();
+    for &cpu in cpus {
+        let gen = load_generator(s, flows, ipv6)?;
+        let cell = std::sync::Arc::new(std::sync::Mutex::new(Some(gen)));
+        let start = start.clone();
+        threads.push(in_ns(&s.vm1, move || -> Result<f64> {
+            crate::host::pin_to_cpu(cpu)?;
+            let mut gen = cell.lock().unwrap().take().context("generator")?;
+            let prog: &mut Xdp = gen
+                .program_mut("bench_gen")
+                .context("bench_gen")?
+                .try_into()?;
+            let frame = [0u8; 64];
+            let mut ctx = [0u8; 24];
+            ctx[4..8].copy_from_slice(&64u32.to_ne_bytes());
+            ctx[12..16].copy_from_slice(&gen_if.to_ne_bytes());
+            start.wait();
+            let t = Instant::now();
+            prog.test_run(TestRunOptions {
+                data_in: Some(&frame),
+                ctx_in: Some(&ctx),
+                repeat: PACKETS,
+                attrs: TestRunAttrs::new().xdp_live_frames(64),
+                ..Default::default()
+            })
+            .context("live-frames test run")?;
+            Ok(t.elapsed().as_secs_f64())
+        }));
+    }
+    let mut elapsed = 0f64;
+    for t in threads {
+        let e = t
+            .join()
+            .map_err(|_| anyhow::anyhow!("generator thread panicked"))??;
+        elapsed = elapsed.max(e);
+    }
     std::thread::sleep(std::time::Duration::from_millis(100));
     let got = sink_count(&s.vm3)? - before;
     Ok(got as f64 / elapsed / 1e6)

@@ -121,6 +121,9 @@ struct Args {
     /// Devices in the attach-mode figures (0: none).
     #[arg(long, default_value_t = 100)]
     attach_devices: usize,
+    /// Only the end-to-end figures with two cores receiving, printed (no report written).
+    #[arg(long)]
+    only_two_cores: bool,
     /// Only the attach-mode figures: their section of the report is replaced in place.
     #[arg(long)]
     only_attach: bool,
@@ -270,6 +273,19 @@ fn main() -> Result<()> {
         replace_section(&args.out, "follow", &section)?;
         return Ok(());
     }
+    if args.only_two_cores {
+        for r in e2e::two_cores(args.runs)? {
+            println!(
+                "{} {} cores: router ÷ kernel {}, router ÷ wire {}, router on 2 ÷ on 1 {}",
+                if r.ipv6 { "IPv6" } else { "IPv4" },
+                r.cores,
+                r.router_over_kernel.fmt(2),
+                r.router_over_wire.fmt(2),
+                r.router_over_one_core.map(|s| s.fmt(2)).unwrap_or_default()
+            );
+        }
+        return Ok(());
+    }
     if args.only_attach {
         let section = attach_section(&args)?;
         print!("{section}");
@@ -309,7 +325,9 @@ fn main() -> Result<()> {
     let e2e = if args.no_e2e {
         None
     } else {
-        Some(e2e::run(args.runs).context("end-to-end comparison")?)
+        let (mut res, upd) = e2e::run(args.runs).context("end-to-end comparison")?;
+        res.extend(e2e::two_cores(args.runs).context("end-to-end, two cores receiving")?);
+        Some((res, upd))
     };
     let (tcp, small) = if args.no_skb {
         (None, None)

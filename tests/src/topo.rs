@@ -113,6 +113,10 @@ pub fn write_config(tag: &str, text: &str) -> String {
     path.to_string_lossy().into_owned()
 }
 
+/// Queues of the seed's instance veth pairs (both ends): 1, the kernel's default, unless a
+/// benchmark asks for more (one per core receiving, as a multi-queue NIC with RSS has).
+pub static VETH_QUEUES: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
+
 /// The seed router applied by router-ctl, with instance namespaces vm1 (172.16.100.3) and vm3
 /// (172.16.101.3) plugged into the veth peers that apply created.
 pub struct Seed {
@@ -411,9 +415,13 @@ impl Seed {
                 "172.16.101.1",
             ),
         ] {
+            let q = match VETH_QUEUES.load(std::sync::atomic::Ordering::Relaxed) {
+                0 | 1 => String::new(),
+                n => format!(" numtxqueues {n} numrxqueues {n}"),
+            };
             sh(&format!(
                 "ip netns add {vm} && ip -n {vm} link set lo up && \
-                 ip -n {ns} link add {dev} type veth peer name {tap} netns {vm} && \
+                 ip -n {ns} link add {dev}{q} type veth peer name {tap}{q} netns {vm} && \
                  ip -n {vm} link set {tap} up && ip -n {vm} addr add {addr} dev {tap} && \
                  ip -n {vm} route add default via {gw}"
             ));
