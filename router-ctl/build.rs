@@ -40,6 +40,7 @@ const CTL_MUTANTS: &[&str] = &[
     "guard_off",
     "kernel_routes_ignored",
     "kernel_policy_events_ignored",
+    "ha_role_always_active",
     "follow_route_events_ignored",
     "guard_strict_tcp_copied",
     "guard_no_evidence",

@@ -257,6 +257,14 @@ pub const MUTANTS: &[Mutant] = &[
         )],
     },
     Mutant {
+        name: "ha_role_always_active",
+        fault: "`show` says a followed HA router is active on every host, the standby too",
+        tests: &[(
+            "follow",
+            "an_ha_router_moved_by_keepalived_is_followed_to_its_new_master",
+        )],
+    },
+    Mutant {
         name: "kernel_policy_events_ignored",
         fault: "the daemon does not read a namespace again when its forwarding sysctls or policy rules change",
         tests: &[(
