@@ -23,7 +23,11 @@ pub struct AttachCost {
 }
 
 /// Modes in the order they are reported.
-pub const MODES: [&str; 3] = ["tcx link (apply's choice)", "legacy tc (clsact + cls_bpf)", "XDP link, native on veth"];
+pub const MODES: [&str; 3] = [
+    "tcx link (apply's choice)",
+    "legacy tc (clsact + cls_bpf)",
+    "XDP link, native on veth",
+];
 
 pub fn measure(devices: usize, runs: usize) -> Result<Vec<AttachCost>> {
     std::thread::spawn(move || measure_here(devices, runs))

@@ -206,7 +206,6 @@ fn flow_routes() -> String {
 
 pub fn run(rounds: usize) -> Result<(Vec<E2eResult>, UpdatesUnderTraffic)> {
     let (s, gen_if) = bed(&flow_routes())?;
-    let modes = [Mode::Kernel, Mode::Router, Mode::Wire];
     let mut results = Vec::new();
     for (ipv6, flows) in [
         (false, 1usize),
@@ -214,39 +213,7 @@ pub fn run(rounds: usize) -> Result<(Vec<E2eResult>, UpdatesUnderTraffic)> {
         (true, 1),
         (true, FLOW_ROUTES),
     ] {
-        let mut samples: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
-        let (mut rk, mut rw) = (Vec::new(), Vec::new());
-        for round in 0..rounds {
-            let mut this = [0f64; 3];
-            for (k, m) in modes.iter().enumerate() {
-                set_mode(&s, *m)?;
-                let mpps = measure_family(&s, gen_if, flows, ipv6)?;
-                eprintln!(
-                    "e2e: {} {flows} flow(s), round {}, {}: {mpps:.3} Mpps",
-                    if ipv6 { "IPv6" } else { "IPv4" },
-                    round + 1,
-                    m.name()
-                );
-                samples[k].push(mpps);
-                this[k] = mpps;
-            }
-            rk.push(this[1] / this[0]);
-            rw.push(this[1] / this[2]);
-        }
-        set_mode(&s, Mode::Router)?;
-        results.push(E2eResult {
-            ipv6,
-            flows,
-            cores: 1,
-            router_over_one_core: None,
-            mpps: modes
-                .iter()
-                .zip(samples.iter())
-                .map(|(m, v)| (*m, summarize(v)))
-                .collect(),
-            router_over_kernel: summarize(&rk),
-            router_over_wire: summarize(&rw),
-        });
+        results.push(compare(&s, gen_if, ipv6, flows, &[0], rounds)?);
     }
     let mpps_without = measure(&s, gen_if, FLOW_ROUTES)?;
     let (updates_per_s, mpps_during) = std::thread::scope(|sc| -> Result<(f64, f64)> {
@@ -329,47 +296,62 @@ pub fn two_cores(rounds: usize) -> Result<Vec<E2eResult>> {
     let built = bed(&flow_routes());
     tests::topo::VETH_QUEUES.store(1, std::sync::atomic::Ordering::Relaxed);
     let (s, gen_if) = built?;
+    [false, true]
+        .into_iter()
+        .map(|ipv6| compare(&s, gen_if, ipv6, FLOW_ROUTES, &[0, 1], rounds))
+        .collect()
+}
+
+/// The three data paths in turn within each of `rounds` rounds, `flows` flows generated on
+/// `cpus`; with more than one, this router with the first generator only too, for its scaling.
+/// The router's programs are left attached.
+fn compare(
+    s: &Seed,
+    gen_if: u32,
+    ipv6: bool,
+    flows: usize,
+    cpus: &[usize],
+    rounds: usize,
+) -> Result<E2eResult> {
     let modes = [Mode::Kernel, Mode::Router, Mode::Wire];
-    let mut results = Vec::new();
-    for ipv6 in [false, true] {
-        let mut samples: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
-        let (mut rk, mut rw, mut r1) = (Vec::new(), Vec::new(), Vec::new());
-        for round in 0..rounds {
-            let mut this = [0f64; 3];
-            for (k, m) in modes.iter().enumerate() {
-                set_mode(&s, *m)?;
-                let mpps = measure_on(&s, gen_if, FLOW_ROUTES, ipv6, &[0, 1])?;
-                eprintln!(
-                    "e2e two cores: {} {FLOW_ROUTES} flows, round {}, {}: {mpps:.3} Mpps",
-                    if ipv6 { "IPv6" } else { "IPv4" },
-                    round + 1,
-                    m.name()
-                );
-                samples[k].push(mpps);
-                this[k] = mpps;
-            }
-            set_mode(&s, Mode::Router)?;
-            let one = measure_on(&s, gen_if, FLOW_ROUTES, ipv6, &[0])?;
-            rk.push(this[1] / this[0]);
-            rw.push(this[1] / this[2]);
-            r1.push(this[1] / one);
+    let mut samples: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
+    let (mut rk, mut rw, mut r1) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..rounds {
+        let mut this = [0f64; 3];
+        for (k, m) in modes.iter().enumerate() {
+            set_mode(s, *m)?;
+            let mpps = measure_on(s, gen_if, flows, ipv6, cpus)?;
+            eprintln!(
+                "e2e: {} {flows} flow(s) from {} core(s), round {}, {}: {mpps:.3} Mpps",
+                if ipv6 { "IPv6" } else { "IPv4" },
+                cpus.len(),
+                round + 1,
+                m.name()
+            );
+            samples[k].push(mpps);
+            this[k] = mpps;
         }
-        results.push(E2eResult {
-            ipv6,
-            flows: FLOW_ROUTES,
-            cores: 2,
-            router_over_one_core: Some(summarize(&r1)),
-            mpps: modes
-                .iter()
-                .zip(samples.iter())
-                .map(|(m, v)| (*m, summarize(v)))
-                .collect(),
-            router_over_kernel: summarize(&rk),
-            router_over_wire: summarize(&rw),
-        });
+        rk.push(this[1] / this[0]);
+        rw.push(this[1] / this[2]);
+        if cpus.len() > 1 {
+            set_mode(s, Mode::Router)?;
+            r1.push(this[1] / measure_on(s, gen_if, flows, ipv6, &cpus[..1])?);
+        }
     }
-    set_mode(&s, Mode::Router)?;
-    Ok(results)
+    set_mode(s, Mode::Router)?;
+    Ok(E2eResult {
+        ipv6,
+        flows,
+        cores: cpus.len(),
+        router_over_one_core: (cpus.len() > 1).then(|| summarize(&r1)),
+        mpps: modes
+            .iter()
+            .zip(samples.iter())
+            .map(|(m, v)| (*m, summarize(v)))
+            .collect(),
+        router_over_kernel: summarize(&rk),
+        router_over_wire: summarize(&rw),
+    })
 }
 
 type Entries = Vec<(router_ctl::config::IpNet, router_common::Route)>;
@@ -418,15 +400,11 @@ fn install(s: &Seed, entries: &Entries) -> Result<()> {
 /// One measurement: Mpps delivered to vm3 while the generator, pinned to CPU 0 in vm1, sends
 /// `PACKETS` frames as if received on vm1's interface (XDP_TX sends them to the router).
 fn measure(s: &Seed, gen_if: u32, flows: usize) -> Result<f64> {
-    measure_family(s, gen_if, flows, false)
+    measure_on(s, gen_if, flows, false, &[0])
 }
 
-fn measure_family(s: &Seed, gen_if: u32, flows: usize, ipv6: bool) -> Result<f64> {
-    measure_on(s, gen_if, flows, ipv6, &[0])
-}
-
-/// As `measure_family`, with one generator pinned to each of `cpus`, started together; the
-/// time is the slowest generator's.
+/// Mpps delivered to vm3 with one generator pinned to each of `cpus`, started together, each
+/// sending `PACKETS` frames of `flows` flows (IPv4 or IPv6); the time is the slowest one's.
 fn measure_on(s: &Seed, gen_if: u32, flows: usize, ipv6: bool, cpus: &[usize]) -> Result<f64> {
     let before = sink_count(&s.vm3)?;
     let start = std::sync::Arc::new(std::sync::Barrier::new(cpus.len()));

@@ -47,9 +47,7 @@ fn kernel_table(bed: &Bed, ipv6: bool) -> Result<f64> {
     } else {
         ("10.2.0.1/24", "net.ipv4.ip_forward=1")
     };
-    tests::sh(&format!(
-        "ip addr add {addr} dev e0 && sysctl -qw {fwd}"
-    ));
+    tests::sh(&format!("ip addr add {addr} dev e0 && sysctl -qw {fwd}"));
     let mut batch = String::with_capacity(bed.table.len() * 48);
     for i in 0..8 {
         batch.push_str(&format!(
@@ -74,7 +72,10 @@ fn kernel_table(bed: &Bed, ipv6: bool) -> Result<f64> {
         .take()
         .context("ip's stdin")?
         .write_all(batch.as_bytes())?;
-    ensure!(ip.wait()?.success(), "ip -batch failed to install the routes");
+    ensure!(
+        ip.wait()?.success(),
+        "ip -batch failed to install the routes"
+    );
     Ok(t.elapsed().as_secs_f64())
 }
 
@@ -106,11 +107,18 @@ fn measure_here(routes: usize, runs: usize, ipv6: bool) -> Result<FibResult> {
     let (mut ours, mut kern, mut ours_w, mut kern_w) = (vec![], vec![], vec![], vec![]);
     for _ in 0..runs {
         let f = pkt::run_frames(wire, &frames, 2, REPEAT)?;
-        ours.push(pkt::run_frames(datapath::program(&mut bed.ebpf)?, &frames, REDIRECT, REPEAT)? - f);
+        ours.push(
+            pkt::run_frames(datapath::program(&mut bed.ebpf)?, &frames, REDIRECT, REPEAT)? - f,
+        );
         kern.push(pkt::run_frames(fib, &frames, REDIRECT, REPEAT)? - f);
         let fw = pkt::run_frames(wire, warm, 2, WARM_REPEAT)?;
         ours_w.push(
-            pkt::run_frames(datapath::program(&mut bed.ebpf)?, warm, REDIRECT, WARM_REPEAT)? - fw,
+            pkt::run_frames(
+                datapath::program(&mut bed.ebpf)?,
+                warm,
+                REDIRECT,
+                WARM_REPEAT,
+            )? - fw,
         );
         kern_w.push(pkt::run_frames(fib, warm, REDIRECT, WARM_REPEAT)? - fw);
     }

@@ -7,8 +7,8 @@ mod attach;
 mod conns;
 mod ctl;
 mod e2e;
-mod follow;
 mod fib;
+mod follow;
 mod ha;
 mod host;
 mod nat;
@@ -130,8 +130,8 @@ struct Args {
 }
 
 fn attach_section(args: &Args) -> Result<String> {
-    let res = attach::measure(args.attach_devices, args.runs.min(5))
-        .context("attach costs per mode")?;
+    let res =
+        attach::measure(args.attach_devices, args.runs.min(5)).context("attach costs per mode")?;
     for r in &res {
         eprintln!(
             "attach {}: {} ms per device, detach {} ms",
@@ -156,9 +156,8 @@ fn fib_figures(args: &Args) -> Result<Vec<fib::FibResult>> {
     let mut res = Vec::new();
     for ipv6 in [false, true] {
         for &n in &args.fib_sizes {
-            let r = fib::measure(n, args.runs, ipv6).with_context(|| {
-                format!("our lookup against the kernel's FIB, {n} routes")
-            })?;
+            let r = fib::measure(n, args.runs, ipv6)
+                .with_context(|| format!("our lookup against the kernel's FIB, {n} routes"))?;
             eprintln!(
                 "fib {} {n}: ours {} ns (warm {}), kernel FIB {} ns (warm {}); ip -batch {:.1} s",
                 if ipv6 { "IPv6" } else { "IPv4" },

@@ -200,7 +200,8 @@ impl Report<'_> {
             let warm = b.forward_warm_ns.median / a.forward_warm_ns.median;
             let _ = writeln!(
                 m,
-                "| the same, warm (each destination {} times in a row) | ≤ 1.25 | {warm:.2} | {} |",
+                "| per-packet cost at {} routes ÷ at 1 route, warm (each destination {} times in a row) | ≤ 1.25 | {warm:.2} | {} |",
+                b.routes,
                 crate::pkt::WARM_REPEAT,
                 verdict(warm <= 1.25)
             );

@@ -16,8 +16,8 @@
 
 use aya_ebpf::{
     bindings::xdp_action,
-    bindings::{bpf_fib_lookup as FibParams, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_DIRECT},
     bindings::BPF_F_NO_PREALLOC,
+    bindings::{bpf_fib_lookup as FibParams, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_DIRECT},
     helpers::{bpf_fib_lookup, bpf_redirect},
     macros::{map, xdp},
     maps::{Array, DevMapHash, HashMap, PerCpuArray},
@@ -168,7 +168,8 @@ fn fib_forward(ctx: &XdpContext) -> Option<u32> {
                 p.l4_protocol = *((ip + 6) as *const u8);
                 p.__bindgen_anon_1.tot_len =
                     u16::from_be(core::ptr::read_unaligned((ip + 4) as *const u16)) + 40;
-                p.__bindgen_anon_3.ipv6_src = core::ptr::read_unaligned((ip + 8) as *const [u32; 4]);
+                p.__bindgen_anon_3.ipv6_src =
+                    core::ptr::read_unaligned((ip + 8) as *const [u32; 4]);
                 p.__bindgen_anon_4.ipv6_dst =
                     core::ptr::read_unaligned((ip + 24) as *const [u32; 4]);
             }
