@@ -46,50 +46,32 @@ fn measure_here(devices: usize, runs: usize) -> Result<Vec<AttachCost>> {
     let mut per: Vec<(Vec<f64>, Vec<f64>)> = vec![Default::default(); MODES.len()];
     for _ in 0..runs {
         for (m, (att, det)) in per.iter_mut().enumerate() {
-            let t = Instant::now();
-            match m {
-                0 | 1 => {
-                    let prog = datapath::tc_program(&mut ebpf)?;
-                    let mut ids = Vec::new();
-                    for i in 0..devices {
-                        let dev = format!("a{i}");
+            let (a, d) = match m {
+                0 | 1 => per_device(
+                    datapath::tc_program(&mut ebpf)?,
+                    devices,
+                    |p, dev| {
                         let opts = if m == 0 {
                             TcAttachOptions::TcxOrder(LinkOrder::default())
                         } else {
                             // EEXIST: the qdisc is there from an earlier run.
-                            let _ = aya::programs::tc::qdisc_add_clsact(&dev);
+                            let _ = aya::programs::tc::qdisc_add_clsact(dev);
                             TcAttachOptions::Netlink(NlOptions::default())
                         };
-                        ids.push(
-                            prog.attach_with_options(&dev, TcAttachType::Ingress, opts)
-                                .with_context(|| format!("{} on {dev}", MODES[m]))?,
-                        );
-                    }
-                    att.push(t.elapsed().as_secs_f64() * 1e3 / devices as f64);
-                    let t = Instant::now();
-                    for id in ids {
-                        prog.detach(id)?;
-                    }
-                    det.push(t.elapsed().as_secs_f64() * 1e3 / devices as f64);
-                }
-                _ => {
-                    let prog = datapath::program(&mut ebpf)?;
-                    let mut ids = Vec::new();
-                    for i in 0..devices {
-                        let dev = format!("a{i}");
-                        ids.push(
-                            prog.attach(&dev, XdpMode::Driver)
-                                .with_context(|| format!("{} on {dev}", MODES[m]))?,
-                        );
-                    }
-                    att.push(t.elapsed().as_secs_f64() * 1e3 / devices as f64);
-                    let t = Instant::now();
-                    for id in ids {
-                        prog.detach(id)?;
-                    }
-                    det.push(t.elapsed().as_secs_f64() * 1e3 / devices as f64);
-                }
+                        Ok(p.attach_with_options(dev, TcAttachType::Ingress, opts)?)
+                    },
+                    |p, id| Ok(p.detach(id)?),
+                ),
+                _ => per_device(
+                    datapath::program(&mut ebpf)?,
+                    devices,
+                    |p, dev| Ok(p.attach(dev, XdpMode::Driver)?),
+                    |p, id| Ok(p.detach(id)?),
+                ),
             }
+            .with_context(|| MODES[m])?;
+            att.push(a);
+            det.push(d);
         }
     }
     Ok(MODES
@@ -101,6 +83,28 @@ fn measure_here(devices: usize, runs: usize) -> Result<Vec<AttachCost>> {
             detach_ms: summarize(&d),
         })
         .collect())
+}
+
+/// Attaches to devices `a0`… one after the other, then detaches them the same way: ms per
+/// device for each.
+fn per_device<P, I>(
+    prog: &mut P,
+    devices: usize,
+    attach: impl Fn(&mut P, &str) -> Result<I>,
+    detach: impl Fn(&mut P, I) -> Result<()>,
+) -> Result<(f64, f64)> {
+    let t = Instant::now();
+    let mut ids = Vec::with_capacity(devices);
+    for i in 0..devices {
+        let dev = format!("a{i}");
+        ids.push(attach(prog, &dev).with_context(|| format!("on {dev}"))?);
+    }
+    let attached = t.elapsed().as_secs_f64() * 1e3 / devices as f64;
+    let t = Instant::now();
+    for id in ids {
+        detach(prog, id)?;
+    }
+    Ok((attached, t.elapsed().as_secs_f64() * 1e3 / devices as f64))
 }
 
 /// The report's section.

@@ -104,12 +104,21 @@ pub struct Bed {
     pub routes_memlock: u64,
 }
 
-impl Bed {
-    pub fn build(routes: usize, ipv6: bool) -> Result<Bed> {
+/// A random table of `routes` prefixes (IPv4 or IPv6, from `seed`) through `e0`, as the
+/// controller's writer would install it, in the calling thread's fresh namespace (`e0` and its
+/// peer `e1`, up); ingress is ifindex 1 with `IN_MAC`.
+pub struct Tables {
+    pub e0: u32,
+    pub table: Vec<IpNet>,
+    pub ifaces: [(u32, Iface); 2],
+    pub entries: Vec<(IpNet, router_common::Route)>,
+}
+
+impl Tables {
+    pub fn here(routes: usize, seed: u64, ipv6: bool) -> Result<Tables> {
         tests::unshare_netns();
         tests::sh("ip link add e0 type veth peer name e1 && ip link set lo up && ip link set e0 up && ip link set e1 up");
         let e0 = ifindex("e0")?;
-        let seed = 0x5eed ^ routes as u64;
         let table: Vec<IpNet> = if ipv6 {
             random_table6(routes, seed)
                 .into_iter()
@@ -135,10 +144,27 @@ impl Bed {
         let ifaces = [(1, iface(IN_MAC, 0)), (e0, iface(OUT_MAC, 1))];
         let entries = router_ctl::fib::writer::route_entries(
             &ifaces,
-            &[(connected(ipv6).parse().unwrap(), e0)],
+            &[(connected(ipv6).parse().expect("a prefix"), e0)],
             &gateways,
             &[],
         );
+        Ok(Tables {
+            e0,
+            table,
+            ifaces,
+            entries,
+        })
+    }
+}
+
+impl Bed {
+    pub fn build(routes: usize, ipv6: bool) -> Result<Bed> {
+        let Tables {
+            e0,
+            table,
+            ifaces,
+            entries,
+        } = Tables::here(routes, 0x5eed ^ routes as u64, ipv6)?;
         let mut ebpf =
             datapath::load_unpinned_sized(router_ctl::fib::Capacity::for_table(&entries))?;
         datapath::set_ifaces(&mut ebpf, &ifaces, &[], &[])?;

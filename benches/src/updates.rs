@@ -3,7 +3,6 @@
 //! binary's `route batch` (kernel, fast path, journal), with its memory.
 
 use std::{
-    net::IpAddr,
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc,
@@ -13,14 +12,14 @@ use std::{
 
 use anyhow::{ensure, Result};
 use aya::programs::TestRun as _;
-use router_common::{Iface, Route};
+use router_common::Route;
 use router_ctl::{
     config::{IpNet, Ipv4Net},
     datapath,
 };
 
 use crate::{
-    pkt::{nexthop, IN_MAC, OUT_MAC},
+    pkt::nexthop,
     stats::{summarize, Rng, Summary},
     table::{random_table, random_table6},
 };
@@ -43,42 +42,12 @@ pub fn update_rate(routes: usize, ipv6: bool, runs: usize, seconds: f64) -> Resu
 }
 
 fn update_rate_here(routes: usize, ipv6: bool, runs: usize, seconds: f64) -> Result<UpdateRate> {
-    tests::unshare_netns();
-    tests::sh("ip link add e0 type veth peer name e1 && ip link set lo up && ip link set e0 up && ip link set e1 up");
-    let e0 = crate::pkt::ifindex("e0")?;
-    let seed = 0x0bd ^ routes as u64;
-    let table: Vec<IpNet> = if ipv6 {
-        random_table6(routes, seed)
-            .into_iter()
-            .map(IpNet::from)
-            .collect()
-    } else {
-        random_table(routes, seed)
-            .into_iter()
-            .map(IpNet::from)
-            .collect()
-    };
-    let iface = |mac, slot| Iface {
-        mac,
-        flags: 0,
-        mtu: 1500,
-        slot,
-    };
-    let ifaces = [(1, iface(IN_MAC, 0)), (e0, iface(OUT_MAC, 1))];
-    let gateways: Vec<(IpNet, u32, IpAddr)> = table
-        .iter()
-        .enumerate()
-        .map(|(i, n)| (*n, e0, nexthop(i, ipv6)))
-        .collect();
-    let connected: IpNet = if ipv6 {
-        "2001:db8:2::/64"
-    } else {
-        "10.2.0.0/24"
-    }
-    .parse()
-    .expect("prefix");
-    let entries =
-        router_ctl::fib::writer::route_entries(&ifaces, &[(connected, e0)], &gateways, &[]);
+    let crate::pkt::Tables {
+        e0,
+        table,
+        ifaces,
+        entries,
+    } = crate::pkt::Tables::here(routes, 0x0bd ^ routes as u64, ipv6)?;
     let mut ebpf = datapath::load_unpinned_sized(router_ctl::fib::Capacity::for_table(&entries))?;
     datapath::set_ifaces(&mut ebpf, &ifaces, &[], &[])?;
     let mut writer = router_ctl::fib::writer::RouteTable::open(&mut ebpf)?;

@@ -277,6 +277,11 @@ pub fn run(
     let daemon_lock = daemon_lock.context(
         "another `router-ctl run` is already running (it holds /run/router-xdp/daemon.lock)",
     )?;
+    // The handlers before the pid file: an apply signals whatever pid the file names (SIGUSR1:
+    // rescan), and a signal with no handler yet would end this daemon silently.
+    if !cfg!(mutant = "signals_after_pid_file") {
+        install_signal_handlers();
+    }
     std::fs::write(
         pid_file(),
         format!(
@@ -290,12 +295,10 @@ pub fn run(
         crate::metrics::serve(addr)?;
     }
     crate::api::serve()?;
-    // SAFETY: the handlers only store to atomics.
-    unsafe {
-        libc::signal(libc::SIGTERM, on_term as *const () as libc::sighandler_t);
-        libc::signal(libc::SIGINT, on_term as *const () as libc::sighandler_t);
-        libc::signal(libc::SIGHUP, on_hup as *const () as libc::sighandler_t);
-        libc::signal(libc::SIGUSR1, on_rescan as *const () as libc::sighandler_t);
+    if cfg!(mutant = "signals_after_pid_file") {
+        // The fault: a window in which SIGUSR1 ends the daemon.
+        std::thread::sleep(Duration::from_millis(50));
+        install_signal_handlers();
     }
     crate::kernel::init_io_runtime()?;
     tracing::info!(pid = std::process::id(), "router-ctl daemon started");
@@ -930,6 +933,16 @@ fn update(
             neighs.remove(ifindex, ip);
             None
         }
+    }
+}
+
+fn install_signal_handlers() {
+    // SAFETY: the handlers only store to atomics.
+    unsafe {
+        libc::signal(libc::SIGTERM, on_term as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGINT, on_term as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGHUP, on_hup as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGUSR1, on_rescan as *const () as libc::sighandler_t);
     }
 }
 

@@ -103,17 +103,7 @@ impl Agent {
             "ip -n {ns} link add {qg} type veth peer name up0 netns {ext}"
         ));
         instances_and_outside(&vm1, &vm3, &ext, &out);
-        l3_agent(&serde_json::json!({
-            "namespace": ns,
-            "gateway": {"device": qg, "ip": "192.168.1.10/24", "gateway_ip": "192.168.1.1"},
-            "internal_ports": [
-                {"device": qa, "cidr": "172.16.100.1/24"},
-                {"device": qb, "cidr": "172.16.101.1/24"},
-            ],
-            "floating_ips": [
-                {"fixed_ip_address": "172.16.101.3", "floating_ip_address": "192.168.1.20"},
-            ],
-        }));
+        l3_agent(&router_spec(&ns, qa, qb, qg));
         deny_udp_7777(&ns);
         // The agent made conntrack liberal (namespaces.py); the tests first show what a strict
         // one does, then set it back as the agent has it (`Agent::liberal`).
@@ -225,6 +215,23 @@ impl Drop for Agent {
                 .status();
         }
     }
+}
+
+/// The router of these tests as neutron-server would hand it to the agent (tests/neutron/
+/// l3_agent.py): in `ns`, subnets 172.16.100.0/24 on `qa` and 172.16.101.0/24 on `qb`, the
+/// gateway 192.168.1.10/24 on `qg` with SNAT, the floating IP 192.168.1.20 for vm3.
+fn router_spec(ns: &str, qa: &str, qb: &str, qg: &str) -> serde_json::Value {
+    serde_json::json!({
+        "namespace": ns,
+        "gateway": {"device": qg, "ip": "192.168.1.10/24", "gateway_ip": "192.168.1.1"},
+        "internal_ports": [
+            {"device": qa, "cidr": "172.16.100.1/24"},
+            {"device": qb, "cidr": "172.16.101.1/24"},
+        ],
+        "floating_ips": [
+            {"fixed_ip_address": "172.16.101.3", "floating_ip_address": "192.168.1.20"},
+        ],
+    })
 }
 
 /// Where `cargo xtask setup` installs Neutron (xtask/src/main.rs: NEUTRON_VENV).
@@ -457,18 +464,9 @@ impl HaPair {
                  ip -n {sw} link set a{n} master bra up && ip -n {sw} link set b{n} master brb up && \
                  ip -n {sw} link set g{n} master brg up && ip -n {sw} link set h{n} master brh up"
             ));
-            p.agents.push(ServedAgent::start(&serde_json::json!({
-                "namespace": ns,
-                "gateway": {"device": qg, "ip": "192.168.1.10/24", "gateway_ip": "192.168.1.1"},
-                "internal_ports": [
-                    {"device": qa, "cidr": "172.16.100.1/24"},
-                    {"device": qb, "cidr": "172.16.101.1/24"},
-                ],
-                "floating_ips": [
-                    {"fixed_ip_address": "172.16.101.3", "floating_ip_address": "192.168.1.20"},
-                ],
-                "ha": {"device": ha, "cidr": format!("169.254.192.{n}/18"), "vr_id": 1},
-            })));
+            let mut spec = router_spec(ns, &qa, &qb, &qg);
+            spec["ha"] = serde_json::json!({"device": ha, "cidr": format!("169.254.192.{n}/18"), "vr_id": 1});
+            p.agents.push(ServedAgent::start(&spec));
             deny_udp_7777(ns);
         }
         p

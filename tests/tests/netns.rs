@@ -742,6 +742,62 @@ fn a_killed_and_restarted_daemon_loses_no_packet() {
     s.wait_neigh("172.16.101.77");
 }
 
+/// apply signals whichever daemon the pid file names (SIGUSR1: rescan): a daemon that has
+/// named itself there must already take the signal, or a second apply racing the first one's
+/// freshly started daemon ends it silently (seen in CI: two routers' neighbours never synced).
+#[test]
+fn a_daemon_signalled_as_soon_as_it_names_itself_keeps_running() {
+    require_root();
+    let _turn = DAEMON.lock().unwrap_or_else(|e| e.into_inner());
+    let s = Seed::up("");
+    for pid in tests::topo::daemon_pids() {
+        // SAFETY: plain kill(2).
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    }
+    wait_for("the old daemons gone", &|| {
+        tests::topo::daemon_pids().is_empty()
+    });
+    let log = std::env::temp_dir().join(format!("router-test-{}-daemon.log", s.ids.tag));
+    let out = std::fs::File::create(&log).unwrap();
+    let mut child = std::process::Command::new(tests::router_ctl())
+        .args(["run", "--auto"])
+        .stdin(std::process::Stdio::null())
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    // As apply does: the moment the pid file names it, SIGUSR1.
+    let t0 = std::time::Instant::now();
+    loop {
+        let owner = std::fs::read_to_string("/run/router-xdp/daemon.pid").unwrap_or_default();
+        if owner.split_whitespace().next() == Some(pid.to_string().as_str()) {
+            break;
+        }
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(5),
+            "the daemon never wrote its pid"
+        );
+    }
+    // SAFETY: plain kill(2) of our child.
+    unsafe { libc::kill(pid as i32, libc::SIGUSR1) };
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let exited = child.try_wait().unwrap();
+    std::thread::spawn(move || child.wait());
+    assert!(
+        exited.is_none(),
+        "the daemon ended on the rescan signal ({exited:?}): {}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    // And it serves the router: a new neighbour reaches the fast path.
+    sh(&format!(
+        "ip -n {} neigh replace 172.16.101.78 lladdr 02:00:00:00:00:78 dev {} nud reachable",
+        s.ns(),
+        s.ids.dev_b()
+    ));
+    s.wait_neigh("172.16.101.78");
+}
+
 #[test]
 fn re_applying_swaps_the_program_without_losing_a_packet() {
     require_root();

@@ -257,6 +257,14 @@ pub const MUTANTS: &[Mutant] = &[
         )],
     },
     Mutant {
+        name: "signals_after_pid_file",
+        fault: "the daemon names itself in its pid file before it takes SIGUSR1, so an apply's rescan signal in between ends it",
+        tests: &[(
+            "netns",
+            "a_daemon_signalled_as_soon_as_it_names_itself_keeps_running",
+        )],
+    },
+    Mutant {
         name: "ha_role_always_active",
         fault: "`show` says a followed HA router is active on every host, the standby too",
         tests: &[(
