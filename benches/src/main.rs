@@ -124,9 +124,17 @@ struct Args {
     /// Only the end-to-end figures with two cores receiving, printed (no report written).
     #[arg(long)]
     only_two_cores: bool,
+    /// Only what checksum verification costs forced XDP: its section is replaced in place.
+    #[arg(long)]
+    only_verify: bool,
     /// Only the attach-mode figures: their section of the report is replaced in place.
     #[arg(long)]
     only_attach: bool,
+}
+
+fn verify_section(args: &Args) -> Result<String> {
+    let res = pkt::verify_cost(args.runs).context("checksum verification on its own")?;
+    Ok(pkt::verify_section(&res, args.runs, &date_utc()))
 }
 
 fn attach_section(args: &Args) -> Result<String> {
@@ -285,6 +293,12 @@ fn main() -> Result<()> {
         }
         return Ok(());
     }
+    if args.only_verify {
+        let section = verify_section(&args)?;
+        print!("{section}");
+        replace_section(&args.out, "verify", &section)?;
+        return Ok(());
+    }
     if args.only_attach {
         let section = attach_section(&args)?;
         print!("{section}");
@@ -390,6 +404,8 @@ fn main() -> Result<()> {
         md += "\n";
         md += &fib::section(f, args.runs, &date_utc());
     }
+    md += "\n";
+    md += &verify_section(&args)?;
     if args.attach_devices > 0 && !args.no_apply {
         md += "\n";
         md += &attach_section(&args)?;
