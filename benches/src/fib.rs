@@ -83,24 +83,13 @@ fn measure_here(routes: usize, runs: usize, ipv6: bool) -> Result<FibResult> {
     let mut bed = Bed::build(routes, ipv6)?;
     pkt::set_neighbours(&mut bed.ebpf, bed.e0, true, ipv6)?;
     let kernel_install_s = kernel_table(&bed, ipv6)?;
-    let mut helpers = aya::EbpfLoader::new().load(datapath::BENCH_PROGRAM)?;
+    let mut helpers = pkt::bench_programs(&["bench_wire", "bench_fib"])?;
     let e1 = pkt::ifindex("e1")?;
     Array::<_, u32>::try_from(helpers.map_mut("FIB_IN").context("FIB_IN")?)?.set(0, e1, 0)?;
-    for name in ["bench_wire", "bench_fib"] {
-        let p: &mut aya::programs::Xdp = helpers
-            .program_mut(name)
-            .with_context(|| name.to_string())?
-            .try_into()?;
-        p.load()?;
-    }
-    let wire: &aya::programs::Xdp = helpers
-        .program("bench_wire")
-        .context("bench_wire")?
-        .try_into()?;
-    let fib: &aya::programs::Xdp = helpers
-        .program("bench_fib")
-        .context("bench_fib")?
-        .try_into()?;
+    let (wire, fib) = (
+        pkt::bench_program(&helpers, "bench_wire")?,
+        pkt::bench_program(&helpers, "bench_fib")?,
+    );
     let mut rng = Rng::new(42);
     let frames = pkt::frames_into(&bed.table, DESTINATIONS, &mut rng);
     let warm = &frames[..WARM_DESTINATIONS];

@@ -219,12 +219,8 @@ fn measure_here(routes: usize, runs: usize, ipv6: bool) -> Result<PktResult> {
 
     let mut rng = Rng::new(42);
     let frames = frames_into(&table, DESTINATIONS, &mut rng);
-    let mut floor_prog = aya::EbpfLoader::new().load(datapath::BENCH_PROGRAM)?;
-    let wire: &mut aya::programs::Xdp = floor_prog
-        .program_mut("bench_wire")
-        .context("bench_wire")?
-        .try_into()?;
-    wire.load()?;
+    let floor_prog = bench_programs(&["bench_wire"])?;
+    let wire = bench_program(&floor_prog, "bench_wire")?;
     let (mut fwd, mut pass, mut floor, mut warm) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for _ in 0..runs {
         let f = run_frames(wire, &frames, 2, REPEAT)?;
@@ -256,6 +252,27 @@ fn measure_here(routes: usize, runs: usize, ipv6: bool) -> Result<PktResult> {
         peak_rss_mib,
         routes_memlock,
     })
+}
+
+/// The benchmark helpers' object (router-ebpf/src/bench.rs) with the programs `names` loaded.
+pub fn bench_programs(names: &[&str]) -> Result<Ebpf> {
+    let mut ebpf = aya::EbpfLoader::new().load(datapath::BENCH_PROGRAM)?;
+    for name in names {
+        let p: &mut aya::programs::Xdp = ebpf
+            .program_mut(name)
+            .with_context(|| name.to_string())?
+            .try_into()?;
+        p.load()?;
+    }
+    Ok(ebpf)
+}
+
+/// One of the loaded helpers (see `bench_programs`).
+pub fn bench_program<'a>(ebpf: &'a Ebpf, name: &str) -> Result<&'a aya::programs::Xdp> {
+    Ok(ebpf
+        .program(name)
+        .with_context(|| name.to_string())?
+        .try_into()?)
 }
 
 /// `n` UDP frames from the ingress side, each to a random address in a random prefix of `table`.
@@ -373,12 +390,8 @@ fn verify_here(runs: usize) -> Result<Vec<VerifyCost>> {
         ..
     } = Bed::build(1, true)?;
     set_neighbours(&mut ebpf, e0, true, true)?;
-    let mut floor_prog = aya::EbpfLoader::new().load(datapath::BENCH_PROGRAM)?;
-    let wire: &mut aya::programs::Xdp = floor_prog
-        .program_mut("bench_wire")
-        .context("bench_wire")?
-        .try_into()?;
-    wire.load()?;
+    let floor_prog = bench_programs(&["bench_wire"])?;
+    let wire = bench_program(&floor_prog, "bench_wire")?;
     let ifaces = |flags| {
         [
             (
