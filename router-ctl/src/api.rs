@@ -16,12 +16,26 @@ use std::{
 use anyhow::{anyhow, Context as _, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::{state, verbs};
+use crate::{
+    state,
+    verbs::{self, Target},
+};
 
-/// Held while a request is carried out and answered. A daemon that stops or restarts takes it
-/// first and keeps it, so a connection closed without an answer was never acted on, and the
-/// client may safely act on its own.
-pub static BUSY: std::sync::Mutex<()> = std::sync::Mutex::new(());
+/// The API socket, served (`serve`). Its lock is held while a request is carried out and
+/// answered; a daemon that stops or restarts takes it first (`hold`) and keeps it, so a
+/// connection closed without an answer was never acted on, and the client may safely act on
+/// its own.
+pub struct Served {
+    busy: std::sync::Arc<std::sync::Mutex<()>>,
+}
+
+impl Served {
+    /// Waits until the request under way, if any, is answered; none is acted on while the
+    /// guard lives.
+    pub fn hold(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.busy.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
 
 /// Longest request line accepted.
 const MAX_REQUEST: u64 = 64 * 1024;
@@ -165,34 +179,34 @@ pub struct Response {
 /// verbs write the definitions there, the agents apply them), except dynamic routes, which
 /// live on one host; else through the daemon when one runs (one process makes every change,
 /// and keeps large route tables in memory); else here, on the pinned state directly.
-pub fn dispatch(req: Request) -> Result<String> {
+pub fn dispatch(t: Target, req: Request) -> Result<String> {
     let host_local = matches!(req, Request::RouteBatch { .. });
-    if crate::agent::store::remote().is_some() && !host_local {
-        return execute(req);
+    if matches!(t, Target::Etcd(_)) && !host_local {
+        return execute(t, req);
     }
     match call(&req) {
         Some(r) => r,
-        None => execute(req),
+        None => execute(Target::Here, req),
     }
 }
 
 /// Carries out a request in this process.
-pub fn execute(req: Request) -> Result<String> {
+pub fn execute(t: Target, req: Request) -> Result<String> {
     Ok(match req {
-        Request::Create { name, id } => verbs::create(&name, id)?.id,
-        Request::Delete { router } => match crate::agent::store::remote() {
-            Some(s) => s.delete(&router)?,
-            None => crate::apply::destroy(&router)?.id,
+        Request::Create { name, id } => verbs::create(t, &name, id)?.id,
+        Request::Delete { router } => match t {
+            Target::Etcd(s) => s.delete(&router)?,
+            Target::Here => crate::apply::destroy(&router)?.id,
         },
         Request::AddSubnet {
             router,
             subnet,
             gateway,
             port_id,
-        } => verbs::add_subnet(&router, &subnet, &gateway, port_id)?.id,
-        Request::RemoveSubnet { router, subnet } => verbs::remove_subnet(&router, &subnet)?.id,
-        Request::AddRoute { router, route } => verbs::add_route(&router, &route)?.id,
-        Request::RemoveRoute { router, route } => verbs::remove_route(&router, &route)?.id,
+        } => verbs::add_subnet(t, &router, &subnet, &gateway, port_id)?.id,
+        Request::RemoveSubnet { router, subnet } => verbs::remove_subnet(t, &router, &subnet)?.id,
+        Request::AddRoute { router, route } => verbs::add_route(t, &router, &route)?.id,
+        Request::RemoveRoute { router, route } => verbs::remove_route(t, &router, &route)?.id,
         Request::RouteBatch {
             router, name, text, ..
         } => serde_json::to_string(&crate::verbs::batch::batch(&router, text.ops(&name)?)?)?,
@@ -202,15 +216,20 @@ pub fn execute(req: Request) -> Result<String> {
             port_id,
             fixed_ips,
             enable_snat,
-        } => verbs::set_gateway(&router, &network, port_id, &fixed_ips, enable_snat)?.id,
-        Request::UnsetGateway { router } => verbs::unset_gateway(&router)?.id,
+        } => verbs::set_gateway(t, &router, &network, port_id, &fixed_ips, enable_snat)?.id,
+        Request::UnsetGateway { router } => verbs::unset_gateway(t, &router)?.id,
         Request::CreateFloatingIp {
             router,
             floating_ip_address,
             fixed_ip_address,
         } => {
-            verbs::create_floating_ip(&router, &floating_ip_address, fixed_ip_address.as_deref())?
-                .id
+            verbs::create_floating_ip(
+                t,
+                &router,
+                &floating_ip_address,
+                fixed_ip_address.as_deref(),
+            )?
+            .id
         }
         Request::SetFloatingIp {
             floating_ip_address,
@@ -218,6 +237,7 @@ pub fn execute(req: Request) -> Result<String> {
             fixed_ip_address,
         } => {
             verbs::associate_floating_ip(
+                t,
                 &floating_ip_address,
                 router.as_deref(),
                 fixed_ip_address.as_deref(),
@@ -227,12 +247,12 @@ pub fn execute(req: Request) -> Result<String> {
         Request::DeleteFloatingIp {
             floating_ip_address,
             router,
-        } => verbs::delete_floating_ip(&floating_ip_address, router.as_deref())?.id,
+        } => verbs::delete_floating_ip(t, &floating_ip_address, router.as_deref())?.id,
     })
 }
 
 /// Serves the socket from a thread of its own.
-pub fn serve() -> Result<()> {
+pub fn serve() -> Result<Served> {
     let path = socket_path();
     // The socket's directory (the run directory: state, journals, the fence) is root's alone,
     // so the socket cannot be reached by a path through it even with a mode changed by hand.
@@ -251,14 +271,18 @@ pub fn serve() -> Result<()> {
     let listener = bound.with_context(|| format!("cannot listen on {}", path.display()))?;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
     tracing::info!(socket = %path.display(), "API listening");
+    let served = Served {
+        busy: Default::default(),
+    };
+    let busy = served.busy.clone();
     std::thread::Builder::new()
         .name("api".into())
         .spawn(move || {
             for conn in listener.incoming().flatten() {
                 // One request at a time: changes are serialised here (and by the state lock).
-                // A stopping daemon holds BUSY for good: a request accepted then is never
+                // A stopping daemon holds the lock for good: a request accepted then is never
                 // acted on, and its client, answered by the closed connection, acts itself.
-                let _busy = BUSY.lock().unwrap_or_else(|e| e.into_inner());
+                let _busy = busy.lock().unwrap_or_else(|e| e.into_inner());
                 let answer = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     peer_is_root(&conn)?;
                     handle(&conn)
@@ -284,7 +308,7 @@ pub fn serve() -> Result<()> {
                 let _ = writeln!(conn, "{}", serde_json::to_string(&resp).unwrap_or_default());
             }
         })?;
-    Ok(())
+    Ok(served)
 }
 
 /// Only root may change routers through the socket (its mode says so too; this holds when
@@ -366,7 +390,7 @@ fn handle(conn: &UnixStream) -> Result<String> {
         *text = BatchText::Ops(ops?);
     }
     tracing::info!(?req, "API request");
-    execute(req)
+    execute(Target::Here, req)
 }
 
 /// Sends a request to the running daemon; None when no daemon listens, or when it stopped

@@ -294,7 +294,7 @@ pub fn run(
     if let Some(addr) = &metrics {
         crate::metrics::serve(addr)?;
     }
-    crate::api::serve()?;
+    let api = crate::api::serve()?;
     if cfg!(mutant = "signals_after_pid_file") {
         // The fault: a window in which SIGUSR1 ends the daemon.
         std::thread::sleep(Duration::from_millis(50));
@@ -494,7 +494,7 @@ pub fn run(
         });
     }
     // No API request is acted on from here on; one under way is finished and answered first.
-    let _api = crate::api::BUSY.lock().unwrap_or_else(|e| e.into_inner());
+    let _api = api.hold();
     for w in watchers.values() {
         w.stop.set();
     }

@@ -10,8 +10,10 @@ use clap::Parser;
 use serde_json::json;
 
 use router_ctl::{
+    agent::store::Store,
     apply, config, daemon,
     state::{self, Lock},
+    verbs::Target,
 };
 
 use cli::{
@@ -90,7 +92,13 @@ fn run(cli: Cli) -> Result<()> {
             reload,
         } => {
             let routers = config::load_file(&file)?;
-            let applied = apply::apply_with(&routers, reload);
+            let applied = apply::apply_with(
+                &routers,
+                &apply::Options {
+                    reload,
+                    ..Default::default()
+                },
+            );
             let reports = if !no_daemon {
                 // Also when some routers failed: the others were applied and need the daemon.
                 let _lock = Lock::acquire(state::STATE_LOCK)?;
@@ -205,19 +213,20 @@ fn run(cli: Cli) -> Result<()> {
                 },
         } => route_batch(router, &file, cli.json || matches!(format, Format::Json))?,
         Cmd::Router { cmd } => {
-            if let Some(access) = etcd? {
-                router_ctl::agent::store::connect(&access)?;
-            }
-            router_verb(cmd, cli.json)?
+            let store = etcd?.map(|a| Store::connect(&a)).transpose()?;
+            router_verb(target(store.as_ref()), cmd, cli.json)?
         }
         Cmd::Floating {
             cmd: FloatingCmd::Ip { cmd },
         } => {
-            if let Some(access) = etcd? {
-                router_ctl::agent::store::connect(&access)?;
-            }
-            floating_verb(cmd, cli.json)?
+            let store = etcd?.map(|a| Store::connect(&a)).transpose()?;
+            floating_verb(target(store.as_ref()), cmd, cli.json)?
         }
     }
     Ok(())
+}
+
+/// Where the verbs act: on etcd's definitions when the CLI was given `--etcd`, else here.
+fn target(store: Option<&Store>) -> Target<'_> {
+    store.map_or(Target::Here, Target::Etcd)
 }

@@ -16,6 +16,14 @@ use crate::{
     state::{FloatingIpState, GatewayState, RouterState},
 };
 
+/// Where the verbs find the routers' definitions and put the changed ones: the routers applied
+/// on this host, or the definitions in etcd (whose agents apply them).
+#[derive(Clone, Copy)]
+pub enum Target<'a> {
+    Here,
+    Etcd(&'a crate::agent::store::Store),
+}
+
 /// A random UUID (version 4), as Neutron gives routers and ports.
 pub fn new_uuid() -> Result<String> {
     let mut b = [0u8; 16];
@@ -139,6 +147,7 @@ pub fn parse_fixed_ip(arg: &str) -> Result<RawExternalIp> {
 /// sets or changes the gateway; what is not given stays as it was (a new gateway needs
 /// --fixed-ip; its port id is new unless given).
 pub fn set_gateway(
+    t: Target,
     router: &str,
     network: &str,
     port_id: Option<String>,
@@ -150,7 +159,7 @@ pub fn set_gateway(
         .map(|f| parse_fixed_ip(f))
         .collect::<Result<_>>()?;
     let port = port_id.map(Ok);
-    change(router, |st, def| {
+    change(t, router, |st, def| {
         let old = def.external_gateway.take();
         if old.is_none() && fixed.is_empty() {
             bail!("router {}: a new external gateway needs at least one --fixed-ip subnet=CIDR,ip-address=IP,gateway=IP", st.name);
@@ -177,8 +186,8 @@ pub fn set_gateway(
 }
 
 /// `router unset R --external-gateway`; refused while floating IPs need it (as Neutron does).
-pub fn unset_gateway(router: &str) -> Result<Router> {
-    change(router, |st, def| {
+pub fn unset_gateway(t: Target, router: &str) -> Result<Router> {
+    change(t, router, |st, def| {
         if def.external_gateway.is_none() {
             bail!("router {} has no external gateway", st.name);
         }
@@ -196,13 +205,17 @@ pub fn unset_gateway(router: &str) -> Result<Router> {
 
 /// The router holding floating IP `fip` (of router `router` when given: the same address
 /// may exist on routers of different external networks), and the floating IP.
-pub fn find_floating_ip(fip: &str, router: Option<&str>) -> Result<(RouterState, FloatingIpState)> {
+pub fn find_floating_ip(
+    t: Target,
+    fip: &str,
+    router: Option<&str>,
+) -> Result<(RouterState, FloatingIpState)> {
     let fip = canonical(fip);
     let addr = fip.parse::<Ipv4Addr>().ok();
     let mut found = Vec::new();
     let candidates = match router {
-        Some(r) => vec![find(r)?],
-        None => all()?,
+        Some(r) => vec![find(t, r)?],
+        None => all(t)?,
     };
     for st in candidates {
         if let Some(f) = st
@@ -226,21 +239,30 @@ pub fn find_floating_ip(fip: &str, router: Option<&str>) -> Result<(RouterState,
 }
 
 /// Rewrites the floating IPs of `st`'s definition with `f` and applies.
-fn with_floating_ips(st: &RouterState, f: impl FnOnce(&mut Vec<RawFloatingIp>)) -> Result<Router> {
+fn with_floating_ips(
+    t: Target,
+    st: &RouterState,
+    f: impl FnOnce(&mut Vec<RawFloatingIp>),
+) -> Result<Router> {
     let mut def = definition_of(st);
     if def.external_gateway.is_none() {
         bail!("router {} has no external gateway; `router-ctl router set {} --external-gateway NET --fixed-ip …` first", st.name, st.name);
     }
     f(&mut def.floating_ip);
-    apply_definition(def)
+    apply_definition(t, def)
 }
 
-pub fn create_floating_ip(router: &str, fip: &str, fixed: Option<&str>) -> Result<Router> {
-    let st = find(router)?;
+pub fn create_floating_ip(
+    t: Target,
+    router: &str,
+    fip: &str,
+    fixed: Option<&str>,
+) -> Result<Router> {
+    let st = find(t, router)?;
     let (fip, fixed) = (canonical(fip), fixed.map(canonical));
     let addr = fip.parse::<Ipv4Addr>().ok();
     let network = st.gateway.as_ref().and_then(|g| g.network_id.clone());
-    for other in all()? {
+    for other in all(t)? {
         let Some(g) = &other.gateway else { continue };
         if g.network_id == network
             && g.floating_ips
@@ -254,7 +276,7 @@ pub fn create_floating_ip(router: &str, fip: &str, fixed: Option<&str>) -> Resul
             );
         }
     }
-    with_floating_ips(&st, |v| {
+    with_floating_ips(t, &st, |v| {
         v.push(RawFloatingIp {
             floating_ip_address: fip,
             fixed_ip_address: fixed,
@@ -264,13 +286,14 @@ pub fn create_floating_ip(router: &str, fip: &str, fixed: Option<&str>) -> Resul
 
 /// `floating ip set F --fixed-ip-address X` (Some) or `floating ip unset F` (None).
 pub fn associate_floating_ip(
+    t: Target,
     fip: &str,
     router: Option<&str>,
     fixed: Option<&str>,
 ) -> Result<Router> {
-    let (st, f) = find_floating_ip(fip, router)?;
+    let (st, f) = find_floating_ip(t, fip, router)?;
     let fixed = fixed.map(canonical);
-    with_floating_ips(&st, |v| {
+    with_floating_ips(t, &st, |v| {
         for x in v
             .iter_mut()
             .filter(|x| canonical(&x.floating_ip_address) == f.floating_ip_address.to_string())
@@ -280,33 +303,33 @@ pub fn associate_floating_ip(
     })
 }
 
-pub fn delete_floating_ip(fip: &str, router: Option<&str>) -> Result<Router> {
-    let (st, f) = find_floating_ip(fip, router)?;
-    with_floating_ips(&st, |v| {
+pub fn delete_floating_ip(t: Target, fip: &str, router: Option<&str>) -> Result<Router> {
+    let (st, f) = find_floating_ip(t, fip, router)?;
+    with_floating_ips(t, &st, |v| {
         v.retain(|x| canonical(&x.floating_ip_address) != f.floating_ip_address.to_string())
     })
 }
 
 /// The router `key` (id or name): applied here, or defined in etcd when the CLI works
 /// against etcd.
-pub fn find(key: &str) -> Result<RouterState> {
-    match crate::agent::store::remote() {
-        Some(s) => s.find(key),
-        None => RouterState::find(key),
+pub fn find(t: Target, key: &str) -> Result<RouterState> {
+    match t {
+        Target::Etcd(s) => s.find(key),
+        Target::Here => RouterState::find(key),
     }
 }
 
-pub fn all() -> Result<Vec<RouterState>> {
-    match crate::agent::store::remote() {
-        Some(s) => s.all(),
-        None => RouterState::all(),
+pub fn all(t: Target) -> Result<Vec<RouterState>> {
+    match t {
+        Target::Etcd(s) => s.all(),
+        Target::Here => RouterState::all(),
     }
 }
 
 /// Validates and applies one router's new definition (or writes it to etcd, whose agents
 /// apply it).
-fn apply_definition(def: RawRouter) -> Result<Router> {
-    if let Some(s) = crate::agent::store::remote() {
+fn apply_definition(t: Target, def: RawRouter) -> Result<Router> {
+    if let Target::Etcd(s) = t {
         return s.put(&config::to_text(&[def]));
     }
     let routers = config::validate(vec![def])?;
@@ -315,24 +338,27 @@ fn apply_definition(def: RawRouter) -> Result<Router> {
 }
 
 /// `router create NAME [--ha]`.
-pub fn create_ha(name: &str, id: Option<String>, ha: bool) -> Result<Router> {
-    if all()?.iter().any(|r| r.name == name) {
+pub fn create_ha(t: Target, name: &str, id: Option<String>, ha: bool) -> Result<Router> {
+    if all(t)?.iter().any(|r| r.name == name) {
         bail!("a router named '{name}' exists already; `router-ctl router list` shows it");
     }
     let id = match id {
         Some(i) => i,
         None => new_uuid()?,
     };
-    apply_definition(RawRouter {
-        id,
-        name: Some(name.to_string()),
-        ha,
-        ..RawRouter::default()
-    })
+    apply_definition(
+        t,
+        RawRouter {
+            id,
+            name: Some(name.to_string()),
+            ha,
+            ..RawRouter::default()
+        },
+    )
 }
 
-pub fn create(name: &str, id: Option<String>) -> Result<Router> {
-    create_ha(name, id, false)
+pub fn create(t: Target, name: &str, id: Option<String>) -> Result<Router> {
+    create_ha(t, name, id, false)
 }
 
 /// A `--route destination=D,gateway=G` argument.
@@ -353,16 +379,18 @@ pub fn parse_route(arg: &str) -> Result<(String, String)> {
 
 /// Applies `change` to the router's current definition.
 fn change(
+    t: Target,
     router: &str,
     f: impl FnOnce(&RouterState, &mut RawRouter) -> Result<()>,
 ) -> Result<Router> {
-    let st = find(router)?;
+    let st = find(t, router)?;
     let mut def = definition_of(&st);
     f(&st, &mut def)?;
-    apply_definition(def)
+    apply_definition(t, def)
 }
 
 pub fn add_subnet(
+    t: Target,
     router: &str,
     subnet: &str,
     gateway: &str,
@@ -372,7 +400,7 @@ pub fn add_subnet(
         Some(p) => p,
         None => new_uuid()?,
     };
-    change(router, |_, def| {
+    change(t, router, |_, def| {
         let ip = RawFixedIp {
             subnet: subnet.to_string(),
             ip_address: gateway.to_string(),
@@ -402,9 +430,9 @@ fn canonical(s: &str) -> String {
     .unwrap_or_else(|_| s.to_string())
 }
 
-pub fn remove_subnet(router: &str, subnet: &str) -> Result<Router> {
+pub fn remove_subnet(t: Target, router: &str, subnet: &str) -> Result<Router> {
     let subnet = canonical(subnet);
-    change(router, |st, def| {
+    change(t, router, |st, def| {
         let mut removed = 0;
         for i in def.interface.iter_mut() {
             let mut ips = i.fixed_ips();
@@ -422,9 +450,9 @@ pub fn remove_subnet(router: &str, subnet: &str) -> Result<Router> {
     })
 }
 
-pub fn add_route(router: &str, route: &str) -> Result<Router> {
+pub fn add_route(t: Target, router: &str, route: &str) -> Result<Router> {
     let (d, g) = parse_route(route)?;
-    change(router, |_, def| {
+    change(t, router, |_, def| {
         def.route.push(RawRoute {
             destination: d,
             nexthop: g,
@@ -433,10 +461,10 @@ pub fn add_route(router: &str, route: &str) -> Result<Router> {
     })
 }
 
-pub fn remove_route(router: &str, route: &str) -> Result<Router> {
+pub fn remove_route(t: Target, router: &str, route: &str) -> Result<Router> {
     let (d, g) = parse_route(route)?;
     let (d, g) = (canonical(&d), canonical(&g));
-    change(router, |st, def| {
+    change(t, router, |st, def| {
         let before = def.route.len();
         def.route
             .retain(|r| !(canonical(&r.destination) == d && canonical(&r.nexthop) == g));

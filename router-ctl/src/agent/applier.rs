@@ -266,7 +266,6 @@ pub fn run(shared: Arc<Shared>, limits: Limits, report: impl Fn(Report)) {
                 }
                 done.remove(&st.id);
                 ready.remove(&st.id);
-                apply::set_standby(&st.id, false);
                 report(Report::Removed { id: st.id });
             }
         }
@@ -334,19 +333,27 @@ pub fn run(shared: Arc<Shared>, limits: Limits, report: impl Fn(Report)) {
                 if retries.waiting(id, &d, std::time::Instant::now()) {
                     continue;
                 }
-                apply::set_standby(id, role == Role::Standby);
                 batch.push((r.clone(), d));
             }
         }
         if !batch.is_empty() {
             let routers: Vec<Router> = batch.iter().map(|(r, _)| r.clone()).collect();
+            // A standby gets the router without its addresses.
+            let opts = apply::Options {
+                standby: batch
+                    .iter()
+                    .filter(|(_, d)| d.role == Role::Standby)
+                    .map(|(r, _)| r.id.clone())
+                    .collect(),
+                ..Default::default()
+            };
             let t = std::time::Instant::now();
-            let results: Vec<Result<()>> = match apply::apply(&routers) {
+            let results: Vec<Result<()>> = match apply::apply_with(&routers, &opts) {
                 Ok(_) => routers.iter().map(|_| Ok(())).collect(),
                 // Which ones failed: each alone (a failed router was rolled back whole).
                 Err(_) => routers
                     .iter()
-                    .map(|r| apply::apply(std::slice::from_ref(r)).map(|_| ()))
+                    .map(|r| apply::apply_with(std::slice::from_ref(r), &opts).map(|_| ()))
                     .collect(),
             };
             tracing::info!(
@@ -417,7 +424,6 @@ pub fn run(shared: Arc<Shared>, limits: Limits, report: impl Fn(Report)) {
             }
             if !ok && want.active.contains(id) && !cfg!(mutant = "ha_no_track") {
                 tracing::warn!(router = %id, "a device of the router lost its link: resigning");
-                apply::set_standby(id, true);
                 let _ = super::hold::release(&st);
                 if let Some(d) = done.get_mut(id) {
                     d.role = Role::Standby;

@@ -1007,7 +1007,6 @@ impl Agent0 {
 
 /// Removes the addresses of an HA router this host leads, at once.
 fn apply_standby_now(id: &str) {
-    crate::apply::set_standby(id, true);
     if let Ok(Some(st)) = state::RouterState::load(id) {
         if let Err(e) = super::hold::release(&st) {
             tracing::warn!(router = %id, error = format!("{e:#}"), "cannot remove the router's addresses");

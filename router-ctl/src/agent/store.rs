@@ -4,7 +4,6 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    sync::OnceLock,
     time::Duration,
 };
 
@@ -25,28 +24,23 @@ pub struct Store {
     read: std::sync::Mutex<BTreeMap<String, i64>>,
 }
 
-static REMOTE: OnceLock<Store> = OnceLock::new();
-
-/// Makes the verbs act on etcd as `access` says.
-pub fn connect(access: &super::access::Access) -> Result<()> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let client = rt.block_on(access.connect(
-        ConnectOptions::new().with_connect_timeout(Duration::from_secs(2)),
-        Duration::from_secs(3),
-    ))?;
-    let _ = REMOTE.set(Store {
-        rt,
-        client: std::sync::Mutex::new(client),
-        access: access.clone(),
-        read: Default::default(),
-    });
-    Ok(())
-}
-
-pub fn remote() -> Option<&'static Store> {
-    REMOTE.get()
+impl Store {
+    /// The CLI's connection to etcd, as `access` says (`--etcd` and its credentials).
+    pub fn connect(access: &super::access::Access) -> Result<Store> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let client = rt.block_on(access.connect(
+            ConnectOptions::new().with_connect_timeout(Duration::from_secs(2)),
+            Duration::from_secs(3),
+        ))?;
+        Ok(Store {
+            rt,
+            client: std::sync::Mutex::new(client),
+            access: access.clone(),
+            read: Default::default(),
+        })
+    }
 }
 
 /// Everything the CLI shows about routers and agents.

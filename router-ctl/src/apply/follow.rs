@@ -260,6 +260,7 @@ fn read(ns: &str, prev: Option<RouterState>) -> Result<RouterState> {
             plugged: BTreeMap::new(),
             created_netns: false,
             reload: false,
+            standby: false,
         };
         job.datapath(&st, &links, &addrs, &features, &fresh)?;
         // Devices that left: their pins go (the programs detach with the device anyway).

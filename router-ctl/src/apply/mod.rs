@@ -38,26 +38,15 @@ use crate::{
     },
 };
 
-/// HA routers this host holds as a standby (set by the etcd agent): apply readies the
-/// namespace, devices and fast path but gives the router none of its addresses (and no kernel
-/// routes through them), so only the active host answers for them.
-static STANDBY: std::sync::Mutex<BTreeSet<String>> = std::sync::Mutex::new(BTreeSet::new());
-
-/// Marks router `id` as a standby here (true) or not.
-pub fn set_standby(id: &str, standby: bool) {
-    let mut s = STANDBY.lock().unwrap_or_else(|e| e.into_inner());
-    if standby {
-        s.insert(id.to_string());
-    } else {
-        s.remove(id);
-    }
-}
-
-pub fn is_standby(id: &str) -> bool {
-    STANDBY
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .contains(id)
+/// How an apply treats the routers it is given.
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    /// Load and swap the programs in even where the attached ones are this build's.
+    pub reload: bool,
+    /// HA routers this host holds as a standby (the etcd agent's decision): apply readies the
+    /// namespace, devices and fast path but gives the router none of its addresses (and no
+    /// kernel routes through them), so only the active host answers for them.
+    pub standby: BTreeSet<String>,
 }
 
 /// Moves device `dev` from namespace `ns` back into the caller's (where apply found it); a
@@ -151,10 +140,10 @@ const APPLY_WORKERS: usize = 16;
 /// Applies `routers`. The programs are loaded and swapped in only where the attached ones come
 /// from another build, a device is new or changes hook, or `reload` asks for it.
 pub fn apply(routers: &[Router]) -> Result<Vec<Report>> {
-    apply_with(routers, false)
+    apply_with(routers, &Options::default())
 }
 
-pub fn apply_with(routers: &[Router], reload: bool) -> Result<Vec<Report>> {
+pub fn apply_with(routers: &[Router], opts: &Options) -> Result<Vec<Report>> {
     crate::kernel::ensure_bpffs()?;
     let _lock = Lock::acquire(state::STATE_LOCK)?;
     precheck(routers)?;
@@ -167,7 +156,7 @@ pub fn apply_with(routers: &[Router], reload: bool) -> Result<Vec<Report>> {
         undo::recover(&r.id)
             .and_then(|_| UndoLog::begin(&r.id))
             .with_context(|| format!("applying router {} ({})", r.id, r.name))
-            .and_then(|mut log| match apply_one(r, &mut log, reload) {
+            .and_then(|mut log| match apply_one(r, &mut log, opts) {
                 Ok(rep) => {
                     log.finish();
                     Ok(rep)
@@ -256,7 +245,7 @@ struct Origin {
     home_addrs: Vec<(IpAddr, u8)>,
 }
 
-fn apply_one(r: &Router, undo: &mut UndoLog, reload: bool) -> Result<Report> {
+fn apply_one(r: &Router, undo: &mut UndoLog, opts: &Options) -> Result<Report> {
     let prev = previous(r)?;
     let ns = r.namespace();
     let mut created = Vec::new();
@@ -282,7 +271,8 @@ fn apply_one(r: &Router, undo: &mut UndoLog, reload: bool) -> Result<Report> {
         prev,
         plugged,
         created_netns,
-        reload,
+        reload: opts.reload,
+        standby: opts.standby.contains(&r.id) && !cfg!(mutant = "standby_keeps_addresses"),
     };
     let part = undo.part();
     let (done, result) = netns::run_in(&ns, move || Ok(job.run(part)))?;
@@ -381,6 +371,8 @@ struct Job {
     plugged: Plugged,
     created_netns: bool,
     reload: bool,
+    /// An HA router held here as a standby (`Options::standby`).
+    standby: bool,
 }
 
 impl Job {
@@ -467,7 +459,7 @@ impl Job {
             .collect();
         let mut used_slots = BTreeSet::new();
         let (mut ifaces, mut fresh_slots) = (Vec::new(), Vec::new());
-        let standby = is_standby(&r.id) && !cfg!(mutant = "standby_keeps_addresses");
+        let standby = self.standby;
         for i in &r.interfaces {
             let before = prev_iface(&i.port_id);
             let Origin {
@@ -603,7 +595,7 @@ impl Job {
         // first when the upstream router is outside its subnet.
         if let (Some(g), Some(qg)) = (&r.gateway, ifaces.iter().find(|i| i.external)) {
             for u in &g.upstreams {
-                if u.onlink() && !is_standby(&r.id) {
+                if u.onlink() && !self.standby {
                     rt.route_onlink(IpNet::host(u.gateway_ip), qg.ifindex)?;
                 }
                 let default: IpNet = if u.gateway_ip.is_ipv6() {
@@ -625,7 +617,7 @@ impl Job {
         }
         // A standby has no addresses, so no nexthop is reachable in its kernel: its routes
         // come with the addresses when it becomes active (apply runs again then).
-        for (dest, hops) in by_dest.iter().filter(|_| !is_standby(&r.id)) {
+        for (dest, hops) in by_dest.iter().filter(|_| !self.standby) {
             rt.route_replace(*dest, hops)?;
         }
         let now: std::collections::HashSet<IpNet> = routes.iter().map(|n| n.destination).collect();
@@ -674,7 +666,7 @@ impl Job {
             let has = addrs
                 .iter()
                 .any(|a| a.index == qg.ifindex && a.ip == ip && a.prefix_len == 32);
-            let standby = is_standby(&r.id);
+            let standby = self.standby;
             if standby && has {
                 rt.addr_del(qg.ifindex, &qg.device, ip, 32)?;
                 added = true;

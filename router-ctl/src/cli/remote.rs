@@ -184,8 +184,7 @@ pub fn remote_router_table(
 pub fn agent_list(etcd: Option<&router_ctl::agent::access::Access>, json_out: bool) -> Result<()> {
     let access =
         etcd.context("agent list reads etcd: give --etcd URLS (or set ROUTER_XDP_ETCD)")?;
-    router_ctl::agent::store::connect(access)?;
-    let s = router_ctl::agent::store::remote().expect("connected");
+    let s = router_ctl::agent::store::Store::connect(access)?;
     let o = s.overview()?;
     let mut hosts = o.hosts.clone();
     hosts.extend(o.agents.keys().cloned());

@@ -8,6 +8,7 @@ use router_ctl::{
     daemon,
     state::{self, Lock, RouterState},
     table::Table,
+    verbs::Target,
 };
 
 use super::{
@@ -54,7 +55,7 @@ pub fn route_batch(router: String, file: &std::path::Path, json: bool) -> Result
         len,
         text,
     };
-    let out = api::dispatch(req);
+    let out = api::dispatch(Target::Here, req);
     let v: serde_json::Value = serde_json::from_str(&out?)?;
     if json {
         println!("{v}");
@@ -72,10 +73,10 @@ pub fn route_batch(router: String, file: &std::path::Path, json: bool) -> Result
 }
 
 /// Through the daemon when one runs, else here; then the daemon is made sure of.
-fn change_applied(req: router_ctl::api::Request) -> Result<String> {
+fn change_applied(t: Target, req: router_ctl::api::Request) -> Result<String> {
     use router_ctl::api;
-    let id = api::dispatch(req)?;
-    if router_ctl::agent::store::remote().is_some() {
+    let id = api::dispatch(t, req)?;
+    if matches!(t, Target::Etcd(_)) {
         return Ok(id);
     }
     let _lock = Lock::acquire(state::STATE_LOCK)?;
@@ -83,11 +84,11 @@ fn change_applied(req: router_ctl::api::Request) -> Result<String> {
     Ok(id)
 }
 
-pub fn floating_verb(cmd: FipCmd, json_flag: bool) -> Result<()> {
+pub fn floating_verb(t: Target, cmd: FipCmd, json_flag: bool) -> Result<()> {
     use router_ctl::api::Request;
     let json_of = |f: Format| json_flag || matches!(f, Format::Json);
     let show_one = |fip: &str, router: Option<&str>, f: Format| -> Result<()> {
-        let (st, _) = router_ctl::verbs::find_floating_ip(fip, router)?;
+        let (st, _) = router_ctl::verbs::find_floating_ip(t, fip, router)?;
         let fip = fip
             .parse::<std::net::IpAddr>()
             .map(|a| a.to_string())
@@ -120,11 +121,14 @@ pub fn floating_verb(cmd: FipCmd, json_flag: bool) -> Result<()> {
             fixed_ip_address,
             format,
         } => {
-            let id = change_applied(Request::CreateFloatingIp {
-                router,
-                floating_ip_address: floating_ip_address.clone(),
-                fixed_ip_address,
-            })?;
+            let id = change_applied(
+                t,
+                Request::CreateFloatingIp {
+                    router,
+                    floating_ip_address: floating_ip_address.clone(),
+                    fixed_ip_address,
+                },
+            )?;
             show_one(&floating_ip_address, Some(&id), format)
         }
         FipCmd::Set {
@@ -133,11 +137,14 @@ pub fn floating_verb(cmd: FipCmd, json_flag: bool) -> Result<()> {
             fixed_ip_address,
             format,
         } => {
-            let id = change_applied(Request::SetFloatingIp {
-                floating_ip_address: floating_ip.clone(),
-                router,
-                fixed_ip_address: Some(fixed_ip_address),
-            })?;
+            let id = change_applied(
+                t,
+                Request::SetFloatingIp {
+                    floating_ip_address: floating_ip.clone(),
+                    router,
+                    fixed_ip_address: Some(fixed_ip_address),
+                },
+            )?;
             show_one(&floating_ip, Some(&id), format)
         }
         FipCmd::Unset {
@@ -145,21 +152,27 @@ pub fn floating_verb(cmd: FipCmd, json_flag: bool) -> Result<()> {
             router,
             format,
         } => {
-            let id = change_applied(Request::SetFloatingIp {
-                floating_ip_address: floating_ip.clone(),
-                router,
-                fixed_ip_address: None,
-            })?;
+            let id = change_applied(
+                t,
+                Request::SetFloatingIp {
+                    floating_ip_address: floating_ip.clone(),
+                    router,
+                    fixed_ip_address: None,
+                },
+            )?;
             show_one(&floating_ip, Some(&id), format)
         }
         FipCmd::Delete {
             floating_ip,
             router,
         } => {
-            change_applied(Request::DeleteFloatingIp {
-                floating_ip_address: floating_ip.clone(),
-                router,
-            })?;
+            change_applied(
+                t,
+                Request::DeleteFloatingIp {
+                    floating_ip_address: floating_ip.clone(),
+                    router,
+                },
+            )?;
             if json_flag {
                 print_json(json!({"floating_ip_address": floating_ip, "deleted": true}));
             } else {
@@ -173,7 +186,7 @@ pub fn floating_verb(cmd: FipCmd, json_flag: bool) -> Result<()> {
             format,
         } => show_one(&floating_ip, router.as_deref(), format),
         FipCmd::List { format } => {
-            let all: Vec<serde_json::Value> = router_ctl::verbs::all()?
+            let all: Vec<serde_json::Value> = router_ctl::verbs::all(t)?
                 .iter()
                 .flat_map(floating_ips_json)
                 .collect();
@@ -203,12 +216,15 @@ pub fn floating_verb(cmd: FipCmd, json_flag: bool) -> Result<()> {
 
 /// The verbs serialise with apply and destroy through the state lock; each one ends by making
 /// sure the neighbour daemon runs.
-pub fn router_verb(cmd: RouterCmd, json_flag: bool) -> Result<()> {
+pub fn router_verb(t: Target, cmd: RouterCmd, json_flag: bool) -> Result<()> {
     use router_ctl::verbs;
     let json_of = |f: Format| json_flag || matches!(f, Format::Json);
     use router_ctl::api::{self, Request};
-    let remote = router_ctl::agent::store::remote();
-    let change = api::dispatch;
+    let remote = match t {
+        Target::Etcd(s) => Some(s),
+        Target::Here => None,
+    };
+    let change = |req| api::dispatch(t, req);
     let after = |id: String, f: Format| -> Result<()> {
         if let Some(s) = remote {
             return remote_router_table(s, &id, json_of(f));
@@ -230,7 +246,7 @@ pub fn router_verb(cmd: RouterCmd, json_flag: bool) -> Result<()> {
                 anyhow::bail!("router create --ha: HA routers are scheduled by the etcd agents; give --etcd URLS");
             }
             let id = if ha {
-                verbs::create_ha(&name, id, true)?.id
+                verbs::create_ha(t, &name, id, true)?.id
             } else {
                 change(Request::Create { name, id })?
             };
