@@ -41,6 +41,8 @@ const CTL_MUTANTS: &[&str] = &[
     "kernel_routes_ignored",
     "kernel_policy_events_ignored",
     "ha_role_always_active",
+    "unscheduled_candidates_count",
+    "no_legacy_mirror",
     "signals_after_pid_file",
     "follow_route_events_ignored",
     "guard_strict_tcp_copied",

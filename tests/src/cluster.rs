@@ -47,24 +47,31 @@ pub struct Cluster {
 }
 
 /// A secured etcd: TLS with client certificates (`--client-cert-auth`), and etcd's
-/// authentication on, with the roles the README documents: `cli` (definitions and all) and
-/// `agent` (everything but definitions).
+/// authentication on, with the roles the README documents: `cli` (definitions and all), one
+/// `agent-<host>` per host (reads everything, writes its own host's keys), and `scheduler`
+/// (writes the schedule), which the first host's user has too.
 pub struct Secure {
     pub dir: std::path::PathBuf,
 }
 
 impl Secure {
-    /// Options for `who` ("cli", "agent" or "root"): its certificate and key, its user and the
-    /// file holding its password.
+    /// Options for `who` ("cli", "root" or a host's `agent-<host>`): its certificate and key,
+    /// its user and the file holding its password.
     pub fn creds(&self, who: &str) -> Vec<String> {
+        let cert = |ext: &str| {
+            self.dir
+                .join(format!("{}.{ext}", cert_of(who)))
+                .display()
+                .to_string()
+        };
         let f = |ext: &str| self.dir.join(format!("{who}.{ext}")).display().to_string();
         vec![
             "--etcd-cacert".into(),
             self.dir.join("ca.crt").display().to_string(),
             "--etcd-cert".into(),
-            f("crt"),
+            cert("crt"),
             "--etcd-key".into(),
-            f("key"),
+            cert("key"),
             "--etcd-user".into(),
             who.into(),
             "--etcd-password-file".into(),
@@ -110,7 +117,25 @@ impl Secure {
     /// etcdctl's TLS options for `who`.
     fn etcdctl(&self, who: &str) -> String {
         let d = self.dir.display();
-        format!("--cacert {d}/ca.crt --cert {d}/{who}.crt --key {d}/{who}.key")
+        let c = cert_of(who);
+        format!("--cacert {d}/ca.crt --cert {d}/{c}.crt --key {d}/{c}.key")
+    }
+
+    /// Gives etcd user `who` a password (in `who.pw`).
+    pub fn password(&self, who: &str) -> String {
+        let pw = format!("pw-{who}-{}", std::process::id());
+        std::fs::write(self.dir.join(format!("{who}.pw")), format!("{pw}\n")).unwrap();
+        pw
+    }
+}
+
+/// The client certificate `who` presents: the hosts' users share the `agent` one (etcd takes
+/// the user from the password login).
+fn cert_of(who: &str) -> &str {
+    if who.starts_with("agent-") {
+        "agent"
+    } else {
+        who
     }
 }
 
@@ -314,28 +339,37 @@ impl Cluster {
             );
         };
         let p = "/router-xdp/v1/";
-        for who in ["root", "cli", "agent"] {
+        for who in ["root", "cli"] {
             run(format!("user add {who}:{}", pw(who)));
         }
         run("role add cli".into());
         run(format!(
             "role grant-permission cli --prefix=true readwrite {p}"
         ));
-        run("role add agent".into());
-        run(format!(
-            "role grant-permission agent --prefix=true read {p}"
-        ));
-        for sub in ["agents/", "hosts/", "active/", "schedule/", "status/"] {
+        run("role add scheduler".into());
+        for sub in ["schedule/", "scheduler/"] {
             run(format!(
-                "role grant-permission agent --prefix=true readwrite {p}{sub}"
+                "role grant-permission scheduler --prefix=true readwrite {p}{sub}"
             ));
         }
-        run(format!(
-            "role grant-permission agent readwrite {p}scheduler"
-        ));
+        for (i, h) in self.hosts.iter().enumerate() {
+            let user = format!("agent-{}", h.name);
+            run(format!("user add {user}:{}", sec.password(&user)));
+            run(format!("role add {user}"));
+            run(format!(
+                "role grant-permission {user} --prefix=true read {p}"
+            ));
+            run(format!(
+                "role grant-permission {user} --prefix=true readwrite {p}hosts/{}/",
+                h.name
+            ));
+            run(format!("user grant-role {user} {user}"));
+            if i == 0 {
+                run(format!("user grant-role {user} scheduler"));
+            }
+        }
         run("user grant-role root root".into());
         run("user grant-role cli cli".into());
-        run("user grant-role agent agent".into());
         run("auth enable".into());
     }
 
@@ -362,11 +396,21 @@ impl Cluster {
         }
     }
 
+    /// Host i's etcd user (a secured cluster).
+    pub fn agent_user(&self, i: usize) -> String {
+        format!("agent-{}", self.hosts[i].name)
+    }
+
     pub fn start_agent(&mut self, i: usize) {
         self.start_agent_with(i, &[]);
     }
 
     pub fn start_agent_with(&mut self, i: usize, extra: &[&str]) {
+        let creds = self
+            .secure
+            .as_ref()
+            .map(|s| s.creds(&self.agent_user(i)))
+            .unwrap_or_default();
         let h = &mut self.hosts[i];
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -385,12 +429,7 @@ impl Cluster {
                 "--host",
                 &h.name,
             ])
-            .args(
-                self.secure
-                    .as_ref()
-                    .map(|s| s.creds("agent"))
-                    .unwrap_or_default(),
-            )
+            .args(creds)
             .args(extra)
             .env("RUST_LOG", "info")
             // The agents stall their session this long when the test writes `test/stall`.

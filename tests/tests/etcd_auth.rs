@@ -1,11 +1,12 @@
 //! etcd secured as a cloud runs it: TLS with client certificates and etcd's authentication on,
 //! with the README's roles. Agents and the CLI work with their credentials; without them, or
 //! with an agent's credentials changing a definition, nothing is applied and the error says
-//! why.
+//! why. Each host's credentials write that host's keys only, and no host takes a role by
+//! writing its own keys for a router it does not run.
 
 use std::time::Duration;
 
-use tests::cluster::Cluster;
+use tests::cluster::{Cluster, ROUTER_ID};
 
 fn stderr(o: &std::process::Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
@@ -14,16 +15,103 @@ fn stderr(o: &std::process::Output) -> String {
 #[test]
 fn agents_and_the_cli_work_with_their_credentials_and_nothing_else_does() {
     let mut c = tests::in_setup(|| {
-        let mut c = Cluster::new_secure(1);
+        let mut c = Cluster::new_secure(2);
         c.start_agent(0);
+        c.start_agent(1);
         c
     });
     let sec = c.secure.as_ref().unwrap();
-    let (cli, agent, dir) = (sec.creds("cli"), sec.creds("agent"), sec.dir.clone());
-    // The CLI with its credentials defines the router; the agent applies it.
-    c.define_router(false);
-    c.wait_converged(Duration::from_secs(20));
+    let u1 = c.agent_user(1);
+    let (h0, h1) = (c.hosts[0].name.clone(), c.hosts[1].name.clone());
+    let (cli, agent, dir) = (sec.creds("cli"), sec.creds(&u1), sec.dir.clone());
+    let p = "/router-xdp/v1/";
+    let ok = |out: std::process::Output, what: &str| {
+        assert!(out.status.success(), "{what}: {}", stderr(&out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    // A host the router will not be scheduled on stands for it before anyone else, with its
+    // own credentials in its own keys: it must lead nothing.
+    let ghost = "agent-ghost";
+    let pw = sec.password(ghost);
+    for args in [
+        format!("user add {ghost}:{pw}"),
+        format!("role add {ghost}"),
+        format!("role grant-permission {ghost} --prefix=true readwrite {p}hosts/ghost/"),
+        format!("user grant-role {ghost} {ghost}"),
+    ] {
+        ok(c.etcdctl("root", &args), &args);
+    }
+    let granted = ok(c.etcdctl(ghost, "lease grant 600"), "lease grant");
+    let lease = granted
+        .split_whitespace()
+        .nth(1)
+        .expect("a lease id")
+        .to_string();
+    ok(
+        c.etcdctl(
+            ghost,
+            &format!("put --lease={lease} {p}hosts/ghost/candidate/{ROUTER_ID} ghost"),
+        ),
+        "the ghost's candidacy",
+    );
+    // The CLI with its credentials defines an HA router; the agents apply it, one leads.
+    c.define_router(true);
+    let active = c.wait_converged(Duration::from_secs(20));
     c.wait_ping(Duration::from_secs(10));
+    eprintln!("active: {}", c.hosts[active].name);
+    // Each host's credentials write its own keys and nothing else: not another host's
+    // liveness or candidacy, not the schedule, not the old layout's shared keys.
+    for key in [
+        format!("{p}hosts/{h0}/alive"),
+        format!("{p}hosts/{h0}/candidate/{ROUTER_ID}"),
+        format!("{p}hosts/{h0}/status/{ROUTER_ID}"),
+        format!("{p}schedule/{ROUTER_ID}"),
+        format!("{p}scheduler/{h1}"),
+        format!("{p}active/{ROUTER_ID}"),
+        format!("{p}agents/{h0}"),
+        format!("{p}routers/{ROUTER_ID}"),
+    ] {
+        let out = c.etcdctl(&u1, &format!("put {key} x"));
+        assert!(
+            !out.status.success() && stderr(&out).contains("permission denied"),
+            "{u1} could write {key}: {}",
+            stderr(&out)
+        );
+    }
+    ok(
+        c.etcdctl(&u1, &format!("put {p}hosts/{h1}/probe x")),
+        "own key",
+    );
+    ok(
+        c.etcdctl(&u1, &format!("del {p}hosts/{h1}/probe")),
+        "own key",
+    );
+    // Only the host whose user may schedule stands for it; the old layout's keys stay
+    // unwritten (the agents found they may not, and went on without).
+    let keys = |prefix: &str| {
+        let out = ok(
+            c.etcdctl("root", &format!("get --prefix --keys-only {p}{prefix}")),
+            prefix,
+        );
+        out.lines()
+            .filter(|l| !l.is_empty())
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(keys("scheduler"), vec![format!("{p}scheduler/{h0}")]);
+    assert_eq!(keys("agents/"), Vec::<String>::new());
+    assert_eq!(keys("active/"), Vec::<String>::new());
+    let mut candidates = keys("hosts/");
+    candidates.retain(|k| k.contains("/candidate/"));
+    candidates.sort();
+    assert_eq!(
+        candidates,
+        vec![
+            format!("{p}hosts/ghost/candidate/{ROUTER_ID}"),
+            format!("{p}hosts/{h0}/candidate/{ROUTER_ID}"),
+            format!("{p}hosts/{h1}/candidate/{ROUTER_ID}"),
+        ]
+    );
     let defined = c.etcdctl("root", "get --prefix /router-xdp/v1/routers/ -w json");
     assert!(defined.status.success(), "{}", stderr(&defined));
     let routers = || {
@@ -66,7 +154,8 @@ fn agents_and_the_cli_work_with_their_credentials_and_nothing_else_does() {
             "the agent's credentials could {args:?}"
         );
         assert!(
-            stderr(&out).contains("permission denied") && stderr(&out).contains("user agent"),
+            stderr(&out).contains("permission denied")
+                && stderr(&out).contains(&format!("user {u1}")),
             "{args:?}: {}",
             stderr(&out)
         );
@@ -103,7 +192,7 @@ fn agents_and_the_cli_work_with_their_credentials_and_nothing_else_does() {
     let registered = |c: &Cluster| {
         let out = c.etcdctl(
             "root",
-            &format!("get --keys-only /router-xdp/v1/agents/{name}"),
+            &format!("get --keys-only /router-xdp/v1/hosts/{name}/alive"),
         );
         assert!(out.status.success(), "{}", stderr(&out));
         String::from_utf8_lossy(&out.stdout).contains(&name)

@@ -43,6 +43,18 @@ fn assert_roles_hold(c: &Cluster, active: usize) {
     );
 }
 
+/// The host the previous key layout's election names for the router (`active/<id>`), which
+/// agents of the build before host prefixes read: the active host mirrors its role there.
+fn legacy_active(c: &Cluster) -> String {
+    tests::sh(&format!(
+        "ip netns exec {} etcdctl --endpoints {} get --print-value-only /router-xdp/v1/active/{ROUTER_ID}",
+        c.fabric,
+        tests::cluster::ETCD
+    ))
+    .trim()
+    .to_string()
+}
+
 /// Waits until host `i` is the active one.
 fn wait_active(c: &Cluster, i: usize, within: Duration) {
     let t = Instant::now();
@@ -145,6 +157,11 @@ fn the_standby_takes_over_when_the_active_agent_is_killed() {
     let (mut c, active) = ha_pair();
     assert_roles_hold(&c, active);
     let standby = 1 - active;
+    assert_eq!(
+        legacy_active(&c),
+        c.hosts[active].name,
+        "the role is not mirrored for older agents"
+    );
     let (ping, arp) = (Pinger::start(&c), ArpWatch::start(&c));
     std::thread::sleep(Duration::from_millis(500));
     let killed = Instant::now();
@@ -152,6 +169,11 @@ fn the_standby_takes_over_when_the_active_agent_is_killed() {
     wait_active(&c, standby, Duration::from_secs(10));
     c.wait_ping(Duration::from_secs(10));
     std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        legacy_active(&c),
+        c.hosts[standby].name,
+        "the new role is not mirrored for older agents"
+    );
     let (sent, got) = ping.stop();
     let rounds = arp.stop();
     let macs = answering(&rounds);
@@ -436,7 +458,7 @@ fn a_cli_change_reaches_the_host_the_router_is_scheduled_on() {
     let t = Instant::now();
     let status = || {
         etcdctl(&format!(
-            "get --print-value-only --prefix /router-xdp/v1/status/{ROUTER_ID}/"
+            "get --print-value-only --prefix /router-xdp/v1/hosts/"
         ))
     };
     while !status().contains("not applied") {

@@ -265,6 +265,21 @@ pub const MUTANTS: &[Mutant] = &[
         )],
     },
     Mutant {
+        name: "unscheduled_candidates_count",
+        fault: "a candidacy of a host the HA router is not scheduled on counts in its election: \
+                a host takes a router's role by writing its own keys",
+        tests: &[(
+            "etcd_auth",
+            "agents_and_the_cli_work_with_their_credentials_and_nothing_else_does",
+        )],
+    },
+    Mutant {
+        name: "no_legacy_mirror",
+        fault: "the active host does not mirror its role into the previous layout's key, so an \
+                older agent on the standby host would take the role too during an upgrade",
+        tests: &[("ha", "the_standby_takes_over_when_the_active_agent_is_killed")],
+    },
+    Mutant {
         name: "ha_role_always_active",
         fault: "`show` says a followed HA router is active on every host, the standby too",
         tests: &[(

@@ -23,7 +23,7 @@ use tokio::sync::mpsc;
 
 use super::{
     applier::{self, Report, Shared, Want},
-    fence, schedule, AgentInfo, Role, Schedule, Status, PREFIX,
+    fence, legacy, schedule, AgentInfo, Elections, Held, Key, Role, Schedule, Status, PREFIX,
 };
 use crate::{config::Router, state};
 
@@ -104,10 +104,10 @@ struct Cache {
     rev: i64,
     routers: BTreeMap<String, Def>,
     schedule: BTreeMap<String, Schedule>,
-    agents: BTreeSet<String>,
-    /// id → (active host, its lease).
-    active: BTreeMap<String, (String, i64)>,
-    scheduler: Option<String>,
+    /// Hosts alive by their `alive` key, and by an older build's `agents/` key.
+    alive: BTreeSet<String>,
+    legacy_alive: BTreeSet<String>,
+    elections: Elections,
 }
 
 /// A router's definition as etcd holds it.
@@ -122,12 +122,15 @@ struct Def {
 }
 
 impl Cache {
-    fn put(&mut self, key: &str, value: &str, rev: i64, lease: i64) {
-        let Some(rest) = key.strip_prefix(PREFIX) else {
+    fn put(&mut self, key: &str, value: &str, rev: i64, created: i64, lease: i64) {
+        let Some(k) = Key::parse(key) else {
             return;
         };
-        match rest.split_once('/') {
-            Some(("routers", id)) => {
+        if self.elections.put(k, value, Held { created, lease }) {
+            return;
+        }
+        match k {
+            Key::Router(id) => {
                 let parsed = crate::config::parse(value)
                     .ok()
                     .and_then(|v| v.into_iter().next())
@@ -147,33 +150,39 @@ impl Cache {
                     },
                 );
             }
-            Some(("schedule", id)) => {
+            Key::Schedule(id) => {
                 if let Ok(s) = serde_json::from_str(value) {
                     self.schedule.insert(id.into(), s);
                 }
             }
-            Some(("agents", h)) => {
-                self.agents.insert(h.into());
-            }
-            Some(("active", id)) => {
-                self.active.insert(id.into(), (value.into(), lease));
-            }
-            None if rest == "scheduler" => self.scheduler = Some(value.into()),
+            Key::Alive(h) => drop(self.alive.insert(h.into())),
+            Key::LegacyAgent(h) => drop(self.legacy_alive.insert(h.into())),
             _ => {}
         }
     }
     fn delete(&mut self, key: &str) {
-        let Some(rest) = key.strip_prefix(PREFIX) else {
+        let Some(k) = Key::parse(key) else {
             return;
         };
-        match rest.split_once('/') {
-            Some(("routers", id)) => drop(self.routers.remove(id)),
-            Some(("schedule", id)) => drop(self.schedule.remove(id)),
-            Some(("agents", h)) => drop(self.agents.remove(h)),
-            Some(("active", id)) => drop(self.active.remove(id)),
-            None if rest == "scheduler" => self.scheduler = None,
+        if self.elections.delete(k) {
+            return;
+        }
+        match k {
+            Key::Router(id) => drop(self.routers.remove(id)),
+            Key::Schedule(id) => drop(self.schedule.remove(id)),
+            Key::Alive(h) => drop(self.alive.remove(h)),
+            Key::LegacyAgent(h) => drop(self.legacy_alive.remove(h)),
             _ => {}
         }
+    }
+    /// The hosts alive.
+    fn agents(&self) -> BTreeSet<String> {
+        self.alive.union(&self.legacy_alive).cloned().collect()
+    }
+    /// HA router `id`'s active host and what holds the role.
+    fn active(&self, id: &str) -> Option<(&str, Held)> {
+        let hosts = self.schedule.get(id).map(|s| &s.hosts[..]).unwrap_or(&[]);
+        self.elections.active(id, hosts)
     }
     fn scheduled_here<'a>(&'a self, host: &'a str) -> impl Iterator<Item = &'a String> + 'a {
         self.routers.keys().filter(move |id| {
@@ -196,6 +205,17 @@ struct Agent0 {
     down_since: BTreeMap<String, Instant>,
     last_pass: Option<Instant>,
     fencing: Arc<Fencing>,
+    /// This host's credentials may stand for the scheduler (false once etcd said no).
+    may_schedule: bool,
+    /// This host's credentials may write the keys of the layout before host prefixes (false
+    /// once etcd said no: then no agent of an older build runs against this etcd).
+    legacy_writes: bool,
+}
+
+/// etcd refused a request for the credentials' role.
+fn denied(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<etcd_client::Error>()
+        .is_some_and(|e| e.to_string().contains("permission denied"))
 }
 
 /// What the fencer is told, shared by the session and its renewal task: the send time of the
@@ -391,6 +411,8 @@ async fn agent(
         bad: BTreeMap::new(),
         down_since: BTreeMap::new(),
         last_pass: None,
+        may_schedule: true,
+        legacy_writes: true,
         fencing: Arc::new(Fencing {
             path: fence::path(),
             ttl: o_ttl,
@@ -521,12 +543,55 @@ impl Agent0 {
 
     /// The HA routers whose election this host's lease holds.
     fn mine(&self) -> BTreeSet<String> {
+        let host = self.o.host.as_str();
         self.cache
-            .active
-            .iter()
-            .filter(|(_, (h, l))| *h == self.o.host && Some(*l) == self.lease)
-            .map(|(id, _)| id.clone())
+            .routers
+            .keys()
+            .cloned()
+            .chain(self.cache.elections.candidacies_of(host))
+            .filter(|id| {
+                self.cache
+                    .active(id)
+                    .is_some_and(|(h, held)| h == host && Some(held.lease) == self.lease)
+            })
             .collect()
+    }
+
+    /// What a write made in HA router `id`'s active role compares first: the key that gives
+    /// this host the role, as it was when the role was seen.
+    fn active_guard(&self, id: &str) -> Option<Compare> {
+        let host = self.o.host.as_str();
+        let (h, held) = self.cache.active(id)?;
+        if h != host {
+            return None;
+        }
+        Some(if self.cache.elections.legacy_active(id) == Some(host) {
+            Compare::value(legacy::active_key(id), CompareOp::Equal, host)
+        } else {
+            Compare::create_revision(
+                super::candidate_key(host, id),
+                CompareOp::Equal,
+                held.created,
+            )
+        })
+    }
+
+    /// The same for the scheduler's role.
+    fn scheduler_guard(&self) -> Option<Compare> {
+        let host = self.o.host.as_str();
+        let (h, held) = self.cache.elections.scheduler()?;
+        if h != host {
+            return None;
+        }
+        Some(if self.cache.elections.legacy_scheduler() == Some(host) {
+            Compare::value(legacy::scheduler_key(), CompareOp::Equal, host)
+        } else {
+            Compare::create_revision(
+                super::scheduler_candidate_key(host),
+                CompareOp::Equal,
+                held.created,
+            )
+        })
     }
 
     /// Tells the fencer the deadline of the last renewal answered and the routers held.
@@ -550,6 +615,7 @@ impl Agent0 {
                     key,
                     kv.value_str().unwrap_or(""),
                     kv.mod_revision(),
+                    kv.create_revision(),
                     kv.lease(),
                 ),
                 EventType::Delete => self.cache.delete(key),
@@ -569,6 +635,7 @@ impl Agent0 {
                 kv.key_str().unwrap_or(""),
                 kv.value_str().unwrap_or(""),
                 kv.mod_revision(),
+                kv.create_revision(),
                 kv.lease(),
             );
         }
@@ -590,13 +657,10 @@ impl Agent0 {
         let put = TxnOp::put(key, val, Some(PutOptions::new().with_lease(lease)));
         // The active role is recorded only while this host holds the election.
         let txn = if s.role == Role::Active {
-            Txn::new()
-                .when(vec![Compare::value(
-                    super::active_key(id),
-                    CompareOp::Equal,
-                    self.o.host.clone(),
-                )])
-                .and_then(vec![put])
+            let Some(guard) = self.active_guard(id) else {
+                return Ok(());
+            };
+            Txn::new().when(vec![guard]).and_then(vec![put])
         } else {
             Txn::new().and_then(vec![put])
         };
@@ -604,81 +668,163 @@ impl Agent0 {
         Ok(())
     }
 
-    /// Elections: the scheduler, and each HA router scheduled here that is ready.
+    /// Creates `key`, bound to `lease`, unless it exists: the revision that created it, or
+    /// None when it existed.
+    async fn stand(&self, c: &mut Client, key: String, lease: i64) -> Result<Option<i64>> {
+        let txn = Txn::new()
+            .when(vec![Compare::create_revision(
+                key.clone(),
+                CompareOp::Equal,
+                0,
+            )])
+            .and_then(vec![TxnOp::put(
+                key,
+                self.o.host.clone(),
+                Some(PutOptions::new().with_lease(lease)),
+            )]);
+        let r = timed(c.txn(txn)).await?;
+        Ok(r.succeeded()
+            .then(|| r.header().map(|h| h.revision()))
+            .flatten())
+    }
+
+    /// Elections: this host stands for the scheduler, and for each HA router scheduled here
+    /// whose devices are ready; it withdraws from routers no longer scheduled here, no longer
+    /// HA, or not ready. True when the routers it leads changed.
     async fn campaign(&mut self, c: &mut Client) -> Result<bool> {
         let Some(lease) = self.lease else {
             return Ok(false);
         };
         let host = self.o.host.clone();
-        let mut won = false;
-        let mut keys: Vec<(String, Option<String>)> = Vec::new();
-        if self.cache.scheduler.is_none() {
-            keys.push((super::scheduler_key(), None));
-        }
-        for id in self.cache.scheduled_here(&host) {
-            let ha = self.cache.routers[id].good.as_ref().is_some_and(|r| r.0.ha);
-            if ha && self.ready.get(id) == Some(&true) && !self.cache.active.contains_key(id) {
-                keys.push((super::active_key(id), Some(id.clone())));
+        let before = self.mine();
+        if self.may_schedule && self.cache.elections.scheduler_candidacy(&host).is_none() {
+            match self
+                .stand(c, super::scheduler_candidate_key(&host), lease)
+                .await
+            {
+                Ok(Some(created)) => {
+                    self.cache.elections.put(
+                        Key::SchedulerCandidate(&host),
+                        &host,
+                        Held { created, lease },
+                    );
+                }
+                Ok(None) => {}
+                Err(e) if denied(&e) => {
+                    self.may_schedule = false;
+                    tracing::info!("this host's etcd role may not schedule (no write to scheduler/ and schedule/): hosts whose role may, schedule");
+                }
+                Err(e) => return Err(e),
             }
         }
-        for (key, id) in keys {
-            let txn = Txn::new()
-                .when(vec![Compare::create_revision(
-                    key.clone(),
-                    CompareOp::Equal,
-                    0,
-                )])
-                .and_then(vec![TxnOp::put(
-                    key.clone(),
-                    host.clone(),
-                    Some(PutOptions::new().with_lease(lease)),
-                )]);
-            if timed(c.txn(txn)).await?.succeeded() {
-                match &id {
-                    Some(id) => {
-                        tracing::info!(router = %id, "won the election: becoming active");
-                        self.cache.active.insert(id.clone(), (host.clone(), lease));
-                        won = true;
-                    }
-                    None => {
-                        tracing::info!("elected to run the scheduler");
-                        self.cache.scheduler = Some(host.clone());
-                    }
+        let ha = |id: &String| self.cache.routers[id].good.as_ref().is_some_and(|r| r.0.ha);
+        let here: BTreeSet<String> = self
+            .cache
+            .scheduled_here(&host)
+            .filter(|id| ha(id))
+            .cloned()
+            .collect();
+        for id in &here {
+            if self.ready.get(id) == Some(&true)
+                && self.cache.elections.candidacy(&host, id).is_none()
+            {
+                if let Some(created) = self
+                    .stand(c, super::candidate_key(&host, id), lease)
+                    .await?
+                {
+                    self.cache.elections.put(
+                        Key::Candidate { host: &host, id },
+                        &host,
+                        Held { created, lease },
+                    );
                 }
             }
         }
-        // Elections held for routers no longer scheduled here go.
-        let stale: Vec<String> = self
-            .mine()
-            .into_iter()
-            .filter(|id| !self.cache.scheduled_here(&host).any(|x| x == id))
-            .collect();
-        for id in stale {
-            self.resign(c, &id).await?;
+        // Candidacies for routers no longer scheduled here (or no longer HA), and for routers
+        // whose devices are not ready here, go.
+        for id in self.cache.elections.candidacies_of(&host) {
+            if !here.contains(&id) || self.ready.get(&id) == Some(&false) {
+                self.resign(c, &id).await?;
+            }
         }
-        Ok(won)
+        self.mirror(c, lease).await?;
+        let after = self.mine();
+        for id in after.difference(&before) {
+            tracing::info!(router = %id, "leads the router: becoming active");
+        }
+        Ok(after != before)
     }
 
+    /// While agents of the build before host prefixes may run (the credentials allow the old
+    /// keys), the roles this host holds are written into the old keys too, so that those agents
+    /// see them and stand aside.
+    async fn mirror(&mut self, c: &mut Client, lease: i64) -> Result<()> {
+        if !self.legacy_writes || cfg!(mutant = "no_legacy_mirror") {
+            return Ok(());
+        }
+        let host = self.o.host.clone();
+        let mut keys: Vec<String> = self
+            .mine()
+            .iter()
+            .filter(|id| self.cache.elections.legacy_active(id).is_none())
+            .map(|id| legacy::active_key(id))
+            .collect();
+        if self
+            .cache
+            .elections
+            .scheduler()
+            .is_some_and(|s| s.0 == host)
+            && self.cache.elections.legacy_scheduler().is_none()
+        {
+            keys.push(legacy::scheduler_key());
+        }
+        for key in keys {
+            match self.stand(c, key.clone(), lease).await {
+                Ok(Some(created)) => {
+                    if let Some(k) = Key::parse(&key) {
+                        self.cache.elections.put(k, &host, Held { created, lease });
+                    }
+                }
+                Ok(None) => {}
+                Err(e) if denied(&e) => {
+                    self.legacy_writes = false;
+                    return Ok(());
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Withdraws this host's candidacy for HA router `id` (and the old key naming it).
     async fn resign(&mut self, c: &mut Client, id: &str) -> Result<()> {
-        let key = super::active_key(id);
-        let txn = Txn::new()
-            .when(vec![Compare::value(
-                key.clone(),
-                CompareOp::Equal,
-                self.o.host.clone(),
-            )])
-            .and_then(vec![TxnOp::delete(key, None)]);
-        timed(c.txn(txn)).await?;
-        self.cache.active.remove(id);
+        let host = self.o.host.clone();
+        let key = super::candidate_key(&host, id);
+        timed(c.delete(key.clone(), None)).await?;
+        if self.cache.elections.legacy_active(id) == Some(host.as_str()) {
+            let old = legacy::active_key(id);
+            let txn = Txn::new()
+                .when(vec![Compare::value(
+                    old.clone(),
+                    CompareOp::Equal,
+                    host.clone(),
+                )])
+                .and_then(vec![TxnOp::delete(old.clone(), None)]);
+            timed(c.txn(txn)).await?;
+            self.cache.elections.delete(Key::LegacyActive(id));
+        }
+        self.cache
+            .elections
+            .delete(Key::Candidate { host: &host, id });
         Ok(())
     }
 
     /// The scheduler's pass, when this host runs it.
     async fn schedule(&mut self, c: &mut Client, force: bool) -> Result<()> {
-        if self.cache.scheduler.as_deref() != Some(self.o.host.as_str()) {
+        let Some(guard) = self.scheduler_guard() else {
             self.down_since.clear();
             return Ok(());
-        }
+        };
         let now = Instant::now();
         if !force
             && self
@@ -694,7 +840,7 @@ impl Agent0 {
             .values()
             .flat_map(|s| s.hosts.iter().cloned())
             .collect();
-        let agents = self.cache.agents.clone();
+        let agents = self.cache.agents();
         self.down_since.retain(|h, _| !agents.contains(h));
         for h in scheduled.iter().filter(|h| !agents.contains(*h)) {
             self.down_since.entry(h.clone()).or_insert(now);
@@ -712,13 +858,6 @@ impl Agent0 {
             .map(|(id, d)| (id.clone(), d.good.as_ref().is_some_and(|r| r.0.ha)))
             .collect();
         let plan = schedule::plan(&routers, &self.cache.schedule, &agents, &expired);
-        let guard = || {
-            Compare::value(
-                super::scheduler_key(),
-                CompareOp::Equal,
-                self.o.host.clone(),
-            )
-        };
         let mut ops: Vec<TxnOp> = Vec::new();
         for (id, s) in &plan.put {
             tracing::info!(router = %id, hosts = ?s.hosts, "scheduled");
@@ -733,7 +872,9 @@ impl Agent0 {
         }
         // etcd takes at most 128 operations per transaction.
         for chunk in ops.chunks(100) {
-            let txn = Txn::new().when(vec![guard()]).and_then(chunk.to_vec());
+            let txn = Txn::new()
+                .when(vec![guard.clone()])
+                .and_then(chunk.to_vec());
             if !timed(c.txn(txn)).await?.succeeded() {
                 bail!("lost the scheduler's election while scheduling");
             }
@@ -819,13 +960,27 @@ impl Agent0 {
             pid: std::process::id(),
             started: super::now_ms() / 1000,
         };
+        let alive = serde_json::to_string(&info)?;
         timed(c.put(
-            super::agent_key(&self.o.host),
-            serde_json::to_string(&info)?,
+            super::alive_key(&self.o.host),
+            alive.clone(),
             Some(PutOptions::new().with_lease(lease)),
         ))
         .await?;
-        let hk = super::host_key(&self.o.host);
+        // Agents of the build before host prefixes see this host alive only in their key.
+        if self.legacy_writes {
+            let put = timed(c.put(
+                legacy::agent_key(&self.o.host),
+                alive,
+                Some(PutOptions::new().with_lease(lease)),
+            ))
+            .await;
+            match put {
+                Err(e) if denied(&e) => self.legacy_writes = false,
+                r => drop(r?),
+            }
+        }
+        let hk = super::registered_key(&self.o.host);
         timed(
             c.txn(
                 Txn::new()

@@ -10,7 +10,7 @@ use std::{
 use anyhow::{anyhow, bail, Context as _, Result};
 use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, Txn, TxnOp};
 
-use super::{AgentInfo, Schedule, Status, PREFIX};
+use super::{AgentInfo, Elections, Held, Key, Schedule, Status, PREFIX};
 use crate::{
     config::{self, Router},
     state::{AddrState, FloatingIpState, GatewayState, IfaceState, RouteState, RouterState},
@@ -73,15 +73,23 @@ impl Store {
     pub fn overview(&self) -> Result<Overview> {
         let r = self.block(async |c| c.get(PREFIX, Some(GetOptions::new().with_prefix())).await)?;
         let mut o = Overview::default();
+        let mut elections = Elections::default();
         for kv in r.kvs() {
             let (Ok(key), Ok(val)) = (kv.key_str(), kv.value_str()) else {
                 continue;
             };
-            let Some(rest) = key.strip_prefix(PREFIX) else {
+            let Some(k) = Key::parse(key) else {
                 continue;
             };
-            match rest.split_once('/') {
-                Some(("routers", id)) => match config::parse(val) {
+            let held = Held {
+                created: kv.create_revision(),
+                lease: kv.lease(),
+            };
+            if elections.put(k, val, held) {
+                continue;
+            }
+            match k {
+                Key::Router(id) => match config::parse(val) {
                     Ok(mut v) if v.len() == 1 && v[0].id == id => {
                         o.routers.push((v.remove(0), kv.mod_revision()))
                     }
@@ -94,30 +102,36 @@ impl Store {
                         .invalid
                         .push((id.into(), kv.mod_revision(), e.to_string())),
                 },
-                Some(("schedule", id)) => {
+                Key::Schedule(id) => {
                     if let Ok(s) = serde_json::from_str(val) {
                         o.schedule.insert(id.into(), s);
                     }
                 }
-                Some(("active", id)) => {
-                    o.active.insert(id.into(), val.into());
-                }
-                Some(("status", rest)) => {
-                    if let (Some((id, host)), Ok(s)) =
-                        (rest.split_once('/'), serde_json::from_str(val))
-                    {
+                // A status in the host's own keys wins over one an older build wrote.
+                Key::Status { host, id } => {
+                    if let Ok(s) = serde_json::from_str(val) {
                         o.status.insert((id.into(), host.into()), s);
                     }
                 }
-                Some(("agents", h)) => {
+                Key::LegacyStatus { id, host } => {
+                    if let Ok(s) = serde_json::from_str(val) {
+                        o.status.entry((id.into(), host.into())).or_insert(s);
+                    }
+                }
+                Key::Alive(h) | Key::LegacyAgent(h) => {
                     if let Ok(a) = serde_json::from_str(val) {
                         o.agents.insert(h.into(), a);
                     }
                 }
-                Some(("hosts", h)) => {
+                Key::Registered(h) | Key::LegacyHost(h) => {
                     o.hosts.insert(h.into());
                 }
                 _ => {}
+            }
+        }
+        for (id, s) in &o.schedule {
+            if let Some((h, _)) = elections.active(id, &s.hosts) {
+                o.active.insert(id.clone(), h.to_string());
             }
         }
         Ok(o)
