@@ -89,14 +89,8 @@ fn alive(pid: i32) -> bool {
 
 /// Starts the fencer unless one runs for this instance.
 pub fn ensure_fencer() -> Result<()> {
-    if let Some(pid) = std::fs::read_to_string(pid_path())
-        .ok()
-        .and_then(|s| s.trim().parse::<i32>().ok())
-    {
-        let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-        if alive(pid) && cmd.split(|b| *b == 0).any(|a| a == b"fence") {
-            return Ok(());
-        }
+    if fencer_running() {
+        return Ok(());
     }
     // In a session of its own, so that a signal to the agent's process group misses it.
     let child =
@@ -105,6 +99,36 @@ pub fn ensure_fencer() -> Result<()> {
     std::fs::write(pid_path(), child.id().to_string())?;
     tracing::info!(pid = child.id(), "fencer started");
     Ok(())
+}
+
+/// Routers fenced at once.
+const FENCE_WORKERS: usize = 16;
+
+/// Fences router `id` (its addresses go when it cannot be fenced).
+fn fence_one(id: &str) {
+    match RouterState::load(id) {
+        Ok(Some(st)) => {
+            if let Err(e) = super::hold::fence(&st) {
+                // The fence needs nft; without it, the addresses go.
+                tracing::error!(router = %id, error = format!("{e:#}"), "cannot fence the router: removing its addresses");
+                if let Err(e) = super::hold::release(&st) {
+                    tracing::error!(router = %id, error = format!("{e:#}"), "cannot remove the router's addresses");
+                }
+            }
+        }
+        _ => tracing::warn!(router = %id, "no state for a router to fence"),
+    }
+}
+
+/// Whether this instance's fencer runs.
+pub fn fencer_running() -> bool {
+    std::fs::read_to_string(pid_path())
+        .ok()
+        .and_then(|s| s.trim().parse::<i32>().ok())
+        .is_some_and(|pid| {
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            alive(pid) && cmd.split(|b| *b == 0).any(|a| a == b"fence")
+        })
 }
 
 /// The fencer's loop (`router-ctl fence`): every 10 ms, until the agent removes the file.
@@ -146,20 +170,18 @@ pub fn run_fencer() -> Result<()> {
         }
         fired_for = f.deadline_ns;
         tracing::warn!(routers = ?f.routers, "lease not renewed in time: fencing the HA routers held here (no ARP or neighbour discovery leaves them)");
-        for id in &f.routers {
-            match RouterState::load(id) {
-                Ok(Some(st)) => {
-                    if let Err(e) = super::hold::fence(&st) {
-                        // The fence needs nft; without it, the addresses go.
-                        tracing::error!(router = %id, error = format!("{e:#}"), "cannot fence the router: removing its addresses");
-                        if let Err(e) = super::hold::release(&st) {
-                            tracing::error!(router = %id, error = format!("{e:#}"), "cannot remove the router's addresses");
-                        }
-                    }
-                }
-                _ => tracing::warn!(router = %id, "no state for a router to fence"),
+        // Each router's fence is a command in its own namespace: they run side by side, a few
+        // at a time, so that many routers are fenced within the margin, not one after another.
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        std::thread::scope(|scope| {
+            for _ in 0..FENCE_WORKERS.min(f.routers.len()) {
+                scope.spawn(|| loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some(id) = f.routers.get(i) else { return };
+                    fence_one(id);
+                });
             }
-        }
+        });
         let _ = std::fs::write(fired_path(), fired_for.to_string());
     }
 }
