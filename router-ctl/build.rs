@@ -43,6 +43,7 @@ const CTL_MUTANTS: &[&str] = &[
     "ha_role_always_active",
     "unscheduled_candidates_count",
     "no_legacy_mirror",
+    "elections_without_fencer",
     "signals_after_pid_file",
     "follow_route_events_ignored",
     "guard_strict_tcp_copied",

@@ -751,3 +751,68 @@ fn a_killed_fencer_is_started_again() {
     }
     assert_roles_hold(&c, active);
 }
+
+/// A fencer that runs but no longer acknowledges the agent's deadline (stopped with SIGSTOP,
+/// as a stuck one would be): its host withdraws its candidacy for the router (nothing would
+/// fence it), the agent replaces the fencer, and with the new one acknowledging the host
+/// stands again — in line behind the active host, which kept the router throughout.
+#[test]
+fn a_host_whose_fencer_stops_acknowledging_stands_for_nothing_until_it_is_replaced() {
+    let (c, active) = ha_pair();
+    let standby = 1 - active;
+    let pid_file = format!("{}/fencer.pid", c.hosts[standby].run_dir());
+    let pid = || -> Option<i32> { std::fs::read_to_string(&pid_file).ok()?.trim().parse().ok() };
+    let key = format!(
+        "/router-xdp/v1/hosts/{}/candidate/{ROUTER_ID}",
+        c.hosts[standby].name
+    );
+    let candidacy = || -> Option<i64> {
+        let out = tests::sh(&format!(
+            "ip netns exec {} etcdctl --endpoints {} get {key} -w json",
+            c.fabric,
+            tests::cluster::ETCD
+        ));
+        let v: serde_json::Value = serde_json::from_str(&out).ok()?;
+        v["kvs"][0]["create_revision"].as_i64()
+    };
+    let t = Instant::now();
+    let before = loop {
+        if let Some(r) = candidacy() {
+            break r;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "the standby never stood"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let stuck = pid().expect("the agent started a fencer");
+    // SAFETY: plain kill(2) of the fencer this test's agent started.
+    unsafe { libc::kill(stuck, libc::SIGSTOP) };
+    let t = Instant::now();
+    let mut withdrawn = false;
+    loop {
+        let now = candidacy();
+        withdrawn |= now.is_none();
+        if pid().is_some_and(|p| p != stuck) && now.is_some_and(|r| r > before) {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(6),
+            "within 6 s of its fencer stopping: fencer {:?} (stopped: {stuck}), candidacy {now:?} (was {before}, withdrawn seen: {withdrawn})",
+            pid()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // SAFETY: as above (already killed by the agent, normally: then this does nothing).
+    unsafe { libc::kill(stuck, libc::SIGKILL) };
+    assert!(
+        !std::path::Path::new(&format!("/proc/{stuck}/status")).exists()
+            || std::fs::read_to_string(format!("/proc/{stuck}/status"))
+                .unwrap_or_default()
+                .contains("zombie"),
+        "the stuck fencer was left running"
+    );
+    assert_eq!(c.show()["active_host"], c.hosts[active].name.as_str());
+    assert_roles_hold(&c, active);
+}

@@ -280,6 +280,15 @@ pub const MUTANTS: &[Mutant] = &[
         tests: &[("ha", "the_standby_takes_over_when_the_active_agent_is_killed")],
     },
     Mutant {
+        name: "elections_without_fencer",
+        fault: "a host stands for HA roles whether or not a live fencer acknowledges its \
+                deadline, and a stuck fencer is never replaced",
+        tests: &[(
+            "ha",
+            "a_host_whose_fencer_stops_acknowledging_stands_for_nothing_until_it_is_replaced",
+        )],
+    },
+    Mutant {
         name: "ha_role_always_active",
         fault: "`show` says a followed HA router is active on every host, the standby too",
         tests: &[(

@@ -41,6 +41,63 @@ fn pid_path() -> PathBuf {
     state::run_dir().join("fencer.pid")
 }
 
+/// The fencer's acknowledgement: the deadline it holds, and when it last read the fence file.
+fn ack_path() -> PathBuf {
+    state::run_dir().join("fence.ack")
+}
+
+/// What the fencer acknowledges (`ack_path`).
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Ack {
+    /// The deadline of the fence file it read last.
+    pub deadline_ns: u64,
+    /// CLOCK_MONOTONIC nanoseconds of that read.
+    pub read_ns: u64,
+}
+
+/// The fencer acknowledges at least this often while it runs.
+const ACK_EVERY: Duration = Duration::from_millis(200);
+
+pub fn acked() -> Option<Ack> {
+    serde_json::from_slice(&std::fs::read(ack_path()).ok()?).ok()
+}
+
+/// Whether a fencer runs and holds a recent deadline of ours: it read the fence file within
+/// the last half second, and the deadline it holds is no more than a second older than
+/// `deadline_ns`, the one last written.
+pub fn acknowledges(ack: Option<Ack>, deadline_ns: u64, now_ns: u64) -> bool {
+    ack.is_some_and(|a| {
+        now_ns.saturating_sub(a.read_ns) < 500_000_000
+            && a.deadline_ns + 1_000_000_000 >= deadline_ns
+    })
+}
+
+/// Ends a fencer that runs but does not acknowledge (stopped, stuck): the agent starts
+/// another one.
+pub fn kill_fencer() {
+    if let Some(pid) = std::fs::read_to_string(pid_path())
+        .ok()
+        .and_then(|s| s.trim().parse::<i32>().ok())
+        .filter(|_| fencer_running())
+    {
+        tracing::warn!(
+            pid,
+            "the fencer does not acknowledge the deadline: killing it"
+        );
+        // SAFETY: plain kill(2) of the fencer's pid (checked to be a fencer just now).
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        let t = std::time::Instant::now();
+        // Reaped when it is our child (else init reaps it): a zombie still answers kill(0).
+        // SAFETY: waitpid without a status pointer, not blocking.
+        while unsafe { libc::waitpid(pid, std::ptr::null_mut(), libc::WNOHANG) } == 0
+            && alive(pid)
+            && t.elapsed() < Duration::from_secs(1)
+        {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
 pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
@@ -147,6 +204,7 @@ pub fn run_fencer() -> Result<()> {
     let mut fired_for = 0u64;
     let mut missing = 0;
     let mut seen = false;
+    let mut ack = Ack::default();
     loop {
         std::thread::sleep(Duration::from_millis(10));
         let Some(f) = read() else {
@@ -161,6 +219,25 @@ pub fn run_fencer() -> Result<()> {
         };
         missing = 0;
         seen = true;
+        // Acknowledged when the deadline moves, and at least every ACK_EVERY: the agent stands
+        // for no election while no fencer acknowledges.
+        let now = monotonic_ns();
+        if f.deadline_ns != ack.deadline_ns
+            || now.saturating_sub(ack.read_ns) >= ACK_EVERY.as_nanos() as u64
+        {
+            ack = Ack {
+                deadline_ns: f.deadline_ns,
+                read_ns: now,
+            };
+            let tmp = ack_path().with_extension("tmp");
+            let written = serde_json::to_vec(&ack)
+                .map_err(std::io::Error::other)
+                .and_then(|b| std::fs::write(&tmp, b))
+                .and_then(|_| std::fs::rename(&tmp, ack_path()));
+            if let Err(e) = written {
+                tracing::warn!(error = %e, "cannot acknowledge the deadline");
+            }
+        }
         if f.routers.is_empty()
             || monotonic_ns() < f.deadline_ns
             || fired_for == f.deadline_ns

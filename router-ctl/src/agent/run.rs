@@ -207,6 +207,8 @@ struct Agent0 {
     fencing: Arc<Fencing>,
     /// This host's credentials may stand for the scheduler (false once etcd said no).
     may_schedule: bool,
+    /// Since when no fencer acknowledges the deadline (see `campaign`).
+    fencer_silent: Option<Instant>,
     /// This host's credentials may write the keys of the layout before host prefixes (false
     /// once etcd said no: then no agent of an older build runs against this etcd).
     legacy_writes: bool,
@@ -229,6 +231,17 @@ struct Fencing {
 }
 
 impl Fencing {
+    /// Whether a live fencer acknowledges the deadline last written (`fence::acknowledges`).
+    fn acknowledged(&self) -> bool {
+        let written = self
+            .state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .1
+            .as_ref()
+            .map(|w| w.0);
+        written.is_some_and(|d| fence::acknowledges(fence::acked(), d, fence::monotonic_ns()))
+    }
     fn set_routers(&self, routers: Vec<String>) -> Result<()> {
         self.state.lock().unwrap_or_else(|e| e.into_inner()).0 = routers;
         self.write()
@@ -412,6 +425,7 @@ async fn agent(
         down_since: BTreeMap::new(),
         last_pass: None,
         may_schedule: true,
+        fencer_silent: None,
         legacy_writes: true,
         fencing: Arc::new(Fencing {
             path: fence::path(),
@@ -717,6 +731,20 @@ impl Agent0 {
                 Err(e) => return Err(e),
             }
         }
+        // A host stands for an HA role only while a live fencer acknowledges its deadline (else
+        // nothing would fence it if its lease lapsed); after a second without, it withdraws
+        // from every role too (its supervisor meanwhile replaces the fencer).
+        let fenced = self.fencing.acknowledged() || cfg!(mutant = "elections_without_fencer");
+        if fenced {
+            if self.fencer_silent.take().is_some() {
+                tracing::info!("the fencer acknowledges the deadline again: standing for HA roles");
+            }
+        } else if self.fencer_silent.is_none() {
+            self.fencer_silent = Some(Instant::now());
+        }
+        let withdraw_all = self
+            .fencer_silent
+            .is_some_and(|t| t.elapsed() > Duration::from_secs(1));
         let ha = |id: &String| self.cache.routers[id].good.as_ref().is_some_and(|r| r.0.ha);
         let here: BTreeSet<String> = self
             .cache
@@ -725,7 +753,8 @@ impl Agent0 {
             .cloned()
             .collect();
         for id in &here {
-            if self.ready.get(id) == Some(&true)
+            if fenced
+                && self.ready.get(id) == Some(&true)
                 && self.cache.elections.candidacy(&host, id).is_none()
             {
                 if let Some(created) = self
@@ -743,7 +772,10 @@ impl Agent0 {
         // Candidacies for routers no longer scheduled here (or no longer HA), and for routers
         // whose devices are not ready here, go.
         for id in self.cache.elections.candidacies_of(&host) {
-            if !here.contains(&id) || self.ready.get(&id) == Some(&false) {
+            if withdraw_all {
+                tracing::warn!(router = %id, "no fencer acknowledges the deadline: withdrawing from the router's election");
+            }
+            if withdraw_all || !here.contains(&id) || self.ready.get(&id) == Some(&false) {
                 self.resign(c, &id).await?;
             }
         }
@@ -1044,6 +1076,16 @@ impl Agent0 {
                         && !cfg!(mutant = "fencer_unsupervised")
                     {
                         fencer_checked = Instant::now();
+                        // One that runs but has not acknowledged for a second (stopped, stuck)
+                        // is replaced.
+                        if self
+                            .fencer_silent
+                            .is_some_and(|t| t.elapsed() > Duration::from_secs(1))
+                        {
+                            fence::kill_fencer();
+                            // The new one gets a second of its own to acknowledge.
+                            self.fencer_silent = Some(Instant::now());
+                        }
                         if let Err(e) = fence::ensure_fencer() {
                             tracing::error!(
                                 error = format!("{e:#}"),
