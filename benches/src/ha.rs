@@ -139,10 +139,9 @@ fn scale(routers: usize, agents: usize) -> Result<(f64, f64)> {
         if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
             bail!("setns");
         }
-        router_ctl::agent::store::connect(&router_ctl::agent::access::Access::plain(
-            tests::cluster::ETCD,
-        )?)?;
-        let s = router_ctl::agent::store::remote().expect("connected");
+        let s = router_ctl::agent::store::Store::connect(
+            &router_ctl::agent::access::Access::plain(tests::cluster::ETCD)?,
+        )?;
         for t in &texts2 {
             s.put(t)?;
         }

@@ -7,6 +7,7 @@ mod attach;
 mod conns;
 mod ctl;
 mod e2e;
+mod fence;
 mod fib;
 mod follow;
 mod ha;
@@ -130,6 +131,26 @@ struct Args {
     /// Only the attach-mode figures: their section of the report is replaced in place.
     #[arg(long)]
     only_attach: bool,
+    /// HA routers fenced at once in the fencing figures (0: none).
+    #[arg(long, default_value_t = 100)]
+    fence_routers: usize,
+    /// Only the fencing figures: their section of the report is replaced in place.
+    #[arg(long)]
+    only_fence: bool,
+}
+
+fn fence_section(args: &Args) -> Result<String> {
+    let runs = args.runs.min(5);
+    let res = fence::measure(args.fence_routers, runs).context("fencing many routers")?;
+    for r in &res {
+        eprintln!(
+            "fence {} routers, {} at a time: {} ms",
+            args.fence_routers,
+            r.workers,
+            r.ms.fmt(0)
+        );
+    }
+    Ok(fence::section(&res, args.fence_routers, runs, &date_utc()))
 }
 
 fn verify_section(args: &Args) -> Result<String> {
@@ -299,6 +320,12 @@ fn main() -> Result<()> {
         replace_section(&args.out, "verify", &section)?;
         return Ok(());
     }
+    if args.only_fence {
+        let section = fence_section(&args)?;
+        print!("{section}");
+        replace_section(&args.out, "fence", &section)?;
+        return Ok(());
+    }
     if args.only_attach {
         let section = attach_section(&args)?;
         print!("{section}");
@@ -409,6 +436,10 @@ fn main() -> Result<()> {
     if args.attach_devices > 0 && !args.no_apply {
         md += "\n";
         md += &attach_section(&args)?;
+    }
+    if args.fence_routers > 0 && !args.no_ha {
+        md += "\n";
+        md += &fence_section(&args)?;
     }
     if !args.no_follow {
         md += "\n";

@@ -158,23 +158,28 @@ pub fn ensure_fencer() -> Result<()> {
     Ok(())
 }
 
-/// Routers fenced at once.
-const FENCE_WORKERS: usize = 16;
+/// Routers the fencer fences at once.
+pub const FENCE_WORKERS: usize = 16;
 
-/// Fences router `id` (its addresses go when it cannot be fenced).
-fn fence_one(id: &str) {
-    match RouterState::load(id) {
-        Ok(Some(st)) => {
-            if let Err(e) = super::hold::fence(&st) {
-                // The fence needs nft; without it, the addresses go.
-                tracing::error!(router = %id, error = format!("{e:#}"), "cannot fence the router: removing its addresses");
-                if let Err(e) = super::hold::release(&st) {
-                    tracing::error!(router = %id, error = format!("{e:#}"), "cannot remove the router's addresses");
+/// Fences the routers of `states`, `workers` at a time: each router's fence is a command in
+/// its own namespace, so they run side by side, not one after another. A router that cannot
+/// be fenced (no `nft`) loses its addresses instead.
+pub fn fence_all(states: &[RouterState], workers: usize) {
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|scope| {
+        for _ in 0..workers.clamp(1, states.len().max(1)) {
+            scope.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(st) = states.get(i) else { return };
+                if let Err(e) = super::hold::fence(st) {
+                    tracing::error!(router = %st.id, error = format!("{e:#}"), "cannot fence the router: removing its addresses");
+                    if let Err(e) = super::hold::release(st) {
+                        tracing::error!(router = %st.id, error = format!("{e:#}"), "cannot remove the router's addresses");
+                    }
                 }
-            }
+            });
         }
-        _ => tracing::warn!(router = %id, "no state for a router to fence"),
-    }
+    });
 }
 
 /// Whether this instance's fencer runs.
@@ -247,18 +252,18 @@ pub fn run_fencer() -> Result<()> {
         }
         fired_for = f.deadline_ns;
         tracing::warn!(routers = ?f.routers, "lease not renewed in time: fencing the HA routers held here (no ARP or neighbour discovery leaves them)");
-        // Each router's fence is a command in its own namespace: they run side by side, a few
-        // at a time, so that many routers are fenced within the margin, not one after another.
-        let next = std::sync::atomic::AtomicUsize::new(0);
-        std::thread::scope(|scope| {
-            for _ in 0..FENCE_WORKERS.min(f.routers.len()) {
-                scope.spawn(|| loop {
-                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    let Some(id) = f.routers.get(i) else { return };
-                    fence_one(id);
-                });
-            }
-        });
+        let states: Vec<RouterState> = f
+            .routers
+            .iter()
+            .filter_map(|id| match RouterState::load(id) {
+                Ok(Some(st)) => Some(st),
+                _ => {
+                    tracing::warn!(router = %id, "no state for a router to fence");
+                    None
+                }
+            })
+            .collect();
+        fence_all(&states, FENCE_WORKERS);
         let _ = std::fs::write(fired_path(), fired_for.to_string());
     }
 }
