@@ -515,3 +515,125 @@ fn the_service_unit_is_valid() {
         "systemd-analyze: {text}"
     );
 }
+
+/// The Debian package (`cargo xtask package`; `cargo xtask test` builds it from this build and
+/// names it in ROUTER_XDP_DEB): the binary, the service unit pointing at it, the definitions
+/// file it applies (kept as a configuration file, and valid), a man page with every command,
+/// and a version that is the binary's.
+#[test]
+fn the_package_holds_the_binary_unit_configuration_and_man_page() {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    let deb = std::env::var("ROUTER_XDP_DEB").unwrap_or_else(|_| {
+        let out = std::process::Command::new("cargo")
+            .args(["xtask", "package"])
+            .current_dir(root)
+            .output()
+            .expect("cargo xtask package");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .last()
+            .expect("the package's path")
+            .to_string()
+    });
+    let run = |args: &[&str]| -> String {
+        let out = std::process::Command::new(args[0])
+            .args(&args[1..])
+            .output()
+            .unwrap_or_else(|e| panic!("{args:?}: {e}"));
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let listing = run(&["dpkg-deb", "-c", &deb]);
+    for (path, mode) in [
+        ("./usr/sbin/router-ctl", "-rwxr-xr-x"),
+        ("./lib/systemd/system/router-ctl.service", "-rw-r--r--"),
+        ("./etc/router-xdp/routers.toml", "-rw-r--r--"),
+        ("./usr/share/man/man8/router-ctl.8.gz", "-rw-r--r--"),
+        ("./usr/share/doc/router-xdp/README.md", "-rw-r--r--"),
+    ] {
+        assert!(
+            listing
+                .lines()
+                .any(|l| l.starts_with(mode) && l.contains(" root/root ") && l.ends_with(path)),
+            "{path} ({mode}, root's) not in the package:\n{listing}"
+        );
+    }
+    let dir = std::env::temp_dir().join(format!("router-deb-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let d = dir.display().to_string();
+    run(&["dpkg-deb", "-x", &deb, &d]);
+    run(&["dpkg-deb", "-e", &deb, &format!("{d}/DEBIAN")]);
+    let bin = format!("{d}/usr/sbin/router-ctl");
+    let version = run(&[&bin, "--version"]);
+    let control = std::fs::read_to_string(format!("{d}/DEBIAN/control")).unwrap();
+    assert!(control.contains("Package: router-xdp\n"), "{control}");
+    assert!(
+        control.contains(&format!(
+            "Version: {}\n",
+            version.split_whitespace().nth(1).unwrap()
+        )),
+        "the package's version is not the binary's ({version}): {control}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(format!("{d}/DEBIAN/conffiles")).unwrap(),
+        "/etc/router-xdp/routers.toml\n"
+    );
+    // The definitions file the unit applies is valid as shipped.
+    run(&[
+        &bin,
+        "validate",
+        "-f",
+        &format!("{d}/etc/router-xdp/routers.toml"),
+    ]);
+    // The unit runs the packaged binary on that file, and systemd accepts it.
+    let unit_path = format!("{d}/lib/systemd/system/router-ctl.service");
+    let unit = std::fs::read_to_string(&unit_path).unwrap();
+    assert!(
+        unit.contains("ExecStart=/usr/sbin/router-ctl run -f /etc/router-xdp/routers.toml\n"),
+        "{unit}"
+    );
+    std::fs::write(&unit_path, unit.replace("/usr/sbin/router-ctl", &bin)).unwrap();
+    let out = std::process::Command::new("systemd-analyze")
+        .args(["verify", &unit_path])
+        .output()
+        .expect("systemd-analyze");
+    let text =
+        String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.trim().is_empty(),
+        "systemd-analyze: {text}"
+    );
+    // The man page names every command the binary's help lists.
+    let man = run(&[
+        "sh",
+        "-c",
+        &format!("zcat {d}/usr/share/man/man8/router-ctl.8.gz"),
+    ]);
+    assert!(man.starts_with(".TH ROUTER-CTL 8"), "{man}");
+    let help = run(&[&bin, "--help"]);
+    let commands: Vec<&str> = help
+        .lines()
+        .skip_while(|l| l.trim() != "Commands:")
+        .skip(1)
+        .take_while(|l| l.starts_with("  "))
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|c| *c != "help")
+        .collect();
+    assert!(commands.len() >= 10, "{help}");
+    for c in commands {
+        assert!(
+            man.contains(&format!(".SS router-ctl {c}\n")),
+            "the man page lacks {c}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -14,6 +14,7 @@ use anyhow::{bail, Context as _, Result};
 use clap::{Parser, Subcommand};
 
 mod mutants;
+mod package;
 
 #[derive(Parser)]
 #[command(name = "xtask")]
@@ -43,6 +44,12 @@ enum Cmd {
         /// Extra arguments for the test binaries (e.g. a test name filter).
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
+    },
+    /// Build the Debian package (binary, service unit, default definitions file, man page,
+    /// README) into DIR (default target/package); prints the .deb's path.
+    Package {
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
     },
     /// Build the project with one deliberate fault at a time and run the tests that must catch
     /// it; the last line says `mutants: N killed, M survived`.
@@ -97,6 +104,15 @@ fn main() -> Result<()> {
         Cmd::Test { args } => {
             setup()?;
             test(&root, &args)
+        }
+        Cmd::Package { out } => {
+            setup()?;
+            let ctl = build_release(&root)?;
+            let out = out.unwrap_or_else(|| root.join("target/package"));
+            std::fs::create_dir_all(&out)?;
+            let deb = package::build(&root, &ctl, &out)?;
+            println!("{}", deb.display());
+            Ok(())
         }
         Cmd::Mutants { all_tests, names } => {
             setup()?;
@@ -438,6 +454,10 @@ fn build_and_load(root: &Path, config: Option<PathBuf>) -> Result<()> {
 /// everything else in release against target/release/router-ctl.
 fn test(root: &Path, args: &[String]) -> Result<()> {
     let ctl = build_release(root)?;
+    // The package the tests check (`safety::the_package_…`), from this build.
+    let out = root.join("target/package");
+    std::fs::create_dir_all(&out)?;
+    let deb = package::build(root, &ctl, &out)?;
     let mut checked = Command::new("cargo");
     checked
         .args([
@@ -465,7 +485,7 @@ fn test(root: &Path, args: &[String]) -> Result<()> {
     .args(args);
     let (mut passed, mut failed, mut ok) = (0u64, 0u64, true);
     for mut cmd in [checked, rest] {
-        cmd.env("ROUTER_CTL", &ctl);
+        cmd.env("ROUTER_CTL", &ctl).env("ROUTER_XDP_DEB", &deb);
         let (p, f, status_ok) = run_tests(cmd)?;
         passed += p;
         failed += f;
