@@ -44,6 +44,8 @@ const CTL_MUTANTS: &[&str] = &[
     "unscheduled_candidates_count",
     "no_legacy_mirror",
     "elections_without_fencer",
+    "renewed_without_fence_room",
+    "log_failure_kills",
     "signals_after_pid_file",
     "follow_route_events_ignored",
     "guard_strict_tcp_copied",

@@ -64,6 +64,10 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        // A log that cannot be written (a full /run under the fencer's or the daemon's log)
+        // loses the line: reporting that on stderr, the same file, would panic and end the
+        // process — the fencer with it.
+        .log_internal_errors(cfg!(mutant = "log_failure_kills"))
         .init();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,

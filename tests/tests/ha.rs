@@ -816,3 +816,74 @@ fn a_host_whose_fencer_stops_acknowledging_stands_for_nothing_until_it_is_replac
     assert_eq!(c.show()["active_host"], c.hosts[active].name.as_str());
     assert_roles_hold(&c, active);
 }
+
+/// Unmounts a tmpfs mounted for a test (lazily: the agent's fencer may still hold files).
+struct Mounted(String);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = tests::sh_out(&format!("umount -l {}", self.0));
+    }
+}
+
+/// `/run` full on the active host (each agent's state directory a small tmpfs, the active's
+/// filled up): the agent cannot write the fencer's deadline, so it stops renewing its lease;
+/// the fencer fences at the deadline it holds, the lease expires, the standby takes over. The
+/// address moves once, and never answers from two hosts.
+#[test]
+fn a_full_run_directory_on_the_active_host_moves_the_router_without_two_answering() {
+    let mut mounts = Vec::new();
+    let (c, active) = tests::in_setup(|| {
+        let mut c = Cluster::new(2);
+        for i in 0..2 {
+            let dir = c.hosts[i].run_dir();
+            tests::sh(&format!(
+                "mkdir -p {dir} && mount -t tmpfs -o size=4m tmpfs {dir}"
+            ));
+            mounts.push(Mounted(dir));
+            c.start_agent(i);
+        }
+        c.define_router(true);
+        c.wait_scheduled(2, Duration::from_secs(20));
+        let active = c.wait_converged(Duration::from_secs(20));
+        c.wait_ping(Duration::from_secs(10));
+        (c, active)
+    });
+    assert_roles_hold(&c, active);
+    let standby = 1 - active;
+    let (ping, arp) = (Pinger::start(&c), ArpWatch::start(&c));
+    std::thread::sleep(Duration::from_millis(300));
+    let dir = c.hosts[active].run_dir();
+    let full = tests::sh_out(&format!("dd if=/dev/zero of={dir}/fill bs=64k 2>&1"));
+    assert!(
+        String::from_utf8_lossy(&full.stdout).contains("No space left"),
+        "{dir} did not fill up: {}",
+        String::from_utf8_lossy(&full.stdout)
+    );
+    let filled = Instant::now();
+    wait_active(&c, standby, Duration::from_secs(10));
+    let took = filled.elapsed();
+    c.wait_ping(Duration::from_secs(10));
+    std::thread::sleep(Duration::from_millis(500));
+    let (sent, got) = ping.stop();
+    let macs = answering(&arp.stop());
+    eprintln!(
+        "full /run: the standby took over {took:?} after; {} of {sent} pings lost; MACs {macs:?}",
+        sent - got
+    );
+    assert_eq!(
+        macs,
+        vec![c.hosts[active].mac1.clone(), c.hosts[standby].mac1.clone()],
+        "the address moved once, from the full host to the standby"
+    );
+    let tables = tests::sh(&format!(
+        "ip netns exec {} nft list tables",
+        c.hosts[active].router_ns(ROUTER_ID)
+    ));
+    assert!(
+        tables.contains(router_ctl::kernel::nft::FENCE),
+        "the full host's fencer did not fence: {tables}"
+    );
+    drop(c);
+    drop(mounts);
+}

@@ -289,6 +289,25 @@ pub const MUTANTS: &[Mutant] = &[
         )],
     },
     Mutant {
+        name: "renewed_without_fence_room",
+        fault: "an agent whose fence file cannot be written (a full /run) renews its lease at \
+                each reconnection: the fencer fences at its old deadline while the lease lives, \
+                and no standby takes the router over",
+        tests: &[(
+            "ha",
+            "a_full_run_directory_on_the_active_host_moves_the_router_without_two_answering",
+        )],
+    },
+    Mutant {
+        name: "log_failure_kills",
+        fault: "a log line that cannot be written is reported on stderr, the same full file: \
+                the panic ends the fencer, and the host answers for the router with the standby",
+        tests: &[(
+            "ha",
+            "a_full_run_directory_on_the_active_host_moves_the_router_without_two_answering",
+        )],
+    },
+    Mutant {
         name: "ha_role_always_active",
         fault: "`show` says a followed HA router is active on every host, the standby too",
         tests: &[(

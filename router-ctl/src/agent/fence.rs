@@ -130,6 +130,16 @@ pub fn write_to(p: &std::path::Path, f: &Fence) -> Result<()> {
     std::fs::rename(&tmp, &p).with_context(|| format!("cannot write {}", p.display()))
 }
 
+/// Whether a file the size of the fence file can be written beside it now (a scratch file,
+/// removed at once; the fence file itself is left as it is).
+pub fn writable() -> Result<()> {
+    let p = path().with_extension("probe");
+    let r =
+        std::fs::write(&p, [b' '; 256]).with_context(|| format!("cannot write {}", p.display()));
+    let _ = std::fs::remove_file(&p);
+    r
+}
+
 pub fn read() -> Option<Fence> {
     serde_json::from_slice(&std::fs::read(path()).ok()?).ok()
 }
@@ -210,6 +220,7 @@ pub fn run_fencer() -> Result<()> {
     let mut missing = 0;
     let mut seen = false;
     let mut ack = Ack::default();
+    let mut ack_failing = false;
     loop {
         std::thread::sleep(Duration::from_millis(10));
         let Some(f) = read() else {
@@ -239,8 +250,13 @@ pub fn run_fencer() -> Result<()> {
                 .map_err(std::io::Error::other)
                 .and_then(|b| std::fs::write(&tmp, b))
                 .and_then(|_| std::fs::rename(&tmp, ack_path()));
-            if let Err(e) = written {
-                tracing::warn!(error = %e, "cannot acknowledge the deadline");
+            match written {
+                Err(e) if !ack_failing => {
+                    ack_failing = true;
+                    tracing::warn!(error = %e, "cannot acknowledge the deadline (the agent stands for no new HA role meanwhile)");
+                }
+                Err(_) => {}
+                Ok(()) => ack_failing = false,
             }
         }
         if f.routers.is_empty()

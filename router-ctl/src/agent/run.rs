@@ -732,8 +732,10 @@ impl Agent0 {
             }
         }
         // A host stands for an HA role only while a live fencer acknowledges its deadline (else
-        // nothing would fence it if its lease lapsed); after a second without, it withdraws
-        // from every role too (its supervisor meanwhile replaces the fencer).
+        // nothing would fence it if its lease lapsed), and withdraws the candidacies of routers
+        // it does not lead while none does, so that it cannot come to lead them (after a
+        // second its supervisor replaces the fencer). The routers it leads stay: withdrawing
+        // would move them for a fencer's hiccup, and the lease is still renewed.
         let fenced = self.fencing.acknowledged() || cfg!(mutant = "elections_without_fencer");
         if fenced {
             if self.fencer_silent.take().is_some() {
@@ -742,9 +744,6 @@ impl Agent0 {
         } else if self.fencer_silent.is_none() {
             self.fencer_silent = Some(Instant::now());
         }
-        let withdraw_all = self
-            .fencer_silent
-            .is_some_and(|t| t.elapsed() > Duration::from_secs(1));
         let ha = |id: &String| self.cache.routers[id].good.as_ref().is_some_and(|r| r.0.ha);
         let here: BTreeSet<String> = self
             .cache
@@ -772,10 +771,11 @@ impl Agent0 {
         // Candidacies for routers no longer scheduled here (or no longer HA), and for routers
         // whose devices are not ready here, go.
         for id in self.cache.elections.candidacies_of(&host) {
-            if withdraw_all {
+            let unfenced = !fenced && !before.contains(&id);
+            if unfenced {
                 tracing::warn!(router = %id, "no fencer acknowledges the deadline: withdrawing from the router's election");
             }
-            if withdraw_all || !here.contains(&id) || self.ready.get(&id) == Some(&false) {
+            if unfenced || !here.contains(&id) || self.ready.get(&id) == Some(&false) {
                 self.resign(c, &id).await?;
             }
         }
@@ -965,6 +965,15 @@ impl Agent0 {
             self.lease = Some(l);
         }
         let lease = self.lease.expect("a lease");
+        // A renewal whose deadline could not be written would keep the lease alive while the
+        // fencer acts on an older deadline (a fenced router no standby takes over): a session
+        // renews only where the fence file can be written (a full `/run` ends it here, and the
+        // lease runs out).
+        if !cfg!(mutant = "renewed_without_fence_room") {
+            fence::writable().context(
+                "the fence file cannot be written: the lease is not renewed, so that it expires when this host's fencer acts and another host takes the routers",
+            )?;
+        }
         // Renew at once: a restarted agent has little time left before its fencer acts.
         let (mut keeper, mut renewals) = timed(c.lease_keep_alive(lease)).await?;
         let sent = fence::monotonic_ns();
