@@ -61,6 +61,11 @@ pub enum Request {
         subnet: String,
         gateway: String,
         port_id: Option<String>,
+        /// IPv6: Neutron's ipv6_ra_mode and ipv6_address_mode.
+        #[serde(default)]
+        ipv6_ra_mode: Option<String>,
+        #[serde(default)]
+        ipv6_address_mode: Option<String>,
     },
     RemoveSubnet {
         router: String,
@@ -203,7 +208,18 @@ pub fn execute(t: Target, req: Request) -> Result<String> {
             subnet,
             gateway,
             port_id,
-        } => verbs::add_subnet(t, &router, &subnet, &gateway, port_id)?.id,
+            ipv6_ra_mode,
+            ipv6_address_mode,
+        } => {
+            let ip = crate::config::RawFixedIp {
+                subnet,
+                ip_address: gateway,
+                ipv6_ra_mode,
+                ipv6_address_mode,
+                ..Default::default()
+            };
+            verbs::add_subnet(t, &router, ip, port_id)?.id
+        }
         Request::RemoveSubnet { router, subnet } => verbs::remove_subnet(t, &router, &subnet)?.id,
         Request::AddRoute { router, route } => verbs::add_route(t, &router, &route)?.id,
         Request::RemoveRoute { router, route } => verbs::remove_route(t, &router, &route)?.id,

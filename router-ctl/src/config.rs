@@ -409,11 +409,44 @@ pub struct RawInterface {
     pub hook: Option<String>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawFixedIp {
     pub subnet: String,
     pub ip_address: String,
+    /// IPv6 subnets: Neutron's `ipv6_ra_mode` ("slaac", "dhcpv6-stateful",
+    /// "dhcpv6-stateless"): the router advertises the subnet on the port (router
+    /// advertisements, sent by the daemon).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipv6_ra_mode: Option<String>,
+    /// IPv6 subnets: Neutron's `ipv6_address_mode` (how instances get their addresses).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipv6_address_mode: Option<String>,
+    /// IPv6 subnets advertised: DNS servers (IPv6, at most 3) sent as RDNSS.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dns_nameservers: Vec<String>,
+}
+
+impl RawFixedIp {
+    /// Whether the entry says more than its subnet and address (then it keeps the
+    /// `fixed_ips` form).
+    fn has_options(&self) -> bool {
+        self.ipv6_ra_mode.is_some()
+            || self.ipv6_address_mode.is_some()
+            || !self.dns_nameservers.is_empty()
+    }
+}
+
+impl From<&FixedIp> for RawFixedIp {
+    fn from(f: &FixedIp) -> RawFixedIp {
+        RawFixedIp {
+            subnet: f.subnet.to_string(),
+            ip_address: f.gateway_ip.to_string(),
+            ipv6_ra_mode: f.ipv6_ra_mode.map(|m| m.as_str().to_string()),
+            ipv6_address_mode: f.ipv6_address_mode.map(|m| m.as_str().to_string()),
+            dns_nameservers: f.dns_nameservers.iter().map(|d| d.to_string()).collect(),
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
@@ -428,18 +461,12 @@ impl RawInterface {
     /// what `Router::definition` and a definition rebuilt from an old state both write.
     pub fn of(
         port_id: &str,
-        fixed: impl IntoIterator<Item = (IpNet, IpAddr)>,
+        fixed: impl IntoIterator<Item = RawFixedIp>,
         hook: Hook,
     ) -> RawInterface {
         RawInterface::new(
             port_id.to_string(),
-            fixed
-                .into_iter()
-                .map(|(subnet, ip)| RawFixedIp {
-                    subnet: subnet.to_string(),
-                    ip_address: ip.to_string(),
-                })
-                .collect(),
+            fixed.into_iter().collect(),
             raw_hook(hook),
         )
     }
@@ -464,6 +491,7 @@ impl RawInterface {
             (None, Some(s), Some(g)) => vec![RawFixedIp {
                 subnet: s.clone(),
                 ip_address: g.clone(),
+                ..RawFixedIp::default()
             }],
             _ => Vec::new(),
         }
@@ -472,7 +500,7 @@ impl RawInterface {
     /// Sets the port's fixed IPs, in the single-subnet form when there is one.
     pub fn set_fixed_ips(&mut self, ips: Vec<RawFixedIp>) {
         match &ips[..] {
-            [one] => {
+            [one] if !one.has_options() => {
                 self.subnet = Some(one.subnet.clone());
                 self.gateway_ip = Some(one.ip_address.clone());
                 self.fixed_ips = None;
@@ -603,7 +631,53 @@ pub struct Interface {
 pub struct FixedIp {
     pub subnet: IpNet,
     pub gateway_ip: IpAddr,
+    /// IPv6: the subnet is advertised on its port in this mode (router advertisements).
+    pub ipv6_ra_mode: Option<Ipv6Mode>,
+    pub ipv6_address_mode: Option<Ipv6Mode>,
+    /// Sent as RDNSS in the advertisements.
+    pub dns_nameservers: Vec<std::net::Ipv6Addr>,
 }
+
+/// Neutron's IPv6 modes of a subnet (`ipv6_ra_mode`, `ipv6_address_mode`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Ipv6Mode {
+    /// Addresses by stateless autoconfiguration from the advertised prefix.
+    #[serde(rename = "slaac")]
+    Slaac,
+    /// Addresses from DHCPv6 (the "managed" flag; the prefix is not autonomous).
+    #[serde(rename = "dhcpv6-stateful")]
+    Dhcpv6Stateful,
+    /// Addresses by autoconfiguration, other configuration from DHCPv6 (the "other" flag).
+    #[serde(rename = "dhcpv6-stateless")]
+    Dhcpv6Stateless,
+}
+
+impl Ipv6Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Ipv6Mode::Slaac => "slaac",
+            Ipv6Mode::Dhcpv6Stateful => "dhcpv6-stateful",
+            Ipv6Mode::Dhcpv6Stateless => "dhcpv6-stateless",
+        }
+    }
+}
+
+impl std::str::FromStr for Ipv6Mode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "slaac" => Ok(Ipv6Mode::Slaac),
+            "dhcpv6-stateful" => Ok(Ipv6Mode::Dhcpv6Stateful),
+            "dhcpv6-stateless" => Ok(Ipv6Mode::Dhcpv6Stateless),
+            _ => Err(format!(
+                " = '{s}' is not an IPv6 mode: use slaac, dhcpv6-stateful or dhcpv6-stateless"
+            )),
+        }
+    }
+}
+
+/// At most this many DNS servers per subnet (what Neutron passes to radvd's RDNSS).
+pub const MAX_DNS_NAMESERVERS: usize = 3;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct ExtraRoute {
@@ -620,13 +694,7 @@ impl Router {
             .interfaces
             .iter()
             .filter(|i| !i.external)
-            .map(|i| {
-                RawInterface::of(
-                    &i.port_id,
-                    i.fixed_ips.iter().map(|f| (f.subnet, f.gateway_ip)),
-                    i.hook,
-                )
-            })
+            .map(|i| RawInterface::of(&i.port_id, i.fixed_ips.iter().map(RawFixedIp::from), i.hook))
             .collect();
         let route = self
             .routes
@@ -796,12 +864,19 @@ fn validate_router(index: usize, r: RawRouter) -> Result<Router, String> {
                 "{at}: field 'port_id' must be a Neutron port UUID (at least 11 letters, digits or '-')"
             ));
         }
-        let pairs: Vec<(String, String, String)> = match (i.subnet, i.gateway_ip, i.fixed_ips) {
-            (Some(s), Some(g), None) => vec![(s, g, "gateway_ip".into())],
+        let pairs: Vec<(RawFixedIp, String)> = match (i.subnet, i.gateway_ip, i.fixed_ips) {
+            (Some(s), Some(g), None) => vec![(
+                RawFixedIp {
+                    subnet: s,
+                    ip_address: g,
+                    ..RawFixedIp::default()
+                },
+                "gateway_ip".into(),
+            )],
             (None, None, Some(f)) if !f.is_empty() => f
                 .into_iter()
                 .enumerate()
-                .map(|(n, f)| (f.subnet, f.ip_address, format!("fixed_ips[{n}].ip_address")))
+                .map(|(n, f)| (f, format!("fixed_ips[{n}].ip_address")))
                 .collect(),
             (None, None, Some(_)) => {
                 return Err(format!(
@@ -837,12 +912,15 @@ fn validate_router(index: usize, r: RawRouter) -> Result<Router, String> {
         }
         let device = device_of(&i.port_id);
         let mut fixed_ips: Vec<FixedIp> = Vec::new();
-        for (subnet, gateway, field) in pairs {
+        for (raw, field) in pairs {
             let sfield = field
                 .replace("ip_address", "subnet")
                 .replace("gateway_ip", "subnet");
-            let f = fixed_ip(&subnet, &gateway).map_err(|(which, e)| {
+            let mut f = fixed_ip(&raw.subnet, &raw.ip_address).map_err(|(which, e)| {
                 format!("{at}: field '{}'{e}", if which { &field } else { &sfield })
+            })?;
+            ipv6_options(&mut f, &raw).map_err(|(what, e)| {
+                format!("{at}: field '{}{what}'{e}", field.replace("ip_address", ""))
             })?;
             let clash = fixed_ips.iter().map(|x| (x, i.port_id.as_str())).chain(
                 interfaces
@@ -1286,7 +1364,69 @@ fn fixed_ip(subnet: &str, gateway: &str) -> Result<FixedIp, (bool, String)> {
     Ok(FixedIp {
         subnet: net,
         gateway_ip: ip,
+        ipv6_ra_mode: None,
+        ipv6_address_mode: None,
+        dns_nameservers: Vec::new(),
     })
+}
+
+/// The IPv6 options of a tenant subnet (`ipv6_ra_mode`, `ipv6_address_mode`,
+/// `dns_nameservers`), checked as Neutron checks them: IPv6 subnets only, both modes equal
+/// when both are given, at most `MAX_DNS_NAMESERVERS` IPv6 servers. Err: (field, why).
+fn ipv6_options(f: &mut FixedIp, raw: &RawFixedIp) -> Result<(), (&'static str, String)> {
+    if !raw.has_options() {
+        return Ok(());
+    }
+    if !f.subnet.is_ipv6() {
+        return Err((
+            "subnet",
+            format!(
+                " = {}: ipv6_ra_mode, ipv6_address_mode and dns_nameservers are for IPv6 subnets",
+                f.subnet
+            ),
+        ));
+    }
+    let mode = |v: &Option<String>, field| {
+        v.as_deref()
+            .map(|m| m.parse::<Ipv6Mode>().map_err(|e| (field, e)))
+            .transpose()
+    };
+    f.ipv6_ra_mode = mode(&raw.ipv6_ra_mode, "ipv6_ra_mode")?;
+    f.ipv6_address_mode = mode(&raw.ipv6_address_mode, "ipv6_address_mode")?;
+    if let (Some(r), Some(a)) = (f.ipv6_ra_mode, f.ipv6_address_mode) {
+        if r != a {
+            return Err((
+                "ipv6_address_mode",
+                format!(
+                    " = '{}' differs from ipv6_ra_mode '{}' (Neutron requires them equal when both are set)",
+                    a.as_str(),
+                    r.as_str()
+                ),
+            ));
+        }
+    }
+    if raw.dns_nameservers.len() > MAX_DNS_NAMESERVERS {
+        return Err((
+            "dns_nameservers",
+            format!(
+                " has {} entries, at most {MAX_DNS_NAMESERVERS} are advertised",
+                raw.dns_nameservers.len()
+            ),
+        ));
+    }
+    f.dns_nameservers = raw
+        .dns_nameservers
+        .iter()
+        .map(|d| {
+            d.parse::<std::net::Ipv6Addr>().map_err(|_| {
+                (
+                    "dns_nameservers",
+                    format!(" = '{d}' is not an IPv6 address (RDNSS carries IPv6 servers)"),
+                )
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(())
 }
 
 fn validate_across(routers: &[Router]) -> Result<(), String> {
@@ -1385,6 +1525,71 @@ nexthop = "172.16.101.254"
             ("nexthop = \"172.16.101.254\"\n", "nexthop = \"172.16.101.254\"\n[[router.route]]\ndestination = \"10.10.0.0/16\"\nnexthop = \"172.16.101.254\"\n", "is defined twice"),
         ];
         refused(SEED, cases);
+    }
+
+    const ADVERTISED: &str = r#"
+[[router]]
+id = "r6"
+[[router.interface]]
+port_id = "d295b258-4586-4e8a-9c3e-1f2a3b4c5d6e"
+fixed_ips = [
+  { subnet = "172.16.100.0/24", ip_address = "172.16.100.1" },
+  { subnet = "2001:db8:100::/64", ip_address = "2001:db8:100::1", ipv6_ra_mode = "slaac", ipv6_address_mode = "slaac", dns_nameservers = ["2001:db8::53"] },
+]
+[[router.interface]]
+port_id = "2ffdb861-731c-4b1a-8d2e-6f7a8b9c0d1e"
+fixed_ips = [
+  { subnet = "2001:db8:101::/64", ip_address = "2001:db8:101::1", ipv6_ra_mode = "dhcpv6-stateful" },
+]
+"#;
+
+    /// Neutron's IPv6 subnet options: read, kept through the definition's written form (a
+    /// single advertised subnet keeps the `fixed_ips` form), and refused where Neutron refuses
+    /// them.
+    #[test]
+    fn advertised_subnets_round_trip_and_bad_options_are_refused() {
+        let r = parse(ADVERTISED).unwrap();
+        let f = &r[0].interfaces[0].fixed_ips[1];
+        assert_eq!(f.ipv6_ra_mode, Some(Ipv6Mode::Slaac));
+        assert_eq!(f.ipv6_address_mode, Some(Ipv6Mode::Slaac));
+        assert_eq!(
+            f.dns_nameservers,
+            vec!["2001:db8::53".parse::<std::net::Ipv6Addr>().unwrap()]
+        );
+        assert_eq!(
+            r[0].interfaces[1].fixed_ips[0].ipv6_ra_mode,
+            Some(Ipv6Mode::Dhcpv6Stateful)
+        );
+        let text = to_text(&[r[0].definition()]);
+        assert_eq!(parse(&text).unwrap(), r, "{text}");
+        let cases: &[(&str, &str, &str)] = &[
+            (
+                "ipv6_ra_mode = \"dhcpv6-stateful\"",
+                "ipv6_ra_mode = \"radvd\"",
+                "'fixed_ips[0].ipv6_ra_mode' = 'radvd' is not an IPv6 mode",
+            ),
+            (
+                "ipv6_address_mode = \"slaac\"",
+                "ipv6_address_mode = \"dhcpv6-stateless\"",
+                "differs from ipv6_ra_mode 'slaac'",
+            ),
+            (
+                "dns_nameservers = [\"2001:db8::53\"]",
+                "dns_nameservers = [\"192.0.2.53\"]",
+                "is not an IPv6 address",
+            ),
+            (
+                "dns_nameservers = [\"2001:db8::53\"]",
+                "dns_nameservers = [\"::1\", \"::2\", \"::3\", \"::4\"]",
+                "at most 3",
+            ),
+            (
+                "ip_address = \"172.16.100.1\" }",
+                "ip_address = \"172.16.100.1\", ipv6_ra_mode = \"slaac\" }",
+                "are for IPv6 subnets",
+            ),
+        ];
+        refused(ADVERTISED, cases);
     }
 
     const DUAL: &str = r#"

@@ -319,6 +319,8 @@ pub fn run(
             .with_context(|| format!("applying {}", d.path.display()))?;
     }
     let mut watchers: BTreeMap<String, Watcher> = BTreeMap::new();
+    // Router advertisements, per router with advertised IPv6 subnets.
+    let mut advertisers: BTreeMap<String, crate::ra::Advertiser> = BTreeMap::new();
     let mut daemon_lock = Some(daemon_lock);
     let mut upgrade = false;
     let mut known: Option<(Option<std::time::SystemTime>, Vec<RouterState>)> = None;
@@ -459,6 +461,35 @@ pub fn run(
                 tracing::info!(router = %id, "neighbour watcher stopped");
             }
         }
+        // Advertisers follow the routers' advertised subnets: a router that no longer
+        // advertises (its subnets' modes removed) says so with a final advertisement; one
+        // destroyed said so in destroy.
+        let advertised: BTreeMap<String, (String, Vec<crate::ra::Port>)> = routers
+            .iter()
+            .map(|r| (r.id.clone(), (r.namespace.clone(), crate::ra::ports_of(r))))
+            .filter(|(_, (_, p))| !p.is_empty())
+            .collect();
+        let ended: Vec<String> = advertisers
+            .iter()
+            .filter(|(id, a)| !advertised.contains_key(*id) || a.is_finished())
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in ended {
+            if let Some(a) = advertisers.remove(&id) {
+                a.stop(ids.contains(id.as_str()));
+            }
+        }
+        for (id, (ns, ports)) in advertised {
+            match advertisers.get(&id) {
+                Some(a) => a.update(ports),
+                None => match crate::ra::Advertiser::start(&id, &ns, ports) {
+                    Ok(a) => drop(advertisers.insert(id, a)),
+                    Err(e) => {
+                        tracing::error!(router = %id, error = format!("{e:#}"), "cannot start the router advertisements")
+                    }
+                },
+            }
+        }
         for r in routers {
             if !watchers.contains_key(&r.id) {
                 let stop = Arc::new(Stop::default());
@@ -497,6 +528,11 @@ pub fn run(
     let _api = api.hold();
     for w in watchers.values() {
         w.stop.set();
+    }
+    // A daemon that stops withdraws nothing: the router keeps routing, and the advertised
+    // lifetime covers a restart.
+    for (_, a) in advertisers {
+        a.stop(false);
     }
     for (_, w) in watchers {
         let _ = w.handle.join();

@@ -13,6 +13,7 @@ pub mod kernel;
 pub mod live;
 pub mod metrics;
 pub mod nat;
+pub mod ra;
 pub mod routes;
 pub mod state;
 pub mod table;

@@ -27,7 +27,18 @@ pub fn render() -> Result<String> {
     let drops = Family::<Labels, Counter>::default();
     let nat = Family::<Labels, Counter>::default();
     let routers = Family::<Labels, Gauge>::default();
+    let ra_sent = Family::<Labels, Counter>::default();
+    let ra_solicited = Family::<Labels, Counter>::default();
     for r in RouterState::all()?.into_iter().filter(|r| r.lost.is_none()) {
+        for (device, c) in crate::ra::counters(&r.id) {
+            let l: Labels = vec![
+                ("router".into(), r.name.clone()),
+                ("router_id".into(), r.id.clone()),
+                ("device".into(), device),
+            ];
+            ra_sent.get_or_create(&l).inc_by(c.sent);
+            ra_solicited.get_or_create(&l).inc_by(c.solicited);
+        }
         routers
             .get_or_create(&vec![
                 ("router".into(), r.name.clone()),
@@ -101,6 +112,16 @@ pub fn render() -> Result<String> {
         pass_bytes,
     );
     reg.register("dropped_packets", "Frames dropped by the fast path", drops);
+    reg.register(
+        "router_advertisements",
+        "IPv6 router advertisements sent on the port (periodic, solicited and final)",
+        ra_sent,
+    );
+    reg.register(
+        "router_solicitations_answered",
+        "IPv6 router solicitations answered with an advertisement on the port",
+        ra_solicited,
+    );
     reg.register(
         "nat_packets",
         "Packets the fast path forwarded with their source (SNAT) or destination (DNAT) translated, by ingress device",

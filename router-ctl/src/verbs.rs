@@ -58,7 +58,11 @@ fn rebuilt(st: &RouterState) -> RawRouter {
         .map(|i| {
             RawInterface::of(
                 &i.port_id,
-                i.fixed_ips.iter().map(|f| (f.subnet, f.gateway_ip)),
+                i.fixed_ips.iter().map(|f| RawFixedIp {
+                    subnet: f.subnet.to_string(),
+                    ip_address: f.gateway_ip.to_string(),
+                    ..RawFixedIp::default()
+                }),
                 i.hook,
             )
         })
@@ -389,11 +393,12 @@ fn change(
     apply_definition(t, def)
 }
 
+/// `router add subnet R --subnet S --gateway G [--ipv6-ra-mode M --ipv6-address-mode M]`:
+/// the subnet `ip` on a new port, or on port `port_id` when the router has it.
 pub fn add_subnet(
     t: Target,
     router: &str,
-    subnet: &str,
-    gateway: &str,
+    ip: RawFixedIp,
     port_id: Option<String>,
 ) -> Result<Router> {
     let port = match port_id {
@@ -401,10 +406,6 @@ pub fn add_subnet(
         None => new_uuid()?,
     };
     change(t, router, |_, def| {
-        let ip = RawFixedIp {
-            subnet: subnet.to_string(),
-            ip_address: gateway.to_string(),
-        };
         match def.interface.iter_mut().find(|i| i.port_id == port) {
             // A port the router has already gets one more fixed IP (a dual-stack port).
             Some(i) => {

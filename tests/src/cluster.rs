@@ -544,13 +544,26 @@ impl Cluster {
     /// Makes the router dual-stack through the CLI: 2001:db8:100::/64 on port 1 and
     /// 2001:db8:101::/64 on port 2 (gateways ::1), vm1 2001:db8:100::3 and vm3
     /// 2001:db8:101::3 with their gateways as default routes.
+    /// IPv6 subnets on both ports (the first advertised, `slaac`), and static addresses on
+    /// the instances.
     pub fn add_ipv6(&self) {
-        for (subnet, gw, port) in [
-            ("2001:db8:100::/64", "2001:db8:100::1", PORT_1),
-            ("2001:db8:101::/64", "2001:db8:101::1", PORT_2),
-        ] {
-            self.add_subnet(subnet, gw, port);
-        }
+        self.ctl_ok(&[
+            "router",
+            "add",
+            "subnet",
+            "r1",
+            "--subnet",
+            "2001:db8:100::/64",
+            "--gateway",
+            "2001:db8:100::1",
+            "--port-id",
+            PORT_1,
+            "--ipv6-ra-mode",
+            "slaac",
+            "--ipv6-address-mode",
+            "slaac",
+        ]);
+        self.add_subnet("2001:db8:101::/64", "2001:db8:101::1", PORT_2);
         for (ns, addr, gw) in [
             (&self.vm1, "2001:db8:100::3/64", "2001:db8:100::1"),
             (&self.vm3, "2001:db8:101::3/64", "2001:db8:101::1"),

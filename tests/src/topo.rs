@@ -90,12 +90,18 @@ impl Ids {
     }
 
     pub fn config_dual_with(&self, router_fields: &str, extra: &str) -> String {
-        let fixed = |n: u32| {
+        self.config_dual_fields(router_fields, "", "", extra)
+    }
+
+    /// As `config_dual_with`, with fields `a` and `b` added to the IPv6 subnet of port a and
+    /// port b (e.g. `, ipv6_ra_mode = "slaac"`).
+    pub fn config_dual_fields(&self, router_fields: &str, a: &str, b: &str, extra: &str) -> String {
+        let fixed = |n: u32, more: &str| {
             format!(
-                "fixed_ips = [\n  {{ subnet = \"172.16.{n}.0/24\", ip_address = \"172.16.{n}.1\" }},\n  {{ subnet = \"2001:db8:{n}::/64\", ip_address = \"2001:db8:{n}::1\" }},\n]"
+                "fixed_ips = [\n  {{ subnet = \"172.16.{n}.0/24\", ip_address = \"172.16.{n}.1\" }},\n  {{ subnet = \"2001:db8:{n}::/64\", ip_address = \"2001:db8:{n}::1\"{more} }},\n]"
             )
         };
-        self.router_toml(router_fields, &fixed(100), &fixed(101), extra)
+        self.router_toml(router_fields, &fixed(100, a), &fixed(101, b), extra)
     }
 
     /// This router with ports a and b, each with the addressing given.
@@ -179,6 +185,13 @@ impl Seed {
             ));
         }
         s
+    }
+
+    /// The dual-stack seed whose IPv6 subnets carry fields `a` and `b`
+    /// (`Ids::config_dual_fields`), the instances left to configure IPv6 themselves (kernel
+    /// defaults: they accept router advertisements and autoconfigure).
+    pub fn up_dual_advertised(a: &str, b: &str) -> Seed {
+        Seed::plugged_then_applied(|ids| ids.config_dual_fields("", a, b, ""))
     }
 
     /// vm1 and vm3 talk to their IPv6 gateways, so that the router learns both (ND).

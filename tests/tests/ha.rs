@@ -456,11 +456,7 @@ fn a_cli_change_reaches_the_host_the_router_is_scheduled_on() {
         "put {key} '[[router]]\nid = \"{ROUTER_ID}\"\nname = \"r1\"\ncolour = \"red\"\n'"
     ));
     let t = Instant::now();
-    let status = || {
-        etcdctl(&format!(
-            "get --print-value-only --prefix /router-xdp/v1/hosts/"
-        ))
-    };
+    let status = || etcdctl("get --print-value-only --prefix /router-xdp/v1/hosts/");
     while !status().contains("not applied") {
         assert!(
             t.elapsed() < Duration::from_secs(10),
@@ -689,6 +685,33 @@ fn a_dual_stack_router_fails_over_with_neighbour_advertisements() {
         !v6.contains("2001:db8:100::1"),
         "a standby holds no IPv6 address: {v6}"
     );
+    // Router advertisements for the advertised subnet: from the active host only.
+    let dirs: Vec<String> = c.hosts.iter().map(|h| h.run_dir()).collect();
+    let advertised = |i: usize| -> u64 {
+        let f = format!("{}/ra/{ROUTER_ID}.json", dirs[i]);
+        std::fs::read(&f)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .map(|v| {
+                v.as_object()
+                    .map(|o| o.values().filter_map(|d| d["sent"].as_u64()).sum())
+                    .unwrap_or(0)
+            })
+            .unwrap_or(0)
+    };
+    let t = Instant::now();
+    while advertised(active) == 0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "the active host sends no router advertisement"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        advertised(standby),
+        0,
+        "the standby sent router advertisements"
+    );
     // What the probe hears on the tenant network: the new active's unsolicited advertisement.
     let capture = tests::topo::Recorder::start(&c.probe, "eth0", |f| {
         f.len() >= 78 && f[12..14] == [0x86, 0xdd] && f[20] == 58 && f[54] == 136
@@ -719,6 +742,14 @@ fn a_dual_stack_router_fails_over_with_neighbour_advertisements() {
         );
     }
     assert!(tests::sh(&format!("ip -n {ns} -6 addr show scope global")).contains("2001:db8:100::1"));
+    let t = Instant::now();
+    while advertised(standby) == 0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "the new active host sends no router advertisement"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// The fencer is supervised: killed, it is started again by the agent within a couple of

@@ -308,6 +308,39 @@ pub const MUTANTS: &[Mutant] = &[
         )],
     },
     Mutant {
+        name: "ra_solicitations_ignored",
+        fault: "router solicitations are never answered: an instance waits up to 16 s, then \
+                30 to 100 s, for the next periodic advertisement",
+        tests: &[(
+            "ra",
+            "instances_that_autoconfigure_get_their_address_and_default_route_from_the_router",
+        )],
+    },
+    Mutant {
+        name: "ra_no_final",
+        fault: "a subnet that stops being advertised gets no final advertisement: instances \
+                keep the router as their default for its whole lifetime",
+        tests: &[(
+            "ra",
+            "instances_that_autoconfigure_get_their_address_and_default_route_from_the_router",
+        )],
+    },
+    Mutant {
+        name: "ra_stateful_autonomous",
+        fault: "a dhcpv6-stateful subnet's prefix is advertised autonomous: instances \
+                autoconfigure addresses DHCPv6 should assign",
+        tests: &[("lib", "ra::tests::each_mode_advertises_its_flags_and_options")],
+    },
+    Mutant {
+        name: "ra_standby_advertises",
+        fault: "an HA router's standby host advertises its subnets too: instances take a \
+                router that holds none of the router's addresses as their default",
+        tests: &[(
+            "ha",
+            "a_dual_stack_router_fails_over_with_neighbour_advertisements",
+        )],
+    },
+    Mutant {
         name: "ha_role_always_active",
         fault: "`show` says a followed HA router is active on every host, the standby too",
         tests: &[(

@@ -1269,6 +1269,9 @@ fn destroy_found(st: RouterState) -> Result<RouterState> {
     let ns = st.namespace.clone();
     let live = st.lost.is_none() && st.namespace_gone().is_none();
     if live {
+        // Instances that autoconfigured from the router's advertisements drop it as their
+        // default router at once (router lifetime 0), before its devices go.
+        crate::ra::withdraw(&st);
         let s = st.clone();
         netns::run_in(&ns, move || {
             let rt = Rtnl::new()?;

@@ -351,6 +351,14 @@ pub enum AddCmd {
         /// The Neutron port id (default: a new UUID).
         #[arg(long)]
         port_id: Option<String>,
+        /// IPv6: how the router advertises the subnet (slaac, dhcpv6-stateful,
+        /// dhcpv6-stateless), as Neutron's subnet option.
+        #[arg(long, value_name = "MODE")]
+        ipv6_ra_mode: Option<String>,
+        /// IPv6: how instances get addresses (Neutron's subnet option; equal to
+        /// --ipv6-ra-mode when both are given).
+        #[arg(long, value_name = "MODE")]
+        ipv6_address_mode: Option<String>,
     },
     /// Add an extra route: --route destination=CIDR,gateway=IP.
     Route {

@@ -34,15 +34,24 @@ pub fn selected_live(router: &Option<String>) -> Result<Vec<RouterState>> {
 
 /// `openstack router show` style: a Field | Value table.
 pub fn router_table(r: &RouterState, json_out: bool) -> Result<()> {
+    let modes = router_ctl::ra::modes(r);
+    let mode = |dev: &str, subnet| modes.get(&(dev.to_string(), subnet)).map(|m| m.as_str());
     let interfaces: Vec<String> = r
         .interfaces
         .iter()
         .flat_map(|i| {
-            i.fixed_ips
-                .iter()
-                .map(|f| format!("{} {} {} {}", i.port_id, i.device, f.subnet, f.gateway_ip))
+            i.fixed_ips.iter().map(|f| {
+                let ra = mode(&i.device, f.subnet)
+                    .map(|m| format!(" ipv6_ra_mode={m}"))
+                    .unwrap_or_default();
+                format!(
+                    "{} {} {} {}{ra}",
+                    i.port_id, i.device, f.subnet, f.gateway_ip
+                )
+            })
         })
         .collect();
+    let ra = router_ctl::ra::counters(&r.id);
     let routes: Vec<String> = r
         .routes
         .iter()
@@ -51,7 +60,8 @@ pub fn router_table(r: &RouterState, json_out: bool) -> Result<()> {
     if json_out {
         print_json(json!({
             "id": r.id, "name": r.name, "status": health(r).0, "problems": health(r).1, "namespace": r.namespace,
-            "interfaces_info": r.interfaces.iter().flat_map(|i| i.fixed_ips.iter().map(|f| json!({"port_id": i.port_id, "device": i.device, "subnet": f.subnet, "ip_address": f.gateway_ip}))).collect::<Vec<_>>(),
+            "interfaces_info": r.interfaces.iter().flat_map(|i| i.fixed_ips.iter().map(|f| json!({"port_id": i.port_id, "device": i.device, "subnet": f.subnet, "ip_address": f.gateway_ip, "ipv6_ra_mode": mode(&i.device, f.subnet)}))).collect::<Vec<_>>(),
+            "router_advertisements": ra.iter().map(|(d, c)| (d.clone(), json!({"sent": c.sent, "solicitations_answered": c.solicited}))).collect::<serde_json::Map<_, _>>(),
             "routes": r.routes.iter().filter(|x| !x.gateway).map(|x| json!({"destination": x.destination, "nexthop": x.nexthop})).collect::<Vec<_>>(),
             "external_gateway_info": gateway_json(r),
             "floating_ips": floating_ips_json(r),
@@ -68,6 +78,18 @@ pub fn router_table(r: &RouterState, json_out: bool) -> Result<()> {
     }
     t.row(vec!["namespace".into(), r.namespace.clone()]);
     t.row(vec!["interfaces_info".into(), interfaces.join("; ")]);
+    if !ra.is_empty() {
+        let v: Vec<String> = ra
+            .iter()
+            .map(|(d, c)| {
+                format!(
+                    "{d}: {} sent, {} solicitations answered",
+                    c.sent, c.solicited
+                )
+            })
+            .collect();
+        t.row(vec!["router_advertisements".into(), v.join("; ")]);
+    }
     t.row(vec!["routes".into(), routes.join("; ")]);
     if let Some(g) = &r.gateway {
         let ips: Vec<String> = r

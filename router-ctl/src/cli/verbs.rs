@@ -294,6 +294,8 @@ pub fn router_verb(t: Target, cmd: RouterCmd, json_flag: bool) -> Result<()> {
                     subnet,
                     gateway,
                     port_id,
+                    ipv6_ra_mode,
+                    ipv6_address_mode,
                 },
         } => after(
             change(Request::AddSubnet {
@@ -301,6 +303,8 @@ pub fn router_verb(t: Target, cmd: RouterCmd, json_flag: bool) -> Result<()> {
                 subnet,
                 gateway,
                 port_id,
+                ipv6_ra_mode,
+                ipv6_address_mode,
             })?,
             Format::Table,
         ),

@@ -138,7 +138,7 @@ pub const FENCE: &str = "router_fence";
 pub fn fence_ruleset() -> String {
     format!(
         "table arp {FENCE} {{\n  chain output {{\n    type filter hook output priority 0; policy drop;\n  }}\n}}\n\
-         table ip6 {FENCE} {{\n  chain output {{\n    type filter hook output priority 0; policy accept;\n    icmpv6 type {{ nd-neighbor-solicit, nd-neighbor-advert }} drop\n  }}\n}}\n"
+         table ip6 {FENCE} {{\n  chain output {{\n    type filter hook output priority 0; policy accept;\n    icmpv6 type {{ nd-neighbor-solicit, nd-neighbor-advert, nd-router-advert }} drop\n  }}\n}}\n"
     )
 }
 
