@@ -707,6 +707,9 @@ fn a_dual_stack_router_fails_over_with_neighbour_advertisements() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+    // The standby's daemon runs the same advertiser for the router (ready to take over): it
+    // has had time to send, and sent nothing.
+    std::thread::sleep(Duration::from_secs(2));
     assert_eq!(
         advertised(standby),
         0,
