@@ -50,6 +50,7 @@ const CTL_MUTANTS: &[&str] = &[
     "ra_no_final",
     "ra_stateful_autonomous",
     "ra_standby_advertises",
+    "api_group_ignored",
     "signals_after_pid_file",
     "follow_route_events_ignored",
     "guard_strict_tcp_copied",

@@ -267,15 +267,38 @@ pub fn execute(t: Target, req: Request) -> Result<String> {
     })
 }
 
-/// Serves the socket from a thread of its own.
-pub fn serve() -> Result<Served> {
+/// `--api-group`: a group's id, from its name or its number.
+pub fn group_id(name: &str) -> Result<u32> {
+    if let Ok(gid) = name.parse::<u32>() {
+        return Ok(gid);
+    }
+    let c = std::ffi::CString::new(name)
+        .map_err(|_| anyhow!("--api-group {name:?}: not a group name"))?;
+    // SAFETY: getgrnam with a NUL-terminated name; the entry is read at once.
+    let g = unsafe { libc::getgrnam(c.as_ptr()) };
+    if g.is_null() {
+        return Err(anyhow!(
+            "--api-group {name}: no such group (give a group name or a gid)"
+        ));
+    }
+    // SAFETY: a non-null entry from getgrnam.
+    Ok(unsafe { (*g).gr_gid })
+}
+
+/// Serves the socket from a thread of its own; with `group`, that group's members may use it
+/// as root may.
+pub fn serve(group: Option<u32>) -> Result<Served> {
     let path = socket_path();
     // The socket's directory (the run directory: state, journals, the fence) is root's alone,
-    // so the socket cannot be reached by a path through it even with a mode changed by hand.
+    // so the socket cannot be reached by a path through it even with a mode changed by hand;
+    // with an API group, its members may pass through it (not list it).
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-            .with_context(|| format!("cannot make {} root-only", dir.display()))?;
+        let mode = if group.is_some() { 0o710 } else { 0o700 };
+        std::os::unix::fs::chown(dir, Some(0), Some(group.unwrap_or(0)))
+            .with_context(|| format!("cannot give {} to root", dir.display()))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
+            .with_context(|| format!("cannot set the mode of {}", dir.display()))?;
     }
     let _ = std::fs::remove_file(&path);
     // Created with mode 0600 from the start (no moment where another user may connect).
@@ -286,6 +309,11 @@ pub fn serve() -> Result<Served> {
     unsafe { libc::umask(old_mask) };
     let listener = bound.with_context(|| format!("cannot listen on {}", path.display()))?;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    if let Some(gid) = group {
+        std::os::unix::fs::chown(&path, Some(0), Some(gid))?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o660))?;
+        tracing::info!(gid, "API open to the group's members too");
+    }
     tracing::info!(socket = %path.display(), "API listening");
     let served = Served {
         busy: Default::default(),
@@ -300,7 +328,7 @@ pub fn serve() -> Result<Served> {
                 // acted on, and its client, answered by the closed connection, acts itself.
                 let _busy = busy.lock().unwrap_or_else(|e| e.into_inner());
                 let answer = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    peer_is_root(&conn)?;
+                    peer_allowed(&conn, group)?;
                     handle(&conn)
                 }));
                 let resp = match answer {
@@ -329,7 +357,7 @@ pub fn serve() -> Result<Served> {
 
 /// Only root may change routers through the socket (its mode says so too; this holds when
 /// the mode was changed by hand).
-fn peer_is_root(conn: &UnixStream) -> Result<()> {
+fn peer_allowed(conn: &UnixStream, group: Option<u32>) -> Result<()> {
     use std::os::fd::AsRawFd as _;
     let mut cred = libc::ucred {
         pid: 0,
@@ -353,18 +381,40 @@ fn peer_is_root(conn: &UnixStream) -> Result<()> {
             std::io::Error::last_os_error()
         ));
     }
-    if cred.uid != 0 {
-        tracing::warn!(
-            uid = cred.uid,
-            pid = cred.pid,
-            "API request from a user other than root refused"
-        );
-        return Err(anyhow!(
-            "only root may change routers (uid {} asked)",
-            cred.uid
-        ));
+    if cred.uid == 0 {
+        return Ok(());
     }
-    Ok(())
+    if let Some(gid) = group.filter(|_| !cfg!(mutant = "api_group_ignored")) {
+        if cred.gid == gid || supplementary_groups(cred.pid).contains(&gid) {
+            return Ok(());
+        }
+    }
+    tracing::warn!(
+        uid = cred.uid,
+        pid = cred.pid,
+        "API request from a user other than root (or the API group) refused"
+    );
+    Err(anyhow!(
+        "only root{} may change routers (uid {} asked)",
+        group
+            .map(|g| format!(" and members of group {g}"))
+            .unwrap_or_default(),
+        cred.uid
+    ))
+}
+
+/// The supplementary groups of process `pid` (its `Groups:` line).
+fn supplementary_groups(pid: i32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("Groups:"))
+        .map(|g| {
+            g.split_whitespace()
+                .filter_map(|x| x.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 fn handle(conn: &UnixStream) -> Result<String> {
@@ -412,7 +462,18 @@ fn handle(conn: &UnixStream) -> Result<String> {
 /// Sends a request to the running daemon; None when no daemon listens, or when it stopped
 /// without acting on the request (see `BUSY`).
 pub fn call(req: &Request) -> Option<Result<String>> {
-    let mut s = UnixStream::connect(socket_path()).ok()?;
+    let mut s = match UnixStream::connect(socket_path()) {
+        Ok(s) => s,
+        // A daemon runs, and its socket is not ours to use: changes are root's (and its API
+        // group's), here as there.
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            return Some(Err(anyhow!(
+                "permission denied on {}: only root and members of the daemon's API group (`run --api-group`) may change routers",
+                socket_path().display()
+            )))
+        }
+        Err(_) => return None,
+    };
     let mut run = || -> Result<Option<String>> {
         s.set_read_timeout(Some(Duration::from_secs(120)))?;
         writeln!(s, "{}", serde_json::to_string(req)?)?;

@@ -256,6 +256,7 @@ pub fn run(
     auto: bool,
     agent: Option<crate::agent::run::Options>,
     follow: Vec<String>,
+    api_group: Option<u32>,
 ) -> Result<()> {
     let stay = stay || file.is_some() || agent.is_some() || !follow.is_empty();
     // A daemon that is leaving may hold the lock for a moment: wait up to two seconds.
@@ -294,7 +295,7 @@ pub fn run(
     if let Some(addr) = &metrics {
         crate::metrics::serve(addr)?;
     }
-    let api = crate::api::serve()?;
+    let api = crate::api::serve(api_group)?;
     if cfg!(mutant = "signals_after_pid_file") {
         // The fault: a window in which SIGUSR1 ends the daemon.
         std::thread::sleep(Duration::from_millis(50));

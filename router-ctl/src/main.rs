@@ -154,6 +154,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Run {
             stay,
+            api_group,
             metrics,
             file,
             auto,
@@ -202,7 +203,11 @@ fn run(cli: Cli) -> Result<()> {
             if let Some(bad) = follow.iter().find(|p| p.is_empty() || p.contains('/')) {
                 anyhow::bail!("--follow {bad:?}: a pattern names namespaces under /run/netns ('*' for any characters, no '/')");
             }
-            daemon::run(stay, file, metrics, auto, agent, follow)?
+            let api_group = api_group
+                .as_deref()
+                .map(router_ctl::api::group_id)
+                .transpose()?;
+            daemon::run(stay, file, metrics, auto, agent, follow, api_group)?
         }
         Cmd::Fence => router_ctl::agent::fence::run_fencer()?,
         Cmd::Agent {

@@ -637,3 +637,82 @@ fn the_package_holds_the_binary_unit_configuration_and_man_page() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `run --api-group GID`: members of the group change routers through the daemon's socket as
+/// root does; a user outside it is refused, and nothing changes.
+#[test]
+fn members_of_the_api_group_change_routers_through_the_daemon_and_others_cannot() {
+    // A daemon of its own, with its own run directory (not under the default one, which is
+    // root's alone), pins and namespace prefix.
+    let tag = format!("g{}", std::process::id() % 1_000_000);
+    let run_dir = format!("/run/router-xdp-{tag}");
+    let env = [
+        ("ROUTER_XDP_RUN_DIR", run_dir.clone()),
+        (
+            "ROUTER_XDP_BPF_DIR",
+            format!("/sys/fs/bpf/router-xdp/instances/{tag}/v1"),
+        ),
+        ("ROUTER_XDP_NS_PREFIX", format!("qrouter-{tag}-")),
+    ];
+    let ctl = tests::router_ctl();
+    let mut daemon = std::process::Command::new(&ctl)
+        .envs(env.clone())
+        .args(["run", "--stay", "--api-group", "4242"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("the daemon");
+    let sock = std::path::PathBuf::from(format!("{run_dir}/ctl.sock"));
+    let t = std::time::Instant::now();
+    while !sock.exists() {
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(5),
+            "no API socket"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let as_user = |gid: u32, args: &[&str]| {
+        std::process::Command::new("setpriv")
+            .args([
+                "--reuid=65534",
+                &format!("--regid={gid}"),
+                "--clear-groups",
+                "--",
+            ])
+            .arg(&ctl)
+            .envs(env.clone())
+            .args(args)
+            .output()
+            .expect("setpriv")
+    };
+    let id = "6a0e2b4c-0d3f-4f7e-9a51-2c8d7e6f5a40";
+    let state = std::path::PathBuf::from(format!("{run_dir}/routers/{id}.json"));
+    let created = as_user(4242, &["router", "create", "api-group-test", "--id", id]);
+    let refused = as_user(4343, &["router", "delete", id]);
+    let kept = state.exists();
+    // Root tears down whatever happened.
+    let _ = std::process::Command::new(&ctl)
+        .envs(env.clone())
+        .args(["router", "delete", id])
+        .output();
+    // SAFETY: plain kill(2) of the daemon this test started.
+    unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
+    let _ = daemon.wait();
+    let _ = std::fs::remove_dir_all(&run_dir);
+    let _ = std::fs::remove_dir_all(format!("/sys/fs/bpf/router-xdp/instances/{tag}"));
+    assert!(
+        created.status.success(),
+        "a member of the API group could not create a router: {}",
+        String::from_utf8_lossy(&created.stderr)
+    );
+    assert!(
+        !refused.status.success(),
+        "a user outside the API group deleted a router"
+    );
+    let why = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        why.contains("permission denied") && why.contains("API group"),
+        "{why}"
+    );
+    assert!(kept, "the refused delete removed the router");
+}

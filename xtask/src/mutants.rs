@@ -341,6 +341,15 @@ pub const MUTANTS: &[Mutant] = &[
         )],
     },
     Mutant {
+        name: "api_group_ignored",
+        fault: "the daemon's peer check ignores --api-group: its members reach the socket and \
+                are refused all the same",
+        tests: &[(
+            "safety",
+            "members_of_the_api_group_change_routers_through_the_daemon_and_others_cannot",
+        )],
+    },
+    Mutant {
         name: "ha_role_always_active",
         fault: "`show` says a followed HA router is active on every host, the standby too",
         tests: &[(

@@ -130,6 +130,10 @@ pub enum Cmd {
         /// Keep running when no router is applied.
         #[arg(long)]
         stay: bool,
+        /// Members of GROUP (a name or a gid) may change routers through this daemon's socket,
+        /// as root may (the socket and its directory become the group's to reach).
+        #[arg(long, value_name = "GROUP")]
+        api_group: Option<String>,
         /// Serve Prometheus metrics at /metrics: on PORT of 127.0.0.1, or on ADDRESS:PORT
         /// (e.g. 10.0.0.11:9417 for a scraper elsewhere).
         #[arg(long, value_name = "[ADDRESS:]PORT")]
