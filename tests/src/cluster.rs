@@ -508,24 +508,30 @@ impl Cluster {
             ("172.16.100.0/24", "172.16.100.1", PORT_1),
             ("172.16.101.0/24", "172.16.101.1", PORT_2),
         ] {
-            self.add_subnet(subnet, gw, port);
+            self.add_subnet(subnet, gw, port, &[]);
         }
     }
 
     /// `router add subnet r1 --subnet SUBNET --gateway GW --port-id PORT`.
-    fn add_subnet(&self, subnet: &str, gw: &str, port: &str) {
-        self.ctl_ok(&[
-            "router",
-            "add",
-            "subnet",
-            "r1",
-            "--subnet",
-            subnet,
-            "--gateway",
-            gw,
-            "--port-id",
-            port,
-        ]);
+    /// `router add subnet` of r1, with `more` options.
+    fn add_subnet(&self, subnet: &str, gw: &str, port: &str, more: &[&str]) {
+        let args = [
+            &[
+                "router",
+                "add",
+                "subnet",
+                "r1",
+                "--subnet",
+                subnet,
+                "--gateway",
+                gw,
+                "--port-id",
+                port,
+            ][..],
+            more,
+        ]
+        .concat();
+        self.ctl_ok(&args);
     }
 
     /// Waits until the router is scheduled on `n` hosts.
@@ -542,28 +548,13 @@ impl Cluster {
     }
 
     /// Makes the router dual-stack through the CLI: 2001:db8:100::/64 on port 1 and
-    /// 2001:db8:101::/64 on port 2 (gateways ::1), vm1 2001:db8:100::3 and vm3
-    /// 2001:db8:101::3 with their gateways as default routes.
-    /// IPv6 subnets on both ports (the first advertised, `slaac`), and static addresses on
-    /// the instances.
+    /// 2001:db8:100::/64 on port 1 (advertised: `slaac`) and 2001:db8:101::/64 on port 2
+    /// (gateways ::1), vm1 2001:db8:100::3 and vm3 2001:db8:101::3 with their gateways as
+    /// default routes.
     pub fn add_ipv6(&self) {
-        self.ctl_ok(&[
-            "router",
-            "add",
-            "subnet",
-            "r1",
-            "--subnet",
-            "2001:db8:100::/64",
-            "--gateway",
-            "2001:db8:100::1",
-            "--port-id",
-            PORT_1,
-            "--ipv6-ra-mode",
-            "slaac",
-            "--ipv6-address-mode",
-            "slaac",
-        ]);
-        self.add_subnet("2001:db8:101::/64", "2001:db8:101::1", PORT_2);
+        let slaac = ["--ipv6-ra-mode", "slaac", "--ipv6-address-mode", "slaac"];
+        self.add_subnet("2001:db8:100::/64", "2001:db8:100::1", PORT_1, &slaac);
+        self.add_subnet("2001:db8:101::/64", "2001:db8:101::1", PORT_2, &[]);
         for (ns, addr, gw) in [
             (&self.vm1, "2001:db8:100::3/64", "2001:db8:100::1"),
             (&self.vm3, "2001:db8:101::3/64", "2001:db8:101::1"),

@@ -1247,17 +1247,7 @@ pub fn packet_socket(dev: &std::ffi::CStr) -> i32 {
             &big as *const _ as *const libc::c_void,
             4,
         );
-        let tv = libc::timeval {
-            tv_sec: 0,
-            tv_usec: 100_000,
-        };
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            &tv as *const _ as *const libc::c_void,
-            std::mem::size_of::<libc::timeval>() as u32,
-        );
+        recv_timeout_100ms(fd);
         fd
     }
 }
@@ -1285,5 +1275,23 @@ pub fn recv_incoming(fd: i32, buf: &mut [u8]) -> Option<&[u8]> {
         if pkttype != libc::PACKET_OUTGOING as u8 {
             return Some(&buf[..n as usize]);
         }
+    }
+}
+
+/// Reads on socket `fd` give up after 100 ms (so that a reader loop can check its clock).
+pub fn recv_timeout_100ms(fd: i32) {
+    let tv = libc::timeval {
+        tv_sec: 0,
+        tv_usec: 100_000,
+    };
+    // SAFETY: setsockopt with a timeval on the stack.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&tv as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as u32,
+        );
     }
 }

@@ -75,17 +75,7 @@ fn listen(
             assert!(fd >= 0, "raw socket");
             let c = std::ffi::CString::new(dev.clone()).unwrap();
             let ifindex = libc::if_nametoindex(c.as_ptr());
-            let tv = libc::timeval {
-                tv_sec: 0,
-                tv_usec: 100_000,
-            };
-            libc::setsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                (&tv as *const libc::timeval).cast(),
-                std::mem::size_of::<libc::timeval>() as u32,
-            );
+            tests::topo::recv_timeout_100ms(fd);
             let t = Instant::now();
             if solicit {
                 let hops: i32 = 255;
