@@ -775,7 +775,11 @@ impl Agent0 {
             if unfenced {
                 tracing::warn!(router = %id, "no fencer acknowledges the deadline: withdrawing from the router's election");
             }
-            if unfenced || !here.contains(&id) || self.ready.get(&id) == Some(&false) {
+            // A standby whose devices are not ready steps out of line; a router this host
+            // leads is resigned by the applier instead (`Report::Resigned`), which takes the
+            // addresses off first, so that two hosts never hold them at once.
+            let unready = self.ready.get(&id) == Some(&false) && !before.contains(&id);
+            if unfenced || unready || !here.contains(&id) {
                 self.resign(c, &id).await?;
             }
         }
