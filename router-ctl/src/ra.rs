@@ -63,6 +63,17 @@ pub struct Port {
     pub prefixes: Vec<Prefix>,
 }
 
+impl Port {
+    /// Whether the port holds the router's address on one of its advertised subnets (`held`:
+    /// the namespace's addresses): only then does it advertise (an HA standby holds none).
+    fn holds(&self, held: &[(String, Ipv6Addr)]) -> bool {
+        self.prefixes.iter().any(|x| {
+            held.iter()
+                .any(|(d, a)| *d == self.device && *a == x.gateway)
+        })
+    }
+}
+
 /// The ports of a defined router that advertise, from its state (followed routers: none —
 /// their own control plane runs radvd).
 pub fn ports_of(st: &RouterState) -> Vec<Port> {
@@ -559,12 +570,7 @@ fn run(id: &str, ports: &Mutex<Vec<Port>>, stop: &AtomicBool, last: &AtomicBool)
             }
             // Advertising only where the port holds one of the router's addresses of its
             // advertised subnets (an HA standby holds none).
-            let on = e.ifindex != 0
-                && (p
-                    .prefixes
-                    .iter()
-                    .any(|x| held.iter().any(|(d, a)| d == &p.device && *a == x.gateway))
-                    || cfg!(mutant = "ra_standby_advertises"));
+            let on = e.ifindex != 0 && (p.holds(&held) || cfg!(mutant = "ra_standby_advertises"));
             if on && !e.on {
                 e.next = now;
                 e.initial_left = INITIAL_COUNT;
@@ -644,10 +650,7 @@ pub fn withdraw(st: &RouterState) {
         let sock = Socket::open()?;
         let held = addresses();
         for p in &ports {
-            let on = p
-                .prefixes
-                .iter()
-                .any(|x| held.iter().any(|(d, a)| d == &p.device && *a == x.gateway));
+            let on = p.holds(&held);
             let ifx = ifindex(&p.device);
             if on && ifx != 0 {
                 sock.send(ifx, &message(p, 0))?;
