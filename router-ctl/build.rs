@@ -34,6 +34,9 @@ const EBPF_MUTANTS: &[&str] = &[
     "nat_stale_used",
     "guard_ignored",
     "kernel_policy_ignored",
+    "nat_learn_off",
+    "nat_learn_unproven",
+    "nat_hints_kept",
 ];
 /// Faults in the controller (router-ctl).
 const CTL_MUTANTS: &[&str] = &[
@@ -68,6 +71,7 @@ const CTL_MUTANTS: &[&str] = &[
     "keeps_deleted_namespace",
     "nat_conf_off",
     "nat_no_refresh",
+    "nat_forget_learned",
     "ha_no_track",
     "fence_never",
     "standby_keeps_addresses",

@@ -67,6 +67,13 @@ pub mod map_names {
     /// Ring buffer of `NatKey`s: flows the kernel path carried `nat::COPY_AFTER` times, for the
     /// controller to copy from conntrack.
     pub const NAT_MISSES: &str = "NAT_MISSES";
+    /// Array of `nat::SYN_SLOTS` `NatSyn`, by `nat::syn_slot` of the client's initial sequence
+    /// number: TCP handshakes the kernel is translating, followed by the fast path until the
+    /// client's first ACK proves the mapping (see `nat`).
+    pub const NAT_SYNS: &str = "NAT_SYNS";
+    /// One u64: how long (ns) a flow learned from its handshake may be used after its SYN-ACK
+    /// went by; 0: no learning. Written by the daemon from the namespace's conntrack timeouts.
+    pub const NAT_LEARN: &str = "NAT_LEARN";
     /// Per-CPU array: `Iface::slot` → `Stats`.
     pub const STATS: &str = "STATS";
 }
@@ -76,9 +83,9 @@ pub mod map_names {
 /// that it declares exactly these).
 pub mod maps {
     use super::{
-        fib, fib6, map_names as n, nat, Block6, Iface, IfaceAt, NatFlow, NatKey, Neigh, Neigh6Key,
-        NeighKey, NhGroup, Pfx6, Route, Stats, IFACE_INDEX_SLOTS, MAX_IFACES, MAX_LOCAL4,
-        MAX_NAT_FLOWS, MAX_NEIGHS, STATS_SLOTS,
+        fib, fib6, map_names as n, nat, Block6, Iface, IfaceAt, NatFlow, NatKey, NatSyn, Neigh,
+        Neigh6Key, NeighKey, NhGroup, Pfx6, Route, Stats, IFACE_INDEX_SLOTS, MAX_IFACES,
+        MAX_LOCAL4, MAX_NAT_FLOWS, MAX_NEIGHS, STATS_SLOTS,
     };
     use core::mem::size_of;
 
@@ -167,7 +174,7 @@ pub mod maps {
     use Kind::*;
     const GROUP: usize = 4 * fib::GROUP_SIZE as usize;
 
-    pub const ALL: [Spec; 26] = [
+    pub const ALL: [Spec; 28] = [
         spec(
             n::FIB_L1,
             Array,
@@ -336,6 +343,16 @@ pub mod maps {
             Renewable,
         ),
         spec(n::NAT_CONF, Array, 4, 4, 0, Fixed(1), Pinned),
+        spec(
+            n::NAT_SYNS,
+            Array,
+            4,
+            size_of::<NatSyn>(),
+            0,
+            Fixed(nat::SYN_SLOTS),
+            Renewable,
+        ),
+        spec(n::NAT_LEARN, Array, 4, 8, 0, Fixed(1), Pinned),
         spec("SCRATCH", PerCpuArray, 4, 516, 0, Fixed(1), Private),
         spec(
             n::STATS,
@@ -568,8 +585,28 @@ pub const MAX_NAT_FLOWS: u32 = 1 << 18;
 
 /// How NAT flows reach the fast path, and how the fast path stops using them.
 ///
-/// The kernel's conntrack decides every mapping; the fast path holds copies. A copy is made on
-/// demand: the fast path counts the packets it hands to the kernel for want of one, per flow
+/// The kernel's conntrack decides every mapping; the fast path holds copies, which it gets
+/// two ways.
+///
+/// **Learned from the handshake** (TCP, in the program, no daemon in the way): every segment
+/// of a handshake the kernel translates goes to the kernel, and the program follows it in
+/// `NAT_SYNS`, by the client's initial sequence number X, which translation leaves alone. The
+/// SYN (key K, seq X) is recorded with its generation; the SYN-ACK that acknowledges X + 1,
+/// from the SYN's server or to its client (SNAT leaves the server's side alone, a floating IP
+/// the client's), arriving under key R with seq Y, gives the kernel's mapping (R reversed is
+/// what K became); the client's first ACK (key K, seq X + 1, ack Y + 1) proves the kernel
+/// forwarded that SYN-ACK to the client (nobody else knows Y), and installs both directions
+/// (K → R reversed, R → K reversed) under the SYN's generation, unless either key is taken.
+/// That ACK still goes to the kernel (conntrack sees the connection established); the
+/// segments after it are the fast path's, up to the first FIN or RST. A learned copy is used
+/// for `NAT_LEARN` ns after the SYN-ACK went by at most: the daemon sets that below the
+/// namespace's SYN_RECV and ESTABLISHED timeouts (the kernel's entry outlives it whether or
+/// not that ACK reached conntrack) and below its refresh period (a flow the kernel forgot
+/// meanwhile is not carried longer than a copy would be); a longer connection's later
+/// segments go to the kernel again and are copied as below. Only with a liberal conntrack
+/// (the segments in between did not move its window) and never under foreign rules.
+///
+/// **Copied on demand**: the fast path counts the packets it hands to the kernel for want of one, per flow
 /// (`NAT_SEEN`: a fingerprint of the flow's key in one of the two slots of its 16-byte bucket,
 /// one cache line), and reports the flow each time the count reaches `COPY_AFTER` (TCP:
 /// `COPY_AFTER_TCP`), counting again from 0 (`NAT_MISSES`). A TCP SYN or SYN-ACK starts the
@@ -606,6 +643,13 @@ pub mod nat {
     pub const HINT_WORDS: u32 = 1 << 10;
     /// Bytes of `NAT_MISSES`.
     pub const MISSES_BYTES: u32 = 16 * 1024;
+    /// Slots of `NAT_SYNS` (a power of two): handshakes under way at once (a handshake whose
+    /// slot another one takes is not learned; the kernel carries it).
+    pub const SYN_SLOTS: u32 = 1 << 12;
+    /// `NatSyn::stage`: the SYN went by.
+    pub const SYN_SEEN: u32 = 1;
+    /// `NatSyn::stage`: its SYN-ACK went by.
+    pub const SYN_ACK_SEEN: u32 = 2;
     /// `NAT_SEEN` entries: the flow's fingerprint in bits 48–63, the time of its last packet
     /// in bits 32–47 (units of 2^`SEEN_TIME_SHIFT` ns of CLOCK_MONOTONIC, about 16.8 ms), the
     /// reports made in the second (2^30 ns) of that packet in bits 8–15, the count in bits 0–7.
@@ -638,6 +682,12 @@ pub mod nat {
     pub fn hint_bit(k: &NatKey) -> (u32, u64) {
         let h = mix(k).wrapping_mul(0x27d4_eb2f) >> (32 - HINT_WORDS.trailing_zeros() - 6);
         (h >> 6, 1 << (h & 63))
+    }
+
+    /// The `NAT_SYNS` slot of a handshake whose client chose initial sequence number `isn`.
+    #[inline(always)]
+    pub fn syn_slot(isn: u32) -> u32 {
+        isn.wrapping_mul(0x9e37_79b1) >> (32 - SYN_SLOTS.trailing_zeros())
     }
 
     /// The two `NAT_SEEN` slots key `k` may have (the two halves of a 16-byte bucket: one
@@ -695,6 +745,27 @@ pub struct NatFlow {
     /// CLOCK_MONOTONIC ns before which the kernel's entry cannot have expired: the entry is
     /// not used from then on.
     pub until: u64,
+}
+
+/// Value of `NAT_SYNS`: a TCP handshake the kernel translates, as far as the fast path saw it
+/// (see `nat`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NatSyn {
+    /// The SYN's key, as it arrived.
+    pub key: NatKey,
+    /// The SYN-ACK's key, as it arrived (from `nat::SYN_ACK_SEEN` on).
+    pub reply: NatKey,
+    /// The client's initial sequence number (the SYN's).
+    pub isn: u32,
+    /// The server's (the SYN-ACK's).
+    pub reply_isn: u32,
+    /// `NAT_GEN` of the SYN's slot once the SYN moved it on.
+    pub gen: u32,
+    /// 0 (empty or done), `nat::SYN_SEEN` or `nat::SYN_ACK_SEEN`.
+    pub stage: u32,
+    /// When the SYN-ACK went by (CLOCK_MONOTONIC ns, coarse).
+    pub at: u64,
 }
 
 /// Value of the `IFACES` map: what the fast path needs to know of a `qr-` device.
@@ -905,6 +976,8 @@ mod layout {
         assert_eq!(size_of::<Stats>(), 512);
         assert_eq!(size_of::<NatKey>(), 16);
         assert_eq!(size_of::<NatFlow>(), 40);
+        // Two keys, four u32, a u64: no padding.
+        assert_eq!(size_of::<NatSyn>(), 56);
         assert_eq!(size_of::<Block6>(), 96);
         assert_eq!(size_of::<Pfx6>(), 16);
     }

@@ -33,7 +33,7 @@ use aya::maps::{Array, HashMap, Map, MapData, RingBuf};
 use router_common::{
     map_names,
     nat::{gen_slot, hint_bit, HINT_WORDS},
-    nat_flags, NatFlow, NatKey,
+    nat_flags, NatFlow, NatKey, MAX_NAT_FLOWS,
 };
 
 use crate::{
@@ -71,6 +71,8 @@ const BPF_EXIST: u64 = 2;
 #[derive(Clone, Copy, Debug)]
 pub struct Timeouts {
     pub tcp_established: u32,
+    /// A connection's entry between its SYN-ACK and the client's ACK.
+    pub tcp_syn_recv: u32,
     pub udp: u32,
     pub udp_stream: u32,
     pub icmp: u32,
@@ -90,6 +92,7 @@ impl Timeouts {
         };
         Timeouts {
             tcp_established: get("tcp_timeout_established", 432_000),
+            tcp_syn_recv: get("tcp_timeout_syn_recv", 60),
             udp: get("udp_timeout", 30),
             udp_stream: get("udp_timeout_stream", 120),
             icmp: get("icmp_timeout", 30),
@@ -104,6 +107,21 @@ impl Timeouts {
             conntrack::IPPROTO_UDP => self.udp,
             _ => self.icmp,
         }
+    }
+
+    /// How long (ns) the program may use a flow it learned from a handshake after the SYN-ACK
+    /// went by (see `router_common::nat`): the kernel's entry lives that long whether or not the
+    /// client's ACK reached conntrack, and the kernel forgetting the flow (a flush) is noticed
+    /// no later than for a copy; 0 (no learning) without a liberal conntrack.
+    pub fn learn_ns(&self) -> u64 {
+        if !self.tcp_liberal {
+            return 0;
+        }
+        let secs = self
+            .tcp_syn_recv
+            .min(self.tcp_established)
+            .min(self.every().as_secs() as u32) as u64;
+        (secs * 1_000_000_000).saturating_sub(MARGIN_NS)
     }
 
     /// How often to refresh.
@@ -214,6 +232,9 @@ pub fn entries(f: &Flow, any: bool) -> Option<[(NatKey, NatFlow); 2]> {
 struct Copied {
     flow: Flow,
     keys: [NatKey; 2],
+    /// The generation the copies were written with: entries under these keys with another one
+    /// are not this copy's (the program learned the next connection of the same tuple).
+    gen: u32,
 }
 
 /// A router's flow map, its reports, and what was written to the map.
@@ -225,6 +246,8 @@ pub struct NatSync {
     /// The flows the kernel forwarded, read at most once per step (None: not yet).
     evidence: Option<Evidence>,
     conf: Array<MapData, u32>,
+    /// `NAT_LEARN` (None: the router's programs were loaded by a build without it).
+    learn: Option<Array<MapData, u64>>,
     /// The router's own `nat_conf` bits (`ON` with a translating gateway).
     nat_on: bool,
     map: HashMap<MapData, NatKey, NatFlow>,
@@ -264,6 +287,9 @@ impl NatSync {
             guard: Guard::open()?,
             evidence: None,
             conf: Array::try_from(Map::Array(pinned(map_names::NAT_CONF)?))?,
+            learn: pinned(map_names::NAT_LEARN)
+                .ok()
+                .and_then(|m| Array::try_from(Map::Array(m)).ok()),
             nat_on,
             map: HashMap::try_from(Map::HashMap(pinned(map_names::NAT_FLOWS)?))?,
             gens: Array::try_from(Map::Array(pinned(map_names::NAT_GEN)?))?,
@@ -277,6 +303,7 @@ impl NatSync {
             timeouts_read: Instant::now(),
         };
         s.write_conf()?;
+        s.write_learn()?;
         if s.guard.guarded() {
             s.forget_all()?;
         } else {
@@ -299,10 +326,30 @@ impl NatSync {
         Ok(())
     }
 
+    /// Writes how long the program may use a flow it learned from a handshake: never under
+    /// foreign rules (only flows the kernel forwarded under them are carried, see
+    /// `crate::guard`), else as the namespace's timeouts allow (`Timeouts::learn_ns`).
+    fn write_learn(&mut self) -> Result<()> {
+        let ns = if self.guard.guarded() || !self.nat_on {
+            0
+        } else {
+            self.timeouts.learn_ns()
+        };
+        if let Some(m) = &mut self.learn {
+            if m.get(&0, 0).ok() != Some(ns) {
+                m.set(0, ns, 0).context("writing NAT_LEARN")?;
+            }
+        }
+        Ok(())
+    }
+
     /// The namespace's rules changed: the fast path stops carrying every flow at once (the
     /// map keeps no copy, and `GUARDED` is set before the rules are read again), the records
     /// of what the kernel forwarded start empty, and the bits follow the rules now in force.
     fn rules_changed(&mut self) -> Result<()> {
+        if let Some(m) = &mut self.learn {
+            m.set(0, 0, 0).context("writing NAT_LEARN")?;
+        }
         let now = self.conf.get(&0, 0).unwrap_or(0);
         if now & router_common::nat_conf::GUARDED == 0 {
             self.conf
@@ -315,6 +362,7 @@ impl NatSync {
         self.guard.assess()?;
         self.evidence = None;
         self.write_conf()?;
+        self.write_learn()?;
         tracing::info!(router = %self.router, rules = %self.guard.foreign.describe(), "netfilter rules changed; flow copies dropped");
         Ok(())
     }
@@ -344,11 +392,13 @@ impl NatSync {
             if same {
                 keep.insert(e[0].0);
                 keep.insert(e[1].0);
+                let gen = self.map.get(&e[0].0, 0).map(|v| v.gen).unwrap_or(0);
                 self.installed.insert(
                     f.orig,
                     Copied {
                         flow: f.clone(),
                         keys: [e[0].0, e[1].0],
+                        gen,
                     },
                 );
             }
@@ -382,16 +432,33 @@ impl NatSync {
         Ok(())
     }
 
-    /// Rewrites the hint bits from the copies this daemon keeps, clearing the bits of keys no
-    /// longer held (the only writer of `NAT_FLOWS` entries is this thread: none can be written
-    /// meanwhile).
+    /// Rewrites the hint bits from the keys the map holds, clearing the bits of keys no longer
+    /// held, after deleting the entries the program learned that it can no longer use (past
+    /// their time or generation: a connection that ended without a FIN or RST through the
+    /// router). The program may learn a flow meanwhile and lose its bit here: that flow then
+    /// goes to the kernel, which translates it as before.
     fn write_hints(&mut self) -> Result<()> {
+        let now = monotonic_ns();
+        let mine: HashSet<NatKey> = self.installed.values().flat_map(|c| c.keys).collect();
         let mut words = vec![0u64; HINT_WORDS as usize];
-        for c in self.installed.values() {
-            for k in &c.keys {
-                let (w, bit) = hint_bit(k);
-                words[w as usize] |= bit;
+        let mut unusable = Vec::new();
+        // A key deleted under the iteration makes the kernel start over: bounded.
+        let entries: Vec<(NatKey, NatFlow)> = self
+            .map
+            .iter()
+            .filter_map(|e| e.ok())
+            .take(2 * MAX_NAT_FLOWS as usize)
+            .collect();
+        for (k, v) in entries {
+            if !mine.contains(&k) && (v.until <= now || self.gen(v.slot) != v.gen) {
+                unusable.push(k);
+                continue;
             }
+            let (w, bit) = hint_bit(&k);
+            words[w as usize] |= bit;
+        }
+        for k in &unusable {
+            let _ = self.map.remove(k);
         }
         for (i, w) in words.iter().enumerate() {
             let i = i as u32;
@@ -487,15 +554,21 @@ impl NatSync {
             Copied {
                 flow,
                 keys: [e[0].0, e[1].0],
+                gen,
             },
         );
         Ok(true)
     }
 
+    /// Deletes the copies of `orig` this daemon wrote (not the entries the program learned
+    /// since under the same keys: a client reusing its port to the same server).
     fn forget(&mut self, orig: &Tuple) {
         if let Some(c) = self.installed.remove(orig) {
             for k in &c.keys {
-                let _ = self.map.remove(k);
+                let theirs = self.map.get(k, 0).is_ok_and(|v| v.gen != c.gen);
+                if !theirs || cfg!(mutant = "nat_forget_learned") {
+                    let _ = self.map.remove(k);
+                }
             }
         }
     }
@@ -563,6 +636,7 @@ impl NatSync {
         if self.timeouts_read.elapsed() >= Duration::from_secs(1) {
             self.timeouts = Timeouts::read();
             self.timeouts_read = Instant::now();
+            self.write_learn()?;
         }
         if self.last_refresh.elapsed() >= self.timeouts.every() {
             self.refresh()?;
@@ -601,7 +675,12 @@ impl NatSync {
         for orig in &gone {
             self.forget(orig);
         }
-        if !gone.is_empty() {
+        // Learned flows come and go without this daemon: their keys are in the map only.
+        let learning = self
+            .learn
+            .as_ref()
+            .is_some_and(|m| m.get(&0, 0).unwrap_or(0) != 0);
+        if !gone.is_empty() || learning {
             self.write_hints()?;
         }
         for (orig, secs) in &due {

@@ -1,6 +1,6 @@
 //! NAT in the fast path: flows the kernel's conntrack set up (SNAT to the gateway address,
-//! floating IPs both ways, hairpins), copied into `NAT_FLOWS` by the controller when the fast
-//! path reported them, are translated here; everything else NAT needs (a flow's first packets,
+//! floating IPs both ways, hairpins), learned from their TCP handshake here or copied into
+//! `NAT_FLOWS` by the controller when the fast path reported them, are translated here; everything else NAT needs (a flow's first packets,
 //! TCP SYN/FIN/RST, fragments) is the kernel's. The kernel stays the authority on every mapping:
 //! the fast path never picks a port, and uses a copy only while it is sure the kernel holds the
 //! same mapping (see `router_common::nat`).
@@ -8,16 +8,16 @@
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use router_common::{
     nat::{
-        gen_slot, hint_bit, seen_slots, COPY_AFTER, COPY_AFTER_TCP, SEEN_IDLE, SEEN_REPORTS,
-        SEEN_SECOND_SHIFT, SEEN_TIME_SHIFT,
+        gen_slot, hint_bit, seen_slots, syn_slot, COPY_AFTER, COPY_AFTER_TCP, SEEN_IDLE,
+        SEEN_REPORTS, SEEN_SECOND_SHIFT, SEEN_TIME_SHIFT, SYN_ACK_SEEN, SYN_SEEN,
     },
-    pass_reason as why, NatFlow, NatKey,
+    nat_conf, nat_flags, pass_reason as why, NatFlow, NatKey, NatSyn,
 };
 
 use crate::{
     csum,
     hook::Hook,
-    maps::{NAT_CONF, NAT_FLOWS, NAT_GEN, NAT_HINT, NAT_MISSES, NAT_SEEN},
+    maps::{NAT_CONF, NAT_FLOWS, NAT_GEN, NAT_HINT, NAT_LEARN, NAT_MISSES, NAT_SEEN, NAT_SYNS},
     parse::{ptr_at, Ipv4Hdr, ETH_LEN, IPPROTO_TCP, IPPROTO_UDP, IPV4_LEN},
 };
 
@@ -47,6 +47,10 @@ pub struct Miss {
     pub opening: bool,
     /// TCP SYN without ACK: a connection starts (conntrack may replace a closed one's entry).
     pub syn: bool,
+    /// TCP: the segment's flags, sequence and acknowledgement numbers (0 otherwise).
+    pub flags: u8,
+    pub seq: u32,
+    pub ack: u32,
 }
 
 /// What NAT makes of one unfragmented IPv4 packet.
@@ -66,7 +70,7 @@ pub enum Lookup {
 #[inline(always)]
 pub fn lookup(h: &impl Hook, ip: &Ipv4Hdr, tot_len: usize) -> Result<Lookup, usize> {
     let l4 = ETH_LEN + IPV4_LEN;
-    let (key, flags) = if ip.protocol == IPPROTO_TCP {
+    let (key, flags, seq, ack) = if ip.protocol == IPPROTO_TCP {
         if tot_len < IPV4_LEN + 20 {
             return Ok(Lookup::Other);
         }
@@ -78,6 +82,8 @@ pub fn lookup(h: &impl Hook, ip: &Ipv4Hdr, tot_len: usize) -> Result<Lookup, usi
         (
             key_of(ip, &[b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]),
             b[13],
+            u32::from_be_bytes([b[4], b[5], b[6], b[7]]),
+            u32::from_be_bytes([b[8], b[9], b[10], b[11]]),
         )
     } else {
         if tot_len < IPV4_LEN + 8 {
@@ -87,7 +93,7 @@ pub fn lookup(h: &impl Hook, ip: &Ipv4Hdr, tot_len: usize) -> Result<Lookup, usi
             return Ok(Lookup::Other);
         };
         // SAFETY: bounds checked by `ptr_at`.
-        (key_of(ip, unsafe { &*p }), 0)
+        (key_of(ip, unsafe { &*p }), 0, 0, 0)
     };
     let Some(key) = key else {
         return Ok(Lookup::Other);
@@ -98,6 +104,9 @@ pub fn lookup(h: &impl Hook, ip: &Ipv4Hdr, tot_len: usize) -> Result<Lookup, usi
         control,
         opening: flags & TCP_SYN != 0,
         syn: flags & (TCP_SYN | TCP_ACK) == TCP_SYN,
+        flags,
+        seq,
+        ack,
     };
     let Some(f) = flow_of(&key) else {
         return Ok(Lookup::Miss(miss));
@@ -191,7 +200,154 @@ fn retire(key: &NatKey, f: &NatFlow) {
     bump(f.slot);
     let _ = NAT_FLOWS.remove(key);
     let _ = NAT_FLOWS.remove(&other);
+    // Learned flows come and go at the rate of connections: their bits must go with them, or
+    // the hints fill up and every packet for the kernel reads the map's buckets again. A key
+    // sharing a bit drops off the fast path until its flow is copied again or the daemon
+    // rewrites the hints (each refresh).
+    if !cfg!(mutant = "nat_hints_kept") {
+        hint(key, false);
+        hint(&other, false);
+    }
 }
+
+/// Sets or clears the hint bit of `k` (not atomic: a bit another CPU sets at the same moment
+/// may be lost, which keeps its flow on the kernel's path until the daemon writes the hints).
+#[inline(always)]
+fn hint(k: &NatKey, on: bool) {
+    let (word, bit) = hint_bit(k);
+    if let Some(w) = NAT_HINT.get_ptr_mut(word) {
+        // SAFETY: an array element.
+        unsafe {
+            if on {
+                *w |= bit;
+            } else {
+                *w &= !bit;
+            }
+        }
+    }
+}
+
+/// Follows a TCP handshake the kernel translates (see `router_common::nat`): records the
+/// SYN, then its SYN-ACK, and installs both directions of the flow when the client's first ACK
+/// proves the mapping. Every one of these segments goes to the kernel all the same.
+#[inline(always)]
+fn handshake(m: &Miss) {
+    let hold = match NAT_LEARN.get(0) {
+        Some(h) => *h,
+        None => 0,
+    };
+    if hold == 0 || conf() & nat_conf::GUARDED != 0 || cfg!(mutant = "nat_learn_off") {
+        return;
+    }
+    match m.flags & (TCP_SYN | TCP_ACK | TCP_FIN | TCP_RST) {
+        TCP_SYN => {
+            // After `missed` moved the slot on: a later SYN of the same tuple voids this one.
+            let gen = match NAT_GEN.get(gen_slot(&m.key)) {
+                Some(g) => *g,
+                None => return,
+            };
+            if let Some(r) = NAT_SYNS.get_ptr_mut(syn_slot(m.seq)) {
+                // SAFETY: an array element. Two CPUs writing one slot at once leave a mix
+                // that the checks below refuse (every later step compares what it wrote).
+                unsafe {
+                    *r = NatSyn {
+                        key: m.key,
+                        reply: m.key,
+                        isn: m.seq,
+                        reply_isn: 0,
+                        gen,
+                        stage: SYN_SEEN,
+                        at: 0,
+                    }
+                };
+            }
+        }
+        f if f == TCP_SYN | TCP_ACK => {
+            let isn = m.ack.wrapping_sub(1);
+            let Some(r) = NAT_SYNS.get_ptr_mut(syn_slot(isn)) else {
+                return;
+            };
+            // SAFETY: an array element.
+            let r = unsafe { &mut *r };
+            // The answer to that SYN: from its server (SNAT) or to its client (a floating
+            // IP), one side translated. The first one wins: a forged one sent later changes
+            // nothing, one sent earlier cannot know the answer the client will acknowledge.
+            let server_kept = m.key.src == r.key.dst && m.key.sport == r.key.dport;
+            let client_kept = m.key.dst == r.key.src && m.key.dport == r.key.sport;
+            if r.stage != SYN_SEEN || r.isn != isn || server_kept == client_kept {
+                return;
+            }
+            r.reply = m.key;
+            r.reply_isn = m.seq;
+            r.at = now();
+            r.stage = SYN_ACK_SEEN;
+        }
+        TCP_ACK => {
+            let isn = m.seq.wrapping_sub(1);
+            let Some(r) = NAT_SYNS.get_ptr_mut(syn_slot(isn)) else {
+                return;
+            };
+            // SAFETY: an array element.
+            let r = unsafe { &mut *r };
+            // Only the client that got the kernel's SYN-ACK knows its sequence number.
+            let proven =
+                m.ack == r.reply_isn.wrapping_add(1) || cfg!(mutant = "nat_learn_unproven");
+            if r.stage != SYN_ACK_SEEN || r.isn != isn || r.key != m.key || !proven {
+                return;
+            }
+            r.stage = 0;
+            let slot = gen_slot(&m.key);
+            match NAT_GEN.get(slot) {
+                Some(g) if *g == r.gen => {}
+                _ => return,
+            }
+            learn(&m.key, &r.reply, slot, r.gen, r.at.wrapping_add(hold));
+        }
+        _ => {}
+    }
+}
+
+/// Installs both directions of a flow whose original direction arrives as `k` and whose
+/// reply arrives as `reply` (each becomes the other reversed), unless either key is taken.
+#[inline(always)]
+fn learn(k: &NatKey, reply: &NatKey, slot: u32, gen: u32, until: u64) {
+    let src = reply.dst != k.src || reply.dport != k.sport;
+    let dst = reply.src != k.dst || reply.sport != k.dport;
+    let out = NatFlow {
+        src: reply.dst,
+        dst: reply.src,
+        sport: reply.dport,
+        dport: reply.sport,
+        flags: if src { nat_flags::SRC } else { 0 } | if dst { nat_flags::DST } else { 0 },
+        slot,
+        gen,
+        used: 0,
+        until,
+    };
+    let back = NatFlow {
+        src: k.dst,
+        dst: k.src,
+        sport: k.dport,
+        dport: k.sport,
+        flags: if dst { nat_flags::SRC } else { 0 } | if src { nat_flags::DST } else { 0 },
+        slot,
+        gen,
+        used: 0,
+        until,
+    };
+    if NAT_FLOWS.insert(k, &out, BPF_NOEXIST).is_err() {
+        return;
+    }
+    if NAT_FLOWS.insert(reply, &back, BPF_NOEXIST).is_err() {
+        let _ = NAT_FLOWS.remove(k);
+        return;
+    }
+    hint(k, true);
+    hint(reply, true);
+}
+
+/// `BPF_NOEXIST`: create an element only where none is.
+const BPF_NOEXIST: u64 = 1;
 
 /// A packet of `m` went to the kernel because it had no copy: a connection start moves its
 /// flow's generation on (a copy being taken now may be of the connection conntrack replaces);
@@ -201,6 +357,9 @@ fn retire(key: &NatKey, f: &NatFlow) {
 pub fn missed(m: &Miss) {
     if m.syn && !cfg!(mutant = "nat_no_retire") {
         bump(gen_slot(&m.key));
+    }
+    if m.key.proto == IPPROTO_TCP {
+        handshake(m);
     }
     // A FIN or RST neither counts nor starts over (the next connection's SYN does): the flow's
     // slot is left alone, one cache line fewer on the kernel's path.

@@ -2486,6 +2486,287 @@ fn nat_copies_are_retired_by_the_packets_that_end_them() {
     }
 }
 
+/// A TCP header (sequence `seq`, acknowledgement `ack`, flags `flags`) + 32-byte payload.
+fn tcp_seg(sport: u16, dport: u16, seq: u32, ack: u32, flags: u8) -> Vec<u8> {
+    let mut t = l4_of(6, sport, dport, flags);
+    t[4..8].copy_from_slice(&seq.to_be_bytes());
+    t[8..12].copy_from_slice(&ack.to_be_bytes());
+    t
+}
+
+impl Harness {
+    /// Lets the program learn flows from their handshakes for `ns` after the SYN-ACK (0: off).
+    fn nat_learn(&mut self, ns: u64) {
+        let mut a: aya::maps::Array<_, u64> =
+            aya::maps::Array::try_from(self.ebpf.map_mut(map_names::NAT_LEARN).unwrap()).unwrap();
+        a.set(0, ns, 0).unwrap();
+    }
+
+    /// Whether the hint bit of `k` is set.
+    fn nat_hinted(&mut self, k: &router_common::NatKey) -> bool {
+        let a: aya::maps::Array<_, u64> =
+            aya::maps::Array::try_from(self.ebpf.map(map_names::NAT_HINT).unwrap()).unwrap();
+        let (w, bit) = router_common::nat::hint_bit(k);
+        a.get(&w, 0).unwrap() & bit != 0
+    }
+}
+
+/// The program learns a flow from the handshake the kernel translated, and only from one it
+/// can prove: SYN, SYN-ACK and the client's first ACK all go to the kernel untouched, and
+/// after that ACK both directions are in NAT_FLOWS exactly as the kernel mapped them, the
+/// next segment leaves translated byte for byte, and the connection's FIN retires both
+/// (their hint bits too). Not learned: an ACK that does not acknowledge the SYN-ACK's
+/// sequence number (its sender never saw it), a SYN-ACK from another port of the server (a
+/// forgery: neither side as the SYN had it), a second SYN-ACK after the first (the first
+/// wins), a router with learning off or under foreign rules. A floating IP's handshake (the
+/// server's side translated) is learned the same way.
+#[test]
+fn nat_flows_are_learned_from_the_handshakes_the_kernel_translates() {
+    use router_common::{nat::gen_slot, nat_flags as nf, NatFlow};
+    const EXT: [u8; 4] = [10, 2, 0, 1];
+    const FIP: [u8; 4] = [10, 2, 0, 20];
+    const HOLD: u64 = 5_000_000_000;
+    let tcp = |src, dst| Ipv4 {
+        protocol: 6,
+        ..Ipv4::udp(src, dst, 64)
+    };
+    let seg = |src, sport, dst, dport, seq, ack, flags| {
+        l4_frame(
+            IN_MAC,
+            HOST_MAC,
+            &tcp(src, dst),
+            &tcp_seg(sport, dport, seq, ack, flags),
+            false,
+        )
+    };
+    for mut h in both() {
+        h.nat(&[]);
+        h.neigh(1, SRC, HOST_MAC);
+        let passed = |h: &mut Harness, frame: &[u8], reason: usize, what: &str| {
+            let before = h.stats()[0].pass[reason];
+            let (rc, out) = h.run(frame);
+            assert_eq!(
+                (rc, out.as_slice()),
+                (XDP_PASS, frame),
+                "{:?}: {what}",
+                h.prog
+            );
+            assert_eq!(
+                h.stats()[0].pass[reason] - before,
+                1,
+                "{:?}: {what}: counted as {}",
+                h.prog,
+                why::NAMES[reason]
+            );
+        };
+        // vm SRC:40003 → DST:443, the kernel's SNAT makes it EXT:61003.
+        let (x, y) = (0x1111_0000u32, 0x2222_0000u32);
+        let k = nat_key(SRC, 40003, DST, 443, 6);
+        let back = nat_key(DST, 443, EXT, 61003, 6);
+        let handshake = |h: &mut Harness, learn: bool| {
+            passed(
+                h,
+                &seg(SRC, 40003, DST, 443, x, 0, 0x02),
+                why::NAT_NO_FLOW,
+                "SYN",
+            );
+            passed(
+                h,
+                &seg(DST, 443, EXT, 61003, y, x + 1, 0x12),
+                why::LOCAL_DEST,
+                "SYN-ACK",
+            );
+            passed(
+                h,
+                &seg(SRC, 40003, DST, 443, x + 1, y + 1, 0x10),
+                why::NAT_NO_FLOW,
+                "the client's first ACK",
+            );
+            let copies = (h.nat_copy(&k).is_some(), h.nat_copy(&back).is_some());
+            assert_eq!(copies, (learn, learn), "{:?}: learned: {learn}", h.prog);
+        };
+        // Off (the daemon's value without a liberal conntrack): nothing learned.
+        h.nat_learn(0);
+        handshake(&mut h, false);
+        // Under foreign rules: nothing learned either.
+        h.nat_learn(HOLD);
+        datapath::set_nat_conf(&mut h.ebpf, router_common::nat_conf::GUARDED).unwrap();
+        handshake(&mut h, false);
+        datapath::set_nat_conf(&mut h.ebpf, router_common::nat_conf::ON).unwrap();
+
+        // On: an ACK the SYN-ACK did not prompt learns nothing; the right one does.
+        passed(
+            &mut h,
+            &seg(SRC, 40003, DST, 443, x, 0, 0x02),
+            why::NAT_NO_FLOW,
+            "SYN",
+        );
+        let gen = h.nat_gen(gen_slot(&k));
+        let t0 = router_ctl::nat::monotonic_ns();
+        passed(
+            &mut h,
+            &seg(DST, 443, EXT, 61003, y, x + 1, 0x12),
+            why::LOCAL_DEST,
+            "SYN-ACK",
+        );
+        // A second SYN-ACK to another port of the gateway: the first one stands.
+        passed(
+            &mut h,
+            &seg(DST, 443, EXT, 61999, y, x + 1, 0x12),
+            why::LOCAL_DEST,
+            "a second SYN-ACK",
+        );
+        passed(
+            &mut h,
+            &seg(SRC, 40003, DST, 443, x + 1, y + 2, 0x10),
+            why::NAT_NO_FLOW,
+            "an ACK of another sequence number",
+        );
+        assert_eq!(h.nat_copy(&k), None, "{:?}: unproven, not learned", h.prog);
+        passed(
+            &mut h,
+            &seg(SRC, 40003, DST, 443, x + 1, y + 1, 0x10),
+            why::NAT_NO_FLOW,
+            "the client's first ACK (still the kernel's: conntrack sees it)",
+        );
+        let t1 = router_ctl::nat::monotonic_ns();
+        let slot = gen_slot(&k);
+        let out = h.nat_copy(&k).expect("the original direction is learned");
+        let ret = h.nat_copy(&back).expect("the reply direction is learned");
+        assert!(
+            out.until >= t0 + HOLD && out.until <= t1 + HOLD && ret.until == out.until,
+            "{:?}: used until the SYN-ACK's time + NAT_LEARN: {} not in {}..{}",
+            h.prog,
+            out.until,
+            t0 + HOLD,
+            t1 + HOLD
+        );
+        assert_eq!(
+            (out, ret),
+            (
+                NatFlow {
+                    slot,
+                    gen,
+                    until: out.until,
+                    ..nat_flow(EXT, 61003, DST, 443, nf::SRC)
+                },
+                NatFlow {
+                    slot,
+                    gen,
+                    until: out.until,
+                    ..nat_flow(DST, 443, SRC, 40003, nf::DST)
+                }
+            ),
+            "{:?}: both directions as the kernel mapped them",
+            h.prog
+        );
+        assert!(
+            h.nat_hinted(&k) && h.nat_hinted(&back),
+            "{:?}: hinted",
+            h.prog
+        );
+        // The request leaves through the fast path, translated.
+        let (rc, got) = h.run(&seg(SRC, 40003, DST, 443, x + 1, y + 1, 0x18));
+        let want = l4_frame(
+            NB_MAC,
+            OUT_MAC,
+            &Ipv4 {
+                protocol: 6,
+                ..Ipv4::udp(EXT, DST, 63)
+            },
+            &tcp_seg(61003, 443, x + 1, y + 1, 0x18),
+            false,
+        );
+        assert_eq!((rc, got), (XDP_REDIRECT, want), "{:?}: the request", h.prog);
+        // The server's FIN retires both directions and their hints.
+        passed(
+            &mut h,
+            &seg(DST, 443, EXT, 61003, y + 1, x + 33, 0x11),
+            why::NAT_TCP_CONTROL,
+            "the server's FIN",
+        );
+        assert_eq!(
+            (h.nat_copy(&k), h.nat_copy(&back)),
+            (None, None),
+            "{:?}",
+            h.prog
+        );
+        assert!(
+            !h.nat_hinted(&k) && !h.nat_hinted(&back),
+            "{:?}: the retired keys' hint bits are cleared",
+            h.prog
+        );
+
+        // A SYN-ACK from another port of the server: neither side as the SYN had it.
+        let (x2, y2) = (0x3333_0000u32, 0x4444_0000u32);
+        let k2 = nat_key(SRC, 40004, DST, 443, 6);
+        passed(
+            &mut h,
+            &seg(SRC, 40004, DST, 443, x2, 0, 0x02),
+            why::NAT_NO_FLOW,
+            "SYN",
+        );
+        passed(
+            &mut h,
+            &seg(DST, 444, EXT, 61004, y2, x2 + 1, 0x12),
+            why::LOCAL_DEST,
+            "a SYN-ACK from port 444",
+        );
+        passed(
+            &mut h,
+            &seg(SRC, 40004, DST, 443, x2 + 1, y2 + 1, 0x10),
+            why::NAT_NO_FLOW,
+            "ACK",
+        );
+        assert_eq!(h.nat_copy(&k2), None, "{:?}: a forged answer", h.prog);
+
+        // A floating IP: DST:5000 → FIP:80 becomes DST:5000 → SRC:80.
+        let (x3, y3) = (0x5555_0000u32, 0x6666_0000u32);
+        let k3 = nat_key(DST, 5000, FIP, 80, 6);
+        let back3 = nat_key(SRC, 80, DST, 5000, 6);
+        passed(
+            &mut h,
+            &seg(DST, 5000, FIP, 80, x3, 0, 0x02),
+            why::NAT_NO_FLOW,
+            "SYN",
+        );
+        let gen3 = h.nat_gen(gen_slot(&k3));
+        passed(
+            &mut h,
+            &seg(SRC, 80, DST, 5000, y3, x3 + 1, 0x12),
+            why::NAT_NO_FLOW,
+            "SYN-ACK",
+        );
+        passed(
+            &mut h,
+            &seg(DST, 5000, FIP, 80, x3 + 1, y3 + 1, 0x10),
+            why::NAT_NO_FLOW,
+            "ACK",
+        );
+        let out3 = h.nat_copy(&k3).expect("learned");
+        let slot3 = gen_slot(&k3);
+        assert_eq!(
+            (Some(out3), h.nat_copy(&back3)),
+            (
+                Some(NatFlow {
+                    slot: slot3,
+                    gen: gen3,
+                    until: out3.until,
+                    ..nat_flow(DST, 5000, SRC, 80, nf::DST)
+                }),
+                Some(NatFlow {
+                    slot: slot3,
+                    gen: gen3,
+                    until: out3.until,
+                    ..nat_flow(FIP, 80, DST, 5000, nf::SRC)
+                })
+            ),
+            "{:?}: a floating IP's flow",
+            h.prog
+        );
+    }
+}
+
 /// An ICMP error frame from `src` to `dst` (TTL 64) quoting `quoted` (an IPv4 packet, whole),
 /// every checksum from scratch.
 fn icmp_error_frame(
