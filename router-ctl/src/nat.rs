@@ -450,7 +450,10 @@ impl NatSync {
             .take(2 * MAX_NAT_FLOWS as usize)
             .collect();
         for (k, v) in entries {
-            if !mine.contains(&k) && (v.until <= now || self.gen(v.slot) != v.gen) {
+            if !mine.contains(&k)
+                && (v.until <= now || self.gen(v.slot) != v.gen)
+                && !cfg!(mutant = "nat_learned_kept")
+            {
                 unusable.push(k);
                 continue;
             }
@@ -565,8 +568,7 @@ impl NatSync {
     fn forget(&mut self, orig: &Tuple) {
         if let Some(c) = self.installed.remove(orig) {
             for k in &c.keys {
-                let theirs = self.map.get(k, 0).is_ok_and(|v| v.gen != c.gen);
-                if !theirs || cfg!(mutant = "nat_forget_learned") {
+                if !self.map.get(k, 0).is_ok_and(|v| v.gen != c.gen) {
                     let _ = self.map.remove(k);
                 }
             }

@@ -1280,3 +1280,117 @@ fn request_sized_connections_are_carried_from_their_first_request() {
         assert_fast_path_translated(&s, what, &which, &before, (n * 3 / 4) as u64);
     }
 }
+
+/// The flows learned in NAT_FLOWS for `orig` (client address and port → server), both
+/// directions: (present, valid now).
+fn learned(router: &str, orig: SocketAddrV4, server: SocketAddrV4) -> Vec<router_common::NatFlow> {
+    use aya::maps::{HashMap, Map};
+    let map: HashMap<_, router_common::NatKey, router_common::NatFlow> =
+        HashMap::try_from(Map::HashMap(
+            router_ctl::datapath::open_pinned(router, router_common::map_names::NAT_FLOWS)
+                .expect("the router's NAT_FLOWS"),
+        ))
+        .unwrap();
+    let k = router_common::NatKey {
+        src: orig.ip().octets(),
+        dst: server.ip().octets(),
+        sport: orig.port().to_be_bytes(),
+        dport: server.port().to_be_bytes(),
+        proto: 6,
+        _pad: [0; 3],
+    };
+    let Ok(out) = map.get(&k, 0) else {
+        return Vec::new();
+    };
+    let back = router_common::NatKey {
+        src: out.dst,
+        dst: out.src,
+        sport: out.dport,
+        dport: out.sport,
+        proto: 6,
+        _pad: [0; 3],
+    };
+    std::iter::once(out).chain(map.get(&back, 0).ok()).collect()
+}
+
+/// A learned flow whose connection goes quiet without a FIN or RST through the router (a
+/// client that vanished) is used no longer than `NAT_LEARN` after its SYN-ACK, and leaves the
+/// map at the daemon's next refresh after that: the map does not fill up with dead
+/// connections. The connection itself goes on through the kernel afterwards.
+#[test]
+fn a_learned_flow_whose_connection_goes_quiet_leaves_the_map() {
+    require_root();
+    let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+    let s = nat_seed();
+    let listen = addr(OUT, 5122);
+    let server = in_ns(&s.out(), move || {
+        let l = TcpListener::bind(listen).unwrap();
+        let (mut c, _) = l.accept().unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut buf = [0u8; 100];
+        // Two requests, the second after the quiet time: echoed.
+        for _ in 0..2 {
+            c.read_exact(&mut buf).unwrap();
+            c.write_all(&buf).unwrap();
+        }
+    });
+    let router = s.ids.router_id.clone();
+    let client = in_ns(&s.vm1, move || -> Result<(), String> {
+        let mut c = TcpStream::connect_timeout(&listen.into(), IO_TIMEOUT)
+            .map_err(|e| format!("connect: {e}"))?;
+        c.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        let me = match c.local_addr().unwrap() {
+            SocketAddr::V4(a) => a,
+            a => return Err(format!("local address {a}")),
+        };
+        let mut buf = [7u8; 100];
+        c.write_all(&buf).unwrap();
+        c.read_exact(&mut buf)
+            .map_err(|e| format!("first answer: {e}"))?;
+        let flows = learned(&router, me, listen);
+        if flows.len() != 2 {
+            return Err(format!(
+                "after the first exchange {} direction(s) of {me} → {listen} were learned, 2 expected",
+                flows.len()
+            ));
+        }
+        let until = flows[0].until;
+        // Quiet: no segment of the connection crosses the router. The daemon refreshes at
+        // least every 5 s; the copy is usable for at most 5 s.
+        let t0 = Instant::now();
+        loop {
+            std::thread::sleep(Duration::from_millis(250));
+            let left = learned(&router, me, listen);
+            if left.is_empty() {
+                let now = router_ctl::nat::monotonic_ns();
+                if now < until {
+                    return Err("removed while still usable".into());
+                }
+                break;
+            }
+            if t0.elapsed() > Duration::from_secs(15) {
+                return Err(format!(
+                    "{} learned entries of the quiet connection still in the map after {:.1} s",
+                    left.len(),
+                    t0.elapsed().as_secs_f64()
+                ));
+            }
+        }
+        eprintln!(
+            "the quiet connection's learned flow left the map {:.1} s after its first exchange",
+            t0.elapsed().as_secs_f64()
+        );
+        // The connection is alive all the same: the kernel carries its next exchange.
+        let mut buf = [9u8; 100];
+        c.write_all(&buf).unwrap();
+        c.read_exact(&mut buf)
+            .map_err(|e| format!("second answer: {e}"))?;
+        if buf != [9u8; 100] {
+            return Err("the second answer differs".into());
+        }
+        Ok(())
+    });
+    let r = client.join().expect("client thread");
+    server.join().expect("server thread");
+    r.unwrap();
+}

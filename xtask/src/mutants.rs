@@ -52,6 +52,44 @@ pub const MUTANTS: &[Mutant] = &[
         ],
     },
     Mutant {
+        name: "nat_learn_off",
+        fault: "the fast path never learns a flow from its handshake (every short connection through NAT is the kernel's alone)",
+        tests: &[
+            (
+                "packet",
+                "nat_flows_are_learned_from_the_handshakes_the_kernel_translates",
+            ),
+            (
+                "nat_reuse",
+                "request_sized_connections_are_carried_from_their_first_request",
+            ),
+        ],
+    },
+    Mutant {
+        name: "nat_learn_unproven",
+        fault: "the fast path learns a flow from any ACK after its SYN-ACK, not only one that acknowledges the SYN-ACK's sequence number",
+        tests: &[(
+            "packet",
+            "nat_flows_are_learned_from_the_handshakes_the_kernel_translates",
+        )],
+    },
+    Mutant {
+        name: "nat_hints_kept",
+        fault: "retiring a flow leaves its keys' hint bits set (the hints fill up at the rate of connections)",
+        tests: &[(
+            "packet",
+            "nat_flows_are_learned_from_the_handshakes_the_kernel_translates",
+        )],
+    },
+    Mutant {
+        name: "nat_learned_kept",
+        fault: "the daemon never deletes learned flows it can no longer use (connections that went quiet fill the map)",
+        tests: &[(
+            "nat_reuse",
+            "a_learned_flow_whose_connection_goes_quiet_leaves_the_map",
+        )],
+    },
+    Mutant {
         name: "nat_stale_used",
         fault: "the fast path uses a NAT copy whatever its generation and time (a copy taken before a connection's start or end, or past the kernel entry's timeout)",
         tests: &[
