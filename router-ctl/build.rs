@@ -36,7 +36,7 @@ const EBPF_MUTANTS: &[&str] = &[
     "kernel_policy_ignored",
     "nat_learn_off",
     "nat_learn_unproven",
-    "nat_hints_kept",
+    "nat_learned_unchecked",
 ];
 /// Faults in the controller (router-ctl).
 const CTL_MUTANTS: &[&str] = &[
@@ -71,7 +71,6 @@ const CTL_MUTANTS: &[&str] = &[
     "keeps_deleted_namespace",
     "nat_conf_off",
     "nat_no_refresh",
-    "nat_learned_kept",
     "ha_no_track",
     "fence_never",
     "standby_keeps_addresses",

@@ -74,6 +74,10 @@ pub mod map_names {
     /// One u64: how long (ns) a flow learned from its handshake may be used after its SYN-ACK
     /// went by; 0: no learning. Written by the daemon from the namespace's conntrack timeouts.
     pub const NAT_LEARN: &str = "NAT_LEARN";
+    /// Array of `nat::LEARN_SLOTS` `LearnedFlow`, by `nat::learn_slot` of the key: the flows
+    /// the program learned, each direction in a slot of its own (a later flow of the same slot
+    /// takes it; the kernel carries the one it displaced).
+    pub const NAT_LEARNED: &str = "NAT_LEARNED";
     /// Per-CPU array: `Iface::slot` → `Stats`.
     pub const STATS: &str = "STATS";
 }
@@ -83,9 +87,9 @@ pub mod map_names {
 /// that it declares exactly these).
 pub mod maps {
     use super::{
-        fib, fib6, map_names as n, nat, Block6, Iface, IfaceAt, NatFlow, NatKey, NatSyn, Neigh,
-        Neigh6Key, NeighKey, NhGroup, Pfx6, Route, Stats, IFACE_INDEX_SLOTS, MAX_IFACES,
-        MAX_LOCAL4, MAX_NAT_FLOWS, MAX_NEIGHS, STATS_SLOTS,
+        fib, fib6, map_names as n, nat, Block6, Iface, IfaceAt, LearnedFlow, NatFlow, NatKey,
+        NatSyn, Neigh, Neigh6Key, NeighKey, NhGroup, Pfx6, Route, Stats, IFACE_INDEX_SLOTS,
+        MAX_IFACES, MAX_LOCAL4, MAX_NAT_FLOWS, MAX_NEIGHS, STATS_SLOTS,
     };
     use core::mem::size_of;
 
@@ -174,7 +178,7 @@ pub mod maps {
     use Kind::*;
     const GROUP: usize = 4 * fib::GROUP_SIZE as usize;
 
-    pub const ALL: [Spec; 28] = [
+    pub const ALL: [Spec; 30] = [
         spec(
             n::FIB_L1,
             Array,
@@ -353,7 +357,25 @@ pub mod maps {
             Renewable,
         ),
         spec(n::NAT_LEARN, Array, 4, 8, 0, Fixed(1), Pinned),
+        spec(
+            n::NAT_LEARNED,
+            Array,
+            4,
+            size_of::<LearnedFlow>(),
+            0,
+            Fixed(nat::LEARN_SLOTS),
+            Renewable,
+        ),
         spec("SCRATCH", PerCpuArray, 4, 516, 0, Fixed(1), Private),
+        spec(
+            "NAT_SCRATCH",
+            PerCpuArray,
+            4,
+            size_of::<LearnedFlow>(),
+            0,
+            Fixed(1),
+            Private,
+        ),
         spec(
             n::STATS,
             PerCpuArray,
@@ -646,6 +668,8 @@ pub mod nat {
     /// Slots of `NAT_SYNS` (a power of two): handshakes under way at once (a handshake whose
     /// slot another one takes is not learned; the kernel carries it).
     pub const SYN_SLOTS: u32 = 1 << 12;
+    /// Slots of `NAT_LEARNED` (a power of two).
+    pub const LEARN_SLOTS: u32 = 1 << 11;
     /// `NatSyn::stage`: the SYN went by.
     pub const SYN_SEEN: u32 = 1;
     /// `NatSyn::stage`: its SYN-ACK went by.
@@ -682,6 +706,38 @@ pub mod nat {
     pub fn hint_bit(k: &NatKey) -> (u32, u64) {
         let h = mix(k).wrapping_mul(0x27d4_eb2f) >> (32 - HINT_WORDS.trailing_zeros() - 6);
         (h >> 6, 1 << (h & 63))
+    }
+
+    /// The `NAT_LEARNED` slot of key `k`.
+    #[inline(always)]
+    pub fn learn_slot(k: &NatKey) -> u32 {
+        mix(k).wrapping_mul(0xc2b2_ae35) >> (32 - LEARN_SLOTS.trailing_zeros())
+    }
+
+    /// The check word of a `LearnedFlow` holding `key` → `f` (`f.used` left out): an entry read
+    /// while another processor rewrote it (a mix of two flows) fails it.
+    #[inline(always)]
+    pub fn learned_check(key: &NatKey, f: &super::NatFlow) -> u32 {
+        let w = |b: [u8; 4]| u32::from_ne_bytes(b);
+        // One word at a time (no array: the program's stack is small).
+        let step = |h: u32, x: u32| (h ^ x).wrapping_mul(0x9e37_79b1).rotate_left(13);
+        let mut h = step(0x2545_f491, w(key.src));
+        h = step(h, w(key.dst));
+        h = step(
+            h,
+            w([key.sport[0], key.sport[1], key.dport[0], key.dport[1]]),
+        );
+        h = step(h, key.proto as u32);
+        h = step(h, w(f.src));
+        h = step(h, w(f.dst));
+        h = step(h, w([f.sport[0], f.sport[1], f.dport[0], f.dport[1]]));
+        h = step(h, f.flags);
+        h = step(h, f.slot);
+        h = step(h, f.gen);
+        h = step(h, f.until as u32);
+        h = step(h, (f.until >> 32) as u32);
+        // Never 0: an all-zero slot (never written) fails.
+        h | 1
     }
 
     /// The `NAT_SYNS` slot of a handshake whose client chose initial sequence number `isn`.
@@ -766,6 +822,18 @@ pub struct NatSyn {
     pub stage: u32,
     /// When the SYN-ACK went by (CLOCK_MONOTONIC ns, coarse).
     pub at: u64,
+}
+
+/// Value of `NAT_LEARNED`: one direction of a flow the program learned from its handshake.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LearnedFlow {
+    pub key: NatKey,
+    /// As in `NAT_FLOWS` (`used` stays 0: the daemon refreshes no learned flow).
+    pub flow: NatFlow,
+    /// `nat::learned_check(key, flow)`.
+    pub check: u32,
+    pub _pad: u32,
 }
 
 /// Value of the `IFACES` map: what the fast path needs to know of a `qr-` device.
@@ -953,6 +1021,8 @@ mod user {
     unsafe impl aya::Pod for Stats {}
     unsafe impl aya::Pod for NatKey {}
     unsafe impl aya::Pod for NatFlow {}
+    unsafe impl aya::Pod for LearnedFlow {}
+    unsafe impl aya::Pod for NatSyn {}
     unsafe impl aya::Pod for Block6 {}
     unsafe impl aya::Pod for Pfx6 {}
 }
@@ -978,6 +1048,8 @@ mod layout {
         assert_eq!(size_of::<NatFlow>(), 40);
         // Two keys, four u32, a u64: no padding.
         assert_eq!(size_of::<NatSyn>(), 56);
+        // A cache line: a key, a flow, the check word and padding made explicit.
+        assert_eq!(size_of::<LearnedFlow>(), 64);
         assert_eq!(size_of::<Block6>(), 96);
         assert_eq!(size_of::<Pfx6>(), 16);
     }

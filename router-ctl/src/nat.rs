@@ -33,7 +33,7 @@ use aya::maps::{Array, HashMap, Map, MapData, RingBuf};
 use router_common::{
     map_names,
     nat::{gen_slot, hint_bit, HINT_WORDS},
-    nat_flags, NatFlow, NatKey, MAX_NAT_FLOWS,
+    nat_flags, NatFlow, NatKey,
 };
 
 use crate::{
@@ -232,9 +232,6 @@ pub fn entries(f: &Flow, any: bool) -> Option<[(NatKey, NatFlow); 2]> {
 struct Copied {
     flow: Flow,
     keys: [NatKey; 2],
-    /// The generation the copies were written with: entries under these keys with another one
-    /// are not this copy's (the program learned the next connection of the same tuple).
-    gen: u32,
 }
 
 /// A router's flow map, its reports, and what was written to the map.
@@ -392,13 +389,11 @@ impl NatSync {
             if same {
                 keep.insert(e[0].0);
                 keep.insert(e[1].0);
-                let gen = self.map.get(&e[0].0, 0).map(|v| v.gen).unwrap_or(0);
                 self.installed.insert(
                     f.orig,
                     Copied {
                         flow: f.clone(),
                         keys: [e[0].0, e[1].0],
-                        gen,
                     },
                 );
             }
@@ -432,36 +427,16 @@ impl NatSync {
         Ok(())
     }
 
-    /// Rewrites the hint bits from the keys the map holds, clearing the bits of keys no longer
-    /// held, after deleting the entries the program learned that it can no longer use (past
-    /// their time or generation: a connection that ended without a FIN or RST through the
-    /// router). The program may learn a flow meanwhile and lose its bit here: that flow then
-    /// goes to the kernel, which translates it as before.
+    /// Rewrites the hint bits from the copies this daemon keeps, clearing the bits of keys no
+    /// longer held (the only writer of `NAT_FLOWS` entries is this thread: none can be written
+    /// meanwhile; the flows the program learns have no hint bits).
     fn write_hints(&mut self) -> Result<()> {
-        let now = monotonic_ns();
-        let mine: HashSet<NatKey> = self.installed.values().flat_map(|c| c.keys).collect();
         let mut words = vec![0u64; HINT_WORDS as usize];
-        let mut unusable = Vec::new();
-        // A key deleted under the iteration makes the kernel start over: bounded.
-        let entries: Vec<(NatKey, NatFlow)> = self
-            .map
-            .iter()
-            .filter_map(|e| e.ok())
-            .take(2 * MAX_NAT_FLOWS as usize)
-            .collect();
-        for (k, v) in entries {
-            if !mine.contains(&k)
-                && (v.until <= now || self.gen(v.slot) != v.gen)
-                && !cfg!(mutant = "nat_learned_kept")
-            {
-                unusable.push(k);
-                continue;
+        for c in self.installed.values() {
+            for k in &c.keys {
+                let (w, bit) = hint_bit(k);
+                words[w as usize] |= bit;
             }
-            let (w, bit) = hint_bit(&k);
-            words[w as usize] |= bit;
-        }
-        for k in &unusable {
-            let _ = self.map.remove(k);
         }
         for (i, w) in words.iter().enumerate() {
             let i = i as u32;
@@ -557,20 +532,15 @@ impl NatSync {
             Copied {
                 flow,
                 keys: [e[0].0, e[1].0],
-                gen,
             },
         );
         Ok(true)
     }
 
-    /// Deletes the copies of `orig` this daemon wrote (not the entries the program learned
-    /// since under the same keys: a client reusing its port to the same server).
     fn forget(&mut self, orig: &Tuple) {
         if let Some(c) = self.installed.remove(orig) {
             for k in &c.keys {
-                if !self.map.get(k, 0).is_ok_and(|v| v.gen != c.gen) {
-                    let _ = self.map.remove(k);
-                }
+                let _ = self.map.remove(k);
             }
         }
     }
@@ -677,12 +647,7 @@ impl NatSync {
         for orig in &gone {
             self.forget(orig);
         }
-        // Learned flows come and go without this daemon: their keys are in the map only.
-        let learning = self
-            .learn
-            .as_ref()
-            .is_some_and(|m| m.get(&0, 0).unwrap_or(0) != 0);
-        if !gone.is_empty() || learning {
+        if !gone.is_empty() {
             self.write_hints()?;
         }
         for (orig, secs) in &due {

@@ -6,9 +6,9 @@ use aya_ebpf::{
     maps::{Array, DevMap, HashMap, LpmTrie, PerCpuArray, RingBuf},
 };
 use router_common::{
-    fib, fib6, nat, Block6, Iface, IfaceAt, NatFlow, NatKey, NatSyn, Neigh, Neigh6Key, NeighKey,
-    NhGroup, Pfx6, Route, Stats, IFACE_INDEX_SLOTS, MAX_IFACES, MAX_LOCAL4, MAX_NAT_FLOWS,
-    MAX_NEIGHS, STATS_SLOTS,
+    fib, fib6, nat, Block6, Iface, IfaceAt, LearnedFlow, NatFlow, NatKey, NatSyn, Neigh, Neigh6Key,
+    NeighKey, NhGroup, Pfx6, Route, Stats, IFACE_INDEX_SLOTS, MAX_IFACES, MAX_LOCAL4,
+    MAX_NAT_FLOWS, MAX_NEIGHS, STATS_SLOTS,
 };
 
 // The route table (see `router_common::fib`); the controller sizes L2, L3 and NEXTHOPS per router.
@@ -99,6 +99,12 @@ pub static NAT_SYNS: Array<NatSyn> = Array::with_max_entries(nat::SYN_SLOTS, 0);
 /// How long a flow learned from its handshake may be used (ns; 0: no learning).
 #[map(name = "NAT_LEARN")]
 pub static NAT_LEARN: Array<u64> = Array::with_max_entries(1, 0);
+/// Flows learned from their handshakes (see `router_common::nat`).
+#[map(name = "NAT_LEARNED")]
+pub static NAT_LEARNED: Array<LearnedFlow> = Array::with_max_entries(nat::LEARN_SLOTS, 0);
+/// A per-CPU scratch entry: learned flows are built and checked there, off the stack.
+#[map(name = "NAT_SCRATCH")]
+pub static NAT_SCRATCH: PerCpuArray<LearnedFlow> = PerCpuArray::with_max_entries(1, 0);
 
 /// A per-CPU scratch buffer: the XDP program copies TCP/UDP segments there to verify their
 /// checksums (see `csum::l4_verifies`).

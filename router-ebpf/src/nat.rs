@@ -8,16 +8,20 @@
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use router_common::{
     nat::{
-        gen_slot, hint_bit, seen_slots, syn_slot, COPY_AFTER, COPY_AFTER_TCP, SEEN_IDLE,
-        SEEN_REPORTS, SEEN_SECOND_SHIFT, SEEN_TIME_SHIFT, SYN_ACK_SEEN, SYN_SEEN,
+        gen_slot, hint_bit, learn_slot, learned_check, seen_slots, syn_slot, COPY_AFTER,
+        COPY_AFTER_TCP, SEEN_IDLE, SEEN_REPORTS, SEEN_SECOND_SHIFT, SEEN_TIME_SHIFT, SYN_ACK_SEEN,
+        SYN_SEEN,
     },
-    nat_conf, nat_flags, pass_reason as why, NatFlow, NatKey, NatSyn,
+    nat_conf, nat_flags, pass_reason as why, LearnedFlow, NatFlow, NatKey, NatSyn,
 };
 
 use crate::{
     csum,
     hook::Hook,
-    maps::{NAT_CONF, NAT_FLOWS, NAT_GEN, NAT_HINT, NAT_LEARN, NAT_MISSES, NAT_SEEN, NAT_SYNS},
+    maps::{
+        NAT_CONF, NAT_FLOWS, NAT_GEN, NAT_HINT, NAT_LEARN, NAT_LEARNED, NAT_MISSES, NAT_SCRATCH,
+        NAT_SEEN, NAT_SYNS,
+    },
     parse::{ptr_at, Ipv4Hdr, ETH_LEN, IPPROTO_TCP, IPPROTO_UDP, IPV4_LEN},
 };
 
@@ -59,7 +63,8 @@ pub enum Lookup {
     Other,
     /// No valid copy of its flow: the kernel translates it, if it needs translating.
     Miss(Miss),
-    /// The flow's valid copy, under this key, and the time it was found valid at.
+    /// The flow's valid copy, under this key, and the time it was found valid at: the
+    /// daemon's entry, or this processor's checked copy of a learned one.
     Flow(NatKey, &'static mut NatFlow, u64),
 }
 
@@ -108,6 +113,19 @@ pub fn lookup(h: &impl Hook, ip: &Ipv4Hdr, tot_len: usize) -> Result<Lookup, usi
         seq,
         ack,
     };
+    // A flow learned from its handshake, valid: first (its slot is one cache line, which no
+    // hint bit could spare: the slot is where it would be written).
+    if let Some((f, now)) = learned_of(&key) {
+        if control {
+            // A connection starts or ends: conntrack must see it, and the fast path stops
+            // using the flow (both directions: one generation).
+            if !cfg!(mutant = "nat_no_retire") {
+                retire(&key, f, false);
+            }
+            return Err(why::NAT_TCP_CONTROL);
+        }
+        return Ok(Lookup::Flow(key, f, now));
+    }
     let Some(f) = flow_of(&key) else {
         return Ok(Lookup::Miss(miss));
     };
@@ -118,7 +136,7 @@ pub fn lookup(h: &impl Hook, ip: &Ipv4Hdr, tot_len: usize) -> Result<Lookup, usi
         // A connection starts or ends: the copy may be of a connection conntrack is about to
         // replace or forget. Whether or not it is, conntrack must see this packet.
         if !cfg!(mutant = "nat_no_retire") {
-            retire(&key, f);
+            retire(&key, f, true);
         }
         return Err(why::NAT_TCP_CONTROL);
     }
@@ -128,6 +146,36 @@ pub fn lookup(h: &impl Hook, ip: &Ipv4Hdr, tot_len: usize) -> Result<Lookup, usi
         return Ok(Lookup::Miss(miss));
     }
     Ok(Lookup::Flow(key, f, now))
+}
+
+/// This processor's scratch entry (`NAT_SCRATCH`): flows are checked and built there, off
+/// the stack and out of other processors' reach.
+#[inline(always)]
+fn scratch() -> Option<&'static mut LearnedFlow> {
+    // SAFETY: a per-CPU array element; the program runs to its end on this processor.
+    NAT_SCRATCH.get_ptr_mut(0).map(|p| unsafe { &mut *p })
+}
+
+/// The flow the program learned for `key`, if its slot holds one, whole (its check word
+/// matches: not a mix of two flows another processor wrote at once) and valid: a copy in this
+/// processor's scratch entry, and the time it was found valid at.
+#[inline(always)]
+fn learned_of(key: &NatKey) -> Option<(&'static mut NatFlow, u64)> {
+    let p = NAT_LEARNED.get_ptr(learn_slot(key))?;
+    // SAFETY: an array element; a first look at its key (most packets stop here).
+    if unsafe { core::ptr::read_volatile(&(*p).key) } != *key {
+        return None;
+    }
+    let s = scratch()?;
+    // SAFETY: an array element copied once into this processor's scratch; whatever another
+    // processor writes meanwhile, the copy is checked below.
+    unsafe { core::ptr::copy_nonoverlapping(p, s as *mut LearnedFlow, 1) };
+    let whole = s.check == learned_check(&s.key, &s.flow) || cfg!(mutant = "nat_learned_unchecked");
+    let now = now();
+    if s.key != *key || !whole || !valid(&s.flow, now) {
+        return None;
+    }
+    Some((&mut s.flow, now))
 }
 
 /// The entry `NAT_FLOWS` holds for `key`, if any; looked up only when the key's hint bit is set.
@@ -183,10 +231,11 @@ fn bump(slot: u32) {
     }
 }
 
-/// Ends the fast path's use of flow `f` (found under `key`): its generation moves on, and
-/// both directions' copies are deleted.
+/// Ends the fast path's use of flow `f` (found under `key`): its generation moves on (which
+/// voids both directions, copied or learned), and both directions' copies are deleted
+/// (`copied`: it came from `NAT_FLOWS`).
 #[inline(always)]
-fn retire(key: &NatKey, f: &NatFlow) {
+fn retire(key: &NatKey, f: &NatFlow, copied: bool) {
     let icmp = key.proto == IPPROTO_ICMP;
     // The other direction arrives as this one leaves, reversed.
     let other = NatKey {
@@ -198,32 +247,9 @@ fn retire(key: &NatKey, f: &NatFlow) {
         _pad: [0; 3],
     };
     bump(f.slot);
-    let _ = NAT_FLOWS.remove(key);
-    let _ = NAT_FLOWS.remove(&other);
-    // Learned flows come and go at the rate of connections: their bits must go with them, or
-    // the hints fill up and every packet for the kernel reads the map's buckets again. A key
-    // sharing a bit drops off the fast path until its flow is copied again or the daemon
-    // rewrites the hints (each refresh).
-    if !cfg!(mutant = "nat_hints_kept") {
-        hint(key, false);
-        hint(&other, false);
-    }
-}
-
-/// Sets or clears the hint bit of `k` (not atomic: a bit another CPU sets at the same moment
-/// may be lost, which keeps its flow on the kernel's path until the daemon writes the hints).
-#[inline(always)]
-fn hint(k: &NatKey, on: bool) {
-    let (word, bit) = hint_bit(k);
-    if let Some(w) = NAT_HINT.get_ptr_mut(word) {
-        // SAFETY: an array element.
-        unsafe {
-            if on {
-                *w |= bit;
-            } else {
-                *w &= !bit;
-            }
-        }
+    if copied {
+        let _ = NAT_FLOWS.remove(key);
+        let _ = NAT_FLOWS.remove(&other);
     }
 }
 
@@ -249,17 +275,12 @@ fn handshake(m: &Miss) {
             if let Some(r) = NAT_SYNS.get_ptr_mut(syn_slot(m.seq)) {
                 // SAFETY: an array element. Two CPUs writing one slot at once leave a mix
                 // that the checks below refuse (every later step compares what it wrote).
-                unsafe {
-                    *r = NatSyn {
-                        key: m.key,
-                        reply: m.key,
-                        isn: m.seq,
-                        reply_isn: 0,
-                        gen,
-                        stage: SYN_SEEN,
-                        at: 0,
-                    }
-                };
+                let r = unsafe { &mut *r };
+                r.stage = 0;
+                r.key = m.key;
+                r.isn = m.seq;
+                r.gen = gen;
+                r.stage = SYN_SEEN;
             }
         }
         f if f == TCP_SYN | TCP_ACK => {
@@ -307,47 +328,55 @@ fn handshake(m: &Miss) {
     }
 }
 
-/// Installs both directions of a flow whose original direction arrives as `k` and whose
-/// reply arrives as `reply` (each becomes the other reversed), unless either key is taken.
+/// Writes both directions of a flow whose original direction arrives as `k` and whose reply
+/// arrives as `reply` (each becomes the other reversed) into their `NAT_LEARNED` slots.
 #[inline(always)]
 fn learn(k: &NatKey, reply: &NatKey, slot: u32, gen: u32, until: u64) {
+    let Some(s) = scratch() else {
+        return;
+    };
     let src = reply.dst != k.src || reply.dport != k.sport;
     let dst = reply.src != k.dst || reply.sport != k.dport;
-    let out = NatFlow {
-        src: reply.dst,
-        dst: reply.src,
-        sport: reply.dport,
-        dport: reply.sport,
-        flags: if src { nat_flags::SRC } else { 0 } | if dst { nat_flags::DST } else { 0 },
-        slot,
-        gen,
-        used: 0,
-        until,
-    };
-    let back = NatFlow {
-        src: k.dst,
-        dst: k.src,
-        sport: k.dport,
-        dport: k.sport,
-        flags: if dst { nat_flags::SRC } else { 0 } | if src { nat_flags::DST } else { 0 },
-        slot,
-        gen,
-        used: 0,
-        until,
-    };
-    if NAT_FLOWS.insert(k, &out, BPF_NOEXIST).is_err() {
-        return;
+    let (fs, fd) = (
+        if src { nat_flags::SRC } else { 0 },
+        if dst { nat_flags::DST } else { 0 },
+    );
+    // The original direction becomes the reply reversed, and the other way round.
+    for (from, to, flags) in [(k, reply, fs | fd), (reply, k, swap(fs | fd))] {
+        let Some(p) = NAT_LEARNED.get_ptr_mut(learn_slot(from)) else {
+            continue;
+        };
+        s.key = *from;
+        s.flow.src = to.dst;
+        s.flow.dst = to.src;
+        s.flow.sport = to.dport;
+        s.flow.dport = to.sport;
+        s.flow.flags = flags;
+        s.flow.slot = slot;
+        s.flow.gen = gen;
+        s.flow.used = 0;
+        s.flow.until = until;
+        s.check = learned_check(&s.key, &s.flow);
+        s._pad = 0;
+        // SAFETY: from this processor's scratch into an array element. A reader racing this
+        // write sees a mix that fails its check; a flow this one displaces goes to the kernel.
+        unsafe { core::ptr::copy_nonoverlapping(s as *const LearnedFlow, p, 1) };
     }
-    if NAT_FLOWS.insert(reply, &back, BPF_NOEXIST).is_err() {
-        let _ = NAT_FLOWS.remove(k);
-        return;
-    }
-    hint(k, true);
-    hint(reply, true);
 }
 
-/// `BPF_NOEXIST`: create an element only where none is.
-const BPF_NOEXIST: u64 = 1;
+/// `nat_flags` of the other direction: a source translated one way is a destination the other.
+#[inline(always)]
+fn swap(flags: u32) -> u32 {
+    (if flags & nat_flags::SRC != 0 {
+        nat_flags::DST
+    } else {
+        0
+    }) | (if flags & nat_flags::DST != 0 {
+        nat_flags::SRC
+    } else {
+        0
+    })
+}
 
 /// A packet of `m` went to the kernel because it had no copy: a connection start moves its
 /// flow's generation on (a copy being taken now may be of the connection conntrack replaces);
@@ -414,7 +443,7 @@ pub fn missed(m: &Miss) {
 }
 
 /// Marks the flow used, at most once a second (a write per packet would bounce its cache
-/// line between CPUs).
+/// line between CPUs); on a learned flow's scratch copy it changes nothing.
 #[inline(always)]
 pub fn touch(f: &mut NatFlow, now: u64) {
     if now.wrapping_sub(f.used) > 1_000_000_000 {

@@ -2502,20 +2502,31 @@ impl Harness {
         a.set(0, ns, 0).unwrap();
     }
 
-    /// Whether the hint bit of `k` is set.
-    fn nat_hinted(&mut self, k: &router_common::NatKey) -> bool {
-        let a: aya::maps::Array<_, u64> =
-            aya::maps::Array::try_from(self.ebpf.map(map_names::NAT_HINT).unwrap()).unwrap();
-        let (w, bit) = router_common::nat::hint_bit(k);
-        a.get(&w, 0).unwrap() & bit != 0
+    /// The flow the program learned for `k`, if its NAT_LEARNED slot holds it whole and valid
+    /// now (as the program finds it).
+    fn nat_learned(&mut self, k: &router_common::NatKey) -> Option<router_common::NatFlow> {
+        let a: aya::maps::Array<_, router_common::LearnedFlow> =
+            aya::maps::Array::try_from(self.ebpf.map(map_names::NAT_LEARNED).unwrap()).unwrap();
+        let e = a.get(&router_common::nat::learn_slot(k), 0).unwrap();
+        let whole = e.check == router_common::nat::learned_check(&e.key, &e.flow);
+        let valid = self.nat_gen(e.flow.slot) == e.flow.gen
+            && e.flow.until > router_ctl::nat::monotonic_ns();
+        (e.key == *k && whole && valid).then_some(e.flow)
+    }
+
+    /// Writes `e` into its NAT_LEARNED slot as it is (check word included).
+    fn nat_learned_set(&mut self, e: &router_common::LearnedFlow) {
+        let mut a: aya::maps::Array<_, router_common::LearnedFlow> =
+            aya::maps::Array::try_from(self.ebpf.map_mut(map_names::NAT_LEARNED).unwrap()).unwrap();
+        a.set(router_common::nat::learn_slot(&e.key), *e, 0)
+            .unwrap();
     }
 }
 
 /// The program learns a flow from the handshake the kernel translated, and only from one it
 /// can prove: SYN, SYN-ACK and the client's first ACK all go to the kernel untouched, and
 /// after that ACK both directions are in NAT_FLOWS exactly as the kernel mapped them, the
-/// next segment leaves translated byte for byte, and the connection's FIN retires both
-/// (their hint bits too). Not learned: an ACK that does not acknowledge the SYN-ACK's
+/// next segment leaves translated byte for byte, and the connection's FIN retires both. Not learned: an ACK that does not acknowledge the SYN-ACK's
 /// sequence number (its sender never saw it), a SYN-ACK from another port of the server (a
 /// forgery: neither side as the SYN had it), a second SYN-ACK after the first (the first
 /// wins), a router with learning off or under foreign rules. A floating IP's handshake (the
@@ -2582,7 +2593,7 @@ fn nat_flows_are_learned_from_the_handshakes_the_kernel_translates() {
                 why::NAT_NO_FLOW,
                 "the client's first ACK",
             );
-            let copies = (h.nat_copy(&k).is_some(), h.nat_copy(&back).is_some());
+            let copies = (h.nat_learned(&k).is_some(), h.nat_learned(&back).is_some());
             assert_eq!(copies, (learn, learn), "{:?}: learned: {learn}", h.prog);
         };
         // Off (the daemon's value without a liberal conntrack): nothing learned.
@@ -2622,7 +2633,12 @@ fn nat_flows_are_learned_from_the_handshakes_the_kernel_translates() {
             why::NAT_NO_FLOW,
             "an ACK of another sequence number",
         );
-        assert_eq!(h.nat_copy(&k), None, "{:?}: unproven, not learned", h.prog);
+        assert_eq!(
+            h.nat_learned(&k),
+            None,
+            "{:?}: unproven, not learned",
+            h.prog
+        );
         passed(
             &mut h,
             &seg(SRC, 40003, DST, 443, x + 1, y + 1, 0x10),
@@ -2631,8 +2647,12 @@ fn nat_flows_are_learned_from_the_handshakes_the_kernel_translates() {
         );
         let t1 = router_ctl::nat::monotonic_ns();
         let slot = gen_slot(&k);
-        let out = h.nat_copy(&k).expect("the original direction is learned");
-        let ret = h.nat_copy(&back).expect("the reply direction is learned");
+        let out = h
+            .nat_learned(&k)
+            .expect("the original direction is learned");
+        let ret = h
+            .nat_learned(&back)
+            .expect("the reply direction is learned");
         assert!(
             out.until >= t0 + HOLD && out.until <= t1 + HOLD && ret.until == out.until,
             "{:?}: used until the SYN-ACK's time + NAT_LEARN: {} not in {}..{}",
@@ -2660,11 +2680,6 @@ fn nat_flows_are_learned_from_the_handshakes_the_kernel_translates() {
             "{:?}: both directions as the kernel mapped them",
             h.prog
         );
-        assert!(
-            h.nat_hinted(&k) && h.nat_hinted(&back),
-            "{:?}: hinted",
-            h.prog
-        );
         // The request leaves through the fast path, translated.
         let (rc, got) = h.run(&seg(SRC, 40003, DST, 443, x + 1, y + 1, 0x18));
         let want = l4_frame(
@@ -2686,15 +2701,16 @@ fn nat_flows_are_learned_from_the_handshakes_the_kernel_translates() {
             "the server's FIN",
         );
         assert_eq!(
-            (h.nat_copy(&k), h.nat_copy(&back)),
+            (h.nat_learned(&k), h.nat_learned(&back)),
             (None, None),
-            "{:?}",
+            "{:?}: both directions retired",
             h.prog
         );
-        assert!(
-            !h.nat_hinted(&k) && !h.nat_hinted(&back),
-            "{:?}: the retired keys' hint bits are cleared",
-            h.prog
+        passed(
+            &mut h,
+            &seg(SRC, 40003, DST, 443, x + 33, y + 2, 0x10),
+            why::NAT_NO_FLOW,
+            "the client's next segment",
         );
 
         // A SYN-ACK from another port of the server: neither side as the SYN had it.
@@ -2718,7 +2734,51 @@ fn nat_flows_are_learned_from_the_handshakes_the_kernel_translates() {
             why::NAT_NO_FLOW,
             "ACK",
         );
-        assert_eq!(h.nat_copy(&k2), None, "{:?}: a forged answer", h.prog);
+        assert_eq!(h.nat_learned(&k2), None, "{:?}: a forged answer", h.prog);
+
+        // A slot holding a mix of two flows (another processor's write under way): its check
+        // word fails and the packet goes to the kernel untranslated.
+        let k4 = nat_key(SRC, 40005, DST, 443, 6);
+        let f4 = NatFlow {
+            slot: gen_slot(&k4),
+            gen: h.nat_gen(gen_slot(&k4)),
+            until: u64::MAX,
+            ..nat_flow(EXT, 61005, DST, 443, nf::SRC)
+        };
+        let whole = router_common::LearnedFlow {
+            key: k4,
+            flow: f4,
+            check: router_common::nat::learned_check(&k4, &f4),
+            _pad: 0,
+        };
+        let torn = router_common::LearnedFlow {
+            flow: NatFlow {
+                sport: 61006u16.to_be_bytes(),
+                ..f4
+            },
+            ..whole
+        };
+        let data4 = seg(SRC, 40005, DST, 443, 1, 1, 0x10);
+        h.nat_learned_set(&torn);
+        passed(&mut h, &data4, why::NAT_NO_FLOW, "a torn learned flow");
+        h.nat_learned_set(&whole);
+        let (rc, got) = h.run(&data4);
+        let want4 = l4_frame(
+            NB_MAC,
+            OUT_MAC,
+            &Ipv4 {
+                protocol: 6,
+                ..Ipv4::udp(EXT, DST, 63)
+            },
+            &tcp_seg(61005, 443, 1, 1, 0x10),
+            false,
+        );
+        assert_eq!(
+            (rc, got),
+            (XDP_REDIRECT, want4),
+            "{:?}: a whole one",
+            h.prog
+        );
 
         // A floating IP: DST:5000 → FIP:80 becomes DST:5000 → SRC:80.
         let (x3, y3) = (0x5555_0000u32, 0x6666_0000u32);
@@ -2743,10 +2803,10 @@ fn nat_flows_are_learned_from_the_handshakes_the_kernel_translates() {
             why::NAT_NO_FLOW,
             "ACK",
         );
-        let out3 = h.nat_copy(&k3).expect("learned");
+        let out3 = h.nat_learned(&k3).expect("learned");
         let slot3 = gen_slot(&k3);
         assert_eq!(
-            (Some(out3), h.nat_copy(&back3)),
+            (Some(out3), h.nat_learned(&back3)),
             (
                 Some(NatFlow {
                     slot: slot3,

@@ -74,19 +74,11 @@ pub const MUTANTS: &[Mutant] = &[
         )],
     },
     Mutant {
-        name: "nat_hints_kept",
-        fault: "retiring a flow leaves its keys' hint bits set (the hints fill up at the rate of connections)",
+        name: "nat_learned_unchecked",
+        fault: "the fast path uses a learned flow's slot without checking that it holds one flow whole (a mix of two written at once)",
         tests: &[(
             "packet",
             "nat_flows_are_learned_from_the_handshakes_the_kernel_translates",
-        )],
-    },
-    Mutant {
-        name: "nat_learned_kept",
-        fault: "the daemon never deletes learned flows it can no longer use (connections that went quiet fill the map)",
-        tests: &[(
-            "nat_reuse",
-            "a_learned_flow_whose_connection_goes_quiet_leaves_the_map",
         )],
     },
     Mutant {
@@ -97,6 +89,10 @@ pub const MUTANTS: &[Mutant] = &[
             (
                 "nat_expiry",
                 "a_copy_is_not_used_after_the_kernel_may_have_dropped_its_entry",
+            ),
+            (
+                "nat_reuse",
+                "a_learned_flow_whose_connection_goes_quiet_stops_being_used",
             ),
         ],
     },
