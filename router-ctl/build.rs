@@ -71,6 +71,7 @@ const CTL_MUTANTS: &[&str] = &[
     "keeps_deleted_namespace",
     "nat_conf_off",
     "nat_no_refresh",
+    "nat_learned_survive_purge",
     "ha_no_track",
     "fence_never",
     "standby_keeps_addresses",

@@ -32,8 +32,8 @@ use anyhow::{Context as _, Result};
 use aya::maps::{Array, HashMap, Map, MapData, RingBuf};
 use router_common::{
     map_names,
-    nat::{gen_slot, hint_bit, HINT_WORDS},
-    nat_flags, NatFlow, NatKey,
+    nat::{gen_slot, hint_bit, learned_check, HINT_WORDS, LEARN_SLOTS},
+    nat_flags, LearnedFlow, NatFlow, NatKey,
 };
 
 use crate::{
@@ -364,12 +364,14 @@ impl NatSync {
         Ok(())
     }
 
-    /// Deletes every copy in the map, this daemon's and any other's.
+    /// Deletes every copy in the map, this daemon's and any other's, and every flow the
+    /// program learned.
     fn forget_all(&mut self) -> Result<()> {
         let keys: Vec<NatKey> = self.map.keys().filter_map(|k| k.ok()).collect();
         for k in &keys {
             let _ = self.map.remove(k);
         }
+        clear_learned(&self.router, |_| true)?;
         self.installed.clear();
         self.write_hints()
     }
@@ -680,6 +682,9 @@ impl NatSync {
 /// One entry of a router's flow map, for `router-ctl nat`.
 #[derive(Debug, serde::Serialize)]
 pub struct FlowEntry {
+    /// "copied" (by the daemon, from conntrack) or "learned" (by the program, from the
+    /// handshake).
+    pub source: &'static str,
     pub proto: &'static str,
     pub from: String,
     pub to: String,
@@ -705,9 +710,16 @@ pub fn list(router: &str) -> Result<Vec<FlowEntry>> {
             format!("{}:{}", Ipv4Addr::from(a), u16::from_be_bytes(p))
         }
     };
-    let mut v = Vec::new();
+    let mut entries = Vec::new();
     for e in map.iter() {
         let (k, f) = e?;
+        entries.push(("copied", k, f));
+    }
+    for (k, f) in learned(router)? {
+        entries.push(("learned", k, f));
+    }
+    let mut v = Vec::new();
+    for (source, k, f) in entries {
         let current = gens
             .as_ref()
             .is_none_or(|g| g.get(&f.slot, 0).is_ok_and(|g| g == f.gen));
@@ -715,6 +727,7 @@ pub fn list(router: &str) -> Result<Vec<FlowEntry>> {
             continue;
         }
         v.push(FlowEntry {
+            source,
             proto: match k.proto {
                 IPPROTO_TCP => "tcp",
                 conntrack::IPPROTO_UDP => "udp",
@@ -743,10 +756,47 @@ pub fn list(router: &str) -> Result<Vec<FlowEntry>> {
     Ok(v)
 }
 
+/// The whole flows in a router's `NAT_LEARNED` slots, valid or not (none when the router's
+/// programs were loaded by a build without learning).
+fn learned(router: &str) -> Result<Vec<(NatKey, NatFlow)>> {
+    let Ok(data) = datapath::open_pinned(router, map_names::NAT_LEARNED) else {
+        return Ok(Vec::new());
+    };
+    let slots: Array<MapData, LearnedFlow> = Array::try_from(Map::Array(data))?;
+    Ok((0..LEARN_SLOTS)
+        .filter_map(|i| slots.get(&i, 0).ok())
+        .filter(|e| e.check == learned_check(&e.key, &e.flow))
+        .map(|e| (e.key, e.flow))
+        .collect())
+}
+
+/// Empties the `NAT_LEARNED` slots of a router whose flow `drop` selects (key, translation);
+/// returns how many. A slot the program rewrites meanwhile holds a newer flow.
+fn clear_learned(router: &str, drop: impl Fn(&LearnedFlow) -> bool) -> Result<usize> {
+    let Ok(data) = datapath::open_pinned(router, map_names::NAT_LEARNED) else {
+        return Ok(0);
+    };
+    let mut slots: Array<MapData, LearnedFlow> = Array::try_from(Map::Array(data))?;
+    let mut n = 0;
+    for i in 0..LEARN_SLOTS {
+        let Ok(e) = slots.get(&i, 0) else { continue };
+        if e.check == learned_check(&e.key, &e.flow) && drop(&e) {
+            // All zeros: its check word fails.
+            // SAFETY: `LearnedFlow` is plain data; all zeros is a value of it.
+            let empty: LearnedFlow = unsafe { std::mem::zeroed() };
+            slots
+                .set(i, empty, 0)
+                .context("emptying a NAT_LEARNED slot")?;
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
 /// Removes from a router's flow map every entry through `addr` (before or after translation),
-/// as soon as its kernel flows are flushed: the fast path must not carry on with a floating
-/// IP's old mapping until the daemon hears of the flush. Returns how many; none when the
-/// router has no map yet.
+/// and the flows the program learned through it, as soon as its kernel flows are flushed: the
+/// fast path must not carry on with a floating IP's old mapping until the daemon hears of the
+/// flush. Returns how many; none when the router has no map yet.
 pub fn purge_address(router: &str, addr: Ipv4Addr) -> Result<usize> {
     let Ok(data) = datapath::open_pinned(router, map_names::NAT_FLOWS) else {
         return Ok(0);
@@ -762,7 +812,12 @@ pub fn purge_address(router: &str, addr: Ipv4Addr) -> Result<usize> {
     for k in &gone {
         let _ = map.remove(k);
     }
-    Ok(gone.len())
+    let learned = clear_learned(router, |e| {
+        let (k, f) = (&e.key, &e.flow);
+        (k.src == a || k.dst == a || f.src == a || f.dst == a)
+            && !cfg!(mutant = "nat_learned_survive_purge")
+    })?;
+    Ok(gone.len() + learned)
 }
 
 #[cfg(test)]

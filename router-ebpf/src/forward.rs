@@ -176,7 +176,7 @@ fn forward4(h: &impl Hook, ingress: u32, iface: &Iface) -> Verdict {
     // An ICMP error about a NAT flow: the flow, and the outer addresses it gets.
     let mut icmp_err = None;
     if nat_on && unfragmented && !cfg!(mutant = "nat_ignored") {
-        match nat::lookup(h, ip, tot_len) {
+        match nat::lookup(h, ip, tot_len, guarded) {
             Ok(nat::Lookup::Flow(key, f, now)) => flow = Some((key, f, now)),
             Ok(nat::Lookup::Miss(m)) => miss = Some(m),
             Ok(nat::Lookup::Other) => {}

@@ -73,7 +73,7 @@ pub enum Lookup {
 /// fast path has retires the flow's copies (both directions) and goes to the kernel, whose
 /// conntrack must see it; a copy that is no longer valid is deleted and not used.
 #[inline(always)]
-pub fn lookup(h: &impl Hook, ip: &Ipv4Hdr, tot_len: usize) -> Result<Lookup, usize> {
+pub fn lookup(h: &impl Hook, ip: &Ipv4Hdr, tot_len: usize, guarded: bool) -> Result<Lookup, usize> {
     let l4 = ETH_LEN + IPV4_LEN;
     let (key, flags, seq, ack) = if ip.protocol == IPPROTO_TCP {
         if tot_len < IPV4_LEN + 20 {
@@ -115,7 +115,9 @@ pub fn lookup(h: &impl Hook, ip: &Ipv4Hdr, tot_len: usize) -> Result<Lookup, usi
     };
     // A flow learned from its handshake, valid: first (its slot is one cache line, which no
     // hint bit could spare: the slot is where it would be written).
-    if let Some((f, now)) = learned_of(&key) {
+    // Never under foreign rules: only flows the kernel forwarded under them are carried.
+    let learned = if guarded { None } else { learned_of(&key) };
+    if let Some((f, now)) = learned {
         if control {
             // A connection starts or ends: conntrack must see it, and the fast path stops
             // using the flow (both directions: one generation).

@@ -1385,3 +1385,69 @@ fn a_learned_flow_whose_connection_goes_quiet_stops_being_used() {
         "the fast path translated the quiet connection's second exchange with a learned flow past its time"
     );
 }
+
+/// A connection through vm3's floating IP, learned from its handshake, and then the floating
+/// IP removed: the kernel flushes its flows, and the fast path must not go on translating the
+/// connection's segments to vm3 with the learned flow (the daemon empties the learned slots
+/// through the address with the copies). The next request the client sends is not translated
+/// by the fast path and does not reach vm3.
+#[test]
+fn a_learned_flow_through_a_floating_ip_ends_with_the_floating_ip() {
+    require_root();
+    let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+    let mut s = nat_seed();
+    let (connect, listen) = (addr(FIP, 5123), addr(VM3, 5123));
+    let (got_tx, got_rx) = std::sync::mpsc::channel::<usize>();
+    let server = in_ns(&s.vm3, move || {
+        let l = TcpListener::bind(listen).unwrap();
+        let (mut c, _) = l.accept().unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        let mut buf = [0u8; 100];
+        c.read_exact(&mut buf).unwrap();
+        c.write_all(&buf).unwrap();
+        // After the removal: whatever still arrives.
+        let n = c.read(&mut buf).unwrap_or(0);
+        got_tx.send(n).unwrap();
+    });
+    let (sent_tx, sent_rx) = std::sync::mpsc::channel::<()>();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let router = s.ids.router_id.clone();
+    let client = in_ns(&s.out(), move || -> Result<(), String> {
+        let mut c = TcpStream::connect_timeout(&connect.into(), IO_TIMEOUT)
+            .map_err(|e| format!("connect: {e}"))?;
+        c.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        let me = match c.local_addr().unwrap() {
+            SocketAddr::V4(a) => a,
+            a => return Err(format!("local address {a}")),
+        };
+        let mut buf = [5u8; 100];
+        c.write_all(&buf).unwrap();
+        c.read_exact(&mut buf).map_err(|e| format!("answer: {e}"))?;
+        if learned(&router, me, connect).is_none() {
+            return Err(format!("{me} → {connect} was not learned"));
+        }
+        sent_tx.send(()).unwrap();
+        go_rx.recv().unwrap();
+        // Whatever happens to it: nothing must reach vm3.
+        let _ = c.write_all(&[6u8; 100]);
+        std::thread::sleep(Duration::from_millis(500));
+        Ok(())
+    });
+    sent_rx.recv().expect("the client's first exchange");
+    s.apply(&s.ids.config_nat("", ""));
+    let which = [(s.ids.dev_g(), Side::Destination)];
+    let before = translated(&s, &which);
+    go_tx.send(()).unwrap();
+    client.join().expect("client thread").unwrap();
+    let reached = got_rx.recv_timeout(Duration::from_secs(5)).unwrap_or(0);
+    server.join().expect("server thread");
+    assert_eq!(
+        translated(&s, &which),
+        before,
+        "the fast path translated the connection's segment after its floating IP was removed"
+    );
+    assert_eq!(
+        reached, 0,
+        "{reached} bytes reached vm3 after its floating IP was removed"
+    );
+}

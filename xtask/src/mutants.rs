@@ -74,6 +74,14 @@ pub const MUTANTS: &[Mutant] = &[
         )],
     },
     Mutant {
+        name: "nat_learned_survive_purge",
+        fault: "the flows the program learned through a floating IP survive its removal (the fast path goes on translating to the old instance)",
+        tests: &[(
+            "nat_reuse",
+            "a_learned_flow_through_a_floating_ip_ends_with_the_floating_ip",
+        )],
+    },
+    Mutant {
         name: "nat_learned_unchecked",
         fault: "the fast path uses a learned flow's slot without checking that it holds one flow whole (a mix of two written at once)",
         tests: &[(

@@ -323,14 +323,23 @@ pub fn nat_flows(routers: &[RouterState], json_out: bool) -> Result<()> {
     if json_out {
         print_json(json!(rows
             .iter()
-            .map(|(r, f)| json!({"router": r.name, "router_id": r.id, "proto": f.proto, "from": f.from, "to": f.to, "translated": f.translated, "idle_s": f.idle_s}))
+            .map(|(r, f)| json!({"router": r.name, "router_id": r.id, "source": f.source, "proto": f.proto, "from": f.from, "to": f.to, "translated": f.translated, "idle_s": f.idle_s}))
             .collect::<Vec<_>>()));
         return Ok(());
     }
-    let mut t = Table::new(&["ROUTER", "PROTO", "FROM", "TO", "TRANSLATED", "IDLE"]);
+    let mut t = Table::new(&[
+        "ROUTER",
+        "SOURCE",
+        "PROTO",
+        "FROM",
+        "TO",
+        "TRANSLATED",
+        "IDLE",
+    ]);
     for (r, f) in &rows {
         t.row(vec![
             r.name.clone(),
+            f.source.into(),
             f.proto.into(),
             f.from.clone(),
             f.to.clone(),
