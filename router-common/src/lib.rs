@@ -617,8 +617,11 @@ pub const MAX_NAT_FLOWS: u32 = 1 << 18;
 /// from the SYN's server or to its client (SNAT leaves the server's side alone, a floating IP
 /// the client's), arriving under key R with seq Y, gives the kernel's mapping (R reversed is
 /// what K became); the client's first ACK (key K, seq X + 1, ack Y + 1) proves the kernel
-/// forwarded that SYN-ACK to the client (nobody else knows Y), and installs both directions
-/// (K → R reversed, R → K reversed) under the SYN's generation, unless either key is taken.
+/// forwarded that SYN-ACK to the client (nobody else knows Y), and writes both directions
+/// (K → R reversed, R → K reversed) under the SYN's generation into `NAT_LEARNED`: one
+/// cache-line slot each, by a hash of the key, with a check word over key and translation (a
+/// slot read while another processor rewrites it fails the check), nothing allocated; a flow
+/// that finds its slot taken displaces the older one, which goes back to the kernel.
 /// That ACK still goes to the kernel (conntrack sees the connection established); the
 /// segments after it are the fast path's, up to the first FIN or RST. A learned copy is used
 /// for `NAT_LEARN` ns after the SYN-ACK went by at most: the daemon sets that below the

@@ -2680,6 +2680,15 @@ fn nat_flows_are_learned_from_the_handshakes_the_kernel_translates() {
             "{:?}: both directions as the kernel mapped them",
             h.prog
         );
+        // Foreign rules appear: the learned flow is not used (the guard's own copies only).
+        datapath::set_nat_conf(&mut h.ebpf, router_common::nat_conf::GUARDED).unwrap();
+        passed(
+            &mut h,
+            &seg(SRC, 40003, DST, 443, x + 1, y + 1, 0x18),
+            why::NAT_NO_FLOW,
+            "a learned flow's segment under foreign rules",
+        );
+        datapath::set_nat_conf(&mut h.ebpf, router_common::nat_conf::ON).unwrap();
         // The request leaves through the fast path, translated.
         let (rc, got) = h.run(&seg(SRC, 40003, DST, 443, x + 1, y + 1, 0x18));
         let want = l4_frame(
