@@ -116,7 +116,12 @@ pub fn lookup(h: &impl Hook, ip: &Ipv4Hdr, tot_len: usize, guarded: bool) -> Res
     // A flow learned from its handshake, valid: first (its slot is one cache line, which no
     // hint bit could spare: the slot is where it would be written).
     // Never under foreign rules: only flows the kernel forwarded under them are carried.
-    let learned = if guarded { None } else { learned_of(&key) };
+    // Only TCP is learned.
+    let learned = if guarded || key.proto != IPPROTO_TCP {
+        None
+    } else {
+        learned_of(&key)
+    };
     if let Some((f, now)) = learned {
         if control {
             // A connection starts or ends: conntrack must see it, and the fast path stops
