@@ -139,6 +139,9 @@ pub struct ConnFigure {
     pub concurrency: usize,
     pub kernel: Side,
     pub router: Side,
+    /// NAT paths: this router with learning from handshakes off (the namespace's conntrack
+    /// made strict for those runs, which is what turns it off), and its ratio to the kernel.
+    pub no_learn: Option<(Side, Summary)>,
     /// Router ÷ kernel connections per second, per round (in round order) and summarized.
     pub ratios: Vec<f64>,
     pub ratio: Summary,
@@ -460,19 +463,64 @@ fn rx_packets(s: &Seed) -> u64 {
 enum Which {
     Kernel,
     Router,
+    /// This router with learning from handshakes off.
+    NoLearn,
+}
+
+/// The router's `NAT_LEARN` (0: the program learns no flow).
+fn learn_ns(s: &Seed) -> u64 {
+    use aya::maps::{Array, Map};
+    router_ctl::datapath::open_pinned(&s.ids.router_id, router_common::map_names::NAT_LEARN)
+        .ok()
+        .and_then(|m| Array::<_, u64>::try_from(Map::Array(m)).ok())
+        .and_then(|a| a.get(&0, 0).ok())
+        .unwrap_or(0)
+}
+
+/// Makes the router namespace's conntrack liberal (as apply leaves it) or strict, and waits
+/// until the daemon turned learning on or off accordingly (it reads the timeouts every second).
+fn set_learning(s: &Seed, on: bool) -> Result<()> {
+    sh(&format!(
+        "ip netns exec {} sysctl -qw net.netfilter.nf_conntrack_tcp_be_liberal={}",
+        s.ns(),
+        on as u8
+    ));
+    let t0 = Instant::now();
+    while (learn_ns(s) != 0) != on {
+        anyhow::ensure!(
+            t0.elapsed() < Duration::from_secs(5),
+            "the daemon did not turn learning {} within 5 s",
+            if on { "on" } else { "off" }
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
 }
 
 fn switch(s: &mut Seed, now: &mut Option<Which>, to: Which) -> Result<()> {
     if *now == Some(to) {
         return Ok(());
     }
+    if *now == Some(Which::NoLearn) {
+        set_learning(s, true)?;
+        *now = Some(Which::Router);
+        if to == Which::Router {
+            return Ok(());
+        }
+    }
     match to {
         Which::Kernel => set_mode(s, Mode::Kernel)?,
-        Which::Router => {
-            // The definition as Neutron gives it: hooks `auto`.
-            let t = s.ids.config_nat("", FIP);
-            s.apply(&t);
-            std::thread::sleep(Duration::from_millis(300));
+        Which::Router | Which::NoLearn => {
+            if *now != Some(Which::Router) {
+                // The definition as Neutron gives it: hooks `auto`.
+                let t = s.ids.config_nat("", FIP);
+                s.apply(&t);
+                std::thread::sleep(Duration::from_millis(300));
+                set_learning(s, true)?;
+            }
+            if to == Which::NoLearn {
+                set_learning(s, false)?;
+            }
         }
     }
     *now = Some(to);
@@ -584,23 +632,31 @@ pub fn run(
                 only.is_empty() || only.iter().any(|o| *o == format!("{}{c}", p.key()))
             })
             .collect();
-        let mut acc: Vec<[Acc; 2]> = combos.iter().map(|_| Default::default()).collect();
+        let mut acc: Vec<[Acc; 3]> = combos.iter().map(|_| Default::default()).collect();
         let mut ratios: Vec<Vec<f64>> = vec![Vec::new(); combos.len()];
+        let mut no_learn_ratios: Vec<Vec<f64>> = vec![Vec::new(); combos.len()];
         // (fast path forwarded, translated, rx packets, connections) over the router's runs.
         let mut fast: Vec<[u64; 4]> = vec![[0; 4]; combos.len()];
         for round in 0..rounds {
             for (j, (path, conc)) in combos.iter().enumerate() {
                 // Who goes first alternates per round; along a round it alternates per
                 // combination too, so that one mode change serves two runs.
-                let kernel_first = (round + j) % 2 == 0;
-                let order = if kernel_first {
-                    [Which::Kernel, Which::Router]
+                // NAT paths: a third mode, this router without learning, and the three
+                // modes' order turns.
+                let order: Vec<Which> = if *path == ConnPath::Plain {
+                    if (round + j) % 2 == 0 {
+                        vec![Which::Kernel, Which::Router]
+                    } else {
+                        vec![Which::Router, Which::Kernel]
+                    }
                 } else {
-                    [Which::Router, Which::Kernel]
+                    let mut o = vec![Which::Kernel, Which::Router, Which::NoLearn];
+                    o.rotate_left((round + j) % 3);
+                    o
                 };
                 let (ns, addr) = path.client(&s);
                 let server_ns = path.server_ns(&s);
-                let mut this = [0f64; 2];
+                let mut this = [0f64; 3];
                 for w in order {
                     switch(&mut s, &mut mode, w)?;
                     let before = (w == Which::Router).then(|| (fast_counters(&s), rx_packets(&s)));
@@ -619,13 +675,17 @@ pub fn run(
                         e[2] += rx1.saturating_sub(rx0);
                         e[3] += r.all;
                     }
-                    let k = (w == Which::Router) as usize;
+                    let k = match w {
+                        Which::Kernel => 0,
+                        Which::Router => 1,
+                        Which::NoLearn => 2,
+                    };
                     this[k] = r.conn_s;
                     eprintln!(
                         "conns: round {}, {}, concurrency {conc}, {}: {:.0} conn/s, p50 {:.2} ms, p99 {:.2} ms, {} stalled, {} failed of {}; server TIME_WAIT refused {} SYNs, clients resent {}",
                         round + 1,
                         path.name(),
-                        if k == 1 { "this router" } else { "kernel" },
+                        ["kernel", "this router", "this router without learning"][k],
                         r.conn_s,
                         r.p50_ms,
                         r.p99_ms,
@@ -637,11 +697,11 @@ pub fn run(
                     );
                     acc[j][k].push(&r);
                 }
-                ratios[j].push(if this[0] > 0.0 {
-                    this[1] / this[0]
-                } else {
-                    f64::NAN
-                });
+                let ratio = |x: f64| if this[0] > 0.0 { x / this[0] } else { f64::NAN };
+                ratios[j].push(ratio(this[1]));
+                if *path != ConnPath::Plain {
+                    no_learn_ratios[j].push(ratio(this[2]));
+                }
             }
         }
         let figures = combos
@@ -654,11 +714,18 @@ pub fn run(
                     .copied()
                     .filter(|x| x.is_finite())
                     .collect();
+                let finite_no_learn: Vec<f64> = no_learn_ratios[j]
+                    .iter()
+                    .copied()
+                    .filter(|x| x.is_finite())
+                    .collect();
                 ConnFigure {
                     path: *path,
                     concurrency: *conc,
                     kernel: acc[j][0].side(),
                     router: acc[j][1].side(),
+                    no_learn: (*path != ConnPath::Plain)
+                        .then(|| (acc[j][2].side(), summarize(&finite_no_learn))),
                     ratio: summarize(&finite),
                     ratios: ratios[j].clone(),
                     fwd_per_conn: f as f64 / n.max(1) as f64,

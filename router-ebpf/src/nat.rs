@@ -1,7 +1,8 @@
 //! NAT in the fast path: flows the kernel's conntrack set up (SNAT to the gateway address,
-//! floating IPs both ways, hairpins), learned from their TCP handshake here or copied into
-//! `NAT_FLOWS` by the controller when the fast path reported them, are translated here; everything else NAT needs (a flow's first packets,
-//! TCP SYN/FIN/RST, fragments) is the kernel's. The kernel stays the authority on every mapping:
+//! floating IPs both ways, hairpins), learned from their TCP handshake here (`NAT_LEARNED`) or
+//! copied into `NAT_FLOWS` by the controller when the fast path reported them, are translated
+//! here; everything else NAT needs (a flow's first packets, TCP SYN/FIN/RST, fragments) is the
+//! kernel's. The kernel stays the authority on every mapping:
 //! the fast path never picks a port, and uses a copy only while it is sure the kernel holds the
 //! same mapping (see `router_common::nat`).
 
