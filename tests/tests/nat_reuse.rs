@@ -1306,6 +1306,26 @@ fn learned(
     (e.key == k && e.check == nat::learned_check(&e.key, &e.flow)).then_some(e.flow)
 }
 
+/// Connects to `to` (from the calling thread's namespace), sends 100 bytes of `fill` and
+/// reads the server's echo: the stream and its local address.
+fn connect_and_echo(to: SocketAddrV4, fill: u8) -> Result<(TcpStream, SocketAddrV4), String> {
+    let mut c =
+        TcpStream::connect_timeout(&to.into(), IO_TIMEOUT).map_err(|e| format!("connect: {e}"))?;
+    c.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    let me = match c.local_addr().unwrap() {
+        SocketAddr::V4(a) => a,
+        a => return Err(format!("local address {a}")),
+    };
+    let mut buf = [fill; 100];
+    c.write_all(&buf).unwrap();
+    c.read_exact(&mut buf)
+        .map_err(|e| format!("the first answer: {e}"))?;
+    if buf != [fill; 100] {
+        return Err("the first answer is not the echo".into());
+    }
+    Ok((c, me))
+}
+
 /// A learned flow whose connection goes quiet without a FIN or RST through the router (a
 /// client that vanished, or one that pauses) is used no longer than `NAT_LEARN` after its
 /// SYN-ACK (5 s here, below the kernel's SYN_RECV and ESTABLISHED timeouts, so that the
@@ -1336,17 +1356,7 @@ fn a_learned_flow_whose_connection_goes_quiet_stops_being_used() {
     let (quiet_tx, quiet_rx) = std::sync::mpsc::channel::<()>();
     let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
     let client = in_ns(&s.vm1, move || -> Result<(), String> {
-        let mut c = TcpStream::connect_timeout(&listen.into(), IO_TIMEOUT)
-            .map_err(|e| format!("connect: {e}"))?;
-        c.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
-        let me = match c.local_addr().unwrap() {
-            SocketAddr::V4(a) => a,
-            a => return Err(format!("local address {a}")),
-        };
-        let mut buf = [7u8; 100];
-        c.write_all(&buf).unwrap();
-        c.read_exact(&mut buf)
-            .map_err(|e| format!("first answer: {e}"))?;
+        let (mut c, me) = connect_and_echo(listen, 7)?;
         let Some(flow) = learned(&router, me, listen) else {
             return Err(format!(
                 "{me} → {listen} was not learned from its handshake"
@@ -1413,16 +1423,7 @@ fn a_learned_flow_through_a_floating_ip_ends_with_the_floating_ip() {
     let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
     let router = s.ids.router_id.clone();
     let client = in_ns(&s.out(), move || -> Result<(), String> {
-        let mut c = TcpStream::connect_timeout(&connect.into(), IO_TIMEOUT)
-            .map_err(|e| format!("connect: {e}"))?;
-        c.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
-        let me = match c.local_addr().unwrap() {
-            SocketAddr::V4(a) => a,
-            a => return Err(format!("local address {a}")),
-        };
-        let mut buf = [5u8; 100];
-        c.write_all(&buf).unwrap();
-        c.read_exact(&mut buf).map_err(|e| format!("answer: {e}"))?;
+        let (mut c, me) = connect_and_echo(connect, 5)?;
         if learned(&router, me, connect).is_none() {
             return Err(format!("{me} → {connect} was not learned"));
         }

@@ -2570,29 +2570,34 @@ fn nat_flows_are_learned_from_the_handshakes_the_kernel_translates() {
                 why::NAMES[reason]
             );
         };
+        // The three segments of a handshake, each to the kernel untouched and counted by its
+        // reason: the client's SYN (key `k`, sequence `x`), the answer arriving under key `r`
+        // (sequence `y`), the client's first ACK.
+        let shake = |h: &mut Harness,
+                     k: &router_common::NatKey,
+                     r: &router_common::NatKey,
+                     x: u32,
+                     y: u32,
+                     why_back: usize| {
+            let s = |k: &router_common::NatKey, seq, ack, flags| {
+                let p = |b: [u8; 2]| u16::from_be_bytes(b);
+                seg(k.src, p(k.sport), k.dst, p(k.dport), seq, ack, flags)
+            };
+            passed(h, &s(k, x, 0, 0x02), why::NAT_NO_FLOW, "SYN");
+            passed(h, &s(r, y, x + 1, 0x12), why_back, "SYN-ACK");
+            passed(
+                h,
+                &s(k, x + 1, y + 1, 0x10),
+                why::NAT_NO_FLOW,
+                "the client's first ACK",
+            );
+        };
         // vm SRC:40003 → DST:443, the kernel's SNAT makes it EXT:61003.
         let (x, y) = (0x1111_0000u32, 0x2222_0000u32);
         let k = nat_key(SRC, 40003, DST, 443, 6);
         let back = nat_key(DST, 443, EXT, 61003, 6);
         let handshake = |h: &mut Harness, learn: bool| {
-            passed(
-                h,
-                &seg(SRC, 40003, DST, 443, x, 0, 0x02),
-                why::NAT_NO_FLOW,
-                "SYN",
-            );
-            passed(
-                h,
-                &seg(DST, 443, EXT, 61003, y, x + 1, 0x12),
-                why::LOCAL_DEST,
-                "SYN-ACK",
-            );
-            passed(
-                h,
-                &seg(SRC, 40003, DST, 443, x + 1, y + 1, 0x10),
-                why::NAT_NO_FLOW,
-                "the client's first ACK",
-            );
+            shake(h, &k, &back, x, y, why::LOCAL_DEST);
             let copies = (h.nat_learned(&k).is_some(), h.nat_learned(&back).is_some());
             assert_eq!(copies, (learn, learn), "{:?}: learned: {learn}", h.prog);
         };
@@ -2725,23 +2730,13 @@ fn nat_flows_are_learned_from_the_handshakes_the_kernel_translates() {
         // A SYN-ACK from another port of the server: neither side as the SYN had it.
         let (x2, y2) = (0x3333_0000u32, 0x4444_0000u32);
         let k2 = nat_key(SRC, 40004, DST, 443, 6);
-        passed(
+        shake(
             &mut h,
-            &seg(SRC, 40004, DST, 443, x2, 0, 0x02),
-            why::NAT_NO_FLOW,
-            "SYN",
-        );
-        passed(
-            &mut h,
-            &seg(DST, 444, EXT, 61004, y2, x2 + 1, 0x12),
+            &k2,
+            &nat_key(DST, 444, EXT, 61004, 6),
+            x2,
+            y2,
             why::LOCAL_DEST,
-            "a SYN-ACK from port 444",
-        );
-        passed(
-            &mut h,
-            &seg(SRC, 40004, DST, 443, x2 + 1, y2 + 1, 0x10),
-            why::NAT_NO_FLOW,
-            "ACK",
         );
         assert_eq!(h.nat_learned(&k2), None, "{:?}: a forged answer", h.prog);
 
@@ -2793,25 +2788,9 @@ fn nat_flows_are_learned_from_the_handshakes_the_kernel_translates() {
         let (x3, y3) = (0x5555_0000u32, 0x6666_0000u32);
         let k3 = nat_key(DST, 5000, FIP, 80, 6);
         let back3 = nat_key(SRC, 80, DST, 5000, 6);
-        passed(
-            &mut h,
-            &seg(DST, 5000, FIP, 80, x3, 0, 0x02),
-            why::NAT_NO_FLOW,
-            "SYN",
-        );
+        shake(&mut h, &k3, &back3, x3, y3, why::NAT_NO_FLOW);
+        // The generation the SYN left (the other two do not move it).
         let gen3 = h.nat_gen(gen_slot(&k3));
-        passed(
-            &mut h,
-            &seg(SRC, 80, DST, 5000, y3, x3 + 1, 0x12),
-            why::NAT_NO_FLOW,
-            "SYN-ACK",
-        );
-        passed(
-            &mut h,
-            &seg(DST, 5000, FIP, 80, x3 + 1, y3 + 1, 0x10),
-            why::NAT_NO_FLOW,
-            "ACK",
-        );
         let out3 = h.nat_learned(&k3).expect("learned");
         let slot3 = gen_slot(&k3);
         assert_eq!(
