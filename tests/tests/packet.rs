@@ -2550,6 +2550,19 @@ fn nat_flows_are_learned_from_the_handshakes_the_kernel_translates() {
             false,
         )
     };
+    // A segment to DST:443 as the fast path sends it on after SNAT to EXT:`sport`.
+    let snat_out = |sport, seq, ack, flags| {
+        l4_frame(
+            NB_MAC,
+            OUT_MAC,
+            &Ipv4 {
+                protocol: 6,
+                ..Ipv4::udp(EXT, DST, 63)
+            },
+            &tcp_seg(sport, 443, seq, ack, flags),
+            false,
+        )
+    };
     for mut h in both() {
         h.nat(&[]);
         h.neigh(1, SRC, HOST_MAC);
@@ -2696,16 +2709,7 @@ fn nat_flows_are_learned_from_the_handshakes_the_kernel_translates() {
         datapath::set_nat_conf(&mut h.ebpf, router_common::nat_conf::ON).unwrap();
         // The request leaves through the fast path, translated.
         let (rc, got) = h.run(&seg(SRC, 40003, DST, 443, x + 1, y + 1, 0x18));
-        let want = l4_frame(
-            NB_MAC,
-            OUT_MAC,
-            &Ipv4 {
-                protocol: 6,
-                ..Ipv4::udp(EXT, DST, 63)
-            },
-            &tcp_seg(61003, 443, x + 1, y + 1, 0x18),
-            false,
-        );
+        let want = snat_out(61003, x + 1, y + 1, 0x18);
         assert_eq!((rc, got), (XDP_REDIRECT, want), "{:?}: the request", h.prog);
         // The server's FIN retires both directions and their hints.
         passed(
@@ -2767,16 +2771,7 @@ fn nat_flows_are_learned_from_the_handshakes_the_kernel_translates() {
         passed(&mut h, &data4, why::NAT_NO_FLOW, "a torn learned flow");
         h.nat_learned_set(&whole);
         let (rc, got) = h.run(&data4);
-        let want4 = l4_frame(
-            NB_MAC,
-            OUT_MAC,
-            &Ipv4 {
-                protocol: 6,
-                ..Ipv4::udp(EXT, DST, 63)
-            },
-            &tcp_seg(61005, 443, 1, 1, 0x10),
-            false,
-        );
+        let want4 = snat_out(61005, 1, 1, 0x10);
         assert_eq!(
             (rc, got),
             (XDP_REDIRECT, want4),
