@@ -1069,6 +1069,36 @@ pub fn conntrack_flows(ns: &str) -> Vec<router_ctl::kernel::conntrack::Flow> {
     .unwrap()
 }
 
+/// What a failing test says about the daemons: which run, whose pid the pid file names, and the
+/// last lines of the log of the one `apply` started.
+pub fn daemon_report() -> String {
+    let log = std::fs::read_to_string("/run/router-xdp/daemon.log").unwrap_or_default();
+    let tail: Vec<&str> = log.lines().rev().take(15).collect();
+    // And the log of the newest daemon a test restarted by hand.
+    let restarted = std::fs::read_dir(std::env::temp_dir())
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with("daemon.log"))
+        .max_by_key(|e| e.metadata().and_then(|m| m.modified()).ok())
+        .map(|e| {
+            let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(15).collect();
+            format!(
+                "{} ends:\n{}",
+                e.path().display(),
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            )
+        })
+        .unwrap_or_default();
+    format!(
+        "daemons running {:?}, pid file {:?}, daemon.log ends:\n{}\n{restarted}",
+        daemon_pids(),
+        std::fs::read_to_string("/run/router-xdp/daemon.pid").unwrap_or_default(),
+        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+    )
+}
+
 /// The pids of the running `router-ctl run` daemons (zombies excluded: they are dead).
 pub fn daemon_pids() -> Vec<u32> {
     let mut v = Vec::new();

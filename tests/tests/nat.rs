@@ -679,7 +679,8 @@ fn thousands_of_concurrent_snat_flows_get_distinct_stable_ports() {
     );
     assert!(
         carried >= FLOWS as u64 * 9 / 10,
-        "the third datagrams should be the fast path's: {carried}"
+        "the third datagrams should be the fast path's: {carried}; {}",
+        tests::topo::daemon_report()
     );
 }
 
