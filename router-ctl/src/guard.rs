@@ -179,6 +179,7 @@ mod tests {
             status: 0,
             timeout: None,
             tcp_state: None,
+            mark: 0,
         };
         let out = seen_key(ip(1), 7000, ip(9), 80, 6);
         let back = seen_key(ip(9), 80, ip(3), 5000, 6);

@@ -164,6 +164,8 @@ fn run(cli: Cli) -> Result<()> {
             agent_down_time,
             max_routers,
             max_routes,
+            sync_listen,
+            sync_key,
         } => {
             let agent = match etcd? {
                 None => None,
@@ -193,6 +195,15 @@ fn run(cli: Cli) -> Result<()> {
                         host,
                         ttl: std::time::Duration::from_secs(lease_ttl),
                         down_time: std::time::Duration::from_secs(agent_down_time),
+                        sync: match (sync_listen, sync_key) {
+                            (Some(listen), Some(key)) => Some(router_ctl::agent::replica::Config {
+                                listen,
+                                key: std::sync::Arc::new(router_ctl::agent::replica::load_key(
+                                    &key,
+                                )?),
+                            }),
+                            _ => None,
+                        },
                     })
                 }
             };

@@ -843,6 +843,7 @@ mod tests {
             status: status::SRC_NAT | status::CONFIRMED,
             timeout: Some(30),
             tcp_state: None,
+            mark: 0,
         };
         let [(k0, v0), (k1, v1)] = entries(&f, false).unwrap();
         assert_eq!(
@@ -917,6 +918,7 @@ mod tests {
             status: status::DST_NAT,
             timeout: None,
             tcp_state: None,
+            mark: 0,
         };
         let [(k0, v0), (k1, v1)] = entries(&f, false).unwrap();
         assert_eq!(

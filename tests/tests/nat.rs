@@ -1372,3 +1372,211 @@ fn a_floating_ip_moved_and_removed_under_traffic() {
         "requests reached an instance after the removal"
     );
 }
+
+/// A connection's conntrack entry read from one table and installed into another (what a
+/// standby host gets from the active one, `agent::replica`) keeps its translation: deleted
+/// from the kernel and installed again from what the dump said, the TCP connection through a
+/// fully random SNAT goes on from the same port, with its state, mark and timeout; without
+/// the install the kernel picks the connection up again with another port. A floating IP's
+/// (DNAT) UDP entry comes back equal too.
+#[test]
+fn a_connection_installed_from_a_dump_keeps_its_translation_state_and_mark() {
+    use router_ctl::kernel::conntrack::{self, Conntrack, Flow};
+    use std::io::{Read as _, Write as _};
+    require_root();
+    let tag = tests::topo::unique_tag();
+    let (c, n, s) = (format!("cc{tag}"), format!("cn{tag}"), format!("cs{tag}"));
+    struct Gone(Vec<String>);
+    impl Drop for Gone {
+        fn drop(&mut self) {
+            for ns in &self.0 {
+                let _ = sh_out(&format!("ip netns del {ns}"));
+            }
+        }
+    }
+    let _gone = Gone(vec![c.clone(), n.clone(), s.clone()]);
+    sh(&format!(
+        "ip netns add {c} && ip netns add {n} && ip netns add {s} && \
+         ip -n {c} link add e0 type veth peer name e1 netns {n} && \
+         ip -n {s} link add e0 type veth peer name e2 netns {n} && \
+         ip -n {c} addr add 10.9.1.2/24 dev e0 && ip -n {c} link set e0 up && ip -n {c} link set lo up && \
+         ip -n {c} route add default via 10.9.1.1 && \
+         ip -n {s} addr add 10.9.2.2/24 dev e0 && ip -n {s} link set e0 up && ip -n {s} link set lo up && \
+         ip -n {n} addr add 10.9.1.1/24 dev e1 && ip -n {n} addr add 10.9.2.1/24 dev e2 && \
+         ip -n {n} link set e1 up && ip -n {n} link set e2 up && \
+         ip netns exec {n} sysctl -qw net.ipv4.ip_forward=1"
+    ));
+    sh(&format!(
+        "ip netns exec {n} nft -f - <<'X'\ntable ip t {{\n  chain pre {{ type nat hook prerouting priority -100; ip daddr 10.9.1.1 udp dport 7000 dnat to 10.9.2.2:7001; }}\n  chain post {{ type nat hook postrouting priority 100; oifname \"e2\" snat to 10.9.2.1 fully-random; }}\n  chain forw {{ type filter hook forward priority 0; ct mark set 0x2a; }}\n}}\nX"
+    ));
+    let dump = |ns: &str| {
+        in_ns(ns, || Conntrack::open(0).unwrap().dump().unwrap())
+            .join()
+            .unwrap()
+    };
+    let tcp_of = |flows: Vec<Flow>| {
+        flows
+            .into_iter()
+            .find(|f| f.orig.proto == conntrack::IPPROTO_TCP && f.orig.dport == 5001)
+    };
+    // The server: bytes received so far, and every peer port it saw, until the connection ends.
+    let got = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let got2 = got.clone();
+    let server = in_ns(&s, move || {
+        let l = std::net::TcpListener::bind("10.9.2.2:5001").unwrap();
+        let (mut conn, _) = l.accept().unwrap();
+        let mut ports = std::collections::BTreeSet::new();
+        let mut buf = [0u8; 4096];
+        conn.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        loop {
+            ports.insert(conn.peer_addr().map(|a| a.port()).unwrap_or(0));
+            match conn.read(&mut buf) {
+                Ok(0) | Err(_) => break ports,
+                Ok(k) => drop(got2.fetch_add(k, std::sync::atomic::Ordering::SeqCst)),
+            }
+        }
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let (tx, rx) = std::sync::mpsc::channel::<bool>();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    // The client writes a chunk each time it is told to; true: one more, false: close.
+    let client = in_ns(&c, move || {
+        let mut k = std::net::TcpStream::connect("10.9.2.2:5001").unwrap();
+        k.set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let mut sent = 0usize;
+        let mut failed = false;
+        while let Ok(more) = rx.recv() {
+            if !more {
+                break;
+            }
+            if k.write_all(&[7u8; 1000]).is_ok() {
+                sent += 1000;
+            } else {
+                failed = true;
+            }
+            // Whatever comes back (a reset) shows as an error on the next read or write.
+            let mut b = [0u8; 1];
+            if let Err(e) = k.read(&mut b) {
+                failed |= !matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                );
+            }
+            done_tx.send(()).unwrap();
+        }
+        (sent, failed)
+    });
+    let step = || {
+        tx.send(true).unwrap();
+        done_rx.recv().unwrap();
+    };
+    step();
+    let f = tcp_of(dump(&n)).expect("the connection's entry");
+    assert!(
+        f.status & conntrack::status::SRC_NAT != 0 && f.reply.dst.to_string() == "10.9.2.1",
+        "SNAT'd: {f:?}"
+    );
+    assert_eq!(f.mark, 0x2a, "the entry's mark: {f:?}");
+    // Gone from the kernel, then installed from the dump.
+    let g = f.clone();
+    let created = in_ns(&n, move || {
+        let mut ct = Conntrack::open(0).unwrap();
+        ct.delete(&g.orig).unwrap();
+        ct.install(&g).unwrap()
+    })
+    .join()
+    .unwrap();
+    assert!(created, "the entry was created");
+    let back = tcp_of(dump(&n)).expect("the installed entry");
+    let bits =
+        conntrack::status::SEEN_REPLY | conntrack::status::ASSURED | conntrack::status::SRC_NAT;
+    assert_eq!(
+        (
+            back.orig,
+            back.reply,
+            back.tcp_state,
+            back.mark,
+            back.status & bits
+        ),
+        (f.orig, f.reply, f.tcp_state, f.mark, f.status & bits),
+        "the installed entry equals the dumped one"
+    );
+    let (t0, t1) = (f.timeout.unwrap(), back.timeout.unwrap());
+    assert!(
+        t1 <= t0 && t1 + 5 >= t0,
+        "timeout {t1} s left, {t0} s dumped"
+    );
+    // Installed again over itself: an update, not a second entry.
+    let g = f.clone();
+    let again = in_ns(&n, move || Conntrack::open(0).unwrap().install(&g).unwrap())
+        .join()
+        .unwrap();
+    assert!(!again, "an existing entry is updated");
+    for _ in 0..5 {
+        step();
+    }
+    tests::wait_until(
+        "the server to get every byte sent before and after the install",
+        Duration::from_secs(2),
+        || match got.load(std::sync::atomic::Ordering::SeqCst) {
+            6000 => Ok(()),
+            n => Err(format!("{n} bytes")),
+        },
+    );
+    // The control: deleted and not installed (a standby without the state), the next chunk
+    // does not reach the server (the kernel sends it untranslated, or picks the connection up
+    // with another port: either way the server's socket does not take it).
+    let g = f.clone();
+    in_ns(&n, move || {
+        Conntrack::open(0).unwrap().delete(&g.orig).unwrap()
+    })
+    .join()
+    .unwrap();
+    step();
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        got.load(std::sync::atomic::Ordering::SeqCst),
+        6000,
+        "without the install the connection does not go on (the test's control)"
+    );
+    tx.send(false).unwrap();
+    let _ = client.join().unwrap();
+    let ports = server.join().unwrap();
+    assert_eq!(ports.len(), 1, "one peer port all along: {ports:?}");
+    // A floating IP's entry (DNAT, UDP).
+    in_ns(&s, || {
+        let u = std::net::UdpSocket::bind("10.9.2.2:7001").unwrap();
+        u.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let mut b = [0u8; 8];
+        let _ = u.recv_from(&mut b);
+    });
+    in_ns(&c, || {
+        let u = std::net::UdpSocket::bind("10.9.1.2:7002").unwrap();
+        u.send_to(b"x", "10.9.1.1:7000").unwrap();
+    })
+    .join()
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let udp = dump(&n)
+        .into_iter()
+        .find(|f| f.orig.proto == conntrack::IPPROTO_UDP && f.orig.dport == 7000)
+        .expect("the DNAT entry");
+    assert!(udp.status & conntrack::status::DST_NAT != 0, "{udp:?}");
+    let g = udp.clone();
+    assert!(in_ns(&n, move || {
+        let mut ct = Conntrack::open(0).unwrap();
+        ct.delete(&g.orig).unwrap();
+        ct.install(&g).unwrap()
+    })
+    .join()
+    .unwrap());
+    let back = dump(&n)
+        .into_iter()
+        .find(|f| f.orig.proto == conntrack::IPPROTO_UDP && f.orig.dport == 7000)
+        .expect("the installed DNAT entry");
+    assert_eq!(
+        (back.orig, back.reply, back.mark),
+        (udp.orig, udp.reply, udp.mark)
+    );
+}

@@ -29,6 +29,8 @@ pub struct Want {
     /// Set once the agent has read etcd: before that nothing is touched (a restarted agent,
     /// or one that cannot reach etcd, leaves what is applied as it is).
     pub synced: bool,
+    /// For each HA router this host leads: where its other hosts receive connection state.
+    pub peers: BTreeMap<String, Vec<std::net::SocketAddr>>,
 }
 
 /// What one host takes on, whatever etcd asks: routers beyond are refused with a status
@@ -122,6 +124,14 @@ impl Shared {
         g.0 = want;
         g.1 += 1;
         self.cv.notify_one();
+    }
+    /// The wanted state as it is now.
+    pub fn current(&self) -> Want {
+        self.state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .0
+            .clone()
     }
     pub fn stop(&self) {
         self.state.lock().unwrap_or_else(|e| e.into_inner()).2 = true;

@@ -30,6 +30,7 @@ pub mod access;
 pub mod applier;
 pub mod fence;
 pub mod hold;
+pub mod replica;
 pub mod run;
 pub mod schedule;
 pub mod store;
@@ -279,6 +280,9 @@ pub struct AgentInfo {
     pub pid: u32,
     /// Unix seconds.
     pub started: u64,
+    /// Where the host receives HA routers' connection state (`--sync-listen`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sync: Option<std::net::SocketAddr>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]

@@ -35,6 +35,8 @@ pub struct Options {
     pub host: String,
     pub ttl: Duration,
     pub down_time: Duration,
+    /// Connection state for HA routers (`--sync-listen`, `--sync-key`).
+    pub sync: Option<super::replica::Config>,
 }
 
 /// How the agent stops.
@@ -48,6 +50,8 @@ pub enum Stop {
 
 pub struct Agent {
     stop: Arc<AtomicU8>,
+    /// Ends the connection-state threads.
+    sync_stop: Arc<std::sync::atomic::AtomicBool>,
     shared: Arc<Shared>,
     etcd: JoinHandle<()>,
     applier: JoinHandle<()>,
@@ -56,6 +60,7 @@ pub struct Agent {
 impl Agent {
     pub fn stop(self, how: Stop) {
         self.stop.store(how as u8, Ordering::SeqCst);
+        self.sync_stop.store(true, Ordering::SeqCst);
         let _ = self.etcd.join();
         self.shared.stop();
         let _ = self.applier.join();
@@ -72,6 +77,19 @@ pub fn start(opts: Options) -> Result<Agent> {
     let applier = std::thread::Builder::new()
         .name("agent-apply".into())
         .spawn(move || applier::run(s, limits, move |r| drop(tx.send(r))))?;
+    let sync_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    if let Some(cfg) = &opts.sync {
+        let counters = super::replica::serve(cfg.clone(), shared.clone(), sync_stop.clone())?;
+        let (key, host, s, st) = (
+            cfg.key.clone(),
+            opts.host.clone(),
+            shared.clone(),
+            sync_stop.clone(),
+        );
+        std::thread::Builder::new()
+            .name("sync-out".into())
+            .spawn(move || super::replica::send_loop(key, host, s, st, counters))?;
+    }
     let stop = Arc::new(AtomicU8::new(0));
     let (st, sh) = (stop.clone(), shared.clone());
     let etcd = std::thread::Builder::new()
@@ -92,6 +110,7 @@ pub fn start(opts: Options) -> Result<Agent> {
         })?;
     Ok(Agent {
         stop,
+        sync_stop,
         shared,
         etcd,
         applier,
@@ -106,6 +125,8 @@ struct Cache {
     schedule: BTreeMap<String, Schedule>,
     /// Hosts alive by their `alive` key, and by an older build's `agents/` key.
     alive: BTreeSet<String>,
+    /// Where hosts receive connection state (their `alive` key's `sync`).
+    sync: BTreeMap<String, std::net::SocketAddr>,
     legacy_alive: BTreeSet<String>,
     elections: Elections,
 }
@@ -155,7 +176,20 @@ impl Cache {
                     self.schedule.insert(id.into(), s);
                 }
             }
-            Key::Alive(h) => drop(self.alive.insert(h.into())),
+            Key::Alive(h) => {
+                self.alive.insert(h.into());
+                // Only the host's own address: a value naming another host is ignored.
+                match serde_json::from_str::<super::AgentInfo>(value) {
+                    Ok(AgentInfo {
+                        host,
+                        sync: Some(a),
+                        ..
+                    }) if host == h => {
+                        self.sync.insert(h.into(), a);
+                    }
+                    _ => drop(self.sync.remove(h)),
+                }
+            }
             Key::LegacyAgent(h) => drop(self.legacy_alive.insert(h.into())),
             _ => {}
         }
@@ -170,7 +204,10 @@ impl Cache {
         match k {
             Key::Router(id) => drop(self.routers.remove(id)),
             Key::Schedule(id) => drop(self.schedule.remove(id)),
-            Key::Alive(h) => drop(self.alive.remove(h)),
+            Key::Alive(h) => {
+                self.alive.remove(h);
+                self.sync.remove(h);
+            }
             Key::LegacyAgent(h) => drop(self.legacy_alive.remove(h)),
             _ => {}
         }
@@ -552,6 +589,20 @@ impl Agent0 {
             }
         }
         want.active = self.mine();
+        for id in &want.active {
+            let Some(s) = self.cache.schedule.get(id) else {
+                continue;
+            };
+            let peers: Vec<std::net::SocketAddr> = s
+                .hosts
+                .iter()
+                .filter(|h| **h != host)
+                .filter_map(|h| self.cache.sync.get(h).copied())
+                .collect();
+            if !peers.is_empty() {
+                want.peers.insert(id.clone(), peers);
+            }
+        }
         (want, errors)
     }
 
@@ -1004,6 +1055,7 @@ impl Agent0 {
             host: self.o.host.clone(),
             pid: std::process::id(),
             started: super::now_ms() / 1000,
+            sync: self.o.sync.as_ref().map(|s| s.listen),
         };
         let alive = serde_json::to_string(&info)?;
         timed(c.put(

@@ -169,6 +169,15 @@ pub enum Cmd {
         /// error status.
         #[arg(long, default_value_t = 16 << 20)]
         max_routes: u64,
+        /// With --etcd: receive HA routers' connection state at ADDRESS:PORT (this host's
+        /// management address), and send it, while active, to the other hosts' (see
+        /// `--sync-key`). Without it, a failover loses the connections through the router.
+        #[arg(long, value_name = "ADDRESS:PORT", requires = "sync_key")]
+        sync_listen: Option<std::net::SocketAddr>,
+        /// With --sync-listen: the key every host shares (32 bytes or more, mode 0600) that
+        /// authenticates the connection-state streams.
+        #[arg(long, value_name = "FILE", requires = "sync_listen")]
+        sync_key: Option<PathBuf>,
     },
     /// The agents registered in etcd (`--etcd`): liveness and routers per host.
     Agent {

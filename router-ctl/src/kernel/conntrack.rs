@@ -11,7 +11,7 @@ use std::{
     os::fd::{AsRawFd, OwnedFd},
 };
 
-use anyhow::Result;
+use anyhow::{Context as _, Result};
 
 use super::netdev::{attrs_in, put_attr, request};
 
@@ -23,13 +23,28 @@ const IPCTNL_MSG_CT_DELETE: u16 = 2;
 const NLM_F_REQUEST: u16 = 1;
 const NLM_F_ACK: u16 = 4;
 const NLM_F_DUMP: u16 = 0x300;
+const NLM_F_EXCL: u16 = 0x200;
+const NLM_F_CREATE: u16 = 0x400;
 const NLA_F_NESTED: u16 = 0x8000;
 
 const CTA_TUPLE_ORIG: u16 = 1;
 const CTA_TUPLE_REPLY: u16 = 2;
 const CTA_STATUS: u16 = 3;
 const CTA_PROTOINFO: u16 = 4;
+const CTA_NAT_SRC: u16 = 6;
 const CTA_TIMEOUT: u16 = 7;
+const CTA_MARK: u16 = 8;
+const CTA_NAT_DST: u16 = 13;
+const CTA_NAT_V4_MINIP: u16 = 1;
+const CTA_NAT_V4_MAXIP: u16 = 2;
+const CTA_NAT_PROTO: u16 = 3;
+const CTA_PROTONAT_PORT_MIN: u16 = 1;
+const CTA_PROTONAT_PORT_MAX: u16 = 2;
+const CTA_PROTOINFO_TCP_FLAGS_ORIGINAL: u16 = 4;
+const CTA_PROTOINFO_TCP_FLAGS_REPLY: u16 = 5;
+/// `IP_CT_TCP_FLAG_BE_LIBERAL`: no window checks for this direction (a flow installed from
+/// another host's table has no window history here).
+const TCP_FLAG_BE_LIBERAL: u8 = 0x08;
 const CTA_PROTOINFO_TCP: u16 = 1;
 const CTA_PROTOINFO_TCP_STATE: u16 = 1;
 /// `enum tcp_conntrack`: the connection is established.
@@ -61,7 +76,9 @@ pub const IPPROTO_UDP: u8 = 17;
 
 /// One direction of a flow as conntrack writes it. For ICMP, `sport` is the echo identifier
 /// and `dport` holds type << 8 | code.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub struct Tuple {
     pub src: Ipv4Addr,
     pub dst: Ipv4Addr,
@@ -71,7 +88,7 @@ pub struct Tuple {
 }
 
 /// A conntrack entry.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Flow {
     pub orig: Tuple,
     pub reply: Tuple,
@@ -80,6 +97,9 @@ pub struct Flow {
     pub timeout: Option<u32>,
     /// TCP: conntrack's state of the connection (`enum tcp_conntrack`), when the message says.
     pub tcp_state: Option<u8>,
+    /// The connection mark (`ct mark`).
+    #[serde(default)]
+    pub mark: u32,
 }
 
 impl Flow {
@@ -121,6 +141,100 @@ impl Conntrack {
             Err(e) if is_errno(&e, libc::ENOENT) => Ok(()),
             r => r.map(|_| ()),
         }
+    }
+
+    /// Creates `f` in this namespace's table as another host's table holds it: the same
+    /// original tuple, the same translation (so the reply tuple comes out equal), TCP state,
+    /// mark and seconds left, with window tracking liberal (no history here). A flow that
+    /// exists already gets its state, mark and timeout from `f` instead. Returns true when it
+    /// was created.
+    pub fn install(&mut self, f: &Flow) -> Result<bool> {
+        let timeout = f.timeout.unwrap_or(0).max(1);
+        let mut attrs = Vec::new();
+        put_tuple(&mut attrs, CTA_TUPLE_ORIG, &f.orig);
+        // The reply tuple before translation; the NAT attributes below make the kernel
+        // translate it (and record the bindings, as its own NAT does).
+        let plain = Tuple {
+            src: f.orig.dst,
+            dst: f.orig.src,
+            proto: f.orig.proto,
+            sport: if f.orig.proto == IPPROTO_ICMP {
+                f.orig.sport
+            } else {
+                f.orig.dport
+            },
+            dport: if f.orig.proto == IPPROTO_ICMP {
+                f.orig.dport
+            } else {
+                f.orig.sport
+            },
+        };
+        put_tuple(&mut attrs, CTA_TUPLE_REPLY, &plain);
+        if f.reply.dst != f.orig.src || f.reply.dport != f.orig.sport {
+            put_nat(
+                &mut attrs,
+                CTA_NAT_SRC,
+                f.reply.dst,
+                f.reply.dport,
+                f.orig.proto,
+            );
+        }
+        if f.reply.src != f.orig.dst || f.reply.sport != f.orig.dport {
+            put_nat(
+                &mut attrs,
+                CTA_NAT_DST,
+                f.reply.src,
+                f.reply.sport,
+                f.orig.proto,
+            );
+        }
+
+        let mut common = Vec::new();
+        put_attr(&mut common, CTA_TIMEOUT, &timeout.to_be_bytes());
+        put_attr(&mut common, CTA_MARK, &f.mark.to_be_bytes());
+        if let (IPPROTO_TCP, Some(state)) = (f.orig.proto, f.tcp_state) {
+            let mut tcp = Vec::new();
+            put_attr(&mut tcp, CTA_PROTOINFO_TCP_STATE, &[state]);
+            let liberal = [TCP_FLAG_BE_LIBERAL, TCP_FLAG_BE_LIBERAL];
+            put_attr(&mut tcp, CTA_PROTOINFO_TCP_FLAGS_ORIGINAL, &liberal);
+            put_attr(&mut tcp, CTA_PROTOINFO_TCP_FLAGS_REPLY, &liberal);
+            let mut info = Vec::new();
+            put_attr(&mut info, CTA_PROTOINFO_TCP | NLA_F_NESTED, &tcp);
+            put_attr(&mut common, CTA_PROTOINFO | NLA_F_NESTED, &info);
+        }
+        attrs.extend_from_slice(&common);
+        let create = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL;
+        let created = match self.request(IPCTNL_MSG_CT_NEW, create, &attrs) {
+            Err(e) if is_errno(&e, libc::EEXIST) => {
+                let mut attrs = Vec::new();
+                put_tuple(&mut attrs, CTA_TUPLE_ORIG, &f.orig);
+                attrs.extend_from_slice(&common);
+                self.request(IPCTNL_MSG_CT_NEW, NLM_F_REQUEST | NLM_F_ACK, &attrs)
+                    .with_context(|| format!("cannot update the flow {:?}", f.orig))?;
+                false
+            }
+            r => {
+                r.with_context(|| format!("cannot create the flow {:?}", f.orig))?;
+                true
+            }
+        };
+        // Seen both ways and assured, as there (the kernel takes these bits on an entry it
+        // holds already, not on one being created; bits it has already stay).
+        let bits = f.status & (status::SEEN_REPLY | status::ASSURED);
+        if bits != 0 {
+            let mut attrs = Vec::new();
+            put_tuple(&mut attrs, CTA_TUPLE_ORIG, &f.orig);
+            put_attr(
+                &mut attrs,
+                CTA_STATUS,
+                &(bits | status::CONFIRMED).to_be_bytes(),
+            );
+            match self.request(IPCTNL_MSG_CT_NEW, NLM_F_REQUEST | NLM_F_ACK, &attrs) {
+                Err(e) if is_errno(&e, libc::EBUSY) => {}
+                r => drop(r.with_context(|| format!("cannot mark the flow {:?}", f.orig))?),
+            }
+        }
+        Ok(created)
     }
 
     /// Sets the flow's timeout to `secs` (the kernel's own refresh, as if a packet passed);
@@ -201,6 +315,20 @@ fn put_tuple(out: &mut Vec<u8>, which: u16, t: &Tuple) {
     put_attr(out, which | NLA_F_NESTED, &tuple);
 }
 
+/// A translation to exactly `ip`:`port` (`port` unused for ICMP, whose identifier stays).
+fn put_nat(out: &mut Vec<u8>, which: u16, ip: Ipv4Addr, port: u16, proto: u8) {
+    let mut nat = Vec::new();
+    put_attr(&mut nat, CTA_NAT_V4_MINIP, &ip.octets());
+    put_attr(&mut nat, CTA_NAT_V4_MAXIP, &ip.octets());
+    if proto != IPPROTO_ICMP {
+        let mut p = Vec::new();
+        put_attr(&mut p, CTA_PROTONAT_PORT_MIN, &port.to_be_bytes());
+        put_attr(&mut p, CTA_PROTONAT_PORT_MAX, &port.to_be_bytes());
+        put_attr(&mut nat, CTA_NAT_PROTO | NLA_F_NESTED, &p);
+    }
+    put_attr(out, which | NLA_F_NESTED, &nat);
+}
+
 fn tuple_of(b: &[u8]) -> Option<Tuple> {
     let (mut src, mut dst, mut proto) = (None, None, None);
     let (mut sport, mut dport, mut ty, mut code) = (0u16, 0u16, 0u8, 0u8);
@@ -252,13 +380,14 @@ fn flow_of(payload: &[u8]) -> Option<Flow> {
         return None;
     }
     let (mut orig, mut reply, mut st, mut timeout) = (None, None, 0u32, None);
-    let mut tcp_state = None;
+    let (mut tcp_state, mut mark) = (None, 0);
     for (t, v) in attrs_in(payload.get(4..)?) {
         match t {
             CTA_TUPLE_ORIG => orig = tuple_of(v),
             CTA_TUPLE_REPLY => reply = tuple_of(v),
             CTA_STATUS => st = u32::from_be_bytes(v.get(..4)?.try_into().ok()?),
             CTA_TIMEOUT => timeout = Some(u32::from_be_bytes(v.get(..4)?.try_into().ok()?)),
+            CTA_MARK => mark = u32::from_be_bytes(v.get(..4)?.try_into().ok()?),
             CTA_PROTOINFO => {
                 for (t, v) in attrs_in(v) {
                     if t != CTA_PROTOINFO_TCP {
@@ -280,6 +409,7 @@ fn flow_of(payload: &[u8]) -> Option<Flow> {
         status: st,
         timeout,
         tcp_state,
+        mark,
     })
 }
 

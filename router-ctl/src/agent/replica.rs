@@ -1,0 +1,597 @@
+//! Connection state on an HA router's standby hosts: the active host's agent streams the
+//! router namespace's conntrack entries (tuples, translation, TCP state, mark, seconds left)
+//! to the agents of the router's other hosts, which install them in their own copy of the
+//! namespace. After a failover the new active's kernel already holds every connection with
+//! the same translated ports: established TCP and UDP flows through SNAT and floating IPs go
+//! on (the fast path copies them from there, as it does any flow the kernel translated).
+//!
+//! Not through etcd: per-connection data is no business of the consensus store. A direct TCP
+//! stream from the active host to each standby over the management network
+//! (`--sync-listen ADDR:PORT` on every host, published in the host's `alive` key), each
+//! side proving it holds the shared key (`--sync-key FILE`), every frame carrying an
+//! HMAC-SHA256 over the session, its sequence number and its bytes (nothing can be injected,
+//! replayed or reordered). A standby only takes entries for routers it holds as a standby.
+//!
+//! What goes: every confirmed TCP and UDP entry of the namespace (TCP in TIME_WAIT or CLOSE
+//! excepted), as changes every `PERIOD`, all of them again every `FULL_EVERY` (seconds left
+//! refreshed) and on every new connection; entries that went are deleted on the standby.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    io::{Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream},
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, ensure, Context, Result};
+use ring::hmac;
+use serde::{Deserialize, Serialize};
+
+use super::applier::Shared;
+use crate::{
+    kernel::{
+        conntrack::{self, Conntrack, Flow, Tuple},
+        netns,
+    },
+    state::RouterState,
+};
+
+/// How often the active host looks for changes.
+pub const PERIOD: Duration = Duration::from_millis(200);
+/// How often it sends every entry again.
+const FULL_EVERY: Duration = Duration::from_secs(10);
+const MAGIC: &[u8; 8] = b"rxsync01";
+/// A frame's payload at most (about 40 000 entries; more go in several frames).
+const MAX_FRAME: usize = 8 << 20;
+const ENTRIES_PER_FRAME: usize = 20_000;
+/// Standbys served at once at most.
+const MAX_PEERS: usize = 32;
+
+/// `--sync-listen` and `--sync-key`.
+#[derive(Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub key: Arc<hmac::Key>,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("listen", &self.listen)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Reads the shared key: at least 32 bytes, readable by its owner only.
+pub fn load_key(path: &std::path::Path) -> Result<hmac::Key> {
+    use std::os::unix::fs::MetadataExt as _;
+    let m = std::fs::metadata(path)
+        .with_context(|| format!("cannot read the sync key {}", path.display()))?;
+    ensure!(
+        m.mode() & 0o077 == 0,
+        "the sync key {} is readable by others (mode {:o}); chmod 600 it",
+        path.display(),
+        m.mode() & 0o777
+    );
+    let bytes = std::fs::read(path)
+        .with_context(|| format!("cannot read the sync key {}", path.display()))?;
+    ensure!(
+        bytes.len() >= 32,
+        "the sync key {} holds {} bytes; it needs 32 or more (e.g. head -c 32 /dev/urandom > FILE)",
+        path.display(),
+        bytes.len()
+    );
+    Ok(hmac::Key::new(hmac::HMAC_SHA256, &bytes))
+}
+
+/// What one frame carries: changes of one router's table.
+#[derive(Serialize, Deserialize, Debug, Default)]
+struct Batch {
+    router: String,
+    /// Entries to create or update.
+    put: Vec<Flow>,
+    /// Entries gone on the active host (original tuples).
+    gone: Vec<Tuple>,
+}
+
+/// Counters, for the figures and the tests.
+#[derive(Default)]
+pub struct Counters {
+    pub sent: AtomicU64,
+    pub installed: AtomicU64,
+    pub updated: AtomicU64,
+    pub deleted: AtomicU64,
+    pub refused: AtomicU64,
+}
+
+fn nonce() -> Result<[u8; 16]> {
+    use ring::rand::SecureRandom as _;
+    let mut n = [0u8; 16];
+    ring::rand::SystemRandom::new()
+        .fill(&mut n)
+        .map_err(|_| anyhow::anyhow!("no random numbers"))?;
+    Ok(n)
+}
+
+fn sign(key: &hmac::Key, parts: &[&[u8]]) -> hmac::Tag {
+    let mut ctx = hmac::Context::with_key(key);
+    for p in parts {
+        ctx.update(&(p.len() as u32).to_be_bytes());
+        ctx.update(p);
+    }
+    ctx.sign()
+}
+
+fn verify(key: &hmac::Key, parts: &[&[u8]], tag: &[u8]) -> Result<()> {
+    let mut msg = Vec::new();
+    for p in parts {
+        msg.extend_from_slice(&(p.len() as u32).to_be_bytes());
+        msg.extend_from_slice(p);
+    }
+    hmac::verify(key, &msg, tag).map_err(|_| anyhow::anyhow!("authentication failed"))
+}
+
+/// One authenticated direction of a session: frames numbered from 1.
+struct Session {
+    key: hmac::Key,
+    seq: u64,
+}
+
+impl Session {
+    /// The session's own key, from the shared key and both nonces.
+    fn new(shared: &hmac::Key, server: &[u8; 16], client: &[u8; 16]) -> Session {
+        let k = sign(shared, &[b"session", server, client]);
+        Session {
+            key: hmac::Key::new(hmac::HMAC_SHA256, k.as_ref()),
+            seq: 0,
+        }
+    }
+
+    fn write(&mut self, s: &mut impl Write, payload: &[u8]) -> Result<()> {
+        self.seq += 1;
+        let seq = self.seq.to_be_bytes();
+        let tag = sign(&self.key, &[&seq, payload]);
+        let mut frame = Vec::with_capacity(payload.len() + 44);
+        frame.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+        frame.extend_from_slice(&seq);
+        frame.extend_from_slice(payload);
+        frame.extend_from_slice(tag.as_ref());
+        s.write_all(&frame)?;
+        Ok(())
+    }
+
+    fn read(&mut self, s: &mut impl Read) -> Result<Vec<u8>> {
+        let mut head = [0u8; 12];
+        s.read_exact(&mut head)?;
+        let len = u32::from_be_bytes(head[..4].try_into().unwrap()) as usize;
+        ensure!(
+            len <= MAX_FRAME,
+            "a frame of {len} bytes (at most {MAX_FRAME})"
+        );
+        let seq = u64::from_be_bytes(head[4..].try_into().unwrap());
+        let mut body = vec![0u8; len + 32];
+        s.read_exact(&mut body)?;
+        let (payload, tag) = body.split_at(len);
+        verify(&self.key, &[&seq.to_be_bytes(), payload], tag)?;
+        ensure!(
+            seq == self.seq + 1,
+            "frame {seq} out of order (expected {})",
+            self.seq + 1
+        );
+        self.seq = seq;
+        body.truncate(len);
+        Ok(body)
+    }
+}
+
+/// The client's side of the handshake (the active host): proves it holds the key, and
+/// checks that the standby does.
+fn connect(peer: SocketAddr, key: &hmac::Key, host: &str) -> Result<(TcpStream, Session)> {
+    let mut s = TcpStream::connect_timeout(&peer, Duration::from_secs(1))?;
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(Duration::from_secs(3)))?;
+    s.set_write_timeout(Some(Duration::from_secs(3)))?;
+    let mut hello = [0u8; 24];
+    s.read_exact(&mut hello)?;
+    ensure!(
+        &hello[..8] == MAGIC,
+        "{peer} does not speak the sync protocol"
+    );
+    let server: [u8; 16] = hello[8..].try_into().unwrap();
+    let client = nonce()?;
+    let tag = sign(key, &[b"hello", &server, &client, host.as_bytes()]);
+    let mut m = Vec::new();
+    m.extend_from_slice(MAGIC);
+    m.extend_from_slice(&client);
+    m.push(host.len() as u8);
+    m.extend_from_slice(host.as_bytes());
+    m.extend_from_slice(tag.as_ref());
+    s.write_all(&m)?;
+    let mut welcome = [0u8; 32];
+    s.read_exact(&mut welcome)?;
+    verify(key, &[b"welcome", &server, &client], &welcome)
+        .with_context(|| format!("{peer} does not hold this sync key"))?;
+    Ok((s, Session::new(key, &server, &client)))
+}
+
+/// The server's side: the client's host name once it proved it holds the key.
+fn accept(s: &mut TcpStream, key: &hmac::Key) -> Result<(String, Session)> {
+    s.set_read_timeout(Some(Duration::from_secs(3)))?;
+    let server = nonce()?;
+    let mut hello = MAGIC.to_vec();
+    hello.extend_from_slice(&server);
+    s.write_all(&hello)?;
+    let mut head = [0u8; 25];
+    s.read_exact(&mut head)?;
+    ensure!(&head[..8] == MAGIC, "not the sync protocol");
+    let client: [u8; 16] = head[8..24].try_into().unwrap();
+    let mut rest = vec![0u8; head[24] as usize + 32];
+    s.read_exact(&mut rest)?;
+    let (host, tag) = rest.split_at(head[24] as usize);
+    verify(key, &[b"hello", &server, &client, host], tag)?;
+    let host = String::from_utf8(host.to_vec()).context("a host name that is not UTF-8")?;
+    s.write_all(sign(key, &[b"welcome", &server, &client]).as_ref())?;
+    // Between frames an active host may be quiet for a while; a dead one is seen by TCP.
+    s.set_read_timeout(Some(FULL_EVERY * 3))?;
+    Ok((host, Session::new(key, &server, &client)))
+}
+
+/// Serves standbys' side: installs what active hosts send for routers held here as a standby.
+pub fn serve(cfg: Config, shared: Arc<Shared>, stop: Arc<AtomicBool>) -> Result<Arc<Counters>> {
+    let listener = TcpListener::bind(cfg.listen)
+        .with_context(|| format!("cannot listen for connection state on {}", cfg.listen))?;
+    listener.set_nonblocking(true)?;
+    tracing::info!(listen = %cfg.listen, "receiving connection state for standby routers");
+    let counters = Arc::new(Counters::default());
+    let c = counters.clone();
+    let open = Arc::new(AtomicU64::new(0));
+    std::thread::Builder::new()
+        .name("sync-listen".into())
+        .spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                let (mut conn, from) = match listener.accept() {
+                    Ok(c) => c,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        std::thread::sleep(Duration::from_millis(50));
+                        continue;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accepting a sync connection failed");
+                        std::thread::sleep(Duration::from_millis(200));
+                        continue;
+                    }
+                };
+                if open.load(Ordering::SeqCst) >= MAX_PEERS as u64 {
+                    tracing::warn!(%from, "sync connection refused: {MAX_PEERS} open already");
+                    continue;
+                }
+                let _ = conn.set_nonblocking(false);
+                let (key, shared, c, open, stop) = (
+                    cfg.key.clone(),
+                    shared.clone(),
+                    c.clone(),
+                    open.clone(),
+                    stop.clone(),
+                );
+                open.fetch_add(1, Ordering::SeqCst);
+                let _ = std::thread::Builder::new()
+                    .name("sync-in".into())
+                    .spawn(move || {
+                        let r = receive(&mut conn, &key, &shared, &c, &stop);
+                        open.fetch_sub(1, Ordering::SeqCst);
+                        if let Err(e) = r {
+                            c.refused.fetch_add(1, Ordering::Relaxed);
+                            tracing::info!(%from, error = format!("{e:#}"), "sync connection ended");
+                        }
+                    });
+            }
+        })?;
+    Ok(counters)
+}
+
+fn receive(
+    conn: &mut TcpStream,
+    key: &hmac::Key,
+    shared: &Shared,
+    c: &Counters,
+    stop: &AtomicBool,
+) -> Result<()> {
+    let (host, mut session) = accept(conn, key)?;
+    tracing::info!(from = %host, "connection state arrives from the active host");
+    while !stop.load(Ordering::SeqCst) {
+        let payload = session.read(conn)?;
+        let batch: Batch =
+            serde_json::from_slice(&payload).context("a frame that is not a batch")?;
+        let want = shared.current();
+        let standby_here = want.routers.get(&batch.router).is_some_and(|(r, _)| r.ha)
+            && !want.active.contains(&batch.router);
+        if !standby_here {
+            // Not a router held here as a standby (any more): its own kernel is the authority.
+            c.refused.fetch_add(1, Ordering::Relaxed);
+            continue;
+        }
+        let Some(st) = RouterState::load(&batch.router).ok().flatten() else {
+            continue;
+        };
+        let (put, gone) = (batch.put, batch.gone);
+        let counts = netns::run_in(&st.namespace, move || {
+            let mut ct = Conntrack::open(0)?;
+            let (mut new, mut upd, mut del) = (0u64, 0u64, 0u64);
+            for f in put.iter().filter(|f| replicated(f)) {
+                match ct.install(f) {
+                    Ok(true) => new += 1,
+                    Ok(false) => upd += 1,
+                    Err(e) => {
+                        tracing::debug!(flow = ?f.orig, error = format!("{e:#}"), "cannot install a flow")
+                    }
+                }
+            }
+            for t in &gone {
+                ct.delete(t)?;
+                del += 1;
+            }
+            Ok((new, upd, del))
+        })?;
+        c.installed.fetch_add(counts.0, Ordering::Relaxed);
+        c.updated.fetch_add(counts.1, Ordering::Relaxed);
+        c.deleted.fetch_add(counts.2, Ordering::Relaxed);
+    }
+    Ok(())
+}
+
+/// The entries that go to the standbys.
+fn replicated(f: &Flow) -> bool {
+    const TIME_WAIT: u8 = 7;
+    const CLOSE: u8 = 8;
+    matches!(
+        f.orig.proto,
+        conntrack::IPPROTO_TCP | conntrack::IPPROTO_UDP
+    ) && f.status & conntrack::status::CONFIRMED != 0
+        && f.status & conntrack::status::DYING == 0
+        && !matches!(f.tcp_state, Some(TIME_WAIT | CLOSE))
+}
+
+/// What of an entry, when it changes, is sent again before the next full round.
+fn signature(f: &Flow) -> (Tuple, u32, Option<u8>, u32) {
+    (f.reply, f.status, f.tcp_state, f.mark)
+}
+
+/// One standby host, as the active host's sender sees it.
+#[derive(Default)]
+struct Link {
+    conn: Option<(TcpStream, Session)>,
+    /// What it holds, by router: each entry's signature as last sent.
+    sent: BTreeMap<String, HashMap<Tuple, (Tuple, u32, Option<u8>, u32)>>,
+    last_full: Option<Instant>,
+    /// Not before this again after a failed connection.
+    retry: Option<Instant>,
+}
+
+/// The active host's side: every `PERIOD`, the entries of each HA router it leads go to the
+/// sync addresses of the router's other hosts.
+pub fn send_loop(
+    key: Arc<hmac::Key>,
+    host: String,
+    shared: Arc<Shared>,
+    stop: Arc<AtomicBool>,
+    counters: Arc<Counters>,
+) {
+    let mut links: BTreeMap<SocketAddr, Link> = BTreeMap::new();
+    while !stop.load(Ordering::SeqCst) {
+        let t0 = Instant::now();
+        let want = shared.current();
+        let mut wanted: BTreeMap<SocketAddr, Vec<String>> = BTreeMap::new();
+        for (id, peers) in &want.peers {
+            if want.active.contains(id) {
+                for p in peers {
+                    wanted.entry(*p).or_default().push(id.clone());
+                }
+            }
+        }
+        links.retain(|a, _| wanted.contains_key(a));
+        let mut tables: BTreeMap<String, Option<Vec<Flow>>> = BTreeMap::new();
+        for (addr, ids) in wanted {
+            let link = links.entry(addr).or_default();
+            if let Err(e) = send_to(link, addr, &ids, &key, &host, &mut tables, &counters) {
+                if link.conn.is_some() || link.retry.is_none() {
+                    tracing::info!(standby = %addr, error = format!("{e:#}"), "cannot send connection state; retrying");
+                }
+                link.conn = None;
+                link.sent.clear();
+                link.retry = Some(Instant::now() + Duration::from_millis(500));
+            }
+        }
+        if let Some(rest) = PERIOD.checked_sub(t0.elapsed()) {
+            std::thread::sleep(rest);
+        }
+    }
+}
+
+fn send_to(
+    link: &mut Link,
+    addr: SocketAddr,
+    ids: &[String],
+    key: &hmac::Key,
+    host: &str,
+    tables: &mut BTreeMap<String, Option<Vec<Flow>>>,
+    counters: &Counters,
+) -> Result<()> {
+    if link.conn.is_none() {
+        if link.retry.is_some_and(|t| Instant::now() < t) {
+            return Ok(());
+        }
+        link.conn = Some(connect(addr, key, host)?);
+        link.sent.clear();
+        link.last_full = None;
+        link.retry = None;
+        tracing::info!(standby = %addr, "sending connection state");
+    }
+    let full = link.last_full.is_none_or(|t| t.elapsed() >= FULL_EVERY);
+    if full {
+        link.last_full = Some(Instant::now());
+    }
+    link.sent.retain(|id, _| ids.contains(id));
+    let Some((conn, session)) = link.conn.as_mut() else {
+        bail!("not connected");
+    };
+    for id in ids {
+        let flows = tables
+            .entry(id.clone())
+            .or_insert_with(|| table(id))
+            .as_ref();
+        let Some(flows) = flows else {
+            continue;
+        };
+        let sent = link.sent.entry(id.clone()).or_default();
+        let mut batch = Batch {
+            router: id.clone(),
+            ..Default::default()
+        };
+        let mut now: HashMap<Tuple, (Tuple, u32, Option<u8>, u32)> = HashMap::new();
+        for f in flows.iter().filter(|f| replicated(f)) {
+            let sig = signature(f);
+            if full || sent.get(&f.orig) != Some(&sig) {
+                batch.put.push(f.clone());
+            }
+            now.insert(f.orig, sig);
+        }
+        batch.gone = sent
+            .keys()
+            .filter(|t| !now.contains_key(t))
+            .copied()
+            .collect();
+        *sent = now;
+        if batch.put.is_empty() && batch.gone.is_empty() {
+            continue;
+        }
+        let n = (batch.put.len() + batch.gone.len()) as u64;
+        for chunk in chunks(batch) {
+            session.write(conn, &serde_json::to_vec(&chunk)?)?;
+        }
+        counters.sent.fetch_add(n, Ordering::Relaxed);
+    }
+    Ok(())
+}
+
+/// A batch cut into frames of at most `ENTRIES_PER_FRAME` entries.
+fn chunks(b: Batch) -> Vec<Batch> {
+    let mut out = Vec::new();
+    let mut put = b.put.into_iter().peekable();
+    let mut gone = b.gone.into_iter().peekable();
+    while put.peek().is_some() || gone.peek().is_some() || out.is_empty() {
+        let p: Vec<Flow> = put.by_ref().take(ENTRIES_PER_FRAME).collect();
+        let g: Vec<Tuple> = gone.by_ref().take(ENTRIES_PER_FRAME - p.len()).collect();
+        out.push(Batch {
+            router: b.router.clone(),
+            put: p,
+            gone: g,
+        });
+    }
+    out
+}
+
+/// Router `id`'s conntrack table here; None when it cannot be read (logged).
+fn table(id: &str) -> Option<Vec<Flow>> {
+    let st = RouterState::load(id).ok().flatten()?;
+    match netns::run_in(&st.namespace, || Conntrack::open(0)?.dump()) {
+        Ok(v) => Some(v),
+        Err(e) => {
+            tracing::warn!(router = %id, error = format!("{e:#}"), "cannot read the router's connections");
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pair() -> (TcpListener, SocketAddr) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let a = l.local_addr().unwrap();
+        (l, a)
+    }
+
+    /// The handshake admits a client holding the key, and frames pass; a client with another
+    /// key is refused, and a changed or replayed frame is rejected.
+    #[test]
+    fn only_holders_of_the_key_get_through_and_frames_cannot_be_changed_or_replayed() {
+        let key = hmac::Key::new(hmac::HMAC_SHA256, &[7u8; 32]);
+        let other = hmac::Key::new(hmac::HMAC_SHA256, &[8u8; 32]);
+        let (l, a) = pair();
+        let k2 = hmac::Key::new(hmac::HMAC_SHA256, &[7u8; 32]);
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            let (host, mut sess) = accept(&mut s, &k2).unwrap();
+            let first = sess.read(&mut s).unwrap();
+            // The second frame was tampered with.
+            let second = sess.read(&mut s);
+            (host, first, second.is_err())
+        });
+        let (mut c, mut sess) = connect(a, &key, "host-a").unwrap();
+        sess.write(&mut c, b"one").unwrap();
+        // A frame whose payload byte changed on the way.
+        let mut frame = Vec::new();
+        sess.write(&mut frame, b"two").unwrap();
+        frame[12] ^= 1;
+        c.write_all(&frame).unwrap();
+        let (host, first, rejected) = server.join().unwrap();
+        assert_eq!(
+            (host.as_str(), &first[..], rejected),
+            ("host-a", &b"one"[..], true)
+        );
+
+        let (l, a) = pair();
+        let k3 = hmac::Key::new(hmac::HMAC_SHA256, &[7u8; 32]);
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            accept(&mut s, &k3).is_err()
+        });
+        assert!(
+            connect(a, &other, "intruder").is_err(),
+            "a client without the key"
+        );
+        assert!(server.join().unwrap(), "the server refused it");
+
+        // A replayed frame (the same sequence number twice).
+        let (l, a) = pair();
+        let k4 = hmac::Key::new(hmac::HMAC_SHA256, &[7u8; 32]);
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            let (_, mut sess) = accept(&mut s, &k4).unwrap();
+            let one = sess.read(&mut s).is_ok();
+            (one, sess.read(&mut s).is_err())
+        });
+        let (mut c, mut sess) = connect(a, &key, "host-a").unwrap();
+        let mut frame = Vec::new();
+        sess.write(&mut frame, b"once").unwrap();
+        c.write_all(&frame).unwrap();
+        c.write_all(&frame).unwrap();
+        assert_eq!(server.join().unwrap(), (true, true));
+    }
+
+    #[test]
+    fn batches_are_cut_into_frames() {
+        let t = Tuple {
+            src: "10.0.0.1".parse().unwrap(),
+            dst: "10.0.0.2".parse().unwrap(),
+            proto: 6,
+            sport: 1,
+            dport: 2,
+        };
+        let b = Batch {
+            router: "r".into(),
+            put: vec![],
+            gone: vec![t; ENTRIES_PER_FRAME + 1],
+        };
+        let c = chunks(b);
+        assert_eq!(
+            c.iter().map(|b| b.gone.len()).collect::<Vec<_>>(),
+            vec![ENTRIES_PER_FRAME, 1]
+        );
+    }
+}
