@@ -3,10 +3,16 @@
 //! the tenant networks by provider bridges, as network nodes are.
 //!
 //! ```text
-//!   fabric namespace f<tag>: etcd (10.254.0.1, and 127.0.0.1), bridges brm, brt1, brt2
-//!   host namespaces h<i><tag>: mgmt (10.254.0.1<i>) on brm; qr- devices plugged into brt1/brt2
+//!   fabric namespace f<tag>: etcd (10.254.0.1, and 127.0.0.1), bridges brm, brt1, brt2, brx
+//!   host namespaces h<i><tag>: mgmt (10.254.0.1<i>) on brm; qr- devices plugged into brt1/brt2,
+//!     the qg- device (`DEV_GW`) into brx
 //!   vm1 (172.16.100.3, on brt1), vm3 (172.16.101.3, on brt2), probe (172.16.100.4, on brt1)
+//!   public pb<tag>: the upstream router, 192.168.1.254/24 on brx, and 203.0.113.5 (on lo)
 //! ```
+//!
+//! The external network (brx, 192.168.1.0/24) is used once `define_gateway` gives the router
+//! its gateway (192.168.1.10, SNAT) and vm3 its floating IP (192.168.1.20): the public
+//! namespace has no route to the tenant subnets, so all it sees are those addresses.
 //!
 //! The qr- devices are created in each host namespace beforehand (the L2 agent's plugging);
 //! apply adopts them into the host's router namespace. Each host's devices have their own MACs,
@@ -29,6 +35,14 @@ pub const PORT_1: &str = "d295b258-4586-4e8a-9c3e-1f2a3b4c5d6e";
 pub const PORT_2: &str = "2ffdb861-731c-4b1a-8d2e-6f7a8b9c0d1e";
 pub const DEV_1: &str = "qr-d295b258-45";
 pub const DEV_2: &str = "qr-2ffdb861-73";
+/// The external gateway's port (`define_gateway`), and its device (qg-<id[:11]>).
+pub const GW_PORT: &str = "7c1e0f4a-2b3d-4e5f-8a9b-0c1d2e3f4a5b";
+pub const DEV_GW: &str = "qg-7c1e0f4a-2b";
+/// The router's address on the external network, vm3's floating IP there, and the address
+/// behind the upstream router (in the public namespace).
+pub const GW_IP: &str = "192.168.1.10";
+pub const FIP_VM3: &str = "192.168.1.20";
+pub const OUTSIDE: &str = "203.0.113.5";
 pub const ETCD: &str = "http://10.254.0.1:2379";
 
 pub struct Cluster {
@@ -37,6 +51,8 @@ pub struct Cluster {
     pub vm1: String,
     pub vm3: String,
     pub probe: String,
+    /// The upstream router on the external network (192.168.1.254 on brx, 203.0.113.5).
+    pub public: String,
     pub hosts: Vec<Host>,
     etcd: Option<Child>,
     data: std::path::PathBuf,
@@ -183,6 +199,7 @@ impl Cluster {
             vm1: format!("v1{tag}"),
             vm3: format!("v3{tag}"),
             probe: format!("p{tag}"),
+            public: format!("pb{tag}"),
             fabric: fabric.clone(),
             hosts: Vec::new(),
             etcd: None,
@@ -200,7 +217,7 @@ impl Cluster {
         sh(&format!(
             "ip netns add {fabric} && ip -n {fabric} link set lo up"
         ));
-        for b in ["brm", "brt1", "brt2"] {
+        for b in ["brm", "brt1", "brt2", "brx"] {
             sh(&format!(
                 "ip -n {fabric} link add {b} type bridge && ip -n {fabric} link set {b} up"
             ));
@@ -218,6 +235,10 @@ impl Cluster {
                 sh(&format!("ip -n {ns} route add default via {gw}"));
             }
         }
+        let public = &c.public;
+        sh(&format!(
+            "ip netns add {public} && ip -n {public} link set lo up && ip -n {public} addr add {OUTSIDE}/32 dev lo && ip -n {public} link add eth0 type veth peer name y{public} netns {fabric} && ip -n {fabric} link set y{public} master brx up && ip -n {public} link set eth0 up && ip -n {public} addr add 192.168.1.254/24 dev eth0"
+        ));
         for i in 0..n {
             let name = format!("host-{}", (b'a' + i as u8) as char);
             let ns = format!("h{i}{tag}");
@@ -228,6 +249,7 @@ impl Cluster {
             for (dev, br, peer) in [
                 (DEV_1, "brt1", format!("xa{i}")),
                 (DEV_2, "brt2", format!("xb{i}")),
+                (DEV_GW, "brx", format!("xg{i}")),
             ] {
                 sh(&format!(
                     "ip -n {ns} link add {dev} type veth peer name {peer} netns {fabric} && ip -n {fabric} link set {peer} master {br} up"
@@ -512,6 +534,37 @@ impl Cluster {
         }
     }
 
+    /// Gives r1 its external gateway and vm3 a floating IP, through the CLI against etcd:
+    /// `router set r1 --external-gateway public --port-id GW_PORT --fixed-ip
+    /// subnet=192.168.1.0/24,ip-address=192.168.1.10,gateway=192.168.1.254` (SNAT on, the
+    /// default), then `floating ip create --router r1 --floating-ip-address 192.168.1.20
+    /// --fixed-ip-address 172.16.101.3`.
+    pub fn define_gateway(&self) {
+        let fixed = format!("subnet=192.168.1.0/24,ip-address={GW_IP},gateway=192.168.1.254");
+        self.ctl_ok(&[
+            "router",
+            "set",
+            "r1",
+            "--external-gateway",
+            "public",
+            "--port-id",
+            GW_PORT,
+            "--fixed-ip",
+            &fixed,
+        ]);
+        self.ctl_ok(&[
+            "floating",
+            "ip",
+            "create",
+            "--router",
+            "r1",
+            "--floating-ip-address",
+            FIP_VM3,
+            "--fixed-ip-address",
+            "172.16.101.3",
+        ]);
+    }
+
     /// `router add subnet r1 --subnet SUBNET --gateway GW --port-id PORT`.
     /// `router add subnet` of r1, with `more` options.
     fn add_subnet(&self, subnet: &str, gw: &str, port: &str, more: &[&str]) {
@@ -683,7 +736,13 @@ impl Drop for Cluster {
             let _ =
                 std::fs::remove_dir_all(format!("/sys/fs/bpf/router-xdp/instances/{}", h.instance));
         }
-        for ns in [&self.vm1, &self.vm3, &self.probe, &self.fabric] {
+        for ns in [
+            &self.vm1,
+            &self.vm3,
+            &self.probe,
+            &self.public,
+            &self.fabric,
+        ] {
             let _ = sh_out(&format!("ip netns del {ns}"));
         }
         let _ = std::fs::remove_dir_all(&self.data);
