@@ -201,6 +201,36 @@ pub const MUTANTS: &[Mutant] = &[
         tests: &[("ha", "the_active_resigns_when_its_provider_link_goes_down")],
     },
     Mutant {
+        name: "replica_not_sent",
+        fault: "the active host never sends its HA routers' connections to the standbys",
+        tests: &[(
+            "ha",
+            "connections_through_snat_and_a_floating_ip_survive_a_failover",
+        )],
+    },
+    Mutant {
+        name: "replica_untranslated",
+        fault: "a connection installed from another host's table loses its translation",
+        tests: &[
+            (
+                "nat",
+                "a_connection_installed_from_a_dump_keeps_its_translation_state_and_mark",
+            ),
+            (
+                "ha",
+                "connections_through_snat_and_a_floating_ip_survive_a_failover",
+            ),
+        ],
+    },
+    Mutant {
+        name: "replica_unauthenticated",
+        fault: "the connection-state stream accepts peers and frames without checking their HMAC",
+        tests: &[(
+            "lib",
+            "agent::replica::tests::only_holders_of_the_key_get_through_and_frames_cannot_be_changed_or_replayed",
+        )],
+    },
+    Mutant {
         name: "standby_keeps_addresses",
         fault: "apply gives a standby the router's addresses",
         tests: &[("ha", "a_restart_within_the_lease_causes_no_failover")],

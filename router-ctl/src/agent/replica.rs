@@ -132,6 +132,9 @@ fn verify(key: &hmac::Key, parts: &[&[u8]], tag: &[u8]) -> Result<()> {
         msg.extend_from_slice(&(p.len() as u32).to_be_bytes());
         msg.extend_from_slice(p);
     }
+    if cfg!(mutant = "replica_unauthenticated") {
+        return Ok(());
+    }
     hmac::verify(key, &msg, tag).map_err(|_| anyhow::anyhow!("authentication failed"))
 }
 
@@ -386,7 +389,7 @@ pub fn send_loop(
         let want = shared.current();
         let mut wanted: BTreeMap<SocketAddr, Vec<String>> = BTreeMap::new();
         for (id, peers) in &want.peers {
-            if want.active.contains(id) {
+            if want.active.contains(id) && !cfg!(mutant = "replica_not_sent") {
                 for p in peers {
                     wanted.entry(*p).or_default().push(id.clone());
                 }

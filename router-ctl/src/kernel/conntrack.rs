@@ -170,7 +170,8 @@ impl Conntrack {
             },
         };
         put_tuple(&mut attrs, CTA_TUPLE_REPLY, &plain);
-        if f.reply.dst != f.orig.src || f.reply.dport != f.orig.sport {
+        let translate = !cfg!(mutant = "replica_untranslated");
+        if translate && (f.reply.dst != f.orig.src || f.reply.dport != f.orig.sport) {
             put_nat(
                 &mut attrs,
                 CTA_NAT_SRC,
@@ -179,7 +180,7 @@ impl Conntrack {
                 f.orig.proto,
             );
         }
-        if f.reply.src != f.orig.dst || f.reply.sport != f.orig.dport {
+        if translate && (f.reply.src != f.orig.dst || f.reply.sport != f.orig.dport) {
             put_nat(
                 &mut attrs,
                 CTA_NAT_DST,
