@@ -137,6 +137,22 @@ struct Args {
     /// Only the fencing figures: their section of the report is replaced in place.
     #[arg(long)]
     only_fence: bool,
+    /// Long-lived connections across each failover in the HA connection-state figures.
+    #[arg(long, default_value_t = 100)]
+    sync_conns: usize,
+    /// Only the HA connection-state figures: their section of the report is replaced in place.
+    #[arg(long)]
+    only_ha_sync: bool,
+}
+
+fn ha_sync_section(args: &Args) -> Result<String> {
+    let f = ha::sync_run(args.runs.min(5), args.sync_conns).context("HA connection state")?;
+    let date = std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    Ok(ha::sync_markdown(&f, &date))
 }
 
 fn fence_section(args: &Args) -> Result<String> {
@@ -281,6 +297,16 @@ fn main() -> Result<()> {
         };
         std::fs::write(&args.out, new)?;
         println!("wrote the multi-host section of {}", args.out.display());
+        return Ok(());
+    }
+    if args.only_ha_sync {
+        let section = ha_sync_section(&args)?;
+        print!("{section}");
+        replace_section(&args.out, "ha-sync", &section)?;
+        println!(
+            "wrote the HA connection-state section of {}",
+            args.out.display()
+        );
         return Ok(());
     }
     if args.only_conns {
@@ -448,6 +474,8 @@ fn main() -> Result<()> {
     if !args.no_ha {
         md += "\n";
         md += &ha_section(&args)?;
+        md += "\n";
+        md += &ha_sync_section(&args)?;
     }
     std::fs::write(&args.out, md).with_context(|| format!("writing {}", args.out.display()))?;
     let plot = args.out.with_file_name("bench-plot.svg");

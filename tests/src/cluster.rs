@@ -463,6 +463,33 @@ impl Cluster {
         h.agent = Some(child);
     }
 
+    /// The key the agents' connection-state streams share (`--sync-key`), written on first use.
+    pub fn sync_key(&self) -> std::path::PathBuf {
+        let key = std::env::temp_dir().join(format!("router-sync-key-{}", self.tag));
+        if !key.exists() {
+            let bytes: Vec<u8> = (0..32u8).map(|i| i.wrapping_mul(37) ^ 0x5a).collect();
+            std::fs::write(&key, bytes).expect("sync key");
+            std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+                .expect("sync key mode");
+        }
+        key
+    }
+
+    /// Starts host i's agent replicating HA routers' connection state: `--sync-listen` on its
+    /// management address, port 7480, and the cluster's `sync_key`.
+    pub fn start_syncing_agent(&mut self, i: usize) {
+        let (listen, key) = (format!("10.254.0.{}:7480", 11 + i), self.sync_key());
+        self.start_agent_with(
+            i,
+            &[
+                "--sync-listen",
+                &listen,
+                "--sync-key",
+                key.to_str().unwrap(),
+            ],
+        );
+    }
+
     /// kill -9 of host i's agent (its fencer lives on, as it would on a real host).
     pub fn kill_agent(&mut self, i: usize) {
         if let Some(mut c) = self.hosts[i].agent.take() {
@@ -746,6 +773,9 @@ impl Drop for Cluster {
             let _ = sh_out(&format!("ip netns del {ns}"));
         }
         let _ = std::fs::remove_dir_all(&self.data);
+        let _ = std::fs::remove_file(
+            std::env::temp_dir().join(format!("router-sync-key-{}", self.tag)),
+        );
         if let Some(sec) = &self.secure {
             let _ = std::fs::remove_dir_all(&sec.dir);
         }

@@ -1305,30 +1305,8 @@ fn summary(frames: &[Vec<u8>]) -> String {
 fn ha_pair_with_gateway_syncing() -> (Cluster, usize) {
     tests::in_setup(|| {
         let mut c = Cluster::new(2);
-        let key = std::env::temp_dir().join(format!("router-sync-key-{}", c.tag));
-        std::fs::write(
-            &key,
-            [0x5au8; 32]
-                .iter()
-                .enumerate()
-                .map(|(i, b)| b ^ i as u8)
-                .collect::<Vec<u8>>(),
-        )
-        .unwrap();
-        std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))
-            .unwrap();
-        for i in 0..2 {
-            let listen = format!("10.254.0.{}:7480", 11 + i);
-            c.start_agent_with(
-                i,
-                &[
-                    "--sync-listen",
-                    &listen,
-                    "--sync-key",
-                    key.to_str().unwrap(),
-                ],
-            );
-        }
+        c.start_syncing_agent(0);
+        c.start_syncing_agent(1);
         c.define_router(true);
         c.define_gateway();
         c.wait_scheduled(2, Duration::from_secs(20));
@@ -1386,6 +1364,25 @@ fn udp_flow(c: &Cluster, lasting: Duration) -> std::thread::JoinHandle<(Vec<u16>
 /// stream is reset at the takeover: `an_snat_stream_across_a_failover_today`.)
 #[test]
 fn connections_through_snat_and_a_floating_ip_survive_a_failover() {
+    connections_survive("the active agent's kill -9", |c, active| {
+        c.kill_agent(active)
+    });
+}
+
+/// As above, the active host cut off instead: its management, tenant and external links all
+/// go down at once (a dead host as the network sees it; its agent lives on, alone).
+#[test]
+fn connections_survive_the_active_hosts_links_being_cut() {
+    connections_survive("the active host's links cut", |c, active| {
+        for dev in ["xm", "xa", "xb", "xg"] {
+            tests::sh(&format!("ip -n {} link set {dev}{active} down", c.fabric));
+        }
+    });
+}
+
+/// The streams of `connections_through_snat_and_a_floating_ip_survive_a_failover` across the
+/// failure `fail` does to the active host.
+fn connections_survive(what: &str, fail: impl FnOnce(&mut Cluster, usize)) {
     let (mut c, active) = ha_pair_with_gateway_syncing();
     let standby = 1 - active;
     let t = Instant::now();
@@ -1444,10 +1441,10 @@ fn connections_through_snat_and_a_floating_ip_survive_a_failover() {
     );
     std::thread::sleep(Duration::from_secs(3).saturating_sub(opened.elapsed()));
     let killed = Instant::now();
-    c.kill_agent(active);
+    fail(&mut c, active);
     wait_active(&c, standby, Duration::from_secs(10));
     eprintln!(
-        "{} active {:?} after the kill",
+        "{what}: {} active {:?} after it",
         c.hosts[standby].name,
         killed.elapsed()
     );
@@ -1480,7 +1477,7 @@ fn connections_through_snat_and_a_floating_ip_survive_a_failover() {
     );
     let (ports, got, sent) = udp.join().unwrap();
     eprintln!(
-        "{survived} of {STREAMS} SNAT streams and the floating IP's survived; UDP: {got} of {sent} datagrams, source ports {ports:?}"
+        "{what}: {survived} of {STREAMS} SNAT streams and the floating IP's survived; UDP: {got} of {sent} datagrams, source ports {ports:?}"
     );
     assert_eq!(ports.len(), 1, "the UDP flow kept its SNAT port: {ports:?}");
     assert!(
