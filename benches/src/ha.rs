@@ -444,14 +444,7 @@ fn failover_round(c: &mut Cluster, active: usize, n: usize, sync: bool) -> Resul
 }
 
 pub fn sync_run(runs: usize, n: usize) -> Result<SyncFigures> {
-    let mut c = Cluster::new(2);
-    c.start_agent(0);
-    c.start_agent(1);
-    c.define_router(true);
-    c.define_gateway();
-    c.wait_scheduled(2, Duration::from_secs(20));
-    c.wait_converged(Duration::from_secs(20));
-    c.wait_ping(Duration::from_secs(10));
+    let (mut c, _) = Cluster::ha_pair_with_gateway(false);
     let mut f = SyncFigures {
         conns: n,
         survived_with: Vec::new(),

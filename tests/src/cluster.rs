@@ -490,6 +490,26 @@ impl Cluster {
         );
     }
 
+    /// Two hosts with their agents (replicating connection state when `sync`), the seed
+    /// router defined HA with its external gateway and vm3's floating IP (`define_gateway`):
+    /// scheduled on both, converged, vm1 reaching vm3. Returns the cluster and the active host.
+    pub fn ha_pair_with_gateway(sync: bool) -> (Cluster, usize) {
+        let mut c = Cluster::new(2);
+        for i in 0..2 {
+            if sync {
+                c.start_syncing_agent(i);
+            } else {
+                c.start_agent(i);
+            }
+        }
+        c.define_router(true);
+        c.define_gateway();
+        c.wait_scheduled(2, Duration::from_secs(20));
+        let active = c.wait_converged(Duration::from_secs(20));
+        c.wait_ping(Duration::from_secs(10));
+        (c, active)
+    }
+
     /// kill -9 of host i's agent (its fencer lives on, as it would on a real host).
     pub fn kill_agent(&mut self, i: usize) {
         if let Some(mut c) = self.hosts[i].agent.take() {

@@ -924,17 +924,10 @@ fn a_full_run_directory_on_the_active_host_moves_the_router_without_two_answerin
 }
 
 /// As `ha_pair`, the router with its external gateway (SNAT) and vm3's floating IP
-/// (`Cluster::define_gateway`): converged, vm1 reaching vm3.
-fn ha_pair_with_gateway() -> (Cluster, usize) {
+/// (`Cluster::ha_pair_with_gateway`), the agents replicating connection state when `sync`.
+fn ha_pair_with_gateway(sync: bool) -> (Cluster, usize) {
     tests::in_setup(|| {
-        let mut c = Cluster::new(2);
-        c.start_agent(0);
-        c.start_agent(1);
-        c.define_router(true);
-        c.define_gateway();
-        c.wait_scheduled(2, Duration::from_secs(20));
-        let active = c.wait_converged(Duration::from_secs(20));
-        c.wait_ping(Duration::from_secs(10));
+        let (c, active) = Cluster::ha_pair_with_gateway(sync);
         assert_eq!(c.role(1 - active).as_deref(), Some("standby"));
         (c, active)
     })
@@ -1115,7 +1108,7 @@ fn tcp_stream_to(server_ns: &str, bind: &str, from: &str, to: &str, lasting: Dur
 /// from vm1 to the outside for 3 s arrives whole, from the gateway's address.
 #[test]
 fn an_ha_router_with_a_gateway_carries_snat_and_floating_ip_traffic_from_the_active_host() {
-    let (c, active) = ha_pair_with_gateway();
+    let (c, active) = ha_pair_with_gateway(false);
     let standby = 1 - active;
     let held = c.addresses(active);
     assert!(
@@ -1173,7 +1166,7 @@ fn an_ha_router_with_a_gateway_carries_snat_and_floating_ip_traffic_from_the_act
 #[test]
 #[ignore]
 fn an_snat_stream_across_a_failover_today() {
-    let (mut c, active) = ha_pair_with_gateway();
+    let (mut c, active) = ha_pair_with_gateway(false);
     let standby = 1 - active;
     let t = Instant::now();
     while !ping_from(&c.vm1, OUTSIDE) {
@@ -1300,23 +1293,6 @@ fn summary(frames: &[Vec<u8>]) -> String {
         .join(" ")
 }
 
-/// As `ha_pair_with_gateway`, the agents replicating connection state to each other
-/// (`--sync-listen` on their management addresses, a shared `--sync-key`).
-fn ha_pair_with_gateway_syncing() -> (Cluster, usize) {
-    tests::in_setup(|| {
-        let mut c = Cluster::new(2);
-        c.start_syncing_agent(0);
-        c.start_syncing_agent(1);
-        c.define_router(true);
-        c.define_gateway();
-        c.wait_scheduled(2, Duration::from_secs(20));
-        let active = c.wait_converged(Duration::from_secs(20));
-        c.wait_ping(Duration::from_secs(10));
-        assert_eq!(c.role(1 - active).as_deref(), Some("standby"));
-        (c, active)
-    })
-}
-
 /// UDP datagrams from vm1's one socket to the outside every 20 ms for `lasting`: the source
 /// ports the outside saw, and how many datagrams arrived of how many sent.
 fn udp_flow(c: &Cluster, lasting: Duration) -> std::thread::JoinHandle<(Vec<u16>, u64, u64)> {
@@ -1383,7 +1359,7 @@ fn connections_survive_the_active_hosts_links_being_cut() {
 /// The streams of `connections_through_snat_and_a_floating_ip_survive_a_failover` across the
 /// failure `fail` does to the active host.
 fn connections_survive(what: &str, fail: impl FnOnce(&mut Cluster, usize)) {
-    let (mut c, active) = ha_pair_with_gateway_syncing();
+    let (mut c, active) = ha_pair_with_gateway(true);
     let standby = 1 - active;
     let t = Instant::now();
     while !ping_from(&c.vm1, OUTSIDE) {
