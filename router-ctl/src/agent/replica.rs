@@ -12,14 +12,12 @@
 //! HMAC-SHA256 over the session, its sequence number and its bytes (nothing can be injected,
 //! replayed or reordered). A standby only takes entries for routers it holds as a standby.
 //!
-//! What goes: every confirmed TCP and UDP entry of the namespace. Changes are read from
-//! conntrack's events (new, changed, destroyed) and sent every `PERIOD`; the whole table is
-//! read and sent every `FULL_EVERY` (seconds left refreshed, anything lost repaired), to a
-//! standby that (re)connects, and after events were lost (ENOBUFS); entries that went are
-//! deleted on the standby.
+//! What goes: every confirmed TCP and UDP entry of the namespace (TCP in TIME_WAIT or CLOSE
+//! excepted), as changes every `PERIOD`, all of them again every `FULL_EVERY` (seconds left
+//! refreshed) and on every new connection; entries that went are deleted on the standby.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     io::{Read, Write},
     net::{SocketAddr, TcpListener, TcpStream},
     sync::{
@@ -43,7 +41,7 @@ use crate::{
 };
 
 /// How often the active host looks for changes.
-pub const PERIOD: Duration = Duration::from_millis(50);
+pub const PERIOD: Duration = Duration::from_millis(200);
 /// How often it sends every entry again.
 const FULL_EVERY: Duration = Duration::from_secs(10);
 const MAGIC: &[u8; 8] = b"rxsync01";
@@ -348,62 +346,36 @@ fn receive(
     Ok(())
 }
 
-/// The entries that go to the standbys: confirmed TCP and UDP.
+/// The entries that go to the standbys.
 fn replicated(f: &Flow) -> bool {
+    const TIME_WAIT: u8 = 7;
+    const CLOSE: u8 = 8;
     matches!(
         f.orig.proto,
         conntrack::IPPROTO_TCP | conntrack::IPPROTO_UDP
     ) && f.status & conntrack::status::CONFIRMED != 0
         && f.status & conntrack::status::DYING == 0
+        && !matches!(f.tcp_state, Some(TIME_WAIT | CLOSE))
 }
 
-/// A router led here, as the sender reads it: two ctnetlink sockets opened in its namespace
-/// (they stay bound to it whatever thread uses them), one subscribed to the table's events,
-/// one for full reads.
-struct Source {
-    events: Conntrack,
-    table: Conntrack,
-    /// Events were lost (or the source is new): every standby gets a full read next.
-    lost: bool,
-}
-
-impl Source {
-    fn open(id: &str) -> Result<Source> {
-        let st =
-            RouterState::load(id)?.with_context(|| format!("router {id} is not applied here"))?;
-        let (events, table) = netns::run_in(&st.namespace, || {
-            Ok((Conntrack::open(Conntrack::EVENTS)?, Conntrack::open(0)?))
-        })?;
-        Ok(Source {
-            events,
-            table,
-            lost: true,
-        })
-    }
+/// What of an entry, when it changes, is sent again before the next full round.
+fn signature(f: &Flow) -> (Tuple, u32, Option<u8>, u32) {
+    (f.reply, f.status, f.tcp_state, f.mark)
 }
 
 /// One standby host, as the active host's sender sees it.
 #[derive(Default)]
 struct Link {
     conn: Option<(TcpStream, Session)>,
-    /// What it holds, by router: the original tuples sent and not deleted since.
-    sent: BTreeMap<String, std::collections::HashSet<Tuple>>,
-    /// When it last got a full read, by router.
-    last_full: BTreeMap<String, Instant>,
+    /// What it holds, by router: each entry's signature as last sent.
+    sent: BTreeMap<String, HashMap<Tuple, (Tuple, u32, Option<u8>, u32)>>,
+    last_full: Option<Instant>,
     /// Not before this again after a failed connection.
     retry: Option<Instant>,
 }
 
-/// What one pass read of a router: the changes since the last pass, and the whole table when
-/// a standby is due one (read once, shared).
-struct Pass {
-    changes: Vec<(Flow, bool)>,
-    full: Option<Vec<Flow>>,
-}
-
-/// The active host's side: every `PERIOD`, the changes of each HA router it leads (from
-/// conntrack's events; the whole table every `FULL_EVERY`, after lost events and for a new
-/// standby) go to the sync addresses of the router's other hosts.
+/// The active host's side: every `PERIOD`, the entries of each HA router it leads go to the
+/// sync addresses of the router's other hosts.
 pub fn send_loop(
     key: Arc<hmac::Key>,
     host: String,
@@ -412,8 +384,6 @@ pub fn send_loop(
     counters: Arc<Counters>,
 ) {
     let mut links: BTreeMap<SocketAddr, Link> = BTreeMap::new();
-    let mut sources: BTreeMap<String, Source> = BTreeMap::new();
-    let mut failed: BTreeMap<String, Instant> = BTreeMap::new();
     while !stop.load(Ordering::SeqCst) {
         let t0 = Instant::now();
         let want = shared.current();
@@ -426,73 +396,15 @@ pub fn send_loop(
             }
         }
         links.retain(|a, _| wanted.contains_key(a));
-        let led: std::collections::BTreeSet<&String> = wanted.values().flatten().collect();
-        sources.retain(|id, _| led.contains(id));
-        // Each router read once: its events, and its table if some standby is due a full read.
-        let mut reads: BTreeMap<String, Pass> = BTreeMap::new();
-        for id in led {
-            if !sources.contains_key(id) {
-                if failed
-                    .get(id)
-                    .is_some_and(|t| t.elapsed() < Duration::from_secs(1))
-                {
-                    continue;
-                }
-                match Source::open(id) {
-                    Ok(s) => drop(sources.insert(id.clone(), s)),
-                    Err(e) => {
-                        tracing::warn!(router = %id, error = format!("{e:#}"), "cannot read the router's connections");
-                        failed.insert(id.clone(), Instant::now());
-                        continue;
-                    }
-                }
-            }
-            let src = sources.get_mut(id).expect("opened above");
-            let changes = match src.events.events() {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::info!(router = %id, error = %e, "connection events lost; reading the whole table");
-                    src.lost = true;
-                    Vec::new()
-                }
-            };
-            let due = src.lost
-                || links.iter().any(|(a, l)| {
-                    wanted[a].contains(id)
-                        && (l.conn.is_none()
-                            || l.last_full
-                                .get(id)
-                                .is_none_or(|t| t.elapsed() >= FULL_EVERY))
-                });
-            let full = if due {
-                match src.table.dump() {
-                    Ok(v) => Some(v),
-                    Err(e) => {
-                        tracing::warn!(router = %id, error = format!("{e:#}"), "cannot read the router's connections");
-                        None
-                    }
-                }
-            } else {
-                None
-            };
-            if full.is_some() && src.lost {
-                // Every standby starts again from this read.
-                for l in links.values_mut() {
-                    l.last_full.remove(id);
-                }
-                src.lost = false;
-            }
-            reads.insert(id.clone(), Pass { changes, full });
-        }
+        let mut tables: BTreeMap<String, Option<Vec<Flow>>> = BTreeMap::new();
         for (addr, ids) in wanted {
             let link = links.entry(addr).or_default();
-            if let Err(e) = send_to(link, addr, &ids, &key, &host, &reads, &counters) {
+            if let Err(e) = send_to(link, addr, &ids, &key, &host, &mut tables, &counters) {
                 if link.conn.is_some() || link.retry.is_none() {
                     tracing::info!(standby = %addr, error = format!("{e:#}"), "cannot send connection state; retrying");
                 }
                 link.conn = None;
                 link.sent.clear();
-                link.last_full.clear();
                 link.retry = Some(Instant::now() + Duration::from_millis(500));
             }
         }
@@ -508,7 +420,7 @@ fn send_to(
     ids: &[String],
     key: &hmac::Key,
     host: &str,
-    reads: &BTreeMap<String, Pass>,
+    tables: &mut BTreeMap<String, Option<Vec<Flow>>>,
     counters: &Counters,
 ) -> Result<()> {
     if link.conn.is_none() {
@@ -517,17 +429,24 @@ fn send_to(
         }
         link.conn = Some(connect(addr, key, host)?);
         link.sent.clear();
-        link.last_full.clear();
+        link.last_full = None;
         link.retry = None;
         tracing::info!(standby = %addr, "sending connection state");
     }
+    let full = link.last_full.is_none_or(|t| t.elapsed() >= FULL_EVERY);
+    if full {
+        link.last_full = Some(Instant::now());
+    }
     link.sent.retain(|id, _| ids.contains(id));
-    link.last_full.retain(|id, _| ids.contains(id));
     let Some((conn, session)) = link.conn.as_mut() else {
         bail!("not connected");
     };
     for id in ids {
-        let Some(read) = reads.get(id) else {
+        let flows = tables
+            .entry(id.clone())
+            .or_insert_with(|| table(id))
+            .as_ref();
+        let Some(flows) = flows else {
             continue;
         };
         let sent = link.sent.entry(id.clone()).or_default();
@@ -535,36 +454,20 @@ fn send_to(
             router: id.clone(),
             ..Default::default()
         };
-        let due = link
-            .last_full
-            .get(id)
-            .is_none_or(|t| t.elapsed() >= FULL_EVERY);
-        match (&read.full, due) {
-            (Some(all), true) => {
-                let now: std::collections::HashSet<Tuple> = all
-                    .iter()
-                    .filter(|f| replicated(f))
-                    .map(|f| f.orig)
-                    .collect();
-                batch.put = all.iter().filter(|f| replicated(f)).cloned().collect();
-                batch.gone = sent.difference(&now).copied().collect();
-                *sent = now;
-                link.last_full.insert(id.clone(), Instant::now());
+        let mut now: HashMap<Tuple, (Tuple, u32, Option<u8>, u32)> = HashMap::new();
+        for f in flows.iter().filter(|f| replicated(f)) {
+            let sig = signature(f);
+            if full || sent.get(&f.orig) != Some(&sig) {
+                batch.put.push(f.clone());
             }
-            // Not due, or the table could not be read whole this pass: the changes.
-            _ => {
-                for (f, alive) in &read.changes {
-                    if !*alive {
-                        if sent.remove(&f.orig) {
-                            batch.gone.push(f.orig);
-                        }
-                    } else if replicated(f) {
-                        sent.insert(f.orig);
-                        batch.put.push(f.clone());
-                    }
-                }
-            }
+            now.insert(f.orig, sig);
         }
+        batch.gone = sent
+            .keys()
+            .filter(|t| !now.contains_key(t))
+            .copied()
+            .collect();
+        *sent = now;
         if batch.put.is_empty() && batch.gone.is_empty() {
             continue;
         }
@@ -592,6 +495,18 @@ fn chunks(b: Batch) -> Vec<Batch> {
         });
     }
     out
+}
+
+/// Router `id`'s conntrack table here; None when it cannot be read (logged).
+fn table(id: &str) -> Option<Vec<Flow>> {
+    let st = RouterState::load(id).ok().flatten()?;
+    match netns::run_in(&st.namespace, || Conntrack::open(0)?.dump()) {
+        Ok(v) => Some(v),
+        Err(e) => {
+            tracing::warn!(router = %id, error = format!("{e:#}"), "cannot read the router's connections");
+            None
+        }
+    }
 }
 
 #[cfg(test)]

@@ -127,28 +127,6 @@ impl Conntrack {
         Ok(Conntrack { fd, seq: 0 })
     }
 
-    /// The event groups of new, changed and destroyed flows (`NFNLGRP_CONNTRACK_NEW`,
-    /// `_UPDATE`, `_DESTROY`), for `open`.
-    pub const EVENTS: u32 = 0b111;
-
-    /// The flows created, changed (true) or destroyed (false) since the last call, as the
-    /// socket's event groups reported them, without waiting. An error (ENOBUFS) means events
-    /// were lost: a full read of the table is due.
-    pub fn events(&self) -> io::Result<Vec<(Flow, bool)>> {
-        let mut out = Vec::new();
-        super::netdev::drain(self.fd.as_raw_fd(), |d| {
-            for (t, payload) in super::netdev::messages(d) {
-                if t >> 8 != NFNL_SUBSYS_CTNETLINK {
-                    continue;
-                }
-                if let Some(f) = flow_of(payload) {
-                    out.push((f, t & 0xff != IPCTNL_MSG_CT_DELETE));
-                }
-            }
-        })?;
-        Ok(out)
-    }
-
     /// Every IPv4 flow of the namespace.
     pub fn dump(&mut self) -> Result<Vec<Flow>> {
         let replies = self.request(IPCTNL_MSG_CT_GET, NLM_F_REQUEST | NLM_F_DUMP, &[])?;
