@@ -57,8 +57,9 @@ struct Args {
     /// the report (`--out`), or appended to it.
     #[arg(long)]
     only_conns: bool,
-    /// Seconds of each timed run of the request-shaped connections (after the warm-up).
-    #[arg(long, default_value_t = 2.0)]
+    /// Seconds of each timed run of the request-shaped connections (after the warm-up). Longer runs
+    /// narrow the spread of the rounds where the end hosts share the router's cores.
+    #[arg(long, default_value_t = 5.0)]
     conns_secs: f64,
     /// Seconds of warm-up before each timed run of the request-shaped connections.
     #[arg(long, default_value_t = 0.5)]
@@ -266,6 +267,21 @@ fn conns_figures(args: &Args) -> Result<conns::ConnBench> {
     .context("request-shaped connections")
 }
 
+/// The hand-written notes of a report: each block from `<!-- note -->` to `<!-- /note -->`.
+fn notes(report: &str) -> Vec<&str> {
+    let (open, close) = ("<!-- note -->", "<!-- /note -->");
+    let mut out = Vec::new();
+    let mut rest = report;
+    while let Some(a) = rest.find(open) {
+        let Some(b) = rest[a..].find(close) else {
+            break;
+        };
+        out.push(&rest[a..a + b + close.len()]);
+        rest = &rest[a + b + close.len()..];
+    }
+    out
+}
+
 /// Replaces the section between `<!-- NAME -->` and `<!-- /NAME -->` of the report at `out`
 /// with `section` (which carries the markers), or appends it.
 fn replace_section(out: &std::path::Path, name: &str, section: &str) -> Result<()> {
@@ -311,7 +327,7 @@ fn main() -> Result<()> {
     }
     if args.only_conns {
         let c = conns_figures(&args)?;
-        let section = report::conns_section(&c);
+        let section = report::conns_section(&c, Some(&date_utc()));
         print!("{section}");
         replace_section(&args.out, "conns", &section)?;
         println!(
@@ -477,6 +493,14 @@ fn main() -> Result<()> {
         md += "\n";
         md += &ha_sync_section(&args)?;
     }
+    // Accounts written by hand (profiles, experiments), each between `<!-- note -->` and
+    // `<!-- /note -->`, outlive a new run: they carry their own dates.
+    let old = std::fs::read_to_string(&args.out).unwrap_or_default();
+    for n in notes(&old) {
+        md += "\n";
+        md += n;
+        md += "\n";
+    }
     std::fs::write(&args.out, md).with_context(|| format!("writing {}", args.out.display()))?;
     let plot = args.out.with_file_name("bench-plot.svg");
     std::fs::write(&plot, report.svg()).with_context(|| format!("writing {}", plot.display()))?;
@@ -487,4 +511,17 @@ fn main() -> Result<()> {
         start.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn hand_written_notes_are_found_whole_and_in_order() {
+        let r = "# B\n<!-- note -->\nfirst\n<!-- /note -->\ntable\n<!-- note -->second<!-- /note -->\n<!-- note -->cut";
+        assert_eq!(
+            super::notes(r),
+            vec!["<!-- note -->\nfirst\n<!-- /note -->", "<!-- note -->second<!-- /note -->"]
+        );
+        assert!(super::notes("no notes").is_empty());
+    }
 }
