@@ -520,7 +520,10 @@ mod tests {
         let r = "# B\n<!-- note -->\nfirst\n<!-- /note -->\ntable\n<!-- note -->second<!-- /note -->\n<!-- note -->cut";
         assert_eq!(
             super::notes(r),
-            vec!["<!-- note -->\nfirst\n<!-- /note -->", "<!-- note -->second<!-- /note -->"]
+            vec![
+                "<!-- note -->\nfirst\n<!-- /note -->",
+                "<!-- note -->second<!-- /note -->"
+            ]
         );
         assert!(super::notes("no notes").is_empty());
     }

@@ -577,7 +577,9 @@ One router with {} extra routes (distinct /24s via one nexthop, `[[router.route]
 /// its own (a full report's date is at its top).
 pub fn conns_section(c: &crate::conns::ConnBench, date: Option<&str>) -> String {
     let mut m = String::new();
-    let measured = date.map(|d| format!("Measured {d}, on its own (`--only-conns`). ")).unwrap_or_default();
+    let measured = date
+        .map(|d| format!("Measured {d}, on its own (`--only-conns`). "))
+        .unwrap_or_default();
     let ports = match c.port_range {
         Some((lo, hi)) => { let n = hi as u32 - lo as u32 + 1; format!("The clients' namespaces use an ephemeral range of {n} ports ({lo}–{hi}, `net.ipv4.ip_local_port_range`), so that a port comes back within a fraction of a second, as it does at the default range for any client opening more than about 120 connections a second to one server (`connect()` takes the ports of one parity first, 14 116 of the default 28 232, and conntrack keeps a TIME_WAIT 120 s); before the first round every port has had a connection ({} per path through the kernel, 8 at a time).", 2 * n) }
         None => "The clients' namespaces keep the kernel's default ephemeral range, so whether a port comes back while its previous connection is still in conntrack depends on how many connections the run made to that destination before.".to_string(),

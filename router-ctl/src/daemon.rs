@@ -293,7 +293,11 @@ pub fn run(
     )
     .context("cannot write the pid file")?;
     if let Some(addr) = &metrics {
-        crate::metrics::serve(addr)?;
+        let replica = agent
+            .as_ref()
+            .and_then(|o| o.sync.as_ref())
+            .map(|c| c.counters.clone());
+        crate::metrics::serve(addr, replica)?;
     }
     let api = crate::api::serve(api_group)?;
     if cfg!(mutant = "signals_after_pid_file") {

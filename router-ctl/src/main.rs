@@ -201,6 +201,7 @@ fn run(cli: Cli) -> Result<()> {
                                 key: std::sync::Arc::new(router_ctl::agent::replica::load_key(
                                     &key,
                                 )?),
+                                counters: Default::default(),
                             }),
                             _ => None,
                         },

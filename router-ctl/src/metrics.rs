@@ -1,9 +1,11 @@
 //! Prometheus metrics (`router-ctl run --metrics ADDR`): the fast path's per-router, per-device
-//! counters, read from the maps at each scrape and served as OpenMetrics text on GET /metrics.
+//! counters, read from the maps at each scrape, and an HA agent's connection-state stream
+//! (`--sync-listen`), served as OpenMetrics text on GET /metrics.
 
 use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
     net::{TcpListener, TcpStream},
+    sync::Arc,
     time::Duration,
 };
 
@@ -18,8 +20,11 @@ use crate::{live, state::RouterState};
 
 type Labels = Vec<(String, String)>;
 
-/// The metrics text for every applied router, as of now.
-pub fn render() -> Result<String> {
+/// The agent's connection-state stream, when it runs one.
+pub type Replica = Option<Arc<crate::agent::replica::Counters>>;
+
+/// The metrics text for every applied router, as of now, and for the stream.
+pub fn render(replica: &Replica) -> Result<String> {
     let fwd_pkts = Family::<Labels, Counter>::default();
     let fwd_bytes = Family::<Labels, Counter>::default();
     let pass_pkts = Family::<Labels, Counter>::default();
@@ -127,9 +132,47 @@ pub fn render() -> Result<String> {
         "Packets the fast path forwarded with their source (SNAT) or destination (DNAT) translated, by ingress device",
         nat,
     );
+    if let Some(c) = replica {
+        register_replica(&mut reg, c);
+    }
     let mut out = String::new();
     encode(&mut out, &reg).context("encoding metrics")?;
     Ok(out)
+}
+
+/// The stream's counters (`agent::replica::Counters`), as of now.
+fn register_replica(reg: &mut Registry, c: &crate::agent::replica::Counters) {
+    let get = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+    let entries = Family::<Labels, Counter>::default();
+    for (event, n) in [
+        ("sent", get(&c.sent)),
+        ("installed", get(&c.installed)),
+        ("updated", get(&c.updated)),
+        ("deleted", get(&c.deleted)),
+    ] {
+        entries
+            .get_or_create(&vec![("event".into(), event.into())])
+            .inc_by(n);
+    }
+    reg.register(
+        "replica_entries",
+        "Connection-state entries sent to standbys, and installed, updated or deleted here for HA routers held as standby",
+        entries,
+    );
+    let ignored = Counter::<u64>::default();
+    ignored.inc_by(get(&c.ignored));
+    reg.register(
+        "replica_batches_ignored",
+        "Connection-state batches for a router not held here as a standby (left alone)",
+        ignored,
+    );
+    let ended = Counter::<u64>::default();
+    ended.inc_by(get(&c.ended));
+    reg.register(
+        "replica_streams_ended",
+        "Incoming connection-state streams ended by an error (failed handshakes and frame checks among them)",
+        ended,
+    );
 }
 
 /// Where `--metrics` serves: a bare port is loopback's (counters and device names are for
@@ -147,8 +190,9 @@ pub fn listen_addr(arg: &str) -> Result<std::net::SocketAddr> {
     })
 }
 
-/// Serves /metrics on `addr` (see `listen_addr`) from a thread of its own.
-pub fn serve(addr: &str) -> Result<()> {
+/// Serves /metrics on `addr` (see `listen_addr`) from a thread of its own; `replica`: the
+/// agent's connection-state stream, if it runs one.
+pub fn serve(addr: &str, replica: Replica) -> Result<()> {
     let addr = listen_addr(addr)?;
     let listener =
         TcpListener::bind(addr).with_context(|| format!("cannot listen on {addr} for metrics"))?;
@@ -164,6 +208,7 @@ pub fn serve(addr: &str) -> Result<()> {
             // client that sends nothing, or reads nothing, ties up one of them for 5 s at most.
             static BUSY: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
             for conn in listener.incoming().flatten() {
+                let replica = replica.clone();
                 if BUSY.fetch_add(1, std::sync::atomic::Ordering::SeqCst) >= MAX_CLIENTS {
                     BUSY.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
                     tracing::debug!("too many metrics clients at once; one refused");
@@ -173,8 +218,9 @@ pub fn serve(addr: &str) -> Result<()> {
                     .name("metrics-client".into())
                     .spawn(move || {
                         // A panic ends this answer, never the endpoint.
-                        let r =
-                            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| answer(conn)));
+                        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                            answer(conn, &replica)
+                        }));
                         match r {
                             Ok(Err(e)) => tracing::debug!(error = %e, "metrics request failed"),
                             Err(_) => tracing::error!("metrics answer panicked"),
@@ -195,7 +241,7 @@ const MAX_CLIENTS: usize = 4;
 /// Longest request line read (a GET line is far shorter).
 const MAX_LINE: u64 = 4096;
 
-fn answer(mut conn: TcpStream) -> Result<()> {
+fn answer(mut conn: TcpStream, replica: &Replica) -> Result<()> {
     conn.set_read_timeout(Some(Duration::from_secs(5)))?;
     conn.set_write_timeout(Some(Duration::from_secs(5)))?;
     let mut line = String::new();
@@ -207,7 +253,7 @@ fn answer(mut conn: TcpStream) -> Result<()> {
         Vec::new()
     };
     let (status, ctype, body) = match words[..] {
-        ["GET", "/metrics"] => match render() {
+        ["GET", "/metrics"] => match render(replica) {
             Ok(b) => (
                 "200 OK",
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",
@@ -243,6 +289,35 @@ fn answer(mut conn: TcpStream) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::listen_addr;
+
+    #[test]
+    fn the_connection_state_streams_counters_are_served() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let c = std::sync::Arc::new(crate::agent::replica::Counters::default());
+        c.sent.store(7, Relaxed);
+        c.installed.store(5, Relaxed);
+        c.updated.store(3, Relaxed);
+        c.deleted.store(2, Relaxed);
+        c.ignored.store(11, Relaxed);
+        c.ended.store(13, Relaxed);
+        let mut reg = prometheus_client::registry::Registry::with_prefix("router_xdp");
+        super::register_replica(&mut reg, &c);
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &reg).unwrap();
+        for line in [
+            "router_xdp_replica_entries_total{event=\"sent\"} 7",
+            "router_xdp_replica_entries_total{event=\"installed\"} 5",
+            "router_xdp_replica_entries_total{event=\"updated\"} 3",
+            "router_xdp_replica_entries_total{event=\"deleted\"} 2",
+            "router_xdp_replica_batches_ignored_total 11",
+            "router_xdp_replica_streams_ended_total 13",
+        ] {
+            assert!(
+                out.lines().any(|l| l == line),
+                "{line} missing from:\n{out}"
+            );
+        }
+    }
 
     #[test]
     fn a_bare_port_is_loopback_and_host_names_are_refused() {

@@ -44,6 +44,8 @@ pub const GW_IP: &str = "192.168.1.10";
 pub const FIP_VM3: &str = "192.168.1.20";
 pub const OUTSIDE: &str = "203.0.113.5";
 pub const ETCD: &str = "http://10.254.0.1:2379";
+/// Where syncing agents serve their metrics, on each host namespace's loopback.
+pub const AGENT_METRICS_PORT: u16 = 9470;
 
 pub struct Cluster {
     pub tag: String,
@@ -486,8 +488,24 @@ impl Cluster {
                 &listen,
                 "--sync-key",
                 key.to_str().unwrap(),
+                "--metrics",
+                &AGENT_METRICS_PORT.to_string(),
             ],
         );
+    }
+
+    /// The value of metric `series` (name and labels, as served) that the syncing agent of host
+    /// `i` serves on its namespace's loopback; None if it does not serve it.
+    pub fn agent_metric(&self, i: usize, series: &str) -> Option<u64> {
+        let series = format!("{series} ");
+        let text = crate::topo::in_ns(&self.hosts[i].ns, || {
+            crate::http_get(&format!("127.0.0.1:{AGENT_METRICS_PORT}"), "/metrics")
+        })
+        .join()
+        .ok()??;
+        text.lines()
+            .find_map(|l| l.strip_prefix(series.as_str()))
+            .and_then(|v| v.trim().parse().ok())
     }
 
     /// Two hosts with their agents (replicating connection state when `sync`), the seed

@@ -1415,6 +1415,21 @@ fn connections_survive(what: &str, fail: impl FnOnce(&mut Cluster, usize)) {
         "the standby held all {} connections as the active did {lag:?} after they were opened",
         STREAMS + 2,
     );
+    // The stream's counters, as an operator scrapes them: entries sent by the active,
+    // installed by the standby; nothing refused.
+    let metric = |i: usize, series: &str| c.agent_metric(i, series).unwrap_or(0);
+    let entries = |event: &str| format!("router_xdp_replica_entries_total{{event=\"{event}\"}}");
+    let (sent, installed) = (
+        metric(active, &entries("sent")),
+        metric(standby, &entries("installed")),
+    );
+    eprintln!("metrics: the active sent {sent} entries, the standby installed {installed}");
+    assert!(
+        sent >= STREAMS as u64 + 2 && installed >= STREAMS as u64 + 2,
+        "the stream's metrics do not show the {} connections: sent {sent}, installed {installed}",
+        STREAMS + 2
+    );
+    assert_eq!(metric(standby, "router_xdp_replica_streams_ended_total"), 0);
     std::thread::sleep(Duration::from_secs(3).saturating_sub(opened.elapsed()));
     let killed = Instant::now();
     fail(&mut c, active);

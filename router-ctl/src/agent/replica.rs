@@ -51,11 +51,12 @@ const ENTRIES_PER_FRAME: usize = 20_000;
 /// Standbys served at once at most.
 const MAX_PEERS: usize = 32;
 
-/// `--sync-listen` and `--sync-key`.
+/// `--sync-listen` and `--sync-key`, and the stream's counters (shared with `--metrics`).
 #[derive(Clone)]
 pub struct Config {
     pub listen: SocketAddr,
     pub key: Arc<hmac::Key>,
+    pub counters: Arc<Counters>,
 }
 
 impl std::fmt::Debug for Config {
@@ -98,14 +99,21 @@ struct Batch {
     gone: Vec<Tuple>,
 }
 
-/// Counters, for the figures and the tests.
-#[derive(Default)]
+/// What the stream did since the agent started, served by `--metrics`.
+#[derive(Default, Debug)]
 pub struct Counters {
+    /// Entries sent to standbys (changed or new, and gone).
     pub sent: AtomicU64,
+    /// Entries created in this host's kernel for a router it holds as a standby.
     pub installed: AtomicU64,
+    /// Entries this host's kernel held already, given the active's state.
     pub updated: AtomicU64,
+    /// Entries deleted because they ended on the active host.
     pub deleted: AtomicU64,
-    pub refused: AtomicU64,
+    /// Batches for a router this host does not hold as a standby (left alone).
+    pub ignored: AtomicU64,
+    /// Incoming streams ended by an error (a failed handshake or frame check among them).
+    pub ended: AtomicU64,
 }
 
 fn nonce() -> Result<[u8; 16]> {
@@ -244,13 +252,12 @@ fn accept(s: &mut TcpStream, key: &hmac::Key) -> Result<(String, Session)> {
 }
 
 /// Serves standbys' side: installs what active hosts send for routers held here as a standby.
-pub fn serve(cfg: Config, shared: Arc<Shared>, stop: Arc<AtomicBool>) -> Result<Arc<Counters>> {
+pub fn serve(cfg: Config, shared: Arc<Shared>, stop: Arc<AtomicBool>) -> Result<()> {
     let listener = TcpListener::bind(cfg.listen)
         .with_context(|| format!("cannot listen for connection state on {}", cfg.listen))?;
     listener.set_nonblocking(true)?;
     tracing::info!(listen = %cfg.listen, "receiving connection state for standby routers");
-    let counters = Arc::new(Counters::default());
-    let c = counters.clone();
+    let c = cfg.counters.clone();
     let open = Arc::new(AtomicU64::new(0));
     std::thread::Builder::new()
         .name("sync-listen".into())
@@ -287,13 +294,13 @@ pub fn serve(cfg: Config, shared: Arc<Shared>, stop: Arc<AtomicBool>) -> Result<
                         let r = receive(&mut conn, &key, &shared, &c, &stop);
                         open.fetch_sub(1, Ordering::SeqCst);
                         if let Err(e) = r {
-                            c.refused.fetch_add(1, Ordering::Relaxed);
+                            c.ended.fetch_add(1, Ordering::Relaxed);
                             tracing::info!(%from, error = format!("{e:#}"), "sync connection ended");
                         }
                     });
             }
         })?;
-    Ok(counters)
+    Ok(())
 }
 
 fn receive(
@@ -314,7 +321,7 @@ fn receive(
             && !want.active.contains(&batch.router);
         if !standby_here {
             // Not a router held here as a standby (any more): its own kernel is the authority.
-            c.refused.fetch_add(1, Ordering::Relaxed);
+            c.ignored.fetch_add(1, Ordering::Relaxed);
             continue;
         }
         let Some(st) = RouterState::load(&batch.router).ok().flatten() else {

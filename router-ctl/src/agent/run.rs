@@ -79,7 +79,8 @@ pub fn start(opts: Options) -> Result<Agent> {
         .spawn(move || applier::run(s, limits, move |r| drop(tx.send(r))))?;
     let sync_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     if let Some(cfg) = &opts.sync {
-        let counters = super::replica::serve(cfg.clone(), shared.clone(), sync_stop.clone())?;
+        super::replica::serve(cfg.clone(), shared.clone(), sync_stop.clone())?;
+        let counters = cfg.counters.clone();
         let (key, host, s, st) = (
             cfg.key.clone(),
             opts.host.clone(),
