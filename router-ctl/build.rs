@@ -78,6 +78,7 @@ const CTL_MUTANTS: &[&str] = &[
     "replica_not_sent",
     "replica_unauthenticated",
     "replica_untranslated",
+    "replica_uncounted",
     "wrong_level_order",
     "no_quarantine",
     "stale_table_kept",

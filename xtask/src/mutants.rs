@@ -223,6 +223,14 @@ pub const MUTANTS: &[Mutant] = &[
         ],
     },
     Mutant {
+        name: "replica_uncounted",
+        fault: "a standby installs connection state without counting it in its metrics",
+        tests: &[(
+            "ha",
+            "connections_through_snat_and_a_floating_ip_survive_a_failover",
+        )],
+    },
+    Mutant {
         name: "replica_unauthenticated",
         fault: "the connection-state stream accepts peers and frames without checking their HMAC",
         tests: &[(

@@ -346,7 +346,9 @@ fn receive(
             }
             Ok((new, upd, del))
         })?;
-        c.installed.fetch_add(counts.0, Ordering::Relaxed);
+        if !cfg!(mutant = "replica_uncounted") {
+            c.installed.fetch_add(counts.0, Ordering::Relaxed);
+        }
         c.updated.fetch_add(counts.1, Ordering::Relaxed);
         c.deleted.fetch_add(counts.2, Ordering::Relaxed);
     }
