@@ -79,6 +79,8 @@ const CTL_MUTANTS: &[&str] = &[
     "replica_unauthenticated",
     "replica_untranslated",
     "replica_uncounted",
+    "replica_clash_kept",
+    "replica_table_frozen",
     "wrong_level_order",
     "no_quarantine",
     "stale_table_kept",

@@ -235,6 +235,10 @@ pub struct SyncFigures {
     pub rate_with: Summary,
     pub rate_without: Summary,
     pub ratios: Summary,
+    /// CPU time of the active host's agent during the rate measurement, ms per second, with
+    /// replication and without.
+    pub cpu_with: Summary,
+    pub cpu_without: Summary,
     /// Rounds (with replication) in which the connection opened `LATE_MS[k]` before the kill
     /// survived.
     pub late_survived: [usize; LATE_MS.len()],
@@ -383,6 +387,23 @@ fn conn_rate(c: &Cluster, secs: f64) -> f64 {
                 while t0.elapsed().as_secs_f64() < secs {
                     if let Ok(mut s) = std::net::TcpStream::connect(&to) {
                         let _ = s.write_all(b"x");
+                        // Closed with a reset: a client in TIME_WAIT would run out of ports
+                        // (28 232 per minute) within seconds, and fail the next rounds too.
+                        let linger = libc::linger {
+                            l_onoff: 1,
+                            l_linger: 0,
+                        };
+                        // SAFETY: setsockopt on an open socket with a value of the right size.
+                        unsafe {
+                            use std::os::fd::AsRawFd as _;
+                            libc::setsockopt(
+                                s.as_raw_fd(),
+                                libc::SOL_SOCKET,
+                                libc::SO_LINGER,
+                                &linger as *const libc::linger as *const libc::c_void,
+                                std::mem::size_of::<libc::linger>() as libc::socklen_t,
+                            );
+                        }
                         n += 1;
                     }
                 }
@@ -508,26 +529,42 @@ pub fn sync_run(runs: usize, n: usize) -> Result<SyncFigures> {
         rate_with: Summary::default(),
         rate_without: Summary::default(),
         ratios: Summary::default(),
+        cpu_with: Summary::default(),
+        cpu_without: Summary::default(),
         late_survived: [0; LATE_MS.len()],
         rounds: runs,
     };
     let (mut lags, mut with, mut without, mut ratios) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut cpu_with, mut cpu_without) = (Vec::new(), Vec::new());
+    // The rate over 5 s, and what the active agent's process spent meanwhile (ms per s).
+    let rate_and_cpu = |c: &Cluster, active: usize| {
+        let pid = c.agent_pid(active);
+        let (t0, cpu0) = (Instant::now(), pid.and_then(cpu_ms));
+        let r = conn_rate(c, 5.0);
+        let cpu = match (cpu0, pid.and_then(cpu_ms)) {
+            (Some(a), Some(b)) => (b - a) / t0.elapsed().as_secs_f64(),
+            _ => f64::NAN,
+        };
+        (r, cpu)
+    };
     for round in 0..runs {
         let active = agents(&mut c, false)?;
         // Settled (the applies, the announcements) before anything is measured.
         std::thread::sleep(Duration::from_secs(2));
-        let r0 = conn_rate(&c, 5.0);
+        let (r0, u0) = rate_and_cpu(&c, active);
         let (s0, _, _) = failover_round(&mut c, active, n, false)?;
         let active = agents(&mut c, true)?;
         std::thread::sleep(Duration::from_secs(2));
-        let r1 = conn_rate(&c, 5.0);
+        let (r1, u1) = rate_and_cpu(&c, active);
+        cpu_with.push(u1);
+        cpu_without.push(u0);
         let (s1, lag, late) = failover_round(&mut c, active, n, true)?;
         for (k, ok) in late.iter().enumerate() {
             f.late_survived[k] += *ok as usize;
         }
         eprintln!(
-            "ha-sync: round {round}: survived {s1}/{n} with replication (standby had them {lag:.0} ms after they were started), {s0}/{n} without; new connections/s {r1:.0} with, {r0:.0} without"
+            "ha-sync: round {round}: survived {s1}/{n} with replication (standby had them {lag:.0} ms after they were started), {s0}/{n} without; new connections/s {r1:.0} with, {r0:.0} without; the active agent's CPU meanwhile {u1:.1} ms/s with, {u0:.1} without"
         );
         f.survived_with.push(s1);
         f.survived_without.push(s0);
@@ -540,14 +577,29 @@ pub fn sync_run(runs: usize, n: usize) -> Result<SyncFigures> {
     f.rate_with = summarize(&with);
     f.rate_without = summarize(&without);
     f.ratios = summarize(&ratios);
+    f.cpu_with = summarize(&cpu_with);
+    f.cpu_without = summarize(&cpu_without);
     Ok(f)
+}
+
+/// CPU time process `pid` has used (user and system, all its threads), ms.
+fn cpu_ms(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The fields after the command (which may hold spaces) in its parentheses.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime: fields 14 and 15 of the line, 12 and 13 after the command.
+    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    // SAFETY: sysconf without side effects.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Some(ticks * 1000.0 / hz)
 }
 
 /// The section of BENCHMARKS.md.
 pub fn sync_markdown(f: &SyncFigures, date: &str) -> String {
     let mut s = String::new();
     s += "<!-- ha-sync -->\n## HA failover with connection state (issue 26)\n\n";
-    s += &format!("Measured {date} on this machine: two agents (`tests::cluster`), an HA router with its external gateway (SNAT); per round, agents without replication then with it (`--sync-listen`/`--sync-key`), each time: 2 s to settle, then new TCP connections per second through SNAT for 5 s (two clients, connect + 1 byte + close), then {} long-lived TCP connections through SNAT (64 bytes every 100 ms), the active agent killed with -9 2 s after they opened, the connections closed 2 s after the standby took over. A connection survived when neither side saw an error and every byte arrived.\n\n", f.conns);
+    s += &format!("Measured {date} on this machine: two agents (`tests::cluster`), an HA router with its external gateway (SNAT); per round, agents without replication then with it (`--sync-listen`/`--sync-key`), each time: 2 s to settle, then new TCP connections per second through SNAT for 5 s (two clients, connect + 1 byte + reset), then {} long-lived TCP connections through SNAT (64 bytes every 100 ms), the active agent killed with -9 2 s after they opened, the connections closed 2 s after the standby took over. A connection survived when neither side saw an error and every byte arrived.\n\n", f.conns);
     s += "| figure | with replication | without (keepalived alone keeps none either) |\n|---|---|---|\n";
     let list = |v: &[usize]| {
         v.iter()
@@ -574,6 +626,11 @@ pub fn sync_markdown(f: &SyncFigures, date: &str) -> String {
         "| ratio with / without, same round | {} | |\n",
         f.ratios.fmt(2)
     );
+    s += &format!(
+        "| CPU of the active host's agent during those 5 s (user + system, ms per s) | {} | {} |\n",
+        f.cpu_with.fmt(1),
+        f.cpu_without.fmt(1)
+    );
     let late: Vec<String> = LATE_MS
         .iter()
         .zip(f.late_survived)
@@ -583,7 +640,7 @@ pub fn sync_markdown(f: &SyncFigures, date: &str) -> String {
         "| a connection opened shortly before the kill: rounds it survived, by how long before | {} | — |\n",
         late.join(", ")
     );
-    s += &format!("\nThe connection rates spread {:.1}× (with) and {:.1}× (without) between rounds on this two-vCPU machine, where the clients, the server, both agents and both hosts' kernels share the CPUs; the per-round ratio's median is the figure to read, and its spread says how little one round tells. With replication the active host's agent reads the router's whole conntrack table every 200 ms: the connections the rate measurement opens leave thousands of TIME_WAIT entries (about 2 minutes each), which every read walks and the agent parses, so its cost grows with the table, not with the changes.\n", f.rate_with.max / f.rate_with.min.max(1.0), f.rate_without.max / f.rate_without.min.max(1.0));
-    s += "\nThe lag is bounded by the sync period (200 ms: a table read and a difference sent per HA router the host leads) plus the install on the standby; a connection opened within that time before the active host dies is not on the standby yet.\n<!-- /ha-sync -->\n";
+    s += &format!("\nThe connection rates spread {:.1}× (with) and {:.1}× (without) between rounds on this two-vCPU machine, where the clients, the server, both agents and both hosts' kernels share the CPUs; the per-round ratio's median is the figure to read, and its spread says how little one round tells. With replication the active host's agent keeps the router's table from conntrack's events (the rate measurement makes a few events per connection) and reads it whole every 10 s (a whole read walks every bucket of the host's conntrack hash: about 5 ms however few entries the router has).\n", f.rate_with.max / f.rate_with.min.max(1.0), f.rate_without.max / f.rate_without.min.max(1.0));
+    s += "\nThe lag is bounded by the sync period (200 ms: what changed since, per HA router the host leads) plus the install on the standby; a connection opened within that time before the active host dies is not on the standby yet.\n<!-- /ha-sync -->\n";
     s
 }

@@ -149,6 +149,7 @@ fn register_replica(reg: &mut Registry, c: &crate::agent::replica::Counters) {
         ("installed", get(&c.installed)),
         ("updated", get(&c.updated)),
         ("deleted", get(&c.deleted)),
+        ("failed", get(&c.failed)),
     ] {
         entries
             .get_or_create(&vec![("event".into(), event.into())])
@@ -156,7 +157,7 @@ fn register_replica(reg: &mut Registry, c: &crate::agent::replica::Counters) {
     }
     reg.register(
         "replica_entries",
-        "Connection-state entries sent to standbys, and installed, updated or deleted here for HA routers held as standby",
+        "Connection-state entries sent to standbys, and installed, updated, deleted or refused by the kernel here for HA routers held as standby",
         entries,
     );
     let ignored = Counter::<u64>::default();
@@ -298,6 +299,7 @@ mod tests {
         c.installed.store(5, Relaxed);
         c.updated.store(3, Relaxed);
         c.deleted.store(2, Relaxed);
+        c.failed.store(1, Relaxed);
         c.ignored.store(11, Relaxed);
         c.ended.store(13, Relaxed);
         let mut reg = prometheus_client::registry::Registry::with_prefix("router_xdp");
@@ -309,6 +311,7 @@ mod tests {
             "router_xdp_replica_entries_total{event=\"installed\"} 5",
             "router_xdp_replica_entries_total{event=\"updated\"} 3",
             "router_xdp_replica_entries_total{event=\"deleted\"} 2",
+            "router_xdp_replica_entries_total{event=\"failed\"} 1",
             "router_xdp_replica_batches_ignored_total 11",
             "router_xdp_replica_streams_ended_total 13",
         ] {

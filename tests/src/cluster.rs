@@ -529,6 +529,11 @@ impl Cluster {
     }
 
     /// kill -9 of host i's agent (its fencer lives on, as it would on a real host).
+    /// The process id of host `i`'s agent, while it runs.
+    pub fn agent_pid(&self, i: usize) -> Option<u32> {
+        self.hosts[i].agent.as_ref().map(|c| c.id())
+    }
+
     pub fn kill_agent(&mut self, i: usize) {
         if let Some(mut c) = self.hosts[i].agent.take() {
             let _ = c.kill();

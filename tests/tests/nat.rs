@@ -1615,4 +1615,44 @@ fn a_connection_installed_from_a_dump_keeps_its_translation_state_and_mark() {
         (back.orig, back.reply, back.mark),
         (udp.orig, udp.reply, udp.mark)
     );
+    // Entries in the way on a standby: one holding the translated tuple for another client
+    // port (what it kept from when it forwarded itself, or an end not told yet), then the same
+    // original tuple translated otherwise. The installed flow is the authority both times.
+    let mut stale = f.clone();
+    stale.orig.sport = f.orig.sport.wrapping_add(1);
+    let (g, st) = (f.clone(), stale.clone());
+    let (first, second) = in_ns(&n, move || {
+        let mut ct = Conntrack::open(0).unwrap();
+        let first = ct.install(&st).unwrap();
+        (first, ct.install(&g).unwrap())
+    })
+    .join()
+    .unwrap();
+    assert!(first && second, "both created");
+    let tcp = |d: Vec<conntrack::Flow>| -> Vec<conntrack::Flow> {
+        d.into_iter()
+            .filter(|x| x.orig.proto == conntrack::IPPROTO_TCP && x.orig.dst == f.orig.dst)
+            .collect()
+    };
+    let now = tcp(dump(&n));
+    assert_eq!(
+        now.iter().map(|x| (x.orig, x.reply)).collect::<Vec<_>>(),
+        vec![(f.orig, f.reply)],
+        "the entry in the way was replaced by the installed one"
+    );
+    let mut moved = f.clone();
+    moved.reply.dport = f.reply.dport.wrapping_add(1);
+    let m = moved.clone();
+    assert!(
+        in_ns(&n, move || Conntrack::open(0).unwrap().install(&m).unwrap())
+            .join()
+            .unwrap(),
+        "created again with its own translation"
+    );
+    let now = tcp(dump(&n));
+    assert_eq!(
+        now.iter().map(|x| (x.orig, x.reply)).collect::<Vec<_>>(),
+        vec![(moved.orig, moved.reply)],
+        "the same original tuple, translated as the installed flow says"
+    );
 }

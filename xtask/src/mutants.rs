@@ -231,6 +231,22 @@ pub const MUTANTS: &[Mutant] = &[
         )],
     },
     Mutant {
+        name: "replica_table_frozen",
+        fault: "the active host's agent reads an HA router's table once and never again (events ignored, no whole reads)",
+        tests: &[(
+            "ha",
+            "connections_through_snat_and_a_floating_ip_survive_a_failover",
+        )],
+    },
+    Mutant {
+        name: "replica_clash_kept",
+        fault: "a standby keeps an entry in the way of an installed connection (the translated tuple held by another, or the same tuple translated otherwise)",
+        tests: &[(
+            "nat",
+            "a_connection_installed_from_a_dump_keeps_its_translation_state_and_mark",
+        )],
+    },
+    Mutant {
         name: "replica_unauthenticated",
         fault: "the connection-state stream accepts peers and frames without checking their HMAC",
         tests: &[(

@@ -15,6 +15,17 @@
 //! What goes: every confirmed TCP and UDP entry of the namespace (TCP in TIME_WAIT or CLOSE
 //! excepted), as changes every `PERIOD`, all of them again every `FULL_EVERY` (seconds left
 //! refreshed) and on every new connection; entries that went are deleted on the standby.
+//!
+//! Where the active host's agent gets the table: a `Mirror` per router, read whole from the
+//! kernel every `FULL_EVERY` and kept current in between from conntrack's events (a socket
+//! opened once in the namespace), each of which only names an entry to look up. Reading a
+//! table whole walks every bucket of the host's conntrack hash, whatever few entries the
+//! router has (about 5 ms at 262 144 buckets): every `PERIOD` that would be a core's worth at
+//! about forty HA routers.
+//!
+//! On the standby, a batch's ends are applied before its new entries, and an entry in the way
+//! of one (the translated tuple still held by an ended connection, or kept from when this
+//! host forwarded itself) is deleted: the active host is the authority.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -110,6 +121,8 @@ pub struct Counters {
     pub updated: AtomicU64,
     /// Entries deleted because they ended on the active host.
     pub deleted: AtomicU64,
+    /// Entries the kernel here refused to create (connections a failover to this host loses).
+    pub failed: AtomicU64,
     /// Batches for a router this host does not hold as a standby (left alone).
     pub ignored: AtomicU64,
     /// Incoming streams ended by an error (a failed handshake or frame check among them).
@@ -330,27 +343,34 @@ fn receive(
         let (put, gone) = (batch.put, batch.gone);
         let counts = netns::run_in(&st.namespace, move || {
             let mut ct = Conntrack::open(0)?;
-            let (mut new, mut upd, mut del) = (0u64, 0u64, 0u64);
+            let (mut new, mut upd, mut del, mut failed) = (0u64, 0u64, 0u64, 0u64);
+            // Ends first: a connection that ended there may hold the translated tuple a new
+            // one in the same batch was given.
+            for t in &gone {
+                ct.delete(t)?;
+                del += 1;
+            }
             for f in put.iter().filter(|f| replicated(f)) {
                 match ct.install(f) {
                     Ok(true) => new += 1,
                     Ok(false) => upd += 1,
                     Err(e) => {
-                        tracing::debug!(flow = ?f.orig, error = format!("{e:#}"), "cannot install a flow")
+                        // A connection that will not survive a failover to this host.
+                        if failed < 3 {
+                            tracing::info!(flow = ?f.orig, reply = ?f.reply, error = format!("{e:#}"), "cannot install a connection from the active host");
+                        }
+                        failed += 1;
                     }
                 }
             }
-            for t in &gone {
-                ct.delete(t)?;
-                del += 1;
-            }
-            Ok((new, upd, del))
+            Ok((new, upd, del, failed))
         })?;
         if !cfg!(mutant = "replica_uncounted") {
             c.installed.fetch_add(counts.0, Ordering::Relaxed);
         }
         c.updated.fetch_add(counts.1, Ordering::Relaxed);
         c.deleted.fetch_add(counts.2, Ordering::Relaxed);
+        c.failed.fetch_add(counts.3, Ordering::Relaxed);
     }
     Ok(())
 }
@@ -393,6 +413,7 @@ pub fn send_loop(
     counters: Arc<Counters>,
 ) {
     let mut links: BTreeMap<SocketAddr, Link> = BTreeMap::new();
+    let mut mirrors = Mirrors::default();
     while !stop.load(Ordering::SeqCst) {
         let t0 = Instant::now();
         let want = shared.current();
@@ -405,7 +426,14 @@ pub fn send_loop(
             }
         }
         links.retain(|a, _| wanted.contains_key(a));
-        let mut tables: BTreeMap<String, Option<Vec<Flow>>> = BTreeMap::new();
+        // Every led router's table, whether or not its standbys can be reached now: the
+        // events must not pile up.
+        let led: std::collections::BTreeSet<&String> = wanted.values().flatten().collect();
+        mirrors.keep(&led);
+        let mut tables: BTreeMap<String, Option<Vec<Flow>>> = led
+            .iter()
+            .map(|id| (id.to_string(), mirrors.table(id)))
+            .collect();
         for (addr, ids) in wanted {
             let link = links.entry(addr).or_default();
             if let Err(e) = send_to(link, addr, &ids, &key, &host, &mut tables, &counters) {
@@ -451,11 +479,7 @@ fn send_to(
         bail!("not connected");
     };
     for id in ids {
-        let flows = tables
-            .entry(id.clone())
-            .or_insert_with(|| table(id))
-            .as_ref();
-        let Some(flows) = flows else {
+        let Some(Some(flows)) = tables.get(id) else {
             continue;
         };
         let sent = link.sent.entry(id.clone()).or_default();
@@ -506,15 +530,142 @@ fn chunks(b: Batch) -> Vec<Batch> {
     out
 }
 
-/// Router `id`'s conntrack table here; None when it cannot be read (logged).
-fn table(id: &str) -> Option<Vec<Flow>> {
-    let st = RouterState::load(id).ok().flatten()?;
-    match netns::run_in(&st.namespace, || Conntrack::open(0)?.dump()) {
-        Ok(v) => Some(v),
-        Err(e) => {
-            tracing::warn!(router = %id, error = format!("{e:#}"), "cannot read the router's connections");
-            None
+/// One led HA router's replicated conntrack entries as the sender knows them (see the
+/// module's notes). Events only name the entries that changed: each is then asked of the
+/// kernel (a lookup by its original tuple), so the table holds what the kernel holds at that
+/// moment, whatever order events arrive in (the end of an older connection with the same
+/// tuples, told late, or an update of it racing a newer one's creation, change nothing).
+struct Mirror {
+    namespace: String,
+    /// The namespace's identity when the sockets were opened: one deleted and made again
+    /// under the same name gets new sockets.
+    ident: (u64, u64),
+    /// Subscribed to new, changed and destroyed entries.
+    events: Conntrack,
+    /// For whole reads and lookups (their answers must not mix with events).
+    reader: Conntrack,
+    /// The replicated entries (`replicated`), by original tuple.
+    flows: HashMap<Tuple, Flow>,
+    /// When the table was last read whole; None: due (at the start, after lost events).
+    read_at: Option<Instant>,
+    /// The namespace's conntrack sends events (`net.netfilter.nf_conntrack_events` not 0);
+    /// without them the table is read whole every `PERIOD`.
+    events_on: bool,
+}
+
+impl Mirror {
+    fn open(id: &str) -> Result<Mirror> {
+        let st =
+            RouterState::load(id)?.with_context(|| format!("router {id} has no state here"))?;
+        let ident = netns::ident(&st.namespace)?;
+        let (events, reader, events_on) = netns::run_in(&st.namespace, || {
+            let on = std::fs::read_to_string("/proc/sys/net/netfilter/nf_conntrack_events")
+                .map(|v| v.trim() != "0")
+                .unwrap_or(false);
+            Ok((Conntrack::open(Conntrack::EVENTS)?, Conntrack::open(0)?, on))
+        })?;
+        if !events_on {
+            tracing::info!(router = %id, namespace = %st.namespace, "conntrack events are off in the namespace: its table is read whole every {PERIOD:?}");
         }
+        Ok(Mirror {
+            namespace: st.namespace,
+            ident,
+            events,
+            reader,
+            flows: HashMap::new(),
+            read_at: None,
+            events_on,
+        })
+    }
+
+    /// Brings the table up to date: the entries events named since the last call, asked of
+    /// the kernel, or a whole read when one is due or events were lost.
+    fn update(&mut self) -> Result<()> {
+        match self.events.events() {
+            Ok(evs) if self.read_at.is_some() => {
+                for t in self.to_ask(&evs) {
+                    match self.reader.get(&t, false)? {
+                        Some(f) if replicated(&f) => {
+                            self.flows.insert(t, f);
+                        }
+                        _ => {
+                            self.flows.remove(&t);
+                        }
+                    }
+                }
+            }
+            // A whole read is due anyway: what events said is older than it.
+            Ok(_) => {}
+            Err(e) => {
+                tracing::debug!(namespace = %self.namespace, error = %e, "conntrack events lost; reading the table whole");
+                self.read_at = None;
+            }
+        }
+        let due = !self.events_on || self.read_at.is_none_or(|t| t.elapsed() >= FULL_EVERY);
+        if due && !(cfg!(mutant = "replica_table_frozen") && self.read_at.is_some()) {
+            // Events queued before the read are older than what it returns.
+            let _ = self.events.events();
+            self.flows = self
+                .reader
+                .dump()?
+                .into_iter()
+                .filter(replicated)
+                .map(|f| (f.orig, f))
+                .collect();
+            self.read_at = Some(Instant::now());
+        }
+        Ok(())
+    }
+
+    /// The original tuples to ask the kernel about after `evs`: those held now (they may have
+    /// changed or gone), and those an event showed in a state that is replicated. A
+    /// connection that opened and ended between two calls and was never held is not asked.
+    fn to_ask(&self, evs: &[conntrack::Event]) -> std::collections::BTreeSet<Tuple> {
+        evs.iter()
+            .filter(|e| {
+                !cfg!(mutant = "replica_table_frozen")
+                    && (self.flows.contains_key(&e.flow.orig) || (!e.gone && replicated(&e.flow)))
+            })
+            .map(|e| e.flow.orig)
+            .collect()
+    }
+}
+
+/// The mirrors of the routers whose tables are sent.
+#[derive(Default)]
+struct Mirrors(BTreeMap<String, Mirror>);
+
+impl Mirrors {
+    /// Router `id`'s entries now, or None (cannot be read: logged).
+    fn table(&mut self, id: &str) -> Option<Vec<Flow>> {
+        if let Some(m) = self.0.get(id) {
+            if netns::ident(&m.namespace).ok() != Some(m.ident) {
+                self.0.remove(id);
+            }
+        }
+        if !self.0.contains_key(id) {
+            match Mirror::open(id) {
+                Ok(m) => {
+                    self.0.insert(id.to_string(), m);
+                }
+                Err(e) => {
+                    tracing::warn!(router = %id, error = format!("{e:#}"), "cannot read the router's connections");
+                    return None;
+                }
+            }
+        }
+        let m = self.0.get_mut(id)?;
+        if let Err(e) = m.update() {
+            tracing::warn!(router = %id, error = format!("{e:#}"), "cannot read the router's connections");
+            self.0.remove(id);
+            return None;
+        }
+        Some(m.flows.values().cloned().collect())
+    }
+
+    /// Closes the mirrors of routers no longer sent.
+    fn keep(&mut self, ids: &std::collections::BTreeSet<&String>) {
+        self.0.retain(|id, _| ids.contains(id));
     }
 }
 

@@ -127,6 +127,30 @@ impl Conntrack {
         Ok(Conntrack { fd, seq: 0 })
     }
 
+    /// The event groups of new, changed and destroyed entries (`NFNLGRP_CONNTRACK_NEW`,
+    /// `_UPDATE`, `_DESTROY`), for `open`.
+    pub const EVENTS: u32 = 0b111;
+
+    /// The events received since the last call, in order, without waiting. An error (ENOBUFS)
+    /// means events were lost: the table must be read whole again.
+    pub fn events(&self) -> io::Result<Vec<Event>> {
+        let mut out = Vec::new();
+        super::netdev::drain(self.fd.as_raw_fd(), |d| {
+            for (t, payload) in super::netdev::messages(d) {
+                if t >> 8 != NFNL_SUBSYS_CTNETLINK {
+                    continue;
+                }
+                if let Some(flow) = flow_of(payload) {
+                    out.push(Event {
+                        flow,
+                        gone: t & 0xff == IPCTNL_MSG_CT_DELETE,
+                    });
+                }
+            }
+        })?;
+        Ok(out)
+    }
+
     /// Every IPv4 flow of the namespace.
     pub fn dump(&mut self) -> Result<Vec<Flow>> {
         let replies = self.request(IPCTNL_MSG_CT_GET, NLM_F_REQUEST | NLM_F_DUMP, &[])?;
@@ -146,10 +170,44 @@ impl Conntrack {
     /// Creates `f` in this namespace's table as another host's table holds it: the same
     /// original tuple, the same translation (so the reply tuple comes out equal), TCP state,
     /// mark and seconds left, with window tracking liberal (no history here). A flow that
-    /// exists already gets its state, mark and timeout from `f` instead. Returns true when it
-    /// was created.
+    /// exists already with the same translation gets its state, mark and timeout from `f`
+    /// instead. `f` is the authority: an entry here in its way (the same original tuple with
+    /// another translation, or another connection holding the translated tuple: what this
+    /// namespace kept from when it forwarded itself, or an end not told yet) is deleted first.
+    /// Returns true when it was created.
     pub fn install(&mut self, f: &Flow) -> Result<bool> {
-        let timeout = f.timeout.unwrap_or(0).max(1);
+        match self.install_once(f) {
+            Err(e) if is_errno(&e, libc::EEXIST) && !cfg!(mutant = "replica_clash_kept") => {
+                // What stands in the way: the original tuple translated otherwise, or the
+                // translated tuple held by another entry.
+                if let Some(old) = self.get(&f.orig, false)? {
+                    if old.reply == f.reply {
+                        return self.update(f).map(|()| false);
+                    }
+                    self.delete(&old.orig)?;
+                }
+                if let Some(old) = self.get(&f.reply, true)? {
+                    self.delete(&old.orig)?;
+                }
+                self.install_once(f)
+                    .with_context(|| format!("cannot create the flow {:?}", f.orig))
+            }
+            r => r.with_context(|| format!("cannot create the flow {:?}", f.orig)),
+        }
+    }
+
+    /// Gives the existing entry of `f.orig` `f`'s TCP state, mark and seconds left.
+    fn update(&mut self, f: &Flow) -> Result<()> {
+        let mut attrs = Vec::new();
+        put_tuple(&mut attrs, CTA_TUPLE_ORIG, &f.orig);
+        attrs.extend_from_slice(&install_common(f));
+        self.request(IPCTNL_MSG_CT_NEW, NLM_F_REQUEST | NLM_F_ACK, &attrs)
+            .with_context(|| format!("cannot update the flow {:?}", f.orig))?;
+        self.assure(f)
+    }
+
+    /// One create of `f` (EEXIST when something is in its way); then its status bits.
+    fn install_once(&mut self, f: &Flow) -> Result<bool> {
         let mut attrs = Vec::new();
         put_tuple(&mut attrs, CTA_TUPLE_ORIG, &f.orig);
         // The reply tuple before translation; the NAT attributes below make the kernel
@@ -190,37 +248,16 @@ impl Conntrack {
             );
         }
 
-        let mut common = Vec::new();
-        put_attr(&mut common, CTA_TIMEOUT, &timeout.to_be_bytes());
-        put_attr(&mut common, CTA_MARK, &f.mark.to_be_bytes());
-        if let (IPPROTO_TCP, Some(state)) = (f.orig.proto, f.tcp_state) {
-            let mut tcp = Vec::new();
-            put_attr(&mut tcp, CTA_PROTOINFO_TCP_STATE, &[state]);
-            let liberal = [TCP_FLAG_BE_LIBERAL, TCP_FLAG_BE_LIBERAL];
-            put_attr(&mut tcp, CTA_PROTOINFO_TCP_FLAGS_ORIGINAL, &liberal);
-            put_attr(&mut tcp, CTA_PROTOINFO_TCP_FLAGS_REPLY, &liberal);
-            let mut info = Vec::new();
-            put_attr(&mut info, CTA_PROTOINFO_TCP | NLA_F_NESTED, &tcp);
-            put_attr(&mut common, CTA_PROTOINFO | NLA_F_NESTED, &info);
-        }
-        attrs.extend_from_slice(&common);
+        attrs.extend_from_slice(&install_common(f));
         let create = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL;
-        let created = match self.request(IPCTNL_MSG_CT_NEW, create, &attrs) {
-            Err(e) if is_errno(&e, libc::EEXIST) => {
-                let mut attrs = Vec::new();
-                put_tuple(&mut attrs, CTA_TUPLE_ORIG, &f.orig);
-                attrs.extend_from_slice(&common);
-                self.request(IPCTNL_MSG_CT_NEW, NLM_F_REQUEST | NLM_F_ACK, &attrs)
-                    .with_context(|| format!("cannot update the flow {:?}", f.orig))?;
-                false
-            }
-            r => {
-                r.with_context(|| format!("cannot create the flow {:?}", f.orig))?;
-                true
-            }
-        };
-        // Seen both ways and assured, as there (the kernel takes these bits on an entry it
-        // holds already, not on one being created; bits it has already stay).
+        self.request(IPCTNL_MSG_CT_NEW, create, &attrs)?;
+        self.assure(f)?;
+        Ok(true)
+    }
+
+    /// Seen both ways and assured, as `f` is (the kernel takes these bits on an entry it
+    /// holds already, not on one being created; bits it has already stay).
+    fn assure(&mut self, f: &Flow) -> Result<()> {
         let bits = f.status & (status::SEEN_REPLY | status::ASSURED);
         if bits != 0 {
             let mut attrs = Vec::new();
@@ -235,7 +272,7 @@ impl Conntrack {
                 r => drop(r.with_context(|| format!("cannot mark the flow {:?}", f.orig))?),
             }
         }
-        Ok(created)
+        Ok(())
     }
 
     /// Sets the flow's timeout to `secs` (the kernel's own refresh, as if a packet passed);
@@ -376,6 +413,36 @@ fn tuple_of(b: &[u8]) -> Option<Tuple> {
 
 /// The flow in a ctnetlink message's payload (after the 4-byte nfgenmsg); None for IPv6 and
 /// anything incomplete.
+/// What an install gives an entry besides its tuples: seconds left, mark, and for TCP the
+/// state with liberal window tracking both ways.
+fn install_common(f: &Flow) -> Vec<u8> {
+    let timeout = f.timeout.unwrap_or(0).max(1);
+    let mut common = Vec::new();
+    put_attr(&mut common, CTA_TIMEOUT, &timeout.to_be_bytes());
+    put_attr(&mut common, CTA_MARK, &f.mark.to_be_bytes());
+    if let (IPPROTO_TCP, Some(state)) = (f.orig.proto, f.tcp_state) {
+        let mut tcp = Vec::new();
+        put_attr(&mut tcp, CTA_PROTOINFO_TCP_STATE, &[state]);
+        let liberal = [TCP_FLAG_BE_LIBERAL, TCP_FLAG_BE_LIBERAL];
+        put_attr(&mut tcp, CTA_PROTOINFO_TCP_FLAGS_ORIGINAL, &liberal);
+        put_attr(&mut tcp, CTA_PROTOINFO_TCP_FLAGS_REPLY, &liberal);
+        let mut info = Vec::new();
+        put_attr(&mut info, CTA_PROTOINFO_TCP | NLA_F_NESTED, &tcp);
+        put_attr(&mut common, CTA_PROTOINFO | NLA_F_NESTED, &info);
+    }
+    common
+}
+
+/// One conntrack event: an entry created or changed (what changed may be all it carries: an
+/// update without `tcp_state` did not change it), or gone. Events of one entry come in order,
+/// but not with respect to another entry's with the same tuples (an older connection's end
+/// may be told after a newer one began): what an entry is now is the kernel's to say.
+#[derive(Debug, Clone)]
+pub struct Event {
+    pub flow: Flow,
+    pub gone: bool,
+}
+
 fn flow_of(payload: &[u8]) -> Option<Flow> {
     if payload.first() != Some(&(libc::AF_INET as u8)) {
         return None;
