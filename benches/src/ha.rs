@@ -369,23 +369,34 @@ impl Conns {
 fn conn_rate(c: &Cluster, secs: f64) -> f64 {
     use std::io::Write as _;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let s2 = stop.clone();
-    let to = format!("{}:{}", tests::cluster::OUTSIDE, SYNC_PORT + 1);
-    let server = tests::topo::in_ns(&c.public, move || {
-        let l = std::net::TcpListener::bind((tests::cluster::OUTSIDE, SYNC_PORT + 1)).unwrap();
-        while !s2.load(std::sync::atomic::Ordering::SeqCst) {
-            drop(l.accept());
-        }
-    });
+    // Spread over RATE_PORTS server ports: to one port, SNAT's ports for that destination
+    // (about 64 000, each held while conntrack keeps the closed connection) ran out within
+    // seconds at these rates.
+    let ports: Vec<u16> = (0..RATE_PORTS).map(|i| RATE_PORT + i).collect();
+    let servers: Vec<_> = ports
+        .iter()
+        .map(|&port| {
+            let s2 = stop.clone();
+            tests::topo::in_ns(&c.public, move || {
+                let l = std::net::TcpListener::bind((tests::cluster::OUTSIDE, port)).unwrap();
+                while !s2.load(std::sync::atomic::Ordering::SeqCst) {
+                    drop(l.accept());
+                }
+            })
+        })
+        .collect();
     std::thread::sleep(Duration::from_millis(100));
-    let clients: Vec<_> = (0..2)
-        .map(|_| {
-            let to = to.clone();
+    let clients: Vec<_> = (0..2u16)
+        .map(|k| {
+            let ports = ports.clone();
             tests::topo::in_ns(&c.vm1, move || {
                 let t0 = Instant::now();
                 let mut n = 0u64;
+                let mut i = k as usize;
                 while t0.elapsed().as_secs_f64() < secs {
-                    if let Ok(mut s) = std::net::TcpStream::connect(&to) {
+                    i = (i + 1) % ports.len();
+                    let to = (tests::cluster::OUTSIDE, ports[i]);
+                    if let Ok(mut s) = std::net::TcpStream::connect(to) {
                         let _ = s.write_all(b"x");
                         // Closed with a reset: a client in TIME_WAIT would run out of ports
                         // (28 232 per minute) within seconds, and fail the next rounds too.
@@ -413,12 +424,23 @@ fn conn_rate(c: &Cluster, secs: f64) -> f64 {
         .collect();
     let total: u64 = clients.into_iter().map(|h| h.join().unwrap_or(0)).sum();
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
-    // One more connection wakes the server's accept.
+    // One more connection to each port wakes its server's accept.
     let vm1 = c.vm1.clone();
-    let _ = tests::topo::in_ns(&vm1, move || drop(std::net::TcpStream::connect(&to))).join();
-    let _ = server.join();
+    let _ = tests::topo::in_ns(&vm1, move || {
+        for port in ports {
+            drop(std::net::TcpStream::connect((tests::cluster::OUTSIDE, port)));
+        }
+    })
+    .join();
+    for s in servers {
+        let _ = s.join();
+    }
     total as f64 / secs
 }
+
+/// The server ports of the rate measurement: `RATE_PORTS` from `RATE_PORT`.
+const RATE_PORT: u16 = 7200;
+const RATE_PORTS: u16 = 16;
 
 /// Restarts both agents, with replication or without, and waits for the router.
 fn agents(c: &mut Cluster, sync: bool) -> Result<usize> {
@@ -599,7 +621,7 @@ fn cpu_ms(pid: u32) -> Option<f64> {
 pub fn sync_markdown(f: &SyncFigures, date: &str) -> String {
     let mut s = String::new();
     s += "<!-- ha-sync -->\n## HA failover with connection state (issue 26)\n\n";
-    s += &format!("Measured {date} on this machine: two agents (`tests::cluster`), an HA router with its external gateway (SNAT); per round, agents without replication then with it (`--sync-listen`/`--sync-key`), each time: 2 s to settle, then new TCP connections per second through SNAT for 5 s (two clients, connect + 1 byte + reset), then {} long-lived TCP connections through SNAT (64 bytes every 100 ms), the active agent killed with -9 2 s after they opened, the connections closed 2 s after the standby took over. A connection survived when neither side saw an error and every byte arrived.\n\n", f.conns);
+    s += &format!("Measured {date} on this machine: two agents (`tests::cluster`), an HA router with its external gateway (SNAT); per round, agents without replication then with it (`--sync-listen`/`--sync-key`), each time: 2 s to settle, then new TCP connections per second through SNAT for 5 s (two clients, connect + 1 byte + reset, to 16 server ports in turn), then {} long-lived TCP connections through SNAT (64 bytes every 100 ms), the active agent killed with -9 2 s after they opened, the connections closed 2 s after the standby took over. A connection survived when neither side saw an error and every byte arrived.\n\n", f.conns);
     s += "| figure | with replication | without (keepalived alone keeps none either) |\n|---|---|---|\n";
     let list = |v: &[usize]| {
         v.iter()
