@@ -80,6 +80,7 @@ const CTL_MUTANTS: &[&str] = &[
     "replica_untranslated",
     "replica_uncounted",
     "replica_clash_kept",
+    "replica_skip_ignores_ids",
     "replica_table_frozen",
     "wrong_level_order",
     "no_quarantine",

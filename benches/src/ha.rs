@@ -428,7 +428,10 @@ fn conn_rate(c: &Cluster, secs: f64) -> f64 {
     let vm1 = c.vm1.clone();
     let _ = tests::topo::in_ns(&vm1, move || {
         for port in ports {
-            drop(std::net::TcpStream::connect((tests::cluster::OUTSIDE, port)));
+            drop(std::net::TcpStream::connect((
+                tests::cluster::OUTSIDE,
+                port,
+            )));
         }
     })
     .join();

@@ -247,6 +247,14 @@ pub const MUTANTS: &[Mutant] = &[
         )],
     },
     Mutant {
+        name: "replica_skip_ignores_ids",
+        fault: "the active host's agent skips looking up a tuple whose last event ended a connection even when another entry with those tuples began meanwhile",
+        tests: &[(
+            "lib",
+            "agent::replica::tests::connections_over_between_two_reads_are_not_looked_up_unless_tuples_were_reused",
+        )],
+    },
+    Mutant {
         name: "replica_unauthenticated",
         fault: "the connection-state stream accepts peers and frames without checking their HMAC",
         tests: &[(

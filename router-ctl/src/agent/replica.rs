@@ -617,18 +617,53 @@ impl Mirror {
         Ok(())
     }
 
-    /// The original tuples to ask the kernel about after `evs`: those held now (they may have
-    /// changed or gone), and those an event showed in a state that is replicated. A
-    /// connection that opened and ended between two calls and was never held is not asked.
+    /// The original tuples to ask the kernel about after `evs` (see `to_ask`).
     fn to_ask(&self, evs: &[conntrack::Event]) -> std::collections::BTreeSet<Tuple> {
-        evs.iter()
-            .filter(|e| {
-                !cfg!(mutant = "replica_table_frozen")
-                    && (self.flows.contains_key(&e.flow.orig) || (!e.gone && replicated(&e.flow)))
-            })
-            .map(|e| e.flow.orig)
-            .collect()
+        if cfg!(mutant = "replica_table_frozen") {
+            return Default::default();
+        }
+        to_ask(|t| self.flows.contains_key(t), evs)
     }
+}
+
+/// The original tuples to ask the kernel about after events `evs`: those `held` (they may have
+/// changed or gone), and those an event showed in a replicated state — except a connection
+/// that opened and ended between two reads: not held, the events of one entry only, the last
+/// of them gone or closing. An entry never comes back from there, and another entry with the
+/// same tuples (a client reusing its port) tells of itself with another id, whatever order
+/// the two entries' events come in.
+fn to_ask(
+    held: impl Fn(&Tuple) -> bool,
+    evs: &[conntrack::Event],
+) -> std::collections::BTreeSet<Tuple> {
+    struct Seen {
+        /// The id all its events carried; None once two differ (or one had none).
+        id: Option<u32>,
+        live: bool,
+        ended: bool,
+    }
+    let mut seen: HashMap<Tuple, Seen> = HashMap::new();
+    for e in evs {
+        let live = !e.gone && replicated(&e.flow);
+        let s = seen.entry(e.flow.orig).or_insert(Seen {
+            id: e.id,
+            live: false,
+            ended: false,
+        });
+        if s.id != e.id || cfg!(mutant = "replica_skip_ignores_ids") {
+            s.id = if cfg!(mutant = "replica_skip_ignores_ids") {
+                s.id.or(e.id)
+            } else {
+                None
+            };
+        }
+        s.live |= live;
+        s.ended = !live;
+    }
+    seen.into_iter()
+        .filter(|(t, s)| held(t) || (s.live && !(s.id.is_some() && s.ended)))
+        .map(|(t, _)| t)
+        .collect()
 }
 
 /// The mirrors of the routers whose tables are sent.
@@ -677,6 +712,53 @@ mod tests {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let a = l.local_addr().unwrap();
         (l, a)
+    }
+
+    /// Only what may be replicated now is asked of the kernel: a connection that opened and
+    /// ended between two reads is not, unless another entry with its tuples told of itself.
+    #[test]
+    fn connections_over_between_two_reads_are_not_looked_up_unless_tuples_were_reused() {
+        let t = |sport: u16| conntrack::Tuple {
+            src: std::net::Ipv4Addr::new(10, 0, 0, 5),
+            dst: std::net::Ipv4Addr::new(203, 0, 113, 5),
+            proto: conntrack::IPPROTO_TCP,
+            sport,
+            dport: 80,
+        };
+        let ev = |sport: u16, id: u32, state: u8, gone: bool| conntrack::Event {
+            flow: Flow {
+                orig: t(sport),
+                reply: t(sport),
+                status: conntrack::status::CONFIRMED,
+                timeout: Some(100),
+                tcp_state: Some(state),
+                mark: 0,
+            },
+            id: Some(id),
+            gone,
+        };
+        let (syn_sent, established, close) = (1u8, 3u8, 8u8);
+        let evs = [
+            // Opened and reset before the read: not asked.
+            ev(1, 10, syn_sent, false),
+            ev(1, 10, established, false),
+            ev(1, 10, close, false),
+            // Still open: asked.
+            ev(2, 20, syn_sent, false),
+            // A new connection on a reused tuple, whose old entry's close is told after it:
+            // asked.
+            ev(3, 31, syn_sent, false),
+            ev(3, 30, close, false),
+            // Held, and ended: asked (it goes).
+            ev(4, 40, close, true),
+            // Not held, ended: not asked.
+            ev(5, 50, close, true),
+        ];
+        let asked = to_ask(|x| *x == t(4), &evs);
+        assert_eq!(
+            asked.into_iter().map(|x| x.sport).collect::<Vec<_>>(),
+            vec![2, 3, 4]
+        );
     }
 
     /// The handshake admits a client holding the key, and frames pass; a client with another

@@ -34,6 +34,7 @@ const CTA_PROTOINFO: u16 = 4;
 const CTA_NAT_SRC: u16 = 6;
 const CTA_TIMEOUT: u16 = 7;
 const CTA_MARK: u16 = 8;
+const CTA_ID: u16 = 12;
 const CTA_NAT_DST: u16 = 13;
 const CTA_NAT_V4_MINIP: u16 = 1;
 const CTA_NAT_V4_MAXIP: u16 = 2;
@@ -141,8 +142,13 @@ impl Conntrack {
                     continue;
                 }
                 if let Some(flow) = flow_of(payload) {
+                    let id = attrs_in(payload.get(4..).unwrap_or_default())
+                        .into_iter()
+                        .find(|(t, _)| *t == CTA_ID)
+                        .and_then(|(_, v)| Some(u32::from_be_bytes(v.get(..4)?.try_into().ok()?)));
                     out.push(Event {
                         flow,
+                        id,
                         gone: t & 0xff == IPCTNL_MSG_CT_DELETE,
                     });
                 }
@@ -440,6 +446,9 @@ fn install_common(f: &Flow) -> Vec<u8> {
 #[derive(Debug, Clone)]
 pub struct Event {
     pub flow: Flow,
+    /// The kernel's id of the entry (`CTA_ID`): a new connection with an old one's tuples has
+    /// another.
+    pub id: Option<u32>,
     pub gone: bool,
 }
 
