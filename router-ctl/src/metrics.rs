@@ -160,20 +160,22 @@ fn register_replica(reg: &mut Registry, c: &crate::agent::replica::Counters) {
         "Connection-state entries sent to standbys, and installed, updated, deleted or refused by the kernel here for HA routers held as standby",
         entries,
     );
-    let ignored = Counter::<u64>::default();
-    ignored.inc_by(get(&c.ignored));
-    reg.register(
-        "replica_batches_ignored",
-        "Connection-state batches for a router not held here as a standby (left alone)",
-        ignored,
-    );
-    let ended = Counter::<u64>::default();
-    ended.inc_by(get(&c.ended));
-    reg.register(
-        "replica_streams_ended",
-        "Incoming connection-state streams ended by an error (failed handshakes and frame checks among them)",
-        ended,
-    );
+    for (name, help, n) in [
+        (
+            "replica_batches_ignored",
+            "Connection-state batches for a router not held here as a standby (left alone)",
+            get(&c.ignored),
+        ),
+        (
+            "replica_streams_ended",
+            "Incoming connection-state streams ended by an error (failed handshakes and frame checks among them)",
+            get(&c.ended),
+        ),
+    ] {
+        let counter = Counter::<u64>::default();
+        counter.inc_by(n);
+        reg.register(name, help, counter);
+    }
 }
 
 /// Where `--metrics` serves: a bare port is loopback's (counters and device names are for

@@ -20,8 +20,8 @@
 //! kernel every `FULL_EVERY` and kept current in between from conntrack's events (a socket
 //! opened once in the namespace), each of which only names an entry to look up. Reading a
 //! table whole walks every bucket of the host's conntrack hash, whatever few entries the
-//! router has (about 5 ms at 262 144 buckets): every `PERIOD` that would be a core's worth at
-//! about forty HA routers.
+//! router has (262 144 buckets here): every `PERIOD` for every led router, that grows into
+//! cores at tens of HA routers.
 //!
 //! On the standby, a batch's ends are applied before its new entries, and an entry in the way
 //! of one (the translated tuple still held by an ended connection, or kept from when this
@@ -537,9 +537,9 @@ fn chunks(b: Batch) -> Vec<Batch> {
 /// tuples, told late, or an update of it racing a newer one's creation, change nothing).
 struct Mirror {
     namespace: String,
-    /// The namespace's identity when the sockets were opened: one deleted and made again
-    /// under the same name gets new sockets.
-    ident: (u64, u64),
+    /// The namespace's identity (`netns::inode`) when the sockets were opened: one deleted
+    /// and made again under the same name gets new sockets.
+    ident: u64,
     /// Subscribed to new, changed and destroyed entries.
     events: Conntrack,
     /// For whole reads and lookups (their answers must not mix with events).
@@ -557,7 +557,8 @@ impl Mirror {
     fn open(id: &str) -> Result<Mirror> {
         let st =
             RouterState::load(id)?.with_context(|| format!("router {id} has no state here"))?;
-        let ident = netns::ident(&st.namespace)?;
+        let ident = netns::inode(&st.namespace)
+            .with_context(|| format!("cannot find network namespace {}", st.namespace))?;
         let (events, reader, events_on) = netns::run_in(&st.namespace, || {
             let on = std::fs::read_to_string("/proc/sys/net/netfilter/nf_conntrack_events")
                 .map(|v| v.trim() != "0")
@@ -674,7 +675,7 @@ impl Mirrors {
     /// Router `id`'s entries now, or None (cannot be read: logged).
     fn table(&mut self, id: &str) -> Option<Vec<Flow>> {
         if let Some(m) = self.0.get(id) {
-            if netns::ident(&m.namespace).ok() != Some(m.ident) {
+            if netns::inode(&m.namespace) != Some(m.ident) {
                 self.0.remove(id);
             }
         }

@@ -41,15 +41,6 @@ pub fn open(ns: &str) -> Result<File> {
     File::open(path(ns)).with_context(|| format!("cannot open network namespace {ns}"))
 }
 
-/// The identity of network namespace `ns` (device and inode of its file): the same as long
-/// as the namespace is the same, another once it was deleted and made again under that name.
-pub fn ident(ns: &str) -> Result<(u64, u64)> {
-    use std::os::unix::fs::MetadataExt as _;
-    let m = std::fs::metadata(path(ns))
-        .with_context(|| format!("cannot find network namespace {ns}"))?;
-    Ok((m.dev(), m.ino()))
-}
-
 /// Moves the calling thread into the network namespace open as `file`.
 pub fn enter(file: &File) -> Result<()> {
     // SAFETY: plain syscall on a valid descriptor; affects only this thread.
